@@ -1,0 +1,456 @@
+//go:build ignore
+
+// duet capture: tracepoint programs that report which byte ranges and which
+// inodes changed on the watched filesystems. Records are coalesced in the
+// kernel per 64 KiB chunk so that sequential writes cost a few records per
+// chunk, while isolated small writes still report their exact bytes.
+//
+// Every record is emitted after the change is visible to a reader (write_end,
+// dio completion, mark_inode_dirty), except the page-fault path (mmap) and
+// the pre-op hooks (punch/zero/collapse/insert), which userspace handles as
+// described in docs/CAPTURE.md.
+
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+#define CHUNK_SHIFT 16
+#define CHUNK_SIZE (1ULL << CHUNK_SHIFT)
+#define MAX_CHUNKS_PER_EVENT 40 // a 2 MiB large folio spans 32 chunks
+#define PAGE_SHIFT_4K 12
+#define SUPPRESS_WINDOW_NS 50000
+
+enum kind {
+	KIND_DATA = 1,    // bytes [pos, pos+len) changed and are readable now
+	KIND_MMAP = 2,    // a page went dirty through a fault: write back, then read
+	KIND_ATTR = 3,    // inode metadata changed (size, mode, owner, times, entries)
+	KIND_PREOP = 4,   // [pos, pos+len) is about to change; read after the next ATTR
+};
+
+enum counter {
+	CTR_SEQ = 0,
+	CTR_LOST = 1,     // records that could not be reserved
+	CTR_RESCAN = 2,   // overflow marks that did not fit: whole-tree rescan
+	CTR_MAX = 4,
+};
+
+struct record {
+	__u64 seq;
+	__u64 ino;
+	__u64 pos;
+	__u64 len;
+	__u32 dev;
+	__u32 gen;
+	__u8 kind;
+	__u8 hook;
+	__u8 pad[6];
+};
+
+struct inode_key {
+	__u64 ino;
+	__u32 dev;
+	__u32 pad;
+};
+
+struct chunk_key {
+	__u64 ino;
+	__u64 chunk;
+	__u32 dev;
+	__u32 pad;
+};
+
+struct task_write {
+	__u64 ino;
+	__u64 first; // first 4 KiB page index of the last write_end
+	__u64 last;
+	__u64 ts;
+	__u32 dev;
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 16 << 20);
+} events SEC(".maps");
+
+// Watched superblocks (kernel dev_t encoding).
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64);
+	__type(key, __u32);
+	__type(value, __u8);
+} watched_devs SEC(".maps");
+
+// Chunks with a record in flight: value packs the announced extent
+// (lo | hi << 32) relative to the chunk start. Userspace deletes a key before
+// it reads the chunk's bytes, so a write that finds its bytes inside the
+// announced extent of a live key is covered by a record still to be read.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1 << 17);
+	__type(key, struct chunk_key);
+	__type(value, __u64);
+} chunks SEC(".maps");
+
+// Inodes with an ATTR record in flight.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1 << 16);
+	__type(key, struct inode_key);
+	__type(value, __u8);
+} attrs SEC(".maps");
+
+// Inodes whose record was lost (ring buffer full): userspace rescans them.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1 << 16);
+	__type(key, struct inode_key);
+	__type(value, __u8);
+} overflow SEC(".maps");
+
+// Direct I/O writes in flight, keyed by kiocb address.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, __u8);
+} dio_writes SEC(".maps");
+
+// Last buffered write_end per task: lets writeback_dirty_folio tell a page
+// dirtied by write(2) from one dirtied through a shared mapping.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, struct task_write);
+} task_writes SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, CTR_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} counters SEC(".maps");
+
+// Force the record type into BTF for bpf2go -type.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct record);
+} record_type SEC(".maps");
+
+static __always_inline void bump(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&counters, &idx);
+	if (v)
+		__sync_fetch_and_add(v, 1);
+}
+
+static __always_inline __u64 next_seq(void)
+{
+	__u32 idx = CTR_SEQ;
+	__u64 *v = bpf_map_lookup_elem(&counters, &idx);
+	if (!v)
+		return 0;
+	return __sync_fetch_and_add(v, 1) + 1;
+}
+
+static __always_inline int watched(struct inode *inode, __u32 *dev)
+{
+	if (!inode)
+		return 0;
+	*dev = BPF_CORE_READ(inode, i_sb, s_dev);
+	return bpf_map_lookup_elem(&watched_devs, dev) != NULL;
+}
+
+static __always_inline void mark_overflow(__u32 dev, __u64 ino)
+{
+	struct inode_key k = { .ino = ino, .dev = dev };
+	__u8 one = 1;
+
+	bump(CTR_LOST);
+	if (bpf_map_update_elem(&overflow, &k, &one, BPF_ANY))
+		bump(CTR_RESCAN);
+}
+
+static __always_inline int emit(struct inode *inode, __u32 dev, __u8 kind,
+				__u8 hook, __u64 pos, __u64 len)
+{
+	struct record *r = bpf_ringbuf_reserve(&events, sizeof(*r), 0);
+	__u64 ino = BPF_CORE_READ(inode, i_ino);
+
+	if (!r) {
+		mark_overflow(dev, ino);
+		return -1;
+	}
+	r->seq = next_seq();
+	r->ino = ino;
+	r->pos = pos;
+	r->len = len;
+	r->dev = dev;
+	r->gen = BPF_CORE_READ(inode, i_generation);
+	r->kind = kind;
+	r->hook = hook;
+	bpf_ringbuf_submit(r, 0);
+	return 0;
+}
+
+// data reports [pos, pos+len) of inode, coalesced per chunk.
+static __always_inline void data(struct inode *inode, __u32 dev, __u8 hook,
+				 __u64 pos, __u64 len)
+{
+	struct chunk_key k = { .dev = dev };
+	__u64 end = pos + len;
+
+	if (len == 0)
+		return;
+	k.ino = BPF_CORE_READ(inode, i_ino);
+	for (int i = 0; i < MAX_CHUNKS_PER_EVENT; i++) {
+		__u64 base, lo, hi, nlo, nhi, packed;
+		__u64 *v;
+
+		if (pos >= end)
+			return;
+		k.chunk = pos >> CHUNK_SHIFT;
+		base = k.chunk << CHUNK_SHIFT;
+		lo = pos - base;
+		hi = end - base;
+		if (hi > CHUNK_SIZE)
+			hi = CHUNK_SIZE;
+		nlo = lo;
+		nhi = hi;
+		v = bpf_map_lookup_elem(&chunks, &k);
+		if (v) {
+			__u64 cur = *v;
+			__u64 clo = cur & 0xffffffff, chi = cur >> 32;
+
+			if (lo >= clo && hi <= chi)
+				goto next;
+			// Widen to one contiguous extent so every byte of
+			// it is covered by an emitted record. A write past
+			// the announced end is most likely sequential:
+			// announce the rest of the chunk to save records.
+			if (lo >= clo) {
+				nlo = clo;
+				nhi = CHUNK_SIZE;
+			} else {
+				nhi = hi > chi ? hi : chi;
+			}
+		}
+		if (emit(inode, dev, KIND_DATA, hook, base + nlo, nhi - nlo))
+			return;
+		packed = nlo | (nhi << 32);
+		if (v)
+			*v = packed;
+		else
+			bpf_map_update_elem(&chunks, &k, &packed, BPF_ANY);
+next:
+		pos = base + CHUNK_SIZE;
+	}
+	// A longer range than the loop covers: report the rest uncoalesced.
+	if (pos < end)
+		emit(inode, dev, KIND_DATA, hook, pos, end - pos);
+}
+
+static __always_inline void remember_write(struct inode *inode, __u32 dev,
+					   __u64 pos, __u64 len)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct task_write tw = {
+		.ino = BPF_CORE_READ(inode, i_ino),
+		.first = pos >> PAGE_SHIFT_4K,
+		.last = (pos + (len ? len - 1 : 0)) >> PAGE_SHIFT_4K,
+		.ts = bpf_ktime_get_ns(),
+		.dev = dev,
+	};
+	bpf_map_update_elem(&task_writes, &id, &tw, BPF_ANY);
+}
+
+static __always_inline void write_end(struct inode *inode, loff_t pos,
+				      unsigned int copied, __u8 hook)
+{
+	__u32 dev;
+
+	if (!watched(inode, &dev) || copied == 0)
+		return;
+	remember_write(inode, dev, pos, copied);
+	data(inode, dev, hook, pos, copied);
+}
+
+SEC("tp_btf/ext4_da_write_end")
+int BPF_PROG(ext4_da_write_end, struct inode *inode, loff_t pos,
+	     unsigned int len, unsigned int copied)
+{
+	write_end(inode, pos, copied, 1);
+	return 0;
+}
+
+SEC("tp_btf/ext4_write_end")
+int BPF_PROG(ext4_write_end, struct inode *inode, loff_t pos,
+	     unsigned int len, unsigned int copied)
+{
+	write_end(inode, pos, copied, 2);
+	return 0;
+}
+
+SEC("tp_btf/ext4_journalled_write_end")
+int BPF_PROG(ext4_journalled_write_end, struct inode *inode, loff_t pos,
+	     unsigned int len, unsigned int copied)
+{
+	write_end(inode, pos, copied, 3);
+	return 0;
+}
+
+// A folio went clean -> dirty. After write(2) this follows the write_end of
+// the same task and page at once and is already reported; otherwise it is a
+// store through a shared mapping, reported before the store lands.
+SEC("tp_btf/writeback_dirty_folio")
+int BPF_PROG(writeback_dirty_folio, struct folio *folio,
+	     struct address_space *mapping)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct task_write *tw;
+	struct inode *inode;
+	__u64 index, nr, pos, len;
+	__u32 dev;
+
+	if (!mapping || !folio)
+		return 0;
+	inode = BPF_CORE_READ(mapping, host);
+	if (!inode || !watched(inode, &dev))
+		return 0;
+	index = BPF_CORE_READ(folio, index);
+	nr = 1;
+	// Large folios: order lives in the second page's flags (_flags_1 low byte).
+	if (BPF_CORE_READ(folio, flags.f) & (1UL << PG_head))
+		nr = 1ULL << (BPF_CORE_READ(folio, _flags_1) & 0xff);
+	tw = bpf_map_lookup_elem(&task_writes, &id);
+	if (tw && tw->ino == BPF_CORE_READ(inode, i_ino) && tw->dev == dev &&
+	    tw->first < index + nr && tw->last >= index &&
+	    bpf_ktime_get_ns() - tw->ts < SUPPRESS_WINDOW_NS) {
+		bpf_map_delete_elem(&task_writes, &id);
+		return 0;
+	}
+	pos = index << PAGE_SHIFT_4K;
+	len = nr << PAGE_SHIFT_4K;
+	emit(inode, dev, KIND_MMAP, 4, pos, len);
+	return 0;
+}
+
+SEC("tp_btf/iomap_dio_rw_begin")
+int BPF_PROG(iomap_dio_rw_begin, struct kiocb *iocb, struct iov_iter *iter,
+	     unsigned int dio_flags, size_t done_before)
+{
+	struct inode *inode;
+	__u64 key = (__u64)iocb;
+	__u8 one = 1;
+	__u32 dev;
+
+	if (!iocb || !iter)
+		return 0;
+	inode = BPF_CORE_READ(iocb, ki_filp, f_inode);
+	if (!inode || !watched(inode, &dev))
+		return 0;
+	if (!BPF_CORE_READ(iter, data_source))
+		return 0;
+	bpf_map_update_elem(&dio_writes, &key, &one, BPF_ANY);
+	return 0;
+}
+
+// ki_pos has already moved past the bytes written when this fires.
+SEC("tp_btf/iomap_dio_complete")
+int BPF_PROG(iomap_dio_complete, struct kiocb *iocb, int error, ssize_t ret)
+{
+	struct inode *inode;
+	__u64 key = (__u64)iocb;
+	__u64 end;
+	__u32 dev;
+
+	if (!iocb || !bpf_map_lookup_elem(&dio_writes, &key))
+		return 0;
+	inode = BPF_CORE_READ(iocb, ki_filp, f_inode);
+	bpf_map_delete_elem(&dio_writes, &key);
+	if (!inode || !watched(inode, &dev) || ret <= 0)
+		return 0;
+	end = BPF_CORE_READ(iocb, ki_pos);
+	if ((__u64)ret > end)
+		ret = end;
+	// Direct writes bypass the chunk map: a chunk key would not see them
+	// complete in order with buffered writes to the same range.
+	emit(inode, dev, KIND_DATA, 5, end - ret, ret);
+	return 0;
+}
+
+// Called whenever ext4 copies an in-memory inode to its on-disk buffer:
+// after every change of size, mode, owner, times, link count, and of a
+// directory's entries (its mtime moves). Coalesced per inode.
+SEC("tp_btf/ext4_mark_inode_dirty")
+int BPF_PROG(ext4_mark_inode_dirty, struct inode *inode, unsigned long ip)
+{
+	struct inode_key k = {};
+	__u8 one = 1;
+	__u32 dev;
+
+	if (!watched(inode, &dev))
+		return 0;
+	k.ino = BPF_CORE_READ(inode, i_ino);
+	k.dev = dev;
+	if (bpf_map_update_elem(&attrs, &k, &one, BPF_NOEXIST))
+		return 0;
+	if (emit(inode, dev, KIND_ATTR, 6, 0, 0))
+		bpf_map_delete_elem(&attrs, &k);
+	return 0;
+}
+
+// Range operations that change bytes without write(2). They fire before the
+// change, so the range is read only after the ATTR record that the operation
+// emits when it updates the inode's times; dropping the attrs key makes sure
+// that record is emitted.
+static __always_inline void preop(struct inode *inode, __u64 pos, __u64 len,
+				  __u8 hook)
+{
+	struct inode_key k = {};
+	__u32 dev;
+
+	if (!watched(inode, &dev))
+		return;
+	k.ino = BPF_CORE_READ(inode, i_ino);
+	k.dev = dev;
+	bpf_map_delete_elem(&attrs, &k);
+	emit(inode, dev, KIND_PREOP, hook, pos, len);
+}
+
+SEC("tp_btf/ext4_punch_hole")
+int BPF_PROG(ext4_punch_hole, struct inode *inode, loff_t offset, loff_t len,
+	     int mode)
+{
+	preop(inode, offset, len, 7);
+	return 0;
+}
+
+SEC("tp_btf/ext4_zero_range")
+int BPF_PROG(ext4_zero_range, struct inode *inode, loff_t offset, loff_t len,
+	     int mode)
+{
+	preop(inode, offset, len, 8);
+	return 0;
+}
+
+// Collapse and insert shift everything after offset.
+SEC("tp_btf/ext4_collapse_range")
+int BPF_PROG(ext4_collapse_range, struct inode *inode, loff_t offset, loff_t len)
+{
+	preop(inode, offset, ~0ULL >> 2, 9);
+	return 0;
+}
+
+SEC("tp_btf/ext4_insert_range")
+int BPF_PROG(ext4_insert_range, struct inode *inode, loff_t offset, loff_t len)
+{
+	preop(inode, offset, ~0ULL >> 2, 10);
+	return 0;
+}

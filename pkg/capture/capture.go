@@ -1,0 +1,351 @@
+// Package capture loads duet's tracepoint programs and reads the records
+// they emit: which byte ranges and which inodes changed on the watched
+// filesystems.
+package capture
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/cilium/ebpf/ringbuf"
+	"github.com/cilium/ebpf/rlimit"
+	"golang.org/x/sys/unix"
+)
+
+// Kind says what a record reports.
+type Kind uint8
+
+// Record kinds, as emitted by bpf/capture.bpf.c.
+const (
+	KindData  Kind = 1 // bytes [Pos, Pos+Len) changed and are readable now
+	KindMmap  Kind = 2 // a page went dirty through a fault: write back, then read
+	KindAttr  Kind = 3 // inode metadata or directory entries changed
+	KindPreop Kind = 4 // [Pos, Pos+Len) is about to change: read after the next KindAttr
+)
+
+func (k Kind) String() string {
+	switch k {
+	case KindData:
+		return "data"
+	case KindMmap:
+		return "mmap"
+	case KindAttr:
+		return "attr"
+	case KindPreop:
+		return "preop"
+	}
+	return fmt.Sprintf("kind(%d)", uint8(k))
+}
+
+// ChunkShift is log2 of the in-kernel coalescing chunk.
+const ChunkShift = 16
+
+// Record is one change reported by the kernel.
+type Record struct {
+	Seq  uint64
+	Ino  uint64
+	Pos  uint64
+	Len  uint64
+	Dev  uint32 // kernel dev_t encoding, see KernelDev
+	Gen  uint32
+	Kind Kind
+	Hook uint8
+}
+
+const recordSize = 48
+
+// InodeKey names an inode on a watched device.
+type InodeKey struct {
+	Dev uint32
+	Ino uint64
+}
+
+// hook describes one program and the kernel hook it attaches to.
+type hook struct {
+	id       uint8
+	name     string
+	required bool
+}
+
+// hooks lists every program in bpf/capture.bpf.c with the id its records carry.
+var hooks = []hook{
+	{1, "ext4_da_write_end", true},
+	{2, "ext4_write_end", true},
+	{3, "ext4_journalled_write_end", false},
+	{4, "writeback_dirty_folio", true},
+	{5, "iomap_dio_complete", true},
+	{0, "iomap_dio_rw_begin", true},
+	{6, "ext4_mark_inode_dirty", true},
+	{7, "ext4_punch_hole", true},
+	{8, "ext4_zero_range", true},
+	{9, "ext4_collapse_range", false},
+	{10, "ext4_insert_range", false},
+}
+
+// HookName returns the kernel hook that emitted records with this id.
+func HookName(id uint8) string {
+	for _, h := range hooks {
+		if h.id == id && id != 0 {
+			return h.name
+		}
+	}
+	return fmt.Sprintf("hook(%d)", id)
+}
+
+// HookStatus reports how one hook was attached.
+type HookStatus struct {
+	Name   string `json:"name"`
+	Type   string `json:"type"`
+	Active bool   `json:"active"`
+	Error  string `json:"error,omitempty"`
+}
+
+// Capture owns the loaded programs, their links and the ring buffer reader.
+type Capture struct {
+	objs   CaptureObjects
+	links  []link.Link
+	reader *ringbuf.Reader
+	hooks  []HookStatus
+
+	mu     sync.Mutex
+	rbuf   ringbuf.Record
+	closed bool
+}
+
+// KernelDev converts a stat(2) st_dev to the kernel's internal dev_t
+// (major << 20 | minor), which is what s_dev holds.
+func KernelDev(stDev uint64) uint32 {
+	return unix.Major(stDev)<<20 | unix.Minor(stDev)
+}
+
+// Options configure Open.
+type Options struct {
+	// Devices are the watched filesystems, as stat(2) st_dev values.
+	Devices []uint64
+	// RingBytes is the ring buffer size (a power of two, at least a page).
+	RingBytes uint32
+}
+
+// Open loads the programs, registers the watched devices and attaches every
+// hook. A required hook that fails to attach is an error naming it.
+func Open(opts Options) (*Capture, error) {
+	if err := ensureMounts(); err != nil {
+		return nil, err
+	}
+	if err := rlimit.RemoveMemlock(); err != nil {
+		return nil, fmt.Errorf("raising memlock limit: %w", err)
+	}
+	spec, err := LoadCapture()
+	if err != nil {
+		return nil, fmt.Errorf("loading BPF spec: %w", err)
+	}
+	if opts.RingBytes != 0 {
+		if opts.RingBytes&(opts.RingBytes-1) != 0 || opts.RingBytes < 4096 {
+			return nil, fmt.Errorf("ring buffer size %d: must be a power of two of at least 4096", opts.RingBytes)
+		}
+		spec.Maps["events"].MaxEntries = opts.RingBytes
+	}
+	c := &Capture{}
+	if err := spec.LoadAndAssign(&c.objs, nil); err != nil {
+		var verr *ebpf.VerifierError
+		if errors.As(err, &verr) {
+			return nil, fmt.Errorf("loading BPF programs (verifier): %+v", verr)
+		}
+		return nil, fmt.Errorf("loading BPF programs: %w", err)
+	}
+	for _, d := range opts.Devices {
+		kd := KernelDev(d)
+		if err := c.objs.WatchedDevs.Put(kd, uint8(1)); err != nil {
+			c.Close()
+			return nil, fmt.Errorf("watching device %d:%d: %w", unix.Major(d), unix.Minor(d), err)
+		}
+	}
+	progs := map[string]*ebpf.Program{}
+	for name, p := range map[string]*ebpf.Program{
+		"ext4_da_write_end":         c.objs.Ext4DaWriteEnd,
+		"ext4_write_end":            c.objs.Ext4WriteEnd,
+		"ext4_journalled_write_end": c.objs.Ext4JournalledWriteEnd,
+		"writeback_dirty_folio":     c.objs.WritebackDirtyFolio,
+		"iomap_dio_rw_begin":        c.objs.IomapDioRwBegin,
+		"iomap_dio_complete":        c.objs.IomapDioComplete,
+		"ext4_mark_inode_dirty":     c.objs.Ext4MarkInodeDirty,
+		"ext4_punch_hole":           c.objs.Ext4PunchHole,
+		"ext4_zero_range":           c.objs.Ext4ZeroRange,
+		"ext4_collapse_range":       c.objs.Ext4CollapseRange,
+		"ext4_insert_range":         c.objs.Ext4InsertRange,
+	} {
+		progs[name] = p
+	}
+	for _, h := range hooks {
+		st := HookStatus{Name: h.name, Type: "tp_btf"}
+		l, err := link.AttachTracing(link.TracingOptions{Program: progs[h.name]})
+		if err != nil {
+			st.Error = err.Error()
+			c.hooks = append(c.hooks, st)
+			if h.required {
+				c.Close()
+				return nil, fmt.Errorf("attaching tp_btf/%s: %w", h.name, err)
+			}
+			continue
+		}
+		st.Active = true
+		c.links = append(c.links, l)
+		c.hooks = append(c.hooks, st)
+	}
+	c.reader, err = ringbuf.NewReader(c.objs.Events)
+	if err != nil {
+		c.Close()
+		return nil, fmt.Errorf("opening ring buffer: %w", err)
+	}
+	return c, nil
+}
+
+// ensureMounts mounts bpffs and tracefs when they are missing; tools and
+// classic tracepoints expect them.
+func ensureMounts() error {
+	for _, m := range []struct{ path, fstype string }{
+		{"/sys/fs/bpf", "bpf"},
+		{"/sys/kernel/tracing", "tracefs"},
+	} {
+		var st unix.Statfs_t
+		if err := unix.Statfs(m.path, &st); err != nil {
+			continue
+		}
+		want := map[string]int64{"bpf": unix.BPF_FS_MAGIC, "tracefs": unix.TRACEFS_MAGIC}[m.fstype]
+		if st.Type == want {
+			continue
+		}
+		if err := unix.Mount(m.fstype, m.path, m.fstype, 0, ""); err != nil && !errors.Is(err, unix.EBUSY) {
+			return fmt.Errorf("mounting %s on %s: %w", m.fstype, m.path, err)
+		}
+	}
+	return nil
+}
+
+// Hooks reports how each hook was attached.
+func (c *Capture) Hooks() []HookStatus { return c.hooks }
+
+// Read blocks until a record arrives. It returns os.ErrClosed after Close.
+func (c *Capture) Read(r *Record) error {
+	if err := c.reader.ReadInto(&c.rbuf); err != nil {
+		if errors.Is(err, ringbuf.ErrClosed) {
+			return os.ErrClosed
+		}
+		return err
+	}
+	return decodeRecord(c.rbuf.RawSample, r)
+}
+
+// Buffered reports the bytes waiting in the ring buffer.
+func (c *Capture) Buffered() int { return c.reader.AvailableBytes() }
+
+func decodeRecord(b []byte, r *Record) error {
+	if len(b) < recordSize {
+		return fmt.Errorf("short capture record: %d bytes", len(b))
+	}
+	le := binary.LittleEndian
+	r.Seq = le.Uint64(b[0:])
+	r.Ino = le.Uint64(b[8:])
+	r.Pos = le.Uint64(b[16:])
+	r.Len = le.Uint64(b[24:])
+	r.Dev = le.Uint32(b[32:])
+	r.Gen = le.Uint32(b[36:])
+	r.Kind = Kind(b[40])
+	r.Hook = b[41]
+	return nil
+}
+
+// ForgetChunks drops the in-flight marks of chunks so that the next write to
+// them emits a new record. Call it before reading their bytes.
+func (c *Capture) ForgetChunks(keys []CaptureChunkKey) error {
+	if len(keys) == 0 {
+		return nil
+	}
+	_, err := c.objs.Chunks.BatchDelete(keys, nil)
+	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		// Fall back to single deletes: a batch stops at the first missing key.
+		for i := range keys {
+			_ = c.objs.Chunks.Delete(&keys[i])
+		}
+	}
+	return nil
+}
+
+// ChunkKey builds the key of the chunk holding byte pos.
+func ChunkKey(dev uint32, ino, pos uint64) CaptureChunkKey {
+	return CaptureChunkKey{Dev: dev, Ino: ino, Chunk: pos >> ChunkShift}
+}
+
+// ForgetAttr drops the in-flight ATTR mark of an inode. Call it before
+// reading the inode's metadata.
+func (c *Capture) ForgetAttr(k InodeKey) {
+	ik := CaptureInodeKey{Dev: k.Dev, Ino: k.Ino}
+	_ = c.objs.Attrs.Delete(&ik)
+}
+
+// Counters are the kernel-side totals.
+type Counters struct {
+	Seq    uint64 `json:"seq"`
+	Lost   uint64 `json:"lost"`
+	Rescan uint64 `json:"rescan"`
+}
+
+// Counters reads the kernel-side totals.
+func (c *Capture) Counters() (Counters, error) {
+	var out Counters
+	for i, dst := range []*uint64{&out.Seq, &out.Lost, &out.Rescan} {
+		if err := c.objs.Counters.Lookup(uint32(i), dst); err != nil {
+			return out, fmt.Errorf("reading counter %d: %w", i, err)
+		}
+	}
+	return out, nil
+}
+
+// TakeOverflow returns and clears the inodes whose records were lost.
+func (c *Capture) TakeOverflow() ([]InodeKey, error) {
+	var out []InodeKey
+	var k CaptureInodeKey
+	var v uint8
+	it := c.objs.Overflow.Iterate()
+	var keys []CaptureInodeKey
+	for it.Next(&k, &v) {
+		keys = append(keys, k)
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("reading overflow map: %w", err)
+	}
+	for i := range keys {
+		// Delete before the caller rescans, so a later loss marks again.
+		_ = c.objs.Overflow.Delete(&keys[i])
+		_ = c.objs.Attrs.Delete(&keys[i])
+		out = append(out, InodeKey{Dev: keys[i].Dev, Ino: keys[i].Ino})
+	}
+	return out, nil
+}
+
+// ResetRescan clears the whole-tree rescan counter after a rescan started.
+func (c *Capture) ResetRescan() error {
+	return c.objs.Counters.Put(uint32(2), uint64(0))
+}
+
+// Close detaches every hook and frees the maps. Safe to call twice.
+func (c *Capture) Close() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return nil
+	}
+	c.closed = true
+	if c.reader != nil {
+		c.reader.Close()
+	}
+	for _, l := range c.links {
+		l.Close()
+	}
+	return c.objs.Close()
+}

@@ -1,0 +1,95 @@
+package capture
+
+import (
+	"os"
+	"path/filepath"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/duet-ha/duet/pkg/loopfs"
+	"golang.org/x/sys/unix"
+)
+
+func TestDecodeRecordRejectsShort(t *testing.T) {
+	var r Record
+	if err := decodeRecord(make([]byte, recordSize-1), &r); err == nil {
+		t.Fatal("short record decoded without error")
+	}
+}
+
+func TestKernelDev(t *testing.T) {
+	// 7:3 (loop3) is 0x703 in stat's encoding and 7<<20|3 in the kernel's.
+	if got := KernelDev(unix.Mkdev(7, 3)); got != 7<<20|3 {
+		t.Fatalf("KernelDev(7:3) = %#x", got)
+	}
+}
+
+// collect reads records until quiet for 200ms.
+func collect(t *testing.T, c *Capture) []Record {
+	t.Helper()
+	ch := make(chan Record, 1<<16)
+	go func() {
+		for {
+			var r Record
+			if err := c.Read(&r); err != nil {
+				close(ch)
+				return
+			}
+			ch <- r
+		}
+	}()
+	var out []Record
+	for {
+		select {
+		case r, ok := <-ch:
+			if !ok {
+				return out
+			}
+			out = append(out, r)
+		case <-time.After(200 * time.Millisecond):
+			return out
+		}
+	}
+}
+
+func TestCaptureExt4(t *testing.T) {
+	fs := loopfs.Make(t, "ext4", 64)
+	var st syscall.Stat_t
+	if err := syscall.Stat(fs.Mount, &st); err != nil {
+		t.Fatal(err)
+	}
+	c, err := Open(Options{Devices: []uint64{st.Dev}})
+	if err != nil {
+		t.Fatalf("Open: %v", err)
+	}
+	defer c.Close()
+	for _, h := range c.Hooks() {
+		t.Logf("hook %-28s active=%v %s", h.Name, h.Active, h.Error)
+	}
+	p := filepath.Join(fs.Mount, "f")
+	f, err := os.Create(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte("hello"), 100000); err != nil {
+		t.Fatal(err)
+	}
+	var fst syscall.Stat_t
+	syscall.Fstat(int(f.Fd()), &fst)
+	f.Close()
+	recs := collect(t, c)
+	var sawData, sawAttr bool
+	for _, r := range recs {
+		t.Logf("%+v", r)
+		if r.Ino == fst.Ino && r.Kind == KindData && r.Pos <= 100000 && r.Pos+r.Len >= 100005 {
+			sawData = true
+		}
+		if r.Kind == KindAttr {
+			sawAttr = true
+		}
+	}
+	if !sawData || !sawAttr {
+		t.Fatalf("data=%v attr=%v in %d records", sawData, sawAttr, len(recs))
+	}
+}
