@@ -1,0 +1,135 @@
+package journal
+
+import (
+	"time"
+
+	"github.com/duet-ha/duet/pkg/capture"
+)
+
+// PreopTimeout releases a deferred range when no completion was seen (the
+// operation failed, or its completion was coalesced away): reading it then
+// is correct either way, the operation being over.
+const PreopTimeout = time.Second
+
+type preop struct {
+	seq  uint64
+	span Span
+	at   time.Time
+}
+
+// File is what changed on one inode since it was last taken.
+type File struct {
+	Key capture.InodeKey
+	// Data are ranges whose current bytes must be shipped.
+	Data Ranges
+	// Writeback is set when a range was dirtied through a mapping: the
+	// pages must be written back before reading, so the next store faults
+	// and is reported again.
+	Writeback bool
+	// Attr is set when metadata (or, for a directory, its entries) changed.
+	Attr bool
+	// Rescan asks for the whole file to be compared with the peer: a record
+	// about it was lost.
+	Rescan bool
+	// MaxSeq is the highest record sequence folded in.
+	MaxSeq uint64
+}
+
+type entry struct {
+	File
+	preops []preop
+}
+
+// Journal folds capture records into per-inode changes. It is not safe for
+// concurrent use.
+type Journal struct {
+	files   map[capture.InodeKey]*entry
+	records uint64
+}
+
+// New returns an empty journal.
+func New() *Journal {
+	return &Journal{files: map[capture.InodeKey]*entry{}}
+}
+
+func (j *Journal) get(k capture.InodeKey) *entry {
+	e := j.files[k]
+	if e == nil {
+		e = &entry{File: File{Key: k}}
+		j.files[k] = e
+	}
+	return e
+}
+
+// Add folds one record in.
+func (j *Journal) Add(r *capture.Record, now time.Time) {
+	j.records++
+	e := j.get(capture.InodeKey{Dev: r.Dev, Ino: r.Ino})
+	if r.Seq > e.MaxSeq {
+		e.MaxSeq = r.Seq
+	}
+	switch r.Kind {
+	case capture.KindData:
+		e.Data.Add(r.Pos, r.Len)
+	case capture.KindMmap:
+		e.Data.Add(r.Pos, r.Len)
+		e.Writeback = true
+	case capture.KindAttr:
+		e.Attr = true
+		// An operation reported before this record has finished.
+		kept := e.preops[:0]
+		for _, p := range e.preops {
+			if p.seq < r.Seq {
+				e.Data.Add(p.span.Off, p.span.Len())
+			} else {
+				kept = append(kept, p)
+			}
+		}
+		e.preops = kept
+	case capture.KindPreop:
+		end := r.Pos + r.Len
+		if end < r.Pos {
+			end = ^uint64(0)
+		}
+		e.preops = append(e.preops, preop{seq: r.Seq, span: Span{r.Pos, end}, at: now})
+	}
+}
+
+// MarkRescan asks for a whole-file comparison of k.
+func (j *Journal) MarkRescan(k capture.InodeKey) {
+	e := j.get(k)
+	e.Rescan = true
+	e.Attr = true
+}
+
+// Take returns every file with something to ship and forgets it; deferred
+// ranges whose operation has not completed stay.
+func (j *Journal) Take(now time.Time) []File {
+	var out []File
+	for k, e := range j.files {
+		kept := e.preops[:0]
+		for _, p := range e.preops {
+			if now.Sub(p.at) >= PreopTimeout {
+				e.Data.Add(p.span.Off, p.span.Len())
+			} else {
+				kept = append(kept, p)
+			}
+		}
+		e.preops = kept
+		if e.Attr || e.Rescan || !e.Data.Empty() {
+			out = append(out, e.File)
+		}
+		if len(e.preops) == 0 {
+			delete(j.files, k)
+			continue
+		}
+		e.File = File{Key: k}
+	}
+	return out
+}
+
+// Pending reports whether anything is waiting, deferred ranges included.
+func (j *Journal) Pending() int { return len(j.files) }
+
+// Records is the number of records folded in so far.
+func (j *Journal) Records() uint64 { return j.records }

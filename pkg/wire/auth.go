@@ -1,0 +1,156 @@
+package wire
+
+import (
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+)
+
+// Purpose says what a connection is for.
+type Purpose uint8
+
+// Connection purposes.
+const (
+	PurposeReplicate Purpose = 1 // the primary streams batches
+	PurposeManifest  Purpose = 2 // a one-shot manifest request (verify)
+)
+
+// Hello opens a connection.
+type Hello struct {
+	Purpose Purpose
+	Nonce   [32]byte
+	Session uint64 // the sender's session: batch sequences restart with it
+	Node    string
+}
+
+// Welcome is the server's answer after a successful handshake: what the
+// replica last applied, so a sender can resume.
+type Welcome struct {
+	Session uint64
+	Applied uint64
+}
+
+// ErrAuth is returned when a peer fails to prove it knows the key.
+var ErrAuth = errors.New("peer authentication failed (do both nodes use the same key?)")
+
+func proof(key []byte, who string, a, b []byte) []byte {
+	m := hmac.New(sha256.New, key)
+	m.Write([]byte(who))
+	m.Write(a)
+	m.Write(b)
+	return m.Sum(nil)
+}
+
+func encodeHello(h *Hello) []byte {
+	b := []byte{byte(h.Purpose)}
+	b = append(b, h.Nonce[:]...)
+	b = binary.LittleEndian.AppendUint64(b, h.Session)
+	return appendString(b, h.Node)
+}
+
+// DecodeHello decodes a hello payload.
+func DecodeHello(p []byte) (Hello, error) {
+	var h Hello
+	if len(p) < 1+32+8 {
+		return h, fmt.Errorf("%w: hello of %d bytes", ErrBadFrame, len(p))
+	}
+	h.Purpose = Purpose(p[0])
+	if h.Purpose != PurposeReplicate && h.Purpose != PurposeManifest {
+		return h, fmt.Errorf("%w: unknown purpose %d", ErrBadFrame, p[0])
+	}
+	copy(h.Nonce[:], p[1:33])
+	h.Session = binary.LittleEndian.Uint64(p[33:])
+	d := decoder{b: p[41:]}
+	h.Node = string(d.bytes("node name", 255))
+	if d.err != nil {
+		return h, d.err
+	}
+	return h, nil
+}
+
+func expect(rw io.ReadWriter, t Type) (Frame, error) {
+	f, err := ReadFrame(rw, nil)
+	if err != nil {
+		return f, err
+	}
+	if f.Type == TypeError {
+		return f, fmt.Errorf("peer refused: %s", f.Payload)
+	}
+	if f.Type != t {
+		return f, fmt.Errorf("%w: got %s, want %s", ErrBadFrame, f.Type, t)
+	}
+	return f, nil
+}
+
+// ClientHandshake proves the key to the server and checks the server's
+// proof; both sides contribute a fresh nonce.
+func ClientHandshake(rw io.ReadWriter, key []byte, h Hello) (Welcome, error) {
+	if _, err := rand.Read(h.Nonce[:]); err != nil {
+		return Welcome{}, err
+	}
+	if err := WriteFrame(rw, &Frame{Type: TypeHello, Payload: encodeHello(&h)}); err != nil {
+		return Welcome{}, err
+	}
+	f, err := expect(rw, TypeChallenge)
+	if err != nil {
+		return Welcome{}, err
+	}
+	if len(f.Payload) != 64 {
+		return Welcome{}, fmt.Errorf("%w: challenge of %d bytes", ErrBadFrame, len(f.Payload))
+	}
+	nonceS, mac := f.Payload[:32], f.Payload[32:]
+	if !hmac.Equal(mac, proof(key, "duet-server", h.Nonce[:], nonceS)) {
+		return Welcome{}, ErrAuth
+	}
+	if err := WriteFrame(rw, &Frame{Type: TypeAuth, Payload: proof(key, "duet-client", h.Nonce[:], nonceS)}); err != nil {
+		return Welcome{}, err
+	}
+	f, err = expect(rw, TypeWelcome)
+	if err != nil {
+		return Welcome{}, err
+	}
+	if len(f.Payload) != 16 {
+		return Welcome{}, fmt.Errorf("%w: welcome of %d bytes", ErrBadFrame, len(f.Payload))
+	}
+	return Welcome{
+		Session: binary.LittleEndian.Uint64(f.Payload),
+		Applied: binary.LittleEndian.Uint64(f.Payload[8:]),
+	}, nil
+}
+
+// ServerHandshake checks the client's proof. welcome is called once the
+// client is authenticated, to fill the Welcome it is sent.
+func ServerHandshake(rw io.ReadWriter, key []byte, welcome func(Hello) Welcome) (Hello, error) {
+	f, err := expect(rw, TypeHello)
+	if err != nil {
+		return Hello{}, err
+	}
+	h, err := DecodeHello(f.Payload)
+	if err != nil {
+		return h, err
+	}
+	var nonceS [32]byte
+	if _, err := rand.Read(nonceS[:]); err != nil {
+		return h, err
+	}
+	ch := append(nonceS[:], proof(key, "duet-server", h.Nonce[:], nonceS[:])...)
+	if err := WriteFrame(rw, &Frame{Type: TypeChallenge, Payload: ch}); err != nil {
+		return h, err
+	}
+	f, err = expect(rw, TypeAuth)
+	if err != nil {
+		return h, err
+	}
+	if !hmac.Equal(f.Payload, proof(key, "duet-client", h.Nonce[:], nonceS[:])) {
+		WriteFrame(rw, &Frame{Type: TypeError, Payload: []byte("authentication failed")})
+		return h, ErrAuth
+	}
+	w := welcome(h)
+	p := binary.LittleEndian.AppendUint64(nil, w.Session)
+	p = binary.LittleEndian.AppendUint64(p, w.Applied)
+	return h, WriteFrame(rw, &Frame{Type: TypeWelcome, Payload: p})
+}

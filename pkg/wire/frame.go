@@ -1,0 +1,165 @@
+// Package wire defines duet's replication protocol: framed messages over
+// TCP, a mutual HMAC handshake, and the operations a batch carries. Every
+// decoder here takes bytes from the network and rejects malformed input
+// with an error; none of them panics.
+package wire
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+)
+
+// Magic opens every frame: "DUET".
+const Magic uint32 = 0x44554554
+
+// Version is the protocol version this build speaks.
+const Version uint8 = 1
+
+// HeaderSize is the size of a frame header.
+const HeaderSize = 24
+
+// MaxPayload bounds a frame's payload; a larger length is rejected before
+// any allocation.
+const MaxPayload = 64 << 20
+
+// Type says what a frame carries.
+type Type uint8
+
+// Frame types.
+const (
+	TypeHello     Type = 1  // client → server: version, purpose, nonce
+	TypeChallenge Type = 2  // server → client: nonce, server proof
+	TypeAuth      Type = 3  // client → server: client proof
+	TypeWelcome   Type = 4  // server → client: replica state
+	TypeBatch     Type = 5  // ops, zstd compressed
+	TypeAck       Type = 6  // highest batch applied and synced
+	TypeManifestQ Type = 7  // request the peer's manifest
+	TypeManifest  Type = 8  // manifest entries, zstd compressed
+	TypeEnd       Type = 9  // end of a manifest stream
+	TypeError     Type = 10 // the peer refuses: text
+)
+
+func (t Type) String() string {
+	names := map[Type]string{TypeHello: "hello", TypeChallenge: "challenge", TypeAuth: "auth",
+		TypeWelcome: "welcome", TypeBatch: "batch", TypeAck: "ack", TypeManifestQ: "manifest-request",
+		TypeManifest: "manifest", TypeEnd: "end", TypeError: "error"}
+	if n, ok := names[t]; ok {
+		return n
+	}
+	return fmt.Sprintf("type(%d)", uint8(t))
+}
+
+// Frame flags.
+const (
+	FlagZstd uint16 = 1 << 0 // payload is zstd compressed
+)
+
+// Frame is one protocol message.
+type Frame struct {
+	Type    Type
+	Flags   uint16
+	Seq     uint64
+	Payload []byte
+}
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// ErrBadFrame wraps every framing error.
+var ErrBadFrame = errors.New("bad frame")
+
+// AppendFrame appends the encoding of f to b.
+func AppendFrame(b []byte, f *Frame) []byte {
+	var h [HeaderSize]byte
+	le := binary.LittleEndian
+	le.PutUint32(h[0:], Magic)
+	h[4] = Version
+	h[5] = byte(f.Type)
+	le.PutUint16(h[6:], f.Flags)
+	le.PutUint64(h[8:], f.Seq)
+	le.PutUint32(h[16:], uint32(len(f.Payload)))
+	crc := crc32.Update(0, castagnoli, h[:20])
+	crc = crc32.Update(crc, castagnoli, f.Payload)
+	le.PutUint32(h[20:], crc)
+	b = append(b, h[:]...)
+	return append(b, f.Payload...)
+}
+
+// WriteFrame writes f to w in one call.
+func WriteFrame(w io.Writer, f *Frame) error {
+	if len(f.Payload) > MaxPayload {
+		return fmt.Errorf("frame payload %d bytes exceeds the %d limit", len(f.Payload), MaxPayload)
+	}
+	_, err := w.Write(AppendFrame(make([]byte, 0, HeaderSize+len(f.Payload)), f))
+	return err
+}
+
+// ParseHeader checks a header and returns the frame it announces (without
+// payload) and the payload length.
+func ParseHeader(h []byte) (Frame, uint32, error) {
+	if len(h) < HeaderSize {
+		return Frame{}, 0, fmt.Errorf("%w: header is %d bytes, want %d", ErrBadFrame, len(h), HeaderSize)
+	}
+	le := binary.LittleEndian
+	if m := le.Uint32(h[0:]); m != Magic {
+		return Frame{}, 0, fmt.Errorf("%w: magic %#x, want %#x (not a duet peer?)", ErrBadFrame, m, Magic)
+	}
+	if h[4] != Version {
+		return Frame{}, 0, fmt.Errorf("%w: protocol version %d, this build speaks %d", ErrBadFrame, h[4], Version)
+	}
+	n := le.Uint32(h[16:])
+	if n > MaxPayload {
+		return Frame{}, 0, fmt.Errorf("%w: payload length %d exceeds the %d limit", ErrBadFrame, n, MaxPayload)
+	}
+	f := Frame{Type: Type(h[5]), Flags: le.Uint16(h[6:]), Seq: le.Uint64(h[8:])}
+	if f.Type < TypeHello || f.Type > TypeError {
+		return Frame{}, 0, fmt.Errorf("%w: unknown type %d", ErrBadFrame, h[5])
+	}
+	return f, n, nil
+}
+
+// ReadFrame reads one frame from r, checking magic, version, length and
+// CRC32C. buf is reused for the payload when large enough.
+func ReadFrame(r io.Reader, buf []byte) (Frame, error) {
+	var h [HeaderSize]byte
+	if _, err := io.ReadFull(r, h[:]); err != nil {
+		return Frame{}, err
+	}
+	f, n, err := ParseHeader(h[:])
+	if err != nil {
+		return Frame{}, err
+	}
+	if cap(buf) < int(n) {
+		buf = make([]byte, n)
+	}
+	f.Payload = buf[:n]
+	if _, err := io.ReadFull(r, f.Payload); err != nil {
+		return Frame{}, fmt.Errorf("%w: reading %d-byte payload: %v", ErrBadFrame, n, err)
+	}
+	crc := crc32.Update(0, castagnoli, h[:20])
+	crc = crc32.Update(crc, castagnoli, f.Payload)
+	if want := binary.LittleEndian.Uint32(h[20:]); crc != want {
+		return Frame{}, fmt.Errorf("%w: CRC32C %#x, header says %#x", ErrBadFrame, crc, want)
+	}
+	return f, nil
+}
+
+// DecodeFrame decodes exactly one frame from b, for fuzzing and tests.
+func DecodeFrame(b []byte) (Frame, error) {
+	f, n, err := ParseHeader(b)
+	if err != nil {
+		return Frame{}, err
+	}
+	if len(b) != HeaderSize+int(n) {
+		return Frame{}, fmt.Errorf("%w: %d bytes after header, length says %d", ErrBadFrame, len(b)-HeaderSize, n)
+	}
+	f.Payload = b[HeaderSize:]
+	crc := crc32.Update(0, castagnoli, b[:20])
+	crc = crc32.Update(crc, castagnoli, f.Payload)
+	if want := binary.LittleEndian.Uint32(b[20:]); crc != want {
+		return Frame{}, fmt.Errorf("%w: CRC32C %#x, header says %#x", ErrBadFrame, crc, want)
+	}
+	return f, nil
+}

@@ -1,0 +1,236 @@
+package wire
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"strings"
+)
+
+// OpCode names a change the applier makes to the replica.
+type OpCode uint8
+
+// Operations. Paths are relative to the replica root.
+const (
+	OpMkdir    OpCode = 1  // Path, Mode
+	OpCreate   OpCode = 2  // Path, Mode: empty regular file, replacing what is there
+	OpSymlink  OpCode = 3  // Path, Path2 = target
+	OpMknod    OpCode = 4  // Path, Mode, Rdev (FIFOs and sockets)
+	OpLink     OpCode = 5  // Path = existing, Path2 = new name
+	OpRename   OpCode = 6  // Path → Path2, replacing Path2
+	OpRemove   OpCode = 7  // Path, recursively for a directory
+	OpTruncate OpCode = 8  // Path, Off = size
+	OpWrite    OpCode = 9  // Path, Off, Data
+	OpPunch    OpCode = 10 // Path, Off, Len: a hole
+	OpSetattr  OpCode = 11 // Path, Mode, UID, GID, Mtime, Atime (ns since the epoch)
+	opMax             = OpSetattr
+)
+
+var opNames = [...]string{"", "mkdir", "create", "symlink", "mknod", "link", "rename", "remove",
+	"truncate", "write", "punch", "setattr"}
+
+func (c OpCode) String() string {
+	if c > 0 && c <= opMax {
+		return opNames[c]
+	}
+	return fmt.Sprintf("op(%d)", uint8(c))
+}
+
+// Op is one change to the replica.
+type Op struct {
+	Code  OpCode
+	Path  string
+	Path2 string
+	Mode  uint32
+	UID   uint32
+	GID   uint32
+	Rdev  uint64
+	Off   uint64
+	Len   uint64
+	Mtime int64
+	Atime int64
+	Data  []byte
+}
+
+// MaxPath bounds a path on the wire (PATH_MAX).
+const MaxPath = 4096
+
+// ErrBadOp wraps every op decoding error.
+var ErrBadOp = errors.New("bad op")
+
+// ValidPath reports why p cannot name an entry under a replica root: it
+// must be relative, without empty, "." or ".." components, without NUL,
+// with components of at most 255 bytes. Any other byte is allowed, as in
+// Linux file names.
+func ValidPath(p string) error {
+	if p == "" {
+		return errors.New("empty path")
+	}
+	if len(p) > MaxPath {
+		return fmt.Errorf("path of %d bytes exceeds %d", len(p), MaxPath)
+	}
+	if p[0] == '/' {
+		return fmt.Errorf("absolute path %q", p)
+	}
+	if strings.IndexByte(p, 0) >= 0 {
+		return fmt.Errorf("path %q contains NUL", p)
+	}
+	for _, c := range strings.Split(p, "/") {
+		switch {
+		case c == "":
+			return fmt.Errorf("path %q has an empty component", p)
+		case c == "." || c == "..":
+			return fmt.Errorf("path %q has a %q component", p, c)
+		case len(c) > 255:
+			return fmt.Errorf("path %q has a component longer than 255 bytes", p)
+		}
+	}
+	return nil
+}
+
+func appendString(b []byte, s string) []byte {
+	b = binary.AppendUvarint(b, uint64(len(s)))
+	return append(b, s...)
+}
+
+// AppendOp appends the encoding of op to b.
+func AppendOp(b []byte, op *Op) []byte {
+	b = append(b, byte(op.Code))
+	b = appendString(b, op.Path)
+	b = appendString(b, op.Path2)
+	for _, v := range []uint64{uint64(op.Mode), uint64(op.UID), uint64(op.GID), op.Rdev, op.Off, op.Len} {
+		b = binary.AppendUvarint(b, v)
+	}
+	b = binary.AppendVarint(b, op.Mtime)
+	b = binary.AppendVarint(b, op.Atime)
+	b = binary.AppendUvarint(b, uint64(len(op.Data)))
+	return append(b, op.Data...)
+}
+
+// decoder reads fields from a payload, keeping the first error.
+type decoder struct {
+	b   []byte
+	err error
+}
+
+func (d *decoder) uvarint(what string) uint64 {
+	if d.err != nil {
+		return 0
+	}
+	v, n := binary.Uvarint(d.b)
+	if n <= 0 {
+		d.err = fmt.Errorf("%w: truncated or overlong %s", ErrBadOp, what)
+		return 0
+	}
+	d.b = d.b[n:]
+	return v
+}
+
+func (d *decoder) varint(what string) int64 {
+	if d.err != nil {
+		return 0
+	}
+	v, n := binary.Varint(d.b)
+	if n <= 0 {
+		d.err = fmt.Errorf("%w: truncated or overlong %s", ErrBadOp, what)
+		return 0
+	}
+	d.b = d.b[n:]
+	return v
+}
+
+func (d *decoder) u32(what string) uint32 {
+	v := d.uvarint(what)
+	if v > 0xffffffff && d.err == nil {
+		d.err = fmt.Errorf("%w: %s %d does not fit 32 bits", ErrBadOp, what, v)
+	}
+	return uint32(v)
+}
+
+func (d *decoder) bytes(what string, max uint64) []byte {
+	n := d.uvarint(what + " length")
+	if d.err != nil {
+		return nil
+	}
+	if n > max || n > uint64(len(d.b)) {
+		d.err = fmt.Errorf("%w: %s of %d bytes (limit %d, %d left)", ErrBadOp, what, n, max, len(d.b))
+		return nil
+	}
+	if n == 0 {
+		return nil
+	}
+	v := d.b[:n:n]
+	d.b = d.b[n:]
+	return v
+}
+
+func (d *decoder) byte1(what string) byte {
+	if d.err != nil {
+		return 0
+	}
+	if len(d.b) == 0 {
+		d.err = fmt.Errorf("%w: missing %s", ErrBadOp, what)
+		return 0
+	}
+	v := d.b[0]
+	d.b = d.b[1:]
+	return v
+}
+
+// DecodeOps decodes a batch payload (already decompressed). Data slices
+// alias b. Every path is checked with ValidPath.
+func DecodeOps(b []byte) ([]Op, error) {
+	d := decoder{b: b}
+	var ops []Op
+	for len(d.b) > 0 {
+		var op Op
+		op.Code = OpCode(d.byte1("op code"))
+		if d.err == nil && (op.Code == 0 || op.Code > opMax) {
+			return nil, fmt.Errorf("%w: unknown op code %d", ErrBadOp, op.Code)
+		}
+		op.Path = string(d.bytes("path", MaxPath))
+		op.Path2 = string(d.bytes("second path", MaxPath))
+		op.Mode = d.u32("mode")
+		op.UID = d.u32("uid")
+		op.GID = d.u32("gid")
+		op.Rdev = d.uvarint("rdev")
+		op.Off = d.uvarint("offset")
+		op.Len = d.uvarint("length")
+		op.Mtime = d.varint("mtime")
+		op.Atime = d.varint("atime")
+		op.Data = d.bytes("data", MaxPayload)
+		if d.err != nil {
+			return nil, d.err
+		}
+		if err := op.check(); err != nil {
+			return nil, err
+		}
+		ops = append(ops, op)
+	}
+	return ops, nil
+}
+
+// check validates the fields an op uses.
+func (op *Op) check() error {
+	if err := ValidPath(op.Path); err != nil {
+		return fmt.Errorf("%w: %s: %v", ErrBadOp, op.Code, err)
+	}
+	switch op.Code {
+	case OpLink, OpRename:
+		if err := ValidPath(op.Path2); err != nil {
+			return fmt.Errorf("%w: %s target: %v", ErrBadOp, op.Code, err)
+		}
+	case OpSymlink:
+		if op.Path2 == "" || strings.IndexByte(op.Path2, 0) >= 0 {
+			return fmt.Errorf("%w: symlink %q: empty target or NUL in target", ErrBadOp, op.Path)
+		}
+	case OpWrite, OpPunch, OpTruncate:
+		if op.Off > 1<<62 || op.Len > 1<<62 || op.Off+op.Len+uint64(len(op.Data)) > 1<<62 {
+			return fmt.Errorf("%w: %s %q: offset %d length %d out of range", ErrBadOp, op.Code, op.Path, op.Off, op.Len)
+		}
+	}
+	if op.Code != OpWrite && len(op.Data) != 0 {
+		return fmt.Errorf("%w: %s %q carries %d data bytes", ErrBadOp, op.Code, op.Path, len(op.Data))
+	}
+	return nil
+}
