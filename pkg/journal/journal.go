@@ -33,6 +33,8 @@ type File struct {
 	Rescan bool
 	// MaxSeq is the highest record sequence folded in.
 	MaxSeq uint64
+	// Retries counts how often this change was requeued.
+	Retries int
 }
 
 type entry struct {
@@ -133,3 +135,19 @@ func (j *Journal) Pending() int { return len(j.files) }
 
 // Records is the number of records folded in so far.
 func (j *Journal) Records() uint64 { return j.records }
+
+// Requeue puts back what could not be shipped yet (a path that moved
+// meanwhile, bytes not yet visible); Retries counts how often.
+func (j *Journal) Requeue(f File) {
+	e := j.get(f.Key)
+	e.Data.AddAll(&f.Data)
+	e.Attr = e.Attr || f.Attr
+	e.Rescan = e.Rescan || f.Rescan
+	e.Writeback = e.Writeback || f.Writeback
+	if f.MaxSeq > e.MaxSeq {
+		e.MaxSeq = f.MaxSeq
+	}
+	if f.Retries+1 > e.Retries {
+		e.Retries = f.Retries + 1
+	}
+}

@@ -24,7 +24,7 @@ type Hello struct {
 	Purpose Purpose
 	Nonce   [32]byte
 	Session uint64 // the sender's session: batch sequences restart with it
-	Node    string
+	Dir     string // the replicated directory's name
 }
 
 // Welcome is the server's answer after a successful handshake: what the
@@ -49,7 +49,7 @@ func encodeHello(h *Hello) []byte {
 	b := []byte{byte(h.Purpose)}
 	b = append(b, h.Nonce[:]...)
 	b = binary.LittleEndian.AppendUint64(b, h.Session)
-	return appendString(b, h.Node)
+	return appendString(b, h.Dir)
 }
 
 // DecodeHello decodes a hello payload.
@@ -65,7 +65,7 @@ func DecodeHello(p []byte) (Hello, error) {
 	copy(h.Nonce[:], p[1:33])
 	h.Session = binary.LittleEndian.Uint64(p[33:])
 	d := decoder{b: p[41:]}
-	h.Node = string(d.bytes("node name", 255))
+	h.Dir = string(d.bytes("directory name", 255))
 	if d.err != nil {
 		return h, d.err
 	}

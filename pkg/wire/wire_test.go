@@ -173,7 +173,7 @@ func TestHandshake(t *testing.T) {
 				}
 				done <- err
 			}()
-			w, err := ClientHandshake(c, []byte(tc.ckey), Hello{Purpose: PurposeReplicate, Session: 9, Node: "a"})
+			w, err := ClientHandshake(c, []byte(tc.ckey), Hello{Purpose: PurposeReplicate, Session: 9, Dir: "a"})
 			if err != nil {
 				c.Close() // as a real client hangs up
 			}
@@ -200,7 +200,7 @@ func FuzzDecodeFrame(f *testing.F) {
 	f.Add(AppendFrame(nil, &Frame{Type: TypeBatch, Seq: 1, Payload: ops}))
 	f.Add(AppendFrame(nil, &Frame{Type: TypeBatch, Flags: FlagZstd, Seq: 2, Payload: Compress(nil, ops)}))
 	f.Add(AppendFrame(nil, &Frame{Type: TypeManifest, Payload: AppendEntry(nil, &Entry{Path: "x", Sums: []Sum{{}}})}))
-	f.Add(AppendFrame(nil, &Frame{Type: TypeHello, Payload: encodeHello(&Hello{Purpose: PurposeReplicate, Node: "n"})}))
+	f.Add(AppendFrame(nil, &Frame{Type: TypeHello, Payload: encodeHello(&Hello{Purpose: PurposeReplicate, Dir: "n"})}))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		fr, err := DecodeFrame(b)
 		if err != nil {

@@ -1,0 +1,61 @@
+// Package cli holds duet's commands. Each takes IOStreams so that its
+// output can be tested.
+package cli
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+
+	"github.com/spf13/cobra"
+)
+
+// IOStreams are a command's standard streams.
+type IOStreams struct {
+	In       io.Reader
+	Out, Err io.Writer
+}
+
+// Std returns the process's streams.
+func Std() IOStreams { return IOStreams{In: os.Stdin, Out: os.Stdout, Err: os.Stderr} }
+
+// ExitError carries a specific exit code (verify: 1 = copies differ).
+type ExitError struct {
+	Code int
+	Err  error
+}
+
+func (e *ExitError) Error() string { return e.Err.Error() }
+
+// New builds the root command.
+func New(s IOStreams) *cobra.Command {
+	root := &cobra.Command{
+		Use:           "duet",
+		Short:         "Two-node high availability with synchronous file replication",
+		Long:          "duet mirrors directories between two Linux servers byte for byte, capturing changes with eBPF tracepoints.",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.SetOut(s.Out)
+	root.SetErr(s.Err)
+	root.SetIn(s.In)
+	root.AddCommand(newRun(s), newStatus(s), newVerify(s), newVersion(s))
+	return root
+}
+
+// Main runs the CLI and returns the process exit code.
+func Main(s IOStreams, args []string) int {
+	root := New(s)
+	root.SetArgs(args)
+	err := root.Execute()
+	if err == nil {
+		return 0
+	}
+	fmt.Fprintln(s.Err, "duet:", err)
+	var ee *ExitError
+	if errors.As(err, &ee) {
+		return ee.Code
+	}
+	return 2
+}

@@ -1,0 +1,48 @@
+package cli
+
+import (
+	"context"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/duet-ha/duet/pkg/config"
+	"github.com/duet-ha/duet/pkg/node"
+	"github.com/spf13/cobra"
+)
+
+func newRun(s IOStreams) *cobra.Command {
+	var cfgPath, role, logLevel string
+	cmd := &cobra.Command{
+		Use:   "run",
+		Short: "Run the duet daemon",
+		Example: `  duet run --config /etc/duet/duet.yaml
+  duet run --config lab.yaml --role secondary`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := config.Load(cfgPath)
+			if err != nil {
+				return err
+			}
+			if role != "" {
+				cfg.Role = role
+				if err := cfg.Validate(); err != nil {
+					return err
+				}
+			}
+			var lvl slog.Level
+			if err := lvl.UnmarshalText([]byte(logLevel)); err != nil {
+				return err
+			}
+			log := slog.New(slog.NewTextHandler(s.Err, &slog.HandlerOptions{Level: lvl})).With("node", cfg.Node)
+			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			return node.Run(ctx, cfg, log)
+		},
+	}
+	cmd.Flags().StringVarP(&cfgPath, "config", "c", "/etc/duet/duet.yaml", "configuration file")
+	cmd.Flags().StringVar(&role, "role", "", "override the configured role (primary or secondary)")
+	cmd.Flags().StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	return cmd
+}

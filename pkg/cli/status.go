@@ -1,0 +1,137 @@
+package cli
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+
+	"github.com/duet-ha/duet/pkg/config"
+	"github.com/duet-ha/duet/pkg/node"
+	"github.com/spf13/cobra"
+)
+
+func newStatus(s IOStreams) *cobra.Command {
+	var cfgPath, socket, output string
+	var waitSync time.Duration
+	cmd := &cobra.Command{
+		Use:   "status",
+		Short: "Show the daemon's role, capture hooks and replication state",
+		Example: `  duet status
+  duet status --output json
+  duet status --wait-sync 60s   # wait until every change is on the peer`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if output != "text" && output != "json" {
+				return fmt.Errorf("--output %q: want text or json", output)
+			}
+			if socket == "" {
+				cfg, err := config.Load(cfgPath)
+				if err != nil {
+					return err
+				}
+				socket = cfg.Socket
+			}
+			st, err := node.Query(socket)
+			if err != nil {
+				return err
+			}
+			if waitSync > 0 {
+				deadline := time.Now().Add(waitSync)
+				// In sync twice in a row, 50ms apart: a single sample can
+				// fall between a record's arrival and its journaling.
+				for streak := 0; streak < 2; {
+					if st.InSync {
+						streak++
+					} else {
+						streak = 0
+					}
+					if streak == 2 {
+						break
+					}
+					if time.Now().After(deadline) {
+						printStatus(s.Out, &st, output)
+						return &ExitError{Code: 1, Err: fmt.Errorf("not in sync after %s", waitSync)}
+					}
+					time.Sleep(50 * time.Millisecond)
+					if st, err = node.Query(socket); err != nil {
+						return err
+					}
+				}
+			}
+			return printStatus(s.Out, &st, output)
+		},
+	}
+	cmd.Flags().StringVarP(&cfgPath, "config", "c", "/etc/duet/duet.yaml", "configuration file (for the socket path)")
+	cmd.Flags().StringVar(&socket, "socket", "", "control socket (overrides --config)")
+	cmd.Flags().StringVarP(&output, "output", "o", "text", "text or json")
+	cmd.Flags().DurationVar(&waitSync, "wait-sync", 0, "wait up to this long for everything to be on the peer; exit 1 if not")
+	return cmd
+}
+
+func printStatus(w io.Writer, st *node.Status, output string) error {
+	if output == "json" {
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		return enc.Encode(st)
+	}
+	yes := map[bool]string{true: "yes", false: "no"}
+	fmt.Fprintf(w, "node %s  role %s  version %s  in sync: %s\n", st.Node, st.Role, st.Version, yes[st.InSync])
+	fmt.Fprintf(w, "listen %s  peer %s\n", st.Listen, st.Peer)
+	if len(st.Hooks) > 0 {
+		var on, off []string
+		for _, h := range st.Hooks {
+			if h.Active {
+				on = append(on, h.Type+"/"+h.Name)
+			} else {
+				off = append(off, h.Name+" ("+h.Error+")")
+			}
+		}
+		fmt.Fprintf(w, "capture hooks: %s\n", strings.Join(on, " "))
+		if len(off) > 0 {
+			fmt.Fprintf(w, "unavailable hooks: %s\n", strings.Join(off, "; "))
+		}
+	}
+	if st.Capture != nil {
+		fmt.Fprintf(w, "capture: %d records, %d lost, ring buffer %s waiting\n", st.Capture.Seq, st.Capture.Lost, bytesOf(uint64(st.RingBytes)))
+	}
+	for _, d := range st.Dirs {
+		conn := "connected"
+		if !d.Connected {
+			conn = "DISCONNECTED"
+		}
+		fmt.Fprintf(w, "dir %s (%s) -> %s: %s, batches %d built / %d acked, %d files pending, lag %.1f ms\n",
+			d.Dir, d.Path, d.Peer, conn, d.Sent, d.Acked, d.PendingFiles, d.LagMs)
+		fmt.Fprintf(w, "  changed %s, read %s, on the wire %s, full syncs %d\n",
+			bytesOf(d.ChangedBytes), bytesOf(d.DataBytes), bytesOf(d.WireBytes), d.FullSyncs)
+		if d.LastError != "" {
+			fmt.Fprintf(w, "  last error: %s\n", d.LastError)
+		}
+	}
+	for _, r := range st.Replicas {
+		conn := "connected to " + r.Peer
+		if !r.Connected {
+			conn = "no primary connected"
+		}
+		fmt.Fprintf(w, "replica %s (%s): %s, %d batches / %d ops applied, last batch %d\n",
+			r.Dir, r.Path, conn, r.Batches, r.Ops, r.LastSeq)
+		if r.LastError != "" {
+			fmt.Fprintf(w, "  last error: %s\n", r.LastError)
+		}
+	}
+	return nil
+}
+
+func bytesOf(n uint64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := uint64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}

@@ -1,0 +1,81 @@
+package config
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func base(t *testing.T) string {
+	dir := t.TempDir()
+	data := filepath.Join(dir, "data")
+	os.Mkdir(data, 0o755)
+	return `node: nodeA
+role: primary
+listen: 10.250.0.1:7788
+peer: 10.250.0.2:7788
+key: "0123456789abcdef"
+state_dir: ` + filepath.Join(dir, "state") + `
+replicate:
+  - path: ` + data + "\n"
+}
+
+func TestParseGood(t *testing.T) {
+	c, err := Parse([]byte(base(t)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Replicate[0].Name != "data" || c.RingBufferKiB != DefaultRingKiB || !strings.HasSuffix(c.Socket, "duet.sock") {
+		t.Fatalf("defaults not applied: %+v", c)
+	}
+}
+
+func TestParseErrorsNameTheField(t *testing.T) {
+	tests := []struct {
+		name, from, to, want string
+	}{
+		{"role", "role: primary", "role: boss", `role "boss"`},
+		{"listen", "listen: 10.250.0.1:7788", "listen: nowhere", `listen "nowhere"`},
+		{"unknown field", "node: nodeA", "node: nodeA\nnodes: x", "field nodes not found"},
+		{"missing key", `key: "0123456789abcdef"`, "", "key: set key or key_file"},
+		{"node name", "node: nodeA", "node: 'a b'", `node "a b"`},
+		{"ring", "node: nodeA", "node: nodeA\nring_buffer_kib: 3", "ring_buffer_kib 3"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			y := strings.Replace(base(t), tt.from, tt.to, 1)
+			_, err := Parse([]byte(y))
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("error %v, want it to contain %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func TestReplicatePathChecks(t *testing.T) {
+	y := base(t)
+	file := filepath.Join(t.TempDir(), "f")
+	os.WriteFile(file, nil, 0o644)
+	for path, want := range map[string]string{
+		"relative":        "must be an absolute path",
+		"/does/not/exist": "no such file or directory",
+		file:              "not a directory",
+	} {
+		yy := y[:strings.Index(y, "replicate:")] + "replicate:\n  - path: " + path + "\n"
+		_, err := Parse([]byte(yy))
+		if err == nil || !strings.Contains(err.Error(), "replicate[0].path") || !strings.Contains(err.Error(), want) {
+			t.Errorf("path %q: error %v, want replicate[0].path ... %q", path, err, want)
+		}
+	}
+}
+
+func TestStateDirInsideReplicated(t *testing.T) {
+	y := base(t)
+	data := strings.TrimSpace(y[strings.Index(y, "- path: ")+8:])
+	y = strings.Replace(y, "state_dir: ", "state_dir: "+data+"/.duet #", 1)
+	_, err := Parse([]byte(y))
+	if err == nil || !strings.Contains(err.Error(), "must not be inside") {
+		t.Fatalf("error %v", err)
+	}
+}

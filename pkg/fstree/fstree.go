@@ -1,0 +1,331 @@
+// Package fstree reads a directory tree the way duet compares it: entries
+// with their metadata and per-block checksums, opened beneath a root file
+// descriptor so that no path can leave the tree.
+package fstree
+
+import (
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path"
+	"sort"
+
+	"github.com/duet-ha/duet/pkg/wire"
+	"golang.org/x/sys/unix"
+)
+
+// Resolve flags for every lookup under a root: stay beneath it and never
+// follow a symlink on the way.
+const beneath = unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS
+
+// OpenRoot opens dir as the root that later lookups stay beneath.
+func OpenRoot(dir string) (*os.File, error) {
+	fd, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("opening %s: %w", dir, err)
+	}
+	return os.NewFile(uintptr(fd), dir), nil
+}
+
+// OpenBeneath opens rel (a wire path, or "." for the root) under root.
+func OpenBeneath(root *os.File, rel string, flags int) (*os.File, error) {
+	if rel == "" {
+		rel = "."
+	}
+	how := unix.OpenHow{Flags: uint64(flags | unix.O_CLOEXEC), Resolve: beneath}
+	fd, err := unix.Openat2(int(root.Fd()), rel, &how)
+	if err != nil {
+		return nil, &fs.PathError{Op: "open", Path: rel, Err: err}
+	}
+	return os.NewFile(uintptr(fd), rel), nil
+}
+
+// Dirent is one directory entry as getdents reports it.
+type Dirent struct {
+	Ino  uint64
+	Type uint8 // DT_*
+	Name string
+}
+
+// ReadDir lists an open directory without following or stat'ing anything.
+func ReadDir(dir *os.File) ([]Dirent, error) {
+	var out []Dirent
+	buf := make([]byte, 32<<10)
+	fd := int(dir.Fd())
+	if _, err := unix.Seek(fd, 0, io.SeekStart); err != nil {
+		return nil, err
+	}
+	for {
+		n, err := unix.Getdents(fd, buf)
+		if err != nil {
+			return nil, fmt.Errorf("reading directory %s: %w", dir.Name(), err)
+		}
+		if n <= 0 {
+			return out, nil
+		}
+		for b := buf[:n]; len(b) >= 19; {
+			reclen := int(binary.LittleEndian.Uint16(b[16:]))
+			if reclen < 19 || reclen > len(b) {
+				return nil, fmt.Errorf("reading directory %s: bad dirent length %d", dir.Name(), reclen)
+			}
+			name := b[19:reclen]
+			for i, c := range name {
+				if c == 0 {
+					name = name[:i]
+					break
+				}
+			}
+			if s := string(name); s != "." && s != ".." {
+				out = append(out, Dirent{Ino: binary.LittleEndian.Uint64(b), Type: b[18], Name: s})
+			}
+			b = b[reclen:]
+		}
+	}
+}
+
+// Stat returns the metadata of rel under root without following a final
+// symlink.
+func Stat(root *os.File, rel string) (unix.Stat_t, error) {
+	var st unix.Stat_t
+	dir, base := path.Split(rel)
+	if rel == "" || rel == "." {
+		err := unix.Fstat(int(root.Fd()), &st)
+		return st, err
+	}
+	d, err := OpenBeneath(root, dir, unix.O_PATH|unix.O_DIRECTORY)
+	if err != nil {
+		return st, err
+	}
+	defer d.Close()
+	err = unix.Fstatat(int(d.Fd()), base, &st, unix.AT_SYMLINK_NOFOLLOW)
+	if err != nil {
+		return st, &fs.PathError{Op: "lstat", Path: rel, Err: err}
+	}
+	return st, nil
+}
+
+// ModeOf converts a stat mode to io/fs form.
+func ModeOf(m uint32) fs.FileMode {
+	mode := fs.FileMode(m & 0o777)
+	switch m & unix.S_IFMT {
+	case unix.S_IFDIR:
+		mode |= fs.ModeDir
+	case unix.S_IFLNK:
+		mode |= fs.ModeSymlink
+	case unix.S_IFIFO:
+		mode |= fs.ModeNamedPipe
+	case unix.S_IFSOCK:
+		mode |= fs.ModeSocket
+	case unix.S_IFCHR:
+		mode |= fs.ModeDevice | fs.ModeCharDevice
+	case unix.S_IFBLK:
+		mode |= fs.ModeDevice
+	}
+	if m&unix.S_ISUID != 0 {
+		mode |= fs.ModeSetuid
+	}
+	if m&unix.S_ISGID != 0 {
+		mode |= fs.ModeSetgid
+	}
+	if m&unix.S_ISVTX != 0 {
+		mode |= fs.ModeSticky
+	}
+	return mode
+}
+
+// UnixPerm converts io/fs permission and special bits to a chmod mode.
+func UnixPerm(m fs.FileMode) uint32 {
+	p := uint32(m.Perm())
+	if m&fs.ModeSetuid != 0 {
+		p |= unix.S_ISUID
+	}
+	if m&fs.ModeSetgid != 0 {
+		p |= unix.S_ISGID
+	}
+	if m&fs.ModeSticky != 0 {
+		p |= unix.S_ISVTX
+	}
+	return p
+}
+
+// EntryOf builds an entry from stat data.
+func EntryOf(rel string, st *unix.Stat_t) wire.Entry {
+	return wire.Entry{
+		Path:  rel,
+		Mode:  ModeOf(st.Mode),
+		UID:   st.Uid,
+		GID:   st.Gid,
+		Size:  uint64(st.Size),
+		Mtime: st.Mtim.Nano(),
+		Rdev:  st.Rdev,
+		Ino:   st.Ino,
+	}
+}
+
+// zeroSums caches the checksum of an all-zero block of each length seen.
+var zeroBlock = make([]byte, wire.BlockSize)
+
+// SumBlock checksums one block.
+func SumBlock(b []byte) wire.Sum {
+	h := sha256.Sum256(b)
+	var s wire.Sum
+	copy(s[:], h[:])
+	return s
+}
+
+// IsZero reports whether b holds only zero bytes.
+func IsZero(b []byte) bool {
+	for len(b) >= len(zeroBlock) {
+		if string(b[:len(zeroBlock)]) != string(zeroBlock) {
+			return false
+		}
+		b = b[len(zeroBlock):]
+	}
+	return string(b) == string(zeroBlock[:len(b)])
+}
+
+// Sums checksums every BlockSize block of f up to size.
+func Sums(f *os.File, size uint64) ([]wire.Sum, error) {
+	n := (size + wire.BlockSize - 1) / wire.BlockSize
+	sums := make([]wire.Sum, 0, n)
+	buf := make([]byte, wire.BlockSize)
+	for off := uint64(0); off < size; off += wire.BlockSize {
+		want := min(uint64(wire.BlockSize), size-off)
+		got, err := f.ReadAt(buf[:want], int64(off))
+		if err != nil && !errors.Is(err, io.EOF) {
+			return nil, fmt.Errorf("reading %s at %d: %w", f.Name(), off, err)
+		}
+		// A file that shrank meanwhile: the short block sums as zeros,
+		// and a later record reports the change.
+		clear(buf[got:want])
+		sums = append(sums, SumBlock(buf[:want]))
+	}
+	return sums, nil
+}
+
+// Scan lists the tree under root in pre-order (parents before children,
+// siblings by name). With sums, regular files carry block checksums.
+// Entries that vanish while scanning are skipped.
+func Scan(root *os.File, sums bool) ([]wire.Entry, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(root.Fd()), &st); err != nil {
+		return nil, err
+	}
+	out := []wire.Entry{EntryOf(".", &st)}
+	return out, scanDir(root, "", &out, sums)
+}
+
+func scanDir(root *os.File, rel string, out *[]wire.Entry, sums bool) error {
+	d, err := OpenBeneath(root, rel, unix.O_RDONLY|unix.O_DIRECTORY)
+	if err != nil {
+		if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENOTDIR) || errors.Is(err, unix.ELOOP) {
+			return nil
+		}
+		return err
+	}
+	defer d.Close()
+	ents, err := ReadDir(d)
+	if err != nil {
+		return err
+	}
+	sort.Slice(ents, func(i, j int) bool { return ents[i].Name < ents[j].Name })
+	for _, de := range ents {
+		child := path.Join(rel, de.Name)
+		var st unix.Stat_t
+		if err := unix.Fstatat(int(d.Fd()), de.Name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+			if errors.Is(err, unix.ENOENT) {
+				continue
+			}
+			return fmt.Errorf("lstat %s: %w", child, err)
+		}
+		e := EntryOf(child, &st)
+		switch {
+		case e.Mode&fs.ModeSymlink != 0:
+			buf := make([]byte, unix.PathMax)
+			n, err := unix.Readlinkat(int(d.Fd()), de.Name, buf)
+			if err != nil {
+				continue
+			}
+			e.Target = string(buf[:n])
+		case e.Mode.IsRegular() && sums:
+			f, err := OpenBeneath(root, child, unix.O_RDONLY|unix.O_NOFOLLOW)
+			if err != nil {
+				continue
+			}
+			e.Sums, err = Sums(f, e.Size)
+			f.Close()
+			if err != nil {
+				return err
+			}
+		}
+		*out = append(*out, e)
+		if e.Mode.IsDir() {
+			if err := scanDir(root, child, out, sums); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// Difference is one way two trees differ.
+type Difference struct {
+	Path string
+	What string
+}
+
+func (d Difference) String() string { return fmt.Sprintf("%s: %s", d.Path, d.What) }
+
+// Compare lists every difference between a local and a peer tree: entries
+// present on one side only, type, permissions, owner, size, symlink target
+// and content (by block checksums). Times are not compared.
+func Compare(local, peer []wire.Entry) []Difference {
+	pm := make(map[string]*wire.Entry, len(peer))
+	for i := range peer {
+		pm[peer[i].Path] = &peer[i]
+	}
+	var out []Difference
+	seen := make(map[string]bool, len(local))
+	for i := range local {
+		l := &local[i]
+		seen[l.Path] = true
+		p := pm[l.Path]
+		if p == nil {
+			out = append(out, Difference{l.Path, "missing on peer"})
+			continue
+		}
+		if l.Mode.Type() != p.Mode.Type() {
+			out = append(out, Difference{l.Path, fmt.Sprintf("type %v here, %v on peer", l.Mode.Type(), p.Mode.Type())})
+			continue
+		}
+		if l.Path != "." && l.Mode&fs.ModeSymlink == 0 && l.Mode != p.Mode {
+			out = append(out, Difference{l.Path, fmt.Sprintf("mode %v here, %v on peer", l.Mode, p.Mode)})
+		}
+		if l.Path != "." && (l.UID != p.UID || l.GID != p.GID) {
+			out = append(out, Difference{l.Path, fmt.Sprintf("owner %d:%d here, %d:%d on peer", l.UID, l.GID, p.UID, p.GID)})
+		}
+		switch {
+		case l.Mode&fs.ModeSymlink != 0 && l.Target != p.Target:
+			out = append(out, Difference{l.Path, fmt.Sprintf("symlink to %q here, %q on peer", l.Target, p.Target)})
+		case l.Mode.IsRegular() && l.Size != p.Size:
+			out = append(out, Difference{l.Path, fmt.Sprintf("size %d here, %d on peer", l.Size, p.Size)})
+		case l.Mode.IsRegular():
+			for b := range l.Sums {
+				if b >= len(p.Sums) || l.Sums[b] != p.Sums[b] {
+					out = append(out, Difference{l.Path, fmt.Sprintf("content differs at offset %d", uint64(b)*wire.BlockSize)})
+					break
+				}
+			}
+		}
+	}
+	for i := range peer {
+		if !seen[peer[i].Path] {
+			out = append(out, Difference{peer[i].Path, "only on peer"})
+		}
+	}
+	return out
+}

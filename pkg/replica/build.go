@@ -1,0 +1,479 @@
+package replica
+
+import (
+	"errors"
+	"io"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path"
+	"sort"
+
+	"github.com/duet-ha/duet/pkg/capture"
+	"github.com/duet-ha/duet/pkg/fstree"
+	"github.com/duet-ha/duet/pkg/journal"
+	"github.com/duet-ha/duet/pkg/wire"
+	"golang.org/x/sys/unix"
+)
+
+// maxRetries bounds how often a change whose bytes or path are not yet
+// visible is requeued (one batch interval apart) before it is dropped; a
+// later record reports whatever happened meanwhile.
+const maxRetries = 50
+
+// readChunk bounds the data carried by one write op.
+const readChunk = 1 << 20
+
+// forgetter drops in-kernel in-flight marks; nil when not capturing.
+type forgetter interface {
+	ForgetChunks([]capture.CaptureChunkKey) error
+	ForgetAttr(capture.InodeKey)
+}
+
+// sink receives ops in the order the peer must apply them.
+type sink interface {
+	add(op *wire.Op) error
+}
+
+// builder turns journal entries into ops, reading the primary's tree.
+type builder struct {
+	root   *os.File
+	dev    uint32
+	sh     *shadow
+	kernel forgetter
+	out    sink
+	log    *slog.Logger
+	buf    []byte
+
+	// Per batch.
+	whole    map[uint64]bool // inodes whose whole content was sent
+	requeue  []journal.File
+	removals []link
+	dataRead uint64 // bytes read for shipping, in total
+}
+
+func newBuilder(root *os.File, dev uint32, sh *shadow, k forgetter, out sink, log *slog.Logger) *builder {
+	return &builder{root: root, dev: dev, sh: sh, kernel: k, out: out, log: log, buf: make([]byte, readChunk)}
+}
+
+// build ships the changes of one batch and returns what must be retried.
+func (b *builder) build(files []journal.File) ([]journal.File, error) {
+	b.whole = map[uint64]bool{}
+	b.requeue = nil
+	b.removals = nil
+	b.forget(files)
+
+	var dirs, others []journal.File
+	for _, f := range files {
+		if f.Key.Dev != b.dev {
+			continue
+		}
+		n := b.sh.nodes[f.Key.Ino]
+		if n == nil {
+			continue // not in the tree, or new: its directory reports it
+		}
+		if n.mode.IsDir() {
+			dirs = append(dirs, f)
+		} else {
+			others = append(others, f)
+		}
+	}
+	// Parents first, so a renamed ancestor is known before its children;
+	// what still fails is retried once the whole level is done.
+	sort.Slice(dirs, func(i, j int) bool { return b.sh.depth(dirs[i].Key.Ino) < b.sh.depth(dirs[j].Key.Ino) })
+	var failed []journal.File
+	for _, f := range dirs {
+		ok, err := b.reconcile(f.Key.Ino)
+		if err != nil {
+			return nil, err
+		}
+		if !ok {
+			failed = append(failed, f)
+		}
+	}
+	for _, f := range failed {
+		ok, err := b.reconcile(f.Key.Ino)
+		if err != nil {
+			return nil, err
+		}
+		if !ok {
+			b.retry(f)
+		}
+	}
+	if err := b.remove(); err != nil {
+		return nil, err
+	}
+	for _, f := range dirs {
+		if err := b.attrs(f.Key.Ino); err != nil {
+			return nil, err
+		}
+	}
+	for _, f := range others {
+		if err := b.file(f); err != nil {
+			return nil, err
+		}
+	}
+	return b.requeue, nil
+}
+
+// forget drops the kernel's in-flight marks of everything in the batch
+// before anything is read: a write after this point emits a new record.
+func (b *builder) forget(files []journal.File) {
+	if b.kernel == nil {
+		return
+	}
+	var keys []capture.CaptureChunkKey
+	for _, f := range files {
+		if f.Attr {
+			b.kernel.ForgetAttr(f.Key)
+		}
+		for _, s := range f.Data.Spans() {
+			if s.Len() > 1<<30 {
+				continue // preop "to end of file": no chunk marks
+			}
+			for c := s.Off >> capture.ChunkShift; c <= (s.End-1)>>capture.ChunkShift; c++ {
+				keys = append(keys, capture.CaptureChunkKey{Dev: f.Key.Dev, Ino: f.Key.Ino, Chunk: c})
+			}
+		}
+	}
+	b.kernel.ForgetChunks(keys)
+}
+
+func (b *builder) retry(f journal.File) {
+	if f.Retries < maxRetries {
+		b.requeue = append(b.requeue, f)
+		return
+	}
+	b.log.Debug("dropping change after retries", "ino", f.Key.Ino)
+}
+
+// reconcile compares directory ino's entries with the shadow and ships the
+// difference. It returns false when the directory is not where the shadow
+// says (it moved; its parent's reconcile fixes the shadow).
+func (b *builder) reconcile(ino uint64) (bool, error) {
+	p, ok := b.sh.path(ino)
+	if !ok {
+		return false, nil
+	}
+	d, err := fstree.OpenBeneath(b.root, p, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW)
+	if err != nil {
+		return false, nil
+	}
+	defer d.Close()
+	var st unix.Stat_t
+	if err := unix.Fstat(int(d.Fd()), &st); err != nil || st.Ino != ino {
+		return false, nil
+	}
+	ents, err := fstree.ReadDir(d)
+	if err != nil {
+		return false, nil
+	}
+	sort.Slice(ents, func(i, j int) bool { return ents[i].Name < ents[j].Name })
+	node := b.sh.nodes[ino]
+	present := make(map[string]bool, len(ents))
+	for _, e := range ents {
+		present[e.Name] = true
+		if cur, ok := node.children[e.Name]; ok && cur == e.Ino {
+			continue
+		}
+		if err := b.entry(d, p, ino, e); err != nil {
+			return true, err
+		}
+	}
+	for name := range node.children {
+		if !present[name] {
+			b.removals = append(b.removals, link{ino, name})
+		}
+	}
+	return true, nil
+}
+
+func join(dir, name string) string {
+	if dir == "." || dir == "" {
+		return name
+	}
+	return dir + "/" + name
+}
+
+// entry handles a name of directory dirIno that the shadow does not hold
+// with this inode: a rename, a new hard link, or something new.
+func (b *builder) entry(d *os.File, dirPath string, dirIno uint64, e fstree.Dirent) error {
+	var st unix.Stat_t
+	if err := unix.Fstatat(int(d.Fd()), e.Name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil || st.Ino != e.Ino {
+		return nil // gone or replaced meanwhile: a later record says what became of it
+	}
+	to := join(dirPath, e.Name)
+	if kn := b.sh.nodes[e.Ino]; kn != nil && len(kn.links) > 0 {
+		from, isRename := b.movedFrom(kn, &st)
+		fromPath, ok := b.sh.linkPath(from)
+		if ok && isRename {
+			if err := b.out.add(&wire.Op{Code: wire.OpRename, Path: fromPath, Path2: to}); err != nil {
+				return err
+			}
+			b.sh.move(e.Ino, from, dirIno, e.Name)
+			return nil
+		}
+		if ok && !kn.mode.IsDir() {
+			if err := b.out.add(&wire.Op{Code: wire.OpLink, Path: fromPath, Path2: to}); err != nil {
+				return err
+			}
+			b.sh.add(e.Ino, kn.mode, dirIno, e.Name)
+			return nil
+		}
+	}
+	return b.create(d, to, dirIno, e.Name, &st)
+}
+
+// movedFrom decides whether a known inode appearing under a new name was
+// renamed (and from which name) or got one more hard link: more names on
+// disk than the shadow knows means a new link.
+func (b *builder) movedFrom(kn *snode, st *unix.Stat_t) (link, bool) {
+	if !kn.mode.IsDir() && uint64(st.Nlink) > uint64(len(kn.links)) {
+		return kn.links[0], false
+	}
+	for _, l := range kn.links {
+		p, ok := b.sh.linkPath(l)
+		if !ok {
+			continue
+		}
+		if cur, err := fstree.Stat(b.root, p); err != nil || cur.Ino != kn.ino {
+			return l, true
+		}
+	}
+	return kn.links[0], true
+}
+
+// create ships a node the peer does not have, with its content or subtree.
+func (b *builder) create(d *os.File, to string, dirIno uint64, name string, st *unix.Stat_t) error {
+	mode := fstree.ModeOf(st.Mode)
+	perm := fstree.UnixPerm(mode)
+	switch {
+	case mode.IsDir():
+		if err := b.out.add(&wire.Op{Code: wire.OpMkdir, Path: to, Mode: perm}); err != nil {
+			return err
+		}
+		b.sh.add(st.Ino, mode, dirIno, name)
+		// Reconcile the new directory against an empty shadow: everything
+		// in it is new, or moved in from elsewhere.
+		if _, err := b.reconcile(st.Ino); err != nil {
+			return err
+		}
+	case mode.IsRegular():
+		if err := b.out.add(&wire.Op{Code: wire.OpCreate, Path: to, Mode: perm}); err != nil {
+			return err
+		}
+		b.sh.add(st.Ino, mode, dirIno, name)
+		f, err := fstree.OpenBeneath(b.root, to, unix.O_RDONLY|unix.O_NOFOLLOW)
+		if err != nil {
+			return nil // gone meanwhile: its parent's next record removes it
+		}
+		err = b.sendWhole(to, f)
+		f.Close()
+		if err != nil {
+			return err
+		}
+		b.whole[st.Ino] = true
+	case mode&fs.ModeSymlink != 0:
+		buf := make([]byte, unix.PathMax)
+		n, err := unix.Readlinkat(int(d.Fd()), name, buf)
+		if err != nil {
+			return nil
+		}
+		if err := b.out.add(&wire.Op{Code: wire.OpSymlink, Path: to, Path2: string(buf[:n])}); err != nil {
+			return err
+		}
+		b.sh.add(st.Ino, mode, dirIno, name)
+	case mode&(fs.ModeNamedPipe|fs.ModeSocket) != 0:
+		if err := b.out.add(&wire.Op{Code: wire.OpMknod, Path: to, Mode: st.Mode}); err != nil {
+			return err
+		}
+		b.sh.add(st.Ino, mode, dirIno, name)
+	default:
+		b.log.Warn("not replicating device node", "path", to)
+		return nil
+	}
+	return b.out.add(setattrOp(to, st))
+}
+
+func setattrOp(p string, st *unix.Stat_t) *wire.Op {
+	return &wire.Op{Code: wire.OpSetattr, Path: p, Mode: fstree.UnixPerm(fstree.ModeOf(st.Mode)),
+		UID: st.Uid, GID: st.Gid, Mtime: st.Mtim.Nano(), Atime: st.Atim.Nano()}
+}
+
+// sendWhole ships a file's size and every data extent, skipping holes.
+func (b *builder) sendWhole(p string, f *os.File) error {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return err
+	}
+	size := uint64(st.Size)
+	if err := b.out.add(&wire.Op{Code: wire.OpTruncate, Path: p, Off: size}); err != nil {
+		return err
+	}
+	fd := int(f.Fd())
+	for off := int64(0); uint64(off) < size; {
+		data, err := unix.Seek(fd, off, unix.SEEK_DATA)
+		if err != nil {
+			break // ENXIO: only a hole is left
+		}
+		hole, err := unix.Seek(fd, data, unix.SEEK_HOLE)
+		if err != nil {
+			hole = int64(size)
+		}
+		if err := b.ship(p, f, journal.Span{Off: uint64(data), End: uint64(hole)}); err != nil {
+			return err
+		}
+		off = hole
+	}
+	return nil
+}
+
+// ship reads [s.Off, s.End) from f and emits write ops. It returns the
+// first offset it could not read (the file is shorter).
+func (b *builder) ship(p string, f *os.File, s journal.Span) error {
+	_, err := b.shipUpTo(p, f, s)
+	return err
+}
+
+func (b *builder) shipUpTo(p string, f *os.File, s journal.Span) (uint64, error) {
+	for off := s.Off; off < s.End; {
+		n := min(uint64(len(b.buf)), s.End-off)
+		got, err := f.ReadAt(b.buf[:n], int64(off))
+		if got > 0 {
+			b.dataRead += uint64(got)
+			if err := b.out.add(&wire.Op{Code: wire.OpWrite, Path: p, Off: off, Data: b.buf[:got]}); err != nil {
+				return off, err
+			}
+			off += uint64(got)
+		}
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				return off, nil
+			}
+			return off, nil // unreadable now: the caller requeues
+		}
+	}
+	return s.End, nil
+}
+
+// remove ships the removals found by reconcile that no rename or link in
+// this batch took over.
+func (b *builder) remove() error {
+	for _, l := range b.removals {
+		p := b.sh.nodes[l.parent]
+		if p == nil {
+			continue
+		}
+		if _, ok := p.children[l.name]; !ok {
+			continue
+		}
+		lp, ok := b.sh.linkPath(l)
+		if !ok {
+			continue
+		}
+		if err := b.out.add(&wire.Op{Code: wire.OpRemove, Path: lp}); err != nil {
+			return err
+		}
+		b.sh.unlink(l.parent, l.name)
+	}
+	return nil
+}
+
+// attrs ships the metadata of a directory or other non-regular inode.
+func (b *builder) attrs(ino uint64) error {
+	p, ok := b.sh.path(ino)
+	if !ok || p == "." {
+		return nil
+	}
+	st, err := fstree.Stat(b.root, p)
+	if err != nil || st.Ino != ino {
+		return nil
+	}
+	return b.out.add(setattrOp(p, &st))
+}
+
+// file ships one regular file's (or symlink's) changes: size, bytes, and
+// metadata last so that the mtime survives the writes.
+func (b *builder) file(f journal.File) error {
+	n := b.sh.nodes[f.Key.Ino]
+	p, ok := b.sh.path(f.Key.Ino)
+	if n == nil || !ok {
+		return nil
+	}
+	if !n.mode.IsRegular() {
+		if f.Attr {
+			return b.attrs(f.Key.Ino)
+		}
+		return nil
+	}
+	fh, err := fstree.OpenBeneath(b.root, p, unix.O_RDONLY|unix.O_NOFOLLOW)
+	if err != nil {
+		b.retry(f)
+		return nil
+	}
+	defer fh.Close()
+	var st unix.Stat_t
+	if err := unix.Fstat(int(fh.Fd()), &st); err != nil || st.Ino != f.Key.Ino {
+		b.retry(f) // the path now names another inode: a rename is pending
+		return nil
+	}
+	size := uint64(st.Size)
+	if f.Attr || f.Rescan {
+		if err := b.out.add(&wire.Op{Code: wire.OpTruncate, Path: p, Off: size}); err != nil {
+			return err
+		}
+	}
+	if f.Rescan && !b.whole[f.Key.Ino] {
+		if err := b.sendWhole(p, fh); err != nil {
+			return err
+		}
+		b.whole[f.Key.Ino] = true
+	}
+	if !b.whole[f.Key.Ino] && !f.Data.Empty() {
+		if f.Writeback {
+			// Pages dirtied through a mapping: write them back so the
+			// next store faults and is reported again, then read.
+			for _, s := range f.Data.Spans() {
+				unix.SyncFileRange(int(fh.Fd()), int64(s.Off), int64(min(s.Len(), 1<<62)),
+					unix.SYNC_FILE_RANGE_WAIT_BEFORE|unix.SYNC_FILE_RANGE_WRITE|unix.SYNC_FILE_RANGE_WAIT_AFTER)
+			}
+		}
+		var later journal.File
+		later.Key = f.Key
+		later.Retries = f.Retries
+		for _, s := range f.Data.Spans() {
+			end := min(s.End, size)
+			if s.Off < end {
+				got, err := b.shipUpTo(p, fh, journal.Span{Off: s.Off, End: end})
+				if err != nil {
+					return err
+				}
+				if got < end {
+					later.Data.Add(got, end-got)
+				}
+			}
+			// Bytes reported beyond EOF: a size update not yet visible
+			// (write_end fires before i_size moves), or a truncate.
+			if s.End > size && s.Len() < 1<<40 {
+				lo := max(s.Off, size)
+				later.Data.Add(lo, s.End-lo)
+			}
+		}
+		if !later.Data.Empty() {
+			b.retry(later)
+		}
+	}
+	if f.Attr || f.Rescan {
+		return b.out.add(setattrOp(p, &st))
+	}
+	return nil
+}
+
+// parentOf splits a wire path into its directory ("." for the root) and name.
+func parentOf(p string) (string, string) {
+	dir, name := path.Split(p)
+	if dir == "" {
+		return ".", name
+	}
+	return dir[:len(dir)-1], name
+}

@@ -1,0 +1,483 @@
+package replica
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/duet-ha/duet/pkg/capture"
+	"github.com/duet-ha/duet/pkg/fstree"
+	"github.com/duet-ha/duet/pkg/journal"
+	"github.com/duet-ha/duet/pkg/wire"
+)
+
+// Tuning of the primary's pipeline.
+const (
+	batchRaw     = 4 << 20   // uncompressed ops per batch
+	maxUnacked   = 256 << 20 // compressed bytes in flight before building waits
+	batchWindow  = 2 * time.Millisecond
+	retryBackoff = 500 * time.Millisecond
+)
+
+type sentBatch struct {
+	seq   uint64
+	frame []byte
+	at    time.Time
+}
+
+// Primary ships one directory's changes to the peer.
+type Primary struct {
+	Dir  Dir
+	Peer string
+	Key  []byte
+	Log  *slog.Logger
+	// Dev is the watched filesystem in kernel encoding (capture.KernelDev).
+	Dev uint32
+
+	root    *os.File
+	session uint64
+
+	mu           sync.Mutex
+	cond         *sync.Cond
+	j            *journal.Journal
+	sh           *shadow
+	needFull     bool
+	queue        []sentBatch // built, not yet acknowledged
+	queueBytes   int
+	nextSeq      uint64
+	acked        uint64
+	connected    bool
+	building     bool
+	manifest     chan wire.Frame
+	lastErr      string
+	fullSyncs    int
+	dataBytes    uint64
+	wireBytes    uint64
+	changedBytes uint64
+	records      uint64
+}
+
+// NewPrimary opens dir for shipping.
+func NewPrimary(d Dir, peer string, key []byte, dev uint32, log *slog.Logger) (*Primary, error) {
+	root, err := fstree.OpenRoot(d.Path)
+	if err != nil {
+		return nil, err
+	}
+	var sb [8]byte
+	rand.Read(sb[:])
+	p := &Primary{Dir: d, Peer: peer, Key: key, Dev: dev, Log: log.With("dir", d.Name),
+		root: root, session: binary.LittleEndian.Uint64(sb[:]) | 1, j: journal.New(), needFull: true, nextSeq: 1}
+	p.cond = sync.NewCond(&p.mu)
+	return p, nil
+}
+
+// Record folds one capture record in. Safe for concurrent use.
+func (p *Primary) Record(r *capture.Record, now time.Time) {
+	p.mu.Lock()
+	p.j.Add(r, now)
+	p.records++
+	if r.Kind == capture.KindData || r.Kind == capture.KindMmap {
+		p.changedBytes += r.Len
+	}
+	p.mu.Unlock()
+	p.cond.Broadcast()
+}
+
+// Rescan asks for a whole-file comparison of one inode (its record was lost).
+func (p *Primary) Rescan(k capture.InodeKey) {
+	p.mu.Lock()
+	p.j.MarkRescan(k)
+	p.mu.Unlock()
+	p.cond.Broadcast()
+}
+
+// RescanAll asks for a full comparison with the peer.
+func (p *Primary) RescanAll() {
+	p.mu.Lock()
+	p.needFull = true
+	p.mu.Unlock()
+	p.cond.Broadcast()
+}
+
+// Run connects to the peer and ships changes until ctx ends, reconnecting
+// after failures. kernel may be nil (no capture: full syncs only).
+func (p *Primary) Run(ctx context.Context, kernel forgetter) {
+	go func() {
+		<-ctx.Done()
+		p.cond.Broadcast()
+	}()
+	for ctx.Err() == nil {
+		err := p.connection(ctx, kernel)
+		if ctx.Err() != nil {
+			return
+		}
+		p.mu.Lock()
+		p.lastErr = err.Error()
+		p.mu.Unlock()
+		p.Log.Warn("replication link down", "peer", p.Peer, "err", err)
+		select {
+		case <-ctx.Done():
+		case <-time.After(retryBackoff):
+		}
+	}
+}
+
+func (p *Primary) dial(ctx context.Context) (net.Conn, wire.Welcome, error) {
+	d := net.Dialer{Timeout: 3 * time.Second, KeepAlive: 5 * time.Second}
+	c, err := d.DialContext(ctx, "tcp", p.Peer)
+	if err != nil {
+		return nil, wire.Welcome{}, err
+	}
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	w, err := wire.ClientHandshake(c, p.Key, wire.Hello{Purpose: wire.PurposeReplicate, Session: p.session, Dir: p.Dir.Name})
+	if err != nil {
+		c.Close()
+		return nil, w, err
+	}
+	c.SetDeadline(time.Time{})
+	return c, w, nil
+}
+
+// connection runs one connection: resume or full sync, then stream.
+func (p *Primary) connection(ctx context.Context, kernel forgetter) error {
+	c, w, err := p.dial(ctx)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	cctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	errc := make(chan error, 2)
+
+	p.mu.Lock()
+	// Resume only when the peer holds everything it acknowledged in this
+	// session; otherwise compare the trees again.
+	resumable := !p.needFull && w.Session == p.session && w.Applied >= p.acked
+	from := w.Applied
+	if resumable {
+		p.ack(w.Applied)
+	} else {
+		p.needFull = true
+		p.queue, p.queueBytes = nil, 0
+		from = 0 // the peer starts this session afresh
+	}
+	p.connected = true
+	p.manifest = make(chan wire.Frame, 16)
+	p.mu.Unlock()
+	p.Log.Info("replication connected", "peer", p.Peer, "resume", resumable, "peer_applied", w.Applied)
+	defer func() {
+		p.mu.Lock()
+		p.connected = false
+		p.mu.Unlock()
+		p.cond.Broadcast()
+	}()
+
+	go func() { errc <- p.readAcks(c) }()
+	go func() { errc <- p.writeBatches(cctx, c, from) }()
+	go func() { errc <- p.build(cctx, c, kernel) }()
+	err = <-errc
+	cancel()
+	c.Close()
+	p.cond.Broadcast()
+	return err
+}
+
+// readAcks consumes the peer's acknowledgements and errors.
+func (p *Primary) readAcks(c net.Conn) error {
+	br := bufio.NewReader(c)
+	for {
+		f, err := wire.ReadFrame(br, nil)
+		if err != nil {
+			return fmt.Errorf("reading from peer: %w", err)
+		}
+		switch f.Type {
+		case wire.TypeAck:
+			p.mu.Lock()
+			p.ack(f.Seq)
+			p.mu.Unlock()
+			p.cond.Broadcast()
+		case wire.TypeManifest, wire.TypeEnd:
+			p.manifest <- f
+		case wire.TypeError:
+			return fmt.Errorf("peer refused: %s", f.Payload)
+		default:
+			return fmt.Errorf("unexpected %s from peer", f.Type)
+		}
+	}
+}
+
+// ack drops acknowledged batches. Called with p.mu held.
+func (p *Primary) ack(seq uint64) {
+	if seq > p.acked {
+		p.acked = seq
+	}
+	i := 0
+	for i < len(p.queue) && p.queue[i].seq <= seq {
+		p.queueBytes -= len(p.queue[i].frame)
+		i++
+	}
+	p.queue = p.queue[i:]
+}
+
+// writeBatches sends queued batches after `from`, in order.
+func (p *Primary) writeBatches(ctx context.Context, c net.Conn, from uint64) error {
+	sent := from
+	for {
+		p.mu.Lock()
+		var next []sentBatch
+		for ctx.Err() == nil {
+			for _, b := range p.queue {
+				if b.seq > sent {
+					next = append(next, b)
+				}
+			}
+			if len(next) > 0 {
+				break
+			}
+			p.cond.Wait()
+		}
+		p.mu.Unlock()
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		for _, b := range next {
+			c.SetWriteDeadline(time.Now().Add(30 * time.Second))
+			if _, err := c.Write(b.frame); err != nil {
+				return fmt.Errorf("sending batch %d: %w", b.seq, err)
+			}
+			p.mu.Lock()
+			p.wireBytes += uint64(len(b.frame))
+			p.mu.Unlock()
+			sent = b.seq
+		}
+	}
+}
+
+// batcher encodes ops into frames queued for sending.
+type batcher struct {
+	p   *Primary
+	raw []byte
+}
+
+func (bt *batcher) add(op *wire.Op) error {
+	bt.raw = wire.AppendOp(bt.raw, op)
+	if len(bt.raw) >= batchRaw {
+		bt.flush()
+	}
+	return nil
+}
+
+func (bt *batcher) flush() {
+	if len(bt.raw) == 0 {
+		return
+	}
+	payload := wire.Compress(nil, bt.raw)
+	bt.raw = bt.raw[:0]
+	p := bt.p
+	p.mu.Lock()
+	seq := p.nextSeq
+	p.nextSeq++
+	frame := wire.AppendFrame(nil, &wire.Frame{Type: wire.TypeBatch, Flags: wire.FlagZstd, Seq: seq, Payload: payload})
+	p.queue = append(p.queue, sentBatch{seq: seq, frame: frame, at: time.Now()})
+	p.queueBytes += len(frame)
+	p.mu.Unlock()
+	p.cond.Broadcast()
+}
+
+// build turns journal entries into batches while connected.
+func (p *Primary) build(ctx context.Context, c net.Conn, kernel forgetter) error {
+	bt := &batcher{p: p}
+	for ctx.Err() == nil {
+		p.mu.Lock()
+		for ctx.Err() == nil && p.queueBytes > maxUnacked {
+			p.cond.Wait()
+		}
+		full := p.needFull
+		p.mu.Unlock()
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if full {
+			if err := p.fullSync(ctx, c, kernel, bt); err != nil {
+				return err
+			}
+			continue
+		}
+		p.mu.Lock()
+		for ctx.Err() == nil && p.j.Pending() == 0 && !p.needFull {
+			p.cond.Wait()
+		}
+		p.mu.Unlock()
+		// Let a burst of records gather into one batch.
+		time.Sleep(batchWindow)
+		p.mu.Lock()
+		files := p.j.Take(time.Now())
+		p.building = true
+		p.mu.Unlock()
+		b := newBuilder(p.root, p.Dev, p.sh, kernel, bt, p.Log)
+		requeue, err := b.build(files)
+		bt.flush()
+		p.mu.Lock()
+		p.building = false
+		p.dataBytes += b.dataRead
+		for _, f := range requeue {
+			p.j.Requeue(f)
+		}
+		p.mu.Unlock()
+		if err != nil {
+			return err
+		}
+		if len(requeue) > 0 {
+			time.Sleep(batchWindow) // what was requeued needs time to become visible
+		}
+	}
+	return ctx.Err()
+}
+
+// fullSync compares the whole tree with the peer's manifest and sends the
+// difference; the shadow is rebuilt from the scan.
+func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel forgetter, bt *batcher) error {
+	start := time.Now()
+	p.Log.Info("full sync: comparing with peer by block checksums")
+	p.mu.Lock()
+	seq := p.nextSeq
+	p.mu.Unlock()
+	if err := wire.WriteFrame(c, &wire.Frame{Type: wire.TypeManifestQ, Seq: seq}); err != nil {
+		return err
+	}
+	local, err := fstree.Scan(p.root, true)
+	if err != nil {
+		return fmt.Errorf("scanning %s: %w", p.Dir.Path, err)
+	}
+	var peer []wire.Entry
+	for done := false; !done; {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case f := <-p.manifest:
+			if f.Type == wire.TypeEnd {
+				done = true
+				break
+			}
+			raw, err := wire.Payload(&f, nil)
+			if err != nil {
+				return err
+			}
+			es, err := wire.DecodeEntries(raw)
+			if err != nil {
+				return fmt.Errorf("peer manifest: %w", err)
+			}
+			peer = append(peer, es...)
+		}
+	}
+	sh := newShadow(local)
+	b := newBuilder(p.root, p.Dev, sh, kernel, bt, p.Log)
+	if err := b.fullSync(local, peer); err != nil {
+		return err
+	}
+	bt.flush()
+	p.mu.Lock()
+	p.sh = sh
+	p.needFull = false
+	p.fullSyncs++
+	p.dataBytes += b.dataRead
+	p.mu.Unlock()
+	p.Log.Info("full sync queued", "local_entries", len(local), "peer_entries", len(peer),
+		"bytes", b.dataRead, "took", time.Since(start).Round(time.Millisecond))
+	return nil
+}
+
+// Status is a primary directory's replication state.
+type Status struct {
+	Dir          string  `json:"dir"`
+	Path         string  `json:"path"`
+	Peer         string  `json:"peer"`
+	Connected    bool    `json:"connected"`
+	InSync       bool    `json:"in_sync"`
+	Sent         uint64  `json:"batches_built"`
+	Acked        uint64  `json:"batches_acked"`
+	Unacked      int     `json:"batches_unacked"`
+	UnackedBytes int     `json:"unacked_bytes"`
+	PendingFiles int     `json:"pending_files"`
+	LagMs        float64 `json:"lag_ms"`
+	Records      uint64  `json:"records"`
+	ChangedBytes uint64  `json:"changed_bytes"`
+	DataBytes    uint64  `json:"data_bytes_read"`
+	WireBytes    uint64  `json:"wire_bytes"`
+	FullSyncs    int     `json:"full_syncs"`
+	LastError    string  `json:"last_error,omitempty"`
+}
+
+// Status reports the current state.
+func (p *Primary) Status() Status {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	s := Status{Dir: p.Dir.Name, Path: p.Dir.Path, Peer: p.Peer, Connected: p.connected,
+		Sent: p.nextSeq - 1, Acked: p.acked, Unacked: len(p.queue), UnackedBytes: p.queueBytes,
+		PendingFiles: p.j.Pending(), Records: p.records, ChangedBytes: p.changedBytes,
+		DataBytes: p.dataBytes, WireBytes: p.wireBytes, FullSyncs: p.fullSyncs, LastError: p.lastErr}
+	if len(p.queue) > 0 {
+		s.LagMs = float64(time.Since(p.queue[0].at).Microseconds()) / 1000
+	}
+	s.InSync = p.connected && !p.needFull && !p.building && len(p.queue) == 0 && s.PendingFiles == 0
+	return s
+}
+
+// Close releases the root.
+func (p *Primary) Close() error { return p.root.Close() }
+
+// errNoPeer is returned by Manifest when the peer cannot be reached.
+var errNoPeer = errors.New("peer unreachable")
+
+// FetchManifest asks the peer for its manifest of directory name.
+func FetchManifest(ctx context.Context, peer string, key []byte, name string) ([]wire.Entry, error) {
+	d := net.Dialer{Timeout: 3 * time.Second}
+	c, err := d.DialContext(ctx, "tcp", peer)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", errNoPeer, err)
+	}
+	defer c.Close()
+	if dl, ok := ctx.Deadline(); ok {
+		c.SetDeadline(dl)
+	}
+	if _, err := wire.ClientHandshake(c, key, wire.Hello{Purpose: wire.PurposeManifest, Dir: name}); err != nil {
+		return nil, err
+	}
+	if err := wire.WriteFrame(c, &wire.Frame{Type: wire.TypeManifestQ, Seq: 1}); err != nil {
+		return nil, err
+	}
+	br := bufio.NewReaderSize(c, 1<<20)
+	var out []wire.Entry
+	for {
+		f, err := wire.ReadFrame(br, nil)
+		if err != nil {
+			return nil, err
+		}
+		switch f.Type {
+		case wire.TypeEnd:
+			return out, nil
+		case wire.TypeError:
+			return nil, fmt.Errorf("peer: %s", f.Payload)
+		case wire.TypeManifest:
+			raw, err := wire.Payload(&f, nil)
+			if err != nil {
+				return nil, err
+			}
+			es, err := wire.DecodeEntries(raw)
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, es...)
+		default:
+			return nil, fmt.Errorf("unexpected %s from peer", f.Type)
+		}
+	}
+}

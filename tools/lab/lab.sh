@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# The duet lab: two hosts (nodeA, nodeB) and a client as network namespaces
+# on a bridge (itself in a namespace, so the host's own network is never
+# touched), each host with its own ext4 filesystem on a loop device.
+#
+#   lab.sh up                 create (or re-create) the lab
+#   lab.sh down               remove everything, also after a failed run
+#   lab.sh start a|b [args]   start duet on a host (extra args go to duet run)
+#   lab.sh stop a|b           SIGTERM the host's duet and wait for it
+#   lab.sh kill a|b           SIGKILL the host's duet
+#   lab.sh exec a|b|c CMD...  run a command inside a host's namespace
+#   lab.sh duet a|b ARGS...   run the duet CLI on a host with its config
+#   lab.sh env                print the lab's paths as shell variables
+#
+# Environment: DUET_LAB (state directory, default /var/tmp/duet-lab),
+# DUET_BIN (the duet binary, default bin/duet), DUET_LAB_FS (ext4 or xfs),
+# DUET_LAB_SIZE (image size, default 4G), DUET_RING_KIB (capture ring).
+set -euo pipefail
+
+LAB=${DUET_LAB:-/var/tmp/duet-lab}
+BIN=${DUET_BIN:-$(cd "$(dirname "$0")/../.." && pwd)/bin/duet}
+FS=${DUET_LAB_FS:-ext4}
+SIZE=${DUET_LAB_SIZE:-4G}
+NET=10.250.0
+declare -A ADDR=([a]=$NET.1 [b]=$NET.2 [c]=$NET.10)
+declare -A NODE=([a]=nodeA [b]=nodeB)
+PORT=7788
+
+die() { echo "lab: $*" >&2; exit 1; }
+ns() { echo "duet-$1"; }
+
+need() {
+	for t in ip losetup mount "mkfs.$FS"; do
+		command -v "$t" >/dev/null || die "$t not found: install iproute2, util-linux and the $FS tools"
+	done
+}
+
+down() {
+	for h in a b; do
+		if [ -f "$LAB/$h.pid" ]; then
+			kill -9 "$(cat "$LAB/$h.pid")" 2>/dev/null || true
+			rm -f "$LAB/$h.pid"
+		fi
+	done
+	for n in a b c sw; do
+		if ip netns list | grep -qw "$(ns $n)"; then
+			# Anything still running in the namespace goes with it.
+			for p in $(ip netns pids "$(ns $n)" 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
+			ip netns del "$(ns $n)"
+		fi
+	done
+	for h in a b; do
+		if mountpoint -q "$LAB/$h" 2>/dev/null; then
+			umount "$LAB/$h" 2>/dev/null || umount -l "$LAB/$h"
+		fi
+		if [ -f "$LAB/$h.loop" ]; then
+			losetup -d "$(cat "$LAB/$h.loop")" 2>/dev/null || true
+		fi
+	done
+	# Loop devices left behind by an earlier, interrupted lab.
+	for img in "$LAB/a.img" "$LAB/b.img"; do
+		for d in $(losetup -j "$img" -O NAME -n 2>/dev/null); do losetup -d "$d" 2>/dev/null || true; done
+	done
+	rm -rf "$LAB"
+}
+
+config() { # host
+	local h=$1 other
+	[ "$h" = a ] && other=b || other=a
+	cat >"$LAB/$h.yaml" <<EOF
+# duet lab: ${NODE[$h]}
+node: ${NODE[$h]}
+role: $([ "$h" = a ] && echo primary || echo secondary)
+listen: ${ADDR[$h]}:$PORT
+peer: ${ADDR[$other]}:$PORT
+key_file: $LAB/key
+state_dir: $LAB/$h/.duet
+ring_buffer_kib: ${DUET_RING_KIB:-16384}
+replicate:
+  - name: data
+    path: $LAB/$h/data
+EOF
+}
+
+up() {
+	need
+	down
+	mkdir -p "$LAB"
+	for h in a b; do
+		truncate -s "$SIZE" "$LAB/$h.img"
+		if [ "$FS" = ext4 ]; then mkfs.ext4 -q -F "$LAB/$h.img"; else "mkfs.$FS" -q "$LAB/$h.img"; fi
+		losetup --find --show "$LAB/$h.img" >"$LAB/$h.loop"
+		mkdir -p "$LAB/$h"
+		mount "$(cat "$LAB/$h.loop")" "$LAB/$h"
+		mkdir -p "$LAB/$h/data" "$LAB/$h/.duet"
+	done
+	ip netns add "$(ns sw)"
+	ip -n "$(ns sw)" link add br0 type bridge
+	ip -n "$(ns sw)" link set br0 up
+	for n in a b c; do
+		ip netns add "$(ns $n)"
+		ip link add "veth-$n" type veth peer name eth0 netns "$(ns $n)"
+		ip link set "veth-$n" netns "$(ns sw)"
+		ip -n "$(ns sw)" link set "veth-$n" master br0 up
+		ip -n "$(ns $n)" addr add "${ADDR[$n]}/24" dev eth0
+		ip -n "$(ns $n)" link set eth0 up
+		ip -n "$(ns $n)" link set lo up
+	done
+	head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$LAB/key"
+	chmod 600 "$LAB/key"
+	config a
+	config b
+	echo "lab up: nodeA ${ADDR[a]} ($LAB/a/data), nodeB ${ADDR[b]} ($LAB/b/data), client ${ADDR[c]}"
+}
+
+host() {
+	case "${1:-}" in a | b) ;; *) die "host must be a or b, got '${1:-}'" ;; esac
+	[ -f "$LAB/$1.yaml" ] || die "no lab: run '$0 up' first"
+}
+
+start() {
+	local h=$1
+	shift
+	host "$h"
+	[ -x "$BIN" ] || die "duet binary $BIN missing: run 'make build' or set DUET_BIN"
+	if [ -f "$LAB/$h.pid" ] && kill -0 "$(cat "$LAB/$h.pid")" 2>/dev/null; then
+		die "duet already running on ${NODE[$h]}"
+	fi
+	ip netns exec "$(ns "$h")" "$BIN" run --config "$LAB/$h.yaml" "$@" >>"$LAB/$h.log" 2>&1 &
+	echo $! >"$LAB/$h.pid"
+	# Ready when the control socket answers.
+	for _ in $(seq 100); do
+		if "$BIN" status --config "$LAB/$h.yaml" >/dev/null 2>&1; then return 0; fi
+		kill -0 "$(cat "$LAB/$h.pid")" 2>/dev/null || { tail -20 "$LAB/$h.log" >&2; die "duet on ${NODE[$h]} exited"; }
+		sleep 0.1
+	done
+	tail -20 "$LAB/$h.log" >&2
+	die "duet on ${NODE[$h]} did not come up"
+}
+
+stop() {
+	host "$1"
+	[ -f "$LAB/$1.pid" ] || return 0
+	local pid
+	pid=$(cat "$LAB/$1.pid")
+	kill "$pid" 2>/dev/null || true
+	for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+	kill -9 "$pid" 2>/dev/null || true
+	rm -f "$LAB/$1.pid"
+}
+
+case "${1:-}" in
+up) up ;;
+down) down ;;
+start) shift; start "$@" ;;
+stop) stop "${2:-}" ;;
+kill)
+	host "${2:-}"
+	if [ -f "$LAB/$2.pid" ]; then kill -9 "$(cat "$LAB/$2.pid")" 2>/dev/null || true; rm -f "$LAB/$2.pid"; fi
+	;;
+exec)
+	n=${2:-}; shift 2 || die "usage: $0 exec a|b|c CMD..."
+	exec ip netns exec "$(ns "$n")" "$@"
+	;;
+duet)
+	h=${2:-}; host "$h"; cmd=${3:-}; shift 3 || die "usage: $0 duet a|b COMMAND [ARGS...]"
+	exec ip netns exec "$(ns "$h")" "$BIN" "$cmd" --config "$LAB/$h.yaml" "$@"
+	;;
+env)
+	echo "LAB=$LAB"; echo "A_DATA=$LAB/a/data"; echo "B_DATA=$LAB/b/data"; echo "BIN=$BIN"
+	;;
+*)
+	sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+	exit 2
+	;;
+esac
