@@ -28,6 +28,7 @@ enum kind {
 	KIND_MMAP = 2,    // a page went dirty through a fault: write back, then read
 	KIND_ATTR = 3,    // inode metadata changed (size, mode, owner, times, entries)
 	KIND_PREOP = 4,   // [pos, pos+len) is about to change; read after the next ATTR
+	KIND_NEW = 5,     // a new inode: an older one with this number is gone
 };
 
 enum counter {
@@ -128,6 +129,23 @@ struct {
 	__type(value, struct task_write);
 } task_writes SEC(".maps");
 
+// Range operation in progress per task, reported again when fallocate(2)
+// returns: by then the bytes are what they will be.
+struct falloc {
+	__u64 ino;
+	__u64 pos;
+	__u64 len;
+	__u32 dev;
+	__u32 gen;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, struct falloc);
+} fallocs SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, CTR_MAX);
@@ -177,11 +195,10 @@ static __always_inline void mark_overflow(__u32 dev, __u64 ino)
 		bump(CTR_RESCAN);
 }
 
-static __always_inline int emit(struct inode *inode, __u32 dev, __u8 kind,
-				__u8 hook, __u64 pos, __u64 len)
+static __always_inline int emit_raw(__u32 dev, __u64 ino, __u32 gen, __u8 kind,
+				    __u8 hook, __u64 pos, __u64 len)
 {
 	struct record *r = bpf_ringbuf_reserve(&events, sizeof(*r), 0);
-	__u64 ino = BPF_CORE_READ(inode, i_ino);
 
 	if (!r) {
 		mark_overflow(dev, ino);
@@ -192,16 +209,23 @@ static __always_inline int emit(struct inode *inode, __u32 dev, __u8 kind,
 	r->pos = pos;
 	r->len = len;
 	r->dev = dev;
-	r->gen = BPF_CORE_READ(inode, i_generation);
+	r->gen = gen;
 	r->kind = kind;
 	r->hook = hook;
 	bpf_ringbuf_submit(r, 0);
 	return 0;
 }
 
+static __always_inline int emit(struct inode *inode, __u32 dev, __u8 kind,
+				__u8 hook, __u64 pos, __u64 len)
+{
+	return emit_raw(dev, BPF_CORE_READ(inode, i_ino), BPF_CORE_READ(inode, i_generation),
+			kind, hook, pos, len);
+}
+
 // data reports [pos, pos+len) of inode, coalesced per chunk.
-static __always_inline void data(struct inode *inode, __u32 dev, __u8 hook,
-				 __u64 pos, __u64 len)
+static __always_inline void data(struct inode *inode, __u32 dev, __u8 kind,
+				 __u8 hook, __u64 pos, __u64 len)
 {
 	struct chunk_key k = { .dev = dev };
 	__u64 end = pos + len;
@@ -241,7 +265,7 @@ static __always_inline void data(struct inode *inode, __u32 dev, __u8 hook,
 				nhi = hi > chi ? hi : chi;
 			}
 		}
-		if (emit(inode, dev, KIND_DATA, hook, base + nlo, nhi - nlo))
+		if (emit(inode, dev, kind, hook, base + nlo, nhi - nlo))
 			return;
 		packed = nlo | (nhi << 32);
 		if (v)
@@ -253,7 +277,17 @@ next:
 	}
 	// A longer range than the loop covers: report the rest uncoalesced.
 	if (pos < end)
-		emit(inode, dev, KIND_DATA, hook, pos, end - pos);
+		emit(inode, dev, kind, hook, pos, end - pos);
+}
+
+// A file with a shared writable mapping can be stored to without a fault
+// while its pages are dirty: its ranges must be written back before they
+// are read (KIND_MMAP), so that any later store faults and is reported.
+static __always_inline __u8 data_kind(struct inode *inode)
+{
+	if (BPF_CORE_READ(inode, i_mapping, i_mmap_writable.counter) > 0)
+		return KIND_MMAP;
+	return KIND_DATA;
 }
 
 static __always_inline void remember_write(struct inode *inode, __u32 dev,
@@ -278,7 +312,7 @@ static __always_inline void write_end(struct inode *inode, loff_t pos,
 	if (!watched(inode, &dev) || copied == 0)
 		return;
 	remember_write(inode, dev, pos, copied);
-	data(inode, dev, hook, pos, copied);
+	data(inode, dev, data_kind(inode), hook, pos, copied);
 }
 
 SEC("tp_btf/ext4_da_write_end")
@@ -381,7 +415,7 @@ int BPF_PROG(iomap_dio_complete, struct kiocb *iocb, int error, ssize_t ret)
 		ret = end;
 	// Direct writes bypass the chunk map: a chunk key would not see them
 	// complete in order with buffered writes to the same range.
-	emit(inode, dev, KIND_DATA, 5, end - ret, ret);
+	emit(inode, dev, data_kind(inode), 5, end - ret, ret);
 	return 0;
 }
 
@@ -407,13 +441,15 @@ int BPF_PROG(ext4_mark_inode_dirty, struct inode *inode, unsigned long ip)
 }
 
 // Range operations that change bytes without write(2). They fire before the
-// change, so the range is read only after the ATTR record that the operation
-// emits when it updates the inode's times; dropping the attrs key makes sure
-// that record is emitted.
+// change. When called from fallocate(2) the range is reported again as data
+// when the syscall returns; from other callers the PREOP record is read
+// after a later ATTR record or a timeout.
 static __always_inline void preop(struct inode *inode, __u64 pos, __u64 len,
 				  __u8 hook)
 {
+	__u64 id = bpf_get_current_pid_tgid();
 	struct inode_key k = {};
+	struct falloc fa = {};
 	__u32 dev;
 
 	if (!watched(inode, &dev))
@@ -421,7 +457,28 @@ static __always_inline void preop(struct inode *inode, __u64 pos, __u64 len,
 	k.ino = BPF_CORE_READ(inode, i_ino);
 	k.dev = dev;
 	bpf_map_delete_elem(&attrs, &k);
+	fa.ino = k.ino;
+	fa.pos = pos;
+	fa.len = len;
+	fa.dev = dev;
+	fa.gen = BPF_CORE_READ(inode, i_generation);
+	bpf_map_update_elem(&fallocs, &id, &fa, BPF_ANY);
 	emit(inode, dev, KIND_PREOP, hook, pos, len);
+}
+
+SEC("tracepoint/syscalls/sys_exit_fallocate")
+int sys_exit_fallocate(struct trace_event_raw_sys_exit *ctx)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct falloc *fa = bpf_map_lookup_elem(&fallocs, &id);
+
+	if (!fa)
+		return 0;
+	// Uncoalesced: a chunk's in-flight record may already have been read
+	// while the operation ran.
+	emit_raw(fa->dev, fa->ino, fa->gen, KIND_DATA, 13, fa->pos, fa->len);
+	bpf_map_delete_elem(&fallocs, &id);
+	return 0;
 }
 
 SEC("tp_btf/ext4_punch_hole")
@@ -452,5 +509,48 @@ SEC("tp_btf/ext4_insert_range")
 int BPF_PROG(ext4_insert_range, struct inode *inode, loff_t offset, loff_t len)
 {
 	preop(inode, offset, ~0ULL >> 2, 10);
+	return 0;
+}
+
+// A new inode. Its number may have belonged to a file that is gone:
+// userspace must not take the new one for the old.
+SEC("tp_btf/ext4_allocate_inode")
+int BPF_PROG(ext4_allocate_inode, struct inode *inode, struct inode *dir, int mode)
+{
+	__u32 dev;
+
+	if (!watched(inode, &dev))
+		return 0;
+	emit(inode, dev, KIND_NEW, 11, 0, 0);
+	return 0;
+}
+
+#define MAP_SHARED_BIT 0x01
+#define FMODE_WRITE_BIT 0x2
+
+// mmap(MAP_SHARED) of a file open for writing: its pages may already be
+// dirty, and stores to dirty pages do not fault. Report the whole file for
+// a write-back and read; from then on every store to a clean page faults.
+SEC("tracepoint/syscalls/sys_enter_mmap")
+int sys_enter_mmap(struct trace_event_raw_sys_enter *ctx)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	unsigned long flags = ctx->args[3];
+	long fd = (long)ctx->args[4];
+	struct file **fds, *file = NULL;
+	struct inode *inode;
+	__u32 dev;
+
+	if (!(flags & MAP_SHARED_BIT) || fd < 0 || fd > 1 << 20)
+		return 0;
+	fds = BPF_CORE_READ(task, files, fdt, fd);
+	if (!fds || bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]) || !file)
+		return 0;
+	if (!(BPF_CORE_READ(file, f_mode) & FMODE_WRITE_BIT))
+		return 0;
+	inode = BPF_CORE_READ(file, f_inode);
+	if (!watched(inode, &dev))
+		return 0;
+	emit(inode, dev, KIND_MMAP, 12, 0, BPF_CORE_READ(inode, i_size));
 	return 0;
 }

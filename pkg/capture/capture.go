@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 	"sync"
 
 	"github.com/cilium/ebpf"
@@ -26,6 +27,7 @@ const (
 	KindMmap  Kind = 2 // a page went dirty through a fault: write back, then read
 	KindAttr  Kind = 3 // inode metadata or directory entries changed
 	KindPreop Kind = 4 // [Pos, Pos+Len) is about to change: read after the next KindAttr
+	KindNew   Kind = 5 // a new inode: an older inode with this number is gone
 )
 
 func (k Kind) String() string {
@@ -38,6 +40,8 @@ func (k Kind) String() string {
 		return "attr"
 	case KindPreop:
 		return "preop"
+	case KindNew:
+		return "new"
 	}
 	return fmt.Sprintf("kind(%d)", uint8(k))
 }
@@ -85,6 +89,9 @@ var hooks = []hook{
 	{8, "ext4_zero_range", true},
 	{9, "ext4_collapse_range", false},
 	{10, "ext4_insert_range", false},
+	{11, "ext4_allocate_inode", true},
+	{12, "syscalls/sys_enter_mmap", true},
+	{13, "syscalls/sys_exit_fallocate", true},
 }
 
 // HookName returns the kernel hook that emitted records with this id.
@@ -167,29 +174,39 @@ func Open(opts Options) (*Capture, error) {
 	}
 	progs := map[string]*ebpf.Program{}
 	for name, p := range map[string]*ebpf.Program{
-		"ext4_da_write_end":         c.objs.Ext4DaWriteEnd,
-		"ext4_write_end":            c.objs.Ext4WriteEnd,
-		"ext4_journalled_write_end": c.objs.Ext4JournalledWriteEnd,
-		"writeback_dirty_folio":     c.objs.WritebackDirtyFolio,
-		"iomap_dio_rw_begin":        c.objs.IomapDioRwBegin,
-		"iomap_dio_complete":        c.objs.IomapDioComplete,
-		"ext4_mark_inode_dirty":     c.objs.Ext4MarkInodeDirty,
-		"ext4_punch_hole":           c.objs.Ext4PunchHole,
-		"ext4_zero_range":           c.objs.Ext4ZeroRange,
-		"ext4_collapse_range":       c.objs.Ext4CollapseRange,
-		"ext4_insert_range":         c.objs.Ext4InsertRange,
+		"ext4_da_write_end":           c.objs.Ext4DaWriteEnd,
+		"ext4_write_end":              c.objs.Ext4WriteEnd,
+		"ext4_journalled_write_end":   c.objs.Ext4JournalledWriteEnd,
+		"writeback_dirty_folio":       c.objs.WritebackDirtyFolio,
+		"iomap_dio_rw_begin":          c.objs.IomapDioRwBegin,
+		"iomap_dio_complete":          c.objs.IomapDioComplete,
+		"ext4_mark_inode_dirty":       c.objs.Ext4MarkInodeDirty,
+		"ext4_punch_hole":             c.objs.Ext4PunchHole,
+		"ext4_zero_range":             c.objs.Ext4ZeroRange,
+		"ext4_collapse_range":         c.objs.Ext4CollapseRange,
+		"ext4_insert_range":           c.objs.Ext4InsertRange,
+		"ext4_allocate_inode":         c.objs.Ext4AllocateInode,
+		"syscalls/sys_enter_mmap":     c.objs.SysEnterMmap,
+		"syscalls/sys_exit_fallocate": c.objs.SysExitFallocate,
 	} {
 		progs[name] = p
 	}
 	for _, h := range hooks {
 		st := HookStatus{Name: h.name, Type: "tp_btf"}
-		l, err := link.AttachTracing(link.TracingOptions{Program: progs[h.name]})
+		var l link.Link
+		var err error
+		if group, name, ok := strings.Cut(h.name, "/"); ok {
+			st.Type = "tracepoint"
+			l, err = link.Tracepoint(group, name, progs[h.name], nil)
+		} else {
+			l, err = link.AttachTracing(link.TracingOptions{Program: progs[h.name]})
+		}
 		if err != nil {
 			st.Error = err.Error()
 			c.hooks = append(c.hooks, st)
 			if h.required {
 				c.Close()
-				return nil, fmt.Errorf("attaching tp_btf/%s: %w", h.name, err)
+				return nil, fmt.Errorf("attaching %s/%s: %w", st.Type, h.name, err)
 			}
 			continue
 		}

@@ -21,6 +21,15 @@ type CaptureChunkKey struct {
 	Pad   uint32
 }
 
+type CaptureFalloc struct {
+	_   structs.HostLayout
+	Ino uint64
+	Pos uint64
+	Len uint64
+	Dev uint32
+	Gen uint32
+}
+
 type CaptureInodeKey struct {
 	_   structs.HostLayout
 	Ino uint64
@@ -60,10 +69,12 @@ const (
 	CaptureMapCounters                = "counters"
 	CaptureMapDioWrites               = "dio_writes"
 	CaptureMapEvents                  = "events"
+	CaptureMapFallocs                 = "fallocs"
 	CaptureMapOverflow                = "overflow"
 	CaptureMapRecordType              = "record_type"
 	CaptureMapTaskWrites              = "task_writes"
 	CaptureMapWatchedDevs             = "watched_devs"
+	CaptureProgExt4AllocateInode      = "ext4_allocate_inode"
 	CaptureProgExt4CollapseRange      = "ext4_collapse_range"
 	CaptureProgExt4DaWriteEnd         = "ext4_da_write_end"
 	CaptureProgExt4InsertRange        = "ext4_insert_range"
@@ -74,6 +85,8 @@ const (
 	CaptureProgExt4ZeroRange          = "ext4_zero_range"
 	CaptureProgIomapDioComplete       = "iomap_dio_complete"
 	CaptureProgIomapDioRwBegin        = "iomap_dio_rw_begin"
+	CaptureProgSysEnterMmap           = "sys_enter_mmap"
+	CaptureProgSysExitFallocate       = "sys_exit_fallocate"
 	CaptureProgWritebackDirtyFolio    = "writeback_dirty_folio"
 )
 
@@ -119,6 +132,7 @@ type CaptureSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type CaptureProgramSpecs struct {
+	Ext4AllocateInode      *ebpf.ProgramSpec `ebpf:"ext4_allocate_inode"`
 	Ext4CollapseRange      *ebpf.ProgramSpec `ebpf:"ext4_collapse_range"`
 	Ext4DaWriteEnd         *ebpf.ProgramSpec `ebpf:"ext4_da_write_end"`
 	Ext4InsertRange        *ebpf.ProgramSpec `ebpf:"ext4_insert_range"`
@@ -129,6 +143,8 @@ type CaptureProgramSpecs struct {
 	Ext4ZeroRange          *ebpf.ProgramSpec `ebpf:"ext4_zero_range"`
 	IomapDioComplete       *ebpf.ProgramSpec `ebpf:"iomap_dio_complete"`
 	IomapDioRwBegin        *ebpf.ProgramSpec `ebpf:"iomap_dio_rw_begin"`
+	SysEnterMmap           *ebpf.ProgramSpec `ebpf:"sys_enter_mmap"`
+	SysExitFallocate       *ebpf.ProgramSpec `ebpf:"sys_exit_fallocate"`
 	WritebackDirtyFolio    *ebpf.ProgramSpec `ebpf:"writeback_dirty_folio"`
 }
 
@@ -141,6 +157,7 @@ type CaptureMapSpecs struct {
 	Counters    *ebpf.MapSpec `ebpf:"counters"`
 	DioWrites   *ebpf.MapSpec `ebpf:"dio_writes"`
 	Events      *ebpf.MapSpec `ebpf:"events"`
+	Fallocs     *ebpf.MapSpec `ebpf:"fallocs"`
 	Overflow    *ebpf.MapSpec `ebpf:"overflow"`
 	RecordType  *ebpf.MapSpec `ebpf:"record_type"`
 	TaskWrites  *ebpf.MapSpec `ebpf:"task_writes"`
@@ -178,6 +195,7 @@ type CaptureMaps struct {
 	Counters    *ebpf.Map `ebpf:"counters"`
 	DioWrites   *ebpf.Map `ebpf:"dio_writes"`
 	Events      *ebpf.Map `ebpf:"events"`
+	Fallocs     *ebpf.Map `ebpf:"fallocs"`
 	Overflow    *ebpf.Map `ebpf:"overflow"`
 	RecordType  *ebpf.Map `ebpf:"record_type"`
 	TaskWrites  *ebpf.Map `ebpf:"task_writes"`
@@ -191,6 +209,7 @@ func (m *CaptureMaps) Close() error {
 		m.Counters,
 		m.DioWrites,
 		m.Events,
+		m.Fallocs,
 		m.Overflow,
 		m.RecordType,
 		m.TaskWrites,
@@ -208,6 +227,7 @@ type CaptureVariables struct {
 //
 // It can be passed to LoadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type CapturePrograms struct {
+	Ext4AllocateInode      *ebpf.Program `ebpf:"ext4_allocate_inode"`
 	Ext4CollapseRange      *ebpf.Program `ebpf:"ext4_collapse_range"`
 	Ext4DaWriteEnd         *ebpf.Program `ebpf:"ext4_da_write_end"`
 	Ext4InsertRange        *ebpf.Program `ebpf:"ext4_insert_range"`
@@ -218,11 +238,14 @@ type CapturePrograms struct {
 	Ext4ZeroRange          *ebpf.Program `ebpf:"ext4_zero_range"`
 	IomapDioComplete       *ebpf.Program `ebpf:"iomap_dio_complete"`
 	IomapDioRwBegin        *ebpf.Program `ebpf:"iomap_dio_rw_begin"`
+	SysEnterMmap           *ebpf.Program `ebpf:"sys_enter_mmap"`
+	SysExitFallocate       *ebpf.Program `ebpf:"sys_exit_fallocate"`
 	WritebackDirtyFolio    *ebpf.Program `ebpf:"writeback_dirty_folio"`
 }
 
 func (p *CapturePrograms) Close() error {
 	return _CaptureClose(
+		p.Ext4AllocateInode,
 		p.Ext4CollapseRange,
 		p.Ext4DaWriteEnd,
 		p.Ext4InsertRange,
@@ -233,6 +256,8 @@ func (p *CapturePrograms) Close() error {
 		p.Ext4ZeroRange,
 		p.IomapDioComplete,
 		p.IomapDioRwBegin,
+		p.SysEnterMmap,
+		p.SysExitFallocate,
 		p.WritebackDirtyFolio,
 	)
 }

@@ -33,6 +33,12 @@ type File struct {
 	Rescan bool
 	// MaxSeq is the highest record sequence folded in.
 	MaxSeq uint64
+	// NewSeq is the sequence of the record that reported this inode's
+	// allocation, 0 if none: a shadow entry with this number older than
+	// that is a different, deleted inode.
+	NewSeq uint64
+	// NewGen is the generation of that new inode.
+	NewGen uint32
 	// Retries counts how often this change was requeued.
 	Retries int
 }
@@ -88,6 +94,8 @@ func (j *Journal) Add(r *capture.Record, now time.Time) {
 			}
 		}
 		e.preops = kept
+	case capture.KindNew:
+		e.NewSeq, e.NewGen = r.Seq, r.Gen
 	case capture.KindPreop:
 		end := r.Pos + r.Len
 		if end < r.Pos {
@@ -118,7 +126,7 @@ func (j *Journal) Take(now time.Time) []File {
 			}
 		}
 		e.preops = kept
-		if e.Attr || e.Rescan || !e.Data.Empty() {
+		if e.Attr || e.Rescan || e.NewSeq != 0 || !e.Data.Empty() {
 			out = append(out, e.File)
 		}
 		if len(e.preops) == 0 {
@@ -146,6 +154,9 @@ func (j *Journal) Requeue(f File) {
 	e.Writeback = e.Writeback || f.Writeback
 	if f.MaxSeq > e.MaxSeq {
 		e.MaxSeq = f.MaxSeq
+	}
+	if f.NewSeq > e.NewSeq {
+		e.NewSeq, e.NewGen = f.NewSeq, f.NewGen
 	}
 	if f.Retries+1 > e.Retries {
 		e.Retries = f.Retries + 1

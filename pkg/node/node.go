@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -56,12 +57,13 @@ type ReplicaStatus struct {
 
 // Node is a running daemon.
 type Node struct {
-	cfg       *config.Config
-	log       *slog.Logger
-	key       []byte
-	cap       *capture.Capture
-	primaries []*replica.Primary
-	server    *replica.Server
+	dispatched atomic.Uint64 // records handed to the primaries
+	cfg        *config.Config
+	log        *slog.Logger
+	key        []byte
+	cap        *capture.Capture
+	primaries  []*replica.Primary
+	server     *replica.Server
 }
 
 // Run starts the daemon and blocks until ctx ends.
@@ -168,7 +170,7 @@ func (n *Node) startPrimary(ctx context.Context, wg *sync.WaitGroup, dirs []repl
 	for _, p := range n.primaries {
 		go func() {
 			defer wg.Done()
-			p.Run(ctx, c)
+			p.Run(ctx, kernel{n})
 		}()
 	}
 	return nil
@@ -190,6 +192,33 @@ func (n *Node) dispatch() {
 				p.Record(&r, now)
 			}
 		}
+		n.dispatched.Add(1)
+	}
+}
+
+// kernel gives primaries the capture side: in-flight marks and the drain
+// barrier.
+type kernel struct{ n *Node }
+
+func (k kernel) ForgetChunks(keys []capture.CaptureChunkKey) error { return k.n.cap.ForgetChunks(keys) }
+func (k kernel) ForgetAttr(key capture.InodeKey)                   { k.n.cap.ForgetAttr(key) }
+
+func (k kernel) Seq() uint64 {
+	c, err := k.n.cap.Counters()
+	if err != nil {
+		return 0
+	}
+	return c.Seq
+}
+
+// Drain waits until every record reserved before the call was dispatched:
+// the kernel's sequence counts successful reservations, each of which is
+// submitted and read in turn. Bounded, in case the reader stopped.
+func (k kernel) Drain() {
+	target := k.Seq()
+	deadline := time.Now().Add(time.Second)
+	for k.n.dispatched.Load() < target && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Microsecond)
 	}
 }
 

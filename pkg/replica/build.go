@@ -1,6 +1,7 @@
 package replica
 
 import (
+	"encoding/binary"
 	"errors"
 	"io"
 	"io/fs"
@@ -24,10 +25,17 @@ const maxRetries = 50
 // readChunk bounds the data carried by one write op.
 const readChunk = 1 << 20
 
-// forgetter drops in-kernel in-flight marks; nil when not capturing.
-type forgetter interface {
+// Kernel is the capture side a primary needs; nil when not capturing.
+type Kernel interface {
+	// ForgetChunks and ForgetAttr drop in-flight marks so that the next
+	// change emits a new record.
 	ForgetChunks([]capture.CaptureChunkKey) error
 	ForgetAttr(capture.InodeKey)
+	// Drain returns once every record emitted before the call has been
+	// handed to the primaries.
+	Drain()
+	// Seq is the sequence of the last record emitted.
+	Seq() uint64
 }
 
 // sink receives ops in the order the peer must apply them.
@@ -40,10 +48,14 @@ type builder struct {
 	root   *os.File
 	dev    uint32
 	sh     *shadow
-	kernel forgetter
+	kernel Kernel
 	out    sink
 	log    *slog.Logger
 	buf    []byte
+
+	// syncSeq is the capture sequence when the shadow was scanned: records
+	// up to it are already reflected in the shadow.
+	syncSeq uint64
 
 	// Per batch.
 	whole    map[uint64]bool // inodes whose whole content was sent
@@ -52,7 +64,7 @@ type builder struct {
 	dataRead uint64 // bytes read for shipping, in total
 }
 
-func newBuilder(root *os.File, dev uint32, sh *shadow, k forgetter, out sink, log *slog.Logger) *builder {
+func newBuilder(root *os.File, dev uint32, sh *shadow, k Kernel, out sink, log *slog.Logger) *builder {
 	return &builder{root: root, dev: dev, sh: sh, kernel: k, out: out, log: log, buf: make([]byte, readChunk)}
 }
 
@@ -63,6 +75,15 @@ func (b *builder) build(files []journal.File) ([]journal.File, error) {
 	b.removals = nil
 	b.forget(files)
 
+	// A reused inode number: the shadow's node is a deleted inode. Its
+	// names go from the peer; the new inode is found by its directory.
+	for _, f := range files {
+		if f.Key.Dev == b.dev && f.NewSeq > b.syncSeq {
+			if err := b.retire(f.Key.Ino, f.NewGen); err != nil {
+				return nil, err
+			}
+		}
+	}
 	var dirs, others []journal.File
 	for _, f := range files {
 		if f.Key.Dev != b.dev {
@@ -139,6 +160,25 @@ func (b *builder) forget(files []journal.File) {
 	b.kernel.ForgetChunks(keys)
 }
 
+// retire removes every name of a shadow node whose inode is gone, unless
+// the node is already the new inode (same generation).
+func (b *builder) retire(ino uint64, gen uint32) error {
+	n := b.sh.nodes[ino]
+	if n == nil || ino == b.sh.root || (n.genKnown && n.gen == gen) {
+		return nil
+	}
+	for _, l := range append([]link(nil), n.links...) {
+		p, ok := b.sh.linkPath(l)
+		if ok && b.sh.nodes[l.parent].children[l.name] == ino {
+			if err := b.out.add(&wire.Op{Code: wire.OpRemove, Path: p}); err != nil {
+				return err
+			}
+		}
+	}
+	b.sh.drop(n)
+	return nil
+}
+
 func (b *builder) retry(f journal.File) {
 	if f.Retries < maxRetries {
 		b.requeue = append(b.requeue, f)
@@ -203,6 +243,13 @@ func (b *builder) entry(d *os.File, dirPath string, dirIno uint64, e fstree.Dire
 		return nil // gone or replaced meanwhile: a later record says what became of it
 	}
 	to := join(dirPath, e.Name)
+	gen, genOK := generation(int(d.Fd()), e.Name)
+	if kn := b.sh.nodes[e.Ino]; kn != nil && (kn.mode.Type() != fstree.ModeOf(st.Mode).Type() || (genOK && kn.genKnown && kn.gen != gen)) {
+		// The number now names another inode: the old one is gone.
+		if err := b.retire(e.Ino, gen); err != nil {
+			return err
+		}
+	}
 	if kn := b.sh.nodes[e.Ino]; kn != nil && len(kn.links) > 0 {
 		from, isRename := b.movedFrom(kn, &st)
 		fromPath, ok := b.sh.linkPath(from)
@@ -221,7 +268,27 @@ func (b *builder) entry(d *os.File, dirPath string, dirIno uint64, e fstree.Dire
 			return nil
 		}
 	}
-	return b.create(d, to, dirIno, e.Name, &st)
+	if err := b.create(d, to, dirIno, e.Name, &st); err != nil {
+		return err
+	}
+	if n := b.sh.nodes[e.Ino]; n != nil && genOK {
+		n.gen, n.genKnown = gen, true
+	}
+	return nil
+}
+
+// generation reads an inode's i_generation from its file handle: ext4
+// handles (FILEID_INO32_GEN and _PARENT) are {ino, gen, ...}.
+func generation(dirfd int, name string) (uint32, bool) {
+	h, _, err := unix.NameToHandleAt(dirfd, name, 0)
+	if err != nil {
+		return 0, false
+	}
+	b := h.Bytes()
+	if (h.Type() != 1 && h.Type() != 2) || len(b) < 8 {
+		return 0, false
+	}
+	return binary.LittleEndian.Uint32(b[4:]), true
 }
 
 // movedFrom decides whether a known inode appearing under a new name was

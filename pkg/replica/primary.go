@@ -49,6 +49,7 @@ type Primary struct {
 	cond         *sync.Cond
 	j            *journal.Journal
 	sh           *shadow
+	syncSeq      uint64 // capture sequence before the shadow's scan
 	needFull     bool
 	queue        []sentBatch // built, not yet acknowledged
 	queueBytes   int
@@ -56,7 +57,6 @@ type Primary struct {
 	acked        uint64
 	connected    bool
 	building     bool
-	manifest     chan wire.Frame
 	lastErr      string
 	fullSyncs    int
 	dataBytes    uint64
@@ -109,10 +109,10 @@ func (p *Primary) RescanAll() {
 
 // Run connects to the peer and ships changes until ctx ends, reconnecting
 // after failures. kernel may be nil (no capture: full syncs only).
-func (p *Primary) Run(ctx context.Context, kernel forgetter) {
+func (p *Primary) Run(ctx context.Context, kernel Kernel) {
 	go func() {
 		<-ctx.Done()
-		p.cond.Broadcast()
+		p.wake()
 	}()
 	for ctx.Err() == nil {
 		err := p.connection(ctx, kernel)
@@ -147,7 +147,7 @@ func (p *Primary) dial(ctx context.Context) (net.Conn, wire.Welcome, error) {
 }
 
 // connection runs one connection: resume or full sync, then stream.
-func (p *Primary) connection(ctx context.Context, kernel forgetter) error {
+func (p *Primary) connection(ctx context.Context, kernel Kernel) error {
 	c, w, err := p.dial(ctx)
 	if err != nil {
 		return err
@@ -155,7 +155,6 @@ func (p *Primary) connection(ctx context.Context, kernel forgetter) error {
 	defer c.Close()
 	cctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	errc := make(chan error, 2)
 
 	p.mu.Lock()
 	// Resume only when the peer holds everything it acknowledged in this
@@ -170,28 +169,41 @@ func (p *Primary) connection(ctx context.Context, kernel forgetter) error {
 		from = 0 // the peer starts this session afresh
 	}
 	p.connected = true
-	p.manifest = make(chan wire.Frame, 16)
 	p.mu.Unlock()
+	manifest := make(chan wire.Frame, 16)
 	p.Log.Info("replication connected", "peer", p.Peer, "resume", resumable, "peer_applied", w.Applied)
 	defer func() {
 		p.mu.Lock()
 		p.connected = false
 		p.mu.Unlock()
-		p.cond.Broadcast()
+		p.wake()
 	}()
 
-	go func() { errc <- p.readAcks(c) }()
+	errc := make(chan error, 3)
+	go func() { errc <- p.readAcks(cctx, c, manifest) }()
 	go func() { errc <- p.writeBatches(cctx, c, from) }()
-	go func() { errc <- p.build(cctx, c, kernel) }()
+	go func() { errc <- p.build(cctx, c, kernel, manifest) }()
 	err = <-errc
+	// Every goroutine of this connection is gone before the next one
+	// starts: none may act on a later connection's state.
 	cancel()
 	c.Close()
-	p.cond.Broadcast()
+	p.wake()
+	<-errc
+	<-errc
 	return err
 }
 
+// wake wakes every waiter. Taking the lock orders it after any waiter's
+// check of its condition, so no wake-up is lost.
+func (p *Primary) wake() {
+	p.mu.Lock()
+	p.cond.Broadcast()
+	p.mu.Unlock()
+}
+
 // readAcks consumes the peer's acknowledgements and errors.
-func (p *Primary) readAcks(c net.Conn) error {
+func (p *Primary) readAcks(ctx context.Context, c net.Conn, manifest chan<- wire.Frame) error {
 	br := bufio.NewReader(c)
 	for {
 		f, err := wire.ReadFrame(br, nil)
@@ -205,7 +217,11 @@ func (p *Primary) readAcks(c net.Conn) error {
 			p.mu.Unlock()
 			p.cond.Broadcast()
 		case wire.TypeManifest, wire.TypeEnd:
-			p.manifest <- f
+			select {
+			case manifest <- f:
+			case <-ctx.Done():
+				return ctx.Err()
+			}
 		case wire.TypeError:
 			return fmt.Errorf("peer refused: %s", f.Payload)
 		default:
@@ -293,7 +309,7 @@ func (bt *batcher) flush() {
 }
 
 // build turns journal entries into batches while connected.
-func (p *Primary) build(ctx context.Context, c net.Conn, kernel forgetter) error {
+func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest <-chan wire.Frame) error {
 	bt := &batcher{p: p}
 	for ctx.Err() == nil {
 		p.mu.Lock()
@@ -306,7 +322,7 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel forgetter) error
 			return ctx.Err()
 		}
 		if full {
-			if err := p.fullSync(ctx, c, kernel, bt); err != nil {
+			if err := p.fullSync(ctx, c, kernel, bt, manifest); err != nil {
 				return err
 			}
 			continue
@@ -316,13 +332,19 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel forgetter) error
 			p.cond.Wait()
 		}
 		p.mu.Unlock()
-		// Let a burst of records gather into one batch.
+		// Let a burst of records gather into one batch, and make sure
+		// every record emitted so far is in the journal: a directory must
+		// not be reconciled before the allocation of an inode it holds.
 		time.Sleep(batchWindow)
+		if kernel != nil {
+			kernel.Drain()
+		}
 		p.mu.Lock()
 		files := p.j.Take(time.Now())
 		p.building = true
 		p.mu.Unlock()
 		b := newBuilder(p.root, p.Dev, p.sh, kernel, bt, p.Log)
+		b.syncSeq = p.syncSeq
 		requeue, err := b.build(files)
 		bt.flush()
 		p.mu.Lock()
@@ -344,7 +366,7 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel forgetter) error
 
 // fullSync compares the whole tree with the peer's manifest and sends the
 // difference; the shadow is rebuilt from the scan.
-func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel forgetter, bt *batcher) error {
+func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *batcher, manifest <-chan wire.Frame) error {
 	start := time.Now()
 	p.Log.Info("full sync: comparing with peer by block checksums")
 	p.mu.Lock()
@@ -352,6 +374,10 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel forgetter, bt
 	p.mu.Unlock()
 	if err := wire.WriteFrame(c, &wire.Frame{Type: wire.TypeManifestQ, Seq: seq}); err != nil {
 		return err
+	}
+	var syncSeq uint64
+	if kernel != nil {
+		syncSeq = kernel.Seq()
 	}
 	local, err := fstree.Scan(p.root, true)
 	if err != nil {
@@ -362,7 +388,7 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel forgetter, bt
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
-		case f := <-p.manifest:
+		case f := <-manifest:
 			if f.Type == wire.TypeEnd {
 				done = true
 				break
@@ -378,6 +404,9 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel forgetter, bt
 			peer = append(peer, es...)
 		}
 	}
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
 	sh := newShadow(local)
 	b := newBuilder(p.root, p.Dev, sh, kernel, bt, p.Log)
 	if err := b.fullSync(local, peer); err != nil {
@@ -386,6 +415,7 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel forgetter, bt
 	bt.flush()
 	p.mu.Lock()
 	p.sh = sh
+	p.syncSeq = syncSeq
 	p.needFull = false
 	p.fullSyncs++
 	p.dataBytes += b.dataRead

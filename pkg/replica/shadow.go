@@ -15,6 +15,8 @@ type link struct {
 
 type snode struct {
 	ino      uint64
+	gen      uint32 // i_generation when known (genKnown), to tell reused numbers apart
+	genKnown bool
 	mode     fs.FileMode
 	links    []link
 	children map[string]uint64 // directories only
@@ -111,11 +113,23 @@ func (s *shadow) unlink(parent uint64, name string) {
 	}
 }
 
+// drop forgets n and all its names, whatever state its parents are in.
+func (s *shadow) drop(n *snode) {
+	for _, l := range n.links {
+		if p := s.nodes[l.parent]; p != nil && p.children[l.name] == n.ino {
+			delete(p.children, l.name)
+		}
+	}
+	n.links = nil
+	s.forget(n)
+}
+
 func (s *shadow) forget(n *snode) {
-	delete(s.nodes, n.ino)
+	// Children first, while n can still be found as their parent.
 	for name := range n.children {
 		s.unlink(n.ino, name)
 	}
+	delete(s.nodes, n.ino)
 }
 
 // move renames the link from → (parent, name).

@@ -1,0 +1,177 @@
+// Package lab drives tools/lab/lab.sh from Go tests: two hosts in network
+// namespaces with their own ext4 filesystems, and duet running on them.
+package lab
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/duet-ha/duet/pkg/loopfs"
+	"github.com/duet-ha/duet/pkg/node"
+)
+
+// Lab is a running lab.
+type Lab struct {
+	Dir    string // DUET_LAB
+	Script string
+	Bin    string
+	AData  string
+	BData  string
+	env    []string
+}
+
+func repoRoot() string {
+	_, file, _, _ := runtime.Caller(0)
+	return filepath.Clean(filepath.Join(filepath.Dir(file), "../.."))
+}
+
+// Binary returns the duet binary the lab runs: $DUET_BIN, or one built
+// into dir.
+func Binary(t testing.TB, dir string) string {
+	t.Helper()
+	if b := os.Getenv("DUET_BIN"); b != "" {
+		return b
+	}
+	bin := filepath.Join(dir, "duet")
+	cmd := exec.Command("go", "build", "-o", bin, "./cmd/duet")
+	cmd.Dir = repoRoot()
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("building duet: %v\n%s", err, out)
+	}
+	return bin
+}
+
+// Up creates a fresh lab; t.Cleanup removes it. extraEnv are NAME=value
+// settings for lab.sh (e.g. DUET_RING_KIB=4).
+func Up(t testing.TB, bin string, extraEnv ...string) *Lab {
+	t.Helper()
+	loopfs.RequireRoot(t)
+	for _, tool := range []string{"ip", "losetup", "mkfs.ext4"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s not installed: %v", tool, err)
+		}
+	}
+	dir := filepath.Join(os.TempDir(), "duet-lab-test")
+	l := &Lab{Dir: dir, Script: filepath.Join(repoRoot(), "tools/lab/lab.sh"), Bin: bin,
+		AData: filepath.Join(dir, "a/data"), BData: filepath.Join(dir, "b/data")}
+	l.env = append(os.Environ(), "DUET_LAB="+dir, "DUET_BIN="+bin, "DUET_LAB_SIZE=3G")
+	l.env = append(l.env, extraEnv...)
+	t.Cleanup(func() {
+		if t.Failed() {
+			keep := filepath.Join(os.TempDir(), "duet-lab-logs", strings.ReplaceAll(t.Name(), "/", "_"))
+			os.MkdirAll(keep, 0o755)
+			for _, h := range []string{"a", "b"} {
+				if b, err := os.ReadFile(filepath.Join(dir, h+".log")); err == nil {
+					os.WriteFile(filepath.Join(keep, h+".log"), b, 0o644)
+					t.Logf("--- %s.log (last 4 KiB; whole log kept in %s) ---\n%s", h, keep, tail(b, 4096))
+				}
+			}
+		}
+		if t.Failed() && os.Getenv("DUET_LAB_KEEP") != "" {
+			t.Logf("DUET_LAB_KEEP set: lab left up in %s (tools/lab/lab.sh down with DUET_LAB=%s removes it)", dir, dir)
+			return
+		}
+		l.run("down")
+	})
+	if out, err := l.run("up"); err != nil {
+		t.Fatalf("lab up: %v\n%s", err, out)
+	}
+	return l
+}
+
+func tail(b []byte, n int) []byte {
+	if len(b) > n {
+		return b[len(b)-n:]
+	}
+	return b
+}
+
+func (l *Lab) run(args ...string) (string, error) {
+	cmd := exec.Command(l.Script, args...)
+	cmd.Env = l.env
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
+
+// Start starts duet on host ("a" or "b").
+func (l *Lab) Start(t testing.TB, host string, args ...string) {
+	t.Helper()
+	if out, err := l.run(append([]string{"start", host}, args...)...); err != nil {
+		t.Fatalf("starting duet on %s: %v\n%s", host, err, out)
+	}
+}
+
+// Stop stops duet on host with SIGTERM.
+func (l *Lab) Stop(t testing.TB, host string) {
+	t.Helper()
+	if out, err := l.run("stop", host); err != nil {
+		t.Fatalf("stopping duet on %s: %v\n%s", host, err, out)
+	}
+}
+
+// Kill kills duet on host with SIGKILL.
+func (l *Lab) Kill(t testing.TB, host string) {
+	t.Helper()
+	if out, err := l.run("kill", host); err != nil {
+		t.Fatalf("killing duet on %s: %v\n%s", host, err, out)
+	}
+}
+
+// Duet runs the duet CLI on host with its config; it returns the output
+// and the exit code.
+func (l *Lab) Duet(t testing.TB, host string, args ...string) (string, int) {
+	t.Helper()
+	out, err := l.run(append([]string{"duet", host}, args...)...)
+	if err == nil {
+		return out, 0
+	}
+	if ee, ok := err.(*exec.ExitError); ok {
+		return out, ee.ExitCode()
+	}
+	t.Fatalf("running duet %v on %s: %v", args, host, err)
+	return out, -1
+}
+
+// WaitSync waits until host a (the primary) reports every change applied
+// on the peer.
+func (l *Lab) WaitSync(t testing.TB, timeout time.Duration) {
+	t.Helper()
+	start := time.Now()
+	out, code := l.Duet(t, "a", "status", "--wait-sync", timeout.String())
+	if code != 0 {
+		t.Fatalf("not in sync after %s:\n%s", timeout, out)
+	}
+	t.Logf("in sync after %s", time.Since(start).Round(time.Millisecond))
+}
+
+// Status returns host's status.
+func (l *Lab) Status(t testing.TB, host string) node.Status {
+	t.Helper()
+	out, code := l.Duet(t, host, "status", "--output", "json")
+	var s node.Status
+	if code != 0 || json.Unmarshal([]byte(out), &s) != nil {
+		t.Fatalf("status of %s (exit %d):\n%s", host, code, out)
+	}
+	return s
+}
+
+// Verify runs duet verify on host a and fails the test on any difference.
+func (l *Lab) Verify(t testing.TB) {
+	t.Helper()
+	out, code := l.Duet(t, "a", "verify")
+	if code != 0 {
+		lines := strings.Split(out, "\n")
+		if len(lines) > 40 {
+			lines = append(lines[:40], fmt.Sprintf("... %d more lines", len(lines)-40))
+		}
+		t.Fatalf("verify exit %d:\n%s", code, strings.Join(lines, "\n"))
+	}
+	t.Logf("verify: %s", strings.TrimSpace(out))
+}
