@@ -85,10 +85,9 @@ struct {
 	__type(value, __u8);
 } watched_devs SEC(".maps");
 
-// Chunks with a record in flight: value packs the announced extent
-// (lo | hi << 32) relative to the chunk start. Userspace deletes a key before
-// it reads the chunk's bytes, so a write that finds its bytes inside the
-// announced extent of a live key is covered by a record still to be read.
+// Chunks with a record in flight (see data()). Userspace deletes a key
+// before it reads the chunk's bytes, so a write that finds its bytes inside
+// the announced extent of a live key is covered by a record still to be read.
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1 << 17);
@@ -223,7 +222,24 @@ static __always_inline int emit(struct inode *inode, __u32 dev, __u8 kind,
 			kind, hook, pos, len);
 }
 
-// data reports [pos, pos+len) of inode, coalesced per chunk.
+// A chunk mark is one 64-bit word, read and written whole: a 32-bit tag of
+// the key (hash elements are recycled, a lookup may return one that now
+// belongs to another key) and the announced extent [lo, hi) within the chunk.
+static __always_inline __u32 chunk_tag(struct chunk_key *k)
+{
+	__u64 h = k->ino * 0x9e3779b97f4a7c15ULL ^ k->chunk * 0xc2b2ae3d27d4eb4fULL ^ k->dev;
+	return (__u32)(h >> 32) | 1; // never 0
+}
+
+static __always_inline __u64 pack(__u32 tag, __u64 lo, __u64 hi)
+{
+	return (__u64)tag << 32 | lo << 16 | (hi - 1);
+}
+
+// data reports [pos, pos+len) of inode, coalesced per chunk. The mark is
+// written before the record is emitted, so a write that finds its bytes
+// inside a mark is always covered by a record that userspace reads after
+// deleting the mark, hence after that write.
 static __always_inline void data(struct inode *inode, __u32 dev, __u8 kind,
 				 __u8 hook, __u64 pos, __u64 len)
 {
@@ -234,7 +250,8 @@ static __always_inline void data(struct inode *inode, __u32 dev, __u8 kind,
 		return;
 	k.ino = BPF_CORE_READ(inode, i_ino);
 	for (int i = 0; i < MAX_CHUNKS_PER_EVENT; i++) {
-		__u64 base, lo, hi, nlo, nhi, packed;
+		__u64 base, lo, hi, nlo, nhi, packed, cur = 0;
+		__u32 tag;
 		__u64 *v;
 
 		if (pos >= end)
@@ -247,31 +264,38 @@ static __always_inline void data(struct inode *inode, __u32 dev, __u8 kind,
 			hi = CHUNK_SIZE;
 		nlo = lo;
 		nhi = hi;
+		tag = chunk_tag(&k);
 		v = bpf_map_lookup_elem(&chunks, &k);
-		if (v) {
-			__u64 cur = *v;
-			__u64 clo = cur & 0xffffffff, chi = cur >> 32;
+		if (v)
+			cur = *(volatile __u64 *)v;
+		if (v && (__u32)(cur >> 32) == tag) {
+			__u64 clo = (cur >> 16) & 0xffff, chi = (cur & 0xffff) + 1;
 
 			if (lo >= clo && hi <= chi)
 				goto next;
-			// Widen to one contiguous extent so every byte of
-			// it is covered by an emitted record. A write past
-			// the announced end is most likely sequential:
-			// announce the rest of the chunk to save records.
+			// Widen to one contiguous extent. A write past the
+			// announced end is most likely sequential: announce
+			// the rest of the chunk to save records.
 			if (lo >= clo) {
 				nlo = clo;
 				nhi = CHUNK_SIZE;
 			} else {
 				nhi = hi > chi ? hi : chi;
 			}
+			packed = pack(tag, nlo, nhi);
+			if (bpf_map_update_elem(&chunks, &k, &packed, BPF_EXIST))
+				bpf_map_update_elem(&chunks, &k, &packed, BPF_NOEXIST);
+		} else {
+			packed = pack(tag, nlo, nhi);
+			if (bpf_map_update_elem(&chunks, &k, &packed, BPF_NOEXIST))
+				bpf_map_update_elem(&chunks, &k, &packed, BPF_ANY);
 		}
-		if (emit(inode, dev, kind, hook, base + nlo, nhi - nlo))
+		if (emit(inode, dev, kind, hook, base + nlo, nhi - nlo)) {
+			// No record for this mark: drop it (the file is marked
+			// for a rescan by emit) so later writes report again.
+			bpf_map_delete_elem(&chunks, &k);
 			return;
-		packed = nlo | (nhi << 32);
-		if (v)
-			*v = packed;
-		else
-			bpf_map_update_elem(&chunks, &k, &packed, BPF_ANY);
+		}
 next:
 		pos = base + CHUNK_SIZE;
 	}
@@ -509,6 +533,22 @@ SEC("tp_btf/ext4_insert_range")
 int BPF_PROG(ext4_insert_range, struct inode *inode, loff_t offset, loff_t len)
 {
 	preop(inode, offset, ~0ULL >> 2, 10);
+	return 0;
+}
+
+// Truncating down zeroes everything past the new size: that is a data
+// change even when the file grows back before userspace looks. Report the
+// tail; the reader clips it to the size it finds.
+SEC("tp_btf/ext4_truncate_enter")
+int BPF_PROG(ext4_truncate_enter, struct inode *inode)
+{
+	__u64 size;
+	__u32 dev;
+
+	if (!watched(inode, &dev))
+		return 0;
+	size = BPF_CORE_READ(inode, i_size);
+	emit(inode, dev, KIND_DATA, 14, size, (1ULL << 62) - size);
 	return 0;
 }
 

@@ -92,6 +92,7 @@ var hooks = []hook{
 	{11, "ext4_allocate_inode", true},
 	{12, "syscalls/sys_enter_mmap", true},
 	{13, "syscalls/sys_exit_fallocate", true},
+	{14, "ext4_truncate_enter", true},
 }
 
 // HookName returns the kernel hook that emitted records with this id.
@@ -188,6 +189,7 @@ func Open(opts Options) (*Capture, error) {
 		"ext4_allocate_inode":         c.objs.Ext4AllocateInode,
 		"syscalls/sys_enter_mmap":     c.objs.SysEnterMmap,
 		"syscalls/sys_exit_fallocate": c.objs.SysExitFallocate,
+		"ext4_truncate_enter":         c.objs.Ext4TruncateEnter,
 	} {
 		progs[name] = p
 	}
@@ -278,17 +280,23 @@ func decodeRecord(b []byte, r *Record) error {
 }
 
 // ForgetChunks drops the in-flight marks of chunks so that the next write to
-// them emits a new record. Call it before reading their bytes.
+// them emits a new record. Call it before reading their bytes. Keys without
+// a mark are skipped: every other key is deleted whatever their order.
 func (c *Capture) ForgetChunks(keys []CaptureChunkKey) error {
-	if len(keys) == 0 {
-		return nil
-	}
-	_, err := c.objs.Chunks.BatchDelete(keys, nil)
-	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-		// Fall back to single deletes: a batch stops at the first missing key.
-		for i := range keys {
-			_ = c.objs.Chunks.Delete(&keys[i])
+	for len(keys) > 0 {
+		n, err := c.objs.Chunks.BatchDelete(keys, nil)
+		if err == nil {
+			return nil
 		}
+		if !errors.Is(err, ebpf.ErrKeyNotExist) {
+			// No batch support: one at a time.
+			for i := range keys {
+				_ = c.objs.Chunks.Delete(&keys[i])
+			}
+			return nil
+		}
+		// keys[n] has no mark (a batch stops there): go on after it.
+		keys = keys[n+1:]
 	}
 	return nil
 }

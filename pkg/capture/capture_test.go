@@ -93,3 +93,34 @@ func TestCaptureExt4(t *testing.T) {
 		t.Fatalf("data=%v attr=%v in %d records", sawData, sawAttr, len(recs))
 	}
 }
+
+// TestForgetChunksSkipsMissing: a batch delete stops at the first key that
+// has no mark; every other key must still be dropped, or a stale mark would
+// hide later writes.
+func TestForgetChunksSkipsMissing(t *testing.T) {
+	loopfs.RequireRoot(t)
+	c, err := Open(Options{})
+	if err != nil {
+		t.Fatalf("Open: %v", err)
+	}
+	defer c.Close()
+	var keys []CaptureChunkKey
+	for i := uint64(0); i < 10; i++ {
+		k := ChunkKey(1, 42, i<<ChunkShift)
+		keys = append(keys, k)
+		if i%3 != 0 { // keys 0, 3, 6, 9 have no mark
+			if err := c.objs.Chunks.Put(&k, uint64(1)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if err := c.ForgetChunks(keys); err != nil {
+		t.Fatal(err)
+	}
+	var v uint64
+	for i := range keys {
+		if err := c.objs.Chunks.Lookup(&keys[i], &v); err == nil {
+			t.Errorf("chunk %d still marked after ForgetChunks", i)
+		}
+	}
+}

@@ -81,6 +81,7 @@ const (
 	CaptureProgExt4JournalledWriteEnd = "ext4_journalled_write_end"
 	CaptureProgExt4MarkInodeDirty     = "ext4_mark_inode_dirty"
 	CaptureProgExt4PunchHole          = "ext4_punch_hole"
+	CaptureProgExt4TruncateEnter      = "ext4_truncate_enter"
 	CaptureProgExt4WriteEnd           = "ext4_write_end"
 	CaptureProgExt4ZeroRange          = "ext4_zero_range"
 	CaptureProgIomapDioComplete       = "iomap_dio_complete"
@@ -139,6 +140,7 @@ type CaptureProgramSpecs struct {
 	Ext4JournalledWriteEnd *ebpf.ProgramSpec `ebpf:"ext4_journalled_write_end"`
 	Ext4MarkInodeDirty     *ebpf.ProgramSpec `ebpf:"ext4_mark_inode_dirty"`
 	Ext4PunchHole          *ebpf.ProgramSpec `ebpf:"ext4_punch_hole"`
+	Ext4TruncateEnter      *ebpf.ProgramSpec `ebpf:"ext4_truncate_enter"`
 	Ext4WriteEnd           *ebpf.ProgramSpec `ebpf:"ext4_write_end"`
 	Ext4ZeroRange          *ebpf.ProgramSpec `ebpf:"ext4_zero_range"`
 	IomapDioComplete       *ebpf.ProgramSpec `ebpf:"iomap_dio_complete"`
@@ -234,6 +236,7 @@ type CapturePrograms struct {
 	Ext4JournalledWriteEnd *ebpf.Program `ebpf:"ext4_journalled_write_end"`
 	Ext4MarkInodeDirty     *ebpf.Program `ebpf:"ext4_mark_inode_dirty"`
 	Ext4PunchHole          *ebpf.Program `ebpf:"ext4_punch_hole"`
+	Ext4TruncateEnter      *ebpf.Program `ebpf:"ext4_truncate_enter"`
 	Ext4WriteEnd           *ebpf.Program `ebpf:"ext4_write_end"`
 	Ext4ZeroRange          *ebpf.Program `ebpf:"ext4_zero_range"`
 	IomapDioComplete       *ebpf.Program `ebpf:"iomap_dio_complete"`
@@ -252,6 +255,7 @@ func (p *CapturePrograms) Close() error {
 		p.Ext4JournalledWriteEnd,
 		p.Ext4MarkInodeDirty,
 		p.Ext4PunchHole,
+		p.Ext4TruncateEnter,
 		p.Ext4WriteEnd,
 		p.Ext4ZeroRange,
 		p.IomapDioComplete,

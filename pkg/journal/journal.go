@@ -22,6 +22,11 @@ type File struct {
 	Key capture.InodeKey
 	// Data are ranges whose current bytes must be shipped.
 	Data Ranges
+	// Tail, when HasTail, means every byte from Tail to the end of the file
+	// (a truncate, or a collapse/insert shifting the rest). It is kept apart
+	// from Data, whose ranges carry in-kernel chunk marks.
+	Tail    uint64
+	HasTail bool
 	// Writeback is set when a range was dirtied through a mapping: the
 	// pages must be written back before reading, so the next store faults
 	// and is reported again.
@@ -69,6 +74,19 @@ func (j *Journal) get(k capture.InodeKey) *entry {
 	return e
 }
 
+// Unbounded is the length from which a range means "to the end of file".
+const Unbounded = 1 << 40
+
+func (f *File) addSpan(off, end uint64) {
+	if end < off || end-off >= Unbounded {
+		if !f.HasTail || off < f.Tail {
+			f.Tail, f.HasTail = off, true
+		}
+		return
+	}
+	f.Data.Add(off, end-off)
+}
+
 // Add folds one record in.
 func (j *Journal) Add(r *capture.Record, now time.Time) {
 	j.records++
@@ -78,9 +96,9 @@ func (j *Journal) Add(r *capture.Record, now time.Time) {
 	}
 	switch r.Kind {
 	case capture.KindData:
-		e.Data.Add(r.Pos, r.Len)
+		e.addSpan(r.Pos, r.Pos+r.Len)
 	case capture.KindMmap:
-		e.Data.Add(r.Pos, r.Len)
+		e.addSpan(r.Pos, r.Pos+r.Len)
 		e.Writeback = true
 	case capture.KindAttr:
 		e.Attr = true
@@ -88,7 +106,7 @@ func (j *Journal) Add(r *capture.Record, now time.Time) {
 		kept := e.preops[:0]
 		for _, p := range e.preops {
 			if p.seq < r.Seq {
-				e.Data.Add(p.span.Off, p.span.Len())
+				e.addSpan(p.span.Off, p.span.End)
 			} else {
 				kept = append(kept, p)
 			}
@@ -120,13 +138,13 @@ func (j *Journal) Take(now time.Time) []File {
 		kept := e.preops[:0]
 		for _, p := range e.preops {
 			if now.Sub(p.at) >= PreopTimeout {
-				e.Data.Add(p.span.Off, p.span.Len())
+				e.addSpan(p.span.Off, p.span.End)
 			} else {
 				kept = append(kept, p)
 			}
 		}
 		e.preops = kept
-		if e.Attr || e.Rescan || e.NewSeq != 0 || !e.Data.Empty() {
+		if e.Attr || e.Rescan || e.NewSeq != 0 || e.HasTail || !e.Data.Empty() {
 			out = append(out, e.File)
 		}
 		if len(e.preops) == 0 {
@@ -149,6 +167,9 @@ func (j *Journal) Records() uint64 { return j.records }
 func (j *Journal) Requeue(f File) {
 	e := j.get(f.Key)
 	e.Data.AddAll(&f.Data)
+	if f.HasTail {
+		e.addSpan(f.Tail, ^uint64(0))
+	}
 	e.Attr = e.Attr || f.Attr
 	e.Rescan = e.Rescan || f.Rescan
 	e.Writeback = e.Writeback || f.Writeback

@@ -152,3 +152,17 @@ func TestJournalCoalescesAndFlags(t *testing.T) {
 		t.Fatal("take did not forget")
 	}
 }
+
+// A "to end of file" range must not swallow bounded ranges: those carry
+// in-kernel chunk marks that userspace deletes by range.
+func TestJournalTailKeptApart(t *testing.T) {
+	j := New()
+	now := time.Now()
+	j.Add(&capture.Record{Seq: 1, Dev: 1, Ino: 2, Kind: capture.KindData, Pos: 70000, Len: 100}, now)
+	j.Add(&capture.Record{Seq: 2, Dev: 1, Ino: 2, Kind: capture.KindData, Pos: 50000, Len: 1 << 62}, now)
+	j.Add(&capture.Record{Seq: 3, Dev: 1, Ino: 2, Kind: capture.KindData, Pos: 60000, Len: 1 << 62}, now)
+	got := j.Take(now)
+	if len(got) != 1 || !got[0].HasTail || got[0].Tail != 50000 || !reflect.DeepEqual(got[0].Data.Spans(), []Span{{70000, 70100}}) {
+		t.Fatalf("got %+v", got)
+	}
+}

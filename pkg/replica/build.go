@@ -149,9 +149,6 @@ func (b *builder) forget(files []journal.File) {
 			b.kernel.ForgetAttr(f.Key)
 		}
 		for _, s := range f.Data.Spans() {
-			if s.Len() > 1<<30 {
-				continue // preop "to end of file": no chunk marks
-			}
 			for c := s.Off >> capture.ChunkShift; c <= (s.End-1)>>capture.ChunkShift; c++ {
 				keys = append(keys, capture.CaptureChunkKey{Dev: f.Key.Dev, Ino: f.Key.Ino, Chunk: c})
 			}
@@ -496,19 +493,26 @@ func (b *builder) file(f journal.File) error {
 		}
 		b.whole[f.Key.Ino] = true
 	}
-	if !b.whole[f.Key.Ino] && !f.Data.Empty() {
+	spans := f.Data.Spans()
+	if f.HasTail && f.Tail < size {
+		var all journal.Ranges
+		all.AddAll(&f.Data)
+		all.Add(f.Tail, size-f.Tail)
+		spans = all.Spans()
+	}
+	if !b.whole[f.Key.Ino] && len(spans) > 0 {
 		if f.Writeback {
 			// Pages dirtied through a mapping: write them back so the
 			// next store faults and is reported again, then read.
-			for _, s := range f.Data.Spans() {
-				unix.SyncFileRange(int(fh.Fd()), int64(s.Off), int64(min(s.Len(), 1<<62)),
+			for _, s := range spans {
+				unix.SyncFileRange(int(fh.Fd()), int64(s.Off), int64(s.Len()),
 					unix.SYNC_FILE_RANGE_WAIT_BEFORE|unix.SYNC_FILE_RANGE_WRITE|unix.SYNC_FILE_RANGE_WAIT_AFTER)
 			}
 		}
 		var later journal.File
 		later.Key = f.Key
 		later.Retries = f.Retries
-		for _, s := range f.Data.Spans() {
+		for _, s := range spans {
 			end := min(s.End, size)
 			if s.Off < end {
 				got, err := b.shipUpTo(p, fh, journal.Span{Off: s.Off, End: end})
@@ -521,7 +525,7 @@ func (b *builder) file(f journal.File) error {
 			}
 			// Bytes reported beyond EOF: a size update not yet visible
 			// (write_end fires before i_size moves), or a truncate.
-			if s.End > size && s.Len() < 1<<40 {
+			if s.End > size {
 				lo := max(s.Off, size)
 				later.Data.Add(lo, s.End-lo)
 			}

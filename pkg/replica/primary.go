@@ -84,7 +84,7 @@ func (p *Primary) Record(r *capture.Record, now time.Time) {
 	p.mu.Lock()
 	p.j.Add(r, now)
 	p.records++
-	if r.Kind == capture.KindData || r.Kind == capture.KindMmap {
+	if (r.Kind == capture.KindData || r.Kind == capture.KindMmap) && r.Len < journal.Unbounded {
 		p.changedBytes += r.Len
 	}
 	p.mu.Unlock()

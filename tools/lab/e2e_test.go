@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -27,10 +28,11 @@ func duetBinary(t *testing.T) string {
 	return bin
 }
 
-// TestReplicationWorkload runs seeded random workloads against a live pair:
-// both copies start different (initial sync must reconcile them), the
-// secondary's daemon is killed and restarted mid-run, and after the writes
-// stop `duet verify` must find the copies identical.
+// TestReplicationWorkload runs seeded random workloads against a live pair.
+// Both copies start different: the initial sync must reconcile them. Then a
+// workload runs with capture doing all the work, the secondary's daemon is
+// killed and restarted mid-run, and after the writes stop `duet verify`
+// must find the copies identical.
 func TestReplicationWorkload(t *testing.T) {
 	b := duetBinary(t)
 	for _, seed := range []int64{1, 2, 3} {
@@ -41,6 +43,8 @@ func TestReplicationWorkload(t *testing.T) {
 			NewWorkload(l.BData, seed*100+1).Run(150)
 			l.Start(t, "b")
 			l.Start(t, "a")
+			l.WaitSync(t, 2*time.Minute)
+			l.Verify(t)
 			w := NewWorkload(l.AData, seed)
 			w.Run(1500)
 			l.Kill(t, "b")
@@ -58,15 +62,19 @@ func TestReplicationWorkload(t *testing.T) {
 	}
 }
 
-// TestRingOverflowRescan runs with a 4 KiB ring buffer so that records are
-// lost on purpose: the files concerned must be rescanned and the copies
-// still end up identical.
+// TestRingOverflowRescan runs with a 4 KiB ring buffer and stops the
+// primary's daemon (SIGSTOP, as a stalled reader) while the workload runs,
+// so that records are lost on purpose: the files concerned must be
+// rescanned and the copies still end up identical.
 func TestRingOverflowRescan(t *testing.T) {
 	l := Up(t, duetBinary(t), "DUET_RING_KIB=4")
 	l.Start(t, "b")
 	l.Start(t, "a")
+	l.WaitSync(t, time.Minute)
 	w := NewWorkload(l.AData, 42)
+	l.Signal(t, "a", syscall.SIGSTOP)
 	w.Run(1500)
+	l.Signal(t, "a", syscall.SIGCONT)
 	l.WaitSync(t, 2*time.Minute)
 	st := l.Status(t, "a")
 	if st.Capture == nil || st.Capture.Lost == 0 {

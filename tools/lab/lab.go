@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -121,6 +122,20 @@ func (l *Lab) Kill(t testing.TB, host string) {
 	t.Helper()
 	if out, err := l.run("kill", host); err != nil {
 		t.Fatalf("killing duet on %s: %v\n%s", host, err, out)
+	}
+}
+
+// Signal sends sig to the duet daemon on host.
+func (l *Lab) Signal(t testing.TB, host string, sig syscall.Signal) {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(l.Dir, host+".pid"))
+	if err != nil {
+		t.Fatalf("no duet running on %s: %v", host, err)
+	}
+	var pid int
+	fmt.Sscan(string(b), &pid)
+	if err := syscall.Kill(pid, sig); err != nil {
+		t.Fatalf("signalling duet on %s: %v", host, err)
 	}
 }
 

@@ -26,6 +26,14 @@ type Workload struct {
 	files  []string
 	dirs   []string
 	Counts map[string]int
+	// Log, when set, receives one line per operation (for debugging).
+	Log func(format string, a ...any)
+}
+
+func (w *Workload) logf(format string, a ...any) {
+	if w.Log != nil {
+		w.Log(format, a...)
+	}
 }
 
 // NewWorkload prepares a workload on root.
@@ -133,6 +141,10 @@ var ops = []op{
 }
 
 func (w *Workload) step() {
+	if w.Log != nil {
+		w.Log("op %d", w.Counts["_n"])
+		w.Counts["_n"]++
+	}
 	total := 0
 	for _, o := range ops {
 		total += o.weight
@@ -170,7 +182,9 @@ func (w *Workload) write() {
 	if st.Size() > 0 {
 		off = w.rng.Int63n(st.Size() + 4096)
 	}
-	f.WriteAt(w.data(1+w.rng.Intn(64<<10)), off)
+	d := w.data(1 + w.rng.Intn(64<<10))
+	w.logf("write %q [%d,%d)", p, off, off+int64(len(d)))
+	f.WriteAt(d, off)
 }
 
 func (w *Workload) append() {
