@@ -55,6 +55,9 @@ type ReplicaStatus struct {
 	LastError  string `json:"last_error,omitempty"`
 }
 
+// ext4Magic is EXT4_SUPER_MAGIC (statfs f_type).
+const ext4Magic = 0xEF53
+
 // Node is a running daemon.
 type Node struct {
 	dispatched atomic.Uint64 // records handed to the primaries
@@ -132,10 +135,19 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 
 func (n *Node) startPrimary(ctx context.Context, wg *sync.WaitGroup, dirs []replica.Dir) error {
 	var devs []uint64
-	for _, d := range dirs {
+	for i, d := range dirs {
 		var st syscall.Stat_t
 		if err := syscall.Stat(d.Path, &st); err != nil {
-			return fmt.Errorf("replicate %q: %w", d.Path, err)
+			return fmt.Errorf("replicate[%d].path %q: %w", i, d.Path, err)
+		}
+		var fs syscall.Statfs_t
+		if err := syscall.Statfs(d.Path, &fs); err != nil {
+			return fmt.Errorf("replicate[%d].path %q: %w", i, d.Path, err)
+		}
+		// Capture relies on ext4's write_end and inode tracepoints; on
+		// another filesystem changes would be missed, so refuse to start.
+		if fs.Type != ext4Magic {
+			return fmt.Errorf("replicate[%d].path %q: filesystem type %#x is not supported: duet captures changes on ext4 only (see docs/CAPTURE.md)", i, d.Path, fs.Type)
 		}
 		devs = append(devs, st.Dev)
 		p, err := replica.NewPrimary(d, n.cfg.Peer, n.key, capture.KernelDev(st.Dev), n.log)

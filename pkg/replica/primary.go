@@ -114,6 +114,8 @@ func (p *Primary) Run(ctx context.Context, kernel Kernel) {
 		<-ctx.Done()
 		p.wake()
 	}()
+	var lastLog time.Time
+	var lastMsg string
 	for ctx.Err() == nil {
 		err := p.connection(ctx, kernel)
 		if ctx.Err() != nil {
@@ -122,7 +124,12 @@ func (p *Primary) Run(ctx context.Context, kernel Kernel) {
 		p.mu.Lock()
 		p.lastErr = err.Error()
 		p.mu.Unlock()
-		p.Log.Warn("replication link down", "peer", p.Peer, "err", err)
+		// One line per new failure, then a reminder every 30s: retries
+		// every half second must not flood the log.
+		if err.Error() != lastMsg || time.Since(lastLog) > 30*time.Second {
+			p.Log.Warn("replication link down, retrying", "peer", p.Peer, "err", err)
+			lastLog, lastMsg = time.Now(), err.Error()
+		}
 		select {
 		case <-ctx.Done():
 		case <-time.After(retryBackoff):

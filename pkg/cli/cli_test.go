@@ -1,0 +1,77 @@
+package cli
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func run(args ...string) (string, int) {
+	var out bytes.Buffer
+	code := Main(IOStreams{In: strings.NewReader(""), Out: &out, Err: &out}, args)
+	return out.String(), code
+}
+
+func writeConfig(t *testing.T, mutate func(string) string) string {
+	t.Helper()
+	dir := t.TempDir()
+	data := filepath.Join(dir, "data")
+	os.Mkdir(data, 0o755)
+	y := `node: nodeA
+role: primary
+listen: 127.0.0.1:0
+peer: 127.0.0.1:1
+key: "0123456789abcdef"
+state_dir: ` + filepath.Join(dir, "state") + `
+replicate:
+  - path: ` + data + "\n"
+	if mutate != nil {
+		y = mutate(y)
+	}
+	p := filepath.Join(dir, "duet.yaml")
+	os.WriteFile(p, []byte(y), 0o644)
+	return p
+}
+
+func TestVersion(t *testing.T) {
+	out, code := run("version")
+	if code != 0 || !strings.HasPrefix(out, "duet ") {
+		t.Fatalf("exit %d: %s", code, out)
+	}
+}
+
+func TestBadInputIsNamed(t *testing.T) {
+	tests := []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"missing config", []string{"status", "--config", "/nonexistent/duet.yaml"}, "no such file"},
+		{"bad role flag", []string{"run", "--config", writeConfig(t, nil), "--role", "leader"}, `role "leader"`},
+		{"bad output", []string{"status", "--socket", "/nonexistent.sock", "--output", "xml"}, `--output "xml"`},
+		{"no daemon", []string{"status", "--socket", filepath.Join(t.TempDir(), "none.sock")}, "no duet daemon at"},
+		{"unreachable peer", []string{"verify", "--config", writeConfig(t, nil), "--timeout", "5s"}, "asking 127.0.0.1:1"},
+		{"unknown dir", []string{"verify", "--config", writeConfig(t, nil), "--dir", "nope"}, `--dir "nope"`},
+		{"bad yaml", []string{"verify", "--config", writeConfig(t, func(s string) string { return s + "bogus: 1\n" })}, "field bogus not found"},
+		{"stray argument", []string{"status", "extra"}, "unknown command"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			out, code := run(tt.args...)
+			if code != 2 || !strings.Contains(out, tt.want) {
+				t.Fatalf("exit %d, output %q: want exit 2 and %q", code, out, tt.want)
+			}
+		})
+	}
+}
+
+// The example configuration in testdata/ must stay valid apart from paths
+// that only exist on a real node.
+func TestExampleConfigFields(t *testing.T) {
+	out, code := run("verify", "--config", "../../testdata/duet.yaml")
+	if code != 2 || !strings.Contains(out, `replicate[0].path "/srv/data"`) || strings.Contains(out, "not found in type") {
+		t.Fatalf("exit %d: %s", code, out)
+	}
+}
