@@ -273,14 +273,24 @@ static __always_inline void data(struct inode *inode, __u32 dev, __u8 kind,
 
 			if (lo >= clo && hi <= chi)
 				goto next;
-			// Widen to one contiguous extent. A write past the
-			// announced end is most likely sequential: announce
-			// the rest of the chunk to save records.
-			if (lo >= clo) {
-				nlo = clo;
-				nhi = CHUNK_SIZE;
-			} else {
-				nhi = hi > chi ? hi : chi;
+			if (lo > chi || hi < clo) {
+				// Disjoint from the mark: report exactly these
+				// bytes and leave the mark as it is, so that no
+				// gap between the two is ever shipped.
+				if (emit(inode, dev, kind, hook, base + lo, hi - lo))
+					return;
+				goto next;
+			}
+			// Touching or overlapping: one contiguous extent. A run
+			// growing past the mark's end is most likely sequential:
+			// announce as far ahead as it already reaches, so a
+			// sequential writer costs a few records per chunk.
+			nlo = lo < clo ? lo : clo;
+			nhi = hi > chi ? hi : chi;
+			if (hi > chi) {
+				nhi = hi + (hi - nlo);
+				if (nhi > CHUNK_SIZE)
+					nhi = CHUNK_SIZE;
 			}
 			packed = pack(tag, nlo, nhi);
 			if (bpf_map_update_elem(&chunks, &k, &packed, BPF_EXIST))

@@ -1,0 +1,278 @@
+// Command bench measures duet in the lab, each figure as a ratio against a
+// baseline measured in the same run, and writes a Markdown report.
+//
+//	go run ./tools/bench [--quick] [--runs 3] [--out docs/BENCHMARKS.md] [--json]
+//
+// Needs root (the lab) and fio.
+package main
+
+import (
+	"crypto/rand"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"math"
+	mrand "math/rand"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/duet-ha/duet/pkg/node"
+)
+
+type bench struct {
+	lab, script, bin string
+	quick            bool
+}
+
+// Figure is one reported measurement.
+type Figure struct {
+	Name     string    `json:"name"`
+	Ratio    []float64 `json:"ratio"` // per run
+	Target   string    `json:"target"`
+	Met      bool      `json:"met"`
+	Baseline []float64 `json:"baseline"`
+	Measured []float64 `json:"measured"`
+	Unit     string    `json:"unit"`
+	Note     string    `json:"note"`
+}
+
+func main() {
+	out := flag.String("out", "", "write the Markdown report here")
+	asJSON := flag.Bool("json", false, "print the figures as JSON")
+	quick := flag.Bool("quick", false, "small sizes, one run: checks the tooling, not the numbers")
+	runs := flag.Int("runs", 3, "runs per figure (min/median/max reported)")
+	flag.Parse()
+	if os.Geteuid() != 0 {
+		fail("needs root: the lab uses namespaces and loop devices")
+	}
+	if _, err := exec.LookPath("fio"); err != nil {
+		fail("fio not installed (apt-get install fio)")
+	}
+	root, _ := os.Getwd()
+	b := &bench{lab: "/var/tmp/duet-bench", script: filepath.Join(root, "tools/lab/lab.sh"),
+		bin: os.Getenv("DUET_BIN"), quick: *quick}
+	if b.bin == "" {
+		b.bin = filepath.Join(root, "bin/duet")
+	}
+	if *quick {
+		*runs = 1
+	}
+	defer b.sh("down")
+	b.must("up")
+	b.must("start", "b")
+	b.must("start", "a")
+	b.waitSync()
+
+	figs := append(b.throughput(*runs), b.wireRatio(*runs))
+	if *asJSON {
+		json.NewEncoder(os.Stdout).Encode(figs)
+	}
+	report := b.markdown(figs, *runs)
+	if !*asJSON {
+		fmt.Print(report)
+	}
+	if *out != "" {
+		if err := os.WriteFile(*out, []byte(report), 0o644); err != nil {
+			fail(err.Error())
+		}
+	}
+}
+
+func fail(msg string) {
+	fmt.Fprintln(os.Stderr, "bench:", msg)
+	os.Exit(1)
+}
+
+func (b *bench) sh(args ...string) (string, error) {
+	cmd := exec.Command(b.script, args...)
+	cmd.Env = append(os.Environ(), "DUET_LAB="+b.lab, "DUET_BIN="+b.bin)
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
+
+func (b *bench) must(args ...string) string {
+	out, err := b.sh(args...)
+	if err != nil {
+		b.sh("down")
+		fail(fmt.Sprintf("lab %v: %v\n%s", args, err, out))
+	}
+	return out
+}
+
+func (b *bench) waitSync() {
+	b.must("duet", "a", "status", "--wait-sync", "300s")
+}
+
+func (b *bench) status() node.Status {
+	var s node.Status
+	out := b.must("duet", "a", "status", "--output", "json")
+	if err := json.Unmarshal([]byte(out), &s); err != nil || len(s.Dirs) == 0 {
+		fail("status: " + out)
+	}
+	return s
+}
+
+// fio runs a buffered sequential write on nodeA's filesystem and returns
+// bytes per second.
+func (b *bench) fio(size string) float64 {
+	file := filepath.Join(b.lab, "a/data/fio.dat")
+	defer os.Remove(file)
+	out, err := exec.Command("fio", "--name=seqwrite", "--filename="+file, "--rw=write", "--bs=64k",
+		"--size="+size, "--ioengine=psync", "--output-format=json").Output()
+	if err != nil {
+		fail(fmt.Sprintf("fio: %v\n%s", err, out))
+	}
+	var r struct {
+		Jobs []struct {
+			Write struct {
+				BW float64 `json:"bw_bytes"`
+			} `json:"write"`
+		} `json:"jobs"`
+	}
+	if err := json.Unmarshal(out, &r); err != nil || len(r.Jobs) == 0 {
+		fail("fio output: " + string(out))
+	}
+	return r.Jobs[0].Write.BW
+}
+
+// throughput alternates runs without duet on nodeA with runs where duet
+// captures only (nodeB down: records are journaled, nothing is read back)
+// and runs where it captures and replicates to nodeB.
+func (b *bench) throughput(runs int) []Figure {
+	size := "1g"
+	if b.quick {
+		size = "64m"
+	}
+	capOnly := Figure{Name: "capture overhead: buffered sequential write (fio, 64 KiB blocks, " + size + "), duet capturing / no duet",
+		Target: "≥ 0.95", Unit: "MB/s", Note: "nodeB stopped: duet captures and journals, ships nothing"}
+	repl := Figure{Name: "same, duet capturing and replicating / no duet",
+		Target: "(none yet)", Met: true, Unit: "MB/s",
+		Note: "both nodes share this machine's CPUs and disk: nodeB's applier and syncfs compete with fio"}
+	for i := 0; i < runs; i++ {
+		b.must("stop", "a")
+		base := b.fio(size)
+		b.must("stop", "b")
+		b.must("start", "a")
+		capt := b.fio(size)
+		b.must("start", "b")
+		b.waitSync()
+		with := b.fio(size)
+		b.waitSync()
+		for _, x := range []struct {
+			f *Figure
+			v float64
+		}{{&capOnly, capt}, {&repl, with}} {
+			x.f.Baseline = append(x.f.Baseline, base/1e6)
+			x.f.Measured = append(x.f.Measured, x.v/1e6)
+			x.f.Ratio = append(x.f.Ratio, x.v/base)
+		}
+	}
+	capOnly.Met = median(capOnly.Ratio) >= 0.95
+	return []Figure{capOnly, repl}
+}
+
+func vethTX(b *bench) uint64 {
+	out := b.must("exec", "a", "cat", "/sys/class/net/eth0/statistics/tx_bytes")
+	n, _ := strconv.ParseUint(strings.TrimSpace(out), 10, 64)
+	return n
+}
+
+// wireRatio makes small random incompressible writes into a large file and
+// compares bytes on the wire with bytes changed.
+func (b *bench) wireRatio(runs int) Figure {
+	fileSize := int64(256 << 20)
+	writes := 4000
+	if b.quick {
+		fileSize, writes = 16<<20, 500
+	}
+	const blk = 4096
+	f := Figure{Name: fmt.Sprintf("wire bytes / changed bytes, %d random %d B incompressible writes into a %d MiB file",
+		writes, blk, fileSize>>20), Target: "≤ 1.05", Unit: "bytes"}
+	path := filepath.Join(b.lab, "a/data/big.dat")
+	buf := make([]byte, 1<<20)
+	fh, err := os.Create(path)
+	if err != nil {
+		fail(err.Error())
+	}
+	for off := int64(0); off < fileSize; off += int64(len(buf)) {
+		rand.Read(buf)
+		fh.WriteAt(buf, off)
+	}
+	fh.Close()
+	b.waitSync()
+	rng := mrand.New(mrand.NewSource(1))
+	var veth []float64
+	for i := 0; i < runs; i++ {
+		st0, tx0 := b.status(), vethTX(b)
+		fh, _ := os.OpenFile(path, os.O_WRONLY, 0)
+		data := make([]byte, blk)
+		for w := 0; w < writes; w++ {
+			rand.Read(data)
+			fh.WriteAt(data, rng.Int63n(fileSize/blk)*blk)
+		}
+		fh.Close()
+		b.waitSync()
+		st1, tx1 := b.status(), vethTX(b)
+		changed := float64(writes * blk)
+		wire := float64(st1.Dirs[0].WireBytes - st0.Dirs[0].WireBytes)
+		f.Baseline = append(f.Baseline, changed)
+		f.Measured = append(f.Measured, wire)
+		f.Ratio = append(f.Ratio, wire/changed)
+		veth = append(veth, float64(tx1-tx0)/changed)
+	}
+	os.Remove(path)
+	f.Met = median(f.Ratio) <= 1.05
+	f.Note = fmt.Sprintf("duet frame bytes (headers, op encoding, zstd) over bytes written; counting every byte nodeA's veth sent (TCP/IP, acks, status): %s",
+		spread(veth))
+	return f
+}
+
+func median(v []float64) float64 {
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	if len(s) == 0 {
+		return math.NaN()
+	}
+	return s[len(s)/2]
+}
+
+func spread(v []float64) string {
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	if len(s) == 1 {
+		return fmt.Sprintf("%.3f", s[0])
+	}
+	return fmt.Sprintf("%.3f / %.3f / %.3f", s[0], median(s), s[len(s)-1])
+}
+
+func (b *bench) markdown(figs []Figure, runs int) string {
+	var w strings.Builder
+	host, _ := os.Hostname()
+	kernel, _ := exec.Command("uname", "-r").Output()
+	fmt.Fprintf(&w, "# duet benchmarks\n\nProduced by `make bench` (`go run ./tools/bench --out docs/BENCHMARKS.md`")
+	if b.quick {
+		fmt.Fprintf(&w, " --quick")
+	}
+	fmt.Fprintf(&w, ") on %s, %s.\nMachine: %s, Linux %s, %d CPUs, %s. Every ratio compares two measurements taken minutes apart on the same machine; %d run(s) each, min / median / max.\n\n",
+		time.Now().UTC().Format("2006-01-02 15:04 UTC"), "the namespace lab (tools/lab): two ext4 filesystems on loop devices, veth + bridge",
+		host, strings.TrimSpace(string(kernel)), runtime.NumCPU(), runtime.Version(), runs)
+	fmt.Fprintf(&w, "| figure | ratio (min / median / max) | target | met |\n|---|---|---|---|\n")
+	for _, f := range figs {
+		met := "yes"
+		if !f.Met {
+			met = "**no**"
+		}
+		fmt.Fprintf(&w, "| %s | %s | %s | %s |\n", f.Name, spread(f.Ratio), f.Target, met)
+	}
+	fmt.Fprintf(&w, "\n## Absolute figures (this machine, this date)\n\n")
+	for _, f := range figs {
+		fmt.Fprintf(&w, "- %s: baseline %s %s, measured %s %s. %s\n", f.Name, spread(f.Baseline), f.Unit, spread(f.Measured), f.Unit, f.Note)
+	}
+	return w.String()
+}
