@@ -23,6 +23,9 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define PAGE_SHIFT_4K 12
 #define SUPPRESS_WINDOW_NS 50000
 
+// Set by userspace to an eighth of the ring before loading.
+volatile const __u64 RING_WAKE_BYTES = 2 << 20;
+
 enum kind {
 	KIND_DATA = 1,    // bytes [pos, pos+len) changed and are readable now
 	KIND_MMAP = 2,    // a page went dirty through a fault: write back, then read
@@ -64,6 +67,7 @@ struct chunk_key {
 };
 
 struct task_write {
+	__u64 id; // pid_tgid of the writer
 	__u64 ino;
 	__u64 first; // first 4 KiB page index of the last write_end
 	__u64 last;
@@ -119,12 +123,14 @@ struct {
 	__type(value, __u8);
 } dio_writes SEC(".maps");
 
-// Last buffered write_end per task: lets writeback_dirty_folio tell a page
-// dirtied by write(2) from one dirtied through a shared mapping.
+// Last buffered write_end on this CPU: lets writeback_dirty_folio, which
+// follows it at once in the same task, tell a page dirtied by write(2) from
+// one dirtied through a shared mapping. Per CPU, so no lock on the write
+// path; a task that migrates in between only costs an extra write-back.
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 4096);
-	__type(key, __u64);
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
 	__type(value, struct task_write);
 } task_writes SEC(".maps");
 
@@ -211,7 +217,10 @@ static __always_inline int emit_raw(__u32 dev, __u64 ino, __u32 gen, __u8 kind,
 	r->gen = gen;
 	r->kind = kind;
 	r->hook = hook;
-	bpf_ringbuf_submit(r, 0);
+	// Waking the reader costs more than the record: let it poll (every
+	// 2 ms) and wake it only when the ring starts to fill.
+	bpf_ringbuf_submit(r, bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) > RING_WAKE_BYTES ?
+				      BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
 	return 0;
 }
 
@@ -327,15 +336,17 @@ static __always_inline __u8 data_kind(struct inode *inode)
 static __always_inline void remember_write(struct inode *inode, __u32 dev,
 					   __u64 pos, __u64 len)
 {
-	__u64 id = bpf_get_current_pid_tgid();
-	struct task_write tw = {
-		.ino = BPF_CORE_READ(inode, i_ino),
-		.first = pos >> PAGE_SHIFT_4K,
-		.last = (pos + (len ? len - 1 : 0)) >> PAGE_SHIFT_4K,
-		.ts = bpf_ktime_get_ns(),
-		.dev = dev,
-	};
-	bpf_map_update_elem(&task_writes, &id, &tw, BPF_ANY);
+	__u32 zero = 0;
+	struct task_write *tw = bpf_map_lookup_elem(&task_writes, &zero);
+
+	if (!tw)
+		return;
+	tw->id = bpf_get_current_pid_tgid();
+	tw->ino = BPF_CORE_READ(inode, i_ino);
+	tw->first = pos >> PAGE_SHIFT_4K;
+	tw->last = (pos + (len ? len - 1 : 0)) >> PAGE_SHIFT_4K;
+	tw->ts = bpf_ktime_get_ns();
+	tw->dev = dev;
 }
 
 static __always_inline void write_end(struct inode *inode, loff_t pos,
@@ -384,7 +395,7 @@ int BPF_PROG(writeback_dirty_folio, struct folio *folio,
 	struct task_write *tw;
 	struct inode *inode;
 	__u64 index, nr, pos, len;
-	__u32 dev;
+	__u32 dev, zero = 0;
 
 	if (!mapping || !folio)
 		return 0;
@@ -396,11 +407,11 @@ int BPF_PROG(writeback_dirty_folio, struct folio *folio,
 	// Large folios: order lives in the second page's flags (_flags_1 low byte).
 	if (BPF_CORE_READ(folio, flags.f) & (1UL << PG_head))
 		nr = 1ULL << (BPF_CORE_READ(folio, _flags_1) & 0xff);
-	tw = bpf_map_lookup_elem(&task_writes, &id);
-	if (tw && tw->ino == BPF_CORE_READ(inode, i_ino) && tw->dev == dev &&
+	tw = bpf_map_lookup_elem(&task_writes, &zero);
+	if (tw && tw->id == id && tw->ino == BPF_CORE_READ(inode, i_ino) && tw->dev == dev &&
 	    tw->first < index + nr && tw->last >= index &&
 	    bpf_ktime_get_ns() - tw->ts < SUPPRESS_WINDOW_NS) {
-		bpf_map_delete_elem(&task_writes, &id);
+		tw->id = 0;
 		return 0;
 	}
 	pos = index << PAGE_SHIFT_4K;

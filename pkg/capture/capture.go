@@ -10,6 +10,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -158,6 +159,10 @@ func Open(opts Options) (*Capture, error) {
 		}
 		spec.Maps["events"].MaxEntries = opts.RingBytes
 	}
+	ring := spec.Maps["events"].MaxEntries
+	if err := spec.Variables["RING_WAKE_BYTES"].Set(uint64(ring / 8)); err != nil {
+		return nil, fmt.Errorf("setting wake-up threshold: %w", err)
+	}
 	c := &Capture{}
 	if err := spec.LoadAndAssign(&c.objs, nil); err != nil {
 		var verr *ebpf.VerifierError
@@ -249,15 +254,26 @@ func ensureMounts() error {
 // Hooks reports how each hook was attached.
 func (c *Capture) Hooks() []HookStatus { return c.hooks }
 
+// PollInterval bounds how long a record waits in the ring buffer: the
+// kernel side wakes the reader only when the ring starts to fill.
+const PollInterval = 2 * time.Millisecond
+
 // Read blocks until a record arrives. It returns os.ErrClosed after Close.
 func (c *Capture) Read(r *Record) error {
-	if err := c.reader.ReadInto(&c.rbuf); err != nil {
+	for {
+		c.reader.SetDeadline(time.Now().Add(PollInterval))
+		err := c.reader.ReadInto(&c.rbuf)
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			continue
+		}
 		if errors.Is(err, ringbuf.ErrClosed) {
 			return os.ErrClosed
 		}
-		return err
+		if err != nil {
+			return err
+		}
+		return decodeRecord(c.rbuf.RawSample, r)
 	}
-	return decodeRecord(c.rbuf.RawSample, r)
 }
 
 // Buffered reports the bytes waiting in the ring buffer.

@@ -52,6 +52,7 @@ type CaptureRecord struct {
 
 type CaptureTaskWrite struct {
 	_     structs.HostLayout
+	Id    uint64
 	Ino   uint64
 	First uint64
 	Last  uint64
@@ -89,6 +90,7 @@ const (
 	CaptureProgSysEnterMmap           = "sys_enter_mmap"
 	CaptureProgSysExitFallocate       = "sys_exit_fallocate"
 	CaptureProgWritebackDirtyFolio    = "writeback_dirty_folio"
+	CaptureVarRING_WAKE_BYTES         = "RING_WAKE_BYTES"
 )
 
 // LoadCapture returns the embedded CollectionSpec for Capture.
@@ -170,6 +172,7 @@ type CaptureMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type CaptureVariableSpecs struct {
+	RING_WAKE_BYTES *ebpf.VariableSpec `ebpf:"RING_WAKE_BYTES"`
 }
 
 // CaptureObjects contains all objects after they have been loaded into the kernel.
@@ -223,6 +226,7 @@ func (m *CaptureMaps) Close() error {
 //
 // It can be passed to LoadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type CaptureVariables struct {
+	RING_WAKE_BYTES *ebpf.Variable `ebpf:"RING_WAKE_BYTES"`
 }
 
 // CapturePrograms contains all programs after they have been loaded into the kernel.

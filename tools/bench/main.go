@@ -46,7 +46,7 @@ func main() {
 	out := flag.String("out", "", "write the Markdown report here")
 	asJSON := flag.Bool("json", false, "print the figures as JSON")
 	quick := flag.Bool("quick", false, "small sizes, one run: checks the tooling, not the numbers")
-	runs := flag.Int("runs", 3, "runs per figure (min/median/max reported)")
+	runs := flag.Int("runs", 5, "runs per figure (min/median/max reported)")
 	flag.Parse()
 	if os.Geteuid() != 0 {
 		fail("needs root: the lab uses namespaces and loop devices")
@@ -123,6 +123,11 @@ func (b *bench) status() node.Status {
 func (b *bench) fio(size string) float64 {
 	file := filepath.Join(b.lab, "a/data/fio.dat")
 	defer os.Remove(file)
+	// Start every measurement from the same state: no dirty pages of an
+	// earlier run being written back (through the loop device and the
+	// host's own cache) while this one runs.
+	exec.Command("sync").Run()
+	os.WriteFile("/proc/sys/vm/drop_caches", []byte("3"), 0)
 	out, err := exec.Command("fio", "--name=seqwrite", "--filename="+file, "--rw=write", "--bs=64k",
 		"--size="+size, "--ioengine=psync", "--output-format=json").Output()
 	if err != nil {
