@@ -124,3 +124,65 @@ func TestForgetChunksSkipsMissing(t *testing.T) {
 		}
 	}
 }
+
+// TestChunkCoalescing checks the in-kernel contract: a sequential writer
+// costs a few records per 64 KiB chunk while every byte stays covered, and
+// small disjoint writes in one chunk are reported exactly (no gap).
+func TestChunkCoalescing(t *testing.T) {
+	fs := loopfs.Make(t, "ext4", 64)
+	var st syscall.Stat_t
+	syscall.Stat(fs.Mount, &st)
+	c, err := Open(Options{Devices: []uint64{st.Dev}})
+	if err != nil {
+		t.Fatalf("Open: %v", err)
+	}
+	defer c.Close()
+
+	seq, _ := os.Create(filepath.Join(fs.Mount, "seq"))
+	page := make([]byte, 4096)
+	for off := int64(0); off < 1<<20; off += 4096 {
+		seq.WriteAt(page, off)
+	}
+	var seqSt syscall.Stat_t
+	syscall.Fstat(int(seq.Fd()), &seqSt)
+	seq.Close()
+
+	sc, _ := os.Create(filepath.Join(fs.Mount, "scattered"))
+	sc.WriteAt(make([]byte, 100), 1000)
+	sc.WriteAt(make([]byte, 100), 30000)
+	var scSt syscall.Stat_t
+	syscall.Fstat(int(sc.Fd()), &scSt)
+	sc.Close()
+
+	var seqRecs int
+	covered := make([]bool, 1<<20)
+	var scattered [][2]uint64
+	for _, r := range collect(t, c) {
+		if r.Kind != KindData {
+			continue
+		}
+		switch r.Ino {
+		case seqSt.Ino:
+			seqRecs++
+			for b := r.Pos; b < r.Pos+r.Len && b < 1<<20; b++ {
+				covered[b] = true
+			}
+		case scSt.Ino:
+			scattered = append(scattered, [2]uint64{r.Pos, r.Pos + r.Len})
+		}
+	}
+	for b, ok := range covered {
+		if !ok {
+			t.Fatalf("sequential write: byte %d not covered by any record", b)
+		}
+	}
+	// 256 page writes over 16 chunks.
+	if seqRecs == 0 || seqRecs > 16*6 {
+		t.Fatalf("sequential 1 MiB in 4 KiB writes: %d records, want at most %d", seqRecs, 16*6)
+	}
+	t.Logf("sequential 1 MiB in 256 writes: %d records", seqRecs)
+	want := [][2]uint64{{1000, 1100}, {30000, 30100}}
+	if len(scattered) != 2 || scattered[0] != want[0] || scattered[1] != want[1] {
+		t.Fatalf("scattered writes reported as %v, want exactly %v", scattered, want)
+	}
+}

@@ -166,26 +166,12 @@ func EntryOf(rel string, st *unix.Stat_t) wire.Entry {
 	}
 }
 
-// zeroSums caches the checksum of an all-zero block of each length seen.
-var zeroBlock = make([]byte, wire.BlockSize)
-
 // SumBlock checksums one block.
 func SumBlock(b []byte) wire.Sum {
 	h := sha256.Sum256(b)
 	var s wire.Sum
 	copy(s[:], h[:])
 	return s
-}
-
-// IsZero reports whether b holds only zero bytes.
-func IsZero(b []byte) bool {
-	for len(b) >= len(zeroBlock) {
-		if string(b[:len(zeroBlock)]) != string(zeroBlock) {
-			return false
-		}
-		b = b[len(zeroBlock):]
-	}
-	return string(b) == string(zeroBlock[:len(b)])
 }
 
 // Sums checksums every BlockSize block of f up to size.

@@ -2,12 +2,9 @@ package replica
 
 import (
 	"encoding/binary"
-	"errors"
-	"io"
 	"io/fs"
 	"log/slog"
 	"os"
-	"path"
 	"sort"
 
 	"github.com/duet-ha/duet/pkg/capture"
@@ -392,13 +389,15 @@ func (b *builder) sendWhole(p string, f *os.File) error {
 	return nil
 }
 
-// ship reads [s.Off, s.End) from f and emits write ops. It returns the
-// first offset it could not read (the file is shorter).
+// ship reads [s.Off, s.End) from f and emits write ops; bytes past the
+// end of the file are skipped.
 func (b *builder) ship(p string, f *os.File, s journal.Span) error {
 	_, err := b.shipUpTo(p, f, s)
 	return err
 }
 
+// shipUpTo is ship that also returns the first offset it could not read
+// (the file is shorter now, or not readable), for the caller to requeue.
 func (b *builder) shipUpTo(p string, f *os.File, s journal.Span) (uint64, error) {
 	for off := s.Off; off < s.End; {
 		n := min(uint64(len(b.buf)), s.End-off)
@@ -411,10 +410,7 @@ func (b *builder) shipUpTo(p string, f *os.File, s journal.Span) (uint64, error)
 			off += uint64(got)
 		}
 		if err != nil {
-			if errors.Is(err, io.EOF) {
-				return off, nil
-			}
-			return off, nil // unreadable now: the caller requeues
+			return off, nil // EOF, or unreadable now: the caller requeues
 		}
 	}
 	return s.End, nil
@@ -538,13 +534,4 @@ func (b *builder) file(f journal.File) error {
 		return b.out.add(setattrOp(p, &st))
 	}
 	return nil
-}
-
-// parentOf splits a wire path into its directory ("." for the root) and name.
-func parentOf(p string) (string, string) {
-	dir, name := path.Split(p)
-	if dir == "" {
-		return ".", name
-	}
-	return dir[:len(dir)-1], name
 }

@@ -142,7 +142,7 @@ func (b *builder) syncFile(l, p *wire.Entry) (bool, error) {
 		off := uint64(i) * wire.BlockSize
 		end := min(off+wire.BlockSize, l.Size)
 		// A block of zeros beyond the peer's old size is already a hole.
-		if i >= len(p.Sums) && l.Sums[i] == fstree.SumBlock(zeroes[:end-off]) {
+		if i >= len(p.Sums) && l.Sums[i] == zeroSum(end-off) {
 			continue
 		}
 		if err := b.ship(l.Path, f, journal.Span{Off: off, End: end}); err != nil {
@@ -152,4 +152,12 @@ func (b *builder) syncFile(l, p *wire.Entry) (bool, error) {
 	return changed, nil
 }
 
-var zeroes = make([]byte, wire.BlockSize)
+var fullZeroSum = fstree.SumBlock(make([]byte, wire.BlockSize))
+
+// zeroSum is the checksum of n zero bytes (n ≤ BlockSize).
+func zeroSum(n uint64) wire.Sum {
+	if n == wire.BlockSize {
+		return fullZeroSum
+	}
+	return fstree.SumBlock(make([]byte, n))
+}

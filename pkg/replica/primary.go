@@ -471,7 +471,7 @@ func (p *Primary) Status() Status {
 // Close releases the root.
 func (p *Primary) Close() error { return p.root.Close() }
 
-// errNoPeer is returned by Manifest when the peer cannot be reached.
+// errNoPeer is returned by FetchManifest when the peer cannot be reached.
 var errNoPeer = errors.New("peer unreachable")
 
 // FetchManifest asks the peer for its manifest of directory name.

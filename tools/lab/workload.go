@@ -160,6 +160,16 @@ func (w *Workload) step() {
 	}
 }
 
+// open opens a random known file, or returns false.
+func (w *Workload) open(flags int) (*os.File, bool) {
+	p, ok := w.file()
+	if !ok {
+		return nil, false
+	}
+	f, err := os.OpenFile(p, flags, 0)
+	return f, err == nil
+}
+
 func (w *Workload) create() {
 	p := filepath.Join(w.dir(), w.name())
 	if err := os.WriteFile(p, w.data(w.rng.Intn(200<<10)), 0o644); err == nil {
@@ -168,12 +178,8 @@ func (w *Workload) create() {
 }
 
 func (w *Workload) write() {
-	p, ok := w.file()
+	f, ok := w.open(os.O_WRONLY)
 	if !ok {
-		return
-	}
-	f, err := os.OpenFile(p, os.O_WRONLY, 0)
-	if err != nil {
 		return
 	}
 	defer f.Close()
@@ -183,17 +189,13 @@ func (w *Workload) write() {
 		off = w.rng.Int63n(st.Size() + 4096)
 	}
 	d := w.data(1 + w.rng.Intn(64<<10))
-	w.logf("write %q [%d,%d)", p, off, off+int64(len(d)))
+	w.logf("write %q [%d,%d)", f.Name(), off, off+int64(len(d)))
 	f.WriteAt(d, off)
 }
 
 func (w *Workload) append() {
-	p, ok := w.file()
+	f, ok := w.open(os.O_WRONLY | os.O_APPEND)
 	if !ok {
-		return
-	}
-	f, err := os.OpenFile(p, os.O_WRONLY|os.O_APPEND, 0)
-	if err != nil {
 		return
 	}
 	defer f.Close()
@@ -214,12 +216,8 @@ func (w *Workload) truncate() {
 // between (the second store must be seen although the page may still be
 // dirty from the first).
 func (w *Workload) mmap() {
-	p, ok := w.file()
+	f, ok := w.open(os.O_RDWR)
 	if !ok {
-		return
-	}
-	f, err := os.OpenFile(p, os.O_RDWR, 0)
-	if err != nil {
 		return
 	}
 	defer f.Close()
@@ -269,12 +267,8 @@ func (w *Workload) direct() {
 }
 
 func (w *Workload) punch() {
-	p, ok := w.file()
+	f, ok := w.open(os.O_RDWR)
 	if !ok {
-		return
-	}
-	f, err := os.OpenFile(p, os.O_RDWR, 0)
-	if err != nil {
 		return
 	}
 	defer f.Close()

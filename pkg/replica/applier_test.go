@@ -1,0 +1,113 @@
+package replica
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/duet-ha/duet/pkg/wire"
+	"golang.org/x/sys/unix"
+)
+
+func newTestApplier(t *testing.T) (*Applier, string, string) {
+	t.Helper()
+	top := t.TempDir()
+	root := filepath.Join(top, "replica")
+	outside := filepath.Join(top, "outside")
+	os.Mkdir(root, 0o755)
+	os.Mkdir(outside, 0o755)
+	os.WriteFile(filepath.Join(outside, "secret"), []byte("keep"), 0o644)
+	// A symlink inside the replica that points out of it.
+	os.Symlink(outside, filepath.Join(root, "escape"))
+	os.Symlink("../outside", filepath.Join(root, "rel-escape"))
+	a, err := NewApplier(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { a.Close() })
+	return a, root, outside
+}
+
+// Nothing outside the replica root may be touched, whatever the ops say.
+func TestApplierConfinement(t *testing.T) {
+	a, _, outside := newTestApplier(t)
+	hostile := []wire.Op{
+		{Code: wire.OpWrite, Path: "escape/secret", Data: []byte("pwned")},
+		{Code: wire.OpTruncate, Path: "rel-escape/secret"},
+		{Code: wire.OpCreate, Path: "escape/new", Mode: 0o644},
+		{Code: wire.OpMkdir, Path: "escape/dir", Mode: 0o755},
+		{Code: wire.OpRemove, Path: "escape/secret"},
+		{Code: wire.OpRename, Path: "escape/secret", Path2: "stolen"},
+		{Code: wire.OpLink, Path: "escape/secret", Path2: "hardlinked"},
+		{Code: wire.OpSetattr, Path: "escape/secret", Mode: 0o777},
+		{Code: wire.OpSymlink, Path: "escape/l", Path2: "x"},
+		{Code: wire.OpWrite, Path: "../outside/secret", Data: []byte("pwned")},
+		{Code: wire.OpWrite, Path: "/etc/passwd", Data: []byte("pwned")},
+		{Code: wire.OpMknod, Path: "dev", Mode: unix.S_IFCHR | 0o600},
+	}
+	for _, op := range hostile {
+		if err := a.Apply(&op); err == nil {
+			t.Errorf("%s %q → %q was applied", op.Code, op.Path, op.Path2)
+		}
+	}
+	b, err := os.ReadFile(filepath.Join(outside, "secret"))
+	if err != nil || string(b) != "keep" {
+		t.Fatalf("file outside the replica changed: %q, %v", b, err)
+	}
+	ents, _ := os.ReadDir(outside)
+	if len(ents) != 1 {
+		t.Fatalf("outside directory has %d entries, want 1", len(ents))
+	}
+}
+
+// Replaying ops after a restart must leave the same result.
+func TestApplierIdempotentReplay(t *testing.T) {
+	a, root, _ := newTestApplier(t)
+	ops := []wire.Op{
+		{Code: wire.OpMkdir, Path: "d", Mode: 0o750},
+		{Code: wire.OpCreate, Path: "d/f", Mode: 0o640},
+		{Code: wire.OpWrite, Path: "d/f", Off: 3, Data: []byte("abc")},
+		{Code: wire.OpLink, Path: "d/f", Path2: "g"},
+		{Code: wire.OpRename, Path: "d/f", Path2: "d/h"},
+		{Code: wire.OpSymlink, Path: "s", Path2: "d/h"},
+		{Code: wire.OpRemove, Path: "escape"},
+	}
+	for round := 0; round < 2; round++ {
+		for i := range ops {
+			if err := a.Apply(&ops[i]); err != nil {
+				t.Fatalf("round %d: %v", round, err)
+			}
+		}
+	}
+	b, err := os.ReadFile(filepath.Join(root, "d/h"))
+	if err != nil || string(b) != "\x00\x00\x00abc" {
+		t.Fatalf("d/h = %q, %v", b, err)
+	}
+	var s1, s2 unix.Stat_t
+	unix.Stat(filepath.Join(root, "g"), &s1)
+	unix.Stat(filepath.Join(root, "d/h"), &s2)
+	if s1.Ino != s2.Ino {
+		t.Fatal("g and d/h are no longer the same file")
+	}
+	if _, err := os.Lstat(filepath.Join(root, "d/f")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("d/f still exists after the replayed rename: %v", err)
+	}
+	if st, _ := os.Stat(filepath.Join(root, "d")); st.Mode().Perm() != 0o750 {
+		t.Fatalf("d mode %v", st.Mode())
+	}
+}
+
+// Create replaces what is there without truncating an inode that has
+// other names.
+func TestApplierCreateKeepsOtherLinks(t *testing.T) {
+	a, root, _ := newTestApplier(t)
+	os.WriteFile(filepath.Join(root, "a"), []byte("other name"), 0o644)
+	os.Link(filepath.Join(root, "a"), filepath.Join(root, "b"))
+	if err := a.Apply(&wire.Op{Code: wire.OpCreate, Path: "b", Mode: 0o600}); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(filepath.Join(root, "a")); string(b) != "other name" {
+		t.Fatalf("a = %q: create truncated a shared inode", b)
+	}
+}
