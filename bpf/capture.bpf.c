@@ -81,13 +81,11 @@ struct {
 	__uint(max_entries, 16 << 20);
 } events SEC(".maps");
 
-// Watched superblocks (kernel dev_t encoding).
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 64);
-	__type(key, __u32);
-	__type(value, __u8);
-} watched_devs SEC(".maps");
+// Watched superblocks (kernel dev_t encoding), set before loading: a
+// compare against constants is the cheapest filter for hooks that fire on
+// every filesystem of the machine.
+#define MAX_WATCHED 8
+volatile const __u32 WATCHED_DEVS[MAX_WATCHED] = {};
 
 // Chunks with a record in flight (see data()). Userspace deletes a key
 // before it reads the chunk's bytes, so a write that finds its bytes inside
@@ -187,7 +185,13 @@ static __always_inline int watched(struct inode *inode, __u32 *dev)
 	if (!inode)
 		return 0;
 	*dev = BPF_CORE_READ(inode, i_sb, s_dev);
-	return bpf_map_lookup_elem(&watched_devs, dev) != NULL;
+	for (int i = 0; i < MAX_WATCHED; i++) {
+		if (WATCHED_DEVS[i] == 0)
+			return 0;
+		if (WATCHED_DEVS[i] == *dev)
+			return 1;
+	}
+	return 0;
 }
 
 static __always_inline void mark_overflow(__u32 dev, __u64 ino)
@@ -249,6 +253,10 @@ static __always_inline __u64 pack(__u32 tag, __u64 lo, __u64 hi)
 // written before the record is emitted, so a write that finds its bytes
 // inside a mark is always covered by a record that userspace reads after
 // deleting the mark, hence after that write.
+static __always_inline __u8 data_kind(struct inode *inode);
+
+// kind 0 means "data, or mmap if the file has a shared writable mapping",
+// resolved only when a record is emitted.
 static __always_inline void data(struct inode *inode, __u32 dev, __u8 kind,
 				 __u8 hook, __u64 pos, __u64 len)
 {
@@ -282,6 +290,8 @@ static __always_inline void data(struct inode *inode, __u32 dev, __u8 kind,
 
 			if (lo >= clo && hi <= chi)
 				goto next;
+			if (!kind)
+				kind = data_kind(inode);
 			if (lo > chi || hi < clo) {
 				// Disjoint from the mark: report exactly these
 				// bytes and leave the mark as it is, so that no
@@ -305,6 +315,8 @@ static __always_inline void data(struct inode *inode, __u32 dev, __u8 kind,
 			if (bpf_map_update_elem(&chunks, &k, &packed, BPF_EXIST))
 				bpf_map_update_elem(&chunks, &k, &packed, BPF_NOEXIST);
 		} else {
+			if (!kind)
+				kind = data_kind(inode);
 			packed = pack(tag, nlo, nhi);
 			if (bpf_map_update_elem(&chunks, &k, &packed, BPF_NOEXIST))
 				bpf_map_update_elem(&chunks, &k, &packed, BPF_ANY);
@@ -320,7 +332,7 @@ next:
 	}
 	// A longer range than the loop covers: report the rest uncoalesced.
 	if (pos < end)
-		emit(inode, dev, kind, hook, pos, end - pos);
+		emit(inode, dev, kind ? kind : data_kind(inode), hook, pos, end - pos);
 }
 
 // A file with a shared writable mapping can be stored to without a fault
@@ -357,7 +369,7 @@ static __always_inline void write_end(struct inode *inode, loff_t pos,
 	if (!watched(inode, &dev) || copied == 0)
 		return;
 	remember_write(inode, dev, pos, copied);
-	data(inode, dev, data_kind(inode), hook, pos, copied);
+	data(inode, dev, 0, hook, pos, copied);
 }
 
 SEC("tp_btf/ext4_da_write_end")

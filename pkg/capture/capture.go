@@ -47,6 +47,9 @@ func (k Kind) String() string {
 	return fmt.Sprintf("kind(%d)", uint8(k))
 }
 
+// maxWatched is MAX_WATCHED in bpf/capture.bpf.c.
+const maxWatched = 8
+
 // ChunkShift is log2 of the in-kernel coalescing chunk.
 const ChunkShift = 16
 
@@ -163,6 +166,16 @@ func Open(opts Options) (*Capture, error) {
 	if err := spec.Variables["RING_WAKE_BYTES"].Set(uint64(ring / 8)); err != nil {
 		return nil, fmt.Errorf("setting wake-up threshold: %w", err)
 	}
+	if len(opts.Devices) > maxWatched {
+		return nil, fmt.Errorf("%d watched filesystems: at most %d are supported", len(opts.Devices), maxWatched)
+	}
+	var devs [maxWatched]uint32
+	for i, d := range opts.Devices {
+		devs[i] = KernelDev(d)
+	}
+	if err := spec.Variables["WATCHED_DEVS"].Set(devs); err != nil {
+		return nil, fmt.Errorf("setting watched devices: %w", err)
+	}
 	c := &Capture{}
 	if err := spec.LoadAndAssign(&c.objs, nil); err != nil {
 		var verr *ebpf.VerifierError
@@ -170,13 +183,6 @@ func Open(opts Options) (*Capture, error) {
 			return nil, fmt.Errorf("loading BPF programs (verifier): %+v", verr)
 		}
 		return nil, fmt.Errorf("loading BPF programs: %w", err)
-	}
-	for _, d := range opts.Devices {
-		kd := KernelDev(d)
-		if err := c.objs.WatchedDevs.Put(kd, uint8(1)); err != nil {
-			c.Close()
-			return nil, fmt.Errorf("watching device %d:%d: %w", unix.Major(d), unix.Minor(d), err)
-		}
 	}
 	progs := map[string]*ebpf.Program{}
 	for name, p := range map[string]*ebpf.Program{

@@ -74,7 +74,6 @@ const (
 	CaptureMapOverflow                = "overflow"
 	CaptureMapRecordType              = "record_type"
 	CaptureMapTaskWrites              = "task_writes"
-	CaptureMapWatchedDevs             = "watched_devs"
 	CaptureProgExt4AllocateInode      = "ext4_allocate_inode"
 	CaptureProgExt4CollapseRange      = "ext4_collapse_range"
 	CaptureProgExt4DaWriteEnd         = "ext4_da_write_end"
@@ -91,6 +90,7 @@ const (
 	CaptureProgSysExitFallocate       = "sys_exit_fallocate"
 	CaptureProgWritebackDirtyFolio    = "writeback_dirty_folio"
 	CaptureVarRING_WAKE_BYTES         = "RING_WAKE_BYTES"
+	CaptureVarWATCHED_DEVS            = "WATCHED_DEVS"
 )
 
 // LoadCapture returns the embedded CollectionSpec for Capture.
@@ -156,16 +156,15 @@ type CaptureProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type CaptureMapSpecs struct {
-	Attrs       *ebpf.MapSpec `ebpf:"attrs"`
-	Chunks      *ebpf.MapSpec `ebpf:"chunks"`
-	Counters    *ebpf.MapSpec `ebpf:"counters"`
-	DioWrites   *ebpf.MapSpec `ebpf:"dio_writes"`
-	Events      *ebpf.MapSpec `ebpf:"events"`
-	Fallocs     *ebpf.MapSpec `ebpf:"fallocs"`
-	Overflow    *ebpf.MapSpec `ebpf:"overflow"`
-	RecordType  *ebpf.MapSpec `ebpf:"record_type"`
-	TaskWrites  *ebpf.MapSpec `ebpf:"task_writes"`
-	WatchedDevs *ebpf.MapSpec `ebpf:"watched_devs"`
+	Attrs      *ebpf.MapSpec `ebpf:"attrs"`
+	Chunks     *ebpf.MapSpec `ebpf:"chunks"`
+	Counters   *ebpf.MapSpec `ebpf:"counters"`
+	DioWrites  *ebpf.MapSpec `ebpf:"dio_writes"`
+	Events     *ebpf.MapSpec `ebpf:"events"`
+	Fallocs    *ebpf.MapSpec `ebpf:"fallocs"`
+	Overflow   *ebpf.MapSpec `ebpf:"overflow"`
+	RecordType *ebpf.MapSpec `ebpf:"record_type"`
+	TaskWrites *ebpf.MapSpec `ebpf:"task_writes"`
 }
 
 // CaptureVariableSpecs contains global variables before they are loaded into the kernel.
@@ -173,6 +172,7 @@ type CaptureMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type CaptureVariableSpecs struct {
 	RING_WAKE_BYTES *ebpf.VariableSpec `ebpf:"RING_WAKE_BYTES"`
+	WATCHED_DEVS    *ebpf.VariableSpec `ebpf:"WATCHED_DEVS"`
 }
 
 // CaptureObjects contains all objects after they have been loaded into the kernel.
@@ -195,16 +195,15 @@ func (o *CaptureObjects) Close() error {
 //
 // It can be passed to LoadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type CaptureMaps struct {
-	Attrs       *ebpf.Map `ebpf:"attrs"`
-	Chunks      *ebpf.Map `ebpf:"chunks"`
-	Counters    *ebpf.Map `ebpf:"counters"`
-	DioWrites   *ebpf.Map `ebpf:"dio_writes"`
-	Events      *ebpf.Map `ebpf:"events"`
-	Fallocs     *ebpf.Map `ebpf:"fallocs"`
-	Overflow    *ebpf.Map `ebpf:"overflow"`
-	RecordType  *ebpf.Map `ebpf:"record_type"`
-	TaskWrites  *ebpf.Map `ebpf:"task_writes"`
-	WatchedDevs *ebpf.Map `ebpf:"watched_devs"`
+	Attrs      *ebpf.Map `ebpf:"attrs"`
+	Chunks     *ebpf.Map `ebpf:"chunks"`
+	Counters   *ebpf.Map `ebpf:"counters"`
+	DioWrites  *ebpf.Map `ebpf:"dio_writes"`
+	Events     *ebpf.Map `ebpf:"events"`
+	Fallocs    *ebpf.Map `ebpf:"fallocs"`
+	Overflow   *ebpf.Map `ebpf:"overflow"`
+	RecordType *ebpf.Map `ebpf:"record_type"`
+	TaskWrites *ebpf.Map `ebpf:"task_writes"`
 }
 
 func (m *CaptureMaps) Close() error {
@@ -218,7 +217,6 @@ func (m *CaptureMaps) Close() error {
 		m.Overflow,
 		m.RecordType,
 		m.TaskWrites,
-		m.WatchedDevs,
 	)
 }
 
@@ -227,6 +225,7 @@ func (m *CaptureMaps) Close() error {
 // It can be passed to LoadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type CaptureVariables struct {
 	RING_WAKE_BYTES *ebpf.Variable `ebpf:"RING_WAKE_BYTES"`
+	WATCHED_DEVS    *ebpf.Variable `ebpf:"WATCHED_DEVS"`
 }
 
 // CapturePrograms contains all programs after they have been loaded into the kernel.

@@ -106,7 +106,7 @@ func printStatus(w io.Writer, st *node.Status, output string) error {
 		fmt.Fprintf(w, "  changed %s, read %s, on the wire %s, full syncs %d\n",
 			bytesOf(d.ChangedBytes), bytesOf(d.DataBytes), bytesOf(d.WireBytes), d.FullSyncs)
 		if d.LastError != "" {
-			fmt.Fprintf(w, "  last error: %s\n", d.LastError)
+			fmt.Fprintf(w, "  last error (%s): %s\n", d.LastErrorAt, d.LastError)
 		}
 	}
 	for _, r := range st.Replicas {

@@ -58,6 +58,7 @@ type Primary struct {
 	connected    bool
 	building     bool
 	lastErr      string
+	lastErrAt    time.Time
 	fullSyncs    int
 	dataBytes    uint64
 	wireBytes    uint64
@@ -122,7 +123,7 @@ func (p *Primary) Run(ctx context.Context, kernel Kernel) {
 			return
 		}
 		p.mu.Lock()
-		p.lastErr = err.Error()
+		p.lastErr, p.lastErrAt = err.Error(), time.Now()
 		p.mu.Unlock()
 		// One line per new failure, then a reminder every 30s: retries
 		// every half second must not flood the log.
@@ -451,6 +452,7 @@ type Status struct {
 	WireBytes    uint64  `json:"wire_bytes"`
 	FullSyncs    int     `json:"full_syncs"`
 	LastError    string  `json:"last_error,omitempty"`
+	LastErrorAt  string  `json:"last_error_at,omitempty"`
 }
 
 // Status reports the current state.
@@ -461,6 +463,9 @@ func (p *Primary) Status() Status {
 		Sent: p.nextSeq - 1, Acked: p.acked, Unacked: len(p.queue), UnackedBytes: p.queueBytes,
 		PendingFiles: p.j.Pending(), Records: p.records, ChangedBytes: p.changedBytes,
 		DataBytes: p.dataBytes, WireBytes: p.wireBytes, FullSyncs: p.fullSyncs, LastError: p.lastErr}
+	if p.lastErr != "" {
+		s.LastErrorAt = p.lastErrAt.UTC().Format(time.RFC3339)
+	}
 	if len(p.queue) > 0 {
 		s.LagMs = float64(time.Since(p.queue[0].at).Microseconds()) / 1000
 	}
