@@ -377,9 +377,16 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *batcher, manifest <-chan wire.Frame) error {
 	start := time.Now()
 	p.Log.Info("full sync: comparing with peer by block checksums")
+	// The peer's manifest must reflect every batch already queued.
 	p.mu.Lock()
+	for ctx.Err() == nil && len(p.queue) > 0 {
+		p.cond.Wait()
+	}
 	seq := p.nextSeq
 	p.mu.Unlock()
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
 	if err := wire.WriteFrame(c, &wire.Frame{Type: wire.TypeManifestQ, Seq: seq}); err != nil {
 		return err
 	}

@@ -56,6 +56,8 @@ type ServerStats struct {
 // got, so that a replay after a restart resumes at the exact op.
 type replicaState struct {
 	mu      sync.Mutex // one replication connection at a time
+	cmu     sync.Mutex
+	active  net.Conn // the connection holding mu
 	file    *os.File
 	session uint64
 	applied uint64
@@ -280,12 +282,26 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 		return
 	}
 	// A newer connection from the primary replaces an older one: the old
-	// one is dead but may not know it yet.
-	if !r.mu.TryLock() {
-		s.Log.Warn("replication connection already active: waiting for it to end", "dir", d.Name)
-		r.mu.Lock()
+	// one is dead (the primary reconnects only after losing it) but may
+	// not know it yet, e.g. after a crash without a FIN.
+	r.cmu.Lock()
+	if r.active != nil {
+		s.Log.Warn("new replication connection replaces the previous one", "dir", d.Name)
+		r.active.Close()
 	}
+	r.cmu.Unlock()
+	r.mu.Lock()
 	defer r.mu.Unlock()
+	r.cmu.Lock()
+	r.active = c
+	r.cmu.Unlock()
+	defer func() {
+		r.cmu.Lock()
+		if r.active == c {
+			r.active = nil
+		}
+		r.cmu.Unlock()
+	}()
 	a, err := NewApplier(d.Path)
 	if err != nil {
 		s.Log.Error("opening replica", "dir", d.Name, "err", err)
