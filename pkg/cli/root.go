@@ -28,6 +28,11 @@ type ExitError struct {
 
 func (e *ExitError) Error() string { return e.Err.Error() }
 
+func (e *ExitError) Unwrap() error { return e.Err }
+
+// silentExit passes a command's exit status through without a message.
+var silentExit = errors.New("exit status passed through")
+
 // New builds the root command.
 func New(s IOStreams) *cobra.Command {
 	root := &cobra.Command{
@@ -40,7 +45,7 @@ func New(s IOStreams) *cobra.Command {
 	root.SetOut(s.Out)
 	root.SetErr(s.Err)
 	root.SetIn(s.In)
-	root.AddCommand(newRun(s), newStatus(s), newVerify(s), newVersion(s))
+	root.AddCommand(newRun(s), newStatus(s), newVerify(s), newVersion(s), newExec(s), newSupervisedChild())
 	return root
 }
 
@@ -52,8 +57,10 @@ func Main(s IOStreams, args []string) int {
 	if err == nil {
 		return 0
 	}
-	fmt.Fprintln(s.Err, "duet:", err)
 	var ee *ExitError
+	if !errors.Is(err, silentExit) {
+		fmt.Fprintln(s.Err, "duet:", err)
+	}
 	if errors.As(err, &ee) {
 		return ee.Code
 	}

@@ -306,11 +306,66 @@ func (n *Node) serveControl(ctx context.Context, ln net.Listener) {
 			switch strings.TrimSpace(line) {
 			case "status":
 				json.NewEncoder(c).Encode(n.Status())
+			case "barrier":
+				c.SetDeadline(time.Time{})
+				fmt.Fprintln(c, n.barrier(ctx))
 			default:
 				fmt.Fprintf(c, "{\"error\":%q}\n", "unknown request "+strings.TrimSpace(line))
 			}
 		}()
 	}
+}
+
+// AloneAfter is how long a barrier waits for a missing peer before the
+// node declares itself alone and releases durability calls.
+const AloneAfter = 5 * time.Second
+
+// barrierTimeout bounds a barrier with a connected peer; past it the call
+// fails (EIO) rather than claim durability.
+const barrierTimeout = 30 * time.Second
+
+// barrier waits until everything captured so far is on the peer: "ok",
+// "alone" (no peer: released, tracked for a resync), or "error: ...".
+func (n *Node) barrier(ctx context.Context) string {
+	if n.cfg.Role != config.RolePrimary {
+		return "error: this node is not the primary"
+	}
+	ctx, cancel := context.WithTimeout(ctx, barrierTimeout)
+	defer cancel()
+	reply := "ok"
+	for _, p := range n.primaries {
+		err := p.WaitShipped(ctx, kernel{n}, AloneAfter)
+		switch {
+		case errors.Is(err, replica.ErrAlone):
+			reply = "alone"
+		case err != nil:
+			return "error: " + err.Error()
+		}
+	}
+	return reply
+}
+
+// Barrier asks the daemon behind socket to wait until every change is on
+// the peer. nil means durable on the peer, or released because no peer
+// is connected (alone).
+func Barrier(socket string) error {
+	c, err := net.DialTimeout("unix", socket, 2*time.Second)
+	if err != nil {
+		return fmt.Errorf("no duet daemon at %s: %w", socket, err)
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte("barrier\n")); err != nil {
+		return err
+	}
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		return fmt.Errorf("barrier: daemon gone: %w", err)
+	}
+	switch line = strings.TrimSpace(line); line {
+	case "ok", "alone":
+		return nil
+	}
+	return errors.New(line)
 }
 
 // Status collects the daemon's state.

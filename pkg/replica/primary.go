@@ -530,3 +530,47 @@ func FetchManifest(ctx context.Context, peer string, key []byte, name string) ([
 		}
 	}
 }
+
+// ErrAlone is returned by WaitShipped when no peer was connected for the
+// whole grace period: the node runs alone and changes wait for a resync.
+var ErrAlone = errors.New("no peer connected: running alone")
+
+// WaitShipped returns once every change captured before the call has been
+// applied and synced by the peer. Without a peer for `alone`, it returns
+// ErrAlone; when ctx ends first, ctx's error.
+func (p *Primary) WaitShipped(ctx context.Context, kernel Kernel, alone time.Duration) error {
+	if kernel != nil {
+		kernel.Drain()
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		<-ctx.Done()
+		p.wake()
+	}()
+	var since time.Time
+	t := time.AfterFunc(alone, p.wake)
+	defer t.Stop()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if p.connected {
+			since = time.Time{}
+			if !p.needFull && !p.building && len(p.queue) == 0 && p.j.Pending() == 0 {
+				return nil
+			}
+		} else {
+			if since.IsZero() {
+				since = time.Now()
+				t.Reset(alone)
+			}
+			if time.Since(since) >= alone {
+				return ErrAlone
+			}
+		}
+		p.cond.Wait()
+	}
+}

@@ -156,7 +156,13 @@ start) shift; start "$@" ;;
 stop) stop "${2:-}" ;;
 kill)
 	host "${2:-}"
-	if [ -f "$LAB/$2.pid" ]; then kill -9 "$(cat "$LAB/$2.pid")" 2>/dev/null || true; rm -f "$LAB/$2.pid"; fi
+	if [ -f "$LAB/$2.pid" ]; then
+		pid=$(cat "$LAB/$2.pid")
+		kill -9 "$pid" 2>/dev/null || true
+		# Gone for good (sockets released) before anything restarts it.
+		for _ in $(seq 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.01; done
+		rm -f "$LAB/$2.pid"
+	fi
 	;;
 exec)
 	n=${2:-}; shift 2 || die "usage: $0 exec a|b|c CMD..."

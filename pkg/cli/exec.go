@@ -1,0 +1,70 @@
+package cli
+
+import (
+	"context"
+	"os"
+
+	"github.com/duet-ha/duet/pkg/barrier"
+	"github.com/duet-ha/duet/pkg/config"
+	"github.com/duet-ha/duet/pkg/node"
+	"github.com/spf13/cobra"
+)
+
+func newExec(s IOStreams) *cobra.Command {
+	var cfgPath, socket string
+	cmd := &cobra.Command{
+		Use:   "exec [flags] -- COMMAND [ARGS...]",
+		Short: "Run a command whose fsyncs wait until its data is on the peer",
+		Long: `exec runs COMMAND (and every process it starts) under a seccomp filter: its
+fsync, fdatasync, sync_file_range, msync, syncfs and sync calls are held until
+the primary's duet daemon has every change made so far applied and synced on
+the peer, then they proceed. If the daemon cannot confirm it, the call fails
+with EIO instead of claiming durability. With no peer connected for 5 s the
+node runs alone and the calls are released. io_uring_setup fails with
+ENOSYS, so programs fall back to plain syscalls. Exit status and signals are
+those of COMMAND.`,
+		Example: `  duet exec -- mariadbd --datadir /srv/mysql
+  duet exec --config /etc/duet/duet.yaml -- ./writer`,
+		Args: cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if socket == "" {
+				cfg, err := config.Load(cfgPath)
+				if err != nil {
+					return err
+				}
+				socket = cfg.Socket
+			}
+			self, err := os.Executable()
+			if err != nil {
+				return err
+			}
+			code, err := barrier.Exec(context.Background(), self, args, func(int32) error {
+				return node.Barrier(socket)
+			})
+			if err != nil {
+				return err
+			}
+			if code != 0 {
+				return &ExitError{Code: code, Err: silentExit}
+			}
+			return nil
+		},
+	}
+	cmd.Flags().StringVarP(&cfgPath, "config", "c", "/etc/duet/duet.yaml", "configuration file (for the daemon's socket)")
+	cmd.Flags().StringVar(&socket, "socket", "", "the daemon's control socket (overrides --config)")
+	return cmd
+}
+
+func newSupervisedChild() *cobra.Command {
+	return &cobra.Command{
+		Use:                barrier.ChildCommand,
+		Hidden:             true,
+		DisableFlagParsing: true,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if len(args) > 0 && args[0] == "--" {
+				args = args[1:]
+			}
+			return barrier.RunChild(args)
+		},
+	}
+}
