@@ -269,7 +269,7 @@ func (c *Capture) Read(r *Record) error {
 	for {
 		c.reader.SetDeadline(time.Now().Add(PollInterval))
 		err := c.reader.ReadInto(&c.rbuf)
-		if errors.Is(err, os.ErrDeadlineExceeded) {
+		if errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, ringbuf.ErrFlushed) {
 			continue
 		}
 		if errors.Is(err, ringbuf.ErrClosed) {
@@ -281,6 +281,10 @@ func (c *Capture) Read(r *Record) error {
 		return decodeRecord(c.rbuf.RawSample, r)
 	}
 }
+
+// Kick makes a blocked Read return what is in the ring buffer now instead
+// of at its next poll: for a barrier, which waits for every record.
+func (c *Capture) Kick() { c.reader.Flush() }
 
 // Buffered reports the bytes waiting in the ring buffer.
 func (c *Capture) Buffered() int { return c.reader.AvailableBytes() }

@@ -105,6 +105,9 @@ func printStatus(w io.Writer, st *node.Status, output string) error {
 			d.Dir, d.Path, d.Peer, conn, d.Sent, d.Acked, d.PendingFiles, d.LagMs)
 		fmt.Fprintf(w, "  changed %s, read %s, on the wire %s, full syncs %d\n",
 			bytesOf(d.ChangedBytes), bytesOf(d.DataBytes), bytesOf(d.WireBytes), d.FullSyncs)
+		if d.Barriers > 0 {
+			fmt.Fprintf(w, "  barriers (duet exec fsyncs) %d, %.2f ms on average\n", d.Barriers, d.BarrierAvgMs)
+		}
 		if d.LastError != "" {
 			fmt.Fprintf(w, "  last error (%s): %s\n", d.LastErrorAt, d.LastError)
 		}
@@ -116,6 +119,9 @@ func printStatus(w io.Writer, st *node.Status, output string) error {
 		}
 		fmt.Fprintf(w, "replica %s (%s): %s, %d batches / %d ops applied, last batch %d\n",
 			r.Dir, r.Path, conn, r.Batches, r.Ops, r.LastSeq)
+		if r.Batches > 0 {
+			fmt.Fprintf(w, "  per batch: apply %.2f ms, sync %.2f ms\n", r.ApplyAvgMs, r.SyncAvgMs)
+		}
 		if r.LastError != "" {
 			fmt.Fprintf(w, "  last error: %s\n", r.LastError)
 		}

@@ -44,15 +44,17 @@ type Status struct {
 
 // ReplicaStatus is a secondary directory's state.
 type ReplicaStatus struct {
-	Dir        string `json:"dir"`
-	Path       string `json:"path"`
-	Connected  bool   `json:"connected"`
-	Peer       string `json:"peer,omitempty"`
-	Batches    uint64 `json:"batches_applied"`
-	Ops        uint64 `json:"ops_applied"`
-	LastSeq    uint64 `json:"last_seq"`
-	LastUpdate string `json:"last_update,omitempty"`
-	LastError  string `json:"last_error,omitempty"`
+	Dir        string  `json:"dir"`
+	Path       string  `json:"path"`
+	Connected  bool    `json:"connected"`
+	Peer       string  `json:"peer,omitempty"`
+	Batches    uint64  `json:"batches_applied"`
+	Ops        uint64  `json:"ops_applied"`
+	LastSeq    uint64  `json:"last_seq"`
+	LastUpdate string  `json:"last_update,omitempty"`
+	LastError  string  `json:"last_error,omitempty"`
+	ApplyAvgMs float64 `json:"apply_avg_ms"`
+	SyncAvgMs  float64 `json:"sync_avg_ms"`
 }
 
 // ext4Magic is EXT4_SUPER_MAGIC (statfs f_type).
@@ -228,9 +230,13 @@ func (k kernel) Seq() uint64 {
 // submitted and read in turn. Bounded, in case the reader stopped.
 func (k kernel) Drain() {
 	target := k.Seq()
+	if k.n.dispatched.Load() >= target {
+		return
+	}
+	k.n.cap.Kick()
 	deadline := time.Now().Add(time.Second)
 	for k.n.dispatched.Load() < target && time.Now().Before(deadline) {
-		time.Sleep(50 * time.Microsecond)
+		time.Sleep(20 * time.Microsecond)
 	}
 }
 
@@ -392,6 +398,10 @@ func (n *Node) Status() Status {
 			rs := ReplicaStatus{Dir: d.Name, Path: d.Path, Connected: st.Connected.Load(),
 				Peer: st.Peer.Load().(string), Batches: st.Batches.Load(), Ops: st.Ops.Load(),
 				LastSeq: st.Applied.Load(), LastError: st.LastError.Load().(string)}
+			if b := st.Batches.Load(); b > 0 {
+				rs.ApplyAvgMs = float64(st.ApplyNs.Load()) / float64(b) / 1e6
+				rs.SyncAvgMs = float64(st.SyncNs.Load()) / float64(b) / 1e6
+			}
 			if t := st.LastUpdate.Load(); t != 0 {
 				rs.LastUpdate = time.Unix(0, t).Format(time.RFC3339Nano)
 			}

@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/duet-ha/duet/pkg/capture"
@@ -42,8 +43,9 @@ type Primary struct {
 	// Dev is the watched filesystem in kernel encoding (capture.KernelDev).
 	Dev uint32
 
-	root    *os.File
-	session uint64
+	root     *os.File
+	session  uint64
+	barriers atomic.Int32 // WaitShipped calls in progress
 
 	mu           sync.Mutex
 	cond         *sync.Cond
@@ -58,6 +60,8 @@ type Primary struct {
 	connected    bool
 	building     bool
 	lastErr      string
+	barrierCount uint64
+	barrierNs    int64
 	lastErrAt    time.Time
 	fullSyncs    int
 	dataBytes    uint64
@@ -340,10 +344,13 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 			p.cond.Wait()
 		}
 		p.mu.Unlock()
-		// Let a burst of records gather into one batch, and make sure
-		// every record emitted so far is in the journal: a directory must
-		// not be reconciled before the allocation of an inode it holds.
-		time.Sleep(batchWindow)
+		// Let a burst of records gather into one batch, unless a
+		// barrier is waiting; and make sure every record emitted so far
+		// is in the journal: a directory must not be reconciled before
+		// the allocation of an inode it holds.
+		if p.barriers.Load() == 0 {
+			time.Sleep(batchWindow)
+		}
 		if kernel != nil {
 			kernel.Drain()
 		}
@@ -458,6 +465,8 @@ type Status struct {
 	DataBytes    uint64  `json:"data_bytes_read"`
 	WireBytes    uint64  `json:"wire_bytes"`
 	FullSyncs    int     `json:"full_syncs"`
+	Barriers     uint64  `json:"barriers"`
+	BarrierAvgMs float64 `json:"barrier_avg_ms"`
 	LastError    string  `json:"last_error,omitempty"`
 	LastErrorAt  string  `json:"last_error_at,omitempty"`
 }
@@ -470,6 +479,10 @@ func (p *Primary) Status() Status {
 		Sent: p.nextSeq - 1, Acked: p.acked, Unacked: len(p.queue), UnackedBytes: p.queueBytes,
 		PendingFiles: p.j.Pending(), Records: p.records, ChangedBytes: p.changedBytes,
 		DataBytes: p.dataBytes, WireBytes: p.wireBytes, FullSyncs: p.fullSyncs, LastError: p.lastErr}
+	s.Barriers = p.barrierCount
+	if p.barrierCount > 0 {
+		s.BarrierAvgMs = float64(p.barrierNs) / float64(p.barrierCount) / 1e6
+	}
 	if p.lastErr != "" {
 		s.LastErrorAt = p.lastErrAt.UTC().Format(time.RFC3339)
 	}
@@ -539,6 +552,15 @@ var ErrAlone = errors.New("no peer connected: running alone")
 // applied and synced by the peer. Without a peer for `alone`, it returns
 // ErrAlone; when ctx ends first, ctx's error.
 func (p *Primary) WaitShipped(ctx context.Context, kernel Kernel, alone time.Duration) error {
+	p.barriers.Add(1)
+	start := time.Now()
+	defer func() {
+		p.barriers.Add(-1)
+		p.mu.Lock()
+		p.barrierCount++
+		p.barrierNs += int64(time.Since(start))
+		p.mu.Unlock()
+	}()
 	if kernel != nil {
 		kernel.Drain()
 	}

@@ -49,6 +49,8 @@ type ServerStats struct {
 	Applied    atomic.Uint64
 	LastError  atomic.Value // string
 	LastUpdate atomic.Int64 // unix ns
+	ApplyNs    atomic.Int64 // total time applying ops
+	SyncNs     atomic.Int64 // total time in syncfs and the state fsync
 }
 
 // replicaState is what a secondary persists per directory: the sender's
@@ -352,6 +354,7 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 			s.refuse(c, st, d, fmt.Errorf("batch %d: %w", f.Seq, err))
 			return
 		}
+		applyStart := time.Now()
 		skip := uint32(0)
 		if r.partial == f.Seq {
 			skip = r.ops
@@ -370,6 +373,8 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 				r.save()
 			}
 		}
+		syncStart := time.Now()
+		st.ApplyNs.Add(int64(syncStart.Sub(applyStart)))
 		if err := a.Sync(); err != nil {
 			s.refuse(c, st, d, err)
 			return
@@ -382,6 +387,7 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 			s.refuse(c, st, d, fmt.Errorf("saving replica state: %w", err))
 			return
 		}
+		st.SyncNs.Add(int64(time.Since(syncStart)))
 		st.Batches.Add(1)
 		st.Ops.Add(uint64(len(ops)))
 		st.Applied.Store(f.Seq)

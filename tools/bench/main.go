@@ -69,7 +69,7 @@ func main() {
 	b.must("start", "a")
 	b.waitSync()
 
-	figs := append(b.throughput(*runs), b.wireRatio(*runs))
+	figs := append(b.throughput(*runs), b.wireRatio(*runs), b.syncLatency(*runs))
 	if *asJSON {
 		json.NewEncoder(os.Stdout).Encode(figs)
 	}
@@ -235,6 +235,44 @@ func (b *bench) wireRatio(runs int) Figure {
 	f.Met = median(f.Ratio) <= 1.05
 	f.Note = fmt.Sprintf("duet frame bytes (headers, op encoding, zstd) over bytes written; counting every byte nodeA's veth sent (TCP/IP, acks, status): %s",
 		spread(veth))
+	return f
+}
+
+// syncLatency times appends each followed by fdatasync: plain on nodeA's
+// filesystem, then under `duet exec` (each fdatasync waits for the peer).
+func (b *bench) syncLatency(runs int) Figure {
+	n := 500
+	if b.quick {
+		n = 50
+	}
+	root, _ := os.Getwd()
+	writer := filepath.Join(os.TempDir(), "duet-bench-syncwriter")
+	if out, err := exec.Command("go", "build", "-o", writer, "./tools/syncwriter").CombinedOutput(); err != nil {
+		fail(fmt.Sprintf("building syncwriter: %v\n%s", err, out))
+	}
+	_ = root
+	f := Figure{Name: fmt.Sprintf("16 B append + fdatasync, mean latency over %d calls: duet exec / local", n),
+		Target: "≤ 2.0", Unit: "ms",
+		Note: "each fdatasync under duet exec waits until the peer applied and synced everything captured (barrier, issue 4)"}
+	timeIt := func(args ...string) float64 {
+		start := time.Now()
+		cmd := exec.Command(b.script, args...)
+		cmd.Env = append(os.Environ(), "DUET_LAB="+b.lab, "DUET_BIN="+b.bin)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			fail(fmt.Sprintf("%v: %v\n%s", args, err, out))
+		}
+		return float64(time.Since(start).Microseconds()) / 1000 / float64(n)
+	}
+	for i := 0; i < runs; i++ {
+		file := filepath.Join(b.lab, "a/data", fmt.Sprintf("sync-%d", i))
+		local := timeIt("exec", "a", writer, "-file", file+"-local", "-max", strconv.Itoa(n))
+		synced := timeIt("exec", "a", b.bin, "exec", "--config", filepath.Join(b.lab, "a.yaml"), "--",
+			writer, "-file", file+"-duet", "-max", strconv.Itoa(n))
+		f.Baseline = append(f.Baseline, local)
+		f.Measured = append(f.Measured, synced)
+		f.Ratio = append(f.Ratio, synced/local)
+	}
+	f.Met = median(f.Ratio) <= 2.0
 	return f
 }
 
