@@ -20,7 +20,16 @@ type Applier struct {
 	root  *os.File
 	sync  *os.File            // the root opened for reading: syncfs refuses O_PATH
 	files map[string]*os.File // open for writing within one batch
+	// What the batch touched, for a targeted flush: files written and
+	// directories whose entries changed. overflow means "too many: syncfs".
+	dirty    map[string]bool
+	dirs     map[string]bool
+	overflow bool
 }
+
+// maxTargeted is the most files and directories flushed one by one; past
+// it one syncfs is cheaper than many flushes.
+const maxTargeted = 16
 
 // NewApplier applies ops beneath dir.
 func NewApplier(dir string) (*Applier, error) {
@@ -33,7 +42,8 @@ func NewApplier(dir string) (*Applier, error) {
 		root.Close()
 		return nil, err
 	}
-	return &Applier{root: root, sync: sync, files: map[string]*os.File{}}, nil
+	return &Applier{root: root, sync: sync, files: map[string]*os.File{},
+		dirty: map[string]bool{}, dirs: map[string]bool{}}, nil
 }
 
 // Close releases the root and any open file.
@@ -50,14 +60,90 @@ func (a *Applier) closeFiles() {
 	}
 }
 
-// Sync makes everything applied so far durable: one syncfs on the replica
-// filesystem covers data, metadata and directory entries.
+// Sync makes everything applied since the last Sync durable. A batch that
+// touched a few entries flushes just those (fdatasync of the files, fsync
+// of the directories whose entries changed), so that a barrier does not
+// wait for unrelated dirty data; a larger one does one syncfs.
 func (a *Applier) Sync() error {
 	a.closeFiles()
-	if err := unix.Syncfs(int(a.sync.Fd())); err != nil {
-		return fmt.Errorf("syncfs on replica: %w", err)
+	defer func() {
+		clear(a.dirty)
+		clear(a.dirs)
+		a.overflow = false
+	}()
+	if a.overflow || len(a.dirty)+len(a.dirs) > maxTargeted {
+		if err := unix.Syncfs(int(a.sync.Fd())); err != nil {
+			return fmt.Errorf("syncfs on replica: %w", err)
+		}
+		return nil
+	}
+	// fsync, not fdatasync: a setattr's mode, owner and times must last
+	// too. Read-only and non-blocking, so a FIFO opens at once.
+	for p := range a.dirty {
+		if err := a.flush(p, unix.O_RDONLY|unix.O_NONBLOCK|unix.O_NOFOLLOW); err != nil {
+			return err
+		}
+	}
+	for d := range a.dirs {
+		if err := a.flush(d, unix.O_RDONLY|unix.O_DIRECTORY); err != nil {
+			return err
+		}
 	}
 	return nil
+}
+
+// flush fsyncs one path. One that is gone since (removed later in the
+// batch) or is a symlink (its directory is flushed) needs nothing.
+func (a *Applier) flush(p string, flags int) error {
+	f, err := fstree.OpenBeneath(a.root, p, flags)
+	if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENOTDIR) || errors.Is(err, unix.ELOOP) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("flushing %q: %w", p, err)
+	}
+	defer f.Close()
+	// EINVAL: a FIFO or socket, nothing to flush (its directory is).
+	if err := unix.Fsync(int(f.Fd())); err != nil && !errors.Is(err, unix.EINVAL) {
+		return fmt.Errorf("flushing %q: %w", p, err)
+	}
+	return nil
+}
+
+// touch records what an op changed, for Sync.
+func (a *Applier) touch(op *wire.Op) {
+	if a.overflow {
+		return
+	}
+	dirOf := func(p string) string {
+		d, _ := path.Split(p)
+		if d == "" {
+			return "."
+		}
+		return d[:len(d)-1]
+	}
+	switch op.Code {
+	case wire.OpWrite, wire.OpTruncate, wire.OpPunch:
+		a.dirty[op.Path] = true
+	case wire.OpSetattr:
+		a.dirty[op.Path] = true
+		a.dirs[dirOf(op.Path)] = true // covers a symlink, which cannot be opened
+	case wire.OpRemove:
+		// A removed subtree may hold files written earlier in the batch.
+		a.overflow = true
+	case wire.OpLink, wire.OpRename:
+		a.dirs[dirOf(op.Path)] = true
+		a.dirs[dirOf(op.Path2)] = true
+		// Dirty files may have moved: flush their new names too.
+		if op.Code == wire.OpRename {
+			a.overflow = a.overflow || len(a.dirty) > 0
+		}
+	default: // mkdir, create, symlink, mknod
+		a.dirs[dirOf(op.Path)] = true
+	}
+	if len(a.dirty)+len(a.dirs) > maxTargeted {
+		a.overflow = true
+	}
 }
 
 // parent opens the directory holding p and returns it with p's base name.
@@ -75,6 +161,7 @@ func (a *Applier) Apply(op *wire.Op) error {
 	if err := a.apply(op); err != nil {
 		return fmt.Errorf("%s %q: %w", op.Code, op.Path, err)
 	}
+	a.touch(op)
 	return nil
 }
 

@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/duet-ha/duet/pkg/wire"
 	"golang.org/x/sys/unix"
@@ -109,5 +110,35 @@ func TestApplierCreateKeepsOtherLinks(t *testing.T) {
 	}
 	if b, _ := os.ReadFile(filepath.Join(root, "a")); string(b) != "other name" {
 		t.Fatalf("a = %q: create truncated a shared inode", b)
+	}
+}
+
+// Sync flushes a batch's entries, including a FIFO, without blocking.
+func TestApplierTargetedSync(t *testing.T) {
+	a, root, _ := newTestApplier(t)
+	ops := []wire.Op{
+		{Code: wire.OpCreate, Path: "f", Mode: 0o644},
+		{Code: wire.OpWrite, Path: "f", Data: []byte("x")},
+		{Code: wire.OpMknod, Path: "fifo", Mode: unix.S_IFIFO | 0o600},
+		{Code: wire.OpSetattr, Path: "fifo", Mode: 0o640},
+		{Code: wire.OpSetattr, Path: "escape", Mode: 0o777},
+	}
+	for i := range ops {
+		if err := a.Apply(&ops[i]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	done := make(chan error, 1)
+	go func() { done <- a.Sync() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Sync blocked (a FIFO opened for writing?)")
+	}
+	if b, _ := os.ReadFile(filepath.Join(root, "f")); string(b) != "x" {
+		t.Fatalf("f = %q", b)
 	}
 }
