@@ -8,6 +8,7 @@ import (
 	"github.com/duet-ha/duet/pkg/config"
 	"github.com/duet-ha/duet/pkg/fstree"
 	"github.com/duet-ha/duet/pkg/replica"
+	"github.com/duet-ha/duet/pkg/wire"
 	"github.com/spf13/cobra"
 )
 
@@ -69,14 +70,25 @@ func verifyDir(ctx context.Context, s IOStreams, peer string, key []byte, r conf
 		return 0, err
 	}
 	defer root.Close()
+	// Both sides read their whole tree: let them do it at the same time.
+	type manifest struct {
+		entries []wire.Entry
+		err     error
+	}
+	peerc := make(chan manifest, 1)
+	go func() {
+		es, err := replica.FetchManifest(ctx, peer, key, r.Name)
+		peerc <- manifest{es, err}
+	}()
 	local, lerr := fstree.Scan(root, true)
 	if lerr != nil {
 		return 0, fmt.Errorf("scanning %s: %w", r.Path, lerr)
 	}
-	remote, err := replica.FetchManifest(ctx, peer, key, r.Name)
-	if err != nil {
-		return 0, fmt.Errorf("asking %s for its copy of %q: %w", peer, r.Name, err)
+	m := <-peerc
+	if m.err != nil {
+		return 0, fmt.Errorf("asking %s for its copy of %q: %w", peer, r.Name, m.err)
 	}
+	remote := m.entries
 	diffs := fstree.Compare(local, remote)
 	for _, d := range diffs {
 		fmt.Fprintf(s.Out, "%s: %q: %s\n", r.Name, d.Path, d.What)

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -125,9 +126,8 @@ func TestWrongKeyRefused(t *testing.T) {
 	l := Up(t, duetBinary(t))
 	os.WriteFile(filepath.Join(l.Dir, "other.key"), []byte("0123456789abcdef-wrong"), 0o600)
 	cfg, _ := os.ReadFile(filepath.Join(l.Dir, "a.yaml"))
-	bad := []byte(string(cfg) + "")
-	bad = []byte(replaceLine(string(bad), "key_file:", "key_file: "+filepath.Join(l.Dir, "other.key")))
-	os.WriteFile(filepath.Join(l.Dir, "a.yaml"), bad, 0o644)
+	bad := replaceLine(string(cfg), "key_file:", "key_file: "+filepath.Join(l.Dir, "other.key"))
+	os.WriteFile(filepath.Join(l.Dir, "a.yaml"), []byte(bad), 0o644)
 	l.Start(t, "b")
 	l.Start(t, "a")
 	os.WriteFile(filepath.Join(l.AData, "secret"), []byte("must not arrive"), 0o644)
@@ -142,29 +142,13 @@ func TestWrongKeyRefused(t *testing.T) {
 	t.Logf("primary reports: %s", st.Dirs[0].LastError)
 }
 
+// replaceLine replaces every line starting with prefix.
 func replaceLine(s, prefix, with string) string {
-	var out []byte
-	for _, line := range splitLines(s) {
-		if len(line) >= len(prefix) && line[:len(prefix)] == prefix {
-			line = with
-		}
-		out = append(out, line...)
-		out = append(out, '\n')
-	}
-	return string(out)
-}
-
-func splitLines(s string) []string {
-	var lines []string
-	start := 0
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\n' {
-			lines = append(lines, s[start:i])
-			start = i + 1
+	lines := strings.Split(s, "\n")
+	for i, line := range lines {
+		if strings.HasPrefix(line, prefix) {
+			lines[i] = with
 		}
 	}
-	if start < len(s) {
-		lines = append(lines, s[start:])
-	}
-	return lines
+	return strings.Join(lines, "\n")
 }
