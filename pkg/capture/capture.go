@@ -62,7 +62,7 @@ type Record struct {
 	Dev  uint32 // kernel dev_t encoding, see KernelDev
 	Gen  uint32
 	Kind Kind
-	Hook uint8
+	Hook uint8 // which program emitted it (numbers in bpf/capture.bpf.c)
 }
 
 const recordSize = 48
@@ -71,42 +71,6 @@ const recordSize = 48
 type InodeKey struct {
 	Dev uint32
 	Ino uint64
-}
-
-// hook describes one program and the kernel hook it attaches to.
-type hook struct {
-	id       uint8
-	name     string
-	required bool
-}
-
-// hooks lists every program in bpf/capture.bpf.c with the id its records carry.
-var hooks = []hook{
-	{1, "ext4_da_write_end", true},
-	{2, "ext4_write_end", true},
-	{3, "ext4_journalled_write_end", false},
-	{4, "writeback_dirty_folio", true},
-	{5, "iomap_dio_complete", true},
-	{0, "iomap_dio_rw_begin", true},
-	{6, "ext4_mark_inode_dirty", true},
-	{7, "ext4_punch_hole", true},
-	{8, "ext4_zero_range", true},
-	{9, "ext4_collapse_range", false},
-	{10, "ext4_insert_range", false},
-	{11, "ext4_allocate_inode", true},
-	{12, "syscalls/sys_enter_mmap", true},
-	{13, "syscalls/sys_exit_fallocate", true},
-	{14, "ext4_truncate_enter", true},
-}
-
-// HookName returns the kernel hook that emitted records with this id.
-func HookName(id uint8) string {
-	for _, h := range hooks {
-		if h.id == id && id != 0 {
-			return h.name
-		}
-	}
-	return fmt.Sprintf("hook(%d)", id)
 }
 
 // HookStatus reports how one hook was attached.
@@ -184,25 +148,28 @@ func Open(opts Options) (*Capture, error) {
 		}
 		return nil, fmt.Errorf("loading BPF programs: %w", err)
 	}
-	progs := map[string]*ebpf.Program{}
-	for name, p := range map[string]*ebpf.Program{
-		"ext4_da_write_end":           c.objs.Ext4DaWriteEnd,
-		"ext4_write_end":              c.objs.Ext4WriteEnd,
-		"ext4_journalled_write_end":   c.objs.Ext4JournalledWriteEnd,
-		"writeback_dirty_folio":       c.objs.WritebackDirtyFolio,
-		"iomap_dio_rw_begin":          c.objs.IomapDioRwBegin,
-		"iomap_dio_complete":          c.objs.IomapDioComplete,
-		"ext4_mark_inode_dirty":       c.objs.Ext4MarkInodeDirty,
-		"ext4_punch_hole":             c.objs.Ext4PunchHole,
-		"ext4_zero_range":             c.objs.Ext4ZeroRange,
-		"ext4_collapse_range":         c.objs.Ext4CollapseRange,
-		"ext4_insert_range":           c.objs.Ext4InsertRange,
-		"ext4_allocate_inode":         c.objs.Ext4AllocateInode,
-		"syscalls/sys_enter_mmap":     c.objs.SysEnterMmap,
-		"syscalls/sys_exit_fallocate": c.objs.SysExitFallocate,
-		"ext4_truncate_enter":         c.objs.Ext4TruncateEnter,
-	} {
-		progs[name] = p
+	// Every program of bpf/capture.bpf.c; those not required may be
+	// missing on other kernels, which status then shows.
+	hooks := []struct {
+		name     string
+		prog     *ebpf.Program
+		required bool
+	}{
+		{"ext4_da_write_end", c.objs.Ext4DaWriteEnd, true},
+		{"ext4_write_end", c.objs.Ext4WriteEnd, true},
+		{"ext4_journalled_write_end", c.objs.Ext4JournalledWriteEnd, false},
+		{"writeback_dirty_folio", c.objs.WritebackDirtyFolio, true},
+		{"iomap_dio_complete", c.objs.IomapDioComplete, true},
+		{"iomap_dio_rw_begin", c.objs.IomapDioRwBegin, true},
+		{"ext4_mark_inode_dirty", c.objs.Ext4MarkInodeDirty, true},
+		{"ext4_punch_hole", c.objs.Ext4PunchHole, true},
+		{"ext4_zero_range", c.objs.Ext4ZeroRange, true},
+		{"ext4_collapse_range", c.objs.Ext4CollapseRange, false},
+		{"ext4_insert_range", c.objs.Ext4InsertRange, false},
+		{"ext4_allocate_inode", c.objs.Ext4AllocateInode, true},
+		{"syscalls/sys_enter_mmap", c.objs.SysEnterMmap, true},
+		{"syscalls/sys_exit_fallocate", c.objs.SysExitFallocate, true},
+		{"ext4_truncate_enter", c.objs.Ext4TruncateEnter, true},
 	}
 	for _, h := range hooks {
 		st := HookStatus{Name: h.name, Type: "tp_btf"}
@@ -210,9 +177,9 @@ func Open(opts Options) (*Capture, error) {
 		var err error
 		if group, name, ok := strings.Cut(h.name, "/"); ok {
 			st.Type = "tracepoint"
-			l, err = link.Tracepoint(group, name, progs[h.name], nil)
+			l, err = link.Tracepoint(group, name, h.prog, nil)
 		} else {
-			l, err = link.AttachTracing(link.TracingOptions{Program: progs[h.name]})
+			l, err = link.AttachTracing(link.TracingOptions{Program: h.prog})
 		}
 		if err != nil {
 			st.Error = err.Error()
@@ -325,11 +292,6 @@ func (c *Capture) ForgetChunks(keys []CaptureChunkKey) error {
 		keys = keys[n+1:]
 	}
 	return nil
-}
-
-// ChunkKey builds the key of the chunk holding byte pos.
-func ChunkKey(dev uint32, ino, pos uint64) CaptureChunkKey {
-	return CaptureChunkKey{Dev: dev, Ino: ino, Chunk: pos >> ChunkShift}
 }
 
 // ForgetAttr drops the in-flight ATTR mark of an inode. Call it before

@@ -106,7 +106,7 @@ func TestForgetChunksSkipsMissing(t *testing.T) {
 	defer c.Close()
 	var keys []CaptureChunkKey
 	for i := uint64(0); i < 10; i++ {
-		k := ChunkKey(1, 42, i<<ChunkShift)
+		k := CaptureChunkKey{Dev: 1, Ino: 42, Chunk: i}
 		keys = append(keys, k)
 		if i%3 != 0 { // keys 0, 3, 6, 9 have no mark
 			if err := c.objs.Chunks.Put(&k, uint64(1)); err != nil {

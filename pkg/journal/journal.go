@@ -56,8 +56,7 @@ type entry struct {
 // Journal folds capture records into per-inode changes. It is not safe for
 // concurrent use.
 type Journal struct {
-	files   map[capture.InodeKey]*entry
-	records uint64
+	files map[capture.InodeKey]*entry
 }
 
 // New returns an empty journal.
@@ -89,7 +88,6 @@ func (f *File) addSpan(off, end uint64) {
 
 // Add folds one record in.
 func (j *Journal) Add(r *capture.Record, now time.Time) {
-	j.records++
 	e := j.get(capture.InodeKey{Dev: r.Dev, Ino: r.Ino})
 	if r.Seq > e.MaxSeq {
 		e.MaxSeq = r.Seq
@@ -158,9 +156,6 @@ func (j *Journal) Take(now time.Time) []File {
 
 // Pending reports whether anything is waiting, deferred ranges included.
 func (j *Journal) Pending() int { return len(j.files) }
-
-// Records is the number of records folded in so far.
-func (j *Journal) Records() uint64 { return j.records }
 
 // Requeue puts back what could not be shipped yet (a path that moved
 // meanwhile, bytes not yet visible); Retries counts how often.
