@@ -1,0 +1,382 @@
+// Package cluster decides a node's role from heartbeats, checks and
+// operator commands. Step is a pure function (machine, event) → (machine,
+// actions): the daemon feeds it events and carries out the actions.
+package cluster
+
+import "fmt"
+
+// State is a node's role in the pair.
+type State uint8
+
+// Node states (DESIGN.md "Node states").
+const (
+	Stop   State = iota // duet not running its module
+	Wait                // running, not allowed to serve
+	Second              // in sync with the peer, ready to take over
+	Prim                // owns the VIP, runs the services, ships to the peer
+	Alone               // Prim without a peer: changes tracked for a resync
+)
+
+var stateNames = [...]string{"STOP", "WAIT", "SECOND", "PRIM", "ALONE"}
+
+func (s State) String() string {
+	if int(s) < len(stateNames) {
+		return stateNames[s]
+	}
+	return fmt.Sprintf("State(%d)", s)
+}
+
+// Serving reports whether the state owns the VIP and the services.
+func (s State) Serving() bool { return s == Prim || s == Alone }
+
+// Peer is what the last heartbeat said about the other node.
+type Peer struct {
+	Seen      bool   // heartbeats arrive
+	Name      string // its node name
+	State     State
+	Epoch     uint64
+	Stale     bool // its copy may be older than ours
+	Preferred bool
+	// Synced is set by a serving peer when our copy is in sync with it
+	// (its replication streams, no full sync pending).
+	Synced bool
+	// Handover is set by a peer that gave up the primary role to us.
+	Handover bool
+}
+
+// Machine is one node's memory of the cluster.
+type Machine struct {
+	Name      string
+	State     State
+	Epoch     uint64 // data generation: bumped on every takeover
+	Stale     bool   // our copy may be older than the peer's
+	Preferred bool   // the primary when both copies are equal
+	// HandedOver is set after giving the role away in a swap: until the
+	// peer serves or is lost, this node claims nothing.
+	HandedOver bool
+	Checking   bool // takeover checks in progress
+	Peer       Peer
+}
+
+// Kind of event.
+type Kind uint8
+
+// Events.
+const (
+	EvPeer        Kind = iota + 1 // a heartbeat (Event.Peer)
+	EvPeerLost                    // no heartbeat for the fault-detection timeout
+	EvTick                        // periodic: retries waiting decisions
+	EvChecked                     // takeover checks done (Event.OK, Event.Why)
+	EvIsolated                    // serving, peer lost and the witness unreachable
+	EvServiceDown                 // a service failed beyond its local restarts
+	EvCmdStart
+	EvCmdStop
+	EvCmdPrim // Event.Force
+	EvCmdSecond
+	EvCmdSwap
+)
+
+// Event is one input of the machine.
+type Event struct {
+	Kind  Kind
+	Peer  Peer   // EvPeer
+	OK    bool   // EvChecked
+	Why   string // EvChecked, EvServiceDown
+	Force bool   // EvCmdPrim
+}
+
+// Action kind.
+type Do uint8
+
+// Actions the daemon carries out, in order.
+const (
+	DoServe       Do = iota + 1 // VIP up, capture and ship, start services
+	DoUnserve                   // stop services, ship everything, VIP down
+	DoCheck                     // run takeover checks, then send EvChecked
+	DoPersist                   // save State and Epoch
+	DoLog                       // Action.Msg for the operator
+	DoRefuse                    // the command is refused: Action.Msg says why
+)
+
+// Action is one thing to do.
+type Action struct {
+	Do  Do
+	Msg string
+}
+
+func logf(format string, a ...any) Action { return Action{Do: DoLog, Msg: fmt.Sprintf(format, a...)} }
+func refuse(format string, a ...any) Action {
+	return Action{Do: DoRefuse, Msg: fmt.Sprintf(format, a...)}
+}
+
+// wins says whether m should serve rather than its (visible, not
+// serving) peer: a copy that may be stale never wins; then the newer
+// epoch; then the preferred node; then the smaller name.
+func (m Machine) wins() bool {
+	p := m.Peer
+	switch {
+	case m.Stale:
+		return false
+	case p.Stale:
+		return true
+	case m.Epoch != p.Epoch:
+		return m.Epoch > p.Epoch
+	case m.Preferred != p.Preferred:
+		return m.Preferred
+	}
+	return m.Name < p.Name
+}
+
+// serve moves m to PRIM (peer visible) or ALONE, with a new epoch.
+func (m Machine) serve(why string) (Machine, []Action) {
+	m.Epoch = max(m.Epoch, m.Peer.Epoch) + 1
+	m.Stale, m.HandedOver, m.Checking = false, false, false
+	if m.Peer.Seen {
+		m.State = Prim
+	} else {
+		m.State = Alone
+	}
+	return m, []Action{{Do: DoPersist}, logf("becoming %s (epoch %d): %s", m.State, m.Epoch, why), {Do: DoServe}}
+}
+
+// unserve leaves a serving state for to.
+func (m Machine) unserve(to State, why string) (Machine, []Action) {
+	m.State = to
+	m.Checking = false
+	return m, []Action{logf("leaving the primary role for %s: %s", to, why), {Do: DoUnserve}, {Do: DoPersist}}
+}
+
+func (m Machine) to(s State, why string) (Machine, []Action) {
+	if m.State == s {
+		return m, nil
+	}
+	old := m.State
+	m.State = s
+	return m, []Action{{Do: DoPersist}, logf("%s -> %s: %s", old, s, why)}
+}
+
+// Step applies one event.
+func Step(m Machine, ev Event) (Machine, []Action) {
+	switch ev.Kind {
+	case EvPeer:
+		m.Peer = ev.Peer
+		m.Peer.Seen = true
+	case EvPeerLost:
+		m.Peer.Seen = false
+		m.Peer.Synced = false
+		m.HandedOver = false
+	case EvCmdStart:
+		if m.State != Stop {
+			return m, []Action{refuse("already started (%s)", m.State)}
+		}
+		m.HandedOver = false
+		return m.to(Wait, "started by the operator")
+	case EvCmdStop:
+		switch {
+		case m.State == Stop:
+			return m, []Action{refuse("already stopped")}
+		case m.State.Serving() && m.peerReady():
+			m.HandedOver = true
+			return m.unserve(Stop, "stopped by the operator; "+m.Peer.Name+" takes over")
+		case m.State.Serving():
+			return m.unserve(Stop, "stopped by the operator (no peer in sync: nothing serves now)")
+		}
+		m.HandedOver = false
+		return m.to(Stop, "stopped by the operator")
+	}
+	if m.State == Stop {
+		if ev.Kind == EvCmdPrim || ev.Kind == EvCmdSecond || ev.Kind == EvCmdSwap {
+			return m, []Action{refuse("duet is stopped on this node: run `duet start` first")}
+		}
+		return m, nil
+	}
+	switch m.State {
+	case Wait:
+		return m.stepWait(ev)
+	case Second:
+		return m.stepSecond(ev)
+	}
+	return m.stepServing(ev)
+}
+
+// peerReady: the peer holds our data and can take over at once.
+func (m Machine) peerReady() bool {
+	return m.Peer.Seen && m.Peer.State == Second && m.Peer.Epoch == m.Epoch
+}
+
+func (m Machine) stepWait(ev Event) (Machine, []Action) {
+	p := m.Peer
+	switch ev.Kind {
+	case EvPeer:
+		m.Checking = false
+		if p.State.Serving() {
+			m.HandedOver = false
+			if p.Synced {
+				m.Epoch = p.Epoch
+				m.Stale = false
+				m, acts := m.to(Second, fmt.Sprintf("in sync with %s (epoch %d)", p.Name, p.Epoch))
+				return m, acts
+			}
+			return m, nil
+		}
+		if m.HandedOver || p.State == Stop && m.Stale {
+			return m, nil
+		}
+		if p.State == Stop || m.wins() {
+			return m.serve(fmt.Sprintf("peer %s is %s and this copy is the reference", p.Name, p.State))
+		}
+		return m, nil
+	case EvPeerLost, EvTick:
+		if !p.Seen && !m.Stale && !m.Checking {
+			m.Checking = true
+			return m, []Action{{Do: DoCheck}}
+		}
+		return m, nil
+	case EvChecked:
+		m.Checking = false
+		if p.Seen || m.Stale {
+			return m, nil // the peer came back meanwhile: heartbeats decide
+		}
+		if !ev.OK {
+			return m, []Action{logf("not taking over: %s", ev.Why)}
+		}
+		return m.serve("peer not seen, checks passed")
+	case EvCmdPrim:
+		if p.Seen && p.State.Serving() {
+			return m, []Action{refuse("peer %s is %s: never two primaries (use `duet swap` on it)", p.Name, p.State)}
+		}
+		if m.Stale && !ev.Force {
+			return m, []Action{refuse("this copy (epoch %d) may be older than %s's: `duet prim --force` makes it the reference, and changes %s made after it are lost", m.Epoch, peerName(p), peerName(p))}
+		}
+		why := "forced by the operator"
+		if m.Stale {
+			why = fmt.Sprintf("forced by the operator on a copy that may be stale (epoch %d): changes only %s had are lost", m.Epoch, peerName(p))
+		}
+		return m.serve(why)
+	case EvCmdSecond:
+		return m, nil
+	case EvCmdSwap:
+		return m, []Action{refuse("this node is %s: run swap where the primary is, or wait until in sync", m.State)}
+	}
+	return m, nil
+}
+
+func peerName(p Peer) string {
+	if p.Name == "" {
+		return "the peer"
+	}
+	return p.Name
+}
+
+func (m Machine) stepSecond(ev Event) (Machine, []Action) {
+	p := m.Peer
+	switch ev.Kind {
+	case EvPeer:
+		m.Checking = false
+		if p.Handover && !p.State.Serving() {
+			if p.Epoch != m.Epoch || m.Stale {
+				return m.to(Wait, fmt.Sprintf("handover refused: epoch %d here, %d on %s", m.Epoch, p.Epoch, p.Name))
+			}
+			return m.serve("handed over by " + p.Name)
+		}
+		if p.State.Serving() {
+			if !p.Synced || p.Epoch != m.Epoch {
+				return m.to(Wait, fmt.Sprintf("%s resynchronises this copy", p.Name))
+			}
+			return m, nil
+		}
+		if m.wins() {
+			return m.serve(fmt.Sprintf("peer %s is %s and this copy is the reference", p.Name, p.State))
+		}
+		return m.to(Wait, fmt.Sprintf("peer %s is %s and its copy is the reference", p.Name, p.State))
+	case EvPeerLost, EvTick:
+		if !p.Seen && !m.Checking {
+			m.Checking = true
+			return m, []Action{logf("peer lost: checking before taking over"), {Do: DoCheck}}
+		}
+		return m, nil
+	case EvChecked:
+		m.Checking = false
+		if p.Seen {
+			return m, nil
+		}
+		if !ev.OK {
+			// The old primary may still be serving: from now on it may
+			// write what this copy lacks.
+			m.Stale = true
+			m, acts := m.to(Wait, "not taking over: "+ev.Why)
+			return m, acts
+		}
+		return m.serve("peer lost, checks passed")
+	case EvCmdPrim:
+		return m, []Action{refuse("peer %s is the primary: use `duet swap` to move the role here", peerName(p))}
+	case EvCmdSwap:
+		return m, []Action{refuse("run swap on the primary %s", peerName(p))}
+	}
+	return m, nil
+}
+
+func (m Machine) stepServing(ev Event) (Machine, []Action) {
+	p := m.Peer
+	switch ev.Kind {
+	case EvPeer:
+		if p.State.Serving() {
+			// Two primaries met (a healed partition): one steps down,
+			// the same one on both sides.
+			m.Checking = false
+			if m.splitWinner() {
+				return m, []Action{logf("split brain: peer %s is %s too; it steps down, this copy stays the reference", p.Name, p.State)}
+			}
+			m.Stale = true
+			return m.unserve(Wait, fmt.Sprintf("split brain: peer %s is %s too and wins; changes made here since epoch %d will be replaced by its copy", p.Name, p.State, m.Epoch))
+		}
+		if m.State == Alone {
+			m.State = Prim
+			return m, []Action{{Do: DoPersist}, logf("ALONE -> PRIM: peer %s is back (%s), resynchronising it", p.Name, p.State)}
+		}
+		return m, nil
+	case EvPeerLost:
+		if m.State == Prim {
+			m.State = Alone
+			m.Epoch++
+			return m, []Action{{Do: DoPersist}, logf("PRIM -> ALONE (epoch %d): peer lost, changes are tracked for its return", m.Epoch)}
+		}
+		return m, nil
+	case EvIsolated:
+		if p.Seen {
+			return m, nil
+		}
+		return m.unserve(Wait, "isolated: neither the peer nor the witness answers")
+	case EvCmdSwap, EvCmdSecond:
+		if !m.peerReady() {
+			return m, []Action{refuse("peer %s is not in sync (%s): a swap now would lose data", peerName(p), peerStateWord(p))}
+		}
+		m.HandedOver = true
+		return m.unserve(Wait, "swap: handing over to "+p.Name)
+	case EvServiceDown:
+		if !m.peerReady() {
+			return m, []Action{logf("service failed (%s) and no peer in sync to fail over to: keeping the role", ev.Why)}
+		}
+		m.HandedOver = true
+		return m.unserve(Wait, fmt.Sprintf("service failed (%s): failing over to %s", ev.Why, p.Name))
+	case EvCmdPrim:
+		return m, []Action{refuse("already %s", m.State)}
+	}
+	return m, nil
+}
+
+func peerStateWord(p Peer) string {
+	if !p.Seen {
+		return "not seen"
+	}
+	return p.State.String()
+}
+
+// splitWinner picks the serving node that stays when two meet: the
+// preferred one, else the smaller name. Both sides compute the same.
+func (m Machine) splitWinner() bool {
+	if m.Preferred != m.Peer.Preferred {
+		return m.Preferred
+	}
+	return m.Name < m.Peer.Name
+}
