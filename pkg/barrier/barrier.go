@@ -111,32 +111,46 @@ type seccompNotifResp struct {
 // confirmed; the call then fails with EIO rather than claim durability.
 type Func func(nr int32) error
 
-// Exec runs args supervised and returns its exit status (128+signal when
-// killed, as a shell does). self is the duet binary.
-func Exec(ctx context.Context, self string, args []string, wait Func) (int, error) {
+// Start starts args supervised and returns the running command. self is
+// the duet binary; setup, if not nil, adjusts the command (standard
+// streams, process group) before it starts.
+func Start(self string, args []string, wait Func, setup func(*exec.Cmd)) (*exec.Cmd, error) {
 	sp, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
 	parent := os.NewFile(uintptr(sp[0]), "supervisor")
 	child := os.NewFile(uintptr(sp[1]), "supervised")
 	defer parent.Close()
 	cmd := exec.Command(self, append([]string{ChildCommand, "--"}, args...)...)
-	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
+	if setup != nil {
+		setup(cmd)
+	}
 	cmd.ExtraFiles = []*os.File{child} // fd 3
 	if err := cmd.Start(); err != nil {
 		child.Close()
-		return 0, err
+		return nil, err
 	}
 	child.Close()
 	listener, err := receiveFD(sp[0])
 	if err != nil {
 		// The child failed before exec and said why on stderr.
 		cmd.Wait()
-		return 0, fmt.Errorf("starting %s under supervision: %w", args[0], err)
+		return nil, fmt.Errorf("starting %s under supervision: %w", args[0], err)
 	}
 	go serve(listener, wait)
+	return cmd, nil
+}
 
+// Exec runs args supervised with this process's standard streams and
+// returns its exit status (128+signal when killed, as a shell does).
+func Exec(ctx context.Context, self string, args []string, wait Func) (int, error) {
+	cmd, err := Start(self, args, wait, func(c *exec.Cmd) {
+		c.Stdin, c.Stdout, c.Stderr = os.Stdin, os.Stdout, os.Stderr
+	})
+	if err != nil {
+		return 0, err
+	}
 	// Signals meant for the command reach it; duet exec itself stays.
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT)
@@ -146,7 +160,11 @@ func Exec(ctx context.Context, self string, args []string, wait Func) (int, erro
 			cmd.Process.Signal(s)
 		}
 	}()
-	err = cmd.Wait()
+	return ExitCode(cmd.Wait())
+}
+
+// ExitCode turns cmd.Wait's error into a shell-style exit status.
+func ExitCode(err error) (int, error) {
 	var ee *exec.ExitError
 	if errors.As(err, &ee) {
 		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {

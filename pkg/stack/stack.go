@@ -1,0 +1,305 @@
+// Package stack runs the services of the primary (the "module"): started
+// in order once the VIP is up, watched by their checks, restarted locally
+// a few times, stopped in reverse order when the node leaves the role.
+package stack
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os/exec"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Service is one managed service.
+type Service struct {
+	Name string
+	// Start runs in the foreground for the service's lifetime (sh -c).
+	Start string
+	// Stop, if set, runs before the process group gets SIGTERM.
+	Stop string
+	// CheckTCP is a host:port that must accept connections; CheckCommand
+	// a command that must exit 0. With neither, the process must live.
+	CheckTCP     string
+	CheckCommand string
+	Interval     time.Duration
+	StartTimeout time.Duration
+	StopTimeout  time.Duration
+	// Restarts is how many local restarts a failing service gets before
+	// the node gives up the role.
+	Restarts int
+}
+
+// settle is how long a service without a check must stay up to count as
+// started.
+const settle = 200 * time.Millisecond
+
+// Launch starts "sh -c script" for a service, e.g. under the barrier's
+// supervision; setup is applied to the command before it starts.
+type Launch func(args []string, setup func(*exec.Cmd)) (*exec.Cmd, error)
+
+// Status is one service's state.
+type Status struct {
+	Name     string `json:"name"`
+	Running  bool   `json:"running"`
+	Healthy  bool   `json:"healthy"`
+	Pid      int    `json:"pid,omitempty"`
+	Restarts int    `json:"restarts"`
+	Error    string `json:"error,omitempty"`
+}
+
+// Stack runs services.
+type Stack struct {
+	Services []Service
+	Log      *slog.Logger
+	Launch   Launch
+	Output   io.Writer // services' stdout and stderr
+	// Failed is called (once per Start) when a service failed beyond its
+	// restarts.
+	Failed func(service, why string)
+
+	mu      sync.Mutex
+	running []*proc
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
+}
+
+type proc struct {
+	svc      Service
+	cmd      *exec.Cmd
+	done     chan struct{}
+	healthy  bool
+	restarts int
+	err      string
+}
+
+// Start starts every service in order, each once its predecessor passed
+// its check. On failure it stops what it started and returns the error.
+func (s *Stack) Start(ctx context.Context) error {
+	s.Stop()
+	mctx, cancel := context.WithCancel(context.Background())
+	s.mu.Lock()
+	s.cancel = cancel
+	s.mu.Unlock()
+	for _, svc := range s.Services {
+		p := &proc{svc: svc}
+		if err := s.launch(ctx, p); err != nil {
+			s.Stop()
+			return fmt.Errorf("service %s: %w", svc.Name, err)
+		}
+		s.mu.Lock()
+		s.running = append(s.running, p)
+		s.mu.Unlock()
+	}
+	var once sync.Once
+	for _, p := range s.running {
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			s.watch(mctx, p, &once)
+		}()
+	}
+	return nil
+}
+
+// launch starts p and waits until its check passes.
+func (s *Stack) launch(ctx context.Context, p *proc) error {
+	cmd, err := s.Launch([]string{"/bin/sh", "-c", p.svc.Start}, func(c *exec.Cmd) {
+		c.Stdout, c.Stderr = s.Output, s.Output
+		// Its own process group, so stop reaches its children; killed
+		// with the daemon, so no service outlives a crashed duet.
+		c.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	})
+	if err != nil {
+		return err
+	}
+	done := make(chan struct{})
+	go func() {
+		cmd.Wait()
+		close(done)
+	}()
+	s.mu.Lock()
+	p.cmd, p.done = cmd, done
+	s.mu.Unlock()
+	s.Log.Info("service started", "service", p.svc.Name, "pid", cmd.Process.Pid)
+	if p.svc.CheckTCP == "" && p.svc.CheckCommand == "" {
+		// Only the process to watch: it must at least survive its start.
+		select {
+		case <-done:
+		case <-time.After(settle):
+		}
+	}
+	deadline := time.Now().Add(p.svc.StartTimeout)
+	for {
+		err := s.check(ctx, p)
+		if err == nil {
+			s.mu.Lock()
+			p.healthy, p.err = true, ""
+			s.mu.Unlock()
+			return nil
+		}
+		if time.Now().After(deadline) {
+			s.kill(p)
+			return fmt.Errorf("not healthy %s after start: %w", p.svc.StartTimeout, err)
+		}
+		select {
+		case <-done:
+			return fmt.Errorf("exited during start: %s", cmd.ProcessState)
+		case <-ctx.Done():
+			s.kill(p)
+			return ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+func (s *Stack) check(ctx context.Context, p *proc) error {
+	select {
+	case <-p.done:
+		return fmt.Errorf("process exited (%s)", p.cmd.ProcessState)
+	default:
+	}
+	switch {
+	case p.svc.CheckTCP != "":
+		c, err := net.DialTimeout("tcp", p.svc.CheckTCP, time.Second)
+		if err != nil {
+			return fmt.Errorf("tcp check %s: %w", p.svc.CheckTCP, err)
+		}
+		c.Close()
+	case p.svc.CheckCommand != "":
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		if out, err := exec.CommandContext(cctx, "/bin/sh", "-c", p.svc.CheckCommand).CombinedOutput(); err != nil {
+			return fmt.Errorf("check command: %v: %s", err, trim(out))
+		}
+	}
+	return nil
+}
+
+func trim(b []byte) string {
+	if len(b) > 200 {
+		b = b[:200]
+	}
+	return string(b)
+}
+
+// watch checks p every interval; a failure restarts it, and past its
+// restarts the stack reports it failed.
+func (s *Stack) watch(ctx context.Context, p *proc, once *sync.Once) {
+	t := time.NewTicker(p.svc.Interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-p.done:
+		case <-t.C:
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		err := s.check(ctx, p)
+		if err == nil {
+			continue
+		}
+		s.mu.Lock()
+		p.healthy, p.err = false, err.Error()
+		n := p.restarts
+		s.mu.Unlock()
+		if n >= p.svc.Restarts {
+			s.Log.Error("service failed, no restarts left", "service", p.svc.Name, "err", err, "restarts", n)
+			if s.Failed != nil {
+				once.Do(func() { go s.Failed(p.svc.Name, err.Error()) })
+			}
+			return
+		}
+		s.Log.Warn("service check failed, restarting it", "service", p.svc.Name, "err", err, "restart", n+1, "of", p.svc.Restarts)
+		s.stopOne(p)
+		s.mu.Lock()
+		p.restarts++
+		s.mu.Unlock()
+		if err := s.launch(ctx, p); err != nil {
+			s.mu.Lock()
+			p.err = err.Error()
+			s.mu.Unlock()
+			s.Log.Warn("service restart failed", "service", p.svc.Name, "err", err)
+		}
+	}
+}
+
+// Stop stops every service, last started first.
+func (s *Stack) Stop() {
+	s.mu.Lock()
+	if s.cancel != nil {
+		s.cancel()
+		s.cancel = nil
+	}
+	s.mu.Unlock()
+	s.wg.Wait()
+	s.mu.Lock()
+	running := s.running
+	s.running = nil
+	s.mu.Unlock()
+	for i := len(running) - 1; i >= 0; i-- {
+		s.stopOne(running[i])
+	}
+}
+
+// stopOne runs the stop command, then SIGTERM, then SIGKILL, to the
+// service's process group.
+func (s *Stack) stopOne(p *proc) {
+	if p.cmd == nil {
+		return
+	}
+	select {
+	case <-p.done:
+		return
+	default:
+	}
+	if p.svc.Stop != "" {
+		ctx, cancel := context.WithTimeout(context.Background(), p.svc.StopTimeout)
+		out, err := exec.CommandContext(ctx, "/bin/sh", "-c", p.svc.Stop).CombinedOutput()
+		cancel()
+		if err != nil {
+			s.Log.Warn("service stop command failed", "service", p.svc.Name, "err", err, "output", trim(out))
+		}
+	}
+	pgid := p.cmd.Process.Pid
+	syscall.Kill(-pgid, syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(p.svc.StopTimeout):
+		s.Log.Warn("service did not stop in time: killing it", "service", p.svc.Name, "timeout", p.svc.StopTimeout)
+		s.kill(p)
+	}
+	s.Log.Info("service stopped", "service", p.svc.Name)
+}
+
+func (s *Stack) kill(p *proc) {
+	syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+	<-p.done
+}
+
+// Status reports every running service.
+func (s *Stack) Status() []Status {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []Status
+	for _, p := range s.running {
+		st := Status{Name: p.svc.Name, Healthy: p.healthy, Restarts: p.restarts, Error: p.err}
+		if p.cmd != nil {
+			select {
+			case <-p.done:
+			default:
+				st.Running, st.Pid = true, p.cmd.Process.Pid
+			}
+		}
+		out = append(out, st)
+	}
+	return out
+}
+
