@@ -7,10 +7,12 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
+	"time"
 
 	"gopkg.in/yaml.v3"
 )
@@ -44,6 +46,67 @@ type Config struct {
 	RingBufferKiB int `yaml:"ring_buffer_kib"`
 	// Replicate lists the replicated directories.
 	Replicate []Replicate `yaml:"replicate"`
+	// Cluster tunes heartbeats and takeover.
+	Cluster Cluster `yaml:"cluster"`
+	// VIP is the virtual IP that follows the primary; optional.
+	VIP *VIP `yaml:"vip"`
+	// Services run on the primary, started in order.
+	Services []Service `yaml:"services"`
+	// Metrics is the local address of the Prometheus endpoint, or "off".
+	Metrics string `yaml:"metrics"`
+}
+
+// Cluster is the heartbeat and takeover configuration.
+type Cluster struct {
+	// HeartbeatPort is the UDP port heartbeats use on every network.
+	HeartbeatPort int `yaml:"heartbeat_port"`
+	// Networks lists the heartbeat paths (local and peer address each);
+	// default: the hosts of listen and peer.
+	Networks []Network `yaml:"networks"`
+	// Interval between heartbeats; Timeout without any before the peer
+	// counts as lost.
+	Interval time.Duration `yaml:"interval"`
+	Timeout  time.Duration `yaml:"timeout"`
+	// Witness is an address (e.g. the default gateway) that a node must
+	// reach by ping before it takes over, and without which a primary
+	// that also lost its peer steps down.
+	Witness string `yaml:"witness"`
+	// Fence is a command run before a takeover; if it fails, no takeover.
+	Fence string `yaml:"fence"`
+}
+
+// Network is one heartbeat path.
+type Network struct {
+	Local string `yaml:"local"`
+	Peer  string `yaml:"peer"`
+}
+
+// VIP is the virtual IP.
+type VIP struct {
+	// Address with prefix length, e.g. 10.250.0.100/24.
+	Address string `yaml:"address"`
+	// Interface carries it, e.g. eth0.
+	Interface string `yaml:"interface"`
+}
+
+// Service is one managed service.
+type Service struct {
+	Name string `yaml:"name"`
+	// Start runs in the foreground for the service's lifetime (sh -c),
+	// supervised so that its fsyncs wait for the peer.
+	Start string `yaml:"start"`
+	// Stop, if set, runs before the service's processes get SIGTERM.
+	Stop string `yaml:"stop"`
+	// CheckTCP (host:port) or CheckCommand; with neither, the process
+	// must stay alive.
+	CheckTCP      string        `yaml:"check_tcp"`
+	CheckCommand  string        `yaml:"check_command"`
+	CheckInterval time.Duration `yaml:"check_interval"`
+	StartTimeout  time.Duration `yaml:"start_timeout"`
+	StopTimeout   time.Duration `yaml:"stop_timeout"`
+	// Restarts are local restarts before failing over (default 3; 0
+	// fails over at the first failure).
+	Restarts *int `yaml:"restarts"`
 }
 
 // Replicate is one replicated directory.
@@ -59,6 +122,11 @@ const (
 	DefaultStateDir = "/var/lib/duet"
 	DefaultRingKiB  = 16 << 10
 	DefaultPort     = "7788"
+	DefaultHBPort   = 7789
+	DefaultInterval = 200 * time.Millisecond
+	DefaultTimeout  = 1500 * time.Millisecond
+	DefaultMetrics  = "127.0.0.1:9788"
+	DefaultRestarts = 3
 )
 
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
@@ -105,6 +173,40 @@ func (c *Config) defaults() {
 	for i := range c.Replicate {
 		if c.Replicate[i].Name == "" {
 			c.Replicate[i].Name = filepath.Base(filepath.Clean(c.Replicate[i].Path))
+		}
+	}
+	cl := &c.Cluster
+	if cl.HeartbeatPort == 0 {
+		cl.HeartbeatPort = DefaultHBPort
+	}
+	if cl.Interval == 0 {
+		cl.Interval = DefaultInterval
+	}
+	if cl.Timeout == 0 {
+		cl.Timeout = DefaultTimeout
+	}
+	if len(cl.Networks) == 0 {
+		lh, _, _ := net.SplitHostPort(c.Listen)
+		ph, _, _ := net.SplitHostPort(c.Peer)
+		cl.Networks = []Network{{Local: lh, Peer: ph}}
+	}
+	if c.Metrics == "" {
+		c.Metrics = DefaultMetrics
+	}
+	for i := range c.Services {
+		s := &c.Services[i]
+		if s.CheckInterval == 0 {
+			s.CheckInterval = 2 * time.Second
+		}
+		if s.StartTimeout == 0 {
+			s.StartTimeout = 30 * time.Second
+		}
+		if s.StopTimeout == 0 {
+			s.StopTimeout = 10 * time.Second
+		}
+		if s.Restarts == nil {
+			n := DefaultRestarts
+			s.Restarts = &n
 		}
 	}
 }
@@ -162,7 +264,70 @@ func (c *Config) Validate() error {
 			bad("state_dir %q: must not be inside replicate[%d].path %q", c.StateDir, i, r.Path)
 		}
 	}
+	c.validateCluster(bad)
 	return errors.Join(errs...)
+}
+
+func (c *Config) validateCluster(bad func(string, ...any)) {
+	cl := c.Cluster
+	if cl.HeartbeatPort < 1 || cl.HeartbeatPort > 65535 {
+		bad("cluster.heartbeat_port %d: must be 1-65535", cl.HeartbeatPort)
+	}
+	if cl.Interval < 10*time.Millisecond {
+		bad("cluster.interval %s: must be at least 10ms", cl.Interval)
+	}
+	if cl.Timeout < 3*cl.Interval {
+		bad("cluster.timeout %s: must be at least 3 heartbeat intervals (%s)", cl.Timeout, 3*cl.Interval)
+	}
+	for i, n := range cl.Networks {
+		if net.ParseIP(n.Local) == nil {
+			bad("cluster.networks[%d].local %q: want an IP address of this node", i, n.Local)
+		}
+		if net.ParseIP(n.Peer) == nil {
+			bad("cluster.networks[%d].peer %q: want an IP address of the peer", i, n.Peer)
+		}
+	}
+	if cl.Witness != "" && net.ParseIP(cl.Witness) == nil {
+		bad("cluster.witness %q: want an IP address (e.g. the default gateway)", cl.Witness)
+	}
+	if v := c.VIP; v != nil {
+		p, err := netip.ParsePrefix(v.Address)
+		if err != nil || !p.Addr().Is4() {
+			bad("vip.address %q: want an IPv4 address with its prefix length, e.g. 10.250.0.100/24", v.Address)
+		}
+		if v.Interface == "" {
+			bad("vip.interface: name the interface that carries the VIP, e.g. eth0")
+		}
+	}
+	if c.Metrics != "off" {
+		if _, port, err := net.SplitHostPort(c.Metrics); err != nil || port == "" {
+			bad("metrics %q: want host:port (e.g. %s) or off", c.Metrics, DefaultMetrics)
+		}
+	}
+	names := map[string]int{}
+	for i, s := range c.Services {
+		if !nameRE.MatchString(s.Name) {
+			bad("services[%d].name %q: must be 1-63 letters, digits, '.', '_' or '-'", i, s.Name)
+		}
+		if j, dup := names[s.Name]; dup {
+			bad("services[%d].name %q: already used by services[%d]", i, s.Name, j)
+		}
+		names[s.Name] = i
+		if strings.TrimSpace(s.Start) == "" {
+			bad("services[%d].start: the command that runs the service is missing", i)
+		}
+		if s.CheckTCP != "" && s.CheckCommand != "" {
+			bad("services[%d]: check_tcp and check_command are both set: keep one", i)
+		}
+		if s.CheckTCP != "" {
+			if _, port, err := net.SplitHostPort(s.CheckTCP); err != nil || port == "" {
+				bad("services[%d].check_tcp %q: want host:port", i, s.CheckTCP)
+			}
+		}
+		if *s.Restarts < 0 {
+			bad("services[%d].restarts %d: must be 0 or more", i, *s.Restarts)
+		}
+	}
 }
 
 func unwrapPathErr(err error) error {

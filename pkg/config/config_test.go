@@ -29,6 +29,11 @@ func TestParseGood(t *testing.T) {
 	if c.Replicate[0].Name != "data" || c.RingBufferKiB != DefaultRingKiB || !strings.HasSuffix(c.Socket, "duet.sock") {
 		t.Fatalf("defaults not applied: %+v", c)
 	}
+	cl := c.Cluster
+	if cl.Timeout != DefaultTimeout || cl.Interval != DefaultInterval || len(cl.Networks) != 1 ||
+		cl.Networks[0] != (Network{Local: "10.250.0.1", Peer: "10.250.0.2"}) || c.Metrics != DefaultMetrics {
+		t.Fatalf("cluster defaults not applied: %+v metrics %q", cl, c.Metrics)
+	}
 }
 
 func TestParseErrorsNameTheField(t *testing.T) {
@@ -41,6 +46,15 @@ func TestParseErrorsNameTheField(t *testing.T) {
 		{"missing key", `key: "0123456789abcdef"`, "", "key: set key or key_file"},
 		{"node name", "node: nodeA", "node: 'a b'", `node "a b"`},
 		{"ring", "node: nodeA", "node: nodeA\nring_buffer_kib: 3", "ring_buffer_kib 3"},
+		{"timeout", "node: nodeA", "node: nodeA\ncluster: {interval: 500ms, timeout: 1s}", "cluster.timeout 1s: must be at least 3 heartbeat intervals"},
+		{"duration", "node: nodeA", "node: nodeA\ncluster: {timeout: soon}", "soon"},
+		{"witness", "node: nodeA", "node: nodeA\ncluster: {witness: gateway}", `cluster.witness "gateway"`},
+		{"vip address", "node: nodeA", "node: nodeA\nvip: {address: 10.250.0.100, interface: eth0}", `vip.address "10.250.0.100"`},
+		{"vip interface", "node: nodeA", "node: nodeA\nvip: {address: 10.250.0.100/24}", "vip.interface"},
+		{"service start", "node: nodeA", "node: nodeA\nservices: [{name: web}]", "services[0].start"},
+		{"service checks", "node: nodeA", "node: nodeA\nservices: [{name: web, start: x, check_tcp: ':80', check_command: y}]", "check_tcp and check_command are both set"},
+		{"service dup", "node: nodeA", "node: nodeA\nservices: [{name: web, start: x}, {name: web, start: y}]", `services[1].name "web": already used`},
+		{"metrics", "node: nodeA", "node: nodeA\nmetrics: 9788", `metrics "9788"`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
