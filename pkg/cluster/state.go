@@ -69,6 +69,7 @@ const (
 	EvChecked                     // takeover checks done (Event.OK, Event.Why)
 	EvIsolated                    // serving, peer lost and the witness unreachable
 	EvServiceDown                 // a service failed beyond its local restarts
+	EvServeFailed                 // the role could not be taken (Event.Why)
 	EvCmdStart
 	EvCmdStop
 	EvCmdPrim // Event.Force
@@ -206,18 +207,24 @@ func (m Machine) peerReady() bool {
 
 func (m Machine) stepWait(ev Event) (Machine, []Action) {
 	p := m.Peer
+	var acts []Action
 	switch ev.Kind {
 	case EvPeer:
 		m.Checking = false
 		if p.State.Serving() {
+			// From here on the serving peer writes what this copy lacks.
 			m.HandedOver = false
+			if !m.Stale {
+				m.Stale = true
+				acts = append(acts, Action{Do: DoPersist})
+			}
 			if p.Synced {
 				m.Epoch = p.Epoch
 				m.Stale = false
-				m, acts := m.to(Second, fmt.Sprintf("in sync with %s (epoch %d)", p.Name, p.Epoch))
-				return m, acts
+				m, more := m.to(Second, fmt.Sprintf("in sync with %s (epoch %d)", p.Name, p.Epoch))
+				return m, append(acts, more...)
 			}
-			return m, nil
+			return m, acts
 		}
 		if m.HandedOver || p.State == Stop && m.Stale {
 			return m, nil
@@ -359,6 +366,8 @@ func (m Machine) stepServing(ev Event) (Machine, []Action) {
 		}
 		m.HandedOver = true
 		return m.unserve(Wait, fmt.Sprintf("service failed (%s): failing over to %s", ev.Why, p.Name))
+	case EvServeFailed:
+		return m.unserve(Stop, ev.Why+"; fix it, then run `duet start`")
 	case EvCmdPrim:
 		return m, []Action{refuse("already %s", m.State)}
 	}

@@ -64,6 +64,7 @@ type Primary struct {
 	barrierNs    int64
 	lastErrAt    time.Time
 	fullSyncs    int
+	fullSyncEnd  uint64 // last batch of the latest full sync
 	dataBytes    uint64
 	wireBytes    uint64
 	changedBytes uint64
@@ -439,6 +440,7 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	p.sh = sh
 	p.syncSeq = syncSeq
 	p.needFull = false
+	p.fullSyncEnd = p.nextSeq - 1
 	p.fullSyncs++
 	p.dataBytes += b.dataRead
 	p.mu.Unlock()
@@ -491,6 +493,14 @@ func (p *Primary) Status() Status {
 	}
 	s.InSync = p.connected && !p.needFull && !p.building && len(p.queue) == 0 && s.PendingFiles == 0
 	return s
+}
+
+// Streaming reports whether the peer's copy is in sync: connected, the
+// latest full sync applied, changes flowing as they happen.
+func (p *Primary) Streaming() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.connected && !p.needFull && p.acked >= p.fullSyncEnd
 }
 
 // Close releases the root.

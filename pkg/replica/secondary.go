@@ -32,8 +32,7 @@ type Server struct {
 	StateDir string
 	Dirs     []Dir
 	Log      *slog.Logger
-	// AcceptReplication is false on the primary: it never applies batches.
-	AcceptReplication bool
+	accept atomic.Bool // replicas take batches; a serving node does not
 
 	mu       sync.Mutex
 	replicas map[string]*replicaState
@@ -156,7 +155,25 @@ func (s *Server) dir(name string) (Dir, bool) {
 	return Dir{}, false
 }
 
-// Serve accepts connections until ctx ends.
+// SetAccept turns replication on (this node is a replica) or off (it
+// serves): off also closes the replication connections in progress.
+func (s *Server) SetAccept(on bool) {
+	s.accept.Store(on)
+	if on {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, r := range s.replicas {
+		r.cmu.Lock()
+		if r.active != nil {
+			r.active.Close()
+		}
+		r.cmu.Unlock()
+	}
+}
+
+// Serve accepts peer connections until ctx ends.
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	go func() {
 		<-ctx.Done()
@@ -186,8 +203,8 @@ func (s *Server) handle(ctx context.Context, c net.Conn) {
 			return wire.Welcome{}
 		}
 		if h.Purpose == wire.PurposeReplicate {
-			if !s.AcceptReplication {
-				refuse = "this node is primary: it does not accept replication"
+			if !s.accept.Load() {
+				refuse = "this node is not a replica now (it serves, or duet is stopped): it does not accept replication"
 				return wire.Welcome{}
 			}
 			r, err := s.state(h.Dir)
