@@ -77,8 +77,40 @@ func printStatus(w io.Writer, st *node.Status, output string) error {
 		return enc.Encode(st)
 	}
 	yes := map[bool]string{true: "yes", false: "no"}
-	fmt.Fprintf(w, "node %s  role %s  version %s  in sync: %s\n", st.Node, st.Role, st.Version, yes[st.InSync])
-	fmt.Fprintf(w, "listen %s  peer %s\n", st.Listen, st.Peer)
+	stale := ""
+	if st.Stale {
+		stale = " (copy may be stale)"
+	}
+	fmt.Fprintf(w, "node %s  state %s  epoch %d%s  in sync: %s  version %s\n", st.Node, st.State, st.Epoch, stale, yes[st.InSync], st.Version)
+	p := st.PeerState
+	switch {
+	case p.Seen:
+		fmt.Fprintf(w, "peer %s (%s): %s, epoch %d, last heartbeat %.0f ms ago\n", p.Name, st.Peer, p.State, p.Epoch, p.LastHeartbeat)
+	case p.Name != "":
+		fmt.Fprintf(w, "peer %s (%s): LOST (last seen %s, %.1f s ago)\n", p.Name, st.Peer, p.State, p.LastHeartbeat/1000)
+	default:
+		fmt.Fprintf(w, "peer %s: not seen since start\n", st.Peer)
+	}
+	if p.Refused > 0 {
+		fmt.Fprintf(w, "  %d heartbeats refused (wrong key or sender; see the log)\n", p.Refused)
+	}
+	if v := st.VIP; v != nil {
+		where := "not here"
+		if v.Held {
+			where = "held here"
+		}
+		fmt.Fprintf(w, "vip %s on %s: %s\n", v.Address, v.Interface, where)
+	}
+	for _, sv := range st.Services {
+		health := "healthy"
+		if !sv.Healthy {
+			health = "FAILING: " + sv.Error
+		}
+		fmt.Fprintf(w, "service %s: pid %d, %s, %d restarts\n", sv.Name, sv.Pid, health, sv.Restarts)
+	}
+	if len(st.Dirs) > 0 {
+		fmt.Fprintf(w, "replication lag (RPO): %.1f ms, %s unacknowledged\n", st.LagMs, bytesOf(uint64(st.LagBytes)))
+	}
 	if len(st.Hooks) > 0 {
 		var on, off []string
 		for _, h := range st.Hooks {

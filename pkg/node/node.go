@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -20,8 +21,11 @@ import (
 	"time"
 
 	"github.com/duet-ha/duet/pkg/capture"
+	"github.com/duet-ha/duet/pkg/cluster"
 	"github.com/duet-ha/duet/pkg/config"
 	"github.com/duet-ha/duet/pkg/replica"
+	"github.com/duet-ha/duet/pkg/stack"
+	"github.com/duet-ha/duet/pkg/vip"
 )
 
 // Version is set at build time.
@@ -30,16 +34,44 @@ var Version = "dev"
 // Status is what `duet status` shows.
 type Status struct {
 	Node      string               `json:"node"`
-	Role      string               `json:"role"`
+	Role      string               `json:"role"` // configured preference
+	State     string               `json:"state"`
+	Epoch     uint64               `json:"epoch"`
+	Stale     bool                 `json:"stale"`
 	Version   string               `json:"version"`
 	Listen    string               `json:"listen"`
 	Peer      string               `json:"peer"`
+	PeerState PeerStatus           `json:"peer_state"`
+	VIP       *VIPStatus           `json:"vip,omitempty"`
+	Services  []stack.Status       `json:"services,omitempty"`
 	Hooks     []capture.HookStatus `json:"hooks,omitempty"`
 	Capture   *capture.Counters    `json:"capture,omitempty"`
 	RingBytes int                  `json:"ring_buffered_bytes"`
+	LagMs     float64              `json:"lag_ms"`
+	LagBytes  int                  `json:"lag_bytes"`
 	Dirs      []replica.Status     `json:"dirs,omitempty"`
 	Replicas  []ReplicaStatus      `json:"replicas,omitempty"`
 	InSync    bool                 `json:"in_sync"`
+}
+
+// PeerStatus is what the heartbeats say of the peer.
+type PeerStatus struct {
+	Seen          bool    `json:"seen"`
+	Name          string  `json:"name,omitempty"`
+	State         string  `json:"state,omitempty"`
+	Epoch         uint64  `json:"epoch"`
+	LastHeartbeat float64 `json:"last_heartbeat_ms_ago,omitempty"`
+	Heartbeats    uint64  `json:"heartbeats_received"`
+	Refused       uint64  `json:"heartbeats_refused"`
+	Lost          uint64  `json:"times_lost"`
+}
+
+// VIPStatus says where the virtual IP is.
+type VIPStatus struct {
+	Address   string `json:"address"`
+	Interface string `json:"interface"`
+	Held      bool   `json:"held_here"`
+	Error     string `json:"error,omitempty"`
 }
 
 // ReplicaStatus is a secondary directory's state.
@@ -66,9 +98,31 @@ type Node struct {
 	cfg        *config.Config
 	log        *slog.Logger
 	key        []byte
-	cap        *capture.Capture
-	primaries  []*replica.Primary
+	dirs       []replica.Dir
+	devs       []uint64
 	server     *replica.Server
+	vip        *vip.VIP
+	stack      *stack.Stack
+	barriers   histogram
+
+	// The serving side exists while the node is PRIM or ALONE.
+	smu         sync.RWMutex
+	cap         *capture.Capture
+	primaries   []*replica.Primary
+	serveCancel context.CancelFunc
+	serveWG     sync.WaitGroup
+	// releasedAlone: a barrier was released without the peer; the peer
+	// counts as in sync only once all of it has been shipped.
+	releasedAlone atomic.Bool
+
+	machine       atomic.Pointer[cluster.Machine]
+	events        chan cluster.Event
+	cmds          chan command
+	hbMu          sync.Mutex
+	lastHeartbeat atomic.Int64
+	heartbeats    atomic.Uint64
+	badHeartbeats atomic.Uint64
+	missed        atomic.Uint64
 }
 
 // Run starts the daemon and blocks until ctx ends.
@@ -77,20 +131,52 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	n := &Node{cfg: cfg, log: log, key: key}
-	var dirs []replica.Dir
-	for _, r := range cfg.Replicate {
-		dirs = append(dirs, replica.Dir{Name: r.Name, Path: r.Path})
+	n := &Node{cfg: cfg, log: log, key: key, events: make(chan cluster.Event, 64), cmds: make(chan command)}
+	for i, r := range cfg.Replicate {
+		n.dirs = append(n.dirs, replica.Dir{Name: r.Name, Path: r.Path})
+		dev, err := checkTree(i, r.Path)
+		if err != nil {
+			return err
+		}
+		n.devs = append(n.devs, dev)
 	}
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("state_dir %q: %w", cfg.StateDir, err)
 	}
+	if v := cfg.VIP; v != nil {
+		p, _ := netip.ParsePrefix(v.Address)
+		n.vip = &vip.VIP{Prefix: p, Iface: v.Interface}
+		if err := n.vip.Check(); err != nil {
+			return err
+		}
+		// A crash may have left the address here: a node starts without it.
+		if held, err := n.vip.Held(); err == nil && held {
+			log.Warn("VIP left on this host by an earlier run: removing it", "vip", n.vip.String())
+			if err := n.vip.Remove(); err != nil {
+				return err
+			}
+		}
+	}
+	m, err := n.loadMachine()
+	if err != nil {
+		return err
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	n.stack = newStack(cfg, log, self, n)
 	ln, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("listen %q: %w (is the address configured on this host, and the port free?)", cfg.Listen, err)
 	}
-	n.server = &replica.Server{Key: key, StateDir: cfg.StateDir, Dirs: dirs, Log: log,
-		AcceptReplication: cfg.Role == config.RoleSecondary}
+	n.server = &replica.Server{Key: key, StateDir: cfg.StateDir, Dirs: n.dirs, Log: log}
+	n.server.SetAccept(true)
+	hbConns, hbPeers, err := n.heartbeatConns()
+	if err != nil {
+		ln.Close()
+		return err
+	}
 	ctl, err := n.listenControl()
 	if err != nil {
 		ln.Close()
@@ -98,71 +184,174 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	}
 	defer ctl.Close()
 	defer os.Remove(cfg.Socket)
+	var metrics net.Listener
+	if cfg.Metrics != "off" {
+		if metrics, err = net.Listen("tcp", cfg.Metrics); err != nil {
+			ln.Close()
+			return fmt.Errorf("metrics %q: %w (set another address or metrics: off)", cfg.Metrics, err)
+		}
+	}
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var wg sync.WaitGroup
-	if cfg.Role == config.RolePrimary {
-		if err := n.startPrimary(ctx, &wg, dirs); err != nil {
-			ln.Close()
-			return err
-		}
-		defer n.cap.Close()
+	goRun := func(f func()) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			f()
+		}()
 	}
-	wg.Add(2)
-	go func() {
-		defer wg.Done()
+	goRun(func() {
 		if err := n.server.Serve(ctx, ln); err != nil {
 			log.Error("peer listener failed", "err", err)
 			cancel()
 		}
-	}()
-	go func() {
-		defer wg.Done()
-		n.serveControl(ctx, ctl)
-	}()
-	log.Info("duet running", "node", cfg.Node, "role", cfg.Role, "listen", cfg.Listen, "peer", cfg.Peer, "version", Version)
-	<-ctx.Done()
+	})
+	goRun(func() { n.serveControl(ctx, ctl) })
+	if metrics != nil {
+		goRun(func() { n.serveMetrics(ctx, metrics) })
+	}
+	var replay atomic.Pointer[cluster.Replay]
+	replay.Store(&cluster.Replay{})
+	for i, c := range hbConns {
+		goRun(func() { n.receiveHeartbeats(ctx, c, hbPeers[i], &replay) })
+	}
+	n.machine.Store(&m)
+	goRun(func() { n.sendHeartbeats(ctx, hbConns, hbPeers) })
+	log.Info("duet running", "node", cfg.Node, "state", m.State.String(), "epoch", m.Epoch, "stale", m.Stale,
+		"listen", cfg.Listen, "peer", cfg.Peer, "version", Version)
+	if m.Stale {
+		log.Info("this copy may be older than the peer's: it serves only after the peer is seen (or `duet prim --force`)")
+	}
+	n.loop(ctx, m)
 	ctl.Close()
-	if n.cap != nil {
-		n.cap.Close()
+	for _, c := range hbConns {
+		c.Close()
 	}
 	wg.Wait()
-	for _, p := range n.primaries {
-		p.Close()
-	}
 	log.Info("duet stopped", "node", cfg.Node)
 	return nil
 }
 
-func (n *Node) startPrimary(ctx context.Context, wg *sync.WaitGroup, dirs []replica.Dir) error {
-	var devs []uint64
-	for i, d := range dirs {
-		var st syscall.Stat_t
-		if err := syscall.Stat(d.Path, &st); err != nil {
-			return fmt.Errorf("replicate[%d].path %q: %w", i, d.Path, err)
+// checkTree refuses a replicated directory whose filesystem capture
+// cannot follow: capture relies on ext4's write_end and inode tracepoints.
+func checkTree(i int, path string) (uint64, error) {
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
+		return 0, fmt.Errorf("replicate[%d].path %q: %w", i, path, err)
+	}
+	var fs syscall.Statfs_t
+	if err := syscall.Statfs(path, &fs); err != nil {
+		return 0, fmt.Errorf("replicate[%d].path %q: %w", i, path, err)
+	}
+	if fs.Type != ext4Magic {
+		return 0, fmt.Errorf("replicate[%d].path %q: filesystem type %#x is not supported: duet captures changes on ext4 only (see docs/CAPTURE.md)", i, path, fs.Type)
+	}
+	return st.Dev, nil
+}
+
+// serve takes the primary role: the VIP (unless someone answers for it)
+// while capture loads, then shipping, then the services in order.
+func (n *Node) serve(ctx context.Context) error {
+	n.server.SetAccept(false)
+	sctx, cancel := context.WithCancel(ctx)
+	capErr := make(chan error, 1)
+	go func() { capErr <- n.startPrimary(sctx) }()
+	vipErr := n.takeVIP(ctx)
+	if err := <-capErr; err != nil || vipErr != nil {
+		cancel()
+		n.stopPrimary()
+		if vipErr != nil {
+			return vipErr
 		}
-		var fs syscall.Statfs_t
-		if err := syscall.Statfs(d.Path, &fs); err != nil {
-			return fmt.Errorf("replicate[%d].path %q: %w", i, d.Path, err)
+		return err
+	}
+	n.smu.Lock()
+	n.serveCancel = cancel
+	n.smu.Unlock()
+	if len(n.cfg.Services) > 0 {
+		if err := n.stack.Start(ctx); err != nil {
+			n.log.Error("services failed to start", "err", err)
+			go func() {
+				select {
+				case n.events <- cluster.Event{Kind: cluster.EvServiceDown, Why: err.Error()}:
+				case <-ctx.Done():
+				}
+			}()
 		}
-		// Capture relies on ext4's write_end and inode tracepoints; on
-		// another filesystem changes would be missed, so refuse to start.
-		if fs.Type != ext4Magic {
-			return fmt.Errorf("replicate[%d].path %q: filesystem type %#x is not supported: duet captures changes on ext4 only (see docs/CAPTURE.md)", i, d.Path, fs.Type)
+	}
+	return nil
+}
+
+// takeVIP adds and announces the VIP unless another host answers for it.
+func (n *Node) takeVIP(ctx context.Context) error {
+	if n.vip == nil {
+		return nil
+	}
+	owner, err := n.vip.Probe(200 * time.Millisecond)
+	if err != nil {
+		return err
+	}
+	if owner != nil {
+		return fmt.Errorf("VIP %s is already in use by %s on the network", n.vip.Prefix.Addr(), owner)
+	}
+	if err := n.vip.Add(); err != nil {
+		return err
+	}
+	if err := n.vip.Announce(ctx, 1, 0); err != nil {
+		n.log.Warn("gratuitous ARP", "err", err)
+	}
+	// More announcements, spaced, for switches that missed the first.
+	go n.vip.Announce(ctx, 4, 500*time.Millisecond)
+	n.log.Info("VIP up", "vip", n.vip.String())
+	return nil
+}
+
+// unserve leaves the primary role: services stop, every change reaches
+// the peer (if it is connected), the VIP goes, capture stops.
+func (n *Node) unserve(ctx context.Context) {
+	n.stack.Stop()
+	n.smu.RLock()
+	primaries := n.primaries
+	n.smu.RUnlock()
+	dctx, cancel := context.WithTimeout(ctx, barrierTimeout)
+	for _, p := range primaries {
+		if err := p.WaitShipped(dctx, kernel{n}, n.cfg.Cluster.Timeout); err != nil {
+			n.log.Warn("leaving the role with changes not on the peer (tracked for a resync)", "dir", p.Dir.Name, "err", err)
 		}
-		devs = append(devs, st.Dev)
-		p, err := replica.NewPrimary(d, n.cfg.Peer, n.key, capture.KernelDev(st.Dev), n.log)
+	}
+	cancel()
+	if n.vip != nil {
+		if err := n.vip.Remove(); err != nil {
+			n.log.Error("removing the VIP", "err", err)
+		} else {
+			n.log.Info("VIP down", "vip", n.vip.String())
+		}
+	}
+	n.stopPrimary()
+	n.server.SetAccept(true)
+}
+
+func (n *Node) startPrimary(ctx context.Context) error {
+	var primaries []*replica.Primary
+	for i, d := range n.dirs {
+		p, err := replica.NewPrimary(d, n.cfg.Peer, n.key, capture.KernelDev(n.devs[i]), n.log)
 		if err != nil {
+			for _, p := range primaries {
+				p.Close()
+			}
 			return err
 		}
-		n.primaries = append(n.primaries, p)
+		primaries = append(primaries, p)
 	}
-	c, err := capture.Open(capture.Options{Devices: devs, RingBytes: uint32(n.cfg.RingBufferKiB) << 10})
+	c, err := capture.Open(capture.Options{Devices: n.devs, RingBytes: uint32(n.cfg.RingBufferKiB) << 10})
 	if err != nil {
+		for _, p := range primaries {
+			p.Close()
+		}
 		return fmt.Errorf("starting capture: %w", err)
 	}
-	n.cap = c
 	var active []string
 	for _, h := range c.Hooks() {
 		if h.Active {
@@ -172,36 +361,86 @@ func (n *Node) startPrimary(ctx context.Context, wg *sync.WaitGroup, dirs []repl
 		}
 	}
 	n.log.Info("capture attached", "hooks", strings.Join(active, ","))
-	wg.Add(2 + len(n.primaries))
+	n.smu.Lock()
+	n.cap, n.primaries = c, primaries
+	n.serveCancel = func() {}
+	n.dispatched.Store(0)
+	n.smu.Unlock()
+	n.releasedAlone.Store(false)
+	n.serveWG.Add(2 + len(primaries))
 	go func() {
-		defer wg.Done()
-		n.dispatch()
+		defer n.serveWG.Done()
+		n.dispatch(c, primaries)
 	}()
 	go func() {
-		defer wg.Done()
-		n.watchOverflow(ctx)
+		defer n.serveWG.Done()
+		n.watchOverflow(ctx, c, primaries)
 	}()
-	for _, p := range n.primaries {
+	for _, p := range primaries {
 		go func() {
-			defer wg.Done()
+			defer n.serveWG.Done()
 			p.Run(ctx, kernel{n})
 		}()
 	}
 	return nil
 }
 
+func (n *Node) stopPrimary() {
+	n.smu.Lock()
+	cancel, c := n.serveCancel, n.cap
+	n.serveCancel = nil
+	n.smu.Unlock()
+	if cancel == nil {
+		return
+	}
+	cancel()
+	c.Close()
+	n.serveWG.Wait()
+	n.smu.Lock()
+	for _, p := range n.primaries {
+		p.Close()
+	}
+	n.cap, n.primaries = nil, nil
+	n.smu.Unlock()
+}
+
+// peerSynced: every directory streams to the peer, and whatever a barrier
+// released without the peer has been shipped since.
+func (n *Node) peerSynced() bool {
+	n.smu.RLock()
+	defer n.smu.RUnlock()
+	if len(n.primaries) == 0 {
+		return false
+	}
+	for _, p := range n.primaries {
+		if !p.Streaming() {
+			return false
+		}
+	}
+	if n.releasedAlone.Load() {
+		kernel{n}.Drain()
+		for _, p := range n.primaries {
+			if !p.Status().InSync {
+				return false
+			}
+		}
+		n.releasedAlone.Store(false)
+	}
+	return true
+}
+
 // dispatch hands every capture record to the primaries of its device.
-func (n *Node) dispatch() {
+func (n *Node) dispatch(c *capture.Capture, primaries []*replica.Primary) {
 	var r capture.Record
 	for {
-		if err := n.cap.Read(&r); err != nil {
+		if err := c.Read(&r); err != nil {
 			if !errors.Is(err, os.ErrClosed) {
 				n.log.Error("reading capture ring buffer", "err", err)
 			}
 			return
 		}
 		now := time.Now()
-		for _, p := range n.primaries {
+		for _, p := range primaries {
 			if p.Dev == r.Dev {
 				p.Record(&r, now)
 			}
@@ -214,26 +453,50 @@ func (n *Node) dispatch() {
 // barrier.
 type kernel struct{ n *Node }
 
-func (k kernel) ForgetChunks(keys []capture.CaptureChunkKey) error { return k.n.cap.ForgetChunks(keys) }
-func (k kernel) ForgetAttr(key capture.InodeKey)                   { k.n.cap.ForgetAttr(key) }
+func (k kernel) capture() *capture.Capture {
+	k.n.smu.RLock()
+	defer k.n.smu.RUnlock()
+	return k.n.cap
+}
+
+func (k kernel) ForgetChunks(keys []capture.CaptureChunkKey) error {
+	if c := k.capture(); c != nil {
+		return c.ForgetChunks(keys)
+	}
+	return nil
+}
+
+func (k kernel) ForgetAttr(key capture.InodeKey) {
+	if c := k.capture(); c != nil {
+		c.ForgetAttr(key)
+	}
+}
 
 func (k kernel) Seq() uint64 {
-	c, err := k.n.cap.Counters()
+	c := k.capture()
+	if c == nil {
+		return 0
+	}
+	ctr, err := c.Counters()
 	if err != nil {
 		return 0
 	}
-	return c.Seq
+	return ctr.Seq
 }
 
 // Drain waits until every record reserved before the call was dispatched:
 // the kernel's sequence counts successful reservations, each of which is
 // submitted and read in turn. Bounded, in case the reader stopped.
 func (k kernel) Drain() {
+	c := k.capture()
+	if c == nil {
+		return
+	}
 	target := k.Seq()
 	if k.n.dispatched.Load() >= target {
 		return
 	}
-	k.n.cap.Kick()
+	c.Kick()
 	deadline := time.Now().Add(time.Second)
 	for k.n.dispatched.Load() < target && time.Now().Before(deadline) {
 		time.Sleep(20 * time.Microsecond)
@@ -242,7 +505,7 @@ func (k kernel) Drain() {
 
 // watchOverflow turns lost records into rescans: of the inodes the kernel
 // marked, or of whole trees when even the marks overflowed.
-func (n *Node) watchOverflow(ctx context.Context) {
+func (n *Node) watchOverflow(ctx context.Context, c *capture.Capture, primaries []*replica.Primary) {
 	t := time.NewTicker(50 * time.Millisecond)
 	defer t.Stop()
 	var lost uint64
@@ -252,19 +515,19 @@ func (n *Node) watchOverflow(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		ctr, err := n.cap.Counters()
+		ctr, err := c.Counters()
 		if err != nil || ctr.Lost == lost {
 			continue
 		}
 		lost = ctr.Lost
 		if ctr.Rescan > 0 {
 			n.log.Warn("capture overflow: rescanning every replicated tree", "lost_records", ctr.Lost)
-			n.cap.ResetRescan()
-			for _, p := range n.primaries {
+			c.ResetRescan()
+			for _, p := range primaries {
 				p.RescanAll()
 			}
 		}
-		keys, err := n.cap.TakeOverflow()
+		keys, err := c.TakeOverflow()
 		if err != nil {
 			continue
 		}
@@ -272,7 +535,7 @@ func (n *Node) watchOverflow(ctx context.Context) {
 			n.log.Warn("capture overflow: rescanning files", "files", len(keys), "lost_records", ctr.Lost)
 		}
 		for _, k := range keys {
-			for _, p := range n.primaries {
+			for _, p := range primaries {
 				if p.Dev == k.Dev {
 					p.Rescan(k)
 				}
@@ -296,6 +559,16 @@ func (n *Node) listenControl() (net.Listener, error) {
 	return ln, nil
 }
 
+// Control requests and the cluster events they stand for.
+var controlCommands = map[string]cluster.Event{
+	"start":      {Kind: cluster.EvCmdStart},
+	"stop":       {Kind: cluster.EvCmdStop},
+	"prim":       {Kind: cluster.EvCmdPrim},
+	"prim-force": {Kind: cluster.EvCmdPrim, Force: true},
+	"second":     {Kind: cluster.EvCmdSecond},
+	"swap":       {Kind: cluster.EvCmdSwap},
+}
+
 func (n *Node) serveControl(ctx context.Context, ln net.Listener) {
 	for {
 		c, err := ln.Accept()
@@ -309,17 +582,46 @@ func (n *Node) serveControl(ctx context.Context, ln net.Listener) {
 			if err != nil {
 				return
 			}
-			switch strings.TrimSpace(line) {
+			req := strings.TrimSpace(line)
+			if ev, ok := controlCommands[req]; ok {
+				// Leaving the role may wait for the peer to catch up.
+				c.SetDeadline(time.Now().Add(barrierTimeout + 30*time.Second))
+				fmt.Fprintln(c, n.command(ctx, ev))
+				return
+			}
+			switch req {
 			case "status":
 				json.NewEncoder(c).Encode(n.Status())
 			case "barrier":
 				c.SetDeadline(time.Time{})
 				fmt.Fprintln(c, n.barrier(ctx))
 			default:
-				fmt.Fprintf(c, "{\"error\":%q}\n", "unknown request "+strings.TrimSpace(line))
+				fmt.Fprintf(c, "{\"error\":%q}\n", "unknown request "+req)
 			}
 		}()
 	}
+}
+
+// Command sends an operator command (start, stop, prim, prim-force,
+// second, swap) to the daemon behind socket and returns its answer.
+func Command(socket, req string) (string, error) {
+	c, err := net.DialTimeout("unix", socket, 2*time.Second)
+	if err != nil {
+		return "", fmt.Errorf("no duet daemon at %s: %w", socket, err)
+	}
+	defer c.Close()
+	if _, err := fmt.Fprintln(c, req); err != nil {
+		return "", err
+	}
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		return "", fmt.Errorf("%s: daemon gone: %w", req, err)
+	}
+	line = strings.TrimSpace(line)
+	if !strings.HasPrefix(line, "ok") {
+		return "", errors.New(line)
+	}
+	return line, nil
 }
 
 // AloneAfter is how long a barrier waits for a missing peer before the
@@ -331,18 +633,37 @@ const AloneAfter = 5 * time.Second
 const barrierTimeout = 30 * time.Second
 
 // barrier waits until everything captured so far is on the peer: "ok",
-// "alone" (no peer: released, tracked for a resync), or "error: ...".
+// "alone" (no peer in sync: released, tracked for a resync), or
+// "error: ...".
 func (n *Node) barrier(ctx context.Context) string {
-	if n.cfg.Role != config.RolePrimary {
-		return "error: this node is not the primary"
+	m := n.machine.Load()
+	if !m.State.Serving() {
+		return "error: this node is " + m.State.String() + ", not the primary"
+	}
+	start := time.Now()
+	defer func() { n.barriers.observe(time.Since(start)) }()
+	n.smu.RLock()
+	primaries := n.primaries
+	n.smu.RUnlock()
+	// A peer that is not streaming cannot take over (it is not SECOND):
+	// the change stays here, tracked, until it is shipped.
+	streaming := m.State == cluster.Prim
+	for _, p := range primaries {
+		streaming = streaming && p.Streaming()
+	}
+	if !streaming {
+		n.releasedAlone.Store(true)
+		return "alone"
 	}
 	ctx, cancel := context.WithTimeout(ctx, barrierTimeout)
 	defer cancel()
 	reply := "ok"
-	for _, p := range n.primaries {
-		err := p.WaitShipped(ctx, kernel{n}, AloneAfter)
+	alone := min(AloneAfter, n.cfg.Cluster.Timeout)
+	for _, p := range primaries {
+		err := p.WaitShipped(ctx, kernel{n}, alone)
 		switch {
 		case errors.Is(err, replica.ErrAlone):
+			n.releasedAlone.Store(true)
 			reply = "alone"
 		case err != nil:
 			return "error: " + err.Error()
@@ -353,7 +674,7 @@ func (n *Node) barrier(ctx context.Context) string {
 
 // Barrier asks the daemon behind socket to wait until every change is on
 // the peer. nil means durable on the peer, or released because no peer
-// is connected (alone).
+// is in sync (alone).
 func Barrier(socket string) error {
 	c, err := net.DialTimeout("unix", socket, 2*time.Second)
 	if err != nil {
@@ -376,23 +697,49 @@ func Barrier(socket string) error {
 
 // Status collects the daemon's state.
 func (n *Node) Status() Status {
-	s := Status{Node: n.cfg.Node, Role: n.cfg.Role, Version: Version, Listen: n.cfg.Listen, Peer: n.cfg.Peer, InSync: true}
-	if n.cap != nil {
-		s.Hooks = n.cap.Hooks()
-		if c, err := n.cap.Counters(); err == nil {
-			s.Capture = &c
+	m := n.machine.Load()
+	s := Status{Node: n.cfg.Node, Role: n.cfg.Role, State: m.State.String(), Epoch: m.Epoch, Stale: m.Stale,
+		Version: Version, Listen: n.cfg.Listen, Peer: n.cfg.Peer}
+	s.PeerState = PeerStatus{Seen: m.Peer.Seen, Name: m.Peer.Name, Epoch: m.Peer.Epoch,
+		Heartbeats: n.heartbeats.Load(), Refused: n.badHeartbeats.Load(), Lost: n.missed.Load()}
+	if m.Peer.Name != "" {
+		s.PeerState.State = m.Peer.State.String()
+	}
+	if t := n.lastHeartbeat.Load(); t != 0 {
+		s.PeerState.LastHeartbeat = float64(time.Since(time.Unix(0, t)).Microseconds()) / 1000
+	}
+	if n.vip != nil {
+		vs := &VIPStatus{Address: n.vip.Prefix.String(), Interface: n.vip.Iface}
+		held, err := n.vip.Held()
+		vs.Held = held
+		if err != nil {
+			vs.Error = err.Error()
 		}
-		s.RingBytes = n.cap.Buffered()
+		s.VIP = vs
+	}
+	s.Services = n.stack.Status()
+	n.smu.RLock()
+	c, primaries := n.cap, n.primaries
+	n.smu.RUnlock()
+	s.InSync = m.State == cluster.Second || m.State == cluster.Prim && m.Peer.State == cluster.Second
+	if c != nil {
+		s.Hooks = c.Hooks()
+		if ctr, err := c.Counters(); err == nil {
+			s.Capture = &ctr
+		}
+		s.RingBytes = c.Buffered()
 		if s.RingBytes > 0 {
 			s.InSync = false
 		}
 	}
-	for _, p := range n.primaries {
+	for _, p := range primaries {
 		ps := p.Status()
 		s.InSync = s.InSync && ps.InSync
+		s.LagMs = max(s.LagMs, ps.LagMs)
+		s.LagBytes += ps.UnackedBytes
 		s.Dirs = append(s.Dirs, ps)
 	}
-	if n.cfg.Role == config.RoleSecondary {
+	if !m.State.Serving() {
 		for _, d := range n.cfg.Replicate {
 			st := n.server.Stats(d.Name)
 			rs := ReplicaStatus{Dir: d.Name, Path: d.Path, Connected: st.Connected.Load(),

@@ -130,6 +130,10 @@ func TestWrongKeyRefused(t *testing.T) {
 	os.WriteFile(filepath.Join(l.Dir, "a.yaml"), []byte(bad), 0o644)
 	l.Start(t, "b")
 	l.Start(t, "a")
+	// Heartbeats are refused both ways: nodeA, the configured primary
+	// with the reference copy, serves alone; nodeB, whose copy may be
+	// stale, must not.
+	l.WaitState(t, "a", "ALONE", 30*time.Second)
 	os.WriteFile(filepath.Join(l.AData, "secret"), []byte("must not arrive"), 0o644)
 	time.Sleep(2 * time.Second)
 	if _, err := os.Stat(filepath.Join(l.BData, "secret")); err == nil {
@@ -140,6 +144,11 @@ func TestWrongKeyRefused(t *testing.T) {
 		t.Fatalf("primary status does not show the refusal: %+v", st.Dirs)
 	}
 	t.Logf("primary reports: %s", st.Dirs[0].LastError)
+	sb := l.Status(t, "b")
+	if sb.State != "WAIT" || sb.PeerState.Refused == 0 || sb.PeerState.Seen {
+		t.Fatalf("nodeB: state %s, peer %+v: want WAIT with refused heartbeats", sb.State, sb.PeerState)
+	}
+	t.Logf("nodeB: %s, %d heartbeats refused", sb.State, sb.PeerState.Refused)
 }
 
 // replaceLine replaces every line starting with prefix.

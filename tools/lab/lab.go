@@ -154,16 +154,73 @@ func (l *Lab) Duet(t testing.TB, host string, args ...string) (string, int) {
 	return out, -1
 }
 
-// WaitSync waits until host a (the primary) reports every change applied
-// on the peer.
+// WaitSync waits until the serving host reports every change applied on
+// the peer.
 func (l *Lab) WaitSync(t testing.TB, timeout time.Duration) {
 	t.Helper()
 	start := time.Now()
-	out, code := l.Duet(t, "a", "status", "--wait-sync", timeout.String())
+	host := l.WaitPrimary(t, timeout)
+	out, code := l.Duet(t, host, "status", "--wait-sync", (timeout - time.Since(start)).String())
 	if code != 0 {
 		t.Fatalf("not in sync after %s:\n%s", timeout, out)
 	}
 	t.Logf("in sync after %s", time.Since(start).Round(time.Millisecond))
+}
+
+// WaitPrimary waits until one host serves (PRIM or ALONE) and returns it.
+func (l *Lab) WaitPrimary(t testing.TB, timeout time.Duration) string {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		for _, h := range []string{"a", "b"} {
+			if s, err := l.TryStatus(h); err == nil && (s.State == "PRIM" || s.State == "ALONE") {
+				return h
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no host serves after %s", timeout)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// WaitState waits until host is in state.
+func (l *Lab) WaitState(t testing.TB, host, state string, timeout time.Duration) node.Status {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		s, err := l.TryStatus(host)
+		if err == nil && s.State == state {
+			return s
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s is %s (%v) after %s, want %s", host, s.State, err, timeout, state)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// TryStatus returns host's status, or an error if duet does not answer.
+func (l *Lab) TryStatus(host string) (node.Status, error) {
+	var s node.Status
+	out, err := l.run("duet", host, "status", "--output", "json")
+	if err != nil {
+		return s, fmt.Errorf("%v: %s", err, out)
+	}
+	return s, json.Unmarshal([]byte(out), &s)
+}
+
+// AppendConfig adds YAML to host's configuration.
+func (l *Lab) AppendConfig(t testing.TB, host, yaml string) {
+	t.Helper()
+	f, err := os.OpenFile(filepath.Join(l.Dir, host+".yaml"), os.O_APPEND|os.O_WRONLY, 0)
+	if err == nil {
+		_, err = f.WriteString(yaml)
+		f.Close()
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
 }
 
 // Status returns host's status.

@@ -8,6 +8,9 @@
 #   lab.sh start a|b [args]   start duet on a host (extra args go to duet run)
 #   lab.sh stop a|b           SIGTERM the host's duet and wait for it
 #   lab.sh kill a|b           SIGKILL the host's duet
+#   lab.sh crash a|b          SIGKILL everything on the host and take its link down
+#   lab.sh revive a|b         bring a crashed host's link back (as after a reboot:
+#                             without the VIP); then start duet on it again
 #   lab.sh exec a|b|c CMD...  run a command inside a host's namespace
 #   lab.sh duet a|b ARGS...   run the duet CLI on a host with its config
 #   lab.sh env                print the lab's paths as shell variables
@@ -25,6 +28,7 @@ NET=10.250.0
 declare -A ADDR=([a]=$NET.1 [b]=$NET.2 [c]=$NET.10)
 declare -A NODE=([a]=nodeA [b]=nodeB)
 PORT=7788
+VIP=$NET.100
 
 die() { echo "lab: $*" >&2; exit 1; }
 ns() { echo "duet-$1"; }
@@ -79,6 +83,12 @@ ring_buffer_kib: ${DUET_RING_KIB:-16384}
 replicate:
   - name: data
     path: $LAB/$h/data
+cluster:
+  witness: ${ADDR[c]}           # the client namespace stands for the gateway
+vip:
+  address: $VIP/24
+  interface: eth0
+metrics: 127.0.0.1:9788
 EOF
 }
 
@@ -164,6 +174,21 @@ kill)
 		rm -f "$LAB/$2.pid"
 	fi
 	;;
+crash)
+	host "${2:-}"
+	ip -n "$(ns "$2")" link set eth0 down
+	for p in $(ip netns pids "$(ns "$2")"); do kill -9 "$p" 2>/dev/null || true; done
+	if [ -f "$LAB/$2.pid" ]; then
+		pid=$(cat "$LAB/$2.pid")
+		for _ in $(seq 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.01; done
+		rm -f "$LAB/$2.pid"
+	fi
+	;;
+revive)
+	host "${2:-}"
+	ip -n "$(ns "$2")" addr del "$VIP/24" dev eth0 2>/dev/null || true
+	ip -n "$(ns "$2")" link set eth0 up
+	;;
 exec)
 	n=${2:-}; shift 2 || die "usage: $0 exec a|b|c CMD..."
 	exec ip netns exec "$(ns "$n")" "$@"
@@ -176,7 +201,7 @@ env)
 	echo "LAB=$LAB"; echo "A_DATA=$LAB/a/data"; echo "B_DATA=$LAB/b/data"; echo "BIN=$BIN"
 	;;
 *)
-	sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+	sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
 	exit 2
 	;;
 esac

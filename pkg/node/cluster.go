@@ -1,0 +1,337 @@
+package node
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"sync/atomic"
+	"time"
+
+	"github.com/duet-ha/duet/pkg/cluster"
+	"github.com/duet-ha/duet/pkg/config"
+	"github.com/duet-ha/duet/pkg/vip"
+)
+
+// command is an operator request for the cluster loop.
+type command struct {
+	ev    cluster.Event
+	reply chan string
+}
+
+// persisted is the machine's part that survives a restart.
+type persisted struct {
+	State string `json:"state"`
+	Epoch uint64 `json:"epoch"`
+	Stale bool   `json:"stale"`
+}
+
+func (n *Node) statePath() string { return filepath.Join(n.cfg.StateDir, "cluster.json") }
+
+// loadMachine restores epoch and staleness. A node that last served holds
+// the reference copy; one that was SECOND may have missed what its peer
+// wrote since; a fresh pair trusts the configured primary.
+func (n *Node) loadMachine() (cluster.Machine, error) {
+	m := cluster.Machine{Name: n.cfg.Node, State: cluster.Wait, Preferred: n.cfg.Role == config.RolePrimary}
+	b, err := os.ReadFile(n.statePath())
+	if errors.Is(err, os.ErrNotExist) {
+		m.Stale = !m.Preferred
+		return m, nil
+	}
+	if err != nil {
+		return m, fmt.Errorf("cluster state: %w", err)
+	}
+	var p persisted
+	if err := json.Unmarshal(b, &p); err != nil {
+		return m, fmt.Errorf("cluster state %s: %w (move it away to start as a fresh node)", n.statePath(), err)
+	}
+	m.Epoch, m.Stale = p.Epoch, p.Stale
+	switch p.State {
+	case "PRIM", "ALONE":
+		m.Stale = false
+	case "SECOND":
+		m.Stale = true
+	}
+	return m, nil
+}
+
+func (n *Node) persist(m cluster.Machine) {
+	b, _ := json.Marshal(persisted{State: m.State.String(), Epoch: m.Epoch, Stale: m.Stale})
+	tmp := n.statePath() + ".tmp"
+	f, err := os.Create(tmp)
+	if err == nil {
+		_, err = f.Write(b)
+		if err == nil {
+			err = f.Sync()
+		}
+		f.Close()
+	}
+	if err == nil {
+		err = os.Rename(tmp, n.statePath())
+	}
+	if err != nil {
+		n.log.Error("saving cluster state", "path", n.statePath(), "err", err)
+	}
+}
+
+// heartbeatConns binds one UDP socket per heartbeat network.
+func (n *Node) heartbeatConns() ([]*net.UDPConn, []*net.UDPAddr, error) {
+	var conns []*net.UDPConn
+	var peers []*net.UDPAddr
+	port := strconv.Itoa(n.cfg.Cluster.HeartbeatPort)
+	for i, nw := range n.cfg.Cluster.Networks {
+		la, err := net.ResolveUDPAddr("udp4", net.JoinHostPort(nw.Local, port))
+		if err == nil {
+			var pa *net.UDPAddr
+			pa, err = net.ResolveUDPAddr("udp4", net.JoinHostPort(nw.Peer, port))
+			peers = append(peers, pa)
+		}
+		var c *net.UDPConn
+		if err == nil {
+			c, err = net.ListenUDP("udp4", la)
+		}
+		if err != nil {
+			for _, c := range conns {
+				c.Close()
+			}
+			return nil, nil, fmt.Errorf("cluster.networks[%d] local %s: %w (is the address configured on this host, and the port free?)", i, nw.Local, err)
+		}
+		conns = append(conns, c)
+	}
+	return conns, peers, nil
+}
+
+// sendHeartbeats tells the peer our state every interval on every network.
+func (n *Node) sendHeartbeats(ctx context.Context, conns []*net.UDPConn, peers []*net.UDPAddr) {
+	var b [8]byte
+	rand.Read(b[:])
+	boot := binary.LittleEndian.Uint64(b[:])
+	var seq uint64
+	t := time.NewTicker(n.cfg.Cluster.Interval)
+	defer t.Stop()
+	for {
+		m := n.machine.Load()
+		seq++
+		h := cluster.Heartbeat{Name: m.Name, State: m.State, Epoch: m.Epoch, Stale: m.Stale,
+			Preferred: m.Preferred, Synced: m.State.Serving() && n.peerSynced(), Handover: m.HandedOver,
+			Boot: boot, Seq: seq}
+		pkt := h.Marshal(n.key)
+		for i, c := range conns {
+			c.WriteToUDP(pkt, peers[i])
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// receiveHeartbeats reads one network's heartbeats into the loop.
+func (n *Node) receiveHeartbeats(ctx context.Context, c *net.UDPConn, peer *net.UDPAddr, replay *atomic.Pointer[cluster.Replay]) {
+	buf := make([]byte, cluster.MaxHeartbeat+64)
+	var lastWarn time.Time
+	for ctx.Err() == nil {
+		sz, from, err := c.ReadFromUDP(buf)
+		if err != nil {
+			return
+		}
+		h, err := cluster.ParseHeartbeat(buf[:sz], n.key)
+		if err != nil || !from.IP.Equal(peer.IP) {
+			if err == nil {
+				err = fmt.Errorf("heartbeat from %s, expected the peer %s", from.IP, peer.IP)
+			}
+			n.badHeartbeats.Add(1)
+			if time.Since(lastWarn) > 30*time.Second {
+				n.log.Warn("heartbeat refused", "from", from.String(), "err", err)
+				lastWarn = time.Now()
+			}
+			continue
+		}
+		if h.Name == n.cfg.Node {
+			n.log.Error("heartbeat carries this node's own name: both nodes are configured with the same node name", "from", from.String())
+			continue
+		}
+		n.hbMu.Lock()
+		fresh := replay.Load().Fresh(&h)
+		n.hbMu.Unlock()
+		if !fresh {
+			continue
+		}
+		n.heartbeats.Add(1)
+		n.lastHeartbeat.Store(time.Now().UnixNano())
+		select {
+		case n.events <- cluster.Event{Kind: cluster.EvPeer, Peer: h.Peer()}:
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
+// loop owns the machine: it applies events and commands and carries out
+// the actions.
+func (n *Node) loop(ctx context.Context, m cluster.Machine) {
+	n.machine.Store(&m)
+	start := time.Now()
+	t := time.NewTicker(n.cfg.Cluster.Interval / 2)
+	defer t.Stop()
+	timeout := n.cfg.Cluster.Timeout
+	var lastCheckMsg string
+	isolation := make(chan struct{}, 1)
+	var witnessFails atomic.Int32
+	var lastWitness time.Time
+	apply := func(ev cluster.Event) string {
+		next, acts := cluster.Step(m, ev)
+		reply := ""
+		for _, a := range acts {
+			switch a.Do {
+			case cluster.DoPersist:
+				n.persist(next)
+			case cluster.DoLog:
+				if ev.Kind == cluster.EvChecked && !ev.OK {
+					if a.Msg == lastCheckMsg {
+						continue
+					}
+					lastCheckMsg = a.Msg
+				}
+				n.log.Info(a.Msg, "state", next.State.String(), "epoch", next.Epoch)
+			case cluster.DoRefuse:
+				reply = "refused: " + a.Msg
+			case cluster.DoCheck:
+				go func() {
+					ok, why := n.takeoverChecks(ctx)
+					select {
+					case n.events <- cluster.Event{Kind: cluster.EvChecked, OK: ok, Why: why}:
+					case <-ctx.Done():
+					}
+				}()
+			case cluster.DoServe:
+				if err := n.serve(ctx); err != nil {
+					n.log.Error("cannot take the primary role", "err", err)
+					go func() { n.events <- cluster.Event{Kind: cluster.EvServeFailed, Why: err.Error()} }()
+				}
+			case cluster.DoUnserve:
+				n.unserve(ctx)
+			}
+		}
+		m = next
+		n.machine.Store(&m)
+		if reply == "" {
+			reply = "ok: " + m.State.String()
+		}
+		return reply
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			if m.State.Serving() {
+				n.log.Info("daemon stopping: leaving the primary role")
+				n.unserve(context.Background())
+			}
+			return
+		case ev := <-n.events:
+			apply(ev)
+		case c := <-n.cmds:
+			c.reply <- apply(c.ev)
+		case <-isolation:
+			apply(cluster.Event{Kind: cluster.EvIsolated})
+		case <-t.C:
+			last := time.Unix(0, n.lastHeartbeat.Load())
+			if m.Peer.Seen && time.Since(last) > timeout {
+				n.missed.Add(1)
+				n.log.Warn("peer lost: no heartbeat", "peer", m.Peer.Name, "for", time.Since(last).Round(time.Millisecond))
+				apply(cluster.Event{Kind: cluster.EvPeerLost})
+			} else if !m.Peer.Seen && time.Since(start) > timeout {
+				apply(cluster.Event{Kind: cluster.EvTick})
+			}
+			// A serving node without its peer watches the witness: when
+			// it is unreachable too, this node is the isolated one.
+			if m.State.Serving() && !m.Peer.Seen && n.cfg.Cluster.Witness != "" && time.Since(lastWitness) > time.Second {
+				lastWitness = time.Now()
+				go func() {
+					if err := n.pingWitness(); err != nil {
+						if witnessFails.Add(1) >= 2 {
+							n.log.Warn("witness unreachable", "witness", n.cfg.Cluster.Witness, "err", err)
+							select {
+							case isolation <- struct{}{}:
+							default:
+							}
+						}
+					} else {
+						witnessFails.Store(0)
+					}
+				}()
+			}
+		}
+	}
+}
+
+func (n *Node) pingWitness() error {
+	return vip.Ping(n.cfg.Cluster.Witness, 500*time.Millisecond)
+}
+
+// takeoverChecks decide whether this node may take over a peer it lost:
+// it must reach the witness, nobody may answer for the VIP, and the
+// fencing command must succeed.
+func (n *Node) takeoverChecks(ctx context.Context) (bool, string) {
+	if w := n.cfg.Cluster.Witness; w != "" {
+		var err error
+		for try := 0; try < 3; try++ {
+			if err = n.pingWitness(); err == nil {
+				break
+			}
+		}
+		if err != nil {
+			return false, fmt.Sprintf("witness %s unreachable (%v): this node may be the isolated one", w, err)
+		}
+	}
+	if n.vip != nil {
+		owner, err := n.vip.Probe(300 * time.Millisecond)
+		if err != nil {
+			return false, fmt.Sprintf("probing VIP %s: %v", n.vip, err)
+		}
+		if owner != nil {
+			return false, fmt.Sprintf("VIP %s is answered by %s: the old primary is alive (a network split?) or another host uses the address", n.vip.Prefix.Addr(), owner)
+		}
+	}
+	if f := n.cfg.Cluster.Fence; f != "" {
+		cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		defer cancel()
+		out, err := exec.CommandContext(cctx, "/bin/sh", "-c", f).CombinedOutput()
+		if err != nil {
+			return false, fmt.Sprintf("fencing command failed (%v): %s", err, trimOut(out))
+		}
+		n.log.Info("fencing command succeeded", "command", f)
+	}
+	return true, ""
+}
+
+func trimOut(b []byte) string {
+	if len(b) > 300 {
+		b = b[len(b)-300:]
+	}
+	return string(b)
+}
+
+// Command sends an operator command to the cluster loop.
+func (n *Node) command(ctx context.Context, ev cluster.Event) string {
+	c := command{ev: ev, reply: make(chan string, 1)}
+	select {
+	case n.cmds <- c:
+	case <-ctx.Done():
+		return "error: daemon stopping"
+	}
+	select {
+	case r := <-c.reply:
+		return r
+	case <-ctx.Done():
+		return "error: daemon stopping"
+	}
+}

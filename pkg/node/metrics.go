@@ -1,0 +1,108 @@
+package node
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/duet-ha/duet/pkg/cluster"
+)
+
+// histogram is a Prometheus-style cumulative histogram of durations.
+type histogram struct {
+	mu     sync.Mutex
+	counts [len(barrierBuckets) + 1]uint64
+	sum    time.Duration
+	n      uint64
+}
+
+// barrierBuckets are the upper bounds, in seconds, of barrier latency.
+var barrierBuckets = [...]float64{0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5}
+
+func (h *histogram) observe(d time.Duration) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	i := 0
+	for i < len(barrierBuckets) && d.Seconds() > barrierBuckets[i] {
+		i++
+	}
+	h.counts[i]++
+	h.sum += d
+	h.n++
+}
+
+func (h *histogram) write(w io.Writer, name, help string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name)
+	var cum uint64
+	for i, b := range barrierBuckets {
+		cum += h.counts[i]
+		fmt.Fprintf(w, "%s_bucket{le=\"%g\"} %d\n", name, b, cum)
+	}
+	fmt.Fprintf(w, "%s_bucket{le=\"+Inf\"} %d\n%s_sum %g\n%s_count %d\n", name, h.n, name, h.sum.Seconds(), name, h.n)
+}
+
+// serveMetrics answers Prometheus scrapes on /metrics.
+func (n *Node) serveMetrics(ctx context.Context, ln net.Listener) {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/metrics", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; version=0.0.4")
+		n.writeMetrics(w)
+	})
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		<-ctx.Done()
+		srv.Close()
+	}()
+	srv.Serve(ln)
+}
+
+func (n *Node) writeMetrics(w io.Writer) {
+	s := n.Status()
+	gauge := func(name, help string, v float64) {
+		fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s gauge\n%s %g\n", name, help, name, name, v)
+	}
+	counter := func(name, help string, v float64) {
+		fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s counter\n%s %g\n", name, help, name, name, v)
+	}
+	b2f := func(b bool) float64 {
+		if b {
+			return 1
+		}
+		return 0
+	}
+	fmt.Fprintf(w, "# HELP duet_state Node state (1 for the current one).\n# TYPE duet_state gauge\n")
+	for st := cluster.Stop; st <= cluster.Alone; st++ {
+		fmt.Fprintf(w, "duet_state{state=%q} %g\n", st.String(), b2f(s.State == st.String()))
+	}
+	gauge("duet_epoch", "Data generation of this copy.", float64(s.Epoch))
+	gauge("duet_peer_seen", "1 while heartbeats from the peer arrive.", b2f(s.PeerState.Seen))
+	counter("duet_heartbeats_received_total", "Valid heartbeats from the peer.", float64(s.PeerState.Heartbeats))
+	counter("duet_heartbeats_refused_total", "Heartbeats refused (bad key, wrong sender, malformed).", float64(s.PeerState.Refused))
+	counter("duet_peer_lost_total", "Times the peer was declared lost (fault-detection timeout).", float64(s.PeerState.Lost))
+	gauge("duet_in_sync", "1 when both copies are in sync.", b2f(s.InSync))
+	gauge("duet_replication_lag_seconds", "Age of the oldest change not yet acknowledged by the peer.", s.LagMs/1000)
+	gauge("duet_replication_lag_bytes", "Compressed bytes sent and not yet acknowledged.", float64(s.LagBytes))
+	var wire, changed, full float64
+	for _, d := range s.Dirs {
+		wire += float64(d.WireBytes)
+		changed += float64(d.ChangedBytes)
+		full += float64(d.FullSyncs)
+	}
+	counter("duet_shipped_bytes_total", "Bytes sent to the peer (compressed, on the wire), this primary term.", wire)
+	counter("duet_changed_bytes_total", "Bytes changed by writers, this primary term.", changed)
+	counter("duet_resyncs_total", "Full checksum resyncs, this primary term.", full)
+	if s.VIP != nil {
+		gauge("duet_vip_held", "1 when this node holds the VIP.", b2f(s.VIP.Held))
+	}
+	fmt.Fprintf(w, "# HELP duet_service_healthy 1 when the service passes its check.\n# TYPE duet_service_healthy gauge\n")
+	for _, sv := range s.Services {
+		fmt.Fprintf(w, "duet_service_healthy{service=%q} %g\n", sv.Name, b2f(sv.Healthy))
+	}
+	n.barriers.write(w, "duet_barrier_seconds", "Time durability calls waited for the peer.")
+}
