@@ -91,12 +91,12 @@ type Do uint8
 
 // Actions the daemon carries out, in order.
 const (
-	DoServe       Do = iota + 1 // VIP up, capture and ship, start services
-	DoUnserve                   // stop services, ship everything, VIP down
-	DoCheck                     // run takeover checks, then send EvChecked
-	DoPersist                   // save State and Epoch
-	DoLog                       // Action.Msg for the operator
-	DoRefuse                    // the command is refused: Action.Msg says why
+	DoServe   Do = iota + 1 // VIP up, capture and ship, start services
+	DoUnserve               // stop services, ship everything, VIP down
+	DoCheck                 // run takeover checks, then send EvChecked
+	DoPersist               // save State and Epoch
+	DoLog                   // Action.Msg for the operator
+	DoRefuse                // the command is refused: Action.Msg says why
 )
 
 // Action is one thing to do.

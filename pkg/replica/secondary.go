@@ -32,7 +32,7 @@ type Server struct {
 	StateDir string
 	Dirs     []Dir
 	Log      *slog.Logger
-	accept atomic.Bool // replicas take batches; a serving node does not
+	accept   atomic.Bool // replicas take batches; a serving node does not
 
 	mu       sync.Mutex
 	replicas map[string]*replicaState

@@ -302,4 +302,3 @@ func (s *Stack) Status() []Status {
 	}
 	return out
 }
-
