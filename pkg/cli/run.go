@@ -2,6 +2,7 @@ package cli
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -14,6 +15,7 @@ import (
 
 func newRun(s IOStreams) *cobra.Command {
 	var cfgPath, role, logLevel string
+	var check bool
 	cmd := &cobra.Command{
 		Use:   "run",
 		Short: "Run the duet daemon",
@@ -31,6 +33,10 @@ func newRun(s IOStreams) *cobra.Command {
 					return err
 				}
 			}
+			if check {
+				fmt.Fprintf(s.Out, "config %s: ok\n", cfgPath)
+				return nil
+			}
 			var lvl slog.Level
 			if err := lvl.UnmarshalText([]byte(logLevel)); err != nil {
 				return err
@@ -43,6 +49,7 @@ func newRun(s IOStreams) *cobra.Command {
 	}
 	cmd.Flags().StringVarP(&cfgPath, "config", "c", "/etc/duet/duet.yaml", "configuration file")
 	cmd.Flags().StringVar(&role, "role", "", "override the configured role (primary or secondary)")
+	cmd.Flags().BoolVar(&check, "check", false, "check the configuration and exit")
 	cmd.Flags().StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	return cmd
 }

@@ -135,6 +135,20 @@ func (v VIP) Announce(ctx context.Context, count int, spacing time.Duration) err
 // 0.0.0.0), who has the address, and returns the hardware address of the
 // first other host that answers within wait, or nil.
 func (v VIP) Probe(wait time.Duration) (net.HardwareAddr, error) {
+	owners, err := v.probe(wait, true)
+	if len(owners) > 0 {
+		return owners[0], err
+	}
+	return nil, err
+}
+
+// Responders probes for wait and returns every other host that answered.
+func (v VIP) Responders(wait time.Duration) ([]net.HardwareAddr, error) {
+	return v.probe(wait, false)
+}
+
+func (v VIP) probe(wait time.Duration, first bool) ([]net.HardwareAddr, error) {
+	var owners []net.HardwareAddr
 	c, ifi, err := v.dial()
 	if err != nil {
 		return nil, err
@@ -175,9 +189,19 @@ func (v VIP) Probe(wait time.Duration) (net.HardwareAddr, error) {
 			}
 			return nil, fmt.Errorf("reading ARP on %q: %w", v.Iface, err)
 		}
-		if got.SenderIP == ip && got.SenderHardwareAddr.String() != ifi.HardwareAddr.String() {
-			return got.SenderHardwareAddr, nil
+		if got.SenderIP != ip || got.SenderHardwareAddr.String() == ifi.HardwareAddr.String() {
+			continue
+		}
+		known := false
+		for _, o := range owners {
+			known = known || o.String() == got.SenderHardwareAddr.String()
+		}
+		if !known {
+			owners = append(owners, got.SenderHardwareAddr)
+		}
+		if first {
+			break
 		}
 	}
-	return nil, nil
+	return owners, nil
 }

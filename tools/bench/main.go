@@ -106,7 +106,22 @@ func (b *bench) must(args ...string) string {
 }
 
 func (b *bench) waitSync() {
+	b.waitServing()
 	b.must("duet", "a", "status", "--wait-sync", "300s")
+}
+
+// waitServing waits until nodeA is the primary: every figure measures
+// writes on nodeA's tree.
+func (b *bench) waitServing() {
+	for i := 0; i < 600; i++ {
+		var s node.Status
+		out, err := b.sh("duet", "a", "status", "--output", "json")
+		if err == nil && json.Unmarshal([]byte(out), &s) == nil && (s.State == "PRIM" || s.State == "ALONE") {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	fail("nodeA does not serve after 60 s")
 }
 
 func (b *bench) status() node.Status {
@@ -164,6 +179,7 @@ func (b *bench) throughput(runs int) []Figure {
 		base := b.fio(size)
 		b.must("stop", "b")
 		b.must("start", "a")
+		b.waitServing()
 		capt := b.fio(size)
 		b.must("start", "b")
 		b.waitSync()

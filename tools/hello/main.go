@@ -1,0 +1,117 @@
+// Command hello is the lab's managed service and its client:
+//
+//	hello serve -listen :8080 -name nodeA       answer "hello from nodeA"
+//	hello connect -addr VIP:8080 -since NS      retry until answered; print
+//	                                            the ms since NS and the answer
+//	hello arpwatch -vip 10.250.0.100/24 -for 8s count who answers ARP for the VIP
+package main
+
+import (
+	"bufio"
+	"flag"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/duet-ha/duet/pkg/vip"
+)
+
+func main() {
+	if len(os.Args) < 2 {
+		fmt.Fprintln(os.Stderr, "usage: hello serve|connect|arpwatch [flags]")
+		os.Exit(2)
+	}
+	fs := flag.NewFlagSet(os.Args[1], flag.ExitOnError)
+	listen := fs.String("listen", ":8080", "serve: address")
+	name := fs.String("name", "", "serve: name to answer with")
+	addr := fs.String("addr", "", "connect: service address")
+	since := fs.Int64("since", 0, "connect: reference time, unix ns (default now)")
+	timeout := fs.Duration("timeout", 30*time.Second, "connect: give up after")
+	vipArg := fs.String("vip", "", "arpwatch: VIP with prefix")
+	iface := fs.String("iface", "eth0", "arpwatch: interface")
+	dur := fs.Duration("for", 5*time.Second, "arpwatch: how long")
+	fs.Parse(os.Args[2:])
+	var err error
+	switch os.Args[1] {
+	case "serve":
+		err = serve(*listen, *name)
+	case "connect":
+		err = connect(*addr, *since, *timeout)
+	case "arpwatch":
+		err = arpwatch(*vipArg, *iface, *dur)
+	default:
+		err = fmt.Errorf("unknown mode %q", os.Args[1])
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "hello:", err)
+		os.Exit(1)
+	}
+}
+
+func serve(listen, name string) error {
+	ln, err := net.Listen("tcp", listen)
+	if err != nil {
+		return err
+	}
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(c, "hello from %s\n", name)
+		c.Close()
+	}
+}
+
+func connect(addr string, since int64, timeout time.Duration) error {
+	start := time.Now()
+	if since != 0 {
+		start = time.Unix(0, since)
+	}
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
+		if err == nil {
+			c.SetDeadline(time.Now().Add(time.Second))
+			line, err := bufio.NewReader(c).ReadString('\n')
+			c.Close()
+			if err == nil {
+				fmt.Printf("%d %s\n", time.Since(start).Milliseconds(), strings.TrimSpace(line))
+				return nil
+			}
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return fmt.Errorf("no answer from %s within %s", addr, timeout)
+}
+
+// arpwatch probes the VIP repeatedly and prints the largest number of
+// hosts that answered in one round, and who.
+func arpwatch(p, iface string, d time.Duration) error {
+	prefix, err := netip.ParsePrefix(p)
+	if err != nil {
+		return err
+	}
+	v := vip.VIP{Prefix: prefix, Iface: iface}
+	most, rounds := 0, 0
+	seen := map[string]bool{}
+	for end := time.Now().Add(d); time.Now().Before(end); rounds++ {
+		owners, err := v.Responders(150 * time.Millisecond)
+		if err != nil {
+			return err
+		}
+		most = max(most, len(owners))
+		for _, o := range owners {
+			seen[o.String()] = true
+		}
+	}
+	var all []string
+	for m := range seen {
+		all = append(all, m)
+	}
+	fmt.Printf("%d %d %s\n", most, rounds, strings.Join(all, ","))
+	return nil
+}

@@ -1,0 +1,246 @@
+package lab
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+var nodeName = map[string]string{"a": "nodeA", "b": "nodeB"}
+var otherHost = map[string]string{"a": "b", "b": "a"}
+
+const vipAddr = "10.250.0.100"
+
+// buildTool builds ./tools/<name> next to the duet binary.
+func buildTool(t *testing.T, name string) string {
+	t.Helper()
+	out := filepath.Join(filepath.Dir(duetBinary(t)), name)
+	cmd := exec.Command("go", "build", "-o", out, "./tools/"+name)
+	cmd.Dir = repoRoot()
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("building %s: %v\n%s", name, err, b)
+	}
+	return out
+}
+
+// clusterLab is a lab whose nodes run the hello service behind the VIP,
+// nodeA serving and nodeB in sync.
+func clusterLab(t *testing.T, start bool) (*Lab, string) {
+	hello := buildTool(t, "hello")
+	l := Up(t, duetBinary(t))
+	for _, h := range []string{"a", "b"} {
+		l.AppendConfig(t, h, fmt.Sprintf(`services:
+  - name: hello
+    start: %s serve -listen 0.0.0.0:8080 -name %s
+    check_tcp: 127.0.0.1:8080
+    check_interval: 500ms
+`, hello, nodeName[h]))
+	}
+	if start {
+		l.Start(t, "b")
+		l.Start(t, "a")
+		l.WaitState(t, "a", "PRIM", 30*time.Second)
+		l.WaitState(t, "b", "SECOND", 30*time.Second)
+	}
+	return l, hello
+}
+
+// connect reaches the service through the VIP from the client namespace
+// and returns the milliseconds since `since` and the answer.
+func (l *Lab) connect(t *testing.T, hello string, since time.Time) (int, string) {
+	t.Helper()
+	out, err := l.run("exec", "c", hello, "connect", "-addr", vipAddr+":8080",
+		"-since", strconv.FormatInt(since.UnixNano(), 10), "-timeout", "30s")
+	if err != nil {
+		t.Fatalf("client: %v\n%s", err, out)
+	}
+	f := strings.SplitN(strings.TrimSpace(out), " ", 2)
+	ms, _ := strconv.Atoi(f[0])
+	return ms, f[1]
+}
+
+// TestFailover kills the primary host (every process, link down) again
+// and again: each time the client must reach the service on the survivor
+// through the VIP, and the old primary must come back as secondary.
+func TestFailover(t *testing.T) {
+	runs := 10
+	if s := os.Getenv("DUET_FAILOVER_RUNS"); s != "" {
+		runs, _ = strconv.Atoi(s)
+	}
+	l, hello := clusterLab(t, true)
+	if _, ans := l.connect(t, hello, time.Now()); ans != "hello from nodeA" {
+		t.Fatalf("before any failover the client got %q", ans)
+	}
+	var times []int
+	p := "a"
+	for i := 0; i < runs; i++ {
+		s := otherHost[p]
+		NewWorkload(map[string]string{"a": l.AData, "b": l.BData}[p], int64(i+1)).Run(100)
+		l.WaitSync(t, time.Minute)
+		t0 := time.Now()
+		if out, err := l.run("crash", p); err != nil {
+			t.Fatalf("crash %s: %v\n%s", p, err, out)
+		}
+		ms, ans := l.connect(t, hello, t0)
+		if ans != "hello from "+nodeName[s] {
+			t.Fatalf("run %d: after %s died the client got %q", i, nodeName[p], ans)
+		}
+		t.Logf("run %2d: %s killed, service answered from %s after %d ms", i, nodeName[p], nodeName[s], ms)
+		times = append(times, ms)
+		l.WaitState(t, s, "ALONE", 10*time.Second)
+		l.run("revive", p)
+		l.Start(t, p)
+		l.WaitState(t, p, "SECOND", time.Minute)
+		p = s
+	}
+	l.WaitSync(t, time.Minute)
+	l.Verify(t)
+	sort.Ints(times)
+	t.Logf("failover, kill to first answer through the VIP over %d runs: min %d ms, median %d ms, max %d ms",
+		runs, times[0], times[len(times)/2], times[len(times)-1])
+	// 3 s with the default timeouts, plus the service's own start (the
+	// hello service and its first TCP check take well under 500 ms).
+	if times[len(times)-1] > 3500 {
+		t.Fatalf("slowest failover took %d ms: over 3 s + the service's start", times[len(times)-1])
+	}
+}
+
+// TestLinkCutNoSplitBrain cuts only the path between the nodes: nodeB no
+// longer hears nodeA but nodeA still answers for the VIP, so nodeB must
+// not take over; at no moment may two hosts answer ARP for the VIP.
+func TestLinkCutNoSplitBrain(t *testing.T) {
+	l, hello := clusterLab(t, true)
+	NewWorkload(l.AData, 3).Run(200)
+	watch := exec.Command(l.Script, "exec", "c", hello, "arpwatch", "-vip", vipAddr+"/24", "-for", "9s")
+	watch.Env = l.env
+	var wout strings.Builder
+	watch.Stdout, watch.Stderr = &wout, &wout
+	if err := watch.Start(); err != nil {
+		t.Fatal(err)
+	}
+	l.run("exec", "a", "ip", "route", "add", "blackhole", "10.250.0.2/32")
+	l.run("exec", "b", "ip", "route", "add", "blackhole", "10.250.0.1/32")
+	time.Sleep(5 * time.Second)
+	sa, sb := l.Status(t, "a"), l.Status(t, "b")
+	t.Logf("link cut: nodeA %s (vip held %v), nodeB %s (vip held %v)", sa.State, sa.VIP.Held, sb.State, sb.VIP.Held)
+	if sb.State == "PRIM" || sb.State == "ALONE" || sb.VIP.Held {
+		t.Fatalf("nodeB took over while nodeA still served")
+	}
+	if !sa.VIP.Held {
+		t.Fatalf("nodeA gave up the VIP on a link cut it survived")
+	}
+	NewWorkload(l.AData, 4).Run(200) // written while nodeB cannot get it
+	l.run("exec", "a", "ip", "route", "del", "blackhole", "10.250.0.2/32")
+	l.run("exec", "b", "ip", "route", "del", "blackhole", "10.250.0.1/32")
+	if err := watch.Wait(); err != nil {
+		t.Fatalf("arpwatch: %v\n%s", err, wout.String())
+	}
+	f := strings.Fields(wout.String())
+	t.Logf("ARP for the VIP seen from the client: at most %s host(s) answering in one round, %s rounds, MACs %s", f[0], f[1], f[2])
+	if f[0] != "1" || strings.Contains(f[2], ",") {
+		t.Fatalf("two hosts answered for the VIP: %s", wout.String())
+	}
+	l.WaitState(t, "b", "SECOND", time.Minute)
+	l.WaitSync(t, time.Minute)
+	l.Verify(t)
+}
+
+// TestSwapTwice moves the service to nodeB and back with duet swap.
+func TestSwapTwice(t *testing.T) {
+	l, hello := clusterLab(t, true)
+	for i, p := range []string{"a", "b"} {
+		s := otherHost[p]
+		NewWorkload(map[string]string{"a": l.AData, "b": l.BData}[p], int64(10+i)).Run(500)
+		out, code := l.Duet(t, p, "swap")
+		if code != 0 {
+			t.Fatalf("swap on %s: exit %d\n%s", p, code, out)
+		}
+		t.Logf("swap on %s: %s", nodeName[p], strings.TrimSpace(out))
+		if _, ans := l.connect(t, hello, time.Now()); ans != "hello from "+nodeName[s] {
+			t.Fatalf("after the swap the client got %q", ans)
+		}
+		l.WaitState(t, p, "SECOND", time.Minute)
+		l.WaitSync(t, time.Minute)
+		l.Verify(t)
+	}
+	// A swap towards a peer that is not in sync is refused.
+	l.Kill(t, "b")
+	l.WaitState(t, "a", "ALONE", 10*time.Second)
+	out, code := l.Duet(t, "a", "swap")
+	if code == 0 || !strings.Contains(out, "not in sync") {
+		t.Fatalf("swap without a peer: exit %d\n%s", code, out)
+	}
+	t.Logf("swap without a peer: %s", strings.TrimSpace(out))
+}
+
+// TestClusterBadInput: a VIP on a missing interface, a VIP already used
+// by another host, an unreachable peer: each a clear message, and nothing
+// started that should not be.
+func TestClusterBadInput(t *testing.T) {
+	l, hello := clusterLab(t, false)
+	_ = hello
+	cfg, _ := os.ReadFile(filepath.Join(l.Dir, "a.yaml"))
+	os.WriteFile(filepath.Join(l.Dir, "a.yaml"), []byte(strings.Replace(string(cfg), "interface: eth0", "interface: eth9", 1)), 0o644)
+	out, err := l.run("start", "a")
+	if err == nil || !strings.Contains(out, `vip interface "eth9"`) {
+		t.Fatalf("VIP on a missing interface: start did not fail clearly (%v):\n%s", err, out)
+	}
+	t.Logf("VIP on a missing interface: %s", grepLine(out, "eth9"))
+	os.WriteFile(filepath.Join(l.Dir, "a.yaml"), cfg, 0o644)
+
+	// Another host already uses the VIP: nodeA (alone, reference copy)
+	// must not take it; once the address is free, it serves.
+	l.run("exec", "c", "ip", "addr", "add", vipAddr+"/24", "dev", "eth0")
+	l.Start(t, "a")
+	time.Sleep(4 * time.Second)
+	sa := l.Status(t, "a")
+	if sa.State != "WAIT" || sa.VIP.Held || len(sa.Services) != 0 {
+		t.Fatalf("VIP in use elsewhere: nodeA is %s, vip held %v, services %+v", sa.State, sa.VIP.Held, sa.Services)
+	}
+	log, _ := os.ReadFile(filepath.Join(l.Dir, "a.log"))
+	if !strings.Contains(string(log), "is answered by") {
+		t.Fatalf("the log does not say why nodeA waits:\n%s", tail(log, 2000))
+	}
+	t.Logf("VIP in use: nodeA %s, log says %q", sa.State, grepLine(string(log), "is answered by"))
+	l.run("exec", "c", "ip", "addr", "del", vipAddr+"/24", "dev", "eth0")
+	l.WaitState(t, "a", "ALONE", 10*time.Second)
+	l.Stop(t, "a")
+
+	// nodeB started alone holds a copy that may be stale: it waits, and
+	// `duet prim` is refused unless forced.
+	os.RemoveAll(filepath.Join(l.Dir, "a/.duet/cluster.json"))
+	l.Start(t, "b")
+	time.Sleep(3 * time.Second)
+	sb := l.Status(t, "b")
+	if sb.State != "WAIT" || sb.VIP.Held || sb.PeerState.Seen {
+		t.Fatalf("nodeB alone: %s, vip held %v", sb.State, sb.VIP.Held)
+	}
+	out, code := l.Duet(t, "b", "prim")
+	if code == 0 || !strings.Contains(out, "--force") {
+		t.Fatalf("duet prim on a stale copy: exit %d\n%s", code, out)
+	}
+	t.Logf("duet prim on nodeB: %s", strings.TrimSpace(out))
+	out, code = l.Duet(t, "b", "prim", "--force")
+	if code != 0 {
+		t.Fatalf("duet prim --force: exit %d\n%s", code, out)
+	}
+	l.WaitState(t, "b", "ALONE", 10*time.Second)
+	if ms, ans := l.connect(t, hello, time.Now()); ans != "hello from nodeB" {
+		t.Fatalf("after prim --force the client got %q (%d ms)", ans, ms)
+	}
+}
+
+func grepLine(s, sub string) string {
+	for _, line := range strings.Split(s, "\n") {
+		if strings.Contains(line, sub) {
+			return line
+		}
+	}
+	return ""
+}
