@@ -119,8 +119,15 @@ func (n *Node) sendHeartbeats(ctx context.Context, conns []*net.UDPConn, peers [
 	for {
 		m := n.machine.Load()
 		seq++
+		// While the node leaves the role its replication winds down: the
+		// peer must not read that as "out of sync" before the handover.
+		synced := n.lastSynced.Load()
+		if !n.leaving.Load() {
+			synced = m.State.Serving() && n.peerSynced()
+			n.lastSynced.Store(synced)
+		}
 		h := cluster.Heartbeat{Name: m.Name, State: m.State, Epoch: m.Epoch, Stale: m.Stale,
-			Preferred: m.Preferred, Synced: m.State.Serving() && n.peerSynced(), Handover: m.HandedOver,
+			Preferred: m.Preferred, Synced: synced, Handover: m.HandedOver,
 			Boot: boot, Seq: seq}
 		pkt := h.Marshal(n.key)
 		for i, c := range conns {

@@ -114,6 +114,10 @@ type Node struct {
 	// releasedAlone: a barrier was released without the peer; the peer
 	// counts as in sync only once all of it has been shipped.
 	releasedAlone atomic.Bool
+	// leaving is set while the node leaves the role; lastSynced is what
+	// the heartbeats said of the peer before.
+	leaving    atomic.Bool
+	lastSynced atomic.Bool
 
 	machine       atomic.Pointer[cluster.Machine]
 	events        chan cluster.Event
@@ -311,6 +315,8 @@ func (n *Node) takeVIP(ctx context.Context) error {
 // unserve leaves the primary role: services stop, every change reaches
 // the peer (if it is connected), the VIP goes, capture stops.
 func (n *Node) unserve(ctx context.Context) {
+	n.leaving.Store(true)
+	defer n.leaving.Store(false)
 	n.stack.Stop()
 	n.smu.RLock()
 	primaries := n.primaries
