@@ -27,7 +27,9 @@ func socketFlags(cmd *cobra.Command) func() (string, error) {
 }
 
 func clusterCommands(s IOStreams) []*cobra.Command {
-	simple := func(use, short, long, req string) *cobra.Command {
+	// simple makes a command that sends one request to the daemon and
+	// prints its answer; req is read when the command runs (flags set).
+	simple := func(use, short, long string, req func() string) *cobra.Command {
 		cmd := &cobra.Command{Use: use, Short: short, Long: long, Args: cobra.NoArgs}
 		sock := socketFlags(cmd)
 		cmd.RunE = func(cmd *cobra.Command, _ []string) error {
@@ -35,7 +37,7 @@ func clusterCommands(s IOStreams) []*cobra.Command {
 			if err != nil {
 				return err
 			}
-			reply, err := node.Command(socket, req)
+			reply, err := node.Command(socket, req())
 			if err != nil {
 				return err
 			}
@@ -44,43 +46,28 @@ func clusterCommands(s IOStreams) []*cobra.Command {
 		}
 		return cmd
 	}
+	fixed := func(req string) func() string { return func() string { return req } }
 	start := simple("start", "Let this node take part in the cluster again (after duet stop)",
-		"start moves a stopped node to WAIT: it resynchronises from a serving peer, or serves if its copy is the reference.", "start")
+		"start moves a stopped node to WAIT: it resynchronises from a serving peer, or serves if its copy is the reference.", fixed("start"))
 	stop := simple("stop", "Stop the module on this node (services, VIP, replication role)",
 		`stop leaves the cluster: on the primary the services stop, every change is
 shipped, the VIP is removed and, if the peer is in sync, it takes over. The
-daemon keeps running (STOP) until duet start.`, "stop")
-	second := simple("second", "Give the primary role to the peer (as swap) and stay secondary", "", "second")
+daemon keeps running (STOP) until duet start.`, fixed("stop"))
+	second := simple("second", "Give the primary role to the peer (as swap) and stay secondary", "", fixed("second"))
 
 	var force bool
-	prim := &cobra.Command{
-		Use:   "prim",
-		Short: "Make this node the primary",
-		Long: `prim makes a waiting node the primary when the peer is not serving. A copy
+	prim := simple("prim", "Make this node the primary",
+		`prim makes a waiting node the primary when the peer is not serving. A copy
 that may be older than the peer's (it was secondary when it last stopped) is
 refused unless --force: then changes only the peer had are lost, and the
-command says so.`,
-		Example: "  duet prim\n  duet prim --force   # accept losing what only the peer had",
-		Args:    cobra.NoArgs,
-	}
-	psock := socketFlags(prim)
+command says so.`, func() string {
+			if force {
+				return "prim-force"
+			}
+			return "prim"
+		})
+	prim.Example = "  duet prim\n  duet prim --force   # accept losing what only the peer had"
 	prim.Flags().BoolVar(&force, "force", false, "serve even with a copy that may be stale")
-	prim.RunE = func(cmd *cobra.Command, _ []string) error {
-		socket, err := psock()
-		if err != nil {
-			return err
-		}
-		req := "prim"
-		if force {
-			req = "prim-force"
-		}
-		reply, err := node.Command(socket, req)
-		if err != nil {
-			return err
-		}
-		fmt.Fprintln(s.Out, reply)
-		return nil
-	}
 
 	var wait time.Duration
 	swap := &cobra.Command{

@@ -5,13 +5,12 @@ import (
 	"os"
 
 	"github.com/duet-ha/duet/pkg/barrier"
-	"github.com/duet-ha/duet/pkg/config"
 	"github.com/duet-ha/duet/pkg/node"
 	"github.com/spf13/cobra"
 )
 
 func newExec(s IOStreams) *cobra.Command {
-	var cfgPath, socket string
+	var sock func() (string, error)
 	cmd := &cobra.Command{
 		Use:   "exec [flags] -- COMMAND [ARGS...]",
 		Short: "Run a command whose fsyncs wait until its data is on the peer",
@@ -27,12 +26,9 @@ those of COMMAND.`,
   duet exec --config /etc/duet/duet.yaml -- ./writer`,
 		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if socket == "" {
-				cfg, err := config.Load(cfgPath)
-				if err != nil {
-					return err
-				}
-				socket = cfg.Socket
+			socket, err := sock()
+			if err != nil {
+				return err
 			}
 			self, err := os.Executable()
 			if err != nil {
@@ -50,8 +46,7 @@ those of COMMAND.`,
 			return nil
 		},
 	}
-	cmd.Flags().StringVarP(&cfgPath, "config", "c", "/etc/duet/duet.yaml", "configuration file (for the daemon's socket)")
-	cmd.Flags().StringVar(&socket, "socket", "", "the daemon's control socket (overrides --config)")
+	sock = socketFlags(cmd)
 	return cmd
 }
 

@@ -7,13 +7,13 @@ import (
 	"strings"
 	"time"
 
-	"github.com/duet-ha/duet/pkg/config"
 	"github.com/duet-ha/duet/pkg/node"
 	"github.com/spf13/cobra"
 )
 
 func newStatus(s IOStreams) *cobra.Command {
-	var cfgPath, socket, output string
+	var output string
+	var sock func() (string, error)
 	var waitSync time.Duration
 	cmd := &cobra.Command{
 		Use:   "status",
@@ -26,12 +26,9 @@ func newStatus(s IOStreams) *cobra.Command {
 			if output != "text" && output != "json" {
 				return fmt.Errorf("--output %q: want text or json", output)
 			}
-			if socket == "" {
-				cfg, err := config.Load(cfgPath)
-				if err != nil {
-					return err
-				}
-				socket = cfg.Socket
+			socket, err := sock()
+			if err != nil {
+				return err
 			}
 			st, err := node.Query(socket)
 			if err != nil {
@@ -63,8 +60,7 @@ func newStatus(s IOStreams) *cobra.Command {
 			return printStatus(s.Out, &st, output)
 		},
 	}
-	cmd.Flags().StringVarP(&cfgPath, "config", "c", "/etc/duet/duet.yaml", "configuration file (for the socket path)")
-	cmd.Flags().StringVar(&socket, "socket", "", "control socket (overrides --config)")
+	sock = socketFlags(cmd)
 	cmd.Flags().StringVarP(&output, "output", "o", "text", "text or json")
 	cmd.Flags().DurationVar(&waitSync, "wait-sync", 0, "wait up to this long for everything to be on the peer; exit 1 if not")
 	return cmd

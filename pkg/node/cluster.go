@@ -142,7 +142,7 @@ func (n *Node) sendHeartbeats(ctx context.Context, conns []*net.UDPConn, peers [
 }
 
 // receiveHeartbeats reads one network's heartbeats into the loop.
-func (n *Node) receiveHeartbeats(ctx context.Context, c *net.UDPConn, peer *net.UDPAddr, replay *atomic.Pointer[cluster.Replay]) {
+func (n *Node) receiveHeartbeats(ctx context.Context, c *net.UDPConn, peer *net.UDPAddr) {
 	buf := make([]byte, cluster.MaxHeartbeat+64)
 	var lastWarn time.Time
 	for ctx.Err() == nil {
@@ -167,25 +167,20 @@ func (n *Node) receiveHeartbeats(ctx context.Context, c *net.UDPConn, peer *net.
 			continue
 		}
 		n.hbMu.Lock()
-		fresh := replay.Load().Fresh(&h)
+		fresh := n.replay.Fresh(&h)
 		n.hbMu.Unlock()
 		if !fresh {
 			continue
 		}
 		n.heartbeats.Add(1)
 		n.lastHeartbeat.Store(time.Now().UnixNano())
-		select {
-		case n.events <- cluster.Event{Kind: cluster.EvPeer, Peer: h.Peer()}:
-		case <-ctx.Done():
-			return
-		}
+		n.post(ctx, cluster.Event{Kind: cluster.EvPeer, Peer: h.Peer()})
 	}
 }
 
 // loop owns the machine: it applies events and commands and carries out
 // the actions.
 func (n *Node) loop(ctx context.Context, m cluster.Machine) {
-	n.machine.Store(&m)
 	start := time.Now()
 	t := time.NewTicker(n.cfg.Cluster.Interval / 2)
 	defer t.Stop()
@@ -214,15 +209,12 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 			case cluster.DoCheck:
 				go func() {
 					ok, why := n.takeoverChecks(ctx)
-					select {
-					case n.events <- cluster.Event{Kind: cluster.EvChecked, OK: ok, Why: why}:
-					case <-ctx.Done():
-					}
+					n.post(ctx, cluster.Event{Kind: cluster.EvChecked, OK: ok, Why: why})
 				}()
 			case cluster.DoServe:
 				if err := n.serve(ctx); err != nil {
 					n.log.Error("cannot take the primary role", "err", err)
-					go func() { n.events <- cluster.Event{Kind: cluster.EvServeFailed, Why: err.Error()} }()
+					go n.post(ctx, cluster.Event{Kind: cluster.EvServeFailed, Why: err.Error()})
 				}
 			case cluster.DoUnserve:
 				n.unserve(ctx)

@@ -123,6 +123,7 @@ type Node struct {
 	events        chan cluster.Event
 	cmds          chan command
 	hbMu          sync.Mutex
+	replay        cluster.Replay // shared by the networks: a heartbeat counts once
 	lastHeartbeat atomic.Int64
 	heartbeats    atomic.Uint64
 	badHeartbeats atomic.Uint64
@@ -216,10 +217,8 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	if metrics != nil {
 		goRun(func() { n.serveMetrics(ctx, metrics) })
 	}
-	var replay atomic.Pointer[cluster.Replay]
-	replay.Store(&cluster.Replay{})
 	for i, c := range hbConns {
-		goRun(func() { n.receiveHeartbeats(ctx, c, hbPeers[i], &replay) })
+		goRun(func() { n.receiveHeartbeats(ctx, c, hbPeers[i]) })
 	}
 	n.machine.Store(&m)
 	goRun(func() { n.sendHeartbeats(ctx, hbConns, hbPeers) })
@@ -277,15 +276,18 @@ func (n *Node) serve(ctx context.Context) error {
 	if len(n.cfg.Services) > 0 {
 		if err := n.stack.Start(ctx); err != nil {
 			n.log.Error("services failed to start", "err", err)
-			go func() {
-				select {
-				case n.events <- cluster.Event{Kind: cluster.EvServiceDown, Why: err.Error()}:
-				case <-ctx.Done():
-				}
-			}()
+			go n.post(ctx, cluster.Event{Kind: cluster.EvServiceDown, Why: err.Error()})
 		}
 	}
 	return nil
+}
+
+// post hands an event to the cluster loop, unless the daemon stops first.
+func (n *Node) post(ctx context.Context, ev cluster.Event) {
+	select {
+	case n.events <- ev:
+	case <-ctx.Done():
+	}
 }
 
 // takeVIP adds and announces the VIP unless another host answers for it.

@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -23,7 +24,7 @@ func newStack(cfg *config.Config, log *slog.Logger, self string, n *Node) *stack
 	}
 	wait := func(int32) error {
 		if r := n.barrier(context.Background()); r != "ok" && r != "alone" {
-			return &barrierError{r}
+			return errors.New(r)
 		}
 		return nil
 	}
@@ -35,7 +36,3 @@ func newStack(cfg *config.Config, log *slog.Logger, self string, n *Node) *stack
 	}
 	return st
 }
-
-type barrierError struct{ s string }
-
-func (e *barrierError) Error() string { return e.s }
