@@ -440,12 +440,18 @@ func (n *Node) peerSynced() bool {
 // dispatch hands every capture record to the primaries of its device.
 func (n *Node) dispatch(c *capture.Capture, primaries []*replica.Primary) {
 	var r capture.Record
+	// One line per record at debug level: the raw material for finding
+	// a missed change. Checked once; the hot path stays a branch.
+	debug := n.log.Enabled(context.Background(), slog.LevelDebug)
 	for {
 		if err := c.Read(&r); err != nil {
 			if !errors.Is(err, os.ErrClosed) {
 				n.log.Error("reading capture ring buffer", "err", err)
 			}
 			return
+		}
+		if debug {
+			n.log.Debug("capture record", "seq", r.Seq, "ino", r.Ino, "gen", r.Gen, "kind", r.Kind, "hook", r.Hook, "pos", r.Pos, "len", r.Len)
 		}
 		now := time.Now()
 		for _, p := range primaries {

@@ -56,6 +56,7 @@ type builder struct {
 
 	// Per batch.
 	whole    map[uint64]bool // inodes whose whole content was sent
+	mapped   map[uint64]bool // inodes dirtied through a shared mapping
 	requeue  []journal.File
 	removals []link
 	dataRead uint64 // bytes read for shipping, in total
@@ -68,6 +69,12 @@ func newBuilder(root *os.File, dev uint32, sh *shadow, k Kernel, out sink, log *
 // build ships the changes of one batch and returns what must be retried.
 func (b *builder) build(files []journal.File) ([]journal.File, error) {
 	b.whole = map[uint64]bool{}
+	b.mapped = map[uint64]bool{}
+	for _, f := range files {
+		if f.Writeback {
+			b.mapped[f.Key.Ino] = true
+		}
+	}
 	b.requeue = nil
 	b.removals = nil
 	b.forget(files)
@@ -115,7 +122,7 @@ func (b *builder) build(files []journal.File) ([]journal.File, error) {
 			return nil, err
 		}
 		if !ok {
-			b.retry(f)
+			b.retry(f, "directory not where the shadow says")
 		}
 	}
 	if err := b.remove(); err != nil {
@@ -173,12 +180,13 @@ func (b *builder) retire(ino uint64, gen uint32) error {
 	return nil
 }
 
-func (b *builder) retry(f journal.File) {
+func (b *builder) retry(f journal.File, why string) {
 	if f.Retries < maxRetries {
+		b.log.Debug("change requeued", "ino", f.Key.Ino, "retries", f.Retries, "why", why)
 		b.requeue = append(b.requeue, f)
 		return
 	}
-	b.log.Debug("dropping change after retries", "ino", f.Key.Ino)
+	b.log.Debug("dropping change after retries", "ino", f.Key.Ino, "why", why)
 }
 
 // reconcile compares directory ino's entries with the shadow and ships the
@@ -328,7 +336,7 @@ func (b *builder) create(d *os.File, to string, dirIno uint64, name string, st *
 		if err != nil {
 			return nil // gone meanwhile: its parent's next record removes it
 		}
-		err = b.sendWhole(to, f)
+		err = b.sendWhole(to, f, b.mapped[st.Ino])
 		f.Close()
 		if err != nil {
 			return err
@@ -362,7 +370,12 @@ func setattrOp(p string, st *unix.Stat_t) *wire.Op {
 }
 
 // sendWhole ships a file's size and every data extent, skipping holes.
-func (b *builder) sendWhole(p string, f *os.File) error {
+// A file dirtied through a shared mapping is written back first (see
+// writeBack).
+func (b *builder) sendWhole(p string, f *os.File, mapped bool) error {
+	if mapped {
+		writeBack(f, journal.Span{Off: 0, End: 0})
+	}
 	var st unix.Stat_t
 	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
 		return err
@@ -387,6 +400,19 @@ func (b *builder) sendWhole(p string, f *os.File) error {
 		off = hole
 	}
 	return nil
+}
+
+// writeBack writes back s (End 0: to the end of the file) before it is
+// read. A store through a shared mapping into a page that is already dirty
+// is not reported; once written back, the page is clean and write
+// protected, so the next store faults and is reported again.
+func writeBack(f *os.File, s journal.Span) {
+	var n int64
+	if s.End > s.Off {
+		n = int64(s.Len())
+	}
+	unix.SyncFileRange(int(f.Fd()), int64(s.Off), n,
+		unix.SYNC_FILE_RANGE_WAIT_BEFORE|unix.SYNC_FILE_RANGE_WRITE|unix.SYNC_FILE_RANGE_WAIT_AFTER)
 }
 
 // ship reads [s.Off, s.End) from f and emits write ops; bytes past the
@@ -468,13 +494,13 @@ func (b *builder) file(f journal.File) error {
 	}
 	fh, err := fstree.OpenBeneath(b.root, p, unix.O_RDONLY|unix.O_NOFOLLOW)
 	if err != nil {
-		b.retry(f)
+		b.retry(f, "open "+p+": "+err.Error())
 		return nil
 	}
 	defer fh.Close()
 	var st unix.Stat_t
 	if err := unix.Fstat(int(fh.Fd()), &st); err != nil || st.Ino != f.Key.Ino {
-		b.retry(f) // the path now names another inode: a rename is pending
+		b.retry(f, p+" names another inode") // a rename is pending
 		return nil
 	}
 	size := uint64(st.Size)
@@ -484,7 +510,7 @@ func (b *builder) file(f journal.File) error {
 		}
 	}
 	if f.Rescan && !b.whole[f.Key.Ino] {
-		if err := b.sendWhole(p, fh); err != nil {
+		if err := b.sendWhole(p, fh, f.Writeback); err != nil {
 			return err
 		}
 		b.whole[f.Key.Ino] = true
@@ -498,11 +524,8 @@ func (b *builder) file(f journal.File) error {
 	}
 	if !b.whole[f.Key.Ino] && len(spans) > 0 {
 		if f.Writeback {
-			// Pages dirtied through a mapping: write them back so the
-			// next store faults and is reported again, then read.
 			for _, s := range spans {
-				unix.SyncFileRange(int(fh.Fd()), int64(s.Off), int64(s.Len()),
-					unix.SYNC_FILE_RANGE_WAIT_BEFORE|unix.SYNC_FILE_RANGE_WRITE|unix.SYNC_FILE_RANGE_WAIT_AFTER)
+				writeBack(fh, s)
 			}
 		}
 		var later journal.File
@@ -527,7 +550,7 @@ func (b *builder) file(f journal.File) error {
 			}
 		}
 		if !later.Data.Empty() {
-			b.retry(later)
+			b.retry(later, "bytes beyond EOF")
 		}
 	}
 	if f.Attr || f.Rescan {

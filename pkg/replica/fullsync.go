@@ -126,7 +126,7 @@ func (b *builder) syncFile(l, p *wire.Entry) (bool, error) {
 	}
 	defer f.Close()
 	if p == nil {
-		return true, b.sendWhole(l.Path, f)
+		return true, b.sendWhole(l.Path, f, false)
 	}
 	changed := p.Size != l.Size
 	if changed {
