@@ -142,7 +142,6 @@ var ops = []op{
 
 func (w *Workload) step() {
 	if w.Log != nil {
-		w.Log("op %d", w.Counts["_n"])
 		w.Counts["_n"]++
 	}
 	total := 0
@@ -172,7 +171,9 @@ func (w *Workload) open(flags int) (*os.File, bool) {
 
 func (w *Workload) create() {
 	p := filepath.Join(w.dir(), w.name())
-	if err := os.WriteFile(p, w.data(w.rng.Intn(200<<10)), 0o644); err == nil {
+	d := w.data(w.rng.Intn(200 << 10))
+	w.logf("create %q %d bytes", p, len(d))
+	if err := os.WriteFile(p, d, 0o644); err == nil {
 		w.files = append(w.files, p)
 	}
 }
@@ -200,7 +201,9 @@ func (w *Workload) append() {
 	}
 	defer f.Close()
 	for i := 0; i < 1+w.rng.Intn(5); i++ {
-		f.Write(w.data(1 + w.rng.Intn(8<<10)))
+		d := w.data(1 + w.rng.Intn(8<<10))
+		w.logf("append %q %d bytes", f.Name(), len(d))
+		f.Write(d)
 	}
 }
 
@@ -209,7 +212,9 @@ func (w *Workload) truncate() {
 	if !ok {
 		return
 	}
-	os.Truncate(p, w.rng.Int63n(300<<10))
+	size := w.rng.Int63n(300 << 10)
+	w.logf("truncate %q %d", p, size)
+	os.Truncate(p, size)
 }
 
 // mmap stores through a shared mapping, twice to the same page with a pause
@@ -233,6 +238,7 @@ func (w *Workload) mmap() {
 	for round := 0; round < 2; round++ {
 		at := w.rng.Intn(len(m))
 		n := min(len(m)-at, 1+w.rng.Intn(3000))
+		w.logf("mmap store %q [%d,%d) round %d", f.Name(), at, at+n, round)
 		copy(m[at:at+n], w.data(n))
 		if round == 0 {
 			time.Sleep(time.Duration(w.rng.Intn(5)) * time.Millisecond)
@@ -263,7 +269,9 @@ func (w *Workload) direct() {
 	}
 	copy(buf, w.data(len(buf)))
 	n := align * (1 + w.rng.Intn(4))
-	unix.Pwrite(fd, buf[:n], int64(align*w.rng.Intn(64)))
+	at := int64(align * w.rng.Intn(64))
+	w.logf("direct %q [%d,%d)", p, at, at+int64(n))
+	unix.Pwrite(fd, buf[:n], at)
 }
 
 func (w *Workload) punch() {
@@ -276,7 +284,9 @@ func (w *Workload) punch() {
 	if w.rng.Intn(2) == 0 {
 		mode = unix.FALLOC_FL_ZERO_RANGE
 	}
-	unix.Fallocate(int(f.Fd()), mode, w.rng.Int63n(128<<10), 1+w.rng.Int63n(64<<10))
+	at, n := w.rng.Int63n(128<<10), 1+w.rng.Int63n(64<<10)
+	w.logf("fallocate %q mode %#x [%d,%d)", f.Name(), mode, at, at+n)
+	unix.Fallocate(int(f.Fd()), mode, at, n)
 }
 
 func (w *Workload) rename() {
@@ -288,6 +298,7 @@ func (w *Workload) rename() {
 	if _, err := os.Lstat(to); err == nil {
 		return // renameOver covers that
 	}
+	w.logf("rename %q -> %q", p, to)
 	os.Rename(p, to)
 }
 
@@ -297,11 +308,13 @@ func (w *Workload) renameOver() {
 	if !ok1 || !ok2 || a == b {
 		return
 	}
+	w.logf("rename %q over %q", a, b)
 	os.Rename(a, b)
 }
 
 func (w *Workload) unlink() {
 	if p, ok := w.file(); ok {
+		w.logf("unlink %q", p)
 		os.Remove(p)
 	}
 }
@@ -348,6 +361,7 @@ func (w *Workload) symlink() {
 func (w *Workload) link() {
 	if p, ok := w.file(); ok {
 		to := filepath.Join(w.dir(), "h-"+w.name())
+		w.logf("link %q -> %q", p, to)
 		if os.Link(p, to) == nil {
 			w.files = append(w.files, to)
 		}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"sort"
+	"time"
 
 	"github.com/duet-ha/duet/tools/lab"
 )
@@ -26,7 +27,9 @@ func main() {
 	}
 	w := lab.NewWorkload(*dir, *seed)
 	if os.Getenv("DUET_WORKLOAD_LOG") != "" {
-		w.Log = func(f string, a ...any) { fmt.Fprintf(os.Stderr, f+"\n", a...) }
+		w.Log = func(f string, a ...any) {
+			fmt.Fprintf(os.Stderr, time.Now().UTC().Format("15:04:05.000000 ")+f+"\n", a...)
+		}
 	}
 	w.Run(*ops)
 	delete(w.Counts, "_n")
