@@ -53,6 +53,7 @@ $lab start a
 for _ in $(seq 300); do $lab duet a status | grep -q 'state SECOND' && break; sleep 0.2; done
 $lab duet a status | head -3
 say "11. duet swap on nodeB: the service moves back to nodeA, nothing lost"
+$lab duet b status --wait-sync 120s >/dev/null
 $lab duet b swap
 $lab exec c bin/hello connect -addr 10.250.0.100:8080
 $lab duet a status --wait-sync 120s >/dev/null

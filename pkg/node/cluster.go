@@ -212,6 +212,11 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 					n.post(ctx, cluster.Event{Kind: cluster.EvChecked, OK: ok, Why: why})
 				}()
 			case cluster.DoServe:
+				// Shown at once: status and heartbeats say PRIM/ALONE
+				// while the VIP and the services come up. (Leaving is
+				// published only when done: the peer must not take over
+				// before this node let go.)
+				n.machine.Store(&next)
 				if err := n.serve(ctx); err != nil {
 					n.log.Error("cannot take the primary role", "err", err)
 					go n.post(ctx, cluster.Event{Kind: cluster.EvServeFailed, Why: err.Error()})
