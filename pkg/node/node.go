@@ -111,6 +111,7 @@ type Node struct {
 	primaries   []*replica.Primary
 	serveCancel context.CancelFunc
 	serveWG     sync.WaitGroup
+	next        *preloaded // capture for the next term
 	// releasedAlone: a barrier was released without the peer; the peer
 	// counts as in sync only once all of it has been shipped.
 	releasedAlone atomic.Bool
@@ -166,6 +167,19 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
+	// Loaded now, so that a kernel that refuses the programs is reported
+	// at start; attached only when this node takes the primary role.
+	first, err := capture.Load(n.captureOptions())
+	if err != nil {
+		return fmt.Errorf("capture: %w", err)
+	}
+	n.next = &preloaded{done: make(chan struct{}), c: first}
+	close(n.next.done)
+	defer func() {
+		if c, err := n.takeCapture(); err == nil {
+			c.Close()
+		}
+	}()
 	self, err := os.Executable()
 	if err != nil {
 		return err
@@ -353,7 +367,12 @@ func (n *Node) startPrimary(ctx context.Context) error {
 		}
 		primaries = append(primaries, p)
 	}
-	c, err := capture.Open(capture.Options{Devices: n.devs, RingBytes: uint32(n.cfg.RingBufferKiB) << 10})
+	c, err := n.takeCapture()
+	if err == nil {
+		if err = c.Attach(); err != nil {
+			c.Close()
+		}
+	}
 	if err != nil {
 		for _, p := range primaries {
 			p.Close()
@@ -410,6 +429,45 @@ func (n *Node) stopPrimary() {
 	}
 	n.cap, n.primaries = nil, nil
 	n.smu.Unlock()
+	n.preloadCapture()
+}
+
+// preloaded is a capture loaded ahead of a takeover, not attached.
+type preloaded struct {
+	done chan struct{}
+	c    *capture.Capture
+	err  error
+}
+
+func (n *Node) captureOptions() capture.Options {
+	return capture.Options{Devices: n.devs, RingBytes: uint32(n.cfg.RingBufferKiB) << 10}
+}
+
+// preloadCapture loads the next term's capture in the background, with
+// fresh maps: verifying the programs is most of the time a takeover
+// would otherwise spend on capture.
+func (n *Node) preloadCapture() {
+	p := &preloaded{done: make(chan struct{})}
+	n.smu.Lock()
+	n.next = p
+	n.smu.Unlock()
+	go func() {
+		p.c, p.err = capture.Load(n.captureOptions())
+		close(p.done)
+	}()
+}
+
+// takeCapture returns the preloaded capture (waiting for it if needed).
+func (n *Node) takeCapture() (*capture.Capture, error) {
+	n.smu.Lock()
+	p := n.next
+	n.next = nil
+	n.smu.Unlock()
+	if p == nil {
+		return capture.Load(n.captureOptions())
+	}
+	<-p.done
+	return p.c, p.err
 }
 
 // peerSynced: every directory streams to the peer, and whatever a barrier
