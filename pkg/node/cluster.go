@@ -227,6 +227,7 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 		}
 		m = next
 		n.machine.Store(&m)
+		n.leaving.Store(false)
 		if reply == "" {
 			reply = "ok: " + m.State.String()
 		}

@@ -331,8 +331,8 @@ func (n *Node) takeVIP(ctx context.Context) error {
 // unserve leaves the primary role: services stop, every change reaches
 // the peer (if it is connected), the VIP goes, capture stops.
 func (n *Node) unserve(ctx context.Context) {
+	// Cleared by the cluster loop once the new state is published.
 	n.leaving.Store(true)
-	defer n.leaving.Store(false)
 	n.stack.Stop()
 	n.smu.RLock()
 	primaries := n.primaries
