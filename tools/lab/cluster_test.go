@@ -157,6 +157,9 @@ func TestSwapTwice(t *testing.T) {
 	for i, p := range []string{"a", "b"} {
 		s := otherHost[p]
 		NewWorkload(map[string]string{"a": l.AData, "b": l.BData}[p], int64(10+i)).Run(500)
+		// The primary must see the peer in sync (its heartbeats lag the
+		// peer's own state by up to an interval), or swap refuses.
+		l.WaitSync(t, time.Minute)
 		out, code := l.Duet(t, p, "swap")
 		if code != 0 {
 			t.Fatalf("swap on %s: exit %d\n%s", p, code, out)
