@@ -712,6 +712,11 @@ func (n *Node) barrier(ctx context.Context) string {
 	if !m.State.Serving() {
 		return "error: this node is " + m.State.String() + ", not the primary"
 	}
+	// While the role is handed over nothing more will be shipped: a
+	// durability call now must fail, not be released as "alone".
+	if n.leaving.Load() {
+		return "error: this node is handing over the primary role"
+	}
 	start := time.Now()
 	defer func() { n.barriers.observe(time.Since(start)) }()
 	n.smu.RLock()
@@ -734,6 +739,8 @@ func (n *Node) barrier(ctx context.Context) string {
 	for _, p := range primaries {
 		err := p.WaitShipped(ctx, kernel{n}, alone)
 		switch {
+		case errors.Is(err, replica.ErrAlone) && n.leaving.Load():
+			return "error: the primary role was handed over before this change was shipped"
 		case errors.Is(err, replica.ErrAlone):
 			n.releasedAlone.Store(true)
 			reply = "alone"

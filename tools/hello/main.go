@@ -4,13 +4,16 @@
 //	hello connect -addr VIP:8080 -since NS      retry until answered; print
 //	                                            the ms since NS and the answer
 //	hello arpwatch -vip 10.250.0.100/24 -for 8s count who answers ARP for the VIP
+//	hello get -url http://127.0.0.1:9788/metrics print a page (no curl needed)
 package main
 
 import (
 	"bufio"
 	"flag"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"strings"
@@ -33,6 +36,7 @@ func main() {
 	vipArg := fs.String("vip", "", "arpwatch: VIP with prefix")
 	iface := fs.String("iface", "eth0", "arpwatch: interface")
 	dur := fs.Duration("for", 5*time.Second, "arpwatch: how long")
+	url := fs.String("url", "", "get: address of the page")
 	fs.Parse(os.Args[2:])
 	var err error
 	switch os.Args[1] {
@@ -42,6 +46,8 @@ func main() {
 		err = connect(*addr, *since, *timeout)
 	case "arpwatch":
 		err = arpwatch(*vipArg, *iface, *dur)
+	case "get":
+		err = get(*url)
 	default:
 		err = fmt.Errorf("unknown mode %q", os.Args[1])
 	}
@@ -49,6 +55,20 @@ func main() {
 		fmt.Fprintln(os.Stderr, "hello:", err)
 		os.Exit(1)
 	}
+}
+
+func get(url string) error {
+	c := http.Client{Timeout: 5 * time.Second}
+	resp, err := c.Get(url)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("%s: %s", url, resp.Status)
+	}
+	_, err = io.Copy(os.Stdout, resp.Body)
+	return err
 }
 
 func serve(listen, name string) error {

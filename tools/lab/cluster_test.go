@@ -101,6 +101,22 @@ func TestFailover(t *testing.T) {
 	}
 	l.WaitSync(t, time.Minute)
 	l.Verify(t)
+	// The survivor's metrics tell the story.
+	metrics, err := l.run("exec", p, hello, "get", "-url", "http://127.0.0.1:9788/metrics")
+	if err != nil {
+		t.Fatalf("metrics of %s: %v\n%s", nodeName[p], err, metrics)
+	}
+	for _, want := range []string{`duet_state{state="PRIM"} 1`, "duet_vip_held 1", "duet_in_sync 1",
+		"duet_peer_seen 1", `duet_service_healthy{service="hello"} 1`, "duet_barrier_seconds_count"} {
+		if !strings.Contains(metrics, want) {
+			t.Fatalf("metrics of %s lack %q:\n%s", nodeName[p], want, metrics)
+		}
+	}
+	for _, line := range strings.Split(metrics, "\n") {
+		if strings.HasPrefix(line, "duet_peer_lost_total ") || strings.HasPrefix(line, "duet_barrier_seconds_count ") {
+			t.Logf("metrics of %s: %s", nodeName[p], line)
+		}
+	}
 	sort.Ints(times)
 	t.Logf("failover, kill to first answer through the VIP over %d runs: min %d ms, median %d ms, max %d ms",
 		runs, times[0], times[len(times)/2], times[len(times)-1])
@@ -151,20 +167,57 @@ func TestLinkCutNoSplitBrain(t *testing.T) {
 	l.Verify(t)
 }
 
-// TestSwapTwice moves the service to nodeB and back with duet swap.
+// TestSwapTwice moves the service to nodeB and back with duet swap, while
+// a writer under duet exec appends and fdatasyncs records on the primary:
+// every record it was told is durable must be on the new primary.
 func TestSwapTwice(t *testing.T) {
 	l, hello := clusterLab(t, true)
+	writer := buildTool(t, "syncwriter")
+	data := map[string]string{"a": l.AData, "b": l.BData}
 	for i, p := range []string{"a", "b"} {
 		s := otherHost[p]
-		NewWorkload(map[string]string{"a": l.AData, "b": l.BData}[p], int64(10+i)).Run(500)
+		NewWorkload(data[p], int64(10+i)).Run(500)
 		// The primary must see the peer in sync (its heartbeats lag the
 		// peer's own state by up to an interval), or swap refuses.
 		l.WaitSync(t, time.Minute)
+		name := fmt.Sprintf("swap-log-%d", i)
+		ack := filepath.Join(l.Dir, name+".acked")
+		af, _ := os.Create(ack)
+		w := exec.Command(l.Script, "exec", p, l.Bin, "exec", "--config", filepath.Join(l.Dir, p+".yaml"), "--",
+			writer, "-file", filepath.Join(data[p], name))
+		w.Env, w.Stdout = l.env, af
+		var werr strings.Builder
+		w.Stderr = &werr
+		if err := w.Start(); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(300 * time.Millisecond)
 		out, code := l.Duet(t, p, "swap")
 		if code != 0 {
 			t.Fatalf("swap on %s: exit %d\n%s", p, code, out)
 		}
 		t.Logf("swap on %s: %s", nodeName[p], strings.TrimSpace(out))
+		done := make(chan error, 1)
+		go func() { done <- w.Wait() }()
+		select {
+		case <-done:
+		case <-time.After(30 * time.Second):
+			w.Process.Kill()
+			t.Fatalf("the writer still runs 30 s after the swap")
+		}
+		af.Close()
+		acked := readAcked(t, ack)
+		got, _ := os.ReadFile(filepath.Join(data[s], name))
+		for n := 1; n <= acked; n++ {
+			off := (n - 1) * 16
+			if off+16 > len(got) || string(got[off:off+16]) != fmt.Sprintf("%015d\n", n) {
+				t.Fatalf("record %d of %d acknowledged ones is not on %s", n, acked, nodeName[s])
+			}
+		}
+		t.Logf("writer during the swap: %d records acknowledged, all on %s (writer: %s)", acked, nodeName[s], strings.TrimSpace(lastLine(werr.String())))
+		if acked == 0 {
+			t.Fatal("no record was acknowledged before the swap: the check exercised nothing")
+		}
 		if _, ans := l.connect(t, hello, time.Now()); ans != "hello from "+nodeName[s] {
 			t.Fatalf("after the swap the client got %q", ans)
 		}
