@@ -4,6 +4,7 @@ import (
 	"io/fs"
 	"strings"
 
+	"github.com/duet-ha/duet/pkg/capture"
 	"github.com/duet-ha/duet/pkg/fstree"
 	"github.com/duet-ha/duet/pkg/journal"
 	"github.com/duet-ha/duet/pkg/wire"
@@ -121,8 +122,18 @@ func (b *builder) syncFile(l, p *wire.Entry) (bool, error) {
 		}
 	}
 	f, err := fstree.OpenBeneath(b.root, l.Path, unix.O_RDONLY|unix.O_NOFOLLOW)
+	var st unix.Stat_t
+	if err == nil && (unix.Fstat(int(f.Fd()), &st) != nil || st.Ino != l.Ino) {
+		f.Close()
+		err = unix.ESTALE
+	}
 	if err != nil {
-		return true, nil // gone meanwhile: a record reports it
+		// Renamed, replaced or removed since the scan. Records report
+		// only what changed after capture started, not the content the
+		// file already had: send it whole once the shadow knows where
+		// it is (or nothing, if it is gone).
+		b.retry(journal.File{Key: capture.InodeKey{Dev: b.dev, Ino: l.Ino}, Rescan: true}, l.Path+" moved during the full sync")
+		return true, nil
 	}
 	defer f.Close()
 	if p == nil {

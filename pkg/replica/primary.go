@@ -437,6 +437,9 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	}
 	bt.flush()
 	p.mu.Lock()
+	for _, f := range b.requeue {
+		p.j.Requeue(f)
+	}
 	p.sh = sh
 	p.syncSeq = syncSeq
 	p.needFull = false
