@@ -112,6 +112,8 @@ type Node struct {
 	serveCancel context.CancelFunc
 	serveWG     sync.WaitGroup
 	next        *preloaded // capture for the next term
+	// stopAnnounce ends the gratuitous ARPs of the current term.
+	stopAnnounce func()
 	// releasedAlone: a barrier was released without the peer; the peer
 	// counts as in sync only once all of it has been shipped.
 	releasedAlone atomic.Bool
@@ -322,8 +324,21 @@ func (n *Node) takeVIP(ctx context.Context) error {
 	if err := n.vip.Announce(ctx, 1, 0); err != nil {
 		n.log.Warn("gratuitous ARP", "err", err)
 	}
-	// More announcements, spaced, for switches that missed the first.
-	go n.vip.Announce(ctx, 4, 500*time.Millisecond)
+	// More announcements, spaced, for switches that missed the first;
+	// stopped before the VIP goes, or a node that handed over would go
+	// on announcing an address the new primary now holds.
+	actx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		n.vip.Announce(actx, 4, 500*time.Millisecond)
+	}()
+	n.smu.Lock()
+	n.stopAnnounce = func() {
+		cancel()
+		<-done
+	}
+	n.smu.Unlock()
 	n.log.Info("VIP up", "vip", n.vip.String())
 	return nil
 }
@@ -344,6 +359,13 @@ func (n *Node) unserve(ctx context.Context) {
 		}
 	}
 	cancel()
+	n.smu.Lock()
+	stop := n.stopAnnounce
+	n.stopAnnounce = nil
+	n.smu.Unlock()
+	if stop != nil {
+		stop()
+	}
 	if n.vip != nil {
 		if err := n.vip.Remove(); err != nil {
 			n.log.Error("removing the VIP", "err", err)
