@@ -181,40 +181,19 @@ func TestSwapTwice(t *testing.T) {
 		// peer's own state by up to an interval), or swap refuses.
 		l.WaitSync(t, time.Minute)
 		name := fmt.Sprintf("swap-log-%d", i)
-		ack := filepath.Join(l.Dir, name+".acked")
-		af, _ := os.Create(ack)
-		w := exec.Command(l.Script, "exec", p, l.Bin, "exec", "--config", filepath.Join(l.Dir, p+".yaml"), "--",
-			writer, "-file", filepath.Join(data[p], name))
-		w.Env, w.Stdout = l.env, af
-		var werr strings.Builder
-		w.Stderr = &werr
-		if err := w.Start(); err != nil {
-			t.Fatal(err)
-		}
+		w := l.startSyncWriter(t, writer, p, filepath.Join(data[p], name))
 		time.Sleep(300 * time.Millisecond)
 		out, code := l.Duet(t, p, "swap")
 		if code != 0 {
 			t.Fatalf("swap on %s: exit %d\n%s", p, code, out)
 		}
 		t.Logf("swap on %s: %s", nodeName[p], strings.TrimSpace(out))
-		done := make(chan error, 1)
-		go func() { done <- w.Wait() }()
-		select {
-		case <-done:
-		case <-time.After(30 * time.Second):
-			w.Process.Kill()
-			t.Fatalf("the writer still runs 30 s after the swap")
-		}
-		af.Close()
-		acked := readAcked(t, ack)
+		acked, stderr := w.wait(t, "the swap")
 		got, _ := os.ReadFile(filepath.Join(data[s], name))
-		for n := 1; n <= acked; n++ {
-			off := (n - 1) * 16
-			if off+16 > len(got) || string(got[off:off+16]) != fmt.Sprintf("%015d\n", n) {
-				t.Fatalf("record %d of %d acknowledged ones is not on %s", n, acked, nodeName[s])
-			}
+		if n := missingRecords(acked, got); n != 0 {
+			t.Fatalf("%d of %d acknowledged records are not on %s", n, acked, nodeName[s])
 		}
-		t.Logf("writer during the swap: %d records acknowledged, all on %s (writer: %s)", acked, nodeName[s], strings.TrimSpace(lastLine(werr.String())))
+		t.Logf("writer during the swap: %d records acknowledged, all on %s (writer: %s)", acked, nodeName[s], stderr)
 		if acked == 0 {
 			t.Fatal("no record was acknowledged before the swap: the check exercised nothing")
 		}

@@ -1,7 +1,6 @@
 package lab
 
 import (
-	"bytes"
 	"fmt"
 	"math/rand"
 	"os"
@@ -43,43 +42,17 @@ func TestZeroLossOnPrimaryKill(t *testing.T) {
 		pData := map[string]string{"a": l.AData, "b": l.BData}[p]
 		sData := map[string]string{"a": l.AData, "b": l.BData}[s]
 		name := fmt.Sprintf("log-%02d", i)
-		ack := filepath.Join(l.Dir, name+".acked")
-		af, _ := os.Create(ack)
-		cmd := exec.Command(l.Script, "exec", p, b, "exec", "--config", filepath.Join(l.Dir, p+".yaml"), "--",
-			writer, "-file", filepath.Join(pData, name))
-		cmd.Env = l.env
-		cmd.Stdout = af
-		var stderr bytes.Buffer
-		cmd.Stderr = &stderr
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
+		w := l.startSyncWriter(t, writer, p, filepath.Join(pData, name))
 		time.Sleep(time.Duration(50+rng.Intn(400)) * time.Millisecond)
 		// Link first: a SIGKILLed duet takes a while to die (its BPF
 		// links detach), and meanwhile its host still answers for the VIP.
 		l.run("exec", p, "ip", "link", "set", "eth0", "down")
 		l.Kill(t, p)
-		done := make(chan error, 1)
-		go func() { done <- cmd.Wait() }()
-		select {
-		case <-done:
-		case <-time.After(30 * time.Second):
-			cmd.Process.Kill()
-			t.Fatalf("iteration %d: writer still blocked 30 s after the primary died", i)
-		}
-		af.Close()
-		acked := readAcked(t, ack)
+		acked, stderr := w.wait(t, "the primary died")
 		replica, _ := os.ReadFile(filepath.Join(sData, name))
-		missing := 0
-		for n := 1; n <= acked; n++ {
-			want := fmt.Sprintf("%015d\n", n)
-			off := (n - 1) * 16
-			if off+16 > len(replica) || string(replica[off:off+16]) != want {
-				missing++
-			}
-		}
+		missing := missingRecords(acked, replica)
 		t.Logf("iteration %2d: primary %s killed, %4d acknowledged, %d missing on %s (writer: %s)", i, p, acked, missing, s,
-			strings.TrimSpace(lastLine(stderr.String())))
+			stderr)
 		total += acked
 		lost += missing
 		// The secondary takes over; the old primary comes back (as after
@@ -95,6 +68,59 @@ func TestZeroLossOnPrimaryKill(t *testing.T) {
 	if total == 0 {
 		t.Fatal("no record was acknowledged: the test exercised nothing")
 	}
+}
+
+// syncWriter is tools/syncwriter running under `duet exec` on a host,
+// logging the records whose fdatasync returned.
+type syncWriter struct {
+	cmd    *exec.Cmd
+	ack    *os.File
+	stderr strings.Builder
+}
+
+// startSyncWriter starts writer on host, appending to file.
+func (l *Lab) startSyncWriter(t *testing.T, writer, host, file string) *syncWriter {
+	t.Helper()
+	w := &syncWriter{}
+	var err error
+	if w.ack, err = os.CreateTemp(l.Dir, "acked-*"); err != nil {
+		t.Fatal(err)
+	}
+	w.cmd = exec.Command(l.Script, "exec", host, l.Bin, "exec", "--config", filepath.Join(l.Dir, host+".yaml"), "--",
+		writer, "-file", file)
+	w.cmd.Env, w.cmd.Stdout, w.cmd.Stderr = l.env, w.ack, &w.stderr
+	if err := w.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	return w
+}
+
+// wait waits (30 s at most) for the writer to stop after what was done to
+// it, and returns the last acknowledged record and its last words.
+func (w *syncWriter) wait(t *testing.T, after string) (int, string) {
+	t.Helper()
+	done := make(chan error, 1)
+	go func() { done <- w.cmd.Wait() }()
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		w.cmd.Process.Kill()
+		t.Fatalf("the writer still runs 30 s after %s", after)
+	}
+	w.ack.Close()
+	return readAcked(t, w.ack.Name()), strings.TrimSpace(lastLine(w.stderr.String()))
+}
+
+// missingRecords counts the records 1..acked that data lacks.
+func missingRecords(acked int, data []byte) int {
+	missing := 0
+	for n := 1; n <= acked; n++ {
+		off := (n - 1) * 16
+		if off+16 > len(data) || string(data[off:off+16]) != fmt.Sprintf("%015d\n", n) {
+			missing++
+		}
+	}
+	return missing
 }
 
 func readAcked(t *testing.T, path string) int {
