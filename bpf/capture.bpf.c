@@ -26,6 +26,11 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 // Set by userspace to an eighth of the ring before loading.
 volatile const __u64 RING_WAKE_BYTES = 2 << 20;
 
+// Set by userspace while durability calls wait on the barrier: every record
+// then wakes the reader, so that it is read while the writer moves on to
+// its fsync, not when the barrier asks for it.
+volatile __u32 EAGER_WAKE = 0;
+
 enum kind {
 	KIND_DATA = 1,    // bytes [pos, pos+len) changed and are readable now
 	KIND_MMAP = 2,    // a page went dirty through a fault: write back, then read
@@ -222,8 +227,9 @@ static __always_inline int emit_raw(__u32 dev, __u64 ino, __u32 gen, __u8 kind,
 	r->kind = kind;
 	r->hook = hook;
 	// Waking the reader costs more than the record: let it poll (every
-	// 2 ms) and wake it only when the ring starts to fill.
-	bpf_ringbuf_submit(r, bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) > RING_WAKE_BYTES ?
+	// 2 ms) and wake it only when the ring starts to fill, unless a
+	// barrier is about to want this record.
+	bpf_ringbuf_submit(r, EAGER_WAKE || bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) > RING_WAKE_BYTES ?
 				      BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
 	return 0;
 }

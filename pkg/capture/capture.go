@@ -273,6 +273,17 @@ func (c *Capture) Read(r *Record) error {
 // of at its next poll: for a barrier, which waits for every record.
 func (c *Capture) Kick() { c.reader.Flush() }
 
+// SetEagerWake makes every record wake the reader (on) or only a filling
+// ring buffer (off, the default). Eager suits synchronous writers, whose
+// barrier waits for the reader; off suits throughput.
+func (c *Capture) SetEagerWake(on bool) error {
+	var v uint32
+	if on {
+		v = 1
+	}
+	return c.objs.EAGER_WAKE.Set(v)
+}
+
 // Buffered reports the bytes waiting in the ring buffer.
 func (c *Capture) Buffered() int { return c.reader.AvailableBytes() }
 

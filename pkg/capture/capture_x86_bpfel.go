@@ -89,6 +89,7 @@ const (
 	CaptureProgSysEnterMmap           = "sys_enter_mmap"
 	CaptureProgSysExitFallocate       = "sys_exit_fallocate"
 	CaptureProgWritebackDirtyFolio    = "writeback_dirty_folio"
+	CaptureVarEAGER_WAKE              = "EAGER_WAKE"
 	CaptureVarRING_WAKE_BYTES         = "RING_WAKE_BYTES"
 	CaptureVarWATCHED_DEVS            = "WATCHED_DEVS"
 )
@@ -171,6 +172,7 @@ type CaptureMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type CaptureVariableSpecs struct {
+	EAGER_WAKE      *ebpf.VariableSpec `ebpf:"EAGER_WAKE"`
 	RING_WAKE_BYTES *ebpf.VariableSpec `ebpf:"RING_WAKE_BYTES"`
 	WATCHED_DEVS    *ebpf.VariableSpec `ebpf:"WATCHED_DEVS"`
 }
@@ -224,6 +226,7 @@ func (m *CaptureMaps) Close() error {
 //
 // It can be passed to LoadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type CaptureVariables struct {
+	EAGER_WAKE      *ebpf.Variable `ebpf:"EAGER_WAKE"`
 	RING_WAKE_BYTES *ebpf.Variable `ebpf:"RING_WAKE_BYTES"`
 	WATCHED_DEVS    *ebpf.Variable `ebpf:"WATCHED_DEVS"`
 }

@@ -34,8 +34,9 @@ those of COMMAND.`,
 			if err != nil {
 				return err
 			}
+			client := node.NewBarrierClient(socket)
 			code, err := barrier.Exec(context.Background(), self, args, func(int32) error {
-				return node.Barrier(socket)
+				return client.Wait()
 			})
 			if err != nil {
 				return err

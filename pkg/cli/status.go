@@ -129,8 +129,12 @@ func printStatus(w io.Writer, st *node.Status, output string) error {
 		if !d.Connected {
 			conn = "DISCONNECTED"
 		}
-		fmt.Fprintf(w, "dir %s (%s) -> %s: %s, batches %d built / %d acked, %d files pending, lag %.1f ms\n",
-			d.Dir, d.Path, d.Peer, conn, d.Sent, d.Acked, d.PendingFiles, d.LagMs)
+		mode := d.Mode
+		if d.MaxLagMs > 0 {
+			mode += fmt.Sprintf(" (max lag %g ms)", d.MaxLagMs)
+		}
+		fmt.Fprintf(w, "dir %s (%s) -> %s, %s: %s, batches %d built / %d acked, %d files pending, lag %.1f ms\n",
+			d.Dir, d.Path, d.Peer, mode, conn, d.Sent, d.Acked, d.PendingFiles, d.LagMs)
 		fmt.Fprintf(w, "  changed %s, read %s, on the wire %s, full syncs %d\n",
 			bytesOf(d.ChangedBytes), bytesOf(d.DataBytes), bytesOf(d.WireBytes), d.FullSyncs)
 		if d.Barriers > 0 {
@@ -148,7 +152,7 @@ func printStatus(w io.Writer, st *node.Status, output string) error {
 		fmt.Fprintf(w, "replica %s (%s): %s, %d batches / %d ops applied, last batch %d\n",
 			r.Dir, r.Path, conn, r.Batches, r.Ops, r.LastSeq)
 		if r.Batches > 0 {
-			fmt.Fprintf(w, "  per batch: apply %.2f ms, sync %.2f ms\n", r.ApplyAvgMs, r.SyncAvgMs)
+			fmt.Fprintf(w, "  apply %.2f ms per batch; %d syncs to disk, %.2f ms each\n", r.ApplyAvgMs, r.Syncs, r.SyncAvgMs)
 		}
 		if r.LastError != "" {
 			fmt.Fprintf(w, "  last error: %s\n", r.LastError)

@@ -73,6 +73,10 @@ type Cluster struct {
 	Witness string `yaml:"witness"`
 	// Fence is a command run before a takeover; if it fails, no takeover.
 	Fence string `yaml:"fence"`
+	// AloneWrites says what a supervised durability call does when no
+	// peer is in sync: "release" (default, like DRBD with a disconnected
+	// peer: the change is tracked for a resync) or "fail" (EIO).
+	AloneWrites string `yaml:"alone_writes"`
 }
 
 // Network is one heartbeat path.
@@ -115,10 +119,30 @@ type Replicate struct {
 	Name string `yaml:"name"`
 	// Path is the local directory.
 	Path string `yaml:"path"`
+	// Mode is "sync" (default: a durability call of a supervised process
+	// returns once its data is durable on the peer) or "async" (it returns
+	// at once while the replication lag is under MaxLag, and waits for the
+	// lag to come back under it otherwise).
+	Mode string `yaml:"mode"`
+	// MaxLag bounds the lag of an async directory; default 2s.
+	MaxLag time.Duration `yaml:"max_lag"`
 }
+
+// Replication modes.
+const (
+	ModeSync  = "sync"
+	ModeAsync = "async"
+)
+
+// What durability calls do while no peer is in sync (AloneWrites).
+const (
+	AloneRelease = "release" // return: the node runs unprotected, changes are kept for a resync
+	AloneFail    = "fail"    // fail with EIO: stop rather than run unprotected
+)
 
 // Defaults.
 const (
+	DefaultMaxLag   = 2 * time.Second
 	DefaultStateDir = "/var/lib/duet"
 	DefaultRingKiB  = 16 << 10
 	DefaultPort     = "7788"
@@ -171,11 +195,21 @@ func (c *Config) defaults() {
 		c.RingBufferKiB = DefaultRingKiB
 	}
 	for i := range c.Replicate {
-		if c.Replicate[i].Name == "" {
-			c.Replicate[i].Name = filepath.Base(filepath.Clean(c.Replicate[i].Path))
+		r := &c.Replicate[i]
+		if r.Name == "" {
+			r.Name = filepath.Base(filepath.Clean(r.Path))
+		}
+		if r.Mode == "" {
+			r.Mode = ModeSync
+		}
+		if r.MaxLag == 0 && r.Mode == ModeAsync {
+			r.MaxLag = DefaultMaxLag
 		}
 	}
 	cl := &c.Cluster
+	if cl.AloneWrites == "" {
+		cl.AloneWrites = AloneRelease
+	}
 	if cl.HeartbeatPort == 0 {
 		cl.HeartbeatPort = DefaultHBPort
 	}
@@ -254,6 +288,14 @@ func (c *Config) Validate() error {
 			bad("replicate[%d].name %q: already used by replicate[%d]", i, r.Name, j)
 		}
 		names[r.Name] = i
+		switch {
+		case r.Mode != ModeSync && r.Mode != ModeAsync:
+			bad("replicate[%d].mode %q: must be %q or %q", i, r.Mode, ModeSync, ModeAsync)
+		case r.Mode == ModeSync && r.MaxLag != 0:
+			bad("replicate[%d].max_lag %s: only for mode %q", i, r.MaxLag, ModeAsync)
+		case r.MaxLag < 0:
+			bad("replicate[%d].max_lag %s: must be positive", i, r.MaxLag)
+		}
 		if st, err := os.Stat(r.Path); err != nil {
 			bad("replicate[%d].path %q: %v", i, r.Path, unwrapPathErr(err))
 		} else if !st.IsDir() {
@@ -270,6 +312,9 @@ func (c *Config) Validate() error {
 
 func (c *Config) validateCluster(bad func(string, ...any)) {
 	cl := c.Cluster
+	if cl.AloneWrites != AloneRelease && cl.AloneWrites != AloneFail {
+		bad("cluster.alone_writes %q: must be %q or %q", cl.AloneWrites, AloneRelease, AloneFail)
+	}
 	if cl.HeartbeatPort < 1 || cl.HeartbeatPort > 65535 {
 		bad("cluster.heartbeat_port %d: must be 1-65535", cl.HeartbeatPort)
 	}

@@ -34,6 +34,16 @@ func TestParseGood(t *testing.T) {
 		cl.Networks[0] != (Network{Local: "10.250.0.1", Peer: "10.250.0.2"}) || c.Metrics != DefaultMetrics {
 		t.Fatalf("cluster defaults not applied: %+v metrics %q", cl, c.Metrics)
 	}
+	if c.Replicate[0].Mode != ModeSync || cl.AloneWrites != AloneRelease {
+		t.Fatalf("mode %q, alone_writes %q: want sync and release by default", c.Replicate[0].Mode, cl.AloneWrites)
+	}
+	a, err := Parse([]byte(strings.Replace(base(t), "  - path: ", "  - mode: async\n    path: ", 1)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.Replicate[0].MaxLag != DefaultMaxLag {
+		t.Fatalf("async max_lag %s, want the default %s", a.Replicate[0].MaxLag, DefaultMaxLag)
+	}
 }
 
 func TestParseErrorsNameTheField(t *testing.T) {
@@ -46,6 +56,9 @@ func TestParseErrorsNameTheField(t *testing.T) {
 		{"missing key", `key: "0123456789abcdef"`, "", "key: set key or key_file"},
 		{"node name", "node: nodeA", "node: 'a b'", `node "a b"`},
 		{"ring", "node: nodeA", "node: nodeA\nring_buffer_kib: 3", "ring_buffer_kib 3"},
+		{"mode", "  - path: ", "  - mode: lazy\n    path: ", `replicate[0].mode "lazy"`},
+		{"max_lag on sync", "  - path: ", "  - max_lag: 1s\n    path: ", `replicate[0].max_lag 1s: only for mode "async"`},
+		{"alone_writes", "node: nodeA", "node: nodeA\ncluster: {alone_writes: panic}", `cluster.alone_writes "panic"`},
 		{"timeout", "node: nodeA", "node: nodeA\ncluster: {interval: 500ms, timeout: 1s}", "cluster.timeout 1s: must be at least 3 heartbeat intervals"},
 		{"duration", "node: nodeA", "node: nodeA\ncluster: {timeout: soon}", "soon"},
 		{"witness", "node: nodeA", "node: nodeA\ncluster: {witness: gateway}", `cluster.witness "gateway"`},

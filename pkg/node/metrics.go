@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/http"
 	"sync"
@@ -15,19 +16,20 @@ import (
 // histogram is a Prometheus-style cumulative histogram of durations.
 type histogram struct {
 	mu     sync.Mutex
-	counts [len(barrierBuckets) + 1]uint64
+	counts [len(latencyBuckets) + 1]uint64
 	sum    time.Duration
 	n      uint64
 }
 
-// barrierBuckets are the upper bounds, in seconds, of barrier latency.
-var barrierBuckets = [...]float64{0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5}
+// latencyBuckets are the upper bounds, in seconds, of barrier latency and
+// replication lag.
+var latencyBuckets = [...]float64{0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5}
 
 func (h *histogram) observe(d time.Duration) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	i := 0
-	for i < len(barrierBuckets) && d.Seconds() > barrierBuckets[i] {
+	for i < len(latencyBuckets) && d.Seconds() > latencyBuckets[i] {
 		i++
 	}
 	h.counts[i]++
@@ -35,12 +37,59 @@ func (h *histogram) observe(d time.Duration) {
 	h.n++
 }
 
+// Histogram is a histogram's state for status: Counts[i] events took at
+// most BoundsMs[i] (and more than the bound before); the last count is
+// over the last bound.
+type Histogram struct {
+	BoundsMs []float64 `json:"bounds_ms"`
+	Counts   []uint64  `json:"counts"`
+}
+
+func (h *histogram) snapshot() Histogram {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	s := Histogram{Counts: append([]uint64(nil), h.counts[:]...)}
+	for _, b := range latencyBuckets {
+		s.BoundsMs = append(s.BoundsMs, b*1000)
+	}
+	return s
+}
+
+// Quantile returns the bound under which fraction q of the events fell
+// (+Inf past the last bound, NaN without events), counting only what
+// happened since the earlier snapshot `since` (zero value: since start).
+func (h Histogram) Quantile(q float64, since Histogram) float64 {
+	var total uint64
+	d := make([]uint64, len(h.Counts))
+	for i := range h.Counts {
+		d[i] = h.Counts[i]
+		if i < len(since.Counts) {
+			d[i] -= since.Counts[i]
+		}
+		total += d[i]
+	}
+	if total == 0 {
+		return math.NaN()
+	}
+	var cum uint64
+	for i, c := range d {
+		cum += c
+		if float64(cum) >= q*float64(total) {
+			if i < len(h.BoundsMs) {
+				return h.BoundsMs[i]
+			}
+			break
+		}
+	}
+	return math.Inf(1)
+}
+
 func (h *histogram) write(w io.Writer, name, help string) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name)
 	var cum uint64
-	for i, b := range barrierBuckets {
+	for i, b := range latencyBuckets {
 		cum += h.counts[i]
 		fmt.Fprintf(w, "%s_bucket{le=\"%g\"} %d\n", name, b, cum)
 	}
@@ -105,4 +154,5 @@ func (n *Node) writeMetrics(w io.Writer) {
 		fmt.Fprintf(w, "duet_service_healthy{service=%q} %g\n", sv.Name, b2f(sv.Healthy))
 	}
 	n.barriers.write(w, "duet_barrier_seconds", "Time durability calls waited for the peer.")
+	n.lags.write(w, "duet_replication_lag_seconds", "Per acknowledged batch: from the capture of its oldest change to the peer's acknowledgement.")
 }

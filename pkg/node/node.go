@@ -49,9 +49,13 @@ type Status struct {
 	RingBytes int                  `json:"ring_buffered_bytes"`
 	LagMs     float64              `json:"lag_ms"`
 	LagBytes  int                  `json:"lag_bytes"`
-	Dirs      []replica.Status     `json:"dirs,omitempty"`
-	Replicas  []ReplicaStatus      `json:"replicas,omitempty"`
-	InSync    bool                 `json:"in_sync"`
+	// LagHistogram counts acknowledged batches by replication lag, and
+	// BarrierHistogram durability calls by time waited, since start.
+	LagHistogram     Histogram        `json:"lag_histogram"`
+	BarrierHistogram Histogram        `json:"barrier_histogram"`
+	Dirs             []replica.Status `json:"dirs,omitempty"`
+	Replicas         []ReplicaStatus  `json:"replicas,omitempty"`
+	InSync           bool             `json:"in_sync"`
 }
 
 // PeerStatus is what the heartbeats say of the peer.
@@ -86,6 +90,7 @@ type ReplicaStatus struct {
 	LastUpdate string  `json:"last_update,omitempty"`
 	LastError  string  `json:"last_error,omitempty"`
 	ApplyAvgMs float64 `json:"apply_avg_ms"`
+	Syncs      uint64  `json:"syncs"`
 	SyncAvgMs  float64 `json:"sync_avg_ms"`
 }
 
@@ -95,15 +100,24 @@ const ext4Magic = 0xEF53
 // Node is a running daemon.
 type Node struct {
 	dispatched atomic.Uint64 // records handed to the primaries
-	cfg        *config.Config
-	log        *slog.Logger
-	key        []byte
-	dirs       []replica.Dir
-	devs       []uint64
-	server     *replica.Server
-	vip        *vip.VIP
-	stack      *stack.Stack
-	barriers   histogram
+	// Drain waiters sleep on drained; dispatch wakes them while any wait.
+	drainWaiters atomic.Int32
+	drainMu      sync.Mutex
+	drained      *sync.Cond
+	// lastBarrier (unix ns) keeps the capture's eager wake-ups on while
+	// durability calls come in; eager says they are on.
+	lastBarrier atomic.Int64
+	eager       atomic.Bool
+	cfg         *config.Config
+	log         *slog.Logger
+	key         []byte
+	dirs        []replica.Dir
+	devs        []uint64
+	server      *replica.Server
+	vip         *vip.VIP
+	stack       *stack.Stack
+	barriers    histogram
+	lags        histogram
 
 	// The serving side exists while the node is PRIM or ALONE.
 	smu         sync.RWMutex
@@ -140,6 +154,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 		return err
 	}
 	n := &Node{cfg: cfg, log: log, key: key, events: make(chan cluster.Event, 64), cmds: make(chan command)}
+	n.drained = sync.NewCond(&n.drainMu)
 	for i, r := range cfg.Replicate {
 		n.dirs = append(n.dirs, replica.Dir{Name: r.Name, Path: r.Path})
 		dev, err := checkTree(i, r.Path)
@@ -387,6 +402,7 @@ func (n *Node) startPrimary(ctx context.Context) error {
 			}
 			return err
 		}
+		p.OnAck = n.lags.observe
 		primaries = append(primaries, p)
 	}
 	c, err := n.takeCapture()
@@ -412,6 +428,7 @@ func (n *Node) startPrimary(ctx context.Context) error {
 	n.log.Info("capture attached", "hooks", strings.Join(active, ","))
 	n.smu.Lock()
 	n.cap, n.primaries = c, primaries
+	n.eager.Store(false) // a new capture starts with lazy wake-ups
 	n.serveCancel = func() {}
 	n.dispatched.Store(0)
 	n.smu.Unlock()
@@ -540,6 +557,9 @@ func (n *Node) dispatch(c *capture.Capture, primaries []*replica.Primary) {
 			}
 		}
 		n.dispatched.Add(1)
+		if n.drainWaiters.Load() > 0 {
+			n.wakeDrains()
+		}
 	}
 }
 
@@ -586,15 +606,36 @@ func (k kernel) Drain() {
 	if c == nil {
 		return
 	}
+	n := k.n
 	target := k.Seq()
-	if k.n.dispatched.Load() >= target {
+	if n.dispatched.Load() >= target {
 		return
 	}
+	// Registered before the check under the lock: a record dispatched
+	// after it wakes this waiter (a sleep-and-poll loop costs a timer
+	// tick, a millisecond, on every barrier).
+	n.drainWaiters.Add(1)
+	defer n.drainWaiters.Add(-1)
 	c.Kick()
-	deadline := time.Now().Add(time.Second)
-	for k.n.dispatched.Load() < target && time.Now().Before(deadline) {
-		time.Sleep(20 * time.Microsecond)
+	timedOut := false
+	t := time.AfterFunc(time.Second, func() {
+		n.drainMu.Lock()
+		timedOut = true
+		n.drained.Broadcast()
+		n.drainMu.Unlock()
+	})
+	defer t.Stop()
+	n.drainMu.Lock()
+	for n.dispatched.Load() < target && !timedOut {
+		n.drained.Wait()
 	}
+	n.drainMu.Unlock()
+}
+
+func (n *Node) wakeDrains() {
+	n.drainMu.Lock()
+	n.drained.Broadcast()
+	n.drainMu.Unlock()
 }
 
 // watchOverflow turns lost records into rescans: of the inodes the kernel
@@ -608,6 +649,11 @@ func (n *Node) watchOverflow(ctx context.Context, c *capture.Capture, primaries 
 		case <-ctx.Done():
 			return
 		case <-t.C:
+		}
+		if n.eager.Load() && time.Since(time.Unix(0, n.lastBarrier.Load())) > eagerHold {
+			if c.SetEagerWake(false) == nil {
+				n.eager.Store(false)
+			}
 		}
 		ctr, err := c.Counters()
 		if err != nil || ctr.Lost == lost {
@@ -672,7 +718,8 @@ func (n *Node) serveControl(ctx context.Context, ln net.Listener) {
 		go func() {
 			defer c.Close()
 			c.SetDeadline(time.Now().Add(5 * time.Second))
-			line, err := bufio.NewReader(c).ReadString('\n')
+			br := bufio.NewReader(c)
+			line, err := br.ReadString('\n')
 			if err != nil {
 				return
 			}
@@ -687,8 +734,16 @@ func (n *Node) serveControl(ctx context.Context, ln net.Listener) {
 			case "status":
 				json.NewEncoder(c).Encode(n.Status())
 			case "barrier":
+				// A barrier connection stays open for the next
+				// call: a supervised writer's fsyncs skip a
+				// connect each.
 				c.SetDeadline(time.Time{})
-				fmt.Fprintln(c, n.barrier(ctx))
+				for req == "barrier" && err == nil {
+					if _, err = fmt.Fprintln(c, n.barrier(ctx)); err == nil {
+						line, err = br.ReadString('\n')
+						req = strings.TrimSpace(line)
+					}
+				}
 			default:
 				fmt.Fprintf(c, "{\"error\":%q}\n", "unknown request "+req)
 			}
@@ -718,6 +773,10 @@ func Command(socket, req string) (string, error) {
 	return line, nil
 }
 
+// eagerHold is how long after the last durability call every capture
+// record still wakes the reader at once.
+const eagerHold = 2 * time.Second
+
 // AloneAfter is how long a barrier waits for a missing peer before the
 // node declares itself alone and releases durability calls.
 const AloneAfter = 5 * time.Second
@@ -741,9 +800,15 @@ func (n *Node) barrier(ctx context.Context) string {
 	}
 	start := time.Now()
 	defer func() { n.barriers.observe(time.Since(start)) }()
+	n.lastBarrier.Store(start.UnixNano())
 	n.smu.RLock()
-	primaries := n.primaries
+	primaries, c := n.primaries, n.cap
 	n.smu.RUnlock()
+	if c != nil && !n.eager.Load() {
+		if err := c.SetEagerWake(true); err == nil {
+			n.eager.Store(true)
+		}
+	}
 	// A peer that is not streaming cannot take over (it is not SECOND):
 	// the change stays here, tracked, until it is shipped.
 	streaming := m.State == cluster.Prim
@@ -751,21 +816,26 @@ func (n *Node) barrier(ctx context.Context) string {
 		streaming = streaming && p.Streaming()
 	}
 	if !streaming {
-		n.releasedAlone.Store(true)
-		return "alone"
+		return n.alone()
 	}
 	ctx, cancel := context.WithTimeout(ctx, barrierTimeout)
 	defer cancel()
 	reply := "ok"
 	alone := min(AloneAfter, n.cfg.Cluster.Timeout)
-	for _, p := range primaries {
-		err := p.WaitShipped(ctx, kernel{n}, alone)
+	for i, p := range primaries {
+		var err error
+		if r := n.cfg.Replicate[i]; r.Mode == config.ModeAsync {
+			err = p.WaitLag(ctx, r.MaxLag, alone)
+		} else {
+			err = p.WaitShipped(ctx, kernel{n}, alone)
+		}
 		switch {
 		case errors.Is(err, replica.ErrAlone) && n.leaving.Load():
 			return "error: the primary role was handed over before this change was shipped"
 		case errors.Is(err, replica.ErrAlone):
-			n.releasedAlone.Store(true)
-			reply = "alone"
+			if reply = n.alone(); reply != "alone" {
+				return reply
+			}
 		case err != nil:
 			return "error: " + err.Error()
 		}
@@ -773,23 +843,77 @@ func (n *Node) barrier(ctx context.Context) string {
 	return reply
 }
 
-// Barrier asks the daemon behind socket to wait until every change is on
-// the peer. nil means durable on the peer, or released because no peer
-// is in sync (alone).
-func Barrier(socket string) error {
-	c, err := net.DialTimeout("unix", socket, 2*time.Second)
-	if err != nil {
-		return fmt.Errorf("no duet daemon at %s: %w", socket, err)
+// alone answers a durability call that no peer in sync can confirm:
+// released and tracked for a resync, or refused (cluster.alone_writes).
+func (n *Node) alone() string {
+	if n.cfg.Cluster.AloneWrites == config.AloneFail {
+		return "error: no peer in sync, and cluster.alone_writes is fail"
 	}
-	defer c.Close()
-	if _, err := c.Write([]byte("barrier\n")); err != nil {
-		return err
+	n.releasedAlone.Store(true)
+	return "alone"
+}
+
+// BarrierClient asks the daemon behind Socket to wait until every change
+// is on the peer. It keeps idle connections for the next calls; safe for
+// concurrent use (each call in progress holds a connection of its own).
+type BarrierClient struct {
+	Socket string
+	idle   chan *barrierConn
+}
+
+type barrierConn struct {
+	c  net.Conn
+	br *bufio.Reader
+}
+
+// NewBarrierClient returns a client of the daemon behind socket.
+func NewBarrierClient(socket string) *BarrierClient {
+	return &BarrierClient{Socket: socket, idle: make(chan *barrierConn, 16)}
+}
+
+// Wait returns nil once the changes made so far are durable on the peer,
+// or were released because no peer is in sync (alone).
+func (b *BarrierClient) Wait() error {
+	var bc *barrierConn
+	select {
+	case bc = <-b.idle:
+	default:
 	}
-	line, err := bufio.NewReader(c).ReadString('\n')
+	if bc != nil {
+		line, err := bc.call()
+		if err == nil {
+			return b.done(bc, line)
+		}
+		bc.c.Close() // the daemon restarted since: try a new connection
+	}
+	c, err := net.DialTimeout("unix", b.Socket, 2*time.Second)
 	if err != nil {
+		return fmt.Errorf("no duet daemon at %s: %w", b.Socket, err)
+	}
+	bc = &barrierConn{c: c, br: bufio.NewReader(c)}
+	line, err := bc.call()
+	if err != nil {
+		c.Close()
 		return fmt.Errorf("barrier: daemon gone: %w", err)
 	}
-	switch line = strings.TrimSpace(line); line {
+	return b.done(bc, line)
+}
+
+func (bc *barrierConn) call() (string, error) {
+	if _, err := bc.c.Write([]byte("barrier\n")); err != nil {
+		return "", err
+	}
+	line, err := bc.br.ReadString('\n')
+	return strings.TrimSpace(line), err
+}
+
+func (b *BarrierClient) done(bc *barrierConn, line string) error {
+	select {
+	case b.idle <- bc:
+	default:
+		bc.c.Close()
+	}
+	switch line {
 	case "ok", "alone":
 		return nil
 	}
@@ -819,6 +943,7 @@ func (n *Node) Status() Status {
 		s.VIP = vs
 	}
 	s.Services = n.stack.Status()
+	s.LagHistogram, s.BarrierHistogram = n.lags.snapshot(), n.barriers.snapshot()
 	n.smu.RLock()
 	c, primaries := n.cap, n.primaries
 	n.smu.RUnlock()
@@ -833,8 +958,10 @@ func (n *Node) Status() Status {
 			s.InSync = false
 		}
 	}
-	for _, p := range primaries {
+	for i, p := range primaries {
 		ps := p.Status()
+		ps.Mode = n.cfg.Replicate[i].Mode
+		ps.MaxLagMs = float64(n.cfg.Replicate[i].MaxLag.Milliseconds())
 		s.InSync = s.InSync && ps.InSync
 		s.LagMs = max(s.LagMs, ps.LagMs)
 		s.LagBytes += ps.UnackedBytes
@@ -846,9 +973,12 @@ func (n *Node) Status() Status {
 			rs := ReplicaStatus{Dir: d.Name, Path: d.Path, Connected: st.Connected.Load(),
 				Peer: st.Peer.Load().(string), Batches: st.Batches.Load(), Ops: st.Ops.Load(),
 				LastSeq: st.Applied.Load(), LastError: st.LastError.Load().(string)}
+			rs.Syncs = st.Syncs.Load()
 			if b := st.Batches.Load(); b > 0 {
 				rs.ApplyAvgMs = float64(st.ApplyNs.Load()) / float64(b) / 1e6
-				rs.SyncAvgMs = float64(st.SyncNs.Load()) / float64(b) / 1e6
+			}
+			if rs.Syncs > 0 {
+				rs.SyncAvgMs = float64(st.SyncNs.Load()) / float64(rs.Syncs) / 1e6
 			}
 			if t := st.LastUpdate.Load(); t != 0 {
 				rs.LastUpdate = time.Unix(0, t).Format(time.RFC3339Nano)

@@ -55,15 +55,23 @@ type builder struct {
 	syncSeq uint64
 
 	// Per batch.
-	whole    map[uint64]bool // inodes whose whole content was sent
-	mapped   map[uint64]bool // inodes dirtied through a shared mapping
-	requeue  []journal.File
+	whole   map[uint64]bool // inodes whose whole content was sent
+	mapped  map[uint64]bool // inodes dirtied through a shared mapping
+	requeue []journal.File
+	// blocked counts requeued changes a barrier must wait for: all but
+	// bytes beyond EOF, which no completed write can have made.
+	blocked  int
 	removals []link
 	dataRead uint64 // bytes read for shipping, in total
 }
 
-func newBuilder(root *os.File, dev uint32, sh *shadow, k Kernel, out sink, log *slog.Logger) *builder {
-	return &builder{root: root, dev: dev, sh: sh, kernel: k, out: out, log: log, buf: make([]byte, readChunk)}
+// newBuilder returns a builder reading through buf (readChunk bytes,
+// allocated when nil): a barrier's pass should not zero a megabyte first.
+func newBuilder(root *os.File, dev uint32, sh *shadow, k Kernel, out sink, log *slog.Logger, buf []byte) *builder {
+	if len(buf) < readChunk {
+		buf = make([]byte, readChunk)
+	}
+	return &builder{root: root, dev: dev, sh: sh, kernel: k, out: out, log: log, buf: buf}
 }
 
 // build ships the changes of one batch and returns what must be retried.
@@ -76,6 +84,7 @@ func (b *builder) build(files []journal.File) ([]journal.File, error) {
 		}
 	}
 	b.requeue = nil
+	b.blocked = 0
 	b.removals = nil
 	b.forget(files)
 
@@ -181,6 +190,12 @@ func (b *builder) retire(ino uint64, gen uint32) error {
 }
 
 func (b *builder) retry(f journal.File, why string) {
+	b.blocked++
+	b.requeueOnly(f, why)
+}
+
+// requeueOnly requeues a change no barrier waits for.
+func (b *builder) requeueOnly(f journal.File, why string) {
 	if f.Retries < maxRetries {
 		b.log.Debug("change requeued", "ino", f.Key.Ino, "retries", f.Retries, "why", why)
 		b.requeue = append(b.requeue, f)
@@ -531,6 +546,7 @@ func (b *builder) file(f journal.File) error {
 		var later journal.File
 		later.Key = f.Key
 		later.Retries = f.Retries
+		short := false
 		for _, s := range spans {
 			end := min(s.End, size)
 			if s.Off < end {
@@ -540,6 +556,7 @@ func (b *builder) file(f journal.File) error {
 				}
 				if got < end {
 					later.Data.Add(got, end-got)
+					short = true
 				}
 			}
 			// Bytes reported beyond EOF: a size update not yet visible
@@ -549,8 +566,14 @@ func (b *builder) file(f journal.File) error {
 				later.Data.Add(lo, s.End-lo)
 			}
 		}
-		if !later.Data.Empty() {
-			b.retry(later, "bytes beyond EOF")
+		// A write that returned before a barrier began has moved the
+		// size already (it was read above): bytes beyond EOF belong to
+		// writes still in progress, which do not hold a barrier.
+		switch {
+		case short:
+			b.retry(later, "bytes not readable yet")
+		case !later.Data.Empty():
+			b.requeueOnly(later, "bytes beyond EOF")
 		}
 	}
 	if f.Attr || f.Rescan {

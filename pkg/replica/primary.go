@@ -31,7 +31,7 @@ const (
 type sentBatch struct {
 	seq   uint64
 	frame []byte
-	at    time.Time
+	since time.Time // when the oldest change in it was captured
 }
 
 // Primary ships one directory's changes to the peer.
@@ -42,33 +42,55 @@ type Primary struct {
 	Log  *slog.Logger
 	// Dev is the watched filesystem in kernel encoding (capture.KernelDev).
 	Dev uint32
+	// OnAck, if set, gets the replication lag of every acknowledged
+	// batch: from the capture of its oldest change to the peer's ack.
+	// Called with the primary's lock held: it must not call back.
+	OnAck func(lag time.Duration)
 
 	root     *os.File
 	session  uint64
+	readBuf  []byte       // the builders' read buffer, used by the build goroutine only
 	barriers atomic.Int32 // WaitShipped calls in progress
+	// barrierKick cuts the batch window short when a barrier begins.
+	barrierKick chan struct{}
 
-	mu           sync.Mutex
-	cond         *sync.Cond
-	j            *journal.Journal
-	sh           *shadow
-	syncSeq      uint64 // capture sequence before the shadow's scan
-	needFull     bool
-	queue        []sentBatch // built, not yet acknowledged
-	queueBytes   int
-	nextSeq      uint64
-	acked        uint64
-	connected    bool
-	building     bool
-	lastErr      string
-	barrierCount uint64
-	barrierNs    int64
-	lastErrAt    time.Time
-	fullSyncs    int
-	fullSyncEnd  uint64 // last batch of the latest full sync
-	dataBytes    uint64
-	wireBytes    uint64
-	changedBytes uint64
-	records      uint64
+	mu sync.Mutex
+	// Three conditions on mu, so that a wake-up reaches only who waits
+	// for it: work for the builder (journal, backpressure), sendq for the
+	// sender (new batches), done for barriers (acks, passes).
+	work, sendq, done *sync.Cond
+	j                 *journal.Journal
+	sh                *shadow
+	syncSeq           uint64 // capture sequence before the shadow's scan
+	needFull          bool
+	queue             []sentBatch // built, not yet acknowledged
+	queueBytes        int
+	nextSeq           uint64
+	acked             uint64 // highest batch the peer applied
+	durable           uint64 // highest batch the peer applied and synced
+	syncReq           uint64 // highest batch a barrier asked to be made durable
+	connected         bool
+	building          bool
+	lastErr           string
+	barrierCount      uint64
+	barrierNs         int64
+	lastErrAt         time.Time
+	fullSyncs         int
+	fullSyncEnd       uint64 // last batch of the latest full sync
+	dataBytes         uint64
+	wireBytes         uint64
+	changedBytes      uint64
+	records           uint64
+	// added counts what was folded into the journal (records, rescans).
+	// covered is the count a finished build pass took in whole (nothing
+	// requeued), coveredSeq the last batch of that pass: once it is
+	// acknowledged, the peer holds every change counted up to covered.
+	added      uint64
+	covered    uint64
+	coveredSeq uint64
+	// pendingSince is when the oldest change still in the journal was
+	// captured (zero: none).
+	pendingSince time.Time
 }
 
 // NewPrimary opens dir for shipping.
@@ -80,8 +102,9 @@ func NewPrimary(d Dir, peer string, key []byte, dev uint32, log *slog.Logger) (*
 	var sb [8]byte
 	rand.Read(sb[:])
 	p := &Primary{Dir: d, Peer: peer, Key: key, Dev: dev, Log: log.With("dir", d.Name),
-		root: root, session: binary.LittleEndian.Uint64(sb[:]) | 1, j: journal.New(), needFull: true, nextSeq: 1}
-	p.cond = sync.NewCond(&p.mu)
+		root: root, session: binary.LittleEndian.Uint64(sb[:]) | 1, j: journal.New(), needFull: true, nextSeq: 1,
+		barrierKick: make(chan struct{}, 1)}
+	p.work, p.sendq, p.done = sync.NewCond(&p.mu), sync.NewCond(&p.mu), sync.NewCond(&p.mu)
 	return p, nil
 }
 
@@ -90,19 +113,27 @@ func (p *Primary) Record(r *capture.Record, now time.Time) {
 	p.mu.Lock()
 	p.j.Add(r, now)
 	p.records++
+	p.added++
+	if p.pendingSince.IsZero() {
+		p.pendingSince = now
+	}
 	if (r.Kind == capture.KindData || r.Kind == capture.KindMmap) && r.Len < journal.Unbounded {
 		p.changedBytes += r.Len
 	}
 	p.mu.Unlock()
-	p.cond.Broadcast()
+	p.work.Broadcast()
 }
 
 // Rescan asks for a whole-file comparison of one inode (its record was lost).
 func (p *Primary) Rescan(k capture.InodeKey) {
 	p.mu.Lock()
 	p.j.MarkRescan(k)
+	p.added++
+	if p.pendingSince.IsZero() {
+		p.pendingSince = time.Now()
+	}
 	p.mu.Unlock()
-	p.cond.Broadcast()
+	p.work.Broadcast()
 }
 
 // RescanAll asks for a full comparison with the peer.
@@ -110,7 +141,7 @@ func (p *Primary) RescanAll() {
 	p.mu.Lock()
 	p.needFull = true
 	p.mu.Unlock()
-	p.cond.Broadcast()
+	p.work.Broadcast()
 }
 
 // Run connects to the peer and ships changes until ctx ends, reconnecting
@@ -211,7 +242,9 @@ func (p *Primary) connection(ctx context.Context, kernel Kernel) error {
 // check of its condition, so no wake-up is lost.
 func (p *Primary) wake() {
 	p.mu.Lock()
-	p.cond.Broadcast()
+	p.work.Broadcast()
+	p.sendq.Broadcast()
+	p.done.Broadcast()
 	p.mu.Unlock()
 }
 
@@ -227,8 +260,12 @@ func (p *Primary) readAcks(ctx context.Context, c net.Conn, manifest chan<- wire
 		case wire.TypeAck:
 			p.mu.Lock()
 			p.ack(f.Seq)
+			if f.Flags&wire.FlagDurable != 0 && f.Seq > p.durable {
+				p.durable = f.Seq
+			}
 			p.mu.Unlock()
-			p.cond.Broadcast()
+			p.work.Broadcast()
+			p.done.Broadcast()
 		case wire.TypeManifest, wire.TypeEnd:
 			select {
 			case manifest <- f:
@@ -249,29 +286,39 @@ func (p *Primary) ack(seq uint64) {
 		p.acked = seq
 	}
 	i := 0
+	now := time.Now()
 	for i < len(p.queue) && p.queue[i].seq <= seq {
 		p.queueBytes -= len(p.queue[i].frame)
+		if p.OnAck != nil {
+			p.OnAck(now.Sub(p.queue[i].since))
+		}
 		i++
 	}
 	p.queue = p.queue[i:]
 }
 
-// writeBatches sends queued batches after `from`, in order.
+// writeBatches sends queued batches after `from`, in order, and the sync
+// requests of barriers once the batches they cover are sent.
 func (p *Primary) writeBatches(ctx context.Context, c net.Conn, from uint64) error {
 	sent := from
+	var syncSent uint64
 	for {
 		p.mu.Lock()
 		var next []sentBatch
+		var syncTo uint64
 		for ctx.Err() == nil {
 			for _, b := range p.queue {
 				if b.seq > sent {
 					next = append(next, b)
 				}
 			}
-			if len(next) > 0 {
+			if p.syncReq > syncSent {
+				syncTo = p.syncReq
+			}
+			if len(next) > 0 || syncTo != 0 && syncTo <= sent {
 				break
 			}
-			p.cond.Wait()
+			p.sendq.Wait()
 		}
 		p.mu.Unlock()
 		if ctx.Err() != nil {
@@ -287,14 +334,26 @@ func (p *Primary) writeBatches(ctx context.Context, c net.Conn, from uint64) err
 			p.mu.Unlock()
 			sent = b.seq
 		}
+		if syncTo != 0 && syncTo <= sent {
+			c.SetWriteDeadline(time.Now().Add(30 * time.Second))
+			if err := wire.WriteFrame(c, &wire.Frame{Type: wire.TypeSync, Seq: syncTo}); err != nil {
+				return fmt.Errorf("sending sync request: %w", err)
+			}
+			syncSent = syncTo
+		}
 	}
 }
 
 // batcher encodes ops into frames queued for sending.
 type batcher struct {
-	p   *Primary
-	raw []byte
+	p      *Primary
+	raw    []byte
+	sample []byte    // scratch for the compressibility test
+	since  time.Time // capture time of the oldest change being batched
 }
+
+// compressSample is how much of a batch is test-compressed first.
+const compressSample = 64 << 10
 
 func (bt *batcher) add(op *wire.Op) error {
 	bt.raw = wire.AppendOp(bt.raw, op)
@@ -308,26 +367,43 @@ func (bt *batcher) flush() {
 	if len(bt.raw) == 0 {
 		return
 	}
-	payload := wire.Compress(nil, bt.raw)
-	bt.raw = bt.raw[:0]
+	// Data that does not compress (already compressed, encrypted) is sent
+	// as it is: a sample of the batch decides, at a sixteenth of the cost.
+	flags, payload := uint16(0), bt.raw
+	compress := len(bt.raw) < 2*compressSample
+	if !compress {
+		bt.sample = wire.Compress(bt.sample[:0], bt.raw[:compressSample])
+		compress = len(bt.sample) < compressSample*15/16
+	}
+	if compress {
+		flags, payload = wire.FlagZstd, wire.Compress(nil, bt.raw)
+	}
 	p := bt.p
 	p.mu.Lock()
 	seq := p.nextSeq
 	p.nextSeq++
-	frame := wire.AppendFrame(nil, &wire.Frame{Type: wire.TypeBatch, Flags: wire.FlagZstd, Seq: seq, Payload: payload})
-	p.queue = append(p.queue, sentBatch{seq: seq, frame: frame, at: time.Now()})
+	frame := wire.AppendFrame(nil, &wire.Frame{Type: wire.TypeBatch, Flags: flags, Seq: seq, Payload: payload})
+	bt.raw = bt.raw[:0]
+	since := bt.since
+	if since.IsZero() {
+		since = time.Now()
+	}
+	p.queue = append(p.queue, sentBatch{seq: seq, frame: frame, since: since})
 	p.queueBytes += len(frame)
 	p.mu.Unlock()
-	p.cond.Broadcast()
+	p.sendq.Broadcast()
 }
 
 // build turns journal entries into batches while connected.
 func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest <-chan wire.Frame) error {
 	bt := &batcher{p: p}
+	if p.readBuf == nil {
+		p.readBuf = make([]byte, readChunk)
+	}
 	for ctx.Err() == nil {
 		p.mu.Lock()
 		for ctx.Err() == nil && p.queueBytes > maxUnacked {
-			p.cond.Wait()
+			p.work.Wait()
 		}
 		full := p.needFull
 		p.mu.Unlock()
@@ -342,7 +418,7 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 		}
 		p.mu.Lock()
 		for ctx.Err() == nil && p.j.Pending() == 0 && !p.needFull {
-			p.cond.Wait()
+			p.work.Wait()
 		}
 		p.mu.Unlock()
 		// Let a burst of records gather into one batch, unless a
@@ -350,18 +426,21 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 		// is in the journal: a directory must not be reconciled before
 		// the allocation of an inode it holds.
 		if p.barriers.Load() == 0 {
-			time.Sleep(batchWindow)
+			p.batchWindow(ctx)
 		}
 		if kernel != nil {
 			kernel.Drain()
 		}
 		p.mu.Lock()
 		files := p.j.Take(time.Now())
+		mark := p.added
+		bt.since, p.pendingSince = p.pendingSince, time.Time{}
 		p.building = true
 		p.mu.Unlock()
-		b := newBuilder(p.root, p.Dev, p.sh, kernel, bt, p.Log)
+		b := newBuilder(p.root, p.Dev, p.sh, kernel, bt, p.Log, p.readBuf)
 		b.syncSeq = p.syncSeq
 		requeue, err := b.build(files)
+		blocked := b.blocked
 		bt.flush()
 		p.mu.Lock()
 		p.building = false
@@ -369,7 +448,14 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 		for _, f := range requeue {
 			p.j.Requeue(f)
 		}
+		if p.j.Pending() > 0 && (p.pendingSince.IsZero() || bt.since.Before(p.pendingSince)) {
+			p.pendingSince = bt.since // requeued or deferred: as old as before
+		}
+		if err == nil && blocked == 0 {
+			p.covered, p.coveredSeq = mark, p.nextSeq-1
+		}
 		p.mu.Unlock()
+		p.done.Broadcast()
 		if err != nil {
 			return err
 		}
@@ -380,6 +466,18 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 	return ctx.Err()
 }
 
+// batchWindow lets records gather for a while, or until a barrier begins
+// and wants them shipped now.
+func (p *Primary) batchWindow(ctx context.Context) {
+	t := time.NewTimer(batchWindow)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-p.barrierKick:
+	case <-ctx.Done():
+	}
+}
+
 // fullSync compares the whole tree with the peer's manifest and sends the
 // difference; the shadow is rebuilt from the scan.
 func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *batcher, manifest <-chan wire.Frame) error {
@@ -388,9 +486,11 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	// The peer's manifest must reflect every batch already queued.
 	p.mu.Lock()
 	for ctx.Err() == nil && len(p.queue) > 0 {
-		p.cond.Wait()
+		p.work.Wait()
 	}
 	seq := p.nextSeq
+	// The scan below sees every change counted so far.
+	mark := p.added
 	p.mu.Unlock()
 	if ctx.Err() != nil {
 		return ctx.Err()
@@ -431,7 +531,7 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 		return ctx.Err()
 	}
 	sh := newShadow(local)
-	b := newBuilder(p.root, p.Dev, sh, kernel, bt, p.Log)
+	b := newBuilder(p.root, p.Dev, sh, kernel, bt, p.Log, p.readBuf)
 	if err := b.fullSync(local, peer); err != nil {
 		return err
 	}
@@ -444,6 +544,9 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	p.syncSeq = syncSeq
 	p.needFull = false
 	p.fullSyncEnd = p.nextSeq - 1
+	if b.blocked == 0 {
+		p.covered, p.coveredSeq = mark, p.fullSyncEnd
+	}
 	p.fullSyncs++
 	p.dataBytes += b.dataRead
 	p.mu.Unlock()
@@ -474,6 +577,10 @@ type Status struct {
 	BarrierAvgMs float64 `json:"barrier_avg_ms"`
 	LastError    string  `json:"last_error,omitempty"`
 	LastErrorAt  string  `json:"last_error_at,omitempty"`
+	// Mode and MaxLagMs are the directory's configuration (set by the
+	// node): sync, or async with a lag bound.
+	Mode     string  `json:"mode,omitempty"`
+	MaxLagMs float64 `json:"max_lag_ms,omitempty"`
 }
 
 // Status reports the current state.
@@ -491,11 +598,65 @@ func (p *Primary) Status() Status {
 	if p.lastErr != "" {
 		s.LastErrorAt = p.lastErrAt.UTC().Format(time.RFC3339)
 	}
-	if len(p.queue) > 0 {
-		s.LagMs = float64(time.Since(p.queue[0].at).Microseconds()) / 1000
-	}
+	s.LagMs = float64(p.lag().Microseconds()) / 1000
 	s.InSync = p.connected && !p.needFull && !p.building && len(p.queue) == 0 && s.PendingFiles == 0
 	return s
+}
+
+// lag is the age of the oldest change not yet acknowledged by the peer.
+// Called with p.mu held.
+func (p *Primary) lag() time.Duration {
+	oldest := p.pendingSince
+	if len(p.queue) > 0 && (oldest.IsZero() || p.queue[0].since.Before(oldest)) {
+		oldest = p.queue[0].since
+	}
+	if oldest.IsZero() {
+		return 0
+	}
+	return time.Since(oldest)
+}
+
+// WaitLag returns once the lag is at most bound: what an async directory's
+// durability call waits for. Without a peer for `alone`, it returns
+// ErrAlone.
+func (p *Primary) WaitLag(ctx context.Context, bound, alone time.Duration) error {
+	p.mu.Lock()
+	ok := p.connected && p.lag() <= bound
+	p.mu.Unlock()
+	if ok {
+		return nil
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		<-ctx.Done()
+		p.wake()
+	}()
+	var since time.Time
+	t := time.AfterFunc(alone, p.wake)
+	defer t.Stop()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if p.connected {
+			since = time.Time{}
+			if p.lag() <= bound {
+				return nil
+			}
+		} else {
+			if since.IsZero() {
+				since = time.Now()
+				t.Reset(alone)
+			}
+			if time.Since(since) >= alone {
+				return ErrAlone
+			}
+		}
+		p.done.Wait()
+	}
 }
 
 // Streaming reports whether the peer's copy is in sync: connected, the
@@ -564,8 +725,16 @@ var ErrAlone = errors.New("no peer connected: running alone")
 // WaitShipped returns once every change captured before the call has been
 // applied and synced by the peer. Without a peer for `alone`, it returns
 // ErrAlone; when ctx ends first, ctx's error.
+//
+// It waits for the first build pass that took every change counted when
+// the call began, then for that pass's last batch to be acknowledged;
+// changes made after the call, by other writers, do not hold it.
 func (p *Primary) WaitShipped(ctx context.Context, kernel Kernel, alone time.Duration) error {
 	p.barriers.Add(1)
+	select {
+	case p.barrierKick <- struct{}{}:
+	default:
+	}
 	start := time.Now()
 	defer func() {
 		p.barriers.Add(-1)
@@ -588,14 +757,30 @@ func (p *Primary) WaitShipped(ctx context.Context, kernel Kernel, alone time.Dur
 	defer t.Stop()
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	target := p.added
+	var need uint64 // the batch to be made durable, once a pass covered target
+	var fullSyncs int
+	covered := false
 	for {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
 		if p.connected {
 			since = time.Time{}
-			if !p.needFull && !p.building && len(p.queue) == 0 && p.j.Pending() == 0 {
+			if covered && p.fullSyncs != fullSyncs {
+				// A full sync replaced the batches since (the peer
+				// lost them): wait for the full sync's batches.
+				covered = false
+			}
+			if !p.needFull && !covered && p.covered >= target {
+				need, covered, fullSyncs = p.coveredSeq, true, p.fullSyncs
+			}
+			if covered && p.durable >= need {
 				return nil
+			}
+			if covered && p.syncReq < need {
+				p.syncReq = need
+				p.sendq.Broadcast()
 			}
 		} else {
 			if since.IsZero() {
@@ -606,6 +791,6 @@ func (p *Primary) WaitShipped(ctx context.Context, kernel Kernel, alone time.Dur
 				return ErrAlone
 			}
 		}
-		p.cond.Wait()
+		p.done.Wait()
 	}
 }

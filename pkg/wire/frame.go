@@ -15,8 +15,9 @@ import (
 // Magic opens every frame: "DUET".
 const Magic uint32 = 0x44554554
 
-// Version is the protocol version this build speaks.
-const Version uint8 = 1
+// Version is the protocol version this build speaks. 2: acks say applied,
+// and durable only with FlagDurable; sync frames ask for durability.
+const Version uint8 = 2
 
 // HeaderSize is the size of a frame header.
 const HeaderSize = 24
@@ -35,17 +36,20 @@ const (
 	TypeAuth      Type = 3  // client → server: client proof
 	TypeWelcome   Type = 4  // server → client: replica state
 	TypeBatch     Type = 5  // ops, zstd compressed
-	TypeAck       Type = 6  // highest batch applied and synced
+	TypeAck       Type = 6  // highest batch applied (and synced, with FlagDurable)
 	TypeManifestQ Type = 7  // request the peer's manifest
 	TypeManifest  Type = 8  // manifest entries, zstd compressed
 	TypeEnd       Type = 9  // end of a manifest stream
 	TypeError     Type = 10 // the peer refuses: text
+	TypeSync      Type = 11 // make every batch up to Seq durable, then ack it
+
+	typeLast = TypeSync
 )
 
 func (t Type) String() string {
 	names := map[Type]string{TypeHello: "hello", TypeChallenge: "challenge", TypeAuth: "auth",
 		TypeWelcome: "welcome", TypeBatch: "batch", TypeAck: "ack", TypeManifestQ: "manifest-request",
-		TypeManifest: "manifest", TypeEnd: "end", TypeError: "error"}
+		TypeManifest: "manifest", TypeEnd: "end", TypeError: "error", TypeSync: "sync"}
 	if n, ok := names[t]; ok {
 		return n
 	}
@@ -54,7 +58,8 @@ func (t Type) String() string {
 
 // Frame flags.
 const (
-	FlagZstd uint16 = 1 << 0 // payload is zstd compressed
+	FlagZstd    uint16 = 1 << 0 // payload is zstd compressed
+	FlagDurable uint16 = 1 << 1 // on an ack: applied and synced to disk
 )
 
 // Frame is one protocol message.
@@ -114,7 +119,7 @@ func ParseHeader(h []byte) (Frame, uint32, error) {
 		return Frame{}, 0, fmt.Errorf("%w: payload length %d exceeds the %d limit", ErrBadFrame, n, MaxPayload)
 	}
 	f := Frame{Type: Type(h[5]), Flags: le.Uint16(h[6:]), Seq: le.Uint64(h[8:])}
-	if f.Type < TypeHello || f.Type > TypeError {
+	if f.Type < TypeHello || f.Type > typeLast {
 		return Frame{}, 0, fmt.Errorf("%w: unknown type %d", ErrBadFrame, h[5])
 	}
 	return f, n, nil
