@@ -27,33 +27,114 @@ const ChildCommand = "__supervised-child"
 var trapped = []uint32{unix.SYS_FSYNC, unix.SYS_FDATASYNC, unix.SYS_SYNC_FILE_RANGE,
 	unix.SYS_MSYNC, unix.SYS_SYNCFS, unix.SYS_SYNC}
 
-// filter returns the seccomp program: durability calls go to the listener,
+// Writes that may be durability points: on a descriptor of SyncFDBase or
+// above (where duet places the files a supervised process opens with
+// O_SYNC or O_DSYNC), or with RWF_SYNC/RWF_DSYNC (pwritev2).
+var writes = []uint32{unix.SYS_WRITE, unix.SYS_PWRITE64, unix.SYS_WRITEV, unix.SYS_PWRITEV, unix.SYS_PWRITEV2}
+
+// SyncFDBase is the lowest descriptor number duet gives a file opened with
+// O_SYNC or O_DSYNC by a supervised process; writes on descriptors from it
+// up go to the supervisor, which performs those on synchronous files and
+// waits for the peer before returning. Files are placed from the top of
+// the process's descriptor limit down, far from the numbers the kernel
+// hands out (lowest free first).
+const SyncFDBase = 512
+
+// seccomp_data offsets.
+const (
+	offNR   = 0
+	offArch = 4
+)
+
+func argLow(i int) uint32  { return 16 + 8*uint32(i) }
+func argHigh(i int) uint32 { return 20 + 8*uint32(i) }
+
+// asm assembles a classic BPF program whose jumps name labels.
+type asm struct {
+	ins    []unix.SockFilter
+	jt, jf []string // label of each instruction's jumps ("" = next)
+	labels map[string]int
+}
+
+func (a *asm) label(name string) { a.labels[name] = len(a.ins) }
+
+func (a *asm) op(code uint16, k uint32, jt, jf string) {
+	a.ins = append(a.ins, unix.SockFilter{Code: code, K: k})
+	a.jt, a.jf = append(a.jt, jt), append(a.jf, jf)
+}
+
+func (a *asm) load(off uint32) { a.op(unix.BPF_LD|unix.BPF_W|unix.BPF_ABS, off, "", "") }
+func (a *asm) ret(v uint32)    { a.op(unix.BPF_RET|unix.BPF_K, v, "", "") }
+func (a *asm) jeq(k uint32, jt, jf string) {
+	a.op(unix.BPF_JMP|unix.BPF_JEQ|unix.BPF_K, k, jt, jf)
+}
+func (a *asm) jset(k uint32, jt, jf string) {
+	a.op(unix.BPF_JMP|unix.BPF_JSET|unix.BPF_K, k, jt, jf)
+}
+func (a *asm) jge(k uint32, jt, jf string) {
+	a.op(unix.BPF_JMP|unix.BPF_JGE|unix.BPF_K, k, jt, jf)
+}
+
+func (a *asm) program() []unix.SockFilter {
+	out := append([]unix.SockFilter(nil), a.ins...)
+	rel := func(i int, l string) uint8 {
+		if l == "" {
+			return 0
+		}
+		t, ok := a.labels[l]
+		if !ok || t <= i || t-i-1 > 255 {
+			panic("seccomp filter: bad jump to " + l)
+		}
+		return uint8(t - i - 1)
+	}
+	for i := range out {
+		out[i].Jt, out[i].Jf = rel(i, a.jt[i]), rel(i, a.jf[i])
+	}
+	return out
+}
+
+// filter returns the seccomp program: durability calls, opens with
+// O_SYNC/O_DSYNC and writes that may be synchronous go to the listener,
 // io_uring_setup fails with ENOSYS (so programs fall back to syscalls the
 // filter sees), a foreign architecture fails with ENOSYS, the rest runs.
 func filter() []unix.SockFilter {
-	const (
-		ld  = unix.BPF_LD | unix.BPF_W | unix.BPF_ABS
-		jeq = unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K
-		ret = unix.BPF_RET | unix.BPF_K
-	)
-	n := uint8(len(trapped))
-	f := []unix.SockFilter{
-		{Code: ld, K: 4}, // arch
-		{Code: jeq, K: unix.AUDIT_ARCH_X86_64, Jt: 1, Jf: 0},
-		{Code: ret, K: unix.SECCOMP_RET_ERRNO | uint32(unix.ENOSYS)},
-		{Code: ld, K: 0}, // syscall number
+	a := &asm{labels: map[string]int{}}
+	a.load(offArch)
+	a.jeq(unix.AUDIT_ARCH_X86_64, "", "enosys")
+	a.load(offNR)
+	for _, nr := range trapped {
+		a.jeq(nr, "notify", "")
 	}
-	for i, nr := range trapped {
-		// Jump to the USER_NOTIF return: past the remaining checks,
-		// the io_uring check and the ALLOW.
-		f = append(f, unix.SockFilter{Code: jeq, K: nr, Jt: n - uint8(i) - 1 + 2})
+	a.jeq(unix.SYS_IO_URING_SETUP, "enosys", "")
+	a.jeq(unix.SYS_OPEN, "flags1", "")
+	a.jeq(unix.SYS_OPENAT, "flags2", "")
+	a.jeq(unix.SYS_OPENAT2, "notify", "") // flags in memory: the supervisor looks
+	a.jeq(unix.SYS_PWRITEV2, "rwf", "")
+	for _, nr := range writes {
+		a.jeq(nr, "fd", "")
 	}
-	return append(f,
-		unix.SockFilter{Code: jeq, K: unix.SYS_IO_URING_SETUP, Jt: 2},
-		unix.SockFilter{Code: ret, K: unix.SECCOMP_RET_ALLOW},
-		unix.SockFilter{Code: ret, K: unix.SECCOMP_RET_USER_NOTIF},
-		unix.SockFilter{Code: ret, K: unix.SECCOMP_RET_ERRNO | uint32(unix.ENOSYS)},
-	)
+	a.ret(unix.SECCOMP_RET_ALLOW)
+	a.label("flags1")
+	a.load(argLow(1))
+	a.jset(unix.O_DSYNC, "notify", "allow") // O_SYNC includes O_DSYNC
+	a.label("flags2")
+	a.load(argLow(2))
+	a.jset(unix.O_DSYNC, "notify", "allow")
+	a.label("rwf")
+	a.load(argLow(5))
+	a.jset(unix.RWF_DSYNC|unix.RWF_SYNC, "notify", "")
+	a.label("fd")
+	a.load(argHigh(0))
+	a.jeq(0, "", "allow") // a negative descriptor: the kernel says EBADF
+	a.load(argLow(0))
+	a.jge(SyncFDBase, "notify", "allow")
+	a.label("notify")
+	a.ret(unix.SECCOMP_RET_USER_NOTIF)
+	a.label("allow")
+	a.ret(unix.SECCOMP_RET_ALLOW)
+	a.label("enosys")
+	a.ret(unix.SECCOMP_RET_ERRNO | uint32(unix.ENOSYS))
+	return a.program()
 }
 
 // RunChild is the child side: install the filter on this thread, send the
@@ -75,7 +156,7 @@ func RunChild(args []string) error {
 	prog := filter()
 	fprog := unix.SockFprog{Len: uint16(len(prog)), Filter: &prog[0]}
 	fd, _, errno := unix.Syscall(unix.SYS_SECCOMP, unix.SECCOMP_SET_MODE_FILTER,
-		unix.SECCOMP_FILTER_FLAG_NEW_LISTENER, uintptr(unsafe.Pointer(&fprog)))
+		unix.SECCOMP_FILTER_FLAG_NEW_LISTENER|unix.SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV, uintptr(unsafe.Pointer(&fprog)))
 	if errno != 0 {
 		return fmt.Errorf("installing seccomp filter: %w", errno)
 	}
@@ -205,17 +286,107 @@ func serve(listener int, wait Func) {
 			}
 			return // ENOTCONN etc.: no process left with the filter
 		}
-		go func(req seccompNotif) {
-			resp := seccompNotifResp{ID: req.ID}
-			if err := wait(req.NR); err != nil {
-				resp.Error = -int32(unix.EIO)
-				fmt.Fprintf(os.Stderr, "duet exec: durability call %d of pid %d failed with EIO: %v\n", req.NR, req.PID, err)
-			} else {
-				resp.Flags = unix.SECCOMP_USER_NOTIF_FLAG_CONTINUE
-			}
-			ioctl(listener, unix.SECCOMP_IOCTL_NOTIF_SEND, unsafe.Pointer(&resp))
-		}(req)
+		go answer(listener, req, wait)
 	}
+}
+
+// answer holds one durability call until the barrier returns. An fsync or
+// fdatasync is also done here, on the caller's own open file, while the
+// peer applies and syncs: the two flushes overlap, and the call, once
+// continued, finds little left to flush.
+func answer(listener int, req seccompNotif, wait Func) {
+	switch req.NR {
+	case unix.SYS_OPEN, unix.SYS_OPENAT, unix.SYS_OPENAT2:
+		openSync(listener, &req)
+		return
+	case unix.SYS_WRITE, unix.SYS_PWRITE64, unix.SYS_WRITEV, unix.SYS_PWRITEV, unix.SYS_PWRITEV2:
+		writeSync(listener, &req, wait)
+		return
+	}
+	resp := seccompNotifResp{ID: req.ID}
+	local := flushEarly(listener, &req)
+	err := wait(req.NR)
+	var lerr error
+	if local != nil {
+		lerr = <-local
+	}
+	var errno unix.Errno
+	switch {
+	case err != nil:
+		resp.Error = -int32(unix.EIO)
+		fmt.Fprintf(os.Stderr, "duet exec: durability call %d of pid %d failed with EIO: %v\n", req.NR, req.PID, err)
+	case errors.As(lerr, &errno):
+		// The early flush took the file's error report (it shares the
+		// caller's open file description): the caller must get it.
+		resp.Error = -int32(errno)
+	default:
+		resp.Flags = unix.SECCOMP_USER_NOTIF_FLAG_CONTINUE
+	}
+	ioctl(listener, unix.SECCOMP_IOCTL_NOTIF_SEND, unsafe.Pointer(&resp))
+}
+
+// takeFD returns a duplicate of descriptor fd of the notifying thread (the
+// same open file description: offset, flags, error reports are shared).
+func takeFD(listener int, req *seccompNotif, fd int) (int, error) {
+	pidfd, err := unix.PidfdOpen(int(req.PID), pidfdThread)
+	if err != nil {
+		if pidfd, err = unix.PidfdOpen(int(req.PID), 0); err != nil {
+			return -1, err
+		}
+	}
+	dup, err := unix.PidfdGetfd(pidfd, fd, 0)
+	unix.Close(pidfd)
+	if err != nil {
+		return -1, err
+	}
+	// The thread may have died and its number been reused between the
+	// notification and pidfd_open: the descriptor counts only if the
+	// notification is still pending.
+	if err := notifValid(listener, req.ID); err != nil {
+		unix.Close(dup)
+		return -1, err
+	}
+	return dup, nil
+}
+
+func notifValid(listener int, id uint64) error {
+	return ioctl(listener, unix.SECCOMP_IOCTL_NOTIF_ID_VALID, unsafe.Pointer(&id))
+}
+
+// pidfdThread is PIDFD_THREAD (Linux 6.9): a pidfd for one thread, which
+// need not lead its thread group.
+const pidfdThread = unix.O_EXCL
+
+// flushEarly starts the caller's fsync or fdatasync on a duplicate of its
+// descriptor and returns where its result arrives; nil when the call is
+// of another kind or the descriptor cannot be taken (the continued call
+// then does all the local work, as without overlap).
+func flushEarly(listener int, req *seccompNotif) <-chan error {
+	var flush func(int) error
+	switch req.NR {
+	case unix.SYS_FSYNC:
+		flush = unix.Fsync
+	case unix.SYS_FDATASYNC:
+		flush = unix.Fdatasync
+	default:
+		return nil
+	}
+	fd, err := takeFD(listener, req, int(int32(req.Args[0])))
+	if err != nil {
+		return nil
+	}
+	done := make(chan error, 1)
+	go func() {
+		defer unix.Close(fd)
+		err := flush(fd)
+		if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.EROFS) {
+			// Nothing to flush (a pipe, a socket): the continued call
+			// reports this itself.
+			err = nil
+		}
+		done <- err
+	}()
+	return done
 }
 
 func ioctl(fd int, req uintptr, arg unsafe.Pointer) error {

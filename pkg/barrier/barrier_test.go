@@ -2,11 +2,14 @@ package barrier
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"sync/atomic"
+	"syscall"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -22,7 +25,46 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, RunChild(args))
 		os.Exit(127)
 	}
+	if h := os.Getenv("DUET_BARRIER_HELPER"); h != "" {
+		os.Exit(helper(h))
+	}
 	os.Exit(m.Run())
+}
+
+// helper is the supervised program of TestErrnoPassesThrough: it makes
+// one durability call and exits with its errno (0 on success).
+func helper(mode string) int {
+	var err error
+	switch mode {
+	case "fsync-pipe":
+		_, w, perr := os.Pipe()
+		if perr != nil {
+			return 100
+		}
+		err = unix.Fsync(int(w.Fd()))
+	case "fdatasync-badfd":
+		err = unix.Fdatasync(987)
+	case "fdatasync-file":
+		f, ferr := os.CreateTemp("", "duet-barrier")
+		if ferr != nil {
+			return 100
+		}
+		defer os.Remove(f.Name())
+		f.WriteString("x")
+		err = unix.Fdatasync(int(f.Fd()))
+	case "dsync":
+		return dsyncHelper(os.Getenv("DUET_BARRIER_FILE"))
+	default:
+		return 101
+	}
+	var errno unix.Errno
+	if errors.As(err, &errno) {
+		return int(errno)
+	}
+	if err != nil {
+		return 102
+	}
+	return 0
 }
 
 func supervise(t *testing.T, wait Func, args ...string) int {
@@ -78,16 +120,233 @@ func TestUnconfirmedFsyncFails(t *testing.T) {
 	}
 }
 
-func TestFilterShape(t *testing.T) {
-	f := filter()
-	// The trapped calls must jump to the USER_NOTIF return.
-	for i := range trapped {
-		ins := f[4+i]
-		if target := 4 + i + 1 + int(ins.Jt); f[target].K != unix.SECCOMP_RET_USER_NOTIF {
-			t.Fatalf("syscall %d jumps to %#x", trapped[i], f[target].K)
+// A failing durability call fails as it would unsupervised: the early
+// local flush (done by the supervisor on a copy of the descriptor) must
+// hand its errno to the caller or leave the call to report it.
+func TestErrnoPassesThrough(t *testing.T) {
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for mode, want := range map[string]int{"fsync-pipe": int(unix.EINVAL), "fdatasync-badfd": int(unix.EBADF), "fdatasync-file": 0} {
+		var n atomic.Int32
+		t.Setenv("DUET_BARRIER_HELPER", mode)
+		if code := supervise(t, counting(&n, nil), self); code != want {
+			t.Errorf("%s: exit %d, want errno %d", mode, code, want)
+		}
+		if n.Load() != 1 {
+			t.Errorf("%s: %d durability calls held, want 1", mode, n.Load())
 		}
 	}
-	if f[len(f)-1].K != unix.SECCOMP_RET_ERRNO|uint32(unix.ENOSYS) {
-		t.Fatal("io_uring_setup does not fail with ENOSYS")
+}
+
+// dsyncHelper opens file with O_DSYNC and writes through every write call;
+// exit 0 when each wrote all of its bytes and the descriptor was placed
+// where the filter holds its writes.
+func dsyncHelper(file string) int {
+	unix.Umask(0o077)
+	f, err := os.OpenFile(file, os.O_WRONLY|os.O_CREATE|os.O_APPEND|unix.O_DSYNC, 0o644)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "open:", err)
+		return 110
+	}
+	if f.Fd() < SyncFDBase {
+		fmt.Fprintln(os.Stderr, "O_DSYNC file at descriptor", f.Fd())
+		return 111
+	}
+	fd := int(f.Fd())
+	steps := []func() (int, error){
+		func() (int, error) { return unix.Write(fd, []byte("write\n")) },
+		func() (int, error) { return unix.Pwrite(fd, []byte("pwrite\n"), 0) }, // O_APPEND: appends
+		func() (int, error) { return unix.Writev(fd, [][]byte{[]byte("wri"), []byte("tev\n")}) },
+	}
+	for i, step := range steps {
+		if n, err := step(); err != nil || n == 0 {
+			fmt.Fprintln(os.Stderr, "step", i, n, err)
+			return 112 + i
+		}
+	}
+	// A file opened without O_DSYNC, written with RWF_DSYNC.
+	g, err := os.OpenFile(file+".rwf", os.O_WRONLY|os.O_CREATE, 0o644)
+	if err != nil {
+		return 120
+	}
+	if n, err := unix.Pwritev2(int(g.Fd()), [][]byte{[]byte("rwf\n")}, 0, unix.RWF_DSYNC); err != nil || n != 4 {
+		fmt.Fprintln(os.Stderr, "pwritev2:", n, err)
+		return 121
+	}
+	// A read-only O_DSYNC descriptor refuses writes as usual.
+	r, err := os.OpenFile(file, os.O_RDONLY|unix.O_DSYNC, 0)
+	if err != nil {
+		return 122
+	}
+	if _, err := unix.Write(int(r.Fd()), []byte("x")); !errors.Is(err, unix.EBADF) {
+		fmt.Fprintln(os.Stderr, "write on a read-only descriptor:", err)
+		return 123
+	}
+	return 0
+}
+
+// Writes to a file opened with O_DSYNC, and RWF_DSYNC writes, wait for the
+// barrier and land in the file as the program meant.
+func TestSyncWritesWait(t *testing.T) {
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	file := filepath.Join(dir, "log")
+	t.Setenv("DUET_BARRIER_HELPER", "dsync")
+	t.Setenv("DUET_BARRIER_FILE", file)
+	var n atomic.Int32
+	if code := supervise(t, counting(&n, nil), self); code != 0 {
+		t.Fatalf("helper exit %d", code)
+	}
+	if n.Load() != 4 {
+		t.Errorf("%d writes held for the barrier, want 4 (write, pwrite, writev, pwritev2 with RWF_DSYNC)", n.Load())
+	}
+	got, _ := os.ReadFile(file)
+	if string(got) != "write\npwrite\nwritev\n" {
+		t.Errorf("file holds %q", got)
+	}
+	if got, _ := os.ReadFile(file + ".rwf"); string(got) != "rwf\n" {
+		t.Errorf("RWF_DSYNC file holds %q", got)
+	}
+	st, err := os.Stat(file)
+	if err != nil || st.Mode().Perm() != 0o600 {
+		t.Errorf("created with mode %v (%v), want 0600: the caller's umask 077 applies", st.Mode().Perm(), err)
+	}
+	// A refused barrier fails the write with EIO.
+	var m atomic.Int32
+	if code := supervise(t, counting(&m, errors.New("peer unreachable")), self); code != 112 {
+		t.Errorf("helper exit %d with the barrier refusing, want 112 (the first write fails)", code)
+	}
+}
+
+// A file a supervised process creates with O_DSYNC belongs to it, not to
+// the supervisor that opened it on its behalf.
+func TestSyncOpenUsesCallerCredentials(t *testing.T) {
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to run the helper as another user")
+	}
+	// A copy of the test binary that nobody may run, in a directory
+	// nobody may write to.
+	dir, err := os.MkdirTemp("", "duet-barrier-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	os.Chmod(dir, 0o777)
+	bin, _ := os.ReadFile(self)
+	self = filepath.Join(dir, "barrier.test")
+	if err := os.WriteFile(self, bin, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if st, err := os.Stat(os.TempDir()); err != nil || st.Mode().Perm()&0o001 == 0 {
+		t.Skipf("%s is not searchable by others: the helper cannot run as nobody", os.TempDir())
+	}
+	file := filepath.Join(dir, "log")
+	t.Setenv("DUET_BARRIER_HELPER", "dsync")
+	t.Setenv("DUET_BARRIER_FILE", file)
+	var n atomic.Int32
+	cmd, err := Start(self, []string{self}, counting(&n, nil), func(c *exec.Cmd) {
+		c.Stderr = os.Stderr
+		c.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code, _ := ExitCode(cmd.Wait()); code != 0 {
+		t.Fatalf("helper as nobody: exit %d", code)
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(file, &st); err != nil || st.Uid != 65534 || st.Gid != 65534 {
+		t.Fatalf("file owned by %d:%d (%v), want 65534:65534", st.Uid, st.Gid, err)
+	}
+}
+
+// run evaluates a classic BPF program on a seccomp_data.
+func run(prog []unix.SockFilter, nr uint32, args ...uint64) uint32 {
+	data := make([]byte, 64)
+	binary.LittleEndian.PutUint32(data[0:], nr)
+	binary.LittleEndian.PutUint32(data[4:], unix.AUDIT_ARCH_X86_64)
+	for i, a := range args {
+		binary.LittleEndian.PutUint64(data[16+8*i:], a)
+	}
+	var acc uint32
+	for pc := 0; pc < len(prog); pc++ {
+		in := prog[pc]
+		switch in.Code {
+		case unix.BPF_LD | unix.BPF_W | unix.BPF_ABS:
+			acc = binary.LittleEndian.Uint32(data[in.K:])
+		case unix.BPF_RET | unix.BPF_K:
+			return in.K
+		case unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K, unix.BPF_JMP | unix.BPF_JSET | unix.BPF_K, unix.BPF_JMP | unix.BPF_JGE | unix.BPF_K:
+			var ok bool
+			switch in.Code & 0xf0 {
+			case unix.BPF_JEQ:
+				ok = acc == in.K
+			case unix.BPF_JSET:
+				ok = acc&in.K != 0
+			case unix.BPF_JGE:
+				ok = acc >= in.K
+			}
+			if ok {
+				pc += int(in.Jt)
+			} else {
+				pc += int(in.Jf)
+			}
+		default:
+			panic(fmt.Sprintf("instruction %#x", in.Code))
+		}
+	}
+	panic("fell off the program")
+}
+
+func TestFilterDecisions(t *testing.T) {
+	f := filter()
+	const (
+		notify = unix.SECCOMP_RET_USER_NOTIF
+		allow  = unix.SECCOMP_RET_ALLOW
+		enosys = unix.SECCOMP_RET_ERRNO | uint32(unix.ENOSYS)
+	)
+	neg := uint64(0xffffffffffffffff) // fd -1
+	for _, c := range []struct {
+		name string
+		nr   uint32
+		args []uint64
+		want uint32
+	}{
+		{"fsync", unix.SYS_FSYNC, []uint64{3}, notify},
+		{"fdatasync", unix.SYS_FDATASYNC, []uint64{3}, notify},
+		{"msync", unix.SYS_MSYNC, nil, notify},
+		{"sync", unix.SYS_SYNC, nil, notify},
+		{"syncfs", unix.SYS_SYNCFS, nil, notify},
+		{"sync_file_range", unix.SYS_SYNC_FILE_RANGE, nil, notify},
+		{"io_uring_setup", unix.SYS_IO_URING_SETUP, nil, enosys},
+		{"read", unix.SYS_READ, []uint64{600}, allow},
+		{"write low fd", unix.SYS_WRITE, []uint64{3}, allow},
+		{"write sync fd", unix.SYS_WRITE, []uint64{SyncFDBase}, notify},
+		{"write -1", unix.SYS_WRITE, []uint64{neg}, allow},
+		{"pwrite64 sync fd", unix.SYS_PWRITE64, []uint64{SyncFDBase + 100}, notify},
+		{"writev sync fd", unix.SYS_WRITEV, []uint64{1000}, notify},
+		{"pwritev low fd", unix.SYS_PWRITEV, []uint64{4}, allow},
+		{"pwritev2 RWF_DSYNC", unix.SYS_PWRITEV2, []uint64{4, 0, 0, 0, 0, unix.RWF_DSYNC}, notify},
+		{"pwritev2 RWF_SYNC", unix.SYS_PWRITEV2, []uint64{4, 0, 0, 0, 0, unix.RWF_SYNC}, notify},
+		{"pwritev2 plain", unix.SYS_PWRITEV2, []uint64{4, 0, 0, 0, 0, unix.RWF_NOWAIT}, allow},
+		{"openat O_DSYNC", unix.SYS_OPENAT, []uint64{0, 0, unix.O_WRONLY | unix.O_DSYNC}, notify},
+		{"openat O_SYNC", unix.SYS_OPENAT, []uint64{0, 0, unix.O_WRONLY | unix.O_SYNC}, notify},
+		{"openat plain", unix.SYS_OPENAT, []uint64{0, 0, unix.O_WRONLY | unix.O_CREAT}, allow},
+		{"open O_DSYNC", unix.SYS_OPEN, []uint64{0, unix.O_RDWR | unix.O_DSYNC}, notify},
+		{"open plain", unix.SYS_OPEN, []uint64{0, unix.O_RDWR}, allow},
+		{"openat2", unix.SYS_OPENAT2, nil, notify},
+	} {
+		if got := run(f, c.nr, c.args...); got != c.want {
+			t.Errorf("%s: %#x, want %#x", c.name, got, c.want)
+		}
 	}
 }

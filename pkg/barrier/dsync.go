@@ -1,0 +1,438 @@
+package barrier
+
+// Writes to files opened with O_SYNC or O_DSYNC (and pwritev2 with
+// RWF_SYNC or RWF_DSYNC) are durability points: the program learns that
+// the data is durable when write(2) returns. The filter sends such opens
+// to the supervisor, which opens the file itself with the caller's
+// credentials, umask and root, and installs the descriptor in the caller
+// at a number of SyncFDBase or above. Writes on those numbers come to the
+// supervisor too: it performs a write on a synchronous file itself (on
+// the caller's own open file description, so offset and O_APPEND are
+// shared), waits for the barrier, then returns the write's result.
+
+import (
+	"bufio"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// seccompNotifAddfd is struct seccomp_notif_addfd (24 bytes).
+type seccompNotifAddfd struct {
+	ID         uint64
+	Flags      uint32
+	Srcfd      uint32
+	Newfd      uint32
+	NewfdFlags uint32
+}
+
+// maxEmulatedWrite bounds the bytes one emulated write carries; a longer
+// one is a short write, which the program's write loop continues.
+const maxEmulatedWrite = 64 << 20
+
+func reply(listener int, resp *seccompNotifResp) {
+	ioctl(listener, unix.SECCOMP_IOCTL_NOTIF_SEND, unsafe.Pointer(resp))
+}
+
+func proceed(listener int, id uint64) {
+	reply(listener, &seccompNotifResp{ID: id, Flags: unix.SECCOMP_USER_NOTIF_FLAG_CONTINUE})
+}
+
+func fail(listener int, id uint64, errno unix.Errno) {
+	reply(listener, &seccompNotifResp{ID: id, Error: -int32(errno)})
+}
+
+func asErrno(err error) unix.Errno {
+	var errno unix.Errno
+	if errors.As(err, &errno) {
+		return errno
+	}
+	return unix.EIO
+}
+
+// openSync handles open, openat and openat2 with O_SYNC or O_DSYNC.
+func openSync(listener int, req *seccompNotif) {
+	dirfd := int32(unix.AT_FDCWD)
+	var pathAddr, flags, mode uint64
+	switch req.NR {
+	case unix.SYS_OPEN:
+		pathAddr, flags, mode = req.Args[0], req.Args[1], req.Args[2]
+	case unix.SYS_OPENAT:
+		dirfd, pathAddr, flags, mode = int32(req.Args[0]), req.Args[1], req.Args[2], req.Args[3]
+	case unix.SYS_OPENAT2:
+		dirfd, pathAddr = int32(req.Args[0]), req.Args[1]
+		var how [24]byte // struct open_how: flags, mode, resolve
+		if req.Args[3] < uint64(len(how)) || readMem(int(req.PID), req.Args[2], how[:]) != nil {
+			proceed(listener, req.ID) // the kernel reports the bad argument
+			return
+		}
+		flags, mode = binary.LittleEndian.Uint64(how[0:]), binary.LittleEndian.Uint64(how[8:])
+		if binary.LittleEndian.Uint64(how[16:]) != 0 && flags&unix.O_DSYNC != 0 {
+			// RESOLVE_* restrictions are not reproduced: run it as
+			// asked; its writes are replicated asynchronously.
+			warnOnce("openat2 with RESOLVE flags and O_SYNC/O_DSYNC: writes through it are not held for the peer")
+		}
+		if flags&unix.O_DSYNC == 0 || binary.LittleEndian.Uint64(how[16:]) != 0 {
+			proceed(listener, req.ID)
+			return
+		}
+	}
+	if flags&unix.O_PATH != 0 {
+		proceed(listener, req.ID)
+		return
+	}
+	pid := int(req.PID)
+	path, err := readString(pid, pathAddr)
+	if err != nil {
+		fail(listener, req.ID, asErrno(err))
+		return
+	}
+	if path == "" {
+		fail(listener, req.ID, unix.ENOENT)
+		return
+	}
+	// Resolve as the caller would: its root, its working directory, or
+	// the directory its descriptor names.
+	var full string
+	switch {
+	case strings.HasPrefix(path, "/"):
+		full = fmt.Sprintf("/proc/%d/root%s", pid, path)
+	case dirfd == unix.AT_FDCWD:
+		full = fmt.Sprintf("/proc/%d/cwd/%s", pid, path)
+	default:
+		d, err := takeFD(listener, req, int(dirfd))
+		if err != nil {
+			fail(listener, req.ID, unix.EBADF)
+			return
+		}
+		unix.Close(d)
+		full = fmt.Sprintf("/proc/%d/fd/%d/%s", pid, dirfd, path)
+	}
+	fd, err := openAs(pid, full, int(flags), uint32(mode))
+	if err != nil {
+		fail(listener, req.ID, asErrno(err))
+		return
+	}
+	defer unix.Close(fd)
+	add := seccompNotifAddfd{ID: req.ID, Flags: unix.SECCOMP_ADDFD_FLAG_SEND, Srcfd: uint32(fd)}
+	if flags&unix.O_CLOEXEC != 0 {
+		add.NewfdFlags = unix.O_CLOEXEC
+	}
+	if n, ok := freeSyncFD(pid); ok {
+		add.Flags |= unix.SECCOMP_ADDFD_FLAG_SETFD
+		add.Newfd = uint32(n)
+		if _, err := ioctlRet(listener, unix.SECCOMP_IOCTL_NOTIF_ADDFD, unsafe.Pointer(&add)); err == nil {
+			return
+		}
+		add.Flags &^= unix.SECCOMP_ADDFD_FLAG_SETFD
+		add.Newfd = 0
+	}
+	// No room at SyncFDBase or above (a low descriptor limit): the file
+	// is opened all the same, at the number the kernel picks.
+	warnOnce(fmt.Sprintf("no descriptor number from %d up is free in pid %d: writes to its O_SYNC/O_DSYNC files are not held for the peer (raise its RLIMIT_NOFILE)", SyncFDBase, pid))
+	if _, err := ioctlRet(listener, unix.SECCOMP_IOCTL_NOTIF_ADDFD, unsafe.Pointer(&add)); err != nil {
+		fail(listener, req.ID, asErrno(err))
+	}
+}
+
+// freeSyncFD returns the highest free descriptor number of pid from
+// SyncFDBase up, under its descriptor limit.
+func freeSyncFD(pid int) (int, bool) {
+	limit, err := openFilesLimit(pid)
+	if err != nil {
+		return 0, false
+	}
+	top := min(limit, 1<<20)
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	if err != nil {
+		return 0, false
+	}
+	used := map[int]bool{}
+	for _, e := range ents {
+		if n, err := strconv.Atoi(e.Name()); err == nil {
+			used[n] = true
+		}
+	}
+	for n := top - 1; n >= SyncFDBase; n-- {
+		if !used[n] {
+			return n, true
+		}
+	}
+	return 0, false
+}
+
+// openFilesLimit reads pid's soft RLIMIT_NOFILE from /proc/PID/limits
+// (prlimit(2) on another user's process needs CAP_SYS_RESOURCE, which a
+// container's root may lack).
+func openFilesLimit(pid int) (int, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/limits", pid))
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "Max open files"); ok {
+			f := strings.Fields(rest)
+			if len(f) > 0 {
+				if f[0] == "unlimited" {
+					return 1 << 20, nil
+				}
+				return strconv.Atoi(f[0])
+			}
+		}
+	}
+	return 0, fmt.Errorf("/proc/%d/limits: no open files line", pid)
+}
+
+// creds are what the kernel checks when a process opens a file.
+type creds struct {
+	uid, gid int
+	groups   []uint32
+	umask    int
+}
+
+func credsOf(pid int) (creds, error) {
+	c := creds{umask: 0o022}
+	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return c, err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		k, v, _ := strings.Cut(sc.Text(), ":")
+		fs := strings.Fields(v)
+		switch k {
+		case "Uid", "Gid":
+			if len(fs) < 4 {
+				return c, fmt.Errorf("/proc/%d/status: bad %s line", pid, k)
+			}
+			n, err := strconv.Atoi(fs[3]) // the filesystem id
+			if err != nil {
+				return c, err
+			}
+			if k == "Uid" {
+				c.uid = n
+			} else {
+				c.gid = n
+			}
+		case "Groups":
+			for _, g := range fs {
+				n, err := strconv.ParseUint(g, 10, 32)
+				if err != nil {
+					return c, err
+				}
+				c.groups = append(c.groups, uint32(n))
+			}
+		case "Umask":
+			if len(fs) == 1 {
+				n, err := strconv.ParseUint(fs[0], 8, 32)
+				if err != nil {
+					return c, err
+				}
+				c.umask = int(n)
+			}
+		}
+	}
+	return c, sc.Err()
+}
+
+// openAs opens path with pid's filesystem credentials and umask, on a
+// thread of its own: the thread's credentials and umask are changed, and
+// it is never returned to the Go scheduler (it ends with the goroutine).
+func openAs(pid int, path string, flags int, mode uint32) (int, error) {
+	c, err := credsOf(pid)
+	if err != nil {
+		return -1, err
+	}
+	type result struct {
+		fd  int
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread() // not unlocked: the thread exits after this
+		if err := unix.Unshare(unix.CLONE_FS); err != nil {
+			done <- result{-1, fmt.Errorf("unshare: %w", err)}
+			return
+		}
+		unix.Umask(c.umask)
+		if c.uid != 0 || c.gid != 0 || len(c.groups) > 0 {
+			var gp unsafe.Pointer
+			if len(c.groups) > 0 {
+				gp = unsafe.Pointer(&c.groups[0])
+			}
+			// Raw calls: these change this thread only.
+			if _, _, e := unix.RawSyscall(unix.SYS_SETGROUPS, uintptr(len(c.groups)), uintptr(gp), 0); e != 0 {
+				done <- result{-1, e}
+				return
+			}
+			unix.RawSyscall(unix.SYS_SETFSGID, uintptr(c.gid), 0, 0)
+			// Last: a non-zero fsuid drops the filesystem capabilities.
+			unix.RawSyscall(unix.SYS_SETFSUID, uintptr(c.uid), 0, 0)
+		}
+		fd, err := unix.Open(path, flags|unix.O_CLOEXEC, mode)
+		done <- result{fd, err}
+	}()
+	r := <-done
+	return r.fd, r.err
+}
+
+// writeSync handles a write on a descriptor of SyncFDBase or above, or a
+// pwritev2 with RWF_SYNC/RWF_DSYNC.
+func writeSync(listener int, req *seccompNotif, wait Func) {
+	fd, err := takeFD(listener, req, int(int32(req.Args[0])))
+	if err != nil {
+		proceed(listener, req.ID) // the kernel reports EBADF itself
+		return
+	}
+	defer unix.Close(fd)
+	fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
+	rwf := 0
+	if req.NR == unix.SYS_PWRITEV2 {
+		rwf = int(req.Args[5])
+	}
+	if err != nil || fl&unix.O_DSYNC == 0 && rwf&(unix.RWF_DSYNC|unix.RWF_SYNC) == 0 {
+		proceed(listener, req.ID) // not a durability point
+		return
+	}
+	if fl&unix.O_ACCMODE == unix.O_RDONLY {
+		proceed(listener, req.ID) // EBADF, from the kernel
+		return
+	}
+	pid := int(req.PID)
+	var iov []unix.RemoteIovec
+	switch req.NR {
+	case unix.SYS_WRITE, unix.SYS_PWRITE64:
+		iov = []unix.RemoteIovec{{Base: uintptr(req.Args[1]), Len: int(min(req.Args[2], maxEmulatedWrite))}}
+	default:
+		if iov, err = readIovecs(pid, req.Args[1], req.Args[2]); err != nil {
+			fail(listener, req.ID, asErrno(err))
+			return
+		}
+	}
+	data, err := gather(pid, iov)
+	if err != nil {
+		fail(listener, req.ID, asErrno(err))
+		return
+	}
+	var n int
+	switch req.NR {
+	case unix.SYS_WRITE, unix.SYS_WRITEV:
+		n, err = unix.Write(fd, data)
+	case unix.SYS_PWRITE64, unix.SYS_PWRITEV:
+		n, err = unix.Pwrite(fd, data, int64(req.Args[3]))
+	case unix.SYS_PWRITEV2:
+		n, err = unix.Pwritev2(fd, [][]byte{data}, int64(req.Args[3]), rwf)
+	}
+	if err != nil {
+		fail(listener, req.ID, asErrno(err))
+		return
+	}
+	if n > 0 {
+		if err := wait(req.NR); err != nil {
+			fmt.Fprintf(os.Stderr, "duet exec: synchronous write of pid %d failed with EIO: %v\n", req.PID, err)
+			fail(listener, req.ID, unix.EIO)
+			return
+		}
+	}
+	reply(listener, &seccompNotifResp{ID: req.ID, Val: int64(n)})
+}
+
+// readIovecs reads a struct iovec array from the caller's memory.
+func readIovecs(pid int, addr, count uint64) ([]unix.RemoteIovec, error) {
+	if count > 1024 { // UIO_MAXIOV
+		return nil, unix.EINVAL
+	}
+	raw := make([]byte, 16*count)
+	if err := readMem(pid, addr, raw); err != nil {
+		return nil, err
+	}
+	var iov []unix.RemoteIovec
+	total := 0
+	for i := uint64(0); i < count && total < maxEmulatedWrite; i++ {
+		base := binary.LittleEndian.Uint64(raw[16*i:])
+		l := int(min(binary.LittleEndian.Uint64(raw[16*i+8:]), uint64(maxEmulatedWrite-total)))
+		if l > 0 {
+			iov = append(iov, unix.RemoteIovec{Base: uintptr(base), Len: l})
+			total += l
+		}
+	}
+	return iov, nil
+}
+
+// gather copies the caller's buffers. Like write(2), it stops at the
+// first unreadable byte, and fails with EFAULT only if none was readable.
+func gather(pid int, iov []unix.RemoteIovec) ([]byte, error) {
+	var out []byte
+	for _, v := range iov {
+		buf := make([]byte, v.Len)
+		n, err := unix.ProcessVMReadv(pid, []unix.Iovec{{Base: &buf[0], Len: uint64(len(buf))}}, []unix.RemoteIovec{v}, 0)
+		if n > 0 {
+			out = append(out, buf[:n]...)
+		}
+		if err != nil || n < v.Len {
+			if len(out) == 0 {
+				return nil, unix.EFAULT
+			}
+			break
+		}
+	}
+	return out, nil
+}
+
+func readMem(pid int, addr uint64, buf []byte) error {
+	n, err := unix.ProcessVMReadv(pid, []unix.Iovec{{Base: &buf[0], Len: uint64(len(buf))}},
+		[]unix.RemoteIovec{{Base: uintptr(addr), Len: len(buf)}}, 0)
+	if err != nil || n != len(buf) {
+		return unix.EFAULT
+	}
+	return nil
+}
+
+// readString reads a NUL-terminated path (PATH_MAX at most), a page at a
+// time so that a string ending near unmapped memory still reads.
+func readString(pid int, addr uint64) (string, error) {
+	var out []byte
+	for len(out) < unix.PathMax {
+		chunk := 4096 - int(addr%4096)
+		buf := make([]byte, chunk)
+		if err := readMem(pid, addr, buf); err != nil {
+			return "", err
+		}
+		if i := strings.IndexByte(string(buf), 0); i >= 0 {
+			return string(append(out, buf[:i]...)), nil
+		}
+		out = append(out, buf...)
+		addr += uint64(chunk)
+	}
+	return "", unix.ENAMETOOLONG
+}
+
+var warned = map[string]bool{}
+var warnedMu = make(chan struct{}, 1)
+
+// warnOnce tells the operator, once per message, about a write that is
+// not held for the peer.
+func warnOnce(msg string) {
+	warnedMu <- struct{}{}
+	defer func() { <-warnedMu }()
+	if !warned[msg] {
+		warned[msg] = true
+		fmt.Fprintln(os.Stderr, "duet exec: warning:", msg)
+	}
+}
+
+func ioctlRet(fd int, req uintptr, arg unsafe.Pointer) (int, error) {
+	r, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), req, uintptr(arg))
+	if errno != 0 {
+		return -1, errno
+	}
+	return int(r), nil
+}
