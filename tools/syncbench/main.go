@@ -1,0 +1,161 @@
+// Command syncbench measures durable writes on one file and prints the
+// result as one JSON object. The benchmarks run it twice side by side:
+// plain, and under `duet exec` (each durability call waits for the peer).
+//
+//	syncbench -mode latency -file F -size 4096 -count 2000
+//	    writes of -size bytes at increasing offsets, each followed by
+//	    fdatasync; reports per-call latency percentiles (write+fdatasync).
+//	syncbench -mode throughput -file F -size 65536 -total 256MiB -every 1MiB
+//	    sequential writes, fdatasync after every -every bytes; reports MB/s.
+package main
+
+import (
+	"encoding/json"
+	"flag"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Result is what one run measured.
+type Result struct {
+	Mode    string  `json:"mode"`
+	Calls   int     `json:"calls"`
+	Bytes   int64   `json:"bytes"`
+	Seconds float64 `json:"seconds"`
+	MBps    float64 `json:"mb_per_s,omitempty"`
+	P50Ms   float64 `json:"p50_ms,omitempty"`
+	P99Ms   float64 `json:"p99_ms,omitempty"`
+	MeanMs  float64 `json:"mean_ms,omitempty"`
+	MaxMs   float64 `json:"max_ms,omitempty"`
+}
+
+func main() {
+	mode := flag.String("mode", "latency", "latency or throughput")
+	file := flag.String("file", "", "file to write (created, truncated)")
+	size := flag.String("size", "4096", "bytes per write (suffixes K, M, KiB, MiB)")
+	count := flag.Int("count", 1000, "latency mode: number of write+fdatasync calls")
+	total := flag.String("total", "256MiB", "throughput mode: bytes to write")
+	every := flag.String("every", "1MiB", "throughput mode: fdatasync after this many bytes")
+	flag.Parse()
+	if *file == "" {
+		fail("-file is required")
+	}
+	bs, err := parseSize(*size)
+	check(err)
+	f, err := os.OpenFile(*file, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+	check(err)
+	defer f.Close()
+	// Incompressible data, as a database's pages may be, from a pool
+	// larger than a compressor's window so that no write repeats another.
+	pool := make([]byte, max(bs, 32<<20))
+	for i := range pool {
+		pool[i] = byte(rand.Uint32())
+	}
+	fd := int(f.Fd())
+	var r Result
+	switch *mode {
+	case "latency":
+		r = latency(fd, pool, bs, *count)
+	case "throughput":
+		t, err := parseSize(*total)
+		check(err)
+		e, err := parseSize(*every)
+		check(err)
+		r = throughput(fd, pool, bs, t, e)
+	default:
+		fail("unknown -mode " + *mode + " (latency or throughput)")
+	}
+	check(json.NewEncoder(os.Stdout).Encode(r))
+}
+
+// block returns the i-th write's bytes from the pool.
+func block(pool []byte, bs int64, i int) []byte {
+	n := int64(len(pool)) / bs
+	o := (int64(i) % n) * bs
+	return pool[o : o+bs]
+}
+
+func latency(fd int, pool []byte, bs int64, n int) Result {
+	lat := make([]float64, 0, n)
+	start := time.Now()
+	var off int64
+	for i := 0; i < n; i++ {
+		t := time.Now()
+		if _, err := unix.Pwrite(fd, block(pool, bs, i), off); err != nil {
+			fail("write: " + err.Error())
+		}
+		if err := unix.Fdatasync(fd); err != nil {
+			fail("fdatasync: " + err.Error())
+		}
+		lat = append(lat, float64(time.Since(t).Nanoseconds())/1e6)
+		off += bs
+	}
+	el := time.Since(start).Seconds()
+	slices.Sort(lat)
+	var sum float64
+	for _, v := range lat {
+		sum += v
+	}
+	pct := func(p float64) float64 { return lat[min(len(lat)-1, int(p*float64(len(lat))))] }
+	return Result{Mode: "latency", Calls: n, Bytes: off, Seconds: el, P50Ms: pct(0.50), P99Ms: pct(0.99),
+		MeanMs: sum / float64(n), MaxMs: lat[len(lat)-1]}
+}
+
+func throughput(fd int, pool []byte, bs, total, every int64) Result {
+	start := time.Now()
+	var off, since int64
+	calls := 0
+	for i := 0; off < total; i++ {
+		if _, err := unix.Pwrite(fd, block(pool, bs, i), off); err != nil {
+			fail("write: " + err.Error())
+		}
+		off += bs
+		since += bs
+		if since >= every || off >= total {
+			if err := unix.Fdatasync(fd); err != nil {
+				fail("fdatasync: " + err.Error())
+			}
+			calls++
+			since = 0
+		}
+	}
+	el := time.Since(start).Seconds()
+	return Result{Mode: "throughput", Calls: calls, Bytes: off, Seconds: el, MBps: float64(off) / el / 1e6}
+}
+
+// parseSize reads 4096, 64K, 64KiB, 1M, 1MiB, 1G.
+func parseSize(s string) (int64, error) {
+	t := strings.TrimSuffix(strings.TrimSuffix(strings.ToUpper(strings.TrimSpace(s)), "B"), "I")
+	mult := int64(1)
+	switch {
+	case strings.HasSuffix(t, "K"):
+		mult, t = 1<<10, t[:len(t)-1]
+	case strings.HasSuffix(t, "M"):
+		mult, t = 1<<20, t[:len(t)-1]
+	case strings.HasSuffix(t, "G"):
+		mult, t = 1<<30, t[:len(t)-1]
+	}
+	v, err := strconv.ParseInt(t, 10, 64)
+	if err != nil || v <= 0 {
+		return 0, fmt.Errorf("bad size %q: want a positive number, optionally with K, M or G", s)
+	}
+	return v * mult, nil
+}
+
+func check(err error) {
+	if err != nil {
+		fail(err.Error())
+	}
+}
+
+func fail(msg string) {
+	fmt.Fprintln(os.Stderr, "syncbench:", msg)
+	os.Exit(1)
+}
