@@ -1,8 +1,12 @@
-// Command syncwriter appends numbered 16-byte records to a file, calling
-// fdatasync after each, and prints the number of every record whose
-// fdatasync returned success. It stops at the first failure. The zero-loss
-// tests run it under `duet exec` and check that every printed number is on
-// the peer.
+// Command syncwriter appends numbered 16-byte records to a file, making
+// each durable before the next, and prints the number of every record
+// whose durability call returned success. It stops at the first failure.
+// The zero-loss tests run it under `duet exec` and check that every
+// printed number is on the peer.
+//
+// Modes: fdatasync (write, then fdatasync), dsync (the file is opened with
+// O_DSYNC: write(2) itself is the durability point), msync (records are
+// stored into a shared mapping of the file, then msync(MS_SYNC)).
 package main
 
 import (
@@ -14,27 +18,70 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+const recordSize = 16
+
+// mapBytes is the file size in msync mode: the records it can hold.
+const mapBytes = 16 << 20
+
 func main() {
 	file := flag.String("file", "", "file to append to")
 	max := flag.Int("max", 1<<30, "stop after this many records")
+	mode := flag.String("mode", "fdatasync", "fdatasync, dsync or msync")
 	flag.Parse()
-	f, err := os.OpenFile(*file, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "syncwriter:", err)
-		os.Exit(2)
-	}
 	out := bufio.NewWriter(os.Stdout)
-	for i := 1; i <= *max; i++ {
-		if _, err := fmt.Fprintf(f, "%015d\n", i); err != nil {
-			fmt.Fprintln(os.Stderr, "syncwriter: write:", err)
-			os.Exit(1)
-		}
-		if err := unix.Fdatasync(int(f.Fd())); err != nil {
-			out.Flush()
-			fmt.Fprintf(os.Stderr, "syncwriter: fdatasync of record %d: %v\n", i, err)
-			os.Exit(1)
-		}
+	acked := func(i int) {
 		fmt.Fprintln(out, i)
 		out.Flush()
+	}
+	die := func(code int, format string, a ...any) {
+		out.Flush()
+		fmt.Fprintf(os.Stderr, "syncwriter: "+format+"\n", a...)
+		os.Exit(code)
+	}
+	record := func(i int) []byte { return []byte(fmt.Sprintf("%015d\n", i)) }
+	switch *mode {
+	case "fdatasync", "dsync":
+		flags := os.O_WRONLY | os.O_CREATE | os.O_APPEND
+		if *mode == "dsync" {
+			flags |= unix.O_DSYNC
+		}
+		f, err := os.OpenFile(*file, flags, 0o644)
+		if err != nil {
+			die(2, "%v", err)
+		}
+		for i := 1; i <= *max; i++ {
+			if _, err := f.Write(record(i)); err != nil {
+				die(1, "write of record %d: %v", i, err)
+			}
+			if *mode == "fdatasync" {
+				if err := unix.Fdatasync(int(f.Fd())); err != nil {
+					die(1, "fdatasync of record %d: %v", i, err)
+				}
+			}
+			acked(i)
+		}
+	case "msync":
+		f, err := os.OpenFile(*file, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
+		if err != nil {
+			die(2, "%v", err)
+		}
+		if err := f.Truncate(mapBytes); err != nil {
+			die(2, "%v", err)
+		}
+		m, err := unix.Mmap(int(f.Fd()), 0, mapBytes, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+		if err != nil {
+			die(2, "mmap: %v", err)
+		}
+		for i := 1; i <= *max && i*recordSize <= mapBytes; i++ {
+			off := (i - 1) * recordSize
+			copy(m[off:], record(i))
+			page := off &^ 4095
+			if err := unix.Msync(m[page:page+4096], unix.MS_SYNC); err != nil {
+				die(1, "msync of record %d: %v", i, err)
+			}
+			acked(i)
+		}
+	default:
+		die(2, "unknown -mode %q (fdatasync, dsync or msync)", *mode)
 	}
 }
