@@ -448,8 +448,11 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 		for _, f := range requeue {
 			p.j.Requeue(f)
 		}
-		if p.j.Pending() > 0 && (p.pendingSince.IsZero() || bt.since.Before(p.pendingSince)) {
-			p.pendingSince = bt.since // requeued or deferred: as old as before
+		if blocked > 0 && (p.pendingSince.IsZero() || bt.since.Before(p.pendingSince)) {
+			// Changes made but not shipped yet are as old as before.
+			// Bytes beyond EOF and operations in progress are not
+			// changes yet: they do not age the lag.
+			p.pendingSince = bt.since
 		}
 		if err == nil && blocked == 0 {
 			p.covered, p.coveredSeq = mark, p.nextSeq-1

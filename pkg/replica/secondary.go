@@ -339,8 +339,10 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 	br := bufio.NewReaderSize(c, 1<<20)
 	var buf, scratch []byte
 	// Batches are applied and acknowledged as they come; they are made
-	// durable when the primary asks (a sync frame: a barrier waits), when
-	// the applied data has waited a second, and when the connection ends.
+	// durable when the primary asks (a sync frame: a barrier waits) and
+	// when the connection ends. In between the kernel writes them back
+	// as it does any dirty data (within vm.dirty_expire_centisecs), like
+	// a DRBD secondary's writes that carry no flush.
 	var unsyncedSince time.Time
 	sync := func() error {
 		if unsyncedSince.IsZero() {
@@ -426,14 +428,6 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 		if unsyncedSince.IsZero() {
 			unsyncedSince = applyStart
 		}
-		ackFlags := uint16(0)
-		if time.Since(unsyncedSince) > time.Second {
-			if err := sync(); err != nil {
-				s.refuse(c, st, d, err)
-				return
-			}
-			ackFlags = wire.FlagDurable
-		}
 		r.applied, r.partial, r.ops = f.Seq, 0, 0
 		// Not fsynced: the state only serves a reconnect of this boot
 		// (after a reboot it is discarded for a full comparison), and the
@@ -447,7 +441,7 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 		st.Ops.Add(uint64(len(ops)))
 		st.Applied.Store(f.Seq)
 		st.LastUpdate.Store(time.Now().UnixNano())
-		if err := wire.WriteFrame(c, &wire.Frame{Type: wire.TypeAck, Flags: ackFlags, Seq: f.Seq}); err != nil {
+		if err := wire.WriteFrame(c, &wire.Frame{Type: wire.TypeAck, Seq: f.Seq}); err != nil {
 			return
 		}
 	}

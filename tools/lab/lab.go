@@ -223,6 +223,22 @@ func (l *Lab) AppendConfig(t testing.TB, host, yaml string) {
 	}
 }
 
+// EditConfig replaces old with new in host's configuration.
+func (l *Lab) EditConfig(t testing.TB, host, old, new string) {
+	t.Helper()
+	p := filepath.Join(l.Dir, host+".yaml")
+	b, err := os.ReadFile(p)
+	if err == nil && !strings.Contains(string(b), old) {
+		err = fmt.Errorf("%q not found", old)
+	}
+	if err == nil {
+		err = os.WriteFile(p, []byte(strings.Replace(string(b), old, new, 1)), 0o644)
+	}
+	if err != nil {
+		t.Fatalf("editing %s: %v", p, err)
+	}
+}
+
 // Status returns host's status.
 func (l *Lab) Status(t testing.TB, host string) node.Status {
 	t.Helper()
