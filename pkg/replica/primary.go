@@ -382,6 +382,11 @@ func (bt *batcher) flush() {
 	p.mu.Lock()
 	seq := p.nextSeq
 	p.nextSeq++
+	if p.barriers.Load() > 0 && p.syncReq < seq {
+		// A barrier waits, most likely for this batch: ask the peer to
+		// sync it right behind it, before the barrier gets to ask.
+		p.syncReq = seq
+	}
 	frame := wire.AppendFrame(nil, &wire.Frame{Type: wire.TypeBatch, Flags: flags, Seq: seq, Payload: payload})
 	bt.raw = bt.raw[:0]
 	since := bt.since

@@ -399,7 +399,12 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 			s.refuse(c, st, d, fmt.Errorf("batch %d: %w", f.Seq, err))
 			return
 		}
-		scratch = p[:0]
+		if f.Flags&wire.FlagZstd != 0 {
+			// Keep the decompression buffer. An uncompressed payload is
+			// the frame buffer itself: decompressing the next frame
+			// into it would overwrite that frame's input as it decodes.
+			scratch = p[:0]
+		}
 		ops, err := wire.DecodeOps(p)
 		if err != nil {
 			s.refuse(c, st, d, fmt.Errorf("batch %d: %w", f.Seq, err))
