@@ -23,7 +23,7 @@ type histogram struct {
 
 // latencyBuckets are the upper bounds, in seconds, of barrier latency and
 // replication lag.
-var latencyBuckets = [...]float64{0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5}
+var latencyBuckets = [...]float64{0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 5}
 
 func (h *histogram) observe(d time.Duration) {
 	h.mu.Lock()

@@ -13,9 +13,9 @@ func TestHistogramQuantileSince(t *testing.T) {
 	}
 	before := h.snapshot()
 	for i := 0; i < 98; i++ {
-		h.observe(3 * time.Millisecond) // le 5 ms
+		h.observe(4 * time.Millisecond) // le 5 ms
 	}
-	h.observe(40 * time.Millisecond) // le 50 ms
+	h.observe(45 * time.Millisecond) // le 50 ms
 	h.observe(7 * time.Second)       // over the last bound
 	after := h.snapshot()
 	if q := after.Quantile(0.5, before); q != 5 {

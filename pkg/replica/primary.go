@@ -628,12 +628,13 @@ func (p *Primary) lag() time.Duration {
 // durability call waits for. Without a peer for `alone`, it returns
 // ErrAlone.
 func (p *Primary) WaitLag(ctx context.Context, bound, alone time.Duration) error {
-	p.mu.Lock()
-	ok := p.connected && p.lag() <= bound
-	p.mu.Unlock()
-	if ok {
-		return nil
-	}
+	return p.waitPeer(ctx, alone, func() bool { return p.lag() <= bound })
+}
+
+// waitPeer waits until done (called with p.mu held, while connected)
+// says yes. Without a peer for `alone`, it returns ErrAlone; when ctx
+// ends first, ctx's error.
+func (p *Primary) waitPeer(ctx context.Context, alone time.Duration, done func() bool) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	go func() {
@@ -651,7 +652,7 @@ func (p *Primary) WaitLag(ctx context.Context, bound, alone time.Duration) error
 		}
 		if p.connected {
 			since = time.Time{}
-			if p.lag() <= bound {
+			if done() {
 				return nil
 			}
 		} else {
@@ -754,51 +755,28 @@ func (p *Primary) WaitShipped(ctx context.Context, kernel Kernel, alone time.Dur
 	if kernel != nil {
 		kernel.Drain()
 	}
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	go func() {
-		<-ctx.Done()
-		p.wake()
-	}()
-	var since time.Time
-	t := time.AfterFunc(alone, p.wake)
-	defer t.Stop()
 	p.mu.Lock()
-	defer p.mu.Unlock()
 	target := p.added
+	p.mu.Unlock()
 	var need uint64 // the batch to be made durable, once a pass covered target
 	var fullSyncs int
 	covered := false
-	for {
-		if err := ctx.Err(); err != nil {
-			return err
+	return p.waitPeer(ctx, alone, func() bool {
+		if covered && p.fullSyncs != fullSyncs {
+			// A full sync replaced the batches since (the peer lost
+			// them): wait for the full sync's batches.
+			covered = false
 		}
-		if p.connected {
-			since = time.Time{}
-			if covered && p.fullSyncs != fullSyncs {
-				// A full sync replaced the batches since (the peer
-				// lost them): wait for the full sync's batches.
-				covered = false
-			}
-			if !p.needFull && !covered && p.covered >= target {
-				need, covered, fullSyncs = p.coveredSeq, true, p.fullSyncs
-			}
-			if covered && p.durable >= need {
-				return nil
-			}
-			if covered && p.syncReq < need {
-				p.syncReq = need
-				p.sendq.Broadcast()
-			}
-		} else {
-			if since.IsZero() {
-				since = time.Now()
-				t.Reset(alone)
-			}
-			if time.Since(since) >= alone {
-				return ErrAlone
-			}
+		if !p.needFull && !covered && p.covered >= target {
+			need, covered, fullSyncs = p.coveredSeq, true, p.fullSyncs
 		}
-		p.done.Wait()
-	}
+		if covered && p.durable >= need {
+			return true
+		}
+		if covered && p.syncReq < need {
+			p.syncReq = need
+			p.sendq.Broadcast()
+		}
+		return false
+	})
 }
