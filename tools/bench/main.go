@@ -174,8 +174,7 @@ func (b *bench) fio(size string) float64 {
 	// Start every measurement from the same state: no dirty pages of an
 	// earlier run being written back (through the loop device and the
 	// host's own cache) while this one runs.
-	exec.Command("sync").Run()
-	os.WriteFile("/proc/sys/vm/drop_caches", []byte("3"), 0)
+	settle()
 	out, err := exec.Command("fio", "--name=seqwrite", "--filename="+file, "--rw=write", "--bs=64k",
 		"--size="+size, "--ioengine=psync", "--output-format=json").Output()
 	if err != nil {
@@ -287,6 +286,14 @@ func (b *bench) wireRatio(runs int) Figure {
 	return f
 }
 
+// settle writes back every dirty page and drops the caches: no writeback
+// of an earlier measurement (through the loop devices and the host's own
+// cache of their backing files) runs during the next one.
+func settle() {
+	exec.Command("sync").Run()
+	os.WriteFile("/proc/sys/vm/drop_caches", []byte("3"), 0)
+}
+
 // syncbench runs tools/syncbench on nodeA's filesystem, plain or under
 // `duet exec`, and returns what it printed.
 type syncResult struct {
@@ -297,6 +304,12 @@ type syncResult struct {
 }
 
 func (b *bench) syncbench(host string, supervised bool, args ...string) syncResult {
+	settle()
+	return b.syncbenchNow(host, supervised, args...)
+}
+
+// syncbenchNow is syncbench without settling first: for runs side by side.
+func (b *bench) syncbenchNow(host string, supervised bool, args ...string) syncResult {
 	cmd := []string{"exec", host}
 	if supervised {
 		cmd = append(cmd, b.bin, "exec", "--config", filepath.Join(b.lab, host+".yaml"), "--")
@@ -350,9 +363,10 @@ func (b *bench) syncFigures(runs int) []Figure {
 		dt := b.syncbench("a", true, append(thr, "-file", file("a", "seq-duet"))...)
 		seq.add(lt.MBps, dt.MBps)
 		// Two local writers at once, one per lab filesystem.
+		settle()
 		done := make(chan syncResult)
-		go func() { done <- b.syncbench("b", false, append(thr, "-file", file("b", "seq-both"))...) }()
-		a := b.syncbench("a", false, append(thr, "-file", file("a", "seq-both"))...)
+		go func() { done <- b.syncbenchNow("b", false, append(thr, "-file", file("b", "seq-both"))...) }()
+		a := b.syncbenchNow("a", false, append(thr, "-file", file("a", "seq-both"))...)
 		bb := <-done
 		both.add(lt.MBps, (a.MBps+bb.MBps)/2)
 		b.waitSync()
