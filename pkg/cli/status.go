@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math"
 	"strings"
 	"time"
 
@@ -105,7 +106,15 @@ func printStatus(w io.Writer, st *node.Status, output string) error {
 		fmt.Fprintf(w, "service %s: pid %d, %s, %d restarts\n", sv.Name, sv.Pid, health, sv.Restarts)
 	}
 	if len(st.Dirs) > 0 {
-		fmt.Fprintf(w, "replication lag (RPO): %.1f ms, %s unacknowledged\n", st.LagMs, bytesOf(uint64(st.LagBytes)))
+		fmt.Fprintf(w, "replication lag (RPO): %.1f ms, %s unacknowledged", st.LagMs, bytesOf(uint64(st.LagBytes)))
+		if n := st.LagHistogram.Total(); n > 0 {
+			fmt.Fprintf(w, "; p99 %s over %d batches", bound(st.LagHistogram.Quantile(0.99, node.Histogram{})), n)
+		}
+		fmt.Fprintln(w)
+		if n := st.BarrierHistogram.Total(); n > 0 {
+			fmt.Fprintf(w, "durability calls held for the peer: %d, p50 %s, p99 %s\n", n,
+				bound(st.BarrierHistogram.Quantile(0.5, node.Histogram{})), bound(st.BarrierHistogram.Quantile(0.99, node.Histogram{})))
+		}
 	}
 	if len(st.Hooks) > 0 {
 		var on, off []string
@@ -172,4 +181,12 @@ func bytesOf(n uint64) string {
 		exp++
 	}
 	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}
+
+// bound prints a histogram quantile: an upper bound, in ms.
+func bound(ms float64) string {
+	if math.IsInf(ms, 1) {
+		return "over 5 s"
+	}
+	return fmt.Sprintf("≤ %g ms", ms)
 }

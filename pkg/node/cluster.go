@@ -189,6 +189,9 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 	isolation := make(chan struct{}, 1)
 	var witnessFails atomic.Int32
 	var lastWitness time.Time
+	// actx is what actions run under; a stopping daemon swaps in one
+	// that lets it hand its role over.
+	actx := ctx
 	apply := func(ev cluster.Event) string {
 		next, acts := cluster.Step(m, ev)
 		reply := ""
@@ -217,12 +220,12 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 				// published only when done: the peer must not take over
 				// before this node let go.)
 				n.machine.Store(&next)
-				if err := n.serve(ctx); err != nil {
+				if err := n.serve(actx); err != nil {
 					n.log.Error("cannot take the primary role", "err", err)
 					go n.post(ctx, cluster.Event{Kind: cluster.EvServeFailed, Why: err.Error()})
 				}
 			case cluster.DoUnserve:
-				n.unserve(ctx)
+				n.unserve(actx)
 			}
 		}
 		m = next
@@ -236,6 +239,16 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 	for {
 		select {
 		case <-ctx.Done():
+			p := m.Peer
+			if m.State == cluster.Prim && p.Seen && p.State == cluster.Second && p.Epoch == m.Epoch {
+				// A planned stop (systemctl stop, a reboot): hand the
+				// role over as `duet swap` does, so that the peer takes
+				// over now instead of after the fault-detection timeout.
+				n.log.Info("daemon stopping: handing the primary role over to " + p.Name)
+				actx = context.Background()
+				apply(cluster.Event{Kind: cluster.EvCmdSwap})
+				return // Run lets the handover heartbeats go out
+			}
 			if m.State.Serving() {
 				n.log.Info("daemon stopping: leaving the primary role")
 				n.unserve(context.Background())

@@ -55,6 +55,15 @@ func (h *histogram) snapshot() Histogram {
 	return s
 }
 
+// Total is the number of events counted.
+func (h Histogram) Total() uint64 {
+	var n uint64
+	for _, c := range h.Counts {
+		n += c
+	}
+	return n
+}
+
 // Quantile returns the bound under which fraction q of the events fell
 // (+Inf past the last bound, NaN without events), counting only what
 // happened since the earlier snapshot `since` (zero value: since start).

@@ -252,13 +252,21 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 		goRun(func() { n.receiveHeartbeats(ctx, c, hbPeers[i]) })
 	}
 	n.machine.Store(&m)
-	goRun(func() { n.sendHeartbeats(ctx, hbConns, hbPeers) })
+	// Heartbeats outlive the loop by a few intervals: a primary that
+	// stops hands over, and the peer must hear it.
+	hbCtx, hbCancel := context.WithCancel(context.Background())
+	defer hbCancel()
+	goRun(func() { n.sendHeartbeats(hbCtx, hbConns, hbPeers) })
 	log.Info("duet running", "node", cfg.Node, "state", m.State.String(), "epoch", m.Epoch, "stale", m.Stale,
 		"listen", cfg.Listen, "peer", cfg.Peer, "version", Version)
 	if m.Stale {
 		log.Info("this copy may be older than the peer's: it serves only after the peer is seen (or `duet prim --force`)")
 	}
 	n.loop(ctx, m)
+	if m := n.machine.Load(); m.HandedOver {
+		time.Sleep(3 * n.cfg.Cluster.Interval)
+	}
+	hbCancel()
 	ctl.Close()
 	for _, c := range hbConns {
 		c.Close()
@@ -289,7 +297,10 @@ func checkTree(i int, path string) (uint64, error) {
 // while capture loads, then shipping, then the services in order.
 func (n *Node) serve(ctx context.Context) error {
 	n.server.SetAccept(false)
-	sctx, cancel := context.WithCancel(ctx)
+	// Replication lives until unserve ends it, not until the daemon's
+	// context does: a stopping primary still ships its last changes
+	// while it hands over.
+	sctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	capErr := make(chan error, 1)
 	go func() { capErr <- n.startPrimary(sctx) }()
 	vipErr := n.takeVIP(ctx)

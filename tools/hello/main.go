@@ -33,6 +33,7 @@ func main() {
 	addr := fs.String("addr", "", "connect: service address")
 	since := fs.Int64("since", 0, "connect: reference time, unix ns (default now)")
 	timeout := fs.Duration("timeout", 30*time.Second, "connect: give up after")
+	want := fs.String("want", "", "connect: wait for an answer from this name")
 	vipArg := fs.String("vip", "", "arpwatch: VIP with prefix")
 	iface := fs.String("iface", "eth0", "arpwatch: interface")
 	dur := fs.Duration("for", 5*time.Second, "arpwatch: how long")
@@ -43,7 +44,7 @@ func main() {
 	case "serve":
 		err = serve(*listen, *name)
 	case "connect":
-		err = connect(*addr, *since, *timeout)
+		err = connect(*addr, *since, *timeout, *want)
 	case "arpwatch":
 		err = arpwatch(*vipArg, *iface, *dur)
 	case "get":
@@ -86,7 +87,7 @@ func serve(listen, name string) error {
 	}
 }
 
-func connect(addr string, since int64, timeout time.Duration) error {
+func connect(addr string, since int64, timeout time.Duration, want string) error {
 	start := time.Now()
 	if since != 0 {
 		start = time.Unix(0, since)
@@ -98,7 +99,7 @@ func connect(addr string, since int64, timeout time.Duration) error {
 			c.SetDeadline(time.Now().Add(time.Second))
 			line, err := bufio.NewReader(c).ReadString('\n')
 			c.Close()
-			if err == nil {
+			if err == nil && (want == "" || strings.TrimSpace(line) == "hello from "+want) {
 				fmt.Printf("%d %s\n", time.Since(start).Milliseconds(), strings.TrimSpace(line))
 				return nil
 			}

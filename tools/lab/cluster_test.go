@@ -279,3 +279,46 @@ func grepLine(s, sub string) string {
 	}
 	return ""
 }
+
+// TestStopHandsOver: stopping the primary's daemon (SIGTERM, as systemctl
+// stop or a reboot does) hands the role over like `duet swap`: the peer
+// serves without waiting for the fault-detection timeout, and nothing a
+// supervised writer was told is durable is lost.
+func TestStopHandsOver(t *testing.T) {
+	l, hello := clusterLab(t, true)
+	writer := buildTool(t, "syncwriter")
+	l.WaitSync(t, time.Minute)
+	w := l.startSyncWriter(t, writer, "a", filepath.Join(l.AData, "stop-log"))
+	time.Sleep(300 * time.Millisecond)
+	start := time.Now()
+	// The client asks from the moment of the signal until nodeB answers.
+	answered := make(chan string, 1)
+	go func() {
+		out, err := l.run("exec", "c", hello, "connect", "-addr", vipAddr+":8080",
+			"-since", strconv.FormatInt(start.UnixNano(), 10), "-timeout", "30s", "-want", "nodeB")
+		if err != nil {
+			out = err.Error() + ": " + out
+		}
+		answered <- strings.TrimSpace(out)
+	}()
+	l.Stop(t, "a")
+	stopped := time.Since(start)
+	ans := <-answered
+	f := strings.SplitN(ans, " ", 2)
+	ms, err := strconv.Atoi(f[0])
+	if err != nil || len(f) < 2 || f[1] != "hello from nodeB" {
+		t.Fatalf("after nodeA's daemon stopped the client got %q", ans)
+	}
+	acked, stderr := w.wait(t, "the stop")
+	got, _ := os.ReadFile(filepath.Join(l.BData, "stop-log"))
+	if n := missingRecords(acked, got); n != 0 {
+		t.Fatalf("%d of %d acknowledged records are not on nodeB", n, acked)
+	}
+	s := l.Status(t, "b")
+	t.Logf("SIGTERM of nodeA's daemon: stopped in %d ms, service answered by nodeB %d ms after the signal (%s); writer: %d records acknowledged, all on nodeB (%s)",
+		stopped.Milliseconds(), ms, s.State, acked, stderr)
+	log, _ := os.ReadFile(filepath.Join(l.Dir, "b.log"))
+	if !strings.Contains(string(log), "handed over by nodeA") {
+		t.Fatal("nodeB took over, but not by a handover (see b.log)")
+	}
+}
