@@ -240,7 +240,10 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 		select {
 		case <-ctx.Done():
 			p := m.Peer
-			if m.State == cluster.Prim && p.Seen && p.State == cluster.Second && p.Epoch == m.Epoch {
+			// Only to a peer heard from just now: one that died a moment
+			// ago would leave both copies marked as possibly stale.
+			fresh := time.Since(time.Unix(0, n.lastHeartbeat.Load())) < 2*n.cfg.Cluster.Interval
+			if m.State == cluster.Prim && fresh && p.Seen && p.State == cluster.Second && p.Epoch == m.Epoch {
 				// A planned stop (systemctl stop, a reboot): hand the
 				// role over as `duet swap` does, so that the peer takes
 				// over now instead of after the fault-detection timeout.

@@ -143,6 +143,19 @@ func (b *bench) waitSync() {
 	b.must("duet", "a", "status", "--wait-sync", "300s")
 }
 
+// waitState waits until host is in state.
+func (b *bench) waitState(host, state string) {
+	for i := 0; i < 600; i++ {
+		var s node.Status
+		out, err := b.sh("duet", host, "status", "--output", "json")
+		if err == nil && json.Unmarshal([]byte(out), &s) == nil && s.State == state {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	fail(host + " is not " + state + " after 60 s")
+}
+
 // waitServing waits until nodeA is the primary: every figure measures
 // writes on nodeA's tree.
 func (b *bench) waitServing() {
@@ -207,9 +220,12 @@ func (b *bench) throughput(runs int) []Figure {
 		Target: "(none yet)", Met: true, Unit: "MB/s",
 		Note: "both nodes share this machine's CPUs and disk: nodeB's applier and syncfs compete with fio"}
 	for i := 0; i < runs; i++ {
+		// nodeB first: a primary stopped next to an in-sync peer hands
+		// its role over, and nodeA must be the one that serves next.
+		b.must("stop", "b")
+		b.waitState("a", "ALONE")
 		b.must("stop", "a")
 		base := b.fio(size)
-		b.must("stop", "b")
 		b.must("start", "a")
 		b.waitServing()
 		capt := b.fio(size)
