@@ -519,7 +519,11 @@ func (b *builder) file(f journal.File) error {
 		return nil
 	}
 	size := uint64(st.Size)
-	if f.Attr || f.Rescan {
+	// A truncate (or a collapse/insert) reports its tail; the inode update
+	// that carries the new size may come in a later pass, when the file
+	// has grown again: the size must go now, or the peer keeps the old
+	// bytes between the truncated size and the later writes.
+	if f.Attr || f.Rescan || f.HasTail {
 		if err := b.out.add(&wire.Op{Code: wire.OpTruncate, Path: p, Off: size}); err != nil {
 			return err
 		}
