@@ -250,7 +250,10 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 				n.log.Info("daemon stopping: handing the primary role over to " + p.Name)
 				actx = context.Background()
 				apply(cluster.Event{Kind: cluster.EvCmdSwap})
-				return // Run lets the handover heartbeats go out
+				if !m.State.Serving() {
+					return // Run lets the handover heartbeats go out
+				}
+				// Refused: leave the role the plain way below.
 			}
 			if m.State.Serving() {
 				n.log.Info("daemon stopping: leaving the primary role")

@@ -343,9 +343,9 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 	// when the connection ends. In between the kernel writes them back
 	// as it does any dirty data (within vm.dirty_expire_centisecs), like
 	// a DRBD secondary's writes that carry no flush.
-	var unsyncedSince time.Time
+	unsynced := false
 	sync := func() error {
-		if unsyncedSince.IsZero() {
+		if !unsynced {
 			return nil
 		}
 		syncStart := time.Now()
@@ -354,7 +354,7 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 		}
 		st.SyncNs.Add(int64(time.Since(syncStart)))
 		st.Syncs.Add(1)
-		unsyncedSince = time.Time{}
+		unsynced = false
 		return nil
 	}
 	defer func() {
@@ -430,9 +430,7 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 			}
 		}
 		st.ApplyNs.Add(int64(time.Since(applyStart)))
-		if unsyncedSince.IsZero() {
-			unsyncedSince = applyStart
-		}
+		unsynced = true
 		r.applied, r.partial, r.ops = f.Seq, 0, 0
 		// Not fsynced: the state only serves a reconnect of this boot
 		// (after a reboot it is discarded for a full comparison), and the
