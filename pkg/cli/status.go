@@ -15,13 +15,14 @@ import (
 func newStatus(s IOStreams) *cobra.Command {
 	var output string
 	var sock func() (string, error)
-	var waitSync time.Duration
+	var waitSync, watch time.Duration
 	cmd := &cobra.Command{
 		Use:   "status",
 		Short: "Show the daemon's role, capture hooks and replication state",
 		Example: `  duet status
   duet status --output json
-  duet status --wait-sync 60s   # wait until every change is on the peer`,
+  duet status --wait-sync 60s   # wait until every change is on the peer
+  duet status --watch 1s        # redraw every second (resync progress); Ctrl-C ends`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if output != "text" && output != "json" {
@@ -34,6 +35,23 @@ func newStatus(s IOStreams) *cobra.Command {
 			st, err := node.Query(socket)
 			if err != nil {
 				return err
+			}
+			if watch > 0 {
+				for {
+					if output == "text" && isTerminal(s.Out) {
+						fmt.Fprint(s.Out, "\033[H\033[2J")
+					}
+					if output == "text" {
+						fmt.Fprintf(s.Out, "%s\n", time.Now().Format(time.TimeOnly))
+					}
+					if err := printStatus(s.Out, &st, output); err != nil {
+						return err
+					}
+					time.Sleep(watch)
+					if st, err = node.Query(socket); err != nil {
+						return err
+					}
+				}
 			}
 			if waitSync > 0 {
 				deadline := time.Now().Add(waitSync)
@@ -64,6 +82,7 @@ func newStatus(s IOStreams) *cobra.Command {
 	sock = socketFlags(cmd)
 	cmd.Flags().StringVarP(&output, "output", "o", "text", "text or json")
 	cmd.Flags().DurationVar(&waitSync, "wait-sync", 0, "wait up to this long for everything to be on the peer; exit 1 if not")
+	cmd.Flags().DurationVar(&watch, "watch", 0, "print the status again at this interval until interrupted")
 	return cmd
 }
 
@@ -149,9 +168,38 @@ func printStatus(w io.Writer, st *node.Status, output string) error {
 		if d.Barriers > 0 {
 			fmt.Fprintf(w, "  barriers (duet exec fsyncs) %d, %.2f ms on average\n", d.Barriers, d.BarrierAvgMs)
 		}
+		trusted := "trusted"
+		if !d.BitmapTrusted {
+			trusted = "not trusted (a crash or lost records): files changed since the sync point are compared"
+		}
+		fmt.Fprintf(w, "  modification bitmap: %s in %d files, %s\n", bytesOf(d.BitmapBytes), d.BitmapFiles, trusted)
+		if r := d.Resync; r.Active {
+			fmt.Fprintf(w, "  resync: %s\n", progressLine(d.Dir, &r, d.Connected))
+		} else if r.Mode != "" && !r.Ended.IsZero() {
+			fmt.Fprintf(w, "  last resync (%s) at %s: %d of %d files compared, %d sent, %s in %s\n", r.Mode,
+				r.Ended.Format(time.RFC3339), r.FilesCompared, r.FilesTotal, r.FilesSent, bytesOf(r.BytesSent),
+				r.Ended.Sub(r.Started).Round(time.Millisecond))
+		}
 		if d.LastError != "" {
 			fmt.Fprintf(w, "  last error (%s): %s\n", d.LastErrorAt, d.LastError)
 		}
+	}
+	for _, c := range st.Copies {
+		var flags []string
+		if c.Source {
+			flags = append(flags, "source")
+		}
+		if !c.Consistent {
+			flags = append(flags, "INCONSISTENT (a resync into it was cut short)")
+		}
+		if c.Crashed {
+			flags = append(flags, "crashed (not cleanly stopped)")
+		}
+		sp := c.SyncPoint
+		if sp == "" {
+			sp = "none yet"
+		}
+		fmt.Fprintf(w, "copy %s: generation %s, sync point %s %s\n", c.Dir, c.Gen, sp, strings.Join(flags, ", "))
 	}
 	for _, r := range st.Replicas {
 		conn := "connected to " + r.Peer

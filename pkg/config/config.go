@@ -54,6 +54,19 @@ type Config struct {
 	Services []Service `yaml:"services"`
 	// Metrics is the local address of the Prometheus endpoint, or "off".
 	Metrics string `yaml:"metrics"`
+	// Resync tunes how a returning node is brought level.
+	Resync Resync `yaml:"resync"`
+}
+
+// Resync tunes resynchronisation.
+type Resync struct {
+	// Margin is taken off a sync point before files are picked by their
+	// ctime/mtime after a crash: it covers the difference between the two
+	// nodes' clocks. Default 30s.
+	Margin time.Duration `yaml:"margin"`
+	// RateMiB bounds the data a resync sends, in MiB/s (0: no bound),
+	// like DRBD's resync rate: live changes keep the rest of the link.
+	RateMiB int `yaml:"rate_mib"`
 }
 
 // Cluster is the heartbeat and takeover configuration.
@@ -151,6 +164,7 @@ const (
 	DefaultTimeout  = 1500 * time.Millisecond
 	DefaultMetrics  = "127.0.0.1:9788"
 	DefaultRestarts = 3
+	DefaultMargin   = 30 * time.Second
 )
 
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
@@ -226,6 +240,9 @@ func (c *Config) defaults() {
 	}
 	if c.Metrics == "" {
 		c.Metrics = DefaultMetrics
+	}
+	if c.Resync.Margin == 0 {
+		c.Resync.Margin = DefaultMargin
 	}
 	for i := range c.Services {
 		s := &c.Services[i]
@@ -305,6 +322,12 @@ func (c *Config) Validate() error {
 		if rp := filepath.Clean(r.Path); sd == rp || strings.HasPrefix(sd, rp+"/") {
 			bad("state_dir %q: must not be inside replicate[%d].path %q", c.StateDir, i, r.Path)
 		}
+	}
+	if c.Resync.Margin < 0 {
+		bad("resync.margin %s: must be positive", c.Resync.Margin)
+	}
+	if c.Resync.RateMiB < 0 {
+		bad("resync.rate_mib %d: must be 0 (no bound) or a positive number of MiB/s", c.Resync.RateMiB)
 	}
 	c.validateCluster(bad)
 	return errors.Join(errs...)

@@ -161,6 +161,7 @@ func EntryOf(rel string, st *unix.Stat_t) wire.Entry {
 		GID:   st.Gid,
 		Size:  uint64(st.Size),
 		Mtime: st.Mtim.Nano(),
+		Ctime: st.Ctim.Nano(),
 		Rdev:  st.Rdev,
 		Ino:   st.Ino,
 	}
@@ -191,6 +192,26 @@ func Sums(f *os.File, size uint64) ([]wire.Sum, error) {
 		sums = append(sums, SumBlock(buf[:want]))
 	}
 	return sums, nil
+}
+
+// SumEntry computes the block checksums of regular file e (found under
+// root by its path). A file replaced since e was listed is left unsummed.
+func SumEntry(root *os.File, e *wire.Entry) error {
+	f, err := OpenBeneath(root, e.Path, unix.O_RDONLY|unix.O_NOFOLLOW)
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil || st.Ino != e.Ino {
+		return nil
+	}
+	e.Sums, err = Sums(f, e.Size)
+	if err != nil {
+		return err
+	}
+	e.Flags |= wire.EntrySummed
+	return nil
 }
 
 // Scan lists the tree under root in pre-order (parents before children,
@@ -247,6 +268,7 @@ func scanDir(root *os.File, rel string, out *[]wire.Entry, sums bool) error {
 			if err != nil {
 				return err
 			}
+			e.Flags |= wire.EntrySummed
 		}
 		*out = append(*out, e)
 		if e.Mode.IsDir() {

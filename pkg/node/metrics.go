@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/duet-ha/duet/pkg/cluster"
+	"github.com/duet-ha/duet/pkg/replica"
 )
 
 // histogram is a Prometheus-style cumulative histogram of durations.
@@ -154,7 +155,27 @@ func (n *Node) writeMetrics(w io.Writer) {
 	}
 	counter("duet_shipped_bytes_total", "Bytes sent to the peer (compressed, on the wire), this primary term.", wire)
 	counter("duet_changed_bytes_total", "Bytes changed by writers, this primary term.", changed)
-	counter("duet_resyncs_total", "Full checksum resyncs, this primary term.", full)
+	counter("duet_resyncs_total", "Resyncs, this primary term.", full)
+	fmt.Fprintf(w, "# HELP duet_resync_active 1 while a resync of the directory runs.\n# TYPE duet_resync_active gauge\n")
+	for _, d := range s.Dirs {
+		fmt.Fprintf(w, "duet_resync_active{dir=%q,mode=%q} %g\n", d.Dir, d.Resync.Mode, b2f(d.Resync.Active))
+	}
+	for _, m := range []struct {
+		name, help string
+		v          func(d *replica.Status) float64
+	}{
+		{"duet_resync_bytes_planned", "Bytes the current (or last) resync sends.", func(d *replica.Status) float64 { return float64(d.Resync.BytesPlanned) }},
+		{"duet_resync_bytes_sent", "Bytes the current (or last) resync has sent.", func(d *replica.Status) float64 { return float64(d.Resync.BytesSent) }},
+		{"duet_resync_files_compared", "Files the current (or last) resync compared by checksums.", func(d *replica.Status) float64 { return float64(d.Resync.FilesCompared) }},
+		{"duet_resync_files_total", "Files in the tree the current (or last) resync walked.", func(d *replica.Status) float64 { return float64(d.Resync.FilesTotal) }},
+		{"duet_resync_eta_seconds", "Estimated time left of the current resync.", func(d *replica.Status) float64 { return d.Resync.EtaSec }},
+		{"duet_bitmap_bytes", "Data marked in the modification bitmap: what a resync would send now.", func(d *replica.Status) float64 { return float64(d.BitmapBytes) }},
+	} {
+		fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s gauge\n", m.name, m.help, m.name)
+		for i := range s.Dirs {
+			fmt.Fprintf(w, "%s{dir=%q} %g\n", m.name, s.Dirs[i].Dir, m.v(&s.Dirs[i]))
+		}
+	}
 	if s.VIP != nil {
 		gauge("duet_vip_held", "1 when this node holds the VIP.", b2f(s.VIP.Held))
 	}

@@ -26,6 +26,7 @@ import (
 	"github.com/duet-ha/duet/pkg/replica"
 	"github.com/duet-ha/duet/pkg/stack"
 	"github.com/duet-ha/duet/pkg/vip"
+	"golang.org/x/sys/unix"
 )
 
 // Version is set at build time.
@@ -55,7 +56,20 @@ type Status struct {
 	BarrierHistogram Histogram        `json:"barrier_histogram"`
 	Dirs             []replica.Status `json:"dirs,omitempty"`
 	Replicas         []ReplicaStatus  `json:"replicas,omitempty"`
-	InSync           bool             `json:"in_sync"`
+	// Copies is what this node knows of its copy of each directory.
+	Copies []CopyStatus `json:"copies,omitempty"`
+	InSync bool         `json:"in_sync"`
+}
+
+// CopyStatus is one directory's copy on this node (see replica.Meta).
+type CopyStatus struct {
+	Dir        string `json:"dir"`
+	Gen        string `json:"gen"`
+	Source     bool   `json:"source"`
+	Consistent bool   `json:"consistent"`
+	Crashed    bool   `json:"crashed"`
+	SyncPoint  string `json:"sync_point,omitempty"`
+	SyncSeq    uint64 `json:"sync_seq"`
 }
 
 // PeerStatus is what the heartbeats say of the peer.
@@ -99,7 +113,8 @@ const ext4Magic = 0xEF53
 
 // Node is a running daemon.
 type Node struct {
-	dispatched atomic.Uint64 // records handed to the primaries
+	dispatched atomic.Uint64        // records handed to the primaries
+	metas      []*replica.MetaStore // per directory, as n.dirs
 	// Drain waiters sleep on drained; dispatch wakes them while any wait.
 	drainWaiters atomic.Int32
 	drainMu      sync.Mutex
@@ -166,6 +181,19 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("state_dir %q: %w", cfg.StateDir, err)
 	}
+	metas := map[string]*replica.MetaStore{}
+	for _, d := range n.dirs {
+		ms, err := replica.OpenMeta(cfg.StateDir, d.Name)
+		if err != nil {
+			return err
+		}
+		if m := ms.Get(); m.Crashed {
+			log.Warn("duet did not stop cleanly last time: this copy's changes since its sync point will be compared with the peer's",
+				"dir", d.Name, "sync_point", time.Unix(0, m.SyncTime).UTC().Format(time.RFC3339))
+		}
+		metas[d.Name] = ms
+		n.metas = append(n.metas, ms)
+	}
 	if v := cfg.VIP; v != nil {
 		p, _ := netip.ParsePrefix(v.Address)
 		n.vip = &vip.VIP{Prefix: p, Iface: v.Interface}
@@ -206,7 +234,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	if err != nil {
 		return fmt.Errorf("listen %q: %w (is the address configured on this host, and the port free?)", cfg.Listen, err)
 	}
-	n.server = &replica.Server{Key: key, StateDir: cfg.StateDir, Dirs: n.dirs, Log: log}
+	n.server = &replica.Server{Key: key, StateDir: cfg.StateDir, Dirs: n.dirs, Log: log, Metas: metas}
 	n.server.SetAccept(true)
 	hbConns, hbPeers, err := n.heartbeatConns()
 	if err != nil {
@@ -272,8 +300,28 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 		c.Close()
 	}
 	wg.Wait()
+	n.server.Close(5 * time.Second)
+	n.markClean()
 	log.Info("duet stopped", "node", cfg.Node)
 	return nil
+}
+
+// markClean records a clean stop: every copy on disk, the bitmaps saved
+// (when leaving the role), the unclean-shutdown markers cleared.
+func (n *Node) markClean() {
+	for i, d := range n.dirs {
+		if f, err := os.Open(d.Path); err == nil {
+			err = unix.Syncfs(int(f.Fd()))
+			f.Close()
+			if err != nil {
+				n.log.Error("syncfs at stop: the next start counts as after a crash", "dir", d.Name, "err", err)
+				continue
+			}
+		}
+		if err := n.metas[i].Update(func(m *replica.Meta) { m.Running = false }); err != nil {
+			n.log.Error("recording the clean stop", "dir", d.Name, "err", err)
+		}
+	}
 }
 
 // checkTree refuses a replicated directory whose filesystem capture
@@ -382,6 +430,8 @@ func (n *Node) unserve(ctx context.Context) {
 	for _, p := range primaries {
 		if err := p.WaitShipped(dctx, kernel{n}, n.cfg.Cluster.Timeout); err != nil {
 			n.log.Warn("leaving the role with changes not on the peer (tracked for a resync)", "dir", p.Dir.Name, "err", err)
+		} else if err := p.HandedOver(); err != nil {
+			n.log.Warn("recording the handover", "dir", p.Dir.Name, "err", err)
 		}
 	}
 	cancel()
@@ -415,6 +465,14 @@ func (n *Node) startPrimary(ctx context.Context) error {
 		}
 		p.OnAck = n.lags.observe
 		primaries = append(primaries, p)
+		err = p.BeginTerm(replica.Term{Meta: n.metas[i], DirtyPath: filepath.Join(n.cfg.StateDir, "bitmap-"+d.Name),
+			Margin: n.cfg.Resync.Margin, Rate: int64(n.cfg.Resync.RateMiB) << 20})
+		if err != nil {
+			for _, p := range primaries {
+				p.Close()
+			}
+			return err
+		}
 	}
 	c, err := n.takeCapture()
 	if err == nil {
@@ -475,6 +533,9 @@ func (n *Node) stopPrimary() {
 	n.serveWG.Wait()
 	n.smu.Lock()
 	for _, p := range n.primaries {
+		if err := p.SaveDirty(); err != nil {
+			n.log.Error("saving the modification bitmap: the next term compares the files changed since the sync point", "dir", p.Dir.Name, "err", err)
+		}
 		p.Close()
 	}
 	n.cap, n.primaries = nil, nil
@@ -742,6 +803,8 @@ func (n *Node) serveControl(ctx context.Context, ln net.Listener) {
 				return
 			}
 			switch req {
+			case "resync", "resync-full":
+				fmt.Fprintln(c, n.resync(req == "resync-full"))
 			case "status":
 				json.NewEncoder(c).Encode(n.Status())
 			case "barrier":
@@ -760,6 +823,21 @@ func (n *Node) serveControl(ctx context.Context, ln net.Listener) {
 			}
 		}()
 	}
+}
+
+// resync starts a resync of every directory with the peer: from the
+// bitmaps and sync points, or (full) by checksums of every file.
+func (n *Node) resync(full bool) string {
+	n.smu.RLock()
+	primaries := n.primaries
+	n.smu.RUnlock()
+	if len(primaries) == 0 {
+		return "refused: this node does not serve: run duet resync on the primary, which sends its copy"
+	}
+	for _, p := range primaries {
+		p.Resync(full)
+	}
+	return "ok: resync started"
 }
 
 // Command sends an operator command (start, stop, prim, prim-force,
@@ -977,6 +1055,15 @@ func (n *Node) Status() Status {
 		s.LagMs = max(s.LagMs, ps.LagMs)
 		s.LagBytes += ps.UnackedBytes
 		s.Dirs = append(s.Dirs, ps)
+	}
+	for i, d := range n.dirs {
+		mt := n.metas[i].Get()
+		cs := CopyStatus{Dir: d.Name, Gen: fmt.Sprintf("%016x", mt.Gen), Source: mt.Source, Consistent: mt.Consistent,
+			Crashed: mt.Crashed, SyncSeq: mt.SyncSeq}
+		if mt.SyncTime != 0 {
+			cs.SyncPoint = time.Unix(0, mt.SyncTime).UTC().Format(time.RFC3339Nano)
+		}
+		s.Copies = append(s.Copies, cs)
 	}
 	if !m.State.Serving() {
 		for _, d := range n.cfg.Replicate {

@@ -63,6 +63,9 @@ type builder struct {
 	blocked  int
 	removals []link
 	dataRead uint64 // bytes read for shipping, in total
+	// onRead, if set, is told of every read for shipping (a resync's
+	// progress and rate limit).
+	onRead func(n int)
 }
 
 // newBuilder returns a builder reading through buf (readChunk bytes,
@@ -445,6 +448,9 @@ func (b *builder) shipUpTo(p string, f *os.File, s journal.Span) (uint64, error)
 		got, err := f.ReadAt(b.buf[:n], int64(off))
 		if got > 0 {
 			b.dataRead += uint64(got)
+			if b.onRead != nil {
+				b.onRead(got)
+			}
 			if err := b.out.add(&wire.Op{Code: wire.OpWrite, Path: p, Off: off, Data: b.buf[:got]}); err != nil {
 				return off, err
 			}

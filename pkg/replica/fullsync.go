@@ -1,7 +1,9 @@
 package replica
 
 import (
+	"fmt"
 	"io/fs"
+	"path"
 	"strings"
 
 	"github.com/duet-ha/duet/pkg/capture"
@@ -11,24 +13,56 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// fullSync makes the peer's tree equal to local (a pre-order scan with
-// sums) given the peer's manifest: only blocks whose checksums differ are
-// sent, entries the primary lacks are removed, hard links stay links.
-func (b *builder) fullSync(local, peer []wire.Entry) error {
+// treeSync says how the builder's fullSync decides what a file needs.
+type treeSync struct {
+	// dirty, when set, is a trusted modification bitmap: a file that was
+	// not compared by checksums gets the chunks it marks.
+	dirty *dirtySet
+	// window: files neither compared by checksums nor marked by the
+	// bitmap are the same on both sides unless their sizes differ (they
+	// did not change since the last sync point).
+	window bool
+	// report: list what the peer's copy loses (it may hold changes this
+	// node never received: a returning old primary).
+	report bool
+	lines  []string
+	// Counters, for the progress report.
+	planned   uint64 // bytes the resync will send
+	filesSent int
+	// shipped, if set, is told of every file whose changes are all
+	// queued (the bitmap forgets them once the peer has them durably).
+	shipped func(ino uint64)
+}
+
+// fullSync makes the peer's tree equal to local (a pre-order scan) given
+// the peer's manifest: files with checksums on both sides send the blocks
+// that differ, other files the chunks of the bitmap, files the peer lacks
+// are sent whole, entries the primary lacks are removed, a file renamed
+// while the peer was away is renamed there, hard links stay links.
+func (b *builder) fullSync(local, peer []wire.Entry, ts *treeSync) error {
+	if ts == nil {
+		ts = &treeSync{}
+	}
 	pm := make(map[string]*wire.Entry, len(peer))
 	for i := range peer {
 		pm[peer[i].Path] = &peer[i]
 	}
-	localPaths := make(map[string]bool, len(local))
+	localPaths := make(map[string]*wire.Entry, len(local))
 	for i := range local {
-		localPaths[local[i].Path] = true
+		localPaths[local[i].Path] = &local[i]
+	}
+	if err := b.renames(local, peer, pm, localPaths, ts); err != nil {
+		return err
 	}
 	// Removals first, top-most only: a removed directory takes its subtree.
 	var removed []string
 	for i := range peer {
 		p := peer[i].Path
-		if p == "." || localPaths[p] || underAny(p, removed) {
+		if p == "." || localPaths[p] != nil || pm[p] != &peer[i] || underAny(p, removed) {
 			continue
+		}
+		if ts.report && peer[i].Flags&wire.EntryRecent != 0 {
+			ts.lines = append(ts.lines, fmt.Sprintf("%s\tremoved: it exists only on this node", p))
 		}
 		if err := b.out.add(&wire.Op{Code: wire.OpRemove, Path: p}); err != nil {
 			return err
@@ -43,6 +77,9 @@ func (b *builder) fullSync(local, peer []wire.Entry) error {
 		}
 		p := pm[l.Path]
 		if p != nil && p.Mode.Type() != l.Mode.Type() {
+			if ts.report && p.Flags&wire.EntryRecent != 0 {
+				ts.lines = append(ts.lines, fmt.Sprintf("%s\treplaced: a %s here, a %s on the peer", l.Path, typeName(p.Mode), typeName(l.Mode)))
+			}
 			p = nil // create replaces whatever is there
 		}
 		if l.Mode.IsRegular() {
@@ -54,9 +91,68 @@ func (b *builder) fullSync(local, peer []wire.Entry) error {
 			}
 			firstName[l.Ino] = l.Path
 		}
-		if err := b.syncEntry(l, p); err != nil {
+		if err := b.syncEntry(l, p, ts); err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+func typeName(m fs.FileMode) string {
+	switch {
+	case m.IsDir():
+		return "directory"
+	case m&fs.ModeSymlink != 0:
+		return "symlink"
+	case m.IsRegular():
+		return "file"
+	}
+	return "special file"
+}
+
+// renames finds regular files that exist only here and only on the peer
+// with the same size and mtime, in a directory the peer has: renamed while
+// the peer was away. They are renamed on the peer before anything is
+// removed, and then compared like any file.
+func (b *builder) renames(local, peer []wire.Entry, pm, lm map[string]*wire.Entry, ts *treeSync) error {
+	type key struct {
+		size  uint64
+		mtime int64
+	}
+	gone := map[key][]*wire.Entry{}
+	for i := range peer {
+		e := &peer[i]
+		if e.Mode.IsRegular() && lm[e.Path] == nil && e.Size > 0 {
+			k := key{e.Size, e.Mtime}
+			gone[k] = append(gone[k], e)
+		}
+	}
+	if len(gone) == 0 {
+		return nil
+	}
+	for i := range local {
+		l := &local[i]
+		if !l.Mode.IsRegular() || pm[l.Path] != nil {
+			continue
+		}
+		dir := path.Dir(l.Path)
+		if d := pm[dir]; dir != "." && (d == nil || !d.Mode.IsDir() || lm[dir] == nil) {
+			continue // the directory is new: created later, in order
+		}
+		k := key{l.Size, l.Mtime}
+		cands := gone[k]
+		if len(cands) == 0 {
+			continue
+		}
+		from := cands[0]
+		gone[k] = cands[1:]
+		if err := b.out.add(&wire.Op{Code: wire.OpRename, Path: from.Path, Path2: l.Path}); err != nil {
+			return err
+		}
+		moved := *from
+		moved.Path = l.Path
+		delete(pm, from.Path)
+		pm[l.Path] = &moved
 	}
 	return nil
 }
@@ -70,7 +166,7 @@ func underAny(p string, dirs []string) bool {
 	return false
 }
 
-func (b *builder) syncEntry(l, p *wire.Entry) error {
+func (b *builder) syncEntry(l, p *wire.Entry, ts *treeSync) error {
 	perm := fstree.UnixPerm(l.Mode)
 	changed := p == nil
 	switch {
@@ -98,7 +194,7 @@ func (b *builder) syncEntry(l, p *wire.Entry) error {
 			}
 		}
 	case l.Mode.IsRegular():
-		c, err := b.syncFile(l, p)
+		c, err := b.syncFile(l, p, ts)
 		if err != nil {
 			return err
 		}
@@ -113,9 +209,69 @@ func (b *builder) syncEntry(l, p *wire.Entry) error {
 	return b.out.add(&wire.Op{Code: wire.OpSetattr, Path: l.Path, Mode: perm, UID: l.UID, GID: l.GID, Mtime: l.Mtime, Atime: l.Mtime})
 }
 
-// syncFile sends the blocks of l that differ from p (all of them when the
-// peer has no such file), and the size.
-func (b *builder) syncFile(l, p *wire.Entry) (bool, error) {
+// fileSpans is what must be sent of regular file l to the peer's p: the
+// spans (whole: everything), and whether the size must be set.
+func fileSpans(l, p *wire.Entry, ts *treeSync) (spans []journal.Span, whole bool) {
+	summed := l.Flags&wire.EntrySummed != 0 && p.Flags&wire.EntrySummed != 0
+	switch {
+	case summed:
+		var r journal.Ranges
+		for i := range l.Sums {
+			if i < len(p.Sums) && p.Sums[i] == l.Sums[i] {
+				continue
+			}
+			off := uint64(i) * wire.BlockSize
+			end := min(off+wire.BlockSize, l.Size)
+			// A block of zeros beyond the peer's old size is already a hole.
+			if i >= len(p.Sums) && l.Sums[i] == zeroSum(end-off) {
+				continue
+			}
+			r.Add(off, end-off)
+		}
+		return r.Spans(), false
+	case ts.dirty != nil:
+		spans, whole = ts.dirty.spans(l.Ino, l.Size)
+		if !whole && !ts.dirty.has(l.Ino) && p.Size != l.Size {
+			// Unchanged by the bitmap, yet not the same size: the
+			// bitmap missed something. Send it all.
+			whole = true
+		}
+		return spans, whole
+	case ts.window:
+		return nil, p.Size != l.Size
+	}
+	return nil, true
+}
+
+// plan counts what fullSync will send, for the progress report.
+func (ts *treeSync) plan(local, peer []wire.Entry) {
+	pm := make(map[string]*wire.Entry, len(peer))
+	for i := range peer {
+		pm[peer[i].Path] = &peer[i]
+	}
+	for i := range local {
+		l := &local[i]
+		if !l.Mode.IsRegular() {
+			continue
+		}
+		p := pm[l.Path]
+		if p == nil || !p.Mode.IsRegular() {
+			ts.planned += l.Size
+			continue
+		}
+		spans, whole := fileSpans(l, p, ts)
+		if whole {
+			ts.planned += l.Size
+		}
+		for _, s := range spans {
+			ts.planned += s.Len()
+		}
+	}
+}
+
+// syncFile sends what the peer's p lacks of l (all of it when the peer has
+// no such file), and the size.
+func (b *builder) syncFile(l, p *wire.Entry, ts *treeSync) (bool, error) {
 	if p == nil {
 		if err := b.out.add(&wire.Op{Code: wire.OpCreate, Path: l.Path, Mode: fstree.UnixPerm(l.Mode)}); err != nil {
 			return true, err
@@ -136,31 +292,65 @@ func (b *builder) syncFile(l, p *wire.Entry) (bool, error) {
 		return true, nil
 	}
 	defer f.Close()
-	if p == nil {
-		return true, b.sendWhole(l.Path, f, false)
+	whole := p == nil
+	var spans []journal.Span
+	if p != nil {
+		spans, whole = fileSpans(l, p, ts)
+		changed := p.Size != l.Size || whole || len(spans) > 0
+		if ts.report && p.Flags&wire.EntryRecent != 0 && changed {
+			ts.lines = append(ts.lines, discarded(l, p, spans, whole))
+		}
+		if !changed {
+			return false, nil
+		}
 	}
-	changed := p.Size != l.Size
-	if changed {
-		if err := b.out.add(&wire.Op{Code: wire.OpTruncate, Path: l.Path, Off: l.Size}); err != nil {
+	ts.filesSent++
+	if whole {
+		if err := b.sendWhole(l.Path, f, false); err != nil {
 			return true, err
 		}
-	}
-	for i := range l.Sums {
-		if i < len(p.Sums) && p.Sums[i] == l.Sums[i] {
-			continue
+	} else {
+		if p.Size != l.Size {
+			if err := b.out.add(&wire.Op{Code: wire.OpTruncate, Path: l.Path, Off: l.Size}); err != nil {
+				return true, err
+			}
 		}
-		changed = true
-		off := uint64(i) * wire.BlockSize
-		end := min(off+wire.BlockSize, l.Size)
-		// A block of zeros beyond the peer's old size is already a hole.
-		if i >= len(p.Sums) && l.Sums[i] == zeroSum(end-off) {
-			continue
-		}
-		if err := b.ship(l.Path, f, journal.Span{Off: off, End: end}); err != nil {
-			return true, err
+		for _, s := range spans {
+			if err := b.ship(l.Path, f, s); err != nil {
+				return true, err
+			}
 		}
 	}
-	return changed, nil
+	if ts.shipped != nil {
+		ts.shipped(l.Ino)
+	}
+	return true, nil
+}
+
+// discarded describes, for the report, what the peer's copy of a file it
+// changed loses.
+func discarded(l, p *wire.Entry, spans []journal.Span, whole bool) string {
+	var parts []string
+	if p.Size != l.Size {
+		parts = append(parts, fmt.Sprintf("size %d on this node, %d kept", p.Size, l.Size))
+	}
+	if whole {
+		parts = append(parts, "content replaced whole")
+	} else if len(spans) > 0 {
+		var n uint64
+		var rs []string
+		for i, s := range spans {
+			n += s.Len()
+			if i < 8 {
+				rs = append(rs, fmt.Sprintf("%d-%d", s.Off, s.End))
+			}
+		}
+		if len(spans) > 8 {
+			rs = append(rs, fmt.Sprintf("... (%d ranges)", len(spans)))
+		}
+		parts = append(parts, fmt.Sprintf("%d bytes replaced at %s", n, strings.Join(rs, ",")))
+	}
+	return fmt.Sprintf("%s\t%s", l.Path, strings.Join(parts, "; "))
 }
 
 var fullZeroSum = fstree.SumBlock(make([]byte, wire.BlockSize))

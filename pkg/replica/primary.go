@@ -91,6 +91,41 @@ type Primary struct {
 	// pendingSince is when the oldest change still in the journal was
 	// captured (zero: none).
 	pendingSince time.Time
+
+	// The modification bitmap and the copy's lineage (see Meta).
+	dirty        *dirtySet
+	dirtyTrusted bool   // the bitmap holds every change the peer's copy of base lacks
+	gen, base    uint64 // this term's generation; the peer copy's the bitmap is relative to
+	selfSync     int64  // this copy's sync point when the term began
+	meta         *MetaStore
+	forceAll     bool // the next resync compares everything (duet resync --full)
+	// marks are covered passes not yet durable on the peer: once one is,
+	// the bitmap forgets the changes it counted.
+	marks     []passMark
+	lastClear time.Time
+	rs        ResyncStatus
+	rsSent    atomic.Uint64 // bytes the resync in progress has read for sending
+	// doneReq is the resync-done frame to send once every batch up to its
+	// Seq is sent; doneSent, whether it was.
+	doneReq  *wire.Frame
+	doneSent bool
+	welcome  wire.Welcome // the peer's, on the current connection
+	term     Term
+	// durableMark is the newest pass the peer made durable; the bitmap
+	// was last cleared up to clearedMark.
+	durableMark passMark
+	clearedMark uint64
+	fileMarks   []fileMark
+	// poke asks for a sync frame even with nothing new: the peer's sync
+	// point moves on while the directory is idle.
+	poke uint64
+}
+
+// passMark is a build pass that took every change counted up to mark,
+// captured before at, in batches up to seq.
+type passMark struct {
+	mark, seq uint64
+	at        time.Time
 }
 
 // NewPrimary opens dir for shipping.
@@ -103,7 +138,7 @@ func NewPrimary(d Dir, peer string, key []byte, dev uint32, log *slog.Logger) (*
 	rand.Read(sb[:])
 	p := &Primary{Dir: d, Peer: peer, Key: key, Dev: dev, Log: log.With("dir", d.Name),
 		root: root, session: binary.LittleEndian.Uint64(sb[:]) | 1, j: journal.New(), needFull: true, nextSeq: 1,
-		barrierKick: make(chan struct{}, 1)}
+		barrierKick: make(chan struct{}, 1), dirty: newDirtySet()}
 	p.work, p.sendq, p.done = sync.NewCond(&p.mu), sync.NewCond(&p.mu), sync.NewCond(&p.mu)
 	return p, nil
 }
@@ -114,6 +149,7 @@ func (p *Primary) Record(r *capture.Record, now time.Time) {
 	p.j.Add(r, now)
 	p.records++
 	p.added++
+	p.dirty.record(r, p.added)
 	if p.pendingSince.IsZero() {
 		p.pendingSince = now
 	}
@@ -129,6 +165,7 @@ func (p *Primary) Rescan(k capture.InodeKey) {
 	p.mu.Lock()
 	p.j.MarkRescan(k)
 	p.added++
+	p.dirty.rescan(k.Ino, p.added)
 	if p.pendingSince.IsZero() {
 		p.pendingSince = time.Now()
 	}
@@ -136,10 +173,22 @@ func (p *Primary) Rescan(k capture.InodeKey) {
 	p.work.Broadcast()
 }
 
-// RescanAll asks for a full comparison with the peer.
+// RescanAll asks for a full comparison with the peer: changes were lost,
+// the bitmap is incomplete until it ends.
 func (p *Primary) RescanAll() {
 	p.mu.Lock()
+	p.needFull, p.forceAll = true, true
+	p.dirty.lost = true
+	p.mu.Unlock()
+	p.work.Broadcast()
+}
+
+// Resync asks for a resync with the peer now: what the bitmap and the
+// sync points call for, or (full) a comparison of every file.
+func (p *Primary) Resync(full bool) {
+	p.mu.Lock()
 	p.needFull = true
+	p.forceAll = p.forceAll || full
 	p.mu.Unlock()
 	p.work.Broadcast()
 }
@@ -151,6 +200,7 @@ func (p *Primary) Run(ctx context.Context, kernel Kernel) {
 		<-ctx.Done()
 		p.wake()
 	}()
+	go p.keeper(ctx, kernel)
 	var lastLog time.Time
 	var lastMsg string
 	for ctx.Err() == nil {
@@ -213,6 +263,8 @@ func (p *Primary) connection(ctx context.Context, kernel Kernel) error {
 		from = 0 // the peer starts this session afresh
 	}
 	p.connected = true
+	p.welcome = w
+	p.doneSent = false // a resync's end not acknowledged goes again
 	p.mu.Unlock()
 	manifest := make(chan wire.Frame, 16)
 	p.Log.Info("replication connected", "peer", p.Peer, "resume", resumable, "peer_applied", w.Applied)
@@ -262,8 +314,12 @@ func (p *Primary) readAcks(ctx context.Context, c net.Conn, manifest chan<- wire
 			p.ack(f.Seq)
 			if f.Flags&wire.FlagDurable != 0 && f.Seq > p.durable {
 				p.durable = f.Seq
+				p.clearDirty(false)
 			}
 			p.mu.Unlock()
+			if f.Flags&wire.FlagResyncDone != 0 {
+				p.finishResync()
+			}
 			p.work.Broadcast()
 			p.done.Broadcast()
 		case wire.TypeManifest, wire.TypeEnd:
@@ -301,11 +357,13 @@ func (p *Primary) ack(seq uint64) {
 // requests of barriers once the batches they cover are sent.
 func (p *Primary) writeBatches(ctx context.Context, c net.Conn, from uint64) error {
 	sent := from
-	var syncSent uint64
+	var syncSent, pokeSent uint64
 	for {
 		p.mu.Lock()
 		var next []sentBatch
 		var syncTo uint64
+		var done *wire.Frame
+		poke := false
 		for ctx.Err() == nil {
 			for _, b := range p.queue {
 				if b.seq > sent {
@@ -315,7 +373,13 @@ func (p *Primary) writeBatches(ctx context.Context, c net.Conn, from uint64) err
 			if p.syncReq > syncSent {
 				syncTo = p.syncReq
 			}
-			if len(next) > 0 || syncTo != 0 && syncTo <= sent {
+			if p.poke != pokeSent {
+				poke, pokeSent = true, p.poke
+			}
+			if p.doneReq != nil && !p.doneSent {
+				done = p.doneReq
+			}
+			if len(next) > 0 || poke || syncTo != 0 && syncTo <= sent || done != nil && done.Seq <= sent {
 				break
 			}
 			p.sendq.Wait()
@@ -334,12 +398,25 @@ func (p *Primary) writeBatches(ctx context.Context, c net.Conn, from uint64) err
 			p.mu.Unlock()
 			sent = b.seq
 		}
-		if syncTo != 0 && syncTo <= sent {
+		if syncTo != 0 && syncTo <= sent || poke {
 			c.SetWriteDeadline(time.Now().Add(30 * time.Second))
-			if err := wire.WriteFrame(c, &wire.Frame{Type: wire.TypeSync, Seq: syncTo}); err != nil {
+			if err := wire.WriteFrame(c, &wire.Frame{Type: wire.TypeSync, Seq: sent}); err != nil {
 				return fmt.Errorf("sending sync request: %w", err)
 			}
-			syncSent = syncTo
+			if syncTo <= sent {
+				syncSent = syncTo
+			}
+		}
+		if done != nil && done.Seq <= sent {
+			// Every batch of the resync is sent: the peer syncs them and
+			// records that its copy follows this term's generation.
+			c.SetWriteDeadline(time.Now().Add(30 * time.Second))
+			if err := wire.WriteFrame(c, done); err != nil {
+				return fmt.Errorf("sending the end of the resync: %w", err)
+			}
+			p.mu.Lock()
+			p.doneSent = true
+			p.mu.Unlock()
 		}
 	}
 }
@@ -433,6 +510,7 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 		if p.barriers.Load() == 0 {
 			p.batchWindow(ctx)
 		}
+		takeAt := time.Now()
 		if kernel != nil {
 			kernel.Drain()
 		}
@@ -461,6 +539,7 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 		}
 		if err == nil && blocked == 0 {
 			p.covered, p.coveredSeq = mark, p.nextSeq-1
+			p.addMark(passMark{mark: mark, seq: p.coveredSeq, at: takeAt})
 		}
 		p.mu.Unlock()
 		p.done.Broadcast()
@@ -484,83 +563,6 @@ func (p *Primary) batchWindow(ctx context.Context) {
 	case <-p.barrierKick:
 	case <-ctx.Done():
 	}
-}
-
-// fullSync compares the whole tree with the peer's manifest and sends the
-// difference; the shadow is rebuilt from the scan.
-func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *batcher, manifest <-chan wire.Frame) error {
-	start := time.Now()
-	p.Log.Info("full sync: comparing with peer by block checksums")
-	// The peer's manifest must reflect every batch already queued.
-	p.mu.Lock()
-	for ctx.Err() == nil && len(p.queue) > 0 {
-		p.work.Wait()
-	}
-	seq := p.nextSeq
-	// The scan below sees every change counted so far.
-	mark := p.added
-	p.mu.Unlock()
-	if ctx.Err() != nil {
-		return ctx.Err()
-	}
-	if err := wire.WriteFrame(c, &wire.Frame{Type: wire.TypeManifestQ, Seq: seq}); err != nil {
-		return err
-	}
-	var syncSeq uint64
-	if kernel != nil {
-		syncSeq = kernel.Seq()
-	}
-	local, err := fstree.Scan(p.root, true)
-	if err != nil {
-		return fmt.Errorf("scanning %s: %w", p.Dir.Path, err)
-	}
-	var peer []wire.Entry
-	for done := false; !done; {
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case f := <-manifest:
-			if f.Type == wire.TypeEnd {
-				done = true
-				break
-			}
-			raw, err := wire.Payload(&f, nil)
-			if err != nil {
-				return err
-			}
-			es, err := wire.DecodeEntries(raw)
-			if err != nil {
-				return fmt.Errorf("peer manifest: %w", err)
-			}
-			peer = append(peer, es...)
-		}
-	}
-	if ctx.Err() != nil {
-		return ctx.Err()
-	}
-	sh := newShadow(local)
-	b := newBuilder(p.root, p.Dev, sh, kernel, bt, p.Log, p.readBuf)
-	if err := b.fullSync(local, peer); err != nil {
-		return err
-	}
-	bt.flush()
-	p.mu.Lock()
-	for _, f := range b.requeue {
-		p.j.Requeue(f)
-	}
-	p.sh = sh
-	p.syncSeq = syncSeq
-	p.needFull = false
-	p.fullSyncEnd = p.nextSeq - 1
-	if b.blocked == 0 {
-		p.covered, p.coveredSeq = mark, p.fullSyncEnd
-	}
-	p.fullSyncs++
-	p.dataBytes += b.dataRead
-	p.mu.Unlock()
-	p.Log.Info("full sync queued", "local_entries", len(local), "peer_entries", len(peer),
-		"bytes", b.dataRead, "took", time.Since(start).Round(time.Millisecond))
-	return nil
 }
 
 // Status is a primary directory's replication state.
@@ -589,6 +591,13 @@ type Status struct {
 	// node): sync, or async with a lag bound.
 	Mode     string  `json:"mode,omitempty"`
 	MaxLagMs float64 `json:"max_lag_ms,omitempty"`
+	// The copy's lineage and the modification bitmap (see Meta).
+	Gen           string       `json:"gen,omitempty"`
+	PeerGen       string       `json:"peer_copy_gen,omitempty"`
+	BitmapBytes   uint64       `json:"bitmap_bytes"`
+	BitmapFiles   int          `json:"bitmap_files"`
+	BitmapTrusted bool         `json:"bitmap_trusted"`
+	Resync        ResyncStatus `json:"resync"`
 }
 
 // Status reports the current state.
@@ -608,6 +617,20 @@ func (p *Primary) Status() Status {
 	}
 	s.LagMs = float64(p.lag().Microseconds()) / 1000
 	s.InSync = p.connected && !p.needFull && !p.building && len(p.queue) == 0 && s.PendingFiles == 0
+	if p.gen != 0 {
+		s.Gen, s.PeerGen = fmt.Sprintf("%016x", p.gen), fmt.Sprintf("%016x", p.base)
+	}
+	s.BitmapBytes, s.BitmapFiles, s.BitmapTrusted = p.dirty.bytes(), len(p.dirty.files), p.dirtyTrusted
+	s.Resync = p.rs
+	if p.rs.Active {
+		s.Resync.BytesSent = p.rsSent.Load()
+		if el := time.Since(p.rs.Started).Seconds(); el > 0 {
+			s.Resync.RateBps = float64(s.Resync.BytesSent) / el
+		}
+		if s.Resync.RateBps > 0 && s.Resync.BytesPlanned > s.Resync.BytesSent {
+			s.Resync.EtaSec = float64(s.Resync.BytesPlanned-s.Resync.BytesSent) / s.Resync.RateBps
+		}
+	}
 	return s
 }
 
@@ -673,7 +696,7 @@ func (p *Primary) waitPeer(ctx context.Context, alone time.Duration, done func()
 func (p *Primary) Streaming() bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return p.connected && !p.needFull && p.acked >= p.fullSyncEnd
+	return p.connected && !p.needFull && p.acked >= p.fullSyncEnd && !p.rs.Active
 }
 
 // Close releases the root.

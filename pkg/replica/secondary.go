@@ -32,7 +32,11 @@ type Server struct {
 	StateDir string
 	Dirs     []Dir
 	Log      *slog.Logger
-	accept   atomic.Bool // replicas take batches; a serving node does not
+	// Metas holds each directory's copy state (by name); a directory
+	// without one announces an unknown copy (a full comparison).
+	Metas    map[string]*MetaStore
+	accept   atomic.Bool
+	handlers sync.WaitGroup // replicas take batches; a serving node does not
 
 	mu       sync.Mutex
 	replicas map[string]*replicaState
@@ -157,7 +161,9 @@ func (s *Server) dir(name string) (Dir, bool) {
 }
 
 // SetAccept turns replication on (this node is a replica) or off (it
-// serves): off also closes the replication connections in progress.
+// serves, or stops): off also ends the replication connections in
+// progress, each with a last durable acknowledgement (the primary's bitmap
+// then forgets what this copy holds).
 func (s *Server) SetAccept(on bool) {
 	s.accept.Store(on)
 	if on {
@@ -168,7 +174,8 @@ func (s *Server) SetAccept(on bool) {
 	for _, r := range s.replicas {
 		r.cmu.Lock()
 		if r.active != nil {
-			r.active.Close()
+			r.active.SetReadDeadline(time.Now())
+			r.active.SetWriteDeadline(time.Now().Add(2 * time.Second))
 		}
 		r.cmu.Unlock()
 	}
@@ -188,7 +195,27 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 			}
 			return err
 		}
-		go s.handle(ctx, c)
+		s.handlers.Add(1)
+		go func() {
+			defer s.handlers.Done()
+			s.handle(ctx, c)
+		}()
+	}
+}
+
+// Close stops taking batches and waits (up to wait) for the connections in
+// progress to end: a replica syncs what it applied as its connection ends.
+func (s *Server) Close(wait time.Duration) {
+	s.SetAccept(false)
+	done := make(chan struct{})
+	go func() {
+		s.handlers.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(wait):
+		s.Log.Warn("peer connections still open at stop")
 	}
 }
 
@@ -213,7 +240,12 @@ func (s *Server) handle(ctx context.Context, c net.Conn) {
 				refuse = err.Error()
 				return wire.Welcome{}
 			}
-			return wire.Welcome{Session: r.session, Applied: r.applied}
+			w := wire.Welcome{Session: r.session, Applied: r.applied}
+			if ms := s.Metas[h.Dir]; ms != nil {
+				m := ms.Get()
+				w.Gen, w.SyncTime, w.State = m.Gen, m.SyncTime, m.welcomeState()
+			}
+			return w
 		}
 		return wire.Welcome{}
 	})
@@ -248,20 +280,26 @@ func (s *Server) serveManifest(c net.Conn, d Dir) error {
 		if f.Type != wire.TypeManifestQ {
 			return fmt.Errorf("unexpected %s on a manifest connection", f.Type)
 		}
-		if err := sendManifest(c, d.Path, f.Seq); err != nil {
+		q, err := wire.DecodeManifestQuery(f.Payload)
+		if err != nil {
+			return err
+		}
+		q.Gen = 0 // a one-shot manifest never starts a resync
+		if err := sendManifest(c, d.Path, f.Seq, q); err != nil {
 			return err
 		}
 	}
 }
 
-// sendManifest scans dir with checksums and streams it, answering seq.
-func sendManifest(c net.Conn, dir string, seq uint64) error {
+// sendManifest scans dir and streams it, answering seq: with checksums of
+// the files q asks for.
+func sendManifest(c net.Conn, dir string, seq uint64, q wire.ManifestQuery) error {
 	root, err := fstree.OpenRoot(dir)
 	if err != nil {
 		return err
 	}
 	defer root.Close()
-	entries, err := fstree.Scan(root, true)
+	entries, err := manifest(root, q)
 	if err != nil {
 		wire.WriteFrame(c, &wire.Frame{Type: wire.TypeError, Seq: seq, Payload: []byte(err.Error())})
 		return err
@@ -291,6 +329,30 @@ func sendManifest(c net.Conn, dir string, seq uint64) error {
 		return err
 	}
 	return w.Flush()
+}
+
+// manifest lists the tree under root for q.
+func manifest(root *os.File, q wire.ManifestQuery) ([]wire.Entry, error) {
+	entries, err := fstree.Scan(root, q.All)
+	if err != nil {
+		return nil, err
+	}
+	want := make(map[string]bool, len(q.Want))
+	for _, w := range q.Want {
+		want[w] = true
+	}
+	for i := range entries {
+		e := &entries[i]
+		if q.Cutoff != 0 && (e.Ctime >= q.Cutoff || e.Mtime >= q.Cutoff) {
+			e.Flags |= wire.EntryRecent
+		}
+		if e.Mode.IsRegular() && e.Flags&wire.EntrySummed == 0 && (e.Flags&wire.EntryRecent != 0 || want[e.Path]) {
+			if err := fstree.SumEntry(root, e); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return entries, nil
 }
 
 // replicate applies batches in order, acknowledging each once it is on
@@ -333,8 +395,14 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 	st.Peer.Store(c.RemoteAddr().String())
 	defer st.Connected.Store(false)
 	s.Log.Info("replication connected", "dir", d.Name, "peer", c.RemoteAddr().String(), "session", h.Session)
+	ms := s.Metas[d.Name]
+	var lastMeta time.Time
 	if r.session != h.Session {
 		r.session, r.applied, r.partial, r.ops = h.Session, 0, 0, 0
+	} else if ms != nil && ms.Get().Crashed {
+		// The same source's session goes on where this copy stopped: the
+		// daemon's crash lost nothing the page cache did not keep.
+		ms.Update(func(m *Meta) { m.Crashed = false })
 	}
 	br := bufio.NewReaderSize(c, 1<<20)
 	var buf, scratch []byte
@@ -364,6 +432,15 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 	}()
 	for ctx.Err() == nil {
 		f, err := wire.ReadFrame(br, buf)
+		if err != nil && !s.accept.Load() {
+			// Ended by this node (it stops, or serves): what it applied
+			// goes to disk and the primary hears so.
+			if err := sync(); err == nil {
+				wire.WriteFrame(c, &wire.Frame{Type: wire.TypeAck, Flags: wire.FlagDurable, Seq: r.applied})
+			}
+			s.Log.Info("replication ended by this node", "dir", d.Name, "applied", r.applied)
+			return
+		}
 		if err != nil {
 			s.Log.Info("replication disconnected", "dir", d.Name, "err", err)
 			return
@@ -371,17 +448,51 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 		buf = f.Payload[:0]
 		switch f.Type {
 		case wire.TypeManifestQ:
-			if err := sendManifest(c, d.Path, f.Seq); err != nil {
+			q, err := wire.DecodeManifestQuery(f.Payload)
+			if err != nil {
+				s.refuse(c, st, d, fmt.Errorf("manifest request: %w", err))
+				return
+			}
+			if q.Gen != 0 && ms != nil {
+				// A resync into this copy begins: until it completes
+				// the copy is a mix of old and new.
+				if err := ms.Update(func(m *Meta) { m.Consistent = false }); err != nil {
+					s.refuse(c, st, d, err)
+					return
+				}
+			}
+			if err := sendManifest(c, d.Path, f.Seq, q); err != nil {
 				s.Log.Warn("sending manifest", "dir", d.Name, "err", err)
 				return
 			}
 			continue
 		case wire.TypeSync:
+			syncStart := time.Now()
+			if f.Flags&wire.FlagResyncDone != 0 {
+				unsynced = true // the meta below must follow every batch to disk
+			}
 			if err := sync(); err != nil {
 				s.refuse(c, st, d, err)
 				return
 			}
-			if err := wire.WriteFrame(c, &wire.Frame{Type: wire.TypeAck, Flags: wire.FlagDurable, Seq: r.applied}); err != nil {
+			flags := wire.FlagDurable
+			if f.Flags&wire.FlagResyncDone != 0 {
+				if err := s.resyncDone(d, ms, f, syncStart, c.RemoteAddr().String()); err != nil {
+					s.refuse(c, st, d, err)
+					return
+				}
+				flags |= wire.FlagResyncDone
+			} else if ms != nil && time.Since(lastMeta) > metaEvery {
+				// The sync point moves on; written now and then: an
+				// older one only widens the next comparison.
+				lastMeta = time.Now()
+				ms.Update(func(m *Meta) {
+					if m.Consistent && !m.Source {
+						m.SyncTime, m.SyncSeq = syncStart.UnixNano(), r.applied
+					}
+				})
+			}
+			if err := wire.WriteFrame(c, &wire.Frame{Type: wire.TypeAck, Flags: flags, Seq: r.applied}); err != nil {
 				return
 			}
 			continue
@@ -448,6 +559,38 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 			return
 		}
 	}
+}
+
+// metaEvery spaces the replica's sync point updates.
+const metaEvery = 4 * time.Second
+
+// resyncDone records that the copy now follows the source's generation
+// (every batch of the resync is on disk), and keeps the source's report of
+// what the resync discarded from this copy.
+func (s *Server) resyncDone(d Dir, ms *MetaStore, f wire.Frame, syncStart time.Time, peer string) error {
+	done, err := wire.DecodeResyncDone(f.Payload)
+	if err != nil {
+		return err
+	}
+	if len(done.Report) > 0 {
+		name := filepath.Join(s.StateDir, fmt.Sprintf("discarded-%s-%s.txt", d.Name, time.Now().UTC().Format("20060102T150405Z")))
+		head := fmt.Sprintf("# duet: changes of this node's copy of %q (%s) discarded by the resync from %s at %s.\n"+
+			"# This node held them, its peer never received them (it was the primary and failed or was cut off);\n"+
+			"# the peer's copy won. One line per entry: path, TAB, what was discarded.\n",
+			d.Name, d.Path, peer, time.Now().UTC().Format(time.RFC3339))
+		if err := writeFileSync(name, append([]byte(head), done.Report...)); err != nil {
+			return err
+		}
+		s.Log.Warn("resync discarded changes this node's copy held: see the report", "dir", d.Name,
+			"entries", bytes.Count(done.Report, []byte("\n")), "report", name)
+	}
+	if ms == nil {
+		return nil
+	}
+	return ms.Update(func(m *Meta) {
+		m.Gen, m.Consistent, m.Source, m.Crashed = done.Gen, true, false, false
+		m.SyncTime, m.SyncSeq = syncStart.UnixNano(), f.Seq
+	})
 }
 
 // refuse reports an apply failure to the operator and the primary. Nothing

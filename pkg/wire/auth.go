@@ -28,11 +28,36 @@ type Hello struct {
 }
 
 // Welcome is the server's answer after a successful handshake: what the
-// replica last applied, so a sender can resume.
+// replica last applied, so a sender can resume, and what its copy is, so
+// a sender that cannot resume knows how much to compare.
 type Welcome struct {
 	Session uint64
 	Applied uint64
+	// Gen is the generation (content lineage) the replica's copy follows,
+	// 0 when unknown; SyncTime (unix ns, the replica's clock) the last
+	// point at which every change of its copy was on its disk.
+	Gen      uint64
+	SyncTime int64
+	State    CopyState
 }
+
+// CopyState says how far a replica's copy can be trusted.
+type CopyState uint8
+
+// Copy states.
+const (
+	// CopyConsistent: the copy was whole (no resync into it was cut
+	// short) when it was last written.
+	CopyConsistent CopyState = 1 << 0
+	// CopyDiverged: the copy may hold changes its peer never received:
+	// it was the source of Gen and did not hand over cleanly, or its
+	// node crashed (writes in flight).
+	CopyDiverged CopyState = 1 << 1
+	// CopySource: the node was the source (primary) of Gen.
+	CopySource CopyState = 1 << 2
+)
+
+const welcomeSize = 8 + 8 + 8 + 8 + 1
 
 // ErrAuth is returned when a peer fails to prove it knows the key.
 var ErrAuth = errors.New("peer authentication failed (do both nodes use the same key?)")
@@ -113,12 +138,16 @@ func ClientHandshake(rw io.ReadWriter, key []byte, h Hello) (Welcome, error) {
 	if err != nil {
 		return Welcome{}, err
 	}
-	if len(f.Payload) != 16 {
+	if len(f.Payload) != welcomeSize {
 		return Welcome{}, fmt.Errorf("%w: welcome of %d bytes", ErrBadFrame, len(f.Payload))
 	}
+	le := binary.LittleEndian
 	return Welcome{
-		Session: binary.LittleEndian.Uint64(f.Payload),
-		Applied: binary.LittleEndian.Uint64(f.Payload[8:]),
+		Session:  le.Uint64(f.Payload),
+		Applied:  le.Uint64(f.Payload[8:]),
+		Gen:      le.Uint64(f.Payload[16:]),
+		SyncTime: int64(le.Uint64(f.Payload[24:])),
+		State:    CopyState(f.Payload[32]),
 	}, nil
 }
 
@@ -150,7 +179,11 @@ func ServerHandshake(rw io.ReadWriter, key []byte, welcome func(Hello) Welcome) 
 		return h, ErrAuth
 	}
 	w := welcome(h)
-	p := binary.LittleEndian.AppendUint64(nil, w.Session)
-	p = binary.LittleEndian.AppendUint64(p, w.Applied)
+	le := binary.LittleEndian
+	p := le.AppendUint64(nil, w.Session)
+	p = le.AppendUint64(p, w.Applied)
+	p = le.AppendUint64(p, w.Gen)
+	p = le.AppendUint64(p, uint64(w.SyncTime))
+	p = append(p, byte(w.State))
 	return h, WriteFrame(rw, &Frame{Type: TypeWelcome, Payload: p})
 }

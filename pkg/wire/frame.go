@@ -17,7 +17,9 @@ const Magic uint32 = 0x44554554
 
 // Version is the protocol version this build speaks. 2: acks say applied,
 // and durable only with FlagDurable; sync frames ask for durability.
-const Version uint8 = 2
+// 3: the welcome carries the replica's generation and sync point, manifest
+// requests carry resync options, entries their ctime and flags.
+const Version uint8 = 3
 
 // HeaderSize is the size of a frame header.
 const HeaderSize = 24
@@ -60,6 +62,9 @@ func (t Type) String() string {
 const (
 	FlagZstd    uint16 = 1 << 0 // payload is zstd compressed
 	FlagDurable uint16 = 1 << 1 // on an ack: applied and synced to disk
+	// FlagResyncDone on a sync frame: every batch up to Seq completes a
+	// resync; the payload is a ResyncDone.
+	FlagResyncDone uint16 = 1 << 2
 )
 
 // Frame is one protocol message.

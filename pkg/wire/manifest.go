@@ -29,8 +29,22 @@ type Entry struct {
 	Target string // symlink target
 	Rdev   uint64
 	Ino    uint64 // local inode: entries sharing it are hard links
-	Sums   []Sum  // per BlockSize block of a regular file, when requested
+	Ctime  int64  // local inode change time (ns)
+	Flags  EntryFlags
+	Sums   []Sum // per BlockSize block of a regular file, when requested
 }
+
+// EntryFlags qualify a manifest entry.
+type EntryFlags uint8
+
+// Entry flags.
+const (
+	// EntryRecent: changed on the sender since the cutoff of the
+	// request (its copy's last sync point minus the margin).
+	EntryRecent EntryFlags = 1 << 0
+	// EntrySummed: Sums were computed (a file of size 0 has none).
+	EntrySummed EntryFlags = 1 << 1
+)
 
 // AppendEntry appends the encoding of e to b.
 func AppendEntry(b []byte, e *Entry) []byte {
@@ -39,6 +53,8 @@ func AppendEntry(b []byte, e *Entry) []byte {
 		b = binary.AppendUvarint(b, v)
 	}
 	b = binary.AppendVarint(b, e.Mtime)
+	b = binary.AppendVarint(b, e.Ctime)
+	b = append(b, byte(e.Flags))
 	b = appendString(b, e.Target)
 	b = binary.AppendUvarint(b, uint64(len(e.Sums)))
 	for i := range e.Sums {
@@ -61,6 +77,8 @@ func DecodeEntries(b []byte) ([]Entry, error) {
 		e.Rdev = d.uvarint("rdev")
 		e.Ino = d.uvarint("ino")
 		e.Mtime = d.varint("mtime")
+		e.Ctime = d.varint("ctime")
+		e.Flags = EntryFlags(d.byte1("flags"))
 		e.Target = string(d.bytes("target", MaxPath))
 		n := d.uvarint("sum count")
 		if d.err != nil {
@@ -82,6 +100,93 @@ func DecodeEntries(b []byte) ([]Entry, error) {
 		out = append(out, e)
 	}
 	return out, nil
+}
+
+// ManifestQuery is a manifest request's payload: which entries get block
+// checksums. An empty payload asks for every checksum (verify, a full
+// comparison).
+type ManifestQuery struct {
+	// All: checksums of every regular file.
+	All bool
+	// Cutoff (ns, the answering node's clock; 0: none): entries whose
+	// ctime or mtime is at or after it are flagged EntryRecent and, for
+	// regular files, summed.
+	Cutoff int64
+	// Want lists further paths to sum.
+	Want []string
+	// Gen is the generation the requester resyncs the copy to; the
+	// answering replica records that its copy is being rewritten.
+	Gen uint64
+}
+
+// AppendManifestQuery encodes q.
+func AppendManifestQuery(b []byte, q *ManifestQuery) []byte {
+	all := byte(0)
+	if q.All {
+		all = 1
+	}
+	b = append(b, all)
+	b = binary.AppendVarint(b, q.Cutoff)
+	b = binary.AppendUvarint(b, q.Gen)
+	b = binary.AppendUvarint(b, uint64(len(q.Want)))
+	for _, w := range q.Want {
+		b = appendString(b, w)
+	}
+	return b
+}
+
+// DecodeManifestQuery decodes a manifest request payload.
+func DecodeManifestQuery(b []byte) (ManifestQuery, error) {
+	if len(b) == 0 {
+		return ManifestQuery{All: true}, nil
+	}
+	d := decoder{b: b}
+	var q ManifestQuery
+	q.All = d.byte1("all") != 0
+	q.Cutoff = d.varint("cutoff")
+	q.Gen = d.uvarint("gen")
+	n := d.uvarint("want count")
+	if d.err != nil {
+		return q, d.err
+	}
+	if n > uint64(len(d.b)) {
+		return q, fmt.Errorf("%w: %d wanted paths, %d bytes left", ErrBadOp, n, len(d.b))
+	}
+	q.Want = make([]string, 0, n)
+	for range n {
+		w := string(d.bytes("wanted path", MaxPath))
+		if d.err != nil {
+			return q, d.err
+		}
+		if err := ValidPath(w); err != nil {
+			return q, fmt.Errorf("%w: wanted path: %v", ErrBadOp, err)
+		}
+		q.Want = append(q.Want, w)
+	}
+	if len(d.b) != 0 {
+		return q, fmt.Errorf("%w: %d bytes after the manifest request", ErrBadOp, len(d.b))
+	}
+	return q, nil
+}
+
+// ResyncDone is the payload of a sync frame flagged FlagResyncDone.
+type ResyncDone struct {
+	Gen    uint64 // the generation the replica's copy now follows
+	Report []byte // what the resync discarded from the replica's copy (text, may be empty)
+}
+
+// AppendResyncDone encodes r.
+func AppendResyncDone(b []byte, r *ResyncDone) []byte {
+	b = binary.LittleEndian.AppendUint64(b, r.Gen)
+	return append(b, r.Report...)
+}
+
+// DecodeResyncDone decodes a resync-done payload.
+func DecodeResyncDone(b []byte) (ResyncDone, error) {
+	if len(b) < 8 {
+		return ResyncDone{}, fmt.Errorf("%w: resync-done payload of %d bytes", ErrBadFrame, len(b))
+	}
+	return ResyncDone{Gen: binary.LittleEndian.Uint64(b), Report: b[8:]}, nil
 }
 
 var (

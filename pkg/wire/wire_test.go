@@ -111,10 +111,40 @@ func TestDecodeOpsRejects(t *testing.T) {
 	}
 }
 
+func TestManifestQueryRoundTrip(t *testing.T) {
+	q := ManifestQuery{Cutoff: -7, Want: []string{"a", "b/c"}, Gen: 1 << 60}
+	got, err := DecodeManifestQuery(AppendManifestQuery(nil, &q))
+	if err != nil || !reflect.DeepEqual(got, q) {
+		t.Fatalf("round trip: %+v, %v; want %+v", got, err, q)
+	}
+	if got, err := DecodeManifestQuery(nil); err != nil || !got.All {
+		t.Fatalf("empty request (verify) must ask for every checksum: %+v, %v", got, err)
+	}
+	bad := map[string][]byte{
+		"escaping path":  AppendManifestQuery(nil, &ManifestQuery{Want: []string{"../etc"}}),
+		"trailing bytes": append(AppendManifestQuery(nil, &q), 0),
+		"huge count":     {0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x0f},
+		"truncated":      AppendManifestQuery(nil, &q)[:6],
+	}
+	for name, b := range bad {
+		if _, err := DecodeManifestQuery(b); err == nil {
+			t.Errorf("%s: decoded without error", name)
+		}
+	}
+	d := ResyncDone{Gen: 42, Report: []byte("p\tremoved\n")}
+	gd, err := DecodeResyncDone(AppendResyncDone(nil, &d))
+	if err != nil || gd.Gen != 42 || string(gd.Report) != string(d.Report) {
+		t.Fatalf("resync done round trip: %+v, %v", gd, err)
+	}
+	if _, err := DecodeResyncDone([]byte{1, 2}); err == nil {
+		t.Fatal("short resync-done payload decoded")
+	}
+}
+
 func TestEntriesRoundTrip(t *testing.T) {
 	es := []Entry{
 		{Path: ".", Mode: fs.ModeDir | 0o755},
-		{Path: "f", Mode: 0o644, Size: 70000, Mtime: 123, Ino: 12, Sums: []Sum{{1}, {2}}},
+		{Path: "f", Mode: 0o644, Size: 70000, Mtime: 123, Ctime: -5, Flags: EntryRecent | EntrySummed, Ino: 12, Sums: []Sum{{1}, {2}}},
 		{Path: "l", Mode: fs.ModeSymlink | 0o777, Target: "f"},
 	}
 	var b []byte
@@ -166,7 +196,7 @@ func TestHandshake(t *testing.T) {
 			done := make(chan error, 1)
 			go func() {
 				_, err := ServerHandshake(s, []byte(tc.key), func(h Hello) Welcome {
-					return Welcome{Session: h.Session, Applied: 7}
+					return Welcome{Session: h.Session, Applied: 7, Gen: 11, SyncTime: -3, State: CopyConsistent | CopyDiverged}
 				})
 				if err != nil {
 					s.Close()
@@ -184,7 +214,8 @@ func TestHandshake(t *testing.T) {
 				}
 				return
 			}
-			if err != nil || serr != nil || w.Session != 9 || w.Applied != 7 {
+			want := Welcome{Session: 9, Applied: 7, Gen: 11, SyncTime: -3, State: CopyConsistent | CopyDiverged}
+			if err != nil || serr != nil || w != want {
 				t.Fatalf("client %v server %v welcome %+v", err, serr, w)
 			}
 		})
@@ -201,6 +232,8 @@ func FuzzDecodeFrame(f *testing.F) {
 	f.Add(AppendFrame(nil, &Frame{Type: TypeBatch, Flags: FlagZstd, Seq: 2, Payload: Compress(nil, ops)}))
 	f.Add(AppendFrame(nil, &Frame{Type: TypeManifest, Payload: AppendEntry(nil, &Entry{Path: "x", Sums: []Sum{{}}})}))
 	f.Add(AppendFrame(nil, &Frame{Type: TypeHello, Payload: encodeHello(&Hello{Purpose: PurposeReplicate, Dir: "n"})}))
+	f.Add(AppendFrame(nil, &Frame{Type: TypeManifestQ, Payload: AppendManifestQuery(nil, &ManifestQuery{Cutoff: 5, Want: []string{"a/b"}, Gen: 9})}))
+	f.Add(AppendFrame(nil, &Frame{Type: TypeSync, Flags: FlagResyncDone, Payload: AppendResyncDone(nil, &ResyncDone{Gen: 3, Report: []byte("x\tremoved\n")})}))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		fr, err := DecodeFrame(b)
 		if err != nil {
@@ -219,6 +252,14 @@ func FuzzDecodeFrame(f *testing.F) {
 		}
 		DecodeEntries(p)
 		DecodeHello(p)
+		if q, err := DecodeManifestQuery(p); err == nil {
+			for _, w := range q.Want {
+				if ValidPath(w) != nil {
+					t.Fatalf("decoded manifest request with invalid path %q", w)
+				}
+			}
+		}
+		DecodeResyncDone(p)
 	})
 }
 

@@ -1,0 +1,300 @@
+package replica
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"os"
+	"slices"
+
+	"github.com/duet-ha/duet/pkg/capture"
+	"github.com/duet-ha/duet/pkg/journal"
+)
+
+// DirtyChunk is the unit of the modification bitmap: a page, the unit in
+// which the kernel dirties and writes back file data. Scattered 4 KiB
+// writes (database pages) resync as 4 KiB, not as a larger block around
+// each one.
+const DirtyChunk = 4 << 10
+
+// dirtyFile is what changed in one inode since its peer last had it
+// durably: chunks (each with the count of the last change touching it),
+// a tail from which every byte changed (a truncate), metadata, or
+// everything (a record about it was lost).
+type dirtyFile struct {
+	chunks    map[uint64]uint64
+	tail      uint64
+	tailTouch uint64
+	attr      uint64
+	whole     uint64
+}
+
+func (f *dirtyFile) touch() uint64 {
+	return max(f.tailTouch, f.attr, f.whole)
+}
+
+// dirtySet is the modification bitmap of one directory: every change not
+// yet durable on the peer. A change is forgotten only once a build pass
+// that took it has been made durable by the peer and no later change
+// touched the same chunk. It is saved at a clean stop and loaded at the
+// next start; after a crash it is lost, and the resync falls back to the
+// files changed since the last sync point.
+type dirtySet struct {
+	files  map[uint64]*dirtyFile // by inode
+	chunks int
+	// lost: changes were lost (capture overflow of whole trees): the set
+	// does not cover everything.
+	lost bool
+}
+
+func newDirtySet() *dirtySet { return &dirtySet{files: map[uint64]*dirtyFile{}} }
+
+func (d *dirtySet) get(ino uint64) *dirtyFile {
+	f := d.files[ino]
+	if f == nil {
+		f = &dirtyFile{}
+		d.files[ino] = f
+	}
+	return f
+}
+
+func (d *dirtySet) span(f *dirtyFile, off, n, touch uint64) {
+	if n == 0 {
+		return
+	}
+	if n >= journal.Unbounded || off+n < off {
+		if f.tailTouch == 0 || off < f.tail {
+			f.tail = off
+		}
+		f.tailTouch = touch
+		return
+	}
+	if f.chunks == nil {
+		f.chunks = map[uint64]uint64{}
+	}
+	for c := off / DirtyChunk; c <= (off+n-1)/DirtyChunk; c++ {
+		if _, ok := f.chunks[c]; !ok {
+			d.chunks++
+		}
+		f.chunks[c] = touch
+	}
+}
+
+// record folds one capture record in; touch is the primary's change count.
+func (d *dirtySet) record(r *capture.Record, touch uint64) {
+	f := d.get(r.Ino)
+	switch r.Kind {
+	case capture.KindData, capture.KindMmap, capture.KindPreop:
+		d.span(f, r.Pos, r.Len, touch)
+	default:
+		f.attr = touch
+	}
+}
+
+// rescan marks a whole inode changed (a record about it was lost).
+func (d *dirtySet) rescan(ino, touch uint64) {
+	d.get(ino).whole = touch
+}
+
+// clear forgets every change counted up to mark: the peer has it durably.
+func (d *dirtySet) clear(mark uint64) {
+	for ino := range d.files {
+		d.clearFile(ino, mark)
+	}
+}
+
+// clearFile forgets the changes of one inode counted up to mark.
+func (d *dirtySet) clearFile(ino, mark uint64) {
+	f := d.files[ino]
+	if f == nil {
+		return
+	}
+	for c, t := range f.chunks {
+		if t <= mark {
+			delete(f.chunks, c)
+			d.chunks--
+		}
+	}
+	if f.tailTouch <= mark {
+		f.tailTouch, f.tail = 0, 0
+	}
+	if f.attr <= mark {
+		f.attr = 0
+	}
+	if f.whole <= mark {
+		f.whole = 0
+	}
+	if len(f.chunks) == 0 && f.touch() == 0 {
+		delete(d.files, ino)
+	}
+}
+
+// bytes is how much data the set marks (tails not counted).
+func (d *dirtySet) bytes() uint64 {
+	if d == nil {
+		return 0
+	}
+	return uint64(d.chunks) * DirtyChunk
+}
+
+// clone copies the set, for a resync to read while changes go on.
+func (d *dirtySet) clone() *dirtySet {
+	c := &dirtySet{files: make(map[uint64]*dirtyFile, len(d.files)), chunks: d.chunks, lost: d.lost}
+	for ino, f := range d.files {
+		g := *f
+		if f.chunks != nil {
+			g.chunks = make(map[uint64]uint64, len(f.chunks))
+			for k, v := range f.chunks {
+				g.chunks[k] = v
+			}
+		}
+		c.files[ino] = &g
+	}
+	return c
+}
+
+// spans returns the changed ranges of ino within size, merged; whole is
+// set when the whole file must be compared or sent.
+func (d *dirtySet) spans(ino, size uint64) (spans []journal.Span, whole bool) {
+	f := d.files[ino]
+	if f == nil {
+		return nil, false
+	}
+	if f.whole != 0 {
+		return nil, true
+	}
+	cs := make([]uint64, 0, len(f.chunks))
+	for c := range f.chunks {
+		cs = append(cs, c)
+	}
+	slices.Sort(cs)
+	var r journal.Ranges
+	for _, c := range cs {
+		r.Add(c*DirtyChunk, DirtyChunk)
+	}
+	if f.tailTouch != 0 && f.tail < size {
+		r.Add(f.tail, size-f.tail)
+	}
+	for _, s := range r.Spans() {
+		s.End = min(s.End, size)
+		if s.Off < s.End {
+			spans = append(spans, s)
+		}
+	}
+	return spans, false
+}
+
+// has reports whether ino changed at all (data, size or metadata).
+func (d *dirtySet) has(ino uint64) bool { return d.files[ino] != nil }
+
+const dirtyMagic = "DUETDIRTY1"
+
+// save writes the set durably to path, relative to generation base.
+func (d *dirtySet) save(path string, base uint64) error {
+	b := []byte(dirtyMagic)
+	b = binary.LittleEndian.AppendUint64(b, base)
+	lost := byte(0)
+	if d.lost {
+		lost = 1
+	}
+	b = append(b, lost)
+	b = binary.AppendUvarint(b, uint64(len(d.files)))
+	for ino, f := range d.files {
+		var flags byte
+		if f.attr != 0 {
+			flags |= 1
+		}
+		if f.whole != 0 {
+			flags |= 2
+		}
+		if f.tailTouch != 0 {
+			flags |= 4
+		}
+		b = binary.AppendUvarint(b, ino)
+		b = append(b, flags)
+		b = binary.AppendUvarint(b, f.tail)
+		cs := make([]uint64, 0, len(f.chunks))
+		for c := range f.chunks {
+			cs = append(cs, c)
+		}
+		slices.Sort(cs)
+		b = binary.AppendUvarint(b, uint64(len(cs)))
+		prev := uint64(0)
+		for _, c := range cs {
+			b = binary.AppendUvarint(b, c-prev)
+			prev = c
+		}
+	}
+	b = binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
+	return writeFileSync(path, b)
+}
+
+// errDirtyDamaged is returned for a bitmap file that does not check out.
+var errDirtyDamaged = errors.New("modification bitmap damaged")
+
+// loadDirty reads a set saved by save. Every change in it counts as
+// change 1: older than anything recorded after.
+func loadDirty(path string) (*dirtySet, uint64, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, 0, err
+	}
+	n := len(b)
+	if n < len(dirtyMagic)+8+1+4 || string(b[:len(dirtyMagic)]) != dirtyMagic ||
+		crc32.Checksum(b[:n-4], castagnoli) != binary.LittleEndian.Uint32(b[n-4:]) {
+		return nil, 0, fmt.Errorf("%s: %w", path, errDirtyDamaged)
+	}
+	b = b[len(dirtyMagic) : n-4]
+	base := binary.LittleEndian.Uint64(b)
+	d := newDirtySet()
+	d.lost = b[8] != 0
+	b = b[9:]
+	next := func() uint64 {
+		v, k := binary.Uvarint(b)
+		if k <= 0 {
+			err = errDirtyDamaged
+			return 0
+		}
+		b = b[k:]
+		return v
+	}
+	files := next()
+	for i := uint64(0); i < files && err == nil; i++ {
+		ino := next()
+		if err != nil || len(b) == 0 {
+			return nil, 0, fmt.Errorf("%s: %w", path, errDirtyDamaged)
+		}
+		flags := b[0]
+		b = b[1:]
+		f := d.get(ino)
+		f.tail = next()
+		if flags&1 != 0 {
+			f.attr = 1
+		}
+		if flags&2 != 0 {
+			f.whole = 1
+		}
+		if flags&4 != 0 {
+			f.tailTouch = 1
+		}
+		nc := next()
+		if nc > uint64(len(b)) {
+			err = errDirtyDamaged
+			break
+		}
+		c := uint64(0)
+		for j := uint64(0); j < nc && err == nil; j++ {
+			c += next()
+			if f.chunks == nil {
+				f.chunks = map[uint64]uint64{}
+			}
+			f.chunks[c] = 1
+			d.chunks++
+		}
+	}
+	if err != nil || len(b) != 0 {
+		return nil, 0, fmt.Errorf("%s: %w", path, errDirtyDamaged)
+	}
+	return d, base, nil
+}

@@ -1,0 +1,564 @@
+package replica
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/duet-ha/duet/pkg/fstree"
+	"github.com/duet-ha/duet/pkg/wire"
+	"golang.org/x/sys/unix"
+)
+
+// Resync tuning.
+const (
+	// DefaultMargin is subtracted from a sync point before files are
+	// picked by their ctime/mtime: clocks of two nodes differ, and a
+	// change is stamped a little before it is captured.
+	DefaultMargin = 30 * time.Second
+	// syncEvery is how often a primary asks the peer to make what it
+	// acknowledged durable, and moves its own sync point on.
+	syncEvery = 5 * time.Second
+	// maxMarks bounds the passes remembered until the peer syncs.
+	maxMarks = 256
+	// clearEvery spaces the bitmap's clean-ups.
+	clearEvery = 250 * time.Millisecond
+	// maxWant bounds the paths a manifest request names; beyond, every
+	// file is compared.
+	maxWant = 200000
+	// maxReport bounds the lines of a discarded-changes report.
+	maxReport = 100000
+)
+
+// ResyncStatus is the progress of a directory's resync (or the last one).
+type ResyncStatus struct {
+	Active bool `json:"active"`
+	// Mode: bitmap (the chunks the bitmap marks), recent (files changed
+	// since the sync point, by checksums), bitmap+recent, or full.
+	Mode          string    `json:"mode,omitempty"`
+	Phase         string    `json:"phase,omitempty"`
+	Started       time.Time `json:"started,omitempty"`
+	Ended         time.Time `json:"ended,omitempty"`
+	FilesTotal    int       `json:"files_total"`
+	FilesCompared int       `json:"files_compared"`
+	FilesSent     int       `json:"files_sent"`
+	BytesPlanned  uint64    `json:"bytes_planned"`
+	BytesSent     uint64    `json:"bytes_sent"`
+	RateBps       float64   `json:"rate_bytes_per_sec"`
+	EtaSec        float64   `json:"eta_sec"`
+	Discarded     int       `json:"discarded_entries"`
+}
+
+// Term configures a primary's term: where its copy's state lives and how
+// its resyncs run. Set before Run.
+type Term struct {
+	Meta      *MetaStore
+	DirtyPath string        // where the bitmap is saved at a clean stop
+	Margin    time.Duration // default DefaultMargin
+	Rate      int64         // resync bytes per second, 0: unlimited
+}
+
+// BeginTerm makes this node the source of the directory: it draws a new
+// generation and works out what its bitmap can be trusted for. A bitmap
+// saved at a clean stop is loaded; a node that was a consistent replica
+// starts with an empty one relative to the generation it followed; after a
+// crash the bitmap is lost and resyncs compare the files changed since the
+// sync point.
+func (p *Primary) BeginTerm(t Term) error {
+	if t.Margin <= 0 {
+		t.Margin = DefaultMargin
+	}
+	p.term = t
+	m := t.Meta.Get()
+	trusted := false
+	base := m.Base
+	if !m.Source {
+		base = m.Gen
+	}
+	if !m.Consistent && !m.Source {
+		base = 0 // a resync into this copy was cut short: compare all
+	}
+	switch {
+	case m.Crashed:
+	case m.Source:
+		d, b, err := loadDirty(t.DirtyPath)
+		switch {
+		case err == nil && b == m.Base:
+			p.dirty, trusted = d, !d.lost
+		case err != nil && !errors.Is(err, os.ErrNotExist):
+			p.Log.Warn("modification bitmap not usable: comparing the files changed since the sync point", "err", err)
+		}
+	default:
+		trusted = base != 0
+	}
+	os.Remove(t.DirtyPath) // from now on it lives in memory; saved again at a clean stop
+	gen := NewGen()
+	if err := t.Meta.Update(func(m *Meta) {
+		m.Gen, m.Base, m.Source, m.Consistent = gen, base, true, true
+	}); err != nil {
+		return err
+	}
+	p.mu.Lock()
+	p.gen, p.base, p.dirtyTrusted, p.selfSync, p.meta = gen, base, trusted, m.SyncTime, t.Meta
+	p.mu.Unlock()
+	p.Log.Info("source of the directory", "gen", fmt.Sprintf("%016x", gen), "peer_copy", fmt.Sprintf("%016x", base),
+		"bitmap", map[bool]string{true: "trusted", false: "lost (crash): files changed since the sync point are compared"}[trusted],
+		"bitmap_bytes", p.dirty.bytes())
+	return nil
+}
+
+// resyncPlan is how a resync compares the trees.
+type resyncPlan struct {
+	mode     string
+	all      bool  // every file by checksums
+	useDirty bool  // files not compared get the bitmap's chunks
+	cutoffS  int64 // this side's files changed since are compared (0: none)
+	cutoffT  int64 // the peer's files changed since are compared (0: none)
+	report   bool  // the peer's copy may hold changes of its own
+}
+
+// plan decides the resync for a peer that welcomed us with w. Called with
+// p.mu held.
+func (p *Primary) plan(w wire.Welcome) resyncPlan {
+	margin := p.term.Margin.Nanoseconds()
+	if margin <= 0 {
+		margin = DefaultMargin.Nanoseconds()
+	}
+	var pl resyncPlan
+	pl.all = p.forceAll || p.base == 0 || w.Gen != p.base
+	pl.useDirty = p.dirtyTrusted
+	if !p.dirtyTrusted {
+		if p.selfSync == 0 {
+			pl.all = true
+		}
+		pl.cutoffS = p.selfSync - margin
+	}
+	if w.State&wire.CopyDiverged != 0 {
+		if w.SyncTime == 0 {
+			pl.all = true
+		} else {
+			pl.cutoffT = w.SyncTime - margin
+			if w.State&wire.CopySource != 0 {
+				// The peer was the source: what it had, this node
+				// got before its own term and may hold where the
+				// peer lost it (a crash loses its page cache).
+				if c := w.SyncTime - margin; pl.cutoffS == 0 || c < pl.cutoffS {
+					pl.cutoffS = c
+				}
+			}
+		}
+		pl.report = w.State&wire.CopySource != 0
+	}
+	switch {
+	case pl.all:
+		pl.mode, pl.useDirty, pl.cutoffS = "full", false, 0
+	case pl.useDirty && pl.cutoffS == 0 && pl.cutoffT == 0:
+		pl.mode = "bitmap"
+	case pl.useDirty:
+		pl.mode = "bitmap+recent"
+	default:
+		pl.mode = "recent"
+	}
+	return pl
+}
+
+// fullSync brings the peer's copy level with this one, moving as little
+// as the two copies' states allow (see plan); the shadow is rebuilt from
+// the scan. Capture goes on meanwhile: what changes during the resync is
+// in the journal and follows it.
+func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *batcher, manifest <-chan wire.Frame) error {
+	start := time.Now()
+	// The peer's manifest must reflect every batch already queued.
+	p.mu.Lock()
+	for ctx.Err() == nil && len(p.queue) > 0 {
+		p.work.Wait()
+	}
+	seq := p.nextSeq
+	// The scan below sees every change counted so far.
+	mark := p.added
+	pl := p.plan(p.welcome)
+	var dirty *dirtySet
+	if pl.useDirty {
+		p.clearDirty(true)
+		dirty = p.dirty.clone()
+	}
+	p.rs = ResyncStatus{Active: true, Mode: pl.mode, Phase: "scanning", Started: start}
+	p.rsSent.Store(0)
+	p.doneReq, p.doneSent = nil, false
+	gen := p.gen
+	p.mu.Unlock()
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	cut := func(ns int64) string {
+		if ns == 0 {
+			return "-"
+		}
+		return time.Unix(0, ns).UTC().Format(time.RFC3339Nano)
+	}
+	p.Log.Info("resync: comparing with the peer", "mode", pl.mode, "bitmap_bytes", dirty.bytes(),
+		"recent_here_since", cut(pl.cutoffS), "recent_there_since", cut(pl.cutoffT),
+		"peer_gen", fmt.Sprintf("%016x", p.welcome.Gen), "peer_state", int(p.welcome.State))
+	var syncSeq uint64
+	if kernel != nil {
+		syncSeq = kernel.Seq()
+	}
+	query := func(want []string) error {
+		q := wire.ManifestQuery{All: pl.all, Cutoff: pl.cutoffT, Want: want, Gen: gen}
+		return wire.WriteFrame(c, &wire.Frame{Type: wire.TypeManifestQ, Seq: seq, Payload: wire.AppendManifestQuery(nil, &q)})
+	}
+	if pl.all {
+		// Both sides read everything: at the same time.
+		if err := query(nil); err != nil {
+			return err
+		}
+	}
+	local, err := fstree.Scan(p.root, pl.all)
+	if err != nil {
+		return fmt.Errorf("scanning %s: %w", p.Dir.Path, err)
+	}
+	want := map[string]bool{}
+	if !pl.all {
+		var paths []string
+		for i := range local {
+			e := &local[i]
+			if pl.cutoffS != 0 && e.Mode.IsRegular() && (e.Ctime >= pl.cutoffS || e.Mtime >= pl.cutoffS) {
+				paths = append(paths, e.Path)
+				want[e.Path] = true
+			}
+		}
+		if len(paths) > maxWant {
+			return p.escalate("too many files changed since the sync point to name them")
+		}
+		if err := query(paths); err != nil {
+			return err
+		}
+	}
+	p.setPhase("comparing", len(local))
+	var peer []wire.Entry
+	for done := false; !done; {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case f := <-manifest:
+			if f.Type == wire.TypeEnd {
+				done = true
+				break
+			}
+			raw, err := wire.Payload(&f, nil)
+			if err != nil {
+				return err
+			}
+			es, err := wire.DecodeEntries(raw)
+			if err != nil {
+				return fmt.Errorf("peer manifest: %w", err)
+			}
+			peer = append(peer, es...)
+		}
+	}
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	compared := 0
+	if pl.all {
+		for i := range local {
+			if local[i].Flags&wire.EntrySummed != 0 {
+				compared++
+			}
+		}
+	} else {
+		summed := map[string]bool{}
+		for i := range peer {
+			if peer[i].Flags&wire.EntrySummed != 0 {
+				summed[peer[i].Path] = true
+			}
+		}
+		for i := range local {
+			e := &local[i]
+			if e.Mode.IsRegular() && (want[e.Path] || summed[e.Path]) {
+				if err := fstree.SumEntry(p.root, e); err != nil {
+					return err
+				}
+				compared++
+			}
+		}
+	}
+	ts := &treeSync{dirty: dirty, window: !pl.all, report: pl.report}
+	ts.plan(local, peer)
+	p.mu.Lock()
+	p.rs.Phase, p.rs.FilesCompared, p.rs.BytesPlanned = "sending", compared, ts.planned
+	p.mu.Unlock()
+	sh := newShadow(local)
+	b := newBuilder(p.root, p.Dev, sh, kernel, bt, p.Log, p.readBuf)
+	b.onRead = p.resyncRead
+	if dirty != nil {
+		ts.shipped = func(ino uint64) { p.fileShipped(ino, mark) }
+	}
+	if err := b.fullSync(local, peer, ts); err != nil {
+		return err
+	}
+	bt.flush()
+	lines := ts.lines
+	if len(lines) > maxReport {
+		lines = append(lines[:maxReport], fmt.Sprintf("... and %d more", len(ts.lines)-maxReport))
+	}
+	var report []byte
+	if len(lines) > 0 {
+		report = []byte(strings.Join(lines, "\n") + "\n")
+	}
+	p.mu.Lock()
+	for _, f := range b.requeue {
+		p.j.Requeue(f)
+	}
+	p.sh = sh
+	p.syncSeq = syncSeq
+	p.needFull, p.forceAll = false, false
+	p.fullSyncEnd = p.nextSeq - 1
+	if b.blocked == 0 {
+		p.covered, p.coveredSeq = mark, p.fullSyncEnd
+		p.addMark(passMark{mark: mark, seq: p.fullSyncEnd, at: start})
+	}
+	p.fullSyncs++
+	p.dataBytes += b.dataRead
+	p.rs.Phase, p.rs.FilesSent, p.rs.Discarded = "waiting for the peer", ts.filesSent, len(ts.lines)
+	p.doneReq = &wire.Frame{Type: wire.TypeSync, Flags: wire.FlagResyncDone, Seq: p.fullSyncEnd,
+		Payload: wire.AppendResyncDone(nil, &wire.ResyncDone{Gen: gen, Report: report})}
+	p.mu.Unlock()
+	p.sendq.Broadcast()
+	p.Log.Info("resync queued", "mode", pl.mode, "files", len(local), "files_compared", compared,
+		"files_sent", ts.filesSent, "bytes", b.dataRead, "discarded_entries", len(ts.lines),
+		"took", time.Since(start).Round(time.Millisecond))
+	return nil
+}
+
+// escalate turns the resync in progress into a full comparison.
+func (p *Primary) escalate(why string) error {
+	p.mu.Lock()
+	p.forceAll = true
+	p.mu.Unlock()
+	p.Log.Warn("resync: comparing every file", "why", why)
+	return errors.New("resync restarts as a full comparison: " + why)
+}
+
+func (p *Primary) setPhase(phase string, files int) {
+	p.mu.Lock()
+	p.rs.Phase, p.rs.FilesTotal = phase, files
+	p.mu.Unlock()
+}
+
+// resyncRead counts the bytes a resync reads for sending, and holds it to
+// the configured rate so that live changes keep the link.
+func (p *Primary) resyncRead(n int) {
+	sent := p.rsSent.Add(uint64(n))
+	rate := p.term.Rate
+	if rate <= 0 {
+		return
+	}
+	p.mu.Lock()
+	started := p.rs.Started
+	p.mu.Unlock()
+	due := started.Add(time.Duration(float64(sent) / float64(rate) * float64(time.Second)))
+	if d := time.Until(due); d > 0 {
+		time.Sleep(d)
+	}
+}
+
+// finishResync: the peer's copy follows this term's generation; the bitmap
+// is exact from now on.
+func (p *Primary) finishResync() {
+	p.mu.Lock()
+	if !p.rs.Active {
+		p.mu.Unlock()
+		return
+	}
+	p.base, p.dirtyTrusted, p.dirty.lost = p.gen, true, false
+	p.rs.Active, p.rs.Phase, p.rs.Ended = false, "done", time.Now()
+	p.rs.BytesSent = p.rsSent.Load()
+	rs, gen, ms := p.rs, p.gen, p.meta
+	p.mu.Unlock()
+	if ms != nil {
+		if err := ms.Update(func(m *Meta) { m.Base, m.Crashed = gen, false }); err != nil {
+			p.Log.Error("recording the resync", "err", err)
+		}
+	}
+	p.Log.Info("resync complete: the peer is a mirror", "mode", rs.Mode, "files", rs.FilesTotal,
+		"files_compared", rs.FilesCompared, "files_sent", rs.FilesSent, "bytes", rs.BytesSent,
+		"took", rs.Ended.Sub(rs.Started).Round(time.Millisecond))
+}
+
+// addMark remembers a covered pass. Called with p.mu held.
+func (p *Primary) addMark(m passMark) {
+	if n := len(p.marks); n >= maxMarks {
+		p.marks[n-1] = m // coarser: the newest covers the one it replaces
+		return
+	}
+	p.marks = append(p.marks, m)
+}
+
+// fileMark: a resync shipped the bitmap's chunks of ino (those counted up
+// to mark) in batches up to seq. Once the peer made them durable, they
+// are forgotten: a resync cut short resumes with the files it had not
+// finished.
+type fileMark struct {
+	ino, mark, seq uint64
+}
+
+// fileShipped records a file a resync finished. Safe for concurrent use.
+func (p *Primary) fileShipped(ino, mark uint64) {
+	p.mu.Lock()
+	// Its last ops are in the batch being filled, the next to be queued.
+	p.fileMarks = append(p.fileMarks, fileMark{ino: ino, mark: mark, seq: p.nextSeq})
+	p.mu.Unlock()
+}
+
+// durablePoint forgets the passes the peer made durable and returns the
+// newest one (zero if none). Called with p.mu held.
+func (p *Primary) durablePoint() passMark {
+	var last passMark
+	i := 0
+	for i < len(p.marks) && p.marks[i].seq <= p.durable {
+		last = p.marks[i]
+		i++
+	}
+	p.marks = p.marks[i:]
+	if last.mark > p.durableMark.mark {
+		p.durableMark = last
+	}
+	return p.durableMark
+}
+
+// clearDirty forgets the changes the peer holds durably, at most every
+// clearEvery unless forced. Called with p.mu held.
+func (p *Primary) clearDirty(force bool) {
+	i := 0
+	for i < len(p.fileMarks) && p.fileMarks[i].seq <= p.durable {
+		p.dirty.clearFile(p.fileMarks[i].ino, p.fileMarks[i].mark)
+		i++
+	}
+	p.fileMarks = p.fileMarks[i:]
+	dm := p.durablePoint()
+	if dm.mark == 0 || dm.mark <= p.clearedMark || !force && time.Since(p.lastClear) < clearEvery {
+		return
+	}
+	p.dirty.clear(dm.mark)
+	p.clearedMark, p.lastClear = dm.mark, time.Now()
+}
+
+// keeper asks the peer to sync what it acknowledged, forgets what it made
+// durable, and moves this copy's sync point on: every syncEvery.
+func (p *Primary) keeper(ctx context.Context, kernel Kernel) {
+	// Every second during a resync, so that an interrupted one resumes
+	// close to where it stopped.
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	var last time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		p.mu.Lock()
+		due := p.rs.Active || time.Since(last) >= syncEvery
+		if due && p.connected {
+			if p.acked > p.durable && p.syncReq < p.acked {
+				p.syncReq = p.acked
+			} else {
+				p.poke++
+			}
+			p.sendq.Broadcast()
+		}
+		p.mu.Unlock()
+		if due {
+			last = time.Now()
+			p.moveSyncPoint(kernel)
+		}
+	}
+}
+
+// moveSyncPoint records the newest time before which every change of this
+// copy is on its disk and durable on the peer: what a crash of this node
+// must compare from.
+func (p *Primary) moveSyncPoint(kernel Kernel) {
+	t0 := time.Now()
+	if kernel != nil {
+		kernel.Drain()
+	}
+	p.mu.Lock()
+	p.clearDirty(true)
+	var point time.Time
+	if p.base == p.gen && p.base != 0 && p.connected {
+		if p.j.Pending() == 0 && len(p.queue) == 0 && !p.building && p.durable >= p.acked && p.pendingSince.IsZero() {
+			point = t0
+		} else {
+			point = p.durableMark.at
+		}
+	}
+	seq, ms := p.durable, p.meta
+	p.mu.Unlock()
+	if point.IsZero() || ms == nil {
+		return
+	}
+	// Everything written before t0 (≥ point) is on this disk after it.
+	if err := syncfs(p.Dir.Path); err != nil {
+		p.Log.Warn("syncfs for the sync point", "err", err)
+		return
+	}
+	ms.Update(func(m *Meta) {
+		if point.UnixNano() > m.SyncTime {
+			m.SyncTime, m.SyncSeq = point.UnixNano(), seq
+		}
+	})
+}
+
+// SaveDirty writes the bitmap for the next term, at a clean stop. A
+// bitmap that is not trusted is not saved: the next term compares the
+// files changed since the sync point instead.
+func (p *Primary) SaveDirty() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.meta == nil {
+		return nil
+	}
+	p.clearDirty(true)
+	if !p.dirtyTrusted {
+		os.Remove(p.term.DirtyPath)
+		return nil
+	}
+	return p.dirty.save(p.term.DirtyPath, p.base)
+}
+
+// HandedOver records, after every change reached the peer durably at a
+// handover, that this copy is now a consistent replica of the generation
+// the peer continues from.
+func (p *Primary) HandedOver() error {
+	p.mu.Lock()
+	ok := p.meta != nil && p.base == p.gen && p.connected && p.j.Pending() == 0 && len(p.queue) == 0 && p.durable >= p.acked
+	ms := p.meta
+	p.mu.Unlock()
+	if !ok {
+		return nil
+	}
+	if err := syncfs(p.Dir.Path); err != nil {
+		return err
+	}
+	now := time.Now().UnixNano()
+	return ms.Update(func(m *Meta) {
+		m.Source, m.Consistent, m.Crashed, m.SyncTime = false, true, false, now
+	})
+}
+
+// syncfs writes back the filesystem holding dir (the root is an O_PATH
+// descriptor, which syncfs refuses).
+func syncfs(dir string) error {
+	f, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return unix.Syncfs(int(f.Fd()))
+}
