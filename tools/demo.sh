@@ -52,6 +52,8 @@ $lab revive a
 $lab start a
 for _ in $(seq 300); do $lab duet a status | grep -q 'state SECOND' && break; sleep 0.2; done
 $lab duet a status | head -3
+echo "what nodeB sent to bring nodeA level (only what changed since nodeA's sync point):"
+$lab duet b status | grep -E 'last resync|modification bitmap' || true
 say "11. duet swap on nodeB: the service moves back to nodeA, nothing lost"
 $lab duet b status --wait-sync 120s >/dev/null
 $lab duet b swap

@@ -6,6 +6,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/duet-ha/duet/pkg/replica"
 )
 
 func run(args ...string) (string, int) {
@@ -56,6 +58,7 @@ func TestBadInputIsNamed(t *testing.T) {
 		{"unknown dir", []string{"verify", "--config", writeConfig(t, nil), "--dir", "nope"}, `--dir "nope"`},
 		{"bad yaml", []string{"verify", "--config", writeConfig(t, func(s string) string { return s + "bogus: 1\n" })}, "field bogus not found"},
 		{"stray argument", []string{"status", "extra"}, "unknown command"},
+		{"resync without daemon", []string{"resync", "--socket", filepath.Join(t.TempDir(), "none.sock")}, "no duet daemon at"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -73,5 +76,19 @@ func TestExampleConfigFields(t *testing.T) {
 	out, code := run("verify", "--config", "../../testdata/duet.yaml")
 	if code != 2 || !strings.Contains(out, `replicate[0].path "/srv/data"`) || strings.Contains(out, "not found in type") {
 		t.Fatalf("exit %d: %s", code, out)
+	}
+}
+
+func TestProgressLine(t *testing.T) {
+	r := replica.ResyncStatus{Active: true, Mode: "bitmap", Phase: "sending", BytesPlanned: 100 << 20, BytesSent: 25 << 20,
+		FilesCompared: 3, FilesTotal: 10, RateBps: 5 << 20, EtaSec: 15}
+	got := progressLine("data", &r, true)
+	for _, want := range []string{"[######..................]", " 25%", "25.0 MiB / 100.0 MiB", "3/10 files compared", "5.0 MiB/s", "ETA 15s", "(bitmap)"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("progress %q lacks %q", got, want)
+		}
+	}
+	if got := progressLine("data", &replica.ResyncStatus{}, false); !strings.Contains(got, "waiting for the peer") {
+		t.Errorf("idle, disconnected: %q", got)
 	}
 }

@@ -90,6 +90,12 @@ type Cluster struct {
 	// peer is in sync: "release" (default, like DRBD with a disconnected
 	// peer: the change is tracked for a resync) or "fail" (EIO).
 	AloneWrites string `yaml:"alone_writes"`
+	// Prefer names the node that should serve whenever it can: once it
+	// is back and has been a mirror for FailbackDelay, the other node
+	// hands the role back to it (an automatic duet swap). Empty: roles
+	// move only on failures and commands.
+	Prefer        string        `yaml:"prefer"`
+	FailbackDelay time.Duration `yaml:"failback_delay"`
 }
 
 // Network is one heartbeat path.
@@ -165,6 +171,7 @@ const (
 	DefaultMetrics  = "127.0.0.1:9788"
 	DefaultRestarts = 3
 	DefaultMargin   = 30 * time.Second
+	DefaultFailback = 10 * time.Second
 )
 
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
@@ -223,6 +230,9 @@ func (c *Config) defaults() {
 	cl := &c.Cluster
 	if cl.AloneWrites == "" {
 		cl.AloneWrites = AloneRelease
+	}
+	if cl.FailbackDelay == 0 {
+		cl.FailbackDelay = DefaultFailback
 	}
 	if cl.HeartbeatPort == 0 {
 		cl.HeartbeatPort = DefaultHBPort
@@ -337,6 +347,12 @@ func (c *Config) validateCluster(bad func(string, ...any)) {
 	cl := c.Cluster
 	if cl.AloneWrites != AloneRelease && cl.AloneWrites != AloneFail {
 		bad("cluster.alone_writes %q: must be %q or %q", cl.AloneWrites, AloneRelease, AloneFail)
+	}
+	if cl.Prefer != "" && !nameRE.MatchString(cl.Prefer) {
+		bad("cluster.prefer %q: must be a node name (1-63 letters, digits, '.', '_' or '-')", cl.Prefer)
+	}
+	if cl.FailbackDelay < 0 {
+		bad("cluster.failback_delay %s: must be positive", cl.FailbackDelay)
 	}
 	if cl.HeartbeatPort < 1 || cl.HeartbeatPort > 65535 {
 		bad("cluster.heartbeat_port %d: must be 1-65535", cl.HeartbeatPort)

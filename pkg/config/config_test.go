@@ -68,6 +68,10 @@ func TestParseErrorsNameTheField(t *testing.T) {
 		{"service checks", "node: nodeA", "node: nodeA\nservices: [{name: web, start: x, check_tcp: ':80', check_command: y}]", "check_tcp and check_command are both set"},
 		{"service dup", "node: nodeA", "node: nodeA\nservices: [{name: web, start: x}, {name: web, start: y}]", `services[1].name "web": already used`},
 		{"metrics", "node: nodeA", "node: nodeA\nmetrics: 9788", `metrics "9788"`},
+		{"prefer", "node: nodeA", "node: nodeA\ncluster: {prefer: 'node A'}", `cluster.prefer "node A"`},
+		{"failback_delay", "node: nodeA", "node: nodeA\ncluster: {failback_delay: -1s}", "cluster.failback_delay -1s"},
+		{"resync margin", "node: nodeA", "node: nodeA\nresync: {margin: -5s}", "resync.margin -5s"},
+		{"resync rate", "node: nodeA", "node: nodeA\nresync: {rate_mib: -1}", "resync.rate_mib -1"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -154,6 +154,22 @@ func (j *Journal) Take(now time.Time) []File {
 	return out
 }
 
+// DropSettled forgets every change a full read of the files now covers: a
+// resync about to read them takes their place. Kept are operations still
+// in progress (deferred ranges), changes requeued because their bytes were
+// not visible yet, and files written through a shared mapping (they must
+// be written back before they are read). It returns how many were dropped.
+func (j *Journal) DropSettled() int {
+	n := 0
+	for k, e := range j.files {
+		if len(e.preops) == 0 && e.Retries == 0 && !e.Writeback {
+			delete(j.files, k)
+			n++
+		}
+	}
+	return n
+}
+
 // Pending reports whether anything is waiting, deferred ranges included.
 func (j *Journal) Pending() int { return len(j.files) }
 

@@ -166,3 +166,18 @@ func TestJournalTailKeptApart(t *testing.T) {
 		t.Fatalf("got %+v", got)
 	}
 }
+
+func TestDropSettled(t *testing.T) {
+	j := New()
+	now := time.Now()
+	j.Add(&capture.Record{Kind: capture.KindData, Ino: 1, Pos: 0, Len: 10, Seq: 1}, now)
+	j.Add(&capture.Record{Kind: capture.KindMmap, Ino: 2, Pos: 0, Len: 10, Seq: 2}, now)
+	j.Add(&capture.Record{Kind: capture.KindPreop, Ino: 3, Pos: 0, Len: 10, Seq: 3}, now)
+	j.Requeue(File{Key: capture.InodeKey{Ino: 4}, Data: func() Ranges { var r Ranges; r.Add(0, 5); return r }()})
+	if n := j.DropSettled(); n != 1 {
+		t.Fatalf("dropped %d, want 1 (the plain write)", n)
+	}
+	if j.Pending() != 3 {
+		t.Fatalf("%d left, want the mapped write, the operation in progress and the requeued bytes", j.Pending())
+	}
+}

@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -189,6 +190,7 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 	isolation := make(chan struct{}, 1)
 	var witnessFails atomic.Int32
 	var lastWitness time.Time
+	var mirrorSince time.Time // the preferred peer has been a mirror since
 	// actx is what actions run under; a stopping daemon swaps in one
 	// that lets it hand its role over.
 	actx := ctx
@@ -274,6 +276,23 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 				apply(cluster.Event{Kind: cluster.EvPeerLost})
 			} else if !m.Peer.Seen && time.Since(start) > timeout {
 				apply(cluster.Event{Kind: cluster.EvTick})
+			}
+			// Failback: the preferred node is back and a mirror; after
+			// failback_delay of that, hand the role back to it.
+			if pref := n.cfg.Cluster.Prefer; pref != "" && m.State == cluster.Prim && m.Peer.Name == pref &&
+				m.Peer.Seen && m.Peer.State == cluster.Second && m.Peer.Epoch == m.Epoch && n.peerSynced() {
+				if mirrorSince.IsZero() {
+					mirrorSince = time.Now()
+				} else if time.Since(mirrorSince) >= n.cfg.Cluster.FailbackDelay {
+					mirrorSince = time.Time{}
+					n.log.Info("failback: " + pref + " is preferred and has been a mirror for " +
+						n.cfg.Cluster.FailbackDelay.String() + ": handing the role back")
+					if r := apply(cluster.Event{Kind: cluster.EvCmdSwap}); !strings.HasPrefix(r, "ok") {
+						n.log.Warn("failback refused", "reason", r)
+					}
+				}
+			} else {
+				mirrorSince = time.Time{}
 			}
 			// A serving node without its peer watches the witness: when
 			// it is unreachable too, this node is the isolated one.

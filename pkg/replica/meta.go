@@ -28,10 +28,10 @@ type Meta struct {
 	// follows Base needs only the bitmap (and the recent files of a side
 	// that crashed); any other copy is compared whole.
 	Base uint64 `json:"base"`
-	// Source: this node was the source of Gen last.
+	// Source: this node was the source of Gen last and may hold changes
+	// its peer never got (a handover with every change on the peer
+	// clears it).
 	Source bool `json:"source"`
-	// HandedOver: as source, it handed over with every change on the peer.
-	HandedOver bool `json:"handed_over,omitempty"`
 	// Consistent is false while a resync rewrites the copy.
 	Consistent bool `json:"consistent"`
 	// SyncTime (unix ns): every change this copy got before it is on this
@@ -150,7 +150,7 @@ func (m *Meta) welcomeState() wire.CopyState {
 	if m.Source {
 		st |= wire.CopySource
 	}
-	if m.Crashed || m.Source && !m.HandedOver {
+	if m.Crashed || m.Source {
 		st |= wire.CopyDiverged
 	}
 	return st

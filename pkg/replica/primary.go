@@ -119,6 +119,9 @@ type Primary struct {
 	// poke asks for a sync frame even with nothing new: the peer's sync
 	// point moves on while the directory is idle.
 	poke uint64
+	// forgetKeys are the kernel chunk marks of changes recorded while no
+	// peer is connected, to drop soon (see forgetLoop).
+	forgetKeys []capture.CaptureChunkKey
 }
 
 // passMark is a build pass that took every change counted up to mark,
@@ -150,6 +153,12 @@ func (p *Primary) Record(r *capture.Record, now time.Time) {
 	p.records++
 	p.added++
 	p.dirty.record(r, p.added)
+	if !p.connected && (r.Kind == capture.KindData || r.Kind == capture.KindMmap) && r.Len > 0 && r.Len < journal.Unbounded &&
+		len(p.forgetKeys) < maxForget {
+		for c := r.Pos >> capture.ChunkShift; c <= (r.Pos+r.Len-1)>>capture.ChunkShift; c++ {
+			p.forgetKeys = append(p.forgetKeys, capture.CaptureChunkKey{Dev: r.Dev, Ino: r.Ino, Chunk: c})
+		}
+	}
 	if p.pendingSince.IsZero() {
 		p.pendingSince = now
 	}
@@ -201,6 +210,7 @@ func (p *Primary) Run(ctx context.Context, kernel Kernel) {
 		p.wake()
 	}()
 	go p.keeper(ctx, kernel)
+	go p.forgetLoop(ctx, kernel)
 	var lastLog time.Time
 	var lastMsg string
 	for ctx.Err() == nil {
@@ -540,6 +550,10 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 		if err == nil && blocked == 0 {
 			p.covered, p.coveredSeq = mark, p.nextSeq-1
 			p.addMark(passMark{mark: mark, seq: p.coveredSeq, at: takeAt})
+		} else if err == nil {
+			// The pass as a whole waits for what it requeued; the files
+			// it shipped in full are done all the same.
+			p.markFiles(files, requeue, mark)
 		}
 		p.mu.Unlock()
 		p.done.Broadcast()

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/duet-ha/duet/pkg/fstree"
+	"github.com/duet-ha/duet/pkg/journal"
 	"github.com/duet-ha/duet/pkg/wire"
 	"golang.org/x/sys/unix"
 )
@@ -186,6 +187,15 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 		p.clearDirty(true)
 		dirty = p.dirty.clone()
 	}
+	// What the journal holds now, the resync reads anyway (the bitmap
+	// marks it, or its files changed since the sync point, or every file
+	// is compared): shipped twice otherwise.
+	dropped := p.j.DropSettled()
+	// The resync's batches carry the age of the oldest change they hold.
+	bt.since = p.pendingSince
+	if p.j.Pending() == 0 {
+		p.pendingSince = time.Time{}
+	}
 	p.rs = ResyncStatus{Active: true, Mode: pl.mode, Phase: "scanning", Started: start}
 	p.rsSent.Store(0)
 	p.doneReq, p.doneSent = nil, false
@@ -201,7 +211,7 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 		return time.Unix(0, ns).UTC().Format(time.RFC3339Nano)
 	}
 	p.Log.Info("resync: comparing with the peer", "mode", pl.mode, "bitmap_bytes", dirty.bytes(),
-		"recent_here_since", cut(pl.cutoffS), "recent_there_since", cut(pl.cutoffT),
+		"recent_here_since", cut(pl.cutoffS), "recent_there_since", cut(pl.cutoffT), "journal_files_folded_in", dropped,
 		"peer_gen", fmt.Sprintf("%016x", p.welcome.Gen), "peer_state", int(p.welcome.State))
 	var syncSeq uint64
 	if kernel != nil {
@@ -411,8 +421,31 @@ type fileMark struct {
 func (p *Primary) fileShipped(ino, mark uint64) {
 	p.mu.Lock()
 	// Its last ops are in the batch being filled, the next to be queued.
-	p.fileMarks = append(p.fileMarks, fileMark{ino: ino, mark: mark, seq: p.nextSeq})
+	if len(p.fileMarks) < maxFileMarks {
+		p.fileMarks = append(p.fileMarks, fileMark{ino: ino, mark: mark, seq: p.nextSeq})
+	}
 	p.mu.Unlock()
+}
+
+// maxFileMarks bounds the files remembered until the peer syncs; beyond,
+// they wait for a pass that ships everything it took.
+const maxFileMarks = 1 << 16
+
+// markFiles records the files of a pass that were shipped in full (not
+// requeued), in batches up to the last one queued. Called with p.mu held.
+func (p *Primary) markFiles(files, requeued []journal.File, mark uint64) {
+	again := make(map[uint64]bool, len(requeued))
+	for _, f := range requeued {
+		again[f.Key.Ino] = true
+	}
+	for _, f := range files {
+		if len(p.fileMarks) >= maxFileMarks {
+			return
+		}
+		if !again[f.Key.Ino] {
+			p.fileMarks = append(p.fileMarks, fileMark{ino: f.Key.Ino, mark: mark, seq: p.nextSeq - 1})
+		}
+	}
 }
 
 // durablePoint forgets the passes the peer made durable and returns the
@@ -448,6 +481,36 @@ func (p *Primary) clearDirty(force bool) {
 	p.clearedMark, p.lastClear = dm.mark, time.Now()
 }
 
+// maxForget bounds the chunk marks waiting to be dropped.
+const maxForget = 1 << 16
+
+// forgetLoop drops, every few milliseconds while no peer is connected, the
+// kernel's marks of the chunks just recorded. Nobody reads them until the
+// peer returns, and a write next to a live mark is announced with some
+// look-ahead (for sequential writers): the bitmap would then mark bytes
+// that were never written, and the resync would send them.
+func (p *Primary) forgetLoop(ctx context.Context, kernel Kernel) {
+	if kernel == nil {
+		return
+	}
+	t := time.NewTicker(5 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		p.mu.Lock()
+		keys := p.forgetKeys
+		p.forgetKeys = nil
+		p.mu.Unlock()
+		if len(keys) > 0 {
+			kernel.ForgetChunks(keys)
+		}
+	}
+}
+
 // keeper asks the peer to sync what it acknowledged, forgets what it made
 // durable, and moves this copy's sync point on: every syncEvery.
 func (p *Primary) keeper(ctx context.Context, kernel Kernel) {
@@ -464,6 +527,7 @@ func (p *Primary) keeper(ctx context.Context, kernel Kernel) {
 		}
 		p.mu.Lock()
 		due := p.rs.Active || time.Since(last) >= syncEvery
+		target := p.acked
 		if due && p.connected {
 			if p.acked > p.durable && p.syncReq < p.acked {
 				p.syncReq = p.acked
@@ -475,6 +539,17 @@ func (p *Primary) keeper(ctx context.Context, kernel Kernel) {
 		p.mu.Unlock()
 		if due {
 			last = time.Now()
+			// The point moves to what this sync covers: wait (briefly)
+			// for its acknowledgement.
+			for i := 0; i < 100 && ctx.Err() == nil; i++ {
+				p.mu.Lock()
+				ok := p.durable >= target || !p.connected
+				p.mu.Unlock()
+				if ok {
+					break
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
 			p.moveSyncPoint(kernel)
 		}
 	}
@@ -529,6 +604,7 @@ func (p *Primary) SaveDirty() error {
 		os.Remove(p.term.DirtyPath)
 		return nil
 	}
+	p.Log.Info("modification bitmap saved for the next term", "bytes", p.dirty.bytes(), "files", len(p.dirty.files))
 	return p.dirty.save(p.term.DirtyPath, p.base)
 }
 

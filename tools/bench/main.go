@@ -3,7 +3,7 @@
 //
 //	go run ./tools/bench [--quick] [--runs 3] [--out docs/BENCHMARKS.md] [--json]
 //
-// Needs root (the lab) and fio.
+// Needs root (the lab), fio and rsync.
 package main
 
 import (
@@ -48,15 +48,15 @@ func main() {
 	asJSON := flag.Bool("json", false, "print the figures as JSON")
 	quick := flag.Bool("quick", false, "small sizes, one run: checks the tooling, not the numbers")
 	runs := flag.Int("runs", 5, "runs per figure (min/median/max reported)")
-	only := flag.String("only", "capture,wire,sync,lag", "figures to measure, comma separated: capture, wire, sync, lag")
+	only := flag.String("only", "capture,wire,sync,lag,resync", "figures to measure, comma separated: capture, wire, sync, lag, resync")
 	flag.Parse()
 	want := map[string]bool{}
 	for _, k := range strings.Split(*only, ",") {
 		switch k = strings.TrimSpace(k); k {
-		case "capture", "wire", "sync", "lag":
+		case "capture", "wire", "sync", "lag", "resync":
 			want[k] = true
 		default:
-			fail(fmt.Sprintf("-only: unknown figure %q (capture, wire, sync, lag)", k))
+			fail(fmt.Sprintf("-only: unknown figure %q (capture, wire, sync, lag, resync)", k))
 		}
 	}
 	if os.Geteuid() != 0 {
@@ -92,6 +92,9 @@ func main() {
 	}
 	if want["lag"] {
 		figs = append(figs, b.asyncLag(*runs))
+	}
+	if want["resync"] {
+		figs = append(figs, b.resyncFigures(*runs)...)
 	}
 	if *asJSON {
 		json.NewEncoder(os.Stdout).Encode(figs)

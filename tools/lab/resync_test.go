@@ -297,6 +297,9 @@ func TestFailbackAfterPrimaryCrash(t *testing.T) {
 	r := l.Status(t, "b").Dirs[0].Resync
 	t.Logf("old primary back: resync (%s) compared %d of %d files, sent %d files, %d bytes; %d entries discarded",
 		r.Mode, r.FilesCompared, r.FilesTotal, r.FilesSent, r.BytesSent, r.Discarded)
+	if r.FilesCompared > 10 {
+		t.Fatalf("compared %d files: want only those changed since nodeA's sync point (4 were)", r.FilesCompared)
+	}
 	reports, _ := filepath.Glob(filepath.Join(l.Dir, "a/.duet/discarded-data-*.txt"))
 	if len(reports) != 1 {
 		t.Fatalf("want one discarded-changes report on nodeA, found %v", reports)
@@ -362,4 +365,39 @@ func TestResyncResumesAfterCrash(t *testing.T) {
 	if rate := float64(second.BytesSent) / second.Ended.Sub(second.Started).Seconds(); rate > 24<<20 {
 		t.Fatalf("resync ran at %.1f MiB/s, over the 20 MiB/s bound", rate/(1<<20))
 	}
+}
+
+// TestFailbackToPreferred: with cluster.prefer, the preferred node gets
+// the role back by itself once it has returned and been a mirror for
+// failback_delay, and the service answers from it again.
+func TestFailbackToPreferred(t *testing.T) {
+	l, hello := clusterLab(t, false)
+	for _, h := range []string{"a", "b"} {
+		l.AppendConfig(t, h, "resync:\n  margin: 1s\n")
+		l.EditConfig(t, h, "cluster:\n", "cluster:\n  prefer: nodeA\n  failback_delay: 2s\n")
+	}
+	l.Start(t, "b")
+	l.Start(t, "a")
+	l.WaitState(t, "a", "PRIM", 30*time.Second)
+	l.WaitSync(t, time.Minute)
+	if out, err := l.run("crash", "a"); err != nil {
+		t.Fatalf("crash a: %v\n%s", err, out)
+	}
+	l.WaitState(t, "b", "ALONE", 30*time.Second)
+	os.WriteFile(filepath.Join(l.BData, "while-a-was-away"), []byte("nodeB served\n"), 0o644)
+	l.run("revive", "a")
+	start := time.Now()
+	l.Start(t, "a")
+	l.WaitState(t, "a", "PRIM", time.Minute)
+	back := time.Since(start)
+	ms, ans := l.connect(t, hello, time.Now())
+	if ans != "hello from nodeA" {
+		t.Fatalf("after the failback the service answered %q", ans)
+	}
+	l.WaitSync(t, time.Minute)
+	l.Verify(t)
+	if b, err := os.ReadFile(filepath.Join(l.AData, "while-a-was-away")); err != nil || string(b) != "nodeB served\n" {
+		t.Fatalf("nodeB's change is not on nodeA after the failback: %q, %v", b, err)
+	}
+	t.Logf("failback: nodeA restarted, resynced and serving again %s later (failback_delay 2s); the service answered from nodeA in %d ms", back.Round(100*time.Millisecond), ms)
 }
