@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/duet-ha/duet/pkg/node"
 	"github.com/duet-ha/duet/pkg/replica"
 )
 
@@ -90,5 +91,22 @@ func TestProgressLine(t *testing.T) {
 	}
 	if got := progressLine("data", &replica.ResyncStatus{}, false); !strings.Contains(got, "waiting for the peer") {
 		t.Errorf("idle, disconnected: %q", got)
+	}
+}
+
+func TestPrintStatusResync(t *testing.T) {
+	st := node.Status{Node: "nodeA", State: "PRIM",
+		Dirs: []replica.Status{{Dir: "data", Connected: true, BitmapBytes: 8192, BitmapFiles: 2, BitmapTrusted: true,
+			Resync: replica.ResyncStatus{Active: true, Mode: "bitmap+recent", Phase: "sending", BytesPlanned: 10 << 20, BytesSent: 5 << 20}}},
+		Copies: []node.CopyStatus{{Dir: "data", Gen: "00000000000000ff", Consistent: false, Crashed: true}}}
+	var out bytes.Buffer
+	if err := printStatus(&out, &st, "text"); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"modification bitmap: 8.0 KiB in 2 files, trusted", "resync: data [############............]  50% sending",
+		"copy data: generation 00000000000000ff, sync point none yet INCONSISTENT"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("status lacks %q:\n%s", want, out.String())
+		}
 	}
 }

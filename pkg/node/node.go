@@ -188,8 +188,12 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 			return err
 		}
 		if m := ms.Get(); m.Crashed {
+			sp := "none (every file will be compared)"
+			if m.SyncTime != 0 {
+				sp = time.Unix(0, m.SyncTime).UTC().Format(time.RFC3339)
+			}
 			log.Warn("duet did not stop cleanly last time: this copy's changes since its sync point will be compared with the peer's",
-				"dir", d.Name, "sync_point", time.Unix(0, m.SyncTime).UTC().Format(time.RFC3339))
+				"dir", d.Name, "sync_point", sp)
 		}
 		metas[d.Name] = ms
 		n.metas = append(n.metas, ms)

@@ -29,6 +29,8 @@ type treeSync struct {
 	// Counters, for the progress report.
 	planned   uint64 // bytes the resync will send
 	filesSent int
+	// onPlan, if set, gets the bytes planned once the renames are known.
+	onPlan func(planned uint64)
 	// shipped, if set, is told of every file whose changes are all
 	// queued (the bitmap forgets them once the peer has them durably).
 	shipped func(ino uint64)
@@ -53,6 +55,10 @@ func (b *builder) fullSync(local, peer []wire.Entry, ts *treeSync) error {
 	}
 	if err := b.renames(local, peer, pm, localPaths, ts); err != nil {
 		return err
+	}
+	ts.plan(local, pm)
+	if ts.onPlan != nil {
+		ts.onPlan(ts.planned)
 	}
 	// Removals first, top-most only: a removed directory takes its subtree.
 	var removed []string
@@ -243,12 +249,10 @@ func fileSpans(l, p *wire.Entry, ts *treeSync) (spans []journal.Span, whole bool
 	return nil, true
 }
 
-// plan counts what fullSync will send, for the progress report.
-func (ts *treeSync) plan(local, peer []wire.Entry) {
-	pm := make(map[string]*wire.Entry, len(peer))
-	for i := range peer {
-		pm[peer[i].Path] = &peer[i]
-	}
+// plan counts what fullSync will send (pm: the peer's entries by path,
+// renames done), for the progress report.
+func (ts *treeSync) plan(local []wire.Entry, pm map[string]*wire.Entry) {
+	ts.planned = 0
 	for i := range local {
 		l := &local[i]
 		if !l.Mode.IsRegular() {

@@ -298,9 +298,13 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 		}
 	}
 	ts := &treeSync{dirty: dirty, window: !pl.all, report: pl.report}
-	ts.plan(local, peer)
+	ts.onPlan = func(planned uint64) {
+		p.mu.Lock()
+		p.rs.BytesPlanned = planned
+		p.mu.Unlock()
+	}
 	p.mu.Lock()
-	p.rs.Phase, p.rs.FilesCompared, p.rs.BytesPlanned = "sending", compared, ts.planned
+	p.rs.Phase, p.rs.FilesCompared = "sending", compared
 	p.mu.Unlock()
 	sh := newShadow(local)
 	b := newBuilder(p.root, p.Dev, sh, kernel, bt, p.Log, p.readBuf)
@@ -493,14 +497,7 @@ func (p *Primary) forgetLoop(ctx context.Context, kernel Kernel) {
 	if kernel == nil {
 		return
 	}
-	t := time.NewTicker(5 * time.Millisecond)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
+	every(ctx, 5*time.Millisecond, func() {
 		p.mu.Lock()
 		keys := p.forgetKeys
 		p.forgetKeys = nil
@@ -508,6 +505,20 @@ func (p *Primary) forgetLoop(ctx context.Context, kernel Kernel) {
 		if len(keys) > 0 {
 			kernel.ForgetChunks(keys)
 		}
+	})
+}
+
+// every runs f every d until ctx ends.
+func every(ctx context.Context, d time.Duration, f func()) {
+	t := time.NewTicker(d)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		f()
 	}
 }
 
@@ -516,15 +527,8 @@ func (p *Primary) forgetLoop(ctx context.Context, kernel Kernel) {
 func (p *Primary) keeper(ctx context.Context, kernel Kernel) {
 	// Every second during a resync, so that an interrupted one resumes
 	// close to where it stopped.
-	t := time.NewTicker(time.Second)
-	defer t.Stop()
 	var last time.Time
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
+	every(ctx, time.Second, func() {
 		p.mu.Lock()
 		due := p.rs.Active || time.Since(last) >= syncEvery
 		target := p.acked
@@ -537,22 +541,23 @@ func (p *Primary) keeper(ctx context.Context, kernel Kernel) {
 			p.sendq.Broadcast()
 		}
 		p.mu.Unlock()
-		if due {
-			last = time.Now()
-			// The point moves to what this sync covers: wait (briefly)
-			// for its acknowledgement.
-			for i := 0; i < 100 && ctx.Err() == nil; i++ {
-				p.mu.Lock()
-				ok := p.durable >= target || !p.connected
-				p.mu.Unlock()
-				if ok {
-					break
-				}
-				time.Sleep(10 * time.Millisecond)
-			}
-			p.moveSyncPoint(kernel)
+		if !due {
+			return
 		}
-	}
+		last = time.Now()
+		// The point moves to what this sync covers: wait (briefly) for
+		// its acknowledgement.
+		for i := 0; i < 100 && ctx.Err() == nil; i++ {
+			p.mu.Lock()
+			ok := p.durable >= target || !p.connected
+			p.mu.Unlock()
+			if ok {
+				break
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		p.moveSyncPoint(kernel)
+	})
 }
 
 // moveSyncPoint records the newest time before which every change of this

@@ -35,8 +35,8 @@ type Server struct {
 	// Metas holds each directory's copy state (by name); a directory
 	// without one announces an unknown copy (a full comparison).
 	Metas    map[string]*MetaStore
-	accept   atomic.Bool
-	handlers sync.WaitGroup // replicas take batches; a serving node does not
+	accept   atomic.Bool    // replicas take batches; a serving node does not
+	handlers sync.WaitGroup // connections being served
 
 	mu       sync.Mutex
 	replicas map[string]*replicaState

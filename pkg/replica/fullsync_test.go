@@ -1,0 +1,133 @@
+package replica
+
+import (
+	"bytes"
+	"crypto/rand"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/duet-ha/duet/pkg/capture"
+	"github.com/duet-ha/duet/pkg/fstree"
+	"github.com/duet-ha/duet/pkg/wire"
+	"golang.org/x/sys/unix"
+)
+
+// applySink applies every op to a replica as it comes and counts them.
+type applySink struct {
+	a     *Applier
+	t     *testing.T
+	ops   []wire.Op
+	bytes int
+}
+
+func (s *applySink) add(op *wire.Op) error {
+	if op.Code == wire.OpWrite {
+		s.bytes += len(op.Data)
+	}
+	s.ops = append(s.ops, wire.Op{Code: op.Code, Path: op.Path, Path2: op.Path2})
+	if err := s.a.Apply(op); err != nil {
+		s.t.Fatalf("applying %s %q: %v", op.Code, op.Path, err)
+	}
+	return nil
+}
+
+func writeRandom(t *testing.T, path string, n int) {
+	t.Helper()
+	b := make([]byte, n)
+	rand.Read(b)
+	os.MkdirAll(filepath.Dir(path), 0o755)
+	if err := os.WriteFile(path, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestTreeSyncBitmapAndReport runs the builder's resync between two real
+// directories: the bitmap's chunks are sent and nothing else of unchanged
+// files, a file renamed while away is renamed, new files are sent whole,
+// the peer's own recent entries are removed and reported, and the trees
+// end equal.
+func TestTreeSyncBitmapAndReport(t *testing.T) {
+	top := t.TempDir()
+	src, dst := filepath.Join(top, "src"), filepath.Join(top, "dst")
+	writeRandom(t, filepath.Join(src, "big"), 1<<20)
+	writeRandom(t, filepath.Join(src, "dir/b"), 10000)
+	writeRandom(t, filepath.Join(src, "same"), 5000)
+	if err := os.CopyFS(dst, os.DirFS(src)); err != nil {
+		t.Fatal(err)
+	}
+	// Same mtimes on both sides, as replication leaves them.
+	for _, p := range []string{"big", "dir/b", "same"} {
+		st, _ := os.Stat(filepath.Join(src, p))
+		os.Chtimes(filepath.Join(dst, p), st.ModTime(), st.ModTime())
+	}
+	cutoff := time.Now().UnixNano()
+	time.Sleep(10 * time.Millisecond)
+	// While the peer is away: 4 KiB changed in big, dir/b renamed, a new file.
+	f, _ := os.OpenFile(filepath.Join(src, "big"), os.O_WRONLY, 0)
+	chunk := make([]byte, 4096)
+	rand.Read(chunk)
+	f.WriteAt(chunk, 8*4096)
+	f.Close()
+	os.Rename(filepath.Join(src, "dir/b"), filepath.Join(src, "dir/b2"))
+	writeRandom(t, filepath.Join(src, "new"), 3000)
+	// The peer's own change that never reached the source.
+	os.WriteFile(filepath.Join(dst, "only-there"), []byte("x"), 0o644)
+
+	root, err := fstree.OpenRoot(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer root.Close()
+	local, err := fstree.Scan(root, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st unix.Stat_t
+	unix.Stat(filepath.Join(src, "big"), &st)
+	d := newDirtySet()
+	d.record(&capture.Record{Kind: capture.KindData, Ino: st.Ino, Pos: 8 * 4096, Len: 4096}, 1)
+	droot, _ := fstree.OpenRoot(dst)
+	defer droot.Close()
+	peer, err := manifest(droot, wire.ManifestQuery{Cutoff: cutoff})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := NewApplier(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	sink := &applySink{a: a, t: t}
+	b := newBuilder(root, 0, newShadow(local), nil, sink, slog.New(slog.DiscardHandler), nil)
+	ts := &treeSync{dirty: d, window: true, report: true}
+	if err := b.fullSync(local, peer, ts); err != nil {
+		t.Fatal(err)
+	}
+	if want := 4096 + 3000; sink.bytes != want || ts.planned != uint64(want) {
+		t.Fatalf("sent %d bytes, planned %d: want %d (the changed chunk and the new file)", sink.bytes, ts.planned, want)
+	}
+	var renamed bool
+	for _, op := range sink.ops {
+		renamed = renamed || op.Code == wire.OpRename && op.Path == "dir/b" && op.Path2 == "dir/b2"
+	}
+	if !renamed {
+		t.Fatalf("dir/b was not renamed on the peer: %+v", sink.ops)
+	}
+	report := strings.Join(ts.lines, "\n")
+	if !strings.Contains(report, "only-there\tremoved") || strings.Contains(report, "big") {
+		t.Fatalf("report:\n%s", report)
+	}
+	l2, _ := fstree.Scan(root, true)
+	p2, _ := fstree.Scan(droot, true)
+	if diffs := fstree.Compare(l2, p2); len(diffs) != 0 {
+		t.Fatalf("trees differ after the resync: %v", diffs)
+	}
+	got, _ := os.ReadFile(filepath.Join(dst, "big"))
+	if !bytes.Equal(got[8*4096:9*4096], chunk) {
+		t.Fatal("the changed chunk did not arrive")
+	}
+}
