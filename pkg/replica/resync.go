@@ -83,18 +83,26 @@ func (p *Primary) BeginTerm(t Term) error {
 	if !m.Consistent && !m.Source {
 		base = 0 // a resync into this copy was cut short: compare all
 	}
+	why := "trusted"
 	switch {
+	case base == 0:
+		why = "none: the peer's copy is of unknown lineage, the first resync compares every file"
 	case m.Crashed:
+		why = "lost: duet did not stop cleanly, files changed since the sync point are compared"
 	case m.Source:
 		d, b, err := loadDirty(t.DirtyPath)
 		switch {
-		case err == nil && b == m.Base:
-			p.dirty, trusted = d, !d.lost
-		case err != nil && !errors.Is(err, os.ErrNotExist):
-			p.Log.Warn("modification bitmap not usable: comparing the files changed since the sync point", "err", err)
+		case err == nil && b == m.Base && !d.lost:
+			p.dirty, trusted = d, true
+		case err == nil:
+			why = "stale or incomplete (capture records were lost): files changed since the sync point are compared"
+		case errors.Is(err, os.ErrNotExist):
+			why = "missing: files changed since the sync point are compared"
+		default:
+			why = "not usable (" + err.Error() + "): files changed since the sync point are compared"
 		}
 	default:
-		trusted = base != 0
+		trusted = true
 	}
 	os.Remove(t.DirtyPath) // from now on it lives in memory; saved again at a clean stop
 	gen := NewGen()
@@ -107,7 +115,7 @@ func (p *Primary) BeginTerm(t Term) error {
 	p.gen, p.base, p.dirtyTrusted, p.selfSync, p.meta = gen, base, trusted, m.SyncTime, t.Meta
 	p.mu.Unlock()
 	p.Log.Info("source of the directory", "gen", fmt.Sprintf("%016x", gen), "peer_copy", fmt.Sprintf("%016x", base),
-		"bitmap", map[bool]string{true: "trusted", false: "lost (crash): files changed since the sync point are compared"}[trusted],
+		"bitmap", why,
 		"bitmap_bytes", p.dirty.bytes())
 	return nil
 }
