@@ -158,16 +158,18 @@ func (j *Journal) Take(now time.Time) []File {
 // resync about to read them takes their place. Kept are operations still
 // in progress (deferred ranges), changes requeued because their bytes were
 // not visible yet, and files written through a shared mapping (they must
-// be written back before they are read). It returns how many were dropped.
-func (j *Journal) DropSettled() int {
-	n := 0
+// be written back before they are read). It returns what it dropped: the
+// kernel's in-flight marks of those changes must be dropped too, or the
+// next change of the same inode or chunk emits no record.
+func (j *Journal) DropSettled() []File {
+	var out []File
 	for k, e := range j.files {
 		if len(e.preops) == 0 && e.Retries == 0 && !e.Writeback {
+			out = append(out, e.File)
 			delete(j.files, k)
-			n++
 		}
 	}
-	return n
+	return out
 }
 
 // Pending reports whether anything is waiting, deferred ranges included.

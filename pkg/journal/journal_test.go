@@ -174,8 +174,8 @@ func TestDropSettled(t *testing.T) {
 	j.Add(&capture.Record{Kind: capture.KindMmap, Ino: 2, Pos: 0, Len: 10, Seq: 2}, now)
 	j.Add(&capture.Record{Kind: capture.KindPreop, Ino: 3, Pos: 0, Len: 10, Seq: 3}, now)
 	j.Requeue(File{Key: capture.InodeKey{Ino: 4}, Data: func() Ranges { var r Ranges; r.Add(0, 5); return r }()})
-	if n := j.DropSettled(); n != 1 {
-		t.Fatalf("dropped %d, want 1 (the plain write)", n)
+	if d := j.DropSettled(); len(d) != 1 || d[0].Key.Ino != 1 {
+		t.Fatalf("dropped %+v, want the plain write", d)
 	}
 	if j.Pending() != 3 {
 		t.Fatalf("%d left, want the mapped write, the operation in progress and the requeued bytes", j.Pending())

@@ -155,14 +155,18 @@ func (b *builder) build(files []journal.File) ([]journal.File, error) {
 
 // forget drops the kernel's in-flight marks of everything in the batch
 // before anything is read: a write after this point emits a new record.
-func (b *builder) forget(files []journal.File) {
-	if b.kernel == nil {
+func (b *builder) forget(files []journal.File) { forgetMarks(b.kernel, files) }
+
+// forgetMarks drops the kernel's in-flight marks (metadata, data chunks)
+// of files.
+func forgetMarks(k Kernel, files []journal.File) {
+	if k == nil {
 		return
 	}
 	var keys []capture.CaptureChunkKey
 	for _, f := range files {
 		if f.Attr {
-			b.kernel.ForgetAttr(f.Key)
+			k.ForgetAttr(f.Key)
 		}
 		for _, s := range f.Data.Spans() {
 			for c := s.Off >> capture.ChunkShift; c <= (s.End-1)>>capture.ChunkShift; c++ {
@@ -170,7 +174,7 @@ func (b *builder) forget(files []journal.File) {
 			}
 		}
 	}
-	b.kernel.ForgetChunks(keys)
+	k.ForgetChunks(keys)
 }
 
 // retire removes every name of a shadow node whose inode is gone, unless

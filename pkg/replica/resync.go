@@ -212,6 +212,8 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	if ctx.Err() != nil {
 		return ctx.Err()
 	}
+	// Before anything is read: a change after this point emits a record.
+	forgetMarks(kernel, dropped)
 	cut := func(ns int64) string {
 		if ns == 0 {
 			return "-"
@@ -219,7 +221,7 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 		return time.Unix(0, ns).UTC().Format(time.RFC3339Nano)
 	}
 	p.Log.Info("resync: comparing with the peer", "mode", pl.mode, "bitmap_bytes", dirty.bytes(),
-		"recent_here_since", cut(pl.cutoffS), "recent_there_since", cut(pl.cutoffT), "journal_files_folded_in", dropped,
+		"recent_here_since", cut(pl.cutoffS), "recent_there_since", cut(pl.cutoffT), "journal_files_folded_in", len(dropped),
 		"peer_gen", fmt.Sprintf("%016x", p.welcome.Gen), "peer_state", int(p.welcome.State))
 	var syncSeq uint64
 	if kernel != nil {

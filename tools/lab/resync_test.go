@@ -153,6 +153,10 @@ func TestResyncAfterCleanStop(t *testing.T) {
 	}
 	l.Start(t, "a")
 	l.WaitState(t, "a", "ALONE", 30*time.Second)
+	// A change in this term too: the journal holds it when the resync
+	// begins, and the resync takes it over.
+	fillFile(t, filepath.Join(l.AData, "tree", "while-alone"), 64<<10, rng)
+	modified += 64 << 10
 	l.Start(t, "b")
 	l.WaitSync(t, 2*time.Minute)
 	l.Verify(t)
@@ -163,6 +167,12 @@ func TestResyncAfterCleanStop(t *testing.T) {
 	t.Logf("resync (%s): %d of %d files compared by checksums, %d files sent", d.Resync.Mode,
 		d.Resync.FilesCompared, d.Resync.FilesTotal, d.Resync.FilesSent)
 	checkSent(t, "both stopped, bitmap", d.DataBytes, d.WireBytes, modified)
+	// Changes after the resync flow as before: in the files and the
+	// directories the resync covered too.
+	fillFile(t, filepath.Join(l.AData, "tree", "after-resync"), 100<<10, rng)
+	scatter(t, filepath.Join(l.AData, "big.img"), bigSize, 16, rng)
+	l.WaitSync(t, time.Minute)
+	l.Verify(t)
 }
 
 // writer changes a few files of dir/tree (random 4 KiB writes) until
