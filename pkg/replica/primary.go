@@ -116,9 +116,9 @@ type Primary struct {
 	durableMark passMark
 	clearedMark uint64
 	fileMarks   []fileMark
-	// poke asks for a sync frame even with nothing new: the peer's sync
-	// point moves on while the directory is idle.
-	poke uint64
+	// lazy counts the periodic sync requests (see keeper): the peer
+	// syncs in the background and acknowledges what it made durable.
+	lazy uint64
 	// forgetKeys are the kernel chunk marks of changes recorded while no
 	// peer is connected, to drop soon (see forgetLoop).
 	forgetKeys []capture.CaptureChunkKey
@@ -367,13 +367,13 @@ func (p *Primary) ack(seq uint64) {
 // requests of barriers once the batches they cover are sent.
 func (p *Primary) writeBatches(ctx context.Context, c net.Conn, from uint64) error {
 	sent := from
-	var syncSent, pokeSent uint64
+	var syncSent, lazySent uint64
 	for {
 		p.mu.Lock()
 		var next []sentBatch
 		var syncTo uint64
 		var done *wire.Frame
-		poke := false
+		lazy := false
 		for ctx.Err() == nil {
 			for _, b := range p.queue {
 				if b.seq > sent {
@@ -383,13 +383,13 @@ func (p *Primary) writeBatches(ctx context.Context, c net.Conn, from uint64) err
 			if p.syncReq > syncSent {
 				syncTo = p.syncReq
 			}
-			if p.poke != pokeSent {
-				poke, pokeSent = true, p.poke
+			if p.lazy != lazySent {
+				lazy, lazySent = true, p.lazy
 			}
 			if p.doneReq != nil && !p.doneSent {
 				done = p.doneReq
 			}
-			if len(next) > 0 || poke || syncTo != 0 && syncTo <= sent || done != nil && done.Seq <= sent {
+			if len(next) > 0 || lazy || syncTo != 0 && syncTo <= sent || done != nil && done.Seq <= sent {
 				break
 			}
 			p.sendq.Wait()
@@ -408,13 +408,17 @@ func (p *Primary) writeBatches(ctx context.Context, c net.Conn, from uint64) err
 			p.mu.Unlock()
 			sent = b.seq
 		}
-		if syncTo != 0 && syncTo <= sent || poke {
+		if syncTo != 0 && syncTo <= sent {
 			c.SetWriteDeadline(time.Now().Add(30 * time.Second))
-			if err := wire.WriteFrame(c, &wire.Frame{Type: wire.TypeSync, Seq: sent}); err != nil {
+			if err := wire.WriteFrame(c, &wire.Frame{Type: wire.TypeSync, Seq: syncTo}); err != nil {
 				return fmt.Errorf("sending sync request: %w", err)
 			}
-			if syncTo <= sent {
-				syncSent = syncTo
+			syncSent = syncTo
+		}
+		if lazy {
+			c.SetWriteDeadline(time.Now().Add(30 * time.Second))
+			if err := wire.WriteFrame(c, &wire.Frame{Type: wire.TypeSync, Flags: wire.FlagLazy, Seq: sent}); err != nil {
+				return fmt.Errorf("sending sync request: %w", err)
 			}
 		}
 		if done != nil && done.Seq <= sent {

@@ -532,8 +532,9 @@ func every(ctx context.Context, d time.Duration, f func()) {
 	}
 }
 
-// keeper asks the peer to sync what it acknowledged, forgets what it made
-// durable, and moves this copy's sync point on: every syncEvery.
+// keeper asks the peer to sync what it acknowledged (in the background,
+// beside its applying), forgets what it made durable, and moves this copy's
+// sync point on: every syncEvery.
 func (p *Primary) keeper(ctx context.Context, kernel Kernel) {
 	// Every second during a resync, so that an interrupted one resumes
 	// close to where it stopped.
@@ -543,11 +544,7 @@ func (p *Primary) keeper(ctx context.Context, kernel Kernel) {
 		due := p.rs.Active || time.Since(last) >= syncEvery
 		target := p.acked
 		if due && p.connected {
-			if p.acked > p.durable && p.syncReq < p.acked {
-				p.syncReq = p.acked
-			} else {
-				p.poke++
-			}
+			p.lazy++
 			p.sendq.Broadcast()
 		}
 		p.mu.Unlock()

@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"hash/crc32"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -404,6 +405,12 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 		// daemon's crash lost nothing the page cache did not keep.
 		ms.Update(func(m *Meta) { m.Crashed = false })
 	}
+	// Acks of background syncs are written from their goroutine: every
+	// write to the connection goes through lc, one frame per Write.
+	lc := &lockedConn{c: c}
+	var bg sync.WaitGroup
+	defer bg.Wait()
+	var bgRunning atomic.Bool
 	br := bufio.NewReaderSize(c, 1<<20)
 	var buf, scratch []byte
 	// Batches are applied and acknowledged as they come; they are made
@@ -412,7 +419,7 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 	// as it does any dirty data (within vm.dirty_expire_centisecs), like
 	// a DRBD secondary's writes that carry no flush.
 	unsynced := false
-	sync := func() error {
+	syncNow := func() error {
 		if !unsynced {
 			return nil
 		}
@@ -426,7 +433,7 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 		return nil
 	}
 	defer func() {
-		if err := sync(); err != nil {
+		if err := syncNow(); err != nil {
 			s.Log.Error("syncing replica", "dir", d.Name, "err", err)
 		}
 	}()
@@ -435,8 +442,8 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 		if err != nil && !s.accept.Load() {
 			// Ended by this node (it stops, or serves): what it applied
 			// goes to disk and the primary hears so.
-			if err := sync(); err == nil {
-				wire.WriteFrame(c, &wire.Frame{Type: wire.TypeAck, Flags: wire.FlagDurable, Seq: r.applied})
+			if err := syncNow(); err == nil {
+				wire.WriteFrame(lc, &wire.Frame{Type: wire.TypeAck, Flags: wire.FlagDurable, Seq: r.applied})
 			}
 			s.Log.Info("replication ended by this node", "dir", d.Name, "applied", r.applied)
 			return
@@ -450,35 +457,63 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 		case wire.TypeManifestQ:
 			q, err := wire.DecodeManifestQuery(f.Payload)
 			if err != nil {
-				s.refuse(c, st, d, fmt.Errorf("manifest request: %w", err))
+				s.refuse(lc, st, d, fmt.Errorf("manifest request: %w", err))
 				return
 			}
 			if q.Gen != 0 && ms != nil {
 				// A resync into this copy begins: until it completes
 				// the copy is a mix of old and new.
 				if err := ms.Update(func(m *Meta) { m.Consistent = false }); err != nil {
-					s.refuse(c, st, d, err)
+					s.refuse(lc, st, d, err)
 					return
 				}
 			}
-			if err := sendManifest(c, d.Path, f.Seq, q); err != nil {
+			lc.mu.Lock() // a manifest is many writes
+			err = sendManifest(c, d.Path, f.Seq, q)
+			lc.mu.Unlock()
+			if err != nil {
 				s.Log.Warn("sending manifest", "dir", d.Name, "err", err)
 				return
 			}
 			continue
 		case wire.TypeSync:
 			syncStart := time.Now()
+			if f.Flags&wire.FlagLazy != 0 {
+				// The primary's periodic sync: run beside the applying,
+				// which a syncfs under load would hold up for a while.
+				if !bgRunning.Swap(true) {
+					seq := r.applied
+					bg.Add(1)
+					go func() {
+						defer bg.Done()
+						defer bgRunning.Store(false)
+						if err := syncfs(d.Path); err != nil {
+							s.Log.Warn("background sync of the replica", "dir", d.Name, "err", err)
+							return
+						}
+						if ms != nil {
+							ms.Update(func(m *Meta) {
+								if m.Consistent && !m.Source {
+									m.SyncTime, m.SyncSeq = syncStart.UnixNano(), seq
+								}
+							})
+						}
+						wire.WriteFrame(lc, &wire.Frame{Type: wire.TypeAck, Flags: wire.FlagDurable, Seq: seq})
+					}()
+				}
+				continue
+			}
 			if f.Flags&wire.FlagResyncDone != 0 {
 				unsynced = true // the meta below must follow every batch to disk
 			}
-			if err := sync(); err != nil {
-				s.refuse(c, st, d, err)
+			if err := syncNow(); err != nil {
+				s.refuse(lc, st, d, err)
 				return
 			}
 			flags := wire.FlagDurable
 			if f.Flags&wire.FlagResyncDone != 0 {
 				if err := s.resyncDone(d, ms, f, syncStart, c.RemoteAddr().String()); err != nil {
-					s.refuse(c, st, d, err)
+					s.refuse(lc, st, d, err)
 					return
 				}
 				flags |= wire.FlagResyncDone
@@ -492,7 +527,7 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 					}
 				})
 			}
-			if err := wire.WriteFrame(c, &wire.Frame{Type: wire.TypeAck, Flags: flags, Seq: r.applied}); err != nil {
+			if err := wire.WriteFrame(lc, &wire.Frame{Type: wire.TypeAck, Flags: flags, Seq: r.applied}); err != nil {
 				return
 			}
 			continue
@@ -502,12 +537,12 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 			return
 		}
 		if f.Seq <= r.applied {
-			wire.WriteFrame(c, &wire.Frame{Type: wire.TypeAck, Seq: r.applied})
+			wire.WriteFrame(lc, &wire.Frame{Type: wire.TypeAck, Seq: r.applied})
 			continue // already applied before a reconnect
 		}
 		p, err := wire.Payload(&f, scratch)
 		if err != nil {
-			s.refuse(c, st, d, fmt.Errorf("batch %d: %w", f.Seq, err))
+			s.refuse(lc, st, d, fmt.Errorf("batch %d: %w", f.Seq, err))
 			return
 		}
 		if f.Flags&wire.FlagZstd != 0 {
@@ -518,7 +553,7 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 		}
 		ops, err := wire.DecodeOps(p)
 		if err != nil {
-			s.refuse(c, st, d, fmt.Errorf("batch %d: %w", f.Seq, err))
+			s.refuse(lc, st, d, fmt.Errorf("batch %d: %w", f.Seq, err))
 			return
 		}
 		applyStart := time.Now()
@@ -532,7 +567,7 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 				continue
 			}
 			if err := a.Apply(&ops[i]); err != nil {
-				s.refuse(c, st, d, fmt.Errorf("batch %d op %d: %w", f.Seq, i, err))
+				s.refuse(lc, st, d, fmt.Errorf("batch %d op %d: %w", f.Seq, i, err))
 				return
 			}
 			if ops[i].Code != wire.OpWrite {
@@ -548,17 +583,30 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 		// page cache keeps it across a crash of the daemon. One fsync
 		// less on every barrier's path.
 		if err := r.save(); err != nil {
-			s.refuse(c, st, d, fmt.Errorf("saving replica state: %w", err))
+			s.refuse(lc, st, d, fmt.Errorf("saving replica state: %w", err))
 			return
 		}
 		st.Batches.Add(1)
 		st.Ops.Add(uint64(len(ops)))
 		st.Applied.Store(f.Seq)
 		st.LastUpdate.Store(time.Now().UnixNano())
-		if err := wire.WriteFrame(c, &wire.Frame{Type: wire.TypeAck, Seq: f.Seq}); err != nil {
+		if err := wire.WriteFrame(lc, &wire.Frame{Type: wire.TypeAck, Seq: f.Seq}); err != nil {
 			return
 		}
 	}
+}
+
+// lockedConn serialises writes to a replication connection: each Write
+// (one frame) is whole; mu is held around messages of several writes.
+type lockedConn struct {
+	mu sync.Mutex
+	c  net.Conn
+}
+
+func (l *lockedConn) Write(b []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.c.Write(b)
 }
 
 // metaEvery spaces the replica's sync point updates.
@@ -595,7 +643,7 @@ func (s *Server) resyncDone(d Dir, ms *MetaStore, f wire.Frame, syncStart time.T
 
 // refuse reports an apply failure to the operator and the primary. Nothing
 // after the failed op is applied; the primary keeps the batch.
-func (s *Server) refuse(c net.Conn, st *ServerStats, d Dir, err error) {
+func (s *Server) refuse(c io.Writer, st *ServerStats, d Dir, err error) {
 	st.LastError.Store(err.Error())
 	s.Log.Error("cannot apply replication batch", "dir", d.Name, "err", err)
 	wire.WriteFrame(c, &wire.Frame{Type: wire.TypeError, Payload: []byte(err.Error())})

@@ -65,6 +65,9 @@ const (
 	// FlagResyncDone on a sync frame: every batch up to Seq completes a
 	// resync; the payload is a ResyncDone.
 	FlagResyncDone uint16 = 1 << 2
+	// FlagLazy on a sync frame: the primary's periodic sync, which the
+	// replica may run in the background and acknowledge when done.
+	FlagLazy uint16 = 1 << 3
 )
 
 // Frame is one protocol message.
