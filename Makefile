@@ -57,8 +57,8 @@ lab-down: ## remove the lab, also after a failed test
 demo: build ## build, lab up, replicate, status, verify, fail over, fail back, swap, tear down
 	$(SUDO) tools/demo.sh
 
-bench: build ## capture overhead and wire efficiency, written to docs/BENCHMARKS.md
-	$(SUDO) $(GO) run ./tools/bench --out docs/BENCHMARKS.md
+bench: build ## every benchmark figure (3 runs), written to docs/BENCHMARKS.md with plots in docs/img/
+	$(SUDO) $(GO) run ./tools/bench --runs 3 --out docs/BENCHMARKS.md
 
 clean: ## remove build output
 	rm -rf bin

@@ -29,6 +29,7 @@ type bench struct {
 	lab, script, bin string
 	syncbenchBin     string
 	quick            bool
+	plots            plots
 }
 
 // Figure is one reported measurement.
@@ -48,15 +49,15 @@ func main() {
 	asJSON := flag.Bool("json", false, "print the figures as JSON")
 	quick := flag.Bool("quick", false, "small sizes, one run: checks the tooling, not the numbers")
 	runs := flag.Int("runs", 5, "runs per figure (min/median/max reported)")
-	only := flag.String("only", "capture,wire,sync,lag,resync", "figures to measure, comma separated: capture, wire, sync, lag, resync")
+	only := flag.String("only", "capture,wire,small,sync,async,lag,resync,lsyncd", "figures to measure, comma separated: capture, wire, small, sync, async, lag, resync, lsyncd")
 	flag.Parse()
 	want := map[string]bool{}
 	for _, k := range strings.Split(*only, ",") {
 		switch k = strings.TrimSpace(k); k {
-		case "capture", "wire", "sync", "lag", "resync":
+		case "capture", "wire", "small", "sync", "async", "lag", "resync", "lsyncd":
 			want[k] = true
 		default:
-			fail(fmt.Sprintf("-only: unknown figure %q (capture, wire, sync, lag, resync)", k))
+			fail(fmt.Sprintf("-only: unknown figure %q (capture, wire, small, sync, async, lag, resync, lsyncd)", k))
 		}
 	}
 	if os.Geteuid() != 0 {
@@ -87,19 +88,50 @@ func main() {
 	if want["wire"] {
 		figs = append(figs, b.wireRatio(*runs))
 	}
+	if want["small"] {
+		figs = append(figs, b.smallFiles(*runs)...)
+	}
 	if want["sync"] {
 		figs = append(figs, b.syncFigures(*runs)...)
 	}
+	if want["async"] {
+		if b.syncbenchBin == "" {
+			b.buildSyncbench()
+		}
+		figs = append(figs, b.asyncSyncFigures(*runs)...)
+	}
 	if want["lag"] {
-		figs = append(figs, b.asyncLag(*runs))
+		figs = append(figs, b.asyncLag(*runs)...)
 	}
 	if want["resync"] {
 		figs = append(figs, b.resyncFigures(*runs)...)
 	}
+	if want["lsyncd"] {
+		figs = append(figs, b.lsyncdFigures(*runs)...)
+	}
+	b.sh("down") // before anything below may exit
 	if *asJSON {
-		json.NewEncoder(os.Stdout).Encode(figs)
+		// A figure that could not be measured (NaN) fails the encoding:
+		// it is reported, not hidden.
+		if err := json.NewEncoder(os.Stdout).Encode(figs); err != nil {
+			fail("encoding the figures: " + err.Error())
+		}
 	}
 	report := b.markdown(figs, *runs)
+	if *out != "" {
+		dir := filepath.Join(filepath.Dir(*out), "img")
+		files, err := b.plots.write(dir)
+		if err != nil {
+			fail("plots: " + err.Error())
+		}
+		if len(files) > 0 {
+			report += "\n## Plots\n\n"
+			for _, f := range files {
+				rel, _ := filepath.Rel(filepath.Dir(*out), f)
+				report += fmt.Sprintf("![%s](%s)\n\n", strings.TrimSuffix(filepath.Base(f), ".png"), rel)
+			}
+		}
+	}
 	if !*asJSON {
 		fmt.Print(report)
 	}
@@ -246,6 +278,10 @@ func (b *bench) throughput(runs int) []Figure {
 		}
 	}
 	capOnly.Met = median(capOnly.Ratio) >= 0.95
+	b.plots.bars = append(b.plots.bars, barChart{file: "throughput.png",
+		title: "buffered sequential write (fio, 64 KiB), median of the runs", unit: "MB/s",
+		labels: []string{"no duet", "duet capturing", "duet replicating"},
+		values: []float64{median(capOnly.Baseline), median(capOnly.Measured), median(repl.Measured)}})
 	return []Figure{capOnly, repl}
 }
 
@@ -313,13 +349,22 @@ func settle() {
 	os.WriteFile("/proc/sys/vm/drop_caches", []byte("3"), 0)
 }
 
+// buildSyncbench builds tools/syncbench for the lab hosts.
+func (b *bench) buildSyncbench() {
+	b.syncbenchBin = filepath.Join(os.TempDir(), "duet-bench-syncbench")
+	if out, err := exec.Command("go", "build", "-o", b.syncbenchBin, "./tools/syncbench").CombinedOutput(); err != nil {
+		fail(fmt.Sprintf("building syncbench: %v\n%s", err, out))
+	}
+}
+
 // syncbench runs tools/syncbench on nodeA's filesystem, plain or under
 // `duet exec`, and returns what it printed.
 type syncResult struct {
-	P50Ms  float64 `json:"p50_ms"`
-	P99Ms  float64 `json:"p99_ms"`
-	MeanMs float64 `json:"mean_ms"`
-	MBps   float64 `json:"mb_per_s"`
+	P50Ms     float64   `json:"p50_ms"`
+	P99Ms     float64   `json:"p99_ms"`
+	MeanMs    float64   `json:"mean_ms"`
+	MBps      float64   `json:"mb_per_s"`
+	SamplesMs []float64 `json:"samples_ms"`
 }
 
 func (b *bench) syncbench(host string, supervised bool, args ...string) syncResult {
@@ -352,15 +397,12 @@ func lastLine(s string) string {
 // the latency of 4 KiB writes each followed by fdatasync, and the
 // throughput of 64 KiB sequential writes with fdatasync every MiB.
 func (b *bench) syncFigures(runs int) []Figure {
-	calls, total := 2000, "256MiB"
+	calls, total, span := 2000, "256MiB", "64MiB"
 	if b.quick {
-		calls, total = 200, "32MiB"
+		calls, total, span = 200, "32MiB", "8MiB"
 	}
-	b.syncbenchBin = filepath.Join(os.TempDir(), "duet-bench-syncbench")
-	if out, err := exec.Command("go", "build", "-o", b.syncbenchBin, "./tools/syncbench").CombinedOutput(); err != nil {
-		fail(fmt.Sprintf("building syncbench: %v\n%s", err, out))
-	}
-	p50 := Figure{Name: fmt.Sprintf("4 KiB write + fdatasync, p50 latency over %d calls: duet exec / local", calls),
+	b.buildSyncbench()
+	p50 := Figure{Name: fmt.Sprintf("4 KiB random write + fdatasync (in a %s file), p50 latency over %d calls: duet exec / local", span, calls),
 		Target: "≤ 2.0", Unit: "ms",
 		Note: "each fdatasync under duet exec returns once the peer has applied and synced the write; the supervisor flushes the local file meanwhile"}
 	p99 := Figure{Name: "same, p99 latency", Target: "≤ 2.0", Unit: "ms"}
@@ -372,10 +414,12 @@ func (b *bench) syncFigures(runs int) []Figure {
 		Note: "both lab filesystems are loop devices on one virtual disk: a synchronous replica halves what each writer gets, whatever duet does"}
 	for i := 0; i < runs; i++ {
 		file := func(h, s string) string { return filepath.Join(b.lab, h, "data", fmt.Sprintf("sync-%s-%d", s, i)) }
-		lat := []string{"-mode", "latency", "-size", "4096", "-count", strconv.Itoa(calls)}
+		lat := []string{"-mode", "latency", "-size", "4096", "-count", strconv.Itoa(calls), "-span", span}
 		thr := []string{"-mode", "throughput", "-size", "64K", "-every", "1MiB", "-total", total}
 		l := b.syncbench("a", false, append(lat, "-file", file("a", "local"))...)
 		d := b.syncbench("a", true, append(lat, "-file", file("a", "duet"))...)
+		b.plots.addLatency("local", l.SamplesMs)
+		b.plots.addLatency("duet exec, sync", d.SamplesMs)
 		p50.add(l.P50Ms, d.P50Ms)
 		p99.add(l.P99Ms, d.P99Ms)
 		lt := b.syncbench("a", false, append(thr, "-file", file("a", "seq-local"))...)
@@ -408,7 +452,7 @@ func (f *Figure) add(base, measured float64) {
 // asyncLag runs a steady buffered writer that duet does not supervise
 // (fio, rate-limited) and reads the replication lag histogram of nodeA
 // before and after: the p99 of the lag of the batches acknowledged meanwhile.
-func (b *bench) asyncLag(runs int) Figure {
+func (b *bench) asyncLag(runs int) []Figure {
 	secs := "10"
 	if b.quick {
 		secs = "3"
@@ -416,6 +460,7 @@ func (b *bench) asyncLag(runs int) Figure {
 	f := Figure{Name: "async replication lag p99 under a steady 20 MB/s buffered writer (fio, " + secs + " s), over the 50 ms target",
 		Target: "< 1.0", Unit: "ms",
 		Note: "lag of each acknowledged batch, from the capture of its oldest change to the peer's ack; the histogram's bucket bound at or above the p99 (buckets 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 40, 50, 75, 100 ms…), so an upper bound of the p99; baseline is the 50 ms target"}
+	p50 := Figure{Name: "same, p50 of the lag, over the 50 ms target", Target: "(context)", Met: true, Unit: "ms"}
 	file := filepath.Join(b.lab, "a/data/lag.dat")
 	for i := 0; i < runs; i++ {
 		before := b.status().LagHistogram
@@ -425,14 +470,24 @@ func (b *bench) asyncLag(runs int) Figure {
 			fail(fmt.Sprintf("fio: %v\n%s", err, out))
 		}
 		b.waitSync()
-		p := b.status().LagHistogram.Quantile(0.99, before)
+		after := b.status().LagHistogram
+		p := after.Quantile(0.99, before)
+		b.plots.lagBounds = after.BoundsMs
+		b.plots.lagCounts = make([]uint64, len(after.Counts))
+		for i := range after.Counts {
+			b.plots.lagCounts[i] = after.Counts[i]
+			if i < len(before.Counts) {
+				b.plots.lagCounts[i] -= before.Counts[i]
+			}
+		}
 		f.Baseline = append(f.Baseline, 50)
 		f.Measured = append(f.Measured, p)
 		f.Ratio = append(f.Ratio, p/50)
+		p50.add(50, after.Quantile(0.5, before))
 		os.Remove(file)
 	}
 	f.Met = median(f.Ratio) < 1
-	return f
+	return []Figure{f, p50}
 }
 
 func median(v []float64) float64 {
@@ -457,7 +512,7 @@ func (b *bench) markdown(figs []Figure, runs int) string {
 	var w strings.Builder
 	host, _ := os.Hostname()
 	kernel, _ := exec.Command("uname", "-r").Output()
-	fmt.Fprintf(&w, "# duet benchmarks\n\nProduced by `make bench` (`go run ./tools/bench --out docs/BENCHMARKS.md`")
+	fmt.Fprintf(&w, "# duet benchmarks\n\nProduced by `make bench` (`go run ./tools/bench --runs 3 --out docs/BENCHMARKS.md`")
 	if b.quick {
 		fmt.Fprintf(&w, " --quick")
 	}

@@ -193,5 +193,12 @@ func (b *bench) resyncFigures(runs int) []Figure {
 	note := fmt.Sprintf("changed per run: %s MiB (duet, running on), %s MiB (duet, bitmap), %s MiB (rsync); rsync: daemon in nodeB's namespace, client in nodeA's, --no-whole-file (its delta algorithm), bytes = sent + received from --stats; duet bytes = frame bytes of nodeA's status; time from the secondary's start to in sync (duet) or rsync's run",
 		mib(changedJ), mib(changedB), mib(changedR))
 	journal.Note, bitmap.Note, proper.Note = note, note, note
+	b.plots.bars = append(b.plots.bars,
+		barChart{file: "resync-time.png", title: "resync after 1 % of a " + size + " tree changed: time (median)", unit: "s",
+			labels: []string{"rsync -a --inplace", "duet\n(primary running on)", "duet\n(bitmap)", "duet\n(resync proper)"},
+			values: []float64{median(journal.Baseline), median(journal.Measured), median(bitmap.Measured), median(proper.Measured)}},
+		barChart{file: "resync-bytes.png", title: "resync after 1 % of a " + size + " tree changed: bytes on the wire (median)", unit: "MB",
+			labels: []string{"rsync -a --inplace", "duet\n(primary running on)", "duet\n(bitmap)"},
+			values: []float64{median(bytesJ.Baseline) / 1e6, median(bytesJ.Measured) / 1e6, median(bytesB.Measured) / 1e6}})
 	return []Figure{journal, bitmap, proper, bytesJ, bytesB}
 }

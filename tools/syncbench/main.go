@@ -2,8 +2,9 @@
 // result as one JSON object. The benchmarks run it twice side by side:
 // plain, and under `duet exec` (each durability call waits for the peer).
 //
-//	syncbench -mode latency -file F -size 4096 -count 2000
-//	    writes of -size bytes at increasing offsets, each followed by
+//	syncbench -mode latency -file F -size 4096 -count 2000 [-span 64MiB]
+//	    writes of -size bytes at increasing offsets (or, with -span, at
+//	    random offsets within a prefilled span), each followed by
 //	    fdatasync; reports per-call latency percentiles (write+fdatasync).
 //	syncbench -mode throughput -file F -size 65536 -total 256MiB -every 1MiB
 //	    sequential writes, fdatasync after every -every bytes; reports MB/s.
@@ -34,6 +35,9 @@ type Result struct {
 	P99Ms   float64 `json:"p99_ms,omitempty"`
 	MeanMs  float64 `json:"mean_ms,omitempty"`
 	MaxMs   float64 `json:"max_ms,omitempty"`
+	// SamplesMs are the latency mode's per-call latencies, sorted (for a
+	// distribution plot).
+	SamplesMs []float64 `json:"samples_ms,omitempty"`
 }
 
 func main() {
@@ -43,6 +47,7 @@ func main() {
 	count := flag.Int("count", 1000, "latency mode: number of write+fdatasync calls")
 	total := flag.String("total", "256MiB", "throughput mode: bytes to write")
 	every := flag.String("every", "1MiB", "throughput mode: fdatasync after this many bytes")
+	span := flag.String("span", "0", "latency mode: write at random offsets within this many bytes of a prefilled file (0: append)")
 	flag.Parse()
 	if *file == "" {
 		fail("-file is required")
@@ -62,7 +67,9 @@ func main() {
 	var r Result
 	switch *mode {
 	case "latency":
-		r = latency(fd, pool, bs, *count)
+		sp, err := parseSize(*span)
+		check(err)
+		r = latency(fd, pool, bs, *count, sp)
 	case "throughput":
 		t, err := parseSize(*total)
 		check(err)
@@ -82,11 +89,26 @@ func block(pool []byte, bs int64, i int) []byte {
 	return pool[o : o+bs]
 }
 
-func latency(fd int, pool []byte, bs int64, n int) Result {
+func latency(fd int, pool []byte, bs int64, n int, span int64) Result {
+	if span > 0 {
+		// Prefill, so that the random writes overwrite allocated blocks
+		// as a database's page writes do.
+		for off := int64(0); off < span; off += bs {
+			if _, err := unix.Pwrite(fd, block(pool, bs, int(off/bs)), off); err != nil {
+				fail("prefill: " + err.Error())
+			}
+		}
+		if err := unix.Fsync(fd); err != nil {
+			fail("fsync: " + err.Error())
+		}
+	}
 	lat := make([]float64, 0, n)
 	start := time.Now()
-	var off int64
+	var off, written int64
 	for i := 0; i < n; i++ {
+		if span > 0 {
+			off = rand.Int64N(span/bs) * bs
+		}
 		t := time.Now()
 		if _, err := unix.Pwrite(fd, block(pool, bs, i), off); err != nil {
 			fail("write: " + err.Error())
@@ -95,7 +117,10 @@ func latency(fd int, pool []byte, bs int64, n int) Result {
 			fail("fdatasync: " + err.Error())
 		}
 		lat = append(lat, float64(time.Since(t).Nanoseconds())/1e6)
-		off += bs
+		written += bs
+		if span == 0 {
+			off += bs
+		}
 	}
 	el := time.Since(start).Seconds()
 	slices.Sort(lat)
@@ -104,8 +129,8 @@ func latency(fd int, pool []byte, bs int64, n int) Result {
 		sum += v
 	}
 	pct := func(p float64) float64 { return lat[min(len(lat)-1, int(p*float64(len(lat))))] }
-	return Result{Mode: "latency", Calls: n, Bytes: off, Seconds: el, P50Ms: pct(0.50), P99Ms: pct(0.99),
-		MeanMs: sum / float64(n), MaxMs: lat[len(lat)-1]}
+	return Result{Mode: "latency", Calls: n, Bytes: written, Seconds: el, P50Ms: pct(0.50), P99Ms: pct(0.99),
+		MeanMs: sum / float64(n), MaxMs: lat[len(lat)-1], SamplesMs: lat}
 }
 
 func throughput(fd int, pool []byte, bs, total, every int64) Result {

@@ -1,0 +1,65 @@
+package main
+
+import (
+	"encoding/json"
+	"math"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// TestQuickBench runs the benchmark tool on small sizes (--quick --json)
+// and checks that every figure is produced and parses; it does not judge
+// the figures (one quick run on a shared VM says little).
+func TestQuickBench(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the benchmark builds the lab (namespaces, loop devices)")
+	}
+	for _, tool := range []string{"fio", "rsync", "lsyncd", "git", "ip", "mkfs.ext4"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s not installed (.ci/run installs it): %v", tool, err)
+		}
+	}
+	root, _ := filepath.Abs("../..")
+	bin := filepath.Join(t.TempDir(), "duet")
+	build := exec.Command("go", "build", "-o", bin, "./cmd/duet")
+	build.Dir = root
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("building duet: %v\n%s", err, out)
+	}
+	cmd := exec.Command("go", "run", "./tools/bench", "--quick", "--json")
+	cmd.Dir = root
+	cmd.Env = append(os.Environ(), "DUET_BIN="+bin)
+	out, err := cmd.Output()
+	if err != nil {
+		stderr := ""
+		if ee, ok := err.(*exec.ExitError); ok {
+			stderr = string(ee.Stderr)
+		}
+		t.Fatalf("bench --quick --json: %v\n%s\n%s", err, out, stderr)
+	}
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	var figs []Figure
+	if err := json.Unmarshal([]byte(lines[len(lines)-1]), &figs); err != nil {
+		t.Fatalf("bench output does not parse: %v\n%s", err, out)
+	}
+	want := []string{"capture overhead", "wire bytes", "many small files", "4 KiB random write + fdatasync", "64 KiB sequential writes",
+		"async directory", "async replication lag", "resync time", "resync bytes on the wire", "duet / lsyncd"}
+	for _, w := range want {
+		found := false
+		for _, f := range figs {
+			found = found || strings.Contains(f.Name, w)
+		}
+		if !found {
+			t.Errorf("no figure %q in the output", w)
+		}
+	}
+	for _, f := range figs {
+		if len(f.Ratio) != 1 || math.IsNaN(f.Ratio[0]) || math.IsInf(f.Ratio[0], 0) || f.Target == "" {
+			t.Errorf("figure %q: ratio %v, target %q", f.Name, f.Ratio, f.Target)
+		}
+		t.Logf("%s: %.3f (target %s)", f.Name, f.Ratio[0], f.Target)
+	}
+}

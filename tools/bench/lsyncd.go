@@ -1,0 +1,191 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// treeState lists a tree's regular files with their sizes and mtimes: two
+// trees with the same state hold the same files (content is checked by
+// rsync's own quick check the same way).
+func treeState(dir string) string {
+	var b strings.Builder
+	filepath.Walk(dir, func(p string, fi os.FileInfo, err error) error {
+		if err != nil || !fi.Mode().IsRegular() {
+			return nil
+		}
+		rel, _ := filepath.Rel(dir, p)
+		fmt.Fprintf(&b, "%s %d %d\n", rel, fi.Size(), fi.ModTime().UnixNano())
+		return nil
+	})
+	return b.String()
+}
+
+// waitSame waits until nodeB's copy of rel has the state of nodeA's and
+// returns how long it took (capped at limit).
+func (b *bench) waitSame(rel string, limit time.Duration) time.Duration {
+	start := time.Now()
+	want := treeState(filepath.Join(b.lab, "a/data", rel))
+	for time.Since(start) < limit {
+		if treeState(filepath.Join(b.lab, "b/data", rel)) == want {
+			return time.Since(start)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	fail(fmt.Sprintf("lsyncd: nodeB's %s is not nodeA's after %s", rel, limit))
+	return 0
+}
+
+// cpuSeconds is the user+system time of pid and its reaped children.
+func cpuSeconds(pid int) float64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
+	var t float64
+	for _, i := range []int{11, 12, 13, 14} { // utime stime cutime cstime
+		v, _ := strconv.ParseFloat(f[i], 64)
+		t += v
+	}
+	return t / 100 // USER_HZ
+}
+
+// startLsyncd runs lsyncd in nodeA's namespace, mirroring nodeA's tree to
+// the rsync daemon in nodeB's with the shortest delay it takes; it returns
+// its pid and a stop function. Its startup rsync is waited for.
+func (b *bench) startLsyncd() (int, func()) {
+	conf := filepath.Join(b.lab, "lsyncd.conf")
+	os.WriteFile(conf, []byte(fmt.Sprintf(`settings { nodaemon = true, logfile = %q, statusFile = %q, insist = true, maxProcesses = 4 }
+sync { default.rsync, source = %q, target = "rsync://10.250.0.2:8873/data/", delay = 0,
+  rsync = { archive = true, _extra = { "--inplace", "--no-whole-file" } } }
+`, filepath.Join(b.lab, "lsyncd.log"), filepath.Join(b.lab, "lsyncd.status"), filepath.Join(b.lab, "a/data")+"/")), 0o644)
+	cmd := exec.Command("ip", "netns", "exec", "duet-a", "lsyncd", conf)
+	if err := cmd.Start(); err != nil {
+		fail("lsyncd: " + err.Error())
+	}
+	b.waitSame("", 5*time.Minute)
+	return cmd.Process.Pid, func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		cmd.Wait()
+	}
+}
+
+// lsyncdFigures runs the small-files and steady-writer workloads with
+// lsyncd (rsync to a daemon in nodeB's namespace) instead of duet: the
+// time until nodeB has everything, the bytes nodeA's veth sent, and the
+// CPU the replication took (lsyncd and its rsyncs; duet's daemon).
+func (b *bench) lsyncdFigures(runs int) []Figure {
+	for _, tool := range []string{"lsyncd", "rsync"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			fail(tool + " not installed (apt-get install lsyncd rsync): the lsyncd figures need it")
+		}
+	}
+	n, secs := 3000, 10
+	if b.quick {
+		n, secs = 300, 3
+	}
+	tarball := filepath.Join(os.TempDir(), "duet-bench-small.tar")
+	if _, err := makeTarball(tarball, n); err != nil {
+		fail("tarball: " + err.Error())
+	}
+	defer os.Remove(tarball)
+	smallT := Figure{Name: fmt.Sprintf("small files (tar x of %d files + git commit): time until nodeB has it all, duet / lsyncd", n),
+		Target: "≤ 1.0", Unit: "s"}
+	smallW := Figure{Name: "same, bytes nodeA's veth sent, duet / lsyncd", Target: "≤ 1.0", Unit: "bytes"}
+	smallC := Figure{Name: "same, CPU seconds of the replication (duet's daemon / lsyncd and its rsyncs)", Target: "(context)", Met: true, Unit: "s"}
+	lagF := Figure{Name: fmt.Sprintf("steady 20 MB/s writer (fio, %d s): time from its end until nodeB's copy is identical, duet / lsyncd", secs),
+		Target: "≤ 1.0", Unit: "s"}
+	work := func(dir string) {
+		os.MkdirAll(dir, 0o755)
+		for _, c := range [][]string{
+			{"tar", "-xf", tarball, "-C", dir},
+			{"git", "-C", dir, "init", "-q"},
+			{"git", "-C", dir, "add", "-A"},
+			{"git", "-C", dir, "-c", "user.name=bench", "-c", "user.email=bench@lab", "commit", "-q", "-m", "import"},
+		} {
+			if out, err := exec.Command(c[0], c[1:]...).CombinedOutput(); err != nil {
+				fail(fmt.Sprintf("%v: %v\n%s", c, err, out))
+			}
+		}
+	}
+	writer := func(file string) {
+		out, err := exec.Command("fio", "--name=steady", "--filename="+file, "--rw=write", "--bs=64k", "--size=1g",
+			"--rate=20m", "--time_based", "--runtime="+strconv.Itoa(secs), "--ioengine=psync").CombinedOutput()
+		if err != nil {
+			fail(fmt.Sprintf("fio: %v\n%s", err, out))
+		}
+	}
+	daemonPid := func() int {
+		bs, _ := os.ReadFile(filepath.Join(b.lab, "a.pid"))
+		pid, _ := strconv.Atoi(strings.TrimSpace(string(bs)))
+		return pid
+	}
+	for i := range runs {
+		rel := fmt.Sprintf("ls-small-%d", i)
+		// duet
+		b.waitSync()
+		settle()
+		tx0, cpu0 := vethTX(b), cpuSeconds(daemonPid())
+		t0 := time.Now()
+		work(filepath.Join(b.lab, "a/data", rel))
+		b.waitSync()
+		dt := time.Since(t0).Seconds()
+		dw, dc := float64(vethTX(b)-tx0), cpuSeconds(daemonPid())-cpu0
+		lagFile := filepath.Join(b.lab, "a/data", fmt.Sprintf("ls-lag-%d", i))
+		writer(lagFile)
+		t0 = time.Now()
+		b.waitSync()
+		dl := time.Since(t0).Seconds()
+		os.RemoveAll(filepath.Join(b.lab, "a/data", rel))
+		os.Remove(lagFile)
+		b.waitSync()
+
+		// lsyncd, duet stopped
+		b.must("stop", "b")
+		b.waitState("a", "ALONE")
+		b.must("stop", "a")
+		stopRsync := b.rsyncDaemon()
+		pid, stopL := b.startLsyncd()
+		settle()
+		tx0, cpu0 = vethTX(b), cpuSeconds(pid)
+		t0 = time.Now()
+		work(filepath.Join(b.lab, "a/data", rel))
+		b.waitSame(rel, 5*time.Minute)
+		lt := time.Since(t0).Seconds()
+		lw, lc := float64(vethTX(b)-tx0), cpuSeconds(pid)-cpu0
+		writer(lagFile)
+		t0 = time.Now()
+		b.waitSame("", 5*time.Minute)
+		ll := time.Since(t0).Seconds()
+		os.RemoveAll(filepath.Join(b.lab, "a/data", rel))
+		os.Remove(lagFile)
+		b.waitSame("", 5*time.Minute)
+		stopL()
+		stopRsync()
+		b.must("start", "a")
+		b.waitServing()
+		b.must("start", "b")
+		b.waitSync()
+
+		smallT.add(lt, dt)
+		smallW.add(lw, dw)
+		smallC.add(lc, dc)
+		lagF.add(ll, dl)
+	}
+	smallT.Met, smallW.Met, lagF.Met = median(smallT.Ratio) <= 1, median(smallW.Ratio) <= 1, median(lagF.Ratio) <= 1
+	note := "lsyncd 2.2 (delay 0, rsync --inplace --no-whole-file to an rsync daemon in nodeB's namespace) with duet stopped; duet with lsyncd stopped; bytes are nodeA's veth tx counter (TCP/IP included) for both"
+	smallT.Note, lagF.Note = note, note
+	b.plots.bars = append(b.plots.bars, barChart{file: "lsyncd.png",
+		title: "duet / lsyncd (median ratios; below 1: duet does better)", unit: "ratio",
+		labels: []string{"small files\ntime", "small files\nbytes", "small files\nCPU", "20 MB/s writer\ncatch-up"},
+		values: []float64{median(smallT.Ratio), median(smallW.Ratio), median(smallC.Ratio), median(lagF.Ratio)}})
+	return []Figure{smallT, smallW, smallC, lagF}
+}
