@@ -11,9 +11,9 @@ import (
 	"time"
 )
 
-// treeState lists a tree's regular files with their sizes and mtimes: two
-// trees with the same state hold the same files (content is checked by
-// rsync's own quick check the same way).
+// treeState lists a tree's regular files with their sizes and mtimes (in
+// seconds, the precision rsync's quick check works to): two trees with the
+// same state hold the same files, as rsync itself decides.
 func treeState(dir string) string {
 	var b strings.Builder
 	filepath.Walk(dir, func(p string, fi os.FileInfo, err error) error {
@@ -21,7 +21,7 @@ func treeState(dir string) string {
 			return nil
 		}
 		rel, _ := filepath.Rel(dir, p)
-		fmt.Fprintf(&b, "%s %d %d\n", rel, fi.Size(), fi.ModTime().UnixNano())
+		fmt.Fprintf(&b, "%s %d %d\n", rel, fi.Size(), fi.ModTime().Unix())
 		return nil
 	})
 	return b.String()
@@ -38,8 +38,33 @@ func (b *bench) waitSame(rel string, limit time.Duration) time.Duration {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	fail(fmt.Sprintf("lsyncd: nodeB's %s is not nodeA's after %s", rel, limit))
+	a := strings.Split(want, "\n")
+	bb := strings.Split(treeState(filepath.Join(b.lab, "b/data", rel)), "\n")
+	diff := 0
+	have := map[string]bool{}
+	for _, l := range bb {
+		have[l] = true
+	}
+	var first string
+	for _, l := range a {
+		if !have[l] {
+			if diff == 0 {
+				first = l
+			}
+			diff++
+		}
+	}
+	log, _ := os.ReadFile(filepath.Join(b.lab, "lsyncd.log"))
+	fail(fmt.Sprintf("lsyncd: nodeB's %s is not nodeA's after %s: %d of %d entries differ (first: %q); lsyncd log:\n%s",
+		rel, limit, diff, len(a), first, tail(string(log), 3000)))
 	return 0
+}
+
+func tail(s string, n int) string {
+	if len(s) > n {
+		return s[len(s)-n:]
+	}
+	return s
 }
 
 // cpuSeconds is the user+system time of pid and its reaped children.
@@ -71,7 +96,7 @@ sync { default.rsync, source = %q, target = "rsync://10.250.0.2:8873/data/", del
 	if err := cmd.Start(); err != nil {
 		fail("lsyncd: " + err.Error())
 	}
-	b.waitSame("", 5*time.Minute)
+	b.waitSame("", 2*time.Minute)
 	return cmd.Process.Pid, func() {
 		cmd.Process.Signal(syscall.SIGTERM)
 		cmd.Wait()
@@ -158,16 +183,16 @@ func (b *bench) lsyncdFigures(runs int) []Figure {
 		tx0, cpu0 = vethTX(b), cpuSeconds(pid)
 		t0 = time.Now()
 		work(filepath.Join(b.lab, "a/data", rel))
-		b.waitSame(rel, 5*time.Minute)
+		b.waitSame(rel, 2*time.Minute)
 		lt := time.Since(t0).Seconds()
 		lw, lc := float64(vethTX(b)-tx0), cpuSeconds(pid)-cpu0
 		writer(lagFile)
 		t0 = time.Now()
-		b.waitSame("", 5*time.Minute)
+		b.waitSame("", 2*time.Minute)
 		ll := time.Since(t0).Seconds()
 		os.RemoveAll(filepath.Join(b.lab, "a/data", rel))
 		os.Remove(lagFile)
-		b.waitSame("", 5*time.Minute)
+		b.waitSame("", 2*time.Minute)
 		stopL()
 		stopRsync()
 		b.must("start", "a")
