@@ -128,19 +128,7 @@ func (b *bench) lsyncdFigures(runs int) []Figure {
 	smallC := Figure{Name: "same, CPU seconds of the replication (duet's daemon / lsyncd and its rsyncs)", Target: "(context)", Met: true, Unit: "s"}
 	lagF := Figure{Name: fmt.Sprintf("steady 20 MB/s writer (fio, %d s): time from its end until nodeB's copy is identical, duet / lsyncd", secs),
 		Target: "≤ 1.0", Unit: "s"}
-	work := func(dir string) {
-		os.MkdirAll(dir, 0o755)
-		for _, c := range [][]string{
-			{"tar", "-xf", tarball, "-C", dir},
-			{"git", "-C", dir, "init", "-q"},
-			{"git", "-C", dir, "add", "-A"},
-			{"git", "-C", dir, "-c", "user.name=bench", "-c", "user.email=bench@lab", "commit", "-q", "-m", "import"},
-		} {
-			if out, err := exec.Command(c[0], c[1:]...).CombinedOutput(); err != nil {
-				fail(fmt.Sprintf("%v: %v\n%s", c, err, out))
-			}
-		}
-	}
+	work := func(dir string) { smallWork(tarball, dir) }
 	writer := func(file string) {
 		out, err := exec.Command("fio", "--name=steady", "--filename="+file, "--rw=write", "--bs=64k", "--size=1g",
 			"--rate=20m", "--time_based", "--runtime="+strconv.Itoa(secs), "--ioengine=psync").CombinedOutput()

@@ -42,6 +42,23 @@ func makeTarball(path string, n int) (int64, error) {
 	return total, tw.Close()
 }
 
+// smallWork is the small-files workload: extract the tarball into dir (a
+// fresh one), then commit the tree with git.
+func smallWork(tarball, dir string) {
+	os.RemoveAll(dir)
+	os.MkdirAll(dir, 0o755)
+	for _, c := range [][]string{
+		{"tar", "-xf", tarball, "-C", dir},
+		{"git", "-C", dir, "init", "-q"},
+		{"git", "-C", dir, "add", "-A"},
+		{"git", "-C", dir, "-c", "user.name=bench", "-c", "user.email=bench@lab", "commit", "-q", "-m", "import"},
+	} {
+		if out, err := exec.Command(c[0], c[1:]...).CombinedOutput(); err != nil {
+			fail(fmt.Sprintf("%v: %v\n%s", c, err, out))
+		}
+	}
+}
+
 // smallFiles extracts a tarball of a few thousand files on nodeA, then
 // commits the tree with git (many small objects, renames, an index
 // rewritten): the time until nodeB has it all against the time of the
@@ -64,20 +81,7 @@ func (b *bench) smallFiles(runs int) []Figure {
 	wireF := Figure{Name: "same, bytes on the wire (duet frames) / bytes the workload wrote (tar contents + .git)",
 		Target: "≤ 1.05", Unit: "bytes",
 		Note: "text-like files: zstd compresses them, so less than 1 is expected"}
-	work := func(dir string) {
-		os.RemoveAll(dir)
-		os.MkdirAll(dir, 0o755)
-		for _, c := range [][]string{
-			{"tar", "-xf", tarball, "-C", dir},
-			{"git", "-C", dir, "init", "-q"},
-			{"git", "-C", dir, "add", "-A"},
-			{"git", "-C", dir, "-c", "user.name=bench", "-c", "user.email=bench@lab", "commit", "-q", "-m", "import"},
-		} {
-			if out, err := exec.Command(c[0], c[1:]...).CombinedOutput(); err != nil {
-				fail(fmt.Sprintf("%v: %v\n%s", c, err, out))
-			}
-		}
-	}
+	work := func(dir string) { smallWork(tarball, dir) }
 	du := func(dir string) float64 {
 		var total int64
 		filepath.Walk(dir, func(_ string, fi os.FileInfo, err error) error {
