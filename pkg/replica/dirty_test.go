@@ -197,6 +197,11 @@ func TestFileSpans(t *testing.T) {
 	if _, whole := fileSpans(l2, p2, &treeSync{dirty: d, window: true}); !whole {
 		t.Fatal("a size the bitmap cannot explain must send the file whole")
 	}
+	// Changed here since the sync point but the peer's entry was not
+	// summed (a rename matched by size and mtime): whole, never assumed equal.
+	if _, whole := fileSpans(&wire.Entry{Size: 10, Ino: 3, Flags: wire.EntrySummed}, &wire.Entry{Size: 10}, &treeSync{window: true}); !whole {
+		t.Fatal("a recent file compared with an unsummed peer entry must be sent whole")
+	}
 	// Full mode without checksums on one side: whole.
 	if _, whole := fileSpans(l2, &wire.Entry{Size: 10}, &treeSync{}); !whole {
 		t.Fatal("no checksums and no bitmap: whole")

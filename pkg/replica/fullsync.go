@@ -244,6 +244,13 @@ func fileSpans(l, p *wire.Entry, ts *treeSync) (spans []journal.Span, whole bool
 		}
 		return spans, whole
 	case ts.window:
+		// Changed here since the sync point (summed) but not comparable
+		// there: a file renamed while away onto a name the peer had under
+		// another one, which may be another file of the same size and
+		// mtime (cp -p): send it whole.
+		if l.Flags&wire.EntrySummed != 0 {
+			return nil, true
+		}
 		return nil, p.Size != l.Size
 	}
 	return nil, true
