@@ -117,6 +117,12 @@ func printStatus(w io.Writer, st *node.Status, output string) error {
 		}
 		fmt.Fprintf(w, "vip %s on %s: %s\n", v.Address, v.Interface, where)
 	}
+	if st.Module != "" {
+		fmt.Fprintf(w, "module %s\n", st.Module)
+	}
+	if st.EventHook != "" {
+		fmt.Fprintf(w, "hook %s\n", st.EventHook)
+	}
 	for _, sv := range st.Services {
 		health := "healthy"
 		if !sv.Healthy {

@@ -56,6 +56,27 @@ type Config struct {
 	Metrics string `yaml:"metrics"`
 	// Resync tunes how a returning node is brought level.
 	Resync Resync `yaml:"resync"`
+	// Hooks are commands run on cluster events.
+	Hooks Hooks `yaml:"hooks"`
+	// Module selects a ready set of replicated directories, services and
+	// hooks ("k3s"), configured by its own section; they come before the
+	// directories and services listed above.
+	Module string `yaml:"module"`
+	K3S    *K3S   `yaml:"k3s"`
+
+	// Files are written by the daemon before it starts the services.
+	Files []File `yaml:"-"`
+}
+
+// Hooks are shell commands run on cluster events, with DUET_NODE and
+// DUET_PEER (node names) in their environment. A failing hook is retried
+// every 5 s for 10 minutes; it never blocks or undoes a role change.
+type Hooks struct {
+	// PeerLost runs on the serving node when it lost its peer: after it
+	// took over from a lost primary, or when its secondary is lost.
+	PeerLost string `yaml:"peer_lost"`
+	// PeerBack runs once the peer that PeerLost ran for is a mirror again.
+	PeerBack string `yaml:"peer_back"`
 }
 
 // Resync tunes resynchronisation.
@@ -127,9 +148,13 @@ type Service struct {
 	CheckInterval time.Duration `yaml:"check_interval"`
 	StartTimeout  time.Duration `yaml:"start_timeout"`
 	StopTimeout   time.Duration `yaml:"stop_timeout"`
+	// CheckNFS (host:port) calls the NFS server's NULL procedure.
+	CheckNFS string `yaml:"check_nfs"`
 	// Restarts are local restarts before failing over (default 3; 0
 	// fails over at the first failure).
 	Restarts *int `yaml:"restarts"`
+
+	from string // the module that made it, for error messages
 }
 
 // Replicate is one replicated directory.
@@ -145,6 +170,8 @@ type Replicate struct {
 	Mode string `yaml:"mode"`
 	// MaxLag bounds the lag of an async directory; default 2s.
 	MaxLag time.Duration `yaml:"max_lag"`
+
+	from string // the module setting that made it, for error messages
 }
 
 // Replication modes.
@@ -214,6 +241,13 @@ func (c *Config) defaults() {
 	}
 	if c.RingBufferKiB == 0 {
 		c.RingBufferKiB = DefaultRingKiB
+	}
+	if c.Module == ModuleK3S {
+		if c.K3S == nil {
+			c.K3S = &K3S{}
+		}
+		c.K3S.defaults(c)
+		c.K3S.expand(c)
 	}
 	for i := range c.Replicate {
 		r := &c.Replicate[i]
@@ -299,38 +333,64 @@ func (c *Config) Validate() error {
 	if !filepath.IsAbs(c.StateDir) {
 		bad("state_dir %q: must be an absolute path", c.StateDir)
 	}
+	switch {
+	case c.Module != "" && c.Module != ModuleK3S:
+		bad("module %q: the only module is %q (or leave it empty)", c.Module, ModuleK3S)
+	case c.Module == "" && c.K3S != nil:
+		bad("k3s: this section configures the k3s module: add `module: k3s`")
+	case c.Module == ModuleK3S:
+		c.K3S.validate(bad)
+	}
 	if len(c.Replicate) == 0 {
 		bad("replicate: list at least one directory")
 	}
 	names := map[string]int{}
+	repMod := 0 // a module's directories come first; indexes count the user's
+	for _, r := range c.Replicate {
+		if r.from != "" {
+			repMod++
+		}
+	}
 	for i, r := range c.Replicate {
 		if !filepath.IsAbs(r.Path) {
-			bad("replicate[%d].path %q: must be an absolute path", i, r.Path)
+			bad("replicate[%d].path %q: must be an absolute path", i-repMod, r.Path)
 			continue
 		}
 		if !nameRE.MatchString(r.Name) {
-			bad("replicate[%d].name %q: must be 1-63 letters, digits, '.', '_' or '-'", i, r.Name)
+			bad("replicate[%d].name %q: must be 1-63 letters, digits, '.', '_' or '-'", i-repMod, r.Name)
 		}
 		if j, dup := names[r.Name]; dup {
-			bad("replicate[%d].name %q: already used by replicate[%d]", i, r.Name, j)
+			if c.Replicate[j].from != "" {
+				bad("replicate[%d].name %q: already used by %s: pick another name", i-repMod, r.Name, c.Replicate[j].from)
+			} else {
+				bad("replicate[%d].name %q: already used by replicate[%d]", i-repMod, r.Name, j)
+			}
 		}
 		names[r.Name] = i
 		switch {
 		case r.Mode != ModeSync && r.Mode != ModeAsync:
-			bad("replicate[%d].mode %q: must be %q or %q", i, r.Mode, ModeSync, ModeAsync)
+			bad("replicate[%d].mode %q: must be %q or %q", i-repMod, r.Mode, ModeSync, ModeAsync)
 		case r.Mode == ModeSync && r.MaxLag != 0:
-			bad("replicate[%d].max_lag %s: only for mode %q", i, r.MaxLag, ModeAsync)
+			bad("replicate[%d].max_lag %s: only for mode %q", i-repMod, r.MaxLag, ModeAsync)
 		case r.MaxLag < 0:
-			bad("replicate[%d].max_lag %s: must be positive", i, r.MaxLag)
+			bad("replicate[%d].max_lag %s: must be positive", i-repMod, r.MaxLag)
+		}
+		field := fmt.Sprintf("replicate[%d].path", i-repMod)
+		if r.from != "" {
+			field = r.from
 		}
 		if st, err := os.Stat(r.Path); err != nil {
-			bad("replicate[%d].path %q: %v", i, r.Path, unwrapPathErr(err))
+			hint := ""
+			if r.from != "" {
+				hint = " (`duet init k3s` creates it; create it on both nodes)"
+			}
+			bad("%s %q: %v%s", field, r.Path, unwrapPathErr(err), hint)
 		} else if !st.IsDir() {
-			bad("replicate[%d].path %q: not a directory", i, r.Path)
+			bad("%s %q: not a directory", field, r.Path)
 		}
 		sd := filepath.Clean(c.StateDir)
 		if rp := filepath.Clean(r.Path); sd == rp || strings.HasPrefix(sd, rp+"/") {
-			bad("state_dir %q: must not be inside replicate[%d].path %q", c.StateDir, i, r.Path)
+			bad("state_dir %q: must not be inside replicate[%d].path %q", c.StateDir, i-repMod, r.Path)
 		}
 	}
 	if c.Resync.Margin < 0 {
@@ -389,27 +449,46 @@ func (c *Config) validateCluster(bad func(string, ...any)) {
 		}
 	}
 	names := map[string]int{}
+	svcMod := 0 // as for directories
+	for _, s := range c.Services {
+		if s.from != "" {
+			svcMod++
+		}
+	}
 	for i, s := range c.Services {
 		if !nameRE.MatchString(s.Name) {
-			bad("services[%d].name %q: must be 1-63 letters, digits, '.', '_' or '-'", i, s.Name)
+			bad("services[%d].name %q: must be 1-63 letters, digits, '.', '_' or '-'", i-svcMod, s.Name)
 		}
 		if j, dup := names[s.Name]; dup {
-			bad("services[%d].name %q: already used by services[%d]", i, s.Name, j)
+			if c.Services[j].from != "" {
+				bad("services[%d].name %q: already used by the %s module's service: pick another name", i-svcMod, s.Name, c.Services[j].from)
+			} else {
+				bad("services[%d].name %q: already used by services[%d]", i-svcMod, s.Name, j)
+			}
 		}
 		names[s.Name] = i
 		if strings.TrimSpace(s.Start) == "" {
-			bad("services[%d].start: the command that runs the service is missing", i)
+			bad("services[%d].start: the command that runs the service is missing", i-svcMod)
 		}
-		if s.CheckTCP != "" && s.CheckCommand != "" {
-			bad("services[%d]: check_tcp and check_command are both set: keep one", i)
+		checks := 0
+		for _, ch := range []string{s.CheckTCP, s.CheckCommand, s.CheckNFS} {
+			if ch != "" {
+				checks++
+			}
 		}
-		if s.CheckTCP != "" {
-			if _, port, err := net.SplitHostPort(s.CheckTCP); err != nil || port == "" {
-				bad("services[%d].check_tcp %q: want host:port", i, s.CheckTCP)
+		if checks > 1 {
+			bad("services[%d]: more than one of check_tcp, check_command and check_nfs: keep one", i-svcMod)
+		}
+		for field, addr := range map[string]string{"check_tcp": s.CheckTCP, "check_nfs": s.CheckNFS} {
+			if addr == "" {
+				continue
+			}
+			if _, port, err := net.SplitHostPort(addr); err != nil || port == "" {
+				bad("services[%d].%s %q: want host:port", i-svcMod, field, addr)
 			}
 		}
 		if *s.Restarts < 0 {
-			bad("services[%d].restarts %d: must be 0 or more", i, *s.Restarts)
+			bad("services[%d].restarts %d: must be 0 or more", i-svcMod, *s.Restarts)
 		}
 	}
 }

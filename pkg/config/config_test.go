@@ -65,7 +65,7 @@ func TestParseErrorsNameTheField(t *testing.T) {
 		{"vip address", "node: nodeA", "node: nodeA\nvip: {address: 10.250.0.100, interface: eth0}", `vip.address "10.250.0.100"`},
 		{"vip interface", "node: nodeA", "node: nodeA\nvip: {address: 10.250.0.100/24}", "vip.interface"},
 		{"service start", "node: nodeA", "node: nodeA\nservices: [{name: web}]", "services[0].start"},
-		{"service checks", "node: nodeA", "node: nodeA\nservices: [{name: web, start: x, check_tcp: ':80', check_command: y}]", "check_tcp and check_command are both set"},
+		{"service checks", "node: nodeA", "node: nodeA\nservices: [{name: web, start: x, check_tcp: ':80', check_command: y}]", "more than one of check_tcp, check_command and check_nfs"},
 		{"service dup", "node: nodeA", "node: nodeA\nservices: [{name: web, start: x}, {name: web, start: y}]", `services[1].name "web": already used`},
 		{"metrics", "node: nodeA", "node: nodeA\nmetrics: 9788", `metrics "9788"`},
 		{"prefer", "node: nodeA", "node: nodeA\ncluster: {prefer: 'node A'}", `cluster.prefer "node A"`},

@@ -195,6 +195,7 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 	// that lets it hand its role over.
 	actx := ctx
 	apply := func(ev cluster.Event) string {
+		prev := m
 		next, acts := cluster.Step(m, ev)
 		reply := ""
 		for _, a := range acts {
@@ -233,6 +234,13 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 		m = next
 		n.machine.Store(&m)
 		n.leaving.Store(false)
+		// peer_lost: this node serves and the peer it had is gone (it
+		// took over from a lost primary, or its secondary was lost).
+		tookOver := ev.Kind == cluster.EvChecked && prev.State == cluster.Second && m.State.Serving()
+		lostSecond := ev.Kind == cluster.EvPeerLost && prev.State.Serving() && prev.Peer.Seen && m.State.Serving()
+		if (tookOver || lostSecond) && prev.Peer.Name != "" {
+			n.hooks.peerLost(prev.Peer.Name)
+		}
 		if reply == "" {
 			reply = "ok: " + m.State.String()
 		}
@@ -276,6 +284,9 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 				apply(cluster.Event{Kind: cluster.EvPeerLost})
 			} else if !m.Peer.Seen && time.Since(start) > timeout {
 				apply(cluster.Event{Kind: cluster.EvTick})
+			}
+			if m.State == cluster.Prim && m.Peer.Seen && m.Peer.State == cluster.Second && n.hooks.pending() && n.peerSynced() {
+				n.hooks.peerBack()
 			}
 			// Failback: the preferred node is back and a mirror; after
 			// failback_delay of that, hand the role back to it.

@@ -59,6 +59,10 @@ type Status struct {
 	// Copies is what this node knows of its copy of each directory.
 	Copies []CopyStatus `json:"copies,omitempty"`
 	InSync bool         `json:"in_sync"`
+	// Module is the configured module; EventHook the last peer_lost or
+	// peer_back hook and how it went.
+	Module    string `json:"module,omitempty"`
+	EventHook string `json:"event_hook,omitempty"`
 }
 
 // CopyStatus is one directory's copy on this node (see replica.Meta).
@@ -160,6 +164,7 @@ type Node struct {
 	heartbeats    atomic.Uint64
 	badHeartbeats atomic.Uint64
 	missed        atomic.Uint64
+	hooks         hooks
 }
 
 // Run starts the daemon and blocks until ctx ends.
@@ -170,6 +175,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	}
 	n := &Node{cfg: cfg, log: log, key: key, events: make(chan cluster.Event, 64), cmds: make(chan command)}
 	n.drained = sync.NewCond(&n.drainMu)
+	n.hooks.n = n
 	for i, r := range cfg.Replicate {
 		n.dirs = append(n.dirs, replica.Dir{Name: r.Name, Path: r.Path})
 		dev, err := checkTree(i, r.Path)
@@ -180,6 +186,11 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	}
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("state_dir %q: %w", cfg.StateDir, err)
+	}
+	for _, f := range cfg.Files {
+		if err := writeFile(f.Path, f.Content); err != nil {
+			return err
+		}
 	}
 	metas := map[string]*replica.MetaStore{}
 	for _, d := range n.dirs {
@@ -308,6 +319,18 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	n.markClean()
 	log.Info("duet stopped", "node", cfg.Node)
 	return nil
+}
+
+// writeFile writes a module's generated file (tmp + rename).
+func writeFile(path, content string) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return fmt.Errorf("writing %s: %w", path, err)
+	}
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, []byte(content), 0o644); err != nil {
+		return fmt.Errorf("writing %s: %w", path, err)
+	}
+	return os.Rename(tmp, path)
 }
 
 // markClean records a clean stop: every copy on disk, the bitmaps saved
@@ -1069,6 +1092,7 @@ func (n *Node) Status() Status {
 		}
 		s.Copies = append(s.Copies, cs)
 	}
+	s.Module, s.EventHook = n.cfg.Module, n.hooks.status()
 	if !m.State.Serving() {
 		for _, d := range n.cfg.Replicate {
 			st := n.server.Stats(d.Name)

@@ -19,7 +19,7 @@ func newStack(cfg *config.Config, log *slog.Logger, self string, n *Node) *stack
 	st := &stack.Stack{Log: log, Output: os.Stderr}
 	for _, s := range cfg.Services {
 		st.Services = append(st.Services, stack.Service{Name: s.Name, Start: s.Start, Stop: s.Stop,
-			CheckTCP: s.CheckTCP, CheckCommand: s.CheckCommand, Interval: s.CheckInterval,
+			CheckTCP: s.CheckTCP, CheckCommand: s.CheckCommand, CheckNFS: s.CheckNFS, Interval: s.CheckInterval,
 			StartTimeout: s.StartTimeout, StopTimeout: s.StopTimeout, Restarts: *s.Restarts})
 	}
 	wait := func(int32) error {

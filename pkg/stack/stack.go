@@ -26,6 +26,8 @@ type Service struct {
 	// a command that must exit 0. With neither, the process must live.
 	CheckTCP     string
 	CheckCommand string
+	// CheckNFS is a host:port whose NFSv4 NULL procedure must answer.
+	CheckNFS     string
 	Interval     time.Duration
 	StartTimeout time.Duration
 	StopTimeout  time.Duration
@@ -126,7 +128,7 @@ func (s *Stack) launch(ctx context.Context, p *proc) error {
 	p.cmd, p.done = cmd, done
 	s.mu.Unlock()
 	s.Log.Info("service started", "service", p.svc.Name, "pid", cmd.Process.Pid)
-	if p.svc.CheckTCP == "" && p.svc.CheckCommand == "" {
+	if p.svc.CheckTCP == "" && p.svc.CheckCommand == "" && p.svc.CheckNFS == "" {
 		// Only the process to watch: it must at least survive its start.
 		select {
 		case <-done:
@@ -170,6 +172,10 @@ func (s *Stack) check(ctx context.Context, p *proc) error {
 			return fmt.Errorf("tcp check %s: %w", p.svc.CheckTCP, err)
 		}
 		c.Close()
+	case p.svc.CheckNFS != "":
+		if err := NFSNull(p.svc.CheckNFS, 2*time.Second); err != nil {
+			return fmt.Errorf("nfs check %s: %w", p.svc.CheckNFS, err)
+		}
 	case p.svc.CheckCommand != "":
 		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		defer cancel()

@@ -1,0 +1,317 @@
+package config
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// ModuleK3S is the module that makes K3S's datastore and persistent
+// volumes highly available: MariaDB (the datastore, reached by K3S through
+// kine), an NFS server for the volumes and, in the lab, kine itself.
+const ModuleK3S = "k3s"
+
+// K3S configures the k3s module. Every path and binary has a default;
+// only the database password file must exist (`duet init k3s` writes it).
+type K3S struct {
+	// DataDir holds the replicated directories unless they are named one
+	// by one below. Default /var/lib/duet-k3s.
+	DataDir string `yaml:"data_dir"`
+	// MySQLDir is MariaDB's data directory (replicated); default
+	// <data_dir>/mysql. Initialised by the first primary when empty.
+	MySQLDir string `yaml:"mysql_dir"`
+	// NFSDir is the directory the NFS server exports (replicated); the
+	// provisioner makes one subdirectory per volume. Default <data_dir>/nfs.
+	NFSDir string `yaml:"nfs_dir"`
+	// NFSStateDir keeps the NFS server's client records (replicated, so a
+	// grace period after failover lets clients reclaim); default
+	// <data_dir>/nfs-state.
+	NFSStateDir string `yaml:"nfs_state_dir"`
+
+	// Database, User and PasswordFile are what K3S (or kine) logs in with.
+	Database     string `yaml:"database"`
+	User         string `yaml:"user"`
+	PasswordFile string `yaml:"password_file"`
+	// MySQLPort is MariaDB's TCP port (default 3306); MySQLUser the system
+	// user mariadbd runs as (default mysql).
+	MySQLPort   int      `yaml:"mysql_port"`
+	MySQLUser   string   `yaml:"mysql_user"`
+	MySQLArgs   []string `yaml:"mysql_args"`
+	MariaDBD    string   `yaml:"mariadbd"`
+	InstallDB   string   `yaml:"mariadb_install_db"`
+	MySQLClient string   `yaml:"mariadb_client"`
+
+	// NFSPort is the NFS server's port (default 2049); NFSPseudo the path
+	// clients mount (default /export); NFSGrace the NFSv4 grace period
+	// after a takeover, during which clients reclaim their locks and no
+	// new ones are granted (default 0: none, see the docs).
+	NFSPort   int           `yaml:"nfs_port"`
+	NFSPseudo string        `yaml:"nfs_pseudo"`
+	NFSGrace  time.Duration `yaml:"nfs_grace"`
+	Ganesha   string        `yaml:"ganesha"`
+
+	// Kine, when set, runs kine (the etcd API over MariaDB) on the primary
+	// at this address, e.g. 0.0.0.0:2379. On real nodes K3S embeds kine
+	// and connects to MariaDB itself: leave it empty.
+	Kine    string `yaml:"kine"`
+	KineBin string `yaml:"kine_bin"`
+	Etcdctl string `yaml:"etcdctl"`
+
+	// Kubectl runs kubectl (default "k3s kubectl"); "off" leaves
+	// Kubernetes alone. After a takeover from a lost peer the module
+	// taints the peer's Kubernetes node out of service so that its pods
+	// restart here at once; the taint goes when the peer is a mirror again.
+	Kubectl string `yaml:"kubectl"`
+	// PeerKubeNode is the peer's name in Kubernetes; default its duet name.
+	PeerKubeNode string `yaml:"peer_kube_node"`
+}
+
+// K3S defaults.
+const (
+	DefaultK3SDataDir = "/var/lib/duet-k3s"
+	DefaultMySQLPort  = 3306
+	DefaultNFSPort    = 2049
+	OutOfServiceTaint = "node.kubernetes.io/out-of-service=nodeshutdown:NoExecute"
+)
+
+var (
+	sqlNameRE  = regexp.MustCompile(`^[A-Za-z0-9_]{1,32}$`)
+	passwordRE = regexp.MustCompile(`^[A-Za-z0-9._~+-]{12,128}$`)
+)
+
+// File is a file duet writes before it starts the services (a module's
+// generated configuration).
+type File struct {
+	Path    string
+	Content string
+}
+
+func (k *K3S) defaults(c *Config) {
+	if k.DataDir == "" {
+		k.DataDir = DefaultK3SDataDir
+	}
+	def := func(p *string, v string) {
+		if *p == "" {
+			*p = v
+		}
+	}
+	def(&k.MySQLDir, filepath.Join(k.DataDir, "mysql"))
+	def(&k.NFSDir, filepath.Join(k.DataDir, "nfs"))
+	def(&k.NFSStateDir, filepath.Join(k.DataDir, "nfs-state"))
+	def(&k.Database, "kine")
+	def(&k.User, "kine")
+	def(&k.PasswordFile, "/etc/duet/k3s-db.password")
+	def(&k.MySQLUser, "mysql")
+	def(&k.MariaDBD, "mariadbd")
+	def(&k.InstallDB, "mariadb-install-db")
+	def(&k.MySQLClient, "mariadb")
+	def(&k.NFSPseudo, "/export")
+	def(&k.Ganesha, "ganesha.nfsd")
+	def(&k.KineBin, "kine")
+	def(&k.Etcdctl, "etcdctl")
+	def(&k.Kubectl, "k3s kubectl")
+	if k.MySQLPort == 0 {
+		k.MySQLPort = DefaultMySQLPort
+	}
+	if k.NFSPort == 0 {
+		k.NFSPort = DefaultNFSPort
+	}
+}
+
+func (k *K3S) validate(bad func(string, ...any)) {
+	for field, p := range map[string]string{"data_dir": k.DataDir, "mysql_dir": k.MySQLDir, "nfs_dir": k.NFSDir,
+		"nfs_state_dir": k.NFSStateDir, "password_file": k.PasswordFile} {
+		if !filepath.IsAbs(p) {
+			bad("k3s.%s %q: must be an absolute path", field, p)
+		}
+	}
+	if !sqlNameRE.MatchString(k.Database) {
+		bad("k3s.database %q: 1-32 letters, digits or '_'", k.Database)
+	}
+	if !sqlNameRE.MatchString(k.User) {
+		bad("k3s.user %q: 1-32 letters, digits or '_'", k.User)
+	}
+	if !nameRE.MatchString(k.MySQLUser) {
+		bad("k3s.mysql_user %q: a system user name", k.MySQLUser)
+	}
+	if _, err := k.Password(); err != nil {
+		bad("%v", err)
+	}
+	for field, p := range map[string]int{"mysql_port": k.MySQLPort, "nfs_port": k.NFSPort} {
+		if p < 1 || p > 65535 {
+			bad("k3s.%s %d: must be 1-65535", field, p)
+		}
+	}
+	if !strings.HasPrefix(k.NFSPseudo, "/") || strings.ContainsAny(k.NFSPseudo, " \t\n\";{}") {
+		bad("k3s.nfs_pseudo %q: an absolute path without spaces, quotes or braces, e.g. /export", k.NFSPseudo)
+	}
+	if k.NFSGrace < 0 || (k.NFSGrace > 0 && k.NFSGrace < 5*time.Second) || k.NFSGrace > 10*time.Minute {
+		bad("k3s.nfs_grace %s: 0 (no grace period) or between 5s and 10m", k.NFSGrace)
+	}
+	if k.Kine != "" {
+		if _, port, err := net.SplitHostPort(k.Kine); err != nil || port == "" {
+			bad("k3s.kine %q: want host:port to serve the etcd API on, e.g. 0.0.0.0:2379, or leave it empty", k.Kine)
+		}
+	}
+	if k.PeerKubeNode != "" && !nameRE.MatchString(k.PeerKubeNode) {
+		bad("k3s.peer_kube_node %q: a Kubernetes node name", k.PeerKubeNode)
+	}
+	for field, p := range map[string]string{"k3s.mysql_dir": k.MySQLDir, "k3s.nfs_dir": k.NFSDir, "k3s.nfs_state_dir": k.NFSStateDir} {
+		for other, q := range map[string]string{"k3s.mysql_dir": k.MySQLDir, "k3s.nfs_dir": k.NFSDir, "k3s.nfs_state_dir": k.NFSStateDir} {
+			if field < other && (p == q || strings.HasPrefix(p, q+"/") || strings.HasPrefix(q, p+"/")) {
+				bad("%s %q and %s %q: must be separate directories", field, p, other, q)
+			}
+		}
+	}
+}
+
+// Password reads the database password.
+func (k *K3S) Password() (string, error) {
+	b, err := os.ReadFile(k.PasswordFile)
+	if err != nil {
+		return "", fmt.Errorf("k3s.password_file: %v (`duet init k3s` writes one; the same file on both nodes)", unwrapPathErr(err))
+	}
+	pw := strings.TrimSpace(string(b))
+	if !passwordRE.MatchString(pw) {
+		return "", fmt.Errorf("k3s.password_file %q: the password must be 12-128 letters, digits or . _ ~ + -", k.PasswordFile)
+	}
+	return pw, nil
+}
+
+// expand adds the module's replicated directories, services and hooks
+// before the user's own, and the files they need.
+func (k *K3S) expand(c *Config) {
+	rep := []Replicate{
+		{Name: "mysql", Path: k.MySQLDir, Mode: ModeSync, from: "k3s.mysql_dir"},
+		{Name: "nfs", Path: k.NFSDir, Mode: ModeSync, from: "k3s.nfs_dir"},
+		{Name: "nfs-state", Path: k.NFSStateDir, Mode: ModeSync, from: "k3s.nfs_state_dir"},
+	}
+	c.Replicate = append(rep, c.Replicate...)
+	run := filepath.Join(c.StateDir, "k3s")
+	ganeshaConf := filepath.Join(run, "ganesha.conf")
+	c.Files = append(c.Files, File{Path: ganeshaConf, Content: k.ganeshaConfig()})
+	local := func(port int) string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(port)) }
+	svcs := []Service{
+		{Name: "mariadb", Start: k.mariadbStart(run), StartTimeout: 5 * time.Minute, StopTimeout: 60 * time.Second,
+			CheckCommand: fmt.Sprintf("MYSQL_PWD=\"$(cat %s)\" %s --no-defaults --protocol=tcp -h 127.0.0.1 -P %d -u %s --connect-timeout=3 -N -e 'SELECT 1' %s",
+				shq(k.PasswordFile), k.MySQLClient, k.MySQLPort, k.User, k.Database)},
+		{Name: "nfs", Start: fmt.Sprintf("mkdir -p %s && exec %s -F -f %s -L STDERR -p %s -N NIV_EVENT",
+			shq(filepath.Join(k.NFSStateDir, "recovery")), k.Ganesha, shq(ganeshaConf), shq(filepath.Join(run, "ganesha.pid"))),
+			CheckNFS: local(k.NFSPort), StartTimeout: time.Minute, StopTimeout: 30 * time.Second},
+	}
+	if k.Kine != "" {
+		_, port, _ := net.SplitHostPort(k.Kine)
+		svcs = append(svcs, Service{Name: "kine",
+			Start: fmt.Sprintf("KINE_ENDPOINT=\"mysql://%s:$(cat %s)@tcp(127.0.0.1:%d)/%s\" exec %s --listen-address %s --metrics-bind-address 0",
+				k.User, shq(k.PasswordFile), k.MySQLPort, k.Database, k.KineBin, k.Kine),
+			CheckCommand: fmt.Sprintf("ETCDCTL_API=3 %s --endpoints http://127.0.0.1:%s --dial-timeout 2s --command-timeout 3s get --limit 1 --keys-only /", k.Etcdctl, port),
+			StartTimeout: time.Minute})
+	}
+	for i := range svcs {
+		svcs[i].from = "k3s"
+	}
+	c.Services = append(svcs, c.Services...)
+	if k.Kubectl != "off" {
+		node := `"$DUET_PEER"`
+		if k.PeerKubeNode != "" {
+			node = shq(k.PeerKubeNode)
+		}
+		if c.Hooks.PeerLost == "" {
+			c.Hooks.PeerLost = fmt.Sprintf("%s taint nodes %s %s --overwrite", k.Kubectl, node, OutOfServiceTaint)
+		}
+		if c.Hooks.PeerBack == "" {
+			// Removing a taint that is not there is no error here.
+			c.Hooks.PeerBack = fmt.Sprintf("out=$(%s taint nodes %s %s- 2>&1) || case $out in *'not found'*) ;; *) echo \"$out\" >&2; exit 1 ;; esac",
+				k.Kubectl, node, strings.SplitN(OutOfServiceTaint, "=", 2)[0])
+		}
+	}
+}
+
+// mariadbStart is MariaDB's start script. Settings duet relies on: every
+// commit fsyncs the redo log (innodb_flush_log_at_trx_commit=1) through
+// fsync (innodb_flush_method=fsync: buffered writes that duet captures,
+// and a durability call it waits on), the doublewrite buffer against torn
+// pages, and sync_binlog=1 should the binary log be enabled.
+func (k *K3S) mariadbStart(run string) string {
+	d := shq(k.MySQLDir)
+	scratch := shq(filepath.Join(k.MySQLDir, ".duet-init"))
+	args := []string{"--no-defaults", "--datadir=" + d, "--user=" + k.MySQLUser,
+		"--socket=" + shq(filepath.Join(run, "mysqld.sock")), "--pid-file=" + shq(filepath.Join(run, "mysqld.pid")),
+		"--bind-address=0.0.0.0", fmt.Sprintf("--port=%d", k.MySQLPort), "--skip-name-resolve",
+		"--innodb-flush-log-at-trx-commit=1", "--innodb-flush-method=fsync", "--innodb-doublewrite=1",
+		"--sync-binlog=1", "--innodb-log-file-size=48M"}
+	for _, a := range k.MySQLArgs {
+		args = append(args, shq(a))
+	}
+	// The password is checked to hold no quote; names are letters,
+	// digits and '_'.
+	sql := strings.Join([]string{`"FLUSH PRIVILEGES;"`,
+		fmt.Sprintf("\"CREATE DATABASE IF NOT EXISTS \\`%s\\`;\"", k.Database),
+		fmt.Sprintf("\"CREATE USER IF NOT EXISTS '%s'@'%%' IDENTIFIED BY '$pw';\"", k.User),
+		fmt.Sprintf("\"GRANT ALL PRIVILEGES ON \\`%s\\`.* TO '%s'@'%%';\"", k.Database, k.User)}, " ")
+	return strings.Join([]string{
+		"set -e",
+		fmt.Sprintf("mkdir -p %s", shq(run)),
+		// A first start initialises an empty data directory in a scratch
+		// directory moved into place when complete: a crash half-way
+		// leaves only the scratch, redone at the next start.
+		fmt.Sprintf("if [ ! -d %s/mysql ]; then", d),
+		fmt.Sprintf("  echo 'duet k3s: initialising MariaDB in '%s >&2", d),
+		fmt.Sprintf("  rm -rf %s && mkdir %s", scratch, scratch),
+		fmt.Sprintf("  %s --no-defaults --datadir=%s --user=%s --auth-root-authentication-method=socket --skip-test-db --innodb-log-file-size=48M >&2",
+			k.InstallDB, scratch, k.MySQLUser),
+		fmt.Sprintf("  pw=$(cat %s)", shq(k.PasswordFile)),
+		fmt.Sprintf("  printf '%%s\\n' %s | %s --no-defaults --datadir=%s --user=%s --bootstrap --skip-networking --innodb-log-file-size=48M >&2",
+			sql, k.MariaDBD, scratch, k.MySQLUser),
+		fmt.Sprintf("  for f in %s/* ; do mv \"$f\" %s/ ; done", scratch, d),
+		fmt.Sprintf("  rmdir %s", scratch),
+		"fi",
+		fmt.Sprintf("exec %s %s", k.MariaDBD, strings.Join(args, " ")),
+	}, "\n")
+}
+
+// ganeshaConfig exports NFSDir over NFSv4 with the VFS FSAL.
+func (k *K3S) ganeshaConfig() string {
+	grace := "\tGraceless = true;\n"
+	if k.NFSGrace > 0 {
+		grace = fmt.Sprintf("\tGrace_Period = %d;\n", int(k.NFSGrace.Seconds()))
+	}
+	return fmt.Sprintf(`# Written by duet (k3s module) at each start: edit duet's config instead.
+NFS_CORE_PARAM {
+	Protocols = 4;
+	NFS_Port = %d;
+	Enable_NLM = false;
+	Enable_RQUOTA = false;
+}
+NFSV4 {
+%s	Lease_Lifetime = 10;
+	RecoveryBackend = fs;
+	RecoveryRoot = "%s";
+}
+NFS_KRB5 { Active_krb5 = false; }
+EXPORT {
+	Export_Id = 1;
+	Path = "%s";
+	Pseudo = "%s";
+	Access_Type = RW;
+	Squash = No_Root_Squash;
+	SecType = sys;
+	Protocols = 4;
+	Transports = TCP;
+	FSAL { Name = VFS; }
+}
+`, k.NFSPort, grace, filepath.Join(k.NFSStateDir, "recovery"), k.NFSDir, k.NFSPseudo)
+}
+
+// shq quotes s for sh.
+func shq(s string) string {
+	if s != "" && strings.Trim(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/._-=:") == "" {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
+}

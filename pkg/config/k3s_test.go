@@ -1,0 +1,122 @@
+package config
+
+import (
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+)
+
+// k3sBase is a k3s-module config whose directories and password exist.
+func k3sBase(t *testing.T) (string, string) {
+	dir := t.TempDir()
+	for _, d := range []string{"mysql", "nfs", "nfs-state"} {
+		os.MkdirAll(filepath.Join(dir, "k3s", d), 0o755)
+	}
+	pw := filepath.Join(dir, "pw")
+	os.WriteFile(pw, []byte("Abcdef0123456789\n"), 0o600)
+	return `node: nodeA
+role: primary
+listen: 10.250.0.1:7788
+peer: 10.250.0.2:7788
+key: "0123456789abcdef"
+state_dir: ` + filepath.Join(dir, "state") + `
+module: k3s
+k3s:
+  data_dir: ` + filepath.Join(dir, "k3s") + `
+  password_file: ` + pw + "\n", dir
+}
+
+func TestK3SModuleExpands(t *testing.T) {
+	y, dir := k3sBase(t)
+	c, err := Parse([]byte(y + "  kine: 0.0.0.0:2379\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, r := range c.Replicate {
+		names = append(names, r.Name+"="+strings.TrimPrefix(r.Path, dir))
+	}
+	if got := strings.Join(names, " "); got != "mysql=/k3s/mysql nfs=/k3s/nfs nfs-state=/k3s/nfs-state" {
+		t.Fatalf("replicated: %s", got)
+	}
+	var svcs []string
+	for _, s := range c.Services {
+		svcs = append(svcs, s.Name)
+	}
+	if got := strings.Join(svcs, " "); got != "mariadb nfs kine" {
+		t.Fatalf("services in order: %s", got)
+	}
+	maria := c.Services[0].Start
+	for _, want := range []string{"--innodb-flush-log-at-trx-commit=1", "--innodb-flush-method=fsync", "--sync-binlog=1",
+		"--datadir=" + filepath.Join(dir, "k3s", "mysql"), "--user=mysql", "--port=3306", "mariadb-install-db"} {
+		if !strings.Contains(maria, want) {
+			t.Errorf("mariadb start lacks %q:\n%s", want, maria)
+		}
+	}
+	if !strings.Contains(c.Services[0].CheckCommand, "SELECT 1") || c.Services[1].CheckNFS != "127.0.0.1:2049" ||
+		!strings.Contains(c.Services[2].CheckCommand, "get --limit 1") {
+		t.Errorf("checks: %q %q %q", c.Services[0].CheckCommand, c.Services[1].CheckNFS, c.Services[2].CheckCommand)
+	}
+	if len(c.Files) != 1 || !strings.Contains(c.Files[0].Content, "Path = \""+filepath.Join(dir, "k3s", "nfs")+"\"") ||
+		!strings.Contains(c.Files[0].Content, "Graceless = true") || !strings.Contains(c.Files[0].Content, "Protocols = 4") {
+		t.Fatalf("ganesha config: %+v", c.Files)
+	}
+	if !strings.Contains(c.Hooks.PeerLost, `k3s kubectl taint nodes "$DUET_PEER" node.kubernetes.io/out-of-service=nodeshutdown:NoExecute`) ||
+		!strings.Contains(c.Hooks.PeerBack, "node.kubernetes.io/out-of-service-") {
+		t.Fatalf("hooks: %+v", c.Hooks)
+	}
+
+	// Overrides: a grace period, no kubectl, a user directory and service
+	// after the module's.
+	extra := filepath.Join(dir, "extra")
+	os.Mkdir(extra, 0o755)
+	c, err = Parse([]byte(y + "  nfs_grace: 30s\n  kubectl: \"off\"\nreplicate:\n  - path: " + extra +
+		"\nservices:\n  - name: web\n    start: sleep 1000\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Replicate) != 4 || c.Replicate[3].Name != "extra" || len(c.Services) != 3 || c.Services[2].Name != "web" {
+		t.Fatalf("user's directories and services must follow the module's: %+v %+v", c.Replicate, c.Services)
+	}
+	if !strings.Contains(c.Files[0].Content, "Grace_Period = 30;") || c.Hooks.PeerLost != "" {
+		t.Fatalf("overrides ignored: %s %+v", c.Files[0].Content, c.Hooks)
+	}
+}
+
+func TestK3SModuleErrors(t *testing.T) {
+	y, dir := k3sBase(t)
+	for _, tc := range []struct{ edit, want string }{
+		{"module: k8s", `module "k8s": the only module is "k3s"`},
+		{"module: \"\"", "k3s: this section configures the k3s module: add `module: k3s`"},
+		{"  password_file: /nonexistent/pw", "k3s.password_file: no such file or directory (`duet init k3s` writes one"},
+		{"  data_dir: " + filepath.Join(dir, "nowhere"), "k3s.mysql_dir \"" + filepath.Join(dir, "nowhere", "mysql") + "\": no such file or directory (`duet init k3s` creates it"},
+		{"  nfs_grace: 2s", "k3s.nfs_grace 2s: 0 (no grace period) or between 5s and 10m"},
+		{"  database: \"kine; DROP\"", `k3s.database "kine; DROP": 1-32 letters`},
+		{"  kine: nowhere", `k3s.kine "nowhere": want host:port`},
+		{"  nfs_pseudo: \"/ex port\"", `k3s.nfs_pseudo "/ex port"`},
+		{"services:\n  - name: nfs\n    start: x", `services[0].name "nfs": already used by the k3s module's service`},
+	} {
+		var in string
+		switch {
+		case strings.HasPrefix(tc.edit, "module:"):
+			in = strings.Replace(y, "module: k3s", tc.edit, 1)
+		case strings.HasPrefix(tc.edit, "  password_file:"):
+			in = regexp.MustCompile(`(?m)^  password_file: .*$`).ReplaceAllString(y, tc.edit)
+		case strings.HasPrefix(tc.edit, "  data_dir:"):
+			in = regexp.MustCompile(`(?m)^  data_dir: .*$`).ReplaceAllString(y, tc.edit)
+		default:
+			in = y + tc.edit + "\n"
+		}
+		_, err := Parse([]byte(in))
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%q: got %v, want %q", tc.edit, err, tc.want)
+		}
+	}
+	// A password with a quote would break the SQL: refused.
+	os.WriteFile(filepath.Join(dir, "pw"), []byte("abc'defghijklmnop"), 0o600)
+	if _, err := Parse([]byte(y)); err == nil || !strings.Contains(err.Error(), "12-128 letters") {
+		t.Errorf("password with a quote: %v", err)
+	}
+}
