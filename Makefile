@@ -12,7 +12,7 @@ export DUET_BIN := $(CURDIR)/$(BIN)
 # fails with "context deadline exceeded" without any crashing input.
 FUZZTIME ?= 400000x
 
-.PHONY: help build generate check-generate test unit e2e fuzz demo lab-up lab-down bench vet clean
+.PHONY: help build generate check-generate test unit e2e fuzz demo lab-up lab-down bench vet clean vagrant-check k3s-soak
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -42,11 +42,19 @@ fuzz: ## short fuzz runs of the frame decoder and the heartbeat parser
 e2e: build ## kernel and lab tests (root): capture on loop ext4, two-node replication
 	$(SUDO) $(GO) test -count=1 -p 1 -timeout 30m -v ./pkg/capture/ ./tools/lab/ 2>&1 | grep -v '^\s*time=' ; exit $${PIPESTATUS[0]}
 
-test: vet build ## everything CI runs: vet, unit, fuzz, kernel and lab tests (root)
+test: vet build vagrant-check ## everything CI runs: vet, unit, fuzz, kernel and lab tests (root)
 	$(SUDO) $(GO) test -count=1 -p 1 -timeout 30m $$($(GO) list ./... | grep -v /tools/lab)
 	@# The lab tests print what they measured (failover times, zero-loss counts).
 	$(SUDO) $(GO) test -count=1 -timeout 30m -v ./tools/lab/ 2>&1 | grep -v -e '^\s*time=' -e '^=== ' ; exit $${PIPESTATUS[0]}
 	$(MAKE) fuzz
+
+vagrant-check: build ## check the Vagrant lab without VMs: vagrant validate, bash -n, shellcheck
+	bash -n vagrant/failover-test.sh vagrant/provision/*.sh
+	@if command -v shellcheck >/dev/null; then shellcheck -x vagrant/failover-test.sh vagrant/provision/*.sh tools/lab/lab.sh tools/demo.sh; else echo "shellcheck not installed: skipped"; fi
+	@if command -v vagrant >/dev/null; then cd vagrant && vagrant validate --ignore-provider; else echo "vagrant not installed: vagrant validate skipped"; exit $${DUET_REQUIRE_STACK:+1}; fi
+
+k3s-soak: build ## the k3s stack failover test, 20 runs (DUET_K3S_RUNS to change)
+	$(SUDO) DUET_K3S_RUNS=$${DUET_K3S_RUNS:-20} DUET_REQUIRE_STACK=1 $(GO) test -count=1 -timeout 60m -v -run TestK3SStackFailover ./tools/lab/ 2>&1 | grep -v -e '^\s*time=' ; exit $${PIPESTATUS[0]}
 
 lab-up: build ## create the two-node lab (namespaces + loop ext4)
 	$(SUDO) tools/lab/lab.sh up

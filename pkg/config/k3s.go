@@ -200,7 +200,7 @@ func (k *K3S) expand(c *Config) {
 		{Name: "mariadb", Start: k.mariadbStart(run), StartTimeout: 5 * time.Minute, StopTimeout: 60 * time.Second,
 			CheckCommand: fmt.Sprintf("MYSQL_PWD=\"$(cat %s)\" %s --no-defaults --protocol=tcp -h 127.0.0.1 -P %d -u %s --connect-timeout=3 -N -e 'SELECT 1' %s",
 				shq(k.PasswordFile), k.MySQLClient, k.MySQLPort, k.User, k.Database)},
-		{Name: "nfs", Start: fmt.Sprintf("mkdir -p %s && exec %s -F -f %s -L STDERR -p %s -N NIV_EVENT",
+		{Name: "nfs", Start: fmt.Sprintf("mkdir -p %s && exec %s -F -f %s -L STDERR -p %s -N NIV_WARN",
 			shq(filepath.Join(k.NFSStateDir, "recovery")), k.Ganesha, shq(ganeshaConf), shq(filepath.Join(run, "ganesha.pid"))),
 			CheckNFS: local(k.NFSPort), StartTimeout: time.Minute, StopTimeout: 30 * time.Second},
 	}
