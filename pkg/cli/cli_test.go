@@ -80,6 +80,15 @@ func TestExampleConfigFields(t *testing.T) {
 	}
 }
 
+// The k3s example names the missing module paths and password, nothing else.
+func TestExampleK3SConfig(t *testing.T) {
+	out, code := run("run", "--check", "--config", "../../testdata/duet-k3s.yaml")
+	if code == 0 || !strings.Contains(out, `k3s.mysql_dir "/var/lib/duet-k3s/mysql"`) ||
+		!strings.Contains(out, "k3s.password_file") || strings.Contains(out, "not found in type") {
+		t.Fatalf("exit %d: %s", code, out)
+	}
+}
+
 func TestProgressLine(t *testing.T) {
 	r := replica.ResyncStatus{Active: true, Mode: "bitmap", Phase: "sending", BytesPlanned: 100 << 20, BytesSent: 25 << 20,
 		FilesCompared: 3, FilesTotal: 10, RateBps: 5 << 20, EtaSec: 15}

@@ -271,6 +271,9 @@ func (k *K3S) mariadbStart(run string) string {
 		fmt.Sprintf("  for f in %s/* ; do mv \"$f\" %s/ ; done", scratch, d),
 		fmt.Sprintf("  rmdir %s", scratch),
 		"fi",
+		// The data directory itself may have been made by root (duet
+		// init); what is below it came with its owner from the peer.
+		fmt.Sprintf("chown %s %s", k.MySQLUser, d),
 		fmt.Sprintf("exec %s %s", k.MariaDBD, strings.Join(args, " ")),
 	}, "\n")
 }

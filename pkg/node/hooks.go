@@ -12,7 +12,7 @@ import (
 
 // Hook retries: a hook that needs a service coming up with this node (the
 // Kubernetes API needs the database) fails at first.
-const (
+var (
 	hookRetry    = 5 * time.Second
 	hookGiveUp   = 10 * time.Minute
 	hookDeadline = time.Minute // one attempt
