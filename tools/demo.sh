@@ -112,8 +112,8 @@ $lab exec c nfs-cp "$DUET_LAB/nfs-src" "nfs://$vip/export/demo.txt?version=4"
 # nfs-cp never sends COMMIT; the next create makes the server fsync the directory.
 $lab exec c nfs-cp "$DUET_LAB/nfs-src" "nfs://$vip/export/demo2.txt?version=4"
 say "14. nodeA's host dies: nodeB takes the VIP and starts the stack; the data is there"
-$lab crash a
 t0=$(date +%s%N)
+$lab crash a
 until $lab exec c env ETCDCTL_API=3 etcdctl --endpoints "http://$vip:2379" --dial-timeout 1s get /demo/key 2>/dev/null | grep -q nodeA; do
 	sleep 0.1
 	[ $(($(date +%s%N) - t0)) -lt 60000000000 ] || { echo "the stack did not come back on nodeB"; exit 1; }
