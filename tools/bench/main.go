@@ -49,15 +49,15 @@ func main() {
 	asJSON := flag.Bool("json", false, "print the figures as JSON")
 	quick := flag.Bool("quick", false, "small sizes, one run: checks the tooling, not the numbers")
 	runs := flag.Int("runs", 5, "runs per figure (min/median/max reported)")
-	only := flag.String("only", "capture,wire,small,sync,async,lag,resync,lsyncd", "figures to measure, comma separated: capture, wire, small, sync, async, lag, resync, lsyncd")
+	only := flag.String("only", "capture,wire,small,sync,async,lag,resync,lsyncd,mariadb,failover", "figures to measure, comma separated: capture, wire, small, sync, async, lag, resync, lsyncd, mariadb, failover")
 	flag.Parse()
 	want := map[string]bool{}
 	for _, k := range strings.Split(*only, ",") {
 		switch k = strings.TrimSpace(k); k {
-		case "capture", "wire", "small", "sync", "async", "lag", "resync", "lsyncd":
+		case "capture", "wire", "small", "sync", "async", "lag", "resync", "lsyncd", "mariadb", "failover":
 			want[k] = true
 		default:
-			fail(fmt.Sprintf("-only: unknown figure %q (capture, wire, small, sync, async, lag, resync, lsyncd)", k))
+			fail(fmt.Sprintf("-only: unknown figure %q (capture, wire, small, sync, async, lag, resync, lsyncd, mariadb, failover)", k))
 		}
 	}
 	if os.Geteuid() != 0 {
@@ -108,6 +108,17 @@ func main() {
 	}
 	if want["lsyncd"] {
 		figs = append(figs, b.lsyncdFigures(*runs)...)
+	}
+	if want["mariadb"] {
+		figs = append(figs, b.mariadbFigures(*runs)...)
+	}
+	if want["failover"] {
+		// At least 10 kills for the published figure.
+		n := max(*runs, 10)
+		if b.quick {
+			n = 2
+		}
+		figs = append(figs, b.failoverFigure(n))
 	}
 	b.sh("down") // before anything below may exit
 	if *asJSON {
