@@ -363,7 +363,7 @@ func (c *Config) Validate() error {
 			if c.Replicate[j].from != "" {
 				bad("replicate[%d].name %q: already used by %s: pick another name", i-repMod, r.Name, c.Replicate[j].from)
 			} else {
-				bad("replicate[%d].name %q: already used by replicate[%d]", i-repMod, r.Name, j)
+				bad("replicate[%d].name %q: already used by replicate[%d]", i-repMod, r.Name, j-repMod)
 			}
 		}
 		names[r.Name] = i
@@ -390,7 +390,7 @@ func (c *Config) Validate() error {
 		}
 		sd := filepath.Clean(c.StateDir)
 		if rp := filepath.Clean(r.Path); sd == rp || strings.HasPrefix(sd, rp+"/") {
-			bad("state_dir %q: must not be inside replicate[%d].path %q", c.StateDir, i-repMod, r.Path)
+			bad("state_dir %q: must not be inside %s %q", c.StateDir, field, r.Path)
 		}
 	}
 	if c.Resync.Margin < 0 {
@@ -463,7 +463,7 @@ func (c *Config) validateCluster(bad func(string, ...any)) {
 			if c.Services[j].from != "" {
 				bad("services[%d].name %q: already used by the %s module's service: pick another name", i-svcMod, s.Name, c.Services[j].from)
 			} else {
-				bad("services[%d].name %q: already used by services[%d]", i-svcMod, s.Name, j)
+				bad("services[%d].name %q: already used by services[%d]", i-svcMod, s.Name, j-svcMod)
 			}
 		}
 		names[s.Name] = i
