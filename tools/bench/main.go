@@ -475,10 +475,33 @@ func (b *bench) asyncLag(runs int) []Figure {
 	file := filepath.Join(b.lab, "a/data/lag.dat")
 	for i := 0; i < runs; i++ {
 		before := b.status().LagHistogram
-		out, err := exec.Command("fio", "--name=steady", "--filename="+file, "--rw=write", "--bs=64k",
-			"--size=1g", "--rate=20m", "--time_based", "--runtime="+secs, "--ioengine=psync", "--output-format=json").CombinedOutput()
-		if err != nil {
-			fail(fmt.Sprintf("fio: %v\n%s", err, out))
+		fio := exec.Command("fio", "--name=steady", "--filename="+file, "--rw=write", "--bs=64k",
+			"--size=1g", "--rate=20m", "--time_based", "--runtime="+secs, "--ioengine=psync", "--output-format=json")
+		var out strings.Builder
+		fio.Stdout, fio.Stderr = &out, &out
+		if err := fio.Start(); err != nil {
+			fail("fio: " + err.Error())
+		}
+		done := make(chan error, 1)
+		go func() { done <- fio.Wait() }()
+		// The lag over time, sampled from the status while fio runs (the
+		// first run's, for the plot).
+		start := time.Now()
+		var series []lagSample
+	sample:
+		for {
+			select {
+			case err := <-done:
+				if err != nil {
+					fail(fmt.Sprintf("fio: %v\n%s", err, out.String()))
+				}
+				break sample
+			case <-time.After(250 * time.Millisecond):
+				series = append(series, lagSample{time.Since(start).Seconds(), b.status().LagMs})
+			}
+		}
+		if i == 0 {
+			b.plots.lagSeries = series
 		}
 		b.waitSync()
 		after := b.status().LagHistogram

@@ -23,7 +23,11 @@ type plots struct {
 	// lag histogram of the async run: bucket bounds (ms) and counts
 	lagBounds []float64
 	lagCounts []uint64
+	// the replication lag sampled over time during the async run
+	lagSeries []lagSample
 }
+
+type lagSample struct{ sec, ms float64 }
 
 type barChart struct {
 	file, title, unit string
@@ -84,7 +88,46 @@ func (p *plots) write(dir string) ([]string, error) {
 		}
 		files = append(files, f)
 	}
+	if len(p.lagSeries) > 0 {
+		f := filepath.Join(dir, "lag-over-time.png")
+		if err := p.lagOverTime(f); err != nil {
+			return files, err
+		}
+		files = append(files, f)
+	}
 	return files, nil
+}
+
+// lagOverTime draws the replication lag the status reported while the
+// steady writer ran.
+func (p *plots) lagOverTime(file string) error {
+	pl := plot.New()
+	pl.Title.Text = "replication lag over time (unsupervised 20 MB/s writer, duet status every 250 ms)"
+	pl.X.Label.Text = "seconds since the writer started"
+	pl.Y.Label.Text = "lag (ms)"
+	pts := make(plotter.XYs, len(p.lagSeries))
+	for i, s := range p.lagSeries {
+		pts[i] = plotter.XY{X: s.sec, Y: s.ms}
+	}
+	line, err := plotter.NewLine(pts)
+	if err != nil {
+		return err
+	}
+	line.Color = plotutil.Color(0)
+	line.Width = vg.Points(1.5)
+	pl.Add(line)
+	target, err := plotter.NewLine(plotter.XYs{{X: 0, Y: 50}, {X: pts[len(pts)-1].X, Y: 50}})
+	if err != nil {
+		return err
+	}
+	target.Dashes = []vg.Length{vg.Points(4), vg.Points(3)}
+	target.Color = color.RGBA{R: 200, A: 255}
+	pl.Add(target)
+	pl.Legend.Add("lag", line)
+	pl.Legend.Add("50 ms target (p99)", target)
+	pl.Y.Min = 0
+	pl.Add(plotter.NewGrid())
+	return pl.Save(7*vg.Inch, 4*vg.Inch, file)
 }
 
 // latencyCDF draws the distribution of per-call latencies of each series.

@@ -14,13 +14,14 @@ func TestPlotsWrite(t *testing.T) {
 	p.addLatency("duet exec, sync", []float64{1, 2, 3})
 	p.bars = append(p.bars, barChart{file: "b.png", title: "t", unit: "s", labels: []string{"a\nx", "b"}, values: []float64{1, 2}})
 	p.lagBounds, p.lagCounts = []float64{1, 2, 5}, []uint64{3, 5, 0, 0}
+	p.lagSeries = []lagSample{{0.1, 3}, {0.2, 12.5}, {0.3, 0}}
 	dir := t.TempDir()
 	files, err := p.write(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(files) != 3 {
-		t.Fatalf("wrote %v, want 3 plots", files)
+	if len(files) != 4 {
+		t.Fatalf("wrote %v, want 4 plots", files)
 	}
 	for _, f := range files {
 		b, err := os.ReadFile(f)
