@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -40,21 +41,28 @@ func (h *hooks) peerLost(peer string) {
 	h.startLocked("peer_lost", cmd, peer)
 }
 
-// peerBack runs the peer_back hook if peer_lost ran.
+// peerBack runs the peer_back hook if peer_lost ran. A peer_lost still
+// retrying is stopped first (its command killed), without holding the
+// lock its goroutine takes to record how it went.
 func (h *hooks) peerBack() {
 	h.mu.Lock()
-	defer h.mu.Unlock()
 	if h.lostFor == "" {
+		h.mu.Unlock()
 		return
 	}
 	peer := h.lostFor
 	h.lostFor = ""
-	if h.cancel != nil {
-		h.cancel()
-		<-h.done
+	cancel, done := h.cancel, h.done
+	h.cancel, h.done = nil, nil
+	h.mu.Unlock()
+	if cancel != nil {
+		cancel()
+		<-done
 	}
 	if cmd := h.n.cfg.Hooks.PeerBack; cmd != "" {
+		h.mu.Lock()
 		h.startLocked("peer_back", cmd, peer)
+		h.mu.Unlock()
 	}
 }
 
@@ -71,9 +79,13 @@ func (h *hooks) status() string {
 	return h.state
 }
 
-func (h *hooks) setState(s string) {
+// setState records how the run that closes done went, unless another
+// run has replaced it.
+func (h *hooks) setState(done chan struct{}, s string) {
 	h.mu.Lock()
-	h.state = s
+	if h.done == done {
+		h.state = s
+	}
 	h.mu.Unlock()
 }
 
@@ -91,11 +103,15 @@ func (h *hooks) startLocked(name, cmd, peer string) {
 			out, err := h.run(ctx, cmd, name, peer)
 			if err == nil {
 				log.Info("hook succeeded", "tries", try, "output", trimOut(out))
-				h.setState(fmt.Sprintf("%s %s: done (%d tries)", name, peer, try))
+				h.setState(done, fmt.Sprintf("%s %s: done (%d tries)", name, peer, try))
+				return
+			}
+			if ctx.Err() == context.Canceled {
+				log.Info("hook stopped: the peer is back", "try", try)
 				return
 			}
 			log.Warn("hook failed: retrying", "try", try, "err", err, "output", trimOut(out))
-			h.setState(fmt.Sprintf("%s %s: failed %d times, last: %v", name, peer, try, err))
+			h.setState(done, fmt.Sprintf("%s %s: failed %d times, last: %v", name, peer, try, err))
 			select {
 			case <-ctx.Done():
 				if ctx.Err() == context.DeadlineExceeded {
@@ -112,6 +128,11 @@ func (h *hooks) run(ctx context.Context, cmd, name, peer string) ([]byte, error)
 	cctx, cancel := context.WithTimeout(ctx, hookDeadline)
 	defer cancel()
 	c := exec.CommandContext(cctx, "/bin/sh", "-c", cmd)
+	// The shell and whatever it started go as one process group, so
+	// that a deadline or a cancel kills them all and output pipes close.
+	c.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	c.Cancel = func() error { return syscall.Kill(-c.Process.Pid, syscall.SIGKILL) }
+	c.WaitDelay = 5 * time.Second
 	c.Env = append(os.Environ(), "DUET_HOOK="+name, "DUET_NODE="+h.n.cfg.Node, "DUET_PEER="+peer,
 		"DUET_STATE_DIR="+filepath.Clean(h.n.cfg.StateDir))
 	return c.CombinedOutput()

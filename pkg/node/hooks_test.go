@@ -78,3 +78,46 @@ func TestHooksBackCancelsLost(t *testing.T) {
 		t.Fatalf("hooks ran:\n%s", b)
 	}
 }
+
+// peer_back while a peer_lost command is still running: the command and
+// what it started are killed and peer_back runs at once (it once waited
+// for the running hook under the lock that hook needed: a deadlock of the
+// cluster loop whenever kubectl hung at the peer's return).
+func TestHooksBackKillsRunningLost(t *testing.T) {
+	dir := t.TempDir()
+	out := filepath.Join(dir, "out")
+	started := filepath.Join(dir, "started")
+	cfg := &config.Config{Node: "nodeB", StateDir: dir, Hooks: config.Hooks{
+		PeerLost: "touch " + started + "; sleep 60; echo lost >> " + out,
+		PeerBack: "echo back >> " + out,
+	}}
+	n := &Node{cfg: cfg, log: slog.New(slog.NewTextHandler(os.Stderr, nil))}
+	n.hooks.n = n
+	n.hooks.peerLost("nodeA")
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if _, err := os.Stat(started); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("peer_lost never started")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	returned := make(chan struct{})
+	go func() { n.hooks.peerBack(); close(returned) }()
+	select {
+	case <-returned:
+	case <-time.After(10 * time.Second):
+		t.Fatal("peerBack blocked behind the running peer_lost command")
+	}
+	for !strings.HasPrefix(n.hooks.status(), "peer_back nodeA: done") {
+		if time.Now().After(deadline) {
+			t.Fatalf("peer_back never ran: %s", n.hooks.status())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if b, _ := os.ReadFile(out); string(b) != "back\n" {
+		t.Fatalf("hooks wrote %q, want only peer_back's line", b)
+	}
+}
