@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -18,6 +17,7 @@ import (
 
 	"github.com/duet-ha/duet/pkg/cluster"
 	"github.com/duet-ha/duet/pkg/config"
+	"github.com/duet-ha/duet/pkg/stack"
 	"github.com/duet-ha/duet/pkg/vip"
 )
 
@@ -358,7 +358,7 @@ func (n *Node) takeoverChecks(ctx context.Context) (bool, string) {
 	if f := n.cfg.Cluster.Fence; f != "" {
 		cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 		defer cancel()
-		out, err := exec.CommandContext(cctx, "/bin/sh", "-c", f).CombinedOutput()
+		out, err := stack.Shell(cctx, f).CombinedOutput()
 		if err != nil {
 			return false, fmt.Sprintf("fencing command failed (%v): %s", err, trimOut(out))
 		}

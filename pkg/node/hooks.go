@@ -4,11 +4,11 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"sync"
-	"syscall"
 	"time"
+
+	"github.com/duet-ha/duet/pkg/stack"
 )
 
 // Hook retries: a hook that needs a service coming up with this node (the
@@ -127,12 +127,7 @@ func (h *hooks) startLocked(name, cmd, peer string) {
 func (h *hooks) run(ctx context.Context, cmd, name, peer string) ([]byte, error) {
 	cctx, cancel := context.WithTimeout(ctx, hookDeadline)
 	defer cancel()
-	c := exec.CommandContext(cctx, "/bin/sh", "-c", cmd)
-	// The shell and whatever it started go as one process group, so
-	// that a deadline or a cancel kills them all and output pipes close.
-	c.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	c.Cancel = func() error { return syscall.Kill(-c.Process.Pid, syscall.SIGKILL) }
-	c.WaitDelay = 5 * time.Second
+	c := stack.Shell(cctx, cmd)
 	c.Env = append(os.Environ(), "DUET_HOOK="+name, "DUET_NODE="+h.n.cfg.Node, "DUET_PEER="+peer,
 		"DUET_STATE_DIR="+filepath.Clean(h.n.cfg.StateDir))
 	return c.CombinedOutput()

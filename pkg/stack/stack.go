@@ -179,7 +179,7 @@ func (s *Stack) check(ctx context.Context, p *proc) error {
 	case p.svc.CheckCommand != "":
 		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		defer cancel()
-		if out, err := exec.CommandContext(cctx, "/bin/sh", "-c", p.svc.CheckCommand).CombinedOutput(); err != nil {
+		if out, err := Shell(cctx, p.svc.CheckCommand).CombinedOutput(); err != nil {
 			return fmt.Errorf("check command: %v: %s", err, trim(out))
 		}
 	}
@@ -268,7 +268,7 @@ func (s *Stack) stopOne(p *proc) {
 	}
 	if p.svc.Stop != "" {
 		ctx, cancel := context.WithTimeout(context.Background(), p.svc.StopTimeout)
-		out, err := exec.CommandContext(ctx, "/bin/sh", "-c", p.svc.Stop).CombinedOutput()
+		out, err := Shell(ctx, p.svc.Stop).CombinedOutput()
 		cancel()
 		if err != nil {
 			s.Log.Warn("service stop command failed", "service", p.svc.Name, "err", err, "output", trim(out))
