@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode"
 )
 
 // ModuleK3S is the module that makes K3S's datastore and persistent
@@ -128,6 +129,12 @@ func (k *K3S) validate(bad func(string, ...any)) {
 		"nfs_state_dir": k.NFSStateDir, "password_file": k.PasswordFile} {
 		if !filepath.IsAbs(p) {
 			bad("k3s.%s %q: must be an absolute path", field, p)
+		}
+	}
+	// These two go into ganesha's configuration between double quotes.
+	for field, p := range map[string]string{"nfs_dir": k.NFSDir, "nfs_state_dir": k.NFSStateDir} {
+		if strings.ContainsAny(p, "\"\\") || strings.ContainsFunc(p, unicode.IsControl) {
+			bad("k3s.%s %q: the NFS server's configuration cannot hold a path with a double quote, a backslash or a control character", field, p)
 		}
 	}
 	if !sqlNameRE.MatchString(k.Database) {

@@ -96,6 +96,7 @@ func TestK3SModuleErrors(t *testing.T) {
 		{"  database: \"kine; DROP\"", `k3s.database "kine; DROP": 1-32 letters`},
 		{"  kine: nowhere", `k3s.kine "nowhere": want host:port`},
 		{"  nfs_pseudo: \"/ex port\"", `k3s.nfs_pseudo "/ex port"`},
+		{"  nfs_dir: '/srv/a\"b'", `k3s.nfs_dir "/srv/a\"b": the NFS server's configuration cannot hold a path with a double quote`},
 		{"services:\n  - name: nfs\n    start: x", `services[0].name "nfs": already used by the k3s module's service`},
 		{"services:\n  - name: web\n    start: x\n  - name: web\n    start: y", `services[1].name "web": already used by services[0]`},
 		{"replicate:\n  - name: mysql\n    path: /tmp", `replicate[0].name "mysql": already used by k3s.mysql_dir`},
