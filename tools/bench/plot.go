@@ -113,7 +113,7 @@ func (p *plots) lagOverTime(file string) error {
 	if err != nil {
 		return err
 	}
-	line.Color = plotutil.Color(0)
+	line.Color = plotutil.Color(2) // blue, apart from the red target
 	line.Width = vg.Points(1.5)
 	pl.Add(line)
 	target, err := plotter.NewLine(plotter.XYs{{X: 0, Y: 50}, {X: pts[len(pts)-1].X, Y: 50}})
@@ -125,7 +125,12 @@ func (p *plots) lagOverTime(file string) error {
 	pl.Add(target)
 	pl.Legend.Add("lag", line)
 	pl.Legend.Add("50 ms target (p99)", target)
-	pl.Y.Min = 0
+	// The legend goes above the target line, clear of the samples.
+	pl.Legend.Top = true
+	pl.Y.Min, pl.Y.Max = 0, 70
+	for _, xy := range pts {
+		pl.Y.Max = max(pl.Y.Max, xy.Y*1.1)
+	}
 	pl.Add(plotter.NewGrid())
 	return pl.Save(7*vg.Inch, 4*vg.Inch, file)
 }
