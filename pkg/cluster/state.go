@@ -288,6 +288,10 @@ func (m Machine) stepSecond(ev Event) (Machine, []Action) {
 		}
 		if p.State.Serving() {
 			if !p.Synced || p.Epoch != m.Epoch {
+				// Stale at once, and said so in the next heartbeat: the
+				// primary releases the durability calls it could not
+				// ship only once this copy cannot take over.
+				m.Stale = true
 				return m.to(Wait, fmt.Sprintf("%s resynchronises this copy", p.Name))
 			}
 			return m, nil

@@ -134,10 +134,17 @@ func (n *Node) sendHeartbeats(ctx context.Context, conns []*net.UDPConn, peers [
 		for i, c := range conns {
 			c.WriteToUDP(pkt, peers[i])
 		}
+		if m.State == cluster.Alone && n.announcedAlone.Load() != m.Epoch {
+			// A peer that hears this marks its copy stale: durability
+			// calls held for it may go on now.
+			n.announcedAlone.Store(m.Epoch)
+			n.wakePrimaries()
+		}
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+		case <-n.hbKick:
 		}
 	}
 }
@@ -234,6 +241,26 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 		m = next
 		n.machine.Store(&m)
 		n.leaving.Store(false)
+		if ev.Kind == cluster.EvPeerLost && prev.State.Serving() {
+			// The data connections would look alive for minutes after a
+			// crash without a FIN, holding durability calls.
+			n.smu.RLock()
+			for _, p := range n.primaries {
+				p.PeerLost()
+			}
+			n.smu.RUnlock()
+		}
+		if m.State != prev.State || m.Peer.Seen != prev.Peer.Seen || m.Peer.State != prev.Peer.State || m.Peer.Stale != prev.Peer.Stale {
+			if m.State == cluster.Alone && prev.State != cluster.Alone {
+				// Announce ALONE now, not at the next tick: calls held
+				// for the lost peer are released once it is sent.
+				select {
+				case n.hbKick <- struct{}{}:
+				default:
+				}
+			}
+			n.wakePrimaries()
+		}
 		// peer_lost: this node serves and the peer it had is gone (it
 		// took over from a lost primary, or its secondary was lost).
 		tookOver := ev.Kind == cluster.EvChecked && prev.State == cluster.Second && m.State.Serving()

@@ -150,6 +150,11 @@ type Node struct {
 	// releasedAlone: a barrier was released without the peer; the peer
 	// counts as in sync only once all of it has been shipped.
 	releasedAlone atomic.Bool
+	// announcedAlone is the epoch of the last heartbeat sent as ALONE;
+	// hbKick sends one at once (a new ALONE term is announced before any
+	// durability call is released).
+	announcedAlone atomic.Uint64
+	hbKick         chan struct{}
 	// leaving is set while the node leaves the role; lastSynced is what
 	// the heartbeats said of the peer before.
 	leaving    atomic.Bool
@@ -173,7 +178,8 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	n := &Node{cfg: cfg, log: log, key: key, events: make(chan cluster.Event, 64), cmds: make(chan command)}
+	n := &Node{cfg: cfg, log: log, key: key, events: make(chan cluster.Event, 64), cmds: make(chan command),
+		hbKick: make(chan struct{}, 1)}
 	n.drained = sync.NewCond(&n.drainMu)
 	n.hooks.n = n
 	for i, r := range cfg.Replicate {
@@ -455,7 +461,7 @@ func (n *Node) unserve(ctx context.Context) {
 	n.smu.RUnlock()
 	dctx, cancel := context.WithTimeout(ctx, barrierTimeout)
 	for _, p := range primaries {
-		if err := p.WaitShipped(dctx, kernel{n}, n.cfg.Cluster.Timeout); err != nil {
+		if err := p.WaitShipped(dctx, kernel{n}, replica.Release{After: n.cfg.Cluster.Timeout}); err != nil {
 			n.log.Warn("leaving the role with changes not on the peer (tracked for a resync)", "dir", p.Dir.Name, "err", err)
 		} else if err := p.HandedOver(); err != nil {
 			n.log.Warn("recording the handover", "dir", p.Dir.Name, "err", err)
@@ -893,10 +899,6 @@ func Command(socket, req string) (string, error) {
 // record still wakes the reader at once.
 const eagerHold = 2 * time.Second
 
-// AloneAfter is how long a barrier waits for a missing peer before the
-// node declares itself alone and releases durability calls.
-const AloneAfter = 5 * time.Second
-
 // barrierTimeout bounds a barrier with a connected peer; past it the call
 // fails (EIO) rather than claim durability.
 const barrierTimeout = 30 * time.Second
@@ -925,25 +927,27 @@ func (n *Node) barrier(ctx context.Context) string {
 			n.eager.Store(true)
 		}
 	}
-	// A peer that is not streaming cannot take over (it is not SECOND):
-	// the change stays here, tracked, until it is shipped.
+	// A peer that cannot take over (lost, or its copy is stale) does not
+	// hold the call: the change stays here, tracked, until it is shipped.
+	// One that could take over holds it until the change is on it, or
+	// until the cluster learns it cannot (see peerCannotTakeOver).
 	streaming := m.State == cluster.Prim
 	for _, p := range primaries {
 		streaming = streaming && p.Streaming()
 	}
-	if !streaming {
+	if !streaming && n.peerCannotTakeOver() {
 		return n.alone()
 	}
 	ctx, cancel := context.WithTimeout(ctx, barrierTimeout)
 	defer cancel()
 	reply := "ok"
-	alone := min(AloneAfter, n.cfg.Cluster.Timeout)
+	rel := replica.Release{Now: n.peerCannotTakeOver}
 	for i, p := range primaries {
 		var err error
 		if r := n.cfg.Replicate[i]; r.Mode == config.ModeAsync {
-			err = p.WaitLag(ctx, r.MaxLag, alone)
+			err = p.WaitLag(ctx, r.MaxLag, rel)
 		} else {
-			err = p.WaitShipped(ctx, kernel{n}, alone)
+			err = p.WaitShipped(ctx, kernel{n}, rel)
 		}
 		switch {
 		case errors.Is(err, replica.ErrAlone) && n.leaving.Load():
@@ -957,6 +961,35 @@ func (n *Node) barrier(ctx context.Context) string {
 		}
 	}
 	return reply
+}
+
+// peerCannotTakeOver reports whether the peer can no longer take over with
+// a copy that lacks what this node writes now, so that a durability call
+// the peer did not confirm may be released: the cluster declared the peer
+// lost and this node's heartbeats have announced ALONE since (a peer that
+// still hears them marks its copy stale before anything is released), or
+// the peer says its copy is stale, or it is stopped. While the peer is
+// heard as an up-to-date SECOND, a call the data path cannot confirm is
+// held instead: released, the change could be lost by a takeover. The
+// heartbeats then say the peer is out of sync, it marks its copy stale and
+// says so, and the call is released (or it fails at barrierTimeout).
+func (n *Node) peerCannotTakeOver() bool {
+	m := n.machine.Load()
+	if m.State == cluster.Alone {
+		return n.announcedAlone.Load() == m.Epoch
+	}
+	p := m.Peer
+	return p.Seen && (p.Stale || p.State == cluster.Stop)
+}
+
+// wakePrimaries has every waiting durability call look again at what the
+// cluster knows of the peer.
+func (n *Node) wakePrimaries() {
+	n.smu.RLock()
+	defer n.smu.RUnlock()
+	for _, p := range n.primaries {
+		p.Wake()
+	}
 }
 
 // alone answers a durability call that no peer in sync can confirm:

@@ -26,6 +26,10 @@ const (
 	maxUnacked   = 256 << 20 // compressed bytes in flight before building waits
 	batchWindow  = 2 * time.Millisecond
 	retryBackoff = 500 * time.Millisecond
+	// refusedBackoff bounds the wait between attempts while the peer
+	// refuses to apply (disk full, a path it cannot create): a peer that
+	// cannot apply is backed off, not hammered.
+	refusedBackoff = 30 * time.Second
 )
 
 type sentBatch struct {
@@ -70,6 +74,10 @@ type Primary struct {
 	durable           uint64 // highest batch the peer applied and synced
 	syncReq           uint64 // highest batch a barrier asked to be made durable
 	connected         bool
+	// dropConn ends the current connection (nil without one): the
+	// cluster declared the peer lost, which TCP may not notice for
+	// minutes after a crash without a FIN.
+	dropConn          context.CancelFunc
 	building          bool
 	lastErr           string
 	barrierCount      uint64
@@ -213,10 +221,17 @@ func (p *Primary) Run(ctx context.Context, kernel Kernel) {
 	go p.forgetLoop(ctx, kernel)
 	var lastLog time.Time
 	var lastMsg string
+	backoff := retryBackoff
 	for ctx.Err() == nil {
 		err := p.connection(ctx, kernel)
 		if ctx.Err() != nil {
 			return
+		}
+		var refused *PeerRefusedError
+		if errors.As(err, &refused) {
+			backoff = min(2*backoff, refusedBackoff)
+		} else {
+			backoff = retryBackoff
 		}
 		p.mu.Lock()
 		p.lastErr, p.lastErrAt = err.Error(), time.Now()
@@ -224,12 +239,12 @@ func (p *Primary) Run(ctx context.Context, kernel Kernel) {
 		// One line per new failure, then a reminder every 30s: retries
 		// every half second must not flood the log.
 		if err.Error() != lastMsg || time.Since(lastLog) > 30*time.Second {
-			p.Log.Warn("replication link down, retrying", "peer", p.Peer, "err", err)
+			p.Log.Warn("replication link down, retrying", "peer", p.Peer, "err", err, "retry_in", backoff)
 			lastLog, lastMsg = time.Now(), err.Error()
 		}
 		select {
 		case <-ctx.Done():
-		case <-time.After(retryBackoff):
+		case <-time.After(backoff):
 		}
 	}
 }
@@ -273,6 +288,7 @@ func (p *Primary) connection(ctx context.Context, kernel Kernel) error {
 		from = 0 // the peer starts this session afresh
 	}
 	p.connected = true
+	p.dropConn = cancel
 	p.welcome = w
 	p.doneSent = false // a resync's end not acknowledged goes again
 	p.mu.Unlock()
@@ -281,6 +297,7 @@ func (p *Primary) connection(ctx context.Context, kernel Kernel) error {
 	defer func() {
 		p.mu.Lock()
 		p.connected = false
+		p.dropConn = nil
 		p.mu.Unlock()
 		p.wake()
 	}()
@@ -290,6 +307,9 @@ func (p *Primary) connection(ctx context.Context, kernel Kernel) error {
 	go func() { errc <- p.writeBatches(cctx, c, from) }()
 	go func() { errc <- p.build(cctx, c, kernel, manifest) }()
 	err = <-errc
+	if cctx.Err() != nil && ctx.Err() == nil {
+		err = errors.New("the cluster declared the peer lost (no heartbeats): connection ended")
+	}
 	// Every goroutine of this connection is gone before the next one
 	// starts: none may act on a later connection's state.
 	cancel()
@@ -339,12 +359,39 @@ func (p *Primary) readAcks(ctx context.Context, c net.Conn, manifest chan<- wire
 				return ctx.Err()
 			}
 		case wire.TypeError:
-			return fmt.Errorf("peer refused: %s", f.Payload)
+			return &PeerRefusedError{Reason: string(f.Payload)}
 		default:
 			return fmt.Errorf("unexpected %s from peer", f.Type)
 		}
 	}
 }
+
+// PeerRefusedError is the peer's refusal of the replication stream: it
+// could not apply a batch (its disk is full, a path it cannot create) or
+// does not take replication now. The batch stays here; the primary backs
+// off before it tries again.
+type PeerRefusedError struct{ Reason string }
+
+func (e *PeerRefusedError) Error() string { return "peer cannot apply: " + e.Reason }
+
+// PeerLost ends the connection in progress: the cluster declared the peer
+// lost. A crashed host sends no FIN, and the connection would otherwise
+// look alive, holding durability calls, until TCP gives up minutes later.
+// Reconnection attempts go on.
+func (p *Primary) PeerLost() {
+	p.mu.Lock()
+	drop := p.dropConn
+	p.mu.Unlock()
+	if drop != nil {
+		p.Log.Info("peer lost: ending the replication connection", "peer", p.Peer)
+		drop()
+	}
+	p.wake()
+}
+
+// Wake re-evaluates every waiting durability call: what the cluster knows
+// of the peer changed (see Release).
+func (p *Primary) Wake() { p.wake() }
 
 // ack drops acknowledged batches. Called with p.mu held.
 func (p *Primary) ack(seq uint64) {
@@ -665,44 +712,67 @@ func (p *Primary) lag() time.Duration {
 	return time.Since(oldest)
 }
 
+// Release says when a durability call goes on without the peer's ack
+// ("alone": the change stays tracked for a resync). Releasing is safe
+// only while the peer cannot take over with a copy that lacks the change:
+// it is dead or cut off and told so, or it knows its copy is stale.
+type Release struct {
+	// Now reports whether the peer cannot take over now (the cluster
+	// declared it lost, or it says its copy is stale). Checked while the
+	// peer is not streaming; called with the primary's lock held, it must
+	// not call back into the Primary. Nil: never.
+	Now func() bool
+	// After releases once the peer has not been streaming for that long
+	// (0: never by time alone). For a node leaving its role.
+	After time.Duration
+}
+
 // WaitLag returns once the lag is at most bound: what an async directory's
-// durability call waits for. Without a peer for `alone`, it returns
-// ErrAlone.
-func (p *Primary) WaitLag(ctx context.Context, bound, alone time.Duration) error {
-	return p.waitPeer(ctx, alone, func() bool { return p.lag() <= bound })
+// durability call waits for. Released without the peer (see Release), it
+// returns ErrAlone.
+func (p *Primary) WaitLag(ctx context.Context, bound time.Duration, rel Release) error {
+	return p.waitPeer(ctx, rel, func() bool { return p.lag() <= bound })
 }
 
 // waitPeer waits until done (called with p.mu held, while connected)
-// says yes. Without a peer for `alone`, it returns ErrAlone; when ctx
+// says yes. Released without the peer, it returns ErrAlone; when ctx
 // ends first, ctx's error.
-func (p *Primary) waitPeer(ctx context.Context, alone time.Duration, done func() bool) error {
+func (p *Primary) waitPeer(ctx context.Context, rel Release, done func() bool) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	go func() {
 		<-ctx.Done()
 		p.wake()
 	}()
-	var since time.Time
-	t := time.AfterFunc(alone, p.wake)
-	defer t.Stop()
+	var since time.Time // the peer has not been streaming since
+	var t *time.Timer
+	if rel.After > 0 {
+		t = time.AfterFunc(rel.After, p.wake)
+		defer t.Stop()
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		if p.connected {
+		if p.connected && done() {
+			return nil
+		}
+		if p.streamingLocked() {
 			since = time.Time{}
-			if done() {
-				return nil
-			}
 		} else {
-			if since.IsZero() {
-				since = time.Now()
-				t.Reset(alone)
-			}
-			if time.Since(since) >= alone {
+			if rel.Now != nil && rel.Now() {
 				return ErrAlone
+			}
+			if rel.After > 0 {
+				if since.IsZero() {
+					since = time.Now()
+					t.Reset(rel.After)
+				}
+				if time.Since(since) >= rel.After {
+					return ErrAlone
+				}
 			}
 		}
 		p.done.Wait()
@@ -714,6 +784,10 @@ func (p *Primary) waitPeer(ctx context.Context, alone time.Duration, done func()
 func (p *Primary) Streaming() bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	return p.streamingLocked()
+}
+
+func (p *Primary) streamingLocked() bool {
 	return p.connected && !p.needFull && p.acked >= p.fullSyncEnd && !p.rs.Active
 }
 
@@ -768,18 +842,18 @@ func FetchManifest(ctx context.Context, peer string, key []byte, name string) ([
 	}
 }
 
-// ErrAlone is returned by WaitShipped when no peer was connected for the
-// whole grace period: the node runs alone and changes wait for a resync.
+// ErrAlone is returned by WaitShipped and WaitLag when the call was
+// released without the peer (see Release): changes wait for a resync.
 var ErrAlone = errors.New("no peer connected: running alone")
 
 // WaitShipped returns once every change captured before the call has been
-// applied and synced by the peer. Without a peer for `alone`, it returns
-// ErrAlone; when ctx ends first, ctx's error.
+// applied and synced by the peer. Released without the peer (see
+// Release), it returns ErrAlone; when ctx ends first, ctx's error.
 //
 // It waits for the first build pass that took every change counted when
 // the call began, then for that pass's last batch to be acknowledged;
 // changes made after the call, by other writers, do not hold it.
-func (p *Primary) WaitShipped(ctx context.Context, kernel Kernel, alone time.Duration) error {
+func (p *Primary) WaitShipped(ctx context.Context, kernel Kernel, rel Release) error {
 	p.barriers.Add(1)
 	select {
 	case p.barrierKick <- struct{}{}:
@@ -802,7 +876,7 @@ func (p *Primary) WaitShipped(ctx context.Context, kernel Kernel, alone time.Dur
 	var need uint64 // the batch to be made durable, once a pass covered target
 	var fullSyncs int
 	covered := false
-	return p.waitPeer(ctx, alone, func() bool {
+	return p.waitPeer(ctx, rel, func() bool {
 		if covered && p.fullSyncs != fullSyncs {
 			// A full sync replaced the batches since (the peer lost
 			// them): wait for the full sync's batches.

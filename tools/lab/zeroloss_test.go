@@ -154,11 +154,12 @@ func missingRecords(acked int, data []byte) int {
 
 func readAcked(t *testing.T, path string) int {
 	b, _ := os.ReadFile(path)
-	lines := strings.Fields(string(b))
-	if len(lines) == 0 {
+	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+	last := strings.Fields(lines[len(lines)-1]) // number [µs]
+	if len(last) == 0 {
 		return 0
 	}
-	n, err := strconv.Atoi(lines[len(lines)-1])
+	n, err := strconv.Atoi(last[0])
 	if err != nil {
 		t.Fatalf("bad ack log %s: %v", path, err)
 	}

@@ -4,6 +4,9 @@
 // The zero-loss tests run it under `duet exec` and check that every
 // printed number is on the peer.
 //
+// With -timing each line also carries how long that record's write and
+// durability call took, in microseconds: the longest stall a writer saw.
+//
 // Modes: fdatasync (write, then fdatasync), dsync (the file is opened with
 // O_DSYNC: write(2) itself is the durability point), msync (records are
 // stored into a shared mapping of the file, then msync(MS_SYNC)).
@@ -14,6 +17,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -27,11 +31,18 @@ func main() {
 	file := flag.String("file", "", "file to append to")
 	max := flag.Int("max", 1<<30, "stop after this many records")
 	mode := flag.String("mode", "fdatasync", "fdatasync, dsync or msync")
+	timing := flag.Bool("timing", false, "print each record's write+sync time (µs) after its number")
 	flag.Parse()
 	out := bufio.NewWriter(os.Stdout)
+	start := time.Now()
 	acked := func(i int) {
-		fmt.Fprintln(out, i)
+		if *timing {
+			fmt.Fprintln(out, i, time.Since(start).Microseconds())
+		} else {
+			fmt.Fprintln(out, i)
+		}
 		out.Flush()
+		start = time.Now()
 	}
 	die := func(code int, format string, a ...any) {
 		out.Flush()
