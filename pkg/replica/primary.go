@@ -77,18 +77,18 @@ type Primary struct {
 	// dropConn ends the current connection (nil without one): the
 	// cluster declared the peer lost, which TCP may not notice for
 	// minutes after a crash without a FIN.
-	dropConn          context.CancelFunc
-	building          bool
-	lastErr           string
-	barrierCount      uint64
-	barrierNs         int64
-	lastErrAt         time.Time
-	fullSyncs         int
-	fullSyncEnd       uint64 // last batch of the latest full sync
-	dataBytes         uint64
-	wireBytes         uint64
-	changedBytes      uint64
-	records           uint64
+	dropConn     context.CancelFunc
+	building     bool
+	lastErr      string
+	barrierCount uint64
+	barrierNs    int64
+	lastErrAt    time.Time
+	fullSyncs    int
+	fullSyncEnd  uint64 // last batch of the latest full sync
+	dataBytes    uint64
+	wireBytes    uint64
+	changedBytes uint64
+	records      uint64
 	// added counts what was folded into the journal (records, rescans).
 	// covered is the count a finished build pass took in whole (nothing
 	// requeued), coveredSeq the last batch of that pass: once it is
