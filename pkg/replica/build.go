@@ -232,7 +232,15 @@ func (b *builder) reconcile(ino uint64) (bool, error) {
 	if err != nil {
 		return false, nil
 	}
-	sort.Slice(ents, func(i, j int) bool { return ents[i].Name < ents[j].Name })
+	// Known inodes first (renames, links), then new ones: after `mv w
+	// w.old; mkdir w` the peer's w moves away before a new w is made.
+	sort.SliceStable(ents, func(i, j int) bool {
+		ki, kj := b.sh.nodes[ents[i].Ino] != nil, b.sh.nodes[ents[j].Ino] != nil
+		if ki != kj {
+			return ki
+		}
+		return ents[i].Name < ents[j].Name
+	})
 	node := b.sh.nodes[ino]
 	present := make(map[string]bool, len(ents))
 	for _, e := range ents {
@@ -290,6 +298,19 @@ func (b *builder) entry(d *os.File, dirPath string, dirIno uint64, e fstree.Dire
 			}
 			b.sh.add(e.Ino, kn.mode, dirIno, e.Name)
 			return nil
+		}
+	}
+	// A new inode where the peer holds another one (deleted, or renamed
+	// to a place not reconciled yet): the peer's goes first. A directory
+	// made over it would otherwise keep the old one's entries (mkdir on
+	// the peer keeps an existing directory), and a later rename of the
+	// old inode finds it gone and ships it whole instead.
+	if dn := b.sh.nodes[dirIno]; dn != nil {
+		if _, held := dn.children[e.Name]; held {
+			if err := b.out.add(&wire.Op{Code: wire.OpRemove, Path: to}); err != nil {
+				return err
+			}
+			b.sh.unlink(dirIno, e.Name)
 		}
 	}
 	if err := b.create(d, to, dirIno, e.Name, &st); err != nil {
