@@ -5,6 +5,7 @@ go 1.26.8
 tool github.com/cilium/ebpf/cmd/bpf2go
 
 require (
+	github.com/anishathalye/porcupine v1.3.1
 	github.com/cilium/ebpf v0.22.0
 	github.com/klauspost/compress v1.18.0
 	github.com/mdlayher/arp v0.0.0-20220512170110-6706a2966875
