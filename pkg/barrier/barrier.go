@@ -93,15 +93,24 @@ func (a *asm) program() []unix.SockFilter {
 	return out
 }
 
+// x32SyscallBit is __X32_SYSCALL_BIT: an x86-64 process may make x32
+// calls (same architecture in seccomp_data, numbers with this bit set).
+const x32SyscallBit = 0x40000000
+
 // filter returns the seccomp program: durability calls, opens with
-// O_SYNC/O_DSYNC and writes that may be synchronous go to the listener,
-// io_uring_setup fails with ENOSYS (so programs fall back to syscalls the
-// filter sees), a foreign architecture fails with ENOSYS, the rest runs.
+// O_SYNC/O_DSYNC and writes that may be synchronous go to the listener;
+// the rest runs. Some calls fail with ENOSYS, as on a kernel without them,
+// so that programs fall back to calls the filter sees: io_uring_setup
+// (io_uring's reads, writes and fsyncs never pass through here), every
+// x32 call (its numbers are not the ones matched below) and a foreign
+// architecture (i386's int 0x80). preadv2's RWF_SYNC/RWF_DSYNC mean
+// nothing for a read and are not held.
 func filter() []unix.SockFilter {
 	a := &asm{labels: map[string]int{}}
 	a.load(offArch)
 	a.jeq(unix.AUDIT_ARCH_X86_64, "", "enosys")
 	a.load(offNR)
+	a.jge(x32SyscallBit, "enosys", "")
 	for _, nr := range trapped {
 		a.jeq(nr, "notify", "")
 	}
