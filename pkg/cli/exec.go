@@ -16,8 +16,8 @@ func newExec(s IOStreams) *cobra.Command {
 		Short: "Run a command whose fsyncs wait until its data is on the peer",
 		Long: `exec runs COMMAND (and every process it starts) under a seccomp filter: its
 fsync, fdatasync, sync_file_range, msync, syncfs and sync calls, and its writes
-to files opened with O_SYNC or O_DSYNC (or pwritev2 with RWF_DSYNC), return
-once the primary's duet daemon has every change made so far applied and
+to files opened with O_SYNC or O_DSYNC (or pwritev2 with RWF_DSYNC), and
+their Linux AIO forms (io_submit), return once the primary's duet daemon has every change made so far applied and
 synced on the peer. If the daemon cannot confirm it, the call fails with EIO
 instead of claiming durability. With no peer in sync for the fault-detection
 timeout the node runs alone and the calls are released (or fail with EIO when
