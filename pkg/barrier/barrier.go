@@ -1,8 +1,9 @@
 // Package barrier runs a command under a seccomp filter that stops its
-// durability calls (fsync, fdatasync, sync_file_range, msync, syncfs, sync)
-// until duet confirms that every change made so far is on the peer. eBPF
-// cannot block a write; these calls are where an application learns that
-// its data is durable, so that is where duet waits.
+// durability calls (fsync, fdatasync, sync_file_range, msync, syncfs, sync,
+// synchronous writes, and their Linux AIO forms) until duet confirms that
+// every change made so far is on the peer. eBPF cannot block a write;
+// these calls are where an application learns that its data is durable,
+// so that is where duet waits.
 package barrier
 
 import (
@@ -93,19 +94,30 @@ func (a *asm) program() []unix.SockFilter {
 	return out
 }
 
+// x32SyscallBit is __X32_SYSCALL_BIT: an x86-64 process may make x32
+// calls (same architecture in seccomp_data, numbers with this bit set).
+const x32SyscallBit = 0x40000000
+
 // filter returns the seccomp program: durability calls, opens with
-// O_SYNC/O_DSYNC and writes that may be synchronous go to the listener,
-// io_uring_setup fails with ENOSYS (so programs fall back to syscalls the
-// filter sees), a foreign architecture fails with ENOSYS, the rest runs.
+// O_SYNC/O_DSYNC, writes that may be synchronous and io_submit (whose
+// requests may be flushes or synchronous writes) go to the listener; the
+// rest runs. Some calls fail with ENOSYS, as on a kernel without them, so
+// that programs fall back to calls the filter sees: io_uring_setup
+// (io_uring's reads, writes and fsyncs never pass through here), every
+// x32 call (its numbers are not the ones matched below) and a foreign
+// architecture (i386's int 0x80). preadv2's RWF_SYNC/RWF_DSYNC mean
+// nothing for a read and are not held.
 func filter() []unix.SockFilter {
 	a := &asm{labels: map[string]int{}}
 	a.load(offArch)
 	a.jeq(unix.AUDIT_ARCH_X86_64, "", "enosys")
 	a.load(offNR)
+	a.jge(x32SyscallBit, "enosys", "")
 	for _, nr := range trapped {
 		a.jeq(nr, "notify", "")
 	}
 	a.jeq(unix.SYS_IO_URING_SETUP, "enosys", "")
+	a.jeq(unix.SYS_IO_SUBMIT, "notify", "")
 	a.jeq(unix.SYS_OPEN, "flags1", "")
 	a.jeq(unix.SYS_OPENAT, "flags2", "")
 	a.jeq(unix.SYS_OPENAT2, "notify", "") // flags in memory: the supervisor looks
@@ -301,6 +313,9 @@ func answer(listener int, req seccompNotif, wait Func) {
 		return
 	case unix.SYS_WRITE, unix.SYS_PWRITE64, unix.SYS_WRITEV, unix.SYS_PWRITEV, unix.SYS_PWRITEV2:
 		writeSync(listener, &req, wait)
+		return
+	case unix.SYS_IO_SUBMIT:
+		aioSubmit(listener, &req, wait)
 		return
 	}
 	resp := seccompNotifResp{ID: req.ID}

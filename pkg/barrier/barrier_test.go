@@ -8,9 +8,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"testing"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -54,6 +57,10 @@ func helper(mode string) int {
 		err = unix.Fdatasync(int(f.Fd()))
 	case "dsync":
 		return dsyncHelper(os.Getenv("DUET_BARRIER_FILE"))
+	case "aio-fdsync", "aio-dsync", "aio-write", "aio-odsync", "aio-direct":
+		return aioHelper(mode, os.Getenv("DUET_BARRIER_FILE"))
+	case "x32-fsync":
+		return x32Fsync()
 	default:
 		return 101
 	}
@@ -344,9 +351,191 @@ func TestFilterDecisions(t *testing.T) {
 		{"open O_DSYNC", unix.SYS_OPEN, []uint64{0, unix.O_RDWR | unix.O_DSYNC}, notify},
 		{"open plain", unix.SYS_OPEN, []uint64{0, unix.O_RDWR}, allow},
 		{"openat2", unix.SYS_OPENAT2, nil, notify},
+		{"io_submit", unix.SYS_IO_SUBMIT, []uint64{1, 1, 0}, notify},
+		{"preadv2 RWF_DSYNC", unix.SYS_PREADV2, []uint64{4, 0, 0, 0, 0, unix.RWF_DSYNC}, allow},
+		{"x32 fsync", x32Bit | unix.SYS_FSYNC, []uint64{3}, enosys},
+		{"x32 write sync fd", x32Bit | unix.SYS_WRITE, []uint64{SyncFDBase}, enosys},
+		{"x32 read", x32Bit | unix.SYS_READ, []uint64{3}, enosys},
 	} {
 		if got := run(f, c.nr, c.args...); got != c.want {
 			t.Errorf("%s: %#x, want %#x", c.name, got, c.want)
 		}
+	}
+}
+
+// aioIocb is struct iocb (64 bytes, little-endian x86-64 layout).
+type aioIocb struct {
+	Data      uint64
+	Key       uint32
+	RWFlags   uint32
+	Opcode    uint16
+	Reqprio   int16
+	Fd        uint32
+	Buf       uint64
+	Nbytes    uint64
+	Offset    int64
+	Reserved2 uint64
+	Flags     uint32
+	Resfd     uint32
+}
+
+// aioPayload is what aioHelper writes in mode: one 4 KiB block for
+// O_DIRECT.
+func aioPayload(mode string) string {
+	if mode == "aio-direct" {
+		return mode + "\n" + strings.Repeat(".", 4096-len(mode)-1)
+	}
+	return mode + "\n"
+}
+
+// aioHelper makes one Linux AIO request on file with io_submit and waits
+// for its completion: a plain write; an RWF_DSYNC write; a write to a file
+// opened with O_DSYNC, or O_DSYNC|O_DIRECT; a written byte then an
+// IOCB_CMD_FDSYNC. Exit 0 when the request completed fully.
+func aioHelper(mode, file string) int {
+	flags := os.O_RDWR | os.O_CREATE
+	switch mode {
+	case "aio-odsync":
+		flags |= unix.O_DSYNC
+	case "aio-direct":
+		flags |= unix.O_DSYNC | unix.O_DIRECT
+	}
+	f, err := os.OpenFile(file, flags, 0o644)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "open:", err)
+		return 130
+	}
+	var ctx uint64
+	if _, _, e := unix.Syscall(unix.SYS_IO_SETUP, 1, uintptr(unsafe.Pointer(&ctx)), 0); e != 0 {
+		fmt.Fprintln(os.Stderr, "io_setup:", e)
+		return 131
+	}
+	// Page-aligned, as O_DIRECT wants.
+	data, err := unix.Mmap(-1, 0, 4096, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	if err != nil {
+		return 132
+	}
+	data = data[:copy(data, aioPayload(mode))]
+	cb := aioIocb{Opcode: iocbCmdPwrite, Fd: uint32(f.Fd()), Buf: uint64(uintptr(unsafe.Pointer(&data[0]))), Nbytes: uint64(len(data))}
+	switch mode {
+	case "aio-dsync":
+		cb.RWFlags = unix.RWF_DSYNC
+	case "aio-fdsync":
+		if _, err := f.Write(data); err != nil {
+			return 133
+		}
+		cb = aioIocb{Opcode: iocbCmdFdsync, Fd: uint32(f.Fd())}
+	}
+	cbs := []uintptr{uintptr(unsafe.Pointer(&cb))}
+	if n, _, e := unix.Syscall(unix.SYS_IO_SUBMIT, uintptr(ctx), 1, uintptr(unsafe.Pointer(&cbs[0]))); e != 0 || n != 1 {
+		fmt.Fprintln(os.Stderr, "io_submit:", n, e)
+		return 134
+	}
+	var ev [4]int64 // struct io_event: data, obj, res, res2
+	if n, _, e := unix.Syscall6(unix.SYS_IO_GETEVENTS, uintptr(ctx), 1, 1, uintptr(unsafe.Pointer(&ev)), 0, 0); e != 0 || n != 1 {
+		fmt.Fprintln(os.Stderr, "io_getevents:", n, e)
+		return 135
+	}
+	runtime.KeepAlive(cb)
+	if want := int64(cb.Nbytes); ev[2] != want {
+		fmt.Fprintln(os.Stderr, "aio result", ev[2], "want", want)
+		return 136
+	}
+	return 0
+}
+
+// Durability asked through Linux AIO waits for the barrier: an
+// IOCB_CMD_FDSYNC, and a synchronous write (RWF_DSYNC, or to a file opened
+// with O_DSYNC), whose bytes must already be in the file (where the
+// capture sees them) when the barrier runs. A plain write is not held.
+func TestAIODurabilityWaits(t *testing.T) {
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		mode  string
+		holds int32
+	}{{"aio-fdsync", 1}, {"aio-dsync", 1}, {"aio-odsync", 1}, {"aio-direct", 1}, {"aio-write", 0}} {
+		file := filepath.Join(t.TempDir(), "f")
+		t.Setenv("DUET_BARRIER_HELPER", c.mode)
+		t.Setenv("DUET_BARRIER_FILE", file)
+		var n atomic.Int32
+		var seen atomic.Value // the file's content when the barrier ran
+		seen.Store("")
+		wait := func(int32) error {
+			n.Add(1)
+			b, _ := os.ReadFile(file)
+			seen.Store(string(b))
+			return nil
+		}
+		if code := supervise(t, wait, self); code != 0 {
+			t.Errorf("%s: helper exit %d", c.mode, code)
+			continue
+		}
+		if n.Load() != c.holds {
+			t.Errorf("%s: %d barriers, want %d", c.mode, n.Load(), c.holds)
+		}
+		want := aioPayload(c.mode)
+		if c.holds > 0 && seen.Load().(string) != want {
+			t.Errorf("%s: the file held %.40q when the barrier ran, want the data it covers", c.mode, seen.Load().(string))
+		}
+		if got, _ := os.ReadFile(file); string(got) != want {
+			t.Errorf("%s: file holds %.40q", c.mode, got)
+		}
+	}
+}
+
+// x32Bit marks a syscall number of the x32 ABI (__X32_SYSCALL_BIT).
+const x32Bit = 0x40000000
+
+// x32Fsync calls fsync through the x32 ABI and exits with its errno.
+func x32Fsync() int {
+	f, err := os.CreateTemp("", "duet-barrier")
+	if err != nil {
+		return 100
+	}
+	defer os.Remove(f.Name())
+	_, _, e := unix.Syscall(x32Bit|unix.SYS_FSYNC, f.Fd(), 0, 0)
+	return int(e)
+}
+
+// An x86-64 program can make x32 calls; their numbers differ from the
+// ones the filter traps, so they are refused rather than let through.
+func TestX32CallsRefused(t *testing.T) {
+	if e := x32Fsync(); e == int(unix.ENOSYS) {
+		t.Skip("kernel without CONFIG_X86_X32_ABI: x32 calls fail with ENOSYS anyway (TestFilterDecisions checks the filter)")
+	}
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("DUET_BARRIER_HELPER", "x32-fsync")
+	var n atomic.Int32
+	if code := supervise(t, counting(&n, nil), self); code != int(unix.ENOSYS) {
+		t.Errorf("x32 fsync under the filter: exit %d after %d barriers, want ENOSYS (%d)", code, n.Load(), unix.ENOSYS)
+	}
+}
+
+// A write ahead to an O_DIRECT file succeeds whatever the alignment of
+// the bytes read from the caller (Go places them where its allocator
+// likes).
+func TestWriteAheadAlignsForODirect(t *testing.T) {
+	f, err := os.OpenFile(filepath.Join(t.TempDir(), "f"), os.O_RDWR|os.O_CREATE|unix.O_DIRECT, 0o600)
+	if err != nil {
+		t.Skipf("O_DIRECT not supported here: %v", err)
+	}
+	defer f.Close()
+	mem, err := unix.Mmap(-1, 0, 8192, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Munmap(mem)
+	odd := mem[1 : 1+4096]
+	if _, err := unix.Pwrite(int(f.Fd()), odd, 0); !errors.Is(err, unix.EINVAL) {
+		t.Skipf("this filesystem takes unaligned O_DIRECT buffers (%v): nothing to check", err)
+	}
+	if err := pwriteAll(int(f.Fd()), odd, 0, 0, true); err != nil {
+		t.Fatalf("write ahead from an unaligned buffer: %v", err)
 	}
 }

@@ -16,14 +16,14 @@ func newExec(s IOStreams) *cobra.Command {
 		Short: "Run a command whose fsyncs wait until its data is on the peer",
 		Long: `exec runs COMMAND (and every process it starts) under a seccomp filter: its
 fsync, fdatasync, sync_file_range, msync, syncfs and sync calls, and its writes
-to files opened with O_SYNC or O_DSYNC (or pwritev2 with RWF_DSYNC), return
-once the primary's duet daemon has every change made so far applied and
+to files opened with O_SYNC or O_DSYNC (or pwritev2 with RWF_DSYNC), and
+their Linux AIO forms (io_submit), return once the primary's duet daemon has every change made so far applied and
 synced on the peer. If the daemon cannot confirm it, the call fails with EIO
 instead of claiming durability. With no peer in sync for the fault-detection
 timeout the node runs alone and the calls are released (or fail with EIO when
 cluster.alone_writes is fail). A directory in async mode holds them only while
-its lag exceeds max_lag. io_uring_setup fails with ENOSYS, so programs fall
-back to plain syscalls. Exit status and signals are those of COMMAND.`,
+its lag exceeds max_lag. io_uring_setup and x32 calls fail with ENOSYS, so
+programs fall back to plain syscalls. Exit status and signals are those of COMMAND.`,
 		Example: `  duet exec -- mariadbd --datadir /srv/mysql
   duet exec --config /etc/duet/duet.yaml -- ./writer`,
 		Args: cobra.MinimumNArgs(1),

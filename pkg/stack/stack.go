@@ -110,10 +110,11 @@ func (s *Stack) Start(ctx context.Context) error {
 
 // launch starts p and waits until its check passes.
 func (s *Stack) launch(ctx context.Context, p *proc) error {
-	cmd, err := s.Launch([]string{"/bin/sh", "-c", p.svc.Start}, func(c *exec.Cmd) {
+	cmd, err := spawn(s.Launch, []string{"/bin/sh", "-c", p.svc.Start}, func(c *exec.Cmd) {
 		c.Stdout, c.Stderr = s.Output, s.Output
 		// Its own process group, so stop reaches its children; killed
-		// with the daemon, so no service outlives a crashed duet.
+		// with the daemon, so no service outlives a crashed duet (spawn
+		// forks on a thread that lives as long as the daemon).
 		c.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	})
 	if err != nil {
