@@ -12,7 +12,7 @@ export DUET_BIN := $(CURDIR)/$(BIN)
 # fails with "context deadline exceeded" without any crashing input.
 FUZZTIME ?= 400000x
 
-.PHONY: help build generate check-generate test unit e2e fuzz demo lab-up lab-down bench vet clean vagrant-check k3s-soak
+.PHONY: help build generate check-generate test unit e2e fuzz demo lab-up lab-down bench vet clean vagrant-check k3s-soak nemesis
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -57,6 +57,9 @@ vagrant-check: build ## check the Vagrant lab without VMs: vagrant validate, bas
 
 k3s-soak: build ## the k3s stack failover test, 20 runs (DUET_K3S_RUNS to change)
 	$(SUDO) DUET_K3S_RUNS=$${DUET_K3S_RUNS:-20} DUET_REQUIRE_STACK=1 $(GO) test -count=1 -timeout 60m -v -run TestK3SStackFailover ./tools/lab/
+
+nemesis: build ## the fault campaign: DUET_NEMESIS_RUNS (30) random faults, DUET_NEMESIS_SEED to replay one
+	$(SUDO) DUET_NEMESIS_RUNS=$${DUET_NEMESIS_RUNS:-30} $(GO) test -count=1 -timeout 120m -v -run 'TestNemesisCampaign$$' ./tools/lab/ 2>&1 | grep -v -e '^=== ' ; exit $${PIPESTATUS[0]}
 
 lab-up: build ## create the two-node lab (namespaces + loop ext4)
 	$(SUDO) tools/lab/lab.sh up

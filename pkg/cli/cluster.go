@@ -99,6 +99,11 @@ the services. Refused when the peer is not in sync.`,
 				fmt.Fprintf(s.Out, "swapped: %s is %s, this node is %s (%.1f s)\n", st.PeerState.Name, st.PeerState.State, st.State, time.Since(start).Seconds())
 				return nil
 			}
+			if st.State == "PRIM" || st.State == "ALONE" {
+				// The peer went away during the handover: this node took
+				// the role back once it was declared lost.
+				return &ExitError{Code: 1, Err: fmt.Errorf("swap did not complete: the peer (%s) did not take over and this node serves again (%s)", st.PeerState.State, st.State)}
+			}
 			if time.Now().After(deadline) {
 				return &ExitError{Code: 1, Err: fmt.Errorf("handed over, but the peer does not serve after %s (peer %s)", wait, st.PeerState.State)}
 			}

@@ -4,6 +4,9 @@
 //	hello connect -addr VIP:8080 -since NS      retry until answered; print
 //	                                            the ms since NS and the answer
 //	hello arpwatch -vip 10.250.0.100/24 -for 8s count who answers ARP for the VIP
+//	hello probe -addr 10.250.0.100:8080 -for 60s ask every 50 ms, print the longest time without an answer
+//
+// arpwatch and probe stop early, printing what they saw, on SIGTERM.
 //	hello get -url http://127.0.0.1:9788/metrics print a page (no curl needed)
 package main
 
@@ -16,7 +19,9 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"os/signal"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/duet-ha/duet/pkg/vip"
@@ -47,6 +52,8 @@ func main() {
 		err = connect(*addr, *since, *timeout, *want)
 	case "arpwatch":
 		err = arpwatch(*vipArg, *iface, *dur)
+	case "probe":
+		err = probe(*addr, *dur)
 	case "get":
 		err = get(*url)
 	default:
@@ -119,7 +126,8 @@ func arpwatch(p, iface string, d time.Duration) error {
 	v := vip.VIP{Prefix: prefix, Iface: iface}
 	most, rounds := 0, 0
 	seen := map[string]bool{}
-	for end := time.Now().Add(d); time.Now().Before(end); rounds++ {
+	stop := stopOnTerm()
+	for end := time.Now().Add(d); time.Now().Before(end) && !stopped(stop); rounds++ {
 		owners, err := v.Responders(150 * time.Millisecond)
 		if err != nil {
 			return err
@@ -134,5 +142,59 @@ func arpwatch(p, iface string, d time.Duration) error {
 		all = append(all, m)
 	}
 	fmt.Printf("%d %d %s\n", most, rounds, strings.Join(all, ","))
+	return nil
+}
+
+// stopOnTerm returns a channel closed at SIGTERM or SIGINT.
+func stopOnTerm() chan struct{} {
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
+	stop := make(chan struct{})
+	go func() {
+		<-sig
+		close(stop)
+	}()
+	return stop
+}
+
+func stopped(stop chan struct{}) bool {
+	select {
+	case <-stop:
+		return true
+	default:
+		return false
+	}
+}
+
+// probe asks the service every 50 ms (a fresh connection each time, as a
+// client after a failover would) and prints the number of answers, the
+// longest time without one in milliseconds, and the names that answered.
+func probe(addr string, d time.Duration) error {
+	stop := stopOnTerm()
+	last := time.Now()
+	var longest time.Duration
+	answers := 0
+	names := map[string]bool{}
+	for end := time.Now().Add(d); time.Now().Before(end) && !stopped(stop); {
+		c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
+		if err == nil {
+			c.SetDeadline(time.Now().Add(500 * time.Millisecond))
+			line, rerr := bufio.NewReader(c).ReadString('\n')
+			c.Close()
+			if rerr == nil {
+				answers++
+				names[strings.TrimPrefix(strings.TrimSpace(line), "hello from ")] = true
+				longest = max(longest, time.Since(last))
+				last = time.Now()
+			}
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	longest = max(longest, time.Since(last))
+	var all []string
+	for n := range names {
+		all = append(all, n)
+	}
+	fmt.Printf("%d %d %s\n", answers, longest.Milliseconds(), strings.Join(all, ","))
 	return nil
 }

@@ -71,7 +71,7 @@ func Up(t testing.TB, bin string, extraEnv ...string) *Lab {
 			for _, h := range []string{"a", "b"} {
 				if b, err := os.ReadFile(filepath.Join(dir, h+".log")); err == nil {
 					os.WriteFile(filepath.Join(keep, h+".log"), b, 0o644)
-					t.Logf("--- %s.log (last 4 KiB; whole log kept in %s) ---\n%s", h, keep, tail(b, 4096))
+					t.Logf("--- %s.log (last 32 KiB; whole log kept in %s) ---\n%s", h, keep, tail(b, 32<<10))
 				}
 			}
 		}

@@ -1,0 +1,413 @@
+package lab
+
+import (
+	"crypto/rand"
+	"fmt"
+	mrand "math/rand"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/duet-ha/duet/tools/lab/faultnet"
+)
+
+// The fault campaign ("nemesis"): under a synchronous writer on the
+// primary (under duet exec), the hello service behind the VIP, a client
+// asking it every 50 ms and an ARP watcher, one fault per run at a random
+// moment, then recovery and the checkers:
+//   - every record the writer was told is durable is on the node serving at
+//     the end (and both copies are identical: duet verify);
+//   - never two hosts answering ARP for the VIP in one round;
+//   - the longest stall of the writer (bounded where the fault is the
+//     standby's: the primary must go on within cluster.timeout + 0.5 s,
+//     without an error);
+//   - the service gap the client saw.
+//
+// TestNemesis runs every fault kind once, in an order drawn from a fixed
+// seed (make test); `make nemesis` runs DUET_NEMESIS_RUNS (30) runs of
+// random kinds with DUET_NEMESIS_SEED (default: the time, printed).
+
+// faultKind is one fault the campaign injects.
+type faultKind struct {
+	name string
+	// standby: the fault hits only the standby (or the path to it): the
+	// primary's writer must not stall beyond standbyStallBound, nor fail.
+	standby bool
+	inject  func(n *nemesis, r *nemesisRun)
+}
+
+var faultKinds = []faultKind{
+	{"crash-primary", false, func(n *nemesis, r *nemesisRun) {
+		n.crash(r.p)
+		n.l.WaitState(n.t, r.s, "ALONE", 30*time.Second)
+		n.revive(r.p)
+	}},
+	{"crash-secondary", true, func(n *nemesis, r *nemesisRun) {
+		n.crash(r.s)
+		n.hold(1, 3)
+		n.revive(r.s)
+	}},
+	{"sigstop-primary", false, func(n *nemesis, r *nemesisRun) {
+		n.l.Signal(n.t, r.p, syscall.SIGSTOP)
+		n.hold(3, 10)
+		n.l.Signal(n.t, r.p, syscall.SIGCONT)
+	}},
+	{"sigstop-secondary", true, func(n *nemesis, r *nemesisRun) {
+		n.l.Signal(n.t, r.s, syscall.SIGSTOP)
+		n.hold(3, 10)
+		n.l.Signal(n.t, r.s, syscall.SIGCONT)
+	}},
+	// The secondary stops hearing the primary (its frames and ARP are
+	// dropped at the secondary's ingress); the other way works.
+	{"loss-primary-to-secondary", false, func(n *nemesis, r *nemesisRun) {
+		n.drop(r.s, r.p)
+		n.hold(3, 8)
+		n.heal(r.s, r.p)
+	}},
+	// The primary stops hearing the secondary.
+	{"loss-secondary-to-primary", true, func(n *nemesis, r *nemesisRun) {
+		n.drop(r.p, r.s)
+		n.hold(3, 8)
+		n.heal(r.p, r.s)
+	}},
+	// The path between the nodes splits; both still reach the witness
+	// (the client's namespace) and the client.
+	{"split-both-reach-witness", false, func(n *nemesis, r *nemesisRun) {
+		n.drop(r.s, r.p)
+		n.drop(r.p, r.s)
+		n.hold(3, 8)
+		n.heal(r.s, r.p)
+		n.heal(r.p, r.s)
+	}},
+	{"disk-full-secondary", true, func(n *nemesis, r *nemesisRun) {
+		fill := filepath.Join(filepath.Dir(n.data(r.s)), "fill")
+		if _, err := fillFilesystem(fill); err != nil {
+			n.t.Fatalf("filling %s: %v", fill, err)
+		}
+		n.hold(3, 6)
+		if err := os.Remove(fill); err != nil {
+			n.t.Fatal(err)
+		}
+	}},
+	// A resync in progress (the secondary stopped, 96 MiB written, the
+	// secondary back), then SIGKILL of one daemon, restarted.
+	{"kill-during-resync", false, func(n *nemesis, r *nemesisRun) {
+		n.l.Stop(n.t, r.s)
+		bulk := make([]byte, 96<<20)
+		rand.Read(bulk)
+		if err := os.WriteFile(filepath.Join(n.data(r.p), fmt.Sprintf("bulk-%02d", r.i)), bulk, 0o644); err != nil {
+			n.t.Fatal(err)
+		}
+		n.l.Start(n.t, r.s)
+		victim := []string{r.p, r.s}[n.rng.Intn(2)]
+		deadline := time.Now().Add(20 * time.Second)
+		for time.Now().Before(deadline) {
+			if s, err := n.l.TryStatus(r.p); err == nil && len(s.Dirs) > 0 && s.Dirs[0].Resync.Active {
+				r.note = "resync in progress"
+				break
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		if r.note == "" {
+			r.note = "resync not seen in progress"
+		}
+		r.note += ", killed " + nodeName[victim]
+		n.l.Kill(n.t, victim)
+		n.l.Start(n.t, victim)
+	}},
+	{"kill-during-swap", false, func(n *nemesis, r *nemesisRun) {
+		swap := exec.Command(n.l.Script, "duet", r.p, "swap")
+		swap.Env = n.l.env
+		if err := swap.Start(); err != nil {
+			n.t.Fatal(err)
+		}
+		time.Sleep(time.Duration(n.rng.Intn(500)) * time.Millisecond)
+		victim := []string{r.p, r.s}[n.rng.Intn(2)]
+		n.l.Kill(n.t, victim)
+		done := make(chan error, 1)
+		go func() { done <- swap.Wait() }()
+		select {
+		case <-done:
+		case <-time.After(30 * time.Second):
+			swap.Process.Kill()
+			<-done
+			n.t.Errorf("duet swap still waiting 30 s after %s's daemon was killed", nodeName[victim])
+		}
+		r.note = "killed " + nodeName[victim]
+		n.l.Start(n.t, victim)
+	}},
+	{"crash-both", false, func(n *nemesis, r *nemesisRun) {
+		n.crash(r.p)
+		n.crash(r.s)
+		n.revive(r.s)
+		n.revive(r.p)
+	}},
+	// The secondary dies, the primary serves ALONE for a while (its
+	// writer goes on), then the primary dies too: only it has the records
+	// written meanwhile, and it must be the one that serves after.
+	{"crash-both-after-alone", false, func(n *nemesis, r *nemesisRun) {
+		n.crash(r.s)
+		n.l.WaitState(n.t, r.p, "ALONE", 30*time.Second)
+		n.hold(1, 3)
+		n.crash(r.p)
+		n.revive(r.s)
+		n.revive(r.p)
+	}},
+}
+
+type nemesis struct {
+	t      *testing.T
+	l      *Lab
+	rng    *mrand.Rand
+	hello  string
+	writer string
+	drops  map[string]*faultnet.Dropper // by host: drops at its ingress
+}
+
+// nemesisRun is one run: the roles at its start and what it measured.
+type nemesisRun struct {
+	i       int
+	kind    faultKind
+	p, s    string
+	acked   int
+	lost    int
+	stall   time.Duration
+	werr    string
+	gap     time.Duration
+	answers int
+	arp     int
+	note    string
+}
+
+var hostAddr = map[string]netip.Addr{"a": netip.MustParseAddr("10.250.0.1"), "b": netip.MustParseAddr("10.250.0.2")}
+
+func (n *nemesis) data(h string) string { return map[string]string{"a": n.l.AData, "b": n.l.BData}[h] }
+
+// hold waits a random time between lo and hi seconds.
+func (n *nemesis) hold(lo, hi int) {
+	time.Sleep(time.Duration(lo*1000+n.rng.Intn((hi-lo)*1000+1)) * time.Millisecond)
+}
+
+func (n *nemesis) crash(h string) {
+	if out, err := n.l.run("crash", h); err != nil {
+		n.t.Fatalf("crash %s: %v\n%s", h, err, out)
+	}
+}
+
+// revive brings a crashed host back (as after a reboot) and starts duet.
+func (n *nemesis) revive(h string) {
+	n.l.run("revive", h)
+	n.l.Start(n.t, h)
+}
+
+// drop makes host `at` lose every frame from host `from`.
+func (n *nemesis) drop(at, from string) {
+	if err := n.drops[at].Drop(hostAddr[from], 1); err != nil {
+		n.t.Fatal(err)
+	}
+}
+
+func (n *nemesis) heal(at, from string) {
+	if err := n.drops[at].Heal(hostAddr[from]); err != nil {
+		n.t.Fatal(err)
+	}
+}
+
+// background runs a client-side watcher in the client's namespace until
+// stopped with SIGTERM; it prints one line of figures.
+type background struct {
+	cmd *exec.Cmd
+	out strings.Builder
+}
+
+func (n *nemesis) startWatch(args ...string) *background {
+	b := &background{cmd: exec.Command(n.l.Script, append([]string{"exec", "c", n.hello}, args...)...)}
+	b.cmd.Env = n.l.env
+	b.cmd.Stdout, b.cmd.Stderr = &b.out, &b.out
+	if err := b.cmd.Start(); err != nil {
+		n.t.Fatal(err)
+	}
+	return b
+}
+
+// stop ends the watcher (lab.sh execs into ip netns exec, which execs the
+// tool: the signal reaches it) and returns its figures.
+func (b *background) stop(t *testing.T) []string {
+	b.cmd.Process.Signal(syscall.SIGTERM)
+	b.cmd.Wait()
+	f := strings.Fields(b.out.String())
+	if len(f) < 2 {
+		t.Fatalf("watcher %v printed %q", b.cmd.Args, b.out.String())
+	}
+	return f
+}
+
+// healthy waits until one node is PRIM and the other SECOND, in sync, and
+// returns them.
+func (n *nemesis) healthy(timeout time.Duration) (string, string) {
+	deadline := time.Now().Add(timeout)
+	for {
+		sa, ea := n.l.TryStatus("a")
+		sb, eb := n.l.TryStatus("b")
+		if ea == nil && eb == nil {
+			if sa.State == "PRIM" && sb.State == "SECOND" {
+				n.l.WaitSync(n.t, time.Until(deadline)+time.Second)
+				return "a", "b"
+			}
+			if sb.State == "PRIM" && sa.State == "SECOND" {
+				n.l.WaitSync(n.t, time.Until(deadline)+time.Second)
+				return "b", "a"
+			}
+		}
+		if time.Now().After(deadline) {
+			n.t.Fatalf("no PRIM + SECOND pair %s after the fault: nodeA %s (%v), nodeB %s (%v)", timeout, sa.State, ea, sb.State, eb)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+func (n *nemesis) run(i int, kind faultKind) nemesisRun {
+	t := n.t
+	r := nemesisRun{i: i, kind: kind}
+	r.p, r.s = n.healthy(2 * time.Minute)
+	name := fmt.Sprintf("nemesis-%02d", i)
+	w := n.l.startSyncWriter(t, n.writer, r.p, filepath.Join(n.data(r.p), name), "-timing")
+	arp := n.startWatch("arpwatch", "-vip", vipAddr+"/24", "-for", "10m")
+	probe := n.startWatch("probe", "-addr", vipAddr+":8080", "-for", "10m")
+	waitAcked(t, w, 50, 30*time.Second)
+	n.hold(0, 1)
+	kind.inject(n, &r)
+	n.healthy(3 * time.Minute)
+	// Standby faults: the writer still runs; others may have ended it.
+	r.acked, r.stall, r.werr = w.stop(t)
+	f := arp.stop(t)
+	r.arp, _ = strconv.Atoi(f[0])
+	f = probe.stop(t)
+	r.answers, _ = strconv.Atoi(f[0])
+	ms, _ := strconv.Atoi(f[1])
+	r.gap = time.Duration(ms) * time.Millisecond
+	serving := n.l.WaitPrimary(t, time.Minute)
+	got, _ := os.ReadFile(filepath.Join(n.data(serving), name))
+	r.lost = missingRecords(r.acked, got)
+	n.l.Verify(t)
+	return r
+}
+
+func nemesisCampaign(t *testing.T, seed int64, runs int, allKindsOnce bool) {
+	b := duetBinary(t)
+	n := &nemesis{t: t, rng: mrand.New(mrand.NewSource(seed)), writer: buildSyncWriter(t, b)}
+	l, hello := clusterLab(t, true)
+	n.l, n.hello = l, hello
+	n.drops = map[string]*faultnet.Dropper{}
+	for _, h := range []string{"a", "b"} {
+		d, err := faultnet.AttachInNetns("duet-"+h, "eth0")
+		if err != nil {
+			t.Skipf("cannot attach the packet-loss injector in %s (needs TCX BPF): %v", h, err)
+		}
+		t.Cleanup(func() { d.Close() })
+		n.drops[h] = d
+	}
+	t.Logf("nemesis: seed %d, %d runs", seed, runs)
+	// Every kind once (in a random order), then random kinds.
+	order := n.rng.Perm(len(faultKinds))
+	for len(order) < runs {
+		order = append(order, n.rng.Intn(len(faultKinds)))
+	}
+	if allKindsOnce {
+		runs = len(faultKinds)
+	}
+	var results []nemesisRun
+	for i := 0; i < runs; i++ {
+		kind := faultKinds[order[i]]
+		r := n.run(i, kind)
+		results = append(results, r)
+		line := fmt.Sprintf("run %2d %-26s primary %s: %5d acknowledged, %d lost; longest writer stall %s%s; service gap %s (%d answers); ARP owners at most %d",
+			i, kind.name, nodeName[r.p], r.acked, r.lost, r.stall.Round(time.Millisecond), errLine(r.werr), r.gap.Round(time.Millisecond), r.answers, r.arp)
+		if r.note != "" {
+			line += "; " + r.note
+		}
+		t.Log(line)
+		if r.lost != 0 {
+			t.Errorf("run %d (%s): %d acknowledged records lost", i, kind.name, r.lost)
+		}
+		if r.arp > 1 {
+			t.Errorf("run %d (%s): %d hosts answered ARP for the VIP in one round", i, kind.name, r.arp)
+		}
+		if kind.standby && r.stall > standbyStallBound {
+			t.Errorf("run %d (%s): the primary's writer stalled %s, bound %s", i, kind.name, r.stall, standbyStallBound)
+		}
+		if kind.standby && r.werr != "" {
+			t.Errorf("run %d (%s): the primary's writer failed: %s", i, kind.name, r.werr)
+		}
+		if t.Failed() {
+			break
+		}
+	}
+	// Summary per fault kind.
+	type agg struct {
+		runs, acked, lost int
+		stall, gap        time.Duration
+	}
+	by := map[string]*agg{}
+	for _, r := range results {
+		a := by[r.kind.name]
+		if a == nil {
+			a = &agg{}
+			by[r.kind.name] = a
+		}
+		a.runs++
+		a.acked += r.acked
+		a.lost += r.lost
+		a.stall = max(a.stall, r.stall)
+		a.gap = max(a.gap, r.gap)
+	}
+	var names []string
+	for k := range by {
+		names = append(names, k)
+	}
+	sort.Strings(names)
+	var sum strings.Builder
+	fmt.Fprintf(&sum, "nemesis summary (seed %d, %d runs):\n", seed, len(results))
+	fmt.Fprintf(&sum, "  %-26s %4s %9s %5s %14s %12s\n", "fault", "runs", "acked", "lost", "longest stall", "service gap")
+	total := agg{}
+	for _, k := range names {
+		a := by[k]
+		fmt.Fprintf(&sum, "  %-26s %4d %9d %5d %14s %12s\n", k, a.runs, a.acked, a.lost, a.stall.Round(time.Millisecond), a.gap.Round(time.Millisecond))
+		total.runs += a.runs
+		total.acked += a.acked
+		total.lost += a.lost
+	}
+	fmt.Fprintf(&sum, "  %-26s %4d %9d %5d", "all", total.runs, total.acked, total.lost)
+	t.Log(sum.String())
+}
+
+// TestNemesis: every fault kind once, fixed seed (make test).
+func TestNemesis(t *testing.T) {
+	nemesisCampaign(t, 20261201, len(faultKinds), true)
+}
+
+// TestNemesisCampaign: `make nemesis` (DUET_NEMESIS_RUNS, DUET_NEMESIS_SEED).
+func TestNemesisCampaign(t *testing.T) {
+	runsEnv := os.Getenv("DUET_NEMESIS_RUNS")
+	if runsEnv == "" {
+		t.Skip("set DUET_NEMESIS_RUNS (make nemesis) for the long campaign")
+	}
+	runs, err := strconv.Atoi(runsEnv)
+	if err != nil || runs < 1 {
+		t.Fatalf("DUET_NEMESIS_RUNS %q: a positive number", runsEnv)
+	}
+	seed := time.Now().UnixNano()
+	if s := os.Getenv("DUET_NEMESIS_SEED"); s != "" {
+		if seed, err = strconv.ParseInt(s, 10, 64); err != nil {
+			t.Fatalf("DUET_NEMESIS_SEED %q: a number", s)
+		}
+	}
+	nemesisCampaign(t, seed, runs, false)
+}
