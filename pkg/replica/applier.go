@@ -25,6 +25,7 @@ type Applier struct {
 	dirty    map[string]bool
 	dirs     map[string]bool
 	overflow bool
+	syncfs   func(fd int) error // unix.Syncfs; a test counts or fails it
 }
 
 // maxTargeted is the most files and directories flushed one by one; past
@@ -43,7 +44,7 @@ func NewApplier(dir string) (*Applier, error) {
 		return nil, err
 	}
 	return &Applier{root: root, sync: sync, files: map[string]*os.File{},
-		dirty: map[string]bool{}, dirs: map[string]bool{}}, nil
+		dirty: map[string]bool{}, dirs: map[string]bool{}, syncfs: unix.Syncfs}, nil
 }
 
 // Close releases the root and any open file.
@@ -72,7 +73,7 @@ func (a *Applier) Sync() error {
 		a.overflow = false
 	}()
 	if a.overflow || len(a.dirty)+len(a.dirs) > maxTargeted {
-		if err := unix.Syncfs(int(a.sync.Fd())); err != nil {
+		if err := a.syncfs(int(a.sync.Fd())); err != nil {
 			return fmt.Errorf("syncfs on replica: %w", err)
 		}
 		return nil
