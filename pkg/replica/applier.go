@@ -43,8 +43,11 @@ func NewApplier(dir string) (*Applier, error) {
 		root.Close()
 		return nil, err
 	}
+	// What earlier appliers (an earlier connection, an earlier daemon run)
+	// left in the page cache is unknown: the first Sync flushes the whole
+	// filesystem, so that its durable acknowledgement covers them too.
 	return &Applier{root: root, sync: sync, files: map[string]*os.File{},
-		dirty: map[string]bool{}, dirs: map[string]bool{}, syncfs: unix.Syncfs}, nil
+		dirty: map[string]bool{}, dirs: map[string]bool{}, overflow: true, syncfs: unix.Syncfs}, nil
 }
 
 // Close releases the root and any open file.
@@ -64,14 +67,22 @@ func (a *Applier) closeFiles() {
 // Sync makes everything applied since the last Sync durable. A batch that
 // touched a few entries flushes just those (fdatasync of the files, fsync
 // of the directories whose entries changed), so that a barrier does not
-// wait for unrelated dirty data; a larger one does one syncfs.
+// wait for unrelated dirty data; a larger one does one syncfs. A failed
+// Sync leaves the next one a syncfs: what it did not flush stays owed.
 func (a *Applier) Sync() error {
 	a.closeFiles()
-	defer func() {
-		clear(a.dirty)
-		clear(a.dirs)
-		a.overflow = false
-	}()
+	if err := a.flushAll(); err != nil {
+		a.overflow = true
+		return err
+	}
+	clear(a.dirty)
+	clear(a.dirs)
+	a.overflow = false
+	return nil
+}
+
+// flushAll flushes what Sync owes.
+func (a *Applier) flushAll() error {
 	if a.overflow || len(a.dirty)+len(a.dirs) > maxTargeted {
 		if err := a.syncfs(int(a.sync.Fd())); err != nil {
 			return fmt.Errorf("syncfs on replica: %w", err)

@@ -2,6 +2,7 @@ package replica
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
@@ -140,5 +141,65 @@ func TestApplierTargetedSync(t *testing.T) {
 	}
 	if b, _ := os.ReadFile(filepath.Join(root, "f")); string(b) != "x" {
 		t.Fatalf("f = %q", b)
+	}
+}
+
+// syncfsCounter replaces an applier's syncfs: it counts the calls and
+// fails while fail is set.
+type syncfsCounter struct {
+	calls int
+	fail  error
+}
+
+func (c *syncfsCounter) syncfs(fd int) error {
+	c.calls++
+	if c.fail != nil {
+		return c.fail
+	}
+	return unix.Syncfs(fd)
+}
+
+// A new applier does not know what an earlier one (an earlier connection,
+// an earlier daemon run) left unflushed: its first Sync is a syncfs, even
+// with nothing applied since.
+func TestApplierFirstSyncFlushesAll(t *testing.T) {
+	a, _, _ := newTestApplier(t)
+	c := &syncfsCounter{}
+	a.syncfs = c.syncfs
+	if err := a.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if c.calls != 1 {
+		t.Fatalf("first Sync of a new applier ran %d syncfs, want 1: earlier writes would be acknowledged durable unflushed", c.calls)
+	}
+	if err := a.Sync(); err != nil || c.calls != 1 {
+		t.Fatalf("second Sync with nothing applied: %d syncfs (%v), want none", c.calls-1, err)
+	}
+}
+
+// A failed Sync owes what it did not flush: the next one flushes it
+// instead of reporting success for nothing.
+func TestApplierFailedSyncIsRetried(t *testing.T) {
+	a, _, _ := newTestApplier(t)
+	c := &syncfsCounter{}
+	a.syncfs = c.syncfs
+	for i := 0; i <= maxTargeted; i++ { // past the targeted flush: a syncfs
+		name := fmt.Sprintf("f%d", i)
+		for _, op := range []wire.Op{{Code: wire.OpCreate, Path: name, Mode: 0o644}, {Code: wire.OpWrite, Path: name, Data: []byte("x")}} {
+			if err := a.Apply(&op); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	c.fail = unix.EIO
+	if err := a.Sync(); !errors.Is(err, unix.EIO) {
+		t.Fatalf("Sync with a failing syncfs: %v, want EIO", err)
+	}
+	c.fail, c.calls = nil, 0
+	if err := a.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if c.calls != 1 {
+		t.Fatalf("Sync after a failed one ran %d syncfs, want 1: the unflushed batch would be acknowledged durable", c.calls)
 	}
 }

@@ -417,8 +417,10 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 	// durable when the primary asks (a sync frame: a barrier waits) and
 	// when the connection ends. In between the kernel writes them back
 	// as it does any dirty data (within vm.dirty_expire_centisecs), like
-	// a DRBD secondary's writes that carry no flush.
-	unsynced := false
+	// a DRBD secondary's writes that carry no flush. What an earlier
+	// connection or daemon run applied may still be dirty too (a killed
+	// daemon does not sync): the first sync covers it.
+	unsynced := true
 	syncNow := func() error {
 		if !unsynced {
 			return nil
