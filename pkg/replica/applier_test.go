@@ -3,6 +3,7 @@ package replica
 import (
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"testing"
@@ -201,5 +202,61 @@ func TestApplierFailedSyncIsRetried(t *testing.T) {
 	}
 	if c.calls != 1 {
 		t.Fatalf("Sync after a failed one ran %d syncfs, want 1: the unflushed batch would be acknowledged durable", c.calls)
+	}
+}
+
+// A Unix socket in a replicated directory (MariaDB's mysql.sock in its
+// datadir) has nothing to flush: its directory is flushed. Opening it
+// fails (ENXIO), which must not fail the sync.
+func TestApplierSyncSkipsSocket(t *testing.T) {
+	a, root, _ := newTestApplier(t)
+	if err := a.Sync(); err != nil { // a new applier's first one is a syncfs
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("unix", filepath.Join(root, "mysql.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	op := wire.Op{Code: wire.OpSetattr, Path: "mysql.sock", Mode: 0o777}
+	if err := a.Apply(&op); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Sync(); err != nil {
+		t.Fatalf("sync of a batch that touched a socket: %v", err)
+	}
+}
+
+// Where the replica holds something else than a regular file (its copy
+// differs), a write is refused at once with what is there: opening a
+// FIFO for writing would block the applier for good.
+func TestApplierWriteRefusesNonRegular(t *testing.T) {
+	a, root, _ := newTestApplier(t)
+	fifo := filepath.Join(root, "fifo")
+	if err := unix.Mkfifo(fifo, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("unix", filepath.Join(root, "sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	for _, c := range []struct{ path, kind string }{{"fifo", "a fifo"}, {"sock", "a socket"}} {
+		done := make(chan error, 1)
+		go func() { done <- a.Apply(&wire.Op{Code: wire.OpWrite, Path: c.path, Data: []byte("x")}) }()
+		select {
+		case err := <-done:
+			want := fmt.Sprintf("write %q: not a regular file on this replica: %s", c.path, c.kind)
+			if err == nil || err.Error() != want {
+				t.Errorf("write to %s: %v, want %q", c.kind, err, want)
+			}
+		case <-time.After(time.Second):
+			// Let the blocked open finish before the test ends.
+			if r, err := os.OpenFile(fifo, os.O_RDONLY|unix.O_NONBLOCK, 0); err == nil {
+				defer r.Close()
+			}
+			<-done
+			t.Fatalf("write to %s blocked the applier", c.kind)
+		}
 	}
 }
