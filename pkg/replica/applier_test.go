@@ -5,10 +5,13 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"path"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/duet-ha/duet/pkg/fstree"
 	"github.com/duet-ha/duet/pkg/wire"
 	"golang.org/x/sys/unix"
 )
@@ -258,5 +261,73 @@ func TestApplierWriteRefusesNonRegular(t *testing.T) {
 			<-done
 			t.Fatalf("write to %s blocked the applier", c.kind)
 		}
+	}
+}
+
+// Ops on paths longer than PATH_MAX apply (the kernel takes such a path in
+// no single lookup) and their targeted flush works.
+func TestApplierPathsPastPathMax(t *testing.T) {
+	a, root, _ := newTestApplier(t)
+	if err := a.Sync(); err != nil { // a new applier's first one is a syncfs
+		t.Fatal(err)
+	}
+	var ops []wire.Op
+	dir := ""
+	for i := 0; len(dir) <= unix.PathMax; i++ {
+		dir = path.Join(dir, strings.Repeat(string(rune('a'+i%26)), 255))
+		ops = append(ops, wire.Op{Code: wire.OpMkdir, Path: dir, Mode: 0o755})
+	}
+	f := dir + "/f"
+	ops = append(ops,
+		wire.Op{Code: wire.OpCreate, Path: dir + "/tmp", Mode: 0o600},
+		wire.Op{Code: wire.OpWrite, Path: dir + "/tmp", Data: []byte("deep")},
+		wire.Op{Code: wire.OpRename, Path: dir + "/tmp", Path2: f},
+		wire.Op{Code: wire.OpLink, Path: f, Path2: dir + "/g"},
+		wire.Op{Code: wire.OpSetattr, Path: f, Mode: 0o640},
+		wire.Op{Code: wire.OpSymlink, Path: dir + "/s", Path2: "f"},
+		wire.Op{Code: wire.OpMknod, Path: dir + "/p", Mode: unix.S_IFIFO | 0o600},
+		wire.Op{Code: wire.OpRemove, Path: dir + "/p"},
+	)
+	for i := range ops {
+		if err := a.Apply(&ops[i]); err != nil {
+			t.Fatalf("op %d (%s, a %d-byte path): %v", i, ops[i].Code, len(ops[i].Path), err)
+		}
+	}
+	if err := a.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	// A batch small enough for a targeted flush of long paths.
+	a.syncfs = func(int) error { t.Fatal("syncfs, want a targeted flush"); return nil }
+	write := wire.Op{Code: wire.OpWrite, Path: f, Off: 4, Data: []byte("er")}
+	if err := a.Apply(&write); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Sync(); err != nil {
+		t.Fatalf("targeted flush of a %d-byte path: %v", len(f), err)
+	}
+	r, err := fstree.OpenRoot(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	entries, _, err := fstree.Scan(r, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]wire.Entry{}
+	for _, e := range entries {
+		got[e.Path] = e
+	}
+	if e := got[f]; !e.Mode.IsRegular() || e.Mode.Perm() != 0o640 || e.Size != 6 || e.Sums[0] != fstree.SumBlock([]byte("deeper")) {
+		t.Fatalf("%d-byte path: %v size %d, want the 6-byte file \"deeper\", mode 0640", len(f), e.Mode, e.Size)
+	}
+	if e := got[dir+"/g"]; e.Ino != got[f].Ino {
+		t.Fatal("the hard link is not the same file")
+	}
+	if e := got[dir+"/s"]; e.Target != "f" {
+		t.Fatalf("symlink target %q", e.Target)
+	}
+	if _, ok := got[dir+"/p"]; ok {
+		t.Fatal("removed FIFO still there")
 	}
 }

@@ -316,24 +316,28 @@ func (s *Server) serveManifest(c net.Conn, d Dir) error {
 			return err
 		}
 		q.Gen = 0 // a one-shot manifest never starts a resync
-		if err := sendManifest(c, d.Path, f.Seq, q); err != nil {
+		if err := s.sendManifest(c, d, f.Seq, q); err != nil {
 			return err
 		}
 	}
 }
 
-// sendManifest scans dir and streams it, answering seq: with checksums of
+// sendManifest scans d and streams it, answering seq: with checksums of
 // the files q asks for.
-func sendManifest(c net.Conn, dir string, seq uint64, q wire.ManifestQuery) error {
-	root, err := fstree.OpenRoot(dir)
+func (s *Server) sendManifest(c net.Conn, d Dir, seq uint64, q wire.ManifestQuery) error {
+	root, err := fstree.OpenRoot(d.Path)
 	if err != nil {
 		return err
 	}
 	defer root.Close()
-	entries, err := manifest(root, q)
+	entries, tooLong, err := manifest(root, q)
 	if err != nil {
 		wire.WriteFrame(c, &wire.Frame{Type: wire.TypeError, Seq: seq, Payload: []byte(err.Error())})
 		return err
+	}
+	if tooLong > 0 {
+		s.Log.Warn("entries left out of the manifest: their paths are longer than the wire takes (the peer's scan leaves them out too)",
+			"dir", d.Name, "entries", tooLong, "limit", wire.MaxPath)
 	}
 	w := bufio.NewWriterSize(c, 1<<20)
 	var raw []byte
@@ -362,11 +366,12 @@ func sendManifest(c net.Conn, dir string, seq uint64, q wire.ManifestQuery) erro
 	return w.Flush()
 }
 
-// manifest lists the tree under root for q.
-func manifest(root *os.File, q wire.ManifestQuery) ([]wire.Entry, error) {
-	entries, err := fstree.Scan(root, q.All)
+// manifest lists the tree under root for q; tooLong counts the entries
+// left out for the length of their path.
+func manifest(root *os.File, q wire.ManifestQuery) (entries []wire.Entry, tooLong int, err error) {
+	entries, tooLong, err = fstree.Scan(root, q.All)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	want := make(map[string]bool, len(q.Want))
 	for _, w := range q.Want {
@@ -379,11 +384,11 @@ func manifest(root *os.File, q wire.ManifestQuery) ([]wire.Entry, error) {
 		}
 		if e.Mode.IsRegular() && e.Flags&wire.EntrySummed == 0 && (e.Flags&wire.EntryRecent != 0 || want[e.Path]) {
 			if err := fstree.SumEntry(root, e); err != nil {
-				return nil, err
+				return nil, 0, err
 			}
 		}
 	}
-	return entries, nil
+	return entries, tooLong, nil
 }
 
 // replicate applies batches in order, acknowledging each once it is on
@@ -520,7 +525,7 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 				}
 			}
 			lc.mu.Lock() // a manifest is many writes
-			err = sendManifest(c, d.Path, f.Seq, q)
+			err = s.sendManifest(c, d, f.Seq, q)
 			lc.mu.Unlock()
 			if err != nil {
 				s.Log.Warn("sending manifest", "dir", d.Name, "err", err)
