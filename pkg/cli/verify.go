@@ -80,9 +80,12 @@ func verifyDir(ctx context.Context, s IOStreams, peer string, key []byte, r conf
 		es, err := replica.FetchManifest(ctx, peer, key, r.Name)
 		peerc <- manifest{es, err}
 	}()
-	local, lerr := fstree.Scan(root, true)
+	local, tooLong, lerr := fstree.Scan(root, true)
 	if lerr != nil {
 		return 0, fmt.Errorf("scanning %s: %w", r.Path, lerr)
+	}
+	if tooLong > 0 {
+		fmt.Fprintf(s.Err, "%s: %d entries not compared: their paths are longer than %d bytes, which duet does not replicate\n", r.Name, tooLong, wire.MaxPath)
 	}
 	m := <-peerc
 	if m.err != nil {

@@ -12,7 +12,9 @@ import (
 	"io/fs"
 	"os"
 	"path"
+	"runtime"
 	"sort"
+	"strings"
 
 	"github.com/duet-ha/duet/pkg/wire"
 	"golang.org/x/sys/unix"
@@ -31,17 +33,52 @@ func OpenRoot(dir string) (*os.File, error) {
 	return os.NewFile(uintptr(fd), dir), nil
 }
 
-// OpenBeneath opens rel (a wire path, or "." for the root) under root.
+// maxLookup is the longest path one lookup takes: PATH_MAX with its NUL.
+const maxLookup = unix.PathMax - 1
+
+// OpenBeneath opens rel (a wire path, or "." for the root) under root. A
+// path longer than one lookup takes is walked a group of components at a
+// time, each group beneath the directory the previous one opened.
 func OpenBeneath(root *os.File, rel string, flags int) (*os.File, error) {
 	if rel == "" {
 		rel = "."
 	}
-	how := unix.OpenHow{Flags: uint64(flags | unix.O_CLOEXEC), Resolve: beneath}
-	fd, err := unix.Openat2(int(root.Fd()), rel, &how)
+	dfd, left := int(root.Fd()), rel
+	for len(left) > maxLookup {
+		cut := strings.LastIndexByte(left[:maxLookup+1], '/')
+		if cut <= 0 {
+			closeUnless(dfd, root)
+			return nil, &fs.PathError{Op: "open", Path: rel, Err: unix.ENAMETOOLONG}
+		}
+		fd, err := openat2(dfd, left[:cut], unix.O_PATH|unix.O_DIRECTORY)
+		closeUnless(dfd, root)
+		if err != nil {
+			return nil, &fs.PathError{Op: "open", Path: rel, Err: err}
+		}
+		dfd, left = fd, left[cut+1:]
+	}
+	if left == "" {
+		left = "." // rel ended with the slash of a directory
+	}
+	fd, err := openat2(dfd, left, flags)
+	closeUnless(dfd, root)
+	runtime.KeepAlive(root)
 	if err != nil {
 		return nil, &fs.PathError{Op: "open", Path: rel, Err: err}
 	}
 	return os.NewFile(uintptr(fd), rel), nil
+}
+
+func openat2(dfd int, rel string, flags int) (int, error) {
+	how := unix.OpenHow{Flags: uint64(flags | unix.O_CLOEXEC), Resolve: beneath}
+	return unix.Openat2(dfd, rel, &how)
+}
+
+// closeUnless closes a descriptor OpenBeneath opened on its way.
+func closeUnless(fd int, root *os.File) {
+	if fd != int(root.Fd()) {
+		unix.Close(fd)
+	}
 }
 
 // Dirent is one directory entry as getdents reports it.
@@ -216,34 +253,50 @@ func SumEntry(root *os.File, e *wire.Entry) error {
 
 // Scan lists the tree under root in pre-order (parents before children,
 // siblings by name). With sums, regular files carry block checksums.
-// Entries that vanish while scanning are skipped.
-func Scan(root *os.File, sums bool) ([]wire.Entry, error) {
+// Entries that vanish while scanning are skipped. An entry whose path is
+// longer than wire.MaxPath cannot be sent: it is left out with what is
+// under it, and counted in tooLong.
+func Scan(root *os.File, sums bool) (entries []wire.Entry, tooLong int, err error) {
 	var st unix.Stat_t
 	if err := unix.Fstat(int(root.Fd()), &st); err != nil {
-		return nil, err
+		return nil, 0, err
 	}
-	out := []wire.Entry{EntryOf(".", &st)}
-	return out, scanDir(root, "", &out, sums)
-}
-
-func scanDir(root *os.File, rel string, out *[]wire.Entry, sums bool) error {
-	d, err := OpenBeneath(root, rel, unix.O_RDONLY|unix.O_DIRECTORY)
+	d, err := OpenBeneath(root, ".", unix.O_RDONLY|unix.O_DIRECTORY)
 	if err != nil {
-		if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENOTDIR) || errors.Is(err, unix.ELOOP) {
-			return nil
-		}
-		return err
+		return nil, 0, err
 	}
 	defer d.Close()
+	sc := scanner{sums: sums, out: []wire.Entry{EntryOf(".", &st)}}
+	if err := sc.dir(d, ""); err != nil {
+		return nil, 0, err
+	}
+	return sc.out, sc.tooLong, nil
+}
+
+type scanner struct {
+	sums    bool
+	out     []wire.Entry
+	tooLong int
+}
+
+// dir lists directory d, found at rel, and what is under it. Every lookup
+// is one name beneath an open directory, so that no path given to the
+// kernel grows with the depth of the tree.
+func (sc *scanner) dir(d *os.File, rel string) error {
 	ents, err := ReadDir(d)
 	if err != nil {
 		return err
 	}
 	sort.Slice(ents, func(i, j int) bool { return ents[i].Name < ents[j].Name })
+	dfd := int(d.Fd())
 	for _, de := range ents {
 		child := path.Join(rel, de.Name)
+		if len(child) > wire.MaxPath {
+			sc.tooLong++
+			continue
+		}
 		var st unix.Stat_t
-		if err := unix.Fstatat(int(d.Fd()), de.Name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		if err := unix.Fstatat(dfd, de.Name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
 			if errors.Is(err, unix.ENOENT) {
 				continue
 			}
@@ -253,13 +306,13 @@ func scanDir(root *os.File, rel string, out *[]wire.Entry, sums bool) error {
 		switch {
 		case e.Mode&fs.ModeSymlink != 0:
 			buf := make([]byte, unix.PathMax)
-			n, err := unix.Readlinkat(int(d.Fd()), de.Name, buf)
+			n, err := unix.Readlinkat(dfd, de.Name, buf)
 			if err != nil {
 				continue
 			}
 			e.Target = string(buf[:n])
-		case e.Mode.IsRegular() && sums:
-			f, err := OpenBeneath(root, child, unix.O_RDONLY|unix.O_NOFOLLOW)
+		case e.Mode.IsRegular() && sc.sums:
+			f, err := OpenBeneath(d, de.Name, unix.O_RDONLY|unix.O_NOFOLLOW)
 			if err != nil {
 				continue
 			}
@@ -270,9 +323,18 @@ func scanDir(root *os.File, rel string, out *[]wire.Entry, sums bool) error {
 			}
 			e.Flags |= wire.EntrySummed
 		}
-		*out = append(*out, e)
+		sc.out = append(sc.out, e)
 		if e.Mode.IsDir() {
-			if err := scanDir(root, child, out, sums); err != nil {
+			sub, err := OpenBeneath(d, de.Name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW)
+			if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENOTDIR) || errors.Is(err, unix.ELOOP) {
+				continue // replaced since
+			}
+			if err != nil {
+				return err
+			}
+			err = sc.dir(sub, child)
+			sub.Close()
+			if err != nil {
 				return err
 			}
 		}

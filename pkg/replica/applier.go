@@ -25,6 +25,7 @@ type Applier struct {
 	dirty    map[string]bool
 	dirs     map[string]bool
 	overflow bool
+	syncfs   func(fd int) error // unix.Syncfs; a test counts or fails it
 }
 
 // maxTargeted is the most files and directories flushed one by one; past
@@ -42,8 +43,11 @@ func NewApplier(dir string) (*Applier, error) {
 		root.Close()
 		return nil, err
 	}
+	// What earlier appliers (an earlier connection, an earlier daemon run)
+	// left in the page cache is unknown: the first Sync flushes the whole
+	// filesystem, so that its durable acknowledgement covers them too.
 	return &Applier{root: root, sync: sync, files: map[string]*os.File{},
-		dirty: map[string]bool{}, dirs: map[string]bool{}}, nil
+		dirty: map[string]bool{}, dirs: map[string]bool{}, overflow: true, syncfs: unix.Syncfs}, nil
 }
 
 // Close releases the root and any open file.
@@ -63,24 +67,32 @@ func (a *Applier) closeFiles() {
 // Sync makes everything applied since the last Sync durable. A batch that
 // touched a few entries flushes just those (fdatasync of the files, fsync
 // of the directories whose entries changed), so that a barrier does not
-// wait for unrelated dirty data; a larger one does one syncfs.
+// wait for unrelated dirty data; a larger one does one syncfs. A failed
+// Sync leaves the next one a syncfs: what it did not flush stays owed.
 func (a *Applier) Sync() error {
 	a.closeFiles()
-	defer func() {
-		clear(a.dirty)
-		clear(a.dirs)
-		a.overflow = false
-	}()
+	if err := a.flushAll(); err != nil {
+		a.overflow = true
+		return err
+	}
+	clear(a.dirty)
+	clear(a.dirs)
+	a.overflow = false
+	return nil
+}
+
+// flushAll flushes what Sync owes.
+func (a *Applier) flushAll() error {
 	if a.overflow || len(a.dirty)+len(a.dirs) > maxTargeted {
-		if err := unix.Syncfs(int(a.sync.Fd())); err != nil {
+		if err := a.syncfs(int(a.sync.Fd())); err != nil {
 			return fmt.Errorf("syncfs on replica: %w", err)
 		}
 		return nil
 	}
 	// fsync, not fdatasync: a setattr's mode, owner and times must last
-	// too. Read-only and non-blocking, so a FIFO opens at once.
+	// too.
 	for p := range a.dirty {
-		if err := a.flush(p, unix.O_RDONLY|unix.O_NONBLOCK|unix.O_NOFOLLOW); err != nil {
+		if err := a.flush(p, unix.O_RDONLY); err != nil {
 			return err
 		}
 	}
@@ -93,21 +105,66 @@ func (a *Applier) Sync() error {
 }
 
 // flush fsyncs one path. One that is gone since (removed later in the
-// batch) or is a symlink (its directory is flushed) needs nothing.
+// batch), is a symlink, a FIFO or a socket (its directory is flushed)
+// needs nothing.
 func (a *Applier) flush(p string, flags int) error {
-	f, err := fstree.OpenBeneath(a.root, p, flags)
-	if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENOTDIR) || errors.Is(err, unix.ELOOP) {
+	f, err := a.openRegular(p, flags)
+	if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENOTDIR) || errors.Is(err, unix.ELOOP) || errors.Is(err, errNotRegular) {
 		return nil
 	}
 	if err != nil {
 		return fmt.Errorf("flushing %q: %w", p, err)
 	}
 	defer f.Close()
-	// EINVAL: a FIFO or socket, nothing to flush (its directory is).
-	if err := unix.Fsync(int(f.Fd())); err != nil && !errors.Is(err, unix.EINVAL) {
+	if err := unix.Fsync(int(f.Fd())); err != nil {
 		return fmt.Errorf("flushing %q: %w", p, err)
 	}
 	return nil
+}
+
+// errNotRegular: the replica holds something else than a regular file or
+// a directory where an op needs one.
+var errNotRegular = errors.New("not a regular file on this replica")
+
+// openRegular opens p with flags if it is a regular file or a directory.
+// Anything else is reported without being opened: opening a FIFO for
+// writing blocks until a reader comes, a socket's open fails, a device's
+// has side effects.
+func (a *Applier) openRegular(p string, flags int) (*os.File, error) {
+	pf, err := fstree.OpenBeneath(a.root, p, unix.O_PATH|unix.O_NOFOLLOW)
+	if err != nil {
+		return nil, err
+	}
+	var st unix.Stat_t
+	err = unix.Fstat(int(pf.Fd()), &st)
+	pf.Close()
+	if err != nil {
+		return nil, &fs.PathError{Op: "stat", Path: p, Err: err}
+	}
+	if t := st.Mode & unix.S_IFMT; t != unix.S_IFREG && t != unix.S_IFDIR {
+		return nil, fmt.Errorf("%w: %s", errNotRegular, kindOf(t))
+	}
+	// Non-blocking all the same: the path is looked up anew.
+	return fstree.OpenBeneath(a.root, p, flags|unix.O_NONBLOCK|unix.O_NOFOLLOW)
+}
+
+// kindOf names a file type (S_IFMT bits) for an operator.
+func kindOf(t uint32) string {
+	switch t {
+	case unix.S_IFIFO:
+		return "a fifo"
+	case unix.S_IFSOCK:
+		return "a socket"
+	case unix.S_IFLNK:
+		return "a symlink"
+	case unix.S_IFCHR:
+		return "a character device"
+	case unix.S_IFBLK:
+		return "a block device"
+	case unix.S_IFDIR:
+		return "a directory"
+	}
+	return fmt.Sprintf("a file of type %#o", t)
 }
 
 // touch records what an op changed, for Sync.
@@ -316,7 +373,7 @@ func (a *Applier) file(p string) (*os.File, error) {
 	if len(a.files) >= 256 {
 		a.closeFiles()
 	}
-	f, err := fstree.OpenBeneath(a.root, p, unix.O_WRONLY|unix.O_NOFOLLOW)
+	f, err := a.openRegular(p, unix.O_WRONLY)
 	if err != nil {
 		return nil, err
 	}

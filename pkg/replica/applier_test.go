@@ -2,11 +2,16 @@ package replica
 
 import (
 	"errors"
+	"fmt"
+	"net"
 	"os"
+	"path"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/duet-ha/duet/pkg/fstree"
 	"github.com/duet-ha/duet/pkg/wire"
 	"golang.org/x/sys/unix"
 )
@@ -140,5 +145,189 @@ func TestApplierTargetedSync(t *testing.T) {
 	}
 	if b, _ := os.ReadFile(filepath.Join(root, "f")); string(b) != "x" {
 		t.Fatalf("f = %q", b)
+	}
+}
+
+// syncfsCounter replaces an applier's syncfs: it counts the calls and
+// fails while fail is set.
+type syncfsCounter struct {
+	calls int
+	fail  error
+}
+
+func (c *syncfsCounter) syncfs(fd int) error {
+	c.calls++
+	if c.fail != nil {
+		return c.fail
+	}
+	return unix.Syncfs(fd)
+}
+
+// A new applier does not know what an earlier one (an earlier connection,
+// an earlier daemon run) left unflushed: its first Sync is a syncfs, even
+// with nothing applied since.
+func TestApplierFirstSyncFlushesAll(t *testing.T) {
+	a, _, _ := newTestApplier(t)
+	c := &syncfsCounter{}
+	a.syncfs = c.syncfs
+	if err := a.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if c.calls != 1 {
+		t.Fatalf("first Sync of a new applier ran %d syncfs, want 1: earlier writes would be acknowledged durable unflushed", c.calls)
+	}
+	if err := a.Sync(); err != nil || c.calls != 1 {
+		t.Fatalf("second Sync with nothing applied: %d syncfs (%v), want none", c.calls-1, err)
+	}
+}
+
+// A failed Sync owes what it did not flush: the next one flushes it
+// instead of reporting success for nothing.
+func TestApplierFailedSyncIsRetried(t *testing.T) {
+	a, _, _ := newTestApplier(t)
+	c := &syncfsCounter{}
+	a.syncfs = c.syncfs
+	for i := 0; i <= maxTargeted; i++ { // past the targeted flush: a syncfs
+		name := fmt.Sprintf("f%d", i)
+		for _, op := range []wire.Op{{Code: wire.OpCreate, Path: name, Mode: 0o644}, {Code: wire.OpWrite, Path: name, Data: []byte("x")}} {
+			if err := a.Apply(&op); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	c.fail = unix.EIO
+	if err := a.Sync(); !errors.Is(err, unix.EIO) {
+		t.Fatalf("Sync with a failing syncfs: %v, want EIO", err)
+	}
+	c.fail, c.calls = nil, 0
+	if err := a.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if c.calls != 1 {
+		t.Fatalf("Sync after a failed one ran %d syncfs, want 1: the unflushed batch would be acknowledged durable", c.calls)
+	}
+}
+
+// A Unix socket in a replicated directory (MariaDB's mysql.sock in its
+// datadir) has nothing to flush: its directory is flushed. Opening it
+// fails (ENXIO), which must not fail the sync.
+func TestApplierSyncSkipsSocket(t *testing.T) {
+	a, root, _ := newTestApplier(t)
+	if err := a.Sync(); err != nil { // a new applier's first one is a syncfs
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("unix", filepath.Join(root, "mysql.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	op := wire.Op{Code: wire.OpSetattr, Path: "mysql.sock", Mode: 0o777}
+	if err := a.Apply(&op); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Sync(); err != nil {
+		t.Fatalf("sync of a batch that touched a socket: %v", err)
+	}
+}
+
+// Where the replica holds something else than a regular file (its copy
+// differs), a write is refused at once with what is there: opening a
+// FIFO for writing would block the applier for good.
+func TestApplierWriteRefusesNonRegular(t *testing.T) {
+	a, root, _ := newTestApplier(t)
+	fifo := filepath.Join(root, "fifo")
+	if err := unix.Mkfifo(fifo, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("unix", filepath.Join(root, "sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	for _, c := range []struct{ path, kind string }{{"fifo", "a fifo"}, {"sock", "a socket"}} {
+		done := make(chan error, 1)
+		go func() { done <- a.Apply(&wire.Op{Code: wire.OpWrite, Path: c.path, Data: []byte("x")}) }()
+		select {
+		case err := <-done:
+			want := fmt.Sprintf("write %q: not a regular file on this replica: %s", c.path, c.kind)
+			if err == nil || err.Error() != want {
+				t.Errorf("write to %s: %v, want %q", c.kind, err, want)
+			}
+		case <-time.After(time.Second):
+			// Let the blocked open finish before the test ends.
+			if r, err := os.OpenFile(fifo, os.O_RDONLY|unix.O_NONBLOCK, 0); err == nil {
+				defer r.Close()
+			}
+			<-done
+			t.Fatalf("write to %s blocked the applier", c.kind)
+		}
+	}
+}
+
+// Ops on paths longer than PATH_MAX apply (the kernel takes such a path in
+// no single lookup) and their targeted flush works.
+func TestApplierPathsPastPathMax(t *testing.T) {
+	a, root, _ := newTestApplier(t)
+	if err := a.Sync(); err != nil { // a new applier's first one is a syncfs
+		t.Fatal(err)
+	}
+	var ops []wire.Op
+	dir := ""
+	for i := 0; len(dir) <= unix.PathMax; i++ {
+		dir = path.Join(dir, strings.Repeat(string(rune('a'+i%26)), 255))
+		ops = append(ops, wire.Op{Code: wire.OpMkdir, Path: dir, Mode: 0o755})
+	}
+	f := dir + "/f"
+	ops = append(ops,
+		wire.Op{Code: wire.OpCreate, Path: dir + "/tmp", Mode: 0o600},
+		wire.Op{Code: wire.OpWrite, Path: dir + "/tmp", Data: []byte("deep")},
+		wire.Op{Code: wire.OpRename, Path: dir + "/tmp", Path2: f},
+		wire.Op{Code: wire.OpLink, Path: f, Path2: dir + "/g"},
+		wire.Op{Code: wire.OpSetattr, Path: f, Mode: 0o640},
+		wire.Op{Code: wire.OpSymlink, Path: dir + "/s", Path2: "f"},
+		wire.Op{Code: wire.OpMknod, Path: dir + "/p", Mode: unix.S_IFIFO | 0o600},
+		wire.Op{Code: wire.OpRemove, Path: dir + "/p"},
+	)
+	for i := range ops {
+		if err := a.Apply(&ops[i]); err != nil {
+			t.Fatalf("op %d (%s, a %d-byte path): %v", i, ops[i].Code, len(ops[i].Path), err)
+		}
+	}
+	if err := a.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	// A batch small enough for a targeted flush of long paths.
+	a.syncfs = func(int) error { t.Fatal("syncfs, want a targeted flush"); return nil }
+	write := wire.Op{Code: wire.OpWrite, Path: f, Off: 4, Data: []byte("er")}
+	if err := a.Apply(&write); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Sync(); err != nil {
+		t.Fatalf("targeted flush of a %d-byte path: %v", len(f), err)
+	}
+	r, err := fstree.OpenRoot(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	entries, _, err := fstree.Scan(r, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]wire.Entry{}
+	for _, e := range entries {
+		got[e.Path] = e
+	}
+	if e := got[f]; !e.Mode.IsRegular() || e.Mode.Perm() != 0o640 || e.Size != 6 || e.Sums[0] != fstree.SumBlock([]byte("deeper")) {
+		t.Fatalf("%d-byte path: %v size %d, want the 6-byte file \"deeper\", mode 0640", len(f), e.Mode, e.Size)
+	}
+	if e := got[dir+"/g"]; e.Ino != got[f].Ino {
+		t.Fatal("the hard link is not the same file")
+	}
+	if e := got[dir+"/s"]; e.Target != "f" {
+		t.Fatalf("symlink target %q", e.Target)
+	}
+	if _, ok := got[dir+"/p"]; ok {
+		t.Fatal("removed FIFO still there")
 	}
 }

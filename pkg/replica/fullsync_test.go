@@ -82,7 +82,7 @@ func TestTreeSyncBitmapAndReport(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer root.Close()
-	local, err := fstree.Scan(root, false)
+	local, _, err := fstree.Scan(root, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -92,7 +92,7 @@ func TestTreeSyncBitmapAndReport(t *testing.T) {
 	d.record(&capture.Record{Kind: capture.KindData, Ino: st.Ino, Pos: 8 * 4096, Len: 4096}, 1)
 	droot, _ := fstree.OpenRoot(dst)
 	defer droot.Close()
-	peer, err := manifest(droot, wire.ManifestQuery{Cutoff: cutoff})
+	peer, _, err := manifest(droot, wire.ManifestQuery{Cutoff: cutoff})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -121,8 +121,8 @@ func TestTreeSyncBitmapAndReport(t *testing.T) {
 	if !strings.Contains(report, "only-there\tremoved") || strings.Contains(report, "big") {
 		t.Fatalf("report:\n%s", report)
 	}
-	l2, _ := fstree.Scan(root, true)
-	p2, _ := fstree.Scan(droot, true)
+	l2, _, _ := fstree.Scan(root, true)
+	p2, _, _ := fstree.Scan(droot, true)
 	if diffs := fstree.Compare(l2, p2); len(diffs) != 0 {
 		t.Fatalf("trees differ after the resync: %v", diffs)
 	}

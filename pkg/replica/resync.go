@@ -237,9 +237,13 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 			return err
 		}
 	}
-	local, err := fstree.Scan(p.root, pl.all)
+	local, tooLong, err := fstree.Scan(p.root, pl.all)
 	if err != nil {
 		return fmt.Errorf("scanning %s: %w", p.Dir.Path, err)
+	}
+	if tooLong > 0 {
+		p.Log.Warn("entries left out of the resync: their paths are longer than the wire takes (the peer's scan leaves them out too)",
+			"entries", tooLong, "limit", wire.MaxPath)
 	}
 	want := map[string]bool{}
 	if !pl.all {

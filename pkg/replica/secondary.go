@@ -62,10 +62,17 @@ type ServerStats struct {
 // session, the last batch fully applied and how far into the next one it
 // got, so that a replay after a restart resumes at the exact op.
 type replicaState struct {
-	mu      sync.Mutex // one replication connection at a time
-	cmu     sync.Mutex
-	active  net.Conn // the connection holding mu
-	file    *os.File
+	mu  sync.Mutex // one replication connection at a time
+	cmu sync.Mutex // guards active and gen; see session
+	// active is the connection holding mu; gen counts the connections
+	// that came for it, so that one waiting for mu knows whether a newer
+	// one replaced it meanwhile.
+	active net.Conn
+	gen    uint64
+	file   *os.File
+	// session and applied are written holding mu and cmu: the connection
+	// holding mu reads them as it likes, a handshake under cmu (waiting
+	// for mu would wait for the connection it replaces).
 	session uint64
 	applied uint64
 	partial uint64 // batch applied[+1] ...
@@ -118,6 +125,20 @@ func (s *Server) state(name string) (*replicaState, error) {
 }
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// progress returns the session and the last batch applied.
+func (r *replicaState) progress() (session, applied uint64) {
+	r.cmu.Lock()
+	defer r.cmu.Unlock()
+	return r.session, r.applied
+}
+
+// setProgress records a new session or applied batch; the caller holds mu.
+func (r *replicaState) setProgress(session, applied uint64) {
+	r.cmu.Lock()
+	defer r.cmu.Unlock()
+	r.session, r.applied = session, applied
+}
 
 // save records progress. It is a pwrite into the page cache, ordered before
 // the batch's syncfs when the state lives on the replica's filesystem.
@@ -233,7 +254,7 @@ func (s *Server) handle(ctx context.Context, c net.Conn) {
 		}
 		if h.Purpose == wire.PurposeReplicate {
 			if !s.accept.Load() {
-				refuse = "this node is not a replica now (it serves, or duet is stopped): it does not accept replication"
+				refuse = notReplica
 				return wire.Welcome{}
 			}
 			r, err := s.state(h.Dir)
@@ -241,7 +262,8 @@ func (s *Server) handle(ctx context.Context, c net.Conn) {
 				refuse = err.Error()
 				return wire.Welcome{}
 			}
-			w := wire.Welcome{Session: r.session, Applied: r.applied}
+			var w wire.Welcome
+			w.Session, w.Applied = r.progress()
 			if ms := s.Metas[h.Dir]; ms != nil {
 				m := ms.Get()
 				w.Gen, w.SyncTime, w.State = m.Gen, m.SyncTime, m.welcomeState()
@@ -255,8 +277,7 @@ func (s *Server) handle(ctx context.Context, c net.Conn) {
 		return
 	}
 	if refuse != "" {
-		s.Log.Warn("refusing peer", "remote", c.RemoteAddr().String(), "reason", refuse)
-		wire.WriteFrame(c, &wire.Frame{Type: wire.TypeError, Payload: []byte(refuse)})
+		s.refusePeer(c, refuse)
 		return
 	}
 	c.SetDeadline(time.Time{})
@@ -269,6 +290,15 @@ func (s *Server) handle(ctx context.Context, c net.Conn) {
 	case wire.PurposeReplicate:
 		s.replicate(ctx, c, d, h)
 	}
+}
+
+// notReplica refuses replication on a node that serves or stops.
+const notReplica = "this node is not a replica now (it serves, or duet is stopped): it does not accept replication"
+
+// refusePeer turns a connection away before it does anything.
+func (s *Server) refusePeer(c net.Conn, reason string) {
+	s.Log.Warn("refusing peer", "remote", c.RemoteAddr().String(), "reason", reason)
+	wire.WriteFrame(c, &wire.Frame{Type: wire.TypeError, Payload: []byte(reason)})
 }
 
 // serveManifest answers manifest requests until the peer hangs up.
@@ -286,24 +316,28 @@ func (s *Server) serveManifest(c net.Conn, d Dir) error {
 			return err
 		}
 		q.Gen = 0 // a one-shot manifest never starts a resync
-		if err := sendManifest(c, d.Path, f.Seq, q); err != nil {
+		if err := s.sendManifest(c, d, f.Seq, q); err != nil {
 			return err
 		}
 	}
 }
 
-// sendManifest scans dir and streams it, answering seq: with checksums of
+// sendManifest scans d and streams it, answering seq: with checksums of
 // the files q asks for.
-func sendManifest(c net.Conn, dir string, seq uint64, q wire.ManifestQuery) error {
-	root, err := fstree.OpenRoot(dir)
+func (s *Server) sendManifest(c net.Conn, d Dir, seq uint64, q wire.ManifestQuery) error {
+	root, err := fstree.OpenRoot(d.Path)
 	if err != nil {
 		return err
 	}
 	defer root.Close()
-	entries, err := manifest(root, q)
+	entries, tooLong, err := manifest(root, q)
 	if err != nil {
 		wire.WriteFrame(c, &wire.Frame{Type: wire.TypeError, Seq: seq, Payload: []byte(err.Error())})
 		return err
+	}
+	if tooLong > 0 {
+		s.Log.Warn("entries left out of the manifest: their paths are longer than the wire takes (the peer's scan leaves them out too)",
+			"dir", d.Name, "entries", tooLong, "limit", wire.MaxPath)
 	}
 	w := bufio.NewWriterSize(c, 1<<20)
 	var raw []byte
@@ -332,11 +366,12 @@ func sendManifest(c net.Conn, dir string, seq uint64, q wire.ManifestQuery) erro
 	return w.Flush()
 }
 
-// manifest lists the tree under root for q.
-func manifest(root *os.File, q wire.ManifestQuery) ([]wire.Entry, error) {
-	entries, err := fstree.Scan(root, q.All)
+// manifest lists the tree under root for q; tooLong counts the entries
+// left out for the length of their path.
+func manifest(root *os.File, q wire.ManifestQuery) (entries []wire.Entry, tooLong int, err error) {
+	entries, tooLong, err = fstree.Scan(root, q.All)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	want := make(map[string]bool, len(q.Want))
 	for _, w := range q.Want {
@@ -349,11 +384,11 @@ func manifest(root *os.File, q wire.ManifestQuery) ([]wire.Entry, error) {
 		}
 		if e.Mode.IsRegular() && e.Flags&wire.EntrySummed == 0 && (e.Flags&wire.EntryRecent != 0 || want[e.Path]) {
 			if err := fstree.SumEntry(root, e); err != nil {
-				return nil, err
+				return nil, 0, err
 			}
 		}
 	}
-	return entries, nil
+	return entries, tooLong, nil
 }
 
 // replicate applies batches in order, acknowledging each once it is on
@@ -368,6 +403,8 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 	// one is dead (the primary reconnects only after losing it) but may
 	// not know it yet, e.g. after a crash without a FIN.
 	r.cmu.Lock()
+	r.gen++
+	gen := r.gen
 	if r.active != nil {
 		s.Log.Warn("new replication connection replaces the previous one", "dir", d.Name)
 		r.active.Close()
@@ -375,9 +412,18 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 	r.cmu.Unlock()
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	// Others may have waited for mu too: only the newest may apply, an
+	// older one got past the handshake before it and is dead the same.
 	r.cmu.Lock()
-	r.active = c
+	newest := r.gen == gen
+	if newest {
+		r.active = c
+	}
 	r.cmu.Unlock()
+	if !newest {
+		s.Log.Warn("dropping a replication connection that a newer one replaced while it waited", "dir", d.Name, "peer", c.RemoteAddr().String())
+		return
+	}
 	defer func() {
 		r.cmu.Lock()
 		if r.active == c {
@@ -385,6 +431,13 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 		}
 		r.cmu.Unlock()
 	}()
+	// The node may have stopped being a replica while this connection
+	// waited: SetAccept(false) interrupts only the active one. Checked
+	// once active, so that a SetAccept after the check interrupts it.
+	if !s.accept.Load() {
+		s.refusePeer(c, notReplica)
+		return
+	}
 	a, err := NewApplier(d.Path)
 	if err != nil {
 		s.Log.Error("opening replica", "dir", d.Name, "err", err)
@@ -399,7 +452,8 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 	ms := s.Metas[d.Name]
 	var lastMeta time.Time
 	if r.session != h.Session {
-		r.session, r.applied, r.partial, r.ops = h.Session, 0, 0, 0
+		r.setProgress(h.Session, 0)
+		r.partial, r.ops = 0, 0
 	} else if ms != nil && ms.Get().Crashed {
 		// The same source's session goes on where this copy stopped: the
 		// daemon's crash lost nothing the page cache did not keep.
@@ -417,8 +471,10 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 	// durable when the primary asks (a sync frame: a barrier waits) and
 	// when the connection ends. In between the kernel writes them back
 	// as it does any dirty data (within vm.dirty_expire_centisecs), like
-	// a DRBD secondary's writes that carry no flush.
-	unsynced := false
+	// a DRBD secondary's writes that carry no flush. What an earlier
+	// connection or daemon run applied may still be dirty too (a killed
+	// daemon does not sync): the first sync covers it.
+	unsynced := true
 	syncNow := func() error {
 		if !unsynced {
 			return nil
@@ -469,7 +525,7 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 				}
 			}
 			lc.mu.Lock() // a manifest is many writes
-			err = sendManifest(c, d.Path, f.Seq, q)
+			err = s.sendManifest(c, d, f.Seq, q)
 			lc.mu.Unlock()
 			if err != nil {
 				s.Log.Warn("sending manifest", "dir", d.Name, "err", err)
@@ -572,12 +628,16 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 			}
 			if ops[i].Code != wire.OpWrite {
 				r.ops = uint32(i + 1)
-				r.save()
+				if err := r.save(); err != nil {
+					s.refuse(lc, st, d, fmt.Errorf("batch %d op %d: saving replica state: %w", f.Seq, i, err))
+					return
+				}
 			}
 		}
 		st.ApplyNs.Add(int64(time.Since(applyStart)))
 		unsynced = true
-		r.applied, r.partial, r.ops = f.Seq, 0, 0
+		r.setProgress(r.session, f.Seq)
+		r.partial, r.ops = 0, 0
 		// Not fsynced: the state only serves a reconnect of this boot
 		// (after a reboot it is discarded for a full comparison), and the
 		// page cache keeps it across a crash of the daemon. One fsync

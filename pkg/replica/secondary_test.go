@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"errors"
 	"io"
 	"log/slog"
 	"net"
@@ -101,5 +102,288 @@ func TestSecondaryAppliesMixedBatches(t *testing.T) {
 		if err != nil || !bytes.Equal(got, content) {
 			t.Fatalf("%s: %d bytes, want %d (%v)", name, len(got), len(content), err)
 		}
+	}
+}
+
+var testKey = []byte("0123456789abcdef")
+
+// testSecondary is a Server replicating directory "data", listening on
+// the loopback; Serve ends with the test.
+type testSecondary struct {
+	*Server
+	data string
+	addr string
+}
+
+func newTestSecondary(t *testing.T, stateDir string) *testSecondary {
+	t.Helper()
+	data := filepath.Join(filepath.Dir(stateDir), "data")
+	if err := os.MkdirAll(data, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	s := &Server{Key: testKey, StateDir: stateDir, Dirs: []Dir{{Name: "data", Path: data}},
+		Log: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	s.SetAccept(true)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		s.Serve(ctx, ln)
+	}()
+	t.Cleanup(func() {
+		cancel()
+		<-done
+		s.Close(10 * time.Second)
+	})
+	return &testSecondary{Server: s, data: data, addr: ln.Addr().String()}
+}
+
+// peerConn is the primary's end of a replication connection.
+type peerConn struct {
+	t  *testing.T
+	c  net.Conn
+	br *bufio.Reader
+	w  wire.Welcome
+}
+
+// connect opens a replication connection of session to s.
+func (s *testSecondary) connect(t *testing.T, session uint64) *peerConn {
+	t.Helper()
+	c, err := net.Dial("tcp", s.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	w, err := wire.ClientHandshake(c, testKey, wire.Hello{Purpose: wire.PurposeReplicate, Session: session, Dir: "data"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &peerConn{t: t, c: c, br: bufio.NewReader(c), w: w}
+}
+
+func (p *peerConn) send(f *wire.Frame) {
+	p.t.Helper()
+	if err := wire.WriteFrame(p.c, f); err != nil {
+		p.t.Fatal(err)
+	}
+}
+
+// batch sends ops as batch seq.
+func (p *peerConn) batch(seq uint64, ops ...wire.Op) {
+	p.t.Helper()
+	var raw []byte
+	for i := range ops {
+		raw = wire.AppendOp(raw, &ops[i])
+	}
+	p.send(&wire.Frame{Type: wire.TypeBatch, Seq: seq, Payload: raw})
+}
+
+// read returns the next frame, or the error that ended the connection.
+func (p *peerConn) read() (wire.Frame, error) {
+	return wire.ReadFrame(p.br, nil)
+}
+
+// got is what a read returned.
+type got struct {
+	f   wire.Frame
+	err error
+}
+
+// next reads the next frame in the background.
+func (p *peerConn) next() <-chan got {
+	ch := make(chan got, 1)
+	go func() {
+		f, err := p.read()
+		ch <- got{f, err}
+	}()
+	return ch
+}
+
+// ack reads the next frame and fails unless it acknowledges seq with flags.
+func (p *peerConn) ack(seq uint64, flags uint16) {
+	p.t.Helper()
+	f, err := p.read()
+	switch {
+	case err != nil:
+		p.t.Fatalf("waiting for the ack of %d: %v", seq, err)
+	case f.Type == wire.TypeError:
+		p.t.Fatalf("waiting for the ack of %d: secondary refused: %s", seq, f.Payload)
+	case f.Type != wire.TypeAck || f.Seq != seq || f.Flags != flags:
+		p.t.Fatalf("got %s seq %d flags %#x, want the ack of %d with flags %#x", f.Type, f.Seq, f.Flags, seq, flags)
+	}
+}
+
+// A durable acknowledgement covers what earlier daemon runs applied: a
+// daemon killed after applying batch 1 (its writes still dirty in the
+// page cache) restarts, the primary reconnects and asks for a sync; the
+// secondary must flush before it says batch 1 is durable.
+func TestSecondaryDurableAckAfterRestart(t *testing.T) {
+	stateDir := filepath.Join(t.TempDir(), "state")
+	os.Mkdir(stateDir, 0o700)
+	first := newTestSecondary(t, stateDir)
+	p := first.connect(t, 7)
+	p.batch(1, wire.Op{Code: wire.OpCreate, Path: "f", Mode: 0o644}, wire.Op{Code: wire.OpWrite, Path: "f", Data: []byte("applied, never synced")})
+	p.ack(1, 0)
+
+	// The restart: a new Server, the same state directory and replica.
+	// (The first one would sync as the connection ends; a killed daemon
+	// does not, which is what the new one must not assume.)
+	again := newTestSecondary(t, stateDir)
+	st := again.Stats("data")
+	p = again.connect(t, 7)
+	if p.w.Applied != 1 {
+		t.Fatalf("welcome after the restart: applied %d, want 1", p.w.Applied)
+	}
+	p.send(&wire.Frame{Type: wire.TypeSync, Seq: 1})
+	p.ack(1, wire.FlagDurable)
+	if n := st.Syncs.Load(); n == 0 {
+		t.Fatal("batch 1 acknowledged durable after the restart without any sync")
+	}
+}
+
+// A connection that got past the handshake before this node stopped
+// being a replica, and waited for the one replicating to end, must not
+// apply batches: SetAccept(false) only interrupted the one active then.
+func TestSecondaryQueuedConnectionRefusedAfterAcceptOff(t *testing.T) {
+	s := newTestSecondary(t, filepath.Join(t.TempDir(), "state"))
+	r, err := s.state("data")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.mu.Lock() // a connection replicating: the next one waits
+	p := s.connect(t, 7)
+	s.SetAccept(false) // this node now serves
+	p.batch(1, wire.Op{Code: wire.OpCreate, Path: "late", Mode: 0o644})
+	r.mu.Unlock()
+	f, err := p.read()
+	if err != nil {
+		t.Fatalf("want a refusal, got %v", err)
+	}
+	if f.Type != wire.TypeError || string(f.Payload) != notReplica {
+		t.Fatalf("got %s %q, want the refusal %q", f.Type, f.Payload, notReplica)
+	}
+	if _, err := os.Lstat(filepath.Join(s.data, "late")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("a serving node applied a replication batch: %v", err)
+	}
+}
+
+// Of the connections waiting for the active one to end, only the newest
+// may apply: an older one that gets the lock later is dropped, whatever
+// the order in which they get it.
+func TestSecondaryOnlyNewestQueuedConnectionApplies(t *testing.T) {
+	s := newTestSecondary(t, filepath.Join(t.TempDir(), "state"))
+	r, err := s.state("data")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.mu.Lock() // a connection replicating: the next ones wait
+	// Each new connection closes the active one: a stand-in shows when
+	// the new one got that far (it waits for the lock next).
+	queue := func(session uint64) *peerConn {
+		stand, in := net.Pipe()
+		r.cmu.Lock()
+		r.active = stand
+		r.cmu.Unlock()
+		p := s.connect(t, session)
+		if _, err := in.Read(make([]byte, 1)); err != io.EOF && err != io.ErrClosedPipe {
+			t.Fatalf("the active connection was not closed: %v", err)
+		}
+		return p
+	}
+	older := queue(6)
+	newer := queue(7)
+	r.cmu.Lock()
+	r.active = nil
+	r.cmu.Unlock()
+	older.batch(1, wire.Op{Code: wire.OpCreate, Path: "stale", Mode: 0o644})
+	newer.batch(1, wire.Op{Code: wire.OpCreate, Path: "fresh", Mode: 0o644})
+	olderGot, newerGot := older.next(), newer.next()
+	r.mu.Unlock()
+	for newerGot != nil {
+		select {
+		case g := <-olderGot:
+			if g.err == nil {
+				t.Fatalf("the older connection got %s %d: it was served after a newer one arrived", g.f.Type, g.f.Seq)
+			}
+			olderGot = nil // dropped: fine
+		case g := <-newerGot:
+			if g.err != nil || g.f.Type != wire.TypeAck || g.f.Seq != 1 {
+				t.Fatalf("the newer connection got %s %d %q (%v), want the ack of 1", g.f.Type, g.f.Seq, g.f.Payload, g.err)
+			}
+			newerGot = nil
+		}
+	}
+	newer.c.Close() // the older one, if still waiting, gets the lock now
+	if olderGot != nil {
+		if g := <-olderGot; g.err == nil {
+			t.Fatalf("the older connection got %s %d after the newer one ended", g.f.Type, g.f.Seq)
+		}
+	}
+	if _, err := os.Lstat(filepath.Join(s.data, "stale")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the older connection's batch was applied: %v", err)
+	}
+}
+
+// The welcome reports what the replica applied last, also while another
+// connection replicates: a stale one costs the primary a full resync. Run
+// with -race: the handshake reads what the replicating connection writes.
+func TestSecondaryWelcomeWhileReplicating(t *testing.T) {
+	s := newTestSecondary(t, filepath.Join(t.TempDir(), "state"))
+	p := s.connect(t, 7)
+	const n = 1000
+	raw := wire.AppendOp(nil, &wire.Op{Code: wire.OpMkdir, Path: "d", Mode: 0o755})
+	// Each round's new connection handshakes while the previous one
+	// applies a stream of batches, then replaces it.
+	for base := uint64(0); base < 5*n; base += n {
+		var frames []byte
+		for seq := base + 1; seq <= base+n; seq++ {
+			frames = wire.AppendFrame(frames, &wire.Frame{Type: wire.TypeBatch, Seq: seq, Payload: raw})
+		}
+		sent := make(chan error, 1)
+		go func() {
+			_, err := p.c.Write(frames)
+			sent <- err
+		}()
+		p.ack(base+1, 0)
+		p.ack(base+2, 0) // the stream is going
+		next := s.connect(t, 7)
+		if next.w.Session != 7 || next.w.Applied < base+2 {
+			t.Fatalf("welcome during replication: session %d applied %d, want 7 and at least %d", next.w.Session, next.w.Applied, base+2)
+		}
+		p.c.Close()
+		<-sent
+		p = next
+	}
+}
+
+// Progress within a batch is saved after each op that is not a write, so
+// that a replay resumes at the exact op (replaying a rename then a create
+// of its old name from the start would rename the new file). When it
+// cannot be saved, nothing more is applied.
+func TestSecondaryRefusesBatchWhenProgressIsNotSaved(t *testing.T) {
+	s := newTestSecondary(t, filepath.Join(t.TempDir(), "state"))
+	r, err := s.state("data")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ro, err := os.Open(r.file.Name()) // writes fail
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.file.Close()
+	r.file = ro
+	p := s.connect(t, 7)
+	p.batch(1, wire.Op{Code: wire.OpMkdir, Path: "a", Mode: 0o755}, wire.Op{Code: wire.OpMkdir, Path: "b", Mode: 0o755})
+	f, err := p.read()
+	if err != nil || f.Type != wire.TypeError {
+		t.Fatalf("got %s %q (%v), want a refusal", f.Type, f.Payload, err)
+	}
+	if _, err := os.Lstat(filepath.Join(s.data, "b")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("op 1 applied although op 0's progress was not saved: %v", err)
 	}
 }

@@ -52,8 +52,11 @@ type Op struct {
 	Data  []byte
 }
 
-// MaxPath bounds a path on the wire (PATH_MAX).
-const MaxPath = 4096
+// MaxPath bounds a path on the wire. It is past PATH_MAX (4096): a tree
+// can be deeper than one lookup takes, and its nodes walk such paths a
+// group of components at a time. A path longer still is left out of
+// scans, with a warning.
+const MaxPath = 64 << 10
 
 // ErrBadOp wraps every op decoding error.
 var ErrBadOp = errors.New("bad op")

@@ -91,6 +91,48 @@ func TestValidPath(t *testing.T) {
 	}
 }
 
+// deepPath is a valid path of n bytes: components of 255 bytes and less.
+func deepPath(n int) string {
+	var b []byte
+	for rem := n; rem > 0; {
+		if len(b) > 0 {
+			b = append(b, '/')
+			rem--
+		}
+		k := min(255, rem)
+		if rem-k == 1 {
+			k-- // room for "/d"
+		}
+		b = append(b, bytes.Repeat([]byte("d"), k)...)
+		rem -= k
+	}
+	return string(b)
+}
+
+// A tree can be deeper than PATH_MAX (4096 bytes): such paths go on the
+// wire, in ops, manifests and manifest requests, up to MaxPath.
+func TestPathsPastPathMax(t *testing.T) {
+	long := deepPath(5000)
+	if len(long) != 5000 || ValidPath(long) != nil {
+		t.Fatalf("test path of %d bytes: %v", len(long), ValidPath(long))
+	}
+	ops := []Op{{Code: OpRename, Path: long, Path2: deepPath(MaxPath)}}
+	if got, err := DecodeOps(AppendOp(nil, &ops[0])); err != nil || !reflect.DeepEqual(got, ops) {
+		t.Fatalf("op with a %d-byte path: %v", len(long), err)
+	}
+	e := Entry{Path: long, Mode: 0o644}
+	if got, err := DecodeEntries(AppendEntry(nil, &e)); err != nil || len(got) != 1 || got[0].Path != long {
+		t.Fatalf("manifest entry with a %d-byte path: %v", len(long), err)
+	}
+	q := ManifestQuery{Want: []string{long}}
+	if got, err := DecodeManifestQuery(AppendManifestQuery(nil, &q)); err != nil || !reflect.DeepEqual(got, q) {
+		t.Fatalf("manifest request for a %d-byte path: %v", len(long), err)
+	}
+	if ValidPath(deepPath(MaxPath+1)) == nil {
+		t.Fatalf("a path of %d bytes (past MaxPath) accepted", MaxPath+1)
+	}
+}
+
 func TestDecodeOpsRejects(t *testing.T) {
 	enc := func(op Op) []byte { return AppendOp(nil, &op) }
 	tests := map[string][]byte{
@@ -103,6 +145,7 @@ func TestDecodeOpsRejects(t *testing.T) {
 		"huge offset":     enc(Op{Code: OpWrite, Path: "a", Off: 1 << 63, Data: []byte("x")}),
 		"empty symlink":   enc(Op{Code: OpSymlink, Path: "a"}),
 		"length too long": {byte(OpWrite), 0xff, 0xff, 0xff, 0xff, 0x0f},
+		"path too long":   enc(Op{Code: OpCreate, Path: deepPath(MaxPath + 1)}),
 	}
 	for name, b := range tests {
 		if _, err := DecodeOps(b); err == nil {

@@ -1,0 +1,156 @@
+package fstree
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/duet-ha/duet/pkg/wire"
+	"golang.org/x/sys/unix"
+)
+
+// deepTree builds under dir nested directories of 255-byte names whose
+// path passes minLen bytes, with a file at the bottom, using *at calls (a
+// path past PATH_MAX cannot be looked up at once). It returns the file's
+// path relative to dir.
+func deepTree(t *testing.T, dir string, minLen int, content []byte) string {
+	t.Helper()
+	fd, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for i := 0; len(names)*256 <= minLen; i++ {
+		name := strings.Repeat(string(rune('a'+i%26)), 255)
+		if err := unix.Mkdirat(fd, name, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		sub, err := unix.Openat(fd, name, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+		unix.Close(fd)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fd, names = sub, append(names, name)
+	}
+	defer unix.Close(fd)
+	f, err := unix.Openat(fd, "file", unix.O_CREAT|unix.O_WRONLY|unix.O_CLOEXEC, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(f)
+	if _, err := unix.Write(f, content); err != nil {
+		t.Fatal(err)
+	}
+	// t.TempDir's cleanup (os.RemoveAll) copes with the depth.
+	return strings.Join(append(names, "file"), "/")
+}
+
+// A tree whose paths pass PATH_MAX scans: every lookup is relative to
+// its parent directory's descriptor.
+func TestScanDeepTree(t *testing.T) {
+	dir := t.TempDir()
+	deep := deepTree(t, dir, 2*unix.PathMax, []byte("at the bottom"))
+	root, err := OpenRoot(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer root.Close()
+	entries, tooLong, err := Scan(root, true)
+	if err != nil {
+		t.Fatalf("scanning a tree with a %d-byte path: %v", len(deep), err)
+	}
+	if tooLong != 0 {
+		t.Fatalf("%d entries left out as too long, want none", tooLong)
+	}
+	last := entries[len(entries)-1]
+	if last.Path != deep || !last.Mode.IsRegular() || last.Size != 13 || last.Flags&wire.EntrySummed == 0 {
+		t.Fatalf("last entry %.40q… (%d bytes) %v size %d flags %d, want the summed %d-byte file", last.Path, len(last.Path), last.Mode, last.Size, last.Flags, len(deep))
+	}
+	if want := SumBlock([]byte("at the bottom")); len(last.Sums) != 1 || last.Sums[0] != want {
+		t.Fatalf("sums %x, want %x", last.Sums, want)
+	}
+	if len(entries) != strings.Count(deep, "/")+2 {
+		t.Fatalf("%d entries, want %d", len(entries), strings.Count(deep, "/")+2)
+	}
+}
+
+// OpenBeneath takes a path longer than one lookup takes, and stays
+// beneath the root all the same.
+func TestOpenBeneathLongPath(t *testing.T) {
+	top := t.TempDir()
+	dir := filepath.Join(top, "root")
+	os.Mkdir(dir, 0o755)
+	deep := deepTree(t, dir, 2*unix.PathMax, []byte("x"))
+	root, err := OpenRoot(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer root.Close()
+	f, err := OpenBeneath(root, deep, unix.O_RDONLY|unix.O_NOFOLLOW)
+	if err != nil {
+		t.Fatalf("opening a %d-byte path: %v", len(deep), err)
+	}
+	f.Close()
+	// A directory's path with its slash where a group ends (16 names of
+	// 255 bytes are 4095 bytes), as the applier asks for a parent.
+	if deep[unix.PathMax-1] != '/' {
+		t.Fatalf("test tree: byte %d is %q, want a slash", unix.PathMax-1, deep[unix.PathMax-1])
+	}
+	if d, err := OpenBeneath(root, deep[:unix.PathMax], unix.O_PATH|unix.O_DIRECTORY); err != nil {
+		t.Fatalf("opening a directory by a %d-byte path ending in a slash: %v", unix.PathMax, err)
+	} else {
+		d.Close()
+	}
+	if st, err := Stat(root, deep); err != nil || st.Size != 1 {
+		t.Fatalf("stat of a %d-byte path: size %d, %v", len(deep), st.Size, err)
+	}
+	// A symlink deep down, where a later group of components starts.
+	parent := deep[:strings.LastIndexByte(deep, '/')]
+	pd, err := OpenBeneath(root, parent, unix.O_PATH|unix.O_DIRECTORY)
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(top, "secret"), []byte("keep"), 0o644)
+	if err := unix.Symlinkat(top, int(pd.Fd()), "escape"); err != nil {
+		t.Fatal(err)
+	}
+	pd.Close()
+	for _, p := range []string{parent + "/escape/secret", deep + strings.Repeat("/..", strings.Count(deep, "/")+2) + "/secret"} {
+		if f, err := OpenBeneath(root, p, unix.O_RDONLY); err == nil {
+			f.Close()
+			t.Errorf("opened %.40q…%q beneath the root", p, p[len(p)-40:])
+		} else if !errors.Is(err, unix.ELOOP) && !errors.Is(err, unix.EXDEV) && !errors.Is(err, unix.ENOTDIR) {
+			t.Errorf("%.40q…%q: %v, want a refusal to leave the root", p, p[len(p)-40:], err)
+		}
+	}
+}
+
+// An entry whose path is too long for the wire is left out and counted,
+// with what is under it; the rest of the tree is scanned.
+func TestScanLeavesOutPathsPastMaxPath(t *testing.T) {
+	dir := t.TempDir()
+	deep := deepTree(t, dir, wire.MaxPath, nil)
+	os.WriteFile(filepath.Join(dir, "z"), nil, 0o644)
+	root, err := OpenRoot(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer root.Close()
+	entries, tooLong, err := Scan(root, false)
+	if err != nil {
+		t.Fatalf("scanning a tree with a %d-byte path: %v", len(deep), err)
+	}
+	if tooLong != 1 {
+		t.Fatalf("%d entries counted as too long, want 1 (the first past %d bytes)", tooLong, wire.MaxPath)
+	}
+	for _, e := range entries {
+		if len(e.Path) > wire.MaxPath {
+			t.Fatalf("entry of %d bytes listed", len(e.Path))
+		}
+	}
+	if last := entries[len(entries)-1]; last.Path != "z" {
+		t.Fatalf("last entry %.40q, want z (the rest of the tree)", last.Path)
+	}
+}
