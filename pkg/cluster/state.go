@@ -46,9 +46,12 @@ type Peer struct {
 
 // Machine is one node's memory of the cluster.
 type Machine struct {
-	Name      string
+	Name string
+	// ID is this node's number in the epochs it draws, 1 or 2: different
+	// on the two nodes of a pair (see nextEpoch).
+	ID        uint8
 	State     State
-	Epoch     uint64 // data generation: bumped on every takeover
+	Epoch     uint64 // data generation: drawn anew on every takeover
 	Stale     bool   // our copy may be older than the peer's
 	Preferred bool   // the primary when both copies are equal
 	// HandedOver is set after giving the role away in a swap: until the
@@ -128,9 +131,20 @@ func (m Machine) wins() bool {
 	return m.Name < p.Name
 }
 
+// nextEpoch draws an epoch newer than both copies' and unique to this
+// node: a counter above both epochs' counters in the high bits, the
+// node's ID in the low 8. Two nodes that take over independently from the
+// same epoch (a network split) draw different epochs, so that the epochs
+// still tell the two copies apart when they meet. An epoch of an older
+// version (a plain counter, below 256 in practice) is below any epoch
+// drawn after it.
+func (m Machine) nextEpoch() uint64 {
+	return (max(m.Epoch, m.Peer.Epoch)>>8+1)<<8 | uint64(m.ID)
+}
+
 // serve moves m to PRIM (peer visible) or ALONE, with a new epoch.
 func (m Machine) serve(why string) (Machine, []Action) {
-	m.Epoch = max(m.Epoch, m.Peer.Epoch) + 1
+	m.Epoch = m.nextEpoch()
 	m.Stale, m.HandedOver, m.Checking = false, false, false
 	if m.Peer.Seen {
 		m.State = Prim
@@ -328,14 +342,19 @@ func (m Machine) stepServing(ev Event) (Machine, []Action) {
 	switch ev.Kind {
 	case EvPeer:
 		if p.State.Serving() {
-			// Two primaries met (a healed partition): one steps down,
-			// the same one on both sides.
+			// Two primaries met (a healed partition, or a takeover this
+			// node did not notice): one steps down, the same one on
+			// both sides. The older epoch does, at once: the newer one
+			// was drawn by a takeover, whose clients have moved on.
+			// Epochs are unique to the node that drew them; equal ones
+			// (from a peer of an older version) fall back to
+			// splitWinner.
 			m.Checking = false
-			if m.splitWinner() {
-				return m, []Action{logf("split brain: peer %s is %s too; it steps down, this copy stays the reference", p.Name, p.State)}
+			if p.Epoch < m.Epoch || p.Epoch == m.Epoch && m.splitWinner() {
+				return m, []Action{logf("split brain: peer %s is %s too (epoch %d, here %d); it steps down, this copy stays the reference", p.Name, p.State, p.Epoch, m.Epoch)}
 			}
 			m.Stale = true
-			return m.unserve(Wait, fmt.Sprintf("split brain: peer %s is %s too and wins; changes made here since epoch %d will be replaced by its copy", p.Name, p.State, m.Epoch))
+			return m.unserve(Wait, fmt.Sprintf("split brain: peer %s is %s too (epoch %d, here %d) and wins; changes made here since epoch %d will be replaced by its copy", p.Name, p.State, p.Epoch, m.Epoch, m.Epoch))
 		}
 		if m.State == Alone {
 			m.State = Prim
@@ -345,7 +364,7 @@ func (m Machine) stepServing(ev Event) (Machine, []Action) {
 	case EvPeerLost:
 		if m.State == Prim {
 			m.State = Alone
-			m.Epoch++
+			m.Epoch = m.nextEpoch()
 			return m, []Action{{Do: DoPersist}, logf("PRIM -> ALONE (epoch %d): peer lost, changes are tracked for its return", m.Epoch)}
 		}
 		return m, nil

@@ -423,12 +423,24 @@ func (c *Config) validateCluster(bad func(string, ...any)) {
 	if cl.Timeout < 3*cl.Interval {
 		bad("cluster.timeout %s: must be at least 3 heartbeat intervals (%s)", cl.Timeout, 3*cl.Interval)
 	}
+	// Both nodes number their epochs from these addresses (EpochID):
+	// each must be a real address of its node, none on both sides.
+	locals := map[netip.Addr]bool{}
+	for _, n := range cl.Networks {
+		if a, err := netip.ParseAddr(n.Local); err == nil {
+			locals[a.Unmap()] = true
+		}
+	}
 	for i, n := range cl.Networks {
-		if net.ParseIP(n.Local) == nil {
+		if ip := net.ParseIP(n.Local); ip == nil {
 			bad("cluster.networks[%d].local %q: want an IP address of this node", i, n.Local)
+		} else if ip.IsUnspecified() {
+			bad("cluster.networks[%d].local %q: want this node's own address, not a wildcard (by default the host of listen)", i, n.Local)
 		}
 		if net.ParseIP(n.Peer) == nil {
 			bad("cluster.networks[%d].peer %q: want an IP address of the peer", i, n.Peer)
+		} else if a, err := netip.ParseAddr(n.Peer); err == nil && locals[a.Unmap()] {
+			bad("cluster.networks[%d].peer %q: also a local address of this node: want the peer's own address (by default the host of peer)", i, n.Peer)
 		}
 	}
 	if cl.Witness != "" && net.ParseIP(cl.Witness) == nil {
@@ -491,6 +503,30 @@ func (c *Config) validateCluster(bad func(string, ...any)) {
 			bad("services[%d].restarts %d: must be 0 or more", i-svcMod, *s.Restarts)
 		}
 	}
+}
+
+// EpochID is this node's number in the epochs it draws (cluster.Machine
+// ID): 1 for the node whose lowest heartbeat address is the lower of the
+// two nodes', 2 for the other. Each node's file holds both nodes'
+// addresses (cluster.networks, local and peer; Validate refuses an
+// address on both sides), so the two nodes pick different numbers
+// whatever the order of their networks.
+func (c *Config) EpochID() uint8 {
+	var local, peer netip.Addr
+	for _, n := range c.Cluster.Networks {
+		l, _ := netip.ParseAddr(n.Local)
+		p, _ := netip.ParseAddr(n.Peer)
+		if l = l.Unmap(); !local.IsValid() || l.Less(local) {
+			local = l
+		}
+		if p = p.Unmap(); !peer.IsValid() || p.Less(peer) {
+			peer = p
+		}
+	}
+	if local.Less(peer) {
+		return 1
+	}
+	return 2
 }
 
 func unwrapPathErr(err error) error {

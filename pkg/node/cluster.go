@@ -40,7 +40,7 @@ func (n *Node) statePath() string { return filepath.Join(n.cfg.StateDir, "cluste
 // the reference copy; one that was SECOND may have missed what its peer
 // wrote since; a fresh pair trusts the configured primary.
 func (n *Node) loadMachine() (cluster.Machine, error) {
-	m := cluster.Machine{Name: n.cfg.Node, State: cluster.Wait, Preferred: n.cfg.Role == config.RolePrimary}
+	m := cluster.Machine{Name: n.cfg.Node, ID: n.cfg.EpochID(), State: cluster.Wait, Preferred: n.cfg.Role == config.RolePrimary}
 	b, err := os.ReadFile(n.statePath())
 	if errors.Is(err, os.ErrNotExist) {
 		m.Stale = !m.Preferred
