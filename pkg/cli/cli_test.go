@@ -28,6 +28,7 @@ listen: 127.0.0.1:0
 peer: 127.0.0.2:1
 key: "0123456789abcdef"
 state_dir: ` + filepath.Join(dir, "state") + `
+vip: {address: 10.250.0.100/24, interface: eth0}
 replicate:
   - path: ` + data + "\n"
 	if mutate != nil {

@@ -103,9 +103,13 @@ type Cluster struct {
 	Timeout  time.Duration `yaml:"timeout"`
 	// Witness is an address (e.g. the default gateway) that a node must
 	// reach by ping before it takes over, and without which a primary
-	// that also lost its peer steps down.
+	// that also lost its peer steps down. It does not stop two
+	// primaries when only the link between the nodes breaks (both
+	// reach it): the VIP's ARP probe or Fence does.
 	Witness string `yaml:"witness"`
-	// Fence is a command run before a takeover; if it fails, no takeover.
+	// Fence is a command run before a takeover (it powers off or
+	// isolates the peer); if it fails, no takeover. Required without a
+	// VIP.
 	Fence string `yaml:"fence"`
 	// AloneWrites says what a supervised durability call does when no
 	// peer is in sync: "release" (default, like DRBD with a disconnected
@@ -442,6 +446,14 @@ func (c *Config) validateCluster(bad func(string, ...any)) {
 		} else if a, err := netip.ParseAddr(n.Peer); err == nil && locals[a.Unmap()] {
 			bad("cluster.networks[%d].peer %q: also a local address of this node: want the peer's own address (by default the host of peer)", i, n.Peer)
 		}
+	}
+	// The takeover checks stop a node from taking over a live primary
+	// only through the VIP (its ARP probe) or fencing. The witness only
+	// makes an isolated primary step down: when the link between the
+	// nodes breaks while both reach the witness, both would serve.
+	if c.VIP == nil && strings.TrimSpace(cl.Fence) == "" {
+		bad("cluster: neither vip nor cluster.fence is set: nothing stops both nodes serving after a network split; " +
+			"set vip (a node takes over only when no host answers its ARP probe for the VIP) or cluster.fence (a command that powers off or isolates the peer)")
 	}
 	if cl.Witness != "" && net.ParseIP(cl.Witness) == nil {
 		bad("cluster.witness %q: want an IP address (e.g. the default gateway)", cl.Witness)

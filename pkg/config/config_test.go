@@ -114,6 +114,43 @@ func TestStateDirInsideReplicated(t *testing.T) {
 	}
 }
 
+// TestNothingStopsTwoPrimaries: without a VIP (whose ARP probe shows a
+// live old primary) and without a fencing command, nothing stops both
+// nodes serving after a split of the link between them: refused. A
+// witness alone does not help (both nodes may reach it).
+func TestNothingStopsTwoPrimaries(t *testing.T) {
+	const vip = "vip: {address: 10.250.0.100/24, interface: eth0}\n"
+	const want = "cluster: neither vip nor cluster.fence is set: nothing stops both nodes serving after a network split; set vip"
+	for _, tc := range []struct {
+		name, from, to string
+		ok             bool
+	}{
+		{"vip", "", "", true},
+		{"fence", vip, "cluster: {fence: 'ipmitool -H bmc-b chassis power off'}\n", true},
+		{"vip and fence", vip, vip + "cluster: {fence: 'ipmitool -H bmc-b chassis power off'}\n", true},
+		{"neither", vip, "", false},
+		{"witness only", vip, "cluster: {witness: 10.250.0.254}\n", false},
+		{"blank fence", vip, "cluster: {fence: '  '}\n", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			y := base(t)
+			if tc.from != "" {
+				if !strings.Contains(y, tc.from) {
+					t.Fatalf("base config lacks %q", tc.from)
+				}
+				y = strings.Replace(y, tc.from, tc.to, 1)
+			}
+			_, err := Parse([]byte(y))
+			switch {
+			case tc.ok && err != nil:
+				t.Fatalf("refused: %v", err)
+			case !tc.ok && (err == nil || !strings.Contains(err.Error(), want)):
+				t.Fatalf("error %v, want it to contain %q", err, want)
+			}
+		})
+	}
+}
+
 // TestEpochID: the two nodes of a pair, each with its own file (the same
 // addresses, local and peer swapped), get different numbers, whatever the
 // order of their networks.
