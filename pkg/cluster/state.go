@@ -54,6 +54,10 @@ type Machine struct {
 	Epoch     uint64 // data generation: drawn anew on every takeover
 	Stale     bool   // our copy may be older than the peer's
 	Preferred bool   // the primary when both copies are equal
+	// Resyncing names a replicated directory whose copy a resync is
+	// rewriting (the daemon sets it before each step): until the resync
+	// completes the copy is half old, half new, and must not serve.
+	Resyncing string
 	// HandedOver is set after giving the role away in a swap: until the
 	// peer serves or is lost, this node claims nothing.
 	HandedOver bool
@@ -172,6 +176,24 @@ func (m Machine) to(s State, why string) (Machine, []Action) {
 
 // Step applies one event.
 func Step(m Machine, ev Event) (Machine, []Action) {
+	if m.Resyncing == "" || m.State.Serving() || m.Stale && m.State != Second {
+		return step(m, ev)
+	}
+	// A copy that a resync is rewriting is neither in sync nor whole: it
+	// counts as stale (never serves unless forced) until the serving peer
+	// says it is in sync again.
+	m.Stale = true
+	why := fmt.Sprintf("directory %s: this copy is mid-resync (inconsistent): not taking over until the resync completes", m.Resyncing)
+	if m.State == Second {
+		m.State = Wait
+		why = "SECOND -> WAIT: " + why
+	}
+	pre := []Action{{Do: DoPersist}, logf("%s", why)}
+	m, acts := step(m, ev)
+	return m, append(pre, acts...)
+}
+
+func step(m Machine, ev Event) (Machine, []Action) {
 	switch ev.Kind {
 	case EvPeer:
 		m.Peer = ev.Peer
@@ -232,7 +254,7 @@ func (m Machine) stepWait(ev Event) (Machine, []Action) {
 				m.Stale = true
 				acts = append(acts, Action{Do: DoPersist})
 			}
-			if p.Synced {
+			if p.Synced && m.Resyncing == "" {
 				m.Epoch = p.Epoch
 				m.Stale = false
 				m, more := m.to(Second, fmt.Sprintf("in sync with %s (epoch %d)", p.Name, p.Epoch))
@@ -266,11 +288,17 @@ func (m Machine) stepWait(ev Event) (Machine, []Action) {
 		if p.Seen && p.State.Serving() {
 			return m, []Action{refuse("peer %s is %s: never two primaries (use `duet swap` on it)", p.Name, p.State)}
 		}
+		if m.Resyncing != "" && !ev.Force {
+			return m, []Action{refuse("directory %s: this copy is mid-resync (inconsistent): not taking over; `duet prim --force` serves it half-written", m.Resyncing)}
+		}
 		if m.Stale && !ev.Force {
 			return m, []Action{refuse("this copy (epoch %d) may be older than %s's: `duet prim --force` makes it the reference, and changes %s made after it are lost", m.Epoch, peerName(p), peerName(p))}
 		}
 		why := "forced by the operator"
-		if m.Stale {
+		switch {
+		case m.Resyncing != "":
+			why = fmt.Sprintf("forced by the operator on a copy mid-resync: directory %s is half-written", m.Resyncing)
+		case m.Stale:
 			why = fmt.Sprintf("forced by the operator on a copy that may be stale (epoch %d): changes only %s had are lost", m.Epoch, peerName(p))
 		}
 		return m.serve(why)

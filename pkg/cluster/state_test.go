@@ -36,8 +36,10 @@ func allMachines() []Machine {
 					for _, seen := range []bool{false, true} {
 						for ps := Stop; ps <= Alone; ps++ {
 							for _, pe := range []uint64{4, 5, 6} {
-								out = append(out, Machine{Name: "nodeA", ID: 1, State: s, Epoch: 5, Stale: stale, Preferred: pref, HandedOver: ho,
-									Peer: Peer{Seen: seen, Name: "nodeB", State: ps, Epoch: pe, Preferred: !pref}})
+								for _, rs := range []string{"", "data"} {
+									out = append(out, Machine{Name: "nodeA", ID: 1, State: s, Epoch: 5, Stale: stale, Preferred: pref, HandedOver: ho, Resyncing: rs,
+										Peer: Peer{Seen: seen, Name: "nodeB", State: ps, Epoch: pe, Preferred: !pref}})
+								}
 							}
 						}
 					}
@@ -82,6 +84,10 @@ func TestInvariants(t *testing.T) {
 			// A stale copy is promoted only by a forced command.
 			if became && m.Stale && !(ev.Kind == EvCmdPrim && ev.Force) {
 				t.Errorf("%+v + %+v: stale copy promoted", m, ev)
+			}
+			// A copy mid-resync is promoted only by a forced command.
+			if became && m.Resyncing != "" && !(ev.Kind == EvCmdPrim && ev.Force) {
+				t.Errorf("%+v + %+v: copy mid-resync promoted", m, ev)
 			}
 			// A promotion draws an epoch past both copies', of this node.
 			if became && (got.Epoch <= m.Epoch || got.Epoch <= got.Peer.Epoch || got.Epoch&0xff != uint64(m.ID)) {
@@ -361,5 +367,56 @@ func TestEpochsUnique(t *testing.T) {
 		if p.State != Alone || p.Epoch == b.Epoch || p.Epoch <= from {
 			t.Errorf("from %d: PRIM -> ALONE drew %d (%s), the taking-over peer %d", from, p.Epoch, p.State, b.Epoch)
 		}
+	}
+}
+
+// TestResyncingCopyDoesNotServe: a copy that a resync is rewriting never
+// takes over, not even from a SECOND whose peer is lost or hands over,
+// unless forced.
+func TestResyncingCopyDoesNotServe(t *testing.T) {
+	const e = 2<<8 | 2
+	second := Machine{Name: "nodeB", ID: 2, State: Second, Epoch: e, Resyncing: "data",
+		Peer: Peer{Seen: true, Name: "nodeA", State: Prim, Epoch: e, Synced: true}}
+	wait := second
+	wait.State = Wait
+	for _, tc := range []struct {
+		name string
+		m    Machine
+		evs  []Event
+	}{
+		{"SECOND, peer lost, checks pass", second, []Event{{Kind: EvPeerLost}, {Kind: EvTick}, {Kind: EvChecked, OK: true}}},
+		{"SECOND, peer hands over", second, []Event{peerEv(Peer{Name: "nodeA", State: Wait, Epoch: e, Handover: true})}},
+		{"SECOND, peer stopped", second, []Event{peerEv(Peer{Name: "nodeA", State: Stop, Epoch: e})}},
+		{"WAIT, peer stopped", wait, []Event{peerEv(Peer{Name: "nodeA", State: Stop, Epoch: e})}},
+		{"WAIT, peer lost, checks pass", wait, []Event{{Kind: EvPeerLost}, {Kind: EvTick}, {Kind: EvChecked, OK: true}}},
+		{"WAIT, peer says synced", wait, []Event{peerEv(Peer{Name: "nodeA", State: Prim, Epoch: e, Synced: true})}},
+		{"WAIT, duet prim", wait, []Event{{Kind: EvPeerLost}, {Kind: EvCmdPrim}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, acts := run(tc.m, tc.evs...)
+			if got.State != Wait || !got.Stale || has(acts, DoServe) || has(acts, DoCheck) {
+				t.Fatalf("%s stale=%v, actions %+v: want WAIT stale, no checks, no serving", got.State, got.Stale, acts)
+			}
+			if !has(acts, DoPersist) {
+				t.Errorf("staleness not persisted: %+v", acts)
+			}
+			for _, a := range acts {
+				if (a.Do == DoLog || a.Do == DoRefuse) && strings.Contains(a.Msg, "directory data: this copy is mid-resync") {
+					return
+				}
+			}
+			t.Errorf("no message names the directory mid-resync: %+v", acts)
+		})
+	}
+	got, _ := run(wait, Event{Kind: EvPeerLost}, Event{Kind: EvCmdPrim, Force: true})
+	if got.State != Alone {
+		t.Errorf("duet prim --force on a copy mid-resync: %s, want ALONE", got.State)
+	}
+	// Once the resync completed, the serving peer's word makes it SECOND.
+	done, _ := Step(wait, peerEv(Peer{Name: "nodeA", State: Prim, Epoch: e, Synced: true}))
+	done.Resyncing = ""
+	done, _ = Step(done, peerEv(Peer{Name: "nodeA", State: Prim, Epoch: e, Synced: true}))
+	if done.State != Second || done.Stale {
+		t.Errorf("after the resync: %s stale=%v, want SECOND", done.State, done.Stale)
 	}
 }

@@ -17,6 +17,7 @@ import (
 
 	"github.com/duet-ha/duet/pkg/cluster"
 	"github.com/duet-ha/duet/pkg/config"
+	"github.com/duet-ha/duet/pkg/replica"
 	"github.com/duet-ha/duet/pkg/stack"
 	"github.com/duet-ha/duet/pkg/vip"
 )
@@ -244,6 +245,7 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 	actx := ctx
 	var lastSaveErr string
 	apply := func(ev cluster.Event) string {
+		m.Resyncing = resyncing(n.dirs, n.metas)
 		prev := m
 		next, acts := cluster.Step(m, ev)
 		reply := ""
@@ -384,6 +386,20 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 			}
 		}
 	}
+}
+
+// resyncing names the first directory whose copy a resync is rewriting
+// (its Meta is not Consistent), or "". A copy of no lineage yet (Gen 0: a
+// fresh node's) counts as whole: it is what a fresh pair's first primary
+// serves, and a fresh copy that a resync is filling is stale already (its
+// node saw the serving peer).
+func resyncing(dirs []replica.Dir, metas []*replica.MetaStore) string {
+	for i, ms := range metas {
+		if m := ms.Get(); !m.Consistent && m.Gen != 0 {
+			return dirs[i].Name
+		}
+	}
+	return ""
 }
 
 func (n *Node) pingWitness() error {

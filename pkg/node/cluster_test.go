@@ -9,6 +9,7 @@ import (
 
 	"github.com/duet-ha/duet/pkg/cluster"
 	"github.com/duet-ha/duet/pkg/config"
+	"github.com/duet-ha/duet/pkg/replica"
 )
 
 func testNode(t *testing.T, stateDir string) *Node {
@@ -77,4 +78,54 @@ func TestStepDownNotSavedStillUnserves(t *testing.T) {
 	if err != nil || !did(got, cluster.DoUnserve) || kept.State != cluster.Wait {
 		t.Fatalf("carried out %v, node %s, err %v; want DoUnserve and WAIT", got, kept.State, err)
 	}
+}
+
+// TestResyncingCopyNoTakeover: a SECOND whose copy of one directory a
+// resync is rewriting (its Meta not Consistent) does not take over when
+// its peer is lost, and says which directory; fresh copies and whole
+// ones do not hold a takeover back.
+func TestResyncingCopyNoTakeover(t *testing.T) {
+	dir := t.TempDir()
+	dirs := []replica.Dir{{Name: "logs"}, {Name: "data"}}
+	var metas []*replica.MetaStore
+	for _, d := range dirs {
+		ms, err := replica.OpenMeta(dir, d.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		metas = append(metas, ms)
+	}
+	if r := resyncing(dirs, metas); r != "" {
+		t.Fatalf("fresh copies: %q mid-resync, want none", r)
+	}
+	metas[0].Update(func(m *replica.Meta) { m.Gen, m.Consistent = 7, true })
+	metas[1].Update(func(m *replica.Meta) { m.Gen, m.Consistent = 7, true })
+	if r := resyncing(dirs, metas); r != "" {
+		t.Fatalf("whole copies: %q mid-resync, want none", r)
+	}
+	// What the secondary does when a resync into its copy begins.
+	metas[1].Update(func(m *replica.Meta) { m.Consistent = false })
+
+	const e = 2<<8 | 1
+	m := cluster.Machine{Name: "nodeB", ID: 2, State: cluster.Second, Epoch: e, Resyncing: resyncing(dirs, metas),
+		Peer: cluster.Peer{Seen: true, Name: "nodeA", State: cluster.Prim, Epoch: e, Synced: true}}
+	var all []cluster.Action
+	for _, ev := range []cluster.Event{{Kind: cluster.EvPeerLost}, {Kind: cluster.EvTick}, {Kind: cluster.EvChecked, OK: true}} {
+		var acts []cluster.Action
+		m, acts = cluster.Step(m, ev)
+		all = append(all, acts...)
+	}
+	var said string
+	for _, a := range all {
+		if a.Do == cluster.DoServe || a.Do == cluster.DoCheck {
+			t.Fatalf("copy of data mid-resync: %v carried out (%+v)", a.Do, all)
+		}
+		if a.Do == cluster.DoLog && strings.Contains(a.Msg, "directory data: this copy is mid-resync") {
+			said = a.Msg
+		}
+	}
+	if m.State != cluster.Wait || !m.Stale || said == "" {
+		t.Fatalf("%s stale=%v, log %q: want WAIT, stale, and the reason naming directory data", m.State, m.Stale, said)
+	}
+	t.Logf("said: %s", said)
 }
