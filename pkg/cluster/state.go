@@ -136,19 +136,21 @@ func (m Machine) wins() bool {
 }
 
 // nextEpoch draws an epoch newer than both copies' and unique to this
-// node: a counter above both epochs' counters in the high bits, the
+// node: a counter ahead of both epochs' counters in the high bits, the
 // node's ID in the low 8. Two nodes that take over independently from the
-// same epoch (a network split) draw different epochs, so that the epochs
-// still tell the two copies apart when they meet. An epoch of an older
-// version (a plain counter, below 256 in practice) is below any epoch
-// drawn after it.
-func (m Machine) nextEpoch() uint64 {
-	return (max(m.Epoch, m.Peer.Epoch)>>8+1)<<8 | uint64(m.ID)
+// same epoch draw different epochs, so that the epochs still tell the two
+// copies apart when they meet. A takeover moves the counter two ahead, a
+// primary that loses its peer one: when a node takes over from a primary
+// that is in fact alive (a network split), the taker's epoch is the newer
+// one. An epoch of an older version (a plain counter, below 256 in
+// practice) is below any epoch drawn after it.
+func (m Machine) nextEpoch(ahead uint64) uint64 {
+	return (max(m.Epoch, m.Peer.Epoch)>>8+ahead)<<8 | uint64(m.ID)
 }
 
 // serve moves m to PRIM (peer visible) or ALONE, with a new epoch.
 func (m Machine) serve(why string) (Machine, []Action) {
-	m.Epoch = m.nextEpoch()
+	m.Epoch = m.nextEpoch(2)
 	m.Stale, m.HandedOver, m.Checking = false, false, false
 	if m.Peer.Seen {
 		m.State = Prim
@@ -392,7 +394,7 @@ func (m Machine) stepServing(ev Event) (Machine, []Action) {
 	case EvPeerLost:
 		if m.State == Prim {
 			m.State = Alone
-			m.Epoch = m.nextEpoch()
+			m.Epoch = m.nextEpoch(1)
 			return m, []Action{{Do: DoPersist}, logf("PRIM -> ALONE (epoch %d): peer lost, changes are tracked for its return", m.Epoch)}
 		}
 		return m, nil

@@ -148,15 +148,15 @@ func TestScenarios(t *testing.T) {
 
 	// Fresh cluster: the preferred node serves, the other syncs.
 	a, _ = Step(a, peerEv(peerOf(b, false)))
-	if a.State != Prim || a.Epoch != ep(1, 1) {
-		t.Fatalf("fresh start: nodeA %s epoch %d, want PRIM %d", a.State, a.Epoch, ep(1, 1))
+	if a.State != Prim || a.Epoch != ep(2, 1) {
+		t.Fatalf("fresh start: nodeA %s epoch %d, want PRIM %d", a.State, a.Epoch, ep(2, 1))
 	}
 	b, _ = Step(b, peerEv(peerOf(a, false)))
 	if b.State != Wait {
 		t.Fatalf("nodeB %s while resyncing, want WAIT", b.State)
 	}
 	b, _ = Step(b, peerEv(peerOf(a, true)))
-	if b.State != Second || b.Epoch != ep(1, 1) || b.Stale {
+	if b.State != Second || b.Epoch != ep(2, 1) || b.Stale {
 		t.Fatalf("nodeB after sync: %+v", b)
 	}
 	a, _ = Step(a, peerEv(peerOf(b, false)))
@@ -167,8 +167,8 @@ func TestScenarios(t *testing.T) {
 		t.Fatalf("peer lost: %+v %+v", b2, acts)
 	}
 	b2, _ = Step(b2, Event{Kind: EvChecked, OK: true})
-	if b2.State != Alone || b2.Epoch != ep(2, 2) {
-		t.Fatalf("after checks: %s epoch %d, want ALONE %d", b2.State, b2.Epoch, ep(2, 2))
+	if b2.State != Alone || b2.Epoch != ep(4, 2) {
+		t.Fatalf("after checks: %s epoch %d, want ALONE %d", b2.State, b2.Epoch, ep(4, 2))
 	}
 	// Failed checks (old primary still answers for the VIP): stay out.
 	b3, _ := run(b, Event{Kind: EvPeerLost}, Event{Kind: EvChecked, Why: "VIP answered"})
@@ -176,7 +176,7 @@ func TestScenarios(t *testing.T) {
 		t.Fatalf("failed checks: %+v", b3)
 	}
 	// The old primary returns (restarted, its old epoch) and must not serve.
-	a2 := Machine{Name: "nodeA", ID: 1, State: Wait, Epoch: ep(1, 1), Preferred: true}
+	a2 := Machine{Name: "nodeA", ID: 1, State: Wait, Epoch: ep(2, 1), Preferred: true}
 	a2, _ = Step(a2, peerEv(peerOf(b2, false)))
 	if a2.State != Wait {
 		t.Fatalf("old primary next to ALONE peer: %s", a2.State)
@@ -186,7 +186,7 @@ func TestScenarios(t *testing.T) {
 		t.Fatalf("ALONE with peer back: %s", b2.State)
 	}
 	a2, _ = Step(a2, peerEv(peerOf(b2, true)))
-	if a2.State != Second || a2.Epoch != ep(2, 2) {
+	if a2.State != Second || a2.Epoch != ep(4, 2) {
 		t.Fatalf("old primary after resync: %+v", a2)
 	}
 
@@ -197,14 +197,14 @@ func TestScenarios(t *testing.T) {
 		t.Fatalf("swap: %+v %+v", b4, acts)
 	}
 	a3, _ := Step(a2, peerEv(peerOf(b4, false)))
-	if a3.State != Prim || a3.Epoch != ep(3, 1) {
+	if a3.State != Prim || a3.Epoch != ep(6, 1) {
 		t.Fatalf("handover: %+v", a3)
 	}
 	b4, _ = Step(b4, peerEv(peerOf(a3, false)))
 	if b4.State != Wait || b4.HandedOver {
 		t.Fatalf("after handover: %+v", b4)
 	}
-	_, acts = Step(Machine{Name: "nodeA", ID: 1, State: Prim, Epoch: ep(3, 1), Peer: Peer{Seen: true, State: Wait, Epoch: ep(2, 2)}}, Event{Kind: EvCmdSwap})
+	_, acts = Step(Machine{Name: "nodeA", ID: 1, State: Prim, Epoch: ep(6, 1), Peer: Peer{Seen: true, State: Wait, Epoch: ep(4, 2)}}, Event{Kind: EvCmdSwap})
 	if !has(acts, DoRefuse) {
 		t.Fatalf("swap to a peer not in sync was not refused: %+v", acts)
 	}
@@ -222,7 +222,7 @@ func TestScenarios(t *testing.T) {
 		}
 	}
 	s, _ = Step(s, Event{Kind: EvCmdPrim, Force: true})
-	if s.State != Alone || s.Epoch != ep(1, 2) {
+	if s.State != Alone || s.Epoch != ep(2, 2) {
 		t.Fatalf("forced: %+v", s)
 	}
 
@@ -237,7 +237,7 @@ func TestScenarios(t *testing.T) {
 	}
 
 	// Isolation: a primary that loses peer and witness steps down.
-	z, acts := run(Machine{Name: "nodeA", ID: 1, State: Prim, Epoch: ep(3, 1), Peer: Peer{Seen: true, State: Second, Epoch: ep(3, 1)}},
+	z, acts := run(Machine{Name: "nodeA", ID: 1, State: Prim, Epoch: ep(6, 1), Peer: Peer{Seen: true, State: Second, Epoch: ep(6, 1)}},
 		Event{Kind: EvPeerLost}, Event{Kind: EvIsolated})
 	if z.State != Wait || z.Stale || !has(acts, DoUnserve) {
 		t.Fatalf("isolated: %+v", z)
@@ -360,12 +360,18 @@ func TestEpochsUnique(t *testing.T) {
 		if a.Epoch == b.Epoch || a.Epoch <= from || b.Epoch <= from {
 			t.Errorf("both took over from epoch %d: nodeA drew %d, nodeB %d; want two different epochs above it", from, a.Epoch, b.Epoch)
 		}
-		// A primary that loses its secondary draws too: not the epoch
-		// the secondary draws when it takes over.
-		p := Machine{Name: "nodeA", ID: 1, State: Prim, Epoch: from, Peer: Peer{Seen: true, Name: "nodeB", State: Second, Epoch: from}}
-		p, _ = Step(p, Event{Kind: EvPeerLost})
-		if p.State != Alone || p.Epoch == b.Epoch || p.Epoch <= from {
-			t.Errorf("from %d: PRIM -> ALONE drew %d (%s), the taking-over peer %d", from, p.Epoch, p.State, b.Epoch)
+		// A primary that loses its secondary draws too, while the
+		// secondary takes over (a network split): a different epoch, and
+		// the node that took over holds the newer one, whichever its ID.
+		for _, id := range []uint8{1, 2} {
+			old := Machine{Name: "nodeA", ID: id, State: Prim, Epoch: from, Peer: Peer{Seen: true, Name: "nodeB", State: Second, Epoch: from}}
+			old, _ = Step(old, Event{Kind: EvPeerLost})
+			taker := Machine{Name: "nodeB", ID: 3 - id, State: Second, Epoch: from, Peer: Peer{Seen: true, Name: "nodeA", State: Prim, Epoch: from}}
+			taker, _ = run(taker, Event{Kind: EvPeerLost}, Event{Kind: EvChecked, OK: true})
+			if old.State != Alone || !taker.State.Serving() || old.Epoch <= from || old.Epoch >= taker.Epoch {
+				t.Errorf("from %d: the old primary (ID %d) went %s at epoch %d, the node that took over %s at %d: want both serving, the taker newer",
+					from, id, old.State, old.Epoch, taker.State, taker.Epoch)
+			}
 		}
 	}
 }
