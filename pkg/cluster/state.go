@@ -51,7 +51,7 @@ type Machine struct {
 	// on the two nodes of a pair (see nextEpoch).
 	ID        uint8
 	State     State
-	Epoch     uint64 // data generation: drawn anew on every takeover
+	Epoch     uint64 // data generation: drawn anew on takeovers (nextEpoch)
 	Stale     bool   // our copy may be older than the peer's
 	Preferred bool   // the primary when both copies are equal
 	// Resyncing names a replicated directory whose copy a resync is
