@@ -25,9 +25,10 @@ func writeConfig(t *testing.T, mutate func(string) string) string {
 	y := `node: nodeA
 role: primary
 listen: 127.0.0.1:0
-peer: 127.0.0.1:1
+peer: 127.0.0.2:1
 key: "0123456789abcdef"
 state_dir: ` + filepath.Join(dir, "state") + `
+vip: {address: 10.250.0.100/24, interface: eth0}
 replicate:
   - path: ` + data + "\n"
 	if mutate != nil {
@@ -55,7 +56,7 @@ func TestBadInputIsNamed(t *testing.T) {
 		{"bad role flag", []string{"run", "--config", writeConfig(t, nil), "--role", "leader"}, `role "leader"`},
 		{"bad output", []string{"status", "--socket", "/nonexistent.sock", "--output", "xml"}, `--output "xml"`},
 		{"no daemon", []string{"status", "--socket", filepath.Join(t.TempDir(), "none.sock")}, "no duet daemon at"},
-		{"unreachable peer", []string{"verify", "--config", writeConfig(t, nil), "--timeout", "5s"}, "asking 127.0.0.1:1"},
+		{"unreachable peer", []string{"verify", "--config", writeConfig(t, nil), "--timeout", "5s"}, "asking 127.0.0.2:1"},
 		{"unknown dir", []string{"verify", "--config", writeConfig(t, nil), "--dir", "nope"}, `--dir "nope"`},
 		{"bad yaml", []string{"verify", "--config", writeConfig(t, func(s string) string { return s + "bogus: 1\n" })}, "field bogus not found"},
 		{"stray argument", []string{"status", "extra"}, "unknown command"},

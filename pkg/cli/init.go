@@ -113,7 +113,7 @@ cluster:
   # reaches neither its peer nor the witness steps down
   witness: {{.Witness}}
 {{- else}}
-  # witness: 192.168.10.1   # the gateway: strongly advised against split brain
+  # witness: 192.168.10.1   # the gateway: strongly advised (an isolated primary steps down)
 {{- end}}
 {{- if .Prefer}}
   prefer: {{.Prefer}}           # serves whenever it is back and a mirror

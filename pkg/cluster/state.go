@@ -46,11 +46,18 @@ type Peer struct {
 
 // Machine is one node's memory of the cluster.
 type Machine struct {
-	Name      string
+	Name string
+	// ID is this node's number in the epochs it draws, 1 or 2: different
+	// on the two nodes of a pair (see nextEpoch).
+	ID        uint8
 	State     State
-	Epoch     uint64 // data generation: bumped on every takeover
+	Epoch     uint64 // data generation: drawn anew on takeovers (nextEpoch)
 	Stale     bool   // our copy may be older than the peer's
 	Preferred bool   // the primary when both copies are equal
+	// Resyncing names a replicated directory whose copy a resync is
+	// rewriting (the daemon sets it before each step): until the resync
+	// completes the copy is half old, half new, and must not serve.
+	Resyncing string
 	// HandedOver is set after giving the role away in a swap: until the
 	// peer serves or is lost, this node claims nothing.
 	HandedOver bool
@@ -128,9 +135,22 @@ func (m Machine) wins() bool {
 	return m.Name < p.Name
 }
 
+// nextEpoch draws an epoch newer than both copies' and unique to this
+// node: a counter ahead of both epochs' counters in the high bits, the
+// node's ID in the low 8. Two nodes that take over independently from the
+// same epoch draw different epochs, so that the epochs still tell the two
+// copies apart when they meet. A takeover moves the counter two ahead, a
+// primary that loses its peer one: when a node takes over from a primary
+// that is in fact alive (a network split), the taker's epoch is the newer
+// one. An epoch of an older version (a plain counter, below 256 in
+// practice) is below any epoch drawn after it.
+func (m Machine) nextEpoch(ahead uint64) uint64 {
+	return (max(m.Epoch, m.Peer.Epoch)>>8+ahead)<<8 | uint64(m.ID)
+}
+
 // serve moves m to PRIM (peer visible) or ALONE, with a new epoch.
 func (m Machine) serve(why string) (Machine, []Action) {
-	m.Epoch = max(m.Epoch, m.Peer.Epoch) + 1
+	m.Epoch = m.nextEpoch(2)
 	m.Stale, m.HandedOver, m.Checking = false, false, false
 	if m.Peer.Seen {
 		m.State = Prim
@@ -158,6 +178,24 @@ func (m Machine) to(s State, why string) (Machine, []Action) {
 
 // Step applies one event.
 func Step(m Machine, ev Event) (Machine, []Action) {
+	if m.Resyncing == "" || m.State.Serving() || m.Stale && m.State != Second {
+		return step(m, ev)
+	}
+	// A copy that a resync is rewriting is neither in sync nor whole: it
+	// counts as stale (never serves unless forced) until the serving peer
+	// says it is in sync again.
+	m.Stale = true
+	why := fmt.Sprintf("directory %s: this copy is mid-resync (inconsistent): not taking over until the resync completes", m.Resyncing)
+	if m.State == Second {
+		m.State = Wait
+		why = "SECOND -> WAIT: " + why
+	}
+	pre := []Action{{Do: DoPersist}, logf("%s", why)}
+	m, acts := step(m, ev)
+	return m, append(pre, acts...)
+}
+
+func step(m Machine, ev Event) (Machine, []Action) {
 	switch ev.Kind {
 	case EvPeer:
 		m.Peer = ev.Peer
@@ -218,7 +256,7 @@ func (m Machine) stepWait(ev Event) (Machine, []Action) {
 				m.Stale = true
 				acts = append(acts, Action{Do: DoPersist})
 			}
-			if p.Synced {
+			if p.Synced && m.Resyncing == "" {
 				m.Epoch = p.Epoch
 				m.Stale = false
 				m, more := m.to(Second, fmt.Sprintf("in sync with %s (epoch %d)", p.Name, p.Epoch))
@@ -252,11 +290,17 @@ func (m Machine) stepWait(ev Event) (Machine, []Action) {
 		if p.Seen && p.State.Serving() {
 			return m, []Action{refuse("peer %s is %s: never two primaries (use `duet swap` on it)", p.Name, p.State)}
 		}
+		if m.Resyncing != "" && !ev.Force {
+			return m, []Action{refuse("directory %s: this copy is mid-resync (inconsistent): not taking over; `duet prim --force` serves it half-written", m.Resyncing)}
+		}
 		if m.Stale && !ev.Force {
 			return m, []Action{refuse("this copy (epoch %d) may be older than %s's: `duet prim --force` makes it the reference, and changes %s made after it are lost", m.Epoch, peerName(p), peerName(p))}
 		}
 		why := "forced by the operator"
-		if m.Stale {
+		switch {
+		case m.Resyncing != "":
+			why = fmt.Sprintf("forced by the operator on a copy mid-resync: directory %s is half-written", m.Resyncing)
+		case m.Stale:
 			why = fmt.Sprintf("forced by the operator on a copy that may be stale (epoch %d): changes only %s had are lost", m.Epoch, peerName(p))
 		}
 		return m.serve(why)
@@ -332,14 +376,19 @@ func (m Machine) stepServing(ev Event) (Machine, []Action) {
 	switch ev.Kind {
 	case EvPeer:
 		if p.State.Serving() {
-			// Two primaries met (a healed partition): one steps down,
-			// the same one on both sides.
+			// Two primaries met (a healed partition, or a takeover this
+			// node did not notice): one steps down, the same one on
+			// both sides. The older epoch does, at once: the newer one
+			// was drawn by a takeover, whose clients have moved on.
+			// Epochs are unique to the node that drew them; equal ones
+			// (from a peer of an older version) fall back to
+			// splitWinner.
 			m.Checking = false
-			if m.splitWinner() {
-				return m, []Action{logf("split brain: peer %s is %s too; it steps down, this copy stays the reference", p.Name, p.State)}
+			if p.Epoch < m.Epoch || p.Epoch == m.Epoch && m.splitWinner() {
+				return m, []Action{logf("split brain: peer %s is %s too (epoch %d, here %d); it steps down, this copy stays the reference", p.Name, p.State, p.Epoch, m.Epoch)}
 			}
 			m.Stale = true
-			return m.unserve(Wait, fmt.Sprintf("split brain: peer %s is %s too and wins; changes made here since epoch %d will be replaced by its copy", p.Name, p.State, m.Epoch))
+			return m.unserve(Wait, fmt.Sprintf("split brain: peer %s is %s too (epoch %d, here %d) and wins; changes made here since epoch %d will be replaced by its copy", p.Name, p.State, p.Epoch, m.Epoch, m.Epoch))
 		}
 		if m.State == Alone {
 			m.State = Prim
@@ -349,7 +398,7 @@ func (m Machine) stepServing(ev Event) (Machine, []Action) {
 	case EvPeerLost:
 		if m.State == Prim {
 			m.State = Alone
-			m.Epoch++
+			m.Epoch = m.nextEpoch(1)
 			return m, []Action{{Do: DoPersist}, logf("PRIM -> ALONE (epoch %d): peer lost, changes are tracked for its return", m.Epoch)}
 		}
 		return m, nil

@@ -1,6 +1,7 @@
 package cluster
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 )
@@ -15,6 +16,9 @@ func has(acts []Action, d Do) bool {
 }
 
 func peerEv(p Peer) Event { p.Seen = true; return Event{Kind: EvPeer, Peer: p} }
+
+// ep is the epoch that node id draws with counter c.
+func ep(c uint64, id uint8) uint64 { return c<<8 | uint64(id) }
 
 // allMachines enumerates machines and events over every state, epoch
 // relation, staleness, preference and peer view.
@@ -32,8 +36,10 @@ func allMachines() []Machine {
 					for _, seen := range []bool{false, true} {
 						for ps := Stop; ps <= Alone; ps++ {
 							for _, pe := range []uint64{4, 5, 6} {
-								out = append(out, Machine{Name: "nodeA", State: s, Epoch: 5, Stale: stale, Preferred: pref, HandedOver: ho,
-									Peer: Peer{Seen: seen, Name: "nodeB", State: ps, Epoch: pe, Preferred: !pref}})
+								for _, rs := range []string{"", "data"} {
+									out = append(out, Machine{Name: "nodeA", ID: 1, State: s, Epoch: 5, Stale: stale, Preferred: pref, HandedOver: ho, Resyncing: rs,
+										Peer: Peer{Seen: seen, Name: "nodeB", State: ps, Epoch: pe, Preferred: !pref}})
+								}
 							}
 						}
 					}
@@ -79,9 +85,23 @@ func TestInvariants(t *testing.T) {
 			if became && m.Stale && !(ev.Kind == EvCmdPrim && ev.Force) {
 				t.Errorf("%+v + %+v: stale copy promoted", m, ev)
 			}
-			// A promotion bumps the epoch past both copies'.
-			if became && (got.Epoch <= m.Epoch || got.Epoch <= got.Peer.Epoch) {
-				t.Errorf("%+v + %+v: promoted without a new epoch (%d)", m, ev, got.Epoch)
+			// A copy mid-resync is promoted only by a forced command.
+			if became && m.Resyncing != "" && !(ev.Kind == EvCmdPrim && ev.Force) {
+				t.Errorf("%+v + %+v: copy mid-resync promoted", m, ev)
+			}
+			// A promotion draws an epoch past both copies', of this node.
+			if became && (got.Epoch <= m.Epoch || got.Epoch <= got.Peer.Epoch || got.Epoch&0xff != uint64(m.ID)) {
+				t.Errorf("%+v + %+v: promoted without a new epoch of its own (%d)", m, ev, got.Epoch)
+			}
+			// A serving node next to a serving peer with a newer epoch
+			// steps down; next to an older one it stays.
+			if m.State.Serving() && ev.Kind == EvPeer && ev.Peer.State.Serving() {
+				if ev.Peer.Epoch > m.Epoch && (got.State != Wait || !got.Stale) {
+					t.Errorf("%+v + %+v: stayed %s (stale %v) next to a serving peer with a newer epoch", m, ev, got.State, got.Stale)
+				}
+				if ev.Peer.Epoch < m.Epoch && !got.State.Serving() {
+					t.Errorf("%+v + %+v: stepped down for a serving peer with an older epoch", m, ev)
+				}
 			}
 			// Serving starts and stops only through the actions.
 			if became != has(acts, DoServe) {
@@ -120,23 +140,23 @@ func run(m Machine, evs ...Event) (Machine, []Action) {
 }
 
 func TestScenarios(t *testing.T) {
-	a := Machine{Name: "nodeA", State: Wait, Preferred: true}
-	b := Machine{Name: "nodeB", State: Wait, Stale: true}
+	a := Machine{Name: "nodeA", ID: 1, State: Wait, Preferred: true}
+	b := Machine{Name: "nodeB", ID: 2, State: Wait, Stale: true}
 	peerOf := func(m Machine, synced bool) Peer {
 		return Peer{Name: m.Name, State: m.State, Epoch: m.Epoch, Stale: m.Stale, Preferred: m.Preferred, Synced: synced, Handover: m.HandedOver}
 	}
 
 	// Fresh cluster: the preferred node serves, the other syncs.
 	a, _ = Step(a, peerEv(peerOf(b, false)))
-	if a.State != Prim || a.Epoch != 1 {
-		t.Fatalf("fresh start: nodeA %s epoch %d, want PRIM 1", a.State, a.Epoch)
+	if a.State != Prim || a.Epoch != ep(2, 1) {
+		t.Fatalf("fresh start: nodeA %s epoch %d, want PRIM %d", a.State, a.Epoch, ep(2, 1))
 	}
 	b, _ = Step(b, peerEv(peerOf(a, false)))
 	if b.State != Wait {
 		t.Fatalf("nodeB %s while resyncing, want WAIT", b.State)
 	}
 	b, _ = Step(b, peerEv(peerOf(a, true)))
-	if b.State != Second || b.Epoch != 1 || b.Stale {
+	if b.State != Second || b.Epoch != ep(2, 1) || b.Stale {
 		t.Fatalf("nodeB after sync: %+v", b)
 	}
 	a, _ = Step(a, peerEv(peerOf(b, false)))
@@ -147,16 +167,16 @@ func TestScenarios(t *testing.T) {
 		t.Fatalf("peer lost: %+v %+v", b2, acts)
 	}
 	b2, _ = Step(b2, Event{Kind: EvChecked, OK: true})
-	if b2.State != Alone || b2.Epoch != 2 {
-		t.Fatalf("after checks: %s epoch %d, want ALONE 2", b2.State, b2.Epoch)
+	if b2.State != Alone || b2.Epoch != ep(4, 2) {
+		t.Fatalf("after checks: %s epoch %d, want ALONE %d", b2.State, b2.Epoch, ep(4, 2))
 	}
 	// Failed checks (old primary still answers for the VIP): stay out.
 	b3, _ := run(b, Event{Kind: EvPeerLost}, Event{Kind: EvChecked, Why: "VIP answered"})
 	if b3.State != Wait || !b3.Stale {
 		t.Fatalf("failed checks: %+v", b3)
 	}
-	// The old primary returns (restarted, epoch 1) and must not serve.
-	a2 := Machine{Name: "nodeA", State: Wait, Epoch: 1, Preferred: true}
+	// The old primary returns (restarted, its old epoch) and must not serve.
+	a2 := Machine{Name: "nodeA", ID: 1, State: Wait, Epoch: ep(2, 1), Preferred: true}
 	a2, _ = Step(a2, peerEv(peerOf(b2, false)))
 	if a2.State != Wait {
 		t.Fatalf("old primary next to ALONE peer: %s", a2.State)
@@ -166,7 +186,7 @@ func TestScenarios(t *testing.T) {
 		t.Fatalf("ALONE with peer back: %s", b2.State)
 	}
 	a2, _ = Step(a2, peerEv(peerOf(b2, true)))
-	if a2.State != Second || a2.Epoch != 2 {
+	if a2.State != Second || a2.Epoch != ep(4, 2) {
 		t.Fatalf("old primary after resync: %+v", a2)
 	}
 
@@ -177,20 +197,21 @@ func TestScenarios(t *testing.T) {
 		t.Fatalf("swap: %+v %+v", b4, acts)
 	}
 	a3, _ := Step(a2, peerEv(peerOf(b4, false)))
-	if a3.State != Prim || a3.Epoch != 3 {
+	if a3.State != Prim || a3.Epoch != ep(6, 1) {
 		t.Fatalf("handover: %+v", a3)
 	}
 	b4, _ = Step(b4, peerEv(peerOf(a3, false)))
 	if b4.State != Wait || b4.HandedOver {
 		t.Fatalf("after handover: %+v", b4)
 	}
-	_, acts = Step(Machine{Name: "nodeA", State: Prim, Epoch: 3, Peer: Peer{Seen: true, State: Wait, Epoch: 2}}, Event{Kind: EvCmdSwap})
+	_, acts = Step(Machine{Name: "nodeA", ID: 1, State: Prim, Epoch: ep(6, 1), Peer: Peer{Seen: true, State: Wait, Epoch: ep(4, 2)}}, Event{Kind: EvCmdSwap})
 	if !has(acts, DoRefuse) {
 		t.Fatalf("swap to a peer not in sync was not refused: %+v", acts)
 	}
 
-	// A restarted secondary is stale: it never serves alone unless forced.
-	s := Machine{Name: "nodeB", State: Wait, Epoch: 2, Stale: true}
+	// A restarted secondary is stale: it never serves alone unless
+	// forced. (Its epoch 2 is of an older version: a plain counter.)
+	s := Machine{Name: "nodeB", ID: 2, State: Wait, Epoch: 2, Stale: true}
 	s, acts = run(s, Event{Kind: EvTick}, Event{Kind: EvPeerLost}, Event{Kind: EvCmdPrim})
 	if s.State != Wait || !has(acts, DoRefuse) {
 		t.Fatalf("stale node: %+v", s)
@@ -201,13 +222,14 @@ func TestScenarios(t *testing.T) {
 		}
 	}
 	s, _ = Step(s, Event{Kind: EvCmdPrim, Force: true})
-	if s.State != Alone || s.Epoch != 3 {
+	if s.State != Alone || s.Epoch != ep(2, 2) {
 		t.Fatalf("forced: %+v", s)
 	}
 
-	// Split brain healed: the same node steps down on both sides.
-	x := Machine{Name: "nodeA", State: Alone, Epoch: 3, Preferred: true}
-	y := Machine{Name: "nodeB", State: Alone, Epoch: 3}
+	// Split brain healed, both at the same epoch (only from a peer of an
+	// older version): the same node steps down on both sides.
+	x := Machine{Name: "nodeA", ID: 1, State: Alone, Epoch: 3, Preferred: true}
+	y := Machine{Name: "nodeB", ID: 2, State: Alone, Epoch: 3}
 	x2, _ := Step(x, peerEv(peerOf(y, false)))
 	y2, _ := Step(y, peerEv(peerOf(x, false)))
 	if !x2.State.Serving() || y2.State != Wait || !y2.Stale {
@@ -215,7 +237,7 @@ func TestScenarios(t *testing.T) {
 	}
 
 	// Isolation: a primary that loses peer and witness steps down.
-	z, acts := run(Machine{Name: "nodeA", State: Prim, Epoch: 3, Peer: Peer{Seen: true, State: Second, Epoch: 3}},
+	z, acts := run(Machine{Name: "nodeA", ID: 1, State: Prim, Epoch: ep(6, 1), Peer: Peer{Seen: true, State: Second, Epoch: ep(6, 1)}},
 		Event{Kind: EvPeerLost}, Event{Kind: EvIsolated})
 	if z.State != Wait || z.Stale || !has(acts, DoUnserve) {
 		t.Fatalf("isolated: %+v", z)
@@ -276,4 +298,131 @@ func FuzzParseHeartbeat(f *testing.F) {
 			t.Fatalf("accepted heartbeat does not round-trip: %+v %v", got, err)
 		}
 	})
+}
+
+// TestNewerServingPeerWins: a serving node that hears a serving peer with a
+// newer epoch steps down at once, whatever its preference or name; one
+// that hears an older epoch stays (the peer steps down).
+func TestNewerServingPeerWins(t *testing.T) {
+	const e = 3<<8 | 1
+	for _, s := range []State{Prim, Alone} {
+		for _, ps := range []State{Prim, Alone} {
+			for _, pref := range []bool{false, true} {
+				for _, name := range []string{"nodeA", "nodeC"} {
+					m := Machine{Name: "nodeB", ID: 1, State: s, Epoch: e, Preferred: pref}
+					for _, tc := range []struct {
+						peerEpoch uint64
+						stepDown  bool
+					}{{4<<8 | 2, true}, {e + 1, true}, {2<<8 | 2, false}, {e - 1, false}} {
+						got, acts := Step(m, peerEv(Peer{Name: name, State: ps, Epoch: tc.peerEpoch, Preferred: !pref}))
+						desc := fmt.Sprintf("%s epoch %d preferred=%v hears %s %s epoch %d", s, e, pref, name, ps, tc.peerEpoch)
+						if tc.stepDown && (got.State != Wait || !got.Stale || !has(acts, DoUnserve) || !has(acts, DoPersist)) {
+							t.Errorf("%s: %s stale=%v %+v, want WAIT stale after DoUnserve", desc, got.State, got.Stale, acts)
+						}
+						if !tc.stepDown && (got.State != s || has(acts, DoUnserve)) {
+							t.Errorf("%s: %s %+v, want it to stay %s", desc, got.State, acts, s)
+						}
+					}
+				}
+			}
+		}
+	}
+	// Both sides of a split agree: exactly one steps down, also at equal
+	// epochs (a peer of an older version).
+	for _, ex := range []uint64{ep(3, 1), ep(4, 1), 7} {
+		for _, pref := range []bool{false, true} {
+			x := Machine{Name: "nodeA", ID: 1, State: Alone, Epoch: ex, Preferred: pref}
+			y := Machine{Name: "nodeB", ID: 2, State: Alone, Epoch: 7, Preferred: !pref}
+			if ex != 7 {
+				y.Epoch = ep(3, 2)
+			}
+			x2, _ := Step(x, peerEv(Peer{Name: y.Name, State: y.State, Epoch: y.Epoch, Preferred: y.Preferred}))
+			y2, _ := Step(y, peerEv(Peer{Name: x.Name, State: x.State, Epoch: x.Epoch, Preferred: x.Preferred}))
+			if x2.State.Serving() == y2.State.Serving() {
+				t.Errorf("epochs %d and %d, nodeA preferred=%v: nodeA %s, nodeB %s: want exactly one serving", x.Epoch, y.Epoch, pref, x2.State, y2.State)
+			}
+		}
+	}
+}
+
+// TestEpochsUnique: two nodes that take over independently from the same
+// epoch draw different epochs, both newer than it, also from an epoch of an
+// older version.
+func TestEpochsUnique(t *testing.T) {
+	for _, from := range []uint64{6, ep(6, 1), ep(6, 2)} {
+		a := Machine{Name: "nodeA", ID: 1, State: Second, Epoch: from, Peer: Peer{Seen: true, Name: "nodeB", State: Prim, Epoch: from}}
+		b := Machine{Name: "nodeB", ID: 2, State: Second, Epoch: from, Peer: Peer{Seen: true, Name: "nodeA", State: Prim, Epoch: from}}
+		a, _ = run(a, Event{Kind: EvPeerLost}, Event{Kind: EvChecked, OK: true})
+		b, _ = run(b, Event{Kind: EvPeerLost}, Event{Kind: EvChecked, OK: true})
+		if !a.State.Serving() || !b.State.Serving() {
+			t.Fatalf("from %d: nodeA %s, nodeB %s: both should have taken over", from, a.State, b.State)
+		}
+		if a.Epoch == b.Epoch || a.Epoch <= from || b.Epoch <= from {
+			t.Errorf("both took over from epoch %d: nodeA drew %d, nodeB %d; want two different epochs above it", from, a.Epoch, b.Epoch)
+		}
+		// A primary that loses its secondary draws too, while the
+		// secondary takes over (a network split): a different epoch, and
+		// the node that took over holds the newer one, whichever its ID.
+		for _, id := range []uint8{1, 2} {
+			old := Machine{Name: "nodeA", ID: id, State: Prim, Epoch: from, Peer: Peer{Seen: true, Name: "nodeB", State: Second, Epoch: from}}
+			old, _ = Step(old, Event{Kind: EvPeerLost})
+			taker := Machine{Name: "nodeB", ID: 3 - id, State: Second, Epoch: from, Peer: Peer{Seen: true, Name: "nodeA", State: Prim, Epoch: from}}
+			taker, _ = run(taker, Event{Kind: EvPeerLost}, Event{Kind: EvChecked, OK: true})
+			if old.State != Alone || !taker.State.Serving() || old.Epoch <= from || old.Epoch >= taker.Epoch {
+				t.Errorf("from %d: the old primary (ID %d) went %s at epoch %d, the node that took over %s at %d: want both serving, the taker newer",
+					from, id, old.State, old.Epoch, taker.State, taker.Epoch)
+			}
+		}
+	}
+}
+
+// TestResyncingCopyDoesNotServe: a copy that a resync is rewriting never
+// takes over, not even from a SECOND whose peer is lost or hands over,
+// unless forced.
+func TestResyncingCopyDoesNotServe(t *testing.T) {
+	const e = 2<<8 | 2
+	second := Machine{Name: "nodeB", ID: 2, State: Second, Epoch: e, Resyncing: "data",
+		Peer: Peer{Seen: true, Name: "nodeA", State: Prim, Epoch: e, Synced: true}}
+	wait := second
+	wait.State = Wait
+	for _, tc := range []struct {
+		name string
+		m    Machine
+		evs  []Event
+	}{
+		{"SECOND, peer lost, checks pass", second, []Event{{Kind: EvPeerLost}, {Kind: EvTick}, {Kind: EvChecked, OK: true}}},
+		{"SECOND, peer hands over", second, []Event{peerEv(Peer{Name: "nodeA", State: Wait, Epoch: e, Handover: true})}},
+		{"SECOND, peer stopped", second, []Event{peerEv(Peer{Name: "nodeA", State: Stop, Epoch: e})}},
+		{"WAIT, peer stopped", wait, []Event{peerEv(Peer{Name: "nodeA", State: Stop, Epoch: e})}},
+		{"WAIT, peer lost, checks pass", wait, []Event{{Kind: EvPeerLost}, {Kind: EvTick}, {Kind: EvChecked, OK: true}}},
+		{"WAIT, peer says synced", wait, []Event{peerEv(Peer{Name: "nodeA", State: Prim, Epoch: e, Synced: true})}},
+		{"WAIT, duet prim", wait, []Event{{Kind: EvPeerLost}, {Kind: EvCmdPrim}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, acts := run(tc.m, tc.evs...)
+			if got.State != Wait || !got.Stale || has(acts, DoServe) || has(acts, DoCheck) {
+				t.Fatalf("%s stale=%v, actions %+v: want WAIT stale, no checks, no serving", got.State, got.Stale, acts)
+			}
+			if !has(acts, DoPersist) {
+				t.Errorf("staleness not persisted: %+v", acts)
+			}
+			for _, a := range acts {
+				if (a.Do == DoLog || a.Do == DoRefuse) && strings.Contains(a.Msg, "directory data: this copy is mid-resync") {
+					return
+				}
+			}
+			t.Errorf("no message names the directory mid-resync: %+v", acts)
+		})
+	}
+	got, _ := run(wait, Event{Kind: EvPeerLost}, Event{Kind: EvCmdPrim, Force: true})
+	if got.State != Alone {
+		t.Errorf("duet prim --force on a copy mid-resync: %s, want ALONE", got.State)
+	}
+	// Once the resync completed, the serving peer's word makes it SECOND.
+	done, _ := Step(wait, peerEv(Peer{Name: "nodeA", State: Prim, Epoch: e, Synced: true}))
+	done.Resyncing = ""
+	done, _ = Step(done, peerEv(Peer{Name: "nodeA", State: Prim, Epoch: e, Synced: true}))
+	if done.State != Second || done.Stale {
+		t.Errorf("after the resync: %s stale=%v, want SECOND", done.State, done.Stale)
+	}
 }

@@ -103,9 +103,13 @@ type Cluster struct {
 	Timeout  time.Duration `yaml:"timeout"`
 	// Witness is an address (e.g. the default gateway) that a node must
 	// reach by ping before it takes over, and without which a primary
-	// that also lost its peer steps down.
+	// that also lost its peer steps down. It does not stop two
+	// primaries when only the link between the nodes breaks (both
+	// reach it): the VIP's ARP probe or Fence does.
 	Witness string `yaml:"witness"`
-	// Fence is a command run before a takeover; if it fails, no takeover.
+	// Fence is a command run before a takeover (it powers off or
+	// isolates the peer); if it fails, no takeover. Required without a
+	// VIP.
 	Fence string `yaml:"fence"`
 	// AloneWrites says what a supervised durability call does when no
 	// peer is in sync: "release" (default, like DRBD with a disconnected
@@ -423,13 +427,33 @@ func (c *Config) validateCluster(bad func(string, ...any)) {
 	if cl.Timeout < 3*cl.Interval {
 		bad("cluster.timeout %s: must be at least 3 heartbeat intervals (%s)", cl.Timeout, 3*cl.Interval)
 	}
+	// Both nodes number their epochs from these addresses (EpochID):
+	// each must be a real address of its node, none on both sides.
+	locals := map[netip.Addr]bool{}
+	for _, n := range cl.Networks {
+		if a, err := netip.ParseAddr(n.Local); err == nil {
+			locals[a.Unmap()] = true
+		}
+	}
 	for i, n := range cl.Networks {
-		if net.ParseIP(n.Local) == nil {
+		if ip := net.ParseIP(n.Local); ip == nil {
 			bad("cluster.networks[%d].local %q: want an IP address of this node", i, n.Local)
+		} else if ip.IsUnspecified() {
+			bad("cluster.networks[%d].local %q: want this node's own address, not a wildcard (by default the host of listen)", i, n.Local)
 		}
 		if net.ParseIP(n.Peer) == nil {
 			bad("cluster.networks[%d].peer %q: want an IP address of the peer", i, n.Peer)
+		} else if a, err := netip.ParseAddr(n.Peer); err == nil && locals[a.Unmap()] {
+			bad("cluster.networks[%d].peer %q: also a local address of this node: want the peer's own address (by default the host of peer)", i, n.Peer)
 		}
+	}
+	// The takeover checks stop a node from taking over a live primary
+	// only through the VIP (its ARP probe) or fencing. The witness only
+	// makes an isolated primary step down: when the link between the
+	// nodes breaks while both reach the witness, both would serve.
+	if c.VIP == nil && strings.TrimSpace(cl.Fence) == "" {
+		bad("cluster: neither vip nor cluster.fence is set: nothing stops both nodes serving after a network split; " +
+			"set vip (a node takes over only when no host answers its ARP probe for the VIP) or cluster.fence (a command that powers off or isolates the peer)")
 	}
 	if cl.Witness != "" && net.ParseIP(cl.Witness) == nil {
 		bad("cluster.witness %q: want an IP address (e.g. the default gateway)", cl.Witness)
@@ -491,6 +515,30 @@ func (c *Config) validateCluster(bad func(string, ...any)) {
 			bad("services[%d].restarts %d: must be 0 or more", i-svcMod, *s.Restarts)
 		}
 	}
+}
+
+// EpochID is this node's number in the epochs it draws (cluster.Machine
+// ID): 1 for the node whose lowest heartbeat address is the lower of the
+// two nodes', 2 for the other. Each node's file holds both nodes'
+// addresses (cluster.networks, local and peer; Validate refuses an
+// address on both sides), so the two nodes pick different numbers
+// whatever the order of their networks.
+func (c *Config) EpochID() uint8 {
+	var local, peer netip.Addr
+	for _, n := range c.Cluster.Networks {
+		l, _ := netip.ParseAddr(n.Local)
+		p, _ := netip.ParseAddr(n.Peer)
+		if l = l.Unmap(); !local.IsValid() || l.Less(local) {
+			local = l
+		}
+		if p = p.Unmap(); !peer.IsValid() || p.Less(peer) {
+			peer = p
+		}
+	}
+	if local.Less(peer) {
+		return 1
+	}
+	return 2
 }
 
 func unwrapPathErr(err error) error {

@@ -17,6 +17,7 @@ listen: 10.250.0.1:7788
 peer: 10.250.0.2:7788
 key: "0123456789abcdef"
 state_dir: ` + filepath.Join(dir, "state") + `
+vip: {address: 10.250.0.100/24, interface: eth0}
 replicate:
   - path: ` + data + "\n"
 }
@@ -62,8 +63,10 @@ func TestParseErrorsNameTheField(t *testing.T) {
 		{"timeout", "node: nodeA", "node: nodeA\ncluster: {interval: 500ms, timeout: 1s}", "cluster.timeout 1s: must be at least 3 heartbeat intervals"},
 		{"duration", "node: nodeA", "node: nodeA\ncluster: {timeout: soon}", "soon"},
 		{"witness", "node: nodeA", "node: nodeA\ncluster: {witness: gateway}", `cluster.witness "gateway"`},
-		{"vip address", "node: nodeA", "node: nodeA\nvip: {address: 10.250.0.100, interface: eth0}", `vip.address "10.250.0.100"`},
-		{"vip interface", "node: nodeA", "node: nodeA\nvip: {address: 10.250.0.100/24}", "vip.interface"},
+		{"vip address", "address: 10.250.0.100/24", "address: 10.250.0.100", `vip.address "10.250.0.100"`},
+		{"vip interface", ", interface: eth0", "", "vip.interface"},
+		{"wildcard heartbeat address", "node: nodeA", "node: nodeA\ncluster: {networks: [{local: 0.0.0.0, peer: 10.250.0.2}]}", `cluster.networks[0].local "0.0.0.0": want this node's own address`},
+		{"peer address also local", "node: nodeA", "node: nodeA\ncluster: {networks: [{local: 10.250.0.1, peer: 10.250.1.2}, {local: 10.250.1.2, peer: 10.250.1.1}]}", `cluster.networks[0].peer "10.250.1.2": also a local address of this node`},
 		{"service start", "node: nodeA", "node: nodeA\nservices: [{name: web}]", "services[0].start"},
 		{"service checks", "node: nodeA", "node: nodeA\nservices: [{name: web, start: x, check_tcp: ':80', check_command: y}]", "more than one of check_tcp, check_command and check_nfs"},
 		{"service dup", "node: nodeA", "node: nodeA\nservices: [{name: web, start: x}, {name: web, start: y}]", `services[1].name "web": already used`},
@@ -108,5 +111,68 @@ func TestStateDirInsideReplicated(t *testing.T) {
 	_, err := Parse([]byte(y))
 	if err == nil || !strings.Contains(err.Error(), "must not be inside") {
 		t.Fatalf("error %v", err)
+	}
+}
+
+// TestNothingStopsTwoPrimaries: without a VIP (whose ARP probe shows a
+// live old primary) and without a fencing command, nothing stops both
+// nodes serving after a split of the link between them: refused. A
+// witness alone does not help (both nodes may reach it).
+func TestNothingStopsTwoPrimaries(t *testing.T) {
+	const vip = "vip: {address: 10.250.0.100/24, interface: eth0}\n"
+	const want = "cluster: neither vip nor cluster.fence is set: nothing stops both nodes serving after a network split; set vip"
+	for _, tc := range []struct {
+		name, from, to string
+		ok             bool
+	}{
+		{"vip", "", "", true},
+		{"fence", vip, "cluster: {fence: 'ipmitool -H bmc-b chassis power off'}\n", true},
+		{"vip and fence", vip, vip + "cluster: {fence: 'ipmitool -H bmc-b chassis power off'}\n", true},
+		{"neither", vip, "", false},
+		{"witness only", vip, "cluster: {witness: 10.250.0.254}\n", false},
+		{"blank fence", vip, "cluster: {fence: '  '}\n", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			y := base(t)
+			if tc.from != "" {
+				if !strings.Contains(y, tc.from) {
+					t.Fatalf("base config lacks %q", tc.from)
+				}
+				y = strings.Replace(y, tc.from, tc.to, 1)
+			}
+			_, err := Parse([]byte(y))
+			switch {
+			case tc.ok && err != nil:
+				t.Fatalf("refused: %v", err)
+			case !tc.ok && (err == nil || !strings.Contains(err.Error(), want)):
+				t.Fatalf("error %v, want it to contain %q", err, want)
+			}
+		})
+	}
+}
+
+// TestEpochID: the two nodes of a pair, each with its own file (the same
+// addresses, local and peer swapped), get different numbers, whatever the
+// order of their networks.
+func TestEpochID(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		a, b []Network // nodeA's networks; nodeB's are the same swapped, in b's order
+	}{
+		{"one network", []Network{{"10.250.0.1", "10.250.0.2"}}, []Network{{"10.250.0.2", "10.250.0.1"}}},
+		{"higher address first", []Network{{"10.250.0.2", "10.250.0.1"}}, []Network{{"10.250.0.1", "10.250.0.2"}}},
+		{"numeric, not textual order", []Network{{"10.250.0.9", "10.250.0.10"}}, []Network{{"10.250.0.10", "10.250.0.9"}}},
+		{"two networks listed in other orders", []Network{{"10.250.0.1", "10.250.0.2"}, {"192.168.1.2", "192.168.1.1"}},
+			[]Network{{"192.168.1.1", "192.168.1.2"}, {"10.250.0.2", "10.250.0.1"}}},
+		{"IPv4 written as IPv6", []Network{{"::ffff:10.250.0.1", "10.250.0.2"}}, []Network{{"10.250.0.2", "10.250.0.1"}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a := Config{Cluster: Cluster{Networks: tc.a}}
+			b := Config{Cluster: Cluster{Networks: tc.b}}
+			ia, ib := a.EpochID(), b.EpochID()
+			if ia == ib || ia < 1 || ia > 2 || ib < 1 || ib > 2 {
+				t.Fatalf("nodeA %d, nodeB %d: want 1 and 2", ia, ib)
+			}
+		})
 	}
 }

@@ -22,6 +22,7 @@ listen: 10.250.0.1:7788
 peer: 10.250.0.2:7788
 key: "0123456789abcdef"
 state_dir: ` + filepath.Join(dir, "state") + `
+vip: {address: 10.250.0.100/24, interface: eth0}
 module: k3s
 k3s:
   data_dir: ` + filepath.Join(dir, "k3s") + `

@@ -17,6 +17,7 @@ import (
 
 	"github.com/duet-ha/duet/pkg/cluster"
 	"github.com/duet-ha/duet/pkg/config"
+	"github.com/duet-ha/duet/pkg/replica"
 	"github.com/duet-ha/duet/pkg/stack"
 	"github.com/duet-ha/duet/pkg/vip"
 )
@@ -40,7 +41,7 @@ func (n *Node) statePath() string { return filepath.Join(n.cfg.StateDir, "cluste
 // the reference copy; one that was SECOND may have missed what its peer
 // wrote since; a fresh pair trusts the configured primary.
 func (n *Node) loadMachine() (cluster.Machine, error) {
-	m := cluster.Machine{Name: n.cfg.Node, State: cluster.Wait, Preferred: n.cfg.Role == config.RolePrimary}
+	m := cluster.Machine{Name: n.cfg.Node, ID: n.cfg.EpochID(), State: cluster.Wait, Preferred: n.cfg.Role == config.RolePrimary}
 	b, err := os.ReadFile(n.statePath())
 	if errors.Is(err, os.ErrNotExist) {
 		m.Stale = !m.Preferred
@@ -63,23 +64,71 @@ func (n *Node) loadMachine() (cluster.Machine, error) {
 	return m, nil
 }
 
-func (n *Node) persist(m cluster.Machine) {
+// persist saves the machine's lasting part: a temporary file, fsynced,
+// renamed over cluster.json, then the directory fsynced so that the
+// rename survives a power loss too.
+func (n *Node) persist(m cluster.Machine) error {
+	path := n.statePath()
 	b, _ := json.Marshal(persisted{State: m.State.String(), Epoch: m.Epoch, Stale: m.Stale})
-	tmp := n.statePath() + ".tmp"
+	tmp := path + ".tmp"
 	f, err := os.Create(tmp)
 	if err == nil {
 		_, err = f.Write(b)
 		if err == nil {
 			err = f.Sync()
 		}
-		f.Close()
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
 	}
 	if err == nil {
-		err = os.Rename(tmp, n.statePath())
+		err = os.Rename(tmp, path)
+	}
+	if err == nil {
+		err = syncDir(filepath.Dir(path))
 	}
 	if err != nil {
-		n.log.Error("saving cluster state", "path", n.statePath(), "err", err)
+		return fmt.Errorf("saving cluster state %s: %w (is state_dir writable, with free space?)", path, err)
 	}
+	return nil
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	err = d.Sync()
+	if cerr := d.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// carryOut carries out the actions of the step from prev to next, in
+// order: DoPersist itself, the others through do. It returns the machine
+// the node is in afterwards. When the step would start serving and its
+// state cannot be saved, the rest is not carried out and the node stays
+// prev, its checks free to run again: serving with an epoch the disk does
+// not hold, the node could draw that epoch again after a restart. Other
+// steps (leaving the role above all) go on; the error is logged.
+func (n *Node) carryOut(prev, next cluster.Machine, acts []cluster.Action, do func(cluster.Action)) (cluster.Machine, error) {
+	for _, a := range acts {
+		if a.Do != cluster.DoPersist {
+			do(a)
+			continue
+		}
+		err := n.persist(next)
+		switch {
+		case err == nil:
+		case next.State.Serving() && !prev.State.Serving():
+			prev.Checking = false
+			return prev, fmt.Errorf("not becoming %s (epoch %d): %w", next.State, next.Epoch, err)
+		default:
+			n.log.Error("cluster state not saved", "state", next.State.String(), "epoch", next.Epoch, "err", err)
+		}
+	}
+	return next, nil
 }
 
 // heartbeatConns binds one UDP socket per heartbeat network.
@@ -201,18 +250,18 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 	// actx is what actions run under; a stopping daemon swaps in one
 	// that lets it hand its role over.
 	actx := ctx
+	var lastSaveErr string
 	apply := func(ev cluster.Event) string {
+		m.Resyncing = resyncing(n.dirs, n.metas)
 		prev := m
 		next, acts := cluster.Step(m, ev)
 		reply := ""
-		for _, a := range acts {
+		do := func(a cluster.Action) {
 			switch a.Do {
-			case cluster.DoPersist:
-				n.persist(next)
 			case cluster.DoLog:
 				if ev.Kind == cluster.EvChecked && !ev.OK {
 					if a.Msg == lastCheckMsg {
-						continue
+						return
 					}
 					lastCheckMsg = a.Msg
 				}
@@ -238,7 +287,19 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 				n.unserve(actx)
 			}
 		}
-		m = next
+		var err error
+		m, err = n.carryOut(prev, next, acts, do)
+		switch {
+		case err != nil:
+			// Tried again at the next heartbeat or check: said once.
+			if err.Error() != lastSaveErr {
+				n.log.Error("cannot take the primary role", "err", err)
+			}
+			lastSaveErr = err.Error()
+			reply = "error: " + err.Error()
+		case m.State.Serving():
+			lastSaveErr = ""
+		}
 		n.machine.Store(&m)
 		n.leaving.Store(false)
 		if ev.Kind == cluster.EvPeerLost && prev.State.Serving() {
@@ -352,6 +413,20 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 			}
 		}
 	}
+}
+
+// resyncing names the first directory whose copy a resync is rewriting
+// (its Meta is not Consistent), or "". A copy of no lineage yet (Gen 0: a
+// fresh node's) counts as whole: it is what a fresh pair's first primary
+// serves, and a fresh copy that a resync is filling is stale already (its
+// node saw the serving peer).
+func resyncing(dirs []replica.Dir, metas []*replica.MetaStore) string {
+	for i, ms := range metas {
+		if m := ms.Get(); !m.Consistent && m.Gen != 0 {
+			return dirs[i].Name
+		}
+	}
+	return ""
 }
 
 func (n *Node) pingWitness() error {

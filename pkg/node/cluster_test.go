@@ -1,0 +1,131 @@
+package node
+
+import (
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/duet-ha/duet/pkg/cluster"
+	"github.com/duet-ha/duet/pkg/config"
+	"github.com/duet-ha/duet/pkg/replica"
+)
+
+func testNode(t *testing.T, stateDir string) *Node {
+	return &Node{cfg: &config.Config{Node: "nodeB", StateDir: stateDir}, log: slog.New(slog.NewTextHandler(os.Stderr, nil))}
+}
+
+// record carries out nothing: it lists the actions it was given.
+func record(got *[]cluster.Do) func(cluster.Action) {
+	return func(a cluster.Action) { *got = append(*got, a.Do) }
+}
+
+func did(got []cluster.Do, d cluster.Do) bool {
+	for _, g := range got {
+		if g == d {
+			return true
+		}
+	}
+	return false
+}
+
+// TestTakeoverNotSavedNotServed: a takeover whose new epoch cannot be
+// saved does not serve (the node could draw that epoch again after a
+// restart); with the state saved, it serves and the epoch is on disk.
+func TestTakeoverNotSavedNotServed(t *testing.T) {
+	const e = 2<<8 | 1
+	second := cluster.Machine{Name: "nodeB", ID: 2, State: cluster.Second, Epoch: e,
+		Peer: cluster.Peer{Seen: true, Name: "nodeA", State: cluster.Prim, Epoch: e, Synced: true}}
+	prev, _ := cluster.Step(second, cluster.Event{Kind: cluster.EvPeerLost})
+	next, acts := cluster.Step(prev, cluster.Event{Kind: cluster.EvChecked, OK: true})
+	if !next.State.Serving() {
+		t.Fatalf("the step does not take over: %+v", next)
+	}
+
+	n := testNode(t, filepath.Join(t.TempDir(), "missing"))
+	if err := n.persist(next); err == nil || !strings.Contains(err.Error(), "cluster.json") {
+		t.Fatalf("persist into a missing state_dir: %v, want an error naming cluster.json", err)
+	}
+	var got []cluster.Do
+	kept, err := n.carryOut(prev, next, acts, record(&got))
+	if err == nil || did(got, cluster.DoServe) || kept.State != cluster.Second || kept.Epoch != e {
+		t.Fatalf("state not saved: carried out %v, node %s epoch %d, err %v; want no DoServe, still SECOND at %d", got, kept.State, kept.Epoch, err, e)
+	}
+	if kept.Checking {
+		t.Error("checks stay marked as running: the takeover would never be tried again")
+	}
+
+	n = testNode(t, t.TempDir())
+	got = nil
+	kept, err = n.carryOut(prev, next, acts, record(&got))
+	if err != nil || !did(got, cluster.DoServe) || kept != next {
+		t.Fatalf("state saved: carried out %v, node %+v, err %v; want DoServe and the new machine", got, kept, err)
+	}
+	n.cfg.Role = config.RoleSecondary
+	if m, err := n.loadMachine(); err != nil || m.Epoch != next.Epoch || m.Stale {
+		t.Fatalf("after a restart: %+v %v, want epoch %d, not stale", m, err, next.Epoch)
+	}
+}
+
+// TestStepDownNotSavedStillUnserves: leaving the role goes on when the
+// state cannot be saved.
+func TestStepDownNotSavedStillUnserves(t *testing.T) {
+	prim := cluster.Machine{Name: "nodeB", ID: 2, State: cluster.Prim, Epoch: 2<<8 | 2}
+	next, acts := cluster.Step(prim, cluster.Event{Kind: cluster.EvPeer, Peer: cluster.Peer{Seen: true, Name: "nodeA", State: cluster.Alone, Epoch: 3<<8 | 1}})
+	var got []cluster.Do
+	kept, err := testNode(t, filepath.Join(t.TempDir(), "missing")).carryOut(prim, next, acts, record(&got))
+	if err != nil || !did(got, cluster.DoUnserve) || kept.State != cluster.Wait {
+		t.Fatalf("carried out %v, node %s, err %v; want DoUnserve and WAIT", got, kept.State, err)
+	}
+}
+
+// TestResyncingCopyNoTakeover: a SECOND whose copy of one directory a
+// resync is rewriting (its Meta not Consistent) does not take over when
+// its peer is lost, and says which directory; fresh copies and whole
+// ones do not hold a takeover back.
+func TestResyncingCopyNoTakeover(t *testing.T) {
+	dir := t.TempDir()
+	dirs := []replica.Dir{{Name: "logs"}, {Name: "data"}}
+	var metas []*replica.MetaStore
+	for _, d := range dirs {
+		ms, err := replica.OpenMeta(dir, d.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		metas = append(metas, ms)
+	}
+	if r := resyncing(dirs, metas); r != "" {
+		t.Fatalf("fresh copies: %q mid-resync, want none", r)
+	}
+	metas[0].Update(func(m *replica.Meta) { m.Gen, m.Consistent = 7, true })
+	metas[1].Update(func(m *replica.Meta) { m.Gen, m.Consistent = 7, true })
+	if r := resyncing(dirs, metas); r != "" {
+		t.Fatalf("whole copies: %q mid-resync, want none", r)
+	}
+	// What the secondary does when a resync into its copy begins.
+	metas[1].Update(func(m *replica.Meta) { m.Consistent = false })
+
+	const e = 2<<8 | 1
+	m := cluster.Machine{Name: "nodeB", ID: 2, State: cluster.Second, Epoch: e, Resyncing: resyncing(dirs, metas),
+		Peer: cluster.Peer{Seen: true, Name: "nodeA", State: cluster.Prim, Epoch: e, Synced: true}}
+	var all []cluster.Action
+	for _, ev := range []cluster.Event{{Kind: cluster.EvPeerLost}, {Kind: cluster.EvTick}, {Kind: cluster.EvChecked, OK: true}} {
+		var acts []cluster.Action
+		m, acts = cluster.Step(m, ev)
+		all = append(all, acts...)
+	}
+	var said string
+	for _, a := range all {
+		if a.Do == cluster.DoServe || a.Do == cluster.DoCheck {
+			t.Fatalf("copy of data mid-resync: %v carried out (%+v)", a.Do, all)
+		}
+		if a.Do == cluster.DoLog && strings.Contains(a.Msg, "directory data: this copy is mid-resync") {
+			said = a.Msg
+		}
+	}
+	if m.State != cluster.Wait || !m.Stale || said == "" {
+		t.Fatalf("%s stale=%v, log %q: want WAIT, stale, and the reason naming directory data", m.State, m.Stale, said)
+	}
+	t.Logf("said: %s", said)
+}
