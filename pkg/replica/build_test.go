@@ -31,7 +31,7 @@ func syncedPair(t *testing.T, files ...string) (src, dst string, b *builder, sin
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { root.Close() })
-	local, err := fstree.Scan(root, false)
+	local, _, err := fstree.Scan(root, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -61,8 +61,8 @@ func sameTrees(t *testing.T, src, dst string) {
 	defer r1.Close()
 	r2, _ := fstree.OpenRoot(dst)
 	defer r2.Close()
-	l, _ := fstree.Scan(r1, true)
-	p, _ := fstree.Scan(r2, true)
+	l, _, _ := fstree.Scan(r1, true)
+	p, _, _ := fstree.Scan(r2, true)
 	if diffs := fstree.Compare(l, p); len(diffs) != 0 {
 		t.Fatalf("trees differ: %v", diffs)
 	}
