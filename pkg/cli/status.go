@@ -189,6 +189,9 @@ func printStatus(w io.Writer, st *node.Status, output string) error {
 		if d.LastError != "" {
 			fmt.Fprintf(w, "  last error (%s): %s\n", d.LastErrorAt, d.LastError)
 		}
+		if d.DroppedChanges > 0 {
+			fmt.Fprintf(w, "  %d changes given up after retries: the peer may lack them; `duet resync` compares the files\n", d.DroppedChanges)
+		}
 	}
 	for _, c := range st.Copies {
 		var flags []string

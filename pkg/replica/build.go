@@ -63,6 +63,7 @@ type builder struct {
 	blocked  int
 	removals []link
 	dataRead uint64 // bytes read for shipping, in total
+	dropped  int    // changes given up after maxRetries
 	// onRead, if set, is told of every read for shipping (a resync's
 	// progress and rate limit).
 	onRead func(n int)
@@ -208,7 +209,11 @@ func (b *builder) requeueOnly(f journal.File, why string) {
 		b.requeue = append(b.requeue, f)
 		return
 	}
-	b.log.Debug("dropping change after retries", "ino", f.Key.Ino, "why", why)
+	// Not silent: the peer lacks this change until the file changes again
+	// or a resync compares it.
+	b.dropped++
+	b.log.Warn("change dropped after retries: the peer lacks it until the file changes again or a resync (duet resync) compares it",
+		"ino", f.Key.Ino, "retries", f.Retries, "why", why)
 }
 
 // reconcile compares directory ino's entries with the shadow and ships the

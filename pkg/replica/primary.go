@@ -86,6 +86,7 @@ type Primary struct {
 	fullSyncs    int
 	fullSyncEnd  uint64 // last batch of the latest full sync
 	dataBytes    uint64
+	dropped      uint64 // changes given up after retries (see maxRetries)
 	wireBytes    uint64
 	changedBytes uint64
 	records      uint64
@@ -589,6 +590,7 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 		p.mu.Lock()
 		p.building = false
 		p.dataBytes += b.dataRead
+		p.dropped += uint64(b.dropped)
 		for _, f := range requeue {
 			p.j.Requeue(f)
 		}
@@ -648,10 +650,13 @@ type Status struct {
 	DataBytes    uint64  `json:"data_bytes_read"`
 	WireBytes    uint64  `json:"wire_bytes"`
 	FullSyncs    int     `json:"full_syncs"`
-	Barriers     uint64  `json:"barriers"`
-	BarrierAvgMs float64 `json:"barrier_avg_ms"`
-	LastError    string  `json:"last_error,omitempty"`
-	LastErrorAt  string  `json:"last_error_at,omitempty"`
+	// DroppedChanges counts changes given up after retries: the peer may
+	// lack them until the file changes again or a resync compares it.
+	DroppedChanges uint64  `json:"dropped_changes"`
+	Barriers       uint64  `json:"barriers"`
+	BarrierAvgMs   float64 `json:"barrier_avg_ms"`
+	LastError      string  `json:"last_error,omitempty"`
+	LastErrorAt    string  `json:"last_error_at,omitempty"`
 	// Mode and MaxLagMs are the directory's configuration (set by the
 	// node): sync, or async with a lag bound.
 	Mode     string  `json:"mode,omitempty"`
@@ -672,7 +677,8 @@ func (p *Primary) Status() Status {
 	s := Status{Dir: p.Dir.Name, Path: p.Dir.Path, Peer: p.Peer, Connected: p.connected,
 		Sent: p.nextSeq - 1, Acked: p.acked, Unacked: len(p.queue), UnackedBytes: p.queueBytes,
 		PendingFiles: p.j.Pending(), Records: p.records, ChangedBytes: p.changedBytes,
-		DataBytes: p.dataBytes, WireBytes: p.wireBytes, FullSyncs: p.fullSyncs, LastError: p.lastErr}
+		DataBytes: p.dataBytes, WireBytes: p.wireBytes, FullSyncs: p.fullSyncs, LastError: p.lastErr,
+		DroppedChanges: p.dropped}
 	s.Barriers = p.barrierCount
 	if p.barrierCount > 0 {
 		s.BarrierAvgMs = float64(p.barrierNs) / float64(p.barrierCount) / 1e6

@@ -303,7 +303,13 @@ func (n *nemesis) run(i int, kind faultKind) nemesisRun {
 func nemesisCampaign(t *testing.T, seed int64, runs int, allKindsOnce bool) {
 	b := duetBinary(t)
 	n := &nemesis{t: t, rng: mrand.New(mrand.NewSource(seed)), writer: buildSyncWriter(t, b)}
-	l, hello := clusterLab(t, true)
+	l, hello := clusterLab(t, false)
+	for _, h := range []string{"a", "b"} {
+		// A resync slow enough for kill-during-resync to hit it.
+		l.AppendConfig(t, h, "resync:\n  rate_mib: 40\n")
+	}
+	l.Start(t, "b")
+	l.Start(t, "a")
 	n.l, n.hello = l, hello
 	n.drops = map[string]*faultnet.Dropper{}
 	for _, h := range []string{"a", "b"} {
