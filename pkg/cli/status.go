@@ -189,6 +189,9 @@ func printStatus(w io.Writer, st *node.Status, output string) error {
 		if d.LastError != "" {
 			fmt.Fprintf(w, "  last error (%s): %s\n", d.LastErrorAt, d.LastError)
 		}
+		if d.PeerCannotApply != "" {
+			fmt.Fprintf(w, "  PEER CANNOT APPLY: %s (durability calls go on without it; retried with backoff)\n", d.PeerCannotApply)
+		}
 		if d.DroppedChanges > 0 {
 			fmt.Fprintf(w, "  %d changes given up after retries: the peer may lack them; `duet resync` compares the files\n", d.DroppedChanges)
 		}

@@ -87,6 +87,7 @@ type Primary struct {
 	fullSyncEnd  uint64 // last batch of the latest full sync
 	dataBytes    uint64
 	dropped      uint64 // changes given up after retries (see maxRetries)
+	refused      string // why the peer refused the last connection\'s batch, until one is acknowledged
 	wireBytes    uint64
 	changedBytes uint64
 	records      uint64
@@ -236,6 +237,10 @@ func (p *Primary) Run(ctx context.Context, kernel Kernel) {
 		}
 		p.mu.Lock()
 		p.lastErr, p.lastErrAt = err.Error(), time.Now()
+		p.refused = ""
+		if refused != nil {
+			p.refused = refused.Reason
+		}
 		p.mu.Unlock()
 		// One line per new failure, then a reminder every 30s: retries
 		// every half second must not flood the log.
@@ -398,6 +403,7 @@ func (p *Primary) Wake() { p.wake() }
 func (p *Primary) ack(seq uint64) {
 	if seq > p.acked {
 		p.acked = seq
+		p.refused = ""
 	}
 	i := 0
 	now := time.Now()
@@ -652,11 +658,14 @@ type Status struct {
 	FullSyncs    int     `json:"full_syncs"`
 	// DroppedChanges counts changes given up after retries: the peer may
 	// lack them until the file changes again or a resync compares it.
-	DroppedChanges uint64  `json:"dropped_changes"`
-	Barriers       uint64  `json:"barriers"`
-	BarrierAvgMs   float64 `json:"barrier_avg_ms"`
-	LastError      string  `json:"last_error,omitempty"`
-	LastErrorAt    string  `json:"last_error_at,omitempty"`
+	DroppedChanges uint64 `json:"dropped_changes"`
+	// PeerCannotApply is why the peer refused the stream (its disk is
+	// full...), until it acknowledges a batch again.
+	PeerCannotApply string  `json:"peer_cannot_apply,omitempty"`
+	Barriers        uint64  `json:"barriers"`
+	BarrierAvgMs    float64 `json:"barrier_avg_ms"`
+	LastError       string  `json:"last_error,omitempty"`
+	LastErrorAt     string  `json:"last_error_at,omitempty"`
 	// Mode and MaxLagMs are the directory's configuration (set by the
 	// node): sync, or async with a lag bound.
 	Mode     string  `json:"mode,omitempty"`
@@ -678,7 +687,7 @@ func (p *Primary) Status() Status {
 		Sent: p.nextSeq - 1, Acked: p.acked, Unacked: len(p.queue), UnackedBytes: p.queueBytes,
 		PendingFiles: p.j.Pending(), Records: p.records, ChangedBytes: p.changedBytes,
 		DataBytes: p.dataBytes, WireBytes: p.wireBytes, FullSyncs: p.fullSyncs, LastError: p.lastErr,
-		DroppedChanges: p.dropped}
+		DroppedChanges: p.dropped, PeerCannotApply: p.refused}
 	s.Barriers = p.barrierCount
 	if p.barrierCount > 0 {
 		s.BarrierAvgMs = float64(p.barrierNs) / float64(p.barrierCount) / 1e6

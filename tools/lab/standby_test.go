@@ -91,8 +91,8 @@ func TestSecondaryDiskFullDoesNotStallPrimary(t *testing.T) {
 	deadline := time.Now().Add(10 * time.Second)
 	for why == "" && time.Now().Before(deadline) {
 		for _, d := range l.Status(t, "a").Dirs {
-			if strings.Contains(d.LastError, "no space left on device") {
-				why = d.LastError
+			if strings.Contains(d.PeerCannotApply, "no space left on device") {
+				why = d.PeerCannotApply
 			}
 		}
 		time.Sleep(100 * time.Millisecond)
