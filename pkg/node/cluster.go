@@ -302,6 +302,9 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 		}
 		n.machine.Store(&m)
 		n.leaving.Store(false)
+		if ev.Kind == cluster.EvPeerLost {
+			n.peerLostAt.Store(time.Now().UnixNano())
+		}
 		if ev.Kind == cluster.EvPeerLost && prev.State.Serving() {
 			// The data connections would look alive for minutes after a
 			// crash without a FIN, holding durability calls.
@@ -408,6 +411,8 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 						}
 					} else {
 						witnessFails.Store(0)
+						n.witnessOK.Store(time.Now().UnixNano())
+						n.wakePrimaries()
 					}
 				}()
 			}

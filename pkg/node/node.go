@@ -155,6 +155,10 @@ type Node struct {
 	// durability call is released).
 	announcedAlone atomic.Uint64
 	hbKick         chan struct{}
+	// peerLostAt is when the peer was last declared lost, witnessOK when
+	// the witness last answered (unix ns).
+	peerLostAt atomic.Int64
+	witnessOK  atomic.Int64
 	// leaving is set while the node leaves the role; lastSynced is what
 	// the heartbeats said of the peer before.
 	leaving    atomic.Bool
@@ -966,8 +970,9 @@ func (n *Node) barrier(ctx context.Context) string {
 // peerCannotTakeOver reports whether the peer can no longer take over with
 // a copy that lacks what this node writes now, so that a durability call
 // the peer did not confirm may be released: the cluster declared the peer
-// lost and this node's heartbeats have announced ALONE since (a peer that
-// still hears them marks its copy stale before anything is released), or
+// lost, this node's heartbeats have announced ALONE since (a peer that
+// still hears them marks its copy stale before anything is released) and
+// the witness, if any, answered since (this node is not the cut-off one), or
 // the peer says its copy is stale, or it is stopped. While the peer is
 // heard as an up-to-date SECOND, a call the data path cannot confirm is
 // held instead: released, the change could be lost by a takeover. The
@@ -976,7 +981,11 @@ func (n *Node) barrier(ctx context.Context) string {
 func (n *Node) peerCannotTakeOver() bool {
 	m := n.machine.Load()
 	if m.State == cluster.Alone {
-		return n.announcedAlone.Load() == m.Epoch
+		// With a witness, only once it answered after the peer was lost:
+		// a primary cut off from both would release writes that the
+		// peer, taking over, never got (it steps down instead).
+		witnessed := n.cfg.Cluster.Witness == "" || n.witnessOK.Load() > n.peerLostAt.Load()
+		return n.announcedAlone.Load() == m.Epoch && witnessed
 	}
 	p := m.Peer
 	return p.Seen && (p.Stale || p.State == cluster.Stop)
