@@ -5,10 +5,9 @@
 //	                                            the ms since NS and the answer
 //	hello arpwatch -vip 10.250.0.100/24 -for 8s count who answers ARP for the VIP
 //	hello probe -addr 10.250.0.100:8080 -for 60s ask every 50 ms, print the longest time without an answer
+//	hello get -url http://127.0.0.1:9788/metrics print a page (no curl needed)
 //
 // arpwatch and probe stop early, printing what they saw, on SIGTERM.
-//
-//	hello get -url http://127.0.0.1:9788/metrics print a page (no curl needed)
 package main
 
 import (
