@@ -221,11 +221,20 @@ func step(m Machine, ev Event) (Machine, []Action) {
 			return m.unserve(Stop, "stopped by the operator (no peer in sync: nothing serves now)")
 		}
 		m.HandedOver = false
+		if m.Peer.Seen && m.Peer.State.Serving() {
+			// The serving peer writes on without this copy: stale, and
+			// said so, so that the peer may release what it cannot ship.
+			m.Stale = true
+		}
 		return m.to(Stop, "stopped by the operator")
 	}
 	if m.State == Stop {
 		if ev.Kind == EvCmdPrim || ev.Kind == EvCmdSecond || ev.Kind == EvCmdSwap {
 			return m, []Action{refuse("duet is stopped on this node: run `duet start` first")}
+		}
+		if ev.Kind == EvPeer && ev.Peer.State.Serving() && !m.Stale {
+			m.Stale = true
+			return m, []Action{{Do: DoPersist}}
 		}
 		return m, nil
 	}

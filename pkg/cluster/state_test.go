@@ -426,3 +426,32 @@ func TestResyncingCopyDoesNotServe(t *testing.T) {
 		t.Errorf("after the resync: %s stale=%v, want SECOND", done.State, done.Stale)
 	}
 }
+
+// A secondary stopped by the operator while its peer serves marks its copy
+// stale (and one stopped before hears the serving peer and does): the
+// primary releases what it cannot ship to it, so after `duet start` and a
+// lost primary it must not take over on its own with a copy that lacks it.
+func TestStoppedSecondaryIsStale(t *testing.T) {
+	const e = 5<<8 | 1
+	prim := Peer{Name: "nodeA", State: Prim, Epoch: e, Synced: true}
+	for _, stopFirst := range []bool{false, true} {
+		b := Machine{Name: "nodeB", ID: 2, State: Second, Epoch: e}
+		if !stopFirst {
+			b, _ = Step(b, peerEv(prim))
+		}
+		b, _ = Step(b, Event{Kind: EvCmdStop})
+		if stopFirst {
+			b, _ = Step(b, peerEv(Peer{Name: "nodeA", State: Prim, Epoch: e}))
+		}
+		if !b.Stale {
+			t.Fatalf("stopFirst=%v: a stopped copy whose peer serves is not stale: the primary cannot release safely", stopFirst)
+		}
+		b, _ = Step(b, Event{Kind: EvPeerLost})
+		b, _ = Step(b, Event{Kind: EvCmdStart})
+		b, acts := Step(b, Event{Kind: EvTick})
+		b, more := Step(b, Event{Kind: EvChecked, OK: true})
+		if has(append(acts, more...), DoServe) {
+			t.Fatalf("stopFirst=%v: took over (%s) with a copy that lacks what the primary released", stopFirst, b.State)
+		}
+	}
+}

@@ -973,7 +973,8 @@ func (n *Node) barrier(ctx context.Context) string {
 // lost, this node's heartbeats have announced ALONE since (a peer that
 // still hears them marks its copy stale before anything is released) and
 // the witness, if any, answered since (this node is not the cut-off one), or
-// the peer says its copy is stale, or it is stopped. While the peer is
+// the peer says its copy is stale (a stopped peer is stale as soon as it
+// hears this node serve). While the peer is
 // heard as an up-to-date SECOND, a call the data path cannot confirm is
 // held instead: released, the change could be lost by a takeover. The
 // heartbeats then say the peer is out of sync, it marks its copy stale and
@@ -988,7 +989,7 @@ func (n *Node) peerCannotTakeOver() bool {
 		return n.announcedAlone.Load() == m.Epoch && witnessed
 	}
 	p := m.Peer
-	return p.Seen && (p.Stale || p.State == cluster.Stop)
+	return p.Seen && p.Stale
 }
 
 // wakePrimaries has every waiting durability call look again at what the

@@ -2,6 +2,7 @@ package replica
 
 import (
 	"encoding/binary"
+	"fmt"
 	"io/fs"
 	"log/slog"
 	"os"
@@ -306,16 +307,21 @@ func (b *builder) entry(d *os.File, dirPath string, dirIno uint64, e fstree.Dire
 		}
 	}
 	// A new inode where the peer holds another one (deleted, or renamed
-	// to a place not reconciled yet): the peer's goes first. A directory
-	// made over it would otherwise keep the old one's entries (mkdir on
-	// the peer keeps an existing directory), and a later rename of the
-	// old inode finds it gone and ships it whole instead.
+	// to a directory reconciled later): the peer's is moved aside first,
+	// not removed. A directory made over it would keep the old one's
+	// entries (mkdir on the peer keeps an existing directory); removed,
+	// a tree renamed elsewhere would exist nowhere on the peer until it
+	// is shipped whole again. Moved aside, a later reconcile in this pass
+	// renames it from there; what nothing claims goes with this pass's
+	// removals.
 	if dn := b.sh.nodes[dirIno]; dn != nil {
-		if _, held := dn.children[e.Name]; held {
-			if err := b.out.add(&wire.Op{Code: wire.OpRemove, Path: to}); err != nil {
+		if old, held := dn.children[e.Name]; held {
+			aside := fmt.Sprintf(".duet-replaced-%d", old)
+			if err := b.out.add(&wire.Op{Code: wire.OpRename, Path: to, Path2: join(dirPath, aside)}); err != nil {
 				return err
 			}
-			b.sh.unlink(dirIno, e.Name)
+			b.sh.move(old, link{dirIno, e.Name}, dirIno, aside)
+			b.removals = append(b.removals, link{dirIno, aside})
 		}
 	}
 	if err := b.create(d, to, dirIno, e.Name, &st); err != nil {

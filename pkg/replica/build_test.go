@@ -111,3 +111,48 @@ func TestBuildRenameAwayThenRecreate(t *testing.T) {
 		t.Fatalf("w was not renamed to w.old on the peer: %+v", sink.ops)
 	}
 }
+
+// `mv w archive/w.old; mkdir w`, w.old in a directory reconciled after w's:
+// the peer's w is moved aside, not removed, and renamed into archive from
+// there. At no op of the pass may the peer hold w/a's bytes nowhere (a
+// takeover then would lose a file fsynced long before), and w/a is not
+// shipped again.
+func TestBuildMoveAwayDeeperThenRecreate(t *testing.T) {
+	src, dst, b, sink := syncedPair(t, "w/a", "archive/keep")
+	want, _ := os.ReadFile(filepath.Join(src, "w/a"))
+	var nowhere []string
+	b.out = sinkFunc(func(op *wire.Op) error {
+		sink.add(op)
+		found := false
+		filepath.WalkDir(dst, func(p string, d os.DirEntry, err error) error {
+			if err == nil && d.Type().IsRegular() {
+				if got, _ := os.ReadFile(p); string(got) == string(want) {
+					found = true
+				}
+			}
+			return nil
+		})
+		if !found {
+			nowhere = append(nowhere, op.Code.String()+" "+op.Path)
+		}
+		return nil
+	})
+	if err := os.Rename(filepath.Join(src, "w"), filepath.Join(src, "archive/w.old")); err != nil {
+		t.Fatal(err)
+	}
+	writeRandom(t, filepath.Join(src, "w/c"), 30)
+	if _, err := b.build([]journal.File{changed(t, src), changed(t, filepath.Join(src, "archive"))}); err != nil {
+		t.Fatal(err)
+	}
+	sameTrees(t, src, dst)
+	if len(nowhere) > 0 {
+		t.Errorf("after %d ops (first: %s) the peer held w/a nowhere", len(nowhere), nowhere[0])
+	}
+	if sink.bytes != 30 {
+		t.Errorf("shipped %d bytes, want 30 (w/c only: w.old is a rename)", sink.bytes)
+	}
+}
+
+type sinkFunc func(op *wire.Op) error
+
+func (f sinkFunc) add(op *wire.Op) error { return f(op) }

@@ -774,12 +774,15 @@ func (p *Primary) waitPeer(ctx context.Context, rel Release, done func() bool) e
 		if p.connected && done() {
 			return nil
 		}
+		// A peer that cannot take over does not hold the call, even on a
+		// link that looks alive: frames dropped one way leave a TCP
+		// connection up for minutes.
+		if rel.Now != nil && rel.Now() {
+			return ErrAlone
+		}
 		if p.streamingLocked() {
 			since = time.Time{}
 		} else {
-			if rel.Now != nil && rel.Now() {
-				return ErrAlone
-			}
 			if rel.After > 0 {
 				if since.IsZero() {
 					since = time.Now()

@@ -58,3 +58,27 @@ func TestWaitShippedReleasedAfter(t *testing.T) {
 		t.Fatalf("got %v after %s, want ErrAlone after 200ms", err, time.Since(start))
 	}
 }
+
+// A link that looks alive (frames dropped one way: no FIN, no RST) but
+// never acknowledges: once the cluster says the peer cannot take over, the
+// call is released, not held until its deadline (EIO in the node).
+func TestWaitShippedReleasedOnLinkThatLooksAlive(t *testing.T) {
+	p, err := NewPrimary(Dir{Name: "data", Path: t.TempDir()}, "127.0.0.1:1", []byte("0123456789abcdef"), 0,
+		slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	p.mu.Lock()
+	p.connected, p.needFull = true, false
+	p.added = 1 // a change captured, never shipped
+	p.mu.Unlock()
+	if !p.Streaming() {
+		t.Fatal("the fake link does not count as streaming")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if err := p.WaitShipped(ctx, nil, Release{Now: func() bool { return true }}); !errors.Is(err, ErrAlone) {
+		t.Fatalf("the peer cannot take over, yet the call ended with %v, not released", err)
+	}
+}

@@ -36,8 +36,9 @@ type Server struct {
 	// Metas holds each directory's copy state (by name); a directory
 	// without one announces an unknown copy (a full comparison).
 	Metas    map[string]*MetaStore
-	accept   atomic.Bool    // replicas take batches; a serving node does not
-	handlers sync.WaitGroup // connections being served
+	accept   atomic.Bool        // replicas take batches; a serving node does not
+	syncfs   func(fd int) error // the appliers' syncfs when set (a test fails it)
+	handlers sync.WaitGroup     // connections being served
 
 	mu       sync.Mutex
 	replicas map[string]*replicaState
@@ -445,6 +446,9 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 		return
 	}
 	defer a.Close()
+	if s.syncfs != nil {
+		a.syncfs = s.syncfs
+	}
 	st.Connected.Store(true)
 	st.Peer.Store(c.RemoteAddr().String())
 	defer st.Connected.Store(false)
@@ -475,12 +479,17 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 	// connection or daemon run applied may still be dirty too (a killed
 	// daemon does not sync): the first sync covers it.
 	unsynced := true
+	// syncBroken: a flush failed. Linux reports a writeback error once:
+	// a later flush may succeed without the lost pages, so nothing this
+	// copy applied may be trusted as durable (see distrust).
+	var syncBroken atomic.Bool
 	syncNow := func() error {
 		if !unsynced {
 			return nil
 		}
 		syncStart := time.Now()
 		if err := a.Sync(); err != nil {
+			syncBroken.Store(true)
 			return err
 		}
 		st.SyncNs.Add(int64(time.Since(syncStart)))
@@ -491,6 +500,9 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 	defer func() {
 		if err := syncNow(); err != nil {
 			s.Log.Error("syncing replica", "dir", d.Name, "err", err)
+		}
+		if syncBroken.Load() {
+			s.distrust(r, ms, d)
 		}
 	}()
 	for ctx.Err() == nil {
@@ -544,7 +556,9 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 						defer bg.Done()
 						defer bgRunning.Store(false)
 						if err := syncfs(d.Path); err != nil {
-							s.Log.Warn("background sync of the replica", "dir", d.Name, "err", err)
+							s.Log.Error("background sync of the replica failed: this copy will be compared in full", "dir", d.Name, "err", err)
+							syncBroken.Store(true)
+							c.Close()
 							return
 						}
 						if ms != nil {
@@ -652,6 +666,25 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 		st.LastUpdate.Store(time.Now().UnixNano())
 		if err := wire.WriteFrame(lc, &wire.Frame{Type: wire.TypeAck, Seq: f.Seq}); err != nil {
 			return
+		}
+	}
+}
+
+// distrust forgets this copy's progress after a failed flush: the next
+// connection is a new session (the primary compares the trees again
+// instead of resuming after batches whose pages may be lost), and the copy
+// counts as inconsistent (it does not take over) until that resync ends.
+func (s *Server) distrust(r *replicaState, ms *MetaStore, d Dir) {
+	s.Log.Error("a flush of the replica failed: its progress is forgotten and the next connection resyncs it", "dir", d.Name)
+	r.cmu.Lock()
+	r.session, r.applied, r.partial, r.ops = 0, 0, 0, 0
+	r.cmu.Unlock()
+	if err := r.save(); err != nil {
+		s.Log.Error("saving replica state", "dir", d.Name, "err", err)
+	}
+	if ms != nil {
+		if err := ms.Update(func(m *Meta) { m.Consistent = false }); err != nil {
+			s.Log.Error("marking the copy inconsistent", "dir", d.Name, "err", err)
 		}
 	}
 }

@@ -11,10 +11,12 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/duet-ha/duet/pkg/wire"
+	"golang.org/x/sys/unix"
 )
 
 // A secondary fed batches by hand: compressed and uncompressed ones in
@@ -385,5 +387,54 @@ func TestSecondaryRefusesBatchWhenProgressIsNotSaved(t *testing.T) {
 	}
 	if _, err := os.Lstat(filepath.Join(s.data, "b")); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("op 1 applied although op 0's progress was not saved: %v", err)
+	}
+}
+
+// A flush that fails loses the pages it could not write, and Linux reports
+// that error once: a later flush succeeds without them. After a failed
+// sync, the secondary must not resume the session (the primary would go on
+// after batches that may be lost, and a later sync would call them
+// durable): the next welcome starts afresh, and the copy is inconsistent.
+func TestSecondaryFailedSyncForgetsProgress(t *testing.T) {
+	stateDir := filepath.Join(t.TempDir(), "state")
+	os.Mkdir(stateDir, 0o700)
+	s := newTestSecondary(t, stateDir)
+	ms, err := OpenMeta(stateDir, "data")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ms.Update(func(m *Meta) { m.Gen, m.Consistent = 5, true })
+	s.Metas = map[string]*MetaStore{"data": ms}
+	var fail atomic.Bool
+	fail.Store(true)
+	s.syncfs = func(fd int) error {
+		if fail.Load() {
+			return unix.EIO
+		}
+		return nil
+	}
+	p := s.connect(t, 7)
+	p.batch(1, wire.Op{Code: wire.OpCreate, Path: "f", Mode: 0o644}, wire.Op{Code: wire.OpWrite, Path: "f", Data: []byte("lost by the disk")})
+	p.ack(1, 0)
+	p.send(&wire.Frame{Type: wire.TypeSync, Seq: 1})
+	if f, err := p.read(); err == nil && f.Type == wire.TypeAck && f.Flags&wire.FlagDurable != 0 {
+		t.Fatal("batch 1 acknowledged durable although the sync failed")
+	}
+	p.c.Close()
+	fail.Store(false) // the next flush "succeeds": the pages are gone
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		p = s.connect(t, 7)
+		if p.w.Session == 0 && p.w.Applied == 0 {
+			break
+		}
+		p.c.Close()
+		if time.Now().After(deadline) {
+			t.Fatalf("after a failed sync the welcome resumes session %d at batch %d: a later sync would call batch 1 durable", p.w.Session, p.w.Applied)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if ms.Get().Consistent {
+		t.Fatal("the copy still counts as consistent after a failed sync")
 	}
 }
