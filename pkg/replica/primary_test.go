@@ -15,12 +15,7 @@ import (
 // down: released earlier, the change could be lost by a takeover of a
 // peer that never got it.
 func TestWaitShippedHeldUntilPeerCannotTakeOver(t *testing.T) {
-	p, err := NewPrimary(Dir{Name: "data", Path: t.TempDir()}, "127.0.0.1:1", []byte("0123456789abcdef"), 0,
-		slog.New(slog.NewTextHandler(io.Discard, nil)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
+	p := unconnectedPrimary(t)
 	var lost atomic.Bool
 	done := make(chan error, 1)
 	go func() {
@@ -46,14 +41,9 @@ func TestWaitShippedHeldUntilPeerCannotTakeOver(t *testing.T) {
 // A node leaving its role gives up on a peer that stays away for
 // Release.After.
 func TestWaitShippedReleasedAfter(t *testing.T) {
-	p, err := NewPrimary(Dir{Name: "data", Path: t.TempDir()}, "127.0.0.1:1", []byte("0123456789abcdef"), 0,
-		slog.New(slog.NewTextHandler(io.Discard, nil)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
+	p := unconnectedPrimary(t)
 	start := time.Now()
-	err = p.WaitShipped(context.Background(), nil, Release{After: 200 * time.Millisecond})
+	err := p.WaitShipped(context.Background(), nil, Release{After: 200 * time.Millisecond})
 	if !errors.Is(err, ErrAlone) || time.Since(start) < 200*time.Millisecond {
 		t.Fatalf("got %v after %s, want ErrAlone after 200ms", err, time.Since(start))
 	}
@@ -63,12 +53,7 @@ func TestWaitShippedReleasedAfter(t *testing.T) {
 // never acknowledges: once the cluster says the peer cannot take over, the
 // call is released, not held until its deadline (EIO in the node).
 func TestWaitShippedReleasedOnLinkThatLooksAlive(t *testing.T) {
-	p, err := NewPrimary(Dir{Name: "data", Path: t.TempDir()}, "127.0.0.1:1", []byte("0123456789abcdef"), 0,
-		slog.New(slog.NewTextHandler(io.Discard, nil)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
+	p := unconnectedPrimary(t)
 	p.mu.Lock()
 	p.connected, p.needFull = true, false
 	p.added = 1 // a change captured, never shipped
@@ -81,4 +66,17 @@ func TestWaitShippedReleasedOnLinkThatLooksAlive(t *testing.T) {
 	if err := p.WaitShipped(ctx, nil, Release{Now: func() bool { return true }}); !errors.Is(err, ErrAlone) {
 		t.Fatalf("the peer cannot take over, yet the call ended with %v, not released", err)
 	}
+}
+
+// unconnectedPrimary is a Primary of a temporary directory whose peer
+// never answers.
+func unconnectedPrimary(t *testing.T) *Primary {
+	t.Helper()
+	p, err := NewPrimary(Dir{Name: "data", Path: t.TempDir()}, "127.0.0.1:1", []byte("0123456789abcdef"), 0,
+		slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	return p
 }

@@ -25,15 +25,7 @@ const standbyStallBound = 1500*time.Millisecond + 500*time.Millisecond
 // writer goes on within the bound, without an error; nodeA shows the data
 // link down and runs ALONE; nodeB returns, resyncs, and the copies match.
 func TestSecondaryCrashDoesNotStallPrimary(t *testing.T) {
-	b := duetBinary(t)
-	writer := buildSyncWriter(t, b)
-	l := Up(t, b)
-	l.Start(t, "b")
-	l.Start(t, "a")
-	l.WaitState(t, "a", "PRIM", time.Minute)
-	l.WaitSync(t, time.Minute)
-	w := l.startSyncWriter(t, writer, "a", filepath.Join(l.AData, "log"), "-timing")
-	waitAcked(t, w, 200, 30*time.Second)
+	l, w := standbyLab(t)
 	crashAt := time.Now()
 	if out, err := l.run("crash", "b"); err != nil {
 		t.Fatalf("crash b: %v\n%s", err, out)
@@ -69,15 +61,7 @@ func TestSecondaryCrashDoesNotStallPrimary(t *testing.T) {
 // within the bound without an error, nodeA says why in its status and
 // backs off; once space is freed nodeB catches up and the copies match.
 func TestSecondaryDiskFullDoesNotStallPrimary(t *testing.T) {
-	b := duetBinary(t)
-	writer := buildSyncWriter(t, b)
-	l := Up(t, b)
-	l.Start(t, "b")
-	l.Start(t, "a")
-	l.WaitState(t, "a", "PRIM", time.Minute)
-	l.WaitSync(t, time.Minute)
-	w := l.startSyncWriter(t, writer, "a", filepath.Join(l.AData, "log"), "-timing")
-	waitAcked(t, w, 200, 30*time.Second)
+	l, w := standbyLab(t)
 	fill := filepath.Join(filepath.Dir(l.BData), "fill")
 	filled, err := fillFilesystem(fill)
 	if err != nil {
@@ -121,6 +105,21 @@ func TestSecondaryDiskFullDoesNotStallPrimary(t *testing.T) {
 	l.WaitState(t, "b", "SECOND", time.Minute)
 	l.WaitSync(t, time.Minute)
 	l.Verify(t)
+}
+
+// standbyLab is a pair in sync, nodeA serving, with a writer (-timing)
+// under duet exec on nodeA that has acknowledged 200 records.
+func standbyLab(t *testing.T) (*Lab, *syncWriter) {
+	b := duetBinary(t)
+	writer := buildSyncWriter(t, b)
+	l := Up(t, b)
+	l.Start(t, "b")
+	l.Start(t, "a")
+	l.WaitState(t, "a", "PRIM", time.Minute)
+	l.WaitSync(t, time.Minute)
+	w := l.startSyncWriter(t, writer, "a", filepath.Join(l.AData, "log"), "-timing")
+	waitAcked(t, w, 200, 30*time.Second)
+	return l, w
 }
 
 func buildSyncWriter(t *testing.T, duet string) string {

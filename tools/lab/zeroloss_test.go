@@ -46,12 +46,7 @@ func iterationsFromEnv(def int) int {
 
 func zeroLoss(t *testing.T, mode string, iterations int) {
 	b := duetBinary(t)
-	writer := filepath.Join(filepath.Dir(b), "syncwriter")
-	build := exec.Command("go", "build", "-o", writer, "./tools/syncwriter")
-	build.Dir = repoRoot()
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("building syncwriter: %v\n%s", err, out)
-	}
+	writer := buildSyncWriter(t, b)
 	l := Up(t, b)
 	l.Start(t, "b")
 	l.Start(t, "a")
