@@ -12,7 +12,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"time"
 
 	"github.com/duet-ha/duet/pkg/cluster"
@@ -244,8 +243,9 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 	timeout := n.cfg.Cluster.Timeout
 	var lastCheckMsg string
 	isolation := make(chan struct{}, 1)
-	var witnessFails atomic.Int32
-	var lastWitness time.Time
+	if n.cfg.Cluster.Witness != "" {
+		go n.watchWitness(ctx, isolation)
+	}
 	var mirrorSince time.Time // the preferred peer has been a mirror since
 	// actx is what actions run under; a stopping daemon swaps in one
 	// that lets it hand its role over.
@@ -396,27 +396,48 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 			} else {
 				mirrorSince = time.Time{}
 			}
-			// A serving node without its peer watches the witness: when
-			// it is unreachable too, this node is the isolated one.
-			if m.State.Serving() && !m.Peer.Seen && n.cfg.Cluster.Witness != "" && time.Since(lastWitness) > time.Second {
-				lastWitness = time.Now()
-				go func() {
-					if err := n.pingWitness(); err != nil {
-						if witnessFails.Add(1) >= 2 {
-							n.log.Warn("witness unreachable", "witness", n.cfg.Cluster.Witness, "err", err)
-							select {
-							case isolation <- struct{}{}:
-							default:
-							}
-						}
-					} else {
-						witnessFails.Store(0)
-						n.witnessOK.Store(time.Now().UnixNano())
-						n.wakePrimaries()
-					}
-				}()
-			}
 		}
+	}
+}
+
+// watchWitness pings the witness every second while this node serves
+// without its peer: when it is unreachable too, this node is the isolated
+// one (isolation); when it answers, durability calls held for the lost
+// peer may be released (witnessOK). Its own goroutine, not the cluster
+// loop's: the loop waits for services to start as it takes over, and a
+// service's durability calls at start wait for this answer.
+func (n *Node) watchWitness(ctx context.Context, isolation chan<- struct{}) {
+	t := time.NewTicker(min(n.cfg.Cluster.Interval, 100*time.Millisecond))
+	defer t.Stop()
+	var last time.Time
+	fails := 0
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if m := n.machine.Load(); !m.State.Serving() || m.Peer.Seen {
+			fails = 0
+			continue
+		}
+		if time.Since(last) < time.Second {
+			continue
+		}
+		last = time.Now()
+		if err := n.pingWitness(); err != nil {
+			if fails++; fails >= 2 {
+				n.log.Warn("witness unreachable", "witness", n.cfg.Cluster.Witness, "err", err)
+				select {
+				case isolation <- struct{}{}:
+				default:
+				}
+			}
+			continue
+		}
+		fails = 0
+		n.witnessOK.Store(time.Now().UnixNano())
+		n.wakePrimaries()
 	}
 }
 
@@ -452,6 +473,7 @@ func (n *Node) takeoverChecks(ctx context.Context) (bool, string) {
 		if err != nil {
 			return false, fmt.Sprintf("witness %s unreachable (%v): this node may be the isolated one", w, err)
 		}
+		n.witnessOK.Store(time.Now().UnixNano())
 	}
 	if n.vip != nil {
 		owner, err := n.vip.Probe(300 * time.Millisecond)
