@@ -63,7 +63,10 @@ func TestRestartsThenFails(t *testing.T) {
 	dir := t.TempDir()
 	starts := filepath.Join(dir, "starts")
 	failed := make(chan string, 1)
-	s := svc("flaky", "echo x >>"+starts+"; sleep 0.2")
+	// Up well past settle (200 ms), so that each start counts as done
+	// and each exit as a failure to restart from: a 0.2 s sleep raced the
+	// settle timer, which starts only once the fork returned.
+	s := svc("flaky", "echo x >>"+starts+"; sleep 0.6")
 	s.Restarts = 2
 	st := &Stack{Services: []Service{s}, Log: slog.New(slog.DiscardHandler), Launch: plain, Output: &syncBuf{},
 		Failed: func(name, why string) { failed <- name + ": " + why }}
