@@ -210,11 +210,11 @@ func (b *builder) requeueOnly(f journal.File, why string) {
 		b.requeue = append(b.requeue, f)
 		return
 	}
-	// Not silent: the peer lacks this change until the file changes again
-	// or a resync compares it.
+	// Counted, and warned about by the primary at most every 30 s: the
+	// peer lacks this change until the file changes again or a resync
+	// compares it.
 	b.dropped++
-	b.log.Warn("change dropped after retries: the peer lacks it until the file changes again or a resync (duet resync) compares it",
-		"ino", f.Key.Ino, "retries", f.Retries, "why", why)
+	b.log.Debug("change dropped after retries", "ino", f.Key.Ino, "retries", f.Retries, "why", why)
 }
 
 // reconcile compares directory ino's entries with the shadow and ships the

@@ -86,8 +86,9 @@ type Primary struct {
 	fullSyncs    int
 	fullSyncEnd  uint64 // last batch of the latest full sync
 	dataBytes    uint64
-	dropped      uint64 // changes given up after retries (see maxRetries)
-	refused      string // why the peer refused the last connection\'s batch, until one is acknowledged
+	dropped      uint64    // changes given up after retries (see maxRetries)
+	refused      string    // why the peer refused the last connection\'s batch, until one is acknowledged
+	droppedLog   time.Time // last warning about dropped changes
 	wireBytes    uint64
 	changedBytes uint64
 	records      uint64
@@ -597,6 +598,11 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 		p.building = false
 		p.dataBytes += b.dataRead
 		p.dropped += uint64(b.dropped)
+		if b.dropped > 0 && time.Since(p.droppedLog) > 30*time.Second {
+			p.droppedLog = time.Now()
+			p.Log.Warn("changes given up after retries: the peer lacks them until the files change again or a resync (duet resync) compares them",
+				"total", p.dropped)
+		}
 		for _, f := range requeue {
 			p.j.Requeue(f)
 		}
@@ -774,15 +780,15 @@ func (p *Primary) waitPeer(ctx context.Context, rel Release, done func() bool) e
 		if p.connected && done() {
 			return nil
 		}
-		// A peer that cannot take over does not hold the call, even on a
-		// link that looks alive: frames dropped one way leave a TCP
-		// connection up for minutes.
-		if rel.Now != nil && rel.Now() {
-			return ErrAlone
-		}
 		if p.streamingLocked() {
+			// Streaming: the ack comes. (Released here, a call would
+			// keep the peer out of sync, hence stale, hence releasing:
+			// the peer never became SECOND again under a steady writer.)
 			since = time.Time{}
 		} else {
+			if rel.Now != nil && rel.Now() {
+				return ErrAlone
+			}
 			if rel.After > 0 {
 				if since.IsZero() {
 					since = time.Now()

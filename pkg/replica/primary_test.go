@@ -49,25 +49,6 @@ func TestWaitShippedReleasedAfter(t *testing.T) {
 	}
 }
 
-// A link that looks alive (frames dropped one way: no FIN, no RST) but
-// never acknowledges: once the cluster says the peer cannot take over, the
-// call is released, not held until its deadline (EIO in the node).
-func TestWaitShippedReleasedOnLinkThatLooksAlive(t *testing.T) {
-	p := unconnectedPrimary(t)
-	p.mu.Lock()
-	p.connected, p.needFull = true, false
-	p.added = 1 // a change captured, never shipped
-	p.mu.Unlock()
-	if !p.Streaming() {
-		t.Fatal("the fake link does not count as streaming")
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	if err := p.WaitShipped(ctx, nil, Release{Now: func() bool { return true }}); !errors.Is(err, ErrAlone) {
-		t.Fatalf("the peer cannot take over, yet the call ended with %v, not released", err)
-	}
-}
-
 // unconnectedPrimary is a Primary of a temporary directory whose peer
 // never answers.
 func unconnectedPrimary(t *testing.T) *Primary {
