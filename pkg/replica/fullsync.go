@@ -119,7 +119,11 @@ func typeName(m fs.FileMode) string {
 // renames finds regular files that exist only here and only on the peer
 // with the same size and mtime, in a directory the peer has: renamed while
 // the peer was away. They are renamed on the peer before anything is
-// removed, and then compared like any file.
+// removed, and then compared like any file. Only a match that is one of a
+// kind on both sides counts: files written within one tick of the coarse
+// clock share their mtime, and a guess among them would leave another
+// file's bytes under the new name (a bitmap resync trusts unchanged
+// files); such files are sent whole.
 func (b *builder) renames(local, peer []wire.Entry, pm, lm map[string]*wire.Entry, ts *treeSync) error {
 	type key struct {
 		size  uint64
@@ -136,6 +140,12 @@ func (b *builder) renames(local, peer []wire.Entry, pm, lm map[string]*wire.Entr
 	if len(gone) == 0 {
 		return nil
 	}
+	arrived := map[key]int{} // files only here, by key
+	for i := range local {
+		if l := &local[i]; l.Mode.IsRegular() && pm[l.Path] == nil {
+			arrived[key{l.Size, l.Mtime}]++
+		}
+	}
 	for i := range local {
 		l := &local[i]
 		if !l.Mode.IsRegular() || pm[l.Path] != nil {
@@ -147,11 +157,11 @@ func (b *builder) renames(local, peer []wire.Entry, pm, lm map[string]*wire.Entr
 		}
 		k := key{l.Size, l.Mtime}
 		cands := gone[k]
-		if len(cands) == 0 {
-			continue
+		if len(cands) != 1 || arrived[k] != 1 {
+			continue // none, or ambiguous
 		}
 		from := cands[0]
-		gone[k] = cands[1:]
+		gone[k] = nil
 		if err := b.out.add(&wire.Op{Code: wire.OpRename, Path: from.Path, Path2: l.Path}); err != nil {
 			return err
 		}
