@@ -969,16 +969,16 @@ func (n *Node) barrier(ctx context.Context) string {
 
 // peerCannotTakeOver reports whether the peer can no longer take over with
 // a copy that lacks what this node writes now, so that a durability call
-// the peer did not confirm may be released: the cluster declared the peer
-// lost, this node's heartbeats have announced ALONE since (a peer that
+// the peer did not confirm may be released. Either the cluster declared the
+// peer lost, this node's heartbeats have announced ALONE since (a peer that
 // still hears them marks its copy stale before anything is released) and
-// the witness, if any, answered since (this node is not the cut-off one), or
-// the peer says its copy is stale (a stopped peer is stale as soon as it
-// hears this node serve). While the peer is
-// heard as an up-to-date SECOND, a call the data path cannot confirm is
-// held instead: released, the change could be lost by a takeover. The
-// heartbeats then say the peer is out of sync, it marks its copy stale and
-// says so, and the call is released (or it fails at barrierTimeout).
+// the witness, if any, answered since (this node is not the cut-off one);
+// or the peer says its copy is stale (a stopped peer is stale as soon as it
+// hears this node serve). While the peer is heard as an up-to-date SECOND,
+// a call the data path cannot confirm is held instead: released, the change
+// could be lost by a takeover. The heartbeats then say the peer is out of
+// sync, it marks its copy stale and says so, and the call is released (or
+// it fails at barrierTimeout).
 func (n *Node) peerCannotTakeOver() bool {
 	m := n.machine.Load()
 	if m.State == cluster.Alone {

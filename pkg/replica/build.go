@@ -240,7 +240,7 @@ func (b *builder) reconcile(ino uint64) (bool, error) {
 	}
 	// Known inodes first (renames, links), then new ones: after `mv w
 	// w.old; mkdir w` the peer's w moves away before a new w is made.
-	sort.SliceStable(ents, func(i, j int) bool {
+	sort.Slice(ents, func(i, j int) bool {
 		ki, kj := b.sh.nodes[ents[i].Ino] != nil, b.sh.nodes[ents[j].Ino] != nil
 		if ki != kj {
 			return ki

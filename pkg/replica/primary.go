@@ -87,7 +87,7 @@ type Primary struct {
 	fullSyncEnd  uint64 // last batch of the latest full sync
 	dataBytes    uint64
 	dropped      uint64    // changes given up after retries (see maxRetries)
-	refused      string    // why the peer refused the last connection\'s batch, until one is acknowledged
+	refused      string    // why the peer refused the last connection's batch, until one is acknowledged
 	droppedLog   time.Time // last warning about dropped changes
 	wireBytes    uint64
 	changedBytes uint64

@@ -674,11 +674,11 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 // connection is a new session (the primary compares the trees again
 // instead of resuming after batches whose pages may be lost), and the copy
 // counts as inconsistent (it does not take over) until that resync ends.
+// The caller holds r.mu.
 func (s *Server) distrust(r *replicaState, ms *MetaStore, d Dir) {
 	s.Log.Error("a flush of the replica failed: its progress is forgotten and the next connection resyncs it", "dir", d.Name)
-	r.cmu.Lock()
-	r.session, r.applied, r.partial, r.ops = 0, 0, 0, 0
-	r.cmu.Unlock()
+	r.setProgress(0, 0)
+	r.partial, r.ops = 0, 0
 	if err := r.save(); err != nil {
 		s.Log.Error("saving replica state", "dir", d.Name, "err", err)
 	}
