@@ -199,14 +199,17 @@ static __always_inline int watched(struct inode *inode, __u32 *dev)
 	return 0;
 }
 
+// The mark (or the whole-tree rescan) before the count: userspace reads
+// the count first and then takes the marks, so every loss it counted has
+// its mark by then (a barrier relies on it: docs/DESIGN.md §5).
 static __always_inline void mark_overflow(__u32 dev, __u64 ino)
 {
 	struct inode_key k = { .ino = ino, .dev = dev };
 	__u8 one = 1;
 
-	bump(CTR_LOST);
 	if (bpf_map_update_elem(&overflow, &k, &one, BPF_ANY))
 		bump(CTR_RESCAN);
+	bump(CTR_LOST);
 }
 
 static __always_inline int emit_raw(__u32 dev, __u64 ino, __u32 gen, __u8 kind,

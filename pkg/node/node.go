@@ -121,8 +121,13 @@ type Node struct {
 	metas      []*replica.MetaStore // per directory, as n.dirs
 	// Drain waiters sleep on drained; dispatch wakes them while any wait.
 	drainWaiters atomic.Int32
-	drainMu      sync.Mutex
-	drained      *sync.Cond
+	// overflowMu serializes turning lost records into rescans (the 50 ms
+	// watcher and every barrier); overflowSeen is the lost count handled.
+	overflowMu     sync.Mutex
+	overflowSeen   uint64
+	overflowLogged time.Time
+	drainMu        sync.Mutex
+	drained        *sync.Cond
 	// lastBarrier (unix ns) keeps the capture's eager wake-ups on while
 	// durability calls come in; eager says they are on.
 	lastBarrier atomic.Int64
@@ -537,6 +542,7 @@ func (n *Node) startPrimary(ctx context.Context) error {
 	n.eager.Store(false) // a new capture starts with lazy wake-ups
 	n.serveCancel = func() {}
 	n.dispatched.Store(0)
+	n.overflowSeen = 0
 	n.smu.Unlock()
 	n.releasedAlone.Store(false)
 	n.serveWG.Add(2 + len(primaries))
@@ -546,7 +552,7 @@ func (n *Node) startPrimary(ctx context.Context) error {
 	}()
 	go func() {
 		defer n.serveWG.Done()
-		n.watchOverflow(ctx, c, primaries)
+		n.watchOverflow(ctx, c)
 	}()
 	for _, p := range primaries {
 		go func() {
@@ -707,16 +713,25 @@ func (k kernel) Seq() uint64 {
 	return ctr.Seq
 }
 
-// Drain waits until every record reserved before the call was dispatched:
-// the kernel's sequence counts successful reservations, each of which is
-// submitted and read in turn. Bounded, in case the reader stopped.
+// Drain waits until every record reserved before the call was dispatched
+// and every record lost before it was turned into a rescan: the kernel's
+// sequence counts successful reservations, each of which is submitted and
+// read in turn; a lost record leaves a mark instead, which the barrier
+// must see before it picks its target (the 50 ms watcher alone would let
+// the durability call return before the lost write was shipped). Bounded,
+// in case the reader stopped.
 func (k kernel) Drain() {
 	c := k.capture()
 	if c == nil {
 		return
 	}
 	n := k.n
-	target := k.Seq()
+	ctr, err := c.Counters()
+	if err != nil {
+		return
+	}
+	n.takeOverflow(c, ctr.Lost)
+	target := ctr.Seq
 	if n.dispatched.Load() >= target {
 		return
 	}
@@ -747,12 +762,12 @@ func (n *Node) wakeDrains() {
 	n.drainMu.Unlock()
 }
 
-// watchOverflow turns lost records into rescans: of the inodes the kernel
-// marked, or of whole trees when even the marks overflowed.
-func (n *Node) watchOverflow(ctx context.Context, c *capture.Capture, primaries []*replica.Primary) {
+// watchOverflow turns lost records into rescans when no barrier does:
+// of the inodes the kernel marked, or of whole trees when even the marks
+// overflowed.
+func (n *Node) watchOverflow(ctx context.Context, c *capture.Capture) {
 	t := time.NewTicker(50 * time.Millisecond)
 	defer t.Stop()
-	var lost uint64
 	for {
 		select {
 		case <-ctx.Done():
@@ -765,32 +780,58 @@ func (n *Node) watchOverflow(ctx context.Context, c *capture.Capture, primaries 
 			}
 		}
 		ctr, err := c.Counters()
-		if err != nil || ctr.Lost == lost {
-			continue
-		}
-		lost = ctr.Lost
-		if ctr.Rescan > 0 {
-			n.log.Warn("capture overflow: rescanning every replicated tree", "lost_records", ctr.Lost)
-			c.ResetRescan()
-			for _, p := range primaries {
-				p.RescanAll()
-			}
-		}
-		keys, err := c.TakeOverflow()
 		if err != nil {
 			continue
 		}
-		if len(keys) > 0 {
-			n.log.Warn("capture overflow: rescanning files", "files", len(keys), "lost_records", ctr.Lost)
+		n.takeOverflow(c, ctr.Lost)
+	}
+}
+
+// takeOverflow queues the rescans of records lost up to lost (the
+// kernel's count, read after the marks it covers were made: the BPF code
+// marks before it counts). A mark taken after the count was read is
+// handled now or at the next call.
+func (n *Node) takeOverflow(c *capture.Capture, lost uint64) {
+	n.overflowMu.Lock()
+	defer n.overflowMu.Unlock()
+	if lost == n.overflowSeen {
+		return
+	}
+	n.smu.RLock()
+	primaries := n.primaries
+	n.smu.RUnlock()
+	ctr, err := c.Counters()
+	if err != nil {
+		return
+	}
+	if ctr.Rescan > 0 {
+		n.log.Warn("capture overflow: rescanning every replicated tree", "lost_records", ctr.Lost)
+		if err := c.ResetRescan(); err != nil {
+			n.log.Error("capture overflow: resetting the rescan counter", "err", err)
 		}
-		for _, k := range keys {
-			for _, p := range primaries {
-				if p.Dev == k.Dev {
-					p.Rescan(k)
-				}
+		for _, p := range primaries {
+			p.RescanAll()
+		}
+	}
+	keys, err := c.TakeOverflow()
+	if err != nil {
+		n.log.Error("capture overflow: reading the marks", "err", err)
+		return
+	}
+	if len(keys) > 0 && time.Since(n.overflowLogged) > time.Second {
+		// Under a sustained overflow every barrier gets here: once a
+		// second is enough to say it goes on.
+		n.overflowLogged = time.Now()
+		n.log.Warn("capture overflow: rescanning files", "files", len(keys), "lost_records", ctr.Lost)
+	}
+	for _, k := range keys {
+		for _, p := range primaries {
+			if p.Dev == k.Dev {
+				p.Rescan(k)
 			}
 		}
 	}
+	n.overflowSeen = lost
 }
 
 func (n *Node) listenControl() (net.Listener, error) {

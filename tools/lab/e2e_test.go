@@ -85,6 +85,47 @@ func TestRingOverflowRescan(t *testing.T) {
 	l.Verify(t)
 }
 
+// TestRingOverflowBarrier: a write whose capture record was lost (the
+// ring buffer was full) is on the peer when a later durability call
+// returns. A 4 KiB ring, bursts of 2000 one-record writes, one fdatasync
+// each; the writer stops the primary's daemon (SIGSTOP) the moment the
+// call returns, so the peer's copy is then exactly what the call promised.
+// (The rescan of lost records was left to a 50 ms poller: the call
+// returned before the lost writes were shipped.)
+func TestRingOverflowBarrier(t *testing.T) {
+	l := Up(t, duetBinary(t), "DUET_RING_KIB=4")
+	writer := buildSyncWriter(t, l.Bin)
+	l.Start(t, "b")
+	l.Start(t, "a")
+	lost := uint64(0)
+	for round := 0; round < 3; round++ {
+		l.WaitState(t, "a", "PRIM", time.Minute)
+		l.WaitState(t, "b", "SECOND", time.Minute)
+		l.WaitSync(t, time.Minute)
+		before := l.Status(t, "a").Capture.Lost
+		pid, err := os.ReadFile(filepath.Join(l.Dir, "a.pid"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		name := fmt.Sprintf("burst-%d", round)
+		w := l.startSyncWriter(t, writer, "a", filepath.Join(l.AData, name), "-burst", "2000", "-max", "2000", "-freeze-pid", strings.TrimSpace(string(pid)))
+		acked, last := w.wait(t, "its first fdatasync")
+		got, _ := os.ReadFile(filepath.Join(l.BData, name))
+		l.Signal(t, "a", syscall.SIGCONT)
+		if acked != 2000 {
+			t.Fatalf("round %d: the writer acknowledged %d records, want 2000: %s", round, acked, last)
+		}
+		if m := missingRecords(acked, got); m != 0 {
+			t.Fatalf("round %d: fdatasync returned with %d of 2000 records not on the peer", round, m)
+		}
+		lost += l.Status(t, "a").Capture.Lost - before
+	}
+	if lost == 0 {
+		t.Fatal("no record was lost with a 4 KiB ring buffer: the test did not exercise the overflow path")
+	}
+	t.Logf("3 bursts of 2000 writes + fdatasync: %d capture records lost, every acknowledged record on the peer", lost)
+}
+
 // TestVerifyFindsDifferences makes sure verify is not blind: a change made
 // behind duet's back on the secondary is reported with exit code 1.
 func TestVerifyFindsDifferences(t *testing.T) {

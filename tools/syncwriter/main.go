@@ -10,6 +10,12 @@
 // Modes: fdatasync (write, then fdatasync), dsync (the file is opened with
 // O_DSYNC: write(2) itself is the durability point), msync (records are
 // stored into a shared mapping of the file, then msync(MS_SYNC)).
+//
+// -burst N writes N records, one write(2) each, before each fdatasync: a
+// burst of capture records that can overflow a small ring buffer. With
+// -freeze-pid the writer stops that process (SIGSTOP: the primary's
+// daemon) the moment its first durability call returns, and exits: what
+// the peer holds then is exactly what the call was allowed to promise.
 package main
 
 import (
@@ -32,6 +38,8 @@ func main() {
 	max := flag.Int("max", 1<<30, "stop after this many records")
 	mode := flag.String("mode", "fdatasync", "fdatasync, dsync or msync")
 	timing := flag.Bool("timing", false, "print each record's write+sync time (µs) after its number")
+	burst := flag.Int("burst", 1, "fdatasync mode: records written (one write each) before each fdatasync")
+	freeze := flag.Int("freeze-pid", 0, "SIGSTOP this process as soon as the first durability call returned, and exit")
 	flag.Parse()
 	out := bufio.NewWriter(os.Stdout)
 	start := time.Now()
@@ -44,10 +52,25 @@ func main() {
 		out.Flush()
 		start = time.Now()
 	}
+	// freezeAt stops the process first, then says record i was
+	// acknowledged: the stop comes the moment the call returned.
+	freezeAt := func(i int) {
+		err := unix.Kill(*freeze, unix.SIGSTOP)
+		fmt.Fprintln(out, i)
+		out.Flush()
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "syncwriter: stopping process %d: %v\n", *freeze, err)
+			os.Exit(2)
+		}
+		os.Exit(0)
+	}
 	die := func(code int, format string, a ...any) {
 		out.Flush()
 		fmt.Fprintf(os.Stderr, "syncwriter: "+format+"\n", a...)
 		os.Exit(code)
+	}
+	if *burst < 1 || (*burst > 1 && *mode != "fdatasync") {
+		die(2, "-burst %d: a positive number, with -mode fdatasync only", *burst)
 	}
 	record := func(i int) []byte { return []byte(fmt.Sprintf("%015d\n", i)) }
 	switch *mode {
@@ -65,9 +88,15 @@ func main() {
 				die(1, "write of record %d: %v", i, err)
 			}
 			if *mode == "fdatasync" {
+				if i%*burst != 0 && i != *max {
+					continue
+				}
 				if err := unix.Fdatasync(int(f.Fd())); err != nil {
 					die(1, "fdatasync of record %d: %v", i, err)
 				}
+			}
+			if *freeze != 0 {
+				freezeAt(i)
 			}
 			acked(i)
 		}
