@@ -148,6 +148,9 @@ func TestResyncPlan(t *testing.T) {
 	mk := func(trusted bool, selfSync int64) *Primary {
 		return &Primary{gen: 20, base: 10, dirtyTrusted: trusted, selfSync: selfSync}
 	}
+	stopped := func(savedAt int64) *Primary {
+		return &Primary{gen: 20, base: 10, dirtyTrusted: true, selfSync: savedAt - int64(time.Hour), untracked: savedAt}
+	}
 	tests := []struct {
 		name       string
 		p          *Primary
@@ -164,6 +167,9 @@ func TestResyncPlan(t *testing.T) {
 		{"crashed source, clean replica", mk(false, now), wire.Welcome{Gen: 10, State: wire.CopyConsistent}, "recent", now - margin, 0, false},
 		{"crashed source without a sync point", mk(false, 0), wire.Welcome{Gen: 10, State: wire.CopyConsistent}, "full", 0, 0, false},
 		{"crashed replica without a sync point", mk(true, now), wire.Welcome{Gen: 10, State: wire.CopyDiverged}, "full", 0, 0, false},
+		// The bitmap saved at a clean stop holds nothing of what changed
+		// while duet was stopped: those files are compared.
+		{"cleanly stopped source", stopped(now), wire.Welcome{Gen: 10, State: wire.CopyConsistent}, "bitmap+recent", now - margin, 0, false},
 	}
 	for _, tc := range tests {
 		pl := tc.p.plan(tc.w)

@@ -108,6 +108,7 @@ type Primary struct {
 	dirtyTrusted bool   // the bitmap holds every change the peer's copy of base lacks
 	gen, base    uint64 // this term's generation; the peer copy's the bitmap is relative to
 	selfSync     int64  // this copy's sync point when the term began
+	untracked    int64  // a trusted bitmap's save time: later changes were not captured (0: none)
 	meta         *MetaStore
 	forceAll     bool // the next resync compares everything (duet resync --full)
 	// marks are covered passes not yet durable on the peer: once one is,

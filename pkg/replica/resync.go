@@ -76,6 +76,7 @@ func (p *Primary) BeginTerm(t Term) error {
 	p.term = t
 	m := t.Meta.Get()
 	trusted := false
+	var untracked int64 // changes since were not captured (0: none)
 	base := m.Base
 	if !m.Source {
 		base = m.Gen
@@ -94,6 +95,16 @@ func (p *Primary) BeginTerm(t Term) error {
 		switch {
 		case err == nil && b == m.Base && !d.lost:
 			p.dirty, trusted = d, true
+			// Nothing captured the changes made while duet was
+			// stopped: the files changed since the bitmap was saved
+			// are compared too (by ctime, which a writer cannot set
+			// back as it can the mtime).
+			if fi, serr := os.Stat(t.DirtyPath); serr == nil {
+				untracked = fi.ModTime().UnixNano()
+			} else {
+				trusted = false
+				why = "saved time unknown (" + serr.Error() + "): files changed since the sync point are compared"
+			}
 		case err == nil:
 			why = "stale or incomplete (capture records were lost): files changed since the sync point are compared"
 		case errors.Is(err, os.ErrNotExist):
@@ -113,6 +124,7 @@ func (p *Primary) BeginTerm(t Term) error {
 	}
 	p.mu.Lock()
 	p.gen, p.base, p.dirtyTrusted, p.selfSync, p.meta = gen, base, trusted, m.SyncTime, t.Meta
+	p.untracked = untracked
 	p.mu.Unlock()
 	p.Log.Info("source of the directory", "gen", fmt.Sprintf("%016x", gen), "peer_copy", fmt.Sprintf("%016x", base),
 		"bitmap", why,
@@ -145,6 +157,8 @@ func (p *Primary) plan(w wire.Welcome) resyncPlan {
 			pl.all = true
 		}
 		pl.cutoffS = p.selfSync - margin
+	} else if p.untracked != 0 {
+		pl.cutoffS = p.untracked - margin
 	}
 	if w.State&wire.CopyDiverged != 0 {
 		if w.SyncTime == 0 {
