@@ -22,8 +22,21 @@ import (
 // the test, or fails it when DUET_REQUIRE_STACK is set (CI installs them).
 func stackTools(t *testing.T) map[string]string {
 	t.Helper()
-	found := map[string]string{}
-	var missing []string
+	found, missing := findStackTools()
+	if len(missing) > 0 {
+		msg := fmt.Sprintf("k3s stack tools not installed: %s (apt-get install mariadb-server nfs-ganesha nfs-ganesha-vfs libnfs-utils etcd-client; go install github.com/k3s-io/kine@v0.17.5)",
+			strings.Join(missing, ", "))
+		if os.Getenv("DUET_REQUIRE_STACK") != "" {
+			t.Fatal(msg)
+		}
+		t.Skip(msg)
+	}
+	return found
+}
+
+// findStackTools looks the k3s lab's programs up.
+func findStackTools() (found map[string]string, missing []string) {
+	found = map[string]string{}
 	for _, tool := range []string{"mariadbd", "mariadb-install-db", "mariadb", "ganesha.nfsd", "etcdctl", "nfs-cp", "nfs-ls", "nfs-cat", "kine"} {
 		p, err := exec.LookPath(tool)
 		if err != nil && tool == "kine" {
@@ -41,15 +54,7 @@ func stackTools(t *testing.T) map[string]string {
 		}
 		found[tool] = p
 	}
-	if len(missing) > 0 {
-		msg := fmt.Sprintf("k3s stack tools not installed: %s (apt-get install mariadb-server nfs-ganesha nfs-ganesha-vfs libnfs-utils etcd-client; go install github.com/k3s-io/kine@v0.17.5)",
-			strings.Join(missing, ", "))
-		if os.Getenv("DUET_REQUIRE_STACK") != "" {
-			t.Fatal(msg)
-		}
-		t.Skip(msg)
-	}
-	return found
+	return found, missing
 }
 
 func isExec(p string) bool {
@@ -60,11 +65,22 @@ func isExec(p string) bool {
 const k3sPassword = "lab-Password-0123456789"
 
 // k3sLab brings the lab up with the k3s module on both hosts and nodeA
-// serving the stack. Kubernetes is replaced by a kubectl that logs its
-// arguments (k3s cannot be installed here).
+// serving the stack.
 func k3sLab(t *testing.T) *Lab {
 	tools := stackTools(t)
 	l := Up(t, Binary(t, t.TempDir()))
+	addK3SModule(t, l, tools)
+	l.Start(t, "a")
+	l.Start(t, "b")
+	l.waitServices(t, "a", time.Minute)
+	l.WaitSync(t, 2*time.Minute)
+	return l
+}
+
+// addK3SModule configures the k3s module on both hosts. Kubernetes is
+// replaced by a kubectl that logs its arguments (k3s cannot be installed
+// here).
+func addK3SModule(t *testing.T, l *Lab, tools map[string]string) {
 	pw := filepath.Join(l.Dir, "k3s.password")
 	kubectl := filepath.Join(l.Dir, "kubectl")
 	must(t, os.WriteFile(pw, []byte(k3sPassword+"\n"), 0o600))
@@ -89,11 +105,6 @@ k3s:
   kubectl: %s
 `, data, pw, tools["mariadbd"], tools["mariadb-install-db"], tools["mariadb"], tools["ganesha.nfsd"], tools["kine"], tools["etcdctl"], kubectl))
 	}
-	l.Start(t, "a")
-	l.Start(t, "b")
-	l.waitServices(t, "a", time.Minute)
-	l.WaitSync(t, 2*time.Minute)
-	return l
 }
 
 func must(t *testing.T, err error) {
@@ -109,7 +120,8 @@ func (l *Lab) waitServices(t *testing.T, host string, timeout time.Duration) {
 	deadline := time.Now().Add(timeout)
 	for {
 		s, err := l.TryStatus(host)
-		healthy := err == nil && len(s.Services) == 3
+		// The module's three services, and any others configured.
+		healthy := err == nil && len(s.Services) >= 3
 		for _, sv := range s.Services {
 			healthy = healthy && sv.Healthy
 		}
@@ -180,6 +192,21 @@ func (c *client) outage(kill time.Time) time.Duration {
 		}
 	}
 	return worst
+}
+
+// longestGap is the longest time in [from, to] without a success.
+func (c *client) longestGap(from, to time.Time) time.Duration {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	last, worst := from, time.Duration(0)
+	for _, ok := range c.oks {
+		if ok.Before(from) || ok.After(to) {
+			continue
+		}
+		worst = max(worst, ok.Sub(last))
+		last = ok
+	}
+	return max(worst, to.Sub(last))
 }
 
 func (c *client) successesAfter(t0 time.Time) int {
@@ -358,7 +385,15 @@ func TestK3SStackFailover(t *testing.T) {
 		stop()
 		wg.Wait()
 	}()
-	rng := rand.New(rand.NewSource(time.Now().UnixNano()))
+	seed := time.Now().UnixNano()
+	rng := rand.New(rand.NewSource(seed))
+	// Besides the counters, a history of puts and gets on a few keys,
+	// checked for linearizability at the end.
+	hist := startEtcdHistory(ctx, l, 3, 6, seed)
+	defer func() {
+		stop()
+		hist.wg.Wait()
+	}()
 	p := "a"
 	type result struct {
 		acked, lost map[string]int
@@ -435,6 +470,7 @@ func TestK3SStackFailover(t *testing.T) {
 	t.Logf("swap: the stack moved from %s to %s; no service for %s", nodeName[p], nodeName[to], strings.Join(swapOut, ", "))
 	stop()
 	wg.Wait()
+	hist.check(t)
 	acked, lost := l.check(t, clients)
 	t.Logf("after the swap: etcd %d acknowledged, %d lost; mysql %d, %d lost; nfs %d, %d lost",
 		acked["etcd"], lost["etcd"], acked["mysql"], lost["mysql"], acked["nfs"], lost["nfs"])

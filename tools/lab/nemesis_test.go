@@ -1,6 +1,7 @@
 package lab
 
 import (
+	"context"
 	"crypto/rand"
 	"fmt"
 	mrand "math/rand"
@@ -11,6 +12,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -173,6 +175,17 @@ type nemesis struct {
 	hello  string
 	writer string
 	drops  map[string]*faultnet.Dropper // by host: drops at its ingress
+	stack  *stackLoad                   // nil without the k3s stack
+}
+
+// stackLoad is the k3s stack's clients through the VIP, running for the
+// whole campaign: the etcd, MariaDB and NFS counters and the etcd history.
+type stackLoad struct {
+	clients []*client
+	hist    *etcdHistory
+	gate    sync.RWMutex
+	stop    context.CancelFunc
+	wg      sync.WaitGroup
 }
 
 // nemesisRun is one run: the roles at its start and what it measured.
@@ -188,6 +201,10 @@ type nemesisRun struct {
 	answers int
 	arp     int
 	note    string
+	// The k3s stack's clients: acknowledged entries, those lost, the
+	// longest time without a success from the fault to recovery.
+	stackAcked, stackLost int
+	stackGap              time.Duration
 }
 
 var hostAddr = map[string]netip.Addr{"a": netip.MustParseAddr("10.250.0.1"), "b": netip.MustParseAddr("10.250.0.2")}
@@ -287,8 +304,12 @@ func (n *nemesis) run(i int, kind faultKind) nemesisRun {
 	probe := n.startWatch("probe", "-addr", vipAddr+":8080", "-for", "10m")
 	waitAcked(t, w, 50, 30*time.Second)
 	n.hold(0, 1)
+	t0 := time.Now()
 	kind.inject(n, &r)
 	n.healthy(3 * time.Minute)
+	if n.stack != nil {
+		n.checkStack(&r, t0)
+	}
 	// Standby faults: the writer still runs; others may have ended it.
 	r.acked, r.stall, r.werr = w.stop(t)
 	f := arp.stop(t)
@@ -304,17 +325,98 @@ func (n *nemesis) run(i int, kind faultKind) nemesisRun {
 	return r
 }
 
+// checkStack waits for the stack's services on the serving node and
+// checks that every acknowledged entry is there.
+func (n *nemesis) checkStack(r *nemesisRun, t0 time.Time) {
+	serving := n.l.WaitPrimary(n.t, time.Minute)
+	n.l.waitServices(n.t, serving, 2*time.Minute)
+	deadline := time.Now().Add(time.Minute)
+	for _, c := range n.stack.clients {
+		for c.successesAfter(time.Now().Add(-time.Second)) == 0 {
+			if time.Now().After(deadline) {
+				n.t.Fatalf("%s not served a minute after the services of %s were healthy", c.name, nodeName[serving])
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	now := time.Now()
+	for _, c := range n.stack.clients {
+		r.stackGap = max(r.stackGap, c.longestGap(t0, now))
+	}
+	acked, lost := n.l.check(n.t, n.stack.clients)
+	for name := range acked {
+		r.stackAcked += acked[name]
+		r.stackLost += lost[name]
+	}
+}
+
+// startStack creates the table the MariaDB client writes to and starts the
+// stack's clients.
+func (n *nemesis) startStack(seed int64) {
+	t := n.t
+	n.l.waitServices(t, n.l.WaitPrimary(t, time.Minute), 2*time.Minute)
+	ctx0, cancel0 := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel0()
+	if out, err := n.l.mysql(ctx0, "CREATE TABLE acks (id BIGINT PRIMARY KEY, v VARCHAR(64)) ENGINE=InnoDB"); err != nil {
+		t.Fatalf("creating the table: %v\n%s", err, out)
+	}
+	s := &stackLoad{}
+	ctx, stop := context.WithCancel(context.Background())
+	s.stop = stop
+	s.clients = k3sClients(t, n.l, &s.gate)
+	for _, c := range s.clients {
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			c.run(ctx)
+		}()
+	}
+	s.hist = startEtcdHistory(ctx, n.l, 3, 6, seed)
+	t.Cleanup(func() {
+		stop()
+		s.wg.Wait()
+		s.hist.wg.Wait()
+	})
+	n.stack = s
+}
+
+// nemesisStack says whether the campaign runs the k3s stack: when its
+// programs are installed, or always with DUET_REQUIRE_STACK (CI), unless
+// DUET_NEMESIS_STACK=0.
+func nemesisStack(t *testing.T) map[string]string {
+	if os.Getenv("DUET_NEMESIS_STACK") == "0" {
+		t.Log("nemesis: without the k3s stack (DUET_NEMESIS_STACK=0)")
+		return nil
+	}
+	if os.Getenv("DUET_REQUIRE_STACK") != "" {
+		return stackTools(t)
+	}
+	tools, missing := findStackTools()
+	if len(missing) > 0 {
+		t.Logf("nemesis: without the k3s stack, not installed: %s", strings.Join(missing, ", "))
+		return nil
+	}
+	return tools
+}
+
 func nemesisCampaign(t *testing.T, seed int64, runs int, allKindsOnce bool) {
 	b := duetBinary(t)
 	n := &nemesis{t: t, rng: mrand.New(mrand.NewSource(seed)), writer: buildSyncWriter(t, b)}
+	tools := nemesisStack(t)
 	l, hello := clusterLab(t, false)
 	for _, h := range []string{"a", "b"} {
 		// A resync slow enough for kill-during-resync to hit it.
 		l.AppendConfig(t, h, "resync:\n  rate_mib: 40\n")
 	}
+	if tools != nil {
+		addK3SModule(t, l, tools)
+	}
 	l.Start(t, "b")
 	l.Start(t, "a")
 	n.l, n.hello = l, hello
+	if tools != nil {
+		n.startStack(seed)
+	}
 	n.drops = map[string]*faultnet.Dropper{}
 	for _, h := range []string{"a", "b"} {
 		d, err := faultnet.AttachInNetns("duet-"+h, "eth0")
@@ -340,6 +442,9 @@ func nemesisCampaign(t *testing.T, seed int64, runs int, allKindsOnce bool) {
 		results = append(results, r)
 		line := fmt.Sprintf("run %2d %-26s primary %s: %5d acknowledged, %d lost; longest writer stall %s%s; service gap %s (%d answers); ARP owners at most %d",
 			i, kind.name, nodeName[r.p], r.acked, r.lost, r.stall.Round(time.Millisecond), errLine(r.werr), r.gap.Round(time.Millisecond), r.answers, r.arp)
+		if n.stack != nil {
+			line += fmt.Sprintf("; k3s stack: %d acknowledged, %d lost, no service for %s", r.stackAcked, r.stackLost, r.stackGap.Round(time.Millisecond))
+		}
 		if r.note != "" {
 			line += "; " + r.note
 		}
@@ -360,10 +465,16 @@ func nemesisCampaign(t *testing.T, seed int64, runs int, allKindsOnce bool) {
 			break
 		}
 	}
+	if n.stack != nil {
+		n.stack.stop()
+		n.stack.hist.check(t)
+	}
 	// Summary per fault kind.
 	type agg struct {
 		runs, acked, lost int
 		stall, gap        time.Duration
+		stackLost         int
+		stackGap          time.Duration
 	}
 	by := map[string]*agg{}
 	for _, r := range results {
@@ -377,6 +488,8 @@ func nemesisCampaign(t *testing.T, seed int64, runs int, allKindsOnce bool) {
 		a.lost += r.lost
 		a.stall = max(a.stall, r.stall)
 		a.gap = max(a.gap, r.gap)
+		a.stackLost += r.stackLost
+		a.stackGap = max(a.stackGap, r.stackGap)
 	}
 	var names []string
 	for k := range by {
@@ -385,16 +498,24 @@ func nemesisCampaign(t *testing.T, seed int64, runs int, allKindsOnce bool) {
 	sort.Strings(names)
 	var sum strings.Builder
 	fmt.Fprintf(&sum, "nemesis summary (seed %d, %d runs):\n", seed, len(results))
-	fmt.Fprintf(&sum, "  %-26s %4s %9s %5s %14s %12s\n", "fault", "runs", "acked", "lost", "longest stall", "service gap")
+	fmt.Fprintf(&sum, "  %-26s %4s %9s %5s %14s %12s %10s %10s\n", "fault", "runs", "acked", "lost", "longest stall", "service gap", "k3s lost", "k3s gap")
 	total := agg{}
 	for _, k := range names {
 		a := by[k]
-		fmt.Fprintf(&sum, "  %-26s %4d %9d %5d %14s %12s\n", k, a.runs, a.acked, a.lost, a.stall.Round(time.Millisecond), a.gap.Round(time.Millisecond))
+		stackLost, stackGap := "-", "-"
+		if n.stack != nil {
+			stackLost, stackGap = strconv.Itoa(a.stackLost), a.stackGap.Round(time.Millisecond).String()
+		}
+		fmt.Fprintf(&sum, "  %-26s %4d %9d %5d %14s %12s %10s %10s\n", k, a.runs, a.acked, a.lost, a.stall.Round(time.Millisecond), a.gap.Round(time.Millisecond), stackLost, stackGap)
 		total.runs += a.runs
 		total.acked += a.acked
 		total.lost += a.lost
+		total.stackLost += a.stackLost
 	}
 	fmt.Fprintf(&sum, "  %-26s %4d %9d %5d", "all", total.runs, total.acked, total.lost)
+	if n.stack != nil {
+		fmt.Fprintf(&sum, "; k3s stack: %d acknowledged entries lost", total.stackLost)
+	}
 	t.Log(sum.String())
 }
 

@@ -1,0 +1,122 @@
+package lab
+
+import (
+	"context"
+	"fmt"
+	"math/rand"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/duet-ha/duet/tools/lab/linearize"
+)
+
+// etcdHistory records puts and gets on a few keys of kine through the VIP,
+// by several clients at once, as Jepsen's etcd test does: once the faults
+// are over, the history must be linearizable (tools/lab/linearize). A
+// write acknowledged and then lost by a failover, or a read served from a
+// stale copy, makes it fail; counting acknowledged keys would miss the
+// stale read, and a key rewritten after the loss would hide the loss.
+type etcdHistory struct {
+	l       *Lab
+	keys    int
+	mu      sync.Mutex
+	ops     []linearize.Op
+	unknown int
+	wg      sync.WaitGroup
+}
+
+// linKey is the etcd key of register k.
+func linKey(k int) string { return fmt.Sprintf("/lin/k%d", k) }
+
+// startEtcdHistory starts clients that each issue one operation at a time,
+// a put of a value unique to the client and its count or a get, on a
+// random one of keys registers, until ctx ends.
+func startEtcdHistory(ctx context.Context, l *Lab, clients, keys int, seed int64) *etcdHistory {
+	h := &etcdHistory{l: l, keys: keys}
+	for c := 0; c < clients; c++ {
+		rng := rand.New(rand.NewSource(seed + int64(c)))
+		h.wg.Add(1)
+		go func() {
+			defer h.wg.Done()
+			h.client(ctx, c, rng)
+		}()
+	}
+	return h
+}
+
+func (h *etcdHistory) client(ctx context.Context, id int, rng *rand.Rand) {
+	for n := 0; ctx.Err() == nil; n++ {
+		op := linearize.Op{Client: id, Key: linKey(rng.Intn(h.keys)), Kind: linearize.Get}
+		args := []string{"etcdctl", "--endpoints", "http://" + vipAddr + ":2379", "--dial-timeout", "1s", "--command-timeout", "2s"}
+		if rng.Intn(2) == 0 {
+			op.Kind = linearize.Put
+			op.Value = fmt.Sprintf("c%d-%d", id, n)
+			args = append(args, "put", op.Key, op.Value)
+		} else {
+			args = append(args, "get", op.Key, "--print-value-only")
+		}
+		octx, cancel := context.WithTimeout(ctx, 3*time.Second)
+		op.Call = time.Now()
+		out, err := h.l.ipc(octx, []string{"ETCDCTL_API=3"}, args...)
+		op.Return = time.Now()
+		cancel()
+		got := strings.TrimSpace(string(out))
+		switch {
+		case err != nil:
+			// Timed out, refused or failed: a put may or may not have
+			// been carried out; a get tells nothing.
+			op.Unknown = true
+		case op.Kind == linearize.Put && got != "OK":
+			op.Unknown = true
+		case op.Kind == linearize.Get:
+			op.Output = got
+		}
+		h.mu.Lock()
+		h.ops = append(h.ops, op)
+		if op.Unknown {
+			h.unknown++
+		}
+		h.mu.Unlock()
+		if op.Unknown {
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+}
+
+// check waits for the clients to end (ctx must be done) and checks the
+// history; a history that is not linearizable fails the test, with
+// porcupine's visualization written next to the lab's logs.
+func (h *etcdHistory) check(t *testing.T) {
+	t.Helper()
+	h.wg.Wait()
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	gets, puts := 0, 0
+	for _, op := range h.ops {
+		if op.Unknown {
+			continue
+		}
+		if op.Kind == linearize.Get {
+			gets++
+		} else {
+			puts++
+		}
+	}
+	html := filepath.Join(os.TempDir(), fmt.Sprintf("duet-etcd-history-%d.html", time.Now().UnixNano()))
+	ok, info, err := linearize.Check(h.ops, 3*time.Minute, html)
+	if err != nil {
+		t.Fatalf("etcd history: %v", err)
+	}
+	t.Logf("etcd history through the VIP: %d puts and %d gets acknowledged, %d with an unknown outcome, on %d keys: %s",
+		puts, gets, h.unknown, h.keys, info)
+	if !ok {
+		t.Errorf("etcd history: %s", info)
+	}
+	if puts == 0 || gets == 0 {
+		t.Errorf("etcd history: %d puts and %d gets acknowledged: nothing to check", puts, gets)
+	}
+}
