@@ -105,7 +105,8 @@ func TestProgressLine(t *testing.T) {
 }
 
 func TestPrintStatusResync(t *testing.T) {
-	st := node.Status{Node: "nodeA", State: "PRIM",
+	st := node.Status{Node: "nodeA", State: "PRIM", EventHook: "peer_lost nodeB: done (1 tries)",
+		LostPeer: "nodeB confirmed down, peer_lost done: peer_back owed once it is a mirror again",
 		Dirs: []replica.Status{{Dir: "data", Connected: true, BitmapBytes: 8192, BitmapFiles: 2, BitmapTrusted: true,
 			Resync: replica.ResyncStatus{Active: true, Mode: "bitmap+recent", Phase: "sending", BytesPlanned: 10 << 20, BytesSent: 5 << 20}}},
 		Copies: []node.CopyStatus{{Dir: "data", Gen: "00000000000000ff", Consistent: false, Crashed: true}}}
@@ -114,7 +115,8 @@ func TestPrintStatusResync(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, want := range []string{"modification bitmap: 8.0 KiB in 2 files, trusted", "resync: data [############............]  50% sending",
-		"copy data: generation 00000000000000ff, sync point none yet INCONSISTENT"} {
+		"copy data: generation 00000000000000ff, sync point none yet INCONSISTENT",
+		"hook peer_lost nodeB: done (1 tries)\nlost peer nodeB confirmed down, peer_lost done: peer_back owed"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("status lacks %q:\n%s", want, out.String())
 		}

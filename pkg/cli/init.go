@@ -139,7 +139,9 @@ k3s:
   # mysql_port: 3306
   # nfs_pseudo: /export
   # nfs_grace: 0s          # NFSv4 grace after a takeover (for clients holding locks)
-  # After a takeover from a lost peer, its pods are rescheduled at once:
+  # Once a lost peer is confirmed down (cluster.fence succeeded, or it was
+  # silent for hooks.peer_lost_after, 60s, and Kubernetes sees it NotReady),
+  # its pods are force-deleted and rescheduled here:
   #   kubectl taint nodes PEER node.kubernetes.io/out-of-service=nodeshutdown:NoExecute
   # and the taint is removed once the peer is a mirror again.
   kubectl: {{.Kubectl}}

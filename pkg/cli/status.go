@@ -123,6 +123,9 @@ func printStatus(w io.Writer, st *node.Status, output string) error {
 	if st.EventHook != "" {
 		fmt.Fprintf(w, "hook %s\n", st.EventHook)
 	}
+	if st.LostPeer != "" {
+		fmt.Fprintf(w, "lost peer %s\n", st.LostPeer)
+	}
 	for _, sv := range st.Services {
 		health := "healthy"
 		if !sv.Healthy {

@@ -72,10 +72,25 @@ type Config struct {
 // DUET_PEER (node names) in their environment. A failing hook is retried
 // every 5 s for 10 minutes; it never blocks or undoes a role change.
 type Hooks struct {
-	// PeerLost runs on the serving node when it lost its peer: after it
-	// took over from a lost primary, or when its secondary is lost.
+	// PeerLost runs on the serving node when it lost its peer (it took
+	// over from a lost primary, or its secondary is lost) and that peer
+	// is confirmed down: the fencing command succeeded for this loss, or
+	// the peer has been silent for PeerLostAfter and PeerLostCheck, if
+	// set, succeeds. A peer heard again before that runs nothing: a
+	// restarted daemon or a short link failure is not a node down.
 	PeerLost string `yaml:"peer_lost"`
-	// PeerBack runs once the peer that PeerLost ran for is a mirror again.
+	// PeerLostAfter is how long an unfenced peer must have been silent
+	// (since its last heartbeat) before it can be confirmed down;
+	// default 60s.
+	PeerLostAfter time.Duration `yaml:"peer_lost_after"`
+	// PeerLostCheck, when set, must exit 0 before PeerLost runs for an
+	// unfenced peer; it is tried every 5 s while the peer stays silent.
+	// The k3s module's checks that Kubernetes sees the peer's node
+	// NotReady.
+	PeerLostCheck string `yaml:"peer_lost_check"`
+	// PeerBack runs once the peer that PeerLost ran for is a mirror
+	// again, or serves itself; it is retried until it succeeds, across
+	// restarts of the daemon.
 	PeerBack string `yaml:"peer_back"`
 }
 
@@ -203,6 +218,9 @@ const (
 	DefaultRestarts = 3
 	DefaultMargin   = 30 * time.Second
 	DefaultFailback = 10 * time.Second
+	// DefaultPeerLostAfter is longer than Kubernetes takes to mark a
+	// silent node NotReady (its node monitor grace period, 40-50 s).
+	DefaultPeerLostAfter = 60 * time.Second
 )
 
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
@@ -291,6 +309,9 @@ func (c *Config) defaults() {
 	}
 	if c.Resync.Margin == 0 {
 		c.Resync.Margin = DefaultMargin
+	}
+	if c.Hooks.PeerLostAfter == 0 {
+		c.Hooks.PeerLostAfter = DefaultPeerLostAfter
 	}
 	for i := range c.Services {
 		s := &c.Services[i]
@@ -454,6 +475,11 @@ func (c *Config) validateCluster(bad func(string, ...any)) {
 	if c.VIP == nil && strings.TrimSpace(cl.Fence) == "" {
 		bad("cluster: neither vip nor cluster.fence is set: nothing stops both nodes serving after a network split; " +
 			"set vip (a node takes over only when no host answers its ARP probe for the VIP) or cluster.fence (a command that powers off or isolates the peer)")
+	}
+	// The peer counts as lost only after cluster.timeout; a silence
+	// shorter than that would confirm nothing.
+	if h := c.Hooks.PeerLostAfter; h < cl.Timeout || h > time.Hour {
+		bad("hooks.peer_lost_after %s: must be between cluster.timeout (%s) and 1h; a peer silent that long counts as down (with peer_lost_check passing), e.g. %s", h, cl.Timeout, DefaultPeerLostAfter)
 	}
 	if cl.Witness != "" && net.ParseIP(cl.Witness) == nil {
 		bad("cluster.witness %q: want an IP address (e.g. the default gateway)", cl.Witness)

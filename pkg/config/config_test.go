@@ -35,6 +35,9 @@ func TestParseGood(t *testing.T) {
 		cl.Networks[0] != (Network{Local: "10.250.0.1", Peer: "10.250.0.2"}) || c.Metrics != DefaultMetrics {
 		t.Fatalf("cluster defaults not applied: %+v metrics %q", cl, c.Metrics)
 	}
+	if c.Hooks.PeerLostAfter != DefaultPeerLostAfter {
+		t.Fatalf("hooks.peer_lost_after %s, want the default %s", c.Hooks.PeerLostAfter, DefaultPeerLostAfter)
+	}
 	if c.Replicate[0].Mode != ModeSync || cl.AloneWrites != AloneRelease {
 		t.Fatalf("mode %q, alone_writes %q: want sync and release by default", c.Replicate[0].Mode, cl.AloneWrites)
 	}
@@ -75,6 +78,8 @@ func TestParseErrorsNameTheField(t *testing.T) {
 		{"failback_delay", "node: nodeA", "node: nodeA\ncluster: {failback_delay: -1s}", "cluster.failback_delay -1s"},
 		{"resync margin", "node: nodeA", "node: nodeA\nresync: {margin: -5s}", "resync.margin -5s"},
 		{"resync rate", "node: nodeA", "node: nodeA\nresync: {rate_mib: -1}", "resync.rate_mib -1"},
+		{"peer_lost_after short", "node: nodeA", "node: nodeA\nhooks: {peer_lost_after: 1s}", "hooks.peer_lost_after 1s: must be between cluster.timeout (1.5s) and 1h"},
+		{"peer_lost_after long", "node: nodeA", "node: nodeA\nhooks: {peer_lost_after: 2h}", "hooks.peer_lost_after 2h0m0s: must be between"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -64,9 +64,11 @@ type K3S struct {
 	Etcdctl string `yaml:"etcdctl"`
 
 	// Kubectl runs kubectl (default "k3s kubectl"); "off" leaves
-	// Kubernetes alone. After a takeover from a lost peer the module
-	// taints the peer's Kubernetes node out of service so that its pods
-	// restart here at once; the taint goes when the peer is a mirror again.
+	// Kubernetes alone. Once a lost peer is confirmed down (fenced, or
+	// silent for hooks.peer_lost_after with its Kubernetes node NotReady)
+	// the module taints that node out of service so that Kubernetes
+	// deletes its pods and they restart here; the taint goes when the peer
+	// is a mirror again.
 	Kubectl string `yaml:"kubectl"`
 	// PeerKubeNode is the peer's name in Kubernetes; default its duet name.
 	PeerKubeNode string `yaml:"peer_kube_node"`
@@ -230,6 +232,14 @@ func (k *K3S) expand(c *Config) {
 		}
 		if c.Hooks.PeerLost == "" {
 			c.Hooks.PeerLost = fmt.Sprintf("%s taint nodes %s %s --overwrite", k.Kubectl, node, OutOfServiceTaint)
+		}
+		if c.Hooks.PeerLostCheck == "" {
+			// Kubernetes must answer and see the node NotReady: a node
+			// it still sees Ready is running, and an API that does not
+			// answer confirms nothing.
+			c.Hooks.PeerLostCheck = fmt.Sprintf(`ready=$(%s get node %s -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}') || exit 1; `+
+				`case $ready in False|Unknown) ;; *) echo "the Kubernetes node is Ready=$ready: not confirmed down" >&2; exit 1 ;; esac`,
+				k.Kubectl, node)
 		}
 		if c.Hooks.PeerBack == "" {
 			// Removing a taint that is not there is no error here.

@@ -2,6 +2,7 @@ package config
 
 import (
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -81,7 +82,7 @@ func TestK3SModuleExpands(t *testing.T) {
 	if len(c.Replicate) != 4 || c.Replicate[3].Name != "extra" || len(c.Services) != 3 || c.Services[2].Name != "web" {
 		t.Fatalf("user's directories and services must follow the module's: %+v %+v", c.Replicate, c.Services)
 	}
-	if !strings.Contains(c.Files[0].Content, "Grace_Period = 30;") || c.Hooks.PeerLost != "" {
+	if !strings.Contains(c.Files[0].Content, "Grace_Period = 30;") || c.Hooks.PeerLost != "" || c.Hooks.PeerLostCheck != "" {
 		t.Fatalf("overrides ignored: %s %+v", c.Files[0].Content, c.Hooks)
 	}
 }
@@ -122,5 +123,35 @@ func TestK3SModuleErrors(t *testing.T) {
 	os.WriteFile(filepath.Join(dir, "pw"), []byte("abc'defghijklmnop"), 0o600)
 	if _, err := Parse([]byte(y)); err == nil || !strings.Contains(err.Error(), "12-128 letters") {
 		t.Errorf("password with a quote: %v", err)
+	}
+}
+
+// The module's peer_lost_check confirms a peer down only when Kubernetes
+// answers that its node is NotReady (False or Unknown); a node it sees
+// Ready, or an API that does not answer, confirms nothing.
+func TestK3SPeerLostCheck(t *testing.T) {
+	y, dir := k3sBase(t)
+	kubectl := filepath.Join(dir, "kubectl")
+	c, err := Parse([]byte(y + "  kubectl: " + kubectl + "\n  peer_kube_node: node-a\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name, kubectl string
+		down          bool
+	}{
+		{"NotReady", `[ "$*" = "get node node-a -o jsonpath={.status.conditions[?(@.type==\"Ready\")].status}" ] && echo False`, true},
+		{"unreachable", `echo Unknown`, true},
+		{"Ready", `echo True`, false},
+		{"API down", `echo "connection refused" >&2; exit 1`, false},
+		{"no answer", `exit 0`, false},
+	} {
+		if err := os.WriteFile(kubectl, []byte("#!/bin/sh\n"+tc.kubectl+"\n"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		out, err := exec.Command("sh", "-c", c.Hooks.PeerLostCheck).CombinedOutput()
+		if (err == nil) != tc.down {
+			t.Errorf("%s: check %v (%s), want confirmed down: %v", tc.name, err, out, tc.down)
+		}
 	}
 }

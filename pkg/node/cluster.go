@@ -63,12 +63,20 @@ func (n *Node) loadMachine() (cluster.Machine, error) {
 	return m, nil
 }
 
-// persist saves the machine's lasting part: a temporary file, fsynced,
-// renamed over cluster.json, then the directory fsynced so that the
-// rename survives a power loss too.
+// persist saves the machine's lasting part in cluster.json.
 func (n *Node) persist(m cluster.Machine) error {
-	path := n.statePath()
 	b, _ := json.Marshal(persisted{State: m.State.String(), Epoch: m.Epoch, Stale: m.Stale})
+	if err := writeDurable(n.statePath(), b); err != nil {
+		return fmt.Errorf("saving cluster state: %w", err)
+	}
+	return nil
+}
+
+// writeDurable replaces the file at path with b so that a crash leaves
+// either the old content or the new: a temporary file, fsynced, renamed
+// over path, then the directory fsynced so that the rename survives a
+// power loss too.
+func writeDurable(path string, b []byte) error {
 	tmp := path + ".tmp"
 	f, err := os.Create(tmp)
 	if err == nil {
@@ -87,7 +95,7 @@ func (n *Node) persist(m cluster.Machine) error {
 		err = syncDir(filepath.Dir(path))
 	}
 	if err != nil {
-		return fmt.Errorf("saving cluster state %s: %w (is state_dir writable, with free space?)", path, err)
+		return fmt.Errorf("%s: %w (is state_dir writable, with free space?)", path, err)
 	}
 	return nil
 }
@@ -325,12 +333,18 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 			}
 			n.wakePrimaries()
 		}
-		// peer_lost: this node serves and the peer it had is gone (it
-		// took over from a lost primary, or its secondary was lost).
+		// This node serves and the peer it had is gone (it took over
+		// from a lost primary, or its secondary was lost): peer_lost
+		// once the peer is confirmed down. A takeover's checks ran the
+		// fencing command, if one is configured, and it succeeded.
 		tookOver := ev.Kind == cluster.EvChecked && prev.State == cluster.Second && m.State.Serving()
 		lostSecond := ev.Kind == cluster.EvPeerLost && prev.State.Serving() && prev.Peer.Seen && m.State.Serving()
 		if (tookOver || lostSecond) && prev.Peer.Name != "" {
-			n.hooks.peerLost(prev.Peer.Name)
+			since := time.Now()
+			if t := n.lastHeartbeat.Load(); t != 0 {
+				since = time.Unix(0, t)
+			}
+			n.hooks.lost(prev.Peer.Name, since, tookOver && n.cfg.Cluster.Fence != "")
 		}
 		if reply == "" {
 			reply = "ok: " + m.State.String()
@@ -376,9 +390,11 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 			} else if !m.Peer.Seen && time.Since(start) > timeout {
 				apply(cluster.Event{Kind: cluster.EvTick})
 			}
-			if m.State == cluster.Prim && m.Peer.Seen && m.Peer.State == cluster.Second && n.hooks.pending() && n.peerSynced() {
-				n.hooks.peerBack()
-			}
+			// peerSynced is asked only when a peer_back is owed: it may
+			// drain the capture.
+			back := m.Peer.Seen && (m.Peer.State.Serving() ||
+				m.State == cluster.Prim && m.Peer.State == cluster.Second && n.hooks.owed() && n.peerSynced())
+			n.hooks.tick(peerView{now: time.Now(), serving: m.State.Serving(), heard: m.Peer.Seen, back: back})
 			// Failback: the preferred node is back and a mirror; after
 			// failback_delay of that, hand the role back to it.
 			if pref := n.cfg.Cluster.Prefer; pref != "" && m.State == cluster.Prim && m.Peer.Name == pref &&

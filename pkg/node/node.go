@@ -59,10 +59,13 @@ type Status struct {
 	// Copies is what this node knows of its copy of each directory.
 	Copies []CopyStatus `json:"copies,omitempty"`
 	InSync bool         `json:"in_sync"`
-	// Module is the configured module; EventHook the last peer_lost or
-	// peer_back hook and how it went.
+	// Module is the configured module; EventHook the last peer_lost,
+	// peer_lost_check or peer_back command and how it went; LostPeer
+	// where the hooks stand with a lost peer (not confirmed down yet,
+	// or peer_lost run and peer_back owed).
 	Module    string `json:"module,omitempty"`
 	EventHook string `json:"event_hook,omitempty"`
+	LostPeer  string `json:"lost_peer,omitempty"`
 }
 
 // CopyStatus is one directory's copy on this node (see replica.Meta).
@@ -178,7 +181,7 @@ type Node struct {
 	heartbeats    atomic.Uint64
 	badHeartbeats atomic.Uint64
 	missed        atomic.Uint64
-	hooks         hooks
+	hooks         *hooks
 }
 
 // Run starts the daemon and blocks until ctx ends.
@@ -190,7 +193,6 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	n := &Node{cfg: cfg, log: log, key: key, events: make(chan cluster.Event, 64), cmds: make(chan command),
 		hbKick: make(chan struct{}, 1)}
 	n.drained = sync.NewCond(&n.drainMu)
-	n.hooks.n = n
 	for i, r := range cfg.Replicate {
 		n.dirs = append(n.dirs, replica.Dir{Name: r.Name, Path: r.Path})
 		dev, err := checkTree(i, r.Path)
@@ -201,6 +203,9 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	}
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("state_dir %q: %w", cfg.StateDir, err)
+	}
+	if n.hooks, err = newHooks(cfg, log); err != nil {
+		return err
 	}
 	for _, f := range cfg.Files {
 		if err := writeFile(f.Path, f.Content); err != nil {
@@ -1176,7 +1181,8 @@ func (n *Node) Status() Status {
 		}
 		s.Copies = append(s.Copies, cs)
 	}
-	s.Module, s.EventHook = n.cfg.Module, n.hooks.status()
+	s.Module = n.cfg.Module
+	s.EventHook, s.LostPeer = n.hooks.status()
 	if !m.State.Serving() {
 		for _, d := range n.cfg.Replicate {
 			st := n.server.Stats(d.Name)

@@ -79,12 +79,15 @@ func k3sLab(t *testing.T) *Lab {
 
 // addK3SModule configures the k3s module on both hosts. Kubernetes is
 // replaced by a kubectl that logs its arguments (k3s cannot be installed
-// here).
+// here) and answers the hooks' `get node` with Unknown, as Kubernetes does
+// for a node whose kubelet went silent; peer_lost_after is short so that
+// the taint comes within a run.
 func addK3SModule(t *testing.T, l *Lab, tools map[string]string) {
 	pw := filepath.Join(l.Dir, "k3s.password")
 	kubectl := filepath.Join(l.Dir, "kubectl")
 	must(t, os.WriteFile(pw, []byte(k3sPassword+"\n"), 0o600))
-	must(t, os.WriteFile(kubectl, []byte("#!/bin/sh\necho \"$DUET_NODE $*\" >> "+filepath.Join(l.Dir, "kubectl.log")+"\n"), 0o755))
+	must(t, os.WriteFile(kubectl, []byte("#!/bin/sh\necho \"$DUET_NODE $*\" >> "+filepath.Join(l.Dir, "kubectl.log")+
+		"\ncase $1 in get) echo Unknown ;; esac\n"), 0o755))
 	for _, h := range []string{"a", "b"} {
 		data := filepath.Join(l.Dir, h, "k3s")
 		for _, d := range []string{"mysql", "nfs", "nfs-state"} {
@@ -103,6 +106,8 @@ k3s:
   kine_bin: %s
   etcdctl: %s
   kubectl: %s
+hooks:
+  peer_lost_after: 3s
 `, data, pw, tools["mariadbd"], tools["mariadb-install-db"], tools["mariadb"], tools["ganesha.nfsd"], tools["kine"], tools["etcdctl"], kubectl))
 	}
 }
@@ -436,7 +441,8 @@ func TestK3SStackFailover(t *testing.T) {
 		if t.Failed() {
 			t.FailNow()
 		}
-		// The lost node's Kubernetes node was taken out of service.
+		// The lost node's Kubernetes node was taken out of service,
+		// once silent for peer_lost_after and NotReady.
 		l.waitKubectl(t, nodeName[s]+" taint nodes "+nodeName[p]+" node.kubernetes.io/out-of-service=nodeshutdown:NoExecute --overwrite")
 		// The old primary returns (as after a reboot), resyncs, mirrors.
 		l.run("revive", p)
