@@ -150,7 +150,8 @@ func filter() []unix.SockFilter {
 }
 
 // RunChild is the child side: install the filter on this thread, send the
-// listener to the parent on fd 3, exec args. It returns only on error.
+// listener to the parent on fd 3, exec args (or, with GroupEnv, run them
+// as a child: runGroup). It returns only on error.
 func RunChild(args []string) error {
 	if len(args) == 0 {
 		return errors.New("no command to run")
@@ -177,6 +178,10 @@ func RunChild(args []string) error {
 	}
 	unix.Close(int(fd))
 	unix.Close(3)
+	if sup, ok := os.LookupEnv(GroupEnv); ok {
+		os.Unsetenv(GroupEnv)
+		return runGroup(path, args, sup)
+	}
 	return unix.Exec(path, args, os.Environ())
 }
 

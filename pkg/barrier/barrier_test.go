@@ -28,6 +28,9 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, RunChild(args))
 		os.Exit(127)
 	}
+	if s := os.Getenv("DUET_BARRIER_SUPERVISOR"); s != "" {
+		os.Exit(supervisorHelper(s))
+	}
 	if h := os.Getenv("DUET_BARRIER_HELPER"); h != "" {
 		os.Exit(helper(h))
 	}

@@ -284,8 +284,17 @@ func (c *Capture) SetEagerWake(on bool) error {
 	return c.objs.EAGER_WAKE.Set(v)
 }
 
-// Buffered reports the bytes waiting in the ring buffer.
-func (c *Capture) Buffered() int { return c.reader.AvailableBytes() }
+// Buffered reports the bytes waiting in the ring buffer; 0 once closed
+// (duet status may ask while the node leaves the primary role: the closed
+// reader's ring is gone, and reading it crashed the daemon).
+func (c *Capture) Buffered() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed || c.reader == nil {
+		return 0
+	}
+	return c.reader.AvailableBytes()
+}
 
 func decodeRecord(b []byte, r *Record) error {
 	if len(b) < recordSize {

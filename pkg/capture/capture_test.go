@@ -186,3 +186,21 @@ func TestChunkCoalescing(t *testing.T) {
 		t.Fatalf("scattered writes reported as %v, want exactly %v", scattered, want)
 	}
 }
+
+// duet status asks for the ring's fill while the node may be leaving the
+// primary role: a closed capture answers 0 (it dereferenced the closed
+// reader's ring, a nil pointer, and the daemon died; the nemesis saw it).
+func TestBufferedAfterClose(t *testing.T) {
+	loopfs.RequireRoot(t)
+	c, err := Open(Options{})
+	if err != nil {
+		t.Fatalf("Open: %v", err)
+	}
+	if n := c.Buffered(); n != 0 {
+		t.Errorf("a new ring holds %d bytes", n)
+	}
+	c.Close()
+	if n := c.Buffered(); n != 0 {
+		t.Errorf("a closed capture reports %d bytes waiting", n)
+	}
+}
