@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -87,8 +88,8 @@ func TestRingOverflowRescan(t *testing.T) {
 
 // TestRingOverflowBarrier: a write whose capture record was lost (the
 // ring buffer was full) is on the peer when a later durability call
-// returns. A 4 KiB ring, bursts of 2000 one-record writes, one fdatasync
-// each; the writer stops the primary's daemon (SIGSTOP) the moment the
+// returns. A 4 KiB ring, bursts of 300 writes each in its own 64 KiB
+// chunk (one capture record each), one fdatasync per burst; the writer stops the primary's daemon (SIGSTOP) the moment the
 // call returns, so the peer's copy is then exactly what the call promised.
 // (The rescan of lost records was left to a 50 ms poller: the call
 // returned before the lost writes were shipped.)
@@ -97,8 +98,11 @@ func TestRingOverflowBarrier(t *testing.T) {
 	writer := buildSyncWriter(t, l.Bin)
 	l.Start(t, "b")
 	l.Start(t, "a")
+	// Small bursts: the barrier must be quicker than the 50 ms watcher
+	// for the test to see a write left out of it.
+	const rounds, burst = 10, 300
 	lost := uint64(0)
-	for round := 0; round < 3; round++ {
+	for round := 0; round < rounds; round++ {
 		l.WaitState(t, "a", "PRIM", time.Minute)
 		l.WaitState(t, "b", "SECOND", time.Minute)
 		l.WaitSync(t, time.Minute)
@@ -108,22 +112,29 @@ func TestRingOverflowBarrier(t *testing.T) {
 			t.Fatal(err)
 		}
 		name := fmt.Sprintf("burst-%d", round)
-		w := l.startSyncWriter(t, writer, "a", filepath.Join(l.AData, name), "-burst", "2000", "-max", "2000", "-freeze-pid", strings.TrimSpace(string(pid)))
+		w := l.startSyncWriter(t, writer, "a", filepath.Join(l.AData, name), "-burst", strconv.Itoa(burst), "-max", strconv.Itoa(burst), "-stride", "65536", "-freeze-pid", strings.TrimSpace(string(pid)))
 		acked, last := w.wait(t, "its first fdatasync")
 		got, _ := os.ReadFile(filepath.Join(l.BData, name))
 		l.Signal(t, "a", syscall.SIGCONT)
-		if acked != 2000 {
-			t.Fatalf("round %d: the writer acknowledged %d records, want 2000: %s", round, acked, last)
+		if acked != burst {
+			t.Fatalf("round %d: the writer acknowledged %d records, want %d: %s", round, acked, burst, last)
 		}
-		if m := missingRecords(acked, got); m != 0 {
-			t.Fatalf("round %d: fdatasync returned with %d of 2000 records not on the peer", round, m)
+		missing := 0
+		for n := 1; n <= acked; n++ {
+			off := (n - 1) << 16
+			if off+16 > len(got) || string(got[off:off+16]) != fmt.Sprintf("%015d\n", n) {
+				missing++
+			}
+		}
+		if m := missing; m != 0 {
+			t.Fatalf("round %d: fdatasync returned with %d of %d records not on the peer", round, m, burst)
 		}
 		lost += l.Status(t, "a").Capture.Lost - before
 	}
 	if lost == 0 {
 		t.Fatal("no record was lost with a 4 KiB ring buffer: the test did not exercise the overflow path")
 	}
-	t.Logf("3 bursts of 2000 writes + fdatasync: %d capture records lost, every acknowledged record on the peer", lost)
+	t.Logf("%d bursts of %d writes + fdatasync: %d capture records lost, every acknowledged record on the peer", rounds, burst, lost)
 }
 
 // TestVerifyFindsDifferences makes sure verify is not blind: a change made

@@ -390,6 +390,19 @@ func TestK3SStackFailover(t *testing.T) {
 		stop()
 		wg.Wait()
 	}()
+	// A restart of the standby's daemon, clean (systemctl restart) and
+	// after a crash of the daemon alone: its host never went down, so
+	// nothing may taint it, even past peer_lost_after.
+	l.Stop(t, "b")
+	l.Start(t, "b")
+	l.WaitState(t, "b", "SECOND", time.Minute)
+	l.Kill(t, "b")
+	l.Start(t, "b")
+	l.WaitState(t, "b", "SECOND", time.Minute)
+	time.Sleep(5 * time.Second)
+	if b, _ := os.ReadFile(filepath.Join(l.Dir, "kubectl.log")); strings.Contains(string(b), "taint") {
+		t.Fatalf("restarts of nodeB's daemon tainted it:\n%s", b)
+	}
 	seed := time.Now().UnixNano()
 	rng := rand.New(rand.NewSource(seed))
 	// Besides the counters, a history of puts and gets on a few keys,

@@ -39,6 +39,7 @@ func main() {
 	mode := flag.String("mode", "fdatasync", "fdatasync, dsync or msync")
 	timing := flag.Bool("timing", false, "print each record's write+sync time (µs) after its number")
 	burst := flag.Int("burst", 1, "fdatasync mode: records written (one write each) before each fdatasync")
+	stride := flag.Int64("stride", 0, "fdatasync mode: write record i at offset (i-1)*stride (each in its own 64 KiB chunk with 65536: one capture record per write) instead of appending")
 	freeze := flag.Int("freeze-pid", 0, "SIGSTOP this process as soon as the first durability call returned, and exit")
 	flag.Parse()
 	out := bufio.NewWriter(os.Stdout)
@@ -72,10 +73,16 @@ func main() {
 	if *burst < 1 || (*burst > 1 && *mode != "fdatasync") {
 		die(2, "-burst %d: a positive number, with -mode fdatasync only", *burst)
 	}
+	if *stride < 0 || (*stride > 0 && (*mode != "fdatasync" || *stride < recordSize)) {
+		die(2, "-stride %d: at least %d, with -mode fdatasync only", *stride, recordSize)
+	}
 	record := func(i int) []byte { return []byte(fmt.Sprintf("%015d\n", i)) }
 	switch *mode {
 	case "fdatasync", "dsync":
-		flags := os.O_WRONLY | os.O_CREATE | os.O_APPEND
+		flags := os.O_WRONLY | os.O_CREATE
+		if *stride == 0 {
+			flags |= os.O_APPEND
+		}
 		if *mode == "dsync" {
 			flags |= unix.O_DSYNC
 		}
@@ -84,7 +91,13 @@ func main() {
 			die(2, "%v", err)
 		}
 		for i := 1; i <= *max; i++ {
-			if _, err := f.Write(record(i)); err != nil {
+			var err error
+			if *stride > 0 {
+				_, err = f.WriteAt(record(i), int64(i-1)**stride)
+			} else {
+				_, err = f.Write(record(i))
+			}
+			if err != nil {
 				die(1, "write of record %d: %v", i, err)
 			}
 			if *mode == "fdatasync" {
