@@ -138,7 +138,7 @@ k3s:
   password_file: {{.PasswordFile}}   # the same on both nodes
   # mysql_port: 3306
   # nfs_pseudo: /export
-  # nfs_grace: 0s          # NFSv4 grace after a takeover (for clients holding locks)
+  # nfs_grace: 0s          # NFSv4 grace after a takeover (for clients holding locks): 0 or 5s-180s
   # After a takeover from a lost peer, its pods are rescheduled at once:
   #   kubectl taint nodes PEER node.kubernetes.io/out-of-service=nodeshutdown:NoExecute
   # and the taint is removed once the peer is a mirror again.
