@@ -56,7 +56,8 @@ type run struct {
 // acknowledged. It returns the problems found, each naming the line or
 // the run, and a summary of the runs for the test's log. The file is a
 // sequence of runs: "start RUN R", then R+1, R+2, … one value a line,
-// a value written twice when its first write reported an error.
+// a value written twice when its first write reported an error. A last
+// line without its newline was being written when the file was read.
 func Check(counter io.Reader, acks Acks) (problems []string, summary string, err error) {
 	b, err := io.ReadAll(counter)
 	if err != nil {
@@ -71,10 +72,10 @@ func Check(counter io.Reader, acks Acks) (problems []string, summary string, err
 	// ackedMax is the highest value acknowledged by the runs before the
 	// current one, ackedBy the run that did.
 	ackedMax, ackedBy := 0, ""
+	// The last element is "" after a final newline, or a line read while
+	// the counter was writing it: ignored either way.
 	lines := strings.Split(string(b), "\n")
-	if lines[len(lines)-1] == "" {
-		lines = lines[:len(lines)-1]
-	}
+	lines = lines[:len(lines)-1]
 	for i, line := range lines {
 		n := i + 1
 		f := strings.Fields(line)

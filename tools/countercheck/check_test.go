@@ -106,6 +106,11 @@ func TestCheck(t *testing.T) {
 			problem: "run a acknowledged 4 values up to 4, but its start record is not in the file: all lost",
 		},
 		{
+			name: "good: a last line being written when the file was read",
+			file: counterFile(start("a 0"), values(1, 12)) + "1",
+			acks: []string{acksLog("a", 0, 1, 12)},
+		},
+		{
 			name:    "a line that is neither",
 			file:    counterFile(start("a 0"), values(1, 2)) + "3 torn\n" + counterFile(values(3, 4)),
 			problem: `line 4: "3 torn" is neither "start RUN N" nor a value`,
