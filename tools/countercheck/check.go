@@ -82,7 +82,7 @@ func Check(counter io.Reader, acks Acks) (problems []string, summary string, err
 		switch {
 		case len(f) == 3 && f[0] == "start" && number(f[2]) >= 0:
 			name, resume := f[1], number(f[2])
-			cur := (*run)(nil)
+			var cur *run
 			if len(runs) > 0 {
 				cur = runs[len(runs)-1]
 			}
