@@ -128,8 +128,10 @@ vip:
 # the NFS export (persistent volumes), and runs on the primary, in order:
 # MariaDB (every commit is fsynced: innodb_flush_log_at_trx_commit=1,
 # innodb_flush_method=fsync; each fsync waits until the peer has the
-# data) and nfs-ganesha (NFSv4, VFS FSAL). K3S runs on both nodes with
-#   --datastore-endpoint 'mysql://kine:PASSWORD@tcp({{.VIPAddr}}:3306)/kine' --tls-san {{.VIPAddr}}
+# data) and nfs-ganesha (NFSv4, VFS FSAL). K3S runs on both nodes as a
+# server with --tls-san {{.VIPAddr}}, the same token (K3S_TOKEN) and, in
+# its environment rather than on its command line (which ps shows),
+#   K3S_DATASTORE_ENDPOINT='mysql://kine:PASSWORD@tcp({{.VIPAddr}}:3306)/kine'
 # and volumes come from nfs-subdir-external-provisioner with server
 # {{.VIPAddr}} and path /export.
 module: k3s
@@ -138,14 +140,14 @@ k3s:
   password_file: {{.PasswordFile}}   # the same on both nodes
   # mysql_port: 3306
   # nfs_pseudo: /export
-  # nfs_grace: 0s          # NFSv4 grace after a takeover (for clients holding locks)
+  # nfs_grace: 0s          # NFSv4 grace after a takeover (for clients holding locks): 0 or 5s-180s
   # Once a lost peer is confirmed down (cluster.fence succeeded, or it was
   # silent for hooks.peer_lost_after, 60s, and Kubernetes sees it NotReady),
   # its pods are force-deleted and rescheduled here:
   #   kubectl taint nodes PEER node.kubernetes.io/out-of-service=nodeshutdown:NoExecute
   # and the taint is removed once the peer is a mirror again.
   kubectl: {{.Kubectl}}
-  # peer_kube_node: {{.Peer.Name}}   # the peer's Kubernetes node name, if not its duet name
+  # peer_kube_node: {{.Peer.Name}}   # the peer's Kubernetes node name, if not its duet name (K3S lower-cases names)
 
 metrics: 127.0.0.1:9788
 `))

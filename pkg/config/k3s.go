@@ -50,7 +50,8 @@ type K3S struct {
 	// NFSPort is the NFS server's port (default 2049); NFSPseudo the path
 	// clients mount (default /export); NFSGrace the NFSv4 grace period
 	// after a takeover, during which clients reclaim their locks and no
-	// new ones are granted (default 0: none, see the docs).
+	// new ones are granted (default 0: none, see the docs; at most
+	// MaxNFSGrace).
 	NFSPort   int           `yaml:"nfs_port"`
 	NFSPseudo string        `yaml:"nfs_pseudo"`
 	NFSGrace  time.Duration `yaml:"nfs_grace"`
@@ -80,6 +81,10 @@ const (
 	DefaultMySQLPort  = 3306
 	DefaultNFSPort    = 2049
 	OutOfServiceTaint = "node.kubernetes.io/out-of-service=nodeshutdown:NoExecute"
+	// MaxNFSGrace is the longest grace period ganesha accepts
+	// (NFSV4.Grace_Period is 0-180 s): past it ganesha refuses its
+	// configuration and the NFS service would not start on any takeover.
+	MaxNFSGrace = 180 * time.Second
 )
 
 var (
@@ -159,8 +164,8 @@ func (k *K3S) validate(bad func(string, ...any)) {
 	if !strings.HasPrefix(k.NFSPseudo, "/") || strings.ContainsAny(k.NFSPseudo, " \t\n\";{}") {
 		bad("k3s.nfs_pseudo %q: an absolute path without spaces, quotes or braces, e.g. /export", k.NFSPseudo)
 	}
-	if k.NFSGrace < 0 || (k.NFSGrace > 0 && k.NFSGrace < 5*time.Second) || k.NFSGrace > 10*time.Minute {
-		bad("k3s.nfs_grace %s: 0 (no grace period) or between 5s and 10m", k.NFSGrace)
+	if k.NFSGrace < 0 || (k.NFSGrace > 0 && k.NFSGrace < 5*time.Second) || k.NFSGrace > MaxNFSGrace {
+		bad("k3s.nfs_grace %s: 0 (no grace period) or between 5s and %.0fs (the most nfs-ganesha accepts)", k.NFSGrace, MaxNFSGrace.Seconds())
 	}
 	if k.Kine != "" {
 		if _, port, err := net.SplitHostPort(k.Kine); err != nil || port == "" {
