@@ -147,7 +147,7 @@ k3s:
   #   kubectl taint nodes PEER node.kubernetes.io/out-of-service=nodeshutdown:NoExecute
   # and the taint is removed once the peer is a mirror again.
   kubectl: {{.Kubectl}}
-  # peer_kube_node: {{.Peer.Name}}   # the peer's Kubernetes node name, if not its duet name (K3S lower-cases names)
+  # peer_kube_node: {{.Peer.Name}}   # the peer's Kubernetes node name, if not its duet name in lower case
 
 metrics: 127.0.0.1:9788
 `))

@@ -71,7 +71,8 @@ type K3S struct {
 	// deletes its pods and they restart here; the taint goes when the peer
 	// is a mirror again.
 	Kubectl string `yaml:"kubectl"`
-	// PeerKubeNode is the peer's name in Kubernetes; default its duet name.
+	// PeerKubeNode is the peer's name in Kubernetes; default its duet
+	// name in lower case, as K3S names a node after its hostname.
 	PeerKubeNode string `yaml:"peer_kube_node"`
 }
 
@@ -231,7 +232,9 @@ func (k *K3S) expand(c *Config) {
 	}
 	c.Services = append(svcs, c.Services...)
 	if k.Kubectl != "off" {
-		node := `"$DUET_PEER"`
+		// K3S names a node after its hostname in lower case (nodeB
+		// registers as nodeb): tainting "nodeB" would fail for good.
+		node := `"$(printf %s "$DUET_PEER" | tr '[:upper:]' '[:lower:]')"`
 		if k.PeerKubeNode != "" {
 			node = shq(k.PeerKubeNode)
 		}

@@ -65,7 +65,7 @@ func TestK3SModuleExpands(t *testing.T) {
 		!strings.Contains(c.Files[0].Content, "Graceless = true") || !strings.Contains(c.Files[0].Content, "Protocols = 4") {
 		t.Fatalf("ganesha config: %+v", c.Files)
 	}
-	if !strings.Contains(c.Hooks.PeerLost, `k3s kubectl taint nodes "$DUET_PEER" node.kubernetes.io/out-of-service=nodeshutdown:NoExecute`) ||
+	if !strings.Contains(c.Hooks.PeerLost, `k3s kubectl taint nodes "$(printf %s "$DUET_PEER" | tr '[:upper:]' '[:lower:]')" node.kubernetes.io/out-of-service=nodeshutdown:NoExecute`) ||
 		!strings.Contains(c.Hooks.PeerBack, "node.kubernetes.io/out-of-service-") {
 		t.Fatalf("hooks: %+v", c.Hooks)
 	}
@@ -184,5 +184,33 @@ func TestK3SPeerLostCheck(t *testing.T) {
 		if (err == nil) != tc.down {
 			t.Errorf("%s: check %v (%s), want confirmed down: %v", tc.name, err, out, tc.down)
 		}
+	}
+}
+
+// K3S registers nodeB as "nodeb": the hooks taint and untaint that name
+// (tainting "nodeB" failed for good: no such node).
+func TestK3SHooksUseLowerCaseNodeName(t *testing.T) {
+	y, dir := k3sBase(t)
+	kubectl := filepath.Join(dir, "kubectl")
+	log := filepath.Join(dir, "kubectl.log")
+	if err := os.WriteFile(kubectl, []byte("#!/bin/sh\necho \"$*\" >> "+log+"\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	c, err := Parse([]byte(y + "  kubectl: " + kubectl + "\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, hook := range []string{c.Hooks.PeerLost, c.Hooks.PeerBack} {
+		cmd := exec.Command("sh", "-c", hook)
+		cmd.Env = append(os.Environ(), "DUET_PEER=nodeB")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("hook %q: %v\n%s", hook, err, out)
+		}
+	}
+	b, _ := os.ReadFile(log)
+	want := "taint nodes nodeb node.kubernetes.io/out-of-service=nodeshutdown:NoExecute --overwrite\n" +
+		"taint nodes nodeb node.kubernetes.io/out-of-service-\n"
+	if string(b) != want {
+		t.Fatalf("kubectl ran:\n%s\nwant:\n%s", b, want)
 	}
 }

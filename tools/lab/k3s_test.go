@@ -456,12 +456,12 @@ func TestK3SStackFailover(t *testing.T) {
 		}
 		// The lost node's Kubernetes node was taken out of service,
 		// once silent for peer_lost_after and NotReady.
-		l.waitKubectl(t, nodeName[s]+" taint nodes "+nodeName[p]+" node.kubernetes.io/out-of-service=nodeshutdown:NoExecute --overwrite")
+		l.waitKubectl(t, nodeName[s]+" taint nodes "+strings.ToLower(nodeName[p])+" node.kubernetes.io/out-of-service=nodeshutdown:NoExecute --overwrite")
 		// The old primary returns (as after a reboot), resyncs, mirrors.
 		l.run("revive", p)
 		l.Start(t, p)
 		l.WaitState(t, p, "SECOND", 2*time.Minute)
-		l.waitKubectl(t, nodeName[s]+" taint nodes "+nodeName[p]+" node.kubernetes.io/out-of-service-")
+		l.waitKubectl(t, nodeName[s]+" taint nodes "+strings.ToLower(nodeName[p])+" node.kubernetes.io/out-of-service-")
 		p = s
 	}
 	// Failback: the returned node takes the stack back with duet swap,
