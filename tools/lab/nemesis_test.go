@@ -115,9 +115,14 @@ var faultKinds = []faultKind{
 		victim := []string{r.p, r.s}[n.rng.Intn(2)]
 		deadline := time.Now().Add(20 * time.Second)
 		for time.Now().Before(deadline) {
-			if s, err := n.l.TryStatus(r.p); err == nil && len(s.Dirs) > 0 && s.Dirs[0].Resync.Active {
-				r.note = "resync in progress"
-				break
+			// The resync proper (comparing, queueing) is short: the
+			// bulk then streams under the resync's rate. Either is a
+			// catch-up in progress: connected, the peer not in sync.
+			if s, err := n.l.TryStatus(r.p); err == nil && len(s.Dirs) > 0 {
+				if d := s.Dirs[0]; d.Resync.Active || d.Connected && !d.InSync && (d.PendingFiles > 0 || d.UnackedBytes > 0) {
+					r.note = fmt.Sprintf("resync in progress (%d files pending, %d bytes unacknowledged)", d.PendingFiles, d.UnackedBytes)
+					break
+				}
 			}
 			time.Sleep(20 * time.Millisecond)
 		}
