@@ -63,6 +63,9 @@ func (s *fsys) Rename(oldpath, newpath string) error {
 			return &fs.PathError{Op: "sync", Path: tdir.Name(), Err: err}
 		}
 	}
+	// Only now: a snapshot drops the move record, which must not happen
+	// before the rename is durable.
+	s.ix.log.compact(s.ix.t)
 	return nil
 }
 
