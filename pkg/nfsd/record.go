@@ -144,6 +144,9 @@ func decode(p []byte) (record, error) {
 	if d.bad || len(d.b) != 0 {
 		return r, fmt.Errorf("record of kind %d has the wrong length", r.kind)
 	}
+	if (r.kind == kindSet || r.kind == kindMove) && (r.name == "" || r.kind == kindMove && r.fromName == "") {
+		return r, fmt.Errorf("record of kind %d with an empty name", r.kind)
+	}
 	return r, nil
 }
 

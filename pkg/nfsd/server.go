@@ -94,8 +94,9 @@ func (h *Handler) FSStat(_ context.Context, _ billy.Filesystem, s *nfs.FSStat) e
 
 // ToHandle returns the handle of path, giving the object a file ID
 // (durably) if it has none. go-nfs has no way to fail here: a handle that
-// cannot be made is returned empty, which the client cannot use (it gets
-// STALE), rather than one that a failover could lose.
+// cannot be made is returned empty, which the server refuses when the
+// client uses it (STALE, or INVAL for a GETATTR), rather than one that a
+// failover could lose.
 func (h *Handler) ToHandle(f billy.Filesystem, path []string) []byte {
 	if err := h.fs.enter(); err != nil {
 		return nil
