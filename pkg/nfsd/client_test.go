@@ -198,6 +198,23 @@ func (c *client) getattr(fh []byte) (attr, uint32) {
 	return r.fattr(), nfsOK
 }
 
+// access returns the rights the server grants of mask.
+func (c *client) access(fh []byte, mask uint32) (uint32, uint32) {
+	r := c.call(progNFS, 4, xdr(nil).opaque(fh).u32(mask))
+	st := r.u32()
+	r.postOpAttr()
+	if st != nfsOK {
+		return 0, st
+	}
+	return r.u32(), nfsOK
+}
+
+// truncate sets a file's size with SETATTR.
+func (c *client) truncate(fh []byte, size uint64) uint32 {
+	args := xdr(nil).opaque(fh).u32(0).u32(0).u32(0).u32(1).u64(size).u32(0).u32(0).u32(0)
+	return c.call(progNFS, 2, args).u32()
+}
+
 func (c *client) lookup(dir []byte, name string) ([]byte, uint32) {
 	r := c.call(progNFS, 3, xdr(nil).dirop(dir, name))
 	if st := r.u32(); st != nfsOK {

@@ -238,7 +238,11 @@ func TestHandlesSurviveFailover(t *testing.T) {
 	mustOK(t, "CREATE e/new after failover", st)
 	_, st = c.write(n, 0, []byte("made on b"), unstable)
 	mustOK(t, "WRITE e/new", st)
-	hs = append(hs, attrOf("e/new", n, "made on b"))
+	mustOK(t, "SETATTR size of e/new", c.truncate(n, 4))
+	hs = append(hs, attrOf("e/new", n, "made"))
+	if got, st := c.access(f, 0x3f); st != nfsOK || got != 0x3f {
+		t.Errorf("after failover: ACCESS e/f: status %d, granted %#x of 0x3f", st, got)
+	}
 	check(t, c, "after failover", hs)
 	stop()
 

@@ -11,11 +11,15 @@ import (
 // apart.
 const handleVersion = 1
 
-// handleLen is version, file ID and MAC.
+// handleLen is version, file ID and MAC: 16 bytes. It must be a multiple
+// of 4: go-nfs v0.0.4 reads some handles (ACCESS, SETATTR) without the XDR
+// padding, so the arguments after a handle of another length are read
+// shifted (ACCESS then grants nothing, SETATTR sets garbage).
 const handleLen = 1 + 8 + macLen
 
-// macLen is the length of the truncated HMAC-SHA256 that ends a handle.
-const macLen = 8
+// macLen is the length of the truncated HMAC-SHA256 that ends a handle:
+// 56 bits, so a forged handle is accepted with a chance of 2^-56.
+const macLen = 7
 
 // handleKey makes and checks handles. The key is kept in the index, so
 // it moves with the export to the peer: handles depend on nothing but
