@@ -21,6 +21,7 @@ const (
 
 	nfsOK     = 0
 	nfsNoEnt  = 2
+	nfsAccess = 13
 	nfsExist  = 17
 	nfsStale  = 70
 	nfsNotDir = 20
@@ -183,11 +184,19 @@ func (c *client) call(prog, proc uint32, args xdr) *reply {
 
 func (c *client) mount(path string) []byte {
 	c.t.Helper()
-	r := c.call(progMount, 1, xdr(nil).str(path))
-	if st := r.u32(); st != 0 {
+	fh, st := c.tryMount(path)
+	if st != 0 {
 		c.t.Fatalf("mount %s: status %d", path, st)
 	}
-	return r.opaque()
+	return fh
+}
+
+func (c *client) tryMount(path string) ([]byte, uint32) {
+	r := c.call(progMount, 1, xdr(nil).str(path))
+	if st := r.u32(); st != 0 {
+		return nil, st
+	}
+	return r.opaque(), 0
 }
 
 func (c *client) getattr(fh []byte) (attr, uint32) {

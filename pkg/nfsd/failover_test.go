@@ -215,6 +215,10 @@ func TestHandlesSurviveFailover(t *testing.T) {
 	if got := c.mount("/"); !bytes.Equal(got, root) {
 		t.Errorf("after failover: root handle %x, was %x", got, root)
 	}
+	// A volume is a subdirectory mounted on its own.
+	if got := c.mount("/pre"); !bytes.Equal(got, pre) {
+		t.Errorf("after failover: MOUNT /pre gives %x, LOOKUP gave %x", got, pre)
+	}
 	_, st = c.write(f, 11, []byte("!"), fileSync)
 	mustOK(t, "WRITE e/f after failover", st)
 	mustOK(t, "COMMIT e/f after failover", c.commit(f))

@@ -70,6 +70,30 @@ func TestStaleAndForgedHandles(t *testing.T) {
 	if got, st := c.read(nil, 0, 100); st != nfsStale {
 		t.Errorf("READ of an empty handle: status %d (%q), want STALE", st, got)
 	}
+	// The index is out of every client's reach, and so is the tree above
+	// the export.
+	if _, st := c.lookup(root, indexDir); st != nfsNoEnt {
+		t.Errorf("LOOKUP %s: status %d, want NOENT", indexDir, st)
+	}
+	if _, st := c.create(root, indexDir); st == nfsOK {
+		t.Errorf("CREATE %s succeeded", indexDir)
+	}
+	if st := c.rename(root, "f", root, indexDir); st == nfsOK {
+		t.Errorf("RENAME f to %s succeeded", indexDir)
+	}
+	for _, name := range []string{"..", "../x", "a/../../x"} {
+		if _, st := c.create(root, name); st == nfsOK {
+			t.Errorf("CREATE %q succeeded", name)
+		}
+		if st := c.remove(root, name); st == nfsOK {
+			t.Errorf("REMOVE %q succeeded", name)
+		}
+	}
+	for path, want := range map[string]uint32{"/nope": nfsNoEnt, "/f": nfsNotDir, "/.duet-nfs": nfsNoEnt} {
+		if _, st := c.tryMount(path); st != want {
+			t.Errorf("MOUNT %s: status %d, want %d", path, st, want)
+		}
+	}
 	if got, st := c.read(f2, 0, 100); st != nfsOK || string(got) != "second" {
 		t.Errorf("READ of the new f: status %d, %q", st, got)
 	}
