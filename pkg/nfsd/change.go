@@ -17,16 +17,16 @@ func (s *fsys) Rename(oldpath, newpath string) error {
 		return err
 	}
 	defer s.leave()
-	from, err := splitNew(oldpath)
-	if err != nil {
-		return err
-	}
-	to, err := splitNew(newpath)
-	if err != nil {
-		return err
-	}
 	s.ix.mu.Lock()
 	defer s.ix.mu.Unlock()
+	from, err := s.realNew(oldpath)
+	if err != nil {
+		return err
+	}
+	to, err := s.realNew(newpath)
+	if err != nil {
+		return err
+	}
 	fpid, fdir, fname, err := s.parent(from)
 	if err != nil {
 		return err
@@ -77,12 +77,12 @@ func (s *fsys) Remove(p string) error {
 		return err
 	}
 	defer s.leave()
-	comps, err := splitNew(p)
+	s.ix.mu.Lock()
+	defer s.ix.mu.Unlock()
+	comps, err := s.realNew(p)
 	if err != nil {
 		return err
 	}
-	s.ix.mu.Lock()
-	defer s.ix.mu.Unlock()
 	pid, dir, name, err := s.parent(comps)
 	if err != nil {
 		return err
@@ -165,7 +165,9 @@ func (s *fsys) setattr(p string, do func(dir *os.File, name string, st *unix.Sta
 		return err
 	}
 	defer s.leave()
-	comps, err := split(p)
+	s.ix.mu.Lock()
+	defer s.ix.mu.Unlock()
+	comps, err := s.real(p)
 	if err != nil {
 		return err
 	}
@@ -173,8 +175,6 @@ func (s *fsys) setattr(p string, do func(dir *os.File, name string, st *unix.Sta
 	if n := len(comps); n > 0 {
 		comps, name = comps[:n-1], comps[n-1]
 	}
-	s.ix.mu.Lock()
-	defer s.ix.mu.Unlock()
 	dir, err := fstree.OpenBeneath(s.root, join(comps), unix.O_RDONLY|unix.O_DIRECTORY)
 	if err != nil {
 		return err

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"io/fs"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -21,6 +22,7 @@ import (
 // of the namespace recorded in the index in the order index documents.
 type fsys struct {
 	ix   *index
+	key  handleKey
 	root *os.File // O_PATH
 	sync Syncer
 	// life holds close off while a call uses the export's descriptors: a
@@ -62,39 +64,9 @@ var (
 	_ billy.Capable    = (*fsys)(nil)
 )
 
-// split parses a path that Join built. The index directory does not
-// exist for clients.
-func split(p string) ([]string, error) {
-	if p == "" || p == "." || p == "/" {
-		return nil, nil
-	}
-	comps := strings.Split(strings.TrimPrefix(p, "/"), "/")
-	for _, c := range comps {
-		if c == "" || c == "." || c == ".." {
-			return nil, &fs.PathError{Op: "lookup", Path: p, Err: unix.EINVAL}
-		}
-	}
-	if comps[0] == indexDir {
-		return nil, &fs.PathError{Op: "lookup", Path: p, Err: unix.ENOENT}
-	}
-	return comps, nil
-}
-
-// splitNew parses the path of an object to create, rename or remove: never
-// the root, never the index directory.
-func splitNew(p string) ([]string, error) {
-	comps, err := split(p)
-	if errors.Is(err, unix.ENOENT) {
-		return nil, &fs.PathError{Op: "create", Path: p, Err: unix.EACCES}
-	}
-	if err == nil && len(comps) == 0 {
-		return nil, &fs.PathError{Op: "create", Path: p, Err: unix.EBUSY}
-	}
-	return comps, err
-}
-
 // Join joins components without cleaning, so that a ".." a client sends
-// as a name reaches split and is refused rather than resolved.
+// as a name reaches split and is refused rather than resolved, and a
+// marker stays one component.
 func (s *fsys) Join(elem ...string) string { return strings.Join(elem, "/") }
 
 // Capabilities leaves out locking: go-nfs does not use it.
@@ -129,17 +101,23 @@ func (s *fsys) Lstat(p string) (os.FileInfo, error) {
 		return nil, err
 	}
 	defer s.leave()
-	comps, err := split(p)
+	s.ix.tmu.RLock()
+	comps, err := s.real(p)
+	var st unix.Stat_t
+	var ids []uint64
+	if err == nil {
+		st, err = fstree.Stat(s.root, join(comps))
+		ids = s.ix.t.walk(comps)
+	}
+	s.ix.tmu.RUnlock()
 	if err != nil {
 		return nil, err
 	}
-	st, err := fstree.Stat(s.root, join(comps))
-	if err != nil {
-		return nil, err
-	}
-	id, err := s.ix.resolve(comps)
-	if err != nil {
-		return nil, err
+	id := last(ids)
+	if len(ids) < len(comps) {
+		if id, err = s.idOf(p); err != nil {
+			return nil, err
+		}
 	}
 	name := "/"
 	if len(comps) > 0 {
@@ -158,34 +136,22 @@ func (s *fsys) ReadDir(p string) ([]os.FileInfo, error) {
 		return nil, err
 	}
 	defer s.leave()
-	comps, err := split(p)
+	s.ix.tmu.RLock()
+	infos, names, ids, err := s.list(p)
+	s.ix.tmu.RUnlock()
 	if err != nil {
 		return nil, err
 	}
-	d, err := fstree.OpenBeneath(s.root, join(comps), unix.O_RDONLY|unix.O_DIRECTORY)
-	if err != nil {
-		return nil, err
-	}
-	defer d.Close()
-	ents, err := fstree.ReadDir(d)
-	if err != nil {
-		return nil, err
-	}
-	var infos []*info
-	var names []string
-	for _, e := range ents {
-		if len(comps) == 0 && e.Name == indexDir {
-			continue
+	if slices.Contains(ids, 0) {
+		s.ix.mu.Lock()
+		comps, err := s.real(p)
+		if err == nil {
+			ids, err = s.ix.namesLocked(comps, names)
 		}
-		i := &info{name: e.Name}
-		if err := unix.Fstatat(int(d.Fd()), e.Name, &i.st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
-			continue // removed since the listing
+		s.ix.mu.Unlock()
+		if err != nil {
+			return nil, err
 		}
-		infos, names = append(infos, i), append(names, e.Name)
-	}
-	ids, err := s.ix.resolveNames(comps, names)
-	if err != nil {
-		return nil, err
 	}
 	out := make([]os.FileInfo, 0, len(infos))
 	for k, i := range infos {
@@ -195,6 +161,43 @@ func (s *fsys) ReadDir(p string) ([]os.FileInfo, error) {
 		}
 	}
 	return out, nil
+}
+
+// list reads the directory p and the IDs its entries have (0 for none).
+// ix.tmu is held for reading.
+func (s *fsys) list(p string) ([]*info, []string, []uint64, error) {
+	comps, err := s.real(p)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	d, err := fstree.OpenBeneath(s.root, join(comps), unix.O_RDONLY|unix.O_DIRECTORY)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	defer d.Close()
+	ents, err := fstree.ReadDir(d)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	dirIDs := s.ix.t.walk(comps)
+	var infos []*info
+	var names []string
+	var ids []uint64
+	for _, e := range ents {
+		if len(comps) == 0 && e.Name == indexDir {
+			continue
+		}
+		i := &info{name: e.Name}
+		if err := unix.Fstatat(int(d.Fd()), e.Name, &i.st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+			continue // removed since the listing
+		}
+		var id uint64
+		if len(dirIDs) == len(comps) {
+			id, _ = s.ix.t.child(last(dirIDs), e.Name)
+		}
+		infos, names, ids = append(infos, i), append(names, e.Name), append(ids, id)
+	}
+	return infos, names, ids, nil
 }
 
 // Open opens a file for reading.
@@ -215,11 +218,13 @@ func (s *fsys) OpenFile(p string, flag int, perm os.FileMode) (billy.File, error
 	if flag&os.O_CREATE != 0 {
 		return s.create(p, flag, perm)
 	}
-	comps, err := split(p)
-	if err != nil {
-		return nil, err
+	s.ix.tmu.RLock()
+	comps, err := s.real(p)
+	var f *os.File
+	if err == nil {
+		f, err = fstree.OpenBeneath(s.root, join(comps), flag|unix.O_NONBLOCK)
 	}
-	f, err := fstree.OpenBeneath(s.root, join(comps), flag|unix.O_NONBLOCK)
+	s.ix.tmu.RUnlock()
 	if err != nil {
 		return nil, err
 	}
@@ -230,12 +235,12 @@ func (s *fsys) OpenFile(p string, flag int, perm os.FileMode) (billy.File, error
 // ID once its directory entry is durable; an existing one keeps its ID.
 // The file is synced when closed (it is new, or truncated).
 func (s *fsys) create(p string, flag int, perm os.FileMode) (billy.File, error) {
-	comps, err := splitNew(p)
+	s.ix.mu.Lock()
+	defer s.ix.mu.Unlock()
+	comps, err := s.realNew(p)
 	if err != nil {
 		return nil, err
 	}
-	s.ix.mu.Lock()
-	defer s.ix.mu.Unlock()
 	pid, dir, name, err := s.parent(comps)
 	if err != nil {
 		return nil, err
@@ -268,7 +273,7 @@ func (s *fsys) create(p string, flag int, perm os.FileMode) (billy.File, error) 
 	if err != nil {
 		return nil, &fs.PathError{Op: "create", Path: p, Err: err}
 	}
-	f := os.NewFile(uintptr(fd), p)
+	f := os.NewFile(uintptr(fd), join(comps))
 	if err := s.newEntry(dir, pid, name); err != nil {
 		f.Close()
 		return nil, err
@@ -321,12 +326,12 @@ func (s *fsys) make(p string, do func(dir *os.File, name string) error) error {
 		return err
 	}
 	defer s.leave()
-	comps, err := splitNew(p)
+	s.ix.mu.Lock()
+	defer s.ix.mu.Unlock()
+	comps, err := s.realNew(p)
 	if err != nil {
 		return err
 	}
-	s.ix.mu.Lock()
-	defer s.ix.mu.Unlock()
 	pid, dir, name, err := s.parent(comps)
 	if err != nil {
 		return err
@@ -351,9 +356,14 @@ func (s *fsys) Readlink(p string) (string, error) {
 		return "", err
 	}
 	defer s.leave()
-	comps, err := splitNew(p)
+	s.ix.tmu.RLock()
+	defer s.ix.tmu.RUnlock()
+	comps, err := s.real(p)
 	if err != nil {
 		return "", err
+	}
+	if len(comps) == 0 {
+		return "", &fs.PathError{Op: "readlink", Path: p, Err: unix.EINVAL}
 	}
 	dir, err := fstree.OpenBeneath(s.root, join(comps[:len(comps)-1]), unix.O_PATH|unix.O_DIRECTORY)
 	if err != nil {

@@ -127,3 +127,31 @@ func TestHandleKey(t *testing.T) {
 		}
 	}
 }
+
+// TestHandleRacesRename does what go-nfs does for a WRITE — resolve the
+// handle, then open the path it got — with another client's rename of y
+// over x in between: the open must fail, not open y, or the write with
+// x's handle would land in y.
+func TestHandleRacesRename(t *testing.T) {
+	h := open(t, t.TempDir(), Fsync{})
+	defer h.Close()
+	hx := put(t, h, "x", "X")
+	put(t, h, "y", "Y")
+	fs, path, err := h.FromHandle(hx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.fs.Rename("y", "x"); err != nil {
+		t.Fatal(err)
+	}
+	f, err := fs.OpenFile(fs.Join(path...), os.O_RDWR, 0)
+	if err == nil {
+		f.Write([]byte("written with x's handle"))
+		f.Close()
+		b, _ := os.ReadFile(filepath.Join(h.fs.root.Name(), "x"))
+		t.Fatalf("x's handle opened the file renamed over it, which now holds %q", b)
+	}
+	if !os.IsNotExist(err) {
+		t.Errorf("opening with x's handle after x was replaced: %v, want not-exist", err)
+	}
+}

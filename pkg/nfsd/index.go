@@ -84,20 +84,6 @@ func (ix *index) settleMove(m record) error {
 
 func join(comps []string) string { return strings.Join(comps, "/") }
 
-// resolve returns the ID of the object at comps, giving the object and
-// any parent without one a new ID first.
-func (ix *index) resolve(comps []string) (uint64, error) {
-	ix.tmu.RLock()
-	ids := ix.t.walk(comps)
-	ix.tmu.RUnlock()
-	if len(ids) == len(comps) {
-		return last(ids), nil
-	}
-	ix.mu.Lock()
-	defer ix.mu.Unlock()
-	return ix.resolveLocked(comps)
-}
-
 func last(ids []uint64) uint64 {
 	if len(ids) == 0 {
 		return rootID
@@ -105,9 +91,9 @@ func last(ids []uint64) uint64 {
 	return ids[len(ids)-1]
 }
 
-// resolveLocked is resolve with mu held. An object without an ID (made
-// outside the server, or before it first served) gets one only once the
-// object is seen to exist.
+// resolveLocked returns the ID of the object at comps, giving it and any
+// parent without one a new ID, durably, once it is seen to exist (made
+// outside the server, or before it first served). mu is held.
 func (ix *index) resolveLocked(comps []string) (uint64, error) {
 	ids := ix.t.walk(comps)
 	parent := last(ids)
@@ -129,30 +115,15 @@ func (ix *index) resolveLocked(comps []string) (uint64, error) {
 	return parent, nil
 }
 
-// resolveNames returns the IDs of the entries names of the directory dir,
-// giving new IDs in one durable append; 0 for an entry that vanished.
-func (ix *index) resolveNames(dir []string, names []string) ([]uint64, error) {
-	ids := make([]uint64, len(names))
-	ix.tmu.RLock()
-	pids := ix.t.walk(dir)
-	missing := len(pids) < len(dir)
-	for i, n := range names {
-		if missing {
-			break
-		}
-		ids[i], _ = ix.t.child(last(pids), n)
-		missing = ids[i] == 0
-	}
-	ix.tmu.RUnlock()
-	if !missing {
-		return ids, nil
-	}
-	ix.mu.Lock()
-	defer ix.mu.Unlock()
+// namesLocked returns the IDs of the entries names of the directory dir,
+// giving new IDs in one durable append; 0 for an entry that vanished. mu
+// is held.
+func (ix *index) namesLocked(dir []string, names []string) ([]uint64, error) {
 	pid, err := ix.resolveLocked(dir)
 	if err != nil {
 		return nil, err
 	}
+	ids := make([]uint64, len(names))
 	var recs []record
 	for i, n := range names {
 		if id, ok := ix.t.child(pid, n); ok {
@@ -160,7 +131,6 @@ func (ix *index) resolveNames(dir []string, names []string) ([]uint64, error) {
 			continue
 		}
 		if _, err := fstree.Stat(ix.root, join(append(dir[:len(dir):len(dir)], n))); err != nil {
-			ids[i] = 0
 			continue
 		}
 		if ids[i], err = ix.newID(recs); err != nil {

@@ -47,12 +47,15 @@ func put(t *testing.T, h *Handler, p, content string) []byte {
 // resolvesTo asserts that fh names path p holding content.
 func resolvesTo(t *testing.T, h *Handler, what string, fh []byte, p, content string) {
 	t.Helper()
-	_, comps, err := h.FromHandle(fh)
+	_, marked, err := h.FromHandle(fh)
 	if err != nil {
 		t.Errorf("%s: handle of %s: %v", what, p, err)
 		return
 	}
-	if got := join(comps); got != p {
+	h.ix.tmu.RLock()
+	comps, err := h.fs.real(join(marked))
+	h.ix.tmu.RUnlock()
+	if got := join(comps); err != nil || got != p {
 		t.Errorf("%s: handle of %s resolves to %q", what, p, got)
 		return
 	}

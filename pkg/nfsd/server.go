@@ -42,7 +42,8 @@ func New(dir string, s Syncer) (*Handler, error) {
 		root.Close()
 		return nil, fmt.Errorf("nfs export %s: %w", dir, err)
 	}
-	return &Handler{fs: &fsys{ix: ix, root: root, sync: s}, ix: ix, key: handleKey(ix.log.key)}, nil
+	key := handleKey(ix.log.key)
+	return &Handler{fs: &fsys{ix: ix, key: key, root: root, sync: s}, ix: ix, key: key}, nil
 }
 
 // Close waits for running calls and releases the export; later calls fail.
@@ -111,10 +112,7 @@ func (h *Handler) ToHandle(f billy.Filesystem, path []string) []byte {
 			return nil
 		}
 	}
-	if _, err := split(join(comps)); err != nil {
-		return nil
-	}
-	id, err := h.ix.resolve(comps)
+	id, err := h.fs.idOf(join(comps))
 	if err != nil {
 		if !errors.Is(err, unix.ENOENT) {
 			slog.Warn("nfs: no file ID for a reply; the client gets an empty handle", "path", join(comps), "err", err)
@@ -124,9 +122,10 @@ func (h *Handler) ToHandle(f billy.Filesystem, path []string) []byte {
 	return h.key.handle(id)
 }
 
-// FromHandle resolves a handle to its file's current path. An unknown or
-// removed ID, or a handle not made with this export's key, is an error,
-// which go-nfs answers with NFS3ERR_STALE.
+// FromHandle resolves a handle to its file's path, the last component a
+// marker (see markerPrefix). An unknown or removed ID, or a handle not
+// made with this export's key, is an error, which go-nfs answers with
+// NFS3ERR_STALE.
 func (h *Handler) FromHandle(fh []byte) (billy.Filesystem, []string, error) {
 	if err := h.fs.enter(); err != nil {
 		return nil, nil, err
@@ -137,9 +136,10 @@ func (h *Handler) FromHandle(fh []byte) (billy.Filesystem, []string, error) {
 		return nil, nil, err
 	}
 	comps, err := h.ix.locate(id)
-	if err != nil {
-		return nil, nil, err
+	if err != nil || len(comps) == 0 {
+		return h.fs, nil, err
 	}
+	comps[len(comps)-1] = h.fs.marker(id)
 	return h.fs, comps, nil
 }
 
