@@ -218,6 +218,20 @@ func (c *client) access(fh []byte, mask uint32) (uint32, uint32) {
 	return r.u32(), nfsOK
 }
 
+func (c *client) readlink(fh []byte) (string, uint32) {
+	r := c.call(progNFS, 5, xdr(nil).opaque(fh))
+	st := r.u32()
+	r.postOpAttr()
+	if st != nfsOK {
+		return "", st
+	}
+	return string(r.opaque()), nfsOK
+}
+
+func (c *client) fsstat(fh []byte) uint32 {
+	return c.call(progNFS, 18, xdr(nil).opaque(fh)).u32()
+}
+
 // truncate sets a file's size with SETATTR.
 func (c *client) truncate(fh []byte, size uint64) uint32 {
 	args := xdr(nil).opaque(fh).u32(0).u32(0).u32(0).u32(1).u64(size).u32(0).u32(0).u32(0)

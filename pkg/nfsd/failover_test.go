@@ -130,10 +130,16 @@ func check(t *testing.T, c *client, server string, hs []*held) {
 		if a.fileid != h.fileid {
 			t.Errorf("%s: %s fileid %#x, was %#x (a Linux client sees ESTALE)", server, h.name, a.fileid, h.fileid)
 		}
-		if a.typ == 1 {
+		switch a.typ {
+		case 1:
 			got, st := c.read(h.fh, 0, 1<<20)
 			if st != nfsOK || string(got) != h.content {
 				t.Errorf("%s: READ %s: status %d, %q, want %q", server, h.name, st, got, h.content)
+			}
+		case 5:
+			got, st := c.readlink(h.fh)
+			if st != nfsOK || got != h.content {
+				t.Errorf("%s: READLINK %s: status %d, %q, want %q", server, h.name, st, got, h.content)
 			}
 		}
 	}
@@ -196,7 +202,7 @@ func TestHandlesSurviveFailover(t *testing.T) {
 	s, st := c.symlink(root, "s", "e/f")
 	mustOK(t, "SYMLINK s", st)
 	hs := []*held{attrOf("/", root, ""), attrOf("pre", pre, ""), attrOf("pre/old.txt", old, "old"),
-		attrOf("e", d, ""), attrOf("e/f", f, "hello world"), attrOf("e/g2", g, "G"), attrOf("s", s, "")}
+		attrOf("e", d, ""), attrOf("e/f", f, "hello world"), attrOf("e/g2", g, "G"), attrOf("s", s, "e/f")}
 	check(t, c, "first server", hs)
 	stop()
 
@@ -215,6 +221,7 @@ func TestHandlesSurviveFailover(t *testing.T) {
 	if got := c.mount("/"); !bytes.Equal(got, root) {
 		t.Errorf("after failover: root handle %x, was %x", got, root)
 	}
+	mustOK(t, "FSSTAT after failover", c.fsstat(root))
 	// A volume is a subdirectory mounted on its own.
 	if got := c.mount("/pre"); !bytes.Equal(got, pre) {
 		t.Errorf("after failover: MOUNT /pre gives %x, LOOKUP gave %x", got, pre)
