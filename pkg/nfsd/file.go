@@ -37,7 +37,7 @@ func (f *file) Close() error {
 	var err error
 	if f.dirty {
 		if serr := f.sync.Sync(f.File); serr != nil {
-			err = fmt.Errorf("syncing %s: %w", f.name, serr)
+			err = fmt.Errorf("syncing %s: %w", f.File.Name(), serr)
 		}
 	}
 	if cerr := f.File.Close(); err == nil {

@@ -5,8 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
@@ -125,9 +127,19 @@ func openLog(root *os.File, s Syncer) (*loaded, error) {
 	return got, nil
 }
 
-// openIndexDir opens indexDir, creating it (durably) on first use.
+// openIndexDir opens indexDir, creating it (durably) on first use. The
+// descriptor is named by its full path, for messages.
 func openIndexDir(root *os.File, s Syncer) (*os.File, error) {
-	dir, err := fstree.OpenBeneath(root, indexDir, unix.O_RDONLY|unix.O_DIRECTORY)
+	open := func() (*os.File, error) {
+		how := unix.OpenHow{Flags: unix.O_RDONLY | unix.O_DIRECTORY | unix.O_NOFOLLOW | unix.O_CLOEXEC,
+			Resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS}
+		fd, err := unix.Openat2(int(root.Fd()), indexDir, &how)
+		if err != nil {
+			return nil, &fs.PathError{Op: "open", Path: filepath.Join(root.Name(), indexDir), Err: err}
+		}
+		return os.NewFile(uintptr(fd), filepath.Join(root.Name(), indexDir)), nil
+	}
+	dir, err := open()
 	if err == nil || !errors.Is(err, unix.ENOENT) {
 		return dir, err
 	}
@@ -142,7 +154,7 @@ func openIndexDir(root *os.File, s Syncer) (*os.File, error) {
 	if err := s.Sync(top); err != nil {
 		return nil, fmt.Errorf("syncing %s: %w", root.Name(), err)
 	}
-	return fstree.OpenBeneath(root, indexDir, unix.O_RDONLY|unix.O_DIRECTORY)
+	return open()
 }
 
 // load reads generation g. A file whose header or snapshot end is missing
