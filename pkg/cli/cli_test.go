@@ -61,6 +61,8 @@ func TestBadInputIsNamed(t *testing.T) {
 		{"bad yaml", []string{"verify", "--config", writeConfig(t, func(s string) string { return s + "bogus: 1\n" })}, "field bogus not found"},
 		{"stray argument", []string{"status", "extra"}, "unknown command"},
 		{"resync without daemon", []string{"resync", "--socket", filepath.Join(t.TempDir(), "none.sock")}, "no duet daemon at"},
+		{"nfs export missing", []string{"nfs-serve", "/nonexistent/export", "--listen", "127.0.0.1:0"}, "opening /nonexistent/export"},
+		{"nfs bad listen", []string{"nfs-serve", t.TempDir(), "--listen", "nope"}, `--listen "nope"`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

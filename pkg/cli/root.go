@@ -45,7 +45,7 @@ func New(s IOStreams) *cobra.Command {
 	root.SetOut(s.Out)
 	root.SetErr(s.Err)
 	root.SetIn(s.In)
-	root.AddCommand(newRun(s), newStatus(s), newVerify(s), newVersion(s), newExec(s), newResync(s), newInit(s), newSupervisedChild())
+	root.AddCommand(newRun(s), newStatus(s), newVerify(s), newVersion(s), newExec(s), newResync(s), newInit(s), newNFSServe(s), newSupervisedChild())
 	root.AddCommand(clusterCommands(s)...)
 	return root
 }

@@ -1,0 +1,40 @@
+package cli
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/duet-ha/duet/pkg/nfsd"
+	"github.com/spf13/cobra"
+)
+
+func newNFSServe(s IOStreams) *cobra.Command {
+	var listen string
+	c := &cobra.Command{
+		Use:   "nfs-serve DIR",
+		Short: "Serve a replicated directory over NFSv3 with handles that survive failover",
+		Long: `Serve DIR over NFSv3 (NFS and MOUNT on one TCP port, no portmapper, no NLM)
+with file handles kept in DIR/.duet-nfs, so that a server started on the
+peer's copy after a failover resolves every handle this one gave out.
+Durability calls are plain fsyncs: run it under "duet exec" so that they
+wait for the peer.`,
+		Example: `  duet exec -- duet nfs-serve /var/lib/duet-k3s/nfs --listen 0.0.0.0:2049
+  mount -t nfs -o vers=3,proto=tcp,port=2049,mountport=2049,mountproto=tcp,nolock VIP:/ /mnt`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			l, err := net.Listen("tcp", listen)
+			if err != nil {
+				return fmt.Errorf("--listen %q: %w", listen, err)
+			}
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			fmt.Fprintf(s.Out, "serving %s over NFSv3 on %s\n", args[0], l.Addr())
+			return nfsd.Serve(ctx, l, args[0], nfsd.Fsync{})
+		},
+	}
+	c.Flags().StringVar(&listen, "listen", ":2049", "TCP address for NFS and MOUNT")
+	return c
+}

@@ -1,0 +1,205 @@
+package nfsd
+
+import (
+	"io/fs"
+	"os"
+	"time"
+
+	"github.com/duet-ha/duet/pkg/fstree"
+	"golang.org/x/sys/unix"
+)
+
+// Rename renames oldpath to newpath; the file keeps its ID, and the ID of
+// a file it replaces is taken back. The rename is recorded before it is
+// done (see index.move and index.settleMove).
+func (s *fsys) Rename(oldpath, newpath string) error {
+	if err := s.enter(); err != nil {
+		return err
+	}
+	defer s.leave()
+	s.ix.mu.Lock()
+	defer s.ix.mu.Unlock()
+	from, err := s.realNew(oldpath)
+	if err != nil {
+		return err
+	}
+	to, err := s.realNew(newpath)
+	if err != nil {
+		return err
+	}
+	fpid, fdir, fname, err := s.parent(from)
+	if err != nil {
+		return err
+	}
+	defer fdir.Close()
+	tpid, tdir, tname, err := s.parent(to)
+	if err != nil {
+		return err
+	}
+	defer tdir.Close()
+	if fpid == tpid && fname == tname {
+		return nil
+	}
+	id, err := s.ix.resolveLocked(from)
+	if err != nil {
+		return err
+	}
+	if s.ix.under(id, tpid) {
+		return &fs.PathError{Op: "rename", Path: newpath, Err: unix.EINVAL}
+	}
+	replaced, _ := s.ix.t.child(tpid, tname)
+	m := record{kind: kindMove, id: id, from: fpid, fromName: fname, parent: tpid, name: tname, replaced: replaced}
+	err = s.ix.move(m, func() error {
+		return unix.Renameat(int(fdir.Fd()), fname, int(tdir.Fd()), tname)
+	})
+	if err != nil {
+		return &fs.PathError{Op: "rename", Path: oldpath, Err: err}
+	}
+	if err := s.sync.Sync(fdir); err != nil {
+		return &fs.PathError{Op: "sync", Path: fdir.Name(), Err: err}
+	}
+	if fpid != tpid {
+		if err := s.sync.Sync(tdir); err != nil {
+			return &fs.PathError{Op: "sync", Path: tdir.Name(), Err: err}
+		}
+	}
+	// Only now: a snapshot drops the move record, which must not happen
+	// before the rename is durable.
+	s.ix.log.compact(s.ix.t)
+	return nil
+}
+
+// Remove removes a file or an empty directory. Its ID is taken back
+// durably first (a crash then leaves the file without an ID, never an ID
+// on another file) and put back if the removal fails.
+func (s *fsys) Remove(p string) error {
+	if err := s.enter(); err != nil {
+		return err
+	}
+	defer s.leave()
+	s.ix.mu.Lock()
+	defer s.ix.mu.Unlock()
+	comps, err := s.realNew(p)
+	if err != nil {
+		return err
+	}
+	pid, dir, name, err := s.parent(comps)
+	if err != nil {
+		return err
+	}
+	defer dir.Close()
+	var st unix.Stat_t
+	if err := unix.Fstatat(int(dir.Fd()), name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		return &fs.PathError{Op: "remove", Path: p, Err: err}
+	}
+	flags := 0
+	if st.Mode&unix.S_IFMT == unix.S_IFDIR {
+		flags = unix.AT_REMOVEDIR
+		// The common failure is checked before the ID is taken back, so
+		// that readers do not see the directory stale for a moment.
+		if err := empty(dir, name); err != nil {
+			return &fs.PathError{Op: "remove", Path: p, Err: err}
+		}
+	}
+	err = s.ix.remove(pid, name, func() error { return unix.Unlinkat(int(dir.Fd()), name, flags) })
+	if err != nil {
+		return &fs.PathError{Op: "remove", Path: p, Err: err}
+	}
+	if err := s.sync.Sync(dir); err != nil {
+		return &fs.PathError{Op: "sync", Path: dir.Name(), Err: err}
+	}
+	return nil
+}
+
+// empty returns ENOTEMPTY unless the directory name in dir is empty.
+func empty(dir *os.File, name string) error {
+	d, err := fstree.OpenBeneath(dir, name, unix.O_RDONLY|unix.O_DIRECTORY)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	ents, err := fstree.ReadDir(d)
+	if err != nil {
+		return err
+	}
+	if len(ents) > 0 {
+		return unix.ENOTEMPTY
+	}
+	return nil
+}
+
+// Chmod sets permission bits. A symlink's are left alone (they mean
+// nothing, and fchmodat would follow it).
+func (s *fsys) Chmod(p string, mode os.FileMode) error {
+	return s.setattr(p, func(dir *os.File, name string, st *unix.Stat_t) error {
+		if st.Mode&unix.S_IFMT == unix.S_IFLNK {
+			return nil
+		}
+		return unix.Fchmodat(int(dir.Fd()), name, fstree.UnixPerm(mode), 0)
+	})
+}
+
+// Lchown sets the owner without following a symlink.
+func (s *fsys) Lchown(p string, uid, gid int) error {
+	return s.setattr(p, func(dir *os.File, name string, _ *unix.Stat_t) error {
+		return unix.Fchownat(int(dir.Fd()), name, uid, gid, unix.AT_SYMLINK_NOFOLLOW)
+	})
+}
+
+// Chown is Lchown: the server never follows a symlink inside the export.
+func (s *fsys) Chown(p string, uid, gid int) error { return s.Lchown(p, uid, gid) }
+
+// Chtimes sets access and modification times without following a symlink.
+func (s *fsys) Chtimes(p string, atime, mtime time.Time) error {
+	return s.setattr(p, func(dir *os.File, name string, _ *unix.Stat_t) error {
+		ts := []unix.Timespec{unix.NsecToTimespec(atime.UnixNano()), unix.NsecToTimespec(mtime.UnixNano())}
+		return unix.UtimesNanoAt(int(dir.Fd()), name, ts, unix.AT_SYMLINK_NOFOLLOW)
+	})
+}
+
+// setattr runs do on p's directory entry under mu (no rename can swap a
+// symlink in between the check and the change), then makes the change
+// durable: NFSv3 SETATTR is stable when it returns.
+func (s *fsys) setattr(p string, do func(dir *os.File, name string, st *unix.Stat_t) error) error {
+	if err := s.enter(); err != nil {
+		return err
+	}
+	defer s.leave()
+	s.ix.mu.Lock()
+	defer s.ix.mu.Unlock()
+	comps, err := s.real(p)
+	if err != nil {
+		return err
+	}
+	name := "." // the root's attributes are set through itself
+	if n := len(comps); n > 0 {
+		comps, name = comps[:n-1], comps[n-1]
+	}
+	dir, err := fstree.OpenBeneath(s.root, join(comps), unix.O_RDONLY|unix.O_DIRECTORY)
+	if err != nil {
+		return err
+	}
+	defer dir.Close()
+	var st unix.Stat_t
+	if err := unix.Fstatat(int(dir.Fd()), name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		return &fs.PathError{Op: "setattr", Path: p, Err: err}
+	}
+	if err := do(dir, name, &st); err != nil {
+		return &fs.PathError{Op: "setattr", Path: p, Err: err}
+	}
+	// A file or directory is synced itself; anything else (a symlink, a
+	// FIFO) cannot be opened for fsync, so its directory is.
+	target := dir
+	if t := st.Mode & unix.S_IFMT; t == unix.S_IFREG || t == unix.S_IFDIR {
+		f, err := fstree.OpenBeneath(dir, name, unix.O_RDONLY|unix.O_NONBLOCK)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		target = f
+	}
+	if err := s.sync.Sync(target); err != nil {
+		return &fs.PathError{Op: "sync", Path: p, Err: err}
+	}
+	return nil
+}

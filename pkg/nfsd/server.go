@@ -1,0 +1,260 @@
+// Package nfsd serves a replicated directory over NFSv3 with file handles
+// that survive a failover. A handle names a random file ID kept in an
+// index inside the export itself (indexDir), so the peer's copy of the
+// tree — other inode numbers, same paths and contents — resolves every
+// handle the old server gave out. See docs/DESIGN.md, "NFS service".
+package nfsd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"net"
+	"strings"
+	"sync"
+
+	"github.com/duet-ha/duet/pkg/fstree"
+	billy "github.com/go-git/go-billy/v5"
+	nfs "github.com/willscott/go-nfs"
+	"golang.org/x/sys/unix"
+)
+
+// Handler is go-nfs's view of one export.
+type Handler struct {
+	fs  *fsys
+	ix  *index
+	key handleKey
+}
+
+var _ nfs.Handler = (*Handler)(nil)
+
+// New opens the export dir and its index, creating the index on first use
+// and cutting a torn tail off it. Every change it makes is synced with s.
+func New(dir string, s Syncer) (*Handler, error) {
+	root, err := fstree.OpenRoot(dir)
+	if err != nil {
+		return nil, err
+	}
+	ix, err := openIndex(root, s)
+	if err != nil {
+		root.Close()
+		return nil, fmt.Errorf("nfs export %s: %w", dir, err)
+	}
+	key := handleKey(ix.log.key)
+	return &Handler{fs: &fsys{ix: ix, key: key, root: root, sync: s}, ix: ix, key: key}, nil
+}
+
+// Close waits for running calls and releases the export; later calls fail.
+func (h *Handler) Close() error { return h.fs.close() }
+
+// mountPoint is a directory of the export mounted on its own (the
+// provisioner gives each volume a subdirectory). go-nfs asks only for
+// its handle; every other handle resolves against the whole export.
+type mountPoint struct {
+	*fsys
+	prefix []string
+}
+
+// Mount accepts the export's root or any directory in it, for every
+// client: access control is the network's (see DESIGN).
+func (h *Handler) Mount(_ context.Context, _ net.Conn, req nfs.MountRequest) (nfs.MountStatus, billy.Filesystem, []nfs.AuthFlavor) {
+	comps, err := split(strings.TrimSuffix(string(req.Dirpath), "/"))
+	if err != nil {
+		return nfs.MountStatusErrNoEnt, nil, nil
+	}
+	fi, err := h.fs.Lstat(join(comps))
+	switch {
+	case err != nil:
+		return nfs.MountStatusErrNoEnt, nil, nil
+	case !fi.IsDir():
+		return nfs.MountStatusErrNotDir, nil, nil
+	}
+	return nfs.MountStatusOk, &mountPoint{fsys: h.fs, prefix: comps}, []nfs.AuthFlavor{nfs.AuthFlavorNull}
+}
+
+// Change lets go-nfs set attributes.
+func (h *Handler) Change(billy.Filesystem) billy.Change { return h.fs }
+
+// FSStat reports the export's filesystem.
+func (h *Handler) FSStat(_ context.Context, _ billy.Filesystem, s *nfs.FSStat) error {
+	if err := h.fs.enter(); err != nil {
+		return err
+	}
+	defer h.fs.leave()
+	var st unix.Statfs_t
+	if err := unix.Fstatfs(int(h.fs.root.Fd()), &st); err != nil {
+		return err
+	}
+	bs := uint64(st.Bsize)
+	s.TotalSize, s.FreeSize, s.AvailableSize = st.Blocks*bs, st.Bfree*bs, st.Bavail*bs
+	s.TotalFiles, s.FreeFiles, s.AvailableFiles = st.Files, st.Ffree, st.Ffree
+	return nil
+}
+
+// ToHandle returns the handle of path, giving the object a file ID
+// (durably) if it has none. go-nfs has no way to fail here: a handle that
+// cannot be made is returned empty, which the server refuses when the
+// client uses it (STALE, or INVAL for a GETATTR), rather than one that a
+// failover could lose.
+func (h *Handler) ToHandle(f billy.Filesystem, path []string) []byte {
+	if err := h.fs.enter(); err != nil {
+		return nil
+	}
+	defer h.fs.leave()
+	comps := path
+	if m, ok := f.(*mountPoint); ok {
+		comps = append(m.prefix[:len(m.prefix):len(m.prefix)], path...)
+	}
+	for _, c := range comps {
+		if strings.Contains(c, "/") {
+			return nil
+		}
+	}
+	id, err := h.fs.idOf(join(comps))
+	if err != nil {
+		if !errors.Is(err, unix.ENOENT) {
+			slog.Warn("nfs: no file ID for a reply; the client gets an empty handle", "path", join(comps), "err", err)
+		}
+		return nil
+	}
+	return h.key.handle(id)
+}
+
+// FromHandle resolves a handle to its file's path, the last component a
+// marker (see markerPrefix). An unknown or removed ID, or a handle not
+// made with this export's key, is an error, which go-nfs answers with
+// NFS3ERR_STALE.
+func (h *Handler) FromHandle(fh []byte) (billy.Filesystem, []string, error) {
+	if err := h.fs.enter(); err != nil {
+		return nil, nil, err
+	}
+	defer h.fs.leave()
+	id, err := h.key.id(fh)
+	if err != nil {
+		return nil, nil, err
+	}
+	comps, err := h.ix.locate(id)
+	if err != nil || len(comps) == 0 {
+		return h.fs, nil, err
+	}
+	comps[len(comps)-1] = h.fs.marker(id)
+	return h.fs, comps, nil
+}
+
+// InvalidateHandle does nothing: an ID follows its file through renames,
+// and Remove takes it back itself.
+func (h *Handler) InvalidateHandle(billy.Filesystem, []byte) error { return nil }
+
+// HandleLimit is unbounded: handles are not cached. go-nfs uses half of it
+// as the most entries of one READDIR reply.
+func (h *Handler) HandleLimit() int { return math.MaxInt32 }
+
+// Serve answers NFSv3 and MOUNT (one port for both; no portmapper, no
+// NLM) on l for the export dir until ctx ends. It then closes l and every
+// connection, as a failover does, and returns once no request is using the
+// export.
+func Serve(ctx context.Context, l net.Listener, dir string, s Syncer) error {
+	h, err := New(dir, s)
+	if err != nil {
+		l.Close()
+		return err
+	}
+	routeLogs()
+	tl := &tracker{Listener: l, conns: map[*trackedConn]struct{}{}}
+	stop := make(chan struct{})
+	go func() {
+		select {
+		case <-ctx.Done():
+		case <-stop:
+		}
+		tl.closeAll()
+	}()
+	srv := &nfs.Server{Handler: h, Context: ctx}
+	err = srv.Serve(tl)
+	close(stop)
+	tl.closeAll()
+	if cerr := h.Close(); err == nil || ctx.Err() != nil {
+		err = cerr
+	}
+	return err
+}
+
+// tracker keeps the connections go-nfs serves so that Serve can close
+// them: go-nfs leaves them open when its listener closes.
+type tracker struct {
+	net.Listener
+	mu     sync.Mutex
+	conns  map[*trackedConn]struct{}
+	closed bool
+}
+
+func (t *tracker) Accept() (net.Conn, error) {
+	c, err := t.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	tc := &trackedConn{Conn: c, t: t}
+	if t.closed {
+		c.Close()
+	} else {
+		t.conns[tc] = struct{}{}
+	}
+	return tc, nil
+}
+
+func (t *tracker) closeAll() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.closed {
+		return
+	}
+	t.closed = true
+	t.Listener.Close()
+	for c := range t.conns {
+		c.Conn.Close()
+	}
+}
+
+// trackedConn leaves the tracker when go-nfs closes it.
+type trackedConn struct {
+	net.Conn
+	t *tracker
+}
+
+func (c *trackedConn) Close() error {
+	c.t.mu.Lock()
+	delete(c.t.conns, c)
+	c.t.mu.Unlock()
+	return c.Conn.Close()
+}
+
+var routeOnce sync.Once
+
+// routeLogs sends go-nfs's messages to slog at debug level: they are per
+// request (a lookup of a missing name is an "error" there), not events an
+// operator acts on; the index logs its own.
+func routeLogs() {
+	routeOnce.Do(func() { nfs.SetLogger(&nfsLog{DefaultLogger: &nfs.DefaultLogger{Level: nfs.ErrorLevel}}) })
+}
+
+// nfsLog keeps go-nfs's level handling and panics, and prints through slog.
+type nfsLog struct{ *nfs.DefaultLogger }
+
+func (l *nfsLog) debug(msg string) { slog.Debug("go-nfs: " + msg) }
+
+func (l *nfsLog) Error(args ...any)                 { l.debug(fmt.Sprint(args...)) }
+func (l *nfsLog) Errorf(format string, args ...any) { l.debug(fmt.Sprintf(format, args...)) }
+func (l *nfsLog) Warn(args ...any)                  { l.debug(fmt.Sprint(args...)) }
+func (l *nfsLog) Warnf(format string, args ...any)  { l.debug(fmt.Sprintf(format, args...)) }
+func (l *nfsLog) Info(args ...any)                  {}
+func (l *nfsLog) Infof(string, ...any)              {}
+func (l *nfsLog) Print(args ...any)                 { l.debug(fmt.Sprint(args...)) }
+func (l *nfsLog) Printf(format string, args ...any) { l.debug(fmt.Sprintf(format, args...)) }
+func (l *nfsLog) Debug(...any)                      {}
+func (l *nfsLog) Debugf(string, ...any)             {}
+func (l *nfsLog) Trace(...any)                      {}
+func (l *nfsLog) Tracef(string, ...any)             {}
