@@ -22,6 +22,7 @@ import (
 // stale read, and a key rewritten after the loss would hide the loss.
 type etcdHistory struct {
 	l       *Lab
+	gate    *sync.RWMutex // if set, held for reading around each operation
 	keys    int
 	mu      sync.Mutex
 	ops     []linearize.Op
@@ -35,8 +36,8 @@ func linKey(k int) string { return fmt.Sprintf("/lin/k%d", k) }
 // startEtcdHistory starts clients that each issue one operation at a time,
 // a put of a value unique to the client and its count or a get, on a
 // random one of keys registers, until ctx ends.
-func startEtcdHistory(ctx context.Context, l *Lab, clients, keys int, seed int64) *etcdHistory {
-	h := &etcdHistory{l: l, keys: keys}
+func startEtcdHistory(ctx context.Context, l *Lab, clients, keys int, seed int64, gate *sync.RWMutex) *etcdHistory {
+	h := &etcdHistory{l: l, keys: keys, gate: gate}
 	for c := 0; c < clients; c++ {
 		rng := rand.New(rand.NewSource(seed + int64(c)))
 		h.wg.Add(1)
@@ -59,11 +60,17 @@ func (h *etcdHistory) client(ctx context.Context, id int, rng *rand.Rand) {
 		} else {
 			args = append(args, "get", op.Key, "--print-value-only")
 		}
+		if h.gate != nil {
+			h.gate.RLock()
+		}
 		octx, cancel := context.WithTimeout(ctx, 3*time.Second)
 		op.Call = time.Now()
 		out, err := h.l.ipc(octx, []string{"ETCDCTL_API=3"}, args...)
 		op.Return = time.Now()
 		cancel()
+		if h.gate != nil {
+			h.gate.RUnlock()
+		}
 		got := strings.TrimSpace(string(out))
 		switch {
 		case err != nil:

@@ -407,7 +407,7 @@ func TestK3SStackFailover(t *testing.T) {
 	rng := rand.New(rand.NewSource(seed))
 	// Besides the counters, a history of puts and gets on a few keys,
 	// checked for linearizability at the end.
-	hist := startEtcdHistory(ctx, l, 3, 6, seed)
+	hist := startEtcdHistory(ctx, l, 3, 6, seed, nil)
 	defer func() {
 		stop()
 		hist.wg.Wait()
