@@ -116,3 +116,43 @@ func waitGone(pid int, timeout time.Duration) bool {
 	}
 	return false
 }
+
+// A SIGUSR2 that does not come from the supervisor's death (an operator
+// signalling the pid duet status shows, a program signalling its
+// parent) must not kill the service: its supervisor is alive.
+func TestServiceGroupSurvivesStraySIGUSR2(t *testing.T) {
+	pidFile := filepath.Join(t.TempDir(), "pid")
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sup := exec.Command(self)
+	sup.Env = append(os.Environ(), "DUET_BARRIER_SUPERVISOR=sleep 300 & echo $! > "+pidFile+"; wait")
+	out, err := sup.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := sup.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		sup.Process.Kill()
+		sup.Wait()
+	}()
+	if line, _ := bufio.NewReader(out).ReadString('\n'); line != "started\n" {
+		t.Fatalf("supervisor helper said %q", line)
+	}
+	pid := waitPidFile(t, pidFile)
+	// The group's leader is the supervised child (the pid status shows).
+	leader, err := unix.Getpgid(pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Kill(leader, unix.SIGUSR2); err != nil {
+		t.Fatal(err)
+	}
+	if waitGone(pid, 2*time.Second) {
+		t.Fatalf("a SIGUSR2 sent to the service's leader (pid %d) killed the service while its supervisor (pid %d) runs", leader, sup.Process.Pid)
+	}
+	unix.Kill(pid, unix.SIGKILL)
+}
