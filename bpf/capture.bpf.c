@@ -207,7 +207,12 @@ static __always_inline void mark_overflow(__u32 dev, __u64 ino)
 	struct inode_key k = { .ino = ino, .dev = dev };
 	__u8 one = 1;
 
-	if (bpf_map_update_elem(&overflow, &k, &one, BPF_ANY))
+	// BPF_NOEXIST: a mark already there stays where it is (re-inserting
+	// it could move it past a reader walking its bucket); only a full map
+	// calls for the whole-tree rescan.
+	long err = bpf_map_update_elem(&overflow, &k, &one, BPF_NOEXIST);
+
+	if (err && err != -17) // -EEXIST (vmlinux.h has no errno names)
 		bump(CTR_RESCAN);
 	bump(CTR_LOST);
 }

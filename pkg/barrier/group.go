@@ -51,7 +51,9 @@ func runGroup(path string, args []string, supervisor string) error {
 	for {
 		select {
 		case s := <-sigs:
-			if s == groupDeathSignal {
+			// A SIGUSR2 from anyone else (an operator reopening logs,
+			// the service itself) is not the supervisor's death.
+			if s == groupDeathSignal && strconv.Itoa(os.Getppid()) != supervisor {
 				unix.Kill(-unix.Getpgrp(), unix.SIGKILL)
 				os.Exit(128 + int(unix.SIGKILL))
 			}

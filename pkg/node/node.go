@@ -127,6 +127,7 @@ type Node struct {
 	// overflowMu serializes turning lost records into rescans (the 50 ms
 	// watcher and every barrier); overflowSeen is the lost count handled.
 	overflowMu     sync.Mutex
+	overflowTo     atomic.Pointer[[]*replica.Primary] // n.primaries, read without smu (a barrier may hold it)
 	overflowSeen   uint64
 	overflowLogged time.Time
 	drainMu        sync.Mutex
@@ -544,6 +545,7 @@ func (n *Node) startPrimary(ctx context.Context) error {
 	n.log.Info("capture attached", "hooks", strings.Join(active, ","))
 	n.smu.Lock()
 	n.cap, n.primaries = c, primaries
+	n.overflowTo.Store(&primaries)
 	n.eager.Store(false) // a new capture starts with lazy wake-ups
 	n.serveCancel = func() {}
 	n.dispatched.Store(0)
@@ -587,6 +589,7 @@ func (n *Node) stopPrimary() {
 		p.Close()
 	}
 	n.cap, n.primaries = nil, nil
+	n.overflowTo.Store(nil)
 	n.smu.Unlock()
 	n.preloadCapture()
 }
@@ -632,19 +635,22 @@ func (n *Node) takeCapture() (*capture.Capture, error) {
 // peerSynced: every directory streams to the peer, and whatever a barrier
 // released without the peer has been shipped since.
 func (n *Node) peerSynced() bool {
+	// Not held across Drain: it takes the lock again, and a writer
+	// waiting in between would deadlock the two.
 	n.smu.RLock()
-	defer n.smu.RUnlock()
-	if len(n.primaries) == 0 {
+	primaries := n.primaries
+	n.smu.RUnlock()
+	if len(primaries) == 0 {
 		return false
 	}
-	for _, p := range n.primaries {
+	for _, p := range primaries {
 		if !p.Streaming() {
 			return false
 		}
 	}
 	if n.releasedAlone.Load() {
 		kernel{n}.Drain()
-		for _, p := range n.primaries {
+		for _, p := range primaries {
 			if !p.Status().InSync {
 				return false
 			}
@@ -802,9 +808,10 @@ func (n *Node) takeOverflow(c *capture.Capture, lost uint64) {
 	if lost == n.overflowSeen {
 		return
 	}
-	n.smu.RLock()
-	primaries := n.primaries
-	n.smu.RUnlock()
+	var primaries []*replica.Primary
+	if ps := n.overflowTo.Load(); ps != nil {
+		primaries = *ps
+	}
 	ctr, err := c.Counters()
 	if err != nil {
 		return

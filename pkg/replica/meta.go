@@ -46,6 +46,11 @@ type Meta struct {
 	// resync has completed since. A crashed source's bitmap is lost; a
 	// crashed replica's last applied changes may be.
 	Crashed bool `json:"crashed,omitempty"`
+	// Untracked (unix ns, 0: none): changes made to this copy since then
+	// may not have been captured (duet was stopped); resyncs compare the
+	// files changed since, until one completes. Kept across clean stops
+	// so that a second one does not narrow the window to its own time.
+	Untracked int64 `json:"untracked,omitempty"`
 }
 
 // MetaStore holds one directory's Meta, safe for concurrent use.

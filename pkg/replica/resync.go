@@ -117,8 +117,12 @@ func (p *Primary) BeginTerm(t Term) error {
 	}
 	os.Remove(t.DirtyPath) // from now on it lives in memory; saved again at a clean stop
 	gen := NewGen()
+	if m.Untracked != 0 && (untracked == 0 || m.Untracked < untracked) {
+		untracked = m.Untracked // an earlier stop's window, not compared yet
+	}
 	if err := t.Meta.Update(func(m *Meta) {
 		m.Gen, m.Base, m.Source, m.Consistent = gen, base, true, true
+		m.Untracked = untracked
 	}); err != nil {
 		return err
 	}
@@ -157,8 +161,9 @@ func (p *Primary) plan(w wire.Welcome) resyncPlan {
 			pl.all = true
 		}
 		pl.cutoffS = p.selfSync - margin
-	} else if p.untracked != 0 {
-		pl.cutoffS = p.untracked - margin
+	}
+	if c := p.untracked - margin; p.untracked != 0 && (pl.cutoffS == 0 || c < pl.cutoffS) {
+		pl.cutoffS = c
 	}
 	if w.State&wire.CopyDiverged != 0 {
 		if w.SyncTime == 0 {
@@ -418,12 +423,13 @@ func (p *Primary) finishResync() {
 		return
 	}
 	p.base, p.dirtyTrusted, p.dirty.lost = p.gen, true, false
+	p.untracked = 0 // compared by this resync
 	p.rs.Active, p.rs.Phase, p.rs.Ended = false, "done", time.Now()
 	p.rs.BytesSent = p.rsSent.Load()
 	rs, gen, ms := p.rs, p.gen, p.meta
 	p.mu.Unlock()
 	if ms != nil {
-		if err := ms.Update(func(m *Meta) { m.Base, m.Crashed = gen, false }); err != nil {
+		if err := ms.Update(func(m *Meta) { m.Base, m.Crashed, m.Untracked = gen, false, 0 }); err != nil {
 			p.Log.Error("recording the resync", "err", err)
 		}
 	}

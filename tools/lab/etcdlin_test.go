@@ -65,7 +65,7 @@ func (h *etcdHistory) client(ctx context.Context, id int, rng *rand.Rand) {
 		}
 		octx, cancel := context.WithTimeout(ctx, 3*time.Second)
 		op.Call = time.Now()
-		out, err := h.l.ipc(octx, []string{"ETCDCTL_API=3"}, args...)
+		out, err := h.l.ipcStdout(octx, []string{"ETCDCTL_API=3"}, args...)
 		op.Return = time.Now()
 		cancel()
 		if h.gate != nil {

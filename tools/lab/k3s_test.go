@@ -161,6 +161,15 @@ func (l *Lab) ipc(ctx context.Context, env []string, args ...string) ([]byte, er
 	return cmd.CombinedOutput()
 }
 
+// ipcStdout is ipc with the standard output alone: a client's warnings
+// on its standard error (etcdctl's, while the VIP moves) are not part of
+// the answer.
+func (l *Lab) ipcStdout(ctx context.Context, env []string, args ...string) ([]byte, error) {
+	cmd := exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", "duet-c"}, args...)...)
+	cmd.Env = append(os.Environ(), env...)
+	return cmd.Output()
+}
+
 func (c *client) run(ctx context.Context) {
 	for ctx.Err() == nil {
 		c.mu.Lock()
