@@ -45,28 +45,7 @@ func supervisorHelper(script string) int {
 // SIGKILLed daemon: the test checks it can see that.
 func TestServiceGroupDiesWithSupervisor(t *testing.T) {
 	for _, group := range []bool{true, false} {
-		pidFile := filepath.Join(t.TempDir(), "pid")
-		self, err := os.Executable()
-		if err != nil {
-			t.Fatal(err)
-		}
-		sup := exec.Command(self)
-		sup.Env = append(os.Environ(), "DUET_BARRIER_SUPERVISOR=sleep 300 & echo $! > "+pidFile+"; wait")
-		if !group {
-			sup.Env = append(sup.Env, "DUET_BARRIER_NOGROUP=1")
-		}
-		out, err := sup.StdoutPipe()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := sup.Start(); err != nil {
-			t.Fatal(err)
-		}
-		if line, _ := bufio.NewReader(out).ReadString('\n'); line != "started\n" {
-			sup.Process.Kill()
-			sup.Wait()
-			t.Fatalf("supervisor helper said %q", line)
-		}
+		sup, pidFile := startSupervisor(t, group)
 		pid := waitPidFile(t, pidFile)
 		if status, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status"); !strings.Contains(string(status), "Seccomp:\t2") {
 			t.Errorf("group %v: the service's command runs without the filter:\n%s", group, status)
@@ -121,27 +100,11 @@ func waitGone(pid int, timeout time.Duration) bool {
 // signalling the pid duet status shows, a program signalling its
 // parent) must not kill the service: its supervisor is alive.
 func TestServiceGroupSurvivesStraySIGUSR2(t *testing.T) {
-	pidFile := filepath.Join(t.TempDir(), "pid")
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	sup := exec.Command(self)
-	sup.Env = append(os.Environ(), "DUET_BARRIER_SUPERVISOR=sleep 300 & echo $! > "+pidFile+"; wait")
-	out, err := sup.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := sup.Start(); err != nil {
-		t.Fatal(err)
-	}
+	sup, pidFile := startSupervisor(t, true)
 	defer func() {
 		sup.Process.Kill()
 		sup.Wait()
 	}()
-	if line, _ := bufio.NewReader(out).ReadString('\n'); line != "started\n" {
-		t.Fatalf("supervisor helper said %q", line)
-	}
 	pid := waitPidFile(t, pidFile)
 	// The group's leader is the supervised child (the pid status shows).
 	leader, err := unix.Getpgid(pid)
@@ -155,4 +118,33 @@ func TestServiceGroupSurvivesStraySIGUSR2(t *testing.T) {
 		t.Fatalf("a SIGUSR2 sent to the service's leader (pid %d) killed the service while its supervisor (pid %d) runs", leader, sup.Process.Pid)
 	}
 	unix.Kill(pid, unix.SIGKILL)
+}
+
+// startSupervisor starts the supervisor helper (with or without GroupEnv)
+// running `sleep 300` forked by sh; the sleep's pid lands in pidFile.
+func startSupervisor(t *testing.T, group bool) (sup *exec.Cmd, pidFile string) {
+	t.Helper()
+	pidFile = filepath.Join(t.TempDir(), "pid")
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sup = exec.Command(self)
+	sup.Env = append(os.Environ(), "DUET_BARRIER_SUPERVISOR=sleep 300 & echo $! > "+pidFile+"; wait")
+	if !group {
+		sup.Env = append(sup.Env, "DUET_BARRIER_NOGROUP=1")
+	}
+	out, err := sup.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := sup.Start(); err != nil {
+		t.Fatal(err)
+	}
+	if line, _ := bufio.NewReader(out).ReadString('\n'); line != "started\n" {
+		sup.Process.Kill()
+		sup.Wait()
+		t.Fatalf("supervisor helper said %q", line)
+	}
+	return sup, pidFile
 }
