@@ -13,102 +13,85 @@ import (
 // a file it replaces is taken back. The rename is recorded before it is
 // done (see index.move and index.settleMove).
 func (s *fsys) Rename(oldpath, newpath string) error {
-	if err := s.enter(); err != nil {
-		return err
-	}
-	defer s.leave()
-	s.ix.mu.Lock()
-	defer s.ix.mu.Unlock()
-	from, err := s.realNew(oldpath)
-	if err != nil {
-		return err
-	}
-	to, err := s.realNew(newpath)
-	if err != nil {
-		return err
-	}
-	fpid, fdir, fname, err := s.parent(from)
-	if err != nil {
-		return err
-	}
-	defer fdir.Close()
-	tpid, tdir, tname, err := s.parent(to)
-	if err != nil {
-		return err
-	}
-	defer tdir.Close()
-	if fpid == tpid && fname == tname {
-		return nil
-	}
-	id, err := s.ix.resolveLocked(from)
-	if err != nil {
-		return err
-	}
-	if s.ix.under(id, tpid) {
-		return &fs.PathError{Op: "rename", Path: newpath, Err: unix.EINVAL}
-	}
-	replaced, _ := s.ix.t.child(tpid, tname)
-	m := record{kind: kindMove, id: id, from: fpid, fromName: fname, parent: tpid, name: tname, replaced: replaced}
-	err = s.ix.move(m, func() error {
-		return unix.Renameat(int(fdir.Fd()), fname, int(tdir.Fd()), tname)
-	})
-	if err != nil {
-		return &fs.PathError{Op: "rename", Path: oldpath, Err: err}
-	}
-	if err := s.sync.Sync(fdir); err != nil {
-		return &fs.PathError{Op: "sync", Path: fdir.Name(), Err: err}
-	}
-	if fpid != tpid {
-		if err := s.sync.Sync(tdir); err != nil {
-			return &fs.PathError{Op: "sync", Path: tdir.Name(), Err: err}
+	return s.change(func() error {
+		from, err := s.realNew(oldpath)
+		if err != nil {
+			return err
 		}
-	}
-	// Only now: a snapshot drops the move record, which must not happen
-	// before the rename is durable.
-	s.ix.log.compact(s.ix.t)
-	return nil
+		to, err := s.realNew(newpath)
+		if err != nil {
+			return err
+		}
+		src, err := s.parent(from)
+		if err != nil {
+			return err
+		}
+		defer src.dir.Close()
+		dst, err := s.parent(to)
+		if err != nil {
+			return err
+		}
+		defer dst.dir.Close()
+		if src.pid == dst.pid && src.name == dst.name {
+			return nil
+		}
+		id, err := s.ix.resolveLocked(from)
+		if err != nil {
+			return err
+		}
+		if s.ix.under(id, dst.pid) {
+			return &fs.PathError{Op: "rename", Path: newpath, Err: unix.EINVAL}
+		}
+		replaced, _ := s.ix.t.child(dst.pid, dst.name)
+		m := record{kind: kindMove, id: id, from: src.pid, fromName: src.name, parent: dst.pid, name: dst.name, replaced: replaced}
+		err = s.ix.move(m, func() error {
+			return unix.Renameat(int(src.dir.Fd()), src.name, int(dst.dir.Fd()), dst.name)
+		})
+		if err != nil {
+			return &fs.PathError{Op: "rename", Path: oldpath, Err: err}
+		}
+		if err := s.sync.Sync(src.dir); err != nil {
+			return &fs.PathError{Op: "sync", Path: src.dir.Name(), Err: err}
+		}
+		if src.pid != dst.pid {
+			if err := s.sync.Sync(dst.dir); err != nil {
+				return &fs.PathError{Op: "sync", Path: dst.dir.Name(), Err: err}
+			}
+		}
+		// Only now: a snapshot drops the move record, which must not happen
+		// before the rename is durable.
+		s.ix.log.compact(s.ix.t)
+		return nil
+	})
 }
 
 // Remove removes a file or an empty directory. Its ID is taken back
 // durably first (a crash then leaves the file without an ID, never an ID
 // on another file) and put back if the removal fails.
 func (s *fsys) Remove(p string) error {
-	if err := s.enter(); err != nil {
-		return err
-	}
-	defer s.leave()
-	s.ix.mu.Lock()
-	defer s.ix.mu.Unlock()
-	comps, err := s.realNew(p)
-	if err != nil {
-		return err
-	}
-	pid, dir, name, err := s.parent(comps)
-	if err != nil {
-		return err
-	}
-	defer dir.Close()
-	var st unix.Stat_t
-	if err := unix.Fstatat(int(dir.Fd()), name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
-		return &fs.PathError{Op: "remove", Path: p, Err: err}
-	}
-	flags := 0
-	if st.Mode&unix.S_IFMT == unix.S_IFDIR {
-		flags = unix.AT_REMOVEDIR
-		// The common failure is checked before the ID is taken back, so
-		// that readers do not see the directory stale for a moment.
-		if err := empty(dir, name); err != nil {
+	return s.atPlace(p, func(at place) error {
+		var st unix.Stat_t
+		if err := unix.Fstatat(int(at.dir.Fd()), at.name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
 			return &fs.PathError{Op: "remove", Path: p, Err: err}
 		}
-	}
-	err = s.ix.remove(pid, name, func() error { return unix.Unlinkat(int(dir.Fd()), name, flags) })
-	if err != nil {
-		return &fs.PathError{Op: "remove", Path: p, Err: err}
-	}
-	if err := s.sync.Sync(dir); err != nil {
-		return &fs.PathError{Op: "sync", Path: dir.Name(), Err: err}
-	}
-	return nil
+		flags := 0
+		if st.Mode&unix.S_IFMT == unix.S_IFDIR {
+			flags = unix.AT_REMOVEDIR
+			// The common failure is checked before the ID is taken back, so
+			// that readers do not see the directory stale for a moment.
+			if err := empty(at.dir, at.name); err != nil {
+				return &fs.PathError{Op: "remove", Path: p, Err: err}
+			}
+		}
+		err := s.ix.remove(at.pid, at.name, func() error { return unix.Unlinkat(int(at.dir.Fd()), at.name, flags) })
+		if err != nil {
+			return &fs.PathError{Op: "remove", Path: p, Err: err}
+		}
+		if err := s.sync.Sync(at.dir); err != nil {
+			return &fs.PathError{Op: "sync", Path: at.dir.Name(), Err: err}
+		}
+		return nil
+	})
 }
 
 // empty returns ENOTEMPTY unless the directory name in dir is empty.
@@ -161,45 +144,41 @@ func (s *fsys) Chtimes(p string, atime, mtime time.Time) error {
 // symlink in between the check and the change), then makes the change
 // durable: NFSv3 SETATTR is stable when it returns.
 func (s *fsys) setattr(p string, do func(dir *os.File, name string, st *unix.Stat_t) error) error {
-	if err := s.enter(); err != nil {
-		return err
-	}
-	defer s.leave()
-	s.ix.mu.Lock()
-	defer s.ix.mu.Unlock()
-	comps, err := s.real(p)
-	if err != nil {
-		return err
-	}
-	name := "." // the root's attributes are set through itself
-	if n := len(comps); n > 0 {
-		comps, name = comps[:n-1], comps[n-1]
-	}
-	dir, err := fstree.OpenBeneath(s.root, join(comps), unix.O_RDONLY|unix.O_DIRECTORY)
-	if err != nil {
-		return err
-	}
-	defer dir.Close()
-	var st unix.Stat_t
-	if err := unix.Fstatat(int(dir.Fd()), name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
-		return &fs.PathError{Op: "setattr", Path: p, Err: err}
-	}
-	if err := do(dir, name, &st); err != nil {
-		return &fs.PathError{Op: "setattr", Path: p, Err: err}
-	}
-	// A file or directory is synced itself; anything else (a symlink, a
-	// FIFO) cannot be opened for fsync, so its directory is.
-	target := dir
-	if t := st.Mode & unix.S_IFMT; t == unix.S_IFREG || t == unix.S_IFDIR {
-		f, err := fstree.OpenBeneath(dir, name, unix.O_RDONLY|unix.O_NONBLOCK)
+	return s.change(func() error {
+		comps, err := s.real(p)
 		if err != nil {
 			return err
 		}
-		defer f.Close()
-		target = f
-	}
-	if err := s.sync.Sync(target); err != nil {
-		return &fs.PathError{Op: "sync", Path: p, Err: err}
-	}
-	return nil
+		name := "." // the root's attributes are set through itself
+		if n := len(comps); n > 0 {
+			comps, name = comps[:n-1], comps[n-1]
+		}
+		dir, err := fstree.OpenBeneath(s.root, join(comps), unix.O_RDONLY|unix.O_DIRECTORY)
+		if err != nil {
+			return err
+		}
+		defer dir.Close()
+		var st unix.Stat_t
+		if err := unix.Fstatat(int(dir.Fd()), name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+			return &fs.PathError{Op: "setattr", Path: p, Err: err}
+		}
+		if err := do(dir, name, &st); err != nil {
+			return &fs.PathError{Op: "setattr", Path: p, Err: err}
+		}
+		// A file or directory is synced itself; anything else (a symlink, a
+		// FIFO) cannot be opened for fsync, so its directory is.
+		target := dir
+		if t := st.Mode & unix.S_IFMT; t == unix.S_IFREG || t == unix.S_IFDIR {
+			f, err := fstree.OpenBeneath(dir, name, unix.O_RDONLY|unix.O_NONBLOCK)
+			if err != nil {
+				return err
+			}
+			defer f.Close()
+			target = f
+		}
+		if err := s.sync.Sync(target); err != nil {
+			return &fs.PathError{Op: "sync", Path: p, Err: err}
+		}
+		return nil
+	})
 }

@@ -211,13 +211,13 @@ func (s *fsys) Create(p string) (billy.File, error) {
 // OpenFile opens beneath the root without following symlinks; O_NONBLOCK
 // keeps a FIFO from blocking the server.
 func (s *fsys) OpenFile(p string, flag int, perm os.FileMode) (billy.File, error) {
+	if flag&os.O_CREATE != 0 {
+		return s.create(p, flag, perm)
+	}
 	if err := s.enter(); err != nil {
 		return nil, err
 	}
 	defer s.leave()
-	if flag&os.O_CREATE != 0 {
-		return s.create(p, flag, perm)
-	}
 	s.ix.tmu.RLock()
 	comps, err := s.real(p)
 	var f *os.File
@@ -235,65 +235,101 @@ func (s *fsys) OpenFile(p string, flag int, perm os.FileMode) (billy.File, error
 // ID once its directory entry is durable; an existing one keeps its ID.
 // The file is synced when closed (it is new, or truncated).
 func (s *fsys) create(p string, flag int, perm os.FileMode) (billy.File, error) {
-	s.ix.mu.Lock()
-	defer s.ix.mu.Unlock()
-	comps, err := s.realNew(p)
-	if err != nil {
-		return nil, err
-	}
-	pid, dir, name, err := s.parent(comps)
-	if err != nil {
-		return nil, err
-	}
-	defer dir.Close()
-	var st unix.Stat_t
-	err = unix.Fstatat(int(dir.Fd()), name, &st, unix.AT_SYMLINK_NOFOLLOW)
-	if err == nil {
-		if flag&os.O_EXCL != 0 {
-			return nil, &fs.PathError{Op: "create", Path: p, Err: unix.EEXIST}
+	var opened billy.File
+	err := s.atPlace(p, func(at place) error {
+		var st unix.Stat_t
+		err := unix.Fstatat(int(at.dir.Fd()), at.name, &st, unix.AT_SYMLINK_NOFOLLOW)
+		if err == nil {
+			if flag&os.O_EXCL != 0 {
+				return &fs.PathError{Op: "create", Path: p, Err: unix.EEXIST}
+			}
+			if _, err := s.ix.resolveLocked(at.comps); err != nil {
+				return err
+			}
+			f, err := fstree.OpenBeneath(at.dir, at.name, flag&^os.O_CREATE|unix.O_NONBLOCK)
+			if err != nil {
+				return err
+			}
+			opened = &file{File: f, name: p, sync: s.sync, dirty: flag&os.O_TRUNC != 0}
+			return nil
 		}
-		if _, err := s.ix.resolveLocked(comps); err != nil {
-			return nil, err
+		if !errors.Is(err, unix.ENOENT) {
+			return &fs.PathError{Op: "create", Path: p, Err: err}
 		}
-		f, err := fstree.OpenBeneath(dir, name, flag&^os.O_CREATE|unix.O_NONBLOCK)
+		if err := s.ix.forget(at.pid, at.name); err != nil {
+			return err
+		}
+		how := unix.OpenHow{Flags: uint64(flag | os.O_EXCL | unix.O_NONBLOCK | unix.O_NOFOLLOW | unix.O_CLOEXEC),
+			Mode: uint64(fstree.UnixPerm(perm)), Resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS}
+		fd, err := unix.Openat2(int(at.dir.Fd()), at.name, &how)
 		if err != nil {
-			return nil, err
+			return &fs.PathError{Op: "create", Path: p, Err: err}
 		}
-		return &file{File: f, name: p, sync: s.sync, dirty: flag&os.O_TRUNC != 0}, nil
-	}
-	if !errors.Is(err, unix.ENOENT) {
-		return nil, &fs.PathError{Op: "create", Path: p, Err: err}
-	}
-	if err := s.ix.forget(pid, name); err != nil {
-		return nil, err
-	}
-	how := unix.OpenHow{Flags: uint64(flag | os.O_EXCL | unix.O_NONBLOCK | unix.O_NOFOLLOW | unix.O_CLOEXEC),
-		Mode: uint64(fstree.UnixPerm(perm)), Resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS}
-	fd, err := unix.Openat2(int(dir.Fd()), name, &how)
+		f := os.NewFile(uintptr(fd), join(at.comps))
+		if err := s.newEntry(at.dir, at.pid, at.name); err != nil {
+			f.Close()
+			return err
+		}
+		opened = &file{File: f, name: p, sync: s.sync, dirty: true}
+		return nil
+	})
 	if err != nil {
-		return nil, &fs.PathError{Op: "create", Path: p, Err: err}
-	}
-	f := os.NewFile(uintptr(fd), join(comps))
-	if err := s.newEntry(dir, pid, name); err != nil {
-		f.Close()
 		return nil, err
 	}
-	return &file{File: f, name: p, sync: s.sync, dirty: true}, nil
+	return opened, nil
 }
 
-// parent resolves the directory of comps: its ID and an open descriptor.
-// mu is held.
-func (s *fsys) parent(comps []string) (uint64, *os.File, string, error) {
+// change runs do while the export is open, under ix.mu: the frame of
+// every change of the namespace (see index.mu).
+func (s *fsys) change(do func() error) error {
+	if err := s.enter(); err != nil {
+		return err
+	}
+	defer s.leave()
+	s.ix.mu.Lock()
+	defer s.ix.mu.Unlock()
+	return do()
+}
+
+// place is where an object that a change creates, renames or removes
+// stands.
+type place struct {
+	comps []string // the object's path under the root
+	pid   uint64   // the ID of its directory
+	dir   *os.File // its directory, open
+	name  string   // its name in dir
+}
+
+// atPlace runs do as a change on the place of p, an object to create or
+// remove, with its directory open until do returns.
+func (s *fsys) atPlace(p string, do func(at place) error) error {
+	return s.change(func() error {
+		comps, err := s.realNew(p)
+		if err != nil {
+			return err
+		}
+		at, err := s.parent(comps)
+		if err != nil {
+			return err
+		}
+		defer at.dir.Close()
+		return do(at)
+	})
+}
+
+// parent resolves the directory of comps: its ID and an open descriptor,
+// which the caller closes. mu is held.
+func (s *fsys) parent(comps []string) (place, error) {
 	n := len(comps) - 1
 	pid, err := s.ix.resolveLocked(comps[:n])
 	if err != nil {
-		return 0, nil, "", err
+		return place{}, err
 	}
 	dir, err := fstree.OpenBeneath(s.root, join(comps[:n]), unix.O_RDONLY|unix.O_DIRECTORY)
 	if err != nil {
-		return 0, nil, "", err
+		return place{}, err
 	}
-	return pid, dir, comps[n], nil
+	return place{comps: comps, pid: pid, dir: dir, name: comps[n]}, nil
 }
 
 // newEntry makes a new directory entry durable, then gives it an ID.
@@ -322,32 +358,19 @@ func (s *fsys) Symlink(target, link string) error {
 
 // make creates a directory or symlink with do, then records it.
 func (s *fsys) make(p string, do func(dir *os.File, name string) error) error {
-	if err := s.enter(); err != nil {
-		return err
-	}
-	defer s.leave()
-	s.ix.mu.Lock()
-	defer s.ix.mu.Unlock()
-	comps, err := s.realNew(p)
-	if err != nil {
-		return err
-	}
-	pid, dir, name, err := s.parent(comps)
-	if err != nil {
-		return err
-	}
-	defer dir.Close()
-	var st unix.Stat_t
-	if err := unix.Fstatat(int(dir.Fd()), name, &st, unix.AT_SYMLINK_NOFOLLOW); err == nil {
-		return &fs.PathError{Op: "create", Path: p, Err: unix.EEXIST}
-	}
-	if err := s.ix.forget(pid, name); err != nil {
-		return err
-	}
-	if err := do(dir, name); err != nil {
-		return &fs.PathError{Op: "create", Path: p, Err: err}
-	}
-	return s.newEntry(dir, pid, name)
+	return s.atPlace(p, func(at place) error {
+		var st unix.Stat_t
+		if err := unix.Fstatat(int(at.dir.Fd()), at.name, &st, unix.AT_SYMLINK_NOFOLLOW); err == nil {
+			return &fs.PathError{Op: "create", Path: p, Err: unix.EEXIST}
+		}
+		if err := s.ix.forget(at.pid, at.name); err != nil {
+			return err
+		}
+		if err := do(at.dir, at.name); err != nil {
+			return &fs.PathError{Op: "create", Path: p, Err: err}
+		}
+		return s.newEntry(at.dir, at.pid, at.name)
+	})
 }
 
 // Readlink reads a symlink's target.
