@@ -80,8 +80,9 @@ func k3sLab(t *testing.T) *Lab {
 // addK3SModule configures the k3s module on both hosts. Kubernetes is
 // replaced by a kubectl that logs its arguments (k3s cannot be installed
 // here) and answers the hooks' `get node` with Unknown, as Kubernetes does
-// for a node whose kubelet went silent; peer_lost_after is short so that
-// the taint comes within a run.
+// for a node whose kubelet went silent. peer_lost_after (60 s by default)
+// is 10 s, so that the taint comes within a run, yet longer than a restart
+// of the daemon (about 4.5 s of silence here: 3 s tainted a restart).
 func addK3SModule(t *testing.T, l *Lab, tools map[string]string) {
 	pw := filepath.Join(l.Dir, "k3s.password")
 	kubectl := filepath.Join(l.Dir, "kubectl")
@@ -107,7 +108,7 @@ k3s:
   etcdctl: %s
   kubectl: %s
 hooks:
-  peer_lost_after: 3s
+  peer_lost_after: 10s
 `, data, pw, tools["mariadbd"], tools["mariadb-install-db"], tools["mariadb"], tools["ganesha.nfsd"], tools["kine"], tools["etcdctl"], kubectl))
 	}
 }
@@ -401,7 +402,7 @@ func TestK3SStackFailover(t *testing.T) {
 	}()
 	// A restart of the standby's daemon, clean (systemctl restart) and
 	// after a crash of the daemon alone: its host never went down, so
-	// nothing may taint it, even past peer_lost_after.
+	// nothing may taint it (the old hooks tainted after 1.5 s of silence).
 	l.Stop(t, "b")
 	l.Start(t, "b")
 	l.WaitState(t, "b", "SECOND", time.Minute)
