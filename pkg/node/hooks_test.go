@@ -42,6 +42,14 @@ func (l *hookLab) ran() string {
 	return string(b)
 }
 
+// step gives the hooks the cluster loop's view of one tick and waits for
+// the command it started, if any, to end.
+func step(t *testing.T, h *hooks, v peerView) {
+	t.Helper()
+	h.tick(v)
+	settle(t, h)
+}
+
 // settle waits until no command runs: what ran is in out, and nothing
 // runs before the next tick.
 func settle(t *testing.T, h *hooks) {
@@ -82,8 +90,7 @@ func TestHooksShortSilenceTaintsNothing(t *testing.T) {
 	h.lost("nodeA", t0, false)
 	for _, v := range []peerView{silent(t0.Add(time.Second)), silent(t0.Add(4 * time.Second)),
 		heard(t0.Add(5 * time.Second)), mirror(t0.Add(20 * time.Second)), mirror(t0.Add(2 * time.Minute))} {
-		h.tick(v)
-		settle(t, h)
+		step(t, h, v)
 	}
 	if got := l.ran(); got != "" {
 		t.Fatalf("a peer silent for 5 s: hooks ran\n%s", got)
@@ -100,20 +107,16 @@ func TestHooksFencedPeerTaintedThenUntainted(t *testing.T) {
 	h := l.start(t)
 	t0 := time.Now()
 	h.lost("nodeA", t0, true)
-	h.tick(silent(t0.Add(2 * time.Second)))
-	settle(t, h)
+	step(t, h, silent(t0.Add(2*time.Second)))
 	if got := l.ran(); got != "lost nodeA by nodeB\n" {
 		t.Fatalf("fenced peer: hooks ran %q, want peer_lost", got)
 	}
 	if last, lost := h.status(); last != "peer_lost nodeA: done (1 tries)" || !strings.Contains(lost, "peer_back owed") {
 		t.Fatalf("status %q, %q", last, lost)
 	}
-	h.tick(heard(t0.Add(time.Minute))) // back, resyncing
-	settle(t, h)
-	h.tick(mirror(t0.Add(2 * time.Minute)))
-	settle(t, h)
-	h.tick(mirror(t0.Add(3 * time.Minute)))
-	settle(t, h)
+	step(t, h, heard(t0.Add(time.Minute))) // back, resyncing
+	step(t, h, mirror(t0.Add(2*time.Minute)))
+	step(t, h, mirror(t0.Add(3*time.Minute)))
 	if got := l.ran(); got != "lost nodeA by nodeB\nback nodeA\n" {
 		t.Fatalf("hooks ran %q, want peer_lost then one peer_back", got)
 	}
@@ -130,24 +133,20 @@ func TestHooksBackOwedAcrossRestart(t *testing.T) {
 	h := l.start(t)
 	t0 := time.Now()
 	h.lost("nodeA", t0, true)
-	h.tick(silent(t0.Add(2 * time.Second)))
-	settle(t, h)
+	step(t, h, silent(t0.Add(2*time.Second)))
 
 	h = l.start(t)
 	if _, lost := h.status(); !strings.Contains(lost, "nodeA confirmed down, peer_lost done: peer_back owed") {
 		t.Fatalf("restarted daemon's status: %q", lost)
 	}
-	h.tick(silent(t0.Add(5 * time.Minute)))
-	settle(t, h)
-	h.tick(mirror(t0.Add(6 * time.Minute)))
-	settle(t, h)
+	step(t, h, silent(t0.Add(5*time.Minute)))
+	step(t, h, mirror(t0.Add(6*time.Minute)))
 	if got := l.ran(); got != "lost nodeA by nodeB\nback nodeA\n" {
 		t.Fatalf("hooks ran %q, want peer_lost before the restart and peer_back after", got)
 	}
 	// Once peer_back succeeded, a further restart owes nothing.
 	h = l.start(t)
-	h.tick(mirror(t0.Add(7 * time.Minute)))
-	settle(t, h)
+	step(t, h, mirror(t0.Add(7*time.Minute)))
 	if got := l.ran(); got != "lost nodeA by nodeB\nback nodeA\n" {
 		t.Fatalf("hooks ran %q after peer_back succeeded and a restart", got)
 	}
@@ -175,18 +174,15 @@ func TestHooksUnfinishedLostConfirmedAgainAfterRestart(t *testing.T) {
 	os.WriteFile(ok, nil, 0o644)
 	h = l.start(t)
 	before := l.ran()
-	h.tick(silent(t0.Add(30 * time.Second)))
-	settle(t, h)
+	step(t, h, silent(t0.Add(30*time.Second)))
 	if got := l.ran(); got != before {
 		t.Fatalf("peer_lost ran again after a restart, not confirmed again:\n%s", got)
 	}
-	h.tick(silent(t0.Add(61 * time.Second))) // no check configured: the silence confirms
-	settle(t, h)
+	step(t, h, silent(t0.Add(61*time.Second))) // no check configured: the silence confirms
 	if got := l.ran(); !strings.HasSuffix(got, "lost nodeA\n") || got == before {
 		t.Fatalf("confirmed down again after the restart: hooks ran %q", got)
 	}
-	h.tick(mirror(t0.Add(2 * time.Minute)))
-	settle(t, h)
+	step(t, h, mirror(t0.Add(2*time.Minute)))
 	if got := l.ran(); !strings.HasSuffix(got, "lost nodeA\nback nodeA\n") {
 		t.Fatalf("hooks ran %q, want peer_back last", got)
 	}
@@ -206,8 +202,7 @@ func TestHooksSilentButReadyNotTainted(t *testing.T) {
 	t0 := time.Now()
 	h.lost("nodeA", t0, false)
 	for _, s := range []int{1, 30, 59, 61, 62, 65, 67} {
-		h.tick(silent(t0.Add(time.Duration(s) * time.Second)))
-		settle(t, h)
+		step(t, h, silent(t0.Add(time.Duration(s)*time.Second)))
 	}
 	if got := l.ran(); got != "check\ncheck\n" {
 		t.Fatalf("node Ready: hooks ran %q, want two checks (at 61 s and 67 s) and no peer_lost", got)
@@ -216,10 +211,8 @@ func TestHooksSilentButReadyNotTainted(t *testing.T) {
 		t.Fatalf("status %q, %q", last, lost)
 	}
 	os.WriteFile(ready, []byte("Unknown\n"), 0o644)
-	h.tick(silent(t0.Add(73 * time.Second)))
-	settle(t, h)
-	h.tick(silent(t0.Add(74 * time.Second)))
-	settle(t, h)
+	step(t, h, silent(t0.Add(73*time.Second)))
+	step(t, h, silent(t0.Add(74*time.Second)))
 	if got := l.ran(); got != "check\ncheck\ncheck\nlost nodeA by nodeB\n" {
 		t.Fatalf("node NotReady: hooks ran %q, want a third check then peer_lost", got)
 	}
@@ -238,15 +231,12 @@ func TestHooksRetryAndOrder(t *testing.T) {
 	h.lost("nodeA", t0, true)
 	h.tick(silent(t0))
 	h.lost("nodeA", t0, true)
-	h.tick(silent(t0))
-	settle(t, h)
+	step(t, h, silent(t0))
 	if last, _ := h.status(); last != "peer_lost nodeA: done (3 tries)" {
 		t.Fatalf("status %q", last)
 	}
-	h.tick(mirror(t0))
-	settle(t, h)
-	h.tick(mirror(t0))
-	settle(t, h)
+	step(t, h, mirror(t0))
+	step(t, h, mirror(t0))
 	want := "lost nodeA by nodeB\nlost nodeA by nodeB\nlost nodeA by nodeB\nback nodeA\n"
 	if got := l.ran(); got != want {
 		t.Fatalf("hooks ran:\n%s\nwant:\n%s", got, want)
@@ -265,8 +255,7 @@ func TestHooksBackCancelsLost(t *testing.T) {
 	h.lost("nodeA", t0, true)
 	h.tick(silent(t0))
 	waitFor(t, "peer_lost to fail twice", func() bool { return strings.Count(l.ran(), "lost") >= 2 })
-	h.tick(mirror(t0))
-	settle(t, h)
+	step(t, h, mirror(t0))
 	time.Sleep(100 * time.Millisecond) // a peer_lost retry would come within it
 	got := l.ran()
 	if lines := strings.Split(strings.TrimSpace(got), "\n"); lines[len(lines)-1] != "back" || strings.Count(got, "back") != 1 {
