@@ -38,26 +38,31 @@ func (b *bench) waitSame(rel string, limit time.Duration) time.Duration {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	a := strings.Split(want, "\n")
-	bb := strings.Split(treeState(filepath.Join(b.lab, "b/data", rel)), "\n")
-	diff := 0
+	missing, mFirst := linesNotIn(want, treeState(filepath.Join(b.lab, "b/data", rel)))
+	extra, eFirst := linesNotIn(treeState(filepath.Join(b.lab, "b/data", rel)), want)
+	log, _ := os.ReadFile(filepath.Join(b.lab, "lsyncd.log"))
+	// Both ways: an entry left on nodeB that nodeA removed (a delete
+	// lsyncd missed) also differs.
+	fail(fmt.Sprintf("lsyncd: nodeB's %s is not nodeA's after %s: %d of nodeA's files missing or different there (first: %q), %d there not on nodeA (first: %q); lsyncd log:\n%s",
+		rel, limit, missing, mFirst, extra, eFirst, tail(string(log), 3000)))
+	return 0
+}
+
+// linesNotIn counts the lines of a that b lacks and returns the first.
+func linesNotIn(a, b string) (n int, first string) {
 	have := map[string]bool{}
-	for _, l := range bb {
+	for _, l := range strings.Split(b, "\n") {
 		have[l] = true
 	}
-	var first string
-	for _, l := range a {
+	for _, l := range strings.Split(a, "\n") {
 		if !have[l] {
-			if diff == 0 {
+			if n == 0 {
 				first = l
 			}
-			diff++
+			n++
 		}
 	}
-	log, _ := os.ReadFile(filepath.Join(b.lab, "lsyncd.log"))
-	fail(fmt.Sprintf("lsyncd: nodeB's %s is not nodeA's after %s: %d of %d entries differ (first: %q); lsyncd log:\n%s",
-		rel, limit, diff, len(a), first, tail(string(log), 3000)))
-	return 0
+	return n, first
 }
 
 func tail(s string, n int) string {
