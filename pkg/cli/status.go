@@ -196,7 +196,7 @@ func printStatus(w io.Writer, st *node.Status, output string) error {
 			fmt.Fprintf(w, "  PEER CANNOT APPLY: %s (durability calls go on without it; retried with backoff)\n", d.PeerCannotApply)
 		}
 		if d.DroppedChanges > 0 {
-			fmt.Fprintf(w, "  %d changes given up after retries: the peer may lack them; `duet resync` compares the files\n", d.DroppedChanges)
+			fmt.Fprintf(w, "  %d changes could not be shipped after retries: each started a resync of its file (see the log)\n", d.DroppedChanges)
 		}
 	}
 	for _, c := range st.Copies {

@@ -44,8 +44,13 @@ type File struct {
 	NewSeq uint64
 	// NewGen is the generation of that new inode.
 	NewGen uint32
-	// Retries counts how often this change was requeued.
-	Retries int
+	// Retries counts how often this change was requeued, and RetryFrom is
+	// when it first was, since the last new record about the inode: a
+	// change is given up only after both a number of passes and a time,
+	// so that a busy machine (passes come quickly, the writer is slow to
+	// move i_size) does not give up a write still in progress.
+	Retries   int
+	RetryFrom time.Time
 }
 
 type entry struct {
@@ -176,9 +181,15 @@ func (j *Journal) DropSettled() []File {
 func (j *Journal) Pending() int { return len(j.files) }
 
 // Requeue puts back what could not be shipped yet (a path that moved
-// meanwhile, bytes not yet visible); Retries counts how often.
+// meanwhile, bytes not yet visible); Retries counts how often. A record
+// about the inode since f was taken (its MaxSeq is newer) starts the
+// count again: what failed is merged with a change not tried yet, and
+// must not be given up on the strength of the older one's tries.
 func (j *Journal) Requeue(f File) {
 	e := j.get(f.Key)
+	if e.MaxSeq > f.MaxSeq {
+		f.Retries, f.RetryFrom = 0, time.Time{}
+	}
 	e.Data.AddAll(&f.Data)
 	if f.HasTail {
 		e.addSpan(f.Tail, ^uint64(0))
@@ -194,5 +205,8 @@ func (j *Journal) Requeue(f File) {
 	}
 	if f.Retries+1 > e.Retries {
 		e.Retries = f.Retries + 1
+	}
+	if !f.RetryFrom.IsZero() && (e.RetryFrom.IsZero() || f.RetryFrom.Before(e.RetryFrom)) {
+		e.RetryFrom = f.RetryFrom
 	}
 }

@@ -181,3 +181,33 @@ func TestDropSettled(t *testing.T) {
 		t.Fatalf("%d left, want the mapped write, the operation in progress and the requeued bytes", j.Pending())
 	}
 }
+
+// A requeued change keeps its count of tries and the time of its first,
+// unless a record about the inode came meanwhile: then what failed is
+// merged with a change not tried yet, which must not be given up on the
+// strength of the older one's tries.
+func TestRequeueCountsAgainAfterNewRecord(t *testing.T) {
+	j := New()
+	now := time.Now()
+	first := now.Add(-time.Minute)
+	k := capture.InodeKey{Dev: 1, Ino: 7}
+	j.Add(&capture.Record{Seq: 5, Dev: 1, Ino: 7, Kind: capture.KindData, Pos: 0, Len: 10}, now)
+	got := j.Take(now)
+	f := got[0]
+	f.Retries, f.RetryFrom = 49, first
+	j.Requeue(f)
+	got = j.Take(now)
+	if len(got) != 1 || got[0].Retries != 50 || !got[0].RetryFrom.Equal(first) {
+		t.Fatalf("requeued alone: %+v, want 50 tries since %v", got, first)
+	}
+	f = got[0]
+	j.Add(&capture.Record{Seq: 6, Dev: 1, Ino: 7, Kind: capture.KindData, Pos: 100, Len: 10}, now)
+	j.Requeue(f)
+	got = j.Take(now)
+	if len(got) != 1 || got[0].Key != k || got[0].Retries != 1 || !got[0].RetryFrom.IsZero() {
+		t.Fatalf("requeued after a new record: %+v, want the count started again", got)
+	}
+	if spans := got[0].Data.Spans(); len(spans) != 2 {
+		t.Fatalf("spans %v, want the requeued and the new one", spans)
+	}
+}

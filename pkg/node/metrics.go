@@ -172,7 +172,7 @@ func (n *Node) writeMetrics(w io.Writer) {
 		{"duet_bitmap_bytes", "Data marked in the modification bitmap: what a resync would send now.", func(d *replica.Status) float64 { return float64(d.BitmapBytes) }},
 		{"duet_peer_connected", "1 while the directory's replication connection to the peer is up.", func(d *replica.Status) float64 { return b2f(d.Connected) }},
 		{"duet_peer_cannot_apply", "1 while the peer refuses the directory's batches (its disk is full...): see duet status.", func(d *replica.Status) float64 { return b2f(d.PeerCannotApply != "") }},
-		{"duet_dropped_changes", "Changes given up after retries: the peer may lack them until a resync.", func(d *replica.Status) float64 { return float64(d.DroppedChanges) }},
+		{"duet_dropped_changes", "Changes that could not be shipped after retries; each started a resync, the peer out of sync until it ended.", func(d *replica.Status) float64 { return float64(d.DroppedChanges) }},
 	} {
 		fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s gauge\n", m.name, m.help, m.name)
 		for i := range s.Dirs {

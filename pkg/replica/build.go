@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"sort"
+	"time"
 
 	"github.com/duet-ha/duet/pkg/capture"
 	"github.com/duet-ha/duet/pkg/fstree"
@@ -15,10 +16,16 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// maxRetries bounds how often a change whose bytes or path are not yet
-// visible is requeued (one batch interval apart) before it is dropped; a
-// later record reports whatever happened meanwhile.
-const maxRetries = 50
+// A change whose bytes or path are not yet visible is requeued, one batch
+// interval apart, until it has been tried maxRetries times over at least
+// minRetryAge (a new record about the inode starts both again). Then bytes
+// still beyond the end of the file are given up (a truncate removed them;
+// a write in progress has long moved the size), and any other change is
+// handed to a resync of its file: the peer is not in sync until then.
+const (
+	maxRetries  = 50
+	minRetryAge = 2 * time.Second
+)
 
 // readChunk bounds the data carried by one write op.
 const readChunk = 1 << 20
@@ -64,7 +71,16 @@ type builder struct {
 	blocked  int
 	removals []link
 	dataRead uint64 // bytes read for shipping, in total
-	dropped  int    // changes given up after maxRetries
+	// gaveUp are the changes tried too long (see maxRetries): each file
+	// must be compared by a resync.
+	gaveUp []gaveUp
+	// moot counts ranges given up because they stayed beyond the end of
+	// their file (truncated away).
+	moot int
+	// sent is the size each file sent whole in this pass had then (not
+	// kept by a full sync, which sends every file whole).
+	sent map[uint64]uint64
+	now  time.Time
 	// onRead, if set, is told of every read for shipping (a resync's
 	// progress and rate limit).
 	onRead func(n int)
@@ -76,7 +92,13 @@ func newBuilder(root *os.File, dev uint32, sh *shadow, k Kernel, out sink, log *
 	if len(buf) < readChunk {
 		buf = make([]byte, readChunk)
 	}
-	return &builder{root: root, dev: dev, sh: sh, kernel: k, out: out, log: log, buf: buf}
+	return &builder{root: root, dev: dev, sh: sh, kernel: k, out: out, log: log, buf: buf, now: time.Now()}
+}
+
+// gaveUp is a change tried too long, and why it could not be shipped.
+type gaveUp struct {
+	key capture.InodeKey
+	why string
 }
 
 // build ships the changes of one batch and returns what must be retried.
@@ -91,6 +113,9 @@ func (b *builder) build(files []journal.File) ([]journal.File, error) {
 	b.requeue = nil
 	b.blocked = 0
 	b.removals = nil
+	b.gaveUp, b.moot = nil, 0
+	b.sent = map[uint64]uint64{}
+	b.now = time.Now()
 	b.forget(files)
 
 	// A reused inode number: the shadow's node is a deleted inode. Its
@@ -102,14 +127,16 @@ func (b *builder) build(files []journal.File) ([]journal.File, error) {
 			}
 		}
 	}
-	var dirs, others []journal.File
+	var dirs, others, unknown []journal.File
 	for _, f := range files {
 		if f.Key.Dev != b.dev {
 			continue
 		}
 		n := b.sh.nodes[f.Key.Ino]
 		if n == nil {
-			continue // not in the tree, or new: its directory reports it
+			// Not in the tree, or new: its directory reports it.
+			unknown = append(unknown, f)
+			continue
 		}
 		if n.mode.IsDir() {
 			dirs = append(dirs, f)
@@ -152,7 +179,30 @@ func (b *builder) build(files []journal.File) ([]journal.File, error) {
 			return nil, err
 		}
 	}
+	// A new file was sent whole as its directory found it; a write whose
+	// record is in this pass may not have moved its size yet (write_end
+	// reports it first): those bytes were not sent.
+	for _, f := range unknown {
+		if size, ok := b.sent[f.Key.Ino]; ok {
+			b.beyondWhole(f, size)
+		}
+	}
 	return b.requeue, nil
+}
+
+// beyondWhole requeues the ranges of f that lie beyond size, the size its
+// file had when it was sent whole: the rest of f went with it.
+func (b *builder) beyondWhole(f journal.File, size uint64) {
+	later := journal.File{Key: f.Key, Retries: f.Retries, RetryFrom: f.RetryFrom, MaxSeq: f.MaxSeq}
+	for _, s := range f.Data.Spans() {
+		if s.End > size {
+			lo := max(s.Off, size)
+			later.Data.Add(lo, s.End-lo)
+		}
+	}
+	if !later.Data.Empty() {
+		b.requeueOnly(later, "bytes beyond EOF")
+	}
 }
 
 // forget drops the kernel's in-flight marks of everything in the batch
@@ -198,23 +248,39 @@ func (b *builder) retire(ino uint64, gen uint32) error {
 	return nil
 }
 
+// retry requeues a change that barriers wait for; tried too long, it is
+// handed to a resync instead (see maxRetries).
 func (b *builder) retry(f journal.File, why string) {
-	b.blocked++
-	b.requeueOnly(f, why)
-}
-
-// requeueOnly requeues a change no barrier waits for.
-func (b *builder) requeueOnly(f journal.File, why string) {
-	if f.Retries < maxRetries {
-		b.log.Debug("change requeued", "ino", f.Key.Ino, "retries", f.Retries, "why", why)
-		b.requeue = append(b.requeue, f)
+	if b.triedTooLong(f) {
+		b.gaveUp = append(b.gaveUp, gaveUp{key: f.Key, why: why})
 		return
 	}
-	// Counted, and warned about by the primary at most every 30 s: the
-	// peer lacks this change until the file changes again or a resync
-	// compares it.
-	b.dropped++
-	b.log.Debug("change dropped after retries", "ino", f.Key.Ino, "retries", f.Retries, "why", why)
+	b.blocked++
+	b.requeueAgain(f, why)
+}
+
+// requeueOnly requeues bytes beyond the end of the file, which no barrier
+// waits for (a write that has returned has moved the size); tried too
+// long, they are given up: a truncate removed them.
+func (b *builder) requeueOnly(f journal.File, why string) {
+	if b.triedTooLong(f) {
+		b.moot++
+		b.log.Debug("bytes beyond EOF given up", "ino", f.Key.Ino, "retries", f.Retries)
+		return
+	}
+	b.requeueAgain(f, why)
+}
+
+func (b *builder) triedTooLong(f journal.File) bool {
+	return f.Retries >= maxRetries && !f.RetryFrom.IsZero() && b.now.Sub(f.RetryFrom) >= minRetryAge
+}
+
+func (b *builder) requeueAgain(f journal.File, why string) {
+	if f.RetryFrom.IsZero() {
+		f.RetryFrom = b.now
+	}
+	b.log.Debug("change requeued", "ino", f.Key.Ino, "retries", f.Retries, "why", why)
+	b.requeue = append(b.requeue, f)
 }
 
 // reconcile compares directory ino's entries with the shadow and ships the
@@ -438,6 +504,9 @@ func (b *builder) sendWhole(p string, f *os.File, mapped bool) error {
 	if err := b.out.add(&wire.Op{Code: wire.OpTruncate, Path: p, Off: size}); err != nil {
 		return err
 	}
+	if b.sent != nil {
+		b.sent[st.Ino] = size
+	}
 	fd := int(f.Fd())
 	for off := int64(0); uint64(off) < size; {
 		data, err := unix.Seek(fd, off, unix.SEEK_DATA)
@@ -583,15 +652,17 @@ func (b *builder) file(f journal.File) error {
 		all.Add(f.Tail, size-f.Tail)
 		spans = all.Spans()
 	}
-	if !b.whole[f.Key.Ino] && len(spans) > 0 {
+	if sentSize, ok := b.sent[f.Key.Ino]; ok {
+		// Sent whole in this pass: only what lay beyond its size then
+		// is left.
+		b.beyondWhole(f, sentSize)
+	} else if !b.whole[f.Key.Ino] && len(spans) > 0 {
 		if f.Writeback {
 			for _, s := range spans {
 				writeBack(fh, s)
 			}
 		}
-		var later journal.File
-		later.Key = f.Key
-		later.Retries = f.Retries
+		later := journal.File{Key: f.Key, Retries: f.Retries, RetryFrom: f.RetryFrom, MaxSeq: f.MaxSeq}
 		short := false
 		for _, s := range spans {
 			end := min(s.End, size)

@@ -1,10 +1,12 @@
 package replica
 
 import (
+	"crypto/rand"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/duet-ha/duet/pkg/capture"
 	"github.com/duet-ha/duet/pkg/fstree"
@@ -156,3 +158,149 @@ func TestBuildMoveAwayDeeperThenRecreate(t *testing.T) {
 type sinkFunc func(op *wire.Op) error
 
 func (f sinkFunc) add(op *wire.Op) error { return f(op) }
+
+// inoOf is the inode number of path.
+func inoOf(t *testing.T, path string) uint64 {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Ino
+}
+
+// span is a journal entry for bytes [off, end) of path.
+func span(t *testing.T, path string, off, end uint64) journal.File {
+	f := journal.File{Key: capture.InodeKey{Ino: inoOf(t, path)}, MaxSeq: 1}
+	f.Data.Add(off, end-off)
+	return f
+}
+
+// A new file's write is reported (write_end) before it moves the size: the
+// pass that finds the file in its directory sends it whole as it is then,
+// and the reported bytes beyond that size must stay queued. They were
+// taken as sent with the file: the peer kept an empty file where the
+// writer's bytes were ("content differs at offset 0",
+// TestReplicationWorkload/seed3).
+func TestBuildNewFileWriteBeforeSizeMoved(t *testing.T) {
+	src, dst, b, _ := syncedPair(t, "a")
+	n := filepath.Join(src, "n")
+	if err := os.WriteFile(n, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	requeue, err := b.build([]journal.File{changed(t, src), span(t, n, 0, 4096)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(requeue) != 1 || requeue[0].Key.Ino != inoOf(t, n) || requeue[0].Data.Empty() {
+		t.Fatalf("requeued %+v, want n's bytes [0,4096)", requeue)
+	}
+	if b.blocked != 0 {
+		t.Errorf("bytes beyond EOF block barriers (%d)", b.blocked)
+	}
+	// The write moves the size; the next pass ships the bytes.
+	writeRandom(t, n, 4096)
+	if _, err := b.build(requeue); err != nil {
+		t.Fatal(err)
+	}
+	sameTrees(t, src, dst)
+}
+
+// The same for a file compared whole because a record about it was lost.
+func TestBuildRescanWriteBeforeSizeMoved(t *testing.T) {
+	src, dst, b, _ := syncedPair(t, "a")
+	a := filepath.Join(src, "a")
+	f := span(t, a, 100, 4096)
+	f.Rescan, f.Attr = true, true
+	requeue, err := b.build([]journal.File{f})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(requeue) != 1 || requeue[0].Data.Spans()[0] != (journal.Span{Off: 100, End: 4096}) {
+		t.Fatalf("requeued %+v, want a's bytes [100,4096)", requeue)
+	}
+	old, _ := os.ReadFile(a)
+	more := make([]byte, 4096-100)
+	rand.Read(more)
+	if err := os.WriteFile(a, append(old, more...), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.build(requeue); err != nil {
+		t.Fatal(err)
+	}
+	sameTrees(t, src, dst)
+}
+
+// A change that cannot be shipped is retried until it has been tried
+// maxRetries times over minRetryAge, however quickly passes come; then it
+// is handed to a resync (gaveUp), not dropped. Bytes that stay beyond the
+// end of the file are given up quietly: a truncate removed them.
+func TestBuildGivesUpOnlyAfterTriesAndTime(t *testing.T) {
+	src, _, b, _ := syncedPair(t, "a", "d/b")
+	bpath := filepath.Join(src, "d/b")
+	ino := inoOf(t, bpath)
+	// d/b renamed with no record about d yet: its shadow path names
+	// nothing.
+	if err := os.Rename(bpath, filepath.Join(src, "d/c")); err != nil {
+		t.Fatal(err)
+	}
+	moved := journal.File{Key: capture.InodeKey{Ino: ino}, Attr: true, MaxSeq: 1}
+	a := filepath.Join(src, "a")
+	beyond := span(t, a, 100, 200)
+	for _, tc := range []struct {
+		name        string
+		retries     int
+		age         time.Duration
+		gaveUp      bool
+		requeuedLen int
+	}{
+		{"first try", 0, 0, false, 2},
+		{"many tries, little time", maxRetries + 10, minRetryAge / 4, false, 2},
+		{"long, few tries", 3, 10 * minRetryAge, false, 2},
+		{"many tries, long", maxRetries, minRetryAge + time.Second, true, 0},
+	} {
+		m, e := moved, beyond
+		m.Retries, e.Retries = tc.retries, tc.retries
+		if tc.age > 0 {
+			m.RetryFrom, e.RetryFrom = time.Now().Add(-tc.age), time.Now().Add(-tc.age)
+		}
+		requeue, err := b.build([]journal.File{m, e})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(requeue) != tc.requeuedLen {
+			t.Errorf("%s: requeued %d, want %d", tc.name, len(requeue), tc.requeuedLen)
+		}
+		for _, r := range requeue {
+			if r.RetryFrom.IsZero() {
+				t.Errorf("%s: requeued without the time of its first try", tc.name)
+			}
+		}
+		if got := len(b.gaveUp) > 0; got != tc.gaveUp {
+			t.Errorf("%s: gave up %v, want %v", tc.name, got, tc.gaveUp)
+		}
+		if tc.gaveUp && (b.gaveUp[0].key.Ino != ino || b.moot != 1) {
+			t.Errorf("%s: gave up %+v (moot %d), want d/b for a resync and a's bytes beyond EOF", tc.name, b.gaveUp, b.moot)
+		}
+	}
+}
+
+// A change handed to a resync keeps the peer out of "in sync" until the
+// resync has compared its file: the bitmap marks it whole, and a resync
+// is asked for.
+func TestGivenUpChangeAsksForResync(t *testing.T) {
+	p := unconnectedPrimary(t)
+	p.mu.Lock()
+	p.needFull, p.connected, p.dirtyTrusted = false, true, true
+	p.resyncGivenUp([]gaveUp{{key: capture.InodeKey{Ino: 42}, why: "test"}})
+	full, all, marked := p.needFull, p.forceAll, p.dirty.has(42)
+	p.dirty.clear(p.added - 1) // a pass taken before it was given up
+	kept := p.dirty.has(42)
+	p.mu.Unlock()
+	if !full || all || !marked || !kept {
+		t.Fatalf("resync asked %v (every file %v), file marked %v, kept by an earlier pass's durability %v: want a bitmap resync of it", full, all, marked, kept)
+	}
+	if st := p.Status(); st.InSync || st.DroppedChanges != 1 {
+		t.Fatalf("status in sync %v, dropped %d: want out of sync, 1", st.InSync, st.DroppedChanges)
+	}
+}

@@ -86,9 +86,8 @@ type Primary struct {
 	fullSyncs    int
 	fullSyncEnd  uint64 // last batch of the latest full sync
 	dataBytes    uint64
-	dropped      uint64    // changes given up after retries (see maxRetries)
-	refused      string    // why the peer refused the last connection's batch, until one is acknowledged
-	droppedLog   time.Time // last warning about dropped changes
+	dropped      uint64 // changes tried too long and handed to a resync (see maxRetries)
+	refused      string // why the peer refused the last connection's batch, until one is acknowledged
 	wireBytes    uint64
 	changedBytes uint64
 	records      uint64
@@ -179,6 +178,28 @@ func (p *Primary) Record(r *capture.Record, now time.Time) {
 	}
 	p.mu.Unlock()
 	p.work.Broadcast()
+}
+
+// resyncGivenUp hands the changes a pass tried too long to a resync: each
+// file is marked changed whole in the bitmap (a pass that is made durable
+// later does not clear it) and a resync is asked for, which compares it
+// wherever it is now. Until that resync ends the peer is not in sync.
+// p.mu held.
+func (p *Primary) resyncGivenUp(gave []gaveUp) {
+	if len(gave) == 0 {
+		return
+	}
+	for _, g := range gave {
+		p.added++
+		p.dirty.rescan(g.key.Ino, p.added)
+	}
+	p.dropped += uint64(len(gave))
+	p.needFull = true
+	// Without a trusted bitmap, only a comparison of every file is sure
+	// to include them.
+	p.forceAll = p.forceAll || !p.dirtyTrusted
+	p.Log.Warn("changes could not be shipped after retries: resynchronising the peer, which is not in sync until then",
+		"changes", len(gave), "first_ino", gave[0].key.Ino, "why", gave[0].why, "total", p.dropped)
 }
 
 // Rescan asks for a whole-file comparison of one inode (its record was lost).
@@ -598,12 +619,7 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 		p.mu.Lock()
 		p.building = false
 		p.dataBytes += b.dataRead
-		p.dropped += uint64(b.dropped)
-		if b.dropped > 0 && time.Since(p.droppedLog) > 30*time.Second {
-			p.droppedLog = time.Now()
-			p.Log.Warn("changes given up after retries: the peer lacks them until the files change again or a resync (duet resync) compares them",
-				"total", p.dropped)
-		}
+		p.resyncGivenUp(b.gaveUp)
 		for _, f := range requeue {
 			p.j.Requeue(f)
 		}
@@ -663,8 +679,9 @@ type Status struct {
 	DataBytes    uint64  `json:"data_bytes_read"`
 	WireBytes    uint64  `json:"wire_bytes"`
 	FullSyncs    int     `json:"full_syncs"`
-	// DroppedChanges counts changes given up after retries: the peer may
-	// lack them until the file changes again or a resync compares it.
+	// DroppedChanges counts changes that could not be shipped after
+	// retries: each was handed to a resync, and the peer was not in sync
+	// until it ended.
 	DroppedChanges uint64 `json:"dropped_changes"`
 	// PeerCannotApply is why the peer refused the stream (its disk is
 	// full...), until it acknowledges a batch again.

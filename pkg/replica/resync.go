@@ -364,6 +364,7 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	p.sh = sh
 	p.syncSeq = syncSeq
 	p.needFull, p.forceAll = false, false
+	p.resyncGivenUp(b.gaveUp) // none so far: what it retries is new
 	p.fullSyncEnd = p.nextSeq - 1
 	if b.blocked == 0 {
 		p.covered, p.coveredSeq = mark, p.fullSyncEnd
