@@ -304,3 +304,21 @@ func TestGivenUpChangeAsksForResync(t *testing.T) {
 		t.Fatalf("status in sync %v, dropped %d: want out of sync, 1", st.InSync, st.DroppedChanges)
 	}
 }
+
+// A resync takes over the journal's pending changes and reads each file
+// at the size its scan saw: a write reported before it moved the size was
+// not read whole, and what lay beyond must stay queued.
+func TestResyncKeepsWriteBeyondScannedSize(t *testing.T) {
+	src, _, b, _ := syncedPair(t, "a", "b")
+	a, bb := filepath.Join(src, "a"), filepath.Join(src, "b")
+	local := []wire.Entry{
+		{Path: "a", Ino: inoOf(t, a), Mode: 0o644, Size: 100},
+		{Path: "b", Ino: inoOf(t, bb), Mode: 0o644, Size: 100},
+	}
+	dropped := []journal.File{span(t, a, 50, 4096), span(t, bb, 0, 100)}
+	b.beyondScan(dropped, local)
+	if len(b.requeue) != 1 || b.requeue[0].Key.Ino != local[0].Ino ||
+		b.requeue[0].Data.Spans()[0] != (journal.Span{Off: 100, End: 4096}) {
+		t.Fatalf("requeued %+v, want a's [100,4096) only", b.requeue)
+	}
+}

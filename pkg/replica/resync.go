@@ -348,6 +348,7 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	if err := b.fullSync(local, peer, ts); err != nil {
 		return err
 	}
+	b.beyondScan(dropped, local)
 	bt.flush()
 	lines := ts.lines
 	if len(lines) > maxReport {
@@ -675,3 +676,29 @@ func syncfs(dir string) error {
 	defer f.Close()
 	return unix.Syncfs(int(f.Fd()))
 }
+
+// beyondScan queues the ranges of the journal's changes a resync took over
+// (dropped) that lie beyond the size its scan saw (local): a buffered write
+// is reported before it moves the file's size, so one in progress when the
+// scan read the file was not read whole. Such bytes are then shipped, or
+// given up like any bytes beyond EOF once a truncate is shown to have
+// removed them.
+func (b *builder) beyondScan(dropped []journal.File, local []wire.Entry) {
+	want := make(map[uint64]journal.File)
+	for _, f := range dropped {
+		if f.Key.Dev == b.dev && !f.Data.Empty() {
+			want[f.Key.Ino] = f
+		}
+	}
+	if len(want) == 0 {
+		return
+	}
+	for i := range local {
+		l := &local[i]
+		if f, ok := want[l.Ino]; ok && l.Mode.IsRegular() {
+			b.beyondWhole(f, l.Size)
+			delete(want, l.Ino) // one name of several links is enough
+		}
+	}
+}
+
