@@ -701,4 +701,3 @@ func (b *builder) beyondScan(dropped []journal.File, local []wire.Entry) {
 		}
 	}
 }
-
