@@ -33,7 +33,7 @@ vet: ## go vet and gofmt
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
 
 unit: ## unit tests of the pure packages (no root needed)
-	$(GO) test -count=1 ./pkg/journal/ ./pkg/wire/ ./pkg/config/ ./pkg/replica/ ./pkg/nfsd/ ./tools/lab/linearize/ ./tools/countercheck/
+	$(GO) test -count=1 ./pkg/journal/ ./pkg/wire/ ./pkg/config/ ./pkg/replica/ ./pkg/nfsd/ ./pkg/nfsclient/ ./tools/lab/linearize/ ./tools/countercheck/
 
 fuzz: ## short fuzz runs of the frame decoder and the heartbeat parser
 	$(GO) test -run '^$$' -fuzz FuzzDecodeFrame -fuzztime $(FUZZTIME) ./pkg/wire/

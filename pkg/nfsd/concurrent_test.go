@@ -6,6 +6,8 @@ import (
 	"path/filepath"
 	"sync"
 	"testing"
+
+	"github.com/duet-ha/duet/pkg/nfsclient"
 )
 
 // published is what the workers of TestConcurrentClients tell the reader:
@@ -79,28 +81,28 @@ func TestConcurrentClients(t *testing.T) {
 			for i := 0; i < 40; i++ {
 				name := fmt.Sprintf("w%d-f%d", k, i)
 				fh, st := c.create(own, name)
-				if st != nfsOK {
+				if st != nfsclient.StatusOK {
 					t.Errorf("CREATE %s: status %d", name, st)
 					return
 				}
-				if _, st := c.write(fh, 0, []byte(name), fileSync); st != nfsOK {
+				if _, st := c.write(fh, 0, []byte(name), nfsclient.FileSync); st != nfsclient.StatusOK {
 					t.Errorf("WRITE %s: status %d", name, st)
 					return
 				}
 				f := pub.add(fh, name)
-				if st := c.rename(own, name, shared, name); st != nfsOK {
+				if st := c.rename(own, name, shared, name); st != nfsclient.StatusOK {
 					t.Errorf("RENAME %s to shared: status %d", name, st)
 				}
 				switch {
 				case i%3 == 0:
 					pub.markGone(f)
-					if st := c.remove(shared, name); st != nfsOK {
+					if st := c.remove(shared, name); st != nfsclient.StatusOK {
 						t.Errorf("REMOVE %s: status %d", name, st)
 					}
 					f = nil
 				case i%4 == 1 && prev != nil:
 					pub.markGone(prev)
-					if st := c.rename(shared, name, shared, prev.content); st != nfsOK {
+					if st := c.rename(shared, name, shared, prev.content); st != nfsclient.StatusOK {
 						t.Errorf("RENAME %s over %s: status %d", name, prev.content, st)
 					}
 				}
@@ -122,8 +124,8 @@ func TestConcurrentClients(t *testing.T) {
 			for _, f := range pub.list() {
 				got, st := c.read(f.fh, 0, 100)
 				switch {
-				case st == nfsOK && string(got) == f.content:
-				case (st == nfsStale || st == nfsNoEnt || st == nfsAccess) && pub.gone(f.content):
+				case st == nfsclient.StatusOK && string(got) == f.content:
+				case (st == nfsclient.StatusStale || st == nfsclient.StatusNoEnt || st == nfsclient.StatusAccess) && pub.gone(f.content):
 					// Marked before the removal, checked after the READ.
 					// A removal between go-nfs's steps fails the later
 					// one: NOENT, or ACCES from its stat.
@@ -146,8 +148,8 @@ func TestConcurrentClients(t *testing.T) {
 	for _, f := range pub.list() {
 		got, st := c.read(f.fh, 0, 100)
 		switch {
-		case f.gone && st == nfsStale:
-		case !f.gone && st == nfsOK && string(got) == f.content:
+		case f.gone && st == nfsclient.StatusStale:
+		case !f.gone && st == nfsclient.StatusOK && string(got) == f.content:
 			live++
 		default:
 			t.Errorf("after failover: READ of %s's handle (gone %v): status %d, %q", f.content, f.gone, st, got)

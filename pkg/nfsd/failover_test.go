@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/duet-ha/duet/pkg/nfsclient"
 )
 
 // countingSyncer records which files were synced, relative to the export.
@@ -123,22 +125,22 @@ func check(t *testing.T, c *client, server string, hs []*held) {
 	t.Helper()
 	for _, h := range hs {
 		a, st := c.getattr(h.fh)
-		if st != nfsOK {
+		if st != nfsclient.StatusOK {
 			t.Errorf("%s: GETATTR %s with the handle kept from before: status %d, want OK", server, h.name, st)
 			continue
 		}
-		if a.fileid != h.fileid {
-			t.Errorf("%s: %s fileid %#x, was %#x (a Linux client sees ESTALE)", server, h.name, a.fileid, h.fileid)
+		if a.Fileid != h.fileid {
+			t.Errorf("%s: %s fileid %#x, was %#x (a Linux client sees ESTALE)", server, h.name, a.Fileid, h.fileid)
 		}
-		switch a.typ {
-		case 1:
+		switch a.Type {
+		case nfsclient.TypeReg:
 			got, st := c.read(h.fh, 0, 1<<20)
-			if st != nfsOK || string(got) != h.content {
+			if st != nfsclient.StatusOK || string(got) != h.content {
 				t.Errorf("%s: READ %s: status %d, %q, want %q", server, h.name, st, got, h.content)
 			}
-		case 5:
+		case nfsclient.TypeLnk:
 			got, st := c.readlink(h.fh)
-			if st != nfsOK || got != h.content {
+			if st != nfsclient.StatusOK || got != h.content {
 				t.Errorf("%s: READLINK %s: status %d, %q, want %q", server, h.name, st, got, h.content)
 			}
 		}
@@ -147,14 +149,16 @@ func check(t *testing.T, c *client, server string, hs []*held) {
 
 func mustOK(t *testing.T, what string, st uint32) {
 	t.Helper()
-	if st != nfsOK {
+	if st != nfsclient.StatusOK {
 		t.Fatalf("%s: status %d", what, st)
 	}
 }
 
 // TestHandlesSurviveFailover keeps a client's handles across a failover,
 // a second move and a failback, each to a copy of the tree with other
-// inode numbers, and uses them without a new mount or lookup.
+// inode numbers, and uses them without a new mount or lookup. The client
+// is the same throughout: its connection breaks when a server stops, and
+// it redials where the service went, as behind a VIP.
 func TestHandlesSurviveFailover(t *testing.T) {
 	a := t.TempDir()
 	// Made before the server first ran: IDs come at the first lookup.
@@ -169,7 +173,7 @@ func TestHandlesSurviveFailover(t *testing.T) {
 		t.Helper()
 		at, st := c.getattr(fh)
 		mustOK(t, "GETATTR "+name, st)
-		return &held{name: name, fh: fh, fileid: at.fileid, content: content}
+		return &held{name: name, fh: fh, fileid: at.Fileid, content: content}
 	}
 	pre, st := c.lookup(root, "pre")
 	mustOK(t, "LOOKUP pre", st)
@@ -179,20 +183,20 @@ func TestHandlesSurviveFailover(t *testing.T) {
 	mustOK(t, "MKDIR d", st)
 	f, st := c.create(d, "f")
 	mustOK(t, "CREATE d/f", st)
-	level, st := c.write(f, 0, []byte("hello "), unstable)
+	level, st := c.write(f, 0, []byte("hello "), nfsclient.Unstable)
 	mustOK(t, "WRITE d/f", st)
-	if level != fileSync {
+	if level != nfsclient.FileSync {
 		t.Fatalf("WRITE answered stability %d, want FILE_SYNC (go-nfs always says so)", level)
 	}
 	if n := syncer.count("d/f"); n < 2 {
 		t.Fatalf("d/f synced %d times after CREATE and WRITE, want 2: the reply claims FILE_SYNC", n)
 	}
-	_, st = c.write(f, 6, []byte("world"), unstable)
+	_, st = c.write(f, 6, []byte("world"), nfsclient.Unstable)
 	mustOK(t, "WRITE d/f", st)
 	mustOK(t, "COMMIT d/f", c.commit(f))
 	g, st := c.create(root, "g")
 	mustOK(t, "CREATE g", st)
-	_, st = c.write(g, 0, []byte("G"), fileSync)
+	_, st = c.write(g, 0, []byte("G"), nfsclient.FileSync)
 	mustOK(t, "WRITE g", st)
 	mustOK(t, "RENAME g d/g2", c.rename(root, "g", d, "g2"))
 	x, st := c.create(root, "x")
@@ -213,9 +217,9 @@ func TestHandlesSurviveFailover(t *testing.T) {
 		t.Fatal("the copy kept the inode number: the test would prove nothing")
 	}
 	addr, stop = serve(t, b, Fsync{})
-	c = dialNFS(t, addr)
+	c.point(addr)
 	check(t, c, "after failover", hs)
-	if st := func() uint32 { _, st := c.getattr(x); return st }(); st != nfsStale {
+	if st := func() uint32 { _, st := c.getattr(x); return st }(); st != nfsclient.StatusStale {
 		t.Errorf("after failover: GETATTR of the removed x: status %d, want STALE", st)
 	}
 	if got := c.mount("/"); !bytes.Equal(got, root) {
@@ -226,7 +230,7 @@ func TestHandlesSurviveFailover(t *testing.T) {
 	if got := c.mount("/pre"); !bytes.Equal(got, pre) {
 		t.Errorf("after failover: MOUNT /pre gives %x, LOOKUP gave %x", got, pre)
 	}
-	_, st = c.write(f, 11, []byte("!"), fileSync)
+	_, st = c.write(f, 11, []byte("!"), nfsclient.FileSync)
 	mustOK(t, "WRITE e/f after failover", st)
 	mustOK(t, "COMMIT e/f after failover", c.commit(f))
 	hs[4].content = "hello world!"
@@ -234,24 +238,28 @@ func TestHandlesSurviveFailover(t *testing.T) {
 	mustOK(t, "READDIRPLUS e", st)
 	want := map[string][]byte{"f": f, "g2": g}
 	for _, e := range ents {
-		if !bytes.Equal(e.fh, want[e.name]) {
-			t.Errorf("after failover: READDIRPLUS e: %s handle %x, want %x", e.name, e.fh, want[e.name])
+		if !bytes.Equal(e.Handle, want[e.Name]) {
+			t.Errorf("after failover: READDIRPLUS e: %s handle %x, want %x", e.Name, e.Handle, want[e.Name])
 		}
-		delete(want, e.name)
+		delete(want, e.Name)
 	}
 	if len(want) != 0 {
-		t.Errorf("after failover: READDIRPLUS e: missing %v (got %v)", want, ents)
+		var got []string
+		for _, e := range ents {
+			got = append(got, e.Name)
+		}
+		t.Errorf("after failover: READDIRPLUS e: missing %v (got %v)", want, got)
 	}
-	if fh, st := c.lookup(pre, "old.txt"); st != nfsOK || !bytes.Equal(fh, old) {
+	if fh, st := c.lookup(pre, "old.txt"); st != nfsclient.StatusOK || !bytes.Equal(fh, old) {
 		t.Errorf("after failover: LOOKUP old.txt: status %d, handle %x, want %x", st, fh, old)
 	}
 	n, st := c.create(d, "new")
 	mustOK(t, "CREATE e/new after failover", st)
-	_, st = c.write(n, 0, []byte("made on b"), unstable)
+	_, st = c.write(n, 0, []byte("made on b"), nfsclient.Unstable)
 	mustOK(t, "WRITE e/new", st)
 	mustOK(t, "SETATTR size of e/new", c.truncate(n, 4))
 	hs = append(hs, attrOf("e/new", n, "made"))
-	if got, st := c.access(f, 0x3f); st != nfsOK || got != 0x3f {
+	if got, st := c.access(f, 0x3f); st != nfsclient.StatusOK || got != 0x3f {
 		t.Errorf("after failover: ACCESS e/f: status %d, granted %#x of 0x3f", st, got)
 	}
 	check(t, c, "after failover", hs)
@@ -261,13 +269,13 @@ func TestHandlesSurviveFailover(t *testing.T) {
 	back := t.TempDir()
 	copyTree(t, b, back)
 	addr, stop = serve(t, back, Fsync{})
-	c = dialNFS(t, addr)
+	c.point(addr)
 	check(t, c, "after failback", hs)
 	ents, st = c.readdirplus(root)
 	mustOK(t, "READDIRPLUS /", st)
 	for _, e := range ents {
-		if strings.HasPrefix(e.name, ".duet") {
-			t.Errorf("after failback: READDIRPLUS / shows the index directory %s", e.name)
+		if strings.HasPrefix(e.Name, ".duet") {
+			t.Errorf("after failback: READDIRPLUS / shows the index directory %s", e.Name)
 		}
 	}
 	stop()

@@ -5,6 +5,8 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+
+	"github.com/duet-ha/duet/pkg/nfsclient"
 )
 
 // TestStaleAndForgedHandles checks that a handle naming no live file of
@@ -19,12 +21,12 @@ func TestStaleAndForgedHandles(t *testing.T) {
 	root := c.mount("/")
 	f, st := c.create(root, "f")
 	mustOK(t, "CREATE f", st)
-	_, st = c.write(f, 0, []byte("first"), fileSync)
+	_, st = c.write(f, 0, []byte("first"), nfsclient.FileSync)
 	mustOK(t, "WRITE f", st)
 	mustOK(t, "REMOVE f", c.remove(root, "f"))
 	f2, st := c.create(root, "f")
 	mustOK(t, "CREATE f again", st)
-	_, st = c.write(f2, 0, []byte("second"), fileSync)
+	_, st = c.write(f2, 0, []byte("second"), nfsclient.FileSync)
 	mustOK(t, "WRITE f again", st)
 	if bytes.Equal(f, f2) {
 		t.Fatalf("the new f got the removed f's handle %x", f)
@@ -52,49 +54,49 @@ func TestStaleAndForgedHandles(t *testing.T) {
 		"unknown ID":             key.handle(0x0123456789abcdef),
 		"another export's root":  otherRoot,
 	} {
-		if _, st := c.getattr(fh); st != nfsStale {
+		if _, st := c.getattr(fh); st != nfsclient.StatusStale {
 			t.Errorf("GETATTR of %s: status %d, want STALE", name, st)
 		}
-		if got, st := c.read(fh, 0, 100); st != nfsStale {
+		if got, st := c.read(fh, 0, 100); st != nfsclient.StatusStale {
 			t.Errorf("READ of %s: status %d (%q), want STALE", name, st, got)
 		}
-		if _, st := c.write(fh, 0, []byte("x"), fileSync); st != nfsStale {
+		if _, st := c.write(fh, 0, []byte("x"), nfsclient.FileSync); st != nfsclient.StatusStale {
 			t.Errorf("WRITE of %s: status %d, want STALE", name, st)
 		}
 	}
 	// The handle ToHandle returns when it cannot make one: go-nfs refuses
 	// it before asking the handler (INVAL for a GETATTR).
-	if _, st := c.getattr(nil); st == nfsOK {
+	if _, st := c.getattr(nil); st == nfsclient.StatusOK {
 		t.Error("GETATTR of an empty handle succeeded")
 	}
-	if got, st := c.read(nil, 0, 100); st != nfsStale {
+	if got, st := c.read(nil, 0, 100); st != nfsclient.StatusStale {
 		t.Errorf("READ of an empty handle: status %d (%q), want STALE", st, got)
 	}
 	// The index is out of every client's reach, and so is the tree above
 	// the export.
-	if _, st := c.lookup(root, indexDir); st != nfsNoEnt {
+	if _, st := c.lookup(root, indexDir); st != nfsclient.StatusNoEnt {
 		t.Errorf("LOOKUP %s: status %d, want NOENT", indexDir, st)
 	}
-	if _, st := c.create(root, indexDir); st == nfsOK {
+	if _, st := c.create(root, indexDir); st == nfsclient.StatusOK {
 		t.Errorf("CREATE %s succeeded", indexDir)
 	}
-	if st := c.rename(root, "f", root, indexDir); st == nfsOK {
+	if st := c.rename(root, "f", root, indexDir); st == nfsclient.StatusOK {
 		t.Errorf("RENAME f to %s succeeded", indexDir)
 	}
 	for _, name := range []string{"..", "../x", "a/../../x"} {
-		if _, st := c.create(root, name); st == nfsOK {
+		if _, st := c.create(root, name); st == nfsclient.StatusOK {
 			t.Errorf("CREATE %q succeeded", name)
 		}
-		if st := c.remove(root, name); st == nfsOK {
+		if st := c.remove(root, name); st == nfsclient.StatusOK {
 			t.Errorf("REMOVE %q succeeded", name)
 		}
 	}
-	for path, want := range map[string]uint32{"/nope": nfsNoEnt, "/f": nfsNotDir, "/.duet-nfs": nfsNoEnt} {
+	for path, want := range map[string]uint32{"/nope": nfsclient.StatusNoEnt, "/f": nfsclient.StatusNotDir, "/.duet-nfs": nfsclient.StatusNoEnt} {
 		if _, st := c.tryMount(path); st != want {
 			t.Errorf("MOUNT %s: status %d, want %d", path, st, want)
 		}
 	}
-	if got, st := c.read(f2, 0, 100); st != nfsOK || string(got) != "second" {
+	if got, st := c.read(f2, 0, 100); st != nfsclient.StatusOK || string(got) != "second" {
 		t.Errorf("READ of the new f: status %d, %q", st, got)
 	}
 }
