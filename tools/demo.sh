@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # make demo: the two-node lab, live replication of a mixed workload, status
 # and a clean verify, a failover of a service behind the VIP, the old
-# primary's return, a swap back, then the K3S module (MariaDB, nfs-ganesha,
-# kine behind the VIP, a crash of its host) when installed, then teardown.
+# primary's return, a swap back, then the K3S module (MariaDB, duet's NFS
+# server, kine behind the VIP, a crash of its host) when installed, then
+# teardown.
 # Needs root (make demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -67,14 +68,14 @@ $lab duet a verify
 kine=$(command -v kine || true)
 [ -n "$kine" ] || kine=$(ls "$(go env GOPATH)/bin/kine" 2>/dev/null || true)
 missing=""
-for t in mariadbd ganesha.nfsd etcdctl nfs-cp mariadb; do command -v $t >/dev/null || missing="$missing $t"; done
+for t in mariadbd etcdctl nfs-cp mariadb; do command -v $t >/dev/null || missing="$missing $t"; done
 [ -n "$kine" ] || missing="$missing kine"
 if [ -n "$missing" ]; then
-	say "12. The K3S module: skipped, not installed:$missing (apt-get install mariadb-server nfs-ganesha nfs-ganesha-vfs libnfs-utils etcd-client; go install github.com/k3s-io/kine@v0.17.5)"
+	say "12. The K3S module: skipped, not installed:$missing (apt-get install mariadb-server libnfs-utils etcd-client; go install github.com/k3s-io/kine@v0.17.5)"
 	say "Demo done: the lab is removed on exit"
 	exit 0
 fi
-say "12. The K3S module: duet restarted on both nodes with module: k3s (MariaDB, nfs-ganesha, kine on the primary)"
+say "12. The K3S module: duet restarted on both nodes with module: k3s (MariaDB, duet's NFS server, kine on the primary)"
 $lab stop b
 $lab stop a
 pw="demo-Password-0123456789"
@@ -85,7 +86,7 @@ echo "  \$DUET_NODE ran: kubectl \$*" >>"$DUET_LAB/kubectl.log"
 EOF
 chmod +x "$DUET_LAB/kubectl"
 for h in a b; do
-	mkdir -p "$DUET_LAB/$h/k3s/mysql" "$DUET_LAB/$h/k3s/nfs" "$DUET_LAB/$h/k3s/nfs-state"
+	mkdir -p "$DUET_LAB/$h/k3s/mysql" "$DUET_LAB/$h/k3s/nfs"
 	sed -i '/^services:/,$d' "$DUET_LAB/$h.yaml"
 	cat >>"$DUET_LAB/$h.yaml" <<EOF
 module: k3s
@@ -102,15 +103,17 @@ $lab start a
 $lab start b
 for _ in $(seq 300); do [ "$($lab duet a status | grep -c ', healthy,')" = 3 ] && break; sleep 0.2; done
 $lab duet a status --wait-sync 120s | grep -E '^(node|vip|module|service)'
-say "13. Clients through the VIP: an etcd key (kine), a committed row (MariaDB), a file over NFSv4"
+say "13. Clients through the VIP: an etcd key (kine), a committed row (MariaDB), a file over NFSv3"
 vip=10.250.0.100
 $lab exec c env ETCDCTL_API=3 etcdctl --endpoints "http://$vip:2379" put /demo/key "written on nodeA"
 $lab exec c env MYSQL_PWD="$pw" mariadb --no-defaults -h $vip -u kine kine -e \
 	"CREATE TABLE demo (id INT PRIMARY KEY, v VARCHAR(40)); INSERT INTO demo VALUES (1, 'committed on nodeA');"
 echo "a file written over NFS" >"$DUET_LAB/nfs-src"
-$lab exec c nfs-cp "$DUET_LAB/nfs-src" "nfs://$vip/export/demo.txt?version=4"
-# nfs-cp never sends COMMIT; the next create makes the server fsync the directory.
-$lab exec c nfs-cp "$DUET_LAB/nfs-src" "nfs://$vip/export/demo2.txt?version=4"
+# duet's NFS server: NFSv3, NFS and MOUNT on port 2049, no portmapper; it
+# syncs every WRITE before the reply, so the peer has the file once
+# nfs-cp returns.
+nfsurl="version=3&nfsport=2049&mountport=2049&auto-traverse-mounts=0"
+$lab exec c nfs-cp "$DUET_LAB/nfs-src" "nfs://$vip//demo.txt?$nfsurl"
 say "14. nodeA's host dies: nodeB takes the VIP and starts the stack; the data is there"
 t0=$(date +%s%N)
 $lab crash a
@@ -121,7 +124,7 @@ done
 echo "served again by nodeB $(( ($(date +%s%N) - t0) / 1000000 )) ms after the crash:"
 $lab exec c env ETCDCTL_API=3 etcdctl --endpoints "http://$vip:2379" get /demo/key
 $lab exec c env MYSQL_PWD="$pw" mariadb --no-defaults -h $vip -u kine kine -N -e "SELECT * FROM demo"
-$lab exec c nfs-cat "nfs://$vip/export/demo.txt?version=4"
+$lab exec c nfs-cat "nfs://$vip//demo.txt?$nfsurl"
 sleep 1
 $lab duet b status | grep -E '^(node|vip|service|hook)'
 echo "the peer_lost hook (a logging stand-in for kubectl: k3s cannot be installed here):"

@@ -128,19 +128,21 @@ vip:
 # the NFS export (persistent volumes), and runs on the primary, in order:
 # MariaDB (every commit is fsynced: innodb_flush_log_at_trx_commit=1,
 # innodb_flush_method=fsync; each fsync waits until the peer has the
-# data) and nfs-ganesha (NFSv4, VFS FSAL). K3S runs on both nodes as a
-# server with --tls-san {{.VIPAddr}}, the same token (K3S_TOKEN) and, in
-# its environment rather than on its command line (which ps shows),
+# data) and duet's NFS server (NFSv3; its file handles are kept in the
+# export, so clients keep their mounts when the stack moves). K3S runs on
+# both nodes as a server with --tls-san {{.VIPAddr}}, the same token
+# (K3S_TOKEN) and, in its environment rather than on its command line
+# (which ps shows),
 #   K3S_DATASTORE_ENDPOINT='mysql://kine:PASSWORD@tcp({{.VIPAddr}}:3306)/kine'
 # and volumes come from nfs-subdir-external-provisioner with server
-# {{.VIPAddr}} and path /export.
+# {{.VIPAddr}}, path / and the mount options
+#   nfsvers=3,proto=tcp,port=2049,mountport=2049,mountproto=tcp,nolock
 module: k3s
 k3s:
-  data_dir: {{.DataDir}}   # mysql/, nfs/ and nfs-state/ below it
+  data_dir: {{.DataDir}}   # mysql/ and nfs/ below it
   password_file: {{.PasswordFile}}   # the same on both nodes
   # mysql_port: 3306
-  # nfs_pseudo: /export
-  # nfs_grace: 0s          # NFSv4 grace after a takeover (for clients holding locks): 0 or 5s-180s
+  # nfs_server: duet       # or ganesha (NFSv4: clients must remount after each failover)
   # Once a lost peer is confirmed down (cluster.fence succeeded, or it was
   # silent for hooks.peer_lost_after, 60s, and Kubernetes sees it NotReady),
   # its pods are force-deleted and rescheduled here:
@@ -181,7 +183,7 @@ func initK3S(s IOStreams, o initOptions) error {
 	}
 	var made []string
 	if !o.noMkdir {
-		for _, d := range []string{"mysql", "nfs", "nfs-state"} {
+		for _, d := range []string{"mysql", "nfs"} {
 			dir := filepath.Join(o.dataDir, d)
 			if _, err := os.Stat(dir); err == nil {
 				continue

@@ -32,7 +32,7 @@ func TestInitK3S(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if a.Module != "k3s" || a.Peer != "192.168.10.12:7788" || a.Cluster.Witness != "192.168.10.1" || len(a.Replicate) != 3 ||
+	if a.Module != "k3s" || a.Peer != "192.168.10.12:7788" || a.Cluster.Witness != "192.168.10.1" || len(a.Replicate) != 2 ||
 		a.VIP.Address != "192.168.10.100/24" || !strings.Contains(a.Hooks.PeerLost, "k3s kubectl taint") {
 		t.Fatalf("config: %+v", a)
 	}

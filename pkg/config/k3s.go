@@ -29,10 +29,21 @@ type K3S struct {
 	// NFSDir is the directory the NFS server exports (replicated); the
 	// provisioner makes one subdirectory per volume. Default <data_dir>/nfs.
 	NFSDir string `yaml:"nfs_dir"`
-	// NFSStateDir keeps the NFS server's client records (replicated, so a
-	// grace period after failover lets clients reclaim); default
-	// <data_dir>/nfs-state.
+	// NFSStateDir keeps ganesha's client records (replicated, so a grace
+	// period after failover lets clients reclaim); default
+	// <data_dir>/nfs-state. Not used by duet's NFS server, which keeps no
+	// lock state.
 	NFSStateDir string `yaml:"nfs_state_dir"`
+	// NFSServer is the NFS server the module runs: "duet" (the default:
+	// NFSv3, with file handles kept in the export, so that clients keep
+	// their mounts across failover, swap and failback; docs/DESIGN.md
+	// §11) or "ganesha" (NFSv4 with the VFS FSAL: its handles carry the
+	// node's inode numbers, so every client must remount after the stack
+	// moves).
+	NFSServer string `yaml:"nfs_server"`
+	// DuetBin is the duet binary that runs duet's NFS server; default the
+	// running one.
+	DuetBin string `yaml:"duet_bin"`
 
 	// Database, User and PasswordFile are what K3S (or kine) logs in with.
 	Database     string `yaml:"database"`
@@ -47,11 +58,12 @@ type K3S struct {
 	InstallDB   string   `yaml:"mariadb_install_db"`
 	MySQLClient string   `yaml:"mariadb_client"`
 
-	// NFSPort is the NFS server's port (default 2049); NFSPseudo the path
-	// clients mount (default /export); NFSGrace the NFSv4 grace period
-	// after a takeover, during which clients reclaim their locks and no
-	// new ones are granted (default 0: none, see the docs; at most
-	// MaxNFSGrace).
+	// NFSPort is the NFS server's port (default 2049; duet's server takes
+	// NFS and MOUNT on it). For ganesha only: NFSPseudo the path clients
+	// mount (default /export); NFSGrace the NFSv4 grace period after a
+	// takeover, during which clients reclaim their locks and no new ones
+	// are granted (default 0: none, see the docs; at most MaxNFSGrace).
+	// Ganesha is its binary.
 	NFSPort   int           `yaml:"nfs_port"`
 	NFSPseudo string        `yaml:"nfs_pseudo"`
 	NFSGrace  time.Duration `yaml:"nfs_grace"`
@@ -81,6 +93,8 @@ const (
 	DefaultK3SDataDir = "/var/lib/duet-k3s"
 	DefaultMySQLPort  = 3306
 	DefaultNFSPort    = 2049
+	NFSServerDuet     = "duet"
+	NFSServerGanesha  = "ganesha"
 	OutOfServiceTaint = "node.kubernetes.io/out-of-service=nodeshutdown:NoExecute"
 	// MaxNFSGrace is the longest grace period ganesha accepts
 	// (NFSV4.Grace_Period is 0-180 s): past it ganesha refuses its
@@ -121,6 +135,13 @@ func (k *K3S) defaults(c *Config) {
 	def(&k.MySQLClient, "mariadb")
 	def(&k.NFSPseudo, "/export")
 	def(&k.Ganesha, "ganesha.nfsd")
+	def(&k.NFSServer, NFSServerDuet)
+	if k.DuetBin == "" {
+		k.DuetBin = "duet"
+		if self, err := os.Executable(); err == nil {
+			k.DuetBin = self
+		}
+	}
 	def(&k.KineBin, "kine")
 	def(&k.Etcdctl, "etcdctl")
 	def(&k.Kubectl, "k3s kubectl")
@@ -141,7 +162,7 @@ func (k *K3S) validate(bad func(string, ...any)) {
 	}
 	// These two go into ganesha's configuration between double quotes.
 	for field, p := range map[string]string{"nfs_dir": k.NFSDir, "nfs_state_dir": k.NFSStateDir} {
-		if strings.ContainsAny(p, "\"\\") || strings.ContainsFunc(p, unicode.IsControl) {
+		if k.NFSServer == NFSServerGanesha && (strings.ContainsAny(p, "\"\\") || strings.ContainsFunc(p, unicode.IsControl)) {
 			bad("k3s.%s %q: the NFS server's configuration cannot hold a path with a double quote, a backslash or a control character", field, p)
 		}
 	}
@@ -161,6 +182,15 @@ func (k *K3S) validate(bad func(string, ...any)) {
 		if p < 1 || p > 65535 {
 			bad("k3s.%s %d: must be 1-65535", field, p)
 		}
+	}
+	switch k.NFSServer {
+	case NFSServerDuet:
+		if k.NFSGrace != 0 {
+			bad("k3s.nfs_grace %s: only for nfs_server: ganesha (duet's NFS server keeps no lock state, so a takeover needs no grace period)", k.NFSGrace)
+		}
+	case NFSServerGanesha:
+	default:
+		bad("k3s.nfs_server %q: %q (NFSv3, handles that survive failover) or %q (NFSv4, clients remount after failover)", k.NFSServer, NFSServerDuet, NFSServerGanesha)
 	}
 	if !strings.HasPrefix(k.NFSPseudo, "/") || strings.ContainsAny(k.NFSPseudo, " \t\n\";{}") {
 		bad("k3s.nfs_pseudo %q: an absolute path without spaces, quotes or braces, e.g. /export", k.NFSPseudo)
@@ -204,20 +234,30 @@ func (k *K3S) expand(c *Config) {
 	rep := []Replicate{
 		{Name: "mysql", Path: k.MySQLDir, Mode: ModeSync, from: "k3s.mysql_dir"},
 		{Name: "nfs", Path: k.NFSDir, Mode: ModeSync, from: "k3s.nfs_dir"},
-		{Name: "nfs-state", Path: k.NFSStateDir, Mode: ModeSync, from: "k3s.nfs_state_dir"},
+	}
+	if k.NFSServer == NFSServerGanesha {
+		rep = append(rep, Replicate{Name: "nfs-state", Path: k.NFSStateDir, Mode: ModeSync, from: "k3s.nfs_state_dir"})
 	}
 	c.Replicate = append(rep, c.Replicate...)
 	run := filepath.Join(c.StateDir, "k3s")
-	ganeshaConf := filepath.Join(run, "ganesha.conf")
-	c.Files = append(c.Files, File{Path: ganeshaConf, Content: k.ganeshaConfig()})
 	local := func(port int) string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(port)) }
+	// duet's NFS server runs as a service like the others, under the
+	// barrier: each fsync it makes before a reply (a WRITE, a new name)
+	// waits until the peer has the change.
+	nfs := Service{Name: "nfs", Start: fmt.Sprintf("exec %s nfs-serve %s --listen %s",
+		shq(k.DuetBin), shq(k.NFSDir), net.JoinHostPort("0.0.0.0", strconv.Itoa(k.NFSPort))),
+		CheckNFS: local(k.NFSPort), StartTimeout: time.Minute, StopTimeout: 30 * time.Second}
+	if k.NFSServer == NFSServerGanesha {
+		ganeshaConf := filepath.Join(run, "ganesha.conf")
+		c.Files = append(c.Files, File{Path: ganeshaConf, Content: k.ganeshaConfig()})
+		nfs.Start = fmt.Sprintf("mkdir -p %s && exec %s -F -f %s -L STDERR -p %s -N NIV_WARN",
+			shq(filepath.Join(k.NFSStateDir, "recovery")), k.Ganesha, shq(ganeshaConf), shq(filepath.Join(run, "ganesha.pid")))
+	}
 	svcs := []Service{
 		{Name: "mariadb", Start: k.mariadbStart(run), StartTimeout: 5 * time.Minute, StopTimeout: 60 * time.Second,
 			CheckCommand: fmt.Sprintf("MYSQL_PWD=\"$(cat %s)\" %s --no-defaults --protocol=tcp -h 127.0.0.1 -P %d -u %s --connect-timeout=3 -N -e 'SELECT 1' %s",
 				shq(k.PasswordFile), k.MySQLClient, k.MySQLPort, k.User, k.Database)},
-		{Name: "nfs", Start: fmt.Sprintf("mkdir -p %s && exec %s -F -f %s -L STDERR -p %s -N NIV_WARN",
-			shq(filepath.Join(k.NFSStateDir, "recovery")), k.Ganesha, shq(ganeshaConf), shq(filepath.Join(run, "ganesha.pid"))),
-			CheckNFS: local(k.NFSPort), StartTimeout: time.Minute, StopTimeout: 30 * time.Second},
+		nfs,
 	}
 	if k.Kine != "" {
 		_, port, _ := net.SplitHostPort(k.Kine)

@@ -40,7 +40,7 @@ func TestK3SModuleExpands(t *testing.T) {
 	for _, r := range c.Replicate {
 		names = append(names, r.Name+"="+strings.TrimPrefix(r.Path, dir))
 	}
-	if got := strings.Join(names, " "); got != "mysql=/k3s/mysql nfs=/k3s/nfs nfs-state=/k3s/nfs-state" {
+	if got := strings.Join(names, " "); got != "mysql=/k3s/mysql nfs=/k3s/nfs" {
 		t.Fatalf("replicated: %s", got)
 	}
 	var svcs []string
@@ -61,6 +61,17 @@ func TestK3SModuleExpands(t *testing.T) {
 		!strings.Contains(c.Services[2].CheckCommand, "get --limit 1") {
 		t.Errorf("checks: %q %q %q", c.Services[0].CheckCommand, c.Services[1].CheckNFS, c.Services[2].CheckCommand)
 	}
+	self, _ := os.Executable()
+	if want := "exec " + self + " nfs-serve " + filepath.Join(dir, "k3s", "nfs") + " --listen 0.0.0.0:2049"; c.Services[1].Start != want || len(c.Files) != 0 {
+		t.Fatalf("duet's NFS server: %q (files %+v), want %q and no file", c.Services[1].Start, c.Files, want)
+	}
+	c, err = Parse([]byte(y + "  nfs_server: ganesha\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Replicate) != 3 || c.Replicate[2].Name != "nfs-state" || !strings.Contains(c.Services[1].Start, "ganesha.nfsd -F -f") {
+		t.Fatalf("ganesha: replicated %+v, start %q", c.Replicate, c.Services[1].Start)
+	}
 	if len(c.Files) != 1 || !strings.Contains(c.Files[0].Content, "Path = \""+filepath.Join(dir, "k3s", "nfs")+"\"") ||
 		!strings.Contains(c.Files[0].Content, "Graceless = true") || !strings.Contains(c.Files[0].Content, "Protocols = 4") {
 		t.Fatalf("ganesha config: %+v", c.Files)
@@ -74,7 +85,7 @@ func TestK3SModuleExpands(t *testing.T) {
 	// after the module's.
 	extra := filepath.Join(dir, "extra")
 	os.Mkdir(extra, 0o755)
-	c, err = Parse([]byte(y + "  nfs_grace: 30s\n  kubectl: \"off\"\nreplicate:\n  - path: " + extra +
+	c, err = Parse([]byte(y + "  nfs_server: ganesha\n  nfs_grace: 30s\n  kubectl: \"off\"\nreplicate:\n  - path: " + extra +
 		"\nservices:\n  - name: web\n    start: sleep 1000\n"))
 	if err != nil {
 		t.Fatal(err)
@@ -102,7 +113,7 @@ func TestK3SNFSGrace(t *testing.T) {
 		{"10m", "k3s.nfs_grace 10m0s: 0 (no grace period) or between 5s and 180s"},
 		{"-1s", "k3s.nfs_grace -1s: 0 (no grace period) or between 5s and 180s"},
 	} {
-		c, err := Parse([]byte(y + "  nfs_grace: " + tc.grace + "\n"))
+		c, err := Parse([]byte(y + "  nfs_server: ganesha\n  nfs_grace: " + tc.grace + "\n"))
 		if strings.HasPrefix(tc.want, "k3s.") {
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Errorf("nfs_grace %s: got %v, want the error %q", tc.grace, err, tc.want)
@@ -129,7 +140,9 @@ func TestK3SModuleErrors(t *testing.T) {
 		{"  database: \"kine; DROP\"", `k3s.database "kine; DROP": 1-32 letters`},
 		{"  kine: nowhere", `k3s.kine "nowhere": want host:port`},
 		{"  nfs_pseudo: \"/ex port\"", `k3s.nfs_pseudo "/ex port"`},
-		{"  nfs_dir: '/srv/a\"b'", `k3s.nfs_dir "/srv/a\"b": the NFS server's configuration cannot hold a path with a double quote`},
+		{"  nfs_server: ganesha\n  nfs_dir: '/srv/a\"b'", `k3s.nfs_dir "/srv/a\"b": the NFS server's configuration cannot hold a path with a double quote`},
+		{"  nfs_server: knfsd", `k3s.nfs_server "knfsd": "duet" (NFSv3, handles that survive failover) or "ganesha"`},
+		{"  nfs_grace: 30s", `k3s.nfs_grace 30s: only for nfs_server: ganesha`},
 		{"services:\n  - name: nfs\n    start: x", `services[0].name "nfs": already used by the k3s module's service`},
 		{"services:\n  - name: web\n    start: x\n  - name: web\n    start: y", `services[1].name "web": already used by services[0]`},
 		{"replicate:\n  - name: mysql\n    path: /tmp", `replicate[0].name "mysql": already used by k3s.mysql_dir`},

@@ -11,18 +11,32 @@ import (
 
 // ONC RPC (RFC 5531) numbers of an NFSv4 NULL call.
 const (
-	rpcCall     = 0
-	rpcReply    = 1
-	rpcVersion  = 2
-	nfsProgram  = 100003
-	nfsVersion4 = 4
-	lastFrag    = 1 << 31
+	rpcCall    = 0
+	rpcReply   = 1
+	rpcVersion = 2
+	nfsProgram = 100003
+	lastFrag   = 1 << 31
 )
 
-// NFSNull calls procedure 0 (NULL) of NFS version 4 at addr over TCP: the
-// server's RPC layer and its NFSv4 program must answer, which a bare TCP
+// errVersion is a server's answer that it does not serve the version asked.
+var errVersion = errors.New("NFS version not served")
+
+// NFSNull calls procedure 0 (NULL) of NFS at addr over TCP, version 4 and,
+// if the server serves another, version 3 (duet's NFS server): the
+// server's RPC layer and its NFS program must answer, which a bare TCP
 // connect does not show.
 func NFSNull(addr string, timeout time.Duration) error {
+	err := nfsNull(addr, timeout, 4)
+	if errors.Is(err, errVersion) {
+		if err3 := nfsNull(addr, timeout, 3); err3 != nil {
+			return fmt.Errorf("NFS version 4: %v; version 3: %w", err, err3)
+		}
+		return nil
+	}
+	return err
+}
+
+func nfsNull(addr string, timeout time.Duration, vers uint32) error {
 	c, err := net.DialTimeout("tcp", addr, timeout)
 	if err != nil {
 		return err
@@ -31,7 +45,7 @@ func NFSNull(addr string, timeout time.Duration) error {
 	c.SetDeadline(time.Now().Add(timeout))
 	xid := uint32(time.Now().UnixNano())
 	// xid, CALL, rpcvers, prog, vers, proc, cred AUTH_NONE, verf AUTH_NONE
-	call := []uint32{xid, rpcCall, rpcVersion, nfsProgram, nfsVersion4, 0, 0, 0, 0, 0}
+	call := []uint32{xid, rpcCall, rpcVersion, nfsProgram, vers, 0, 0, 0, 0, 0}
 	msg := make([]byte, 4+4*len(call))
 	binary.BigEndian.PutUint32(msg, lastFrag|uint32(4*len(call)))
 	for i, v := range call {
@@ -79,7 +93,7 @@ func parseNullReply(b []byte, xid uint32) error {
 	case 1:
 		return errors.New("NFS program unavailable")
 	case 2:
-		return errors.New("NFS version 4 not served")
+		return errVersion
 	default:
 		return fmt.Errorf("NULL call not accepted (accept_stat %d)", stat)
 	}

@@ -26,7 +26,8 @@ type Service struct {
 	// a command that must exit 0. With neither, the process must live.
 	CheckTCP     string
 	CheckCommand string
-	// CheckNFS is a host:port whose NFSv4 NULL procedure must answer.
+	// CheckNFS is a host:port whose NFS NULL procedure (version 4, or 3)
+	// must answer.
 	CheckNFS     string
 	Interval     time.Duration
 	StartTimeout time.Duration

@@ -15,7 +15,7 @@ import (
 	"time"
 )
 
-// The k3s module's lab: MariaDB, nfs-ganesha and kine started by duet on
+// The k3s module's lab: MariaDB, duet's NFS server and kine started by duet on
 // the primary behind the VIP, real clients in the client namespace.
 
 // stackTools finds the programs the k3s lab needs; a missing one skips
@@ -24,7 +24,7 @@ func stackTools(t *testing.T) map[string]string {
 	t.Helper()
 	found, missing := findStackTools()
 	if len(missing) > 0 {
-		msg := fmt.Sprintf("k3s stack tools not installed: %s (apt-get install mariadb-server nfs-ganesha nfs-ganesha-vfs libnfs-utils etcd-client; go install github.com/k3s-io/kine@v0.17.5)",
+		msg := fmt.Sprintf("k3s stack tools not installed: %s (apt-get install mariadb-server etcd-client; go install github.com/k3s-io/kine@v0.17.5)",
 			strings.Join(missing, ", "))
 		if os.Getenv("DUET_REQUIRE_STACK") != "" {
 			t.Fatal(msg)
@@ -37,7 +37,7 @@ func stackTools(t *testing.T) map[string]string {
 // findStackTools looks the k3s lab's programs up.
 func findStackTools() (found map[string]string, missing []string) {
 	found = map[string]string{}
-	for _, tool := range []string{"mariadbd", "mariadb-install-db", "mariadb", "ganesha.nfsd", "etcdctl", "nfs-cp", "nfs-ls", "nfs-cat", "kine"} {
+	for _, tool := range []string{"mariadbd", "mariadb-install-db", "mariadb", "etcdctl", "kine"} {
 		p, err := exec.LookPath(tool)
 		if err != nil && tool == "kine" {
 			// go install puts it in GOBIN or GOPATH/bin.
@@ -91,7 +91,7 @@ func addK3SModule(t *testing.T, l *Lab, tools map[string]string) {
 		"\ncase $1 in get) echo Unknown ;; esac\n"), 0o755))
 	for _, h := range []string{"a", "b"} {
 		data := filepath.Join(l.Dir, h, "k3s")
-		for _, d := range []string{"mysql", "nfs", "nfs-state"} {
+		for _, d := range []string{"mysql", "nfs"} {
 			must(t, os.MkdirAll(filepath.Join(data, d), 0o755))
 		}
 		l.AppendConfig(t, h, fmt.Sprintf(`module: k3s
@@ -102,14 +102,13 @@ k3s:
   mariadbd: %s
   mariadb_install_db: %s
   mariadb_client: %s
-  ganesha: %s
   kine: 0.0.0.0:2379
   kine_bin: %s
   etcdctl: %s
   kubectl: %s
 hooks:
   peer_lost_after: 10s
-`, data, pw, tools["mariadbd"], tools["mariadb-install-db"], tools["mariadb"], tools["ganesha.nfsd"], tools["kine"], tools["etcdctl"], kubectl))
+`, data, pw, tools["mariadbd"], tools["mariadb-install-db"], tools["mariadb"], tools["kine"], tools["etcdctl"], kubectl))
 	}
 }
 
@@ -144,10 +143,13 @@ func (l *Lab) waitServices(t *testing.T, host string, timeout time.Duration) {
 // client runs one kind of request through the VIP from the client
 // namespace, numbering them, and records what was acknowledged.
 type client struct {
-	name  string
-	l     *Lab
-	gate  *sync.RWMutex // held for writing while the data is checked
-	op    func(ctx context.Context, n int) error
+	name string
+	l    *Lab
+	gate *sync.RWMutex // held for writing while the data is checked
+	op   func(ctx context.Context, n int) error
+	// have, when set, reads back what the service holds (else
+	// Lab.present).
+	have  func(t *testing.T) map[int]bool
 	mu    sync.Mutex
 	next  int
 	acked []int
@@ -245,7 +247,6 @@ func (l *Lab) mysql(ctx context.Context, sql string) ([]byte, error) {
 // k3sClients are the three clients of the issue: etcd puts through kine,
 // MariaDB commits, files written over NFSv4.
 func k3sClients(t *testing.T, l *Lab, gate *sync.RWMutex) []*client {
-	src := filepath.Join(t.TempDir(), "src")
 	cs := []*client{
 		{name: "etcd", l: l, op: func(ctx context.Context, n int) error {
 			out, err := l.ipc(ctx, []string{"ETCDCTL_API=3"}, "etcdctl", "--endpoints", "http://"+vipAddr+":2379",
@@ -259,16 +260,7 @@ func k3sClients(t *testing.T, l *Lab, gate *sync.RWMutex) []*client {
 			_, err := l.mysql(ctx, fmt.Sprintf("INSERT INTO acks (id, v) VALUES (%d, 'row %d')", n, n))
 			return err
 		}},
-		{name: "nfs", l: l, op: func(ctx context.Context, n int) error {
-			// Each file has its own content; nfs-cp reads a local copy.
-			f := fmt.Sprintf("%s-%d", src, n)
-			if err := os.WriteFile(f, []byte(fmt.Sprintf("file %d\n", n)), 0o644); err != nil {
-				return err
-			}
-			defer os.Remove(f)
-			_, err := l.ipc(ctx, nil, "nfs-cp", f, fmt.Sprintf("nfs://%s/export/f-%06d?version=4", vipAddr, n))
-			return err
-		}},
+		nfsClient(t, l),
 	}
 	for _, c := range cs {
 		c.gate = gate
@@ -299,27 +291,6 @@ func (l *Lab) present(t *testing.T, name string) map[int]bool {
 				got[n] = true
 			}
 		}
-	case "nfs":
-		// The listing with sizes (each file's content has its own
-		// length), then the content of the newest files.
-		out, err = l.ipc(ctx, nil, "nfs-ls", fmt.Sprintf("nfs://%s/export?version=4", vipAddr))
-		var names []int
-		for _, line := range strings.Split(string(out), "\n") {
-			f := strings.Fields(line)
-			if len(f) < 2 || !strings.HasPrefix(f[len(f)-1], "f-") {
-				continue
-			}
-			n, _ := strconv.Atoi(strings.TrimLeft(strings.TrimPrefix(f[len(f)-1], "f-"), "0"))
-			if size, _ := strconv.Atoi(f[len(f)-2]); size == len(fmt.Sprintf("file %d\n", n)) {
-				names = append(names, n)
-				got[n] = true
-			}
-		}
-		sort.Ints(names)
-		for _, n := range names[max(0, len(names)-30):] {
-			b, cerr := l.ipc(ctx, nil, "nfs-cat", fmt.Sprintf("nfs://%s/export/f-%06d?version=4", vipAddr, n))
-			got[n] = cerr == nil && string(b) == fmt.Sprintf("file %d\n", n)
-		}
 	}
 	if err != nil {
 		t.Fatalf("reading back %s through the VIP: %v\n%s", name, err, out)
@@ -328,12 +299,7 @@ func (l *Lab) present(t *testing.T, name string) map[int]bool {
 }
 
 // check counts, for each client, acknowledged entries missing behind the
-// VIP. nfs-cp writes UNSTABLE and never sends COMMIT (a kernel client
-// commits at close), so its success does not promise durability; the
-// creation of the next file does (the server fsyncs the directory, a
-// durability call that waits for every earlier change): a file counts as
-// acknowledged once a later one was created.
-// The clients wait while the data is read back.
+// VIP. The clients wait while the data is read back.
 func (l *Lab) check(t *testing.T, clients []*client) (acked, lost map[string]int) {
 	acked, lost = map[string]int{}, map[string]int{}
 	if len(clients) > 0 {
@@ -341,13 +307,15 @@ func (l *Lab) check(t *testing.T, clients []*client) (acked, lost map[string]int
 		defer clients[0].gate.Unlock()
 	}
 	for _, c := range clients {
-		have := l.present(t, c.name)
+		var have map[int]bool
+		if c.have != nil {
+			have = c.have(t)
+		} else {
+			have = l.present(t, c.name)
+		}
 		c.mu.Lock()
 		list := append([]int(nil), c.acked...)
 		c.mu.Unlock()
-		if c.name == "nfs" && len(list) > 0 {
-			list = list[:len(list)-1]
-		}
 		var missing []int
 		for _, n := range list {
 			if !have[n] {
@@ -362,7 +330,7 @@ func (l *Lab) check(t *testing.T, clients []*client) (acked, lost map[string]int
 	return acked, lost
 }
 
-func first(s []int, n int) []int {
+func first[T any](s []T, n int) []T {
 	if len(s) > n {
 		return s[:n]
 	}
@@ -373,7 +341,9 @@ func first(s []int, n int) []int {
 // primary (every process, link down) at a random moment, and checks on
 // the survivor that every acknowledged key, row and file is there; the
 // old primary comes back, resyncs, and the next run kills the other
-// node. At the end `duet swap` moves the stack back to nodeA.
+// node. At the end `duet swap` moves the stack back to nodeA, then to
+// nodeB and back. The NFS client mounts once and keeps its handles
+// through all of it: a stale handle fails the test.
 func TestK3SStackFailover(t *testing.T) {
 	runs := 5
 	if s := os.Getenv("DUET_K3S_RUNS"); s != "" {
@@ -475,28 +445,33 @@ func TestK3SStackFailover(t *testing.T) {
 		p = s
 	}
 	// Failback: the returned node takes the stack back with duet swap,
-	// under load (after an odd number of runs: nodeA, the first primary).
-	l.WaitSync(t, 2*time.Minute)
-	to := otherHost[p]
-	t0 := time.Now()
-	if out, code := l.Duet(t, p, "swap"); code != 0 {
-		t.Fatalf("swap: %s", out)
-	}
-	l.waitServices(t, to, time.Minute)
-	t1 := time.Now()
-	for _, c := range clients {
-		for c.successesAfter(t1) < 3 {
-			if time.Since(t1) > time.Minute {
-				t.Fatalf("%s not served a minute after the swap to %s", c.name, nodeName[to])
-			}
-			time.Sleep(100 * time.Millisecond)
+	// under load (after an odd number of runs: nodeA, the first primary);
+	// then a swap the other way and back, and the clients (the NFS
+	// volume on the handles of its one mount) follow each move.
+	for i := 0; i < 3; i++ {
+		l.WaitSync(t, 2*time.Minute)
+		to := otherHost[p]
+		t0 := time.Now()
+		if out, code := l.Duet(t, p, "swap"); code != 0 {
+			t.Fatalf("swap: %s", out)
 		}
+		l.waitServices(t, to, time.Minute)
+		t1 := time.Now()
+		for _, c := range clients {
+			for c.successesAfter(t1) < 3 {
+				if time.Since(t1) > time.Minute {
+					t.Fatalf("%s not served a minute after the swap to %s", c.name, nodeName[to])
+				}
+				time.Sleep(100 * time.Millisecond)
+			}
+		}
+		var swapOut []string
+		for _, c := range clients {
+			swapOut = append(swapOut, fmt.Sprintf("%s %s", c.name, c.outage(t0).Round(10*time.Millisecond)))
+		}
+		t.Logf("swap: the stack moved from %s to %s; no service for %s", nodeName[p], nodeName[to], strings.Join(swapOut, ", "))
+		p = to
 	}
-	var swapOut []string
-	for _, c := range clients {
-		swapOut = append(swapOut, fmt.Sprintf("%s %s", c.name, c.outage(t0).Round(10*time.Millisecond)))
-	}
-	t.Logf("swap: the stack moved from %s to %s; no service for %s", nodeName[p], nodeName[to], strings.Join(swapOut, ", "))
 	stop()
 	wg.Wait()
 	hist.check(t)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Provisions a K3S server node with duet: MariaDB and nfs-ganesha installed
-# but left to duet (they run on the primary only), duet configured with the
-# k3s module, K3S with its datastore on the VIP.
+# Provisions a K3S server node with duet: MariaDB installed but left to
+# duet (it runs on the primary only, with duet's own NFS server), duet
+# configured with the k3s module, K3S with its datastore on the VIP.
 # Environment: THIS (node name), NODES (name=ip,name=ip), VIP, NET,
 # DUET_K3S_VERSION.
 set -euo pipefail
@@ -9,9 +9,9 @@ set -euo pipefail
 . /tmp/duet-provision/common.sh
 
 apt-get update -qq
-apt-get install -y -qq mariadb-server mariadb-client nfs-ganesha nfs-ganesha-vfs nfs-common curl >/dev/null
-# duet starts them on the primary; the packages' own units must not.
-systemctl disable --now mariadb nfs-ganesha 2>/dev/null || true
+apt-get install -y -qq mariadb-server mariadb-client nfs-common curl >/dev/null
+# duet starts MariaDB on the primary; the package's own unit must not.
+systemctl disable --now mariadb 2>/dev/null || true
 
 install -m 0755 /tmp/duet /usr/local/bin/duet
 install -m 0644 /tmp/duet-provision/duet.service /etc/systemd/system/duet.service

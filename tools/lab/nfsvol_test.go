@@ -1,0 +1,201 @@
+package lab
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/duet-ha/duet/pkg/nfsclient"
+	"github.com/duet-ha/duet/tools/lab/faultnet"
+)
+
+// nfsVolume is what a pod's hard NFS mount does across a failover: it
+// mounts the export once, through the VIP from the client namespace, and
+// keeps using the same file and directory handles whichever node serves.
+// Each request creates a numbered file in the volume's directory, writes
+// it UNSTABLE and COMMITs it, and appends its number to one long-lived
+// file, committed too: acknowledged means committed. A stale handle (the
+// server does not know a handle it gave out before the move) is counted
+// and fails the test.
+type nfsVolume struct {
+	c *nfsclient.Client
+
+	mu      sync.Mutex
+	dir     []byte // the volume's directory, made at the mount
+	log     []byte // "acks": one line per acknowledged request
+	logSize uint64
+	stale   int
+	staleAt []string
+}
+
+// nfsVIP is the NFS service's address through the VIP.
+var nfsVIP = net.JoinHostPort(vipAddr, "2049")
+
+func newNFSVolume() *nfsVolume {
+	c := nfsclient.New(func(ctx context.Context) (net.Conn, error) {
+		var conn net.Conn
+		err := faultnet.InNetns("duet-c", func() error {
+			var d net.Dialer
+			var err error
+			conn, err = d.DialContext(ctx, "tcp", nfsVIP)
+			return err
+		})
+		return conn, err
+	})
+	// One attempt on a connection to a dead server is abandoned after
+	// 2 s; the call is resent on a new connection, to whoever serves.
+	c.Timeout = 2 * time.Second
+	return &nfsVolume{c: c}
+}
+
+// note counts a stale handle; it returns err.
+func (v *nfsVolume) note(err error, what string) error {
+	if nfsclient.IsStale(err) {
+		v.stale++
+		v.staleAt = append(v.staleAt, fmt.Sprintf("%s at %s: %v", what, time.Now().Format("15:04:05.000"), err))
+	}
+	return err
+}
+
+// mount mounts the export and makes the volume's directory and its log,
+// once; later calls keep what the first got.
+func (v *nfsVolume) mount(ctx context.Context) error {
+	if v.dir != nil {
+		return nil
+	}
+	root, err := v.c.Mount(ctx, "/")
+	if err != nil {
+		return v.note(err, "MNT")
+	}
+	dir, err := v.c.Mkdir(ctx, root, "vol", 0o755)
+	if st, ok := nfsclient.StatusOf(err); ok && st == nfsclient.StatusExist {
+		// Made by an attempt whose reply was lost.
+		dir, err = v.c.Lookup(ctx, root, "vol")
+	}
+	if err != nil {
+		return v.note(err, "MKDIR vol")
+	}
+	log, err := v.c.Create(ctx, dir, "acks", nfsclient.Unchecked, 0o644)
+	if err != nil {
+		return v.note(err, "CREATE acks")
+	}
+	v.dir, v.log = dir, log
+	return nil
+}
+
+// op is one request: file n, then its line in the log.
+func (v *nfsVolume) op(ctx context.Context, n int) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if err := v.mount(ctx); err != nil {
+		return err
+	}
+	name := fmt.Sprintf("f-%06d", n)
+	fh, err := v.c.Create(ctx, v.dir, name, nfsclient.Guarded, 0o644)
+	if st, ok := nfsclient.StatusOf(err); ok && st == nfsclient.StatusExist {
+		// This request's own create, resent after a lost reply (each
+		// name is created once).
+		fh, err = v.c.Lookup(ctx, v.dir, name)
+	}
+	if err != nil {
+		return v.note(err, "CREATE "+name)
+	}
+	if _, err := v.c.Write(ctx, fh, 0, []byte(fmt.Sprintf("file %d\n", n)), nfsclient.Unstable); err != nil {
+		return v.note(err, "WRITE "+name)
+	}
+	if _, err := v.c.Commit(ctx, fh); err != nil {
+		return v.note(err, "COMMIT "+name)
+	}
+	// The log's lines are fixed-width: an append whose reply was lost
+	// and that the next request overwrites leaves no torn line.
+	line := fmt.Sprintf("%09d\n", n)
+	if _, err := v.c.Write(ctx, v.log, v.logSize, []byte(line), nfsclient.Unstable); err != nil {
+		return v.note(err, "WRITE acks")
+	}
+	if _, err := v.c.Commit(ctx, v.log); err != nil {
+		return v.note(err, "COMMIT acks")
+	}
+	v.logSize += uint64(len(line))
+	return nil
+}
+
+// present reads back, through the handles kept since the mount, which
+// requests left both their file (with its content) and their log line.
+func (v *nfsVolume) present(ctx context.Context) (map[int]bool, error) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	got := map[int]bool{}
+	if v.dir == nil {
+		return got, nil
+	}
+	ents, err := v.c.ReadDirPlus(ctx, v.dir)
+	if err != nil {
+		return nil, v.note(err, "READDIRPLUS vol")
+	}
+	files := map[int]bool{}
+	for _, e := range ents {
+		num, ok := strings.CutPrefix(e.Name, "f-")
+		if !ok {
+			continue
+		}
+		n, _ := strconv.Atoi(strings.TrimLeft(num, "0"))
+		data, _, err := v.c.Read(ctx, e.Handle, 0, 64)
+		if err != nil {
+			return nil, v.note(err, "READ "+e.Name)
+		}
+		files[n] = string(data) == fmt.Sprintf("file %d\n", n)
+	}
+	var log bytes.Buffer
+	for off := uint64(0); ; {
+		data, eof, err := v.c.Read(ctx, v.log, off, 1<<20)
+		if err != nil {
+			return nil, v.note(err, "READ acks")
+		}
+		log.Write(data)
+		off += uint64(len(data))
+		if eof || len(data) == 0 {
+			break
+		}
+	}
+	for _, f := range strings.Fields(log.String()) {
+		n, err := strconv.Atoi(strings.TrimLeft(f, "0"))
+		if err == nil && files[n] {
+			got[n] = true
+		}
+	}
+	return got, nil
+}
+
+// staleErr reports the stale handles seen so far.
+func (v *nfsVolume) staleErr() error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.stale == 0 {
+		return nil
+	}
+	return fmt.Errorf("%d stale file handles through handles kept since the mount: %s", v.stale, strings.Join(first(v.staleAt, 5), "; "))
+}
+
+// nfsClient is the k3s lab's NFS client: a volume mounted once.
+func nfsClient(t *testing.T, l *Lab) *client {
+	v := newNFSVolume()
+	t.Cleanup(func() { v.c.Close() })
+	return &client{name: "nfs", l: l, op: v.op, have: func(t *testing.T) map[int]bool {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		got, err := v.present(ctx)
+		if err != nil {
+			t.Fatalf("reading the NFS volume back through the VIP: %v", err)
+		}
+		if err := v.staleErr(); err != nil {
+			t.Error(err)
+		}
+		return got
+	}}
+}
