@@ -80,6 +80,7 @@ $lab stop b
 $lab stop a
 pw="demo-Password-0123456789"
 echo "$pw" >"$DUET_LAB/k3s.password"
+chmod 600 "$DUET_LAB/k3s.password"
 cat >"$DUET_LAB/kubectl" <<EOF
 #!/bin/sh
 echo "  \$DUET_NODE ran: kubectl \$*" >>"$DUET_LAB/kubectl.log"

@@ -92,6 +92,32 @@ func TestExampleK3SConfig(t *testing.T) {
 	}
 }
 
+// duet run --check reports a cluster key that is too short or readable
+// by others, as the daemon would refuse it at start.
+func TestRunCheckKey(t *testing.T) {
+	dir := t.TempDir()
+	loose := filepath.Join(dir, "key")
+	os.WriteFile(loose, []byte("0123456789abcdef0123456789abcdef\n"), 0o600)
+	os.Chmod(loose, 0o644)
+	for _, tc := range []struct {
+		name, key, want string
+	}{
+		{"short inline key", `key: "secret"`, "key: 6 bytes is too short: want at least 16"},
+		{"key file readable by others", "key_file: " + loose, `key_file "` + loose + `": mode 0644 lets group or others read or write this secret: run chmod 600 ` + loose},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := writeConfig(t, func(s string) string { return strings.Replace(s, `key: "0123456789abcdef"`, tc.key, 1) })
+			out, code := run("run", "--check", "--config", cfg)
+			if code != 2 || !strings.Contains(out, tc.want) {
+				t.Fatalf("exit %d, output %q: want exit 2 and %q", code, out, tc.want)
+			}
+		})
+	}
+	if out, code := run("run", "--check", "--config", writeConfig(t, nil)); code != 0 || !strings.Contains(out, ": ok") {
+		t.Fatalf("a good key: exit %d, output %q", code, out)
+	}
+}
+
 func TestProgressLine(t *testing.T) {
 	r := replica.ResyncStatus{Active: true, Mode: "bitmap", Phase: "sending", BytesPlanned: 100 << 20, BytesSent: 25 << 20,
 		FilesCompared: 3, FilesTotal: 10, RateBps: 5 << 20, EtaSec: 15}

@@ -28,6 +28,16 @@ func TestInitK3S(t *testing.T) {
 			t.Errorf("output lacks %q:\n%s", want, out)
 		}
 	}
+	// The secrets are the owner's alone: the configuration refuses them otherwise.
+	for _, f := range []string{"key", "pw"} {
+		st, err := os.Stat(filepath.Join(dir, f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Mode().Perm() != 0o600 {
+			t.Fatalf("%s: mode %v, want 0600", f, st.Mode())
+		}
+	}
 	a, err := config.Load(filepath.Join(dir, "nodeA.yaml"))
 	if err != nil {
 		t.Fatal(err)

@@ -6,6 +6,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -346,11 +347,15 @@ func (c *Config) Validate() error {
 			bad("%s %q: want host:port, e.g. 10.250.0.2:%s", field, addr, DefaultPort)
 		}
 	}
-	if c.Key == "" && c.KeyFile == "" {
+	switch {
+	case c.Key == "" && c.KeyFile == "":
 		bad("key: set key or key_file (the same secret on both nodes)")
-	}
-	if c.Key != "" && c.KeyFile != "" {
+	case c.Key != "" && c.KeyFile != "":
 		bad("key and key_file are both set: keep one")
+	default:
+		if _, err := c.ReadKey(); err != nil {
+			bad("%v", err)
+		}
 	}
 	if k := c.RingBufferKiB; k < 4 || k > 1<<20 || k&(k-1) != 0 {
 		bad("ring_buffer_kib %d: must be a power of two between 4 and 1048576", k)
@@ -575,18 +580,51 @@ func unwrapPathErr(err error) error {
 	return err
 }
 
-// ReadKey returns the cluster key.
+// MinKeySize is the shortest cluster key accepted, in bytes: the key is
+// all that keeps strangers from writing into the replicas.
+const MinKeySize = 16
+
+// ReadKey returns the cluster key: key, or the content of key_file
+// without surrounding white space.
 func (c *Config) ReadKey() ([]byte, error) {
 	if c.Key != "" {
+		if len(c.Key) < MinKeySize {
+			return nil, fmt.Errorf("key: %d bytes is too short: want at least %d (`head -c 32 /dev/urandom | base64` prints a good key; the same on both nodes)", len(c.Key), MinKeySize)
+		}
 		return []byte(c.Key), nil
 	}
-	b, err := os.ReadFile(c.KeyFile)
+	b, err := readSecret("key_file", c.KeyFile, "")
 	if err != nil {
-		return nil, fmt.Errorf("key_file: %w", err)
+		return nil, err
 	}
 	k := bytes.TrimSpace(b)
-	if len(k) < 16 {
-		return nil, fmt.Errorf("key_file %q: key of %d bytes is too short (want at least 16)", c.KeyFile, len(k))
+	if len(k) < MinKeySize {
+		return nil, fmt.Errorf("key_file %q: key of %d bytes is too short (want at least %d)", c.KeyFile, len(k), MinKeySize)
 	}
 	return k, nil
+}
+
+// readSecret reads the file of a secret (field names its setting; hint, if
+// any, follows a failure to read it). Like ssh with a private key, it
+// refuses a file that group or others may read or write: whoever can read
+// it can write into the replicas or the database, whoever can write it can
+// change the secret.
+func readSecret(field, path, hint string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("%s %q: %v%s", field, path, unwrapPathErr(err), hint)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("%s %q: %v", field, path, unwrapPathErr(err))
+	}
+	if m := st.Mode().Perm(); m&0o077 != 0 {
+		return nil, fmt.Errorf("%s %q: mode %04o lets group or others read or write this secret: run chmod 600 %s", field, path, m, shq(path))
+	}
+	b, err := io.ReadAll(f)
+	if err != nil {
+		return nil, fmt.Errorf("%s %q: %v", field, path, unwrapPathErr(err))
+	}
+	return b, nil
 }

@@ -181,3 +181,46 @@ func TestEpochID(t *testing.T) {
 		})
 	}
 }
+
+// TestKeyChecks: a key anyone could guess, or a key file others can read
+// or change, is refused when the configuration is loaded (duet run
+// --check), with the file, its mode and the fix.
+func TestKeyChecks(t *testing.T) {
+	const inline = `key: "0123456789abcdef"`
+	dir := t.TempDir()
+	keyFile := func(name, content string, mode os.FileMode) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(p, mode); err != nil { // past the umask
+			t.Fatal(err)
+		}
+		return "key_file: " + p
+	}
+	for _, tc := range []struct {
+		name, key, want string // want "": accepted
+	}{
+		{"inline key of 16 bytes", inline, ""},
+		{"inline key too short", `key: "secret"`, "key: 6 bytes is too short: want at least 16"},
+		{"key file 0600", keyFile("good", "0123456789abcdef\n", 0o600), ""},
+		{"key file 0400", keyFile("readonly", "0123456789abcdef\n", 0o400), ""},
+		{"key file too short", keyFile("short", "secret\n", 0o600), "key of 6 bytes is too short"},
+		{"key file readable by all", keyFile("world", "0123456789abcdef\n", 0o644),
+			`key_file "` + filepath.Join(dir, "world") + `": mode 0644 lets group or others read or write this secret: run chmod 600 ` + filepath.Join(dir, "world")},
+		{"key file readable by the group", keyFile("group", "0123456789abcdef\n", 0o640), "mode 0640 lets group or others"},
+		{"key file writable by others", keyFile("others", "0123456789abcdef\n", 0o602), "mode 0602 lets group or others"},
+		{"key file missing", "key_file: " + filepath.Join(dir, "none"), `key_file "` + filepath.Join(dir, "none") + `": no such file or directory`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			y := strings.Replace(base(t), inline, tc.key, 1)
+			_, err := Parse([]byte(y))
+			switch {
+			case tc.want == "" && err != nil:
+				t.Fatalf("refused: %v", err)
+			case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+				t.Fatalf("error %v, want it to contain %q", err, tc.want)
+			}
+		})
+	}
+}

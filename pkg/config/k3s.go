@@ -3,7 +3,6 @@ package config
 import (
 	"fmt"
 	"net"
-	"os"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -217,9 +216,9 @@ func (k *K3S) validate(bad func(string, ...any)) {
 
 // Password reads the database password.
 func (k *K3S) Password() (string, error) {
-	b, err := os.ReadFile(k.PasswordFile)
+	b, err := readSecret("k3s.password_file", k.PasswordFile, " (`duet init k3s` writes one; the same file on both nodes)")
 	if err != nil {
-		return "", fmt.Errorf("k3s.password_file: %v (`duet init k3s` writes one; the same file on both nodes)", unwrapPathErr(err))
+		return "", err
 	}
 	pw := strings.TrimSpace(string(b))
 	if !passwordRE.MatchString(pw) {

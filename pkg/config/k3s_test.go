@@ -135,7 +135,7 @@ func TestK3SModuleErrors(t *testing.T) {
 	for _, tc := range []struct{ edit, want string }{
 		{"module: k8s", `module "k8s": the only module is "k3s"`},
 		{"module: \"\"", "k3s: this section configures the k3s module: add `module: k3s`"},
-		{"  password_file: /nonexistent/pw", "k3s.password_file: no such file or directory (`duet init k3s` writes one"},
+		{"  password_file: /nonexistent/pw", `k3s.password_file "/nonexistent/pw": no such file or directory (` + "`duet init k3s` writes one"},
 		{"  data_dir: " + filepath.Join(dir, "nowhere"), "k3s.mysql_dir \"" + filepath.Join(dir, "nowhere", "mysql") + "\": no such file or directory (`duet init k3s` creates it"},
 		{"  database: \"kine; DROP\"", `k3s.database "kine; DROP": 1-32 letters`},
 		{"  kine: nowhere", `k3s.kine "nowhere": want host:port`},
@@ -225,5 +225,19 @@ func TestK3SHooksUseLowerCaseNodeName(t *testing.T) {
 		"taint nodes nodeb node.kubernetes.io/out-of-service-\n"
 	if string(b) != want {
 		t.Fatalf("kubectl ran:\n%s\nwant:\n%s", b, want)
+	}
+}
+
+// The database password guards the cluster's datastore: a password file
+// that group or others can read is refused, as a key file is.
+func TestK3SPasswordFileMode(t *testing.T) {
+	y, dir := k3sBase(t)
+	pw := filepath.Join(dir, "pw")
+	if err := os.Chmod(pw, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	want := `k3s.password_file "` + pw + `": mode 0644 lets group or others read or write this secret: run chmod 600 ` + pw
+	if _, err := Parse([]byte(y)); err == nil || !strings.Contains(err.Error(), want) {
+		t.Fatalf("error %v, want it to contain %q", err, want)
 	}
 }

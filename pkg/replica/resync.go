@@ -28,9 +28,6 @@ const (
 	maxMarks = 256
 	// clearEvery spaces the bitmap's clean-ups.
 	clearEvery = 250 * time.Millisecond
-	// maxWant bounds the paths a manifest request names; beyond, every
-	// file is compared.
-	maxWant = 200000
 	// maxReport bounds the lines of a discarded-changes report.
 	maxReport = 100000
 )
@@ -274,7 +271,7 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 				want[e.Path] = true
 			}
 		}
-		if len(paths) > maxWant {
+		if len(paths) > wire.MaxWant {
 			return p.escalate("too many files changed since the sync point to name them")
 		}
 		if err := query(paths); err != nil {

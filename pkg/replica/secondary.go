@@ -40,6 +40,12 @@ type Server struct {
 	syncfs   func(fd int) error // the appliers' syncfs when set (a test fails it)
 	handlers sync.WaitGroup     // connections being served
 
+	// unauthenticated counts the connections in their handshake (see
+	// maxUnauthenticated); failedLog and fullLog space the warnings
+	// about them.
+	unauthenticated    atomic.Int32
+	failedLog, fullLog rateLog
+
 	mu       sync.Mutex
 	replicas map[string]*replicaState
 	stats    map[string]*ServerStats
@@ -204,6 +210,20 @@ func (s *Server) SetAccept(on bool) {
 	}
 }
 
+// Limits on the connections whose peer has not proved it knows the key:
+// anyone who reaches the listen address can open them.
+const (
+	// maxUnauthenticated bounds those in their handshake at once; more
+	// are closed as they come. The primary and verify need one each.
+	maxUnauthenticated = 16
+	// handshakeTimeout bounds a handshake: a peer that says nothing
+	// gives its place back then.
+	handshakeTimeout = 10 * time.Second
+	// handshakeLogEvery spaces the warnings about failed or refused
+	// handshakes: a flood of them costs a line per interval.
+	handshakeLogEvery = 10 * time.Second
+)
+
 // Serve accepts peer connections until ctx ends.
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	go func() {
@@ -217,6 +237,15 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 				return nil
 			}
 			return err
+		}
+		if s.unauthenticated.Add(1) > maxUnauthenticated {
+			s.unauthenticated.Add(-1)
+			if ok, held := s.fullLog.allow(time.Now(), handshakeLogEvery); ok {
+				s.Log.Warn("too many peer connections in their handshake: closing new ones at once",
+					"remote", c.RemoteAddr().String(), "limit", maxUnauthenticated, "closed_unlogged", held)
+			}
+			c.Close()
+			continue
 		}
 		s.handlers.Add(1)
 		go func() {
@@ -244,7 +273,7 @@ func (s *Server) Close(wait time.Duration) {
 
 func (s *Server) handle(ctx context.Context, c net.Conn) {
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(10 * time.Second))
+	c.SetDeadline(time.Now().Add(handshakeTimeout))
 	var dirName string
 	var refuse string
 	h, err := wire.ServerHandshake(c, s.Key, func(h wire.Hello) wire.Welcome {
@@ -273,8 +302,12 @@ func (s *Server) handle(ctx context.Context, c net.Conn) {
 		}
 		return wire.Welcome{}
 	})
+	s.unauthenticated.Add(-1)
 	if err != nil {
-		s.Log.Warn("peer handshake failed", "remote", c.RemoteAddr().String(), "err", err)
+		// The error holds at most an excerpt of what the peer sent.
+		if ok, held := s.failedLog.allow(time.Now(), handshakeLogEvery); ok {
+			s.Log.Warn("peer handshake failed", "remote", c.RemoteAddr().String(), "err", err, "failed_unlogged", held)
+		}
 		return
 	}
 	if refuse != "" {
@@ -291,6 +324,27 @@ func (s *Server) handle(ctx context.Context, c net.Conn) {
 	case wire.PurposeReplicate:
 		s.replicate(ctx, c, d, h)
 	}
+}
+
+// rateLog lets one report through per interval and counts those it holds
+// back, for the next report to say how many it stands for.
+type rateLog struct {
+	mu   sync.Mutex
+	last time.Time // of the last report let through
+	held int       // reports held back since
+}
+
+// allow reports whether a report at now goes out, and how many were held
+// back before it.
+func (r *rateLog) allow(now time.Time, every time.Duration) (ok bool, held int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if !r.last.IsZero() && now.Sub(r.last) < every {
+		r.held++
+		return false, 0
+	}
+	held, r.held, r.last = r.held, 0, now
+	return true, held
 }
 
 // notReplica refuses replication on a node that serves or stops.
@@ -323,6 +377,10 @@ func (s *Server) serveManifest(c net.Conn, d Dir) error {
 	}
 }
 
+// manifestFrame is the size of entries past which a manifest frame is
+// sent: a frame holds at most one entry more (wire.MaxManifestEntries).
+const manifestFrame = 4 << 20
+
 // sendManifest scans d and streams it, answering seq: with checksums of
 // the files q asks for.
 func (s *Server) sendManifest(c net.Conn, d Dir, seq uint64, q wire.ManifestQuery) error {
@@ -352,7 +410,7 @@ func (s *Server) sendManifest(c net.Conn, d Dir, seq uint64, q wire.ManifestQuer
 	}
 	for i := range entries {
 		raw = wire.AppendEntry(raw, &entries[i])
-		if len(raw) > 4<<20 {
+		if len(raw) > manifestFrame {
 			if err := flush(); err != nil {
 				return err
 			}

@@ -119,12 +119,17 @@ type testSecondary struct {
 
 func newTestSecondary(t *testing.T, stateDir string) *testSecondary {
 	t.Helper()
+	return newTestSecondaryLog(t, stateDir, slog.New(slog.NewTextHandler(io.Discard, nil)))
+}
+
+// newTestSecondaryLog is newTestSecondary logging to log.
+func newTestSecondaryLog(t *testing.T, stateDir string, log *slog.Logger) *testSecondary {
+	t.Helper()
 	data := filepath.Join(filepath.Dir(stateDir), "data")
 	if err := os.MkdirAll(data, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	s := &Server{Key: testKey, StateDir: stateDir, Dirs: []Dir{{Name: "data", Path: data}},
-		Log: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	s := &Server{Key: testKey, StateDir: stateDir, Dirs: []Dir{{Name: "data", Path: data}}, Log: log}
 	s.SetAccept(true)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

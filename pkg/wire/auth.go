@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strconv"
 )
 
 // Purpose says what a connection is for.
@@ -97,18 +98,33 @@ func DecodeHello(p []byte) (Hello, error) {
 	return h, nil
 }
 
+// expect reads a handshake frame of type t: the peer is not
+// authenticated yet, so the frame is small and its text is cut short.
 func expect(rw io.ReadWriter, t Type) (Frame, error) {
-	f, err := ReadFrame(rw, nil)
+	f, err := ReadFrameMax(rw, nil, MaxHandshake)
 	if err != nil {
 		return f, err
 	}
 	if f.Type == TypeError {
-		return f, fmt.Errorf("peer refused: %s", f.Payload)
+		return f, fmt.Errorf("peer refused: %s", Excerpt(f.Payload))
 	}
 	if f.Type != t {
 		return f, fmt.Errorf("%w: got %s, want %s", ErrBadFrame, f.Type, t)
 	}
 	return f, nil
+}
+
+// maxExcerpt bounds what Excerpt keeps of a peer's text.
+const maxExcerpt = 100
+
+// Excerpt quotes a text a peer sent, for an error or a log: cut to its
+// first 100 bytes and quoted, it can neither flood a log nor forge lines
+// in it.
+func Excerpt(b []byte) string {
+	if len(b) <= maxExcerpt {
+		return strconv.Quote(string(b))
+	}
+	return fmt.Sprintf("%q... (%d bytes)", b[:maxExcerpt], len(b))
 }
 
 // ClientHandshake proves the key to the server and checks the server's

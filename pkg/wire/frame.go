@@ -28,6 +28,12 @@ const HeaderSize = 24
 // any allocation.
 const MaxPayload = 64 << 20
 
+// MaxHandshake bounds the payload of a frame read before the peer has
+// proved that it knows the key (hello and auth on the server; challenge,
+// welcome or a refusal on the client): a stranger cannot make a node
+// allocate MaxPayload. The largest, a hello, is under 300 bytes.
+const MaxHandshake = 4 << 10
+
 // Type says what a frame carries.
 type Type uint8
 
@@ -112,6 +118,11 @@ func WriteFrame(w io.Writer, f *Frame) error {
 // ParseHeader checks a header and returns the frame it announces (without
 // payload) and the payload length.
 func ParseHeader(h []byte) (Frame, uint32, error) {
+	return parseHeader(h, MaxPayload)
+}
+
+// parseHeader is ParseHeader with a payload limit of max bytes.
+func parseHeader(h []byte, max uint32) (Frame, uint32, error) {
 	if len(h) < HeaderSize {
 		return Frame{}, 0, fmt.Errorf("%w: header is %d bytes, want %d", ErrBadFrame, len(h), HeaderSize)
 	}
@@ -123,8 +134,8 @@ func ParseHeader(h []byte) (Frame, uint32, error) {
 		return Frame{}, 0, fmt.Errorf("%w: protocol version %d, this build speaks %d", ErrBadFrame, h[4], Version)
 	}
 	n := le.Uint32(h[16:])
-	if n > MaxPayload {
-		return Frame{}, 0, fmt.Errorf("%w: payload length %d exceeds the %d limit", ErrBadFrame, n, MaxPayload)
+	if n > max {
+		return Frame{}, 0, fmt.Errorf("%w: payload length %d exceeds the %d limit", ErrBadFrame, n, max)
 	}
 	f := Frame{Type: Type(h[5]), Flags: le.Uint16(h[6:]), Seq: le.Uint64(h[8:])}
 	if f.Type < TypeHello || f.Type > typeLast {
@@ -136,11 +147,17 @@ func ParseHeader(h []byte) (Frame, uint32, error) {
 // ReadFrame reads one frame from r, checking magic, version, length and
 // CRC32C. buf is reused for the payload when large enough.
 func ReadFrame(r io.Reader, buf []byte) (Frame, error) {
+	return ReadFrameMax(r, buf, MaxPayload)
+}
+
+// ReadFrameMax is ReadFrame refusing, before reading or allocating it, a
+// payload longer than max bytes.
+func ReadFrameMax(r io.Reader, buf []byte, max uint32) (Frame, error) {
 	var h [HeaderSize]byte
 	if _, err := io.ReadFull(r, h[:]); err != nil {
 		return Frame{}, err
 	}
-	f, n, err := ParseHeader(h[:])
+	f, n, err := parseHeader(h[:], max)
 	if err != nil {
 		return Frame{}, err
 	}

@@ -2,6 +2,7 @@ package wire
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io/fs"
 	"sync"
@@ -63,11 +64,27 @@ func AppendEntry(b []byte, e *Entry) []byte {
 	return b
 }
 
-// DecodeEntries decodes a manifest payload (already decompressed).
+// MaxManifest bounds a manifest frame's payload once decompressed. The
+// answering node cuts frames at 4 MiB of entries, but never splits an
+// entry, and a file's checksums take 16 bytes per 64 KiB block: 128 MiB
+// for a file of 512 GiB.
+const MaxManifest = 2 * MaxPayload
+
+// MaxManifestEntries bounds the entries of one manifest frame, as
+// MaxBatchOps bounds ops: a decoded Entry takes about ten times the 13
+// bytes of the smallest encoding. A 4 MiB frame holds at most 4 MiB/13,
+// about 323,000.
+const MaxManifestEntries = 1 << 19
+
+// DecodeEntries decodes a manifest payload (already decompressed),
+// refusing one of more than MaxManifestEntries entries.
 func DecodeEntries(b []byte) ([]Entry, error) {
 	d := decoder{b: b}
 	var out []Entry
 	for len(d.b) > 0 {
+		if len(out) == MaxManifestEntries {
+			return nil, fmt.Errorf("%w: manifest frame of more than %d entries", ErrBadOp, MaxManifestEntries)
+		}
 		var e Entry
 		e.Path = string(d.bytes("path", MaxPath))
 		e.Mode = fs.FileMode(d.u32("mode"))
@@ -119,6 +136,10 @@ type ManifestQuery struct {
 	Gen uint64
 }
 
+// MaxWant bounds the paths a manifest request names: beyond, a requester
+// asks for every checksum instead.
+const MaxWant = 200000
+
 // AppendManifestQuery encodes q.
 func AppendManifestQuery(b []byte, q *ManifestQuery) []byte {
 	all := byte(0)
@@ -149,8 +170,10 @@ func DecodeManifestQuery(b []byte) (ManifestQuery, error) {
 	if d.err != nil {
 		return q, d.err
 	}
-	if n > uint64(len(d.b)) {
-		return q, fmt.Errorf("%w: %d wanted paths, %d bytes left", ErrBadOp, n, len(d.b))
+	// Checked before the slice is made: each path takes at least 2 bytes
+	// (its length and one byte), and a string 16 bytes in the slice.
+	if n > MaxWant || n > uint64(len(d.b))/2 {
+		return q, fmt.Errorf("%w: %d wanted paths (limit %d), %d bytes left", ErrBadOp, n, MaxWant, len(d.b))
 	}
 	q.Want = make([]string, 0, n)
 	for range n {
@@ -190,9 +213,10 @@ func DecodeResyncDone(b []byte) (ResyncDone, error) {
 }
 
 var (
-	encOnce sync.Once
-	enc     *zstd.Encoder
-	dec     *zstd.Decoder
+	encOnce  sync.Once
+	enc      *zstd.Encoder
+	dec      *zstd.Decoder // up to MaxManifest
+	decBatch *zstd.Decoder // up to MaxBatch
 )
 
 func codecs() {
@@ -202,7 +226,13 @@ func codecs() {
 		if err != nil {
 			panic(err) // only on invalid options
 		}
-		dec, err = zstd.NewReader(nil, zstd.WithDecoderConcurrency(0), zstd.WithDecoderMaxMemory(2*MaxPayload))
+		// The limit stops the decoding, not only its result: a few
+		// kilobytes of zstd can claim gigabytes.
+		dec, err = zstd.NewReader(nil, zstd.WithDecoderConcurrency(0), zstd.WithDecoderMaxMemory(MaxManifest))
+		if err != nil {
+			panic(err)
+		}
+		decBatch, err = zstd.NewReader(nil, zstd.WithDecoderConcurrency(0), zstd.WithDecoderMaxMemory(MaxBatch))
 		if err != nil {
 			panic(err)
 		}
@@ -215,20 +245,32 @@ func Compress(dst, src []byte) []byte {
 	return enc.EncodeAll(src, dst)
 }
 
-// Decompress decodes a zstd payload, refusing output over 2×MaxPayload.
+// Decompress decodes a zstd payload, refusing output over MaxManifest.
 func Decompress(dst, src []byte) ([]byte, error) {
 	codecs()
-	out, err := dec.DecodeAll(src, dst[:0])
+	return decompress(dec, MaxManifest, dst, src)
+}
+
+func decompress(d *zstd.Decoder, limit int, dst, src []byte) ([]byte, error) {
+	out, err := d.DecodeAll(src, dst[:0])
+	if errors.Is(err, zstd.ErrDecoderSizeExceeded) || errors.Is(err, zstd.ErrWindowSizeExceeded) {
+		return nil, fmt.Errorf("%w: zstd payload decompresses to more than %d bytes", ErrBadFrame, limit)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("%w: zstd: %v", ErrBadFrame, err)
 	}
 	return out, nil
 }
 
-// Payload returns a frame's payload, decompressed when flagged.
+// Payload returns a frame's payload, decompressed when flagged: a batch
+// to at most MaxBatch bytes, any other frame to at most MaxManifest.
 func Payload(f *Frame, scratch []byte) ([]byte, error) {
 	if f.Flags&FlagZstd == 0 {
 		return f.Payload, nil
+	}
+	if f.Type == TypeBatch {
+		codecs()
+		return decompress(decBatch, MaxBatch, scratch, f.Payload)
 	}
 	return Decompress(scratch, f.Payload)
 }

@@ -180,12 +180,30 @@ func (d *decoder) byte1(what string) byte {
 	return v
 }
 
-// DecodeOps decodes a batch payload (already decompressed). Data slices
-// alias b. Every path is checked with ValidPath.
+// MaxBatch bounds a batch's payload once decompressed. The primary cuts a
+// batch at 4 MiB of ops, and an op carries at most 1 MiB of data and two
+// paths.
+const MaxBatch = 16 << 20
+
+// MaxBatchOps bounds the ops of one batch. A decoded Op takes about ten
+// times the 13 bytes of the smallest encoding: without a bound, a batch
+// of small ops would cost ten times its size (2^19 ops take 60 MiB). The
+// primary's 4 MiB batches hold at most 4 MiB/13, about 323,000 ops.
+const MaxBatchOps = 1 << 19
+
+// DecodeOps decodes a batch payload (already decompressed), refusing one
+// over MaxBatch bytes or MaxBatchOps ops. Data slices alias b. Every path
+// is checked with ValidPath.
 func DecodeOps(b []byte) ([]Op, error) {
+	if len(b) > MaxBatch {
+		return nil, fmt.Errorf("%w: batch of %d bytes exceeds the %d limit", ErrBadOp, len(b), MaxBatch)
+	}
 	d := decoder{b: b}
 	var ops []Op
 	for len(d.b) > 0 {
+		if len(ops) == MaxBatchOps {
+			return nil, fmt.Errorf("%w: batch of more than %d ops", ErrBadOp, MaxBatchOps)
+		}
 		var op Op
 		op.Code = OpCode(d.byte1("op code"))
 		if d.err == nil && (op.Code == 0 || op.Code > opMax) {
@@ -201,7 +219,7 @@ func DecodeOps(b []byte) ([]Op, error) {
 		op.Len = d.uvarint("length")
 		op.Mtime = d.varint("mtime")
 		op.Atime = d.varint("atime")
-		op.Data = d.bytes("data", MaxPayload)
+		op.Data = d.bytes("data", MaxBatch)
 		if d.err != nil {
 			return nil, d.err
 		}
