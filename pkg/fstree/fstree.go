@@ -40,6 +40,25 @@ const maxLookup = unix.PathMax - 1
 // path longer than one lookup takes is walked a group of components at a
 // time, each group beneath the directory the previous one opened.
 func OpenBeneath(root *os.File, rel string, flags int) (*os.File, error) {
+	return openBeneath(root, rel, flags, beneath)
+}
+
+// OpenSameMount is OpenBeneath that also refuses to cross a mount point,
+// rel's last component included (EXDEV): a filesystem mounted inside the
+// root is not the one whose changes are replicated into it, and removing
+// a directory there would empty whatever is mounted on it.
+func OpenSameMount(root *os.File, rel string, flags int) (*os.File, error) {
+	f, err := openBeneath(root, rel, flags, beneath|unix.RESOLVE_NO_XDEV)
+	if pe, ok := err.(*fs.PathError); ok && pe.Err == unix.EXDEV {
+		pe.Err = errCrossesMount
+	}
+	return f, err
+}
+
+// errCrossesMount names what EXDEV means to OpenSameMount.
+var errCrossesMount = fmt.Errorf("leads across a mount point or out of the root: %w", unix.EXDEV)
+
+func openBeneath(root *os.File, rel string, flags int, resolve uint64) (*os.File, error) {
 	if rel == "" {
 		rel = "."
 	}
@@ -50,7 +69,7 @@ func OpenBeneath(root *os.File, rel string, flags int) (*os.File, error) {
 			closeUnless(dfd, root)
 			return nil, &fs.PathError{Op: "open", Path: rel, Err: unix.ENAMETOOLONG}
 		}
-		fd, err := openat2(dfd, left[:cut], unix.O_PATH|unix.O_DIRECTORY)
+		fd, err := openat2(dfd, left[:cut], unix.O_PATH|unix.O_DIRECTORY, resolve)
 		closeUnless(dfd, root)
 		if err != nil {
 			return nil, &fs.PathError{Op: "open", Path: rel, Err: err}
@@ -60,7 +79,7 @@ func OpenBeneath(root *os.File, rel string, flags int) (*os.File, error) {
 	if left == "" {
 		left = "." // rel ended with the slash of a directory
 	}
-	fd, err := openat2(dfd, left, flags)
+	fd, err := openat2(dfd, left, flags, resolve)
 	closeUnless(dfd, root)
 	runtime.KeepAlive(root)
 	if err != nil {
@@ -69,8 +88,8 @@ func OpenBeneath(root *os.File, rel string, flags int) (*os.File, error) {
 	return os.NewFile(uintptr(fd), rel), nil
 }
 
-func openat2(dfd int, rel string, flags int) (int, error) {
-	how := unix.OpenHow{Flags: uint64(flags | unix.O_CLOEXEC), Resolve: beneath}
+func openat2(dfd int, rel string, flags int, resolve uint64) (int, error) {
+	how := unix.OpenHow{Flags: uint64(flags | unix.O_CLOEXEC), Resolve: resolve}
 	return unix.Openat2(dfd, rel, &how)
 }
 

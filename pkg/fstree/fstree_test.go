@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/duet-ha/duet/pkg/loopfs"
 	"github.com/duet-ha/duet/pkg/wire"
 	"golang.org/x/sys/unix"
 )
@@ -153,4 +154,41 @@ func TestScanLeavesOutPathsPastMaxPath(t *testing.T) {
 	if last := entries[len(entries)-1]; last.Path != "z" {
 		t.Fatalf("last entry %.40q, want z (the rest of the tree)", last.Path)
 	}
+}
+
+// OpenSameMount stops at a filesystem mounted inside the root, the mount
+// point itself included; OpenBeneath crosses it.
+func TestOpenSameMountStopsAtMountPoint(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(dir, "d", "mnt"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	loopfs.Tmpfs(t, filepath.Join(dir, "d", "mnt"))
+	if err := os.WriteFile(filepath.Join(dir, "d", "mnt", "f"), []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	root, err := OpenRoot(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer root.Close()
+	for _, p := range []string{"d/mnt", "d/mnt/f"} {
+		if f, err := OpenSameMount(root, p, unix.O_PATH|unix.O_NOFOLLOW); !errors.Is(err, unix.EXDEV) {
+			if err == nil {
+				f.Close()
+			}
+			t.Errorf("OpenSameMount(%q): %v, want EXDEV", p, err)
+		}
+		f, err := OpenBeneath(root, p, unix.O_PATH|unix.O_NOFOLLOW)
+		if err != nil {
+			t.Errorf("OpenBeneath(%q): %v", p, err)
+			continue
+		}
+		f.Close()
+	}
+	f, err := OpenSameMount(root, "d", unix.O_PATH|unix.O_DIRECTORY)
+	if err != nil {
+		t.Fatalf("OpenSameMount of the directory holding the mount point: %v", err)
+	}
+	f.Close()
 }

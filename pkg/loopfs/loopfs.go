@@ -62,6 +62,16 @@ func Make(t testing.TB, fstype string, sizeMiB int) *FS {
 	return fs
 }
 
+// Tmpfs mounts a small tmpfs on dir, an existing directory; t.Cleanup
+// unmounts it. It stands for a filesystem mounted inside a tree that code
+// under test must not cross into.
+func Tmpfs(t testing.TB, dir string) {
+	t.Helper()
+	RequireRoot(t)
+	run(t, "mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", dir)
+	t.Cleanup(func() { exec.Command("umount", "-l", dir).Run() })
+}
+
 func run(t testing.TB, name string, args ...string) string {
 	t.Helper()
 	out, err := exec.Command(name, args...).CombinedOutput()

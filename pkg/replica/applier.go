@@ -6,16 +6,21 @@ import (
 	"io/fs"
 	"os"
 	"path"
+	"runtime"
 
 	"github.com/duet-ha/duet/pkg/fstree"
 	"github.com/duet-ha/duet/pkg/wire"
 	"golang.org/x/sys/unix"
 )
 
-// Applier makes ops happen under a replica root, and nowhere else: every
-// lookup goes through openat2 with RESOLVE_BENEATH and RESOLVE_NO_SYMLINKS,
-// and final components are handled with *at calls on the parent. Ops are
-// idempotent so that a batch replayed after a reconnect is harmless.
+// Applier makes ops happen under a replica root, and nowhere else, even
+// while a local user renames entries of the replica under it: every
+// lookup goes through openat2 with RESOLVE_BENEATH, RESOLVE_NO_SYMLINKS
+// and RESOLVE_NO_XDEV (fstree.OpenSameMount); final components are
+// created, renamed and removed with *at calls on the parent, which never
+// follow a symlink; and attributes are set on an O_PATH handle of the
+// entry (see entryAt), never through its name. Ops are idempotent so that
+// a batch replayed after a reconnect is harmless.
 type Applier struct {
 	root  *os.File
 	sync  *os.File            // the root opened for reading: syncfs refuses O_PATH
@@ -131,7 +136,7 @@ var errNotRegular = errors.New("not a regular file on this replica")
 // writing blocks until a reader comes, a socket's open fails, a device's
 // has side effects.
 func (a *Applier) openRegular(p string, flags int) (*os.File, error) {
-	pf, err := fstree.OpenBeneath(a.root, p, unix.O_PATH|unix.O_NOFOLLOW)
+	pf, err := fstree.OpenSameMount(a.root, p, unix.O_PATH|unix.O_NOFOLLOW)
 	if err != nil {
 		return nil, err
 	}
@@ -144,8 +149,71 @@ func (a *Applier) openRegular(p string, flags int) (*os.File, error) {
 	if t := st.Mode & unix.S_IFMT; t != unix.S_IFREG && t != unix.S_IFDIR {
 		return nil, fmt.Errorf("%w: %s", errNotRegular, kindOf(t))
 	}
-	// Non-blocking all the same: the path is looked up anew.
-	return fstree.OpenBeneath(a.root, p, flags|unix.O_NONBLOCK|unix.O_NOFOLLOW)
+	// The path is looked up anew: non-blocking all the same, and what
+	// opened must be what was checked. Something renamed over p meanwhile
+	// (a FIFO whose reader would get the data) is closed unused.
+	f, err := fstree.OpenSameMount(a.root, p, flags|unix.O_NONBLOCK|unix.O_NOFOLLOW)
+	if err != nil {
+		return nil, err
+	}
+	var now unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &now); err != nil || now.Dev != st.Dev || now.Ino != st.Ino {
+		f.Close()
+		return nil, fmt.Errorf("%w while it was being opened", errReplaced)
+	}
+	return f, nil
+}
+
+// errReplaced: an entry changed under an op, by something else than the
+// applier (a local user renaming entries of the replica). The op fails
+// there, and its batch with it (§8 of DESIGN.md: the primary sends it
+// again after a pause).
+var errReplaced = errors.New("replaced on this replica by a local change")
+
+// entryAt opens name in d as an O_PATH handle of the entry the name holds
+// now, never a symlink's target (the handle is the link itself) nor what
+// is mounted on it (EXDEV). Attributes set through the handle change that
+// inode whatever is renamed over the name meanwhile: a chmod by name
+// after a check of the name follows a symlink swapped in between.
+func entryAt(d *os.File, name string) (*os.File, unix.Stat_t, error) {
+	var st unix.Stat_t
+	h, err := fstree.OpenSameMount(d, name, unix.O_PATH|unix.O_NOFOLLOW)
+	if err != nil {
+		return nil, st, err
+	}
+	if err := unix.Fstat(int(h.Fd()), &st); err != nil {
+		h.Close()
+		return nil, st, &fs.PathError{Op: "stat", Path: name, Err: err}
+	}
+	return h, st, nil
+}
+
+// chmodHandle sets the mode of the inode h (from entryAt, not a symlink)
+// holds. fchmodat2 (Linux 6.6) takes the handle itself; where it is
+// missing (x/sys reports EOPNOTSUPP), chmodProc does it.
+func chmodHandle(h *os.File, mode uint32) error {
+	err := unix.Fchmodat(int(h.Fd()), "", mode, unix.AT_EMPTY_PATH|unix.AT_SYMLINK_NOFOLLOW)
+	if errors.Is(err, unix.EOPNOTSUPP) {
+		err = chmodProc(h, mode)
+	}
+	if err != nil {
+		return &fs.PathError{Op: "chmod", Path: h.Name(), Err: err}
+	}
+	return nil
+}
+
+// chmodProc sets the mode of the inode that O_PATH handle h holds by its
+// /proc/self/fd link, which leads to that inode and no other (glibc's
+// fchmodat(AT_SYMLINK_NOFOLLOW) does the same before fchmodat2). For a
+// symlink it fails with EOPNOTSUPP, as it should: the link's target is
+// not to be touched.
+func chmodProc(h *os.File, mode uint32) error {
+	err := unix.Chmod(fmt.Sprintf("/proc/self/fd/%d", h.Fd()), mode)
+	runtime.KeepAlive(h)
+	if errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("/proc is not mounted (needed to chmod without fchmodat2, before Linux 6.6): %w", err)
+	}
+	return err
 }
 
 // kindOf names a file type (S_IFMT bits) for an operator.
@@ -206,7 +274,7 @@ func (a *Applier) touch(op *wire.Op) {
 // parent opens the directory holding p and returns it with p's base name.
 func (a *Applier) parent(p string) (*os.File, string, error) {
 	dir, base := path.Split(p)
-	d, err := fstree.OpenBeneath(a.root, dir, unix.O_PATH|unix.O_DIRECTORY)
+	d, err := fstree.OpenSameMount(a.root, dir, unix.O_PATH|unix.O_DIRECTORY)
 	if err != nil {
 		return nil, "", err
 	}
@@ -225,6 +293,11 @@ func (a *Applier) Apply(op *wire.Op) error {
 func (a *Applier) apply(op *wire.Op) error {
 	if err := wire.ValidPath(op.Path); err != nil {
 		return err
+	}
+	if op.Code == wire.OpLink || op.Code == wire.OpRename {
+		if err := wire.ValidPath(op.Path2); err != nil {
+			return fmt.Errorf("to %q: %w", op.Path2, err)
+		}
 	}
 	switch op.Code {
 	case wire.OpWrite:
@@ -257,19 +330,32 @@ func (a *Applier) apply(op *wire.Op) error {
 	dfd := int(d.Fd())
 	switch op.Code {
 	case wire.OpMkdir:
-		var st unix.Stat_t
-		if unix.Fstatat(dfd, base, &st, unix.AT_SYMLINK_NOFOLLOW) == nil {
-			if st.Mode&unix.S_IFMT == unix.S_IFDIR {
-				return unix.Fchmodat(dfd, base, op.Mode&0o7777, 0)
-			}
+		h, st, err := entryAt(d, base)
+		switch {
+		case err == nil && st.Mode&unix.S_IFMT == unix.S_IFDIR:
+			defer h.Close()
+			return chmodHandle(h, op.Mode&0o7777)
+		case err == nil:
+			h.Close()
 			if err := a.removeAt(d, base); err != nil {
 				return err
 			}
+		case !errors.Is(err, unix.ENOENT):
+			return err
 		}
 		if err := unix.Mkdirat(dfd, base, op.Mode&0o7777); err != nil {
 			return err
 		}
-		return unix.Fchmodat(dfd, base, op.Mode&0o7777, 0) // umask-free
+		// The mode again, free of the umask, on what the name holds now.
+		h, st, err = entryAt(d, base)
+		if err != nil {
+			return err
+		}
+		defer h.Close()
+		if t := st.Mode & unix.S_IFMT; t != unix.S_IFDIR {
+			return fmt.Errorf("%w (%s where the directory was made)", errReplaced, kindOf(t))
+		}
+		return chmodHandle(h, op.Mode&0o7777)
 	case wire.OpCreate:
 		// A new inode on the primary: never truncate an existing one, it
 		// may have other names.
@@ -305,7 +391,7 @@ func (a *Applier) apply(op *wire.Op) error {
 		defer d2.Close()
 		return a.linkOrRename(op.Code, d, base, d2, base2)
 	case wire.OpSetattr:
-		return setattr(dfd, base, op)
+		return setattr(d, base, op)
 	}
 	return fmt.Errorf("unknown op %d", op.Code)
 }
@@ -347,22 +433,29 @@ func (a *Applier) linkOrRename(code wire.OpCode, d *os.File, base string, d2 *os
 	return err
 }
 
-func setattr(dfd int, base string, op *wire.Op) error {
-	var st unix.Stat_t
-	if err := unix.Fstatat(dfd, base, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+// setattr sets owner, mode and times of name in d, all through one handle
+// (entryAt): those of a symlink are the link's own.
+func setattr(d *os.File, name string, op *wire.Op) error {
+	h, st, err := entryAt(d, name)
+	if err != nil {
 		return err
 	}
-	if err := unix.Fchownat(dfd, base, int(op.UID), int(op.GID), unix.AT_SYMLINK_NOFOLLOW); err != nil {
-		return err
+	defer h.Close()
+	fd := int(h.Fd())
+	if err := unix.Fchownat(fd, "", int(op.UID), int(op.GID), unix.AT_EMPTY_PATH|unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		return &fs.PathError{Op: "chown", Path: name, Err: err}
 	}
 	// chown clears set-id bits: chmod after it. Symlinks have no mode.
 	if st.Mode&unix.S_IFMT != unix.S_IFLNK {
-		if err := unix.Fchmodat(dfd, base, op.Mode&0o7777, 0); err != nil {
+		if err := chmodHandle(h, op.Mode&0o7777); err != nil {
 			return err
 		}
 	}
 	ts := []unix.Timespec{unix.NsecToTimespec(op.Atime), unix.NsecToTimespec(op.Mtime)}
-	return unix.UtimesNanoAt(dfd, base, ts, unix.AT_SYMLINK_NOFOLLOW)
+	if err := unix.UtimesNanoAt(fd, "", ts, unix.AT_EMPTY_PATH|unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		return &fs.PathError{Op: "utimes", Path: name, Err: err}
+	}
+	return nil
 }
 
 // file returns p open for writing, kept open for the rest of the batch.
@@ -392,7 +485,7 @@ func (a *Applier) removeAt(d *os.File, name string) error {
 	if !errors.Is(err, unix.EISDIR) {
 		return err
 	}
-	sub, err := openDirAt(dfd, name)
+	sub, err := fstree.OpenSameMount(d, name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW)
 	if err != nil {
 		return err
 	}
@@ -413,13 +506,4 @@ func (a *Applier) removeAt(d *os.File, name string) error {
 		return nil
 	}
 	return err
-}
-
-func openDirAt(dfd int, name string) (*os.File, error) {
-	how := unix.OpenHow{Flags: unix.O_RDONLY | unix.O_DIRECTORY | unix.O_NOFOLLOW | unix.O_CLOEXEC, Resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS}
-	fd, err := unix.Openat2(dfd, name, &how)
-	if err != nil {
-		return nil, &fs.PathError{Op: "open", Path: name, Err: err}
-	}
-	return os.NewFile(uintptr(fd), name), nil
 }
