@@ -6,10 +6,13 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"time"
 )
 
 // Heartbeat is what a node tells its peer several times a second on every
-// heartbeat network.
+// heartbeat network. Boot, Seq, Time and the echo are filled by the
+// sender's Guard (Stamp); they let the receiver's Guard tell a heartbeat
+// sent just now from a recorded one.
 type Heartbeat struct {
 	Name      string
 	State     State
@@ -20,12 +23,23 @@ type Heartbeat struct {
 	Handover  bool // the sender gave the primary role to the receiver
 	Boot      uint64
 	Seq       uint64 // increases within one Boot
+	// Time is the sender's clock when it sent the heartbeat: a raw
+	// monotonic clock (CLOCK_MONOTONIC_RAW), meaningful only next to
+	// other readings on the same host.
+	Time time.Duration
+	// EchoBoot and EchoTime repeat the Boot and Time of a heartbeat the
+	// sender heard from the receiver (zero before it heard any): the
+	// receiver's own clock then bounds how old this heartbeat is.
+	EchoBoot uint64
+	EchoTime time.Duration
 }
 
 const (
-	hbMagic   = "DUHB"
-	hbVersion = 1
-	hbHeader  = 4 + 1 + 1 + 1 + 1 + 8 + 8 + 8
+	hbMagic = "DUHB"
+	// hbVersion 2 added Time and the echo; version 1's heartbeats could
+	// be replayed from an earlier run of their sender.
+	hbVersion = 2
+	hbHeader  = 4 + 1 + 1 + 1 + 1 + 8 + 8 + 8 + 8 + 8 + 8
 	hbMAC     = 16
 	// MaxHeartbeat bounds a heartbeat datagram.
 	MaxHeartbeat = hbHeader + 63 + hbMAC
@@ -65,6 +79,9 @@ func (h *Heartbeat) Marshal(key []byte) []byte {
 	binary.BigEndian.PutUint64(b[8:], h.Epoch)
 	binary.BigEndian.PutUint64(b[16:], h.Boot)
 	binary.BigEndian.PutUint64(b[24:], h.Seq)
+	binary.BigEndian.PutUint64(b[32:], uint64(h.Time))
+	binary.BigEndian.PutUint64(b[40:], h.EchoBoot)
+	binary.BigEndian.PutUint64(b[48:], uint64(h.EchoTime))
 	b = append(b, name...)
 	return append(b, mac(key, b)...)
 }
@@ -79,11 +96,17 @@ func mac(key, b []byte) []byte {
 // ParseHeartbeat checks and decodes one datagram.
 func ParseHeartbeat(b, key []byte) (Heartbeat, error) {
 	var h Heartbeat
-	if len(b) < hbHeader+hbMAC || string(b[:4]) != hbMagic {
+	// The version is read before the length: another version's
+	// heartbeat has another length, and its sender's operator needs to
+	// hear about the version.
+	if len(b) < 5 || string(b[:4]) != hbMagic {
 		return h, ErrHeartbeatForm
 	}
 	if b[4] != hbVersion {
-		return h, fmt.Errorf("heartbeat version %d: this duet speaks %d (upgrade both nodes)", b[4], hbVersion)
+		return h, fmt.Errorf("heartbeat version %d: this duet speaks %d (run the same duet version on both nodes)", b[4], hbVersion)
+	}
+	if len(b) < hbHeader+hbMAC {
+		return h, ErrHeartbeatForm
 	}
 	n := int(b[7])
 	if len(b) != hbHeader+n+hbMAC {
@@ -102,6 +125,9 @@ func ParseHeartbeat(b, key []byte) (Heartbeat, error) {
 	h.Epoch = binary.BigEndian.Uint64(b[8:])
 	h.Boot = binary.BigEndian.Uint64(b[16:])
 	h.Seq = binary.BigEndian.Uint64(b[24:])
+	h.Time = time.Duration(binary.BigEndian.Uint64(b[32:]))
+	h.EchoBoot = binary.BigEndian.Uint64(b[40:])
+	h.EchoTime = time.Duration(binary.BigEndian.Uint64(b[48:]))
 	h.Name = string(b[hbHeader : hbHeader+n])
 	return h, nil
 }
@@ -110,21 +136,4 @@ func ParseHeartbeat(b, key []byte) (Heartbeat, error) {
 func (h *Heartbeat) Peer() Peer {
 	return Peer{Seen: true, Name: h.Name, State: h.State, Epoch: h.Epoch, Stale: h.Stale,
 		Preferred: h.Preferred, Synced: h.Synced, Handover: h.Handover}
-}
-
-// Replay drops heartbeats that are not newer than the last accepted one
-// of the same boot: a recorded heartbeat replayed later must not make a
-// dead peer look alive.
-type Replay struct {
-	boot, seq uint64
-}
-
-// Fresh reports whether h is newer than every heartbeat accepted so far,
-// and remembers it if so. A new boot starts a new sequence.
-func (r *Replay) Fresh(h *Heartbeat) bool {
-	if h.Boot == r.boot && h.Seq <= r.seq {
-		return false
-	}
-	r.boot, r.seq = h.Boot, h.Seq
-	return true
 }

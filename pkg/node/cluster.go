@@ -19,6 +19,7 @@ import (
 	"github.com/duet-ha/duet/pkg/replica"
 	"github.com/duet-ha/duet/pkg/stack"
 	"github.com/duet-ha/duet/pkg/vip"
+	"golang.org/x/sys/unix"
 )
 
 // command is an operator request for the cluster loop.
@@ -167,15 +168,10 @@ func (n *Node) heartbeatConns() ([]*net.UDPConn, []*net.UDPAddr, error) {
 
 // sendHeartbeats tells the peer our state every interval on every network.
 func (n *Node) sendHeartbeats(ctx context.Context, conns []*net.UDPConn, peers []*net.UDPAddr) {
-	var b [8]byte
-	rand.Read(b[:])
-	boot := binary.LittleEndian.Uint64(b[:])
-	var seq uint64
 	t := time.NewTicker(n.cfg.Cluster.Interval)
 	defer t.Stop()
 	for {
 		m := n.machine.Load()
-		seq++
 		// While the node leaves the role its replication winds down: the
 		// peer must not read that as "out of sync" before the handover.
 		synced := n.lastSynced.Load()
@@ -184,8 +180,10 @@ func (n *Node) sendHeartbeats(ctx context.Context, conns []*net.UDPConn, peers [
 			n.lastSynced.Store(synced)
 		}
 		h := cluster.Heartbeat{Name: m.Name, State: m.State, Epoch: m.Epoch, Stale: m.Stale,
-			Preferred: m.Preferred, Synced: synced, Handover: m.HandedOver,
-			Boot: boot, Seq: seq}
+			Preferred: m.Preferred, Synced: synced, Handover: m.HandedOver}
+		n.hbMu.Lock()
+		n.guard.Stamp(&h, hbClock())
+		n.hbMu.Unlock()
 		pkt := h.Marshal(n.key)
 		for i, c := range conns {
 			c.WriteToUDP(pkt, peers[i])
@@ -203,6 +201,26 @@ func (n *Node) sendHeartbeats(ctx context.Context, conns []*net.UDPConn, peers [
 		case <-n.hbKick:
 		}
 	}
+}
+
+// newGuard draws this run's heartbeat boot id: random, so that nothing
+// recorded from an earlier run echoes it, and not 0 (no echo).
+func newGuard(cfg *config.Config) (*cluster.Guard, error) {
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC_RAW, new(unix.Timespec)); err != nil {
+		return nil, fmt.Errorf("heartbeat clock CLOCK_MONOTONIC_RAW: %w (duet needs Linux 2.6.28 or later)", err)
+	}
+	var b [8]byte
+	rand.Read(b[:])
+	return cluster.NewGuard(binary.LittleEndian.Uint64(b[:])|1, cfg.Cluster.Timeout), nil
+}
+
+// hbClock is the heartbeats' clock: raw monotonic, not slewed by NTP, so
+// that the two nodes' clocks run at rates within cluster.MaxClockDrift of
+// each other (newGuard checked that it can be read).
+func hbClock() time.Duration {
+	var ts unix.Timespec
+	unix.ClockGettime(unix.CLOCK_MONOTONIC_RAW, &ts)
+	return time.Duration(ts.Nano())
 }
 
 // receiveHeartbeats reads one network's heartbeats into the loop.
@@ -231,7 +249,7 @@ func (n *Node) receiveHeartbeats(ctx context.Context, c *net.UDPConn, peer *net.
 			continue
 		}
 		n.hbMu.Lock()
-		fresh := n.replay.Fresh(&h)
+		fresh := n.guard.Accept(&h, hbClock())
 		n.hbMu.Unlock()
 		if !fresh {
 			continue

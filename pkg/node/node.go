@@ -177,7 +177,7 @@ type Node struct {
 	events        chan cluster.Event
 	cmds          chan command
 	hbMu          sync.Mutex
-	replay        cluster.Replay // shared by the networks: a heartbeat counts once
+	guard         *cluster.Guard // shared by the networks: a heartbeat counts once
 	lastHeartbeat atomic.Int64
 	heartbeats    atomic.Uint64
 	badHeartbeats atomic.Uint64
@@ -193,6 +193,9 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	}
 	n := &Node{cfg: cfg, log: log, key: key, events: make(chan cluster.Event, 64), cmds: make(chan command),
 		hbKick: make(chan struct{}, 1)}
+	if n.guard, err = newGuard(cfg); err != nil {
+		return err
+	}
 	n.drained = sync.NewCond(&n.drainMu)
 	for i, r := range cfg.Replicate {
 		n.dirs = append(n.dirs, replica.Dir{Name: r.Name, Path: r.Path})

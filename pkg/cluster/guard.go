@@ -1,0 +1,108 @@
+package cluster
+
+import "time"
+
+// MaxClockDrift bounds how much faster or slower the peer's clock may run
+// than ours, as a fraction: 1000 ppm. The clocks are raw monotonic ones
+// (CLOCK_MONOTONIC_RAW), which NTP does not slew: they differ by their
+// crystals' error, tens of ppm. (Slewed clocks may differ by 8 % while
+// chrony corrects a large offset.)
+const MaxClockDrift = 1000 // parts per million
+
+// Guard decides which of the peer's heartbeats show that the peer is alive
+// now, and stamps this node's own heartbeats. One Guard serves one daemon
+// run; its owner serialises the calls.
+//
+// A MAC proves that the peer sent a heartbeat, not when: a recorded
+// heartbeat replayed after the peer died would make it look alive (no
+// failover), and an old PRIM+preferred one would make a primary step down.
+// Wall clocks cannot say when either: two edge nodes' clocks may differ by
+// minutes. So the age of a heartbeat is measured on the receiver's own
+// clock, by challenge and response:
+//
+//   - Every heartbeat carries this run's random Boot and the sender's clock
+//     reading (Time), and echoes the Boot and Time of a heartbeat it heard
+//     from the peer. A heartbeat echoing our Boot and a Time t of ours was
+//     made after t: at now, it is at most now−t old. A recording made
+//     before this run echoes another Boot; one made earlier in this run
+//     echoes an old t. Neither clocks nor state on disk are needed, and a
+//     restarted receiver (a new Boot) cannot be fooled by anything
+//     recorded before.
+//   - Such a heartbeat also anchors the peer's clock to ours: our clock
+//     minus the peer's was at least t − its Time. Later heartbeats of the
+//     same peer Boot are aged through that anchor even when their echo is
+//     old, which it is whenever our heartbeats stop reaching the peer (a
+//     link lost one way): the peer still hears nothing, we still hear it
+//     alive and, above all, hear it announce ALONE, which marks our copy
+//     stale. The two clocks drift apart by up to MaxClockDrift of the time
+//     since the anchor's t, and the age allowed grows by as much: an hour
+//     without an echo allows 3.6 s more.
+//   - A heartbeat is accepted when it is at most maxAge old (the peer-lost
+//     timeout: older, it would not have kept the peer alive anyway) and,
+//     within the peer's Boot, its Seq is higher than any accepted: a copy
+//     from another network, a late one, or one held back and replayed
+//     within maxAge counts at most once, in order.
+//
+// The echo: until a heartbeat of the peer has been accepted, the last one
+// heard (a peer that just started cannot prove anything yet, and we must
+// give it our challenge); after that, the last accepted one, so that a
+// replayed heartbeat cannot make this node echo a stale challenge. A
+// restart of either side is accepted within about two intervals: the new
+// run's second heartbeat echoes the other's challenge, and the other then
+// echoes the new run.
+type Guard struct {
+	boot   uint64
+	maxAge time.Duration
+	seq    uint64 // of our last heartbeat
+
+	peer    uint64        // the peer's Boot accepted last; 0: none yet
+	peerSeq uint64        // its highest Seq accepted
+	offset  time.Duration // our clock minus the peer's is at least this,
+	anchor  time.Duration // ... as of this time of ours (an echoed Time)
+
+	echoBoot uint64
+	echoTime time.Duration
+	accepted bool // echoBoot comes from an accepted heartbeat
+}
+
+// NewGuard returns the guard of a run whose heartbeats carry boot (random,
+// not 0: 0 is "no echo") and which accepts heartbeats at most maxAge old.
+func NewGuard(boot uint64, maxAge time.Duration) *Guard {
+	return &Guard{boot: boot, maxAge: maxAge}
+}
+
+// Stamp fills in h's Boot, Seq, Time (now) and echo before it is sent.
+func (g *Guard) Stamp(h *Heartbeat, now time.Duration) {
+	g.seq++
+	h.Boot, h.Seq, h.Time = g.boot, g.seq, now
+	h.EchoBoot, h.EchoTime = g.echoBoot, g.echoTime
+}
+
+// Accept reports whether h, authenticated and from the peer's address,
+// shows the peer alive at now: made at most maxAge ago and newer than
+// every heartbeat accepted before.
+func (g *Guard) Accept(h *Heartbeat, now time.Duration) bool {
+	if !g.accepted {
+		g.echoBoot, g.echoTime = h.Boot, h.Time
+	}
+	known := g.peer != 0 && h.Boot == g.peer
+	if known && h.Seq <= g.peerSeq {
+		return false
+	}
+	offset, anchor, anchored := g.offset, g.anchor, known
+	// A newer echo of ours is a closer anchor; the first one of a new
+	// peer Boot is the only way that Boot is believed.
+	if h.EchoBoot == g.boot && h.EchoTime <= now && (!anchored || h.EchoTime > anchor) {
+		offset, anchor, anchored = h.EchoTime-h.Time, h.EchoTime, true
+	}
+	if !anchored {
+		return false
+	}
+	since := now - anchor
+	if now-(offset+h.Time) > g.maxAge+since/1e6*MaxClockDrift {
+		return false
+	}
+	g.peer, g.peerSeq, g.offset, g.anchor = h.Boot, h.Seq, offset, anchor
+	g.echoBoot, g.echoTime, g.accepted = h.Boot, h.Time, true
+	return true
+}
