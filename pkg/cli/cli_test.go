@@ -63,6 +63,7 @@ func TestBadInputIsNamed(t *testing.T) {
 		{"resync without daemon", []string{"resync", "--socket", filepath.Join(t.TempDir(), "none.sock")}, "no duet daemon at"},
 		{"nfs export missing", []string{"nfs-serve", "/nonexistent/export", "--listen", "127.0.0.1:0"}, "opening /nonexistent/export"},
 		{"nfs bad listen", []string{"nfs-serve", t.TempDir(), "--listen", "nope"}, `--listen "nope"`},
+		{"nfs bad client network", []string{"nfs-serve", t.TempDir(), "--listen", "127.0.0.1:0", "--allow", "10.0.0.0/40"}, `--allow: client network "10.0.0.0/40"`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -143,6 +143,7 @@ k3s:
   password_file: {{.PasswordFile}}   # the same on both nodes
   # mysql_port: 3306
   # nfs_server: duet       # or ganesha (NFSv4: clients must remount after each failover)
+  # nfs_clients: [{{.VIPNet}}]   # client networks the NFS server serves (clients act as root)
   # Once a lost peer is confirmed down (cluster.fence succeeded, or it was
   # silent for hooks.peer_lost_after, 60s, and Kubernetes sees it NotReady),
   # its pods are force-deleted and rescheduled here:
@@ -223,7 +224,7 @@ func initK3S(s IOStreams, o initOptions) error {
 	}
 	var b strings.Builder
 	if err := k3sTemplate.Execute(&b, map[string]any{"Self": self, "Peer": peer, "Role": role, "VIP": o.vip,
-		"VIPAddr": p.Addr().String(), "Iface": o.iface, "Witness": o.witness, "Prefer": o.prefer,
+		"VIPAddr": p.Addr().String(), "VIPNet": p.Masked().String(), "Iface": o.iface, "Witness": o.witness, "Prefer": o.prefer,
 		"DataDir": o.dataDir, "StateDir": o.stateDir, "KeyFile": o.keyFile, "PasswordFile": o.passwordFile,
 		"Kubectl": kubectl}); err != nil {
 		return err

@@ -2,6 +2,7 @@ package cli
 
 import (
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"os/signal"
@@ -13,6 +14,7 @@ import (
 
 func newNFSServe(s IOStreams) *cobra.Command {
 	var listen string
+	var allow []string
 	c := &cobra.Command{
 		Use:   "nfs-serve DIR",
 		Short: "Serve a replicated directory over NFSv3 with handles that survive failover",
@@ -20,21 +22,33 @@ func newNFSServe(s IOStreams) *cobra.Command {
 with file handles kept in DIR/.duet-nfs, so that a server started on the
 peer's copy after a failover resolves every handle this one gave out.
 Durability calls are plain fsyncs: run it under "duet exec" so that they
-wait for the peer.`,
-		Example: `  duet exec -- duet nfs-serve /var/lib/duet-k3s/nfs --listen 0.0.0.0:2049
+wait for the peer. --allow limits the clients to the networks given (the
+loopback is always allowed, for health checks); without it every client
+that reaches the address is served, as root: go-nfs does not check
+credentials.`,
+		Example: `  duet exec -- duet nfs-serve /var/lib/duet-k3s/nfs --listen 0.0.0.0:2049 --allow 192.168.10.0/24
   mount -t nfs -o vers=3,proto=tcp,port=2049,mountport=2049,mountproto=tcp,nolock VIP:/ /mnt`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			nets, err := nfsd.ParseAllow(allow)
+			if err != nil {
+				return fmt.Errorf("--allow: %w", err)
+			}
 			l, err := net.Listen("tcp", listen)
 			if err != nil {
 				return fmt.Errorf("--listen %q: %w", listen, err)
 			}
+			log := slog.New(slog.NewTextHandler(s.Err, nil))
+			if len(nets) == 0 {
+				log.Warn("serving every NFS client that reaches the address (--allow limits them)", "listen", l.Addr())
+			}
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			fmt.Fprintf(s.Out, "serving %s over NFSv3 on %s\n", args[0], l.Addr())
-			return nfsd.Serve(ctx, l, args[0], nfsd.Fsync{})
+			return nfsd.Serve(ctx, &nfsd.AllowListener{Listener: l, Allow: nets, Log: log}, args[0], nfsd.Fsync{})
 		},
 	}
 	c.Flags().StringVar(&listen, "listen", ":2049", "TCP address for NFS and MOUNT")
+	c.Flags().StringSliceVar(&allow, "allow", nil, "client networks served (CIDR or address, repeatable); default every client")
 	return c
 }

@@ -3,6 +3,7 @@ package config
 import (
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -44,6 +45,12 @@ type K3S struct {
 	// DuetBin is the duet binary that runs duet's NFS server; default the
 	// running one.
 	DuetBin string `yaml:"duet_bin"`
+	// NFSClients are the client networks duet's NFS server serves (CIDRs
+	// or addresses); default the VIP's network, where the nodes and
+	// agents are. "any" serves every client that reaches the VIP. The
+	// server does not check credentials: every client it serves acts as
+	// root on the export.
+	NFSClients []string `yaml:"nfs_clients"`
 
 	// Database, User and PasswordFile are what K3S (or kine) logs in with.
 	Database     string `yaml:"database"`
@@ -136,6 +143,11 @@ func (k *K3S) defaults(c *Config) {
 	def(&k.NFSPseudo, "/export")
 	def(&k.Ganesha, "ganesha.nfsd")
 	def(&k.NFSServer, NFSServerDuet)
+	if len(k.NFSClients) == 0 && c.VIP != nil {
+		if p, err := netip.ParsePrefix(c.VIP.Address); err == nil {
+			k.NFSClients = []string{p.Masked().String()}
+		}
+	}
 	if k.DuetBin == "" {
 		k.DuetBin = "duet"
 		if self, err := os.Executable(); err == nil {
@@ -185,6 +197,22 @@ func (k *K3S) validate(bad func(string, ...any)) {
 	}
 	switch k.NFSServer {
 	case NFSServerDuet:
+		if len(k.NFSClients) == 0 {
+			bad("k3s.nfs_clients: name the client networks the NFS server serves (e.g. [192.168.10.0/24]), or [any]; the default, the VIP's network, needs a vip")
+		}
+		for _, n := range k.NFSClients {
+			if n == "any" {
+				if len(k.NFSClients) > 1 {
+					bad("k3s.nfs_clients: \"any\" with other networks: keep one or the other")
+				}
+				continue
+			}
+			if _, err := netip.ParsePrefix(n); err != nil {
+				if _, err := netip.ParseAddr(n); err != nil {
+					bad("k3s.nfs_clients %q: want a CIDR such as 192.168.10.0/24, an address, or any", n)
+				}
+			}
+		}
 		if k.NFSGrace != 0 {
 			bad("k3s.nfs_grace %s: only for nfs_server: ganesha (duet's NFS server keeps no lock state, so a takeover needs no grace period)", k.NFSGrace)
 		}
@@ -244,8 +272,14 @@ func (k *K3S) expand(c *Config) {
 	// duet's NFS server runs as a service like the others, under the
 	// barrier: each fsync it makes before a reply (a WRITE, a new name)
 	// waits until the peer has the change.
-	nfs := Service{Name: "nfs", Start: fmt.Sprintf("exec %s nfs-serve %s --listen %s",
-		shq(k.DuetBin), shq(k.NFSDir), net.JoinHostPort("0.0.0.0", strconv.Itoa(k.NFSPort))),
+	allow := ""
+	for _, n := range k.NFSClients {
+		if n != "any" {
+			allow += " --allow " + shq(n)
+		}
+	}
+	nfs := Service{Name: "nfs", Start: fmt.Sprintf("exec %s nfs-serve %s --listen %s%s",
+		shq(k.DuetBin), shq(k.NFSDir), net.JoinHostPort("0.0.0.0", strconv.Itoa(k.NFSPort)), allow),
 		CheckNFS: local(k.NFSPort), StartTimeout: time.Minute, StopTimeout: 30 * time.Second}
 	if k.NFSServer == NFSServerGanesha {
 		ganeshaConf := filepath.Join(run, "ganesha.conf")

@@ -62,7 +62,7 @@ func TestK3SModuleExpands(t *testing.T) {
 		t.Errorf("checks: %q %q %q", c.Services[0].CheckCommand, c.Services[1].CheckNFS, c.Services[2].CheckCommand)
 	}
 	self, _ := os.Executable()
-	if want := "exec " + self + " nfs-serve " + filepath.Join(dir, "k3s", "nfs") + " --listen 0.0.0.0:2049"; c.Services[1].Start != want || len(c.Files) != 0 {
+	if want := "exec " + self + " nfs-serve " + filepath.Join(dir, "k3s", "nfs") + " --listen 0.0.0.0:2049 --allow 10.250.0.0/24"; c.Services[1].Start != want || len(c.Files) != 0 {
 		t.Fatalf("duet's NFS server: %q (files %+v), want %q and no file", c.Services[1].Start, c.Files, want)
 	}
 	c, err = Parse([]byte(y + "  nfs_server: ganesha\n"))
@@ -143,6 +143,8 @@ func TestK3SModuleErrors(t *testing.T) {
 		{"  nfs_server: ganesha\n  nfs_dir: '/srv/a\"b'", `k3s.nfs_dir "/srv/a\"b": the NFS server's configuration cannot hold a path with a double quote`},
 		{"  nfs_server: knfsd", `k3s.nfs_server "knfsd": "duet" (NFSv3, handles that survive failover) or "ganesha"`},
 		{"  nfs_grace: 30s", `k3s.nfs_grace 30s: only for nfs_server: ganesha`},
+		{"  nfs_clients: [10.0.0.0/99]", `k3s.nfs_clients "10.0.0.0/99": want a CIDR`},
+		{"  nfs_clients: [any, 10.0.0.0/8]", `k3s.nfs_clients: "any" with other networks`},
 		{"services:\n  - name: nfs\n    start: x", `services[0].name "nfs": already used by the k3s module's service`},
 		{"services:\n  - name: web\n    start: x\n  - name: web\n    start: y", `services[1].name "web": already used by services[0]`},
 		{"replicate:\n  - name: mysql\n    path: /tmp", `replicate[0].name "mysql": already used by k3s.mysql_dir`},
@@ -239,5 +241,25 @@ func TestK3SPasswordFileMode(t *testing.T) {
 	want := `k3s.password_file "` + pw + `": mode 0644 lets group or others read or write this secret: run chmod 600 ` + pw
 	if _, err := Parse([]byte(y)); err == nil || !strings.Contains(err.Error(), want) {
 		t.Fatalf("error %v, want it to contain %q", err, want)
+	}
+}
+
+// The NFS server serves the VIP's network by default, the networks named
+// in k3s.nfs_clients, or everyone with [any].
+func TestK3SNFSClients(t *testing.T) {
+	y, _ := k3sBase(t)
+	for _, tc := range []struct{ edit, want, not string }{
+		{"", " --allow 10.250.0.0/24", ""},
+		{"  nfs_clients: [192.168.7.0/24, 10.1.2.3]\n", " --allow 192.168.7.0/24 --allow 10.1.2.3", "10.250.0.0"},
+		{"  nfs_clients: [any]\n", "--listen 0.0.0.0:2049", "--allow"},
+	} {
+		c, err := Parse([]byte(y + tc.edit))
+		if err != nil {
+			t.Fatalf("%q: %v", tc.edit, err)
+		}
+		start := c.Services[1].Start
+		if !strings.HasSuffix(start, tc.want) || tc.not != "" && strings.Contains(start, tc.not) {
+			t.Errorf("%q: nfs start %q, want it to end with %q and lack %q", tc.edit, start, tc.want, tc.not)
+		}
 	}
 }
