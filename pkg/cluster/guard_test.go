@@ -409,3 +409,50 @@ func TestHeartbeatOrder(t *testing.T) {
 		t.Error("a heartbeat echoing a time of ours still to come accepted")
 	}
 }
+
+// suspend stops host r for d: its run is frozen, and so is its raw
+// monotonic clock (CLOCK_MONOTONIC_RAW does not count suspend; a paused
+// VM's clock stands still too).
+func (s *sim) suspend(r *simRun, d time.Duration) {
+	r.up = false
+	s.run(d)
+	r.clock.base -= d
+	r.up, r.next = true, s.now
+}
+
+// TestHeartbeatSuspendDuringOneWayCut: b stops hearing a (one direction
+// cut), b's host is suspended for 5 s, then the cut heals. a's clock ran
+// on while b's stood still: a cannot age b's heartbeats through its old
+// anchor any more, and b's copy of a's echo is older than maxAge. Once the
+// network is whole again, both must hear each other; a pair that never
+// does again leaves the primary ALONE for good, or both serving.
+func TestHeartbeatSuspendDuringOneWayCut(t *testing.T) {
+	for _, suspended := range []string{"a", "b"} {
+		s := newSim(5, clockA, clockB)
+		s.run(10 * time.Second)
+		r, other := s.b, s.a
+		if suspended == "a" {
+			r, other = s.a, s.b
+		}
+		s.lose = func(from *simRun) bool { return from == other }
+		s.run(10 * time.Second)
+		s.suspend(r, 5*time.Second)
+		s.run(10 * time.Second)
+		s.lose = nil
+		s.run(5 * time.Second)
+		healed := s.now
+		s.run(5 * time.Second)
+		for _, to := range []*simRun{s.a, s.b} {
+			n := 0
+			for _, a := range s.accepted[to] {
+				if a.at >= healed {
+					n++
+				}
+			}
+			if n < 20 {
+				t.Errorf("%s suspended while it did not hear the other: %s accepted %d of the other's 25 heartbeats from 5 s after the cut healed, want all",
+					suspended, to.name, n)
+			}
+		}
+	}
+}
