@@ -366,6 +366,10 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	p.fullSyncEnd = p.nextSeq - 1
 	if b.blocked == 0 {
 		p.covered, p.coveredSeq = mark, p.fullSyncEnd
+		p.coveredBefore = time.Time{}
+		if b.beyondEOF > 0 {
+			p.coveredBefore = start
+		}
 		p.addMark(passMark{mark: mark, seq: p.fullSyncEnd, at: start})
 	}
 	p.fullSyncs++
