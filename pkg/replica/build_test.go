@@ -357,3 +357,35 @@ func TestBuildNewRecordAfterRequeueRestartsTries(t *testing.T) {
 	}
 	sameTrees(t, src, dst)
 }
+
+// A change handed to a resync is on neither the peer nor in the journal
+// until that resync ships its file. Meanwhile the copy's sync point must
+// not move past it (after a crash, only files changed since the sync
+// point are compared: the change would never reach the peer), and a
+// handover must not record this copy as a replica holding nothing of
+// its own.
+func TestGivenUpChangeHoldsSyncPointAndHandover(t *testing.T) {
+	p := unconnectedPrimary(t)
+	ms, err := OpenMeta(t.TempDir(), "data")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ms.Update(func(m *Meta) { m.Gen, m.Source, m.Consistent, m.SyncTime = 7, true, true, 1 }); err != nil {
+		t.Fatal(err)
+	}
+	p.mu.Lock()
+	p.needFull, p.connected, p.dirtyTrusted = false, true, true
+	p.gen, p.base, p.meta = 7, 7, ms
+	p.resyncGivenUp([]gaveUp{{key: capture.InodeKey{Ino: 42}, why: "test"}})
+	p.mu.Unlock()
+	p.moveSyncPoint(nil)
+	if m := ms.Get(); m.SyncTime != 1 {
+		t.Errorf("sync point moved to %v with a given-up change not on the peer", time.Unix(0, m.SyncTime))
+	}
+	if err := p.HandedOver(); err != nil {
+		t.Fatal(err)
+	}
+	if m := ms.Get(); !m.Source {
+		t.Error("a handover with a given-up change not on the peer recorded this copy as holding nothing of its own")
+	}
+}
