@@ -52,6 +52,8 @@ type sim struct {
 	// tap saw it); tap records what an attacker on the path records.
 	lose func(from *simRun) bool
 	tap  func(from *simRun, b []byte)
+	// delay is added to simLatency: a congested link's queues.
+	delay time.Duration
 	// accepted lists, per receiving run, the world times of the accepted
 	// heartbeats and their sender's Boot.
 	accepted map[*simRun][]simAccept
@@ -135,7 +137,7 @@ func (s *sim) send(r *simRun) {
 	if s.lose != nil && s.lose(r) {
 		return
 	}
-	s.air = append(s.air, simPacket{at: s.now + simLatency, from: r, toA: r.name == "b", b: b})
+	s.air = append(s.air, simPacket{at: s.now + simLatency + s.delay, from: r, toA: r.name == "b", b: b})
 }
 
 func (s *sim) deliver(p simPacket) {
@@ -453,6 +455,31 @@ func TestHeartbeatSuspendDuringOneWayCut(t *testing.T) {
 				t.Errorf("%s suspended while it did not hear the other: %s accepted %d of the other's 25 heartbeats from 5 s after the cut healed, want all",
 					suspended, to.name, n)
 			}
+		}
+	}
+}
+
+// TestHeartbeatLatencyRise: the link's latency rises to 800 ms each way
+// (queues of a congested link): every heartbeat still arrives within
+// maxAge of being sent, and must count. Aged through a new echo alone, a
+// heartbeat looks a round trip plus an interval old, 1.8 s: refused both
+// ways, each node would declare a live peer lost.
+func TestHeartbeatLatencyRise(t *testing.T) {
+	s := newSim(7, clockA, clockB)
+	s.run(5 * time.Second)
+	s.delay = 800 * time.Millisecond
+	s.run(2 * time.Second)
+	from := s.now
+	s.run(10 * time.Second)
+	for _, to := range []*simRun{s.a, s.b} {
+		n := 0
+		for _, a := range s.accepted[to] {
+			if a.at >= from {
+				n++
+			}
+		}
+		if n < 45 {
+			t.Errorf("%s accepted %d of the other's 50 heartbeats in 10 s at 800 ms latency, want all", to.name, n)
 		}
 	}
 }
