@@ -89,20 +89,31 @@ func (g *Guard) Accept(h *Heartbeat, now time.Duration) bool {
 	if known && h.Seq <= g.peerSeq {
 		return false
 	}
-	offset, anchor, anchored := g.offset, g.anchor, known
-	// A newer echo of ours is a closer anchor; the first one of a new
-	// peer Boot is the only way that Boot is believed.
-	if h.EchoBoot == g.boot && h.EchoTime <= now && (!anchored || h.EchoTime > anchor) {
-		offset, anchor, anchored = h.EchoTime-h.Time, h.EchoTime, true
+	// Each anchor bounds h's age on its own: one that shows h young
+	// enough is enough. A newer echo of ours is the closer anchor, and
+	// the first one of a new peer Boot is the only way that Boot is
+	// believed; but a newer echo may still be too old (the peer stopped
+	// accepting ours while our clock stood still, suspended), and then
+	// only the stored anchor can show the peer alive: refusing both
+	// ways, the two nodes would never echo each other again.
+	offset, anchor := g.offset, g.anchor
+	fresh := known && g.young(h, now, offset, anchor)
+	if h.EchoBoot == g.boot && h.EchoTime <= now && (!known || h.EchoTime > g.anchor) &&
+		g.young(h, now, h.EchoTime-h.Time, h.EchoTime) {
+		offset, anchor, fresh = h.EchoTime-h.Time, h.EchoTime, true
 	}
-	if !anchored {
-		return false
-	}
-	since := now - anchor
-	if now-(offset+h.Time) > g.maxAge+since/1e6*MaxClockDrift {
+	if !fresh {
 		return false
 	}
 	g.peer, g.peerSeq, g.offset, g.anchor = h.Boot, h.Seq, offset, anchor
 	g.echoBoot, g.echoTime, g.accepted = h.Boot, h.Time, true
 	return true
+}
+
+// young reports whether h was made at most maxAge ago, aged through the
+// anchor (our clock minus the peer's at least offset, as of anchor): the
+// clocks drift apart by up to MaxClockDrift since then.
+func (g *Guard) young(h *Heartbeat, now, offset, anchor time.Duration) bool {
+	since := now - anchor
+	return now-(offset+h.Time) <= g.maxAge+since/1e6*MaxClockDrift
 }

@@ -52,6 +52,8 @@ type sim struct {
 	// tap saw it); tap records what an attacker on the path records.
 	lose func(from *simRun) bool
 	tap  func(from *simRun, b []byte)
+	// delay is added to simLatency: a congested link's queues.
+	delay time.Duration
 	// accepted lists, per receiving run, the world times of the accepted
 	// heartbeats and their sender's Boot.
 	accepted map[*simRun][]simAccept
@@ -135,7 +137,7 @@ func (s *sim) send(r *simRun) {
 	if s.lose != nil && s.lose(r) {
 		return
 	}
-	s.air = append(s.air, simPacket{at: s.now + simLatency, from: r, toA: r.name == "b", b: b})
+	s.air = append(s.air, simPacket{at: s.now + simLatency + s.delay, from: r, toA: r.name == "b", b: b})
 }
 
 func (s *sim) deliver(p simPacket) {
@@ -407,5 +409,77 @@ func TestHeartbeatOrder(t *testing.T) {
 	future.Seq, future.EchoBoot, future.EchoTime = 9, 4, time.Hour
 	if fresh.Accept(&future, time.Minute) {
 		t.Error("a heartbeat echoing a time of ours still to come accepted")
+	}
+}
+
+// suspend stops host r for d: its run is frozen, and so is its raw
+// monotonic clock (CLOCK_MONOTONIC_RAW does not count suspend; a paused
+// VM's clock stands still too).
+func (s *sim) suspend(r *simRun, d time.Duration) {
+	r.up = false
+	s.run(d)
+	r.clock.base -= d
+	r.up, r.next = true, s.now
+}
+
+// TestHeartbeatSuspendDuringOneWayCut: b stops hearing a (one direction
+// cut), b's host is suspended for 5 s, then the cut heals. a's clock ran
+// on while b's stood still: a cannot age b's heartbeats through its old
+// anchor any more, and b's copy of a's echo is older than maxAge. Once the
+// network is whole again, both must hear each other; a pair that never
+// does again leaves the primary ALONE for good, or both serving.
+func TestHeartbeatSuspendDuringOneWayCut(t *testing.T) {
+	for _, suspended := range []string{"a", "b"} {
+		s := newSim(5, clockA, clockB)
+		s.run(10 * time.Second)
+		r, other := s.b, s.a
+		if suspended == "a" {
+			r, other = s.a, s.b
+		}
+		s.lose = func(from *simRun) bool { return from == other }
+		s.run(10 * time.Second)
+		s.suspend(r, 5*time.Second)
+		s.run(10 * time.Second)
+		s.lose = nil
+		s.run(5 * time.Second)
+		healed := s.now
+		s.run(5 * time.Second)
+		for _, to := range []*simRun{s.a, s.b} {
+			n := 0
+			for _, a := range s.accepted[to] {
+				if a.at >= healed {
+					n++
+				}
+			}
+			if n < 20 {
+				t.Errorf("%s suspended while it did not hear the other: %s accepted %d of the other's 25 heartbeats from 5 s after the cut healed, want all",
+					suspended, to.name, n)
+			}
+		}
+	}
+}
+
+// TestHeartbeatLatencyRise: the link's latency rises to 800 ms each way
+// (queues of a congested link): every heartbeat still arrives within
+// maxAge of being sent, and must count. Aged through a new echo alone, a
+// heartbeat looks a round trip plus an interval old, 1.8 s: refused both
+// ways, each node would declare a live peer lost.
+func TestHeartbeatLatencyRise(t *testing.T) {
+	s := newSim(7, clockA, clockB)
+	s.run(5 * time.Second)
+	s.delay = 800 * time.Millisecond
+	s.run(2 * time.Second)
+	from := s.now
+	s.run(10 * time.Second)
+	for _, to := range []*simRun{s.a, s.b} {
+		n := 0
+		for _, a := range s.accepted[to] {
+			if a.at >= from {
+				n++
+			}
+		}
+		if n < 45 {
+			t.Errorf("%s accepted %d of the other's 50 heartbeats in 10 s at 800 ms latency, want all", to.name, n)
+		}
 	}
 }

@@ -96,6 +96,10 @@ func (j *Journal) Add(r *capture.Record, now time.Time) {
 	e := j.get(capture.InodeKey{Dev: r.Dev, Ino: r.Ino})
 	if r.Seq > e.MaxSeq {
 		e.MaxSeq = r.Seq
+		// A change not tried yet, folded into one requeued (see
+		// Requeue): the count starts again. Records of a long write
+		// mostly come between passes, into its requeued entry.
+		e.Retries, e.RetryFrom = 0, time.Time{}
 	}
 	switch r.Kind {
 	case capture.KindData:

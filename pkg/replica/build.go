@@ -67,10 +67,13 @@ type builder struct {
 	mapped  map[uint64]bool // inodes dirtied through a shared mapping
 	requeue []journal.File
 	// blocked counts requeued changes a barrier must wait for: all but
-	// bytes beyond EOF, which no completed write can have made.
-	blocked  int
-	removals []link
-	dataRead uint64 // bytes read for shipping, in total
+	// bytes beyond EOF, which no write completed before the pass read
+	// the file can have made. beyondEOF counts those: a barrier begun
+	// after that read may wait for them (see Primary.coveredBefore).
+	blocked   int
+	beyondEOF int
+	removals  []link
+	dataRead  uint64 // bytes read for shipping, in total
 	// gaveUp are the changes tried too long (see maxRetries): each file
 	// must be compared by a resync.
 	gaveUp []gaveUp
@@ -111,7 +114,7 @@ func (b *builder) build(files []journal.File) ([]journal.File, error) {
 		}
 	}
 	b.requeue = nil
-	b.blocked = 0
+	b.blocked, b.beyondEOF = 0, 0
 	b.removals = nil
 	b.gaveUp, b.moot = nil, 0
 	b.sent = map[uint64]uint64{}
@@ -268,6 +271,7 @@ func (b *builder) requeueOnly(f journal.File, why string) {
 		b.log.Debug("bytes beyond EOF given up", "ino", f.Key.Ino, "retries", f.Retries)
 		return
 	}
+	b.beyondEOF++
 	b.requeueAgain(f, why)
 }
 

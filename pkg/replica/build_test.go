@@ -322,3 +322,70 @@ func TestResyncKeepsWriteBeyondScannedSize(t *testing.T) {
 		t.Fatalf("requeued %+v, want a's [100,4096) only", b.requeue)
 	}
 }
+
+// A long write (throttled by dirty-page writeback for seconds) keeps bytes
+// announced ahead of its pages beyond EOF for longer than minRetryAge, and
+// its new records come between passes, into the entry requeued for it.
+// Such a record is a change never tried: the page it reports, read by a
+// pass just before the write moved the size over it, must not be given
+// up with the entry's older bytes.
+func TestBuildNewRecordAfterRequeueRestartsTries(t *testing.T) {
+	src, dst, b, _ := syncedPair(t, "a")
+	a := filepath.Join(src, "a")
+	j := journal.New()
+	ahead := span(t, a, 4196, 8292) // announced, not copied yet
+	ahead.Retries, ahead.RetryFrom = maxRetries, time.Now().Add(-3*minRetryAge)
+	j.Requeue(ahead)
+	// write_end of the page [100,4196): the size has not moved yet.
+	j.Add(&capture.Record{Seq: 2, Ino: inoOf(t, a), Pos: 100, Len: 4096, Kind: capture.KindData}, time.Now())
+	requeue, err := b.build(j.Take(time.Now()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range requeue {
+		j.Requeue(f)
+	}
+	// The size moves over the page; no record follows.
+	old, _ := os.ReadFile(a)
+	page := make([]byte, 4096)
+	rand.Read(page)
+	if err := os.WriteFile(a, append(old, page...), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.build(j.Take(time.Now())); err != nil {
+		t.Fatal(err)
+	}
+	sameTrees(t, src, dst)
+}
+
+// A change handed to a resync is on neither the peer nor in the journal
+// until that resync ships its file. Meanwhile the copy's sync point must
+// not move past it (after a crash, only files changed since the sync
+// point are compared: the change would never reach the peer), and a
+// handover must not record this copy as a replica holding nothing of
+// its own.
+func TestGivenUpChangeHoldsSyncPointAndHandover(t *testing.T) {
+	p := unconnectedPrimary(t)
+	ms, err := OpenMeta(t.TempDir(), "data")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ms.Update(func(m *Meta) { m.Gen, m.Source, m.Consistent, m.SyncTime = 7, true, true, 1 }); err != nil {
+		t.Fatal(err)
+	}
+	p.mu.Lock()
+	p.needFull, p.connected, p.dirtyTrusted = false, true, true
+	p.gen, p.base, p.meta = 7, 7, ms
+	p.resyncGivenUp([]gaveUp{{key: capture.InodeKey{Ino: 42}, why: "test"}})
+	p.mu.Unlock()
+	p.moveSyncPoint(nil)
+	if m := ms.Get(); m.SyncTime != 1 {
+		t.Errorf("sync point moved to %v with a given-up change not on the peer", time.Unix(0, m.SyncTime))
+	}
+	if err := p.HandedOver(); err != nil {
+		t.Fatal(err)
+	}
+	if m := ms.Get(); !m.Source {
+		t.Error("a handover with a given-up change not on the peer recorded this copy as holding nothing of its own")
+	}
+}

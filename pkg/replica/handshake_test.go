@@ -191,3 +191,34 @@ func TestBatchesFitTheWire(t *testing.T) {
 		t.Errorf("a manifest frame can hold %d entries, past wire.MaxManifestEntries (%d)", entries, wire.MaxManifestEntries)
 	}
 }
+
+// A stranger that keeps maxUnauthenticated silent connections open (each
+// renewed as handshakeTimeout ends it) must not keep the primary out: it
+// would stop replication for as long as it likes, the secondary going
+// stale and the pair without a failover.
+func TestSecondaryStrangerCannotKeepPrimaryOut(t *testing.T) {
+	s := newTestSecondary(t, filepath.Join(t.TempDir(), "state"))
+	stranger := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}}
+	for range 2 * maxUnauthenticated {
+		c, err := stranger.Dial("tcp", s.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+	}
+	time.Sleep(100 * time.Millisecond) // accepted, or closed at once
+	var err error
+	for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); time.Sleep(retryBackoff / 5) {
+		var c net.Conn
+		if c, err = net.Dial("tcp", s.addr); err != nil {
+			t.Fatal(err)
+		}
+		c.SetDeadline(time.Now().Add(time.Second))
+		_, err = wire.ClientHandshake(c, testKey, wire.Hello{Purpose: wire.PurposeReplicate, Session: 7, Dir: "data"})
+		c.Close()
+		if err == nil {
+			return
+		}
+	}
+	t.Fatalf("the primary could not connect for 2 s while a stranger held %d silent connections: %v", 2*maxUnauthenticated, err)
+}

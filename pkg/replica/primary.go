@@ -95,9 +95,14 @@ type Primary struct {
 	// covered is the count a finished build pass took in whole (nothing
 	// requeued), coveredSeq the last batch of that pass: once it is
 	// acknowledged, the peer holds every change counted up to covered.
-	added      uint64
-	covered    uint64
-	coveredSeq uint64
+	// A pass that requeued bytes beyond EOF covers them only for the
+	// barriers begun before it read the files (coveredBefore; zero: for
+	// every barrier): a later barrier's write may be the one whose bytes
+	// it found missing, reported (write_end) before the size moved.
+	added         uint64
+	covered       uint64
+	coveredSeq    uint64
+	coveredBefore time.Time
 	// pendingSince is when the oldest change still in the journal was
 	// captured (zero: none).
 	pendingSince time.Time
@@ -614,7 +619,7 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 		b := newBuilder(p.root, p.Dev, p.sh, kernel, bt, p.Log, p.readBuf)
 		b.syncSeq = p.syncSeq
 		requeue, err := b.build(files)
-		blocked := b.blocked
+		blocked, beyondEOF := b.blocked, b.beyondEOF
 		bt.flush()
 		p.mu.Lock()
 		p.building = false
@@ -631,6 +636,10 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 		}
 		if err == nil && blocked == 0 {
 			p.covered, p.coveredSeq = mark, p.nextSeq-1
+			p.coveredBefore = time.Time{}
+			if beyondEOF > 0 {
+				p.coveredBefore = takeAt
+			}
 			p.addMark(passMark{mark: mark, seq: p.coveredSeq, at: takeAt})
 		} else if err == nil {
 			// The pass as a whole waits for what it requeued; the files
@@ -894,7 +903,10 @@ var ErrAlone = errors.New("no peer connected: running alone")
 //
 // It waits for the first build pass that took every change counted when
 // the call began, then for that pass's last batch to be acknowledged;
-// changes made after the call, by other writers, do not hold it.
+// changes made after the call, by other writers, do not hold it. A pass
+// that found reported bytes beyond EOF, and read the file before the call
+// began, does not count: the caller's write may have moved the size
+// since.
 func (p *Primary) WaitShipped(ctx context.Context, kernel Kernel, rel Release) error {
 	p.barriers.Add(1)
 	select {
@@ -924,7 +936,7 @@ func (p *Primary) WaitShipped(ctx context.Context, kernel Kernel, rel Release) e
 			// them): wait for the full sync's batches.
 			covered = false
 		}
-		if !p.needFull && !covered && p.covered >= target {
+		if !p.needFull && !covered && p.covered >= target && (p.coveredBefore.IsZero() || start.Before(p.coveredBefore)) {
 			need, covered, fullSyncs = p.coveredSeq, true, p.fullSyncs
 		}
 		if covered && p.durable >= need {

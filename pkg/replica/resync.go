@@ -366,6 +366,10 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	p.fullSyncEnd = p.nextSeq - 1
 	if b.blocked == 0 {
 		p.covered, p.coveredSeq = mark, p.fullSyncEnd
+		p.coveredBefore = time.Time{}
+		if b.beyondEOF > 0 {
+			p.coveredBefore = start
+		}
 		p.addMark(passMark{mark: mark, seq: p.fullSyncEnd, at: start})
 	}
 	p.fullSyncs++
@@ -601,7 +605,9 @@ func (p *Primary) moveSyncPoint(kernel Kernel) {
 	p.mu.Lock()
 	p.clearDirty(true)
 	var point time.Time
-	if p.base == p.gen && p.base != 0 && p.connected {
+	// needFull: a resync is owed, for changes the peer may lack that are
+	// in no queue (handed to a resync, or batches the peer lost).
+	if p.base == p.gen && p.base != 0 && p.connected && !p.needFull {
 		if p.j.Pending() == 0 && len(p.queue) == 0 && !p.building && p.durable >= p.acked && p.pendingSince.IsZero() {
 			point = t0
 		} else {
@@ -648,7 +654,7 @@ func (p *Primary) SaveDirty() error {
 // the peer continues from.
 func (p *Primary) HandedOver() error {
 	p.mu.Lock()
-	ok := p.meta != nil && p.base == p.gen && p.connected && p.j.Pending() == 0 && len(p.queue) == 0 && p.durable >= p.acked
+	ok := p.meta != nil && p.base == p.gen && p.connected && !p.needFull && p.j.Pending() == 0 && len(p.queue) == 0 && p.durable >= p.acked
 	ms := p.meta
 	p.mu.Unlock()
 	if !ok {

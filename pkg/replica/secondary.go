@@ -10,6 +10,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"sync"
@@ -40,10 +41,12 @@ type Server struct {
 	syncfs   func(fd int) error // the appliers' syncfs when set (a test fails it)
 	handlers sync.WaitGroup     // connections being served
 
-	// unauthenticated counts the connections in their handshake (see
-	// maxUnauthenticated); failedLog and fullLog space the warnings
-	// about them.
-	unauthenticated    atomic.Int32
+	// handshakes counts the connections in their handshake, in all and
+	// by remote address (see maxUnauthenticated); failedLog and fullLog
+	// space the warnings about them.
+	hsMu               sync.Mutex
+	handshakes         int
+	handshakesFrom     map[netip.Addr]int
 	failedLog, fullLog rateLog
 
 	mu       sync.Mutex
@@ -213,9 +216,12 @@ func (s *Server) SetAccept(on bool) {
 // Limits on the connections whose peer has not proved it knows the key:
 // anyone who reaches the listen address can open them.
 const (
-	// maxUnauthenticated bounds those in their handshake at once; more
-	// are closed as they come. The primary and verify need one each.
-	maxUnauthenticated = 16
+	// maxUnauthenticated bounds those in their handshake at once, and
+	// maxUnauthenticatedFrom those from one address; more are closed as
+	// they come. The primary and verify need one each: a stranger who
+	// takes every place of its own address leaves the primary's free.
+	maxUnauthenticated     = 64
+	maxUnauthenticatedFrom = 4
 	// handshakeTimeout bounds a handshake: a peer that says nothing
 	// gives its place back then.
 	handshakeTimeout = 10 * time.Second
@@ -238,11 +244,12 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 			}
 			return err
 		}
-		if s.unauthenticated.Add(1) > maxUnauthenticated {
-			s.unauthenticated.Add(-1)
+		from := remoteAddr(c)
+		if !s.admit(from) {
 			if ok, held := s.fullLog.allow(time.Now(), handshakeLogEvery); ok {
 				s.Log.Warn("too many peer connections in their handshake: closing new ones at once",
-					"remote", c.RemoteAddr().String(), "limit", maxUnauthenticated, "closed_unlogged", held)
+					"remote", c.RemoteAddr().String(), "limit", maxUnauthenticated, "limit_per_address", maxUnauthenticatedFrom,
+					"closed_unlogged", held)
 			}
 			c.Close()
 			continue
@@ -250,7 +257,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		s.handlers.Add(1)
 		go func() {
 			defer s.handlers.Done()
-			s.handle(ctx, c)
+			s.handle(ctx, c, from)
 		}()
 	}
 }
@@ -271,7 +278,40 @@ func (s *Server) Close(wait time.Duration) {
 	}
 }
 
-func (s *Server) handle(ctx context.Context, c net.Conn) {
+// remoteAddr is the address c comes from (the zero Addr if not IP).
+func remoteAddr(c net.Conn) netip.Addr {
+	if a, ok := c.RemoteAddr().(*net.TCPAddr); ok {
+		return a.AddrPort().Addr().Unmap()
+	}
+	return netip.Addr{}
+}
+
+// admit takes a handshake place for a connection from a, if one is free.
+func (s *Server) admit(a netip.Addr) bool {
+	s.hsMu.Lock()
+	defer s.hsMu.Unlock()
+	if s.handshakes >= maxUnauthenticated || s.handshakesFrom[a] >= maxUnauthenticatedFrom {
+		return false
+	}
+	if s.handshakesFrom == nil {
+		s.handshakesFrom = map[netip.Addr]int{}
+	}
+	s.handshakes++
+	s.handshakesFrom[a]++
+	return true
+}
+
+// release gives back the handshake place of a connection from a.
+func (s *Server) release(a netip.Addr) {
+	s.hsMu.Lock()
+	defer s.hsMu.Unlock()
+	s.handshakes--
+	if s.handshakesFrom[a]--; s.handshakesFrom[a] == 0 {
+		delete(s.handshakesFrom, a)
+	}
+}
+
+func (s *Server) handle(ctx context.Context, c net.Conn, from netip.Addr) {
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(handshakeTimeout))
 	var dirName string
@@ -302,7 +342,7 @@ func (s *Server) handle(ctx context.Context, c net.Conn) {
 		}
 		return wire.Welcome{}
 	})
-	s.unauthenticated.Add(-1)
+	s.release(from)
 	if err != nil {
 		// The error holds at most an excerpt of what the peer sent.
 		if ok, held := s.failedLog.allow(time.Now(), handshakeLogEvery); ok {
