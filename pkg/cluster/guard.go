@@ -71,6 +71,18 @@ func NewGuard(boot uint64, maxAge time.Duration) *Guard {
 	return &Guard{boot: boot, maxAge: maxAge}
 }
 
+// Unanswered reports whether the peer cannot accept our heartbeats yet:
+// h (authenticated) echoes no heartbeat of this run, or it is the first
+// accepted of a new peer run, whose heartbeats echoed none of ours. One
+// sent at once then spares a restarted node (or its peer) an interval or
+// more of not being heard; the caller bounds how often it does that.
+func (g *Guard) Unanswered(h *Heartbeat, accepted bool, peerBefore uint64) bool {
+	return h.EchoBoot != g.boot || (accepted && g.peer != peerBefore)
+}
+
+// Peer is the peer's run accepted last (0: none yet).
+func (g *Guard) Peer() uint64 { return g.peer }
+
 // Stamp fills in h's Boot, Seq, Time (now) and echo before it is sent.
 func (g *Guard) Stamp(h *Heartbeat, now time.Duration) {
 	g.seq++

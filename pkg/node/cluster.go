@@ -226,7 +226,7 @@ func hbClock() time.Duration {
 // receiveHeartbeats reads one network's heartbeats into the loop.
 func (n *Node) receiveHeartbeats(ctx context.Context, c *net.UDPConn, peer *net.UDPAddr) {
 	buf := make([]byte, cluster.MaxHeartbeat+64)
-	var lastWarn time.Time
+	var lastWarn, lastAnswer time.Time
 	for ctx.Err() == nil {
 		sz, from, err := c.ReadFromUDP(buf)
 		if err != nil {
@@ -249,8 +249,23 @@ func (n *Node) receiveHeartbeats(ctx context.Context, c *net.UDPConn, peer *net.
 			continue
 		}
 		n.hbMu.Lock()
+		peerBefore := n.guard.Peer()
 		fresh := n.guard.Accept(&h, hbClock())
+		answer := n.guard.Unanswered(&h, fresh, peerBefore)
 		n.hbMu.Unlock()
+		// A peer that restarted, or that we just heard from a new run,
+		// is answered at once rather than at the next tick: it accepts
+		// only heartbeats echoing its run, and a restarted node must hear
+		// its peer well within cluster.timeout (3 intervals by default)
+		// or it may take the peer for dead. At most twice an interval, so
+		// that replayed packets cannot make this node send faster.
+		if answer && time.Since(lastAnswer) >= n.cfg.Cluster.Interval/2 {
+			lastAnswer = time.Now()
+			select {
+			case n.hbKick <- struct{}{}:
+			default:
+			}
+		}
 		if !fresh {
 			continue
 		}
