@@ -1,10 +1,12 @@
 package cli
 
 import (
+	"bufio"
 	"encoding/json"
 	"fmt"
 	"io"
 	"math"
+	"net"
 	"strings"
 	"time"
 
@@ -56,11 +58,19 @@ func newStatus(s IOStreams) *cobra.Command {
 			if waitSync > 0 {
 				deadline := time.Now().Add(waitSync)
 				// In sync twice in a row, 50ms apart: a single sample can
-				// fall between a record's arrival and its journaling.
+				// fall between a record's arrival and its journaling. On
+				// the primary, in sync means the peer is SECOND and every
+				// change made before the check is durable on it (the
+				// barrier a durability call waits on): under a steady
+				// write load nothing is ever idle, so "nothing queued"
+				// might never be seen.
 				for streak := 0; streak < 2; {
-					if st.InSync {
+					switch {
+					case st.State == "PRIM" && st.PeerState.State == "SECOND" && shippedAll(socket, deadline):
+						streak = 2
+					case st.InSync:
 						streak++
-					} else {
+					default:
 						streak = 0
 					}
 					if streak == 2 {
@@ -252,4 +262,21 @@ func bound(ms float64) string {
 		return "over 5 s"
 	}
 	return fmt.Sprintf("≤ %g ms", ms)
+}
+
+// shippedAll runs one barrier through the daemon at socket: true when
+// every change made before it is durable on the peer ("ok"; "alone" means
+// it was released without the peer), answered before deadline.
+func shippedAll(socket string, deadline time.Time) bool {
+	c, err := net.DialTimeout("unix", socket, 2*time.Second)
+	if err != nil {
+		return false
+	}
+	defer c.Close()
+	c.SetDeadline(deadline)
+	if _, err := c.Write([]byte("barrier\n")); err != nil {
+		return false
+	}
+	line, err := bufio.NewReader(c).ReadString('\n')
+	return err == nil && strings.TrimSpace(line) == "ok"
 }

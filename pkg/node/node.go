@@ -157,8 +157,12 @@ type Node struct {
 	// stopAnnounce ends the gratuitous ARPs of the current term.
 	stopAnnounce func()
 	// releasedAlone: a barrier was released without the peer; the peer
-	// counts as in sync only once all of it has been shipped.
+	// counts as in sync only once all of it has been shipped. aloneGen
+	// counts such releases, and catchingUp is set while a catch-up runs
+	// (see peerSynced).
 	releasedAlone atomic.Bool
+	aloneGen      atomic.Uint64
+	catchingUp    atomic.Bool
 	// announcedAlone is the epoch of the last heartbeat sent as ALONE;
 	// hbKick sends one at once (a new ALONE term is announced before any
 	// durability call is released).
@@ -652,15 +656,44 @@ func (n *Node) peerSynced() bool {
 		}
 	}
 	if n.releasedAlone.Load() {
-		kernel{n}.Drain()
-		for _, p := range primaries {
-			if !p.Status().InSync {
-				return false
-			}
-		}
-		n.releasedAlone.Store(false)
+		n.catchUp(primaries)
+		return false
 	}
 	return true
+}
+
+// catchUp starts, unless one runs, a wait until every change captured so
+// far (those released without the peer included) is durable on the peer;
+// then the peer counts as in sync again, unless something was released
+// alone meanwhile. It used to require every directory to be idle at one
+// instant (nothing queued or pending): under a steady write load, as an
+// NFS client's, that instant may never come, and the returning peer stayed
+// WAIT for good.
+func (n *Node) catchUp(primaries []*replica.Primary) {
+	if !n.catchingUp.CompareAndSwap(false, true) {
+		return
+	}
+	gen := n.aloneGen.Load()
+	go func() {
+		defer n.catchingUp.Store(false)
+		ctx, cancel := context.WithTimeout(context.Background(), barrierTimeout)
+		defer cancel()
+		// Released, as a durability call is, once the peer cannot take
+		// over: it is not in sync then anyway.
+		rel := replica.Release{Now: n.peerCannotTakeOver}
+		for _, p := range primaries {
+			if err := p.WaitShipped(ctx, kernel{n}, rel); err != nil {
+				return
+			}
+		}
+		if n.aloneGen.Load() == gen {
+			n.releasedAlone.Store(false)
+			select { // say so now, not at the next tick
+			case n.hbKick <- struct{}{}:
+			default:
+			}
+		}
+	}()
 }
 
 // dispatch hands every capture record to the primaries of its device.
@@ -1064,6 +1097,7 @@ func (n *Node) alone() string {
 	if n.cfg.Cluster.AloneWrites == config.AloneFail {
 		return "error: no peer in sync, and cluster.alone_writes is fail"
 	}
+	n.aloneGen.Add(1)
 	n.releasedAlone.Store(true)
 	return "alone"
 }

@@ -194,7 +194,13 @@ func (l *Lab) WaitState(t testing.TB, host, state string, timeout time.Duration)
 			return s
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("%s is %s (%v) after %s, want %s", host, s.State, err, timeout, state)
+			// Both nodes' own account of why, for the CI output.
+			var both []string
+			for _, h := range []string{"a", "b"} {
+				out, _ := l.run("duet", h, "status")
+				both = append(both, fmt.Sprintf("--- duet status on %s ---\n%s", h, out))
+			}
+			t.Fatalf("%s is %s (%v) after %s, want %s\n%s", host, s.State, err, timeout, state, strings.Join(both, "\n"))
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
