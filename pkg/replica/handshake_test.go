@@ -3,6 +3,7 @@ package replica
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"encoding/binary"
 	"io"
 	"log/slog"
@@ -146,14 +147,10 @@ func TestSecondaryStrangersBounded(t *testing.T) {
 	var w wire.Welcome
 	for deadline := time.Now().Add(10 * time.Second); ; {
 		var err error
-		if c, err = net.Dial("tcp", s.addr); err != nil {
-			t.Fatal(err)
-		}
-		c.SetDeadline(time.Now().Add(5 * time.Second))
-		if w, err = wire.ClientHandshake(c, testKey, wire.Hello{Purpose: wire.PurposeReplicate, Session: 7, Dir: "data"}); err == nil {
+		if c, w, err = dialPeer(context.Background(), testLink, &net.Dialer{}, s.addr, wire.Hello{Purpose: wire.PurposeReplicate, Session: 7, Dir: "data"}); err == nil {
+			c.SetDeadline(time.Now().Add(5 * time.Second))
 			break
 		}
-		c.Close()
 		if time.Now().After(deadline) {
 			t.Fatalf("the primary cannot connect once the strangers left: %v", err)
 		}
