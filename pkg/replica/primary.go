@@ -316,6 +316,11 @@ func (p *Primary) connection(ctx context.Context, kernel Kernel) error {
 	defer c.Close()
 	cctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	// The goroutines below wait on conditions until cctx ends. Run's
+	// wake-up when ctx ends is not enough: ctx's Done is closed before
+	// cctx's Err is set, so a goroutine woken by it may see cctx live and
+	// wait again, for ever (stopPrimary then hangs).
+	defer context.AfterFunc(cctx, p.wake)()
 
 	p.mu.Lock()
 	// Resume only when the peer holds everything it acknowledged in this
