@@ -131,11 +131,17 @@ func newTestSecondary(t *testing.T, stateDir string) *testSecondary {
 // newTestSecondaryLog is newTestSecondary logging to log.
 func newTestSecondaryLog(t *testing.T, stateDir string, log *slog.Logger) *testSecondary {
 	t.Helper()
+	return newTestSecondaryLink(t, stateDir, testLink, log)
+}
+
+// newTestSecondaryLink is newTestSecondaryLog over the link lk.
+func newTestSecondaryLink(t *testing.T, stateDir string, lk *peerlink.Link, log *slog.Logger) *testSecondary {
+	t.Helper()
 	data := filepath.Join(filepath.Dir(stateDir), "data")
 	if err := os.MkdirAll(data, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	s := &Server{Link: testLink, StateDir: stateDir, Dirs: []Dir{{Name: "data", Path: data}}, Log: log}
+	s := &Server{Link: lk, StateDir: stateDir, Dirs: []Dir{{Name: "data", Path: data}}, Log: log}
 	s.SetAccept(true)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
