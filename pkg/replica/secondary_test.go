@@ -135,7 +135,7 @@ func newTestSecondaryLog(t *testing.T, stateDir string, log *slog.Logger) *testS
 }
 
 // newTestSecondaryLink is newTestSecondaryLog over the link lk.
-func newTestSecondaryLink(t *testing.T, stateDir string, lk *peerlink.Link, log *slog.Logger) *testSecondary {
+func newTestSecondaryLink(t testing.TB, stateDir string, lk *peerlink.Link, log *slog.Logger) *testSecondary {
 	t.Helper()
 	data := filepath.Join(filepath.Dir(stateDir), "data")
 	if err := os.MkdirAll(data, 0o755); err != nil {
