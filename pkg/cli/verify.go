@@ -7,6 +7,7 @@ import (
 
 	"github.com/duet-ha/duet/pkg/config"
 	"github.com/duet-ha/duet/pkg/fstree"
+	"github.com/duet-ha/duet/pkg/peerlink"
 	"github.com/duet-ha/duet/pkg/replica"
 	"github.com/duet-ha/duet/pkg/wire"
 	"github.com/spf13/cobra"
@@ -31,7 +32,11 @@ writers are quiet (see duet status --wait-sync), or it reports work in flight.`,
 			if err != nil {
 				return err
 			}
-			key, err := cfg.ReadKey()
+			keys, err := cfg.ReadKeys()
+			if err != nil {
+				return err
+			}
+			lk, err := peerlink.New(peerlink.Options{Node: cfg.Node, Keys: keys, Plaintext: cfg.InsecurePlaintextLink})
 			if err != nil {
 				return err
 			}
@@ -43,7 +48,7 @@ writers are quiet (see duet status --wait-sync), or it reports work in flight.`,
 					continue
 				}
 				found = true
-				n, err := verifyDir(ctx, s, cfg.Peer, key, r)
+				n, err := verifyDir(ctx, s, lk, cfg.Peer, r)
 				if err != nil {
 					return err
 				}
@@ -64,7 +69,7 @@ writers are quiet (see duet status --wait-sync), or it reports work in flight.`,
 	return cmd
 }
 
-func verifyDir(ctx context.Context, s IOStreams, peer string, key []byte, r config.Replicate) (int, error) {
+func verifyDir(ctx context.Context, s IOStreams, lk *peerlink.Link, peer string, r config.Replicate) (int, error) {
 	root, err := fstree.OpenRoot(r.Path)
 	if err != nil {
 		return 0, err
@@ -77,7 +82,7 @@ func verifyDir(ctx context.Context, s IOStreams, peer string, key []byte, r conf
 	}
 	peerc := make(chan manifest, 1)
 	go func() {
-		es, err := replica.FetchManifest(ctx, peer, key, r.Name)
+		es, err := replica.FetchManifest(ctx, lk, peer, r.Name)
 		peerc <- manifest{es, err}
 	}()
 	local, tooLong, lerr := fstree.Scan(root, true)

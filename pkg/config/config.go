@@ -37,6 +37,15 @@ type Config struct {
 	// Key is the pre-shared cluster key; KeyFile names a file holding it.
 	Key     string `yaml:"key"`
 	KeyFile string `yaml:"key_file"`
+	// PreviousKey or PreviousKeyFile is the key being replaced during a
+	// key rotation (docs/SECURITY.md): still trusted from the peer, no
+	// longer used to prove this node. Optional.
+	PreviousKey     string `yaml:"previous_key"`
+	PreviousKeyFile string `yaml:"previous_key_file"`
+	// InsecurePlaintextLink turns TLS off between the nodes: replication
+	// then travels unencrypted, and anyone on the path can alter it after
+	// the handshake. Both nodes must agree. Default false (TLS).
+	InsecurePlaintextLink bool `yaml:"insecure_plaintext_link"`
 	// StateDir holds replica progress and the control socket.
 	StateDir string `yaml:"state_dir"`
 	// Socket is the control socket; default <state_dir>/duet.sock.
@@ -357,6 +366,13 @@ func (c *Config) Validate() error {
 			bad("%v", err)
 		}
 	}
+	if c.PreviousKey != "" && c.PreviousKeyFile != "" {
+		bad("previous_key and previous_key_file are both set: keep one")
+	} else if k, err := c.ReadKey(); err == nil {
+		if _, err := c.readPrevious(k); err != nil {
+			bad("%v", err)
+		}
+	}
 	if k := c.RingBufferKiB; k < 4 || k > 1<<20 || k&(k-1) != 0 {
 		bad("ring_buffer_kib %d: must be a power of two between 4 and 1048576", k)
 	}
@@ -602,6 +618,47 @@ func (c *Config) ReadKey() ([]byte, error) {
 		return nil, fmt.Errorf("key_file %q: key of %d bytes is too short (want at least %d)", c.KeyFile, len(k), MinKeySize)
 	}
 	return k, nil
+}
+
+// ReadKeys returns the cluster keys this node trusts: the key, then the
+// previous key if one is set (a rotation in progress).
+func (c *Config) ReadKeys() ([][]byte, error) {
+	k, err := c.ReadKey()
+	if err != nil {
+		return nil, err
+	}
+	prev, err := c.readPrevious(k)
+	if err != nil || prev == nil {
+		return [][]byte{k}, err
+	}
+	return [][]byte{k, prev}, nil
+}
+
+// readPrevious returns the previous key (nil: none), checked against the
+// current one, k.
+func (c *Config) readPrevious(k []byte) ([]byte, error) {
+	var prev []byte
+	switch {
+	case c.PreviousKey != "":
+		if len(c.PreviousKey) < MinKeySize {
+			return nil, fmt.Errorf("previous_key: %d bytes is too short: want at least %d", len(c.PreviousKey), MinKeySize)
+		}
+		prev = []byte(c.PreviousKey)
+	case c.PreviousKeyFile != "":
+		b, err := readSecret("previous_key_file", c.PreviousKeyFile, "")
+		if err != nil {
+			return nil, err
+		}
+		if prev = bytes.TrimSpace(b); len(prev) < MinKeySize {
+			return nil, fmt.Errorf("previous_key_file %q: key of %d bytes is too short (want at least %d)", c.PreviousKeyFile, len(prev), MinKeySize)
+		}
+	default:
+		return nil, nil
+	}
+	if bytes.Equal(prev, k) {
+		return nil, errors.New("previous_key: the same as key: remove it (a rotation adds the new key as key, the old one as previous_key)")
+	}
+	return prev, nil
 }
 
 // readSecret reads the file of a secret (field names its setting; hint, if

@@ -211,6 +211,13 @@ func TestKeyChecks(t *testing.T) {
 		{"key file readable by the group", keyFile("group", "0123456789abcdef\n", 0o640), "mode 0640 lets group or others"},
 		{"key file writable by others", keyFile("others", "0123456789abcdef\n", 0o602), "mode 0602 lets group or others"},
 		{"key file missing", "key_file: " + filepath.Join(dir, "none"), `key_file "` + filepath.Join(dir, "none") + `": no such file or directory`},
+		{"previous key", inline + "\nprevious_key: \"fedcba9876543210\"", ""},
+		{"previous key file", inline + "\nprevious_" + keyFile("prev", "fedcba9876543210\n", 0o600), ""},
+		{"previous key too short", inline + "\nprevious_key: \"old\"", "previous_key: 3 bytes is too short"},
+		{"previous key file readable by all", inline + "\nprevious_" + keyFile("prevworld", "fedcba9876543210\n", 0o644),
+			`previous_key_file "` + filepath.Join(dir, "prevworld") + `": mode 0644`},
+		{"previous key the same", inline + "\nprevious_key: \"0123456789abcdef\"", "previous_key: the same as key: remove it"},
+		{"both previous keys", inline + "\nprevious_key: \"fedcba9876543210\"\nprevious_key_file: /x", "previous_key and previous_key_file are both set"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			y := strings.Replace(base(t), inline, tc.key, 1)

@@ -125,7 +125,9 @@ func (c *Client) call(ctx context.Context, prog, proc uint32, name string, args 
 		if errors.Is(err, ErrClosed) || c.isClosed() {
 			return nil, fmt.Errorf("%s: %w", name, ErrClosed)
 		}
-		if ctx.Err() == nil {
+		// An attempt cut by ctx's deadline may fail (an i/o timeout from
+		// the dialer's poller) a moment before ctx reports it ended.
+		if dl, ok := ctx.Deadline(); ctx.Err() == nil && (!ok || time.Now().Before(dl)) {
 			last = err
 		}
 		c.drop()

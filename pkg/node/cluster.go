@@ -184,7 +184,7 @@ func (n *Node) sendHeartbeats(ctx context.Context, conns []*net.UDPConn, peers [
 		n.hbMu.Lock()
 		n.guard.Stamp(&h, hbClock())
 		n.hbMu.Unlock()
-		pkt := h.Marshal(n.key)
+		pkt := h.Marshal(n.heartbeatKey())
 		for i, c := range conns {
 			c.WriteToUDP(pkt, peers[i])
 		}
@@ -223,6 +223,26 @@ func hbClock() time.Duration {
 	return time.Duration(ts.Nano())
 }
 
+// heartbeatKey is the key heartbeats are sent with: the one the peer's
+// last heartbeat was made with, the current key until one is heard. Amid
+// a key rotation (see docs/SECURITY.md) a node that holds both keys
+// speaks to its peer in the key the peer has: each hears the other
+// throughout.
+func (n *Node) heartbeatKey() []byte {
+	return n.keys[n.peerKey.Load()]
+}
+
+// parseHeartbeat checks a heartbeat with each of the keys; it returns
+// the index of the one it was made with.
+func (n *Node) parseHeartbeat(b []byte) (h cluster.Heartbeat, key int, err error) {
+	for i, k := range n.keys {
+		if h, err = cluster.ParseHeartbeat(b, k); err == nil {
+			return h, i, nil
+		}
+	}
+	return h, 0, err
+}
+
 // receiveHeartbeats reads one network's heartbeats into the loop.
 func (n *Node) receiveHeartbeats(ctx context.Context, c *net.UDPConn, peer *net.UDPAddr) {
 	buf := make([]byte, cluster.MaxHeartbeat+64)
@@ -232,7 +252,7 @@ func (n *Node) receiveHeartbeats(ctx context.Context, c *net.UDPConn, peer *net.
 		if err != nil {
 			return
 		}
-		h, err := cluster.ParseHeartbeat(buf[:sz], n.key)
+		h, key, err := n.parseHeartbeat(buf[:sz])
 		if err != nil || !from.IP.Equal(peer.IP) {
 			if err == nil {
 				err = fmt.Errorf("heartbeat from %s, expected the peer %s", from.IP, peer.IP)
@@ -252,6 +272,15 @@ func (n *Node) receiveHeartbeats(ctx context.Context, c *net.UDPConn, peer *net.
 		peerBefore := n.guard.Peer()
 		fresh := n.guard.Accept(&h, hbClock())
 		answer := n.guard.Unanswered(&h, fresh, peerBefore)
+		// Which key the peer has now: as with the guard's echo, any
+		// heartbeat says it until one is accepted (the peer cannot
+		// prove its age before it heard us), then only accepted ones (a
+		// replayed one must not make this node speak a key the peer
+		// dropped).
+		if fresh || !n.hbAccepted {
+			n.peerKey.Store(int32(key))
+		}
+		n.hbAccepted = n.hbAccepted || fresh
 		n.hbMu.Unlock()
 		// A peer that restarted, or that we just heard from a new run,
 		// is answered at once rather than at the next tick: it accepts

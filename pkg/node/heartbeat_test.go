@@ -31,9 +31,14 @@ type udpRun struct {
 // startHeartbeats starts the heartbeats of a node at local whose peer is
 // at peer; they are sent to sendTo if not nil.
 func startHeartbeats(t *testing.T, name, local, peer string, port int, sendTo *net.UDPAddr) *udpRun {
+	return startHeartbeatsKeys(t, [][]byte{[]byte("0123456789abcdef")}, name, local, peer, port, sendTo)
+}
+
+// startHeartbeatsKeys is startHeartbeats with the cluster keys keys.
+func startHeartbeatsKeys(t *testing.T, keys [][]byte, name, local, peer string, port int, sendTo *net.UDPAddr) *udpRun {
 	cfg := &config.Config{Node: name, Cluster: config.Cluster{HeartbeatPort: port, Interval: udpInterval, Timeout: udpTimeout,
 		Networks: []config.Network{{Local: local, Peer: peer}}}}
-	n := &Node{cfg: cfg, log: slog.New(slog.NewTextHandler(os.Stderr, nil)), key: []byte("0123456789abcdef"),
+	n := &Node{cfg: cfg, log: slog.New(slog.NewTextHandler(os.Stderr, nil)), keys: keys,
 		events: make(chan cluster.Event, 64), hbKick: make(chan struct{}, 1)}
 	var err error
 	if n.guard, err = newGuard(cfg); err != nil {
@@ -201,4 +206,44 @@ func TestHeartbeatsOverUDP(t *testing.T) {
 		t.Fatalf("nodeB heard nodeA %v after the heartbeats of its two stopped runs were replayed", h.Sub(replayed))
 	}
 	t.Logf("replayed %d recorded heartbeats of two stopped runs: none heard", 2*min(len(first), len(second)))
+}
+
+// A key rotation (docs/SECURITY.md): the node given the new key as key
+// and the old one as previous_key hears its peer, which has only the old
+// key, and is heard by it; so in the next steps. Nodes with unrelated
+// keys do not hear each other.
+func TestHeartbeatsKeyRotation(t *testing.T) {
+	old, new, other := []byte("old key 0123456789"), []byte("new key 0123456789"), []byte("other key 0123456789")
+	for _, tc := range []struct {
+		name string
+		a, b [][]byte
+		hear bool
+	}{
+		{"B rotated", [][]byte{old}, [][]byte{new, old}, true},
+		{"both rotated", [][]byte{new, old}, [][]byte{new, old}, true},
+		{"B dropped the old key", [][]byte{new, old}, [][]byte{new}, true},
+		{"unrelated keys", [][]byte{old}, [][]byte{other}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			probe, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			port := probe.LocalAddr().(*net.UDPAddr).Port
+			probe.Close()
+			started := time.Now()
+			a := startHeartbeatsKeys(t, tc.a, "nodeA", "127.0.0.1", "127.0.0.2", port, nil)
+			b := startHeartbeatsKeys(t, tc.b, "nodeB", "127.0.0.2", "127.0.0.1", port, nil)
+			if !tc.hear {
+				time.Sleep(udpTimeout) // nothing to wait for: a timeout is what declares the peer lost
+				if !a.heardSince(started).IsZero() || !b.heardSince(started).IsZero() {
+					t.Fatal("nodes with unrelated keys heard each other")
+				}
+				return
+			}
+			// Within a timeout: neither declares the other lost.
+			a.waitHeard(t, started, udpTimeout)
+			b.waitHeard(t, started, udpTimeout)
+		})
+	}
 }

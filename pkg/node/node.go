@@ -23,6 +23,7 @@ import (
 	"github.com/duet-ha/duet/pkg/capture"
 	"github.com/duet-ha/duet/pkg/cluster"
 	"github.com/duet-ha/duet/pkg/config"
+	"github.com/duet-ha/duet/pkg/peerlink"
 	"github.com/duet-ha/duet/pkg/replica"
 	"github.com/duet-ha/duet/pkg/stack"
 	"github.com/duet-ha/duet/pkg/vip"
@@ -138,14 +139,18 @@ type Node struct {
 	eager       atomic.Bool
 	cfg         *config.Config
 	log         *slog.Logger
-	key         []byte
-	dirs        []replica.Dir
-	devs        []uint64
-	server      *replica.Server
-	vip         *vip.VIP
-	stack       *stack.Stack
-	barriers    histogram
-	lags        histogram
+	// keys are the cluster keys, the current one first (see
+	// heartbeatKey); link, the TCP link to the peer made of them.
+	keys     [][]byte
+	peerKey  atomic.Int32
+	link     *peerlink.Link
+	dirs     []replica.Dir
+	devs     []uint64
+	server   *replica.Server
+	vip      *vip.VIP
+	stack    *stack.Stack
+	barriers histogram
+	lags     histogram
 
 	// The serving side exists while the node is PRIM or ALONE.
 	smu         sync.RWMutex
@@ -181,6 +186,7 @@ type Node struct {
 	events        chan cluster.Event
 	cmds          chan command
 	hbMu          sync.Mutex
+	hbAccepted    bool           // a heartbeat of the peer was accepted (under hbMu)
 	guard         *cluster.Guard // shared by the networks: a heartbeat counts once
 	lastHeartbeat atomic.Int64
 	heartbeats    atomic.Uint64
@@ -191,11 +197,21 @@ type Node struct {
 
 // Run starts the daemon and blocks until ctx ends.
 func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
-	key, err := cfg.ReadKey()
+	keys, err := cfg.ReadKeys()
 	if err != nil {
 		return err
 	}
-	n := &Node{cfg: cfg, log: log, key: key, events: make(chan cluster.Event, 64), cmds: make(chan command),
+	lk, err := peerlink.New(peerlink.Options{Node: cfg.Node, Keys: keys, Plaintext: cfg.InsecurePlaintextLink})
+	if err != nil {
+		return err
+	}
+	if cfg.InsecurePlaintextLink {
+		log.Warn("insecure_plaintext_link: true: replication travels unencrypted, and anyone on the path between the nodes can alter it after the handshake")
+	}
+	if len(keys) > 1 {
+		log.Info("key rotation in progress: the peer may use key or previous_key; remove previous_key once both nodes run with the new key")
+	}
+	n := &Node{cfg: cfg, log: log, keys: keys, link: lk, events: make(chan cluster.Event, 64), cmds: make(chan command),
 		hbKick: make(chan struct{}, 1)}
 	if n.guard, err = newGuard(cfg); err != nil {
 		return err
@@ -277,7 +293,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	if err != nil {
 		return fmt.Errorf("listen %q: %w (is the address configured on this host, and the port free?)", cfg.Listen, err)
 	}
-	n.server = &replica.Server{Key: key, StateDir: cfg.StateDir, Dirs: n.dirs, Log: log, Metas: metas}
+	n.server = &replica.Server{Link: lk, StateDir: cfg.StateDir, Dirs: n.dirs, Log: log, Metas: metas}
 	n.server.SetAccept(true)
 	hbConns, hbPeers, err := n.heartbeatConns()
 	if err != nil {
@@ -511,7 +527,7 @@ func (n *Node) unserve(ctx context.Context) {
 func (n *Node) startPrimary(ctx context.Context) error {
 	var primaries []*replica.Primary
 	for i, d := range n.dirs {
-		p, err := replica.NewPrimary(d, n.cfg.Peer, n.key, capture.KernelDev(n.devs[i]), n.log)
+		p, err := replica.NewPrimary(d, n.cfg.Peer, n.link, capture.KernelDev(n.devs[i]), n.log)
 		if err != nil {
 			for _, p := range primaries {
 				p.Close()

@@ -62,7 +62,7 @@ func TestBarrierWaitsForBytesBeyondEOFOfItsWrite(t *testing.T) {
 		t.Fatal(err)
 	}
 	sec := newTestSecondary(t, filepath.Join(top, "peer", "state"))
-	p, err := NewPrimary(Dir{Name: "data", Path: src}, sec.addr, testKey, 0, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	p, err := NewPrimary(Dir{Name: "data", Path: src}, sec.addr, testLink, 0, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
 		t.Fatal(err)
 	}

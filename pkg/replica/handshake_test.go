@@ -3,6 +3,7 @@ package replica
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"encoding/binary"
 	"io"
 	"log/slog"
@@ -146,14 +147,10 @@ func TestSecondaryStrangersBounded(t *testing.T) {
 	var w wire.Welcome
 	for deadline := time.Now().Add(10 * time.Second); ; {
 		var err error
-		if c, err = net.Dial("tcp", s.addr); err != nil {
-			t.Fatal(err)
-		}
-		c.SetDeadline(time.Now().Add(5 * time.Second))
-		if w, err = wire.ClientHandshake(c, testKey, wire.Hello{Purpose: wire.PurposeReplicate, Session: 7, Dir: "data"}); err == nil {
+		if c, w, err = dialPeer(context.Background(), testLink, &net.Dialer{}, s.addr, wire.Hello{Purpose: wire.PurposeReplicate, Session: 7, Dir: "data"}); err == nil {
+			c.SetDeadline(time.Now().Add(5 * time.Second))
 			break
 		}
-		c.Close()
 		if time.Now().After(deadline) {
 			t.Fatalf("the primary cannot connect once the strangers left: %v", err)
 		}
@@ -209,14 +206,12 @@ func TestSecondaryStrangerCannotKeepPrimaryOut(t *testing.T) {
 	time.Sleep(100 * time.Millisecond) // accepted, or closed at once
 	var err error
 	for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); time.Sleep(retryBackoff / 5) {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		var c net.Conn
-		if c, err = net.Dial("tcp", s.addr); err != nil {
-			t.Fatal(err)
-		}
-		c.SetDeadline(time.Now().Add(time.Second))
-		_, err = wire.ClientHandshake(c, testKey, wire.Hello{Purpose: wire.PurposeReplicate, Session: 7, Dir: "data"})
-		c.Close()
+		c, _, err = dialPeer(ctx, testLink, &net.Dialer{}, s.addr, wire.Hello{Purpose: wire.PurposeReplicate, Session: 7, Dir: "data"})
+		cancel()
 		if err == nil {
+			c.Close()
 			return
 		}
 	}

@@ -17,6 +17,7 @@ import (
 	"github.com/duet-ha/duet/pkg/capture"
 	"github.com/duet-ha/duet/pkg/fstree"
 	"github.com/duet-ha/duet/pkg/journal"
+	"github.com/duet-ha/duet/pkg/peerlink"
 	"github.com/duet-ha/duet/pkg/wire"
 )
 
@@ -42,7 +43,7 @@ type sentBatch struct {
 type Primary struct {
 	Dir  Dir
 	Peer string
-	Key  []byte
+	Link *peerlink.Link
 	Log  *slog.Logger
 	// Dev is the watched filesystem in kernel encoding (capture.KernelDev).
 	Dev uint32
@@ -148,14 +149,14 @@ type passMark struct {
 }
 
 // NewPrimary opens dir for shipping.
-func NewPrimary(d Dir, peer string, key []byte, dev uint32, log *slog.Logger) (*Primary, error) {
+func NewPrimary(d Dir, peer string, lk *peerlink.Link, dev uint32, log *slog.Logger) (*Primary, error) {
 	root, err := fstree.OpenRoot(d.Path)
 	if err != nil {
 		return nil, err
 	}
 	var sb [8]byte
 	rand.Read(sb[:])
-	p := &Primary{Dir: d, Peer: peer, Key: key, Dev: dev, Log: log.With("dir", d.Name),
+	p := &Primary{Dir: d, Peer: peer, Link: lk, Dev: dev, Log: log.With("dir", d.Name),
 		root: root, session: binary.LittleEndian.Uint64(sb[:]) | 1, j: journal.New(), needFull: true, nextSeq: 1,
 		barrierKick: make(chan struct{}, 1), dirty: newDirtySet()}
 	p.work, p.sendq, p.done = sync.NewCond(&p.mu), sync.NewCond(&p.mu), sync.NewCond(&p.mu)
@@ -284,18 +285,30 @@ func (p *Primary) Run(ctx context.Context, kernel Kernel) {
 }
 
 func (p *Primary) dial(ctx context.Context) (net.Conn, wire.Welcome, error) {
-	d := net.Dialer{Timeout: 3 * time.Second, KeepAlive: 5 * time.Second}
-	c, err := d.DialContext(ctx, "tcp", p.Peer)
+	d := &net.Dialer{Timeout: 3 * time.Second, KeepAlive: 5 * time.Second}
+	c, w, err := dialPeer(ctx, p.Link, d, p.Peer, wire.Hello{Purpose: wire.PurposeReplicate, Session: p.session, Dir: p.Dir.Name})
+	if err != nil {
+		return nil, w, err
+	}
+	c.SetDeadline(time.Time{})
+	return c, w, nil
+}
+
+// dialPeer connects to the peer over lk and runs the handshake, within
+// 10 s; the connection keeps that deadline.
+func dialPeer(ctx context.Context, lk *peerlink.Link, d *net.Dialer, peer string, h wire.Hello) (net.Conn, wire.Welcome, error) {
+	c, err := lk.Dial(ctx, d, peer)
 	if err != nil {
 		return nil, wire.Welcome{}, err
 	}
 	c.SetDeadline(time.Now().Add(10 * time.Second))
-	w, err := wire.ClientHandshake(c, p.Key, wire.Hello{Purpose: wire.PurposeReplicate, Session: p.session, Dir: p.Dir.Name})
+	w, err := wire.ClientHandshake(c, lk.Keys(), h)
 	if err != nil {
 		c.Close()
-		return nil, w, err
+		// Under TLS 1.3 a client hears that the server refused its
+		// certificate only here, at its first read.
+		return nil, w, peerlink.Explain(err)
 	}
-	c.SetDeadline(time.Time{})
 	return c, w, nil
 }
 
@@ -308,6 +321,11 @@ func (p *Primary) connection(ctx context.Context, kernel Kernel) error {
 	defer c.Close()
 	cctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	// The goroutines below wait on conditions until cctx ends. Run's
+	// wake-up when ctx ends is not enough: ctx's Done is closed before
+	// cctx's Err is set, so a goroutine woken by it may see cctx live and
+	// wait again, for ever (stopPrimary then hangs).
+	defer context.AfterFunc(cctx, p.wake)()
 
 	p.mu.Lock()
 	// Resume only when the peer holds everything it acknowledged in this
@@ -448,6 +466,7 @@ func (p *Primary) ack(seq uint64) {
 // writeBatches sends queued batches after `from`, in order, and the sync
 // requests of barriers once the batches they cover are sent.
 func (p *Primary) writeBatches(ctx context.Context, c net.Conn, from uint64) error {
+	w := &coalescer{c: c}
 	sent := from
 	var syncSent, lazySent uint64
 	for {
@@ -481,8 +500,7 @@ func (p *Primary) writeBatches(ctx context.Context, c net.Conn, from uint64) err
 			return ctx.Err()
 		}
 		for _, b := range next {
-			c.SetWriteDeadline(time.Now().Add(30 * time.Second))
-			if _, err := c.Write(b.frame); err != nil {
+			if err := w.write(b.frame); err != nil {
 				return fmt.Errorf("sending batch %d: %w", b.seq, err)
 			}
 			p.mu.Lock()
@@ -491,30 +509,75 @@ func (p *Primary) writeBatches(ctx context.Context, c net.Conn, from uint64) err
 			sent = b.seq
 		}
 		if syncTo != 0 && syncTo <= sent {
-			c.SetWriteDeadline(time.Now().Add(30 * time.Second))
-			if err := wire.WriteFrame(c, &wire.Frame{Type: wire.TypeSync, Seq: syncTo}); err != nil {
+			if err := w.frame(&wire.Frame{Type: wire.TypeSync, Seq: syncTo}); err != nil {
 				return fmt.Errorf("sending sync request: %w", err)
 			}
 			syncSent = syncTo
 		}
 		if lazy {
-			c.SetWriteDeadline(time.Now().Add(30 * time.Second))
-			if err := wire.WriteFrame(c, &wire.Frame{Type: wire.TypeSync, Flags: wire.FlagLazy, Seq: sent}); err != nil {
+			if err := w.frame(&wire.Frame{Type: wire.TypeSync, Flags: wire.FlagLazy, Seq: sent}); err != nil {
 				return fmt.Errorf("sending sync request: %w", err)
 			}
 		}
 		if done != nil && done.Seq <= sent {
 			// Every batch of the resync is sent: the peer syncs them and
 			// records that its copy follows this term's generation.
-			c.SetWriteDeadline(time.Now().Add(30 * time.Second))
-			if err := wire.WriteFrame(c, done); err != nil {
+			if err := w.frame(done); err != nil {
 				return fmt.Errorf("sending the end of the resync: %w", err)
 			}
 			p.mu.Lock()
 			p.doneSent = true
 			p.mu.Unlock()
 		}
+		// Sent before waiting again: a barrier waits for the sync
+		// request.
+		if err := w.flush(); err != nil {
+			return fmt.Errorf("sending to peer: %w", err)
+		}
 	}
+}
+
+// coalesceMax bounds the frames a coalescer gathers for one write.
+const coalesceMax = 64 << 10
+
+// coalescer gathers the small frames of one pass of writeBatches (a
+// batch, its sync request) into one write: one TLS record and one
+// segment, not one each. Every write to the connection holds whole
+// frames, for the build goroutine writes its manifest requests between.
+type coalescer struct {
+	c   net.Conn
+	buf []byte
+}
+
+func (w *coalescer) write(frame []byte) error {
+	if len(w.buf)+len(frame) <= coalesceMax {
+		w.buf = append(w.buf, frame...)
+		return nil
+	}
+	if err := w.flush(); err != nil {
+		return err
+	}
+	if len(frame) <= coalesceMax {
+		w.buf = append(w.buf, frame...)
+		return nil
+	}
+	w.c.SetWriteDeadline(time.Now().Add(30 * time.Second))
+	_, err := w.c.Write(frame)
+	return err
+}
+
+func (w *coalescer) frame(f *wire.Frame) error {
+	return w.write(wire.AppendFrame(nil, f))
+}
+
+func (w *coalescer) flush() error {
+	if len(w.buf) == 0 {
+		return nil
+	}
+	w.c.SetWriteDeadline(time.Now().Add(30 * time.Second))
+	_, err := w.c.Write(w.buf)
+	w.buf = w.buf[:0]
+	return err
 }
 
 // batcher encodes ops into frames queued for sending.
@@ -849,18 +912,19 @@ func (p *Primary) Close() error { return p.root.Close() }
 var errNoPeer = errors.New("peer unreachable")
 
 // FetchManifest asks the peer for its manifest of directory name.
-func FetchManifest(ctx context.Context, peer string, key []byte, name string) ([]wire.Entry, error) {
-	d := net.Dialer{Timeout: 3 * time.Second}
-	c, err := d.DialContext(ctx, "tcp", peer)
-	if err != nil {
+func FetchManifest(ctx context.Context, lk *peerlink.Link, peer string, name string) ([]wire.Entry, error) {
+	c, _, err := dialPeer(ctx, lk, &net.Dialer{Timeout: 3 * time.Second}, peer, wire.Hello{Purpose: wire.PurposeManifest, Dir: name})
+	var op *net.OpError
+	if errors.As(err, &op) && op.Op == "dial" {
 		return nil, fmt.Errorf("%w: %v", errNoPeer, err)
 	}
+	if err != nil {
+		return nil, err
+	}
 	defer c.Close()
+	c.SetDeadline(time.Time{})
 	if dl, ok := ctx.Deadline(); ok {
 		c.SetDeadline(dl)
-	}
-	if _, err := wire.ClientHandshake(c, key, wire.Hello{Purpose: wire.PurposeManifest, Dir: name}); err != nil {
-		return nil, err
 	}
 	if err := wire.WriteFrame(c, &wire.Frame{Type: wire.TypeManifestQ, Seq: 1}); err != nil {
 		return nil, err

@@ -53,7 +53,7 @@ func TestWaitShippedReleasedAfter(t *testing.T) {
 // never answers.
 func unconnectedPrimary(t *testing.T) *Primary {
 	t.Helper()
-	p, err := NewPrimary(Dir{Name: "data", Path: t.TempDir()}, "127.0.0.1:1", []byte("0123456789abcdef"), 0,
+	p, err := NewPrimary(Dir{Name: "data", Path: t.TempDir()}, "127.0.0.1:1", testLink, 0,
 		slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
 		t.Fatal(err)

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/duet-ha/duet/pkg/fstree"
+	"github.com/duet-ha/duet/pkg/peerlink"
 	"github.com/duet-ha/duet/pkg/wire"
 )
 
@@ -30,7 +31,7 @@ type Dir struct {
 // Server accepts peer connections: batches for replicas (when this node is
 // the secondary) and manifest requests (either role, for verify).
 type Server struct {
-	Key      []byte
+	Link     *peerlink.Link
 	StateDir string
 	Dirs     []Dir
 	Log      *slog.Logger
@@ -311,12 +312,21 @@ func (s *Server) release(a netip.Addr) {
 	}
 }
 
-func (s *Server) handle(ctx context.Context, c net.Conn, from netip.Addr) {
+func (s *Server) handle(ctx context.Context, raw net.Conn, from netip.Addr) {
+	defer raw.Close()
+	raw.SetDeadline(time.Now().Add(handshakeTimeout))
+	c, err := s.Link.Server(ctx, raw)
+	if err != nil {
+		s.release(from)
+		if ok, held := s.failedLog.allow(time.Now(), handshakeLogEvery); ok {
+			s.Log.Warn("peer handshake failed", "remote", raw.RemoteAddr().String(), "err", err, "failed_unlogged", held)
+		}
+		return
+	}
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(handshakeTimeout))
 	var dirName string
 	var refuse string
-	h, err := wire.ServerHandshake(c, s.Key, func(h wire.Hello) wire.Welcome {
+	h, err := wire.ServerHandshake(c, s.Link.Keys(), func(h wire.Hello) wire.Welcome {
 		dirName = h.Dir
 		if _, ok := s.dir(h.Dir); !ok {
 			refuse = fmt.Sprintf("no replicated directory named %q on this node", h.Dir)

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/duet-ha/duet/pkg/peerlink"
 	"github.com/duet-ha/duet/pkg/wire"
 	"golang.org/x/sys/unix"
 )
@@ -27,8 +28,7 @@ func TestSecondaryAppliesMixedBatches(t *testing.T) {
 	dir := t.TempDir()
 	data := filepath.Join(dir, "data")
 	os.Mkdir(data, 0o755)
-	key := []byte("0123456789abcdef")
-	s := &Server{Key: key, StateDir: filepath.Join(dir, "state"), Dirs: []Dir{{Name: "data", Path: data}},
+	s := &Server{Link: testLink, StateDir: filepath.Join(dir, "state"), Dirs: []Dir{{Name: "data", Path: data}},
 		Log: slog.New(slog.NewTextHandler(io.Discard, nil))}
 	os.Mkdir(s.StateDir, 0o755)
 	s.SetAccept(true)
@@ -40,15 +40,12 @@ func TestSecondaryAppliesMixedBatches(t *testing.T) {
 	defer cancel()
 	go s.Serve(ctx, ln)
 
-	c, err := net.Dial("tcp", ln.Addr().String())
+	c, _, err := dialPeer(ctx, testLink, &net.Dialer{}, ln.Addr().String(), wire.Hello{Purpose: wire.PurposeReplicate, Session: 7, Dir: "data"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(20 * time.Second))
-	if _, err := wire.ClientHandshake(c, key, wire.Hello{Purpose: wire.PurposeReplicate, Session: 7, Dir: "data"}); err != nil {
-		t.Fatal(err)
-	}
 	want := map[string][]byte{}
 	var frames []byte
 	seq := uint64(0)
@@ -107,7 +104,16 @@ func TestSecondaryAppliesMixedBatches(t *testing.T) {
 	}
 }
 
-var testKey = []byte("0123456789abcdef")
+// testLink is the nodes' link in every test: TLS with a test key.
+var testLink = newTestLink([]byte("0123456789abcdef"), false)
+
+func newTestLink(key []byte, plaintext bool) *peerlink.Link {
+	l, err := peerlink.New(peerlink.Options{Node: "test", Keys: [][]byte{key}, Plaintext: plaintext})
+	if err != nil {
+		panic(err)
+	}
+	return l
+}
 
 // testSecondary is a Server replicating directory "data", listening on
 // the loopback; Serve ends with the test.
@@ -125,11 +131,17 @@ func newTestSecondary(t *testing.T, stateDir string) *testSecondary {
 // newTestSecondaryLog is newTestSecondary logging to log.
 func newTestSecondaryLog(t *testing.T, stateDir string, log *slog.Logger) *testSecondary {
 	t.Helper()
+	return newTestSecondaryLink(t, stateDir, testLink, log)
+}
+
+// newTestSecondaryLink is newTestSecondaryLog over the link lk.
+func newTestSecondaryLink(t testing.TB, stateDir string, lk *peerlink.Link, log *slog.Logger) *testSecondary {
+	t.Helper()
 	data := filepath.Join(filepath.Dir(stateDir), "data")
 	if err := os.MkdirAll(data, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	s := &Server{Key: testKey, StateDir: stateDir, Dirs: []Dir{{Name: "data", Path: data}}, Log: log}
+	s := &Server{Link: lk, StateDir: stateDir, Dirs: []Dir{{Name: "data", Path: data}}, Log: log}
 	s.SetAccept(true)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -160,16 +172,12 @@ type peerConn struct {
 // connect opens a replication connection of session to s.
 func (s *testSecondary) connect(t *testing.T, session uint64) *peerConn {
 	t.Helper()
-	c, err := net.Dial("tcp", s.addr)
+	c, w, err := dialPeer(context.Background(), testLink, &net.Dialer{}, s.addr, wire.Hello{Purpose: wire.PurposeReplicate, Session: session, Dir: "data"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close() })
 	c.SetDeadline(time.Now().Add(20 * time.Second))
-	w, err := wire.ClientHandshake(c, testKey, wire.Hello{Purpose: wire.PurposeReplicate, Session: session, Dir: "data"})
-	if err != nil {
-		t.Fatal(err)
-	}
 	return &peerConn{t: t, c: c, br: bufio.NewReader(c), w: w}
 }
 

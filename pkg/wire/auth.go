@@ -127,9 +127,17 @@ func Excerpt(b []byte) string {
 	return fmt.Sprintf("%q... (%d bytes)", b[:maxExcerpt], len(b))
 }
 
-// ClientHandshake proves the key to the server and checks the server's
-// proof; both sides contribute a fresh nonce.
-func ClientHandshake(rw io.ReadWriter, key []byte, h Hello) (Welcome, error) {
+// MaxKeys is how many cluster keys a node holds at once: the current one
+// and, during a rotation, the previous one.
+const MaxKeys = 2
+
+// ClientHandshake proves a key to the server and checks the server's
+// proof; both sides contribute a fresh nonce. keys are the cluster keys
+// this node trusts, the current one first: the server proves each of its
+// own, and the client proves the first of them it shares (see
+// ServerHandshake), so that a node amid a key rotation talks to one
+// before or after it.
+func ClientHandshake(rw io.ReadWriter, keys [][]byte, h Hello) (Welcome, error) {
 	if _, err := rand.Read(h.Nonce[:]); err != nil {
 		return Welcome{}, err
 	}
@@ -140,11 +148,20 @@ func ClientHandshake(rw io.ReadWriter, key []byte, h Hello) (Welcome, error) {
 	if err != nil {
 		return Welcome{}, err
 	}
-	if len(f.Payload) != 64 {
+	if n := len(f.Payload); n < 64 || n > 32+32*MaxKeys || n%32 != 0 {
 		return Welcome{}, fmt.Errorf("%w: challenge of %d bytes", ErrBadFrame, len(f.Payload))
 	}
-	nonceS, mac := f.Payload[:32], f.Payload[32:]
-	if !hmac.Equal(mac, proof(key, "duet-server", h.Nonce[:], nonceS)) {
+	nonceS := f.Payload[:32]
+	var key []byte
+	for mac := f.Payload[32:]; len(mac) > 0 && key == nil; mac = mac[32:] {
+		for _, k := range keys {
+			if hmac.Equal(mac[:32], proof(k, "duet-server", h.Nonce[:], nonceS)) {
+				key = k
+				break
+			}
+		}
+	}
+	if key == nil {
 		return Welcome{}, ErrAuth
 	}
 	if err := WriteFrame(rw, &Frame{Type: TypeAuth, Payload: proof(key, "duet-client", h.Nonce[:], nonceS)}); err != nil {
@@ -168,8 +185,13 @@ func ClientHandshake(rw io.ReadWriter, key []byte, h Hello) (Welcome, error) {
 }
 
 // ServerHandshake checks the client's proof. welcome is called once the
-// client is authenticated, to fill the Welcome it is sent.
-func ServerHandshake(rw io.ReadWriter, key []byte, welcome func(Hello) Welcome) (Hello, error) {
+// client is authenticated, to fill the Welcome it is sent. The challenge
+// carries a proof of each of keys (the current one first); the client's
+// proof may be of any of them.
+func ServerHandshake(rw io.ReadWriter, keys [][]byte, welcome func(Hello) Welcome) (Hello, error) {
+	if len(keys) == 0 || len(keys) > MaxKeys {
+		return Hello{}, fmt.Errorf("handshake with %d keys: want 1 to %d", len(keys), MaxKeys)
+	}
 	f, err := expect(rw, TypeHello)
 	if err != nil {
 		return Hello{}, err
@@ -182,7 +204,10 @@ func ServerHandshake(rw io.ReadWriter, key []byte, welcome func(Hello) Welcome) 
 	if _, err := rand.Read(nonceS[:]); err != nil {
 		return h, err
 	}
-	ch := append(nonceS[:], proof(key, "duet-server", h.Nonce[:], nonceS[:])...)
+	ch := nonceS[:]
+	for _, k := range keys {
+		ch = append(ch, proof(k, "duet-server", h.Nonce[:], nonceS[:])...)
+	}
 	if err := WriteFrame(rw, &Frame{Type: TypeChallenge, Payload: ch}); err != nil {
 		return h, err
 	}
@@ -190,7 +215,11 @@ func ServerHandshake(rw io.ReadWriter, key []byte, welcome func(Hello) Welcome) 
 	if err != nil {
 		return h, err
 	}
-	if !hmac.Equal(f.Payload, proof(key, "duet-client", h.Nonce[:], nonceS[:])) {
+	ok := false
+	for _, k := range keys {
+		ok = ok || hmac.Equal(f.Payload, proof(k, "duet-client", h.Nonce[:], nonceS[:]))
+	}
+	if !ok {
 		WriteFrame(rw, &Frame{Type: TypeError, Payload: []byte("authentication failed")})
 		return h, ErrAuth
 	}

@@ -49,12 +49,12 @@ func TestHandshakeFramesAreSmall(t *testing.T) {
 		run  func() error
 	}{
 		{"hello to the server", func() error {
-			_, err := ServerHandshake(rw{bytes.NewReader(claim(TypeHello, MaxPayload)), io.Discard}, []byte("0123456789abcdef"),
+			_, err := ServerHandshake(rw{bytes.NewReader(claim(TypeHello, MaxPayload)), io.Discard}, [][]byte{[]byte("0123456789abcdef")},
 				func(Hello) Welcome { return Welcome{} })
 			return err
 		}},
 		{"challenge to the client", func() error {
-			_, err := ClientHandshake(rw{bytes.NewReader(claim(TypeChallenge, MaxPayload)), io.Discard}, []byte("0123456789abcdef"),
+			_, err := ClientHandshake(rw{bytes.NewReader(claim(TypeChallenge, MaxPayload)), io.Discard}, [][]byte{[]byte("0123456789abcdef")},
 				Hello{Purpose: PurposeReplicate, Dir: "data"})
 			return err
 		}},
@@ -77,7 +77,7 @@ func TestHandshakeFramesAreSmall(t *testing.T) {
 func TestHandshakeRefusalExcerpt(t *testing.T) {
 	long := strings.Repeat("A", 3000) + "\nforged log line"
 	in := AppendFrame(nil, &Frame{Type: TypeError, Payload: []byte(long)})
-	_, err := ClientHandshake(rw{bytes.NewReader(in), io.Discard}, []byte("0123456789abcdef"), Hello{Purpose: PurposeReplicate, Dir: "data"})
+	_, err := ClientHandshake(rw{bytes.NewReader(in), io.Discard}, [][]byte{[]byte("0123456789abcdef")}, Hello{Purpose: PurposeReplicate, Dir: "data"})
 	if err == nil {
 		t.Fatal("refusal accepted")
 	}

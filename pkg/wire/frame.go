@@ -1,7 +1,8 @@
 // Package wire defines duet's replication protocol: framed messages over
-// TCP, a mutual HMAC handshake, and the operations a batch carries. Every
-// decoder here takes bytes from the network and rejects malformed input
-// with an error; none of them panics.
+// the link between the nodes (TLS, see pkg/link), a mutual HMAC handshake,
+// and the operations a batch carries. Every decoder here takes bytes from
+// the network and rejects malformed input with an error; none of them
+// panics.
 package wire
 
 import (

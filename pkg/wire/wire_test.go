@@ -226,11 +226,17 @@ func TestCompressRoundTrip(t *testing.T) {
 func TestHandshake(t *testing.T) {
 	for _, tc := range []struct {
 		name      string
-		ckey, key string
+		ckey, key []string
 		wantErr   bool
 	}{
-		{"same key", "secret", "secret", false},
-		{"wrong key", "secret", "other", true},
+		{"same key", []string{"secret"}, []string{"secret"}, false},
+		{"wrong key", []string{"secret"}, []string{"other"}, true},
+		// A rotation from "old" to "new": either node may hold both.
+		{"server rotated", []string{"old"}, []string{"new", "old"}, false},
+		{"client rotated", []string{"new", "old"}, []string{"old"}, false},
+		{"both rotated", []string{"new", "old"}, []string{"new", "old"}, false},
+		{"server dropped the old key", []string{"new", "old"}, []string{"new"}, false},
+		{"unrelated keys", []string{"new", "old"}, []string{"other"}, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c, s := net.Pipe()
@@ -238,7 +244,7 @@ func TestHandshake(t *testing.T) {
 			defer s.Close()
 			done := make(chan error, 1)
 			go func() {
-				_, err := ServerHandshake(s, []byte(tc.key), func(h Hello) Welcome {
+				_, err := ServerHandshake(s, keyList(tc.key...), func(h Hello) Welcome {
 					return Welcome{Session: h.Session, Applied: 7, Gen: 11, SyncTime: -3, State: CopyConsistent | CopyDiverged}
 				})
 				if err != nil {
@@ -246,7 +252,7 @@ func TestHandshake(t *testing.T) {
 				}
 				done <- err
 			}()
-			w, err := ClientHandshake(c, []byte(tc.ckey), Hello{Purpose: PurposeReplicate, Session: 9, Dir: "a"})
+			w, err := ClientHandshake(c, keyList(tc.ckey...), Hello{Purpose: PurposeReplicate, Session: 9, Dir: "a"})
 			if err != nil {
 				c.Close() // as a real client hangs up
 			}
@@ -263,6 +269,14 @@ func TestHandshake(t *testing.T) {
 			}
 		})
 	}
+}
+
+func keyList(keys ...string) [][]byte {
+	var out [][]byte
+	for _, k := range keys {
+		out = append(out, []byte(k))
+	}
+	return out
 }
 
 // FuzzDecodeFrame feeds arbitrary bytes to every decoder a peer reaches.
