@@ -77,9 +77,6 @@ type builder struct {
 	// gaveUp are the changes tried too long (see maxRetries): each file
 	// must be compared by a resync.
 	gaveUp []gaveUp
-	// moot counts ranges given up because they stayed beyond the end of
-	// their file (truncated away).
-	moot int
 	// sent is the size each file sent whole in this pass had then (not
 	// kept by a full sync, which sends every file whole).
 	sent map[uint64]uint64
@@ -116,7 +113,7 @@ func (b *builder) build(files []journal.File) ([]journal.File, error) {
 	b.requeue = nil
 	b.blocked, b.beyondEOF = 0, 0
 	b.removals = nil
-	b.gaveUp, b.moot = nil, 0
+	b.gaveUp = nil
 	b.sent = map[uint64]uint64{}
 	b.now = time.Now()
 	b.forget(files)
@@ -267,7 +264,6 @@ func (b *builder) retry(f journal.File, why string) {
 // long, they are given up: a truncate removed them.
 func (b *builder) requeueOnly(f journal.File, why string) {
 	if b.triedTooLong(f) {
-		b.moot++
 		b.log.Debug("bytes beyond EOF given up", "ino", f.Key.Ino, "retries", f.Retries)
 		return
 	}
