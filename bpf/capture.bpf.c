@@ -21,7 +21,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define CHUNK_SIZE (1ULL << CHUNK_SHIFT)
 #define MAX_CHUNKS_PER_EVENT 40 // a 2 MiB large folio spans 32 chunks
 #define PAGE_SHIFT_4K 12
-#define SUPPRESS_WINDOW_NS 50000
+#define SUPPRESS_WINDOW_NS 5000000 // 5 ms: a task preempted in write_end
 
 // Set by userspace to an eighth of the ring before loading.
 volatile const __u64 RING_WAKE_BYTES = 2 << 20;
@@ -72,11 +72,10 @@ struct chunk_key {
 };
 
 struct task_write {
-	__u64 id; // pid_tgid of the writer
 	__u64 ino;
 	__u64 first; // first 4 KiB page index of the last write_end
 	__u64 last;
-	__u64 ts;
+	__u64 ts;    // 0: consumed, or the write(2) returned
 	__u32 dev;
 	__u32 pad;
 };
@@ -126,14 +125,18 @@ struct {
 	__type(value, __u8);
 } dio_writes SEC(".maps");
 
-// Last buffered write_end on this CPU: lets writeback_dirty_folio, which
-// follows it at once in the same task, tell a page dirtied by write(2) from
-// one dirtied through a shared mapping. Per CPU, so no lock on the write
-// path; a task that migrates in between only costs an extra write-back.
+// The task's last buffered write_end: lets writeback_dirty_folio, which
+// follows it in the same task, tell a folio dirtied by write(2) from one
+// dirtied through a shared mapping. Task storage, so that a task preempted
+// or moved to another CPU in between still finds its own write: a miss
+// reports the whole folio (up to 2 MiB of a large folio) to be written back
+// and shipped for a 4 KiB write. The entry dies when the write syscall
+// returns (sys_exit_write_family), and SUPPRESS_WINDOW_NS after the
+// write_end in any case (kernel threads, syscalls not hooked).
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
 	__type(value, struct task_write);
 } task_writes SEC(".maps");
 
@@ -362,12 +365,11 @@ static __always_inline __u8 data_kind(struct inode *inode)
 static __always_inline void remember_write(struct inode *inode, __u32 dev,
 					   __u64 pos, __u64 len)
 {
-	__u32 zero = 0;
-	struct task_write *tw = bpf_map_lookup_elem(&task_writes, &zero);
+	struct task_write *tw = bpf_task_storage_get(&task_writes, bpf_get_current_task_btf(), 0,
+						     BPF_LOCAL_STORAGE_GET_F_CREATE);
 
 	if (!tw)
 		return;
-	tw->id = bpf_get_current_pid_tgid();
 	tw->ino = BPF_CORE_READ(inode, i_ino);
 	tw->first = pos >> PAGE_SHIFT_4K;
 	tw->last = (pos + (len ? len - 1 : 0)) >> PAGE_SHIFT_4K;
@@ -417,11 +419,10 @@ SEC("tp_btf/writeback_dirty_folio")
 int BPF_PROG(writeback_dirty_folio, struct folio *folio,
 	     struct address_space *mapping)
 {
-	__u64 id = bpf_get_current_pid_tgid();
 	struct task_write *tw;
 	struct inode *inode;
 	__u64 index, nr, pos, len;
-	__u32 dev, zero = 0;
+	__u32 dev;
 
 	if (!mapping || !folio)
 		return 0;
@@ -433,11 +434,11 @@ int BPF_PROG(writeback_dirty_folio, struct folio *folio,
 	// Large folios: order lives in the second page's flags (_flags_1 low byte).
 	if (BPF_CORE_READ(folio, flags.f) & (1UL << PG_head))
 		nr = 1ULL << (BPF_CORE_READ(folio, _flags_1) & 0xff);
-	tw = bpf_map_lookup_elem(&task_writes, &zero);
-	if (tw && tw->id == id && tw->ino == BPF_CORE_READ(inode, i_ino) && tw->dev == dev &&
+	tw = bpf_task_storage_get(&task_writes, bpf_get_current_task_btf(), 0, 0);
+	if (tw && tw->ts && tw->ino == BPF_CORE_READ(inode, i_ino) && tw->dev == dev &&
 	    tw->first < index + nr && tw->last >= index &&
 	    bpf_ktime_get_ns() - tw->ts < SUPPRESS_WINDOW_NS) {
-		tw->id = 0;
+		tw->ts = 0;
 		return 0;
 	}
 	pos = index << PAGE_SHIFT_4K;
@@ -549,6 +550,20 @@ int sys_exit_fallocate(struct trace_event_raw_sys_exit *ctx)
 	// while the operation ran.
 	emit_raw(fa->dev, fa->ino, fa->gen, KIND_DATA, 13, fa->pos, fa->len);
 	bpf_map_delete_elem(&fallocs, &id);
+	return 0;
+}
+
+// A write syscall returned: its write_end no longer vouches for a folio
+// the task dirties later (a store through a mapping after an fsync cleaned
+// it). Attached to the exits of every syscall that writes through the page
+// cache (see Attach).
+SEC("tracepoint/syscalls/sys_exit_write")
+int sys_exit_write_family(struct trace_event_raw_sys_exit *ctx)
+{
+	struct task_write *tw = bpf_task_storage_get(&task_writes, bpf_get_current_task_btf(), 0, 0);
+
+	if (tw)
+		tw->ts = 0;
 	return 0;
 }
 

@@ -192,6 +192,22 @@ func (c *Capture) Attach() error {
 		{"syscalls/sys_exit_fallocate", c.objs.SysExitFallocate, true},
 		{"ext4_truncate_enter", c.objs.Ext4TruncateEnter, true},
 	}
+	// The exits of the syscalls that write through the page cache; one
+	// program. Those not built into this kernel are left out.
+	for _, sc := range []struct {
+		name     string
+		required bool
+	}{
+		{"write", true}, {"pwrite64", true}, {"writev", true}, {"pwritev", true}, {"pwritev2", true},
+		{"sendfile64", false}, {"splice", false}, {"copy_file_range", false},
+		{"io_uring_enter", false}, {"io_submit", false},
+	} {
+		hooks = append(hooks, struct {
+			name     string
+			prog     *ebpf.Program
+			required bool
+		}{"syscalls/sys_exit_" + sc.name, c.objs.SysExitWriteFamily, sc.required})
+	}
 	for _, h := range hooks {
 		st := HookStatus{Name: h.name, Type: "tp_btf"}
 		var l link.Link

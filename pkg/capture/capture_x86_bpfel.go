@@ -52,7 +52,6 @@ type CaptureRecord struct {
 
 type CaptureTaskWrite struct {
 	_     structs.HostLayout
-	Id    uint64
 	Ino   uint64
 	First uint64
 	Last  uint64
@@ -88,6 +87,7 @@ const (
 	CaptureProgIomapDioRwBegin        = "iomap_dio_rw_begin"
 	CaptureProgSysEnterMmap           = "sys_enter_mmap"
 	CaptureProgSysExitFallocate       = "sys_exit_fallocate"
+	CaptureProgSysExitWriteFamily     = "sys_exit_write_family"
 	CaptureProgWritebackDirtyFolio    = "writeback_dirty_folio"
 	CaptureVarEAGER_WAKE              = "EAGER_WAKE"
 	CaptureVarRING_WAKE_BYTES         = "RING_WAKE_BYTES"
@@ -150,6 +150,7 @@ type CaptureProgramSpecs struct {
 	IomapDioRwBegin        *ebpf.ProgramSpec `ebpf:"iomap_dio_rw_begin"`
 	SysEnterMmap           *ebpf.ProgramSpec `ebpf:"sys_enter_mmap"`
 	SysExitFallocate       *ebpf.ProgramSpec `ebpf:"sys_exit_fallocate"`
+	SysExitWriteFamily     *ebpf.ProgramSpec `ebpf:"sys_exit_write_family"`
 	WritebackDirtyFolio    *ebpf.ProgramSpec `ebpf:"writeback_dirty_folio"`
 }
 
@@ -249,6 +250,7 @@ type CapturePrograms struct {
 	IomapDioRwBegin        *ebpf.Program `ebpf:"iomap_dio_rw_begin"`
 	SysEnterMmap           *ebpf.Program `ebpf:"sys_enter_mmap"`
 	SysExitFallocate       *ebpf.Program `ebpf:"sys_exit_fallocate"`
+	SysExitWriteFamily     *ebpf.Program `ebpf:"sys_exit_write_family"`
 	WritebackDirtyFolio    *ebpf.Program `ebpf:"writeback_dirty_folio"`
 }
 
@@ -268,6 +270,7 @@ func (p *CapturePrograms) Close() error {
 		p.IomapDioRwBegin,
 		p.SysEnterMmap,
 		p.SysExitFallocate,
+		p.SysExitWriteFamily,
 		p.WritebackDirtyFolio,
 	)
 }

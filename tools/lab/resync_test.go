@@ -87,10 +87,17 @@ const bigSize = 256 << 20
 
 // logResync prints the last resync decision in host's log.
 func (l *Lab) logResync(t *testing.T, host string) {
+	t.Helper()
+	l.logLast(t, host, "resync: comparing with the peer")
+}
+
+// logLast prints the last line of host's log that holds msg.
+func (l *Lab) logLast(t *testing.T, host, msg string) {
+	t.Helper()
 	b, _ := os.ReadFile(filepath.Join(l.Dir, host+".log"))
 	lines := strings.Split(string(b), "\n")
 	for i := len(lines) - 1; i >= 0; i-- {
-		if strings.Contains(lines[i], "resync: comparing with the peer") {
+		if strings.Contains(lines[i], msg) {
 			_, msg, _ := strings.Cut(lines[i], "msg=")
 			t.Logf("%s: %s", nodeName[host], msg)
 			return
@@ -148,6 +155,7 @@ func TestResyncAfterCleanStop(t *testing.T) {
 	l.WaitState(t, "a", "ALONE", 30*time.Second)
 	modified = mutate(t, l.AData, 1, rng)
 	l.Stop(t, "a")
+	l.logLast(t, "a", "modification bitmap saved")
 	if _, err := os.Stat(filepath.Join(l.Dir, "a/.duet/bitmap-data")); err != nil {
 		t.Fatalf("no modification bitmap saved at nodeA's clean stop: %v", err)
 	}
