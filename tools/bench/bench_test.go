@@ -17,7 +17,7 @@ func TestQuickBench(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: the benchmark builds the lab (namespaces, loop devices)")
 	}
-	for _, tool := range []string{"fio", "rsync", "lsyncd", "git", "ip", "mkfs.ext4", "mariadbd", "sysbench"} {
+	for _, tool := range []string{"fio", "rsync", "lsyncd", "git", "ip", "mkfs.ext4", "mariadbd", "sysbench", "ganesha.nfsd", "rpcbind"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			t.Skipf("%s not installed (.ci/run installs it): %v", tool, err)
 		}
@@ -47,7 +47,7 @@ func TestQuickBench(t *testing.T) {
 	}
 	want := []string{"capture overhead", "wire bytes", "many small files", "4 KiB random write + fdatasync", "64 KiB sequential writes",
 		"async directory", "async replication lag", "resync time", "resync bytes on the wire", "duet / lsyncd",
-		"MariaDB sysbench oltp_write_only", "p95 transaction latency", "failover: kill of the primary host"}
+		"MariaDB sysbench oltp_write_only", "p95 transaction latency", "NFSv3 4 KiB WRITE + COMMIT", "NFSv3 64 KiB sequential", "TLS link / plaintext link", "failover: kill of the primary host"}
 	for _, w := range want {
 		found := false
 		for _, f := range figs {

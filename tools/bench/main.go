@@ -49,15 +49,15 @@ func main() {
 	asJSON := flag.Bool("json", false, "print the figures as JSON")
 	quick := flag.Bool("quick", false, "small sizes, one run: checks the tooling, not the numbers")
 	runs := flag.Int("runs", 5, "runs per figure (min/median/max reported)")
-	only := flag.String("only", "capture,wire,small,sync,async,lag,resync,lsyncd,mariadb,failover", "figures to measure, comma separated: capture, wire, small, sync, async, lag, resync, lsyncd, mariadb, failover")
+	only := flag.String("only", "capture,wire,small,sync,async,lag,resync,lsyncd,mariadb,nfs,tls,failover", "figures to measure, comma separated: capture, wire, small, sync, async, lag, resync, lsyncd, mariadb, nfs, tls, failover")
 	flag.Parse()
 	want := map[string]bool{}
 	for _, k := range strings.Split(*only, ",") {
 		switch k = strings.TrimSpace(k); k {
-		case "capture", "wire", "small", "sync", "async", "lag", "resync", "lsyncd", "mariadb", "failover":
+		case "capture", "wire", "small", "sync", "async", "lag", "resync", "lsyncd", "mariadb", "nfs", "tls", "failover":
 			want[k] = true
 		default:
-			fail(fmt.Sprintf("-only: unknown figure %q (capture, wire, small, sync, async, lag, resync, lsyncd, mariadb, failover)", k))
+			fail(fmt.Sprintf("-only: unknown figure %q (capture, wire, small, sync, async, lag, resync, lsyncd, mariadb, nfs, tls, failover)", k))
 		}
 	}
 	if os.Geteuid() != 0 {
@@ -111,6 +111,12 @@ func main() {
 	}
 	if want["mariadb"] {
 		figs = append(figs, b.mariadbFigures(*runs)...)
+	}
+	if want["nfs"] {
+		figs = append(figs, b.nfsFigures(*runs)...)
+	}
+	if want["tls"] {
+		figs = append(figs, b.tlsFigures(*runs)...)
 	}
 	if want["failover"] {
 		// At least 10 kills for the published figure.

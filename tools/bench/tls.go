@@ -1,0 +1,106 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+)
+
+// tlsFigures measures what the TLS 1.3 link between the nodes costs: both
+// nodes restarted with `insecure_plaintext_link: true`, then without it,
+// the order alternating from run to run (A-B-B-A), and the same two
+// measurements in each: 4 KiB random write + fdatasync under `duet exec`
+// (p50), and 64 KiB sequential buffered writes of incompressible data
+// until the peer has them all (write, then `status --wait-sync`).
+func (b *bench) tlsFigures(runs int) []Figure {
+	calls, total, span := 1000, "256MiB", "64MiB"
+	if b.quick {
+		calls, total, span = 100, "32MiB", "8MiB"
+	}
+	totalBytes, err := parseBenchSize(total)
+	if err != nil {
+		fail(err.Error())
+	}
+	if b.syncbenchBin == "" {
+		b.buildSyncbench()
+	}
+	confs := map[string][]byte{}
+	for _, h := range []string{"a", "b"} {
+		c, err := os.ReadFile(filepath.Join(b.lab, h+".yaml"))
+		if err != nil {
+			fail(err.Error())
+		}
+		confs[h] = c
+	}
+	mode := "tls"
+	setMode := func(m string) {
+		if m == mode {
+			return
+		}
+		// nodeB first: nodeA must keep the role.
+		b.must("stop", "b")
+		b.waitState("a", "ALONE")
+		b.must("stop", "a")
+		for h, c := range confs {
+			if m == "plain" {
+				c = append(append([]byte(nil), c...), "\ninsecure_plaintext_link: true\n"...)
+			}
+			if err := os.WriteFile(filepath.Join(b.lab, h+".yaml"), c, 0o644); err != nil {
+				fail(err.Error())
+			}
+		}
+		b.must("start", "a")
+		b.waitServing()
+		b.must("start", "b")
+		b.waitSync()
+		mode = m
+	}
+	defer setMode("tls")
+	p50 := Figure{Name: fmt.Sprintf("TLS link / plaintext link: 4 KiB random write + fdatasync under duet exec (in a %s file), p50 over %d calls", span, calls),
+		Target: "≤ 1.05", Unit: "ms", Note: "both nodes restarted with and without insecure_plaintext_link, order alternating"}
+	seq := Figure{Name: "TLS link / plaintext link: 64 KiB sequential buffered writes of incompressible data (" + total + ") until the peer has them, throughput",
+		Target: "≥ 0.95", Unit: "MB/s", Note: "written, then `duet status --wait-sync`: the time until the peer holds every byte"}
+	for i := range runs {
+		order := []string{"tls", "plain"}
+		if i%2 == 1 {
+			order = []string{"plain", "tls"}
+		}
+		lat, thr := map[string]float64{}, map[string]float64{}
+		for _, m := range order {
+			setMode(m)
+			file := filepath.Join(b.lab, "a", "data", fmt.Sprintf("tls-%s-%d", m, i))
+			r := b.syncbench("a", true, "-mode", "latency", "-size", "4096", "-count", strconv.Itoa(calls), "-span", span, "-file", file)
+			lat[m] = r.P50Ms
+			b.waitSync()
+			os.Remove(file)
+			b.waitSync()
+			settle()
+			t0 := time.Now()
+			b.syncbenchNow("a", false, "-mode", "throughput", "-size", "64K", "-every", total, "-total", total, "-file", file)
+			b.must("duet", "a", "status", "--wait-sync", "300s")
+			thr[m] = float64(totalBytes) / 1e6 / time.Since(t0).Seconds()
+			os.Remove(file)
+			b.waitSync()
+		}
+		p50.add(lat["plain"], lat["tls"])
+		seq.add(thr["plain"], thr["tls"])
+	}
+	p50.Met = median(p50.Ratio) <= 1.05
+	seq.Met = median(seq.Ratio) >= 0.95
+	return []Figure{p50, seq}
+}
+
+// parseBenchSize reads 32MiB, 256MiB, 1GiB.
+func parseBenchSize(s string) (int64, error) {
+	for _, u := range []struct {
+		suf string
+		m   int64
+	}{{"MiB", 1 << 20}, {"GiB", 1 << 30}} {
+		if n, err := strconv.ParseInt(s[:max(0, len(s)-len(u.suf))], 10, 64); err == nil && len(s) > len(u.suf) && s[len(s)-len(u.suf):] == u.suf {
+			return n * u.m, nil
+		}
+	}
+	return 0, fmt.Errorf("size %q: want a number of MiB or GiB", s)
+}
