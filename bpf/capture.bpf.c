@@ -454,8 +454,9 @@ int BPF_PROG(ext4_journalled_write_end, struct inode *inode, loff_t pos,
 }
 
 // A folio went clean -> dirty. After write(2) this follows the write_end of
-// the same task and page at once and is already reported; otherwise it is a
-// store through a shared mapping, reported before the store lands.
+// the same task and page at once and is already reported, unless the file
+// has a shared writable mapping; otherwise it is a store through a shared
+// mapping, reported before the store lands.
 SEC("tp_btf/writeback_dirty_folio")
 int BPF_PROG(writeback_dirty_folio, struct folio *folio,
 	     struct address_space *mapping)
@@ -480,7 +481,11 @@ int BPF_PROG(writeback_dirty_folio, struct folio *folio,
 	    tw->first < index + nr && tw->last >= index &&
 	    bpf_ktime_get_ns() - tw->ts < SUPPRESS_WINDOW_NS) {
 		tw->ts = 0;
-		return 0;
+		// Unless the file is mapped shared and writable: a store into
+		// the folio now finds it dirty and fires nothing until it is
+		// written back, while the write's record covers only its bytes.
+		if (data_kind(inode) == KIND_DATA)
+			return 0;
 	}
 	pos = index << PAGE_SHIFT_4K;
 	len = nr << PAGE_SHIFT_4K;

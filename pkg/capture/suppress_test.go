@@ -317,3 +317,51 @@ func TestStoreByIOWorkerAfterItsWriteIsReported(t *testing.T) {
 	}
 	t.Logf("10 stores reported; %d came within 5 ms of the worker's write", fast)
 }
+
+// TestStoreIntoPageDirtiedByWriteIsReported: a write(2) into a clean page
+// of a file mapped shared dirties it; a store through the mapping into the
+// same page then finds it dirty and dirties nothing, so no hook fires for
+// it. The record of the write must cover the store too (the reader writes
+// back and reads what records cover): reporting only the bytes written
+// loses the store.
+func TestStoreIntoPageDirtiedByWriteIsReported(t *testing.T) {
+	fs := loopfs.Make(t, "ext4", 64)
+	var st syscall.Stat_t
+	syscall.Stat(fs.Mount, &st)
+	c, err := Open(Options{Devices: []uint64{st.Dev}})
+	if err != nil {
+		t.Fatalf("Open: %v", err)
+	}
+	defer c.Close()
+	rec := newRecorder(c)
+	f, err := os.Create(filepath.Join(fs.Mount, "m"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Truncate(1 << 20); err != nil {
+		t.Fatal(err)
+	}
+	var fst syscall.Stat_t
+	syscall.Fstat(int(f.Fd()), &fst)
+	m, err := unix.Mmap(int(f.Fd()), 0, 1<<20, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Munmap(m)
+	const off, store = 40960, 40960 + 3000
+	for round := range 3 {
+		if err := unix.Fdatasync(int(f.Fd())); err != nil { // the page is clean
+			t.Fatal(err)
+		}
+		rec.drain()
+		forgetFile(t, c, fst.Ino, 1<<20)
+		if _, err := f.WriteAt([]byte{1}, off); err != nil { // dirties it
+			t.Fatal(err)
+		}
+		m[store] = byte(round + 1) // no fault dirties anything: already dirty
+		if !storeReported(rec.drain(), fst.Ino, store) {
+			t.Fatalf("round %d: a store through the mapping into a page a write(2) had just dirtied is covered by no record", round)
+		}
+	}
+}
