@@ -132,7 +132,8 @@ struct {
 // reports the whole folio (up to 2 MiB of a large folio) to be written back
 // and shipped for a 4 KiB write. The entry dies when the write syscall
 // returns (sys_exit_write_family), and SUPPRESS_WINDOW_NS after the
-// write_end in any case (kernel threads, syscalls not hooked).
+// write_end in any case. A task that can store through a mapping gets an
+// entry only inside a syscall whose exit is hooked (see may_mark).
 struct {
 	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -362,12 +363,52 @@ static __always_inline __u8 data_kind(struct inode *inode)
 	return KIND_DATA;
 }
 
+// Syscalls (x86-64 numbers) whose exit runs sys_exit_write_family, one bit
+// each; userspace sets a bit once that exit is attached.
+volatile __u64 MARKED_SYSCALLS[8] = {};
+
+#define PF_IO_WORKER 0x00000010
+#define PF_USER_WORKER 0x00004000
+#define PF_KTHREAD 0x00200000
+#define TS_COMPAT 0x0002
+
+// may_mark says whether task's mark is sure to die before it could stand
+// for a store through a mapping. A kernel thread without a user mm has no
+// mapping to store through: its mark may live out SUPPRESS_WINDOW_NS
+// (nfsd, loop). Any other task (io_uring and vhost workers share the
+// user's mm) only inside a syscall whose exit is hooked: an io-wq worker
+// never returns from one, and 32-bit syscalls fire no syscall tracepoint,
+// so a mark left unused there (the folio was already dirty) would hide a
+// store made by the same task within the window (a read into a buffer
+// mapped from the file), and its bytes would never be read.
+static __always_inline int may_mark(struct task_struct *task)
+{
+	__u32 flags = BPF_CORE_READ(task, flags);
+	struct pt_regs *regs;
+	__u64 nr;
+
+	if (flags & PF_KTHREAD)
+		return !BPF_CORE_READ(task, mm);
+	if (flags & (PF_IO_WORKER | PF_USER_WORKER))
+		return 0;
+	if (BPF_CORE_READ(task, thread_info.status) & TS_COMPAT)
+		return 0;
+	regs = (struct pt_regs *)bpf_task_pt_regs(task);
+	if (!regs)
+		return 0;
+	nr = BPF_CORE_READ(regs, orig_ax);
+	return nr < 512 && (MARKED_SYSCALLS[nr >> 6] >> (nr & 63)) & 1;
+}
+
 static __always_inline void remember_write(struct inode *inode, __u32 dev,
 					   __u64 pos, __u64 len)
 {
-	struct task_write *tw = bpf_task_storage_get(&task_writes, bpf_get_current_task_btf(), 0,
-						     BPF_LOCAL_STORAGE_GET_F_CREATE);
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct task_write *tw;
 
+	if (!may_mark(task))
+		return;
+	tw = bpf_task_storage_get(&task_writes, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
 	if (!tw)
 		return;
 	tw->ino = BPF_CORE_READ(inode, i_ino);
@@ -413,8 +454,9 @@ int BPF_PROG(ext4_journalled_write_end, struct inode *inode, loff_t pos,
 }
 
 // A folio went clean -> dirty. After write(2) this follows the write_end of
-// the same task and page at once and is already reported; otherwise it is a
-// store through a shared mapping, reported before the store lands.
+// the same task and page at once and is already reported, unless the file
+// has a shared writable mapping; otherwise it is a store through a shared
+// mapping, reported before the store lands.
 SEC("tp_btf/writeback_dirty_folio")
 int BPF_PROG(writeback_dirty_folio, struct folio *folio,
 	     struct address_space *mapping)
@@ -439,7 +481,11 @@ int BPF_PROG(writeback_dirty_folio, struct folio *folio,
 	    tw->first < index + nr && tw->last >= index &&
 	    bpf_ktime_get_ns() - tw->ts < SUPPRESS_WINDOW_NS) {
 		tw->ts = 0;
-		return 0;
+		// Unless the file is mapped shared and writable: a store into
+		// the folio now finds it dirty and fires nothing until it is
+		// written back, while the write's record covers only its bytes.
+		if (data_kind(inode) == KIND_DATA)
+			return 0;
 	}
 	pos = index << PAGE_SHIFT_4K;
 	len = nr << PAGE_SHIFT_4K;

@@ -171,11 +171,12 @@ func Load(opts Options) (*Capture, error) {
 func (c *Capture) Attach() error {
 	// Every program of bpf/capture.bpf.c; those not required may be
 	// missing on other kernels, which status then shows.
-	hooks := []struct {
+	type hook struct {
 		name     string
 		prog     *ebpf.Program
 		required bool
-	}{
+	}
+	hooks := []hook{
 		{"ext4_da_write_end", c.objs.Ext4DaWriteEnd, true},
 		{"ext4_write_end", c.objs.Ext4WriteEnd, true},
 		{"ext4_journalled_write_end", c.objs.Ext4JournalledWriteEnd, false},
@@ -193,21 +194,26 @@ func (c *Capture) Attach() error {
 		{"ext4_truncate_enter", c.objs.Ext4TruncateEnter, true},
 	}
 	// The exits of the syscalls that write through the page cache; one
-	// program. Those not built into this kernel are left out.
+	// program. Those not built into this kernel are left out. A
+	// write_end leaves its mark only in a syscall whose exit is attached
+	// (MARKED_SYSCALLS, by number).
+	exitOf := map[string]int{}
 	for _, sc := range []struct {
 		name     string
+		nr       int
 		required bool
 	}{
-		{"write", true}, {"pwrite64", true}, {"writev", true}, {"pwritev", true}, {"pwritev2", true},
-		{"sendfile64", false}, {"splice", false}, {"copy_file_range", false},
-		{"io_uring_enter", false}, {"io_submit", false},
+		{"write", unix.SYS_WRITE, true}, {"pwrite64", unix.SYS_PWRITE64, true},
+		{"writev", unix.SYS_WRITEV, true}, {"pwritev", unix.SYS_PWRITEV, true},
+		{"pwritev2", unix.SYS_PWRITEV2, true}, {"sendfile64", unix.SYS_SENDFILE, false},
+		{"splice", unix.SYS_SPLICE, false}, {"copy_file_range", unix.SYS_COPY_FILE_RANGE, false},
+		{"io_uring_enter", unix.SYS_IO_URING_ENTER, false}, {"io_submit", unix.SYS_IO_SUBMIT, false},
 	} {
-		hooks = append(hooks, struct {
-			name     string
-			prog     *ebpf.Program
-			required bool
-		}{"syscalls/sys_exit_" + sc.name, c.objs.SysExitWriteFamily, sc.required})
+		name := "syscalls/sys_exit_" + sc.name
+		hooks = append(hooks, hook{name, c.objs.SysExitWriteFamily, sc.required})
+		exitOf[name] = sc.nr
 	}
+	var marked [8]uint64
 	for _, h := range hooks {
 		st := HookStatus{Name: h.name, Type: "tp_btf"}
 		var l link.Link
@@ -229,6 +235,14 @@ func (c *Capture) Attach() error {
 		st.Active = true
 		c.links = append(c.links, l)
 		c.hooks = append(c.hooks, st)
+		if nr, ok := exitOf[h.name]; ok {
+			marked[nr/64] |= 1 << (nr % 64)
+		}
+	}
+	// Only now: a mark made in a syscall whose exit is not attached yet
+	// would outlive the syscall.
+	if err := c.objs.MARKED_SYSCALLS.Set(marked); err != nil {
+		return fmt.Errorf("setting the syscalls whose write_end is marked: %w", err)
 	}
 	var err error
 	c.reader, err = ringbuf.NewReader(c.objs.Events)

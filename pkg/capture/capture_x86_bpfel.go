@@ -90,6 +90,7 @@ const (
 	CaptureProgSysExitWriteFamily     = "sys_exit_write_family"
 	CaptureProgWritebackDirtyFolio    = "writeback_dirty_folio"
 	CaptureVarEAGER_WAKE              = "EAGER_WAKE"
+	CaptureVarMARKED_SYSCALLS         = "MARKED_SYSCALLS"
 	CaptureVarRING_WAKE_BYTES         = "RING_WAKE_BYTES"
 	CaptureVarWATCHED_DEVS            = "WATCHED_DEVS"
 )
@@ -174,6 +175,7 @@ type CaptureMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type CaptureVariableSpecs struct {
 	EAGER_WAKE      *ebpf.VariableSpec `ebpf:"EAGER_WAKE"`
+	MARKED_SYSCALLS *ebpf.VariableSpec `ebpf:"MARKED_SYSCALLS"`
 	RING_WAKE_BYTES *ebpf.VariableSpec `ebpf:"RING_WAKE_BYTES"`
 	WATCHED_DEVS    *ebpf.VariableSpec `ebpf:"WATCHED_DEVS"`
 }
@@ -228,6 +230,7 @@ func (m *CaptureMaps) Close() error {
 // It can be passed to LoadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type CaptureVariables struct {
 	EAGER_WAKE      *ebpf.Variable `ebpf:"EAGER_WAKE"`
+	MARKED_SYSCALLS *ebpf.Variable `ebpf:"MARKED_SYSCALLS"`
 	RING_WAKE_BYTES *ebpf.Variable `ebpf:"RING_WAKE_BYTES"`
 	WATCHED_DEVS    *ebpf.Variable `ebpf:"WATCHED_DEVS"`
 }
