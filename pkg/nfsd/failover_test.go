@@ -39,7 +39,7 @@ func (s *countingSyncer) count(name string) int {
 }
 
 // serve runs Serve on dir at a loopback port until stop is called.
-func serve(t *testing.T, dir string, s Syncer) (addr string, stop func()) {
+func serve(t testing.TB, dir string, s Syncer) (addr string, stop func()) {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -147,7 +147,7 @@ func check(t *testing.T, c *client, server string, hs []*held) {
 	}
 }
 
-func mustOK(t *testing.T, what string, st uint32) {
+func mustOK(t testing.TB, what string, st uint32) {
 	t.Helper()
 	if st != nfsclient.StatusOK {
 		t.Fatalf("%s: status %d", what, st)
