@@ -16,7 +16,7 @@ import (
 // within callTimeout fails the test. Its dialer follows point, as a
 // client behind a VIP follows the service to another server.
 type client struct {
-	t    *testing.T
+	t    testing.TB
 	c    *nfsclient.Client
 	addr atomic.Pointer[string]
 }
@@ -28,7 +28,7 @@ const callTimeout = 10 * time.Second
 // matches no status an assertion expects.
 const noReply = math.MaxUint32
 
-func dialNFS(t *testing.T, addr string) *client {
+func dialNFS(t testing.TB, addr string) *client {
 	c := &client{t: t}
 	c.point(addr)
 	c.c = nfsclient.New(func(ctx context.Context) (net.Conn, error) {

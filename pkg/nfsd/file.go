@@ -7,11 +7,12 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// file is an open file of the export. go-nfs answers every WRITE as
-// FILE_SYNC whatever the client asked, and its COMMIT does nothing; so a
-// file that was written or truncated is synced when go-nfs closes it,
-// which it does before replying. That makes every WRITE stable, as the
-// reply claims, and a COMMIT finds nothing left to flush.
+// file is an open file of the export. go-nfs answers every WRITE it gets
+// as FILE_SYNC: the DATA_SYNC and FILE_SYNC ones, and UNSTABLE ones too
+// large for the proxy to take (rpc.go answers the others, and every
+// COMMIT, without go-nfs). So a file go-nfs wrote or truncated is synced
+// when go-nfs closes it, which it does before replying: the reply's
+// claim is true.
 type file struct {
 	*os.File
 	name  string

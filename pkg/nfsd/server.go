@@ -7,6 +7,7 @@ package nfsd
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -162,7 +163,17 @@ func Serve(ctx context.Context, l net.Listener, dir string, s Syncer) error {
 		return err
 	}
 	routeLogs()
-	tl := &tracker{Listener: l, conns: map[*trackedConn]struct{}{}}
+	// The write verifier: a new one at every start, so that a client
+	// whose UNSTABLE writes were not committed when this server stopped
+	// (or the peer took over) sees another at its COMMIT and sends them
+	// again. go-nfs's replies carry it too.
+	var verf [8]byte
+	if _, err := rand.Read(verf[:]); err != nil {
+		l.Close()
+		h.Close()
+		return fmt.Errorf("nfs write verifier: %w", err)
+	}
+	tl := &tracker{Listener: l, h: h, verf: verf, conns: map[*proxy]struct{}{}}
 	stop := make(chan struct{})
 	go func() {
 		select {
@@ -171,39 +182,59 @@ func Serve(ctx context.Context, l net.Listener, dir string, s Syncer) error {
 		}
 		tl.closeAll()
 	}()
-	srv := &nfs.Server{Handler: h, Context: ctx}
+	srv := &nfs.Server{Handler: h, Context: ctx, ID: verf}
 	err = srv.Serve(tl)
 	close(stop)
 	tl.closeAll()
+	tl.wg.Wait()
 	if cerr := h.Close(); err == nil || ctx.Err() != nil {
 		err = cerr
 	}
 	return err
 }
 
-// tracker keeps the connections go-nfs serves so that Serve can close
-// them: go-nfs leaves them open when its listener closes.
+// tracker puts a proxy (rpc.go) between each client and go-nfs, and
+// keeps them so that Serve can close them: go-nfs leaves its connections
+// open when its listener closes.
 type tracker struct {
 	net.Listener
+	h      *Handler
+	verf   [8]byte
+	wg     sync.WaitGroup // the proxies' loops
 	mu     sync.Mutex
-	conns  map[*trackedConn]struct{}
+	conns  map[*proxy]struct{}
 	closed bool
 }
 
+// Accept returns go-nfs's end of a pipe to the next client's proxy.
 func (t *tracker) Accept() (net.Conn, error) {
 	c, err := t.Listener.Accept()
 	if err != nil {
 		return nil, err
 	}
+	theirs, ours := net.Pipe()
+	p := newProxy(t.h, t.verf, c, ours)
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	tc := &trackedConn{Conn: c, t: t}
 	if t.closed {
-		c.Close()
-	} else {
-		t.conns[tc] = struct{}{}
+		p.close()
+		theirs.Close()
+		return nil, net.ErrClosed
 	}
-	return tc, nil
+	t.conns[p] = struct{}{}
+	t.wg.Add(2)
+	go func() {
+		defer t.wg.Done()
+		p.serveClient()
+		t.mu.Lock()
+		delete(t.conns, p)
+		t.mu.Unlock()
+	}()
+	go func() {
+		defer t.wg.Done()
+		p.serveReplies()
+	}()
+	return &pipeConn{Conn: theirs, local: c.LocalAddr(), remote: c.RemoteAddr()}, nil
 }
 
 func (t *tracker) closeAll() {
@@ -214,23 +245,20 @@ func (t *tracker) closeAll() {
 	}
 	t.closed = true
 	t.Listener.Close()
-	for c := range t.conns {
-		c.Conn.Close()
+	for p := range t.conns {
+		p.close()
 	}
 }
 
-// trackedConn leaves the tracker when go-nfs closes it.
-type trackedConn struct {
+// pipeConn is go-nfs's end of a client's pipe, with the client's
+// addresses (go-nfs hands the connection to Mount).
+type pipeConn struct {
 	net.Conn
-	t *tracker
+	local, remote net.Addr
 }
 
-func (c *trackedConn) Close() error {
-	c.t.mu.Lock()
-	delete(c.t.conns, c)
-	c.t.mu.Unlock()
-	return c.Conn.Close()
-}
+func (c *pipeConn) LocalAddr() net.Addr  { return c.local }
+func (c *pipeConn) RemoteAddr() net.Addr { return c.remote }
 
 var routeOnce sync.Once
 

@@ -106,23 +106,37 @@ func (v *nfsVolume) op(ctx context.Context, n int) error {
 	if err != nil {
 		return v.note(err, "CREATE "+name)
 	}
-	if _, err := v.c.Write(ctx, fh, 0, []byte(fmt.Sprintf("file %d\n", n)), nfsclient.Unstable); err != nil {
-		return v.note(err, "WRITE "+name)
-	}
-	if _, err := v.c.Commit(ctx, fh); err != nil {
-		return v.note(err, "COMMIT "+name)
+	if err := v.writeCommitted(ctx, fh, 0, []byte(fmt.Sprintf("file %d\n", n)), name); err != nil {
+		return err
 	}
 	// The log's lines are fixed-width: an append whose reply was lost
 	// and that the next request overwrites leaves no torn line.
 	line := fmt.Sprintf("%09d\n", n)
-	if _, err := v.c.Write(ctx, v.log, v.logSize, []byte(line), nfsclient.Unstable); err != nil {
-		return v.note(err, "WRITE acks")
-	}
-	if _, err := v.c.Commit(ctx, v.log); err != nil {
-		return v.note(err, "COMMIT acks")
+	if err := v.writeCommitted(ctx, v.log, v.logSize, []byte(line), "acks"); err != nil {
+		return err
 	}
 	v.logSize += uint64(len(line))
 	return nil
+}
+
+// writeCommitted writes data UNSTABLE and COMMITs it, as a Linux client
+// does: a COMMIT whose verifier is not the WRITE's comes from a server
+// that did not take the WRITE (a failover in between), which may have
+// lost the bytes, so they are written and committed again.
+func (v *nfsVolume) writeCommitted(ctx context.Context, fh []byte, off uint64, data []byte, name string) error {
+	for {
+		w, err := v.c.Write(ctx, fh, off, data, nfsclient.Unstable)
+		if err != nil {
+			return v.note(err, "WRITE "+name)
+		}
+		verf, err := v.c.Commit(ctx, fh)
+		if err != nil {
+			return v.note(err, "COMMIT "+name)
+		}
+		if verf == w.Verifier || w.Committed == nfsclient.FileSync {
+			return nil
+		}
+	}
 }
 
 // present reads back, through the handles kept since the mount, which

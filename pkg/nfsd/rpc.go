@@ -1,0 +1,396 @@
+package nfsd
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+
+	nfs "github.com/willscott/go-nfs"
+)
+
+// The record layer in front of go-nfs. go-nfs answers every WRITE as
+// FILE_SYNC and its COMMIT does nothing, and its table of procedures
+// cannot be changed from outside; so each client connection goes through
+// a proxy that reads the client's ONC RPC records (RFC 5531), answers
+// UNSTABLE WRITEs and COMMITs itself, and passes every other record
+// unchanged to go-nfs over a pipe.
+
+// ONC RPC and NFSv3 numbers (RFC 5531, RFC 1813).
+const (
+	lastFragment = 1 << 31
+	msgCall      = 0
+	msgReply     = 1
+	rpcVersion   = 2
+	progNFS      = 100003
+	nfsVersion   = 3
+	procWrite    = 7
+	procCommit   = 21
+	unstable     = 0 // stable_how UNSTABLE
+	garbageArgs  = 4 // accept_stat GARBAGE_ARGS
+	maxAuthBody  = 400
+	maxHandle    = 64 // NFS3_FHSIZE
+)
+
+// callHeaderMax is the longest call header: XID, message type, RPC
+// version, program, version, procedure, then credential and verifier
+// (flavor, length, at most maxAuthBody bytes each).
+const callHeaderMax = 6*4 + 2*(8+maxAuthBody)
+
+// callHeaderMin is the shortest: both authenticators empty. go-nfs
+// refuses shorter records too.
+const callHeaderMin = 6*4 + 2*8
+
+// maxIntercepted bounds a record the proxy decodes itself and so holds in
+// memory: a WRITE of 4 MiB (Linux sends at most 1 MiB) with its header.
+// A larger WRITE streams to go-nfs, which syncs it and says FILE_SYNC:
+// slower, still true.
+const maxIntercepted = 4<<20 + 4096
+
+// callHeader is what the proxy reads of a call before deciding who
+// answers it.
+type callHeader struct {
+	xid, prog, vers, proc uint32
+	argsAt                int // offset of the arguments in the record
+}
+
+// parseCallHeader decodes the header at the start of a record of n
+// bytes; b holds its first bytes (at most callHeaderMax).
+func parseCallHeader(b []byte, n int) (callHeader, error) {
+	if n < callHeaderMin {
+		return callHeader{}, fmt.Errorf("a record of %d bytes, shorter than any call (%d)", n, callHeaderMin)
+	}
+	r := xdrReader{b: b}
+	h := callHeader{xid: r.u32()}
+	if mt := r.u32(); mt != msgCall {
+		return h, fmt.Errorf("message type %d where a call (0) was expected", mt)
+	}
+	r.u32() // the RPC version: go-nfs answers a wrong one
+	h.prog, h.vers, h.proc = r.u32(), r.u32(), r.u32()
+	for range 2 { // credential, verifier
+		r.u32()
+		r.opaque(maxAuthBody)
+	}
+	if r.err != nil {
+		return h, fmt.Errorf("call %d: authenticator: %w", h.xid, r.err)
+	}
+	h.argsAt = len(b) - len(r.b)
+	return h, nil
+}
+
+// intercepted says whether the proxy answers a call itself (a WRITE only
+// if UNSTABLE, which it sees in the arguments).
+func (h callHeader) intercepted() bool {
+	return h.prog == progNFS && h.vers == nfsVersion && (h.proc == procWrite || h.proc == procCommit)
+}
+
+// writeArgs is WRITE3args.
+type writeArgs struct {
+	fh     []byte
+	off    uint64
+	stable uint32
+	data   []byte
+}
+
+func parseWrite(args []byte) (writeArgs, error) {
+	r := xdrReader{b: args}
+	var a writeArgs
+	a.fh = r.opaque(maxHandle)
+	a.off = r.u64()
+	count := r.u32()
+	a.stable = r.u32()
+	a.data = r.opaque(len(args))
+	if r.err != nil {
+		return a, fmt.Errorf("WRITE arguments: %w", r.err)
+	}
+	if int64(count) < int64(len(a.data)) {
+		a.data = a.data[:count] // go-nfs too writes the lesser
+	}
+	return a, nil
+}
+
+// parseCommit returns COMMIT3args' handle; the range is not used: a
+// COMMIT syncs the whole file.
+func parseCommit(args []byte) ([]byte, error) {
+	r := xdrReader{b: args}
+	fh := r.opaque(maxHandle)
+	r.u64()
+	r.u32()
+	if r.err != nil {
+		return nil, fmt.Errorf("COMMIT arguments: %w", r.err)
+	}
+	return fh, nil
+}
+
+// proxy serves one client connection. Calls are taken in the order the
+// client sent them: before answering one itself, the proxy waits until
+// go-nfs has answered every record passed to it, and it passes the next
+// record only once its own call is answered, so a READ sent after an
+// UNSTABLE WRITE sees the bytes.
+type proxy struct {
+	h      *Handler
+	verf   [8]byte
+	client net.Conn
+	nfsd   net.Conn // the proxy's end of the pipe to go-nfs
+
+	wmu sync.Mutex // held to write a reply to the client
+	out *bufio.Writer
+
+	mu      sync.Mutex
+	idle    *sync.Cond // pending reached 0, or done
+	pending int        // records passed to go-nfs and not yet answered
+	done    bool
+	once    sync.Once
+}
+
+func newProxy(h *Handler, verf [8]byte, client, nfsd net.Conn) *proxy {
+	p := &proxy{h: h, verf: verf, client: client, nfsd: nfsd, out: bufio.NewWriterSize(client, 64<<10)}
+	p.idle = sync.NewCond(&p.mu)
+	return p
+}
+
+// close ends both sides; each loop returns soon after.
+func (p *proxy) close() {
+	p.once.Do(func() {
+		p.client.Close()
+		p.nfsd.Close()
+		p.mu.Lock()
+		p.done = true
+		p.idle.Broadcast()
+		p.mu.Unlock()
+	})
+}
+
+// refuse logs why the connection is closed: the client sent what no
+// server could answer.
+func (p *proxy) refuse(err error) {
+	slog.Warn("nfs: closing a client connection: not an ONC RPC call stream", "client", p.client.RemoteAddr(), "err", err)
+}
+
+// serveClient reads the client's records until the connection ends.
+func (p *proxy) serveClient() {
+	defer p.close()
+	in := bufio.NewReaderSize(p.client, 64<<10)
+	var rec []byte
+	for {
+		var mark [4]byte
+		if _, err := io.ReadFull(in, mark[:]); err != nil {
+			return
+		}
+		m := binary.BigEndian.Uint32(mark[:])
+		n := int(m &^ lastFragment)
+		if m&lastFragment == 0 {
+			p.refuse(fmt.Errorf("a record in several fragments (%d bytes first), which go-nfs does not take either", n))
+			return
+		}
+		head, err := in.Peek(min(n, callHeaderMax))
+		if err != nil {
+			return
+		}
+		h, err := parseCallHeader(head, n)
+		if err != nil {
+			p.refuse(err)
+			return
+		}
+		if !h.intercepted() || h.proc == procWrite && n > maxIntercepted {
+			if !p.pass(mark[:], in, n) {
+				return
+			}
+			continue
+		}
+		if n > maxIntercepted {
+			p.refuse(fmt.Errorf("a COMMIT call of %d bytes", n))
+			return
+		}
+		if cap(rec) < n {
+			rec = make([]byte, n)
+		}
+		rec = rec[:n]
+		if _, err := io.ReadFull(in, rec); err != nil {
+			return
+		}
+		if !p.serveCall(h, mark[:], rec) {
+			return
+		}
+	}
+}
+
+// serveCall answers an intercepted call, or passes a WRITE that is not
+// UNSTABLE to go-nfs. It returns false when the connection must end.
+func (p *proxy) serveCall(h callHeader, mark, rec []byte) bool {
+	args := rec[h.argsAt:]
+	var w writeArgs
+	var fh []byte
+	var err error
+	if h.proc == procWrite {
+		w, err = parseWrite(args)
+		fh = w.fh
+	} else {
+		fh, err = parseCommit(args)
+	}
+	if err != nil {
+		slog.Warn("nfs: call with undecodable arguments: answered GARBAGE_ARGS", "client", p.client.RemoteAddr(), "xid", h.xid, "err", err)
+		b := replyHeader(h.xid, garbageArgs)
+		return p.send(b.Bytes())
+	}
+	if h.proc == procWrite && w.stable != unstable {
+		return p.pass(mark, bytes.NewReader(rec), len(rec))
+	}
+	if !p.waitIdle() {
+		return false
+	}
+	var n int
+	var attrs wcc
+	if h.proc == procWrite {
+		n, attrs, err = p.h.writeUnstable(fh, w.off, w.data)
+	} else {
+		attrs, err = p.h.commit(fh)
+	}
+	if errors.Is(err, errClosed) {
+		// The server is stopping: no reply, so that the client sends the
+		// call again to the next one.
+		return false
+	}
+	st := statusOf(err)
+	if st != nfsOK && st != nfsStale {
+		slog.Warn("nfs: call failed", "proc", nfs.NFSProcedure(h.proc).String(), "client", p.client.RemoteAddr(), "status", st, "err", err)
+	}
+	b := replyHeader(h.xid, 0)
+	putU32(b, st)
+	if err := nfs.WriteWcc(b, attrs.pre, attrs.post); err != nil {
+		slog.Warn("nfs: encoding a reply", "err", err)
+		return false
+	}
+	if st == nfsOK {
+		if h.proc == procWrite {
+			putU32(b, uint32(n))
+			putU32(b, unstable)
+		}
+		b.Write(p.verf[:])
+	}
+	return p.send(b.Bytes())
+}
+
+// pass sends a record of n bytes from r to go-nfs.
+func (p *proxy) pass(mark []byte, r io.Reader, n int) bool {
+	p.mu.Lock()
+	p.pending++
+	p.mu.Unlock()
+	if _, err := p.nfsd.Write(mark); err != nil {
+		return false
+	}
+	_, err := io.CopyN(p.nfsd, r, int64(n))
+	return err == nil
+}
+
+// waitIdle waits until go-nfs has answered every record passed to it.
+func (p *proxy) waitIdle() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for p.pending > 0 && !p.done {
+		p.idle.Wait()
+	}
+	return !p.done
+}
+
+// replyHeader starts a reply (a record mark to fill in, then an accepted
+// reply with a null verifier) with accept state stat.
+func replyHeader(xid, stat uint32) *bytes.Buffer {
+	b := &bytes.Buffer{}
+	for _, v := range []uint32{0, xid, msgReply, 0, 0, 0, stat} {
+		putU32(b, v)
+	}
+	return b
+}
+
+func putU32(b *bytes.Buffer, v uint32) { b.Write(binary.BigEndian.AppendUint32(nil, v)) }
+
+// send writes a reply built on replyHeader.
+func (p *proxy) send(b []byte) bool {
+	binary.BigEndian.PutUint32(b, uint32(len(b)-4)|lastFragment)
+	p.wmu.Lock()
+	defer p.wmu.Unlock()
+	if _, err := p.out.Write(b); err != nil {
+		return false
+	}
+	return p.out.Flush() == nil
+}
+
+// serveReplies copies go-nfs's replies to the client, streaming each
+// fragment (a READ reply may be large).
+func (p *proxy) serveReplies() {
+	defer p.close()
+	in := bufio.NewReaderSize(p.nfsd, 64<<10)
+	for {
+		var mark [4]byte
+		if _, err := io.ReadFull(in, mark[:]); err != nil {
+			return
+		}
+		m := binary.BigEndian.Uint32(mark[:])
+		p.wmu.Lock()
+		_, err := p.out.Write(mark[:])
+		if err == nil {
+			_, err = io.CopyN(p.out, in, int64(m&^lastFragment))
+		}
+		if err == nil {
+			err = p.out.Flush()
+		}
+		p.wmu.Unlock()
+		if err != nil {
+			return
+		}
+		if m&lastFragment != 0 {
+			p.mu.Lock()
+			if p.pending--; p.pending == 0 {
+				p.idle.Broadcast()
+			}
+			p.mu.Unlock()
+		}
+	}
+}
+
+// xdrReader reads XDR (RFC 4506), remembering the first short read.
+type xdrReader struct {
+	b   []byte
+	err error
+}
+
+func (r *xdrReader) u32() uint32 {
+	if r.err != nil {
+		return 0
+	}
+	if len(r.b) < 4 {
+		r.err = io.ErrUnexpectedEOF
+		return 0
+	}
+	v := binary.BigEndian.Uint32(r.b)
+	r.b = r.b[4:]
+	return v
+}
+
+func (r *xdrReader) u64() uint64 { return uint64(r.u32())<<32 | uint64(r.u32()) }
+
+// opaque reads variable-length opaque data of at most max bytes.
+func (r *xdrReader) opaque(max int) []byte {
+	n := r.u32()
+	if r.err != nil {
+		return nil
+	}
+	padded := (uint64(n) + 3) &^ 3
+	switch {
+	case uint64(n) > uint64(max):
+		r.err = fmt.Errorf("%d bytes of opaque data, at most %d allowed", n, max)
+		return nil
+	case uint64(len(r.b)) < padded:
+		r.err = io.ErrUnexpectedEOF
+		return nil
+	}
+	v := r.b[:n:n]
+	r.b = r.b[padded:]
+	return v
+}

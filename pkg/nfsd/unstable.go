@@ -1,0 +1,139 @@
+package nfsd
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"math"
+	"os"
+
+	nfs "github.com/willscott/go-nfs"
+	"golang.org/x/sys/unix"
+)
+
+// NFSv3 statuses this file answers with (nfsstat3, RFC 1813).
+const (
+	nfsOK    = 0
+	nfsIO    = 5
+	nfsAcces = 13
+	nfsIsDir = 21
+	nfsInval = 22
+	nfsFBig  = 27
+	nfsNoSpc = 28
+	nfsROFS  = 30
+	nfsDQuot = 69
+	nfsStale = 70
+)
+
+// wcc is a file's attributes before and after a WRITE or COMMIT
+// (wcc_data); either may be nil ("no attributes").
+type wcc struct {
+	pre  *nfs.FileCacheAttribute
+	post *nfs.FileAttribute
+}
+
+// writeUnstable writes data at off to the regular file fh names and does
+// not sync it: the client asked for UNSTABLE, and its COMMIT (commit)
+// makes the bytes durable. It returns the bytes written.
+func (h *Handler) writeUnstable(fh []byte, off uint64, data []byte) (int, wcc, error) {
+	path, err := h.pathOf(fh)
+	if err != nil {
+		return 0, wcc{}, err
+	}
+	var w wcc
+	fi, err := h.fs.Lstat(path)
+	if err != nil {
+		return 0, w, err
+	}
+	if !fi.Mode().IsRegular() {
+		return 0, w, fmt.Errorf("WRITE to %s, which is not a regular file: %w", fi.Name(), unix.EINVAL)
+	}
+	w.pre = nfs.ToFileAttribute(fi, path).AsCache()
+	if off > math.MaxInt64-uint64(len(data)) {
+		return 0, w, fmt.Errorf("WRITE at offset %d: %w", off, unix.EFBIG)
+	}
+	bf, err := h.fs.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		return 0, w, err
+	}
+	// The plain descriptor: file's Close would sync a written file.
+	f := bf.(*file).File
+	n, err := f.WriteAt(data, int64(off))
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	w.post = h.attrs(path)
+	return n, w, err
+}
+
+// commit makes every write to the file fh names durable through the
+// Syncer: under duet, on the peer too.
+func (h *Handler) commit(fh []byte) (wcc, error) {
+	path, err := h.pathOf(fh)
+	if err != nil {
+		return wcc{}, err
+	}
+	bf, err := h.fs.OpenFile(path, os.O_RDONLY, 0)
+	if err != nil {
+		return wcc{}, err
+	}
+	f := bf.(*file).File
+	err = h.fs.sync.Sync(f)
+	if err != nil {
+		err = fmt.Errorf("syncing %s for a COMMIT: %w", f.Name(), err)
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return wcc{post: h.attrs(path)}, err
+}
+
+// pathOf resolves fh to the path (ending in a marker) that the export's
+// calls take, as FromHandle does for go-nfs.
+func (h *Handler) pathOf(fh []byte) (string, error) {
+	fsys, comps, err := h.FromHandle(fh)
+	if err != nil {
+		return "", err
+	}
+	return fsys.Join(comps...), nil
+}
+
+// attrs returns path's attributes, with its file ID as fileid, or nil.
+func (h *Handler) attrs(path string) *nfs.FileAttribute {
+	fi, err := h.fs.Lstat(path)
+	if err != nil {
+		return nil
+	}
+	return nfs.ToFileAttribute(fi, path)
+}
+
+// statusOf maps the error of a WRITE or COMMIT to its NFS status. A file
+// that vanished after its handle resolved is STALE, as the handle is now.
+func statusOf(err error) uint32 {
+	var errno unix.Errno
+	switch {
+	case err == nil:
+		return nfsOK
+	case errors.Is(err, errStale), errors.Is(err, fs.ErrNotExist):
+		return nfsStale
+	case !errors.As(err, &errno):
+		return nfsIO
+	}
+	switch errno {
+	case unix.EACCES, unix.EPERM:
+		return nfsAcces
+	case unix.EISDIR:
+		return nfsIsDir
+	case unix.EINVAL:
+		return nfsInval
+	case unix.EFBIG:
+		return nfsFBig
+	case unix.ENOSPC:
+		return nfsNoSpc
+	case unix.EROFS:
+		return nfsROFS
+	case unix.EDQUOT:
+		return nfsDQuot
+	}
+	return nfsIO
+}

@@ -1,0 +1,354 @@
+package nfsd
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"io"
+	"net"
+	"os"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/duet-ha/duet/pkg/nfsclient"
+)
+
+// writeFull is a WRITE whose whole reply the test checks.
+func (c *client) writeFull(fh []byte, off uint64, data []byte, stable nfsclient.Stable) (nfsclient.WriteResult, uint32) {
+	c.t.Helper()
+	return call(c, func(ctx context.Context) (nfsclient.WriteResult, error) {
+		return c.c.Write(ctx, fh, off, data, stable)
+	})
+}
+
+func (c *client) commitVerf(fh []byte) (uint64, uint32) {
+	c.t.Helper()
+	return call(c, func(ctx context.Context) (uint64, error) { return c.c.Commit(ctx, fh) })
+}
+
+// newFile mounts the export and creates name in its root.
+func newFile(t testing.TB, c *client, name string) []byte {
+	t.Helper()
+	fh, st := c.create(c.mount("/"), name)
+	mustOK(t, "CREATE "+name, st)
+	return fh
+}
+
+// TestUnstableWriteSyncedAtCommit checks that an UNSTABLE WRITE is
+// answered UNSTABLE without a sync and that COMMIT syncs it, while a
+// FILE_SYNC WRITE is synced before its reply and says so.
+func TestUnstableWriteSyncedAtCommit(t *testing.T) {
+	syncer := &countingSyncer{}
+	addr, _ := serve(t, t.TempDir(), syncer)
+	c := dialNFS(t, addr)
+	f := newFile(t, c, "f")
+	before := syncer.count("f") // the CREATE's
+
+	w, st := c.writeFull(f, 0, []byte("hello"), nfsclient.Unstable)
+	mustOK(t, "WRITE UNSTABLE", st)
+	if w.Committed != nfsclient.Unstable || w.Count != 5 {
+		t.Errorf("WRITE UNSTABLE: committed %d, count %d; want UNSTABLE (0), 5", w.Committed, w.Count)
+	}
+	if n := syncer.count("f") - before; n != 0 {
+		t.Errorf("WRITE UNSTABLE: f synced %d times before the reply, want 0", n)
+	}
+	verf, st := c.commitVerf(f)
+	mustOK(t, "COMMIT", st)
+	if n := syncer.count("f") - before; n != 1 {
+		t.Errorf("COMMIT: f synced %d times, want 1", n)
+	}
+	if verf != w.Verifier {
+		t.Errorf("COMMIT verifier %#x, WRITE's %#x: the same server", verf, w.Verifier)
+	}
+
+	w, st = c.writeFull(f, 5, []byte(" world"), nfsclient.FileSync)
+	mustOK(t, "WRITE FILE_SYNC", st)
+	if w.Committed != nfsclient.FileSync {
+		t.Errorf("WRITE FILE_SYNC: committed %d, want FILE_SYNC (2)", w.Committed)
+	}
+	if n := syncer.count("f") - before; n != 2 {
+		t.Errorf("WRITE FILE_SYNC: f synced %d times in all, want 2 (COMMIT, this WRITE)", n)
+	}
+	if w.Verifier != verf {
+		t.Errorf("WRITE FILE_SYNC verifier %#x, COMMIT's %#x: go-nfs and the proxy disagree", w.Verifier, verf)
+	}
+	if got, st := c.read(f, 0, 100); st != nfsclient.StatusOK || string(got) != "hello world" {
+		t.Errorf("READ f: status %d, %q; want %q", st, got, "hello world")
+	}
+}
+
+// failingSyncer fails once fail is set.
+type failingSyncer struct{ fail atomic.Bool }
+
+func (s *failingSyncer) Sync(f *os.File) error {
+	if s.fail.Load() {
+		return errors.New("the peer did not confirm")
+	}
+	return f.Sync()
+}
+
+// TestCommitSyncFails checks that a COMMIT whose sync fails is an error:
+// a client told OK would drop the only copy of its data.
+func TestCommitSyncFails(t *testing.T) {
+	syncer := &failingSyncer{}
+	addr, _ := serve(t, t.TempDir(), syncer)
+	c := dialNFS(t, addr)
+	f := newFile(t, c, "f")
+	_, st := c.writeFull(f, 0, []byte("data"), nfsclient.Unstable)
+	mustOK(t, "WRITE UNSTABLE", st)
+	syncer.fail.Store(true)
+	if _, st := c.commitVerf(f); st != nfsclient.StatusIO {
+		t.Errorf("COMMIT with a failing sync: status %d, want NFS3ERR_IO (%d)", st, nfsclient.StatusIO)
+	}
+}
+
+// TestVerifierChangesAcrossServers writes UNSTABLE to one server and
+// commits on the next one of the same export, as after a failover: the
+// COMMIT's verifier differs from the WRITE's, which tells the client to
+// write again what it had not committed.
+func TestVerifierChangesAcrossServers(t *testing.T) {
+	dir := t.TempDir()
+	addr, stop := serve(t, dir, Fsync{})
+	c := dialNFS(t, addr)
+	f := newFile(t, c, "f")
+	w, st := c.writeFull(f, 0, []byte("unstable"), nfsclient.Unstable)
+	mustOK(t, "WRITE UNSTABLE on the first server", st)
+	stop()
+
+	addr, _ = serve(t, dir, Fsync{})
+	c.point(addr)
+	verf, st := c.commitVerf(f)
+	mustOK(t, "COMMIT on the second server", st)
+	if verf == w.Verifier {
+		t.Fatalf("COMMIT on the second server: verifier %#x, the same as the first server's WRITE: the client would not resend", verf)
+	}
+	w2, st := c.writeFull(f, 0, []byte("unstable"), nfsclient.Unstable)
+	mustOK(t, "WRITE UNSTABLE on the second server", st)
+	if w2.Verifier != verf {
+		t.Errorf("second server: WRITE verifier %#x, COMMIT's %#x", w2.Verifier, verf)
+	}
+}
+
+// rpcCall encodes one NFSv3 call as a record with AUTH_NULL.
+func rpcCall(xid, proc uint32, args []byte) []byte {
+	b := u32s(0, xid, msgCall, rpcVersion, progNFS, nfsVersion, proc, 0, 0, 0, 0)
+	b = append(b, args...)
+	binary.BigEndian.PutUint32(b, uint32(len(b)-4)|lastFragment)
+	return b
+}
+
+func u32s(vs ...uint32) []byte {
+	var b []byte
+	for _, v := range vs {
+		b = binary.BigEndian.AppendUint32(b, v)
+	}
+	return b
+}
+
+func xdrOpaque(b []byte) []byte {
+	out := append(u32s(uint32(len(b))), b...)
+	for len(out)%4 != 0 {
+		out = append(out, 0)
+	}
+	return out
+}
+
+func writeCall(xid uint32, fh []byte, off uint64, stable uint32, data []byte) []byte {
+	args := append(xdrOpaque(fh), binary.BigEndian.AppendUint64(nil, off)...)
+	args = append(args, u32s(uint32(len(data)), stable)...)
+	return rpcCall(xid, procWrite, append(args, xdrOpaque(data)...))
+}
+
+func readCall(xid uint32, fh []byte, off uint64, n uint32) []byte {
+	args := append(xdrOpaque(fh), binary.BigEndian.AppendUint64(nil, off)...)
+	return rpcCall(xid, 6, append(args, u32s(n)...))
+}
+
+// rawConn is a TCP connection to the server on which the test writes
+// records by hand.
+func rawConn(t *testing.T, addr string) net.Conn {
+	t.Helper()
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	conn.SetDeadline(time.Now().Add(callTimeout))
+	return conn
+}
+
+// reply reads one reply record and returns its XID, accept state and
+// results.
+func reply(t *testing.T, conn net.Conn) (xid, accept uint32, res []byte) {
+	t.Helper()
+	var mark [4]byte
+	if _, err := io.ReadFull(conn, mark[:]); err != nil {
+		t.Fatalf("reading a reply: %v", err)
+	}
+	body := make([]byte, binary.BigEndian.Uint32(mark[:])&^lastFragment)
+	if _, err := io.ReadFull(conn, body); err != nil {
+		t.Fatalf("reading a reply: %v", err)
+	}
+	if len(body) < 24 {
+		t.Fatalf("a reply of %d bytes", len(body))
+	}
+	return binary.BigEndian.Uint32(body), binary.BigEndian.Uint32(body[20:]), body[24:]
+}
+
+// TestPipelinedCallsKeepOrder sends, on one connection and without
+// waiting for replies, a FILE_SYNC WRITE (go-nfs's), an UNSTABLE WRITE
+// over part of it (the proxy's) and a READ (go-nfs's): each call sees the
+// one before, as the client sent them.
+func TestPipelinedCallsKeepOrder(t *testing.T) {
+	addr, _ := serve(t, t.TempDir(), Fsync{})
+	c := dialNFS(t, addr)
+	f := newFile(t, c, "f")
+	conn := rawConn(t, addr)
+	var calls []byte
+	calls = append(calls, writeCall(1, f, 0, uint32(nfsclient.FileSync), []byte("AAAA"))...)
+	calls = append(calls, writeCall(2, f, 0, uint32(nfsclient.Unstable), []byte("BB"))...)
+	calls = append(calls, readCall(3, f, 0, 100)...)
+	if _, err := conn.Write(calls); err != nil {
+		t.Fatal(err)
+	}
+	for want := uint32(1); want <= 3; want++ {
+		xid, accept, res := reply(t, conn)
+		if xid != want || accept != 0 {
+			t.Fatalf("reply %d: XID %d, accept state %d; want XID %d, SUCCESS", want, xid, accept, want)
+		}
+		if st := binary.BigEndian.Uint32(res); st != nfsclient.StatusOK {
+			t.Fatalf("call %d: status %d", xid, st)
+		}
+		if xid == 3 && !bytes.HasSuffix(res, xdrOpaque([]byte("BBAA"))) {
+			t.Errorf("READ after the pipelined WRITEs: results %x, want the data %q", res, "BBAA")
+		}
+	}
+}
+
+// TestGarbageRecords sends records no server could answer: the
+// connection is closed (not left hanging), or a call with undecodable
+// arguments answered GARBAGE_ARGS, and the server goes on serving.
+func TestGarbageRecords(t *testing.T) {
+	addr, _ := serve(t, t.TempDir(), Fsync{})
+	c := dialNFS(t, addr)
+	f := newFile(t, c, "f")
+	okWrite := writeCall(9, f, 0, uint32(nfsclient.Unstable), []byte("ok"))
+	longAuth := rpcCall(5, procCommit, nil)
+	binary.BigEndian.PutUint32(longAuth[32:], 1000) // the credential's length
+	for _, tc := range []struct {
+		name   string
+		record []byte
+	}{
+		{"a first fragment that is not the last", u32s(40, 1, 0, 2, progNFS, 3, 0, 0, 0, 0, 0)},
+		{"a record shorter than a call header", u32s(8|lastFragment, 1, 0)},
+		{"a reply where a call belongs", u32s(40|lastFragment, 1, msgReply, 2, progNFS, 3, 0, 0, 0, 0, 0)},
+		{"a credential over 400 bytes", longAuth},
+		{"a COMMIT of more than the limit", append(u32s((maxIntercepted+4)|lastFragment, 1, 0, 2, progNFS, 3, procCommit, 0, 0, 0, 0),
+			make([]byte, callHeaderMax)...)},
+	} {
+		conn := rawConn(t, addr)
+		if _, err := conn.Write(tc.record); err != nil {
+			t.Fatal(err)
+		}
+		// EOF, or a reset when the server closed with bytes unread.
+		if n, err := conn.Read(make([]byte, 64)); err != io.EOF && !errors.Is(err, syscall.ECONNRESET) {
+			t.Errorf("%s: read %d bytes, %v; want the connection closed", tc.name, n, err)
+		}
+	}
+
+	// Arguments cut short: GARBAGE_ARGS, and the connection serves on.
+	conn := rawConn(t, addr)
+	cut := writeCall(7, f, 0, uint32(nfsclient.Unstable), []byte("data"))
+	cut = cut[:len(cut)-12]
+	binary.BigEndian.PutUint32(cut, uint32(len(cut)-4)|lastFragment)
+	if _, err := conn.Write(append(cut, okWrite...)); err != nil {
+		t.Fatal(err)
+	}
+	if xid, accept, _ := reply(t, conn); xid != 7 || accept != garbageArgs {
+		t.Errorf("WRITE cut short: XID %d, accept state %d; want 7, GARBAGE_ARGS (%d)", xid, accept, garbageArgs)
+	}
+	if xid, accept, res := reply(t, conn); xid != 9 || accept != 0 || binary.BigEndian.Uint32(res) != nfsclient.StatusOK {
+		t.Errorf("WRITE after the garbage: XID %d, accept state %d; want 9, SUCCESS, OK", xid, accept)
+	}
+
+	// A record cut by the client closing.
+	conn = rawConn(t, addr)
+	conn.Write(okWrite[:len(okWrite)-3])
+	conn.Close()
+
+	if got, st := c.read(f, 0, 10); st != nfsclient.StatusOK || string(got) != "ok" {
+		t.Errorf("READ after the garbage: status %d, %q; want %q", st, got, "ok")
+	}
+}
+
+// sleepySyncer stands for the peer: each sync waits 1 ms more.
+type sleepySyncer struct{}
+
+func (sleepySyncer) Sync(f *os.File) error {
+	time.Sleep(time.Millisecond)
+	return f.Sync()
+}
+
+// BenchmarkSequentialUnstable writes 64 KiB UNSTABLE WRITEs with a
+// COMMIT every MiB, as the Linux client does, against a sync that costs
+// a peer's round trip; it reports the same bytes written FILE_SYNC,
+// which sync every WRITE, beside it.
+func BenchmarkSequentialUnstable(b *testing.B) {
+	const chunk, perCommit = 64 << 10, 16
+	addr, _ := serve(b, b.TempDir(), sleepySyncer{})
+	c := dialNFS(b, addr)
+	f := newFile(b, c, "f")
+	data := bytes.Repeat([]byte("d"), chunk)
+	mib := func(stable nfsclient.Stable, i int) {
+		for k := range perCommit {
+			off := uint64(i*perCommit+k) * chunk
+			if _, st := c.writeFull(f, off, data, stable); st != nfsclient.StatusOK {
+				b.Fatalf("WRITE: status %d", st)
+			}
+		}
+		if stable == nfsclient.Unstable {
+			if _, st := c.commitVerf(f); st != nfsclient.StatusOK {
+				b.Fatalf("COMMIT: status %d", st)
+			}
+		}
+	}
+	b.SetBytes(chunk * perCommit)
+	b.ResetTimer()
+	for i := range b.N {
+		mib(nfsclient.Unstable, i)
+	}
+	b.StopTimer()
+	unstableRate := float64(b.N) * chunk * perCommit / b.Elapsed().Seconds() / 1e6
+	start := time.Now()
+	for i := range b.N {
+		mib(nfsclient.FileSync, i)
+	}
+	syncRate := float64(b.N) * chunk * perCommit / time.Since(start).Seconds() / 1e6
+	b.ReportMetric(syncRate, "filesync-MB/s")
+	b.ReportMetric(unstableRate/syncRate, "x-filesync")
+}
+
+func TestStatusOf(t *testing.T) {
+	for _, tc := range []struct {
+		err  error
+		want uint32
+	}{
+		{nil, nfsOK},
+		{errStale, nfsStale},
+		{&os.PathError{Op: "open", Path: "f", Err: syscall.ENOENT}, nfsStale},
+		{&os.PathError{Op: "write", Path: "f", Err: syscall.ENOSPC}, nfsNoSpc},
+		{&os.PathError{Op: "write", Path: "f", Err: syscall.EDQUOT}, nfsDQuot},
+		{&os.PathError{Op: "write", Path: "f", Err: syscall.EFBIG}, nfsFBig},
+		{&os.PathError{Op: "open", Path: "f", Err: syscall.EISDIR}, nfsIsDir},
+		{&os.PathError{Op: "open", Path: "f", Err: syscall.EACCES}, nfsAcces},
+		{&os.PathError{Op: "write", Path: "f", Err: syscall.EIO}, nfsIO},
+		{errors.New("the peer did not confirm"), nfsIO},
+	} {
+		if got := statusOf(tc.err); got != tc.want {
+			t.Errorf("statusOf(%v) = %d, want %d", tc.err, got, tc.want)
+		}
+	}
+}
