@@ -32,6 +32,9 @@ type nfsVolume struct {
 	logSize uint64
 	stale   int
 	staleAt []string
+	// resent counts the writes sent again because their COMMIT came
+	// from a server that had not taken them (another verifier).
+	resent int
 }
 
 // nfsVIP is the NFS service's address through the VIP.
@@ -136,6 +139,7 @@ func (v *nfsVolume) writeCommitted(ctx context.Context, fh []byte, off uint64, d
 		if verf == w.Verifier || w.Committed == nfsclient.FileSync {
 			return nil
 		}
+		v.resent++
 	}
 }
 
@@ -210,6 +214,9 @@ func nfsClient(t *testing.T, l *Lab) *client {
 		if err := v.staleErr(); err != nil {
 			t.Error(err)
 		}
+		v.mu.Lock()
+		t.Logf("nfs client: %d writes sent again so far, their COMMIT answered by a server with another write verifier", v.resent)
+		v.mu.Unlock()
 		return got
 	}}
 }
