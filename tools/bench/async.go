@@ -49,18 +49,21 @@ func (b *bench) asyncSyncFigures(runs int) []Figure {
 		Target: "(context)", Met: true, Unit: "MB/s"}
 	for i := range runs {
 		file := func(s string) string { return filepath.Join(b.lab, "a", "data", fmt.Sprintf("async-%s-%d", s, i)) }
+		local := func(s string) string { return filepath.Join(b.localDir("a"), fmt.Sprintf("async-%s-%d", s, i)) }
 		lat := []string{"-mode", "latency", "-size", "4096", "-count", strconv.Itoa(calls), "-span", span}
 		thr := []string{"-mode", "throughput", "-size", "64K", "-every", "1MiB", "-total", total}
-		l := b.syncbench("a", false, append(lat, "-file", file("local"))...)
-		d := b.syncbench("a", true, append(lat, "-file", file("duet"))...)
+		var l, d syncResult
+		pair(i, func() { l = b.syncbench("a", false, append(lat, "-file", local("lat"))...) },
+			func() { d = b.syncbench("a", true, append(lat, "-file", file("duet"))...) })
 		b.plots.addLatency("duet exec, async", d.SamplesMs)
 		p50.add(l.P50Ms, d.P50Ms)
 		p99.add(l.P99Ms, d.P99Ms)
-		lt := b.syncbench("a", false, append(thr, "-file", file("seq-local"))...)
-		dt := b.syncbench("a", true, append(thr, "-file", file("seq-duet"))...)
+		var lt, dt syncResult
+		pair(i, func() { lt = b.syncbench("a", false, append(thr, "-file", local("seq"))...) },
+			func() { dt = b.syncbench("a", true, append(thr, "-file", file("seq-duet"))...) })
 		seq.add(lt.MBps, dt.MBps)
 		b.waitSync()
-		for _, f := range []string{file("local"), file("duet"), file("seq-local"), file("seq-duet")} {
+		for _, f := range []string{local("lat"), file("duet"), local("seq"), file("seq-duet")} {
 			os.Remove(f)
 		}
 	}

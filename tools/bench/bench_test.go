@@ -60,7 +60,7 @@ func TestQuickBench(t *testing.T) {
 	for _, f := range figs {
 		bad := len(f.Ratio) == 0 || len(f.Ratio) != len(f.Measured) || f.Target == ""
 		for _, r := range f.Ratio {
-			bad = bad || math.IsNaN(r) || math.IsInf(r, 0)
+			bad = bad || math.IsNaN(r) || math.IsInf(r, 0) || r <= 0
 		}
 		if bad {
 			t.Errorf("figure %q: ratio %v, target %q", f.Name, f.Ratio, f.Target)
