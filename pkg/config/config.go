@@ -351,9 +351,9 @@ func (c *Config) Validate() error {
 	if c.Role != RolePrimary && c.Role != RoleSecondary {
 		bad("role %q: must be %q or %q", c.Role, RolePrimary, RoleSecondary)
 	}
-	for field, addr := range map[string]string{"listen": c.Listen, "peer": c.Peer} {
-		if _, port, err := net.SplitHostPort(addr); err != nil || port == "" {
-			bad("%s %q: want host:port, e.g. 10.250.0.2:%s", field, addr, DefaultPort)
+	for _, f := range []struct{ field, addr string }{{"listen", c.Listen}, {"peer", c.Peer}} {
+		if _, port, err := net.SplitHostPort(f.addr); err != nil || port == "" {
+			bad("%s %q: want host:port, e.g. 10.250.0.2:%s", f.field, f.addr, DefaultPort)
 		}
 	}
 	switch {
@@ -550,12 +550,12 @@ func (c *Config) validateCluster(bad func(string, ...any)) {
 		if checks > 1 {
 			bad("services[%d]: more than one of check_tcp, check_command and check_nfs: keep one", i-svcMod)
 		}
-		for field, addr := range map[string]string{"check_tcp": s.CheckTCP, "check_nfs": s.CheckNFS} {
-			if addr == "" {
+		for _, f := range []struct{ field, addr string }{{"check_tcp", s.CheckTCP}, {"check_nfs", s.CheckNFS}} {
+			if f.addr == "" {
 				continue
 			}
-			if _, port, err := net.SplitHostPort(addr); err != nil || port == "" {
-				bad("services[%d].%s %q: want host:port", i-svcMod, field, addr)
+			if _, port, err := net.SplitHostPort(f.addr); err != nil || port == "" {
+				bad("services[%d].%s %q: want host:port", i-svcMod, f.field, f.addr)
 			}
 		}
 		if *s.Restarts < 0 {
