@@ -58,7 +58,7 @@ func TestBadInputIsNamed(t *testing.T) {
 		{"no daemon", []string{"status", "--socket", filepath.Join(t.TempDir(), "none.sock")}, "no duet daemon at"},
 		{"unreachable peer", []string{"verify", "--config", writeConfig(t, nil), "--timeout", "5s"}, "asking 127.0.0.2:1"},
 		{"unknown dir", []string{"verify", "--config", writeConfig(t, nil), "--dir", "nope"}, `--dir "nope"`},
-		{"bad yaml", []string{"verify", "--config", writeConfig(t, func(s string) string { return s + "bogus: 1\n" })}, "field bogus not found"},
+		{"bad yaml", []string{"verify", "--config", writeConfig(t, func(s string) string { return s + "bogus: 1\n" })}, "line 10: bogus: unknown field"},
 		{"stray argument", []string{"status", "extra"}, "unknown command"},
 		{"resync without daemon", []string{"resync", "--socket", filepath.Join(t.TempDir(), "none.sock")}, "no duet daemon at"},
 		{"nfs export missing", []string{"nfs-serve", "/nonexistent/export", "--listen", "127.0.0.1:0"}, "opening /nonexistent/export"},
@@ -79,7 +79,7 @@ func TestBadInputIsNamed(t *testing.T) {
 // that only exist on a real node.
 func TestExampleConfigFields(t *testing.T) {
 	out, code := run("verify", "--config", "../../testdata/duet.yaml")
-	if code != 2 || !strings.Contains(out, `replicate[0].path "/srv/data"`) || strings.Contains(out, "not found in type") {
+	if code != 2 || !strings.Contains(out, `replicate[0].path "/srv/data"`) || strings.Contains(out, "unknown field") {
 		t.Fatalf("exit %d: %s", code, out)
 	}
 }
@@ -88,7 +88,7 @@ func TestExampleConfigFields(t *testing.T) {
 func TestExampleK3SConfig(t *testing.T) {
 	out, code := run("run", "--check", "--config", "../../testdata/duet-k3s.yaml")
 	if code == 0 || !strings.Contains(out, `k3s.mysql_dir "/var/lib/duet-k3s/mysql"`) ||
-		!strings.Contains(out, "k3s.password_file") || strings.Contains(out, "not found in type") {
+		!strings.Contains(out, "k3s.password_file") || strings.Contains(out, "unknown field") {
 		t.Fatalf("exit %d: %s", code, out)
 	}
 }

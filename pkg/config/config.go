@@ -14,8 +14,6 @@ import (
 	"regexp"
 	"strings"
 	"time"
-
-	"gopkg.in/yaml.v3"
 )
 
 // Roles a node can be started in.
@@ -249,17 +247,20 @@ func Load(path string) (*Config, error) {
 }
 
 // Parse decodes YAML strictly (unknown fields are errors), applies
-// defaults and validates.
+// defaults and validates. Its error lists every problem of the file, one
+// a line with its line number: those of decoding (unknown keys, values of
+// the wrong type) and those of validation together, so that one run shows
+// them all. Only a YAML syntax error comes alone.
 func Parse(b []byte) (*Config, error) {
 	var c Config
-	dec := yaml.NewDecoder(bytes.NewReader(b))
-	dec.KnownFields(true)
-	if err := dec.Decode(&c); err != nil {
+	ck, err := decode(b, &c)
+	if err != nil {
 		return nil, fmt.Errorf("parsing YAML: %w", err)
 	}
 	c.defaults()
-	if err := c.Validate(); err != nil {
-		return nil, err
+	ck.validation(c.check())
+	if len(ck.problems) > 0 {
+		return nil, ck.sorted()
 	}
 	return &c, nil
 }
@@ -342,7 +343,11 @@ func (c *Config) defaults() {
 }
 
 // Validate checks every field. It does not touch the network.
-func (c *Config) Validate() error {
+func (c *Config) Validate() error { return errors.Join(c.check()...) }
+
+// check returns every problem Validate finds, each starting with the key
+// path it is about (Parse finds its line from it).
+func (c *Config) check() []error {
 	var errs []error
 	bad := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
 	if !nameRE.MatchString(c.Node) {
@@ -446,7 +451,7 @@ func (c *Config) Validate() error {
 		bad("resync.rate_mib %d: must be 0 (no bound) or a positive number of MiB/s", c.Resync.RateMiB)
 	}
 	c.validateCluster(bad)
-	return errors.Join(errs...)
+	return errs
 }
 
 func (c *Config) validateCluster(bad func(string, ...any)) {
