@@ -93,18 +93,25 @@ func TestExampleK3SConfig(t *testing.T) {
 	}
 }
 
-// duet run --check reports a cluster key that is too short or readable
-// by others, as the daemon would refuse it at start.
+// duet run --check reports a cluster key that is missing, too short or
+// readable by others, as the daemon would refuse it at start, and how to
+// make one.
 func TestRunCheckKey(t *testing.T) {
 	dir := t.TempDir()
 	loose := filepath.Join(dir, "key")
 	os.WriteFile(loose, []byte("0123456789abcdef0123456789abcdef\n"), 0o600)
 	os.Chmod(loose, 0o644)
+	short := filepath.Join(dir, "short")
+	os.WriteFile(short, []byte("secret\n"), 0o600)
 	for _, tc := range []struct {
 		name, key, want string
 	}{
 		{"short inline key", `key: "secret"`, "key: 6 bytes is too short: want at least 16"},
 		{"key file readable by others", "key_file: " + loose, `key_file "` + loose + `": mode 0644 lets group or others read or write this secret: run chmod 600 ` + loose},
+		{"key file missing", "key_file: " + filepath.Join(dir, "none"), `key_file "` + filepath.Join(dir, "none") + `": no such file or directory: ` +
+			"create it with `head -c 32 /dev/urandom | base64 > " + filepath.Join(dir, "none") + "; chmod 600 " + filepath.Join(dir, "none") + "` and copy it to the other node, or let `duet init k3s` write one"},
+		{"key file too short", "key_file: " + short, `key_file "` + short + `": key of 6 bytes is too short (want at least 16): write a new one with ` +
+			"`head -c 32 /dev/urandom | base64 > " + short + "; chmod 600 " + short + "`"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := writeConfig(t, func(s string) string { return strings.Replace(s, `key: "0123456789abcdef"`, tc.key, 1) })

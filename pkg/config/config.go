@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net"
 	"net/netip"
 	"os"
@@ -614,15 +615,21 @@ func (c *Config) ReadKey() ([]byte, error) {
 		}
 		return []byte(c.Key), nil
 	}
-	b, err := readSecret("key_file", c.KeyFile, "")
+	b, err := readSecret("key_file", c.KeyFile, ": create it with "+newKeyCommand(c.KeyFile)+" and copy it to the other node, or let `duet init k3s` write one")
 	if err != nil {
 		return nil, err
 	}
 	k := bytes.TrimSpace(b)
 	if len(k) < MinKeySize {
-		return nil, fmt.Errorf("key_file %q: key of %d bytes is too short (want at least %d)", c.KeyFile, len(k), MinKeySize)
+		return nil, fmt.Errorf("key_file %q: key of %d bytes is too short (want at least %d): write a new one with %s and copy it to the other node",
+			c.KeyFile, len(k), MinKeySize, newKeyCommand(c.KeyFile))
 	}
 	return k, nil
+}
+
+// newKeyCommand is the shell command that writes a new cluster key to path.
+func newKeyCommand(path string) string {
+	return fmt.Sprintf("`head -c 32 /dev/urandom | base64 > %s; chmod 600 %s`", shq(path), shq(path))
 }
 
 // ReadKeys returns the cluster keys this node trusts: the key, then the
@@ -667,12 +674,16 @@ func (c *Config) readPrevious(k []byte) ([]byte, error) {
 }
 
 // readSecret reads the file of a secret (field names its setting; hint, if
-// any, follows a failure to read it). Like ssh with a private key, it
+// any, follows a failure to read it, but for a lack of permission, which
+// only running as root mends). Like ssh with a private key, it
 // refuses a file that group or others may read or write: whoever can read
 // it can write into the replicas or the database, whoever can write it can
 // change the secret.
 func readSecret(field, path, hint string) ([]byte, error) {
 	f, err := os.Open(path)
+	if errors.Is(err, fs.ErrPermission) {
+		return nil, fmt.Errorf("%s %q: %v: duet reads it as root: run this as root", field, path, unwrapPathErr(err))
+	}
 	if err != nil {
 		return nil, fmt.Errorf("%s %q: %v%s", field, path, unwrapPathErr(err), hint)
 	}

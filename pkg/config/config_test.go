@@ -198,6 +198,10 @@ func TestKeyChecks(t *testing.T) {
 		}
 		return "key_file: " + p
 	}
+	keyDir := filepath.Join(dir, "dir")
+	if err := os.Mkdir(keyDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
 	for _, tc := range []struct {
 		name, key, want string // want "": accepted
 	}{
@@ -205,12 +209,15 @@ func TestKeyChecks(t *testing.T) {
 		{"inline key too short", `key: "secret"`, "key: 6 bytes is too short: want at least 16"},
 		{"key file 0600", keyFile("good", "0123456789abcdef\n", 0o600), ""},
 		{"key file 0400", keyFile("readonly", "0123456789abcdef\n", 0o400), ""},
-		{"key file too short", keyFile("short", "secret\n", 0o600), "key of 6 bytes is too short"},
+		{"key file too short", keyFile("short", "secret\n", 0o600), `key_file "` + filepath.Join(dir, "short") + `": key of 6 bytes is too short (want at least 16): ` +
+			"write a new one with `head -c 32 /dev/urandom | base64 > " + filepath.Join(dir, "short") + "; chmod 600 " + filepath.Join(dir, "short") + "` and copy it to the other node"},
 		{"key file readable by all", keyFile("world", "0123456789abcdef\n", 0o644),
 			`key_file "` + filepath.Join(dir, "world") + `": mode 0644 lets group or others read or write this secret: run chmod 600 ` + filepath.Join(dir, "world")},
 		{"key file readable by the group", keyFile("group", "0123456789abcdef\n", 0o640), "mode 0640 lets group or others"},
 		{"key file writable by others", keyFile("others", "0123456789abcdef\n", 0o602), "mode 0602 lets group or others"},
-		{"key file missing", "key_file: " + filepath.Join(dir, "none"), `key_file "` + filepath.Join(dir, "none") + `": no such file or directory`},
+		{"key file missing", "key_file: " + filepath.Join(dir, "none"), `key_file "` + filepath.Join(dir, "none") + `": no such file or directory: ` +
+			"create it with `head -c 32 /dev/urandom | base64 > " + filepath.Join(dir, "none") + "; chmod 600 " + filepath.Join(dir, "none") + "` and copy it to the other node, or let `duet init k3s` write one"},
+		{"key file unreadable", "key_file: " + keyDir, `key_file "` + keyDir + `": is a directory`},
 		{"previous key", inline + "\nprevious_key: \"fedcba9876543210\"", ""},
 		{"previous key file", inline + "\nprevious_" + keyFile("prev", "fedcba9876543210\n", 0o600), ""},
 		{"previous key too short", inline + "\nprevious_key: \"old\"", "previous_key: 3 bytes is too short"},
