@@ -52,7 +52,6 @@ func TestBadInputIsNamed(t *testing.T) {
 		args []string
 		want string
 	}{
-		{"missing config", []string{"status", "--config", "/nonexistent/duet.yaml"}, "no such file"},
 		{"bad role flag", []string{"run", "--config", writeConfig(t, nil), "--role", "leader"}, `role "leader"`},
 		{"bad output", []string{"status", "--socket", "/nonexistent.sock", "--output", "xml"}, `--output "xml"`},
 		{"no daemon", []string{"status", "--socket", filepath.Join(t.TempDir(), "none.sock")}, "no duet daemon at"},
@@ -70,6 +69,35 @@ func TestBadInputIsNamed(t *testing.T) {
 			out, code := run(tt.args...)
 			if code != 2 || !strings.Contains(out, tt.want) {
 				t.Fatalf("exit %d, output %q: want exit 2 and %q", code, out, tt.want)
+			}
+		})
+	}
+}
+
+// A missing configuration names the ways round it: the flags of the
+// command, or duet init k3s to write one.
+func TestMissingConfigNamesTheFix(t *testing.T) {
+	missing := filepath.Join(t.TempDir(), "duet.yaml")
+	const (
+		withSocket = ": no such file or directory: name the configuration with --config PATH or the daemon's control socket with --socket PATH, or write a configuration with duet init k3s\n"
+		configOnly = ": no such file or directory: name the configuration with --config PATH, or write one with duet init k3s\n"
+	)
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"status"}, withSocket},
+		{[]string{"swap"}, withSocket},
+		{[]string{"resync"}, withSocket},
+		{[]string{"exec", "--", "true"}, withSocket},
+		{[]string{"run", "--check"}, configOnly},
+		{[]string{"verify"}, configOnly},
+	} {
+		t.Run(tc.args[0], func(t *testing.T) {
+			args := append([]string{tc.args[0], "--config", missing}, tc.args[1:]...)
+			out, code := run(args...)
+			if want := "duet: config " + missing + tc.want; code != 2 || out != want {
+				t.Fatalf("exit %d, output %q: want exit 2 and %q", code, out, want)
 			}
 		})
 	}

@@ -238,7 +238,8 @@ var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
 func Load(path string) (*Config, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("config: %w", err)
+		// Wrapped: the CLI names its flags when the file does not exist.
+		return nil, fmt.Errorf("config %s: %w", path, unwrapPathErr(err))
 	}
 	c, err := Parse(b)
 	if err != nil {
