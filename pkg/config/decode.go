@@ -83,7 +83,7 @@ func (ck *checker) walk(n *yaml.Node, t reflect.Type, path string) {
 		t = t.Elem()
 	}
 	switch {
-	case t.Kind() == reflect.Struct && t != durationType:
+	case t.Kind() == reflect.Struct:
 		if n.Kind != yaml.MappingNode {
 			ck.wrongKind(n, t, path)
 			return
@@ -180,8 +180,6 @@ func wanted(t reflect.Type) string {
 			return "a duration (e.g. 200ms, 1.5s)"
 		}
 		return "a whole number"
-	case reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
-		return "a whole number, 0 or more"
 	}
 	return "a " + t.String()
 }
