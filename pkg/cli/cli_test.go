@@ -52,13 +52,12 @@ func TestBadInputIsNamed(t *testing.T) {
 		args []string
 		want string
 	}{
-		{"missing config", []string{"status", "--config", "/nonexistent/duet.yaml"}, "no such file"},
 		{"bad role flag", []string{"run", "--config", writeConfig(t, nil), "--role", "leader"}, `role "leader"`},
 		{"bad output", []string{"status", "--socket", "/nonexistent.sock", "--output", "xml"}, `--output "xml"`},
 		{"no daemon", []string{"status", "--socket", filepath.Join(t.TempDir(), "none.sock")}, "no duet daemon at"},
 		{"unreachable peer", []string{"verify", "--config", writeConfig(t, nil), "--timeout", "5s"}, "asking 127.0.0.2:1"},
 		{"unknown dir", []string{"verify", "--config", writeConfig(t, nil), "--dir", "nope"}, `--dir "nope"`},
-		{"bad yaml", []string{"verify", "--config", writeConfig(t, func(s string) string { return s + "bogus: 1\n" })}, "field bogus not found"},
+		{"bad yaml", []string{"verify", "--config", writeConfig(t, func(s string) string { return s + "bogus: 1\n" })}, "line 10: bogus: unknown field"},
 		{"stray argument", []string{"status", "extra"}, "unknown command"},
 		{"resync without daemon", []string{"resync", "--socket", filepath.Join(t.TempDir(), "none.sock")}, "no duet daemon at"},
 		{"nfs export missing", []string{"nfs-serve", "/nonexistent/export", "--listen", "127.0.0.1:0"}, "opening /nonexistent/export"},
@@ -75,11 +74,40 @@ func TestBadInputIsNamed(t *testing.T) {
 	}
 }
 
+// A missing configuration names the ways round it: the flags of the
+// command, or duet init k3s to write one.
+func TestMissingConfigNamesTheFix(t *testing.T) {
+	missing := filepath.Join(t.TempDir(), "duet.yaml")
+	const (
+		withSocket = ": no such file or directory: name the configuration with --config PATH or the daemon's control socket with --socket PATH, or write a configuration with duet init k3s\n"
+		configOnly = ": no such file or directory: name the configuration with --config PATH, or write one with duet init k3s\n"
+	)
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"status"}, withSocket},
+		{[]string{"swap"}, withSocket},
+		{[]string{"resync"}, withSocket},
+		{[]string{"exec", "--", "true"}, withSocket},
+		{[]string{"run", "--check"}, configOnly},
+		{[]string{"verify"}, configOnly},
+	} {
+		t.Run(tc.args[0], func(t *testing.T) {
+			args := append([]string{tc.args[0], "--config", missing}, tc.args[1:]...)
+			out, code := run(args...)
+			if want := "duet: config " + missing + tc.want; code != 2 || out != want {
+				t.Fatalf("exit %d, output %q: want exit 2 and %q", code, out, want)
+			}
+		})
+	}
+}
+
 // The example configuration in testdata/ must stay valid apart from paths
 // that only exist on a real node.
 func TestExampleConfigFields(t *testing.T) {
 	out, code := run("verify", "--config", "../../testdata/duet.yaml")
-	if code != 2 || !strings.Contains(out, `replicate[0].path "/srv/data"`) || strings.Contains(out, "not found in type") {
+	if code != 2 || !strings.Contains(out, `replicate[0].path "/srv/data"`) || strings.Contains(out, "unknown field") {
 		t.Fatalf("exit %d: %s", code, out)
 	}
 }
@@ -88,23 +116,30 @@ func TestExampleConfigFields(t *testing.T) {
 func TestExampleK3SConfig(t *testing.T) {
 	out, code := run("run", "--check", "--config", "../../testdata/duet-k3s.yaml")
 	if code == 0 || !strings.Contains(out, `k3s.mysql_dir "/var/lib/duet-k3s/mysql"`) ||
-		!strings.Contains(out, "k3s.password_file") || strings.Contains(out, "not found in type") {
+		!strings.Contains(out, "k3s.password_file") || strings.Contains(out, "unknown field") {
 		t.Fatalf("exit %d: %s", code, out)
 	}
 }
 
-// duet run --check reports a cluster key that is too short or readable
-// by others, as the daemon would refuse it at start.
+// duet run --check reports a cluster key that is missing, too short or
+// readable by others, as the daemon would refuse it at start, and how to
+// make one.
 func TestRunCheckKey(t *testing.T) {
 	dir := t.TempDir()
 	loose := filepath.Join(dir, "key")
 	os.WriteFile(loose, []byte("0123456789abcdef0123456789abcdef\n"), 0o600)
 	os.Chmod(loose, 0o644)
+	short := filepath.Join(dir, "short")
+	os.WriteFile(short, []byte("secret\n"), 0o600)
 	for _, tc := range []struct {
 		name, key, want string
 	}{
 		{"short inline key", `key: "secret"`, "key: 6 bytes is too short: want at least 16"},
 		{"key file readable by others", "key_file: " + loose, `key_file "` + loose + `": mode 0644 lets group or others read or write this secret: run chmod 600 ` + loose},
+		{"key file missing", "key_file: " + filepath.Join(dir, "none"), `key_file "` + filepath.Join(dir, "none") + `": no such file or directory: ` +
+			"create it with `head -c 32 /dev/urandom | base64 > " + filepath.Join(dir, "none") + "; chmod 600 " + filepath.Join(dir, "none") + "` and copy it to the other node, or let `duet init k3s` write one"},
+		{"key file too short", "key_file: " + short, `key_file "` + short + `": key of 6 bytes is too short (want at least 16): write a new one with ` +
+			"`head -c 32 /dev/urandom | base64 > " + short + "; chmod 600 " + short + "`"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := writeConfig(t, func(s string) string { return strings.Replace(s, `key: "0123456789abcdef"`, tc.key, 1) })

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/duet-ha/duet/pkg/config"
 	"github.com/duet-ha/duet/pkg/node"
 	"github.com/spf13/cobra"
 )
@@ -18,7 +17,7 @@ func socketFlags(cmd *cobra.Command) func() (string, error) {
 		if socket != "" {
 			return socket, nil
 		}
-		cfg, err := config.Load(cfgPath)
+		cfg, err := loadConfig(cfgPath, true)
 		if err != nil {
 			return "", err
 		}

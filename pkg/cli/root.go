@@ -6,8 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 
+	"github.com/duet-ha/duet/pkg/config"
 	"github.com/spf13/cobra"
 )
 
@@ -66,4 +68,18 @@ func Main(s IOStreams, args []string) int {
 		return ee.Code
 	}
 	return 2
+}
+
+// loadConfig loads the configuration at path; a missing file gets the
+// ways round it: the --config flag, --socket for the commands that have it
+// (socket), or duet init k3s to write one.
+func loadConfig(path string, socket bool) (*config.Config, error) {
+	cfg, err := config.Load(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		if socket {
+			return nil, fmt.Errorf("%w: name the configuration with --config PATH or the daemon's control socket with --socket PATH, or write a configuration with duet init k3s", err)
+		}
+		return nil, fmt.Errorf("%w: name the configuration with --config PATH, or write one with duet init k3s", err)
+	}
+	return cfg, err
 }

@@ -8,7 +8,6 @@ import (
 	"os/signal"
 	"syscall"
 
-	"github.com/duet-ha/duet/pkg/config"
 	"github.com/duet-ha/duet/pkg/node"
 	"github.com/spf13/cobra"
 )
@@ -23,7 +22,7 @@ func newRun(s IOStreams) *cobra.Command {
   duet run --config lab.yaml --role secondary`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cfg, err := config.Load(cfgPath)
+			cfg, err := loadConfig(cfgPath, false)
 			if err != nil {
 				return err
 			}

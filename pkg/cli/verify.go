@@ -28,7 +28,7 @@ writers are quiet (see duet status --wait-sync), or it reports work in flight.`,
   duet verify --dir mysql`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cfg, err := config.Load(cfgPath)
+			cfg, err := loadConfig(cfgPath, false)
 			if err != nil {
 				return err
 			}

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net"
 	"net/netip"
 	"os"
@@ -14,8 +15,6 @@ import (
 	"regexp"
 	"strings"
 	"time"
-
-	"gopkg.in/yaml.v3"
 )
 
 // Roles a node can be started in.
@@ -239,7 +238,8 @@ var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
 func Load(path string) (*Config, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("config: %w", err)
+		// Wrapped: the CLI names its flags when the file does not exist.
+		return nil, fmt.Errorf("config %s: %w", path, unwrapPathErr(err))
 	}
 	c, err := Parse(b)
 	if err != nil {
@@ -249,17 +249,20 @@ func Load(path string) (*Config, error) {
 }
 
 // Parse decodes YAML strictly (unknown fields are errors), applies
-// defaults and validates.
+// defaults and validates. Its error lists every problem of the file, one
+// a line with its line number: those of decoding (unknown keys, values of
+// the wrong type) and those of validation together, so that one run shows
+// them all. Only a YAML syntax error comes alone.
 func Parse(b []byte) (*Config, error) {
 	var c Config
-	dec := yaml.NewDecoder(bytes.NewReader(b))
-	dec.KnownFields(true)
-	if err := dec.Decode(&c); err != nil {
+	ck, err := decode(b, &c)
+	if err != nil {
 		return nil, fmt.Errorf("parsing YAML: %w", err)
 	}
 	c.defaults()
-	if err := c.Validate(); err != nil {
-		return nil, err
+	ck.validation(c.check())
+	if len(ck.problems) > 0 {
+		return nil, ck.sorted()
 	}
 	return &c, nil
 }
@@ -342,7 +345,11 @@ func (c *Config) defaults() {
 }
 
 // Validate checks every field. It does not touch the network.
-func (c *Config) Validate() error {
+func (c *Config) Validate() error { return errors.Join(c.check()...) }
+
+// check returns every problem Validate finds, each starting with the key
+// path it is about (Parse finds its line from it).
+func (c *Config) check() []error {
 	var errs []error
 	bad := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
 	if !nameRE.MatchString(c.Node) {
@@ -351,9 +358,9 @@ func (c *Config) Validate() error {
 	if c.Role != RolePrimary && c.Role != RoleSecondary {
 		bad("role %q: must be %q or %q", c.Role, RolePrimary, RoleSecondary)
 	}
-	for field, addr := range map[string]string{"listen": c.Listen, "peer": c.Peer} {
-		if _, port, err := net.SplitHostPort(addr); err != nil || port == "" {
-			bad("%s %q: want host:port, e.g. 10.250.0.2:%s", field, addr, DefaultPort)
+	for _, f := range []struct{ field, addr string }{{"listen", c.Listen}, {"peer", c.Peer}} {
+		if _, port, err := net.SplitHostPort(f.addr); err != nil || port == "" {
+			bad("%s %q: want host:port, e.g. 10.250.0.2:%s", f.field, f.addr, DefaultPort)
 		}
 	}
 	switch {
@@ -446,7 +453,7 @@ func (c *Config) Validate() error {
 		bad("resync.rate_mib %d: must be 0 (no bound) or a positive number of MiB/s", c.Resync.RateMiB)
 	}
 	c.validateCluster(bad)
-	return errors.Join(errs...)
+	return errs
 }
 
 func (c *Config) validateCluster(bad func(string, ...any)) {
@@ -550,12 +557,12 @@ func (c *Config) validateCluster(bad func(string, ...any)) {
 		if checks > 1 {
 			bad("services[%d]: more than one of check_tcp, check_command and check_nfs: keep one", i-svcMod)
 		}
-		for field, addr := range map[string]string{"check_tcp": s.CheckTCP, "check_nfs": s.CheckNFS} {
-			if addr == "" {
+		for _, f := range []struct{ field, addr string }{{"check_tcp", s.CheckTCP}, {"check_nfs", s.CheckNFS}} {
+			if f.addr == "" {
 				continue
 			}
-			if _, port, err := net.SplitHostPort(addr); err != nil || port == "" {
-				bad("services[%d].%s %q: want host:port", i-svcMod, field, addr)
+			if _, port, err := net.SplitHostPort(f.addr); err != nil || port == "" {
+				bad("services[%d].%s %q: want host:port", i-svcMod, f.field, f.addr)
 			}
 		}
 		if *s.Restarts < 0 {
@@ -609,15 +616,21 @@ func (c *Config) ReadKey() ([]byte, error) {
 		}
 		return []byte(c.Key), nil
 	}
-	b, err := readSecret("key_file", c.KeyFile, "")
+	b, err := readSecret("key_file", c.KeyFile, ": create it with "+newKeyCommand(c.KeyFile)+" and copy it to the other node, or let `duet init k3s` write one")
 	if err != nil {
 		return nil, err
 	}
 	k := bytes.TrimSpace(b)
 	if len(k) < MinKeySize {
-		return nil, fmt.Errorf("key_file %q: key of %d bytes is too short (want at least %d)", c.KeyFile, len(k), MinKeySize)
+		return nil, fmt.Errorf("key_file %q: key of %d bytes is too short (want at least %d): write a new one with %s and copy it to the other node",
+			c.KeyFile, len(k), MinKeySize, newKeyCommand(c.KeyFile))
 	}
 	return k, nil
+}
+
+// newKeyCommand is the shell command that writes a new cluster key to path.
+func newKeyCommand(path string) string {
+	return fmt.Sprintf("`head -c 32 /dev/urandom | base64 > %s; chmod 600 %s`", shq(path), shq(path))
 }
 
 // ReadKeys returns the cluster keys this node trusts: the key, then the
@@ -662,12 +675,16 @@ func (c *Config) readPrevious(k []byte) ([]byte, error) {
 }
 
 // readSecret reads the file of a secret (field names its setting; hint, if
-// any, follows a failure to read it). Like ssh with a private key, it
+// any, follows a failure to read it, but for a lack of permission, which
+// only running as root mends). Like ssh with a private key, it
 // refuses a file that group or others may read or write: whoever can read
 // it can write into the replicas or the database, whoever can write it can
 // change the secret.
 func readSecret(field, path, hint string) ([]byte, error) {
 	f, err := os.Open(path)
+	if errors.Is(err, fs.ErrPermission) {
+		return nil, fmt.Errorf("%s %q: %v: duet reads it as root: run this as root", field, path, unwrapPathErr(err))
+	}
 	if err != nil {
 		return nil, fmt.Errorf("%s %q: %v%s", field, path, unwrapPathErr(err), hint)
 	}

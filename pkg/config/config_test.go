@@ -56,7 +56,7 @@ func TestParseErrorsNameTheField(t *testing.T) {
 	}{
 		{"role", "role: primary", "role: boss", `role "boss"`},
 		{"listen", "listen: 10.250.0.1:7788", "listen: nowhere", `listen "nowhere"`},
-		{"unknown field", "node: nodeA", "node: nodeA\nnodes: x", "field nodes not found"},
+		{"unknown field", "node: nodeA", "node: nodeA\nnodes: x", "line 2: nodes: unknown field (did you mean node?)"},
 		{"missing key", `key: "0123456789abcdef"`, "", "key: set key or key_file"},
 		{"node name", "node: nodeA", "node: 'a b'", `node "a b"`},
 		{"ring", "node: nodeA", "node: nodeA\nring_buffer_kib: 3", "ring_buffer_kib 3"},
@@ -64,7 +64,7 @@ func TestParseErrorsNameTheField(t *testing.T) {
 		{"max_lag on sync", "  - path: ", "  - max_lag: 1s\n    path: ", `replicate[0].max_lag 1s: only for mode "async"`},
 		{"alone_writes", "node: nodeA", "node: nodeA\ncluster: {alone_writes: panic}", `cluster.alone_writes "panic"`},
 		{"timeout", "node: nodeA", "node: nodeA\ncluster: {interval: 500ms, timeout: 1s}", "cluster.timeout 1s: must be at least 3 heartbeat intervals"},
-		{"duration", "node: nodeA", "node: nodeA\ncluster: {timeout: soon}", "soon"},
+		{"duration", "node: nodeA", "node: nodeA\ncluster: {timeout: soon}", `line 2: cluster.timeout: "soon" is not a duration (e.g. 200ms, 1.5s)`},
 		{"witness", "node: nodeA", "node: nodeA\ncluster: {witness: gateway}", `cluster.witness "gateway"`},
 		{"vip address", "address: 10.250.0.100/24", "address: 10.250.0.100", `vip.address "10.250.0.100"`},
 		{"vip interface", ", interface: eth0", "", "vip.interface"},
@@ -198,6 +198,10 @@ func TestKeyChecks(t *testing.T) {
 		}
 		return "key_file: " + p
 	}
+	keyDir := filepath.Join(dir, "dir")
+	if err := os.Mkdir(keyDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
 	for _, tc := range []struct {
 		name, key, want string // want "": accepted
 	}{
@@ -205,12 +209,15 @@ func TestKeyChecks(t *testing.T) {
 		{"inline key too short", `key: "secret"`, "key: 6 bytes is too short: want at least 16"},
 		{"key file 0600", keyFile("good", "0123456789abcdef\n", 0o600), ""},
 		{"key file 0400", keyFile("readonly", "0123456789abcdef\n", 0o400), ""},
-		{"key file too short", keyFile("short", "secret\n", 0o600), "key of 6 bytes is too short"},
+		{"key file too short", keyFile("short", "secret\n", 0o600), `key_file "` + filepath.Join(dir, "short") + `": key of 6 bytes is too short (want at least 16): ` +
+			"write a new one with `head -c 32 /dev/urandom | base64 > " + filepath.Join(dir, "short") + "; chmod 600 " + filepath.Join(dir, "short") + "` and copy it to the other node"},
 		{"key file readable by all", keyFile("world", "0123456789abcdef\n", 0o644),
 			`key_file "` + filepath.Join(dir, "world") + `": mode 0644 lets group or others read or write this secret: run chmod 600 ` + filepath.Join(dir, "world")},
 		{"key file readable by the group", keyFile("group", "0123456789abcdef\n", 0o640), "mode 0640 lets group or others"},
 		{"key file writable by others", keyFile("others", "0123456789abcdef\n", 0o602), "mode 0602 lets group or others"},
-		{"key file missing", "key_file: " + filepath.Join(dir, "none"), `key_file "` + filepath.Join(dir, "none") + `": no such file or directory`},
+		{"key file missing", "key_file: " + filepath.Join(dir, "none"), `key_file "` + filepath.Join(dir, "none") + `": no such file or directory: ` +
+			"create it with `head -c 32 /dev/urandom | base64 > " + filepath.Join(dir, "none") + "; chmod 600 " + filepath.Join(dir, "none") + "` and copy it to the other node, or let `duet init k3s` write one"},
+		{"key file unreadable", "key_file: " + keyDir, `key_file "` + keyDir + `": is a directory`},
 		{"previous key", inline + "\nprevious_key: \"fedcba9876543210\"", ""},
 		{"previous key file", inline + "\nprevious_" + keyFile("prev", "fedcba9876543210\n", 0o600), ""},
 		{"previous key too short", inline + "\nprevious_key: \"old\"", "previous_key: 3 bytes is too short"},
@@ -229,5 +236,109 @@ func TestKeyChecks(t *testing.T) {
 				t.Fatalf("error %v, want it to contain %q", err, tc.want)
 			}
 		})
+	}
+}
+
+// TestDecodeProblems: what yaml.v3 says in Go terms (field x not found in
+// type config.Cluster, cannot unmarshal !!str into time.Duration) reads
+// as the key path, its line, the value and what is wanted. The base file
+// has 9 lines: what is appended starts on line 10.
+func TestDecodeProblems(t *testing.T) {
+	for _, tc := range []struct {
+		name, add, want, not string
+	}{
+		{"typo", "cluster:\n  heartbeat_prot: 7790\n", "line 11: cluster.heartbeat_prot: unknown field (did you mean heartbeat_port?)", ""},
+		{"prefix", "cluster: {heartbeat: 7790}\n", "line 10: cluster.heartbeat: unknown field (did you mean heartbeat_port?)", ""},
+		{"case", "vip2: x\ncluster: {Witness: 10.250.0.254}\n", "line 11: cluster.Witness: unknown field (did you mean witness?)", ""},
+		{"nothing close", "colour: red\n", "line 10: colour: unknown field", "did you mean"},
+		{"in a list", "services:\n  - name: web\n    start: x\n    chek_tcp: ':80'\n", "line 13: services[0].chek_tcp: unknown field (did you mean check_tcp?)", ""},
+		{"duration", "cluster:\n  interval: fast\n", `line 11: cluster.interval: "fast" is not a duration (e.g. 200ms, 1.5s)`, ""},
+		{"duration without unit", "hooks: {peer_lost_after: 60}\n", `line 10: hooks.peer_lost_after: "60" is not a duration (e.g. 200ms, 1.5s)`, ""},
+		{"number", "ring_buffer_kib: big\n", `line 10: ring_buffer_kib: "big" is not a whole number`, ""},
+		{"number in a list", "services:\n  - name: web\n    start: x\n    restarts: many\n", `line 13: services[0].restarts: "many" is not a whole number`, ""},
+		{"bool", "insecure_plaintext_link: maybe\n", `line 10: insecure_plaintext_link: "maybe" is not true or false`, ""},
+		{"list for a value", "metrics: [a, b]\n", "line 10: metrics: want a single value, not a list", ""},
+		{"value for a list", "services: web\n", `line 10: services: "web" is not a list`, ""},
+		{"value for a section", "cluster: fast\n", `line 10: cluster: "fast" is not a mapping (key: value lines)`, ""},
+		{"list for a section", "resync:\n  - margin: 1s\n", "line 11: resync: want a mapping (key: value lines), not a list", ""},
+		// yaml.v3 then decodes nothing of the file: no "node \"\"" either.
+		{"set twice", "role: secondary\n", "line 10: role: set twice (first at line 2): keep one", `node ""`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Parse([]byte(base(t) + tc.add))
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %v, want it to contain %q", err, tc.want)
+			}
+			if tc.not != "" && strings.Contains(err.Error(), tc.not) {
+				t.Fatalf("error %v, want it without %q", err, tc.not)
+			}
+			if strings.Contains(err.Error(), "not found in type") || strings.Contains(err.Error(), "unmarshal") {
+				t.Fatalf("error %v speaks Go", err)
+			}
+		})
+	}
+	if _, err := Parse([]byte("hello\n")); err == nil || err.Error() != `line 1: the file: "hello" is not a mapping (key: value lines)` {
+		t.Fatalf("a file of one word: %v", err)
+	}
+}
+
+// TestEveryProblemAtOnce: a file's decode problems do not hide its
+// validation problems; all come in one error, one a line, by line, each
+// with its line when the file sets the key. A key that did not decode is
+// not validated again (its value is a default, not the file's).
+func TestEveryProblemAtOnce(t *testing.T) {
+	y := strings.Replace(base(t), "role: primary", "role: boss", 1) +
+		"cluster:\n  interval: 1s\n  timeout: soon\n  heartbeat_prot: 7790\n  witness: gateway\nring_buffer_kib: 3\n"
+	_, err := Parse([]byte(y))
+	if err == nil {
+		t.Fatal("accepted")
+	}
+	want := `5 problems:
+  line 2: role "boss": must be "primary" or "secondary"
+  line 12: cluster.timeout: "soon" is not a duration (e.g. 200ms, 1.5s)
+  line 13: cluster.heartbeat_prot: unknown field (did you mean heartbeat_port?)
+  line 14: cluster.witness "gateway": want an IP address (e.g. the default gateway)
+  line 15: ring_buffer_kib 3: must be a power of two between 4 and 1048576`
+	if err.Error() != want {
+		t.Fatalf("error:\n%v\nwant:\n%s", err, want)
+	}
+	// Problems with keys the file does not set come last, without a line.
+	_, err = Parse([]byte("node: nodeA\nrole: primary\ncolour: red\n"))
+	if err == nil || !strings.HasPrefix(err.Error(), "8 problems:\n  line 3: colour: unknown field\n  listen \"\": want host:port") {
+		t.Fatalf("error %v", err)
+	}
+}
+
+func TestSuggest(t *testing.T) {
+	cluster := []string{"heartbeat_port", "networks", "interval", "timeout", "witness", "fence", "alone_writes", "prefer", "failback_delay"}
+	service := []string{"name", "start", "stop", "check_tcp", "check_command", "check_interval", "start_timeout", "stop_timeout", "check_nfs", "restarts"}
+	top := []string{"node", "role", "listen", "peer", "key", "key_file", "vip", "state_dir", "socket"}
+	for _, tc := range []struct {
+		key   string
+		names []string
+		want  string
+	}{
+		{"heartbeat_prot", cluster, "heartbeat_port"}, // two neighbours swapped
+		{"intervall", cluster, "interval"},
+		{"HeartbeatPort", cluster, "heartbeat_port"},
+		{"heartbeat-port", cluster, "heartbeat_port"},
+		{"interval_ms", cluster, "interval"}, // a name is its prefix
+		{"heartbeat", cluster, "heartbeat_port"},
+		{"alone", cluster, "alone_writes"},
+		{"check", service, ""}, // a prefix of several
+		{"restart", service, "restarts"},
+		{"nodes", top, "node"},
+		{"kee", top, "key"},
+		{"pere", top, "peer"},
+		{"keyfile", top, "key_file"},
+		{"vips", top, "vip"},
+		{"rule", top, "role"},
+		{"load", top, ""}, // two edits from node and role: too far for short names
+		{"colour", top, ""},
+		{"abz", []string{"ab_x", "ab_y"}, "ab_x or ab_y"},
+	} {
+		if got := suggest(tc.key, tc.names); got != tc.want {
+			t.Errorf("suggest(%q) = %q, want %q", tc.key, got, tc.want)
+		}
 	}
 }
