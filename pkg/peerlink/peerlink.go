@@ -239,7 +239,8 @@ func (l *Link) Dial(ctx context.Context, d *net.Dialer, addr string) (net.Conn, 
 		ctx, cancel = context.WithTimeout(ctx, d.Timeout)
 		defer cancel()
 	}
-	tc := tls.Client(c, l.clientConfig())
+	sc := &socket{Conn: c}
+	tc := tls.Client(sc, l.clientConfig())
 	if err := tc.HandshakeContext(ctx); err != nil {
 		c.Close()
 		if errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) {
@@ -248,7 +249,7 @@ func (l *Link) Dial(ctx context.Context, d *net.Dialer, addr string) (net.Conn, 
 		}
 		return nil, Explain(err)
 	}
-	return tc, nil
+	return newTLSConn(tc, sc), nil
 }
 
 // Server completes the TLS handshake of a connection accepted from a peer
@@ -259,7 +260,8 @@ func (l *Link) Server(ctx context.Context, c net.Conn) (net.Conn, error) {
 	if l.plaintext {
 		return plaintextServer(c)
 	}
-	tc := tls.Server(c, l.serverConfig())
+	sc := &socket{Conn: c}
+	tc := tls.Server(sc, l.serverConfig())
 	if err := tc.HandshakeContext(ctx); err != nil {
 		var rh tls.RecordHeaderError
 		if errors.As(err, &rh) && isFrame(rh.RecordHeader[:]) {
@@ -270,7 +272,7 @@ func (l *Link) Server(ctx context.Context, c net.Conn) (net.Conn, error) {
 		}
 		return nil, Explain(err)
 	}
-	return tc, nil
+	return newTLSConn(tc, sc), nil
 }
 
 // Errors of a peer in the other mode, or with another key.

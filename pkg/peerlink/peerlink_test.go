@@ -155,3 +155,117 @@ func TestCADeterministic(t *testing.T) {
 		t.Fatal("the CAs of two keys have the same subject: a client cannot pick its certificate by the server's acceptable CAs")
 	}
 }
+
+// tlsPair connects a client and a server of one key over the loopback.
+func tlsPair(t *testing.T) (client, server net.Conn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	type accepted struct {
+		c   net.Conn
+		err error
+	}
+	done := make(chan accepted, 1)
+	go func() {
+		raw, err := ln.Accept()
+		if err != nil {
+			done <- accepted{err: err}
+			return
+		}
+		c, err := newLink(t, false, keyA).Server(ctx, raw)
+		if err != nil {
+			raw.Close()
+		}
+		done <- accepted{c, err}
+	}()
+	client, err = newLink(t, false, keyA).Dial(ctx, &net.Dialer{Timeout: 5 * time.Second}, ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := <-done
+	if a.err != nil {
+		client.Close()
+		t.Fatal(a.err)
+	}
+	t.Cleanup(func() { client.Close(); a.c.Close() })
+	return client, a.c
+}
+
+// A Write is with the peer without any later write: the records a large
+// one gathers for the socket go out when it returns, whatever its size
+// (a batch and the sync request a barrier waits for, coalesced, must
+// not wait for the next batch).
+func TestWriteReachesPeerAtOnce(t *testing.T) {
+	client, server := tlsPair(t)
+	for _, n := range []int{1, 4<<10 + 100, maxRecord - wire.HeaderSize, maxRecord, 64 << 10, socketChunk + 100, 4<<20 + 100} {
+		for _, dir := range []struct {
+			name     string
+			from, to net.Conn
+		}{{"client to server", client, server}, {"server to client", server, client}} {
+			payload := bytes.Repeat([]byte{byte(n)}, n)
+			// Written aside: a write larger than the sockets' buffers
+			// returns only as the peer reads.
+			wrote := make(chan error, 1)
+			go func() {
+				_, err := dir.from.Write(wire.AppendFrame(nil, &wire.Frame{Type: wire.TypeSync, Seq: uint64(n), Payload: payload}))
+				wrote <- err
+			}()
+			// Generous on a loaded machine; a frame held back never comes.
+			dir.to.SetReadDeadline(time.Now().Add(5 * time.Second))
+			f, err := wire.ReadFrame(dir.to, nil)
+			if err != nil {
+				t.Fatalf("%s: a %d-byte frame did not reach the peer without a later write: %v", dir.name, n, err)
+			}
+			if f.Seq != uint64(n) || !bytes.Equal(f.Payload, payload) {
+				t.Fatalf("%s: got frame %d of %d bytes, want %d", dir.name, f.Seq, len(f.Payload), n)
+			}
+			if err := <-wrote; err != nil {
+				t.Fatalf("%s, %d bytes: %v", dir.name, n, err)
+			}
+		}
+	}
+}
+
+// Frames written at once by several goroutines, large ones gathered and
+// small ones not, each arrive whole and in each writer's order.
+func TestConcurrentWrites(t *testing.T) {
+	client, server := tlsPair(t)
+	const writers, frames = 4, 40
+	sizes := []int{100, maxRecord + 1, 300 << 10, 10}
+	errc := make(chan error, writers)
+	for w := range writers {
+		go func() {
+			for i := range frames {
+				p := bytes.Repeat([]byte{byte(w)}, sizes[(w+i)%len(sizes)])
+				if _, err := client.Write(wire.AppendFrame(nil, &wire.Frame{Type: wire.TypeBatch, Seq: uint64(i), Payload: p})); err != nil {
+					errc <- err
+					return
+				}
+			}
+			errc <- nil
+		}()
+	}
+	server.SetReadDeadline(time.Now().Add(30 * time.Second))
+	next := make([]uint64, writers)
+	for range writers * frames {
+		f, err := wire.ReadFrame(server, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		w := int(f.Payload[0])
+		if f.Seq != next[w] || len(f.Payload) != sizes[(w+int(f.Seq))%len(sizes)] || bytes.Count(f.Payload, f.Payload[:1]) != len(f.Payload) {
+			t.Fatalf("writer %d: got frame %d of %d bytes, want frame %d", w, f.Seq, len(f.Payload), next[w])
+		}
+		next[w]++
+	}
+	for range writers {
+		if err := <-errc; err != nil {
+			t.Fatal(err)
+		}
+	}
+}
