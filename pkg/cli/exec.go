@@ -44,7 +44,7 @@ programs fall back to plain syscalls. Exit status and signals are those of COMMA
 				return err
 			}
 			if code != 0 {
-				return &ExitError{Code: code, Err: silentExit}
+				return &ExitError{Code: code, Err: errSilentExit}
 			}
 			return nil
 		},

@@ -32,8 +32,8 @@ func (e *ExitError) Error() string { return e.Err.Error() }
 
 func (e *ExitError) Unwrap() error { return e.Err }
 
-// silentExit passes a command's exit status through without a message.
-var silentExit = errors.New("exit status passed through")
+// errSilentExit passes a command's exit status through without a message.
+var errSilentExit = errors.New("exit status passed through")
 
 // New builds the root command.
 func New(s IOStreams) *cobra.Command {
@@ -61,7 +61,7 @@ func Main(s IOStreams, args []string) int {
 		return 0
 	}
 	var ee *ExitError
-	if !errors.Is(err, silentExit) {
+	if !errors.Is(err, errSilentExit) {
 		fmt.Fprintln(s.Err, "duet:", err)
 	}
 	if errors.As(err, &ee) {
