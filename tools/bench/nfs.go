@@ -87,11 +87,9 @@ func (b *bench) nfsFigures(runs int) []Figure {
 		"ganesha.nfsd", "-F", "-f", conf, "-L", filepath.Join(b.lab, "ganesha-bench-server.log"), "-p", filepath.Join(b.lab, "ganesha-bench.pid")))
 
 	type server struct {
-		name             string
-		port, mountPort  int
-		export           string
-		lat, thr         []nfsResult
-		latency, sequent []float64
+		name            string
+		port, mountPort int
+		export          string
 	}
 	servers := []*server{
 		{name: "duet", port: nfsDuet, mountPort: nfsDuet, export: "/"},
