@@ -12,7 +12,7 @@ export DUET_BIN := $(CURDIR)/$(BIN)
 # fails with "context deadline exceeded" without any crashing input.
 FUZZTIME ?= 400000x
 
-.PHONY: help build generate check-generate test unit e2e fuzz demo lab-up lab-down bench vet clean vagrant-check k3s-soak nemesis
+.PHONY: help build generate check-generate test unit race e2e fuzz demo lab-up lab-down bench vet clean vagrant-check k3s-soak nemesis
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -28,12 +28,21 @@ check-generate: ## fail if the committed BPF objects differ from a fresh generat
 	$(GO) generate ./pkg/capture/ ./tools/lab/faultnet/
 	git diff --exit-code -- pkg/capture/ tools/lab/faultnet/
 
-vet: ## go vet and gofmt
+vet: ## go vet, staticcheck and gofmt
 	$(GO) vet ./...
+	$(GO) tool staticcheck ./...
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
 
+UNIT_PKGS := ./pkg/journal/ ./pkg/wire/ ./pkg/config/ ./pkg/replica/ ./pkg/nfsd/ ./pkg/nfsclient/ ./tools/lab/linearize/ ./tools/countercheck/
+# Also free of the lab and of BPF: their goroutines (heartbeats, peer link,
+# barrier service, hooks) are where a data race would hide.
+RACE_PKGS := $(UNIT_PKGS) ./pkg/cli/ ./pkg/cluster/ ./pkg/fstree/ ./pkg/node/ ./pkg/peerlink/ ./pkg/stack/ ./pkg/barrier/
+
 unit: ## unit tests of the pure packages (no root needed)
-	$(GO) test -count=1 ./pkg/journal/ ./pkg/wire/ ./pkg/config/ ./pkg/replica/ ./pkg/nfsd/ ./pkg/nfsclient/ ./tools/lab/linearize/ ./tools/countercheck/
+	$(GO) test -count=1 $(UNIT_PKGS)
+
+race: ## the unit tests, and those of the other packages that need no lab, under the race detector
+	$(GO) test -count=1 -race $(RACE_PKGS)
 
 fuzz: ## short fuzz runs of the frame decoder, the heartbeat parser and the applier's confinement
 	$(GO) test -run '^$$' -fuzz FuzzDecodeFrame -fuzztime $(FUZZTIME) ./pkg/wire/
@@ -44,7 +53,7 @@ fuzz: ## short fuzz runs of the frame decoder, the heartbeat parser and the appl
 e2e: build ## kernel and lab tests (root): capture on loop ext4, two-node replication
 	$(SUDO) $(GO) test -count=1 -p 1 -timeout 30m -v ./pkg/capture/ ./tools/lab/
 
-test: vet build vagrant-check ## everything CI runs: vet, unit, fuzz, kernel and lab tests (root)
+test: vet build vagrant-check race ## everything CI runs: vet, race, unit, fuzz, kernel and lab tests (root)
 	@# tools/lab's own tests need the lab; its packages (faultnet, linearize) run here.
 	$(SUDO) $(GO) test -count=1 -p 1 -timeout 30m $$($(GO) list ./... | grep -v '/tools/lab$$')
 	@# The lab tests print what they measured (failover times, zero-loss
