@@ -134,7 +134,6 @@ func parseCommit(args []byte) ([]byte, error) {
 // UNSTABLE WRITE sees the bytes.
 type proxy struct {
 	h      *Handler
-	verf   [8]byte
 	client net.Conn
 	nfsd   net.Conn // the proxy's end of the pipe to go-nfs
 
@@ -148,8 +147,8 @@ type proxy struct {
 	once    sync.Once
 }
 
-func newProxy(h *Handler, verf [8]byte, client, nfsd net.Conn) *proxy {
-	p := &proxy{h: h, verf: verf, client: client, nfsd: nfsd, out: bufio.NewWriterSize(client, 64<<10)}
+func newProxy(h *Handler, client, nfsd net.Conn) *proxy {
+	p := &proxy{h: h, client: client, nfsd: nfsd, out: bufio.NewWriterSize(client, 64<<10)}
 	p.idle = sync.NewCond(&p.mu)
 	return p
 }
@@ -246,10 +245,13 @@ func (p *proxy) serveCall(h callHeader, mark, rec []byte) bool {
 	}
 	var n int
 	var attrs wcc
+	var verf [8]byte
 	if h.proc == procWrite {
+		verf = p.h.verf.current()
 		n, attrs, err = p.h.writeUnstable(fh, w.off, w.data)
 	} else {
 		attrs, err = p.h.commit(fh)
+		verf = p.h.verf.afterSync()
 	}
 	if errors.Is(err, errClosed) {
 		// The server is stopping: no reply, so that the client sends the
@@ -271,7 +273,7 @@ func (p *proxy) serveCall(h callHeader, mark, rec []byte) bool {
 			putU32(b, uint32(n))
 			putU32(b, unstable)
 		}
-		b.Write(p.verf[:])
+		b.Write(verf[:])
 	}
 	return p.send(b.Bytes())
 }

@@ -7,7 +7,6 @@ package nfsd
 
 import (
 	"context"
-	"crypto/rand"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -24,9 +23,10 @@ import (
 
 // Handler is go-nfs's view of one export.
 type Handler struct {
-	fs  *fsys
-	ix  *index
-	key handleKey
+	fs   *fsys
+	ix   *index
+	key  handleKey
+	verf *verifier
 }
 
 var _ nfs.Handler = (*Handler)(nil)
@@ -44,7 +44,8 @@ func New(dir string, s Syncer) (*Handler, error) {
 		return nil, fmt.Errorf("nfs export %s: %w", dir, err)
 	}
 	key := handleKey(ix.log.key)
-	return &Handler{fs: &fsys{ix: ix, key: key, root: root, sync: s}, ix: ix, key: key}, nil
+	v := newVerifier()
+	return &Handler{fs: &fsys{ix: ix, key: key, root: root, sync: v.syncer(s)}, ix: ix, key: key, verf: v}, nil
 }
 
 // Close waits for running calls and releases the export; later calls fail.
@@ -163,17 +164,7 @@ func Serve(ctx context.Context, l net.Listener, dir string, s Syncer) error {
 		return err
 	}
 	routeLogs()
-	// The write verifier: a new one at every start, so that a client
-	// whose UNSTABLE writes were not committed when this server stopped
-	// (or the peer took over) sees another at its COMMIT and sends them
-	// again. go-nfs's replies carry it too.
-	var verf [8]byte
-	if _, err := rand.Read(verf[:]); err != nil {
-		l.Close()
-		h.Close()
-		return fmt.Errorf("nfs write verifier: %w", err)
-	}
-	tl := &tracker{Listener: l, h: h, verf: verf, conns: map[*proxy]struct{}{}}
+	tl := &tracker{Listener: l, h: h, conns: map[*proxy]struct{}{}}
 	stop := make(chan struct{})
 	go func() {
 		select {
@@ -182,7 +173,9 @@ func Serve(ctx context.Context, l net.Listener, dir string, s Syncer) error {
 		}
 		tl.closeAll()
 	}()
-	srv := &nfs.Server{Handler: h, Context: ctx, ID: verf}
+	// go-nfs's verifier goes only in its FILE_SYNC WRITE replies, which
+	// no COMMIT follows: the first is enough.
+	srv := &nfs.Server{Handler: h, Context: ctx, ID: h.verf.current()}
 	err = srv.Serve(tl)
 	close(stop)
 	tl.closeAll()
@@ -199,7 +192,6 @@ func Serve(ctx context.Context, l net.Listener, dir string, s Syncer) error {
 type tracker struct {
 	net.Listener
 	h      *Handler
-	verf   [8]byte
 	wg     sync.WaitGroup // the proxies' loops
 	mu     sync.Mutex
 	conns  map[*proxy]struct{}
@@ -213,7 +205,7 @@ func (t *tracker) Accept() (net.Conn, error) {
 		return nil, err
 	}
 	theirs, ours := net.Pipe()
-	p := newProxy(t.h, t.verf, c, ours)
+	p := newProxy(t.h, c, ours)
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.closed {

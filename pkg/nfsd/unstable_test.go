@@ -352,3 +352,63 @@ func TestStatusOf(t *testing.T) {
 		}
 	}
 }
+
+// errseqSyncer fails the first sync after arm, then succeeds: as fsync(2)
+// does after a write-back error, which each open file description is
+// told once and a description opened after some other one was told is
+// not told at all. The pages the error hit are gone either way.
+type errseqSyncer struct{ armed atomic.Bool }
+
+func (s *errseqSyncer) Sync(f *os.File) error {
+	if s.armed.CompareAndSwap(true, false) {
+		return &os.PathError{Op: "sync", Path: f.Name(), Err: syscall.EIO}
+	}
+	return f.Sync()
+}
+
+// TestSyncErrorChangesVerifier writes UNSTABLE, lets another call's sync
+// of the same file see the write-back error that lost those bytes (a
+// FILE_SYNC WRITE, a truncating SETATTR, another client's COMMIT), then
+// commits: the COMMIT's fsync finds nothing to report, so its verifier
+// must differ from the WRITE's, or the client drops the only copy of
+// bytes the server lost.
+func TestSyncErrorChangesVerifier(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		other func(c *client, f []byte) uint32 // the call whose sync sees the error
+	}{
+		{"FILE_SYNC WRITE", func(c *client, f []byte) uint32 {
+			_, st := c.writeFull(f, 100, []byte("x"), nfsclient.FileSync)
+			return st
+		}},
+		{"SETATTR size", func(c *client, f []byte) uint32 {
+			// go-nfs answers a SETATTR whose sync failed GARBAGE_ARGS:
+			// a failure too, which is all this case needs.
+			ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
+			defer cancel()
+			size := uint64(200)
+			if err := c.c.Setattr(ctx, f, nfsclient.SetAttr{Size: &size}); err != nil {
+				return nfsclient.StatusIO
+			}
+			return nfsclient.StatusOK
+		}},
+		{"another COMMIT", func(c *client, f []byte) uint32 { _, st := c.commitVerf(f); return st }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			syncer := &errseqSyncer{}
+			addr, _ := serve(t, t.TempDir(), syncer)
+			c, other := dialNFS(t, addr), dialNFS(t, addr)
+			f := newFile(t, c, "f")
+			w, st := c.writeFull(f, 0, []byte("unstable"), nfsclient.Unstable)
+			mustOK(t, "WRITE UNSTABLE", st)
+			syncer.armed.Store(true)
+			if st := tc.other(other, f); st == nfsclient.StatusOK {
+				t.Fatalf("%s whose sync failed: OK", tc.name)
+			}
+			verf, st := c.commitVerf(f)
+			if st == nfsclient.StatusOK && verf == w.Verifier {
+				t.Errorf("COMMIT after a sync of f failed: OK with the WRITE's verifier %#x: the client forgets bytes the server may have lost", verf)
+			}
+		})
+	}
+}
