@@ -6,6 +6,8 @@ import (
 	"path/filepath"
 	"strconv"
 	"time"
+
+	"github.com/duet-ha/duet/tools/internal/size"
 )
 
 // tlsFigures measures what the TLS 1.3 link between the nodes costs: both
@@ -19,7 +21,7 @@ func (b *bench) tlsFigures(runs int) []Figure {
 	if b.quick {
 		calls, total, span = 100, "32MiB", "8MiB"
 	}
-	totalBytes, err := parseBenchSize(total)
+	totalBytes, err := size.Parse(total)
 	if err != nil {
 		fail(err.Error())
 	}
@@ -90,17 +92,4 @@ func (b *bench) tlsFigures(runs int) []Figure {
 	p50.Met = median(p50.Ratio) <= 1.05
 	seq.Met = median(seq.Ratio) >= 0.95
 	return []Figure{p50, seq}
-}
-
-// parseBenchSize reads 32MiB, 256MiB, 1GiB.
-func parseBenchSize(s string) (int64, error) {
-	for _, u := range []struct {
-		suf string
-		m   int64
-	}{{"MiB", 1 << 20}, {"GiB", 1 << 30}} {
-		if n, err := strconv.ParseInt(s[:max(0, len(s)-len(u.suf))], 10, 64); err == nil && len(s) > len(u.suf) && s[len(s)-len(u.suf):] == u.suf {
-			return n * u.m, nil
-		}
-	}
-	return 0, fmt.Errorf("size %q: want a number of MiB or GiB", s)
 }

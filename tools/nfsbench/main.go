@@ -29,10 +29,10 @@ import (
 	"os"
 	"slices"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/duet-ha/duet/pkg/nfsclient"
+	"github.com/duet-ha/duet/tools/internal/size"
 )
 
 // Result is what one run measured (the fields of tools/syncbench).
@@ -54,7 +54,7 @@ func main() {
 	export := flag.String("export", "", "exported path to mount")
 	mode := flag.String("mode", "latency", "latency or throughput")
 	file := flag.String("file", "", "file name to create in the export's root")
-	size := flag.String("size", "4096", "bytes per write (suffixes K, M, KiB, MiB)")
+	blockSize := flag.String("size", "4096", "bytes per write (suffixes K, M, KiB, MiB)")
 	count := flag.Int("count", 1000, "latency mode: WRITE+COMMIT calls")
 	span := flag.String("span", "16MiB", "latency mode: random offsets within this many prefilled bytes")
 	total := flag.String("total", "256MiB", "throughput mode: bytes to write")
@@ -67,8 +67,7 @@ func main() {
 	if *mountPort == 0 {
 		*mountPort = *port
 	}
-	bs, err := parseSize(*size)
-	check(err)
+	bs := parseSize(*blockSize)
 	dialer := func(p int) func(ctx context.Context) (net.Conn, error) {
 		addr := net.JoinHostPort(*server, strconv.Itoa(p))
 		return func(ctx context.Context) (net.Conn, error) {
@@ -102,8 +101,7 @@ func main() {
 	r.Mode = *mode
 	switch *mode {
 	case "latency":
-		sp, err := parseSize(*span)
-		check(err)
+		sp := parseSize(*span)
 		if sp < bs {
 			fail("-span is smaller than -size")
 		}
@@ -133,10 +131,7 @@ func main() {
 		r.P50Ms, r.P99Ms = pct(lat, 0.50), pct(lat, 0.99)
 		r.SamplesMs = lat
 	case "throughput":
-		tot, err := parseSize(*total)
-		check(err)
-		ev, err := parseSize(*every)
-		check(err)
+		tot, ev := parseSize(*total), parseSize(*every)
 		start := time.Now()
 		since := 0
 		for off, i := 0, 0; off < tot; off, i = off+bs, i+1 {
@@ -168,23 +163,11 @@ func pct(sorted []float64, p float64) float64 {
 	return sorted[min(len(sorted)-1, int(p*float64(len(sorted))))]
 }
 
-// parseSize reads 4096, 64K, 64KiB, 1M, 1MiB.
-func parseSize(s string) (int, error) {
-	mult := 1
-	for _, u := range []struct {
-		suf string
-		m   int
-	}{{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"K", 1 << 10}, {"M", 1 << 20}, {"G", 1 << 30}} {
-		if strings.HasSuffix(s, u.suf) {
-			s, mult = strings.TrimSuffix(s, u.suf), u.m
-			break
-		}
-	}
-	n, err := strconv.Atoi(s)
-	if err != nil || n <= 0 {
-		return 0, fmt.Errorf("size %q: a positive number with an optional K, M, G, KiB, MiB or GiB suffix", s)
-	}
-	return n * mult, nil
+// parseSize reads a size flag (tools/internal/size), or ends the run.
+func parseSize(s string) int {
+	v, err := size.Parse(s)
+	check(err)
+	return int(v)
 }
 
 func check(err error) {

@@ -17,10 +17,9 @@ import (
 	"math/rand/v2"
 	"os"
 	"slices"
-	"strconv"
-	"strings"
 	"time"
 
+	"github.com/duet-ha/duet/tools/internal/size"
 	"golang.org/x/sys/unix"
 )
 
@@ -43,7 +42,7 @@ type Result struct {
 func main() {
 	mode := flag.String("mode", "latency", "latency or throughput")
 	file := flag.String("file", "", "file to write (created, truncated)")
-	size := flag.String("size", "4096", "bytes per write (suffixes K, M, KiB, MiB)")
+	blockSize := flag.String("size", "4096", "bytes per write (suffixes K, M, KiB, MiB)")
 	count := flag.Int("count", 1000, "latency mode: number of write+fdatasync calls")
 	total := flag.String("total", "256MiB", "throughput mode: bytes to write")
 	every := flag.String("every", "1MiB", "throughput mode: fdatasync after this many bytes")
@@ -52,7 +51,7 @@ func main() {
 	if *file == "" {
 		fail("-file is required")
 	}
-	bs, err := parseSize(*size)
+	bs, err := size.Parse(*blockSize)
 	check(err)
 	f, err := os.OpenFile(*file, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
 	check(err)
@@ -67,13 +66,13 @@ func main() {
 	var r Result
 	switch *mode {
 	case "latency":
-		sp, err := parseSize(*span)
+		sp, err := size.Parse(*span)
 		check(err)
 		r = latency(fd, pool, bs, *count, sp)
 	case "throughput":
-		t, err := parseSize(*total)
+		t, err := size.Parse(*total)
 		check(err)
-		e, err := parseSize(*every)
+		e, err := size.Parse(*every)
 		check(err)
 		r = throughput(fd, pool, bs, t, e)
 	default:
@@ -153,25 +152,6 @@ func throughput(fd int, pool []byte, bs, total, every int64) Result {
 	}
 	el := time.Since(start).Seconds()
 	return Result{Mode: "throughput", Calls: calls, Bytes: off, Seconds: el, MBps: float64(off) / el / 1e6}
-}
-
-// parseSize reads 4096, 64K, 64KiB, 1M, 1MiB, 1G.
-func parseSize(s string) (int64, error) {
-	t := strings.TrimSuffix(strings.TrimSuffix(strings.ToUpper(strings.TrimSpace(s)), "B"), "I")
-	mult := int64(1)
-	switch {
-	case strings.HasSuffix(t, "K"):
-		mult, t = 1<<10, t[:len(t)-1]
-	case strings.HasSuffix(t, "M"):
-		mult, t = 1<<20, t[:len(t)-1]
-	case strings.HasSuffix(t, "G"):
-		mult, t = 1<<30, t[:len(t)-1]
-	}
-	v, err := strconv.ParseInt(t, 10, 64)
-	if err != nil || v <= 0 {
-		return 0, fmt.Errorf("bad size %q: want a positive number, optionally with K, M or G", s)
-	}
-	return v * mult, nil
 }
 
 func check(err error) {
