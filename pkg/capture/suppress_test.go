@@ -180,30 +180,7 @@ func TestScatteredWritesOnMigratingTask(t *testing.T) {
 // through a mapping that dirties the folio again (after an fsync cleaned
 // it) must be reported, however soon it comes.
 func TestStoreAfterWriteReturnedIsReported(t *testing.T) {
-	fs := loopfs.Make(t, "ext4", 64)
-	var st syscall.Stat_t
-	syscall.Stat(fs.Mount, &st)
-	c, err := Open(Options{Devices: []uint64{st.Dev}})
-	if err != nil {
-		t.Fatalf("Open: %v", err)
-	}
-	defer c.Close()
-	rec := newRecorder(c)
-	f, err := os.Create(filepath.Join(fs.Mount, "m"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	if err := f.Truncate(1 << 20); err != nil {
-		t.Fatal(err)
-	}
-	var fst syscall.Stat_t
-	syscall.Fstat(int(f.Fd()), &fst)
-	m, err := unix.Mmap(int(f.Fd()), 0, 1<<20, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Munmap(m)
+	c, rec, f, fst, m := mappedFile(t)
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	const off = 40960
@@ -252,15 +229,7 @@ func storeReported(recs []Record, ino, at uint64) bool {
 // mapped from the file) after a write-back cleaned it, the store must be
 // reported: nothing else ever reads those bytes.
 func TestStoreByIOWorkerAfterItsWriteIsReported(t *testing.T) {
-	fs := loopfs.Make(t, "ext4", 64)
-	var st syscall.Stat_t
-	syscall.Stat(fs.Mount, &st)
-	c, err := Open(Options{Devices: []uint64{st.Dev}})
-	if err != nil {
-		t.Fatalf("Open: %v", err)
-	}
-	defer c.Close()
-	rec := newRecorder(c)
+	c, rec, f, fst, m := mappedFile(t)
 	r := newRing(t)
 	src, err := os.Create(filepath.Join(t.TempDir(), "src")) // not watched
 	if err != nil {
@@ -270,21 +239,6 @@ func TestStoreByIOWorkerAfterItsWriteIsReported(t *testing.T) {
 	if _, err := src.Write(make([]byte, 4096)); err != nil {
 		t.Fatal(err)
 	}
-	f, err := os.Create(filepath.Join(fs.Mount, "m"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	if err := f.Truncate(1 << 20); err != nil {
-		t.Fatal(err)
-	}
-	var fst syscall.Stat_t
-	syscall.Fstat(int(f.Fd()), &fst)
-	m, err := unix.Mmap(int(f.Fd()), 0, 1<<20, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Munmap(m)
 	const off, store = 40960, 40960 + 2048
 	fast := 0
 	for round := range 10 {
@@ -325,30 +279,7 @@ func TestStoreByIOWorkerAfterItsWriteIsReported(t *testing.T) {
 // back and reads what records cover): reporting only the bytes written
 // loses the store.
 func TestStoreIntoPageDirtiedByWriteIsReported(t *testing.T) {
-	fs := loopfs.Make(t, "ext4", 64)
-	var st syscall.Stat_t
-	syscall.Stat(fs.Mount, &st)
-	c, err := Open(Options{Devices: []uint64{st.Dev}})
-	if err != nil {
-		t.Fatalf("Open: %v", err)
-	}
-	defer c.Close()
-	rec := newRecorder(c)
-	f, err := os.Create(filepath.Join(fs.Mount, "m"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	if err := f.Truncate(1 << 20); err != nil {
-		t.Fatal(err)
-	}
-	var fst syscall.Stat_t
-	syscall.Fstat(int(f.Fd()), &fst)
-	m, err := unix.Mmap(int(f.Fd()), 0, 1<<20, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Munmap(m)
+	c, rec, f, fst, m := mappedFile(t)
 	const off, store = 40960, 40960 + 3000
 	for round := range 3 {
 		if err := unix.Fdatasync(int(f.Fd())); err != nil { // the page is clean
@@ -364,4 +295,35 @@ func TestStoreIntoPageDirtiedByWriteIsReported(t *testing.T) {
 			t.Fatalf("round %d: a store through the mapping into a page a write(2) had just dirtied is covered by no record", round)
 		}
 	}
+}
+
+// mappedFile captures a fresh ext4 and creates a 1 MiB file "m" in it,
+// mapped shared and writable, all undone when the test ends.
+func mappedFile(t *testing.T) (*Capture, *recorder, *os.File, syscall.Stat_t, []byte) {
+	t.Helper()
+	fs := loopfs.Make(t, "ext4", 64)
+	var st syscall.Stat_t
+	syscall.Stat(fs.Mount, &st)
+	c, err := Open(Options{Devices: []uint64{st.Dev}})
+	if err != nil {
+		t.Fatalf("Open: %v", err)
+	}
+	t.Cleanup(func() { c.Close() })
+	rec := newRecorder(c)
+	f, err := os.Create(filepath.Join(fs.Mount, "m"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	if err := f.Truncate(1 << 20); err != nil {
+		t.Fatal(err)
+	}
+	var fst syscall.Stat_t
+	syscall.Fstat(int(f.Fd()), &fst)
+	m, err := unix.Mmap(int(f.Fd()), 0, 1<<20, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Munmap(m) })
+	return c, rec, f, fst, m
 }
