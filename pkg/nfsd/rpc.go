@@ -197,6 +197,19 @@ func (p *proxy) serveClient() {
 			return
 		}
 		if !h.intercepted() || h.proc == procWrite && n > maxIntercepted {
+			if err := checkPassed(in, h, n); err != nil {
+				if errors.Is(err, errPeek) {
+					return
+				}
+				slog.Warn("nfs: call with arguments out of bounds: answered GARBAGE_ARGS", "client", p.client.RemoteAddr(), "xid", h.xid, "err", err)
+				if _, err := io.CopyN(io.Discard, in, int64(n)); err != nil {
+					return
+				}
+				if !p.send(replyHeader(h.xid, garbageArgs).Bytes()) {
+					return
+				}
+				continue
+			}
 			if !p.pass(mark[:], in, n) {
 				return
 			}
