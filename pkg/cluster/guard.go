@@ -45,8 +45,10 @@ const MaxClockDrift = 1000 // parts per million
 //
 // The echo: until a heartbeat of the peer has been accepted, the last one
 // heard (a peer that just started cannot prove anything yet, and we must
-// give it our challenge); after that, the last accepted one, so that a
-// replayed heartbeat cannot make this node echo a stale challenge. A
+// give it our challenge); after that, the last accepted one whose state
+// this node has applied (Applied), so that a replayed heartbeat cannot
+// make this node echo a stale challenge, and an echo tells the peer which
+// of its heartbeats the state we report took into account. A
 // restart of either side is accepted within about two intervals: the new
 // run's second heartbeat echoes the other's challenge, and the other then
 // echoes the new run.
@@ -94,9 +96,32 @@ func (g *Guard) Stamp(h *Heartbeat, now time.Duration) {
 // shows the peer alive at now: made at most maxAge ago and newer than
 // every heartbeat accepted before.
 func (g *Guard) Accept(h *Heartbeat, now time.Duration) bool {
-	if !g.accepted {
+	if !g.accept(h, now) {
+		if !g.accepted {
+			g.echoBoot, g.echoTime = h.Boot, h.Time
+		}
+		return false
+	}
+	g.accepted = true
+	return true
+}
+
+// Applied makes h, accepted before, the heartbeat this node echoes: its
+// owner calls it once the state h carried has been applied, so that a
+// heartbeat echoing h reports a state that took h into account (the peer
+// relies on that before it releases a write without us: see
+// node.peerCannotTakeOver). Until then the echo stays at the heartbeat
+// applied before.
+func (g *Guard) Applied(h *Heartbeat) {
+	if h.Boot == g.peer && (g.echoBoot != h.Boot || h.Time > g.echoTime) {
 		g.echoBoot, g.echoTime = h.Boot, h.Time
 	}
+}
+
+// Boot is this run's boot id, which the peer's heartbeats echo.
+func (g *Guard) Boot() uint64 { return g.boot }
+
+func (g *Guard) accept(h *Heartbeat, now time.Duration) bool {
 	known := g.peer != 0 && h.Boot == g.peer
 	if known && h.Seq <= g.peerSeq {
 		return false
@@ -118,7 +143,6 @@ func (g *Guard) Accept(h *Heartbeat, now time.Duration) bool {
 		return false
 	}
 	g.peer, g.peerSeq, g.offset, g.anchor = h.Boot, h.Seq, offset, anchor
-	g.echoBoot, g.echoTime, g.accepted = h.Boot, h.Time, true
 	return true
 }
 

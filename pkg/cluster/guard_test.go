@@ -154,6 +154,7 @@ func (s *sim) deliver(p simPacket) {
 	}
 	ok := to.g.Accept(&h, to.clock.at(s.now))
 	if ok {
+		to.g.Applied(&h)
 		s.accepted[to] = append(s.accepted[to], simAccept{s.now, h.Boot})
 	}
 	// A genuine heartbeat of the sender's current run, newer than the
@@ -394,8 +395,12 @@ func TestHeartbeatOrder(t *testing.T) {
 		{"an earlier run of the peer, again", stale, simMaxAge + 13*time.Millisecond, false},
 	} {
 		h := st.h
-		if got := local.Accept(&h, now0+st.at); got != st.want {
+		got := local.Accept(&h, now0+st.at)
+		if got != st.want {
 			t.Errorf("%s: accepted %v, want %v", st.name, got, st.want)
+		}
+		if got {
+			local.Applied(&h)
 		}
 	}
 	var next Heartbeat
@@ -481,5 +486,41 @@ func TestHeartbeatLatencyRise(t *testing.T) {
 		if n < 45 {
 			t.Errorf("%s accepted %d of the other's 50 heartbeats in 10 s at 800 ms latency, want all", to.name, n)
 		}
+	}
+}
+
+// TestEchoFollowsApplied: a heartbeat accepted but whose state the node
+// has not applied yet is not echoed. The peer reads the echo as "the
+// state this heartbeat reports took yours into account" before it
+// releases a write without this node; echoed at Accept, a secondary
+// about to turn SECOND on a "synced" heartbeat could still report itself
+// stale while echoing it.
+func TestEchoFollowsApplied(t *testing.T) {
+	const now0 = 10 * time.Second
+	peer, local := NewGuard(2, simMaxAge), NewGuard(1, simMaxAge)
+	var mine Heartbeat
+	local.Stamp(&mine, now0)
+	peer.Accept(&mine, time.Hour) // heard, not accepted: echoed as a challenge
+	stamp := func(g *Guard, at time.Duration) Heartbeat {
+		var h Heartbeat
+		g.Stamp(&h, at)
+		return h
+	}
+	h1 := stamp(peer, time.Hour+time.Millisecond)
+	if !local.Accept(&h1, now0+2*time.Millisecond) {
+		t.Fatal("the peer's first heartbeat, echoing ours, refused")
+	}
+	local.Applied(&h1)
+	h2 := stamp(peer, time.Hour+2*time.Millisecond)
+	if !local.Accept(&h2, now0+3*time.Millisecond) {
+		t.Fatal("the peer's second heartbeat refused")
+	}
+	if e := stamp(local, now0+4*time.Millisecond); e.EchoBoot != 2 || e.EchoTime != h1.Time {
+		t.Errorf("echo before h2 was applied: boot %d time %v, want the applied h1 (boot 2 time %v)", e.EchoBoot, e.EchoTime, h1.Time)
+	}
+	local.Applied(&h2)
+	local.Applied(&h1) // applied late (another network): the echo does not go back
+	if e := stamp(local, now0+5*time.Millisecond); e.EchoBoot != 2 || e.EchoTime != h2.Time {
+		t.Errorf("echo once h2 was applied: boot %d time %v, want h2 (boot 2 time %v)", e.EchoBoot, e.EchoTime, h2.Time)
 	}
 }

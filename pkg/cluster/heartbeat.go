@@ -135,5 +135,6 @@ func ParseHeartbeat(b, key []byte) (Heartbeat, error) {
 // Peer converts a heartbeat into the machine's view of its sender.
 func (h *Heartbeat) Peer() Peer {
 	return Peer{Seen: true, Name: h.Name, State: h.State, Epoch: h.Epoch, Stale: h.Stale,
-		Preferred: h.Preferred, Synced: h.Synced, Handover: h.Handover}
+		Preferred: h.Preferred, Synced: h.Synced, Handover: h.Handover,
+		Boot: h.Boot, Seq: h.Seq, Time: h.Time, EchoBoot: h.EchoBoot, EchoTime: h.EchoTime}
 }

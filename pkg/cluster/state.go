@@ -3,7 +3,10 @@
 // actions): the daemon feeds it events and carries out the actions.
 package cluster
 
-import "fmt"
+import (
+	"fmt"
+	"time"
+)
 
 // State is a node's role in the pair.
 type State uint8
@@ -42,6 +45,13 @@ type Peer struct {
 	Synced bool
 	// Handover is set by a peer that gave up the primary role to us.
 	Handover bool
+	// Boot, Seq and Time identify the heartbeat (see Heartbeat); EchoBoot
+	// and EchoTime name the last heartbeat of ours whose state the peer
+	// had applied when it sent it (Guard.Applied).
+	Boot, Seq uint64
+	Time      time.Duration
+	EchoBoot  uint64
+	EchoTime  time.Duration
 }
 
 // Machine is one node's memory of the cluster.

@@ -171,24 +171,12 @@ func (n *Node) sendHeartbeats(ctx context.Context, conns []*net.UDPConn, peers [
 	t := time.NewTicker(n.cfg.Cluster.Interval)
 	defer t.Stop()
 	for {
-		m := n.machine.Load()
-		// While the node leaves the role its replication winds down: the
-		// peer must not read that as "out of sync" before the handover.
-		synced := n.lastSynced.Load()
-		if !n.leaving.Load() {
-			synced = m.State.Serving() && n.peerSynced()
-			n.lastSynced.Store(synced)
-		}
-		h := cluster.Heartbeat{Name: m.Name, State: m.State, Epoch: m.Epoch, Stale: m.Stale,
-			Preferred: m.Preferred, Synced: synced, Handover: m.HandedOver}
-		n.hbMu.Lock()
-		n.guard.Stamp(&h, hbClock())
-		n.hbMu.Unlock()
+		h := n.heartbeat()
 		pkt := h.Marshal(n.heartbeatKey())
 		for i, c := range conns {
 			c.WriteToUDP(pkt, peers[i])
 		}
-		if m.State == cluster.Alone && n.announcedAlone.Load() != m.Epoch {
+		if m := n.machine.Load(); h.State == cluster.Alone && m.State == cluster.Alone && m.Epoch == h.Epoch && n.announcedAlone.Load() != m.Epoch {
 			// A peer that hears this marks its copy stale: durability
 			// calls held for it may go on now.
 			n.announcedAlone.Store(m.Epoch)
@@ -201,6 +189,56 @@ func (n *Node) sendHeartbeats(ctx context.Context, conns []*net.UDPConn, peers [
 		case <-n.hbKick:
 		}
 	}
+}
+
+// peerDeaf reports whether the peer, heard in heartbeat p, says its copy
+// is stale and has applied no heartbeat of ours for longer than
+// cluster.timeout: what this node sends it is lost on the way.
+func (n *Node) peerDeaf(p cluster.Peer) bool {
+	if !p.Seen || !p.Stale {
+		return false
+	}
+	return p.EchoBoot != n.guard.Boot() || hbClock()-p.EchoTime > n.cfg.Cluster.Timeout
+}
+
+// peerApplied has the heartbeats echo the peer's heartbeat p once the
+// machine has applied it.
+func (n *Node) peerApplied(p cluster.Peer) {
+	beat := cluster.Heartbeat{Boot: p.Boot, Time: p.Time}
+	n.hbMu.Lock()
+	n.guard.Applied(&beat)
+	n.hbMu.Unlock()
+}
+
+// heartbeat makes the next heartbeat to send. It is stamped before the
+// state is read: the echo it carries names a heartbeat of the peer whose
+// state the machine read here has applied (see Guard.Applied).
+func (n *Node) heartbeat() cluster.Heartbeat {
+	var h cluster.Heartbeat
+	n.hbMu.Lock()
+	n.guard.Stamp(&h, hbClock())
+	n.hbMu.Unlock()
+	m := n.machine.Load()
+	h.Name, h.State, h.Epoch, h.Stale, h.Preferred, h.Handover = m.Name, m.State, m.Epoch, m.Stale, m.Preferred, m.HandedOver
+	// Asked before relMu: Streaming takes a Primary's lock, under which
+	// a waiting durability call takes relMu (tryRelease).
+	streaming := m.State.Serving() && n.streaming()
+	n.relMu.Lock()
+	defer n.relMu.Unlock()
+	// While the node leaves the role its replication winds down: the
+	// peer must not read that as "out of sync" before the handover.
+	h.Synced = n.lastSynced.Load()
+	if !n.leaving.Load() {
+		h.Synced = streaming && n.caughtUp()
+		n.lastSynced.Store(h.Synced)
+	}
+	if h.Synced {
+		// Until the peer echoes this heartbeat (or it is too old to be
+		// accepted), a "stale" heard from the peer may be out of date:
+		// this heartbeat can still turn it SECOND.
+		n.syncedSent.Store(int64(h.Time))
+	}
+	return h
 }
 
 // newGuard draws this run's heartbeat boot id: random, so that nothing
@@ -317,6 +355,7 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 		go n.watchWitness(ctx, isolation)
 	}
 	var mirrorSince time.Time // the preferred peer has been a mirror since
+	deaf := false             // the peer does not hear this node (peerDeaf)
 	// actx is what actions run under; a stopping daemon swaps in one
 	// that lets it hand its role over.
 	actx := ctx
@@ -380,7 +419,7 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 			// crash without a FIN, holding durability calls.
 			n.smu.RLock()
 			for _, p := range n.primaries {
-				p.PeerLost()
+				p.Drop("the cluster declared the peer lost (no heartbeats)")
 			}
 			n.smu.RUnlock()
 		}
@@ -438,7 +477,16 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 			}
 			return
 		case ev := <-n.events:
+			if ev.Kind == cluster.EvPeer && m.Peer.Seen && ev.Peer.Boot == m.Peer.Boot && ev.Peer.Seq <= m.Peer.Seq {
+				// Accepted in order, but posted by the networks'
+				// receivers in another: an older state must not
+				// override a newer one.
+				continue
+			}
 			apply(ev)
+			if ev.Kind == cluster.EvPeer {
+				n.peerApplied(ev.Peer)
+			}
 		case c := <-n.cmds:
 			c.reply <- apply(c.ev)
 		case <-isolation:
@@ -451,6 +499,24 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 				apply(cluster.Event{Kind: cluster.EvPeerLost})
 			} else if !m.Peer.Seen && time.Since(start) > timeout {
 				apply(cluster.Event{Kind: cluster.EvTick})
+			}
+			wasDeaf := deaf
+			deaf = m.State == cluster.Prim && n.peerDeaf(m.Peer)
+			if deaf && n.streaming() {
+				// Our batches take the path our heartbeats take: they
+				// are lost too, and the calls waiting for them would
+				// wait until TCP gives up. Ended, the connection
+				// stops streaming, the heartbeats stop saying
+				// "synced", and the stale peer lets calls go on
+				// (staleCurrent).
+				if !wasDeaf {
+					n.log.Warn("the peer says its copy is stale and has not heard this node for longer than cluster.timeout: the path to it loses what this node sends", "peer", m.Peer.Name)
+				}
+				n.smu.RLock()
+				for _, p := range n.primaries {
+					p.Drop("the peer does not hear this node")
+				}
+				n.smu.RUnlock()
 			}
 			// peerSynced is asked only when a peer_back is owed: it may
 			// drain the capture.

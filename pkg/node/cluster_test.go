@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/duet-ha/duet/pkg/cluster"
 	"github.com/duet-ha/duet/pkg/config"
@@ -128,4 +129,47 @@ func TestResyncingCopyNoTakeover(t *testing.T) {
 		t.Fatalf("%s stale=%v, log %q: want WAIT, stale, and the reason naming directory data", m.State, m.Stale, said)
 	}
 	t.Logf("said: %s", said)
+}
+
+// TestReleaseNeedsStaleAfterSynced: a peer whose last heartbeat says its
+// copy is stale, but which did not echo the last heartbeat in which this
+// primary said "synced", may still turn SECOND on that one: a write
+// released then is lost if this node dies before its next heartbeat
+// ("not in sync") arrives, and the peer takes over. Released only once
+// the stale heartbeat echoes the synced one, or that one is too old for
+// the peer to accept. (Before, any "stale" released at once.)
+func TestReleaseNeedsStaleAfterSynced(t *testing.T) {
+	const timeout = 1500 * time.Millisecond
+	n := testNode(t, t.TempDir())
+	n.cfg.Cluster.Timeout = timeout
+	var err error
+	if n.guard, err = newGuard(n.cfg); err != nil {
+		t.Fatal(err)
+	}
+	now := hbClock()
+	for _, c := range []struct {
+		name       string
+		syncedSent time.Duration // 0: none sent
+		echoBoot   uint64
+		echo       time.Duration
+		want       bool
+	}{
+		{"never said synced", 0, n.guard.Boot(), now - time.Second, true},
+		{"stale echoing our last synced heartbeat", now - 100*time.Millisecond, n.guard.Boot(), now - 100*time.Millisecond, true},
+		{"stale echoing a later heartbeat", now - 300*time.Millisecond, n.guard.Boot(), now - 100*time.Millisecond, true},
+		{"stale echoing an older heartbeat: the synced one may be in flight", now - 100*time.Millisecond, n.guard.Boot(), now - 300*time.Millisecond, false},
+		{"stale echoing an earlier run of ours", now - 100*time.Millisecond, n.guard.Boot() + 2, now, false},
+		{"stale, old echo, our synced heartbeat too old to be accepted", now - 3*timeout, n.guard.Boot(), now - 4*timeout, true},
+	} {
+		n.machine.Store(&cluster.Machine{Name: "nodeA", State: cluster.Prim, Epoch: 9,
+			Peer: cluster.Peer{Seen: true, State: cluster.Wait, Epoch: 9, Stale: true, EchoBoot: c.echoBoot, EchoTime: c.echo}})
+		n.syncedSent.Store(int64(c.syncedSent))
+		n.releasedAlone.Store(false)
+		if got := n.tryRelease(); got != c.want {
+			t.Errorf("%s: released %v, want %v", c.name, got, c.want)
+		}
+		if n.releasedAlone.Load() != c.want {
+			t.Errorf("%s: releasedAlone %v after the check, want %v (the heartbeats must stop saying synced)", c.name, n.releasedAlone.Load(), c.want)
+		}
+	}
 }

@@ -65,7 +65,8 @@ func startHeartbeatsKeys(t *testing.T, keys [][]byte, name, local, peer string, 
 			select {
 			case <-ctx.Done():
 				return
-			case <-n.events:
+			case ev := <-n.events:
+				n.peerApplied(ev.Peer) // as the loop does
 				r.mu.Lock()
 				r.heard = append(r.heard, time.Now())
 				r.mu.Unlock()

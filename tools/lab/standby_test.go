@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/duet-ha/duet/tools/lab/faultnet"
 )
 
 // The standby's failure must never stall the primary's writers for longer
@@ -106,6 +108,56 @@ func TestSecondaryDiskFullDoesNotStallPrimary(t *testing.T) {
 	l.WaitSync(t, time.Minute)
 	l.Verify(t)
 }
+
+// TestPathToSecondaryLostOneWay: every frame from nodeA is lost at
+// nodeB's ingress for 15 s (heartbeats, batches, ARP), while nodeA still
+// hears nodeB. nodeB, hearing nothing, sees the VIP answered and goes
+// WAIT with a stale copy, which it says; nodeA's replication connection
+// still looks alive (TCP retransmits into the void), so calls waited for
+// acks that could not come, until the loss healed or 30 s (EIO). Now
+// nodeA ends the connection once nodeB has not heard it for
+// cluster.timeout, stops saying "synced", and releases once no "synced"
+// heartbeat of it can still be accepted: the writer goes on within
+// pathLossStallBound, without an error, and nodeB catches up after.
+func TestPathToSecondaryLostOneWay(t *testing.T) {
+	l, w := standbyLab(t)
+	d, err := faultnet.AttachInNetns("duet-b", "eth0")
+	if err != nil {
+		t.Skipf("cannot attach the packet-loss injector in duet-b (needs TCX BPF): %v", err)
+	}
+	defer d.Close()
+	lossAt := time.Now()
+	if err := d.Drop(hostAddr["a"], 1); err != nil {
+		t.Fatal(err)
+	}
+	l.WaitState(t, "b", "WAIT", 10*time.Second)
+	t.Logf("frames from nodeA lost at nodeB: nodeB WAIT after %s", time.Since(lossAt).Round(time.Millisecond))
+	before := readAcked(t, w.ack.Name())
+	waitAcked(t, w, before+100, 14*time.Second)
+	t.Logf("the writer went on %s after the loss began", time.Since(lossAt).Round(time.Millisecond))
+	time.Sleep(time.Until(lossAt.Add(15 * time.Second)))
+	if err := d.Heal(hostAddr["a"]); err != nil {
+		t.Fatal(err)
+	}
+	acked, stall, stderr := w.stop(t)
+	t.Logf("path to the secondary lost one way for 15 s: writer acknowledged %d records, longest write+fdatasync %s (bound %s)%s",
+		acked, stall.Round(time.Millisecond), pathLossStallBound, errLine(stderr))
+	if stderr != "" {
+		t.Errorf("the writer failed: %s", stderr)
+	}
+	if stall > pathLossStallBound {
+		t.Errorf("the primary's writer stalled %s while the path to the secondary lost its frames, bound %s", stall, pathLossStallBound)
+	}
+	l.WaitState(t, "b", "SECOND", time.Minute)
+	l.WaitSync(t, time.Minute)
+	l.Verify(t)
+}
+
+// pathLossStallBound: the peer's timeout and checks (about 2 s), then
+// cluster.timeout until nodeA sees it does not hear it, then twice
+// cluster.timeout until no "synced" heartbeat of nodeA can be accepted
+// (node.staleCurrent), with 1.5 s to spare.
+const pathLossStallBound = 2*time.Second + 3*1500*time.Millisecond + 1500*time.Millisecond
 
 // standbyLab is a pair in sync, nodeA serving, with a writer (-timing)
 // under duet exec on nodeA that has acknowledged 200 records.
