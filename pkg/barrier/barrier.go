@@ -15,6 +15,7 @@ import (
 	"os/signal"
 	"runtime"
 	"syscall"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -209,10 +210,44 @@ type seccompNotifResp struct {
 // confirmed; the call then fails with EIO rather than claim durability.
 type Func func(nr int32) error
 
+// Timing is how long the supervisor held one durability call.
+type Timing struct {
+	NR int32
+	// Held runs from the seccomp notification to the answer; Wait is
+	// the part spent in the barrier (Func); Local is the caller's own
+	// flush, run beside it (0: none).
+	Held, Wait, Local time.Duration
+}
+
+// Observer is told each held call's Timing once the call is answered.
+type Observer func(Timing)
+
+// supervisor is what answers the notifications: the barrier, and who is
+// told how long each call took (nil: nobody).
+type supervisor struct {
+	wait    Func
+	observe Observer
+}
+
+// hold waits for the barrier and says how long that took.
+func (s supervisor) hold(nr int32) (time.Duration, error) {
+	start := time.Now()
+	err := s.wait(nr)
+	return time.Since(start), err
+}
+
+// done reports a call's timing, start being its notification.
+func (s supervisor) done(nr int32, start time.Time, wait, local time.Duration) {
+	if s.observe != nil {
+		s.observe(Timing{NR: nr, Held: time.Since(start), Wait: wait, Local: local})
+	}
+}
+
 // Start starts args supervised and returns the running command. self is
-// the duet binary; setup, if not nil, adjusts the command (standard
+// the duet binary; observe, if not nil, is told how long each durability
+// call was held; setup, if not nil, adjusts the command (standard
 // streams, process group) before it starts.
-func Start(self string, args []string, wait Func, setup func(*exec.Cmd)) (*exec.Cmd, error) {
+func Start(self string, args []string, wait Func, observe Observer, setup func(*exec.Cmd)) (*exec.Cmd, error) {
 	sp, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return nil, err
@@ -236,14 +271,14 @@ func Start(self string, args []string, wait Func, setup func(*exec.Cmd)) (*exec.
 		cmd.Wait()
 		return nil, fmt.Errorf("starting %s under supervision: %w", args[0], err)
 	}
-	go serve(listener, wait)
+	go serve(listener, supervisor{wait, observe})
 	return cmd, nil
 }
 
 // Exec runs args supervised with this process's standard streams and
 // returns its exit status (128+signal when killed, as a shell does).
-func Exec(ctx context.Context, self string, args []string, wait Func) (int, error) {
-	cmd, err := Start(self, args, wait, func(c *exec.Cmd) {
+func Exec(ctx context.Context, self string, args []string, wait Func, observe Observer) (int, error) {
+	cmd, err := Start(self, args, wait, observe, func(c *exec.Cmd) {
 		c.Stdin, c.Stdout, c.Stderr = os.Stdin, os.Stdout, os.Stderr
 	})
 	if err != nil {
@@ -293,7 +328,7 @@ func receiveFD(sock int) (int, error) {
 
 // serve answers notifications until the supervised processes are gone.
 // Each call waits on its own: one thread's fsync does not hold another's.
-func serve(listener int, wait Func) {
+func serve(listener int, sup supervisor) {
 	defer unix.Close(listener)
 	for {
 		var req seccompNotif
@@ -303,7 +338,7 @@ func serve(listener int, wait Func) {
 			}
 			return // ENOTCONN etc.: no process left with the filter
 		}
-		go answer(listener, req, wait)
+		go answer(listener, req, sup)
 	}
 }
 
@@ -311,24 +346,27 @@ func serve(listener int, wait Func) {
 // fdatasync is also done here, on the caller's own open file, while the
 // peer applies and syncs: the two flushes overlap, and the call, once
 // continued, finds little left to flush.
-func answer(listener int, req seccompNotif, wait Func) {
+func answer(listener int, req seccompNotif, sup supervisor) {
+	start := time.Now()
 	switch req.NR {
 	case unix.SYS_OPEN, unix.SYS_OPENAT, unix.SYS_OPENAT2:
 		openSync(listener, &req)
 		return
 	case unix.SYS_WRITE, unix.SYS_PWRITE64, unix.SYS_WRITEV, unix.SYS_PWRITEV, unix.SYS_PWRITEV2:
-		writeSync(listener, &req, wait)
+		writeSync(listener, &req, sup, start)
 		return
 	case unix.SYS_IO_SUBMIT:
-		aioSubmit(listener, &req, wait)
+		aioSubmit(listener, &req, sup.wait)
 		return
 	}
 	resp := seccompNotifResp{ID: req.ID}
 	local := flushEarly(listener, &req)
-	err := wait(req.NR)
+	waited, err := sup.hold(req.NR)
 	var lerr error
+	var flushed time.Duration
 	if local != nil {
-		lerr = <-local
+		r := <-local
+		lerr, flushed = r.err, r.took
 	}
 	var errno unix.Errno
 	switch {
@@ -343,6 +381,7 @@ func answer(listener int, req seccompNotif, wait Func) {
 		resp.Flags = unix.SECCOMP_USER_NOTIF_FLAG_CONTINUE
 	}
 	ioctl(listener, unix.SECCOMP_IOCTL_NOTIF_SEND, unsafe.Pointer(&resp))
+	sup.done(req.NR, start, waited, flushed)
 }
 
 // takeFD returns a duplicate of descriptor fd of the notifying thread (the
@@ -381,7 +420,7 @@ const pidfdThread = unix.O_EXCL
 // descriptor and returns where its result arrives; nil when the call is
 // of another kind or the descriptor cannot be taken (the continued call
 // then does all the local work, as without overlap).
-func flushEarly(listener int, req *seccompNotif) <-chan error {
+func flushEarly(listener int, req *seccompNotif) <-chan flushResult {
 	var flush func(int) error
 	switch req.NR {
 	case unix.SYS_FSYNC:
@@ -395,18 +434,25 @@ func flushEarly(listener int, req *seccompNotif) <-chan error {
 	if err != nil {
 		return nil
 	}
-	done := make(chan error, 1)
+	done := make(chan flushResult, 1)
 	go func() {
 		defer unix.Close(fd)
+		start := time.Now()
 		err := flush(fd)
 		if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.EROFS) {
 			// Nothing to flush (a pipe, a socket): the continued call
 			// reports this itself.
 			err = nil
 		}
-		done <- err
+		done <- flushResult{err, time.Since(start)}
 	}()
 	return done
+}
+
+// flushResult is how an early flush ended, and how long it took.
+type flushResult struct {
+	err  error
+	took time.Duration
 }
 
 func ioctl(fd int, req uintptr, arg unsafe.Pointer) error {

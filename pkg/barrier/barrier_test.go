@@ -10,9 +10,11 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -83,7 +85,7 @@ func supervise(t *testing.T, wait Func, args ...string) int {
 	if err != nil {
 		t.Fatal(err)
 	}
-	code, err := Exec(context.Background(), self, args, wait)
+	code, err := Exec(context.Background(), self, args, wait, nil)
 	if err != nil {
 		t.Fatalf("Exec %v: %v", args, err)
 	}
@@ -263,7 +265,7 @@ func TestSyncOpenUsesCallerCredentials(t *testing.T) {
 	t.Setenv("DUET_BARRIER_HELPER", "dsync")
 	t.Setenv("DUET_BARRIER_FILE", file)
 	var n atomic.Int32
-	cmd, err := Start(self, []string{self}, counting(&n, nil), func(c *exec.Cmd) {
+	cmd, err := Start(self, []string{self}, counting(&n, nil), nil, func(c *exec.Cmd) {
 		c.Stderr = os.Stderr
 		c.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
 	})
@@ -540,5 +542,39 @@ func TestWriteAheadAlignsForODirect(t *testing.T) {
 	}
 	if err := pwriteAll(int(f.Fd()), odd, 0, 0, true); err != nil {
 		t.Fatalf("write ahead from an unaligned buffer: %v", err)
+	}
+}
+
+// TestCallTimingObserved: the observer learns how long a held fdatasync
+// took, its time in the barrier and its own flush (the per-stage table of
+// `duet status --latency` rests on these).
+func TestCallTimingObserved(t *testing.T) {
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("DUET_BARRIER_HELPER", "fdatasync-file")
+	const delay = 20 * time.Millisecond
+	var got []Timing
+	var mu sync.Mutex
+	code, err := Exec(context.Background(), self, []string{self}, func(int32) error {
+		time.Sleep(delay)
+		return nil
+	}, func(tm Timing) {
+		mu.Lock()
+		got = append(got, tm)
+		mu.Unlock()
+	})
+	if err != nil || code != 0 {
+		t.Fatalf("supervised fdatasync: exit %d, %v", code, err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(got) != 1 {
+		t.Fatalf("%d timings observed, want 1: %+v", len(got), got)
+	}
+	tm := got[0]
+	if tm.NR != unix.SYS_FDATASYNC || tm.Wait < delay || tm.Held < tm.Wait || tm.Local <= 0 || tm.Local > tm.Held {
+		t.Errorf("timing %+v: want NR %d, wait ≥ %v, held ≥ wait, 0 < local ≤ held", tm, unix.SYS_FDATASYNC, delay)
 	}
 }

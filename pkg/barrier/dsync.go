@@ -19,6 +19,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -286,7 +287,7 @@ func openAs(pid int, path string, flags int, mode uint32) (int, error) {
 
 // writeSync handles a write on a descriptor of SyncFDBase or above, or a
 // pwritev2 with RWF_SYNC/RWF_DSYNC.
-func writeSync(listener int, req *seccompNotif, wait Func) {
+func writeSync(listener int, req *seccompNotif, sup supervisor, start time.Time) {
 	fd, err := takeFD(listener, req, int(int32(req.Args[0])))
 	if err != nil {
 		proceed(listener, req.ID) // the kernel reports EBADF itself
@@ -335,14 +336,17 @@ func writeSync(listener int, req *seccompNotif, wait Func) {
 		fail(listener, req.ID, asErrno(err))
 		return
 	}
+	var waited time.Duration
 	if n > 0 {
-		if err := wait(req.NR); err != nil {
+		if waited, err = sup.hold(req.NR); err != nil {
 			fmt.Fprintf(os.Stderr, "duet exec: synchronous write of pid %d failed with EIO: %v\n", req.PID, err)
 			fail(listener, req.ID, unix.EIO)
 			return
 		}
 	}
 	reply(listener, &seccompNotifResp{ID: req.ID, Val: int64(n)})
+	// The emulated write itself is the local part (O_DSYNC: it flushes).
+	sup.done(req.NR, start, waited, time.Since(start)-waited)
 }
 
 // readIovecs reads a struct iovec array from the caller's memory.

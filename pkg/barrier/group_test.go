@@ -25,7 +25,7 @@ func supervisorHelper(script string) int {
 	if err != nil {
 		return 100
 	}
-	_, err = Start(self, []string{"/bin/sh", "-c", script}, func(int32) error { return nil }, func(c *exec.Cmd) {
+	_, err = Start(self, []string{"/bin/sh", "-c", script}, func(int32) error { return nil }, nil, func(c *exec.Cmd) {
 		c.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 		c.Env = os.Environ()
 		if os.Getenv("DUET_BARRIER_NOGROUP") == "" {

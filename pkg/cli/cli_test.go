@@ -4,9 +4,12 @@ import (
 	"bytes"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
+	"time"
 
+	"github.com/duet-ha/duet/pkg/latency"
 	"github.com/duet-ha/duet/pkg/node"
 	"github.com/duet-ha/duet/pkg/replica"
 )
@@ -184,5 +187,51 @@ func TestPrintStatusResync(t *testing.T) {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("status lacks %q:\n%s", want, out.String())
 		}
+	}
+}
+
+// near reports whether s, a number, is v or at most 10 % above it.
+func near(s string, v float64) bool {
+	x, err := strconv.ParseFloat(s, 64)
+	return err == nil && x >= v && x <= 1.1*v
+}
+
+// TestPrintLatency: each stage's quantiles over what it counted since the
+// earlier snapshot (the --watch form), in stage order.
+func TestPrintLatency(t *testing.T) {
+	var st latency.Stages
+	for range 10 {
+		st.Observe(latency.Drain, 40*time.Microsecond)
+		st.Observe(latency.Peer, 900*time.Microsecond)
+	}
+	prev := st.Snapshot()
+	for range 10 {
+		st.Observe(latency.Peer, 3*time.Millisecond)
+	}
+	var all, since bytes.Buffer
+	if err := printLatency(&all, st.Snapshot(), nil, "text"); err != nil {
+		t.Fatal(err)
+	}
+	if err := printLatency(&since, st.Snapshot(), prev, "text"); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"drain     10", "peer     20"} {
+		if !strings.Contains(strings.Join(strings.Fields(all.String()), " "), strings.Join(strings.Fields(want), " ")) {
+			t.Errorf("since start: no %q in\n%s", want, all.String())
+		}
+	}
+	fields := func(out, stage string) []string {
+		for _, l := range strings.Split(out, "\n") {
+			if f := strings.Fields(l); len(f) > 0 && f[0] == stage {
+				return f
+			}
+		}
+		return nil
+	}
+	if f := fields(since.String(), "peer"); len(f) != 5 || f[1] != "10" || !near(f[2], 3000) {
+		t.Errorf("peer since the snapshot: %v, want 10 calls at p50 ≈ 3000 µs\n%s", f, since.String())
+	}
+	if f := fields(since.String(), "drain"); len(f) != 5 || f[1] != "0" {
+		t.Errorf("drain since the snapshot: %v, want 0 calls\n%s", f, since.String())
 	}
 }

@@ -39,7 +39,7 @@ programs fall back to plain syscalls. Exit status and signals are those of COMMA
 			client := node.NewBarrierClient(socket)
 			code, err := barrier.Exec(context.Background(), self, args, func(int32) error {
 				return client.Wait()
-			})
+			}, client.Report)
 			if err != nil {
 				return err
 			}

@@ -14,15 +14,18 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
 
+	"github.com/duet-ha/duet/pkg/barrier"
 	"github.com/duet-ha/duet/pkg/capture"
 	"github.com/duet-ha/duet/pkg/cluster"
 	"github.com/duet-ha/duet/pkg/config"
+	"github.com/duet-ha/duet/pkg/latency"
 	"github.com/duet-ha/duet/pkg/peerlink"
 	"github.com/duet-ha/duet/pkg/replica"
 	"github.com/duet-ha/duet/pkg/stack"
@@ -60,6 +63,9 @@ type Status struct {
 	// Copies is what this node knows of its copy of each directory.
 	Copies []CopyStatus `json:"copies,omitempty"`
 	InSync bool         `json:"in_sync"`
+	// Latency counts the stages of durability calls since start
+	// (duet status --latency).
+	Latency []latency.StageCounts `json:"latency,omitempty"`
 	// Module is the configured module; EventHook the last peer_lost,
 	// peer_lost_check or peer_back command and how it went; LostPeer
 	// where the hooks stand with a lost peer (not confirmed down yet,
@@ -168,6 +174,14 @@ type Node struct {
 	releasedAlone atomic.Bool
 	aloneGen      atomic.Uint64
 	catchingUp    atomic.Bool
+	// relMu orders releases (tryRelease) against the heartbeats' "synced"
+	// (heartbeat); syncedSent is the hbClock time of the last heartbeat
+	// that said "synced" (0: none).
+	relMu      sync.Mutex
+	syncedSent atomic.Int64
+	expiryWake atomic.Bool // a wake-up is set for when syncedSent expires
+	// stages times the steps of durability calls (duet status --latency).
+	stages latency.Stages
 	// announcedAlone is the epoch of the last heartbeat sent as ALONE;
 	// hbKick sends one at once (a new ALONE term is announced before any
 	// durability call is released).
@@ -293,7 +307,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	if err != nil {
 		return fmt.Errorf("listen %q: %w (is the address configured on this host, and the port free?)", cfg.Listen, err)
 	}
-	n.server = &replica.Server{Link: lk, StateDir: cfg.StateDir, Dirs: n.dirs, Log: log, Metas: metas}
+	n.server = &replica.Server{Link: lk, StateDir: cfg.StateDir, Dirs: n.dirs, Log: log, Metas: metas, Stages: &n.stages}
 	n.server.SetAccept(true)
 	hbConns, hbPeers, err := n.heartbeatConns()
 	if err != nil {
@@ -535,6 +549,7 @@ func (n *Node) startPrimary(ctx context.Context) error {
 			return err
 		}
 		p.OnAck = n.lags.observe
+		p.Stages = &n.stages
 		primaries = append(primaries, p)
 		err = p.BeginTerm(replica.Term{Meta: n.metas[i], DirtyPath: filepath.Join(n.cfg.StateDir, "bitmap-"+d.Name),
 			Margin: n.cfg.Resync.Margin, Rate: int64(n.cfg.Resync.RateMiB) << 20})
@@ -658,6 +673,12 @@ func (n *Node) takeCapture() (*capture.Capture, error) {
 // peerSynced: every directory streams to the peer, and whatever a barrier
 // released without the peer has been shipped since.
 func (n *Node) peerSynced() bool {
+	return n.streaming() && n.caughtUp()
+}
+
+// streaming reports whether every replicated directory streams to the
+// peer.
+func (n *Node) streaming() bool {
 	// Not held across Drain: it takes the lock again, and a writer
 	// waiting in between would deadlock the two.
 	n.smu.RLock()
@@ -671,11 +692,20 @@ func (n *Node) peerSynced() bool {
 			return false
 		}
 	}
-	if n.releasedAlone.Load() {
-		n.catchUp(primaries)
-		return false
-	}
 	return true
+}
+
+// caughtUp reports whether nothing released without the peer is still
+// to be shipped; if something is, it starts the catch-up.
+func (n *Node) caughtUp() bool {
+	if !n.releasedAlone.Load() {
+		return true
+	}
+	n.smu.RLock()
+	primaries := n.primaries
+	n.smu.RUnlock()
+	n.catchUp(primaries)
+	return false
 }
 
 // catchUp starts, unless one runs, a wait until every change captured so
@@ -696,7 +726,7 @@ func (n *Node) catchUp(primaries []*replica.Primary) {
 		defer cancel()
 		// Released, as a durability call is, once the peer cannot take
 		// over: it is not in sync then anyway.
-		rel := replica.Release{Now: n.peerCannotTakeOver}
+		rel := replica.Release{Now: n.tryRelease}
 		for _, p := range primaries {
 			if err := p.WaitShipped(ctx, kernel{n}, rel); err != nil {
 				return
@@ -962,18 +992,63 @@ func (n *Node) serveControl(ctx context.Context, ln net.Listener) {
 			case "barrier":
 				// A barrier connection stays open for the next
 				// call: a supervised writer's fsyncs skip a
-				// connect each.
+				// connect each. Each request may carry the
+				// client's timings of earlier calls.
 				c.SetDeadline(time.Time{})
+				var took time.Duration // the daemon's part of the last call
 				for req == "barrier" && err == nil {
-					if _, err = fmt.Fprintln(c, n.barrier(ctx)); err == nil {
+					start := time.Now()
+					reply := n.barrier(ctx)
+					took = time.Since(start)
+					if _, err = fmt.Fprintln(c, reply); err == nil {
 						line, err = br.ReadString('\n')
-						req = strings.TrimSpace(line)
+						req = n.barrierReport(strings.TrimSpace(line), took)
 					}
 				}
 			default:
 				fmt.Fprintf(c, "{\"error\":%q}\n", "unknown request "+req)
 			}
 		}()
+	}
+}
+
+// barrierReport takes the timings a barrier request carries ("barrier
+// rtt=N held=N wait=N local=N", nanoseconds, each optional; see
+// BarrierClient), counts them, and returns the bare request. rtt is the
+// client's round trip of the previous call on this connection, whose
+// daemon part was took: the rest is the control socket's hop.
+func (n *Node) barrierReport(line string, took time.Duration) string {
+	req, fields, _ := strings.Cut(line, " ")
+	if req != "barrier" {
+		return line
+	}
+	for _, f := range strings.Fields(fields) {
+		k, v, _ := strings.Cut(f, "=")
+		ns, err := strconv.ParseInt(v, 10, 64)
+		if err != nil || ns < 0 {
+			continue
+		}
+		d := time.Duration(ns)
+		switch k {
+		case "rtt":
+			if d >= took {
+				n.stages.Observe(latency.ControlHop, d-took)
+			}
+		case "held":
+			n.stages.Observe(latency.Held, d)
+		case "local":
+			n.stages.Observe(latency.LocalFlush, d)
+		}
+	}
+	return req
+}
+
+// observeCall counts the timing of a durability call held by a
+// supervisor.
+func (n *Node) observeCall(t barrier.Timing) {
+	n.stages.Observe(latency.Held, t.Held)
+	if t.Local > 0 {
+		n.stages.Observe(latency.LocalFlush, t.Local)
 	}
 }
 
@@ -1036,7 +1111,10 @@ func (n *Node) barrier(ctx context.Context) string {
 		return "error: this node is handing over the primary role"
 	}
 	start := time.Now()
-	defer func() { n.barriers.observe(time.Since(start)) }()
+	defer func() {
+		n.barriers.observe(time.Since(start))
+		n.stages.Since(latency.Daemon, start)
+	}()
 	n.lastBarrier.Store(start.UnixNano())
 	n.smu.RLock()
 	primaries, c := n.primaries, n.cap
@@ -1054,13 +1132,13 @@ func (n *Node) barrier(ctx context.Context) string {
 	for _, p := range primaries {
 		streaming = streaming && p.Streaming()
 	}
-	if !streaming && n.peerCannotTakeOver() {
+	if !streaming && n.tryRelease() {
 		return n.alone()
 	}
 	ctx, cancel := context.WithTimeout(ctx, barrierTimeout)
 	defer cancel()
 	reply := "ok"
-	rel := replica.Release{Now: n.peerCannotTakeOver}
+	rel := replica.Release{Now: n.tryRelease}
 	for i, p := range primaries {
 		var err error
 		if r := n.cfg.Replicate[i]; r.Mode == config.ModeAsync {
@@ -1104,7 +1182,54 @@ func (n *Node) peerCannotTakeOver() bool {
 		return n.announcedAlone.Load() == m.Epoch && witnessed
 	}
 	p := m.Peer
-	return p.Seen && p.Stale
+	return p.Seen && p.Stale && n.staleCurrent(p)
+}
+
+// staleCurrent reports whether the peer's "stale" (in heartbeat p) still
+// holds: no heartbeat of ours that said "synced" can still make it SECOND.
+// A peer turns SECOND on such a heartbeat; one sent just before a call is
+// released may still be in flight, or accepted and not yet applied, while
+// the peer's last heartbeat says stale. Released then, and this node dead
+// within the next interval (whose heartbeat would say "not in sync"), the
+// write would be lost by the peer's takeover. So the stale heartbeat must
+// echo our last "synced" one, or that one must be too old for the peer to
+// accept (its Guard refuses heartbeats older than cluster.timeout; twice
+// that leaves room for the clocks' drift).
+func (n *Node) staleCurrent(p cluster.Peer) bool {
+	sent := time.Duration(n.syncedSent.Load())
+	if sent == 0 {
+		return true
+	}
+	if p.EchoBoot == n.guard.Boot() && p.EchoTime >= sent {
+		return true
+	}
+	left := 2*n.cfg.Cluster.Timeout - (hbClock() - sent)
+	if left < 0 {
+		return true
+	}
+	// Nothing else may happen by then to look again.
+	if n.expiryWake.CompareAndSwap(false, true) {
+		time.AfterFunc(left+time.Millisecond, func() {
+			n.expiryWake.Store(false)
+			n.wakePrimaries()
+		})
+	}
+	return false
+}
+
+// tryRelease is Release.Now: whether a durability call may go on without
+// the peer (peerCannotTakeOver). A release is recorded in the same step,
+// under relMu, so that the heartbeats cannot say "synced" after a check
+// that relied on none being sent (see heartbeat).
+func (n *Node) tryRelease() bool {
+	n.relMu.Lock()
+	defer n.relMu.Unlock()
+	if !n.peerCannotTakeOver() {
+		return false
+	}
+	n.aloneGen.Add(1)
+	n.releasedAlone.Store(true)
+	return true
 }
 
 // wakePrimaries has every waiting durability call look again at what the
@@ -1123,8 +1248,6 @@ func (n *Node) alone() string {
 	if n.cfg.Cluster.AloneWrites == config.AloneFail {
 		return "error: no peer in sync, and cluster.alone_writes is fail"
 	}
-	n.aloneGen.Add(1)
-	n.releasedAlone.Store(true)
 	return "alone"
 }
 
@@ -1134,11 +1257,41 @@ func (n *Node) alone() string {
 type BarrierClient struct {
 	Socket string
 	idle   chan *barrierConn
+
+	mu      sync.Mutex
+	reports []string // timings of answered calls, for the next requests
 }
 
 type barrierConn struct {
-	c  net.Conn
-	br *bufio.Reader
+	c   net.Conn
+	br  *bufio.Reader
+	rtt time.Duration // of the last call on this connection
+}
+
+// Report hands the timing of an answered durability call to the daemon
+// with a later request, for `duet status --latency`.
+func (b *BarrierClient) Report(t barrier.Timing) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if len(b.reports) < 64 { // a burst beyond is not worth holding
+		b.reports = append(b.reports, fmt.Sprintf("held=%d local=%d", t.Held, t.Local))
+	}
+}
+
+// request is the next request line: "barrier", with this connection's
+// last round trip and one pending report.
+func (b *BarrierClient) request(bc *barrierConn) string {
+	req := "barrier"
+	if bc.rtt > 0 {
+		req += fmt.Sprintf(" rtt=%d", bc.rtt)
+	}
+	b.mu.Lock()
+	if len(b.reports) > 0 {
+		req += " " + b.reports[0]
+		b.reports = b.reports[1:]
+	}
+	b.mu.Unlock()
+	return req
 }
 
 // NewBarrierClient returns a client of the daemon behind socket.
@@ -1155,7 +1308,7 @@ func (b *BarrierClient) Wait() error {
 	default:
 	}
 	if bc != nil {
-		line, err := bc.call()
+		line, err := bc.call(b.request(bc))
 		if err == nil {
 			return b.done(bc, line)
 		}
@@ -1166,7 +1319,7 @@ func (b *BarrierClient) Wait() error {
 		return fmt.Errorf("no duet daemon at %s: %w", b.Socket, err)
 	}
 	bc = &barrierConn{c: c, br: bufio.NewReader(c)}
-	line, err := bc.call()
+	line, err := bc.call(b.request(bc))
 	if err != nil {
 		c.Close()
 		return fmt.Errorf("barrier: daemon gone: %w", err)
@@ -1174,11 +1327,13 @@ func (b *BarrierClient) Wait() error {
 	return b.done(bc, line)
 }
 
-func (bc *barrierConn) call() (string, error) {
-	if _, err := bc.c.Write([]byte("barrier\n")); err != nil {
+func (bc *barrierConn) call(req string) (string, error) {
+	start := time.Now()
+	if _, err := bc.c.Write([]byte(req + "\n")); err != nil {
 		return "", err
 	}
 	line, err := bc.br.ReadString('\n')
+	bc.rtt = time.Since(start)
 	return strings.TrimSpace(line), err
 }
 
@@ -1222,6 +1377,7 @@ func (n *Node) Status() Status {
 	n.smu.RLock()
 	c, primaries := n.cap, n.primaries
 	n.smu.RUnlock()
+	s.Latency = n.stages.Snapshot()
 	s.InSync = m.State == cluster.Second || m.State == cluster.Prim && m.Peer.State == cluster.Second
 	if c != nil {
 		s.Hooks = c.Hooks()

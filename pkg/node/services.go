@@ -34,7 +34,7 @@ func newStack(cfg *config.Config, log *slog.Logger, self string, n *Node) *stack
 	// next start fails) and serve without duet.
 	group := barrier.GroupEnv + "=" + strconv.Itoa(os.Getpid())
 	st.Launch = func(args []string, setup func(*exec.Cmd)) (*exec.Cmd, error) {
-		return barrier.Start(self, args, wait, func(c *exec.Cmd) {
+		return barrier.Start(self, args, wait, n.observeCall, func(c *exec.Cmd) {
 			setup(c)
 			if c.Env == nil {
 				c.Env = os.Environ()

@@ -17,6 +17,7 @@ import (
 	"github.com/duet-ha/duet/pkg/capture"
 	"github.com/duet-ha/duet/pkg/fstree"
 	"github.com/duet-ha/duet/pkg/journal"
+	"github.com/duet-ha/duet/pkg/latency"
 	"github.com/duet-ha/duet/pkg/peerlink"
 	"github.com/duet-ha/duet/pkg/wire"
 )
@@ -51,6 +52,9 @@ type Primary struct {
 	// batch: from the capture of its oldest change to the peer's ack.
 	// Called with the primary's lock held: it must not call back.
 	OnAck func(lag time.Duration)
+	// Stages, if set, times the steps of durability calls (WaitShipped)
+	// and the peer's answers to sync requests.
+	Stages *latency.Stages
 
 	root     *os.File
 	session  uint64
@@ -74,11 +78,15 @@ type Primary struct {
 	acked             uint64 // highest batch the peer applied
 	durable           uint64 // highest batch the peer applied and synced
 	syncReq           uint64 // highest batch a barrier asked to be made durable
-	connected         bool
-	// dropConn ends the current connection (nil without one): the
-	// cluster declared the peer lost, which TCP may not notice for
-	// minutes after a crash without a FIN.
-	dropConn     context.CancelFunc
+	// syncAsked is when the oldest sync request not yet acknowledged
+	// durable was sent, for batch syncAskedSeq (for SyncRTT).
+	syncAsked    time.Time
+	syncAskedSeq uint64
+	connected    bool
+	// dropConn ends the current connection (nil without one), saying
+	// why: the cluster knows the peer does not get what this node sends,
+	// which TCP may not notice for minutes (see Drop).
+	dropConn     context.CancelCauseFunc
 	building     bool
 	lastErr      string
 	barrierCount uint64
@@ -319,8 +327,8 @@ func (p *Primary) connection(ctx context.Context, kernel Kernel) error {
 		return err
 	}
 	defer c.Close()
-	cctx, cancel := context.WithCancel(ctx)
-	defer cancel()
+	cctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
 	// The goroutines below wait on conditions until cctx ends. Run's
 	// wake-up when ctx ends is not enough: ctx's Done is closed before
 	// cctx's Err is set, so a goroutine woken by it may see cctx live and
@@ -360,11 +368,11 @@ func (p *Primary) connection(ctx context.Context, kernel Kernel) error {
 	go func() { errc <- p.build(cctx, c, kernel, manifest) }()
 	err = <-errc
 	if cctx.Err() != nil && ctx.Err() == nil {
-		err = errors.New("the cluster declared the peer lost (no heartbeats): connection ended")
+		err = fmt.Errorf("connection ended: %w", context.Cause(cctx))
 	}
 	// Every goroutine of this connection is gone before the next one
 	// starts: none may act on a later connection's state.
-	cancel()
+	cancel(nil)
 	c.Close()
 	p.wake()
 	<-errc
@@ -398,6 +406,10 @@ func (p *Primary) readAcks(ctx context.Context, c net.Conn, manifest chan<- wire
 				p.durable = f.Seq
 				p.clearDirty(false)
 			}
+			if f.Flags&wire.FlagDurable != 0 && !p.syncAsked.IsZero() && f.Seq >= p.syncAskedSeq {
+				p.Stages.Since(latency.SyncRTT, p.syncAsked)
+				p.syncAsked = time.Time{}
+			}
 			p.mu.Unlock()
 			if f.Flags&wire.FlagResyncDone != 0 {
 				p.finishResync()
@@ -426,17 +438,19 @@ type PeerRefusedError struct{ Reason string }
 
 func (e *PeerRefusedError) Error() string { return "peer cannot apply: " + e.Reason }
 
-// PeerLost ends the connection in progress: the cluster declared the peer
-// lost. A crashed host sends no FIN, and the connection would otherwise
-// look alive, holding durability calls, until TCP gives up minutes later.
+// Drop ends the connection in progress because the cluster knows the
+// peer does not get what it sends (why): it was declared lost, or it does
+// not hear this node. A crashed host sends no FIN, and frames lost on
+// their way keep TCP retransmitting: the connection would otherwise look
+// alive, holding durability calls, until TCP gives up minutes later.
 // Reconnection attempts go on.
-func (p *Primary) PeerLost() {
+func (p *Primary) Drop(why string) {
 	p.mu.Lock()
 	drop := p.dropConn
 	p.mu.Unlock()
 	if drop != nil {
-		p.Log.Info("peer lost: ending the replication connection", "peer", p.Peer)
-		drop()
+		p.Log.Info("ending the replication connection: "+why, "peer", p.Peer)
+		drop(errors.New(why))
 	}
 	p.wake()
 }
@@ -469,6 +483,9 @@ func (p *Primary) writeBatches(ctx context.Context, c net.Conn, from uint64) err
 	w := &coalescer{c: c}
 	sent := from
 	var syncSent, lazySent uint64
+	p.mu.Lock()
+	p.syncAsked = time.Time{} // asked on an earlier connection
+	p.mu.Unlock()
 	for {
 		p.mu.Lock()
 		var next []sentBatch
@@ -509,10 +526,16 @@ func (p *Primary) writeBatches(ctx context.Context, c net.Conn, from uint64) err
 			sent = b.seq
 		}
 		if syncTo != 0 && syncTo <= sent {
+			at := time.Now()
 			if err := w.frame(&wire.Frame{Type: wire.TypeSync, Seq: syncTo}); err != nil {
 				return fmt.Errorf("sending sync request: %w", err)
 			}
 			syncSent = syncTo
+			p.mu.Lock()
+			if p.syncAsked.IsZero() {
+				p.syncAsked, p.syncAskedSeq = at, syncTo
+			}
+			p.mu.Unlock()
 		}
 		if lazy {
 			if err := w.frame(&wire.Frame{Type: wire.TypeSync, Flags: wire.FlagLazy, Seq: sent}); err != nil {
@@ -988,12 +1011,15 @@ func (p *Primary) WaitShipped(ctx context.Context, kernel Kernel, rel Release) e
 	if kernel != nil {
 		kernel.Drain()
 	}
+	drained := time.Now()
+	p.Stages.Observe(latency.Drain, drained.Sub(start))
 	p.mu.Lock()
 	target := p.added
 	p.mu.Unlock()
 	var need uint64 // the batch to be made durable, once a pass covered target
 	var fullSyncs int
 	covered := false
+	var coveredAt time.Time
 	return p.waitPeer(ctx, rel, func() bool {
 		if covered && p.fullSyncs != fullSyncs {
 			// A full sync replaced the batches since (the peer lost
@@ -1002,8 +1028,13 @@ func (p *Primary) WaitShipped(ctx context.Context, kernel Kernel, rel Release) e
 		}
 		if !p.needFull && !covered && p.covered >= target && (p.coveredBefore.IsZero() || start.Before(p.coveredBefore)) {
 			need, covered, fullSyncs = p.coveredSeq, true, p.fullSyncs
+			if coveredAt.IsZero() {
+				coveredAt = time.Now()
+				p.Stages.Observe(latency.Build, coveredAt.Sub(drained))
+			}
 		}
 		if covered && p.durable >= need {
+			p.Stages.Since(latency.Peer, coveredAt)
 			return true
 		}
 		if covered && p.syncReq < need {

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/duet-ha/duet/pkg/fstree"
+	"github.com/duet-ha/duet/pkg/latency"
 	"github.com/duet-ha/duet/pkg/peerlink"
 	"github.com/duet-ha/duet/pkg/wire"
 )
@@ -37,7 +38,10 @@ type Server struct {
 	Log      *slog.Logger
 	// Metas holds each directory's copy state (by name); a directory
 	// without one announces an unknown copy (a full comparison).
-	Metas    map[string]*MetaStore
+	Metas map[string]*MetaStore
+	// Stages, if set, times applying batches and flushing for sync
+	// requests.
+	Stages   *latency.Stages
 	accept   atomic.Bool        // replicas take batches; a serving node does not
 	syncfs   func(fd int) error // the appliers' syncfs when set (a test fails it)
 	handlers sync.WaitGroup     // connections being served
@@ -601,6 +605,7 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 			return err
 		}
 		st.SyncNs.Add(int64(time.Since(syncStart)))
+		s.Stages.Since(latency.Flush, syncStart)
 		st.Syncs.Add(1)
 		unsynced = false
 		return nil
@@ -757,6 +762,7 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 			}
 		}
 		st.ApplyNs.Add(int64(time.Since(applyStart)))
+		s.Stages.Since(latency.Apply, applyStart)
 		unsynced = true
 		r.setProgress(r.session, f.Seq)
 		r.partial, r.ops = 0, 0
