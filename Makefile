@@ -12,7 +12,7 @@ export DUET_BIN := $(CURDIR)/$(BIN)
 # fails with "context deadline exceeded" without any crashing input.
 FUZZTIME ?= 400000x
 
-.PHONY: help build generate check-generate test unit race e2e fuzz demo lab-up lab-down bench vet clean vagrant-check k3s-soak nemesis
+.PHONY: help build generate check-generate test unit race e2e fuzz demo lab-up lab-down bench vet clean vagrant-check check-monitoring k3s-soak nemesis
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -53,7 +53,7 @@ fuzz: ## short fuzz runs of the frame decoder, the heartbeat parser and the appl
 e2e: build ## kernel and lab tests (root): capture on loop ext4, two-node replication
 	$(SUDO) $(GO) test -count=1 -p 1 -timeout 30m -v ./pkg/capture/ ./tools/lab/
 
-test: vet build vagrant-check race ## everything CI runs: vet, race, unit, fuzz, kernel and lab tests (root)
+test: vet build vagrant-check check-monitoring race ## everything CI runs: vet, race, unit, fuzz, kernel and lab tests (root)
 	@# tools/lab's own tests need the lab; its packages (faultnet, linearize) run here.
 	$(SUDO) $(GO) test -count=1 -p 1 -timeout 30m $$($(GO) list ./... | grep -v '/tools/lab$$')
 	@# The lab tests print what they measured (failover times, zero-loss
@@ -65,6 +65,15 @@ vagrant-check: build ## check the Vagrant lab without VMs: vagrant validate, bas
 	bash -n vagrant/failover-test.sh vagrant/provision/*.sh
 	@if command -v shellcheck >/dev/null; then shellcheck -x vagrant/failover-test.sh vagrant/provision/*.sh tools/lab/lab.sh tools/demo.sh; else echo "shellcheck not installed: skipped"; fi
 	@if command -v vagrant >/dev/null; then cd vagrant && vagrant validate --ignore-provider; else echo "vagrant not installed: vagrant validate skipped"; exit $${DUET_REQUIRE_STACK:+1}; fi
+
+# The metric names these files use are checked against a node's registry by
+# pkg/node's tests (go test), which need no promtool.
+check-monitoring: ## promtool: the alert rules (deploy/prometheus) and their scenarios
+	@if ! command -v promtool >/dev/null; then \
+		if [ -n "$$CI" ]; then echo "promtool not installed (Debian package prometheus; .ci/run installs it)"; exit 1; fi; \
+		echo "promtool not installed (apt-get install --no-install-recommends prometheus): check-monitoring skipped"; exit 0; \
+	fi; \
+	promtool check rules deploy/prometheus/duet-alerts.yml && promtool test rules deploy/prometheus/duet-alerts_test.yml
 
 k3s-soak: build ## the k3s stack failover test, 20 runs (DUET_K3S_RUNS to change)
 	$(SUDO) DUET_K3S_RUNS=$${DUET_K3S_RUNS:-20} DUET_REQUIRE_STACK=1 $(GO) test -count=1 -timeout 60m -v -run TestK3SStackFailover ./tools/lab/

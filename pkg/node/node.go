@@ -56,10 +56,14 @@ type Status struct {
 	LagBytes  int                  `json:"lag_bytes"`
 	// LagHistogram counts acknowledged batches by replication lag, and
 	// BarrierHistogram durability calls by time waited, since start.
-	LagHistogram     Histogram        `json:"lag_histogram"`
-	BarrierHistogram Histogram        `json:"barrier_histogram"`
-	Dirs             []replica.Status `json:"dirs,omitempty"`
-	Replicas         []ReplicaStatus  `json:"replicas,omitempty"`
+	LagHistogram     Histogram `json:"lag_histogram"`
+	BarrierHistogram Histogram `json:"barrier_histogram"`
+	// BarriersWaiting durability calls wait for the peer now, the
+	// oldest for BarrierOldestWaitMs.
+	BarriersWaiting     int              `json:"barriers_waiting"`
+	BarrierOldestWaitMs float64          `json:"barrier_oldest_wait_ms"`
+	Dirs                []replica.Status `json:"dirs,omitempty"`
+	Replicas            []ReplicaStatus  `json:"replicas,omitempty"`
 	// Copies is what this node knows of its copy of each directory.
 	Copies []CopyStatus `json:"copies,omitempty"`
 	InSync bool         `json:"in_sync"`
@@ -147,16 +151,16 @@ type Node struct {
 	log         *slog.Logger
 	// keys are the cluster keys, the current one first (see
 	// heartbeatKey); link, the TCP link to the peer made of them.
-	keys     [][]byte
-	peerKey  atomic.Int32
-	link     *peerlink.Link
-	dirs     []replica.Dir
-	devs     []uint64
-	server   *replica.Server
-	vip      *vip.VIP
-	stack    *stack.Stack
-	barriers histogram
-	lags     histogram
+	keys    [][]byte
+	peerKey atomic.Int32
+	link    *peerlink.Link
+	dirs    []replica.Dir
+	devs    []uint64
+	server  *replica.Server
+	vip     *vip.VIP
+	stack   *stack.Stack
+	metrics *metrics
+	waiting waiting // durability calls in progress
 
 	// The serving side exists while the node is PRIM or ALONE.
 	smu         sync.RWMutex
@@ -227,6 +231,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	}
 	n := &Node{cfg: cfg, log: log, keys: keys, link: lk, events: make(chan cluster.Event, 64), cmds: make(chan command),
 		hbKick: make(chan struct{}, 1)}
+	n.metrics = newMetrics(n.Status)
 	if n.guard, err = newGuard(cfg); err != nil {
 		return err
 	}
@@ -548,7 +553,7 @@ func (n *Node) startPrimary(ctx context.Context) error {
 			}
 			return err
 		}
-		p.OnAck = n.lags.observe
+		p.OnAck = func(lag time.Duration) { n.metrics.lags.Observe(lag.Seconds()) }
 		p.Stages = &n.stages
 		primaries = append(primaries, p)
 		err = p.BeginTerm(replica.Term{Meta: n.metas[i], DirtyPath: filepath.Join(n.cfg.StateDir, "bitmap-"+d.Name),
@@ -1111,8 +1116,10 @@ func (n *Node) barrier(ctx context.Context) string {
 		return "error: this node is handing over the primary role"
 	}
 	start := time.Now()
+	end := n.waiting.begin(start)
 	defer func() {
-		n.barriers.observe(time.Since(start))
+		end()
+		n.metrics.barriers.Observe(time.Since(start).Seconds())
 		n.stages.Since(latency.Daemon, start)
 	}()
 	n.lastBarrier.Store(start.UnixNano())
@@ -1373,7 +1380,9 @@ func (n *Node) Status() Status {
 		s.VIP = vs
 	}
 	s.Services = n.stack.Status()
-	s.LagHistogram, s.BarrierHistogram = n.lags.snapshot(), n.barriers.snapshot()
+	s.LagHistogram, s.BarrierHistogram = snapshot(n.metrics.lags), snapshot(n.metrics.barriers)
+	waiting, oldest := n.waiting.oldest(time.Now())
+	s.BarriersWaiting, s.BarrierOldestWaitMs = waiting, float64(oldest.Microseconds())/1000
 	n.smu.RLock()
 	c, primaries := n.cap, n.primaries
 	n.smu.RUnlock()
