@@ -362,26 +362,31 @@ func answer(listener int, req seccompNotif, sup supervisor) {
 	resp := seccompNotifResp{ID: req.ID}
 	local := flushEarly(listener, &req)
 	waited, err := sup.hold(req.NR)
-	var lerr error
-	var flushed time.Duration
+	r := flushResult{cont: true}
 	if local != nil {
-		r := <-local
-		lerr, flushed = r.err, r.took
+		r = <-local
 	}
 	var errno unix.Errno
 	switch {
 	case err != nil:
 		resp.Error = -int32(unix.EIO)
 		fmt.Fprintf(os.Stderr, "duet exec: durability call %d of pid %d failed with EIO: %v\n", req.NR, req.PID, err)
-	case errors.As(lerr, &errno):
+	case r.cont:
+		resp.Flags = unix.SECCOMP_USER_NOTIF_FLAG_CONTINUE
+	case errors.As(r.err, &errno):
 		// The early flush took the file's error report (it shares the
 		// caller's open file description): the caller must get it.
 		resp.Error = -int32(errno)
-	default:
-		resp.Flags = unix.SECCOMP_USER_NOTIF_FLAG_CONTINUE
+	case r.err != nil:
+		resp.Error = -int32(unix.EIO)
 	}
+	// Otherwise the early flush did what the call asks, on the caller's
+	// own open file description, after the call began: the call returns
+	// 0 without running it again. (Continued, it made a second
+	// fdatasync, which on ext4 may flush the device's cache again: tens
+	// to hundreds of µs on every call.)
 	ioctl(listener, unix.SECCOMP_IOCTL_NOTIF_SEND, unsafe.Pointer(&resp))
-	sup.done(req.NR, start, waited, flushed)
+	sup.done(req.NR, start, waited, r.took)
 }
 
 // takeFD returns a duplicate of descriptor fd of the notifying thread (the
@@ -439,20 +444,21 @@ func flushEarly(listener int, req *seccompNotif) <-chan flushResult {
 		defer unix.Close(fd)
 		start := time.Now()
 		err := flush(fd)
-		if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.EROFS) {
-			// Nothing to flush (a pipe, a socket): the continued call
-			// reports this itself.
-			err = nil
-		}
-		done <- flushResult{err, time.Since(start)}
+		// Nothing to flush (a pipe, a socket): the continued call
+		// reports this itself.
+		cont := errors.Is(err, unix.EINVAL) || errors.Is(err, unix.EROFS)
+		done <- flushResult{err: err, took: time.Since(start), cont: cont}
 	}()
 	return done
 }
 
-// flushResult is how an early flush ended, and how long it took.
+// flushResult is how an early flush ended, and how long it took; cont:
+// the kernel must run the call itself (no early flush, or one the call
+// would refuse).
 type flushResult struct {
 	err  error
 	took time.Duration
+	cont bool
 }
 
 func ioctl(fd int, req uintptr, arg unsafe.Pointer) error {

@@ -25,8 +25,9 @@ type Applier struct {
 	root  *os.File
 	sync  *os.File            // the root opened for reading: syncfs refuses O_PATH
 	files map[string]*os.File // open for writing within one batch
-	// What the batch touched, for a targeted flush: files written and
-	// directories whose entries changed. overflow means "too many: syncfs".
+	// What the batch touched, for a targeted flush: files written (true:
+	// their attributes too) and directories whose entries changed.
+	// overflow means "too many: syncfs".
 	dirty    map[string]bool
 	dirs     map[string]bool
 	overflow bool
@@ -94,25 +95,33 @@ func (a *Applier) flushAll() error {
 		}
 		return nil
 	}
-	// fsync, not fdatasync: a setattr's mode, owner and times must last
-	// too.
-	for p := range a.dirty {
-		if err := a.flush(p, unix.O_RDONLY); err != nil {
+	// A file only written, truncated or punched needs fdatasync: it
+	// makes the data and the size and block map that reach it durable,
+	// and skips the journal commit that the write's new mtime would
+	// cost (the peer's flush is on every durability call's path, and
+	// the mtime a write leaves on the replica is this host's anyway). A
+	// setattr's mode, owner and times must last: fsync.
+	for p, attrs := range a.dirty {
+		flush := unix.Fdatasync
+		if attrs {
+			flush = unix.Fsync
+		}
+		if err := a.flush(p, unix.O_RDONLY, flush); err != nil {
 			return err
 		}
 	}
 	for d := range a.dirs {
-		if err := a.flush(d, unix.O_RDONLY|unix.O_DIRECTORY); err != nil {
+		if err := a.flush(d, unix.O_RDONLY|unix.O_DIRECTORY, unix.Fsync); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-// flush fsyncs one path. One that is gone since (removed later in the
-// batch), is a symlink, a FIFO or a socket (its directory is flushed)
-// needs nothing.
-func (a *Applier) flush(p string, flags int) error {
+// flush flushes one path with sync. One that is gone since (removed later
+// in the batch), is a symlink, a FIFO or a socket (its directory is
+// flushed) needs nothing.
+func (a *Applier) flush(p string, flags int, sync func(fd int) error) error {
 	f, err := a.openRegular(p, flags)
 	if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENOTDIR) || errors.Is(err, unix.ELOOP) || errors.Is(err, errNotRegular) {
 		return nil
@@ -121,7 +130,7 @@ func (a *Applier) flush(p string, flags int) error {
 		return fmt.Errorf("flushing %q: %w", p, err)
 	}
 	defer f.Close()
-	if err := unix.Fsync(int(f.Fd())); err != nil {
+	if err := sync(int(f.Fd())); err != nil {
 		return fmt.Errorf("flushing %q: %w", p, err)
 	}
 	return nil
@@ -249,7 +258,9 @@ func (a *Applier) touch(op *wire.Op) {
 	}
 	switch op.Code {
 	case wire.OpWrite, wire.OpTruncate, wire.OpPunch:
-		a.dirty[op.Path] = true
+		if _, ok := a.dirty[op.Path]; !ok {
+			a.dirty[op.Path] = false // data: fdatasync, unless a setattr asks more
+		}
 	case wire.OpSetattr:
 		a.dirty[op.Path] = true
 		a.dirs[dirOf(op.Path)] = true // covers a symlink, which cannot be opened

@@ -112,6 +112,20 @@ func TestFailover(t *testing.T) {
 			t.Fatalf("metrics of %s lack %q:\n%s", nodeName[p], want, metrics)
 		}
 	}
+	// The page as Prometheus reads it: promtool's parser and lint
+	// (Debian's prometheus package; CI installs it).
+	if _, err := exec.LookPath("promtool"); err == nil {
+		check := exec.Command("promtool", "check", "metrics")
+		check.Stdin = strings.NewReader(metrics)
+		if out, err := check.CombinedOutput(); err != nil {
+			t.Fatalf("promtool check metrics on %s's scrape: %v\n%s", nodeName[p], err, out)
+		}
+		t.Logf("promtool check metrics on %s's scrape: ok", nodeName[p])
+	} else if os.Getenv("DUET_REQUIRE_STACK") != "" {
+		t.Fatal("promtool not installed (Debian package prometheus), and DUET_REQUIRE_STACK is set")
+	} else {
+		t.Log("promtool not installed: the live scrape is not checked by it")
+	}
 	for _, line := range strings.Split(metrics, "\n") {
 		if strings.HasPrefix(line, "duet_peer_lost_total ") || strings.HasPrefix(line, "duet_barrier_seconds_count ") {
 			t.Logf("metrics of %s: %s", nodeName[p], line)
