@@ -257,14 +257,15 @@ func TestCallerOwnsNewFiles(t *testing.T) {
 
 // TestPermissionDenied: a user's calls are checked against the files'
 // owner, group (supplementary groups included) and mode, and a sticky
-// directory's, and ACCESS and LOOKUP say what the user may do. Before,
-// every call succeeded as root.
+// directory's, ACCESS and LOOKUP say what the user may do, and a user's
+// write clears set-user-ID. Before, every call succeeded as root.
 func TestPermissionDenied(t *testing.T) {
 	needRoot(t)
 	dir := exportTree(t, []entry{
 		{"home", 1000, 1000, 0o755 | os.ModeDir},
 		{"home/f", 1000, 1000, 0o644},
 		{"home/shared", 1000, 3000, 0o660},
+		{"home/tool", 1000, 1000, 0o777 | os.ModeSetuid},
 		{"private", 1000, 1000, 0o700 | os.ModeDir},
 		{"private/p", 1000, 1000, 0o644},
 		{"tmp", 0, 0, 0o777 | os.ModeDir | os.ModeSticky},
@@ -310,6 +311,13 @@ func TestPermissionDenied(t *testing.T) {
 	}
 	if _, st := member.write(shared, 0, []byte("x"), nfsclient.Unstable); st != nfsclient.StatusOK {
 		t.Errorf("WRITE to home/shared (group 3000, 0660) as uid 2000 in group 3000: status %d, want OK", st)
+	}
+	// A write by anyone but root clears set-user-ID, as a local one does.
+	if _, st := other.write(lookup(other, "home", "tool"), 0, []byte("x"), nfsclient.FileSync); st != nfsclient.StatusOK {
+		t.Errorf("WRITE to home/tool (04777) as uid 2000: status %d, want OK", st)
+	}
+	if fi, err := os.Stat(filepath.Join(dir, "home", "tool")); err != nil || fi.Mode()&os.ModeSetuid != 0 {
+		t.Errorf("home/tool after uid 2000 wrote it: %v, %v; want set-user-ID cleared", fi.Mode(), err)
 	}
 	if got, st := other.access(f, accessRead|accessModify|accessExtend|accessExecute); st != nfsclient.StatusOK || got != accessRead {
 		t.Errorf("ACCESS home/f as uid 2000: status %d, granted %#x, want READ only (%#x)", st, got, accessRead)
