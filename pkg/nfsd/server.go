@@ -192,7 +192,8 @@ func (c *connHandler) FromHandle(fh []byte) (billy.Filesystem, []string, error) 
 func (h *Handler) HandleLimit() int { return math.MaxInt32 }
 
 // Serve answers NFSv3 and MOUNT (one port for both; no portmapper, no
-// NLM) on l for the export dir until ctx ends. It then closes l and every
+// NLM) on l for the export dir until ctx ends, each call acting as its
+// AUTH_SYS caller squashed as sq says. It then closes l and every
 // connection, as a failover does, and returns once no request is using the
 // export.
 func Serve(ctx context.Context, l net.Listener, dir string, s Syncer, sq Squash) error {
