@@ -347,6 +347,42 @@ func TestPermissionDenied(t *testing.T) {
 	}
 }
 
+// TestCallersTakeTurns sends, on one connection and without waiting for
+// replies, FILE_SYNC WRITEs (go-nfs's) of two users in turn to a file
+// only one of them may write: each acts as its own caller, though go-nfs
+// has one caller per connection at a time. Before, all were root's.
+func TestCallersTakeTurns(t *testing.T) {
+	needRoot(t)
+	dir := exportTree(t, []entry{{"f", 1000, 1000, 0o644}})
+	addr, _ := serveSquash(t, dir, Fsync{}, squashed)
+	c := dialNFS(t, addr)
+	f, st := c.lookup(c.mount("/"), "f")
+	mustOK(t, "LOOKUP f", st)
+	uids := []uint32{2000, 1000, 2000, 2000, 1000, 1000, 2000, 1000}
+	var calls []byte
+	for i, uid := range uids {
+		args := encodeWrite(f, uint64(i), uint32(nfsclient.FileSync), []byte("x"))
+		calls = append(calls, callRecord(uint32(i), progNFS, nfsVersion, procWrite, authSysCred(uid, uid), args)...)
+	}
+	conn := rawConn(t, addr)
+	if _, err := conn.Write(calls); err != nil {
+		t.Fatal(err)
+	}
+	for range uids {
+		xid, accept, res := reply(t, conn)
+		if int(xid) >= len(uids) || accept != 0 {
+			t.Fatalf("reply to XID %d, accept state %d", xid, accept)
+		}
+		want := uint32(nfsclient.StatusOK)
+		if uids[xid] != 1000 {
+			want = nfsclient.StatusAccess
+		}
+		if got := binary.BigEndian.Uint32(res); got != want {
+			t.Errorf("WRITE %d as uid %d: status %d, want %d", xid, uids[xid], got, want)
+		}
+	}
+}
+
 func TestParseAuthSys(t *testing.T) {
 	body := func(cred []byte) []byte { return cred[8:] } // past flavor and length
 	for _, tc := range []struct {

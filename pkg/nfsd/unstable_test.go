@@ -177,9 +177,14 @@ func xdrOpaque(b []byte) []byte {
 }
 
 func writeCall(xid uint32, fh []byte, off uint64, stable uint32, data []byte) []byte {
+	return rpcCall(xid, procWrite, encodeWrite(fh, off, stable, data))
+}
+
+// encodeWrite encodes WRITE3args.
+func encodeWrite(fh []byte, off uint64, stable uint32, data []byte) []byte {
 	args := append(xdrOpaque(fh), binary.BigEndian.AppendUint64(nil, off)...)
 	args = append(args, u32s(uint32(len(data)), stable)...)
-	return rpcCall(xid, procWrite, append(args, xdrOpaque(data)...))
+	return append(args, xdrOpaque(data)...)
 }
 
 func readCall(xid uint32, fh []byte, off uint64, n uint32) []byte {
