@@ -15,6 +15,8 @@ import (
 func newNFSServe(s IOStreams) *cobra.Command {
 	var listen string
 	var allow []string
+	var noRootSquash bool
+	var anonUID, anonGID uint32
 	c := &cobra.Command{
 		Use:   "nfs-serve DIR",
 		Short: "Serve a replicated directory over NFSv3 with handles that survive failover",
@@ -24,9 +26,16 @@ peer's copy after a failover resolves every handle this one gave out.
 Durability calls are plain fsyncs: run it under "duet exec" so that they
 wait for the peer. --allow limits the clients to the networks given (the
 loopback is always allowed, for health checks); without it every client
-that reaches the address is served, as root: go-nfs does not check
-credentials.`,
+that reaches the address is served.
+
+NFS calls must carry AUTH_SYS credentials (sec=sys, Linux's default) and
+act as the user they name: the kernel checks each file operation against
+that user, and new files belong to it. A client's root is the anonymous
+user (--anon-uid, --anon-gid; 65534) unless --no-root-squash is given.
+AUTH_SYS is the client's word: whoever controls a client host can claim
+any uid but root, so --allow only hosts you trust.`,
 		Example: `  duet exec -- duet nfs-serve /var/lib/duet-k3s/nfs --listen 0.0.0.0:2049 --allow 192.168.10.0/24
+  duet nfs-serve /srv/export --listen 127.0.0.1:2049 --no-root-squash
   mount -t nfs -o vers=3,proto=tcp,port=2049,mountport=2049,mountproto=tcp,nolock VIP:/ /mnt`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -45,10 +54,17 @@ credentials.`,
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			fmt.Fprintf(s.Out, "serving %s over NFSv3 on %s\n", args[0], l.Addr())
-			return nfsd.Serve(ctx, &nfsd.AllowListener{Listener: l, Allow: nets, Log: log}, args[0], nfsd.Fsync{})
+			sq := nfsd.Squash{Root: !noRootSquash, AnonUID: anonUID, AnonGID: anonGID}
+			if noRootSquash {
+				log.Warn("clients' root acts as root on the export (--no-root-squash)")
+			}
+			return nfsd.Serve(ctx, &nfsd.AllowListener{Listener: l, Allow: nets, Log: log}, args[0], nfsd.Fsync{}, sq)
 		},
 	}
 	c.Flags().StringVar(&listen, "listen", ":2049", "TCP address for NFS and MOUNT")
 	c.Flags().StringSliceVar(&allow, "allow", nil, "client networks served (CIDR or address, repeatable); default every client")
+	c.Flags().BoolVar(&noRootSquash, "no-root-squash", false, "let a client's root (uid 0) act as root on the export")
+	c.Flags().Uint32Var(&anonUID, "anon-uid", 65534, "uid a client's root acts as (root squash)")
+	c.Flags().Uint32Var(&anonGID, "anon-gid", 65534, "gid a client's root group acts as (root squash)")
 	return c
 }

@@ -47,10 +47,16 @@ type K3S struct {
 	DuetBin string `yaml:"duet_bin"`
 	// NFSClients are the client networks duet's NFS server serves (CIDRs
 	// or addresses); default the VIP's network, where the nodes and
-	// agents are. "any" serves every client that reaches the VIP. The
-	// server does not check credentials: every client it serves acts as
-	// root on the export.
+	// agents are. "any" serves every client that reaches the VIP. Calls
+	// act as the user their AUTH_SYS credential names, which is the
+	// client host's word: serve only hosts you trust.
 	NFSClients []string `yaml:"nfs_clients"`
+	// NFSRootSquash maps a client's root to the anonymous user 65534
+	// (default true; either server). The module then makes the export's
+	// root directory, if root owns it, 65534's at each start, so that the
+	// provisioner (root in its pod) can make the volumes' directories.
+	// false lets a client's root act as root on the export.
+	NFSRootSquash *bool `yaml:"nfs_root_squash"`
 
 	// Database, User and PasswordFile are what K3S (or kine) logs in with.
 	Database     string `yaml:"database"`
@@ -107,6 +113,10 @@ const (
 	// (NFSV4.Grace_Period is 0-180 s): past it ganesha refuses its
 	// configuration and the NFS service would not start on any takeover.
 	MaxNFSGrace = 180 * time.Second
+	// AnonID is the uid and gid a client's root acts as under root
+	// squash: nobody and nogroup (duet nfs-serve's --anon-uid and
+	// --anon-gid default).
+	AnonID = 65534
 )
 
 var (
@@ -143,6 +153,10 @@ func (k *K3S) defaults(c *Config) {
 	def(&k.NFSPseudo, "/export")
 	def(&k.Ganesha, "ganesha.nfsd")
 	def(&k.NFSServer, NFSServerDuet)
+	if k.NFSRootSquash == nil {
+		squash := true
+		k.NFSRootSquash = &squash
+	}
 	if len(k.NFSClients) == 0 && c.VIP != nil {
 		if p, err := netip.ParsePrefix(c.VIP.Address); err == nil {
 			k.NFSClients = []string{p.Masked().String()}
@@ -278,14 +292,24 @@ func (k *K3S) expand(c *Config) {
 			allow += " --allow " + shq(n)
 		}
 	}
-	nfs := Service{Name: "nfs", Start: fmt.Sprintf("exec %s nfs-serve %s --listen %s%s",
-		shq(k.DuetBin), shq(k.NFSDir), net.JoinHostPort("0.0.0.0", strconv.Itoa(k.NFSPort)), allow),
+	// With root squash, a client's root is the anonymous user: the
+	// export's root, made by root (duet init), becomes that user's so
+	// that the provisioner can make a directory per volume in it. An
+	// owner someone chose is left alone.
+	prepare, squash := "", ""
+	if *k.NFSRootSquash {
+		prepare = fmt.Sprintf(`if [ "$(stat -c %%u %s)" = 0 ]; then chown %d:%d %s; fi && `, shq(k.NFSDir), AnonID, AnonID, shq(k.NFSDir))
+	} else {
+		squash = " --no-root-squash"
+	}
+	nfs := Service{Name: "nfs", Start: fmt.Sprintf("%sexec %s nfs-serve %s --listen %s%s%s",
+		prepare, shq(k.DuetBin), shq(k.NFSDir), net.JoinHostPort("0.0.0.0", strconv.Itoa(k.NFSPort)), squash, allow),
 		CheckNFS: local(k.NFSPort), StartTimeout: time.Minute, StopTimeout: 30 * time.Second}
 	if k.NFSServer == NFSServerGanesha {
 		ganeshaConf := filepath.Join(run, "ganesha.conf")
 		c.Files = append(c.Files, File{Path: ganeshaConf, Content: k.ganeshaConfig()})
-		nfs.Start = fmt.Sprintf("mkdir -p %s && exec %s -F -f %s -L STDERR -p %s -N NIV_WARN",
-			shq(filepath.Join(k.NFSStateDir, "recovery")), k.Ganesha, shq(ganeshaConf), shq(filepath.Join(run, "ganesha.pid")))
+		nfs.Start = fmt.Sprintf("%smkdir -p %s && exec %s -F -f %s -L STDERR -p %s -N NIV_WARN",
+			prepare, shq(filepath.Join(k.NFSStateDir, "recovery")), k.Ganesha, shq(ganeshaConf), shq(filepath.Join(run, "ganesha.pid")))
 	}
 	svcs := []Service{
 		{Name: "mariadb", Start: k.mariadbStart(run), StartTimeout: 5 * time.Minute, StopTimeout: 60 * time.Second,
@@ -379,6 +403,10 @@ func (k *K3S) mariadbStart(run string) string {
 
 // ganeshaConfig exports NFSDir over NFSv4 with the VFS FSAL.
 func (k *K3S) ganeshaConfig() string {
+	squash := "Root_Squash"
+	if !*k.NFSRootSquash {
+		squash = "No_Root_Squash"
+	}
 	grace := "\tGraceless = true;\n"
 	if k.NFSGrace > 0 {
 		grace = fmt.Sprintf("\tGrace_Period = %d;\n", int(k.NFSGrace.Seconds()))
@@ -401,13 +429,15 @@ EXPORT {
 	Path = "%s";
 	Pseudo = "%s";
 	Access_Type = RW;
-	Squash = No_Root_Squash;
+	Squash = %s;
+	Anonymous_Uid = %d;
+	Anonymous_Gid = %d;
 	SecType = sys;
 	Protocols = 4;
 	Transports = TCP;
 	FSAL { Name = VFS; }
 }
-`, k.NFSPort, grace, filepath.Join(k.NFSStateDir, "recovery"), k.NFSDir, k.NFSPseudo)
+`, k.NFSPort, grace, filepath.Join(k.NFSStateDir, "recovery"), k.NFSDir, k.NFSPseudo, squash, AnonID, AnonID)
 }
 
 // shq quotes s for sh.

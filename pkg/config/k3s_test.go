@@ -62,7 +62,8 @@ func TestK3SModuleExpands(t *testing.T) {
 		t.Errorf("checks: %q %q %q", c.Services[0].CheckCommand, c.Services[1].CheckNFS, c.Services[2].CheckCommand)
 	}
 	self, _ := os.Executable()
-	if want := "exec " + self + " nfs-serve " + filepath.Join(dir, "k3s", "nfs") + " --listen 0.0.0.0:2049 --allow 10.250.0.0/24"; c.Services[1].Start != want || len(c.Files) != 0 {
+	nfsDir := filepath.Join(dir, "k3s", "nfs")
+	if want := `if [ "$(stat -c %u ` + nfsDir + `)" = 0 ]; then chown 65534:65534 ` + nfsDir + `; fi && exec ` + self + " nfs-serve " + nfsDir + " --listen 0.0.0.0:2049 --allow 10.250.0.0/24"; c.Services[1].Start != want || len(c.Files) != 0 {
 		t.Fatalf("duet's NFS server: %q (files %+v), want %q and no file", c.Services[1].Start, c.Files, want)
 	}
 	c, err = Parse([]byte(y + "  nfs_server: ganesha\n"))
@@ -241,6 +242,47 @@ func TestK3SPasswordFileMode(t *testing.T) {
 	want := `k3s.password_file "` + pw + `": mode 0644 lets group or others read or write this secret: run chmod 600 ` + pw
 	if _, err := Parse([]byte(y)); err == nil || !strings.Contains(err.Error(), want) {
 		t.Fatalf("error %v, want it to contain %q", err, want)
+	}
+}
+
+// A client's root is squashed by default, by either server, and the
+// export's root, if root's, becomes the anonymous user's so that the
+// provisioner can make volumes in it; nfs_root_squash: false turns both
+// off.
+func TestK3SNFSRootSquash(t *testing.T) {
+	y, _ := k3sBase(t)
+	for _, tc := range []struct {
+		edit          string
+		chown, squash bool
+	}{
+		{"", true, true},
+		{"  nfs_root_squash: true\n", true, true},
+		{"  nfs_root_squash: false\n", false, false},
+	} {
+		for _, server := range []string{"duet", "ganesha"} {
+			c, err := Parse([]byte(y + tc.edit + "  nfs_server: " + server + "\n"))
+			if err != nil {
+				t.Fatalf("%q: %v", tc.edit, err)
+			}
+			start := c.Services[1].Start
+			if got := strings.Contains(start, "chown 65534:65534 "); got != tc.chown {
+				t.Errorf("%q, %s: nfs start %q: chown of the export %v, want %v", tc.edit, server, start, got, tc.chown)
+			}
+			var got bool
+			switch server {
+			case "duet":
+				got = !strings.Contains(start, " --no-root-squash")
+			case "ganesha":
+				conf := c.Files[0].Content
+				got = strings.Contains(conf, "Squash = Root_Squash;") && strings.Contains(conf, "Anonymous_Uid = 65534;")
+				if !got && !strings.Contains(conf, "Squash = No_Root_Squash;") {
+					t.Errorf("%q: ganesha config without a Squash line:\n%s", tc.edit, conf)
+				}
+			}
+			if got != tc.squash {
+				t.Errorf("%q, %s: root squash %v, want %v (start %q)", tc.edit, server, got, tc.squash, start)
+			}
+		}
 	}
 }
 

@@ -7,7 +7,7 @@
 // failover need and a kernel mount would hide.
 //
 // It speaks MOUNT v3 and NFSv3 on one TCP port (no portmapper), as
-// pkg/nfsd serves them, with AUTH_NULL credentials.
+// pkg/nfsd serves them, with AUTH_SYS credentials (Client.Cred).
 package nfsclient
 
 import (
@@ -34,6 +34,9 @@ type Client struct {
 	// RetryDelay is the pause after a failed attempt, so that a refused
 	// dial does not spin. Zero means 100 ms.
 	RetryDelay time.Duration
+	// Cred is the user every call acts as (AUTH_SYS); the zero value is
+	// root. Set it before the first call.
+	Cred Cred
 
 	dial func(ctx context.Context) (net.Conn, error)
 	turn chan struct{} // held by the call that uses the connection
@@ -51,6 +54,22 @@ func New(dial func(ctx context.Context) (net.Conn, error)) *Client {
 	// A random first XID, as Linux does: a server's duplicate request
 	// cache must not take a new client's calls for an old one's.
 	return &Client{dial: dial, turn: make(chan struct{}, 1), xid: rand.Uint32()}
+}
+
+// Cred is an AUTH_SYS credential (RFC 5531): the user's uid, gid and
+// supplementary gids (at most 16).
+type Cred struct {
+	UID, GID uint32
+	GIDs     []uint32
+}
+
+// encode appends the credential and an AUTH_NONE verifier.
+func (c Cred) encode(e enc) enc {
+	body := enc{}.u32(0).opaque(nil).u32(c.UID).u32(c.GID).u32(uint32(len(c.GIDs)))
+	for _, g := range c.GIDs {
+		body = body.u32(g)
+	}
+	return e.u32(authSys).opaque(body).u32(0).u32(0)
 }
 
 // ErrClosed is returned by calls on a closed Client.
@@ -87,6 +106,7 @@ const (
 	version3  = 3
 
 	rpcVersion  = 2
+	authSys     = 1
 	msgCall     = 0
 	msgReply    = 1
 	replyOK     = 0 // MSG_ACCEPTED
@@ -111,8 +131,7 @@ func (c *Client) call(ctx context.Context, prog, proc uint32, name string, args 
 	// One XID for every attempt, as a retransmission keeps it.
 	c.xid++
 	xid := c.xid
-	msg := enc{}.u32(0).u32(xid).u32(msgCall).u32(rpcVersion).u32(prog).u32(version3).u32(proc).
-		u32(0).u32(0).u32(0).u32(0) // AUTH_NULL credential and verifier
+	msg := c.Cred.encode(enc{}.u32(0).u32(xid).u32(msgCall).u32(rpcVersion).u32(prog).u32(version3).u32(proc))
 	msg = append(msg, args...)
 	binary.BigEndian.PutUint32(msg, uint32(len(msg)-4)|lastFrag) // one fragment
 	// The last transport error not caused by ctx.

@@ -26,7 +26,7 @@ func serve(t *testing.T, addr, dir string) (string, func()) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- nfsd.Serve(ctx, l, dir, nfsd.Fsync{}) }()
+	go func() { done <- nfsd.Serve(ctx, l, dir, nfsd.Fsync{}, nfsd.Squash{}) }()
 	var once sync.Once
 	stop := func() {
 		once.Do(func() {

@@ -35,7 +35,7 @@ func checkArgs(h callHeader, args []byte, recordLen int) error {
 		}
 	case progNFS:
 		if h.vers != nfsVersion || h.proc == 0 || h.proc > procCommit {
-			break // go-nfs answers PROC_UNAVAIL or PROG_MISMATCH unread
+			break // go-nfs answers PROC_UNAVAIL unread; other versions never come here (otherVersion)
 		}
 		r.opaque(maxHandle)
 		switch h.proc {

@@ -19,15 +19,12 @@ func TestArgumentLengthsBounded(t *testing.T) {
 	dir := c.mount("/")
 	claim := func(n uint32) []byte { return u32s(n, 0) } // a length, then too little
 	mount := func(xid uint32, args []byte) []byte {
-		b := u32s(0, xid, msgCall, rpcVersion, progMount, mountVersion, 1, 0, 0, 0, 0)
-		b = append(b, args...)
-		binary.BigEndian.PutUint32(b, uint32(len(b)-4)|lastFragment)
-		return b
+		return callRecord(xid, progMount, mountVersion, 1, rootCred, args)
 	}
 	bigWrite := writeCall(0, f, 0, 2, make([]byte, maxIntercepted))
 	binary.BigEndian.PutUint32(bigWrite[4:], 6)
 	// The data's length field: after the header, the handle, offset, count, stable.
-	at := 4 + callHeaderMin + 4 + len(f) + (4-len(f)%4)%4 + 16
+	at := 4 + 6*4 + len(rootCred) + 8 + 4 + len(f) + (4-len(f)%4)%4 + 16
 	binary.BigEndian.PutUint32(bigWrite[at:], 1<<30)
 	for _, tc := range []struct {
 		name   string

@@ -1,11 +1,14 @@
 package nfsd
 
 import (
+	"errors"
+	"fmt"
 	"io/fs"
 	"os"
 	"time"
 
 	"github.com/duet-ha/duet/pkg/fstree"
+	nfs "github.com/willscott/go-nfs"
 	"golang.org/x/sys/unix"
 )
 
@@ -45,7 +48,9 @@ func (s *fsys) Rename(oldpath, newpath string) error {
 		replaced, _ := s.ix.t.child(dst.pid, dst.name)
 		m := record{kind: kindMove, id: id, from: src.pid, fromName: src.name, parent: dst.pid, name: dst.name, replaced: replaced}
 		err = s.ix.move(m, func() error {
-			return unix.Renameat(int(src.dir.Fd()), src.name, int(dst.dir.Fd()), dst.name)
+			return s.caller().as(func() error {
+				return unix.Renameat(int(src.dir.Fd()), src.name, int(dst.dir.Fd()), dst.name)
+			})
 		})
 		if err != nil {
 			return &fs.PathError{Op: "rename", Path: oldpath, Err: err}
@@ -83,7 +88,9 @@ func (s *fsys) Remove(p string) error {
 				return &fs.PathError{Op: "remove", Path: p, Err: err}
 			}
 		}
-		err := s.ix.remove(at.pid, at.name, func() error { return unix.Unlinkat(int(at.dir.Fd()), at.name, flags) })
+		err := s.ix.remove(at.pid, at.name, func() error {
+			return s.caller().as(func() error { return unix.Unlinkat(int(at.dir.Fd()), at.name, flags) })
+		})
 		if err != nil {
 			return &fs.PathError{Op: "remove", Path: p, Err: err}
 		}
@@ -140,9 +147,9 @@ func (s *fsys) Chtimes(p string, atime, mtime time.Time) error {
 	})
 }
 
-// setattr runs do on p's directory entry under mu (no rename can swap a
-// symlink in between the check and the change), then makes the change
-// durable: NFSv3 SETATTR is stable when it returns.
+// setattr runs do as the caller on p's directory entry under mu (no
+// rename can swap a symlink in between the check and the change), then
+// makes the change durable: NFSv3 SETATTR is stable when it returns.
 func (s *fsys) setattr(p string, do func(dir *os.File, name string, st *unix.Stat_t) error) error {
 	return s.change(func() error {
 		comps, err := s.real(p)
@@ -162,7 +169,15 @@ func (s *fsys) setattr(p string, do func(dir *os.File, name string, st *unix.Sta
 		if err := unix.Fstatat(int(dir.Fd()), name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
 			return &fs.PathError{Op: "setattr", Path: p, Err: err}
 		}
-		if err := do(dir, name, &st); err != nil {
+		err = s.caller().as(func() error { return do(dir, name, &st) })
+		if errors.Is(err, unix.EPERM) {
+			// Not the owner (mode, times), or not root (owner): PERM.
+			// go-nfs would answer ACCES for any errno it knows as a
+			// permission error, and IO for an NFSStatusError that wraps
+			// one, so the cause is kept as text.
+			return &nfs.NFSStatusError{NFSStatus: nfs.NFSStatusPerm, WrappedErr: fmt.Errorf("setattr %s: %v", p, err)}
+		}
+		if err != nil {
 			return &fs.PathError{Op: "setattr", Path: p, Err: err}
 		}
 		// A file or directory is synced itself; anything else (a symlink, a

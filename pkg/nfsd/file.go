@@ -15,22 +15,27 @@ import (
 // claim is true.
 type file struct {
 	*os.File
-	name  string
-	sync  Syncer
-	dirty bool
+	name   string
+	sync   Syncer
+	dirty  bool
+	caller *cred // writes act as the caller: one by anyone but root clears set-user-ID
 }
 
 // Name is the path go-nfs opened, relative to the export.
 func (f *file) Name() string { return f.name }
 
-func (f *file) Write(b []byte) (int, error) {
+func (f *file) Write(b []byte) (n int, err error) {
 	f.dirty = true
-	return f.File.Write(b)
+	err = f.caller.as(func() error {
+		n, err = f.File.Write(b)
+		return err
+	})
+	return n, err
 }
 
 func (f *file) Truncate(size int64) error {
 	f.dirty = true
-	return f.File.Truncate(size)
+	return f.caller.as(func() error { return f.File.Truncate(size) })
 }
 
 // Close syncs a changed file first; a failed sync fails the WRITE.

@@ -20,7 +20,17 @@ import (
 // directory hidden, stable file IDs as the NFS fileid, every change that
 // NFSv3 says is stable made durable before it returns, and every change
 // of the namespace recorded in the index in the order index documents.
+// Each client connection has its own fsys, whose calls act as the
+// connection's current caller (cred.go): the object a call opens, creates,
+// removes, renames or changes is reached as the caller, its directory and
+// the index as the server.
 type fsys struct {
+	*export
+	who func() *cred // nil, or returning nil: the server
+}
+
+// export is the state every connection's fsys shares.
+type export struct {
 	ix   *index
 	key  handleKey
 	root *os.File // O_PATH
@@ -32,10 +42,23 @@ type fsys struct {
 	closed bool
 }
 
+// caller is who s's calls act as; nil is the server.
+func (s *fsys) caller() *cred {
+	if s.who == nil {
+		return nil
+	}
+	return s.who()
+}
+
+// withCaller is the export as c sees it.
+func (s *fsys) withCaller(c *cred) *fsys {
+	return &fsys{export: s.export, who: func() *cred { return c }}
+}
+
 var errClosed = errors.New("nfs export closed: the server stopped")
 
 // enter guards a call; leave ends it.
-func (s *fsys) enter() error {
+func (s *export) enter() error {
 	s.life.RLock()
 	if s.closed {
 		s.life.RUnlock()
@@ -44,10 +67,10 @@ func (s *fsys) enter() error {
 	return nil
 }
 
-func (s *fsys) leave() { s.life.RUnlock() }
+func (s *export) leave() { s.life.RUnlock() }
 
 // close waits for running calls and releases the export.
-func (s *fsys) close() error {
+func (s *export) close() error {
 	s.life.Lock()
 	defer s.life.Unlock()
 	if s.closed {
@@ -170,7 +193,7 @@ func (s *fsys) list(p string) ([]*info, []string, []uint64, error) {
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	d, err := fstree.OpenBeneath(s.root, join(comps), unix.O_RDONLY|unix.O_DIRECTORY)
+	d, err := s.openAs(comps, unix.O_RDONLY|unix.O_DIRECTORY)
 	if err != nil {
 		return nil, nil, nil, err
 	}
@@ -222,13 +245,45 @@ func (s *fsys) OpenFile(p string, flag int, perm os.FileMode) (billy.File, error
 	comps, err := s.real(p)
 	var f *os.File
 	if err == nil {
-		f, err = fstree.OpenBeneath(s.root, join(comps), flag|unix.O_NONBLOCK)
+		f, err = s.openAs(comps, flag|unix.O_NONBLOCK)
 	}
 	s.ix.tmu.RUnlock()
 	if err != nil {
 		return nil, err
 	}
-	return &file{File: f, name: p, sync: s.sync, dirty: flag&os.O_TRUNC != 0}, nil
+	return s.file(f, p, flag&os.O_TRUNC != 0), nil
+}
+
+// openAs opens the object at comps for the caller: its directory as the
+// server, then the object in it as the caller, which needs search
+// permission on that directory and the access flags ask for. The
+// directories above are not checked: a handle reaches an object without
+// them, as with knfsd; LOOKUP checks each on the way down.
+func (s *fsys) openAs(comps []string, flags int) (*os.File, error) {
+	c := s.caller()
+	if c == nil {
+		return fstree.OpenBeneath(s.root, join(comps), flags)
+	}
+	dir, name := s.root, "."
+	if n := len(comps); n > 0 {
+		d, err := fstree.OpenBeneath(s.root, join(comps[:n-1]), unix.O_PATH|unix.O_DIRECTORY)
+		if err != nil {
+			return nil, err
+		}
+		defer d.Close()
+		dir, name = d, comps[n-1]
+	}
+	var f *os.File
+	err := c.as(func() (err error) {
+		f, err = fstree.OpenBeneath(dir, name, flags)
+		return err
+	})
+	return f, err
+}
+
+// file wraps an open file of the export; writes to it act as the caller.
+func (s *fsys) file(f *os.File, name string, dirty bool) *file {
+	return &file{File: f, name: name, sync: s.sync, dirty: dirty, caller: s.caller()}
 }
 
 // create opens p, creating it if it does not exist. A new file gets a new
@@ -246,11 +301,15 @@ func (s *fsys) create(p string, flag int, perm os.FileMode) (billy.File, error) 
 			if _, err := s.ix.resolveLocked(at.comps); err != nil {
 				return err
 			}
-			f, err := fstree.OpenBeneath(at.dir, at.name, flag&^os.O_CREATE|unix.O_NONBLOCK)
+			var f *os.File
+			err := s.caller().as(func() (err error) {
+				f, err = fstree.OpenBeneath(at.dir, at.name, flag&^os.O_CREATE|unix.O_NONBLOCK)
+				return err
+			})
 			if err != nil {
 				return err
 			}
-			opened = &file{File: f, name: p, sync: s.sync, dirty: flag&os.O_TRUNC != 0}
+			opened = s.file(f, p, flag&os.O_TRUNC != 0)
 			return nil
 		}
 		if !errors.Is(err, unix.ENOENT) {
@@ -261,7 +320,13 @@ func (s *fsys) create(p string, flag int, perm os.FileMode) (billy.File, error) 
 		}
 		how := unix.OpenHow{Flags: uint64(flag | os.O_EXCL | unix.O_NONBLOCK | unix.O_NOFOLLOW | unix.O_CLOEXEC),
 			Mode: uint64(fstree.UnixPerm(perm)), Resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS}
-		fd, err := unix.Openat2(int(at.dir.Fd()), at.name, &how)
+		var fd int
+		err = s.caller().as(func() (err error) {
+			// As the caller: the kernel checks the directory, and the
+			// file belongs to the caller.
+			fd, err = unix.Openat2(int(at.dir.Fd()), at.name, &how)
+			return err
+		})
 		if err != nil {
 			return &fs.PathError{Op: "create", Path: p, Err: err}
 		}
@@ -270,7 +335,7 @@ func (s *fsys) create(p string, flag int, perm os.FileMode) (billy.File, error) 
 			f.Close()
 			return err
 		}
-		opened = &file{File: f, name: p, sync: s.sync, dirty: true}
+		opened = s.file(f, p, true)
 		return nil
 	})
 	if err != nil {
@@ -356,7 +421,8 @@ func (s *fsys) Symlink(target, link string) error {
 	})
 }
 
-// make creates a directory or symlink with do, then records it.
+// make creates a directory or symlink with do, as the caller, then
+// records it.
 func (s *fsys) make(p string, do func(dir *os.File, name string) error) error {
 	return s.atPlace(p, func(at place) error {
 		var st unix.Stat_t
@@ -366,7 +432,7 @@ func (s *fsys) make(p string, do func(dir *os.File, name string) error) error {
 		if err := s.ix.forget(at.pid, at.name); err != nil {
 			return err
 		}
-		if err := do(at.dir, at.name); err != nil {
+		if err := s.caller().as(func() error { return do(at.dir, at.name) }); err != nil {
 			return &fs.PathError{Op: "create", Path: p, Err: err}
 		}
 		return s.newEntry(at.dir, at.pid, at.name)

@@ -10,28 +10,36 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 
 	nfs "github.com/willscott/go-nfs"
 )
 
 // The record layer in front of go-nfs. go-nfs answers every WRITE as
-// FILE_SYNC and its COMMIT does nothing, and its table of procedures
-// cannot be changed from outside; so each client connection goes through
-// a proxy that reads the client's ONC RPC records (RFC 5531), answers
-// UNSTABLE WRITEs and COMMITs itself, and passes every other record
-// unchanged to go-nfs over a pipe.
+// FILE_SYNC and its COMMIT does nothing, it ignores credentials, and its
+// table of procedures cannot be changed from outside; so each client
+// connection goes through a proxy that reads the client's ONC RPC records
+// (RFC 5531), refuses NFS calls without an AUTH_SYS credential, sets the
+// identity go-nfs's calls act as (cred.go), answers UNSTABLE WRITEs,
+// COMMITs and ACCESS itself, checks a LOOKUP's search permission, and
+// passes every other record unchanged to go-nfs over a pipe.
 
 // ONC RPC and NFSv3 numbers (RFC 5531, RFC 1813).
 const (
 	lastFragment = 1 << 31
 	msgCall      = 0
 	msgReply     = 1
+	msgDenied    = 1 // reply_stat MSG_DENIED
+	authError    = 1 // reject_stat AUTH_ERROR
 	rpcVersion   = 2
 	progNFS      = 100003
 	nfsVersion   = 3
+	procLookup   = 3
+	procAccess   = 4
 	procWrite    = 7
 	procCommit   = 21
 	unstable     = 0 // stable_how UNSTABLE
+	progMismatch = 2 // accept_stat PROG_MISMATCH
 	garbageArgs  = 4 // accept_stat GARBAGE_ARGS
 	maxAuthBody  = 400
 	maxHandle    = 64 // NFS3_FHSIZE
@@ -56,7 +64,9 @@ const maxIntercepted = 4<<20 + 4096
 // answers it.
 type callHeader struct {
 	xid, prog, vers, proc uint32
-	argsAt                int // offset of the arguments in the record
+	flavor                uint32 // the credential's
+	cred                  []byte // its body, in the peeked bytes: valid until the record is read
+	argsAt                int    // offset of the arguments in the record
 }
 
 // parseCallHeader decodes the header at the start of a record of n
@@ -72,10 +82,10 @@ func parseCallHeader(b []byte, n int) (callHeader, error) {
 	}
 	r.u32() // the RPC version: go-nfs answers a wrong one
 	h.prog, h.vers, h.proc = r.u32(), r.u32(), r.u32()
-	for range 2 { // credential, verifier
-		r.u32()
-		r.opaque(maxAuthBody)
-	}
+	h.flavor = r.u32()
+	h.cred = r.opaque(maxAuthBody)
+	r.u32() // the verifier: none is checked
+	r.opaque(maxAuthBody)
 	if r.err != nil {
 		return h, fmt.Errorf("call %d: authenticator: %w", h.xid, r.err)
 	}
@@ -83,10 +93,34 @@ func parseCallHeader(b []byte, n int) (callHeader, error) {
 	return h, nil
 }
 
-// intercepted says whether the proxy answers a call itself (a WRITE only
-// if UNSTABLE, which it sees in the arguments).
-func (h callHeader) intercepted() bool {
-	return h.prog == progNFS && h.vers == nfsVersion && (h.proc == procWrite || h.proc == procCommit)
+// nfs3 says whether the call is to NFSv3.
+func (h callHeader) nfs3() bool { return h.prog == progNFS && h.vers == nfsVersion }
+
+// otherVersion says whether the call is to a version of NFS or MOUNT
+// other than 3. go-nfs does not look at the version: it would serve an
+// NFSv4 SETATTR or a MOUNT v1 MNT as version 3, past every check here.
+func (h callHeader) otherVersion() bool {
+	return h.prog == progNFS && h.vers != nfsVersion || h.prog == progMount && h.vers != mountVersion
+}
+
+// intercepted says whether the proxy reads a call of n bytes whole
+// before deciding: it answers an UNSTABLE WRITE (which it sees in the
+// arguments), a COMMIT and an ACCESS itself, and passes a LOOKUP only if
+// the caller may search the directory. A larger WRITE streams to go-nfs;
+// a larger LOOKUP or ACCESS gets GARBAGE_ARGS, as any call that large.
+func (h callHeader) intercepted(n int) bool {
+	if !h.nfs3() {
+		return false
+	}
+	switch h.proc {
+	case procWrite:
+		return n <= maxIntercepted
+	case procCommit:
+		return true
+	case procLookup, procAccess:
+		return n <= maxPassedCall
+	}
+	return false
 }
 
 // writeArgs is WRITE3args.
@@ -140,15 +174,22 @@ type proxy struct {
 	wmu sync.Mutex // held to write a reply to the client
 	out *bufio.Writer
 
+	// caller is who the calls passed to go-nfs act as: fs reads it.
+	caller     atomic.Pointer[cred]
+	fs         *fsys
+	warnedAuth bool // a refused credential was logged
+
 	mu      sync.Mutex
 	idle    *sync.Cond // pending reached 0, or done
 	pending int        // records passed to go-nfs and not yet answered
 	done    bool
 	once    sync.Once
+	closed  chan struct{} // closed by close
 }
 
 func newProxy(h *Handler, client, nfsd net.Conn) *proxy {
-	p := &proxy{h: h, client: client, nfsd: nfsd, out: bufio.NewWriterSize(client, 64<<10)}
+	p := &proxy{h: h, client: client, nfsd: nfsd, out: bufio.NewWriterSize(client, 64<<10), closed: make(chan struct{})}
+	p.fs = &fsys{export: h.fs.export, who: p.caller.Load}
 	p.idle = sync.NewCond(&p.mu)
 	return p
 }
@@ -162,6 +203,7 @@ func (p *proxy) close() {
 		p.done = true
 		p.idle.Broadcast()
 		p.mu.Unlock()
+		close(p.closed)
 	})
 }
 
@@ -196,7 +238,37 @@ func (p *proxy) serveClient() {
 			p.refuse(err)
 			return
 		}
-		if !h.intercepted() || h.proc == procWrite && n > maxIntercepted {
+		if h.otherVersion() {
+			if _, err := io.CopyN(io.Discard, in, int64(n)); err != nil {
+				return
+			}
+			b := replyHeader(h.xid, progMismatch)
+			putU32(b, nfsVersion) // the lowest and highest versions served
+			putU32(b, nfsVersion)
+			if !p.send(b.Bytes()) {
+				return
+			}
+			continue
+		}
+		var c *cred
+		if h.nfs3() && h.proc != 0 { // NULL takes any credential
+			var stat uint32
+			c, stat, err = callerOf(h.flavor, h.cred, p.h.squash)
+			if err != nil {
+				if !p.warnedAuth {
+					p.warnedAuth = true
+					slog.Warn("nfs: call refused: no usable credential (AUTH_ERROR); later ones on this connection are not logged", "client", p.client.RemoteAddr(), "err", err)
+				}
+				if _, err := io.CopyN(io.Discard, in, int64(n)); err != nil {
+					return
+				}
+				if !p.send(deniedReply(h.xid, stat)) {
+					return
+				}
+				continue
+			}
+		}
+		if !h.intercepted(n) {
 			if err := checkPassed(in, h, n); err != nil {
 				if errors.Is(err, errPeek) {
 					return
@@ -210,7 +282,7 @@ func (p *proxy) serveClient() {
 				}
 				continue
 			}
-			if !p.pass(mark[:], in, n) {
+			if !p.passAs(c, mark[:], in, n) {
 				return
 			}
 			continue
@@ -226,16 +298,23 @@ func (p *proxy) serveClient() {
 		if _, err := io.ReadFull(in, rec); err != nil {
 			return
 		}
-		if !p.serveCall(h, mark[:], rec) {
+		if !p.serveCall(h, c, mark[:], rec) {
 			return
 		}
 	}
 }
 
-// serveCall answers an intercepted call, or passes a WRITE that is not
-// UNSTABLE to go-nfs. It returns false when the connection must end.
-func (p *proxy) serveCall(h callHeader, mark, rec []byte) bool {
+// serveCall answers an intercepted call made by c, or passes it to
+// go-nfs (a WRITE that is not UNSTABLE, a LOOKUP the caller may make).
+// It returns false when the connection must end.
+func (p *proxy) serveCall(h callHeader, c *cred, mark, rec []byte) bool {
 	args := rec[h.argsAt:]
+	switch h.proc {
+	case procLookup:
+		return p.lookup(h, c, mark, rec)
+	case procAccess:
+		return p.access(h, c, args)
+	}
 	var w writeArgs
 	var fh []byte
 	var err error
@@ -246,12 +325,10 @@ func (p *proxy) serveCall(h callHeader, mark, rec []byte) bool {
 		fh, err = parseCommit(args)
 	}
 	if err != nil {
-		slog.Warn("nfs: call with undecodable arguments: answered GARBAGE_ARGS", "client", p.client.RemoteAddr(), "xid", h.xid, "err", err)
-		b := replyHeader(h.xid, garbageArgs)
-		return p.send(b.Bytes())
+		return p.garbage(h, err)
 	}
 	if h.proc == procWrite && w.stable != unstable {
-		return p.pass(mark, bytes.NewReader(rec), len(rec))
+		return p.passAs(c, mark, bytes.NewReader(rec), len(rec))
 	}
 	if !p.waitIdle() {
 		return false
@@ -261,7 +338,7 @@ func (p *proxy) serveCall(h callHeader, mark, rec []byte) bool {
 	var verf [8]byte
 	if h.proc == procWrite {
 		verf = p.h.verf.current()
-		n, attrs, err = p.h.writeUnstable(fh, w.off, w.data)
+		n, attrs, err = p.h.writeUnstable(c, fh, w.off, w.data)
 	} else {
 		attrs, err = p.h.commit(fh)
 		verf = p.h.verf.afterSync()
@@ -272,7 +349,7 @@ func (p *proxy) serveCall(h callHeader, mark, rec []byte) bool {
 		return false
 	}
 	st := statusOf(err)
-	if st != nfsOK && st != nfsStale {
+	if st != nfsOK && st != nfsStale && st != nfsAcces {
 		slog.Warn("nfs: call failed", "proc", nfs.NFSProcedure(h.proc).String(), "client", p.client.RemoteAddr(), "status", st, "err", err)
 	}
 	b := replyHeader(h.xid, 0)
@@ -289,6 +366,88 @@ func (p *proxy) serveCall(h callHeader, mark, rec []byte) bool {
 		b.Write(verf[:])
 	}
 	return p.send(b.Bytes())
+}
+
+// garbage answers a call whose arguments do not decode.
+func (p *proxy) garbage(h callHeader, err error) bool {
+	slog.Warn("nfs: call with undecodable arguments: answered GARBAGE_ARGS", "client", p.client.RemoteAddr(), "xid", h.xid, "err", err)
+	return p.send(replyHeader(h.xid, garbageArgs).Bytes())
+}
+
+// lookup passes a LOOKUP to go-nfs if c may search the directory, which
+// go-nfs does not check; it answers ACCES otherwise.
+func (p *proxy) lookup(h callHeader, c *cred, mark, rec []byte) bool {
+	if err := checkArgs(h, rec[h.argsAt:], len(rec)); err != nil {
+		return p.garbage(h, err)
+	}
+	r := xdrReader{b: rec[h.argsAt:]}
+	dir := r.opaque(maxHandle)
+	if !p.waitIdle() {
+		return false
+	}
+	granted, path, err := p.h.access(c, dir, accessLookup)
+	var attrs *nfs.FileAttribute
+	if err == nil && granted == 0 {
+		attrs = p.h.attrs(path)
+	}
+	if attrs == nil || attrs.Type != nfs.FileTypeDirectory {
+		// Allowed, or go-nfs's to answer: a stale handle, not a directory.
+		return p.passAs(c, mark, bytes.NewReader(rec), len(rec))
+	}
+	b := replyHeader(h.xid, 0)
+	putU32(b, nfsAcces)
+	if err := nfs.WritePostOpAttrs(b, attrs); err != nil {
+		slog.Warn("nfs: encoding a reply", "err", err)
+		return false
+	}
+	return p.send(b.Bytes())
+}
+
+// access answers ACCESS with what c may do: go-nfs grants whatever is
+// asked.
+func (p *proxy) access(h callHeader, c *cred, args []byte) bool {
+	r := xdrReader{b: args}
+	fh := r.opaque(maxHandle)
+	asked := r.u32()
+	if r.err != nil {
+		return p.garbage(h, fmt.Errorf("ACCESS arguments: %w", r.err))
+	}
+	if !p.waitIdle() {
+		return false
+	}
+	granted, path, err := p.h.access(c, fh, asked)
+	if errors.Is(err, errClosed) {
+		return false
+	}
+	b := replyHeader(h.xid, 0)
+	st := statusOf(err)
+	putU32(b, st)
+	var attrs *nfs.FileAttribute
+	if path != "" {
+		attrs = p.h.attrs(path)
+	}
+	if err := nfs.WritePostOpAttrs(b, attrs); err != nil {
+		slog.Warn("nfs: encoding a reply", "err", err)
+		return false
+	}
+	if st == nfsOK {
+		putU32(b, granted)
+	}
+	return p.send(b.Bytes())
+}
+
+// passAs passes a call of c to go-nfs. go-nfs takes one connection's
+// calls one at a time, each acting as the connection's current caller;
+// a call of another caller waits until go-nfs has answered those before
+// it, then changes the caller.
+func (p *proxy) passAs(c *cred, mark []byte, r io.Reader, n int) bool {
+	if c != nil && !c.equal(p.caller.Load()) {
+		if !p.waitIdle() {
+			return false
+		}
+		p.caller.Store(c)
+	}
+	return p.pass(mark, r, n)
 }
 
 // pass sends a record of n bytes from r to go-nfs.
@@ -311,6 +470,16 @@ func (p *proxy) waitIdle() bool {
 		p.idle.Wait()
 	}
 	return !p.done
+}
+
+// deniedReply is a reply (with a record mark to fill in) refusing call
+// xid's credential with auth_stat stat.
+func deniedReply(xid, stat uint32) []byte {
+	b := &bytes.Buffer{}
+	for _, v := range []uint32{0, xid, msgReply, msgDenied, authError, stat} {
+		putU32(b, v)
+	}
+	return b.Bytes()
 }
 
 // replyHeader starts a reply (a record mark to fill in, then an accepted

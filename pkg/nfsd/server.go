@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"math"
 	"net"
+	"os"
 	"strings"
 	"sync"
 
@@ -21,12 +22,14 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Handler is go-nfs's view of one export.
+// Handler is go-nfs's view of one export, acting as the server; each
+// connection's go-nfs gets a connHandler, which acts as its caller.
 type Handler struct {
-	fs   *fsys
-	ix   *index
-	key  handleKey
-	verf *verifier
+	fs     *fsys
+	ix     *index
+	key    handleKey
+	verf   *verifier
+	squash Squash
 }
 
 var _ nfs.Handler = (*Handler)(nil)
@@ -45,7 +48,8 @@ func New(dir string, s Syncer) (*Handler, error) {
 	}
 	key := handleKey(ix.log.key)
 	v := newVerifier()
-	return &Handler{fs: &fsys{ix: ix, key: key, root: root, sync: v.syncer(s)}, ix: ix, key: key, verf: v}, nil
+	fs := &fsys{export: &export{ix: ix, key: key, root: root, sync: v.syncer(s)}}
+	return &Handler{fs: fs, ix: ix, key: key, verf: v}, nil
 }
 
 // Close waits for running calls and releases the export; later calls fail.
@@ -60,8 +64,13 @@ type mountPoint struct {
 }
 
 // Mount accepts the export's root or any directory in it, for every
-// client: access control is the network's (see DESIGN).
+// client the network lets in (see DESIGN); the calls that follow act as
+// their credentials say, AUTH_SYS the only flavor offered.
 func (h *Handler) Mount(_ context.Context, _ net.Conn, req nfs.MountRequest) (nfs.MountStatus, billy.Filesystem, []nfs.AuthFlavor) {
+	return h.mount(h.fs, req)
+}
+
+func (h *Handler) mount(fs *fsys, req nfs.MountRequest) (nfs.MountStatus, billy.Filesystem, []nfs.AuthFlavor) {
 	comps, err := split(strings.TrimSuffix(string(req.Dirpath), "/"))
 	if err != nil {
 		return nfs.MountStatusErrNoEnt, nil, nil
@@ -73,7 +82,7 @@ func (h *Handler) Mount(_ context.Context, _ net.Conn, req nfs.MountRequest) (nf
 	case !fi.IsDir():
 		return nfs.MountStatusErrNotDir, nil, nil
 	}
-	return nfs.MountStatusOk, &mountPoint{fsys: h.fs, prefix: comps}, []nfs.AuthFlavor{nfs.AuthFlavorNull}
+	return nfs.MountStatusOk, &mountPoint{fsys: fs, prefix: comps}, []nfs.AuthFlavor{nfs.AuthFlavorUnix}
 }
 
 // Change lets go-nfs set attributes.
@@ -129,39 +138,73 @@ func (h *Handler) ToHandle(f billy.Filesystem, path []string) []byte {
 // made with this export's key, is an error, which go-nfs answers with
 // NFS3ERR_STALE.
 func (h *Handler) FromHandle(fh []byte) (billy.Filesystem, []string, error) {
-	if err := h.fs.enter(); err != nil {
+	comps, err := h.resolve(fh)
+	if err != nil {
 		return nil, nil, err
+	}
+	return h.fs, comps, nil
+}
+
+func (h *Handler) resolve(fh []byte) ([]string, error) {
+	if err := h.fs.enter(); err != nil {
+		return nil, err
 	}
 	defer h.fs.leave()
 	id, err := h.key.id(fh)
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	comps, err := h.ix.locate(id)
 	if err != nil || len(comps) == 0 {
-		return h.fs, nil, err
+		return nil, err
 	}
 	comps[len(comps)-1] = h.fs.marker(id)
-	return h.fs, comps, nil
+	return comps, nil
 }
 
 // InvalidateHandle does nothing: an ID follows its file through renames,
 // and Remove takes it back itself.
 func (h *Handler) InvalidateHandle(billy.Filesystem, []byte) error { return nil }
 
+// connHandler is go-nfs's view of the export for one client connection:
+// the filesystem it hands go-nfs acts as the connection's current caller.
+type connHandler struct {
+	*Handler
+	fs *fsys
+}
+
+func (c *connHandler) Mount(_ context.Context, _ net.Conn, req nfs.MountRequest) (nfs.MountStatus, billy.Filesystem, []nfs.AuthFlavor) {
+	return c.mount(c.fs, req)
+}
+
+func (c *connHandler) Change(billy.Filesystem) billy.Change { return c.fs }
+
+func (c *connHandler) FromHandle(fh []byte) (billy.Filesystem, []string, error) {
+	comps, err := c.resolve(fh)
+	if err != nil {
+		return nil, nil, err
+	}
+	return c.fs, comps, nil
+}
+
 // HandleLimit is unbounded: handles are not cached. go-nfs uses half of it
 // as the most entries of one READDIR reply.
 func (h *Handler) HandleLimit() int { return math.MaxInt32 }
 
 // Serve answers NFSv3 and MOUNT (one port for both; no portmapper, no
-// NLM) on l for the export dir until ctx ends. It then closes l and every
+// NLM) on l for the export dir until ctx ends, each call acting as its
+// AUTH_SYS caller squashed as sq says. It then closes l and every
 // connection, as a failover does, and returns once no request is using the
 // export.
-func Serve(ctx context.Context, l net.Listener, dir string, s Syncer) error {
+func Serve(ctx context.Context, l net.Listener, dir string, s Syncer, sq Squash) error {
 	h, err := New(dir, s)
 	if err != nil {
 		l.Close()
 		return err
+	}
+	h.squash = sq
+	if !server().root {
+		slog.Warn("nfs: the server is not root: every call acts as its user, whatever the client's credential", "uid", os.Geteuid())
 	}
 	routeLogs()
 	tl := &tracker{Listener: l, h: h, conns: map[*proxy]struct{}{}}
@@ -173,10 +216,7 @@ func Serve(ctx context.Context, l net.Listener, dir string, s Syncer) error {
 		}
 		tl.closeAll()
 	}()
-	// go-nfs's verifier goes only in its FILE_SYNC WRITE replies, which
-	// no COMMIT follows: the first is enough.
-	srv := &nfs.Server{Handler: h, Context: ctx, ID: h.verf.current()}
-	err = srv.Serve(tl)
+	err = tl.serve(ctx)
 	close(stop)
 	tl.closeAll()
 	tl.wg.Wait()
@@ -186,47 +226,66 @@ func Serve(ctx context.Context, l net.Listener, dir string, s Syncer) error {
 	return err
 }
 
-// tracker puts a proxy (rpc.go) between each client and go-nfs, and
-// keeps them so that Serve can close them: go-nfs leaves its connections
-// open when its listener closes.
+// tracker puts a proxy (rpc.go) and a go-nfs server of its own between
+// each client and the export, and keeps them so that Serve can close
+// them: go-nfs leaves its connections open when its listener closes.
 type tracker struct {
 	net.Listener
 	h      *Handler
-	wg     sync.WaitGroup // the proxies' loops
+	wg     sync.WaitGroup // the proxies' loops and go-nfs's servers
 	mu     sync.Mutex
 	conns  map[*proxy]struct{}
 	closed bool
 }
 
-// Accept returns go-nfs's end of a pipe to the next client's proxy.
-func (t *tracker) Accept() (net.Conn, error) {
-	c, err := t.Listener.Accept()
-	if err != nil {
-		return nil, err
+// serve accepts clients until the listener fails or is closed. Each gets
+// a go-nfs server whose handler acts as the client's caller of the
+// moment: go-nfs hands its handler nothing of the call but the handle.
+func (t *tracker) serve(ctx context.Context) error {
+	// go-nfs's verifier goes only in its FILE_SYNC WRITE replies, which
+	// no COMMIT follows: the first is enough.
+	id := t.h.verf.current()
+	for {
+		c, err := t.Listener.Accept()
+		if err != nil {
+			return err
+		}
+		theirs, ours := net.Pipe()
+		p := newProxy(t.h, c, ours)
+		srv := &nfs.Server{Handler: &connHandler{Handler: t.h, fs: p.fs}, Context: ctx, ID: id}
+		if !t.add(p) {
+			p.close()
+			theirs.Close()
+			return net.ErrClosed
+		}
+		t.wg.Add(3)
+		go func() {
+			defer t.wg.Done()
+			p.serveClient()
+			t.mu.Lock()
+			delete(t.conns, p)
+			t.mu.Unlock()
+		}()
+		go func() {
+			defer t.wg.Done()
+			p.serveReplies()
+		}()
+		go func() {
+			defer t.wg.Done()
+			srv.Serve(&oneConn{conn: &pipeConn{Conn: theirs, local: c.LocalAddr(), remote: c.RemoteAddr()}, done: p.closed})
+		}()
 	}
-	theirs, ours := net.Pipe()
-	p := newProxy(t.h, c, ours)
+}
+
+// add keeps p, unless the tracker is closed.
+func (t *tracker) add(p *proxy) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.closed {
-		p.close()
-		theirs.Close()
-		return nil, net.ErrClosed
+		return false
 	}
 	t.conns[p] = struct{}{}
-	t.wg.Add(2)
-	go func() {
-		defer t.wg.Done()
-		p.serveClient()
-		t.mu.Lock()
-		delete(t.conns, p)
-		t.mu.Unlock()
-	}()
-	go func() {
-		defer t.wg.Done()
-		p.serveReplies()
-	}()
-	return &pipeConn{Conn: theirs, local: c.LocalAddr(), remote: c.RemoteAddr()}, nil
+	return true
 }
 
 func (t *tracker) closeAll() {
@@ -241,6 +300,27 @@ func (t *tracker) closeAll() {
 		p.close()
 	}
 }
+
+// oneConn is a listener that gives go-nfs one connection, then nothing
+// until done is closed.
+type oneConn struct {
+	conn  net.Conn
+	done  <-chan struct{}
+	taken bool // Accept is called from go-nfs's one loop
+}
+
+func (l *oneConn) Accept() (net.Conn, error) {
+	if !l.taken {
+		l.taken = true
+		return l.conn, nil
+	}
+	<-l.done
+	return nil, net.ErrClosed
+}
+
+// Close does nothing: the proxy closes the connection.
+func (l *oneConn) Close() error   { return nil }
+func (l *oneConn) Addr() net.Addr { return l.conn.LocalAddr() }
 
 // pipeConn is go-nfs's end of a client's pipe, with the client's
 // addresses (go-nfs hands the connection to Mount).

@@ -32,10 +32,10 @@ type wcc struct {
 	post *nfs.FileAttribute
 }
 
-// writeUnstable writes data at off to the regular file fh names and does
-// not sync it: the client asked for UNSTABLE, and its COMMIT (commit)
-// makes the bytes durable. It returns the bytes written.
-func (h *Handler) writeUnstable(fh []byte, off uint64, data []byte) (int, wcc, error) {
+// writeUnstable writes data at off, as c, to the regular file fh names
+// and does not sync it: the client asked for UNSTABLE, and its COMMIT
+// (commit) makes the bytes durable. It returns the bytes written.
+func (h *Handler) writeUnstable(c *cred, fh []byte, off uint64, data []byte) (int, wcc, error) {
 	path, err := h.pathOf(fh)
 	if err != nil {
 		return 0, wcc{}, err
@@ -52,13 +52,19 @@ func (h *Handler) writeUnstable(fh []byte, off uint64, data []byte) (int, wcc, e
 	if off > math.MaxInt64-uint64(len(data)) {
 		return 0, w, fmt.Errorf("WRITE at offset %d: %w", off, unix.EFBIG)
 	}
-	bf, err := h.fs.OpenFile(path, os.O_WRONLY, 0)
+	fs := h.fs.withCaller(c)
+	bf, err := fs.OpenFile(path, os.O_WRONLY, 0)
 	if err != nil {
 		return 0, w, err
 	}
 	// The plain descriptor: file's Close would sync a written file.
 	f := bf.(*file).File
-	n, err := f.WriteAt(data, int64(off))
+	var n int
+	err = c.as(func() (err error) {
+		// As the caller: a write by anyone but root clears set-user-ID.
+		n, err = f.WriteAt(data, int64(off))
+		return err
+	})
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
@@ -67,7 +73,8 @@ func (h *Handler) writeUnstable(fh []byte, off uint64, data []byte) (int, wcc, e
 }
 
 // commit makes every write to the file fh names durable through the
-// Syncer: under duet, on the peer too.
+// Syncer: under duet, on the peer too. It needs no permission: the
+// writes were checked.
 func (h *Handler) commit(fh []byte) (wcc, error) {
 	path, err := h.pathOf(fh)
 	if err != nil {

@@ -132,9 +132,29 @@ func TestVerifierChangesAcrossServers(t *testing.T) {
 	}
 }
 
-// rpcCall encodes one NFSv3 call as a record with AUTH_NULL.
+// rpcCall encodes one NFSv3 call as a record with root's AUTH_SYS
+// credential.
 func rpcCall(xid, proc uint32, args []byte) []byte {
-	b := u32s(0, xid, msgCall, rpcVersion, progNFS, nfsVersion, proc, 0, 0, 0, 0)
+	return callRecord(xid, progNFS, nfsVersion, proc, rootCred, args)
+}
+
+// rootCred is an AUTH_SYS credential of uid 0, gid 0.
+var rootCred = authSysCred(0, 0)
+
+// authSysCred encodes an AUTH_SYS credential: flavor, then the body.
+func authSysCred(uid, gid uint32, gids ...uint32) []byte {
+	body := append(u32s(0), xdrOpaque([]byte("client"))...) // stamp, machine name
+	body = append(body, u32s(uid, gid, uint32(len(gids)))...)
+	body = append(body, u32s(gids...)...)
+	return append(u32s(authSys), xdrOpaque(body)...)
+}
+
+// callRecord encodes a call with the credential cred (flavor and body) and
+// an AUTH_NONE verifier as a record.
+func callRecord(xid, prog, vers, proc uint32, cred, args []byte) []byte {
+	b := u32s(0, xid, msgCall, rpcVersion, prog, vers, proc)
+	b = append(b, cred...)
+	b = append(b, u32s(0, 0)...)
 	b = append(b, args...)
 	binary.BigEndian.PutUint32(b, uint32(len(b)-4)|lastFragment)
 	return b
@@ -157,9 +177,14 @@ func xdrOpaque(b []byte) []byte {
 }
 
 func writeCall(xid uint32, fh []byte, off uint64, stable uint32, data []byte) []byte {
+	return rpcCall(xid, procWrite, encodeWrite(fh, off, stable, data))
+}
+
+// encodeWrite encodes WRITE3args.
+func encodeWrite(fh []byte, off uint64, stable uint32, data []byte) []byte {
 	args := append(xdrOpaque(fh), binary.BigEndian.AppendUint64(nil, off)...)
 	args = append(args, u32s(uint32(len(data)), stable)...)
-	return rpcCall(xid, procWrite, append(args, xdrOpaque(data)...))
+	return append(args, xdrOpaque(data)...)
 }
 
 func readCall(xid uint32, fh []byte, off uint64, n uint32) []byte {
@@ -184,6 +209,16 @@ func rawConn(t *testing.T, addr string) net.Conn {
 // results.
 func reply(t *testing.T, conn net.Conn) (xid, accept uint32, res []byte) {
 	t.Helper()
+	body := replyBody(t, conn)
+	if len(body) < 24 {
+		t.Fatalf("a reply of %d bytes: %x", len(body), body)
+	}
+	return binary.BigEndian.Uint32(body), binary.BigEndian.Uint32(body[20:]), body[24:]
+}
+
+// replyBody reads one reply record.
+func replyBody(t *testing.T, conn net.Conn) []byte {
+	t.Helper()
 	var mark [4]byte
 	if _, err := io.ReadFull(conn, mark[:]); err != nil {
 		t.Fatalf("reading a reply: %v", err)
@@ -192,10 +227,7 @@ func reply(t *testing.T, conn net.Conn) (xid, accept uint32, res []byte) {
 	if _, err := io.ReadFull(conn, body); err != nil {
 		t.Fatalf("reading a reply: %v", err)
 	}
-	if len(body) < 24 {
-		t.Fatalf("a reply of %d bytes", len(body))
-	}
-	return binary.BigEndian.Uint32(body), binary.BigEndian.Uint32(body[20:]), body[24:]
+	return body
 }
 
 // TestPipelinedCallsKeepOrder sends, on one connection and without
@@ -238,6 +270,8 @@ func TestGarbageRecords(t *testing.T) {
 	okWrite := writeCall(9, f, 0, uint32(nfsclient.Unstable), []byte("ok"))
 	longAuth := rpcCall(5, procCommit, nil)
 	binary.BigEndian.PutUint32(longAuth[32:], 1000) // the credential's length
+	bigCommit := rpcCall(6, procCommit, make([]byte, callHeaderMax))
+	binary.BigEndian.PutUint32(bigCommit, (maxIntercepted+4)|lastFragment)
 	for _, tc := range []struct {
 		name   string
 		record []byte
@@ -246,8 +280,7 @@ func TestGarbageRecords(t *testing.T) {
 		{"a record shorter than a call header", u32s(8|lastFragment, 1, 0)},
 		{"a reply where a call belongs", u32s(40|lastFragment, 1, msgReply, 2, progNFS, 3, 0, 0, 0, 0, 0)},
 		{"a credential over 400 bytes", longAuth},
-		{"a COMMIT of more than the limit", append(u32s((maxIntercepted+4)|lastFragment, 1, 0, 2, progNFS, 3, procCommit, 0, 0, 0, 0),
-			make([]byte, callHeaderMax)...)},
+		{"a COMMIT of more than the limit", bigCommit},
 	} {
 		conn := rawConn(t, addr)
 		if _, err := conn.Write(tc.record); err != nil {

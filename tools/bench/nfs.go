@@ -44,7 +44,7 @@ func (b *bench) nfsFigures(runs int) []Figure {
 		if err := os.MkdirAll(d, 0o777); err != nil {
 			fail(err.Error())
 		}
-		// The client calls with AUTH_NULL: ganesha maps it to its
+		// The client calls as root, which duet's server squashes to its
 		// anonymous user, who must be able to create the test file.
 		os.Chmod(d, 0o777)
 	}
