@@ -127,17 +127,21 @@ func (c *cred) as(f func() error) error {
 		return f()
 	}
 	runtime.LockOSThread()
-	err := c.enter()
-	if err == nil {
-		err = f()
+	// Deferred: a panic in f that something recovers must not leave the
+	// thread with the caller's identity.
+	defer func() {
+		if rerr := leave(); rerr != nil {
+			// The thread would go on with the caller's identity, and
+			// later calls on it (the index's writes among them) act as
+			// that user.
+			panic(fmt.Sprintf("nfs: cannot give a thread the server's identity back: %v", rerr))
+		}
+		runtime.UnlockOSThread()
+	}()
+	if err := c.enter(); err != nil {
+		return err
 	}
-	if rerr := leave(); rerr != nil {
-		// The thread would go on with the caller's identity, and later
-		// calls on it (the index's writes among them) act as that user.
-		panic(fmt.Sprintf("nfs: cannot give a thread the server's identity back: %v", rerr))
-	}
-	runtime.UnlockOSThread()
-	return err
+	return f()
 }
 
 // enter sets the thread's groups, fsgid and fsuid to c's. The raw system
