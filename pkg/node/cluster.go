@@ -620,13 +620,14 @@ func (n *Node) takeoverChecks(ctx context.Context) (bool, string) {
 		n.witnessOK.Store(time.Now().UnixNano())
 	}
 	if n.vip != nil {
-		owner, err := n.vip.Probe(300 * time.Millisecond)
+		owner, err := n.vip.Probe(vipProbeWait)
 		if err != nil {
 			return false, fmt.Sprintf("probing VIP %s: %v", n.vip, err)
 		}
 		if owner != nil {
 			return false, fmt.Sprintf("VIP %s is answered by %s: the old primary is alive (a network split?) or another host uses the address", n.vip.Prefix.Addr(), owner)
 		}
+		n.vipFreeAt.Store(time.Now().UnixNano())
 	}
 	if f := n.cfg.Cluster.Fence; f != "" {
 		cctx, cancel := context.WithTimeout(ctx, 30*time.Second)

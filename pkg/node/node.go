@@ -184,6 +184,9 @@ type Node struct {
 	relMu      sync.Mutex
 	syncedSent atomic.Int64
 	expiryWake atomic.Bool // a wake-up is set for when syncedSent expires
+	// vipFreeAt is when a takeover's checks last found the VIP free
+	// (unix ns; 0: not since the last takeVIP).
+	vipFreeAt atomic.Int64
 	// stages times the steps of durability calls (duet status --latency).
 	stages latency.Stages
 	// announcedAlone is the epoch of the last heartbeat sent as ALONE;
@@ -470,17 +473,32 @@ func (n *Node) post(ctx context.Context, ev cluster.Event) {
 	}
 }
 
+// vipProbeWait is how long an ARP probe for the VIP waits for an owner
+// (three requests in that time). A host holding the address answers from
+// its kernel, in well under a millisecond on a LAN, however busy its
+// processes are (a SIGSTOPped daemon's host answers too); every
+// millisecond waited here is a millisecond of failover.
+const vipProbeWait = 150 * time.Millisecond
+
+// vipProbeFresh: a probe that found the VIP free this recently is not
+// repeated before taking it.
+const vipProbeFresh = 500 * time.Millisecond
+
 // takeVIP adds and announces the VIP unless another host answers for it.
 func (n *Node) takeVIP(ctx context.Context) error {
 	if n.vip == nil {
 		return nil
 	}
-	owner, err := n.vip.Probe(200 * time.Millisecond)
-	if err != nil {
-		return err
-	}
-	if owner != nil {
-		return fmt.Errorf("VIP %s is already in use by %s on the network", n.vip.Prefix.Addr(), owner)
+	// A takeover's checks probed just before: a second probe would only
+	// add its wait to the failover.
+	if time.Since(time.Unix(0, n.vipFreeAt.Swap(0))) > vipProbeFresh {
+		owner, err := n.vip.Probe(vipProbeWait)
+		if err != nil {
+			return err
+		}
+		if owner != nil {
+			return fmt.Errorf("VIP %s is already in use by %s on the network", n.vip.Prefix.Addr(), owner)
+		}
 	}
 	if err := n.vip.Add(); err != nil {
 		return err
