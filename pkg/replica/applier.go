@@ -76,7 +76,9 @@ func (a *Applier) closeFiles() {
 // wait for unrelated dirty data; a larger one does one syncfs. A failed
 // Sync leaves the next one a syncfs: what it did not flush stays owed.
 func (a *Applier) Sync() error {
-	a.closeFiles()
+	// Flushed through the descriptors the batches wrote with, where
+	// still open (no second lookup), closed after.
+	defer a.closeFiles()
 	if err := a.flushAll(); err != nil {
 		a.overflow = true
 		return err
@@ -105,6 +107,12 @@ func (a *Applier) flushAll() error {
 		flush := unix.Fdatasync
 		if attrs {
 			flush = unix.Fsync
+		}
+		if f := a.files[p]; f != nil {
+			if err := flush(int(f.Fd())); err != nil {
+				return fmt.Errorf("flushing %q: %w", p, err)
+			}
+			continue
 		}
 		if err := a.flush(p, unix.O_RDONLY, flush); err != nil {
 			return err
