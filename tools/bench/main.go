@@ -31,10 +31,9 @@ type bench struct {
 	syncbenchBin     string
 	quick            bool
 	plots            plots
-	// stages sums, per node and stage, what the daemons timed during
-	// the sync-latency runs under duet exec (duet status --latency).
-	stages     map[string]latency.Counts
-	stageOrder []string
+	// stages sums, per workload, node and stage, what the daemons timed
+	// during the sync runs under duet exec (duet status --latency).
+	stages []stageTable
 }
 
 // Figure is one reported measurement.
@@ -244,11 +243,35 @@ func (b *bench) latencies() []latency.StageCounts {
 	return all
 }
 
-// addStages adds what was timed between two latencies snapshots.
-func (b *bench) addStages(before, after []latency.StageCounts) {
-	if b.stages == nil {
-		b.stages = map[string]latency.Counts{}
+// stageTable is what the daemons timed during one workload's runs.
+type stageTable struct {
+	workload string
+	counts   map[string]latency.Counts // by "nodeA stage"
+	order    []string
+}
+
+// timed runs f, a workload's run under duet exec, and adds what the
+// daemons timed meanwhile to the workload's table.
+func (b *bench) timed(workload string, f func()) {
+	settle()
+	before := b.latencies()
+	f()
+	after := b.latencies()
+	var t *stageTable
+	for i := range b.stages {
+		if b.stages[i].workload == workload {
+			t = &b.stages[i]
+		}
 	}
+	if t == nil {
+		b.stages = append(b.stages, stageTable{workload: workload, counts: map[string]latency.Counts{}})
+		t = &b.stages[len(b.stages)-1]
+	}
+	t.add(before, after)
+}
+
+// add adds what was timed between two latencies snapshots.
+func (t *stageTable) add(before, after []latency.StageCounts) {
 	for _, sc := range after {
 		k, d := sc.Stage, sc.Counts
 		for _, p := range before {
@@ -259,12 +282,12 @@ func (b *bench) addStages(before, after []latency.StageCounts) {
 		if d.Total() == 0 {
 			continue
 		}
-		if old, ok := b.stages[k]; ok {
+		if old, ok := t.counts[k]; ok {
 			d = d.Plus(old)
 		} else {
-			b.stageOrder = append(b.stageOrder, k)
+			t.order = append(t.order, k)
 		}
-		b.stages[k] = d
+		t.counts[k] = d
 	}
 }
 
@@ -487,17 +510,18 @@ func (b *bench) syncFigures(runs int) []Figure {
 		var l, d, lt, dt syncResult
 		pair(i, func() { l = b.syncbench("a", false, append(lat, "-file", local("a", "lat"))...) },
 			func() {
-				settle()
-				before := b.latencies()
-				d = b.syncbenchNow("a", true, append(lat, "-file", file("a", "duet"))...)
-				b.addStages(before, b.latencies())
+				b.timed("4 KiB random write + fdatasync", func() { d = b.syncbenchNow("a", true, append(lat, "-file", file("a", "duet"))...) })
 			})
 		b.plots.addLatency("local", l.SamplesMs)
 		b.plots.addLatency("duet exec, sync", d.SamplesMs)
 		p50.add(l.P50Ms, d.P50Ms)
 		p99.add(l.P99Ms, d.P99Ms)
 		pair(i, func() { lt = b.syncbench("a", false, append(thr, "-file", local("a", "seq"))...) },
-			func() { dt = b.syncbench("a", true, append(thr, "-file", file("a", "seq-duet"))...) })
+			func() {
+				b.timed("64 KiB sequential writes, fdatasync every 1 MiB", func() {
+					dt = b.syncbenchNow("a", true, append(thr, "-file", file("a", "seq-duet"))...)
+				})
+			})
 		seq.add(lt.MBps, dt.MBps)
 		// Two local writers at once, one per lab filesystem, outside the
 		// replicated trees.
@@ -662,12 +686,17 @@ func (b *bench) markdown(figs []Figure, runs int) string {
 	for _, f := range figs {
 		fmt.Fprintf(&w, "- %s: baseline %s %s, measured %s %s. %s\n", f.Name, spread(f.Baseline), f.Unit, spread(f.Measured), f.Unit, f.Note)
 	}
-	if len(b.stages) > 0 {
+	if len(b.stages) > 0 && len(b.stages[0].order) > 0 {
 		fmt.Fprintf(&w, "\n## Where a durability call's time goes\n\n")
-		fmt.Fprintf(&w, "The 4 KiB write + fdatasync runs under `duet exec`, all runs together, as the daemons timed them (`duet status --latency`; a bucket's upper bound, within 9 %%). The stages overlap: local_flush runs beside the barrier; drain, build and peer make up daemon; apply and flush are nodeB's part of peer; sync_rtt is nodeA's view of a sync request.\n\n")
-		fmt.Fprintf(&w, "| node | stage | calls | p50 µs | p90 µs | p99 µs |\n|---|---|---|---|---|---|\n")
-		for _, k := range b.stageOrder {
-			c := b.stages[k]
+		fmt.Fprintf(&w, "The sync runs under `duet exec`, all runs of a workload together, as the daemons timed them (`duet status --latency`; a bucket's upper bound, within 9 %%). The stages overlap: local_flush runs beside the barrier; drain, build and peer make up daemon; apply and flush are nodeB's part of peer; sync_rtt is nodeA's view of a sync request.\n")
+	}
+	for _, t := range b.stages {
+		if len(t.order) == 0 {
+			continue // a daemon that times nothing (an older build)
+		}
+		fmt.Fprintf(&w, "\n%s:\n\n| node | stage | calls | p50 µs | p90 µs | p99 µs |\n|---|---|---|---|---|---|\n", t.workload)
+		for _, k := range t.order {
+			c := t.counts[k]
 			h, st, _ := strings.Cut(k, " ")
 			us := func(q float64) float64 { return float64(c.Quantile(q)) / float64(time.Microsecond) }
 			fmt.Fprintf(&w, "| %s | %s | %d | %.0f | %.0f | %.0f |\n", h, st, c.Total(), us(0.5), us(0.9), us(0.99))
