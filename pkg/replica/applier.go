@@ -32,6 +32,8 @@ type Applier struct {
 	dirs     map[string]bool
 	overflow bool
 	syncfs   func(fd int) error // unix.Syncfs; a test counts or fails it
+	// setattrDid is what the last setattr applied changed (for touch).
+	setattrDid setattrDone
 }
 
 // maxTargeted is the most files and directories flushed one by one; past
@@ -270,8 +272,17 @@ func (a *Applier) touch(op *wire.Op) {
 			a.dirty[op.Path] = false // data: fdatasync, unless a setattr asks more
 		}
 	case wire.OpSetattr:
-		a.dirty[op.Path] = true
-		a.dirs[dirOf(op.Path)] = true // covers a symlink, which cannot be opened
+		// Times alone ride with the data (fdatasync): a peer crash may
+		// leave a file's times older than its content, which the next
+		// comparison sees as a difference, never the reverse.
+		if a.setattrDid.ownerOrMode {
+			a.dirty[op.Path] = true
+		} else if _, ok := a.dirty[op.Path]; !ok {
+			a.dirty[op.Path] = false
+		}
+		if a.setattrDid.symlink {
+			a.dirs[dirOf(op.Path)] = true // a symlink cannot be opened
+		}
 	case wire.OpRemove:
 		// A removed subtree may hold files written earlier in the batch.
 		a.overflow = true
@@ -338,9 +349,24 @@ func (a *Applier) apply(op *wire.Op) error {
 			return err
 		}
 		return unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, int64(op.Off), int64(op.Len))
+	case wire.OpSetattr:
+		if f := a.files[op.Path]; f != nil {
+			// Written since the last namespace op: the descriptor is
+			// the file's, and the times a write leaves need no
+			// lookup.
+			var st unix.Stat_t
+			if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+				return err
+			}
+			var err error
+			a.setattrDid, err = setattrOn(f, &st, path.Base(op.Path), op)
+			return err
+		}
 	}
-	// Namespace ops change what paths name: drop cached files.
-	a.closeFiles()
+	if op.Code != wire.OpSetattr {
+		// Namespace ops change what paths name: drop cached files.
+		a.closeFiles()
+	}
 	d, base, err := a.parent(op.Path)
 	if err != nil {
 		return err
@@ -410,7 +436,9 @@ func (a *Applier) apply(op *wire.Op) error {
 		defer d2.Close()
 		return a.linkOrRename(op.Code, d, base, d2, base2)
 	case wire.OpSetattr:
-		return setattr(d, base, op)
+		var err error
+		a.setattrDid, err = setattr(d, base, op)
+		return err
 	}
 	return fmt.Errorf("unknown op %d", op.Code)
 }
@@ -454,27 +482,47 @@ func (a *Applier) linkOrRename(code wire.OpCode, d *os.File, base string, d2 *os
 
 // setattr sets owner, mode and times of name in d, all through one handle
 // (entryAt): those of a symlink are the link's own.
-func setattr(d *os.File, name string, op *wire.Op) error {
+// setattrDone says what a setattr changed, for Sync: the owner or mode
+// (the entry needs fsync), or its times only (a file written has them
+// changed by every write: fdatasync with its data is enough); and whether
+// the entry is a symlink (it cannot be opened: its directory is flushed).
+type setattrDone struct {
+	ownerOrMode, symlink bool
+}
+
+func setattr(d *os.File, name string, op *wire.Op) (setattrDone, error) {
 	h, st, err := entryAt(d, name)
 	if err != nil {
-		return err
+		return setattrDone{}, err
 	}
 	defer h.Close()
+	return setattrOn(h, &st, name, op)
+}
+
+// setattrOn applies op to the inode h holds, whose stat is st.
+func setattrOn(h *os.File, st *unix.Stat_t, name string, op *wire.Op) (setattrDone, error) {
 	fd := int(h.Fd())
-	if err := unix.Fchownat(fd, "", int(op.UID), int(op.GID), unix.AT_EMPTY_PATH|unix.AT_SYMLINK_NOFOLLOW); err != nil {
-		return &fs.PathError{Op: "chown", Path: name, Err: err}
-	}
-	// chown clears set-id bits: chmod after it. Symlinks have no mode.
-	if st.Mode&unix.S_IFMT != unix.S_IFLNK {
-		if err := chmodHandle(h, op.Mode&0o7777); err != nil {
-			return err
+	did := setattrDone{symlink: st.Mode&unix.S_IFMT == unix.S_IFLNK,
+		ownerOrMode: st.Uid != op.UID || st.Gid != op.GID || st.Mode&0o7777 != op.Mode&0o7777}
+	// A setattr follows most writes (their new times): owner and mode
+	// are set only when they differ, sparing the inode two changes.
+	if did.ownerOrMode {
+		if err := unix.Fchownat(fd, "", int(op.UID), int(op.GID), unix.AT_EMPTY_PATH|unix.AT_SYMLINK_NOFOLLOW); err != nil {
+			return did, &fs.PathError{Op: "chown", Path: name, Err: err}
+		}
+		// chown clears set-id bits: chmod after it. Symlinks have no
+		// mode.
+		if !did.symlink {
+			if err := chmodHandle(h, op.Mode&0o7777); err != nil {
+				return did, err
+			}
 		}
 	}
 	ts := []unix.Timespec{unix.NsecToTimespec(op.Atime), unix.NsecToTimespec(op.Mtime)}
 	if err := unix.UtimesNanoAt(fd, "", ts, unix.AT_EMPTY_PATH|unix.AT_SYMLINK_NOFOLLOW); err != nil {
-		return &fs.PathError{Op: "utimes", Path: name, Err: err}
+		return did, &fs.PathError{Op: "utimes", Path: name, Err: err}
 	}
-	return nil
+	return did, nil
 }
 
 // file returns p open for writing, kept open for the rest of the batch.

@@ -97,14 +97,16 @@ type replicaState struct {
 
 const stateSize = 8 + 8 + 8 + 4 + 16 + 4
 
-func bootID() [16]byte {
+// bootID is read once: it does not change while the daemon runs, and
+// the state is saved after every batch.
+var bootID = sync.OnceValue(func() [16]byte {
 	var id [16]byte
 	b, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
 	if err == nil {
 		copy(id[:], bytes.ReplaceAll(bytes.TrimSpace(b), []byte("-"), nil))
 	}
 	return id
-}
+})
 
 func (s *Server) state(name string) (*replicaState, error) {
 	s.mu.Lock()
