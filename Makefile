@@ -17,8 +17,10 @@ FUZZTIME ?= 400000x
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
-build: ## build bin/duet (needs only Go: BPF objects are committed)
-	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/duet
+# Without cgo the binary is static: it runs on any distribution's libc,
+# and its package depends on none.
+build: ## build bin/duet, a static binary (needs only Go: BPF objects are committed)
+	CGO_ENABLED=0 $(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/duet
 
 generate: ## regenerate the BPF objects with clang (bpf2go) and vmlinux.h from this kernel's BTF
 	bpftool btf dump file /sys/kernel/btf/vmlinux format c > bpf/include/vmlinux.h
