@@ -6,19 +6,31 @@ GO ?= go
 BIN := bin/duet
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X github.com/duet-ha/duet/pkg/node.Version=$(VERSION)
-export DUET_BIN := $(CURDIR)/$(BIN)
+export DUET_BIN := $(abspath $(BIN))
+DIST := dist
+# A package version starts with a digit: a build without a release tag
+# (git describe gives the commit) is 0.0.0 with git<commit> as its
+# pre-release, which nfpm writes 0.0.0~git<commit>.
+export DUET_PKG_VERSION := $(if $(filter v%,$(VERSION)),$(VERSION),0.0.0-git$(VERSION))
 # Fuzz budgets are execution counts, not durations: a duration budget races
 # the Go fuzz coordinator's deadline (golang/go#75804, fixed in Go 1.27) and
 # fails with "context deadline exceeded" without any crashing input.
 FUZZTIME ?= 400000x
 
-.PHONY: help build generate check-generate test unit race e2e fuzz demo lab-up lab-down bench vet clean vagrant-check check-monitoring k3s-soak nemesis
+.PHONY: help build package generate check-generate test unit race e2e fuzz demo lab-up lab-down bench vet clean vagrant-check check-monitoring k3s-soak nemesis
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
-build: ## build bin/duet (needs only Go: BPF objects are committed)
-	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/duet
+# Without cgo the binary is static: it runs on any distribution's libc,
+# and its package depends on none.
+build: ## build bin/duet, a static binary (needs only Go: BPF objects are committed)
+	CGO_ENABLED=0 $(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/duet
+
+package: build ## the .deb and .rpm of bin/duet, its unit, monitoring files and docs, into dist/ (amd64)
+	mkdir -p $(DIST)
+	$(GO) tool nfpm package --config packaging/nfpm.yaml --packager deb --target $(DIST)/
+	$(GO) tool nfpm package --config packaging/nfpm.yaml --packager rpm --target $(DIST)/
 
 generate: ## regenerate the BPF objects with clang (bpf2go) and vmlinux.h from this kernel's BTF
 	bpftool btf dump file /sys/kernel/btf/vmlinux format c > bpf/include/vmlinux.h
@@ -61,9 +73,9 @@ test: vet build vagrant-check check-monitoring race ## everything CI runs: vet, 
 	$(SUDO) $(GO) test -count=1 -timeout 30m -v ./tools/lab/ 2>&1 | grep -v -e '^=== ' ; exit $${PIPESTATUS[0]}
 	$(MAKE) fuzz
 
-vagrant-check: build ## check the Vagrant lab without VMs: vagrant validate, bash -n, shellcheck
+vagrant-check: build ## check the Vagrant lab and the shell scripts without VMs: vagrant validate, bash -n, shellcheck
 	bash -n vagrant/failover-test.sh vagrant/provision/*.sh
-	@if command -v shellcheck >/dev/null; then shellcheck -x vagrant/failover-test.sh vagrant/provision/*.sh tools/lab/lab.sh tools/demo.sh; else echo "shellcheck not installed: skipped"; fi
+	@if command -v shellcheck >/dev/null; then shellcheck -x vagrant/failover-test.sh vagrant/provision/*.sh tools/lab/lab.sh tools/demo.sh packaging/*.sh; else echo "shellcheck not installed: skipped"; fi
 	@if command -v vagrant >/dev/null; then cd vagrant && vagrant validate --ignore-provider; else echo "vagrant not installed: vagrant validate skipped"; exit $${DUET_REQUIRE_STACK:+1}; fi
 
 # The metric names these files use are checked against a node's registry by
@@ -94,4 +106,4 @@ bench: build ## every benchmark figure (3 runs), written to docs/BENCHMARKS.md w
 	$(SUDO) $(GO) run ./tools/bench --runs 3 --out docs/BENCHMARKS.md
 
 clean: ## remove build output
-	rm -rf bin
+	rm -rf bin $(DIST)

@@ -13,7 +13,7 @@ apt-get install -y -qq mariadb-server mariadb-client nfs-common curl >/dev/null
 # duet starts MariaDB on the primary; the package's own unit must not.
 systemctl disable --now mariadb 2>/dev/null || true
 
-install -m 0755 /tmp/duet /usr/local/bin/duet
+install -m 0755 /tmp/duet /usr/bin/duet
 install -m 0644 /tmp/duet-provision/duet.service /etc/systemd/system/duet.service
 
 self_ip=${NODES#*"$THIS"=}
