@@ -1000,7 +1000,9 @@ func (n *Node) serveControl(ctx context.Context, ln net.Listener) {
 			if err != nil {
 				return
 			}
-			req := strings.TrimSpace(line)
+			// A barrier connection's first request may carry timings
+			// too: the client's other connections answered calls.
+			req := n.barrierReport(strings.TrimSpace(line), -1)
 			if ev, ok := controlCommands[req]; ok {
 				// Leaving the role may wait for the peer to catch up.
 				c.SetDeadline(time.Now().Add(barrierTimeout + 30*time.Second))
@@ -1039,7 +1041,8 @@ func (n *Node) serveControl(ctx context.Context, ln net.Listener) {
 // rtt=N held=N wait=N local=N", nanoseconds, each optional; see
 // BarrierClient), counts them, and returns the bare request. rtt is the
 // client's round trip of the previous call on this connection, whose
-// daemon part was took: the rest is the control socket's hop.
+// daemon part was took (negative: no call before on this connection):
+// the rest is the control socket's hop.
 func (n *Node) barrierReport(line string, took time.Duration) string {
 	req, fields, _ := strings.Cut(line, " ")
 	if req != "barrier" {
@@ -1054,7 +1057,7 @@ func (n *Node) barrierReport(line string, took time.Duration) string {
 		d := time.Duration(ns)
 		switch k {
 		case "rtt":
-			if d >= took {
+			if took >= 0 && d >= took {
 				n.stages.Observe(latency.ControlHop, d-took)
 			}
 		case "held":
