@@ -180,7 +180,8 @@ type Node struct {
 	catchingUp    atomic.Bool
 	// relMu orders releases (tryRelease) against the heartbeats' "synced"
 	// (heartbeat); syncedSent is the hbClock time of the last heartbeat
-	// that said "synced" (0: none).
+	// that said "synced" (0: none). A waiting call takes relMu under its
+	// Primary's lock: no other lock is taken under relMu.
 	relMu      sync.Mutex
 	syncedSent atomic.Int64
 	expiryWake atomic.Bool // a wake-up is set for when syncedSent expires
@@ -701,12 +702,21 @@ func (n *Node) peerSynced() bool {
 
 // streaming reports whether every replicated directory streams to the
 // peer.
-func (n *Node) streaming() bool {
-	// Not held across Drain: it takes the lock again, and a writer
-	// waiting in between would deadlock the two.
+func (n *Node) streaming() bool { return streams(n.servingPrimaries()) }
+
+// servingPrimaries returns the primaries of the serving term (none when
+// not serving). smu is not held after: a holder waiting for a Primary's
+// lock (Drain takes smu again; a waiting call takes relMu) would deadlock
+// with a writer queued for smu.
+func (n *Node) servingPrimaries() []*replica.Primary {
 	n.smu.RLock()
-	primaries := n.primaries
-	n.smu.RUnlock()
+	defer n.smu.RUnlock()
+	return n.primaries
+}
+
+// streams reports whether there are primaries and each streams to the
+// peer.
+func streams(primaries []*replica.Primary) bool {
 	if len(primaries) == 0 {
 		return false
 	}
@@ -724,10 +734,7 @@ func (n *Node) caughtUp() bool {
 	if !n.releasedAlone.Load() {
 		return true
 	}
-	n.smu.RLock()
-	primaries := n.primaries
-	n.smu.RUnlock()
-	n.catchUp(primaries)
+	n.catchUp(n.servingPrimaries())
 	return false
 }
 
