@@ -275,7 +275,10 @@ func (m Machine) stepWait(ev Event) (Machine, []Action) {
 				m.Stale = true
 				acts = append(acts, Action{Do: DoPersist})
 			}
-			if p.Synced && m.Resyncing == "" {
+			// Not to an ALONE peer: it releases durability calls
+			// without this copy, which may lack them however its
+			// stream goes (it does not hear us).
+			if p.Synced && p.State == Prim && m.Resyncing == "" {
 				m.Epoch = p.Epoch
 				m.Stale = false
 				m, more := m.to(Second, fmt.Sprintf("in sync with %s (epoch %d)", p.Name, p.Epoch))
@@ -350,7 +353,7 @@ func (m Machine) stepSecond(ev Event) (Machine, []Action) {
 			return m.serve("handed over by " + p.Name)
 		}
 		if p.State.Serving() {
-			if !p.Synced || p.Epoch != m.Epoch {
+			if !p.Synced || p.Epoch != m.Epoch || p.State == Alone {
 				// Stale at once, and said so in the next heartbeat: the
 				// primary releases the durability calls it could not
 				// ship only once this copy cannot take over.

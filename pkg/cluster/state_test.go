@@ -448,3 +448,28 @@ func TestStoppedSecondaryIsStale(t *testing.T) {
 		}
 	}
 }
+
+// TestNoSecondToAlone: an ALONE primary releases durability calls without
+// its peer (it does not hear it), whatever its heartbeats say of the
+// stream. A peer that still hears it must stay stale: turned SECOND on an
+// ALONE heartbeat saying "synced" (its data connection works while its
+// heartbeats to the primary are lost), it would take over without the
+// writes released meanwhile when the primary dies.
+func TestNoSecondToAlone(t *testing.T) {
+	alone := Peer{Name: "nodeA", State: Alone, Epoch: ep(3, 1), Synced: true}
+	for _, m := range []Machine{
+		{Name: "nodeB", ID: 2, State: Wait, Epoch: ep(2, 1), Stale: true},
+		{Name: "nodeB", ID: 2, State: Second, Epoch: ep(3, 1)},
+	} {
+		got, _ := Step(m, peerEv(alone))
+		if got.State == Second || !got.Stale {
+			t.Errorf("%s (stale %v) hearing ALONE synced: %s, stale %v; want WAIT, stale", m.State, m.Stale, got.State, got.Stale)
+		}
+	}
+	// Once the primary hears it again (PRIM), "synced" counts.
+	prim := alone
+	prim.State = Prim
+	if got, _ := Step(Machine{Name: "nodeB", ID: 2, State: Wait, Epoch: ep(2, 1), Stale: true}, peerEv(prim)); got.State != Second {
+		t.Errorf("WAIT hearing PRIM synced: %s, want SECOND", got.State)
+	}
+}

@@ -220,16 +220,19 @@ func (n *Node) heartbeat() cluster.Heartbeat {
 	n.hbMu.Unlock()
 	m := n.machine.Load()
 	h.Name, h.State, h.Epoch, h.Stale, h.Preferred, h.Handover = m.Name, m.State, m.Epoch, m.Stale, m.Preferred, m.HandedOver
-	// Asked before relMu: Streaming takes a Primary's lock, under which
-	// a waiting durability call takes relMu (tryRelease).
-	streaming := m.State.Serving() && n.streaming()
+	// Asked before relMu, and smu not taken under it: Streaming takes a
+	// Primary's lock, under which a waiting durability call takes relMu
+	// (tryRelease), and smu's holders may wait for that lock too.
+	primaries := n.servingPrimaries()
+	streaming := m.State.Serving() && streams(primaries)
 	n.relMu.Lock()
-	defer n.relMu.Unlock()
 	// While the node leaves the role its replication winds down: the
 	// peer must not read that as "out of sync" before the handover.
 	h.Synced = n.lastSynced.Load()
+	released := false
 	if !n.leaving.Load() {
-		h.Synced = streaming && n.caughtUp()
+		released = n.releasedAlone.Load()
+		h.Synced = streaming && !released
 		n.lastSynced.Store(h.Synced)
 	}
 	if h.Synced {
@@ -237,6 +240,10 @@ func (n *Node) heartbeat() cluster.Heartbeat {
 		// accepted), a "stale" heard from the peer may be out of date:
 		// this heartbeat can still turn it SECOND.
 		n.syncedSent.Store(int64(h.Time))
+	}
+	n.relMu.Unlock()
+	if streaming && released {
+		n.catchUp(primaries)
 	}
 	return h
 }

@@ -180,7 +180,8 @@ type Node struct {
 	catchingUp    atomic.Bool
 	// relMu orders releases (tryRelease) against the heartbeats' "synced"
 	// (heartbeat); syncedSent is the hbClock time of the last heartbeat
-	// that said "synced" (0: none).
+	// that said "synced" (0: none). A waiting call takes relMu under its
+	// Primary's lock: no other lock is taken under relMu.
 	relMu      sync.Mutex
 	syncedSent atomic.Int64
 	expiryWake atomic.Bool // a wake-up is set for when syncedSent expires
@@ -701,12 +702,21 @@ func (n *Node) peerSynced() bool {
 
 // streaming reports whether every replicated directory streams to the
 // peer.
-func (n *Node) streaming() bool {
-	// Not held across Drain: it takes the lock again, and a writer
-	// waiting in between would deadlock the two.
+func (n *Node) streaming() bool { return streams(n.servingPrimaries()) }
+
+// servingPrimaries returns the primaries of the serving term (none when
+// not serving). smu is not held after: a holder waiting for a Primary's
+// lock (Drain takes smu again; a waiting call takes relMu) would deadlock
+// with a writer queued for smu.
+func (n *Node) servingPrimaries() []*replica.Primary {
 	n.smu.RLock()
-	primaries := n.primaries
-	n.smu.RUnlock()
+	defer n.smu.RUnlock()
+	return n.primaries
+}
+
+// streams reports whether there are primaries and each streams to the
+// peer.
+func streams(primaries []*replica.Primary) bool {
 	if len(primaries) == 0 {
 		return false
 	}
@@ -724,10 +734,7 @@ func (n *Node) caughtUp() bool {
 	if !n.releasedAlone.Load() {
 		return true
 	}
-	n.smu.RLock()
-	primaries := n.primaries
-	n.smu.RUnlock()
-	n.catchUp(primaries)
+	n.catchUp(n.servingPrimaries())
 	return false
 }
 
@@ -1000,7 +1007,9 @@ func (n *Node) serveControl(ctx context.Context, ln net.Listener) {
 			if err != nil {
 				return
 			}
-			req := strings.TrimSpace(line)
+			// A barrier connection's first request may carry timings
+			// too: the client's other connections answered calls.
+			req := n.barrierReport(strings.TrimSpace(line), -1)
 			if ev, ok := controlCommands[req]; ok {
 				// Leaving the role may wait for the peer to catch up.
 				c.SetDeadline(time.Now().Add(barrierTimeout + 30*time.Second))
@@ -1039,7 +1048,8 @@ func (n *Node) serveControl(ctx context.Context, ln net.Listener) {
 // rtt=N held=N wait=N local=N", nanoseconds, each optional; see
 // BarrierClient), counts them, and returns the bare request. rtt is the
 // client's round trip of the previous call on this connection, whose
-// daemon part was took: the rest is the control socket's hop.
+// daemon part was took (negative: no call before on this connection):
+// the rest is the control socket's hop.
 func (n *Node) barrierReport(line string, took time.Duration) string {
 	req, fields, _ := strings.Cut(line, " ")
 	if req != "barrier" {
@@ -1054,7 +1064,7 @@ func (n *Node) barrierReport(line string, took time.Duration) string {
 		d := time.Duration(ns)
 		switch k {
 		case "rtt":
-			if d >= took {
+			if took >= 0 && d >= took {
 				n.stages.Observe(latency.ControlHop, d-took)
 			}
 		case "held":

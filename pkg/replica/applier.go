@@ -280,8 +280,10 @@ func (a *Applier) touch(op *wire.Op) {
 		} else if _, ok := a.dirty[op.Path]; !ok {
 			a.dirty[op.Path] = false
 		}
-		if a.setattrDid.symlink {
-			a.dirs[dirOf(op.Path)] = true // a symlink cannot be opened
+		if a.setattrDid.unopened {
+			// A symlink, FIFO or socket cannot be opened to be
+			// flushed: its directory is.
+			a.dirs[dirOf(op.Path)] = true
 		}
 	case wire.OpRemove:
 		// A removed subtree may hold files written earlier in the batch.
@@ -293,7 +295,13 @@ func (a *Applier) touch(op *wire.Op) {
 		if op.Code == wire.OpRename {
 			a.overflow = a.overflow || len(a.dirty) > 0
 		}
-	default: // mkdir, create, symlink, mknod
+	case wire.OpCreate, wire.OpMkdir:
+		a.dirs[dirOf(op.Path)] = true
+		// The mode is set after the entry is made (the umask strips
+		// some bits): fsync, which a setattr of times alone that
+		// follows would not ask.
+		a.dirty[op.Path] = true
+	default: // symlink, mknod
 		a.dirs[dirOf(op.Path)] = true
 	}
 	if len(a.dirty)+len(a.dirs) > maxTargeted {
@@ -485,9 +493,10 @@ func (a *Applier) linkOrRename(code wire.OpCode, d *os.File, base string, d2 *os
 // setattrDone says what a setattr changed, for Sync: the owner or mode
 // (the entry needs fsync), or its times only (a file written has them
 // changed by every write: fdatasync with its data is enough); and whether
-// the entry is a symlink (it cannot be opened: its directory is flushed).
+// the entry cannot be opened (a symlink, FIFO or socket: its directory is
+// flushed).
 type setattrDone struct {
-	ownerOrMode, symlink bool
+	ownerOrMode, unopened bool
 }
 
 func setattr(d *os.File, name string, op *wire.Op) (setattrDone, error) {
@@ -502,7 +511,8 @@ func setattr(d *os.File, name string, op *wire.Op) (setattrDone, error) {
 // setattrOn applies op to the inode h holds, whose stat is st.
 func setattrOn(h *os.File, st *unix.Stat_t, name string, op *wire.Op) (setattrDone, error) {
 	fd := int(h.Fd())
-	did := setattrDone{symlink: st.Mode&unix.S_IFMT == unix.S_IFLNK,
+	t := st.Mode & unix.S_IFMT
+	did := setattrDone{unopened: t != unix.S_IFREG && t != unix.S_IFDIR,
 		ownerOrMode: st.Uid != op.UID || st.Gid != op.GID || st.Mode&0o7777 != op.Mode&0o7777}
 	// A setattr follows most writes (their new times): owner and mode
 	// are set only when they differ, sparing the inode two changes.
@@ -512,7 +522,7 @@ func setattrOn(h *os.File, st *unix.Stat_t, name string, op *wire.Op) (setattrDo
 		}
 		// chown clears set-id bits: chmod after it. Symlinks have no
 		// mode.
-		if !did.symlink {
+		if t != unix.S_IFLNK {
 			if err := chmodHandle(h, op.Mode&0o7777); err != nil {
 				return did, err
 			}

@@ -331,3 +331,47 @@ func TestApplierPathsPastPathMax(t *testing.T) {
 		t.Fatal("removed FIFO still there")
 	}
 }
+
+// TestApplierFlushCoversModes: what Sync flushes covers every mode and
+// owner the batch set, fdatasync being no flush of them. A new file or
+// directory gets its mode after it is made (the daemon's umask would
+// strip group write, set-user-ID...), not in the setattr that follows
+// with the times: it needs fsync all the same. A FIFO or socket cannot be
+// opened: a setattr on it flushes its directory (as a symlink's does).
+func TestApplierFlushCoversModes(t *testing.T) {
+	a, root, _ := newTestApplier(t)
+	os.Mkdir(filepath.Join(root, "sub"), 0o755)
+	if err := unix.Mkfifo(filepath.Join(root, "sub", "fifo"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Sync(); err != nil { // a new applier's first one is a syncfs
+		t.Fatal(err)
+	}
+	times := func(p string, mode uint32) wire.Op {
+		return wire.Op{Code: wire.OpSetattr, Path: p, Mode: mode, Mtime: 1e18, Atime: 1e18}
+	}
+	ops := []wire.Op{
+		{Code: wire.OpCreate, Path: "f", Mode: 0o4775},
+		{Code: wire.OpWrite, Path: "f", Data: []byte("x")},
+		times("f", 0o4775),
+		{Code: wire.OpMkdir, Path: "d", Mode: 0o2775},
+		times("d", 0o2775),
+		times("sub/fifo", 0o640),
+	}
+	for i := range ops {
+		if err := a.Apply(&ops[i]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if a.overflow {
+		t.Fatal("a syncfs planned: the targeted flush is not tested")
+	}
+	for _, p := range []string{"f", "d"} {
+		if !a.dirty[p] {
+			t.Errorf("%s, made with a mode umask strips, then given times: flushed with fdatasync, its mode not made durable", p)
+		}
+	}
+	if !a.dirs["sub"] {
+		t.Error("a FIFO's new mode: its directory is not flushed, and the FIFO cannot be: the mode is not made durable")
+	}
+}
