@@ -362,7 +362,7 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 		go n.watchWitness(ctx, isolation)
 	}
 	var mirrorSince time.Time // the preferred peer has been a mirror since
-	deaf := false             // the peer does not hear this node (peerDeaf)
+	deafDropped := false      // the connection was ended since the peer went deaf (peerDeaf)
 	// actx is what actions run under; a stopping daemon swaps in one
 	// that lets it hand its role over.
 	actx := ctx
@@ -430,7 +430,9 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 			}
 			n.smu.RUnlock()
 		}
-		if m.State != prev.State || m.Peer.Seen != prev.Peer.Seen || m.Peer.State != prev.Peer.State || m.Peer.Stale != prev.Peer.Stale {
+		// A stale peer's newer echo may let a held call go (staleCurrent).
+		echoed := m.Peer.Stale && m.Peer.EchoTime != prev.Peer.EchoTime
+		if m.State != prev.State || m.Peer.Seen != prev.Peer.Seen || m.Peer.State != prev.Peer.State || m.Peer.Stale != prev.Peer.Stale || echoed {
 			if m.State == cluster.Alone && prev.State != cluster.Alone {
 				// Announce ALONE now, not at the next tick: calls held
 				// for the lost peer are released once it is sent.
@@ -507,18 +509,20 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 			} else if !m.Peer.Seen && time.Since(start) > timeout {
 				apply(cluster.Event{Kind: cluster.EvTick})
 			}
-			wasDeaf := deaf
-			deaf = m.State == cluster.Prim && n.peerDeaf(m.Peer)
-			if deaf && n.streaming() {
+			if m.State != cluster.Prim || !n.peerDeaf(m.Peer) {
+				deafDropped = false
+			} else if !deafDropped && n.streaming() {
 				// Our batches take the path our heartbeats take: they
 				// are lost too, and the calls waiting for them would
 				// wait until TCP gives up. Ended, the connection
 				// stops streaming, the heartbeats stop saying
 				// "synced", and the stale peer lets calls go on
-				// (staleCurrent).
-				if !wasDeaf {
-					n.log.Warn("the peer says its copy is stale and has not heard this node for longer than cluster.timeout: the path to it loses what this node sends", "peer", m.Peer.Name)
-				}
+				// (staleCurrent). Once per episode: a connection that
+				// comes back while the peer still does not hear us
+				// (heartbeats lost, the data path working) gets its
+				// acks through, and calls go on with them.
+				deafDropped = true
+				n.log.Warn("the peer says its copy is stale and has not heard this node for longer than cluster.timeout: the path to it loses what this node sends", "peer", m.Peer.Name)
 				n.smu.RLock()
 				for _, p := range n.primaries {
 					p.Drop("the peer does not hear this node")

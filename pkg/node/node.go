@@ -762,8 +762,16 @@ func (n *Node) catchUp(primaries []*replica.Primary) {
 				return
 			}
 		}
-		if n.aloneGen.Load() == gen {
+		// Under relMu: a release (tryRelease) between the check and the
+		// clear would be forgotten, and the heartbeats say "synced"
+		// with it unshipped.
+		n.relMu.Lock()
+		caught := n.aloneGen.Load() == gen
+		if caught {
 			n.releasedAlone.Store(false)
+		}
+		n.relMu.Unlock()
+		if caught {
 			select { // say so now, not at the next tick
 			case n.hbKick <- struct{}{}:
 			default:
