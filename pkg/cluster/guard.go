@@ -65,6 +65,8 @@ type Guard struct {
 	echoBoot uint64
 	echoTime time.Duration
 	accepted bool // echoBoot comes from an accepted heartbeat
+
+	retired []uint64 // peer runs replaced by a newer one (retire)
 }
 
 // NewGuard returns the guard of a run whose heartbeats carry boot (random,
@@ -122,6 +124,9 @@ func (g *Guard) Applied(h *Heartbeat) {
 func (g *Guard) Boot() uint64 { return g.boot }
 
 func (g *Guard) accept(h *Heartbeat, now time.Duration) bool {
+	if g.Retired(h.Boot) {
+		return false
+	}
 	known := g.peer != 0 && h.Boot == g.peer
 	if known && h.Seq <= g.peerSeq {
 		return false
@@ -142,8 +147,40 @@ func (g *Guard) accept(h *Heartbeat, now time.Duration) bool {
 	if !fresh {
 		return false
 	}
+	if g.peer != 0 && g.peer != h.Boot {
+		g.retire(g.peer)
+	}
 	g.peer, g.peerSeq, g.offset, g.anchor = h.Boot, h.Seq, offset, anchor
 	return true
+}
+
+// maxRetired bounds the peer runs remembered as replaced.
+const maxRetired = 8
+
+// retire remembers that the peer's run boot was replaced by a newer one:
+// its process is gone, and a heartbeat of it arriving now (held back in
+// the network, or replayed while it still echoes a recent time of ours)
+// must not bring back that run's state: a restarted primary's old run
+// said "synced" at its old epoch.
+func (g *Guard) retire(boot uint64) {
+	if g.Retired(boot) {
+		return
+	}
+	if len(g.retired) == maxRetired {
+		g.retired = g.retired[1:]
+	}
+	g.retired = append(g.retired, boot)
+}
+
+// Retired reports whether the peer's run boot was replaced by a newer
+// one.
+func (g *Guard) Retired(boot uint64) bool {
+	for _, b := range g.retired {
+		if b == boot {
+			return true
+		}
+	}
+	return false
 }
 
 // young reports whether h was made at most maxAge ago, aged through the

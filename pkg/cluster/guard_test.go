@@ -524,3 +524,42 @@ func TestEchoFollowsApplied(t *testing.T) {
 		t.Errorf("echo once h2 was applied: boot %d time %v, want h2 (boot 2 time %v)", e.EchoBoot, e.EchoTime, h2.Time)
 	}
 }
+
+// TestReplacedRunRefused: once the peer's restarted run is heard, a
+// heartbeat of its earlier run (held back in the network, or replayed
+// while it still echoes a recent time of ours) is refused: it would bring
+// back the old run's state, a PRIM saying "synced" at its old epoch, to a
+// copy the new run has just been told is stale.
+func TestReplacedRunRefused(t *testing.T) {
+	const now0 = 10 * time.Second
+	local := NewGuard(1, simMaxAge)
+	oldRun, newRun := NewGuard(2, simMaxAge), NewGuard(3, simMaxAge)
+	var mine Heartbeat
+	local.Stamp(&mine, now0)
+	oldRun.Accept(&mine, time.Hour) // heard: echoed as a challenge
+	newRun.Accept(&mine, 2*time.Hour)
+	stamp := func(g *Guard, at time.Duration) Heartbeat {
+		var h Heartbeat
+		g.Stamp(&h, at)
+		return h
+	}
+	a1 := stamp(oldRun, time.Hour+time.Millisecond)
+	if !local.Accept(&a1, now0+2*time.Millisecond) {
+		t.Fatal("the old run's heartbeat refused while it was the peer's run")
+	}
+	late := stamp(oldRun, time.Hour+3*time.Millisecond) // sent before the old run died
+	b1 := stamp(newRun, 2*time.Hour+time.Millisecond)
+	if !local.Accept(&b1, now0+5*time.Millisecond) {
+		t.Fatal("the restarted run's first heartbeat, echoing ours, refused")
+	}
+	if local.Accept(&late, now0+6*time.Millisecond) {
+		t.Error("a heartbeat of the replaced run, arriving after the new run was heard, accepted")
+	}
+	if !local.Retired(2) || local.Retired(3) {
+		t.Errorf("retired: old run %v (want true), new run %v (want false)", local.Retired(2), local.Retired(3))
+	}
+	b2 := stamp(newRun, 2*time.Hour+7*time.Millisecond)
+	if !local.Accept(&b2, now0+8*time.Millisecond) {
+		t.Error("the new run's next heartbeat refused after the old run's was")
+	}
+}

@@ -201,6 +201,14 @@ func (n *Node) peerDeaf(p cluster.Peer) bool {
 	return p.EchoBoot != n.guard.Boot() || hbClock()-p.EchoTime > n.cfg.Cluster.Timeout
 }
 
+// peerRetired reports whether the peer's run boot was replaced by a
+// newer one (Guard.Retired).
+func (n *Node) peerRetired(boot uint64) bool {
+	n.hbMu.Lock()
+	defer n.hbMu.Unlock()
+	return n.guard.Retired(boot)
+}
+
 // peerApplied has the heartbeats echo the peer's heartbeat p once the
 // machine has applied it.
 func (n *Node) peerApplied(p cluster.Peer) {
@@ -486,10 +494,11 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 			}
 			return
 		case ev := <-n.events:
-			if ev.Kind == cluster.EvPeer && m.Peer.Seen && ev.Peer.Boot == m.Peer.Boot && ev.Peer.Seq <= m.Peer.Seq {
+			if ev.Kind == cluster.EvPeer && (m.Peer.Seen && ev.Peer.Boot == m.Peer.Boot && ev.Peer.Seq <= m.Peer.Seq || n.peerRetired(ev.Peer.Boot)) {
 				// Accepted in order, but posted by the networks'
-				// receivers in another: an older state must not
-				// override a newer one.
+				// receivers in another: an older state (or a
+				// restarted peer's earlier run) must not override a
+				// newer one.
 				continue
 			}
 			apply(ev)
