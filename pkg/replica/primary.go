@@ -24,10 +24,13 @@ import (
 
 // Tuning of the primary's pipeline.
 const (
-	batchRaw     = 4 << 20   // uncompressed ops per batch
-	maxUnacked   = 256 << 20 // compressed bytes in flight before building waits
-	batchWindow  = 2 * time.Millisecond
-	retryBackoff = 500 * time.Millisecond
+	batchRaw    = 4 << 20   // uncompressed ops per batch
+	maxUnacked  = 256 << 20 // compressed bytes in flight before building waits
+	batchWindow = 2 * time.Millisecond
+	// eagerAfterBarrier: for this long after a durability call the
+	// builder takes records without the batch window.
+	eagerAfterBarrier = 10 * time.Millisecond
+	retryBackoff      = 500 * time.Millisecond
 	// refusedBackoff bounds the wait between attempts while the peer
 	// refuses to apply (disk full, a path it cannot create): a peer that
 	// cannot apply is backed off, not hammered.
@@ -60,6 +63,9 @@ type Primary struct {
 	session  uint64
 	readBuf  []byte       // the builders' read buffer, used by the build goroutine only
 	barriers atomic.Int32 // WaitShipped calls in progress
+	// lastBarrier is when the last WaitShipped ended (unix ns): a writer
+	// that makes durability calls now will most likely make another.
+	lastBarrier atomic.Int64
 	// barrierKick cuts the batch window short when a barrier begins.
 	barrierKick chan struct{}
 
@@ -686,10 +692,13 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 		}
 		p.mu.Unlock()
 		// Let a burst of records gather into one batch, unless a
-		// barrier is waiting; and make sure every record emitted so far
-		// is in the journal: a directory must not be reconciled before
-		// the allocation of an inode it holds.
-		if p.barriers.Load() == 0 {
+		// barrier is waiting or ended just now (a writer making
+		// durability calls: its next one follows its next write within
+		// microseconds, and the pass built meanwhile is one it need not
+		// wait for); and make sure every record emitted so far is in the
+		// journal: a directory must not be reconciled before the
+		// allocation of an inode it holds.
+		if p.barriers.Load() == 0 && time.Since(time.Unix(0, p.lastBarrier.Load())) > eagerAfterBarrier {
 			p.batchWindow(ctx)
 		}
 		takeAt := time.Now()
@@ -1002,6 +1011,7 @@ func (p *Primary) WaitShipped(ctx context.Context, kernel Kernel, rel Release) e
 	}
 	start := time.Now()
 	defer func() {
+		p.lastBarrier.Store(time.Now().UnixNano())
 		p.barriers.Add(-1)
 		p.mu.Lock()
 		p.barrierCount++
