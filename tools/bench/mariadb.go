@@ -48,7 +48,11 @@ func (b *bench) mariadbFigures(runs int) []Figure {
 			m.stop()
 		}
 	}()
-	tps := Figure{Name: "MariaDB sysbench oltp_write_only (4 threads, " + secs + " s): TPS under duet sync / standalone",
+	extra := ""
+	if e := os.Getenv("DUET_BENCH_MARIADB_ARGS"); e != "" {
+		extra = ", with " + e
+	}
+	tps := Figure{Name: "MariaDB sysbench oltp_write_only (4 threads, " + secs + " s" + extra + "): TPS under duet sync / standalone",
 		Target: "≥ 0.5", Unit: "transactions/s",
 		Note: "innodb_flush_log_at_trx_commit=1, innodb_flush_method=fsync, as the k3s module runs it; the target follows from the sync-write latency target (≤ 2× local)"}
 	p95 := Figure{Name: "same, p95 transaction latency, duet sync / standalone", Target: "≤ 2.0", Unit: "ms"}
@@ -81,6 +85,9 @@ func (b *bench) startMariaDB(m *mariadb) {
 		"--bind-address=0.0.0.0", fmt.Sprintf("--port=%d", m.port), "--skip-name-resolve",
 		"--innodb-flush-log-at-trx-commit=1", "--innodb-flush-method=fsync", "--innodb-doublewrite=1",
 		"--sync-binlog=1", "--innodb-log-file-size=48M"}
+	// Settings to compare (both servers get them; later flags win):
+	// DUET_BENCH_MARIADB_ARGS="--innodb-flush-method=O_DIRECT".
+	args = append(args, strings.Fields(os.Getenv("DUET_BENCH_MARIADB_ARGS"))...)
 	if m.name == "duet" {
 		args = append([]string{b.bin, "exec", "--config", filepath.Join(b.lab, "a.yaml"), "--"}, args...)
 	}
