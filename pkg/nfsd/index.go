@@ -5,12 +5,14 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"os"
 	"strings"
 	"sync"
 
 	"github.com/duet-ha/duet/pkg/fstree"
+	"golang.org/x/sys/unix"
 )
 
 // Syncer makes a file's changes durable before the server replies. The
@@ -151,7 +153,13 @@ func (ix *index) locate(id uint64) ([]string, error) {
 		return nil, fmt.Errorf("file ID %#x: %w", id, errStale)
 	}
 	if _, err := fstree.Stat(ix.root, join(comps)); err != nil {
-		return nil, fmt.Errorf("file ID %#x at %q: %w (%v)", id, join(comps), errStale, err)
+		if errors.Is(err, fs.ErrNotExist) || errors.Is(err, unix.ENOTDIR) {
+			return nil, fmt.Errorf("file ID %#x at %q: %w (%v)", id, join(comps), errStale, err)
+		}
+		// Not an answer about the file (the supervisor that traps this
+		// server's calls is gone: ENOSYS; an I/O error): STALE would
+		// tell the client its handle is dead for good.
+		return nil, fmt.Errorf("file ID %#x at %q: %w", id, join(comps), err)
 	}
 	return comps, nil
 }

@@ -171,6 +171,7 @@ func (h *Handler) InvalidateHandle(billy.Filesystem, []byte) error { return nil 
 type connHandler struct {
 	*Handler
 	fs *fsys
+	p  *proxy
 }
 
 func (c *connHandler) Mount(_ context.Context, _ net.Conn, req nfs.MountRequest) (nfs.MountStatus, billy.Filesystem, []nfs.AuthFlavor) {
@@ -181,6 +182,16 @@ func (c *connHandler) Change(billy.Filesystem) billy.Change { return c.fs }
 
 func (c *connHandler) FromHandle(fh []byte) (billy.Filesystem, []string, error) {
 	comps, err := c.resolve(fh)
+	if err != nil && !errors.Is(err, errStale) {
+		// go-nfs answers STALE to any error, and a client then gives
+		// the handle up for good. A failure that says nothing of the
+		// handle (this server stopping: its export closed, or its
+		// supervisor gone so that its calls fail with ENOSYS; an I/O
+		// error) ends the connection instead, unanswered: the client
+		// sends the call again, to this server or the next one.
+		slog.Warn("nfs: closing a client connection: a handle could not be resolved, for a reason that is not the handle's", "client", c.p.client.RemoteAddr(), "err", err)
+		c.p.close()
+	}
 	if err != nil {
 		return nil, nil, err
 	}
@@ -252,7 +263,7 @@ func (t *tracker) serve(ctx context.Context) error {
 		}
 		theirs, ours := net.Pipe()
 		p := newProxy(t.h, c, ours)
-		srv := &nfs.Server{Handler: &connHandler{Handler: t.h, fs: p.fs}, Context: ctx, ID: id}
+		srv := &nfs.Server{Handler: &connHandler{Handler: t.h, fs: p.fs, p: p}, Context: ctx, ID: id}
 		if !t.add(p) {
 			p.close()
 			theirs.Close()
