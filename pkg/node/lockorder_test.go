@@ -105,7 +105,11 @@ func TestHeartbeatTakesNoServeLockUnderRelMu(t *testing.T) {
 	// change queues for smu.
 	n.smu.RLock()
 	writer := make(chan struct{})
-	go func() { n.smu.Lock(); n.smu.Unlock(); close(writer) }()
+	go func() {
+		n.smu.Lock()
+		close(writer) // the writer had its turn at the lock
+		n.smu.Unlock()
+	}()
 	waitFor(t, "the writer queues for smu", func() bool { return blockedIn("sync.RWMutex.Lock", "TestHeartbeatTakesNoServeLockUnderRelMu") })
 	n.relMu.Unlock()
 	select {
