@@ -235,3 +235,24 @@ func TestPrintLatency(t *testing.T) {
 		t.Errorf("drain since the snapshot: %v, want 0 calls\n%s", f, since.String())
 	}
 }
+
+// TestResyncBars: a bar per directory with the daemon's figures beside
+// it, complete at the end.
+func TestResyncBars(t *testing.T) {
+	var out bytes.Buffer
+	b := newResyncBars(&out, 200)
+	r := replica.ResyncStatus{Active: true, Phase: "sending", Mode: "bitmap", BytesPlanned: 1 << 20, BytesSent: 1 << 19, FilesCompared: 3, FilesTotal: 7, EtaSec: 2}
+	frac, text := progressOf(&r, true)
+	if frac != 0.5 {
+		t.Errorf("half the planned bytes sent: fraction %v, want 0.5", frac)
+	}
+	b.set("data", frac, text)
+	b.set("mysql", 0, "waiting for the peer")
+	b.end(true)
+	got := out.String()
+	for _, want := range []string{"data", "mysql", "3/7 files compared", "ETA 2s", "waiting for the peer", "100 %"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("bars lack %q:\n%s", want, got)
+		}
+	}
+}

@@ -5,11 +5,14 @@ import (
 	"io"
 	"os"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/duet-ha/duet/pkg/node"
 	"github.com/duet-ha/duet/pkg/replica"
 	"github.com/spf13/cobra"
+	"github.com/vbauerster/mpb/v8"
+	"github.com/vbauerster/mpb/v8/decor"
 )
 
 func newResync(s IOStreams) *cobra.Command {
@@ -51,6 +54,10 @@ services keep writing. The peer is a mirror again when the command returns.`,
 			return nil
 		}
 		tty := isTerminal(s.Out)
+		var bars *resyncBars
+		if tty {
+			bars = newResyncBars(s.Out, 0)
+		}
 		var lastLine time.Time
 		for {
 			st, err := node.Query(socket)
@@ -65,10 +72,14 @@ services keep writing. The peer is a mirror again when the command returns.`,
 					done = false
 				}
 				lines = append(lines, progressLine(d.Dir, &r, d.Connected))
+				if bars != nil {
+					frac, text := progressOf(&r, d.Connected)
+					bars.set(d.Dir, frac, text)
+				}
 			}
 			if done {
-				if tty {
-					fmt.Fprint(s.Out, "\r\033[K")
+				if bars != nil {
+					bars.end(true)
 				}
 				for _, d := range st.Dirs {
 					r := d.Resync
@@ -79,11 +90,13 @@ services keep writing. The peer is a mirror again when the command returns.`,
 				return nil
 			}
 			if timeout > 0 && time.Since(asked) > timeout {
+				if bars != nil {
+					bars.end(false)
+				}
 				return &ExitError{Code: 1, Err: fmt.Errorf("resync not done after %s", timeout)}
 			}
 			switch {
 			case tty:
-				fmt.Fprintf(s.Out, "\r\033[K%s", strings.Join(lines, " | "))
 			case time.Since(lastLine) >= 5*time.Second:
 				lastLine = time.Now()
 				fmt.Fprintln(s.Out, strings.Join(lines, " | "))
@@ -94,15 +107,28 @@ services keep writing. The peer is a mirror again when the command returns.`,
 	return cmd
 }
 
-// progressLine renders one directory's resync progress.
+// progressLine renders one directory's resync progress on one line (duet
+// status, and resync's output when it is not a terminal).
 func progressLine(dir string, r *replica.ResyncStatus, connected bool) string {
+	frac, text := progressOf(r, connected)
 	if !r.Active {
-		if !connected {
-			return dir + ": waiting for the peer"
-		}
-		return dir + ": starting"
+		return dir + ": " + text
 	}
 	const width = 24
+	n := int(frac * width)
+	bar := strings.Repeat("#", n) + strings.Repeat(".", width-n)
+	return fmt.Sprintf("%s [%s] %3.0f%% %s", dir, bar, frac*100, text)
+}
+
+// progressOf is a resync's progress: the part of the planned bytes sent,
+// and what to say beside the bar.
+func progressOf(r *replica.ResyncStatus, connected bool) (float64, string) {
+	if !r.Active {
+		if !connected {
+			return 0, "waiting for the peer"
+		}
+		return 0, "starting"
+	}
 	frac := 0.0
 	if r.BytesPlanned > 0 {
 		frac = min(1, float64(r.BytesSent)/float64(r.BytesPlanned))
@@ -110,17 +136,73 @@ func progressLine(dir string, r *replica.ResyncStatus, connected bool) string {
 	if r.Phase == "waiting for the peer" {
 		frac = 1
 	}
-	n := int(frac * width)
-	bar := strings.Repeat("#", n) + strings.Repeat(".", width-n)
 	eta := "?"
 	if r.EtaSec > 0 {
 		eta = (time.Duration(r.EtaSec * float64(time.Second))).Round(time.Second).String()
 	} else if frac == 1 {
 		eta = "0s"
 	}
-	return fmt.Sprintf("%s [%s] %3.0f%% %s: %s / %s, %d/%d files compared, %s/s, ETA %s (%s)",
-		dir, bar, frac*100, r.Phase, bytesOf(r.BytesSent), bytesOf(r.BytesPlanned), r.FilesCompared, r.FilesTotal,
+	return frac, fmt.Sprintf("%s: %s / %s, %d/%d files compared, %s/s, ETA %s (%s)",
+		r.Phase, bytesOf(r.BytesSent), bytesOf(r.BytesPlanned), r.FilesCompared, r.FilesTotal,
 		bytesOf(uint64(r.RateBps)), eta, r.Mode)
+}
+
+// resyncBars draws a progress bar per directory on a terminal (mpb),
+// with the daemon's figures beside it: its rate and ETA, not ones the bar
+// would guess from how often it is fed.
+type resyncBars struct {
+	p    *mpb.Progress
+	mu   sync.Mutex
+	bars map[string]*mpb.Bar
+	text map[string]string
+}
+
+// newResyncBars draws on w, lines width wide (0: the terminal's).
+func newResyncBars(w io.Writer, width int) *resyncBars {
+	opts := []mpb.ContainerOption{mpb.WithOutput(w), mpb.WithAutoRefresh(), mpb.WithRefreshRate(250 * time.Millisecond)}
+	if width > 0 {
+		opts = append(opts, mpb.WithWidth(width))
+	}
+	return &resyncBars{p: mpb.New(opts...), bars: map[string]*mpb.Bar{}, text: map[string]string{}}
+}
+
+// barScale is a bar's total: a fraction in thousandths.
+const barScale = 1000
+
+// set shows dir at frac, with text beside the bar.
+func (b *resyncBars) set(dir string, frac float64, text string) {
+	b.mu.Lock()
+	b.text[dir] = text
+	bar := b.bars[dir]
+	b.mu.Unlock()
+	if bar == nil {
+		bar = b.p.AddBar(barScale, mpb.BarWidth(24), mpb.PrependDecorators(decor.Name(dir+" "), decor.Percentage(decor.WCSyncSpace)),
+			mpb.AppendDecorators(decor.Any(func(decor.Statistics) string {
+				b.mu.Lock()
+				defer b.mu.Unlock()
+				return " " + b.text[dir]
+			})))
+		b.mu.Lock()
+		b.bars[dir] = bar
+		b.mu.Unlock()
+	}
+	// Not complete before the end: a completed bar stops drawing.
+	bar.SetCurrent(min(int64(frac*barScale), barScale-1))
+}
+
+// end completes (done) or drops the bars and waits until they are drawn.
+func (b *resyncBars) end(done bool) {
+	b.mu.Lock()
+	bars := b.bars
+	b.mu.Unlock()
+	for _, bar := range bars {
+		if done {
+			bar.SetCurrent(barScale)
+		} else {
+			bar.Abort(false)
+		}
+	}
+	b.p.Wait()
 }
 
 // isTerminal reports whether w is a character device (a terminal).
