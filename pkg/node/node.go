@@ -307,10 +307,11 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 			c.Close()
 		}
 	}()
-	self, err := os.Executable()
-	if err != nil {
-		return err
-	}
+	// Services start through a re-exec of the running binary, not of the
+	// path it was started from: a package upgrade replaces that file
+	// before the daemon restarts, and the supervised child must speak
+	// this daemon's protocol.
+	const self = "/proc/self/exe"
 	n.stack = newStack(cfg, log, self, n)
 	ln, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
