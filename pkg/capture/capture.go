@@ -192,6 +192,19 @@ func (c *Capture) Attach() error {
 		{"syscalls/sys_enter_mmap", c.objs.SysEnterMmap, true},
 		{"syscalls/sys_exit_fallocate", c.objs.SysExitFallocate, true},
 		{"ext4_truncate_enter", c.objs.Ext4TruncateEnter, true},
+		// XFS (docs/CAPTURE.md): iomap for buffered writes and zeroing,
+		// transaction commits for inodes. Not required: a kernel
+		// without XFS loads the rest.
+		{"iomap_iter", c.objs.IomapIter, false},
+		{"xfs_trans_commit", c.objs.XfsTransCommit, false},
+		{"xfs_itruncate_extents_start", c.objs.XfsItruncateExtentsStart, false},
+		{"xfs_free_file_space", c.objs.XfsFreeFileSpace, false},
+		{"xfs_collapse_file_space", c.objs.XfsCollapseFileSpace, false},
+		{"xfs_insert_file_space", c.objs.XfsInsertFileSpace, false},
+		{"xfs_reflink_remap_range", c.objs.XfsReflinkRemapRange, false},
+		// A reflink's range is reported again when its syscall returns.
+		{"syscalls/sys_exit_ioctl", c.objs.SysExitFallocate, false},
+		{"syscalls/sys_exit_copy_file_range", c.objs.SysExitFallocate, false},
 	}
 	// The exits of the syscalls that write through the page cache; one
 	// program. Those not built into this kernel are left out. A

@@ -16,11 +16,12 @@ import (
 
 // recorder reads a capture's records in the background.
 type recorder struct {
-	ch chan Record
+	ch     chan Record
+	byHook map[uint8]int // records drained, by the hook that emitted them
 }
 
 func newRecorder(c *Capture) *recorder {
-	r := &recorder{ch: make(chan Record, 1<<16)}
+	r := &recorder{ch: make(chan Record, 1<<16), byHook: map[uint8]int{}}
 	go func() {
 		for {
 			var rec Record
@@ -43,6 +44,7 @@ func (r *recorder) drain() (out []Record) {
 				return out
 			}
 			out = append(out, rec)
+			r.byHook[rec.Hook]++
 		case <-time.After(300 * time.Millisecond):
 			return out
 		}
