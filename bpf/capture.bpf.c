@@ -749,6 +749,15 @@ int BPF_PROG(iomap_iter, struct iomap_iter *iter, const void *ops,
 	if (BPF_CORE_READ(iter, iomap.length) == 0)
 		return 0; // the first step: nothing copied yet
 	start = BPF_CORE_READ(iter, iter_start_pos);
+	// Zeroing past EOF (before a write or a truncate that extends the
+	// file) changes nothing a reader sees: the replica's file grows
+	// with zeros too. Reported, the gap up to a far write would ship.
+	if (!(flags & IOMAP_WRITE)) {
+		__u64 size = BPF_CORE_READ(inode, i_size);
+
+		if (pos > size)
+			pos = size;
+	}
 	if (pos > start)
 		data(inode, dev, 0, 15, start, pos - start);
 	return 0;

@@ -17,6 +17,13 @@ var filesystems = []struct {
 	mib    int
 }{{"ext4", 64}, {"xfs", 320}}
 
+// onEachFS runs fn as a subtest for each filesystem.
+func onEachFS(t *testing.T, fn func(t *testing.T, fstype string, mib int)) {
+	for _, f := range filesystems {
+		t.Run(f.fstype, func(t *testing.T) { fn(t, f.fstype, f.mib) })
+	}
+}
+
 // forEachFS runs fn as a subtest on a fresh, captured filesystem of each
 // kind.
 func forEachFS(t *testing.T, fn func(t *testing.T, fs *loopfs.FS, c *Capture, rec *recorder)) {
@@ -104,6 +111,13 @@ func TestCaptureOps(t *testing.T) {
 		}
 		if !covers(recs, ino, KindData, 3<<20+100, 3<<20+105) {
 			t.Errorf("buffered write of 5 bytes at 3 MiB+100 not covered")
+		}
+		// The gap a write past EOF leaves reads as zeros on both sides:
+		// reported, it would be read and shipped.
+		for _, r := range recs {
+			if r.Ino == ino && r.Pos <= 2<<20 && r.Pos+r.Len > 2<<20 {
+				t.Errorf("the hole before a write past EOF reported: %+v", r)
+			}
 		}
 		// A rewrite of bytes whose page is already dirty.
 		if _, err := f.WriteAt([]byte("again"), 200); err != nil {
