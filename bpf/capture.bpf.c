@@ -566,10 +566,16 @@ int BPF_PROG(ext4_mark_inode_dirty, struct inode *inode, unsigned long ip)
 // change. When called from fallocate(2) the range is reported again as data
 // when the syscall returns; from other callers the PREOP record is read
 // after a later ATTR record or a timeout.
-static __always_inline void preop(struct inode *inode, __u64 pos, __u64 len,
-				  __u8 hook)
+//
+// An operation on two files (an XFS range exchange) keeps the second one's
+// range in slot 1: the task's key with the top bit set, which a tgid never
+// has.
+#define PREOP_SLOTS 2
+
+static __always_inline void preop_slot(struct inode *inode, __u64 pos, __u64 len,
+				       __u8 hook, __u64 slot)
 {
-	__u64 id = bpf_get_current_pid_tgid();
+	__u64 id = bpf_get_current_pid_tgid() | slot << 63;
 	struct inode_key k = {};
 	struct falloc fa = {};
 	__u32 dev;
@@ -588,18 +594,26 @@ static __always_inline void preop(struct inode *inode, __u64 pos, __u64 len,
 	emit(inode, dev, KIND_PREOP, hook, pos, len);
 }
 
+static __always_inline void preop(struct inode *inode, __u64 pos, __u64 len,
+				  __u8 hook)
+{
+	preop_slot(inode, pos, len, hook, 0);
+}
+
 SEC("tracepoint/syscalls/sys_exit_fallocate")
 int sys_exit_fallocate(struct trace_event_raw_sys_exit *ctx)
 {
-	__u64 id = bpf_get_current_pid_tgid();
-	struct falloc *fa = bpf_map_lookup_elem(&fallocs, &id);
+	for (__u64 slot = 0; slot < PREOP_SLOTS; slot++) {
+		__u64 id = bpf_get_current_pid_tgid() | slot << 63;
+		struct falloc *fa = bpf_map_lookup_elem(&fallocs, &id);
 
-	if (!fa)
-		return 0;
-	// Uncoalesced: a chunk's in-flight record may already have been read
-	// while the operation ran.
-	emit_raw(fa->dev, fa->ino, fa->gen, KIND_DATA, 13, fa->pos, fa->len);
-	bpf_map_delete_elem(&fallocs, &id);
+		if (!fa)
+			return 0;
+		// Uncoalesced: a chunk's in-flight record may already have
+		// been read while the operation ran.
+		emit_raw(fa->dev, fa->ino, fa->gen, KIND_DATA, 13, fa->pos, fa->len);
+		bpf_map_delete_elem(&fallocs, &id);
+	}
 	return 0;
 }
 
@@ -895,5 +909,22 @@ int BPF_PROG(xfs_reflink_remap_range, struct xfs_inode *src, xfs_off_t soffset,
 	     xfs_off_t len, struct xfs_inode *dest, xfs_off_t doffset)
 {
 	preop(&dest->i_vnode, doffset, len > 0 ? len : ~0ULL >> 2, 22);
+	return 0;
+}
+
+#define XFS_EXCHANGE_RANGE_TO_EOF (1ULL << 0)
+
+// XFS_IOC_EXCHANGE_RANGE swaps the contents of two files' ranges: both
+// change without a write. Reported again when the ioctl returns.
+SEC("tp_btf/xfs_exchrange_mappings")
+int BPF_PROG(xfs_exchrange_mappings, const struct xfs_exchrange *fxr,
+	     struct xfs_inode *ip1, struct xfs_inode *ip2)
+{
+	__u64 len = BPF_CORE_READ(fxr, length);
+
+	if (BPF_CORE_READ(fxr, flags) & XFS_EXCHANGE_RANGE_TO_EOF)
+		len = ~0ULL >> 2; // the sizes are exchanged too
+	preop_slot(&ip1->i_vnode, BPF_CORE_READ(fxr, file1_offset), len, 23, 0);
+	preop_slot(&ip2->i_vnode, BPF_CORE_READ(fxr, file2_offset), len, 23, 1);
 	return 0;
 }

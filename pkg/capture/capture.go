@@ -202,6 +202,7 @@ func (c *Capture) Attach() error {
 		{"xfs_collapse_file_space", c.objs.XfsCollapseFileSpace, false},
 		{"xfs_insert_file_space", c.objs.XfsInsertFileSpace, false},
 		{"xfs_reflink_remap_range", c.objs.XfsReflinkRemapRange, false},
+		{"xfs_exchrange_mappings", c.objs.XfsExchrangeMappings, false},
 		// A reflink's range is reported again when its syscall returns.
 		{"syscalls/sys_exit_ioctl", c.objs.SysExitFallocate, false},
 		{"syscalls/sys_exit_copy_file_range", c.objs.SysExitFallocate, false},

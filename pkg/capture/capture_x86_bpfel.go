@@ -91,6 +91,7 @@ const (
 	CaptureProgSysExitWriteFamily       = "sys_exit_write_family"
 	CaptureProgWritebackDirtyFolio      = "writeback_dirty_folio"
 	CaptureProgXfsCollapseFileSpace     = "xfs_collapse_file_space"
+	CaptureProgXfsExchrangeMappings     = "xfs_exchrange_mappings"
 	CaptureProgXfsFreeFileSpace         = "xfs_free_file_space"
 	CaptureProgXfsInsertFileSpace       = "xfs_insert_file_space"
 	CaptureProgXfsItruncateExtentsStart = "xfs_itruncate_extents_start"
@@ -162,6 +163,7 @@ type CaptureProgramSpecs struct {
 	SysExitWriteFamily       *ebpf.ProgramSpec `ebpf:"sys_exit_write_family"`
 	WritebackDirtyFolio      *ebpf.ProgramSpec `ebpf:"writeback_dirty_folio"`
 	XfsCollapseFileSpace     *ebpf.ProgramSpec `ebpf:"xfs_collapse_file_space"`
+	XfsExchrangeMappings     *ebpf.ProgramSpec `ebpf:"xfs_exchrange_mappings"`
 	XfsFreeFileSpace         *ebpf.ProgramSpec `ebpf:"xfs_free_file_space"`
 	XfsInsertFileSpace       *ebpf.ProgramSpec `ebpf:"xfs_insert_file_space"`
 	XfsItruncateExtentsStart *ebpf.ProgramSpec `ebpf:"xfs_itruncate_extents_start"`
@@ -271,6 +273,7 @@ type CapturePrograms struct {
 	SysExitWriteFamily       *ebpf.Program `ebpf:"sys_exit_write_family"`
 	WritebackDirtyFolio      *ebpf.Program `ebpf:"writeback_dirty_folio"`
 	XfsCollapseFileSpace     *ebpf.Program `ebpf:"xfs_collapse_file_space"`
+	XfsExchrangeMappings     *ebpf.Program `ebpf:"xfs_exchrange_mappings"`
 	XfsFreeFileSpace         *ebpf.Program `ebpf:"xfs_free_file_space"`
 	XfsInsertFileSpace       *ebpf.Program `ebpf:"xfs_insert_file_space"`
 	XfsItruncateExtentsStart *ebpf.Program `ebpf:"xfs_itruncate_extents_start"`
@@ -298,6 +301,7 @@ func (p *CapturePrograms) Close() error {
 		p.SysExitWriteFamily,
 		p.WritebackDirtyFolio,
 		p.XfsCollapseFileSpace,
+		p.XfsExchrangeMappings,
 		p.XfsFreeFileSpace,
 		p.XfsInsertFileSpace,
 		p.XfsItruncateExtentsStart,

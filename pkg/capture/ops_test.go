@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"syscall"
 	"testing"
+	"unsafe"
 
 	"github.com/duet-ha/duet/pkg/loopfs"
 	"golang.org/x/sys/unix"
@@ -256,4 +257,95 @@ func alignedBuf(t *testing.T, n int) []byte {
 	}
 	t.Cleanup(func() { unix.Munmap(b) })
 	return b
+}
+
+// xfsIocExchangeRange is XFS_IOC_EXCHANGE_RANGE: _IOW('X', 129, struct
+// xfs_exchange_range), 40 bytes.
+const xfsIocExchangeRange = 0x40285881
+
+type xfsExchangeRange struct {
+	File1FD     int32
+	Pad         uint32
+	File1Offset uint64
+	File2Offset uint64
+	Length      uint64
+	Flags       uint64
+}
+
+// TestCaptureSharedExtents: copy_file_range, a reflink (FICLONERANGE) and
+// an XFS range exchange change a file's bytes without writing them; each
+// changed range must be reported as data once the call returned. On ext4
+// copy_file_range copies through the page cache; the others are XFS only.
+func TestCaptureSharedExtents(t *testing.T) {
+	forEachFS(t, func(t *testing.T, fs *loopfs.FS, c *Capture, rec *recorder) {
+		src, err := os.Create(filepath.Join(fs.Mount, "src"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer src.Close()
+		dst, err := os.Create(filepath.Join(fs.Mount, "dst"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer dst.Close()
+		buf := make([]byte, 1<<20)
+		for i := range buf {
+			buf[i] = byte(i * 7)
+		}
+		for _, f := range []*os.File{src, dst} {
+			if _, err := f.WriteAt(buf, 0); err != nil {
+				t.Fatal(err)
+			}
+			if err := f.Sync(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		sino, dino := inoOf(t, src.Name()), inoOf(t, dst.Name())
+		settle(t, c, rec)
+
+		off := int64(0)
+		doff := int64(256 << 10)
+		if _, err := unix.CopyFileRange(int(src.Fd()), &off, int(dst.Fd()), &doff, 64<<10, 0); err != nil {
+			t.Fatal(err)
+		}
+		recs := settle(t, c, rec)
+		if !covers(recs, dino, KindData, 256<<10, 320<<10) {
+			t.Errorf("copy_file_range: the destination range is covered by no data record: %v", recs)
+		}
+		if !isXFS(t, fs.Mount) {
+			return
+		}
+		err = unix.IoctlFileCloneRange(int(dst.Fd()), &unix.FileCloneRange{
+			Src_fd: int64(src.Fd()), Src_offset: 0, Src_length: 128 << 10, Dest_offset: 512 << 10})
+		if err != nil {
+			t.Fatalf("FICLONERANGE: %v", err)
+		}
+		if recs = settle(t, c, rec); !covers(recs, dino, KindData, 512<<10, 640<<10) {
+			t.Errorf("FICLONERANGE: the destination range is covered by no data record: %v", recs)
+		}
+		x := xfsExchangeRange{File1FD: int32(src.Fd()), File1Offset: 0, File2Offset: 768 << 10, Length: 64 << 10}
+		_, _, errno := unix.Syscall(unix.SYS_IOCTL, dst.Fd(), xfsIocExchangeRange, uintptr(unsafe.Pointer(&x)))
+		if errno == unix.EOPNOTSUPP {
+			// mkfs.xfs before 6.10 cannot make a filesystem with it.
+			t.Logf("XFS_IOC_EXCHANGE_RANGE not exercised: this filesystem has no exchange-range feature (mkfs.xfs -i exchange=1)")
+			return
+		}
+		if errno != 0 {
+			t.Fatalf("XFS_IOC_EXCHANGE_RANGE: %v", errno)
+		}
+		recs = settle(t, c, rec)
+		if !covers(recs, dino, KindData, 768<<10, 832<<10) || !covers(recs, sino, KindData, 0, 64<<10) {
+			t.Errorf("exchange range: dst covered=%v src covered=%v: %v", covers(recs, dino, KindData, 768<<10, 832<<10), covers(recs, sino, KindData, 0, 64<<10), recs)
+		}
+		t.Logf("records by hook: %v", rec.byHook)
+	})
+}
+
+// isXFS reports whether path is on XFS.
+func isXFS(t *testing.T, path string) bool {
+	var st unix.Statfs_t
+	if err := unix.Statfs(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Type == unix.XFS_SUPER_MAGIC
 }
