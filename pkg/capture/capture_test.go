@@ -134,7 +134,7 @@ func testChunkCoalescing(t *testing.T, fstype string, mib int) {
 	fs := loopfs.Make(t, fstype, max(64, mib))
 	var st syscall.Stat_t
 	syscall.Stat(fs.Mount, &st)
-	c, err := Open(Options{Devices: []uint64{st.Dev}})
+	c, err := Open(Options{Devices: []uint64{st.Dev}, XFS: fstype == "xfs"})
 	if err != nil {
 		t.Fatalf("Open: %v", err)
 	}

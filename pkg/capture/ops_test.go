@@ -3,6 +3,7 @@ package capture
 import (
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"unsafe"
@@ -35,7 +36,7 @@ func forEachFS(t *testing.T, fn func(t *testing.T, fs *loopfs.FS, c *Capture, re
 			if err := syscall.Stat(fs.Mount, &st); err != nil {
 				t.Fatal(err)
 			}
-			c, err := Open(Options{Devices: []uint64{st.Dev}})
+			c, err := Open(Options{Devices: []uint64{st.Dev}, XFS: f.fstype == "xfs"})
 			if err != nil {
 				t.Fatalf("Open: %v", err)
 			}
@@ -348,4 +349,31 @@ func isXFS(t *testing.T, path string) bool {
 		t.Fatal(err)
 	}
 	return st.Type == unix.XFS_SUPER_MAGIC
+}
+
+// TestLoadWithoutXFS: a node that watches no XFS loads no program naming
+// an XFS type (where XFS is a module not loaded they would fail the whole
+// load, ext4 capture included) and attaches no XFS hook.
+func TestLoadWithoutXFS(t *testing.T) {
+	loopfs.RequireRoot(t)
+	spec, err := LoadCapture()
+	if err != nil {
+		t.Fatal(err)
+	}
+	withoutXFS(spec)
+	for name, p := range spec.Programs {
+		if strings.HasPrefix(p.AttachTo, "xfs_") {
+			t.Errorf("program %s still attaches to %s", name, p.AttachTo)
+		}
+	}
+	c, err := Open(Options{})
+	if err != nil {
+		t.Fatalf("Open without XFS: %v", err)
+	}
+	defer c.Close()
+	for _, h := range c.Hooks() {
+		if strings.HasPrefix(h.Name, "xfs_") || h.Name == "iomap_iter" || h.Name == "syscalls/sys_exit_ioctl" {
+			t.Errorf("hook %s attached with no XFS watched", h.Name)
+		}
+	}
 }

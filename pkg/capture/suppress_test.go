@@ -95,7 +95,7 @@ func testScatteredWritesOnMigratingTask(t *testing.T, fstype string, mib int) {
 	fs := loopfs.Make(t, fstype, max(256, mib))
 	var st syscall.Stat_t
 	syscall.Stat(fs.Mount, &st)
-	c, err := Open(Options{Devices: []uint64{st.Dev}})
+	c, err := Open(Options{Devices: []uint64{st.Dev}, XFS: fstype == "xfs"})
 	if err != nil {
 		t.Fatalf("Open: %v", err)
 	}
@@ -322,7 +322,7 @@ func mappedFile(t *testing.T, fstype string, mib int) (*Capture, *recorder, *os.
 	fs := loopfs.Make(t, fstype, max(64, mib))
 	var st syscall.Stat_t
 	syscall.Stat(fs.Mount, &st)
-	c, err := Open(Options{Devices: []uint64{st.Dev}})
+	c, err := Open(Options{Devices: []uint64{st.Dev}, XFS: fstype == "xfs"})
 	if err != nil {
 		t.Fatalf("Open: %v", err)
 	}
