@@ -189,18 +189,23 @@ static __always_inline __u64 next_seq(void)
 	return __sync_fetch_and_add(v, 1) + 1;
 }
 
+static __always_inline int is_watched(__u32 dev)
+{
+	for (int i = 0; i < MAX_WATCHED; i++) {
+		if (WATCHED_DEVS[i] == 0)
+			return 0;
+		if (WATCHED_DEVS[i] == dev)
+			return 1;
+	}
+	return 0;
+}
+
 static __always_inline int watched(struct inode *inode, __u32 *dev)
 {
 	if (!inode)
 		return 0;
 	*dev = BPF_CORE_READ(inode, i_sb, s_dev);
-	for (int i = 0; i < MAX_WATCHED; i++) {
-		if (WATCHED_DEVS[i] == 0)
-			return 0;
-		if (WATCHED_DEVS[i] == *dev)
-			return 1;
-	}
-	return 0;
+	return is_watched(*dev);
 }
 
 // The mark (or the whole-tree rescan) before the count: userspace reads
@@ -746,28 +751,35 @@ int BPF_PROG(iomap_iter, struct iomap_iter *iter, const void *ops,
 	__u64 start, pos, len;
 	__u32 flags, dev;
 
-	flags = BPF_CORE_READ(iter, flags);
+	// Direct loads (the arguments are BTF pointers): the helper calls of
+	// BPF_CORE_READ cost more than the rest here, and this fires twice
+	// per write.
+	flags = iter->flags;
 	if (!(flags & (IOMAP_WRITE | IOMAP_ZERO | IOMAP_UNSHARE)) ||
 	    (flags & (IOMAP_DIRECT | IOMAP_FAULT)))
 		return 0;
-	inode = BPF_CORE_READ(iter, inode);
-	if (!watched(inode, &dev))
+	inode = iter->inode;
+	if (!inode)
 		return 0;
-	pos = BPF_CORE_READ(iter, pos);
-	len = BPF_CORE_READ(iter, len);
+	dev = inode->i_sb->s_dev;
+	if (!is_watched(dev))
+		return 0;
+	pos = iter->pos;
+	len = iter->len;
 	// The folios this write is about to dirty are its own, not stores
 	// through a mapping (see writeback_dirty_folio): the mark spans what
-	// is left of the write and is renewed at each step.
-	if (flags & IOMAP_WRITE)
+	// is left of the write and is renewed at each step that has some
+	// left (len is what the steps so far did not write).
+	if ((flags & IOMAP_WRITE) && len)
 		remember_write(inode, dev, pos, len, 1);
-	if (BPF_CORE_READ(iter, iomap.length) == 0)
+	if (iter->iomap.length == 0)
 		return 0; // the first step: nothing copied yet
-	start = BPF_CORE_READ(iter, iter_start_pos);
+	start = iter->iter_start_pos;
 	// Zeroing past EOF (before a write or a truncate that extends the
 	// file) changes nothing a reader sees: the replica's file grows
 	// with zeros too. Reported, the gap up to a far write would ship.
 	if (!(flags & IOMAP_WRITE)) {
-		__u64 size = BPF_CORE_READ(inode, i_size);
+		__u64 size = inode->i_size;
 
 		if (pos > size)
 			pos = size;
@@ -791,17 +803,9 @@ int BPF_PROG(xfs_trans_commit, struct xfs_trans *tp, unsigned long caller)
 {
 	struct list_head *head = &tp->t_items, *pos;
 	__u32 dev = BPF_CORE_READ(tp, t_mountp, m_super, s_dev);
-	int i, hit = 0;
+	int i;
 
-	for (i = 0; i < MAX_WATCHED; i++) {
-		if (WATCHED_DEVS[i] == 0)
-			return 0;
-		if (WATCHED_DEVS[i] == dev) {
-			hit = 1;
-			break;
-		}
-	}
-	if (!hit)
+	if (!is_watched(dev))
 		return 0;
 	pos = BPF_CORE_READ(tp, t_items.next);
 	for (i = 0; i < MAX_TRANS_ITEMS; i++) {
