@@ -1,6 +1,7 @@
 package capture
 
 import (
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -159,6 +160,30 @@ func TestCaptureOps(t *testing.T) {
 		}
 		if recs = settle(t, c, rec); !covers(recs, ino, KindData, 256<<10, 1<<40) {
 			t.Errorf("collapse range: no data record to the end of file: %v", recs)
+		}
+		if err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_ZERO_RANGE, 300<<10, 10000); err != nil {
+			t.Fatal(err)
+		}
+		if recs = settle(t, c, rec); !covers(recs, ino, KindData, 300<<10, 300<<10+10000) {
+			t.Errorf("zero range: not covered by a data record: %v", recs)
+		}
+		if err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_INSERT_RANGE, 64<<10, 64<<10); err != nil {
+			t.Fatal(err)
+		}
+		if recs = settle(t, c, rec); !covers(recs, ino, KindData, 64<<10, 1<<40) {
+			t.Errorf("insert range: no data record to the end of file: %v", recs)
+		}
+		af, err := os.OpenFile(p, os.O_WRONLY|os.O_APPEND, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		size, _ := af.Seek(0, io.SeekEnd)
+		if _, err := af.Write([]byte("tail")); err != nil {
+			t.Fatal(err)
+		}
+		af.Close()
+		if recs = settle(t, c, rec); !covers(recs, ino, KindData, uint64(size), uint64(size)+4) {
+			t.Errorf("O_APPEND write at %d not covered: %v", size, recs)
 		}
 
 		// O_DIRECT.
