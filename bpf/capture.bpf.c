@@ -612,8 +612,10 @@ int sys_exit_fallocate(struct trace_event_raw_sys_exit *ctx)
 		__u64 id = bpf_get_current_pid_tgid() | slot << 63;
 		struct falloc *fa = bpf_map_lookup_elem(&fallocs, &id);
 
+		// Both slots: an exchange whose first file is not watched
+		// has only the second.
 		if (!fa)
-			return 0;
+			continue;
 		// Uncoalesced: a chunk's in-flight record may already have
 		// been read while the operation ran.
 		emit_raw(fa->dev, fa->ino, fa->gen, KIND_DATA, 13, fa->pos, fa->len);
