@@ -275,6 +275,46 @@ func settle(t *testing.T, c *Capture, rec *recorder) []Record {
 	return recs
 }
 
+// TestCaptureFallocateOutsideSyscall: a punch hole through io_uring runs
+// in an io-wq worker, which is in no fallocate(2): XFS names only the
+// inode, so the whole file is reported before the change, to be read
+// after the inode update that follows (ext4 names the range).
+func TestCaptureFallocateOutsideSyscall(t *testing.T) {
+	forEachFS(t, func(t *testing.T, fs *loopfs.FS, c *Capture, rec *recorder) {
+		r := newRing(t)
+		f, err := os.Create(filepath.Join(fs.Mount, "f"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		if _, err := f.WriteAt(make([]byte, 1<<20), 0); err != nil {
+			t.Fatal(err)
+		}
+		ino := inoOf(t, f.Name())
+		settle(t, c, rec)
+		if _, err := r.submit(ioringOpFallocate, int(f.Fd()), 64<<10, 128<<10,
+			unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE); err != nil {
+			t.Fatalf("io_uring fallocate: %v", err)
+		}
+		recs := settle(t, c, rec)
+		var preop, attrAfter bool
+		var preopSeq uint64
+		for _, r := range recs {
+			if r.Ino == ino && r.Kind == KindPreop && r.Pos <= 64<<10 && r.Pos+r.Len >= 192<<10 {
+				preop, preopSeq = true, r.Seq
+			}
+		}
+		for _, r := range recs {
+			if r.Ino == ino && r.Kind == KindAttr && preop && r.Seq > preopSeq {
+				attrAfter = true
+			}
+		}
+		if !preop || !attrAfter {
+			t.Fatalf("punch hole through io_uring: preop covering the range %v, attr after it %v: %v", preop, attrAfter, recs)
+		}
+	})
+}
+
 // alignedBuf returns n bytes aligned for O_DIRECT (an anonymous mapping).
 func alignedBuf(t *testing.T, n int) []byte {
 	b, err := unix.Mmap(-1, 0, n, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
