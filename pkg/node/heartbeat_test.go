@@ -166,9 +166,10 @@ func TestHeartbeatsOverUDP(t *testing.T) {
 		// Each side answers a heartbeat that echoes none of its run at
 		// once: both hear each other within an interval of the start
 		// (without the answer, nodeA waited for nodeB's next tick, and
-		// nodeB for nodeA's: about 3 intervals).
-		d := b.waitHeard(t, started, udpInterval)
-		a.waitHeard(t, started, udpInterval)
+		// nodeB for nodeA's: about 3 intervals). Allowed 2: on a loaded
+		// machine the start itself took 101 ms once.
+		d := b.waitHeard(t, started, 2*udpInterval)
+		a.waitHeard(t, started, 2*udpInterval)
 		for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(udpInterval) {
 			rmu.Lock()
 			n := len(recorded)
