@@ -537,9 +537,14 @@ func (n *Node) takeVIP(ctx context.Context) error {
 // unserve leaves the primary role: services stop, every change reaches
 // the peer (if it is connected), the VIP goes, capture stops.
 func (n *Node) unserve(ctx context.Context) {
-	// Cleared by the cluster loop once the new state is published.
-	n.leaving.Store(true)
+	// The services stop first, their last durability calls shipped as
+	// any: failed with EIO (leaving), MariaDB's shutdown flush made
+	// InnoDB abort (seen in the fault campaign's swaps), to recover from
+	// a crash on its next start. Once leaving, calls fail (barrier):
+	// nothing more is shipped after the primaries stop. Cleared by the
+	// cluster loop once the new state is published.
 	n.stack.Stop()
+	n.leaving.Store(true)
 	n.smu.RLock()
 	primaries := n.primaries
 	n.smu.RUnlock()
