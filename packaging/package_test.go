@@ -193,6 +193,42 @@ func checkInstalled(t *testing.T, deb string) {
 	if out := run(t, bin, "version"); !strings.HasPrefix(out, "duet "+version+" ") {
 		t.Errorf("/usr/bin/duet version: %q, want the version make stamped (%s)", out, version)
 	}
+	t.Run("unit", func(t *testing.T) { checkUnit(t, root) })
+}
+
+// checkUnit runs systemd-analyze verify on the installed unit: systemd
+// ignores a key it cannot parse with only a warning, and the unit would
+// run without it (a KillMode, a limit). The unit names /usr/bin/duet,
+// which verify requires to be executable: a copy names the unpacked
+// binary instead. verify against --root finds none of the host's units
+// (sysinit.target), so it reads the copy with the host's.
+func checkUnit(t *testing.T, root string) {
+	if _, err := exec.LookPath("systemd-analyze"); err != nil {
+		t.Skip("systemd-analyze not installed (Debian: apt-get install systemd): the unit file is not verified")
+	}
+	unit := readFile(t, filepath.Join(root, "lib/systemd/system/duet.service"))
+	if !strings.Contains(unit, "ExecStart=/usr/bin/duet ") {
+		t.Fatalf("duet.service does not start /usr/bin/duet:\n%s", unit)
+	}
+	dir := t.TempDir()
+	copied := filepath.Join(dir, "duet.service")
+	unit = strings.ReplaceAll(unit, "=/usr/bin/duet ", "="+filepath.Join(root, "usr/bin/duet")+" ")
+	if err := os.WriteFile(copied, []byte(unit), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// Warnings go to the output with exit status 0. Those about the host's
+	// own units are not this package's.
+	out, err := exec.Command("systemd-analyze", "verify", copied).CombinedOutput()
+	for line := range strings.Lines(string(out)) {
+		if strings.Contains(line, "duet.service") {
+			t.Errorf("systemd-analyze verify: %s", strings.TrimSpace(line))
+		} else {
+			t.Logf("systemd-analyze verify (not about duet.service): %s", strings.TrimSpace(line))
+		}
+	}
+	if err != nil {
+		t.Errorf("systemd-analyze verify %s: %v\n%s", copied, err, out)
+	}
 }
 
 // allowedVerbs are the systemctl commands a maintainer script may run: an
