@@ -8,6 +8,10 @@ VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X github.com/duet-ha/duet/pkg/node.Version=$(VERSION)
 export DUET_BIN := $(abspath $(BIN))
 DIST := dist
+# What the package holds besides the repository's files: shell completions
+# and man pages, generated from the commands by make package.
+PKG_BUILD := build/package
+export DUET_PKG_BUILD := $(abspath $(PKG_BUILD))
 # A package version starts with a digit: a build without a release tag
 # (git describe gives the commit) is 0.0.0 with git<commit> as its
 # pre-release, which nfpm writes 0.0.0~git<commit>.
@@ -27,8 +31,15 @@ help: ## list the targets
 build: ## build bin/duet, a static binary (needs only Go: BPF objects are committed)
 	CGO_ENABLED=0 $(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/duet
 
-package: build ## the .deb and .rpm of bin/duet, its unit, monitoring files and docs, into dist/ (amd64)
-	mkdir -p $(DIST)
+package: build ## the .deb and .rpm of bin/duet, its unit, completions, man pages, monitoring files and docs, into dist/ (amd64)
+	rm -rf $(PKG_BUILD)
+	mkdir -p $(DIST) $(PKG_BUILD)/completions $(PKG_BUILD)/man
+	$(BIN) completion bash >$(PKG_BUILD)/completions/duet
+	$(BIN) completion zsh >$(PKG_BUILD)/completions/_duet
+	$(BIN) completion fish >$(PKG_BUILD)/completions/duet.fish
+	@# Dated by the last commit, not the build: the same commit gives the same pages.
+	SOURCE_DATE_EPOCH=$$(git log -1 --format=%ct 2>/dev/null || date +%s) $(GO) run ./tools/mangen -version $(VERSION) $(PKG_BUILD)/man
+	gzip -9n $(PKG_BUILD)/man/*.1
 	$(GO) tool nfpm package --config packaging/nfpm.yaml --packager deb --target $(DIST)/
 	$(GO) tool nfpm package --config packaging/nfpm.yaml --packager rpm --target $(DIST)/
 
@@ -106,4 +117,4 @@ bench: build ## every benchmark figure (3 runs), written to docs/BENCHMARKS.md w
 	$(SUDO) $(GO) run ./tools/bench --runs 3 --out docs/BENCHMARKS.md
 
 clean: ## remove build output
-	rm -rf bin $(DIST)
+	rm -rf bin build $(DIST)

@@ -106,10 +106,10 @@ func TestMissingConfigNamesTheFix(t *testing.T) {
 	}
 }
 
-// The example configuration in testdata/ must stay valid apart from paths
+// The example configuration in docs/examples/ must stay valid apart from paths
 // that only exist on a real node.
 func TestExampleConfigFields(t *testing.T) {
-	out, code := run("verify", "--config", "../../testdata/duet.yaml")
+	out, code := run("verify", "--config", "../../docs/examples/duet.yaml")
 	if code != 2 || !strings.Contains(out, `replicate[0].path "/srv/data"`) || strings.Contains(out, "unknown field") {
 		t.Fatalf("exit %d: %s", code, out)
 	}

@@ -1,6 +1,7 @@
 package config
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -339,6 +340,27 @@ func TestSuggest(t *testing.T) {
 	} {
 		if got := suggest(tc.key, tc.names); got != tc.want {
 			t.Errorf("suggest(%q) = %q, want %q", tc.key, got, tc.want)
+		}
+	}
+}
+
+// The example the package installs (/usr/share/doc/duet/examples) must
+// keep parsing and validating as the fields change: the only problems it
+// may have here are the key file and directories that exist only on a
+// real node.
+func TestShippedExample(t *testing.T) {
+	const example = "../../docs/examples/duet.yaml"
+	_, err := Load(example)
+	if err == nil {
+		return
+	}
+	var ps problems
+	if !errors.As(err, &ps) {
+		t.Fatalf("%s: %v", example, err)
+	}
+	for _, p := range ps {
+		if !strings.Contains(p.msg, "no such file or directory") {
+			t.Errorf("%s: %s", example, p)
 		}
 	}
 }
