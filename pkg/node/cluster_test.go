@@ -173,3 +173,30 @@ func TestReleaseNeedsStaleAfterSynced(t *testing.T) {
 		}
 	}
 }
+
+// TestLeavingFailsHeldCalls: once the node hands its role over, a call
+// it holds ends at once and fails, never released "alone": released, its
+// change would be lost by the peer's takeover; held, a call waiting for a
+// peer killed during the swap kept the services from stopping for the
+// barrier's whole timeout (the loop that would learn of the death runs
+// the handover).
+func TestLeavingFailsHeldCalls(t *testing.T) {
+	n := testNode(t, t.TempDir())
+	n.cfg.Cluster.Timeout = 1500 * time.Millisecond
+	var err error
+	if n.guard, err = newGuard(n.cfg); err != nil {
+		t.Fatal(err)
+	}
+	n.machine.Store(&cluster.Machine{Name: "nodeA", State: cluster.Prim, Epoch: 9,
+		Peer: cluster.Peer{Seen: true, State: cluster.Second, Epoch: 9}})
+	if n.tryRelease() {
+		t.Fatal("a call released while an up-to-date SECOND could take over")
+	}
+	n.leaving.Store(true)
+	if !n.tryRelease() {
+		t.Error("a held call not ended when the node hands its role over")
+	}
+	if r := n.alone(); r == "alone" {
+		t.Errorf("a call ended by the handover answered %q: its change would be lost by the takeover", r)
+	}
+}

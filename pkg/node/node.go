@@ -530,14 +530,15 @@ func (n *Node) takeVIP(ctx context.Context) error {
 // unserve leaves the primary role: services stop, every change reaches
 // the peer (if it is connected), the VIP goes, capture stops.
 func (n *Node) unserve(ctx context.Context) {
-	// The services stop first, their last durability calls shipped as
-	// any: failed with EIO (leaving), MariaDB's shutdown flush made
-	// InnoDB abort (seen in the fault campaign's swaps), to recover from
-	// a crash on its next start. Once leaving, calls fail (barrier):
-	// nothing more is shipped after the primaries stop. Cleared by the
-	// cluster loop once the new state is published.
-	n.stack.Stop()
+	// Cleared by the cluster loop once the new state is published. From
+	// here on durability calls fail, those already held too (tryRelease):
+	// the loop runs this, so it cannot learn meanwhile that a peer died,
+	// and a call held for a peer killed during a swap kept the services
+	// from stopping until the barrier's timeout (30 s with nothing
+	// served, in the fault campaign).
 	n.leaving.Store(true)
+	n.wakePrimaries()
+	n.stack.Stop()
 	n.smu.RLock()
 	primaries := n.primaries
 	n.smu.RUnlock()
@@ -1273,6 +1274,10 @@ func (n *Node) staleCurrent(p cluster.Peer) bool {
 func (n *Node) tryRelease() bool {
 	n.relMu.Lock()
 	defer n.relMu.Unlock()
+	if n.leaving.Load() {
+		// Handing the role over: the call ends now, and fails (barrier).
+		return true
+	}
 	if !n.peerCannotTakeOver() {
 		return false
 	}
@@ -1294,6 +1299,10 @@ func (n *Node) wakePrimaries() {
 // alone answers a durability call that no peer in sync can confirm:
 // released and tracked for a resync, or refused (cluster.alone_writes).
 func (n *Node) alone() string {
+	if n.leaving.Load() {
+		// The peer is taking over: released, the change would be lost.
+		return "error: the primary role was handed over before this change was shipped"
+	}
 	if n.cfg.Cluster.AloneWrites == config.AloneFail {
 		return "error: no peer in sync, and cluster.alone_writes is fail"
 	}
