@@ -501,11 +501,6 @@ func TestEchoFollowsApplied(t *testing.T) {
 	var mine Heartbeat
 	local.Stamp(&mine, now0)
 	peer.Accept(&mine, time.Hour) // heard, not accepted: echoed as a challenge
-	stamp := func(g *Guard, at time.Duration) Heartbeat {
-		var h Heartbeat
-		g.Stamp(&h, at)
-		return h
-	}
 	h1 := stamp(peer, time.Hour+time.Millisecond)
 	if !local.Accept(&h1, now0+2*time.Millisecond) {
 		t.Fatal("the peer's first heartbeat, echoing ours, refused")
@@ -538,11 +533,6 @@ func TestReplacedRunRefused(t *testing.T) {
 	local.Stamp(&mine, now0)
 	oldRun.Accept(&mine, time.Hour) // heard: echoed as a challenge
 	newRun.Accept(&mine, 2*time.Hour)
-	stamp := func(g *Guard, at time.Duration) Heartbeat {
-		var h Heartbeat
-		g.Stamp(&h, at)
-		return h
-	}
 	a1 := stamp(oldRun, time.Hour+time.Millisecond)
 	if !local.Accept(&a1, now0+2*time.Millisecond) {
 		t.Fatal("the old run's heartbeat refused while it was the peer's run")
@@ -562,4 +552,11 @@ func TestReplacedRunRefused(t *testing.T) {
 	if !local.Accept(&b2, now0+8*time.Millisecond) {
 		t.Error("the new run's next heartbeat refused after the old run's was")
 	}
+}
+
+// stamp is a heartbeat g makes at its clock reading at.
+func stamp(g *Guard, at time.Duration) Heartbeat {
+	var h Heartbeat
+	g.Stamp(&h, at)
+	return h
 }
