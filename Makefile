@@ -101,7 +101,7 @@ check-monitoring: ## promtool: the alert rules (deploy/prometheus) and their sce
 k3s-soak: build ## the k3s stack failover test, 20 runs (DUET_K3S_RUNS to change)
 	$(SUDO) DUET_K3S_RUNS=$${DUET_K3S_RUNS:-20} DUET_REQUIRE_STACK=1 $(GO) test -count=1 -timeout 60m -v -run TestK3SStackFailover ./tools/lab/
 
-nemesis: build ## the fault campaign: DUET_NEMESIS_RUNS (30) random faults, DUET_NEMESIS_SEED to replay one
+nemesis: build ## the fault campaign: DUET_NEMESIS_RUNS (30) random faults, DUET_NEMESIS_SEED to replay one, DUET_NEMESIS_KINDS=a,b to keep to those kinds
 	$(SUDO) DUET_NEMESIS_RUNS=$${DUET_NEMESIS_RUNS:-30} $(GO) test -count=1 -timeout 120m -v -run 'TestNemesisCampaign$$' ./tools/lab/ 2>&1 | grep -v -e '^=== ' ; exit $${PIPESTATUS[0]}
 
 lab-up: build ## create the two-node lab (namespaces + loop ext4)

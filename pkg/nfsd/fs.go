@@ -226,9 +226,16 @@ func (s *fsys) list(p string) ([]*info, []string, []uint64, error) {
 // Open opens a file for reading.
 func (s *fsys) Open(p string) (billy.File, error) { return s.OpenFile(p, os.O_RDONLY, 0) }
 
-// Create creates or truncates a file.
+// Create creates a file, or opens the one that exists, keeping its data.
+// Its one caller is go-nfs's CREATE, which checks a GUARDED create's name
+// first and applies the call's attributes after (a size among them
+// truncates, as RFC 1813 says). billy's Create truncates: so an UNCHECKED
+// CREATE of an existing file (Linux's open(O_CREAT) racing another
+// client's create) emptied it, and so did a CREATE sent again on a new
+// connection (a server stall, a failover) when it ran after the first one
+// and the WRITEs the client sent once answered: acknowledged data lost.
 func (s *fsys) Create(p string) (billy.File, error) {
-	return s.OpenFile(p, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o666)
+	return s.OpenFile(p, os.O_RDWR|os.O_CREATE, 0o666)
 }
 
 // OpenFile opens beneath the root without following symlinks; O_NONBLOCK

@@ -149,12 +149,14 @@ type client struct {
 	op   func(ctx context.Context, n int) error
 	// have, when set, reads back what the service holds (else
 	// Lab.present).
-	have  func(t *testing.T) map[int]bool
-	mu    sync.Mutex
-	next  int
-	acked []int
-	oks   []time.Time // when each success returned
-	fails int
+	have func(t *testing.T) map[int]bool
+	// explain, when set, says what the read back saw of a missing entry.
+	explain func(n int) string
+	mu      sync.Mutex
+	next    int
+	acked   []int
+	oks     []time.Time // when each success returned
+	fails   int
 }
 
 // ipc runs a command in the client namespace.
@@ -325,6 +327,11 @@ func (l *Lab) check(t *testing.T, clients []*client) (acked, lost map[string]int
 		acked[c.name], lost[c.name] = len(list), len(missing)
 		if len(missing) > 0 {
 			t.Errorf("%s: %d acknowledged entries missing behind the VIP: %v", c.name, len(missing), first(missing, 20))
+			if c.explain != nil {
+				for _, n := range first(missing, 5) {
+					t.Logf("%s: %s", c.name, c.explain(n))
+				}
+			}
 		}
 	}
 	return acked, lost

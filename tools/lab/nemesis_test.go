@@ -465,6 +465,18 @@ func nemesisCampaign(t *testing.T, seed int64, runs int, allKindsOnce bool) {
 	if allKindsOnce {
 		runs = len(faultKinds)
 	}
+	if only := nemesisKinds(t); only != nil {
+		// DUET_NEMESIS_KINDS: the drawn order, other kinds left out.
+		var kept []int
+		for len(kept) < runs {
+			for _, k := range order {
+				if only[faultKinds[k].name] && len(kept) < runs {
+					kept = append(kept, k)
+				}
+			}
+		}
+		order = kept
+	}
 	var results []nemesisRun
 	for i := 0; i < runs; i++ {
 		kind := faultKinds[order[i]]
@@ -552,6 +564,33 @@ func nemesisCampaign(t *testing.T, seed int64, runs int, allKindsOnce bool) {
 // TestNemesis: every fault kind once, fixed seed (make test).
 func TestNemesis(t *testing.T) {
 	nemesisCampaign(t, 20261201, len(faultKinds), true)
+}
+
+// nemesisKinds is DUET_NEMESIS_KINDS, a comma-separated list of fault
+// kinds the campaign keeps to (to replay one finding many times), or nil.
+func nemesisKinds(t *testing.T) map[string]bool {
+	env := os.Getenv("DUET_NEMESIS_KINDS")
+	if env == "" {
+		return nil
+	}
+	known := map[string]bool{}
+	for _, k := range faultKinds {
+		known[k.name] = true
+	}
+	only := map[string]bool{}
+	for _, k := range strings.Split(env, ",") {
+		k = strings.TrimSpace(k)
+		if !known[k] {
+			var names []string
+			for _, k := range faultKinds {
+				names = append(names, k.name)
+			}
+			t.Fatalf("DUET_NEMESIS_KINDS: no fault kind %q (kinds: %s)", k, strings.Join(names, ", "))
+		}
+		only[k] = true
+	}
+	t.Logf("nemesis: only %s (DUET_NEMESIS_KINDS)", env)
+	return only
 }
 
 // TestNemesisCampaign: `make nemesis` (DUET_NEMESIS_RUNS, DUET_NEMESIS_SEED).

@@ -35,6 +35,10 @@ type nfsVolume struct {
 	// resent counts the writes sent again because their COMMIT came
 	// from a server that had not taken them (another verifier).
 	resent int
+	// What the last read back found: each file's content, and the log's
+	// lines in order (to tell, for a missing entry, which part is gone).
+	seenFiles map[int]string
+	seenLog   []string
 }
 
 // nfsVIP is the NFS service's address through the VIP.
@@ -157,6 +161,8 @@ func (v *nfsVolume) present(ctx context.Context) (map[int]bool, error) {
 		return nil, v.note(err, "READDIRPLUS vol")
 	}
 	files := map[int]bool{}
+	seen := map[int]string{}
+	v.seenFiles = seen
 	for _, e := range ents {
 		num, ok := strings.CutPrefix(e.Name, "f-")
 		if !ok {
@@ -168,6 +174,7 @@ func (v *nfsVolume) present(ctx context.Context) (map[int]bool, error) {
 			return nil, v.note(err, "READ "+e.Name)
 		}
 		files[n] = string(data) == fmt.Sprintf("file %d\n", n)
+		seen[n] = string(data)
 	}
 	var log bytes.Buffer
 	for off := uint64(0); ; {
@@ -181,13 +188,46 @@ func (v *nfsVolume) present(ctx context.Context) (map[int]bool, error) {
 			break
 		}
 	}
-	for _, f := range strings.Fields(log.String()) {
+	v.seenLog = strings.Fields(log.String())
+	for _, f := range v.seenLog {
 		n, err := strconv.Atoi(strings.TrimLeft(f, "0"))
 		if err == nil && files[n] {
 			got[n] = true
 		}
 	}
 	return got, nil
+}
+
+// explain says, for an acknowledged entry n found missing, what the last
+// read back saw of it: its file, and its line in the log with the lines
+// around where it should be.
+func (v *nfsVolume) explain(n int) string {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	file := "absent"
+	if c, ok := v.seenFiles[n]; ok {
+		file = fmt.Sprintf("content %q", c)
+	}
+	line := fmt.Sprintf("%09d", n)
+	at := -1
+	for i, l := range v.seenLog {
+		if l == line {
+			at = i
+			break
+		}
+	}
+	if at >= 0 {
+		return fmt.Sprintf("entry %d: file %s; log line %d present", n, file, at)
+	}
+	// Where it would be: after the last line numbered below n.
+	pos := 0
+	for i, l := range v.seenLog {
+		if k, err := strconv.Atoi(strings.TrimLeft(l, "0")); err == nil && k < n {
+			pos = i + 1
+		}
+	}
+	lo, hi := max(0, pos-4), min(len(v.seenLog), pos+4)
+	return fmt.Sprintf("entry %d: file %s; no log line (log lines %d..%d of %d: %s)", n, file, lo, hi, len(v.seenLog), strings.Join(v.seenLog[lo:hi], " "))
 }
 
 // staleErr reports the stale handles seen so far.
@@ -204,7 +244,7 @@ func (v *nfsVolume) staleErr() error {
 func nfsClient(t *testing.T, l *Lab) *client {
 	v := newNFSVolume()
 	t.Cleanup(func() { v.c.Close() })
-	return &client{name: "nfs", l: l, op: v.op, have: func(t *testing.T) map[int]bool {
+	return &client{name: "nfs", l: l, op: v.op, explain: v.explain, have: func(t *testing.T) map[int]bool {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		defer cancel()
 		got, err := v.present(ctx)
