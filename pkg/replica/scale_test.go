@@ -1,0 +1,213 @@
+package replica
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"runtime"
+	"runtime/debug"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/duet-ha/duet/pkg/fstree"
+)
+
+// The scale benchmarks build a tree of small files (issue 18): by default
+// 100,000 files of 100 bytes in 100 directories, the lab's figure. Put
+// TMPDIR on a tmpfs to measure duet rather than the disk.
+var (
+	scaleFiles = flag.Int("scale.files", 100000, "files in the scale benchmarks' tree")
+	scaleDirs  = flag.Int("scale.dirs", 100, "directories they are spread over")
+	scaleSize  = flag.Int("scale.size", 100, "bytes per file")
+)
+
+// makeScaleTree writes files files of size bytes spread over dirs
+// directories under dir.
+func makeScaleTree(tb testing.TB, dir string, files, dirs, size int) {
+	tb.Helper()
+	data := make([]byte, size)
+	for i := range data {
+		data[i] = byte('a' + i%26)
+	}
+	for d := range dirs {
+		sub := filepath.Join(dir, fmt.Sprintf("d%04d", d))
+		if err := os.MkdirAll(sub, 0o755); err != nil {
+			tb.Fatal(err)
+		}
+		for i := d; i < files; i += dirs {
+			// Each file its own bytes, so that no two sum alike.
+			copy(data, fmt.Sprintf("%08d", i))
+			if err := os.WriteFile(filepath.Join(sub, fmt.Sprintf("f%07d", i)), data, 0o644); err != nil {
+				tb.Fatal(err)
+			}
+		}
+	}
+}
+
+// liveHeap is the heap in use after a full collection.
+func liveHeap() uint64 {
+	runtime.GC()
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return ms.HeapAlloc
+}
+
+// heapPeak samples the heap in use until stop is called, and returns the
+// highest sample.
+func heapPeak() (stop func() uint64) {
+	done := make(chan struct{})
+	var peak uint64
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		t := time.NewTicker(20 * time.Millisecond)
+		defer t.Stop()
+		for {
+			var ms runtime.MemStats
+			runtime.ReadMemStats(&ms)
+			peak = max(peak, ms.HeapAlloc)
+			select {
+			case <-done:
+				return
+			case <-t.C:
+			}
+		}
+	}()
+	return func() uint64 {
+		close(done)
+		wg.Wait()
+		return peak
+	}
+}
+
+// initialSync runs a Primary of src against a fresh secondary until the
+// first full sync is complete, and returns the Primary (stopped, its
+// state kept; the caller closes it), how long the sync took, and the
+// heap's peak during it.
+func initialSync(tb testing.TB, top, src string) (*Primary, time.Duration, uint64) {
+	tb.Helper()
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	sec := newTestSecondaryLink(tb, filepath.Join(top, "peer", "state"), testLink, log)
+	p, err := NewPrimary(Dir{Name: "data", Path: src}, sec.addr, testLink, 0, log)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	stopPeak := heapPeak()
+	start := time.Now()
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { defer wg.Done(); p.Run(ctx, nil) }()
+	for deadline := time.Now().Add(30 * time.Minute); ; time.Sleep(5 * time.Millisecond) {
+		st := p.Status()
+		if st.InSync && st.FullSyncs > 0 && !st.Resync.Active {
+			break
+		}
+		if time.Now().After(deadline) {
+			tb.Fatalf("the initial sync did not end: %+v", st)
+		}
+	}
+	took := time.Since(start)
+	cancel()
+	wg.Wait()
+	return p, took, stopPeak()
+}
+
+// BenchmarkInitialSync measures the first full sync of a tree of small
+// files from a Primary to an empty secondary over the loopback, and the
+// state the primary keeps once it is done: the heap still held by the
+// Primary after the sync, per file (retained-B/file), and the heap's peak
+// during it (both sides, one process: peak-B/file). Run with
+// -benchtime=1x.
+func BenchmarkInitialSync(b *testing.B) { benchFullSync(b, false) }
+
+// BenchmarkFullResync is BenchmarkInitialSync against a peer that holds
+// the same files already (a copy of unknown lineage: every file is
+// compared by checksums, none is sent).
+func BenchmarkFullResync(b *testing.B) { benchFullSync(b, true) }
+
+func benchFullSync(b *testing.B, peerHasIt bool) {
+	files := *scaleFiles
+	for range b.N {
+		b.StopTimer()
+		top := b.TempDir()
+		src := filepath.Join(top, "src")
+		makeScaleTree(b, src, files, *scaleDirs, *scaleSize)
+		if peerHasIt {
+			makeScaleTree(b, filepath.Join(top, "peer", "data"), files, *scaleDirs, *scaleSize)
+		}
+		debug.FreeOSMemory()
+		base := liveHeap()
+		b.StartTimer()
+		p, took, peak := initialSync(b, top, src)
+		b.StopTimer()
+		held := liveHeap()
+		runtime.KeepAlive(p)
+		p.Close()
+		p = nil
+		after := liveHeap()
+		b.ReportMetric(took.Seconds(), "sync-s")
+		b.ReportMetric(float64(held-after)/float64(files), "retained-B/file")
+		b.ReportMetric(float64(peak-base)/float64(files), "peak-B/file")
+		b.Logf("%d files: full sync %s, primary retains %.0f B/file (%d MiB), heap peak %d MiB over %d MiB before",
+			files, took.Round(time.Millisecond), float64(held-after)/float64(files), (held-after)>>20, (peak-base)>>20, base>>20)
+		b.StartTimer()
+	}
+}
+
+// BenchmarkScan measures fstree.Scan of the scale tree, with checksums
+// (a full comparison) and without.
+func BenchmarkScan(b *testing.B) {
+	src := filepath.Join(b.TempDir(), "src")
+	makeScaleTree(b, src, *scaleFiles, *scaleDirs, *scaleSize)
+	root, err := fstree.OpenRoot(src)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer root.Close()
+	for _, sums := range []bool{false, true} {
+		b.Run(fmt.Sprintf("sums=%v", sums), func(b *testing.B) {
+			for range b.N {
+				base := liveHeap()
+				es, _, err := fstree.Scan(root, sums)
+				if err != nil {
+					b.Fatal(err)
+				}
+				held := liveHeap()
+				b.ReportMetric(float64(held-base)/float64(len(es)), "B/entry")
+				runtime.KeepAlive(es)
+			}
+		})
+	}
+}
+
+// BenchmarkShadow measures the shadow of the scale tree: built from a scan
+// as a full sync builds it, and the heap it holds per entry.
+func BenchmarkShadow(b *testing.B) {
+	src := filepath.Join(b.TempDir(), "src")
+	makeScaleTree(b, src, *scaleFiles, *scaleDirs, *scaleSize)
+	root, err := fstree.OpenRoot(src)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer root.Close()
+	es, _, err := fstree.Scan(root, false)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.ResetTimer()
+	for range b.N {
+		base := liveHeap()
+		sh := newShadow(es)
+		held := liveHeap()
+		b.ReportMetric(float64(held-base)/float64(len(es)), "B/entry")
+		runtime.KeepAlive(sh)
+	}
+}
