@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/duet-ha/duet/pkg/fstree"
+	"golang.org/x/sys/unix"
 )
 
 // The scale benchmarks build a tree of small files (issue 18): by default
@@ -47,6 +48,14 @@ func makeScaleTree(tb testing.TB, dir string, files, dirs, size int) {
 			}
 		}
 	}
+}
+
+// cpuTime is the CPU time this process used so far (user and system):
+// a figure that other load on the machine disturbs less than the time.
+func cpuTime() time.Duration {
+	var ru unix.Rusage
+	unix.Getrusage(unix.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 // liveHeap is the heap in use after a full collection.
@@ -145,15 +154,18 @@ func benchFullSync(b *testing.B, peerHasIt bool) {
 		}
 		debug.FreeOSMemory()
 		base := liveHeap()
+		cpu0 := cpuTime()
 		b.StartTimer()
 		p, took, peak := initialSync(b, top, src)
 		b.StopTimer()
+		cpu := cpuTime() - cpu0
 		held := liveHeap()
 		runtime.KeepAlive(p)
 		p.Close()
 		p = nil
 		after := liveHeap()
 		b.ReportMetric(took.Seconds(), "sync-s")
+		b.ReportMetric(cpu.Seconds(), "cpu-s")
 		b.ReportMetric(float64(held-after)/float64(files), "retained-B/file")
 		b.ReportMetric(float64(peak-base)/float64(files), "peak-B/file")
 		b.Logf("%d files: full sync %s, primary retains %.0f B/file (%d MiB), heap peak %d MiB over %d MiB before",
