@@ -26,6 +26,10 @@ type treeSync struct {
 	// node never received: a returning old primary).
 	report bool
 	lines  []string
+	// sumMatched: every file here whose peer copy has checksums gets its
+	// own before the comparison, where it has none yet (renamed while
+	// the peer was away, or missed by localSums).
+	sumMatched bool
 	// Counters, for the progress report.
 	planned   uint64 // bytes the resync will send
 	filesSent int
@@ -55,6 +59,17 @@ func (b *builder) fullSync(local, peer []wire.Entry, ts *treeSync) error {
 	}
 	if err := b.renames(local, peer, pm, localPaths, ts); err != nil {
 		return err
+	}
+	if ts.sumMatched {
+		for i := range local {
+			l := &local[i]
+			p := pm[l.Path]
+			if p != nil && l.Mode.IsRegular() && p.Mode.IsRegular() && l.Flags&wire.EntrySummed == 0 && p.Flags&wire.EntrySummed != 0 {
+				if err := fstree.SumEntry(b.root, l); err != nil {
+					return err
+				}
+			}
+		}
 	}
 	ts.plan(local, pm)
 	if ts.onPlan != nil {
