@@ -90,7 +90,10 @@ func (b *builder) fullSync(local, peer []wire.Entry, ts *treeSync) error {
 		}
 		removed = append(removed, p)
 	}
-	firstName := map[uint64]string{} // hard links: inode → first path sent
+	// Hard links: inode → the first path sent. Only inodes the shadow
+	// (built from local) knows by more than one name: a map of every
+	// file was the largest index of the comparison.
+	firstName := map[uint64]string{}
 	for i := range local {
 		l := &local[i]
 		if l.Path == "." {
@@ -103,7 +106,7 @@ func (b *builder) fullSync(local, peer []wire.Entry, ts *treeSync) error {
 			}
 			p = nil // create replaces whatever is there
 		}
-		if l.Mode.IsRegular() {
+		if n := b.sh.nodes[l.Ino]; l.Mode.IsRegular() && n != nil && b.sh.nameCount(n) > 1 {
 			if first, ok := firstName[l.Ino]; ok {
 				if err := b.out.add(&wire.Op{Code: wire.OpLink, Path: first, Path2: l.Path}); err != nil {
 					return err

@@ -95,3 +95,43 @@ func TestFullSyncSumsRenamedFile(t *testing.T) {
 	}
 	sameTrees(t, src, dst)
 }
+
+// Hard links stay links through a full sync, the content sent once: the
+// comparison knows an inode's names from the shadow (it no longer indexes
+// every file by inode to find them).
+func TestFullSyncKeepsHardLinks(t *testing.T) {
+	top := t.TempDir()
+	src, dst := filepath.Join(top, "src"), filepath.Join(top, "dst")
+	writeRandom(t, filepath.Join(src, "a"), 5000)
+	writeRandom(t, filepath.Join(src, "c"), 700)
+	os.Mkdir(filepath.Join(src, "d"), 0o755)
+	if err := os.Link(filepath.Join(src, "a"), filepath.Join(src, "d/b")); err != nil {
+		t.Fatal(err)
+	}
+	os.Mkdir(dst, 0o755)
+	root, _ := fstree.OpenRoot(src)
+	defer root.Close()
+	local, _, err := fstree.Scan(root, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := NewApplier(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	sink := &applySink{a: a, t: t}
+	b := newBuilder(root, 0, newShadow(local), nil, sink, slog.New(slog.DiscardHandler), nil)
+	if err := b.fullSync(local, nil, &treeSync{sumMatched: true}); err != nil {
+		t.Fatal(err)
+	}
+	if sink.bytes != 5700 {
+		t.Fatalf("sent %d bytes, want 5700: the linked file once", sink.bytes)
+	}
+	sa, _ := os.Stat(filepath.Join(dst, "a"))
+	sb, err := os.Stat(filepath.Join(dst, "d/b"))
+	if err != nil || !os.SameFile(sa, sb) {
+		t.Fatalf("d/b is not a link to a on the peer (%v)", err)
+	}
+	sameTrees(t, src, dst)
+}
