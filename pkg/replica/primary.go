@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -696,6 +697,11 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 			if err := p.fullSync(ctx, c, kernel, bt, manifest); err != nil {
 				return err
 			}
+			// What the comparison held (both trees' listings and their
+			// indexes, hundreds of bytes a file) is garbage now: handed
+			// back to the system at once, the daemon does not keep the
+			// comparison's peak for as long as it runs.
+			debug.FreeOSMemory()
 			continue
 		}
 		p.mu.Lock()
