@@ -435,7 +435,9 @@ func (s *Server) serveManifest(c net.Conn, d Dir) error {
 
 // manifestFrame is the size of entries past which a manifest frame is
 // sent: a frame holds at most one entry more (wire.MaxManifestEntries).
-const manifestFrame = 4 << 20
+// Small enough that the requester gets to work (it sums its copies of the
+// files listed) while this side still scans: a few thousand entries.
+const manifestFrame = 256 << 10
 
 // sendManifest scans d and streams it as it goes, answering seq: with
 // checksums of the files q asks for. Only one frame's entries are held:
