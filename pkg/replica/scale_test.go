@@ -1,15 +1,19 @@
 package replica
 
 import (
+	"bufio"
 	"context"
 	"flag"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"runtime/debug"
+	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -52,6 +56,7 @@ func makeScaleTree(tb testing.TB, dir string, files, dirs, size int) {
 
 // cpuTime is the CPU time this process used so far (user and system):
 // a figure that other load on the machine disturbs less than the time.
+// The secondary's process is not counted.
 func cpuTime() time.Duration {
 	var ru unix.Rusage
 	unix.Getrusage(unix.RUSAGE_SELF, &ru)
@@ -96,15 +101,81 @@ func heapPeak() (stop func() uint64) {
 	}
 }
 
-// initialSync runs a Primary of src against a fresh secondary until the
-// first full sync is complete, and returns the Primary (stopped, its
-// state kept; the caller closes it), how long the sync took, and the
-// heap's peak during it.
+// TestScaleSecondaryProcess is the secondary of the scale benchmarks, in
+// a process of its own so that the primary's memory is measured alone: it
+// serves directory "data" under $DUET_SCALE_SECONDARY, prints its address
+// and runs until its standard input closes.
+func TestScaleSecondaryProcess(t *testing.T) {
+	top := os.Getenv("DUET_SCALE_SECONDARY")
+	if top == "" {
+		t.Skip("the scale benchmarks' secondary: runs only as their child process")
+	}
+	sec := newTestSecondaryLink(t, filepath.Join(top, "state"), testLink, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	fmt.Printf("addr %s\n", sec.addr)
+	io.Copy(io.Discard, os.Stdin)
+}
+
+// spawnSecondary starts TestScaleSecondaryProcess serving top/data and
+// returns its address; it ends with the benchmark.
+func spawnSecondary(tb testing.TB, top string) string {
+	tb.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^TestScaleSecondaryProcess$")
+	cmd.Env = append(os.Environ(), "DUET_SCALE_SECONDARY="+top)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() {
+		stdin.Close()
+		cmd.Wait()
+	})
+	sc := bufio.NewScanner(stdout)
+	for sc.Scan() {
+		if addr, ok := strings.CutPrefix(sc.Text(), "addr "); ok {
+			go io.Copy(io.Discard, stdout)
+			return addr
+		}
+	}
+	tb.Fatalf("the secondary process printed no address: %v", sc.Err())
+	return ""
+}
+
+// procStatus returns a field of /proc/self/status in bytes (VmRSS: the
+// resident set; VmHWM: its peak).
+func procStatus(tb testing.TB, field string) uint64 {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, field+":"); ok {
+			kb, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+			if err != nil {
+				tb.Fatal(err)
+			}
+			return kb << 10
+		}
+	}
+	tb.Fatalf("no %s in /proc/self/status", field)
+	return 0
+}
+
+// initialSync runs a Primary of src against a secondary process serving
+// top/data until the first full sync is complete, and returns the Primary
+// (stopped, its state kept; the caller closes it), how long the sync took,
+// and the heap's peak during it.
 func initialSync(tb testing.TB, top, src string) (*Primary, time.Duration, uint64) {
 	tb.Helper()
-	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	sec := newTestSecondaryLink(tb, filepath.Join(top, "peer", "state"), testLink, log)
-	p, err := NewPrimary(Dir{Name: "data", Path: src}, sec.addr, testLink, 0, log)
+	addr := spawnSecondary(tb, top)
+	p, err := NewPrimary(Dir{Name: "data", Path: src}, addr, testLink, 0, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -130,11 +201,12 @@ func initialSync(tb testing.TB, top, src string) (*Primary, time.Duration, uint6
 }
 
 // BenchmarkInitialSync measures the first full sync of a tree of small
-// files from a Primary to an empty secondary over the loopback, and the
-// state the primary keeps once it is done: the heap still held by the
-// Primary after the sync, per file (retained-B/file), and the heap's peak
-// during it (both sides, one process: peak-B/file). Run with
-// -benchtime=1x.
+// files from a Primary to an empty secondary (another process) over the
+// loopback, and the primary's memory: the heap the Primary still holds
+// after the sync, per file (retained-B/file), the heap's peak during it
+// (peak-B/file), and the process's resident set at its peak during the
+// sync and right after it (rss-peak-MiB, rss-after-MiB: what the lab
+// measures of the daemon). Run with -benchtime=1x.
 func BenchmarkInitialSync(b *testing.B) { benchFullSync(b, false) }
 
 // BenchmarkFullResync is BenchmarkInitialSync against a peer that holds
@@ -154,22 +226,27 @@ func benchFullSync(b *testing.B, peerHasIt bool) {
 		}
 		debug.FreeOSMemory()
 		base := liveHeap()
+		// Writing 5 to clear_refs resets VmHWM to the current RSS.
+		os.WriteFile("/proc/self/clear_refs", []byte("5"), 0)
 		cpu0 := cpuTime()
 		b.StartTimer()
-		p, took, peak := initialSync(b, top, src)
+		p, took, peak := initialSync(b, filepath.Join(top, "peer"), src)
 		b.StopTimer()
 		cpu := cpuTime() - cpu0
+		rssPeak, rssAfter := procStatus(b, "VmHWM"), procStatus(b, "VmRSS")
 		held := liveHeap()
 		runtime.KeepAlive(p)
 		p.Close()
 		p = nil
 		after := liveHeap()
 		b.ReportMetric(took.Seconds(), "sync-s")
-		b.ReportMetric(cpu.Seconds(), "cpu-s")
+		b.ReportMetric(cpu.Seconds(), "primary-cpu-s")
 		b.ReportMetric(float64(held-after)/float64(files), "retained-B/file")
 		b.ReportMetric(float64(peak-base)/float64(files), "peak-B/file")
-		b.Logf("%d files: full sync %s, primary retains %.0f B/file (%d MiB), heap peak %d MiB over %d MiB before",
-			files, took.Round(time.Millisecond), float64(held-after)/float64(files), (held-after)>>20, (peak-base)>>20, base>>20)
+		b.ReportMetric(float64(rssPeak>>20), "rss-peak-MiB")
+		b.ReportMetric(float64(rssAfter>>20), "rss-after-MiB")
+		b.Logf("%d files: full sync %s, primary retains %.0f B/file (%d MiB), heap peak %d MiB over %d MiB before, RSS peak %d MiB, after %d MiB",
+			files, took.Round(time.Millisecond), float64(held-after)/float64(files), (held-after)>>20, (peak-base)>>20, base>>20, rssPeak>>20, rssAfter>>20)
 		b.StartTimer()
 	}
 }
