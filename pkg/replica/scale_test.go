@@ -29,6 +29,8 @@ var (
 	scaleFiles = flag.Int("scale.files", 100000, "files in the scale benchmarks' tree")
 	scaleDirs  = flag.Int("scale.dirs", 100, "directories they are spread over")
 	scaleSize  = flag.Int("scale.size", 100, "bytes per file")
+	// The secondary's CPU profile (it runs in a process of its own).
+	scaleSecondaryProfile = flag.String("scale.secondary-cpuprofile", "", "write the secondary's CPU profile here")
 )
 
 // makeScaleTree writes files files of size bytes spread over dirs
@@ -119,7 +121,11 @@ func TestScaleSecondaryProcess(t *testing.T) {
 // returns its address; it ends with the benchmark.
 func spawnSecondary(tb testing.TB, top string) string {
 	tb.Helper()
-	cmd := exec.Command(os.Args[0], "-test.run=^TestScaleSecondaryProcess$")
+	args := []string{"-test.run=^TestScaleSecondaryProcess$"}
+	if *scaleSecondaryProfile != "" {
+		args = append(args, "-test.cpuprofile="+*scaleSecondaryProfile)
+	}
+	cmd := exec.Command(os.Args[0], args...)
 	cmd.Env = append(os.Environ(), "DUET_SCALE_SECONDARY="+top)
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
