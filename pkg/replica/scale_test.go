@@ -118,8 +118,10 @@ func TestScaleSecondaryProcess(t *testing.T) {
 }
 
 // spawnSecondary starts TestScaleSecondaryProcess serving top/data and
-// returns its address; it ends with the benchmark.
-func spawnSecondary(tb testing.TB, top string) string {
+// returns its address, and stop, which ends it and returns the CPU time it
+// used and its peak resident set (called at the benchmark's end if not
+// before).
+func spawnSecondary(tb testing.TB, top string) (addr string, stop func() (cpu time.Duration, peak uint64)) {
 	tb.Helper()
 	args := []string{"-test.run=^TestScaleSecondaryProcess$"}
 	if *scaleSecondaryProfile != "" {
@@ -139,25 +141,32 @@ func spawnSecondary(tb testing.TB, top string) string {
 	if err := cmd.Start(); err != nil {
 		tb.Fatal(err)
 	}
-	tb.Cleanup(func() {
-		stdin.Close()
-		cmd.Wait()
-	})
+	var once sync.Once
+	var peak uint64
+	stop = func() (time.Duration, uint64) {
+		once.Do(func() {
+			peak = procStatus(tb, strconv.Itoa(cmd.Process.Pid), "VmHWM")
+			stdin.Close()
+			cmd.Wait()
+		})
+		return cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime(), peak
+	}
+	tb.Cleanup(func() { stop() })
 	sc := bufio.NewScanner(stdout)
 	for sc.Scan() {
 		if addr, ok := strings.CutPrefix(sc.Text(), "addr "); ok {
 			go io.Copy(io.Discard, stdout)
-			return addr
+			return addr, stop
 		}
 	}
 	tb.Fatalf("the secondary process printed no address: %v", sc.Err())
-	return ""
+	return "", nil
 }
 
-// procStatus returns a field of /proc/self/status in bytes (VmRSS: the
+// procStatus returns a field of /proc/<pid>/status in bytes (VmRSS: the
 // resident set; VmHWM: its peak).
-func procStatus(tb testing.TB, field string) uint64 {
-	b, err := os.ReadFile("/proc/self/status")
+func procStatus(tb testing.TB, pid, field string) uint64 {
+	b, err := os.ReadFile("/proc/" + pid + "/status")
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -170,17 +179,24 @@ func procStatus(tb testing.TB, field string) uint64 {
 			return kb << 10
 		}
 	}
-	tb.Fatalf("no %s in /proc/self/status", field)
+	tb.Fatalf("no %s in /proc/%s/status", field, pid)
 	return 0
+}
+
+// syncRun is what initialSync measured.
+type syncRun struct {
+	took         time.Duration // until the peer had it all
+	heapPeak     uint64        // this process's heap, at its highest
+	secondaryCPU time.Duration
+	secondaryRSS uint64 // its peak
 }
 
 // initialSync runs a Primary of src against a secondary process serving
 // top/data until the first full sync is complete, and returns the Primary
-// (stopped, its state kept; the caller closes it), how long the sync took,
-// and the heap's peak during it.
-func initialSync(tb testing.TB, top, src string) (*Primary, time.Duration, uint64) {
+// (stopped, its state kept; the caller closes it) and the run's figures.
+func initialSync(tb testing.TB, top, src string) (*Primary, syncRun) {
 	tb.Helper()
-	addr := spawnSecondary(tb, top)
+	addr, stopSecondary := spawnSecondary(tb, top)
 	p, err := NewPrimary(Dir{Name: "data", Path: src}, addr, testLink, 0, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
 		tb.Fatal(err)
@@ -203,7 +219,9 @@ func initialSync(tb testing.TB, top, src string) (*Primary, time.Duration, uint6
 	took := time.Since(start)
 	cancel()
 	wg.Wait()
-	return p, took, stopPeak()
+	run := syncRun{took: took, heapPeak: stopPeak()}
+	run.secondaryCPU, run.secondaryRSS = stopSecondary()
+	return p, run
 }
 
 // BenchmarkInitialSync measures the first full sync of a tree of small
@@ -236,10 +254,11 @@ func benchFullSync(b *testing.B, peerHasIt bool) {
 		os.WriteFile("/proc/self/clear_refs", []byte("5"), 0)
 		cpu0 := cpuTime()
 		b.StartTimer()
-		p, took, peak := initialSync(b, filepath.Join(top, "peer"), src)
+		p, run := initialSync(b, filepath.Join(top, "peer"), src)
+		took, peak := run.took, run.heapPeak
 		b.StopTimer()
 		cpu := cpuTime() - cpu0
-		rssPeak, rssAfter := procStatus(b, "VmHWM"), procStatus(b, "VmRSS")
+		rssPeak, rssAfter := procStatus(b, "self", "VmHWM"), procStatus(b, "self", "VmRSS")
 		held := liveHeap()
 		runtime.KeepAlive(p)
 		p.Close()
@@ -247,6 +266,8 @@ func benchFullSync(b *testing.B, peerHasIt bool) {
 		after := liveHeap()
 		b.ReportMetric(took.Seconds(), "sync-s")
 		b.ReportMetric(cpu.Seconds(), "primary-cpu-s")
+		b.ReportMetric(run.secondaryCPU.Seconds(), "secondary-cpu-s")
+		b.ReportMetric(float64(run.secondaryRSS>>20), "secondary-rss-peak-MiB")
 		b.ReportMetric(float64(held-after)/float64(files), "retained-B/file")
 		b.ReportMetric(float64(peak-base)/float64(files), "peak-B/file")
 		b.ReportMetric(float64(rssPeak>>20), "rss-peak-MiB")
