@@ -3,6 +3,7 @@ package replica
 import (
 	"fmt"
 	"io/fs"
+	"math"
 	"runtime"
 	"testing"
 
@@ -109,30 +110,40 @@ func TestShadowNamesOrder(t *testing.T) {
 // slice of names, and a name that kept its scanned path alive, took 214.
 func TestShadowBytesPerEntry(t *testing.T) {
 	const dirs, per = 100, 1000
-	base := liveHeap()
-	s, n := func() (*shadow, int) {
-		es := []wire.Entry{{Path: ".", Mode: fs.ModeDir, Ino: 1}}
-		ino := uint64(2)
-		for _, p := range []string{"some", "some/deeper"} {
-			es = append(es, wire.Entry{Path: p, Mode: fs.ModeDir, Ino: ino})
-			ino++
-		}
-		for d := range dirs {
-			dir := fmt.Sprintf("some/deeper/directory-%04d", d)
-			es = append(es, wire.Entry{Path: dir, Mode: fs.ModeDir, Ino: ino})
-			ino++
-			for i := range per {
-				es = append(es, wire.Entry{Path: fmt.Sprintf("%s/file-%07d", dir, i), Mode: 0o644, Ino: ino})
+	// The least of three: what other goroutines allocate meanwhile only
+	// adds to a measurement.
+	least := math.Inf(1)
+	for range 3 {
+		base := liveHeap()
+		s, n := func() (*shadow, int) {
+			es := []wire.Entry{{Path: ".", Mode: fs.ModeDir, Ino: 1}}
+			ino := uint64(2)
+			for _, p := range []string{"some", "some/deeper"} {
+				es = append(es, wire.Entry{Path: p, Mode: fs.ModeDir, Ino: ino})
 				ino++
 			}
+			for d := range dirs {
+				dir := fmt.Sprintf("some/deeper/directory-%04d", d)
+				es = append(es, wire.Entry{Path: dir, Mode: fs.ModeDir, Ino: ino})
+				ino++
+				for i := range per {
+					es = append(es, wire.Entry{Path: fmt.Sprintf("%s/file-%07d", dir, i), Mode: 0o644, Ino: ino})
+					ino++
+				}
+			}
+			return newShadow(es), len(es)
+		}()
+		held := liveHeap()
+		runtime.KeepAlive(s)
+		if held > base {
+			least = min(least, float64(held-base)/float64(n))
 		}
-		return newShadow(es), len(es)
-	}()
-	held := liveHeap() - base
-	runtime.KeepAlive(s)
-	if per := float64(held) / float64(n); per > 150 {
-		t.Fatalf("the shadow holds %.0f bytes per entry, want at most 150", per)
-	} else {
-		t.Logf("the shadow holds %.0f bytes per entry", per)
 	}
+	if math.IsInf(least, 1) {
+		t.Fatal("no measurement: the heap shrank each time the shadow was built")
+	}
+	if least > 150 {
+		t.Fatalf("the shadow holds %.0f bytes per entry, want at most 150", least)
+	}
+	t.Logf("the shadow holds %.0f bytes per entry", least)
 }
