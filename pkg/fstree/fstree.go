@@ -276,7 +276,13 @@ func SumEntry(root *os.File, e *wire.Entry) error {
 // longer than wire.MaxPath cannot be sent: it is left out with what is
 // under it, and counted in tooLong.
 func Scan(root *os.File, sums bool) (entries []wire.Entry, tooLong int, err error) {
-	tooLong, err = Walk(root, sums, func(e *wire.Entry) error {
+	return Collect(func(fn func(*wire.Entry) error) (int, error) { return Walk(root, sums, fn) })
+}
+
+// Collect lists what walk (Walk, or a walk built on it) passes to its
+// function, for a caller that wants the whole list at once.
+func Collect(walk func(fn func(*wire.Entry) error) (tooLong int, err error)) (entries []wire.Entry, tooLong int, err error) {
+	tooLong, err = walk(func(e *wire.Entry) error {
 		entries = append(entries, *e)
 		return nil
 	})

@@ -1,12 +1,10 @@
 package replica
 
 import (
-	"log/slog"
 	"os"
 	"path/filepath"
 	"testing"
 
-	"github.com/duet-ha/duet/pkg/fstree"
 	"github.com/duet-ha/duet/pkg/wire"
 )
 
@@ -23,18 +21,8 @@ func TestLocalSumsOnlyWhatThePeerHas(t *testing.T) {
 		writeRandom(t, filepath.Join(dst, p), 3000)
 	}
 	os.Mkdir(filepath.Join(dst, "e"), 0o755) // a directory there
-	root, _ := fstree.OpenRoot(src)
-	defer root.Close()
-	local, _, err := fstree.Scan(root, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	droot, _ := fstree.OpenRoot(dst)
-	defer droot.Close()
-	peer, _, err := manifest(droot, wire.ManifestQuery{All: true})
-	if err != nil {
-		t.Fatal(err)
-	}
+	root, local := scanSource(t, src)
+	_, peer := peerManifest(t, dst, wire.ManifestQuery{All: true})
 	s := newLocalSums(root, local)
 	s.match(peer[:2]) // the manifest comes in frames
 	s.match(peer[2:])
@@ -63,30 +51,14 @@ func TestFullSyncSumsRenamedFile(t *testing.T) {
 	os.Chtimes(filepath.Join(dst, "old"), st.ModTime(), st.ModTime())
 	os.Rename(filepath.Join(src, "old"), filepath.Join(src, "new"))
 
-	root, _ := fstree.OpenRoot(src)
-	defer root.Close()
-	local, _, err := fstree.Scan(root, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	droot, _ := fstree.OpenRoot(dst)
-	defer droot.Close()
-	peer, _, err := manifest(droot, wire.ManifestQuery{All: true})
-	if err != nil {
-		t.Fatal(err)
-	}
+	root, local := scanSource(t, src)
+	_, peer := peerManifest(t, dst, wire.ManifestQuery{All: true})
 	s := newLocalSums(root, local)
 	s.match(peer)
 	if err := s.wait(); err != nil {
 		t.Fatal(err)
 	}
-	a, err := NewApplier(dst)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer a.Close()
-	sink := &applySink{a: a, t: t}
-	b := newBuilder(root, 0, newShadow(local), nil, sink, slog.New(slog.DiscardHandler), nil)
+	b, sink := applyingBuilder(t, root, local, dst)
 	if err := b.fullSync(local, peer, &treeSync{sumMatched: true}); err != nil {
 		t.Fatal(err)
 	}
@@ -109,19 +81,8 @@ func TestFullSyncKeepsHardLinks(t *testing.T) {
 		t.Fatal(err)
 	}
 	os.Mkdir(dst, 0o755)
-	root, _ := fstree.OpenRoot(src)
-	defer root.Close()
-	local, _, err := fstree.Scan(root, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	a, err := NewApplier(dst)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer a.Close()
-	sink := &applySink{a: a, t: t}
-	b := newBuilder(root, 0, newShadow(local), nil, sink, slog.New(slog.DiscardHandler), nil)
+	root, local := scanSource(t, src)
+	b, sink := applyingBuilder(t, root, local, dst)
 	if err := b.fullSync(local, nil, &treeSync{sumMatched: true}); err != nil {
 		t.Fatal(err)
 	}

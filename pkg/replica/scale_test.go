@@ -56,6 +56,19 @@ func makeScaleTree(tb testing.TB, dir string, files, dirs, size int) {
 	}
 }
 
+// scaleRoot is the root of a scale tree of the flags' size, made for b.
+func scaleRoot(b *testing.B) *os.File {
+	b.Helper()
+	src := filepath.Join(b.TempDir(), "src")
+	makeScaleTree(b, src, *scaleFiles, *scaleDirs, *scaleSize)
+	root, err := fstree.OpenRoot(src)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { root.Close() })
+	return root
+}
+
 // cpuTime is the CPU time this process used so far (user and system):
 // a figure that other load on the machine disturbs less than the time.
 // The secondary's process is not counted.
@@ -281,13 +294,7 @@ func benchFullSync(b *testing.B, peerHasIt bool) {
 // BenchmarkScan measures fstree.Scan of the scale tree, with checksums
 // (a full comparison) and without.
 func BenchmarkScan(b *testing.B) {
-	src := filepath.Join(b.TempDir(), "src")
-	makeScaleTree(b, src, *scaleFiles, *scaleDirs, *scaleSize)
-	root, err := fstree.OpenRoot(src)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer root.Close()
+	root := scaleRoot(b)
 	for _, sums := range []bool{false, true} {
 		b.Run(fmt.Sprintf("sums=%v", sums), func(b *testing.B) {
 			for range b.N {
@@ -307,13 +314,7 @@ func BenchmarkScan(b *testing.B) {
 // BenchmarkShadow measures the shadow of the scale tree: built from a scan
 // as a full sync builds it, and the heap it holds per entry.
 func BenchmarkShadow(b *testing.B) {
-	src := filepath.Join(b.TempDir(), "src")
-	makeScaleTree(b, src, *scaleFiles, *scaleDirs, *scaleSize)
-	root, err := fstree.OpenRoot(src)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer root.Close()
+	root := scaleRoot(b)
 	es, _, err := fstree.Scan(root, false)
 	if err != nil {
 		b.Fatal(err)

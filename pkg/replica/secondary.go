@@ -484,19 +484,6 @@ func (s *Server) sendManifest(c net.Conn, d Dir, seq uint64, q wire.ManifestQuer
 	return w.Flush()
 }
 
-// manifest lists the tree under root for q; tooLong counts the entries
-// left out for the length of their path.
-func manifest(root *os.File, q wire.ManifestQuery) (entries []wire.Entry, tooLong int, err error) {
-	tooLong, err = walkManifest(root, q, func(e *wire.Entry) error {
-		entries = append(entries, *e)
-		return nil
-	})
-	if err != nil {
-		return nil, 0, err
-	}
-	return entries, tooLong, nil
-}
-
 // walkManifest calls fn with every entry of the tree under root as q asks
 // for it: flagged recent since q's cutoff, with checksums where wanted.
 func walkManifest(root *os.File, q wire.ManifestQuery, fn func(*wire.Entry) error) (tooLong int, err error) {
