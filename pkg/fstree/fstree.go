@@ -276,25 +276,50 @@ func SumEntry(root *os.File, e *wire.Entry) error {
 // longer than wire.MaxPath cannot be sent: it is left out with what is
 // under it, and counted in tooLong.
 func Scan(root *os.File, sums bool) (entries []wire.Entry, tooLong int, err error) {
-	var st unix.Stat_t
-	if err := unix.Fstat(int(root.Fd()), &st); err != nil {
-		return nil, 0, err
-	}
-	d, err := OpenBeneath(root, ".", unix.O_RDONLY|unix.O_DIRECTORY)
+	return Collect(func(fn func(*wire.Entry) error) (int, error) { return Walk(root, sums, fn) })
+}
+
+// Collect lists what walk (Walk, or a walk built on it) passes to its
+// function, for a caller that wants the whole list at once.
+func Collect(walk func(fn func(*wire.Entry) error) (tooLong int, err error)) (entries []wire.Entry, tooLong int, err error) {
+	tooLong, err = walk(func(e *wire.Entry) error {
+		entries = append(entries, *e)
+		return nil
+	})
 	if err != nil {
 		return nil, 0, err
 	}
-	defer d.Close()
-	sc := scanner{sums: sums, out: []wire.Entry{EntryOf(".", &st)}}
-	if err := sc.dir(d, ""); err != nil {
-		return nil, 0, err
+	return entries, tooLong, nil
+}
+
+// Walk calls fn with every entry Scan would list, in the same order, as
+// it goes: a manifest is sent while the tree is read, never held whole.
+// fn may change the entry, which is not used after fn returns; an error
+// from fn ends the walk.
+func Walk(root *os.File, sums bool, fn func(*wire.Entry) error) (tooLong int, err error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(root.Fd()), &st); err != nil {
+		return 0, err
 	}
-	return sc.out, sc.tooLong, nil
+	d, err := OpenBeneath(root, ".", unix.O_RDONLY|unix.O_DIRECTORY)
+	if err != nil {
+		return 0, err
+	}
+	defer d.Close()
+	e := EntryOf(".", &st)
+	if err := fn(&e); err != nil {
+		return 0, err
+	}
+	sc := scanner{sums: sums, fn: fn}
+	if err := sc.dir(d, ""); err != nil {
+		return 0, err
+	}
+	return sc.tooLong, nil
 }
 
 type scanner struct {
 	sums    bool
-	out     []wire.Entry
+	fn      func(*wire.Entry) error
 	tooLong int
 }
 
@@ -342,8 +367,11 @@ func (sc *scanner) dir(d *os.File, rel string) error {
 			}
 			e.Flags |= wire.EntrySummed
 		}
-		sc.out = append(sc.out, e)
-		if e.Mode.IsDir() {
+		isDir := e.Mode.IsDir()
+		if err := sc.fn(&e); err != nil {
+			return err
+		}
+		if isDir {
 			sub, err := OpenBeneath(d, de.Name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW)
 			if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENOTDIR) || errors.Is(err, unix.ELOOP) {
 				continue // replaced since
@@ -359,6 +387,36 @@ func (sc *scanner) dir(d *os.File, rel string) error {
 		}
 	}
 	return nil
+}
+
+// ComparePaths orders two wire paths as Scan lists them: "." first, a
+// directory before what is under it, siblings by name. Two scans can be
+// matched entry by entry in one pass with it, without an index by path.
+func ComparePaths(a, b string) int {
+	switch {
+	case a == b:
+		return 0
+	case a == ".":
+		return -1
+	case b == ".":
+		return 1
+	}
+	for {
+		ca, ra, moreA := strings.Cut(a, "/")
+		cb, rb, moreB := strings.Cut(b, "/")
+		if ca != cb {
+			return strings.Compare(ca, cb)
+		}
+		switch {
+		case !moreA && !moreB:
+			return 0
+		case !moreA:
+			return -1 // a is b's ancestor
+		case !moreB:
+			return 1
+		}
+		a, b = ra, rb
+	}
 }
 
 // Difference is one way two trees differ.

@@ -192,3 +192,40 @@ func TestOpenSameMountStopsAtMountPoint(t *testing.T) {
 	}
 	f.Close()
 }
+
+// ComparePaths is the order of Scan: a tree of names that sort
+// differently as whole paths ("a/b" and "a.c": '/' sorts after '.') scans
+// in exactly the order ComparePaths gives.
+func TestComparePathsIsScanOrder(t *testing.T) {
+	dir := t.TempDir()
+	for _, p := range []string{"a/b/c", "a/b.x", "a.c", "a-", "a/z", "b", "a0/q", "ab"} {
+		os.MkdirAll(filepath.Join(dir, filepath.Dir(p)), 0o755)
+		if err := os.WriteFile(filepath.Join(dir, p), nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	root, err := OpenRoot(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer root.Close()
+	es, _, err := Scan(root, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range es {
+		for j := range es {
+			got := ComparePaths(es[i].Path, es[j].Path)
+			want := 0
+			switch {
+			case i < j:
+				want = -1
+			case i > j:
+				want = 1
+			}
+			if got != want {
+				t.Errorf("ComparePaths(%q, %q) = %d, want %d (scan order)", es[i].Path, es[j].Path, got, want)
+			}
+		}
+	}
+}

@@ -411,16 +411,27 @@ func (a *Applier) apply(op *wire.Op) error {
 		return chmodHandle(h, op.Mode&0o7777)
 	case wire.OpCreate:
 		// A new inode on the primary: never truncate an existing one, it
-		// may have other names.
-		if err := a.removeAt(d, base); err != nil {
-			return err
+		// may have other names. What holds the name is removed only if
+		// there is one: most creates (a resync's) find it free.
+		const excl = unix.O_CREAT | unix.O_EXCL | unix.O_WRONLY | unix.O_NOFOLLOW | unix.O_CLOEXEC
+		fd, err := unix.Openat(dfd, base, excl, op.Mode&0o7777)
+		if errors.Is(err, unix.EEXIST) {
+			if err := a.removeAt(d, base); err != nil {
+				return err
+			}
+			fd, err = unix.Openat(dfd, base, excl, op.Mode&0o7777)
 		}
-		fd, err := unix.Openat(dfd, base, unix.O_CREAT|unix.O_EXCL|unix.O_WRONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, op.Mode&0o7777)
 		if err != nil {
 			return err
 		}
-		defer unix.Close(fd)
-		return unix.Fchmod(fd, op.Mode&0o7777)
+		if err := unix.Fchmod(fd, op.Mode&0o7777); err != nil {
+			unix.Close(fd)
+			return err
+		}
+		// The size, data and times that follow go through this
+		// descriptor: it is the inode just made, no lookup needed.
+		a.files[op.Path] = os.NewFile(uintptr(fd), op.Path)
+		return nil
 	case wire.OpSymlink:
 		if err := a.removeAt(d, base); err != nil {
 			return err

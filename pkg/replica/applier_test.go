@@ -118,6 +118,46 @@ func TestApplierCreateKeepsOtherLinks(t *testing.T) {
 	}
 }
 
+// Create makes a new inode whatever holds the name (nothing, a file with
+// other names, a directory with entries, a symlink out of the replica,
+// a FIFO), and what follows it in the batch (size, data, mode, times)
+// lands on that inode, not on what the name held, nor outside.
+func TestApplierCreateOverEveryKind(t *testing.T) {
+	a, root, outside := newTestApplier(t)
+	os.WriteFile(filepath.Join(root, "file"), []byte("other name"), 0o644)
+	os.Link(filepath.Join(root, "file"), filepath.Join(root, "link"))
+	os.MkdirAll(filepath.Join(root, "dir/sub"), 0o755)
+	os.WriteFile(filepath.Join(root, "dir/sub/x"), []byte("x"), 0o644)
+	unix.Mkfifo(filepath.Join(root, "fifo"), 0o644)
+	mtime := time.Unix(1700000000, 0)
+	for _, name := range []string{"free", "link", "dir", "escape", "rel-escape", "fifo"} {
+		ops := []wire.Op{
+			{Code: wire.OpCreate, Path: name, Mode: 0o640},
+			{Code: wire.OpTruncate, Path: name, Off: 5},
+			{Code: wire.OpWrite, Path: name, Off: 0, Data: []byte("new " + name)},
+			{Code: wire.OpSetattr, Path: name, Mode: 0o604, UID: uint32(os.Getuid()), GID: uint32(os.Getgid()), Mtime: mtime.UnixNano(), Atime: mtime.UnixNano()},
+		}
+		for i := range ops {
+			if err := a.Apply(&ops[i]); err != nil {
+				t.Fatalf("%s: %v", name, err)
+			}
+		}
+		st, err := os.Lstat(filepath.Join(root, name))
+		if err != nil || !st.Mode().IsRegular() || st.Mode().Perm() != 0o604 || !st.ModTime().Equal(mtime) {
+			t.Fatalf("%s after create, write, setattr: %v (%v)", name, st, err)
+		}
+		if b, _ := os.ReadFile(filepath.Join(root, name)); string(b) != "new "+name {
+			t.Fatalf("%s = %q", name, b)
+		}
+	}
+	if b, _ := os.ReadFile(filepath.Join(root, "file")); string(b) != "other name" {
+		t.Fatalf("file = %q: the create of its other name reached it", b)
+	}
+	if b, _ := os.ReadFile(filepath.Join(outside, "secret")); string(b) != "keep" {
+		t.Fatalf("outside/secret = %q", b)
+	}
+}
+
 // Sync flushes a batch's entries, including a FIFO, without blocking.
 func TestApplierTargetedSync(t *testing.T) {
 	a, root, _ := newTestApplier(t)

@@ -236,9 +236,9 @@ func (b *builder) retire(ino uint64, gen uint32) error {
 	if n == nil || ino == b.sh.root || (n.genKnown && n.gen == gen) {
 		return nil
 	}
-	for _, l := range append([]link(nil), n.links...) {
+	for _, l := range b.sh.names(n) {
 		p, ok := b.sh.linkPath(l)
-		if ok && b.sh.nodes[l.parent].children[l.name] == ino {
+		if cur, held := b.sh.child(l.parent, l.name); ok && held && cur == ino {
 			if err := b.out.add(&wire.Op{Code: wire.OpRemove, Path: p}); err != nil {
 				return err
 			}
@@ -313,18 +313,17 @@ func (b *builder) reconcile(ino uint64) (bool, error) {
 		}
 		return ents[i].Name < ents[j].Name
 	})
-	node := b.sh.nodes[ino]
 	present := make(map[string]bool, len(ents))
 	for _, e := range ents {
 		present[e.Name] = true
-		if cur, ok := node.children[e.Name]; ok && cur == e.Ino {
+		if cur, ok := b.sh.child(ino, e.Name); ok && cur == e.Ino {
 			continue
 		}
 		if err := b.entry(d, p, ino, e); err != nil {
 			return true, err
 		}
 	}
-	for name := range node.children {
+	for name := range b.sh.children(ino) {
 		if !present[name] {
 			b.removals = append(b.removals, link{ino, name})
 		}
@@ -354,7 +353,7 @@ func (b *builder) entry(d *os.File, dirPath string, dirIno uint64, e fstree.Dire
 			return err
 		}
 	}
-	if kn := b.sh.nodes[e.Ino]; kn != nil && len(kn.links) > 0 {
+	if kn := b.sh.nodes[e.Ino]; kn != nil && b.sh.nameCount(kn) > 0 {
 		from, isRename := b.movedFrom(kn, &st)
 		fromPath, ok := b.sh.linkPath(from)
 		if ok && isRename {
@@ -381,7 +380,7 @@ func (b *builder) entry(d *os.File, dirPath string, dirIno uint64, e fstree.Dire
 	// renames it from there; what nothing claims goes with this pass's
 	// removals.
 	if dn := b.sh.nodes[dirIno]; dn != nil {
-		if old, held := dn.children[e.Name]; held {
+		if old, held := b.sh.child(dirIno, e.Name); held {
 			aside := fmt.Sprintf(".duet-replaced-%d", old)
 			if err := b.out.add(&wire.Op{Code: wire.OpRename, Path: to, Path2: join(dirPath, aside)}); err != nil {
 				return err
@@ -417,10 +416,10 @@ func generation(dirfd int, name string) (uint32, bool) {
 // renamed (and from which name) or got one more hard link: more names on
 // disk than the shadow knows means a new link.
 func (b *builder) movedFrom(kn *snode, st *unix.Stat_t) (link, bool) {
-	if !kn.mode.IsDir() && uint64(st.Nlink) > uint64(len(kn.links)) {
-		return kn.links[0], false
+	if !kn.mode.IsDir() && uint64(st.Nlink) > uint64(b.sh.nameCount(kn)) {
+		return kn.first, false
 	}
-	for _, l := range kn.links {
+	for _, l := range b.sh.names(kn) {
 		p, ok := b.sh.linkPath(l)
 		if !ok {
 			continue
@@ -429,7 +428,7 @@ func (b *builder) movedFrom(kn *snode, st *unix.Stat_t) (link, bool) {
 			return l, true
 		}
 	}
-	return kn.links[0], true
+	return kn.first, true
 }
 
 // create ships a node the peer does not have, with its content or subtree.
@@ -576,7 +575,7 @@ func (b *builder) remove() error {
 		if p == nil {
 			continue
 		}
-		if _, ok := p.children[l.name]; !ok {
+		if _, ok := b.sh.child(l.parent, l.name); !ok {
 			continue
 		}
 		lp, ok := b.sh.linkPath(l)

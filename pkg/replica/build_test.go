@@ -2,7 +2,6 @@ package replica
 
 import (
 	"crypto/rand"
-	"log/slog"
 	"os"
 	"path/filepath"
 	"testing"
@@ -28,22 +27,8 @@ func syncedPair(t *testing.T, files ...string) (src, dst string, b *builder, sin
 	if err := os.CopyFS(dst, os.DirFS(src)); err != nil {
 		t.Fatal(err)
 	}
-	root, err := fstree.OpenRoot(src)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { root.Close() })
-	local, _, err := fstree.Scan(root, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	a, err := NewApplier(dst)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { a.Close() })
-	sink = &applySink{a: a, t: t}
-	b = newBuilder(root, 0, newShadow(local), nil, sink, slog.New(slog.DiscardHandler), nil)
+	root, local := scanSource(t, src)
+	b, sink = applyingBuilder(t, root, local, dst)
 	return src, dst, b, sink
 }
 

@@ -26,6 +26,10 @@ type treeSync struct {
 	// node never received: a returning old primary).
 	report bool
 	lines  []string
+	// sumMatched: every file here whose peer copy has checksums gets its
+	// own before the comparison, where it has none yet (renamed while
+	// the peer was away, or missed by localSums).
+	sumMatched bool
 	// Counters, for the progress report.
 	planned   uint64 // bytes the resync will send
 	filesSent int
@@ -56,6 +60,17 @@ func (b *builder) fullSync(local, peer []wire.Entry, ts *treeSync) error {
 	if err := b.renames(local, peer, pm, localPaths, ts); err != nil {
 		return err
 	}
+	if ts.sumMatched {
+		for i := range local {
+			l := &local[i]
+			p := pm[l.Path]
+			if p != nil && l.Mode.IsRegular() && p.Mode.IsRegular() && l.Flags&wire.EntrySummed == 0 && p.Flags&wire.EntrySummed != 0 {
+				if err := fstree.SumEntry(b.root, l); err != nil {
+					return err
+				}
+			}
+		}
+	}
 	ts.plan(local, pm)
 	if ts.onPlan != nil {
 		ts.onPlan(ts.planned)
@@ -75,7 +90,10 @@ func (b *builder) fullSync(local, peer []wire.Entry, ts *treeSync) error {
 		}
 		removed = append(removed, p)
 	}
-	firstName := map[uint64]string{} // hard links: inode → first path sent
+	// Hard links: inode → the first path sent. Only inodes the shadow
+	// (built from local) knows by more than one name: a map of every
+	// file was the largest index of the comparison.
+	firstName := map[uint64]string{}
 	for i := range local {
 		l := &local[i]
 		if l.Path == "." {
@@ -88,7 +106,7 @@ func (b *builder) fullSync(local, peer []wire.Entry, ts *treeSync) error {
 			}
 			p = nil // create replaces whatever is there
 		}
-		if l.Mode.IsRegular() {
+		if n := b.sh.nodes[l.Ino]; l.Mode.IsRegular() && n != nil && b.sh.nameCount(n) > 1 {
 			if first, ok := firstName[l.Ino]; ok {
 				if err := b.out.add(&wire.Op{Code: wire.OpLink, Path: first, Path2: l.Path}); err != nil {
 					return err

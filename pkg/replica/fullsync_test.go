@@ -35,6 +35,49 @@ func (s *applySink) add(op *wire.Op) error {
 	return nil
 }
 
+// scanSource opens src and lists it as a full sync's source does.
+func scanSource(t *testing.T, src string) (root *os.File, local []wire.Entry) {
+	t.Helper()
+	root, err := fstree.OpenRoot(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { root.Close() })
+	local, _, err = fstree.Scan(root, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return root, local
+}
+
+// peerManifest opens dst and returns the manifest its secondary sends for q.
+func peerManifest(t *testing.T, dst string, q wire.ManifestQuery) (droot *os.File, peer []wire.Entry) {
+	t.Helper()
+	droot, err := fstree.OpenRoot(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { droot.Close() })
+	peer, _, err = fstree.Collect(func(fn func(*wire.Entry) error) (int, error) { return walkManifest(droot, q, fn) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	return droot, peer
+}
+
+// applyingBuilder is a builder over root whose shadow is local, its ops
+// applied to dst as they come.
+func applyingBuilder(t *testing.T, root *os.File, local []wire.Entry, dst string) (*builder, *applySink) {
+	t.Helper()
+	a, err := NewApplier(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { a.Close() })
+	sink := &applySink{a: a, t: t}
+	return newBuilder(root, 0, newShadow(local), nil, sink, slog.New(slog.DiscardHandler), nil), sink
+}
+
 func writeRandom(t *testing.T, path string, n int) {
 	t.Helper()
 	b := make([]byte, n)
@@ -77,32 +120,13 @@ func TestTreeSyncBitmapAndReport(t *testing.T) {
 	// The peer's own change that never reached the source.
 	os.WriteFile(filepath.Join(dst, "only-there"), []byte("x"), 0o644)
 
-	root, err := fstree.OpenRoot(src)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer root.Close()
-	local, _, err := fstree.Scan(root, false)
-	if err != nil {
-		t.Fatal(err)
-	}
+	root, local := scanSource(t, src)
 	var st unix.Stat_t
 	unix.Stat(filepath.Join(src, "big"), &st)
 	d := newDirtySet()
 	d.record(&capture.Record{Kind: capture.KindData, Ino: st.Ino, Pos: 8 * 4096, Len: 4096}, 1)
-	droot, _ := fstree.OpenRoot(dst)
-	defer droot.Close()
-	peer, _, err := manifest(droot, wire.ManifestQuery{Cutoff: cutoff})
-	if err != nil {
-		t.Fatal(err)
-	}
-	a, err := NewApplier(dst)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer a.Close()
-	sink := &applySink{a: a, t: t}
-	b := newBuilder(root, 0, newShadow(local), nil, sink, slog.New(slog.DiscardHandler), nil)
+	droot, peer := peerManifest(t, dst, wire.ManifestQuery{Cutoff: cutoff})
+	b, sink := applyingBuilder(t, root, local, dst)
 	ts := &treeSync{dirty: d, window: true, report: true}
 	if err := b.fullSync(local, peer, ts); err != nil {
 		t.Fatal(err)
@@ -157,24 +181,9 @@ func TestTreeSyncAmbiguousRenameNotGuessed(t *testing.T) {
 	os.Remove(filepath.Join(src, "f1"))
 	os.Rename(filepath.Join(src, "f2"), filepath.Join(src, "f2-renamed"))
 
-	root, _ := fstree.OpenRoot(src)
-	defer root.Close()
-	local, _, err := fstree.Scan(root, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	droot, _ := fstree.OpenRoot(dst)
-	defer droot.Close()
-	peer, _, err := manifest(droot, wire.ManifestQuery{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	a, err := NewApplier(dst)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer a.Close()
-	b := newBuilder(root, 0, newShadow(local), nil, &applySink{a: a, t: t}, slog.New(slog.DiscardHandler), nil)
+	root, local := scanSource(t, src)
+	droot, peer := peerManifest(t, dst, wire.ManifestQuery{})
+	b, _ := applyingBuilder(t, root, local, dst)
 	if err := b.fullSync(local, peer, &treeSync{dirty: newDirtySet(), window: true}); err != nil {
 		t.Fatal(err)
 	}

@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -24,8 +25,11 @@ import (
 
 // Tuning of the primary's pipeline.
 const (
-	batchRaw    = 4 << 20   // uncompressed ops per batch
-	maxUnacked  = 256 << 20 // compressed bytes in flight before building waits
+	batchRaw = 4 << 20 // uncompressed ops per batch
+	// maxUnacked bounds the compressed bytes in flight: building waits
+	// beyond it. Sixteen full batches keep the peer busy (at 1 Gbit/s,
+	// half a second of sending); every byte of it is the primary's memory.
+	maxUnacked  = 64 << 20
 	batchWindow = 2 * time.Millisecond
 	// eagerAfterBarrier: for this long after a durability call the
 	// builder takes records without the batch window.
@@ -611,7 +615,10 @@ func (w *coalescer) flush() error {
 
 // batcher encodes ops into frames queued for sending.
 type batcher struct {
-	p      *Primary
+	p *Primary
+	// ctx is the connection's: a batcher waiting for acknowledgements
+	// (see flush) gives up when it ends.
+	ctx    context.Context
 	raw    []byte
 	sample []byte    // scratch for the compressibility test
 	since  time.Time // capture time of the oldest change being batched
@@ -660,13 +667,19 @@ func (bt *batcher) flush() {
 	}
 	p.queue = append(p.queue, sentBatch{seq: seq, frame: frame, since: since})
 	p.queueBytes += len(frame)
-	p.mu.Unlock()
 	p.sendq.Broadcast()
+	// A pass can read far more than maxUnacked (a resync reads the whole
+	// tree): it waits here for the peer, or the queue would hold all it
+	// read until the link had sent it.
+	for bt.ctx.Err() == nil && p.queueBytes > maxUnacked {
+		p.work.Wait()
+	}
+	p.mu.Unlock()
 }
 
 // build turns journal entries into batches while connected.
 func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest <-chan wire.Frame) error {
-	bt := &batcher{p: p}
+	bt := &batcher{p: p, ctx: ctx}
 	if p.readBuf == nil {
 		p.readBuf = make([]byte, readChunk)
 	}
@@ -684,6 +697,11 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 			if err := p.fullSync(ctx, c, kernel, bt, manifest); err != nil {
 				return err
 			}
+			// What the comparison held (both trees' listings and their
+			// indexes, hundreds of bytes a file) is garbage now: handed
+			// back to the system at once, the daemon does not keep the
+			// comparison's peak for as long as it runs.
+			debug.FreeOSMemory()
 			continue
 		}
 		p.mu.Lock()

@@ -8,6 +8,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/duet-ha/duet/pkg/wire"
 )
 
 // A durability call without the peer is released only once the cluster
@@ -60,4 +62,55 @@ func unconnectedPrimary(t *testing.T) *Primary {
 	}
 	t.Cleanup(func() { p.Close() })
 	return p
+}
+
+// A pass that reads more than maxUnacked (a resync reads the whole tree)
+// waits for the peer's acknowledgements: without them the queue held
+// everything it read, gigabytes for a large tree on a slower link. The
+// wait ends with the acknowledgements, or with the connection.
+func TestBatcherWaitsForThePeer(t *testing.T) {
+	p := unconnectedPrimary(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	bt := &batcher{p: p, ctx: ctx}
+	flushed := func() <-chan struct{} {
+		done := make(chan struct{})
+		go func() {
+			bt.add(&wire.Op{Code: wire.OpMkdir, Path: "d", Mode: 0o755})
+			bt.flush()
+			close(done)
+		}()
+		return done
+	}
+	p.mu.Lock()
+	p.queueBytes = maxUnacked // what earlier batches left unacknowledged
+	p.mu.Unlock()
+	done := flushed()
+	select {
+	case <-done:
+		t.Fatalf("a batch was queued beyond maxUnacked without waiting: %d bytes unacknowledged", p.Status().UnackedBytes)
+	case <-time.After(200 * time.Millisecond):
+	}
+	p.mu.Lock()
+	p.ack(p.nextSeq - 1)
+	p.queueBytes -= maxUnacked
+	p.mu.Unlock()
+	p.wake()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("still waiting 5 s after the peer acknowledged everything")
+	}
+
+	p.mu.Lock()
+	p.queueBytes = maxUnacked
+	p.mu.Unlock()
+	done = flushed()
+	cancel()
+	p.wake()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("still waiting 5 s after the connection ended")
+	}
 }

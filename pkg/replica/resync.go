@@ -253,7 +253,9 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 			return err
 		}
 	}
-	local, tooLong, err := fstree.Scan(p.root, pl.all)
+	// Without checksums: only the files the peer has are compared by
+	// them (see localSums).
+	local, tooLong, err := fstree.Scan(p.root, false)
 	if err != nil {
 		return fmt.Errorf("scanning %s: %w", p.Dir.Path, err)
 	}
@@ -279,6 +281,11 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 		}
 	}
 	p.setPhase("comparing", len(local))
+	var sums *localSums
+	if pl.all {
+		sums = newLocalSums(p.root, local)
+		defer sums.wait()
+	}
 	var peer []wire.Entry
 	for done := false; !done; {
 		select {
@@ -297,6 +304,9 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 			if err != nil {
 				return fmt.Errorf("peer manifest: %w", err)
 			}
+			if sums != nil {
+				sums.match(es)
+			}
 			peer = append(peer, es...)
 		}
 	}
@@ -305,6 +315,9 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	}
 	compared := 0
 	if pl.all {
+		if err := sums.wait(); err != nil {
+			return err
+		}
 		for i := range local {
 			if local[i].Flags&wire.EntrySummed != 0 {
 				compared++
@@ -327,7 +340,7 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 			}
 		}
 	}
-	ts := &treeSync{dirty: dirty, window: !pl.all, report: pl.report}
+	ts := &treeSync{dirty: dirty, window: !pl.all, report: pl.report, sumMatched: pl.all}
 	ts.onPlan = func(planned uint64) {
 		p.mu.Lock()
 		p.rs.BytesPlanned = planned

@@ -435,25 +435,19 @@ func (s *Server) serveManifest(c net.Conn, d Dir) error {
 
 // manifestFrame is the size of entries past which a manifest frame is
 // sent: a frame holds at most one entry more (wire.MaxManifestEntries).
-const manifestFrame = 4 << 20
+// Small enough that the requester gets to work (it sums its copies of the
+// files listed) while this side still scans: a few thousand entries.
+const manifestFrame = 256 << 10
 
-// sendManifest scans d and streams it, answering seq: with checksums of
-// the files q asks for.
+// sendManifest scans d and streams it as it goes, answering seq: with
+// checksums of the files q asks for. Only one frame's entries are held:
+// the requester compares (and sums its own files) while this side reads.
 func (s *Server) sendManifest(c net.Conn, d Dir, seq uint64, q wire.ManifestQuery) error {
 	root, err := fstree.OpenRoot(d.Path)
 	if err != nil {
 		return err
 	}
 	defer root.Close()
-	entries, tooLong, err := manifest(root, q)
-	if err != nil {
-		wire.WriteFrame(c, &wire.Frame{Type: wire.TypeError, Seq: seq, Payload: []byte(err.Error())})
-		return err
-	}
-	if tooLong > 0 {
-		s.Log.Warn("entries left out of the manifest: their paths are longer than the wire takes (the peer's scan leaves them out too)",
-			"dir", d.Name, "entries", tooLong, "limit", wire.MaxPath)
-	}
 	w := bufio.NewWriterSize(c, 1<<20)
 	var raw []byte
 	flush := func() error {
@@ -464,16 +458,25 @@ func (s *Server) sendManifest(c net.Conn, d Dir, seq uint64, q wire.ManifestQuer
 		raw = raw[:0]
 		return err
 	}
-	for i := range entries {
-		raw = wire.AppendEntry(raw, &entries[i])
+	tooLong, err := walkManifest(root, q, func(e *wire.Entry) error {
+		raw = wire.AppendEntry(raw, e)
 		if len(raw) > manifestFrame {
-			if err := flush(); err != nil {
-				return err
-			}
+			return flush()
 		}
+		return nil
+	})
+	if err == nil {
+		err = flush()
 	}
-	if err := flush(); err != nil {
+	if err != nil {
+		// The requester may have part of the manifest: this ends it.
+		wire.WriteFrame(w, &wire.Frame{Type: wire.TypeError, Seq: seq, Payload: []byte(err.Error())})
+		w.Flush()
 		return err
+	}
+	if tooLong > 0 {
+		s.Log.Warn("entries left out of the manifest: their paths are longer than the wire takes (the peer's scan leaves them out too)",
+			"dir", d.Name, "entries", tooLong, "limit", wire.MaxPath)
 	}
 	if err := wire.WriteFrame(w, &wire.Frame{Type: wire.TypeEnd, Seq: seq}); err != nil {
 		return err
@@ -481,29 +484,24 @@ func (s *Server) sendManifest(c net.Conn, d Dir, seq uint64, q wire.ManifestQuer
 	return w.Flush()
 }
 
-// manifest lists the tree under root for q; tooLong counts the entries
-// left out for the length of their path.
-func manifest(root *os.File, q wire.ManifestQuery) (entries []wire.Entry, tooLong int, err error) {
-	entries, tooLong, err = fstree.Scan(root, q.All)
-	if err != nil {
-		return nil, 0, err
-	}
+// walkManifest calls fn with every entry of the tree under root as q asks
+// for it: flagged recent since q's cutoff, with checksums where wanted.
+func walkManifest(root *os.File, q wire.ManifestQuery, fn func(*wire.Entry) error) (tooLong int, err error) {
 	want := make(map[string]bool, len(q.Want))
 	for _, w := range q.Want {
 		want[w] = true
 	}
-	for i := range entries {
-		e := &entries[i]
+	return fstree.Walk(root, q.All, func(e *wire.Entry) error {
 		if q.Cutoff != 0 && (e.Ctime >= q.Cutoff || e.Mtime >= q.Cutoff) {
 			e.Flags |= wire.EntryRecent
 		}
 		if e.Mode.IsRegular() && e.Flags&wire.EntrySummed == 0 && (e.Flags&wire.EntryRecent != 0 || want[e.Path]) {
 			if err := fstree.SumEntry(root, e); err != nil {
-				return nil, 0, err
+				return err
 			}
 		}
-	}
-	return entries, tooLong, nil
+		return fn(e)
+	})
 }
 
 // replicate applies batches in order, acknowledging each once it is on

@@ -3,6 +3,8 @@ package replica
 import (
 	"io/fs"
 	"path"
+	"slices"
+	"strings"
 
 	"github.com/duet-ha/duet/pkg/wire"
 )
@@ -13,13 +15,16 @@ type link struct {
 	name   string
 }
 
+// snode is one inode of the shadow, 48 bytes: the shadow holds one per
+// file of the tree. Its first name is kept in place; the few inodes with
+// more names keep the others in shadow.more, and directories their
+// entries in shadow.kids.
 type snode struct {
 	ino      uint64
+	first    link // {0, ""}: no name (the root, or a node being forgotten)
+	mode     fs.FileMode
 	gen      uint32 // i_generation when known (genKnown), to tell reused numbers apart
 	genKnown bool
-	mode     fs.FileMode
-	links    []link
-	children map[string]uint64 // directories only
 }
 
 // shadow is the primary's picture of the replica's namespace, keyed by the
@@ -30,18 +35,30 @@ type snode struct {
 type shadow struct {
 	root  uint64
 	nodes map[uint64]*snode
+	// kids are the entries of each directory, name → inode.
+	kids map[uint64]map[string]uint64
+	// more are the names of an inode after its first, in order.
+	more map[uint64][]link
 }
 
 // newShadow builds the shadow from a pre-order scan (the first entry is the
-// root, ".").
+// root, "."). An entry whose directory is not listed before it is left
+// out.
 func newShadow(entries []wire.Entry) *shadow {
-	s := &shadow{nodes: make(map[uint64]*snode, len(entries))}
-	byPath := make(map[string]uint64, len(entries))
+	s := &shadow{nodes: make(map[uint64]*snode, len(entries)), kids: map[uint64]map[string]uint64{}, more: map[uint64][]link{}}
+	// The directories from the root down to the entry in hand: in a
+	// pre-order scan, an entry's directory is one of them.
+	type open struct {
+		path string
+		ino  uint64
+	}
+	var up []open
 	for _, e := range entries {
 		if e.Path == "." {
 			s.root = e.Ino
-			s.nodes[e.Ino] = &snode{ino: e.Ino, mode: e.Mode, children: map[string]uint64{}}
-			byPath["."] = e.Ino
+			s.nodes[e.Ino] = &snode{ino: e.Ino, mode: e.Mode}
+			s.kids[e.Ino] = map[string]uint64{}
+			up = append(up[:0], open{".", e.Ino})
 			continue
 		}
 		dir, name := path.Split(e.Path)
@@ -50,86 +67,154 @@ func newShadow(entries []wire.Entry) *shadow {
 		} else {
 			dir = dir[:len(dir)-1]
 		}
-		parent, ok := byPath[dir]
-		if !ok {
+		for len(up) > 0 && up[len(up)-1].path != dir {
+			up = up[:len(up)-1]
+		}
+		if len(up) == 0 {
 			continue
 		}
-		s.add(e.Ino, e.Mode, parent, name)
-		byPath[e.Path] = e.Ino
+		// Its own copy of the name: a slice of the path would keep the
+		// whole path alive.
+		s.add(e.Ino, e.Mode, up[len(up)-1].ino, strings.Clone(name))
+		if e.Mode.IsDir() {
+			up = append(up, open{e.Path, e.Ino})
+		}
 	}
 	return s
 }
 
-// add records that parent/name is inode ino, replacing what the name held.
-func (s *shadow) add(ino uint64, mode fs.FileMode, parent uint64, name string) {
-	p := s.nodes[parent]
-	if p == nil {
+// names lists the names of n, the first one first.
+func (s *shadow) names(n *snode) []link {
+	if n.first.name == "" {
+		return nil
+	}
+	return append([]link{n.first}, s.more[n.ino]...)
+}
+
+// nameCount is len(s.names(n)).
+func (s *shadow) nameCount(n *snode) int {
+	if n.first.name == "" {
+		return 0
+	}
+	return 1 + len(s.more[n.ino])
+}
+
+// addName gives n one more name, last.
+func (s *shadow) addName(n *snode, l link) {
+	if n.first.name == "" {
+		n.first = l
 		return
 	}
-	if old, ok := p.children[name]; ok && old != ino {
+	s.more[n.ino] = append(s.more[n.ino], l)
+}
+
+// removeName takes name l from n; the next one becomes the first.
+func (s *shadow) removeName(n *snode, l link) {
+	more := s.more[n.ino]
+	if n.first == l {
+		n.first = link{}
+		if len(more) == 0 {
+			return
+		}
+		n.first, more = more[0], more[1:]
+	} else if i := slices.Index(more, l); i >= 0 {
+		more = slices.Delete(more, i, i+1)
+	} else {
+		return
+	}
+	if len(more) == 0 {
+		delete(s.more, n.ino)
+	} else {
+		s.more[n.ino] = more
+	}
+}
+
+// children are the entries of directory ino (nil if it is none).
+func (s *shadow) children(ino uint64) map[string]uint64 { return s.kids[ino] }
+
+// child is the inode named name in directory parent.
+func (s *shadow) child(parent uint64, name string) (uint64, bool) {
+	ino, ok := s.kids[parent][name]
+	return ino, ok
+}
+
+// setChild records parent/name as ino.
+func (s *shadow) setChild(parent uint64, name string, ino uint64) {
+	m := s.kids[parent]
+	if m == nil {
+		m = map[string]uint64{}
+		s.kids[parent] = m
+	}
+	m[name] = ino
+}
+
+// add records that parent/name is inode ino, replacing what the name held.
+func (s *shadow) add(ino uint64, mode fs.FileMode, parent uint64, name string) {
+	if s.nodes[parent] == nil {
+		return
+	}
+	if old, ok := s.child(parent, name); ok && old != ino {
 		s.unlink(parent, name)
 	}
 	n := s.nodes[ino]
 	if n == nil {
 		n = &snode{ino: ino, mode: mode}
 		if mode.IsDir() {
-			n.children = map[string]uint64{}
+			s.kids[ino] = map[string]uint64{}
 		}
 		s.nodes[ino] = n
 	}
-	for _, l := range n.links {
-		if l.parent == parent && l.name == name {
-			return
-		}
+	l := link{parent, name}
+	if n.first == l || slices.Contains(s.more[ino], l) {
+		return
 	}
-	n.links = append(n.links, link{parent, name})
-	p.children[name] = ino
+	s.addName(n, l)
+	s.setChild(parent, name, ino)
 }
 
 // unlink removes parent/name; an inode left without names is forgotten
 // with everything beneath it.
 func (s *shadow) unlink(parent uint64, name string) {
-	p := s.nodes[parent]
-	if p == nil {
+	if s.nodes[parent] == nil {
 		return
 	}
-	ino, ok := p.children[name]
+	ino, ok := s.child(parent, name)
 	if !ok {
 		return
 	}
-	delete(p.children, name)
+	delete(s.kids[parent], name)
 	n := s.nodes[ino]
 	if n == nil {
 		return
 	}
-	for i, l := range n.links {
-		if l.parent == parent && l.name == name {
-			n.links = append(n.links[:i], n.links[i+1:]...)
-			break
-		}
-	}
-	if len(n.links) == 0 {
+	s.removeName(n, link{parent, name})
+	if n.first.name == "" {
 		s.forget(n)
 	}
 }
 
 // drop forgets n and all its names, whatever state its parents are in.
 func (s *shadow) drop(n *snode) {
-	for _, l := range n.links {
-		if p := s.nodes[l.parent]; p != nil && p.children[l.name] == n.ino {
-			delete(p.children, l.name)
+	for _, l := range s.names(n) {
+		if s.nodes[l.parent] != nil {
+			if cur, ok := s.child(l.parent, l.name); ok && cur == n.ino {
+				delete(s.kids[l.parent], l.name)
+			}
 		}
 	}
-	n.links = nil
+	n.first = link{}
+	delete(s.more, n.ino)
 	s.forget(n)
 }
 
 func (s *shadow) forget(n *snode) {
 	// Children first, while n can still be found as their parent.
-	for name := range n.children {
+	for name := range s.kids[n.ino] {
 		s.unlink(n.ino, name)
 	}
 	delete(s.nodes, n.ino)
+	delete(s.kids, n.ino)
+	delete(s.more, n.ino)
 }
 
 // move renames the link from → (parent, name).
@@ -138,23 +223,20 @@ func (s *shadow) move(ino uint64, from link, parent uint64, name string) {
 	if n == nil {
 		return
 	}
-	if p := s.nodes[parent]; p != nil {
-		if old, ok := p.children[name]; ok && old != ino {
+	if s.nodes[parent] != nil {
+		if old, ok := s.child(parent, name); ok && old != ino {
 			s.unlink(parent, name)
 		}
 	}
-	if fp := s.nodes[from.parent]; fp != nil && fp.children[from.name] == ino {
-		delete(fp.children, from.name)
-	}
-	for i, l := range n.links {
-		if l == from {
-			n.links = append(n.links[:i], n.links[i+1:]...)
-			break
+	if s.nodes[from.parent] != nil {
+		if cur, ok := s.child(from.parent, from.name); ok && cur == ino {
+			delete(s.kids[from.parent], from.name)
 		}
 	}
-	n.links = append(n.links, link{parent, name})
-	if p := s.nodes[parent]; p != nil {
-		p.children[name] = ino
+	s.removeName(n, from)
+	s.addName(n, link{parent, name})
+	if s.nodes[parent] != nil {
+		s.setChild(parent, name, ino)
 	}
 }
 
@@ -164,11 +246,11 @@ func (s *shadow) path(ino uint64) (string, bool) {
 	var parts []string
 	for depth := 0; ino != s.root; depth++ {
 		n := s.nodes[ino]
-		if n == nil || len(n.links) == 0 || depth > 4096 {
+		if n == nil || n.first.name == "" || depth > 4096 {
 			return "", false
 		}
-		parts = append(parts, n.links[0].name)
-		ino = n.links[0].parent
+		parts = append(parts, n.first.name)
+		ino = n.first.parent
 	}
 	if len(parts) == 0 {
 		return ".", true
@@ -196,10 +278,10 @@ func (s *shadow) depth(ino uint64) int {
 	d := 0
 	for ino != s.root && d <= 4096 {
 		n := s.nodes[ino]
-		if n == nil || len(n.links) == 0 {
+		if n == nil || n.first.name == "" {
 			return 1 << 20
 		}
-		ino = n.links[0].parent
+		ino = n.first.parent
 		d++
 	}
 	return d

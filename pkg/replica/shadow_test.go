@@ -1,7 +1,10 @@
 package replica
 
 import (
+	"fmt"
 	"io/fs"
+	"math"
+	"runtime"
 	"testing"
 
 	"github.com/duet-ha/duet/pkg/wire"
@@ -62,7 +65,85 @@ func TestShadowDropWithMissingParent(t *testing.T) {
 	if _, ok := s.nodes[4]; ok {
 		t.Fatal("node not dropped")
 	}
-	if _, ok := s.nodes[1].children["g"]; ok {
+	if _, ok := s.child(1, "g"); ok {
 		t.Fatal("name g left behind")
 	}
+}
+
+// The names of a hard-linked inode keep their order through moves and
+// removals: the first one is the path the peer is told.
+func TestShadowNamesOrder(t *testing.T) {
+	s := newShadow([]wire.Entry{
+		{Path: ".", Mode: fs.ModeDir, Ino: 1},
+		{Path: "a", Ino: 5},
+		{Path: "b", Ino: 5},
+		{Path: "c", Ino: 5},
+	})
+	steps := []struct {
+		do   func()
+		want string
+		n    int
+	}{
+		{func() {}, "a", 3},
+		{func() { s.move(5, link{1, "a"}, 1, "d") }, "b", 3},
+		{func() { s.unlink(1, "b") }, "c", 2},
+		{func() { s.move(5, link{1, "d"}, 1, "e") }, "c", 2},
+		{func() { s.unlink(1, "c") }, "e", 1},
+	}
+	for i, st := range steps {
+		st.do()
+		n := s.nodes[5]
+		if got, ok := s.path(5); !ok || got != st.want || s.nameCount(n) != st.n {
+			t.Fatalf("step %d: path %q (%v), %d names; want %q, %d", i, got, ok, s.nameCount(n), st.want, st.n)
+		}
+	}
+	s.unlink(1, "e")
+	if _, ok := s.nodes[5]; ok || len(s.more) != 0 {
+		t.Fatalf("an inode without names is still in the shadow (%d extra names kept)", len(s.more))
+	}
+}
+
+// The shadow holds a node per file of the tree for as long as the
+// primary runs, built from a scan that is dropped after: 100 directories
+// of 1,000 files must take at most 150 bytes a file (a node of 48, its
+// number's and its name's index entries, its name). A node with its own
+// slice of names, and a name that kept its scanned path alive, took 214.
+func TestShadowBytesPerEntry(t *testing.T) {
+	const dirs, per = 100, 1000
+	// The least of three: what other goroutines allocate meanwhile only
+	// adds to a measurement.
+	least := math.Inf(1)
+	for range 3 {
+		base := liveHeap()
+		s, n := func() (*shadow, int) {
+			es := []wire.Entry{{Path: ".", Mode: fs.ModeDir, Ino: 1}}
+			ino := uint64(2)
+			for _, p := range []string{"some", "some/deeper"} {
+				es = append(es, wire.Entry{Path: p, Mode: fs.ModeDir, Ino: ino})
+				ino++
+			}
+			for d := range dirs {
+				dir := fmt.Sprintf("some/deeper/directory-%04d", d)
+				es = append(es, wire.Entry{Path: dir, Mode: fs.ModeDir, Ino: ino})
+				ino++
+				for i := range per {
+					es = append(es, wire.Entry{Path: fmt.Sprintf("%s/file-%07d", dir, i), Mode: 0o644, Ino: ino})
+					ino++
+				}
+			}
+			return newShadow(es), len(es)
+		}()
+		held := liveHeap()
+		runtime.KeepAlive(s)
+		if held > base {
+			least = min(least, float64(held-base)/float64(n))
+		}
+	}
+	if math.IsInf(least, 1) {
+		t.Fatal("no measurement: the heap shrank each time the shadow was built")
+	}
+	if least > 150 {
+		t.Fatalf("the shadow holds %.0f bytes per entry, want at most 150", least)
+	}
+	t.Logf("the shadow holds %.0f bytes per entry", least)
 }

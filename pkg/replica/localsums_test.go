@@ -1,0 +1,98 @@
+package replica
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/duet-ha/duet/pkg/wire"
+)
+
+// A full comparison reads for checksums only the files whose peer copy
+// has them: a file the peer lacks, or holds as another type, is sent
+// whole and was read twice when every file was summed.
+func TestLocalSumsOnlyWhatThePeerHas(t *testing.T) {
+	top := t.TempDir()
+	src, dst := filepath.Join(top, "src"), filepath.Join(top, "dst")
+	for _, p := range []string{"a", "d/b", "d/c", "d.x", "e"} {
+		writeRandom(t, filepath.Join(src, p), 3000)
+	}
+	for _, p := range []string{"a", "d/c", "d.x"} {
+		writeRandom(t, filepath.Join(dst, p), 3000)
+	}
+	os.Mkdir(filepath.Join(dst, "e"), 0o755) // a directory there
+	root, local := scanSource(t, src)
+	_, peer := peerManifest(t, dst, wire.ManifestQuery{All: true})
+	s := newLocalSums(root, local)
+	s.match(peer[:2]) // the manifest comes in frames
+	s.match(peer[2:])
+	if err := s.wait(); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]bool{"a": true, "d/c": true, "d.x": true}
+	for _, e := range local {
+		if summed := e.Flags&wire.EntrySummed != 0; summed != want[e.Path] || summed && len(e.Sums) != 1 {
+			t.Errorf("%s: summed %v (%d sums), want %v", e.Path, summed, len(e.Sums), want[e.Path])
+		}
+	}
+}
+
+// A file renamed while the peer was away is compared by checksums under
+// its new name in a full comparison, as when every file was summed: its
+// unchanged bytes are not sent again.
+func TestFullSyncSumsRenamedFile(t *testing.T) {
+	top := t.TempDir()
+	src, dst := filepath.Join(top, "src"), filepath.Join(top, "dst")
+	writeRandom(t, filepath.Join(src, "old"), 200000)
+	if err := os.CopyFS(dst, os.DirFS(src)); err != nil {
+		t.Fatal(err)
+	}
+	st, _ := os.Stat(filepath.Join(src, "old"))
+	os.Chtimes(filepath.Join(dst, "old"), st.ModTime(), st.ModTime())
+	os.Rename(filepath.Join(src, "old"), filepath.Join(src, "new"))
+
+	root, local := scanSource(t, src)
+	_, peer := peerManifest(t, dst, wire.ManifestQuery{All: true})
+	s := newLocalSums(root, local)
+	s.match(peer)
+	if err := s.wait(); err != nil {
+		t.Fatal(err)
+	}
+	b, sink := applyingBuilder(t, root, local, dst)
+	if err := b.fullSync(local, peer, &treeSync{sumMatched: true}); err != nil {
+		t.Fatal(err)
+	}
+	if sink.bytes != 0 {
+		t.Fatalf("sent %d bytes of a renamed, unchanged file: want it compared by checksums", sink.bytes)
+	}
+	sameTrees(t, src, dst)
+}
+
+// Hard links stay links through a full sync, the content sent once: the
+// comparison knows an inode's names from the shadow (it no longer indexes
+// every file by inode to find them).
+func TestFullSyncKeepsHardLinks(t *testing.T) {
+	top := t.TempDir()
+	src, dst := filepath.Join(top, "src"), filepath.Join(top, "dst")
+	writeRandom(t, filepath.Join(src, "a"), 5000)
+	writeRandom(t, filepath.Join(src, "c"), 700)
+	os.Mkdir(filepath.Join(src, "d"), 0o755)
+	if err := os.Link(filepath.Join(src, "a"), filepath.Join(src, "d/b")); err != nil {
+		t.Fatal(err)
+	}
+	os.Mkdir(dst, 0o755)
+	root, local := scanSource(t, src)
+	b, sink := applyingBuilder(t, root, local, dst)
+	if err := b.fullSync(local, nil, &treeSync{sumMatched: true}); err != nil {
+		t.Fatal(err)
+	}
+	if sink.bytes != 5700 {
+		t.Fatalf("sent %d bytes, want 5700: the linked file once", sink.bytes)
+	}
+	sa, _ := os.Stat(filepath.Join(dst, "a"))
+	sb, err := os.Stat(filepath.Join(dst, "d/b"))
+	if err != nil || !os.SameFile(sa, sb) {
+		t.Fatalf("d/b is not a link to a on the peer (%v)", err)
+	}
+	sameTrees(t, src, dst)
+}
