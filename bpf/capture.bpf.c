@@ -77,7 +77,7 @@ struct task_write {
 	__u64 last;
 	__u64 ts;    // 0: consumed, or the write(2) returned
 	__u32 dev;
-	__u32 pad;
+	__u32 span;  // an iomap write: every folio of [first, last) is its own
 };
 
 struct {
@@ -189,18 +189,23 @@ static __always_inline __u64 next_seq(void)
 	return __sync_fetch_and_add(v, 1) + 1;
 }
 
+static __always_inline int is_watched(__u32 dev)
+{
+	for (int i = 0; i < MAX_WATCHED; i++) {
+		if (WATCHED_DEVS[i] == 0)
+			return 0;
+		if (WATCHED_DEVS[i] == dev)
+			return 1;
+	}
+	return 0;
+}
+
 static __always_inline int watched(struct inode *inode, __u32 *dev)
 {
 	if (!inode)
 		return 0;
 	*dev = BPF_CORE_READ(inode, i_sb, s_dev);
-	for (int i = 0; i < MAX_WATCHED; i++) {
-		if (WATCHED_DEVS[i] == 0)
-			return 0;
-		if (WATCHED_DEVS[i] == *dev)
-			return 1;
-	}
-	return 0;
+	return is_watched(*dev);
 }
 
 // The mark (or the whole-tree rescan) before the count: userspace reads
@@ -401,7 +406,7 @@ static __always_inline int may_mark(struct task_struct *task)
 }
 
 static __always_inline void remember_write(struct inode *inode, __u32 dev,
-					   __u64 pos, __u64 len)
+					   __u64 pos, __u64 len, __u32 span)
 {
 	struct task_struct *task = bpf_get_current_task_btf();
 	struct task_write *tw;
@@ -416,6 +421,7 @@ static __always_inline void remember_write(struct inode *inode, __u32 dev,
 	tw->last = (pos + (len ? len - 1 : 0)) >> PAGE_SHIFT_4K;
 	tw->ts = bpf_ktime_get_ns();
 	tw->dev = dev;
+	tw->span = span;
 }
 
 static __always_inline void write_end(struct inode *inode, loff_t pos,
@@ -425,7 +431,7 @@ static __always_inline void write_end(struct inode *inode, loff_t pos,
 
 	if (!watched(inode, &dev) || copied == 0)
 		return;
-	remember_write(inode, dev, pos, copied);
+	remember_write(inode, dev, pos, copied, 0);
 	data(inode, dev, 0, hook, pos, copied);
 }
 
@@ -480,7 +486,10 @@ int BPF_PROG(writeback_dirty_folio, struct folio *folio,
 	if (tw && tw->ts && tw->ino == BPF_CORE_READ(inode, i_ino) && tw->dev == dev &&
 	    tw->first < index + nr && tw->last >= index &&
 	    bpf_ktime_get_ns() - tw->ts < SUPPRESS_WINDOW_NS) {
-		tw->ts = 0;
+		// A write_end vouches for one folio; an iomap write for every
+		// folio of its range until the syscall returns.
+		if (!tw->span)
+			tw->ts = 0;
 		// Unless the file is mapped shared and writable: a store into
 		// the folio now finds it dirty and fires nothing until it is
 		// written back, while the write's record covers only its bytes.
@@ -562,10 +571,16 @@ int BPF_PROG(ext4_mark_inode_dirty, struct inode *inode, unsigned long ip)
 // change. When called from fallocate(2) the range is reported again as data
 // when the syscall returns; from other callers the PREOP record is read
 // after a later ATTR record or a timeout.
-static __always_inline void preop(struct inode *inode, __u64 pos, __u64 len,
-				  __u8 hook)
+//
+// An operation on two files (an XFS range exchange) keeps the second one's
+// range in slot 1: the task's key with the top bit set, which a tgid never
+// has.
+#define PREOP_SLOTS 2
+
+static __always_inline void preop_slot(struct inode *inode, __u64 pos, __u64 len,
+				       __u8 hook, __u64 slot)
 {
-	__u64 id = bpf_get_current_pid_tgid();
+	__u64 id = bpf_get_current_pid_tgid() | slot << 63;
 	struct inode_key k = {};
 	struct falloc fa = {};
 	__u32 dev;
@@ -584,18 +599,28 @@ static __always_inline void preop(struct inode *inode, __u64 pos, __u64 len,
 	emit(inode, dev, KIND_PREOP, hook, pos, len);
 }
 
+static __always_inline void preop(struct inode *inode, __u64 pos, __u64 len,
+				  __u8 hook)
+{
+	preop_slot(inode, pos, len, hook, 0);
+}
+
 SEC("tracepoint/syscalls/sys_exit_fallocate")
 int sys_exit_fallocate(struct trace_event_raw_sys_exit *ctx)
 {
-	__u64 id = bpf_get_current_pid_tgid();
-	struct falloc *fa = bpf_map_lookup_elem(&fallocs, &id);
+	for (__u64 slot = 0; slot < PREOP_SLOTS; slot++) {
+		__u64 id = bpf_get_current_pid_tgid() | slot << 63;
+		struct falloc *fa = bpf_map_lookup_elem(&fallocs, &id);
 
-	if (!fa)
-		return 0;
-	// Uncoalesced: a chunk's in-flight record may already have been read
-	// while the operation ran.
-	emit_raw(fa->dev, fa->ino, fa->gen, KIND_DATA, 13, fa->pos, fa->len);
-	bpf_map_delete_elem(&fallocs, &id);
+		// Both slots: an exchange whose first file is not watched
+		// has only the second.
+		if (!fa)
+			continue;
+		// Uncoalesced: a chunk's in-flight record may already have
+		// been read while the operation ran.
+		emit_raw(fa->dev, fa->ino, fa->gen, KIND_DATA, 13, fa->pos, fa->len);
+		bpf_map_delete_elem(&fallocs, &id);
+	}
 	return 0;
 }
 
@@ -700,5 +725,212 @@ int sys_enter_mmap(struct trace_event_raw_sys_enter *ctx)
 	if (!watched(inode, &dev))
 		return 0;
 	emit(inode, dev, KIND_MMAP, 12, 0, BPF_CORE_READ(inode, i_size));
+	return 0;
+}
+
+// ---- iomap and XFS ----
+//
+// XFS writes through the page cache with iomap, not with write_begin and
+// write_end: no tracepoint fires per folio after the copy. iomap_iter
+// fires at every step of an iomap operation, and a step that follows
+// another comes after the previous one's copy: [iter_start_pos, pos) of
+// that one is in the page cache by then.
+
+#define IOMAP_WRITE (1 << 0)
+#define IOMAP_ZERO (1 << 1)
+#define IOMAP_FAULT (1 << 3)
+#define IOMAP_DIRECT (1 << 4)
+#define IOMAP_UNSHARE (1 << 7)
+
+// Buffered writes, zeroing (truncate, fallocate, EOF) and unsharing of any
+// filesystem that writes through iomap. Direct I/O is reported at its
+// completion, and a page fault (page_mkwrite) by writeback_dirty_folio.
+SEC("tp_btf/iomap_iter")
+int BPF_PROG(iomap_iter, struct iomap_iter *iter, const void *ops,
+	     unsigned long caller)
+{
+	struct inode *inode;
+	__u64 start, pos, len;
+	__u32 flags, dev;
+
+	// Direct loads (the arguments are BTF pointers): the helper calls of
+	// BPF_CORE_READ cost more than the rest here, and this fires twice
+	// per write.
+	flags = iter->flags;
+	if (!(flags & (IOMAP_WRITE | IOMAP_ZERO | IOMAP_UNSHARE)) ||
+	    (flags & (IOMAP_DIRECT | IOMAP_FAULT)))
+		return 0;
+	inode = iter->inode;
+	if (!inode)
+		return 0;
+	dev = inode->i_sb->s_dev;
+	if (!is_watched(dev))
+		return 0;
+	pos = iter->pos;
+	len = iter->len;
+	// The folios this write is about to dirty are its own, not stores
+	// through a mapping (see writeback_dirty_folio): the mark spans what
+	// is left of the write and is renewed at each step that has some
+	// left (len is what the steps so far did not write).
+	if ((flags & IOMAP_WRITE) && len)
+		remember_write(inode, dev, pos, len, 1);
+	if (iter->iomap.length == 0)
+		return 0; // the first step: nothing copied yet
+	start = iter->iter_start_pos;
+	// Zeroing past EOF (before a write or a truncate that extends the
+	// file) changes nothing a reader sees: the replica's file grows
+	// with zeros too. Reported, the gap up to a far write would ship.
+	if (!(flags & IOMAP_WRITE)) {
+		__u64 size = inode->i_size;
+
+		if (pos > size)
+			pos = size;
+	}
+	if (pos > start)
+		data(inode, dev, 0, 15, start, pos - start);
+	return 0;
+}
+
+#define XFS_LI_INODE 0x123b
+#define XFS_LI_DIRTY 3
+#define MAX_TRANS_ITEMS 64
+
+// Every XFS change of an inode (size, mode, owner, times, link count, a
+// directory's entries, a new inode) is logged in a transaction. When it
+// commits, the in-memory inode already holds the change and the inode is
+// still locked: a reader sees it once the commit ends. ATTR for each
+// inode the transaction logged; NEW, too, for one still being created.
+SEC("tp_btf/xfs_trans_commit")
+int BPF_PROG(xfs_trans_commit, struct xfs_trans *tp, unsigned long caller)
+{
+	struct list_head *head = &tp->t_items, *pos;
+	__u32 dev = BPF_CORE_READ(tp, t_mountp, m_super, s_dev);
+	int i;
+
+	if (!is_watched(dev))
+		return 0;
+	pos = BPF_CORE_READ(tp, t_items.next);
+	for (i = 0; i < MAX_TRANS_ITEMS; i++) {
+		struct xfs_log_item *lip;
+		struct xfs_inode *ip;
+		struct inode *inode;
+		struct inode_key k = {};
+		__u8 one = 1;
+
+		if (!pos || pos == head)
+			return 0;
+		lip = (void *)pos - bpf_core_field_offset(struct xfs_log_item, li_trans);
+		if (BPF_CORE_READ(lip, li_type) != XFS_LI_INODE ||
+		    !(BPF_CORE_READ(lip, li_flags) & (1UL << XFS_LI_DIRTY)))
+			goto next;
+		ip = BPF_CORE_READ((struct xfs_inode_log_item *)lip, ili_inode);
+		if (!ip)
+			goto next;
+		inode = &ip->i_vnode;
+		k.ino = BPF_CORE_READ(inode, i_ino);
+		k.dev = dev;
+		if (BPF_CORE_READ(inode, i_state) & I_NEW)
+			emit(inode, dev, KIND_NEW, 17, 0, 0);
+		if (bpf_map_update_elem(&attrs, &k, &one, BPF_NOEXIST))
+			goto next;
+		if (emit(inode, dev, KIND_ATTR, 16, 0, 0))
+			bpf_map_delete_elem(&attrs, &k);
+next:
+		pos = BPF_CORE_READ(pos, next);
+	}
+	// More items than the loop reads: an inode among the rest would go
+	// unreported, so the whole tree is compared instead.
+	if (pos != head) {
+		bump(CTR_RESCAN);
+		bump(CTR_LOST);
+	}
+	return 0;
+}
+
+// Truncating down: the tail from the new size counts as changed (see
+// ext4_truncate_enter). Also fires when XFS trims preallocation past EOF
+// and frees a deleted inode: a tail past the size reads as nothing.
+SEC("tp_btf/xfs_itruncate_extents_start")
+int BPF_PROG(xfs_itruncate_extents_start, struct xfs_inode *ip, xfs_fsize_t new_size)
+{
+	struct inode *inode = &ip->i_vnode;
+	__u32 dev;
+
+	if (!watched(inode, &dev) || new_size < 0)
+		return 0;
+	emit(inode, dev, KIND_DATA, 18, new_size, (1ULL << 62) - new_size);
+	return 0;
+}
+
+#define NR_FALLOCATE 285
+#define FALLOC_FL_COLLAPSE_RANGE 0x08
+#define FALLOC_FL_INSERT_RANGE 0x20
+
+// XFS range operations name only the inode. Inside fallocate(2) the range
+// is in the syscall's arguments; from any other caller (io_uring) the
+// whole file is reported. Collapse and insert shift everything after the
+// offset.
+static __always_inline void xfs_preop(struct xfs_inode *ip, __u8 hook)
+{
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+	__u64 pos = 0, len = ~0ULL >> 2;
+
+	if (regs && BPF_CORE_READ(regs, orig_ax) == NR_FALLOCATE) {
+		__u64 mode = BPF_CORE_READ(regs, si);
+
+		pos = BPF_CORE_READ(regs, dx);
+		if (!(mode & (FALLOC_FL_COLLAPSE_RANGE | FALLOC_FL_INSERT_RANGE)))
+			len = BPF_CORE_READ(regs, r10);
+	}
+	preop(&ip->i_vnode, pos, len, hook);
+}
+
+// Punch hole and zero range.
+SEC("tp_btf/xfs_free_file_space")
+int BPF_PROG(xfs_free_file_space, struct xfs_inode *ip)
+{
+	xfs_preop(ip, 19);
+	return 0;
+}
+
+SEC("tp_btf/xfs_collapse_file_space")
+int BPF_PROG(xfs_collapse_file_space, struct xfs_inode *ip)
+{
+	xfs_preop(ip, 20);
+	return 0;
+}
+
+SEC("tp_btf/xfs_insert_file_space")
+int BPF_PROG(xfs_insert_file_space, struct xfs_inode *ip)
+{
+	xfs_preop(ip, 21);
+	return 0;
+}
+
+// Reflink (FICLONE, FICLONERANGE, copy_file_range): the destination's
+// bytes change without a write. Reported again as data when the syscall
+// returns (sys_exit_fallocate is attached to those exits too).
+SEC("tp_btf/xfs_reflink_remap_range")
+int BPF_PROG(xfs_reflink_remap_range, struct xfs_inode *src, xfs_off_t soffset,
+	     xfs_off_t len, struct xfs_inode *dest, xfs_off_t doffset)
+{
+	preop(&dest->i_vnode, doffset, len > 0 ? len : ~0ULL >> 2, 22);
+	return 0;
+}
+
+#define XFS_EXCHANGE_RANGE_TO_EOF (1ULL << 0)
+
+// XFS_IOC_EXCHANGE_RANGE swaps the contents of two files' ranges: both
+// change without a write. Reported again when the ioctl returns.
+SEC("tp_btf/xfs_exchrange_mappings")
+int BPF_PROG(xfs_exchrange_mappings, const struct xfs_exchrange *fxr,
+	     struct xfs_inode *ip1, struct xfs_inode *ip2)
+{
+	__u64 len = BPF_CORE_READ(fxr, length);
+
+	if (BPF_CORE_READ(fxr, flags) & XFS_EXCHANGE_RANGE_TO_EOF)
+		len = ~0ULL >> 2; // the sizes are exchanged too
+	preop_slot(&ip1->i_vnode, BPF_CORE_READ(fxr, file1_offset), len, 23, 0);
+	preop_slot(&ip2->i_vnode, BPF_CORE_READ(fxr, file2_offset), len, 23, 1);
 	return 0;
 }

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/ringbuf"
 	"github.com/cilium/ebpf/rlimit"
@@ -87,6 +88,7 @@ type Capture struct {
 	links  []link.Link
 	reader *ringbuf.Reader
 	hooks  []HookStatus
+	xfs    bool // Options.XFS
 
 	mu     sync.Mutex
 	rbuf   ringbuf.Record
@@ -105,6 +107,8 @@ type Options struct {
 	Devices []uint64
 	// RingBytes is the ring buffer size (a power of two, at least a page).
 	RingBytes uint32
+	// XFS says a watched filesystem is XFS: its hooks are attached too.
+	XFS bool
 }
 
 // Open loads the programs, registers the watched devices and attaches every
@@ -155,7 +159,10 @@ func Load(opts Options) (*Capture, error) {
 	if err := spec.Variables["WATCHED_DEVS"].Set(devs); err != nil {
 		return nil, fmt.Errorf("setting watched devices: %w", err)
 	}
-	c := &Capture{}
+	if !opts.XFS {
+		withoutXFS(spec)
+	}
+	c := &Capture{xfs: opts.XFS}
 	if err := spec.LoadAndAssign(&c.objs, nil); err != nil {
 		var verr *ebpf.VerifierError
 		if errors.As(err, &verr) {
@@ -164,6 +171,29 @@ func Load(opts Options) (*Capture, error) {
 		return nil, fmt.Errorf("loading BPF programs: %w", err)
 	}
 	return c, nil
+}
+
+// withoutXFS replaces the programs that name XFS types by stubs that load
+// on any kernel: where XFS is a module not loaded, its types are missing
+// and the whole collection would fail to load, ext4 capture included.
+// They are attached only when XFS is watched (Attach).
+func withoutXFS(spec *ebpf.CollectionSpec) {
+	for name, p := range spec.Programs {
+		if !strings.HasPrefix(p.AttachTo, "xfs_") {
+			continue
+		}
+		spec.Programs[name] = &ebpf.ProgramSpec{
+			Name:       p.Name,
+			Type:       ebpf.Tracing,
+			AttachType: ebpf.AttachTraceRawTp,
+			AttachTo:   "writeback_dirty_folio",
+			License:    p.License,
+			Instructions: asm.Instructions{
+				asm.Mov.Imm(asm.R0, 0),
+				asm.Return(),
+			},
+		}
+	}
 }
 
 // Attach attaches every hook and opens the ring buffer; from then on
@@ -192,6 +222,24 @@ func (c *Capture) Attach() error {
 		{"syscalls/sys_enter_mmap", c.objs.SysEnterMmap, true},
 		{"syscalls/sys_exit_fallocate", c.objs.SysExitFallocate, true},
 		{"ext4_truncate_enter", c.objs.Ext4TruncateEnter, true},
+	}
+	if c.xfs {
+		// XFS (docs/CAPTURE.md): iomap for buffered writes and
+		// zeroing, transaction commits for inodes, range operations
+		// reported again when their call returns. Only when XFS is
+		// watched: the ioctl exit fires for every ioctl of the machine.
+		hooks = append(hooks, []hook{
+			{"iomap_iter", c.objs.IomapIter, true},
+			{"xfs_trans_commit", c.objs.XfsTransCommit, true},
+			{"xfs_itruncate_extents_start", c.objs.XfsItruncateExtentsStart, true},
+			{"xfs_free_file_space", c.objs.XfsFreeFileSpace, true},
+			{"xfs_collapse_file_space", c.objs.XfsCollapseFileSpace, true},
+			{"xfs_insert_file_space", c.objs.XfsInsertFileSpace, true},
+			{"xfs_reflink_remap_range", c.objs.XfsReflinkRemapRange, true},
+			{"xfs_exchrange_mappings", c.objs.XfsExchrangeMappings, true},
+			{"syscalls/sys_exit_ioctl", c.objs.SysExitFallocate, true},
+			{"syscalls/sys_exit_copy_file_range", c.objs.SysExitFallocate, true},
+		}...)
 	}
 	// The exits of the syscalls that write through the page cache; one
 	// program. Those not built into this kernel are left out. A

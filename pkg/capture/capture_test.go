@@ -128,11 +128,13 @@ func TestForgetChunksSkipsMissing(t *testing.T) {
 // TestChunkCoalescing checks the in-kernel contract: a sequential writer
 // costs a few records per 64 KiB chunk while every byte stays covered, and
 // small disjoint writes in one chunk are reported exactly (no gap).
-func TestChunkCoalescing(t *testing.T) {
-	fs := loopfs.Make(t, "ext4", 64)
+func TestChunkCoalescing(t *testing.T) { onEachFS(t, testChunkCoalescing) }
+
+func testChunkCoalescing(t *testing.T, fstype string, mib int) {
+	fs := loopfs.Make(t, fstype, max(64, mib))
 	var st syscall.Stat_t
 	syscall.Stat(fs.Mount, &st)
-	c, err := Open(Options{Devices: []uint64{st.Dev}})
+	c, err := Open(Options{Devices: []uint64{st.Dev}, XFS: fstype == "xfs"})
 	if err != nil {
 		t.Fatalf("Open: %v", err)
 	}
@@ -168,7 +170,11 @@ func TestChunkCoalescing(t *testing.T) {
 				covered[b] = true
 			}
 		case scSt.Ino:
-			scattered = append(scattered, [2]uint64{r.Pos, r.Pos + r.Len})
+			// XFS trims its preallocation past EOF at close: a
+			// tail from the size, which holds no bytes.
+			if r.Pos < uint64(scSt.Size) {
+				scattered = append(scattered, [2]uint64{r.Pos, r.Pos + r.Len})
+			}
 		}
 	}
 	for b, ok := range covered {

@@ -57,42 +57,50 @@ type CaptureTaskWrite struct {
 	Last  uint64
 	Ts    uint64
 	Dev   uint32
-	Pad   uint32
+	Span  uint32
 }
 
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	CaptureMapAttrs                   = "attrs"
-	CaptureMapChunks                  = "chunks"
-	CaptureMapCounters                = "counters"
-	CaptureMapDioWrites               = "dio_writes"
-	CaptureMapEvents                  = "events"
-	CaptureMapFallocs                 = "fallocs"
-	CaptureMapOverflow                = "overflow"
-	CaptureMapRecordType              = "record_type"
-	CaptureMapTaskWrites              = "task_writes"
-	CaptureProgExt4AllocateInode      = "ext4_allocate_inode"
-	CaptureProgExt4CollapseRange      = "ext4_collapse_range"
-	CaptureProgExt4DaWriteEnd         = "ext4_da_write_end"
-	CaptureProgExt4InsertRange        = "ext4_insert_range"
-	CaptureProgExt4JournalledWriteEnd = "ext4_journalled_write_end"
-	CaptureProgExt4MarkInodeDirty     = "ext4_mark_inode_dirty"
-	CaptureProgExt4PunchHole          = "ext4_punch_hole"
-	CaptureProgExt4TruncateEnter      = "ext4_truncate_enter"
-	CaptureProgExt4WriteEnd           = "ext4_write_end"
-	CaptureProgExt4ZeroRange          = "ext4_zero_range"
-	CaptureProgIomapDioComplete       = "iomap_dio_complete"
-	CaptureProgIomapDioRwBegin        = "iomap_dio_rw_begin"
-	CaptureProgSysEnterMmap           = "sys_enter_mmap"
-	CaptureProgSysExitFallocate       = "sys_exit_fallocate"
-	CaptureProgSysExitWriteFamily     = "sys_exit_write_family"
-	CaptureProgWritebackDirtyFolio    = "writeback_dirty_folio"
-	CaptureVarEAGER_WAKE              = "EAGER_WAKE"
-	CaptureVarMARKED_SYSCALLS         = "MARKED_SYSCALLS"
-	CaptureVarRING_WAKE_BYTES         = "RING_WAKE_BYTES"
-	CaptureVarWATCHED_DEVS            = "WATCHED_DEVS"
+	CaptureMapAttrs                     = "attrs"
+	CaptureMapChunks                    = "chunks"
+	CaptureMapCounters                  = "counters"
+	CaptureMapDioWrites                 = "dio_writes"
+	CaptureMapEvents                    = "events"
+	CaptureMapFallocs                   = "fallocs"
+	CaptureMapOverflow                  = "overflow"
+	CaptureMapRecordType                = "record_type"
+	CaptureMapTaskWrites                = "task_writes"
+	CaptureProgExt4AllocateInode        = "ext4_allocate_inode"
+	CaptureProgExt4CollapseRange        = "ext4_collapse_range"
+	CaptureProgExt4DaWriteEnd           = "ext4_da_write_end"
+	CaptureProgExt4InsertRange          = "ext4_insert_range"
+	CaptureProgExt4JournalledWriteEnd   = "ext4_journalled_write_end"
+	CaptureProgExt4MarkInodeDirty       = "ext4_mark_inode_dirty"
+	CaptureProgExt4PunchHole            = "ext4_punch_hole"
+	CaptureProgExt4TruncateEnter        = "ext4_truncate_enter"
+	CaptureProgExt4WriteEnd             = "ext4_write_end"
+	CaptureProgExt4ZeroRange            = "ext4_zero_range"
+	CaptureProgIomapDioComplete         = "iomap_dio_complete"
+	CaptureProgIomapDioRwBegin          = "iomap_dio_rw_begin"
+	CaptureProgIomapIter                = "iomap_iter"
+	CaptureProgSysEnterMmap             = "sys_enter_mmap"
+	CaptureProgSysExitFallocate         = "sys_exit_fallocate"
+	CaptureProgSysExitWriteFamily       = "sys_exit_write_family"
+	CaptureProgWritebackDirtyFolio      = "writeback_dirty_folio"
+	CaptureProgXfsCollapseFileSpace     = "xfs_collapse_file_space"
+	CaptureProgXfsExchrangeMappings     = "xfs_exchrange_mappings"
+	CaptureProgXfsFreeFileSpace         = "xfs_free_file_space"
+	CaptureProgXfsInsertFileSpace       = "xfs_insert_file_space"
+	CaptureProgXfsItruncateExtentsStart = "xfs_itruncate_extents_start"
+	CaptureProgXfsReflinkRemapRange     = "xfs_reflink_remap_range"
+	CaptureProgXfsTransCommit           = "xfs_trans_commit"
+	CaptureVarEAGER_WAKE                = "EAGER_WAKE"
+	CaptureVarMARKED_SYSCALLS           = "MARKED_SYSCALLS"
+	CaptureVarRING_WAKE_BYTES           = "RING_WAKE_BYTES"
+	CaptureVarWATCHED_DEVS              = "WATCHED_DEVS"
 )
 
 // LoadCapture returns the embedded CollectionSpec for Capture.
@@ -137,22 +145,30 @@ type CaptureSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type CaptureProgramSpecs struct {
-	Ext4AllocateInode      *ebpf.ProgramSpec `ebpf:"ext4_allocate_inode"`
-	Ext4CollapseRange      *ebpf.ProgramSpec `ebpf:"ext4_collapse_range"`
-	Ext4DaWriteEnd         *ebpf.ProgramSpec `ebpf:"ext4_da_write_end"`
-	Ext4InsertRange        *ebpf.ProgramSpec `ebpf:"ext4_insert_range"`
-	Ext4JournalledWriteEnd *ebpf.ProgramSpec `ebpf:"ext4_journalled_write_end"`
-	Ext4MarkInodeDirty     *ebpf.ProgramSpec `ebpf:"ext4_mark_inode_dirty"`
-	Ext4PunchHole          *ebpf.ProgramSpec `ebpf:"ext4_punch_hole"`
-	Ext4TruncateEnter      *ebpf.ProgramSpec `ebpf:"ext4_truncate_enter"`
-	Ext4WriteEnd           *ebpf.ProgramSpec `ebpf:"ext4_write_end"`
-	Ext4ZeroRange          *ebpf.ProgramSpec `ebpf:"ext4_zero_range"`
-	IomapDioComplete       *ebpf.ProgramSpec `ebpf:"iomap_dio_complete"`
-	IomapDioRwBegin        *ebpf.ProgramSpec `ebpf:"iomap_dio_rw_begin"`
-	SysEnterMmap           *ebpf.ProgramSpec `ebpf:"sys_enter_mmap"`
-	SysExitFallocate       *ebpf.ProgramSpec `ebpf:"sys_exit_fallocate"`
-	SysExitWriteFamily     *ebpf.ProgramSpec `ebpf:"sys_exit_write_family"`
-	WritebackDirtyFolio    *ebpf.ProgramSpec `ebpf:"writeback_dirty_folio"`
+	Ext4AllocateInode        *ebpf.ProgramSpec `ebpf:"ext4_allocate_inode"`
+	Ext4CollapseRange        *ebpf.ProgramSpec `ebpf:"ext4_collapse_range"`
+	Ext4DaWriteEnd           *ebpf.ProgramSpec `ebpf:"ext4_da_write_end"`
+	Ext4InsertRange          *ebpf.ProgramSpec `ebpf:"ext4_insert_range"`
+	Ext4JournalledWriteEnd   *ebpf.ProgramSpec `ebpf:"ext4_journalled_write_end"`
+	Ext4MarkInodeDirty       *ebpf.ProgramSpec `ebpf:"ext4_mark_inode_dirty"`
+	Ext4PunchHole            *ebpf.ProgramSpec `ebpf:"ext4_punch_hole"`
+	Ext4TruncateEnter        *ebpf.ProgramSpec `ebpf:"ext4_truncate_enter"`
+	Ext4WriteEnd             *ebpf.ProgramSpec `ebpf:"ext4_write_end"`
+	Ext4ZeroRange            *ebpf.ProgramSpec `ebpf:"ext4_zero_range"`
+	IomapDioComplete         *ebpf.ProgramSpec `ebpf:"iomap_dio_complete"`
+	IomapDioRwBegin          *ebpf.ProgramSpec `ebpf:"iomap_dio_rw_begin"`
+	IomapIter                *ebpf.ProgramSpec `ebpf:"iomap_iter"`
+	SysEnterMmap             *ebpf.ProgramSpec `ebpf:"sys_enter_mmap"`
+	SysExitFallocate         *ebpf.ProgramSpec `ebpf:"sys_exit_fallocate"`
+	SysExitWriteFamily       *ebpf.ProgramSpec `ebpf:"sys_exit_write_family"`
+	WritebackDirtyFolio      *ebpf.ProgramSpec `ebpf:"writeback_dirty_folio"`
+	XfsCollapseFileSpace     *ebpf.ProgramSpec `ebpf:"xfs_collapse_file_space"`
+	XfsExchrangeMappings     *ebpf.ProgramSpec `ebpf:"xfs_exchrange_mappings"`
+	XfsFreeFileSpace         *ebpf.ProgramSpec `ebpf:"xfs_free_file_space"`
+	XfsInsertFileSpace       *ebpf.ProgramSpec `ebpf:"xfs_insert_file_space"`
+	XfsItruncateExtentsStart *ebpf.ProgramSpec `ebpf:"xfs_itruncate_extents_start"`
+	XfsReflinkRemapRange     *ebpf.ProgramSpec `ebpf:"xfs_reflink_remap_range"`
+	XfsTransCommit           *ebpf.ProgramSpec `ebpf:"xfs_trans_commit"`
 }
 
 // CaptureMapSpecs contains maps before they are loaded into the kernel.
@@ -239,22 +255,30 @@ type CaptureVariables struct {
 //
 // It can be passed to LoadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type CapturePrograms struct {
-	Ext4AllocateInode      *ebpf.Program `ebpf:"ext4_allocate_inode"`
-	Ext4CollapseRange      *ebpf.Program `ebpf:"ext4_collapse_range"`
-	Ext4DaWriteEnd         *ebpf.Program `ebpf:"ext4_da_write_end"`
-	Ext4InsertRange        *ebpf.Program `ebpf:"ext4_insert_range"`
-	Ext4JournalledWriteEnd *ebpf.Program `ebpf:"ext4_journalled_write_end"`
-	Ext4MarkInodeDirty     *ebpf.Program `ebpf:"ext4_mark_inode_dirty"`
-	Ext4PunchHole          *ebpf.Program `ebpf:"ext4_punch_hole"`
-	Ext4TruncateEnter      *ebpf.Program `ebpf:"ext4_truncate_enter"`
-	Ext4WriteEnd           *ebpf.Program `ebpf:"ext4_write_end"`
-	Ext4ZeroRange          *ebpf.Program `ebpf:"ext4_zero_range"`
-	IomapDioComplete       *ebpf.Program `ebpf:"iomap_dio_complete"`
-	IomapDioRwBegin        *ebpf.Program `ebpf:"iomap_dio_rw_begin"`
-	SysEnterMmap           *ebpf.Program `ebpf:"sys_enter_mmap"`
-	SysExitFallocate       *ebpf.Program `ebpf:"sys_exit_fallocate"`
-	SysExitWriteFamily     *ebpf.Program `ebpf:"sys_exit_write_family"`
-	WritebackDirtyFolio    *ebpf.Program `ebpf:"writeback_dirty_folio"`
+	Ext4AllocateInode        *ebpf.Program `ebpf:"ext4_allocate_inode"`
+	Ext4CollapseRange        *ebpf.Program `ebpf:"ext4_collapse_range"`
+	Ext4DaWriteEnd           *ebpf.Program `ebpf:"ext4_da_write_end"`
+	Ext4InsertRange          *ebpf.Program `ebpf:"ext4_insert_range"`
+	Ext4JournalledWriteEnd   *ebpf.Program `ebpf:"ext4_journalled_write_end"`
+	Ext4MarkInodeDirty       *ebpf.Program `ebpf:"ext4_mark_inode_dirty"`
+	Ext4PunchHole            *ebpf.Program `ebpf:"ext4_punch_hole"`
+	Ext4TruncateEnter        *ebpf.Program `ebpf:"ext4_truncate_enter"`
+	Ext4WriteEnd             *ebpf.Program `ebpf:"ext4_write_end"`
+	Ext4ZeroRange            *ebpf.Program `ebpf:"ext4_zero_range"`
+	IomapDioComplete         *ebpf.Program `ebpf:"iomap_dio_complete"`
+	IomapDioRwBegin          *ebpf.Program `ebpf:"iomap_dio_rw_begin"`
+	IomapIter                *ebpf.Program `ebpf:"iomap_iter"`
+	SysEnterMmap             *ebpf.Program `ebpf:"sys_enter_mmap"`
+	SysExitFallocate         *ebpf.Program `ebpf:"sys_exit_fallocate"`
+	SysExitWriteFamily       *ebpf.Program `ebpf:"sys_exit_write_family"`
+	WritebackDirtyFolio      *ebpf.Program `ebpf:"writeback_dirty_folio"`
+	XfsCollapseFileSpace     *ebpf.Program `ebpf:"xfs_collapse_file_space"`
+	XfsExchrangeMappings     *ebpf.Program `ebpf:"xfs_exchrange_mappings"`
+	XfsFreeFileSpace         *ebpf.Program `ebpf:"xfs_free_file_space"`
+	XfsInsertFileSpace       *ebpf.Program `ebpf:"xfs_insert_file_space"`
+	XfsItruncateExtentsStart *ebpf.Program `ebpf:"xfs_itruncate_extents_start"`
+	XfsReflinkRemapRange     *ebpf.Program `ebpf:"xfs_reflink_remap_range"`
+	XfsTransCommit           *ebpf.Program `ebpf:"xfs_trans_commit"`
 }
 
 func (p *CapturePrograms) Close() error {
@@ -271,10 +295,18 @@ func (p *CapturePrograms) Close() error {
 		p.Ext4ZeroRange,
 		p.IomapDioComplete,
 		p.IomapDioRwBegin,
+		p.IomapIter,
 		p.SysEnterMmap,
 		p.SysExitFallocate,
 		p.SysExitWriteFamily,
 		p.WritebackDirtyFolio,
+		p.XfsCollapseFileSpace,
+		p.XfsExchrangeMappings,
+		p.XfsFreeFileSpace,
+		p.XfsInsertFileSpace,
+		p.XfsItruncateExtentsStart,
+		p.XfsReflinkRemapRange,
+		p.XfsTransCommit,
 	)
 }
 

@@ -42,12 +42,13 @@ type ringParams struct {
 }
 
 const (
-	ioringOpRead     = 22
-	ioringOpWrite    = 23
-	iosqeAsync       = 1 << 4
-	ioringEnterWait  = 1 // IORING_ENTER_GETEVENTS
-	ioringFeatSingle = 1 // IORING_FEAT_SINGLE_MMAP
-	ioringOffSQEs    = 0x10000000
+	ioringOpFallocate = 17
+	ioringOpRead      = 22
+	ioringOpWrite     = 23
+	iosqeAsync        = 1 << 4
+	ioringEnterWait   = 1 // IORING_ENTER_GETEVENTS
+	ioringFeatSingle  = 1 // IORING_FEAT_SINGLE_MMAP
+	ioringOffSQEs     = 0x10000000
 )
 
 func newRing(t *testing.T) *ring {
@@ -85,6 +86,14 @@ func newRing(t *testing.T) *ring {
 // do runs one read or write of buf at off of fd in an io-wq worker and
 // returns its result.
 func (r *ring) do(op uint8, fd int, buf []byte, off int64) (int, error) {
+	defer runtime.KeepAlive(buf)
+	return r.submit(op, fd, uint64(off), uint64(uintptr(unsafe.Pointer(&buf[0]))), uint32(len(buf)))
+}
+
+// submit is do with the SQE's off, addr and len fields as given (their
+// meaning depends on op: IORING_OP_FALLOCATE takes the length in addr and
+// the mode in len).
+func (r *ring) submit(op uint8, fd int, off, addr uint64, n uint32) (int, error) {
 	tail := atomic.LoadUint32(r.sqTail)
 	idx := tail & r.sqMask
 	sqe := r.sqes[idx*64 : idx*64+64]
@@ -92,13 +101,12 @@ func (r *ring) do(op uint8, fd int, buf []byte, off int64) (int, error) {
 	sqe[0] = op
 	sqe[1] = iosqeAsync
 	*(*int32)(unsafe.Pointer(&sqe[4])) = int32(fd)
-	*(*uint64)(unsafe.Pointer(&sqe[8])) = uint64(off)
-	*(*uint64)(unsafe.Pointer(&sqe[16])) = uint64(uintptr(unsafe.Pointer(&buf[0])))
-	*(*uint32)(unsafe.Pointer(&sqe[24])) = uint32(len(buf))
+	*(*uint64)(unsafe.Pointer(&sqe[8])) = off
+	*(*uint64)(unsafe.Pointer(&sqe[16])) = addr
+	*(*uint32)(unsafe.Pointer(&sqe[24])) = n
 	*(*uint32)(unsafe.Pointer(&r.rings[r.sqArray+uintptr(idx)*4])) = idx
 	atomic.StoreUint32(r.sqTail, tail+1)
 	_, _, errno := unix.Syscall6(unix.SYS_IO_URING_ENTER, uintptr(r.fd), 1, 1, ioringEnterWait, 0, 0)
-	runtime.KeepAlive(buf)
 	if errno != 0 {
 		return 0, fmt.Errorf("io_uring_enter: %w", errno)
 	}

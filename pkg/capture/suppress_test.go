@@ -16,11 +16,12 @@ import (
 
 // recorder reads a capture's records in the background.
 type recorder struct {
-	ch chan Record
+	ch     chan Record
+	byHook map[uint8]int // records drained, by the hook that emitted them
 }
 
 func newRecorder(c *Capture) *recorder {
-	r := &recorder{ch: make(chan Record, 1<<16)}
+	r := &recorder{ch: make(chan Record, 1<<16), byHook: map[uint8]int{}}
 	go func() {
 		for {
 			var rec Record
@@ -43,6 +44,7 @@ func (r *recorder) drain() (out []Record) {
 				return out
 			}
 			out = append(out, rec)
+			r.byHook[rec.Hook]++
 		case <-time.After(300 * time.Millisecond):
 			return out
 		}
@@ -83,13 +85,17 @@ func forgetFile(t *testing.T, c *Capture, ino uint64, size int64) {
 // writes it back and ships it, and the resync bitmap marks it (the lab's
 // TestResyncAfterCleanStop sent 1.3× the bytes written).
 func TestScatteredWritesOnMigratingTask(t *testing.T) {
+	onEachFS(t, testScatteredWritesOnMigratingTask)
+}
+
+func testScatteredWritesOnMigratingTask(t *testing.T, fstype string, mib int) {
 	if runtime.NumCPU() < 2 {
 		t.Skip("needs two CPUs to move the writer between")
 	}
-	fs := loopfs.Make(t, "ext4", 256)
+	fs := loopfs.Make(t, fstype, max(256, mib))
 	var st syscall.Stat_t
 	syscall.Stat(fs.Mount, &st)
-	c, err := Open(Options{Devices: []uint64{st.Dev}})
+	c, err := Open(Options{Devices: []uint64{st.Dev}, XFS: fstype == "xfs"})
 	if err != nil {
 		t.Fatalf("Open: %v", err)
 	}
@@ -180,7 +186,11 @@ func TestScatteredWritesOnMigratingTask(t *testing.T) {
 // through a mapping that dirties the folio again (after an fsync cleaned
 // it) must be reported, however soon it comes.
 func TestStoreAfterWriteReturnedIsReported(t *testing.T) {
-	c, rec, f, fst, m := mappedFile(t)
+	onEachFS(t, testStoreAfterWriteReturnedIsReported)
+}
+
+func testStoreAfterWriteReturnedIsReported(t *testing.T, fstype string, mib int) {
+	c, rec, f, fst, m := mappedFile(t, fstype, mib)
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	const off = 40960
@@ -229,7 +239,11 @@ func storeReported(recs []Record, ino, at uint64) bool {
 // mapped from the file) after a write-back cleaned it, the store must be
 // reported: nothing else ever reads those bytes.
 func TestStoreByIOWorkerAfterItsWriteIsReported(t *testing.T) {
-	c, rec, f, fst, m := mappedFile(t)
+	onEachFS(t, testStoreByIOWorkerAfterItsWriteIsReported)
+}
+
+func testStoreByIOWorkerAfterItsWriteIsReported(t *testing.T, fstype string, mib int) {
+	c, rec, f, fst, m := mappedFile(t, fstype, mib)
 	r := newRing(t)
 	src, err := os.Create(filepath.Join(t.TempDir(), "src")) // not watched
 	if err != nil {
@@ -279,7 +293,11 @@ func TestStoreByIOWorkerAfterItsWriteIsReported(t *testing.T) {
 // back and reads what records cover): reporting only the bytes written
 // loses the store.
 func TestStoreIntoPageDirtiedByWriteIsReported(t *testing.T) {
-	c, rec, f, fst, m := mappedFile(t)
+	onEachFS(t, testStoreIntoPageDirtiedByWriteIsReported)
+}
+
+func testStoreIntoPageDirtiedByWriteIsReported(t *testing.T, fstype string, mib int) {
+	c, rec, f, fst, m := mappedFile(t, fstype, mib)
 	const off, store = 40960, 40960 + 3000
 	for round := range 3 {
 		if err := unix.Fdatasync(int(f.Fd())); err != nil { // the page is clean
@@ -297,14 +315,14 @@ func TestStoreIntoPageDirtiedByWriteIsReported(t *testing.T) {
 	}
 }
 
-// mappedFile captures a fresh ext4 and creates a 1 MiB file "m" in it,
+// mappedFile captures a fresh filesystem of fstype and creates a 1 MiB file "m" in it,
 // mapped shared and writable, all undone when the test ends.
-func mappedFile(t *testing.T) (*Capture, *recorder, *os.File, syscall.Stat_t, []byte) {
+func mappedFile(t *testing.T, fstype string, mib int) (*Capture, *recorder, *os.File, syscall.Stat_t, []byte) {
 	t.Helper()
-	fs := loopfs.Make(t, "ext4", 64)
+	fs := loopfs.Make(t, fstype, max(64, mib))
 	var st syscall.Stat_t
 	syscall.Stat(fs.Mount, &st)
-	c, err := Open(Options{Devices: []uint64{st.Dev}})
+	c, err := Open(Options{Devices: []uint64{st.Dev}, XFS: fstype == "xfs"})
 	if err != nil {
 		t.Fatalf("Open: %v", err)
 	}

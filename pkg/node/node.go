@@ -156,6 +156,7 @@ type Node struct {
 	link    *peerlink.Link
 	dirs    []replica.Dir
 	devs    []uint64
+	xfs     bool // a replicated directory is on XFS: capture requires its hooks
 	server  *replica.Server
 	vip     *vip.VIP
 	stack   *stack.Stack
@@ -242,11 +243,12 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	n.drained = sync.NewCond(&n.drainMu)
 	for i, r := range cfg.Replicate {
 		n.dirs = append(n.dirs, replica.Dir{Name: r.Name, Path: r.Path})
-		dev, err := checkTree(i, r.Path)
+		dev, xfs, err := checkTree(i, r.Path)
 		if err != nil {
 			return err
 		}
 		n.devs = append(n.devs, dev)
+		n.xfs = n.xfs || xfs
 	}
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("state_dir %q: %w", cfg.StateDir, err)
@@ -420,20 +422,25 @@ func (n *Node) markClean() {
 }
 
 // checkTree refuses a replicated directory whose filesystem capture
-// cannot follow: capture relies on ext4's write_end and inode tracepoints.
-func checkTree(i int, path string) (uint64, error) {
+// cannot follow (docs/CAPTURE.md: ext4 and XFS), and says whether it is XFS.
+func checkTree(i int, path string) (dev uint64, xfs bool, err error) {
 	var st syscall.Stat_t
 	if err := syscall.Stat(path, &st); err != nil {
-		return 0, fmt.Errorf("replicate[%d].path %q: %w", i, path, err)
+		return 0, false, fmt.Errorf("replicate[%d].path %q: %w", i, path, err)
 	}
 	var fs syscall.Statfs_t
 	if err := syscall.Statfs(path, &fs); err != nil {
-		return 0, fmt.Errorf("replicate[%d].path %q: %w", i, path, err)
+		return 0, false, fmt.Errorf("replicate[%d].path %q: %w", i, path, err)
 	}
-	if fs.Type != ext4Magic {
-		return 0, fmt.Errorf("replicate[%d].path %q: filesystem type %#x is not supported: duet captures changes on ext4 only (see docs/CAPTURE.md)", i, path, fs.Type)
+	switch fs.Type {
+	case ext4Magic:
+		return st.Dev, false, nil
+	case unix.XFS_SUPER_MAGIC:
+		return st.Dev, true, nil
+	case unix.BTRFS_SUPER_MAGIC:
+		return 0, false, fmt.Errorf("replicate[%d].path %q: btrfs is not supported yet: duet captures changes on ext4 and XFS only (see docs/CAPTURE.md); move the directory to one of them", i, path)
 	}
-	return st.Dev, nil
+	return 0, false, fmt.Errorf("replicate[%d].path %q: filesystem type %#x is not supported: duet captures changes on ext4 and XFS only (see docs/CAPTURE.md); move the directory to one of them", i, path, fs.Type)
 }
 
 // serve takes the primary role: the VIP (unless someone answers for it)
@@ -671,7 +678,7 @@ type preloaded struct {
 }
 
 func (n *Node) captureOptions() capture.Options {
-	return capture.Options{Devices: n.devs, RingBytes: uint32(n.cfg.RingBufferKiB) << 10}
+	return capture.Options{Devices: n.devs, RingBytes: uint32(n.cfg.RingBufferKiB) << 10, XFS: n.xfs}
 }
 
 // preloadCapture loads the next term's capture in the background, with

@@ -398,18 +398,27 @@ func (b *builder) entry(d *os.File, dirPath string, dirIno uint64, e fstree.Dire
 	return nil
 }
 
-// generation reads an inode's i_generation from its file handle: ext4
-// handles (FILEID_INO32_GEN and _PARENT) are {ino, gen, ...}.
+// generation reads an inode's i_generation from its file handle.
 func generation(dirfd int, name string) (uint32, bool) {
 	h, _, err := unix.NameToHandleAt(dirfd, name, 0)
 	if err != nil {
 		return 0, false
 	}
-	b := h.Bytes()
-	if (h.Type() != 1 && h.Type() != 2) || len(b) < 8 {
-		return 0, false
+	return handleGeneration(h.Type(), h.Bytes())
+}
+
+// handleGeneration finds i_generation in a file handle: ext4's
+// (FILEID_INO32_GEN and _PARENT, 1 and 2) are {u32 ino, u32 gen, ...};
+// XFS's with 64-bit inode numbers, which it uses whatever the size of the
+// filesystem (0x81, 0x82), are {u64 ino, u32 gen, ...}.
+func handleGeneration(typ int32, b []byte) (uint32, bool) {
+	switch {
+	case (typ == 1 || typ == 2) && len(b) >= 8:
+		return binary.LittleEndian.Uint32(b[4:]), true
+	case (typ == 0x81 || typ == 0x82) && len(b) >= 12:
+		return binary.LittleEndian.Uint32(b[8:]), true
 	}
-	return binary.LittleEndian.Uint32(b[4:]), true
+	return 0, false
 }
 
 // movedFrom decides whether a known inode appearing under a new name was
