@@ -78,16 +78,18 @@ type Primary struct {
 	// for it: work for the builder (journal, backpressure), sendq for the
 	// sender (new batches), done for barriers (acks, passes).
 	work, sendq, done *sync.Cond
-	j                 *journal.Journal
-	sh                *shadow
-	syncSeq           uint64 // capture sequence before the shadow's scan
-	needFull          bool
-	queue             []sentBatch // built, not yet acknowledged
-	queueBytes        int
-	nextSeq           uint64
-	acked             uint64 // highest batch the peer applied
-	durable           uint64 // highest batch the peer applied and synced
-	syncReq           uint64 // highest batch a barrier asked to be made durable
+	// closed: the term ended (Close); waiting calls fail with ErrClosed.
+	closed     bool
+	j          *journal.Journal
+	sh         *shadow
+	syncSeq    uint64 // capture sequence before the shadow's scan
+	needFull   bool
+	queue      []sentBatch // built, not yet acknowledged
+	queueBytes int
+	nextSeq    uint64
+	acked      uint64 // highest batch the peer applied
+	durable    uint64 // highest batch the peer applied and synced
+	syncReq    uint64 // highest batch a barrier asked to be made durable
 	// syncAsked is when the oldest sync request not yet acknowledged
 	// durable was sent, for batch syncAskedSeq (for SyncRTT).
 	syncAsked    time.Time
@@ -920,6 +922,9 @@ func (p *Primary) waitPeer(ctx context.Context, rel Release, done func() bool) e
 		if p.connected && done() {
 			return nil
 		}
+		if p.closed {
+			return ErrClosed
+		}
 		if p.streamingLocked() {
 			// Streaming: the ack comes. (Released here, a call would
 			// keep the peer out of sync, hence stale, hence releasing:
@@ -956,7 +961,13 @@ func (p *Primary) streamingLocked() bool {
 }
 
 // Close releases the root.
-func (p *Primary) Close() error { return p.root.Close() }
+func (p *Primary) Close() error {
+	p.mu.Lock()
+	p.closed = true
+	p.mu.Unlock()
+	p.wake()
+	return p.root.Close()
+}
 
 // errNoPeer is returned by FetchManifest when the peer cannot be reached.
 var errNoPeer = errors.New("peer unreachable")
@@ -1010,6 +1021,11 @@ func FetchManifest(ctx context.Context, lk *peerlink.Link, peer string, name str
 // ErrAlone is returned by WaitShipped and WaitLag when the call was
 // released without the peer (see Release): changes wait for a resync.
 var ErrAlone = errors.New("no peer connected: running alone")
+
+// ErrClosed is returned by WaitShipped and WaitLag when the primary's term
+// ended (Close: the node left the role) before the peer confirmed the
+// call's changes.
+var ErrClosed = errors.New("this node left the primary role before the change reached the peer")
 
 // WaitShipped returns once every change captured before the call has been
 // applied and synced by the peer. Released without the peer (see

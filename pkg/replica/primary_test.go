@@ -51,6 +51,31 @@ func TestWaitShippedReleasedAfter(t *testing.T) {
 	}
 }
 
+// A call still held when the node leaves the role (Close) fails at once:
+// the node no longer serves, and nothing would wake it but its timeout
+// (30 s of a writer waiting on a node that is no longer the primary).
+func TestWaitShippedFailsWhenClosed(t *testing.T) {
+	p := unconnectedPrimary(t)
+	done := make(chan error, 1)
+	go func() {
+		done <- p.WaitShipped(context.Background(), nil, Release{Now: func() bool { return false }})
+	}()
+	select {
+	case err := <-done:
+		t.Fatalf("ended before the primary was closed: %v", err)
+	case <-time.After(200 * time.Millisecond):
+	}
+	p.Close()
+	select {
+	case err := <-done:
+		if !errors.Is(err, ErrClosed) {
+			t.Fatalf("got %v, want ErrClosed", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("still held 5 s after the primary was closed")
+	}
+}
+
 // unconnectedPrimary is a Primary of a temporary directory whose peer
 // never answers.
 func unconnectedPrimary(t *testing.T) *Primary {
