@@ -82,7 +82,7 @@ func verifyDir(ctx context.Context, s IOStreams, lk *peerlink.Link, peer string,
 	}
 	peerc := make(chan manifest, 1)
 	go func() {
-		es, err := replica.FetchManifest(ctx, lk, peer, r.Name)
+		es, err := replica.FetchManifest(ctx, lk, peer, r.Name, nil)
 		peerc <- manifest{es, err}
 	}()
 	local, tooLong, lerr := fstree.Scan(root, true)
