@@ -972,8 +972,11 @@ func (p *Primary) Close() error {
 // errNoPeer is returned by FetchManifest when the peer cannot be reached.
 var errNoPeer = errors.New("peer unreachable")
 
-// FetchManifest asks the peer for its manifest of directory name.
-func FetchManifest(ctx context.Context, lk *peerlink.Link, peer string, name string) ([]wire.Entry, error) {
+// FetchManifest asks the peer for its manifest of directory name. The
+// peer streams it while it scans, a frame every few thousand entries; with
+// progress non-nil, each frame received calls it with the entries so far
+// and the sum of their sizes, comparable with a local scan's.
+func FetchManifest(ctx context.Context, lk *peerlink.Link, peer string, name string, progress func(entries int, bytes uint64)) ([]wire.Entry, error) {
 	c, _, err := dialPeer(ctx, lk, &net.Dialer{Timeout: 3 * time.Second}, peer, wire.Hello{Purpose: wire.PurposeManifest, Dir: name})
 	var op *net.OpError
 	if errors.As(err, &op) && op.Op == "dial" {
@@ -992,6 +995,7 @@ func FetchManifest(ctx context.Context, lk *peerlink.Link, peer string, name str
 	}
 	br := bufio.NewReaderSize(c, 1<<20)
 	var out []wire.Entry
+	var bytes uint64
 	for {
 		f, err := wire.ReadFrame(br, nil)
 		if err != nil {
@@ -1012,6 +1016,12 @@ func FetchManifest(ctx context.Context, lk *peerlink.Link, peer string, name str
 				return nil, err
 			}
 			out = append(out, es...)
+			if progress != nil {
+				for i := range es {
+					bytes += es[i].Size
+				}
+				progress(len(out), bytes)
+			}
 		default:
 			return nil, fmt.Errorf("unexpected %s from peer", f.Type)
 		}
