@@ -214,6 +214,11 @@ func Serve(ctx context.Context, l net.Listener, dir string, s Syncer, sq Squash)
 		return err
 	}
 	h.squash = sq
+	return h.serve(ctx, l)
+}
+
+// serve is Serve for an open export; it closes h.
+func (h *Handler) serve(ctx context.Context, l net.Listener) error {
 	if !server().root {
 		slog.Warn("nfs: the server is not root: every call acts as its user, whatever the client's credential", "uid", os.Geteuid())
 	}
@@ -227,7 +232,7 @@ func Serve(ctx context.Context, l net.Listener, dir string, s Syncer, sq Squash)
 		}
 		tl.closeAll()
 	}()
-	err = tl.serve(ctx)
+	err := tl.serve(ctx)
 	close(stop)
 	tl.closeAll()
 	tl.wg.Wait()
