@@ -38,7 +38,7 @@ const (
 // idempotent, and an UNSTABLE WRITE's COMMIT is only after its reply.
 func cachedProc(proc uint32) bool {
 	switch proc {
-	case 2, procWrite, 8, 9, 10, 11, 12, 13, 14, 15: // SETATTR, WRITE, CREATE, MKDIR, SYMLINK, MKNOD, REMOVE, RMDIR, RENAME, LINK
+	case procSetattr, procWrite, procCreate, procMkdir, procSymlink, procMknod, procRemove, procRmdir, procRename, procLink:
 		return true
 	}
 	return false

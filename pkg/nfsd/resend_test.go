@@ -13,17 +13,6 @@ import (
 	"github.com/duet-ha/duet/pkg/nfsclient"
 )
 
-// NFSv3 procedures these tests send by hand.
-const (
-	procSetattr = 2
-	procCreate  = 8
-	procMkdir   = 9
-	procSymlink = 10
-	procRemove  = 12
-	procRmdir   = 13
-	procRename  = 14
-)
-
 // sattr encodes a sattr3 that sets the mode and the size given.
 func sattr(mode *uint32, size *uint64) []byte {
 	b := u32s(0)
