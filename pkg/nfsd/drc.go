@@ -97,9 +97,10 @@ func (c *replyCache) key(client string, h callHeader, held []byte, n int) callKe
 // begin returns its entry, and the caller runs the call and then ends the
 // entry with finish or abandon. A call whose first attempt ended gets that
 // attempt's reply. A call whose first attempt still runs waits for it to
-// end, or for cancel (ok false); if that attempt ended without a reply,
-// this one runs instead.
-func (c *replyCache) begin(k callKey, cancel <-chan struct{}) (reply []byte, run *cacheEntry, ok bool) {
+// end: wait(done) returns true once done is closed, false if the
+// duplicate's connection ended first (begin returns ok false). If that
+// attempt ended without a reply, this one runs instead.
+func (c *replyCache) begin(k callKey, wait func(done <-chan struct{}) bool) (reply []byte, run *cacheEntry, ok bool) {
 	for {
 		c.mu.Lock()
 		e := c.entries[k]
@@ -121,9 +122,7 @@ func (c *replyCache) begin(k callKey, cancel <-chan struct{}) (reply []byte, run
 		if c.waiting != nil {
 			c.waiting()
 		}
-		select {
-		case <-e.done:
-		case <-cancel:
+		if !wait(e.done) {
 			return nil, nil, false
 		}
 		if e.reply != nil {

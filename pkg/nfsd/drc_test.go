@@ -15,11 +15,24 @@ func testKey(xid uint32) callKey {
 // begun is begin with a cancel that never comes: it must not wait.
 func begun(t *testing.T, c *replyCache, k callKey) (reply []byte, run *cacheEntry) {
 	t.Helper()
-	reply, run, ok := c.begin(k, nil)
+	reply, run, ok := c.begin(k, until(nil))
 	if !ok || (reply == nil) == (run == nil) {
 		t.Fatalf("begin %+v: reply %q, run %v, ok %v: want a reply or an entry to run", k, reply, run, ok)
 	}
 	return reply, run
+}
+
+// until is a wait for begin that ends early, false, when cancel is
+// closed: the duplicate's connection ends.
+func until(cancel <-chan struct{}) func(done <-chan struct{}) bool {
+	return func(done <-chan struct{}) bool {
+		select {
+		case <-done:
+			return true
+		case <-cancel:
+			return false
+		}
+	}
 }
 
 func TestReplyCacheReplays(t *testing.T) {
@@ -63,7 +76,7 @@ func TestReplyCacheWaitsForFirstAttempt(t *testing.T) {
 	duplicate := func(k callKey, cancel <-chan struct{}) <-chan result {
 		out := make(chan result, 1)
 		go func() {
-			r, e, ok := c.begin(k, cancel)
+			r, e, ok := c.begin(k, until(cancel))
 			out <- result{r, e, ok}
 		}()
 		select {
@@ -138,7 +151,7 @@ func TestReplyCacheBounds(t *testing.T) {
 	}
 	closed := make(chan struct{})
 	close(closed)
-	if reply, e, ok := c.begin(testKey(0), closed); ok {
+	if reply, e, ok := c.begin(testKey(0), until(closed)); ok {
 		t.Errorf("the call in progress after %d replies: reply %q, run %v; want it still in progress", drcEntries+over, reply, e != nil)
 	}
 	c.finish(running, []byte("late"))

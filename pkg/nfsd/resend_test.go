@@ -3,6 +3,7 @@ package nfsd
 import (
 	"bytes"
 	"encoding/binary"
+	"io"
 	"net"
 	"os"
 	"sync"
@@ -355,5 +356,50 @@ func TestResentCallsKeptApart(t *testing.T) {
 		if ran := !exists(tc.file); st != nfsclient.StatusOK || ran != tc.runs {
 			t.Errorf("%s: REMOVE %s: status %d, run %v; want OK, run %v", tc.name, tc.file, st, ran, tc.runs)
 		}
+	}
+}
+
+// TestResentCallWaitEndsWhenClientLeaves: a REMOVE waits inside the
+// server for the peer, and its copy sent again on a new connection waits
+// for it; the client gives up on that connection too and closes it, as
+// it does after every timeout. The server must let the connection go:
+// before, the copy read nothing while it waited, so it never saw the
+// client leave, and each resend kept a socket and its goroutines for as
+// long as the first attempt ran.
+func TestResentCallWaitEndsWhenClientLeaves(t *testing.T) {
+	p := serveHeld(t, "")
+	c := dialNFS(t, p.addr)
+	root := c.mount("/")
+	_, st := c.create(root, "x")
+	mustOK(t, "CREATE x", st)
+	p.syncer.armed.Store(true)
+
+	remove := rpcCall(91, procRemove, dirop(root, "x"))
+	first := rawConn(t, p.addr)
+	if _, err := first.Write(remove); err != nil {
+		t.Fatal(err)
+	}
+	p.held(t, "the REMOVE")
+	again := rawConn(t, p.addr)
+	if _, err := again.Write(remove); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-p.waiting:
+	case <-time.After(callTimeout):
+		t.Fatal("the resent REMOVE did not wait for its first attempt")
+	}
+	// Another call the client had sent after it, as Linux sends again
+	// every call outstanding: the server reads it ahead, then the end.
+	const getattr = 1
+	if _, err := again.Write(rpcCall(92, getattr, xdrOpaque(root))); err != nil {
+		t.Fatal(err)
+	}
+	if err := again.(*net.TCPConn).CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	again.SetReadDeadline(time.Now().Add(callTimeout / 2))
+	if n, err := again.Read(make([]byte, 1)); err != io.EOF {
+		t.Errorf("the client closed the connection of the resent REMOVE while it waited: the server's side read %d bytes, %v; want it closed (EOF) while the first attempt still runs", n, err)
 	}
 }

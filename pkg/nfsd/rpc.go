@@ -9,8 +9,10 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	nfs "github.com/willscott/go-nfs"
 )
@@ -182,8 +184,9 @@ func parseCommit(args []byte) ([]byte, error) {
 type proxy struct {
 	h      *Handler
 	client net.Conn
-	from   string   // the client's address, without the port: for the cache
-	nfsd   net.Conn // the proxy's end of the pipe to go-nfs
+	from   string        // the client's address, without the port: for the cache
+	nfsd   net.Conn      // the proxy's end of the pipe to go-nfs
+	in     *bufio.Reader // the client's records: serveClient's, and a watcher's while a call waits (waitFor)
 
 	wmu sync.Mutex // held to write a reply to the client
 	out *bufio.Writer
@@ -209,7 +212,7 @@ type passedCall struct {
 }
 
 func newProxy(h *Handler, client, nfsd net.Conn) *proxy {
-	p := &proxy{h: h, client: client, from: hostOf(client.RemoteAddr()), nfsd: nfsd, out: bufio.NewWriterSize(client, 64<<10), closed: make(chan struct{})}
+	p := &proxy{h: h, client: client, from: hostOf(client.RemoteAddr()), nfsd: nfsd, in: bufio.NewReaderSize(client, 64<<10), out: bufio.NewWriterSize(client, 64<<10), closed: make(chan struct{})}
 	p.fs = &fsys{export: h.fs.export, who: p.caller.Load}
 	p.idle = sync.NewCond(&p.mu)
 	return p
@@ -255,7 +258,7 @@ func (p *proxy) refuse(err error) {
 // serveClient reads the client's records until the connection ends.
 func (p *proxy) serveClient() {
 	defer p.hangUp()
-	in := bufio.NewReaderSize(p.client, 64<<10)
+	in := p.in
 	var rec []byte
 	for {
 		var mark [4]byte
@@ -328,7 +331,7 @@ func (p *proxy) serveClient() {
 				if err != nil {
 					return
 				}
-				reply, e, ok := p.h.drc.begin(p.h.drc.key(p.from, h, held, n), p.closed)
+				reply, e, ok := p.h.drc.begin(p.h.drc.key(p.from, h, held, n), p.waitFor)
 				if !ok {
 					return
 				}
@@ -384,7 +387,7 @@ func (p *proxy) serveCall(h callHeader, c *cred, mark, rec []byte) bool {
 	if err != nil {
 		return p.garbage(h, err)
 	}
-	reply, e, ok := p.h.drc.begin(p.h.drc.key(p.from, h, rec, len(rec)), p.closed)
+	reply, e, ok := p.h.drc.begin(p.h.drc.key(p.from, h, rec, len(rec)), p.waitFor)
 	switch {
 	case !ok:
 		return false
@@ -552,6 +555,51 @@ func (p *proxy) passAs(c *cred, call passedCall, mark []byte, r io.Reader, n int
 func (p *proxy) forget(call passedCall) {
 	if call.entry != nil {
 		p.h.drc.abandon(call.entry)
+	}
+}
+
+// waitFor waits, for the cache, until done is closed (true) or the
+// connection ends (false). serveClient reads nothing meanwhile, so a
+// watcher reads ahead to see the client close its side: a client closes
+// the connection of a call it gave up on and sends the call again on a
+// new one, where it waits too, and each such connection would otherwise
+// stay, with its goroutines, for as long as the first attempt runs.
+func (p *proxy) waitFor(done <-chan struct{}) bool {
+	watched := make(chan struct{})
+	go func() {
+		defer close(watched)
+		p.watchHangUp()
+	}()
+	select {
+	case <-done:
+	case <-p.closed:
+	}
+	p.client.SetReadDeadline(time.Now()) // ends the watcher's read
+	<-watched
+	p.client.SetReadDeadline(time.Time{})
+	select {
+	case <-p.closed:
+		return false
+	default:
+		return true
+	}
+}
+
+// watchHangUp reads the client's next bytes into p.in, without taking
+// them, until the client ends its side (then it hangs up) or waitFor's
+// deadline. It stops watching once the reader's buffer is full: the
+// client, still sending, has not left.
+func (p *proxy) watchHangUp() {
+	for {
+		_, err := p.in.Peek(p.in.Buffered() + 1)
+		switch {
+		case err == nil: // more came: watch on
+		case errors.Is(err, os.ErrDeadlineExceeded), errors.Is(err, bufio.ErrBufferFull):
+			return
+		default:
+			p.hangUp()
+			return
+		}
 	}
 }
 
