@@ -401,9 +401,10 @@ func (p *proxy) serveCall(h callHeader, c *cred, mark, rec []byte) bool {
 		p.h.drc.abandon(e)
 		return false
 	}
-	sent := p.write(reply)
+	// Cached before it is sent: a write blocked on a dead client's full
+	// socket must not keep the call's duplicate waiting.
 	p.h.drc.finish(e, reply)
-	return sent
+	return p.write(reply)
 }
 
 // writeOrCommit makes an UNSTABLE WRITE (w) or a COMMIT (w.fh) as c once
@@ -674,11 +675,12 @@ func (p *proxy) serveReplies() {
 			if _, err := io.ReadFull(in, rec[4:]); err != nil {
 				return
 			}
-			if !p.write(rec) {
-				p.hangUp()
-			}
+			// Cached before it is sent (see serveCall).
 			if !p.answered(rec) {
 				return
+			}
+			if !p.write(rec) {
+				p.hangUp()
 			}
 			continue
 		}
