@@ -424,7 +424,10 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 		case m.State.Serving():
 			lastSaveErr = ""
 		}
-		n.machine.Store(&m)
+		// A copy: the loop goes on writing m, while the heartbeats,
+		// barriers and status read what is published.
+		published := m
+		n.machine.Store(&published)
 		n.leaving.Store(false)
 		if ev.Kind == cluster.EvPeerLost {
 			n.peerLostAt.Store(time.Now().UnixNano())
