@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/duet-ha/duet/pkg/cluster"
@@ -353,8 +354,46 @@ func (n *Node) receiveHeartbeats(ctx context.Context, c *net.UDPConn, peer *net.
 		}
 		n.heartbeats.Add(1)
 		n.lastHeartbeat.Store(time.Now().UnixNano())
-		n.post(ctx, cluster.Event{Kind: cluster.EvPeer, Peer: h.Peer()})
+		// Never waits for the loop: while it hands the role over
+		// (unserve) it reads no events, and a receiver blocked here
+		// would read no heartbeats either: lastHeartbeat would stand
+		// still, and watchLeaving would take the live peer for a silent
+		// one and kill the services. Dropped, this state comes again
+		// with the next heartbeat; those queued are older.
+		select {
+		case n.events <- cluster.Event{Kind: cluster.EvPeer, Peer: h.Peer()}:
+		default:
+		}
 	}
+}
+
+// runCluster runs the cluster loop until ctx ends and the node let go of
+// the role, and the heartbeats, both ways, until after that: a node that
+// hands the role over as the daemon stops hears its peer throughout (see
+// watchLeaving), and the peer hears the handover. It closes conns.
+func (n *Node) runCluster(ctx context.Context, m cluster.Machine, conns []*net.UDPConn, peers []*net.UDPAddr) {
+	hctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Add(len(conns) + 1)
+	for i, c := range conns {
+		go func() {
+			defer wg.Done()
+			n.receiveHeartbeats(hctx, c, peers[i])
+		}()
+	}
+	go func() {
+		defer wg.Done()
+		n.sendHeartbeats(hctx, conns, peers)
+	}()
+	n.loop(ctx, m)
+	if m := n.machine.Load(); m.HandedOver {
+		time.Sleep(3 * n.cfg.Cluster.Interval) // the handover heartbeats go out
+	}
+	cancel()
+	for _, c := range conns {
+		c.Close() // ends the receivers' reads
+	}
+	wg.Wait()
 }
 
 // loop owns the machine: it applies events and commands and carries out
@@ -424,7 +463,10 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 		case m.State.Serving():
 			lastSaveErr = ""
 		}
-		n.machine.Store(&m)
+		// A copy: the loop goes on writing m, while the heartbeats,
+		// barriers and status read what is published.
+		published := m
+		n.machine.Store(&published)
 		n.leaving.Store(false)
 		if ev.Kind == cluster.EvPeerLost {
 			n.peerLostAt.Store(time.Now().UnixNano())

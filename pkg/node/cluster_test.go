@@ -3,6 +3,7 @@ package node
 import (
 	"context"
 	"log/slog"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -245,5 +246,87 @@ func TestLeavingHoldsCallsUntilPeerSilent(t *testing.T) {
 	}
 	if r := n.barrierRefusal(); r == "" {
 		t.Error("a new call after the peer went silent during the handover is held, want it failed")
+	}
+}
+
+// TestHandoverAtStopHearsThePeer: a primary whose daemon stops hands the
+// role over to its SECOND, which goes on sending heartbeats: the node must
+// hear them while its services stop, or watchLeaving takes the live peer
+// for a silent one and SIGKILLs the services it is stopping (and fails the
+// durability calls it holds). The receivers ended with the loop's context,
+// and, the loop being busy handing over, blocked once the events queue
+// was full (64 heartbeats: 13 s at the default interval, less than the
+// k3s preset's MariaDB StopTimeout); here the queue holds two.
+func TestHandoverAtStopHearsThePeer(t *testing.T) {
+	probe, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := probe.LocalAddr().(*net.UDPAddr).Port
+	probe.Close()
+	const e = 5<<8 | 2
+	a := startHeartbeats(t, "nodeA", "127.0.0.1", "127.0.0.2", port, nil)
+	a.n.machine.Store(&cluster.Machine{Name: "nodeA", ID: 1, State: cluster.Second, Epoch: e})
+
+	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	cfg := &config.Config{Node: "nodeB", StateDir: t.TempDir(), Cluster: config.Cluster{HeartbeatPort: port,
+		Interval: udpInterval, Timeout: udpTimeout, Networks: []config.Network{{Local: "127.0.0.2", Peer: "127.0.0.1"}}}}
+	n := &Node{cfg: cfg, log: log, keys: [][]byte{[]byte("0123456789abcdef")}, events: make(chan cluster.Event, 2),
+		hbKick: make(chan struct{}, 1), server: &replica.Server{}}
+	if n.guard, err = newGuard(cfg); err != nil {
+		t.Fatal(err)
+	}
+	if n.hooks, err = newHooks(cfg, log); err != nil {
+		t.Fatal(err)
+	}
+	// Its stop takes 4 timeouts; killed, it leaves no mark.
+	stopped := filepath.Join(t.TempDir(), "stopped")
+	n.stack = &stack.Stack{Services: []stack.Service{{Name: "db", Interval: time.Second, StartTimeout: 3 * time.Second, StopTimeout: 10 * time.Second,
+		Start: "trap 'sleep " + (4 * udpTimeout).String() + "; touch " + stopped + "; exit 0' TERM; while :; do sleep 0.05; done"}},
+		Log: log, Launch: func(args []string, setup func(*exec.Cmd)) (*exec.Cmd, error) {
+			c := exec.Command(args[0], args[1:]...)
+			setup(c)
+			return c, c.Start()
+		}}
+	if err := n.stack.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(n.stack.Kill)
+	m := cluster.Machine{Name: "nodeB", ID: 2, State: cluster.Prim, Epoch: e,
+		Peer: cluster.Peer{Seen: true, Name: "nodeA", State: cluster.Second, Epoch: e}}
+	n.machine.Store(&m)
+	conns, peers, err := n.heartbeatConns()
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	n.lastHeartbeat.Store(start.UnixNano())
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		n.runCluster(ctx, m, conns, peers)
+	}()
+	// Heard just now: the stopping daemon hands over only to a peer
+	// heard within two intervals.
+	for heard := time.Unix(0, n.lastHeartbeat.Load()); !heard.After(start) || time.Since(heard) > udpInterval/2; heard = time.Unix(0, n.lastHeartbeat.Load()) {
+		if time.Since(start) > 5*time.Second {
+			cancel()
+			t.Fatal("nodeB never heard nodeA")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+
+	cancel() // the daemon stops
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the stopping daemon did not hand over in 10 s")
+	}
+	if got := n.machine.Load(); got.State != cluster.Wait || !got.HandedOver {
+		t.Errorf("after the stop: %s, handed over %v; want WAIT, handed over", got.State, got.HandedOver)
+	}
+	if _, err := os.Stat(stopped); err != nil {
+		t.Errorf("the service was killed while it stopped, its peer alive and heard (%v): the peer's heartbeats went unheard during the handover", err)
 	}
 }

@@ -364,29 +364,14 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	if metrics != nil {
 		goRun(func() { n.serveMetrics(ctx, metrics) })
 	}
-	for i, c := range hbConns {
-		goRun(func() { n.receiveHeartbeats(ctx, c, hbPeers[i]) })
-	}
 	n.machine.Store(&m)
-	// Heartbeats outlive the loop by a few intervals: a primary that
-	// stops hands over, and the peer must hear it.
-	hbCtx, hbCancel := context.WithCancel(context.Background())
-	defer hbCancel()
-	goRun(func() { n.sendHeartbeats(hbCtx, hbConns, hbPeers) })
 	log.Info("duet running", "node", cfg.Node, "state", m.State.String(), "epoch", m.Epoch, "stale", m.Stale,
 		"listen", cfg.Listen, "peer", cfg.Peer, "version", Version)
 	if m.Stale {
 		log.Info("this copy may be older than the peer's: it serves only after the peer is seen (or `duet prim --force`)")
 	}
-	n.loop(ctx, m)
-	if m := n.machine.Load(); m.HandedOver {
-		time.Sleep(3 * n.cfg.Cluster.Interval)
-	}
-	hbCancel()
+	n.runCluster(ctx, m, hbConns, hbPeers)
 	ctl.Close()
-	for _, c := range hbConns {
-		c.Close()
-	}
 	wg.Wait()
 	n.server.Close(5 * time.Second)
 	n.markClean()

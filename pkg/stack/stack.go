@@ -5,6 +5,7 @@ package stack
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -69,8 +70,11 @@ type Stack struct {
 	running []*proc
 	// stopping: what Stop is stopping (Kill reaches those too).
 	stopping []*proc
-	cancel   context.CancelFunc
-	wg       sync.WaitGroup
+	// killed: Kill ran; no service starts again until the next Start (a
+	// watcher restarting one would bring it back after the kill).
+	killed bool
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
 }
 
 type proc struct {
@@ -89,6 +93,7 @@ func (s *Stack) Start(ctx context.Context) error {
 	mctx, cancel := context.WithCancel(context.Background())
 	s.mu.Lock()
 	s.cancel = cancel
+	s.killed = false
 	s.mu.Unlock()
 	for _, svc := range s.Services {
 		p := &proc{svc: svc}
@@ -113,6 +118,12 @@ func (s *Stack) Start(ctx context.Context) error {
 
 // launch starts p and waits until its check passes.
 func (s *Stack) launch(ctx context.Context, p *proc) error {
+	s.mu.Lock()
+	killed := s.killed
+	s.mu.Unlock()
+	if killed {
+		return errKilled
+	}
 	cmd, err := spawn(s.Launch, []string{"/bin/sh", "-c", p.svc.Start}, func(c *exec.Cmd) {
 		c.Stdout, c.Stderr = s.Output, s.Output
 		// Its own process group, so stop reaches its children; killed
@@ -130,7 +141,13 @@ func (s *Stack) launch(ctx context.Context, p *proc) error {
 	}()
 	s.mu.Lock()
 	p.cmd, p.done = cmd, done
+	killed = s.killed
 	s.mu.Unlock()
+	if killed {
+		// Kill ran while it was forked: Kill did not see it.
+		s.kill(p)
+		return errKilled
+	}
 	s.Log.Info("service started", "service", p.svc.Name, "pid", cmd.Process.Pid)
 	if p.svc.CheckTCP == "" && p.svc.CheckCommand == "" && p.svc.CheckNFS == "" {
 		// Only the process to watch: it must at least survive its start.
@@ -269,15 +286,32 @@ func (s *Stack) Stop() {
 // services wait on can no longer be confirmed, rather than fail them (a
 // database that gets EIO from a log flush may still report the commit).
 func (s *Stack) Kill() {
+	type started struct {
+		cmd  *exec.Cmd
+		done chan struct{}
+	}
+	var procs []started
 	s.mu.Lock()
-	procs := append(append([]*proc(nil), s.running...), s.stopping...)
+	s.killed = true
+	for _, p := range append(append([]*proc(nil), s.running...), s.stopping...) {
+		if p.cmd != nil {
+			procs = append(procs, started{p.cmd, p.done})
+		}
+	}
 	s.mu.Unlock()
 	for _, p := range procs {
-		if p.cmd != nil {
-			s.kill(p)
+		select {
+		case <-p.done:
+			// Gone and reaped: its process group id may be another's now.
+		default:
+			syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+			<-p.done
 		}
 	}
 }
+
+// errKilled: a service was not started because Kill ran.
+var errKilled = errors.New("not started: the services were killed")
 
 // stopOne runs the stop command, then SIGTERM, then SIGKILL, to the
 // service's process group.

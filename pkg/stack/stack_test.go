@@ -4,11 +4,14 @@ import (
 	"bytes"
 	"context"
 	"log/slog"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -98,5 +101,68 @@ func TestStartFailureStopsTheRest(t *testing.T) {
 	}
 	if _, err := os.Stat(marker); err != nil {
 		t.Error("the service started before the failing one was not stopped")
+	}
+}
+
+// TestKillReachesARestart: Kill, which the node uses when the durability
+// calls the services wait on can no longer be confirmed, leaves no
+// service running, even one its watcher was restarting: killed while the
+// watcher waited for it to stop, the old process let the restart go on,
+// and a new one started after Kill returned (its flushes then failed with
+// EIO, what the kill is there to avoid).
+func TestKillReachesARestart(t *testing.T) {
+	dir := t.TempDir()
+	starts := filepath.Join(dir, "starts")
+	// The check: a port the test opens and closes (a TCP check, unlike a
+	// command, passes under the stopping stack's ended context).
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	// Deaf to SIGTERM: its stop waits StopTimeout, the watcher with it.
+	s := svc("nfs", "echo $$ >>"+starts+"; trap '' TERM; exec sleep 1000")
+	s.CheckTCP = addr
+	s.Restarts, s.StopTimeout = 5, 3*time.Second
+	st := &Stack{Services: []Service{s}, Log: slog.New(slog.DiscardHandler), Launch: plain, Output: &syncBuf{}}
+	if err := st.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	started := func() []string {
+		b, _ := os.ReadFile(starts)
+		return strings.Fields(string(b))
+	}
+	t.Cleanup(func() {
+		for _, f := range started() {
+			if pid, err := strconv.Atoi(f); err == nil {
+				syscall.Kill(-pid, syscall.SIGKILL)
+			}
+		}
+	})
+	// The check fails: the watcher stops the service to restart it, and
+	// waits for it (SIGTERM is ignored). It passes again for the restart.
+	ln.Close()
+	for deadline := time.Now().Add(5 * time.Second); st.Status()[0].Error == ""; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the failing check was not noticed in 5 s")
+		}
+	}
+	if ln, err = net.Listen("tcp", addr); err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	stopped := make(chan struct{})
+	go func() {
+		st.Stop() // as the node leaving its role does
+		close(stopped)
+	}()
+	st.Kill()
+	select {
+	case <-stopped:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("Stop still waits 10 s after Kill (pids started: %s)", started())
+	}
+	if pids := started(); len(pids) != 1 {
+		t.Errorf("service processes started: %s, want the one killed: a restart started after Kill", pids)
 	}
 }
