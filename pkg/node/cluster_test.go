@@ -214,7 +214,7 @@ func TestLeavingHoldsCallsUntilPeerSilent(t *testing.T) {
 
 	// The peer heard: the call stays held, and the service lives.
 	n.lastHeartbeat.Store(time.Now().UnixNano())
-	n.leaving.Store(true)
+	n.beginLeaving()
 	stop := n.watchLeaving()
 	for end := time.Now().Add(3 * n.cfg.Cluster.Timeout); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
 		n.lastHeartbeat.Store(time.Now().UnixNano())
@@ -246,6 +246,47 @@ func TestLeavingHoldsCallsUntilPeerSilent(t *testing.T) {
 	}
 	if r := n.barrierRefusal(); r == "" {
 		t.Error("a new call after the peer went silent during the handover is held, want it failed")
+	}
+}
+
+// TestStopAloneReleases: a node ALONE, its peer lost, that stops (no peer
+// can take over) releases its services' shutdown flushes alone, as while
+// serving, and does not kill them for a peer long silent; the handover
+// rule (hold, kill on a silent peer) is for a peer that could take over.
+func TestStopAloneReleases(t *testing.T) {
+	n := testNode(t, t.TempDir())
+	n.cfg.Cluster.Timeout = 300 * time.Millisecond
+	n.cfg.Cluster.Interval = 100 * time.Millisecond
+	var err error
+	if n.guard, err = newGuard(n.cfg); err != nil {
+		t.Fatal(err)
+	}
+	n.machine.Store(&cluster.Machine{Name: "nodeA", State: cluster.Alone, Epoch: 9})
+	n.announcedAlone.Store(9)
+	n.stack = &stack.Stack{Services: []stack.Service{{Name: "db", Start: "exec sleep 1000",
+		Interval: 50 * time.Millisecond, StartTimeout: 3 * time.Second, StopTimeout: 10 * time.Second}},
+		Log: n.log, Launch: func(args []string, setup func(*exec.Cmd)) (*exec.Cmd, error) {
+			c := exec.Command(args[0], args[1:]...)
+			setup(c)
+			return c, c.Start()
+		}}
+	if err := n.stack.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(n.stack.Stop)
+	pid := n.stack.Status()[0].Pid
+	n.beginLeaving()
+	stop := n.watchLeaving()
+	time.Sleep(3 * n.cfg.Cluster.Timeout)
+	stop()
+	if err := syscall.Kill(pid, 0); err != nil {
+		t.Errorf("the service of a node stopping ALONE was killed (its peer long lost): %v", err)
+	}
+	if !n.tryRelease() {
+		t.Error("a shutdown flush of a node stopping ALONE is held, want it released alone")
+	}
+	if r := n.alone(); r != "alone" {
+		t.Errorf("a shutdown flush of a node stopping ALONE answered %q, want alone", r)
 	}
 }
 

@@ -207,6 +207,9 @@ type Node struct {
 	// leavingFail: the peer went silent while the node left the role and
 	// the services were killed (watchLeaving); held calls now fail.
 	leavingFail atomic.Bool
+	// leavingAlone: when the node began to leave, the peer could not take
+	// over (beginLeaving).
+	leavingAlone atomic.Bool
 
 	machine       atomic.Pointer[cluster.Machine]
 	events        chan cluster.Event
@@ -533,7 +536,7 @@ func (n *Node) unserve(ctx context.Context) {
 	// kills the services (their pending calls never return) and fails
 	// the calls still held. Failing them at once instead made MariaDB,
 	// logging with its binary log, see EIO and still report the commit.
-	n.leaving.Store(true)
+	n.beginLeaving()
 	n.wakePrimaries()
 	stopWatch := n.watchLeaving()
 	defer stopWatch()
@@ -568,12 +571,29 @@ func (n *Node) unserve(ctx context.Context) {
 	n.server.SetAccept(true)
 }
 
+// beginLeaving marks the node as leaving the role, and notes whether the
+// peer could take over at that moment. If it could not (this node is
+// ALONE with the peer lost, or the peer's copy is stale: a plain stop),
+// calls go on being released alone as while serving, and the services
+// stop cleanly; otherwise (a swap, a step-down) nothing is released
+// without the peer.
+func (n *Node) beginLeaving() {
+	n.relMu.Lock()
+	defer n.relMu.Unlock()
+	n.leavingAlone.Store(n.peerCannotTakeOver())
+	n.leavingFail.Store(false)
+	n.leaving.Store(true)
+}
+
 // watchLeaving watches the peer while the node leaves the role: once no
 // heartbeat came for cluster.timeout, the services are killed and every
 // durability call still held fails (leavingFail). It returns a function
 // that ends the watch.
 func (n *Node) watchLeaving() (stop func()) {
-	n.leavingFail.Store(false)
+	if n.leavingAlone.Load() {
+		// The peer could not take over: calls are released alone.
+		return func() {}
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
@@ -1235,8 +1255,6 @@ func (n *Node) barrier(ctx context.Context) string {
 			err = p.WaitShipped(ctx, kernel{n}, rel)
 		}
 		switch {
-		case errors.Is(err, replica.ErrAlone) && n.leaving.Load():
-			return "error: the primary role was handed over before this change was shipped"
 		case errors.Is(err, replica.ErrAlone):
 			if reply = n.alone(); reply != "alone" {
 				return reply
@@ -1326,10 +1344,14 @@ func (n *Node) tryRelease() bool {
 	n.relMu.Lock()
 	defer n.relMu.Unlock()
 	if n.leaving.Load() {
-		// Handing the role over: never released alone (the peer takes
-		// over without it); the call ends, and fails, only once the
-		// peer went silent (watchLeaving).
-		return n.leavingFail.Load()
+		if n.leavingFail.Load() {
+			return true // fails: the peer went silent (watchLeaving)
+		}
+		if !n.leavingAlone.Load() {
+			// Handing the role over to a peer that can take it: never
+			// released alone (the peer would take over without it).
+			return false
+		}
 	}
 	if !n.peerCannotTakeOver() {
 		return false
@@ -1352,7 +1374,7 @@ func (n *Node) wakePrimaries() {
 // alone answers a durability call that no peer in sync can confirm:
 // released and tracked for a resync, or refused (cluster.alone_writes).
 func (n *Node) alone() string {
-	if n.leaving.Load() {
+	if n.leaving.Load() && (n.leavingFail.Load() || !n.leavingAlone.Load()) {
 		// The peer is taking over: released, the change would be lost.
 		return "error: the primary role was handed over before this change was shipped"
 	}
