@@ -132,13 +132,7 @@ func TestChunkCoalescing(t *testing.T) { onEachFS(t, testChunkCoalescing) }
 
 func testChunkCoalescing(t *testing.T, fstype string, mib int) {
 	fs := loopfs.Make(t, fstype, max(64, mib))
-	var st syscall.Stat_t
-	syscall.Stat(fs.Mount, &st)
-	c, err := Open(Options{Devices: []uint64{st.Dev}, XFS: fstype == "xfs"})
-	if err != nil {
-		t.Fatalf("Open: %v", err)
-	}
-	defer c.Close()
+	c := openOn(t, fstype, fs.Mount)
 
 	seq, _ := os.Create(filepath.Join(fs.Mount, "seq"))
 	page := make([]byte, 4096)
