@@ -1053,6 +1053,8 @@ static __always_inline int holds_inode_lock(struct inode *inode)
 	return !(owner & 1) && (owner & ~7L) == (long)bpf_get_current_task_btf();
 }
 
+static __always_inline void io_worker_fallocate(void);
+
 SEC("tp_btf/btrfs_set_extent_bit")
 int BPF_PROG(btrfs_set_extent_bit, const struct extent_io_tree *tree, u64 start,
 	     u64 len, unsigned set_bits)
@@ -1085,8 +1087,10 @@ int BPF_PROG(btrfs_set_extent_bit, const struct extent_io_tree *tree, u64 start,
 	// len wraps to 0) under the inode lock: a truncate, once i_size and
 	// the page cache are cut. The tail counts as changed (see
 	// ext4_truncate_enter).
-	if (start + len != 0)
+	if (start + len != 0) {
+		io_worker_fallocate();
 		return 0;
+	}
 	size = BPF_CORE_READ(inode, i_size);
 	if (size < start)
 		start = size;
@@ -1244,18 +1248,34 @@ int sys_enter_fallocate(struct trace_event_raw_sys_enter *ctx)
 	return 0;
 }
 
-// io_uring's fallocate runs in an io-wq worker, in no syscall: reported
-// at submission (the range is in the request) and again at completion.
-SEC("tp_btf/io_uring_submit_req")
-int BPF_PROG(io_uring_submit_req, struct io_kiocb *req)
+// io_uring's fallocate runs in an io-wq worker, in no syscall: its range
+// is in the request the worker runs. Reported at the first extent lock of
+// the operation (btrfs locks a range before it changes any of it), and
+// again when the request completes.
+static __always_inline void io_worker_fallocate(void)
 {
-	struct io_sync *sync = (void *)&req->cmd;
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct io_worker *worker;
+	struct io_wq_work *work;
+	struct io_kiocb *req;
+	struct io_sync *sync;
+	__u64 key;
 
+	if (!(BPF_CORE_READ(task, flags) & PF_IO_WORKER))
+		return;
+	worker = BPF_CORE_READ(task, worker_private);
+	work = BPF_CORE_READ(worker, cur_work);
+	if (!work)
+		return;
+	req = (void *)work - bpf_core_field_offset(struct io_kiocb, work);
 	if (BPF_CORE_READ(req, opcode) != IORING_OP_FALLOCATE)
-		return 0;
+		return;
+	key = (__u64)req;
+	if (bpf_map_lookup_elem(&fallocs, &key))
+		return; // reported at its first lock
+	sync = (void *)&req->cmd;
 	fallocate_preop(BPF_CORE_READ(req, file), BPF_CORE_READ(sync, mode),
-			BPF_CORE_READ(sync, off), BPF_CORE_READ(sync, len), (__u64)req, 29);
-	return 0;
+			BPF_CORE_READ(sync, off), BPF_CORE_READ(sync, len), key, 29);
 }
 
 SEC("tp_btf/io_uring_complete")

@@ -102,7 +102,6 @@ const (
 	CaptureProgExt4ZeroRange            = "ext4_zero_range"
 	CaptureProgInodeSetCtimeToTs        = "inode_set_ctime_to_ts"
 	CaptureProgIoUringComplete          = "io_uring_complete"
-	CaptureProgIoUringSubmitReq         = "io_uring_submit_req"
 	CaptureProgIomapDioComplete         = "iomap_dio_complete"
 	CaptureProgIomapDioRwBegin          = "iomap_dio_rw_begin"
 	CaptureProgIomapIter                = "iomap_iter"
@@ -187,7 +186,6 @@ type CaptureProgramSpecs struct {
 	Ext4ZeroRange            *ebpf.ProgramSpec `ebpf:"ext4_zero_range"`
 	InodeSetCtimeToTs        *ebpf.ProgramSpec `ebpf:"inode_set_ctime_to_ts"`
 	IoUringComplete          *ebpf.ProgramSpec `ebpf:"io_uring_complete"`
-	IoUringSubmitReq         *ebpf.ProgramSpec `ebpf:"io_uring_submit_req"`
 	IomapDioComplete         *ebpf.ProgramSpec `ebpf:"iomap_dio_complete"`
 	IomapDioRwBegin          *ebpf.ProgramSpec `ebpf:"iomap_dio_rw_begin"`
 	IomapIter                *ebpf.ProgramSpec `ebpf:"iomap_iter"`
@@ -315,7 +313,6 @@ type CapturePrograms struct {
 	Ext4ZeroRange            *ebpf.Program `ebpf:"ext4_zero_range"`
 	InodeSetCtimeToTs        *ebpf.Program `ebpf:"inode_set_ctime_to_ts"`
 	IoUringComplete          *ebpf.Program `ebpf:"io_uring_complete"`
-	IoUringSubmitReq         *ebpf.Program `ebpf:"io_uring_submit_req"`
 	IomapDioComplete         *ebpf.Program `ebpf:"iomap_dio_complete"`
 	IomapDioRwBegin          *ebpf.Program `ebpf:"iomap_dio_rw_begin"`
 	IomapIter                *ebpf.Program `ebpf:"iomap_iter"`
@@ -354,7 +351,6 @@ func (p *CapturePrograms) Close() error {
 		p.Ext4ZeroRange,
 		p.InodeSetCtimeToTs,
 		p.IoUringComplete,
-		p.IoUringSubmitReq,
 		p.IomapDioComplete,
 		p.IomapDioRwBegin,
 		p.IomapIter,
