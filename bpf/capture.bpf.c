@@ -1043,35 +1043,43 @@ int BPF_PROG(xfs_exchrange_mappings, const struct xfs_exchrange *fxr,
 // times, size, links, entries or xattrs sets it), and reported when the
 // syscall that made them returns; range operations by their syscalls.
 
-// i_rwsem held for writing by this task: a write, truncate or range
-// operation, not a page fault (page_mkwrite sets DELALLOC too, before
-// the store lands) nor a read.
-static __always_inline int holds_inode_lock(struct inode *inode)
-{
-	long owner = BPF_CORE_READ(inode, i_rwsem.owner.counter);
-
-	return !(owner & 1) && (owner & ~7L) == (long)bpf_get_current_task_btf();
-}
-
 static __always_inline void io_worker_fallocate(void);
 
+// Direct loads where they can be (the arguments are BTF pointers): this
+// fires several times per write, and each helper call of BPF_CORE_READ
+// costs more than the rest.
 SEC("tp_btf/btrfs_set_extent_bit")
 int BPF_PROG(btrfs_set_extent_bit, const struct extent_io_tree *tree, u64 start,
 	     u64 len, unsigned set_bits)
 {
+	struct task_struct *task = bpf_get_current_task_btf();
 	struct btrfs_inode *bi;
 	struct inode *inode;
 	__u64 size;
+	long owner;
 	__u32 dev;
 
-	if (!(set_bits & (EXTENT_DELALLOC | EXTENT_LOCKED)) ||
-	    BPF_CORE_READ(tree, owner) != IO_TREE_INODE_IO)
+	if (!(set_bits & (EXTENT_DELALLOC | EXTENT_LOCKED)) || tree->owner != IO_TREE_INODE_IO)
 		return 0;
+	// Most LOCKED ranges are a write's folio, or a read's: only one to
+	// the end of the file, or one in an io-wq worker, is of interest.
+	if (!(set_bits & EXTENT_DELALLOC) && start + len != 0 && !(task->flags & PF_IO_WORKER))
+		return 0;
+	// The verifier takes tree->inode for the union's other member.
 	bi = BPF_CORE_READ(tree, inode);
 	if (!bi)
 		return 0;
 	inode = (void *)bi + bpf_core_field_offset(struct btrfs_inode, vfs_inode);
-	if (!watched_btrfs(inode, &dev) || !holds_inode_lock(inode))
+	if (!is_btrfs_sb(BPF_CORE_READ(inode, i_sb, s_dev)))
+		return 0;
+	dev = BPF_CORE_READ(bi, root, anon_dev);
+	if (!is_watched(dev))
+		return 0;
+	// i_rwsem held for writing by this task: a write, truncate or range
+	// operation, not a page fault (page_mkwrite sets DELALLOC too, before
+	// the store lands) nor a read.
+	owner = BPF_CORE_READ(inode, i_rwsem.owner.counter);
+	if ((owner & 1) || (owner & ~7L) != (long)task)
 		return 0;
 	if (set_bits & EXTENT_DELALLOC) {
 		// A buffered write (also O_DIRECT, which btrfs turns into
@@ -1120,14 +1128,14 @@ static __always_inline int in_flushed_syscall(struct task_struct *task)
 	struct pt_regs *regs;
 	__u64 nr;
 
-	if (BPF_CORE_READ(task, flags) & (PF_KTHREAD | PF_IO_WORKER | PF_USER_WORKER))
+	if (task->flags & (PF_KTHREAD | PF_IO_WORKER | PF_USER_WORKER))
 		return 0;
-	if (BPF_CORE_READ(task, thread_info.status) & TS_COMPAT)
+	if (task->thread_info.status & TS_COMPAT)
 		return 0;
 	regs = (struct pt_regs *)bpf_task_pt_regs(task);
 	if (!regs)
 		return 0;
-	nr = BPF_CORE_READ(regs, orig_ax);
+	nr = regs->orig_ax;
 	return nr < 512 && (FLUSHED_SYSCALLS[nr >> 6] >> (nr & 63)) & 1;
 }
 
@@ -1143,10 +1151,15 @@ static __always_inline void ctime_set(struct inode *inode)
 	__u64 ino;
 	__u32 dev, gen;
 
-	if (!watched_btrfs(inode, &dev))
+	// Direct loads where they can be (the argument is a BTF pointer):
+	// this fires at most writes.
+	if (!inode || !is_btrfs_sb(inode->i_sb->s_dev))
 		return;
-	ino = BPF_CORE_READ(inode, i_ino);
-	gen = BPF_CORE_READ(inode, i_generation);
+	dev = btrfs_subvol_dev(inode);
+	if (!is_watched(dev))
+		return;
+	ino = inode->i_ino;
+	gen = inode->i_generation;
 	if (in_flushed_syscall(task)) {
 		ta = bpf_task_storage_get(&task_attrs, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
 		if (ta) {
