@@ -1219,7 +1219,7 @@ int BPF_PROG(inode_set_ctime_to_ts, struct inode *inode, struct timespec64 *ctim
 #define FALLOC_CHANGES (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_COLLAPSE_RANGE | \
 			FALLOC_FL_ZERO_RANGE | FALLOC_FL_INSERT_RANGE | FALLOC_FL_WRITE_ZEROES)
 
-// fd_inode is the inode of the current task's file descriptor fd.
+// fd_file is the file of the current task's descriptor fd.
 static __always_inline struct file *fd_file(long fd)
 {
 	struct task_struct *task = bpf_get_current_task_btf();
