@@ -240,7 +240,7 @@ func TestPrintLatency(t *testing.T) {
 // it, complete at the end.
 func TestResyncBars(t *testing.T) {
 	var out bytes.Buffer
-	b := newResyncBars(&out, 200)
+	b := newProgressBars(&out, 200)
 	r := replica.ResyncStatus{Active: true, Phase: "sending", Mode: "bitmap", BytesPlanned: 1 << 20, BytesSent: 1 << 19, FilesCompared: 3, FilesTotal: 7, EtaSec: 2}
 	frac, text := progressOf(&r, true)
 	if frac != 0.5 {

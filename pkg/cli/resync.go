@@ -2,17 +2,12 @@ package cli
 
 import (
 	"fmt"
-	"io"
-	"os"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/duet-ha/duet/pkg/node"
 	"github.com/duet-ha/duet/pkg/replica"
 	"github.com/spf13/cobra"
-	"github.com/vbauerster/mpb/v8"
-	"github.com/vbauerster/mpb/v8/decor"
 )
 
 func newResync(s IOStreams) *cobra.Command {
@@ -54,9 +49,9 @@ services keep writing. The peer is a mirror again when the command returns.`,
 			return nil
 		}
 		tty := isTerminal(s.Out)
-		var bars *resyncBars
+		var bars *progressBars
 		if tty {
-			bars = newResyncBars(s.Out, 0)
+			bars = newProgressBars(s.Out, 0)
 		}
 		var lastLine time.Time
 		for {
@@ -145,72 +140,4 @@ func progressOf(r *replica.ResyncStatus, connected bool) (float64, string) {
 	return frac, fmt.Sprintf("%s: %s / %s, %d/%d files compared, %s/s, ETA %s (%s)",
 		r.Phase, bytesOf(r.BytesSent), bytesOf(r.BytesPlanned), r.FilesCompared, r.FilesTotal,
 		bytesOf(uint64(r.RateBps)), eta, r.Mode)
-}
-
-// resyncBars draws a progress bar per directory on a terminal (mpb),
-// with the daemon's figures beside it: its rate and ETA, not ones the bar
-// would guess from how often it is fed.
-type resyncBars struct {
-	p    *mpb.Progress
-	mu   sync.Mutex
-	bars map[string]*mpb.Bar
-	text map[string]string
-}
-
-// newResyncBars draws on w, lines width wide (0: the terminal's).
-func newResyncBars(w io.Writer, width int) *resyncBars {
-	opts := []mpb.ContainerOption{mpb.WithOutput(w), mpb.WithAutoRefresh(), mpb.WithRefreshRate(250 * time.Millisecond)}
-	if width > 0 {
-		opts = append(opts, mpb.WithWidth(width))
-	}
-	return &resyncBars{p: mpb.New(opts...), bars: map[string]*mpb.Bar{}, text: map[string]string{}}
-}
-
-// barScale is a bar's total: a fraction in thousandths.
-const barScale = 1000
-
-// set shows dir at frac, with text beside the bar.
-func (b *resyncBars) set(dir string, frac float64, text string) {
-	b.mu.Lock()
-	b.text[dir] = text
-	bar := b.bars[dir]
-	b.mu.Unlock()
-	if bar == nil {
-		bar = b.p.AddBar(barScale, mpb.BarWidth(24), mpb.PrependDecorators(decor.Name(dir+" "), decor.Percentage(decor.WCSyncSpace)),
-			mpb.AppendDecorators(decor.Any(func(decor.Statistics) string {
-				b.mu.Lock()
-				defer b.mu.Unlock()
-				return " " + b.text[dir]
-			})))
-		b.mu.Lock()
-		b.bars[dir] = bar
-		b.mu.Unlock()
-	}
-	// Not complete before the end: a completed bar stops drawing.
-	bar.SetCurrent(min(int64(frac*barScale), barScale-1))
-}
-
-// end completes (done) or drops the bars and waits until they are drawn.
-func (b *resyncBars) end(done bool) {
-	b.mu.Lock()
-	bars := b.bars
-	b.mu.Unlock()
-	for _, bar := range bars {
-		if done {
-			bar.SetCurrent(barScale)
-		} else {
-			bar.Abort(false)
-		}
-	}
-	b.p.Wait()
-}
-
-// isTerminal reports whether w is a character device (a terminal).
-func isTerminal(w io.Writer) bool {
-	f, ok := w.(*os.File)
-	if !ok {
-		return false
-	}
-	st, err := f.Stat()
-	return err == nil && st.Mode()&os.ModeCharDevice != 0
 }

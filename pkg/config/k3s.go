@@ -359,7 +359,17 @@ func (k *K3S) expand(c *Config) {
 // commit fsyncs the redo log (innodb_flush_log_at_trx_commit=1) through
 // fsync (innodb_flush_method=fsync: buffered writes that duet captures,
 // and a durability call it waits on), the doublewrite buffer against torn
-// pages, and sync_binlog=1 should the binary log be enabled.
+// pages, and the binary log, synced at every commit (sync_binlog=1), in
+// the replicated data directory. kine needs no binlog, but without it
+// InnoDB makes a commit visible to other clients before it flushes its
+// log: a reader could see a write that a failover then lost, before the
+// writer was told it was committed (the fault campaign's linearizability
+// check found it: a get returned a put whose outcome was unknown, and
+// after the takeover the key held the value before). With the binlog a
+// commit is two-phase: the prepare is flushed and the binlog synced (each
+// a durability call, so on the peer) before the commit makes the change
+// visible, and crash recovery on the survivor commits every prepared
+// transaction the binlog holds. It is kept an hour, in 16 MiB files.
 func (k *K3S) mariadbStart(run string) string {
 	d := shq(k.MySQLDir)
 	scratch := shq(filepath.Join(k.MySQLDir, ".duet-init"))
@@ -367,7 +377,8 @@ func (k *K3S) mariadbStart(run string) string {
 		"--socket=" + shq(filepath.Join(run, "mysqld.sock")), "--pid-file=" + shq(filepath.Join(run, "mysqld.pid")),
 		"--bind-address=0.0.0.0", fmt.Sprintf("--port=%d", k.MySQLPort), "--skip-name-resolve",
 		"--innodb-flush-log-at-trx-commit=1", "--innodb-flush-method=fsync", "--innodb-doublewrite=1",
-		"--sync-binlog=1", "--innodb-log-file-size=48M"}
+		"--log-bin=binlog", "--sync-binlog=1", "--binlog-expire-logs-seconds=3600", "--max-binlog-size=16M",
+		"--innodb-log-file-size=48M"}
 	for _, a := range k.MySQLArgs {
 		args = append(args, shq(a))
 	}

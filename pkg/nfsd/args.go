@@ -39,17 +39,17 @@ func checkArgs(h callHeader, args []byte, recordLen int) error {
 		}
 		r.opaque(maxHandle)
 		switch h.proc {
-		case 3, 8, 9, 11, 12, 13: // LOOKUP, CREATE, MKDIR, MKNOD, REMOVE, RMDIR
+		case procLookup, procCreate, procMkdir, procMknod, procRemove, procRmdir:
 			r.opaque(maxName)
-		case 10: // SYMLINK
+		case procSymlink:
 			r.opaque(maxName)
 			sattr3(&r)
 			r.opaque(maxPath)
-		case 14: // RENAME
+		case procRename:
 			r.opaque(maxName)
 			r.opaque(maxHandle)
 			r.opaque(maxName)
-		case 15: // LINK
+		case procLink:
 			r.opaque(maxHandle)
 			r.opaque(maxName)
 		case procWrite:

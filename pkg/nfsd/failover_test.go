@@ -48,13 +48,19 @@ func serve(t testing.TB, dir string, s Syncer) (addr string, stop func()) {
 // serveSquash is serve with root squash sq.
 func serveSquash(t testing.TB, dir string, s Syncer, sq Squash) (addr string, stop func()) {
 	t.Helper()
+	return serveWith(t, dir, func(ctx context.Context, l net.Listener) error { return Serve(ctx, l, dir, s, sq) })
+}
+
+// serveWith is serve with run as Serve.
+func serveWith(t testing.TB, dir string, run func(ctx context.Context, l net.Listener) error) (addr string, stop func()) {
+	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- Serve(ctx, l, dir, s, sq) }()
+	go func() { done <- run(ctx, l) }()
 	var once sync.Once
 	stop = func() {
 		once.Do(func() {

@@ -9,8 +9,10 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	nfs "github.com/willscott/go-nfs"
 )
@@ -22,7 +24,8 @@ import (
 // (RFC 5531), refuses NFS calls without an AUTH_SYS credential, sets the
 // identity go-nfs's calls act as (cred.go), answers UNSTABLE WRITEs,
 // COMMITs and ACCESS itself, checks a LOOKUP's search permission, and
-// passes every other record unchanged to go-nfs over a pipe.
+// passes every other record unchanged to go-nfs over a pipe. Calls that
+// are not idempotent go through the duplicate request cache (drc.go).
 
 // ONC RPC and NFSv3 numbers (RFC 5531, RFC 1813).
 const (
@@ -34,9 +37,18 @@ const (
 	rpcVersion   = 2
 	progNFS      = 100003
 	nfsVersion   = 3
+	procSetattr  = 2
 	procLookup   = 3
 	procAccess   = 4
 	procWrite    = 7
+	procCreate   = 8
+	procMkdir    = 9
+	procSymlink  = 10
+	procMknod    = 11
+	procRemove   = 12
+	procRmdir    = 13
+	procRename   = 14
+	procLink     = 15
 	procCommit   = 21
 	unstable     = 0 // stable_how UNSTABLE
 	progMismatch = 2 // accept_stat PROG_MISMATCH
@@ -123,6 +135,9 @@ func (h callHeader) intercepted(n int) bool {
 	return false
 }
 
+// cached says whether the call goes through the duplicate request cache.
+func (h callHeader) cached() bool { return h.nfs3() && cachedProc(h.proc) }
+
 // writeArgs is WRITE3args.
 type writeArgs struct {
 	fh     []byte
@@ -169,7 +184,9 @@ func parseCommit(args []byte) ([]byte, error) {
 type proxy struct {
 	h      *Handler
 	client net.Conn
-	nfsd   net.Conn // the proxy's end of the pipe to go-nfs
+	from   string        // the client's address, without the port: for the cache
+	nfsd   net.Conn      // the proxy's end of the pipe to go-nfs
+	in     *bufio.Reader // the client's records: serveClient's, and a watcher's while a call waits (waitFor)
 
 	wmu sync.Mutex // held to write a reply to the client
 	out *bufio.Writer
@@ -180,31 +197,56 @@ type proxy struct {
 	warnedAuth bool // a refused credential was logged
 
 	mu      sync.Mutex
-	idle    *sync.Cond // pending reached 0, or done
-	pending int        // records passed to go-nfs and not yet answered
-	done    bool
+	idle    *sync.Cond   // queue emptied, or done
+	queue   []passedCall // records passed to go-nfs and not yet answered, in order
+	done    bool         // the client's side ended: no call is read or passed any more
+	dropped bool         // go-nfs's replies are neither sent nor kept in the cache
 	once    sync.Once
-	closed  chan struct{} // closed by close
+	closed  chan struct{} // closed by hangUp
+}
+
+// passedCall is a call passed to go-nfs, which answers them in order.
+type passedCall struct {
+	xid   uint32
+	entry *cacheEntry // the call's in the cache, or nil
 }
 
 func newProxy(h *Handler, client, nfsd net.Conn) *proxy {
-	p := &proxy{h: h, client: client, nfsd: nfsd, out: bufio.NewWriterSize(client, 64<<10), closed: make(chan struct{})}
+	p := &proxy{h: h, client: client, from: hostOf(client.RemoteAddr()), nfsd: nfsd, in: bufio.NewReaderSize(client, 64<<10), out: bufio.NewWriterSize(client, 64<<10), closed: make(chan struct{})}
 	p.fs = &fsys{export: h.fs.export, who: p.caller.Load}
 	p.idle = sync.NewCond(&p.mu)
 	return p
 }
 
-// close ends both sides; each loop returns soon after.
-func (p *proxy) close() {
+// hangUp ends the client's side: the connection is closed and no call is
+// read or passed any more. The pipe to go-nfs stays open until go-nfs has
+// answered the calls passed to it (serveReplies closes it): such a call
+// may still run — the client gave up on it and sends it again on a new
+// connection, where it waits for this reply in the cache.
+func (p *proxy) hangUp() {
 	p.once.Do(func() {
 		p.client.Close()
-		p.nfsd.Close()
 		p.mu.Lock()
 		p.done = true
+		answered := len(p.queue) == 0
 		p.idle.Broadcast()
 		p.mu.Unlock()
+		if answered {
+			p.nfsd.Close()
+		}
 		close(p.closed)
 	})
+}
+
+// close ends both sides now: the server stops, or cannot serve the calls
+// (connHandler.FromHandle). What go-nfs answers after is neither sent nor
+// kept: a client sends the call again, to this server or the next.
+func (p *proxy) close() {
+	p.mu.Lock()
+	p.dropped = true
+	p.mu.Unlock()
+	p.hangUp()
+	p.nfsd.Close()
 }
 
 // refuse logs why the connection is closed: the client sent what no
@@ -215,8 +257,8 @@ func (p *proxy) refuse(err error) {
 
 // serveClient reads the client's records until the connection ends.
 func (p *proxy) serveClient() {
-	defer p.close()
-	in := bufio.NewReaderSize(p.client, 64<<10)
+	defer p.hangUp()
+	in := p.in
 	var rec []byte
 	for {
 		var mark [4]byte
@@ -282,7 +324,26 @@ func (p *proxy) serveClient() {
 				}
 				continue
 			}
-			if !p.passAs(c, mark[:], in, n) {
+			call := passedCall{xid: h.xid}
+			if h.cached() {
+				// All of the record but the end of a WRITE over the bound.
+				held, err := in.Peek(min(n, maxPassedCall))
+				if err != nil {
+					return
+				}
+				reply, e, ok := p.h.drc.begin(p.h.drc.key(p.from, h, held, n), p.waitFor)
+				if !ok {
+					return
+				}
+				if reply != nil {
+					if _, err := io.CopyN(io.Discard, in, int64(n)); err != nil || !p.write(reply) {
+						return
+					}
+					continue
+				}
+				call.entry = e
+			}
+			if !p.passAs(c, call, mark[:], in, n) {
 				return
 			}
 			continue
@@ -314,39 +375,60 @@ func (p *proxy) serveCall(h callHeader, c *cred, mark, rec []byte) bool {
 		return p.lookup(h, c, mark, rec)
 	case procAccess:
 		return p.access(h, c, args)
+	case procCommit:
+		fh, err := parseCommit(args)
+		if err != nil {
+			return p.garbage(h, err)
+		}
+		reply := p.writeOrCommit(h, c, writeArgs{fh: fh})
+		return reply != nil && p.write(reply)
 	}
-	var w writeArgs
-	var fh []byte
-	var err error
-	if h.proc == procWrite {
-		w, err = parseWrite(args)
-		fh = w.fh
-	} else {
-		fh, err = parseCommit(args)
-	}
+	w, err := parseWrite(args)
 	if err != nil {
 		return p.garbage(h, err)
 	}
-	if h.proc == procWrite && w.stable != unstable {
-		return p.passAs(c, mark, bytes.NewReader(rec), len(rec))
-	}
-	if !p.waitIdle() {
+	reply, e, ok := p.h.drc.begin(p.h.drc.key(p.from, h, rec, len(rec)), p.waitFor)
+	switch {
+	case !ok:
 		return false
+	case reply != nil:
+		return p.write(reply)
+	case w.stable != unstable:
+		return p.passAs(c, passedCall{xid: h.xid, entry: e}, mark, bytes.NewReader(rec), len(rec))
+	}
+	reply = p.writeOrCommit(h, c, w)
+	if reply == nil {
+		p.h.drc.abandon(e)
+		return false
+	}
+	// Cached before it is sent: a write blocked on a dead client's full
+	// socket must not keep the call's duplicate waiting.
+	p.h.drc.finish(e, reply)
+	return p.write(reply)
+}
+
+// writeOrCommit makes an UNSTABLE WRITE (w) or a COMMIT (w.fh) as c once
+// go-nfs has answered the calls before, and returns the reply record; nil
+// when the connection must end unanswered.
+func (p *proxy) writeOrCommit(h callHeader, c *cred, w writeArgs) []byte {
+	if !p.waitIdle() {
+		return nil
 	}
 	var n int
 	var attrs wcc
 	var verf [8]byte
+	var err error
 	if h.proc == procWrite {
 		verf = p.h.verf.current()
-		n, attrs, err = p.h.writeUnstable(c, fh, w.off, w.data)
+		n, attrs, err = p.h.writeUnstable(c, w.fh, w.off, w.data)
 	} else {
-		attrs, err = p.h.commit(fh)
+		attrs, err = p.h.commit(w.fh)
 		verf = p.h.verf.afterSync()
 	}
 	if errors.Is(err, errClosed) {
 		// The server is stopping: no reply, so that the client sends the
 		// call again to the next one.
-		return false
+		return nil
 	}
 	st := statusOf(err)
 	if st != nfsOK && st != nfsStale && st != nfsAcces {
@@ -356,7 +438,7 @@ func (p *proxy) serveCall(h callHeader, c *cred, mark, rec []byte) bool {
 	putU32(b, st)
 	if err := nfs.WriteWcc(b, attrs.pre, attrs.post); err != nil {
 		slog.Warn("nfs: encoding a reply", "err", err)
-		return false
+		return nil
 	}
 	if st == nfsOK {
 		if h.proc == procWrite {
@@ -365,7 +447,7 @@ func (p *proxy) serveCall(h callHeader, c *cred, mark, rec []byte) bool {
 		}
 		b.Write(verf[:])
 	}
-	return p.send(b.Bytes())
+	return sealed(b.Bytes())
 }
 
 // garbage answers a call whose arguments do not decode.
@@ -392,7 +474,7 @@ func (p *proxy) lookup(h callHeader, c *cred, mark, rec []byte) bool {
 	}
 	if attrs == nil || attrs.Type != nfs.FileTypeDirectory {
 		// Allowed, or go-nfs's to answer: a stale handle, not a directory.
-		return p.passAs(c, mark, bytes.NewReader(rec), len(rec))
+		return p.passAs(c, passedCall{xid: h.xid}, mark, bytes.NewReader(rec), len(rec))
 	}
 	b := replyHeader(h.xid, 0)
 	putU32(b, nfsAcces)
@@ -436,37 +518,97 @@ func (p *proxy) access(h callHeader, c *cred, args []byte) bool {
 	return p.send(b.Bytes())
 }
 
-// passAs passes a call of c to go-nfs. go-nfs takes one connection's
-// calls one at a time, each acting as the connection's current caller;
-// a call of another caller waits until go-nfs has answered those before
-// it, then changes the caller.
-func (p *proxy) passAs(c *cred, mark []byte, r io.Reader, n int) bool {
+// passAs passes a call of c, a record of n bytes from r, to go-nfs. go-nfs
+// takes one connection's calls one at a time, each acting as the
+// connection's current caller; a call of another caller waits until
+// go-nfs has answered those before it, then changes the caller. The
+// call's cache entry ends with go-nfs's reply (answered), or without one
+// if the call is not passed.
+func (p *proxy) passAs(c *cred, call passedCall, mark []byte, r io.Reader, n int) bool {
 	if c != nil && !c.equal(p.caller.Load()) {
 		if !p.waitIdle() {
+			p.forget(call)
 			return false
 		}
 		p.caller.Store(c)
 	}
-	return p.pass(mark, r, n)
-}
-
-// pass sends a record of n bytes from r to go-nfs.
-func (p *proxy) pass(mark []byte, r io.Reader, n int) bool {
 	p.mu.Lock()
-	p.pending++
+	if p.done {
+		p.mu.Unlock()
+		p.forget(call)
+		return false
+	}
+	p.queue = append(p.queue, call)
 	p.mu.Unlock()
 	if _, err := p.nfsd.Write(mark); err != nil {
 		return false
 	}
-	_, err := io.CopyN(p.nfsd, r, int64(n))
-	return err == nil
+	if _, err := io.CopyN(p.nfsd, r, int64(n)); err != nil {
+		// A record cut short (the client went away in its middle):
+		// go-nfs would wait for its end for ever.
+		p.nfsd.Close()
+		return false
+	}
+	return true
+}
+
+// forget ends the cache entry of a call that got no reply.
+func (p *proxy) forget(call passedCall) {
+	if call.entry != nil {
+		p.h.drc.abandon(call.entry)
+	}
+}
+
+// waitFor waits, for the cache, until done is closed (true) or the
+// connection ends (false). serveClient reads nothing meanwhile, so a
+// watcher reads ahead to see the client close its side: a client closes
+// the connection of a call it gave up on and sends the call again on a
+// new one, where it waits too, and each such connection would otherwise
+// stay, with its goroutines, for as long as the first attempt runs.
+func (p *proxy) waitFor(done <-chan struct{}) bool {
+	watched := make(chan struct{})
+	go func() {
+		defer close(watched)
+		p.watchHangUp()
+	}()
+	select {
+	case <-done:
+	case <-p.closed:
+	}
+	p.client.SetReadDeadline(time.Now()) // ends the watcher's read
+	<-watched
+	p.client.SetReadDeadline(time.Time{})
+	select {
+	case <-p.closed:
+		return false
+	default:
+		return true
+	}
+}
+
+// watchHangUp reads the client's next bytes into p.in, without taking
+// them, until the client ends its side (then it hangs up) or waitFor's
+// deadline. It stops watching once the reader's buffer is full: the
+// client, still sending, has not left.
+func (p *proxy) watchHangUp() {
+	for {
+		_, err := p.in.Peek(p.in.Buffered() + 1)
+		switch {
+		case err == nil: // more came: watch on
+		case errors.Is(err, os.ErrDeadlineExceeded), errors.Is(err, bufio.ErrBufferFull):
+			return
+		default:
+			p.hangUp()
+			return
+		}
+	}
 }
 
 // waitIdle waits until go-nfs has answered every record passed to it.
 func (p *proxy) waitIdle() bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	for p.pending > 0 && !p.done {
+	for len(p.queue) > 0 && !p.done {
 		p.idle.Wait()
 	}
 	return !p.done
@@ -494,21 +636,31 @@ func replyHeader(xid, stat uint32) *bytes.Buffer {
 
 func putU32(b *bytes.Buffer, v uint32) { b.Write(binary.BigEndian.AppendUint32(nil, v)) }
 
-// send writes a reply built on replyHeader.
-func (p *proxy) send(b []byte) bool {
+// sealed fills in the record mark of a reply built on replyHeader.
+func sealed(b []byte) []byte {
 	binary.BigEndian.PutUint32(b, uint32(len(b)-4)|lastFragment)
+	return b
+}
+
+// send writes a reply built on replyHeader.
+func (p *proxy) send(b []byte) bool { return p.write(sealed(b)) }
+
+// write writes a reply record to the client.
+func (p *proxy) write(rec []byte) bool {
 	p.wmu.Lock()
 	defer p.wmu.Unlock()
-	if _, err := p.out.Write(b); err != nil {
+	if _, err := p.out.Write(rec); err != nil {
 		return false
 	}
 	return p.out.Flush() == nil
 }
 
 // serveReplies copies go-nfs's replies to the client, streaming each
-// fragment (a READ reply may be large).
+// fragment (a READ reply may be large), and keeps the reply of a call the
+// cache holds. It reads them until go-nfs has answered every call passed
+// to it, the client gone or not, unless the proxy is closed.
 func (p *proxy) serveReplies() {
-	defer p.close()
+	defer p.endReplies()
 	in := bufio.NewReaderSize(p.nfsd, 64<<10)
 	for {
 		var mark [4]byte
@@ -516,25 +668,97 @@ func (p *proxy) serveReplies() {
 			return
 		}
 		m := binary.BigEndian.Uint32(mark[:])
+		n, last := int(m&^lastFragment), m&lastFragment != 0
+		if last && n <= maxCachedReply && p.answeringCached() {
+			rec := make([]byte, 4+n)
+			copy(rec, mark[:])
+			if _, err := io.ReadFull(in, rec[4:]); err != nil {
+				return
+			}
+			// Cached before it is sent (see serveCall).
+			if !p.answered(rec) {
+				return
+			}
+			if !p.write(rec) {
+				p.hangUp()
+			}
+			continue
+		}
 		p.wmu.Lock()
-		_, err := p.out.Write(mark[:])
-		if err == nil {
-			_, err = io.CopyN(p.out, in, int64(m&^lastFragment))
-		}
-		if err == nil {
-			err = p.out.Flush()
-		}
+		p.out.Write(mark[:])
+		// Read the whole fragment even if the client is gone.
+		_, err := io.CopyN(ignoreErrors{p.out}, in, int64(n))
+		sent := p.out.Flush() == nil // the writer keeps its first error
 		p.wmu.Unlock()
 		if err != nil {
 			return
 		}
-		if m&lastFragment != 0 {
-			p.mu.Lock()
-			if p.pending--; p.pending == 0 {
-				p.idle.Broadcast()
-			}
-			p.mu.Unlock()
+		if !sent {
+			p.hangUp()
 		}
+		if last && !p.answered(nil) {
+			return
+		}
+	}
+}
+
+// ignoreErrors is a writer that takes every byte, whatever w does with it.
+type ignoreErrors struct{ w io.Writer }
+
+func (i ignoreErrors) Write(b []byte) (int, error) {
+	i.w.Write(b)
+	return len(b), nil
+}
+
+// answeringCached says whether the call go-nfs answers next is in the
+// cache.
+func (p *proxy) answeringCached() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.queue) > 0 && p.queue[0].entry != nil
+}
+
+// answered takes the call go-nfs answered off the queue and gives the
+// cache its reply record, rec (nil: none to keep). It returns false if no
+// call was waiting: the stream from go-nfs is out of step.
+func (p *proxy) answered(rec []byte) bool {
+	p.mu.Lock()
+	if len(p.queue) == 0 {
+		p.mu.Unlock()
+		slog.Warn("nfs: closing a client connection: go-nfs sent a reply to no call", "client", p.client.RemoteAddr())
+		return false
+	}
+	call := p.queue[0]
+	p.queue = p.queue[1:]
+	if len(p.queue) == 0 {
+		p.idle.Broadcast()
+		if p.done {
+			p.nfsd.Close()
+		}
+	}
+	dropped := p.dropped
+	p.mu.Unlock()
+	if call.entry == nil {
+		return true
+	}
+	if rec == nil || dropped || len(rec) < 8 || binary.BigEndian.Uint32(rec[4:]) != call.xid {
+		p.h.drc.abandon(call.entry)
+		return true
+	}
+	p.h.drc.finish(call.entry, rec)
+	return true
+}
+
+// endReplies closes the proxy once go-nfs's side is done, and ends the
+// cache entries of the calls it left unanswered.
+func (p *proxy) endReplies() {
+	p.close()
+	p.mu.Lock()
+	left := p.queue
+	p.queue = nil
+	p.mu.Unlock()
+	for _, call := range left {
+		p.forget(call)
 	}
 }
 

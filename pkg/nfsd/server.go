@@ -30,6 +30,7 @@ type Handler struct {
 	key    handleKey
 	verf   *verifier
 	squash Squash
+	drc    *replyCache
 }
 
 var _ nfs.Handler = (*Handler)(nil)
@@ -49,7 +50,7 @@ func New(dir string, s Syncer) (*Handler, error) {
 	key := handleKey(ix.log.key)
 	v := newVerifier()
 	fs := &fsys{export: &export{ix: ix, key: key, root: root, sync: v.syncer(s)}}
-	return &Handler{fs: fs, ix: ix, key: key, verf: v}, nil
+	return &Handler{fs: fs, ix: ix, key: key, verf: v, drc: newReplyCache()}, nil
 }
 
 // Close waits for running calls and releases the export; later calls fail.
@@ -214,6 +215,11 @@ func Serve(ctx context.Context, l net.Listener, dir string, s Syncer, sq Squash)
 		return err
 	}
 	h.squash = sq
+	return h.serve(ctx, l)
+}
+
+// serve is Serve for an open export; it closes h.
+func (h *Handler) serve(ctx context.Context, l net.Listener) error {
 	if !server().root {
 		slog.Warn("nfs: the server is not root: every call acts as its user, whatever the client's credential", "uid", os.Geteuid())
 	}
@@ -227,7 +233,7 @@ func Serve(ctx context.Context, l net.Listener, dir string, s Syncer, sq Squash)
 		}
 		tl.closeAll()
 	}()
-	err = tl.serve(ctx)
+	err := tl.serve(ctx)
 	close(stop)
 	tl.closeAll()
 	tl.wg.Wait()
@@ -273,13 +279,16 @@ func (t *tracker) serve(ctx context.Context) error {
 		go func() {
 			defer t.wg.Done()
 			p.serveClient()
-			t.mu.Lock()
-			delete(t.conns, p)
-			t.mu.Unlock()
 		}()
 		go func() {
 			defer t.wg.Done()
+			// It ends last: once the client hangs up, it still reads
+			// go-nfs's replies to the calls passed, and closeAll must
+			// find the proxy until then.
 			p.serveReplies()
+			t.mu.Lock()
+			delete(t.conns, p)
+			t.mu.Unlock()
 		}()
 		go func() {
 			defer t.wg.Done()

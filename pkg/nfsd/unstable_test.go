@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -219,15 +220,24 @@ func reply(t *testing.T, conn net.Conn) (xid, accept uint32, res []byte) {
 // replyBody reads one reply record.
 func replyBody(t *testing.T, conn net.Conn) []byte {
 	t.Helper()
+	body, err := readReply(conn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return body
+}
+
+// readReply reads one reply record, for a goroutine of a test.
+func readReply(conn net.Conn) ([]byte, error) {
 	var mark [4]byte
 	if _, err := io.ReadFull(conn, mark[:]); err != nil {
-		t.Fatalf("reading a reply: %v", err)
+		return nil, fmt.Errorf("reading a reply: %w", err)
 	}
 	body := make([]byte, binary.BigEndian.Uint32(mark[:])&^lastFragment)
 	if _, err := io.ReadFull(conn, body); err != nil {
-		t.Fatalf("reading a reply: %v", err)
+		return nil, fmt.Errorf("reading a reply: %w", err)
 	}
-	return body
+	return body, nil
 }
 
 // TestPipelinedCallsKeepOrder sends, on one connection and without

@@ -1,16 +1,20 @@
 package node
 
 import (
+	"context"
 	"log/slog"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/duet-ha/duet/pkg/cluster"
 	"github.com/duet-ha/duet/pkg/config"
 	"github.com/duet-ha/duet/pkg/replica"
+	"github.com/duet-ha/duet/pkg/stack"
 )
 
 func testNode(t *testing.T, stateDir string) *Node {
@@ -174,15 +178,17 @@ func TestReleaseNeedsStaleAfterSynced(t *testing.T) {
 	}
 }
 
-// TestLeavingFailsHeldCalls: once the node hands its role over, a call
-// it holds ends at once and fails, never released "alone": released, its
-// change would be lost by the peer's takeover; held, a call waiting for a
-// peer killed during the swap kept the services from stopping for the
-// barrier's whole timeout (the loop that would learn of the death runs
-// the handover).
-func TestLeavingFailsHeldCalls(t *testing.T) {
+// TestLeavingHoldsCallsUntilPeerSilent: while the node hands its role
+// over, a held durability call is neither released alone (the peer takes
+// over without its change) nor failed at once (MariaDB, told EIO for a
+// binary log flush, still reported the commit): it waits to be shipped.
+// Once the peer is silent for cluster.timeout the services are killed
+// first, so none of their calls returns, and then the held calls fail.
+// The old code failed every held call as soon as the handover began.
+func TestLeavingHoldsCallsUntilPeerSilent(t *testing.T) {
 	n := testNode(t, t.TempDir())
-	n.cfg.Cluster.Timeout = 1500 * time.Millisecond
+	n.cfg.Cluster.Timeout = 300 * time.Millisecond
+	n.cfg.Cluster.Interval = 100 * time.Millisecond
 	var err error
 	if n.guard, err = newGuard(n.cfg); err != nil {
 		t.Fatal(err)
@@ -192,11 +198,52 @@ func TestLeavingFailsHeldCalls(t *testing.T) {
 	if n.tryRelease() {
 		t.Fatal("a call released while an up-to-date SECOND could take over")
 	}
+	n.stack = &stack.Stack{Services: []stack.Service{{Name: "db", Start: "exec sleep 1000",
+		Interval: 50 * time.Millisecond, StartTimeout: 3 * time.Second, StopTimeout: 10 * time.Second}},
+		Log: n.log, Launch: func(args []string, setup func(*exec.Cmd)) (*exec.Cmd, error) {
+			c := exec.Command(args[0], args[1:]...)
+			setup(c)
+			return c, c.Start()
+		}}
+	if err := n.stack.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(n.stack.Stop)
+	pid := n.stack.Status()[0].Pid
+
+	// The peer heard: the call stays held, and the service lives.
+	n.lastHeartbeat.Store(time.Now().UnixNano())
 	n.leaving.Store(true)
-	if !n.tryRelease() {
-		t.Error("a held call not ended when the node hands its role over")
+	stop := n.watchLeaving()
+	for end := time.Now().Add(3 * n.cfg.Cluster.Timeout); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
+		n.lastHeartbeat.Store(time.Now().UnixNano())
+		if n.tryRelease() {
+			t.Fatal("a held call ended while the handover went on with the peer heard")
+		}
+	}
+	if r := n.barrierRefusal(); r != "" {
+		t.Errorf("a new call during the handover, the peer heard: %q, want it held", r)
+	}
+	if err := syscall.Kill(pid, 0); err != nil {
+		t.Fatalf("the service was killed while the peer was heard: %v", err)
+	}
+
+	// The peer silent: the service is killed, then the calls fail.
+	deadline := time.Now().Add(5 * time.Second)
+	for !n.tryRelease() {
+		if time.Now().After(deadline) {
+			t.Fatal("held calls not ended 5 s after the peer went silent during the handover")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	stop()
+	if err := syscall.Kill(pid, 0); err == nil {
+		t.Error("held calls failed while the service that may wait on them still runs")
 	}
 	if r := n.alone(); r == "alone" {
 		t.Errorf("a call ended by the handover answered %q: its change would be lost by the takeover", r)
+	}
+	if r := n.barrierRefusal(); r == "" {
+		t.Error("a new call after the peer went silent during the handover is held, want it failed")
 	}
 }

@@ -206,6 +206,9 @@ type Node struct {
 	// the heartbeats said of the peer before.
 	leaving    atomic.Bool
 	lastSynced atomic.Bool
+	// leavingFail: the peer went silent while the node left the role and
+	// the services were killed (watchLeaving); held calls now fail.
+	leavingFail atomic.Bool
 
 	machine       atomic.Pointer[cluster.Machine]
 	events        chan cluster.Event
@@ -565,13 +568,17 @@ func (n *Node) takeVIP(ctx context.Context) error {
 // the peer (if it is connected), the VIP goes, capture stops.
 func (n *Node) unserve(ctx context.Context) {
 	// Cleared by the cluster loop once the new state is published. From
-	// here on durability calls fail, those already held too (tryRelease):
-	// the loop runs this, so it cannot learn meanwhile that a peer died,
-	// and a call held for a peer killed during a swap kept the services
-	// from stopping until the barrier's timeout (30 s with nothing
-	// served, in the fault campaign).
+	// here on no durability call is released without the peer (it is
+	// taking over): each waits until its change is shipped, as the
+	// services' shutdown flushes do. The loop runs this, so it cannot
+	// learn meanwhile that the peer died: watchLeaving does, and then
+	// kills the services (their pending calls never return) and fails
+	// the calls still held. Failing them at once instead made MariaDB,
+	// logging with its binary log, see EIO and still report the commit.
 	n.leaving.Store(true)
 	n.wakePrimaries()
+	stopWatch := n.watchLeaving()
+	defer stopWatch()
 	n.stack.Stop()
 	n.smu.RLock()
 	primaries := n.primaries
@@ -601,6 +608,50 @@ func (n *Node) unserve(ctx context.Context) {
 	}
 	n.stopPrimary()
 	n.server.SetAccept(true)
+}
+
+// watchLeaving watches the peer while the node leaves the role: once no
+// heartbeat came for cluster.timeout, the services are killed and every
+// durability call still held fails (leavingFail). It returns a function
+// that ends the watch.
+func (n *Node) watchLeaving() (stop func()) {
+	n.leavingFail.Store(false)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		t := time.NewTicker(max(n.cfg.Cluster.Interval/4, 10*time.Millisecond))
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			silent := time.Since(time.Unix(0, n.lastHeartbeat.Load()))
+			if silent < n.cfg.Cluster.Timeout {
+				continue
+			}
+			n.log.Warn("the peer went silent while this node hands its role over: the services are killed, so that no durability call they wait on returns unconfirmed; other held calls fail",
+				"silent_for", silent.Round(time.Millisecond))
+			if n.stack != nil {
+				n.stack.Kill()
+			}
+			n.leavingFail.Store(true)
+			// A crashed peer's connection looks alive (no FIN) and
+			// holds the calls as streaming: ended, they fail.
+			n.smu.RLock()
+			for _, p := range n.primaries {
+				p.Drop("the peer went silent during the handover")
+			}
+			n.smu.RUnlock()
+			return
+		}
+	}()
+	return func() {
+		cancel()
+		<-done
+	}
 }
 
 func (n *Node) startPrimary(ctx context.Context) error {
@@ -1183,15 +1234,10 @@ const barrierTimeout = 30 * time.Second
 // "alone" (no peer in sync: released, tracked for a resync), or
 // "error: ...".
 func (n *Node) barrier(ctx context.Context) string {
+	if r := n.barrierRefusal(); r != "" {
+		return r
+	}
 	m := n.machine.Load()
-	if !m.State.Serving() {
-		return "error: this node is " + m.State.String() + ", not the primary"
-	}
-	// While the role is handed over nothing more will be shipped: a
-	// durability call now must fail, not be released as "alone".
-	if n.leaving.Load() {
-		return "error: this node is handing over the primary role"
-	}
 	start := time.Now()
 	end := n.waiting.begin(start)
 	defer func() {
@@ -1242,6 +1288,19 @@ func (n *Node) barrier(ctx context.Context) string {
 		}
 	}
 	return reply
+}
+
+// barrierRefusal is why a durability call fails at once, or "".
+func (n *Node) barrierRefusal() string {
+	if m := n.machine.Load(); !m.State.Serving() {
+		return "error: this node is " + m.State.String() + ", not the primary"
+	}
+	// While the role is handed over a call waits to be shipped (never
+	// released as "alone"), unless the peer went silent meanwhile.
+	if n.leavingFail.Load() && n.leaving.Load() {
+		return "error: the peer went silent while this node handed over the primary role"
+	}
+	return ""
 }
 
 // peerCannotTakeOver reports whether the peer can no longer take over with
@@ -1309,8 +1368,10 @@ func (n *Node) tryRelease() bool {
 	n.relMu.Lock()
 	defer n.relMu.Unlock()
 	if n.leaving.Load() {
-		// Handing the role over: the call ends now, and fails (barrier).
-		return true
+		// Handing the role over: never released alone (the peer takes
+		// over without it); the call ends, and fails, only once the
+		// peer went silent (watchLeaving).
+		return n.leavingFail.Load()
 	}
 	if !n.peerCannotTakeOver() {
 		return false

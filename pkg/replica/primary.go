@@ -78,16 +78,18 @@ type Primary struct {
 	// for it: work for the builder (journal, backpressure), sendq for the
 	// sender (new batches), done for barriers (acks, passes).
 	work, sendq, done *sync.Cond
-	j                 *journal.Journal
-	sh                *shadow
-	syncSeq           uint64 // capture sequence before the shadow's scan
-	needFull          bool
-	queue             []sentBatch // built, not yet acknowledged
-	queueBytes        int
-	nextSeq           uint64
-	acked             uint64 // highest batch the peer applied
-	durable           uint64 // highest batch the peer applied and synced
-	syncReq           uint64 // highest batch a barrier asked to be made durable
+	// closed: the term ended (Close); waiting calls fail with ErrClosed.
+	closed     bool
+	j          *journal.Journal
+	sh         *shadow
+	syncSeq    uint64 // capture sequence before the shadow's scan
+	needFull   bool
+	queue      []sentBatch // built, not yet acknowledged
+	queueBytes int
+	nextSeq    uint64
+	acked      uint64 // highest batch the peer applied
+	durable    uint64 // highest batch the peer applied and synced
+	syncReq    uint64 // highest batch a barrier asked to be made durable
 	// syncAsked is when the oldest sync request not yet acknowledged
 	// durable was sent, for batch syncAskedSeq (for SyncRTT).
 	syncAsked    time.Time
@@ -920,6 +922,9 @@ func (p *Primary) waitPeer(ctx context.Context, rel Release, done func() bool) e
 		if p.connected && done() {
 			return nil
 		}
+		if p.closed {
+			return ErrClosed
+		}
 		if p.streamingLocked() {
 			// Streaming: the ack comes. (Released here, a call would
 			// keep the peer out of sync, hence stale, hence releasing:
@@ -956,13 +961,22 @@ func (p *Primary) streamingLocked() bool {
 }
 
 // Close releases the root.
-func (p *Primary) Close() error { return p.root.Close() }
+func (p *Primary) Close() error {
+	p.mu.Lock()
+	p.closed = true
+	p.mu.Unlock()
+	p.wake()
+	return p.root.Close()
+}
 
 // errNoPeer is returned by FetchManifest when the peer cannot be reached.
 var errNoPeer = errors.New("peer unreachable")
 
-// FetchManifest asks the peer for its manifest of directory name.
-func FetchManifest(ctx context.Context, lk *peerlink.Link, peer string, name string) ([]wire.Entry, error) {
+// FetchManifest asks the peer for its manifest of directory name. The
+// peer streams it while it scans, a frame every few thousand entries; with
+// progress non-nil, each frame received calls it with the entries so far
+// and the sum of their sizes, comparable with a local scan's.
+func FetchManifest(ctx context.Context, lk *peerlink.Link, peer string, name string, progress func(entries int, bytes uint64)) ([]wire.Entry, error) {
 	c, _, err := dialPeer(ctx, lk, &net.Dialer{Timeout: 3 * time.Second}, peer, wire.Hello{Purpose: wire.PurposeManifest, Dir: name})
 	var op *net.OpError
 	if errors.As(err, &op) && op.Op == "dial" {
@@ -981,6 +995,7 @@ func FetchManifest(ctx context.Context, lk *peerlink.Link, peer string, name str
 	}
 	br := bufio.NewReaderSize(c, 1<<20)
 	var out []wire.Entry
+	var bytes uint64
 	for {
 		f, err := wire.ReadFrame(br, nil)
 		if err != nil {
@@ -1001,6 +1016,12 @@ func FetchManifest(ctx context.Context, lk *peerlink.Link, peer string, name str
 				return nil, err
 			}
 			out = append(out, es...)
+			if progress != nil {
+				for i := range es {
+					bytes += es[i].Size
+				}
+				progress(len(out), bytes)
+			}
 		default:
 			return nil, fmt.Errorf("unexpected %s from peer", f.Type)
 		}
@@ -1010,6 +1031,11 @@ func FetchManifest(ctx context.Context, lk *peerlink.Link, peer string, name str
 // ErrAlone is returned by WaitShipped and WaitLag when the call was
 // released without the peer (see Release): changes wait for a resync.
 var ErrAlone = errors.New("no peer connected: running alone")
+
+// ErrClosed is returned by WaitShipped and WaitLag when the primary's term
+// ended (Close: the node left the role) before the peer confirmed the
+// call's changes.
+var ErrClosed = errors.New("this node left the primary role before the change reached the peer")
 
 // WaitShipped returns once every change captured before the call has been
 // applied and synced by the peer. Released without the peer (see

@@ -3,8 +3,12 @@ package replica
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -48,6 +52,31 @@ func TestWaitShippedReleasedAfter(t *testing.T) {
 	err := p.WaitShipped(context.Background(), nil, Release{After: 200 * time.Millisecond})
 	if !errors.Is(err, ErrAlone) || time.Since(start) < 200*time.Millisecond {
 		t.Fatalf("got %v after %s, want ErrAlone after 200ms", err, time.Since(start))
+	}
+}
+
+// A call still held when the node leaves the role (Close) fails at once:
+// the node no longer serves, and nothing would wake it but its timeout
+// (30 s of a writer waiting on a node that is no longer the primary).
+func TestWaitShippedFailsWhenClosed(t *testing.T) {
+	p := unconnectedPrimary(t)
+	done := make(chan error, 1)
+	go func() {
+		done <- p.WaitShipped(context.Background(), nil, Release{Now: func() bool { return false }})
+	}()
+	select {
+	case err := <-done:
+		t.Fatalf("ended before the primary was closed: %v", err)
+	case <-time.After(200 * time.Millisecond):
+	}
+	p.Close()
+	select {
+	case err := <-done:
+		if !errors.Is(err, ErrClosed) {
+			t.Fatalf("got %v, want ErrClosed", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("still held 5 s after the primary was closed")
 	}
 }
 
@@ -112,5 +141,52 @@ func TestBatcherWaitsForThePeer(t *testing.T) {
 	case <-done:
 	case <-time.After(5 * time.Second):
 		t.Fatal("still waiting 5 s after the connection ended")
+	}
+}
+
+// FetchManifest reports each manifest frame as it arrives, so that duet
+// verify can show a large tree's progress instead of minutes of silence:
+// the counts grow frame by frame and end at the whole manifest.
+func TestFetchManifestProgress(t *testing.T) {
+	s := newTestSecondary(t, filepath.Join(t.TempDir(), "state"))
+	// Long names fill a frame (manifestFrame bytes of entries) with few
+	// files: enough of them for at least three frames.
+	long := strings.Repeat("n", 240)
+	files := 3 * manifestFrame / len(long)
+	for i := range files {
+		if err := os.WriteFile(filepath.Join(s.data, fmt.Sprintf("%s%05d", long, i)), []byte("some content"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	type call struct {
+		entries int
+		bytes   uint64
+	}
+	var calls []call
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	got, err := FetchManifest(ctx, testLink, s.addr, "data", func(entries int, bytes uint64) {
+		calls = append(calls, call{entries, bytes})
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != files+1 {
+		t.Fatalf("manifest of %d entries, want %d files and the root", len(got), files)
+	}
+	var total uint64
+	for _, e := range got {
+		total += e.Size
+	}
+	if len(calls) < 3 {
+		t.Fatalf("progress called %d times (%v), want once per frame, at least 3", len(calls), calls)
+	}
+	for i := 1; i < len(calls); i++ {
+		if calls[i].entries <= calls[i-1].entries || calls[i].bytes <= calls[i-1].bytes {
+			t.Errorf("call %d: %+v after %+v, want both counts growing", i, calls[i], calls[i-1])
+		}
+	}
+	if last := calls[len(calls)-1]; last != (call{len(got), total}) {
+		t.Errorf("last call %+v, want the whole manifest: %d entries, %d bytes", last, len(got), total)
 	}
 }

@@ -456,7 +456,13 @@ func (s *Server) sendManifest(c net.Conn, d Dir, seq uint64, q wire.ManifestQuer
 		}
 		err := wire.WriteFrame(w, &wire.Frame{Type: wire.TypeManifest, Flags: wire.FlagZstd, Seq: seq, Payload: wire.Compress(nil, raw)})
 		raw = raw[:0]
-		return err
+		if err != nil {
+			return err
+		}
+		// Sent now, not when the buffer fills: compressed frames are small,
+		// and a buffer of them would hold back the requester's work (and
+		// duet verify's progress) until the scan is nearly over.
+		return w.Flush()
 	}
 	tooLong, err := walkManifest(root, q, func(e *wire.Entry) error {
 		raw = wire.AppendEntry(raw, e)

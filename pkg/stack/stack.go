@@ -67,8 +67,10 @@ type Stack struct {
 
 	mu      sync.Mutex
 	running []*proc
-	cancel  context.CancelFunc
-	wg      sync.WaitGroup
+	// stopping: what Stop is stopping (Kill reaches those too).
+	stopping []*proc
+	cancel   context.CancelFunc
+	wg       sync.WaitGroup
 }
 
 type proc struct {
@@ -251,9 +253,29 @@ func (s *Stack) Stop() {
 	s.mu.Lock()
 	running := s.running
 	s.running = nil
+	s.stopping = running
 	s.mu.Unlock()
 	for i := len(running) - 1; i >= 0; i-- {
 		s.stopOne(running[i])
+	}
+	s.mu.Lock()
+	s.stopping = nil
+	s.mu.Unlock()
+}
+
+// Kill ends every service at once with SIGKILL, those Stop is stopping
+// too, and returns when they are gone. A killed process never sees its
+// pending calls return: the node uses it when durability calls the
+// services wait on can no longer be confirmed, rather than fail them (a
+// database that gets EIO from a log flush may still report the commit).
+func (s *Stack) Kill() {
+	s.mu.Lock()
+	procs := append(append([]*proc(nil), s.running...), s.stopping...)
+	s.mu.Unlock()
+	for _, p := range procs {
+		if p.cmd != nil {
+			s.kill(p)
+		}
 	}
 }
 

@@ -10,8 +10,8 @@ import (
 	"testing"
 )
 
-// TestQuickBench runs the benchmark tool on small sizes (--quick --json)
-// and checks that every figure is produced and parses; it does not judge
+// TestQuickBench runs the benchmark tool on small sizes (--quick --json;
+// the scale figure on 20,000 files) and checks that every figure is produced and parses; it does not judge
 // the figures (one quick run on a shared VM says little).
 func TestQuickBench(t *testing.T) {
 	if os.Geteuid() != 0 {
@@ -47,7 +47,10 @@ func TestQuickBench(t *testing.T) {
 	}
 	want := []string{"capture overhead", "wire bytes", "many small files", "4 KiB random write + fdatasync", "64 KiB sequential writes",
 		"async directory", "async replication lag", "resync time", "resync bytes on the wire", "duet / lsyncd",
-		"MariaDB sysbench oltp_write_only", "p95 transaction latency", "NFSv3 4 KiB WRITE + COMMIT", "NFSv3 64 KiB sequential", "TLS link / plaintext link", "failover: kill of the primary host"}
+		"MariaDB sysbench oltp_write_only", "p95 transaction latency", "NFSv3 4 KiB WRITE + COMMIT", "NFSv3 64 KiB sequential", "TLS link / plaintext link",
+		"initial sync of a fresh pair", "peak RSS during the initial sync", "peak RSS during steady replication", "clean restart of both daemons",
+		"crash restart", "duet verify / rsync", "a file created every 2 ms", "same churn, p99", "CPU seconds / the churn's",
+		"failover: kill of the primary host"}
 	for _, w := range want {
 		found := false
 		for _, f := range figs {

@@ -141,22 +141,17 @@ func (b *bench) lsyncdFigures(runs int) []Figure {
 			fail(fmt.Sprintf("fio: %v\n%s", err, out))
 		}
 	}
-	daemonPid := func() int {
-		bs, _ := os.ReadFile(filepath.Join(b.lab, "a.pid"))
-		pid, _ := strconv.Atoi(strings.TrimSpace(string(bs)))
-		return pid
-	}
 	for i := range runs {
 		rel := fmt.Sprintf("ls-small-%d", i)
 		// duet
 		b.waitSync()
 		settle()
-		tx0, cpu0 := vethTX(b), cpuSeconds(daemonPid())
+		tx0, cpu0 := vethTX(b), cpuSeconds(b.pid("a"))
 		t0 := time.Now()
 		work(filepath.Join(b.lab, "a/data", rel))
 		b.waitSync()
 		dt := time.Since(t0).Seconds()
-		dw, dc := float64(vethTX(b)-tx0), cpuSeconds(daemonPid())-cpu0
+		dw, dc := float64(vethTX(b)-tx0), cpuSeconds(b.pid("a"))-cpu0
 		lagFile := filepath.Join(b.lab, "a/data", fmt.Sprintf("ls-lag-%d", i))
 		writer(lagFile)
 		t0 = time.Now()
@@ -167,9 +162,7 @@ func (b *bench) lsyncdFigures(runs int) []Figure {
 		b.waitSync()
 
 		// lsyncd, duet stopped
-		b.must("stop", "b")
-		b.waitState("a", "ALONE")
-		b.must("stop", "a")
+		b.stopPair()
 		stopRsync := b.rsyncDaemon()
 		pid, stopL := b.startLsyncd()
 		settle()

@@ -1,7 +1,7 @@
 // Command bench measures duet in the lab, each figure as a ratio against a
 // baseline measured in the same run, and writes a Markdown report.
 //
-//	go run ./tools/bench [--quick] [--runs 3] [--out docs/BENCHMARKS.md] [--json]
+//	go run ./tools/bench [--quick] [--runs 3] [-only scale] [-scale-files 1000000] [--out docs/BENCHMARKS.md] [--json]
 //
 // Needs root (the lab), fio and rsync.
 package main
@@ -17,6 +17,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -48,21 +49,30 @@ type Figure struct {
 	Note     string    `json:"note"`
 }
 
+// figureNames are the figures -only chooses from, in the order they run.
+var figureNames = []string{"capture", "wire", "small", "sync", "async", "lag", "resync", "lsyncd", "mariadb", "nfs", "tls", "scale", "failover"}
+
 func main() {
 	out := flag.String("out", "", "write the Markdown report here")
 	asJSON := flag.Bool("json", false, "print the figures as JSON")
 	quick := flag.Bool("quick", false, "small sizes, one run: checks the tooling, not the numbers")
 	runs := flag.Int("runs", 5, "runs per figure (min/median/max reported)")
-	only := flag.String("only", "capture,wire,small,sync,async,lag,resync,lsyncd,mariadb,nfs,tls,failover", "figures to measure, comma separated: capture, wire, small, sync, async, lag, resync, lsyncd, mariadb, nfs, tls, failover")
+	only := flag.String("only", strings.Join(figureNames, ","), "figures to measure, comma separated: "+strings.Join(figureNames, ", "))
+	scaleFiles := flag.Int("scale-files", 1_000_000, "files in the scale figure's tree (20,000 with --quick unless given)")
 	flag.Parse()
 	want := map[string]bool{}
 	for _, k := range strings.Split(*only, ",") {
-		switch k = strings.TrimSpace(k); k {
-		case "capture", "wire", "small", "sync", "async", "lag", "resync", "lsyncd", "mariadb", "nfs", "tls", "failover":
-			want[k] = true
-		default:
-			fail(fmt.Sprintf("-only: unknown figure %q (capture, wire, small, sync, async, lag, resync, lsyncd, mariadb, nfs, tls, failover)", k))
+		k = strings.TrimSpace(k)
+		if !slices.Contains(figureNames, k) {
+			fail(fmt.Sprintf("-only: unknown figure %q (%s)", k, strings.Join(figureNames, ", ")))
 		}
+		want[k] = true
+	}
+	if *quick && !flagGiven("scale-files") {
+		*scaleFiles = 20_000
+	}
+	if *scaleFiles < 100 {
+		fail(fmt.Sprintf("-scale-files %d: give at least 100", *scaleFiles))
 	}
 	if os.Geteuid() != 0 {
 		fail("needs root: the lab uses namespaces and loop devices")
@@ -78,6 +88,11 @@ func main() {
 	}
 	if *quick {
 		*runs = 1
+	}
+	// The scale figure's tree on both nodes, with inodes for every file:
+	// lab.sh sizes the loop filesystems from DUET_LAB_SIZE.
+	if want["scale"] && os.Getenv("DUET_LAB_SIZE") == "" {
+		os.Setenv("DUET_LAB_SIZE", scaleLabSize(*scaleFiles))
 	}
 	defer b.sh("down")
 	b.must("up")
@@ -121,6 +136,9 @@ func main() {
 	}
 	if want["tls"] {
 		figs = append(figs, b.tlsFigures(*runs)...)
+	}
+	if want["scale"] {
+		figs = append(figs, b.scaleFigures(*runs, *scaleFiles)...)
 	}
 	if want["failover"] {
 		// At least 10 kills for the published figure.
@@ -173,6 +191,13 @@ func main() {
 // figures are measured again.
 const notesHeading = "## Reading these figures"
 
+// flagGiven says whether the command line set the flag.
+func flagGiven(name string) bool {
+	given := false
+	flag.Visit(func(f *flag.Flag) { given = given || f.Name == name })
+	return given
+}
+
 func fail(msg string) {
 	fmt.Fprintln(os.Stderr, "bench:", msg)
 	os.Exit(1)
@@ -194,9 +219,43 @@ func (b *bench) must(args ...string) string {
 	return out
 }
 
-func (b *bench) waitSync() {
+func (b *bench) waitSync() { b.waitSyncFor(300 * time.Second) }
+
+// waitSyncFor waits until nodeA serves and its peer has every change, up
+// to limit.
+func (b *bench) waitSyncFor(limit time.Duration) {
 	b.waitServing()
-	b.must("duet", "a", "status", "--wait-sync", "300s")
+	b.must("duet", "a", "status", "--wait-sync", limit.String())
+}
+
+// stopPair stops both daemons cleanly, nodeB first: a primary stopped
+// next to an in-sync peer hands its role over, and nodeA must keep it.
+func (b *bench) stopPair() {
+	b.must("stop", "b")
+	b.waitState("a", "ALONE")
+	b.must("stop", "a")
+}
+
+// startPair starts nodeA, then nodeB, and waits up to limit until they
+// are in sync.
+func (b *bench) startPair(limit time.Duration) {
+	b.must("start", "a")
+	b.must("start", "b")
+	b.waitSyncFor(limit)
+}
+
+// pid is the pid of host's daemon, from lab.sh's pid file: lab.sh starts
+// it with ip netns exec, which execs duet in the same process.
+func (b *bench) pid(host string) int {
+	s, err := os.ReadFile(filepath.Join(b.lab, host+".pid"))
+	if err != nil {
+		fail(fmt.Sprintf("node%s's daemon: %v (is it running?)", strings.ToUpper(host), err))
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(s)))
+	if err != nil {
+		fail(fmt.Sprintf("node%s's pid file: %v", strings.ToUpper(host), err))
+	}
+	return pid
 }
 
 // waitState waits until host is in state.
@@ -642,13 +701,16 @@ func noTarget(target string) bool {
 	return target == "n/a" || strings.HasPrefix(target, "(")
 }
 
-func median(v []float64) float64 {
+func median(v []float64) float64 { return quantile(v, 0.5) }
+
+// quantile is the value of v at rank q (0 to 1), the nearest rank below.
+func quantile(v []float64, q float64) float64 {
 	s := append([]float64(nil), v...)
 	sort.Float64s(s)
 	if len(s) == 0 {
 		return math.NaN()
 	}
-	return s[len(s)/2]
+	return s[min(int(q*float64(len(s))), len(s)-1)]
 }
 
 func spread(v []float64) string {
@@ -664,7 +726,7 @@ func (b *bench) markdown(figs []Figure, runs int) string {
 	var w strings.Builder
 	host, _ := os.Hostname()
 	kernel, _ := exec.Command("uname", "-r").Output()
-	fmt.Fprintf(&w, "# duet benchmarks\n\nProduced by `make bench` (`go run ./tools/bench --runs 3 --out docs/BENCHMARKS.md`")
+	fmt.Fprintf(&w, "# duet benchmarks\n\nProduced by `make bench` (`go run ./tools/bench --runs 3 -scale-files 1000000 --out docs/BENCHMARKS.md`")
 	if b.quick {
 		fmt.Fprintf(&w, " --quick")
 	}

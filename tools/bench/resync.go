@@ -91,6 +91,22 @@ func (b *bench) rsyncDaemon() func() {
 	}
 }
 
+// rsync runs rsync with args in nodeA's namespace, from nodeA's tree to
+// the rsync daemon in nodeB's (see rsyncDaemon), starting from a settled
+// page cache, and returns its time and output.
+func (b *bench) rsync(args ...string) (float64, string) {
+	cmd := append([]string{"netns", "exec", "duet-a", "rsync"}, args...)
+	cmd = append(cmd, filepath.Join(b.lab, "a/data")+"/", "rsync://10.250.0.2:8873/data/")
+	settle()
+	t0 := time.Now()
+	out, err := exec.Command("ip", cmd...).CombinedOutput()
+	took := time.Since(t0).Seconds()
+	if err != nil {
+		fail(fmt.Sprintf("rsync %v: %v\n%s", args, err, tail(string(out), 3000)))
+	}
+	return took, string(out)
+}
+
 var rsyncSent = regexp.MustCompile(`Total bytes sent: ([0-9,.]+)`)
 var rsyncRecv = regexp.MustCompile(`Total bytes received: ([0-9,.]+)`)
 
@@ -155,21 +171,12 @@ func (b *bench) resyncFigures(runs int) []Figure {
 		tp := stb.Resync.Ended.Sub(stb.Resync.Started).Seconds()
 
 		// rsync, duet stopped on both nodes.
-		b.must("stop", "b")
-		b.waitState("a", "ALONE")
-		b.must("stop", "a")
+		b.stopPair()
 		changedR = append(changedR, float64(b.changeTree(bigN, smallN, rng)))
 		stop := b.rsyncDaemon()
-		settle()
-		t0 = time.Now()
-		out, err := exec.Command("ip", "netns", "exec", "duet-a", "rsync", "-a", "--inplace", "--no-whole-file", "--stats",
-			filepath.Join(b.lab, "a/data")+"/", "rsync://10.250.0.2:8873/data/").CombinedOutput()
-		tr := time.Since(t0).Seconds()
+		tr, out := b.rsync("-a", "--inplace", "--no-whole-file", "--stats")
 		stop()
-		if err != nil {
-			fail(fmt.Sprintf("rsync: %v\n%s", err, out))
-		}
-		wr := statNumber(rsyncSent, string(out)) + statNumber(rsyncRecv, string(out))
+		wr := statNumber(rsyncSent, out) + statNumber(rsyncRecv, out)
 		b.must("start", "a")
 		b.waitServing()
 		b.must("start", "b")
