@@ -21,7 +21,7 @@ export DUET_PKG_VERSION := $(if $(filter v%,$(VERSION)),$(VERSION),0.0.0-git$(VE
 # fails with "context deadline exceeded" without any crashing input.
 FUZZTIME ?= 400000x
 
-.PHONY: help build package generate check-generate test test-xfs unit race e2e fuzz demo lab-up lab-down bench vet clean vagrant-check check-monitoring k3s-soak nemesis
+.PHONY: help build package generate check-generate test test-fs unit race e2e fuzz demo lab-up lab-down bench vet clean vagrant-check check-monitoring k3s-soak nemesis
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -82,14 +82,18 @@ test: vet build vagrant-check check-monitoring race ## everything CI runs: vet, 
 	@# The lab tests print what they measured (failover times, zero-loss
 	@# counts); a failing one prints both daemons' logs, kept whole here.
 	$(SUDO) $(GO) test -count=1 -timeout 30m -v ./tools/lab/ 2>&1 | grep -v -e '^=== ' ; exit $${PIPESTATUS[0]}
-	$(MAKE) test-xfs
+	$(MAKE) test-fs
 	$(MAKE) fuzz
 
-# The replicated directories on XFS (docs/CAPTURE.md): the workload (its
-# seeds, odd names), the three zero-loss tests (fewer kills than on ext4)
-# and a resync, in a lab whose loop filesystems are XFS.
-test-xfs: build ## the lab's workload, zero-loss and resync tests with the nodes' directories on XFS (root)
-	$(SUDO) DUET_LAB_FS=xfs DUET_ZEROLOSS_ITERATIONS=15 $(GO) test -count=1 -timeout 20m -v -run 'TestReplicationWorkload$$|TestZeroLoss|TestResyncAfterCleanStop$$' ./tools/lab/ 2>&1 | grep -v -e '^=== ' ; exit $${PIPESTATUS[0]}
+# The replicated directories on XFS and on btrfs (docs/CAPTURE.md): the
+# workload (its seeds, odd names), the three zero-loss tests (fewer kills
+# than on ext4) and a resync, in a lab whose loop filesystems are each.
+test-fs: build ## the lab's workload, zero-loss and resync tests with the nodes' directories on XFS, then btrfs (root)
+	@for fs in xfs btrfs; do \
+		echo "== lab tests on $$fs"; \
+		$(SUDO) env DUET_LAB_FS=$$fs DUET_ZEROLOSS_ITERATIONS=15 $(GO) test -count=1 -timeout 20m -v -run 'TestReplicationWorkload$$|TestZeroLoss|TestResyncAfterCleanStop$$' ./tools/lab/ 2>&1 | grep -v -e '^=== ' ; \
+		[ $${PIPESTATUS[0]} -eq 0 ] || exit 1; \
+	done
 
 vagrant-check: build ## check the Vagrant lab and the shell scripts without VMs: vagrant validate, bash -n, shellcheck
 	bash -n vagrant/failover-test.sh vagrant/provision/*.sh

@@ -158,6 +158,31 @@ struct {
 	__type(value, struct falloc);
 } fallocs SEC(".maps");
 
+// Inodes whose update a syscall made, reported when it returns (btrfs):
+// the kernel's last hook with the inode (its ctime update) comes before
+// some of the change (a utimensat's mtime, an unlink's link count, a
+// rename's dentry move), and the exit after all of it.
+#define MAX_PENDING 4
+
+struct pending_inode {
+	__u64 ino;
+	__u32 dev;
+	__u32 gen;
+};
+
+struct task_attrs {
+	__u32 n;
+	__u32 pad;
+	struct pending_inode e[MAX_PENDING];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct task_attrs);
+} task_attrs SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, CTR_MAX);
@@ -200,11 +225,51 @@ static __always_inline int is_watched(__u32 dev)
 	return 0;
 }
 
+// Superblocks (s_dev) of the watched btrfs filesystems, set before
+// loading. A btrfs inode's s_dev is not what stat(2) reports: each
+// subvolume has its own anonymous device, and its own inode numbers.
+// Records carry the subvolume's device, which WATCHED_DEVS holds.
+volatile const __u32 BTRFS_SBS[MAX_WATCHED] = {};
+
+static __always_inline int is_btrfs_sb(__u32 dev)
+{
+	for (int i = 0; i < MAX_WATCHED; i++) {
+		if (BTRFS_SBS[i] == 0)
+			return 0;
+		if (BTRFS_SBS[i] == dev)
+			return 1;
+	}
+	return 0;
+}
+
+// The device stat(2) reports for a btrfs inode: its subvolume's.
+static __always_inline __u32 btrfs_subvol_dev(struct inode *inode)
+{
+	struct btrfs_inode *bi = (void *)inode - bpf_core_field_offset(struct btrfs_inode, vfs_inode);
+
+	return BPF_CORE_READ(bi, root, anon_dev);
+}
+
 static __always_inline int watched(struct inode *inode, __u32 *dev)
 {
 	if (!inode)
 		return 0;
 	*dev = BPF_CORE_READ(inode, i_sb, s_dev);
+	if (is_watched(*dev))
+		return 1;
+	if (!is_btrfs_sb(*dev))
+		return 0;
+	*dev = btrfs_subvol_dev(inode);
+	return is_watched(*dev);
+}
+
+// watched_btrfs is watched for the hooks that only btrfs needs: ext4 and
+// XFS report the same changes with their own.
+static __always_inline int watched_btrfs(struct inode *inode, __u32 *dev)
+{
+	if (!inode || !is_btrfs_sb(BPF_CORE_READ(inode, i_sb, s_dev)))
+		return 0;
+	*dev = btrfs_subvol_dev(inode);
 	return is_watched(*dev);
 }
 
@@ -256,6 +321,35 @@ static __always_inline int emit(struct inode *inode, __u32 dev, __u8 kind,
 {
 	return emit_raw(dev, BPF_CORE_READ(inode, i_ino), BPF_CORE_READ(inode, i_generation),
 			kind, hook, pos, len);
+}
+
+// emit_attr reports an inode update, coalesced per inode: a mark still
+// there means a record that userspace has not taken yet, and it deletes
+// the mark before it reads the inode.
+static __always_inline void emit_attr(__u32 dev, __u64 ino, __u32 gen, __u8 hook)
+{
+	struct inode_key k = { .ino = ino, .dev = dev };
+	__u8 one = 1;
+
+	if (bpf_map_update_elem(&attrs, &k, &one, BPF_NOEXIST))
+		return;
+	if (emit_raw(dev, ino, gen, KIND_ATTR, hook, 0, 0))
+		bpf_map_delete_elem(&attrs, &k);
+}
+
+// flush_attrs reports the inodes the returning syscall updated.
+static __always_inline void flush_attrs(void)
+{
+	struct task_attrs *ta = bpf_task_storage_get(&task_attrs, bpf_get_current_task_btf(), 0, 0);
+
+	if (!ta || !ta->n)
+		return;
+	for (int i = 0; i < MAX_PENDING; i++) {
+		if (i >= ta->n)
+			break;
+		emit_attr(ta->e[i].dev, ta->e[i].ino, ta->e[i].gen, 28);
+	}
+	ta->n = 0;
 }
 
 // A chunk mark is one 64-bit word, read and written whole: a 32-bit tag of
@@ -552,18 +646,11 @@ int BPF_PROG(iomap_dio_complete, struct kiocb *iocb, int error, ssize_t ret)
 SEC("tp_btf/ext4_mark_inode_dirty")
 int BPF_PROG(ext4_mark_inode_dirty, struct inode *inode, unsigned long ip)
 {
-	struct inode_key k = {};
-	__u8 one = 1;
 	__u32 dev;
 
 	if (!watched(inode, &dev))
 		return 0;
-	k.ino = BPF_CORE_READ(inode, i_ino);
-	k.dev = dev;
-	if (bpf_map_update_elem(&attrs, &k, &one, BPF_NOEXIST))
-		return 0;
-	if (emit(inode, dev, KIND_ATTR, 6, 0, 0))
-		bpf_map_delete_elem(&attrs, &k);
+	emit_attr(dev, BPF_CORE_READ(inode, i_ino), BPF_CORE_READ(inode, i_generation), 6);
 	return 0;
 }
 
@@ -577,16 +664,15 @@ int BPF_PROG(ext4_mark_inode_dirty, struct inode *inode, unsigned long ip)
 // has.
 #define PREOP_SLOTS 2
 
-static __always_inline void preop_slot(struct inode *inode, __u64 pos, __u64 len,
-				       __u8 hook, __u64 slot)
+// preop_key reports [pos, pos+len) of inode as about to change, and keeps
+// it under key for the completion (a syscall's exit, an io_uring request's
+// completion) that reports it again as data.
+static __always_inline void preop_key(struct inode *inode, __u32 dev, __u64 pos,
+				      __u64 len, __u8 hook, __u64 key)
 {
-	__u64 id = bpf_get_current_pid_tgid() | slot << 63;
 	struct inode_key k = {};
 	struct falloc fa = {};
-	__u32 dev;
 
-	if (!watched(inode, &dev))
-		return;
 	k.ino = BPF_CORE_READ(inode, i_ino);
 	k.dev = dev;
 	bpf_map_delete_elem(&attrs, &k);
@@ -595,8 +681,18 @@ static __always_inline void preop_slot(struct inode *inode, __u64 pos, __u64 len
 	fa.len = len;
 	fa.dev = dev;
 	fa.gen = BPF_CORE_READ(inode, i_generation);
-	bpf_map_update_elem(&fallocs, &id, &fa, BPF_ANY);
+	bpf_map_update_elem(&fallocs, &key, &fa, BPF_ANY);
 	emit(inode, dev, KIND_PREOP, hook, pos, len);
+}
+
+static __always_inline void preop_slot(struct inode *inode, __u64 pos, __u64 len,
+				       __u8 hook, __u64 slot)
+{
+	__u32 dev;
+
+	if (!watched(inode, &dev))
+		return;
+	preop_key(inode, dev, pos, len, hook, bpf_get_current_pid_tgid() | slot << 63);
 }
 
 static __always_inline void preop(struct inode *inode, __u64 pos, __u64 len,
@@ -621,6 +717,7 @@ int sys_exit_fallocate(struct trace_event_raw_sys_exit *ctx)
 		emit_raw(fa->dev, fa->ino, fa->gen, KIND_DATA, 13, fa->pos, fa->len);
 		bpf_map_delete_elem(&fallocs, &id);
 	}
+	flush_attrs();
 	return 0;
 }
 
@@ -635,6 +732,7 @@ int sys_exit_write_family(struct trace_event_raw_sys_exit *ctx)
 
 	if (tw)
 		tw->ts = 0;
+	flush_attrs();
 	return 0;
 }
 
@@ -932,5 +1030,346 @@ int BPF_PROG(xfs_exchrange_mappings, const struct xfs_exchrange *fxr,
 		len = ~0ULL >> 2; // the sizes are exchanged too
 	preop_slot(&ip1->i_vnode, BPF_CORE_READ(fxr, file1_offset), len, 23, 0);
 	preop_slot(&ip2->i_vnode, BPF_CORE_READ(fxr, file2_offset), len, 23, 1);
+	return 0;
+}
+
+// ---- btrfs ----
+//
+// btrfs has no tracepoint after an inode update, and writes through the
+// page cache without write_end. What it has: the extent bits of an inode's
+// io tree (DELALLOC once a write's bytes are in the page cache, LOCKED
+// around a range being changed) and the creation of an inode. Inode
+// updates are seen through their ctime (every change of mode, owner,
+// times, size, links, entries or xattrs sets it), and reported when the
+// syscall that made them returns; range operations by their syscalls.
+
+static __always_inline void io_worker_fallocate(void);
+
+// Direct loads where they can be (the arguments are BTF pointers): this
+// fires several times per write, and each helper call of BPF_CORE_READ
+// costs more than the rest.
+SEC("tp_btf/btrfs_set_extent_bit")
+int BPF_PROG(btrfs_set_extent_bit, const struct extent_io_tree *tree, u64 start,
+	     u64 len, unsigned set_bits)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct btrfs_inode *bi;
+	struct inode *inode;
+	__u64 size;
+	long owner;
+	__u32 dev;
+
+	if (!(set_bits & (EXTENT_DELALLOC | EXTENT_LOCKED)) || tree->owner != IO_TREE_INODE_IO)
+		return 0;
+	// Most LOCKED ranges are a write's folio, or a read's: only one to
+	// the end of the file, or one in an io-wq worker, is of interest.
+	if (!(set_bits & EXTENT_DELALLOC) && start + len != 0 && !(task->flags & PF_IO_WORKER))
+		return 0;
+	// The verifier takes tree->inode for the union's other member.
+	bi = BPF_CORE_READ(tree, inode);
+	if (!bi)
+		return 0;
+	inode = (void *)bi + bpf_core_field_offset(struct btrfs_inode, vfs_inode);
+	if (!is_btrfs_sb(BPF_CORE_READ(inode, i_sb, s_dev)))
+		return 0;
+	dev = BPF_CORE_READ(bi, root, anon_dev);
+	if (!is_watched(dev))
+		return 0;
+	// i_rwsem held for writing by this task: a write, truncate or range
+	// operation, not a page fault (page_mkwrite sets DELALLOC too, before
+	// the store lands) nor a read.
+	owner = BPF_CORE_READ(inode, i_rwsem.owner.counter);
+	if ((owner & 1) || (owner & ~7L) != (long)task)
+		return 0;
+	if (set_bits & EXTENT_DELALLOC) {
+		// A buffered write (also O_DIRECT, which btrfs turns into
+		// one for files with checksums), after the copy, per folio,
+		// in whole blocks. Defragmentation rewrites the same bytes.
+		if (set_bits & EXTENT_DEFRAG)
+			return 0;
+		remember_write(inode, dev, start, len, 0);
+		data(inode, dev, 0, 24, start, len);
+		return 0;
+	}
+	// Locking from a block to the end of the file ((u64)-1, so start +
+	// len wraps to 0) under the inode lock: a truncate, once i_size and
+	// the page cache are cut. The tail counts as changed (see
+	// ext4_truncate_enter).
+	if (start + len != 0) {
+		io_worker_fallocate();
+		return 0;
+	}
+	size = BPF_CORE_READ(inode, i_size);
+	if (size < start)
+		start = size;
+	emit(inode, dev, KIND_DATA, 25, start, (1ULL << 62) - start);
+	return 0;
+}
+
+SEC("tp_btf/btrfs_inode_new")
+int BPF_PROG(btrfs_inode_new, struct inode *inode)
+{
+	__u32 dev;
+
+	if (!watched_btrfs(inode, &dev))
+		return 0;
+	emit(inode, dev, KIND_NEW, 26, 0, 0);
+	return 0;
+}
+
+// Syscalls (x86-64 numbers) whose exit runs flush_attrs, one bit each;
+// userspace sets a bit once that exit is attached.
+volatile __u64 FLUSHED_SYSCALLS[8] = {};
+
+// in_flushed_syscall says whether task is in a syscall whose exit reports
+// the inodes it updated (see may_mark for who is in no syscall).
+static __always_inline int in_flushed_syscall(struct task_struct *task)
+{
+	struct pt_regs *regs;
+	__u64 nr;
+
+	if (task->flags & (PF_KTHREAD | PF_IO_WORKER | PF_USER_WORKER))
+		return 0;
+	if (task->thread_info.status & TS_COMPAT)
+		return 0;
+	regs = (struct pt_regs *)bpf_task_pt_regs(task);
+	if (!regs)
+		return 0;
+	nr = regs->orig_ax;
+	return nr < 512 && (FLUSHED_SYSCALLS[nr >> 6] >> (nr & 63)) & 1;
+}
+
+// A btrfs inode's ctime is being set: it is being updated. In a syscall
+// whose exit is hooked the update is reported then; anywhere else (an
+// io_uring worker, a kernel thread, a page fault) now, as ext4 and XFS
+// report theirs: the change made so far is in memory, and a directory's
+// entries are read under its lock, which the operation still holds.
+static __always_inline void ctime_set(struct inode *inode)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct task_attrs *ta;
+	__u64 ino;
+	__u32 dev, gen;
+
+	// Direct loads where they can be (the argument is a BTF pointer):
+	// this fires at most writes.
+	if (!inode || !is_btrfs_sb(inode->i_sb->s_dev))
+		return;
+	dev = btrfs_subvol_dev(inode);
+	if (!is_watched(dev))
+		return;
+	ino = inode->i_ino;
+	gen = inode->i_generation;
+	if (in_flushed_syscall(task)) {
+		ta = bpf_task_storage_get(&task_attrs, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+		if (ta) {
+			for (int i = 0; i < MAX_PENDING; i++) {
+				if (i >= ta->n)
+					break;
+				if (ta->e[i].ino == ino && ta->e[i].dev == dev)
+					return;
+			}
+			if (ta->n < MAX_PENDING) {
+				__u32 n = ta->n;
+
+				ta->e[n & (MAX_PENDING - 1)].ino = ino;
+				ta->e[n & (MAX_PENDING - 1)].dev = dev;
+				ta->e[n & (MAX_PENDING - 1)].gen = gen;
+				ta->n = n + 1;
+				return;
+			}
+		}
+	}
+	emit_attr(dev, ino, gen, 27);
+}
+
+// inode_set_ctime_current on a multigrain filesystem (btrfs is one)
+// fires one of these two, whether the time moved or not; a ctime set
+// from a given value fires the third. The only update that fires none
+// loses a race with another task's update of the same inode, which is
+// reported after it.
+SEC("tp_btf/ctime_ns_xchg")
+int BPF_PROG(ctime_ns_xchg, struct inode *inode, u32 old, u32 new, u32 cur)
+{
+	ctime_set(inode);
+	return 0;
+}
+
+SEC("tp_btf/ctime_xchg_skip")
+int BPF_PROG(ctime_xchg_skip, struct inode *inode, struct timespec64 *ctime)
+{
+	ctime_set(inode);
+	return 0;
+}
+
+// Also set when an inode is read from disk, while it is still I_NEW.
+SEC("tp_btf/inode_set_ctime_to_ts")
+int BPF_PROG(inode_set_ctime_to_ts, struct inode *inode, struct timespec64 *ctime)
+{
+	if (BPF_CORE_READ(inode, i_state) & I_NEW)
+		return 0;
+	ctime_set(inode);
+	return 0;
+}
+
+#define FALLOC_FL_PUNCH_HOLE 0x02
+#define FALLOC_FL_ZERO_RANGE 0x10
+#define FALLOC_FL_WRITE_ZEROES 0x80
+// The fallocate modes that change bytes (allocating and unsharing do not).
+#define FALLOC_CHANGES (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_COLLAPSE_RANGE | \
+			FALLOC_FL_ZERO_RANGE | FALLOC_FL_INSERT_RANGE | FALLOC_FL_WRITE_ZEROES)
+
+// fd_file is the file of the current task's descriptor fd.
+static __always_inline struct file *fd_file(long fd)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct file **fds, *file = NULL;
+
+	if (fd < 0 || fd > 1 << 20)
+		return NULL;
+	if (fd >= BPF_CORE_READ(task, files, fdt, max_fds))
+		return NULL;
+	fds = BPF_CORE_READ(task, files, fdt, fd);
+	if (!fds || bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]))
+		return NULL;
+	return file;
+}
+
+// fallocate_preop reports a range operation on a btrfs file before it
+// runs; sys_exit_fallocate or io_uring_complete reports it again.
+static __always_inline void fallocate_preop(struct file *file, __u64 mode, __u64 pos,
+					    __u64 len, __u64 key, __u8 hook)
+{
+	struct inode *inode;
+	__u32 dev;
+
+	if (!(mode & FALLOC_CHANGES) || !file)
+		return;
+	inode = BPF_CORE_READ(file, f_inode);
+	if (!watched_btrfs(inode, &dev))
+		return;
+	if (mode & (FALLOC_FL_COLLAPSE_RANGE | FALLOC_FL_INSERT_RANGE))
+		len = ~0ULL >> 2;
+	preop_key(inode, dev, pos, len, hook, key);
+}
+
+SEC("tracepoint/syscalls/sys_enter_fallocate")
+int sys_enter_fallocate(struct trace_event_raw_sys_enter *ctx)
+{
+	fallocate_preop(fd_file(ctx->args[0]), ctx->args[1], ctx->args[2], ctx->args[3],
+			bpf_get_current_pid_tgid(), 31);
+	return 0;
+}
+
+// io_uring's fallocate runs in an io-wq worker, in no syscall: its range
+// is in the request the worker runs. Reported at the first extent lock of
+// the operation (btrfs locks a range before it changes any of it), and
+// again when the request completes.
+static __always_inline void io_worker_fallocate(void)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct io_worker *worker;
+	struct io_wq_work *work;
+	struct io_kiocb *req;
+	struct io_sync *sync;
+	__u64 key;
+
+	if (!(BPF_CORE_READ(task, flags) & PF_IO_WORKER))
+		return;
+	worker = BPF_CORE_READ(task, worker_private);
+	work = BPF_CORE_READ(worker, cur_work);
+	if (!work)
+		return;
+	req = (void *)work - bpf_core_field_offset(struct io_kiocb, work);
+	if (BPF_CORE_READ(req, opcode) != IORING_OP_FALLOCATE)
+		return;
+	key = (__u64)req;
+	if (bpf_map_lookup_elem(&fallocs, &key))
+		return; // reported at its first lock
+	sync = (void *)&req->cmd;
+	fallocate_preop(BPF_CORE_READ(req, file), BPF_CORE_READ(sync, mode),
+			BPF_CORE_READ(sync, off), BPF_CORE_READ(sync, len), key, 29);
+}
+
+SEC("tp_btf/io_uring_complete")
+int BPF_PROG(io_uring_complete, struct io_ring_ctx *ring, void *req,
+	     struct io_uring_cqe *cqe)
+{
+	__u64 key = (__u64)req;
+	struct falloc *fa = bpf_map_lookup_elem(&fallocs, &key);
+
+	if (!fa)
+		return 0;
+	emit_raw(fa->dev, fa->ino, fa->gen, KIND_DATA, 30, fa->pos, fa->len);
+	bpf_map_delete_elem(&fallocs, &key);
+	return 0;
+}
+
+// clone_preop reports the destination range of a clone or copy before it
+// runs; sys_exit_fallocate (attached to these syscalls' exits) reports it
+// again.
+static __always_inline void clone_preop(struct file *file, __u64 pos, __u64 len, __u8 hook)
+{
+	struct inode *inode;
+	__u32 dev;
+
+	if (!file)
+		return;
+	inode = BPF_CORE_READ(file, f_inode);
+	if (!watched_btrfs(inode, &dev))
+		return;
+	if (len == 0 || len > ~0ULL >> 2)
+		len = ~0ULL >> 2;
+	preop_key(inode, dev, pos, len, hook, bpf_get_current_pid_tgid());
+}
+
+// copy_file_range within btrfs shares extents (a clone): no write.
+SEC("tracepoint/syscalls/sys_enter_copy_file_range")
+int sys_enter_copy_file_range(struct trace_event_raw_sys_enter *ctx)
+{
+	struct file *file = fd_file(ctx->args[2]);
+	__u64 *off_out = (__u64 *)ctx->args[3];
+	__u64 pos, len = ctx->args[4];
+
+	if (!file)
+		return 0;
+	if (!off_out)
+		pos = BPF_CORE_READ(file, f_pos);
+	else if (bpf_probe_read_user(&pos, sizeof(pos), off_out))
+		pos = 0, len = 0; // unreadable here: the whole file
+	clone_preop(file, pos, len, 32);
+	return 0;
+}
+
+#define FICLONE 0x40049409
+#define FICLONERANGE 0x4020940d
+
+// FICLONE (the whole file) and FICLONERANGE. Every ioctl of the machine
+// comes here: the command is compared first.
+SEC("tracepoint/syscalls/sys_enter_ioctl")
+int sys_enter_ioctl(struct trace_event_raw_sys_enter *ctx)
+{
+	unsigned int cmd = ctx->args[1];
+	struct file_clone_range r = {};
+
+	if (cmd == FICLONE) {
+		clone_preop(fd_file(ctx->args[0]), 0, 0, 33);
+		return 0;
+	}
+	if (cmd != FICLONERANGE)
+		return 0;
+	if (bpf_probe_read_user(&r, sizeof(r), (void *)ctx->args[2]))
+		r.dest_offset = 0, r.src_length = 0;
+	clone_preop(fd_file(ctx->args[0]), r.dest_offset, r.src_length, 33);
+	return 0;
+}
+
+// The exit of every other syscall that updates inodes (truncate, rename,
+// link, unlink, mkdir, mknod, symlink, chmod, chown, utimes, xattrs, open
+// with O_CREAT or O_TRUNC): see ctime_set.
+SEC("tracepoint/syscalls/sys_exit_rename")
+int sys_exit_attrs(struct trace_event_raw_sys_exit *ctx)
+{
+	flush_attrs();
 	return 0;
 }

@@ -4,7 +4,6 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
-	"syscall"
 	"testing"
 	"time"
 
@@ -29,18 +28,9 @@ func BenchmarkBufferedWrite(b *testing.B) {
 
 func benchWrite(b *testing.B, fstype string, mib int, mode string) {
 	fs := loopfs.Make(b, fstype, max(mib, 160))
-	var st syscall.Stat_t
-	if err := syscall.Stat(fs.Mount, &st); err != nil {
-		b.Fatal(err)
-	}
 	var c *Capture
 	if mode != "off" {
-		var err error
-		c, err = Open(Options{Devices: []uint64{st.Dev}, XFS: fstype == "xfs"})
-		if err != nil {
-			b.Fatalf("Open: %v", err)
-		}
-		b.Cleanup(func() { c.Close() })
+		c = openOn(b, fstype, fs.Mount)
 		go drainAndForget(c, mode == "on")
 		// The hooks' own run time, which the write's time (noisy on
 		// a shared machine) includes.

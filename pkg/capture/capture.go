@@ -89,6 +89,7 @@ type Capture struct {
 	reader *ringbuf.Reader
 	hooks  []HookStatus
 	xfs    bool // Options.XFS
+	btrfs  bool // Options.Btrfs holds a superblock
 
 	mu     sync.Mutex
 	rbuf   ringbuf.Record
@@ -109,6 +110,10 @@ type Options struct {
 	RingBytes uint32
 	// XFS says a watched filesystem is XFS: its hooks are attached too.
 	XFS bool
+	// Btrfs are the superblocks of the watched btrfs filesystems (see
+	// BtrfsSuperblock), whose hooks are then attached too. Devices
+	// holds their subvolumes' devices, as stat(2) reports them.
+	Btrfs []uint64
 }
 
 // Open loads the programs, registers the watched devices and attaches every
@@ -149,20 +154,28 @@ func Load(opts Options) (*Capture, error) {
 	if err := spec.Variables["RING_WAKE_BYTES"].Set(uint64(ring / 8)); err != nil {
 		return nil, fmt.Errorf("setting wake-up threshold: %w", err)
 	}
-	if len(opts.Devices) > maxWatched {
-		return nil, fmt.Errorf("%d watched filesystems: at most %d are supported", len(opts.Devices), maxWatched)
-	}
-	var devs [maxWatched]uint32
-	for i, d := range opts.Devices {
-		devs[i] = KernelDev(d)
-	}
-	if err := spec.Variables["WATCHED_DEVS"].Set(devs); err != nil {
-		return nil, fmt.Errorf("setting watched devices: %w", err)
+	for _, v := range []struct {
+		name string
+		devs []uint64
+	}{{"WATCHED_DEVS", opts.Devices}, {"BTRFS_SBS", opts.Btrfs}} {
+		if len(v.devs) > maxWatched {
+			return nil, fmt.Errorf("%d watched filesystems: at most %d are supported", len(v.devs), maxWatched)
+		}
+		var devs [maxWatched]uint32
+		for i, d := range v.devs {
+			devs[i] = KernelDev(d)
+		}
+		if err := spec.Variables[v.name].Set(devs); err != nil {
+			return nil, fmt.Errorf("setting watched devices (%s): %w", v.name, err)
+		}
 	}
 	if !opts.XFS {
-		withoutXFS(spec)
+		withoutPrefix(spec, "xfs_")
 	}
-	c := &Capture{xfs: opts.XFS}
+	if len(opts.Btrfs) == 0 {
+		withoutPrefix(spec, "btrfs_")
+	}
+	c := &Capture{xfs: opts.XFS, btrfs: len(opts.Btrfs) > 0}
 	if err := spec.LoadAndAssign(&c.objs, nil); err != nil {
 		var verr *ebpf.VerifierError
 		if errors.As(err, &verr) {
@@ -173,13 +186,15 @@ func Load(opts Options) (*Capture, error) {
 	return c, nil
 }
 
-// withoutXFS replaces the programs that name XFS types by stubs that load
-// on any kernel: where XFS is a module not loaded, its types are missing
-// and the whole collection would fail to load, ext4 capture included.
-// They are attached only when XFS is watched (Attach).
-func withoutXFS(spec *ebpf.CollectionSpec) {
+// withoutPrefix replaces the programs of one filesystem (those attached
+// to tracepoints named with prefix, which name its types) by stubs that
+// load on any kernel: where XFS or btrfs is a module not loaded, its
+// types are missing and the whole collection would fail to load, ext4
+// capture included. They are attached only when that filesystem is
+// watched (Attach).
+func withoutPrefix(spec *ebpf.CollectionSpec, prefix string) {
 	for name, p := range spec.Programs {
-		if !strings.HasPrefix(p.AttachTo, "xfs_") {
+		if !strings.HasPrefix(p.AttachTo, prefix) {
 			continue
 		}
 		spec.Programs[name] = &ebpf.ProgramSpec{
@@ -237,9 +252,73 @@ func (c *Capture) Attach() error {
 			{"xfs_insert_file_space", c.objs.XfsInsertFileSpace, true},
 			{"xfs_reflink_remap_range", c.objs.XfsReflinkRemapRange, true},
 			{"xfs_exchrange_mappings", c.objs.XfsExchrangeMappings, true},
+		}...)
+	}
+	if c.btrfs {
+		// btrfs (docs/CAPTURE.md): extent bits for buffered writes
+		// and truncation, ctime updates for inodes (reported when
+		// their syscall returns), range operations by their syscalls
+		// and io_uring requests (the completion is not required: a
+		// kernel without io_uring has none).
+		hooks = append(hooks, []hook{
+			{"btrfs_set_extent_bit", c.objs.BtrfsSetExtentBit, true},
+			{"btrfs_inode_new", c.objs.BtrfsInodeNew, true},
+			{"ctime_ns_xchg", c.objs.CtimeNsXchg, true},
+			{"ctime_xchg_skip", c.objs.CtimeXchgSkip, true},
+			{"inode_set_ctime_to_ts", c.objs.InodeSetCtimeToTs, true},
+			{"io_uring_complete", c.objs.IoUringComplete, false},
+			{"syscalls/sys_enter_fallocate", c.objs.SysEnterFallocate, true},
+			{"syscalls/sys_enter_copy_file_range", c.objs.SysEnterCopyFileRange, true},
+			{"syscalls/sys_enter_ioctl", c.objs.SysEnterIoctl, true},
+		}...)
+	}
+	// Exits that flush_attrs runs in (FLUSHED_SYSCALLS), by name.
+	flushes := map[string]int{"syscalls/sys_exit_fallocate": unix.SYS_FALLOCATE}
+	if c.xfs || c.btrfs {
+		// Reflinks and range exchanges, reported again on return.
+		hooks = append(hooks, []hook{
 			{"syscalls/sys_exit_ioctl", c.objs.SysExitFallocate, true},
 			{"syscalls/sys_exit_copy_file_range", c.objs.SysExitFallocate, true},
 		}...)
+		flushes["syscalls/sys_exit_ioctl"] = unix.SYS_IOCTL
+	}
+	if c.btrfs {
+		// The other syscalls that update inodes: on btrfs their
+		// updates are reported when they return. Those added to
+		// Linux lately are not required.
+		for _, sc := range []struct {
+			name     string
+			nr       int
+			required bool
+		}{
+			{"truncate", unix.SYS_TRUNCATE, true}, {"ftruncate", unix.SYS_FTRUNCATE, true},
+			{"open", unix.SYS_OPEN, true}, {"openat", unix.SYS_OPENAT, true},
+			{"openat2", unix.SYS_OPENAT2, false}, {"creat", unix.SYS_CREAT, true},
+			{"open_by_handle_at", unix.SYS_OPEN_BY_HANDLE_AT, false},
+			{"rename", unix.SYS_RENAME, true}, {"renameat", unix.SYS_RENAMEAT, true},
+			{"renameat2", unix.SYS_RENAMEAT2, true},
+			{"link", unix.SYS_LINK, true}, {"linkat", unix.SYS_LINKAT, true},
+			{"unlink", unix.SYS_UNLINK, true}, {"unlinkat", unix.SYS_UNLINKAT, true},
+			{"rmdir", unix.SYS_RMDIR, true},
+			{"mkdir", unix.SYS_MKDIR, true}, {"mkdirat", unix.SYS_MKDIRAT, true},
+			{"mknod", unix.SYS_MKNOD, true}, {"mknodat", unix.SYS_MKNODAT, true},
+			{"symlink", unix.SYS_SYMLINK, true}, {"symlinkat", unix.SYS_SYMLINKAT, true},
+			{"chmod", unix.SYS_CHMOD, true}, {"fchmod", unix.SYS_FCHMOD, true},
+			{"fchmodat", unix.SYS_FCHMODAT, true}, {"fchmodat2", unix.SYS_FCHMODAT2, false},
+			{"chown", unix.SYS_CHOWN, true}, {"fchown", unix.SYS_FCHOWN, true},
+			{"lchown", unix.SYS_LCHOWN, true}, {"fchownat", unix.SYS_FCHOWNAT, true},
+			{"utime", unix.SYS_UTIME, true}, {"utimes", unix.SYS_UTIMES, true},
+			{"futimesat", unix.SYS_FUTIMESAT, true}, {"utimensat", unix.SYS_UTIMENSAT, true},
+			{"setxattr", unix.SYS_SETXATTR, true}, {"lsetxattr", unix.SYS_LSETXATTR, true},
+			{"fsetxattr", unix.SYS_FSETXATTR, true}, {"setxattrat", unix.SYS_SETXATTRAT, false},
+			{"removexattr", unix.SYS_REMOVEXATTR, true}, {"lremovexattr", unix.SYS_LREMOVEXATTR, true},
+			{"fremovexattr", unix.SYS_FREMOVEXATTR, true}, {"removexattrat", unix.SYS_REMOVEXATTRAT, false},
+			{"file_setattr", unix.SYS_FILE_SETATTR, false},
+		} {
+			name := "syscalls/sys_exit_" + sc.name
+			hooks = append(hooks, hook{name, c.objs.SysExitAttrs, sc.required})
+			flushes[name] = sc.nr
+		}
 	}
 	// The exits of the syscalls that write through the page cache; one
 	// program. Those not built into this kernel are left out. A
@@ -260,8 +339,9 @@ func (c *Capture) Attach() error {
 		name := "syscalls/sys_exit_" + sc.name
 		hooks = append(hooks, hook{name, c.objs.SysExitWriteFamily, sc.required})
 		exitOf[name] = sc.nr
+		flushes[name] = sc.nr
 	}
-	var marked [8]uint64
+	var marked, flushed [8]uint64
 	for _, h := range hooks {
 		st := HookStatus{Name: h.name, Type: "tp_btf"}
 		var l link.Link
@@ -286,11 +366,17 @@ func (c *Capture) Attach() error {
 		if nr, ok := exitOf[h.name]; ok {
 			marked[nr/64] |= 1 << (nr % 64)
 		}
+		if nr, ok := flushes[h.name]; ok {
+			flushed[nr/64] |= 1 << (nr % 64)
+		}
 	}
 	// Only now: a mark made in a syscall whose exit is not attached yet
-	// would outlive the syscall.
+	// would outlive the syscall, and so would an inode kept for its exit.
 	if err := c.objs.MARKED_SYSCALLS.Set(marked); err != nil {
 		return fmt.Errorf("setting the syscalls whose write_end is marked: %w", err)
+	}
+	if err := c.objs.FLUSHED_SYSCALLS.Set(flushed); err != nil {
+		return fmt.Errorf("setting the syscalls that report the inodes they updated: %w", err)
 	}
 	var err error
 	c.reader, err = ringbuf.NewReader(c.objs.Events)

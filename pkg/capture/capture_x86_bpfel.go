@@ -50,6 +50,18 @@ type CaptureRecord struct {
 	Pad  [6]uint8
 }
 
+type CaptureTaskAttrs struct {
+	_   structs.HostLayout
+	N   uint32
+	Pad uint32
+	E   [4]struct {
+		_   structs.HostLayout
+		Ino uint64
+		Dev uint32
+		Gen uint32
+	}
+}
+
 type CaptureTaskWrite struct {
 	_     structs.HostLayout
 	Ino   uint64
@@ -72,7 +84,12 @@ const (
 	CaptureMapFallocs                   = "fallocs"
 	CaptureMapOverflow                  = "overflow"
 	CaptureMapRecordType                = "record_type"
+	CaptureMapTaskAttrs                 = "task_attrs"
 	CaptureMapTaskWrites                = "task_writes"
+	CaptureProgBtrfsInodeNew            = "btrfs_inode_new"
+	CaptureProgBtrfsSetExtentBit        = "btrfs_set_extent_bit"
+	CaptureProgCtimeNsXchg              = "ctime_ns_xchg"
+	CaptureProgCtimeXchgSkip            = "ctime_xchg_skip"
 	CaptureProgExt4AllocateInode        = "ext4_allocate_inode"
 	CaptureProgExt4CollapseRange        = "ext4_collapse_range"
 	CaptureProgExt4DaWriteEnd           = "ext4_da_write_end"
@@ -83,10 +100,16 @@ const (
 	CaptureProgExt4TruncateEnter        = "ext4_truncate_enter"
 	CaptureProgExt4WriteEnd             = "ext4_write_end"
 	CaptureProgExt4ZeroRange            = "ext4_zero_range"
+	CaptureProgInodeSetCtimeToTs        = "inode_set_ctime_to_ts"
+	CaptureProgIoUringComplete          = "io_uring_complete"
 	CaptureProgIomapDioComplete         = "iomap_dio_complete"
 	CaptureProgIomapDioRwBegin          = "iomap_dio_rw_begin"
 	CaptureProgIomapIter                = "iomap_iter"
+	CaptureProgSysEnterCopyFileRange    = "sys_enter_copy_file_range"
+	CaptureProgSysEnterFallocate        = "sys_enter_fallocate"
+	CaptureProgSysEnterIoctl            = "sys_enter_ioctl"
 	CaptureProgSysEnterMmap             = "sys_enter_mmap"
+	CaptureProgSysExitAttrs             = "sys_exit_attrs"
 	CaptureProgSysExitFallocate         = "sys_exit_fallocate"
 	CaptureProgSysExitWriteFamily       = "sys_exit_write_family"
 	CaptureProgWritebackDirtyFolio      = "writeback_dirty_folio"
@@ -97,7 +120,9 @@ const (
 	CaptureProgXfsItruncateExtentsStart = "xfs_itruncate_extents_start"
 	CaptureProgXfsReflinkRemapRange     = "xfs_reflink_remap_range"
 	CaptureProgXfsTransCommit           = "xfs_trans_commit"
+	CaptureVarBTRFS_SBS                 = "BTRFS_SBS"
 	CaptureVarEAGER_WAKE                = "EAGER_WAKE"
+	CaptureVarFLUSHED_SYSCALLS          = "FLUSHED_SYSCALLS"
 	CaptureVarMARKED_SYSCALLS           = "MARKED_SYSCALLS"
 	CaptureVarRING_WAKE_BYTES           = "RING_WAKE_BYTES"
 	CaptureVarWATCHED_DEVS              = "WATCHED_DEVS"
@@ -145,6 +170,10 @@ type CaptureSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type CaptureProgramSpecs struct {
+	BtrfsInodeNew            *ebpf.ProgramSpec `ebpf:"btrfs_inode_new"`
+	BtrfsSetExtentBit        *ebpf.ProgramSpec `ebpf:"btrfs_set_extent_bit"`
+	CtimeNsXchg              *ebpf.ProgramSpec `ebpf:"ctime_ns_xchg"`
+	CtimeXchgSkip            *ebpf.ProgramSpec `ebpf:"ctime_xchg_skip"`
 	Ext4AllocateInode        *ebpf.ProgramSpec `ebpf:"ext4_allocate_inode"`
 	Ext4CollapseRange        *ebpf.ProgramSpec `ebpf:"ext4_collapse_range"`
 	Ext4DaWriteEnd           *ebpf.ProgramSpec `ebpf:"ext4_da_write_end"`
@@ -155,10 +184,16 @@ type CaptureProgramSpecs struct {
 	Ext4TruncateEnter        *ebpf.ProgramSpec `ebpf:"ext4_truncate_enter"`
 	Ext4WriteEnd             *ebpf.ProgramSpec `ebpf:"ext4_write_end"`
 	Ext4ZeroRange            *ebpf.ProgramSpec `ebpf:"ext4_zero_range"`
+	InodeSetCtimeToTs        *ebpf.ProgramSpec `ebpf:"inode_set_ctime_to_ts"`
+	IoUringComplete          *ebpf.ProgramSpec `ebpf:"io_uring_complete"`
 	IomapDioComplete         *ebpf.ProgramSpec `ebpf:"iomap_dio_complete"`
 	IomapDioRwBegin          *ebpf.ProgramSpec `ebpf:"iomap_dio_rw_begin"`
 	IomapIter                *ebpf.ProgramSpec `ebpf:"iomap_iter"`
+	SysEnterCopyFileRange    *ebpf.ProgramSpec `ebpf:"sys_enter_copy_file_range"`
+	SysEnterFallocate        *ebpf.ProgramSpec `ebpf:"sys_enter_fallocate"`
+	SysEnterIoctl            *ebpf.ProgramSpec `ebpf:"sys_enter_ioctl"`
 	SysEnterMmap             *ebpf.ProgramSpec `ebpf:"sys_enter_mmap"`
+	SysExitAttrs             *ebpf.ProgramSpec `ebpf:"sys_exit_attrs"`
 	SysExitFallocate         *ebpf.ProgramSpec `ebpf:"sys_exit_fallocate"`
 	SysExitWriteFamily       *ebpf.ProgramSpec `ebpf:"sys_exit_write_family"`
 	WritebackDirtyFolio      *ebpf.ProgramSpec `ebpf:"writeback_dirty_folio"`
@@ -183,6 +218,7 @@ type CaptureMapSpecs struct {
 	Fallocs    *ebpf.MapSpec `ebpf:"fallocs"`
 	Overflow   *ebpf.MapSpec `ebpf:"overflow"`
 	RecordType *ebpf.MapSpec `ebpf:"record_type"`
+	TaskAttrs  *ebpf.MapSpec `ebpf:"task_attrs"`
 	TaskWrites *ebpf.MapSpec `ebpf:"task_writes"`
 }
 
@@ -190,10 +226,12 @@ type CaptureMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type CaptureVariableSpecs struct {
-	EAGER_WAKE      *ebpf.VariableSpec `ebpf:"EAGER_WAKE"`
-	MARKED_SYSCALLS *ebpf.VariableSpec `ebpf:"MARKED_SYSCALLS"`
-	RING_WAKE_BYTES *ebpf.VariableSpec `ebpf:"RING_WAKE_BYTES"`
-	WATCHED_DEVS    *ebpf.VariableSpec `ebpf:"WATCHED_DEVS"`
+	BTRFS_SBS        *ebpf.VariableSpec `ebpf:"BTRFS_SBS"`
+	EAGER_WAKE       *ebpf.VariableSpec `ebpf:"EAGER_WAKE"`
+	FLUSHED_SYSCALLS *ebpf.VariableSpec `ebpf:"FLUSHED_SYSCALLS"`
+	MARKED_SYSCALLS  *ebpf.VariableSpec `ebpf:"MARKED_SYSCALLS"`
+	RING_WAKE_BYTES  *ebpf.VariableSpec `ebpf:"RING_WAKE_BYTES"`
+	WATCHED_DEVS     *ebpf.VariableSpec `ebpf:"WATCHED_DEVS"`
 }
 
 // CaptureObjects contains all objects after they have been loaded into the kernel.
@@ -224,6 +262,7 @@ type CaptureMaps struct {
 	Fallocs    *ebpf.Map `ebpf:"fallocs"`
 	Overflow   *ebpf.Map `ebpf:"overflow"`
 	RecordType *ebpf.Map `ebpf:"record_type"`
+	TaskAttrs  *ebpf.Map `ebpf:"task_attrs"`
 	TaskWrites *ebpf.Map `ebpf:"task_writes"`
 }
 
@@ -237,6 +276,7 @@ func (m *CaptureMaps) Close() error {
 		m.Fallocs,
 		m.Overflow,
 		m.RecordType,
+		m.TaskAttrs,
 		m.TaskWrites,
 	)
 }
@@ -245,16 +285,22 @@ func (m *CaptureMaps) Close() error {
 //
 // It can be passed to LoadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type CaptureVariables struct {
-	EAGER_WAKE      *ebpf.Variable `ebpf:"EAGER_WAKE"`
-	MARKED_SYSCALLS *ebpf.Variable `ebpf:"MARKED_SYSCALLS"`
-	RING_WAKE_BYTES *ebpf.Variable `ebpf:"RING_WAKE_BYTES"`
-	WATCHED_DEVS    *ebpf.Variable `ebpf:"WATCHED_DEVS"`
+	BTRFS_SBS        *ebpf.Variable `ebpf:"BTRFS_SBS"`
+	EAGER_WAKE       *ebpf.Variable `ebpf:"EAGER_WAKE"`
+	FLUSHED_SYSCALLS *ebpf.Variable `ebpf:"FLUSHED_SYSCALLS"`
+	MARKED_SYSCALLS  *ebpf.Variable `ebpf:"MARKED_SYSCALLS"`
+	RING_WAKE_BYTES  *ebpf.Variable `ebpf:"RING_WAKE_BYTES"`
+	WATCHED_DEVS     *ebpf.Variable `ebpf:"WATCHED_DEVS"`
 }
 
 // CapturePrograms contains all programs after they have been loaded into the kernel.
 //
 // It can be passed to LoadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type CapturePrograms struct {
+	BtrfsInodeNew            *ebpf.Program `ebpf:"btrfs_inode_new"`
+	BtrfsSetExtentBit        *ebpf.Program `ebpf:"btrfs_set_extent_bit"`
+	CtimeNsXchg              *ebpf.Program `ebpf:"ctime_ns_xchg"`
+	CtimeXchgSkip            *ebpf.Program `ebpf:"ctime_xchg_skip"`
 	Ext4AllocateInode        *ebpf.Program `ebpf:"ext4_allocate_inode"`
 	Ext4CollapseRange        *ebpf.Program `ebpf:"ext4_collapse_range"`
 	Ext4DaWriteEnd           *ebpf.Program `ebpf:"ext4_da_write_end"`
@@ -265,10 +311,16 @@ type CapturePrograms struct {
 	Ext4TruncateEnter        *ebpf.Program `ebpf:"ext4_truncate_enter"`
 	Ext4WriteEnd             *ebpf.Program `ebpf:"ext4_write_end"`
 	Ext4ZeroRange            *ebpf.Program `ebpf:"ext4_zero_range"`
+	InodeSetCtimeToTs        *ebpf.Program `ebpf:"inode_set_ctime_to_ts"`
+	IoUringComplete          *ebpf.Program `ebpf:"io_uring_complete"`
 	IomapDioComplete         *ebpf.Program `ebpf:"iomap_dio_complete"`
 	IomapDioRwBegin          *ebpf.Program `ebpf:"iomap_dio_rw_begin"`
 	IomapIter                *ebpf.Program `ebpf:"iomap_iter"`
+	SysEnterCopyFileRange    *ebpf.Program `ebpf:"sys_enter_copy_file_range"`
+	SysEnterFallocate        *ebpf.Program `ebpf:"sys_enter_fallocate"`
+	SysEnterIoctl            *ebpf.Program `ebpf:"sys_enter_ioctl"`
 	SysEnterMmap             *ebpf.Program `ebpf:"sys_enter_mmap"`
+	SysExitAttrs             *ebpf.Program `ebpf:"sys_exit_attrs"`
 	SysExitFallocate         *ebpf.Program `ebpf:"sys_exit_fallocate"`
 	SysExitWriteFamily       *ebpf.Program `ebpf:"sys_exit_write_family"`
 	WritebackDirtyFolio      *ebpf.Program `ebpf:"writeback_dirty_folio"`
@@ -283,6 +335,10 @@ type CapturePrograms struct {
 
 func (p *CapturePrograms) Close() error {
 	return _CaptureClose(
+		p.BtrfsInodeNew,
+		p.BtrfsSetExtentBit,
+		p.CtimeNsXchg,
+		p.CtimeXchgSkip,
 		p.Ext4AllocateInode,
 		p.Ext4CollapseRange,
 		p.Ext4DaWriteEnd,
@@ -293,10 +349,16 @@ func (p *CapturePrograms) Close() error {
 		p.Ext4TruncateEnter,
 		p.Ext4WriteEnd,
 		p.Ext4ZeroRange,
+		p.InodeSetCtimeToTs,
+		p.IoUringComplete,
 		p.IomapDioComplete,
 		p.IomapDioRwBegin,
 		p.IomapIter,
+		p.SysEnterCopyFileRange,
+		p.SysEnterFallocate,
+		p.SysEnterIoctl,
 		p.SysEnterMmap,
+		p.SysExitAttrs,
 		p.SysExitFallocate,
 		p.SysExitWriteFamily,
 		p.WritebackDirtyFolio,

@@ -18,7 +18,31 @@ import (
 var filesystems = []struct {
 	fstype string
 	mib    int
-}{{"ext4", 64}, {"xfs", 320}}
+}{{"ext4", 64}, {"xfs", 320}, {"btrfs", 256}}
+
+// openOn opens a capture of the fstype filesystem mounted on mount, as
+// the daemon does: XFS and btrfs with their hooks.
+func openOn(t testing.TB, fstype, mount string) *Capture {
+	t.Helper()
+	var st syscall.Stat_t
+	if err := syscall.Stat(mount, &st); err != nil {
+		t.Fatal(err)
+	}
+	opts := Options{Devices: []uint64{st.Dev}, XFS: fstype == "xfs"}
+	if fstype == "btrfs" {
+		sb, err := BtrfsSuperblock(mount)
+		if err != nil {
+			t.Fatal(err)
+		}
+		opts.Btrfs = []uint64{sb}
+	}
+	c, err := Open(opts)
+	if err != nil {
+		t.Fatalf("Open: %v", err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
 
 // onEachFS runs fn as a subtest for each filesystem.
 func onEachFS(t *testing.T, fn func(t *testing.T, fstype string, mib int)) {
@@ -33,15 +57,7 @@ func forEachFS(t *testing.T, fn func(t *testing.T, fs *loopfs.FS, c *Capture, re
 	for _, f := range filesystems {
 		t.Run(f.fstype, func(t *testing.T) {
 			fs := loopfs.Make(t, f.fstype, f.mib)
-			var st syscall.Stat_t
-			if err := syscall.Stat(fs.Mount, &st); err != nil {
-				t.Fatal(err)
-			}
-			c, err := Open(Options{Devices: []uint64{st.Dev}, XFS: f.fstype == "xfs"})
-			if err != nil {
-				t.Fatalf("Open: %v", err)
-			}
-			t.Cleanup(func() { c.Close() })
+			c := openOn(t, f.fstype, fs.Mount)
 			fn(t, fs, c, newRecorder(c))
 		})
 	}
@@ -155,10 +171,13 @@ func TestCaptureOps(t *testing.T) {
 		if recs = settle(t, c, rec); !covers(recs, ino, KindPreop, 64<<10, 192<<10) || !covers(recs, ino, KindData, 64<<10, 192<<10) {
 			t.Errorf("punch hole: preop=%v data=%v", covers(recs, ino, KindPreop, 64<<10, 192<<10), covers(recs, ino, KindData, 64<<10, 192<<10))
 		}
-		if err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_COLLAPSE_RANGE, 256<<10, 64<<10); err != nil {
+		// btrfs has no collapse or insert range.
+		btrfs := fsMagic(t, fs.Mount) == unix.BTRFS_SUPER_MAGIC
+		if err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_COLLAPSE_RANGE, 256<<10, 64<<10); btrfs && err == unix.EOPNOTSUPP {
+			t.Logf("collapse range: not supported by btrfs (%v)", err)
+		} else if err != nil {
 			t.Fatal(err)
-		}
-		if recs = settle(t, c, rec); !covers(recs, ino, KindData, 256<<10, 1<<40) {
+		} else if recs = settle(t, c, rec); !covers(recs, ino, KindData, 256<<10, 1<<40) {
 			t.Errorf("collapse range: no data record to the end of file: %v", recs)
 		}
 		if err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_ZERO_RANGE, 300<<10, 10000); err != nil {
@@ -167,10 +186,11 @@ func TestCaptureOps(t *testing.T) {
 		if recs = settle(t, c, rec); !covers(recs, ino, KindData, 300<<10, 300<<10+10000) {
 			t.Errorf("zero range: not covered by a data record: %v", recs)
 		}
-		if err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_INSERT_RANGE, 64<<10, 64<<10); err != nil {
+		if err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_INSERT_RANGE, 64<<10, 64<<10); btrfs && err == unix.EOPNOTSUPP {
+			t.Logf("insert range: not supported by btrfs (%v)", err)
+		} else if err != nil {
 			t.Fatal(err)
-		}
-		if recs = settle(t, c, rec); !covers(recs, ino, KindData, 64<<10, 1<<40) {
+		} else if recs = settle(t, c, rec); !covers(recs, ino, KindData, 64<<10, 1<<40) {
 			t.Errorf("insert range: no data record to the end of file: %v", recs)
 		}
 		af, err := os.OpenFile(p, os.O_WRONLY|os.O_APPEND, 0)
@@ -338,10 +358,11 @@ type xfsExchangeRange struct {
 	Flags       uint64
 }
 
-// TestCaptureSharedExtents: copy_file_range, a reflink (FICLONERANGE) and
-// an XFS range exchange change a file's bytes without writing them; each
-// changed range must be reported as data once the call returned. On ext4
-// copy_file_range copies through the page cache; the others are XFS only.
+// TestCaptureSharedExtents: copy_file_range, reflinks (FICLONERANGE,
+// FICLONE) and an XFS range exchange change a file's bytes without
+// writing them; each changed range must be reported as data once the call
+// returned. On ext4 copy_file_range copies through the page cache and
+// there are no reflinks; range exchange is XFS only.
 func TestCaptureSharedExtents(t *testing.T) {
 	forEachFS(t, func(t *testing.T, fs *loopfs.FS, c *Capture, rec *recorder) {
 		src, err := os.Create(filepath.Join(fs.Mount, "src"))
@@ -378,7 +399,8 @@ func TestCaptureSharedExtents(t *testing.T) {
 		if !covers(recs, dino, KindData, 256<<10, 320<<10) {
 			t.Errorf("copy_file_range: the destination range is covered by no data record: %v", recs)
 		}
-		if !isXFS(t, fs.Mount) {
+		magic := fsMagic(t, fs.Mount)
+		if magic == unix.EXT4_SUPER_MAGIC {
 			return
 		}
 		err = unix.IoctlFileCloneRange(int(dst.Fd()), &unix.FileCloneRange{
@@ -388,6 +410,17 @@ func TestCaptureSharedExtents(t *testing.T) {
 		}
 		if recs = settle(t, c, rec); !covers(recs, dino, KindData, 512<<10, 640<<10) {
 			t.Errorf("FICLONERANGE: the destination range is covered by no data record: %v", recs)
+		}
+		// FICLONE of the whole source over a file with other bytes.
+		if err := unix.IoctlFileClone(int(dst.Fd()), int(src.Fd())); err != nil {
+			t.Fatalf("FICLONE: %v", err)
+		}
+		if recs = settle(t, c, rec); !covers(recs, dino, KindData, 0, 1<<20) {
+			t.Errorf("FICLONE: the destination is covered by no data record: %v", recs)
+		}
+		if magic != unix.XFS_SUPER_MAGIC {
+			t.Logf("records by hook: %v", rec.byHook)
+			return
 		}
 		x := xfsExchangeRange{File1FD: int32(src.Fd()), File1Offset: 0, File2Offset: 768 << 10, Length: 64 << 10}
 		_, _, errno := unix.Syscall(unix.SYS_IOCTL, dst.Fd(), xfsIocExchangeRange, uintptr(unsafe.Pointer(&x)))
@@ -407,38 +440,44 @@ func TestCaptureSharedExtents(t *testing.T) {
 	})
 }
 
-// isXFS reports whether path is on XFS.
-func isXFS(t *testing.T, path string) bool {
+// fsMagic is the type of the filesystem path is on.
+func fsMagic(t *testing.T, path string) int64 {
 	var st unix.Statfs_t
 	if err := unix.Statfs(path, &st); err != nil {
 		t.Fatal(err)
 	}
-	return st.Type == unix.XFS_SUPER_MAGIC
+	return st.Type
 }
 
-// TestLoadWithoutXFS: a node that watches no XFS loads no program naming
-// an XFS type (where XFS is a module not loaded they would fail the whole
-// load, ext4 capture included) and attaches no XFS hook.
-func TestLoadWithoutXFS(t *testing.T) {
+// TestLoadWithoutXFSOrBtrfs: a node that watches neither XFS nor btrfs
+// loads no program naming their types (where either is a module not
+// loaded they would fail the whole load, ext4 capture included) and
+// attaches none of their hooks.
+func TestLoadWithoutXFSOrBtrfs(t *testing.T) {
 	loopfs.RequireRoot(t)
 	spec, err := LoadCapture()
 	if err != nil {
 		t.Fatal(err)
 	}
-	withoutXFS(spec)
+	withoutPrefix(spec, "xfs_")
+	withoutPrefix(spec, "btrfs_")
 	for name, p := range spec.Programs {
-		if strings.HasPrefix(p.AttachTo, "xfs_") {
+		if strings.HasPrefix(p.AttachTo, "xfs_") || strings.HasPrefix(p.AttachTo, "btrfs_") {
 			t.Errorf("program %s still attaches to %s", name, p.AttachTo)
 		}
 	}
 	c, err := Open(Options{})
 	if err != nil {
-		t.Fatalf("Open without XFS: %v", err)
+		t.Fatalf("Open without XFS or btrfs: %v", err)
 	}
 	defer c.Close()
 	for _, h := range c.Hooks() {
-		if strings.HasPrefix(h.Name, "xfs_") || h.Name == "iomap_iter" || h.Name == "syscalls/sys_exit_ioctl" {
-			t.Errorf("hook %s attached with no XFS watched", h.Name)
+		switch {
+		case strings.HasPrefix(h.Name, "xfs_"), strings.HasPrefix(h.Name, "btrfs_"),
+			strings.Contains(h.Name, "ctime"), strings.HasPrefix(h.Name, "io_uring_"),
+			h.Name == "iomap_iter", h.Name == "syscalls/sys_exit_ioctl", h.Name == "syscalls/sys_enter_ioctl",
+			h.Name == "syscalls/sys_exit_rename":
+			t.Errorf("hook %s attached with neither XFS nor btrfs watched", h.Name)
 		}
 	}
 }

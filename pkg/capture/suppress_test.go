@@ -93,13 +93,7 @@ func testScatteredWritesOnMigratingTask(t *testing.T, fstype string, mib int) {
 		t.Skip("needs two CPUs to move the writer between")
 	}
 	fs := loopfs.Make(t, fstype, max(256, mib))
-	var st syscall.Stat_t
-	syscall.Stat(fs.Mount, &st)
-	c, err := Open(Options{Devices: []uint64{st.Dev}, XFS: fstype == "xfs"})
-	if err != nil {
-		t.Fatalf("Open: %v", err)
-	}
-	defer c.Close()
+	c := openOn(t, fstype, fs.Mount)
 	rec := newRecorder(c)
 	const size = 128 << 20
 	f, err := os.Create(filepath.Join(fs.Mount, "big"))
@@ -320,13 +314,7 @@ func testStoreIntoPageDirtiedByWriteIsReported(t *testing.T, fstype string, mib 
 func mappedFile(t *testing.T, fstype string, mib int) (*Capture, *recorder, *os.File, syscall.Stat_t, []byte) {
 	t.Helper()
 	fs := loopfs.Make(t, fstype, max(64, mib))
-	var st syscall.Stat_t
-	syscall.Stat(fs.Mount, &st)
-	c, err := Open(Options{Devices: []uint64{st.Dev}, XFS: fstype == "xfs"})
-	if err != nil {
-		t.Fatalf("Open: %v", err)
-	}
-	t.Cleanup(func() { c.Close() })
+	c := openOn(t, fstype, fs.Mount)
 	rec := newRecorder(c)
 	f, err := os.Create(filepath.Join(fs.Mount, "m"))
 	if err != nil {

@@ -1,27 +1,31 @@
 package node
 
 import (
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/duet-ha/duet/pkg/loopfs"
 )
 
-// TestCheckTreeFilesystems: ext4 and XFS are replicated (XFS with its
-// capture hooks required); btrfs and tmpfs are refused at start with an
-// error naming the directory and the filesystems that work, not
+// TestCheckTreeFilesystems: ext4, XFS and btrfs are replicated (XFS and
+// btrfs with their capture hooks required); tmpfs is refused at start with
+// an error naming the directory and the filesystems that work, not
 // replicated with changes capture never sees.
 func TestCheckTreeFilesystems(t *testing.T) {
 	for _, tc := range []struct {
-		fstype  string
-		mib     int
-		wantXFS bool
-		refused string
+		fstype    string
+		mib       int
+		wantXFS   bool
+		wantBtrfs bool
+		refused   string
 	}{
-		{"ext4", 64, false, ""},
-		{"xfs", 320, true, ""},
-		{"btrfs", 128, false, "btrfs is not supported yet"},
-		{"tmpfs", 0, false, "filesystem type 0x1021994 is not supported"},
+		{"ext4", 64, false, false, ""},
+		{"xfs", 320, true, false, ""},
+		{"btrfs", 128, false, true, ""},
+		{"tmpfs", 0, false, false, "filesystem type 0x1021994 is not supported"},
 	} {
 		t.Run(tc.fstype, func(t *testing.T) {
 			var dir string
@@ -31,16 +35,56 @@ func TestCheckTreeFilesystems(t *testing.T) {
 			} else {
 				dir = loopfs.Make(t, tc.fstype, tc.mib).Mount
 			}
-			dev, xfs, err := checkTree(0, dir)
+			tr, err := checkTree(0, dir)
 			if tc.refused != "" {
-				if err == nil || !strings.Contains(err.Error(), tc.refused) || !strings.Contains(err.Error(), "ext4 and XFS") {
-					t.Fatalf("checkTree on %s: %v, want an error saying %q and naming ext4 and XFS", tc.fstype, err, tc.refused)
+				if err == nil || !strings.Contains(err.Error(), tc.refused) || !strings.Contains(err.Error(), "ext4, XFS and btrfs") {
+					t.Fatalf("checkTree on %s: %v, want an error saying %q and naming ext4, XFS and btrfs", tc.fstype, err, tc.refused)
 				}
 				return
 			}
-			if err != nil || dev == 0 || xfs != tc.wantXFS {
-				t.Fatalf("checkTree on %s: dev %#x xfs %v err %v, want a device, xfs %v", tc.fstype, dev, xfs, err, tc.wantXFS)
+			if err != nil || tr.dev == 0 || tr.xfs != tc.wantXFS || (tr.btrfs != 0) != tc.wantBtrfs {
+				t.Fatalf("checkTree on %s: %+v err %v, want a device, xfs %v, btrfs superblock %v", tc.fstype, tr, err, tc.wantXFS, tc.wantBtrfs)
+			}
+			// On btrfs the superblock's device is not the one stat(2)
+			// reports: capture filters by the first and reports the
+			// second.
+			if tc.wantBtrfs && tr.btrfs == tr.dev {
+				t.Fatalf("checkTree on btrfs: superblock device %#x is the directory's", tr.btrfs)
 			}
 		})
+	}
+}
+
+// TestCheckTreeBtrfsSubvolume: a btrfs subvolume (or snapshot) inside a
+// replicated directory has its own device and inode numbers, which
+// capture does not follow: the directory is refused at start, naming the
+// subvolume, whatever its depth. One beside the directory is no concern.
+func TestCheckTreeBtrfsSubvolume(t *testing.T) {
+	if _, err := exec.LookPath("btrfs"); err != nil {
+		t.Skipf("btrfs (btrfs-progs) not installed: %v", err)
+	}
+	fs := loopfs.Make(t, "btrfs", 128)
+	dir := filepath.Join(fs.Mount, "data")
+	if err := os.MkdirAll(filepath.Join(dir, "a", "b"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	subvol := func(path string) {
+		t.Helper()
+		if out, err := exec.Command("btrfs", "subvolume", "create", path).CombinedOutput(); err != nil {
+			t.Fatalf("btrfs subvolume create %s: %v\n%s", path, err, out)
+		}
+	}
+	subvol(filepath.Join(fs.Mount, "beside"))
+	if _, err := checkTree(0, dir); err != nil {
+		t.Fatalf("a subvolume beside the directory: %v", err)
+	}
+	subvol(filepath.Join(dir, "a", "b", "inside"))
+	_, err := checkTree(0, dir)
+	if err == nil || !strings.Contains(err.Error(), "holds btrfs subvolume") || !strings.Contains(err.Error(), "./a/b/") {
+		t.Fatalf("a subvolume in a/b of the directory: %v, want it refused, naming where", err)
+	}
+	// The subvolume itself is a directory that can be replicated.
+	if _, err := checkTree(0, filepath.Join(dir, "a", "b", "inside")); err != nil {
+		t.Fatalf("the subvolume as a replicated directory: %v", err)
 	}
 }

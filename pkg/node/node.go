@@ -14,6 +14,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -156,7 +157,8 @@ type Node struct {
 	link    *peerlink.Link
 	dirs    []replica.Dir
 	devs    []uint64
-	xfs     bool // a replicated directory is on XFS: capture requires its hooks
+	xfs     bool     // a replicated directory is on XFS: capture requires its hooks
+	btrfs   []uint64 // the btrfs superblocks replicated directories are on
 	server  *replica.Server
 	vip     *vip.VIP
 	stack   *stack.Stack
@@ -249,12 +251,15 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	n.drained = sync.NewCond(&n.drainMu)
 	for i, r := range cfg.Replicate {
 		n.dirs = append(n.dirs, replica.Dir{Name: r.Name, Path: r.Path})
-		dev, xfs, err := checkTree(i, r.Path)
+		t, err := checkTree(i, r.Path)
 		if err != nil {
 			return err
 		}
-		n.devs = append(n.devs, dev)
-		n.xfs = n.xfs || xfs
+		n.devs = append(n.devs, t.dev)
+		n.xfs = n.xfs || t.xfs
+		if t.btrfs != 0 && !slices.Contains(n.btrfs, t.btrfs) {
+			n.btrfs = append(n.btrfs, t.btrfs)
+		}
 	}
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("state_dir %q: %w", cfg.StateDir, err)
@@ -412,26 +417,48 @@ func (n *Node) markClean() {
 	}
 }
 
+// tree is what capture needs to know of a replicated directory.
+type tree struct {
+	dev   uint64 // its device, as stat(2) reports it
+	xfs   bool   // on XFS: capture requires its hooks
+	btrfs uint64 // on btrfs: the superblock's device (capture.BtrfsSuperblock)
+}
+
 // checkTree refuses a replicated directory whose filesystem capture
-// cannot follow (docs/CAPTURE.md: ext4 and XFS), and says whether it is XFS.
-func checkTree(i int, path string) (dev uint64, xfs bool, err error) {
+// cannot follow (docs/CAPTURE.md: ext4, XFS and btrfs, without another
+// btrfs subvolume inside), and says what capture needs to watch it.
+func checkTree(i int, path string) (tree, error) {
 	var st syscall.Stat_t
 	if err := syscall.Stat(path, &st); err != nil {
-		return 0, false, fmt.Errorf("replicate[%d].path %q: %w", i, path, err)
+		return tree{}, fmt.Errorf("replicate[%d].path %q: %w", i, path, err)
 	}
 	var fs syscall.Statfs_t
 	if err := syscall.Statfs(path, &fs); err != nil {
-		return 0, false, fmt.Errorf("replicate[%d].path %q: %w", i, path, err)
+		return tree{}, fmt.Errorf("replicate[%d].path %q: %w", i, path, err)
 	}
 	switch fs.Type {
 	case ext4Magic:
-		return st.Dev, false, nil
+		return tree{dev: st.Dev}, nil
 	case unix.XFS_SUPER_MAGIC:
-		return st.Dev, true, nil
+		return tree{dev: st.Dev, xfs: true}, nil
 	case unix.BTRFS_SUPER_MAGIC:
-		return 0, false, fmt.Errorf("replicate[%d].path %q: btrfs is not supported yet: duet captures changes on ext4 and XFS only (see docs/CAPTURE.md); move the directory to one of them", i, path)
+		sb, err := capture.BtrfsSuperblock(path)
+		if err != nil {
+			return tree{}, fmt.Errorf("replicate[%d].path %q: %w", i, path, err)
+		}
+		// Another subvolume has its own device and inode numbers:
+		// capture would not see its changes, and the replica would
+		// take its inodes for the directory's own.
+		subs, err := capture.BtrfsSubvolumesInside(path)
+		if err != nil {
+			return tree{}, fmt.Errorf("replicate[%d].path %q: looking for btrfs subvolumes inside: %w", i, path, err)
+		}
+		if len(subs) > 0 {
+			return tree{}, fmt.Errorf("replicate[%d].path %q: holds btrfs subvolume %d (in %s): duet replicates one subvolume per directory; move the subvolume (or snapshot) out, or replicate it as a directory of its own", i, path, subs[0].ID, subs[0].Dir)
+		}
+		return tree{dev: st.Dev, btrfs: sb}, nil
 	}
-	return 0, false, fmt.Errorf("replicate[%d].path %q: filesystem type %#x is not supported: duet captures changes on ext4 and XFS only (see docs/CAPTURE.md); move the directory to one of them", i, path, fs.Type)
+	return tree{}, fmt.Errorf("replicate[%d].path %q: filesystem type %#x is not supported: duet captures changes on ext4, XFS and btrfs only (see docs/CAPTURE.md); move the directory to one of them", i, path, fs.Type)
 }
 
 // serve takes the primary role: the VIP (unless someone answers for it)
@@ -734,7 +761,7 @@ type preloaded struct {
 }
 
 func (n *Node) captureOptions() capture.Options {
-	return capture.Options{Devices: n.devs, RingBytes: uint32(n.cfg.RingBufferKiB) << 10, XFS: n.xfs}
+	return capture.Options{Devices: n.devs, RingBytes: uint32(n.cfg.RingBufferKiB) << 10, XFS: n.xfs, Btrfs: n.btrfs}
 }
 
 // preloadCapture loads the next term's capture in the background, with

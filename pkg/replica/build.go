@@ -410,13 +410,16 @@ func generation(dirfd int, name string) (uint32, bool) {
 // handleGeneration finds i_generation in a file handle: ext4's
 // (FILEID_INO32_GEN and _PARENT, 1 and 2) are {u32 ino, u32 gen, ...};
 // XFS's with 64-bit inode numbers, which it uses whatever the size of the
-// filesystem (0x81, 0x82), are {u64 ino, u32 gen, ...}.
+// filesystem (0x81, 0x82), are {u64 ino, u32 gen, ...}; btrfs's (0x4d to
+// 0x4f) are {u64 ino, u64 subvolume, u32 gen, ...}.
 func handleGeneration(typ int32, b []byte) (uint32, bool) {
 	switch {
 	case (typ == 1 || typ == 2) && len(b) >= 8:
 		return binary.LittleEndian.Uint32(b[4:]), true
 	case (typ == 0x81 || typ == 0x82) && len(b) >= 12:
 		return binary.LittleEndian.Uint32(b[8:]), true
+	case typ >= 0x4d && typ <= 0x4f && len(b) >= 20:
+		return binary.LittleEndian.Uint32(b[16:]), true
 	}
 	return 0, false
 }

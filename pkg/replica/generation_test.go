@@ -17,12 +17,13 @@ const fsIocGetversion = 0x80087601
 // renamed file by i_generation, read from the file handle. On XFS the
 // handle holds a 64-bit inode number (type 0x81, on any size of
 // filesystem); read as ext4's it gave no generation, and a new file taking
-// a deleted one's number was shipped as a rename of it.
+// a deleted one's number was shipped as a rename of it. btrfs's holds the
+// subvolume too.
 func TestGenerationFromHandle(t *testing.T) {
 	for _, fs := range []struct {
 		fstype string
 		mib    int
-	}{{"ext4", 64}, {"xfs", 320}} {
+	}{{"ext4", 64}, {"xfs", 320}, {"btrfs", 128}} {
 		t.Run(fs.fstype, func(t *testing.T) {
 			dir := loopfs.Make(t, fs.fstype, fs.mib).Mount
 			f, err := os.Create(filepath.Join(dir, "f"))
@@ -59,7 +60,9 @@ func TestHandleGeneration(t *testing.T) {
 		{0x81, []byte{0x83, 0, 0, 0, 0, 0, 0, 0, 0xe3, 0xfa, 0x20, 0x8e}, 0x8e20fae3, true},
 		{0x82, []byte{0x83, 0, 0, 0, 0, 0, 0, 0, 0xe3, 0xfa, 0x20, 0x8e, 0x80, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0}, 0x8e20fae3, true},
 		{0x81, []byte{0x83, 0, 0, 0, 0, 0, 0, 0}, 0, false}, // short
-		{0x4d, make([]byte, 20), 0, false},                  // btrfs: not read
+		{0x4d, []byte{1, 1, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 0x0b, 0, 0, 0}, 0x0b, true},
+		{0x4e, []byte{1, 1, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 0x0b, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0}, 0x0b, true},
+		{0x4d, make([]byte, 16), 0, false}, // short
 	} {
 		got, ok := handleGeneration(tc.typ, tc.b)
 		if got != tc.want || ok != tc.ok {

@@ -16,7 +16,7 @@
 #   lab.sh env                print the lab's paths as shell variables
 #
 # Environment: DUET_LAB (state directory, default /var/tmp/duet-lab),
-# DUET_BIN (the duet binary, default bin/duet), DUET_LAB_FS (ext4 or xfs),
+# DUET_BIN (the duet binary, default bin/duet), DUET_LAB_FS (ext4, xfs or btrfs),
 # DUET_LAB_SIZE (image size, default 4G), DUET_RING_KIB (capture ring).
 set -euo pipefail
 
@@ -34,6 +34,7 @@ die() { echo "lab: $*" >&2; exit 1; }
 ns() { echo "duet-$1"; }
 
 need() {
+	case $FS in ext4 | xfs | btrfs) ;; *) die "DUET_LAB_FS=$FS: ext4, xfs or btrfs" ;; esac
 	for t in ip losetup mount "mkfs.$FS"; do
 		command -v "$t" >/dev/null || die "$t not found: install iproute2, util-linux and the $FS tools"
 	done
@@ -98,7 +99,8 @@ up() {
 	mkdir -p "$LAB"
 	for h in a b; do
 		truncate -s "$SIZE" "$LAB/$h.img"
-		if [ "$FS" = ext4 ]; then mkfs.ext4 -q -F "$LAB/$h.img"; else "mkfs.$FS" -q "$LAB/$h.img"; fi
+		# Forced: the image of an earlier run keeps its signature.
+		if [ "$FS" = ext4 ]; then mkfs.ext4 -q -F "$LAB/$h.img"; else "mkfs.$FS" -q -f "$LAB/$h.img"; fi
 		losetup --find --show "$LAB/$h.img" >"$LAB/$h.loop"
 		mkdir -p "$LAB/$h"
 		mount "$(cat "$LAB/$h.loop")" "$LAB/$h"
