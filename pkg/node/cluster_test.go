@@ -199,18 +199,7 @@ func TestLeavingHoldsCallsUntilPeerSilent(t *testing.T) {
 	if n.tryRelease() {
 		t.Fatal("a call released while an up-to-date SECOND could take over")
 	}
-	n.stack = &stack.Stack{Services: []stack.Service{{Name: "db", Start: "exec sleep 1000",
-		Interval: 50 * time.Millisecond, StartTimeout: 3 * time.Second, StopTimeout: 10 * time.Second}},
-		Log: n.log, Launch: func(args []string, setup func(*exec.Cmd)) (*exec.Cmd, error) {
-			c := exec.Command(args[0], args[1:]...)
-			setup(c)
-			return c, c.Start()
-		}}
-	if err := n.stack.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(n.stack.Stop)
-	pid := n.stack.Status()[0].Pid
+	pid := startSleeper(t, n)
 
 	// The peer heard: the call stays held, and the service lives.
 	n.lastHeartbeat.Store(time.Now().UnixNano())
@@ -249,6 +238,24 @@ func TestLeavingHoldsCallsUntilPeerSilent(t *testing.T) {
 	}
 }
 
+// startSleeper gives n a stack of one service that sleeps, started, and
+// returns its pid.
+func startSleeper(t *testing.T, n *Node) int {
+	t.Helper()
+	n.stack = &stack.Stack{Services: []stack.Service{{Name: "db", Start: "exec sleep 1000",
+		Interval: 50 * time.Millisecond, StartTimeout: 3 * time.Second, StopTimeout: 10 * time.Second}},
+		Log: n.log, Launch: func(args []string, setup func(*exec.Cmd)) (*exec.Cmd, error) {
+			c := exec.Command(args[0], args[1:]...)
+			setup(c)
+			return c, c.Start()
+		}}
+	if err := n.stack.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(n.stack.Stop)
+	return n.stack.Status()[0].Pid
+}
+
 // TestStopAloneReleases: a node ALONE, its peer lost, that stops (no peer
 // can take over) releases its services' shutdown flushes alone, as while
 // serving, and does not kill them for a peer long silent; the handover
@@ -263,18 +270,7 @@ func TestStopAloneReleases(t *testing.T) {
 	}
 	n.machine.Store(&cluster.Machine{Name: "nodeA", State: cluster.Alone, Epoch: 9})
 	n.announcedAlone.Store(9)
-	n.stack = &stack.Stack{Services: []stack.Service{{Name: "db", Start: "exec sleep 1000",
-		Interval: 50 * time.Millisecond, StartTimeout: 3 * time.Second, StopTimeout: 10 * time.Second}},
-		Log: n.log, Launch: func(args []string, setup func(*exec.Cmd)) (*exec.Cmd, error) {
-			c := exec.Command(args[0], args[1:]...)
-			setup(c)
-			return c, c.Start()
-		}}
-	if err := n.stack.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(n.stack.Stop)
-	pid := n.stack.Status()[0].Pid
+	pid := startSleeper(t, n)
 	n.beginLeaving()
 	stop := n.watchLeaving()
 	time.Sleep(3 * n.cfg.Cluster.Timeout)
