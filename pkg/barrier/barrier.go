@@ -384,9 +384,11 @@ func answer(listener int, req seccompNotif, sup supervisor) {
 	// own open file description, after the call began: the call returns
 	// 0 without running it again. (Continued, it made a second
 	// fdatasync, which on ext4 may flush the device's cache again: tens
-	// to hundreds of µs on every call.)
-	ioctl(listener, unix.SECCOMP_IOCTL_NOTIF_SEND, unsafe.Pointer(&resp))
+	// to hundreds of µs on every call.) Reported before the answer: the
+	// answer may let the process exit and Exec return, and a timing
+	// reported after that was lost (TestCallTimingObserved, once in CI).
 	sup.done(req.NR, start, waited, r.took)
+	ioctl(listener, unix.SECCOMP_IOCTL_NOTIF_SEND, unsafe.Pointer(&resp))
 }
 
 // takeFD returns a duplicate of descriptor fd of the notifying thread (the

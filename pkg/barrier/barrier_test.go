@@ -561,6 +561,9 @@ func TestCallTimingObserved(t *testing.T) {
 		time.Sleep(delay)
 		return nil
 	}, func(tm Timing) {
+		// Slow, so that a timing reported after the call's answer
+		// (the process then exits and Exec returns) is surely missed.
+		time.Sleep(50 * time.Millisecond)
 		mu.Lock()
 		got = append(got, tm)
 		mu.Unlock()

@@ -344,9 +344,10 @@ func writeSync(listener int, req *seccompNotif, sup supervisor, start time.Time)
 			return
 		}
 	}
-	reply(listener, &seccompNotifResp{ID: req.ID, Val: int64(n)})
 	// The emulated write itself is the local part (O_DSYNC: it flushes).
+	// Reported before the answer, as in answer.
 	sup.done(req.NR, start, waited, time.Since(start)-waited)
+	reply(listener, &seccompNotifResp{ID: req.ID, Val: int64(n)})
 }
 
 // readIovecs reads a struct iovec array from the caller's memory.
