@@ -19,7 +19,8 @@ import (
 )
 
 func testNode(t *testing.T, stateDir string) *Node {
-	return &Node{cfg: &config.Config{Node: "nodeB", StateDir: stateDir}, log: slog.New(slog.NewTextHandler(os.Stderr, nil))}
+	return &Node{cfg: &config.Config{Node: "nodeB", StateDir: stateDir}, log: slog.New(slog.NewTextHandler(os.Stderr, nil)),
+		barrierTimeout: defaultBarrierTimeout}
 }
 
 // record carries out nothing: it lists the actions it was given.
@@ -309,7 +310,7 @@ func TestHandoverAtStopHearsThePeer(t *testing.T) {
 	cfg := &config.Config{Node: "nodeB", StateDir: t.TempDir(), Cluster: config.Cluster{HeartbeatPort: port,
 		Interval: udpInterval, Timeout: udpTimeout, Networks: []config.Network{{Local: "127.0.0.2", Peer: "127.0.0.1"}}}}
 	n := &Node{cfg: cfg, log: log, keys: [][]byte{[]byte("0123456789abcdef")}, events: make(chan cluster.Event, 2),
-		hbKick: make(chan struct{}, 1), server: &replica.Server{}}
+		hbKick: make(chan struct{}, 1), server: &replica.Server{}, barrierTimeout: defaultBarrierTimeout}
 	if n.guard, err = newGuard(cfg); err != nil {
 		t.Fatal(err)
 	}

@@ -39,7 +39,7 @@ func startHeartbeatsKeys(t *testing.T, keys [][]byte, name, local, peer string, 
 	cfg := &config.Config{Node: name, Cluster: config.Cluster{HeartbeatPort: port, Interval: udpInterval, Timeout: udpTimeout,
 		Networks: []config.Network{{Local: local, Peer: peer}}}}
 	n := &Node{cfg: cfg, log: slog.New(slog.NewTextHandler(os.Stderr, nil)), keys: keys,
-		events: make(chan cluster.Event, 64), hbKick: make(chan struct{}, 1)}
+		events: make(chan cluster.Event, 64), hbKick: make(chan struct{}, 1), barrierTimeout: defaultBarrierTimeout}
 	var err error
 	if n.guard, err = newGuard(cfg); err != nil {
 		t.Fatal(err)

@@ -30,6 +30,14 @@ func (noKernel) Seq() uint64                                  { return 0 }
 // streamingPrimary is a Primary of an empty directory streaming to a
 // replica on the loopback.
 func streamingPrimary(t *testing.T) *replica.Primary {
+	p, _ := streamingPrimaryVia(t, nil)
+	return p
+}
+
+// streamingPrimaryVia is streamingPrimary whose connections go through
+// relay r (nil: straight to the replica); it returns the primary's
+// directory too.
+func streamingPrimaryVia(t *testing.T, r *peerRelay) (*replica.Primary, string) {
 	t.Helper()
 	top := t.TempDir()
 	src, dst := filepath.Join(top, "src"), filepath.Join(top, "dst")
@@ -46,7 +54,11 @@ func streamingPrimary(t *testing.T) *replica.Primary {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p, err := replica.NewPrimary(replica.Dir{Name: "data", Path: src}, ln.Addr().String(), lk, 0, log)
+	addr := ln.Addr().String()
+	if r != nil {
+		addr = r.start(t, addr)
+	}
+	p, err := replica.NewPrimary(replica.Dir{Name: "data", Path: src}, addr, lk, 0, log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -56,13 +68,16 @@ func streamingPrimary(t *testing.T) *replica.Primary {
 	go func() { defer wg.Done(); srv.Serve(ctx, ln) }()
 	go func() { defer wg.Done(); p.Run(ctx, noKernel{}) }()
 	t.Cleanup(func() {
+		if r != nil {
+			r.close() // a handshake held by the relay would hold Run
+		}
 		cancel()
 		wg.Wait()
 		srv.Close(10 * time.Second)
 		p.Close()
 	})
 	waitFor(t, "the primary streams", p.Streaming)
-	return p
+	return p, src
 }
 
 // blockedIn reports whether a goroutine waits for a lock (state) in fn.

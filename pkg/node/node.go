@@ -164,6 +164,10 @@ type Node struct {
 	stack   *stack.Stack
 	metrics *metrics
 	waiting waiting // durability calls in progress
+	// barrierTimeout is how long a durability call waits for a peer
+	// that confirms nothing before its connection is ended, and again
+	// before the call fails (defaultBarrierTimeout; tests shorten it).
+	barrierTimeout time.Duration
 
 	// The serving side exists while the node is PRIM or ALONE.
 	smu         sync.RWMutex
@@ -174,13 +178,17 @@ type Node struct {
 	next        *preloaded // capture for the next term
 	// stopAnnounce ends the gratuitous ARPs of the current term.
 	stopAnnounce func()
-	// releasedAlone: a barrier was released without the peer; the peer
-	// counts as in sync only once all of it has been shipped. aloneGen
-	// counts such releases, and catchingUp is set while a catch-up runs
-	// (see peerSynced).
+	// releasedAlone: a barrier was released without the peer, or waited
+	// barrierTimeout for it (peerSilent); the peer counts as in sync only
+	// once all of it has been shipped. aloneGen counts such events, and
+	// catchingUp is set while a catch-up runs (see peerSynced).
 	releasedAlone atomic.Bool
 	aloneGen      atomic.Uint64
 	catchingUp    atomic.Bool
+	// silent holds the primaries (*replica.Primary) whose connection a
+	// durability call ended because the peer confirmed nothing, until a
+	// call is confirmed again: one end and one log line per episode.
+	silent sync.Map
 	// relMu orders releases (tryRelease) against the heartbeats' "synced"
 	// (heartbeat); syncedSent is the hbClock time of the last heartbeat
 	// that said "synced" (0: none). A waiting call takes relMu under its
@@ -243,7 +251,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 		log.Info("key rotation in progress: the peer may use key or previous_key; remove previous_key once both nodes run with the new key")
 	}
 	n := &Node{cfg: cfg, log: log, keys: keys, link: lk, events: make(chan cluster.Event, 64), cmds: make(chan command),
-		hbKick: make(chan struct{}, 1)}
+		hbKick: make(chan struct{}, 1), barrierTimeout: defaultBarrierTimeout}
 	n.metrics = newMetrics(n.Status)
 	if n.guard, err = newGuard(cfg); err != nil {
 		return err
@@ -571,7 +579,7 @@ func (n *Node) unserve(ctx context.Context) {
 	n.smu.RLock()
 	primaries := n.primaries
 	n.smu.RUnlock()
-	dctx, cancel := context.WithTimeout(ctx, barrierTimeout)
+	dctx, cancel := context.WithTimeout(ctx, n.barrierTimeout)
 	for _, p := range primaries {
 		if err := p.WaitShipped(dctx, kernel{n}, replica.Release{After: n.cfg.Cluster.Timeout}); err != nil {
 			n.log.Warn("leaving the role with changes not on the peer (tracked for a resync)", "dir", p.Dir.Name, "err", err)
@@ -711,6 +719,7 @@ func (n *Node) startPrimary(ctx context.Context) error {
 	n.overflowSeen = 0
 	n.smu.Unlock()
 	n.releasedAlone.Store(false)
+	n.silent.Clear()
 	n.serveWG.Add(2 + len(primaries))
 	go func() {
 		defer n.serveWG.Done()
@@ -849,7 +858,7 @@ func (n *Node) catchUp(primaries []*replica.Primary) {
 	gen := n.aloneGen.Load()
 	go func() {
 		defer n.catchingUp.Store(false)
-		ctx, cancel := context.WithTimeout(context.Background(), barrierTimeout)
+		ctx, cancel := context.WithTimeout(context.Background(), n.barrierTimeout)
 		defer cancel()
 		// Released, as a durability call is, once the peer cannot take
 		// over: it is not in sync then anyway.
@@ -991,7 +1000,7 @@ func (k kernel) Drain() {
 
 // drainTimeout bounds Drain. It was 1 s: a reader that much behind (a
 // loaded host, a burst of records) let a barrier's target miss writes
-// made before the call. Within barrierTimeout, so the call still ends.
+// made before the call. Within defaultBarrierTimeout, so the call still ends.
 const drainTimeout = 10 * time.Second
 
 func (n *Node) wakeDrains() {
@@ -1117,7 +1126,7 @@ func (n *Node) serveControl(ctx context.Context, ln net.Listener) {
 			req := n.barrierReport(strings.TrimSpace(line), -1)
 			if ev, ok := controlCommands[req]; ok {
 				// Leaving the role may wait for the peer to catch up.
-				c.SetDeadline(time.Now().Add(barrierTimeout + 30*time.Second))
+				c.SetDeadline(time.Now().Add(n.barrierTimeout + 30*time.Second))
 				fmt.Fprintln(c, n.command(ctx, ev))
 				return
 			}
@@ -1231,9 +1240,11 @@ func Command(socket, req string) (string, error) {
 // record still wakes the reader at once.
 const eagerHold = 2 * time.Second
 
-// barrierTimeout bounds a barrier with a connected peer; past it the call
-// fails (EIO) rather than claim durability.
-const barrierTimeout = 30 * time.Second
+// defaultBarrierTimeout is Node.barrierTimeout: past it, a durability
+// call that the peer did not confirm ends the peer's connection (see
+// peerSilent); past twice that, the call fails (EIO) rather than claim
+// durability.
+const defaultBarrierTimeout = 30 * time.Second
 
 // barrier waits until everything captured so far is on the peer: "ok",
 // "alone" (no peer in sync: released, tracked for a resync), or
@@ -1270,27 +1281,82 @@ func (n *Node) barrier(ctx context.Context) string {
 	if !streaming && n.tryRelease() {
 		return n.alone()
 	}
-	ctx, cancel := context.WithTimeout(ctx, barrierTimeout)
+	wctx, cancel := context.WithTimeout(ctx, 2*n.barrierTimeout)
 	defer cancel()
+	silentAt := start.Add(n.barrierTimeout)
 	reply := "ok"
-	rel := replica.Release{Now: n.tryRelease}
 	for i, p := range primaries {
-		var err error
-		if r := n.cfg.Replicate[i]; r.Mode == config.ModeAsync {
-			err = p.WaitLag(ctx, r.MaxLag, rel)
-		} else {
-			err = p.WaitShipped(ctx, kernel{n}, rel)
-		}
+		err := n.waitPeer(wctx, i, p, silentAt)
 		switch {
 		case errors.Is(err, replica.ErrAlone):
 			if reply = n.alone(); reply != "alone" {
 				return reply
 			}
+		case err != nil && wctx.Err() != nil && ctx.Err() == nil:
+			return fmt.Sprintf("error: directory %s: the peer confirmed nothing for %s and did not say its copy is stale", p.Dir.Name, 2*n.barrierTimeout)
 		case err != nil:
 			return "error: " + err.Error()
 		}
 	}
 	return reply
+}
+
+// waitPeer waits, for a durability call, until directory i's peer holds
+// what the call needs (sync) or lags by at most max_lag (async), or the
+// call may go on without it (ErrAlone, see peerCannotTakeOver). Not
+// confirmed by silentAt, the peer is taken as silent (peerSilent): from
+// then on the call is released as soon as the peer cannot take over,
+// even if its connection comes back and streams.
+func (n *Node) waitPeer(ctx context.Context, i int, p *replica.Primary, silentAt time.Time) error {
+	var unconfirmed atomic.Bool
+	t := time.AfterFunc(time.Until(silentAt), func() {
+		if n.leaving.Load() {
+			// A handover holds its calls until they are shipped, or the
+			// peer is silent for cluster.timeout (watchLeaving).
+			return
+		}
+		n.peerSilent(p)
+		unconfirmed.Store(true)
+		p.Wake()
+	})
+	defer t.Stop()
+	rel := replica.Release{Now: n.tryRelease, Streaming: unconfirmed.Load}
+	var err error
+	if r := n.cfg.Replicate[i]; r.Mode == config.ModeAsync {
+		err = p.WaitLag(ctx, r.MaxLag, rel)
+	} else {
+		err = p.WaitShipped(ctx, kernel{n}, rel)
+	}
+	if err == nil {
+		n.silent.Delete(p) // the peer confirms again: a new episode may end its connection
+	}
+	return err
+}
+
+// peerSilent is done when a durability call waited barrierTimeout for p's
+// peer. Until the peer confirms everything, the heartbeats say it is out
+// of sync: it marks its copy stale, says so, and the call is released
+// alone (or fails, with cluster.alone_writes: fail) under the usual rule.
+// If the peer streams, connected and in sync yet confirming nothing (its
+// disk hung, its applier stuck), its connection is ended too, once per
+// episode, as the cluster loop does for a deaf peer. Failing the call
+// instead, with the peer still an up-to-date SECOND, was unsafe: MariaDB
+// may report a commit whose binary log flush got EIO, and the peer's
+// takeover would lose it.
+func (n *Node) peerSilent(p *replica.Primary) {
+	n.relMu.Lock()
+	n.aloneGen.Add(1) // a catch-up in progress does not count
+	n.releasedAlone.Store(true)
+	n.relMu.Unlock()
+	if !p.Streaming() {
+		return
+	}
+	if _, again := n.silent.LoadOrStore(p, true); again {
+		return
+	}
+	why := "the peer confirmed nothing for " + n.barrierTimeout.String()
+	n.log.Warn(why+": ending the replication connection", "dir", p.Dir.Name, "peer", n.machine.Load().Peer.Name)
+	p.Drop(why)
 }
 
 // barrierRefusal is why a durability call fails at once, or "".
@@ -1316,8 +1382,9 @@ func (n *Node) barrierRefusal() string {
 // hears this node serve). While the peer is heard as an up-to-date SECOND,
 // a call the data path cannot confirm is held instead: released, the change
 // could be lost by a takeover. The heartbeats then say the peer is out of
-// sync, it marks its copy stale and says so, and the call is released (or
-// it fails at barrierTimeout).
+// sync, it marks its copy stale and says so, and the call is released. A
+// peer that streams yet confirms nothing is told so after barrierTimeout
+// (peerSilent).
 func (n *Node) peerCannotTakeOver() bool {
 	m := n.machine.Load()
 	if m.State == cluster.Alone {

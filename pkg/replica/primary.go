@@ -888,6 +888,11 @@ type Release struct {
 	// After releases once the peer has not been streaming for that long
 	// (0: never by time alone). For a node leaving its role.
 	After time.Duration
+	// Streaming, if set, reports whether Now is to be checked while the
+	// peer streams too: it streamed and confirmed nothing for long (its
+	// disk hung), and a connection ended for that may come back at once,
+	// as silent. Called with the primary's lock held, like Now.
+	Streaming func() bool
 }
 
 // WaitLag returns once the lag is at most bound: what an async directory's
@@ -929,7 +934,11 @@ func (p *Primary) waitPeer(ctx context.Context, rel Release, done func() bool) e
 			// Streaming: the ack comes. (Released here, a call would
 			// keep the peer out of sync, hence stale, hence releasing:
 			// the peer never became SECOND again under a steady writer.)
+			// Unless it has not come for long (Release.Streaming).
 			since = time.Time{}
+			if rel.Streaming != nil && rel.Streaming() && rel.Now != nil && rel.Now() {
+				return ErrAlone
+			}
 		} else {
 			if rel.Now != nil && rel.Now() {
 				return ErrAlone
