@@ -3,6 +3,7 @@ package replica
 import (
 	"fmt"
 	"log/slog"
+	"math"
 	"os"
 	"path/filepath"
 	"testing"
@@ -38,47 +39,71 @@ func makeHugeDir(b *testing.B, dir string, n int) {
 // in a directory of N entries, fed the records capture reports for it:
 // the directory's inode update, and the new inode's allocation, update
 // and data. Each iteration creates one file (untimed) and builds its pass
-// into a sink that drops the ops.
+// into a sink that drops the ops. read=names is the pass as it runs (the
+// directory is big: the new inode is looked up where it is); read=whole
+// reads the directory whole, as a pass does when an inode cannot be
+// placed, and as every pass did before.
 func BenchmarkHugeDirCreate(b *testing.B) {
-	for _, n := range hugeDirSizes {
-		b.Run(fmt.Sprintf("entries=%d", n), func(b *testing.B) {
-			src := filepath.Join(b.TempDir(), "src")
-			makeHugeDir(b, src, n)
-			root, local := scanSource(b, src)
-			sh := newShadow(local)
-			bld := newBuilder(root, 0, sh, nil, sinkFunc(func(*wire.Op) error { return nil }), slog.New(slog.DiscardHandler), nil)
-			huge := filepath.Join(src, "huge")
-			var dirSt unix.Stat_t
-			if err := unix.Stat(huge, &dirSt); err != nil {
-				b.Fatal(err)
+	for _, whole := range []bool{false, true} {
+		for _, n := range hugeDirSizes {
+			read := "names"
+			if whole {
+				read = "whole"
 			}
-			data := make([]byte, 1024)
-			seq := uint64(1)
-			b.ResetTimer()
-			for i := range b.N {
-				b.StopTimer()
-				p := filepath.Join(huge, fmt.Sprintf("new%07d", i))
-				if err := os.WriteFile(p, data, 0o644); err != nil {
-					b.Fatal(err)
-				}
-				var st unix.Stat_t
-				if err := unix.Stat(p, &st); err != nil {
-					b.Fatal(err)
-				}
-				seq++
-				nf := journal.File{Key: capture.InodeKey{Ino: st.Ino}, Attr: true, NewSeq: seq, MaxSeq: seq}
-				nf.Data.Add(0, uint64(len(data)))
-				files := []journal.File{{Key: capture.InodeKey{Ino: dirSt.Ino}, Attr: true, MaxSeq: seq}, nf}
-				b.StartTimer()
-				if _, err := bld.build(files); err != nil {
-					b.Fatal(err)
-				}
-			}
-			b.StopTimer()
-			if _, ok := sh.child(sh.kids[sh.root]["huge"], fmt.Sprintf("new%07d", b.N-1)); !ok {
-				b.Fatal("the last file created is not in the shadow: the pass did not ship it")
-			}
-		})
+			b.Run(fmt.Sprintf("read=%s/entries=%d", read, n), func(b *testing.B) { benchHugeDirCreate(b, n, whole) })
+		}
+	}
+}
+
+func benchHugeDirCreate(b *testing.B, n int, whole bool) {
+	src := filepath.Join(b.TempDir(), "src")
+	makeHugeDir(b, src, n)
+	root, local := scanSource(b, src)
+	sh := newShadow(local)
+	if whole {
+		sh.big = map[uint64]bool{}
+		sh.bigAt = math.MaxInt
+	}
+	bld := newBuilder(root, 0, sh, nil, sinkFunc(func(*wire.Op) error { return nil }), slog.New(slog.DiscardHandler), nil)
+	huge := filepath.Join(src, "huge")
+	var dirSt unix.Stat_t
+	if err := unix.Stat(huge, &dirSt); err != nil {
+		b.Fatal(err)
+	}
+	d, err := os.Open(huge)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer d.Close()
+	data := make([]byte, 1024)
+	seq := uint64(1)
+	b.ResetTimer()
+	for i := range b.N {
+		b.StopTimer()
+		name := fmt.Sprintf("new%07d", i)
+		if err := os.WriteFile(filepath.Join(huge, name), data, 0o644); err != nil {
+			b.Fatal(err)
+		}
+		var st unix.Stat_t
+		if err := unix.Fstatat(int(d.Fd()), name, &st, 0); err != nil {
+			b.Fatal(err)
+		}
+		gen, _ := generation(int(d.Fd()), name)
+		seq++
+		nf := journal.File{Key: capture.InodeKey{Ino: st.Ino}, Attr: true, NewSeq: seq, NewGen: gen, Gen: gen, HasGen: true, MaxSeq: seq}
+		nf.Data.Add(0, uint64(len(data)))
+		files := []journal.File{{Key: capture.InodeKey{Ino: dirSt.Ino}, Attr: true, MaxSeq: seq}, nf}
+		b.StartTimer()
+		if _, err := bld.build(files); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.StopTimer()
+	if _, ok := sh.child(uint64(dirSt.Ino), fmt.Sprintf("new%07d", b.N-1)); !ok {
+		b.Fatal("the last file created is not in the shadow: the pass did not ship it")
+	}
+	if sh.big[dirSt.Ino] == whole {
+		b.Fatalf("huge big %v with read=whole %v", sh.big[dirSt.Ino], whole)
 	}
 }
 
