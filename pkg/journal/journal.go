@@ -44,6 +44,10 @@ type File struct {
 	NewSeq uint64
 	// NewGen is the generation of that new inode.
 	NewGen uint32
+	// Gen is the generation the last record reported (HasGen): with the
+	// number, it makes the inode's file handle.
+	Gen    uint32
+	HasGen bool
 	// Retries counts how often this change was requeued, and RetryFrom is
 	// when it first was, since the last new record about the inode: a
 	// change is given up only after both a number of passes and a time,
@@ -100,6 +104,7 @@ func (j *Journal) Add(r *capture.Record, now time.Time) {
 		// Requeue): the count starts again. Records of a long write
 		// mostly come between passes, into its requeued entry.
 		e.Retries, e.RetryFrom = 0, time.Time{}
+		e.Gen, e.HasGen = r.Gen, true
 	}
 	switch r.Kind {
 	case capture.KindData:
@@ -201,6 +206,9 @@ func (j *Journal) Requeue(f File) {
 	e.Attr = e.Attr || f.Attr
 	e.Rescan = e.Rescan || f.Rescan
 	e.Writeback = e.Writeback || f.Writeback
+	if f.HasGen && (!e.HasGen || f.MaxSeq > e.MaxSeq) {
+		e.Gen, e.HasGen = f.Gen, true
+	}
 	if f.MaxSeq > e.MaxSeq {
 		e.MaxSeq = f.MaxSeq
 	}

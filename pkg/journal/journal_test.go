@@ -211,3 +211,27 @@ func TestRequeueCountsAgainAfterNewRecord(t *testing.T) {
 		t.Fatalf("spans %v, want the requeued and the new one", spans)
 	}
 }
+
+// The generation kept is the last record's (a reused number reports the
+// new inode's), and a requeued entry does not take the place of a newer
+// record's.
+func TestJournalKeepsLastGeneration(t *testing.T) {
+	j := New()
+	now := time.Now()
+	j.Add(&capture.Record{Seq: 1, Ino: 7, Gen: 10, Kind: capture.KindAttr}, now)
+	j.Add(&capture.Record{Seq: 3, Ino: 7, Gen: 11, Kind: capture.KindNew}, now)
+	j.Add(&capture.Record{Seq: 2, Ino: 7, Gen: 10, Kind: capture.KindData, Len: 1}, now)
+	taken := j.Take(now)
+	if len(taken) != 1 || !taken[0].HasGen || taken[0].Gen != 11 {
+		t.Fatalf("took %+v, want generation 11", taken)
+	}
+	j.Add(&capture.Record{Seq: 4, Ino: 7, Gen: 12, Kind: capture.KindAttr}, now)
+	j.Requeue(taken[0])
+	if got := j.Take(now); len(got) != 1 || got[0].Gen != 12 {
+		t.Fatalf("after a requeue, took %+v, want generation 12", got)
+	}
+	j.Requeue(File{Key: capture.InodeKey{Ino: 8}, Gen: 5, HasGen: true, MaxSeq: 9, Attr: true})
+	if got := j.Take(now); len(got) != 1 || got[0].Gen != 5 || !got[0].HasGen {
+		t.Fatalf("requeued alone, took %+v, want generation 5", got)
+	}
+}

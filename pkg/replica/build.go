@@ -2,6 +2,7 @@ package replica
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io/fs"
 	"log/slog"
@@ -144,25 +145,78 @@ func (b *builder) build(files []journal.File) ([]journal.File, error) {
 			others = append(others, f)
 		}
 	}
-	// Parents first, so a renamed ancestor is known before its children;
-	// what still fails is retried once the whole level is done.
-	sort.Slice(dirs, func(i, j int) bool { return b.sh.depth(dirs[i].Key.Ino) < b.sh.depth(dirs[j].Key.Ino) })
-	var failed []journal.File
-	for _, f := range dirs {
-		ok, err := b.reconcile(f.Key.Ino)
-		if err != nil {
-			return nil, err
-		}
-		if !ok {
-			failed = append(failed, f)
+	// Big directories are not read whole: the entries the pass's inodes
+	// may have entered or left are looked up (see locate).
+	var near map[uint64]map[string]bool
+	readAll := false
+	if len(b.sh.big) > 0 {
+		near, readAll = b.locate(files)
+	}
+	// The directories to compare: those with a record, and those the
+	// pass's inodes were found in or near.
+	recs := make(map[uint64]*journal.File, len(dirs))
+	var order []uint64
+	want := func(ino uint64, f *journal.File) {
+		if _, ok := recs[ino]; !ok {
+			recs[ino] = f
+			order = append(order, ino)
 		}
 	}
-	for _, f := range failed {
-		ok, err := b.reconcile(f.Key.Ino)
+	for i := range dirs {
+		want(dirs[i].Key.Ino, &dirs[i])
+	}
+	for ino := range near {
+		if n := b.sh.nodes[ino]; n != nil && n.mode.IsDir() {
+			want(ino, nil)
+		}
+	}
+	if readAll {
+		for ino := range b.sh.big {
+			want(ino, nil)
+		}
+	}
+	// Parents first, so a renamed ancestor is known before its children;
+	// what still fails is retried once the whole level is done.
+	sort.Slice(order, func(i, j int) bool { return b.sh.depth(order[i]) < b.sh.depth(order[j]) })
+	// A directory is read whole when it has a record of its own, unless
+	// it is big: a big one only when some inode could not be placed or
+	// a record about it was lost. Otherwise the names found are looked
+	// up (a small directory's own record, in this pass or another, has
+	// it read).
+	compare := func(ino uint64) (bool, error) {
+		f := recs[ino]
+		whole := f != nil
+		if b.sh.big[ino] {
+			whole = readAll || f != nil && f.Rescan
+		}
+		if whole {
+			return b.reconcile(ino)
+		}
+		return b.reconcileNames(ino, near[ino])
+	}
+	var failed []uint64
+	for _, ino := range order {
+		ok, err := compare(ino)
 		if err != nil {
 			return nil, err
 		}
 		if !ok {
+			failed = append(failed, ino)
+		}
+	}
+	for _, ino := range failed {
+		ok, err := compare(ino)
+		if err != nil {
+			return nil, err
+		}
+		if !ok {
+			// Read whole next time: the names to look up in it
+			// came from this pass's inodes, which are done.
+			f := journal.File{Key: capture.InodeKey{Dev: b.dev, Ino: ino}}
+			if r := recs[ino]; r != nil {
+				f = *r
+			}
+			f.Rescan = f.Rescan || b.sh.big[ino]
 			b.retry(f, "directory not where the shadow says")
 		}
 	}
@@ -287,48 +341,127 @@ func (b *builder) requeueAgain(f journal.File, why string) {
 // difference. It returns false when the directory is not where the shadow
 // says (it moved; its parent's reconcile fixes the shadow).
 func (b *builder) reconcile(ino uint64) (bool, error) {
-	p, ok := b.sh.path(ino)
+	d, p, _, ok := b.openDir(ino)
 	if !ok {
 		return false, nil
 	}
-	d, err := fstree.OpenBeneath(b.root, p, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW)
-	if err != nil {
-		return false, nil
-	}
 	defer d.Close()
-	var st unix.Stat_t
-	if err := unix.Fstat(int(d.Fd()), &st); err != nil || st.Ino != ino {
-		return false, nil
-	}
 	ents, err := fstree.ReadDir(d)
 	if err != nil {
 		return false, nil
 	}
+	// Most entries are what the shadow holds: only the others are
+	// handled, and the removals looked for only if some name of the
+	// shadow was not listed.
+	kids := b.sh.children(ino)
+	listed := 0
+	var changed []fstree.Dirent
+	for _, e := range ents {
+		cur, ok := kids[e.Name]
+		if ok {
+			listed++
+		}
+		if !ok || cur != e.Ino {
+			changed = append(changed, e)
+		}
+	}
+	var gone []string
+	if listed < len(kids) {
+		present := make(map[string]bool, len(ents))
+		for _, e := range ents {
+			present[e.Name] = true
+		}
+		for name := range kids {
+			if !present[name] {
+				gone = append(gone, name)
+			}
+		}
+	}
+	if err := b.apply(d, p, ino, changed, gone); err != nil {
+		return true, err
+	}
+	b.sh.markBig(ino)
+	return true, nil
+}
+
+// reconcileNames is reconcile for the given names of directory ino only:
+// a big directory is not read whole (see locate).
+func (b *builder) reconcileNames(ino uint64, names map[string]bool) (bool, error) {
+	if len(names) == 0 {
+		return true, nil
+	}
+	d, p, dev, ok := b.openDir(ino)
+	if !ok {
+		return false, nil
+	}
+	defer d.Close()
+	var changed []fstree.Dirent
+	var gone []string
+	for name := range names {
+		cur, held := b.sh.child(ino, name)
+		var st unix.Stat_t
+		err := unix.Fstatat(int(d.Fd()), name, &st, unix.AT_SYMLINK_NOFOLLOW)
+		switch {
+		case errors.Is(err, unix.ENOENT):
+			if held {
+				gone = append(gone, name)
+			}
+		case err != nil:
+			// As entry does with a name it cannot stat.
+		case st.Dev != dev:
+			// A mount point: reading the directory lists the
+			// covered inode, which entry refuses.
+		case !held || cur != st.Ino:
+			changed = append(changed, fstree.Dirent{Ino: st.Ino, Name: name})
+		}
+	}
+	return true, b.apply(d, p, ino, changed, gone)
+}
+
+// openDir opens directory ino where the shadow says it is (p), and
+// returns its device; false if it is not there.
+func (b *builder) openDir(ino uint64) (d *os.File, p string, dev uint64, ok bool) {
+	p, ok = b.sh.path(ino)
+	if !ok {
+		return nil, "", 0, false
+	}
+	d, err := fstree.OpenBeneath(b.root, p, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW)
+	if err != nil {
+		return nil, "", 0, false
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(d.Fd()), &st); err != nil || st.Ino != ino {
+		d.Close()
+		return nil, "", 0, false
+	}
+	return d, p, st.Dev, true
+}
+
+// apply ships what differs in directory ino (at path p, open as d): the
+// entries that hold another inode than the shadow says, or a name it does
+// not have, and the names it has that are gone.
+func (b *builder) apply(d *os.File, p string, ino uint64, changed []fstree.Dirent, gone []string) error {
 	// Known inodes first (renames, links), then new ones: after `mv w
 	// w.old; mkdir w` the peer's w moves away before a new w is made.
-	sort.Slice(ents, func(i, j int) bool {
-		ki, kj := b.sh.nodes[ents[i].Ino] != nil, b.sh.nodes[ents[j].Ino] != nil
+	sort.Slice(changed, func(i, j int) bool {
+		ki, kj := b.sh.nodes[changed[i].Ino] != nil, b.sh.nodes[changed[j].Ino] != nil
 		if ki != kj {
 			return ki
 		}
-		return ents[i].Name < ents[j].Name
+		return changed[i].Name < changed[j].Name
 	})
-	present := make(map[string]bool, len(ents))
-	for _, e := range ents {
-		present[e.Name] = true
+	for _, e := range changed {
 		if cur, ok := b.sh.child(ino, e.Name); ok && cur == e.Ino {
 			continue
 		}
 		if err := b.entry(d, p, ino, e); err != nil {
-			return true, err
+			return err
 		}
 	}
-	for name := range b.sh.children(ino) {
-		if !present[name] {
-			b.removals = append(b.removals, link{ino, name})
-		}
+	for _, name := range gone {
+		b.removals = append(b.removals, link{ino, name})
 	}
-	return true, nil
+	return nil
 }
 
 func join(dir, name string) string {

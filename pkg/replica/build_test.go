@@ -19,7 +19,13 @@ import (
 func syncedPair(t *testing.T, files ...string) (src, dst string, b *builder, sink *applySink) {
 	t.Helper()
 	top := t.TempDir()
-	src, dst = filepath.Join(top, "src"), filepath.Join(top, "dst")
+	return syncedPairIn(t, top, top, files...)
+}
+
+// syncedPairIn is syncedPair with src in srcTop and dst in dstTop.
+func syncedPairIn(t *testing.T, srcTop, dstTop string, files ...string) (src, dst string, b *builder, sink *applySink) {
+	t.Helper()
+	src, dst = filepath.Join(srcTop, "src"), filepath.Join(dstTop, "dst")
 	os.Mkdir(src, 0o755)
 	for _, f := range files {
 		writeRandom(t, filepath.Join(src, f), 100)

@@ -36,7 +36,7 @@ func (s *applySink) add(op *wire.Op) error {
 }
 
 // scanSource opens src and lists it as a full sync's source does.
-func scanSource(t *testing.T, src string) (root *os.File, local []wire.Entry) {
+func scanSource(t testing.TB, src string) (root *os.File, local []wire.Entry) {
 	t.Helper()
 	root, err := fstree.OpenRoot(src)
 	if err != nil {

@@ -20,31 +20,36 @@ const fsIocGetversion = 0x80087601
 // a deleted one's number was shipped as a rename of it. btrfs's holds the
 // subvolume too.
 func TestGenerationFromHandle(t *testing.T) {
+	onEachFS(t, func(t *testing.T, dir string) {
+		f, err := os.Create(filepath.Join(dir, "f"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		var want uint32
+		if _, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), fsIocGetversion, uintptr(unsafe.Pointer(&want))); errno != 0 {
+			t.Fatalf("FS_IOC_GETVERSION: %v", errno)
+		}
+		d, err := os.Open(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer d.Close()
+		got, ok := generation(int(d.Fd()), "f")
+		if !ok || got != want {
+			t.Fatalf("generation from the handle: %#x (found %v), want i_generation %#x", got, ok, want)
+		}
+	})
+}
+
+// onEachFS runs fn as a subtest on a fresh loop filesystem (mounted on
+// dir) of each kind duet replicates: each has its own file handles.
+func onEachFS(t *testing.T, fn func(t *testing.T, dir string)) {
 	for _, fs := range []struct {
 		fstype string
 		mib    int
 	}{{"ext4", 64}, {"xfs", 320}, {"btrfs", 128}} {
-		t.Run(fs.fstype, func(t *testing.T) {
-			dir := loopfs.Make(t, fs.fstype, fs.mib).Mount
-			f, err := os.Create(filepath.Join(dir, "f"))
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer f.Close()
-			var want uint32
-			if _, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), fsIocGetversion, uintptr(unsafe.Pointer(&want))); errno != 0 {
-				t.Fatalf("FS_IOC_GETVERSION: %v", errno)
-			}
-			d, err := os.Open(dir)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer d.Close()
-			got, ok := generation(int(d.Fd()), "f")
-			if !ok || got != want {
-				t.Fatalf("generation from the handle: %#x (found %v), want i_generation %#x", got, ok, want)
-			}
-		})
+		t.Run(fs.fstype, func(t *testing.T) { fn(t, loopfs.Make(t, fs.fstype, fs.mib).Mount) })
 	}
 }
 
