@@ -107,12 +107,19 @@ func (r *ring) submit(op uint8, fd int, off, addr uint64, n uint32) (int, error)
 	*(*uint32)(unsafe.Pointer(&r.rings[r.sqArray+uintptr(idx)*4])) = idx
 	atomic.StoreUint32(r.sqTail, tail+1)
 	_, _, errno := unix.Syscall6(unix.SYS_IO_URING_ENTER, uintptr(r.fd), 1, 1, ioringEnterWait, 0, 0)
-	if errno != 0 {
-		return 0, fmt.Errorf("io_uring_enter: %w", errno)
-	}
 	head := atomic.LoadUint32(r.cqHead)
-	if atomic.LoadUint32(r.cqTail) == head {
-		return 0, fmt.Errorf("io_uring_enter returned without a completion")
+	// A signal (the Go runtime's preemption, SIGURG) ends the wait
+	// early: io_uring_enter then returns what it submitted, or EINTR,
+	// without the completion (seen once in CI). Wait again, submitting
+	// nothing.
+	for tries := 0; (errno == 0 || errno == unix.EINTR) && atomic.LoadUint32(r.cqTail) == head; tries++ {
+		if tries == 1000 {
+			return 0, fmt.Errorf("io_uring_enter returned 1000 times without a completion")
+		}
+		_, _, errno = unix.Syscall6(unix.SYS_IO_URING_ENTER, uintptr(r.fd), 0, 1, ioringEnterWait, 0, 0)
+	}
+	if errno != 0 && errno != unix.EINTR {
+		return 0, fmt.Errorf("io_uring_enter: %w", errno)
 	}
 	cqe := r.cqesOffset + (head&r.cqMask)*16
 	res := *(*int32)(unsafe.Pointer(&r.rings[cqe+8]))
