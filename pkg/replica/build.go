@@ -587,22 +587,38 @@ func (b *builder) create(d *os.File, to string, dirIno uint64, name string, st *
 		}
 		b.sh.add(st.Ino, mode, dirIno, name)
 		// Reconcile the new directory against an empty shadow: everything
-		// in it is new, or moved in from elsewhere.
-		if _, err := b.reconcile(st.Ino); err != nil {
+		// in it is new, or moved in from elsewhere. Not found where the
+		// shadow says (an ancestor renamed since the pass began), it is
+		// compared again in a later pass: its entries' own records were
+		// dropped as unknown, nothing else would ship them.
+		ok, err := b.reconcile(st.Ino)
+		if err != nil {
 			return err
 		}
+		if !ok {
+			b.retry(journal.File{Key: capture.InodeKey{Dev: b.dev, Ino: st.Ino}}, "new directory not where the shadow says")
+		}
 	case mode.IsRegular():
+		// Opened in d, not by to: the directory may have been renamed
+		// since the pass began, and a create shipped without its
+		// content would leave the peer an empty file that nothing sends
+		// again. Opened first: a file no longer here is not shipped nor
+		// added to the shadow; the directory it went to has a record
+		// of the rename and finds it new there.
+		f, err := fstree.OpenBeneath(d, name, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK)
+		if err != nil {
+			return nil
+		}
+		defer f.Close()
+		var now unix.Stat_t
+		if err := unix.Fstat(int(f.Fd()), &now); err != nil || now.Ino != st.Ino || now.Mode&unix.S_IFMT != unix.S_IFREG {
+			return nil // replaced meanwhile: this directory's next record says by what
+		}
 		if err := b.out.add(&wire.Op{Code: wire.OpCreate, Path: to, Mode: perm}); err != nil {
 			return err
 		}
 		b.sh.add(st.Ino, mode, dirIno, name)
-		f, err := fstree.OpenBeneath(b.root, to, unix.O_RDONLY|unix.O_NOFOLLOW)
-		if err != nil {
-			return nil // gone meanwhile: its parent's next record removes it
-		}
-		err = b.sendWhole(to, f, b.mapped[st.Ino])
-		f.Close()
-		if err != nil {
+		if err := b.sendWhole(to, f, b.mapped[st.Ino]); err != nil {
 			return err
 		}
 		b.whole[st.Ino] = true

@@ -380,3 +380,65 @@ func TestGivenUpChangeHoldsSyncPointAndHandover(t *testing.T) {
 		t.Error("a handover with a given-up change not on the peer recorded this copy as holding nothing of its own")
 	}
 }
+
+// Two files new in a directory that is renamed while the pass ships the
+// first: the second must still be sent whole. It was opened by the
+// directory's path of the pass's start, which no longer led to it: the
+// create was shipped, the content never (the peer kept an empty file,
+// "content differs at offset 0", TestChurnDeleteRecreate seed 2).
+func TestBuildNewFilesInDirectoryRenamedDuringPass(t *testing.T) {
+	src, dst, b, _ := syncedPair(t, "d/keep", "other/keep")
+	writeRandom(t, filepath.Join(src, "d/a"), 100)
+	writeRandom(t, filepath.Join(src, "d/b"), 200)
+	moved := false
+	b.onRead = func(int) {
+		if !moved {
+			moved = true
+			if err := os.Rename(filepath.Join(src, "d"), filepath.Join(src, "other/d2")); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if _, err := b.build([]journal.File{changed(t, filepath.Join(src, "d"))}); err != nil {
+		t.Fatal(err)
+	}
+	if !moved {
+		t.Fatal("nothing was read for shipping: the rename never ran")
+	}
+	// The rename's records: both parents changed.
+	b.onRead = nil
+	if _, err := b.build([]journal.File{changed(t, src), changed(t, filepath.Join(src, "other"))}); err != nil {
+		t.Fatal(err)
+	}
+	sameTrees(t, src, dst)
+}
+
+// The same for a new directory: its entries are shipped by reconciling it
+// by its path, which the rename made stale. It must be compared again in
+// a later pass; it was left empty on the peer.
+func TestBuildNewDirectoryInDirectoryRenamedDuringPass(t *testing.T) {
+	src, dst, b, _ := syncedPair(t, "d/keep", "other/keep")
+	writeRandom(t, filepath.Join(src, "d/a"), 100)
+	writeRandom(t, filepath.Join(src, "d/sub/x"), 300)
+	moved := false
+	b.onRead = func(int) {
+		if !moved {
+			moved = true
+			if err := os.Rename(filepath.Join(src, "d"), filepath.Join(src, "other/d2")); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	requeue, err := b.build([]journal.File{changed(t, filepath.Join(src, "d"))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !moved {
+		t.Fatal("nothing was read for shipping: the rename never ran")
+	}
+	b.onRead = nil
+	if _, err := b.build(append(requeue, changed(t, src), changed(t, filepath.Join(src, "other")))); err != nil {
+		t.Fatal(err)
+	}
+	sameTrees(t, src, dst)
+}

@@ -624,12 +624,16 @@ type batcher struct {
 	raw    []byte
 	sample []byte    // scratch for the compressibility test
 	since  time.Time // capture time of the oldest change being batched
+	debug  bool      // log every op (the log's level is debug)
 }
 
 // compressSample is how much of a batch is test-compressed first.
 const compressSample = 64 << 10
 
 func (bt *batcher) add(op *wire.Op) error {
+	if bt.debug {
+		bt.p.Log.Debug("shipping", "code", op.Code, "path", op.Path, "path2", op.Path2, "off", op.Off, "len", len(op.Data), "oplen", op.Len)
+	}
 	bt.raw = wire.AppendOp(bt.raw, op)
 	if len(bt.raw) >= batchRaw {
 		bt.flush()
@@ -681,7 +685,7 @@ func (bt *batcher) flush() {
 
 // build turns journal entries into batches while connected.
 func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest <-chan wire.Frame) error {
-	bt := &batcher{p: p, ctx: ctx}
+	bt := &batcher{p: p, ctx: ctx, debug: p.Log.Enabled(ctx, slog.LevelDebug)}
 	if p.readBuf == nil {
 		p.readBuf = make([]byte, readChunk)
 	}

@@ -746,6 +746,7 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 			return
 		}
 		applyStart := time.Now()
+		debugOps := s.Log.Enabled(context.Background(), slog.LevelDebug)
 		skip := uint32(0)
 		if r.partial == f.Seq {
 			skip = r.ops
@@ -754,6 +755,9 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 		for i := range ops {
 			if uint32(i) < skip {
 				continue
+			}
+			if debugOps {
+				s.Log.Debug("applying", "dir", d.Name, "batch", f.Seq, "op", i, "code", ops[i].Code, "path", ops[i].Path, "path2", ops[i].Path2, "off", ops[i].Off, "len", len(ops[i].Data))
 			}
 			if err := a.Apply(&ops[i]); err != nil {
 				s.refuse(lc, st, d, fmt.Errorf("batch %d op %d: %w", f.Seq, i, err))

@@ -138,7 +138,9 @@ start() {
 	if [ -f "$LAB/$h.pid" ] && kill -0 "$(cat "$LAB/$h.pid")" 2>/dev/null; then
 		die "duet already running on ${NODE[$h]}"
 	fi
-	ip netns exec "$(ns "$h")" "$BIN" run --config "$LAB/$h.yaml" "$@" >>"$LAB/$h.log" 2>&1 &
+	# DUET_LAB_LOG_LEVEL=debug logs every captured record and every op
+	# shipped and applied (for a divergence to be traced).
+	ip netns exec "$(ns "$h")" "$BIN" run --config "$LAB/$h.yaml" --log-level "${DUET_LAB_LOG_LEVEL:-info}" "$@" >>"$LAB/$h.log" 2>&1 &
 	echo $! >"$LAB/$h.pid"
 	# Ready when the control socket answers.
 	for _ in $(seq 100); do
