@@ -79,7 +79,7 @@ BPF programs load, and the hooks they would attach. Exit 0 when all pass.`,
 	}
 	cmd.Flags().StringVarP(&cfgPath, "config", "c", "/etc/duet/duet.yaml", "configuration file")
 	cmd.Flags().StringVar(&role, "role", "", "override the configured role (primary or secondary)")
-	cmd.Flags().BoolVar(&check, "check", false, "check the configuration and exit")
+	cmd.Flags().BoolVar(&check, "check", false, "check the configuration and this host (see above), and exit")
 	cmd.Flags().StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	return cmd
 }
