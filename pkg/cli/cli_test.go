@@ -59,7 +59,7 @@ func TestBadInputIsNamed(t *testing.T) {
 	}{
 		{"bad role flag", []string{"run", "--config", writeConfig(t, nil), "--role", "leader"}, `role "leader"`},
 		{"bad output", []string{"status", "--socket", "/nonexistent.sock", "--output", "xml"}, `--output "xml"`},
-		{"no daemon", []string{"status", "--socket", filepath.Join(t.TempDir(), "none.sock")}, "no duet daemon at"},
+		{"no daemon", []string{"status", "--socket", filepath.Join(t.TempDir(), "none.sock")}, "none.sock (start it: systemctl start duet, or duet run --config FILE; or name another with --socket or --config): dial unix"},
 		{"unreachable peer", []string{"verify", "--config", writeConfig(t, nil), "--timeout", "5s"}, "asking 127.0.0.2:1"},
 		{"unknown dir", []string{"verify", "--config", writeConfig(t, nil), "--dir", "nope"}, `--dir "nope"`},
 		{"bad yaml", []string{"verify", "--config", writeConfig(t, func(s string) string { return s + "bogus: 1\n" })}, "line 10: bogus: unknown field"},
