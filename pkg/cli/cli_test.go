@@ -80,12 +80,12 @@ func TestBadInputIsNamed(t *testing.T) {
 }
 
 // A missing configuration names the ways round it: the flags of the
-// command, or duet init k3s to write one.
+// command, or the ways to write one.
 func TestMissingConfigNamesTheFix(t *testing.T) {
 	missing := filepath.Join(t.TempDir(), "duet.yaml")
 	const (
-		withSocket = ": no such file or directory: name the configuration with --config PATH or the daemon's control socket with --socket PATH, or write a configuration with duet init k3s\n"
-		configOnly = ": no such file or directory: name the configuration with --config PATH, or write one with duet init k3s\n"
+		withSocket = ": no such file or directory: name the configuration with --config PATH or the daemon's control socket with --socket PATH, or write one (duet init k3s, or from /usr/share/doc/duet/examples/duet.yaml)\n"
+		configOnly = ": no such file or directory: name the configuration with --config PATH, or write one (duet init k3s, or from /usr/share/doc/duet/examples/duet.yaml)\n"
 	)
 	for _, tc := range []struct {
 		args []string
