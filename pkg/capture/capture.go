@@ -214,14 +214,91 @@ func withoutPrefix(spec *ebpf.CollectionSpec, prefix string) {
 // Attach attaches every hook and opens the ring buffer; from then on
 // records flow. On error the caller closes c.
 func (c *Capture) Attach() error {
+	hooks, exitOf, flushes := c.plan()
+	var marked, flushed [8]uint64
+	for _, h := range hooks {
+		st := HookStatus{Name: h.name, Type: h.typ()}
+		var l link.Link
+		var err error
+		if group, name, ok := strings.Cut(h.name, "/"); ok {
+			l, err = link.Tracepoint(group, name, h.prog, nil)
+		} else {
+			l, err = link.AttachTracing(link.TracingOptions{Program: h.prog})
+		}
+		if err != nil {
+			st.Error = err.Error()
+			c.hooks = append(c.hooks, st)
+			if h.required {
+				return fmt.Errorf("attaching %s/%s: %w", st.Type, h.name, err)
+			}
+			continue
+		}
+		st.Active = true
+		c.links = append(c.links, l)
+		c.hooks = append(c.hooks, st)
+		if nr, ok := exitOf[h.name]; ok {
+			marked[nr/64] |= 1 << (nr % 64)
+		}
+		if nr, ok := flushes[h.name]; ok {
+			flushed[nr/64] |= 1 << (nr % 64)
+		}
+	}
+	// Only now: a mark made in a syscall whose exit is not attached yet
+	// would outlive the syscall, and so would an inode kept for its exit.
+	if err := c.objs.MARKED_SYSCALLS.Set(marked); err != nil {
+		return fmt.Errorf("setting the syscalls whose write_end is marked: %w", err)
+	}
+	if err := c.objs.FLUSHED_SYSCALLS.Set(flushed); err != nil {
+		return fmt.Errorf("setting the syscalls that report the inodes they updated: %w", err)
+	}
+	var err error
+	c.reader, err = ringbuf.NewReader(c.objs.Events)
+	if err != nil {
+		return fmt.Errorf("opening ring buffer: %w", err)
+	}
+	return nil
+}
+
+// hook is a program and where Attach attaches it: a tracepoint
+// ("group/name") or a BTF-typed one (a bare name).
+type hook struct {
+	name     string
+	prog     *ebpf.Program
+	required bool
+}
+
+func (h hook) typ() string {
+	if strings.Contains(h.name, "/") {
+		return "tracepoint"
+	}
+	return "tp_btf"
+}
+
+// PlannedHook is a hook Attach would attach.
+type PlannedHook struct {
+	Name     string
+	Type     string // tracepoint or tp_btf
+	Required bool   // else the kernel may lack it, and capture goes on without it
+}
+
+// Planned lists the hooks Attach would attach, in order, without
+// attaching any (duet run --check shows them).
+func (c *Capture) Planned() []PlannedHook {
+	hooks, _, _ := c.plan()
+	out := make([]PlannedHook, len(hooks))
+	for i, h := range hooks {
+		out[i] = PlannedHook{Name: h.name, Type: h.typ(), Required: h.required}
+	}
+	return out
+}
+
+// plan returns the hooks to attach, the syscalls whose write_end marks are
+// kept (exitOf) and those whose exits flush inode updates (flushes), by
+// hook name.
+func (c *Capture) plan() (hooks []hook, exitOf, flushes map[string]int) {
 	// Every program of bpf/capture.bpf.c; those not required may be
 	// missing on other kernels, which status then shows.
-	type hook struct {
-		name     string
-		prog     *ebpf.Program
-		required bool
-	}
-	hooks := []hook{
+	hooks = []hook{
 		{"ext4_da_write_end", c.objs.Ext4DaWriteEnd, true},
 		{"ext4_write_end", c.objs.Ext4WriteEnd, true},
 		{"ext4_journalled_write_end", c.objs.Ext4JournalledWriteEnd, false},
@@ -273,7 +350,7 @@ func (c *Capture) Attach() error {
 		}...)
 	}
 	// Exits that flush_attrs runs in (FLUSHED_SYSCALLS), by name.
-	flushes := map[string]int{"syscalls/sys_exit_fallocate": unix.SYS_FALLOCATE}
+	flushes = map[string]int{"syscalls/sys_exit_fallocate": unix.SYS_FALLOCATE}
 	if c.xfs || c.btrfs {
 		// Reflinks and range exchanges, reported again on return.
 		hooks = append(hooks, []hook{
@@ -324,7 +401,7 @@ func (c *Capture) Attach() error {
 	// program. Those not built into this kernel are left out. A
 	// write_end leaves its mark only in a syscall whose exit is attached
 	// (MARKED_SYSCALLS, by number).
-	exitOf := map[string]int{}
+	exitOf = map[string]int{}
 	for _, sc := range []struct {
 		name     string
 		nr       int
@@ -341,49 +418,7 @@ func (c *Capture) Attach() error {
 		exitOf[name] = sc.nr
 		flushes[name] = sc.nr
 	}
-	var marked, flushed [8]uint64
-	for _, h := range hooks {
-		st := HookStatus{Name: h.name, Type: "tp_btf"}
-		var l link.Link
-		var err error
-		if group, name, ok := strings.Cut(h.name, "/"); ok {
-			st.Type = "tracepoint"
-			l, err = link.Tracepoint(group, name, h.prog, nil)
-		} else {
-			l, err = link.AttachTracing(link.TracingOptions{Program: h.prog})
-		}
-		if err != nil {
-			st.Error = err.Error()
-			c.hooks = append(c.hooks, st)
-			if h.required {
-				return fmt.Errorf("attaching %s/%s: %w", st.Type, h.name, err)
-			}
-			continue
-		}
-		st.Active = true
-		c.links = append(c.links, l)
-		c.hooks = append(c.hooks, st)
-		if nr, ok := exitOf[h.name]; ok {
-			marked[nr/64] |= 1 << (nr % 64)
-		}
-		if nr, ok := flushes[h.name]; ok {
-			flushed[nr/64] |= 1 << (nr % 64)
-		}
-	}
-	// Only now: a mark made in a syscall whose exit is not attached yet
-	// would outlive the syscall, and so would an inode kept for its exit.
-	if err := c.objs.MARKED_SYSCALLS.Set(marked); err != nil {
-		return fmt.Errorf("setting the syscalls whose write_end is marked: %w", err)
-	}
-	if err := c.objs.FLUSHED_SYSCALLS.Set(flushed); err != nil {
-		return fmt.Errorf("setting the syscalls that report the inodes they updated: %w", err)
-	}
-	var err error
-	c.reader, err = ringbuf.NewReader(c.objs.Events)
-	if err != nil {
-		return fmt.Errorf("opening ring buffer: %w", err)
-	}
-	return nil
+	return hooks, exitOf, flushes
 }
 
 // ensureMounts mounts bpffs and tracefs when they are missing; tools and

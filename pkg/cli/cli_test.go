@@ -2,6 +2,7 @@ package cli
 
 import (
 	"bytes"
+	"errors"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -9,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/duet-ha/duet/pkg/config"
 	"github.com/duet-ha/duet/pkg/latency"
 	"github.com/duet-ha/duet/pkg/node"
 	"github.com/duet-ha/duet/pkg/replica"
@@ -57,7 +59,7 @@ func TestBadInputIsNamed(t *testing.T) {
 	}{
 		{"bad role flag", []string{"run", "--config", writeConfig(t, nil), "--role", "leader"}, `role "leader"`},
 		{"bad output", []string{"status", "--socket", "/nonexistent.sock", "--output", "xml"}, `--output "xml"`},
-		{"no daemon", []string{"status", "--socket", filepath.Join(t.TempDir(), "none.sock")}, "no duet daemon at"},
+		{"no daemon", []string{"status", "--socket", filepath.Join(t.TempDir(), "none.sock")}, "none.sock (start it: systemctl start duet, or duet run --config FILE; or name another with --socket or --config): dial unix"},
 		{"unreachable peer", []string{"verify", "--config", writeConfig(t, nil), "--timeout", "5s"}, "asking 127.0.0.2:1"},
 		{"unknown dir", []string{"verify", "--config", writeConfig(t, nil), "--dir", "nope"}, `--dir "nope"`},
 		{"bad yaml", []string{"verify", "--config", writeConfig(t, func(s string) string { return s + "bogus: 1\n" })}, "line 10: bogus: unknown field"},
@@ -78,12 +80,12 @@ func TestBadInputIsNamed(t *testing.T) {
 }
 
 // A missing configuration names the ways round it: the flags of the
-// command, or duet init k3s to write one.
+// command, or the ways to write one.
 func TestMissingConfigNamesTheFix(t *testing.T) {
 	missing := filepath.Join(t.TempDir(), "duet.yaml")
 	const (
-		withSocket = ": no such file or directory: name the configuration with --config PATH or the daemon's control socket with --socket PATH, or write a configuration with duet init k3s\n"
-		configOnly = ": no such file or directory: name the configuration with --config PATH, or write one with duet init k3s\n"
+		withSocket = ": no such file or directory: name the configuration with --config PATH or the daemon's control socket with --socket PATH, or write one (duet init k3s, or from /usr/share/doc/duet/examples/duet.yaml)\n"
+		configOnly = ": no such file or directory: name the configuration with --config PATH, or write one (duet init k3s, or from /usr/share/doc/duet/examples/duet.yaml)\n"
 	)
 	for _, tc := range []struct {
 		args []string
@@ -254,5 +256,30 @@ func TestResyncBars(t *testing.T) {
 		if !strings.Contains(got, want) {
 			t.Errorf("bars lack %q:\n%s", want, got)
 		}
+	}
+}
+
+// The host checks depend on the machine (pkg/node tests them); here they
+// find nothing wrong unless a test says otherwise.
+func TestMain(m *testing.M) {
+	preflight = func(*config.Config) ([]string, []error) { return []string{"replicate data: ext4"}, nil }
+	os.Exit(m.Run())
+}
+
+// duet run --check prints what the host checks found under the
+// configuration's verdict, and lists every problem they found at once.
+func TestRunCheckHost(t *testing.T) {
+	cfg := writeConfig(t, nil)
+	if out, code := run("run", "--check", "--config", cfg); code != 0 || out != "config "+cfg+": ok\n  replicate data: ext4\n" {
+		t.Fatalf("exit %d, output %q", code, out)
+	}
+	defer func(f func(*config.Config) ([]string, []error)) { preflight = f }(preflight)
+	preflight = func(*config.Config) ([]string, []error) {
+		return []string{"replicate data: ext4"}, []error{errors.New(`vip.interface: vip interface "eth9": Link not found`), errors.New(`metrics "127.0.0.1:9788": tcp port in use`)}
+	}
+	want := "config " + cfg + ": ok\n  replicate data: ext4\nduet: this host: 2 problems:\n" +
+		"  vip.interface: vip interface \"eth9\": Link not found\n  metrics \"127.0.0.1:9788\": tcp port in use\n"
+	if out, code := run("run", "--check", "--config", cfg); code != 2 || out != want {
+		t.Fatalf("exit %d, output %q: want exit 2 and %q", code, out, want)
 	}
 }

@@ -24,6 +24,9 @@ type initOptions struct {
 	keyFile, passwordFile, kubectl   string
 	prefer                           string
 	force, noMkdir                   bool
+	// again is the flags to give on the other node, but --this: those
+	// set here, so that it finds the key where it was copied to.
+	again string
 }
 
 type siteNode struct{ Name, Addr string }
@@ -44,7 +47,20 @@ with the same flags but --this, after copying the key and password files over.`,
 		Example: `  duet init k3s --this nodeA --nodes nodeA=192.168.10.11,nodeB=192.168.10.12 \
       --vip 192.168.10.100/24 --interface eth0 --witness 192.168.10.1`,
 		Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error { return initK3S(s, o) },
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			for _, name := range []string{"nodes", "vip", "interface", "witness", "prefer", "data-dir", "state-dir",
+				"key-file", "password-file", "kubectl", "out", "no-mkdir"} {
+				f := cmd.Flags().Lookup(name)
+				switch {
+				case !f.Changed:
+				case f.Value.Type() == "bool":
+					o.again += " --" + name
+				default:
+					o.again += " --" + name + " " + shellQuote(f.Value.String())
+				}
+			}
+			return initK3S(s, o)
+		},
 	}
 	f := k3s.Flags()
 	f.StringVar(&o.this, "this", "", "this node's name (one of --nodes)")
@@ -251,15 +267,17 @@ func initK3S(s IOStreams, o initOptions) error {
 	}
 	fmt.Fprintf(s.Out, "wrote %s for %s (%s); next:\n", o.out, self.Name, role)
 	fmt.Fprintf(s.Out, "  copy %s and %s to %s, then run there:\n", o.keyFile, o.passwordFile, peer.Name)
-	fmt.Fprintf(s.Out, "    duet init k3s --this %s --nodes %s --vip %s --interface %s", peer.Name, o.nodes, o.vip, o.iface)
-	if o.witness != "" {
-		fmt.Fprintf(s.Out, " --witness %s", o.witness)
-	}
-	if o.prefer != "" {
-		fmt.Fprintf(s.Out, " --prefer %s", o.prefer)
-	}
-	fmt.Fprintf(s.Out, "\n  start duet on both nodes (systemctl enable --now duet), then `duet status`\n")
+	fmt.Fprintf(s.Out, "    duet init k3s --this %s%s\n", peer.Name, o.again)
+	fmt.Fprintf(s.Out, "  start duet on both nodes (systemctl enable --now duet), then `duet status`\n")
 	return nil
+}
+
+// shellQuote quotes v for sh, if it needs it.
+func shellQuote(v string) string {
+	if v != "" && strings.Trim(v, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_./=,:@%+-") == "" {
+		return v
+	}
+	return "'" + strings.ReplaceAll(v, "'", `'\''`) + "'"
 }
 
 func genHex() (string, error) {

@@ -23,7 +23,12 @@ func TestInitK3S(t *testing.T) {
 		t.Fatalf("init: %d %s", code, out)
 	}
 	for _, want := range []string{"created " + filepath.Join(dir, "k3s", "mysql"), "created " + filepath.Join(dir, "pw"),
-		"wrote " + filepath.Join(dir, "nodeA.yaml") + " for nodeA (primary)", "duet init k3s --this nodeB"} {
+		"wrote " + filepath.Join(dir, "nodeA.yaml") + " for nodeA (primary)",
+		// The other node's command has every flag given here: it must find
+		// the key and password where they were copied to, not make new ones.
+		"\n    duet init k3s --this nodeB --nodes nodeA=192.168.10.11,nodeB=192.168.10.12 --vip 192.168.10.100/24 --interface eth0 --witness 192.168.10.1" +
+			" --data-dir " + filepath.Join(dir, "k3s") + " --state-dir " + filepath.Join(dir, "state-nodeA") +
+			" --key-file " + filepath.Join(dir, "key") + " --password-file " + filepath.Join(dir, "pw") + " --out " + filepath.Join(dir, "nodeA.yaml") + "\n"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("output lacks %q:\n%s", want, out)
 		}
@@ -82,5 +87,13 @@ func TestInitK3SBadFlags(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(dir, "out.yaml")); err == nil {
 		t.Fatal("a configuration was written although it did not check")
+	}
+}
+
+func TestShellQuote(t *testing.T) {
+	for in, want := range map[string]string{"/etc/duet/key": "/etc/duet/key", "k3s kubectl": "'k3s kubectl'", "it's": `'it'\''s'`, "": "''"} {
+		if got := shellQuote(in); got != want {
+			t.Errorf("shellQuote(%q) = %s, want %s", in, got, want)
+		}
 	}
 }

@@ -77,9 +77,9 @@ func loadConfig(path string, socket bool) (*config.Config, error) {
 	cfg, err := config.Load(path)
 	if errors.Is(err, fs.ErrNotExist) {
 		if socket {
-			return nil, fmt.Errorf("%w: name the configuration with --config PATH or the daemon's control socket with --socket PATH, or write a configuration with duet init k3s", err)
+			return nil, fmt.Errorf("%w: name the configuration with --config PATH or the daemon's control socket with --socket PATH, or write one (duet init k3s, or from /usr/share/doc/duet/examples/duet.yaml)", err)
 		}
-		return nil, fmt.Errorf("%w: name the configuration with --config PATH, or write one with duet init k3s", err)
+		return nil, fmt.Errorf("%w: name the configuration with --config PATH, or write one (duet init k3s, or from /usr/share/doc/duet/examples/duet.yaml)", err)
 	}
 	return cfg, err
 }

@@ -434,8 +434,11 @@ func (c *Config) check() []error {
 		}
 		if st, err := os.Stat(r.Path); err != nil {
 			hint := ""
-			if r.from != "" {
+			switch {
+			case r.from != "":
 				hint = " (`duet init k3s` creates it; create it on both nodes)"
+			case errors.Is(err, fs.ErrNotExist):
+				hint = fmt.Sprintf(": create it on both nodes (mkdir -p %s), or correct the path", shq(r.Path))
 			}
 			bad("%s %q: %v%s", field, r.Path, unwrapPathErr(err), hint)
 		} else if !st.IsDir() {

@@ -99,7 +99,7 @@ func TestReplicatePathChecks(t *testing.T) {
 	os.WriteFile(file, nil, 0o644)
 	for path, want := range map[string]string{
 		"relative":        "must be an absolute path",
-		"/does/not/exist": "no such file or directory",
+		"/does/not/exist": `"/does/not/exist": no such file or directory: create it on both nodes (mkdir -p /does/not/exist), or correct the path`,
 		file:              "not a directory",
 	} {
 		yy := y[:strings.Index(y, "replicate:")] + "replicate:\n  - path: " + path + "\n"
@@ -354,6 +354,29 @@ func TestShippedExample(t *testing.T) {
 	if err == nil {
 		return
 	}
+	onlyMissingFiles(t, example, err)
+}
+
+// So must the configuration the README shows (its first yaml block under
+// "## Configuration"): a newcomer copies it.
+func TestREADMEConfiguration(t *testing.T) {
+	b, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, sect, _ := strings.Cut(string(b), "\n## Configuration\n")
+	_, block, ok := strings.Cut(sect, "```yaml\n")
+	block, _, ok2 := strings.Cut(block, "```")
+	if !ok || !ok2 || !strings.Contains(block, "heartbeat_port:") {
+		t.Fatalf("no yaml block under the README's Configuration: %q", block)
+	}
+	if _, err := Parse([]byte(block)); err != nil {
+		onlyMissingFiles(t, "README.md", err)
+	}
+}
+
+func onlyMissingFiles(t *testing.T, example string, err error) {
+	t.Helper()
 	var ps problems
 	if !errors.As(err, &ps) {
 		t.Fatalf("%s: %v", example, err)

@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -1214,12 +1215,21 @@ func (n *Node) resync(full bool) string {
 	return "ok: resync started"
 }
 
+// noDaemon is the error of a command that finds no daemon behind socket,
+// with the ways to start one.
+func noDaemon(socket string, err error) error {
+	if errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ECONNREFUSED) {
+		return fmt.Errorf("no duet daemon at %s (start it: systemctl start duet, or duet run --config FILE; or name another with --socket or --config): %w", socket, err)
+	}
+	return fmt.Errorf("no duet daemon at %s: %w", socket, err)
+}
+
 // Command sends an operator command (start, stop, prim, prim-force,
 // second, swap) to the daemon behind socket and returns its answer.
 func Command(socket, req string) (string, error) {
 	c, err := net.DialTimeout("unix", socket, 2*time.Second)
 	if err != nil {
-		return "", fmt.Errorf("no duet daemon at %s: %w", socket, err)
+		return "", noDaemon(socket, err)
 	}
 	defer c.Close()
 	if _, err := fmt.Fprintln(c, req); err != nil {
@@ -1543,7 +1553,7 @@ func (b *BarrierClient) Wait() error {
 	}
 	c, err := net.DialTimeout("unix", b.Socket, 2*time.Second)
 	if err != nil {
-		return fmt.Errorf("no duet daemon at %s: %w", b.Socket, err)
+		return noDaemon(b.Socket, err)
 	}
 	bc = &barrierConn{c: c, br: bufio.NewReader(c)}
 	line, err := bc.call(b.request(bc))
@@ -1666,7 +1676,7 @@ func Query(socket string) (Status, error) {
 	var s Status
 	c, err := net.DialTimeout("unix", socket, 2*time.Second)
 	if err != nil {
-		return s, fmt.Errorf("no duet daemon at %s: %w", socket, err)
+		return s, noDaemon(socket, err)
 	}
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(5 * time.Second))
