@@ -332,6 +332,7 @@ func (s *Server) handle(ctx context.Context, raw net.Conn, from netip.Addr) {
 	defer c.Close()
 	var dirName string
 	var refuse string
+	var told wire.Welcome // what the welcome said of this copy's progress
 	h, err := wire.ServerHandshake(c, s.Link.Keys(), func(h wire.Hello) wire.Welcome {
 		dirName = h.Dir
 		if _, ok := s.dir(h.Dir); !ok {
@@ -350,6 +351,7 @@ func (s *Server) handle(ctx context.Context, raw net.Conn, from netip.Addr) {
 			}
 			var w wire.Welcome
 			w.Session, w.Applied = r.progress()
+			told = w
 			if ms := s.Metas[h.Dir]; ms != nil {
 				m := ms.Get()
 				w.Gen, w.SyncTime, w.State = m.Gen, m.SyncTime, m.welcomeState()
@@ -378,7 +380,7 @@ func (s *Server) handle(ctx context.Context, raw net.Conn, from netip.Addr) {
 			s.Log.Warn("serving manifest", "dir", d.Name, "err", err)
 		}
 	case wire.PurposeReplicate:
-		s.replicate(ctx, c, d, h)
+		s.replicate(ctx, c, d, h, told)
 	}
 }
 
@@ -512,7 +514,7 @@ func walkManifest(root *os.File, q wire.ManifestQuery, fn func(*wire.Entry) erro
 
 // replicate applies batches in order, acknowledging each once it is on
 // stable storage.
-func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello) {
+func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello, told wire.Welcome) {
 	st := s.Stats(d.Name)
 	r, err := s.state(d.Name)
 	if err != nil {
@@ -555,6 +557,17 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello)
 	// once active, so that a SetAccept after the check interrupts it.
 	if !s.accept.Load() {
 		s.refusePeer(c, notReplica)
+		return
+	}
+	// The welcome was read while the connection this one replaces could
+	// still apply (progress moves on: the batches resent are skipped),
+	// or forget its progress after a failed flush (distrust). The primary
+	// resumes where the welcome said: behind this copy's progress now, it
+	// would skip batches this copy lost and later hear them called
+	// durable. It reconnects and hears the truth.
+	if sess, applied := r.progress(); sess != told.Session || applied < told.Applied {
+		s.Log.Warn("replication connection dropped: this copy's progress changed after its welcome; the primary reconnects",
+			"dir", d.Name, "welcome_session", told.Session, "welcome_applied", told.Applied, "session", sess, "applied", applied)
 		return
 	}
 	a, err := NewApplier(d.Path)

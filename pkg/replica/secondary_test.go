@@ -451,3 +451,62 @@ func TestSecondaryFailedSyncForgetsProgress(t *testing.T) {
 		t.Fatal("the copy still counts as consistent after a failed sync")
 	}
 }
+
+// A reconnect whose handshake runs while the connection it replaces is
+// still tearing down after a failed flush: the welcome was read before
+// that teardown forgot the copy's progress, so it told the primary to
+// resume after batch 1, whose pages the disk lost. The secondary must
+// not then take the primary's later batches (and call them durable) on
+// that word: the connection is dropped and the next welcome is honest.
+// Seen once in 15 runs of TestSecondaryFailedSyncForgetsProgress.
+func TestSecondaryWelcomeBeforeDistrustDropped(t *testing.T) {
+	stateDir := filepath.Join(t.TempDir(), "state")
+	os.Mkdir(stateDir, 0o700)
+	s := newTestSecondary(t, stateDir)
+	ms, err := OpenMeta(stateDir, "data")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ms.Update(func(m *Meta) { m.Gen, m.Consistent = 5, true })
+	s.Metas = map[string]*MetaStore{"data": ms}
+	var calls atomic.Int32
+	tearing, release := make(chan struct{}), make(chan struct{})
+	s.syncfs = func(fd int) error {
+		switch calls.Add(1) {
+		case 1:
+			return unix.EIO // the sync the primary asks for
+		case 2:
+			close(tearing) // the teardown's flush: held until the reconnect's handshake is done
+			<-release
+		}
+		return nil
+	}
+	p := s.connect(t, 7)
+	p.batch(1, wire.Op{Code: wire.OpCreate, Path: "f", Mode: 0o644}, wire.Op{Code: wire.OpWrite, Path: "f", Data: []byte("lost by the disk")})
+	p.ack(1, 0)
+	p.send(&wire.Frame{Type: wire.TypeSync, Seq: 1})
+	if f, err := p.read(); err == nil && f.Type == wire.TypeAck && f.Flags&wire.FlagDurable != 0 {
+		t.Fatal("batch 1 acknowledged durable although the sync failed")
+	}
+	p.c.Close()
+	<-tearing
+	p2 := s.connect(t, 7)
+	close(release)
+	if p2.w.Session == 0 && p2.w.Applied == 0 {
+		return // an honest welcome: the primary starts a new session
+	}
+	// The welcome resumes session 7 after batch p2.w.Applied: the
+	// connection must end before it takes anything.
+	p2.send(&wire.Frame{Type: wire.TypeBatch, Seq: p2.w.Applied + 1, Payload: wire.AppendOp(nil, &wire.Op{Code: wire.OpCreate, Path: "g", Mode: 0o644})})
+	p2.send(&wire.Frame{Type: wire.TypeSync, Seq: p2.w.Applied + 1})
+	for {
+		f, err := p2.read()
+		if err != nil {
+			return // dropped: the primary reconnects and hears the truth
+		}
+		if f.Type == wire.TypeAck && f.Flags&wire.FlagDurable != 0 {
+			t.Fatalf("welcome resumed session %d after batch %d, taken before the failed flush's teardown; then batch %d was acknowledged durable: batch 1's lost pages are never sent again",
+				p2.w.Session, p2.w.Applied, f.Seq)
+		}
+	}
+}
