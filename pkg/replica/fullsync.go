@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"io/fs"
 	"path"
+	"slices"
+	"sort"
 	"strings"
 
 	"github.com/duet-ha/duet/pkg/capture"
@@ -49,21 +51,14 @@ func (b *builder) fullSync(local, peer []wire.Entry, ts *treeSync) error {
 	if ts == nil {
 		ts = &treeSync{}
 	}
-	pm := make(map[string]*wire.Entry, len(peer))
-	for i := range peer {
-		pm[peer[i].Path] = &peer[i]
-	}
-	localPaths := make(map[string]*wire.Entry, len(local))
-	for i := range local {
-		localPaths[local[i].Path] = &local[i]
-	}
-	if err := b.renames(local, peer, pm, localPaths, ts); err != nil {
+	pr := pairPaths(local, peer)
+	if err := b.renames(pr, ts); err != nil {
 		return err
 	}
 	if ts.sumMatched {
 		for i := range local {
 			l := &local[i]
-			p := pm[l.Path]
+			p := pr.peerOf[i]
 			if p != nil && l.Mode.IsRegular() && p.Mode.IsRegular() && l.Flags&wire.EntrySummed == 0 && p.Flags&wire.EntrySummed != 0 {
 				if err := fstree.SumEntry(b.root, l); err != nil {
 					return err
@@ -71,7 +66,7 @@ func (b *builder) fullSync(local, peer []wire.Entry, ts *treeSync) error {
 			}
 		}
 	}
-	ts.plan(local, pm)
+	ts.plan(pr)
 	if ts.onPlan != nil {
 		ts.onPlan(ts.planned)
 	}
@@ -79,7 +74,7 @@ func (b *builder) fullSync(local, peer []wire.Entry, ts *treeSync) error {
 	var removed []string
 	for i := range peer {
 		p := peer[i].Path
-		if p == "." || localPaths[p] != nil || pm[p] != &peer[i] || underAny(p, removed) {
+		if p == "." || pr.peerFlags[i] != 0 || underAny(p, removed) {
 			continue
 		}
 		if ts.report && peer[i].Flags&wire.EntryRecent != 0 {
@@ -99,7 +94,7 @@ func (b *builder) fullSync(local, peer []wire.Entry, ts *treeSync) error {
 		if l.Path == "." {
 			continue
 		}
-		p := pm[l.Path]
+		p := pr.peerOf[i]
 		if p != nil && p.Mode.Type() != l.Mode.Type() {
 			if ts.report && p.Flags&wire.EntryRecent != 0 {
 				ts.lines = append(ts.lines, fmt.Sprintf("%s\treplaced: a %s here, a %s on the peer", l.Path, typeName(p.Mode), typeName(l.Mode)))
@@ -134,6 +129,77 @@ func typeName(m fs.FileMode) string {
 	return "special file"
 }
 
+// pairing matches a local listing with the peer's, both in Scan order
+// (fstree.ComparePaths), in one pass over both. It replaced an index by
+// path of each listing (maps of about 40 bytes an entry, a sixth of a
+// full comparison's peak) with 9 bytes a local entry and 1 a peer's.
+type pairing struct {
+	local, peer []wire.Entry
+	// peerOf is the peer's entry at each local entry's path (nil: none),
+	// renames done: a file renamed on the peer is there under its new name.
+	peerOf []*wire.Entry
+	// peerFlags says why a peer entry is not removed: it has a local
+	// counterpart, it is renamed away, or a later entry has its path (a
+	// map by path kept the last one).
+	peerFlags []uint8
+}
+
+const (
+	peerMatched uint8 = 1 << iota
+	peerRenamed
+	peerShadowed
+)
+
+// pairPaths pairs local with peer, sorting either first if it is not in
+// Scan order (equal paths keep their order: the last one counts).
+func pairPaths(local, peer []wire.Entry) *pairing {
+	sortByPath(local)
+	sortByPath(peer)
+	pr := &pairing{local: local, peer: peer, peerOf: make([]*wire.Entry, len(local)), peerFlags: make([]uint8, len(peer))}
+	for j := 0; j+1 < len(peer); j++ {
+		if peer[j].Path == peer[j+1].Path {
+			pr.peerFlags[j] |= peerShadowed
+		}
+	}
+	j := 0
+	for i := range local {
+		l := local[i].Path
+		for j < len(peer) && (pr.peerFlags[j]&peerShadowed != 0 || fstree.ComparePaths(peer[j].Path, l) < 0) {
+			j++
+		}
+		if j < len(peer) && peer[j].Path == l {
+			pr.peerOf[i] = &peer[j]
+			for k := j; k >= 0 && peer[k].Path == l; k-- {
+				pr.peerFlags[k] |= peerMatched
+			}
+		}
+	}
+	return pr
+}
+
+// sortByPath puts es in Scan order unless it is already.
+func sortByPath(es []wire.Entry) {
+	for i := 1; i < len(es); i++ {
+		if fstree.ComparePaths(es[i-1].Path, es[i].Path) > 0 {
+			slices.SortStableFunc(es, func(a, b wire.Entry) int { return fstree.ComparePaths(a.Path, b.Path) })
+			return
+		}
+	}
+}
+
+// localAt is the index of the local entry at path p, or -1.
+func (pr *pairing) localAt(p string) int {
+	i := sort.Search(len(pr.local), func(i int) bool { return fstree.ComparePaths(pr.local[i].Path, p) >= 0 })
+	// The last of equal paths, as pairPaths pairs them.
+	for i+1 < len(pr.local) && pr.local[i+1].Path == p {
+		i++
+	}
+	if i < len(pr.local) && pr.local[i].Path == p {
+		return i
+	}
+	return -1
+}
+
 // renames finds regular files that exist only here and only on the peer
 // with the same size and mtime, in a directory the peer has: renamed while
 // the peer was away. They are renamed on the peer before anything is
@@ -142,17 +208,18 @@ func typeName(m fs.FileMode) string {
 // clock share their mtime, and a guess among them would leave another
 // file's bytes under the new name (a bitmap resync trusts unchanged
 // files); such files are sent whole.
-func (b *builder) renames(local, peer []wire.Entry, pm, lm map[string]*wire.Entry, ts *treeSync) error {
+func (b *builder) renames(pr *pairing, ts *treeSync) error {
 	type key struct {
 		size  uint64
 		mtime int64
 	}
-	gone := map[key][]*wire.Entry{}
-	for i := range peer {
-		e := &peer[i]
-		if e.Mode.IsRegular() && lm[e.Path] == nil && e.Size > 0 {
+	local, peer := pr.local, pr.peer
+	gone := map[key][]int{} // peer entries only there, by key
+	for j := range peer {
+		e := &peer[j]
+		if e.Mode.IsRegular() && pr.peerFlags[j]&peerMatched == 0 && e.Size > 0 {
 			k := key{e.Size, e.Mtime}
-			gone[k] = append(gone[k], e)
+			gone[k] = append(gone[k], j)
 		}
 	}
 	if len(gone) == 0 {
@@ -160,33 +227,42 @@ func (b *builder) renames(local, peer []wire.Entry, pm, lm map[string]*wire.Entr
 	}
 	arrived := map[key]int{} // files only here, by key
 	for i := range local {
-		if l := &local[i]; l.Mode.IsRegular() && pm[l.Path] == nil {
+		if l := &local[i]; l.Mode.IsRegular() && pr.peerOf[i] == nil {
 			arrived[key{l.Size, l.Mtime}]++
 		}
 	}
+	// Whether the peer has the local directory dir, for the files of one
+	// directory (consecutive in Scan order) in turn.
+	lastDir, dirOK := "", false
 	for i := range local {
 		l := &local[i]
-		if !l.Mode.IsRegular() || pm[l.Path] != nil {
+		if !l.Mode.IsRegular() || pr.peerOf[i] != nil {
 			continue
 		}
 		dir := path.Dir(l.Path)
-		if d := pm[dir]; dir != "." && (d == nil || !d.Mode.IsDir() || lm[dir] == nil) {
-			continue // the directory is new: created later, in order
+		if dir != "." {
+			if dir != lastDir {
+				d := pr.localAt(dir)
+				lastDir, dirOK = dir, d >= 0 && pr.peerOf[d] != nil && pr.peerOf[d].Mode.IsDir()
+			}
+			if !dirOK {
+				continue // the directory is new: created later, in order
+			}
 		}
 		k := key{l.Size, l.Mtime}
 		cands := gone[k]
 		if len(cands) != 1 || arrived[k] != 1 {
 			continue // none, or ambiguous
 		}
-		from := cands[0]
+		from := &peer[cands[0]]
 		gone[k] = nil
 		if err := b.out.add(&wire.Op{Code: wire.OpRename, Path: from.Path, Path2: l.Path}); err != nil {
 			return err
 		}
 		moved := *from
 		moved.Path = l.Path
-		delete(pm, from.Path)
-		pm[l.Path] = &moved
+		pr.peerFlags[cands[0]] |= peerRenamed
+		pr.peerOf[i] = &moved
 	}
 	return nil
 }
@@ -284,16 +360,16 @@ func fileSpans(l, p *wire.Entry, ts *treeSync) (spans []journal.Span, whole bool
 	return nil, true
 }
 
-// plan counts what fullSync will send (pm: the peer's entries by path,
-// renames done), for the progress report.
-func (ts *treeSync) plan(local []wire.Entry, pm map[string]*wire.Entry) {
+// plan counts what fullSync will send (renames done), for the progress
+// report.
+func (ts *treeSync) plan(pr *pairing) {
 	ts.planned = 0
-	for i := range local {
-		l := &local[i]
+	for i := range pr.local {
+		l := &pr.local[i]
 		if !l.Mode.IsRegular() {
 			continue
 		}
-		p := pm[l.Path]
+		p := pr.peerOf[i]
 		if p == nil || !p.Mode.IsRegular() {
 			ts.planned += l.Size
 			continue

@@ -193,3 +193,71 @@ func TestTreeSyncAmbiguousRenameNotGuessed(t *testing.T) {
 		t.Fatalf("trees differ after the resync: %v", diffs)
 	}
 }
+
+// TestPairPaths checks the pairing of two listings against an index by
+// path, which it replaced: listings out of Scan order are sorted, and of
+// equal paths the last one counts.
+func TestPairPaths(t *testing.T) {
+	ents := func(paths ...string) []wire.Entry {
+		es := make([]wire.Entry, len(paths))
+		for i, p := range paths {
+			es[i] = wire.Entry{Path: p, Ino: uint64(i + 1)}
+		}
+		return es
+	}
+	for _, tc := range []struct {
+		name        string
+		local, peer []wire.Entry
+	}{
+		{"same", ents(".", "a", "a/x", "b"), ents(".", "a", "a/x", "b")},
+		{"disjoint", ents(".", "a", "c"), ents(".", "b", "d", "d/e")},
+		{"a directory before its siblings' names", ents(".", "a", "a/z", "a.b", "a0"), ents(".", "a", "a.b", "a/z", "a0")},
+		{"out of order", ents("b", ".", "a/x", "a"), ents("a", "a/x", "c", ".")},
+		{"equal paths on the peer", ents(".", "a", "b"), ents(".", "a", "a", "b", "c", "c")},
+		{"empty peer", ents(".", "a"), nil},
+		{"empty local", nil, ents(".", "a")},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			// What an index by path says, before pairPaths sorts anything.
+			pm := map[string]uint64{}
+			for _, e := range tc.peer {
+				pm[e.Path] = e.Ino
+			}
+			lm := map[string]bool{}
+			for _, e := range tc.local {
+				lm[e.Path] = true
+			}
+			pr := pairPaths(tc.local, tc.peer)
+			for i := 1; i < len(pr.local); i++ {
+				if fstree.ComparePaths(pr.local[i-1].Path, pr.local[i].Path) > 0 {
+					t.Fatalf("local not in Scan order: %q before %q", pr.local[i-1].Path, pr.local[i].Path)
+				}
+			}
+			for i, l := range pr.local {
+				got := uint64(0)
+				if p := pr.peerOf[i]; p != nil {
+					if p.Path != l.Path {
+						t.Fatalf("%q paired with %q", l.Path, p.Path)
+					}
+					got = p.Ino
+				}
+				if got != pm[l.Path] {
+					t.Errorf("%q: paired with peer inode %d, want %d", l.Path, got, pm[l.Path])
+				}
+				if j := pr.localAt(l.Path); j != i {
+					t.Errorf("localAt(%q) = %d, want %d", l.Path, j, i)
+				}
+			}
+			if j := pr.localAt("zz"); j != -1 {
+				t.Errorf("localAt of a path not listed = %d", j)
+			}
+			for j, p := range pr.peer {
+				kept := pr.peerFlags[j] == 0
+				want := !lm[p.Path] && pm[p.Path] == p.Ino
+				if kept != want {
+					t.Errorf("peer %q (inode %d): removable %v, want %v", p.Path, p.Ino, kept, want)
+				}
+			}
+		})
+	}
+}
