@@ -46,8 +46,10 @@ type treeSync struct {
 // the peer's manifest: files with checksums on both sides send the blocks
 // that differ, other files the chunks of the bitmap, files the peer lacks
 // are sent whole, entries the primary lacks are removed, a file renamed
-// while the peer was away is renamed there, hard links stay links.
-func (b *builder) fullSync(local, peer []wire.Entry, ts *treeSync) error {
+// while the peer was away is renamed there, hard links stay links. It
+// builds b.sh from local as it goes, and lets go of the entries of both
+// listings once compared: the caller must not read them after.
+func (b *builder) fullSync(local, peer *listing, ts *treeSync) error {
 	if ts == nil {
 		ts = &treeSync{}
 	}
@@ -56,8 +58,8 @@ func (b *builder) fullSync(local, peer []wire.Entry, ts *treeSync) error {
 		return err
 	}
 	if ts.sumMatched {
-		for i := range local {
-			l := &local[i]
+		for i := range local.len() {
+			l := local.at(i)
 			p := pr.peerOf[i]
 			if p != nil && l.Mode.IsRegular() && p.Mode.IsRegular() && l.Flags&wire.EntrySummed == 0 && p.Flags&wire.EntrySummed != 0 {
 				if err := fstree.SumEntry(b.root, l); err != nil {
@@ -72,12 +74,13 @@ func (b *builder) fullSync(local, peer []wire.Entry, ts *treeSync) error {
 	}
 	// Removals first, top-most only: a removed directory takes its subtree.
 	var removed []string
-	for i := range peer {
-		p := peer[i].Path
+	for i := range peer.len() {
+		e := peer.at(i)
+		p := e.Path
 		if p == "." || pr.peerFlags[i] != 0 || underAny(p, removed) {
 			continue
 		}
-		if ts.report && peer[i].Flags&wire.EntryRecent != 0 {
+		if ts.report && e.Flags&wire.EntryRecent != 0 {
 			ts.lines = append(ts.lines, fmt.Sprintf("%s\tremoved: it exists only on this node", p))
 		}
 		if err := b.out.add(&wire.Op{Code: wire.OpRemove, Path: p}); err != nil {
@@ -85,23 +88,37 @@ func (b *builder) fullSync(local, peer []wire.Entry, ts *treeSync) error {
 		}
 		removed = append(removed, p)
 	}
-	// Hard links: inode → the first path sent. Only inodes the shadow
-	// (built from local) knows by more than one name: a map of every
-	// file was the largest index of the comparison.
+	// From here on a peer entry is read only through peerOf, which lets
+	// go of each once its local counterpart is compared.
+	peer.release(peer.len())
+	pr.peer, pr.peerFlags = nil, nil
+	// Hard links: inode → the first path sent, for the inodes listed by
+	// more than one name only: a map of every file was the largest index
+	// of the comparison.
+	linked := linkedInodes(local)
 	firstName := map[uint64]string{}
-	for i := range local {
-		l := &local[i]
+	// The shadow is built as the comparison goes, and the listing let go
+	// of a chunk at a time: both were held whole at once.
+	sb := newShadowBuilder(local.len())
+	b.sh = sb.s
+	for i := range local.len() {
+		if i%listingChunk == 0 {
+			local.release(i)
+		}
+		l := local.at(i)
+		p := pr.peerOf[i]
+		pr.peerOf[i] = nil
+		sb.add(l)
 		if l.Path == "." {
 			continue
 		}
-		p := pr.peerOf[i]
 		if p != nil && p.Mode.Type() != l.Mode.Type() {
 			if ts.report && p.Flags&wire.EntryRecent != 0 {
 				ts.lines = append(ts.lines, fmt.Sprintf("%s\treplaced: a %s here, a %s on the peer", l.Path, typeName(p.Mode), typeName(l.Mode)))
 			}
 			p = nil // create replaces whatever is there
 		}
-		if n := b.sh.nodes[l.Ino]; l.Mode.IsRegular() && n != nil && b.sh.nameCount(n) > 1 {
+		if l.Mode.IsRegular() && linked[l.Ino] {
 			if first, ok := firstName[l.Ino]; ok {
 				if err := b.out.add(&wire.Op{Code: wire.OpLink, Path: first, Path2: l.Path}); err != nil {
 					return err
@@ -114,7 +131,28 @@ func (b *builder) fullSync(local, peer []wire.Entry, ts *treeSync) error {
 			return err
 		}
 	}
+	local.release(local.len())
+	sb.done()
 	return nil
+}
+
+// linkedInodes are the inodes of the regular files listed by more than
+// one name (the shadow built from the listing knows them by as many).
+func linkedInodes(local *listing) map[uint64]bool {
+	var inos []uint64
+	for i := range local.len() {
+		if l := local.at(i); l.Mode.IsRegular() {
+			inos = append(inos, l.Ino)
+		}
+	}
+	slices.Sort(inos)
+	linked := map[uint64]bool{}
+	for i := 1; i < len(inos); i++ {
+		if inos[i] == inos[i-1] {
+			linked[inos[i]] = true
+		}
+	}
+	return linked
 }
 
 func typeName(m fs.FileMode) string {
@@ -131,10 +169,10 @@ func typeName(m fs.FileMode) string {
 
 // pairing matches a local listing with the peer's, both in Scan order
 // (fstree.ComparePaths), in one pass over both. It replaced an index by
-// path of each listing (maps of about 40 bytes an entry, a sixth of a
-// full comparison's peak) with 9 bytes a local entry and 1 a peer's.
+// path of each listing (maps of about 40 bytes an entry) with 9 bytes a
+// local entry and 1 a peer's.
 type pairing struct {
-	local, peer []wire.Entry
+	local, peer *listing
 	// peerOf is the peer's entry at each local entry's path (nil: none),
 	// renames done: a file renamed on the peer is there under its new name.
 	peerOf []*wire.Entry
@@ -152,24 +190,24 @@ const (
 
 // pairPaths pairs local with peer, sorting either first if it is not in
 // Scan order (equal paths keep their order: the last one counts).
-func pairPaths(local, peer []wire.Entry) *pairing {
-	sortByPath(local)
-	sortByPath(peer)
-	pr := &pairing{local: local, peer: peer, peerOf: make([]*wire.Entry, len(local)), peerFlags: make([]uint8, len(peer))}
-	for j := 0; j+1 < len(peer); j++ {
-		if peer[j].Path == peer[j+1].Path {
+func pairPaths(local, peer *listing) *pairing {
+	local.sortByPath()
+	peer.sortByPath()
+	pr := &pairing{local: local, peer: peer, peerOf: make([]*wire.Entry, local.len()), peerFlags: make([]uint8, peer.len())}
+	for j := 0; j+1 < peer.len(); j++ {
+		if peer.at(j).Path == peer.at(j+1).Path {
 			pr.peerFlags[j] |= peerShadowed
 		}
 	}
 	j := 0
-	for i := range local {
-		l := local[i].Path
-		for j < len(peer) && (pr.peerFlags[j]&peerShadowed != 0 || fstree.ComparePaths(peer[j].Path, l) < 0) {
+	for i := range local.len() {
+		l := local.at(i).Path
+		for j < peer.len() && (pr.peerFlags[j]&peerShadowed != 0 || fstree.ComparePaths(peer.at(j).Path, l) < 0) {
 			j++
 		}
-		if j < len(peer) && peer[j].Path == l {
-			pr.peerOf[i] = &peer[j]
-			for k := j; k >= 0 && peer[k].Path == l; k-- {
+		if j < peer.len() && peer.at(j).Path == l {
+			pr.peerOf[i] = peer.at(j)
+			for k := j; k >= 0 && peer.at(k).Path == l; k-- {
 				pr.peerFlags[k] |= peerMatched
 			}
 		}
@@ -177,24 +215,15 @@ func pairPaths(local, peer []wire.Entry) *pairing {
 	return pr
 }
 
-// sortByPath puts es in Scan order unless it is already.
-func sortByPath(es []wire.Entry) {
-	for i := 1; i < len(es); i++ {
-		if fstree.ComparePaths(es[i-1].Path, es[i].Path) > 0 {
-			slices.SortStableFunc(es, func(a, b wire.Entry) int { return fstree.ComparePaths(a.Path, b.Path) })
-			return
-		}
-	}
-}
-
 // localAt is the index of the local entry at path p, or -1.
 func (pr *pairing) localAt(p string) int {
-	i := sort.Search(len(pr.local), func(i int) bool { return fstree.ComparePaths(pr.local[i].Path, p) >= 0 })
+	local := pr.local
+	i := sort.Search(local.len(), func(i int) bool { return fstree.ComparePaths(local.at(i).Path, p) >= 0 })
 	// The last of equal paths, as pairPaths pairs them.
-	for i+1 < len(pr.local) && pr.local[i+1].Path == p {
+	for i+1 < local.len() && local.at(i+1).Path == p {
 		i++
 	}
-	if i < len(pr.local) && pr.local[i].Path == p {
+	if i < local.len() && local.at(i).Path == p {
 		return i
 	}
 	return -1
@@ -215,8 +244,8 @@ func (b *builder) renames(pr *pairing, ts *treeSync) error {
 	}
 	local, peer := pr.local, pr.peer
 	gone := map[key][]int{} // peer entries only there, by key
-	for j := range peer {
-		e := &peer[j]
+	for j := range peer.len() {
+		e := peer.at(j)
 		if e.Mode.IsRegular() && pr.peerFlags[j]&peerMatched == 0 && e.Size > 0 {
 			k := key{e.Size, e.Mtime}
 			gone[k] = append(gone[k], j)
@@ -226,16 +255,16 @@ func (b *builder) renames(pr *pairing, ts *treeSync) error {
 		return nil
 	}
 	arrived := map[key]int{} // files only here, by key
-	for i := range local {
-		if l := &local[i]; l.Mode.IsRegular() && pr.peerOf[i] == nil {
+	for i := range local.len() {
+		if l := local.at(i); l.Mode.IsRegular() && pr.peerOf[i] == nil {
 			arrived[key{l.Size, l.Mtime}]++
 		}
 	}
 	// Whether the peer has the local directory dir, for the files of one
 	// directory (consecutive in Scan order) in turn.
 	lastDir, dirOK := "", false
-	for i := range local {
-		l := &local[i]
+	for i := range local.len() {
+		l := local.at(i)
 		if !l.Mode.IsRegular() || pr.peerOf[i] != nil {
 			continue
 		}
@@ -254,7 +283,7 @@ func (b *builder) renames(pr *pairing, ts *treeSync) error {
 		if len(cands) != 1 || arrived[k] != 1 {
 			continue // none, or ambiguous
 		}
-		from := &peer[cands[0]]
+		from := peer.at(cands[0])
 		gone[k] = nil
 		if err := b.out.add(&wire.Op{Code: wire.OpRename, Path: from.Path, Path2: l.Path}); err != nil {
 			return err
@@ -364,8 +393,8 @@ func fileSpans(l, p *wire.Entry, ts *treeSync) (spans []journal.Span, whole bool
 // report.
 func (ts *treeSync) plan(pr *pairing) {
 	ts.planned = 0
-	for i := range pr.local {
-		l := &pr.local[i]
+	for i := range pr.local.len() {
+		l := pr.local.at(i)
 		if !l.Mode.IsRegular() {
 			continue
 		}

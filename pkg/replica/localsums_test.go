@@ -23,7 +23,7 @@ func TestLocalSumsOnlyWhatThePeerHas(t *testing.T) {
 	os.Mkdir(filepath.Join(dst, "e"), 0o755) // a directory there
 	root, local := scanSource(t, src)
 	_, peer := peerManifest(t, dst, wire.ManifestQuery{All: true})
-	s := newLocalSums(root, local)
+	s := newLocalSums(root, listingOf(local))
 	s.match(peer[:2]) // the manifest comes in frames
 	s.match(peer[2:])
 	if err := s.wait(); err != nil {
@@ -53,13 +53,13 @@ func TestFullSyncSumsRenamedFile(t *testing.T) {
 
 	root, local := scanSource(t, src)
 	_, peer := peerManifest(t, dst, wire.ManifestQuery{All: true})
-	s := newLocalSums(root, local)
+	s := newLocalSums(root, listingOf(local))
 	s.match(peer)
 	if err := s.wait(); err != nil {
 		t.Fatal(err)
 	}
 	b, sink := applyingBuilder(t, root, local, dst)
-	if err := b.fullSync(local, peer, &treeSync{sumMatched: true}); err != nil {
+	if err := b.fullSync(listingOf(local), listingOf(peer), &treeSync{sumMatched: true}); err != nil {
 		t.Fatal(err)
 	}
 	if sink.bytes != 0 {
@@ -83,7 +83,7 @@ func TestFullSyncKeepsHardLinks(t *testing.T) {
 	os.Mkdir(dst, 0o755)
 	root, local := scanSource(t, src)
 	b, sink := applyingBuilder(t, root, local, dst)
-	if err := b.fullSync(local, nil, &treeSync{sumMatched: true}); err != nil {
+	if err := b.fullSync(listingOf(local), &listing{}, &treeSync{sumMatched: true}); err != nil {
 		t.Fatal(err)
 	}
 	if sink.bytes != 5700 {
