@@ -61,8 +61,8 @@ func (b *builder) fullSync(local, peer *listing, ts *treeSync) error {
 		for i := range local.len() {
 			l := local.at(i)
 			p := pr.peerOf[i]
-			if p != nil && l.Mode.IsRegular() && p.Mode.IsRegular() && l.Flags&wire.EntrySummed == 0 && p.Flags&wire.EntrySummed != 0 {
-				if err := fstree.SumEntry(b.root, l); err != nil {
+			if p != nil && l.mode.IsRegular() && p.mode.IsRegular() && l.flags&wire.EntrySummed == 0 && p.flags&wire.EntrySummed != 0 {
+				if err := l.sum(b.root); err != nil {
 					return err
 				}
 			}
@@ -76,11 +76,11 @@ func (b *builder) fullSync(local, peer *listing, ts *treeSync) error {
 	var removed []string
 	for i := range peer.len() {
 		e := peer.at(i)
-		p := e.Path
+		p := e.path
 		if p == "." || pr.peerFlags[i] != 0 || underAny(p, removed) {
 			continue
 		}
-		if ts.report && e.Flags&wire.EntryRecent != 0 {
+		if ts.report && e.flags&wire.EntryRecent != 0 {
 			ts.lines = append(ts.lines, fmt.Sprintf("%s\tremoved: it exists only on this node", p))
 		}
 		if err := b.out.add(&wire.Op{Code: wire.OpRemove, Path: p}); err != nil {
@@ -105,8 +105,13 @@ func (b *builder) fullSync(local, peer *listing, ts *treeSync) error {
 		if i%listingChunk == 0 {
 			local.release(i)
 		}
-		l := local.at(i)
-		p := pr.peerOf[i]
+		le := local.at(i).entry()
+		l := &le
+		var p *wire.Entry
+		if pe := pr.peerOf[i]; pe != nil {
+			e := pe.entry()
+			p = &e
+		}
 		pr.peerOf[i] = nil
 		sb.add(l)
 		if l.Path == "." {
@@ -141,8 +146,8 @@ func (b *builder) fullSync(local, peer *listing, ts *treeSync) error {
 func linkedInodes(local *listing) map[uint64]bool {
 	var inos []uint64
 	for i := range local.len() {
-		if l := local.at(i); l.Mode.IsRegular() {
-			inos = append(inos, l.Ino)
+		if l := local.at(i); l.mode.IsRegular() {
+			inos = append(inos, l.ino)
 		}
 	}
 	slices.Sort(inos)
@@ -175,7 +180,7 @@ type pairing struct {
 	local, peer *listing
 	// peerOf is the peer's entry at each local entry's path (nil: none),
 	// renames done: a file renamed on the peer is there under its new name.
-	peerOf []*wire.Entry
+	peerOf []*lentry
 	// peerFlags says why a peer entry is not removed: it has a local
 	// counterpart, it is renamed away, or a later entry has its path (a
 	// map by path kept the last one).
@@ -193,21 +198,21 @@ const (
 func pairPaths(local, peer *listing) *pairing {
 	local.sortByPath()
 	peer.sortByPath()
-	pr := &pairing{local: local, peer: peer, peerOf: make([]*wire.Entry, local.len()), peerFlags: make([]uint8, peer.len())}
+	pr := &pairing{local: local, peer: peer, peerOf: make([]*lentry, local.len()), peerFlags: make([]uint8, peer.len())}
 	for j := 0; j+1 < peer.len(); j++ {
-		if peer.at(j).Path == peer.at(j+1).Path {
+		if peer.at(j).path == peer.at(j+1).path {
 			pr.peerFlags[j] |= peerShadowed
 		}
 	}
 	j := 0
 	for i := range local.len() {
-		l := local.at(i).Path
-		for j < peer.len() && (pr.peerFlags[j]&peerShadowed != 0 || fstree.ComparePaths(peer.at(j).Path, l) < 0) {
+		l := local.at(i).path
+		for j < peer.len() && (pr.peerFlags[j]&peerShadowed != 0 || fstree.ComparePaths(peer.at(j).path, l) < 0) {
 			j++
 		}
-		if j < peer.len() && peer.at(j).Path == l {
+		if j < peer.len() && peer.at(j).path == l {
 			pr.peerOf[i] = peer.at(j)
-			for k := j; k >= 0 && peer.at(k).Path == l; k-- {
+			for k := j; k >= 0 && peer.at(k).path == l; k-- {
 				pr.peerFlags[k] |= peerMatched
 			}
 		}
@@ -218,12 +223,12 @@ func pairPaths(local, peer *listing) *pairing {
 // localAt is the index of the local entry at path p, or -1.
 func (pr *pairing) localAt(p string) int {
 	local := pr.local
-	i := sort.Search(local.len(), func(i int) bool { return fstree.ComparePaths(local.at(i).Path, p) >= 0 })
+	i := sort.Search(local.len(), func(i int) bool { return fstree.ComparePaths(local.at(i).path, p) >= 0 })
 	// The last of equal paths, as pairPaths pairs them.
-	for i+1 < local.len() && local.at(i+1).Path == p {
+	for i+1 < local.len() && local.at(i+1).path == p {
 		i++
 	}
-	if i < local.len() && local.at(i).Path == p {
+	if i < local.len() && local.at(i).path == p {
 		return i
 	}
 	return -1
@@ -246,8 +251,8 @@ func (b *builder) renames(pr *pairing, ts *treeSync) error {
 	gone := map[key][]int{} // peer entries only there, by key
 	for j := range peer.len() {
 		e := peer.at(j)
-		if e.Mode.IsRegular() && pr.peerFlags[j]&peerMatched == 0 && e.Size > 0 {
-			k := key{e.Size, e.Mtime}
+		if e.mode.IsRegular() && pr.peerFlags[j]&peerMatched == 0 && e.size > 0 {
+			k := key{e.size, e.mtime}
 			gone[k] = append(gone[k], j)
 		}
 	}
@@ -256,8 +261,8 @@ func (b *builder) renames(pr *pairing, ts *treeSync) error {
 	}
 	arrived := map[key]int{} // files only here, by key
 	for i := range local.len() {
-		if l := local.at(i); l.Mode.IsRegular() && pr.peerOf[i] == nil {
-			arrived[key{l.Size, l.Mtime}]++
+		if l := local.at(i); l.mode.IsRegular() && pr.peerOf[i] == nil {
+			arrived[key{l.size, l.mtime}]++
 		}
 	}
 	// Whether the peer has the local directory dir, for the files of one
@@ -265,31 +270,31 @@ func (b *builder) renames(pr *pairing, ts *treeSync) error {
 	lastDir, dirOK := "", false
 	for i := range local.len() {
 		l := local.at(i)
-		if !l.Mode.IsRegular() || pr.peerOf[i] != nil {
+		if !l.mode.IsRegular() || pr.peerOf[i] != nil {
 			continue
 		}
-		dir := path.Dir(l.Path)
+		dir := path.Dir(l.path)
 		if dir != "." {
 			if dir != lastDir {
 				d := pr.localAt(dir)
-				lastDir, dirOK = dir, d >= 0 && pr.peerOf[d] != nil && pr.peerOf[d].Mode.IsDir()
+				lastDir, dirOK = dir, d >= 0 && pr.peerOf[d] != nil && pr.peerOf[d].mode.IsDir()
 			}
 			if !dirOK {
 				continue // the directory is new: created later, in order
 			}
 		}
-		k := key{l.Size, l.Mtime}
+		k := key{l.size, l.mtime}
 		cands := gone[k]
 		if len(cands) != 1 || arrived[k] != 1 {
 			continue // none, or ambiguous
 		}
 		from := peer.at(cands[0])
 		gone[k] = nil
-		if err := b.out.add(&wire.Op{Code: wire.OpRename, Path: from.Path, Path2: l.Path}); err != nil {
+		if err := b.out.add(&wire.Op{Code: wire.OpRename, Path: from.path, Path2: l.path}); err != nil {
 			return err
 		}
 		moved := *from
-		moved.Path = l.Path
+		moved.path = l.path
 		pr.peerFlags[cands[0]] |= peerRenamed
 		pr.peerOf[i] = &moved
 	}
@@ -395,17 +400,18 @@ func (ts *treeSync) plan(pr *pairing) {
 	ts.planned = 0
 	for i := range pr.local.len() {
 		l := pr.local.at(i)
-		if !l.Mode.IsRegular() {
+		if !l.mode.IsRegular() {
 			continue
 		}
 		p := pr.peerOf[i]
-		if p == nil || !p.Mode.IsRegular() {
-			ts.planned += l.Size
+		if p == nil || !p.mode.IsRegular() {
+			ts.planned += l.size
 			continue
 		}
-		spans, whole := fileSpans(l, p, ts)
+		le, pe := l.entry(), p.entry()
+		spans, whole := fileSpans(&le, &pe, ts)
 		if whole {
-			ts.planned += l.Size
+			ts.planned += l.size
 		}
 		for _, s := range spans {
 			ts.planned += s.Len()

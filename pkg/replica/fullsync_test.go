@@ -232,18 +232,18 @@ func TestPairPaths(t *testing.T) {
 			}
 			pr := pairPaths(listingOf(tc.local), listingOf(tc.peer))
 			for i := 1; i < pr.local.len(); i++ {
-				if fstree.ComparePaths(pr.local.at(i-1).Path, pr.local.at(i).Path) > 0 {
-					t.Fatalf("local not in Scan order: %q before %q", pr.local.at(i-1).Path, pr.local.at(i).Path)
+				if fstree.ComparePaths(pr.local.at(i-1).path, pr.local.at(i).path) > 0 {
+					t.Fatalf("local not in Scan order: %q before %q", pr.local.at(i-1).path, pr.local.at(i).path)
 				}
 			}
 			for i := range pr.local.len() {
-				l := pr.local.at(i)
+				l := pr.local.at(i).entry()
 				got := uint64(0)
 				if p := pr.peerOf[i]; p != nil {
-					if p.Path != l.Path {
-						t.Fatalf("%q paired with %q", l.Path, p.Path)
+					if p.path != l.Path {
+						t.Fatalf("%q paired with %q", l.Path, p.path)
 					}
-					got = p.Ino
+					got = p.ino
 				}
 				if got != pm[l.Path] {
 					t.Errorf("%q: paired with peer inode %d, want %d", l.Path, got, pm[l.Path])
@@ -256,7 +256,7 @@ func TestPairPaths(t *testing.T) {
 				t.Errorf("localAt of a path not listed = %d", j)
 			}
 			for j := range pr.peer.len() {
-				p := pr.peer.at(j)
+				p := pr.peer.at(j).entry()
 				kept := pr.peerFlags[j] == 0
 				want := !lm[p.Path] && pm[p.Path] == p.Ino
 				if kept != want {

@@ -41,7 +41,7 @@ func newLocalSums(root *os.File, local *listing) *localSums {
 func (s *localSums) worker() {
 	defer s.wg.Done()
 	for i := range s.work {
-		if err := fstree.SumEntry(s.root, s.local.at(i)); err != nil {
+		if err := s.local.at(i).sum(s.root); err != nil {
 			s.mu.Lock()
 			if s.err == nil {
 				s.err = err
@@ -57,13 +57,13 @@ func (s *localSums) worker() {
 func (s *localSums) match(peer []wire.Entry) {
 	for k := range peer {
 		e := &peer[k]
-		for s.next < s.local.len() && fstree.ComparePaths(s.local.at(s.next).Path, e.Path) < 0 {
+		for s.next < s.local.len() && fstree.ComparePaths(s.local.at(s.next).path, e.Path) < 0 {
 			s.next++
 		}
 		if s.next == s.local.len() {
 			return
 		}
-		if l := s.local.at(s.next); l.Path == e.Path && l.Mode.IsRegular() && e.Mode.IsRegular() && e.Flags&wire.EntrySummed != 0 {
+		if l := s.local.at(s.next); l.path == e.Path && l.mode.IsRegular() && e.Mode.IsRegular() && e.Flags&wire.EntrySummed != 0 {
 			s.work <- s.next
 			s.next++
 		}

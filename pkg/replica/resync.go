@@ -9,7 +9,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/duet-ha/duet/pkg/fstree"
 	"github.com/duet-ha/duet/pkg/journal"
 	"github.com/duet-ha/duet/pkg/wire"
 	"golang.org/x/sys/unix"
@@ -268,9 +267,9 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 		var paths []string
 		for i := range local.len() {
 			e := local.at(i)
-			if pl.cutoffS != 0 && e.Mode.IsRegular() && (e.Ctime >= pl.cutoffS || e.Mtime >= pl.cutoffS) {
-				paths = append(paths, e.Path)
-				want[e.Path] = true
+			if pl.cutoffS != 0 && e.mode.IsRegular() && (e.ctime >= pl.cutoffS || e.mtime >= pl.cutoffS) {
+				paths = append(paths, e.path)
+				want[e.path] = true
 			}
 		}
 		if len(paths) > wire.MaxWant {
@@ -322,21 +321,21 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 			return err
 		}
 		for i := range files {
-			if local.at(i).Flags&wire.EntrySummed != 0 {
+			if local.at(i).flags&wire.EntrySummed != 0 {
 				compared++
 			}
 		}
 	} else {
 		summed := map[string]bool{}
 		for i := range peer.len() {
-			if e := peer.at(i); e.Flags&wire.EntrySummed != 0 {
-				summed[e.Path] = true
+			if e := peer.at(i); e.flags&wire.EntrySummed != 0 {
+				summed[e.path] = true
 			}
 		}
 		for i := range files {
 			e := local.at(i)
-			if e.Mode.IsRegular() && (want[e.Path] || summed[e.Path]) {
-				if err := fstree.SumEntry(p.root, e); err != nil {
+			if e.mode.IsRegular() && (want[e.path] || summed[e.path]) {
+				if err := e.sum(p.root); err != nil {
 					return err
 				}
 				compared++
@@ -719,9 +718,9 @@ func scanTails(dropped []journal.File, local *listing, dev uint32) []scanTail {
 	var tails []scanTail
 	for i := range local.len() {
 		l := local.at(i)
-		if f, ok := want[l.Ino]; ok && l.Mode.IsRegular() {
-			tails = append(tails, scanTail{f, l.Size})
-			delete(want, l.Ino) // one name of several links is enough
+		if f, ok := want[l.ino]; ok && l.mode.IsRegular() {
+			tails = append(tails, scanTail{f, l.size})
+			delete(want, l.ino) // one name of several links is enough
 		}
 	}
 	return tails
