@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"io/fs"
 	"path"
+	"slices"
+	"sort"
 	"strings"
 
 	"github.com/duet-ha/duet/pkg/capture"
@@ -44,45 +46,41 @@ type treeSync struct {
 // the peer's manifest: files with checksums on both sides send the blocks
 // that differ, other files the chunks of the bitmap, files the peer lacks
 // are sent whole, entries the primary lacks are removed, a file renamed
-// while the peer was away is renamed there, hard links stay links.
-func (b *builder) fullSync(local, peer []wire.Entry, ts *treeSync) error {
+// while the peer was away is renamed there, hard links stay links. It
+// builds b.sh from local as it goes, and lets go of the entries of both
+// listings once compared: the caller must not read them after.
+func (b *builder) fullSync(local, peer *listing, ts *treeSync) error {
 	if ts == nil {
 		ts = &treeSync{}
 	}
-	pm := make(map[string]*wire.Entry, len(peer))
-	for i := range peer {
-		pm[peer[i].Path] = &peer[i]
-	}
-	localPaths := make(map[string]*wire.Entry, len(local))
-	for i := range local {
-		localPaths[local[i].Path] = &local[i]
-	}
-	if err := b.renames(local, peer, pm, localPaths, ts); err != nil {
+	pr := pairPaths(local, peer)
+	if err := b.renames(pr, ts); err != nil {
 		return err
 	}
 	if ts.sumMatched {
-		for i := range local {
-			l := &local[i]
-			p := pm[l.Path]
-			if p != nil && l.Mode.IsRegular() && p.Mode.IsRegular() && l.Flags&wire.EntrySummed == 0 && p.Flags&wire.EntrySummed != 0 {
-				if err := fstree.SumEntry(b.root, l); err != nil {
+		for i := range local.len() {
+			l := local.at(i)
+			p := pr.peerOf[i]
+			if p != nil && l.mode.IsRegular() && p.mode.IsRegular() && l.flags&wire.EntrySummed == 0 && p.flags&wire.EntrySummed != 0 {
+				if err := l.sum(b.root); err != nil {
 					return err
 				}
 			}
 		}
 	}
-	ts.plan(local, pm)
+	ts.plan(pr)
 	if ts.onPlan != nil {
 		ts.onPlan(ts.planned)
 	}
 	// Removals first, top-most only: a removed directory takes its subtree.
 	var removed []string
-	for i := range peer {
-		p := peer[i].Path
-		if p == "." || localPaths[p] != nil || pm[p] != &peer[i] || underAny(p, removed) {
+	for i := range peer.len() {
+		e := peer.at(i)
+		p := e.path
+		if p == "." || pr.peerFlags[i] != 0 || underAny(p, removed) {
 			continue
 		}
-		if ts.report && peer[i].Flags&wire.EntryRecent != 0 {
+		if ts.report && e.flags&wire.EntryRecent != 0 {
 			ts.lines = append(ts.lines, fmt.Sprintf("%s\tremoved: it exists only on this node", p))
 		}
 		if err := b.out.add(&wire.Op{Code: wire.OpRemove, Path: p}); err != nil {
@@ -90,23 +88,42 @@ func (b *builder) fullSync(local, peer []wire.Entry, ts *treeSync) error {
 		}
 		removed = append(removed, p)
 	}
-	// Hard links: inode → the first path sent. Only inodes the shadow
-	// (built from local) knows by more than one name: a map of every
-	// file was the largest index of the comparison.
+	// From here on a peer entry is read only through peerOf, which lets
+	// go of each once its local counterpart is compared.
+	peer.release(peer.len())
+	pr.peer, pr.peerFlags = nil, nil
+	// Hard links: inode → the first path sent, for the inodes listed by
+	// more than one name only: a map of every file was the largest index
+	// of the comparison.
+	linked := linkedInodes(local)
 	firstName := map[uint64]string{}
-	for i := range local {
-		l := &local[i]
+	// The shadow is built as the comparison goes, and the listing let go
+	// of a chunk at a time: both were held whole at once.
+	sb := newShadowBuilder(local.len())
+	b.sh = sb.s
+	for i := range local.len() {
+		if i%listingChunk == 0 {
+			local.release(i)
+		}
+		le := local.at(i).entry()
+		l := &le
+		var p *wire.Entry
+		if pe := pr.peerOf[i]; pe != nil {
+			e := pe.entry()
+			p = &e
+		}
+		pr.peerOf[i] = nil
+		sb.add(l)
 		if l.Path == "." {
 			continue
 		}
-		p := pm[l.Path]
 		if p != nil && p.Mode.Type() != l.Mode.Type() {
 			if ts.report && p.Flags&wire.EntryRecent != 0 {
 				ts.lines = append(ts.lines, fmt.Sprintf("%s\treplaced: a %s here, a %s on the peer", l.Path, typeName(p.Mode), typeName(l.Mode)))
 			}
 			p = nil // create replaces whatever is there
 		}
-		if n := b.sh.nodes[l.Ino]; l.Mode.IsRegular() && n != nil && b.sh.nameCount(n) > 1 {
+		if l.Mode.IsRegular() && linked[l.Ino] {
 			if first, ok := firstName[l.Ino]; ok {
 				if err := b.out.add(&wire.Op{Code: wire.OpLink, Path: first, Path2: l.Path}); err != nil {
 					return err
@@ -119,7 +136,28 @@ func (b *builder) fullSync(local, peer []wire.Entry, ts *treeSync) error {
 			return err
 		}
 	}
+	local.release(local.len())
+	sb.done()
 	return nil
+}
+
+// linkedInodes are the inodes of the regular files listed by more than
+// one name (the shadow built from the listing knows them by as many).
+func linkedInodes(local *listing) map[uint64]bool {
+	var inos []uint64
+	for i := range local.len() {
+		if l := local.at(i); l.mode.IsRegular() {
+			inos = append(inos, l.ino)
+		}
+	}
+	slices.Sort(inos)
+	linked := map[uint64]bool{}
+	for i := 1; i < len(inos); i++ {
+		if inos[i] == inos[i-1] {
+			linked[inos[i]] = true
+		}
+	}
+	return linked
 }
 
 func typeName(m fs.FileMode) string {
@@ -134,6 +172,68 @@ func typeName(m fs.FileMode) string {
 	return "special file"
 }
 
+// pairing matches a local listing with the peer's, both in Scan order
+// (fstree.ComparePaths), in one pass over both. It replaced an index by
+// path of each listing (maps of about 40 bytes an entry) with 9 bytes a
+// local entry and 1 a peer's.
+type pairing struct {
+	local, peer *listing
+	// peerOf is the peer's entry at each local entry's path (nil: none),
+	// renames done: a file renamed on the peer is there under its new name.
+	peerOf []*lentry
+	// peerFlags says why a peer entry is not removed: it has a local
+	// counterpart, it is renamed away, or a later entry has its path (a
+	// map by path kept the last one).
+	peerFlags []uint8
+}
+
+const (
+	peerMatched uint8 = 1 << iota
+	peerRenamed
+	peerShadowed
+)
+
+// pairPaths pairs local with peer, sorting either first if it is not in
+// Scan order (equal paths keep their order: the last one counts).
+func pairPaths(local, peer *listing) *pairing {
+	local.sortByPath()
+	peer.sortByPath()
+	pr := &pairing{local: local, peer: peer, peerOf: make([]*lentry, local.len()), peerFlags: make([]uint8, peer.len())}
+	for j := 0; j+1 < peer.len(); j++ {
+		if peer.at(j).path == peer.at(j+1).path {
+			pr.peerFlags[j] |= peerShadowed
+		}
+	}
+	j := 0
+	for i := range local.len() {
+		l := local.at(i).path
+		for j < peer.len() && (pr.peerFlags[j]&peerShadowed != 0 || fstree.ComparePaths(peer.at(j).path, l) < 0) {
+			j++
+		}
+		if j < peer.len() && peer.at(j).path == l {
+			pr.peerOf[i] = peer.at(j)
+			for k := j; k >= 0 && peer.at(k).path == l; k-- {
+				pr.peerFlags[k] |= peerMatched
+			}
+		}
+	}
+	return pr
+}
+
+// localAt is the index of the local entry at path p, or -1.
+func (pr *pairing) localAt(p string) int {
+	local := pr.local
+	i := sort.Search(local.len(), func(i int) bool { return fstree.ComparePaths(local.at(i).path, p) >= 0 })
+	// The last of equal paths, as pairPaths pairs them.
+	for i+1 < local.len() && local.at(i+1).path == p {
+		i++
+	}
+	if i < local.len() && local.at(i).path == p {
+		return i
+	}
+	return -1
+}
+
 // renames finds regular files that exist only here and only on the peer
 // with the same size and mtime, in a directory the peer has: renamed while
 // the peer was away. They are renamed on the peer before anything is
@@ -142,51 +242,61 @@ func typeName(m fs.FileMode) string {
 // clock share their mtime, and a guess among them would leave another
 // file's bytes under the new name (a bitmap resync trusts unchanged
 // files); such files are sent whole.
-func (b *builder) renames(local, peer []wire.Entry, pm, lm map[string]*wire.Entry, ts *treeSync) error {
+func (b *builder) renames(pr *pairing, ts *treeSync) error {
 	type key struct {
 		size  uint64
 		mtime int64
 	}
-	gone := map[key][]*wire.Entry{}
-	for i := range peer {
-		e := &peer[i]
-		if e.Mode.IsRegular() && lm[e.Path] == nil && e.Size > 0 {
-			k := key{e.Size, e.Mtime}
-			gone[k] = append(gone[k], e)
+	local, peer := pr.local, pr.peer
+	gone := map[key][]int{} // peer entries only there, by key
+	for j := range peer.len() {
+		e := peer.at(j)
+		if e.mode.IsRegular() && pr.peerFlags[j]&peerMatched == 0 && e.size > 0 {
+			k := key{e.size, e.mtime}
+			gone[k] = append(gone[k], j)
 		}
 	}
 	if len(gone) == 0 {
 		return nil
 	}
 	arrived := map[key]int{} // files only here, by key
-	for i := range local {
-		if l := &local[i]; l.Mode.IsRegular() && pm[l.Path] == nil {
-			arrived[key{l.Size, l.Mtime}]++
+	for i := range local.len() {
+		if l := local.at(i); l.mode.IsRegular() && pr.peerOf[i] == nil {
+			arrived[key{l.size, l.mtime}]++
 		}
 	}
-	for i := range local {
-		l := &local[i]
-		if !l.Mode.IsRegular() || pm[l.Path] != nil {
+	// Whether the peer has the local directory dir, for the files of one
+	// directory (consecutive in Scan order) in turn.
+	lastDir, dirOK := "", false
+	for i := range local.len() {
+		l := local.at(i)
+		if !l.mode.IsRegular() || pr.peerOf[i] != nil {
 			continue
 		}
-		dir := path.Dir(l.Path)
-		if d := pm[dir]; dir != "." && (d == nil || !d.Mode.IsDir() || lm[dir] == nil) {
-			continue // the directory is new: created later, in order
+		dir := path.Dir(l.path)
+		if dir != "." {
+			if dir != lastDir {
+				d := pr.localAt(dir)
+				lastDir, dirOK = dir, d >= 0 && pr.peerOf[d] != nil && pr.peerOf[d].mode.IsDir()
+			}
+			if !dirOK {
+				continue // the directory is new: created later, in order
+			}
 		}
-		k := key{l.Size, l.Mtime}
+		k := key{l.size, l.mtime}
 		cands := gone[k]
 		if len(cands) != 1 || arrived[k] != 1 {
 			continue // none, or ambiguous
 		}
-		from := cands[0]
+		from := peer.at(cands[0])
 		gone[k] = nil
-		if err := b.out.add(&wire.Op{Code: wire.OpRename, Path: from.Path, Path2: l.Path}); err != nil {
+		if err := b.out.add(&wire.Op{Code: wire.OpRename, Path: from.path, Path2: l.path}); err != nil {
 			return err
 		}
 		moved := *from
-		moved.Path = l.Path
-		delete(pm, from.Path)
-		pm[l.Path] = &moved
+		moved.path = l.path
+		pr.peerFlags[cands[0]] |= peerRenamed
+		pr.peerOf[i] = &moved
 	}
 	return nil
 }
@@ -284,23 +394,24 @@ func fileSpans(l, p *wire.Entry, ts *treeSync) (spans []journal.Span, whole bool
 	return nil, true
 }
 
-// plan counts what fullSync will send (pm: the peer's entries by path,
-// renames done), for the progress report.
-func (ts *treeSync) plan(local []wire.Entry, pm map[string]*wire.Entry) {
+// plan counts what fullSync will send (renames done), for the progress
+// report.
+func (ts *treeSync) plan(pr *pairing) {
 	ts.planned = 0
-	for i := range local {
-		l := &local[i]
-		if !l.Mode.IsRegular() {
+	for i := range pr.local.len() {
+		l := pr.local.at(i)
+		if !l.mode.IsRegular() {
 			continue
 		}
-		p := pm[l.Path]
-		if p == nil || !p.Mode.IsRegular() {
-			ts.planned += l.Size
+		p := pr.peerOf[i]
+		if p == nil || !p.mode.IsRegular() {
+			ts.planned += l.size
 			continue
 		}
-		spans, whole := fileSpans(l, p, ts)
+		le, pe := l.entry(), p.entry()
+		spans, whole := fileSpans(&le, &pe, ts)
 		if whole {
-			ts.planned += l.Size
+			ts.planned += l.size
 		}
 		for _, s := range spans {
 			ts.planned += s.Len()

@@ -3,9 +3,12 @@ package replica
 import (
 	"bytes"
 	"crypto/rand"
+	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -128,7 +131,7 @@ func TestTreeSyncBitmapAndReport(t *testing.T) {
 	droot, peer := peerManifest(t, dst, wire.ManifestQuery{Cutoff: cutoff})
 	b, sink := applyingBuilder(t, root, local, dst)
 	ts := &treeSync{dirty: d, window: true, report: true}
-	if err := b.fullSync(local, peer, ts); err != nil {
+	if err := b.fullSync(listingOf(local), listingOf(peer), ts); err != nil {
 		t.Fatal(err)
 	}
 	if want := 4096 + 3000; sink.bytes != want || ts.planned != uint64(want) {
@@ -184,12 +187,160 @@ func TestTreeSyncAmbiguousRenameNotGuessed(t *testing.T) {
 	root, local := scanSource(t, src)
 	droot, peer := peerManifest(t, dst, wire.ManifestQuery{})
 	b, _ := applyingBuilder(t, root, local, dst)
-	if err := b.fullSync(local, peer, &treeSync{dirty: newDirtySet(), window: true}); err != nil {
+	if err := b.fullSync(listingOf(local), listingOf(peer), &treeSync{dirty: newDirtySet(), window: true}); err != nil {
 		t.Fatal(err)
 	}
 	l2, _, _ := fstree.Scan(root, true)
 	p2, _, _ := fstree.Scan(droot, true)
 	if diffs := fstree.Compare(l2, p2); len(diffs) != 0 {
 		t.Fatalf("trees differ after the resync: %v", diffs)
+	}
+}
+
+// TestPairPaths checks the pairing of two listings against an index by
+// path, which it replaced: listings out of Scan order are sorted, and of
+// equal paths the last one counts.
+func TestPairPaths(t *testing.T) {
+	ents := func(paths ...string) []wire.Entry {
+		es := make([]wire.Entry, len(paths))
+		for i, p := range paths {
+			es[i] = wire.Entry{Path: p, Ino: uint64(i + 1)}
+		}
+		return es
+	}
+	for _, tc := range []struct {
+		name        string
+		local, peer []wire.Entry
+	}{
+		{"same", ents(".", "a", "a/x", "b"), ents(".", "a", "a/x", "b")},
+		{"disjoint", ents(".", "a", "c"), ents(".", "b", "d", "d/e")},
+		{"a directory before its siblings' names", ents(".", "a", "a/z", "a.b", "a0"), ents(".", "a", "a.b", "a/z", "a0")},
+		{"out of order", ents("b", ".", "a/x", "a"), ents("a", "a/x", "c", ".")},
+		{"equal paths on the peer", ents(".", "a", "b"), ents(".", "a", "a", "b", "c", "c")},
+		{"empty peer", ents(".", "a"), nil},
+		{"empty local", nil, ents(".", "a")},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			// What an index by path says, before pairPaths sorts anything.
+			pm := map[string]uint64{}
+			for _, e := range tc.peer {
+				pm[e.Path] = e.Ino
+			}
+			lm := map[string]bool{}
+			for _, e := range tc.local {
+				lm[e.Path] = true
+			}
+			pr := pairPaths(listingOf(tc.local), listingOf(tc.peer))
+			for i := 1; i < pr.local.len(); i++ {
+				if fstree.ComparePaths(pr.local.at(i-1).path, pr.local.at(i).path) > 0 {
+					t.Fatalf("local not in Scan order: %q before %q", pr.local.at(i-1).path, pr.local.at(i).path)
+				}
+			}
+			for i := range pr.local.len() {
+				l := pr.local.at(i).entry()
+				got := uint64(0)
+				if p := pr.peerOf[i]; p != nil {
+					if p.path != l.Path {
+						t.Fatalf("%q paired with %q", l.Path, p.path)
+					}
+					got = p.ino
+				}
+				if got != pm[l.Path] {
+					t.Errorf("%q: paired with peer inode %d, want %d", l.Path, got, pm[l.Path])
+				}
+				if j := pr.localAt(l.Path); j != i {
+					t.Errorf("localAt(%q) = %d, want %d", l.Path, j, i)
+				}
+			}
+			if j := pr.localAt("zz"); j != -1 {
+				t.Errorf("localAt of a path not listed = %d", j)
+			}
+			for j := range pr.peer.len() {
+				p := pr.peer.at(j).entry()
+				kept := pr.peerFlags[j] == 0
+				want := !lm[p.Path] && pm[p.Path] == p.Ino
+				if kept != want {
+					t.Errorf("peer %q (inode %d): removable %v, want %v", p.Path, p.Ino, kept, want)
+				}
+			}
+		})
+	}
+}
+
+// TestFullSyncAcrossChunks runs a full sync over listings of many
+// chunks, which it lets go of as it compares, building the shadow as it
+// goes: the trees end equal (hard links whose names are chunks apart
+// included), and the shadow is the one built from the whole scan.
+func TestFullSyncAcrossChunks(t *testing.T) {
+	defer func(n int) { listingChunk = n }(listingChunk)
+	listingChunk = 16
+	top := t.TempDir()
+	src, dst := filepath.Join(top, "src"), filepath.Join(top, "dst")
+	files := 200
+	for i := range files {
+		p := filepath.Join(src, fmt.Sprintf("d%d", i%3), fmt.Sprintf("f%05d", i))
+		os.MkdirAll(filepath.Dir(p), 0o755)
+		if err := os.WriteFile(p, []byte(p), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.CopyFS(dst, os.DirFS(src)); err != nil {
+		t.Fatal(err)
+	}
+	// Here: one file linked from the first directory into the last, one
+	// removed, one new, one changed; there: a file of its own.
+	if err := os.Link(filepath.Join(src, "d0/f00000"), filepath.Join(src, "d2/z-link")); err != nil {
+		t.Fatal(err)
+	}
+	os.Remove(filepath.Join(src, "d1/f00001"))
+	writeRandom(t, filepath.Join(src, "d2/new"), 3000)
+	os.WriteFile(filepath.Join(src, "d1/f00100"), []byte("changed"), 0o644)
+	os.WriteFile(filepath.Join(dst, "d0/only-there"), []byte("x"), 0o644)
+
+	root, local := scanSource(t, src)
+	want := newShadow(local)
+	// As a resync lists both sides.
+	ll, _, err := scanListing(root, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	droot, peer := peerManifest(t, dst, wire.ManifestQuery{All: true})
+	pl := &listing{}
+	for i := range peer {
+		pl.add(&peer[i])
+	}
+	if ll.len() != len(local) || len(ll.chunks) < 10 || len(pl.chunks) < 10 {
+		t.Fatalf("listings of %d entries in %d chunks, %d in %d: want %d in ten or more", ll.len(), len(ll.chunks), pl.len(), len(pl.chunks), len(local))
+	}
+	b, _ := applyingBuilder(t, root, nil, dst)
+	if err := b.fullSync(ll, pl, &treeSync{sumMatched: true}); err != nil {
+		t.Fatal(err)
+	}
+	l2, _, _ := fstree.Scan(root, true)
+	p2, _, _ := fstree.Scan(droot, true)
+	if diffs := fstree.Compare(l2, p2); len(diffs) != 0 {
+		t.Fatalf("trees differ after the full sync: %v", diffs)
+	}
+	var st1, st2 unix.Stat_t
+	unix.Stat(filepath.Join(dst, "d0/f00000"), &st1)
+	unix.Stat(filepath.Join(dst, "d2/z-link"), &st2)
+	if st1.Ino != st2.Ino {
+		t.Errorf("d0/f00000 and d2/z-link are not one file on the peer")
+	}
+	sh := b.sh
+	if sh.root != want.root || len(sh.nodes) != len(want.nodes) || len(sh.kids) != len(want.kids) || len(sh.more) != len(want.more) {
+		t.Fatalf("shadow: root %d, %d nodes, %d directories, %d with more names; want %d, %d, %d, %d",
+			sh.root, len(sh.nodes), len(sh.kids), len(sh.more), want.root, len(want.nodes), len(want.kids), len(want.more))
+	}
+	for ino, n := range want.nodes {
+		got := sh.nodes[ino]
+		if got == nil || !slices.Equal(sh.names(got), want.names(n)) || got.mode != n.mode {
+			t.Fatalf("shadow node %d: %+v, want %+v", ino, got, n)
+		}
+	}
+	for dir, kids := range want.kids {
+		if !maps.Equal(sh.kids[dir], kids) {
+			t.Fatalf("shadow directory %d differs", dir)
+		}
 	}
 }

@@ -20,7 +20,7 @@ const sumWorkers = 4
 // sumWorkers goroutines while the peer is still scanning.
 type localSums struct {
 	root  *os.File
-	local []wire.Entry
+	local *listing
 	next  int // local entries before next are matched or passed
 	work  chan int
 	wg    sync.WaitGroup
@@ -29,7 +29,7 @@ type localSums struct {
 	err   error
 }
 
-func newLocalSums(root *os.File, local []wire.Entry) *localSums {
+func newLocalSums(root *os.File, local *listing) *localSums {
 	s := &localSums{root: root, local: local, work: make(chan int, 1024)}
 	for range sumWorkers {
 		s.wg.Add(1)
@@ -41,7 +41,7 @@ func newLocalSums(root *os.File, local []wire.Entry) *localSums {
 func (s *localSums) worker() {
 	defer s.wg.Done()
 	for i := range s.work {
-		if err := fstree.SumEntry(s.root, &s.local[i]); err != nil {
+		if err := s.local.at(i).sum(s.root); err != nil {
 			s.mu.Lock()
 			if s.err == nil {
 				s.err = err
@@ -57,13 +57,13 @@ func (s *localSums) worker() {
 func (s *localSums) match(peer []wire.Entry) {
 	for k := range peer {
 		e := &peer[k]
-		for s.next < len(s.local) && fstree.ComparePaths(s.local[s.next].Path, e.Path) < 0 {
+		for s.next < s.local.len() && fstree.ComparePaths(s.local.at(s.next).path, e.Path) < 0 {
 			s.next++
 		}
-		if s.next == len(s.local) {
+		if s.next == s.local.len() {
 			return
 		}
-		if l := &s.local[s.next]; l.Path == e.Path && l.Mode.IsRegular() && e.Mode.IsRegular() && e.Flags&wire.EntrySummed != 0 {
+		if l := s.local.at(s.next); l.path == e.Path && l.mode.IsRegular() && e.Mode.IsRegular() && e.Flags&wire.EntrySummed != 0 {
 			s.work <- s.next
 			s.next++
 		}

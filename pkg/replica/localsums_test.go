@@ -23,14 +23,16 @@ func TestLocalSumsOnlyWhatThePeerHas(t *testing.T) {
 	os.Mkdir(filepath.Join(dst, "e"), 0o755) // a directory there
 	root, local := scanSource(t, src)
 	_, peer := peerManifest(t, dst, wire.ManifestQuery{All: true})
-	s := newLocalSums(root, local)
+	ll := listingOf(local)
+	s := newLocalSums(root, ll)
 	s.match(peer[:2]) // the manifest comes in frames
 	s.match(peer[2:])
 	if err := s.wait(); err != nil {
 		t.Fatal(err)
 	}
 	want := map[string]bool{"a": true, "d/c": true, "d.x": true}
-	for _, e := range local {
+	for i := range ll.len() {
+		e := ll.at(i).entry()
 		if summed := e.Flags&wire.EntrySummed != 0; summed != want[e.Path] || summed && len(e.Sums) != 1 {
 			t.Errorf("%s: summed %v (%d sums), want %v", e.Path, summed, len(e.Sums), want[e.Path])
 		}
@@ -53,13 +55,14 @@ func TestFullSyncSumsRenamedFile(t *testing.T) {
 
 	root, local := scanSource(t, src)
 	_, peer := peerManifest(t, dst, wire.ManifestQuery{All: true})
-	s := newLocalSums(root, local)
+	ll := listingOf(local)
+	s := newLocalSums(root, ll)
 	s.match(peer)
 	if err := s.wait(); err != nil {
 		t.Fatal(err)
 	}
 	b, sink := applyingBuilder(t, root, local, dst)
-	if err := b.fullSync(local, peer, &treeSync{sumMatched: true}); err != nil {
+	if err := b.fullSync(ll, listingOf(peer), &treeSync{sumMatched: true}); err != nil {
 		t.Fatal(err)
 	}
 	if sink.bytes != 0 {
@@ -69,8 +72,7 @@ func TestFullSyncSumsRenamedFile(t *testing.T) {
 }
 
 // Hard links stay links through a full sync, the content sent once: the
-// comparison knows an inode's names from the shadow (it no longer indexes
-// every file by inode to find them).
+// comparison indexes by inode only the files listed by several names.
 func TestFullSyncKeepsHardLinks(t *testing.T) {
 	top := t.TempDir()
 	src, dst := filepath.Join(top, "src"), filepath.Join(top, "dst")
@@ -83,7 +85,7 @@ func TestFullSyncKeepsHardLinks(t *testing.T) {
 	os.Mkdir(dst, 0o755)
 	root, local := scanSource(t, src)
 	b, sink := applyingBuilder(t, root, local, dst)
-	if err := b.fullSync(local, nil, &treeSync{sumMatched: true}); err != nil {
+	if err := b.fullSync(listingOf(local), &listing{}, &treeSync{sumMatched: true}); err != nil {
 		t.Fatal(err)
 	}
 	if sink.bytes != 5700 {

@@ -9,7 +9,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/duet-ha/duet/pkg/fstree"
 	"github.com/duet-ha/duet/pkg/journal"
 	"github.com/duet-ha/duet/pkg/wire"
 	"golang.org/x/sys/unix"
@@ -255,7 +254,7 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	}
 	// Without checksums: only the files the peer has are compared by
 	// them (see localSums).
-	local, tooLong, err := fstree.Scan(p.root, false)
+	local, tooLong, err := scanListing(p.root, false)
 	if err != nil {
 		return fmt.Errorf("scanning %s: %w", p.Dir.Path, err)
 	}
@@ -266,11 +265,11 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	want := map[string]bool{}
 	if !pl.all {
 		var paths []string
-		for i := range local {
-			e := &local[i]
-			if pl.cutoffS != 0 && e.Mode.IsRegular() && (e.Ctime >= pl.cutoffS || e.Mtime >= pl.cutoffS) {
-				paths = append(paths, e.Path)
-				want[e.Path] = true
+		for i := range local.len() {
+			e := local.at(i)
+			if pl.cutoffS != 0 && e.mode.IsRegular() && (e.ctime >= pl.cutoffS || e.mtime >= pl.cutoffS) {
+				paths = append(paths, e.path)
+				want[e.path] = true
 			}
 		}
 		if len(paths) > wire.MaxWant {
@@ -280,13 +279,14 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 			return err
 		}
 	}
-	p.setPhase("comparing", len(local))
+	files := local.len()
+	p.setPhase("comparing", files)
 	var sums *localSums
 	if pl.all {
 		sums = newLocalSums(p.root, local)
 		defer sums.wait()
 	}
-	var peer []wire.Entry
+	peer := &listing{}
 	for done := false; !done; {
 		select {
 		case <-ctx.Done():
@@ -307,7 +307,9 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 			if sums != nil {
 				sums.match(es)
 			}
-			peer = append(peer, es...)
+			for i := range es {
+				peer.add(&es[i])
+			}
 		}
 	}
 	if ctx.Err() != nil {
@@ -318,22 +320,22 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 		if err := sums.wait(); err != nil {
 			return err
 		}
-		for i := range local {
-			if local[i].Flags&wire.EntrySummed != 0 {
+		for i := range files {
+			if local.at(i).flags&wire.EntrySummed != 0 {
 				compared++
 			}
 		}
 	} else {
 		summed := map[string]bool{}
-		for i := range peer {
-			if peer[i].Flags&wire.EntrySummed != 0 {
-				summed[peer[i].Path] = true
+		for i := range peer.len() {
+			if e := peer.at(i); e.flags&wire.EntrySummed != 0 {
+				summed[e.path] = true
 			}
 		}
-		for i := range local {
-			e := &local[i]
-			if e.Mode.IsRegular() && (want[e.Path] || summed[e.Path]) {
-				if err := fstree.SumEntry(p.root, e); err != nil {
+		for i := range files {
+			e := local.at(i)
+			if e.mode.IsRegular() && (want[e.path] || summed[e.path]) {
+				if err := e.sum(p.root); err != nil {
 					return err
 				}
 				compared++
@@ -349,16 +351,16 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	p.mu.Lock()
 	p.rs.Phase, p.rs.FilesCompared = "sending", compared
 	p.mu.Unlock()
-	sh := newShadow(local)
-	b := newBuilder(p.root, p.Dev, sh, kernel, bt, p.Log, p.readBuf)
+	b := newBuilder(p.root, p.Dev, nil, kernel, bt, p.Log, p.readBuf)
 	b.onRead = p.resyncRead
 	if dirty != nil {
 		ts.shipped = func(ino uint64) { p.fileShipped(ino, mark) }
 	}
+	tails := scanTails(dropped, local, p.Dev)
 	if err := b.fullSync(local, peer, ts); err != nil {
 		return err
 	}
-	b.beyondScan(dropped, local)
+	b.beyondScan(tails)
 	bt.flush()
 	lines := ts.lines
 	if len(lines) > maxReport {
@@ -372,7 +374,7 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	for _, f := range b.requeue {
 		p.j.Requeue(f)
 	}
-	p.sh = sh
+	p.sh = b.sh
 	p.syncSeq = syncSeq
 	p.needFull, p.forceAll = false, false
 	p.resyncGivenUp(b.gaveUp) // none so far: what it retries is new
@@ -392,7 +394,7 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 		Payload: wire.AppendResyncDone(nil, &wire.ResyncDone{Gen: gen, Report: report})}
 	p.mu.Unlock()
 	p.sendq.Broadcast()
-	p.Log.Info("resync queued", "mode", pl.mode, "files", len(local), "files_compared", compared,
+	p.Log.Info("resync queued", "mode", pl.mode, "files", files, "files_compared", compared,
 		"files_sent", ts.filesSent, "bytes", b.dataRead, "discarded_entries", len(ts.lines),
 		"took", time.Since(start).Round(time.Millisecond))
 	return nil
@@ -693,27 +695,44 @@ func syncfs(dir string) error {
 	return unix.Syncfs(int(f.Fd()))
 }
 
-// beyondScan queues the ranges of the journal's changes a resync took over
-// (dropped) that lie beyond the size its scan saw (local): a buffered write
-// is reported before it moves the file's size, so one in progress when the
-// scan read the file was not read whole. Such bytes are then shipped, or
-// given up like any bytes beyond EOF once a truncate is shown to have
-// removed them.
-func (b *builder) beyondScan(dropped []journal.File, local []wire.Entry) {
+// scanTail is a change a resync took over and the size its scan saw of
+// the file.
+type scanTail struct {
+	f    journal.File
+	size uint64
+}
+
+// scanTails are the journal's changes with data a resync of the tree on
+// dev took over (dropped), with the sizes its scan saw (local), for
+// beyondScan.
+func scanTails(dropped []journal.File, local *listing, dev uint32) []scanTail {
 	want := make(map[uint64]journal.File)
 	for _, f := range dropped {
-		if f.Key.Dev == b.dev && !f.Data.Empty() {
+		if f.Key.Dev == dev && !f.Data.Empty() {
 			want[f.Key.Ino] = f
 		}
 	}
 	if len(want) == 0 {
-		return
+		return nil
 	}
-	for i := range local {
-		l := &local[i]
-		if f, ok := want[l.Ino]; ok && l.Mode.IsRegular() {
-			b.beyondWhole(f, l.Size)
-			delete(want, l.Ino) // one name of several links is enough
+	var tails []scanTail
+	for i := range local.len() {
+		l := local.at(i)
+		if f, ok := want[l.ino]; ok && l.mode.IsRegular() {
+			tails = append(tails, scanTail{f, l.size})
+			delete(want, l.ino) // one name of several links is enough
 		}
+	}
+	return tails
+}
+
+// beyondScan queues the ranges of the changes a resync took over that lie
+// beyond the size its scan saw (scanTails): a buffered write is reported
+// before it moves the file's size, so one in progress when the scan read
+// the file was not read whole. Such bytes are then shipped, or given up
+// like any bytes beyond EOF once a truncate is shown to have removed them.
+func (b *builder) beyondScan(tails []scanTail) {
+	for _, t := range tails {
+		b.beyondWhole(t.f, t.size)
 	}
 }

@@ -71,46 +71,72 @@ func (s *shadow) markBig(ino uint64) {
 // root, "."). An entry whose directory is not listed before it is left
 // out.
 func newShadow(entries []wire.Entry) *shadow {
-	s := &shadow{nodes: make(map[uint64]*snode, len(entries)), kids: map[uint64]map[string]uint64{}, more: map[uint64][]link{},
-		big: map[uint64]bool{}, bigAt: bigDirEntries}
+	sb := newShadowBuilder(len(entries))
+	for i := range entries {
+		sb.add(&entries[i])
+	}
+	return sb.done()
+}
+
+// shadowBuilder builds a shadow from a pre-order scan one entry at a
+// time, as newShadow does: a full sync builds it while it compares, and
+// lets go of the entries it has added meanwhile.
+type shadowBuilder struct {
+	s *shadow
 	// The directories from the root down to the entry in hand: in a
 	// pre-order scan, an entry's directory is one of them.
-	type open struct {
-		path string
-		ino  uint64
+	up []openDir
+}
+
+type openDir struct {
+	path string
+	ino  uint64
+}
+
+// newShadowBuilder starts an empty shadow sized for about n entries.
+func newShadowBuilder(n int) *shadowBuilder {
+	return &shadowBuilder{s: &shadow{nodes: make(map[uint64]*snode, n), kids: map[uint64]map[string]uint64{}, more: map[uint64][]link{},
+		big: map[uint64]bool{}, bigAt: bigDirEntries}}
+}
+
+// add adds the next entry of the scan.
+func (sb *shadowBuilder) add(e *wire.Entry) {
+	s := sb.s
+	if e.Path == "." {
+		s.root = e.Ino
+		s.nodes[e.Ino] = &snode{ino: e.Ino, mode: e.Mode}
+		s.kids[e.Ino] = map[string]uint64{}
+		sb.up = append(sb.up[:0], openDir{".", e.Ino})
+		return
 	}
-	var up []open
-	for _, e := range entries {
-		if e.Path == "." {
-			s.root = e.Ino
-			s.nodes[e.Ino] = &snode{ino: e.Ino, mode: e.Mode}
-			s.kids[e.Ino] = map[string]uint64{}
-			up = append(up[:0], open{".", e.Ino})
-			continue
-		}
-		dir, name := path.Split(e.Path)
-		if dir == "" {
-			dir = "."
-		} else {
-			dir = dir[:len(dir)-1]
-		}
-		for len(up) > 0 && up[len(up)-1].path != dir {
-			up = up[:len(up)-1]
-		}
-		if len(up) == 0 {
-			continue
-		}
-		// Its own copy of the name: a slice of the path would keep the
-		// whole path alive.
-		s.add(e.Ino, e.Mode, up[len(up)-1].ino, strings.Clone(name))
-		if e.Mode.IsDir() {
-			up = append(up, open{e.Path, e.Ino})
-		}
+	dir, name := path.Split(e.Path)
+	if dir == "" {
+		dir = "."
+	} else {
+		dir = dir[:len(dir)-1]
 	}
-	for ino := range s.kids {
-		s.markBig(ino)
+	for len(sb.up) > 0 && sb.up[len(sb.up)-1].path != dir {
+		sb.up = sb.up[:len(sb.up)-1]
 	}
-	return s
+	if len(sb.up) == 0 {
+		return
+	}
+	// Its own copy of the name: a slice of the path would keep the
+	// whole path alive.
+	s.add(e.Ino, e.Mode, sb.up[len(sb.up)-1].ino, strings.Clone(name))
+	if e.Mode.IsDir() {
+		// Its own copy of the path too, for the same reason.
+		sb.up = append(sb.up, openDir{strings.Clone(e.Path), e.Ino})
+	}
+}
+
+// done returns the shadow, its big directories marked.
+func (sb *shadowBuilder) done() *shadow {
+	for ino := range sb.s.kids {
+		sb.s.markBig(ino)
+	}
+	sb.up = nil
+	return sb.s
 }
 
 // names lists the names of n, the first one first.
