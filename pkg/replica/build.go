@@ -607,6 +607,13 @@ func (b *builder) create(d *os.File, to string, dirIno uint64, name string, st *
 		// of the rename and finds it new there.
 		f, err := fstree.OpenBeneath(d, name, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK)
 		if err != nil {
+			if !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.ELOOP) && !errors.Is(err, unix.ENXIO) {
+				// Still here but not readable now (another's lease:
+				// the open does not wait; out of descriptors): no
+				// record would report it again, its directory is
+				// compared again in a later pass.
+				b.retry(journal.File{Key: capture.InodeKey{Dev: b.dev, Ino: dirIno}, Rescan: b.sh.big[dirIno]}, "new file could not be opened: "+err.Error())
+			}
 			return nil
 		}
 		defer f.Close()

@@ -442,3 +442,34 @@ func TestBuildNewDirectoryInDirectoryRenamedDuringPass(t *testing.T) {
 	}
 	sameTrees(t, src, dst)
 }
+
+// A new file that cannot be opened for a reason other than being gone
+// (here another process's write lease: the open is non-blocking) is still
+// here and nothing else will report it: the pass must compare its
+// directory again, not drop the file (the peer never got it).
+func TestBuildNewFileNotOpenedIsRetried(t *testing.T) {
+	src, dst, b, _ := syncedPair(t, "d/keep")
+	p := filepath.Join(src, "d/new")
+	writeRandom(t, p, 300)
+	f, err := os.OpenFile(p, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := unix.FcntlInt(f.Fd(), unix.F_SETLEASE, unix.F_WRLCK); err != nil {
+		t.Skipf("no write lease here: %v", err)
+	}
+	requeue, err := b.build([]journal.File{changed(t, filepath.Join(src, "d"))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	unix.FcntlInt(f.Fd(), unix.F_SETLEASE, unix.F_UNLCK)
+	f.Close()
+	if _, err := os.Stat(filepath.Join(dst, "d/new")); err != nil && len(requeue) == 0 {
+		t.Fatalf("d/new is not on the peer (%v) and nothing is retried: no later record ships it", err)
+	}
+	if _, err := b.build(requeue); err != nil {
+		t.Fatal(err)
+	}
+	sameTrees(t, src, dst)
+}
