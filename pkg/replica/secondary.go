@@ -630,6 +630,9 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 		return nil
 	}
 	defer func() {
+		// A background sync still running may yet fail: it is heard
+		// before the copy's progress is kept or forgotten.
+		bg.Wait()
 		if err := syncNow(); err != nil {
 			s.Log.Error("syncing replica", "dir", d.Name, "err", err)
 		}
