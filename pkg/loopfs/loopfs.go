@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -71,7 +72,18 @@ func Make(t testing.TB, fstype string, sizeMiB int) *FS {
 // may hold a file of it open.
 func (f *FS) Cool(t testing.TB) {
 	t.Helper()
-	run(t, "umount", f.Mount)
+	// A goroutine of the code under test may still be leaving it (a
+	// primary's keeper ends after its Run).
+	for try := 0; ; try++ {
+		out, err := exec.Command("umount", f.Mount).CombinedOutput()
+		if err == nil {
+			break
+		}
+		if try == 100 {
+			t.Fatalf("umount %s: %v\n%s", f.Mount, err, out)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 	img, err := os.Open(f.Image)
 	if err != nil {
 		t.Fatal(err)
