@@ -15,6 +15,7 @@ import (
 	"runtime"
 	"sort"
 	"strings"
+	"sync"
 
 	"github.com/duet-ha/duet/pkg/wire"
 	"golang.org/x/sys/unix"
@@ -333,20 +334,24 @@ func (sc *scanner) dir(d *os.File, rel string) error {
 	}
 	sort.Slice(ents, func(i, j int) bool { return ents[i].Name < ents[j].Name })
 	dfd := int(d.Fd())
-	for _, de := range ents {
+	var sts statBatch
+	for i, de := range ents {
 		child := path.Join(rel, de.Name)
 		if len(child) > wire.MaxPath {
 			sc.tooLong++
 			continue
 		}
-		var st unix.Stat_t
-		if err := unix.Fstatat(dfd, de.Name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		if i >= sts.end {
+			sts.fill(dfd, ents, i)
+		}
+		st := &sts.st[i-sts.start]
+		if err := sts.err[i-sts.start]; err != nil {
 			if errors.Is(err, unix.ENOENT) {
 				continue
 			}
 			return fmt.Errorf("lstat %s: %w", child, err)
 		}
-		e := EntryOf(child, &st)
+		e := EntryOf(child, st)
 		switch {
 		case e.Mode&fs.ModeSymlink != 0:
 			buf := make([]byte, unix.PathMax)
@@ -387,6 +392,50 @@ func (sc *scanner) dir(d *os.File, rel string) error {
 		}
 	}
 	return nil
+}
+
+// statBatch holds the lstat results of a run of a directory's entries,
+// read by several threads at once: on a cold cache each lstat waits for
+// its inode's block, and a disk serves several such reads in the time of
+// one (issue 18: the scans of a restart after the page cache was dropped).
+type statBatch struct {
+	start, end int
+	st         []unix.Stat_t
+	err        []error
+}
+
+// Entries stat'ed per batch, and threads per batch.
+const (
+	statBatchLen = 1024
+	statThreads  = 8
+)
+
+// fill stats ents[from:] up to statBatchLen of them, beneath dfd.
+func (b *statBatch) fill(dfd int, ents []Dirent, from int) {
+	n := min(statBatchLen, len(ents)-from)
+	b.start, b.end = from, from+n
+	if cap(b.st) < n {
+		b.st, b.err = make([]unix.Stat_t, n), make([]error, n)
+	}
+	b.st, b.err = b.st[:n], b.err[:n]
+	threads := min(statThreads, (n+63)/64)
+	if threads <= 1 {
+		for i := range n {
+			b.err[i] = unix.Fstatat(dfd, ents[from+i].Name, &b.st[i], unix.AT_SYMLINK_NOFOLLOW)
+		}
+		return
+	}
+	var wg sync.WaitGroup
+	for t := range threads {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := t * n / threads; i < (t+1)*n/threads; i++ {
+				b.err[i] = unix.Fstatat(dfd, ents[from+i].Name, &b.st[i], unix.AT_SYMLINK_NOFOLLOW)
+			}
+		}()
+	}
+	wg.Wait()
 }
 
 // ComparePaths orders two wire paths as Scan lists them: "." first, a

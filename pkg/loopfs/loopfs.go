@@ -9,6 +9,9 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // RequireRoot skips t, saying why, when not running as root.
@@ -60,6 +63,39 @@ func Make(t testing.TB, fstype string, sizeMiB int) *FS {
 	run(t, "mount", fs.Dev, fs.Mount)
 	t.Cleanup(func() { exec.Command("umount", "-l", fs.Mount).Run() })
 	return fs
+}
+
+// Cool empties the caches of the filesystem, as dropping the page cache
+// does for the whole machine: it is unmounted (its inodes, directory
+// entries and pages go), the loop device's image is written back and its
+// pages dropped from the host's cache, and it is mounted again. Nothing
+// may hold a file of it open.
+func (f *FS) Cool(t testing.TB) {
+	t.Helper()
+	// A goroutine of the code under test may still be leaving it (a
+	// primary's keeper ends after its Run).
+	for try := 0; ; try++ {
+		out, err := exec.Command("umount", f.Mount).CombinedOutput()
+		if err == nil {
+			break
+		}
+		if try == 100 {
+			t.Fatalf("umount %s: %v\n%s", f.Mount, err, out)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	img, err := os.Open(f.Image)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	if err := img.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Fadvise(int(img.Fd()), 0, 0, unix.FADV_DONTNEED); err != nil {
+		t.Fatalf("dropping the cached pages of %s: %v", f.Image, err)
+	}
+	run(t, "mount", f.Dev, f.Mount)
 }
 
 // Tmpfs mounts a small tmpfs on dir, an existing directory; t.Cleanup

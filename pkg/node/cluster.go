@@ -192,6 +192,15 @@ func (n *Node) sendHeartbeats(ctx context.Context, conns []*net.UDPConn, peers [
 	}
 }
 
+// kickHeartbeat has the sender send a heartbeat now rather than at its
+// next tick.
+func (n *Node) kickHeartbeat() {
+	select {
+	case n.hbKick <- struct{}{}:
+	default:
+	}
+}
+
 // peerDeaf reports whether the peer, heard in heartbeat p, says its copy
 // is stale and has applied no heartbeat of ours for longer than
 // cluster.timeout: what this node sends it is lost on the way.
@@ -483,13 +492,14 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 		// A stale peer's newer echo may let a held call go (staleCurrent).
 		echoed := m.Peer.Stale && m.Peer.EchoTime != prev.Peer.EchoTime
 		if m.State != prev.State || m.Peer.Seen != prev.Peer.Seen || m.Peer.State != prev.Peer.State || m.Peer.Stale != prev.Peer.Stale || echoed {
-			if m.State == cluster.Alone && prev.State != cluster.Alone {
-				// Announce ALONE now, not at the next tick: calls held
-				// for the lost peer are released once it is sent.
-				select {
-				case n.hbKick <- struct{}{}:
-				default:
-				}
+			if m.State != prev.State {
+				// Announced now, not at the next tick (a heartbeat sent
+				// now says what the next would): calls held for a lost
+				// peer are released once ALONE is sent, and a primary
+				// counts its peer in sync once it hears SECOND (a
+				// restart of both nodes waited up to an interval for
+				// it, issue 18).
+				n.kickHeartbeat()
 			}
 			n.wakePrimaries()
 		}

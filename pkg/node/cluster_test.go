@@ -368,3 +368,43 @@ func TestHandoverAtStopHearsThePeer(t *testing.T) {
 		t.Errorf("the service was killed while it stopped, its peer alive and heard (%v): the peer's heartbeats went unheard during the handover", err)
 	}
 }
+
+// TestStateChangeAnnouncedAtOnce: a node that turns SECOND says so in a
+// heartbeat sent at once, not at the next tick (the primary counts it in
+// sync only then: a restart of both nodes waited for it, issue 18). The
+// tick here is an hour away.
+func TestStateChangeAnnouncedAtOnce(t *testing.T) {
+	const e = 3<<8 | 1
+	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	cfg := &config.Config{Node: "nodeB", StateDir: t.TempDir(), Cluster: config.Cluster{Interval: time.Hour, Timeout: 3 * time.Hour}}
+	n := &Node{cfg: cfg, log: log, events: make(chan cluster.Event, 1), cmds: make(chan command),
+		hbKick: make(chan struct{}, 1), barrierTimeout: defaultBarrierTimeout}
+	var err error
+	if n.guard, err = newGuard(cfg); err != nil {
+		t.Fatal(err)
+	}
+	if n.hooks, err = newHooks(cfg, log); err != nil {
+		t.Fatal(err)
+	}
+	m := cluster.Machine{Name: "nodeB", ID: 2, State: cluster.Wait, Stale: true, Epoch: e}
+	n.machine.Store(&m)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		n.loop(ctx, m)
+	}()
+	defer func() {
+		cancel()
+		<-done
+	}()
+	n.events <- cluster.Event{Kind: cluster.EvPeer, Peer: cluster.Peer{Name: "nodeA", State: cluster.Prim, Epoch: e, Synced: true, Boot: 1, Seq: 1}}
+	select {
+	case <-n.hbKick:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("no heartbeat asked for after the change to %s: the peer hears it only at the next tick", n.machine.Load().State)
+	}
+	if got := n.machine.Load(); got.State != cluster.Second {
+		t.Fatalf("after the synced primary's heartbeat: %s, want SECOND", got.State)
+	}
+}

@@ -679,6 +679,9 @@ func (n *Node) startPrimary(ctx context.Context) error {
 			return err
 		}
 		p.OnAck = func(lag time.Duration) { n.metrics.lags.Observe(lag.Seconds()) }
+		// The heartbeats say "synced" from now on: said at once, the
+		// peer turns SECOND an interval sooner.
+		p.OnResyncDone = n.kickHeartbeat
 		p.Stages = &n.stages
 		primaries = append(primaries, p)
 		err = p.BeginTerm(replica.Term{Meta: n.metas[i], DirtyPath: filepath.Join(n.cfg.StateDir, "bitmap-"+d.Name),

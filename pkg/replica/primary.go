@@ -59,6 +59,10 @@ type Primary struct {
 	// batch: from the capture of its oldest change to the peer's ack.
 	// Called with the primary's lock held: it must not call back.
 	OnAck func(lag time.Duration)
+	// OnResyncDone, if set, is called once the peer acknowledged the end
+	// of a resync: its copy is in sync from then on (Streaming). Called
+	// without the primary's lock.
+	OnResyncDone func()
 	// Stages, if set, times the steps of durability calls (WaitShipped)
 	// and the peer's answers to sync requests.
 	Stages *latency.Stages

@@ -454,6 +454,9 @@ func (p *Primary) finishResync() {
 	p.Log.Info("resync complete: the peer is a mirror", "mode", rs.Mode, "files", rs.FilesTotal,
 		"files_compared", rs.FilesCompared, "files_sent", rs.FilesSent, "bytes", rs.BytesSent,
 		"took", rs.Ended.Sub(rs.Started).Round(time.Millisecond))
+	if p.OnResyncDone != nil {
+		p.OnResyncDone()
+	}
 }
 
 // addMark remembers a covered pass. Called with p.mu held.
