@@ -17,12 +17,15 @@
 #
 # Environment: DUET_LAB (state directory, default /var/tmp/duet-lab),
 # DUET_BIN (the duet binary, default bin/duet), DUET_LAB_FS (ext4, xfs or btrfs),
+# DUET_LAB_FS_B (nodeB's filesystem when it differs from nodeA's: a replica
+# on another filesystem than its source),
 # DUET_LAB_SIZE (image size, default 4G), DUET_RING_KIB (capture ring).
 set -euo pipefail
 
 LAB=${DUET_LAB:-/var/tmp/duet-lab}
 BIN=${DUET_BIN:-$(cd "$(dirname "$0")/../.." && pwd)/bin/duet}
 FS=${DUET_LAB_FS:-ext4}
+declare -A FSOF=([a]=$FS [b]=${DUET_LAB_FS_B:-$FS})
 SIZE=${DUET_LAB_SIZE:-4G}
 NET=10.250.0
 declare -A ADDR=([a]=$NET.1 [b]=$NET.2 [c]=$NET.10)
@@ -34,9 +37,13 @@ die() { echo "lab: $*" >&2; exit 1; }
 ns() { echo "duet-$1"; }
 
 need() {
-	case $FS in ext4 | xfs | btrfs) ;; *) die "DUET_LAB_FS=$FS: ext4, xfs or btrfs" ;; esac
-	for t in ip losetup mount "mkfs.$FS"; do
-		command -v "$t" >/dev/null || die "$t not found: install iproute2, util-linux and the $FS tools"
+	local fs
+	for fs in "${FSOF[a]}" "${FSOF[b]}"; do
+		case $fs in ext4 | xfs | btrfs) ;; *) die "DUET_LAB_FS=$FS DUET_LAB_FS_B=${FSOF[b]}: each ext4, xfs or btrfs" ;; esac
+		command -v "mkfs.$fs" >/dev/null || die "mkfs.$fs not found: install the $fs tools"
+	done
+	for t in ip losetup mount; do
+		command -v "$t" >/dev/null || die "$t not found: install iproute2 and util-linux"
 	done
 }
 
@@ -100,7 +107,7 @@ up() {
 	for h in a b; do
 		truncate -s "$SIZE" "$LAB/$h.img"
 		# Forced: the image of an earlier run keeps its signature.
-		if [ "$FS" = ext4 ]; then mkfs.ext4 -q -F "$LAB/$h.img"; else "mkfs.$FS" -q -f "$LAB/$h.img"; fi
+		if [ "${FSOF[$h]}" = ext4 ]; then mkfs.ext4 -q -F "$LAB/$h.img"; else "mkfs.${FSOF[$h]}" -q -f "$LAB/$h.img"; fi
 		losetup --find --show "$LAB/$h.img" >"$LAB/$h.loop"
 		mkdir -p "$LAB/$h"
 		mount "$(cat "$LAB/$h.loop")" "$LAB/$h"
