@@ -41,10 +41,12 @@ say "7. Kill nodeB's daemon, keep writing, restart it: duet resumes"
 $lab kill b
 bin/workload -dir "$DUET_LAB/a/data" -seed 7 -ops 300 >/dev/null
 $lab start b
-$lab duet a status --wait-sync 120s | tail -3
+$lab duet a status --wait-sync 120s | grep -E '^dir '
+echo "nodeA's log when nodeB's daemon came back (resume=true: the session goes on after the last batch nodeB applied, no resync):"
+grep 'replication connected' "$DUET_LAB/a.log" | tail -1 | grep -o 'resume=[a-z]* peer_applied=[0-9]*'
 $lab duet a verify
 say "8. The client reaches the service through the VIP"
-$lab exec c bin/hello connect -addr 10.250.0.100:8080
+$lab exec c bin/hello connect -addr 10.250.0.100:8080 | sed 's/^\([0-9]*\) /answered in \1 ms: /'
 say "9. nodeA's host dies (every process killed, link down): nodeB takes over"
 t0=$(date +%s%N)
 $lab crash a
@@ -60,7 +62,7 @@ $lab duet b status | grep -E 'last resync|modification bitmap' || true
 say "11. duet swap on nodeB: the service moves back to nodeA, nothing lost"
 $lab duet b status --wait-sync 120s >/dev/null
 $lab duet b swap
-$lab exec c bin/hello connect -addr 10.250.0.100:8080
+$lab exec c bin/hello connect -addr 10.250.0.100:8080 | sed 's/^\([0-9]*\) /answered in \1 ms: /'
 $lab duet a status --wait-sync 120s >/dev/null
 $lab duet a verify
 # The K3S module: MariaDB (K3S's datastore), the NFS server for volumes and
@@ -86,9 +88,19 @@ cat >"$DUET_LAB/kubectl" <<EOF
 echo "  \$DUET_NODE ran: kubectl \$*" >>"$DUET_LAB/kubectl.log"
 EOF
 chmod +x "$DUET_LAB/kubectl"
+# peer_lost (the taint) runs only for a peer confirmed down: fenced, or
+# silent for a minute. A site fences with a command that powers the peer
+# off (IPMI, a smart PDU); the lab's crash has already done that, so the
+# stand-in only logs.
+cat >"$DUET_LAB/fence" <<EOF
+#!/bin/sh
+echo "  fenced the peer (a stand-in: the lab's crash took the host down)" >>"$DUET_LAB/kubectl.log"
+EOF
+chmod +x "$DUET_LAB/fence"
 for h in a b; do
 	mkdir -p "$DUET_LAB/$h/k3s/mysql" "$DUET_LAB/$h/k3s/nfs"
 	sed -i '/^services:/,$d' "$DUET_LAB/$h.yaml"
+	sed -i "s|^cluster:\$|cluster:\n  fence: $DUET_LAB/fence|" "$DUET_LAB/$h.yaml"
 	cat >>"$DUET_LAB/$h.yaml" <<EOF
 module: k3s
 k3s:
@@ -128,7 +140,8 @@ $lab exec c env MYSQL_PWD="$pw" mariadb --no-defaults -h $vip -u kine kine -N -e
 $lab exec c nfs-cat "nfs://$vip//demo.txt?$nfsurl"
 sleep 1
 $lab duet b status | grep -E '^(node|vip|service|hook)'
-echo "the peer_lost hook (a logging stand-in for kubectl: k3s cannot be installed here):"
+echo "the fencing command and the peer_lost hook (logging stand-ins for a power switch and kubectl: k3s cannot be installed here):"
+for _ in $(seq 50); do grep -q kubectl "$DUET_LAB/kubectl.log" 2>/dev/null && break; sleep 0.1; done
 cat "$DUET_LAB/kubectl.log"
 echo "(with K3S, this taints nodeA out of service so that its pods restart on nodeB at once)"
 say "Demo done: the lab is removed on exit"
