@@ -701,6 +701,32 @@ func noTarget(target string) bool {
 	return target == "n/a" || strings.HasPrefix(target, "(")
 }
 
+// crossesTarget reports whether a target of the form "≥ x", "≤ x" or
+// "< x" is met by some of ratios and missed by others.
+func crossesTarget(target string, ratios []float64) bool {
+	var op string
+	var x float64
+	for _, o := range []string{"≥", "≤", "<"} {
+		if rest, ok := strings.CutPrefix(target, o); ok {
+			f := strings.Fields(rest)
+			if len(f) == 0 {
+				return false
+			}
+			v, err := strconv.ParseFloat(f[0], 64)
+			if err != nil {
+				return false
+			}
+			op, x = o, v
+		}
+	}
+	met, missed := false, false
+	for _, r := range ratios {
+		ok := op == "≥" && r >= x || op == "≤" && r <= x || op == "<" && r < x
+		met, missed = met || ok, missed || !ok
+	}
+	return op != "" && met && missed
+}
+
 func median(v []float64) float64 { return quantile(v, 0.5) }
 
 // quantile is the value of v at rank q (0 to 1), the nearest rank below.
@@ -741,6 +767,11 @@ func (b *bench) markdown(figs []Figure, runs int) string {
 			met = "n/a"
 		case !f.Met:
 			met = "**no**"
+		}
+		if !noTarget(f.Target) && crossesTarget(f.Target, f.Ratio) {
+			// The runs fell on both sides of the target: the median's
+			// verdict is within the noise.
+			met += " (runs on both sides)"
 		}
 		fmt.Fprintf(&w, "| %s | %s | %s | %s |\n", f.Name, spread(f.Ratio), f.Target, met)
 	}
