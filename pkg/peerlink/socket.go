@@ -36,6 +36,13 @@ func newTLSConn(tc *tls.Conn, sc *socket) *tlsConn {
 	return &tlsConn{Conn: tc, sc: sc}
 }
 
+// Sealed reports whether c is a connection this package made over TLS,
+// whose records are authenticated (see wire.FlagSealed).
+func Sealed(c net.Conn) bool {
+	_, ok := c.(*tlsConn)
+	return ok
+}
+
 func (c *tlsConn) Write(b []byte) (int, error) {
 	if len(b) <= maxRecord {
 		return c.Conn.Write(b) // one record, one write: nothing to gather

@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/duet-ha/duet/pkg/peerlink"
 	"github.com/duet-ha/duet/pkg/wire"
 )
 
@@ -71,7 +72,7 @@ func runLinkBench(b *testing.B, plaintext bool, streamBytes, syncs int) linkBenc
 	sec := newTestSecondaryLink(b, filepath.Join(b.TempDir(), "state"), lk, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	var sb [8]byte
 	rand.Read(sb[:])
-	c, _, err := dialPeer(context.Background(), lk, &net.Dialer{}, sec.addr,
+	c, welcome, err := dialPeer(context.Background(), lk, &net.Dialer{}, sec.addr,
 		wire.Hello{Purpose: wire.PurposeReplicate, Session: binary.LittleEndian.Uint64(sb[:]) | 1, Dir: "data"})
 	if err != nil {
 		b.Fatal(err)
@@ -87,11 +88,15 @@ func runLinkBench(b *testing.B, plaintext bool, streamBytes, syncs int) linkBenc
 	var seq uint64
 	raw := wire.AppendOp(nil, &wire.Op{Code: wire.OpCreate, Path: "stream", Mode: 0o644})
 	var frames [][]byte
+	appendFrame := wire.AppendFrame // as the primary's batcher and writeBatches do
+	if welcome.Sealed && peerlink.Sealed(c) {
+		appendFrame = wire.AppendSealedFrame
+	}
 	for off := 0; off < streamBytes; off += len(data) {
 		raw = wire.AppendOp(raw, &wire.Op{Code: wire.OpWrite, Path: "stream", Off: uint64(off), Data: data})
 		if len(raw) >= batchRaw || off+len(data) >= streamBytes {
 			seq++
-			frames = append(frames, wire.AppendFrame(nil, &wire.Frame{Type: wire.TypeBatch, Seq: seq, Payload: raw}))
+			frames = append(frames, appendFrame(nil, &wire.Frame{Type: wire.TypeBatch, Seq: seq, Payload: raw}))
 			raw = nil
 		}
 	}

@@ -380,7 +380,7 @@ func (p *Primary) connection(ctx context.Context, kernel Kernel) error {
 
 	errc := make(chan error, 3)
 	go func() { errc <- p.readAcks(cctx, c, manifest) }()
-	go func() { errc <- p.writeBatches(cctx, c, from) }()
+	go func() { errc <- p.writeBatches(cctx, c, from, w.Sealed && peerlink.Sealed(c)) }()
 	go func() { errc <- p.build(cctx, c, kernel, manifest) }()
 	err = <-errc
 	if cctx.Err() != nil && ctx.Err() == nil {
@@ -494,8 +494,10 @@ func (p *Primary) ack(seq uint64) {
 }
 
 // writeBatches sends queued batches after `from`, in order, and the sync
-// requests of barriers once the batches they cover are sent.
-func (p *Primary) writeBatches(ctx context.Context, c net.Conn, from uint64) error {
+// requests of barriers once the batches they cover are sent. sealed: the
+// connection is TLS and the peer accepts sealed frames; otherwise the
+// batches made sealed (see batcher.flush) go out with their CRC.
+func (p *Primary) writeBatches(ctx context.Context, c net.Conn, from uint64, sealed bool) error {
 	w := &coalescer{c: c}
 	sent := from
 	var syncSent, lazySent uint64
@@ -533,6 +535,9 @@ func (p *Primary) writeBatches(ctx context.Context, c net.Conn, from uint64) err
 			return ctx.Err()
 		}
 		for _, b := range next {
+			if !sealed {
+				b.frame = wire.Unsealed(b.frame)
+			}
 			if err := w.write(b.frame); err != nil {
 				return fmt.Errorf("sending batch %d: %w", b.seq, err)
 			}
@@ -669,7 +674,13 @@ func (bt *batcher) flush() {
 		// sync it right behind it, before the barrier gets to ask.
 		p.syncReq = seq
 	}
-	frame := wire.AppendFrame(nil, &wire.Frame{Type: wire.TypeBatch, Flags: flags, Seq: seq, Payload: payload})
+	// Over TLS, whose records are authenticated, a CRC32C of every byte
+	// on both ends is work for nothing (wire.FlagSealed).
+	appendFrame := wire.AppendFrame
+	if p.Link != nil && !p.Link.Plaintext() {
+		appendFrame = wire.AppendSealedFrame
+	}
+	frame := appendFrame(nil, &wire.Frame{Type: wire.TypeBatch, Flags: flags, Seq: seq, Payload: payload})
 	bt.raw = bt.raw[:0]
 	since := bt.since
 	if since.IsZero() {

@@ -44,6 +44,7 @@ type Server struct {
 	Stages   *latency.Stages
 	accept   atomic.Bool        // replicas take batches; a serving node does not
 	syncfs   func(fd int) error // the appliers' syncfs when set (a test fails it)
+	unsealed bool               // tests: a server from before sealed frames (wire.FlagSealed)
 	handlers sync.WaitGroup     // connections being served
 
 	// handshakes counts the connections in their handshake, in all and
@@ -352,6 +353,7 @@ func (s *Server) handle(ctx context.Context, raw net.Conn, from netip.Addr) {
 			var w wire.Welcome
 			w.Session, w.Applied = r.progress()
 			told = w
+			w.Sealed = peerlink.Sealed(c) && !s.unsealed
 			if ms := s.Metas[h.Dir]; ms != nil {
 				m := ms.Get()
 				w.Gen, w.SyncTime, w.State = m.Gen, m.SyncTime, m.welcomeState()
@@ -640,8 +642,13 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 			s.distrust(r, ms, d)
 		}
 	}()
+	// Over TLS the primary may leave out the payloads' CRC (FlagSealed).
+	read := wire.ReadFrame
+	if peerlink.Sealed(c) && !s.unsealed {
+		read = wire.ReadSealedFrame
+	}
 	for ctx.Err() == nil {
-		f, err := wire.ReadFrame(br, buf)
+		f, err := read(br, buf)
 		if err != nil && !s.accept.Load() {
 			// Ended by this node (it stops, or serves): what it applied
 			// goes to disk and the primary hears so.

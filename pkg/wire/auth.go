@@ -40,6 +40,9 @@ type Welcome struct {
 	Gen      uint64
 	SyncTime int64
 	State    CopyState
+	// Sealed: the server accepts sealed frames (FlagSealed), as the
+	// welcome frame's FlagSealedOK says.
+	Sealed bool
 }
 
 // CopyState says how far a replica's copy can be trusted.
@@ -181,6 +184,7 @@ func ClientHandshake(rw io.ReadWriter, keys [][]byte, h Hello) (Welcome, error) 
 		Gen:      le.Uint64(f.Payload[16:]),
 		SyncTime: int64(le.Uint64(f.Payload[24:])),
 		State:    CopyState(f.Payload[32]),
+		Sealed:   f.Flags&FlagSealedOK != 0,
 	}, nil
 }
 
@@ -230,5 +234,9 @@ func ServerHandshake(rw io.ReadWriter, keys [][]byte, welcome func(Hello) Welcom
 	p = le.AppendUint64(p, w.Gen)
 	p = le.AppendUint64(p, uint64(w.SyncTime))
 	p = append(p, byte(w.State))
-	return h, WriteFrame(rw, &Frame{Type: TypeWelcome, Payload: p})
+	var flags uint16
+	if w.Sealed {
+		flags = FlagSealedOK
+	}
+	return h, WriteFrame(rw, &Frame{Type: TypeWelcome, Flags: flags, Payload: p})
 }

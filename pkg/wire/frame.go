@@ -75,6 +75,15 @@ const (
 	// FlagLazy on a sync frame: the primary's periodic sync, which the
 	// replica may run in the background and acknowledge when done.
 	FlagLazy uint16 = 1 << 3
+	// FlagSealed: the frame travels on a link whose records are
+	// authenticated (TLS), and its CRC32C covers the header only: TLS's
+	// AEAD already rejects any changed byte, and a CRC over every payload
+	// byte on both ends is work for nothing. Only a reader that knows its
+	// link is sealed accepts it (ReadSealedFrame).
+	FlagSealed uint16 = 1 << 15
+	// FlagSealedOK on a welcome: the server accepts sealed frames
+	// (Welcome.Sealed); servers before it leave it unset.
+	FlagSealedOK uint16 = 1 << 4
 )
 
 // Frame is one protocol message.
@@ -93,18 +102,48 @@ var ErrBadFrame = errors.New("bad frame")
 // AppendFrame appends the encoding of f to b.
 func AppendFrame(b []byte, f *Frame) []byte {
 	var h [HeaderSize]byte
+	putHeader(h[:], f, f.Flags, len(f.Payload))
+	crc := crc32.Update(0, castagnoli, h[:20])
+	crc = crc32.Update(crc, castagnoli, f.Payload)
+	binary.LittleEndian.PutUint32(h[20:], crc)
+	b = append(b, h[:]...)
+	return append(b, f.Payload...)
+}
+
+// AppendSealedFrame appends the encoding of f to b for a sealed link (see
+// FlagSealed): the CRC32C covers the header only.
+func AppendSealedFrame(b []byte, f *Frame) []byte {
+	var h [HeaderSize]byte
+	putHeader(h[:], f, f.Flags|FlagSealed, len(f.Payload))
+	binary.LittleEndian.PutUint32(h[20:], crc32.Checksum(h[:20], castagnoli))
+	b = append(b, h[:]...)
+	return append(b, f.Payload...)
+}
+
+// Unsealed returns an encoded frame as a plain one: a sealed frame is
+// copied with the flag cleared and the CRC32C over header and payload,
+// another is returned as it is. For a frame made for a sealed link that
+// goes out to a peer that does not accept sealed frames.
+func Unsealed(frame []byte) []byte {
+	le := binary.LittleEndian
+	if len(frame) < HeaderSize || le.Uint16(frame[6:])&FlagSealed == 0 {
+		return frame
+	}
+	c := append([]byte(nil), frame...)
+	le.PutUint16(c[6:], le.Uint16(c[6:])&^FlagSealed)
+	crc := crc32.Update(0, castagnoli, c[:20])
+	le.PutUint32(c[20:], crc32.Update(crc, castagnoli, c[HeaderSize:]))
+	return c
+}
+
+func putHeader(h []byte, f *Frame, flags uint16, n int) {
 	le := binary.LittleEndian
 	le.PutUint32(h[0:], Magic)
 	h[4] = Version
 	h[5] = byte(f.Type)
-	le.PutUint16(h[6:], f.Flags)
+	le.PutUint16(h[6:], flags)
 	le.PutUint64(h[8:], f.Seq)
-	le.PutUint32(h[16:], uint32(len(f.Payload)))
-	crc := crc32.Update(0, castagnoli, h[:20])
-	crc = crc32.Update(crc, castagnoli, f.Payload)
-	le.PutUint32(h[20:], crc)
-	b = append(b, h[:]...)
-	return append(b, f.Payload...)
+	le.PutUint32(h[16:], uint32(n))
 }
 
 // WriteFrame writes f to w in one call.
@@ -154,6 +193,16 @@ func ReadFrame(r io.Reader, buf []byte) (Frame, error) {
 // ReadFrameMax is ReadFrame refusing, before reading or allocating it, a
 // payload longer than max bytes.
 func ReadFrameMax(r io.Reader, buf []byte, max uint32) (Frame, error) {
+	return readFrame(r, buf, max, false)
+}
+
+// ReadSealedFrame is ReadFrame for a sealed link (TLS, see FlagSealed): it
+// also accepts frames whose CRC32C covers the header only.
+func ReadSealedFrame(r io.Reader, buf []byte) (Frame, error) {
+	return readFrame(r, buf, MaxPayload, true)
+}
+
+func readFrame(r io.Reader, buf []byte, max uint32, sealed bool) (Frame, error) {
 	var h [HeaderSize]byte
 	if _, err := io.ReadFull(r, h[:]); err != nil {
 		return Frame{}, err
@@ -162,12 +211,24 @@ func ReadFrameMax(r io.Reader, buf []byte, max uint32) (Frame, error) {
 	if err != nil {
 		return Frame{}, err
 	}
+	if f.Flags&FlagSealed != 0 {
+		if !sealed {
+			return Frame{}, fmt.Errorf("%w: a sealed frame (no payload CRC, for a TLS link) on a link without TLS", ErrBadFrame)
+		}
+		// The header's CRC, checked before its length is trusted.
+		if crc, want := crc32.Checksum(h[:20], castagnoli), binary.LittleEndian.Uint32(h[20:]); crc != want {
+			return Frame{}, fmt.Errorf("%w: header CRC32C %#x, header says %#x", ErrBadFrame, crc, want)
+		}
+	}
 	if cap(buf) < int(n) {
 		buf = make([]byte, n)
 	}
 	f.Payload = buf[:n]
 	if _, err := io.ReadFull(r, f.Payload); err != nil {
 		return Frame{}, fmt.Errorf("%w: reading %d-byte payload: %v", ErrBadFrame, n, err)
+	}
+	if f.Flags&FlagSealed != 0 {
+		return f, nil
 	}
 	crc := crc32.Update(0, castagnoli, h[:20])
 	crc = crc32.Update(crc, castagnoli, f.Payload)

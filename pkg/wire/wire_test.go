@@ -3,11 +3,13 @@ package wire
 import (
 	"bytes"
 	"errors"
+	"io"
 	"io/fs"
 	"net"
 	"os"
 	"path/filepath"
 	"reflect"
+	"strings"
 	"testing"
 )
 
@@ -228,15 +230,17 @@ func TestHandshake(t *testing.T) {
 		name      string
 		ckey, key []string
 		wantErr   bool
+		sealed    bool // the server accepts sealed frames
 	}{
-		{"same key", []string{"secret"}, []string{"secret"}, false},
-		{"wrong key", []string{"secret"}, []string{"other"}, true},
+		{"same key, sealed frames accepted", []string{"secret"}, []string{"secret"}, false, true},
+		{"same key", []string{"secret"}, []string{"secret"}, false, false},
+		{"wrong key", []string{"secret"}, []string{"other"}, true, false},
 		// A rotation from "old" to "new": either node may hold both.
-		{"server rotated", []string{"old"}, []string{"new", "old"}, false},
-		{"client rotated", []string{"new", "old"}, []string{"old"}, false},
-		{"both rotated", []string{"new", "old"}, []string{"new", "old"}, false},
-		{"server dropped the old key", []string{"new", "old"}, []string{"new"}, false},
-		{"unrelated keys", []string{"new", "old"}, []string{"other"}, true},
+		{"server rotated", []string{"old"}, []string{"new", "old"}, false, false},
+		{"client rotated", []string{"new", "old"}, []string{"old"}, false, false},
+		{"both rotated", []string{"new", "old"}, []string{"new", "old"}, false, false},
+		{"server dropped the old key", []string{"new", "old"}, []string{"new"}, false, false},
+		{"unrelated keys", []string{"new", "old"}, []string{"other"}, true, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c, s := net.Pipe()
@@ -245,7 +249,7 @@ func TestHandshake(t *testing.T) {
 			done := make(chan error, 1)
 			go func() {
 				_, err := ServerHandshake(s, keyList(tc.key...), func(h Hello) Welcome {
-					return Welcome{Session: h.Session, Applied: 7, Gen: 11, SyncTime: -3, State: CopyConsistent | CopyDiverged}
+					return Welcome{Session: h.Session, Applied: 7, Gen: 11, SyncTime: -3, State: CopyConsistent | CopyDiverged, Sealed: tc.sealed}
 				})
 				if err != nil {
 					s.Close()
@@ -263,11 +267,54 @@ func TestHandshake(t *testing.T) {
 				}
 				return
 			}
-			want := Welcome{Session: 9, Applied: 7, Gen: 11, SyncTime: -3, State: CopyConsistent | CopyDiverged}
+			want := Welcome{Session: 9, Applied: 7, Gen: 11, SyncTime: -3, State: CopyConsistent | CopyDiverged, Sealed: tc.sealed}
 			if err != nil || serr != nil || w != want {
 				t.Fatalf("client %v server %v welcome %+v", err, serr, w)
 			}
 		})
+	}
+}
+
+// TestSealedFrames: a sealed frame (for a TLS link: its CRC covers the
+// header only) is read as it was written on a sealed link, refused on
+// another, and refused with a damaged header; unsealed, any reader takes
+// it.
+func TestSealedFrames(t *testing.T) {
+	want := Frame{Type: TypeBatch, Flags: FlagZstd, Seq: 42, Payload: []byte("a payload")}
+	sealed := AppendSealedFrame(nil, &want)
+	f, err := ReadSealedFrame(bytes.NewReader(sealed), nil)
+	if err != nil || f.Type != want.Type || f.Flags != want.Flags|FlagSealed || f.Seq != want.Seq || !bytes.Equal(f.Payload, want.Payload) {
+		t.Fatalf("ReadSealedFrame = %+v, %v; want %+v with FlagSealed", f, err, want)
+	}
+	// Its payload is not checked: TLS's AEAD does that.
+	if _, err := ReadFrame(bytes.NewReader(sealed), nil); !errors.Is(err, ErrBadFrame) || !strings.Contains(err.Error(), "without TLS") {
+		t.Fatalf("ReadFrame of a sealed frame: %v, want a bad frame naming the link without TLS", err)
+	}
+	bad := append([]byte(nil), sealed...)
+	bad[9] ^= 1 // the sequence
+	if _, err := ReadSealedFrame(bytes.NewReader(bad), nil); !errors.Is(err, ErrBadFrame) {
+		t.Fatalf("ReadSealedFrame of a damaged header: %v, want a bad frame", err)
+	}
+	plain := Unsealed(sealed)
+	if bytes.Equal(plain, sealed) || &plain[0] == &sealed[0] {
+		t.Fatal("Unsealed returned the sealed frame itself")
+	}
+	if !bytes.Equal(plain, AppendFrame(nil, &want)) {
+		t.Fatal("Unsealed differs from the frame AppendFrame makes")
+	}
+	for name, read := range map[string]func(io.Reader, []byte) (Frame, error){"ReadFrame": ReadFrame, "ReadSealedFrame": ReadSealedFrame} {
+		f, err := read(bytes.NewReader(plain), nil)
+		if err != nil || f.Flags != want.Flags || !bytes.Equal(f.Payload, want.Payload) {
+			t.Fatalf("%s of the unsealed frame = %+v, %v", name, f, err)
+		}
+		plain[HeaderSize] ^= 1
+		if _, err := read(bytes.NewReader(plain), nil); !errors.Is(err, ErrBadFrame) {
+			t.Fatalf("%s of an unsealed frame with a damaged payload: %v, want a bad frame", name, err)
+		}
+		plain[HeaderSize] ^= 1
+	}
+	if p := AppendFrame(nil, &want); &Unsealed(p)[0] != &p[0] {
+		t.Fatal("Unsealed copied a frame that was not sealed")
 	}
 }
 
