@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"fmt"
 	"os"
 	"os/exec"
@@ -11,6 +12,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/duet-ha/duet/pkg/config"
 )
 
 // The MariaDB figure: sysbench oltp_write_only against the same MariaDB
@@ -179,24 +182,45 @@ func (b *bench) failoverFigure(runs int) Figure {
 	b.must("start", "a")
 	b.waitState("a", "PRIM")
 	b.waitState("b", "SECOND")
-	f := Figure{Name: fmt.Sprintf("failover: kill of the primary host → the service answers through the VIP (%d runs), over the 3 s target", runs),
-		Target: "≤ 1.0 (max)", Unit: "ms",
-		Note: "SIGKILL of every process on the host and its link down; 1.5 s heartbeat timeout (default), takeover checks, VIP + gratuitous ARP, service start and check; baseline is the 3 s target"}
+	// Every figure before this one ran with both nodes up: a peer
+	// declared lost during them (both CPUs busy) was a false alarm, and
+	// a takeover that followed one a false takeover.
+	lost, takeovers := b.peerLostCount()
+	f := Figure{Name: fmt.Sprintf("failover: kill of the primary host → the service answers through the VIP (%d runs), over 1.5 s", runs),
+		Target: "≤ 1.0 (median), max ≤ 2.0 s", Unit: "ms",
+		Note: fmt.Sprintf("SIGKILL of every process on the host and its link down, the client asking from before the kill; %s heartbeat timeout (default), "+
+			"takeover checks, VIP + gratuitous ARP, service start and check; baseline is the 1.5 s target. "+
+			"During the figures before this one (both nodes up, both CPUs busy): peer declared lost %d times, %d takeovers (must be 0)",
+			config.DefaultTimeout, lost, takeovers)}
 	p := "a"
 	var times []float64
 	for i := 0; i < runs; i++ {
 		s := map[string]string{"a": "b", "b": "a"}[p]
-		t0 := time.Now()
+		// The client polls before the kill (the old primary's answers
+		// are not the one it waits for): lab.sh crash returns only once
+		// the host's daemon is gone, which takes up to 2 s (its capture
+		// links are torn down), and a client started after it measured
+		// that wait too.
+		t0 := time.Now().Add(300 * time.Millisecond)
+		outc := make(chan string, 1)
+		go func() {
+			out, err := b.sh("exec", "c", hello, "connect", "-addr", "10.250.0.100:8080", "-want", "node"+strings.ToUpper(s),
+				"-since", strconv.FormatInt(t0.UnixNano(), 10), "-timeout", "30s")
+			if err != nil {
+				out = fmt.Sprintf("%v: %s", err, out)
+			}
+			outc <- out
+		}()
+		time.Sleep(time.Until(t0))
 		b.must("crash", p)
-		out := b.must("exec", "c", hello, "connect", "-addr", "10.250.0.100:8080",
-			"-since", strconv.FormatInt(t0.UnixNano(), 10), "-timeout", "30s")
+		out := <-outc
 		fields := strings.Fields(out)
 		ms, err := strconv.ParseFloat(fields[0], 64)
 		if err != nil || len(fields) < 4 || fields[3] != "node"+strings.ToUpper(s) {
 			fail("failover client: " + out)
 		}
 		times = append(times, ms)
-		f.add(3000, ms)
+		f.add(1500, ms)
 		b.waitState(s, "ALONE")
 		b.must("revive", p)
 		b.must("start", p)
@@ -208,6 +232,21 @@ func (b *bench) failoverFigure(runs int) Figure {
 		b.waitState("a", "PRIM")
 	}
 	sort.Float64s(times)
-	f.Met = times[len(times)-1] <= 3000
+	f.Met = median(times) <= 1500 && times[len(times)-1] <= 2000 && takeovers == 0
 	return f
+}
+
+// peerLostCount counts, in both daemons' logs so far, the times a node
+// declared its peer lost and the takeovers (a node becoming ALONE after
+// its checks) that followed.
+func (b *bench) peerLostCount() (lost, takeovers int) {
+	for _, h := range []string{"a", "b"} {
+		log, err := os.ReadFile(filepath.Join(b.lab, h+".log"))
+		if err != nil {
+			fail(err.Error())
+		}
+		lost += bytes.Count(log, []byte("peer lost: no heartbeat"))
+		takeovers += bytes.Count(log, []byte("peer lost, checks passed"))
+	}
+	return lost, takeovers
 }
