@@ -409,7 +409,7 @@ func (n *Node) runCluster(ctx context.Context, m cluster.Machine, conns []*net.U
 // the actions.
 func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 	start := time.Now()
-	t := time.NewTicker(n.cfg.Cluster.Interval / 2)
+	t := time.NewTicker(n.loopTick())
 	defer t.Stop()
 	timeout := n.cfg.Cluster.Timeout
 	var lastCheckMsg string
@@ -563,6 +563,9 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 			apply(cluster.Event{Kind: cluster.EvIsolated})
 		case <-t.C:
 			last := time.Unix(0, n.lastHeartbeat.Load())
+			if m.Peer.Seen && m.State == cluster.Second && time.Since(last) > timeout-n.precheckLead() {
+				n.startPrecheck()
+			}
 			if m.Peer.Seen && time.Since(last) > timeout {
 				n.missed.Add(1)
 				n.log.Warn("peer lost: no heartbeat", "peer", m.Peer.Name, "for", time.Since(last).Round(time.Millisecond))
@@ -677,8 +680,97 @@ func (n *Node) pingWitness() error {
 
 // takeoverChecks decide whether this node may take over a peer it lost:
 // it must reach the witness, nobody may answer for the VIP, and the
-// fencing command must succeed.
+// fencing command must succeed. The first two may have passed already, in
+// the last stretch of the silence (see precheck).
 func (n *Node) takeoverChecks(ctx context.Context) (bool, string) {
+	if !n.prechecked(ctx) {
+		if ok, why := n.reach(); !ok {
+			return false, why
+		}
+	}
+	if f := n.cfg.Cluster.Fence; f != "" {
+		cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		defer cancel()
+		out, err := stack.Shell(cctx, f).CombinedOutput()
+		if err != nil {
+			return false, fmt.Sprintf("fencing command failed (%v): %s", err, trimOut(out))
+		}
+		n.log.Info("fencing command succeeded", "command", f)
+	}
+	return true, ""
+}
+
+// A precheck runs the takeover checks that touch nothing (the witness
+// and the VIP probe; not the fencing command, which powers the peer off)
+// while the peer has been silent for most of cluster.timeout, so that a
+// takeover need not wait for them once the peer is declared lost: about
+// vipProbeWait less failover. It counts only for the silence it ran in.
+type precheck struct {
+	heartbeat int64         // lastHeartbeat when it started
+	done      chan struct{} // closed when ok and at are set
+	ok        bool
+	at        time.Time // when it ended
+}
+
+// precheckFresh: a precheck that ended longer ago than this before the
+// takeover is not used (the VIP probe says who answered then).
+const precheckFresh = 300 * time.Millisecond
+
+// precheckLead is how long before cluster.timeout a precheck starts: the
+// VIP probe's wait and two ticks of the loop.
+func (n *Node) precheckLead() time.Duration {
+	return vipProbeWait + 2*n.loopTick()
+}
+
+// loopTick is the cluster loop's tick: how late after cluster.timeout a
+// silent peer may be declared lost.
+func (n *Node) loopTick() time.Duration { return n.cfg.Cluster.Interval / 4 }
+
+// startPrecheck starts a precheck for the current silence unless one
+// runs or ran for it.
+func (n *Node) startPrecheck() {
+	hb := n.lastHeartbeat.Load()
+	if pc := n.pre.Load(); pc != nil && pc.heartbeat == hb {
+		return
+	}
+	pc := &precheck{heartbeat: hb, done: make(chan struct{})}
+	n.pre.Store(pc)
+	go func() {
+		defer close(pc.done)
+		pc.ok, _ = n.reach()
+		pc.at = time.Now()
+	}()
+}
+
+// prechecked waits for the precheck of the current silence, if one was
+// started, and reports whether it passed recently enough to stand for
+// the witness and VIP checks.
+func (n *Node) prechecked(ctx context.Context) bool {
+	pc := n.pre.Load()
+	if pc == nil || pc.heartbeat != n.lastHeartbeat.Load() {
+		return false
+	}
+	select {
+	case <-pc.done:
+	case <-ctx.Done():
+		return false
+	}
+	// A heartbeat that came meanwhile voids it.
+	if !pc.ok || time.Since(pc.at) > precheckFresh || pc.heartbeat != n.lastHeartbeat.Load() {
+		return false
+	}
+	if n.vip != nil {
+		n.vipFreeAt.Store(pc.at.UnixNano())
+	}
+	return true
+}
+
+// reach runs the checks of a takeover that touch nothing: the witness
+// answers and nobody answers for the VIP.
+func (n *Node) reach() (bool, string) {
+	if n.reachCheck != nil {
+		return n.reachCheck()
+	}
 	if w := n.cfg.Cluster.Witness; w != "" {
 		var err error
 		for try := 0; try < 3; try++ {
@@ -700,15 +792,6 @@ func (n *Node) takeoverChecks(ctx context.Context) (bool, string) {
 			return false, fmt.Sprintf("VIP %s is answered by %s: the old primary is alive (a network split?) or another host uses the address", n.vip.Prefix.Addr(), owner)
 		}
 		n.vipFreeAt.Store(time.Now().UnixNano())
-	}
-	if f := n.cfg.Cluster.Fence; f != "" {
-		cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-		defer cancel()
-		out, err := stack.Shell(cctx, f).CombinedOutput()
-		if err != nil {
-			return false, fmt.Sprintf("fencing command failed (%v): %s", err, trimOut(out))
-		}
-		n.log.Info("fencing command succeeded", "command", f)
 	}
 	return true, ""
 }

@@ -200,6 +200,10 @@ type Node struct {
 	// vipFreeAt is when a takeover's checks last found the VIP free
 	// (unix ns; 0: not since the last takeVIP).
 	vipFreeAt atomic.Int64
+	// pre is the takeover's precheck of the peer's current silence.
+	pre atomic.Pointer[precheck]
+	// reachCheck replaces reach's witness and VIP checks (tests).
+	reachCheck func() (bool, string)
 	// stages times the steps of durability calls (duet status --latency).
 	stages latency.Stages
 	// announcedAlone is the epoch of the last heartbeat sent as ALONE;
