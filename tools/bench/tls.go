@@ -17,7 +17,7 @@ import (
 // (p50), and 64 KiB sequential buffered writes of incompressible data
 // until the peer has them all (write, then `status --wait-sync`).
 func (b *bench) tlsFigures(runs int) []Figure {
-	calls, total, span, streams := 1000, "256MiB", "64MiB", 3
+	calls, total, span, streams := 1000, "256MiB", "64MiB", 5
 	if b.quick {
 		calls, total, span, streams = 100, "32MiB", "8MiB", 1
 	}
