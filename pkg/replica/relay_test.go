@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/duet-ha/duet/pkg/peerlink"
 	"github.com/duet-ha/duet/pkg/wire"
 )
 
@@ -197,16 +198,7 @@ func TestRelayCannotInject(t *testing.T) {
 			os.Mkdir(src, 0o755)
 			os.WriteFile(filepath.Join(src, "before"), []byte("before the relay acts"), 0o644)
 			rl := newRelay(t, sec.addr)
-			p, err := NewPrimary(Dir{Name: "data", Path: src}, rl.addr(), lk, 0, slog.New(slog.NewTextHandler(io.Discard, nil)))
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { p.Close() })
-			ctx, cancel := context.WithCancel(context.Background())
-			var wg sync.WaitGroup
-			wg.Add(1)
-			go func() { defer wg.Done(); p.Run(ctx, nil) }()
-			t.Cleanup(func() { cancel(); wg.Wait() })
+			p := runPrimary(t, src, rl.addr(), lk)
 
 			streaming := func(conns int) {
 				t.Helper()
@@ -281,6 +273,23 @@ func TestRelayCannotInject(t *testing.T) {
 }
 
 // waitFor polls cond until it holds, failing the test after 20 s.
+// runPrimary runs a Primary of src (directory "data") shipping to addr
+// over lk until the test ends; without a kernel it makes full syncs only.
+func runPrimary(t *testing.T, src, addr string, lk *peerlink.Link) *Primary {
+	t.Helper()
+	p, err := NewPrimary(Dir{Name: "data", Path: src}, addr, lk, 0, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { defer wg.Done(); p.Run(ctx, nil) }()
+	t.Cleanup(func() { cancel(); wg.Wait() })
+	return p
+}
+
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
 	for deadline := time.Now().Add(20 * time.Second); !cond(); time.Sleep(10 * time.Millisecond) {

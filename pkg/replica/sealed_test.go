@@ -2,15 +2,12 @@ package replica
 
 import (
 	"bytes"
-	"context"
 	"crypto/rand"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 )
 
@@ -44,16 +41,7 @@ func TestSealedFramesNegotiated(t *testing.T) {
 				want[name] = b
 				os.WriteFile(filepath.Join(src, name), b, 0o644)
 			}
-			p, err := NewPrimary(Dir{Name: "data", Path: src}, sec.addr, lk, 0, slog.New(slog.NewTextHandler(io.Discard, nil)))
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { p.Close() })
-			ctx, cancel := context.WithCancel(context.Background())
-			var wg sync.WaitGroup
-			wg.Add(1)
-			go func() { defer wg.Done(); p.Run(ctx, nil) }()
-			t.Cleanup(func() { cancel(); wg.Wait() })
+			runPrimary(t, src, sec.addr, lk)
 			waitFor(t, "the tree on the secondary", func() bool {
 				for name, b := range want {
 					got, err := os.ReadFile(filepath.Join(sec.data, name))
