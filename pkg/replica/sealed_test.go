@@ -54,6 +54,10 @@ func TestSealedFramesNegotiated(t *testing.T) {
 			if strings.Contains(logs.String(), "bad frame") {
 				t.Fatalf("the secondary refused a frame:\n%s", logs)
 			}
+			sealed := sec.sealed.Load()
+			if want := !tc.plaintext && !tc.unsealed; want != (sealed > 0) {
+				t.Fatalf("%d sealed frames received; want them: %v", sealed, want)
+			}
 		})
 	}
 }

@@ -45,6 +45,7 @@ type Server struct {
 	accept   atomic.Bool        // replicas take batches; a serving node does not
 	syncfs   func(fd int) error // the appliers' syncfs when set (a test fails it)
 	unsealed bool               // tests: a server from before sealed frames (wire.FlagSealed)
+	sealed   atomic.Uint64      // sealed frames received (tests)
 	handlers sync.WaitGroup     // connections being served
 
 	// handshakes counts the connections in their handshake, in all and
@@ -663,6 +664,9 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 			return
 		}
 		buf = f.Payload[:0]
+		if f.Flags&wire.FlagSealed != 0 {
+			s.sealed.Add(1)
+		}
 		switch f.Type {
 		case wire.TypeManifestQ:
 			q, err := wire.DecodeManifestQuery(f.Payload)
