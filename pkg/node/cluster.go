@@ -348,7 +348,7 @@ func (n *Node) receiveHeartbeats(ctx context.Context, c *net.UDPConn, peer *net.
 		// A peer that restarted, or that we just heard from a new run,
 		// is answered at once rather than at the next tick: it accepts
 		// only heartbeats echoing its run, and a restarted node must hear
-		// its peer well within cluster.timeout (3 intervals by default)
+		// its peer well within cluster.timeout (6 intervals by default)
 		// or it may take the peer for dead. At most twice an interval, so
 		// that replayed packets cannot make this node send faster.
 		if answer && time.Since(lastAnswer) >= n.cfg.Cluster.Interval/2 {
@@ -563,8 +563,8 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 			apply(cluster.Event{Kind: cluster.EvIsolated})
 		case <-t.C:
 			last := time.Unix(0, n.lastHeartbeat.Load())
-			if m.Peer.Seen && m.State == cluster.Second && time.Since(last) > timeout-n.precheckLead() {
-				n.startPrecheck()
+			if m.Peer.Seen && m.State == cluster.Second && time.Since(last) > n.precheckAfter() {
+				n.startPrecheck(last.UnixNano())
 			}
 			if m.Peer.Seen && time.Since(last) > timeout {
 				n.missed.Add(1)
@@ -680,11 +680,17 @@ func (n *Node) pingWitness() error {
 
 // takeoverChecks decide whether this node may take over a peer it lost:
 // it must reach the witness, nobody may answer for the VIP, and the
-// fencing command must succeed. The first two may have passed already, in
+// fencing command must succeed. The VIP probe may have passed already, in
 // the last stretch of the silence (see precheck).
 func (n *Node) takeoverChecks(ctx context.Context) (bool, string) {
+	// The witness first, and after the peer was declared lost: a
+	// primary releases the calls it holds once the witness answered
+	// since then (peerCannotTakeOver).
+	if ok, why := n.witnessCheck(); !ok {
+		return false, why
+	}
 	if !n.prechecked(ctx) {
-		if ok, why := n.reach(); !ok {
+		if ok, why := n.vipCheck(); !ok {
 			return false, why
 		}
 	}
@@ -700,11 +706,12 @@ func (n *Node) takeoverChecks(ctx context.Context) (bool, string) {
 	return true, ""
 }
 
-// A precheck runs the takeover checks that touch nothing (the witness
-// and the VIP probe; not the fencing command, which powers the peer off)
-// while the peer has been silent for most of cluster.timeout, so that a
-// takeover need not wait for them once the peer is declared lost: about
-// vipProbeWait less failover. It counts only for the silence it ran in.
+// A precheck runs the takeover's VIP probe, which touches nothing and
+// waits vipProbeWait for an answer, while the peer has been silent for
+// most of cluster.timeout: a takeover need not wait for it once the peer
+// is declared lost. (The witness ping takes one round trip and is made
+// after the loss; the fencing command, which powers the peer off, too.)
+// It counts only for the silence it ran in.
 type precheck struct {
 	heartbeat int64         // lastHeartbeat when it started
 	done      chan struct{} // closed when ok and at are set
@@ -713,23 +720,34 @@ type precheck struct {
 }
 
 // precheckFresh: a precheck that ended longer ago than this before the
-// takeover is not used (the VIP probe says who answered then).
-const precheckFresh = 300 * time.Millisecond
+// takeover is not used (the VIP probe says who answered then). A
+// variable for the tests.
+var precheckFresh = 300 * time.Millisecond
 
-// precheckLead is how long before cluster.timeout a precheck starts: the
-// VIP probe's wait and two ticks of the loop.
-func (n *Node) precheckLead() time.Duration {
-	return vipProbeWait + 2*n.loopTick()
+// precheckAfter is the silence after which a precheck starts: timeout
+// less the probe's wait and two ticks of the loop, but not within the
+// ordinary gap between two heartbeats (an interval, noticed up to a tick
+// late), or a SECOND would probe after every heartbeat. With intervals so
+// short that no room is left it is timeout, and no precheck runs.
+func (n *Node) precheckAfter() time.Duration {
+	cl := n.cfg.Cluster
+	after := cl.Timeout - vipProbeWait - 2*n.loopTick()
+	if floor := cl.Interval + 2*n.loopTick(); after < floor {
+		return cl.Timeout
+	}
+	return after
 }
 
 // loopTick is the cluster loop's tick: how late after cluster.timeout a
 // silent peer may be declared lost.
 func (n *Node) loopTick() time.Duration { return n.cfg.Cluster.Interval / 4 }
 
-// startPrecheck starts a precheck for the current silence unless one
-// runs or ran for it.
-func (n *Node) startPrecheck() {
-	hb := n.lastHeartbeat.Load()
+// startPrecheck starts a precheck for the silence since the heartbeat
+// received at hb (unix ns) unless one runs or ran for it.
+func (n *Node) startPrecheck(hb int64) {
+	if n.vip == nil && n.vipProbe == nil {
+		return // nothing to probe ahead
+	}
 	if pc := n.pre.Load(); pc != nil && pc.heartbeat == hb {
 		return
 	}
@@ -737,14 +755,14 @@ func (n *Node) startPrecheck() {
 	n.pre.Store(pc)
 	go func() {
 		defer close(pc.done)
-		pc.ok, _ = n.reach()
+		pc.ok, _ = n.vipCheck()
 		pc.at = time.Now()
 	}()
 }
 
 // prechecked waits for the precheck of the current silence, if one was
 // started, and reports whether it passed recently enough to stand for
-// the witness and VIP checks.
+// the VIP probe.
 func (n *Node) prechecked(ctx context.Context) bool {
 	pc := n.pre.Load()
 	if pc == nil || pc.heartbeat != n.lastHeartbeat.Load() {
@@ -759,40 +777,45 @@ func (n *Node) prechecked(ctx context.Context) bool {
 	if !pc.ok || time.Since(pc.at) > precheckFresh || pc.heartbeat != n.lastHeartbeat.Load() {
 		return false
 	}
-	if n.vip != nil {
-		n.vipFreeAt.Store(pc.at.UnixNano())
-	}
+	n.vipFreeAt.Store(pc.at.UnixNano())
 	return true
 }
 
-// reach runs the checks of a takeover that touch nothing: the witness
-// answers and nobody answers for the VIP.
-func (n *Node) reach() (bool, string) {
-	if n.reachCheck != nil {
-		return n.reachCheck()
+// witnessCheck: the witness, if any, answers a ping (3 tries).
+func (n *Node) witnessCheck() (bool, string) {
+	w := n.cfg.Cluster.Witness
+	if w == "" {
+		return true, ""
 	}
-	if w := n.cfg.Cluster.Witness; w != "" {
-		var err error
-		for try := 0; try < 3; try++ {
-			if err = n.pingWitness(); err == nil {
-				break
-			}
+	var err error
+	for try := 0; try < 3; try++ {
+		if err = n.pingWitness(); err == nil {
+			break
 		}
-		if err != nil {
-			return false, fmt.Sprintf("witness %s unreachable (%v): this node may be the isolated one", w, err)
-		}
-		n.witnessOK.Store(time.Now().UnixNano())
 	}
-	if n.vip != nil {
-		owner, err := n.vip.Probe(vipProbeWait)
-		if err != nil {
-			return false, fmt.Sprintf("probing VIP %s: %v", n.vip, err)
-		}
-		if owner != nil {
-			return false, fmt.Sprintf("VIP %s is answered by %s: the old primary is alive (a network split?) or another host uses the address", n.vip.Prefix.Addr(), owner)
-		}
-		n.vipFreeAt.Store(time.Now().UnixNano())
+	if err != nil {
+		return false, fmt.Sprintf("witness %s unreachable (%v): this node may be the isolated one", w, err)
 	}
+	n.witnessOK.Store(time.Now().UnixNano())
+	return true, ""
+}
+
+// vipCheck: nobody answers an ARP probe for the VIP, if any.
+func (n *Node) vipCheck() (bool, string) {
+	if n.vipProbe != nil {
+		return n.vipProbe()
+	}
+	if n.vip == nil {
+		return true, ""
+	}
+	owner, err := n.vip.Probe(vipProbeWait)
+	if err != nil {
+		return false, fmt.Sprintf("probing VIP %s: %v", n.vip, err)
+	}
+	if owner != nil {
+		return false, fmt.Sprintf("VIP %s is answered by %s: the old primary is alive (a network split?) or another host uses the address", n.vip.Prefix.Addr(), owner)
+	}
+	n.vipFreeAt.Store(time.Now().UnixNano())
 	return true, ""
 }
 

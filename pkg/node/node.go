@@ -202,8 +202,8 @@ type Node struct {
 	vipFreeAt atomic.Int64
 	// pre is the takeover's precheck of the peer's current silence.
 	pre atomic.Pointer[precheck]
-	// reachCheck replaces reach's witness and VIP checks (tests).
-	reachCheck func() (bool, string)
+	// vipProbe replaces vipCheck's ARP probe (tests).
+	vipProbe func() (bool, string)
 	// stages times the steps of durability calls (duet status --latency).
 	stages latency.Stages
 	// announcedAlone is the epoch of the last heartbeat sent as ALONE;
@@ -758,15 +758,19 @@ func (n *Node) stopPrimary() {
 	c.Close()
 	n.serveWG.Wait()
 	n.smu.Lock()
-	for _, p := range n.primaries {
+	primaries := n.primaries
+	n.cap, n.primaries = nil, nil
+	n.overflowTo.Store(nil)
+	n.smu.Unlock()
+	// Saved outside smu: SaveDirty fsyncs, and the heartbeat sender takes
+	// smu (a slow disk would silence the heartbeats, and the peer would
+	// take over by timeout rather than by the handover).
+	for _, p := range primaries {
 		if err := p.SaveDirty(); err != nil {
 			n.log.Error("saving the modification bitmap: the next term compares the files changed since the sync point", "dir", p.Dir.Name, "err", err)
 		}
 		p.Close()
 	}
-	n.cap, n.primaries = nil, nil
-	n.overflowTo.Store(nil)
-	n.smu.Unlock()
 	n.preloadCapture()
 }
 
