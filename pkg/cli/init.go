@@ -121,9 +121,9 @@ key_file: {{.KeyFile}}   # the same secret on both nodes
 state_dir: {{.StateDir}}
 
 cluster:
-  # heartbeats every 200ms; the peer counts as lost after 1.5s without one
+  # heartbeats every 200ms; the peer counts as lost after 1.2s without one
   interval: 200ms
-  timeout: 1500ms
+  timeout: 1200ms
 {{- if .Witness}}
   # a node takes over only if it reaches the witness, and a primary that
   # reaches neither its peer nor the witness steps down

@@ -222,7 +222,7 @@ const (
 	DefaultPort     = "7788"
 	DefaultHBPort   = 7789
 	DefaultInterval = 200 * time.Millisecond
-	DefaultTimeout  = 1500 * time.Millisecond
+	DefaultTimeout  = 1200 * time.Millisecond
 	DefaultMetrics  = "127.0.0.1:9788"
 	DefaultRestarts = 3
 	DefaultMargin   = 30 * time.Second

@@ -79,7 +79,7 @@ func TestParseErrorsNameTheField(t *testing.T) {
 		{"failback_delay", "node: nodeA", "node: nodeA\ncluster: {failback_delay: -1s}", "cluster.failback_delay -1s"},
 		{"resync margin", "node: nodeA", "node: nodeA\nresync: {margin: -5s}", "resync.margin -5s"},
 		{"resync rate", "node: nodeA", "node: nodeA\nresync: {rate_mib: -1}", "resync.rate_mib -1"},
-		{"peer_lost_after short", "node: nodeA", "node: nodeA\nhooks: {peer_lost_after: 1s}", "hooks.peer_lost_after 1s: must be between cluster.timeout (1.5s) and 1h"},
+		{"peer_lost_after short", "node: nodeA", "node: nodeA\nhooks: {peer_lost_after: 1s}", "hooks.peer_lost_after 1s: must be between cluster.timeout (1.2s) and 1h"},
 		{"peer_lost_after long", "node: nodeA", "node: nodeA\nhooks: {peer_lost_after: 2h}", "hooks.peer_lost_after 2h0m0s: must be between"},
 	}
 	for _, tt := range tests {

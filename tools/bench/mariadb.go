@@ -190,7 +190,7 @@ func (b *bench) failoverFigure(runs int) Figure {
 		Target: "≤ 1.0 (median), max ≤ 2.0 s", Unit: "ms",
 		Note: fmt.Sprintf("SIGKILL of every process on the host and its link down, the client asking from before the kill; %s heartbeat timeout (default), "+
 			"takeover checks, VIP + gratuitous ARP, service start and check; baseline is the 1.5 s target. "+
-			"During the figures before this one (both nodes up, both CPUs busy): peer declared lost %d times, %d takeovers (must be 0)",
+			"During the figures before this one (both CPUs busy, nodeB stopped and started by some): peer declared lost %d times (those stops included), %d takeovers (must be 0)",
 			config.DefaultTimeout, lost, takeovers)}
 	p := "a"
 	var times []float64
