@@ -83,11 +83,11 @@ func TestFailover(t *testing.T) {
 		s := otherHost[p]
 		NewWorkload(map[string]string{"a": l.AData, "b": l.BData}[p], int64(i+1)).Run(100)
 		l.WaitSync(t, time.Minute)
-		t0 := time.Now()
-		if out, err := l.run("crash", p); err != nil {
-			t.Fatalf("crash %s: %v\n%s", p, err, out)
-		}
-		ms, ans := l.connect(t, hello, t0)
+		ms, ans := l.askDuring(t, hello, nodeName[s], func() {
+			if out, err := l.run("crash", p); err != nil {
+				t.Fatalf("crash %s: %v\n%s", p, err, out)
+			}
+		})
 		if ans != "hello from "+nodeName[s] {
 			t.Fatalf("run %d: after %s died the client got %q", i, nodeName[p], ans)
 		}
@@ -134,11 +134,41 @@ func TestFailover(t *testing.T) {
 	sort.Ints(times)
 	t.Logf("failover, kill to first answer through the VIP over %d runs: min %d ms, median %d ms, max %d ms",
 		runs, times[0], times[len(times)/2], times[len(times)-1])
-	// 3 s with the default timeouts, plus the service's own start (the
-	// hello service and its first TCP check take well under 500 ms).
-	if times[len(times)-1] > 3500 {
-		t.Fatalf("slowest failover took %d ms: over 3 s + the service's start", times[len(times)-1])
+	// The 1.2 s timeout, the checks and the service's start take about
+	// 1.3 s at most in the lab (tools/bench -only failover); issue 16's
+	// bound is 2.0 s, and this test's margin over it is for a loaded CI
+	// machine.
+	if times[len(times)-1] > 2500 {
+		t.Fatalf("slowest failover took %d ms: over 2.5 s", times[len(times)-1])
 	}
+}
+
+// askDuring has the client ask the service through the VIP, from just
+// before fault runs, until want answers, and returns the milliseconds
+// from the fault's start to that answer and the answer. The client asks
+// from before the fault: lab.sh crash returns only once the host's
+// daemon is gone, which may take longer than the failover.
+func (l *Lab) askDuring(t *testing.T, hello, want string, fault func()) (int, string) {
+	t.Helper()
+	start := time.Now().Add(300 * time.Millisecond)
+	answered := make(chan string, 1)
+	go func() {
+		out, err := l.run("exec", "c", hello, "connect", "-addr", vipAddr+":8080",
+			"-since", strconv.FormatInt(start.UnixNano(), 10), "-timeout", "30s", "-want", want)
+		if err != nil {
+			out = err.Error() + ": " + out
+		}
+		answered <- strings.TrimSpace(out)
+	}()
+	time.Sleep(time.Until(start))
+	fault()
+	ans := <-answered
+	f := strings.SplitN(ans, " ", 2)
+	ms, err := strconv.Atoi(f[0])
+	if err != nil || len(f) < 2 {
+		t.Fatalf("the client asking for %s got %q", want, ans)
+	}
+	return ms, f[1]
 }
 
 // TestLinkCutNoSplitBrain cuts only the path between the nodes: nodeB no
@@ -304,23 +334,13 @@ func TestStopHandsOver(t *testing.T) {
 	l.WaitSync(t, time.Minute)
 	w := l.startSyncWriter(t, writer, "a", filepath.Join(l.AData, "stop-log"))
 	time.Sleep(300 * time.Millisecond)
-	start := time.Now()
-	// The client asks from the moment of the signal until nodeB answers.
-	answered := make(chan string, 1)
-	go func() {
-		out, err := l.run("exec", "c", hello, "connect", "-addr", vipAddr+":8080",
-			"-since", strconv.FormatInt(start.UnixNano(), 10), "-timeout", "30s", "-want", "nodeB")
-		if err != nil {
-			out = err.Error() + ": " + out
-		}
-		answered <- strings.TrimSpace(out)
-	}()
-	l.Stop(t, "a")
-	stopped := time.Since(start)
-	ans := <-answered
-	f := strings.SplitN(ans, " ", 2)
-	ms, err := strconv.Atoi(f[0])
-	if err != nil || len(f) < 2 || f[1] != "hello from nodeB" {
+	var stopped time.Duration
+	ms, ans := l.askDuring(t, hello, "nodeB", func() {
+		start := time.Now()
+		l.Stop(t, "a")
+		stopped = time.Since(start)
+	})
+	if ans != "hello from nodeB" {
 		t.Fatalf("after nodeA's daemon stopped the client got %q", ans)
 	}
 	acked, stderr := w.wait(t, "the stop")
