@@ -422,10 +422,23 @@ func (ts *treeSync) plan(pr *pairing) {
 // syncFile sends what the peer's p lacks of l (all of it when the peer has
 // no such file), and the size.
 func (b *builder) syncFile(l, p *wire.Entry, ts *treeSync) (bool, error) {
-	if p == nil {
-		if err := b.out.add(&wire.Op{Code: wire.OpCreate, Path: l.Path, Mode: fstree.UnixPerm(l.Mode)}); err != nil {
-			return true, err
+	whole := p == nil
+	var spans []journal.Span
+	if p != nil {
+		// Decided from the scan before the file is opened: most files
+		// of a resync are unchanged, and opening each of them was a third
+		// of a clean restart's comparison (issue 18). One changed or moved
+		// since the scan is in the journal, which follows the resync.
+		spans, whole = fileSpans(l, p, ts)
+		changed := p.Size != l.Size || whole || len(spans) > 0
+		if ts.report && p.Flags&wire.EntryRecent != 0 && changed {
+			ts.lines = append(ts.lines, discarded(l, p, spans, whole))
 		}
+		if !changed {
+			return false, nil
+		}
+	} else if err := b.out.add(&wire.Op{Code: wire.OpCreate, Path: l.Path, Mode: fstree.UnixPerm(l.Mode)}); err != nil {
+		return true, err
 	}
 	f, err := fstree.OpenBeneath(b.root, l.Path, unix.O_RDONLY|unix.O_NOFOLLOW)
 	var st unix.Stat_t
@@ -442,18 +455,6 @@ func (b *builder) syncFile(l, p *wire.Entry, ts *treeSync) (bool, error) {
 		return true, nil
 	}
 	defer f.Close()
-	whole := p == nil
-	var spans []journal.Span
-	if p != nil {
-		spans, whole = fileSpans(l, p, ts)
-		changed := p.Size != l.Size || whole || len(spans) > 0
-		if ts.report && p.Flags&wire.EntryRecent != 0 && changed {
-			ts.lines = append(ts.lines, discarded(l, p, spans, whole))
-		}
-		if !changed {
-			return false, nil
-		}
-	}
 	ts.filesSent++
 	if whole {
 		if err := b.sendWhole(l.Path, f, false); err != nil {
