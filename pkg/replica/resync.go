@@ -262,8 +262,10 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 		p.Log.Warn("entries left out of the resync: their paths are longer than the wire takes (the peer's scan leaves them out too)",
 			"entries", tooLong, "limit", wire.MaxPath)
 	}
+	recent := 0 // files changed here since cutoffS
 	if !pl.all {
 		paths := markRecent(local, pl.cutoffS)
+		recent = len(paths)
 		if len(paths) > wire.MaxWant {
 			return p.escalate("too many files changed since the sync point to name them")
 		}
@@ -274,9 +276,15 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	files := local.len()
 	p.setPhase("comparing", files)
 	var sums *localSums
-	if pl.all {
+	if pl.all || recent > 0 {
 		sums = newLocalSums(p.root, local)
-		defer sums.wait()
+		defer sums.abandon()
+	}
+	if recent > 0 {
+		// Summed here while the peer walks its tree and sums its copies:
+		// after a restart of both nodes soon after writes, every file
+		// may be one (issue 18).
+		sums.feedRecent()
 	}
 	peer := &listing{}
 	for done := false; !done; {
@@ -296,7 +304,7 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 			if err != nil {
 				return fmt.Errorf("peer manifest: %w", err)
 			}
-			if sums != nil {
+			if pl.all {
 				sums.match(es)
 			}
 			for i := range es {
@@ -307,11 +315,13 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	if ctx.Err() != nil {
 		return ctx.Err()
 	}
-	compared := 0
-	if pl.all {
+	if sums != nil {
 		if err := sums.wait(); err != nil {
 			return err
 		}
+	}
+	compared := 0
+	if pl.all {
 		for i := range files {
 			if local.at(i).flags&wire.EntrySummed != 0 {
 				compared++
@@ -398,9 +408,10 @@ func markRecent(local *listing, cutoff int64) []string {
 
 // sumCompared gives checksums, in a resync that does not compare every
 // file, to the local files flagged recent (markRecent) and those whose
-// peer copy has them, and returns how many it compares. A file moved or
-// replaced since the scan stays without (fstree.SumEntry), and fileSpans
-// sends it whole.
+// peer copy has them, where they have none yet (localSums.feedRecent
+// summed the recent ones but those it found moved), and returns how many
+// it compares. A file moved or replaced since the scan stays without
+// (fstree.SumEntry), and fileSpans sends it whole.
 func sumCompared(root *os.File, local, peer *listing) (int, error) {
 	summed := map[string]bool{}
 	for i := range peer.len() {
@@ -412,8 +423,10 @@ func sumCompared(root *os.File, local, peer *listing) (int, error) {
 	for i := range local.len() {
 		e := local.at(i)
 		if e.mode.IsRegular() && (e.flags&wire.EntryRecent != 0 || summed[e.path]) {
-			if err := e.sum(root); err != nil {
-				return 0, err
+			if e.flags&wire.EntrySummed == 0 {
+				if err := e.sum(root); err != nil {
+					return 0, err
+				}
 			}
 			compared++
 		}
