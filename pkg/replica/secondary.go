@@ -620,8 +620,9 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 	if r.session != h.Session {
 		r.setProgress(h.Session, 0)
 		r.partial, r.ops = 0, 0
-		// A new session: the primary compares the trees first, and asks
-		// for this side's manifest only once its own scan is done.
+		// A new session: the primary resyncs, and unless it compares
+		// every file it asks for this side's manifest only once its own
+		// scan is done. The warming ends once the manifest is sent.
 		stopWarm = warmTree(ctx, d.Path)
 	} else if ms != nil && ms.Get().Crashed {
 		// The same source's session goes on where this copy stopped: the
