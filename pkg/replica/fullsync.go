@@ -356,9 +356,9 @@ func (b *builder) syncEntry(l, p *wire.Entry, ts *treeSync) error {
 // fileSpans is what must be sent of regular file l to the peer's p: the
 // spans (whole: everything), and whether the size must be set.
 func fileSpans(l, p *wire.Entry, ts *treeSync) (spans []journal.Span, whole bool) {
-	summed := l.Flags&wire.EntrySummed != 0 && p.Flags&wire.EntrySummed != 0
+	lSummed, pSummed := l.Flags&wire.EntrySummed != 0, p.Flags&wire.EntrySummed != 0
 	switch {
-	case summed:
+	case lSummed && pSummed:
 		var r journal.Ranges
 		for i := range l.Sums {
 			if i < len(p.Sums) && p.Sums[i] == l.Sums[i] {
@@ -373,6 +373,16 @@ func fileSpans(l, p *wire.Entry, ts *treeSync) (spans []journal.Span, whole bool
 			r.Add(off, end-off)
 		}
 		return r.Spans(), false
+	case lSummed || pSummed || l.Flags&wire.EntryRecent != 0:
+		// Checksums were wanted (the file changed since the cutoff here
+		// or there) and one side has none: the file was moved or
+		// replaced before they were read, or it is paired with a file
+		// renamed on the peer, which may be another file of the same
+		// size and mtime (cp -p), or this one rewritten with its mtime
+		// set back. Neither the bitmap nor the size can tell: send it
+		// whole (opened, a file moved since the scan is sent where it
+		// now is).
+		return nil, true
 	case ts.dirty != nil:
 		spans, whole = ts.dirty.spans(l.Ino, l.Size)
 		if !whole && !ts.dirty.has(l.Ino) && p.Size != l.Size {
@@ -382,13 +392,6 @@ func fileSpans(l, p *wire.Entry, ts *treeSync) (spans []journal.Span, whole bool
 		}
 		return spans, whole
 	case ts.window:
-		// Changed here since the sync point (summed) but not comparable
-		// there: a file renamed while away onto a name the peer had under
-		// another one, which may be another file of the same size and
-		// mtime (cp -p): send it whole.
-		if l.Flags&wire.EntrySummed != 0 {
-			return nil, true
-		}
 		return nil, p.Size != l.Size
 	}
 	return nil, true
@@ -422,10 +425,23 @@ func (ts *treeSync) plan(pr *pairing) {
 // syncFile sends what the peer's p lacks of l (all of it when the peer has
 // no such file), and the size.
 func (b *builder) syncFile(l, p *wire.Entry, ts *treeSync) (bool, error) {
-	if p == nil {
-		if err := b.out.add(&wire.Op{Code: wire.OpCreate, Path: l.Path, Mode: fstree.UnixPerm(l.Mode)}); err != nil {
-			return true, err
+	whole := p == nil
+	var spans []journal.Span
+	if p != nil {
+		// Decided from the scan before the file is opened: most files
+		// of a resync are unchanged, and opening each of them was a third
+		// of a clean restart's comparison (issue 18). One changed or moved
+		// since the scan is in the journal, which follows the resync.
+		spans, whole = fileSpans(l, p, ts)
+		changed := p.Size != l.Size || whole || len(spans) > 0
+		if ts.report && p.Flags&wire.EntryRecent != 0 && changed {
+			ts.lines = append(ts.lines, discarded(l, p, spans, whole))
 		}
+		if !changed {
+			return false, nil
+		}
+	} else if err := b.out.add(&wire.Op{Code: wire.OpCreate, Path: l.Path, Mode: fstree.UnixPerm(l.Mode)}); err != nil {
+		return true, err
 	}
 	f, err := fstree.OpenBeneath(b.root, l.Path, unix.O_RDONLY|unix.O_NOFOLLOW)
 	var st unix.Stat_t
@@ -442,18 +458,6 @@ func (b *builder) syncFile(l, p *wire.Entry, ts *treeSync) (bool, error) {
 		return true, nil
 	}
 	defer f.Close()
-	whole := p == nil
-	var spans []journal.Span
-	if p != nil {
-		spans, whole = fileSpans(l, p, ts)
-		changed := p.Size != l.Size || whole || len(spans) > 0
-		if ts.report && p.Flags&wire.EntryRecent != 0 && changed {
-			ts.lines = append(ts.lines, discarded(l, p, spans, whole))
-		}
-		if !changed {
-			return false, nil
-		}
-	}
 	ts.filesSent++
 	if whole {
 		if err := b.sendWhole(l.Path, f, false); err != nil {

@@ -3,6 +3,7 @@ package replica
 import (
 	"os"
 	"sync"
+	"sync/atomic"
 
 	"github.com/duet-ha/duet/pkg/fstree"
 	"github.com/duet-ha/duet/pkg/wire"
@@ -17,16 +18,22 @@ const sumWorkers = 4
 // block by block. The others are sent whole (an initial sync sends every
 // file), and summing them too read every byte twice. Files are matched as
 // the manifest streams in, both sides listing in Scan order, and summed by
-// sumWorkers goroutines while the peer is still scanning.
+// sumWorkers goroutines while the peer is still scanning. A resync that
+// compares only the files changed since a cutoff has those files summed
+// instead (feedRecent), while the peer walks and sums its copies.
 type localSums struct {
 	root  *os.File
 	local *listing
 	next  int // local entries before next are matched or passed
 	work  chan int
-	wg    sync.WaitGroup
-	once  sync.Once
-	mu    sync.Mutex
-	err   error
+	// feeding: feedRecent's goroutine runs; stop (abandon) ends it and
+	// has the workers pass over what is queued.
+	feeding sync.WaitGroup
+	stop    atomic.Bool
+	wg      sync.WaitGroup
+	once    sync.Once
+	mu      sync.Mutex
+	err     error
 }
 
 func newLocalSums(root *os.File, local *listing) *localSums {
@@ -41,6 +48,9 @@ func newLocalSums(root *os.File, local *listing) *localSums {
 func (s *localSums) worker() {
 	defer s.wg.Done()
 	for i := range s.work {
+		if s.stop.Load() {
+			continue
+		}
 		if err := s.local.at(i).sum(s.root); err != nil {
 			s.mu.Lock()
 			if s.err == nil {
@@ -70,9 +80,36 @@ func (s *localSums) match(peer []wire.Entry) {
 	}
 }
 
+// feedRecent has the regular files flagged recent (markRecent) summed,
+// queued from a goroutine of its own: the caller reads the peer's
+// manifest meanwhile, and touches no local entry until wait returns.
+func (s *localSums) feedRecent() {
+	s.feeding.Add(1)
+	go func() {
+		defer s.feeding.Done()
+		for i := range s.local.len() {
+			if s.stop.Load() {
+				return
+			}
+			if l := s.local.at(i); l.mode.IsRegular() && l.flags&wire.EntryRecent != 0 {
+				s.work <- i
+			}
+		}
+	}()
+}
+
+// abandon ends the summing early (the comparison failed): nothing more is
+// queued, what is queued is passed over, and it returns once the files
+// being read are done.
+func (s *localSums) abandon() {
+	s.stop.Store(true)
+	s.wait()
+}
+
 // wait returns once every file queued is summed, with the first error.
 // The local entries are not touched after it returns.
 func (s *localSums) wait() error {
+	s.feeding.Wait()
 	s.once.Do(func() { close(s.work) })
 	s.wg.Wait()
 	s.mu.Lock()

@@ -262,16 +262,10 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 		p.Log.Warn("entries left out of the resync: their paths are longer than the wire takes (the peer's scan leaves them out too)",
 			"entries", tooLong, "limit", wire.MaxPath)
 	}
-	want := map[string]bool{}
+	recent := 0 // files changed here since cutoffS
 	if !pl.all {
-		var paths []string
-		for i := range local.len() {
-			e := local.at(i)
-			if pl.cutoffS != 0 && e.mode.IsRegular() && (e.ctime >= pl.cutoffS || e.mtime >= pl.cutoffS) {
-				paths = append(paths, e.path)
-				want[e.path] = true
-			}
-		}
+		paths := markRecent(local, pl.cutoffS)
+		recent = len(paths)
 		if len(paths) > wire.MaxWant {
 			return p.escalate("too many files changed since the sync point to name them")
 		}
@@ -282,9 +276,15 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	files := local.len()
 	p.setPhase("comparing", files)
 	var sums *localSums
-	if pl.all {
+	if pl.all || recent > 0 {
 		sums = newLocalSums(p.root, local)
-		defer sums.wait()
+		defer sums.abandon()
+	}
+	if recent > 0 {
+		// Summed here while the peer walks its tree and sums its copies:
+		// after a restart of both nodes soon after writes, every file
+		// may be one (issue 18).
+		sums.feedRecent()
 	}
 	peer := &listing{}
 	for done := false; !done; {
@@ -304,7 +304,7 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 			if err != nil {
 				return fmt.Errorf("peer manifest: %w", err)
 			}
-			if sums != nil {
+			if pl.all {
 				sums.match(es)
 			}
 			for i := range es {
@@ -315,32 +315,20 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	if ctx.Err() != nil {
 		return ctx.Err()
 	}
-	compared := 0
-	if pl.all {
+	if sums != nil {
 		if err := sums.wait(); err != nil {
 			return err
 		}
+	}
+	compared := 0
+	if pl.all {
 		for i := range files {
 			if local.at(i).flags&wire.EntrySummed != 0 {
 				compared++
 			}
 		}
-	} else {
-		summed := map[string]bool{}
-		for i := range peer.len() {
-			if e := peer.at(i); e.flags&wire.EntrySummed != 0 {
-				summed[e.path] = true
-			}
-		}
-		for i := range files {
-			e := local.at(i)
-			if e.mode.IsRegular() && (want[e.path] || summed[e.path]) {
-				if err := e.sum(p.root); err != nil {
-					return err
-				}
-				compared++
-			}
-		}
+	} else if compared, err = sumCompared(p.root, local, peer); err != nil {
+		return err
 	}
 	ts := &treeSync{dirty: dirty, window: !pl.all, report: pl.report, sumMatched: pl.all}
 	ts.onPlan = func(planned uint64) {
@@ -398,6 +386,52 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 		"files_sent", ts.filesSent, "bytes", b.dataRead, "discarded_entries", len(ts.lines),
 		"took", time.Since(start).Round(time.Millisecond))
 	return nil
+}
+
+// markRecent flags EntryRecent the regular files of local whose ctime or
+// mtime is at or after cutoff (0: none), the files a resync compares by
+// checksums, and returns their paths.
+func markRecent(local *listing, cutoff int64) []string {
+	if cutoff == 0 {
+		return nil
+	}
+	var paths []string
+	for i := range local.len() {
+		e := local.at(i)
+		if e.mode.IsRegular() && (e.ctime >= cutoff || e.mtime >= cutoff) {
+			e.flags |= wire.EntryRecent
+			paths = append(paths, e.path)
+		}
+	}
+	return paths
+}
+
+// sumCompared gives checksums, in a resync that does not compare every
+// file, to the local files flagged recent (markRecent) and those whose
+// peer copy has them, where they have none yet (localSums.feedRecent
+// summed the recent ones but those it found moved), and returns how many
+// it compares. A file moved or replaced since the scan stays without
+// (fstree.SumEntry), and fileSpans sends it whole.
+func sumCompared(root *os.File, local, peer *listing) (int, error) {
+	summed := map[string]bool{}
+	for i := range peer.len() {
+		if e := peer.at(i); e.flags&wire.EntrySummed != 0 {
+			summed[e.path] = true
+		}
+	}
+	compared := 0
+	for i := range local.len() {
+		e := local.at(i)
+		if e.mode.IsRegular() && (e.flags&wire.EntryRecent != 0 || summed[e.path]) {
+			if e.flags&wire.EntrySummed == 0 {
+				if err := e.sum(root); err != nil {
+					return 0, err
+				}
+			}
+			compared++
+		}
+	}
+	return compared, nil
 }
 
 // escalate turns the resync in progress into a full comparison.

@@ -515,6 +515,32 @@ func walkManifest(root *os.File, q wire.ManifestQuery, fn func(*wire.Entry) erro
 	})
 }
 
+// warmTree reads the metadata of the tree at dir (every directory and
+// every entry's inode, as a manifest's walk does) in the background, and
+// returns a function that ends it and waits for it. A replica connected
+// in a new session walks its tree for the primary's manifest request,
+// which comes only after the primary scanned its own tree: read
+// meanwhile, the walk finds the inodes cached, and after a restart with
+// a cold cache the two nodes read their trees at the same time, not one
+// after the other (issue 18).
+func warmTree(ctx context.Context, dir string) (stop func()) {
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		root, err := fstree.OpenRoot(dir)
+		if err != nil {
+			return
+		}
+		defer root.Close()
+		fstree.Walk(root, false, func(*wire.Entry) error { return ctx.Err() })
+	}()
+	return func() {
+		cancel()
+		<-done
+	}
+}
+
 // replicate applies batches in order, acknowledging each once it is on
 // stable storage.
 func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello, told wire.Welcome) {
@@ -589,9 +615,16 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 	s.Log.Info("replication connected", "dir", d.Name, "peer", c.RemoteAddr().String(), "session", h.Session)
 	ms := s.Metas[d.Name]
 	var lastMeta time.Time
+	// stopWarm ends the warming of the tree's metadata, if one runs.
+	stopWarm := func() {}
+	defer func() { stopWarm() }()
 	if r.session != h.Session {
 		r.setProgress(h.Session, 0)
 		r.partial, r.ops = 0, 0
+		// A new session: the primary resyncs, and unless it compares
+		// every file it asks for this side's manifest only once its own
+		// scan is done. The warming ends once the manifest is sent.
+		stopWarm = warmTree(ctx, d.Path)
 	} else if ms != nil && ms.Get().Crashed {
 		// The same source's session goes on where this copy stopped: the
 		// daemon's crash lost nothing the page cache did not keep.
@@ -685,6 +718,7 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 			lc.mu.Lock() // a manifest is many writes
 			err = s.sendManifest(c, d, f.Seq, q)
 			lc.mu.Unlock()
+			stopWarm()
 			if err != nil {
 				s.Log.Warn("sending manifest", "dir", d.Name, "err", err)
 				return
