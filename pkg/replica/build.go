@@ -674,11 +674,25 @@ func (b *builder) sendWhole(p string, f *os.File, mapped bool) error {
 	if b.sent != nil {
 		b.sent[st.Ino] = size
 	}
+	// The data extents are shipped, and the holes punched: the peer may
+	// hold a copy whose bytes there are not zeros (a resync sends a file
+	// whole over the peer's copy, a rescan over what it sent before).
 	fd := int(f.Fd())
 	for off := int64(0); uint64(off) < size; {
 		data, err := unix.Seek(fd, off, unix.SEEK_DATA)
-		if err != nil {
-			break // ENXIO: only a hole is left
+		switch {
+		case errors.Is(err, unix.ENXIO):
+			data = int64(size) // only a hole is left
+		case err != nil:
+			data = off // no holes known: the rest is shipped as data
+		}
+		if data > off {
+			if err := b.out.add(&wire.Op{Code: wire.OpPunch, Path: p, Off: uint64(off), Len: uint64(data - off)}); err != nil {
+				return err
+			}
+		}
+		if uint64(data) >= size {
+			break
 		}
 		hole, err := unix.Seek(fd, data, unix.SEEK_HOLE)
 		if err != nil {

@@ -88,6 +88,10 @@ func (b *builder) fullSync(local, peer *listing, ts *treeSync) error {
 		}
 		removed = append(removed, p)
 	}
+	// The peer's hard links: a copy with other names there is written in
+	// place only if this file has the same names here (see below).
+	peerLinked := linkedInodes(peer)
+	peerNames := linkNames(peer, peerLinked)
 	// From here on a peer entry is read only through peerOf, which lets
 	// go of each once its local counterpart is compared.
 	peer.release(peer.len())
@@ -96,6 +100,7 @@ func (b *builder) fullSync(local, peer *listing, ts *treeSync) error {
 	// more than one name only: a map of every file was the largest index
 	// of the comparison.
 	linked := linkedInodes(local)
+	localNames := linkNames(local, linked)
 	firstName := map[uint64]string{}
 	// The shadow is built as the comparison goes, and the listing let go
 	// of a chunk at a time: both were held whole at once.
@@ -122,6 +127,12 @@ func (b *builder) fullSync(local, peer *listing, ts *treeSync) error {
 				ts.lines = append(ts.lines, fmt.Sprintf("%s\treplaced: a %s here, a %s on the peer", l.Path, typeName(p.Mode), typeName(l.Mode)))
 			}
 			p = nil // create replaces whatever is there
+		}
+		if p != nil && l.Mode.IsRegular() && peerLinked[p.Ino] && !slices.Equal(localNames[l.Ino], peerNames[p.Ino]) {
+			// The peer's copy has other names than this file (a link
+			// broken or made here while the peer was away): written in
+			// place it would change them too. Made anew, sent whole.
+			p = nil
 		}
 		if l.Mode.IsRegular() && linked[l.Ino] {
 			if first, ok := firstName[l.Ino]; ok {
@@ -158,6 +169,21 @@ func linkedInodes(local *listing) map[uint64]bool {
 		}
 	}
 	return linked
+}
+
+// linkNames lists, for each inode of linked, its paths in lst in listing
+// order (the same order on both nodes).
+func linkNames(lst *listing, linked map[uint64]bool) map[uint64][]string {
+	names := map[uint64][]string{}
+	if len(linked) == 0 {
+		return names
+	}
+	for i := range lst.len() {
+		if e := lst.at(i); e.mode.IsRegular() && linked[e.ino] {
+			names[e.ino] = append(names[e.ino], e.path)
+		}
+	}
+	return names
 }
 
 func typeName(m fs.FileMode) string {
