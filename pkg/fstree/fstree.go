@@ -254,14 +254,16 @@ func Sums(f *os.File, size uint64) ([]wire.Sum, error) {
 // SumEntry computes the block checksums of regular file e (found under
 // root by its path). A file replaced since e was listed is left unsummed.
 func SumEntry(root *os.File, e *wire.Entry) error {
-	f, err := OpenBeneath(root, e.Path, unix.O_RDONLY|unix.O_NOFOLLOW)
+	// O_NONBLOCK: a file replaced by a FIFO since the scan would block
+	// the open (and a resync with it).
+	f, err := OpenBeneath(root, e.Path, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK)
 	if err != nil {
 		return nil
 	}
 	defer f.Close()
 	var st unix.Stat_t
-	if err := unix.Fstat(int(f.Fd()), &st); err != nil || st.Ino != e.Ino {
-		return nil
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil || st.Ino != e.Ino || st.Mode&unix.S_IFMT != unix.S_IFREG {
+		return nil // replaced (an inode number is soon reused)
 	}
 	e.Sums, err = Sums(f, e.Size)
 	if err != nil {
@@ -361,9 +363,16 @@ func (sc *scanner) dir(d *os.File, rel string) error {
 			}
 			e.Target = string(buf[:n])
 		case e.Mode.IsRegular() && sc.sums:
-			f, err := OpenBeneath(d, de.Name, unix.O_RDONLY|unix.O_NOFOLLOW)
+			// O_NONBLOCK: an entry replaced by a FIFO since its lstat
+			// would block the open.
+			f, err := OpenBeneath(d, de.Name, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK)
 			if err != nil {
 				continue
+			}
+			var st unix.Stat_t
+			if unix.Fstat(int(f.Fd()), &st) != nil || st.Ino != e.Ino || st.Mode&unix.S_IFMT != unix.S_IFREG {
+				f.Close()
+				continue // replaced since its lstat
 			}
 			e.Sums, err = Sums(f, e.Size)
 			f.Close()

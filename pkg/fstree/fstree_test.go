@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/duet-ha/duet/pkg/loopfs"
 	"github.com/duet-ha/duet/pkg/wire"
@@ -227,5 +228,45 @@ func TestComparePathsIsScanOrder(t *testing.T) {
 				t.Errorf("ComparePaths(%q, %q) = %d, want %d (scan order)", es[i].Path, es[j].Path, got, want)
 			}
 		}
+	}
+}
+
+// TestSumEntryReplacedByFIFO: a file replaced by a FIFO after it was
+// listed is left unsummed, at once: opened for reading without
+// O_NONBLOCK, the FIFO blocked the open until a writer came, for ever
+// (a resync summing it never ended).
+func TestSumEntryReplacedByFIFO(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "f")
+	if err := os.WriteFile(p, []byte("data"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var st unix.Stat_t
+	if err := unix.Lstat(p, &st); err != nil {
+		t.Fatal(err)
+	}
+	e := &wire.Entry{Path: "f", Mode: 0o644, Size: 4, Ino: st.Ino}
+	os.Remove(p)
+	if err := unix.Mkfifo(p, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	root, err := OpenRoot(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer root.Close()
+	done := make(chan error, 1)
+	go func() { done <- SumEntry(root, e) }()
+	select {
+	case err := <-done:
+		if err != nil || e.Flags&wire.EntrySummed != 0 {
+			t.Fatalf("SumEntry of a file replaced by a FIFO: %v, flags %#x; want no error and no sums", err, e.Flags)
+		}
+	case <-time.After(5 * time.Second):
+		// Unblock the open so that the test can end.
+		if w, err := os.OpenFile(p, os.O_WRONLY|unix.O_NONBLOCK, 0); err == nil {
+			w.Close()
+		}
+		t.Fatal("SumEntry still blocked 5 s after it was called on a file replaced by a FIFO")
 	}
 }

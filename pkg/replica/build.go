@@ -799,14 +799,14 @@ func (b *builder) file(f journal.File) error {
 		}
 		return nil
 	}
-	fh, err := fstree.OpenBeneath(b.root, p, unix.O_RDONLY|unix.O_NOFOLLOW)
+	fh, err := fstree.OpenBeneath(b.root, p, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK)
 	if err != nil {
 		b.retry(f, "open "+p+": "+err.Error())
 		return nil
 	}
 	defer fh.Close()
 	var st unix.Stat_t
-	if err := unix.Fstat(int(fh.Fd()), &st); err != nil || st.Ino != f.Key.Ino {
+	if err := unix.Fstat(int(fh.Fd()), &st); err != nil || st.Ino != f.Key.Ino || st.Mode&unix.S_IFMT != unix.S_IFREG {
 		b.retry(f, p+" names another inode") // a rename is pending
 		return nil
 	}

@@ -469,9 +469,10 @@ func (b *builder) syncFile(l, p *wire.Entry, ts *treeSync) (bool, error) {
 	} else if err := b.out.add(&wire.Op{Code: wire.OpCreate, Path: l.Path, Mode: fstree.UnixPerm(l.Mode)}); err != nil {
 		return true, err
 	}
-	f, err := fstree.OpenBeneath(b.root, l.Path, unix.O_RDONLY|unix.O_NOFOLLOW)
+	// O_NONBLOCK: a file replaced by a FIFO since the scan would block.
+	f, err := fstree.OpenBeneath(b.root, l.Path, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK)
 	var st unix.Stat_t
-	if err == nil && (unix.Fstat(int(f.Fd()), &st) != nil || st.Ino != l.Ino) {
+	if err == nil && (unix.Fstat(int(f.Fd()), &st) != nil || st.Ino != l.Ino || st.Mode&unix.S_IFMT != unix.S_IFREG) {
 		f.Close()
 		err = unix.ESTALE
 	}
