@@ -58,21 +58,7 @@ func linkedPeerPair(t *testing.T) (src, dst string, cutoff int64) {
 func TestResyncPeerHardLinkBrokenHere(t *testing.T) {
 	t.Run("recent", func(t *testing.T) {
 		src, dst, cutoff := linkedPeerPair(t)
-		root, _ := scanSource(t, src)
-		local, _, err := scanListing(root, false)
-		if err != nil {
-			t.Fatal(err)
-		}
-		want := markRecent(local, cutoff)
-		_, pe := peerManifest(t, dst, wire.ManifestQuery{Want: want})
-		peer := listingOf(pe)
-		if _, err := sumCompared(root, local, peer); err != nil {
-			t.Fatal(err)
-		}
-		b, _ := applyingBuilder(t, root, nil, dst)
-		if err := b.fullSync(local, peer, &treeSync{window: true, dirty: newDirtySet()}); err != nil {
-			t.Fatal(err)
-		}
+		windowResync(t, src, dst, cutoff)
 		sameTrees(t, src, dst)
 	})
 	t.Run("bitmap", func(t *testing.T) {
@@ -162,27 +148,7 @@ func TestResyncWholeOverSparse(t *testing.T) {
 	if err := os.Rename(filepath.Join(src, "o"), filepath.Join(src, "n")); err != nil {
 		t.Fatal(err)
 	}
-	root, _ := scanSource(t, src)
-	local, _, err := scanListing(root, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	want := markRecent(local, cutoff)
-	_, pe := peerManifest(t, dst, wire.ManifestQuery{Want: want})
-	peer := listingOf(pe)
-	if _, err := sumCompared(root, local, peer); err != nil {
-		t.Fatal(err)
-	}
-	b, sink := applyingBuilder(t, root, nil, dst)
-	if err := b.fullSync(local, peer, &treeSync{window: true, dirty: newDirtySet()}); err != nil {
-		t.Fatal(err)
-	}
-	renamed := false
-	for _, op := range sink.ops {
-		renamed = renamed || op.Code == wire.OpRename && op.Path == "o" && op.Path2 == "n"
-	}
-	if !renamed {
-		t.Fatalf("n was not paired with the peer's o (wanted %v, ops %+v): the test no longer covers it", want, sink.ops)
-	}
+	want, ops := windowResync(t, src, dst, cutoff)
+	requireRenamed(t, ops, "o", "n", want)
 	sameTrees(t, src, dst)
 }

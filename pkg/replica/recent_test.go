@@ -96,12 +96,23 @@ func TestResyncRenamedAndRewrittenWhileStopped(t *testing.T) {
 	if err := os.Rename(filepath.Join(src, "o"), filepath.Join(src, "n")); err != nil {
 		t.Fatal(err)
 	}
+	want, ops := windowResync(t, src, dst, cutoff)
+	requireRenamed(t, ops, "o", "n", want)
+	sameTrees(t, src, dst)
+}
+
+// windowResync runs the comparison of a resync that compares by checksums
+// the files changed since cutoff (bitmap+recent, with an empty bitmap)
+// from src into dst, applying what it sends, and returns the paths it
+// wanted and the ops it sent.
+func windowResync(t *testing.T, src, dst string, cutoff int64) (want []string, ops []wire.Op) {
+	t.Helper()
 	root, _ := scanSource(t, src)
 	local, _, err := scanListing(root, false)
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := markRecent(local, cutoff)
+	want = markRecent(local, cutoff)
 	_, pe := peerManifest(t, dst, wire.ManifestQuery{Want: want})
 	peer := listingOf(pe)
 	if _, err := sumCompared(root, local, peer); err != nil {
@@ -111,12 +122,17 @@ func TestResyncRenamedAndRewrittenWhileStopped(t *testing.T) {
 	if err := b.fullSync(local, peer, &treeSync{window: true, dirty: newDirtySet()}); err != nil {
 		t.Fatal(err)
 	}
-	renamed := false
-	for _, op := range sink.ops {
-		renamed = renamed || op.Code == wire.OpRename && op.Path == "o" && op.Path2 == "n"
+	return want, sink.ops
+}
+
+// requireRenamed fails the test unless ops rename from to to: the case
+// the test sets up (a file paired with the peer's file of its old name).
+func requireRenamed(t *testing.T, ops []wire.Op, from, to string, want []string) {
+	t.Helper()
+	for _, op := range ops {
+		if op.Code == wire.OpRename && op.Path == from && op.Path2 == to {
+			return
+		}
 	}
-	if !renamed {
-		t.Fatalf("n was not paired with the peer's o (wanted %v, ops %+v): the test no longer covers it", want, sink.ops)
-	}
-	sameTrees(t, src, dst)
+	t.Fatalf("%s was not paired with the peer's %s (wanted %v, ops %+v): the test no longer covers it", to, from, want, ops)
 }
