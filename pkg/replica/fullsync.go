@@ -89,9 +89,17 @@ func (b *builder) fullSync(local, peer *listing, ts *treeSync) error {
 		removed = append(removed, p)
 	}
 	// The peer's hard links: a copy with other names there is written in
-	// place only if this file has the same names here (see below).
-	peerLinked := linkedInodes(peer)
-	peerNames := linkNames(peer, peerLinked)
+	// place only if they all name this file here (see below). The names
+	// it keeps are those paired with a local entry, renames done: the
+	// others are removed first.
+	peerNames := map[uint64][]string{}
+	if peerLinked := linkedInodes(peer); len(peerLinked) > 0 {
+		for i := range local.len() {
+			if pe := pr.peerOf[i]; pe != nil && pe.mode.IsRegular() && peerLinked[pe.ino] {
+				peerNames[pe.ino] = append(peerNames[pe.ino], local.at(i).path)
+			}
+		}
+	}
 	// From here on a peer entry is read only through peerOf, which lets
 	// go of each once its local counterpart is compared.
 	peer.release(peer.len())
@@ -128,10 +136,13 @@ func (b *builder) fullSync(local, peer *listing, ts *treeSync) error {
 			}
 			p = nil // create replaces whatever is there
 		}
-		if p != nil && l.Mode.IsRegular() && peerLinked[p.Ino] && !slices.Equal(localNames[l.Ino], peerNames[p.Ino]) {
-			// The peer's copy has other names than this file (a link
-			// broken or made here while the peer was away): written in
+		if p != nil && l.Mode.IsRegular() && !namesOf(l, localNames, peerNames[p.Ino]) {
+			// The peer's copy has names that are other files here (a
+			// link broken here while the peer was away): written in
 			// place it would change them too. Made anew, sent whole.
+			if ts.report && p.Flags&wire.EntryRecent != 0 {
+				ts.lines = append(ts.lines, fmt.Sprintf("%s\treplaced: its copy here has other names than on this node", l.Path))
+			}
 			p = nil
 		}
 		if l.Mode.IsRegular() && linked[l.Ino] {
@@ -184,6 +195,20 @@ func linkNames(lst *listing, linked map[uint64]bool) map[uint64][]string {
 		}
 	}
 	return names
+}
+
+// namesOf reports whether every one of names is a name of l here.
+func namesOf(l *wire.Entry, localNames map[uint64][]string, names []string) bool {
+	own := localNames[l.Ino]
+	if own == nil {
+		own = []string{l.Path}
+	}
+	for _, n := range names {
+		if !slices.Contains(own, n) {
+			return false
+		}
+	}
+	return true
 }
 
 func typeName(m fs.FileMode) string {
@@ -416,13 +441,17 @@ func fileSpans(l, p *wire.Entry, ts *treeSync) (spans []journal.Span, whole bool
 			// bitmap missed something. Send it all.
 			whole = true
 		}
-		if !whole && len(spans) == 0 && ts.dirty.has(l.Ino) && p.Mtime != l.Mtime {
+		if !whole && len(spans) == 0 && ts.dirty.has(l.Ino) && p.Mtime != l.Mtime && l.Ctime != l.Mtime {
 			// Only metadata changed, yet the peer's file has another
 			// mtime: this inode may have been renamed over the file the
 			// peer holds under the name (`mv log.1 log.2` while it was
 			// away), and the bitmap says nothing of that file. Send it
 			// all. (Renamed over after writes, it has spans: not caught
-			// here, see DESIGN's open list.)
+			// here, see DESIGN's open list.) Not when its ctime is its
+			// mtime: last changed by a write, its mark is an atime
+			// update, writeback's or a write's late attr record, and
+			// the peer's mtime is that of the peer's own write (a
+			// batch without a setattr): a rename moves the ctime.
 			whole = true
 		}
 		return spans, whole
