@@ -188,6 +188,13 @@ func (d *dirtySet) spans(ino, size uint64) (spans []journal.Span, whole bool) {
 // has reports whether ino changed at all (data, size or metadata).
 func (d *dirtySet) has(ino uint64) bool { return d.files[ino] != nil }
 
+// attrOnly reports whether only ino's metadata changed (no data, no size,
+// not lost).
+func (d *dirtySet) attrOnly(ino uint64) bool {
+	f := d.files[ino]
+	return f != nil && f.attr != 0 && len(f.chunks) == 0 && f.tailTouch == 0 && f.whole == 0
+}
+
 const dirtyMagic = "DUETDIRTY1"
 
 // save writes the set durably to path, relative to generation base.

@@ -441,19 +441,6 @@ func fileSpans(l, p *wire.Entry, ts *treeSync) (spans []journal.Span, whole bool
 			// bitmap missed something. Send it all.
 			whole = true
 		}
-		if !whole && len(spans) == 0 && ts.dirty.has(l.Ino) && p.Mtime != l.Mtime && l.Ctime != l.Mtime {
-			// Only metadata changed, yet the peer's file has another
-			// mtime: this inode may have been renamed over the file the
-			// peer holds under the name (`mv log.1 log.2` while it was
-			// away), and the bitmap says nothing of that file. Send it
-			// all. (Renamed over after writes, it has spans: not caught
-			// here, see DESIGN's open list.) Not when its ctime is its
-			// mtime: last changed by a write, its mark is an atime
-			// update, writeback's or a write's late attr record, and
-			// the peer's mtime is that of the peer's own write (a
-			// batch without a setattr): a rename moves the ctime.
-			whole = true
-		}
 		return spans, whole
 	case ts.window:
 		return nil, p.Size != l.Size

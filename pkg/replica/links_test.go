@@ -162,9 +162,9 @@ func TestResyncWholeOverSparse(t *testing.T) {
 // was sent (at a different size, only the size: the bitmap "says why"),
 // and the peer kept the replaced file's bytes under the name ("log.2:
 // content differs at offset 0"). Now an inode with only metadata marks
-// whose mtime differs from the peer's file is sent whole. (One renamed
-// over after writes while the peer was away has data marks and is still
-// trusted to them: docs/DESIGN.md, open.)
+// whose ctime is not its mtime is compared by checksums (markMoved).
+// (One renamed over after writes while the peer was away has data marks
+// and is still trusted to them: docs/DESIGN.md, open.)
 func TestResyncBitmapRenameOver(t *testing.T) {
 	for _, size := range []int{5000, 7000} {
 		t.Run(fmt.Sprintf("size%d", size), func(t *testing.T) { renameOver(t, size) })
@@ -192,21 +192,8 @@ func renameOver(t *testing.T, size int) {
 	if err := os.Rename(filepath.Join(src, "log.1"), filepath.Join(src, "log.2")); err != nil {
 		t.Fatal(err)
 	}
-	root, local := scanSource(t, src)
-	d := newDirtySet()
-	// What capture reports of the rename: both directories' and
-	// the moved inode's metadata (its ctime; ext4_mark_inode_dirty).
-	for _, p := range []string{src, filepath.Join(src, "log.2")} {
-		var st unix.Stat_t
-		if err := unix.Stat(p, &st); err != nil {
-			t.Fatal(err)
-		}
-		d.record(&capture.Record{Kind: capture.KindAttr, Ino: st.Ino}, 1)
-	}
-	_, peer := peerManifest(t, dst, wire.ManifestQuery{})
-	b, _ := applyingBuilder(t, root, local, dst)
-	if err := b.fullSync(listingOf(local), listingOf(peer), &treeSync{dirty: d, window: true}); err != nil {
-		t.Fatal(err)
-	}
+	// What capture reports of the rename: both directories' and the
+	// moved inode's metadata (its ctime; ext4_mark_inode_dirty).
+	bitmapResync(t, src, dst, attrMarks(t, src, filepath.Join(src, "log.2")))
 	sameTrees(t, src, dst)
 }

@@ -265,6 +265,9 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	recent := 0 // files changed here since cutoffS
 	if !pl.all {
 		paths := markRecent(local, pl.cutoffS)
+		if dirty != nil {
+			paths = append(paths, markMoved(local, dirty)...)
+		}
 		recent = len(paths)
 		if len(paths) > wire.MaxWant {
 			return p.escalate("too many files changed since the sync point to name them")
@@ -399,6 +402,26 @@ func markRecent(local *listing, cutoff int64) []string {
 	for i := range local.len() {
 		e := local.at(i)
 		if e.mode.IsRegular() && (e.ctime >= cutoff || e.mtime >= cutoff) {
+			e.flags |= wire.EntryRecent
+			paths = append(paths, e.path)
+		}
+	}
+	return paths
+}
+
+// markMoved flags EntryRecent, as markRecent does, the regular files not
+// flagged yet whose bitmap entry holds metadata marks only and whose
+// ctime is not their mtime, and returns their paths: such an inode may
+// have been renamed over the file the peer holds under its name (`mv
+// log.1 log.2` while the peer was away; a rename moves the ctime), and
+// its bitmap says nothing of that file's bytes. Compared by checksums, it
+// is sent only where the two differ. (A chmod or chown while the peer was
+// away makes a file one too: read on both sides, not sent.)
+func markMoved(local *listing, d *dirtySet) []string {
+	var paths []string
+	for i := range local.len() {
+		e := local.at(i)
+		if e.mode.IsRegular() && e.flags&wire.EntryRecent == 0 && e.ctime != e.mtime && d.attrOnly(e.ino) {
 			e.flags |= wire.EntryRecent
 			paths = append(paths, e.path)
 		}

@@ -28,15 +28,25 @@ func attrMarks(t *testing.T, paths ...string) *dirtySet {
 	return d
 }
 
-// bitmapResync runs a bitmap resync from src into dst with bitmap d,
-// applying what it sends.
+// bitmapResync runs a bitmap resync from src into dst with bitmap d, as
+// Primary.fullSync does (the files markMoved flags compared by
+// checksums), applying what it sends.
 func bitmapResync(t *testing.T, src, dst string, d *dirtySet) (*applySink, *treeSync) {
 	t.Helper()
-	root, local := scanSource(t, src)
-	_, peer := peerManifest(t, dst, wire.ManifestQuery{})
-	b, sink := applyingBuilder(t, root, local, dst)
+	root, _ := scanSource(t, src)
+	local, _, err := scanListing(root, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := markMoved(local, d)
+	_, pe := peerManifest(t, dst, wire.ManifestQuery{Want: want})
+	peer := listingOf(pe)
+	if _, err := sumCompared(root, local, peer); err != nil {
+		t.Fatal(err)
+	}
+	b, sink := applyingBuilder(t, root, nil, dst)
 	ts := &treeSync{dirty: d, window: true}
-	if err := b.fullSync(listingOf(local), listingOf(peer), ts); err != nil {
+	if err := b.fullSync(local, peer, ts); err != nil {
 		t.Fatal(err)
 	}
 	return sink, ts
