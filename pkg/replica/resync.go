@@ -398,10 +398,16 @@ func markRecent(local *listing, cutoff int64) []string {
 	if cutoff == 0 {
 		return nil
 	}
+	return markCompared(local, func(e *lentry) bool { return e.ctime >= cutoff || e.mtime >= cutoff })
+}
+
+// markCompared flags EntryRecent the regular files of local not flagged
+// yet for which compare holds, and returns their paths.
+func markCompared(local *listing, compare func(*lentry) bool) []string {
 	var paths []string
 	for i := range local.len() {
 		e := local.at(i)
-		if e.mode.IsRegular() && (e.ctime >= cutoff || e.mtime >= cutoff) {
+		if e.mode.IsRegular() && e.flags&wire.EntryRecent == 0 && compare(e) {
 			e.flags |= wire.EntryRecent
 			paths = append(paths, e.path)
 		}
@@ -418,15 +424,7 @@ func markRecent(local *listing, cutoff int64) []string {
 // is sent only where the two differ. (A chmod or chown while the peer was
 // away makes a file one too: read on both sides, not sent.)
 func markMoved(local *listing, d *dirtySet) []string {
-	var paths []string
-	for i := range local.len() {
-		e := local.at(i)
-		if e.mode.IsRegular() && e.flags&wire.EntryRecent == 0 && e.ctime != e.mtime && d.attrOnly(e.ino) {
-			e.flags |= wire.EntryRecent
-			paths = append(paths, e.path)
-		}
-	}
-	return paths
+	return markCompared(local, func(e *lentry) bool { return e.ctime != e.mtime && d.attrOnly(e.ino) })
 }
 
 // sumCompared gives checksums, in a resync that does not compare every
