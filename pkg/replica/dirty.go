@@ -21,17 +21,20 @@ const DirtyChunk = 4 << 10
 // dirtyFile is what changed in one inode since its peer last had it
 // durably: chunks (each with the count of the last change touching it),
 // a tail from which every byte changed (a truncate), metadata, or
-// everything (a record about it was lost).
+// everything (a record about it was lost). born: the inode was made
+// since (its number may have named another file, and the peer has no
+// copy of it anywhere).
 type dirtyFile struct {
 	chunks    map[uint64]uint64
 	tail      uint64
 	tailTouch uint64
 	attr      uint64
 	whole     uint64
+	born      uint64
 }
 
 func (f *dirtyFile) touch() uint64 {
-	return max(f.tailTouch, f.attr, f.whole)
+	return max(f.tailTouch, f.attr, f.whole, f.born)
 }
 
 // dirtySet is the modification bitmap of one directory: every change not
@@ -87,6 +90,8 @@ func (d *dirtySet) record(r *capture.Record, touch uint64) {
 	switch r.Kind {
 	case capture.KindData, capture.KindMmap, capture.KindPreop:
 		d.span(f, r.Pos, r.Len, touch)
+	case capture.KindNew:
+		f.attr, f.born = touch, touch
 	default:
 		f.attr = touch
 	}
@@ -125,6 +130,9 @@ func (d *dirtySet) clearFile(ino, mark uint64) {
 	if f.whole <= mark {
 		f.whole = 0
 	}
+	if f.born <= mark {
+		f.born = 0
+	}
 	if len(f.chunks) == 0 && f.touch() == 0 {
 		delete(d.files, ino)
 	}
@@ -155,13 +163,16 @@ func (d *dirtySet) clone() *dirtySet {
 }
 
 // spans returns the changed ranges of ino within size, merged; whole is
-// set when the whole file must be compared or sent.
+// set when the whole file must be compared or sent: a record about it was
+// lost, or the inode was made since the peer last had it (the file the
+// peer holds under its name is another one: its bytes where this one has
+// holes or was never written are not this file's).
 func (d *dirtySet) spans(ino, size uint64) (spans []journal.Span, whole bool) {
 	f := d.files[ino]
 	if f == nil {
 		return nil, false
 	}
-	if f.whole != 0 {
+	if f.whole != 0 || f.born != 0 {
 		return nil, true
 	}
 	cs := make([]uint64, 0, len(f.chunks))
@@ -217,6 +228,9 @@ func (d *dirtySet) save(path string, base uint64) error {
 		}
 		if f.tailTouch != 0 {
 			flags |= 4
+		}
+		if f.born != 0 {
+			flags |= 8
 		}
 		b = binary.AppendUvarint(b, ino)
 		b = append(b, flags)
@@ -284,6 +298,9 @@ func loadDirty(path string) (*dirtySet, uint64, error) {
 		}
 		if flags&4 != 0 {
 			f.tailTouch = 1
+		}
+		if flags&8 != 0 {
+			f.born = 1
 		}
 		nc := next()
 		if nc > uint64(len(b)) {

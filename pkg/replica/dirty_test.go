@@ -78,6 +78,11 @@ func TestDirtySetSaveLoad(t *testing.T) {
 	d.record(&capture.Record{Kind: capture.KindData, Ino: 4, Pos: 77, Len: journal.Unbounded}, 200)
 	d.record(&capture.Record{Kind: capture.KindAttr, Ino: 8}, 201)
 	d.rescan(10, 202)
+	d.record(&capture.Record{Kind: capture.KindNew, Ino: 11}, 203)
+	d.record(&capture.Record{Kind: capture.KindData, Ino: 11, Pos: 8192, Len: 100}, 204)
+	if _, whole := d.spans(11, 8292); !whole {
+		t.Fatal("an inode made since the peer had it must be sent whole: the peer's file under its name is another")
+	}
 	path := filepath.Join(t.TempDir(), "bitmap")
 	if err := d.save(path, 1234); err != nil {
 		t.Fatal(err)
@@ -86,7 +91,7 @@ func TestDirtySetSaveLoad(t *testing.T) {
 	if err != nil || base != 1234 {
 		t.Fatalf("load: base %d, %v", base, err)
 	}
-	for _, ino := range []uint64{9, 4, 8, 10} {
+	for _, ino := range []uint64{9, 4, 8, 10, 11} {
 		a, aw := d.spans(ino, 1<<30)
 		b, bw := got.spans(ino, 1<<30)
 		if !reflect.DeepEqual(a, b) || aw != bw || got.has(ino) != d.has(ino) {

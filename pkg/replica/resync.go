@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"path"
 	"strings"
 	"time"
 
@@ -266,7 +267,7 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	if !pl.all {
 		paths := markRecent(local, pl.cutoffS)
 		if dirty != nil {
-			paths = append(paths, markMoved(local, dirty)...)
+			paths = append(paths, markBitmapCompared(local, dirty)...)
 		}
 		recent = len(paths)
 		if len(paths) > wire.MaxWant {
@@ -425,6 +426,32 @@ func markCompared(local *listing, compare func(*lentry) bool) []string {
 // away makes a file one too: read on both sides, not sent.)
 func markMoved(local *listing, d *dirtySet) []string {
 	return markCompared(local, func(e *lentry) bool { return e.ctime != e.mtime && d.attrOnly(e.ino) })
+}
+
+// markBitmapCompared flags EntryRecent, in a resync that trusts bitmap d,
+// the regular files whose marks do not say what the peer holds under
+// their names, and returns their paths: those of markMoved, and every
+// file with marks (not made since: d.spans sends those whole) in a
+// directory with marks, whose entries may have changed while the peer
+// was away. There a file may have been renamed over the one the peer
+// holds under its name (`mv log.1 log.2` after log.1 was written): its
+// marks are changes to its own copy, which the peer holds under another
+// name, not to that file.
+func markBitmapCompared(local *listing, d *dirtySet) []string {
+	paths := markMoved(local, d)
+	changed := map[string]bool{}
+	for i := range local.len() {
+		if e := local.at(i); e.mode.IsDir() && d.has(e.ino) {
+			changed[e.path] = true
+		}
+	}
+	if len(changed) == 0 {
+		return paths
+	}
+	return append(paths, markCompared(local, func(e *lentry) bool {
+		f := d.files[e.ino]
+		return f != nil && f.born == 0 && changed[path.Dir(e.path)]
+	})...)
 }
 
 // sumCompared gives checksums, in a resync that does not compare every

@@ -29,7 +29,7 @@ func attrMarks(t *testing.T, paths ...string) *dirtySet {
 }
 
 // bitmapResync runs a bitmap resync from src into dst with bitmap d, as
-// Primary.fullSync does (the files markMoved flags compared by
+// Primary.fullSync does (the files markBitmapCompared flags compared by
 // checksums), applying what it sends.
 func bitmapResync(t *testing.T, src, dst string, d *dirtySet) (*applySink, *treeSync) {
 	t.Helper()
@@ -38,7 +38,7 @@ func bitmapResync(t *testing.T, src, dst string, d *dirtySet) (*applySink, *tree
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := markMoved(local, d)
+	want := markBitmapCompared(local, d)
 	_, pe := peerManifest(t, dst, wire.ManifestQuery{Want: want})
 	peer := listingOf(pe)
 	if _, err := sumCompared(root, local, peer); err != nil {
