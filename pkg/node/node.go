@@ -177,6 +177,8 @@ type Node struct {
 	serveCancel context.CancelFunc
 	serveWG     sync.WaitGroup
 	next        *preloaded // capture for the next term
+	// detaching: captures of ended terms whose hooks are being detached.
+	detaching sync.WaitGroup
 	// stopAnnounce ends the gratuitous ARPs of the current term.
 	stopAnnounce func()
 	// releasedAlone: a barrier was released without the peer, or waited
@@ -394,6 +396,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	n.runCluster(ctx, m, hbConns, hbPeers)
 	ctl.Close()
 	wg.Wait()
+	n.detaching.Wait()
 	n.server.Close(5 * time.Second)
 	n.markClean()
 	log.Info("duet stopped", "node", cfg.Node)
@@ -755,8 +758,13 @@ func (n *Node) stopPrimary() {
 		return
 	}
 	cancel()
-	c.Close()
+	n.stopReading(c)
 	n.serveWG.Wait()
+	n.detaching.Go(func() {
+		if err := c.Close(); err != nil {
+			n.log.Warn("detaching capture", "err", err)
+		}
+	})
 	n.smu.Lock()
 	primaries := n.primaries
 	n.cap, n.primaries = nil, nil
@@ -772,6 +780,16 @@ func (n *Node) stopPrimary() {
 		p.Close()
 	}
 	n.preloadCapture()
+}
+
+// stopReading ends the term's capture reading; its hooks are detached
+// later (Close: about 0.5 s of the kernel's grace periods here, which the
+// handover, and so the peer's service, waited for). A barrier's Drain
+// waiting for records the reader will not dispatch any more ends now: it
+// waited out drainTimeout, and a stop with a writer running took 10 s.
+func (n *Node) stopReading(c *capture.Capture) {
+	c.StopReading()
+	n.wakeDrains()
 }
 
 // preloaded is a capture loaded ahead of a takeover, not attached.
@@ -1000,7 +1018,7 @@ func (k kernel) Drain() {
 	})
 	defer t.Stop()
 	n.drainMu.Lock()
-	for n.dispatched.Load() < target && !timedOut {
+	for n.dispatched.Load() < target && !timedOut && !c.Stopped() {
 		n.drained.Wait()
 	}
 	n.drainMu.Unlock()

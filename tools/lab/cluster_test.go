@@ -355,4 +355,13 @@ func TestStopHandsOver(t *testing.T) {
 	if !strings.Contains(string(log), "handed over by nodeA") {
 		t.Fatal("nodeB took over, but not by a handover (see b.log)")
 	}
+	// lab.sh stop kills the daemon after 10 s: a stop that needs it did
+	// not end by itself (once: a barrier waited out its 10 s drain bound,
+	// and the handover with it).
+	if stopped > 8*time.Second {
+		t.Fatalf("nodeA's daemon took %v to stop", stopped)
+	}
+	if ms > 5000 {
+		t.Fatalf("the service answered from nodeB %d ms after nodeA's stop began: the handover should take about one second", ms)
+	}
 }
