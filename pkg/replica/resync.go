@@ -430,27 +430,49 @@ func markMoved(local *listing, d *dirtySet) []string {
 
 // markBitmapCompared flags EntryRecent, in a resync that trusts bitmap d,
 // the regular files whose marks do not say what the peer holds under
-// their names, and returns their paths: those of markMoved, and every
-// file with marks (not made since: d.spans sends those whole) in a
-// directory with marks, whose entries may have changed while the peer
-// was away. There a file may have been renamed over the one the peer
-// holds under its name (`mv log.1 log.2` after log.1 was written): its
-// marks are changes to its own copy, which the peer holds under another
-// name, not to that file.
+// their names, and returns their paths:
+//   - those of markMoved;
+//   - every file with marks (not made since: d.spans sends those whole)
+//     in a directory with marks, whose entries may have changed while the
+//     peer was away: a file may have been renamed over the one the peer
+//     holds under its name (`mv log.1 log.2` after log.1 was written): its
+//     marks are changes to its own copy, which the peer holds under
+//     another name;
+//   - every file, with marks or not, under a directory that was moved
+//     (marks, and a ctime that is not its mtime: a rename moves the ctime,
+//     a change of its entries both), which may have been renamed over the
+//     directory the peer holds under its name (`rm -r b.2; mv b.1 b.2`).
 func markBitmapCompared(local *listing, d *dirtySet) []string {
 	paths := markMoved(local, d)
-	changed := map[string]bool{}
+	changed, moved := map[string]bool{}, map[string]bool{}
 	for i := range local.len() {
 		if e := local.at(i); e.mode.IsDir() && d.has(e.ino) {
 			changed[e.path] = true
+			if e.ctime != e.mtime && e.path != "." {
+				moved[e.path] = true
+			}
 		}
 	}
 	if len(changed) == 0 {
 		return paths
 	}
+	under := func(p string) bool {
+		for p = path.Dir(p); len(moved) > 0; p = path.Dir(p) {
+			if moved[p] {
+				return true
+			}
+			if p == "." || p == "/" {
+				return false
+			}
+		}
+		return false
+	}
 	return append(paths, markCompared(local, func(e *lentry) bool {
 		f := d.files[e.ino]
-		return f != nil && f.born == 0 && changed[path.Dir(e.path)]
+		if f != nil && f.born != 0 {
+			return false
+		}
+		return (f != nil && changed[path.Dir(e.path)]) || under(e.path)
 	})...)
 }
 
