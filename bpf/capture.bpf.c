@@ -17,9 +17,17 @@
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
-#define CHUNK_SHIFT 16
+// A chunk is the unit of a mark (see data()). 1 MiB: a sequential writer
+// of 64 KiB blocks finds most of its writes inside the extent its earlier
+// ones announced (a lookup, no record), where 64 KiB chunks cost a map
+// insert and a record for every block. A mark's extent is kept in 16-byte
+// units (MARK_SHIFT), so that it fits the 16-bit halves of the mark; the
+// records it emits are rounded out to them.
+#define CHUNK_SHIFT 20
 #define CHUNK_SIZE (1ULL << CHUNK_SHIFT)
-#define MAX_CHUNKS_PER_EVENT 40 // a 2 MiB large folio spans 32 chunks
+#define MARK_SHIFT (CHUNK_SHIFT - 16)
+#define MARK_UNIT (1ULL << MARK_SHIFT)
+#define MAX_CHUNKS_PER_EVENT 8 // a 2 MiB large folio spans 2 or 3 chunks
 #define PAGE_SHIFT_4K 12
 #define SUPPRESS_WINDOW_NS 5000000 // 5 ms: a task preempted in write_end
 
@@ -354,16 +362,18 @@ static __always_inline void flush_attrs(void)
 
 // A chunk mark is one 64-bit word, read and written whole: a 32-bit tag of
 // the key (hash elements are recycled, a lookup may return one that now
-// belongs to another key) and the announced extent [lo, hi) within the chunk.
+// belongs to another key) and the announced extent [lo, hi) within the
+// chunk, in MARK_UNITs.
 static __always_inline __u32 chunk_tag(struct chunk_key *k)
 {
 	__u64 h = k->ino * 0x9e3779b97f4a7c15ULL ^ k->chunk * 0xc2b2ae3d27d4eb4fULL ^ k->dev;
 	return (__u32)(h >> 32) | 1; // never 0
 }
 
+// pack takes lo and hi in bytes, multiples of MARK_UNIT, hi > lo.
 static __always_inline __u64 pack(__u32 tag, __u64 lo, __u64 hi)
 {
-	return (__u64)tag << 32 | lo << 16 | (hi - 1);
+	return (__u64)tag << 32 | (lo >> MARK_SHIFT) << 16 | ((hi >> MARK_SHIFT) - 1);
 }
 
 // data reports [pos, pos+len) of inode, coalesced per chunk. The mark is
@@ -392,10 +402,11 @@ static __always_inline void data(struct inode *inode, __u32 dev, __u8 kind,
 			return;
 		k.chunk = pos >> CHUNK_SHIFT;
 		base = k.chunk << CHUNK_SHIFT;
-		lo = pos - base;
+		lo = (pos - base) & ~(MARK_UNIT - 1);
 		hi = end - base;
 		if (hi > CHUNK_SIZE)
 			hi = CHUNK_SIZE;
+		hi = (hi + MARK_UNIT - 1) & ~(MARK_UNIT - 1);
 		nlo = lo;
 		nhi = hi;
 		tag = chunk_tag(&k);
@@ -403,16 +414,17 @@ static __always_inline void data(struct inode *inode, __u32 dev, __u8 kind,
 		if (v)
 			cur = *(volatile __u64 *)v;
 		if (v && (__u32)(cur >> 32) == tag) {
-			__u64 clo = (cur >> 16) & 0xffff, chi = (cur & 0xffff) + 1;
+			__u64 clo = ((cur >> 16) & 0xffff) << MARK_SHIFT, chi = ((cur & 0xffff) + 1) << MARK_SHIFT;
 
 			if (lo >= clo && hi <= chi)
 				goto next;
 			if (!kind)
 				kind = data_kind(inode);
 			if (lo > chi || hi < clo) {
-				// Disjoint from the mark: report exactly these
-				// bytes and leave the mark as it is, so that no
-				// gap between the two is ever shipped.
+				// Disjoint from the mark: report these bytes
+				// (rounded out to MARK_UNITs) and leave the mark
+				// as it is, so that no gap between the two is
+				// ever shipped.
 				if (emit(inode, dev, kind, hook, base + lo, hi - lo))
 					return;
 				goto next;

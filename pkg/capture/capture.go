@@ -51,8 +51,9 @@ func (k Kind) String() string {
 // maxWatched is MAX_WATCHED in bpf/capture.bpf.c.
 const maxWatched = 8
 
-// ChunkShift is log2 of the in-kernel coalescing chunk.
-const ChunkShift = 16
+// ChunkShift is log2 of the in-kernel coalescing chunk (CHUNK_SHIFT in
+// bpf/capture.bpf.c).
+const ChunkShift = 20
 
 // Record is one change reported by the kernel.
 type Record struct {
