@@ -2,7 +2,7 @@
 
 // duet capture: tracepoint programs that report which byte ranges and which
 // inodes changed on the watched filesystems. Records are coalesced in the
-// kernel per 64 KiB chunk so that sequential writes cost a few records per
+// kernel per 1 MiB chunk so that sequential writes cost a few records per
 // chunk, while isolated small writes still report their exact bytes.
 //
 // Every record is emitted after the change is visible to a reader (write_end,
@@ -21,13 +21,15 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 // of 64 KiB blocks finds most of its writes inside the extent its earlier
 // ones announced (a lookup, no record), where 64 KiB chunks cost a map
 // insert and a record for every block. A mark's extent is kept in 16-byte
-// units (MARK_SHIFT), so that it fits the 16-bit halves of the mark; the
-// records it emits are rounded out to them.
+// units (MARK_SHIFT), so that it fits the 16-bit halves of the mark,
+// rounded in: a mark never claims a byte its record does not cover, and
+// records carry the exact bytes (rounded out, a short file's record went
+// past its end, and the pass retried it as bytes beyond EOF for 2 s).
 #define CHUNK_SHIFT 20
 #define CHUNK_SIZE (1ULL << CHUNK_SHIFT)
 #define MARK_SHIFT (CHUNK_SHIFT - 16)
 #define MARK_UNIT (1ULL << MARK_SHIFT)
-#define MAX_CHUNKS_PER_EVENT 8 // a 2 MiB large folio spans 2 or 3 chunks
+#define MAX_CHUNKS_PER_EVENT 8 // a 2 MiB large folio spans 2 chunks
 #define PAGE_SHIFT_4K 12
 #define SUPPRESS_WINDOW_NS 5000000 // 5 ms: a task preempted in write_end
 
@@ -363,7 +365,7 @@ static __always_inline void flush_attrs(void)
 // A chunk mark is one 64-bit word, read and written whole: a 32-bit tag of
 // the key (hash elements are recycled, a lookup may return one that now
 // belongs to another key) and the announced extent [lo, hi) within the
-// chunk, in MARK_UNITs.
+// chunk, in MARK_UNITs, rounded in (within its record's extent).
 static __always_inline __u32 chunk_tag(struct chunk_key *k)
 {
 	__u64 h = k->ino * 0x9e3779b97f4a7c15ULL ^ k->chunk * 0xc2b2ae3d27d4eb4fULL ^ k->dev;
@@ -402,11 +404,10 @@ static __always_inline void data(struct inode *inode, __u32 dev, __u8 kind,
 			return;
 		k.chunk = pos >> CHUNK_SHIFT;
 		base = k.chunk << CHUNK_SHIFT;
-		lo = (pos - base) & ~(MARK_UNIT - 1);
+		lo = pos - base;
 		hi = end - base;
 		if (hi > CHUNK_SIZE)
 			hi = CHUNK_SIZE;
-		hi = (hi + MARK_UNIT - 1) & ~(MARK_UNIT - 1);
 		nlo = lo;
 		nhi = hi;
 		tag = chunk_tag(&k);
@@ -420,19 +421,20 @@ static __always_inline void data(struct inode *inode, __u32 dev, __u8 kind,
 				goto next;
 			if (!kind)
 				kind = data_kind(inode);
-			if (lo > chi || hi < clo) {
-				// Disjoint from the mark: report these bytes
-				// (rounded out to MARK_UNITs) and leave the mark
-				// as it is, so that no gap between the two is
-				// ever shipped.
+			if (lo >= chi + MARK_UNIT || hi + MARK_UNIT <= clo) {
+				// Apart from the mark: report exactly these
+				// bytes and leave the mark as it is, so that no
+				// gap between the two is ever shipped.
 				if (emit(inode, dev, kind, hook, base + lo, hi - lo))
 					return;
 				goto next;
 			}
-			// Touching or overlapping: one contiguous extent. A run
-			// growing past the mark's end is most likely sequential:
-			// announce as far ahead as it already reaches, so a
-			// sequential writer costs a few records per chunk.
+			// Touching or overlapping (the mark, rounded in, may end
+			// up to a unit short of its record): one contiguous
+			// extent. A run growing past the mark's end is most
+			// likely sequential: announce as far ahead as it already
+			// reaches, so a sequential writer costs a few records per
+			// chunk.
 			nlo = lo < clo ? lo : clo;
 			nhi = hi > chi ? hi : chi;
 			if (hi > chi) {
@@ -440,15 +442,21 @@ static __always_inline void data(struct inode *inode, __u32 dev, __u8 kind,
 				if (nhi > CHUNK_SIZE)
 					nhi = CHUNK_SIZE;
 			}
-			packed = pack(tag, nlo, nhi);
+			// Holds the old mark, so not empty rounded in.
+			packed = pack(tag, (nlo + MARK_UNIT - 1) & ~(MARK_UNIT - 1), nhi & ~(MARK_UNIT - 1));
 			if (bpf_map_update_elem(&chunks, &k, &packed, BPF_EXIST))
 				bpf_map_update_elem(&chunks, &k, &packed, BPF_NOEXIST);
 		} else {
+			__u64 mlo = (nlo + MARK_UNIT - 1) & ~(MARK_UNIT - 1), mhi = nhi & ~(MARK_UNIT - 1);
+
 			if (!kind)
 				kind = data_kind(inode);
-			packed = pack(tag, nlo, nhi);
-			if (bpf_map_update_elem(&chunks, &k, &packed, BPF_NOEXIST))
-				bpf_map_update_elem(&chunks, &k, &packed, BPF_ANY);
+			// Too short to hold a whole unit: no mark, a record only.
+			if (mhi > mlo) {
+				packed = pack(tag, mlo, mhi);
+				if (bpf_map_update_elem(&chunks, &k, &packed, BPF_NOEXIST))
+					bpf_map_update_elem(&chunks, &k, &packed, BPF_ANY);
+			}
 		}
 		if (emit(inode, dev, kind, hook, base + nlo, nhi - nlo)) {
 			// No record for this mark: drop it (the file is marked

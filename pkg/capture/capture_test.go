@@ -126,7 +126,7 @@ func TestForgetChunksSkipsMissing(t *testing.T) {
 }
 
 // TestChunkCoalescing checks the in-kernel contract: a sequential writer
-// costs a few records per 64 KiB chunk while every byte stays covered, and
+// costs a few records per 1 MiB chunk while every byte stays covered, and
 // small disjoint writes in one chunk are reported exactly (no gap; on
 // btrfs, their blocks).
 func TestChunkCoalescing(t *testing.T) { onEachFS(t, testChunkCoalescing) }
@@ -151,7 +151,23 @@ func testChunkCoalescing(t *testing.T, fstype string, mib int) {
 	syscall.Fstat(int(sc.Fd()), &scSt)
 	sc.Close()
 
-	var seqRecs int
+	// A log: 100-byte appends (not a multiple of the marks' 16-byte
+	// units, so each ends inside one). And a file of 6 bytes.
+	lg, _ := os.Create(filepath.Join(fs.Mount, "log"))
+	line := make([]byte, 100)
+	for range 50 {
+		lg.Write(line)
+	}
+	var lgSt syscall.Stat_t
+	syscall.Fstat(int(lg.Fd()), &lgSt)
+	lg.Close()
+	os.WriteFile(filepath.Join(fs.Mount, "tiny"), []byte("hello\n"), 0o644)
+	var tinySt syscall.Stat_t
+	syscall.Stat(filepath.Join(fs.Mount, "tiny"), &tinySt)
+
+	var seqRecs, logRecs int
+	logCovered := make([]bool, 5000)
+	var tiny [][2]uint64
 	covered := make([]bool, 1<<20)
 	var scattered [][2]uint64
 	for _, r := range collect(t, c) {
@@ -163,6 +179,15 @@ func testChunkCoalescing(t *testing.T, fstype string, mib int) {
 			seqRecs++
 			for b := r.Pos; b < r.Pos+r.Len && b < 1<<20; b++ {
 				covered[b] = true
+			}
+		case lgSt.Ino:
+			logRecs++
+			for b := r.Pos; b < r.Pos+r.Len && b < 5000; b++ {
+				logCovered[b] = true
+			}
+		case tinySt.Ino:
+			if r.Pos < uint64(tinySt.Size) { // XFS: a tail from the size, as below
+				tiny = append(tiny, [2]uint64{r.Pos, r.Pos + r.Len})
 			}
 		case scSt.Ino:
 			// XFS trims its preallocation past EOF at close: a
@@ -183,8 +208,25 @@ func testChunkCoalescing(t *testing.T, fstype string, mib int) {
 		t.Fatalf("sequential 1 MiB in 4 KiB writes: %d records, want at most %d", seqRecs, 16)
 	}
 	t.Logf("sequential 1 MiB in 256 writes: %d records", seqRecs)
-	// The bytes written, rounded out to the marks' 16-byte units.
-	want := [][2]uint64{{992, 1104}, {30000, 30112}}
+	for b, ok := range logCovered {
+		if !ok {
+			t.Fatalf("appends of 100 bytes: byte %d not covered by any record", b)
+		}
+	}
+	// Each append touches the mark (rounded in, it ends up to 15 bytes
+	// short of its record): a run, announced ahead, not 50 records.
+	if logRecs > 20 {
+		t.Fatalf("50 appends of 100 bytes: %d records, want a run of a few", logRecs)
+	}
+	t.Logf("50 appends of 100 bytes: %d records", logRecs)
+	if fstype != "btrfs" && (len(tiny) != 1 || tiny[0] != [2]uint64{0, 6}) {
+		// (btrfs names the block.) Past the end, the pass retried the
+		// file as bytes beyond EOF for 2 s.
+		t.Fatalf("a file of 6 bytes reported as %v, want exactly [0 6]", tiny)
+	}
+	// Exactly the bytes written: a record rounded out to the marks'
+	// 16-byte units went past a short file's end.
+	want := [][2]uint64{{1000, 1100}, {30000, 30100}}
 	if fstype == "btrfs" {
 		// btrfs's hook names the blocks a write dirtied, not its bytes.
 		want = [][2]uint64{{0, 4096}, {28672, 32768}}
