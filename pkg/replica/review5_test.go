@@ -6,18 +6,7 @@ import (
 	"testing"
 
 	"github.com/duet-ha/duet/pkg/capture"
-	"golang.org/x/sys/unix"
 )
-
-// inoOfPath is the inode number of p.
-func inoOfPath(t *testing.T, p string) uint64 {
-	t.Helper()
-	var st unix.Stat_t
-	if err := unix.Stat(p, &st); err != nil {
-		t.Fatal(err)
-	}
-	return st.Ino
-}
 
 // TestResyncBitmapWrittenThenRenamedOver: log rotation while the peer was
 // away. log.1 was appended to, then renamed over log.2 (`mv log.1
@@ -40,7 +29,7 @@ func TestResyncBitmapWrittenThenRenamedOver(t *testing.T) {
 	}
 	f.Write(make([]byte, 1000))
 	f.Close()
-	moved := inoOfPath(t, filepath.Join(src, "log.1"))
+	moved := inoOf(t, filepath.Join(src, "log.1"))
 	if err := os.Rename(filepath.Join(src, "log.1"), filepath.Join(src, "log.2")); err != nil {
 		t.Fatal(err)
 	}
@@ -69,7 +58,7 @@ func TestResyncBitmapMadeAnewSparse(t *testing.T) {
 	}
 	g.WriteAt(make([]byte, 100), 8192)
 	g.Close()
-	ino := inoOfPath(t, filepath.Join(src, "f"))
+	ino := inoOf(t, filepath.Join(src, "f"))
 	d := attrMarks(t, src)
 	d.record(&capture.Record{Kind: capture.KindNew, Ino: ino}, 2)
 	d.record(&capture.Record{Kind: capture.KindData, Ino: ino, Pos: 8192, Len: 100}, 3)

@@ -66,7 +66,7 @@ func TestResyncBitmapWrittenThenParentRenamedOver(t *testing.T) {
 	}
 	f.Write(make([]byte, 1000))
 	f.Close()
-	ino := inoOfPath(t, filepath.Join(src, "b.1/d/f"))
+	ino := inoOf(t, filepath.Join(src, "b.1/d/f"))
 	ago := time.Now().Add(-time.Hour) // b.1 made well before, as above
 	os.Chtimes(filepath.Join(src, "b.1"), ago, ago)
 	if err := os.RemoveAll(filepath.Join(src, "b.2")); err != nil {
@@ -105,7 +105,7 @@ func TestResyncBitmapDbPageNotReadWhole(t *testing.T) {
 	f.WriteAt(make([]byte, 4096), 1<<20)
 	f.Close()
 	os.Remove(jp)
-	ino := inoOfPath(t, filepath.Join(src, "db"))
+	ino := inoOf(t, filepath.Join(src, "db"))
 	d := attrMarks(t, src, filepath.Join(src, "db")) // the root's entries, db's mtime
 	d.record(&capture.Record{Kind: capture.KindData, Ino: ino, Pos: 1 << 20, Len: 4096}, 2)
 	root, _ := scanSource(t, src)
