@@ -24,7 +24,7 @@ type noKernel struct{}
 
 func (noKernel) ForgetChunks([]capture.CaptureChunkKey) error { return nil }
 func (noKernel) ForgetAttr(capture.InodeKey)                  {}
-func (noKernel) Drain()                                       {}
+func (noKernel) Drain() error                                 { return nil }
 func (noKernel) Seq() uint64                                  { return 0 }
 
 // streamingPrimary is a Primary of an empty directory streaming to a

@@ -986,22 +986,25 @@ func (k kernel) Seq() uint64 {
 // read in turn; a lost record leaves a mark instead, which the barrier
 // must see before it picks its target (the 50 ms watcher alone would let
 // the durability call return before the lost write was shipped). Bounded
-// by drainTimeout, in case the reader stopped: past it the barrier's
-// target misses the records not read yet, which is said in the log.
-func (k kernel) Drain() {
+// by drainTimeout, in case the reader is stuck: past it the barrier's
+// target misses the records not read yet, which is said in the log. Once
+// the term's capture stopped reading (stopPrimary), the records not read
+// never will be: an error, and the durability call fails (it returned
+// "ok", its change shipped nowhere, while the node handed over).
+func (k kernel) Drain() error {
 	c := k.capture()
 	if c == nil {
-		return
+		return errNoCapture
 	}
 	n := k.n
 	ctr, err := c.Counters()
 	if err != nil {
-		return
+		return err
 	}
 	n.takeOverflow(c, ctr.Lost)
 	target := ctr.Seq
 	if n.dispatched.Load() >= target {
-		return
+		return nil
 	}
 	// Registered before the check under the lock: a record dispatched
 	// after it wakes this waiter (a sleep-and-poll loop costs a timer
@@ -1017,16 +1020,27 @@ func (k kernel) Drain() {
 		n.drainMu.Unlock()
 	})
 	defer t.Stop()
+	stopped := false
 	n.drainMu.Lock()
-	for n.dispatched.Load() < target && !timedOut && !c.Stopped() {
+	for n.dispatched.Load() < target && !timedOut {
+		if stopped = c.Stopped(); stopped {
+			break
+		}
 		n.drained.Wait()
 	}
 	n.drainMu.Unlock()
+	if stopped {
+		return errNoCapture
+	}
 	if timedOut {
 		n.log.Warn("capture reader behind by more than the drain timeout: a durability call goes on without its last records",
 			"behind", target-n.dispatched.Load(), "timeout", drainTimeout)
 	}
+	return nil
 }
+
+// errNoCapture: the term's capture no longer reads records.
+var errNoCapture = errors.New("the capture stopped reading: this node is leaving the primary role")
 
 // drainTimeout bounds Drain. It was 1 s: a reader that much behind (a
 // loaded host, a burst of records) let a barrier's target miss writes

@@ -44,7 +44,7 @@ func (k *gateKernel) ForgetChunks(keys []capture.CaptureChunkKey) error {
 }
 func (k *gateKernel) ForgetAttr(capture.InodeKey) {}
 func (k *gateKernel) Seq() uint64                 { return 0 }
-func (k *gateKernel) Drain()                      {}
+func (k *gateKernel) Drain() error                { return nil }
 
 // A buffered write is reported (write_end) before it moves the file's
 // size, and a sequential one is announced ahead of the pages it has

@@ -38,8 +38,10 @@ type Kernel interface {
 	ForgetChunks([]capture.CaptureChunkKey) error
 	ForgetAttr(capture.InodeKey)
 	// Drain returns once every record emitted before the call has been
-	// handed to the primaries.
-	Drain()
+	// handed to the primaries, or with an error if they never will be
+	// (the term's capture stopped reading): a durability call must then
+	// not be answered as if its change were covered.
+	Drain() error
 	// Seq is the sequence of the last record emitted.
 	Seq() uint64
 }

@@ -206,7 +206,14 @@ func (d *dirtySet) attrOnly(ino uint64) bool {
 	return f != nil && f.attr != 0 && len(f.chunks) == 0 && f.tailTouch == 0 && f.whole == 0
 }
 
-const dirtyMagic = "DUETDIRTY1"
+// dirtyMagic heads a saved bitmap. DUETDIRTY2 added the born mark (flag
+// 8): a build that knows only DUETDIRTY1 refuses it (and compares the
+// files changed since the sync point) rather than reading a born file as
+// an ordinary one; DUETDIRTY1 files, without born marks, are still read.
+const (
+	dirtyMagic   = "DUETDIRTY2"
+	dirtyMagicV1 = "DUETDIRTY1"
+)
 
 // save writes the set durably to path, relative to generation base.
 func (d *dirtySet) save(path string, base uint64) error {
@@ -262,7 +269,7 @@ func loadDirty(path string) (*dirtySet, uint64, error) {
 		return nil, 0, err
 	}
 	n := len(b)
-	if n < len(dirtyMagic)+8+1+4 || string(b[:len(dirtyMagic)]) != dirtyMagic ||
+	if n < len(dirtyMagic)+8+1+4 || (string(b[:len(dirtyMagic)]) != dirtyMagic && string(b[:len(dirtyMagicV1)]) != dirtyMagicV1) ||
 		crc32.Checksum(b[:n-4], castagnoli) != binary.LittleEndian.Uint32(b[n-4:]) {
 		return nil, 0, fmt.Errorf("%s: %w", path, errDirtyDamaged)
 	}

@@ -1,7 +1,9 @@
 package replica
 
 import (
+	"encoding/binary"
 	"errors"
+	"hash/crc32"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -100,6 +102,15 @@ func TestDirtySetSaveLoad(t *testing.T) {
 	}
 	if got.bytes() != d.bytes() {
 		t.Fatalf("bytes %d, want %d", got.bytes(), d.bytes())
+	}
+	// A bitmap saved by a build before the born mark (DUETDIRTY1) is
+	// still read.
+	v1, _ := os.ReadFile(path)
+	copy(v1, dirtyMagicV1)
+	v1 = binary.LittleEndian.AppendUint32(v1[:len(v1)-4], crc32.Checksum(v1[:len(v1)-4], castagnoli))
+	os.WriteFile(path+".v1", v1, 0o600)
+	if _, _, err := loadDirty(path + ".v1"); err != nil {
+		t.Fatalf("a DUETDIRTY1 bitmap: %v", err)
 	}
 	// A damaged file is refused, never half-used.
 	b, _ := os.ReadFile(path)

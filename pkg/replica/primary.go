@@ -742,7 +742,7 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 		}
 		takeAt := time.Now()
 		if kernel != nil {
-			kernel.Drain()
+			kernel.Drain() // short only when the term ends (ctx)
 		}
 		p.mu.Lock()
 		files := p.j.Take(time.Now())
@@ -1091,7 +1091,10 @@ func (p *Primary) WaitShipped(ctx context.Context, kernel Kernel, rel Release) e
 		p.mu.Unlock()
 	}()
 	if kernel != nil {
-		kernel.Drain()
+		if err := kernel.Drain(); err != nil {
+			// The change may be in no record the primaries will see.
+			return fmt.Errorf("%w: %v", ErrClosed, err)
+		}
 	}
 	drained := time.Now()
 	p.Stages.Observe(latency.Drain, drained.Sub(start))

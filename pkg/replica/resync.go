@@ -721,8 +721,8 @@ func (p *Primary) keeper(ctx context.Context, kernel Kernel) {
 // must compare from.
 func (p *Primary) moveSyncPoint(kernel Kernel) {
 	t0 := time.Now()
-	if kernel != nil {
-		kernel.Drain()
+	if kernel != nil && kernel.Drain() != nil {
+		return // changes before t0 may be in no record: the point stays
 	}
 	p.mu.Lock()
 	p.clearDirty(true)

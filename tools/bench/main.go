@@ -368,15 +368,17 @@ func (b *bench) status() node.Status {
 func (b *bench) fioFile() string { return filepath.Join(b.lab, "a/data/fio.dat") }
 
 // fio runs a buffered sequential write of 64 KiB blocks over the file
-// fioLayout made on nodeA's filesystem, and returns bytes per second.
+// the throughput rows laid out on nodeA's filesystem, and returns bytes
+// per second.
 func (b *bench) fio(size string) float64 {
 	// Start every measurement from the same state: no dirty pages of an
 	// earlier run being written back (through the loop device and the
-	// host's own cache) while this one runs, the file's pages in the
-	// page cache. A new file's pages come from memory this VM's host may
-	// have taken back (its balloon reports freed pages): the same run
-	// went from 1.3 to 6.4 GB/s, wider than the 5 % the figure must
-	// resolve. Written over, it varies by 1 or 2 %.
+	// host's own cache) while this one runs. fio drops the file's cached
+	// pages before it writes (its invalidate option), so each run fills
+	// the page cache anew, over blocks already allocated. A new file each
+	// time (allocated, and the last one's removed just before) made the
+	// same run range from 1.3 to 6.4 GB/s, wider than the 5 % the figure
+	// must resolve; written over, it varies by 1 or 2 %.
 	exec.Command("sync").Run()
 	out, err := exec.Command("fio", "--name=seqwrite", "--filename="+b.fioFile(), "--rw=write", "--bs=64k",
 		"--size="+size, "--ioengine=psync", "--output-format=json").Output()
@@ -404,7 +406,7 @@ func (b *bench) throughput(runs int) []Figure {
 	if b.quick {
 		size = "64m"
 	}
-	capOnly := Figure{Name: "capture overhead: buffered sequential write over a file in the page cache (fio, 64 KiB blocks, " + size + "), duet capturing / no duet",
+	capOnly := Figure{Name: "capture overhead: buffered sequential write over a laid-out file (fio, 64 KiB blocks, " + size + "), duet capturing / no duet",
 		Target: "≥ 0.95", Unit: "MB/s", Note: "nodeB stopped: duet captures and journals, ships nothing; each run A-B-B-A, each side the mean of its two fio runs"}
 	repl := Figure{Name: "same, duet capturing and replicating / no duet",
 		Target: "(none yet)", Met: true, Unit: "MB/s",
