@@ -66,8 +66,6 @@ type linkBenchResult struct {
 
 func runLinkBench(b *testing.B, plaintext bool, streamBytes, syncs int) linkBenchResult {
 	b.Helper()
-	b.StopTimer()
-	defer b.StartTimer()
 	lk := newTestLink([]byte("0123456789abcdef"), plaintext)
 	sec := newTestSecondaryLink(b, filepath.Join(b.TempDir(), "state"), lk, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	var sb [8]byte

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"hash/crc32"
 	"io"
@@ -637,7 +638,6 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 	defer bg.Wait()
 	var bgRunning atomic.Bool
 	br := bufio.NewReaderSize(c, 1<<20)
-	var buf, scratch []byte
 	// Batches are applied and acknowledged as they come; they are made
 	// durable when the primary asks (a sync frame: a barrier waits) and
 	// when the connection ends. In between the kernel writes them back
@@ -681,8 +681,18 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 	if peerlink.Sealed(c) && !s.unsealed {
 		read = wire.ReadSealedFrame
 	}
+	// The frame after a large batch is read (decrypted, checked) and
+	// decoded while this goroutine applies the batch: a TLS link's cost
+	// runs beside the applying instead of before it.
+	ahead := newFrameReader(br, read)
 	for ctx.Err() == nil {
-		f, err := read(br, buf)
+		rf := ahead.next()
+		f, ops, err := rf.f, rf.ops, rf.err
+		if err == nil && !s.accept.Load() {
+			// This node stopped being a replica while frames were read
+			// ahead: none of them is applied.
+			err = errNotAccepting
+		}
 		if err != nil && !s.accept.Load() {
 			// Ended by this node (it stops, or serves): what it applied
 			// goes to disk and the primary hears so.
@@ -696,7 +706,6 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 			s.Log.Info("replication disconnected", "dir", d.Name, "err", err)
 			return
 		}
-		buf = f.Payload[:0]
 		if f.Flags&wire.FlagSealed != 0 {
 			s.sealed.Add(1)
 		}
@@ -790,20 +799,8 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 			wire.WriteFrame(lc, &wire.Frame{Type: wire.TypeAck, Seq: r.applied})
 			continue // already applied before a reconnect
 		}
-		p, err := wire.Payload(&f, scratch)
-		if err != nil {
-			s.refuse(lc, st, d, fmt.Errorf("batch %d: %w", f.Seq, err))
-			return
-		}
-		if f.Flags&wire.FlagZstd != 0 {
-			// Keep the decompression buffer. An uncompressed payload is
-			// the frame buffer itself: decompressing the next frame
-			// into it would overwrite that frame's input as it decodes.
-			scratch = p[:0]
-		}
-		ops, err := wire.DecodeOps(p)
-		if err != nil {
-			s.refuse(lc, st, d, fmt.Errorf("batch %d: %w", f.Seq, err))
+		if rf.decodeErr != nil {
+			s.refuse(lc, st, d, fmt.Errorf("batch %d: %w", f.Seq, rf.decodeErr))
 			return
 		}
 		applyStart := time.Now()
@@ -872,6 +869,95 @@ func (s *Server) distrust(r *replicaState, ms *MetaStore, d Dir) {
 			s.Log.Error("marking the copy inconsistent", "dir", d.Name, "err", err)
 		}
 	}
+}
+
+// errNotAccepting ends a replication connection whose next frame came
+// after this node stopped being a replica.
+var errNotAccepting = errors.New("this node is no longer a replica")
+
+// aheadMin is the smallest frame (its bytes on the wire) whose applying
+// the reading of the next frame runs beside. Below it the next frame is
+// read after, in the same goroutine: handing a frame between goroutines
+// costs more than a small batch's applying (tens of µs on a synchronous
+// write's path), a large batch's applying and the next frame's reading
+// (decrypting, checking, decompressing) are both costly.
+const aheadMin = 64 << 10
+
+// aheadSlot holds one frame: its buffer, and its batch's decompressed
+// payload, which the batch's ops point into.
+type aheadSlot struct {
+	buf, scratch []byte
+}
+
+// aheadFrame is a frame read, its batch decoded; err is the read's.
+type aheadFrame struct {
+	f         wire.Frame
+	ops       []wire.Op
+	decodeErr error
+	err       error
+}
+
+// frameReader reads a replication connection's frames in order, the next
+// one beside the applying of a large one (see aheadMin). Two slots: the
+// frame last returned, whose payload and ops stay valid until the next
+// call, and the one read into.
+type frameReader struct {
+	br      *bufio.Reader
+	read    func(io.Reader, []byte) (wire.Frame, error)
+	slots   [2]aheadSlot
+	cur     int             // the slot of the frame last returned
+	pending chan aheadFrame // a read in progress into the other slot, or nil
+}
+
+func newFrameReader(br *bufio.Reader, read func(io.Reader, []byte) (wire.Frame, error)) *frameReader {
+	return &frameReader{br: br, read: read}
+}
+
+// readInto reads the next frame into sl and decodes its batch.
+func (fr *frameReader) readInto(sl *aheadSlot) aheadFrame {
+	f, err := fr.read(fr.br, sl.buf)
+	a := aheadFrame{f: f, err: err}
+	if err != nil {
+		return a
+	}
+	sl.buf = f.Payload[:0]
+	if f.Type != wire.TypeBatch {
+		return a
+	}
+	p, err := wire.Payload(&f, sl.scratch)
+	if err != nil {
+		a.decodeErr = err
+		return a
+	}
+	if f.Flags&wire.FlagZstd != 0 {
+		// Keep the decompression buffer. An uncompressed payload is the
+		// frame buffer itself: decompressing the slot's next frame into
+		// it would overwrite that frame's input as it decodes.
+		sl.scratch = p[:0]
+	}
+	a.ops, a.decodeErr = wire.DecodeOps(p)
+	return a
+}
+
+// next returns the next frame, with its batch's ops and their decoding's
+// error, or the read's error. What it returned before (payload, ops) is
+// no longer valid. A large frame's successor is read meanwhile.
+func (fr *frameReader) next() aheadFrame {
+	var a aheadFrame
+	if fr.pending != nil {
+		a = <-fr.pending
+		fr.pending = nil
+	} else {
+		a = fr.readInto(&fr.slots[1-fr.cur])
+	}
+	fr.cur = 1 - fr.cur
+	if a.err == nil && a.f.Type == wire.TypeBatch && len(a.f.Payload) >= aheadMin {
+		// Read on while the caller applies this one. The goroutine ends
+		// with its read: at the latest when the connection is closed.
+		fr.pending = make(chan aheadFrame, 1)
+		go func(sl *aheadSlot, done chan<- aheadFrame) { done <- fr.readInto(sl) }(&fr.slots[1-fr.cur], fr.pending)
+	}
+	return a
 }
 
 // lockedConn serialises writes to a replication connection: each Write
