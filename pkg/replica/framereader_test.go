@@ -7,6 +7,10 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
 	"testing"
 	"time"
 
@@ -77,5 +81,70 @@ func TestFrameReaderOrderAndBuffers(t *testing.T) {
 	rf := fr.next()
 	if rf.err == nil || !errors.Is(rf.err, io.ErrUnexpectedEOF) && !errors.Is(rf.err, wire.ErrBadFrame) {
 		t.Fatalf("after the last whole frame: err %v, want the torn frame's", rf.err)
+	}
+}
+
+// A frame read (ahead) while a large batch applies, after SetAccept(false),
+// is not applied; the last durable ack covers only the large batch.
+func TestFrameReadAheadNotAppliedAfterAcceptOff(t *testing.T) {
+	s := newTestSecondary(t, filepath.Join(t.TempDir(), "state"))
+	p := s.connect(t, 7)
+	var ops []wire.Op
+	for i := range 3000 {
+		ops = append(ops, wire.Op{Code: wire.OpCreate, Path: fmt.Sprintf("f%05d_%s", i, strings.Repeat("x", 90)), Mode: 0o644})
+	}
+	p.batch(1, ops...)
+	p.batch(2, wire.Op{Code: wire.OpCreate, Path: "late", Mode: 0o644})
+	ch := p.next()
+	time.Sleep(30 * time.Millisecond)
+	select {
+	case g := <-ch:
+		t.Skipf("batch 1 (3000 creates) was applied within 30 ms, before SetAccept(false) could come during it: %v %v", g.f.Type, g.f.Seq)
+	default:
+	}
+	s.SetAccept(false)
+	g := <-ch
+	t.Logf("1st: %s seq %d flags %#x err %v", g.f.Type, g.f.Seq, g.f.Flags, g.err)
+	for {
+		f, err := p.read()
+		if err != nil {
+			t.Logf("end: %v", err)
+			break
+		}
+		t.Logf("then: %s seq %d flags %#x", f.Type, f.Seq, f.Flags)
+	}
+	if _, err := os.Lstat(filepath.Join(s.data, "late")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("batch 2 applied after SetAccept(false): %v", err)
+	}
+}
+
+// After a large batch is refused (apply error), the prefetch goroutine,
+// blocked in a read, ends: handle closes the connection.
+func TestFrameReadAheadEndsWithConnection(t *testing.T) {
+	s := newTestSecondary(t, filepath.Join(t.TempDir(), "state"))
+	p := s.connect(t, 7)
+	var ops []wire.Op
+	for i := range 1000 {
+		ops = append(ops, wire.Op{Code: wire.OpCreate, Path: fmt.Sprintf("f%05d_%s", i, strings.Repeat("x", 90)), Mode: 0o644})
+	}
+	ops = append(ops, wire.Op{Code: wire.OpRename, Path: "missing", Path2: "other"})
+	p.batch(1, ops...)
+	f, err := p.read()
+	t.Logf("got %s %q %v", f.Type, f.Payload, err)
+	// The primary keeps the connection open and sends nothing.
+	deadline := time.Now().Add(2 * time.Second)
+	for {
+		buf := make([]byte, 1<<20)
+		st := string(buf[:runtime.Stack(buf, true)])
+		if !strings.Contains(st, "readInto") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("prefetch goroutine still running:\n%s", st)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if _, err := p.read(); err == nil {
+		t.Fatal("connection still open")
 	}
 }

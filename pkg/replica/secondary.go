@@ -875,12 +875,12 @@ func (s *Server) distrust(r *replicaState, ms *MetaStore, d Dir) {
 // after this node stopped being a replica.
 var errNotAccepting = errors.New("this node is no longer a replica")
 
-// aheadMin is the smallest frame (its bytes on the wire) whose applying
-// the reading of the next frame runs beside. Below it the next frame is
-// read after, in the same goroutine: handing a frame between goroutines
-// costs more than a small batch's applying (tens of µs on a synchronous
-// write's path), a large batch's applying and the next frame's reading
-// (decrypting, checking, decompressing) are both costly.
+// aheadMin is the smallest frame (its payload as sent, compressed or not)
+// whose applying the reading of the next frame runs beside. Below it the
+// next frame is read after, in the same goroutine: handing a frame
+// between goroutines costs more than a small batch's applying (tens of µs
+// on a synchronous write's path); a large batch's applying and the next
+// frame's reading (decrypting, checking, decompressing) are both costly.
 const aheadMin = 64 << 10
 
 // aheadSlot holds one frame: its buffer, and its batch's decompressed
