@@ -84,16 +84,22 @@ func TestFrameReaderOrderAndBuffers(t *testing.T) {
 	}
 }
 
+// manyCreates is a batch's n creates of long names: a batch of over 64 KiB
+// (aheadMin) that takes a while to apply.
+func manyCreates(n int) []wire.Op {
+	ops := make([]wire.Op, 0, n)
+	for i := range n {
+		ops = append(ops, wire.Op{Code: wire.OpCreate, Path: fmt.Sprintf("f%05d_%s", i, strings.Repeat("x", 90)), Mode: 0o644})
+	}
+	return ops
+}
+
 // A frame read (ahead) while a large batch applies, after SetAccept(false),
 // is not applied; the last durable ack covers only the large batch.
 func TestFrameReadAheadNotAppliedAfterAcceptOff(t *testing.T) {
 	s := newTestSecondary(t, filepath.Join(t.TempDir(), "state"))
 	p := s.connect(t, 7)
-	var ops []wire.Op
-	for i := range 3000 {
-		ops = append(ops, wire.Op{Code: wire.OpCreate, Path: fmt.Sprintf("f%05d_%s", i, strings.Repeat("x", 90)), Mode: 0o644})
-	}
-	p.batch(1, ops...)
+	p.batch(1, manyCreates(3000)...)
 	p.batch(2, wire.Op{Code: wire.OpCreate, Path: "late", Mode: 0o644})
 	ch := p.next()
 	time.Sleep(30 * time.Millisecond)
@@ -123,11 +129,7 @@ func TestFrameReadAheadNotAppliedAfterAcceptOff(t *testing.T) {
 func TestFrameReadAheadEndsWithConnection(t *testing.T) {
 	s := newTestSecondary(t, filepath.Join(t.TempDir(), "state"))
 	p := s.connect(t, 7)
-	var ops []wire.Op
-	for i := range 1000 {
-		ops = append(ops, wire.Op{Code: wire.OpCreate, Path: fmt.Sprintf("f%05d_%s", i, strings.Repeat("x", 90)), Mode: 0o644})
-	}
-	ops = append(ops, wire.Op{Code: wire.OpRename, Path: "missing", Path2: "other"})
+	ops := append(manyCreates(1000), wire.Op{Code: wire.OpRename, Path: "missing", Path2: "other"})
 	p.batch(1, ops...)
 	f, err := p.read()
 	t.Logf("got %s %q %v", f.Type, f.Payload, err)
