@@ -159,6 +159,15 @@ start() {
 	die "duet on ${NODE[$h]} did not come up"
 }
 
+# gone PID HOST: wait until a SIGKILLed duet is gone for good, its sockets
+# released, before anything restarts it. That takes seconds: the kernel
+# detaches its BPF links one by one as it closes them (2.6-2.9 s for the
+# ~85 links here), and the peer port stays bound until then.
+gone() {
+	for _ in $(seq 3000); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.01; done
+	die "duet on ${NODE[$2]} (pid $1) still exists 30 s after SIGKILL"
+}
+
 stop() {
 	host "$1"
 	[ -f "$LAB/$1.pid" ] || return 0
@@ -167,6 +176,7 @@ stop() {
 	kill "$pid" 2>/dev/null || true
 	for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
 	kill -9 "$pid" 2>/dev/null || true
+	gone "$pid" "$1"
 	rm -f "$LAB/$1.pid"
 }
 
@@ -180,8 +190,7 @@ kill)
 	if [ -f "$LAB/$2.pid" ]; then
 		pid=$(cat "$LAB/$2.pid")
 		kill -9 "$pid" 2>/dev/null || true
-		# Gone for good (sockets released) before anything restarts it.
-		for _ in $(seq 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.01; done
+		gone "$pid" "$2"
 		rm -f "$LAB/$2.pid"
 	fi
 	;;
@@ -190,8 +199,7 @@ crash)
 	ip -n "$(ns "$2")" link set eth0 down
 	for p in $(ip netns pids "$(ns "$2")"); do kill -9 "$p" 2>/dev/null || true; done
 	if [ -f "$LAB/$2.pid" ]; then
-		pid=$(cat "$LAB/$2.pid")
-		for _ in $(seq 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.01; done
+		gone "$(cat "$LAB/$2.pid")" "$2"
 		rm -f "$LAB/$2.pid"
 	fi
 	;;
