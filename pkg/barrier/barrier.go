@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"runtime"
+	"sync"
 	"syscall"
 	"time"
 	"unsafe"
@@ -328,17 +329,49 @@ func receiveFD(sock int) (int, error) {
 
 // serve answers notifications until the supervised processes are gone.
 // Each call waits on its own: one thread's fsync does not hold another's.
+//
+// It waits in poll(2), which reports POLLHUP once no process uses the
+// filter any more, before each SECCOMP_IOCTL_NOTIF_RECV. RECV alone does
+// not tell: on this kernel (6.18) it returns ENOENT at once when no
+// process is left, as it does for a notification whose caller died while
+// queued, and a loop that asked again on ENOENT spun a CPU for every
+// service that had stopped, for the daemon's whole life.
 func serve(listener int, sup supervisor) {
-	defer unix.Close(listener)
+	var calls sync.WaitGroup
+	defer func() {
+		// The answers still running send on the listener: it is closed
+		// (and its number free for another file) after the last.
+		calls.Wait()
+		unix.Close(listener)
+	}()
 	for {
+		fds := []unix.PollFd{{Fd: int32(listener), Events: unix.POLLIN}}
+		if _, err := unix.Poll(fds, -1); err != nil {
+			if errors.Is(err, unix.EINTR) {
+				continue
+			}
+			return
+		}
+		if fds[0].Revents&unix.POLLIN == 0 {
+			if fds[0].Revents&(unix.POLLHUP|unix.POLLERR|unix.POLLNVAL) != 0 {
+				return // no process left with the filter
+			}
+			continue
+		}
 		var req seccompNotif
 		if err := ioctl(listener, unix.SECCOMP_IOCTL_NOTIF_RECV, unsafe.Pointer(&req)); err != nil {
 			if errors.Is(err, unix.EINTR) || errors.Is(err, unix.ENOENT) {
+				// Its caller died while it was queued (or the last
+				// process went): poll says which.
 				continue
 			}
 			return // ENOTCONN etc.: no process left with the filter
 		}
-		go answer(listener, req, sup)
+		calls.Add(1)
+		go func() {
+			defer calls.Done()
+			answer(listener, req, sup)
+		}()
 	}
 }
 

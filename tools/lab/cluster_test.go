@@ -248,6 +248,16 @@ func TestSwapTwice(t *testing.T) {
 		l.WaitSync(t, time.Minute)
 		l.Verify(t)
 	}
+	// Each node has stopped its services once: neither daemon may be left
+	// busy by them (the listener of a stopped service's calls spun a CPU
+	// for the daemon's life). Idle here, a daemon uses about 1 %.
+	for _, h := range []string{"a", "b"} {
+		share := l.CPUShare(t, h, 2*time.Second)
+		t.Logf("%s idle after the swaps: %.0f %% of a CPU", nodeName[h], 100*share)
+		if share > 0.5 {
+			t.Errorf("%s's daemon uses %.0f %% of a CPU while idle after the swaps", nodeName[h], 100*share)
+		}
+	}
 	// A swap towards a peer that is not in sync is refused.
 	l.Kill(t, "b")
 	l.WaitState(t, "a", "ALONE", 10*time.Second)

@@ -125,8 +125,8 @@ func (l *Lab) Kill(t testing.TB, host string) {
 	}
 }
 
-// Signal sends sig to the duet daemon on host.
-func (l *Lab) Signal(t testing.TB, host string, sig syscall.Signal) {
+// daemonPID returns the pid of the duet daemon on host.
+func (l *Lab) daemonPID(t testing.TB, host string) int {
 	t.Helper()
 	b, err := os.ReadFile(filepath.Join(l.Dir, host+".pid"))
 	if err != nil {
@@ -134,7 +134,39 @@ func (l *Lab) Signal(t testing.TB, host string, sig syscall.Signal) {
 	}
 	var pid int
 	fmt.Sscan(string(b), &pid)
-	if err := syscall.Kill(pid, sig); err != nil {
+	return pid
+}
+
+// cpuTicks returns the user and system time of pid, in clock ticks.
+func cpuTicks(t testing.TB, pid int) int64 {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		t.Fatalf("reading the daemon's CPU time: %v", err)
+	}
+	// The fields after the command's closing parenthesis: state is the
+	// 3rd of stat(5), utime the 14th and stime the 15th.
+	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:]))
+	var u, s int64
+	fmt.Sscan(f[11], &u)
+	fmt.Sscan(f[12], &s)
+	return u + s
+}
+
+// CPUShare returns the share of one CPU the daemon on host used over d.
+func (l *Lab) CPUShare(t testing.TB, host string, d time.Duration) float64 {
+	t.Helper()
+	pid := l.daemonPID(t, host)
+	before, start := cpuTicks(t, pid), time.Now()
+	time.Sleep(d)
+	// 100 ticks a second (USER_HZ on Linux).
+	return float64(cpuTicks(t, pid)-before) / 100 / time.Since(start).Seconds()
+}
+
+// Signal sends sig to the duet daemon on host.
+func (l *Lab) Signal(t testing.TB, host string, sig syscall.Signal) {
+	t.Helper()
+	if err := syscall.Kill(l.daemonPID(t, host), sig); err != nil {
 		t.Fatalf("signalling duet on %s: %v", host, err)
 	}
 }

@@ -39,6 +39,8 @@ type nfsVolume struct {
 	// lines in order (to tell, for a missing entry, which part is gone).
 	seenFiles map[int]string
 	seenLog   []string
+	// read counts the files the last read back read.
+	read int
 }
 
 // nfsVIP is the NFS service's address through the VIP.
@@ -153,6 +155,7 @@ func (v *nfsVolume) present(ctx context.Context) (map[int]bool, error) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	got := map[int]bool{}
+	v.read = 0
 	if v.dir == nil {
 		return got, nil
 	}
@@ -173,6 +176,7 @@ func (v *nfsVolume) present(ctx context.Context) (map[int]bool, error) {
 		if err != nil {
 			return nil, v.note(err, "READ "+e.Name)
 		}
+		v.read++
 		files[n] = string(data) == fmt.Sprintf("file %d\n", n)
 		seen[n] = string(data)
 	}
@@ -247,10 +251,12 @@ func nfsClient(t *testing.T, l *Lab) *client {
 	return &client{name: "nfs", l: l, op: v.op, explain: v.explain, have: func(t *testing.T) map[int]bool {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		defer cancel()
+		start := time.Now()
 		got, err := v.present(ctx)
 		if err != nil {
-			t.Fatalf("reading the NFS volume back through the VIP: %v", err)
+			t.Fatalf("reading the NFS volume back through the VIP: %v (%d files read in %v)", err, v.read, time.Since(start).Round(time.Millisecond))
 		}
+		t.Logf("nfs client: %d files read back in %v", v.read, time.Since(start).Round(time.Millisecond))
 		if err := v.staleErr(); err != nil {
 			t.Error(err)
 		}
