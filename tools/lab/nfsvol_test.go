@@ -249,7 +249,12 @@ func nfsClient(t *testing.T, l *Lab) *client {
 	v := newNFSVolume()
 	t.Cleanup(func() { v.c.Close() })
 	return &client{name: "nfs", l: l, op: v.op, explain: v.explain, have: func(t *testing.T) map[int]bool {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		// Every file is read back, one call at a time (about 1 ms each
+		// here): a long campaign's volume holds thousands.
+		v.mu.Lock()
+		entries := v.logSize / 10 // the log's lines are 10 bytes
+		v.mu.Unlock()
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute+time.Duration(entries)*10*time.Millisecond)
 		defer cancel()
 		start := time.Now()
 		got, err := v.present(ctx)
