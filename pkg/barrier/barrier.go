@@ -312,7 +312,9 @@ func ExitCode(err error) (int, error) {
 func receiveFD(sock int) (int, error) {
 	buf := make([]byte, 1)
 	oob := make([]byte, unix.CmsgSpace(4))
-	_, oobn, _, _, err := unix.Recvmsg(sock, buf, oob, 0)
+	// Close-on-exec: a service started later must not hold this one's
+	// listener (while a copy is open elsewhere, closing ours ends nothing).
+	_, oobn, _, _, err := unix.Recvmsg(sock, buf, oob, unix.MSG_CMSG_CLOEXEC)
 	if err != nil {
 		return -1, err
 	}
@@ -353,9 +355,12 @@ func serve(listener int, sup supervisor) {
 			return
 		}
 		if fds[0].Revents&unix.POLLIN == 0 {
-			if fds[0].Revents&(unix.POLLHUP|unix.POLLERR|unix.POLLNVAL) != 0 {
+			if fds[0].Revents&(unix.POLLHUP|unix.POLLNVAL) != 0 {
 				return // no process left with the filter
 			}
+			// POLLERR is not the end: seccomp's poll reports it when a
+			// signal (the Go runtime's preemption, SIGURG) interrupted
+			// its wait for the filter's lock. The processes still run.
 			continue
 		}
 		var req seccompNotif
@@ -496,10 +501,12 @@ type flushResult struct {
 	cont bool
 }
 
+// ioctl makes a seccomp listener request, again when a signal interrupted
+// it: RECV, SEND, ID_VALID and ADDFD take the filter's lock interruptibly
+// and fail with EINTR (not restarted) before they change anything. A SEND
+// lost that way left its caller blocked for good; an ID_VALID lost that
+// way was taken for a dead caller.
 func ioctl(fd int, req uintptr, arg unsafe.Pointer) error {
-	_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), req, uintptr(arg))
-	if errno != 0 {
-		return errno
-	}
-	return nil
+	_, err := ioctlRet(fd, req, arg)
+	return err
 }

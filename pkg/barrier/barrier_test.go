@@ -66,6 +66,8 @@ func helper(mode string) int {
 		return aioHelper(mode, os.Getenv("DUET_BARRIER_FILE"))
 	case "x32-fsync":
 		return x32Fsync()
+	case "fsync-storm":
+		return fsyncStorm()
 	default:
 		return 101
 	}

@@ -435,9 +435,14 @@ func warnOnce(msg string) {
 }
 
 func ioctlRet(fd int, req uintptr, arg unsafe.Pointer) (int, error) {
-	r, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), req, uintptr(arg))
-	if errno != 0 {
+	for {
+		r, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), req, uintptr(arg))
+		switch errno {
+		case 0:
+			return int(r), nil
+		case unix.EINTR:
+			continue // see ioctl
+		}
 		return -1, errno
 	}
-	return int(r), nil
 }

@@ -164,7 +164,14 @@ start() {
 # detaches its BPF links one by one as it closes them (2.6-2.9 s for the
 # ~85 links here), and the peer port stays bound until then.
 gone() {
-	for _ in $(seq 3000); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.01; done
+	local state
+	for _ in $(seq 3000); do
+		kill -0 "$1" 2>/dev/null || return 0
+		# A zombie not reaped yet has closed its files (and sockets).
+		state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)
+		[ "$state" != Z ] || return 0
+		sleep 0.01
+	done
 	die "duet on ${NODE[$2]} (pid $1) still exists 30 s after SIGKILL"
 }
 

@@ -258,10 +258,13 @@ func nfsClient(t *testing.T, l *Lab) *client {
 		defer cancel()
 		start := time.Now()
 		got, err := v.present(ctx)
+		v.mu.Lock()
+		read := v.read
+		v.mu.Unlock()
 		if err != nil {
-			t.Fatalf("reading the NFS volume back through the VIP: %v (%d files read in %v)", err, v.read, time.Since(start).Round(time.Millisecond))
+			t.Fatalf("reading the NFS volume back through the VIP: %v (%d files read in %v)", err, read, time.Since(start).Round(time.Millisecond))
 		}
-		t.Logf("nfs client: %d files read back in %v", v.read, time.Since(start).Round(time.Millisecond))
+		t.Logf("nfs client: %d files read back in %v", read, time.Since(start).Round(time.Millisecond))
 		if err := v.staleErr(); err != nil {
 			t.Error(err)
 		}
