@@ -485,8 +485,9 @@ func flushEarly(listener int, req *seccompNotif) <-chan flushResult {
 		start := time.Now()
 		err := flush(fd)
 		// Nothing to flush (a pipe, a socket): the continued call
-		// reports this itself.
-		cont := errors.Is(err, unix.EINVAL) || errors.Is(err, unix.EROFS)
+		// reports this itself. Interrupted (a signal to this process,
+		// not the caller's): the call runs the flush itself.
+		cont := errors.Is(err, unix.EINVAL) || errors.Is(err, unix.EROFS) || errors.Is(err, unix.EINTR)
 		done <- flushResult{err: err, took: time.Since(start), cont: cont}
 	}()
 	return done
@@ -505,7 +506,8 @@ type flushResult struct {
 // it: RECV, SEND, ID_VALID and ADDFD take the filter's lock interruptibly
 // and fail with EINTR (not restarted) before they change anything. A SEND
 // lost that way left its caller blocked for good; an ID_VALID lost that
-// way was taken for a dead caller.
+// way was taken for a dead caller. (ADDFD's later wait for the caller to
+// take the file is restarted by the kernel; see install.)
 func ioctl(fd int, req uintptr, arg unsafe.Pointer) error {
 	_, err := ioctlRet(fd, req, arg)
 	return err

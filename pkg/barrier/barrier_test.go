@@ -68,6 +68,8 @@ func helper(mode string) int {
 		return x32Fsync()
 	case "fsync-storm":
 		return fsyncStorm()
+	case "open-storm":
+		return openStorm(os.Getenv("DUET_BARRIER_FILE"))
 	default:
 		return 101
 	}

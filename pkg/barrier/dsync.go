@@ -19,6 +19,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 	"unsafe"
 
@@ -122,25 +123,45 @@ func openSync(listener int, req *seccompNotif) {
 		return
 	}
 	defer unix.Close(fd)
-	add := seccompNotifAddfd{ID: req.ID, Flags: unix.SECCOMP_ADDFD_FLAG_SEND, Srcfd: uint32(fd)}
-	if flags&unix.O_CLOEXEC != 0 {
+	n, err := install(listener, req, fd, flags&unix.O_CLOEXEC != 0)
+	if err != nil {
+		fail(listener, req.ID, asErrno(err))
+		return
+	}
+	reply(listener, &seccompNotifResp{ID: req.ID, Val: int64(n)})
+}
+
+// installMu serialises picking a free descriptor number in a process and
+// installing a file there: two O_SYNC opens at once (two threads of a
+// service) picked the same number, and SETFD put the second file in place
+// of the first.
+var installMu sync.Mutex
+
+// install puts fd into the caller of req, at the highest free number from
+// SyncFDBase up, and returns that number; the caller's call is answered
+// after (not with SECCOMP_ADDFD_FLAG_SEND: the kernel marks the call
+// answered, with 0, before it waits for the caller to take the file, and
+// a signal in that wait withdrew the file and left open(2) returning 0).
+func install(listener int, req *seccompNotif, fd int, cloexec bool) (int, error) {
+	add := seccompNotifAddfd{ID: req.ID, Srcfd: uint32(fd)}
+	if cloexec {
 		add.NewfdFlags = unix.O_CLOEXEC
 	}
-	if n, ok := freeSyncFD(pid); ok {
-		add.Flags |= unix.SECCOMP_ADDFD_FLAG_SETFD
+	installMu.Lock()
+	defer installMu.Unlock()
+	if n, ok := freeSyncFD(int(req.PID)); ok {
+		add.Flags = unix.SECCOMP_ADDFD_FLAG_SETFD
 		add.Newfd = uint32(n)
-		if _, err := ioctlRet(listener, unix.SECCOMP_IOCTL_NOTIF_ADDFD, unsafe.Pointer(&add)); err == nil {
-			return
+		got, err := ioctlRet(listener, unix.SECCOMP_IOCTL_NOTIF_ADDFD, unsafe.Pointer(&add))
+		if err == nil || errors.Is(err, unix.ENOENT) {
+			return got, err // ENOENT: the caller is gone
 		}
-		add.Flags &^= unix.SECCOMP_ADDFD_FLAG_SETFD
-		add.Newfd = 0
+		add.Flags, add.Newfd = 0, 0
 	}
 	// No room at SyncFDBase or above (a low descriptor limit): the file
 	// is opened all the same, at the number the kernel picks.
-	warnOnce(fmt.Sprintf("no descriptor number from %d up is free in pid %d: writes to its O_SYNC/O_DSYNC files are not held for the peer (raise its RLIMIT_NOFILE)", SyncFDBase, pid))
-	if _, err := ioctlRet(listener, unix.SECCOMP_IOCTL_NOTIF_ADDFD, unsafe.Pointer(&add)); err != nil {
-		fail(listener, req.ID, asErrno(err))
-	}
+	warnOnce(fmt.Sprintf("no descriptor number from %d up is free in pid %d: writes to its O_SYNC/O_DSYNC files are not held for the peer (raise its RLIMIT_NOFILE)", SyncFDBase, req.PID))
+	return ioctlRet(listener, unix.SECCOMP_IOCTL_NOTIF_ADDFD, unsafe.Pointer(&add))
 }
 
 // freeSyncFD returns the highest free descriptor number of pid from

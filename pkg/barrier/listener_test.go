@@ -1,7 +1,10 @@
 package barrier
 
 import (
+	"fmt"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
@@ -87,7 +90,23 @@ func TestSignalsDoNotEndServing(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Setenv("DUET_BARRIER_HELPER", "fsync-storm")
-	stop := make(chan struct{})
+	defer signalStorm()()
+	var calls atomic.Int64
+	code := runSupervised(t, self, &calls)
+	if code == int(unix.ENOSYS) {
+		t.Fatalf("a supervised fsync failed with ENOSYS after %d calls: the listener was closed while the process ran", calls.Load())
+	}
+	if code != 0 {
+		t.Fatalf("exit %d", code)
+	}
+	t.Logf("%d fsyncs answered under signals", calls.Load())
+}
+
+// signalStorm sends SIGURG (what the Go runtime preempts with) to every
+// thread of this process every 50 µs until the returned function is
+// called.
+func signalStorm() (stop func()) {
+	done := make(chan struct{})
 	var wg sync.WaitGroup
 	wg.Go(func() {
 		pid := unix.Getpid()
@@ -95,7 +114,7 @@ func TestSignalsDoNotEndServing(t *testing.T) {
 		var listed time.Time
 		for {
 			select {
-			case <-stop:
+			case <-done:
 				return
 			default:
 			}
@@ -115,12 +134,18 @@ func TestSignalsDoNotEndServing(t *testing.T) {
 			time.Sleep(50 * time.Microsecond)
 		}
 	})
-	defer func() {
-		close(stop)
+	return func() {
+		close(done)
 		wg.Wait()
-	}()
-	var calls atomic.Int64
-	cmd, err := Start(self, []string{self}, func(int32) error { calls.Add(1); return nil }, nil, nil)
+	}
+}
+
+// runSupervised runs the test binary supervised (its helper chosen by
+// DUET_BARRIER_HELPER) and returns its exit status; it fails the test if
+// the process still runs 20 s later (a call never answered).
+func runSupervised(t *testing.T, self string, calls *atomic.Int64) int {
+	t.Helper()
+	cmd, err := Start(self, []string{self}, func(int32) error { calls.Add(1); return nil }, nil, func(c *exec.Cmd) { c.Stderr = os.Stderr })
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -128,20 +153,98 @@ func TestSignalsDoNotEndServing(t *testing.T) {
 	go func() { done <- cmd.Wait() }()
 	select {
 	case err = <-done:
-	case <-time.After(30 * time.Second):
+	case <-time.After(20 * time.Second):
 		cmd.Process.Kill()
 		<-done
-		t.Fatalf("the supervised process still runs 30 s after its 2 s of fsyncs: a call was never answered (%d answered)", calls.Load())
+		t.Fatalf("the supervised process still runs 20 s after its 2 s of calls: a call was never answered (%d answered)", calls.Load())
 	}
 	code, err := ExitCode(err)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if code == int(unix.ENOSYS) {
-		t.Fatalf("a supervised fsync failed with ENOSYS after %d calls: the listener was closed while the process ran", calls.Load())
+	return code
+}
+
+// openStorm is the supervised program of TestSyncOpensGetTheirOwnFiles: 4
+// threads each open their own file (dir/0..3) with O_DSYNC, again and
+// again for 2 s, and check that the descriptor is that file, at SyncFDBase
+// or above, and still theirs when they close it. Exit 50: another file
+// (or none: open returned a descriptor the thread already had); 51: a
+// number below SyncFDBase; 52: closed by someone else; 60+errno: open
+// failed.
+func openStorm(dir string) int {
+	deadline := time.Now().Add(2 * time.Second)
+	res := make(chan int, 4)
+	for i := range 4 {
+		go func() {
+			runtime.LockOSThread()
+			path := filepath.Join(dir, strconv.Itoa(i))
+			var want unix.Stat_t
+			if err := unix.Stat(path, &want); err != nil {
+				res <- 100
+				return
+			}
+			for time.Now().Before(deadline) {
+				fd, err := unix.Open(path, unix.O_WRONLY|unix.O_DSYNC|unix.O_CLOEXEC, 0)
+				if err != nil {
+					res <- 60 + int(err.(unix.Errno))
+					return
+				}
+				var got unix.Stat_t
+				if err := unix.Fstat(fd, &got); err != nil || got.Ino != want.Ino || got.Dev != want.Dev {
+					fmt.Fprintf(os.Stderr, "thread %d: open returned descriptor %d, not its file\n", i, fd)
+					res <- 50
+					return
+				}
+				if fd < SyncFDBase {
+					res <- 51
+					return
+				}
+				if err := unix.Close(fd); err != nil {
+					fmt.Fprintf(os.Stderr, "thread %d: closing its descriptor %d: %v\n", i, fd, err)
+					res <- 52
+					return
+				}
+			}
+			res <- 0
+		}()
 	}
-	if code != 0 {
-		t.Fatalf("exit %d", code)
+	code := 0
+	for range 4 {
+		code = max(code, <-res)
 	}
-	t.Logf("%d fsyncs answered under signals", calls.Load())
+	return code
+}
+
+// TestSyncOpensGetTheirOwnFiles: threads of a service open O_DSYNC files
+// at the same time, under signals. Two found the same free number and the
+// second file took the first one's place (SETFD replaces); and a signal
+// while the caller took its file made open(2) return 0 (the answer was
+// sent with the file, SECCOMP_ADDFD_FLAG_SEND, and the kernel withdrew the
+// file but not the answer). A review found both.
+func TestSyncOpensGetTheirOwnFiles(t *testing.T) {
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	for i := range 4 {
+		if err := os.WriteFile(filepath.Join(dir, strconv.Itoa(i)), nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Setenv("DUET_BARRIER_HELPER", "open-storm")
+	t.Setenv("DUET_BARRIER_FILE", dir)
+	for _, storm := range []bool{false, true} {
+		stop := func() {}
+		if storm {
+			stop = signalStorm()
+		}
+		var calls atomic.Int64
+		code := runSupervised(t, self, &calls)
+		stop()
+		if code != 0 {
+			t.Fatalf("signals %v: exit %d (see openStorm)", storm, code)
+		}
+	}
 }

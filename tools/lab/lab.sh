@@ -167,9 +167,13 @@ gone() {
 	local state
 	for _ in $(seq 3000); do
 		kill -0 "$1" 2>/dev/null || return 0
-		# A zombie not reaped yet has closed its files (and sockets).
+		# A zombie not reaped yet has closed its files (and sockets) once
+		# it is its group's last thread: a leader that exits first is a
+		# zombie while its other threads still close the shared files.
 		state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)
-		[ "$state" != Z ] || return 0
+		if [ "$state" = Z ] && [ "$(find "/proc/$1/task" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)" -le 1 ]; then
+			return 0
+		fi
 		sleep 0.01
 	done
 	die "duet on ${NODE[$2]} (pid $1) still exists 30 s after SIGKILL"
