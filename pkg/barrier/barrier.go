@@ -228,6 +228,10 @@ type Observer func(Timing)
 type supervisor struct {
 	wait    Func
 	observe Observer
+	// install serialises the O_SYNC opens of this listener's processes
+	// (see install): its own, so that a process slow to take its file
+	// holds up no other service's.
+	install *sync.Mutex
 }
 
 // hold waits for the barrier and says how long that took.
@@ -272,7 +276,7 @@ func Start(self string, args []string, wait Func, observe Observer, setup func(*
 		cmd.Wait()
 		return nil, fmt.Errorf("starting %s under supervision: %w", args[0], err)
 	}
-	go serve(listener, supervisor{wait, observe})
+	go serve(listener, supervisor{wait, observe, &sync.Mutex{}})
 	return cmd, nil
 }
 
@@ -388,7 +392,7 @@ func answer(listener int, req seccompNotif, sup supervisor) {
 	start := time.Now()
 	switch req.NR {
 	case unix.SYS_OPEN, unix.SYS_OPENAT, unix.SYS_OPENAT2:
-		openSync(listener, &req)
+		openSync(listener, &req, sup.install)
 		return
 	case unix.SYS_WRITE, unix.SYS_PWRITE64, unix.SYS_WRITEV, unix.SYS_PWRITEV, unix.SYS_PWRITEV2:
 		writeSync(listener, &req, sup, start)

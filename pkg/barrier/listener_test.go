@@ -248,3 +248,30 @@ func TestSyncOpensGetTheirOwnFiles(t *testing.T) {
 		}
 	}
 }
+
+// freeSyncFD looks up the top numbers one by one and reads the whole table
+// only when they are taken: either way it returns the highest free one.
+func TestFreeSyncFDSkipsTakenTopNumbers(t *testing.T) {
+	var lim unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
+		t.Fatal(err)
+	}
+	top := int(min(lim.Cur, 1<<20))
+	if top-20 < SyncFDBase {
+		t.Skipf("descriptor limit %d: no room above %d", top, SyncFDBase)
+	}
+	for _, taken := range []int{0, 3, 12} {
+		for n := top - 1; n >= top-taken; n-- {
+			if err := unix.Dup2(0, n); err != nil {
+				t.Fatal(err)
+			}
+		}
+		got, ok := freeSyncFD(os.Getpid())
+		for n := top - 1; n >= top-taken; n-- {
+			unix.Close(n)
+		}
+		if !ok || got != top-1-taken {
+			t.Errorf("%d top numbers taken: freeSyncFD = %d, %v; want %d", taken, got, ok, top-1-taken)
+		}
+	}
+}
