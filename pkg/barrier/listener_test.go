@@ -48,8 +48,27 @@ func TestListenerEndsWithItsProcesses(t *testing.T) {
 	}
 }
 
+// onThreads runs each on n locked OS threads (each its own, as a service's
+// threads are), with a deadline 2 s away, and returns the largest code
+// they return.
+func onThreads(n int, each func(i int, deadline time.Time) int) int {
+	deadline := time.Now().Add(2 * time.Second)
+	res := make(chan int, n)
+	for i := range n {
+		go func() {
+			runtime.LockOSThread()
+			res <- each(i, deadline)
+		}()
+	}
+	code := 0
+	for range n {
+		code = max(code, <-res)
+	}
+	return code
+}
+
 // fsyncStorm is the supervised program of TestSignalsDoNotEndServing: 8
-// threads fsync a pipe (EINVAL) for 2 s; exit 38 if one got ENOSYS (the
+// threads fsync a pipe (EINVAL) for 2 s; exit ENOSYS if one got it (the
 // listener was closed under a running process).
 func fsyncStorm() int {
 	_, w, err := os.Pipe()
@@ -57,25 +76,14 @@ func fsyncStorm() int {
 		return 100
 	}
 	fd := int(w.Fd())
-	deadline := time.Now().Add(2 * time.Second)
-	res := make(chan int, 8)
-	for range 8 {
-		go func() {
-			runtime.LockOSThread()
-			for time.Now().Before(deadline) {
-				if err := unix.Fsync(fd); err == unix.ENOSYS {
-					res <- int(unix.ENOSYS)
-					return
-				}
+	return onThreads(8, func(_ int, deadline time.Time) int {
+		for time.Now().Before(deadline) {
+			if err := unix.Fsync(fd); err == unix.ENOSYS {
+				return int(unix.ENOSYS)
 			}
-			res <- 0
-		}()
-	}
-	code := 0
-	for range 8 {
-		code = max(code, <-res)
-	}
-	return code
+		}
+		return 0
+	})
 }
 
 // TestSignalsDoNotEndServing: signals to the supervisor's threads while a
@@ -173,47 +181,32 @@ func runSupervised(t *testing.T, self string, calls *atomic.Int64) int {
 // number below SyncFDBase; 52: closed by someone else; 60+errno: open
 // failed.
 func openStorm(dir string) int {
-	deadline := time.Now().Add(2 * time.Second)
-	res := make(chan int, 4)
-	for i := range 4 {
-		go func() {
-			runtime.LockOSThread()
-			path := filepath.Join(dir, strconv.Itoa(i))
-			var want unix.Stat_t
-			if err := unix.Stat(path, &want); err != nil {
-				res <- 100
-				return
+	return onThreads(4, func(i int, deadline time.Time) int {
+		path := filepath.Join(dir, strconv.Itoa(i))
+		var want unix.Stat_t
+		if err := unix.Stat(path, &want); err != nil {
+			return 100
+		}
+		for time.Now().Before(deadline) {
+			fd, err := unix.Open(path, unix.O_WRONLY|unix.O_DSYNC|unix.O_CLOEXEC, 0)
+			if err != nil {
+				return 60 + int(err.(unix.Errno))
 			}
-			for time.Now().Before(deadline) {
-				fd, err := unix.Open(path, unix.O_WRONLY|unix.O_DSYNC|unix.O_CLOEXEC, 0)
-				if err != nil {
-					res <- 60 + int(err.(unix.Errno))
-					return
-				}
-				var got unix.Stat_t
-				if err := unix.Fstat(fd, &got); err != nil || got.Ino != want.Ino || got.Dev != want.Dev {
-					fmt.Fprintf(os.Stderr, "thread %d: open returned descriptor %d, not its file\n", i, fd)
-					res <- 50
-					return
-				}
-				if fd < SyncFDBase {
-					res <- 51
-					return
-				}
-				if err := unix.Close(fd); err != nil {
-					fmt.Fprintf(os.Stderr, "thread %d: closing its descriptor %d: %v\n", i, fd, err)
-					res <- 52
-					return
-				}
+			var got unix.Stat_t
+			if err := unix.Fstat(fd, &got); err != nil || got.Ino != want.Ino || got.Dev != want.Dev {
+				fmt.Fprintf(os.Stderr, "thread %d: open returned descriptor %d, not its file\n", i, fd)
+				return 50
 			}
-			res <- 0
-		}()
-	}
-	code := 0
-	for range 4 {
-		code = max(code, <-res)
-	}
-	return code
+			if fd < SyncFDBase {
+				return 51
+			}
+			if err := unix.Close(fd); err != nil {
+				fmt.Fprintf(os.Stderr, "thread %d: closing its descriptor %d: %v\n", i, fd, err)
+				return 52
+			}
+		}
+		return 0
+	})
 }
 
 // TestSyncOpensGetTheirOwnFiles: threads of a service open O_DSYNC files
