@@ -925,12 +925,11 @@ func (p *Primary) WaitLag(ctx context.Context, bound time.Duration, rel Release)
 // says yes. Released without the peer, it returns ErrAlone; when ctx
 // ends first, ctx's error.
 func (p *Primary) waitPeer(ctx context.Context, rel Release, done func() bool) error {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	go func() {
-		<-ctx.Done()
-		p.wake()
-	}()
+	// ctx's end wakes the wait; a wait that ends first wakes nobody (a
+	// goroutine waiting on a cancelled context woke the builder, the
+	// sender and every other waiter at the end of each call).
+	stop := context.AfterFunc(ctx, p.wake)
+	defer stop()
 	var since time.Time // the peer has not been streaming since
 	var t *time.Timer
 	if rel.After > 0 {
