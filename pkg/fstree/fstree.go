@@ -40,9 +40,22 @@ const maxLookup = unix.PathMax - 1
 // OpenBeneath opens rel (a wire path, or "." for the root) under root. A
 // path longer than one lookup takes is walked a group of components at a
 // time, each group beneath the directory the previous one opened.
+//
+// Files and directories duet reads to replicate them are opened with
+// ReadFlags or ReadDirFlags: O_NOATIME, for a read that moved the access
+// time dirtied the inode, which the capture reported as a change of its
+// own, shipped in a pass of its own (a second batch, apply and flush on
+// the peer for every synchronous write, and the primary's atimes moved
+// by replication).
 func OpenBeneath(root *os.File, rel string, flags int) (*os.File, error) {
 	return openBeneath(root, rel, flags, beneath)
 }
+
+// ReadFlags opens a file to read it for replication (see OpenBeneath).
+const ReadFlags = unix.O_RDONLY | unix.O_NOFOLLOW | unix.O_NONBLOCK | unix.O_NOATIME
+
+// ReadDirFlags opens a directory to list it for replication.
+const ReadDirFlags = unix.O_RDONLY | unix.O_DIRECTORY | unix.O_NOFOLLOW | unix.O_NOATIME
 
 // OpenSameMount is OpenBeneath that also refuses to cross a mount point,
 // rel's last component included (EXDEV): a filesystem mounted inside the
@@ -81,6 +94,11 @@ func openBeneath(root *os.File, rel string, flags int, resolve uint64) (*os.File
 		left = "." // rel ended with the slash of a directory
 	}
 	fd, err := openat2(dfd, left, flags, resolve)
+	if err == unix.EPERM && flags&unix.O_NOATIME != 0 {
+		// O_NOATIME needs the file's owner or CAP_FOWNER: without
+		// either, the read moves the access time after all.
+		fd, err = openat2(dfd, left, flags&^unix.O_NOATIME, resolve)
+	}
 	closeUnless(dfd, root)
 	runtime.KeepAlive(root)
 	if err != nil {
@@ -256,7 +274,7 @@ func Sums(f *os.File, size uint64) ([]wire.Sum, error) {
 func SumEntry(root *os.File, e *wire.Entry) error {
 	// O_NONBLOCK: a file replaced by a FIFO since the scan would block
 	// the open (and a resync with it).
-	f, err := OpenBeneath(root, e.Path, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK)
+	f, err := OpenBeneath(root, e.Path, ReadFlags)
 	if err != nil {
 		return nil
 	}
@@ -304,7 +322,7 @@ func Walk(root *os.File, sums bool, fn func(*wire.Entry) error) (tooLong int, er
 	if err := unix.Fstat(int(root.Fd()), &st); err != nil {
 		return 0, err
 	}
-	d, err := OpenBeneath(root, ".", unix.O_RDONLY|unix.O_DIRECTORY)
+	d, err := OpenBeneath(root, ".", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOATIME)
 	if err != nil {
 		return 0, err
 	}
@@ -365,7 +383,7 @@ func (sc *scanner) dir(d *os.File, rel string) error {
 		case e.Mode.IsRegular() && sc.sums:
 			// O_NONBLOCK: an entry replaced by a FIFO since its lstat
 			// would block the open.
-			f, err := OpenBeneath(d, de.Name, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK)
+			f, err := OpenBeneath(d, de.Name, ReadFlags)
 			if err != nil {
 				continue
 			}
@@ -386,7 +404,7 @@ func (sc *scanner) dir(d *os.File, rel string) error {
 			return err
 		}
 		if isDir {
-			sub, err := OpenBeneath(d, de.Name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW)
+			sub, err := OpenBeneath(d, de.Name, ReadDirFlags)
 			if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENOTDIR) || errors.Is(err, unix.ELOOP) {
 				continue // replaced since
 			}

@@ -427,7 +427,7 @@ func (b *builder) openDir(ino uint64) (d *os.File, p string, dev uint64, ok bool
 	if !ok {
 		return nil, "", 0, false
 	}
-	d, err := fstree.OpenBeneath(b.root, p, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW)
+	d, err := fstree.OpenBeneath(b.root, p, fstree.ReadDirFlags)
 	if err != nil {
 		return nil, "", 0, false
 	}
@@ -607,7 +607,7 @@ func (b *builder) create(d *os.File, to string, dirIno uint64, name string, st *
 		// again. Opened first: a file no longer here is not shipped nor
 		// added to the shadow; the directory it went to has a record
 		// of the rename and finds it new there.
-		f, err := fstree.OpenBeneath(d, name, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK)
+		f, err := fstree.OpenBeneath(d, name, fstree.ReadFlags)
 		if err != nil {
 			if !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.ELOOP) && !errors.Is(err, unix.ENXIO) {
 				// Still here but not readable now (another's lease:
@@ -801,7 +801,7 @@ func (b *builder) file(f journal.File) error {
 		}
 		return nil
 	}
-	fh, err := fstree.OpenBeneath(b.root, p, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK)
+	fh, err := fstree.OpenBeneath(b.root, p, fstree.ReadFlags)
 	if err != nil {
 		b.retry(f, "open "+p+": "+err.Error())
 		return nil

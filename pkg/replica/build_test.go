@@ -473,3 +473,53 @@ func TestBuildNewFileNotOpenedIsRetried(t *testing.T) {
 	}
 	sameTrees(t, src, dst)
 }
+
+// Reading a file or a directory to ship it leaves its access time alone:
+// under relatime a read moved it (the access time was older than the
+// modification), which dirtied the inode, which the capture reported as a
+// change of its own: every synchronous write was shipped twice, a second
+// batch with the size and times for another apply and flush on the peer
+// (seen with the ext4_mark_inode_dirty tracepoint: touch_atime from the
+// builder's pread). The test needs a filesystem mounted relatime or
+// strictatime, as /tmp is here.
+func TestBuildLeavesAccessTimes(t *testing.T) {
+	src, _, b, _ := syncedPair(t, "f", "d/g")
+	old := time.Date(2020, 1, 2, 3, 4, 5, 0, time.UTC)
+	now := time.Now()
+	for _, p := range []string{"f", "d"} {
+		if err := os.Chtimes(filepath.Join(src, p), old, now); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The same reads without O_NOATIME move the access time here, or
+	// the filesystem keeps none and the test proves nothing.
+	probe := filepath.Join(t.TempDir(), "probe")
+	os.WriteFile(probe, []byte("x"), 0o644)
+	os.Chtimes(probe, old, now)
+	os.ReadFile(probe)
+	if atime(t, probe).Equal(old) {
+		t.Skip("this filesystem does not move access times on reads (noatime): nothing to check")
+	}
+	files := []journal.File{span(t, filepath.Join(src, "f"), 0, 100), changed(t, filepath.Join(src, "d"))}
+	rescan := changed(t, filepath.Join(src, "f"))
+	rescan.Rescan = true
+	for _, pass := range [][]journal.File{files, {rescan}} {
+		if _, err := b.build(pass); err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range []string{"f", "d"} {
+			if got := atime(t, filepath.Join(src, p)); !got.Equal(old) {
+				t.Fatalf("%s: shipping it moved its access time from %v to %v", p, old, got)
+			}
+		}
+	}
+}
+
+func atime(t *testing.T, path string) time.Time {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return time.Unix(st.Atim.Unix())
+}

@@ -495,7 +495,7 @@ func (b *builder) syncFile(l, p *wire.Entry, ts *treeSync) (bool, error) {
 		return true, err
 	}
 	// O_NONBLOCK: a file replaced by a FIFO since the scan would block.
-	f, err := fstree.OpenBeneath(b.root, l.Path, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK)
+	f, err := fstree.OpenBeneath(b.root, l.Path, fstree.ReadFlags)
 	var st unix.Stat_t
 	if err == nil && (unix.Fstat(int(f.Fd()), &st) != nil || st.Ino != l.Ino || st.Mode&unix.S_IFMT != unix.S_IFREG) {
 		f.Close()

@@ -318,7 +318,7 @@ func (l *locator) open(dir string, inTree bool) (*lookDir, error) {
 	var f *os.File
 	var err error
 	if inTree {
-		f, err = fstree.OpenBeneath(l.b.root, dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW)
+		f, err = fstree.OpenBeneath(l.b.root, dir, fstree.ReadDirFlags)
 	} else {
 		f, err = os.OpenFile(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW, 0)
 	}
