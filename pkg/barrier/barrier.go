@@ -343,13 +343,6 @@ func receiveFD(sock int) (int, error) {
 // queued, and a loop that asked again on ENOENT spun a CPU for every
 // service that had stopped, for the daemon's whole life.
 func serve(listener int, sup supervisor) {
-	// The caller and this supervisor wake each other on the CPU the waker
-	// runs on (Linux 6.6): the caller is about to sleep when it notifies,
-	// and this thread to poll again when it answers, so neither wake-up
-	// needs to move a thread to another CPU. Older kernels refuse the
-	// request; the wake-ups are then the ordinary ones.
-	// The flags are the ioctl's argument itself, not a pointer to them.
-	unix.Syscall(unix.SYS_IOCTL, uintptr(listener), seccompIoctlNotifSetFlags, unix.SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)
 	var calls sync.WaitGroup
 	defer func() {
 		// The answers still running send on the listener: it is closed
@@ -467,10 +460,6 @@ func takeFD(listener int, req *seccompNotif, fd int) (int, error) {
 func notifValid(listener int, id uint64) error {
 	return ioctl(listener, unix.SECCOMP_IOCTL_NOTIF_ID_VALID, unsafe.Pointer(&id))
 }
-
-// seccompIoctlNotifSetFlags is SECCOMP_IOCTL_NOTIF_SET_FLAGS,
-// _IOW('!', 4, __u64); x/sys lacks it.
-const seccompIoctlNotifSetFlags = 0x40082104
 
 // pidfdThread is PIDFD_THREAD (Linux 6.9): a pidfd for one thread, which
 // need not lead its thread group.
