@@ -320,7 +320,13 @@ func (l *locator) open(dir string, inTree bool) (*lookDir, error) {
 	if inTree {
 		f, err = fstree.OpenBeneath(l.b.root, dir, fstree.ReadDirFlags)
 	} else {
-		f, err = os.OpenFile(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW, 0)
+		// Outside the tree, on its filesystem: its reading would be
+		// captured too (the capture goes by device), and placed by
+		// reading its parent in turn.
+		f, err = os.OpenFile(dir, fstree.ReadDirFlags, 0)
+		if errors.Is(err, unix.EPERM) {
+			f, err = os.OpenFile(dir, fstree.ReadDirFlags&^unix.O_NOATIME, 0)
+		}
 	}
 	if err != nil {
 		return nil, err

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/duet-ha/duet/pkg/capture"
 	"github.com/duet-ha/duet/pkg/journal"
@@ -291,5 +292,29 @@ func TestHandleFor(t *testing.T) {
 		if ok != (tc.want != nil) || !bytes.Equal(got, tc.want) {
 			t.Errorf("handleFor(%#x, % x, %#x, %#x) = % x, %v; want % x", tc.typ, tc.root, tc.ino, tc.gen, got, ok, tc.want)
 		}
+	}
+}
+
+// Placing an inode whose name is outside the tree (same filesystem) reads
+// its directory there: that reading must not move the directory's access
+// time, or the capture (which goes by device) reports it, and the next
+// pass places that directory by reading its parent, one level up each
+// pass. From a review of the O_NOATIME change.
+func TestLocateOutsideLeavesAccessTime(t *testing.T) {
+	top := t.TempDir()
+	src, _, b, _ := syncedPairIn(t, top, top, "huge/a", "huge/b", "huge/c", "huge/d")
+	needsHandles(t, src)
+	bigFrom(b.sh, 4)
+	outDir := filepath.Join(top, "outside")
+	writeRandom(t, filepath.Join(outDir, "x"), 10)
+	old := time.Date(2020, 1, 2, 3, 4, 5, 0, time.UTC)
+	if err := os.Chtimes(outDir, old, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.build([]journal.File{inodeRecord(t, filepath.Join(outDir, "x"), false)}); err != nil {
+		t.Fatal(err)
+	}
+	if got := atime(t, outDir); !got.Equal(old) {
+		t.Fatalf("placing an inode outside the tree moved %s's access time from %v to %v", outDir, old, got)
 	}
 }
