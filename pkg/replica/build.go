@@ -87,6 +87,56 @@ type builder struct {
 	// onRead, if set, is told of every read for shipping (a resync's
 	// progress and rate limit).
 	onRead func(n int)
+	// shipped, if set, is what the passes of this connection last shipped
+	// of recently changed files' attributes (see attrCache).
+	shipped attrCache
+}
+
+// shippedAttrs is what a setattr and the size ship of a regular file.
+type shippedAttrs struct {
+	size         int64
+	mode         uint32
+	uid, gid     uint32
+	mtime, atime int64
+}
+
+func attrsOf(st *unix.Stat_t) shippedAttrs {
+	return shippedAttrs{size: st.Size, mode: st.Mode, uid: st.Uid, gid: st.Gid, mtime: st.Mtim.Nano(), atime: st.Atim.Nano()}
+}
+
+// attrCache holds, by inode, the size and attributes the passes of one
+// connection last shipped for a file, when nothing shipped since (a
+// write's bytes: the peer's write moves its copy's times) made them
+// differ on the peer. A change that reaches no attribute the peer keeps
+// ships nothing: XFS logs each append's on-disk size when its data is
+// written (an fdatasync), which the capture reports as a change of the
+// inode like any other (xfs_trans_commit), and each synchronous append
+// went to the peer twice. Bounded: past attrCacheMax entries it starts
+// over. Cleared by every full sync or resync (their setattrs go through
+// other builders) and new for every connection.
+type attrCache map[uint64]shippedAttrs
+
+const attrCacheMax = 4096
+
+func (c attrCache) put(ino uint64, a shippedAttrs) {
+	if c == nil {
+		return
+	}
+	if len(c) >= attrCacheMax {
+		clear(c)
+	}
+	c[ino] = a
+}
+
+func (c attrCache) forget(ino uint64) {
+	if c != nil {
+		delete(c, ino)
+	}
+}
+
+func (c attrCache) same(ino uint64, a shippedAttrs) bool {
+	got, ok := c[ino]
+	return ok && got == a
 }
 
 // newBuilder returns a builder reading through buf (readChunk bytes,
@@ -580,6 +630,7 @@ func (b *builder) movedFrom(kn *snode, st *unix.Stat_t) (link, bool) {
 
 // create ships a node the peer does not have, with its content or subtree.
 func (b *builder) create(d *os.File, to string, dirIno uint64, name string, st *unix.Stat_t) error {
+	b.shipped.forget(st.Ino) // a number reused: what was shipped was another file's
 	mode := fstree.ModeOf(st.Mode)
 	perm := fstree.UnixPerm(mode)
 	switch {
@@ -813,6 +864,10 @@ func (b *builder) file(f journal.File) error {
 		return nil
 	}
 	size := uint64(st.Size)
+	attrs := attrsOf(&st)
+	if f.Attr && !f.Rescan && !f.HasTail && f.Data.Empty() && b.shipped.same(f.Key.Ino, attrs) {
+		return nil // the peer's copy has this size and these attributes
+	}
 	// A truncate (or a collapse/insert) reports its tail; the inode update
 	// that carries the new size may come in a later pass, when the file
 	// has grown again: the size must go now, or the peer keeps the old
@@ -877,7 +932,13 @@ func (b *builder) file(f journal.File) error {
 		}
 	}
 	if f.Attr || f.Rescan {
-		return b.out.add(setattrOp(p, &st))
+		if err := b.out.add(setattrOp(p, &st)); err != nil {
+			return err
+		}
+		b.shipped.put(f.Key.Ino, attrs)
+		return nil
 	}
+	// Bytes shipped without the times: the peer's write moved its copy's.
+	b.shipped.forget(f.Key.Ino)
 	return nil
 }

@@ -523,3 +523,54 @@ func atime(t *testing.T, path string) time.Time {
 	}
 	return time.Unix(st.Atim.Unix())
 }
+
+// A change of a file's inode that leaves everything the peer keeps of it
+// as last shipped (its size, mode, owner and times) ships nothing: XFS
+// logs an append's on-disk size when the data is written, which the
+// capture reports like any change of the inode, and each synchronous
+// append went to the peer twice (TestSyncWriteShippedOnce on XFS: 1.71
+// batches a write). A real change ships, and so does an attribute-only
+// change after bytes were shipped without times (the peer's write moved
+// its copy's), and after the cache was cleared (a full sync).
+func TestBuildUnchangedAttributesShipNothing(t *testing.T) {
+	src, dst, b, sink := syncedPair(t, "f")
+	b.shipped = attrCache{}
+	f := filepath.Join(src, "f")
+	pass := func(files ...journal.File) int {
+		t.Helper()
+		before := len(sink.ops)
+		if _, err := b.build(files); err != nil {
+			t.Fatal(err)
+		}
+		return len(sink.ops) - before
+	}
+	attr := changed(t, f)
+	if n := pass(attr); n == 0 {
+		t.Fatal("the first attribute change shipped nothing")
+	}
+	if n := pass(attr); n != 0 {
+		t.Fatalf("an inode change that changed nothing the peer keeps shipped %d ops: %v", n, sink.ops[len(sink.ops)-n:])
+	}
+	os.Chmod(f, 0o600)
+	if n := pass(attr); n == 0 {
+		t.Fatal("a chmod shipped nothing")
+	}
+	// Bytes without the times: the peer's copy now has its own mtime.
+	if n := pass(span(t, f, 0, 10)); n == 0 {
+		t.Fatal("a write shipped nothing")
+	}
+	if n := pass(attr); n == 0 {
+		t.Fatal("the times after a write shipped without them were taken as on the peer")
+	}
+	clear(b.shipped)
+	if n := pass(attr); n == 0 {
+		t.Fatal("an emptied cache skipped a change")
+	}
+	sameTrees(t, src, dst)
+	var a, c unix.Stat_t
+	unix.Stat(f, &a)
+	unix.Stat(filepath.Join(dst, "f"), &c)
+	if a.Mtim != c.Mtim || a.Mode != c.Mode {
+		t.Fatalf("peer's f: mtime %v mode %o, want %v %o", c.Mtim, c.Mode, a.Mtim, a.Mode)
+	}
+}

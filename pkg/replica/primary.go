@@ -701,6 +701,7 @@ func (bt *batcher) flush() {
 // build turns journal entries into batches while connected.
 func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest <-chan wire.Frame) error {
 	bt := &batcher{p: p, ctx: ctx, debug: p.Log.Enabled(ctx, slog.LevelDebug)}
+	shipped := attrCache{} // this connection's (see attrCache)
 	if p.readBuf == nil {
 		p.readBuf = make([]byte, readChunk)
 	}
@@ -718,6 +719,7 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 			if err := p.fullSync(ctx, c, kernel, bt, manifest); err != nil {
 				return err
 			}
+			clear(shipped) // the full sync shipped attributes of its own
 			// What the comparison held (both trees' listings and their
 			// indexes, hundreds of bytes a file) is garbage now: handed
 			// back to the system at once, the daemon does not keep the
@@ -752,6 +754,7 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 		p.mu.Unlock()
 		b := newBuilder(p.root, p.Dev, p.sh, kernel, bt, p.Log, p.readBuf)
 		b.syncSeq = p.syncSeq
+		b.shipped = shipped
 		requeue, err := b.build(files)
 		blocked, beyondEOF := b.blocked, b.beyondEOF
 		bt.flush()
