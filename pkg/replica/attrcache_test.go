@@ -28,6 +28,14 @@ func sameAttrs(t *testing.T, what, a, b string) {
 	}
 }
 
+// cachingPair is syncedPair with a builder that keeps an attribute cache.
+func cachingPair(t *testing.T, files ...string) (src, dst string, b *builder, sink *applySink) {
+	t.Helper()
+	src, dst, b, sink = syncedPair(t, files...)
+	b.shipped = attrCache{}
+	return src, dst, b, sink
+}
+
 func runPass(t *testing.T, b *builder, files ...journal.File) {
 	t.Helper()
 	if _, err := b.build(files); err != nil {
@@ -66,8 +74,7 @@ func TestAttrCacheHardLinkFirstNameRemoved(t *testing.T) {
 // given f's size, mode and times; the allocation record retires the old
 // node and create forgets the number.
 func TestAttrCacheReusedNumberSameAttrs(t *testing.T) {
-	src, dst, b, sink := syncedPair(t, "f", "x")
-	b.shipped = attrCache{}
+	src, dst, b, sink := cachingPair(t, "f", "x")
 	f := filepath.Join(src, "f")
 	attr := changed(t, f)
 	os.Chmod(f, 0o640)
@@ -94,8 +101,7 @@ func TestAttrCacheReusedNumberSameAttrs(t *testing.T) {
 // (the peer's truncate moves its copy's): an attribute-only record after
 // it, the times set back to those last shipped, must ship them.
 func TestAttrCacheTailThenTimesBack(t *testing.T) {
-	src, dst, b, _ := syncedPair(t, "f")
-	b.shipped = attrCache{}
+	src, dst, b, _ := cachingPair(t, "f")
 	f := filepath.Join(src, "f")
 	attr := changed(t, f)
 	runPass(t, b, attr)
@@ -116,8 +122,7 @@ func TestAttrCacheTailThenTimesBack(t *testing.T) {
 // Rescan: the whole file and the setattr; a later attribute-only record
 // with nothing changed ships nothing and the copies agree.
 func TestAttrCacheRescanThenSame(t *testing.T) {
-	src, dst, b, sink := syncedPair(t, "f")
-	b.shipped = attrCache{}
+	src, dst, b, sink := cachingPair(t, "f")
 	f := filepath.Join(src, "f")
 	r := changed(t, f)
 	r.Rescan = true
