@@ -998,6 +998,13 @@ func (k kernel) Drain() error {
 		// calls end on the primary (closed, or not connected).
 		return nil
 	}
+	if c.Stopped() {
+		// The reader stopped (the role is being handed over), and the
+		// hooks are detached soon after: a write made now may leave no
+		// record at all, and the counters would then show nothing to
+		// wait for.
+		return errNoCapture
+	}
 	n := k.n
 	ctr, err := c.Counters()
 	if err != nil {
@@ -1320,6 +1327,15 @@ func (n *Node) barrier(ctx context.Context) string {
 	n.smu.RLock()
 	primaries, c := n.primaries, n.cap
 	n.smu.RUnlock()
+	if len(primaries) != len(n.cfg.Replicate) {
+		// The term's primaries are gone (stopPrimary: the role is being
+		// handed over, the capture no longer sees writes) or not there
+		// yet, while the state still serves: nothing can confirm the
+		// call. Answered "ok", a write made then reached no record and
+		// no peer (TestSwapTwice: 4 acknowledged records missing on the
+		// new primary).
+		return "error: this node is leaving (or not yet in) the primary role: the change is not confirmed on the peer"
+	}
 	if c != nil && !n.eager.Load() {
 		if err := c.SetEagerWake(true); err == nil {
 			n.eager.Store(true)

@@ -235,7 +235,9 @@ func TestSwapTwice(t *testing.T) {
 		acked, stderr := w.wait(t, "the swap")
 		got, _ := os.ReadFile(filepath.Join(data[s], name))
 		if n := missingRecords(acked, got); n != 0 {
-			t.Fatalf("%d of %d acknowledged records are not on %s", n, acked, nodeName[s])
+			src, _ := os.ReadFile(filepath.Join(data[p], name))
+			t.Fatalf("%d of %d acknowledged records are not on %s (its copy %d bytes, %s's %d: records of 16 bytes)",
+				n, acked, nodeName[s], len(got), nodeName[p], len(src))
 		}
 		t.Logf("writer during the swap: %d records acknowledged, all on %s (writer: %s)", acked, nodeName[s], stderr)
 		if acked == 0 {
