@@ -1336,6 +1336,12 @@ func (n *Node) barrier(ctx context.Context) string {
 		// new primary).
 		return "error: this node is leaving (or not yet in) the primary role: the change is not confirmed on the peer"
 	}
+	if c != nil && c.Stopped() {
+		// Checked here for every directory: an async one's call waits on
+		// the lag alone, which knows nothing of writes the stopped
+		// reader will never hand over (a sync one's Drain fails too).
+		return "error: " + errNoCapture.Error()
+	}
 	if c != nil && !n.eager.Load() {
 		if err := c.SetEagerWake(true); err == nil {
 			n.eager.Store(true)
