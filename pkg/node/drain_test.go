@@ -15,7 +15,25 @@ import (
 	"github.com/duet-ha/duet/pkg/cluster"
 	"github.com/duet-ha/duet/pkg/config"
 	"github.com/duet-ha/duet/pkg/loopfs"
+	"github.com/duet-ha/duet/pkg/replica"
 )
+
+// captureOnLoop opens a capture (not reading) of a fresh ext4 loop
+// filesystem and returns its mount point; both end with the test.
+func captureOnLoop(t *testing.T) (string, *capture.Capture) {
+	t.Helper()
+	fs := loopfs.Make(t, "ext4", 64)
+	var st syscall.Stat_t
+	if err := syscall.Stat(fs.Mount, &st); err != nil {
+		t.Fatal(err)
+	}
+	c, err := capture.Open(capture.Options{Devices: []uint64{st.Dev}})
+	if err != nil {
+		t.Fatalf("capture: %v", err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return fs.Mount, c
+}
 
 // TestDrainEndsWhenReadingStops: a barrier's Drain waits for the records
 // reserved before it to be dispatched. When the node leaves the primary
@@ -26,20 +44,11 @@ import (
 // then). With the old stop (the capture closed, c.Close()) this Drain
 // returned after 10 s.
 func TestDrainEndsWhenReadingStops(t *testing.T) {
-	fs := loopfs.Make(t, "ext4", 64)
-	var st syscall.Stat_t
-	if err := syscall.Stat(fs.Mount, &st); err != nil {
-		t.Fatal(err)
-	}
-	c, err := capture.Open(capture.Options{Devices: []uint64{st.Dev}})
-	if err != nil {
-		t.Fatalf("capture: %v", err)
-	}
-	defer c.Close()
+	mount, c := captureOnLoop(t)
 	n := &Node{log: slog.New(slog.NewTextHandler(os.Stderr, nil)), cap: c}
 	n.drained = sync.NewCond(&n.drainMu)
 	// Records reserved, none dispatched (no reader runs).
-	if err := os.WriteFile(filepath.Join(fs.Mount, "f"), []byte("hello"), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(mount, "f"), []byte("hello"), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	if ctr, err := c.Counters(); err != nil || ctr.Seq == 0 {
@@ -96,16 +105,7 @@ func TestBarrierWithoutPrimariesFails(t *testing.T) {
 // outstanding" proved nothing (a durability call after it was answered
 // "ok" for a write no record and no peer had).
 func TestDrainAfterReadingStoppedFails(t *testing.T) {
-	fs := loopfs.Make(t, "ext4", 64)
-	var st syscall.Stat_t
-	if err := syscall.Stat(fs.Mount, &st); err != nil {
-		t.Fatal(err)
-	}
-	c, err := capture.Open(capture.Options{Devices: []uint64{st.Dev}})
-	if err != nil {
-		t.Fatalf("capture: %v", err)
-	}
-	defer c.Close()
+	_, c := captureOnLoop(t)
 	n := &Node{log: slog.New(slog.NewTextHandler(os.Stderr, nil)), cap: c}
 	n.drained = sync.NewCond(&n.drainMu)
 	if err := (kernel{n}).Drain(); err != nil {
@@ -114,5 +114,40 @@ func TestDrainAfterReadingStoppedFails(t *testing.T) {
 	n.stopReading(c)
 	if err := (kernel{n}).Drain(); err == nil {
 		t.Fatal("Drain after the reader stopped returned nil: a call then would be confirmed with its write in no record")
+	}
+}
+
+// TestBarrierAfterReadingStoppedFails: stopPrimary cancels the term and
+// then stops the capture reading; the replication connection is torn down
+// asynchronously after that. A durability call made in between, for a
+// write made after the reader stopped, must not be confirmed in any mode:
+// the write is in no record and will never be shipped. Sync directories
+// failed (Drain: errNoCapture); async ones, which wait on the lag alone,
+// answered "ok" (from a review).
+func TestBarrierAfterReadingStoppedFails(t *testing.T) {
+	for _, mode := range []string{config.ModeSync, config.ModeAsync} {
+		t.Run(mode, func(t *testing.T) {
+			mount, c := captureOnLoop(t)
+			n := testNode(t, t.TempDir())
+			n.metrics = newMetrics(n.Status)
+			n.drained = sync.NewCond(&n.drainMu)
+			p, src := streamingPrimaryVia(t, nil) // still connected: its teardown has not run yet
+			n.cfg.Replicate = []config.Replicate{{Name: "data", Path: src, Mode: mode, MaxLag: 2 * time.Second}}
+			n.cap, n.primaries = c, []*replica.Primary{p}
+			const e = 9
+			n.machine.Store(&cluster.Machine{Name: "nodeB", State: cluster.Prim, Epoch: e,
+				Peer: cluster.Peer{Seen: true, Name: "nodeA", State: cluster.Second, Epoch: e, Synced: true}})
+			n.beginLeaving() // unserve: a swap to an up-to-date SECOND
+
+			n.stopReading(c) // as stopPrimary does
+			if err := os.WriteFile(filepath.Join(mount, "after-stop"), []byte("record"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			if got := n.barrier(ctx); !strings.HasPrefix(got, "error:") {
+				t.Fatalf("%s directory: a call after the capture stopped reading answered %q (its write is in no record and never shipped)", mode, got)
+			}
+		})
 	}
 }
