@@ -15,6 +15,12 @@
 #include <bpf/bpf_tracing.h>
 #include <bpf/bpf_core_read.h>
 
+// A pointer taken for a kernel type: its fields are then read with direct
+// (fault-handled) loads, not a helper call each as BPF_CORE_READ makes
+// them. For container_of and for pointers kept in a map.
+extern void *bpf_rdonly_cast(const void *obj__ign, __u32 btf_id) __ksym;
+#define CAST(ptr, type) ((type *)bpf_rdonly_cast((void *)(ptr), bpf_core_type_id_kernel(type)))
+
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 // A chunk is the unit of a mark (see data()). 1 MiB: a sequential writer
@@ -88,8 +94,23 @@ struct task_write {
 	__u64 last;
 	__u64 ts;    // 0: consumed, or the write(2) returned
 	__u32 dev;
-	__u32 span;  // an iomap write: every folio of [first, last) is its own
+	__u32 span;  // SPAN_*: which folios of [first, last] are the write's
+	// btrfs: the bytes the syscall in progress has put in the page cache
+	// so far, [lo, hi) of the inode whose io tree is tree, reported once
+	// when it returns (see btrfs_set_extent_bit). tree 0: none.
+	__u64 tree;
+	__u64 inode;
+	__u64 lo, hi;
 };
+
+// What a task_write vouches for: the one folio of the last write_end (it
+// is consumed by that folio's writeback_dirty_folio); every folio of its
+// range within SUPPRESS_WINDOW_NS (an iomap write, renewed at each step);
+// every folio of its range until the syscall returns (a btrfs write, whose
+// exit clears it: it is made only in a syscall whose exit is hooked).
+#define SPAN_ONE 0
+#define SPAN_WINDOW 1
+#define SPAN_SYSCALL 2
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -259,6 +280,28 @@ static __always_inline __u32 btrfs_subvol_dev(struct inode *inode)
 	struct btrfs_inode *bi = (void *)inode - bpf_core_field_offset(struct btrfs_inode, vfs_inode);
 
 	return BPF_CORE_READ(bi, root, anon_dev);
+}
+
+// btrfs_subvol_dev for an inode hooks may load from directly (a BTF
+// pointer): no helper calls.
+static __always_inline __u32 btrfs_subvol_dev_direct(struct inode *inode)
+{
+	struct btrfs_inode *bi = CAST((void *)inode - bpf_core_field_offset(struct btrfs_inode, vfs_inode),
+				      struct btrfs_inode);
+
+	return bi->root->anon_dev;
+}
+
+// watched_direct is watched for an inode hooks may load from directly.
+static __always_inline int watched_direct(struct inode *inode, __u32 *dev)
+{
+	*dev = inode->i_sb->s_dev;
+	if (is_watched(*dev))
+		return 1;
+	if (!is_btrfs_sb(*dev))
+		return 0;
+	*dev = btrfs_subvol_dev_direct(inode);
+	return is_watched(*dev);
 }
 
 static __always_inline int watched(struct inode *inode, __u32 *dev)
@@ -515,23 +558,27 @@ volatile __u64 MARKED_SYSCALLS[8] = {};
 // so a mark left unused there (the folio was already dirty) would hide a
 // store made by the same task within the window (a read into a buffer
 // mapped from the file), and its bytes would never be read.
-static __always_inline int may_mark(struct task_struct *task)
+static __always_inline int in_marked_syscall(struct task_struct *task)
 {
-	__u32 flags = BPF_CORE_READ(task, flags);
 	struct pt_regs *regs;
 	__u64 nr;
 
-	if (flags & PF_KTHREAD)
-		return !BPF_CORE_READ(task, mm);
-	if (flags & (PF_IO_WORKER | PF_USER_WORKER))
+	if (task->flags & (PF_KTHREAD | PF_IO_WORKER | PF_USER_WORKER))
 		return 0;
-	if (BPF_CORE_READ(task, thread_info.status) & TS_COMPAT)
+	if (task->thread_info.status & TS_COMPAT)
 		return 0;
 	regs = (struct pt_regs *)bpf_task_pt_regs(task);
 	if (!regs)
 		return 0;
-	nr = BPF_CORE_READ(regs, orig_ax);
+	nr = regs->orig_ax;
 	return nr < 512 && (MARKED_SYSCALLS[nr >> 6] >> (nr & 63)) & 1;
+}
+
+static __always_inline int may_mark(struct task_struct *task)
+{
+	if (task->flags & PF_KTHREAD)
+		return !task->mm;
+	return in_marked_syscall(task);
 }
 
 static __always_inline void remember_write(struct inode *inode, __u32 dev,
@@ -553,6 +600,16 @@ static __always_inline void remember_write(struct inode *inode, __u32 dev,
 	tw->span = span;
 }
 
+// flush_write reports the bytes of a btrfs write that tw holds, if any
+// (see btrfs_set_extent_bit).
+static __always_inline void flush_write(struct task_write *tw)
+{
+	if (!tw->tree)
+		return;
+	data(CAST(tw->inode, struct inode), tw->dev, 0, 24, tw->lo, tw->hi - tw->lo);
+	tw->tree = 0;
+}
+
 static __always_inline void write_end(struct inode *inode, loff_t pos,
 				      unsigned int copied, __u8 hook)
 {
@@ -560,7 +617,7 @@ static __always_inline void write_end(struct inode *inode, loff_t pos,
 
 	if (!watched(inode, &dev) || copied == 0)
 		return;
-	remember_write(inode, dev, pos, copied, 0);
+	remember_write(inode, dev, pos, copied, SPAN_ONE);
 	data(inode, dev, 0, hook, pos, copied);
 }
 
@@ -603,26 +660,27 @@ int BPF_PROG(writeback_dirty_folio, struct folio *folio,
 
 	if (!mapping || !folio)
 		return 0;
-	inode = BPF_CORE_READ(mapping, host);
-	if (!inode || !watched(inode, &dev))
+	// Direct loads (the arguments are BTF pointers): this fires for
+	// every folio of the machine that goes dirty, with interrupts off,
+	// and a helper call of BPF_CORE_READ costs more than the rest.
+	inode = mapping->host;
+	if (!inode || !watched_direct(inode, &dev))
 		return 0;
-	index = BPF_CORE_READ(folio, index);
+	index = folio->index;
 	nr = 1;
 	// Large folios: order lives in the second page's flags (_flags_1 low byte).
-	if (BPF_CORE_READ(folio, flags.f) & (1UL << PG_head))
-		nr = 1ULL << (BPF_CORE_READ(folio, _flags_1) & 0xff);
+	if (folio->flags.f & (1UL << PG_head))
+		nr = 1ULL << (folio->_flags_1 & 0xff);
 	tw = bpf_task_storage_get(&task_writes, bpf_get_current_task_btf(), 0, 0);
-	if (tw && tw->ts && tw->ino == BPF_CORE_READ(inode, i_ino) && tw->dev == dev &&
+	if (tw && tw->ts && tw->ino == inode->i_ino && tw->dev == dev &&
 	    tw->first < index + nr && tw->last >= index &&
-	    bpf_ktime_get_ns() - tw->ts < SUPPRESS_WINDOW_NS) {
-		// A write_end vouches for one folio; an iomap write for every
-		// folio of its range until the syscall returns.
-		if (!tw->span)
+	    (tw->span == SPAN_SYSCALL || bpf_ktime_get_ns() - tw->ts < SUPPRESS_WINDOW_NS)) {
+		if (tw->span == SPAN_ONE)
 			tw->ts = 0;
 		// Unless the file is mapped shared and writable: a store into
 		// the folio now finds it dirty and fires nothing until it is
 		// written back, while the write's record covers only its bytes.
-		if (data_kind(inode) == KIND_DATA)
+		if (inode->i_mapping->i_mmap_writable.counter <= 0)
 			return 0;
 	}
 	pos = index << PAGE_SHIFT_4K;
@@ -765,8 +823,10 @@ int sys_exit_write_family(struct trace_event_raw_sys_exit *ctx)
 {
 	struct task_write *tw = bpf_task_storage_get(&task_writes, bpf_get_current_task_btf(), 0, 0);
 
-	if (tw)
+	if (tw) {
+		flush_write(tw);
 		tw->ts = 0;
+	}
 	flush_attrs();
 	return 0;
 }
@@ -906,7 +966,7 @@ int BPF_PROG(iomap_iter, struct iomap_iter *iter, const void *ops,
 	// is left of the write and is renewed at each step that has some
 	// left (len is what the steps so far did not write).
 	if ((flags & IOMAP_WRITE) && len)
-		remember_write(inode, dev, pos, len, 1);
+		remember_write(inode, dev, pos, len, SPAN_WINDOW);
 	if (iter->iomap.length == 0)
 		return 0; // the first step: nothing copied yet
 	start = iter->iter_start_pos;
@@ -1080,14 +1140,15 @@ int BPF_PROG(xfs_exchrange_mappings, const struct xfs_exchrange *fxr,
 
 static __always_inline void io_worker_fallocate(void);
 
-// Direct loads where they can be (the arguments are BTF pointers): this
-// fires several times per write, and each helper call of BPF_CORE_READ
-// costs more than the rest.
+// Direct loads (the arguments are BTF pointers, the others are cast): this
+// fires three times per 4 KiB folio a write dirties, and each helper call
+// of BPF_CORE_READ costs more than the rest.
 SEC("tp_btf/btrfs_set_extent_bit")
 int BPF_PROG(btrfs_set_extent_bit, const struct extent_io_tree *tree, u64 start,
 	     u64 len, unsigned set_bits)
 {
 	struct task_struct *task = bpf_get_current_task_btf();
+	struct task_write *tw;
 	struct btrfs_inode *bi;
 	struct inode *inode;
 	__u64 size;
@@ -1100,20 +1161,34 @@ int BPF_PROG(btrfs_set_extent_bit, const struct extent_io_tree *tree, u64 start,
 	// the end of the file, or one in an io-wq worker, is of interest.
 	if (!(set_bits & EXTENT_DELALLOC) && start + len != 0 && !(task->flags & PF_IO_WORKER))
 		return 0;
+	if ((set_bits & (EXTENT_DELALLOC | EXTENT_DEFRAG)) == EXTENT_DELALLOC) {
+		// The next folio of the write this task's syscall is making,
+		// still under its inode lock: its bytes join the range
+		// reported when the syscall returns.
+		tw = bpf_task_storage_get(&task_writes, task, 0, 0);
+		if (tw && tw->tree == (__u64)tree && start == tw->hi && tw->span == SPAN_SYSCALL) {
+			owner = CAST(tw->inode, struct inode)->i_rwsem.owner.counter;
+			if (!(owner & 1) && (owner & ~7L) == (long)task) {
+				tw->hi = start + len;
+				tw->last = (start + len - 1) >> PAGE_SHIFT_4K;
+				return 0;
+			}
+		}
+	}
 	// The verifier takes tree->inode for the union's other member.
-	bi = BPF_CORE_READ(tree, inode);
+	bi = CAST(tree->inode, struct btrfs_inode);
 	if (!bi)
 		return 0;
-	inode = (void *)bi + bpf_core_field_offset(struct btrfs_inode, vfs_inode);
-	if (!is_btrfs_sb(BPF_CORE_READ(inode, i_sb, s_dev)))
+	inode = &bi->vfs_inode;
+	if (!is_btrfs_sb(inode->i_sb->s_dev))
 		return 0;
-	dev = BPF_CORE_READ(bi, root, anon_dev);
+	dev = bi->root->anon_dev;
 	if (!is_watched(dev))
 		return 0;
 	// i_rwsem held for writing by this task: a write, truncate or range
 	// operation, not a page fault (page_mkwrite sets DELALLOC too, before
 	// the store lands) nor a read.
-	owner = BPF_CORE_READ(inode, i_rwsem.owner.counter);
+	owner = inode->i_rwsem.owner.counter;
 	if ((owner & 1) || (owner & ~7L) != (long)task)
 		return 0;
 	if (set_bits & EXTENT_DELALLOC) {
@@ -1122,19 +1197,46 @@ int BPF_PROG(btrfs_set_extent_bit, const struct extent_io_tree *tree, u64 start,
 		// in whole blocks. Defragmentation rewrites the same bytes.
 		if (set_bits & EXTENT_DEFRAG)
 			return 0;
-		remember_write(inode, dev, start, len, 0);
+		// In a syscall whose exit is hooked, the write's folios are
+		// gathered and reported as one range when it returns (a
+		// record, a chunk lookup and a clock read per folio cost 7 %
+		// of a 64 KiB write), before the syscall tells its caller the
+		// write is done. Another file's or a range that does not
+		// follow is reported first.
+		if (in_marked_syscall(task)) {
+			tw = bpf_task_storage_get(&task_writes, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+			if (tw) {
+				flush_write(tw);
+				tw->tree = (__u64)tree;
+				tw->inode = (__u64)inode;
+				tw->lo = start;
+				tw->hi = start + len;
+				tw->ino = inode->i_ino;
+				tw->dev = dev;
+				tw->first = start >> PAGE_SHIFT_4K;
+				tw->last = (start + len - 1) >> PAGE_SHIFT_4K;
+				tw->ts = bpf_ktime_get_ns();
+				tw->span = SPAN_SYSCALL;
+				return 0;
+			}
+		}
+		remember_write(inode, dev, start, len, SPAN_ONE);
 		data(inode, dev, 0, 24, start, len);
 		return 0;
 	}
 	// Locking from a block to the end of the file ((u64)-1, so start +
 	// len wraps to 0) under the inode lock: a truncate, once i_size and
 	// the page cache are cut. The tail counts as changed (see
-	// ext4_truncate_enter).
+	// ext4_truncate_enter). A write of the same syscall (io_uring) is
+	// reported first.
 	if (start + len != 0) {
 		io_worker_fallocate();
 		return 0;
 	}
-	size = BPF_CORE_READ(inode, i_size);
+	tw = bpf_task_storage_get(&task_writes, task, 0, 0);
+	if (tw && tw->tree == (__u64)tree)
+		flush_write(tw);
+	size = inode->i_size;
 	if (size < start)
 		start = size;
 	emit(inode, dev, KIND_DATA, 25, start, (1ULL << 62) - start);

@@ -4,6 +4,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"strings"
 	"testing"
 	"time"
 
@@ -74,6 +75,14 @@ func benchWrite(b *testing.B, fstype string, mib int, mode string, block int) {
 		after := hookTimes(b, c)
 		var total time.Duration
 		for name, t := range after {
+			if strings.HasSuffix(name, runsSuffix) {
+				// Runs per write of the programs that ran.
+				if d := t - before[name]; d > 0 {
+					b.ReportMetric(float64(d)/float64(b.N), name)
+				}
+				delete(after, name)
+				continue
+			}
 			total += t - before[name]
 		}
 		b.ReportMetric(float64(total)/float64(b.N), "hook-ns/op")
@@ -88,7 +97,8 @@ func benchWrite(b *testing.B, fstype string, mib int, mode string, block int) {
 	}
 }
 
-// hookTimes is the run time of each program of c so far, by name.
+// hookTimes is the run time of each program of c so far, by name, and
+// (name + runsSuffix) how many times it ran.
 func hookTimes(b *testing.B, c *Capture) map[string]time.Duration {
 	times := map[string]time.Duration{}
 	if c == nil {
@@ -104,10 +114,14 @@ func hookTimes(b *testing.B, c *Capture) map[string]time.Duration {
 		if err != nil {
 			b.Fatalf("program stats: %v", err)
 		}
-		times[v.Type().Field(i).Tag.Get("ebpf")] = st.Runtime
+		name := v.Type().Field(i).Tag.Get("ebpf")
+		times[name] = st.Runtime
+		times[name+runsSuffix] = time.Duration(st.RunCount)
 	}
 	return times
 }
+
+const runsSuffix = "-runs/op"
 
 // drainAndForget reads records until c closes and, if forget, drops the
 // marks of what it read every PollInterval, as the daemon's batches do.
