@@ -95,19 +95,18 @@ struct task_write {
 	__u64 ts;    // 0: consumed, or the write(2) returned
 	__u32 dev;
 	__u32 span;  // SPAN_*: which folios of [first, last] are the write's
-	// btrfs: the bytes the syscall in progress has put in the page cache
-	// so far, [lo, hi) of the inode whose io tree is tree, reported once
-	// when it returns (see btrfs_set_extent_bit). tree 0: none.
-	__u64 tree;
-	__u64 inode;
-	__u64 lo, hi;
 };
 
 // What a task_write vouches for: the one folio of the last write_end (it
 // is consumed by that folio's writeback_dirty_folio); every folio of its
 // range within SUPPRESS_WINDOW_NS (an iomap write, renewed at each step);
 // every folio of its range until the syscall returns (a btrfs write, whose
-// exit clears it: it is made only in a syscall whose exit is hooked).
+// exit clears it: it is made only in a syscall whose exit is hooked). An
+// exit that does not run (a classic tracepoint program is skipped while
+// another BPF program or a bpf() map operation holds the CPU) leaves a
+// mark that hides nothing: a folio is taken for the write's only while
+// the file has no shared writable mapping, through which alone a store
+// could dirty it.
 #define SPAN_ONE 0
 #define SPAN_WINDOW 1
 #define SPAN_SYSCALL 2
@@ -438,7 +437,9 @@ static __always_inline void data(struct inode *inode, __u32 dev, __u8 kind,
 
 	if (len == 0)
 		return;
-	k.ino = BPF_CORE_READ(inode, i_ino);
+	// Direct loads: every caller's inode is a BTF pointer, and this runs
+	// for every folio of a btrfs write.
+	k.ino = inode->i_ino;
 	for (int i = 0; i < MAX_CHUNKS_PER_EVENT; i++) {
 		__u64 base, lo, hi, nlo, nhi, packed, cur = 0;
 		__u32 tag;
@@ -482,7 +483,7 @@ static __always_inline void data(struct inode *inode, __u32 dev, __u8 kind,
 			nlo = lo < clo ? lo : clo;
 			nhi = hi > chi ? hi : chi;
 			if (hi > chi) {
-				__u64 size = BPF_CORE_READ(inode, i_size), in = size > base ? size - base : 0;
+				__u64 size = inode->i_size, in = size > base ? size - base : 0;
 
 				nhi = hi + (hi - nlo);
 				if (nhi > CHUNK_SIZE)
@@ -540,6 +541,17 @@ static __always_inline __u8 data_kind(struct inode *inode)
 	return KIND_DATA;
 }
 
+// in_syscall_body says whether a task whose registers are regs is running
+// its syscall, not work done on its way back to user mode after the exit
+// tracepoint (task_work: io_uring runs linked requests there): x86-64's
+// entry sets ax to -ENOSYS and the syscall's return value replaces it
+// before the exit tracepoint fires.
+#define ENOSYS 38
+static __always_inline int in_syscall_body(struct pt_regs *regs)
+{
+	return (long)regs->ax == -ENOSYS;
+}
+
 // Syscalls (x86-64 numbers) whose exit runs sys_exit_write_family, one bit
 // each; userspace sets a bit once that exit is attached.
 volatile __u64 MARKED_SYSCALLS[8] = {};
@@ -568,7 +580,7 @@ static __always_inline int in_marked_syscall(struct task_struct *task)
 	if (task->thread_info.status & TS_COMPAT)
 		return 0;
 	regs = (struct pt_regs *)bpf_task_pt_regs(task);
-	if (!regs)
+	if (!regs || !in_syscall_body(regs))
 		return 0;
 	nr = regs->orig_ax;
 	return nr < 512 && (MARKED_SYSCALLS[nr >> 6] >> (nr & 63)) & 1;
@@ -598,16 +610,6 @@ static __always_inline void remember_write(struct inode *inode, __u32 dev,
 	tw->ts = bpf_ktime_get_ns();
 	tw->dev = dev;
 	tw->span = span;
-}
-
-// flush_write reports the bytes of a btrfs write that tw holds, if any
-// (see btrfs_set_extent_bit).
-static __always_inline void flush_write(struct task_write *tw)
-{
-	if (!tw->tree)
-		return;
-	data(CAST(tw->inode, struct inode), tw->dev, 0, 24, tw->lo, tw->hi - tw->lo);
-	tw->tree = 0;
 }
 
 static __always_inline void write_end(struct inode *inode, loff_t pos,
@@ -823,10 +825,8 @@ int sys_exit_write_family(struct trace_event_raw_sys_exit *ctx)
 {
 	struct task_write *tw = bpf_task_storage_get(&task_writes, bpf_get_current_task_btf(), 0, 0);
 
-	if (tw) {
-		flush_write(tw);
+	if (tw)
 		tw->ts = 0;
-	}
 	flush_attrs();
 	return 0;
 }
@@ -1142,7 +1142,13 @@ static __always_inline void io_worker_fallocate(void);
 
 // Direct loads (the arguments are BTF pointers, the others are cast): this
 // fires three times per 4 KiB folio a write dirties, and each helper call
-// of BPF_CORE_READ costs more than the rest.
+// of BPF_CORE_READ costs more than the rest. Each folio of a write is
+// reported at once (a lookup of its chunk's mark, most of the time), not
+// gathered until its syscall returns: completions that io_submit and
+// io_uring post before they return, requests io_uring issues after the
+// exit tracepoint, and an exit program the kernel skips (another BPF
+// program or a bpf() map operation on the CPU) would each leave a write
+// reported late or never.
 SEC("tp_btf/btrfs_set_extent_bit")
 int BPF_PROG(btrfs_set_extent_bit, const struct extent_io_tree *tree, u64 start,
 	     u64 len, unsigned set_bits)
@@ -1161,20 +1167,6 @@ int BPF_PROG(btrfs_set_extent_bit, const struct extent_io_tree *tree, u64 start,
 	// the end of the file, or one in an io-wq worker, is of interest.
 	if (!(set_bits & EXTENT_DELALLOC) && start + len != 0 && !(task->flags & PF_IO_WORKER))
 		return 0;
-	if ((set_bits & (EXTENT_DELALLOC | EXTENT_DEFRAG)) == EXTENT_DELALLOC) {
-		// The next folio of the write this task's syscall is making,
-		// still under its inode lock: its bytes join the range
-		// reported when the syscall returns.
-		tw = bpf_task_storage_get(&task_writes, task, 0, 0);
-		if (tw && tw->tree == (__u64)tree && start == tw->hi && tw->span == SPAN_SYSCALL) {
-			owner = CAST(tw->inode, struct inode)->i_rwsem.owner.counter;
-			if (!(owner & 1) && (owner & ~7L) == (long)task) {
-				tw->hi = start + len;
-				tw->last = (start + len - 1) >> PAGE_SHIFT_4K;
-				return 0;
-			}
-		}
-	}
 	// The verifier takes tree->inode for the union's other member.
 	bi = CAST(tree->inode, struct btrfs_inode);
 	if (!bi)
@@ -1197,26 +1189,29 @@ int BPF_PROG(btrfs_set_extent_bit, const struct extent_io_tree *tree, u64 start,
 		// in whole blocks. Defragmentation rewrites the same bytes.
 		if (set_bits & EXTENT_DEFRAG)
 			return 0;
-		// In a syscall whose exit is hooked, the write's folios are
-		// gathered and reported as one range when it returns (a
-		// record, a chunk lookup and a clock read per folio cost 7 %
-		// of a 64 KiB write), before the syscall tells its caller the
-		// write is done. Another file's or a range that does not
-		// follow is reported first.
+		// In a syscall whose exit is hooked the write's mark grows
+		// with each folio that follows and lasts until the exit: no
+		// clock read a folio (with the other helper calls it cost 7 %
+		// of a 64 KiB write).
 		if (in_marked_syscall(task)) {
 			tw = bpf_task_storage_get(&task_writes, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
 			if (tw) {
-				flush_write(tw);
-				tw->tree = (__u64)tree;
-				tw->inode = (__u64)inode;
-				tw->lo = start;
-				tw->hi = start + len;
-				tw->ino = inode->i_ino;
-				tw->dev = dev;
-				tw->first = start >> PAGE_SHIFT_4K;
-				tw->last = (start + len - 1) >> PAGE_SHIFT_4K;
-				tw->ts = bpf_ktime_get_ns();
-				tw->span = SPAN_SYSCALL;
+				__u64 ino = inode->i_ino, first = start >> PAGE_SHIFT_4K,
+				      last = (start + len - 1) >> PAGE_SHIFT_4K;
+
+				if (tw->ts && tw->span == SPAN_SYSCALL && tw->ino == ino && tw->dev == dev &&
+				    first >= tw->first && first <= tw->last + 1) {
+					if (last > tw->last)
+						tw->last = last;
+				} else {
+					tw->ino = ino;
+					tw->dev = dev;
+					tw->first = first;
+					tw->last = last;
+					tw->ts = bpf_ktime_get_ns();
+					tw->span = SPAN_SYSCALL;
+				}
+				data(inode, dev, 0, 24, start, len);
 				return 0;
 			}
 		}
@@ -1227,15 +1222,11 @@ int BPF_PROG(btrfs_set_extent_bit, const struct extent_io_tree *tree, u64 start,
 	// Locking from a block to the end of the file ((u64)-1, so start +
 	// len wraps to 0) under the inode lock: a truncate, once i_size and
 	// the page cache are cut. The tail counts as changed (see
-	// ext4_truncate_enter). A write of the same syscall (io_uring) is
-	// reported first.
+	// ext4_truncate_enter).
 	if (start + len != 0) {
 		io_worker_fallocate();
 		return 0;
 	}
-	tw = bpf_task_storage_get(&task_writes, task, 0, 0);
-	if (tw && tw->tree == (__u64)tree)
-		flush_write(tw);
 	size = inode->i_size;
 	if (size < start)
 		start = size;
@@ -1270,7 +1261,7 @@ static __always_inline int in_flushed_syscall(struct task_struct *task)
 	if (task->thread_info.status & TS_COMPAT)
 		return 0;
 	regs = (struct pt_regs *)bpf_task_pt_regs(task);
-	if (!regs)
+	if (!regs || !in_syscall_body(regs))
 		return 0;
 	nr = regs->orig_ax;
 	return nr < 512 && (FLUSHED_SYSCALLS[nr >> 6] >> (nr & 63)) & 1;

@@ -419,7 +419,12 @@ func (c *Capture) plan() (hooks []hook, exitOf, flushes map[string]int) {
 		name := "syscalls/sys_exit_" + sc.name
 		hooks = append(hooks, hook{name, c.objs.SysExitWriteFamily, sc.required})
 		exitOf[name] = sc.nr
-		flushes[name] = sc.nr
+		// io_submit and io_uring_enter post completions before they
+		// return (another thread reaps them meanwhile): an inode update
+		// they make is reported at once, not at their exit.
+		if sc.nr != unix.SYS_IO_SUBMIT && sc.nr != unix.SYS_IO_URING_ENTER {
+			flushes[name] = sc.nr
+		}
 	}
 	return hooks, exitOf, flushes
 }

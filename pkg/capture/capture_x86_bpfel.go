@@ -70,10 +70,6 @@ type CaptureTaskWrite struct {
 	Ts    uint64
 	Dev   uint32
 	Span  uint32
-	Tree  uint64
-	Inode uint64
-	Lo    uint64
-	Hi    uint64
 }
 
 // Names of all BPF objects in the ELF.

@@ -1,0 +1,245 @@
+package capture
+
+import (
+	"os"
+	"path/filepath"
+	"runtime"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+	"unsafe"
+
+	"github.com/duet-ha/duet/pkg/loopfs"
+	"golang.org/x/sys/unix"
+)
+
+// btrfsFile is a new file on a captured btrfs filesystem, and its inode.
+func btrfsFile(t *testing.T) (*Capture, *os.File, uint64) {
+	fs := loopfs.Make(t, "btrfs", 256)
+	c := openOn(t, "btrfs", fs.Mount)
+	f, err := os.Create(filepath.Join(fs.Mount, "f"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	var st syscall.Stat_t
+	if err := syscall.Fstat(int(f.Fd()), &st); err != nil {
+		t.Fatal(err)
+	}
+	return c, f, st.Ino
+}
+
+// Two io_uring writes linked (IOSQE_IO_LINK), submitted without
+// GETEVENTS: the second is issued from task_work on the return to user
+// mode, after sys_exit_io_uring_enter ran, by the submitting task itself
+// (orig_ax still io_uring_enter, a syscall whose exit is hooked). Both must
+// be reported. A capture that gathered a write's folios until its
+// syscall's exit (e2020ea) never reported the second: the thread exits and
+// its task storage goes with it.
+func TestLinkedUringWriteAfterExitReported(t *testing.T) {
+	c, f, ino := btrfsFile(t)
+	// Preallocated: btrfs takes a NOWAIT buffered write only into
+	// NOCOW or preallocated ranges (else -EAGAIN, and io-wq runs it).
+	if err := unix.Fallocate(int(f.Fd()), 0, 0, 4<<20); err != nil {
+		t.Fatal(err)
+	}
+	rc := newRecorder(c)
+	rc.drain()
+	forgetFile(t, c, ino, 2<<20)
+	before, _ := c.Counters()
+	r := newRing(t)
+	buf := make([]byte, 4096)
+	for i := range buf {
+		buf[i] = 'x'
+	}
+	seen := make(chan uint64, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread exits with the goroutine
+		put := func(off uint64, flags uint8) {
+			tail := atomic.LoadUint32(r.sqTail)
+			idx := tail & r.sqMask
+			sqe := r.sqes[idx*64 : idx*64+64]
+			clear(sqe)
+			sqe[0] = ioringOpWrite
+			sqe[1] = flags
+			*(*int32)(unsafe.Pointer(&sqe[4])) = int32(f.Fd())
+			*(*uint64)(unsafe.Pointer(&sqe[8])) = off
+			*(*uint64)(unsafe.Pointer(&sqe[16])) = uint64(uintptr(unsafe.Pointer(&buf[0])))
+			*(*uint32)(unsafe.Pointer(&sqe[24])) = 4096
+			*(*uint32)(unsafe.Pointer(&r.rings[r.sqArray+uintptr(idx)*4])) = idx
+			atomic.StoreUint32(r.sqTail, tail+1)
+		}
+		head := atomic.LoadUint32(r.cqHead)
+		put(0, 1<<2)  // IOSQE_IO_LINK
+		put(1<<20, 0) // linked: runs when the first completes
+		_, _, errno := unix.Syscall6(unix.SYS_IO_URING_ENTER, uintptr(r.fd), 2, 0, 0, 0, 0)
+		if errno != 0 {
+			t.Errorf("io_uring_enter: %v", errno)
+		}
+		for atomic.LoadUint32(r.cqTail)-head < 2 {
+		}
+		for i := uint32(0); i < 2; i++ {
+			cqe := r.cqesOffset + ((head+i)&r.cqMask)*16
+			if res := *(*int32)(unsafe.Pointer(&r.rings[cqe+8])); res != 4096 {
+				t.Errorf("cqe %d: %d", i, res)
+			}
+		}
+		atomic.StoreUint32(r.cqHead, head+2)
+		seen <- 0
+	}()
+	<-seen
+	time.Sleep(100 * time.Millisecond) // the thread is gone by now
+	var recs []Record
+	for _, rec := range rc.drain() {
+		if rec.Seq > before.Seq {
+			t.Logf("%+v", rec)
+			recs = append(recs, rec)
+		}
+	}
+	if !covers(recs, ino, KindData, 0, 4096) {
+		t.Errorf("the first write [0, 4096) has no record")
+	}
+	if !covers(recs, ino, KindData, 1<<20, 1<<20+4096) {
+		t.Errorf("the linked write [1 MiB, +4096), completed and acknowledged, has no record")
+	}
+}
+
+// io_submit with a buffered btrfs write and then a long read: the write's
+// completion event is in the aio ring, and another thread's io_getevents
+// returns it, while io_submit still runs the read. A durability call made
+// then must find the write's record (a capture that reported it at
+// io_submit's exit, e2020ea, emitted it 60 to 400 ms later).
+func TestAioWriteReportedBeforeItsCompletion(t *testing.T) {
+	c, f, ino := btrfsFile(t)
+	zero, err := os.Open("/dev/zero")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer zero.Close()
+	var ctx uintptr
+	if _, _, e := unix.Syscall(unix.SYS_IO_SETUP, 8, uintptr(unsafe.Pointer(&ctx)), 0); e != 0 {
+		t.Skipf("io_setup: %v", e)
+	}
+	defer unix.Syscall(unix.SYS_IO_DESTROY, ctx, 0, 0)
+	wbuf := make([]byte, 4096)
+	rbuf := make([]byte, 512<<20)
+	type iocb struct {
+		data         uint64
+		key, rwFlags uint32
+		opcode       uint16
+		prio         int16
+		fd           uint32
+		buf, n       uint64
+		off          int64
+		res2         uint64
+		flags, resfd uint32
+	}
+	cbs := []iocb{
+		{opcode: 1, fd: uint32(f.Fd()), buf: uint64(uintptr(unsafe.Pointer(&wbuf[0]))), n: 4096},
+		{opcode: 0, fd: uint32(zero.Fd()), buf: uint64(uintptr(unsafe.Pointer(&rbuf[0]))), n: uint64(len(rbuf)), data: 1},
+	}
+	ptrs := []uintptr{uintptr(unsafe.Pointer(&cbs[0])), uintptr(unsafe.Pointer(&cbs[1]))}
+	before, _ := c.Counters()
+	got := make(chan uint64, 1)
+	go func() {
+		var ev [2][4]int64
+		_, _, e := unix.Syscall6(unix.SYS_IO_GETEVENTS, ctx, 1, 1, uintptr(unsafe.Pointer(&ev[0])), 0, 0)
+		// The durability call's view: the records emitted so far.
+		cn, _ := c.Counters()
+		if e != 0 || ev[0][0] != 0 {
+			t.Errorf("io_getevents: %v, first event %v", e, ev[0])
+		}
+		got <- cn.Seq
+	}()
+	time.Sleep(50 * time.Millisecond)
+	start := time.Now()
+	n, _, e := unix.Syscall(unix.SYS_IO_SUBMIT, ctx, 2, uintptr(unsafe.Pointer(&ptrs[0])))
+	took := time.Since(start)
+	runtime.KeepAlive(cbs)
+	runtime.KeepAlive(wbuf)
+	runtime.KeepAlive(rbuf)
+	if e != 0 || n != 2 {
+		t.Fatalf("io_submit: %d %v", n, e)
+	}
+	seqAtEvent := <-got
+	t.Logf("io_submit took %v; seq before %d, at the event %d", took, before.Seq, seqAtEvent)
+	for _, rec := range collect(t, c) {
+		if rec.Ino == ino && rec.Kind == KindData && rec.Pos == 0 {
+			t.Logf("%+v", rec)
+			if rec.Seq > seqAtEvent {
+				t.Errorf("the write's record (seq %d) was emitted after its completion was reaped (%d records then): a durability call then misses it", rec.Seq, seqAtEvent)
+			}
+			return
+		}
+	}
+	t.Errorf("no record of the write")
+}
+
+// One io_submit writes a btrfs file, then an ext4 file, both watched: each
+// write is reported with its own device (a capture that gathered the btrfs
+// write until the exit, e2020ea, reported it with the ext4 device, which
+// the ext4 write's mark had written over).
+func TestBtrfsAndExt4WritesInOneSubmit(t *testing.T) {
+	bfs := loopfs.Make(t, "btrfs", 256)
+	efs := loopfs.Make(t, "ext4", 64)
+	var bst, est syscall.Stat_t
+	syscall.Stat(bfs.Mount, &bst)
+	syscall.Stat(efs.Mount, &est)
+	sb, err := BtrfsSuperblock(bfs.Mount)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := Open(Options{Devices: []uint64{bst.Dev, est.Dev}, Btrfs: []uint64{sb}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	rc := newRecorder(c)
+	bf, _ := os.Create(filepath.Join(bfs.Mount, "f"))
+	ef, _ := os.Create(filepath.Join(efs.Mount, "g"))
+	defer bf.Close()
+	defer ef.Close()
+	var fst syscall.Stat_t
+	syscall.Fstat(int(bf.Fd()), &fst)
+	rc.drain()
+	var ctx uintptr
+	if _, _, e := unix.Syscall(unix.SYS_IO_SETUP, 8, uintptr(unsafe.Pointer(&ctx)), 0); e != 0 {
+		t.Skipf("io_setup: %v", e)
+	}
+	defer unix.Syscall(unix.SYS_IO_DESTROY, ctx, 0, 0)
+	buf := make([]byte, 4096)
+	type iocb struct {
+		data         uint64
+		key, rwFlags uint32
+		opcode       uint16
+		prio         int16
+		fd           uint32
+		buf, n       uint64
+		off          int64
+		res2         uint64
+		flags, resfd uint32
+	}
+	cbs := []iocb{
+		{opcode: 1, fd: uint32(bf.Fd()), buf: uint64(uintptr(unsafe.Pointer(&buf[0]))), n: 4096},
+		{opcode: 1, fd: uint32(ef.Fd()), buf: uint64(uintptr(unsafe.Pointer(&buf[0]))), n: 4096},
+	}
+	ptrs := []uintptr{uintptr(unsafe.Pointer(&cbs[0])), uintptr(unsafe.Pointer(&cbs[1]))}
+	n, _, e := unix.Syscall(unix.SYS_IO_SUBMIT, ctx, 2, uintptr(unsafe.Pointer(&ptrs[0])))
+	runtime.KeepAlive(cbs)
+	runtime.KeepAlive(buf)
+	if e != 0 || n != 2 {
+		t.Fatalf("io_submit: %d %v", n, e)
+	}
+	ok := false
+	for _, rec := range rc.drain() {
+		t.Logf("%+v", rec)
+		if rec.Ino == fst.Ino && rec.Kind == KindData && rec.Dev == KernelDev(fst.Dev) && rec.Pos == 0 {
+			ok = true
+		}
+	}
+	t.Logf("btrfs dev %d ino %d, ext4 dev %d", KernelDev(fst.Dev), fst.Ino, KernelDev(est.Dev))
+	if !ok {
+		t.Errorf("the btrfs write has no data record with its own device")
+	}
+}
