@@ -17,7 +17,9 @@
 
 // A pointer taken for a kernel type: its fields are then read with direct
 // (fault-handled) loads, not a helper call each as BPF_CORE_READ makes
-// them. For container_of and for pointers kept in a map.
+// them. vmlinux types only: the ID of a module's type (btrfs is a module
+// on most distributions' kernels) is one the verifier looks up in
+// vmlinux's BTF, where it is not.
 extern void *bpf_rdonly_cast(const void *obj__ign, __u32 btf_id) __ksym;
 #define CAST(ptr, type) ((type *)bpf_rdonly_cast((void *)(ptr), bpf_core_type_id_kernel(type)))
 
@@ -281,16 +283,6 @@ static __always_inline __u32 btrfs_subvol_dev(struct inode *inode)
 	return BPF_CORE_READ(bi, root, anon_dev);
 }
 
-// btrfs_subvol_dev for an inode hooks may load from directly (a BTF
-// pointer): no helper calls.
-static __always_inline __u32 btrfs_subvol_dev_direct(struct inode *inode)
-{
-	struct btrfs_inode *bi = CAST((void *)inode - bpf_core_field_offset(struct btrfs_inode, vfs_inode),
-				      struct btrfs_inode);
-
-	return bi->root->anon_dev;
-}
-
 // watched_direct is watched for an inode hooks may load from directly.
 static __always_inline int watched_direct(struct inode *inode, __u32 *dev)
 {
@@ -299,7 +291,7 @@ static __always_inline int watched_direct(struct inode *inode, __u32 *dev)
 		return 1;
 	if (!is_btrfs_sb(*dev))
 		return 0;
-	*dev = btrfs_subvol_dev_direct(inode);
+	*dev = btrfs_subvol_dev(inode);
 	return is_watched(*dev);
 }
 
@@ -1167,14 +1159,15 @@ int BPF_PROG(btrfs_set_extent_bit, const struct extent_io_tree *tree, u64 start,
 	// the end of the file, or one in an io-wq worker, is of interest.
 	if (!(set_bits & EXTENT_DELALLOC) && start + len != 0 && !(task->flags & PF_IO_WORKER))
 		return 0;
-	// The verifier takes tree->inode for the union's other member.
-	bi = CAST(tree->inode, struct btrfs_inode);
+	// The verifier takes tree->inode for the union's other member; the
+	// btrfs types are a module's on most kernels (see CAST).
+	bi = BPF_CORE_READ(tree, inode);
 	if (!bi)
 		return 0;
-	inode = &bi->vfs_inode;
+	inode = CAST((void *)bi + bpf_core_field_offset(struct btrfs_inode, vfs_inode), struct inode);
 	if (!is_btrfs_sb(inode->i_sb->s_dev))
 		return 0;
-	dev = bi->root->anon_dev;
+	dev = BPF_CORE_READ(bi, root, anon_dev);
 	if (!is_watched(dev))
 		return 0;
 	// i_rwsem held for writing by this task: a write, truncate or range
