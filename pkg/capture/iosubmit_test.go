@@ -14,6 +14,31 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// iocb is Linux's struct iocb (x86-64) for io_submit.
+type iocb struct {
+	data         uint64
+	key, rwFlags uint32
+	opcode       uint16
+	prio         int16
+	fd           uint32
+	buf, n       uint64
+	off          int64
+	res2         uint64
+	flags, resfd uint32
+}
+
+// aioContext is a Linux AIO context for the test (io_setup), destroyed
+// at its end.
+func aioContext(t *testing.T) uintptr {
+	t.Helper()
+	var ctx uintptr
+	if _, _, e := unix.Syscall(unix.SYS_IO_SETUP, 8, uintptr(unsafe.Pointer(&ctx)), 0); e != 0 {
+		t.Skipf("io_setup: %v", e)
+	}
+	t.Cleanup(func() { unix.Syscall(unix.SYS_IO_DESTROY, ctx, 0, 0) })
+	return ctx
+}
+
 // btrfsFile is a new file on a captured btrfs filesystem, and its inode.
 func btrfsFile(t *testing.T) (*Capture, *os.File, uint64) {
 	fs := loopfs.Make(t, "btrfs", 256)
@@ -56,24 +81,12 @@ func TestLinkedUringWriteAfterExitReported(t *testing.T) {
 	seen := make(chan uint64, 1)
 	go func() {
 		runtime.LockOSThread() // never unlocked: the thread exits with the goroutine
-		put := func(off uint64, flags uint8) {
-			tail := atomic.LoadUint32(r.sqTail)
-			idx := tail & r.sqMask
-			sqe := r.sqes[idx*64 : idx*64+64]
-			clear(sqe)
-			sqe[0] = ioringOpWrite
-			sqe[1] = flags
-			*(*int32)(unsafe.Pointer(&sqe[4])) = int32(f.Fd())
-			*(*uint64)(unsafe.Pointer(&sqe[8])) = off
-			*(*uint64)(unsafe.Pointer(&sqe[16])) = uint64(uintptr(unsafe.Pointer(&buf[0])))
-			*(*uint32)(unsafe.Pointer(&sqe[24])) = 4096
-			*(*uint32)(unsafe.Pointer(&r.rings[r.sqArray+uintptr(idx)*4])) = idx
-			atomic.StoreUint32(r.sqTail, tail+1)
-		}
 		head := atomic.LoadUint32(r.cqHead)
-		put(0, 1<<2)  // IOSQE_IO_LINK
-		put(1<<20, 0) // linked: runs when the first completes
+		addr := uint64(uintptr(unsafe.Pointer(&buf[0])))
+		r.put(ioringOpWrite, 1<<2, int(f.Fd()), 0, addr, 4096)  // IOSQE_IO_LINK
+		r.put(ioringOpWrite, 0, int(f.Fd()), 1<<20, addr, 4096) // linked: runs when the first completes
 		_, _, errno := unix.Syscall6(unix.SYS_IO_URING_ENTER, uintptr(r.fd), 2, 0, 0, 0, 0)
+		runtime.KeepAlive(buf)
 		if errno != 0 {
 			t.Errorf("io_uring_enter: %v", errno)
 		}
@@ -117,24 +130,9 @@ func TestAioWriteReportedBeforeItsCompletion(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer zero.Close()
-	var ctx uintptr
-	if _, _, e := unix.Syscall(unix.SYS_IO_SETUP, 8, uintptr(unsafe.Pointer(&ctx)), 0); e != 0 {
-		t.Skipf("io_setup: %v", e)
-	}
-	defer unix.Syscall(unix.SYS_IO_DESTROY, ctx, 0, 0)
+	ctx := aioContext(t)
 	wbuf := make([]byte, 4096)
 	rbuf := make([]byte, 512<<20)
-	type iocb struct {
-		data         uint64
-		key, rwFlags uint32
-		opcode       uint16
-		prio         int16
-		fd           uint32
-		buf, n       uint64
-		off          int64
-		res2         uint64
-		flags, resfd uint32
-	}
 	cbs := []iocb{
 		{opcode: 1, fd: uint32(f.Fd()), buf: uint64(uintptr(unsafe.Pointer(&wbuf[0]))), n: 4096},
 		{opcode: 0, fd: uint32(zero.Fd()), buf: uint64(uintptr(unsafe.Pointer(&rbuf[0]))), n: uint64(len(rbuf)), data: 1},
@@ -203,23 +201,8 @@ func TestBtrfsAndExt4WritesInOneSubmit(t *testing.T) {
 	var fst syscall.Stat_t
 	syscall.Fstat(int(bf.Fd()), &fst)
 	rc.drain()
-	var ctx uintptr
-	if _, _, e := unix.Syscall(unix.SYS_IO_SETUP, 8, uintptr(unsafe.Pointer(&ctx)), 0); e != 0 {
-		t.Skipf("io_setup: %v", e)
-	}
-	defer unix.Syscall(unix.SYS_IO_DESTROY, ctx, 0, 0)
+	ctx := aioContext(t)
 	buf := make([]byte, 4096)
-	type iocb struct {
-		data         uint64
-		key, rwFlags uint32
-		opcode       uint16
-		prio         int16
-		fd           uint32
-		buf, n       uint64
-		off          int64
-		res2         uint64
-		flags, resfd uint32
-	}
 	cbs := []iocb{
 		{opcode: 1, fd: uint32(bf.Fd()), buf: uint64(uintptr(unsafe.Pointer(&buf[0]))), n: 4096},
 		{opcode: 1, fd: uint32(ef.Fd()), buf: uint64(uintptr(unsafe.Pointer(&buf[0]))), n: 4096},

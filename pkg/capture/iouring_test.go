@@ -90,22 +90,28 @@ func (r *ring) do(op uint8, fd int, buf []byte, off int64) (int, error) {
 	return r.submit(op, fd, uint64(off), uint64(uintptr(unsafe.Pointer(&buf[0]))), uint32(len(buf)))
 }
 
-// submit is do with the SQE's off, addr and len fields as given (their
-// meaning depends on op: IORING_OP_FALLOCATE takes the length in addr and
-// the mode in len).
-func (r *ring) submit(op uint8, fd int, off, addr uint64, n uint32) (int, error) {
+// put queues an SQE of op with flags and the given fd, off, addr and len
+// fields, without submitting it.
+func (r *ring) put(op, flags uint8, fd int, off, addr uint64, n uint32) {
 	tail := atomic.LoadUint32(r.sqTail)
 	idx := tail & r.sqMask
 	sqe := r.sqes[idx*64 : idx*64+64]
 	clear(sqe)
 	sqe[0] = op
-	sqe[1] = iosqeAsync
+	sqe[1] = flags
 	*(*int32)(unsafe.Pointer(&sqe[4])) = int32(fd)
 	*(*uint64)(unsafe.Pointer(&sqe[8])) = off
 	*(*uint64)(unsafe.Pointer(&sqe[16])) = addr
 	*(*uint32)(unsafe.Pointer(&sqe[24])) = n
 	*(*uint32)(unsafe.Pointer(&r.rings[r.sqArray+uintptr(idx)*4])) = idx
 	atomic.StoreUint32(r.sqTail, tail+1)
+}
+
+// submit is do with the SQE's off, addr and len fields as given (their
+// meaning depends on op: IORING_OP_FALLOCATE takes the length in addr and
+// the mode in len).
+func (r *ring) submit(op uint8, fd int, off, addr uint64, n uint32) (int, error) {
+	r.put(op, iosqeAsync, fd, off, addr, n)
 	_, _, errno := unix.Syscall6(unix.SYS_IO_URING_ENTER, uintptr(r.fd), 1, 1, ioringEnterWait, 0, 0)
 	head := atomic.LoadUint32(r.cqHead)
 	// A signal (the Go runtime's preemption, SIGURG) ends the wait
