@@ -553,15 +553,8 @@ volatile __u64 MARKED_SYSCALLS[8] = {};
 #define PF_KTHREAD 0x00200000
 #define TS_COMPAT 0x0002
 
-// may_mark says whether task's mark is sure to die before it could stand
-// for a store through a mapping. A kernel thread without a user mm has no
-// mapping to store through: its mark may live out SUPPRESS_WINDOW_NS
-// (nfsd, loop). Any other task (io_uring and vhost workers share the
-// user's mm) only inside a syscall whose exit is hooked: an io-wq worker
-// never returns from one, and 32-bit syscalls fire no syscall tracepoint,
-// so a mark left unused there (the folio was already dirty) would hide a
-// store made by the same task within the window (a read into a buffer
-// mapped from the file), and its bytes would never be read.
+// in_marked_syscall says whether task runs the body of a syscall whose
+// exit runs sys_exit_write_family (see may_mark).
 static __always_inline int in_marked_syscall(struct task_struct *task)
 {
 	struct pt_regs *regs;
@@ -578,6 +571,15 @@ static __always_inline int in_marked_syscall(struct task_struct *task)
 	return nr < 512 && (MARKED_SYSCALLS[nr >> 6] >> (nr & 63)) & 1;
 }
 
+// may_mark says whether task's mark is sure to die before it could stand
+// for a store through a mapping. A kernel thread without a user mm has no
+// mapping to store through: its mark may live out SUPPRESS_WINDOW_NS
+// (nfsd, loop). Any other task (io_uring and vhost workers share the
+// user's mm) only inside a syscall whose exit is hooked: an io-wq worker
+// never returns from one, and 32-bit syscalls fire no syscall tracepoint,
+// so a mark left unused there (the folio was already dirty) would hide a
+// store made by the same task within the window (a read into a buffer
+// mapped from the file), and its bytes would never be read.
 static __always_inline int may_mark(struct task_struct *task)
 {
 	if (task->flags & PF_KTHREAD)
