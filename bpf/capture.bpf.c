@@ -553,9 +553,10 @@ volatile __u64 MARKED_SYSCALLS[8] = {};
 #define PF_KTHREAD 0x00200000
 #define TS_COMPAT 0x0002
 
-// in_marked_syscall says whether task runs the body of a syscall whose
-// exit runs sys_exit_write_family (see may_mark).
-static __always_inline int in_marked_syscall(struct task_struct *task)
+// in_syscall_of says whether task runs the body of one of the syscalls of
+// set (a bitmap by x86-64 number). Kernel threads and io_uring's and
+// vhost's workers run none, and 32-bit syscalls fire no syscall tracepoint.
+static __always_inline int in_syscall_of(struct task_struct *task, volatile __u64 *set)
 {
 	struct pt_regs *regs;
 	__u64 nr;
@@ -568,7 +569,14 @@ static __always_inline int in_marked_syscall(struct task_struct *task)
 	if (!regs || !in_syscall_body(regs))
 		return 0;
 	nr = regs->orig_ax;
-	return nr < 512 && (MARKED_SYSCALLS[nr >> 6] >> (nr & 63)) & 1;
+	return nr < 512 && (set[nr >> 6] >> (nr & 63)) & 1;
+}
+
+// in_marked_syscall says whether task runs the body of a syscall whose
+// exit runs sys_exit_write_family (see may_mark).
+static __always_inline int in_marked_syscall(struct task_struct *task)
+{
+	return in_syscall_of(task, MARKED_SYSCALLS);
 }
 
 // may_mark says whether task's mark is sure to die before it could stand
@@ -1248,25 +1256,18 @@ volatile __u64 FLUSHED_SYSCALLS[8] = {};
 // the inodes it updated (see may_mark for who is in no syscall).
 static __always_inline int in_flushed_syscall(struct task_struct *task)
 {
-	struct pt_regs *regs;
-	__u64 nr;
-
-	if (task->flags & (PF_KTHREAD | PF_IO_WORKER | PF_USER_WORKER))
-		return 0;
-	if (task->thread_info.status & TS_COMPAT)
-		return 0;
-	regs = (struct pt_regs *)bpf_task_pt_regs(task);
-	if (!regs || !in_syscall_body(regs))
-		return 0;
-	nr = regs->orig_ax;
-	return nr < 512 && (FLUSHED_SYSCALLS[nr >> 6] >> (nr & 63)) & 1;
+	return in_syscall_of(task, FLUSHED_SYSCALLS);
 }
 
-// A btrfs inode's ctime is being set: it is being updated. In a syscall
-// whose exit is hooked the update is reported then; anywhere else (an
-// io_uring worker, a kernel thread, a page fault) now, as ext4 and XFS
-// report theirs: the change made so far is in memory, and a directory's
-// entries are read under its lock, which the operation still holds.
+// A btrfs inode's ctime is being set: it is being updated. It is reported
+// now, as ext4 and XFS report theirs: the change made so far is in
+// memory, and a directory's entries are read under its lock, which the
+// operation still holds. In a syscall whose exit is hooked it is reported
+// again then (unless the first record is still unread), with the parts of
+// the change made after the ctime (a utimensat's mtime, an unlink's link
+// count). Only then, the update was lost when the exit's program did not
+// run: task_work after a syscall that returned -ENOSYS (which leaves ax as
+// in the syscall's body), a program the kernel skipped.
 static __always_inline void ctime_set(struct inode *inode)
 {
 	struct task_struct *task = bpf_get_current_task_btf();
@@ -1290,7 +1291,7 @@ static __always_inline void ctime_set(struct inode *inode)
 				if (i >= ta->n)
 					break;
 				if (ta->e[i].ino == ino && ta->e[i].dev == dev)
-					return;
+					goto now;
 			}
 			if (ta->n < MAX_PENDING) {
 				__u32 n = ta->n;
@@ -1299,10 +1300,10 @@ static __always_inline void ctime_set(struct inode *inode)
 				ta->e[n & (MAX_PENDING - 1)].dev = dev;
 				ta->e[n & (MAX_PENDING - 1)].gen = gen;
 				ta->n = n + 1;
-				return;
 			}
 		}
 	}
+now:
 	emit_attr(dev, ino, gen, 27);
 }
 

@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"runtime"
+	"slices"
 	"sync"
 	"syscall"
 	"time"
@@ -263,6 +264,16 @@ func Start(self string, args []string, wait Func, observe Observer, setup func(*
 	cmd := exec.Command(self, append([]string{ChildCommand, "--"}, args...)...)
 	if setup != nil {
 		setup(cmd)
+	}
+	if cmd.SysProcAttr != nil && cmd.SysProcAttr.Pdeathsig != 0 && slices.ContainsFunc(cmd.Env, isGroupEnv) {
+		// The kernel keeps a parent-death signal per thread: the one
+		// set at fork is the child's main thread's, and runGroup sets
+		// its own on the thread it runs on, which Go need not have
+		// kept on the main one. A SIGKILL left there killed the child
+		// before it could kill its group, and the service outlived the
+		// daemon (TestServiceGroupDiesWithSupervisor, once in 20 runs
+		// under load; TestGroupChildOffMainThread).
+		cmd.SysProcAttr.Pdeathsig = groupDeathSignal
 	}
 	cmd.ExtraFiles = []*os.File{child} // fd 3
 	if err := cmd.Start(); err != nil {

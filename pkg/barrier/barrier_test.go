@@ -27,6 +27,10 @@ func TestMain(m *testing.M) {
 		if len(args) > 0 && args[0] == "--" {
 			args = args[1:]
 		}
+		if os.Getenv(childOffMainEnv) != "" {
+			fmt.Fprintln(os.Stderr, runOffMainThread(func() error { return RunChild(args) }))
+			os.Exit(127)
+		}
 		fmt.Fprintln(os.Stderr, RunChild(args))
 		os.Exit(127)
 	}
@@ -37,6 +41,28 @@ func TestMain(m *testing.M) {
 		os.Exit(helper(h))
 	}
 	os.Exit(m.Run())
+}
+
+// childOffMainEnv makes the supervised child run RunChild on a thread
+// other than its main one (TestGroupChildOffMainThread).
+const childOffMainEnv = "DUET_BARRIER_CHILD_OFF_MAIN"
+
+// runOffMainThread runs fn locked to a thread that is not the process's
+// main thread, and returns its error. A goroutine that finds itself on the
+// main thread stays there, locked, so the next one cannot get it.
+func runOffMainThread(fn func() error) error {
+	res := make(chan error)
+	var try func()
+	try = func() {
+		runtime.LockOSThread()
+		if unix.Gettid() == unix.Getpid() {
+			go try()
+			select {}
+		}
+		res <- fn()
+	}
+	go try()
+	return <-res
 }
 
 // helper is the supervised program of TestErrnoPassesThrough: it makes

@@ -6,6 +6,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"strconv"
+	"strings"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -26,6 +27,9 @@ const GroupEnv = "DUET_SERVICE_GROUP"
 // groupDeathSignal is the child's parent-death signal: one a service does
 // not get from duet otherwise, so the child can tell it apart.
 const groupDeathSignal = unix.SIGUSR2
+
+// isGroupEnv says whether kv (an environment entry) is GroupEnv's.
+func isGroupEnv(kv string) bool { return strings.HasPrefix(kv, GroupEnv+"=") }
 
 // runGroup runs path with args as a child (forked on the calling, filtered
 // thread, so the command inherits the filter), forwards its exit status,

@@ -65,6 +65,24 @@ func TestServiceGroupDiesWithSupervisor(t *testing.T) {
 	}
 }
 
+// The supervised child runs the service's group from whichever thread Go
+// put it on; the kernel keeps a parent-death signal per thread, and the
+// daemon's (SIGKILL, set at fork) is the child's main thread's. Here the
+// child runs off its main thread on purpose (DUET_BARRIER_CHILD_OFF_MAIN):
+// with SIGKILL left on the main thread the child died at once when the
+// supervisor did, and the service's command lived on (in the test above,
+// once in 20 runs under load, where Go had moved the goroutine).
+func TestGroupChildOffMainThread(t *testing.T) {
+	sup, pidFile := startSupervisor(t, true, childOffMainEnv+"=1")
+	pid := waitPidFile(t, pidFile)
+	sup.Process.Kill()
+	sup.Wait()
+	if !waitGone(pid, 5*time.Second) {
+		unix.Kill(pid, unix.SIGKILL)
+		t.Errorf("the service's command (pid %d) outlived its SIGKILLed supervisor", pid)
+	}
+}
+
 func waitPidFile(t *testing.T, path string) int {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
@@ -122,7 +140,7 @@ func TestServiceGroupSurvivesStraySIGUSR2(t *testing.T) {
 
 // startSupervisor starts the supervisor helper (with or without GroupEnv)
 // running `sleep 300` forked by sh; the sleep's pid lands in pidFile.
-func startSupervisor(t *testing.T, group bool) (sup *exec.Cmd, pidFile string) {
+func startSupervisor(t *testing.T, group bool, env ...string) (sup *exec.Cmd, pidFile string) {
 	t.Helper()
 	pidFile = filepath.Join(t.TempDir(), "pid")
 	self, err := os.Executable()
@@ -134,6 +152,7 @@ func startSupervisor(t *testing.T, group bool) (sup *exec.Cmd, pidFile string) {
 	if !group {
 		sup.Env = append(sup.Env, "DUET_BARRIER_NOGROUP=1")
 	}
+	sup.Env = append(sup.Env, env...)
 	out, err := sup.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
