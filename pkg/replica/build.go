@@ -185,8 +185,8 @@ func (b *builder) build(files []journal.File) ([]journal.File, error) {
 		if f.Key.Dev != b.dev {
 			continue
 		}
-		n := b.sh.nodes[f.Key.Ino]
-		if n == nil {
+		n, ok := b.sh.node(f.Key.Ino)
+		if !ok {
 			// Not in the tree, or new: its directory reports it.
 			unknown = append(unknown, f)
 			continue
@@ -218,7 +218,7 @@ func (b *builder) build(files []journal.File) ([]journal.File, error) {
 		want(dirs[i].Key.Ino, &dirs[i])
 	}
 	for ino := range near {
-		if n := b.sh.nodes[ino]; n != nil && n.mode.IsDir() {
+		if n, ok := b.sh.node(ino); ok && n.mode.IsDir() {
 			want(ino, nil)
 		}
 	}
@@ -338,11 +338,11 @@ func forgetMarks(k Kernel, files []journal.File) {
 // retire removes every name of a shadow node whose inode is gone, unless
 // the node is already the new inode (same generation).
 func (b *builder) retire(ino uint64, gen uint32) error {
-	n := b.sh.nodes[ino]
-	if n == nil || ino == b.sh.root || (n.genKnown && n.gen == gen) {
+	n, ok := b.sh.node(ino)
+	if !ok || ino == b.sh.root || (n.genKnown && n.gen == gen) {
 		return nil
 	}
-	for _, l := range b.sh.names(n) {
+	for _, l := range b.sh.names(ino) {
 		p, ok := b.sh.linkPath(l)
 		if cur, held := b.sh.child(l.parent, l.name); ok && held && cur == ino {
 			if err := b.out.add(&wire.Op{Code: wire.OpRemove, Path: p}); err != nil {
@@ -350,7 +350,7 @@ func (b *builder) retire(ino uint64, gen uint32) error {
 			}
 		}
 	}
-	b.sh.drop(n)
+	b.sh.drop(ino)
 	return nil
 }
 
@@ -405,11 +405,10 @@ func (b *builder) reconcile(ino uint64) (bool, error) {
 	// Most entries are what the shadow holds: only the others are
 	// handled, and the removals looked for only if some name of the
 	// shadow was not listed.
-	kids := b.sh.children(ino)
 	listed := 0
 	var changed []fstree.Dirent
 	for _, e := range ents {
-		cur, ok := kids[e.Name]
+		cur, ok := b.sh.child(ino, e.Name)
 		if ok {
 			listed++
 		}
@@ -418,16 +417,17 @@ func (b *builder) reconcile(ino uint64) (bool, error) {
 		}
 	}
 	var gone []string
-	if listed < len(kids) {
+	if listed < b.sh.childCount(ino) {
 		present := make(map[string]bool, len(ents))
 		for _, e := range ents {
 			present[e.Name] = true
 		}
-		for name := range kids {
+		b.sh.eachChild(ino, func(name string, _ uint64) bool {
 			if !present[name] {
 				gone = append(gone, name)
 			}
-		}
+			return true
+		})
 	}
 	if err := b.apply(d, p, ino, changed, gone); err != nil {
 		return true, err
@@ -496,7 +496,7 @@ func (b *builder) apply(d *os.File, p string, ino uint64, changed []fstree.Diren
 	// Known inodes first (renames, links), then new ones: after `mv w
 	// w.old; mkdir w` the peer's w moves away before a new w is made.
 	sort.Slice(changed, func(i, j int) bool {
-		ki, kj := b.sh.nodes[changed[i].Ino] != nil, b.sh.nodes[changed[j].Ino] != nil
+		ki, kj := b.sh.has(changed[i].Ino), b.sh.has(changed[j].Ino)
 		if ki != kj {
 			return ki
 		}
@@ -532,13 +532,13 @@ func (b *builder) entry(d *os.File, dirPath string, dirIno uint64, e fstree.Dire
 	}
 	to := join(dirPath, e.Name)
 	gen, genOK := generation(int(d.Fd()), e.Name)
-	if kn := b.sh.nodes[e.Ino]; kn != nil && (kn.mode.Type() != fstree.ModeOf(st.Mode).Type() || (genOK && kn.genKnown && kn.gen != gen)) {
+	if kn, ok := b.sh.node(e.Ino); ok && (kn.mode.Type() != fstree.ModeOf(st.Mode).Type() || (genOK && kn.genKnown && kn.gen != gen)) {
 		// The number now names another inode: the old one is gone.
 		if err := b.retire(e.Ino, gen); err != nil {
 			return err
 		}
 	}
-	if kn := b.sh.nodes[e.Ino]; kn != nil && b.sh.nameCount(kn) > 0 {
+	if kn, ok := b.sh.node(e.Ino); ok && b.sh.nameCount(e.Ino) > 0 {
 		from, isRename := b.movedFrom(kn, &st)
 		fromPath, ok := b.sh.linkPath(from)
 		if ok && isRename {
@@ -564,7 +564,7 @@ func (b *builder) entry(d *os.File, dirPath string, dirIno uint64, e fstree.Dire
 	// is shipped whole again. Moved aside, a later reconcile in this pass
 	// renames it from there; what nothing claims goes with this pass's
 	// removals.
-	if dn := b.sh.nodes[dirIno]; dn != nil {
+	if b.sh.has(dirIno) {
 		if old, held := b.sh.child(dirIno, e.Name); held {
 			aside := fmt.Sprintf(".duet-replaced-%d", old)
 			if err := b.out.add(&wire.Op{Code: wire.OpRename, Path: to, Path2: join(dirPath, aside)}); err != nil {
@@ -577,8 +577,8 @@ func (b *builder) entry(d *os.File, dirPath string, dirIno uint64, e fstree.Dire
 	if err := b.create(d, to, dirIno, e.Name, &st); err != nil {
 		return err
 	}
-	if n := b.sh.nodes[e.Ino]; n != nil && genOK {
-		n.gen, n.genKnown = gen, true
+	if genOK {
+		b.sh.setGen(e.Ino, gen)
 	}
 	return nil
 }
@@ -612,11 +612,11 @@ func handleGeneration(typ int32, b []byte) (uint32, bool) {
 // movedFrom decides whether a known inode appearing under a new name was
 // renamed (and from which name) or got one more hard link: more names on
 // disk than the shadow knows means a new link.
-func (b *builder) movedFrom(kn *snode, st *unix.Stat_t) (link, bool) {
-	if !kn.mode.IsDir() && uint64(st.Nlink) > uint64(b.sh.nameCount(kn)) {
+func (b *builder) movedFrom(kn snode, st *unix.Stat_t) (link, bool) {
+	if !kn.mode.IsDir() && uint64(st.Nlink) > uint64(b.sh.nameCount(kn.ino)) {
 		return kn.first, false
 	}
-	for _, l := range b.sh.names(kn) {
+	for _, l := range b.sh.names(kn.ino) {
 		p, ok := b.sh.linkPath(l)
 		if !ok {
 			continue
@@ -806,8 +806,7 @@ func (b *builder) shipUpTo(p string, f *os.File, s journal.Span) (uint64, error)
 // this batch took over.
 func (b *builder) remove() error {
 	for _, l := range b.removals {
-		p := b.sh.nodes[l.parent]
-		if p == nil {
+		if !b.sh.has(l.parent) {
 			continue
 		}
 		if _, ok := b.sh.child(l.parent, l.name); !ok {
@@ -841,9 +840,9 @@ func (b *builder) attrs(ino uint64) error {
 // file ships one regular file's (or symlink's) changes: size, bytes, and
 // metadata last so that the mtime survives the writes.
 func (b *builder) file(f journal.File) error {
-	n := b.sh.nodes[f.Key.Ino]
+	n, known := b.sh.node(f.Key.Ino)
 	p, ok := b.sh.path(f.Key.Ino)
-	if n == nil || !ok {
+	if !known || !ok {
 		return nil
 	}
 	if !n.mode.IsRegular() {

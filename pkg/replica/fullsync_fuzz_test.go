@@ -138,17 +138,16 @@ func TestFullSyncRandomTrees(t *testing.T) {
 			if e.Path == "." {
 				continue
 			}
-			n := b.sh.nodes[e.Ino]
-			if n == nil {
+			if !b.sh.has(e.Ino) {
 				t.Fatalf("seed %d: shadow lacks %q", seed, e.Path)
 			}
 			var got []string
-			for _, l := range b.sh.names(n) {
+			for _, l := range b.sh.names(e.Ino) {
 				p, _ := b.sh.linkPath(l)
 				got = append(got, p)
 			}
 			var wantNames []string
-			for _, l := range want.names(want.nodes[e.Ino]) {
+			for _, l := range want.names(e.Ino) {
 				p, _ := want.linkPath(l)
 				wantNames = append(wantNames, p)
 			}
@@ -158,8 +157,8 @@ func TestFullSyncRandomTrees(t *testing.T) {
 				t.Fatalf("seed %d: shadow names %q, want %q", seed, got, wantNames)
 			}
 		}
-		if len(b.sh.nodes) != len(want.nodes) {
-			t.Fatalf("seed %d: shadow of %d nodes, want %d", seed, len(b.sh.nodes), len(want.nodes))
+		if b.sh.nodeCount() != want.nodeCount() {
+			t.Fatalf("seed %d: shadow of %d nodes, want %d", seed, b.sh.nodeCount(), want.nodeCount())
 		}
 	}
 }

@@ -327,18 +327,18 @@ func TestFullSyncAcrossChunks(t *testing.T) {
 	if st1.Ino != st2.Ino {
 		t.Errorf("d0/f00000 and d2/z-link are not one file on the peer")
 	}
-	sh := b.sh
-	if sh.root != want.root || len(sh.nodes) != len(want.nodes) || len(sh.kids) != len(want.kids) || len(sh.more) != len(want.more) {
+	sh, ws := b.sh.snapshot(), want.snapshot()
+	if sh.root != ws.root || len(sh.nodes) != len(ws.nodes) || len(sh.kids) != len(ws.kids) || len(sh.more) != len(ws.more) {
 		t.Fatalf("shadow: root %d, %d nodes, %d directories, %d with more names; want %d, %d, %d, %d",
-			sh.root, len(sh.nodes), len(sh.kids), len(sh.more), want.root, len(want.nodes), len(want.kids), len(want.more))
+			sh.root, len(sh.nodes), len(sh.kids), len(sh.more), ws.root, len(ws.nodes), len(ws.kids), len(ws.more))
 	}
-	for ino, n := range want.nodes {
-		got := sh.nodes[ino]
-		if got == nil || !slices.Equal(sh.names(got), want.names(n)) || got.mode != n.mode {
+	for ino, n := range ws.nodes {
+		got, ok := sh.nodes[ino]
+		if !ok || !slices.Equal(b.sh.names(ino), want.names(ino)) || got.mode != n.mode {
 			t.Fatalf("shadow node %d: %+v, want %+v", ino, got, n)
 		}
 	}
-	for dir, kids := range want.kids {
+	for dir, kids := range ws.kids {
 		if !maps.Equal(sh.kids[dir], kids) {
 			t.Fatalf("shadow directory %d differs", dir)
 		}

@@ -61,7 +61,7 @@ func (b *builder) locate(files []journal.File) (near map[uint64]map[string]bool,
 	// unless it has few.
 	entries := 0
 	for ino := range b.sh.big {
-		entries += len(b.sh.kids[ino])
+		entries += b.sh.childCount(ino)
 	}
 	if len(todo) > max(placeCost, entries/placeCost) {
 		b.log.Debug("many inodes to place: every big directory is read", "inodes", len(todo), "entries", entries)
@@ -163,12 +163,12 @@ func fdPath(f *os.File) (string, error) {
 func (l *locator) place(f journal.File, add func(dir uint64, name string)) error {
 	ino := f.Key.Ino
 	sh := l.b.sh
-	n := sh.nodes[ino]
+	n, known := sh.node(ino)
 	// The names the shadow has, and which of them hold the inode still.
 	var held []link
 	var nlink uint64
-	if n != nil {
-		for _, ln := range sh.names(n) {
+	if known {
+		for _, ln := range sh.names(ino) {
 			add(ln.parent, ln.name)
 			dir, ok := sh.path(ln.parent)
 			if !ok {
@@ -179,13 +179,13 @@ func (l *locator) place(f journal.File, add func(dir uint64, name string)) error
 				nlink = uint64(st.Nlink)
 			}
 		}
-		if len(held) > 0 && len(held) == sh.nameCount(n) && (n.mode.IsDir() || nlink == uint64(len(held))) {
+		if len(held) > 0 && len(held) == sh.nameCount(ino) && (n.mode.IsDir() || nlink == uint64(len(held))) {
 			return nil // where the shadow has it, and nowhere else
 		}
 	}
 	// Where the dentry cache has it now.
 	gen, genOK := f.Gen, f.HasGen
-	if !genOK && n != nil && n.genKnown {
+	if !genOK && known && n.genKnown {
 		gen, genOK = n.gen, true
 	}
 	now, err := l.where(ino, gen)
@@ -279,8 +279,8 @@ func (l *locator) where(ino uint64, gen uint32) (spot, error) {
 		}
 		if w.inTree {
 			w.parent = d.ino
-			dn := l.b.sh.nodes[d.ino]
-			w.known = dn != nil && dn.mode.IsDir()
+			dn, ok := l.b.sh.node(d.ino)
+			w.known = ok && dn.mode.IsDir()
 		}
 		return w, nil
 	}

@@ -19,7 +19,7 @@ import (
 // bigDirEntries were n.
 func bigFrom(sh *shadow, n int) {
 	sh.bigAt = n
-	for ino := range sh.kids {
+	for ino := range sh.dirs {
 		sh.markBig(ino)
 	}
 }

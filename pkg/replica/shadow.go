@@ -1,10 +1,13 @@
 package replica
 
 import (
+	"hash/maphash"
 	"io/fs"
 	"path"
+	"runtime"
 	"slices"
 	"strings"
+	"unsafe"
 
 	"github.com/duet-ha/duet/pkg/wire"
 )
@@ -15,10 +18,9 @@ type link struct {
 	name   string
 }
 
-// snode is one inode of the shadow, 48 bytes: the shadow holds one per
-// file of the tree. Its first name is kept in place; the few inodes with
-// more names keep the others in shadow.more, and directories their
-// entries in shadow.kids.
+// snode is one inode of the shadow as its callers see it: a copy, read
+// with shadow.node. Its first name is the one the peer is told; the few
+// inodes with more names keep the others in shadow.more.
 type snode struct {
 	ino      uint64
 	first    link // {0, ""}: no name (the root, or a node being forgotten)
@@ -32,13 +34,34 @@ type snode struct {
 // is applied. Capture reports inodes; the shadow turns them into the paths
 // the peer knows, and a directory's changes into renames, links, creates
 // and removals by comparing its entries with the shadow's.
+//
+// It holds a node per file of the tree for as long as the primary runs,
+// so it is laid out to cost little and to hold no Go pointer per file (the
+// collector then neither scans nor marks it): a node is a 40-byte record
+// in one slice (recs), its first name bytes in one arena, and two open
+// addressing tables of record indexes find a node by its number (byIno)
+// and a directory's entry by its name (byName). A directory's entries
+// by first name are a list threaded through the records (next, prev), so
+// a directory can be listed and an entry removed without a map per
+// directory. Only what few files have (more names, the entries of those
+// names, big directories) is in maps. Records, tables and names are in
+// regions (offheap.go): outside the Go heap once they are large.
 type shadow struct {
-	root  uint64
-	nodes map[uint64]*snode
-	// kids are the entries of each directory, name → inode.
-	kids map[uint64]map[string]uint64
-	// more are the names of an inode after its first, in order.
-	more map[uint64][]link
+	root uint64
+	mem  *shadowMem
+	// recs[0] is unused: index 0 means "none" in the tables and lists. A
+	// view of mem.recs: its capacity is the region's.
+	recs     []nodeRec
+	free     uint32 // the first free record, chained through next
+	live     int    // records in use
+	byIno    itab
+	byName   itab
+	arena    []byte // the first names, at nodeRec.name's offsets: a view of mem.arena
+	garbage  int    // bytes of arena no record uses
+	dirs     map[uint64]dirList
+	more     map[uint64][]link // an inode's names after its first, in order
+	moreKids map[uint64]map[string]uint64
+	seed     maphash.Seed
 	// big are the directories found to hold bigAt entries or more when
 	// read whole. A pass does not read them to find what changed in them:
 	// it looks up the names of the inodes whose records it holds (see
@@ -49,6 +72,65 @@ type shadow struct {
 	bigAt int
 }
 
+// nodeRec is a node of the shadow, 40 bytes and no pointer. Its first
+// name is (parent, the arena's bytes at name's offset); the name is an
+// entry of the parent directory (found in byName and listed from dirs)
+// when attached is set: a name whose directory is not in the shadow is
+// kept without one, as the peer's path of the inode.
+type nodeRec struct {
+	ino    uint64
+	parent uint64
+	// name: arena offset << 24 | flags << 16 | length (0: no name).
+	name       uint64
+	mode       fs.FileMode
+	gen        uint32
+	next, prev uint32 // the parent's other entries by first name; next chains free records
+}
+
+const (
+	recUsed     = 1 << 16
+	recGenKnown = 1 << 17
+	recAttached = 1 << 18
+	recFlags    = 0xff << 16
+)
+
+func (r *nodeRec) nameLen() int      { return int(r.name & 0xffff) }
+func (r *nodeRec) nameOff() int      { return int(r.name >> 24) }
+func (r *nodeRec) has(f uint64) bool { return r.name&f != 0 }
+func (r *nodeRec) set(f uint64, on bool) {
+	if on {
+		r.name |= f
+	} else {
+		r.name &^= f
+	}
+}
+
+// shadowMem is the memory of a shadow's records, tables and names.
+type shadowMem struct{ recs, ino, name, arena region }
+
+func (m *shadowMem) free() {
+	m.recs.free()
+	m.ino.free()
+	m.name.free()
+	m.arena.free()
+}
+
+// mappedBytes is the size of the shadow's regions mapped outside the Go
+// heap.
+func (s *shadow) mappedBytes() int {
+	n := 0
+	for _, r := range []*region{&s.mem.recs, &s.mem.ino, &s.mem.name, &s.mem.arena} {
+		if r.mapped {
+			n += len(r.b)
+		}
+	}
+	return n
+}
+
+// dirList is a directory's entries by first name: the list's head and
+// its length.
+type dirList struct{ head, n uint32 }
+
 // bigDirEntries is where a directory becomes big (shadow.big). A pass
 // that reads a directory whole costs in proportion to its entries (0.6 ms
 // at 1,000, 65 ms at 100,000: BenchmarkHugeDirCreate), one that places a
@@ -57,12 +139,27 @@ type shadow struct {
 // (records of inodes outside the tree would each cost a lookup).
 const bigDirEntries = 1000
 
+// emptyShadow is a shadow with room for about n nodes.
+func emptyShadow(n int) *shadow {
+	s := &shadow{mem: &shadowMem{}, dirs: map[uint64]dirList{}, more: map[uint64][]link{},
+		moreKids: map[uint64]map[string]uint64{}, big: map[uint64]bool{}, bigAt: bigDirEntries, seed: maphash.MakeSeed()}
+	// The regions' memory goes with the shadow: nothing else holds it.
+	runtime.AddCleanup(s, func(m *shadowMem) { m.free() }, s.mem)
+	s.mem.recs.resize((n + 1) * int(unsafe.Sizeof(nodeRec{})))
+	s.recs = regionSlice[nodeRec](&s.mem.recs)[:1]
+	s.byIno.init(n, &s.mem.ino, func(i uint32) uint64 { return inoHash(s.recs[i].ino) })
+	s.byName.init(n, &s.mem.name, func(i uint32) uint64 { r := &s.recs[i]; return s.bytesHash(r.parent, s.nameBytes(r)) })
+	s.mem.arena.resize(max(n*8, 64))
+	s.arena = regionSlice[byte](&s.mem.arena)[:0]
+	return s
+}
+
 // markBig records that directory ino is big if it holds enough entries.
 // Only a reading of the whole directory may make it big: it saw every
 // change made until then, and those made after come with records of
 // their inodes (see locate).
 func (s *shadow) markBig(ino uint64) {
-	if len(s.kids[ino]) >= s.bigAt {
+	if s.childCount(ino) >= s.bigAt {
 		s.big[ino] = true
 	}
 }
@@ -95,8 +192,7 @@ type openDir struct {
 
 // newShadowBuilder starts an empty shadow sized for about n entries.
 func newShadowBuilder(n int) *shadowBuilder {
-	return &shadowBuilder{s: &shadow{nodes: make(map[uint64]*snode, n), kids: map[uint64]map[string]uint64{}, more: map[uint64][]link{},
-		big: map[uint64]bool{}, bigAt: bigDirEntries}}
+	return &shadowBuilder{s: emptyShadow(n)}
 }
 
 // add adds the next entry of the scan.
@@ -104,8 +200,7 @@ func (sb *shadowBuilder) add(e *wire.Entry) {
 	s := sb.s
 	if e.Path == "." {
 		s.root = e.Ino
-		s.nodes[e.Ino] = &snode{ino: e.Ino, mode: e.Mode}
-		s.kids[e.Ino] = map[string]uint64{}
+		s.newNode(e.Ino, e.Mode)
 		sb.up = append(sb.up[:0], openDir{".", e.Ino})
 		return
 	}
@@ -121,178 +216,479 @@ func (sb *shadowBuilder) add(e *wire.Entry) {
 	if len(sb.up) == 0 {
 		return
 	}
-	// Its own copy of the name: a slice of the path would keep the
-	// whole path alive.
-	s.add(e.Ino, e.Mode, sb.up[len(sb.up)-1].ino, strings.Clone(name))
+	s.add(e.Ino, e.Mode, sb.up[len(sb.up)-1].ino, name)
 	if e.Mode.IsDir() {
-		// Its own copy of the path too, for the same reason.
+		// Its own copy of the path: a slice of it would keep the
+		// whole scanned path alive.
 		sb.up = append(sb.up, openDir{strings.Clone(e.Path), e.Ino})
 	}
 }
 
 // done returns the shadow, its big directories marked.
 func (sb *shadowBuilder) done() *shadow {
-	for ino := range sb.s.kids {
+	for ino := range sb.s.dirs {
 		sb.s.markBig(ino)
 	}
 	sb.up = nil
 	return sb.s
 }
 
-// names lists the names of n, the first one first.
-func (s *shadow) names(n *snode) []link {
-	if n.first.name == "" {
-		return nil
-	}
-	return append([]link{n.first}, s.more[n.ino]...)
+// --- records, names, tables ---
+
+// find is the record of ino, 0 if none.
+func (s *shadow) find(ino uint64) uint32 {
+	return s.byIno.find(inoHash(ino), func(i uint32) bool { return s.recs[i].ino == ino })
 }
 
-// nameCount is len(s.names(n)).
-func (s *shadow) nameCount(n *snode) int {
-	if n.first.name == "" {
-		return 0
-	}
-	return 1 + len(s.more[n.ino])
+// findName is the record attached as parent/name, 0 if none.
+func (s *shadow) findName(parent uint64, name string) uint32 {
+	return s.byName.find(s.nameHash(parent, name), func(i uint32) bool {
+		r := &s.recs[i]
+		return r.parent == parent && string(s.nameBytes(r)) == name
+	})
 }
 
-// addName gives n one more name, last.
-func (s *shadow) addName(n *snode, l link) {
-	if n.first.name == "" {
-		n.first = l
+func (s *shadow) nameBytes(r *nodeRec) []byte {
+	off := r.nameOff()
+	return s.arena[off : off+r.nameLen()]
+}
+
+func (s *shadow) firstLink(r *nodeRec) link {
+	if r.nameLen() == 0 {
+		return link{}
+	}
+	return link{r.parent, string(s.nameBytes(r))}
+}
+
+const golden = 0x9e3779b97f4a7c15
+
+func inoHash(ino uint64) uint64 { return ino * golden }
+
+func (s *shadow) nameHash(parent uint64, name string) uint64 {
+	return (maphash.String(s.seed, name) ^ parent) * golden
+}
+
+// bytesHash is nameHash of a name held as bytes: maphash gives a string
+// and its bytes the same hash.
+func (s *shadow) bytesHash(parent uint64, name []byte) uint64 {
+	return (maphash.Bytes(s.seed, name) ^ parent) * golden
+}
+
+// newNode makes the record of a new inode, without names.
+func (s *shadow) newNode(ino uint64, mode fs.FileMode) uint32 {
+	i := s.free
+	if i != 0 {
+		s.free = s.recs[i].next
+	} else {
+		n := len(s.recs)
+		if n == cap(s.recs) {
+			s.mem.recs.resize(2 * n * int(unsafe.Sizeof(nodeRec{})))
+			s.recs = regionSlice[nodeRec](&s.mem.recs)
+		}
+		s.recs = s.recs[:n+1]
+		i = uint32(n)
+	}
+	s.recs[i] = nodeRec{ino: ino, mode: mode, name: recUsed}
+	s.live++
+	s.byIno.insert(i)
+	if mode.IsDir() {
+		s.dirs[ino] = dirList{}
+	}
+	return i
+}
+
+// setFirst gives record i the first name l, not attached.
+func (s *shadow) setFirst(i uint32, l link) {
+	r := &s.recs[i]
+	s.garbage += r.nameLen()
+	r.name &= recFlags
+	r.parent = 0
+	if l.name == "" {
 		return
 	}
-	s.more[n.ino] = append(s.more[n.ino], l)
+	if len(l.name) > 0xffff {
+		panic("replica: a name longer than 64 KiB") // NAME_MAX is 255
+	}
+	off := len(s.arena)
+	if off+len(l.name) > cap(s.arena) {
+		s.mem.arena.resize(2 * (off + len(l.name)))
+		s.arena = regionSlice[byte](&s.mem.arena)[:off]
+	}
+	s.arena = append(s.arena, l.name...) // within its capacity: in the region
+	r = &s.recs[i]
+	r.parent = l.parent
+	r.name |= uint64(off)<<24 | uint64(len(l.name))
+	s.compact()
 }
 
-// removeName takes name l from n; the next one becomes the first.
-func (s *shadow) removeName(n *snode, l link) {
-	more := s.more[n.ino]
-	if n.first == l {
-		n.first = link{}
+// compactMin is the garbage the arena holds before it may be compacted
+// (a variable for the tests).
+var compactMin = 1 << 16
+
+// compact rewrites the arena without the names no record uses, once
+// they are more than half of it.
+func (s *shadow) compact() {
+	if s.garbage < compactMin || s.garbage*2 < len(s.arena) {
+		return
+	}
+	var nr region
+	nr.resize(max((len(s.arena)-s.garbage)*5/4, 64))
+	arena := regionSlice[byte](&nr)[:0]
+	for i := 1; i < len(s.recs); i++ {
+		r := &s.recs[i]
+		if !r.has(recUsed) || r.nameLen() == 0 {
+			continue
+		}
+		off := len(arena)
+		arena = append(arena, s.nameBytes(r)...) // fits: the live names are less
+		r.name = r.name&0xffffff | uint64(off)<<24
+	}
+	s.mem.arena.free()
+	s.mem.arena = nr
+	s.arena, s.garbage = arena, 0
+}
+
+// attach makes record i's first name an entry of its directory.
+func (s *shadow) attach(i uint32) {
+	r := &s.recs[i]
+	if r.has(recAttached) || r.nameLen() == 0 {
+		return
+	}
+	r.set(recAttached, true)
+	d := s.dirs[r.parent]
+	r.prev, r.next = 0, d.head
+	if d.head != 0 {
+		s.recs[d.head].prev = i
+	}
+	d.head = i
+	d.n++
+	s.dirs[r.parent] = d
+	s.byName.insert(i)
+}
+
+// detach takes record i's first name out of its directory's entries; the
+// record keeps the name.
+func (s *shadow) detach(i uint32) {
+	r := &s.recs[i]
+	if !r.has(recAttached) {
+		return
+	}
+	s.byName.remove(i)
+	d := s.dirs[r.parent]
+	if r.prev != 0 {
+		s.recs[r.prev].next = r.next
+	} else {
+		d.head = r.next
+	}
+	if r.next != 0 {
+		s.recs[r.next].prev = r.prev
+	}
+	d.n--
+	if _, ok := s.dirs[r.parent]; ok {
+		s.dirs[r.parent] = d
+	}
+	r.prev, r.next = 0, 0
+	r.set(recAttached, false)
+}
+
+// freeNode returns record i, already detached and without names.
+func (s *shadow) freeNode(i uint32) {
+	s.byIno.remove(i)
+	r := &s.recs[i]
+	s.garbage += r.nameLen()
+	*r = nodeRec{next: s.free}
+	s.free = i
+	s.live--
+}
+
+// --- what the builder asks ---
+
+// nodeCount is how many inodes the shadow holds.
+func (s *shadow) nodeCount() int { return s.live }
+
+// has tells whether inode ino is in the shadow.
+func (s *shadow) has(ino uint64) bool { return s.find(ino) != 0 }
+
+// node is a copy of inode ino's node.
+func (s *shadow) node(ino uint64) (snode, bool) {
+	i := s.find(ino)
+	if i == 0 {
+		return snode{}, false
+	}
+	r := &s.recs[i]
+	return snode{ino: r.ino, first: s.firstLink(r), mode: r.mode, gen: r.gen, genKnown: r.has(recGenKnown)}, true
+}
+
+// setGen records inode ino's generation.
+func (s *shadow) setGen(ino uint64, gen uint32) {
+	if i := s.find(ino); i != 0 {
+		s.recs[i].gen = gen
+		s.recs[i].set(recGenKnown, true)
+	}
+}
+
+// names lists the names of inode ino, the first one first.
+func (s *shadow) names(ino uint64) []link {
+	i := s.find(ino)
+	if i == 0 || s.recs[i].nameLen() == 0 {
+		return nil
+	}
+	return append([]link{s.firstLink(&s.recs[i])}, s.more[ino]...)
+}
+
+// nameCount is len(s.names(ino)).
+func (s *shadow) nameCount(ino uint64) int {
+	i := s.find(ino)
+	if i == 0 || s.recs[i].nameLen() == 0 {
+		return 0
+	}
+	return 1 + len(s.more[ino])
+}
+
+// isDir tells whether ino is a directory of the shadow (one that can
+// hold entries).
+func (s *shadow) isDir(ino uint64) bool {
+	_, ok := s.dirs[ino]
+	return ok
+}
+
+// childCount is the number of entries of directory ino.
+func (s *shadow) childCount(ino uint64) int {
+	return int(s.dirs[ino].n) + len(s.moreKids[ino])
+}
+
+// eachChild calls fn with each entry of directory ino, until it returns
+// false. fn must not change the shadow.
+func (s *shadow) eachChild(ino uint64, fn func(name string, child uint64) bool) {
+	for i := s.dirs[ino].head; i != 0; i = s.recs[i].next {
+		r := &s.recs[i]
+		if !fn(string(s.nameBytes(r)), r.ino) {
+			return
+		}
+	}
+	for name, child := range s.moreKids[ino] {
+		if !fn(name, child) {
+			return
+		}
+	}
+}
+
+// child is the inode named name in directory parent.
+func (s *shadow) child(parent uint64, name string) (uint64, bool) {
+	if i := s.findName(parent, name); i != 0 {
+		return s.recs[i].ino, true
+	}
+	ino, ok := s.moreKids[parent][name]
+	return ino, ok
+}
+
+// delChild removes the entry parent/name if it names ino.
+func (s *shadow) delChild(parent uint64, name string, ino uint64) {
+	if i := s.findName(parent, name); i != 0 {
+		if s.recs[i].ino == ino {
+			s.detach(i)
+		}
+		return
+	}
+	if m := s.moreKids[parent]; m != nil && m[name] == ino {
+		if _, ok := m[name]; ok {
+			delete(m, name)
+			if len(m) == 0 {
+				delete(s.moreKids, parent)
+			}
+		}
+	}
+}
+
+// setChild records parent/name as ino, one of ino's names, replacing
+// the entry the name had.
+func (s *shadow) setChild(parent uint64, name string, ino uint64) {
+	if i := s.findName(parent, name); i != 0 {
+		if s.recs[i].ino == ino {
+			return
+		}
+		s.detach(i)
+	}
+	if m := s.moreKids[parent]; m != nil {
+		delete(m, name)
+		if len(m) == 0 {
+			delete(s.moreKids, parent)
+		}
+	}
+	if _, ok := s.dirs[parent]; !ok {
+		s.dirs[parent] = dirList{}
+	}
+	i := s.find(ino)
+	if i != 0 && s.recs[i].nameLen() != 0 && s.recs[i].parent == parent && string(s.nameBytes(&s.recs[i])) == name {
+		s.attach(i)
+		return
+	}
+	m := s.moreKids[parent]
+	if m == nil {
+		m = map[string]uint64{}
+		s.moreKids[parent] = m
+	}
+	m[strings.Clone(name)] = ino
+}
+
+// addName gives inode i one more name, last.
+func (s *shadow) addName(i uint32, l link) {
+	r := &s.recs[i]
+	if r.nameLen() == 0 {
+		s.setFirst(i, l)
+		return
+	}
+	s.more[r.ino] = append(s.more[r.ino], link{l.parent, strings.Clone(l.name)})
+}
+
+// removeName takes name l from inode i; the next one becomes the first.
+func (s *shadow) removeName(i uint32, l link) {
+	r := &s.recs[i]
+	ino := r.ino
+	more := s.more[ino]
+	if r.nameLen() != 0 && s.firstLink(r) == l {
+		s.detach(i)
+		s.setFirst(i, link{})
 		if len(more) == 0 {
 			return
 		}
-		n.first, more = more[0], more[1:]
-	} else if i := slices.Index(more, l); i >= 0 {
-		more = slices.Delete(more, i, i+1)
+		next := more[0]
+		more = more[1:]
+		s.setFirst(i, next)
+		// The entry of that name, if it had one, moves to the record.
+		if m := s.moreKids[next.parent]; m != nil {
+			if cur, ok := m[next.name]; ok && cur == ino {
+				delete(m, next.name)
+				if len(m) == 0 {
+					delete(s.moreKids, next.parent)
+				}
+				s.attach(i)
+			}
+		}
+	} else if j := slices.Index(more, l); j >= 0 {
+		more = slices.Delete(more, j, j+1)
 	} else {
 		return
 	}
 	if len(more) == 0 {
-		delete(s.more, n.ino)
+		delete(s.more, ino)
 	} else {
-		s.more[n.ino] = more
+		s.more[ino] = more
 	}
-}
-
-// children are the entries of directory ino (nil if it is none).
-func (s *shadow) children(ino uint64) map[string]uint64 { return s.kids[ino] }
-
-// child is the inode named name in directory parent.
-func (s *shadow) child(parent uint64, name string) (uint64, bool) {
-	ino, ok := s.kids[parent][name]
-	return ino, ok
-}
-
-// setChild records parent/name as ino.
-func (s *shadow) setChild(parent uint64, name string, ino uint64) {
-	m := s.kids[parent]
-	if m == nil {
-		m = map[string]uint64{}
-		s.kids[parent] = m
-	}
-	m[name] = ino
 }
 
 // add records that parent/name is inode ino, replacing what the name held.
 func (s *shadow) add(ino uint64, mode fs.FileMode, parent uint64, name string) {
-	if s.nodes[parent] == nil {
+	if !s.has(parent) {
 		return
 	}
 	if old, ok := s.child(parent, name); ok && old != ino {
 		s.unlink(parent, name)
 	}
-	n := s.nodes[ino]
-	if n == nil {
-		n = &snode{ino: ino, mode: mode}
-		if mode.IsDir() {
-			s.kids[ino] = map[string]uint64{}
-		}
-		s.nodes[ino] = n
+	i := s.find(ino)
+	if i == 0 {
+		i = s.newNode(ino, mode)
 	}
 	l := link{parent, name}
-	if n.first == l || slices.Contains(s.more[ino], l) {
+	if s.firstLink(&s.recs[i]) == l || slices.Contains(s.more[ino], l) {
 		return
 	}
-	s.addName(n, l)
+	s.addName(i, l)
 	s.setChild(parent, name, ino)
 }
 
 // unlink removes parent/name; an inode left without names is forgotten
 // with everything beneath it.
 func (s *shadow) unlink(parent uint64, name string) {
-	if s.nodes[parent] == nil {
+	if !s.has(parent) {
 		return
 	}
 	ino, ok := s.child(parent, name)
 	if !ok {
 		return
 	}
-	delete(s.kids[parent], name)
-	n := s.nodes[ino]
-	if n == nil {
+	s.delChild(parent, name, ino)
+	i := s.find(ino)
+	if i == 0 {
 		return
 	}
-	s.removeName(n, link{parent, name})
-	if n.first.name == "" {
-		s.forget(n)
+	s.removeName(i, link{parent, name})
+	if s.recs[i].nameLen() == 0 {
+		s.forget(ino)
 	}
 }
 
-// drop forgets n and all its names, whatever state its parents are in.
-func (s *shadow) drop(n *snode) {
-	for _, l := range s.names(n) {
-		if s.nodes[l.parent] != nil {
-			if cur, ok := s.child(l.parent, l.name); ok && cur == n.ino {
-				delete(s.kids[l.parent], l.name)
+// drop forgets inode ino and all its names, whatever state its parents
+// are in.
+func (s *shadow) drop(ino uint64) {
+	i := s.find(ino)
+	if i == 0 {
+		return
+	}
+	for _, l := range s.names(ino) {
+		if s.has(l.parent) {
+			if cur, ok := s.child(l.parent, l.name); ok && cur == ino {
+				s.delChild(l.parent, l.name, ino)
 			}
 		}
 	}
-	n.first = link{}
-	delete(s.more, n.ino)
-	s.forget(n)
+	s.detach(i)
+	s.setFirst(i, link{})
+	delete(s.more, ino)
+	s.forget(ino)
 }
 
-func (s *shadow) forget(n *snode) {
-	// Children first, while n can still be found as their parent.
-	for name := range s.kids[n.ino] {
-		s.unlink(n.ino, name)
+// forget takes inode ino out of the shadow, its entries first.
+func (s *shadow) forget(ino uint64) {
+	// Children first, while ino can still be found as their parent.
+	for {
+		var name string
+		found := false
+		s.eachChild(ino, func(n string, _ uint64) bool { name, found = n, true; return false })
+		if !found {
+			break
+		}
+		before := s.childCount(ino)
+		s.unlink(ino, name)
+		if s.childCount(ino) >= before {
+			break // cannot happen: unlink removes the entry it finds
+		}
 	}
-	delete(s.nodes, n.ino)
-	delete(s.kids, n.ino)
-	delete(s.more, n.ino)
-	delete(s.big, n.ino)
+	if i := s.find(ino); i != 0 {
+		s.detach(i)
+		s.freeNode(i)
+	}
+	delete(s.dirs, ino)
+	delete(s.moreKids, ino)
+	delete(s.more, ino)
+	delete(s.big, ino)
 }
 
 // move renames the link from → (parent, name).
 func (s *shadow) move(ino uint64, from link, parent uint64, name string) {
-	n := s.nodes[ino]
-	if n == nil {
+	i := s.find(ino)
+	if i == 0 {
 		return
 	}
-	if s.nodes[parent] != nil {
+	if s.has(parent) {
 		if old, ok := s.child(parent, name); ok && old != ino {
 			s.unlink(parent, name)
 		}
 	}
-	if s.nodes[from.parent] != nil {
+	if s.has(from.parent) {
 		if cur, ok := s.child(from.parent, from.name); ok && cur == ino {
-			delete(s.kids[from.parent], from.name)
+			s.delChild(from.parent, from.name, ino)
 		}
 	}
-	s.removeName(n, from)
-	s.addName(n, link{parent, name})
-	if s.nodes[parent] != nil {
+	// The unlink above may have forgotten ino (a directory moved into
+	// itself is not something a pass makes; the old shadow kept a stale
+	// node then).
+	if i = s.find(ino); i == 0 {
+		return
+	}
+	s.removeName(i, from)
+	s.addName(i, link{parent, name})
+	if s.has(parent) {
 		s.setChild(parent, name, ino)
 	}
 }
@@ -302,12 +698,13 @@ func (s *shadow) move(ino uint64, from link, parent uint64, name string) {
 func (s *shadow) path(ino uint64) (string, bool) {
 	var parts []string
 	for depth := 0; ino != s.root; depth++ {
-		n := s.nodes[ino]
-		if n == nil || n.first.name == "" || depth > 4096 {
+		i := s.find(ino)
+		if i == 0 || s.recs[i].nameLen() == 0 || depth > 4096 {
 			return "", false
 		}
-		parts = append(parts, n.first.name)
-		ino = n.first.parent
+		r := &s.recs[i]
+		parts = append(parts, string(s.nameBytes(r)))
+		ino = r.parent
 	}
 	if len(parts) == 0 {
 		return ".", true
@@ -334,12 +731,109 @@ func (s *shadow) linkPath(l link) (string, bool) {
 func (s *shadow) depth(ino uint64) int {
 	d := 0
 	for ino != s.root && d <= 4096 {
-		n := s.nodes[ino]
-		if n == nil || n.first.name == "" {
+		i := s.find(ino)
+		if i == 0 || s.recs[i].nameLen() == 0 {
 			return 1 << 20
 		}
-		ino = n.first.parent
+		ino = s.recs[i].parent
 		d++
 	}
 	return d
+}
+
+// itab is an open addressing table of record indexes (linear probing,
+// deletion by moving entries back), at most three quarters full; hash
+// gives a record's hash.
+type itab struct {
+	slots []uint32 // a view of mem
+	mem   *region
+	n     int
+	shift uint
+	hash  func(uint32) uint64
+}
+
+func (t *itab) init(n int, mem *region, hash func(uint32) uint64) {
+	t.hash, t.mem = hash, mem
+	size := 16
+	for size*3 < n*4 {
+		size *= 2
+	}
+	t.setSize(size)
+}
+
+// setSize gives the table new, empty slots.
+func (t *itab) setSize(size int) {
+	t.mem.free()
+	t.mem.resize(size * 4)
+	t.slots = regionSlice[uint32](t.mem)[:size]
+	bits := uint(0)
+	for 1<<bits < size {
+		bits++
+	}
+	t.shift = 64 - bits
+}
+
+func (t *itab) mask() uint64 { return uint64(len(t.slots) - 1) }
+
+// find is the index in the table whose record is (hash h and) is, 0 if
+// none.
+func (t *itab) find(h uint64, is func(uint32) bool) uint32 {
+	for k := h >> t.shift; ; k = (k + 1) & t.mask() {
+		i := t.slots[k]
+		if i == 0 {
+			return 0
+		}
+		if is(i) {
+			return i
+		}
+	}
+}
+
+func (t *itab) insert(i uint32) {
+	if (t.n+1)*4 > len(t.slots)*3 {
+		// The old slots stay mapped until they are put in the new.
+		oldMem, old := *t.mem, t.slots
+		*t.mem = region{}
+		t.setSize(len(old) * 2)
+		for _, j := range old {
+			if j != 0 {
+				t.put(j)
+			}
+		}
+		oldMem.free()
+	}
+	t.put(i)
+	t.n++
+}
+
+func (t *itab) put(i uint32) {
+	k := t.hash(i) >> t.shift
+	for t.slots[k] != 0 {
+		k = (k + 1) & t.mask()
+	}
+	t.slots[k] = i
+}
+
+// remove takes record i out of the table; it must be there.
+func (t *itab) remove(i uint32) {
+	k := t.hash(i) >> t.shift
+	for t.slots[k] != i {
+		if t.slots[k] == 0 {
+			panic("replica: shadow table lost a record")
+		}
+		k = (k + 1) & t.mask()
+	}
+	// Move back the entries of the run after k that hash at or before it.
+	hole := k
+	for j := (k + 1) & t.mask(); t.slots[j] != 0; j = (j + 1) & t.mask() {
+		home := t.hash(t.slots[j]) >> t.shift
+		// Can the entry at j move to hole? Only if its home is not in
+		// (hole, j], cyclically.
+		if (j > hole && (home <= hole || home > j)) || (j < hole && home <= hole && home > j) {
+			t.slots[hole] = t.slots[j]
+			hole = j
+		}
+	}
+	t.slots[hole] = 0
+	t.n--
 }

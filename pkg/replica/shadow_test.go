@@ -38,10 +38,10 @@ func TestShadowPaths(t *testing.T) {
 func TestShadowForgetDetachesSubtree(t *testing.T) {
 	s := testShadow()
 	s.unlink(1, "d")
-	if _, ok := s.nodes[2]; ok {
+	if s.has(2) {
 		t.Fatal("d still in shadow")
 	}
-	if _, ok := s.nodes[3]; ok {
+	if s.has(3) {
 		t.Fatal("d/e still in shadow")
 	}
 	// The hard-linked file keeps its other name.
@@ -50,7 +50,7 @@ func TestShadowForgetDetachesSubtree(t *testing.T) {
 	}
 	// Number 2 reused by a file: nothing may resolve through it.
 	s.add(2, 0, 1, "reused")
-	for ino := range s.nodes {
+	for ino := range s.snapshot().nodes {
 		if p, ok := s.path(ino); ok && (p == "reused/e" || p == "reused/e/f") {
 			t.Fatalf("stale child resolves through the reused number: %q", p)
 		}
@@ -59,10 +59,9 @@ func TestShadowForgetDetachesSubtree(t *testing.T) {
 
 func TestShadowDropWithMissingParent(t *testing.T) {
 	s := testShadow()
-	n := s.nodes[4]
-	delete(s.nodes, 3) // an inconsistent parent must not hang drop
-	s.drop(n)
-	if _, ok := s.nodes[4]; ok {
+	s.byIno.remove(s.find(3)) // an inconsistent parent must not hang drop
+	s.drop(4)
+	if s.has(4) {
 		t.Fatal("node not dropped")
 	}
 	if _, ok := s.child(1, "g"); ok {
@@ -92,22 +91,23 @@ func TestShadowNamesOrder(t *testing.T) {
 	}
 	for i, st := range steps {
 		st.do()
-		n := s.nodes[5]
-		if got, ok := s.path(5); !ok || got != st.want || s.nameCount(n) != st.n {
-			t.Fatalf("step %d: path %q (%v), %d names; want %q, %d", i, got, ok, s.nameCount(n), st.want, st.n)
+		if got, ok := s.path(5); !ok || got != st.want || s.nameCount(5) != st.n {
+			t.Fatalf("step %d: path %q (%v), %d names; want %q, %d", i, got, ok, s.nameCount(5), st.want, st.n)
 		}
 	}
 	s.unlink(1, "e")
-	if _, ok := s.nodes[5]; ok || len(s.more) != 0 {
+	if s.has(5) || len(s.more) != 0 {
 		t.Fatalf("an inode without names is still in the shadow (%d extra names kept)", len(s.more))
 	}
 }
 
 // The shadow holds a node per file of the tree for as long as the
 // primary runs, built from a scan that is dropped after: 100 directories
-// of 1,000 files must take at most 150 bytes a file (a node of 48, its
-// number's and its name's index entries, its name). A node with its own
-// slice of names, and a name that kept its scanned path alive, took 214.
+// of 1,000 files must take at most 90 bytes a file, on the heap and
+// mapped outside it (a record of 40, its number's and its name's table
+// slots, its name). A node with its own slice of names, and a name that
+// kept its scanned path alive, took 214; the shadow of maps before the
+// records, 145.
 func TestShadowBytesPerEntry(t *testing.T) {
 	const dirs, per = 100, 1000
 	// The least of three: what other goroutines allocate meanwhile only
@@ -133,7 +133,7 @@ func TestShadowBytesPerEntry(t *testing.T) {
 			}
 			return newShadow(es), len(es)
 		}()
-		held := liveHeap()
+		held := liveHeap() + uint64(s.mappedBytes())
 		runtime.KeepAlive(s)
 		if held > base {
 			least = min(least, float64(held-base)/float64(n))
@@ -142,8 +142,8 @@ func TestShadowBytesPerEntry(t *testing.T) {
 	if math.IsInf(least, 1) {
 		t.Fatal("no measurement: the heap shrank each time the shadow was built")
 	}
-	if least > 150 {
-		t.Fatalf("the shadow holds %.0f bytes per entry, want at most 150", least)
+	if least > 90 {
+		t.Fatalf("the shadow holds %.0f bytes per entry, want at most 90", least)
 	}
 	t.Logf("the shadow holds %.0f bytes per entry", least)
 }
