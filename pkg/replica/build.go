@@ -613,10 +613,14 @@ func handleGeneration(typ int32, b []byte) (uint32, bool) {
 // renamed (and from which name) or got one more hard link: more names on
 // disk than the shadow knows means a new link.
 func (b *builder) movedFrom(kn snode, st *unix.Stat_t) (link, bool) {
-	if !kn.mode.IsDir() && uint64(st.Nlink) > uint64(b.sh.nameCount(kn.ino)) {
-		return kn.first, false
+	names := b.sh.names(kn.ino)
+	if len(names) == 0 {
+		return link{}, false
 	}
-	for _, l := range b.sh.names(kn.ino) {
+	if !kn.mode.IsDir() && uint64(st.Nlink) > uint64(len(names)) {
+		return names[0], false
+	}
+	for _, l := range names {
 		p, ok := b.sh.linkPath(l)
 		if !ok {
 			continue
@@ -625,7 +629,7 @@ func (b *builder) movedFrom(kn snode, st *unix.Stat_t) (link, bool) {
 			return l, true
 		}
 	}
-	return kn.first, true
+	return names[0], true
 }
 
 // create ships a node the peer does not have, with its content or subtree.

@@ -19,11 +19,10 @@ type link struct {
 }
 
 // snode is one inode of the shadow as its callers see it: a copy, read
-// with shadow.node. Its first name is the one the peer is told; the few
-// inodes with more names keep the others in shadow.more.
+// with shadow.node. Its names are read with shadow.names (the first one
+// is the one the peer is told).
 type snode struct {
 	ino      uint64
-	first    link // {0, ""}: no name (the root, or a node being forgotten)
 	mode     fs.FileMode
 	gen      uint32 // i_generation when known (genKnown), to tell reused numbers apart
 	genKnown bool
@@ -416,7 +415,7 @@ func (s *shadow) node(ino uint64) (snode, bool) {
 		return snode{}, false
 	}
 	r := &s.recs[i]
-	return snode{ino: r.ino, first: s.firstLink(r), mode: r.mode, gen: r.gen, genKnown: r.has(recGenKnown)}, true
+	return snode{ino: r.ino, mode: r.mode, gen: r.gen, genKnown: r.has(recGenKnown)}, true
 }
 
 // setGen records inode ino's generation.
@@ -640,7 +639,17 @@ func (s *shadow) drop(ino uint64) {
 
 // forget takes inode ino out of the shadow, its entries first.
 func (s *shadow) forget(ino uint64) {
-	// Children first, while ino can still be found as their parent.
+	// Children first, while ino can still be found as their parent:
+	// the entries of second names in one go, then the list's.
+	if m := s.moreKids[ino]; len(m) > 0 {
+		names := make([]string, 0, len(m))
+		for name := range m {
+			names = append(names, name)
+		}
+		for _, name := range names {
+			s.unlink(ino, name)
+		}
+	}
 	for {
 		var name string
 		found := false
@@ -696,23 +705,32 @@ func (s *shadow) move(ino uint64, from link, parent uint64, name string) {
 // path returns the replica path of ino through its first name, "." for the
 // root, and false when the inode is not in the tree.
 func (s *shadow) path(ino uint64) (string, bool) {
-	var parts []string
+	// The records from ino up, then the path written from its end.
+	var stack [32]uint32
+	recs := stack[:0]
+	size := -1
 	for depth := 0; ino != s.root; depth++ {
 		i := s.find(ino)
 		if i == 0 || s.recs[i].nameLen() == 0 || depth > 4096 {
 			return "", false
 		}
-		r := &s.recs[i]
-		parts = append(parts, string(s.nameBytes(r)))
-		ino = r.parent
+		recs = append(recs, i)
+		size += s.recs[i].nameLen() + 1
+		ino = s.recs[i].parent
 	}
-	if len(parts) == 0 {
+	if len(recs) == 0 {
 		return ".", true
 	}
-	for i, j := 0, len(parts)-1; i < j; i, j = i+1, j-1 {
-		parts[i], parts[j] = parts[j], parts[i]
+	buf := make([]byte, size)
+	at := 0
+	for k := len(recs) - 1; k >= 0; k-- {
+		at += copy(buf[at:], s.nameBytes(&s.recs[recs[k]]))
+		if k > 0 {
+			buf[at] = '/'
+			at++
+		}
 	}
-	return path.Join(parts...), true
+	return string(buf), true
 }
 
 // linkPath is the replica path of one name.

@@ -12,21 +12,27 @@ import (
 	"github.com/duet-ha/duet/pkg/wire"
 )
 
+// snapNode is a node and its first name.
+type snapNode struct {
+	snode
+	first link
+}
+
 // shadowSnap is what a shadow holds, in maps, to compare two of them.
 type shadowSnap struct {
 	root  uint64
-	nodes map[uint64]snode
+	nodes map[uint64]snapNode
 	kids  map[uint64]map[string]uint64
 	more  map[uint64][]link
 	big   map[uint64]bool
 }
 
 func (s *shadow) snapshot() shadowSnap {
-	sn := shadowSnap{root: s.root, nodes: map[uint64]snode{}, kids: map[uint64]map[string]uint64{}, more: map[uint64][]link{}, big: maps.Clone(s.big)}
+	sn := shadowSnap{root: s.root, nodes: map[uint64]snapNode{}, kids: map[uint64]map[string]uint64{}, more: map[uint64][]link{}, big: maps.Clone(s.big)}
 	for i := 1; i < len(s.recs); i++ {
 		if r := &s.recs[i]; r.has(recUsed) {
 			n, _ := s.node(r.ino)
-			sn.nodes[r.ino] = n
+			sn.nodes[r.ino] = snapNode{n, s.firstLink(r)}
 		}
 	}
 	for dir := range s.dirs {
@@ -41,9 +47,9 @@ func (s *shadow) snapshot() shadowSnap {
 }
 
 func (s *refShadow) snapshot() shadowSnap {
-	sn := shadowSnap{root: s.root, nodes: map[uint64]snode{}, kids: map[uint64]map[string]uint64{}, more: map[uint64][]link{}, big: maps.Clone(s.big)}
+	sn := shadowSnap{root: s.root, nodes: map[uint64]snapNode{}, kids: map[uint64]map[string]uint64{}, more: map[uint64][]link{}, big: maps.Clone(s.big)}
 	for ino, n := range s.nodes {
-		sn.nodes[ino] = snode{ino: n.ino, first: n.first, mode: n.mode, gen: n.gen, genKnown: n.genKnown}
+		sn.nodes[ino] = snapNode{snode{ino: n.ino, mode: n.mode, gen: n.gen, genKnown: n.genKnown}, n.first}
 	}
 	for dir, m := range s.kids {
 		sn.kids[dir] = maps.Clone(m)
@@ -276,5 +282,34 @@ func TestShadowTableGrowsAndShrinks(t *testing.T) {
 	}
 	if s.childCount(1) != len(in) || s.nodeCount() != len(in)+1 {
 		t.Fatalf("%d entries, %d nodes; want %d, %d", s.childCount(1), s.nodeCount(), len(in), len(in)+1)
+	}
+}
+
+// TestShadowLookupsAllocateLittle: a pass asks the shadow about every
+// inode of its records: whether it knows it, of what type, where it is.
+// Knowing it and its type cost no allocation, its path at most two,
+// whatever its depth (found by review: a copy of the name per lookup,
+// a string per level of the path).
+func TestShadowLookupsAllocateLittle(t *testing.T) {
+	es := []wire.Entry{{Path: ".", Mode: fs.ModeDir, Ino: 1}}
+	p := ""
+	for d := range 8 {
+		p += fmt.Sprintf("dir%d", d)
+		es = append(es, wire.Entry{Path: p, Mode: fs.ModeDir, Ino: uint64(10 + d)})
+		p += "/"
+	}
+	es = append(es, wire.Entry{Path: p + "file", Mode: 0o644, Ino: 99})
+	s := newShadow(es)
+	if got, ok := s.path(99); !ok || got != "dir0/dir1/dir2/dir3/dir4/dir5/dir6/dir7/file" {
+		t.Fatalf("path(99) = %q, %v", got, ok)
+	}
+	node := testing.AllocsPerRun(1000, func() {
+		if n, ok := s.node(99); !ok || n.mode.IsDir() {
+			t.Fatal("node 99")
+		}
+	})
+	pathAllocs := testing.AllocsPerRun(1000, func() { s.path(99) })
+	if node > 0 || pathAllocs > 2 {
+		t.Fatalf("node allocates %v times, path %v times; want 0, at most 2", node, pathAllocs)
 	}
 }
