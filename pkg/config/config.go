@@ -63,6 +63,11 @@ type Config struct {
 	Services []Service `yaml:"services"`
 	// Metrics is the local address of the Prometheus endpoint, or "off".
 	Metrics string `yaml:"metrics"`
+	// Pprof also serves the Go runtime's profiles (heap, CPU, goroutines)
+	// at /debug/pprof/ on the metrics address. Off by default: anyone who
+	// reaches that address can read them and have the daemon profile its
+	// CPU.
+	Pprof bool `yaml:"pprof"`
 	// Resync tunes how a returning node is brought level.
 	Resync Resync `yaml:"resync"`
 	// Hooks are commands run on cluster events.
@@ -523,6 +528,9 @@ func (c *Config) validateCluster(bad func(string, ...any)) {
 		if v.Interface == "" {
 			bad("vip.interface: name the interface that carries the VIP, e.g. eth0")
 		}
+	}
+	if c.Pprof && c.Metrics == "off" {
+		bad("pprof: true serves the profiles on the metrics address: set metrics: host:port (e.g. %s)", DefaultMetrics)
 	}
 	if c.Metrics != "off" {
 		if _, port, err := net.SplitHostPort(c.Metrics); err != nil || port == "" {

@@ -75,6 +75,8 @@ func TestParseErrorsNameTheField(t *testing.T) {
 		{"service checks", "node: nodeA", "node: nodeA\nservices: [{name: web, start: x, check_tcp: ':80', check_command: y}]", "more than one of check_tcp, check_command and check_nfs"},
 		{"service dup", "node: nodeA", "node: nodeA\nservices: [{name: web, start: x}, {name: web, start: y}]", `services[1].name "web": already used`},
 		{"metrics", "node: nodeA", "node: nodeA\nmetrics: 9788", `metrics "9788"`},
+		{"pprof without metrics", "node: nodeA", "node: nodeA\nmetrics: off\npprof: true", "pprof: true serves the profiles on the metrics address"},
+		{"pprof not a bool", "node: nodeA", "node: nodeA\npprof: sometimes", "pprof"},
 		{"prefer", "node: nodeA", "node: nodeA\ncluster: {prefer: 'node A'}", `cluster.prefer "node A"`},
 		{"failback_delay", "node: nodeA", "node: nodeA\ncluster: {failback_delay: -1s}", "cluster.failback_delay -1s"},
 		{"resync margin", "node: nodeA", "node: nodeA\nresync: {margin: -5s}", "resync.margin -5s"},

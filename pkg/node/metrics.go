@@ -5,6 +5,7 @@ import (
 	"math"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"sync"
 	"time"
 
@@ -50,16 +51,30 @@ func (m *metrics) handler() http.Handler {
 	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{EnableOpenMetrics: true})
 }
 
-// serveMetrics answers Prometheus scrapes on /metrics.
+// serveMetrics answers Prometheus scrapes on /metrics, and with pprof
+// the profiles at /debug/pprof/.
 func (n *Node) serveMetrics(ctx context.Context, ln net.Listener) {
-	mux := http.NewServeMux()
-	mux.Handle("/metrics", n.metrics.handler())
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	srv := &http.Server{Handler: metricsMux(n.metrics, n.cfg.Pprof), ReadHeaderTimeout: 5 * time.Second}
 	go func() {
 		<-ctx.Done()
 		srv.Close()
 	}()
 	srv.Serve(ln)
+}
+
+// metricsMux serves m on /metrics, and the runtime's profiles on
+// /debug/pprof/ if withPprof.
+func metricsMux(m *metrics, withPprof bool) *http.ServeMux {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", m.handler())
+	if withPprof {
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	}
+	return mux
 }
 
 // Histogram is a histogram's state for status: Counts[i] events took at

@@ -263,3 +263,24 @@ func TestMetricsPerNode(t *testing.T) {
 		t.Errorf("node a lost its barrier")
 	}
 }
+
+// TestPprofOnlyWhenAsked: the metrics address serves the runtime's
+// profiles only with pprof: true.
+func TestPprofOnlyWhenAsked(t *testing.T) {
+	m := newMetrics(serving)
+	for _, on := range []bool{false, true} {
+		rec := httptest.NewRecorder()
+		metricsMux(m, on).ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/debug/pprof/heap", nil))
+		switch {
+		case on && (rec.Code != http.StatusOK || rec.Body.Len() == 0):
+			t.Fatalf("pprof on: HTTP %d, %d bytes", rec.Code, rec.Body.Len())
+		case !on && rec.Code != http.StatusNotFound:
+			t.Fatalf("pprof off: HTTP %d, want 404", rec.Code)
+		}
+		rec = httptest.NewRecorder()
+		metricsMux(m, on).ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/metrics", nil))
+		if rec.Code != http.StatusOK {
+			t.Fatalf("pprof %v: /metrics HTTP %d", on, rec.Code)
+		}
+	}
+}
