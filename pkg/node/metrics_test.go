@@ -3,6 +3,7 @@ package node
 import (
 	"io"
 	"math"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -281,6 +282,20 @@ func TestPprofOnlyWhenAsked(t *testing.T) {
 		metricsMux(m, on).ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/metrics", nil))
 		if rec.Code != http.StatusOK {
 			t.Fatalf("pprof %v: /metrics HTTP %d", on, rec.Code)
+		}
+	}
+}
+
+// TestPprofWarnsOffLoopback: only a loopback metrics address keeps the
+// profiles to this host; any other makes the daemon warn.
+func TestPprofWarnsOffLoopback(t *testing.T) {
+	for addr, want := range map[string]bool{"127.0.0.1:9788": true, "[::1]:9788": true, "0.0.0.0:9788": false, "[::]:9788": false, "10.250.0.1:9788": false} {
+		a, err := net.ResolveTCPAddr("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := loopback(a); got != want {
+			t.Errorf("loopback(%s) = %v, want %v", addr, got, want)
 		}
 	}
 }

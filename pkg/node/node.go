@@ -365,6 +365,9 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 			ln.Close()
 			return fmt.Errorf("metrics %q: %w (set another address or metrics: off)", cfg.Metrics, err)
 		}
+		if cfg.Pprof && !loopback(metrics.Addr()) {
+			log.Warn("pprof: true on an address other hosts may reach: they can read the daemon's profiles and have it profile its CPU", "metrics", cfg.Metrics)
+		}
 	}
 
 	ctx, cancel := context.WithCancel(ctx)
@@ -1754,4 +1757,10 @@ func Query(socket string) (Status, error) {
 		return s, fmt.Errorf("reading status from %s: %w", socket, err)
 	}
 	return s, nil
+}
+
+// loopback tells whether a listener's address is a loopback one.
+func loopback(a net.Addr) bool {
+	t, ok := a.(*net.TCPAddr)
+	return ok && t.IP.IsLoopback()
 }

@@ -13,7 +13,7 @@ import (
 // mapAt bytes it is on the Go heap; beyond, it is mapped anonymously
 // outside it, so that the collector's goal (twice the live heap by
 // default) is not twice the shadow too: at a million files the shadow
-// is about 75 MiB, and in the heap it let the daemon grow to twice that
+// is about 62 MiB, and in the heap it let the daemon grow to twice that
 // before a collection. A mapped region is unmapped by free, or by the
 // cleanup of whatever owns it (see shadowMem).
 type region struct {

@@ -126,6 +126,12 @@ func (s *shadow) mappedBytes() int {
 	return n
 }
 
+// regionBytes is the size of all the shadow's regions, on the heap or
+// mapped: its records, tables and names (not the maps of the few).
+func (s *shadow) regionBytes() int {
+	return len(s.mem.recs.b) + len(s.mem.ino.b) + len(s.mem.name.b) + len(s.mem.arena.b)
+}
+
 // dirList is a directory's entries by first name: the list's head and
 // its length.
 type dirList struct{ head, n uint32 }
