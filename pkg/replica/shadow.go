@@ -450,13 +450,6 @@ func (s *shadow) nameCount(ino uint64) int {
 	return 1 + len(s.more[ino])
 }
 
-// isDir tells whether ino is a directory of the shadow (one that can
-// hold entries).
-func (s *shadow) isDir(ino uint64) bool {
-	_, ok := s.dirs[ino]
-	return ok
-}
-
 // childCount is the number of entries of directory ino.
 func (s *shadow) childCount(ino uint64) int {
 	return int(s.dirs[ino].n) + len(s.moreKids[ino])

@@ -175,9 +175,6 @@ func (s *refShadow) removeName(n *refNode, l link) {
 	}
 }
 
-// children are the entries of directory ino (nil if it is none).
-func (s *refShadow) children(ino uint64) map[string]uint64 { return s.kids[ino] }
-
 // child is the inode named name in directory parent.
 func (s *refShadow) child(parent uint64, name string) (uint64, bool) {
 	ino, ok := s.kids[parent][name]
@@ -306,18 +303,6 @@ func (s *refShadow) path(ino uint64) (string, bool) {
 		parts[i], parts[j] = parts[j], parts[i]
 	}
 	return path.Join(parts...), true
-}
-
-// linkPath is the replica path of one name.
-func (s *refShadow) linkPath(l link) (string, bool) {
-	dir, ok := s.path(l.parent)
-	if !ok {
-		return "", false
-	}
-	if dir == "." {
-		return l.name, true
-	}
-	return dir + "/" + l.name, true
 }
 
 // depth is the number of names between ino and the root.
