@@ -79,13 +79,23 @@ func cpuTime() time.Duration {
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
-// liveHeap is the heap in use after a full collection.
+// liveHeap is the heap in use after full collections, once it no longer
+// shrinks: the cleanups a collection queues (a dropped shadow's, which
+// lets go of its regions) run after it, and what they let go of is freed
+// by the next one.
 func liveHeap() uint64 {
-	runtime.GC()
-	runtime.GC()
-	var ms runtime.MemStats
-	runtime.ReadMemStats(&ms)
-	return ms.HeapAlloc
+	var last uint64
+	for i := 0; i < 20; i++ {
+		runtime.GC()
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		if i > 0 && ms.HeapAlloc >= last {
+			return ms.HeapAlloc
+		}
+		last = ms.HeapAlloc
+		time.Sleep(time.Millisecond) // the cleanups' goroutine
+	}
+	return last
 }
 
 // heapPeak samples the heap in use until stop is called, and returns the
