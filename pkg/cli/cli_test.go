@@ -168,6 +168,15 @@ func TestProgressLine(t *testing.T) {
 			t.Errorf("progress %q lacks %q", got, want)
 		}
 	}
+	// Copying to an empty peer: the bytes planned are what the walk read
+	// so far, not a total, and the bar does not pretend otherwise.
+	r = replica.ResyncStatus{Active: true, Mode: "full", Phase: "copying", BytesPlanned: 30 << 20, BytesSent: 25 << 20, FilesTotal: 5000, RateBps: 5 << 20}
+	got = progressLine("data", &r, true)
+	for _, want := range []string{"[........................]", "  0%", "25.0 MiB sent", "5000 files read so far", "5.0 MiB/s", "(full)"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("copying: progress %q lacks %q", got, want)
+		}
+	}
 	if got := progressLine("data", &replica.ResyncStatus{}, false); !strings.Contains(got, "waiting for the peer") {
 		t.Errorf("idle, disconnected: %q", got)
 	}

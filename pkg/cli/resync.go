@@ -124,6 +124,12 @@ func progressOf(r *replica.ResyncStatus, connected bool) (float64, string) {
 		}
 		return 0, "starting"
 	}
+	if r.Phase == replica.PhaseCopying {
+		// To an empty peer the tree is sent as it is read: the bytes
+		// planned are those read so far, and the total is unknown.
+		return 0, fmt.Sprintf("copying to the peer's empty copy: %s sent, %d files read so far (the total is known when the walk ends), %s/s (%s)",
+			bytesOf(r.BytesSent), r.FilesTotal, bytesOf(uint64(r.RateBps)), r.Mode)
+	}
 	frac := 0.0
 	if r.BytesPlanned > 0 {
 		frac = min(1, float64(r.BytesSent)/float64(r.BytesPlanned))

@@ -307,7 +307,11 @@ func TestResyncKeepsWriteBeyondScannedSize(t *testing.T) {
 		{Path: "b", Ino: inoOf(t, bb), Mode: 0o644, Size: 100},
 	}
 	dropped := []journal.File{span(t, a, 50, 4096), span(t, bb, 0, 100)}
-	b.beyondScan(scanTails(dropped, listingOf(local), b.dev))
+	tails := newTailFinder(dropped, b.dev)
+	for _, e := range local {
+		tails.see(e.Ino, e.Mode, e.Size)
+	}
+	b.beyondScan(tails.tails)
 	if len(b.requeue) != 1 || b.requeue[0].Key.Ino != local[0].Ino ||
 		b.requeue[0].Data.Spans()[0] != (journal.Span{Off: 100, End: 4096}) {
 		t.Fatalf("requeued %+v, want a's [100,4096) only", b.requeue)

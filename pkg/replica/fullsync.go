@@ -163,6 +163,40 @@ func (b *builder) fullSync(local, peer *listing, ts *treeSync) error {
 	return nil
 }
 
+// streamSync sends the tree to a peer that holds none of it, entry by
+// entry as walk reads it (a pre-order scan: fstree.Walk): with nothing to
+// compare, nothing is listed, and the first files are on the wire while
+// the walk goes on. A regular file whose inode the walk met before under
+// another name is a hard link to that name. It builds b.sh as it goes,
+// and tells seen, if set, of every entry. It returns the entries whose
+// paths are too long for the wire (left out).
+func (b *builder) streamSync(walk func(func(*wire.Entry) error) (int, error), ts *treeSync, seen func(*wire.Entry)) (int, error) {
+	if ts == nil {
+		ts = &treeSync{}
+	}
+	sb := newShadowBuilder(0)
+	b.sh = sb.s
+	tooLong, err := walk(func(e *wire.Entry) error {
+		if seen != nil {
+			seen(e)
+		}
+		if e.Path == "." {
+			sb.add(e)
+			return nil
+		}
+		if n, ok := b.sh.node(e.Ino); ok && e.Mode.IsRegular() && n.mode.IsRegular() {
+			if first, ok := b.sh.path(e.Ino); ok {
+				sb.add(e)
+				return b.out.add(&wire.Op{Code: wire.OpLink, Path: first, Path2: e.Path})
+			}
+		}
+		sb.add(e)
+		return b.syncEntry(e, nil, ts)
+	})
+	sb.done()
+	return tooLong, err
+}
+
 // linkedInodes are the inodes of the regular files listed by more than
 // one name (the shadow built from the listing knows them by as many).
 func linkedInodes(local *listing) map[uint64]bool {

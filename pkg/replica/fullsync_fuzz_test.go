@@ -1,6 +1,7 @@
 package replica
 
 import (
+	"fmt"
 	mrand "math/rand/v2"
 	"os"
 	"path/filepath"
@@ -103,62 +104,83 @@ func TestFullSyncRandomTrees(t *testing.T) {
 		if err := b.fullSync(ll, listingOf(peer), &treeSync{sumMatched: seed%2 == 0}); err != nil {
 			t.Fatal(err)
 		}
-		counts := map[wire.OpCode]int{}
-		for _, op := range sink.ops {
-			counts[op.Code]++
+		checkSynced(t, fmt.Sprintf("seed %d, chunks of %d", seed, listingChunk), root, local, droot, dst, b, sink)
+		// The same tree to an empty peer: sent as it is read.
+		empty := filepath.Join(top, "empty")
+		os.Mkdir(empty, 0o755)
+		eb, esink := applyingBuilder(t, root, nil, empty)
+		if _, err := eb.streamSync(func(fn func(*wire.Entry) error) (int, error) { return fstree.Walk(root, false, fn) }, nil, nil); err != nil {
+			t.Fatal(err)
 		}
-		t.Logf("seed %d: %d entries, ops %v", seed, len(local), counts)
-		l2, _, _ := fstree.Scan(root, true)
-		p2, _, _ := fstree.Scan(droot, true)
-		if diffs := fstree.Compare(l2, p2); len(diffs) != 0 {
-			t.Fatalf("seed %d, chunks of %d: trees differ after the full sync: %v", seed, listingChunk, diffs)
+		eroot, err := fstree.OpenRoot(empty)
+		if err != nil {
+			t.Fatal(err)
 		}
-		// Hard links: names of one inode here are one inode there.
-		byIno := map[uint64][]string{}
-		for _, e := range local {
-			if e.Mode.IsRegular() {
-				byIno[e.Ino] = append(byIno[e.Ino], e.Path)
-			}
+		checkSynced(t, fmt.Sprintf("seed %d, streamed to an empty peer", seed), root, local, eroot, empty, eb, esink)
+		eroot.Close()
+	}
+}
+
+// checkSynced fails t unless the peer's tree at dst (droot) is the tree at
+// root, listed in local, its hard links included, and b's shadow holds
+// what the peer holds.
+func checkSynced(t *testing.T, what string, root *os.File, local []wire.Entry, droot *os.File, dst string, b *builder, sink *applySink) {
+	t.Helper()
+	counts := map[wire.OpCode]int{}
+	for _, op := range sink.ops {
+		counts[op.Code]++
+	}
+	t.Logf("%s: %d entries, ops %v", what, len(local), counts)
+	l2, _, _ := fstree.Scan(root, true)
+	p2, _, _ := fstree.Scan(droot, true)
+	if diffs := fstree.Compare(l2, p2); len(diffs) != 0 {
+		t.Fatalf("%s: trees differ after the full sync: %v", what, diffs)
+	}
+	// Hard links: names of one inode here are one inode there.
+	byIno := map[uint64][]string{}
+	for _, e := range local {
+		if e.Mode.IsRegular() {
+			byIno[e.Ino] = append(byIno[e.Ino], e.Path)
 		}
-		for _, ps := range byIno {
-			var first uint64
-			for _, p := range ps {
-				var st unix.Stat_t
-				unix.Lstat(filepath.Join(dst, p), &st)
-				if first == 0 {
-					first = st.Ino
-				} else if st.Ino != first {
-					t.Fatalf("seed %d: %q are one file here, not on the peer", seed, ps)
-				}
-			}
-		}
-		// The shadow holds what the peer holds, by this tree's inodes.
-		want := newShadow(local)
-		for _, e := range local {
-			if e.Path == "." {
-				continue
-			}
-			if !b.sh.has(e.Ino) {
-				t.Fatalf("seed %d: shadow lacks %q", seed, e.Path)
-			}
-			var got []string
-			for _, l := range b.sh.names(e.Ino) {
-				p, _ := b.sh.linkPath(l)
-				got = append(got, p)
-			}
-			var wantNames []string
-			for _, l := range want.names(e.Ino) {
-				p, _ := want.linkPath(l)
-				wantNames = append(wantNames, p)
-			}
-			slices.Sort(got)
-			slices.Sort(wantNames)
-			if !slices.Equal(got, wantNames) {
-				t.Fatalf("seed %d: shadow names %q, want %q", seed, got, wantNames)
+	}
+	for _, ps := range byIno {
+		var first uint64
+		for _, p := range ps {
+			var st unix.Stat_t
+			unix.Lstat(filepath.Join(dst, p), &st)
+			if first == 0 {
+				first = st.Ino
+			} else if st.Ino != first {
+				t.Fatalf("%s: %q are one file here, not on the peer", what, ps)
 			}
 		}
-		if b.sh.nodeCount() != want.nodeCount() {
-			t.Fatalf("seed %d: shadow of %d nodes, want %d", seed, b.sh.nodeCount(), want.nodeCount())
+	}
+	// The shadow holds what the peer holds, by this tree's inodes.
+	want := newShadow(local)
+	for _, e := range local {
+		if e.Path == "." {
+			continue
 		}
+		if !b.sh.has(e.Ino) {
+			t.Fatalf("%s: shadow lacks %q", what, e.Path)
+		}
+		var got []string
+		for _, l := range b.sh.names(e.Ino) {
+			p, _ := b.sh.linkPath(l)
+			got = append(got, p)
+		}
+		var wantNames []string
+		for _, l := range want.names(e.Ino) {
+			p, _ := want.linkPath(l)
+			wantNames = append(wantNames, p)
+		}
+		slices.Sort(got)
+		slices.Sort(wantNames)
+		if !slices.Equal(got, wantNames) {
+			t.Fatalf("%s: shadow names %q, want %q", what, got, wantNames)
+		}
+	}
+	if b.sh.nodeCount() != want.nodeCount() {
+		t.Fatalf("%s: shadow of %d nodes, want %d", what, b.sh.nodeCount(), want.nodeCount())
 	}
 }

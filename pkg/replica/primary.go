@@ -25,11 +25,6 @@ import (
 
 // Tuning of the primary's pipeline.
 const (
-	batchRaw = 4 << 20 // uncompressed ops per batch
-	// maxUnacked bounds the compressed bytes in flight: building waits
-	// beyond it. Sixteen full batches keep the peer busy (at 1 Gbit/s,
-	// half a second of sending); every byte of it is the primary's memory.
-	maxUnacked  = 64 << 20
 	batchWindow = 2 * time.Millisecond
 	// eagerAfterBarrier: for this long after a durability call the
 	// builder takes records without the batch window.
@@ -39,6 +34,18 @@ const (
 	// refuses to apply (disk full, a path it cannot create): a peer that
 	// cannot apply is backed off, not hammered.
 	refusedBackoff = 30 * time.Second
+)
+
+// Bounds of the memory the pipeline holds, variables for the tests that
+// measure the rest of the primary's memory.
+var (
+	// batchRaw: uncompressed ops per batch.
+	batchRaw = 4 << 20
+	// maxUnacked bounds the compressed bytes in flight: building waits
+	// beyond it. Sixteen full batches keep the peer busy (at 1 Gbit/s,
+	// half a second of sending); every byte of it is the primary's
+	// memory.
+	maxUnacked = 64 << 20
 )
 
 type sentBatch struct {
@@ -877,7 +884,9 @@ func (p *Primary) Status() Status {
 		if el := time.Since(p.rs.Started).Seconds(); el > 0 {
 			s.Resync.RateBps = float64(s.Resync.BytesSent) / el
 		}
-		if s.Resync.RateBps > 0 && s.Resync.BytesPlanned > s.Resync.BytesSent {
+		// Copying to an empty peer, the bytes planned are those read so
+		// far: no ETA.
+		if s.Resync.RateBps > 0 && s.Resync.BytesPlanned > s.Resync.BytesSent && s.Resync.Phase != PhaseCopying {
 			s.Resync.EtaSec = float64(s.Resync.BytesPlanned-s.Resync.BytesSent) / s.Resync.RateBps
 		}
 	}

@@ -4,12 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"os"
 	"path"
 	"strings"
 	"time"
 
+	"github.com/duet-ha/duet/pkg/fstree"
 	"github.com/duet-ha/duet/pkg/journal"
 	"github.com/duet-ha/duet/pkg/wire"
 	"golang.org/x/sys/unix"
@@ -37,7 +39,9 @@ type ResyncStatus struct {
 	Active bool `json:"active"`
 	// Mode: bitmap (the chunks the bitmap marks), recent (files changed
 	// since the sync point, by checksums), bitmap+recent, or full.
-	Mode          string    `json:"mode,omitempty"`
+	Mode string `json:"mode,omitempty"`
+	// Phase: scanning, comparing, sending, waiting for the peer; or
+	// PhaseCopying instead of the first three.
 	Phase         string    `json:"phase,omitempty"`
 	Started       time.Time `json:"started,omitempty"`
 	Ended         time.Time `json:"ended,omitempty"`
@@ -50,6 +54,11 @@ type ResyncStatus struct {
 	EtaSec        float64   `json:"eta_sec"`
 	Discarded     int       `json:"discarded_entries"`
 }
+
+// PhaseCopying is the phase of a resync to a peer whose copy is empty:
+// the tree is sent as it is read, and FilesTotal and BytesPlanned count
+// what the walk has read so far.
+const PhaseCopying = "copying"
 
 // Term configures a primary's term: where its copy's state lives and how
 // its resyncs run. Set before Run.
@@ -247,10 +256,20 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 		q := wire.ManifestQuery{All: pl.all, Cutoff: pl.cutoffT, Want: want, Gen: gen}
 		return wire.WriteFrame(c, &wire.Frame{Type: wire.TypeManifestQ, Seq: seq, Payload: wire.AppendManifestQuery(nil, &q)})
 	}
+	run := resyncRun{start: start, mode: pl.mode, mark: mark, gen: gen, syncSeq: syncSeq}
+	var first []wire.Entry // the peer's manifest read so far
+	ended := false         // and all of it
 	if pl.all {
 		// Both sides read everything: at the same time.
 		if err := query(nil); err != nil {
 			return err
+		}
+		var err error
+		if first, ended, err = manifestStart(ctx, manifest); err != nil {
+			return err
+		}
+		if ended && emptyManifest(first) {
+			return p.streamSync(kernel, bt, pl, run, dropped)
 		}
 	}
 	// Without checksums: only the files the peer has are compared by
@@ -291,33 +310,23 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 		sums.feedRecent()
 	}
 	peer := &listing{}
-	for done := false; !done; {
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case f := <-manifest:
-			if f.Type == wire.TypeEnd {
-				done = true
-				break
-			}
-			raw, err := wire.Payload(&f, nil)
-			if err != nil {
-				return err
-			}
-			es, err := wire.DecodeEntries(raw)
-			if err != nil {
-				return fmt.Errorf("peer manifest: %w", err)
-			}
-			if pl.all {
-				sums.match(es)
-			}
-			for i := range es {
-				peer.add(&es[i])
-			}
+	take := func(es []wire.Entry) {
+		if pl.all {
+			sums.match(es)
+		}
+		for i := range es {
+			peer.add(&es[i])
 		}
 	}
-	if ctx.Err() != nil {
-		return ctx.Err()
+	take(first)
+	first = nil
+	for !ended {
+		es, end, err := readManifestFrame(ctx, manifest)
+		if err != nil {
+			return err
+		}
+		ended = end
+		take(es)
 	}
 	if sums != nil {
 		if err := sums.wait(); err != nil {
@@ -348,11 +357,121 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	if dirty != nil {
 		ts.shipped = func(ino uint64) { p.fileShipped(ino, mark) }
 	}
-	tails := scanTails(dropped, local, p.Dev)
+	tails := newTailFinder(dropped, p.Dev)
+	for i := range files {
+		l := local.at(i)
+		tails.see(l.ino, l.mode, l.size)
+	}
 	if err := b.fullSync(local, peer, ts); err != nil {
 		return err
 	}
-	b.beyondScan(tails)
+	p.resyncQueued(b, bt, ts, tails, run, files, compared)
+	return nil
+}
+
+// resyncRun is what a resync knows from its start on.
+type resyncRun struct {
+	start   time.Time
+	mode    string
+	mark    uint64 // the changes counted when it started (p.added)
+	gen     uint64
+	syncSeq uint64 // the capture's sequence when it started
+}
+
+// readManifestFrame reads one frame of the peer's manifest: its entries, or
+// that it ended.
+func readManifestFrame(ctx context.Context, manifest <-chan wire.Frame) (es []wire.Entry, end bool, err error) {
+	select {
+	case <-ctx.Done():
+		return nil, false, ctx.Err()
+	case f := <-manifest:
+		if f.Type == wire.TypeEnd {
+			return nil, true, nil
+		}
+		raw, err := wire.Payload(&f, nil)
+		if err != nil {
+			return nil, false, err
+		}
+		es, err := wire.DecodeEntries(raw)
+		if err != nil {
+			return nil, false, fmt.Errorf("peer manifest: %w", err)
+		}
+		return es, false, nil
+	}
+}
+
+// manifestStart reads the peer's manifest until it ends or names an entry
+// other than its root: enough to tell whether its copy is empty.
+func manifestStart(ctx context.Context, manifest <-chan wire.Frame) (es []wire.Entry, ended bool, err error) {
+	for emptyManifest(es) {
+		more, end, err := readManifestFrame(ctx, manifest)
+		if err != nil || end {
+			return es, end, err
+		}
+		es = append(es, more...)
+	}
+	return es, false, nil
+}
+
+// emptyManifest reports whether es lists nothing but the root.
+func emptyManifest(es []wire.Entry) bool {
+	for i := range es {
+		if es[i].Path != "." {
+			return false
+		}
+	}
+	return true
+}
+
+// streamSync is fullSync's resync to a peer whose copy is empty (a first
+// sync, a replaced disk): the tree is sent as it is read, never listed
+// whole (builder.streamSync). The bytes and files planned grow with the
+// walk: the total is known when it ends.
+func (p *Primary) streamSync(kernel Kernel, bt *batcher, pl resyncPlan, run resyncRun, dropped []journal.File) error {
+	p.Log.Info("resync: the peer's copy is empty: sending the tree as it is read")
+	p.mu.Lock()
+	p.rs.Phase = PhaseCopying
+	p.mu.Unlock()
+	ts := &treeSync{report: pl.report}
+	b := newBuilder(p.root, p.Dev, nil, kernel, bt, p.Log, p.readBuf)
+	b.onRead = p.resyncRead
+	tails := newTailFinder(dropped, p.Dev)
+	files := 0
+	var planned uint64
+	count := func() {
+		p.mu.Lock()
+		p.rs.FilesTotal, p.rs.BytesPlanned = files, planned
+		p.mu.Unlock()
+	}
+	tooLong, err := b.streamSync(func(fn func(*wire.Entry) error) (int, error) { return fstree.Walk(p.root, false, fn) }, ts,
+		func(e *wire.Entry) {
+			tails.see(e.Ino, e.Mode, e.Size)
+			files++
+			if e.Mode.IsRegular() {
+				planned += e.Size
+			}
+			if files%1024 == 0 {
+				count()
+			}
+		})
+	if err != nil {
+		return fmt.Errorf("sending %s: %w", p.Dir.Path, err)
+	}
+	count()
+	if tooLong > 0 {
+		p.Log.Warn("entries left out of the resync: their paths are longer than the wire takes",
+			"entries", tooLong, "limit", wire.MaxPath)
+	}
+	p.resyncQueued(b, bt, ts, tails, run, files, 0)
+	return nil
+}
+
+// resyncQueued ends a resync whose batches b has queued: the changes it
+// took over from the journal are shipped beyond the sizes it saw (tails),
+// the shadow is b's, and the peer is asked to confirm once it has
+// applied them all.
+func (p *Primary) resyncQueued(b *builder, bt *batcher, ts *treeSync, tails *tailFinder, run resyncRun, files, compared int) {
+	b.beyondScan(tails.tails)
 	bt.flush()
 	lines := ts.lines
 	if len(lines) > maxReport {
@@ -367,29 +486,28 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 		p.j.Requeue(f)
 	}
 	p.sh = b.sh
-	p.syncSeq = syncSeq
+	p.syncSeq = run.syncSeq
 	p.needFull, p.forceAll = false, false
 	p.resyncGivenUp(b.gaveUp) // none so far: what it retries is new
 	p.fullSyncEnd = p.nextSeq - 1
 	if b.blocked == 0 {
-		p.covered, p.coveredSeq = mark, p.fullSyncEnd
+		p.covered, p.coveredSeq = run.mark, p.fullSyncEnd
 		p.coveredBefore = time.Time{}
 		if b.beyondEOF > 0 {
-			p.coveredBefore = start
+			p.coveredBefore = run.start
 		}
-		p.addMark(passMark{mark: mark, seq: p.fullSyncEnd, at: start})
+		p.addMark(passMark{mark: run.mark, seq: p.fullSyncEnd, at: run.start})
 	}
 	p.fullSyncs++
 	p.dataBytes += b.dataRead
 	p.rs.Phase, p.rs.FilesSent, p.rs.Discarded = "waiting for the peer", ts.filesSent, len(ts.lines)
 	p.doneReq = &wire.Frame{Type: wire.TypeSync, Flags: wire.FlagResyncDone, Seq: p.fullSyncEnd,
-		Payload: wire.AppendResyncDone(nil, &wire.ResyncDone{Gen: gen, Report: report})}
+		Payload: wire.AppendResyncDone(nil, &wire.ResyncDone{Gen: run.gen, Report: report})}
 	p.mu.Unlock()
 	p.sendq.Broadcast()
-	p.Log.Info("resync queued", "mode", pl.mode, "files", files, "files_compared", compared,
+	p.Log.Info("resync queued", "mode", run.mode, "files", files, "files_compared", compared,
 		"files_sent", ts.filesSent, "bytes", b.dataRead, "discarded_entries", len(ts.lines),
-		"took", time.Since(start).Round(time.Millisecond))
-	return nil
+		"took", time.Since(run.start).Round(time.Millisecond))
 }
 
 // markRecent flags EntryRecent the regular files of local whose ctime or
@@ -809,28 +927,33 @@ type scanTail struct {
 	size uint64
 }
 
-// scanTails are the journal's changes with data a resync of the tree on
-// dev took over (dropped), with the sizes its scan saw (local), for
-// beyondScan.
-func scanTails(dropped []journal.File, local *listing, dev uint32) []scanTail {
-	want := make(map[uint64]journal.File)
+// tailFinder finds the journal's changes with data a resync of the tree
+// on one device took over, with the sizes its scan saw of their files,
+// for beyondScan.
+type tailFinder struct {
+	want  map[uint64]journal.File
+	tails []scanTail
+}
+
+func newTailFinder(dropped []journal.File, dev uint32) *tailFinder {
+	t := &tailFinder{}
 	for _, f := range dropped {
 		if f.Key.Dev == dev && !f.Data.Empty() {
-			want[f.Key.Ino] = f
+			if t.want == nil {
+				t.want = map[uint64]journal.File{}
+			}
+			t.want[f.Key.Ino] = f
 		}
 	}
-	if len(want) == 0 {
-		return nil
+	return t
+}
+
+// see is told of every entry of the scan.
+func (t *tailFinder) see(ino uint64, mode fs.FileMode, size uint64) {
+	if f, ok := t.want[ino]; ok && mode.IsRegular() {
+		t.tails = append(t.tails, scanTail{f, size})
+		delete(t.want, ino) // one name of several links is enough
 	}
-	var tails []scanTail
-	for i := range local.len() {
-		l := local.at(i)
-		if f, ok := want[l.ino]; ok && l.mode.IsRegular() {
-			tails = append(tails, scanTail{f, l.size})
-			delete(want, l.ino) // one name of several links is enough
-		}
-	}
-	return tails
 }
 
 // beyondScan queues the ranges of the changes a resync took over that lie
