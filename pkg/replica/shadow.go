@@ -488,12 +488,17 @@ func (s *shadow) delChild(parent uint64, name string, ino uint64) {
 		}
 		return
 	}
-	if m := s.moreKids[parent]; m != nil && m[name] == ino {
-		if _, ok := m[name]; ok {
-			delete(m, name)
-			if len(m) == 0 {
-				delete(s.moreKids, parent)
-			}
+	if cur, ok := s.moreKids[parent][name]; ok && cur == ino {
+		s.dropMoreKid(parent, name)
+	}
+}
+
+// dropMoreKid removes parent/name from the entries of second names.
+func (s *shadow) dropMoreKid(parent uint64, name string) {
+	if m := s.moreKids[parent]; m != nil {
+		delete(m, name)
+		if len(m) == 0 {
+			delete(s.moreKids, parent)
 		}
 	}
 }
@@ -507,12 +512,7 @@ func (s *shadow) setChild(parent uint64, name string, ino uint64) {
 		}
 		s.detach(i)
 	}
-	if m := s.moreKids[parent]; m != nil {
-		delete(m, name)
-		if len(m) == 0 {
-			delete(s.moreKids, parent)
-		}
-	}
+	s.dropMoreKid(parent, name)
 	if _, ok := s.dirs[parent]; !ok {
 		s.dirs[parent] = dirList{}
 	}
@@ -554,14 +554,9 @@ func (s *shadow) removeName(i uint32, l link) {
 		more = more[1:]
 		s.setFirst(i, next)
 		// The entry of that name, if it had one, moves to the record.
-		if m := s.moreKids[next.parent]; m != nil {
-			if cur, ok := m[next.name]; ok && cur == ino {
-				delete(m, next.name)
-				if len(m) == 0 {
-					delete(s.moreKids, next.parent)
-				}
-				s.attach(i)
-			}
+		if cur, ok := s.moreKids[next.parent][next.name]; ok && cur == ino {
+			s.dropMoreKid(next.parent, next.name)
+			s.attach(i)
 		}
 	} else if j := slices.Index(more, l); j >= 0 {
 		more = slices.Delete(more, j, j+1)
