@@ -212,7 +212,7 @@ var dirGauges = []struct {
 	// only, if set, says whether the directory has the metric.
 	only func(d *replica.Status) bool
 }{
-	{desc: desc("duet_resync_bytes_planned", "Bytes the current (or last) resync sends.", "dir"),
+	{desc: desc("duet_resync_bytes_planned", "Bytes the current (or last) resync sends (copying to an empty peer: those read so far).", "dir"),
 		v: func(d *replica.Status) float64 { return float64(d.Resync.BytesPlanned) }},
 	{desc: desc("duet_resync_bytes_sent", "Bytes the current (or last) resync has sent.", "dir"),
 		v: func(d *replica.Status) float64 { return float64(d.Resync.BytesSent) }},

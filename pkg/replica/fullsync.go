@@ -40,6 +40,18 @@ type treeSync struct {
 	// shipped, if set, is told of every file whose changes are all
 	// queued (the bitmap forgets them once the peer has them durably).
 	shipped func(ino uint64)
+	// stop, if set, is asked before each entry whether the resync is
+	// to end (its connection did): what would follow is queued for a
+	// peer that no longer reads it.
+	stop func() error
+}
+
+// ended is ts.stop's answer.
+func (ts *treeSync) ended() error {
+	if ts.stop == nil {
+		return nil
+	}
+	return ts.stop()
 }
 
 // fullSync makes the peer's tree equal to local (a pre-order scan) given
@@ -115,6 +127,9 @@ func (b *builder) fullSync(local, peer *listing, ts *treeSync) error {
 	sb := newShadowBuilder(local.len())
 	b.sh = sb.s
 	for i := range local.len() {
+		if err := ts.ended(); err != nil {
+			return err
+		}
 		if i%listingChunk == 0 {
 			local.release(i)
 		}
@@ -177,6 +192,9 @@ func (b *builder) streamSync(walk func(func(*wire.Entry) error) (int, error), ts
 	sb := newShadowBuilder(0)
 	b.sh = sb.s
 	tooLong, err := walk(func(e *wire.Entry) error {
+		if err := ts.ended(); err != nil {
+			return err
+		}
 		if seen != nil {
 			seen(e)
 		}

@@ -107,7 +107,9 @@ func TestFullSyncRandomTrees(t *testing.T) {
 		checkSynced(t, fmt.Sprintf("seed %d, chunks of %d", seed, listingChunk), root, local, droot, dst, b, sink)
 		// The same tree to an empty peer: sent as it is read.
 		empty := filepath.Join(top, "empty")
-		os.Mkdir(empty, 0o755)
+		if err := os.Mkdir(empty, 0o755); err != nil {
+			t.Fatal(err)
+		}
 		eb, esink := applyingBuilder(t, root, nil, empty)
 		if _, err := eb.streamSync(func(fn func(*wire.Entry) error) (int, error) { return fstree.Walk(root, false, fn) }, nil, nil); err != nil {
 			t.Fatal(err)
@@ -116,8 +118,8 @@ func TestFullSyncRandomTrees(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		t.Cleanup(func() { eroot.Close() })
 		checkSynced(t, fmt.Sprintf("seed %d, streamed to an empty peer", seed), root, local, eroot, empty, eb, esink)
-		eroot.Close()
 	}
 }
 

@@ -343,7 +343,7 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	} else if compared, err = sumCompared(p.root, local, peer); err != nil {
 		return err
 	}
-	ts := &treeSync{dirty: dirty, window: !pl.all, report: pl.report, sumMatched: pl.all}
+	ts := &treeSync{dirty: dirty, window: !pl.all, report: pl.report, sumMatched: pl.all, stop: bt.ctx.Err}
 	ts.onPlan = func(planned uint64) {
 		p.mu.Lock()
 		p.rs.BytesPlanned = planned
@@ -432,7 +432,7 @@ func (p *Primary) streamSync(kernel Kernel, bt *batcher, pl resyncPlan, run resy
 	p.mu.Lock()
 	p.rs.Phase = PhaseCopying
 	p.mu.Unlock()
-	ts := &treeSync{report: pl.report}
+	ts := &treeSync{report: pl.report, stop: bt.ctx.Err}
 	b := newBuilder(p.root, p.Dev, nil, kernel, bt, p.Log, p.readBuf)
 	b.onRead = p.resyncRead
 	tails := newTailFinder(dropped, p.Dev)

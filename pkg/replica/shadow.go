@@ -696,6 +696,10 @@ func (s *shadow) move(ino uint64, from link, parent uint64, name string) {
 	}
 }
 
+// maxDepth bounds the walk up from an inode to the root (a loop would
+// not end): the deepest path the wire takes, of one-byte names.
+const maxDepth = wire.MaxPath / 2
+
 // path returns the replica path of ino through its first name, "." for the
 // root, and false when the inode is not in the tree.
 func (s *shadow) path(ino uint64) (string, bool) {
@@ -705,7 +709,7 @@ func (s *shadow) path(ino uint64) (string, bool) {
 	size := -1
 	for depth := 0; ino != s.root; depth++ {
 		i := s.find(ino)
-		if i == 0 || s.recs[i].nameLen() == 0 || depth > 4096 {
+		if i == 0 || s.recs[i].nameLen() == 0 || depth > maxDepth {
 			return "", false
 		}
 		recs = append(recs, i)

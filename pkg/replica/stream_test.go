@@ -1,0 +1,181 @@
+package replica
+
+import (
+	"context"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/duet-ha/duet/pkg/fstree"
+	"github.com/duet-ha/duet/pkg/journal"
+	"github.com/duet-ha/duet/pkg/wire"
+	"golang.org/x/sys/unix"
+)
+
+// deepTree makes depth nested directories "d" under dir, and in the
+// deepest a file f1 with a second name f2; it returns their directory's
+// path relative to dir.
+func deepTree(t *testing.T, dir string, depth int) string {
+	t.Helper()
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range depth {
+		if err := unix.Mkdirat(fd, "d", 0o755); err != nil {
+			t.Fatal(err)
+		}
+		nfd, err := unix.Openat(fd, "d", unix.O_RDONLY|unix.O_DIRECTORY, 0)
+		unix.Close(fd)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fd = nfd
+	}
+	defer unix.Close(fd)
+	f, err := unix.Openat(fd, "f1", unix.O_CREAT|unix.O_WRONLY, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	unix.Write(f, []byte("shared"))
+	unix.Close(f)
+	if err := unix.Linkat(fd, "f1", fd, "f2", 0); err != nil {
+		t.Fatal(err)
+	}
+	return strings.Repeat("d/", depth)
+}
+
+func inoBeneath(t *testing.T, root, rel string) uint64 {
+	t.Helper()
+	r, err := fstree.OpenRoot(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	st, err := fstree.Stat(r, rel)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st.Ino
+}
+
+// TestStreamSyncDeepHardLink: a file with two names deeper than 4,096
+// directories (the wire takes paths of 64 KiB) stays one file on the
+// peer, sent as it is read or listed. The shadow gave up finding a path
+// past that depth, so the streamed sync sent the second name as another
+// file (found by review).
+func TestStreamSyncDeepHardLink(t *testing.T) {
+	top := t.TempDir()
+	src := filepath.Join(top, "src")
+	if err := os.Mkdir(src, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	dir := deepTree(t, src, 4100)
+	root, _ := scanSource(t, src)
+	for _, streamed := range []bool{false, true} {
+		dst := filepath.Join(top, map[bool]string{false: "listed", true: "streamed"}[streamed])
+		if err := os.Mkdir(dst, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		b, _ := applyingBuilder(t, root, nil, dst)
+		if streamed {
+			if _, err := b.streamSync(func(fn func(*wire.Entry) error) (int, error) { return fstree.Walk(root, false, fn) }, nil, nil); err != nil {
+				t.Fatal(err)
+			}
+		} else {
+			ll, _, err := scanListing(root, false)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := b.fullSync(ll, listingOf(nil), nil); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if a, c := inoBeneath(t, dst, dir+"f1"), inoBeneath(t, dst, dir+"f2"); a != c {
+			t.Errorf("streamed %v: f1 and f2 are one file here, two on the peer (%d, %d)", streamed, a, c)
+		}
+	}
+}
+
+// TestFirstResyncToNonEmptyPeer: a first resync to a peer whose copy holds
+// files of its own compares the two (those files are removed), where
+// one to an empty peer only sends.
+func TestFirstResyncToNonEmptyPeer(t *testing.T) {
+	src := filepath.Join(t.TempDir(), "src")
+	writeRandom(t, filepath.Join(src, "a"), 5000)
+	writeRandom(t, filepath.Join(src, "dir/b"), 100)
+	sec := newTestSecondary(t, filepath.Join(t.TempDir(), "state"))
+	writeRandom(t, filepath.Join(sec.data, "stale"), 10)
+	writeRandom(t, filepath.Join(sec.data, "dir/old"), 10)
+	p := runPrimary(t, src, sec.addr, testLink)
+	var st Status
+	waitFor(t, "the first resync", func() bool {
+		st = p.Status()
+		return st.InSync && st.FullSyncs > 0 && !st.Resync.Active
+	})
+	sr, _ := fstree.OpenRoot(src)
+	defer sr.Close()
+	dr, _ := fstree.OpenRoot(sec.data)
+	defer dr.Close()
+	l, _, _ := fstree.Scan(sr, true)
+	d, _, _ := fstree.Scan(dr, true)
+	if diffs := fstree.Compare(l, d); len(diffs) != 0 {
+		t.Fatalf("copies differ after the first resync: %v", diffs)
+	}
+}
+
+// TestStreamSyncStopsWithItsConnection: once the connection of a resync to
+// an empty peer ends, the walk ends too. It went on reading the tree and
+// queueing it all for a peer that no longer read it (found by review).
+func TestStreamSyncStopsWithItsConnection(t *testing.T) {
+	defer func(r, u int) { batchRaw, maxUnacked = r, u }(batchRaw, maxUnacked)
+	batchRaw, maxUnacked = 64<<10, 256<<10
+	src := filepath.Join(t.TempDir(), "src")
+	for i := range 64 {
+		writeRandom(t, filepath.Join(src, "f"+strings.Repeat("x", i)), 128<<10)
+	}
+	p, err := NewPrimary(Dir{Name: "data", Path: src}, "127.0.0.1:1", testLink, 0, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	bt := &batcher{p: p, ctx: ctx}
+	if err := p.streamSync(nil, bt, resyncPlan{mode: "full", all: true}, resyncRun{start: time.Now()}, nil); err == nil {
+		t.Error("the resync's connection ended, and it did not say so")
+	}
+	if read := p.rsSent.Load(); read > 2*uint64(maxUnacked) {
+		t.Fatalf("read %d bytes (%d queued) after its connection ended", read, p.queueBytes)
+	}
+}
+
+// TestStreamSyncKeepsWriteBeyondWalkedSize: a change the journal held when
+// a resync to an empty peer began, reported beyond the size the walk then
+// saw of its file (a write reported before it moved the size), stays
+// queued past that size, as in a resync that compares.
+func TestStreamSyncKeepsWriteBeyondWalkedSize(t *testing.T) {
+	src := filepath.Join(t.TempDir(), "src")
+	writeRandom(t, filepath.Join(src, "a"), 100)
+	writeRandom(t, filepath.Join(src, "b"), 100)
+	p, err := NewPrimary(Dir{Name: "data", Path: src}, "127.0.0.1:1", testLink, 0, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	a, b := span(t, filepath.Join(src, "a"), 50, 4096), span(t, filepath.Join(src, "b"), 0, 100)
+	a.Key.Dev, b.Key.Dev = p.Dev, p.Dev
+	bt := &batcher{p: p, ctx: context.Background()}
+	if err := p.streamSync(nil, bt, resyncPlan{mode: "full", all: true}, resyncRun{start: time.Now()}, []journal.File{a, b}); err != nil {
+		t.Fatal(err)
+	}
+	p.mu.Lock()
+	left := p.j.Take(time.Now())
+	p.mu.Unlock()
+	if len(left) != 1 || left[0].Key != a.Key || left[0].Data.Spans()[0] != (journal.Span{Off: 100, End: 4096}) {
+		t.Fatalf("queued after the resync: %+v, want a's [100,4096) only", left)
+	}
+}
