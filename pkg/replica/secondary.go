@@ -470,9 +470,15 @@ func (s *Server) sendManifest(c net.Conn, d Dir, seq uint64, q wire.ManifestQuer
 		// duet verify's progress) until the scan is nearly over.
 		return w.Flush()
 	}
+	// The first frame goes as soon as it names an entry besides the root:
+	// the requester of a full comparison waits for it to tell an empty
+	// copy (which it sends its tree as it reads it) from one to compare,
+	// before it scans its own.
+	first := true
 	tooLong, err := walkManifest(root, q, func(e *wire.Entry) error {
 		raw = wire.AppendEntry(raw, e)
-		if len(raw) > manifestFrame {
+		if len(raw) > manifestFrame || first && e.Path != "." {
+			first = false
 			return flush()
 		}
 		return nil

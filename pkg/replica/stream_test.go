@@ -2,7 +2,9 @@ package replica
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -177,5 +179,57 @@ func TestStreamSyncKeepsWriteBeyondWalkedSize(t *testing.T) {
 	p.mu.Unlock()
 	if len(left) != 1 || left[0].Key != a.Key || left[0].Data.Spans()[0] != (journal.Span{Off: 100, End: 4096}) {
 		t.Fatalf("queued after the resync: %+v, want a's [100,4096) only", left)
+	}
+}
+
+// TestManifestFirstFrameEarly: a replica sends the first frame of its
+// manifest as soon as it names an entry besides the root, so that the
+// primary of a full comparison, which waits for it before it scans its own
+// tree (an empty copy is sent the tree as it is read), waits for one entry
+// and not for a frame of 256 KiB of them, checksummed.
+func TestManifestFirstFrameEarly(t *testing.T) {
+	dir := t.TempDir()
+	for i := range 50 {
+		writeRandom(t, filepath.Join(dir, fmt.Sprintf("f%03d", i)), 1000)
+	}
+	s := &Server{Log: slog.New(slog.DiscardHandler)}
+	c, peer := net.Pipe()
+	defer peer.Close()
+	go func() {
+		s.sendManifest(c, Dir{Name: "data", Path: dir}, 7, wire.ManifestQuery{All: true})
+		c.Close()
+	}()
+	var frames [][]wire.Entry
+	for {
+		f, err := wire.ReadFrame(peer, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if f.Type == wire.TypeEnd {
+			break
+		}
+		raw, err := wire.Payload(&f, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		es, err := wire.DecodeEntries(raw)
+		if err != nil {
+			t.Fatal(err)
+		}
+		frames = append(frames, es)
+	}
+	if len(frames) < 2 || len(frames[0]) != 2 || frames[0][0].Path != "." || frames[0][1].Path != "f000" {
+		var sizes []int
+		for _, es := range frames {
+			sizes = append(sizes, len(es))
+		}
+		t.Fatalf("manifest frames of %v entries: want the root and f000 first, the rest after", sizes)
+	}
+	n := 0
+	for _, es := range frames {
+		n += len(es)
+	}
+	if n != 51 {
+		t.Fatalf("%d entries in the manifest, want 51", n)
 	}
 }
