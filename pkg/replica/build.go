@@ -87,6 +87,12 @@ type builder struct {
 	// onRead, if set, is told of every read for shipping (a resync's
 	// progress and rate limit).
 	onRead func(n int)
+	// stop, if set, is asked before each entry of a resync and each
+	// chunk read for shipping whether to end (the resync's connection
+	// did): what would follow is queued for a peer that no longer
+	// reads it. Not for the journal's passes: one that ends midway
+	// loses the changes it took.
+	stop func() error
 	// shipped, if set, is what the passes of this connection last shipped
 	// of recently changed files' attributes (see attrCache).
 	shipped attrCache
@@ -776,6 +782,14 @@ func writeBack(f *os.File, s journal.Span) {
 		unix.SYNC_FILE_RANGE_WAIT_BEFORE|unix.SYNC_FILE_RANGE_WRITE|unix.SYNC_FILE_RANGE_WAIT_AFTER)
 }
 
+// ended is b.stop's answer.
+func (b *builder) ended() error {
+	if b.stop == nil {
+		return nil
+	}
+	return b.stop()
+}
+
 // ship reads [s.Off, s.End) from f and emits write ops; bytes past the
 // end of the file are skipped.
 func (b *builder) ship(p string, f *os.File, s journal.Span) error {
@@ -787,6 +801,9 @@ func (b *builder) ship(p string, f *os.File, s journal.Span) error {
 // (the file is shorter now, or not readable), for the caller to requeue.
 func (b *builder) shipUpTo(p string, f *os.File, s journal.Span) (uint64, error) {
 	for off := s.Off; off < s.End; {
+		if err := b.ended(); err != nil {
+			return off, err
+		}
 		n := min(uint64(len(b.buf)), s.End-off)
 		got, err := f.ReadAt(b.buf[:n], int64(off))
 		if got > 0 {

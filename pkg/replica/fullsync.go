@@ -40,18 +40,6 @@ type treeSync struct {
 	// shipped, if set, is told of every file whose changes are all
 	// queued (the bitmap forgets them once the peer has them durably).
 	shipped func(ino uint64)
-	// stop, if set, is asked before each entry whether the resync is
-	// to end (its connection did): what would follow is queued for a
-	// peer that no longer reads it.
-	stop func() error
-}
-
-// ended is ts.stop's answer.
-func (ts *treeSync) ended() error {
-	if ts.stop == nil {
-		return nil
-	}
-	return ts.stop()
 }
 
 // fullSync makes the peer's tree equal to local (a pre-order scan) given
@@ -127,7 +115,7 @@ func (b *builder) fullSync(local, peer *listing, ts *treeSync) error {
 	sb := newShadowBuilder(local.len())
 	b.sh = sb.s
 	for i := range local.len() {
-		if err := ts.ended(); err != nil {
+		if err := b.ended(); err != nil {
 			return err
 		}
 		if i%listingChunk == 0 {
@@ -192,7 +180,7 @@ func (b *builder) streamSync(walk func(func(*wire.Entry) error) (int, error), ts
 	sb := newShadowBuilder(0)
 	b.sh = sb.s
 	tooLong, err := walk(func(e *wire.Entry) error {
-		if err := ts.ended(); err != nil {
+		if err := b.ended(); err != nil {
 			return err
 		}
 		if seen != nil {
@@ -204,8 +192,19 @@ func (b *builder) streamSync(walk func(func(*wire.Entry) error) (int, error), ts
 		}
 		if n, ok := b.sh.node(e.Ino); ok && e.Mode.IsRegular() && n.mode.IsRegular() {
 			if first, ok := b.sh.path(e.Ino); ok {
-				sb.add(e)
-				return b.out.add(&wire.Op{Code: wire.OpLink, Path: first, Path2: e.Path})
+				if st, err := fstree.Stat(b.root, first); err == nil && st.Ino == e.Ino {
+					sb.add(e)
+					return b.out.add(&wire.Op{Code: wire.OpLink, Path: first, Path2: e.Path})
+				}
+			}
+			// The names sent for this number no longer name it: the
+			// file sent under them was removed since, and its number
+			// reused (the walk of a large tree takes long enough).
+			// They go, on the peer and from the shadow; this file is
+			// another, sent whole. What changed meanwhile under those
+			// names is in the journal, which follows the resync.
+			if err := b.forgetReused(e.Ino); err != nil {
+				return err
 			}
 		}
 		sb.add(e)
@@ -213,6 +212,20 @@ func (b *builder) streamSync(walk func(func(*wire.Entry) error) (int, error), ts
 	})
 	sb.done()
 	return tooLong, err
+}
+
+// forgetReused removes, on the peer and from the shadow, every name the
+// shadow knows for inode number ino.
+func (b *builder) forgetReused(ino uint64) error {
+	for _, l := range b.sh.names(ino) {
+		if p, ok := b.sh.linkPath(l); ok {
+			if err := b.out.add(&wire.Op{Code: wire.OpRemove, Path: p}); err != nil {
+				return err
+			}
+		}
+	}
+	b.sh.drop(ino)
+	return nil
 }
 
 // linkedInodes are the inodes of the regular files listed by more than

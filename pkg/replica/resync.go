@@ -343,7 +343,7 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	} else if compared, err = sumCompared(p.root, local, peer); err != nil {
 		return err
 	}
-	ts := &treeSync{dirty: dirty, window: !pl.all, report: pl.report, sumMatched: pl.all, stop: bt.ctx.Err}
+	ts := &treeSync{dirty: dirty, window: !pl.all, report: pl.report, sumMatched: pl.all}
 	ts.onPlan = func(planned uint64) {
 		p.mu.Lock()
 		p.rs.BytesPlanned = planned
@@ -353,7 +353,7 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	p.rs.Phase, p.rs.FilesCompared = "sending", compared
 	p.mu.Unlock()
 	b := newBuilder(p.root, p.Dev, nil, kernel, bt, p.Log, p.readBuf)
-	b.onRead = p.resyncRead
+	b.onRead, b.stop = p.resyncRead, bt.ctx.Err
 	if dirty != nil {
 		ts.shipped = func(ino uint64) { p.fileShipped(ino, mark) }
 	}
@@ -432,9 +432,9 @@ func (p *Primary) streamSync(kernel Kernel, bt *batcher, pl resyncPlan, run resy
 	p.mu.Lock()
 	p.rs.Phase = PhaseCopying
 	p.mu.Unlock()
-	ts := &treeSync{report: pl.report, stop: bt.ctx.Err}
+	ts := &treeSync{report: pl.report}
 	b := newBuilder(p.root, p.Dev, nil, kernel, bt, p.Log, p.readBuf)
-	b.onRead = p.resyncRead
+	b.onRead, b.stop = p.resyncRead, bt.ctx.Err
 	tails := newTailFinder(dropped, p.Dev)
 	files := 0
 	var planned uint64

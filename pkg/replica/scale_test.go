@@ -274,10 +274,8 @@ func TestInitialSyncHeapFlat(t *testing.T) {
 	// Empty files on tmpfs, where there is one: the entries are what
 	// counts, and a disk's flushes made the test a minute long.
 	tmp := t.TempDir()
-	if fi, err := os.Stat("/dev/shm"); err == nil && fi.IsDir() {
-		if tmp, err = os.MkdirTemp("/dev/shm", "duet-heapflat-"); err != nil {
-			t.Fatal(err)
-		}
+	if shm, err := os.MkdirTemp("/dev/shm", "duet-heapflat-"); err == nil {
+		tmp = shm
 		defer os.RemoveAll(tmp)
 	}
 	run := 0
