@@ -124,15 +124,7 @@ func TestFirstResyncToNonEmptyPeer(t *testing.T) {
 		st = p.Status()
 		return st.InSync && st.FullSyncs > 0 && !st.Resync.Active
 	})
-	sr, _ := fstree.OpenRoot(src)
-	defer sr.Close()
-	dr, _ := fstree.OpenRoot(sec.data)
-	defer dr.Close()
-	l, _, _ := fstree.Scan(sr, true)
-	d, _, _ := fstree.Scan(dr, true)
-	if diffs := fstree.Compare(l, d); len(diffs) != 0 {
-		t.Fatalf("copies differ after the first resync: %v", diffs)
-	}
+	sameTrees(t, src, sec.data)
 }
 
 // TestStreamSyncStopsWithItsConnection: once the connection of a resync to
