@@ -150,10 +150,19 @@ func (b *builder) fullSync(local, peer *listing, ts *treeSync) error {
 		}
 		if l.Mode.IsRegular() && linked[l.Ino] {
 			if first, ok := firstName[l.Ino]; ok {
-				if err := b.out.add(&wire.Op{Code: wire.OpLink, Path: first, Path2: l.Path}); err != nil {
+				if b.namesNow(first, l.Ino) {
+					if err := b.out.add(&wire.Op{Code: wire.OpLink, Path: first, Path2: l.Path}); err != nil {
+						return err
+					}
+					continue
+				}
+				// A number reused since the scan: see streamSync. This
+				// name goes too, and comes back as the only one.
+				if err := b.forgetReused(l.Ino); err != nil {
 					return err
 				}
-				continue
+				sb.add(l)
+				p = nil
 			}
 			firstName[l.Ino] = l.Path
 		}
@@ -191,11 +200,9 @@ func (b *builder) streamSync(walk func(func(*wire.Entry) error) (int, error), ts
 			return nil
 		}
 		if n, ok := b.sh.node(e.Ino); ok && e.Mode.IsRegular() && n.mode.IsRegular() {
-			if first, ok := b.sh.path(e.Ino); ok {
-				if st, err := fstree.Stat(b.root, first); err == nil && st.Ino == e.Ino {
-					sb.add(e)
-					return b.out.add(&wire.Op{Code: wire.OpLink, Path: first, Path2: e.Path})
-				}
+			if first, ok := b.sh.path(e.Ino); ok && b.namesNow(first, e.Ino) {
+				sb.add(e)
+				return b.out.add(&wire.Op{Code: wire.OpLink, Path: first, Path2: e.Path})
 			}
 			// The names sent for this number no longer name it: the
 			// file sent under them was removed since, and its number
@@ -212,6 +219,12 @@ func (b *builder) streamSync(walk func(func(*wire.Entry) error) (int, error), ts
 	})
 	sb.done()
 	return tooLong, err
+}
+
+// namesNow reports whether path p, under the root, names inode ino now.
+func (b *builder) namesNow(p string, ino uint64) bool {
+	st, err := fstree.Stat(b.root, p)
+	return err == nil && st.Ino == ino
 }
 
 // forgetReused removes, on the peer and from the shadow, every name the

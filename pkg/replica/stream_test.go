@@ -317,3 +317,48 @@ func TestStreamSyncReusedInodeNumber(t *testing.T) {
 		t.Fatalf("the shadow's path of the reused number: %q, want z/b", p)
 	}
 }
+
+// TestFullSyncReusedInodeNumber is TestStreamSyncReusedInodeNumber for a
+// resync that compares: over its scan's window, the same reuse made the
+// second file a link of the first.
+func TestFullSyncReusedInodeNumber(t *testing.T) {
+	top := t.TempDir()
+	src := filepath.Join(top, "src")
+	writeRandom(t, filepath.Join(src, "a"), 1<<20)
+	writeRandom(t, filepath.Join(src, "z/b"), 4096)
+	root, _ := scanSource(t, src)
+	dst := filepath.Join(top, "dst")
+	if err := os.Mkdir(dst, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	b, sink := applyingBuilder(t, root, nil, dst)
+	ll, _, err := scanListing(root, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// a removed after the scan; its number reused by z/b (simulated).
+	var aIno uint64
+	for i := range ll.len() {
+		switch e := ll.at(i); e.path {
+		case "a":
+			aIno = e.ino
+		case "z/b":
+			e.ino = aIno
+		}
+	}
+	os.Remove(filepath.Join(src, "a"))
+	if err := b.fullSync(ll, listingOf(nil), nil); err != nil {
+		t.Fatal(err)
+	}
+	for _, op := range sink.ops {
+		if op.Code == wire.OpLink {
+			t.Fatalf("z/b sent as a link of %q, a name that no longer names its inode", op.Path)
+		}
+	}
+	if _, err := os.Lstat(filepath.Join(dst, "a")); !os.IsNotExist(err) {
+		t.Fatalf("the peer's a, removed here: %v", err)
+	}
+	if p, _ := b.sh.path(aIno); p != "z/b" || len(b.sh.names(aIno)) != 1 {
+		t.Fatalf("the shadow's names of the reused number: %v (path %q), want z/b alone", b.sh.names(aIno), p)
+	}
+}
