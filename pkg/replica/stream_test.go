@@ -274,16 +274,7 @@ func TestResyncStopsWithinAFile(t *testing.T) {
 // a hard link of the first: the peer's copy of the new file held the old
 // one's bytes wherever the new one had holes (found by review).
 func TestStreamSyncReusedInodeNumber(t *testing.T) {
-	top := t.TempDir()
-	src := filepath.Join(top, "src")
-	writeRandom(t, filepath.Join(src, "a"), 1<<20)
-	writeRandom(t, filepath.Join(src, "z/b"), 4096)
-	root, _ := scanSource(t, src)
-	dst := filepath.Join(top, "dst")
-	if err := os.Mkdir(dst, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	b, sink := applyingBuilder(t, root, nil, dst)
+	src, dst, root, b, sink := reusedPair(t)
 	var aIno uint64
 	walk := func(fn func(*wire.Entry) error) (int, error) {
 		return fstree.Walk(root, false, func(e *wire.Entry) error {
@@ -300,6 +291,31 @@ func TestStreamSyncReusedInodeNumber(t *testing.T) {
 	if _, err := b.streamSync(walk, nil, nil); err != nil {
 		t.Fatal(err)
 	}
+	checkReused(t, dst, b, sink, aIno)
+}
+
+// reusedPair is a tree of a (1 MiB) and z/b at src, an empty peer at
+// dst and a builder between them, for the tests of a reused number.
+func reusedPair(t *testing.T) (src, dst string, root *os.File, b *builder, sink *applySink) {
+	t.Helper()
+	top := t.TempDir()
+	src = filepath.Join(top, "src")
+	writeRandom(t, filepath.Join(src, "a"), 1<<20)
+	writeRandom(t, filepath.Join(src, "z/b"), 4096)
+	root, _ = scanSource(t, src)
+	dst = filepath.Join(top, "dst")
+	if err := os.Mkdir(dst, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	b, sink = applyingBuilder(t, root, nil, dst)
+	return src, dst, root, b, sink
+}
+
+// checkReused fails t unless z/b, given a's number aIno, was not sent as
+// a link of a, a is gone from the peer, and the shadow knows the number
+// by z/b alone.
+func checkReused(t *testing.T, dst string, b *builder, sink *applySink, aIno uint64) {
+	t.Helper()
 	for _, op := range sink.ops {
 		if op.Code == wire.OpLink {
 			t.Fatalf("z/b sent as a link of %q, a name that no longer names its inode", op.Path)
@@ -322,16 +338,7 @@ func TestStreamSyncReusedInodeNumber(t *testing.T) {
 // resync that compares: over its scan's window, the same reuse made the
 // second file a link of the first.
 func TestFullSyncReusedInodeNumber(t *testing.T) {
-	top := t.TempDir()
-	src := filepath.Join(top, "src")
-	writeRandom(t, filepath.Join(src, "a"), 1<<20)
-	writeRandom(t, filepath.Join(src, "z/b"), 4096)
-	root, _ := scanSource(t, src)
-	dst := filepath.Join(top, "dst")
-	if err := os.Mkdir(dst, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	b, sink := applyingBuilder(t, root, nil, dst)
+	src, dst, root, b, sink := reusedPair(t)
 	ll, _, err := scanListing(root, false)
 	if err != nil {
 		t.Fatal(err)
@@ -350,15 +357,5 @@ func TestFullSyncReusedInodeNumber(t *testing.T) {
 	if err := b.fullSync(ll, listingOf(nil), nil); err != nil {
 		t.Fatal(err)
 	}
-	for _, op := range sink.ops {
-		if op.Code == wire.OpLink {
-			t.Fatalf("z/b sent as a link of %q, a name that no longer names its inode", op.Path)
-		}
-	}
-	if _, err := os.Lstat(filepath.Join(dst, "a")); !os.IsNotExist(err) {
-		t.Fatalf("the peer's a, removed here: %v", err)
-	}
-	if p, _ := b.sh.path(aIno); p != "z/b" || len(b.sh.names(aIno)) != 1 {
-		t.Fatalf("the shadow's names of the reused number: %v (path %q), want z/b alone", b.sh.names(aIno), p)
-	}
+	checkReused(t, dst, b, sink, aIno)
 }
