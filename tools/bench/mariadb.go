@@ -44,7 +44,7 @@ func (b *bench) mariadbFigures(runs int) []Figure {
 	dup := &mariadb{name: "duet", dir: filepath.Join(b.lab, "a/data/mysql"), port: 3307}
 	for _, m := range []*mariadb{local, dup} {
 		b.startMariaDB(m)
-		b.sysbench(m, "prepare", secs, size)
+		b.sysbench(m, "prepare", secs, size, 4)
 	}
 	defer func() {
 		for _, m := range []*mariadb{local, dup} {
@@ -55,19 +55,62 @@ func (b *bench) mariadbFigures(runs int) []Figure {
 	if e := os.Getenv("DUET_BENCH_MARIADB_ARGS"); e != "" {
 		extra = ", with " + e
 	}
-	tps := Figure{Name: "MariaDB sysbench oltp_write_only (4 threads, " + secs + " s" + extra + "): TPS under duet sync / standalone",
-		Target: "≥ 0.5", Unit: "transactions/s",
-		Note: "innodb_flush_log_at_trx_commit=1, innodb_flush_method=fsync, the binlog synced at every commit, as the k3s module runs it; the target follows from the sync-write latency target (≤ 2× local)"}
-	p95 := Figure{Name: "same, p95 transaction latency, duet sync / standalone", Target: "≤ 2.0", Unit: "ms"}
-	for i := 0; i < runs; i++ {
-		lt, lp := b.sysbench(local, "run", secs, size)
-		dt, dp := b.sysbench(dup, "run", secs, size)
-		tps.add(lt, dt)
-		p95.add(lp, dp)
+	var figs []Figure
+	for _, threads := range []int{4, 16} {
+		tps := Figure{Name: fmt.Sprintf("MariaDB sysbench oltp_write_only (%d threads, %s s%s): TPS under duet sync / standalone", threads, secs, extra),
+			Target: "≥ 0.6", Unit: "transactions/s",
+			Note: "innodb_flush_log_at_trx_commit=1, innodb_flush_method=fsync, the binlog synced at every commit, as the k3s module runs it (docs/DESIGN.md §9); order alternating, the other server stopped (SIGSTOP) meanwhile"}
+		p95 := Figure{Name: "same, p95 transaction latency, duet sync / standalone", Target: "≤ 2.0", Unit: "ms"}
+		var perTx []string
+		for i := 0; i < runs; i++ {
+			var lt, lp, dt, dp float64
+			// The server not measured is stopped (SIGSTOP): its page
+			// cleaner's writes, and duet's replication of them, would
+			// run beside the one measured.
+			pair(i, func() {
+				defer b.paused(dup)()
+				lt, lp = b.sysbench(local, "run", secs, size, threads)
+			}, func() {
+				defer b.paused(local)()
+				before := b.barriers()
+				dt, dp = b.sysbench(dup, "run", secs, size, threads)
+				n, _ := strconv.ParseFloat(secs, 64)
+				perTx = append(perTx, fmt.Sprintf("%.2f", float64(b.barriers()-before)/(dt*n)))
+			})
+			tps.add(lt, dt)
+			p95.add(lp, dp)
+		}
+		tps.Note += "; durability calls duet waited on per transaction, per run: " + strings.Join(perTx, ", ")
+		tps.Met = median(tps.Ratio) >= 0.6
+		p95.Met = median(p95.Ratio) <= 2.0
+		figs = append(figs, tps, p95)
 	}
-	tps.Met = median(tps.Ratio) >= 0.5
-	p95.Met = median(p95.Ratio) <= 2.0
-	return []Figure{tps, p95}
+	return figs
+}
+
+// paused stops m's server (SIGSTOP) until the function it returns is
+// called.
+func (b *bench) paused(m *mariadb) func() {
+	pidFile := filepath.Join(b.lab, fmt.Sprintf("mysqld-%d.pid", m.port))
+	raw, err := os.ReadFile(pidFile)
+	pid, err2 := strconv.Atoi(strings.TrimSpace(string(raw)))
+	if err != nil || err2 != nil || pid <= 1 {
+		fail(fmt.Sprintf("MariaDB (%s): no pid in %s: %v %v", m.name, pidFile, err, err2))
+	}
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+		fail(fmt.Sprintf("stopping MariaDB (%s, pid %d): %v", m.name, pid, err))
+	}
+	return func() { syscall.Kill(pid, syscall.SIGCONT) }
+}
+
+// barriers is how many durability calls nodeA's directories waited on
+// since the daemon started.
+func (b *bench) barriers() uint64 {
+	var n uint64
+	for _, d := range b.status().Dirs {
+		n += d.Barriers
+	}
+	return n
 }
 
 func (b *bench) startMariaDB(m *mariadb) {
@@ -140,10 +183,10 @@ var (
 
 // sysbench runs one sysbench step from the client namespace; for "run"
 // it returns transactions per second and the p95 latency in ms.
-func (b *bench) sysbench(m *mariadb, step, secs, size string) (float64, float64) {
+func (b *bench) sysbench(m *mariadb, step, secs, size string, threads int) (float64, float64) {
 	out, err := exec.Command("ip", "netns", "exec", "duet-c", "sysbench", "oltp_write_only", "--db-driver=mysql",
 		"--mysql-host=10.250.0.1", "--mysql-port="+strconv.Itoa(m.port), "--mysql-user=sb", "--mysql-password="+sbPassword,
-		"--mysql-db=sbtest", "--tables=2", "--table-size="+size, "--threads=4", "--time="+secs, "--percentile=95", step).CombinedOutput()
+		"--mysql-db=sbtest", "--tables=2", "--table-size="+size, "--threads="+strconv.Itoa(threads), "--time="+secs, "--percentile=95", step).CombinedOutput()
 	if err != nil {
 		fail(fmt.Sprintf("sysbench %s (%s): %v\n%s", step, m.name, err, tail(string(out), 2000)))
 	}
