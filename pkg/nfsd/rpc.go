@@ -675,12 +675,21 @@ func (p *proxy) serveReplies() {
 			if _, err := io.ReadFull(in, rec[4:]); err != nil {
 				return
 			}
-			// Cached before it is sent (see serveCall).
-			if !p.answered(rec) {
+			// Cached before it is sent (see serveCall), and taken off
+			// the queue only once sent: a call the proxy answers
+			// itself waits for the queue to empty (waitIdle), and its
+			// reply must not go out before this one.
+			if !p.keep(rec) {
 				return
+			}
+			if testHookReplyKept != nil {
+				testHookReplyKept()
 			}
 			if !p.write(rec) {
 				p.hangUp()
+			}
+			if !p.answered(nil) {
+				return
 			}
 			continue
 		}
@@ -718,17 +727,44 @@ func (p *proxy) answeringCached() bool {
 	return len(p.queue) > 0 && p.queue[0].entry != nil
 }
 
-// answered takes the call go-nfs answered off the queue and gives the
-// cache its reply record, rec (nil: none to keep). It returns false if no
-// call was waiting: the stream from go-nfs is out of step.
-func (p *proxy) answered(rec []byte) bool {
+// testHookReplyKept, if set, runs between the caching of a reply of
+// go-nfs and its sending (a test widens that window with it).
+var testHookReplyKept func()
+
+// keep gives the cache rec (nil: nothing to keep), go-nfs's reply to the
+// call at the head of the queue, if that call is in the cache; the call
+// stays queued until answered. It returns false if no call was waiting:
+// the stream from go-nfs is out of step.
+func (p *proxy) keep(rec []byte) bool {
 	p.mu.Lock()
 	if len(p.queue) == 0 {
 		p.mu.Unlock()
 		slog.Warn("nfs: closing a client connection: go-nfs sent a reply to no call", "client", p.client.RemoteAddr())
 		return false
 	}
-	call := p.queue[0]
+	e, xid := p.queue[0].entry, p.queue[0].xid
+	p.queue[0].entry = nil // kept or abandoned here, once
+	dropped := p.dropped
+	p.mu.Unlock()
+	if e == nil {
+		return true
+	}
+	if rec == nil || dropped || len(rec) < 8 || binary.BigEndian.Uint32(rec[4:]) != xid {
+		p.h.drc.abandon(e)
+		return true
+	}
+	p.h.drc.finish(e, rec)
+	return true
+}
+
+// answered takes the call go-nfs answered, whose reply was sent, off the
+// queue, and gives the cache its reply record, rec (nil: none to keep),
+// unless keep did. It returns false if no call was waiting.
+func (p *proxy) answered(rec []byte) bool {
+	if !p.keep(rec) {
+		return false
+	}
+	p.mu.Lock()
 	p.queue = p.queue[1:]
 	if len(p.queue) == 0 {
 		p.idle.Broadcast()
@@ -736,16 +772,7 @@ func (p *proxy) answered(rec []byte) bool {
 			p.nfsd.Close()
 		}
 	}
-	dropped := p.dropped
 	p.mu.Unlock()
-	if call.entry == nil {
-		return true
-	}
-	if rec == nil || dropped || len(rec) < 8 || binary.BigEndian.Uint32(rec[4:]) != call.xid {
-		p.h.drc.abandon(call.entry)
-		return true
-	}
-	p.h.drc.finish(call.entry, rec)
 	return true
 }
 

@@ -243,8 +243,13 @@ func readReply(conn net.Conn) ([]byte, error) {
 // TestPipelinedCallsKeepOrder sends, on one connection and without
 // waiting for replies, a FILE_SYNC WRITE (go-nfs's), an UNSTABLE WRITE
 // over part of it (the proxy's) and a READ (go-nfs's): each call sees the
-// one before, as the client sent them.
+// one before, as the client sent them, and the replies come in that
+// order too. go-nfs's reply to the first is held a while between its
+// caching and its sending: the UNSTABLE WRITE, which waits for go-nfs to
+// have answered, must not be answered in that window (it was, once in CI).
 func TestPipelinedCallsKeepOrder(t *testing.T) {
+	testHookReplyKept = func() { time.Sleep(50 * time.Millisecond) }
+	t.Cleanup(func() { testHookReplyKept = nil })
 	addr, _ := serve(t, t.TempDir(), Fsync{})
 	c := dialNFS(t, addr)
 	f := newFile(t, c, "f")
