@@ -676,20 +676,24 @@ func (p *proxy) serveReplies() {
 				return
 			}
 			// Cached before it is sent (see serveCall), and taken off
-			// the queue only once sent: a call the proxy answers
-			// itself waits for the queue to empty (waitIdle), and its
-			// reply must not go out before this one.
+			// the queue with the writer held: a call the proxy answers
+			// itself waits for the queue to empty (waitIdle), then for
+			// the writer, so its reply goes out after this one; and
+			// it runs, and its reply is cached for a duplicate, even
+			// while this write blocks on a client gone silent.
 			if !p.keep(rec) {
 				return
 			}
 			if testHookReplyKept != nil {
 				testHookReplyKept()
 			}
-			if !p.write(rec) {
+			p.wmu.Lock()
+			p.answered()
+			_, err := p.out.Write(rec)
+			sent := err == nil && p.out.Flush() == nil
+			p.wmu.Unlock()
+			if !sent {
 				p.hangUp()
-			}
-			if !p.answered(nil) {
-				return
 			}
 			continue
 		}
@@ -705,7 +709,7 @@ func (p *proxy) serveReplies() {
 		if !sent {
 			p.hangUp()
 		}
-		if last && !p.answered(nil) {
+		if last && !p.answered() {
 			return
 		}
 	}
@@ -757,11 +761,11 @@ func (p *proxy) keep(rec []byte) bool {
 	return true
 }
 
-// answered takes the call go-nfs answered, whose reply was sent, off the
-// queue, and gives the cache its reply record, rec (nil: none to keep),
-// unless keep did. It returns false if no call was waiting.
-func (p *proxy) answered(rec []byte) bool {
-	if !p.keep(rec) {
+// answered takes the call go-nfs answered off the queue; its cache entry,
+// unless keep gave it the reply, is abandoned. It returns false if no call
+// was waiting.
+func (p *proxy) answered() bool {
+	if !p.keep(nil) {
 		return false
 	}
 	p.mu.Lock()
