@@ -165,3 +165,32 @@ func drainAndForget(c *Capture, forget bool) {
 		}
 	}
 }
+
+// BenchmarkCounters compares a read of the counters, which every
+// durability call makes (twice on the primary), through the mapping
+// (Counters) with the three bpf() lookups it replaced (lookup).
+func BenchmarkCounters(b *testing.B) {
+	loopfs.RequireRoot(b)
+	c, err := Open(Options{}) // attached: syscalls take the tracepoints' path
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	b.Run("mapped", func(b *testing.B) {
+		for b.Loop() {
+			if _, err := c.Counters(); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("lookup", func(b *testing.B) {
+		var out Counters
+		for b.Loop() {
+			for i, dst := range []*uint64{&out.Seq, &out.Lost, &out.Rescan} {
+				if err := c.objs.Counters.Lookup(uint32(i), dst); err != nil {
+					b.Fatal(err)
+				}
+			}
+		}
+	})
+}

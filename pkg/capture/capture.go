@@ -10,7 +10,9 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
@@ -91,6 +93,11 @@ type Capture struct {
 	hooks  []HookStatus
 	xfs    bool // Options.XFS
 	btrfs  bool // Options.Btrfs holds a superblock
+
+	// ctr is the counters map mapped read-only (Counters); nil once
+	// closed, under ctrMu.
+	ctrMu sync.RWMutex
+	ctr   []byte
 
 	mu     sync.Mutex
 	rbuf   ringbuf.Record
@@ -186,7 +193,35 @@ func Load(opts Options) (*Capture, error) {
 		}
 		return nil, fmt.Errorf("loading BPF programs: %w", err)
 	}
+	ctr, err := mapCounters(c.objs.Counters)
+	if err != nil {
+		c.objs.Close()
+		return nil, err
+	}
+	c.ctr = ctr
 	return c, nil
+}
+
+// The counters, in their map's order (bpf/capture.bpf.c, CTR_*).
+const (
+	ctrSeq = iota
+	ctrLost
+	ctrRescan
+	ctrMax = 4
+)
+
+// mapCounters maps the counters read-only: a durability call reads them
+// with loads, not three bpf() syscalls.
+func mapCounters(m *ebpf.Map) ([]byte, error) {
+	if m.MaxEntries() != ctrMax || m.ValueSize() != 8 {
+		return nil, fmt.Errorf("capture counters: %d entries of %d bytes, want %d of 8", m.MaxEntries(), m.ValueSize(), ctrMax)
+	}
+	size := (ctrMax*8 + os.Getpagesize() - 1) &^ (os.Getpagesize() - 1)
+	b, err := unix.Mmap(m.FD(), 0, size, unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		return nil, fmt.Errorf("mapping the capture counters (BPF_F_MMAPABLE, Linux 5.5 or later): %w", err)
+	}
+	return b, nil
 }
 
 // withoutPrefix replaces the programs of one filesystem (those attached
@@ -561,15 +596,17 @@ type Counters struct {
 	Rescan uint64 `json:"rescan"`
 }
 
-// Counters reads the kernel-side totals.
+// Counters reads the kernel-side totals: the sequence first, then the
+// loss count (a barrier's order, see Drain in pkg/node), each an atomic
+// load of the word the BPF programs add to.
 func (c *Capture) Counters() (Counters, error) {
-	var out Counters
-	for i, dst := range []*uint64{&out.Seq, &out.Lost, &out.Rescan} {
-		if err := c.objs.Counters.Lookup(uint32(i), dst); err != nil {
-			return out, fmt.Errorf("reading counter %d: %w", i, err)
-		}
+	c.ctrMu.RLock()
+	defer c.ctrMu.RUnlock()
+	if c.ctr == nil {
+		return Counters{}, fmt.Errorf("reading the capture counters: %w", os.ErrClosed)
 	}
-	return out, nil
+	load := func(i int) uint64 { return atomic.LoadUint64((*uint64)(unsafe.Pointer(&c.ctr[8*i]))) }
+	return Counters{Seq: load(ctrSeq), Lost: load(ctrLost), Rescan: load(ctrRescan)}, nil
 }
 
 // TakeOverflow returns and clears the inodes whose records were lost.
@@ -596,7 +633,7 @@ func (c *Capture) TakeOverflow() ([]InodeKey, error) {
 
 // ResetRescan clears the whole-tree rescan counter after a rescan started.
 func (c *Capture) ResetRescan() error {
-	return c.objs.Counters.Put(uint32(2), uint64(0))
+	return c.objs.Counters.Put(uint32(ctrRescan), uint64(0))
 }
 
 // Close detaches every hook and frees the maps. Safe to call twice.
@@ -610,6 +647,12 @@ func (c *Capture) Close() error {
 	if c.reader != nil {
 		c.reader.Close()
 	}
+	c.ctrMu.Lock()
+	if c.ctr != nil {
+		unix.Munmap(c.ctr)
+		c.ctr = nil
+	}
+	c.ctrMu.Unlock()
 	// A syscall tracepoint's link takes about 60 ms to release here (the
 	// kernel waits for a grace period); released together, their waits
 	// partly overlap: 0.5 s for this kernel's hooks, not 0.9 s.

@@ -1,6 +1,8 @@
 package capture
 
 import (
+	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -289,5 +291,62 @@ func TestBtrfsWriteReportedByItsReturn(t *testing.T) {
 	}
 	if !covers(data, st.Ino, KindData, 0, size) {
 		t.Fatalf("a write of 256 KiB returned with records %v emitted, want [0, %d) covered", data, size)
+	}
+}
+
+// TestCountersMapped: the counters read through the mapping are the map's
+// values (as a bpf() lookup reads them), follow the programs' additions,
+// and a closed capture reports an error instead of touching the unmapped
+// memory.
+func TestCountersMapped(t *testing.T) {
+	fs := loopfs.Make(t, "ext4", 64)
+	var st syscall.Stat_t
+	if err := syscall.Stat(fs.Mount, &st); err != nil {
+		t.Fatal(err)
+	}
+	c, err := Open(Options{Devices: []uint64{st.Dev}})
+	if err != nil {
+		t.Fatalf("Open: %v", err)
+	}
+	defer c.Close()
+	lookup := func() Counters {
+		var out Counters
+		for i, dst := range []*uint64{&out.Seq, &out.Lost, &out.Rescan} {
+			if err := c.objs.Counters.Lookup(uint32(i), dst); err != nil {
+				t.Fatalf("lookup of counter %d: %v", i, err)
+			}
+		}
+		return out
+	}
+	before, err := c.Counters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 3; i++ {
+		if err := os.WriteFile(filepath.Join(fs.Mount, fmt.Sprintf("f%d", i)), []byte("hello"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	collect(t, c)
+	got, err := c.Counters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := lookup(); got != want {
+		t.Errorf("mapped counters %+v, the map holds %+v", got, want)
+	}
+	if got.Seq < before.Seq+3 {
+		t.Errorf("sequence %d after three new files, %d before", got.Seq, before.Seq)
+	}
+	// The rescan counter is the one userspace writes: the mapping sees it.
+	if err := c.objs.Counters.Put(uint32(ctrRescan), uint64(7)); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := c.Counters(); got.Rescan != 7 {
+		t.Errorf("rescan counter %d through the mapping after storing 7", got.Rescan)
+	}
+	c.Close()
+	if _, err := c.Counters(); !errors.Is(err, os.ErrClosed) {
+		t.Errorf("Counters after Close: %v, want os.ErrClosed", err)
 	}
 }
