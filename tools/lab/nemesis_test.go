@@ -102,6 +102,50 @@ var faultKinds = []faultKind{
 			n.t.Fatal(err)
 		}
 	}},
+	// The primary's filesystem fills up (its state_dir with it: the lab
+	// keeps both on one filesystem, as a single-disk edge host does): its
+	// writer gets ENOSPC. The primary then crashes and the secondary takes
+	// over. Restarted on its full disk, the old primary cannot record
+	// that it runs (the marker that tells a crash from a clean stop): it
+	// must exit naming the problem, its saved state untouched, and rejoin
+	// as secondary once space comes back (systemd restarts it), without
+	// any acknowledged record lost.
+	{"disk-full-primary-crash", false, func(n *nemesis, r *nemesisRun) {
+		root := filepath.Dir(n.data(r.p))
+		fill := filepath.Join(root, "fill")
+		if _, err := fillFilesystem(fill); err != nil {
+			n.t.Fatalf("filling %s: %v", fill, err)
+		}
+		n.hold(1, 3)
+		n.crash(r.p)
+		n.l.WaitState(n.t, r.s, "ALONE", 30*time.Second)
+		metas, _ := filepath.Glob(filepath.Join(root, ".duet", "copy-*.json"))
+		saved := map[string]string{}
+		for _, m := range metas {
+			b, err := os.ReadFile(m)
+			if err != nil {
+				n.t.Fatal(err)
+			}
+			saved[m] = string(b)
+		}
+		n.l.run("revive", r.p)
+		out, err := n.l.run("start", r.p)
+		if err == nil {
+			n.t.Errorf("duet started on %s with its state_dir's filesystem full", nodeName[r.p])
+			n.l.Stop(n.t, r.p)
+		} else if !strings.Contains(out, "no space left on device") {
+			n.t.Errorf("duet on a full disk: the error does not name it:\n%s", out)
+		}
+		for m, before := range saved {
+			if b, err := os.ReadFile(m); err != nil || string(b) != before {
+				n.t.Errorf("%s changed by the start that failed (err %v):\nbefore %s\nafter %s", m, err, before, b)
+			}
+		}
+		if err := os.Remove(fill); err != nil {
+			n.t.Fatal(err)
+		}
+		n.l.Start(n.t, r.p)
+	}},
 	// A resync in progress (the secondary stopped, 96 MiB written, the
 	// secondary back), then SIGKILL of one daemon, restarted.
 	{"kill-during-resync", false, func(n *nemesis, r *nemesisRun) {
