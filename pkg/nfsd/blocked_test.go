@@ -3,6 +3,8 @@ package nfsd
 import (
 	"context"
 	"net"
+	"os"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -15,6 +17,9 @@ import (
 // silent, its socket full) until the server closes the connection.
 var silentClient atomic.Value // string
 
+// silentBlocked receives a value when a write to silentClient blocks.
+var silentBlocked = make(chan struct{}, 1)
+
 // silentConn is a server-side connection whose writes block while its
 // client is silentClient.
 type silentConn struct {
@@ -25,6 +30,10 @@ type silentConn struct {
 
 func (c *silentConn) Write(b []byte) (int, error) {
 	if s, _ := silentClient.Load().(string); s != "" && s == c.RemoteAddr().String() {
+		select {
+		case silentBlocked <- struct{}{}:
+		default:
+		}
 		<-c.closed // a dead client: its socket full
 		return 0, net.ErrClosed
 	}
@@ -56,6 +65,7 @@ func (l silentListener) Accept() (net.Conn, error) {
 // blocked.)
 func TestDuplicateBehindBlockedReply(t *testing.T) {
 	silentClient.Store("")
+	t.Cleanup(func() { silentClient.Store("") })
 	dir := t.TempDir()
 	addr, _ := serveWith(t, dir, func(ctx context.Context, l net.Listener) error {
 		return Serve(ctx, silentListener{l}, dir, Fsync{}, Squash{})
@@ -69,7 +79,23 @@ func TestDuplicateBehindBlockedReply(t *testing.T) {
 	if _, err := conn1.Write(calls); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(200 * time.Millisecond)
+	// The resend must come once the first reply blocks and the UNSTABLE
+	// WRITE behind it has run (its bytes are in the file): sent earlier,
+	// it would be a first attempt and be answered whatever the order.
+	select {
+	case <-silentBlocked:
+	case <-time.After(2 * time.Second):
+		t.Fatal("the FILE_SYNC WRITE's reply to the silent client was never written")
+	}
+	for deadline := time.Now().Add(2 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if b, _ := os.ReadFile(filepath.Join(dir, "f")); string(b) == "BBAA" {
+			break
+		}
+		if time.Now().After(deadline) {
+			b, _ := os.ReadFile(filepath.Join(dir, "f"))
+			t.Fatalf("the UNSTABLE WRITE pipelined behind the blocked reply did not run in 2 s (file %q): it waits behind a blocked write", b)
+		}
+	}
 	out := resend(t, addr, writeCall(2, f, 0, uint32(nfsclient.Unstable), []byte("BB")))
 	select {
 	case body := <-out:
