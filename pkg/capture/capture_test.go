@@ -55,7 +55,10 @@ func collect(t *testing.T, c *Capture) []Record {
 	}
 }
 
-func TestCaptureExt4(t *testing.T) {
+// openExt4 opens a capture watching a new ext4 loop filesystem, closed
+// when the test ends.
+func openExt4(t *testing.T) (*Capture, *loopfs.FS) {
+	t.Helper()
 	fs := loopfs.Make(t, "ext4", 64)
 	var st syscall.Stat_t
 	if err := syscall.Stat(fs.Mount, &st); err != nil {
@@ -65,7 +68,12 @@ func TestCaptureExt4(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Open: %v", err)
 	}
-	defer c.Close()
+	t.Cleanup(func() { c.Close() })
+	return c, fs
+}
+
+func TestCaptureExt4(t *testing.T) {
+	c, fs := openExt4(t)
 	for _, h := range c.Hooks() {
 		t.Logf("hook %-28s active=%v %s", h.Name, h.Active, h.Error)
 	}
@@ -299,16 +307,7 @@ func TestBtrfsWriteReportedByItsReturn(t *testing.T) {
 // and a closed capture reports an error instead of touching the unmapped
 // memory.
 func TestCountersMapped(t *testing.T) {
-	fs := loopfs.Make(t, "ext4", 64)
-	var st syscall.Stat_t
-	if err := syscall.Stat(fs.Mount, &st); err != nil {
-		t.Fatal(err)
-	}
-	c, err := Open(Options{Devices: []uint64{st.Dev}})
-	if err != nil {
-		t.Fatalf("Open: %v", err)
-	}
-	defer c.Close()
+	c, fs := openExt4(t)
 	lookup := func() Counters {
 		var out Counters
 		for i, dst := range []*uint64{&out.Seq, &out.Lost, &out.Rescan} {
