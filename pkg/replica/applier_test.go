@@ -417,42 +417,71 @@ func TestApplierFlushCoversModes(t *testing.T) {
 	}
 }
 
-// TestReplayFromSavedOp: a replica that crashed after any op of a batch
-// resumes from the progress it saved (after each op replayUnsafe names)
-// and, the primary sending the batch again, applies the ops after that
-// point a second time: the tree must end as if each op ran once.
+// TestReplayFromSavedOp: a replica killed at any point of a batch (after
+// an op, before or after a save of its progress) resumes from the progress
+// it saved (opProgress) and, the primary sending the batch again, applies
+// the ops after that point a second time: the tree must end as if each op
+// ran once, and no op may fail.
 func TestReplayFromSavedOp(t *testing.T) {
 	t1, t2 := time.Unix(1700000000, 0).UnixNano(), time.Unix(1700000500, 0).UnixNano()
 	uid, gid := uint32(os.Getuid()), uint32(os.Getgid())
-	ops := []wire.Op{
-		{Code: wire.OpMkdir, Path: "d", Mode: 0o755},
-		{Code: wire.OpCreate, Path: "d/a", Mode: 0o644},
-		{Code: wire.OpWrite, Path: "d/a", Off: 0, Data: []byte("the old contents of a")},
-		{Code: wire.OpSetattr, Path: "d/a", Mode: 0o600, UID: uid, GID: gid, Mtime: t1, Atime: t1},
-		{Code: wire.OpRename, Path: "d/a", Path2: "d/b"},
-		{Code: wire.OpCreate, Path: "d/a", Mode: 0o644},
-		{Code: wire.OpTruncate, Path: "d/a", Off: 20},
-		{Code: wire.OpWrite, Path: "d/a", Off: 0, Data: []byte("new data")},
-		{Code: wire.OpPunch, Path: "d/a", Off: 2, Len: 3},
-		{Code: wire.OpSetattr, Path: "d/a", Mode: 0o640, UID: uid, GID: gid, Mtime: t2, Atime: t2},
-		{Code: wire.OpWrite, Path: "d/a", Off: 18, Data: []byte("zz")},
-		{Code: wire.OpLink, Path: "d/b", Path2: "c"},
-		{Code: wire.OpTruncate, Path: "c", Off: 7},
-		{Code: wire.OpSetattr, Path: "c", Mode: 0o604, UID: uid, GID: gid, Mtime: t1, Atime: t1},
-		{Code: wire.OpTruncate, Path: "d/a", Off: 19},
+	cases := []struct {
+		name       string
+		setup, ops []wire.Op
+	}{
+		{name: "mixed", ops: []wire.Op{
+			{Code: wire.OpMkdir, Path: "d", Mode: 0o755},
+			{Code: wire.OpCreate, Path: "d/a", Mode: 0o644},
+			{Code: wire.OpWrite, Path: "d/a", Off: 0, Data: []byte("the old contents of a")},
+			{Code: wire.OpSetattr, Path: "d/a", Mode: 0o600, UID: uid, GID: gid, Mtime: t1, Atime: t1},
+			{Code: wire.OpRename, Path: "d/a", Path2: "d/b"},
+			{Code: wire.OpCreate, Path: "d/a", Mode: 0o644},
+			{Code: wire.OpTruncate, Path: "d/a", Off: 20},
+			{Code: wire.OpWrite, Path: "d/a", Off: 0, Data: []byte("new data")},
+			{Code: wire.OpPunch, Path: "d/a", Off: 2, Len: 3},
+			{Code: wire.OpSetattr, Path: "d/a", Mode: 0o640, UID: uid, GID: gid, Mtime: t2, Atime: t2},
+			{Code: wire.OpWrite, Path: "d/a", Off: 18, Data: []byte("zz")},
+			{Code: wire.OpLink, Path: "d/b", Path2: "c"},
+			{Code: wire.OpTruncate, Path: "c", Off: 7},
+			{Code: wire.OpSetattr, Path: "c", Mode: 0o604, UID: uid, GID: gid, Mtime: t1, Atime: t1},
+			{Code: wire.OpTruncate, Path: "d/a", Off: 19},
+		}},
+		// The review's: a's size and attributes set, then b renamed over
+		// it; replayed from before the truncate once the rename is done,
+		// the truncate would cut the renamed file.
+		{name: "rename over a truncated file", setup: []wire.Op{
+			{Code: wire.OpCreate, Path: "a", Mode: 0o644},
+			{Code: wire.OpWrite, Path: "a", Data: []byte("the old contents of a")},
+			{Code: wire.OpCreate, Path: "b", Mode: 0o600},
+			{Code: wire.OpWrite, Path: "b", Data: []byte("the new contents, private")},
+		}, ops: []wire.Op{
+			{Code: wire.OpSetattr, Path: "a", Mode: 0o644, UID: uid, GID: gid, Mtime: t1, Atime: t1},
+			{Code: wire.OpTruncate, Path: "a", Off: 3},
+			{Code: wire.OpRename, Path: "b", Path2: "a"},
+		}},
+		// Replayed from before the write once tmp is renamed, the write
+		// finds no tmp: the batch would fail for good.
+		{name: "write then rename away", setup: []wire.Op{
+			{Code: wire.OpCreate, Path: "tmp", Mode: 0o644},
+		}, ops: []wire.Op{
+			{Code: wire.OpWrite, Path: "tmp", Data: []byte("payload")},
+			{Code: wire.OpSetattr, Path: "tmp", Mode: 0o640, UID: uid, GID: gid, Mtime: t1, Atime: t1},
+			{Code: wire.OpRename, Path: "tmp", Path2: "a"},
+			{Code: wire.OpWrite, Path: "a", Off: 7, Data: []byte("!")},
+		}},
 	}
-	apply := func(root string, ops []wire.Op) {
-		t.Helper()
+	apply := func(root string, ops []wire.Op) error {
 		a, err := NewApplier(root)
 		if err != nil {
-			t.Fatal(err)
+			return err
 		}
 		defer a.Close()
 		for i := range ops {
 			if err := a.Apply(&ops[i]); err != nil {
-				t.Fatalf("op %d (%s %s): %v", i, ops[i].Code, ops[i].Path, err)
+				return fmt.Errorf("op %d (%s %s): %w", i, ops[i].Code, ops[i].Path, err)
 			}
 		}
+		return nil
 	}
 	// state lists every entry's kind, mode, size, contents and, for
 	// those last set by a setattr, mtime; and which names share an inode.
@@ -484,21 +513,49 @@ func TestReplayFromSavedOp(t *testing.T) {
 		})
 		return b.String()
 	}
-	once := t.TempDir()
-	apply(once, ops)
-	want := state(once)
-	for crash := 0; crash <= len(ops); crash++ {
-		root := t.TempDir()
-		apply(root, ops[:crash])
-		saved := 0
-		for i := 0; i < crash; i++ {
-			if replayUnsafe(ops[i].Code) {
-				saved = i + 1
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			once := t.TempDir()
+			if err := apply(once, tc.setup); err != nil {
+				t.Fatal(err)
 			}
-		}
-		apply(root, ops[saved:])
-		if got := state(root); got != want {
-			t.Errorf("crash after op %d, replayed from op %d:\n%s\nwant\n%s", crash, saved, got, want)
-		}
+			if err := apply(once, tc.ops); err != nil {
+				t.Fatal(err)
+			}
+			want := state(once)
+			// Every point the daemon may die at: how many ops were
+			// applied, and the progress saved by then.
+			type point struct{ applied, saved int }
+			points := []point{{0, 0}}
+			var prog opProgress
+			saved := 0
+			for i := range tc.ops {
+				if prog.before(tc.ops[i].Code) {
+					saved = i
+					points = append(points, point{i, saved})
+				}
+				points = append(points, point{i + 1, saved})
+				if prog.after(tc.ops[i].Code) {
+					saved = i + 1
+					points = append(points, point{i + 1, saved})
+				}
+			}
+			for _, pt := range points {
+				root := t.TempDir()
+				if err := apply(root, tc.setup); err != nil {
+					t.Fatal(err)
+				}
+				if err := apply(root, tc.ops[:pt.applied]); err != nil {
+					t.Fatal(err)
+				}
+				if err := apply(root, tc.ops[pt.saved:]); err != nil {
+					t.Errorf("killed with %d ops applied, replayed from op %d: %v", pt.applied, pt.saved, err)
+					continue
+				}
+				if got := state(root); got != want {
+					t.Errorf("killed with %d ops applied, replayed from op %d:\n%s\nwant\n%s", pt.applied, pt.saved, got, want)
+				}
+			}
+		})
 	}
 }

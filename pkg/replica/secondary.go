@@ -816,6 +816,7 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 			skip = r.ops
 		}
 		r.partial = f.Seq
+		var prog opProgress
 		for i := range ops {
 			if uint32(i) < skip {
 				continue
@@ -823,11 +824,18 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 			if debugOps {
 				s.Log.Debug("applying", "dir", d.Name, "batch", f.Seq, "op", i, "code", ops[i].Code, "path", ops[i].Path, "path2", ops[i].Path2, "off", ops[i].Off, "len", len(ops[i].Data))
 			}
+			if prog.before(ops[i].Code) {
+				r.ops = uint32(i)
+				if err := r.save(); err != nil {
+					s.refuse(lc, st, d, fmt.Errorf("batch %d op %d: saving replica state: %w", f.Seq, i, err))
+					return
+				}
+			}
 			if err := a.Apply(&ops[i]); err != nil {
 				s.refuse(lc, st, d, fmt.Errorf("batch %d op %d: %w", f.Seq, i, err))
 				return
 			}
-			if replayUnsafe(ops[i].Code) {
+			if prog.after(ops[i].Code) {
 				r.ops = uint32(i + 1)
 				if err := r.save(); err != nil {
 					s.refuse(lc, st, d, fmt.Errorf("batch %d op %d: saving replica state: %w", f.Seq, i, err))
@@ -858,21 +866,49 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 	}
 }
 
-// replayUnsafe says whether an op must not be applied twice: a namespace
-// op changes what the paths of later ops name (a rename, then a create of
-// the old name: applied again, the rename would move the new file over
-// the old one's new name). The replica saves its progress after each such
-// op. A write, truncate, punch or setattr sets bytes, a size or attributes
-// of the file its path names: those applied since the last save leave the
-// same result when a reconnect applies them again (TestReplayFromSavedOp).
-// One save less each (a pwrite): a durability call's batch holds a
-// truncate, a write and a setattr.
+// replayUnsafe says whether an op must not be applied twice among
+// others: a namespace op changes what the paths of the ops around it name
+// (a rename, then a create of the old name: applied again, the rename
+// would move the new file over the old one's new name; a truncate, then a
+// rename over its path: applied again, the truncate would cut the file
+// renamed in). A write, truncate, punch or setattr sets bytes, a size or
+// attributes of the file its path names: a run of them with no namespace
+// op between leaves the same result when a reconnect applies it again.
 func replayUnsafe(c wire.OpCode) bool {
 	switch c {
 	case wire.OpWrite, wire.OpTruncate, wire.OpPunch, wire.OpSetattr:
 		return false
 	}
 	return true
+}
+
+// opProgress says when the replica saves how far into a batch it got, so
+// that a daemon killed at any point (also between an op and the save that
+// follows it) replays, when the batch comes again, either a run of writes,
+// truncates, punches and setattrs, or one namespace op alone: each is
+// safe to apply twice (TestReplayFromSavedOp). A durability call's batch
+// (a truncate, a write, a setattr) costs no save but the batch's own.
+type opProgress struct {
+	unsaved bool // replayable ops applied since the last save
+}
+
+// before says whether to save, as i ops applied, before applying op i.
+func (p *opProgress) before(c wire.OpCode) bool {
+	if replayUnsafe(c) && p.unsaved {
+		p.unsaved = false
+		return true
+	}
+	return false
+}
+
+// after says whether to save, as i+1 ops applied, once op i is applied.
+func (p *opProgress) after(c wire.OpCode) bool {
+	if replayUnsafe(c) {
+		p.unsaved = false
+		return true
+	}
+	p.unsaved = true
+	return false
 }
 
 // distrust forgets this copy's progress after a failed flush: the next
