@@ -817,6 +817,15 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 		}
 		r.partial = f.Seq
 		var prog opProgress
+		// saveAt records n ops of this batch applied, at op i.
+		saveAt := func(i, n int) bool {
+			r.ops = uint32(n)
+			if err := r.save(); err != nil {
+				s.refuse(lc, st, d, fmt.Errorf("batch %d op %d: saving replica state: %w", f.Seq, i, err))
+				return false
+			}
+			return true
+		}
 		for i := range ops {
 			if uint32(i) < skip {
 				continue
@@ -824,23 +833,16 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 			if debugOps {
 				s.Log.Debug("applying", "dir", d.Name, "batch", f.Seq, "op", i, "code", ops[i].Code, "path", ops[i].Path, "path2", ops[i].Path2, "off", ops[i].Off, "len", len(ops[i].Data))
 			}
-			if prog.before(ops[i].Code) {
-				r.ops = uint32(i)
-				if err := r.save(); err != nil {
-					s.refuse(lc, st, d, fmt.Errorf("batch %d op %d: saving replica state: %w", f.Seq, i, err))
-					return
-				}
+			if prog.before(ops[i].Code) && !saveAt(i, i) {
+				return
 			}
 			if err := a.Apply(&ops[i]); err != nil {
 				s.refuse(lc, st, d, fmt.Errorf("batch %d op %d: %w", f.Seq, i, err))
 				return
 			}
-			if prog.after(ops[i].Code) {
-				r.ops = uint32(i + 1)
-				if err := r.save(); err != nil {
-					s.refuse(lc, st, d, fmt.Errorf("batch %d op %d: saving replica state: %w", f.Seq, i, err))
-					return
-				}
+			// After the batch's last op, the batch's own save follows.
+			if prog.after(ops[i].Code) && i < len(ops)-1 && !saveAt(i, i+1) {
+				return
 			}
 		}
 		st.ApplyNs.Add(int64(time.Since(applyStart)))
