@@ -470,6 +470,58 @@ func TestReplayFromSavedOp(t *testing.T) {
 			{Code: wire.OpWrite, Path: "a", Off: 7, Data: []byte("!")},
 		}},
 	}
+	// Review of 42342c6: namespace ops replayed alone, and first in the
+	// batch (no name c or d/b: state reads the mtimes of those).
+	cases = append(cases, []struct {
+		name       string
+		setup, ops []wire.Op
+	}{
+		{name: "hard links renamed and replaced", ops: []wire.Op{
+			{Code: wire.OpCreate, Path: "a", Mode: 0o644},
+			{Code: wire.OpWrite, Path: "a", Data: []byte("one inode")},
+			{Code: wire.OpLink, Path: "a", Path2: "b"},
+			{Code: wire.OpRename, Path: "a", Path2: "b"}, // both names of one inode
+			{Code: wire.OpLink, Path: "b", Path2: "e"},
+			{Code: wire.OpCreate, Path: "b", Mode: 0o600}, // b had another name
+			{Code: wire.OpWrite, Path: "b", Data: []byte("new b")},
+			{Code: wire.OpLink, Path: "b", Path2: "e"}, // over an existing e
+			{Code: wire.OpWrite, Path: "e", Off: 5, Data: []byte("!")},
+		}},
+		{name: "directories", setup: []wire.Op{
+			{Code: wire.OpCreate, Path: "x", Mode: 0o644},
+			{Code: wire.OpWrite, Path: "x", Data: []byte("file x")},
+		}, ops: []wire.Op{
+			{Code: wire.OpMkdir, Path: "x", Mode: 0o750}, // over a file
+			{Code: wire.OpCreate, Path: "x/f", Mode: 0o644},
+			{Code: wire.OpWrite, Path: "x/f", Data: []byte("in x")},
+			{Code: wire.OpMkdir, Path: "y", Mode: 0o755},
+			{Code: wire.OpCreate, Path: "y/g", Mode: 0o644},
+			{Code: wire.OpRename, Path: "x", Path2: "y"}, // over a non-empty directory
+			{Code: wire.OpWrite, Path: "y/f", Off: 4, Data: []byte("!")},
+			{Code: wire.OpRemove, Path: "y"},
+			{Code: wire.OpSymlink, Path: "y", Path2: "target"},
+			{Code: wire.OpMknod, Path: "fifo", Mode: unix.S_IFIFO | 0o644},
+			{Code: wire.OpRename, Path: "fifo", Path2: "y"},
+		}},
+		{name: "moved aside then recreated", setup: []wire.Op{
+			{Code: wire.OpMkdir, Path: "w", Mode: 0o755},
+			{Code: wire.OpCreate, Path: "w/f", Mode: 0o644},
+			{Code: wire.OpWrite, Path: "w/f", Data: []byte("old f")},
+			{Code: wire.OpCreate, Path: "x", Mode: 0o644},
+			{Code: wire.OpWrite, Path: "x", Data: []byte("old x")},
+		}, ops: []wire.Op{
+			{Code: wire.OpRename, Path: "w", Path2: "w.old"}, // first op: no save before
+			{Code: wire.OpMkdir, Path: "w", Mode: 0o700},
+			{Code: wire.OpWrite, Path: "w.old/f", Off: 4, Data: []byte("tail")},
+			{Code: wire.OpRename, Path: "x", Path2: ".duet-replaced-9"},
+			{Code: wire.OpCreate, Path: "x", Mode: 0o600},
+			{Code: wire.OpWrite, Path: "x", Data: []byte("new x")},
+			{Code: wire.OpRename, Path: ".duet-replaced-9", Path2: "w/x"},
+			{Code: wire.OpTruncate, Path: "w/x", Off: 1},
+			{Code: wire.OpRename, Path: "x", Path2: "w.old/f"},
+			{Code: wire.OpRemove, Path: "w.old"},
+		}},
+	}...)
 	apply := func(root string, ops []wire.Op) error {
 		a, err := NewApplier(root)
 		if err != nil {

@@ -96,6 +96,27 @@ type replicaState struct {
 	partial uint64 // batch applied[+1] ...
 	ops     uint32 // ... up to this many ops
 	boot    [16]byte
+	// filed is the progress the file holds (the last save that
+	// succeeded): what a restart resumes from.
+	filed struct {
+		session, applied, partial uint64
+		ops                       uint32
+	}
+}
+
+// unsave puts the progress back to what the file holds, after a save
+// failed: the next connection must resume where a restart would, or a
+// kill before its next save replays ops that were applied on top of ops
+// that were not saved (a truncate, then a rename over its path). The
+// caller holds mu.
+func (r *replicaState) unsave() {
+	if r.filed.session != r.session {
+		r.setProgress(r.session, 0)
+		r.partial, r.ops = 0, 0
+		return
+	}
+	r.setProgress(r.session, r.filed.applied)
+	r.partial, r.ops = r.filed.partial, r.filed.ops
 }
 
 const stateSize = 8 + 8 + 8 + 4 + 16 + 4
@@ -139,6 +160,7 @@ func (s *Server) state(name string) (*replicaState, error) {
 		if r.boot != bootID() {
 			r.session, r.applied, r.partial, r.ops = 0, 0, 0, 0
 		}
+		r.filed.session, r.filed.applied, r.filed.partial, r.filed.ops = r.session, r.applied, r.partial, r.ops
 	}
 	s.replicas[name] = r
 	return r, nil
@@ -172,8 +194,11 @@ func (r *replicaState) save() error {
 	r.boot = bootID()
 	copy(buf[28:44], r.boot[:])
 	le.PutUint32(buf[stateSize-4:], crc32.Checksum(buf[:stateSize-4], castagnoli))
-	_, err := r.file.WriteAt(buf, 0)
-	return err
+	if _, err := r.file.WriteAt(buf, 0); err != nil {
+		return err
+	}
+	r.filed.session, r.filed.applied, r.filed.partial, r.filed.ops = r.session, r.applied, r.partial, r.ops
+	return nil
 }
 
 // Stats returns the counters of directory name.
@@ -821,6 +846,7 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 		saveAt := func(i, n int) bool {
 			r.ops = uint32(n)
 			if err := r.save(); err != nil {
+				r.unsave()
 				s.refuse(lc, st, d, fmt.Errorf("batch %d op %d: saving replica state: %w", f.Seq, i, err))
 				return false
 			}
@@ -855,6 +881,7 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 		// page cache keeps it across a crash of the daemon. One fsync
 		// less on every barrier's path.
 		if err := r.save(); err != nil {
+			r.unsave()
 			s.refuse(lc, st, d, fmt.Errorf("saving replica state: %w", err))
 			return
 		}
