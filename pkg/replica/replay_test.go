@@ -350,9 +350,8 @@ func TestReplayAfterRepeatedStops(t *testing.T) {
 					t.Fatal(err)
 				}
 				m := &replayModel{root: root, batches: tc.batches}
-				var evs []int
 				for _, s := range stops {
-					n, stopped, resync, err := m.conn(s)
+					_, stopped, resync, err := m.conn(s)
 					if resync {
 						return
 					}
@@ -364,7 +363,6 @@ func TestReplayAfterRepeatedStops(t *testing.T) {
 					if !stopped {
 						return // the stop was past the end, or a savefail at no save
 					}
-					evs = append(evs, n)
 				}
 				n, _, resync, err := m.conn(stopAt{})
 				runs++
