@@ -459,3 +459,63 @@ func TestSecondaryResumeAfterFailedSave(t *testing.T) {
 		t.Fatalf("a holds %q, want b's contents %q", b, "the new contents, private")
 	}
 }
+
+// TestResumeSkipsNoOpOfAnotherBatch: batch 2 stops after a save that
+// recorded one op of it (ops = 1) and is never resent (the primary
+// resyncs in the same session: its queue is dropped, its next batches
+// have new sequences). The resync's batch 5 then fails at its first op,
+// before any save (ENOSPC on the replica in life; here a FIFO a local
+// user left where a file is, removed before the retry). The in-memory
+// progress is (partial 5, ops 1): the ops count is batch 2's. The
+// primary resumes (same session, applied 1) and resends batch 5: its op
+// 0 is skipped as "applied", batch 5 is acknowledged, the write is lost.
+func TestResumeSkipsNoOpOfAnotherBatch(t *testing.T) {
+	stateDir := filepath.Join(t.TempDir(), "state")
+	s := newTestSecondary(t, stateDir)
+	p := s.connect(t, 7)
+	p.batch(1,
+		wire.Op{Code: wire.OpCreate, Path: "a", Mode: 0o644},
+		wire.Op{Code: wire.OpWrite, Path: "a", Data: []byte("one")})
+	p.ack(1, 0)
+	// Batch 2: a create (saved after it: ops 1), then an op that fails.
+	p.batch(2,
+		wire.Op{Code: wire.OpCreate, Path: "b", Mode: 0o644},
+		wire.Op{Code: wire.OpWrite, Path: "missing", Data: []byte("x")})
+	if f, err := p.read(); err != nil || f.Type != wire.TypeError {
+		t.Fatalf("batch 2: got %s (%v), want a refusal", f.Type, err)
+	}
+	p.c.Close()
+
+	// The primary resyncs in session 7; its first batch (5) fails at op 0.
+	fifo := filepath.Join(s.data, "a")
+	os.Remove(fifo)
+	if err := syscall.Mkfifo(fifo, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	batch5 := []wire.Op{{Code: wire.OpWrite, Path: "a", Data: []byte("RESYNCED")}}
+	p = s.connect(t, 7)
+	if p.w.Session != 7 || p.w.Applied != 1 {
+		t.Fatalf("welcome %+v, want session 7 applied 1", p.w)
+	}
+	p.batch(5, batch5...)
+	if f, err := p.read(); err != nil || f.Type != wire.TypeError {
+		t.Fatalf("batch 5: got %s (%v), want a refusal", f.Type, err)
+	}
+	p.c.Close()
+	// The cause goes away (space freed, the FIFO removed).
+	os.Remove(fifo)
+	if err := os.WriteFile(fifo, []byte("one"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	// Resumable for the primary: same session, applied 1 >= acked 1.
+	p = s.connect(t, 7)
+	if p.w.Session != 7 || p.w.Applied != 1 {
+		t.Fatalf("welcome %+v, want session 7 applied 1", p.w)
+	}
+	p.batch(5, batch5...)
+	p.ack(5, 0)
+	if b, _ := os.ReadFile(fifo); string(b) != "RESYNCED" {
+		t.Fatalf("batch 5 acknowledged, a holds %q, want %q: its op 0 was skipped as applied (batch 2's ops count)", b, "RESYNCED")
+	}
+}

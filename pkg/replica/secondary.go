@@ -681,6 +681,17 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 	// a later flush may succeed without the lost pages, so nothing this
 	// copy applied may be trusted as durable (see distrust).
 	var syncBroken atomic.Bool
+	// distrusted: the progress was forgotten (distrust) at once, not when
+	// the connection ends: a daemon killed in between (while it flushes
+	// again, or waits for a background sync) would leave the file saying
+	// the old progress, and its restart would resume.
+	distrusted := false
+	distrustNow := func() {
+		if !distrusted {
+			distrusted = true
+			s.distrust(r, ms, d)
+		}
+	}
 	syncNow := func() error {
 		if !unsynced {
 			return nil
@@ -688,6 +699,7 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 		syncStart := time.Now()
 		if err := a.Sync(); err != nil {
 			syncBroken.Store(true)
+			distrustNow()
 			return err
 		}
 		st.SyncNs.Add(int64(time.Since(syncStart)))
@@ -700,11 +712,11 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 		// A background sync still running may yet fail: it is heard
 		// before the copy's progress is kept or forgotten.
 		bg.Wait()
+		if syncBroken.Load() {
+			distrustNow()
+		}
 		if err := syncNow(); err != nil {
 			s.Log.Error("syncing replica", "dir", d.Name, "err", err)
-		}
-		if syncBroken.Load() {
-			s.distrust(r, ms, d)
 		}
 	}()
 	// Over TLS the primary may leave out the payloads' CRC (FlagSealed).
@@ -717,6 +729,12 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 	// runs beside the applying instead of before it.
 	ahead := newFrameReader(br, read)
 	for ctx.Err() == nil {
+		if syncBroken.Load() {
+			// A background sync failed: forget the progress before
+			// anything else (the deferred function would, later).
+			distrustNow()
+			return
+		}
 		rf := ahead.next()
 		f, ops, err := rf.f, rf.ops, rf.err
 		if err == nil && !s.accept.Load() {
@@ -840,7 +858,11 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 		if r.partial == f.Seq {
 			skip = r.ops
 		}
-		r.partial = f.Seq
+		// The ops count goes with its batch: one left from another batch
+		// (stopped, never resent: the primary resynced in this session)
+		// would skip that many ops of this one if it stops before its
+		// first save and is resent.
+		r.partial, r.ops = f.Seq, skip
 		var prog opProgress
 		// saveAt records n ops of this batch applied, at op i.
 		saveAt := func(i, n int) bool {
@@ -950,7 +972,19 @@ func (s *Server) distrust(r *replicaState, ms *MetaStore, d Dir) {
 	r.setProgress(0, 0)
 	r.partial, r.ops = 0, 0
 	if err := r.save(); err != nil {
+		// The file must not keep the old progress: a restart would
+		// resume from it. Emptied (no space needed) or removed, it reads
+		// as no progress.
 		s.Log.Error("saving replica state", "dir", d.Name, "err", err)
+		if terr := r.file.Truncate(0); terr != nil {
+			if rerr := os.Remove(r.file.Name()); rerr != nil {
+				s.Log.Error("the replica state still holds the progress from before the failed flush: remove it before restarting duet",
+					"dir", d.Name, "file", r.file.Name(), "truncate_err", terr, "remove_err", rerr)
+			}
+		}
+		// What a failed save later puts back (unsave) is no progress,
+		// not the one from before the flush failed.
+		r.filed.session, r.filed.applied, r.filed.partial, r.filed.ops = 0, 0, 0, 0
 	}
 	if ms != nil {
 		if err := ms.Update(func(m *Meta) { m.Consistent = false }); err != nil {
