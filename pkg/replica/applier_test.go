@@ -8,7 +8,6 @@ import (
 	"path"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -522,59 +521,17 @@ func TestReplayFromSavedOp(t *testing.T) {
 			{Code: wire.OpRemove, Path: "w.old"},
 		}},
 	}...)
-	apply := func(root string, ops []wire.Op) error {
-		a, err := NewApplier(root)
-		if err != nil {
-			return err
-		}
-		defer a.Close()
-		for i := range ops {
-			if err := a.Apply(&ops[i]); err != nil {
-				return fmt.Errorf("op %d (%s %s): %w", i, ops[i].Code, ops[i].Path, err)
-			}
-		}
-		return nil
-	}
-	// state lists every entry's kind, mode, size, contents and, for
-	// those last set by a setattr, mtime; and which names share an inode.
-	state := func(root string) string {
-		t.Helper()
-		var b strings.Builder
-		inodes := map[uint64]string{}
-		filepath.Walk(root, func(p string, fi os.FileInfo, err error) error {
-			if err != nil {
-				t.Fatal(err)
-			}
-			rel, _ := filepath.Rel(root, p)
-			st := fi.Sys().(*syscall.Stat_t)
-			fmt.Fprintf(&b, "%s %v %d", rel, fi.Mode(), fi.Size())
-			if fi.Mode().IsRegular() {
-				data, _ := os.ReadFile(p)
-				fmt.Fprintf(&b, " %q", data)
-				if first, ok := inodes[st.Ino]; ok {
-					fmt.Fprintf(&b, " same inode as %s", first)
-				} else {
-					inodes[st.Ino] = rel
-				}
-				if rel == "c" || rel == filepath.Join("d", "b") {
-					fmt.Fprintf(&b, " mtime %d", fi.ModTime().UnixNano())
-				}
-			}
-			b.WriteString("\n")
-			return nil
-		})
-		return b.String()
-	}
+	times := map[int64]bool{t1: true, t2: true} // the mtimes setattrs set
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			once := t.TempDir()
-			if err := apply(once, tc.setup); err != nil {
+			if err := applyOps(once, tc.setup); err != nil {
 				t.Fatal(err)
 			}
-			if err := apply(once, tc.ops); err != nil {
+			if err := applyOps(once, tc.ops); err != nil {
 				t.Fatal(err)
 			}
-			want := state(once)
+			want := replayTree(t, once, times)
 			// Every point the daemon may die at: how many ops were
 			// applied, and the progress saved by then.
 			type point struct{ applied, saved int }
@@ -594,20 +551,36 @@ func TestReplayFromSavedOp(t *testing.T) {
 			}
 			for _, pt := range points {
 				root := t.TempDir()
-				if err := apply(root, tc.setup); err != nil {
+				if err := applyOps(root, tc.setup); err != nil {
 					t.Fatal(err)
 				}
-				if err := apply(root, tc.ops[:pt.applied]); err != nil {
+				if err := applyOps(root, tc.ops[:pt.applied]); err != nil {
 					t.Fatal(err)
 				}
-				if err := apply(root, tc.ops[pt.saved:]); err != nil {
+				if err := applyOps(root, tc.ops[pt.saved:]); err != nil {
 					t.Errorf("killed with %d ops applied, replayed from op %d: %v", pt.applied, pt.saved, err)
 					continue
 				}
-				if got := state(root); got != want {
+				if got := replayTree(t, root, times); got != want {
 					t.Errorf("killed with %d ops applied, replayed from op %d:\n%s\nwant\n%s", pt.applied, pt.saved, got, want)
 				}
 			}
 		})
 	}
+}
+
+// applyOps applies ops to root with a new applier, as a replica whose
+// daemon starts afresh would.
+func applyOps(root string, ops []wire.Op) error {
+	a, err := NewApplier(root)
+	if err != nil {
+		return err
+	}
+	defer a.Close()
+	for i := range ops {
+		if err := a.Apply(&ops[i]); err != nil {
+			return fmt.Errorf("op %d (%s %s): %w", i, ops[i].Code, ops[i].Path, err)
+		}
+	}
+	return nil
 }

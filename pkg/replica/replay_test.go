@@ -211,6 +211,23 @@ func TestReplayAfterRepeatedStops(t *testing.T) {
 		{Code: wire.OpCreate, Path: "b", Mode: 0o600},
 		w("b", 0, "the new contents, private"),
 	}
+	// mixed: every kind of op, namespace ops between data ops.
+	mixed := [][]wire.Op{
+		{{Code: wire.OpMkdir, Path: "d", Mode: 0o755},
+			{Code: wire.OpCreate, Path: "d/a", Mode: 0o644},
+			w("d/a", 0, "the old contents of a"),
+			sa("d/a", 0o600, t1),
+			{Code: wire.OpRename, Path: "d/a", Path2: "d/b"},
+			{Code: wire.OpCreate, Path: "d/a", Mode: 0o644},
+			{Code: wire.OpTruncate, Path: "d/a", Off: 20}},
+		{w("d/a", 0, "new data"),
+			{Code: wire.OpPunch, Path: "d/a", Off: 2, Len: 3},
+			sa("d/a", 0o640, t2),
+			{Code: wire.OpLink, Path: "d/b", Path2: "c"},
+			{Code: wire.OpTruncate, Path: "c", Off: 7},
+			{Code: wire.OpRename, Path: "d/a", Path2: "c"},
+			{Code: wire.OpTruncate, Path: "d/b", Off: 2}},
+	}
 	cases := []struct {
 		name     string
 		setup    []wire.Op
@@ -280,60 +297,17 @@ func TestReplayAfterRepeatedStops(t *testing.T) {
 				{Code: wire.OpRename, Path: "x", Path2: "w.old/f"},
 				{Code: wire.OpRemove, Path: "w.old"}},
 		}},
-		{name: "mixed (kills only)", depth: 3, killOnly: true, batches: [][]wire.Op{
-			{{Code: wire.OpMkdir, Path: "d", Mode: 0o755},
-				{Code: wire.OpCreate, Path: "d/a", Mode: 0o644},
-				w("d/a", 0, "the old contents of a"),
-				sa("d/a", 0o600, t1),
-				{Code: wire.OpRename, Path: "d/a", Path2: "d/b"},
-				{Code: wire.OpCreate, Path: "d/a", Mode: 0o644},
-				{Code: wire.OpTruncate, Path: "d/a", Off: 20}},
-			{w("d/a", 0, "new data"),
-				{Code: wire.OpPunch, Path: "d/a", Off: 2, Len: 3},
-				sa("d/a", 0o640, t2),
-				{Code: wire.OpLink, Path: "d/b", Path2: "c"},
-				{Code: wire.OpTruncate, Path: "c", Off: 7},
-				{Code: wire.OpRename, Path: "d/a", Path2: "c"},
-				{Code: wire.OpTruncate, Path: "d/b", Off: 2}},
-		}},
-		{name: "mixed with resumes", depth: 2, batches: [][]wire.Op{
-			{{Code: wire.OpMkdir, Path: "d", Mode: 0o755},
-				{Code: wire.OpCreate, Path: "d/a", Mode: 0o644},
-				w("d/a", 0, "the old contents of a"),
-				sa("d/a", 0o600, t1),
-				{Code: wire.OpRename, Path: "d/a", Path2: "d/b"},
-				{Code: wire.OpCreate, Path: "d/a", Mode: 0o644},
-				{Code: wire.OpTruncate, Path: "d/a", Off: 20}},
-			{w("d/a", 0, "new data"),
-				{Code: wire.OpPunch, Path: "d/a", Off: 2, Len: 3},
-				sa("d/a", 0o640, t2),
-				{Code: wire.OpLink, Path: "d/b", Path2: "c"},
-				{Code: wire.OpTruncate, Path: "c", Off: 7},
-				{Code: wire.OpRename, Path: "d/a", Path2: "c"},
-				{Code: wire.OpTruncate, Path: "d/b", Off: 2}},
-		}},
-	}
-	applyAll := func(root string, ops []wire.Op) error {
-		a, err := NewApplier(root)
-		if err != nil {
-			return err
-		}
-		defer a.Close()
-		for i := range ops {
-			if err := a.Apply(&ops[i]); err != nil {
-				return fmt.Errorf("op %d: %w", i, err)
-			}
-		}
-		return nil
+		{name: "mixed (kills only)", depth: 3, killOnly: true, batches: mixed},
+		{name: "mixed with resumes", depth: 2, batches: mixed},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			once := t.TempDir()
-			if err := applyAll(once, tc.setup); err != nil {
+			if err := applyOps(once, tc.setup); err != nil {
 				t.Fatal(err)
 			}
 			for _, b := range tc.batches {
-				if err := applyAll(once, b); err != nil {
+				if err := applyOps(once, b); err != nil {
 					t.Fatal(err)
 				}
 			}
@@ -346,7 +320,7 @@ func TestReplayAfterRepeatedStops(t *testing.T) {
 					return
 				}
 				root := t.TempDir()
-				if err := applyAll(root, tc.setup); err != nil {
+				if err := applyOps(root, tc.setup); err != nil {
 					t.Fatal(err)
 				}
 				m := &replayModel{root: root, batches: tc.batches}
