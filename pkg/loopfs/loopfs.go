@@ -108,6 +108,42 @@ func Tmpfs(t testing.TB, dir string) {
 	t.Cleanup(func() { exec.Command("umount", "-l", dir).Run() })
 }
 
+// Failing mounts on mnt (which it makes) an ext4 filesystem whose
+// writeback fails, as a failing disk's would: its 256 MiB image is sparse,
+// on a tmpfs of 24 MiB, so once the loop device has written that much
+// every further write fails and the next flushes report EIO or ENOSPC.
+// Without a journal and with errors=continue it stays writable (a
+// journal's abort would turn it read-only). This kernel has no
+// device-mapper or block fault injection.
+func Failing(t testing.TB, mnt string) {
+	t.Helper()
+	RequireRoot(t)
+	if _, err := exec.LookPath("mkfs.ext4"); err != nil {
+		t.Skipf("mkfs.ext4 not installed: %v", err)
+	}
+	dir := t.TempDir()
+	back := filepath.Join(dir, "back")
+	for _, d := range []string{back, mnt} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	run(t, "mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", back)
+	t.Cleanup(func() { exec.Command("umount", "-l", back).Run() })
+	img := filepath.Join(back, "img")
+	if err := os.WriteFile(img, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(img, 256<<20); err != nil {
+		t.Fatal(err)
+	}
+	run(t, "mkfs.ext4", "-q", "-F", "-O", "^has_journal", img)
+	dev := strings.TrimSpace(run(t, "losetup", "--find", "--show", img))
+	t.Cleanup(func() { exec.Command("losetup", "-d", dev).Run() })
+	run(t, "mount", "-o", "errors=continue", dev, mnt)
+	t.Cleanup(func() { exec.Command("umount", "-l", mnt).Run() })
+}
+
 func run(t testing.TB, name string, args ...string) string {
 	t.Helper()
 	out, err := exec.Command(name, args...).CombinedOutput()

@@ -22,6 +22,7 @@ import (
 	"github.com/duet-ha/duet/pkg/latency"
 	"github.com/duet-ha/duet/pkg/peerlink"
 	"github.com/duet-ha/duet/pkg/wire"
+	"golang.org/x/sys/unix"
 )
 
 // Dir is one replicated directory as a node knows it.
@@ -46,6 +47,7 @@ type Server struct {
 	accept   atomic.Bool        // replicas take batches; a serving node does not
 	syncfs   func(fd int) error // the appliers' syncfs when set (a test fails it)
 	unsealed bool               // tests: a server from before sealed frames (wire.FlagSealed)
+	bgSync   func()             // tests: runs first in a background sync
 	sealed   atomic.Uint64      // sealed frames received (tests)
 	handlers sync.WaitGroup     // connections being served
 
@@ -641,6 +643,20 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 	if s.syncfs != nil {
 		a.syncfs = s.syncfs
 	}
+	// The background syncs' descriptor is opened now, before anything
+	// of this connection is applied: Linux reports a writeback error to
+	// every descriptor opened before it, but not to one opened after a
+	// flush saw it. Opened by the background sync itself, after the
+	// connection's own flush had failed, it flushed "successfully" and
+	// acknowledged the lost pages durable (TestBackgroundSyncAfterFailedFlush).
+	// Closed after the background syncs (deferred before bg.Wait).
+	bgDir, err := os.Open(d.Path)
+	if err != nil {
+		s.Log.Error("opening replica", "dir", d.Name, "err", err)
+		wire.WriteFrame(c, &wire.Frame{Type: wire.TypeError, Payload: []byte(err.Error())})
+		return
+	}
+	defer bgDir.Close()
 	st.Connected.Store(true)
 	st.Peer.Store(c.RemoteAddr().String())
 	defer st.Connected.Store(false)
@@ -793,11 +809,17 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 					go func() {
 						defer bg.Done()
 						defer bgRunning.Store(false)
-						if err := syncfs(d.Path); err != nil {
+						if s.bgSync != nil {
+							s.bgSync()
+						}
+						if err := unix.Syncfs(int(bgDir.Fd())); err != nil {
 							s.Log.Error("background sync of the replica failed: this copy will be compared in full", "dir", d.Name, "err", err)
 							syncBroken.Store(true)
 							c.Close()
 							return
+						}
+						if syncBroken.Load() {
+							return // a flush of the connection failed: nothing is durable
 						}
 						if ms != nil {
 							ms.Update(func(m *Meta) {
