@@ -98,6 +98,15 @@ type replicaState struct {
 	partial uint64 // batch applied[+1] ...
 	ops     uint32 // ... up to this many ops
 	boot    [16]byte
+	// broken: a flush of this connection failed (Linux reports a
+	// writeback error once: a later flush may succeed without the lost
+	// pages), so nothing it applied may be trusted as durable (see
+	// distrust). Cleared when a connection starts; once set, saves write
+	// no progress. fmu serialises the file's writes: a background sync
+	// that fails empties the file (forget) while the connection's
+	// goroutine holds mu.
+	broken atomic.Bool
+	fmu    sync.Mutex
 	// filed is the progress the file holds (the last save that
 	// succeeded): what a restart resumes from.
 	filed struct {
@@ -184,9 +193,21 @@ func (r *replicaState) setProgress(session, applied uint64) {
 	r.session, r.applied = session, applied
 }
 
+// errFlushFailed refuses a save after a failed flush (replicaState.broken).
+var errFlushFailed = errors.New("a flush of the replica failed: its progress is not recorded")
+
 // save records progress. It is a pwrite into the page cache, ordered before
 // the batch's syncfs when the state lives on the replica's filesystem.
-func (r *replicaState) save() error {
+func (r *replicaState) save() error { return r.store(false) }
+
+// store is save; force writes even after a failed flush (distrust's
+// forgotten progress).
+func (r *replicaState) store(force bool) error {
+	r.fmu.Lock()
+	defer r.fmu.Unlock()
+	if r.broken.Load() && !force {
+		return errFlushFailed
+	}
 	buf := make([]byte, stateSize)
 	le := binary.LittleEndian
 	le.PutUint64(buf, r.session)
@@ -200,6 +221,29 @@ func (r *replicaState) save() error {
 		return err
 	}
 	r.filed.session, r.filed.applied, r.filed.partial, r.filed.ops = r.session, r.applied, r.partial, r.ops
+	return nil
+}
+
+// forget empties the state file at once after a background flush failed,
+// without mu (the connection's goroutine holds it, applying): until that
+// goroutine distrusts the copy, a restart must not resume from the file.
+// It reads as no progress.
+func (r *replicaState) forget() error {
+	r.broken.Store(true)
+	r.fmu.Lock()
+	defer r.fmu.Unlock()
+	return r.empty()
+}
+
+// empty truncates the state file, or removes it. The caller holds fmu.
+func (r *replicaState) empty() error {
+	terr := r.file.Truncate(0)
+	if terr == nil {
+		return nil
+	}
+	if rerr := os.Remove(r.file.Name()); rerr != nil {
+		return fmt.Errorf("truncating %s: %v; removing it: %v", r.file.Name(), terr, rerr)
+	}
 	return nil
 }
 
@@ -693,10 +737,7 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 	// connection or daemon run applied may still be dirty too (a killed
 	// daemon does not sync): the first sync covers it.
 	unsynced := true
-	// syncBroken: a flush failed. Linux reports a writeback error once:
-	// a later flush may succeed without the lost pages, so nothing this
-	// copy applied may be trusted as durable (see distrust).
-	var syncBroken atomic.Bool
+	r.broken.Store(false) // an earlier connection's (it distrusted the copy)
 	// distrusted: the progress was forgotten (distrust) at once, not when
 	// the connection ends: a daemon killed in between (while it flushes
 	// again, or waits for a background sync) would leave the file saying
@@ -714,7 +755,7 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 		}
 		syncStart := time.Now()
 		if err := a.Sync(); err != nil {
-			syncBroken.Store(true)
+			r.broken.Store(true)
 			distrustNow()
 			return err
 		}
@@ -728,7 +769,7 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 		// A background sync still running may yet fail: it is heard
 		// before the copy's progress is kept or forgotten.
 		bg.Wait()
-		if syncBroken.Load() {
+		if r.broken.Load() {
 			distrustNow()
 		}
 		if err := syncNow(); err != nil {
@@ -745,7 +786,7 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 	// runs beside the applying instead of before it.
 	ahead := newFrameReader(br, read)
 	for ctx.Err() == nil {
-		if syncBroken.Load() {
+		if r.broken.Load() {
 			// A background sync failed: forget the progress before
 			// anything else (the deferred function would, later).
 			distrustNow()
@@ -814,11 +855,13 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 						}
 						if err := unix.Syncfs(int(bgDir.Fd())); err != nil {
 							s.Log.Error("background sync of the replica failed: this copy will be compared in full", "dir", d.Name, "err", err)
-							syncBroken.Store(true)
+							if err := r.forget(); err != nil {
+								s.Log.Error("the replica state still holds the progress from before the failed flush: remove it before restarting duet", "dir", d.Name, "err", err)
+							}
 							c.Close()
 							return
 						}
-						if syncBroken.Load() {
+						if r.broken.Load() {
 							return // a flush of the connection failed: nothing is durable
 						}
 						if ms != nil {
@@ -993,17 +1036,16 @@ func (s *Server) distrust(r *replicaState, ms *MetaStore, d Dir) {
 	s.Log.Error("a flush of the replica failed: its progress is forgotten and the next connection resyncs it", "dir", d.Name)
 	r.setProgress(0, 0)
 	r.partial, r.ops = 0, 0
-	if err := r.save(); err != nil {
+	if err := r.store(true); err != nil {
 		// The file must not keep the old progress: a restart would
 		// resume from it. Emptied (no space needed) or removed, it reads
 		// as no progress.
 		s.Log.Error("saving replica state", "dir", d.Name, "err", err)
-		if terr := r.file.Truncate(0); terr != nil {
-			if rerr := os.Remove(r.file.Name()); rerr != nil {
-				s.Log.Error("the replica state still holds the progress from before the failed flush: remove it before restarting duet",
-					"dir", d.Name, "file", r.file.Name(), "truncate_err", terr, "remove_err", rerr)
-			}
+		r.fmu.Lock()
+		if err := r.empty(); err != nil {
+			s.Log.Error("the replica state still holds the progress from before the failed flush: remove it before restarting duet", "dir", d.Name, "err", err)
 		}
+		r.fmu.Unlock()
 		// What a failed save later puts back (unsave) is no progress,
 		// not the one from before the flush failed.
 		r.filed.session, r.filed.applied, r.filed.partial, r.filed.ops = 0, 0, 0, 0
