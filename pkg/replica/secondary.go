@@ -802,7 +802,8 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 		if err != nil && !s.accept.Load() {
 			// Ended by this node (it stops, or serves): what it applied
 			// goes to disk and the primary hears so.
-			if err := syncNow(); err == nil {
+			// Not after a background sync failed: nothing is durable.
+			if err := syncNow(); err == nil && !r.broken.Load() {
 				wire.WriteFrame(lc, &wire.Frame{Type: wire.TypeAck, Flags: wire.FlagDurable, Seq: r.applied})
 			}
 			s.Log.Info("replication ended by this node", "dir", d.Name, "applied", r.applied)
@@ -858,6 +859,13 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 							if err := r.forget(); err != nil {
 								s.Log.Error("the replica state still holds the progress from before the failed flush: remove it before restarting duet", "dir", d.Name, "err", err)
 							}
+							// Nor may this copy take over until a resync
+							// ends (distrust, later, does it too).
+							if ms != nil {
+								if err := ms.Update(func(m *Meta) { m.Consistent = false }); err != nil {
+									s.Log.Error("marking the copy inconsistent", "dir", d.Name, "err", err)
+								}
+							}
 							c.Close()
 							return
 						}
@@ -881,6 +889,12 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 			}
 			if err := syncNow(); err != nil {
 				s.refuse(lc, st, d, err)
+				return
+			}
+			if r.broken.Load() {
+				// A background sync failed: nothing is durable, and a
+				// resync's end must not mark the copy consistent.
+				s.refuse(lc, st, d, errFlushFailed)
 				return
 			}
 			flags := wire.FlagDurable

@@ -2,6 +2,7 @@ package replica
 
 import (
 	"bytes"
+	"errors"
 	"os"
 	"path/filepath"
 	"sync"
@@ -114,6 +115,8 @@ func TestBackgroundSyncFailureForgetsAtOnce(t *testing.T) {
 	p.c.SetReadDeadline(time.Now().Add(20 * time.Second))
 	if f, err := p.read(); err == nil {
 		t.Fatalf("got %s seq %d flags %#x, want the connection closed by the failed background sync", f.Type, f.Seq, f.Flags)
+	} else if errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatal("the background sync did not end the connection in 20 s")
 	}
 	// The daemon dies now (its goroutine still in the hung flush, with
 	// the progress in memory); it restarts and reads the file.
