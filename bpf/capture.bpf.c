@@ -97,6 +97,12 @@ struct task_write {
 	__u64 ts;    // 0: consumed, or the write(2) returned
 	__u32 dev;
 	__u32 span;  // SPAN_*: which folios of [first, last] are the write's
+	// The inode's address and generation: a btrfs folio of the same
+	// inode (address, number and generation) takes dev from here
+	// instead of two helper reads (see btrfs_dev_of).
+	__u64 inode;
+	__u32 gen;
+	__u32 pad;
 };
 
 // What a task_write vouches for: the one folio of the last write_end (it
@@ -287,18 +293,6 @@ static __always_inline __u32 btrfs_subvol_dev(struct inode *inode)
 	return BPF_CORE_READ(bi, root, anon_dev);
 }
 
-// watched_direct is watched for an inode hooks may load from directly.
-static __always_inline int watched_direct(struct inode *inode, __u32 *dev)
-{
-	*dev = inode->i_sb->s_dev;
-	if (is_watched(*dev))
-		return 1;
-	if (!is_btrfs_sb(*dev))
-		return 0;
-	*dev = btrfs_subvol_dev(inode);
-	return is_watched(*dev);
-}
-
 static __always_inline int watched(struct inode *inode, __u32 *dev)
 {
 	if (!inode)
@@ -372,6 +366,38 @@ static __always_inline int emit(struct inode *inode, __u32 dev, __u8 kind,
 			kind, hook, pos, len);
 }
 
+// A full memory barrier: a locked instruction (x86's JIT makes a BPF
+// atomic one) on this CPU's own word.
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} fence_word SEC(".maps");
+
+static __always_inline void full_fence(void)
+{
+	__u32 zero = 0;
+	__u64 *w = bpf_map_lookup_elem(&fence_word, &zero);
+
+	if (w)
+		__sync_fetch_and_add(w, 1);
+}
+
+// attr_marked says whether an inode's update is covered by a record still
+// unread (its mark is there). Most updates are (a write moves the times,
+// once a tick or at every write), and an insert that finds the mark takes
+// the bucket's lock with interrupts off, several times the cost of a
+// lookup on a paravirtualised guest (btrfs's ctime hook, at every write).
+// The fence orders the update's stores before the lookup, as the lock
+// did: a mark seen here is deleted by userspace only after this point,
+// and its read of the inode, which follows the delete, sees the update.
+static __always_inline int attr_marked(struct inode_key *k)
+{
+	full_fence();
+	return bpf_map_lookup_elem(&attrs, k) != NULL;
+}
+
 // emit_attr reports an inode update, coalesced per inode: a mark still
 // there means a record that userspace has not taken yet, and it deletes
 // the mark before it reads the inode.
@@ -380,6 +406,8 @@ static __always_inline void emit_attr(__u32 dev, __u64 ino, __u32 gen, __u8 hook
 	struct inode_key k = { .ino = ino, .dev = dev };
 	__u8 one = 1;
 
+	if (attr_marked(&k))
+		return;
 	if (bpf_map_update_elem(&attrs, &k, &one, BPF_NOEXIST))
 		return;
 	if (emit_raw(dev, ino, gen, KIND_ATTR, hook, 0, 0))
@@ -604,18 +632,19 @@ static __always_inline int may_mark(struct task_struct *task)
 // exit is hooked, becomes SPAN_ONE; a SPAN_SYSCALL mark grows with each
 // folio that follows in the same file, without a clock read (with the other helper
 // calls it cost 7 % of a 64 KiB btrfs write, a folio at a time).
-static __always_inline void remember_write(struct inode *inode, __u32 dev,
-					   __u64 pos, __u64 len, __u32 span)
+// tw is the task's mark if the caller has looked it up already, or NULL.
+static __always_inline void remember_write_in(struct task_struct *task, struct task_write *tw,
+					      struct inode *inode, __u32 dev,
+					      __u64 pos, __u64 len, __u32 span)
 {
-	struct task_struct *task = bpf_get_current_task_btf();
 	__u64 ino, first = pos >> PAGE_SHIFT_4K, last = (pos + (len ? len - 1 : 0)) >> PAGE_SHIFT_4K;
-	struct task_write *tw;
 
 	if (span == SPAN_SYSCALL && !in_marked_syscall(task))
 		span = SPAN_ONE;
 	if (span != SPAN_SYSCALL && !may_mark(task))
 		return;
-	tw = bpf_task_storage_get(&task_writes, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!tw)
+		tw = bpf_task_storage_get(&task_writes, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
 	if (!tw)
 		return;
 	// Direct load: every caller's inode is a BTF pointer.
@@ -632,6 +661,31 @@ static __always_inline void remember_write(struct inode *inode, __u32 dev,
 	tw->ts = bpf_ktime_get_ns();
 	tw->dev = dev;
 	tw->span = span;
+	tw->inode = (__u64)inode;
+	tw->gen = inode->i_generation;
+}
+
+// btrfs_dev_of is the subvolume device of a btrfs inode (see
+// btrfs_subvol_dev), taken from the task's write mark when it names the
+// same inode: btrfs dirties a write folio by folio (4 KiB), and the two
+// helper reads of btrfs_subvol_dev, in btrfs_set_extent_bit and in
+// writeback_dirty_folio for each folio, were most of their run time. The
+// mark names the inode by address, number and generation: a mark left
+// from an earlier syscall (its exit program skipped) whose inode was
+// freed since would be taken for another inode only if that one had the
+// same address, number and generation in another subvolume.
+static __always_inline __u32 btrfs_dev_of(struct inode *inode, struct task_write *tw)
+{
+	if (tw && tw->ts && tw->inode == (__u64)inode && tw->ino == inode->i_ino &&
+	    tw->gen == inode->i_generation)
+		return tw->dev;
+	return btrfs_subvol_dev(inode);
+}
+
+static __always_inline void remember_write(struct inode *inode, __u32 dev,
+					   __u64 pos, __u64 len, __u32 span)
+{
+	remember_write_in(bpf_get_current_task_btf(), NULL, inode, dev, pos, len, span);
 }
 
 static __always_inline void write_end(struct inode *inode, loff_t pos,
@@ -681,6 +735,7 @@ int BPF_PROG(writeback_dirty_folio, struct folio *folio,
 	struct inode *inode;
 	__u64 index, nr, pos, len;
 	__u32 dev;
+	int btrfs;
 
 	if (!mapping || !folio)
 		return 0;
@@ -688,14 +743,23 @@ int BPF_PROG(writeback_dirty_folio, struct folio *folio,
 	// every folio of the machine that goes dirty, with interrupts off,
 	// and a helper call of BPF_CORE_READ costs more than the rest.
 	inode = mapping->host;
-	if (!inode || !watched_direct(inode, &dev))
+	if (!inode)
 		return 0;
+	dev = inode->i_sb->s_dev;
+	btrfs = !is_watched(dev);
+	if (btrfs && !is_btrfs_sb(dev))
+		return 0;
+	tw = bpf_task_storage_get(&task_writes, bpf_get_current_task_btf(), 0, 0);
+	if (btrfs) {
+		dev = btrfs_dev_of(inode, tw);
+		if (!is_watched(dev))
+			return 0;
+	}
 	index = folio->index;
 	nr = 1;
 	// Large folios: order lives in the second page's flags (_flags_1 low byte).
 	if (folio->flags.f & (1UL << PG_head))
 		nr = 1ULL << (folio->_flags_1 & 0xff);
-	tw = bpf_task_storage_get(&task_writes, bpf_get_current_task_btf(), 0, 0);
 	if (tw && tw->ts && tw->ino == inode->i_ino && tw->dev == dev &&
 	    tw->first < index + nr && tw->last >= index &&
 	    (tw->span == SPAN_SYSCALL || bpf_ktime_get_ns() - tw->ts < SUPPRESS_WINDOW_NS)) {
@@ -765,9 +829,14 @@ int BPF_PROG(ext4_mark_inode_dirty, struct inode *inode, unsigned long ip)
 {
 	__u32 dev;
 
-	if (!watched(inode, &dev))
+	// Direct loads (a BTF pointer; an ext4 inode, so s_dev is the
+	// device records carry): this fires at most writes.
+	if (!inode)
 		return 0;
-	emit_attr(dev, BPF_CORE_READ(inode, i_ino), BPF_CORE_READ(inode, i_generation), 6);
+	dev = inode->i_sb->s_dev;
+	if (!is_watched(dev))
+		return 0;
+	emit_attr(dev, inode->i_ino, inode->i_generation, 6);
 	return 0;
 }
 
@@ -1046,7 +1115,7 @@ int BPF_PROG(xfs_trans_commit, struct xfs_trans *tp, unsigned long caller)
 		k.dev = dev;
 		if (BPF_CORE_READ(inode, i_state) & I_NEW)
 			emit(inode, dev, KIND_NEW, 17, 0, 0);
-		if (bpf_map_update_elem(&attrs, &k, &one, BPF_NOEXIST))
+		if (attr_marked(&k) || bpf_map_update_elem(&attrs, &k, &one, BPF_NOEXIST))
 			goto next;
 		if (emit(inode, dev, KIND_ATTR, 16, 0, 0))
 			bpf_map_delete_elem(&attrs, &k);
@@ -1176,8 +1245,9 @@ int BPF_PROG(btrfs_set_extent_bit, const struct extent_io_tree *tree, u64 start,
 	     u64 len, unsigned set_bits)
 {
 	struct task_struct *task = bpf_get_current_task_btf();
-	struct btrfs_inode *bi;
+	struct task_write *tw;
 	struct inode *inode;
+	void *bi;
 	__u64 size;
 	long owner;
 	__u32 dev;
@@ -1188,16 +1258,14 @@ int BPF_PROG(btrfs_set_extent_bit, const struct extent_io_tree *tree, u64 start,
 	// the end of the file, or one in an io-wq worker, is of interest.
 	if (!(set_bits & EXTENT_DELALLOC) && start + len != 0 && !(task->flags & PF_IO_WORKER))
 		return 0;
-	// The verifier takes tree->inode for the union's other member; the
-	// btrfs types are a module's on most kernels (see CAST).
-	bi = BPF_CORE_READ(tree, inode);
+	// An inode's io_tree names its inode (the verifier types the load
+	// as the union's other member, hence the cast of the address; the
+	// btrfs types are a module's on most kernels, see CAST).
+	bi = (void *)tree->inode;
 	if (!bi)
 		return 0;
-	inode = CAST((void *)bi + bpf_core_field_offset(struct btrfs_inode, vfs_inode), struct inode);
+	inode = CAST(bi + bpf_core_field_offset(struct btrfs_inode, vfs_inode), struct inode);
 	if (!is_btrfs_sb(inode->i_sb->s_dev))
-		return 0;
-	dev = BPF_CORE_READ(bi, root, anon_dev);
-	if (!is_watched(dev))
 		return 0;
 	// i_rwsem held for writing by this task: a write, truncate or range
 	// operation, not a page fault (page_mkwrite sets DELALLOC too, before
@@ -1211,12 +1279,19 @@ int BPF_PROG(btrfs_set_extent_bit, const struct extent_io_tree *tree, u64 start,
 		// in whole blocks. Defragmentation rewrites the same bytes.
 		if (set_bits & EXTENT_DEFRAG)
 			return 0;
+		tw = bpf_task_storage_get(&task_writes, task, 0, 0);
+		dev = btrfs_dev_of(inode, tw);
+		if (!is_watched(dev))
+			return 0;
 		// In a syscall whose exit is hooked the write's mark grows
 		// with each folio and lasts until the exit.
-		remember_write(inode, dev, start, len, SPAN_SYSCALL);
+		remember_write_in(task, tw, inode, dev, start, len, SPAN_SYSCALL);
 		data(inode, dev, 0, 24, start, len);
 		return 0;
 	}
+	dev = btrfs_subvol_dev(inode);
+	if (!is_watched(dev))
+		return 0;
 	// Locking from a block to the end of the file ((u64)-1, so start +
 	// len wraps to 0) under the inode lock: a truncate, once i_size and
 	// the page cache are cut. The tail counts as changed (see

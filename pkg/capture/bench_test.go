@@ -1,6 +1,7 @@
 package capture
 
 import (
+	"flag"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -38,7 +39,28 @@ func BenchmarkSequentialWrite(b *testing.B) {
 	}
 }
 
+// benchStats turns on the kernel's run-time statistics of the programs
+// (hook-ns/op and the per-program figures): two clock reads a run, which
+// the write's own time then includes. Off, the write's time is the
+// hooks' true cost.
+var benchStats = flag.Bool("capture.stats", true, "report the programs' run time (BPF_STATS_RUN_TIME; adds its own cost to each run)")
+
+// benchSkip leaves hooks unattached (a comma-separated list of parts of
+// their names, e.g. "syscalls/,ctime"): what they cost is the difference.
+var benchSkip = flag.String("capture.skip", "", "hooks not to attach: comma-separated parts of their names")
+
 func benchWrite(b *testing.B, fstype string, mib int, mode string, block int) {
+	if *benchSkip != "" {
+		skipHook = func(name string) bool {
+			for _, part := range strings.Split(*benchSkip, ",") {
+				if strings.Contains(name, part) {
+					return true
+				}
+			}
+			return false
+		}
+		defer func() { skipHook = nil }()
+	}
 	fs := loopfs.Make(b, fstype, max(mib, 160))
 	var c *Capture
 	if mode != "off" {
@@ -46,11 +68,13 @@ func benchWrite(b *testing.B, fstype string, mib int, mode string, block int) {
 		go drainAndForget(c, mode == "on")
 		// The hooks' own run time, which the write's time (noisy on
 		// a shared machine) includes.
-		stats, err := ebpf.EnableStats(unix.BPF_STATS_RUN_TIME)
-		if err != nil {
-			b.Fatalf("enabling BPF run-time statistics: %v", err)
+		if *benchStats {
+			stats, err := ebpf.EnableStats(unix.BPF_STATS_RUN_TIME)
+			if err != nil {
+				b.Fatalf("enabling BPF run-time statistics: %v", err)
+			}
+			defer stats.Close()
 		}
-		defer stats.Close()
 	}
 	f, err := os.Create(filepath.Join(fs.Mount, "f"))
 	if err != nil {
@@ -71,7 +95,7 @@ func benchWrite(b *testing.B, fstype string, mib int, mode string, block int) {
 		}
 	}
 	b.StopTimer()
-	if c != nil {
+	if c != nil && *benchStats {
 		after := hookTimes(b, c)
 		var total time.Duration
 		for name, t := range after {

@@ -70,6 +70,9 @@ type CaptureTaskWrite struct {
 	Ts    uint64
 	Dev   uint32
 	Span  uint32
+	Inode uint64
+	Gen   uint32
+	Pad   uint32
 }
 
 // Names of all BPF objects in the ELF.
@@ -82,6 +85,7 @@ const (
 	CaptureMapDioWrites                 = "dio_writes"
 	CaptureMapEvents                    = "events"
 	CaptureMapFallocs                   = "fallocs"
+	CaptureMapFenceWord                 = "fence_word"
 	CaptureMapOverflow                  = "overflow"
 	CaptureMapRecordType                = "record_type"
 	CaptureMapTaskAttrs                 = "task_attrs"
@@ -216,6 +220,7 @@ type CaptureMapSpecs struct {
 	DioWrites  *ebpf.MapSpec `ebpf:"dio_writes"`
 	Events     *ebpf.MapSpec `ebpf:"events"`
 	Fallocs    *ebpf.MapSpec `ebpf:"fallocs"`
+	FenceWord  *ebpf.MapSpec `ebpf:"fence_word"`
 	Overflow   *ebpf.MapSpec `ebpf:"overflow"`
 	RecordType *ebpf.MapSpec `ebpf:"record_type"`
 	TaskAttrs  *ebpf.MapSpec `ebpf:"task_attrs"`
@@ -260,6 +265,7 @@ type CaptureMaps struct {
 	DioWrites  *ebpf.Map `ebpf:"dio_writes"`
 	Events     *ebpf.Map `ebpf:"events"`
 	Fallocs    *ebpf.Map `ebpf:"fallocs"`
+	FenceWord  *ebpf.Map `ebpf:"fence_word"`
 	Overflow   *ebpf.Map `ebpf:"overflow"`
 	RecordType *ebpf.Map `ebpf:"record_type"`
 	TaskAttrs  *ebpf.Map `ebpf:"task_attrs"`
@@ -274,6 +280,7 @@ func (m *CaptureMaps) Close() error {
 		m.DioWrites,
 		m.Events,
 		m.Fallocs,
+		m.FenceWord,
 		m.Overflow,
 		m.RecordType,
 		m.TaskAttrs,

@@ -2,6 +2,7 @@ package capture
 
 import (
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"sync/atomic"
@@ -225,4 +226,101 @@ func TestBtrfsAndExt4WritesInOneSubmit(t *testing.T) {
 	if !ok {
 		t.Errorf("the btrfs write has no data record with its own device")
 	}
+}
+
+// Two btrfs subvolumes, both watched, each with a file of the same inode
+// number (a subvolume numbers its own inodes), written by one io_submit:
+// one syscall, one task, two inodes. Each write's records must carry its
+// own subvolume's device. The device of a btrfs write's later folios is
+// taken from the task's mark (btrfs_dev_of) when the mark names the same
+// inode; a mark matched on the inode number alone gave the second file
+// the first one's device, and its write was reported for the other
+// subvolume's file.
+func TestBtrfsSubvolumesSameInodeOneSubmit(t *testing.T) {
+	fs := loopfs.Make(t, "btrfs", 256)
+	var devs [2]uint64
+	var files [2]*os.File
+	for i, name := range []string{"s1", "s2"} {
+		dir := filepath.Join(fs.Mount, name)
+		if out, err := exec.Command("btrfs", "subvolume", "create", dir).CombinedOutput(); err != nil {
+			t.Fatalf("btrfs subvolume create: %v: %s", err, out)
+		}
+		f, err := os.Create(filepath.Join(dir, "f"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { f.Close() })
+		files[i] = f
+		var st syscall.Stat_t
+		syscall.Fstat(int(f.Fd()), &st)
+		devs[i] = st.Dev
+	}
+	sb, err := BtrfsSuperblock(fs.Mount)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := Open(Options{Devices: devs[:], Btrfs: []uint64{sb}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	var ino [2]uint64
+	for i, f := range files {
+		var st syscall.Stat_t
+		syscall.Fstat(int(f.Fd()), &st)
+		ino[i] = st.Ino
+	}
+	if ino[0] != ino[1] {
+		t.Fatalf("the two files have inode numbers %d and %d: the test needs them equal", ino[0], ino[1])
+	}
+	rc := newRecorder(c)
+	rc.drain()
+	ctx := aioContext(t)
+	const n = 64 << 10 // 16 folios each
+	buf := make([]byte, n)
+	for round, order := range [][2]int{{0, 1}, {1, 0}} {
+		off := int64(round) * n
+		var cbs [2]iocb
+		for k, i := range order {
+			cbs[k] = iocb{opcode: 1, fd: uint32(files[i].Fd()), buf: uint64(uintptr(unsafe.Pointer(&buf[0]))), n: n, off: off}
+		}
+		ptrs := []uintptr{uintptr(unsafe.Pointer(&cbs[0])), uintptr(unsafe.Pointer(&cbs[1]))}
+		got, _, e := unix.Syscall(unix.SYS_IO_SUBMIT, ctx, 2, uintptr(unsafe.Pointer(&ptrs[0])))
+		runtime.KeepAlive(cbs)
+		runtime.KeepAlive(buf)
+		if e != 0 || got != 2 {
+			t.Fatalf("io_submit: %d %v", got, e)
+		}
+		recs := rc.drain()
+		for i := range files {
+			dev := KernelDev(devs[i])
+			var held []Record
+			for _, r := range recs {
+				if r.Dev == dev && r.Ino == ino[i] && r.Kind == KindData {
+					held = append(held, r)
+				}
+			}
+			if !coveredBy(held, uint64(off), uint64(off+n)) {
+				t.Errorf("round %d: s%d/f's write [%d, %d) is not covered by its subvolume's records %+v (all: %+v)",
+					round, i+1, off, off+n, held, recs)
+			}
+		}
+	}
+}
+
+// coveredBy says whether recs together cover [off, end).
+func coveredBy(recs []Record, off, end uint64) bool {
+	for off < end {
+		next := off
+		for _, r := range recs {
+			if r.Pos <= off && r.Pos+r.Len > next {
+				next = r.Pos + r.Len
+			}
+		}
+		if next == off {
+			return false
+		}
+		off = next
+	}
+	return true
 }
