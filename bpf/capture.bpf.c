@@ -103,6 +103,16 @@ struct task_write {
 	__u64 inode;
 	__u32 gen;
 	__u32 pad;
+	// The last chunk mark this task found or made on a btrfs write:
+	// [c_lo, c_hi) of chunk c_chunk of (c_ino, c_dev), covered by a
+	// record not yet read as of forget epoch c_epoch (see data()).
+	__u64 c_ino;
+	__u64 c_chunk;
+	__u64 c_epoch;
+	__u32 c_dev;
+	__u32 c_lo;
+	__u32 c_hi;
+	__u32 c_pad;
 };
 
 // What a task_write vouches for: the one folio of the last write_end (it
@@ -232,6 +242,25 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } counters SEC(".maps");
+
+// The forget epoch: userspace adds one after it deletes chunk marks and
+// before it reads their bytes (Capture.ForgetChunks), and so does data()
+// after it drops a mark itself. A task's cached mark (task_write.c_*) is
+// good only in the epoch it was found in. Mapped writable into the daemon.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} forget_epoch SEC(".maps");
+
+static __always_inline __u64 *epoch_word(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&forget_epoch, &zero);
+}
 
 // Force the record type into BTF for bpf2go -type.
 struct {
@@ -451,16 +480,48 @@ static __always_inline __u64 pack(__u32 tag, __u64 lo, __u64 hi)
 // deleting the mark, hence after that write.
 static __always_inline __u8 data_kind(struct inode *inode);
 
+// remember_mark caches in the task's mark a chunk mark's extent [lo, hi),
+// found or made in forget epoch epoch.
+static __always_inline void remember_mark(struct task_write *tw, struct chunk_key *k,
+					  __u64 epoch, __u64 lo, __u64 hi)
+{
+	if (!tw || hi <= lo)
+		return;
+	tw->c_ino = k->ino;
+	tw->c_chunk = k->chunk;
+	tw->c_dev = k->dev;
+	tw->c_epoch = epoch;
+	tw->c_lo = lo;
+	tw->c_hi = hi;
+}
+
 // kind 0 means "data, or mmap if the file has a shared writable mapping",
-// resolved only when a record is emitted.
-static __always_inline void data(struct inode *inode, __u32 dev, __u8 kind,
-				 __u8 hook, __u64 pos, __u64 len)
+// resolved only when a record is emitted. tw, when not NULL, is the
+// task's mark, which caches the last chunk mark the task found or made: a
+// btrfs write reports each 4 KiB folio, and the chunk's lookup was most
+// of the cost of each. The cache is good while the forget epoch has not
+// moved: userspace deletes marks and only then adds to the epoch and reads
+// the bytes, so a folio whose epoch load comes before that add has had its
+// copy made before it (the copy precedes the load, with the extent tree's
+// lock in between), and the read sees it: the same reasoning as a lookup
+// that finds the mark. The epoch is read before the lookup whose result
+// is cached, so a delete that the lookup missed is followed by an add the
+// cache sees.
+static __always_inline void data_tw(struct inode *inode, __u32 dev, __u8 kind,
+				    __u8 hook, __u64 pos, __u64 len, struct task_write *tw)
 {
 	struct chunk_key k = { .dev = dev };
-	__u64 end = pos + len;
+	__u64 end = pos + len, epoch = 0, *ew;
 
 	if (len == 0)
 		return;
+	if (tw) {
+		ew = epoch_word();
+		if (!ew)
+			tw = NULL;
+		else
+			epoch = *(volatile __u64 *)ew;
+	}
 	// Direct loads: every caller's inode is a BTF pointer, and this runs
 	// for every folio of a btrfs write.
 	k.ino = inode->i_ino;
@@ -479,6 +540,9 @@ static __always_inline void data(struct inode *inode, __u32 dev, __u8 kind,
 			hi = CHUNK_SIZE;
 		nlo = lo;
 		nhi = hi;
+		if (tw && tw->c_epoch == epoch && tw->c_ino == k.ino && tw->c_chunk == k.chunk &&
+		    tw->c_dev == dev && lo >= tw->c_lo && hi <= tw->c_hi)
+			goto next;
 		tag = chunk_tag(&k);
 		v = bpf_map_lookup_elem(&chunks, &k);
 		if (v)
@@ -486,8 +550,10 @@ static __always_inline void data(struct inode *inode, __u32 dev, __u8 kind,
 		if (v && (__u32)(cur >> 32) == tag) {
 			__u64 clo = ((cur >> 16) & 0xffff) << MARK_SHIFT, chi = ((cur & 0xffff) + 1) << MARK_SHIFT;
 
-			if (lo >= clo && hi <= chi)
+			if (lo >= clo && hi <= chi) {
+				remember_mark(tw, &k, epoch, clo, chi);
 				goto next;
+			}
 			if (!kind)
 				kind = data_kind(inode);
 			if (lo >= chi + MARK_UNIT || hi + MARK_UNIT <= clo) {
@@ -535,6 +601,7 @@ static __always_inline void data(struct inode *inode, __u32 dev, __u8 kind,
 			if (!kind)
 				kind = data_kind(inode);
 			// Too short to hold a whole unit: no mark, a record only.
+			packed = 0;
 			if (mhi > mlo) {
 				packed = pack(tag, mlo, mhi);
 				if (bpf_map_update_elem(&chunks, &k, &packed, BPF_NOEXIST))
@@ -543,16 +610,30 @@ static __always_inline void data(struct inode *inode, __u32 dev, __u8 kind,
 		}
 		if (emit(inode, dev, kind, hook, base + nlo, nhi - nlo)) {
 			// No record for this mark: drop it (the file is marked
-			// for a rescan by emit) so later writes report again.
+			// for a rescan by emit) so later writes report again,
+			// also those of tasks that cached it.
 			bpf_map_delete_elem(&chunks, &k);
+			ew = epoch_word();
+			if (ew)
+				__sync_fetch_and_add(ew, 1);
 			return;
 		}
+		// The mark just written, whose extent this record covers.
+		if (packed)
+			remember_mark(tw, &k, epoch, ((packed >> 16) & 0xffff) << MARK_SHIFT,
+				      ((packed & 0xffff) + 1) << MARK_SHIFT);
 next:
 		pos = base + CHUNK_SIZE;
 	}
 	// A longer range than the loop covers: report the rest uncoalesced.
 	if (pos < end)
 		emit(inode, dev, kind ? kind : data_kind(inode), hook, pos, end - pos);
+}
+
+static __always_inline void data(struct inode *inode, __u32 dev, __u8 kind,
+				 __u8 hook, __u64 pos, __u64 len)
+{
+	data_tw(inode, dev, kind, hook, pos, len, NULL);
 }
 
 // A file with a shared writable mapping can be stored to without a fault
@@ -633,7 +714,8 @@ static __always_inline int may_mark(struct task_struct *task)
 // folio that follows in the same file, without a clock read (with the other helper
 // calls it cost 7 % of a 64 KiB btrfs write, a folio at a time).
 // tw is the task's mark if the caller has looked it up already, or NULL.
-static __always_inline void remember_write_in(struct task_struct *task, struct task_write *tw,
+// It returns the task's mark (NULL if there is none).
+static __always_inline struct task_write *remember_write_in(struct task_struct *task, struct task_write *tw,
 					      struct inode *inode, __u32 dev,
 					      __u64 pos, __u64 len, __u32 span)
 {
@@ -642,18 +724,18 @@ static __always_inline void remember_write_in(struct task_struct *task, struct t
 	if (span == SPAN_SYSCALL && !in_marked_syscall(task))
 		span = SPAN_ONE;
 	if (span != SPAN_SYSCALL && !may_mark(task))
-		return;
+		return tw;
 	if (!tw)
 		tw = bpf_task_storage_get(&task_writes, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
 	if (!tw)
-		return;
+		return NULL;
 	// Direct load: every caller's inode is a BTF pointer.
 	ino = inode->i_ino;
 	if (span == SPAN_SYSCALL && tw->ts && tw->span == SPAN_SYSCALL && tw->ino == ino &&
 	    tw->dev == dev && first >= tw->first && first <= tw->last + 1) {
 		if (last > tw->last)
 			tw->last = last;
-		return;
+		return tw;
 	}
 	tw->ino = ino;
 	tw->first = first;
@@ -663,6 +745,7 @@ static __always_inline void remember_write_in(struct task_struct *task, struct t
 	tw->span = span;
 	tw->inode = (__u64)inode;
 	tw->gen = inode->i_generation;
+	return tw;
 }
 
 // btrfs_dev_of is the subvolume device of a btrfs inode (see
@@ -1285,8 +1368,8 @@ int BPF_PROG(btrfs_set_extent_bit, const struct extent_io_tree *tree, u64 start,
 			return 0;
 		// In a syscall whose exit is hooked the write's mark grows
 		// with each folio and lasts until the exit.
-		remember_write_in(task, tw, inode, dev, start, len, SPAN_SYSCALL);
-		data(inode, dev, 0, 24, start, len);
+		tw = remember_write_in(task, tw, inode, dev, start, len, SPAN_SYSCALL);
+		data_tw(inode, dev, 0, 24, start, len, tw);
 		return 0;
 	}
 	dev = btrfs_subvol_dev(inode);

@@ -98,6 +98,10 @@ type Capture struct {
 	// closed, under ctrMu.
 	ctrMu sync.RWMutex
 	ctr   []byte
+	// epoch is the forget epoch (forget_epoch) mapped writable: each
+	// ForgetChunks adds one after its deletes. nil once closed, under
+	// ctrMu.
+	epoch []byte
 
 	mu     sync.Mutex
 	rbuf   ringbuf.Record
@@ -199,6 +203,11 @@ func Load(opts Options) (*Capture, error) {
 		return nil, err
 	}
 	c.ctr = ctr
+	if c.epoch, err = mapEpoch(c.objs.ForgetEpoch); err != nil {
+		unix.Munmap(ctr)
+		c.objs.Close()
+		return nil, err
+	}
 	return c, nil
 }
 
@@ -220,6 +229,19 @@ func mapCounters(m *ebpf.Map) ([]byte, error) {
 	b, err := unix.Mmap(m.FD(), 0, size, unix.PROT_READ, unix.MAP_SHARED)
 	if err != nil {
 		return nil, fmt.Errorf("mapping the capture counters (BPF_F_MMAPABLE, Linux 5.5 or later): %w", err)
+	}
+	return b, nil
+}
+
+// mapEpoch maps the forget epoch writable: ForgetChunks adds to it with
+// an atomic instruction, which also orders the deletes before it.
+func mapEpoch(m *ebpf.Map) ([]byte, error) {
+	if m.MaxEntries() != 1 || m.ValueSize() != 8 {
+		return nil, fmt.Errorf("capture forget epoch: %d entries of %d bytes, want 1 of 8", m.MaxEntries(), m.ValueSize())
+	}
+	b, err := unix.Mmap(m.FD(), 0, os.Getpagesize(), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		return nil, fmt.Errorf("mapping the capture forget epoch (BPF_F_MMAPABLE, Linux 5.5 or later): %w", err)
 	}
 	return b, nil
 }
@@ -570,7 +592,14 @@ func decodeRecord(b []byte, r *Record) error {
 // ForgetChunks drops the in-flight marks of chunks so that the next write to
 // them emits a new record. Call it before reading their bytes. Keys without
 // a mark are skipped: every other key is deleted whatever their order.
+//
+// It then moves the forget epoch, before the caller reads anything: a
+// btrfs writer keeps the last mark it found in its task's storage and
+// skips the lookup while the epoch stands (data_tw in
+// bpf/capture.bpf.c), so the marks are gone for it only once the epoch
+// moved.
 func (c *Capture) ForgetChunks(keys []CaptureChunkKey) error {
+	defer c.nextEpoch()
 	for len(keys) > 0 {
 		n, err := c.objs.Chunks.BatchDelete(keys, nil)
 		if err == nil {
@@ -587,6 +616,16 @@ func (c *Capture) ForgetChunks(keys []CaptureChunkKey) error {
 		keys = keys[n+1:]
 	}
 	return nil
+}
+
+// nextEpoch adds one to the forget epoch (a locked instruction: a full
+// barrier between the deletes before it and the reads after it).
+func (c *Capture) nextEpoch() {
+	c.ctrMu.RLock()
+	defer c.ctrMu.RUnlock()
+	if c.epoch != nil {
+		atomic.AddUint64((*uint64)(unsafe.Pointer(&c.epoch[0])), 1)
+	}
 }
 
 // ForgetAttr drops the in-flight ATTR mark of an inode. Call it before
@@ -658,6 +697,10 @@ func (c *Capture) Close() error {
 	if c.ctr != nil {
 		unix.Munmap(c.ctr)
 		c.ctr = nil
+	}
+	if c.epoch != nil {
+		unix.Munmap(c.epoch)
+		c.epoch = nil
 	}
 	c.ctrMu.Unlock()
 	// A syscall tracepoint's link takes about 60 ms to release here (the

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"syscall"
 	"testing"
 	"time"
@@ -351,4 +352,52 @@ func (c *Capture) lookupCounters() (Counters, error) {
 		}
 	}
 	return out, nil
+}
+
+// TestBtrfsWriteAfterForgetReported: a btrfs writer keeps the chunk mark
+// it last found in its task's storage and skips the chunk's lookup while
+// the forget epoch stands. A write into the same bytes after the reader
+// forgot the chunk (as it does before reading a batch) must be reported
+// again, by the same thread. A ForgetChunks that deleted the marks but
+// left the epoch alone lost the second write: no record, and the reader,
+// which had read the chunk before it, never read it again.
+func TestBtrfsWriteAfterForgetReported(t *testing.T) {
+	fs := loopfs.Make(t, "btrfs", 256)
+	c := openOn(t, "btrfs", fs.Mount)
+	f, err := os.Create(filepath.Join(fs.Mount, "f"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var st syscall.Stat_t
+	if err := syscall.Fstat(int(f.Fd()), &st); err != nil {
+		t.Fatal(err)
+	}
+	rc := newRecorder(c)
+	// One thread: the cache is per task.
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	buf := make([]byte, 64<<10)
+	for round := range 3 {
+		if _, err := f.WriteAt(buf, 0); err != nil {
+			t.Fatal(err)
+		}
+		if !covers(rc.drain(), st.Ino, KindData, 0, uint64(len(buf))) {
+			t.Fatalf("round %d: the 64 KiB write has no record covering it", round)
+		}
+		// The reader takes the record: it forgets the chunk, then reads.
+		if err := c.ForgetChunks([]CaptureChunkKey{{Dev: KernelDev(st.Dev), Ino: st.Ino, Chunk: 0}}); err != nil {
+			t.Fatal(err)
+		}
+		// Inside the extent the first write's mark announced.
+		if _, err := f.WriteAt(buf[:4096], 8192); err != nil {
+			t.Fatal(err)
+		}
+		if recs := rc.drain(); !covers(recs, st.Ino, KindData, 8192, 8192+4096) {
+			t.Fatalf("round %d: a write after the chunk was forgotten was not reported (records %+v)", round, recs)
+		}
+		if err := c.ForgetChunks([]CaptureChunkKey{{Dev: KernelDev(st.Dev), Ino: st.Ino, Chunk: 0}}); err != nil {
+			t.Fatal(err)
+		}
+	}
 }

@@ -63,16 +63,23 @@ type CaptureTaskAttrs struct {
 }
 
 type CaptureTaskWrite struct {
-	_     structs.HostLayout
-	Ino   uint64
-	First uint64
-	Last  uint64
-	Ts    uint64
-	Dev   uint32
-	Span  uint32
-	Inode uint64
-	Gen   uint32
-	Pad   uint32
+	_       structs.HostLayout
+	Ino     uint64
+	First   uint64
+	Last    uint64
+	Ts      uint64
+	Dev     uint32
+	Span    uint32
+	Inode   uint64
+	Gen     uint32
+	Pad     uint32
+	C_ino   uint64
+	C_chunk uint64
+	C_epoch uint64
+	C_dev   uint32
+	C_lo    uint32
+	C_hi    uint32
+	C_pad   uint32
 }
 
 // Names of all BPF objects in the ELF.
@@ -86,6 +93,7 @@ const (
 	CaptureMapEvents                    = "events"
 	CaptureMapFallocs                   = "fallocs"
 	CaptureMapFenceWord                 = "fence_word"
+	CaptureMapForgetEpoch               = "forget_epoch"
 	CaptureMapOverflow                  = "overflow"
 	CaptureMapRecordType                = "record_type"
 	CaptureMapTaskAttrs                 = "task_attrs"
@@ -214,17 +222,18 @@ type CaptureProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type CaptureMapSpecs struct {
-	Attrs      *ebpf.MapSpec `ebpf:"attrs"`
-	Chunks     *ebpf.MapSpec `ebpf:"chunks"`
-	Counters   *ebpf.MapSpec `ebpf:"counters"`
-	DioWrites  *ebpf.MapSpec `ebpf:"dio_writes"`
-	Events     *ebpf.MapSpec `ebpf:"events"`
-	Fallocs    *ebpf.MapSpec `ebpf:"fallocs"`
-	FenceWord  *ebpf.MapSpec `ebpf:"fence_word"`
-	Overflow   *ebpf.MapSpec `ebpf:"overflow"`
-	RecordType *ebpf.MapSpec `ebpf:"record_type"`
-	TaskAttrs  *ebpf.MapSpec `ebpf:"task_attrs"`
-	TaskWrites *ebpf.MapSpec `ebpf:"task_writes"`
+	Attrs       *ebpf.MapSpec `ebpf:"attrs"`
+	Chunks      *ebpf.MapSpec `ebpf:"chunks"`
+	Counters    *ebpf.MapSpec `ebpf:"counters"`
+	DioWrites   *ebpf.MapSpec `ebpf:"dio_writes"`
+	Events      *ebpf.MapSpec `ebpf:"events"`
+	Fallocs     *ebpf.MapSpec `ebpf:"fallocs"`
+	FenceWord   *ebpf.MapSpec `ebpf:"fence_word"`
+	ForgetEpoch *ebpf.MapSpec `ebpf:"forget_epoch"`
+	Overflow    *ebpf.MapSpec `ebpf:"overflow"`
+	RecordType  *ebpf.MapSpec `ebpf:"record_type"`
+	TaskAttrs   *ebpf.MapSpec `ebpf:"task_attrs"`
+	TaskWrites  *ebpf.MapSpec `ebpf:"task_writes"`
 }
 
 // CaptureVariableSpecs contains global variables before they are loaded into the kernel.
@@ -259,17 +268,18 @@ func (o *CaptureObjects) Close() error {
 //
 // It can be passed to LoadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type CaptureMaps struct {
-	Attrs      *ebpf.Map `ebpf:"attrs"`
-	Chunks     *ebpf.Map `ebpf:"chunks"`
-	Counters   *ebpf.Map `ebpf:"counters"`
-	DioWrites  *ebpf.Map `ebpf:"dio_writes"`
-	Events     *ebpf.Map `ebpf:"events"`
-	Fallocs    *ebpf.Map `ebpf:"fallocs"`
-	FenceWord  *ebpf.Map `ebpf:"fence_word"`
-	Overflow   *ebpf.Map `ebpf:"overflow"`
-	RecordType *ebpf.Map `ebpf:"record_type"`
-	TaskAttrs  *ebpf.Map `ebpf:"task_attrs"`
-	TaskWrites *ebpf.Map `ebpf:"task_writes"`
+	Attrs       *ebpf.Map `ebpf:"attrs"`
+	Chunks      *ebpf.Map `ebpf:"chunks"`
+	Counters    *ebpf.Map `ebpf:"counters"`
+	DioWrites   *ebpf.Map `ebpf:"dio_writes"`
+	Events      *ebpf.Map `ebpf:"events"`
+	Fallocs     *ebpf.Map `ebpf:"fallocs"`
+	FenceWord   *ebpf.Map `ebpf:"fence_word"`
+	ForgetEpoch *ebpf.Map `ebpf:"forget_epoch"`
+	Overflow    *ebpf.Map `ebpf:"overflow"`
+	RecordType  *ebpf.Map `ebpf:"record_type"`
+	TaskAttrs   *ebpf.Map `ebpf:"task_attrs"`
+	TaskWrites  *ebpf.Map `ebpf:"task_writes"`
 }
 
 func (m *CaptureMaps) Close() error {
@@ -281,6 +291,7 @@ func (m *CaptureMaps) Close() error {
 		m.Events,
 		m.Fallocs,
 		m.FenceWord,
+		m.ForgetEpoch,
 		m.Overflow,
 		m.RecordType,
 		m.TaskAttrs,
