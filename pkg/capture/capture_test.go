@@ -362,13 +362,7 @@ func (c *Capture) lookupCounters() (Counters, error) {
 // left the epoch alone lost the second write: no record, and the reader,
 // which had read the chunk before it, never read it again.
 func TestBtrfsWriteAfterForgetReported(t *testing.T) {
-	fs := loopfs.Make(t, "btrfs", 256)
-	c := openOn(t, "btrfs", fs.Mount)
-	f, err := os.Create(filepath.Join(fs.Mount, "f"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
+	c, f, _ := btrfsFile(t)
 	var st syscall.Stat_t
 	if err := syscall.Fstat(int(f.Fd()), &st); err != nil {
 		t.Fatal(err)
