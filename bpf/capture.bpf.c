@@ -97,12 +97,13 @@ struct task_write {
 	__u64 ts;    // 0: consumed, or the write(2) returned
 	__u32 dev;
 	__u32 span;  // SPAN_*: which folios of [first, last] are the write's
-	// The inode's address and generation: a btrfs folio of the same
-	// inode (address, number and generation) takes dev from here
-	// instead of two helper reads (see btrfs_dev_of).
+	// The inode's address and generation, and for btrfs its subvolume
+	// root's address: a btrfs folio of the same inode (all four) takes
+	// dev from here instead of a second helper read (see btrfs_dev_of).
 	__u64 inode;
 	__u32 gen;
 	__u32 pad;
+	__u64 root;
 	// The last chunk mark this task found or made on a btrfs write:
 	// [c_lo, c_hi) of chunk c_chunk of (c_ino, c_dev), covered by a
 	// record not yet read as of forget epoch c_epoch (see data()).
@@ -124,7 +125,9 @@ struct task_write {
 // another BPF program or a bpf() map operation holds the CPU) leaves a
 // mark that hides nothing: a folio is taken for the write's only while
 // the file has no shared writable mapping, through which alone a store
-// could dirty it.
+// could dirty it. The device such a mark gives a btrfs folio is its own
+// inode's only: the mark names the inode and its subvolume's root by
+// address (see btrfs_dev_of).
 #define SPAN_ONE 0
 #define SPAN_WINDOW 1
 #define SPAN_SYSCALL 2
@@ -716,7 +719,7 @@ static __always_inline int may_mark(struct task_struct *task)
 // tw is the task's mark if the caller has looked it up already, or NULL.
 // It returns the task's mark (NULL if there is none).
 static __always_inline struct task_write *remember_write_in(struct task_struct *task, struct task_write *tw,
-					      struct inode *inode, __u32 dev,
+					      struct inode *inode, __u32 dev, __u64 root,
 					      __u64 pos, __u64 len, __u32 span)
 {
 	__u64 ino, first = pos >> PAGE_SHIFT_4K, last = (pos + (len ? len - 1 : 0)) >> PAGE_SHIFT_4K;
@@ -745,30 +748,40 @@ static __always_inline struct task_write *remember_write_in(struct task_struct *
 	tw->span = span;
 	tw->inode = (__u64)inode;
 	tw->gen = inode->i_generation;
+	tw->root = root;
 	return tw;
 }
 
 // btrfs_dev_of is the subvolume device of a btrfs inode (see
-// btrfs_subvol_dev), taken from the task's write mark when it names the
-// same inode: btrfs dirties a write folio by folio (4 KiB), and the two
-// helper reads of btrfs_subvol_dev, in btrfs_set_extent_bit and in
-// writeback_dirty_folio for each folio, were most of their run time. The
-// mark names the inode by address, number and generation: a mark left
-// from an earlier syscall (its exit program skipped) whose inode was
-// freed since would be taken for another inode only if that one had the
-// same address, number and generation in another subvolume.
-static __always_inline __u32 btrfs_dev_of(struct inode *inode, struct task_write *tw)
+// btrfs_subvol_dev), and *root its subvolume root's address. The device
+// is taken from the task's write mark when the mark names the same inode
+// in the same subvolume: btrfs dirties a write folio by folio (4 KiB),
+// and the two helper reads of btrfs_subvol_dev, in btrfs_set_extent_bit
+// and in writeback_dirty_folio for each folio, were most of their run
+// time; the root's read is left. A mark can outlive its write (an exit
+// program skipped, a kernel thread's mark whose folio was already dirty),
+// and a snapshot's files have their source's inode numbers and
+// generations: the source's inode freed and the snapshot's allocated at
+// its address (the slab's rule) matched the mark on the inode alone, and
+// the snapshot's write was reported for the source's subvolume
+// (TestBtrfsDevOfStaleMarkSnapshot). The two subvolumes' roots are both
+// allocated then, at two addresses.
+static __always_inline __u32 btrfs_dev_of(struct inode *inode, struct task_write *tw, __u64 *root)
 {
-	if (tw && tw->ts && tw->inode == (__u64)inode && tw->ino == inode->i_ino &&
-	    tw->gen == inode->i_generation)
+	struct btrfs_inode *bi = (void *)inode - bpf_core_field_offset(struct btrfs_inode, vfs_inode);
+	struct btrfs_root *r = BPF_CORE_READ(bi, root);
+
+	*root = (__u64)r;
+	if (r && tw && tw->ts && tw->root == (__u64)r && tw->inode == (__u64)inode &&
+	    tw->ino == inode->i_ino && tw->gen == inode->i_generation)
 		return tw->dev;
-	return btrfs_subvol_dev(inode);
+	return BPF_CORE_READ(r, anon_dev);
 }
 
 static __always_inline void remember_write(struct inode *inode, __u32 dev,
 					   __u64 pos, __u64 len, __u32 span)
 {
-	remember_write_in(bpf_get_current_task_btf(), NULL, inode, dev, pos, len, span);
+	remember_write_in(bpf_get_current_task_btf(), NULL, inode, dev, 0, pos, len, span);
 }
 
 static __always_inline void write_end(struct inode *inode, loff_t pos,
@@ -817,6 +830,7 @@ int BPF_PROG(writeback_dirty_folio, struct folio *folio,
 	struct task_write *tw;
 	struct inode *inode;
 	__u64 index, nr, pos, len;
+	__u64 root;
 	__u32 dev;
 	int btrfs;
 
@@ -834,7 +848,7 @@ int BPF_PROG(writeback_dirty_folio, struct folio *folio,
 		return 0;
 	tw = bpf_task_storage_get(&task_writes, bpf_get_current_task_btf(), 0, 0);
 	if (btrfs) {
-		dev = btrfs_dev_of(inode, tw);
+		dev = btrfs_dev_of(inode, tw, &root);
 		if (!is_watched(dev))
 			return 0;
 	}
@@ -1333,6 +1347,7 @@ int BPF_PROG(btrfs_set_extent_bit, const struct extent_io_tree *tree, u64 start,
 	void *bi;
 	__u64 size;
 	long owner;
+	__u64 root;
 	__u32 dev;
 
 	if (!(set_bits & (EXTENT_DELALLOC | EXTENT_LOCKED)) || tree->owner != IO_TREE_INODE_IO)
@@ -1363,12 +1378,12 @@ int BPF_PROG(btrfs_set_extent_bit, const struct extent_io_tree *tree, u64 start,
 		if (set_bits & EXTENT_DEFRAG)
 			return 0;
 		tw = bpf_task_storage_get(&task_writes, task, 0, 0);
-		dev = btrfs_dev_of(inode, tw);
+		dev = btrfs_dev_of(inode, tw, &root);
 		if (!is_watched(dev))
 			return 0;
 		// In a syscall whose exit is hooked the write's mark grows
 		// with each folio and lasts until the exit.
-		tw = remember_write_in(task, tw, inode, dev, start, len, SPAN_SYSCALL);
+		tw = remember_write_in(task, tw, inode, dev, root, start, len, SPAN_SYSCALL);
 		data_tw(inode, dev, 0, 24, start, len, tw);
 		return 0;
 	}

@@ -73,6 +73,7 @@ type CaptureTaskWrite struct {
 	Inode   uint64
 	Gen     uint32
 	Pad     uint32
+	Root    uint64
 	C_ino   uint64
 	C_chunk uint64
 	C_epoch uint64
