@@ -83,7 +83,7 @@ test: vet build vagrant-check check-monitoring race ## everything CI runs: vet, 
 	$(SUDO) $(GO) test -count=1 -p 1 -timeout 30m $$($(GO) list ./... | grep -v '/tools/lab$$')
 	@# The lab tests print what they measured (failover times, zero-loss
 	@# counts); a failing one prints both daemons' logs, kept whole here.
-	$(SUDO) $(GO) test -count=1 -timeout 30m -v ./tools/lab/ 2>&1 | grep -v -e '^=== ' ; exit $${PIPESTATUS[0]}
+	$(SUDO) env GO=$(GO) tools/lab/gotest.sh -count=1 -timeout 30m ./tools/lab/
 	$(MAKE) test-fs
 	$(MAKE) fuzz
 
@@ -93,8 +93,7 @@ test: vet build vagrant-check check-monitoring race ## everything CI runs: vet, 
 test-fs: build ## the lab's workload, zero-loss and resync tests with the nodes' directories on XFS, then btrfs (root)
 	@for fs in xfs btrfs; do \
 		echo "== lab tests on $$fs"; \
-		$(SUDO) env DUET_LAB_FS=$$fs DUET_ZEROLOSS_ITERATIONS=15 $(GO) test -count=1 -timeout 20m -v -run 'TestReplicationWorkload$$|TestZeroLoss|TestResyncAfterCleanStop$$' ./tools/lab/ 2>&1 | grep -v -e '^=== ' ; \
-		[ $${PIPESTATUS[0]} -eq 0 ] || exit 1; \
+		$(SUDO) env GO=$(GO) DUET_LAB_FS=$$fs DUET_ZEROLOSS_ITERATIONS=15 tools/lab/gotest.sh -count=1 -timeout 20m -run 'TestReplicationWorkload$$|TestZeroLoss|TestResyncAfterCleanStop$$' ./tools/lab/ || exit 1; \
 	done
 
 # A replica on another filesystem than its source (docs/CAPTURE.md): nodeA's
@@ -104,13 +103,12 @@ FS_PAIRS ?= ext4:xfs xfs:btrfs btrfs:ext4
 test-fs-mixed: build ## the workload, zero-loss, resync and failback tests with nodeA and nodeB on different filesystems (FS_PAIRS) (root)
 	@for pair in $(FS_PAIRS); do \
 		echo "== lab tests, nodeA on $${pair%:*}, nodeB on $${pair#*:}"; \
-		$(SUDO) env DUET_LAB_FS=$${pair%:*} DUET_LAB_FS_B=$${pair#*:} DUET_ZEROLOSS_ITERATIONS=10 $(GO) test -count=1 -timeout 20m -v -run 'TestReplicationWorkload$$|TestZeroLoss|TestResyncAfterCleanStop$$|TestFailbackAfterPrimaryCrash$$' ./tools/lab/ 2>&1 | grep -v -e '^=== ' ; \
-		[ $${PIPESTATUS[0]} -eq 0 ] || exit 1; \
+		$(SUDO) env GO=$(GO) DUET_LAB_FS=$${pair%:*} DUET_LAB_FS_B=$${pair#*:} DUET_ZEROLOSS_ITERATIONS=10 tools/lab/gotest.sh -count=1 -timeout 20m -run 'TestReplicationWorkload$$|TestZeroLoss|TestResyncAfterCleanStop$$|TestFailbackAfterPrimaryCrash$$' ./tools/lab/ || exit 1; \
 	done
 
 vagrant-check: build ## check the Vagrant lab and the shell scripts without VMs: vagrant validate, bash -n, shellcheck
 	bash -n vagrant/failover-test.sh vagrant/provision/*.sh
-	@if command -v shellcheck >/dev/null; then shellcheck -x vagrant/failover-test.sh vagrant/provision/*.sh tools/lab/lab.sh tools/demo.sh packaging/*.sh; else echo "shellcheck not installed: skipped"; fi
+	@if command -v shellcheck >/dev/null; then shellcheck -x vagrant/failover-test.sh vagrant/provision/*.sh tools/lab/lab.sh tools/lab/gotest.sh tools/demo.sh packaging/*.sh; else echo "shellcheck not installed: skipped"; fi
 	@if command -v vagrant >/dev/null; then cd vagrant && vagrant validate --ignore-provider; else echo "vagrant not installed: vagrant validate skipped"; exit $${DUET_REQUIRE_STACK:+1}; fi
 
 # The metric names these files use are checked against a node's registry by
@@ -123,10 +121,10 @@ check-monitoring: ## promtool: the alert rules (deploy/prometheus) and their sce
 	promtool check rules deploy/prometheus/duet-alerts.yml && promtool test rules deploy/prometheus/duet-alerts_test.yml
 
 k3s-soak: build ## the k3s stack failover test, 20 runs (DUET_K3S_RUNS to change)
-	$(SUDO) DUET_K3S_RUNS=$${DUET_K3S_RUNS:-20} DUET_REQUIRE_STACK=1 $(GO) test -count=1 -timeout 60m -v -run TestK3SStackFailover ./tools/lab/
+	$(SUDO) env GO=$(GO) DUET_K3S_RUNS=$${DUET_K3S_RUNS:-20} DUET_REQUIRE_STACK=1 tools/lab/gotest.sh -count=1 -timeout 60m -run TestK3SStackFailover ./tools/lab/
 
 nemesis: build ## the fault campaign: DUET_NEMESIS_RUNS (30) random faults, DUET_NEMESIS_SEED to replay one, DUET_NEMESIS_KINDS=a,b to keep to those kinds
-	$(SUDO) DUET_NEMESIS_RUNS=$${DUET_NEMESIS_RUNS:-30} $(GO) test -count=1 -timeout 120m -v -run 'TestNemesisCampaign$$' ./tools/lab/ 2>&1 | grep -v -e '^=== ' ; exit $${PIPESTATUS[0]}
+	$(SUDO) env GO=$(GO) DUET_NEMESIS_RUNS=$${DUET_NEMESIS_RUNS:-30} tools/lab/gotest.sh -count=1 -timeout 120m -run 'TestNemesisCampaign$$' ./tools/lab/
 
 lab-up: build ## create the two-node lab (namespaces + loop ext4)
 	$(SUDO) tools/lab/lab.sh up
