@@ -197,13 +197,13 @@ func Load(opts Options) (*Capture, error) {
 		}
 		return nil, fmt.Errorf("loading BPF programs: %w", err)
 	}
-	ctr, err := mapCounters(c.objs.Counters)
+	ctr, err := mapWords(c.objs.Counters, "counters", ctrMax, unix.PROT_READ)
 	if err != nil {
 		c.objs.Close()
 		return nil, err
 	}
 	c.ctr = ctr
-	if c.epoch, err = mapEpoch(c.objs.ForgetEpoch); err != nil {
+	if c.epoch, err = mapWords(c.objs.ForgetEpoch, "forget epoch", 1, unix.PROT_READ|unix.PROT_WRITE); err != nil {
 		unix.Munmap(ctr)
 		c.objs.Close()
 		return nil, err
@@ -219,29 +219,19 @@ const (
 	ctrMax = 4
 )
 
-// mapCounters maps the counters read-only: a durability call reads them
-// with loads, not three bpf() syscalls.
-func mapCounters(m *ebpf.Map) ([]byte, error) {
-	if m.MaxEntries() != ctrMax || m.ValueSize() != 8 {
-		return nil, fmt.Errorf("capture counters: %d entries of %d bytes, want %d of 8", m.MaxEntries(), m.ValueSize(), ctrMax)
+// mapWords maps an array map of n 8-byte words (BPF_F_MMAPABLE), what
+// names it in errors. The counters are mapped read-only: a durability
+// call reads them with loads, not three bpf() syscalls. The forget epoch
+// is writable: ForgetChunks adds to it with an atomic instruction, which
+// also orders the deletes before it.
+func mapWords(m *ebpf.Map, what string, n uint32, prot int) ([]byte, error) {
+	if m.MaxEntries() != n || m.ValueSize() != 8 {
+		return nil, fmt.Errorf("capture %s: %d entries of %d bytes, want %d of 8", what, m.MaxEntries(), m.ValueSize(), n)
 	}
-	size := (ctrMax*8 + os.Getpagesize() - 1) &^ (os.Getpagesize() - 1)
-	b, err := unix.Mmap(m.FD(), 0, size, unix.PROT_READ, unix.MAP_SHARED)
+	size := (int(n)*8 + os.Getpagesize() - 1) &^ (os.Getpagesize() - 1)
+	b, err := unix.Mmap(m.FD(), 0, size, prot, unix.MAP_SHARED)
 	if err != nil {
-		return nil, fmt.Errorf("mapping the capture counters (BPF_F_MMAPABLE, Linux 5.5 or later): %w", err)
-	}
-	return b, nil
-}
-
-// mapEpoch maps the forget epoch writable: ForgetChunks adds to it with
-// an atomic instruction, which also orders the deletes before it.
-func mapEpoch(m *ebpf.Map) ([]byte, error) {
-	if m.MaxEntries() != 1 || m.ValueSize() != 8 {
-		return nil, fmt.Errorf("capture forget epoch: %d entries of %d bytes, want 1 of 8", m.MaxEntries(), m.ValueSize())
-	}
-	b, err := unix.Mmap(m.FD(), 0, os.Getpagesize(), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
-	if err != nil {
-		return nil, fmt.Errorf("mapping the capture forget epoch (BPF_F_MMAPABLE, Linux 5.5 or later): %w", err)
+		return nil, fmt.Errorf("mapping the capture %s (BPF_F_MMAPABLE, Linux 5.5 or later): %w", what, err)
 	}
 	return b, nil
 }
