@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"log/slog"
 	"os"
+	"path"
 	"sort"
 	"time"
 
@@ -179,8 +180,11 @@ func (b *builder) build(files []journal.File) ([]journal.File, error) {
 
 	// A reused inode number: the shadow's node is a deleted inode. Its
 	// names go from the peer; the new inode is found by its directory.
+	// Unless the shadow's node is the inode that holds the number now:
+	// the record then reported an earlier allocation, freed since, and
+	// read only after a pass had found the new inode in its directory.
 	for _, f := range files {
-		if f.Key.Dev == b.dev && f.NewSeq > b.syncSeq {
+		if f.Key.Dev == b.dev && f.NewSeq > b.syncSeq && !b.current(f.Key.Ino) {
 			if err := b.retire(f.Key.Ino, f.NewGen); err != nil {
 				return nil, err
 			}
@@ -358,6 +362,43 @@ func (b *builder) retire(ino uint64, gen uint32) error {
 	}
 	b.sh.drop(ino)
 	return nil
+}
+
+// current says whether the shadow's node ino is the inode that holds the
+// number now: one of its names leads to that number with the generation
+// the shadow knows. Only one inode holds a number at a time, so a record
+// of an allocation with another generation is about an earlier one.
+// Retired on such a record (read after a pass that had found the new inode
+// in its directory: the number was freed and taken again in between), the
+// live file's names went from the peer, and nothing shipped them again
+// until its directory changed (TestBuildStaleNewRecordKeepsLiveInode).
+func (b *builder) current(ino uint64) bool {
+	n, ok := b.sh.node(ino)
+	if !ok || !n.genKnown {
+		return false
+	}
+	for _, l := range b.sh.names(ino) {
+		p, ok := b.sh.linkPath(l)
+		if !ok {
+			continue
+		}
+		dir, name := path.Split(p)
+		if dir == "" {
+			dir = "."
+		}
+		d, err := fstree.OpenBeneath(b.root, dir, unix.O_PATH|unix.O_DIRECTORY)
+		if err != nil {
+			continue
+		}
+		var st unix.Stat_t
+		err = unix.Fstatat(int(d.Fd()), name, &st, unix.AT_SYMLINK_NOFOLLOW)
+		gen, genOK := generation(int(d.Fd()), name)
+		d.Close()
+		if err == nil && st.Ino == ino && genOK && gen == n.gen {
+			return true
+		}
+	}
+	return false
 }
 
 // retry requeues a change that barriers wait for; tried too long, it is

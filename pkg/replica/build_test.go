@@ -578,3 +578,52 @@ func TestBuildUnchangedAttributesShipNothing(t *testing.T) {
 		t.Fatalf("peer's f: mtime %v mode %o, want %v %o", c.Mtim, c.Mode, a.Mtim, a.Mode)
 	}
 }
+
+// A record of an inode's allocation read after a pass had found a newer
+// inode with that number in its directory (the number freed and taken
+// again in between: the lab's TestRingOverflowRescan, where the pass
+// that read the directory had taken its records before the daemon was
+// stopped, and the old allocation's record came with the ring's backlog).
+// Retiring the shadow's node removed the live file's names from the peer,
+// and nothing shipped them again: "missing on peer" after the copies were
+// in sync.
+func TestBuildStaleNewRecordKeepsLiveInode(t *testing.T) {
+	src, dst, b, sink := syncedPair(t, "a")
+	writeRandom(t, filepath.Join(src, "new"), 40)
+	if err := os.Link(filepath.Join(src, "new"), filepath.Join(src, "h-new")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.build([]journal.File{changed(t, src)}); err != nil {
+		t.Fatal(err)
+	}
+	sameTrees(t, src, dst)
+	ino := inoOf(t, filepath.Join(src, "new"))
+	n, ok := b.sh.node(ino)
+	if !ok || !n.genKnown {
+		t.Skipf("the shadow knows no generation for the new file (node %v, known %v): the filesystem of %s has no file handles", ok, n.genKnown, src)
+	}
+	// The earlier allocation of the number: another generation.
+	stale := journal.File{Key: capture.InodeKey{Ino: ino}, NewSeq: 5, NewGen: n.gen ^ 1, Gen: n.gen ^ 1, HasGen: true, MaxSeq: 5}
+	sink.ops = nil
+	if _, err := b.build([]journal.File{stale}); err != nil {
+		t.Fatal(err)
+	}
+	for _, op := range sink.ops {
+		if op.Code == wire.OpRemove {
+			t.Errorf("the pass removed %q from the peer for a record of an earlier allocation of its inode number", op.Path)
+		}
+	}
+	sameTrees(t, src, dst)
+	// A record of a later allocation still retires the node: the file at
+	// the shadow's names is another inode now.
+	os.Remove(filepath.Join(src, "new"))
+	os.Remove(filepath.Join(src, "h-new"))
+	writeRandom(t, filepath.Join(src, "new"), 20)
+	nino := inoOf(t, filepath.Join(src, "new"))
+	f := changed(t, src)
+	later := journal.File{Key: capture.InodeKey{Ino: nino}, NewSeq: 6, NewGen: n.gen ^ 2, Gen: n.gen ^ 2, HasGen: true, MaxSeq: 6}
+	if _, err := b.build([]journal.File{f, later}); err != nil {
+		t.Fatal(err)
+	}
+	sameTrees(t, src, dst)
+}
