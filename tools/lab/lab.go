@@ -292,12 +292,26 @@ func (l *Lab) Status(t testing.TB, host string) node.Status {
 func (l *Lab) Verify(t testing.TB) {
 	t.Helper()
 	out, code := l.Duet(t, "a", "verify")
-	if code != 0 {
-		lines := strings.Split(out, "\n")
-		if len(lines) > 40 {
-			lines = append(lines[:40], fmt.Sprintf("... %d more lines", len(lines)-40))
-		}
-		t.Fatalf("verify exit %d:\n%s", code, strings.Join(lines, "\n"))
+	if code == 0 {
+		t.Logf("verify: %s", strings.TrimSpace(out))
+		return
 	}
-	t.Logf("verify: %s", strings.TrimSpace(out))
+	// Whether the differences last, for the failure's reader: gone once
+	// the copies are in sync again, "in sync" was said with changes
+	// still to ship; still there, changes were missed.
+	status, _ := l.Duet(t, "a", "status")
+	time.Sleep(2 * time.Second)
+	l.WaitSync(t, 30*time.Second)
+	again, code2 := l.Duet(t, "a", "verify")
+	t.Fatalf("verify exit %d:\n%s\nnodeA's status then:\n%s\nverify again, 2 s later and in sync: exit %d:\n%s",
+		code, firstLines(out, 40), firstLines(status, 40), code2, firstLines(again, 40))
+}
+
+// firstLines is s cut to its first n lines.
+func firstLines(s string, n int) string {
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	if len(lines) > n {
+		lines = append(lines[:n], fmt.Sprintf("... %d more lines", len(lines)-n))
+	}
+	return strings.Join(lines, "\n")
 }
