@@ -179,17 +179,29 @@ func (b *builder) build(files []journal.File) ([]journal.File, error) {
 	b.forget(files)
 
 	// A reused inode number: the shadow's node is a deleted inode. Its
-	// names go from the peer; the new inode is found by its directory.
-	// Unless the shadow's node is the inode that holds the number now:
-	// the record then reported an earlier allocation, freed since, and
-	// read only after a pass had found the new inode in its directory.
+	// names go from the peer; the new inode is found by its directory,
+	// read in this pass: an earlier pass may have found it there already
+	// (the number was freed and taken again after that pass took its
+	// records), and no later record of the directory need come. Unless
+	// the shadow's node is the inode that holds the number now: the
+	// record then reported an earlier allocation, freed since.
+	var reread []journal.File
 	for _, f := range files {
-		if f.Key.Dev == b.dev && f.NewSeq > b.syncSeq && !b.current(f.Key.Ino) {
-			if err := b.retire(f.Key.Ino, f.NewGen); err != nil {
-				return nil, err
-			}
+		if f.Key.Dev != b.dev || f.NewSeq <= b.syncSeq {
+			continue
+		}
+		n, ok := b.sh.node(f.Key.Ino)
+		if !ok || f.Key.Ino == b.sh.root || n.genKnown && n.gen == f.NewGen || b.current(f.Key.Ino) {
+			continue
+		}
+		for _, l := range b.sh.names(f.Key.Ino) {
+			reread = append(reread, journal.File{Key: capture.InodeKey{Dev: b.dev, Ino: l.parent}, Attr: true, Rescan: b.sh.big[l.parent]})
+		}
+		if err := b.retire(f.Key.Ino, f.NewGen); err != nil {
+			return nil, err
 		}
 	}
+	files = append(files, reread...)
 	var dirs, others, unknown []journal.File
 	for _, f := range files {
 		if f.Key.Dev != b.dev {
