@@ -317,16 +317,23 @@ func (l *Lab) check(t *testing.T, clients []*client) (acked, lost map[string]int
 		}
 		c.mu.Lock()
 		list := append([]int(nil), c.acked...)
+		oks := append([]time.Time(nil), c.oks...)
 		c.mu.Unlock()
 		var missing []int
-		for _, n := range list {
+		var when []string // when the first and the last missing one were acknowledged
+		for i, n := range list {
 			if !have[n] {
 				missing = append(missing, n)
+				if at := oks[i].Format("15:04:05.000"); len(when) < 2 {
+					when = append(when, at)
+				} else {
+					when[1] = at
+				}
 			}
 		}
 		acked[c.name], lost[c.name] = len(list), len(missing)
 		if len(missing) > 0 {
-			t.Errorf("%s: %d acknowledged entries missing behind the VIP: %v", c.name, len(missing), first(missing, 20))
+			t.Errorf("%s: %d acknowledged entries missing behind the VIP: %v (acknowledged at %s)", c.name, len(missing), first(missing, 20), strings.Join(when, " to "))
 			if c.explain != nil {
 				for _, n := range first(missing, 5) {
 					t.Logf("%s: %s", c.name, c.explain(n))

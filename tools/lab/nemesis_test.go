@@ -118,6 +118,7 @@ var faultKinds = []faultKind{
 		}
 		n.hold(1, 3)
 		n.crash(r.p)
+		n.snapshotMySQL(r)
 		n.l.WaitState(n.t, r.s, "ALONE", 30*time.Second)
 		metas, _ := filepath.Glob(filepath.Join(root, ".duet", "copy-*.json"))
 		if len(metas) == 0 {
@@ -234,6 +235,7 @@ type nemesis struct {
 	writer string
 	drops  map[string]*faultnet.Dropper // by host: drops at its ingress
 	stack  *stackLoad                   // nil without the k3s stack
+	seed   int64
 }
 
 // stackLoad is the k3s stack's clients through the VIP, running for the
@@ -263,6 +265,10 @@ type nemesisRun struct {
 	// longest time without a success from the fault to recovery.
 	stackAcked, stackLost int
 	stackGap              time.Duration
+	// artefacts: where both nodes' MariaDB logs were copied the moment
+	// the primary crashed (snapshotMySQL); removed unless the run lost
+	// an acknowledged entry of the stack.
+	artefacts string
 }
 
 var hostAddr = map[string]netip.Addr{"a": netip.MustParseAddr("10.250.0.1"), "b": netip.MustParseAddr("10.250.0.2")}
@@ -284,6 +290,51 @@ func (n *nemesis) crash(h string) {
 func (n *nemesis) revive(h string) {
 	n.l.run("revive", h)
 	n.l.Start(n.t, h)
+}
+
+// snapshotMySQL copies both nodes' MariaDB data directories the moment
+// after the primary crashed, the survivor's first: its MariaDB recovers
+// from its copy once it takes over, a second later at the earliest. It
+// logs how the survivor's binary logs compare with the crashed primary's.
+// A run that loses acknowledged entries keeps the copies, to tell duet's
+// loss from MariaDB's: MariaDB started on a copy of the primary's
+// directory (what a restart there would have found) either has the lost
+// entries, and the survivor's copy lacked bytes, or not.
+func (n *nemesis) snapshotMySQL(r *nemesisRun) {
+	if n.stack == nil {
+		return
+	}
+	dir := filepath.Join(os.TempDir(), "duet-nemesis-artefacts", fmt.Sprintf("%d-run-%02d", n.seed, r.i))
+	os.RemoveAll(dir)
+	for _, h := range []string{r.s, r.p} {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			n.t.Fatal(err)
+		}
+		src := filepath.Join(n.l.Dir, h, "k3s", "mysql")
+		if out, err := exec.Command("cp", "-a", src, filepath.Join(dir, nodeName[h])).CombinedOutput(); err != nil {
+			n.t.Logf("run %d: copying %s: %v: %s", r.i, src, err, out)
+		}
+	}
+	var cmp []string
+	names, _ := filepath.Glob(filepath.Join(dir, nodeName[r.p], "binlog.0*"))
+	for _, f := range names {
+		p, _ := os.ReadFile(f)
+		s, err := os.ReadFile(filepath.Join(dir, nodeName[r.s], filepath.Base(f)))
+		switch {
+		case err != nil:
+			cmp = append(cmp, fmt.Sprintf("%s: %d bytes on the primary, missing on the survivor", filepath.Base(f), len(p)))
+		case string(p) == string(s):
+			cmp = append(cmp, fmt.Sprintf("%s: %d bytes, identical", filepath.Base(f), len(p)))
+		default:
+			at := 0
+			for at < min(len(p), len(s)) && p[at] == s[at] {
+				at++
+			}
+			cmp = append(cmp, fmt.Sprintf("%s: %d bytes on the primary, %d on the survivor, first difference at %d", filepath.Base(f), len(p), len(s), at))
+		}
+	}
+	r.artefacts = dir
+	n.t.Logf("run %d: MariaDB's data directories at the crash in %s; binary logs: %s", r.i, dir, strings.Join(cmp, "; "))
 }
 
 // drop makes host `at` lose every frame from host `from`.
@@ -367,6 +418,13 @@ func (n *nemesis) run(i int, kind faultKind) nemesisRun {
 	n.healthy(3 * time.Minute)
 	if n.stack != nil {
 		n.checkStack(&r, t0)
+		if r.artefacts != "" {
+			if r.stackLost == 0 {
+				os.RemoveAll(r.artefacts)
+			} else {
+				r.note = strings.TrimPrefix(r.note+"; ", "; ") + "MariaDB's logs at the crash: " + r.artefacts
+			}
+		}
 	}
 	// Standby faults: the writer still runs; others may have ended it.
 	r.acked, r.stall, r.werr = w.stop(t)
@@ -484,7 +542,7 @@ func nemesisStack(t *testing.T) map[string]string {
 
 func nemesisCampaign(t *testing.T, seed int64, runs int, allKindsOnce bool) {
 	b := duetBinary(t)
-	n := &nemesis{t: t, rng: mrand.New(mrand.NewSource(seed)), writer: buildSyncWriter(t, b)}
+	n := &nemesis{t: t, rng: mrand.New(mrand.NewSource(seed)), writer: buildSyncWriter(t, b), seed: seed}
 	tools := nemesisStack(t)
 	l, hello := clusterLab(t, false)
 	for _, h := range []string{"a", "b"} {
