@@ -21,9 +21,8 @@ if [ "$rc" -ne 0 ]; then
 	# A top-level test starts: its lines so far are dropped.
 	/^=== RUN   / { if ($3 !~ /\//) { n = 0; name = $3 } ; next }
 	/^=== / { next }
-	# The daemons logs (slog lines), printed by the lab for a failing test.
-	/^ +time=[0-9]/ { next }
 	/^--- FAIL: / {
+		dump = 0
 		print ""
 		print $0
 		for (i = (n > 200 ? n - 200 : 0); i < n; i++) print buf[i % 200]
@@ -31,6 +30,10 @@ if [ "$rc" -ne 0 ]; then
 		n = 0
 		next
 	}
+	# The daemons logs a failing lab test prints (lab.go: "--- a.log
+	# (last 32 KiB ...") run until the next line a test logged.
+	/^ +[A-Za-z0-9_]+\.go:[0-9]+: / { dump = ($0 ~ /^ +lab\.go:[0-9]+: --- .*\.log \(last/); buf[n % 200] = $0; n++; next }
+	dump { next }
 	{ buf[n % 200] = $0; n++ }
 	# A panic or a timeout ends the binary without a --- FAIL line.
 	END {
