@@ -186,6 +186,7 @@ func (b *builder) build(files []journal.File) ([]journal.File, error) {
 	// the shadow's node is the inode that holds the number now: the
 	// record then reported an earlier allocation, freed since.
 	var reread []journal.File
+	rereadDir := map[uint64]bool{} // read whole, big or not
 	for _, f := range files {
 		if f.Key.Dev != b.dev || f.NewSeq <= b.syncSeq {
 			continue
@@ -196,6 +197,7 @@ func (b *builder) build(files []journal.File) ([]journal.File, error) {
 		}
 		for _, l := range b.sh.names(f.Key.Ino) {
 			reread = append(reread, journal.File{Key: capture.InodeKey{Dev: b.dev, Ino: l.parent}, Attr: true, Rescan: b.sh.big[l.parent]})
+			rereadDir[l.parent] = true
 		}
 		if err := b.retire(f.Key.Ino, f.NewGen); err != nil {
 			return nil, err
@@ -261,7 +263,10 @@ func (b *builder) build(files []journal.File) ([]journal.File, error) {
 		f := recs[ino]
 		whole := f != nil
 		if b.sh.big[ino] {
-			whole = readAll || f != nil && f.Rescan
+			// A retired node's directory too: its own record, kept
+			// over the entry added for the retire, names nothing of
+			// the inode that lives there now.
+			whole = readAll || f != nil && f.Rescan || rereadDir[ino]
 		}
 		if whole {
 			return b.reconcile(ino)

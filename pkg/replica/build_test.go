@@ -672,3 +672,57 @@ func TestBuildRetiredNodeFoundAgainInItsDirectory(t *testing.T) {
 	}
 	sameTrees(t, src, dst)
 }
+
+// TestBuildRetiredNodeFoundAgainInItsDirectory in a big directory that
+// has a record of its own in the pass, with a record of an earlier
+// allocation (its handle finds nothing, so no name is looked up for it):
+// the directory's record (not read whole, only the names the pass's
+// inodes were found under) was kept over the one the retire added, and
+// the live file went from the peer. From a review.
+func TestBuildRetiredNodeFoundAgainInBigDirectory(t *testing.T) {
+	src, dst, b, _ := syncedPair(t, "a", "keep")
+	for i := 0; i < bigDirEntries; i++ {
+		if err := os.WriteFile(filepath.Join(src, fmt.Sprintf("e%04d", i)), nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := b.build([]journal.File{changed(t, src)}); err != nil {
+		t.Fatal(err)
+	}
+	if root := inoOf(t, src); !b.sh.big[root] {
+		t.Fatalf("%d entries: the directory is not big", bigDirEntries+2)
+	}
+	ino := inoOf(t, filepath.Join(src, "a"))
+	dirRec := changed(t, src)
+	os.Remove(filepath.Join(src, "a"))
+	reused := ""
+	for i := 0; i < 50 && reused == ""; i++ {
+		p := filepath.Join(src, fmt.Sprintf("b%d", i))
+		writeRandom(t, p, 70)
+		if inoOf(t, p) == ino {
+			reused = p
+		}
+	}
+	if reused == "" {
+		t.Skipf("the filesystem of %s gave none of 50 new files the number of the removed one", src)
+	}
+	if _, err := b.build([]journal.File{dirRec}); err != nil {
+		t.Fatal(err)
+	}
+	d, err := os.Open(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gen, ok := generation(int(d.Fd()), filepath.Base(reused))
+	d.Close()
+	if !ok {
+		t.Skipf("no generation from the file handles of %s", src)
+	}
+	// The record of an earlier allocation (the number taken twice since
+	// the scan): looked up by its handle, it is not found.
+	f := journal.File{Key: capture.InodeKey{Ino: ino}, NewSeq: 5, NewGen: gen ^ 1, Gen: gen ^ 1, HasGen: true, MaxSeq: 5, Attr: true}
+	if _, err := b.build([]journal.File{changed(t, src), f}); err != nil {
+		t.Fatal(err)
+	}
+	sameTrees(t, src, dst)
+}
