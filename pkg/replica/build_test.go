@@ -643,28 +643,7 @@ func TestBuildRetiredNodeFoundAgainInItsDirectory(t *testing.T) {
 	if n, ok := b.sh.node(ino); !ok || n.genKnown {
 		t.Fatalf("the scanned file's node: found %v, generation known %v; want found, not known", ok, n.genKnown)
 	}
-	dirRec := changed(t, src) // the earlier pass's record, taken before
-	os.Remove(filepath.Join(src, "a"))
-	reused := ""
-	for i := 0; i < 50 && reused == ""; i++ {
-		p := filepath.Join(src, fmt.Sprintf("b%d", i))
-		writeRandom(t, p, 70)
-		if inoOf(t, p) == ino {
-			reused = p
-		}
-	}
-	if reused == "" {
-		t.Skipf("the filesystem of %s gave none of 50 new files the number of the removed one", src)
-	}
-	if _, err := b.build([]journal.File{dirRec}); err != nil {
-		t.Fatal(err)
-	}
-	d, err := os.Open(src)
-	if err != nil {
-		t.Fatal(err)
-	}
-	gen, ok := generation(int(d.Fd()), filepath.Base(reused))
-	d.Close()
+	gen, ok := passAfterReuse(t, src, b, ino)
 	f := journal.File{Key: capture.InodeKey{Ino: ino}, NewSeq: 5, NewGen: gen, Gen: gen, HasGen: ok, MaxSeq: 5, Attr: true}
 	f.Data.Add(0, 70)
 	if _, err := b.build([]journal.File{f}); err != nil {
@@ -693,7 +672,27 @@ func TestBuildRetiredNodeFoundAgainInBigDirectory(t *testing.T) {
 		t.Fatalf("%d entries: the directory is not big", bigDirEntries+2)
 	}
 	ino := inoOf(t, filepath.Join(src, "a"))
-	dirRec := changed(t, src)
+	gen, ok := passAfterReuse(t, src, b, ino)
+	if !ok {
+		t.Skipf("no generation from the file handles of %s", src)
+	}
+	// The record of an earlier allocation (the number taken twice since
+	// the scan): looked up by its handle, it is not found.
+	f := journal.File{Key: capture.InodeKey{Ino: ino}, NewSeq: 5, NewGen: gen ^ 1, Gen: gen ^ 1, HasGen: true, MaxSeq: 5, Attr: true}
+	if _, err := b.build([]journal.File{changed(t, src), f}); err != nil {
+		t.Fatal(err)
+	}
+	sameTrees(t, src, dst)
+}
+
+// passAfterReuse removes src/a (inode ino), makes new files until one
+// takes its number, then runs a pass with the directory's record taken
+// before (it finds the new file where a was, and ships it as a renamed a).
+// It returns the new file's generation, as a record of its allocation
+// carries it.
+func passAfterReuse(t *testing.T, src string, b *builder, ino uint64) (uint32, bool) {
+	t.Helper()
+	dirRec := changed(t, src) // the earlier pass's record, taken before
 	os.Remove(filepath.Join(src, "a"))
 	reused := ""
 	for i := 0; i < 50 && reused == ""; i++ {
@@ -713,16 +712,6 @@ func TestBuildRetiredNodeFoundAgainInBigDirectory(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	gen, ok := generation(int(d.Fd()), filepath.Base(reused))
-	d.Close()
-	if !ok {
-		t.Skipf("no generation from the file handles of %s", src)
-	}
-	// The record of an earlier allocation (the number taken twice since
-	// the scan): looked up by its handle, it is not found.
-	f := journal.File{Key: capture.InodeKey{Ino: ino}, NewSeq: 5, NewGen: gen ^ 1, Gen: gen ^ 1, HasGen: true, MaxSeq: 5, Attr: true}
-	if _, err := b.build([]journal.File{changed(t, src), f}); err != nil {
-		t.Fatal(err)
-	}
-	sameTrees(t, src, dst)
+	defer d.Close()
+	return generation(int(d.Fd()), filepath.Base(reused))
 }
