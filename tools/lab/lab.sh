@@ -170,7 +170,10 @@ gone() {
 		# A zombie not reaped yet has closed its files (and sockets) once
 		# it is its group's last thread: a leader that exits first is a
 		# zombie while its other threads still close the shared files.
-		state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)
+		# Gone between the two looks: sed fails, and under pipefail and
+		# set -e the assignment ended the script with sed's status 2, no
+		# message (CI: "killing duet on a: exit status 2").
+		state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 0
 		if [ "$state" = Z ] && [ "$(find "/proc/$1/task" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)" -le 1 ]; then
 			return 0
 		fi
