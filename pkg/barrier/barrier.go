@@ -179,12 +179,21 @@ func RunChild(args []string) error {
 	if err := unix.Sendmsg(3, []byte{0}, unix.UnixRights(int(fd)), nil, 0); err != nil {
 		return fmt.Errorf("handing the listener to the supervisor: %w", err)
 	}
-	unix.Close(int(fd))
 	unix.Close(3)
 	if sup, ok := os.LookupEnv(GroupEnv); ok {
+		// The group's leader keeps its copy of the listener (close-on-
+		// exec: the command does not get it) until it dies. When only
+		// the supervisor's copy was left, the supervisor's death closed
+		// the listener, and the kernel then answered every call held or
+		// made after with ENOSYS, until the leader's reaction to the
+		// parent-death signal killed the group: a service took "not
+		// implemented" from fdatasync for one that may have been done
+		// (TestHeldCallOutlivesDeadSupervisor). With this copy open
+		// those calls wait, unanswered, for the group's SIGKILL.
 		os.Unsetenv(GroupEnv)
 		return runGroup(path, args, sup)
 	}
+	unix.Close(int(fd))
 	return unix.Exec(path, args, os.Environ())
 }
 

@@ -94,6 +94,8 @@ func helper(mode string) int {
 		return x32Fsync()
 	case "fsync-storm":
 		return fsyncStorm()
+	case "fdatasync-loop":
+		return fdatasyncLoop(os.Getenv("DUET_BARRIER_PIDFILE"), os.Getenv("DUET_BARRIER_FILE"), os.Getenv("DUET_BARRIER_RESULT"))
 	case "open-storm":
 		return openStorm(os.Getenv("DUET_BARRIER_FILE"))
 	default:

@@ -2,6 +2,7 @@ package barrier
 
 import (
 	"bufio"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -18,14 +19,20 @@ import (
 // supervisorHelper plays the daemon (DUET_BARRIER_SUPERVISOR): it starts
 // `sh -c script` supervised, as duet starts a service (its own process
 // group, the parent-death signal, GroupEnv unless DUET_BARRIER_NOGROUP),
-// says "started" and waits to be killed.
+// says "started" and waits to be killed. With DUET_BARRIER_WAIT=forever
+// its barrier never confirms a durability call.
 func supervisorHelper(script string) int {
 	runtime.LockOSThread() // the parent-death signal follows the forking thread
 	self, err := os.Executable()
 	if err != nil {
 		return 100
 	}
-	_, err = Start(self, []string{"/bin/sh", "-c", script}, func(int32) error { return nil }, nil, func(c *exec.Cmd) {
+	wait := func(int32) error { return nil }
+	if os.Getenv("DUET_BARRIER_WAIT") == "forever" {
+		// A barrier still waiting for the peer when the daemon dies.
+		wait = func(int32) error { select {} }
+	}
+	_, err = Start(self, []string{"/bin/sh", "-c", script}, wait, nil, func(c *exec.Cmd) {
 		c.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 		c.Env = os.Environ()
 		if os.Getenv("DUET_BARRIER_NOGROUP") == "" {
@@ -80,6 +87,136 @@ func TestGroupChildOffMainThread(t *testing.T) {
 	if !waitGone(pid, 5*time.Second) {
 		unix.Kill(pid, unix.SIGKILL)
 		t.Errorf("the service's command (pid %d) outlived its SIGKILLed supervisor", pid)
+	}
+}
+
+// A durability call the daemon was holding when it died, or one made after,
+// must not return: the daemon cannot confirm it, and the process group
+// dies a moment later. Before, the kernel answered such calls with ENOSYS
+// as soon as the daemon's listener closed, and the service ran on with
+// that answer until the supervised child's reaction to the parent-death
+// signal killed it: MariaDB logged "fdatasync() returned 38" in the fault
+// campaign's kill-during-swap, 0.1 s after the daemon died. Here the child
+// is stopped (SIGSTOP) across the daemon's death, so that window lasts as
+// long as the test looks; the calls must wait, and end with the group's
+// SIGKILL once the child runs again.
+func TestCallsWaitForGroupKillAfterSupervisorDies(t *testing.T) {
+	for _, wait := range []string{"forever", "none"} {
+		t.Run("barrier-"+wait, func(t *testing.T) { callsAfterSupervisorDies(t, wait) })
+	}
+}
+
+func callsAfterSupervisorDies(t *testing.T, wait string) {
+	dir := t.TempDir()
+	file, result, pidFile := filepath.Join(dir, "data"), filepath.Join(dir, "result"), filepath.Join(dir, "pid")
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sup, _ := startSupervisor(t, true, "DUET_BARRIER_WAIT="+wait,
+		"DUET_BARRIER_SUPERVISOR=DUET_BARRIER_SUPERVISOR= '"+self+"' & wait",
+		"DUET_BARRIER_HELPER=fdatasync-loop", "DUET_BARRIER_FILE="+file,
+		"DUET_BARRIER_RESULT="+result, "DUET_BARRIER_PIDFILE="+pidFile)
+	pid := waitPidFile(t, pidFile)
+	leader, err := unix.Getpgid(pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The helper writes "calling" before its first fdatasync.
+	deadline := time.Now().Add(10 * time.Second)
+	for b, _ := os.ReadFile(result); string(b) != "calling\n"; b, _ = os.ReadFile(result) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the helper wrote %q, not \"calling\", in 10 s", b)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(50 * time.Millisecond) // into the calls
+	if err := unix.Kill(leader, unix.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	// Every thread of the child must have stopped before the daemon
+	// dies: a thread still running took the parent-death signal first
+	// (lower number) and killed the group, and the test saw nothing.
+	waitStopped(t, leader)
+	// The daemon's death orphans the group (no member is left with a
+	// parent outside it in the session), and the kernel sends an
+	// orphaned group with a stopped member SIGHUP and SIGCONT: the child
+	// ran again at once and the test was blind half the time. A member
+	// whose parent is this test keeps the group from being orphaned.
+	member := exec.Command("sleep", "60")
+	member.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pgid: leader}
+	if err := member.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		member.Process.Kill()
+		member.Wait()
+	}()
+	sup.Process.Kill()
+	sup.Wait()
+	time.Sleep(300 * time.Millisecond)
+	b, _ := os.ReadFile(result)
+	unix.Kill(leader, unix.SIGCONT)
+	gone := waitGone(pid, 5*time.Second)
+	if !gone {
+		unix.Kill(pid, unix.SIGKILL)
+	}
+	if !gone {
+		t.Errorf("the service (pid %d) outlived its SIGKILLed supervisor", pid)
+	}
+	if string(b) != "calling\n" {
+		t.Errorf("a durability call returned an error after the daemon died, before the service was killed: %q", b)
+	} else if b, _ := os.ReadFile(result); string(b) != "calling\n" {
+		t.Errorf("a durability call returned an error when the service was killed: %q", b)
+	}
+}
+
+// waitStopped waits until every thread of pid is stopped.
+func waitStopped(t *testing.T, pid int) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/stat", pid))
+		stopped := len(tasks) > 0
+		for _, task := range tasks {
+			b, _ := os.ReadFile(task)
+			// The state follows the command name, which is in parentheses.
+			if i := strings.LastIndexByte(string(b), ')'); i < 0 || !strings.HasPrefix(string(b[i:]), ") T") {
+				stopped = false
+			}
+		}
+		if stopped {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("pid %d not stopped 5 s after SIGSTOP", pid)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// fdatasyncLoop is the service of
+// TestCallsWaitForGroupKillAfterSupervisorDies: it writes its pid to
+// pidFile and "calling" to result, then calls fdatasync until one fails,
+// and appends that error to result.
+func fdatasyncLoop(pidFile, file, result string) int {
+	f, err := os.Create(file)
+	if err != nil {
+		return 100
+	}
+	f.WriteString("x")
+	if err := os.WriteFile(result, []byte("calling\n"), 0o644); err != nil {
+		return 100
+	}
+	if err := os.WriteFile(pidFile, []byte(strconv.Itoa(os.Getpid())), 0o644); err != nil {
+		return 100
+	}
+	for {
+		if err := unix.Fdatasync(int(f.Fd())); err != nil {
+			r, _ := os.OpenFile(result, os.O_WRONLY|os.O_APPEND, 0)
+			fmt.Fprintf(r, "returned: %v\n", err)
+			return 0
+		}
 	}
 }
 
