@@ -185,9 +185,18 @@ func (b *builder) build(files []journal.File) ([]journal.File, error) {
 	// records), and no later record of the directory need come. Unless
 	// the shadow's node is the inode that holds the number now: the
 	// record then reported an earlier allocation, freed since.
+	//
+	// A node whose generation the shadow does not know (found by a scan)
+	// and whose name leads to a regular file with its number now is kept:
+	// it may be that file, whose bytes the peer has. Retired, its names
+	// went from the peer and the file came back only with the reread of
+	// its directory, perhaps in a later batch: a primary lost between the
+	// two left the peer without a file whose writes it had acknowledged.
+	// Kept, the file is sent whole where it is, and its directories are
+	// read again for names it no longer has.
 	var reread []journal.File
 	rereadDir := map[uint64]bool{} // read whole, big or not
-	for _, f := range files {
+	for i, f := range files {
 		if f.Key.Dev != b.dev || f.NewSeq <= b.syncSeq {
 			continue
 		}
@@ -198,6 +207,13 @@ func (b *builder) build(files []journal.File) ([]journal.File, error) {
 		for _, l := range b.sh.names(f.Key.Ino) {
 			reread = append(reread, journal.File{Key: capture.InodeKey{Dev: b.dev, Ino: l.parent}, Attr: true, Rescan: b.sh.big[l.parent]})
 			rereadDir[l.parent] = true
+		}
+		if !n.genKnown && n.mode.IsRegular() {
+			if typ, gen, ok := b.holder(f.Key.Ino); ok && typ == unix.S_IFREG {
+				b.sh.setGen(f.Key.Ino, gen)
+				files[i].Attr, files[i].Rescan = true, true
+				continue
+			}
 		}
 		if err := b.retire(f.Key.Ino, f.NewGen); err != nil {
 			return nil, err
@@ -394,6 +410,14 @@ func (b *builder) current(ino uint64) bool {
 	if !ok || !n.genKnown {
 		return false
 	}
+	_, gen, ok := b.holder(ino)
+	return ok && gen == n.gen
+}
+
+// holder returns the file type (S_IFMT bits) and generation of the inode
+// that one of the shadow's names of ino leads to, when that inode has the
+// number ino: the one that holds the number now.
+func (b *builder) holder(ino uint64) (typ, gen uint32, ok bool) {
 	for _, l := range b.sh.names(ino) {
 		p, ok := b.sh.linkPath(l)
 		if !ok {
@@ -411,11 +435,11 @@ func (b *builder) current(ino uint64) bool {
 		err = unix.Fstatat(int(d.Fd()), name, &st, unix.AT_SYMLINK_NOFOLLOW)
 		gen, genOK := generation(int(d.Fd()), name)
 		d.Close()
-		if err == nil && st.Ino == ino && genOK && gen == n.gen {
-			return true
+		if err == nil && st.Ino == ino && genOK {
+			return st.Mode & unix.S_IFMT, gen, true
 		}
 	}
-	return false
+	return 0, 0, false
 }
 
 // retry requeues a change that barriers wait for; tried too long, it is

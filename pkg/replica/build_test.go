@@ -652,6 +652,104 @@ func TestBuildRetiredNodeFoundAgainInItsDirectory(t *testing.T) {
 	sameTrees(t, src, dst)
 }
 
+// A file found by a scan (the shadow knows no generation for it), then a
+// record of an allocation of its number: of the file itself (created while
+// the scan ran), or of an earlier one (freed before the scan). The node
+// was retired: its name went from the peer, and the file came back only
+// when its directory was read again in the same pass, perhaps in a later
+// batch; a primary lost between the two left the peer without a file
+// whose writes it had acknowledged. The file is now sent whole where it
+// is: the pass removes and creates nothing.
+func TestBuildScannedFileKeptForARecordOfItsNumber(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		gen  func(uint32) uint32
+	}{{"its own allocation", func(g uint32) uint32 { return g }}, {"an earlier allocation", func(g uint32) uint32 { return g ^ 1 }}} {
+		t.Run(c.name, func(t *testing.T) {
+			src, dst, b, sink := syncedPair(t, "a", "keep")
+			if err := os.Link(filepath.Join(src, "a"), filepath.Join(src, "h-a")); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := b.build([]journal.File{changed(t, src)}); err != nil {
+				t.Fatal(err)
+			}
+			ino := inoOf(t, filepath.Join(src, "a"))
+			if n, ok := b.sh.node(ino); !ok || n.genKnown {
+				t.Fatalf("the scanned file's node: found %v, generation known %v; want found, not known", ok, n.genKnown)
+			}
+			d, err := os.Open(src)
+			if err != nil {
+				t.Fatal(err)
+			}
+			gen, ok := generation(int(d.Fd()), "a")
+			d.Close()
+			if !ok {
+				t.Skipf("no generation from the file handles of %s", src)
+			}
+			sink.ops = nil
+			f := journal.File{Key: capture.InodeKey{Ino: ino}, NewSeq: 5, NewGen: c.gen(gen), Gen: c.gen(gen), HasGen: true, MaxSeq: 5}
+			if _, err := b.build([]journal.File{f}); err != nil {
+				t.Fatal(err)
+			}
+			for _, op := range sink.ops {
+				if op.Code == wire.OpRemove || op.Code == wire.OpCreate || op.Code == wire.OpRename {
+					t.Errorf("the pass sent %v %q: the live file was taken off the peer before it came back", op.Code, op.Path)
+				}
+			}
+			sameTrees(t, src, dst)
+			if n, _ := b.sh.node(ino); !n.genKnown || n.gen != gen {
+				t.Errorf("the shadow's node: generation %d (known %v), want %d", n.gen, n.genKnown, gen)
+			}
+		})
+	}
+}
+
+// The node kept for a record of its number must still end as the file
+// that lives at its name when that is another inode: a scanned file
+// removed, its number taken by a new file of another size under the same
+// name. A pass of the directory sees the same name and number and ships
+// nothing; the new file's record must have it sent whole.
+func TestBuildScannedNodeReplacedUnderItsName(t *testing.T) {
+	src, dst, b, _ := syncedPair(t, "a", "keep")
+	ino := inoOf(t, filepath.Join(src, "a"))
+	dirRec := changed(t, src)
+	os.Remove(filepath.Join(src, "a"))
+	reused := ""
+	for i := 0; i < 50 && reused == ""; i++ {
+		p := filepath.Join(src, fmt.Sprintf("b%d", i))
+		writeRandom(t, p, 37)
+		if inoOf(t, p) == ino {
+			reused = p
+		} else {
+			os.Remove(p)
+		}
+	}
+	if reused == "" {
+		t.Skipf("the filesystem of %s gave none of 50 new files the number of the removed one", src)
+	}
+	if err := os.Rename(reused, filepath.Join(src, "a")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.build([]journal.File{dirRec}); err != nil {
+		t.Fatal(err)
+	}
+	d, err := os.Open(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gen, ok := generation(int(d.Fd()), "a")
+	d.Close()
+	if !ok {
+		t.Skipf("no generation from the file handles of %s", src)
+	}
+	f := journal.File{Key: capture.InodeKey{Ino: ino}, NewSeq: 5, NewGen: gen, Gen: gen, HasGen: true, MaxSeq: 5, Attr: true}
+	f.Data.Add(0, 37)
+	if _, err := b.build([]journal.File{f}); err != nil {
+		t.Fatal(err)
+	}
+	sameTrees(t, src, dst)
+}
+
 // TestBuildRetiredNodeFoundAgainInItsDirectory in a big directory that
 // has a record of its own in the pass, with a record of an earlier
 // allocation (its handle finds nothing, so no name is looked up for it):
