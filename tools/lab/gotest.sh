@@ -18,6 +18,8 @@ if [ "$rc" -ne 0 ]; then
 	echo
 	echo "== go test failed (exit $rc). The failing tests' own lines, without the daemons' logs:"
 	awk '
+	# The last 200 lines kept, oldest first.
+	function flush(  i) { for (i = (n > 200 ? n - 200 : 0); i < n; i++) print buf[i % 200] }
 	# A top-level test starts: its lines so far are dropped.
 	/^=== RUN   / { if ($3 !~ /\//) { n = 0; name = $3 } ; next }
 	/^=== / { next }
@@ -25,12 +27,12 @@ if [ "$rc" -ne 0 ]; then
 		dump = 0
 		print ""
 		print $0
-		for (i = (n > 200 ? n - 200 : 0); i < n; i++) print buf[i % 200]
+		flush()
 		failed = 1
 		n = 0
 		next
 	}
-	# The daemons logs a failing lab test prints (lab.go: "--- a.log
+	# The logs of the daemons that a failing lab test prints (lab.go: "--- a.log
 	# (last 32 KiB ...") run until the next line a test logged.
 	/^ +[A-Za-z0-9_]+\.go:[0-9]+: / { dump = ($0 ~ /^ +lab\.go:[0-9]+: --- .*\.log \(last/); buf[n % 200] = $0; n++; next }
 	dump { next }
@@ -40,7 +42,7 @@ if [ "$rc" -ne 0 ]; then
 		if (!failed && n > 0) {
 			print ""
 			print "(no --- FAIL line: the test binary ended early; the last lines of " name ")"
-			for (i = (n > 200 ? n - 200 : 0); i < n; i++) print buf[i % 200]
+			flush()
 		}
 	}' "$out"
 fi
