@@ -188,7 +188,7 @@ func RunChild(args []string) error {
 		// made after with ENOSYS, until the leader's reaction to the
 		// parent-death signal killed the group: a service took "not
 		// implemented" from fdatasync for one that may have been done
-		// (TestHeldCallOutlivesDeadSupervisor). With this copy open
+		// (TestCallsWaitForGroupKillAfterSupervisorDies). With this copy open
 		// those calls wait, unanswered, for the group's SIGKILL.
 		os.Unsetenv(GroupEnv)
 		return runGroup(path, args, sup)
@@ -376,6 +376,13 @@ func serve(listener int, sup supervisor) {
 			if errors.Is(err, unix.EINTR) {
 				continue
 			}
+			if errors.Is(err, unix.ENOMEM) || errors.Is(err, unix.EAGAIN) {
+				time.Sleep(10 * time.Millisecond)
+				continue
+			}
+			// A group's leader holds the listener too (RunChild): its
+			// processes' calls now wait, unanswered, until they stop.
+			fmt.Fprintf(os.Stderr, "duet: the barrier stopped answering durability calls (poll: %v): they wait until the supervised processes are stopped\n", err)
 			return
 		}
 		if fds[0].Revents&unix.POLLIN == 0 {
@@ -394,7 +401,10 @@ func serve(listener int, sup supervisor) {
 				// process went): poll says which.
 				continue
 			}
-			return // ENOTCONN etc.: no process left with the filter
+			if !errors.Is(err, unix.ENOTCONN) { // ENOTCONN: no process left with the filter
+				fmt.Fprintf(os.Stderr, "duet: the barrier stopped answering durability calls (receive: %v): they wait until the supervised processes are stopped\n", err)
+			}
+			return
 		}
 		calls.Add(1)
 		go func() {

@@ -117,11 +117,17 @@ func callsAfterSupervisorDies(t *testing.T, wait string) {
 		"DUET_BARRIER_SUPERVISOR=DUET_BARRIER_SUPERVISOR= '"+self+"' & wait",
 		"DUET_BARRIER_HELPER=fdatasync-loop", "DUET_BARRIER_FILE="+file,
 		"DUET_BARRIER_RESULT="+result, "DUET_BARRIER_PIDFILE="+pidFile)
+	defer func() {
+		sup.Process.Kill()
+		sup.Wait() // a second Wait only says so
+	}()
 	pid := waitPidFile(t, pidFile)
 	leader, err := unix.Getpgid(pid)
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Whatever failed, the group goes (stopped or not).
+	defer unix.Kill(-leader, unix.SIGKILL)
 	// The helper writes "calling" before its first fdatasync.
 	deadline := time.Now().Add(10 * time.Second)
 	for b, _ := os.ReadFile(result); string(b) != "calling\n"; b, _ = os.ReadFile(result) {

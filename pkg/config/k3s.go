@@ -432,14 +432,17 @@ func (k *K3S) mariadbStart(run string) string {
 // log closed cleanly with nothing prepared is scanned and nothing done.
 // The event's checksum is computed with the flag cleared, so it still
 // holds. Only a file that starts like a binary log (magic, a format
-// description event) is written; a failure is reported, not fatal.
+// description event) is written; a failure is reported, not fatal. The
+// binary log is the one the module names (--log-bin=binlog): a
+// --log-bin or --log-bin-index in k3s.mysql_args leaves this step
+// without a file to mark.
 func markBinlogInUse(d string) string {
 	return strings.Join([]string{
 		fmt.Sprintf("if [ -s %s/binlog.index ]; then", d),
 		fmt.Sprintf("  last=$(tail -n 1 %s/binlog.index)", d),
 		fmt.Sprintf("  case $last in /*) ;; *) last=%s/${last#./} ;; esac", d),
-		`  if [ -f "$last" ] && [ "$(od -An -tx1 -N4 "$last" | tr -d ' \n')" = fe62696e ] &&`,
-		`    [ "$(od -An -tx1 -j8 -N1 "$last" | tr -d ' \n')" = 0f ] && [ "$(od -An -tx1 -j21 -N1 "$last" | tr -d ' \n')" = 00 ]; then`,
+		`  if [ -f "$last" ] && [ "$(od -An -tx1 -N4 "$last" 2>/dev/null | tr -d ' \n')" = fe62696e ] &&`,
+		`    [ "$(od -An -tx1 -j8 -N1 "$last" 2>/dev/null | tr -d ' \n')" = 0f ] && [ "$(od -An -tx1 -j21 -N1 "$last" 2>/dev/null | tr -d ' \n')" = 00 ]; then`,
 		`    printf '\001' | dd of="$last" bs=1 seek=21 count=1 conv=notrunc status=none ||`,
 		`      echo "duet k3s: could not mark $last in use: MariaDB may find prepared transactions it does not recover" >&2`,
 		"  fi",

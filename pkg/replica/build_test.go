@@ -706,9 +706,12 @@ func TestBuildScannedFileKeptForARecordOfItsNumber(t *testing.T) {
 
 // The node kept for a record of its number must still end as the file
 // that lives at its name when that is another inode: a scanned file
-// removed, its number taken by a new file of another size under the same
-// name. A pass of the directory sees the same name and number and ships
-// nothing; the new file's record must have it sent whole.
+// removed, its number taken by a new file under the same name. A pass of
+// the directory sees the same name and number and ships nothing; the new
+// file's record names only the bytes it wrote, and the rest of the new
+// file (a hole here, of the old file's size) must replace the old bytes
+// the peer still has: the file is sent whole. Without that, "a: content
+// differs at offset 0" (from a review).
 func TestBuildScannedNodeReplacedUnderItsName(t *testing.T) {
 	src, dst, b, _ := syncedPair(t, "a", "keep")
 	ino := inoOf(t, filepath.Join(src, "a"))
@@ -717,7 +720,10 @@ func TestBuildScannedNodeReplacedUnderItsName(t *testing.T) {
 	reused := ""
 	for i := 0; i < 50 && reused == ""; i++ {
 		p := filepath.Join(src, fmt.Sprintf("b%d", i))
-		writeRandom(t, p, 37)
+		writeRandom(t, p, 10)
+		if err := os.Truncate(p, 100); err != nil {
+			t.Fatal(err)
+		}
 		if inoOf(t, p) == ino {
 			reused = p
 		} else {
@@ -743,7 +749,7 @@ func TestBuildScannedNodeReplacedUnderItsName(t *testing.T) {
 		t.Skipf("no generation from the file handles of %s", src)
 	}
 	f := journal.File{Key: capture.InodeKey{Ino: ino}, NewSeq: 5, NewGen: gen, Gen: gen, HasGen: true, MaxSeq: 5, Attr: true}
-	f.Data.Add(0, 37)
+	f.Data.Add(0, 10)
 	if _, err := b.build([]journal.File{f}); err != nil {
 		t.Fatal(err)
 	}
