@@ -38,12 +38,26 @@ type persisted struct {
 
 func (n *Node) statePath() string { return filepath.Join(n.cfg.StateDir, "cluster.json") }
 
+// staleMarkPath is where persist moves cluster.json when it cannot save a
+// state whose copy is stale (see markStale).
+func (n *Node) staleMarkPath() string { return filepath.Join(n.cfg.StateDir, "cluster.stale.json") }
+
 // loadMachine restores epoch and staleness. A node that last served holds
 // the reference copy; one that was SECOND may have missed what its peer
 // wrote since; a fresh pair trusts the configured primary.
 func (n *Node) loadMachine() (cluster.Machine, error) {
 	m := cluster.Machine{Name: n.cfg.Node, ID: n.cfg.EpochID(), State: cluster.Wait, Preferred: n.cfg.Role == config.RolePrimary}
-	b, err := os.ReadFile(n.statePath())
+	path := n.statePath()
+	b, err := os.ReadFile(path)
+	marked := false
+	if errors.Is(err, os.ErrNotExist) {
+		// A stale state whose save failed (markStale): the last state
+		// saved, if any, under another name that says the copy is stale.
+		path = n.staleMarkPath()
+		if b, err = os.ReadFile(path); err == nil {
+			marked = true
+		}
+	}
 	if errors.Is(err, os.ErrNotExist) {
 		m.Stale = !m.Preferred
 		return m, nil
@@ -52,10 +66,16 @@ func (n *Node) loadMachine() (cluster.Machine, error) {
 		return m, fmt.Errorf("cluster state: %w", err)
 	}
 	var p persisted
-	if err := json.Unmarshal(b, &p); err != nil {
-		return m, fmt.Errorf("cluster state %s: %w (move it away to start as a fresh node)", n.statePath(), err)
+	if len(b) > 0 || !marked {
+		if err := json.Unmarshal(b, &p); err != nil {
+			return m, fmt.Errorf("cluster state %s: %w (move it away to start as a fresh node)", path, err)
+		}
 	}
 	m.Epoch, m.Stale = p.Epoch, p.Stale
+	if marked {
+		m.Stale = true
+		return m, nil
+	}
 	switch p.State {
 	case "PRIM", "ALONE":
 		m.Stale = false
@@ -65,13 +85,46 @@ func (n *Node) loadMachine() (cluster.Machine, error) {
 	return m, nil
 }
 
-// persist saves the machine's lasting part in cluster.json.
+// persist saves the machine's lasting part in cluster.json. When that
+// fails for a state whose copy is stale, the copy is marked stale another
+// way (markStale), which needs no free space: a restart must not take the
+// last state saved (PRIM, say) for the truth and serve an older copy.
 func (n *Node) persist(m cluster.Machine) error {
 	b, _ := json.Marshal(persisted{State: m.State.String(), Epoch: m.Epoch, Stale: m.Stale})
 	if err := writeDurable(n.statePath(), b); err != nil {
-		return fmt.Errorf("saving cluster state: %w", err)
+		err = fmt.Errorf("saving cluster state: %w", err)
+		if m.Stale || m.State == cluster.Second {
+			if merr := n.markStale(); merr != nil {
+				return fmt.Errorf("%w; marking the copy stale failed too: %v", err, merr)
+			}
+			return fmt.Errorf("%w; the copy is marked stale (%s) for a restart", err, n.staleMarkPath())
+		}
+		return err
+	}
+	// Saved: a mark left by an earlier failure is older than this state.
+	if err := os.Remove(n.staleMarkPath()); err == nil {
+		syncDir(n.cfg.StateDir)
 	}
 	return nil
+}
+
+// markStale renames cluster.json to cluster.stale.json (an empty file
+// when there is none), which loadMachine reads as "this copy is stale"
+// with the epoch last saved. A rename within a directory, or an empty
+// file, needs no data block: it works on a full disk, where a new
+// cluster.json could not be written.
+func (n *Node) markStale() error {
+	err := os.Rename(n.statePath(), n.staleMarkPath())
+	if errors.Is(err, os.ErrNotExist) {
+		var f *os.File
+		if f, err = os.OpenFile(n.staleMarkPath(), os.O_WRONLY|os.O_CREATE, 0o644); err == nil {
+			err = f.Close()
+		}
+	}
+	if err != nil {
+		return err
+	}
+	return syncDir(n.cfg.StateDir)
 }
 
 // writeDurable replaces the file at path with b so that a crash leaves

@@ -87,6 +87,57 @@ func TestStepDownNotSavedStillUnserves(t *testing.T) {
 	}
 }
 
+// A step down whose state cannot be saved (the state directory's disk
+// full) must still be known at a restart: before, cluster.json kept the
+// last state saved, PRIM, and the restarted node took its copy for the
+// reference and served it, older than its peer's (the writes of the
+// peer's term lost at the next resync from it).
+func TestStaleStateNotSavedKnownAfterRestart(t *testing.T) {
+	for _, saved := range []bool{true, false} {
+		dir := t.TempDir()
+		n := testNode(t, dir)
+		n.cfg.Role = config.RolePrimary
+		prim := cluster.Machine{Name: "nodeB", ID: 2, State: cluster.Prim, Epoch: 2<<8 | 2}
+		if saved {
+			if err := n.persist(prim); err != nil {
+				t.Fatal(err)
+			}
+		}
+		// The write of a new cluster.json fails (as on a full disk).
+		if err := os.Mkdir(filepath.Join(dir, "cluster.json.tmp"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		next, acts := cluster.Step(prim, cluster.Event{Kind: cluster.EvPeer, Peer: cluster.Peer{Seen: true, Name: "nodeA", State: cluster.Alone, Epoch: 3<<8 | 1}})
+		if !next.Stale && next.State != cluster.Second {
+			t.Fatalf("the step does not make the copy stale: %+v", next)
+		}
+		var got []cluster.Do
+		if _, err := n.carryOut(prim, next, acts, record(&got)); err != nil {
+			t.Fatal(err)
+		}
+		m, err := n.loadMachine()
+		if err != nil || !m.Stale {
+			t.Fatalf("state saved before: %v; after a restart: %+v %v, want stale", saved, m, err)
+		}
+		if saved && m.Epoch != prim.Epoch {
+			t.Errorf("after a restart: epoch %d, want the last saved, %d", m.Epoch, prim.Epoch)
+		}
+		// Saved again once there is room: the mark goes.
+		os.Remove(filepath.Join(dir, "cluster.json.tmp"))
+		back := next
+		back.State, back.Stale = cluster.Prim, false
+		if err := n.persist(back); err != nil {
+			t.Fatal(err)
+		}
+		if m, err := n.loadMachine(); err != nil || m.Stale {
+			t.Fatalf("saved again: %+v %v, want not stale", m, err)
+		}
+		if _, err := os.Stat(filepath.Join(dir, "cluster.stale.json")); !os.IsNotExist(err) {
+			t.Errorf("the stale mark outlived a state saved after it: %v", err)
+		}
+	}
+}
+
 // TestResyncingCopyNoTakeover: a SECOND whose copy of one directory a
 // resync is rewriting (its Meta not Consistent) does not take over when
 // its peer is lost, and says which directory; fresh copies and whole
