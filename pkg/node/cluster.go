@@ -66,16 +66,18 @@ func (n *Node) loadMachine() (cluster.Machine, error) {
 		return m, fmt.Errorf("cluster state: %w", err)
 	}
 	var p persisted
-	if len(b) > 0 || !marked {
-		if err := json.Unmarshal(b, &p); err != nil {
-			return m, fmt.Errorf("cluster state %s: %w (move it away to start as a fresh node)", path, err)
-		}
-	}
-	m.Epoch, m.Stale = p.Epoch, p.Stale
 	if marked {
-		m.Stale = true
+		// Stale whatever it holds: empty (there was no state), or even
+		// damaged (epoch 0 then); "move it away" would make a fresh,
+		// perhaps preferred, node of it.
+		json.Unmarshal(b, &p)
+		m.Epoch, m.Stale = p.Epoch, true
 		return m, nil
 	}
+	if err := json.Unmarshal(b, &p); err != nil {
+		return m, fmt.Errorf("cluster state %s: %w (move it away to start as a fresh node)", path, err)
+	}
+	m.Epoch, m.Stale = p.Epoch, p.Stale
 	switch p.State {
 	case "PRIM", "ALONE":
 		m.Stale = false
@@ -95,12 +97,15 @@ func (n *Node) persist(m cluster.Machine) error {
 		err = fmt.Errorf("saving cluster state: %w", err)
 		if m.Stale || m.State == cluster.Second {
 			if merr := n.markStale(); merr != nil {
-				return fmt.Errorf("%w; marking the copy stale failed too: %v", err, merr)
+				n.staleUnsaved.Store(true)
+				return fmt.Errorf("%w; marking the copy stale failed too (%v): the heartbeats do not say stale until it is saved", err, merr)
 			}
+			n.staleUnsaved.Store(false)
 			return fmt.Errorf("%w; the copy is marked stale (%s) for a restart", err, n.staleMarkPath())
 		}
 		return err
 	}
+	n.staleUnsaved.Store(false)
 	// Saved: a mark left by an earlier failure is older than this state.
 	if err := os.Remove(n.staleMarkPath()); err == nil {
 		syncDir(n.cfg.StateDir)
@@ -291,6 +296,11 @@ func (n *Node) heartbeat() cluster.Heartbeat {
 	n.hbMu.Unlock()
 	m := n.machine.Load()
 	h.Name, h.State, h.Epoch, h.Stale, h.Preferred, h.Handover = m.Name, m.State, m.Epoch, m.Stale, m.Preferred, m.HandedOver
+	if h.Stale && n.staleUnsaved.Load() {
+		// Said only once a restart would know it too: the primary
+		// releases its held calls on this node's "stale".
+		h.Stale = false
+	}
 	// Asked before relMu, and smu not taken under it: Streaming takes a
 	// Primary's lock, under which a waiting durability call takes relMu
 	// (tryRelease), and smu's holders may wait for that lock too.
@@ -615,6 +625,12 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 		case <-isolation:
 			apply(cluster.Event{Kind: cluster.EvIsolated})
 		case <-t.C:
+			if n.staleUnsaved.Load() {
+				if n.persist(m); !n.staleUnsaved.Load() {
+					n.log.Info("cluster state saved at last: the heartbeats say this copy is stale", "state", m.State.String(), "epoch", m.Epoch)
+					n.kickHeartbeat()
+				}
+			}
 			last := time.Unix(0, n.lastHeartbeat.Load())
 			if m.Peer.Seen && m.State == cluster.Second && time.Since(last) > n.precheckAfter() {
 				n.startPrecheck(last.UnixNano())

@@ -138,6 +138,53 @@ func TestStaleStateNotSavedKnownAfterRestart(t *testing.T) {
 	}
 }
 
+// When the stale mark cannot be made either (the state directory read-only
+// after an error, say), the heartbeats must not say stale: the primary
+// releases its held calls on it, and a restart of this node would find it
+// not stale. Once a later tick saves the state, they say it (from a
+// review: "restart: stale false" after the heartbeats had said stale).
+func TestStaleNotSaidUntilSaved(t *testing.T) {
+	dir := t.TempDir()
+	n := testNode(t, dir)
+	n.cfg.Role = config.RolePrimary
+	var err error
+	if n.guard, err = newGuard(n.cfg); err != nil {
+		t.Fatal(err)
+	}
+	prim := cluster.Machine{Name: "nodeB", ID: 2, State: cluster.Prim, Epoch: 2<<8 | 2}
+	if err := n.persist(prim); err != nil {
+		t.Fatal(err)
+	}
+	// Neither a new cluster.json nor the rename to the mark can be made.
+	for _, d := range []string{"cluster.json.tmp", "cluster.stale.json/x"} {
+		if err := os.MkdirAll(filepath.Join(dir, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	next, acts := cluster.Step(prim, cluster.Event{Kind: cluster.EvPeer, Peer: cluster.Peer{Seen: true, Name: "nodeA", State: cluster.Alone, Epoch: 3<<8 | 1}})
+	var got []cluster.Do
+	m, err := n.carryOut(prim, next, acts, record(&got))
+	if err != nil || !m.Stale {
+		t.Fatalf("step down: %+v %v, want a stale machine", m, err)
+	}
+	n.machine.Store(&m)
+	if r, _ := n.loadMachine(); r.Stale {
+		t.Fatal("the test cannot see it: the state on disk says stale")
+	}
+	if n.heartbeat().Stale {
+		t.Error("the heartbeats say stale while a restart would find this node not stale")
+	}
+	// Room again: the next tick's save makes both say stale.
+	os.RemoveAll(filepath.Join(dir, "cluster.json.tmp"))
+	n.persist(m)
+	if r, err := n.loadMachine(); err != nil || !r.Stale {
+		t.Fatalf("saved at last: %+v %v, want stale", r, err)
+	}
+	if !n.heartbeat().Stale {
+		t.Error("the heartbeats do not say stale once it is saved")
+	}
+}
+
 // TestResyncingCopyNoTakeover: a SECOND whose copy of one directory a
 // resync is rewriting (its Meta not Consistent) does not take over when
 // its peer is lost, and says which directory; fresh copies and whole

@@ -213,6 +213,12 @@ type Node struct {
 	// durability call is released).
 	announcedAlone atomic.Uint64
 	hbKick         chan struct{}
+	// staleUnsaved is set while this node's copy is stale and neither
+	// cluster.json nor the stale mark could say so on disk (persist): the
+	// heartbeats then do not say stale, so the primary keeps holding its
+	// calls (a restart would find this node not stale); the loop tries
+	// the save again each tick.
+	staleUnsaved atomic.Bool
 	// peerLostAt is when the peer was last declared lost, witnessOK when
 	// the witness last answered (unix ns).
 	peerLostAt atomic.Int64
