@@ -677,15 +677,7 @@ func TestBuildScannedFileKeptForARecordOfItsNumber(t *testing.T) {
 			if n, ok := b.sh.node(ino); !ok || n.genKnown {
 				t.Fatalf("the scanned file's node: found %v, generation known %v; want found, not known", ok, n.genKnown)
 			}
-			d, err := os.Open(src)
-			if err != nil {
-				t.Fatal(err)
-			}
-			gen, ok := generation(int(d.Fd()), "a")
-			d.Close()
-			if !ok {
-				t.Skipf("no generation from the file handles of %s", src)
-			}
+			gen := nameGen(t, src, "a")
 			sink.ops = nil
 			f := journal.File{Key: capture.InodeKey{Ino: ino}, NewSeq: 5, NewGen: c.gen(gen), Gen: c.gen(gen), HasGen: true, MaxSeq: 5}
 			if _, err := b.build([]journal.File{f}); err != nil {
@@ -739,15 +731,7 @@ func TestBuildScannedNodeReplacedUnderItsName(t *testing.T) {
 	if _, err := b.build([]journal.File{dirRec}); err != nil {
 		t.Fatal(err)
 	}
-	d, err := os.Open(src)
-	if err != nil {
-		t.Fatal(err)
-	}
-	gen, ok := generation(int(d.Fd()), "a")
-	d.Close()
-	if !ok {
-		t.Skipf("no generation from the file handles of %s", src)
-	}
+	gen := nameGen(t, src, "a")
 	f := journal.File{Key: capture.InodeKey{Ino: ino}, NewSeq: 5, NewGen: gen, Gen: gen, HasGen: true, MaxSeq: 5, Attr: true}
 	f.Data.Add(0, 10)
 	if _, err := b.build([]journal.File{f}); err != nil {
@@ -787,6 +771,22 @@ func TestBuildRetiredNodeFoundAgainInBigDirectory(t *testing.T) {
 		t.Fatal(err)
 	}
 	sameTrees(t, src, dst)
+}
+
+// nameGen is the generation of dir/name's inode, from its file handle; the
+// test is skipped on a filesystem whose handles give none.
+func nameGen(t *testing.T, dir, name string) uint32 {
+	t.Helper()
+	d, err := os.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	gen, ok := generation(int(d.Fd()), name)
+	if !ok {
+		t.Skipf("no generation from the file handles of %s", dir)
+	}
+	return gen
 }
 
 // passAfterReuse removes src/a (inode ino), makes new files until one
