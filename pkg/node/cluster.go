@@ -97,8 +97,16 @@ func (n *Node) persist(m cluster.Machine) error {
 		err = fmt.Errorf("saving cluster state: %w", err)
 		if m.Stale || m.State == cluster.Second {
 			if merr := n.markStale(); merr != nil {
-				n.staleUnsaved.Store(true)
-				return fmt.Errorf("%w; marking the copy stale failed too (%v): the heartbeats do not say stale until it is saved", err, merr)
+				// Hidden only if a restart would not know it: a disk
+				// that says SECOND, stale, or holds a mark (a state
+				// directory gone read-only keeps them) already does,
+				// and hiding it would hold every call on the primary.
+				if r, lerr := n.loadMachine(); lerr == nil && !r.Stale {
+					n.staleUnsaved.Store(true)
+					return fmt.Errorf("%w; marking the copy stale failed too (%v): the heartbeats do not say stale until it is saved", err, merr)
+				}
+				n.staleUnsaved.Store(false)
+				return fmt.Errorf("%w; marking the copy stale failed too (%v), but the state on disk already says stale", err, merr)
 			}
 			n.staleUnsaved.Store(false)
 			return fmt.Errorf("%w; the copy is marked stale (%s) for a restart", err, n.staleMarkPath())
@@ -627,7 +635,7 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 		case <-t.C:
 			if n.staleUnsaved.Load() {
 				if n.persist(m); !n.staleUnsaved.Load() {
-					n.log.Info("cluster state saved at last: the heartbeats say this copy is stale", "state", m.State.String(), "epoch", m.Epoch)
+					n.log.Info("cluster state saved (or the copy marked stale) at last", "state", m.State.String(), "epoch", m.Epoch, "stale", m.Stale)
 					n.kickHeartbeat()
 				}
 			}

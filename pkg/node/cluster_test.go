@@ -185,6 +185,39 @@ func TestStaleNotSaidUntilSaved(t *testing.T) {
 	}
 }
 
+// A state directory gone read-only: neither the save nor the mark can be
+// written, but cluster.json already says SECOND (which loads stale). The
+// heartbeats must still say stale: hiding it would hold every durability
+// call on the primary, which waits for a stale or confirming peer (from a
+// review).
+func TestStaleSaidWhenDiskAlreadySaysIt(t *testing.T) {
+	dir := t.TempDir()
+	n := testNode(t, dir)
+	n.cfg.Role = config.RolePrimary
+	var err error
+	if n.guard, err = newGuard(n.cfg); err != nil {
+		t.Fatal(err)
+	}
+	second := cluster.Machine{Name: "nodeB", ID: 2, State: cluster.Second, Epoch: 2<<8 | 2}
+	if err := n.persist(second); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []string{"cluster.json.tmp", "cluster.stale.json/x"} {
+		if err := os.MkdirAll(filepath.Join(dir, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	stale := second
+	stale.State, stale.Stale = cluster.Wait, true
+	if err := n.persist(stale); err == nil {
+		t.Fatal("the save did not fail: the test sees nothing")
+	}
+	n.machine.Store(&stale)
+	if !n.heartbeat().Stale {
+		t.Error("the heartbeats hide stale although cluster.json (SECOND) already says it to a restart")
+	}
+}
+
 // TestResyncingCopyNoTakeover: a SECOND whose copy of one directory a
 // resync is rewriting (its Meta not Consistent) does not take over when
 // its peer is lost, and says which directory; fresh copies and whole
