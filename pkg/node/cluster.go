@@ -89,7 +89,7 @@ func (n *Node) loadMachine() (cluster.Machine, error) {
 
 // persist saves the machine's lasting part in cluster.json. When that
 // fails for a state whose copy is stale, the copy is marked stale another
-// way (markStale), which needs no free space: a restart must not take the
+// way (markStale), which needs no data block: a restart must not take the
 // last state saved (PRIM, say) for the truth and serve an older copy.
 func (n *Node) persist(m cluster.Machine) error {
 	b, _ := json.Marshal(persisted{State: m.State.String(), Epoch: m.Epoch, Stale: m.Stale})
