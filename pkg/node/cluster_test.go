@@ -144,23 +144,8 @@ func TestStaleStateNotSavedKnownAfterRestart(t *testing.T) {
 // not stale. Once a later tick saves the state, they say it (from a
 // review: "restart: stale false" after the heartbeats had said stale).
 func TestStaleNotSaidUntilSaved(t *testing.T) {
-	dir := t.TempDir()
-	n := testNode(t, dir)
-	n.cfg.Role = config.RolePrimary
-	var err error
-	if n.guard, err = newGuard(n.cfg); err != nil {
-		t.Fatal(err)
-	}
 	prim := cluster.Machine{Name: "nodeB", ID: 2, State: cluster.Prim, Epoch: 2<<8 | 2}
-	if err := n.persist(prim); err != nil {
-		t.Fatal(err)
-	}
-	// Neither a new cluster.json nor the rename to the mark can be made.
-	for _, d := range []string{"cluster.json.tmp", "cluster.stale.json/x"} {
-		if err := os.MkdirAll(filepath.Join(dir, d), 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
+	n, dir := stateDirWritesFail(t, prim)
 	next, acts := cluster.Step(prim, cluster.Event{Kind: cluster.EvPeer, Peer: cluster.Peer{Seen: true, Name: "nodeA", State: cluster.Alone, Epoch: 3<<8 | 1}})
 	var got []cluster.Do
 	m, err := n.carryOut(prim, next, acts, record(&got))
@@ -191,22 +176,8 @@ func TestStaleNotSaidUntilSaved(t *testing.T) {
 // call on the primary, which waits for a stale or confirming peer (from a
 // review).
 func TestStaleSaidWhenDiskAlreadySaysIt(t *testing.T) {
-	dir := t.TempDir()
-	n := testNode(t, dir)
-	n.cfg.Role = config.RolePrimary
-	var err error
-	if n.guard, err = newGuard(n.cfg); err != nil {
-		t.Fatal(err)
-	}
 	second := cluster.Machine{Name: "nodeB", ID: 2, State: cluster.Second, Epoch: 2<<8 | 2}
-	if err := n.persist(second); err != nil {
-		t.Fatal(err)
-	}
-	for _, d := range []string{"cluster.json.tmp", "cluster.stale.json/x"} {
-		if err := os.MkdirAll(filepath.Join(dir, d), 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
+	n, _ := stateDirWritesFail(t, second)
 	stale := second
 	stale.State, stale.Stale = cluster.Wait, true
 	if err := n.persist(stale); err == nil {
@@ -216,6 +187,29 @@ func TestStaleSaidWhenDiskAlreadySaysIt(t *testing.T) {
 	if !n.heartbeat().Stale {
 		t.Error("the heartbeats hide stale although cluster.json (SECOND) already says it to a restart")
 	}
+}
+
+// stateDirWritesFail returns a node (primary by role, heartbeats ready)
+// whose state directory holds saved, and in which from now on neither a
+// new cluster.json nor the rename to the stale mark can be made.
+func stateDirWritesFail(t *testing.T, saved cluster.Machine) (*Node, string) {
+	t.Helper()
+	dir := t.TempDir()
+	n := testNode(t, dir)
+	n.cfg.Role = config.RolePrimary
+	var err error
+	if n.guard, err = newGuard(n.cfg); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.persist(saved); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []string{"cluster.json.tmp", "cluster.stale.json/x"} {
+		if err := os.MkdirAll(filepath.Join(dir, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return n, dir
 }
 
 // TestResyncingCopyNoTakeover: a SECOND whose copy of one directory a
