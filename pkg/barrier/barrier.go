@@ -15,6 +15,7 @@ import (
 	"os/signal"
 	"runtime"
 	"slices"
+	"strconv"
 	"sync"
 	"syscall"
 	"time"
@@ -154,7 +155,8 @@ func filter() []unix.SockFilter {
 
 // RunChild is the child side: install the filter on this thread, send the
 // listener to the parent on fd 3, exec args (or, with GroupEnv, run them
-// as a child: runGroup). It returns only on error.
+// as a child: runGroup; with ExecEnv: runExecLeader). It returns only on
+// error.
 func RunChild(args []string) error {
 	if len(args) == 0 {
 		return errors.New("no command to run")
@@ -192,6 +194,12 @@ func RunChild(args []string) error {
 		// those calls wait, unanswered, for the group's SIGKILL.
 		os.Unsetenv(GroupEnv)
 		return runGroup(path, args, sup)
+	}
+	if parent, ok := os.LookupEnv(ExecEnv); ok {
+		// duet exec's command: this process stays between them and
+		// keeps its copy of the listener (runExecLeader).
+		os.Unsetenv(ExecEnv)
+		return runExecLeader(path, args, parent, int(fd))
 	}
 	unix.Close(int(fd))
 	return unix.Exec(path, args, os.Environ())
@@ -305,6 +313,7 @@ func Start(self string, args []string, wait Func, observe Observer, setup func(*
 func Exec(ctx context.Context, self string, args []string, wait Func, observe Observer) (int, error) {
 	cmd, err := Start(self, args, wait, observe, func(c *exec.Cmd) {
 		c.Stdin, c.Stdout, c.Stderr = os.Stdin, os.Stdout, os.Stderr
+		c.Env = append(os.Environ(), ExecEnv+"="+strconv.Itoa(os.Getpid()))
 	})
 	if err != nil {
 		return 0, err

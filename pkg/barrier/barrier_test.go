@@ -37,6 +37,9 @@ func TestMain(m *testing.M) {
 	if s := os.Getenv("DUET_BARRIER_SUPERVISOR"); s != "" {
 		os.Exit(supervisorHelper(s))
 	}
+	if s := os.Getenv("DUET_BARRIER_EXEC"); s != "" {
+		os.Exit(execHelper(s))
+	}
 	if h := os.Getenv("DUET_BARRIER_HELPER"); h != "" {
 		os.Exit(helper(h))
 	}
