@@ -216,9 +216,11 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	mark := p.added
 	pl := p.plan(p.welcome)
 	var dirty *dirtySet
+	var lastShadow *shadow // the names the peer was last given (markBitmapCompared)
 	if pl.useDirty {
 		p.clearDirty(true)
 		dirty = p.dirty.clone()
+		lastShadow = p.sh
 	}
 	// What the journal holds now, the resync reads anyway (the bitmap
 	// marks it, or its files changed since the sync point, or every file
@@ -286,7 +288,7 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	if !pl.all {
 		paths := markRecent(local, pl.cutoffS)
 		if dirty != nil {
-			paths = append(paths, markBitmapCompared(local, dirty)...)
+			paths = append(paths, markBitmapCompared(local, dirty, lastShadow)...)
 		}
 		recent = len(paths)
 		if len(paths) > wire.MaxWant {
@@ -560,18 +562,43 @@ func markMoved(local *listing, d *dirtySet) []string {
 //     (marks, and a ctime that is not its mtime: a rename moves the ctime,
 //     a change of its entries both), which may have been renamed over the
 //     directory the peer holds under its name (`rm -r b.2; mv b.1 b.2`).
-func markBitmapCompared(local *listing, d *dirtySet) []string {
+//
+// sh, when not nil, is the shadow of the peer's last session (a primary
+// that ran on while the peer was away): the names the peer was given,
+// by this side's inodes. A directory or file it holds under another name
+// than it has now, or not at all, was moved or made since, whatever its
+// times say: a directory moved and then given a new entry (`rm -r b.2;
+// mv b.1 b.2; touch b.2/stamp`) has its ctime equal to its mtime again,
+// and its files, with the size and mtime the peer's old ones have, were
+// trusted (TestResyncBitmapDirRotatedThenEntryAdded). The shadow may say
+// more than the peer applied (batches in flight when it left): it only
+// adds files to compare, never takes one away.
+func markBitmapCompared(local *listing, d *dirtySet, sh *shadow) []string {
 	paths := markMoved(local, d)
+	renamed := func(e *lentry) bool { return sh != nil && !sh.pathIs(e.ino, e.path) }
 	changed, moved := map[string]bool{}, map[string]bool{}
 	for i := range local.len() {
-		if e := local.at(i); e.mode.IsDir() && d.has(e.ino) {
+		e := local.at(i)
+		if !e.mode.IsDir() {
+			continue
+		}
+		if d.has(e.ino) {
 			changed[e.path] = true
 			if e.ctime != e.mtime && e.path != "." {
 				moved[e.path] = true
 			}
 		}
+		if e.path != "." && renamed(e) {
+			moved[e.path] = true
+		}
 	}
-	if len(changed) == 0 {
+	if sh != nil {
+		paths = append(paths, markCompared(local, func(e *lentry) bool {
+			f := d.files[e.ino]
+			return (f == nil || f.born == 0) && renamed(e)
+		})...)
+	}
+	if len(changed) == 0 && len(moved) == 0 {
 		return paths
 	}
 	under := func(p string) bool {

@@ -33,12 +33,19 @@ func attrMarks(t *testing.T, paths ...string) *dirtySet {
 // checksums), applying what it sends.
 func bitmapResync(t *testing.T, src, dst string, d *dirtySet) (*applySink, *treeSync) {
 	t.Helper()
+	return bitmapResyncShadow(t, src, dst, d, nil)
+}
+
+// bitmapResyncShadow is bitmapResync by a primary that still holds sh, the
+// shadow of the peer's last session (nil: a primary started since).
+func bitmapResyncShadow(t *testing.T, src, dst string, d *dirtySet, sh *shadow) (*applySink, *treeSync) {
+	t.Helper()
 	root, _ := scanSource(t, src)
 	local, _, err := scanListing(root, false)
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := markBitmapCompared(local, d)
+	want := markBitmapCompared(local, d, sh)
 	_, pe := peerManifest(t, dst, wire.ManifestQuery{Want: want})
 	peer := listingOf(pe)
 	if _, err := sumCompared(root, local, peer); err != nil {

@@ -731,6 +731,33 @@ func (s *shadow) path(ino uint64) (string, bool) {
 	return string(buf), true
 }
 
+// pathIs says whether p (a replica path, "." for the root) is the path of
+// ino's first name, as path would give it, without building that path.
+func (s *shadow) pathIs(ino uint64, p string) bool {
+	if ino == s.root {
+		return p == "."
+	}
+	for depth := 0; depth <= maxDepth; depth++ {
+		i := s.find(ino)
+		if i == 0 || s.recs[i].nameLen() == 0 {
+			return false
+		}
+		name := s.nameBytes(&s.recs[i])
+		if len(p) < len(name) || p[len(p)-len(name):] != string(name) {
+			return false
+		}
+		p = p[:len(p)-len(name)]
+		if ino = s.recs[i].parent; ino == s.root {
+			return p == ""
+		}
+		if len(p) == 0 || p[len(p)-1] != '/' {
+			return false
+		}
+		p = p[:len(p)-1]
+	}
+	return false
+}
+
 // linkPath is the replica path of one name.
 func (s *shadow) linkPath(l link) (string, bool) {
 	dir, ok := s.path(l.parent)
