@@ -32,96 +32,165 @@ const ExecEnv = "DUET_EXEC_SUPERVISOR"
 // can confirm a durability call any more.
 var errExecGone = errors.New("duet exec is gone: the call cannot be confirmed durable on the peer")
 
+// forwarded are the signals `duet exec` passes on to its command.
+var forwarded = []os.Signal{syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP, syscall.SIGQUIT}
+
 // runExecLeader runs path with args as a child (forked on the calling,
-// filtered thread, so the command inherits the filter) and exits with its
-// status, forwarding the signals `duet exec` forwards to it. It keeps its
-// copy of the listener (close-on-exec: the command does not get it) and
-// adopts what the command leaves behind (a child subreaper), so that when
-// `duet exec` dies (the parent-death signal) it can, with nothing lost:
-//   - answer every durability call from then on with EIO, never ENOSYS;
-//   - kill the command and every process under it, including one that
+// filtered thread, so the command inherits the filter), forwards the
+// signals `duet exec` forwards to it, and exits with its status once it
+// and every process it left behind have exited: those run under the
+// filter too, and only a holder of the listener keeps their durability
+// calls from ENOSYS. It keeps its copy of the listener (close-on-exec: the
+// command does not get it) and adopts what the command leaves behind (a
+// child subreaper). When `duet exec` dies (a pidfd of it polled), it
+//   - answers every durability call from then on with EIO, never ENOSYS;
+//   - kills the command and every process under it, including one that
 //     outlived its parent, such as what `sh -c` forked; a call `duet exec`
 //     had received and not answered waits, unanswered, until then;
-//   - exit once none is left.
+//   - exits once none is left.
 func runExecLeader(path string, args []string, parent string, listener int) error {
+	// A signal ignored by duet exec's caller (nohup; sh ignores SIGINT
+	// and SIGQUIT for a background job) stays ignored, in the command as
+	// when it was exec'd: a handler here would be reset to the default
+	// in the command.
 	sigs := make(chan os.Signal, 8)
-	signal.Notify(sigs, groupDeathSignal, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP, syscall.SIGQUIT)
-	if err := unix.Prctl(unix.PR_SET_PDEATHSIG, uintptr(groupDeathSignal), 0, 0, 0); err != nil {
-		return fmt.Errorf("parent-death signal: %w", err)
+	var caught []os.Signal
+	for _, s := range forwarded {
+		if !signal.Ignored(s) {
+			caught = append(caught, s)
+		}
 	}
-	if strconv.Itoa(os.Getppid()) != parent {
-		return fmt.Errorf("duet exec (pid %s) is gone", parent)
+	if len(caught) > 0 {
+		signal.Notify(sigs, caught...)
+	}
+	ppid, err := strconv.Atoi(parent)
+	if err != nil {
+		return fmt.Errorf("%s=%q: not a pid", ExecEnv, parent)
+	}
+	pidfd, err := unix.PidfdOpen(ppid, 0)
+	if err != nil || os.Getppid() != ppid {
+		// Open, it names duet exec: it was still this process's parent
+		// after the open.
+		return fmt.Errorf("duet exec (pid %d) is gone", ppid)
 	}
 	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
 		return fmt.Errorf("child subreaper: %w", err)
 	}
-	proc, err := os.StartProcess(path, args, &os.ProcAttr{Env: os.Environ(), Files: []*os.File{os.Stdin, os.Stdout, os.Stderr}})
+	// Out of the job's process group, which the command joins: a
+	// terminal's ^C reaches the command once, as when it was exec'd, and
+	// once more what duet exec forwards through this process.
+	job := unix.Getpgrp()
+	unix.Setpgid(0, 0)
+	proc, err := os.StartProcess(path, args, &os.ProcAttr{Env: os.Environ(),
+		Files: []*os.File{os.Stdin, os.Stdout, os.Stderr},
+		Sys:   &syscall.SysProcAttr{Setpgid: true, Pgid: job}})
 	if err != nil {
 		return err
 	}
-	// Out of the job's process group, which the command stays in: a
-	// terminal's ^C reaches the command once, as when it was exec'd, and
-	// what `duet exec` forwards once more through this process.
-	unix.Setpgid(0, 0)
-	exited := make(chan unix.WaitStatus, 1)
-	none := make(chan struct{})
-	go reapChildren(proc.Pid, exited, none)
+	// Its own writes only (the command has exec'd): a broken pipe on
+	// stderr must not kill this process before it has killed the rest.
+	signal.Notify(make(chan os.Signal, 1), syscall.SIGPIPE)
+	parentGone := make(chan struct{})
+	go func() {
+		fds := []unix.PollFd{{Fd: int32(pidfd), Events: unix.POLLIN}}
+		for {
+			if _, err := unix.Poll(fds, -1); err == nil || !errors.Is(err, unix.EINTR) {
+				close(parentGone)
+				return
+			}
+		}
+	}()
+	k := &kin{command: proc.Pid, exited: make(chan unix.WaitStatus, 1), none: make(chan struct{})}
+	go k.reap()
+	code, commandDone := 0, false
 	for {
 		select {
-		case ws := <-exited:
-			os.Exit(waitCode(ws))
+		case ws := <-k.exited:
+			code, commandDone = waitCode(ws), true
+		case <-k.none:
+			if !commandDone {
+				code = waitCode(<-k.exited)
+			}
+			os.Exit(code)
 		case s := <-sigs:
-			if s != groupDeathSignal {
+			if !commandDone {
 				proc.Signal(s)
-				continue
+			} else {
+				k.signalChildren(s.(syscall.Signal))
 			}
-			// A SIGUSR2 from anyone else (an operator, the command) is
-			// not duet exec's death.
-			if strconv.Itoa(os.Getppid()) == parent {
-				continue
-			}
-			signal.Stop(sigs)
-			fmt.Fprintf(os.Stderr, "duet exec (pid %s) died: durability calls now fail with EIO; killing %s and the processes under it\n", parent, args[0])
+		case <-parentGone:
 			go serve(listener, supervisor{wait: func(int32) error { return errExecGone }, install: &sync.Mutex{}})
-			killDescendants(none)
+			// A signal now (a stop of the unit) must not end this
+			// process before the others.
+			go func() {
+				for range sigs {
+				}
+			}()
+			go fmt.Fprintf(os.Stderr, "duet exec (pid %d) died: durability calls now fail with EIO; killing %s and every process under it\n", ppid, args[0])
+			k.killAll()
 			os.Exit(128 + int(unix.SIGKILL))
 		}
 	}
 }
 
-// reapChildren waits for every child of this process (the command, and
-// the orphans it leaves, which come here: a subreaper), sends the
-// command's status on exited, and closes none when no child is left.
-func reapChildren(command int, exited chan<- unix.WaitStatus, none chan<- struct{}) {
+// kin is this process's children: the command, and the orphans it leaves,
+// which come here (a subreaper). A child is reaped only under mu, which
+// signalChildren holds while it reads the children and signals them: no
+// pid it signals can have been reaped and given to another process.
+type kin struct {
+	command int
+	mu      sync.Mutex
+	exited  chan unix.WaitStatus // the command's status
+	none    chan struct{}        // closed when no child is left
+}
+
+// reap reaps every child as it exits.
+func (k *kin) reap() {
 	for {
-		var ws unix.WaitStatus
-		pid, err := unix.Wait4(-1, &ws, 0, nil)
+		// Wait without reaping, then reap under mu.
+		var info unix.Siginfo
+		err := unix.Waitid(unix.P_ALL, 0, &info, unix.WEXITED|unix.WNOWAIT, nil)
 		if errors.Is(err, unix.EINTR) {
 			continue
 		}
 		if err != nil { // ECHILD
-			close(none)
+			close(k.none)
 			return
 		}
-		if pid == command {
-			exited <- ws
+		k.mu.Lock()
+		for {
+			var ws unix.WaitStatus
+			pid, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
+			if err != nil || pid <= 0 {
+				break
+			}
+			if pid == k.command {
+				k.exited <- ws
+			}
 		}
+		k.mu.Unlock()
 	}
 }
 
-// killDescendants SIGKILLs this process's children until it has none. A
-// child's own children come here when it dies (this process is their
-// subreaper), before the child can be reaped: none closes only once the
-// last process under this one is gone.
-func killDescendants(none <-chan struct{}) {
+// signalChildren sends s to every child.
+func (k *kin) signalChildren(s syscall.Signal) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	for _, pid := range children() {
+		unix.Kill(pid, s)
+	}
+}
+
+// killAll SIGKILLs the children until none is left. A child's own
+// children come here when it dies, before it can be reaped: none closes
+// only once the last process under this one is gone.
+func (k *kin) killAll() {
 	tick := time.NewTicker(10 * time.Millisecond)
 	defer tick.Stop()
 	for {
-		for _, pid := range children() {
-			unix.Kill(pid, unix.SIGKILL)
-		}
+		k.signalChildren(unix.SIGKILL)
 		select {
-		case <-none:
+		case <-k.none:
 			return
 		case <-tick.C:
 		}

@@ -6,6 +6,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -104,5 +105,164 @@ func execDies(t *testing.T, wait string) {
 	if t.Failed() {
 		log, _ := os.ReadFile(stderr.Name())
 		t.Logf("stderr:\n%s", log)
+	}
+}
+
+// The tests below came from a review of the first version of
+// runExecLeader; each failed on it.
+
+// execLoop starts the exec helper (playing `duet exec`) whose shell runs
+// the fdatasync loop as `prefix 'self' & then` (prefix: setsid, or
+// nothing; then: wait, or exit), and waits until the loop is calling. It
+// returns duet exec, the loop's pid and its result file.
+func execLoop(t *testing.T, wait, prefix, then string, setup func(*exec.Cmd)) (sup *exec.Cmd, loop int, result string) {
+	t.Helper()
+	dir := t.TempDir()
+	file, pidFile := filepath.Join(dir, "data"), filepath.Join(dir, "pid")
+	result = filepath.Join(dir, "result")
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sup = exec.Command(self)
+	sup.Env = append(os.Environ(), "DUET_BARRIER_WAIT="+wait,
+		"DUET_BARRIER_EXEC=DUET_BARRIER_EXEC= "+prefix+" '"+self+"' & "+then,
+		"DUET_BARRIER_HELPER=fdatasync-loop", "DUET_BARRIER_FILE="+file,
+		"DUET_BARRIER_RESULT="+result, "DUET_BARRIER_PIDFILE="+pidFile)
+	if setup != nil {
+		setup(sup)
+	}
+	if err := sup.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		sup.Process.Kill()
+		sup.Wait()
+	})
+	loop = waitPidFile(t, pidFile)
+	t.Cleanup(func() { unix.Kill(loop, unix.SIGKILL) })
+	deadline := time.Now().Add(10 * time.Second)
+	for b, _ := os.ReadFile(result); string(b) != "calling\n"; b, _ = os.ReadFile(result) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the helper wrote %q, not \"calling\", in 10 s", b)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(50 * time.Millisecond) // into the calls
+	return sup, loop, result
+}
+
+// checkLoopKilledWithoutENOSYS fails unless the loop is gone within 5 s and never got
+// anything but EIO (or nothing) from a durability call.
+func checkLoopKilledWithoutENOSYS(t *testing.T, loop int, result string) {
+	t.Helper()
+	if !waitGone(loop, 5*time.Second) {
+		t.Errorf("the fdatasync loop (pid %d) outlived its SIGKILLed duet exec by 5 s", loop)
+	}
+	checkNoENOSYS(t, result)
+}
+
+func checkNoENOSYS(t *testing.T, result string) {
+	t.Helper()
+	b, _ := os.ReadFile(result)
+	switch got := string(b); got {
+	case "calling\n", "calling\nreturned: input/output error\n":
+	default:
+		t.Errorf("a durability call returned %q; want nothing (held until killed) or EIO", strings.TrimPrefix(got, "calling\n"))
+	}
+}
+
+// `kill -9 %1`, systemd's or a terminal's kill of the job's process group:
+// duet exec and the command die at once. The leader gets both its
+// parent-death signal and the command's exit; whichever its select picks
+// first, what the command started in another session (a daemon) must be
+// killed and must never see ENOSYS.
+func TestExecDescendantsDieWhenExecAndCommandDieTogether(t *testing.T) {
+	for i := 0; i < 8; i++ {
+		sup, loop, result := execLoop(t, "none", "setsid", "wait", func(c *exec.Cmd) {
+			c.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+		})
+		unix.Kill(-sup.Process.Pid, unix.SIGKILL)
+		sup.Wait()
+		checkLoopKilledWithoutENOSYS(t, loop, result)
+		if t.Failed() {
+			t.Fatalf("failed on round %d", i+1)
+		}
+	}
+}
+
+// duet exec's stderr is a pipe whose reader died with it (`duet exec ...
+// 2>&1 | logger`, the whole job killed): the leader's first act on duet
+// exec's death was a message on stderr, before it served or killed
+// anything, and a broken pipe on fd 2 kills a Go program (SIGPIPE).
+func TestExecLeaderKillsEvenWhenStderrIsABrokenPipe(t *testing.T) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sup, loop, result := execLoop(t, "forever", "", "wait", func(c *exec.Cmd) { c.Stderr = w })
+	w.Close()
+	r.Close() // the reader is gone
+	sup.Process.Kill()
+	sup.Wait()
+	checkLoopKilledWithoutENOSYS(t, loop, result)
+}
+
+// `nohup duet exec -- cmd`, or `duet exec -- cmd &` in a script (sh
+// ignores SIGINT and SIGQUIT for a background job without job control):
+// the command inherited the ignored SIGHUP/SIGINT when it was exec'd. The
+// leader's signal.Notify installs handlers, which exec resets to the
+// default: the command now dies of the signal it was meant to ignore.
+func TestExecKeepsIgnoredSignalsIgnored(t *testing.T) {
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, sig := range []string{"HUP", "INT"} {
+		c := exec.Command("/bin/sh", "-c", `trap '' `+sig+`; exec "$0"`, self)
+		c.Env = append(os.Environ(), "DUET_BARRIER_EXEC=kill -"+sig+" $$; exit 7")
+		err := c.Run()
+		if code := c.ProcessState.ExitCode(); code != 7 {
+			t.Errorf("SIG%s ignored by duet exec's caller: the command got it (%v); want it ignored, exit 7", sig, err)
+		}
+	}
+}
+
+// The command exits and leaves a process behind under the filter (`sh -c
+// 'daemon &'`): duet exec waits for it too, its durability calls still
+// answered, and killed then, the process is killed, never left with
+// ENOSYS. In the first version the leader exited with the command, and the
+// process lost the last listener.
+func TestExecWaitsForWhatTheCommandLeftBehind(t *testing.T) {
+	sup, loop, result := execLoop(t, "none", "", "exit 3", nil)
+	exited := make(chan error, 1)
+	go func() { exited <- sup.Wait() }()
+	select {
+	case err := <-exited:
+		t.Fatalf("duet exec returned (%v) while a process its command started still runs under the filter", err)
+	case <-time.After(300 * time.Millisecond):
+	}
+	checkNoENOSYS(t, result)
+	sup.Process.Kill()
+	<-exited
+	checkLoopKilledWithoutENOSYS(t, loop, result)
+}
+
+// Once the command and what it left behind have exited, duet exec exits
+// with the command's status.
+func TestExecExitsWithTheCommandOnceAllAreGone(t *testing.T) {
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := exec.Command(self)
+	c.Env = append(os.Environ(), "DUET_BARRIER_EXEC=sleep 0.2 & exit 5")
+	start := time.Now()
+	err = c.Run()
+	if code := c.ProcessState.ExitCode(); code != 5 {
+		t.Errorf("duet exec exited %d (%v), want the command's 5", code, err)
+	}
+	if took := time.Since(start); took < 200*time.Millisecond {
+		t.Errorf("duet exec returned after %v, before the sleep the command left behind ended", took)
 	}
 }

@@ -23,9 +23,11 @@ instead of claiming durability. With no peer in sync for the fault-detection
 timeout the node runs alone and the calls are released (or fail with EIO when
 cluster.alone_writes is fail). A directory in async mode holds them only while
 its lag exceeds max_lag. io_uring_setup and x32 calls fail with ENOSYS, so
-programs fall back to plain syscalls. Exit status and signals are those of COMMAND.
-If duet exec itself is killed, COMMAND and every process under it are killed
-too, and until then their durability calls fail with EIO.`,
+programs fall back to plain syscalls. Exit status and signals are those of COMMAND;
+duet exec returns once COMMAND and every process it started have exited (they
+all run under the filter, and need duet exec to answer their calls). If duet
+exec itself is killed, COMMAND and every process under it are killed too, and
+until then their durability calls fail with EIO.`,
 		Example: `  duet exec -- mariadbd --datadir /srv/mysql
   duet exec --config /etc/duet/duet.yaml -- ./writer`,
 		Args: cobra.MinimumNArgs(1),
