@@ -1,6 +1,7 @@
 package replica
 
 import (
+	"log/slog"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -110,4 +111,87 @@ func TestShadowPathIs(t *testing.T) {
 	if sh.pathIs(1<<40, "x") {
 		t.Error("pathIs of an inode the shadow does not hold = true")
 	}
+}
+
+// TestResyncAfterPeerAwayFindsRotatedDirectory is
+// TestResyncBitmapDirRotatedThenEntryAdded through a Primary and a
+// Server: the pair in sync, the replica's host goes away (its state file
+// gone with its boot), the source runs on and captures the rotation, the
+// replica comes back and the source resyncs it from its bitmap. The
+// source's shadow of the last session must reach the comparison.
+func TestResyncAfterPeerAwayFindsRotatedDirectory(t *testing.T) {
+	top := t.TempDir()
+	src := filepath.Join(top, "src")
+	writeRandom(t, filepath.Join(src, "b.1/f"), 5000)
+	writeRandom(t, filepath.Join(src, "b.2/f"), 5000)
+	same := time.Now().Add(-time.Hour)
+	for _, p := range []string{"b.1/f", "b.2/f", "b.1", "b.2"} {
+		os.Chtimes(filepath.Join(src, p), same, same)
+	}
+	// The pair's log, at debug (every op shipped and applied), shown if
+	// the test fails.
+	var logBuf syncBuffer
+	defer func() {
+		if t.Failed() {
+			t.Logf("the pair's log:\n%s", logBuf.String())
+		}
+	}()
+	r := &restartPair{tb: t, src: src, top: filepath.Join(top, "peer"), margin: 50 * time.Millisecond,
+		log: slog.New(slog.NewTextHandler(&logBuf, &slog.HandlerOptions{Level: slog.LevelDebug}))}
+	r.startReplica()
+	r.startSource()
+	defer func() {
+		r.stop()
+		r.p.Close()
+	}()
+	r.waitSynced()
+	first := r.p.Status().FullSyncs
+	// The replica's host goes away.
+	r.stopServer()
+	r.p.Drop("test: the peer is lost")
+	if err := os.Remove(filepath.Join(r.top, "state", "replica-data.state")); err != nil {
+		t.Fatal(err)
+	}
+	seq := uint64(1 << 40)
+	record := func(kind capture.Kind, p string) {
+		seq++
+		r.p.Record(&capture.Record{Seq: seq, Ino: inoOf(t, p), Kind: kind}, time.Now())
+	}
+	if err := os.RemoveAll(filepath.Join(src, "b.2")); err != nil {
+		t.Fatal(err)
+	}
+	record(capture.KindAttr, src)
+	if err := os.Rename(filepath.Join(src, "b.1"), filepath.Join(src, "b.2")); err != nil {
+		t.Fatal(err)
+	}
+	record(capture.KindAttr, src)
+	record(capture.KindAttr, filepath.Join(src, "b.2"))
+	stamp := filepath.Join(src, "b.2/stamp")
+	if err := os.WriteFile(stamp, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	record(capture.KindNew, stamp)
+	record(capture.KindAttr, stamp)
+	record(capture.KindAttr, filepath.Join(src, "b.2"))
+	if fi, err := os.Stat(filepath.Join(src, "b.2")); err != nil {
+		t.Fatal(err)
+	} else if ct := ctimeOf(fi); !ct.Equal(fi.ModTime()) {
+		t.Skipf("b.2's ctime %v is not its mtime %v: the times tell the move here, the case is not built", ct, fi.ModTime())
+	}
+	// The replica is back.
+	r.startReplica()
+	defer r.stopServer()
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(time.Millisecond) {
+		st := r.p.Status()
+		if st.InSync && st.FullSyncs > first && !st.Resync.Active {
+			if st.Resync.Mode != "bitmap" {
+				t.Fatalf("the replica was resynced in mode %q, want bitmap", st.Resync.Mode)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no resync after the replica came back: %+v", st)
+		}
+	}
+	sameTrees(t, src, filepath.Join(r.top, "data"))
 }

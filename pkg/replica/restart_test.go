@@ -60,7 +60,12 @@ func (r *restartPair) startReplica() {
 	s := &Server{Link: testLink, StateDir: state, Dirs: []Dir{{Name: "data", Path: data}}, Log: r.log,
 		Metas: map[string]*MetaStore{"data": ms}}
 	s.SetAccept(true)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	// Again on the address the source connects to, if it runs.
+	addr := "127.0.0.1:0"
+	if r.addr != "" {
+		addr = r.addr
+	}
+	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		tb.Fatal(err)
 	}
