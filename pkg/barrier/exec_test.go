@@ -21,11 +21,7 @@ func execHelper(script string) int {
 	if err != nil {
 		return 100
 	}
-	wait := func(int32) error { return nil }
-	if os.Getenv("DUET_BARRIER_WAIT") == "forever" {
-		wait = func(int32) error { select {} }
-	}
-	code, err := Exec(context.Background(), self, []string{"/bin/sh", "-c", script}, wait, nil)
+	code, err := Exec(context.Background(), self, []string{"/bin/sh", "-c", script}, helperBarrier(), nil)
 	if err != nil {
 		return 101
 	}
@@ -77,14 +73,7 @@ func execDies(t *testing.T, wait string) {
 	// Whatever failed, they go.
 	defer unix.Kill(pid, unix.SIGKILL)
 	defer unix.Kill(sleeper, unix.SIGKILL)
-	deadline := time.Now().Add(10 * time.Second)
-	for b, _ := os.ReadFile(result); string(b) != "calling\n"; b, _ = os.ReadFile(result) {
-		if time.Now().After(deadline) {
-			t.Fatalf("the helper wrote %q, not \"calling\", in 10 s", b)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	time.Sleep(50 * time.Millisecond) // into the calls
+	waitCalling(t, result)
 	sup.Process.Kill()
 	sup.Wait()
 	for _, p := range []struct {
@@ -141,14 +130,7 @@ func execLoop(t *testing.T, wait, prefix, then string, setup func(*exec.Cmd)) (s
 	})
 	loop = waitPidFile(t, pidFile)
 	t.Cleanup(func() { unix.Kill(loop, unix.SIGKILL) })
-	deadline := time.Now().Add(10 * time.Second)
-	for b, _ := os.ReadFile(result); string(b) != "calling\n"; b, _ = os.ReadFile(result) {
-		if time.Now().After(deadline) {
-			t.Fatalf("the helper wrote %q, not \"calling\", in 10 s", b)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	time.Sleep(50 * time.Millisecond) // into the calls
+	waitCalling(t, result)
 	return sup, loop, result
 }
 

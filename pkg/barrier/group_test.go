@@ -27,12 +27,7 @@ func supervisorHelper(script string) int {
 	if err != nil {
 		return 100
 	}
-	wait := func(int32) error { return nil }
-	if os.Getenv("DUET_BARRIER_WAIT") == "forever" {
-		// A barrier still waiting for the peer when the daemon dies.
-		wait = func(int32) error { select {} }
-	}
-	_, err = Start(self, []string{"/bin/sh", "-c", script}, wait, nil, func(c *exec.Cmd) {
+	_, err = Start(self, []string{"/bin/sh", "-c", script}, helperBarrier(), nil, func(c *exec.Cmd) {
 		c.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 		c.Env = os.Environ()
 		if os.Getenv("DUET_BARRIER_NOGROUP") == "" {
@@ -44,6 +39,16 @@ func supervisorHelper(script string) int {
 	}
 	os.Stdout.WriteString("started\n")
 	select {}
+}
+
+// helperBarrier is the helpers' barrier: it confirms every call, or with
+// DUET_BARRIER_WAIT=forever none (a barrier still waiting for the peer
+// when the supervisor dies).
+func helperBarrier() Func {
+	if os.Getenv("DUET_BARRIER_WAIT") == "forever" {
+		return func(int32) error { select {} }
+	}
+	return func(int32) error { return nil }
 }
 
 // A service's whole process group dies with the daemon, also what the
@@ -128,15 +133,7 @@ func callsAfterSupervisorDies(t *testing.T, wait string) {
 	}
 	// Whatever failed, the group goes (stopped or not).
 	defer unix.Kill(-leader, unix.SIGKILL)
-	// The helper writes "calling" before its first fdatasync.
-	deadline := time.Now().Add(10 * time.Second)
-	for b, _ := os.ReadFile(result); string(b) != "calling\n"; b, _ = os.ReadFile(result) {
-		if time.Now().After(deadline) {
-			t.Fatalf("the helper wrote %q, not \"calling\", in 10 s", b)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	time.Sleep(50 * time.Millisecond) // into the calls
+	waitCalling(t, result)
 	if err := unix.Kill(leader, unix.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
@@ -175,6 +172,20 @@ func callsAfterSupervisorDies(t *testing.T, wait string) {
 	} else if b, _ := os.ReadFile(result); string(b) != "calling\n" {
 		t.Errorf("a durability call returned an error when the service was killed: %q", b)
 	}
+}
+
+// waitCalling waits until fdatasyncLoop has written "calling" to result
+// (before its first fdatasync), then a little more, into its calls.
+func waitCalling(t *testing.T, result string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for b, _ := os.ReadFile(result); string(b) != "calling\n"; b, _ = os.ReadFile(result) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the helper wrote %q, not \"calling\", in 10 s", b)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(50 * time.Millisecond) // into the calls
 }
 
 // waitStopped waits until every thread of pid is stopped.
