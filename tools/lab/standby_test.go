@@ -255,14 +255,27 @@ func readFile(t *testing.T, p string) string {
 }
 
 // fillFilesystem allocates every free block of the filesystem holding
-// path (root's reserve included: the test runs as root) into path.
+// path (root's reserve included: the test runs as root) into path, and
+// returns how many bytes path holds. Called again on the same path, it
+// takes what was freed since: XFS gives back the blocks it allocated
+// ahead of a file's end when the file is closed (a killed process's
+// files), and frees a removed file's blocks in the background.
 func fillFilesystem(path string) (int64, error) {
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_EXCL, 0o600)
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY, 0o600)
 	if err != nil {
 		return 0, err
 	}
 	defer f.Close()
-	var total int64
+	// Pending frees first (XFS's syncfs waits for its background
+	// inactivation of removed files).
+	if err := unix.Syncfs(int(f.Fd())); err != nil {
+		return 0, fmt.Errorf("syncfs: %w", err)
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		return 0, err
+	}
+	total := fi.Size()
 	for chunk := int64(1 << 30); chunk >= 4096; {
 		err := unix.Fallocate(int(f.Fd()), 0, total, chunk)
 		if err == nil {
