@@ -203,6 +203,8 @@ var (
 	descServiceHealthy   = desc("duet_service_healthy", "1 when the service passes its check.", "service")
 	descBarriersWaiting  = desc("duet_barriers_waiting", "Durability calls waiting for the peer now.")
 	descBarrierOldestAge = desc("duet_barrier_oldest_wait_seconds", "How long the oldest durability call still waiting has waited (0 when none wait).")
+	descFree             = desc("duet_dir_free_bytes", "Space left to unprivileged writers on the filesystem of the directory's copy on this node.", "dir")
+	descSize             = desc("duet_dir_size_bytes", "Size of the filesystem of the directory's copy on this node.", "dir")
 )
 
 // dirGauges are the per-directory gauges of a primary, labelled dir.
@@ -248,7 +250,8 @@ func b2f(b bool) float64 {
 func (c stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descState, descEpoch, descPeerSeen, descHeartbeats, descRefused, descPeerLost,
 		descInSync, descLag, descLagBytes, descShipped, descChanged, descResyncs, descResyncActive, descCaptured,
-		descRingLost, descRingBuffered, descVIPHeld, descServiceHealthy, descBarriersWaiting, descBarrierOldestAge} {
+		descRingLost, descRingBuffered, descVIPHeld, descServiceHealthy, descBarriersWaiting, descBarrierOldestAge,
+		descFree, descSize} {
 		ch <- d
 	}
 	for _, g := range dirGauges {
@@ -304,6 +307,12 @@ func (c stateCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	for _, sv := range s.Services {
 		gauge(descServiceHealthy, b2f(sv.Healthy), sv.Name)
+	}
+	for _, c := range s.Copies {
+		if c.SizeBytes > 0 {
+			gauge(descFree, float64(c.FreeBytes), c.Dir)
+			gauge(descSize, float64(c.SizeBytes), c.Dir)
+		}
 	}
 	gauge(descBarriersWaiting, float64(s.BarriersWaiting))
 	gauge(descBarrierOldestAge, s.BarrierOldestWaitMs/1000)

@@ -83,7 +83,9 @@ func serving() Status {
 				BitmapBytes: 8192, Resync: replica.ResyncStatus{Active: true, Mode: "bitmap", BytesPlanned: 1000, BytesSent: 250,
 					FilesTotal: 40, FilesCompared: 10, EtaSec: 30}},
 			{Dir: "www", Mode: "sync", PeerCannotApply: "disk full", DroppedChanges: 4, WireBytes: 50, ChangedBytes: 60},
-		}}
+		},
+		// www's filesystem unknown: no free space series for it.
+		Copies: []CopyStatus{{Dir: "db", FreeBytes: 1 << 30, SizeBytes: 8 << 30}, {Dir: "www"}}}
 }
 
 // scrape gets the handler's page with the Accept header accept.
@@ -141,6 +143,7 @@ func TestMetricsScrape(t *testing.T) {
 		"duet_capture_lost_records_total": dto.MetricType_COUNTER, "duet_ring_buffered_bytes": dto.MetricType_GAUGE,
 		"duet_vip_held": dto.MetricType_GAUGE, "duet_service_healthy": dto.MetricType_GAUGE,
 		"duet_barriers_waiting": dto.MetricType_GAUGE, "duet_barrier_oldest_wait_seconds": dto.MetricType_GAUGE,
+		"duet_dir_free_bytes": dto.MetricType_GAUGE, "duet_dir_size_bytes": dto.MetricType_GAUGE,
 		"duet_barrier_seconds": dto.MetricType_HISTOGRAM, "duet_replication_batch_lag_seconds": dto.MetricType_HISTOGRAM,
 		"process_resident_memory_bytes": dto.MetricType_GAUGE, "go_goroutines": dto.MetricType_GAUGE,
 	} {
@@ -195,10 +198,15 @@ func TestMetricsScrape(t *testing.T) {
 		{"duet_capture_lost_records_total", nil, 12},
 		{"duet_service_healthy", []string{"service", "db"}, 0},
 		{"duet_barrier_oldest_wait_seconds", nil, 7},
+		{"duet_dir_free_bytes", []string{"dir", "db"}, 1 << 30},
+		{"duet_dir_size_bytes", []string{"dir", "db"}, 8 << 30},
 	} {
 		if v := value(c.name, c.labels...); v != c.want {
 			t.Errorf("%s%v = %g, want %g", c.name, c.labels, v, c.want)
 		}
+	}
+	if n := len(fams["duet_dir_free_bytes"].GetMetric()); n != 1 {
+		t.Errorf("duet_dir_free_bytes: %d series, want 1 (www's filesystem is unknown)", n)
 	}
 	// A sync directory has no lag bound.
 	if n := len(fams["duet_dir_max_lag_seconds"].GetMetric()); n != 1 {

@@ -90,6 +90,12 @@ type CopyStatus struct {
 	Crashed    bool   `json:"crashed"`
 	SyncPoint  string `json:"sync_point,omitempty"`
 	SyncSeq    uint64 `json:"sync_seq"`
+	// FreeBytes and SizeBytes are the directory's filesystem's space
+	// available to unprivileged writers and its size (0, 0: unknown). A
+	// full disk stops writers on the primary and the applying on the
+	// secondary; behind kine it loses acknowledged puts (README).
+	FreeBytes uint64 `json:"free_bytes"`
+	SizeBytes uint64 `json:"size_bytes"`
 }
 
 // PeerStatus is what the heartbeats say of the peer.
@@ -1719,6 +1725,10 @@ func (n *Node) Status() Status {
 			Crashed: mt.Crashed, SyncSeq: mt.SyncSeq}
 		if mt.SyncTime != 0 {
 			cs.SyncPoint = time.Unix(0, mt.SyncTime).UTC().Format(time.RFC3339Nano)
+		}
+		var fs unix.Statfs_t
+		if err := unix.Statfs(d.Path, &fs); err == nil {
+			cs.FreeBytes, cs.SizeBytes = fs.Bavail*uint64(fs.Bsize), fs.Blocks*uint64(fs.Bsize)
 		}
 		s.Copies = append(s.Copies, cs)
 	}
