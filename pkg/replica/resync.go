@@ -566,7 +566,8 @@ func markMoved(local *listing, d *dirtySet) []string {
 // sh, when not nil, is the shadow of the peer's last session (a primary
 // that ran on while the peer was away): the names the peer was given,
 // by this side's inodes. A directory or file it holds under another name
-// than it has now, or not at all, was moved or made since, whatever its
+// than it has now (a hard-linked file: under none of its names), or not
+// at all, was moved or made since, whatever its
 // times say: a directory moved and then given a new entry (`rm -r b.2;
 // mv b.1 b.2; touch b.2/stamp`) has its ctime equal to its mtime again,
 // and its files, with the size and mtime the peer's old ones have, were
@@ -575,7 +576,7 @@ func markMoved(local *listing, d *dirtySet) []string {
 // adds files to compare, never takes one away.
 func markBitmapCompared(local *listing, d *dirtySet, sh *shadow) []string {
 	paths := markMoved(local, d)
-	renamed := func(e *lentry) bool { return sh != nil && !sh.pathIs(e.ino, e.path) }
+	renamed := func(e *lentry) bool { return sh != nil && !sh.hasPath(e.ino, e.path) }
 	changed, moved := map[string]bool{}, map[string]bool{}
 	for i := range local.len() {
 		e := local.at(i)

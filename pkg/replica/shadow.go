@@ -758,6 +758,20 @@ func (s *shadow) pathIs(ino uint64, p string) bool {
 	return false
 }
 
+// hasPath says whether p is the path of one of ino's names: pathIs, and
+// for a hard-linked file its other names.
+func (s *shadow) hasPath(ino uint64, p string) bool {
+	if s.pathIs(ino, p) {
+		return true
+	}
+	for _, l := range s.more[ino] {
+		if lp, ok := s.linkPath(l); ok && lp == p {
+			return true
+		}
+	}
+	return false
+}
+
 // linkPath is the replica path of one name.
 func (s *shadow) linkPath(l link) (string, bool) {
 	dir, ok := s.path(l.parent)
