@@ -311,6 +311,10 @@ func Start(self string, args []string, wait Func, observe Observer, setup func(*
 // Exec runs args supervised with this process's standard streams and
 // returns its exit status (128+signal when killed, as a shell does).
 func Exec(ctx context.Context, self string, args []string, wait Func, observe Observer) (int, error) {
+	// What the leader ran comes here if the leader dies (adoptAndKill).
+	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		return 0, fmt.Errorf("child subreaper: %w", err)
+	}
 	cmd, err := Start(self, args, wait, observe, func(c *exec.Cmd) {
 		c.Stdin, c.Stdout, c.Stderr = os.Stdin, os.Stdout, os.Stderr
 		c.Env = append(os.Environ(), ExecEnv+"="+strconv.Itoa(os.Getpid()))
@@ -327,7 +331,17 @@ func Exec(ctx context.Context, self string, args []string, wait Func, observe Ob
 			cmd.Process.Signal(s)
 		}
 	}()
-	return ExitCode(cmd.Wait())
+	err = cmd.Wait()
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+			// The leader was killed (it exits by itself otherwise):
+			// what it ran is this process's now.
+			fmt.Fprintf(os.Stderr, "duet exec: its supervised child was killed (%v): killing %s and every process under it\n", ws.Signal(), args[0])
+			adoptAndKill()
+		}
+	}
+	return ExitCode(err)
 }
 
 // ExitCode turns cmd.Wait's error into a shell-style exit status.

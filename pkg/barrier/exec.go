@@ -40,9 +40,12 @@ var forwarded = []os.Signal{syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP, sys
 // signals `duet exec` forwards to it, and exits with its status once it
 // and every process it left behind have exited: those run under the
 // filter too, and only a holder of the listener keeps their durability
-// calls from ENOSYS. It keeps its copy of the listener (close-on-exec: the
-// command does not get it) and adopts what the command leaves behind (a
-// child subreaper). When `duet exec` dies (a pidfd of it polled), it
+// calls from ENOSYS. A signal `duet exec` forwards (a stop) also reaches,
+// once the command has exited, what it left behind, which is killed
+// stopGrace later or at the next signal. It keeps its copy of the listener
+// (close-on-exec: the command does not get it) and adopts what the command
+// leaves behind (a child subreaper). When `duet exec` dies (a pidfd of it
+// polled), it
 //   - answers every durability call from then on with EIO, never ENOSYS;
 //   - kills the command and every process under it, including one that
 //     outlived its parent, such as what `sh -c` forked; a call `duet exec`
@@ -102,22 +105,41 @@ func runExecLeader(path string, args []string, parent string, listener int) erro
 	}()
 	k := &kin{command: proc.Pid, exited: make(chan unix.WaitStatus, 1), none: make(chan struct{})}
 	go k.reap()
+	// stop is the last signal duet exec forwarded: once the command has
+	// exited, what it left behind gets it too, and is killed stopGrace
+	// later or at the next signal (a shell's background job ignores
+	// SIGINT: ^C must still end duet exec).
+	var stop syscall.Signal
+	var grace <-chan time.Time
 	code, commandDone := 0, false
+	stopLeftovers := func() {
+		if stop != 0 && commandDone && grace == nil {
+			k.signalChildren(stop)
+			grace = time.After(stopGrace)
+		}
+	}
 	for {
 		select {
 		case ws := <-k.exited:
 			code, commandDone = waitCode(ws), true
+			stopLeftovers()
 		case <-k.none:
 			if !commandDone {
 				code = waitCode(<-k.exited)
 			}
 			os.Exit(code)
 		case s := <-sigs:
+			if grace != nil {
+				k.killAll()
+				continue // none is closed now
+			}
+			stop = s.(syscall.Signal)
 			if !commandDone {
 				proc.Signal(s)
-			} else {
-				k.signalChildren(s.(syscall.Signal))
 			}
+			stopLeftovers()
+		case <-grace:
+			k.killAll()
 		case <-parentGone:
 			go serve(listener, supervisor{wait: func(int32) error { return errExecGone }, install: &sync.Mutex{}})
 			// A signal now (a stop of the unit) must not end this
@@ -132,6 +154,10 @@ func runExecLeader(path string, args []string, parent string, listener int) erro
 		}
 	}
 }
+
+// stopGrace is how long what the command left behind has to end after the
+// signal that stopped duet exec, before it is killed.
+const stopGrace = 5 * time.Second
 
 // kin is this process's children: the command, and the orphans it leaves,
 // which come here (a subreaper). A child is reaped only under mu, which
@@ -166,6 +192,7 @@ func (k *kin) reap() {
 			}
 			if pid == k.command {
 				k.exited <- ws
+				k.command = 0 // its pid may be another's later
 			}
 		}
 		k.mu.Unlock()
@@ -198,8 +225,11 @@ func (k *kin) killAll() {
 }
 
 // children lists this process's children, from every thread's list.
-func children() []int {
-	files, _ := filepath.Glob("/proc/self/task/*/children")
+func children() []int { return childrenOf("self") }
+
+// childrenOf lists the children of process proc (a pid, or "self").
+func childrenOf(proc string) []int {
+	files, _ := filepath.Glob("/proc/" + proc + "/task/*/children")
 	var pids []int
 	for _, f := range files {
 		b, err := os.ReadFile(f)
@@ -213,6 +243,18 @@ func children() []int {
 		}
 	}
 	return pids
+}
+
+// adoptAndKill is duet exec's side when its leader died of a signal (a
+// mistaken kill -9, the OOM killer): the command and what it started come
+// to duet exec (a child subreaper, Exec), whose listener still answers
+// their calls, and are killed; it returns once none is left. A command
+// left running would have had ENOSYS from its calls once duet exec
+// returned.
+func adoptAndKill() {
+	k := &kin{exited: make(chan unix.WaitStatus, 1), none: make(chan struct{})}
+	go k.reap()
+	k.killAll()
 }
 
 // waitCode is a shell's exit status for ws: 128+signal when killed.

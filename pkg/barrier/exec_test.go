@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -247,4 +248,93 @@ func TestExecExitsWithTheCommandOnceAllAreGone(t *testing.T) {
 	if took := time.Since(start); took < 200*time.Millisecond {
 		t.Errorf("duet exec returned after %v, before the sleep the command left behind ended", took)
 	}
+}
+
+// The tests below came from a second review (of 0199120); each failed on
+// it.
+
+// execLeftover starts the exec helper (playing `duet exec`) on
+// `sh -c 'sleep 30 & echo $! > pid; sleep 30'` in its own process group
+// (a job), and returns it and the background sleep's pid.
+func execLeftover(t *testing.T) (*exec.Cmd, int, chan error) {
+	t.Helper()
+	pidFile := filepath.Join(t.TempDir(), "pid")
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sup := exec.Command(self)
+	sup.Env = append(os.Environ(), "DUET_BARRIER_EXEC=sleep 30 & echo $! > "+pidFile+"; sleep 30")
+	sup.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := sup.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	done := make(chan struct{})
+	go func() { exited <- sup.Wait(); close(done) }()
+	bg := waitPidFile(t, pidFile)
+	t.Cleanup(func() {
+		sup.Process.Kill() // the leader then kills what is left
+		<-done
+		unix.Kill(bg, unix.SIGKILL)
+	})
+	time.Sleep(100 * time.Millisecond) // the foreground sleep runs
+	return sup, bg, exited
+}
+
+// `kill <duet exec>` (systemd's KillMode=mixed or process, docker stop,
+// timeout(1)): the command dies of the forwarded SIGTERM, but the
+// background job its shell started is only adopted by the leader, which
+// sends it nothing: duet exec stays for as long as that job runs. Before
+// 1f81adb it returned at once (143).
+func TestExecReturnsAfterSIGTERMEvenWithABackgroundJob(t *testing.T) {
+	sup, _, exited := execLeftover(t)
+	sup.Process.Signal(syscall.SIGTERM)
+	select {
+	case err := <-exited:
+		t.Logf("duet exec returned: %v", err)
+	case <-time.After(5 * time.Second):
+		t.Fatal("duet exec still runs 5 s after a SIGTERM that killed its command: it waits for the command's background job, which got no signal")
+	}
+}
+
+// ^C, twice, at a terminal: the shell and its foreground child die, the
+// background job ignores SIGINT (sh makes it so without job control), and
+// the second ^C, forwarded to the leftover, is ignored too. duet exec
+// cannot be interrupted; before 1f81adb it returned on the first ^C.
+func TestExecInterruptibleWithABackgroundJob(t *testing.T) {
+	sup, _, exited := execLeftover(t)
+	for i := 0; i < 2; i++ {
+		unix.Kill(-sup.Process.Pid, unix.SIGINT) // ^C: the job's group
+		time.Sleep(300 * time.Millisecond)
+	}
+	select {
+	case err := <-exited:
+		t.Logf("duet exec returned: %v", err)
+	case <-time.After(5 * time.Second):
+		t.Fatal("duet exec still runs 5 s after two ^C: its command died, and the background job that ignores SIGINT holds it")
+	}
+}
+
+// The leader is a process of its own now (`duet __supervised-child`,
+// which `pkill -9 duet`, the OOM killer or a mistaken kill reaches): when
+// it dies, duet exec's Wait returns, duet exec exits while the command
+// runs on, and the command's durability calls get ENOSYS from then on,
+// with nobody left to kill it.
+func TestExecLeaderKilledLeavesNoENOSYS(t *testing.T) {
+	sup, loop, result := execLoop(t, "none", "", "wait", nil)
+	kids := childrenOf(strconv.Itoa(sup.Process.Pid))
+	if len(kids) != 1 {
+		t.Fatalf("duet exec has children %v, want its leader alone", kids)
+	}
+	unix.Kill(kids[0], unix.SIGKILL)
+	exited := make(chan error, 1)
+	go func() { exited <- sup.Wait() }()
+	select {
+	case err := <-exited:
+		t.Logf("duet exec returned (%v) once its leader was killed", err)
+	case <-time.After(2 * time.Second):
+	}
+	time.Sleep(200 * time.Millisecond)
+	checkLoopKilledWithoutENOSYS(t, loop, result)
 }
