@@ -2,11 +2,13 @@ package node
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -531,5 +533,64 @@ func TestStateChangeAnnouncedAtOnce(t *testing.T) {
 	}
 	if got := n.machine.Load(); got.State != cluster.Second {
 		t.Fatalf("after the synced primary's heartbeat: %s, want SECOND", got.State)
+	}
+}
+
+// TestServicesStartBesideTheLoop: the services start in the background of
+// the cluster loop that takes the role (serve), so that the loop goes on
+// hearing the peer: a service's first durability calls wait on the peer,
+// and if it died meanwhile only the loop declaring it lost releases them.
+// serve waited for every service's check to pass: the btrfs campaign saw a
+// new primary (a handover whose old primary then crashed) stay PRIM 30 s,
+// its MariaDB stuck in its start. A start in progress is ended (the
+// service being started killed) before the node leaves the role.
+func TestServicesStartBesideTheLoop(t *testing.T) {
+	n := testNode(t, t.TempDir())
+	dir := t.TempDir()
+	ready, pidFile := filepath.Join(dir, "ready"), filepath.Join(dir, "pid")
+	n.stack = &stack.Stack{Services: []stack.Service{{Name: "db", Start: "echo $$ > " + pidFile + "; exec sleep 1000",
+		CheckCommand: "test -e " + ready, Interval: 50 * time.Millisecond, StartTimeout: 20 * time.Second, StopTimeout: 10 * time.Second}},
+		Log: n.log, Launch: func(args []string, setup func(*exec.Cmd)) (*exec.Cmd, error) {
+			c := exec.Command(args[0], args[1:]...)
+			setup(c)
+			return c, c.Start()
+		}}
+	t.Cleanup(n.stack.Kill)
+	start := time.Now()
+	n.startServices(context.Background())
+	if took := time.Since(start); took > time.Second {
+		t.Fatalf("startServices took %v: it waits for the services' checks, and the cluster loop with it", took)
+	}
+	var pid int
+	for deadline := time.Now().Add(5 * time.Second); pid == 0; time.Sleep(10 * time.Millisecond) {
+		b, _ := os.ReadFile(pidFile)
+		pid, _ = strconv.Atoi(strings.TrimSpace(string(b)))
+		if pid == 0 && time.Now().After(deadline) {
+			t.Fatal("the service did not start in 5 s")
+		}
+	}
+	start = time.Now()
+	n.endServiceStart()
+	if took := time.Since(start); took > 5*time.Second {
+		t.Errorf("ending the start took %v", took)
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil || strings.Contains(string(b), ") Z ") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the service being started (pid %d) still runs 5 s after its start was ended", pid)
+		}
+	}
+	// Passing its check now changes nothing: nothing starts any more.
+	if err := os.WriteFile(ready, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(300 * time.Millisecond)
+	for _, s := range n.stack.Status() {
+		if s.Running || s.Healthy {
+			t.Errorf("service %s runs after the start was ended: %+v", s.Name, s)
+		}
 	}
 }

@@ -182,7 +182,11 @@ type Node struct {
 	primaries   []*replica.Primary
 	serveCancel context.CancelFunc
 	serveWG     sync.WaitGroup
-	next        *preloaded // capture for the next term
+	// startingCancel and startingDone: the services' start in progress
+	// (startServices), ended by endServiceStart.
+	startingCancel context.CancelFunc
+	startingDone   chan struct{}
+	next           *preloaded // capture for the next term
 	// detaching: captures of ended terms whose hooks are being detached.
 	detaching sync.WaitGroup
 	// stopAnnounce ends the gratuitous ARPs of the current term.
@@ -515,12 +519,46 @@ func (n *Node) serve(ctx context.Context) error {
 	n.serveCancel = cancel
 	n.smu.Unlock()
 	if len(n.cfg.Services) > 0 {
-		if err := n.stack.Start(ctx); err != nil {
-			n.log.Error("services failed to start", "err", err)
-			go n.post(ctx, cluster.Event{Kind: cluster.EvServiceDown, Why: err.Error()})
-		}
+		n.startServices(ctx)
 	}
 	return nil
+}
+
+// startServices starts the services in order, in the background: the
+// cluster loop that carries out serve must go on hearing the peer
+// meanwhile. A service's first durability calls wait on the peer; if it
+// died during the start (a handover whose old primary then crashed), the
+// loop blocked in the start could not declare it lost, so the calls held
+// on it until the barrier's timeout failed them and the service with them
+// (the fault campaign on btrfs, disk-full-primary-crash: the new primary
+// stayed PRIM, its MariaDB stuck in its start, 30 s after the peer died).
+func (n *Node) startServices(ctx context.Context) {
+	sctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	n.smu.Lock()
+	n.startingCancel, n.startingDone = cancel, done
+	n.smu.Unlock()
+	go func() {
+		defer close(done)
+		if err := n.stack.Start(sctx); err != nil && sctx.Err() == nil {
+			n.log.Error("services failed to start", "err", err)
+			n.post(ctx, cluster.Event{Kind: cluster.EvServiceDown, Why: err.Error()})
+		}
+	}()
+}
+
+// endServiceStart ends a start of the services still in progress (the
+// service being started is killed; those started are left to Stop) and
+// waits for it: no service may start once the node leaves the role.
+func (n *Node) endServiceStart() {
+	n.smu.Lock()
+	cancel, done := n.startingCancel, n.startingDone
+	n.startingCancel, n.startingDone = nil, nil
+	n.smu.Unlock()
+	if cancel != nil {
+		cancel()
+		<-done
+	}
 }
 
 // post hands an event to the cluster loop, unless the daemon stops first.
@@ -598,6 +636,7 @@ func (n *Node) unserve(ctx context.Context) {
 	n.wakePrimaries()
 	stopWatch := n.watchLeaving()
 	defer stopWatch()
+	n.endServiceStart()
 	n.stack.Stop()
 	n.smu.RLock()
 	primaries := n.primaries
