@@ -199,6 +199,7 @@ func RunChild(args []string) error {
 		// duet exec's command: this process stays between them and
 		// keeps its copy of the listener (runExecLeader).
 		os.Unsetenv(ExecEnv)
+		unix.CloseOnExec(execDoneFD) // the command does not get it
 		return runExecLeader(path, args, parent, int(fd))
 	}
 	unix.Close(int(fd))
@@ -292,7 +293,7 @@ func Start(self string, args []string, wait Func, observe Observer, setup func(*
 		// under load; TestGroupChildOffMainThread).
 		cmd.SysProcAttr.Pdeathsig = groupDeathSignal
 	}
-	cmd.ExtraFiles = []*os.File{child} // fd 3
+	cmd.ExtraFiles = append([]*os.File{child}, cmd.ExtraFiles...) // fd 3, then setup's
 	if err := cmd.Start(); err != nil {
 		child.Close()
 		return nil, err
@@ -315,10 +316,19 @@ func Exec(ctx context.Context, self string, args []string, wait Func, observe Ob
 	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
 		return 0, fmt.Errorf("child subreaper: %w", err)
 	}
+	// The leader writes a byte here just before it exits by itself, once
+	// the command and what it left have exited (execDoneFD).
+	doneR, doneW, err := os.Pipe()
+	if err != nil {
+		return 0, err
+	}
+	defer doneR.Close()
 	cmd, err := Start(self, args, wait, observe, func(c *exec.Cmd) {
 		c.Stdin, c.Stdout, c.Stderr = os.Stdin, os.Stdout, os.Stderr
 		c.Env = append(os.Environ(), ExecEnv+"="+strconv.Itoa(os.Getpid()))
+		c.ExtraFiles = []*os.File{doneW}
 	})
+	doneW.Close()
 	if err != nil {
 		return 0, err
 	}
@@ -332,14 +342,12 @@ func Exec(ctx context.Context, self string, args []string, wait Func, observe Ob
 		}
 	}()
 	err = cmd.Wait()
-	var ee *exec.ExitError
-	if errors.As(err, &ee) {
-		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-			// The leader was killed (it exits by itself otherwise):
-			// what it ran is this process's now.
-			fmt.Fprintf(os.Stderr, "duet exec: its supervised child was killed (%v): killing %s and every process under it\n", ws.Signal(), args[0])
-			adoptAndKill()
-		}
+	if b := make([]byte, 1); func() bool { n, _ := doneR.Read(b); return n == 0 }() {
+		// The leader did not end by itself (killed, or aborted: a
+		// Go runtime that throws exits 2, not by a signal): what it
+		// ran is this process's now.
+		fmt.Fprintf(os.Stderr, "duet exec: its supervised child ended abnormally (%v): killing %s and every process under it\n", err, args[0])
+		adoptAndKill()
 	}
 	return ExitCode(err)
 }

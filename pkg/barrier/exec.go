@@ -28,6 +28,11 @@ import (
 // not have.
 const ExecEnv = "DUET_EXEC_SUPERVISOR"
 
+// execDoneFD is the leader's end of a pipe to duet exec: one byte written
+// just before the leader exits by itself says it did (Exec: otherwise
+// what the leader ran is adopted and killed).
+const execDoneFD = 4
+
 // errExecGone is the barrier's answer once `duet exec` is dead: nothing
 // can confirm a durability call any more.
 var errExecGone = errors.New("duet exec is gone: the call cannot be confirmed durable on the peer")
@@ -53,9 +58,10 @@ var forwarded = []os.Signal{syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP, sys
 //   - exits once none is left.
 func runExecLeader(path string, args []string, parent string, listener int) error {
 	// A signal ignored by duet exec's caller (nohup; sh ignores SIGINT
-	// and SIGQUIT for a background job) stays ignored, in the command as
-	// when it was exec'd: a handler here would be reset to the default
-	// in the command.
+	// for a background job) stays ignored, in the command as when it was
+	// exec'd: a handler here would be reset to the default in the
+	// command. (SIGQUIT: duet exec's Go runtime catches it, so it reaches
+	// this process not ignored.)
 	sigs := make(chan os.Signal, 8)
 	var caught []os.Signal
 	for _, s := range forwarded {
@@ -86,7 +92,9 @@ func runExecLeader(path string, args []string, parent string, listener int) erro
 	unix.Setpgid(0, 0)
 	proc, err := os.StartProcess(path, args, &os.ProcAttr{Env: os.Environ(),
 		Files: []*os.File{os.Stdin, os.Stdout, os.Stderr},
-		Sys:   &syscall.SysProcAttr{Setpgid: true, Pgid: job}})
+		// Killed with this process: a SIGKILL that reaches duet exec
+		// and this process at once (pkill -9 duet) leaves no listener.
+		Sys: &syscall.SysProcAttr{Setpgid: true, Pgid: job, Pdeathsig: syscall.SIGKILL}})
 	if err != nil {
 		return err
 	}
@@ -127,6 +135,7 @@ func runExecLeader(path string, args []string, parent string, listener int) erro
 			if !commandDone {
 				code = waitCode(<-k.exited)
 			}
+			unix.Write(execDoneFD, []byte{1})
 			os.Exit(code)
 		case s := <-sigs:
 			if grace != nil {
@@ -224,8 +233,36 @@ func (k *kin) killAll() {
 	}
 }
 
-// children lists this process's children, from every thread's list.
-func children() []int { return childrenOf("self") }
+// children lists this process's children, from every thread's list, or
+// on a kernel without those lists (CONFIG_PROC_CHILDREN) from every
+// process's parent.
+func children() []int {
+	if files, _ := filepath.Glob("/proc/self/task/*/children"); len(files) > 0 {
+		return childrenOf("self")
+	}
+	var pids []int
+	self := os.Getpid()
+	stats, _ := filepath.Glob("/proc/[0-9]*/stat")
+	for _, f := range stats {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid ...: the command's name may hold spaces.
+		i := strings.LastIndexByte(string(b), ')')
+		if i < 0 {
+			continue
+		}
+		if fs := strings.Fields(string(b[i+1:])); len(fs) > 1 {
+			if ppid, _ := strconv.Atoi(fs[1]); ppid == self {
+				if pid, err := strconv.Atoi(filepath.Base(filepath.Dir(f))); err == nil {
+					pids = append(pids, pid)
+				}
+			}
+		}
+	}
+	return pids
+}
 
 // childrenOf lists the children of process proc (a pid, or "self").
 func childrenOf(proc string) []int {

@@ -338,3 +338,26 @@ func TestExecLeaderKilledLeavesNoENOSYS(t *testing.T) {
 	time.Sleep(200 * time.Millisecond)
 	checkLoopKilledWithoutENOSYS(t, loop, result)
 }
+
+// From the final review: a leader that ends without being "killed by a signal" in
+// wait(2)'s sense leaves the command to duet exec, which returns without
+// adoptAndKill: a user-sent SIGABRT (also SIGILL, SIGTRAP, SIGSYS) makes the
+// Go runtime throw and exit(2); a Go fatal error does the same. The command
+// then runs on and its durability calls get ENOSYS once duet exec is gone.
+func TestExecLeaderAbortedLeavesNoENOSYS(t *testing.T) {
+	sup, loop, result := execLoop(t, "none", "", "wait", nil)
+	kids := childrenOf(strconv.Itoa(sup.Process.Pid))
+	if len(kids) != 1 {
+		t.Fatalf("duet exec has children %v, want its leader alone", kids)
+	}
+	unix.Kill(kids[0], unix.SIGABRT)
+	exited := make(chan error, 1)
+	go func() { exited <- sup.Wait() }()
+	select {
+	case err := <-exited:
+		t.Logf("duet exec returned (%v) once its leader aborted", err)
+	case <-time.After(2 * time.Second):
+	}
+	time.Sleep(200 * time.Millisecond)
+	checkLoopKilledWithoutENOSYS(t, loop, result)
+}
