@@ -114,6 +114,11 @@ var faultKinds = []faultKind{
 	{"disk-full-primary-crash", false, func(n *nemesis, r *nemesisRun) {
 		root := filepath.Dir(n.data(r.p))
 		fill := filepath.Join(root, "fill")
+		daemonLog := filepath.Join(n.l.Dir, r.p+".log")
+		var logFrom int64
+		if fi, err := os.Stat(daemonLog); err == nil {
+			logFrom = fi.Size()
+		}
 		full := time.Now() // the disk may be full before the fill returns
 		if _, err := fillFilesystem(fill); err != nil {
 			n.t.Fatalf("filling %s: %v", fill, err)
@@ -123,18 +128,7 @@ var faultKinds = []faultKind{
 		crashed := time.Now()
 		n.snapshotMySQL(r)
 		if n.stack != nil && r.artefacts != "" {
-			names, _ := filepath.Glob(filepath.Join(r.artefacts, nodeName[r.p], "binlog.0*"))
-			var logs []byte
-			for _, f := range names {
-				b, err := os.ReadFile(f)
-				if err != nil {
-					n.t.Fatal(err)
-				}
-				logs = append(logs, b...)
-			}
-			n.stack.mu.Lock()
-			n.stack.full = append(n.stack.full, fullDisk{from: full, to: crashed, binlogs: logs})
-			n.stack.mu.Unlock()
+			n.stack.noteFullDisk(n.t, r, fullDisk{from: full, to: crashed}, daemonLog, logFrom)
 		}
 		n.l.WaitState(n.t, r.s, "ALONE", 30*time.Second)
 		metas, _ := filepath.Glob(filepath.Join(root, ".duet", "copy-*.json"))
@@ -291,6 +285,55 @@ type stackLoad struct {
 type fullDisk struct {
 	from, to time.Time
 	binlogs  []byte
+}
+
+// noteFullDisk records f, the primary's full disk of run r, with the
+// binary logs of its MariaDB at the crash (in r.artefacts), so that what
+// kine acknowledged then without a commit is told apart — only when the
+// evidence holds: the copy holds the last etcd entry acknowledged before
+// the disk filled (it is whole up to the window), and the primary's log
+// shows MariaDB meeting the full disk after the fill (from logFrom).
+// Otherwise nothing of the window is excused, and any loss fails the run.
+func (s *stackLoad) noteFullDisk(t *testing.T, r *nemesisRun, f fullDisk, daemonLog string, logFrom int64) {
+	t.Helper()
+	names, err := filepath.Glob(filepath.Join(r.artefacts, nodeName[r.p], "binlog.0*"))
+	if err != nil || len(names) == 0 {
+		t.Logf("run %d: no binary log of the primary copied at the crash (%v): nothing acknowledged while its disk was full is excused", r.i, err)
+		return
+	}
+	for _, name := range names {
+		b, err := os.ReadFile(name)
+		if err != nil {
+			t.Logf("run %d: reading the primary's %s: %v: nothing acknowledged while its disk was full is excused", r.i, name, err)
+			return
+		}
+		f.binlogs = append(f.binlogs, b...)
+	}
+	anchor := -1
+	for _, c := range s.clients {
+		if c.name != "etcd" {
+			continue
+		}
+		c.mu.Lock()
+		for i, k := range c.acked {
+			if c.oks[i].Before(f.from) {
+				anchor = max(anchor, k)
+			}
+		}
+		c.mu.Unlock()
+	}
+	if anchor < 0 || !containsWhole(f.binlogs, fmt.Sprintf("/counter/%d", anchor)) {
+		t.Logf("run %d: the primary's binary logs at the crash lack the last etcd entry acknowledged before its disk filled (%d): not whole, nothing acknowledged while the disk was full is excused", r.i, anchor)
+		return
+	}
+	b, err := os.ReadFile(daemonLog)
+	if err != nil || int64(len(b)) < logFrom || !bytes.Contains(b[logFrom:], []byte("No space left on device")) && !bytes.Contains(b[logFrom:], []byte("is full")) {
+		t.Logf("run %d: the primary's log does not show MariaDB meeting the full disk (%v): nothing acknowledged while it was full is excused", r.i, err)
+		return
+	}
+	s.mu.Lock()
+	s.full = append(s.full, f)
+	s.mu.Unlock()
 }
 
 // containsWhole says whether b holds s not followed by a digit: "/counter/89"
