@@ -70,6 +70,9 @@ type Stack struct {
 	running []*proc
 	// stopping: what Stop is stopping (Kill reaches those too).
 	stopping []*proc
+	// launching: the services being started, not yet running (Kill
+	// reaches those too): Start's, and watchers' restarts.
+	launching map[*proc]bool
 	// killed: Kill ran; no service starts again until the next Start (a
 	// watcher restarting one would bring it back after the kill).
 	killed bool
@@ -97,7 +100,17 @@ func (s *Stack) Start(ctx context.Context) error {
 	s.mu.Unlock()
 	for _, svc := range s.Services {
 		p := &proc{svc: svc}
-		if err := s.launch(ctx, p); err != nil {
+		// An ended start launches nothing more: the node may have left
+		// the role (node.endServiceStart).
+		err := ctx.Err()
+		if err == nil {
+			err = s.launch(ctx, p)
+		}
+		if err == nil && ctx.Err() != nil {
+			s.kill(p)
+			err = ctx.Err()
+		}
+		if err != nil {
 			s.Stop()
 			return fmt.Errorf("service %s: %w", svc.Name, err)
 		}
@@ -142,7 +155,16 @@ func (s *Stack) launch(ctx context.Context, p *proc) error {
 	s.mu.Lock()
 	p.cmd, p.done = cmd, done
 	killed = s.killed
+	if s.launching == nil {
+		s.launching = map[*proc]bool{}
+	}
+	s.launching[p] = true
 	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.launching, p)
+		s.mu.Unlock()
+	}()
 	if killed {
 		// Kill ran while it was forked: Kill did not see it.
 		s.kill(p)
@@ -153,6 +175,7 @@ func (s *Stack) launch(ctx context.Context, p *proc) error {
 		// Only the process to watch: it must at least survive its start.
 		select {
 		case <-done:
+		case <-ctx.Done():
 		case <-time.After(settle):
 		}
 	}
@@ -176,6 +199,13 @@ func (s *Stack) launch(ctx context.Context, p *proc) error {
 			s.kill(p)
 			return ctx.Err()
 		case <-time.After(100 * time.Millisecond):
+		}
+		s.mu.Lock()
+		killed = s.killed
+		s.mu.Unlock()
+		if killed {
+			s.kill(p) // Kill reached it too; it may not come back
+			return errKilled
 		}
 	}
 }
@@ -293,7 +323,11 @@ func (s *Stack) Kill() {
 	var procs []started
 	s.mu.Lock()
 	s.killed = true
-	for _, p := range append(append([]*proc(nil), s.running...), s.stopping...) {
+	all := append(append([]*proc(nil), s.running...), s.stopping...)
+	for p := range s.launching {
+		all = append(all, p)
+	}
+	for _, p := range all {
 		if p.cmd != nil {
 			procs = append(procs, started{p.cmd, p.done})
 		}
