@@ -1767,7 +1767,11 @@ func (n *Node) Status() Status {
 		}
 		var fs unix.Statfs_t
 		if err := unix.Statfs(d.Path, &fs); err == nil {
-			cs.FreeBytes, cs.SizeBytes = fs.Bavail*uint64(fs.Bsize), fs.Blocks*uint64(fs.Bsize)
+			unit := uint64(fs.Frsize) // the counts' unit (f_frsize)
+			if unit == 0 {
+				unit = uint64(fs.Bsize)
+			}
+			cs.FreeBytes, cs.SizeBytes = fs.Bavail*unit, fs.Blocks*unit
 		}
 		s.Copies = append(s.Copies, cs)
 	}
