@@ -200,7 +200,11 @@ func RunChild(args []string) error {
 		// keeps its copy of the listener (runExecLeader).
 		os.Unsetenv(ExecEnv)
 		unix.CloseOnExec(execDoneFD) // the command does not get it
-		return runExecLeader(path, args, parent, int(fd))
+		err := runExecLeader(path, args, parent, int(fd))
+		// It returns only before the command ran: ended by itself,
+		// nothing to adopt.
+		unix.Write(execDoneFD, []byte{1})
+		return err
 	}
 	unix.Close(int(fd))
 	return unix.Exec(path, args, os.Environ())

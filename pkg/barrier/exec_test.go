@@ -361,3 +361,33 @@ func TestExecLeaderAbortedLeavesNoENOSYS(t *testing.T) {
 	time.Sleep(200 * time.Millisecond)
 	checkLoopKilledWithoutENOSYS(t, loop, result)
 }
+
+// From a review of 1e5ed62 (failed on it): a leader that fails after handing over the listener
+// (here: os.StartProcess fails on a script whose interpreter is missing;
+// LookPath accepted it) exits 127 without the done byte. Exec then runs
+// adoptAndKill in its own process: it SIGKILLs and reaps every child of
+// that process, not only what the leader ran. In the test binary (and any
+// in-process caller of Exec) that is other code's children.
+func TestExecLeaderErrorKillsNothingElse(t *testing.T) {
+	dir := t.TempDir()
+	script := filepath.Join(dir, "bad-interp")
+	if err := os.WriteFile(script, []byte("#!/nonexistent/interp\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	sibling := exec.Command("sleep", "30")
+	if err := sibling.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer sibling.Process.Kill()
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	code, err := Exec(context.Background(), self, []string{script}, func(int32) error { return nil }, nil)
+	t.Logf("Exec: code %d, err %v", code, err)
+	if !waitGone(sibling.Process.Pid, 300*time.Millisecond) {
+		return // still alive: fine
+	}
+	werr := sibling.Wait()
+	t.Errorf("an unrelated child of the calling process (sleep, pid %d) was killed/reaped by Exec after its leader failed (exit %d): its Wait says %v", sibling.Process.Pid, code, werr)
+}

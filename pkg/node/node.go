@@ -542,7 +542,9 @@ func (n *Node) startServices(ctx context.Context) {
 		defer close(done)
 		if err := n.stack.Start(sctx); err != nil && sctx.Err() == nil {
 			n.log.Error("services failed to start", "err", err)
-			n.post(ctx, cluster.Event{Kind: cluster.EvServiceDown, Why: err.Error()})
+			// sctx: endServiceStart waits for this goroutine while the
+			// loop reads no events.
+			n.post(sctx, cluster.Event{Kind: cluster.EvServiceDown, Why: err.Error()})
 		}
 	}()
 }

@@ -106,17 +106,29 @@ func (s *Stack) Start(ctx context.Context) error {
 		if err == nil {
 			err = s.launch(ctx, p)
 		}
-		if err == nil && ctx.Err() != nil {
-			s.kill(p)
-			err = ctx.Err()
+		if err == nil {
+			// Launched: from launching to running under one lock, so
+			// that a Kill sees it in one or the other.
+			cerr := ctx.Err()
+			s.mu.Lock()
+			delete(s.launching, p)
+			switch {
+			case s.killed:
+				err = errKilled // Kill reached it as a launching one
+			case cerr != nil:
+				err = cerr
+			default:
+				s.running = append(s.running, p)
+			}
+			s.mu.Unlock()
+			if err != nil {
+				s.kill(p)
+			}
 		}
 		if err != nil {
 			s.Stop()
 			return fmt.Errorf("service %s: %w", svc.Name, err)
 		}
-		s.mu.Lock()
-		s.running = append(s.running, p)
-		s.mu.Unlock()
 	}
 	var once sync.Once
 	for _, p := range s.running {
@@ -160,10 +172,15 @@ func (s *Stack) launch(ctx context.Context, p *proc) error {
 	}
 	s.launching[p] = true
 	s.mu.Unlock()
+	// Launched, it stays among the launching ones until its caller has
+	// it among the running ones (Start, watch).
+	launched := false
 	defer func() {
-		s.mu.Lock()
-		delete(s.launching, p)
-		s.mu.Unlock()
+		if !launched {
+			s.mu.Lock()
+			delete(s.launching, p)
+			s.mu.Unlock()
+		}
 	}()
 	if killed {
 		// Kill ran while it was forked: Kill did not see it.
@@ -186,6 +203,7 @@ func (s *Stack) launch(ctx context.Context, p *proc) error {
 			s.mu.Lock()
 			p.healthy, p.err = true, ""
 			s.mu.Unlock()
+			launched = true
 			return nil
 		}
 		if time.Now().After(deadline) {
@@ -284,6 +302,10 @@ func (s *Stack) watch(ctx context.Context, p *proc, once *sync.Once) {
 			p.err = err.Error()
 			s.mu.Unlock()
 			s.Log.Warn("service restart failed", "service", p.svc.Name, "err", err)
+		} else {
+			s.mu.Lock()
+			delete(s.launching, p) // it is among the running ones
+			s.mu.Unlock()
 		}
 	}
 }
