@@ -128,7 +128,7 @@ var faultKinds = []faultKind{
 		crashed := time.Now()
 		n.snapshotMySQL(r)
 		if n.stack != nil && r.artefacts != "" {
-			n.stack.noteFullDisk(n.t, r, fullDisk{from: full, to: crashed}, daemonLog, logFrom)
+			n.stack.noteFullDisk(n.t, r, fullDisk{from: full, to: crashed}, filepath.Join(n.l.Dir, r.p, "k3s", "mysql"), daemonLog, logFrom)
 		}
 		n.l.WaitState(n.t, r.s, "ALONE", 30*time.Second)
 		metas, _ := filepath.Glob(filepath.Join(root, ".duet", "copy-*.json"))
@@ -290,21 +290,29 @@ type fullDisk struct {
 // noteFullDisk records f, the primary's full disk of run r, with the
 // binary logs of its MariaDB at the crash (in r.artefacts), so that what
 // kine acknowledged then without a commit is told apart — only when the
-// evidence holds: the copy holds the last etcd entry acknowledged before
-// the disk filled (it is whole up to the window), and the primary's log
+// evidence holds: the copy has every binary log in primaryDir at its
+// size there, it holds the last etcd entry acknowledged before the disk
+// filled, and the primary's log
 // shows MariaDB meeting the full disk after the fill (from logFrom).
 // Otherwise nothing of the window is excused, and any loss fails the run.
-func (s *stackLoad) noteFullDisk(t *testing.T, r *nemesisRun, f fullDisk, daemonLog string, logFrom int64) {
+func (s *stackLoad) noteFullDisk(t *testing.T, r *nemesisRun, f fullDisk, primaryDir, daemonLog string, logFrom int64) {
 	t.Helper()
-	names, err := filepath.Glob(filepath.Join(r.artefacts, nodeName[r.p], "binlog.0*"))
-	if err != nil || len(names) == 0 {
-		t.Logf("run %d: no binary log of the primary copied at the crash (%v): nothing acknowledged while its disk was full is excused", r.i, err)
+	// Every binary log of the primary, as the copy has it and at the size
+	// the primary's own (its page cache, the host alive) has.
+	src, err := filepath.Glob(filepath.Join(primaryDir, "binlog.0*"))
+	if err != nil || len(src) == 0 {
+		t.Logf("run %d: no binary log in the primary's %s (%v): nothing acknowledged while its disk was full is excused", r.i, primaryDir, err)
 		return
 	}
-	for _, name := range names {
-		b, err := os.ReadFile(name)
+	for _, name := range src {
+		fi, err := os.Stat(name)
 		if err != nil {
-			t.Logf("run %d: reading the primary's %s: %v: nothing acknowledged while its disk was full is excused", r.i, name, err)
+			t.Logf("run %d: %v: nothing acknowledged while its disk was full is excused", r.i, err)
+			return
+		}
+		b, err := os.ReadFile(filepath.Join(r.artefacts, nodeName[r.p], filepath.Base(name)))
+		if err != nil || int64(len(b)) != fi.Size() {
+			t.Logf("run %d: the copy of the primary's %s is not whole (%d bytes of %d, %v): nothing acknowledged while its disk was full is excused", r.i, filepath.Base(name), len(b), fi.Size(), err)
 			return
 		}
 		f.binlogs = append(f.binlogs, b...)
