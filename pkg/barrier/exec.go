@@ -103,10 +103,22 @@ func runExecLeader(path string, args []string, parent string, listener int) erro
 	signal.Notify(make(chan os.Signal, 1), syscall.SIGPIPE)
 	parentGone := make(chan struct{})
 	go func() {
+		defer close(parentGone)
 		fds := []unix.PollFd{{Fd: int32(pidfd), Events: unix.POLLIN}}
 		for {
-			if _, err := unix.Poll(fds, -1); err == nil || !errors.Is(err, unix.EINTR) {
-				close(parentGone)
+			n, err := unix.Poll(fds, -1)
+			switch {
+			case err == nil && n > 0:
+				return // the pidfd is readable: duet exec exited
+			case errors.Is(err, unix.EINTR):
+			case errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.ENOMEM):
+				time.Sleep(10 * time.Millisecond)
+			case err != nil:
+				// The pidfd cannot be watched: the parent's pid then
+				// (reparented once duet exec is gone).
+				for os.Getppid() == ppid {
+					time.Sleep(100 * time.Millisecond)
+				}
 				return
 			}
 		}
@@ -282,8 +294,9 @@ func childrenOf(proc string) []int {
 	return pids
 }
 
-// adoptAndKill is duet exec's side when its leader died of a signal (a
-// mistaken kill -9, the OOM killer): the command and what it started come
+// adoptAndKill is duet exec's side when its leader did not end by itself
+// (a mistaken kill -9, the OOM killer, an abort): the command and what it
+// started come
 // to duet exec (a child subreaper, Exec), whose listener still answers
 // their calls, and are killed; it returns once none is left. A command
 // left running would have had ENOSYS from its calls once duet exec
