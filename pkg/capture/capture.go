@@ -17,7 +17,6 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/link"
-	"github.com/cilium/ebpf/ringbuf"
 	"github.com/cilium/ebpf/rlimit"
 	"golang.org/x/sys/unix"
 )
@@ -89,7 +88,7 @@ type HookStatus struct {
 type Capture struct {
 	objs   CaptureObjects
 	links  []link.Link
-	reader *ringbuf.Reader
+	reader *eventRing
 	hooks  []HookStatus
 	xfs    bool // Options.XFS
 	btrfs  bool // Options.Btrfs holds a superblock
@@ -104,7 +103,7 @@ type Capture struct {
 	epoch []byte
 
 	mu     sync.Mutex
-	rbuf   ringbuf.Record
+	rbuf   []byte // the last record read, under Read's caller
 	closed bool
 	// stopped: StopReading was called (the reader is closed).
 	stopped bool
@@ -305,7 +304,7 @@ func (c *Capture) Attach() error {
 		return fmt.Errorf("setting the syscalls that report the inodes they updated: %w", err)
 	}
 	var err error
-	c.reader, err = ringbuf.NewReader(c.objs.Events)
+	c.reader, err = newEventRing(c.objs.Events)
 	if err != nil {
 		return fmt.Errorf("opening ring buffer: %w", err)
 	}
@@ -515,18 +514,15 @@ const PollInterval = 2 * time.Millisecond
 // Read blocks until a record arrives. It returns os.ErrClosed after Close.
 func (c *Capture) Read(r *Record) error {
 	for {
-		c.reader.SetDeadline(time.Now().Add(PollInterval))
-		err := c.reader.ReadInto(&c.rbuf)
-		if errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, ringbuf.ErrFlushed) {
+		var err error
+		c.rbuf, err = c.reader.read(c.rbuf, time.Now().Add(PollInterval))
+		if errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, errFlushed) {
 			continue
-		}
-		if errors.Is(err, ringbuf.ErrClosed) {
-			return os.ErrClosed
 		}
 		if err != nil {
 			return err
 		}
-		return decodeRecord(c.rbuf.RawSample, r)
+		return decodeRecord(c.rbuf, r)
 	}
 }
 
@@ -536,7 +532,7 @@ func (c *Capture) Kick() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if !c.closed && !c.stopped {
-		c.reader.Flush()
+		c.reader.kick()
 	}
 }
 
@@ -560,7 +556,7 @@ func (c *Capture) Buffered() int {
 	if c.closed || c.stopped || c.reader == nil {
 		return 0
 	}
-	return c.reader.AvailableBytes()
+	return c.reader.available()
 }
 
 func decodeRecord(b []byte, r *Record) error {
@@ -681,7 +677,7 @@ func (c *Capture) Close() error {
 	}
 	c.closed = true
 	if c.reader != nil {
-		c.reader.Close()
+		c.reader.close()
 	}
 	c.ctrMu.Lock()
 	if c.ctr != nil {
@@ -713,7 +709,7 @@ func (c *Capture) StopReading() {
 	defer c.mu.Unlock()
 	c.stopped = true
 	if c.reader != nil {
-		c.reader.Close()
+		c.reader.close()
 	}
 }
 

@@ -359,7 +359,7 @@ func (b *bench) scaleFigures(runs, files int) []Figure {
 		for _, v := range mib {
 			s = append(s, fmt.Sprintf("%.1f", v))
 		}
-		return "; of it file-backed (RssFile: the binary, and the capture ring, whose pages the kernel maps twice), per run: " + strings.Join(s, ", ") + " MiB"
+		return "; of it file-backed (RssFile: the binary, and on nodeA the capture ring, 16 MiB by default), per run: " + strings.Join(s, ", ") + " MiB"
 	}
 	steadyA.Note += fileNote(fileA)
 	steadyB.Note += fileNote(fileB)
