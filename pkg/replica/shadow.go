@@ -3,6 +3,7 @@ package replica
 import (
 	"hash/maphash"
 	"io/fs"
+	"math"
 	"path"
 	"runtime"
 	"slices"
@@ -55,12 +56,16 @@ type shadow struct {
 	live     int    // records in use
 	byIno    itab
 	byName   itab
-	arena    []byte // the first names, at nodeRec.name's offsets: a view of mem.arena
+	arena    []byte // the first names, at nodeRec.off: a view of mem.arena
 	garbage  int    // bytes of arena no record uses
 	dirs     map[uint64]dirList
 	more     map[uint64][]link // an inode's names after its first, in order
 	moreKids map[uint64]map[string]uint64
-	seed     maphash.Seed
+	// wide holds the high halves of the inode numbers of the records
+	// flagged recWide: the inode's in the upper 32 bits, its first name's
+	// directory's in the lower.
+	wide map[uint32]uint64
+	seed maphash.Seed
 	// big are the directories found to hold bigAt entries or more when
 	// read whole. A pass does not read them to find what changed in them:
 	// it looks up the names of the inodes whose records it holds (see
@@ -71,36 +76,103 @@ type shadow struct {
 	bigAt int
 }
 
-// nodeRec is a node of the shadow, 40 bytes and no pointer. Its first
-// name is (parent, the arena's bytes at name's offset); the name is an
-// entry of the parent directory (found in byName and listed from dirs)
-// when attached is set: a name whose directory is not in the shadow is
-// kept without one, as the peer's path of the inode.
+// nodeRec is a node of the shadow, 28 bytes and no pointer. Its first
+// name is (parent, the arena's bytes at off); the name is an entry of
+// the parent directory (found in byName and listed from dirs) when
+// recAttached is set: a name whose directory is not in the shadow is kept
+// without one, as the peer's path of the inode. The inode numbers are
+// held by their low halves: few filesystems give numbers of more than
+// 32 bits (XFS does, past its first terabyte), and a record that holds
+// one has recWide set and its high halves in shadow.wide (see inoOf,
+// parentOf). Only the mode's type is kept: a pass asks nothing else.
 type nodeRec struct {
-	ino    uint64
-	parent uint64
-	// name: arena offset << 24 | flags << 16 | length (0: no name).
-	name       uint64
-	mode       fs.FileMode
-	gen        uint32
-	next, prev uint32 // the parent's other entries by first name; next chains free records
+	ino, parent uint32
+	off         uint32 // the first name's offset in the arena
+	nlen        uint16 // and its length; 0: no name
+	flags       uint8
+	typ         uint8 // the mode's type: an index of modeTypes
+	gen         uint32
+	next, prev  uint32 // the parent's other entries by first name; next chains free records
 }
 
+// A record's size is what a million files cost: 28 MB. This fails to
+// compile when a change to nodeRec changes it.
+var _ = [1]struct{}{}[unsafe.Sizeof(nodeRec{})-28]
+
 const (
-	recUsed     = 1 << 16
-	recGenKnown = 1 << 17
-	recAttached = 1 << 18
-	recFlags    = 0xff << 16
+	recUsed     = 1 << 0
+	recGenKnown = 1 << 1
+	recAttached = 1 << 2
+	recWide     = 1 << 3 // an inode number of more than 32 bits: see shadow.wide
 )
 
-func (r *nodeRec) nameLen() int      { return int(r.name & 0xffff) }
-func (r *nodeRec) nameOff() int      { return int(r.name >> 24) }
-func (r *nodeRec) has(f uint64) bool { return r.name&f != 0 }
-func (r *nodeRec) set(f uint64, on bool) {
+func (r *nodeRec) nameLen() int     { return int(r.nlen) }
+func (r *nodeRec) nameOff() int     { return int(r.off) }
+func (r *nodeRec) has(f uint8) bool { return r.flags&f != 0 }
+func (r *nodeRec) set(f uint8, on bool) {
 	if on {
-		r.name |= f
+		r.flags |= f
 	} else {
-		r.name &^= f
+		r.flags &^= f
+	}
+}
+
+// modeTypes are the types a record's typ stands for.
+var modeTypes = [...]fs.FileMode{0, fs.ModeDir, fs.ModeSymlink, fs.ModeNamedPipe, fs.ModeSocket,
+	fs.ModeDevice, fs.ModeDevice | fs.ModeCharDevice, fs.ModeIrregular}
+
+// typeCode is the index in modeTypes of mode's type; a type not listed
+// (none that fstree gives) is irregular.
+func typeCode(mode fs.FileMode) uint8 {
+	t := mode.Type()
+	for k, m := range modeTypes {
+		if m == t {
+			return uint8(k)
+		}
+	}
+	return uint8(len(modeTypes) - 1)
+}
+
+// inoOf is record i's inode number.
+func (s *shadow) inoOf(i uint32) uint64 {
+	r := &s.recs[i]
+	if r.flags&recWide == 0 {
+		return uint64(r.ino)
+	}
+	return uint64(r.ino) | s.wide[i]&^0xffffffff
+}
+
+// parentOf is the directory of record i's first name.
+func (s *shadow) parentOf(i uint32) uint64 {
+	r := &s.recs[i]
+	if r.flags&recWide == 0 {
+		return uint64(r.parent)
+	}
+	return uint64(r.parent) | s.wide[i]<<32
+}
+
+// inoIs says whether record i is inode ino.
+func (s *shadow) inoIs(i uint32, ino uint64) bool {
+	r := &s.recs[i]
+	if r.ino != uint32(ino) {
+		return false
+	}
+	if r.flags&recWide == 0 {
+		return ino>>32 == 0
+	}
+	return s.inoOf(i) == ino
+}
+
+// setIDs gives record i its inode number and its first name's directory.
+func (s *shadow) setIDs(i uint32, ino, parent uint64) {
+	r := &s.recs[i]
+	r.ino, r.parent = uint32(ino), uint32(parent)
+	if hi := ino&^0xffffffff | parent>>32; hi != 0 {
+		r.flags |= recWide
+		s.wide[i] = hi
+	} else if r.flags&recWide != 0 {
+		r.flags &^= recWide
+		delete(s.wide, i)
 	}
 }
 
@@ -147,13 +219,13 @@ const bigDirEntries = 1000
 // emptyShadow is a shadow with room for about n nodes.
 func emptyShadow(n int) *shadow {
 	s := &shadow{mem: &shadowMem{}, dirs: map[uint64]dirList{}, more: map[uint64][]link{},
-		moreKids: map[uint64]map[string]uint64{}, big: map[uint64]bool{}, bigAt: bigDirEntries, seed: maphash.MakeSeed()}
+		moreKids: map[uint64]map[string]uint64{}, wide: map[uint32]uint64{}, big: map[uint64]bool{}, bigAt: bigDirEntries, seed: maphash.MakeSeed()}
 	// The regions' memory goes with the shadow: nothing else holds it.
 	runtime.AddCleanup(s, func(m *shadowMem) { m.free() }, s.mem)
 	s.mem.recs.resize((n + 1) * int(unsafe.Sizeof(nodeRec{})))
 	s.recs = regionSlice[nodeRec](&s.mem.recs)[:1]
-	s.byIno.init(n, &s.mem.ino, func(i uint32) uint64 { return inoHash(s.recs[i].ino) })
-	s.byName.init(n, &s.mem.name, func(i uint32) uint64 { r := &s.recs[i]; return s.bytesHash(r.parent, s.nameBytes(r)) })
+	s.byIno.init(n, &s.mem.ino, func(i uint32) uint64 { return inoHash(s.inoOf(i)) })
+	s.byName.init(n, &s.mem.name, func(i uint32) uint64 { return s.bytesHash(s.parentOf(i), s.nameBytes(&s.recs[i])) })
 	s.mem.arena.resize(max(n*8, 64))
 	s.arena = regionSlice[byte](&s.mem.arena)[:0]
 	return s
@@ -242,14 +314,13 @@ func (sb *shadowBuilder) done() *shadow {
 
 // find is the record of ino, 0 if none.
 func (s *shadow) find(ino uint64) uint32 {
-	return s.byIno.find(inoHash(ino), func(i uint32) bool { return s.recs[i].ino == ino })
+	return s.byIno.find(inoHash(ino), func(i uint32) bool { return s.inoIs(i, ino) })
 }
 
 // findName is the record attached as parent/name, 0 if none.
 func (s *shadow) findName(parent uint64, name string) uint32 {
 	return s.byName.find(s.nameHash(parent, name), func(i uint32) bool {
-		r := &s.recs[i]
-		return r.parent == parent && string(s.nameBytes(r)) == name
+		return s.parentOf(i) == parent && string(s.nameBytes(&s.recs[i])) == name
 	})
 }
 
@@ -258,11 +329,12 @@ func (s *shadow) nameBytes(r *nodeRec) []byte {
 	return s.arena[off : off+r.nameLen()]
 }
 
-func (s *shadow) firstLink(r *nodeRec) link {
+func (s *shadow) firstLink(i uint32) link {
+	r := &s.recs[i]
 	if r.nameLen() == 0 {
 		return link{}
 	}
-	return link{r.parent, string(s.nameBytes(r))}
+	return link{s.parentOf(i), string(s.nameBytes(r))}
 }
 
 const golden = 0x9e3779b97f4a7c15
@@ -293,7 +365,8 @@ func (s *shadow) newNode(ino uint64, mode fs.FileMode) uint32 {
 		s.recs = s.recs[:n+1]
 		i = uint32(n)
 	}
-	s.recs[i] = nodeRec{ino: ino, mode: mode, name: recUsed}
+	s.recs[i] = nodeRec{typ: typeCode(mode), flags: recUsed}
+	s.setIDs(i, ino, 0)
 	s.live++
 	s.byIno.insert(i)
 	if mode.IsDir() {
@@ -306,8 +379,8 @@ func (s *shadow) newNode(ino uint64, mode fs.FileMode) uint32 {
 func (s *shadow) setFirst(i uint32, l link) {
 	r := &s.recs[i]
 	s.garbage += r.nameLen()
-	r.name &= recFlags
-	r.parent = 0
+	r.off, r.nlen = 0, 0
+	s.setIDs(i, s.inoOf(i), 0)
 	if l.name == "" {
 		return
 	}
@@ -315,14 +388,18 @@ func (s *shadow) setFirst(i uint32, l link) {
 		panic("replica: a name longer than 64 KiB") // NAME_MAX is 255
 	}
 	off := len(s.arena)
+	if off+len(l.name) > math.MaxUint32 {
+		// About 300 million names of 14 bytes.
+		panic("replica: the shadow's names take more than 4 GiB")
+	}
 	if off+len(l.name) > cap(s.arena) {
-		s.mem.arena.resize(2 * (off + len(l.name)))
+		s.mem.arena.resize(min(2*(off+len(l.name)), math.MaxUint32))
 		s.arena = regionSlice[byte](&s.mem.arena)[:off]
 	}
 	s.arena = append(s.arena, l.name...) // within its capacity: in the region
 	r = &s.recs[i]
-	r.parent = l.parent
-	r.name |= uint64(off)<<24 | uint64(len(l.name))
+	r.off, r.nlen = uint32(off), uint16(len(l.name))
+	s.setIDs(i, s.inoOf(i), l.parent)
 	s.compact()
 }
 
@@ -346,7 +423,7 @@ func (s *shadow) compact() {
 		}
 		off := len(arena)
 		arena = append(arena, s.nameBytes(r)...) // fits: the live names are less
-		r.name = r.name&0xffffff | uint64(off)<<24
+		r.off = uint32(off)
 	}
 	s.mem.arena.free()
 	s.mem.arena = nr
@@ -360,14 +437,15 @@ func (s *shadow) attach(i uint32) {
 		return
 	}
 	r.set(recAttached, true)
-	d := s.dirs[r.parent]
+	parent := s.parentOf(i)
+	d := s.dirs[parent]
 	r.prev, r.next = 0, d.head
 	if d.head != 0 {
 		s.recs[d.head].prev = i
 	}
 	d.head = i
 	d.n++
-	s.dirs[r.parent] = d
+	s.dirs[parent] = d
 	s.byName.insert(i)
 }
 
@@ -379,7 +457,8 @@ func (s *shadow) detach(i uint32) {
 		return
 	}
 	s.byName.remove(i)
-	d := s.dirs[r.parent]
+	parent := s.parentOf(i)
+	d := s.dirs[parent]
 	if r.prev != 0 {
 		s.recs[r.prev].next = r.next
 	} else {
@@ -389,8 +468,8 @@ func (s *shadow) detach(i uint32) {
 		s.recs[r.next].prev = r.prev
 	}
 	d.n--
-	if _, ok := s.dirs[r.parent]; ok {
-		s.dirs[r.parent] = d
+	if _, ok := s.dirs[parent]; ok {
+		s.dirs[parent] = d
 	}
 	r.prev, r.next = 0, 0
 	r.set(recAttached, false)
@@ -401,6 +480,9 @@ func (s *shadow) freeNode(i uint32) {
 	s.byIno.remove(i)
 	r := &s.recs[i]
 	s.garbage += r.nameLen()
+	if r.flags&recWide != 0 {
+		delete(s.wide, i)
+	}
 	*r = nodeRec{next: s.free}
 	s.free = i
 	s.live--
@@ -421,7 +503,7 @@ func (s *shadow) node(ino uint64) (snode, bool) {
 		return snode{}, false
 	}
 	r := &s.recs[i]
-	return snode{ino: r.ino, mode: r.mode, gen: r.gen, genKnown: r.has(recGenKnown)}, true
+	return snode{ino: ino, mode: modeTypes[r.typ], gen: r.gen, genKnown: r.has(recGenKnown)}, true
 }
 
 // setGen records inode ino's generation.
@@ -438,7 +520,7 @@ func (s *shadow) names(ino uint64) []link {
 	if i == 0 || s.recs[i].nameLen() == 0 {
 		return nil
 	}
-	return append([]link{s.firstLink(&s.recs[i])}, s.more[ino]...)
+	return append([]link{s.firstLink(i)}, s.more[ino]...)
 }
 
 // nameCount is len(s.names(ino)).
@@ -459,8 +541,7 @@ func (s *shadow) childCount(ino uint64) int {
 // false. fn must not change the shadow.
 func (s *shadow) eachChild(ino uint64, fn func(name string, child uint64) bool) {
 	for i := s.dirs[ino].head; i != 0; i = s.recs[i].next {
-		r := &s.recs[i]
-		if !fn(string(s.nameBytes(r)), r.ino) {
+		if !fn(string(s.nameBytes(&s.recs[i])), s.inoOf(i)) {
 			return
 		}
 	}
@@ -474,7 +555,7 @@ func (s *shadow) eachChild(ino uint64, fn func(name string, child uint64) bool) 
 // child is the inode named name in directory parent.
 func (s *shadow) child(parent uint64, name string) (uint64, bool) {
 	if i := s.findName(parent, name); i != 0 {
-		return s.recs[i].ino, true
+		return s.inoOf(i), true
 	}
 	ino, ok := s.moreKids[parent][name]
 	return ino, ok
@@ -483,7 +564,7 @@ func (s *shadow) child(parent uint64, name string) (uint64, bool) {
 // delChild removes the entry parent/name if it names ino.
 func (s *shadow) delChild(parent uint64, name string, ino uint64) {
 	if i := s.findName(parent, name); i != 0 {
-		if s.recs[i].ino == ino {
+		if s.inoIs(i, ino) {
 			s.detach(i)
 		}
 		return
@@ -507,7 +588,7 @@ func (s *shadow) dropMoreKid(parent uint64, name string) {
 // the entry the name had.
 func (s *shadow) setChild(parent uint64, name string, ino uint64) {
 	if i := s.findName(parent, name); i != 0 {
-		if s.recs[i].ino == ino {
+		if s.inoIs(i, ino) {
 			return
 		}
 		s.detach(i)
@@ -517,7 +598,7 @@ func (s *shadow) setChild(parent uint64, name string, ino uint64) {
 		s.dirs[parent] = dirList{}
 	}
 	i := s.find(ino)
-	if i != 0 && s.recs[i].nameLen() != 0 && s.recs[i].parent == parent && string(s.nameBytes(&s.recs[i])) == name {
+	if i != 0 && s.recs[i].nameLen() != 0 && s.parentOf(i) == parent && string(s.nameBytes(&s.recs[i])) == name {
 		s.attach(i)
 		return
 	}
@@ -531,20 +612,19 @@ func (s *shadow) setChild(parent uint64, name string, ino uint64) {
 
 // addName gives inode i one more name, last.
 func (s *shadow) addName(i uint32, l link) {
-	r := &s.recs[i]
-	if r.nameLen() == 0 {
+	if s.recs[i].nameLen() == 0 {
 		s.setFirst(i, l)
 		return
 	}
-	s.more[r.ino] = append(s.more[r.ino], link{l.parent, strings.Clone(l.name)})
+	ino := s.inoOf(i)
+	s.more[ino] = append(s.more[ino], link{l.parent, strings.Clone(l.name)})
 }
 
 // removeName takes name l from inode i; the next one becomes the first.
 func (s *shadow) removeName(i uint32, l link) {
-	r := &s.recs[i]
-	ino := r.ino
+	ino := s.inoOf(i)
 	more := s.more[ino]
-	if r.nameLen() != 0 && s.firstLink(r) == l {
+	if s.recs[i].nameLen() != 0 && s.firstLink(i) == l {
 		s.detach(i)
 		s.setFirst(i, link{})
 		if len(more) == 0 {
@@ -583,7 +663,7 @@ func (s *shadow) add(ino uint64, mode fs.FileMode, parent uint64, name string) {
 		i = s.newNode(ino, mode)
 	}
 	l := link{parent, name}
-	if s.firstLink(&s.recs[i]) == l || slices.Contains(s.more[ino], l) {
+	if s.firstLink(i) == l || slices.Contains(s.more[ino], l) {
 		return
 	}
 	s.addName(i, l)
@@ -714,7 +794,7 @@ func (s *shadow) path(ino uint64) (string, bool) {
 		}
 		recs = append(recs, i)
 		size += s.recs[i].nameLen() + 1
-		ino = s.recs[i].parent
+		ino = s.parentOf(i)
 	}
 	if len(recs) == 0 {
 		return ".", true
@@ -747,7 +827,7 @@ func (s *shadow) pathIs(ino uint64, p string) bool {
 			return false
 		}
 		p = p[:len(p)-len(name)]
-		if ino = s.recs[i].parent; ino == s.root {
+		if ino = s.parentOf(i); ino == s.root {
 			return p == ""
 		}
 		if len(p) == 0 || p[len(p)-1] != '/' {
@@ -792,7 +872,7 @@ func (s *shadow) depth(ino uint64) int {
 		if i == 0 || s.recs[i].nameLen() == 0 {
 			return 1 << 20
 		}
-		ino = s.recs[i].parent
+		ino = s.parentOf(i)
 		d++
 	}
 	return d

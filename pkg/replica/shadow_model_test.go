@@ -31,8 +31,8 @@ func (s *shadow) snapshot() shadowSnap {
 	sn := shadowSnap{root: s.root, nodes: map[uint64]snapNode{}, kids: map[uint64]map[string]uint64{}, more: map[uint64][]link{}, big: maps.Clone(s.big)}
 	for i := 1; i < len(s.recs); i++ {
 		if r := &s.recs[i]; r.has(recUsed) {
-			n, _ := s.node(r.ino)
-			sn.nodes[r.ino] = snapNode{n, s.firstLink(r)}
+			n, _ := s.node(s.inoOf(uint32(i)))
+			sn.nodes[n.ino] = snapNode{n, s.firstLink(uint32(i))}
 		}
 	}
 	for dir := range s.dirs {
@@ -49,7 +49,8 @@ func (s *shadow) snapshot() shadowSnap {
 func (s *refShadow) snapshot() shadowSnap {
 	sn := shadowSnap{root: s.root, nodes: map[uint64]snapNode{}, kids: map[uint64]map[string]uint64{}, more: map[uint64][]link{}, big: maps.Clone(s.big)}
 	for ino, n := range s.nodes {
-		sn.nodes[ino] = snapNode{snode{ino: n.ino, mode: n.mode, gen: n.gen, genKnown: n.genKnown}, n.first}
+		// The shadow keeps a mode's type only.
+		sn.nodes[ino] = snapNode{snode{ino: n.ino, mode: n.mode.Type(), gen: n.gen, genKnown: n.genKnown}, n.first}
 	}
 	for dir, m := range s.kids {
 		sn.kids[dir] = maps.Clone(m)
@@ -73,14 +74,23 @@ func (s *shadow) check() error {
 		}
 		used++
 		nameBytes += r.nameLen()
-		if s.find(r.ino) != uint32(i) {
-			return fmt.Errorf("record %d (inode %d) not found by its number", i, r.ino)
+		ino, parent := s.inoOf(uint32(i)), s.parentOf(uint32(i))
+		if s.find(ino) != uint32(i) {
+			return fmt.Errorf("record %d (inode %d) not found by its number", i, ino)
+		}
+		if wide := ino>>32 != 0 || parent>>32 != 0; wide != r.has(recWide) {
+			return fmt.Errorf("record %d (inode %d, parent %d) flagged wide: %v", i, ino, parent, r.has(recWide))
 		}
 		if r.has(recAttached) {
 			attached++
-			if s.findName(r.parent, string(s.nameBytes(r))) != uint32(i) {
-				return fmt.Errorf("record %d (%d/%s) not found by its name", i, r.parent, s.nameBytes(r))
+			if s.findName(parent, string(s.nameBytes(r))) != uint32(i) {
+				return fmt.Errorf("record %d (%d/%s) not found by its name", i, parent, s.nameBytes(r))
 			}
+		}
+	}
+	for i := range s.wide {
+		if int(i) >= len(s.recs) || !s.recs[i].has(recWide) {
+			return fmt.Errorf("record %d has high halves and is not flagged wide", i)
 		}
 	}
 	if used != s.live || s.byIno.n != used || s.byName.n != attached {
@@ -94,8 +104,8 @@ func (s *shadow) check() error {
 		n, prev := uint32(0), uint32(0)
 		for i := d.head; i != 0; i = s.recs[i].next {
 			r := &s.recs[i]
-			if !r.has(recAttached) || r.parent != dir || r.prev != prev {
-				return fmt.Errorf("directory %d lists record %d (parent %d, attached %v, prev %d want %d)", dir, i, r.parent, r.has(recAttached), r.prev, prev)
+			if !r.has(recAttached) || s.parentOf(i) != dir || r.prev != prev {
+				return fmt.Errorf("directory %d lists record %d (parent %d, attached %v, prev %d want %d)", dir, i, s.parentOf(i), r.has(recAttached), r.prev, prev)
 			}
 			prev = i
 			n++
@@ -139,14 +149,29 @@ func shadowModelRuns(t *testing.T) {
 	}
 	for seed := range seeds {
 		rng := rand.New(rand.NewSource(int64(seed)))
-		entries := []wire.Entry{{Path: ".", Mode: fs.ModeDir, Ino: 1}, {Path: "d", Mode: fs.ModeDir, Ino: 2}, {Path: "d/f", Ino: 3}, {Path: "g", Ino: 3}}
-		s, ref := newShadow(entries), newRefShadow(entries)
-		mode := func(ino uint64) fs.FileMode {
-			if ino%3 == 2 {
-				return fs.ModeDir
+		// The model's inode numbers 1..inos are given numbers of more
+		// than 32 bits in two seeds of three: with low halves all
+		// different, then with low halves shared by several.
+		num := func(k uint64) uint64 {
+			switch {
+			case k == 0 || seed%3 == 0:
+				return k
+			case seed%3 == 1:
+				return k | (k%3)<<32
+			default:
+				return (k%4 + 1) | (k/4)<<32
 			}
-			return 0o644
 		}
+		kinds := map[uint64]fs.FileMode{}
+		for k := uint64(1); k <= inos; k++ {
+			kinds[num(k)] = 0o644
+			if k%3 == 2 {
+				kinds[num(k)] = fs.ModeDir | 0o755
+			}
+		}
+		mode := func(ino uint64) fs.FileMode { return kinds[ino] }
+		entries := []wire.Entry{{Path: ".", Mode: fs.ModeDir, Ino: num(1)}, {Path: "d", Mode: fs.ModeDir, Ino: num(2)}, {Path: "d/f", Ino: num(3)}, {Path: "g", Ino: num(3)}}
+		s, ref := newShadow(entries), newRefShadow(entries)
 		// ancestor tells whether a is ino or above it in the model.
 		ancestor := func(a, ino uint64) bool {
 			for d := 0; d < 64; d++ {
@@ -163,8 +188,8 @@ func shadowModelRuns(t *testing.T) {
 		}
 		var log []string
 		for step := range steps {
-			ino := uint64(1 + rng.Intn(inos))
-			parent := uint64(1 + rng.Intn(inos))
+			ino := num(uint64(1 + rng.Intn(inos)))
+			parent := num(uint64(1 + rng.Intn(inos)))
 			name := names[rng.Intn(len(names))]
 			var what string
 			switch k := rng.Intn(10); {
@@ -218,7 +243,8 @@ func shadowModelRuns(t *testing.T) {
 			if !reflect.DeepEqual(got, want) {
 				t.Fatalf("seed %d step %d, after %v:\nshadow %+v\nmodel  %+v", seed, step, log, got, want)
 			}
-			for i := uint64(0); i <= inos; i++ {
+			for k := uint64(0); k <= inos; k++ {
+				i := num(k)
 				p1, ok1 := s.path(i)
 				p2, ok2 := ref.path(i)
 				if p1 != p2 || ok1 != ok2 || s.depth(i) != ref.depth(i) || s.nameCount(i) != refNameCount(ref, i) {
