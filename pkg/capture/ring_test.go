@@ -170,3 +170,72 @@ func TestRingWrapsRecordsWhole(t *testing.T) {
 		t.Errorf("%d distinct records read, %d reserved", len(seen), ctr.Seq)
 	}
 }
+
+// A read waiting on an empty ring returns for each of the three things
+// that end its wait before its deadline: the producer's wake-up of a
+// record, a kick (a barrier wants what is there now), and close. Each
+// would otherwise hold it until the deadline, ten seconds here.
+func TestRingWaitEndsEarly(t *testing.T) {
+	fs := loopfs.Make(t, "ext4", 64)
+	var st syscall.Stat_t
+	if err := syscall.Stat(fs.Mount, &st); err != nil {
+		t.Fatal(err)
+	}
+	c, err := Open(Options{Devices: []uint64{st.Dev}, RingBytes: 1 << 16})
+	if err != nil {
+		t.Fatalf("Open: %v", err)
+	}
+	defer c.Close()
+	if err := c.SetEagerWake(true); err != nil {
+		t.Fatal(err)
+	}
+	r := c.reader
+	drain := func() {
+		for {
+			if _, err := r.read(nil, time.Now().Add(50*time.Millisecond)); err != nil {
+				return
+			}
+		}
+	}
+	const long = 10 * time.Second
+	type result struct {
+		rec []byte
+		err error
+	}
+	wait := func(do func()) result {
+		t.Helper()
+		drain()
+		ch := make(chan result, 1)
+		go func() {
+			b, err := r.read(nil, time.Now().Add(long))
+			ch <- result{b, err}
+		}()
+		time.Sleep(100 * time.Millisecond) // let it block
+		do()
+		select {
+		case res := <-ch:
+			return res
+		case <-time.After(long / 2):
+			t.Fatalf("the read still waits %v later", long/2)
+			return result{}
+		}
+	}
+
+	res := wait(func() {
+		if err := os.WriteFile(filepath.Join(fs.Mount, "f"), []byte("x"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if res.err != nil || len(res.rec) < recordSize {
+		t.Errorf("a write during the wait: %d bytes, %v; want a record", len(res.rec), res.err)
+	}
+	if res := wait(c.Kick); res.err != errFlushed {
+		t.Errorf("a kick during the wait: %d bytes, %v; want %v", len(res.rec), res.err, errFlushed)
+	}
+	if res := wait(c.StopReading); res.err != os.ErrClosed {
+		t.Errorf("a stop during the wait: %v; want %v", res.err, os.ErrClosed)
+	}
+	if _, err := r.read(nil, time.Now().Add(long)); err != os.ErrClosed {
+		t.Errorf("a read after the stop: %v; want %v", err, os.ErrClosed)
+	}
+}
