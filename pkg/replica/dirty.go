@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
+	"maps"
 	"os"
 	"slices"
 
@@ -44,7 +45,12 @@ func (f *dirtyFile) touch() uint64 {
 // next start; after a crash it is lost, and the resync falls back to the
 // files changed since the last sync point.
 type dirtySet struct {
-	files  map[uint64]*dirtyFile // by inode
+	files map[uint64]*dirtyFile // by inode
+	// peak is the most files the set held since files was made: a Go map
+	// keeps the room of its peak, and a burst (a tree unpacked, the
+	// writeback of many new files) would hold it, tens of bytes a file,
+	// for as long as the daemon runs (see shrink).
+	peak   int
 	chunks int
 	// lost: changes were lost (capture overflow of whole trees): the set
 	// does not cover everything.
@@ -58,8 +64,24 @@ func (d *dirtySet) get(ino uint64) *dirtyFile {
 	if f == nil {
 		f = &dirtyFile{}
 		d.files[ino] = f
+		d.peak = max(d.peak, len(d.files))
 	}
 	return f
+}
+
+// shrinkAt is the peak under which the map is not made anew.
+const shrinkAt = 4096
+
+// shrink makes the map anew, with only the files it holds, once they are
+// an eighth of its peak or fewer.
+func (d *dirtySet) shrink() {
+	if d.peak < shrinkAt || len(d.files) > d.peak/8 {
+		return
+	}
+	// Not maps.Clone: it copies the tables as they are, room included.
+	m := make(map[uint64]*dirtyFile, len(d.files))
+	maps.Copy(m, d.files)
+	d.files, d.peak = m, len(m)
 }
 
 func (d *dirtySet) span(f *dirtyFile, off, n, touch uint64) {
@@ -120,6 +142,9 @@ func (d *dirtySet) clearFile(ino, mark uint64) {
 			delete(f.chunks, c)
 			d.chunks--
 		}
+	}
+	if len(f.chunks) == 0 {
+		f.chunks = nil // its room too (a big file written all over)
 	}
 	if f.tailTouch <= mark {
 		f.tailTouch, f.tail = 0, 0

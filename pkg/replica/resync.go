@@ -782,6 +782,7 @@ func (p *Primary) clearDirty(force bool) {
 		i++
 	}
 	p.fileMarks = p.fileMarks[i:]
+	defer p.dirty.shrink()
 	dm := p.durablePoint()
 	if dm.mark == 0 || dm.mark <= p.clearedMark || !force && time.Since(p.lastClear) < clearEvery {
 		return
