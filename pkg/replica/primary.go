@@ -643,6 +643,9 @@ type batcher struct {
 	debug  bool      // log every op (the log's level is debug)
 }
 
+// batchKeep is the most room a batcher keeps after a small batch.
+const batchKeep = 256 << 10
+
 // compressSample is how much of a batch is test-compressed first.
 const compressSample = 64 << 10
 
@@ -688,7 +691,14 @@ func (bt *batcher) flush() {
 		appendFrame = wire.AppendSealedFrame
 	}
 	frame := appendFrame(nil, &wire.Frame{Type: wire.TypeBatch, Flags: flags, Seq: seq, Payload: payload})
-	bt.raw = bt.raw[:0]
+	if cap(bt.raw) > batchKeep && len(bt.raw) < cap(bt.raw)/16 {
+		// A small batch after big ones (a full sync, a burst): the
+		// buffer they grew (batchRaw, 4 MiB) is let go, not kept for
+		// as long as the connection lasts.
+		bt.raw = nil
+	} else {
+		bt.raw = bt.raw[:0]
+	}
 	since := bt.since
 	if since.IsZero() {
 		since = time.Now()

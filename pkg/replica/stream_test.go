@@ -359,3 +359,46 @@ func TestFullSyncReusedInodeNumber(t *testing.T) {
 	}
 	checkReused(t, dst, b, sink, aIno)
 }
+
+// A batcher lets go of the room big batches grew (4 MiB after a full sync
+// or a burst) when a small batch follows, and keeps it while they go on.
+func TestBatcherLetsGoOfBigBuffer(t *testing.T) {
+	p, err := NewPrimary(Dir{Name: "data", Path: t.TempDir()}, "127.0.0.1:1", testLink, 0, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	bt := &batcher{p: p, ctx: context.Background()}
+	big := &wire.Op{Code: wire.OpWrite, Path: "f", Data: make([]byte, 1<<20)}
+	small := &wire.Op{Code: wire.OpWrite, Path: "f", Data: make([]byte, 100)}
+	for range 3 {
+		if err := bt.add(big); err != nil {
+			t.Fatal(err)
+		}
+	}
+	bt.flush()
+	grown := cap(bt.raw)
+	if grown < 3<<20 {
+		t.Fatalf("the buffer holds %d bytes after three 1 MiB writes", grown)
+	}
+	if err := bt.add(big); err != nil {
+		t.Fatal(err)
+	}
+	bt.flush()
+	if cap(bt.raw) != grown {
+		t.Fatalf("a big batch after big ones: room %d, want %d kept", cap(bt.raw), grown)
+	}
+	if err := bt.add(small); err != nil {
+		t.Fatal(err)
+	}
+	bt.flush()
+	if cap(bt.raw) > batchKeep {
+		t.Fatalf("a small batch after big ones left %d bytes of room, want at most %d", cap(bt.raw), batchKeep)
+	}
+	p.mu.Lock()
+	n := len(p.queue)
+	p.mu.Unlock()
+	if n != 3 {
+		t.Fatalf("%d batches queued, want 3", n)
+	}
+}
