@@ -1,6 +1,7 @@
 package journal
 
 import (
+	"maps"
 	"time"
 
 	"github.com/duet-ha/duet/pkg/capture"
@@ -66,6 +67,25 @@ type entry struct {
 // concurrent use.
 type Journal struct {
 	files map[capture.InodeKey]*entry
+	// peak is the most files held since files was made: a Go map keeps
+	// the room of its peak, which a burst of changed files would hold
+	// for as long as the daemon runs (see shrink).
+	peak int
+}
+
+// shrinkAt is the peak under which the map is not made anew.
+const shrinkAt = 4096
+
+// shrink makes the map anew, with only the files it holds, once they are
+// an eighth of its peak or fewer.
+func (j *Journal) shrink() {
+	if j.peak < shrinkAt || len(j.files) > j.peak/8 {
+		return
+	}
+	// Not maps.Clone: it copies the tables as they are, room included.
+	m := make(map[capture.InodeKey]*entry, len(j.files))
+	maps.Copy(m, j.files)
+	j.files, j.peak = m, len(m)
 }
 
 // New returns an empty journal.
@@ -78,6 +98,7 @@ func (j *Journal) get(k capture.InodeKey) *entry {
 	if e == nil {
 		e = &entry{File: File{Key: k}}
 		j.files[k] = e
+		j.peak = max(j.peak, len(j.files))
 	}
 	return e
 }
@@ -165,6 +186,7 @@ func (j *Journal) Take(now time.Time) []File {
 		}
 		e.File = File{Key: k}
 	}
+	j.shrink()
 	return out
 }
 
@@ -183,6 +205,7 @@ func (j *Journal) DropSettled() []File {
 			delete(j.files, k)
 		}
 	}
+	j.shrink()
 	return out
 }
 

@@ -3,6 +3,7 @@ package journal
 import (
 	"math/rand"
 	"reflect"
+	"runtime"
 	"testing"
 	"time"
 
@@ -233,5 +234,51 @@ func TestJournalKeepsLastGeneration(t *testing.T) {
 	j.Requeue(File{Key: capture.InodeKey{Ino: 8}, Gen: 5, HasGen: true, MaxSeq: 9, Attr: true})
 	if got := j.Take(now); len(got) != 1 || got[0].Gen != 5 || !got[0].HasGen {
 		t.Fatalf("requeued alone, took %+v, want generation 5", got)
+	}
+}
+
+// liveHeap is the heap in use after collections have settled.
+func liveHeap() uint64 {
+	var last uint64
+	for i := 0; i < 20; i++ {
+		runtime.GC()
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		if i > 0 && ms.HeapAlloc >= last {
+			return ms.HeapAlloc
+		}
+		last = ms.HeapAlloc
+	}
+	return last
+}
+
+// A burst of changed files grows the journal's map; once a pass took
+// them the map's room must go too, not stay for as long as the daemon
+// runs. What is still pending stays.
+func TestTakeLetsGoOfABurst(t *testing.T) {
+	const burst = 200_000
+	base := liveHeap()
+	j := New()
+	now := time.Now()
+	for i := range uint64(burst) {
+		j.Add(&capture.Record{Kind: capture.KindAttr, Dev: 1, Ino: 1 + i}, now)
+	}
+	held := liveHeap()
+	if got := len(j.Take(now)); got != burst {
+		t.Fatalf("took %d files, want %d", got, burst)
+	}
+	j.Add(&capture.Record{Kind: capture.KindData, Dev: 1, Ino: 7, Pos: 0, Len: 10}, now)
+	after := liveHeap()
+	runtime.KeepAlive(j)
+	if j.Pending() != 1 {
+		t.Fatalf("%d files pending, want 1", j.Pending())
+	}
+	if held <= base {
+		t.Fatal("no measurement: the heap did not grow with the burst")
+	}
+	grew, stays := held-base, int64(after)-int64(base)
+	t.Logf("the burst took %d KiB of heap, %d KiB stay after the pass took it", grew>>10, stays>>10)
+	if stays > int64(grew)/10 {
+		t.Fatalf("%d KiB of the burst's %d KiB stay after the pass took it", stays>>10, grew>>10)
 	}
 }

@@ -69,19 +69,24 @@ func (d *dirtySet) get(ino uint64) *dirtyFile {
 	return f
 }
 
-// shrinkAt is the peak under which the map is not made anew.
-const shrinkAt = 4096
+// shrinkAt is the peak under which the map is not made anew; freeAfter
+// the peak from which the memory freed is handed back at once (about 5
+// MiB of the map's room and the files' records).
+const shrinkAt, freeAfter = 4096, 65536
 
 // shrink makes the map anew, with only the files it holds, once they are
-// an eighth of its peak or fewer.
-func (d *dirtySet) shrink() {
+// an eighth of its peak or fewer. It says whether the peak was a burst
+// worth handing back to the system at once (see clearDirty).
+func (d *dirtySet) shrink() (big bool) {
 	if d.peak < shrinkAt || len(d.files) > d.peak/8 {
-		return
+		return false
 	}
+	big = d.peak >= freeAfter
 	// Not maps.Clone: it copies the tables as they are, room included.
 	m := make(map[uint64]*dirtyFile, len(d.files))
 	maps.Copy(m, d.files)
 	d.files, d.peak = m, len(m)
+	return big
 }
 
 func (d *dirtySet) span(f *dirtyFile, off, n, touch uint64) {

@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"path"
+	"runtime/debug"
 	"strings"
 	"time"
 
@@ -782,7 +783,15 @@ func (p *Primary) clearDirty(force bool) {
 		i++
 	}
 	p.fileMarks = p.fileMarks[i:]
-	defer p.dirty.shrink()
+	defer func() {
+		if p.dirty.shrink() {
+			// A burst's marks are gone (and the journal's room for
+			// them, let go when the pass took them): the runtime
+			// would hand the memory back to the system only slowly,
+			// its goal set by the heap before.
+			go debug.FreeOSMemory()
+		}
+	}()
 	dm := p.durablePoint()
 	if dm.mark == 0 || dm.mark <= p.clearedMark || !force && time.Since(p.lastClear) < clearEvery {
 		return
