@@ -37,7 +37,7 @@ type snode struct {
 //
 // It holds a node per file of the tree for as long as the primary runs,
 // so it is laid out to cost little and to hold no Go pointer per file (the
-// collector then neither scans nor marks it): a node is a 40-byte record
+// collector then neither scans nor marks it): a node is a 28-byte record
 // in one slice (recs), its first name bytes in one arena, and two open
 // addressing tables of record indexes find a node by its number (byIno)
 // and a directory's entry by its name (byName). A directory's entries
@@ -61,10 +61,11 @@ type shadow struct {
 	dirs     map[uint64]dirList
 	more     map[uint64][]link // an inode's names after its first, in order
 	moreKids map[uint64]map[string]uint64
-	// wide holds the high halves of the inode numbers of the records
-	// flagged recWide: the inode's in the upper 32 bits, its first name's
-	// directory's in the lower.
-	wide map[uint32]uint64
+	// hi holds, by record index, the high halves of the inode numbers of
+	// the records flagged recWide: the inode's in the upper 32 bits, its
+	// first name's directory's in the lower. A view of mem.hi as long as
+	// recs' capacity, nil until a record needs it.
+	hi   []uint64
 	seed maphash.Seed
 	// big are the directories found to hold bigAt entries or more when
 	// read whole. A pass does not read them to find what changed in them:
@@ -82,9 +83,12 @@ type shadow struct {
 // recAttached is set: a name whose directory is not in the shadow is kept
 // without one, as the peer's path of the inode. The inode numbers are
 // held by their low halves: few filesystems give numbers of more than
-// 32 bits (XFS does, past its first terabyte), and a record that holds
-// one has recWide set and its high halves in shadow.wide (see inoOf,
-// parentOf). Only the mode's type is kept: a pass asks nothing else.
+// 32 bits, and a record that holds one has recWide set and its high
+// halves in shadow.hi (see inoOf, parentOf): 8 bytes more a record, for
+// every record once one needs them (XFS puts the allocation group in the
+// high bits, past its first terabytes, and on such a filesystem most
+// numbers are wide). Only the mode's type is kept: a pass asks nothing
+// else.
 type nodeRec struct {
 	ino, parent uint32
 	off         uint32 // the first name's offset in the arena
@@ -103,7 +107,7 @@ const (
 	recUsed     = 1 << 0
 	recGenKnown = 1 << 1
 	recAttached = 1 << 2
-	recWide     = 1 << 3 // an inode number of more than 32 bits: see shadow.wide
+	recWide     = 1 << 3 // an inode number of more than 32 bits: see shadow.hi
 )
 
 func (r *nodeRec) nameLen() int     { return int(r.nlen) }
@@ -139,7 +143,7 @@ func (s *shadow) inoOf(i uint32) uint64 {
 	if r.flags&recWide == 0 {
 		return uint64(r.ino)
 	}
-	return uint64(r.ino) | s.wide[i]&^0xffffffff
+	return uint64(r.ino) | s.hi[i]&^0xffffffff
 }
 
 // parentOf is the directory of record i's first name.
@@ -148,7 +152,7 @@ func (s *shadow) parentOf(i uint32) uint64 {
 	if r.flags&recWide == 0 {
 		return uint64(r.parent)
 	}
-	return uint64(r.parent) | s.wide[i]<<32
+	return uint64(r.parent) | s.hi[i]<<32
 }
 
 // inoIs says whether record i is inode ino.
@@ -163,24 +167,34 @@ func (s *shadow) inoIs(i uint32, ino uint64) bool {
 	return s.inoOf(i) == ino
 }
 
+// growHi makes hi as long as recs' capacity, keeping what it holds.
+func (s *shadow) growHi() {
+	s.mem.hi.resize(cap(s.recs) * 8)
+	s.hi = regionSlice[uint64](&s.mem.hi)
+}
+
 // setIDs gives record i its inode number and its first name's directory.
 func (s *shadow) setIDs(i uint32, ino, parent uint64) {
 	r := &s.recs[i]
 	r.ino, r.parent = uint32(ino), uint32(parent)
 	if hi := ino&^0xffffffff | parent>>32; hi != 0 {
+		if s.hi == nil {
+			s.growHi()
+		}
 		r.flags |= recWide
-		s.wide[i] = hi
+		s.hi[i] = hi
 	} else if r.flags&recWide != 0 {
 		r.flags &^= recWide
-		delete(s.wide, i)
+		s.hi[i] = 0
 	}
 }
 
 // shadowMem is the memory of a shadow's records, tables and names.
-type shadowMem struct{ recs, ino, name, arena region }
+type shadowMem struct{ recs, ino, name, arena, hi region }
 
 func (m *shadowMem) free() {
 	m.recs.free()
+	m.hi.free()
 	m.ino.free()
 	m.name.free()
 	m.arena.free()
@@ -190,7 +204,7 @@ func (m *shadowMem) free() {
 // heap.
 func (s *shadow) mappedBytes() int {
 	n := 0
-	for _, r := range []*region{&s.mem.recs, &s.mem.ino, &s.mem.name, &s.mem.arena} {
+	for _, r := range []*region{&s.mem.recs, &s.mem.ino, &s.mem.name, &s.mem.arena, &s.mem.hi} {
 		if r.mapped {
 			n += len(r.b)
 		}
@@ -201,7 +215,7 @@ func (s *shadow) mappedBytes() int {
 // regionBytes is the size of all the shadow's regions, on the heap or
 // mapped: its records, tables and names (not the maps of the few).
 func (s *shadow) regionBytes() int {
-	return len(s.mem.recs.b) + len(s.mem.ino.b) + len(s.mem.name.b) + len(s.mem.arena.b)
+	return len(s.mem.recs.b) + len(s.mem.ino.b) + len(s.mem.name.b) + len(s.mem.arena.b) + len(s.mem.hi.b)
 }
 
 // dirList is a directory's entries by first name: the list's head and
@@ -219,7 +233,7 @@ const bigDirEntries = 1000
 // emptyShadow is a shadow with room for about n nodes.
 func emptyShadow(n int) *shadow {
 	s := &shadow{mem: &shadowMem{}, dirs: map[uint64]dirList{}, more: map[uint64][]link{},
-		moreKids: map[uint64]map[string]uint64{}, wide: map[uint32]uint64{}, big: map[uint64]bool{}, bigAt: bigDirEntries, seed: maphash.MakeSeed()}
+		moreKids: map[uint64]map[string]uint64{}, big: map[uint64]bool{}, bigAt: bigDirEntries, seed: maphash.MakeSeed()}
 	// The regions' memory goes with the shadow: nothing else holds it.
 	runtime.AddCleanup(s, func(m *shadowMem) { m.free() }, s.mem)
 	s.mem.recs.resize((n + 1) * int(unsafe.Sizeof(nodeRec{})))
@@ -361,6 +375,9 @@ func (s *shadow) newNode(ino uint64, mode fs.FileMode) uint32 {
 		if n == cap(s.recs) {
 			s.mem.recs.resize(2 * n * int(unsafe.Sizeof(nodeRec{})))
 			s.recs = regionSlice[nodeRec](&s.mem.recs)
+			if s.hi != nil {
+				s.growHi()
+			}
 		}
 		s.recs = s.recs[:n+1]
 		i = uint32(n)
@@ -481,7 +498,7 @@ func (s *shadow) freeNode(i uint32) {
 	r := &s.recs[i]
 	s.garbage += r.nameLen()
 	if r.flags&recWide != 0 {
-		delete(s.wide, i)
+		s.hi[i] = 0
 	}
 	*r = nodeRec{next: s.free}
 	s.free = i

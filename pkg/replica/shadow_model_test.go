@@ -88,8 +88,8 @@ func (s *shadow) check() error {
 			}
 		}
 	}
-	for i := range s.wide {
-		if int(i) >= len(s.recs) || !s.recs[i].has(recWide) {
+	for i, hi := range s.hi {
+		if hi != 0 && (i >= len(s.recs) || !s.recs[i].has(recWide)) {
 			return fmt.Errorf("record %d has high halves and is not flagged wide", i)
 		}
 	}

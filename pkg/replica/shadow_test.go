@@ -159,3 +159,41 @@ func TestShadowBytesPerEntry(t *testing.T) {
 	}
 	t.Logf("the shadow holds %.0f bytes per entry", least)
 }
+
+// shadowOf builds a shadow of n files in 100 directories, every inode
+// number with hi as its high half, and says what it holds: its regions,
+// and what it adds to the heap.
+func shadowOf(n int, hi uint64) (regions, heap int64, slots int) {
+	base := liveHeap()
+	s := emptyShadow(16)
+	s.root = hi | 1
+	s.newNode(hi|1, fs.ModeDir)
+	for d := range uint64(100) {
+		s.add(hi|(2+d), fs.ModeDir, hi|1, fmt.Sprintf("d%d", d))
+	}
+	for i := range uint64(n) {
+		s.add(hi|(1000+i), 0o644, hi|(2+i%100), fmt.Sprintf("f%07d", i))
+	}
+	heap = int64(liveHeap()) - int64(base)
+	regions, slots = int64(s.regionBytes()), cap(s.recs)
+	s.mem.free()
+	runtime.KeepAlive(s)
+	return regions, heap, slots
+}
+
+// Inode numbers of more than 32 bits (XFS's, past its first terabytes,
+// where most numbers are) cost 8 bytes a record slot and nothing on the
+// heap: a first version kept them in a map, tens of bytes a file on the
+// heap and more than the 40-byte records cost (found by review).
+func TestShadowWideNumbersCostEightBytes(t *testing.T) {
+	const n = 200_000
+	nr, nh, slots := shadowOf(n, 0)
+	wr, wh, _ := shadowOf(n, 1<<32)
+	t.Logf("narrow numbers: %d KiB of regions, %d KiB of heap; wide: %d KiB of regions, %d KiB of heap", nr>>10, nh>>10, wr>>10, wh>>10)
+	if extra := wr - nr; extra > int64(8*slots)+4096 {
+		t.Errorf("wide numbers take %d bytes more of regions, want at most 8 a record slot (%d)", extra, 8*slots)
+	}
+	if wh-nh > 256<<10 {
+		t.Errorf("wide numbers take %d KiB more of the heap", (wh-nh)>>10)
+	}
+}
