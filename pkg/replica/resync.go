@@ -784,7 +784,8 @@ func (p *Primary) clearDirty(force bool) {
 	}
 	p.fileMarks = p.fileMarks[i:]
 	defer func() {
-		if p.dirty.shrink() {
+		if peak := p.dirty.peak; p.dirty.shrink() {
+			p.Log.Info("modification bitmap: a burst's marks are gone, memory handed back", "files_at_peak", peak, "files", len(p.dirty.files))
 			// A burst's marks are gone (and the journal's room for
 			// them, let go when the pass took them): the runtime
 			// would hand the memory back to the system only slowly,
