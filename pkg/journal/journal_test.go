@@ -237,19 +237,14 @@ func TestJournalKeepsLastGeneration(t *testing.T) {
 	}
 }
 
-// liveHeap is the heap in use after collections have settled.
-func liveHeap() uint64 {
-	var last uint64
-	for i := 0; i < 20; i++ {
-		runtime.GC()
-		var ms runtime.MemStats
-		runtime.ReadMemStats(&ms)
-		if i > 0 && ms.HeapAlloc >= last {
-			return ms.HeapAlloc
-		}
-		last = ms.HeapAlloc
-	}
-	return last
+// heapInUse is the heap in use after two collections (the second frees
+// what the first's finalizers let go).
+func heapInUse() uint64 {
+	runtime.GC()
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return ms.HeapAlloc
 }
 
 // A burst of changed files grows the journal's map; once a pass took
@@ -257,18 +252,18 @@ func liveHeap() uint64 {
 // runs. What is still pending stays.
 func TestTakeLetsGoOfABurst(t *testing.T) {
 	const burst = 200_000
-	base := liveHeap()
+	base := heapInUse()
 	j := New()
 	now := time.Now()
 	for i := range uint64(burst) {
 		j.Add(&capture.Record{Kind: capture.KindAttr, Dev: 1, Ino: 1 + i}, now)
 	}
-	held := liveHeap()
+	held := heapInUse()
 	if got := len(j.Take(now)); got != burst {
 		t.Fatalf("took %d files, want %d", got, burst)
 	}
 	j.Add(&capture.Record{Kind: capture.KindData, Dev: 1, Ino: 7, Pos: 0, Len: 10}, now)
-	after := liveHeap()
+	after := heapInUse()
 	runtime.KeepAlive(j)
 	if j.Pending() != 1 {
 		t.Fatalf("%d files pending, want 1", j.Pending())
