@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"time"
 )
@@ -712,4 +713,27 @@ func readSecret(field, path, hint string) ([]byte, error) {
 		return nil, fmt.Errorf("%s %q: %v", field, path, unwrapPathErr(err))
 	}
 	return b, nil
+}
+
+// PeerAddrs are the peer's addresses this file names: the host of peer
+// and each network's peer address, unmapped, without repeats. The
+// replication listener keeps handshake places for them.
+func (c *Config) PeerAddrs() []netip.Addr {
+	var out []netip.Addr
+	add := func(s string) {
+		a, err := netip.ParseAddr(s)
+		if err != nil {
+			return // a name, or nothing: no place kept for it
+		}
+		if a = a.Unmap(); !slices.Contains(out, a) {
+			out = append(out, a)
+		}
+	}
+	if h, _, err := net.SplitHostPort(c.Peer); err == nil {
+		add(h)
+	}
+	for _, n := range c.Cluster.Networks {
+		add(n.Peer)
+	}
+	return out
 }

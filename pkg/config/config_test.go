@@ -2,6 +2,7 @@ package config
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -387,5 +388,20 @@ func onlyMissingFiles(t *testing.T, example string, err error) {
 		if !strings.Contains(p.msg, "no such file or directory") {
 			t.Errorf("%s: %s", example, p)
 		}
+	}
+}
+
+// The peer's addresses for the replication listener's kept handshake
+// places: the host of peer and every network's peer address, IPv4
+// written as IPv6 unmapped, each once; a host name keeps none.
+func TestPeerAddrs(t *testing.T) {
+	c := Config{Peer: "10.250.0.2:7788", Cluster: Cluster{Networks: []Network{{"10.250.0.1", "::ffff:10.250.0.2"}, {"192.168.1.1", "192.168.1.2"}}}}
+	got := fmt.Sprint(c.PeerAddrs())
+	if want := "[10.250.0.2 192.168.1.2]"; got != want {
+		t.Errorf("PeerAddrs = %s, want %s", got, want)
+	}
+	c = Config{Peer: "nodeb.example:7788"}
+	if got := c.PeerAddrs(); len(got) != 0 {
+		t.Errorf("PeerAddrs of a host name = %v, want none", got)
 	}
 }

@@ -8,6 +8,8 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
+	"os"
 	"path/filepath"
 	"runtime"
 	"strings"
@@ -216,4 +218,75 @@ func TestSecondaryStrangerCannotKeepPrimaryOut(t *testing.T) {
 		}
 	}
 	t.Fatalf("the primary could not connect for 2 s while a stranger held %d silent connections: %v", 2*maxUnauthenticated, err)
+}
+
+// Strangers with many addresses (a subnet's worth, or IPv6) can take
+// every shared handshake place, four from each; the peer's configured
+// address keeps places of its own, or replication would stop for as
+// long as they renew their connections.
+func TestSecondaryStrangersFromManyAddressesLeaveThePeersPlaces(t *testing.T) {
+	data := filepath.Join(t.TempDir(), "data")
+	if err := os.MkdirAll(data, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	s := &Server{Link: testLink, StateDir: filepath.Join(filepath.Dir(data), "state"), Dirs: []Dir{{Name: "data", Path: data}},
+		Log: slog.New(slog.NewTextHandler(io.Discard, nil)), PeerAddrs: []netip.Addr{netip.MustParseAddr("127.0.0.1")}}
+	s.SetAccept(true)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		s.Serve(ctx, ln)
+	}()
+	t.Cleanup(func() {
+		cancel()
+		<-done
+		s.Close(10 * time.Second)
+	})
+	addr := ln.Addr().String()
+	cl := &closures{ch: make(chan struct{}, 4*maxUnauthenticated)}
+	from := func(b byte) net.Conn {
+		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, b)}}
+		c, err := d.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		cl.watch(c)
+		return c
+	}
+	// Silent strangers, maxUnauthenticatedFrom from each address, until
+	// the shared places are taken.
+	strangers := 0
+	for b := byte(2); strangers < maxUnauthenticated; b++ {
+		for range maxUnauthenticatedFrom {
+			from(b)
+			strangers++
+		}
+	}
+	if got := cl.wait(1, 300*time.Millisecond); got != 0 {
+		t.Fatalf("%d of the first %d strangers closed: each should hold a place", got, maxUnauthenticated)
+	}
+	// The places are all taken: one more stranger is closed at once.
+	from(250)
+	if got := cl.wait(1, 5*time.Second); got != 1 {
+		t.Fatalf("a stranger past the %d places was not closed at once (%d closed)", maxUnauthenticated, got)
+	}
+	var c net.Conn
+	ctx2, cancel2 := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel2()
+	peer := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)}}
+	c, w, err := dialPeer(ctx2, testLink, &peer, addr, wire.Hello{Purpose: wire.PurposeReplicate, Session: 7, Dir: "data"})
+	if err != nil {
+		t.Fatalf("the primary, from its configured address, could not connect while strangers held the %d shared places: %v", maxUnauthenticated, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	p := &peerConn{t: t, c: c, br: bufio.NewReader(c), w: w}
+	p.batch(1, wire.Op{Code: wire.OpCreate, Path: "past-the-strangers", Mode: 0o644})
+	p.ack(1, 0)
 }

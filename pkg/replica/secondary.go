@@ -14,6 +14,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -43,7 +44,14 @@ type Server struct {
 	Metas map[string]*MetaStore
 	// Stages, if set, times applying batches and flushing for sync
 	// requests.
-	Stages   *latency.Stages
+	Stages *latency.Stages
+	// PeerAddrs are the addresses the peer connects from (its addresses
+	// in the configuration). Their connections in a handshake are not
+	// counted in maxUnauthenticated, only in maxUnauthenticatedFrom:
+	// strangers with many addresses can fill the shared places but not
+	// the peer's. A peer that connects from another address shares them.
+	PeerAddrs []netip.Addr
+
 	accept   atomic.Bool        // replicas take batches; a serving node does not
 	syncfs   func(fd int) error // the appliers' syncfs when set (a test fails it)
 	unsealed bool               // tests: a server from before sealed frames (wire.FlagSealed)
@@ -300,7 +308,9 @@ const (
 	// maxUnauthenticated bounds those in their handshake at once, and
 	// maxUnauthenticatedFrom those from one address; more are closed as
 	// they come. The primary and verify need one each: a stranger who
-	// takes every place of its own address leaves the primary's free.
+	// takes every place of its own address leaves the primary's free,
+	// and strangers with many addresses who take all the shared places
+	// leave the places of the peer's configured addresses (PeerAddrs).
 	maxUnauthenticated     = 64
 	maxUnauthenticatedFrom = 4
 	// handshakeTimeout bounds a handshake: a peer that says nothing
@@ -371,13 +381,16 @@ func remoteAddr(c net.Conn) netip.Addr {
 func (s *Server) admit(a netip.Addr) bool {
 	s.hsMu.Lock()
 	defer s.hsMu.Unlock()
-	if s.handshakes >= maxUnauthenticated || s.handshakesFrom[a] >= maxUnauthenticatedFrom {
+	peer := slices.Contains(s.PeerAddrs, a)
+	if !peer && s.handshakes >= maxUnauthenticated || s.handshakesFrom[a] >= maxUnauthenticatedFrom {
 		return false
 	}
 	if s.handshakesFrom == nil {
 		s.handshakesFrom = map[netip.Addr]int{}
 	}
-	s.handshakes++
+	if !peer {
+		s.handshakes++
+	}
 	s.handshakesFrom[a]++
 	return true
 }
@@ -386,7 +399,9 @@ func (s *Server) admit(a netip.Addr) bool {
 func (s *Server) release(a netip.Addr) {
 	s.hsMu.Lock()
 	defer s.hsMu.Unlock()
-	s.handshakes--
+	if !slices.Contains(s.PeerAddrs, a) {
+		s.handshakes--
+	}
 	if s.handshakesFrom[a]--; s.handshakesFrom[a] == 0 {
 		delete(s.handshakesFrom, a)
 	}
