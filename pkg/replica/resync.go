@@ -10,7 +10,6 @@ import (
 	"path"
 	"runtime/debug"
 	"strings"
-	"sync/atomic"
 	"time"
 
 	"github.com/duet-ha/duet/pkg/fstree"
@@ -276,21 +275,6 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 			return p.streamSync(kernel, bt, pl, run, dropped)
 		}
 	}
-	var early *manifestReader
-	if !pl.all {
-		// Asked before the scan, without the files to sum (the scan
-		// names them): the peer walks its tree while this side walks
-		// its own, and after a clean stop there are usually none to
-		// sum, so this is the manifest the comparison takes. Where
-		// there are, it is asked again with them. Read as it comes:
-		// the connection's reader hands acks and manifest frames over
-		// in order, and a manifest left unread would hold the peer's
-		// walk back.
-		if err := query(nil); err != nil {
-			return err
-		}
-		early = readManifestAsync(ctx, manifest)
-	}
 	// Without checksums: only the files the peer has are compared by
 	// them (see localSums).
 	local, tooLong, err := scanListing(p.root, false)
@@ -311,13 +295,8 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 		if len(paths) > wire.MaxWant {
 			return p.escalate("too many files changed since the sync point to name them")
 		}
-		if len(paths) > 0 {
-			// The peer answers in order: this manifest follows the
-			// first, which is read to its end and dropped.
-			early.discard.Store(true)
-			if err := query(paths); err != nil {
-				return err
-			}
+		if err := query(paths); err != nil {
+			return err
 		}
 	}
 	files := local.len()
@@ -334,15 +313,6 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 		sums.feedRecent()
 	}
 	peer := &listing{}
-	if early != nil {
-		l, err := early.wait()
-		if err != nil {
-			return err
-		}
-		if recent == 0 {
-			peer, ended = l, true
-		}
-	}
 	take := func(es []wire.Entry) {
 		if pl.all {
 			sums.match(es)
@@ -431,45 +401,6 @@ func readManifestFrame(ctx context.Context, manifest <-chan wire.Frame) (es []wi
 		}
 		return es, false, nil
 	}
-}
-
-// manifestReader reads a manifest of the peer in the background into a
-// listing.
-type manifestReader struct {
-	done    chan struct{}
-	l       *listing
-	err     error
-	discard atomic.Bool // the entries are not wanted: read and dropped
-}
-
-// readManifestAsync reads the next manifest from manifest to its end (or
-// until ctx ends) in a goroutine of its own.
-func readManifestAsync(ctx context.Context, manifest <-chan wire.Frame) *manifestReader {
-	r := &manifestReader{done: make(chan struct{}), l: &listing{}}
-	go func() {
-		defer close(r.done)
-		for {
-			es, end, err := readManifestFrame(ctx, manifest)
-			if err != nil || end {
-				r.err = err
-				return
-			}
-			if r.discard.Load() {
-				r.l = &listing{}
-				continue
-			}
-			for i := range es {
-				r.l.add(&es[i])
-			}
-		}
-	}()
-	return r
-}
-
-// wait returns the manifest once read whole.
-func (r *manifestReader) wait() (*listing, error) {
-	<-r.done
-	return r.l, r.err
 }
 
 // manifestStart reads the peer's manifest until it ends or names an entry

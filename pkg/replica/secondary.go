@@ -728,12 +728,9 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 	if r.session != h.Session {
 		r.setProgress(h.Session, 0)
 		r.partial, r.ops = 0, 0
-		// A new session: the primary resyncs. When it compares every
-		// file it reads this side's manifest only once its own scan is
-		// done (and an older primary asks for it only then): the
-		// warming reads ahead meanwhile, and ends once the manifest is
-		// sent. Otherwise it reads the manifest as this side walks, and
-		// the warming ends when it is asked for.
+		// A new session: the primary resyncs, and unless it compares
+		// every file it asks for this side's manifest only once its own
+		// scan is done. The warming ends once the manifest is sent.
 		stopWarm = warmTree(ctx, d.Path)
 	} else if ms != nil && ms.Get().Crashed {
 		// The same source's session goes on where this copy stopped: the
@@ -848,12 +845,6 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 					s.refuse(lc, st, d, err)
 					return
 				}
-			}
-			if !q.All {
-				// Read as it is sent (see warmTree above): a second
-				// walk beside the manifest's would only take the CPU
-				// and the disk from it, and from the primary's scan.
-				stopWarm()
 			}
 			lc.mu.Lock() // a manifest is many writes
 			err = s.sendManifest(c, d, f.Seq, q)
