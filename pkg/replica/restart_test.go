@@ -344,3 +344,56 @@ func BenchmarkColdScan(b *testing.B) {
 		b.StartTimer()
 	}
 }
+
+// A replica's copy is whole until a resync's first change reaches it: it
+// must not be marked mid-resync (Consistent false, which keeps it from
+// taking over on its own) while the source still scans its tree, which
+// takes seconds at a million files. A version that asked for the
+// replica's manifest before its own scan (to walk both trees at once)
+// marked it there: the source's death during its scan, after a clean
+// restart of both, left a whole copy that needed `duet prim --force`.
+// From the review of that change (twenty-third session).
+func TestReplicaStaysConsistentWhileSourceScans(t *testing.T) {
+	top := t.TempDir()
+	if fi, err := os.Stat("/dev/shm"); err == nil && fi.IsDir() {
+		// Made in memory: the files' count, not the disk, makes the scan
+		// long enough to be seen, and the test quick.
+		if top, err = os.MkdirTemp("/dev/shm", "duet-test-"); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.RemoveAll(top) })
+	}
+	src := filepath.Join(top, "src")
+	makeScaleTree(t, src, 30000, 30, 8)
+	margin := 50 * time.Millisecond
+	r := &restartPair{tb: t, src: src, top: filepath.Join(top, "peer"), margin: margin,
+		log: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	time.Sleep(2 * margin)
+	r.startReplica()
+	r.startSource()
+	r.waitSynced()
+	r.cleanStop()
+	time.Sleep(2 * margin) // the tree is older than the window
+	r.startReplica()
+	r.startSource()
+	defer r.cleanStop()
+	scanned := false
+	for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(50 * time.Microsecond) {
+		st := r.p.Status()
+		if !st.Resync.Active && st.Resync.Phase == "done" {
+			break
+		}
+		if !st.Resync.Active || st.Resync.Phase != "scanning" {
+			continue
+		}
+		scanned = true
+		if !r.sms.Get().Consistent {
+			if st2 := r.p.Status(); st2.Resync.Active && st2.Resync.Phase == "scanning" {
+				t.Fatalf("the replica's copy was marked mid-resync while the source still scanned its tree (mode %s)", st.Resync.Mode)
+			}
+		}
+	}
+	if !scanned {
+		t.Skip("the source's scan ended before it was seen: nothing checked (a faster machine than this test was made for)")
+	}
+}
