@@ -229,25 +229,8 @@ func TestSecondaryStrangersFromManyAddressesLeaveThePeersPlaces(t *testing.T) {
 	if err := os.MkdirAll(data, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	s := &Server{Link: testLink, StateDir: filepath.Join(filepath.Dir(data), "state"), Dirs: []Dir{{Name: "data", Path: data}},
-		Log: slog.New(slog.NewTextHandler(io.Discard, nil)), PeerAddrs: []netip.Addr{netip.MustParseAddr("127.0.0.1")}}
-	s.SetAccept(true)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		s.Serve(ctx, ln)
-	}()
-	t.Cleanup(func() {
-		cancel()
-		<-done
-		s.Close(10 * time.Second)
-	})
-	addr := ln.Addr().String()
+	addr := serveTestSecondary(t, &Server{Link: testLink, StateDir: filepath.Join(filepath.Dir(data), "state"), Dirs: []Dir{{Name: "data", Path: data}},
+		Log: slog.New(slog.NewTextHandler(io.Discard, nil)), PeerAddrs: []netip.Addr{netip.MustParseAddr("127.0.0.1")}}, data).addr
 	cl := &closures{ch: make(chan struct{}, 4*maxUnauthenticated)}
 	from := func(b byte) net.Conn {
 		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, b)}}

@@ -155,6 +155,23 @@ func markCleanStop(tb testing.TB, dir string, ms *MetaStore) {
 	}
 }
 
+// syncedThenStopped makes a source of src and its replica under peer,
+// syncs them and stops both cleanly, and returns once the tree is older
+// than the window a restart compares by checksums (a margin of 50 ms):
+// only what changes after the stop falls in it.
+func syncedThenStopped(tb testing.TB, src, peer string) *restartPair {
+	margin := 50 * time.Millisecond
+	r := &restartPair{tb: tb, src: src, top: peer, margin: margin,
+		log: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	time.Sleep(2 * margin)
+	r.startReplica()
+	r.startSource()
+	r.waitSynced()
+	r.cleanStop()
+	time.Sleep(2 * margin)
+	return r
+}
+
 // TestCleanRestartFindsUntrackedChanges: a pair stopped cleanly, the
 // source's tree changed while nothing captured it, the replica's too,
 // both started: the resync after the restart finds every change. On the
@@ -165,17 +182,7 @@ func TestCleanRestartFindsUntrackedChanges(t *testing.T) {
 	top := t.TempDir()
 	src := filepath.Join(top, "src")
 	makeScaleTree(t, src, 300, 3, 5000)
-	// Older than the window the restart compares by checksums: only what
-	// changes after the stop falls in it.
-	margin := 50 * time.Millisecond
-	r := &restartPair{tb: t, src: src, top: filepath.Join(top, "peer"), margin: margin,
-		log: slog.New(slog.NewTextHandler(io.Discard, nil))}
-	time.Sleep(2 * margin)
-	r.startReplica()
-	r.startSource()
-	r.waitSynced()
-	r.cleanStop()
-	time.Sleep(2 * margin)
+	r := syncedThenStopped(t, src, filepath.Join(top, "peer"))
 
 	quiet := filepath.Join(src, "d0001", "f0000004")
 	fi, err := os.Stat(quiet)
@@ -365,15 +372,7 @@ func TestReplicaStaysConsistentWhileSourceScans(t *testing.T) {
 	}
 	src := filepath.Join(top, "src")
 	makeScaleTree(t, src, 30000, 30, 8)
-	margin := 50 * time.Millisecond
-	r := &restartPair{tb: t, src: src, top: filepath.Join(top, "peer"), margin: margin,
-		log: slog.New(slog.NewTextHandler(io.Discard, nil))}
-	time.Sleep(2 * margin)
-	r.startReplica()
-	r.startSource()
-	r.waitSynced()
-	r.cleanStop()
-	time.Sleep(2 * margin) // the tree is older than the window
+	r := syncedThenStopped(t, src, filepath.Join(top, "peer"))
 	r.startReplica()
 	r.startSource()
 	defer r.cleanStop()

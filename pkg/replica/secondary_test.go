@@ -141,7 +141,13 @@ func newTestSecondaryLink(t testing.TB, stateDir string, lk *peerlink.Link, log 
 	if err := os.MkdirAll(data, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	s := &Server{Link: lk, StateDir: stateDir, Dirs: []Dir{{Name: "data", Path: data}}, Log: log}
+	return serveTestSecondary(t, &Server{Link: lk, StateDir: stateDir, Dirs: []Dir{{Name: "data", Path: data}}, Log: log}, data)
+}
+
+// serveTestSecondary has s, a replica of its directory data, accept
+// replication on a loopback port until the test ends.
+func serveTestSecondary(t testing.TB, s *Server, data string) *testSecondary {
+	t.Helper()
 	s.SetAccept(true)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
