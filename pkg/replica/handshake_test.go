@@ -259,7 +259,6 @@ func TestSecondaryStrangersFromManyAddressesLeaveThePeersPlaces(t *testing.T) {
 	if got := cl.wait(1, 5*time.Second); got != 1 {
 		t.Fatalf("a stranger past the %d places was not closed at once (%d closed)", maxUnauthenticated, got)
 	}
-	var c net.Conn
 	ctx2, cancel2 := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel2()
 	peer := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)}}

@@ -74,6 +74,11 @@ type Primary struct {
 	// and the peer's answers to sync requests.
 	Stages *latency.Stages
 
+	// afterScan (tests) runs when a resync's scan of this tree is done,
+	// before the peer is asked for its manifest, unless every file is
+	// compared (then it was asked before).
+	afterScan func()
+
 	root     *os.File
 	session  uint64
 	readBuf  []byte       // the builders' read buffer, used by the build goroutine only

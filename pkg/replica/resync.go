@@ -285,6 +285,9 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 		p.Log.Warn("entries left out of the resync: their paths are longer than the wire takes (the peer's scan leaves them out too)",
 			"entries", tooLong, "limit", wire.MaxPath)
 	}
+	if p.afterScan != nil && !pl.all {
+		p.afterScan()
+	}
 	recent := 0 // files changed here since cutoffS
 	if !pl.all {
 		paths := markRecent(local, pl.cutoffS)
