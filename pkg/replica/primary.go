@@ -74,10 +74,10 @@ type Primary struct {
 	// and the peer's answers to sync requests.
 	Stages *latency.Stages
 
-	// afterScan (tests) runs when a resync's scan of this tree is done,
-	// before the peer is asked for its manifest, unless every file is
-	// compared (then it was asked before).
-	afterScan func()
+	// resyncStep (tests) is told a resync's steps as they happen: "scanned"
+	// when its scan of this tree is done, "asked" when it sends the peer
+	// a manifest request (which marks the peer's copy as being rewritten).
+	resyncStep func(step string)
 
 	root     *os.File
 	session  uint64
@@ -551,7 +551,11 @@ func (p *Primary) writeBatches(ctx context.Context, c net.Conn, from uint64, sea
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		for _, b := range next {
+		for k, b := range next {
+			// The frame is let go as soon as it is written: the peer
+			// may acknowledge it while the rest are, and next would
+			// keep it until the last is sent.
+			next[k] = sentBatch{}
 			if !sealed {
 				b.frame = wire.Unsealed(b.frame)
 			}

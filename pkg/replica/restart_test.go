@@ -11,7 +11,6 @@ import (
 	"path/filepath"
 	"runtime/pprof"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -41,7 +40,7 @@ type restartPair struct {
 	stop       func() // ends the primary's Run
 	stopServer func()
 	addr       string
-	afterScan  func() // the source's afterScan
+	resyncStep func(string) // the source's resyncStep
 }
 
 // startReplica starts the replica's server with its copy state.
@@ -110,7 +109,7 @@ func (r *restartPair) startSource() {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	p.afterScan = r.afterScan
+	p.resyncStep = r.resyncStep
 	r.p = p
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
@@ -358,32 +357,36 @@ func BenchmarkColdScan(b *testing.B) {
 // A replica's copy is whole until a resync's first change reaches it: it
 // must not be marked mid-resync (Consistent false, which keeps it from
 // taking over on its own) while the source still scans its tree, which
-// takes seconds at a million files. A version that asked for the
-// replica's manifest before its own scan (to walk both trees at once)
-// marked it there: the source's death during its scan, after a clean
-// restart of both, left a whole copy that needed `duet prim --force`.
-// From the review of that change (twenty-third session).
+// takes seconds at a million files. The manifest request marks it: a
+// resync that does not compare every file sends it only once its scan
+// is done. A version that asked before its scan (to walk both trees at
+// once) marked the copy for the whole scan: the source's death then,
+// after a clean restart of both, left a whole copy that needed `duet prim
+// --force`. From the review of that change (twenty-third session).
 func TestReplicaStaysConsistentWhileSourceScans(t *testing.T) {
 	top := t.TempDir()
 	src := filepath.Join(top, "src")
 	makeScaleTree(t, src, 3000, 3, 8)
 	r := syncedThenStopped(t, src, filepath.Join(top, "peer"))
-	var scans, marked atomic.Int32
-	r.afterScan = func() {
-		scans.Add(1)
-		if !r.sms.Get().Consistent {
-			marked.Add(1)
-		}
+	var mu sync.Mutex
+	var steps []string
+	r.resyncStep = func(step string) {
+		mu.Lock()
+		steps = append(steps, step)
+		mu.Unlock()
 	}
 	r.startReplica()
 	r.startSource()
 	r.waitSynced()
 	r.cleanStop()
-	if scans.Load() == 0 {
-		t.Fatal("the restart's resync did not scan the source's tree: nothing was checked")
+	if mode := r.p.Status().Resync.Mode; mode == "full" {
+		t.Fatalf("the restart resynced in mode %q: every file compared, its request rightly comes first; nothing checked", mode)
 	}
-	if marked.Load() > 0 {
-		t.Errorf("the replica's copy was marked mid-resync before the source's scan was done (%d of %d scans)", marked.Load(), scans.Load())
+	mu.Lock()
+	defer mu.Unlock()
+	// The first resync's steps (a dropped connection would start another).
+	if len(steps) < 2 || steps[0] != "scanned" || steps[1] != "asked" {
+		t.Errorf("the restart's resync went %v: want its scan done before the peer is asked for its manifest", steps)
 	}
 	if !r.sms.Get().Consistent {
 		t.Error("the replica's copy is not marked whole after the resync ended")

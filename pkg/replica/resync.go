@@ -257,6 +257,9 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	}
 	query := func(want []string) error {
 		q := wire.ManifestQuery{All: pl.all, Cutoff: pl.cutoffT, Want: want, Gen: gen}
+		if p.resyncStep != nil {
+			p.resyncStep("asked")
+		}
 		return wire.WriteFrame(c, &wire.Frame{Type: wire.TypeManifestQ, Seq: seq, Payload: wire.AppendManifestQuery(nil, &q)})
 	}
 	run := resyncRun{start: start, mode: pl.mode, mark: mark, gen: gen, syncSeq: syncSeq}
@@ -285,8 +288,8 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 		p.Log.Warn("entries left out of the resync: their paths are longer than the wire takes (the peer's scan leaves them out too)",
 			"entries", tooLong, "limit", wire.MaxPath)
 	}
-	if p.afterScan != nil && !pl.all {
-		p.afterScan()
+	if p.resyncStep != nil {
+		p.resyncStep("scanned")
 	}
 	recent := 0 // files changed here since cutoffS
 	if !pl.all {
