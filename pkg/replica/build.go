@@ -77,7 +77,11 @@ type builder struct {
 	blocked   int
 	beyondEOF int
 	removals  []link
-	dataRead  uint64 // bytes read for shipping, in total
+	// moved are the inodes this pass renamed on the peer (the shadow
+	// moved them): until the peer has the batches durably, it may hold
+	// them under their old paths (see dirtySet.setMoved).
+	moved    []uint64
+	dataRead uint64 // bytes read for shipping, in total
 	// gaveUp are the changes tried too long (see maxRetries): each file
 	// must be compared by a resync.
 	gaveUp []gaveUp
@@ -634,6 +638,7 @@ func (b *builder) entry(d *os.File, dirPath string, dirIno uint64, e fstree.Dire
 				return err
 			}
 			b.sh.move(e.Ino, from, dirIno, e.Name)
+			b.moved = append(b.moved, e.Ino)
 			return nil
 		}
 		if ok && !kn.mode.IsDir() {
@@ -659,6 +664,7 @@ func (b *builder) entry(d *os.File, dirPath string, dirIno uint64, e fstree.Dire
 				return err
 			}
 			b.sh.move(old, link{dirIno, e.Name}, dirIno, aside)
+			b.moved = append(b.moved, old)
 			b.removals = append(b.removals, link{dirIno, aside})
 		}
 	}

@@ -24,7 +24,8 @@ const DirtyChunk = 4 << 10
 // a tail from which every byte changed (a truncate), metadata, or
 // everything (a record about it was lost). born: the inode was made
 // since (its number may have named another file, and the peer has no
-// copy of it anywhere).
+// copy of it anywhere). moved: the path the peer was given for it may
+// not be its path any more, whatever its times say (see setMoved).
 type dirtyFile struct {
 	chunks    map[uint64]uint64
 	tail      uint64
@@ -32,10 +33,11 @@ type dirtyFile struct {
 	attr      uint64
 	whole     uint64
 	born      uint64
+	moved     uint64
 }
 
 func (f *dirtyFile) touch() uint64 {
-	return max(f.tailTouch, f.attr, f.whole, f.born)
+	return max(f.tailTouch, f.attr, f.whole, f.born, f.moved)
 }
 
 // dirtySet is the modification bitmap of one directory: every change not
@@ -124,6 +126,22 @@ func (d *dirtySet) record(r *capture.Record, touch uint64) {
 	}
 }
 
+// setMoved marks ino as named on the peer by another path than the one
+// the shadow gives it now: a pass shipped its rename in a batch the peer
+// may not have applied (the shadow moves when a batch is built), or, at
+// a clean stop, the shadow's path for it no longer leads to it. A resync
+// trusting the bitmap compares what it holds by checksums
+// (markBitmapCompared) even where its times no longer tell the move.
+func (d *dirtySet) setMoved(ino, touch uint64) {
+	d.get(ino).moved = max(touch, 1)
+}
+
+// wasMoved reports whether ino is marked moved (setMoved).
+func (d *dirtySet) wasMoved(ino uint64) bool {
+	f := d.files[ino]
+	return f != nil && f.moved != 0
+}
+
 // rescan marks a whole inode changed (a record about it was lost).
 func (d *dirtySet) rescan(ino, touch uint64) {
 	d.get(ino).whole = touch
@@ -162,6 +180,9 @@ func (d *dirtySet) clearFile(ino, mark uint64) {
 	}
 	if f.born <= mark {
 		f.born = 0
+	}
+	if f.moved <= mark {
+		f.moved = 0
 	}
 	if len(f.chunks) == 0 && f.touch() == 0 {
 		delete(d.files, ino)
@@ -237,11 +258,13 @@ func (d *dirtySet) attrOnly(ino uint64) bool {
 }
 
 // dirtyMagic heads a saved bitmap. DUETDIRTY2 added the born mark (flag
-// 8): a build that knows only DUETDIRTY1 refuses it (and compares the
-// files changed since the sync point) rather than reading a born file as
-// an ordinary one; DUETDIRTY1 files, without born marks, are still read.
+// 8), DUETDIRTY3 the moved mark (flag 16): a build that knows only an
+// older one refuses it (and compares the files changed since the sync
+// point) rather than reading a born or moved file as an ordinary one;
+// the older files, without those marks, are still read.
 const (
-	dirtyMagic   = "DUETDIRTY2"
+	dirtyMagic   = "DUETDIRTY3"
+	dirtyMagicV2 = "DUETDIRTY2"
 	dirtyMagicV1 = "DUETDIRTY1"
 )
 
@@ -268,6 +291,9 @@ func (d *dirtySet) save(path string, base uint64) error {
 		}
 		if f.born != 0 {
 			flags |= 8
+		}
+		if f.moved != 0 {
+			flags |= 16
 		}
 		b = binary.AppendUvarint(b, ino)
 		b = append(b, flags)
@@ -299,7 +325,7 @@ func loadDirty(path string) (*dirtySet, uint64, error) {
 		return nil, 0, err
 	}
 	n := len(b)
-	if n < len(dirtyMagic)+8+1+4 || (string(b[:len(dirtyMagic)]) != dirtyMagic && string(b[:len(dirtyMagicV1)]) != dirtyMagicV1) ||
+	if n < len(dirtyMagic)+8+1+4 || !slices.Contains([]string{dirtyMagic, dirtyMagicV2, dirtyMagicV1}, string(b[:len(dirtyMagic)])) ||
 		crc32.Checksum(b[:n-4], castagnoli) != binary.LittleEndian.Uint32(b[n-4:]) {
 		return nil, 0, fmt.Errorf("%s: %w", path, errDirtyDamaged)
 	}
@@ -338,6 +364,9 @@ func loadDirty(path string) (*dirtySet, uint64, error) {
 		}
 		if flags&8 != 0 {
 			f.born = 1
+		}
+		if flags&16 != 0 {
+			f.moved = 1
 		}
 		nc := next()
 		if nc > uint64(len(b)) {

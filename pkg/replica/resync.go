@@ -522,11 +522,45 @@ func (p *Primary) resyncQueued(b *builder, bt *batcher, ts *treeSync, tails *tai
 // markRecent flags EntryRecent the regular files of local whose ctime or
 // mtime is at or after cutoff (0: none), the files a resync compares by
 // checksums, and returns their paths.
+//
+// The files under a directory whose ctime is at or after cutoff are
+// flagged too, whatever their own times: the directory may have been
+// moved over the one the peer holds under its path (`rm -r b.2; mv b.1
+// b.2`, a backup rotation while nothing captured it), and its files,
+// of the size and mtime the peer's old ones may have, would be trusted:
+// the peer kept the removed files' bytes under the moved ones' names
+// (TestResyncWindowDirRotated). A move sets only the ctime, but an entry
+// made in the directory afterwards sets its mtime alike, so a directory
+// whose entries changed is compared whole too: its files are read on
+// both sides, and sent only where they differ.
 func markRecent(local *listing, cutoff int64) []string {
 	if cutoff == 0 {
 		return nil
 	}
-	return markCompared(local, func(e *lentry) bool { return e.ctime >= cutoff || e.mtime >= cutoff })
+	moved := map[string]bool{}
+	for i := range local.len() {
+		if e := local.at(i); e.mode.IsDir() && e.path != "." && e.ctime >= cutoff {
+			moved[e.path] = true
+		}
+	}
+	return markCompared(local, func(e *lentry) bool {
+		return e.ctime >= cutoff || e.mtime >= cutoff || underDir(moved, e.path)
+	})
+}
+
+// underDir says whether a directory of dirs holds p, at any depth.
+func underDir(dirs map[string]bool, p string) bool {
+	if len(dirs) == 0 {
+		return false
+	}
+	for p = path.Dir(p); ; p = path.Dir(p) {
+		if dirs[p] {
+			return true
+		}
+		if p == "." || p == "/" {
+			return false
+		}
+	}
 }
 
 // markCompared flags EntryRecent the regular files of local not flagged
@@ -580,10 +614,14 @@ func markMoved(local *listing, d *dirtySet) []string {
 // and its files, with the size and mtime the peer's old ones have, were
 // trusted (TestResyncBitmapDirRotatedThenEntryAdded). The shadow may say
 // more than the peer applied (batches in flight when it left): it only
-// adds files to compare, never takes one away.
+// adds files to compare, never takes one away. The inodes the bitmap
+// marks moved are taken as renamed too, shadow or not: those a pass
+// renamed in batches the peer had not made durable (the shadow had
+// moved on), and, after a clean stop, those the shadow no longer named
+// by their paths (Primary.flagMoved).
 func markBitmapCompared(local *listing, d *dirtySet, sh *shadow) []string {
 	paths := markMoved(local, d)
-	renamed := func(e *lentry) bool { return sh != nil && !sh.hasPath(e.ino, e.path) }
+	renamed := func(e *lentry) bool { return d.wasMoved(e.ino) || sh != nil && !sh.hasPath(e.ino, e.path) }
 	changed, moved := map[string]bool{}, map[string]bool{}
 	for i := range local.len() {
 		e := local.at(i)
@@ -600,32 +638,19 @@ func markBitmapCompared(local *listing, d *dirtySet, sh *shadow) []string {
 			moved[e.path] = true
 		}
 	}
-	if sh != nil {
-		paths = append(paths, markCompared(local, func(e *lentry) bool {
-			f := d.files[e.ino]
-			return (f == nil || f.born == 0) && renamed(e)
-		})...)
-	}
+	paths = append(paths, markCompared(local, func(e *lentry) bool {
+		f := d.files[e.ino]
+		return (f == nil || f.born == 0) && renamed(e)
+	})...)
 	if len(changed) == 0 && len(moved) == 0 {
 		return paths
-	}
-	under := func(p string) bool {
-		for p = path.Dir(p); len(moved) > 0; p = path.Dir(p) {
-			if moved[p] {
-				return true
-			}
-			if p == "." || p == "/" {
-				return false
-			}
-		}
-		return false
 	}
 	return append(paths, markCompared(local, func(e *lentry) bool {
 		f := d.files[e.ino]
 		if f != nil && f.born != 0 {
 			return false
 		}
-		return (f != nil && changed[path.Dir(e.path)]) || under(e.path)
+		return (f != nil && changed[path.Dir(e.path)]) || underDir(moved, e.path)
 	})...)
 }
 
@@ -930,8 +955,43 @@ func (p *Primary) SaveDirty() error {
 		os.Remove(p.term.DirtyPath)
 		return nil
 	}
+	if n := p.flagMoved(); n > 0 {
+		p.Log.Info("modification bitmap: entries the peer may hold under other paths, compared by checksums at the next resync", "entries", n)
+	}
 	p.Log.Info("modification bitmap saved for the next term", "bytes", p.dirty.bytes(), "files", len(p.dirty.files))
 	return p.dirty.save(p.term.DirtyPath, p.base)
+}
+
+// flagMoved marks moved in the bitmap (dirtySet.setMoved) every inode
+// with metadata marks (a rename sets the ctime) that the shadow names by
+// a path that no longer leads to it, and returns how many it marked. At
+// a clean stop the shadow holds the names the peer was given (no pass
+// moves it while the peer is away; a pass's renames in flight are marked
+// already), and the next term's shadow is scanned from the tree as it is
+// then: a directory rotated while the peer was away (`rm -r b.2; mv b.1
+// b.2; touch b.2/stamp`), whose times no longer tell the move, would be
+// trusted to the bitmap, and the peer would keep the old b.2's files
+// under the moved ones' names. Called with p.mu held, no pass running.
+func (p *Primary) flagMoved() int {
+	if p.sh == nil || p.root == nil {
+		return 0
+	}
+	n := 0
+	for ino, f := range p.dirty.files {
+		if f.attr == 0 || f.born != 0 || f.moved != 0 {
+			continue
+		}
+		name, ok := p.sh.path(ino)
+		if !ok || name == "." {
+			continue // not held (made since, or outside the tree)
+		}
+		var st unix.Stat_t
+		if err := unix.Fstatat(int(p.root.Fd()), name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil || st.Ino != ino {
+			p.dirty.setMoved(ino, f.attr)
+			n++
+		}
+	}
+	return n
 }
 
 // HandedOver records, after every change reached the peer durably at a

@@ -590,14 +590,22 @@ func (s *Server) sendManifest(c net.Conn, d Dir, seq uint64, q wire.ManifestQuer
 
 // walkManifest calls fn with every entry of the tree under root as q asks
 // for it: flagged recent since q's cutoff, with checksums where wanted.
+// As markRecent does on the primary, the regular files under a directory
+// whose ctime is at or after the cutoff are flagged too (it may have been
+// moved over the one the primary holds under its path): the walk lists a
+// directory before what it holds.
 func walkManifest(root *os.File, q wire.ManifestQuery, fn func(*wire.Entry) error) (tooLong int, err error) {
 	want := make(map[string]bool, len(q.Want))
 	for _, w := range q.Want {
 		want[w] = true
 	}
+	moved := map[string]bool{}
 	return fstree.Walk(root, q.All, func(e *wire.Entry) error {
-		if q.Cutoff != 0 && (e.Ctime >= q.Cutoff || e.Mtime >= q.Cutoff) {
+		if q.Cutoff != 0 && (e.Ctime >= q.Cutoff || e.Mtime >= q.Cutoff || e.Mode.IsRegular() && underDir(moved, e.Path)) {
 			e.Flags |= wire.EntryRecent
+		}
+		if q.Cutoff != 0 && e.Mode.IsDir() && e.Path != "." && e.Ctime >= q.Cutoff {
+			moved[e.Path] = true
 		}
 		if e.Mode.IsRegular() && e.Flags&wire.EntrySummed == 0 && (e.Flags&wire.EntryRecent != 0 || want[e.Path]) {
 			if err := fstree.SumEntry(root, e); err != nil {
