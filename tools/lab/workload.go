@@ -131,6 +131,7 @@ var ops = []op{
 	{"mkdir", 3, (*Workload).mkdir},
 	{"rmdir", 1, (*Workload).rmdir},
 	{"rename-dir", 1, (*Workload).renameDir},
+	{"rotate-dir", 1, (*Workload).rotateDir},
 	{"symlink", 2, (*Workload).symlink},
 	{"link", 2, (*Workload).link},
 	{"fifo", 1, (*Workload).fifo},
@@ -348,6 +349,44 @@ func (w *Workload) renameDir() {
 		return
 	}
 	os.Rename(d, to)
+}
+
+// rotateDir replaces a directory by another version of it, as a backup
+// rotation does (`rm -r b.2; mv b.1 b.2`): the new version holds files of
+// the same names, sizes and times as the old one's (`cp -a` of a copy
+// made then) but other bytes, and, one time in two, gets an entry after
+// the move (its mtime then moves with its ctime). A resync that judged
+// the moved files by their size and mtime would keep the old bytes on the
+// peer.
+func (w *Workload) rotateDir() {
+	if len(w.dirs) == 0 {
+		return
+	}
+	d := w.dirs[w.rng.Intn(len(w.dirs))]
+	ents, err := os.ReadDir(d)
+	if err != nil {
+		return
+	}
+	next := d + ".next"
+	if err := os.Mkdir(next, 0o755); err != nil {
+		return
+	}
+	for _, e := range ents {
+		fi, err := e.Info()
+		if err != nil || !fi.Mode().IsRegular() || fi.Size() > 1<<20 {
+			continue
+		}
+		p := filepath.Join(next, e.Name())
+		if os.WriteFile(p, w.data(int(fi.Size())), 0o644) == nil {
+			os.Chtimes(p, fi.ModTime(), fi.ModTime())
+		}
+	}
+	w.logf("rotate %q", d)
+	os.RemoveAll(d)
+	os.Rename(next, d)
+	if w.rng.Intn(2) == 0 {
+		os.WriteFile(filepath.Join(d, "stamp"), nil, 0o644)
+	}
 }
 
 func (w *Workload) symlink() {
