@@ -671,6 +671,10 @@ func (b *builder) entry(d *os.File, dirPath string, dirIno uint64, e fstree.Dire
 	if err := b.create(d, to, dirIno, e.Name, &st); err != nil {
 		return err
 	}
+	// A new inode, or one moved in from outside the tree (a directory
+	// of files the peer may hold others under the same names): marked
+	// as a rename is (born ones are sent whole anyway).
+	b.moved = append(b.moved, e.Ino)
 	if genOK {
 		b.sh.setGen(e.Ino, gen)
 	}

@@ -805,11 +805,7 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 		p.building = false
 		p.dataBytes += b.dataRead
 		p.resyncGivenUp(b.gaveUp)
-		for _, ino := range b.moved {
-			// Forgotten with the pass's other changes, once the peer
-			// has its batches durably.
-			p.dirty.setMoved(ino, mark)
-		}
+		p.noteMoved(b.moved, mark)
 		for _, f := range requeue {
 			p.j.Requeue(f)
 		}

@@ -256,7 +256,7 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 		syncSeq = kernel.Seq()
 	}
 	query := func(want []string) error {
-		q := wire.ManifestQuery{All: pl.all, Cutoff: pl.cutoffT, Want: want, Gen: gen}
+		q := wire.ManifestQuery{All: pl.all, Cutoff: pl.cutoffT, Want: want, Gen: gen, MovedDirs: pl.report}
 		if p.resyncStep != nil {
 			p.resyncStep("asked")
 		}
@@ -295,7 +295,16 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	if !pl.all {
 		paths := markRecent(local, pl.cutoffS)
 		if dirty != nil {
-			paths = append(paths, markBitmapCompared(local, dirty, lastShadow)...)
+			bp, moved := markBitmapCompared(local, dirty, lastShadow)
+			paths = append(paths, bp...)
+			// This resync replaces the shadow of the peer's names by
+			// its scan once its batches are queued, not once the peer
+			// has them: the inodes the old shadow told as moved stay
+			// marked until a later pass is durable, or a resync cut
+			// short would leave the next one nothing to tell them by.
+			p.mu.Lock()
+			p.noteMoved(moved, mark)
+			p.mu.Unlock()
 		}
 		recent = len(paths)
 		if len(paths) > wire.MaxWant {
@@ -618,10 +627,25 @@ func markMoved(local *listing, d *dirtySet) []string {
 // marks moved are taken as renamed too, shadow or not: those a pass
 // renamed in batches the peer had not made durable (the shadow had
 // moved on), and, after a clean stop, those the shadow no longer named
-// by their paths (Primary.flagMoved).
-func markBitmapCompared(local *listing, d *dirtySet, sh *shadow) []string {
-	paths := markMoved(local, d)
-	renamed := func(e *lentry) bool { return d.wasMoved(e.ino) || sh != nil && !sh.hasPath(e.ino, e.path) }
+// by their paths (Primary.flagMoved). It also returns the inodes, not
+// made since, that only the shadow told as moved (the resync marks them:
+// Primary.noteMoved).
+func markBitmapCompared(local *listing, d *dirtySet, sh *shadow) (paths []string, shadowMoved []uint64) {
+	paths = markMoved(local, d)
+	byShadow := map[uint64]bool{}
+	renamed := func(e *lentry) bool {
+		if d.wasMoved(e.ino) {
+			return true
+		}
+		if sh == nil || sh.hasPath(e.ino, e.path) {
+			return false
+		}
+		if f := d.files[e.ino]; (f == nil || f.born == 0) && !byShadow[e.ino] {
+			byShadow[e.ino] = true
+			shadowMoved = append(shadowMoved, e.ino)
+		}
+		return true
+	}
 	changed, moved := map[string]bool{}, map[string]bool{}
 	for i := range local.len() {
 		e := local.at(i)
@@ -643,7 +667,7 @@ func markBitmapCompared(local *listing, d *dirtySet, sh *shadow) []string {
 		return (f == nil || f.born == 0) && renamed(e)
 	})...)
 	if len(changed) == 0 && len(moved) == 0 {
-		return paths
+		return paths, shadowMoved
 	}
 	return append(paths, markCompared(local, func(e *lentry) bool {
 		f := d.files[e.ino]
@@ -651,7 +675,7 @@ func markBitmapCompared(local *listing, d *dirtySet, sh *shadow) []string {
 			return false
 		}
 		return (f != nil && changed[path.Dir(e.path)]) || underDir(moved, e.path)
-	})...)
+	})...), shadowMoved
 }
 
 // sumCompared gives checksums, in a resync that does not compare every
@@ -962,36 +986,72 @@ func (p *Primary) SaveDirty() error {
 	return p.dirty.save(p.term.DirtyPath, p.base)
 }
 
-// flagMoved marks moved in the bitmap (dirtySet.setMoved) every inode
-// with metadata marks (a rename sets the ctime) that the shadow names by
-// a path that no longer leads to it, and returns how many it marked. At
-// a clean stop the shadow holds the names the peer was given (no pass
-// moves it while the peer is away; a pass's renames in flight are marked
-// already), and the next term's shadow is scanned from the tree as it is
-// then: a directory rotated while the peer was away (`rm -r b.2; mv b.1
-// b.2; touch b.2/stamp`), whose times no longer tell the move, would be
-// trusted to the bitmap, and the peer would keep the old b.2's files
-// under the moved ones' names. Called with p.mu held, no pass running.
+// flagMoved marks moved in the bitmap (noteMoved) the inodes with marks
+// that the next term's shadow, scanned from the tree as it is then, would
+// not tell as moved, and returns how many it marked. At a clean stop the
+// shadow holds the names the peer was given (no pass moves it while the
+// peer is away; the renames of passes and resyncs not yet durable are
+// marked already); the next term has only the times, and a directory
+// rotated while the peer was away (`rm -r b.2; mv b.1 b.2; touch
+// b.2/stamp`), whose ctime is its mtime again, would be trusted to the
+// bitmap: the peer would keep the old b.2's files under the moved ones'
+// names. Marked:
+//   - a directory whose path in the shadow no longer leads to it;
+//   - an inode the shadow does not hold and that was not made since: a
+//     directory moved into the tree from elsewhere on the filesystem
+//     (changes outside the tree are recorded too, and marked alike: no
+//     resync lists them).
+//
+// Files are left to their times and their directories' marks
+// (markBitmapCompared): a rename sets a file's ctime, a later write its
+// data marks in a directory with marks. So the stop costs a lookup in the
+// shadow for each inode with marks and one stat for each directory with
+// marks, not one for each file read while the peer was away (each read
+// marks a file once a day under relatime). Called with p.mu held, no pass
+// running.
 func (p *Primary) flagMoved() int {
 	if p.sh == nil || p.root == nil {
 		return 0
 	}
-	n := 0
+	var moved []uint64
 	for ino, f := range p.dirty.files {
-		if f.attr == 0 || f.born != 0 || f.moved != 0 {
+		if f.born != 0 || f.moved != 0 || f.attr == 0 && f.whole == 0 {
 			continue
 		}
-		name, ok := p.sh.path(ino)
-		if !ok || name == "." {
-			continue // not held (made since, or outside the tree)
+		kn, ok := p.sh.node(ino)
+		if ok && !kn.mode.IsDir() {
+			continue
 		}
-		var st unix.Stat_t
-		if err := unix.Fstatat(int(p.root.Fd()), name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil || st.Ino != ino {
-			p.dirty.setMoved(ino, f.attr)
-			n++
+		if ok {
+			name, named := p.sh.path(ino)
+			if named && name == "." {
+				continue
+			}
+			if named {
+				st, err := fstree.Stat(p.root, name)
+				if err == nil && st.Ino == ino {
+					continue
+				}
+			}
 		}
+		moved = append(moved, ino)
 	}
-	return n
+	p.noteMoved(moved, p.added)
+	return len(moved)
+}
+
+// noteMoved marks inos moved in the bitmap (dirtySet.setMoved): the peer
+// may hold them under other paths than they have now. The mark counts as
+// a change made after count (the pass or resync that shipped their
+// renames took changes up to count): forgotten once a pass taken later
+// is durable on the peer, not by a mark of the same count, which an
+// earlier pass whose batches precede the renames may have left (a pass
+// retaking what the last one requeued takes no new change). Called with
+// p.mu held.
+func (p *Primary) noteMoved(inos []uint64, count uint64) {
+	for _, ino := range inos {
+		p.dirty.setMoved(ino, count+1)
+	}
 }
 
 // HandedOver records, after every change reached the peer durably at a

@@ -33,7 +33,7 @@ func TestMarkBitmapComparedUnchangedHardLinks(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if paths := markBitmapCompared(local, newDirtySet(), sh); len(paths) > 0 {
+	if paths, _ := markBitmapCompared(local, newDirtySet(), sh); len(paths) > 0 {
 		t.Errorf("nothing changed, yet %d files are compared by checksums: %q", len(paths), paths)
 	}
 }
@@ -54,7 +54,7 @@ func TestMarkBitmapComparedHardLinksEscalate(t *testing.T) {
 	}
 	sh := newShadow(es)
 	start := time.Now()
-	paths := markBitmapCompared(listingOf(es), newDirtySet(), sh)
+	paths, _ := markBitmapCompared(listingOf(es), newDirtySet(), sh)
 	t.Logf("%d entries: %d paths named, in %v", len(es), len(paths), time.Since(start))
 	if len(paths) > wire.MaxWant {
 		t.Errorf("an unchanged tree: %d paths named for checksums (limit %d), the resync escalates to comparing every file", len(paths), wire.MaxWant)

@@ -45,7 +45,7 @@ func bitmapResyncShadow(t *testing.T, src, dst string, d *dirtySet, sh *shadow) 
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := markBitmapCompared(local, d, sh)
+	want, _ := markBitmapCompared(local, d, sh)
 	_, pe := peerManifest(t, dst, wire.ManifestQuery{Want: want})
 	peer := listingOf(pe)
 	if _, err := sumCompared(root, local, peer); err != nil {

@@ -1,6 +1,7 @@
 package replica
 
 import (
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -122,9 +123,7 @@ func TestResyncBitmapRotationInFlightWhenPeerLeft(t *testing.T) {
 	if !slices.Contains(b.moved, b2) {
 		t.Fatalf("the pass renamed b.1 to b.2 but reports %v as moved, not b.2's inode %d", b.moved, b2)
 	}
-	for _, ino := range b.moved {
-		d.setMoved(ino, 3) // as Primary.run does
-	}
+	(&Primary{dirty: d}).noteMoved(b.moved, 2) // as Primary.build does
 	bitmapResyncShadow(t, src, dst, d, sh)
 	sameTrees(t, src, dst)
 }
@@ -137,22 +136,218 @@ func TestResyncBitmapRotationInFlightWhenPeerLeft(t *testing.T) {
 func TestResyncBitmapRotationAcrossCleanRestart(t *testing.T) {
 	src, dst, root, sh := rotatedPair(t)
 	d, b2 := rotate(t, src)
-	p := &Primary{root: root, sh: sh, dirty: d}
-	if n := p.flagMoved(); n != 1 || !d.wasMoved(b2) {
-		t.Fatalf("flagMoved marked %d, b.2's inode moved: %v; want b.2's only", n, d.wasMoved(b2))
-	}
-	saved := filepath.Join(t.TempDir(), "dirty")
-	if err := d.save(saved, 7); err != nil {
-		t.Fatal(err)
-	}
-	loaded, base, err := loadDirty(saved)
-	if err != nil || base != 7 {
-		t.Fatalf("loading the bitmap: base %d, %v", base, err)
+	loaded := saveAndLoad(t, root, sh, d)
+	if !loaded.wasMoved(b2) {
+		t.Fatalf("b.2's inode is not marked moved in the saved bitmap")
 	}
 	// The next term: its shadow is the tree as scanned now.
 	_, now := scanSource(t, src)
 	bitmapResyncShadow(t, src, dst, loaded, newShadow(now))
 	sameTrees(t, src, dst)
+}
+
+// saveAndLoad saves bitmap d at a clean stop of a primary whose shadow is
+// sh (Primary.SaveDirty), and loads it as the next term does.
+func saveAndLoad(t *testing.T, root *os.File, sh *shadow, d *dirtySet) *dirtySet {
+	t.Helper()
+	state := t.TempDir()
+	ms, err := OpenMeta(state, "data")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &Primary{root: root, sh: sh, dirty: d, meta: ms, dirtyTrusted: true, base: 7,
+		term: Term{DirtyPath: filepath.Join(state, "bitmap-data")}, Log: slog.New(slog.DiscardHandler)}
+	if err := p.SaveDirty(); err != nil {
+		t.Fatal(err)
+	}
+	loaded, base, err := loadDirty(p.term.DirtyPath)
+	if err != nil || base != 7 {
+		t.Fatalf("loading the bitmap: base %d, %v", base, err)
+	}
+	return loaded
+}
+
+// outsidePair: src and its copy dst hold b.2/f; outside (beside src on
+// the same filesystem, not replicated) holds x/f of the same size and
+// times, other bytes. sh is the shadow of src as the peer was given it.
+func outsidePair(t *testing.T) (src, dst, outside string, root *os.File, sh *shadow) {
+	t.Helper()
+	top := t.TempDir()
+	src, dst, outside = filepath.Join(top, "src"), filepath.Join(top, "dst"), filepath.Join(top, "outside")
+	writeRandom(t, filepath.Join(src, "b.2/f"), 5000)
+	writeRandom(t, filepath.Join(outside, "x/f"), 5000)
+	if err := os.CopyFS(dst, os.DirFS(src)); err != nil {
+		t.Fatal(err)
+	}
+	same := time.Now().Add(-time.Hour)
+	for _, p := range []string{"src/b.2/f", "src/b.2", "dst/b.2/f", "dst/b.2", "outside/x/f", "outside/x"} {
+		if err := os.Chtimes(filepath.Join(top, p), same, same); err != nil {
+			t.Fatal(err)
+		}
+	}
+	root, entries := scanSource(t, src)
+	return src, dst, outside, root, newShadow(entries)
+}
+
+// moveIn runs `rm -r b.2; mv ../outside/x b.2; touch b.2/stamp` in src and
+// returns the bitmap capture makes of it, and b.2's inode.
+func moveIn(t *testing.T, src, outside string) (*dirtySet, uint64) {
+	t.Helper()
+	if err := os.RemoveAll(filepath.Join(src, "b.2")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(filepath.Join(outside, "x"), filepath.Join(src, "b.2")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(src, "b.2/stamp"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	d := attrMarks(t, src, filepath.Join(src, "b.2"))
+	d.record(&capture.Record{Kind: capture.KindNew, Ino: inoOf(t, filepath.Join(src, "b.2/stamp"))}, 2)
+	if fi, err := os.Stat(filepath.Join(src, "b.2")); err != nil {
+		t.Fatal(err)
+	} else if ct := ctimeOf(fi); !ct.Equal(fi.ModTime()) {
+		t.Skipf("b.2's ctime %v is not its mtime %v: the times tell the move here, the case is not built", ct, fi.ModTime())
+	}
+	return d, inoOf(t, filepath.Join(src, "b.2"))
+}
+
+// A directory moved into the tree from outside it over b.2, then a clean
+// stop and start: the shadow never held its inode (found by a review:
+// flagMoved took such inodes for ones made since).
+func TestResyncBitmapDirMovedInAcrossCleanRestart(t *testing.T) {
+	src, dst, outside, root, sh := outsidePair(t)
+	d, b2 := moveIn(t, src, outside)
+	loaded := saveAndLoad(t, root, sh, d)
+	if !loaded.wasMoved(b2) {
+		t.Fatalf("b.2's inode, moved in from outside the tree, is not marked moved in the saved bitmap")
+	}
+	bitmapResyncShadow(t, src, dst, loaded, nil)
+	sameTrees(t, src, dst)
+}
+
+// The same move shipped by a pass the peer never applied: the pass makes
+// b.2 on the peer (its inode is not in the shadow: not a rename), and must
+// mark it moved all the same (found by the review: only the old b.2,
+// moved aside, was).
+func TestResyncBitmapDirMovedInInFlight(t *testing.T) {
+	src, dst, outside, root, sh := outsidePair(t)
+	d, b2 := moveIn(t, src, outside)
+	lost := 0
+	b := newBuilder(root, 0, sh, nil, sinkFunc(func(*wire.Op) error { lost++; return nil }), slog.New(slog.DiscardHandler), nil)
+	if _, err := b.build([]journal.File{changed(t, src), changed(t, filepath.Join(src, "b.2"))}); err != nil {
+		t.Fatal(err)
+	}
+	if !sh.pathIs(b2, "b.2") || lost == 0 {
+		t.Fatalf("the pass did not move the shadow (%d ops): the test no longer builds the case", lost)
+	}
+	if !slices.Contains(b.moved, b2) {
+		t.Fatalf("the pass made b.2 on the peer but reports %v as moved, not b.2's inode %d", b.moved, b2)
+	}
+	(&Primary{dirty: d}).noteMoved(b.moved, 2)
+	bitmapResyncShadow(t, src, dst, d, sh)
+	sameTrees(t, src, dst)
+}
+
+// A bitmap resync replaces the shadow by its own scan once its batches
+// are queued (resyncQueued), not once the peer has them. The first resync
+// compared b.2/f because the shadow of the peer's names told the move;
+// its batches never reach the peer; the second resync has only the
+// scanned shadow, and must still compare b.2/f: the first marked what the
+// old shadow told (found by the review).
+func TestResyncBitmapRotationAfterResyncCutShort(t *testing.T) {
+	src, dst, root, sh := rotatedPair(t)
+	d, b2 := rotate(t, src)
+	local, _, err := scanListing(root, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, moved := markBitmapCompared(local, d.clone(), sh)
+	if !slices.Contains(want, "b.2/f") || !slices.Contains(moved, b2) {
+		t.Fatalf("the first resync compares %v and tells %v moved: want b.2/f, and b.2's inode %d", want, moved, b2)
+	}
+	(&Primary{dirty: d}).noteMoved(moved, 2) // as fullSync does
+	_, pe := peerManifest(t, dst, wire.ManifestQuery{Want: want})
+	peer := listingOf(pe)
+	if _, err := sumCompared(root, local, peer); err != nil {
+		t.Fatal(err)
+	}
+	lost := 0
+	b := newBuilder(root, 0, nil, nil, sinkFunc(func(*wire.Op) error { lost++; return nil }), slog.New(slog.DiscardHandler), nil)
+	if err := b.fullSync(local, peer, &treeSync{dirty: d.clone(), window: true}); err != nil {
+		t.Fatal(err)
+	}
+	if lost == 0 {
+		t.Fatal("the first resync sent nothing: the test no longer builds the case")
+	}
+	bitmapResyncShadow(t, src, dst, d, b.sh)
+	sameTrees(t, src, dst)
+}
+
+// A pass that retakes only what the last one requeued takes no new change
+// and has the last pass's count: a mark of that count, made durable with
+// the last pass's batches, must not forget the moved mark the later pass
+// set for a rename in a later batch (found by the review).
+func TestMovedMarkOutlivesEarlierPassOfSameCount(t *testing.T) {
+	const x, m = 42, 5
+	for _, c := range []string{"fileMark", "passMark"} {
+		t.Run(c, func(t *testing.T) {
+			p := &Primary{dirty: newDirtySet(), Log: slog.New(slog.DiscardHandler)}
+			p.dirty.record(&capture.Record{Kind: capture.KindAttr, Ino: x}, m)
+			// Pass 1, count m, batches up to 1.
+			if c == "fileMark" {
+				p.fileMarks = []fileMark{{ino: x, mark: m, seq: 1}} // blocked: markFiles
+			} else {
+				p.clearedMark = m - 1
+				p.addMark(passMark{mark: m, seq: 1}) // covered
+			}
+			// Pass 2, count m too, renames x in batch 2.
+			p.noteMoved([]uint64{x}, m)
+			p.durable = 1
+			p.clearDirty(true)
+			if !p.dirty.wasMoved(x) {
+				t.Fatal("x's moved mark (its rename in batch 2) was forgotten when batch 1 became durable")
+			}
+			// A later pass, durable, forgets it.
+			p.addMark(passMark{mark: m + 1, seq: 3})
+			p.durable = 3
+			p.clearDirty(true)
+			if p.dirty.wasMoved(x) {
+				t.Fatal("x's moved mark outlived a later pass made durable")
+			}
+		})
+	}
+}
+
+// A replica that crashed (not the source) is not asked to flag the trees
+// of the directories changed in its window: its applier made those
+// changes, the primary's bitmap marks them, and one file made in data/
+// would have it sum every file under data/. One that was the source is.
+func TestPeerWindowSumsMovedDirsOnlyWhenAsked(t *testing.T) {
+	top := t.TempDir()
+	old := time.Now().Add(-time.Hour)
+	for i := range 20 {
+		p := filepath.Join(top, "data", fmt.Sprintf("vol%d", i), "sub", "f")
+		writeRandom(t, p, 10)
+		os.Chtimes(p, old, old)
+	}
+	cutoff := time.Now().UnixNano()
+	time.Sleep(50 * time.Millisecond)
+	if err := os.WriteFile(filepath.Join(top, "data", "new"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, movedDirs := range []bool{false, true} {
+		_, pe := peerManifest(t, top, wire.ManifestQuery{Cutoff: cutoff, MovedDirs: movedDirs})
+		summed := 0
+		for _, e := range pe {
+			if e.Flags&wire.EntrySummed != 0 {
+				summed++
+			}
+		}
+		if want := map[bool]int{false: 1, true: 21}[movedDirs]; summed != want {
+			t.Errorf("MovedDirs %v: the peer summed %d files, want %d", movedDirs, summed, want)
+		}
+	}
 }
 
 // The rotation on the peer's side, while it was the source (its copy
@@ -173,7 +368,7 @@ func TestResyncPeerWindowDirRotated(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, pe := peerManifest(t, dst, wire.ManifestQuery{Cutoff: cutoff})
+	_, pe := peerManifest(t, dst, wire.ManifestQuery{Cutoff: cutoff, MovedDirs: true})
 	peer := listingOf(pe)
 	if _, err := sumCompared(root, local, peer); err != nil {
 		t.Fatal(err)

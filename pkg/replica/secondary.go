@@ -590,10 +590,13 @@ func (s *Server) sendManifest(c net.Conn, d Dir, seq uint64, q wire.ManifestQuer
 
 // walkManifest calls fn with every entry of the tree under root as q asks
 // for it: flagged recent since q's cutoff, with checksums where wanted.
-// As markRecent does on the primary, the regular files under a directory
-// whose ctime is at or after the cutoff are flagged too (it may have been
-// moved over the one the primary holds under its path): the walk lists a
-// directory before what it holds.
+// With q.MovedDirs (this copy was the source: it may have rotated a
+// directory the primary never heard of), the regular files under a
+// directory whose ctime is at or after the cutoff are flagged too, as
+// markRecent does on the primary: the walk lists a directory before what
+// it holds. Without it (a replica that crashed), the directories its
+// applier changed in the window are the primary's renames, which the
+// primary's bitmap marks, and flagging them would sum their trees.
 func walkManifest(root *os.File, q wire.ManifestQuery, fn func(*wire.Entry) error) (tooLong int, err error) {
 	want := make(map[string]bool, len(q.Want))
 	for _, w := range q.Want {
@@ -604,7 +607,7 @@ func walkManifest(root *os.File, q wire.ManifestQuery, fn func(*wire.Entry) erro
 		if q.Cutoff != 0 && (e.Ctime >= q.Cutoff || e.Mtime >= q.Cutoff || e.Mode.IsRegular() && underDir(moved, e.Path)) {
 			e.Flags |= wire.EntryRecent
 		}
-		if q.Cutoff != 0 && e.Mode.IsDir() && e.Path != "." && e.Ctime >= q.Cutoff {
+		if q.Cutoff != 0 && q.MovedDirs && e.Mode.IsDir() && e.Path != "." && e.Ctime >= q.Cutoff {
 			moved[e.Path] = true
 		}
 		if e.Mode.IsRegular() && e.Flags&wire.EntrySummed == 0 && (e.Flags&wire.EntryRecent != 0 || want[e.Path]) {

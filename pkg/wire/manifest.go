@@ -137,6 +137,13 @@ type ManifestQuery struct {
 	// Gen is the generation the requester resyncs the copy to; the
 	// answering replica records that its copy is being rewritten.
 	Gen uint64
+	// MovedDirs: the regular files under a directory whose ctime is at
+	// or after Cutoff are flagged and summed too, whatever their own
+	// times (the directory may have been moved over another: a copy
+	// that was the source and rotated a directory the requester never
+	// heard of). Encoded as bit 1 of the first byte, bit 0 being All: a
+	// replica that predates it reads the byte as All and sums everything.
+	MovedDirs bool
 }
 
 // MaxWant bounds the paths a manifest request names: beyond, a requester
@@ -145,11 +152,14 @@ const MaxWant = 200000
 
 // AppendManifestQuery encodes q.
 func AppendManifestQuery(b []byte, q *ManifestQuery) []byte {
-	all := byte(0)
+	flags := byte(0)
 	if q.All {
-		all = 1
+		flags |= 1
 	}
-	b = append(b, all)
+	if q.MovedDirs {
+		flags |= 2
+	}
+	b = append(b, flags)
 	b = binary.AppendVarint(b, q.Cutoff)
 	b = binary.AppendUvarint(b, q.Gen)
 	b = binary.AppendUvarint(b, uint64(len(q.Want)))
@@ -166,7 +176,11 @@ func DecodeManifestQuery(b []byte) (ManifestQuery, error) {
 	}
 	d := decoder{b: b}
 	var q ManifestQuery
-	q.All = d.byte1("all") != 0
+	flags := d.byte1("flags")
+	if d.err == nil && flags > 3 {
+		return q, fmt.Errorf("%w: manifest request flags %#x", ErrBadOp, flags)
+	}
+	q.All, q.MovedDirs = flags&1 != 0, flags&2 != 0
 	q.Cutoff = d.varint("cutoff")
 	q.Gen = d.uvarint("gen")
 	n := d.uvarint("want count")

@@ -162,6 +162,14 @@ func TestManifestQueryRoundTrip(t *testing.T) {
 	if err != nil || !reflect.DeepEqual(got, q) {
 		t.Fatalf("round trip: %+v, %v; want %+v", got, err, q)
 	}
+	for _, f := range []ManifestQuery{{All: true, Want: []string{}}, {MovedDirs: true, Cutoff: 5, Want: []string{}}, {All: true, MovedDirs: true, Want: []string{}}} {
+		if got, err := DecodeManifestQuery(AppendManifestQuery(nil, &f)); err != nil || !reflect.DeepEqual(got, f) {
+			t.Fatalf("round trip: %+v, %v; want %+v", got, err, f)
+		}
+	}
+	if b := AppendManifestQuery(nil, &ManifestQuery{MovedDirs: true}); b[0] != 2 {
+		t.Fatalf("MovedDirs is bit 1 of the first byte (a replica that predates it reads it as All): %#x", b[0])
+	}
 	if got, err := DecodeManifestQuery(nil); err != nil || !got.All {
 		t.Fatalf("empty request (verify) must ask for every checksum: %+v, %v", got, err)
 	}
@@ -170,6 +178,7 @@ func TestManifestQueryRoundTrip(t *testing.T) {
 		"trailing bytes": append(AppendManifestQuery(nil, &q), 0),
 		"huge count":     {0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x0f},
 		"truncated":      AppendManifestQuery(nil, &q)[:6],
+		"unknown flag":   append([]byte{4}, AppendManifestQuery(nil, &q)[1:]...),
 	}
 	for name, b := range bad {
 		if _, err := DecodeManifestQuery(b); err == nil {
