@@ -26,6 +26,8 @@ const DirtyChunk = 4 << 10
 // since (its number may have named another file, and the peer has no
 // copy of it anywhere). moved: the path the peer was given for it may
 // not be its path any more, whatever its times say (see setMoved).
+// blind: its metadata changed while the primary held no shadow of the
+// peer's names (see setBlind).
 type dirtyFile struct {
 	chunks    map[uint64]uint64
 	tail      uint64
@@ -34,10 +36,11 @@ type dirtyFile struct {
 	whole     uint64
 	born      uint64
 	moved     uint64
+	blind     uint64
 }
 
 func (f *dirtyFile) touch() uint64 {
-	return max(f.tailTouch, f.attr, f.whole, f.born, f.moved)
+	return max(f.tailTouch, f.attr, f.whole, f.born, f.moved, f.blind)
 }
 
 // dirtySet is the modification bitmap of one directory: every change not
@@ -136,6 +139,21 @@ func (d *dirtySet) setMoved(ino, touch uint64) {
 	d.get(ino).moved = max(touch, 1)
 }
 
+// setBlind marks a metadata change of ino made while the primary held no
+// shadow of the peer's names (a term before its first resync: after a
+// start, or a handover): had it been a directory's move, neither a shadow
+// nor, at the stop, flagMoved could tell. A resync trusting the bitmap
+// takes such a directory as moved (markBitmapCompared).
+func (d *dirtySet) setBlind(ino, touch uint64) {
+	d.get(ino).blind = max(touch, 1)
+}
+
+// isBlind reports whether ino is marked blind (setBlind).
+func (d *dirtySet) isBlind(ino uint64) bool {
+	f := d.files[ino]
+	return f != nil && f.blind != 0
+}
+
 // wasMoved reports whether ino is marked moved (setMoved).
 func (d *dirtySet) wasMoved(ino uint64) bool {
 	f := d.files[ino]
@@ -183,6 +201,9 @@ func (d *dirtySet) clearFile(ino, mark uint64) {
 	}
 	if f.moved <= mark {
 		f.moved = 0
+	}
+	if f.blind <= mark {
+		f.blind = 0
 	}
 	if len(f.chunks) == 0 && f.touch() == 0 {
 		delete(d.files, ino)
@@ -258,7 +279,7 @@ func (d *dirtySet) attrOnly(ino uint64) bool {
 }
 
 // dirtyMagic heads a saved bitmap. DUETDIRTY2 added the born mark (flag
-// 8), DUETDIRTY3 the moved mark (flag 16): a build that knows only an
+// 8), DUETDIRTY3 the moved and blind marks (flags 16, 32): a build that knows only an
 // older one refuses it (and compares the files changed since the sync
 // point) rather than reading a born or moved file as an ordinary one;
 // the older files, without those marks, are still read.
@@ -294,6 +315,9 @@ func (d *dirtySet) save(path string, base uint64) error {
 		}
 		if f.moved != 0 {
 			flags |= 16
+		}
+		if f.blind != 0 {
+			flags |= 32
 		}
 		b = binary.AppendUvarint(b, ino)
 		b = append(b, flags)
@@ -367,6 +391,9 @@ func loadDirty(path string) (*dirtySet, uint64, error) {
 		}
 		if flags&16 != 0 {
 			f.moved = 1
+		}
+		if flags&32 != 0 {
+			f.blind = 1
 		}
 		nc := next()
 		if nc > uint64(len(b)) {

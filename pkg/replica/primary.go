@@ -206,6 +206,9 @@ func (p *Primary) Record(r *capture.Record, now time.Time) {
 	p.records++
 	p.added++
 	p.dirty.record(r, p.added)
+	if p.sh == nil && r.Kind != capture.KindData && r.Kind != capture.KindMmap && r.Kind != capture.KindPreop {
+		p.dirty.setBlind(r.Ino, p.added)
+	}
 	if !p.connected && (r.Kind == capture.KindData || r.Kind == capture.KindMmap) && r.Len > 0 && r.Len < journal.Unbounded &&
 		len(p.forgetKeys) < maxForget {
 		for c := r.Pos >> capture.ChunkShift; c <= (r.Pos+r.Len-1)>>capture.ChunkShift; c++ {

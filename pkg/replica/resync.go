@@ -627,7 +627,10 @@ func markMoved(local *listing, d *dirtySet) []string {
 // marks moved are taken as renamed too, shadow or not: those a pass
 // renamed in batches the peer had not made durable (the shadow had
 // moved on), and, after a clean stop, those the shadow no longer named
-// by their paths (Primary.flagMoved). It also returns the inodes, not
+// by their paths (Primary.flagMoved); and the directories whose
+// metadata changed while the primary held no shadow (blind marks: a term
+// before its first resync, after a start or a handover), whatever their
+// times say. It also returns the inodes, not
 // made since, that only the shadow told as moved (the resync marks them:
 // Primary.noteMoved).
 func markBitmapCompared(local *listing, d *dirtySet, sh *shadow) (paths []string, shadowMoved []uint64) {
@@ -654,7 +657,7 @@ func markBitmapCompared(local *listing, d *dirtySet, sh *shadow) (paths []string
 		}
 		if d.has(e.ino) {
 			changed[e.path] = true
-			if e.ctime != e.mtime && e.path != "." {
+			if (e.ctime != e.mtime || d.isBlind(e.ino)) && e.path != "." {
 				moved[e.path] = true
 			}
 		}
