@@ -77,9 +77,10 @@ type builder struct {
 	blocked   int
 	beyondEOF int
 	removals  []link
-	// moved are the inodes this pass renamed on the peer (the shadow
-	// moved them): until the peer has the batches durably, it may hold
-	// them under their old paths (see dirtySet.setMoved).
+	// moved are the inodes this pass renamed, moved aside or made on the
+	// peer (the shadow moved on with them): until the peer has the
+	// batches durably, it may hold others under their paths (see
+	// dirtySet.setMoved).
 	moved    []uint64
 	dataRead uint64 // bytes read for shipping, in total
 	// gaveUp are the changes tried too long (see maxRetries): each file
