@@ -121,6 +121,9 @@ type Primary struct {
 	barrierNs    int64
 	lastErrAt    time.Time
 	fullSyncs    int
+	// lostSessions counts the connections that could not resume: the
+	// batches the peer had not made durable were dropped (sessionLost).
+	lostSessions int
 	fullSyncEnd  uint64 // last batch of the latest full sync
 	dataBytes    uint64
 	dropped      uint64 // changes tried too long and handed to a resync (see maxRetries)
@@ -175,6 +178,25 @@ type Primary struct {
 	// forgetKeys are the kernel chunk marks of changes recorded while no
 	// peer is connected, to drop soon (see forgetLoop).
 	forgetKeys []capture.CaptureChunkKey
+}
+
+// sessionLost drops what was shipped on a session the peer cannot resume
+// (it restarted, or lost what it had not made durable): the batches not
+// acknowledged durable, and the marks of the passes and resync files in
+// them. Batch numbers go on from the lost ones, so those marks would
+// count as durable as soon as the next session's batches were, and the
+// bitmap would forget changes that reached the peer in no batch (the
+// modification marks, the moved and blind ones); a durability call whose
+// pass was in them would return on the next session's acks
+// (TestLostSessionForgetsItsMarks, TestBarrierOfLostSessionWaitsForResync).
+// What the peer made durable is forgotten first. Called with p.mu held.
+func (p *Primary) sessionLost() {
+	p.clearDirty(true)
+	p.marks, p.fileMarks = nil, nil
+	p.needFull = true
+	p.queue, p.queueBytes = nil, 0
+	p.doneReq = nil
+	p.lostSessions++
 }
 
 // passMark is a build pass that took every change counted up to mark,
@@ -374,8 +396,7 @@ func (p *Primary) connection(ctx context.Context, kernel Kernel) error {
 	if resumable {
 		p.ack(w.Applied)
 	} else {
-		p.needFull = true
-		p.queue, p.queueBytes = nil, 0
+		p.sessionLost()
 		from = 0 // the peer starts this session afresh
 	}
 	p.connected = true
@@ -1153,17 +1174,19 @@ func (p *Primary) WaitShipped(ctx context.Context, kernel Kernel, rel Release) e
 	target := p.added
 	p.mu.Unlock()
 	var need uint64 // the batch to be made durable, once a pass covered target
-	var fullSyncs int
+	var fullSyncs, lostSessions int
 	covered := false
 	var coveredAt time.Time
 	return p.waitPeer(ctx, rel, func() bool {
-		if covered && p.fullSyncs != fullSyncs {
+		if covered && (p.fullSyncs != fullSyncs || p.lostSessions != lostSessions) {
 			// A full sync replaced the batches since (the peer lost
-			// them): wait for the full sync's batches.
+			// them), or the session they were in was lost (the next
+			// one's batch numbers go past need without them): wait
+			// for the full sync's batches.
 			covered = false
 		}
 		if !p.needFull && !covered && p.covered >= target && (p.coveredBefore.IsZero() || start.Before(p.coveredBefore)) {
-			need, covered, fullSyncs = p.coveredSeq, true, p.fullSyncs
+			need, covered, fullSyncs, lostSessions = p.coveredSeq, true, p.fullSyncs, p.lostSessions
 			if coveredAt.IsZero() {
 				coveredAt = time.Now()
 				p.Stages.Observe(latency.Build, coveredAt.Sub(drained))

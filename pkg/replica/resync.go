@@ -291,6 +291,21 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	if p.resyncStep != nil {
 		p.resyncStep("scanned")
 	}
+	if dirty != nil {
+		// The bitmap again, with what changed while the tree was read:
+		// the scan may list a directory moved since the bitmap was
+		// cloned under its new name, and the shadow this resync leaves
+		// is the scan's, so no pass after it ships the move. Its marks
+		// (blind without a shadow; a file's own times) tell it.
+		if kernel != nil {
+			if err := kernel.Drain(); err != nil {
+				return err
+			}
+		}
+		p.mu.Lock()
+		dirty = p.dirty.clone()
+		p.mu.Unlock()
+	}
 	recent := 0 // files changed here since cutoffS
 	if !pl.all {
 		paths := markRecent(local, pl.cutoffS)
@@ -1053,6 +1068,9 @@ func (p *Primary) flagMoved() int {
 // p.mu held.
 func (p *Primary) noteMoved(inos []uint64, count uint64) {
 	for _, ino := range inos {
+		if f := p.dirty.files[ino]; f != nil && f.born != 0 {
+			continue // made since: sent whole wherever the peer holds a file under its name
+		}
 		p.dirty.setMoved(ino, count+1)
 	}
 }

@@ -1,6 +1,7 @@
 package replica
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
 	"os"
@@ -432,4 +433,134 @@ func TestResyncBitmapRotationBeforeFirstResync(t *testing.T) {
 	}
 	bitmapResyncShadow(t, src, dst, loaded, nil)
 	sameTrees(t, src, dst)
+}
+
+// A session the peer cannot resume drops its unacknowledged batches, and
+// the next session's batch numbers go on from them: the marks of a pass
+// or resync in those batches would count as durable once the next
+// session's first batches are, and the bitmap would forget changes the
+// peer never got (here the moved mark of a clean stop, and a file's data
+// marks). Found by the second review; the data marks' loss predates the
+// moved marks.
+func TestLostSessionForgetsItsMarks(t *testing.T) {
+	src, dst, root, sh := rotatedPair(t)
+	d, b2 := rotate(t, src)
+	loaded := saveAndLoad(t, root, sh, d) // a clean stop: b.2 marked moved
+	p := unconnectedPrimary(t)
+	p.mu.Lock()
+	p.dirty = loaded
+	f := inoOf(t, filepath.Join(src, "b.2/f"))
+	p.added = 5
+	p.dirty.record(&capture.Record{Kind: capture.KindData, Ino: f, Pos: 0, Len: 4096}, 5)
+	// Resync R1 queued in batches up to 10, its pass mark added: the
+	// peer applies none of it and restarts.
+	_, now := scanSource(t, src)
+	p.sh = newShadow(now)
+	p.nextSeq = 11
+	p.addMark(passMark{mark: p.added, seq: 10})
+	p.fileMarks = append(p.fileMarks, fileMark{ino: f, mark: 5, seq: 9})
+	p.sessionLost() // the next connection cannot resume
+	// R2's first batches, 11 and 12, made durable.
+	p.nextSeq, p.durable = 13, 12
+	p.clearDirty(true)
+	moved, dataMarked := p.dirty.wasMoved(b2), p.dirty.has(f)
+	resyncDirty := p.dirty.clone()
+	p.mu.Unlock()
+	if !moved || !dataMarked {
+		t.Fatalf("after a lost session's marks met the next one's acks: b.2 moved %v, b.2/f's data marks kept %v; want both", moved, dataMarked)
+	}
+	// R3, after R2 was cut short, with R1's shadow.
+	bitmapResyncShadow(t, src, dst, resyncDirty, newShadow(now))
+	sameTrees(t, src, dst)
+}
+
+// A durability call whose pass's batches were in a session the peer could
+// not resume must wait for the resync that ships its change again, not
+// return on the next session's acks, whose batch numbers go past its own
+// (found by the second review).
+func TestBarrierOfLostSessionWaitsForResync(t *testing.T) {
+	p := unconnectedPrimary(t)
+	p.mu.Lock()
+	p.connected = true
+	p.added, p.covered, p.coveredSeq, p.nextSeq = 5, 5, 10, 11
+	p.needFull = false
+	p.mu.Unlock()
+	done := make(chan error, 1)
+	go func() { done <- p.WaitShipped(context.Background(), nil, Release{}) }()
+	// The call is covered by batch 10 and asks for it to be made durable.
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+		p.mu.Lock()
+		asked := p.syncReq == 10
+		p.mu.Unlock()
+		if asked {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the call never asked for batch 10")
+		}
+	}
+	// The session is lost; the next one's resync streams batches 11, 12,
+	// which the peer makes durable before the resync is queued.
+	p.mu.Lock()
+	p.sessionLost()
+	p.nextSeq, p.acked, p.durable = 13, 12, 12
+	p.mu.Unlock()
+	p.Wake()
+	select {
+	case err := <-done:
+		t.Fatalf("the call returned (%v) on the next session's acks, its change in no batch the peer has", err)
+	case <-time.After(300 * time.Millisecond):
+	}
+	// The resync is queued (batches up to 20, covering the call), then
+	// durable.
+	p.mu.Lock()
+	p.covered, p.coveredSeq, p.needFull = 6, 20, false
+	p.fullSyncs++
+	p.nextSeq, p.acked, p.durable = 21, 20, 20
+	p.mu.Unlock()
+	p.Wake()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the call did not return once the resync was durable")
+	}
+}
+
+// The inodes a pass makes on the peer that were made since (capture
+// reported their creation) are not marked moved: they are sent whole
+// anyway, and marked, a tree unpacked and then left idle kept every file
+// marked until a later pass was durable, saved at a clean stop, and read
+// on both nodes at the next resync (found by the second review).
+func TestNewInodesNotMarkedMoved(t *testing.T) {
+	src, _, root, sh := rotatedPair(t)
+	d := newDirtySet()
+	var made []uint64
+	for _, p := range []string{"new", "new/a", "new/b"} {
+		if p == "new" {
+			if err := os.Mkdir(filepath.Join(src, p), 0o755); err != nil {
+				t.Fatal(err)
+			}
+		} else {
+			writeRandom(t, filepath.Join(src, p), 100)
+		}
+		ino := inoOf(t, filepath.Join(src, p))
+		d.record(&capture.Record{Kind: capture.KindNew, Ino: ino}, 1)
+		made = append(made, ino)
+	}
+	b := newBuilder(root, 0, sh, nil, sinkFunc(func(*wire.Op) error { return nil }), slog.New(slog.DiscardHandler), nil)
+	if _, err := b.build([]journal.File{changed(t, src), changed(t, filepath.Join(src, "new"))}); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Contains(b.moved, made[0]) {
+		t.Fatalf("the pass reports %v as made or moved, not new's inode %d: the test no longer builds the case", b.moved, made[0])
+	}
+	(&Primary{dirty: d}).noteMoved(b.moved, 1)
+	for i, ino := range made {
+		if d.wasMoved(ino) {
+			t.Errorf("%s, made since, is marked moved", []string{"new", "new/a", "new/b"}[i])
+		}
+	}
 }

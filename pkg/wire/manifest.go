@@ -142,7 +142,8 @@ type ManifestQuery struct {
 	// times (the directory may have been moved over another: a copy
 	// that was the source and rotated a directory the requester never
 	// heard of). Encoded as bit 1 of the first byte, bit 0 being All: a
-	// replica that predates it reads the byte as All and sums everything.
+	// replica that predates it reads the byte as All and sums everything
+	// (and this build reads a bit it does not know as All too).
 	MovedDirs bool
 }
 
@@ -176,11 +177,10 @@ func DecodeManifestQuery(b []byte) (ManifestQuery, error) {
 	}
 	d := decoder{b: b}
 	var q ManifestQuery
+	// A flag this build does not know asks for more than these: every
+	// checksum, as a build that predates MovedDirs reads it.
 	flags := d.byte1("flags")
-	if d.err == nil && flags > 3 {
-		return q, fmt.Errorf("%w: manifest request flags %#x", ErrBadOp, flags)
-	}
-	q.All, q.MovedDirs = flags&1 != 0, flags&2 != 0
+	q.All, q.MovedDirs = flags&1 != 0 || flags > 3, flags&2 != 0
 	q.Cutoff = d.varint("cutoff")
 	q.Gen = d.uvarint("gen")
 	n := d.uvarint("want count")

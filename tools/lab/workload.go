@@ -352,13 +352,27 @@ func (w *Workload) renameDir() {
 }
 
 // rotateDir replaces a directory by another version of it, as a backup
-// rotation does (`rm -r b.2; mv b.1 b.2`): the new version holds files of
-// the same names, sizes and times as the old one's (`cp -a` of a copy
-// made then) but other bytes, and, one time in two, gets an entry after
-// the move (its mtime then moves with its ctime). A resync that judged
-// the moved files by their size and mtime would keep the old bytes on the
-// peer.
+// rotation does (`rm -r b.2; mv b.1 b.2`), in two operations: one makes
+// the new version beside it (`d.next`: files of the same names, sizes and
+// times as d's, other bytes, as `cp -a` of a copy made then), a later one
+// moves it over d and, one time in two, makes an entry in it (its mtime
+// then moves with its ctime). Between the two the new version's files
+// become old ones the peer holds: a resync that judged the moved files by
+// their size and mtime would keep d's old bytes on the peer.
 func (w *Workload) rotateDir() {
+	for _, d := range w.dirs {
+		if !strings.HasSuffix(d, ".next") {
+			continue
+		}
+		to := strings.TrimSuffix(d, ".next")
+		w.logf("rotate %q over %q", d, to)
+		os.RemoveAll(to)
+		if os.Rename(d, to) == nil && w.rng.Intn(2) == 0 {
+			os.WriteFile(filepath.Join(to, "stamp"), nil, 0o644)
+		}
+		w.refresh()
+		return
+	}
 	if len(w.dirs) == 0 {
 		return
 	}
@@ -371,6 +385,7 @@ func (w *Workload) rotateDir() {
 	if err := os.Mkdir(next, 0o755); err != nil {
 		return
 	}
+	w.logf("next version of %q", d)
 	for _, e := range ents {
 		fi, err := e.Info()
 		if err != nil || !fi.Mode().IsRegular() || fi.Size() > 1<<20 {
@@ -381,12 +396,7 @@ func (w *Workload) rotateDir() {
 			os.Chtimes(p, fi.ModTime(), fi.ModTime())
 		}
 	}
-	w.logf("rotate %q", d)
-	os.RemoveAll(d)
-	os.Rename(next, d)
-	if w.rng.Intn(2) == 0 {
-		os.WriteFile(filepath.Join(d, "stamp"), nil, 0o644)
-	}
+	w.dirs = append(w.dirs, next)
 }
 
 func (w *Workload) symlink() {
