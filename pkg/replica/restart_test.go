@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/duet-ha/duet/pkg/capture"
 	"github.com/duet-ha/duet/pkg/fstree"
 	"github.com/duet-ha/duet/pkg/loopfs"
 )
@@ -391,4 +392,114 @@ func TestReplicaStaysConsistentWhileSourceScans(t *testing.T) {
 	if !r.sms.Get().Consistent {
 		t.Error("the replica's copy is not marked whole after the resync ended")
 	}
+}
+
+// seqHookKernel is a Kernel without capture whose Seq, which a resync
+// calls between reading the bitmap and scanning the tree, runs onSeq once.
+type seqHookKernel struct {
+	mu    sync.Mutex
+	onSeq func()
+}
+
+func (k *seqHookKernel) ForgetChunks([]capture.CaptureChunkKey) error { return nil }
+func (k *seqHookKernel) ForgetAttr(capture.InodeKey)                  {}
+func (k *seqHookKernel) Drain() error                                 { return nil }
+func (k *seqHookKernel) Seq() uint64 {
+	k.mu.Lock()
+	f := k.onSeq
+	k.onSeq = nil
+	k.mu.Unlock()
+	if f != nil {
+		f()
+	}
+	return 0
+}
+
+// A rotation made while a term's first resync reads the tree, after it
+// read the bitmap: the term has no shadow of the peer's names yet, and in
+// bitmap mode (the term began from a handover: nothing to compare by
+// times) the scan lists the moved directory under its new name, whose
+// files then look like the peer's. The resync reads the bitmap again
+// after the scan, where the move's marks are (found by the second
+// review: b.2/f kept the old bytes on the peer).
+func TestResyncRotationDuringTheScan(t *testing.T) {
+	top := t.TempDir()
+	src := filepath.Join(top, "src")
+	writeRandom(t, filepath.Join(src, "b.1/f"), 5000)
+	writeRandom(t, filepath.Join(src, "b.2/f"), 5000)
+	same := time.Now().Add(-time.Hour)
+	for _, p := range []string{"b.1/f", "b.2/f", "b.1", "b.2"} {
+		if err := os.Chtimes(filepath.Join(src, p), same, same); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r := &restartPair{tb: t, src: src, top: filepath.Join(top, "peer"), margin: 50 * time.Millisecond,
+		log: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	r.startReplica()
+	r.startSource()
+	r.waitSynced()
+	for deadline := time.Now().Add(10 * time.Second); r.pms.Get().Source; time.Sleep(10 * time.Millisecond) {
+		r.p.HandedOver()
+		if time.Now().After(deadline) {
+			t.Fatal("no handover within 10 s")
+		}
+	}
+	r.stopServer()
+	r.stop()
+	r.p.Close()
+	markCleanStop(t, src, r.pms)
+
+	// This node is the source again, from a handover: no shadow yet.
+	p, err := NewPrimary(Dir{Name: "data", Path: src}, r.addr, testLink, 0, r.log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	if err := p.BeginTerm(Term{Meta: r.pms, DirtyPath: filepath.Join(top, "state", "bitmap-data"), Margin: r.margin}); err != nil {
+		t.Fatal(err)
+	}
+	seq := uint64(0)
+	record := func(kind capture.Kind, path string) {
+		seq++
+		p.Record(&capture.Record{Seq: seq, Ino: inoOf(t, path), Kind: kind}, time.Now())
+	}
+	k := &seqHookKernel{onSeq: func() {
+		os.RemoveAll(filepath.Join(src, "b.2"))
+		record(capture.KindAttr, src)
+		os.Rename(filepath.Join(src, "b.1"), filepath.Join(src, "b.2"))
+		record(capture.KindAttr, src)
+		record(capture.KindAttr, filepath.Join(src, "b.2"))
+	}}
+	r.startReplica()
+	defer r.stopServer()
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { defer wg.Done(); p.Run(ctx, k) }()
+	defer func() { cancel(); wg.Wait() }()
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(time.Millisecond) {
+		st := p.Status()
+		if st.InSync && st.FullSyncs > 0 && !st.Resync.Active {
+			if st.Resync.Mode != "bitmap" {
+				t.Fatalf("the resync ran in mode %q: the test wants bitmap (no window to tell the move by times)", st.Resync.Mode)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no resync: %+v", st)
+		}
+	}
+	k.mu.Lock()
+	ran := k.onSeq == nil
+	k.mu.Unlock()
+	if !ran {
+		t.Fatal("the rotation never ran: the test no longer builds the case")
+	}
+	// And what the passes after it shipped (the move's records).
+	for deadline := time.Now().Add(10 * time.Second); !p.Status().InSync; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("not in sync 10 s after the resync: %+v", p.Status())
+		}
+	}
+	sameTrees(t, src, filepath.Join(r.top, "data"))
 }
