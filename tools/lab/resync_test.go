@@ -468,6 +468,16 @@ func TestResyncAfterRotation(t *testing.T) {
 		must(t, os.Rename(filepath.Join(l.AData, "rot", "b.1"), filepath.Join(l.AData, "rot", "b.2")))
 		must(t, os.WriteFile(filepath.Join(l.AData, "rot", "b.2", "stamp"), nil, 0o644))
 	}
+	// nodeA started, then nodeB, which nodeA resyncs: the copies must
+	// be the same.
+	startBoth := func() {
+		l.Start(t, "a")
+		l.WaitState(t, "a", "ALONE", 30*time.Second)
+		l.Start(t, "b")
+		l.WaitSync(t, 2*time.Minute)
+		l.Verify(t)
+		l.logResync(t, "a")
+	}
 	versions()
 	l.WaitSync(t, time.Minute)
 	// The versions' own marks forgotten (the primary clears what the peer
@@ -483,12 +493,7 @@ func TestResyncAfterRotation(t *testing.T) {
 	time.Sleep(2 * time.Second)
 	l.Stop(t, "a")
 	l.logLast(t, "a", "modification bitmap: entries")
-	l.Start(t, "a")
-	l.WaitState(t, "a", "ALONE", 30*time.Second)
-	l.Start(t, "b")
-	l.WaitSync(t, 2*time.Minute)
-	l.Verify(t)
-	l.logResync(t, "a")
+	startBoth()
 
 	// Again, with the rotation made while duet is stopped on both nodes.
 	must(t, os.RemoveAll(filepath.Join(l.AData, "rot")))
@@ -498,10 +503,5 @@ func TestResyncAfterRotation(t *testing.T) {
 	l.WaitState(t, "a", "ALONE", 30*time.Second)
 	l.Stop(t, "a")
 	rotate()
-	l.Start(t, "a")
-	l.WaitState(t, "a", "ALONE", 30*time.Second)
-	l.Start(t, "b")
-	l.WaitSync(t, 2*time.Minute)
-	l.Verify(t)
-	l.logResync(t, "a")
+	startBoth()
 }
