@@ -193,6 +193,11 @@ type Primary struct {
 func (p *Primary) sessionLost() {
 	p.clearDirty(true)
 	p.marks, p.fileMarks = nil, nil
+	// What a pass covered is what the peer made durable now: a resync
+	// that requeues something leaves the cover as it was, and a call
+	// would count itself covered by a lost batch again
+	// (TestBarrierOfLostSessionBlockedResync).
+	p.covered, p.coveredSeq, p.coveredBefore = p.durableMark.mark, p.durableMark.seq, p.durableMark.at
 	p.needFull = true
 	p.queue, p.queueBytes = nil, 0
 	p.doneReq = nil
@@ -839,17 +844,8 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 			// changes yet: they do not age the lag.
 			p.pendingSince = bt.since
 		}
-		if err == nil && blocked == 0 {
-			p.covered, p.coveredSeq = mark, p.nextSeq-1
-			p.coveredBefore = time.Time{}
-			if beyondEOF > 0 {
-				p.coveredBefore = takeAt
-			}
-			p.addMark(passMark{mark: mark, seq: p.coveredSeq, at: takeAt})
-		} else if err == nil {
-			// The pass as a whole waits for what it requeued; the files
-			// it shipped in full are done all the same.
-			p.markFiles(files, requeue, mark)
+		if err == nil {
+			p.coverPass(mark, files, requeue, blocked, beyondEOF, len(b.gaveUp) > 0, takeAt)
 		}
 		p.mu.Unlock()
 		p.done.Broadcast()
@@ -861,6 +857,27 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 		}
 	}
 	return ctx.Err()
+}
+
+// coverPass records what a pass that took the changes counted up to mark
+// (at takeAt) and queued its batches covers: everything, unless it
+// requeued changes (blocked; bytes beyond EOF only count for the calls
+// begun before it read the files) or gave changes up to a resync, which
+// covers them once it is queued (a cover left by such a pass let a call
+// return on the pass's batch when the resync requeued anything:
+// TestBarrierOfGivenUpChangeWaitsForResync). The files it shipped in
+// full are done all the same. Called with p.mu held.
+func (p *Primary) coverPass(mark uint64, files, requeue []journal.File, blocked, beyondEOF int, gaveUp bool, takeAt time.Time) {
+	if blocked > 0 || gaveUp {
+		p.markFiles(files, requeue, mark)
+		return
+	}
+	p.covered, p.coveredSeq = mark, p.nextSeq-1
+	p.coveredBefore = time.Time{}
+	if beyondEOF > 0 {
+		p.coveredBefore = takeAt
+	}
+	p.addMark(passMark{mark: mark, seq: p.coveredSeq, at: takeAt})
 }
 
 // batchWindow lets records gather for a while, or until a barrier begins

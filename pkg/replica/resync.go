@@ -216,12 +216,13 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	// The scan below sees every change counted so far.
 	mark := p.added
 	pl := p.plan(p.welcome)
-	var dirty *dirtySet
+	var dirty *dirtySet    // the bitmap, read after the scan (below)
 	var lastShadow *shadow // the names the peer was last given (markBitmapCompared)
+	var bitmapBytes uint64
 	if pl.useDirty {
 		p.clearDirty(true)
-		dirty = p.dirty.clone()
 		lastShadow = p.sh
+		bitmapBytes = p.dirty.bytes()
 	}
 	// What the journal holds now, the resync reads anyway (the bitmap
 	// marks it, or its files changed since the sync point, or every file
@@ -248,7 +249,7 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 		}
 		return time.Unix(0, ns).UTC().Format(time.RFC3339Nano)
 	}
-	p.Log.Info("resync: comparing with the peer", "mode", pl.mode, "bitmap_bytes", dirty.bytes(),
+	p.Log.Info("resync: comparing with the peer", "mode", pl.mode, "bitmap_bytes", bitmapBytes,
 		"recent_here_since", cut(pl.cutoffS), "recent_there_since", cut(pl.cutoffT), "journal_files_folded_in", len(dropped),
 		"peer_gen", fmt.Sprintf("%016x", p.welcome.Gen), "peer_state", int(p.welcome.State))
 	var syncSeq uint64
@@ -291,12 +292,12 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	if p.resyncStep != nil {
 		p.resyncStep("scanned")
 	}
-	if dirty != nil {
-		// The bitmap again, with what changed while the tree was read:
-		// the scan may list a directory moved since the bitmap was
-		// cloned under its new name, and the shadow this resync leaves
-		// is the scan's, so no pass after it ships the move. Its marks
-		// (blind without a shadow; a file's own times) tell it.
+	if pl.useDirty {
+		// The bitmap is read after the scan, with what changed while
+		// the tree was read: the scan may list a directory moved
+		// meanwhile under its new name, and the shadow this resync
+		// leaves is the scan's, so no pass after it ships the move. Its
+		// marks (blind without a shadow; a file's own times) tell it.
 		if kernel != nil {
 			if err := kernel.Drain(); err != nil {
 				return err
@@ -547,29 +548,46 @@ func (p *Primary) resyncQueued(b *builder, bt *batcher, ts *treeSync, tails *tai
 // mtime is at or after cutoff (0: none), the files a resync compares by
 // checksums, and returns their paths.
 //
-// The files under a directory whose ctime is at or after cutoff are
-// flagged too, whatever their own times: the directory may have been
-// moved over the one the peer holds under its path (`rm -r b.2; mv b.1
-// b.2`, a backup rotation while nothing captured it), and its files,
-// of the size and mtime the peer's old ones may have, would be trusted:
-// the peer kept the removed files' bytes under the moved ones' names
-// (TestResyncWindowDirRotated). A move sets only the ctime, but an entry
-// made in the directory afterwards sets its mtime alike, so a directory
-// whose entries changed is compared whole too: its files are read on
-// both sides, and sent only where they differ.
+// The files under a directory that may have been moved in the window are
+// flagged too, whatever their own times: moved over the one the peer
+// holds under its path (`rm -r b.2; mv b.1 b.2`, a backup rotation while
+// nothing captured it), its files, of the size and mtime the peer's old
+// ones may have, would be trusted: the peer kept the removed files' bytes
+// under the moved ones' names (TestResyncWindowDirRotated). See
+// movedInWindow for which directories those are.
 func markRecent(local *listing, cutoff int64) []string {
 	if cutoff == 0 {
 		return nil
 	}
-	moved := map[string]bool{}
+	recent := map[string]bool{}
 	for i := range local.len() {
-		if e := local.at(i); e.mode.IsDir() && e.path != "." && e.ctime >= cutoff {
-			moved[e.path] = true
+		if e := local.at(i); e.mode.IsDir() && e.ctime >= cutoff {
+			recent[e.path] = true
+		}
+	}
+	moved := map[string]bool{}
+	for p := range recent {
+		if movedInWindow(p, recent) {
+			moved[p] = true
 		}
 	}
 	return markCompared(local, func(e *lentry) bool {
 		return e.ctime >= cutoff || e.mtime >= cutoff || underDir(moved, e.path)
 	})
+}
+
+// movedInWindow says whether directory p, whose ctime is in the window,
+// may have been moved there: recent holds the directories whose ctime is
+// in the window. A move sets the moved directory's ctime, and its new
+// parent's too (an entry of it changed), at the move; an entry made in
+// the moved directory afterwards sets its mtime with its ctime, so its
+// times alone do not tell it from a directory that only got an entry.
+// Its parent's do: a directory whose entries changed in the window, in a
+// parent whose entries did not, was not moved then (a file made in a
+// mail spool or a volume: its other files are not read again). The root
+// is never moved.
+func movedInWindow(p string, recent map[string]bool) bool {
+	return p != "." && recent[path.Dir(p)]
 }
 
 // underDir says whether a directory of dirs holds p, at any depth.
@@ -644,8 +662,9 @@ func markMoved(local *listing, d *dirtySet) []string {
 // moved on), and, after a clean stop, those the shadow no longer named
 // by their paths (Primary.flagMoved); and the directories whose
 // metadata changed while the primary held no shadow (blind marks: a term
-// before its first resync, after a start or a handover), whatever their
-// times say. It also returns the inodes, not
+// before its first resync, after a start or a handover) in a directory
+// whose entries changed too (movedInWindow), whatever their times say. It
+// also returns the inodes, not
 // made since, that only the shadow told as moved (the resync marks them:
 // Primary.noteMoved).
 func markBitmapCompared(local *listing, d *dirtySet, sh *shadow) (paths []string, shadowMoved []uint64) {
@@ -666,17 +685,24 @@ func markBitmapCompared(local *listing, d *dirtySet, sh *shadow) (paths []string
 	}
 	changed, moved := map[string]bool{}, map[string]bool{}
 	for i := range local.len() {
+		if e := local.at(i); e.mode.IsDir() && d.has(e.ino) {
+			changed[e.path] = true
+		}
+	}
+	for i := range local.len() {
 		e := local.at(i)
-		if !e.mode.IsDir() {
+		if !e.mode.IsDir() || e.path == "." {
 			continue
 		}
-		if d.has(e.ino) {
-			changed[e.path] = true
-			if (e.ctime != e.mtime || d.isBlind(e.ino)) && e.path != "." {
-				moved[e.path] = true
-			}
+		if d.has(e.ino) && e.ctime != e.mtime {
+			moved[e.path] = true
 		}
-		if e.path != "." && renamed(e) {
+		// Blind: as movedInWindow, a directory moved has its new
+		// parent's entries changed too.
+		if d.isBlind(e.ino) && changed[path.Dir(e.path)] {
+			moved[e.path] = true
+		}
+		if renamed(e) {
 			moved[e.path] = true
 		}
 	}

@@ -320,33 +320,62 @@ func TestMovedMarkOutlivesEarlierPassOfSameCount(t *testing.T) {
 	}
 }
 
-// A replica that crashed (not the source) is not asked to flag the trees
-// of the directories changed in its window: its applier made those
-// changes, the primary's bitmap marks them, and one file made in data/
-// would have it sum every file under data/. One that was the source is.
-func TestPeerWindowSumsMovedDirsOnlyWhenAsked(t *testing.T) {
+// The window's rule for moved directories (movedInWindow), on the
+// primary and in the manifest of a peer asked for it (MovedDirs): a
+// directory moved in the window has its parent's entries changed too, and
+// its files are compared; a directory that only got an entry, in a parent
+// that did not, is not, and neither are its other files (found by the
+// reviews: every file under data/ was read for one file made in it). A
+// replica that merely crashed is not asked at all.
+func TestWindowComparesMovedDirsNotChangedOnes(t *testing.T) {
 	top := t.TempDir()
 	old := time.Now().Add(-time.Hour)
-	for i := range 20 {
-		p := filepath.Join(top, "data", fmt.Sprintf("vol%d", i), "sub", "f")
-		writeRandom(t, p, 10)
-		os.Chtimes(p, old, old)
+	var files []string
+	for i := range 10 {
+		files = append(files, fmt.Sprintf("vol/sub%d/f", i))
+	}
+	files = append(files, "rot/b.1/f", "rot/b.2/f")
+	for _, f := range files {
+		p := filepath.Join(top, f)
+		writeRandom(t, p, 5000)
+		if err := os.Chtimes(p, old, old); err != nil {
+			t.Fatal(err)
+		}
 	}
 	cutoff := time.Now().UnixNano()
 	time.Sleep(50 * time.Millisecond)
-	if err := os.WriteFile(filepath.Join(top, "data", "new"), nil, 0o644); err != nil {
+	// One file made in vol (a mail spool, a volume), and a rotation in rot.
+	if err := os.WriteFile(filepath.Join(top, "vol", "new"), nil, 0o644); err != nil {
 		t.Fatal(err)
+	}
+	if err := os.RemoveAll(filepath.Join(top, "rot", "b.2")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(filepath.Join(top, "rot", "b.1"), filepath.Join(top, "rot", "b.2")); err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"rot/b.2/f", "vol/new"}
+	root, _ := scanSource(t, top)
+	local, _, err := scanListing(root, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := markRecent(local, cutoff)
+	slices.Sort(got)
+	if !slices.Equal(got, want) {
+		t.Errorf("the primary's window compares %v, want %v", got, want)
 	}
 	for _, movedDirs := range []bool{false, true} {
 		_, pe := peerManifest(t, top, wire.ManifestQuery{Cutoff: cutoff, MovedDirs: movedDirs})
-		summed := 0
+		var summed []string
 		for _, e := range pe {
 			if e.Flags&wire.EntrySummed != 0 {
-				summed++
+				summed = append(summed, e.Path)
 			}
 		}
-		if want := map[bool]int{false: 1, true: 21}[movedDirs]; summed != want {
-			t.Errorf("MovedDirs %v: the peer summed %d files, want %d", movedDirs, summed, want)
+		slices.Sort(summed)
+		if w := map[bool][]string{false: {"vol/new"}, true: want}[movedDirs]; !slices.Equal(summed, w) {
+			t.Errorf("MovedDirs %v: the peer summed %v, want %v", movedDirs, summed, w)
 		}
 	}
 }
@@ -563,4 +592,106 @@ func TestNewInodesNotMarkedMoved(t *testing.T) {
 			t.Errorf("%s, made since, is marked moved", []string{"new", "new/a", "new/b"}[i])
 		}
 	}
+}
+
+// A call covered by a pass of a lost session waits for the resync; one
+// that requeued a change (a file removed or renamed between its scan and
+// its read) leaves the cover as the passes set it, and the lost session's
+// cover let the call return on the resync's first durable batches, its
+// change in a later one (found by the third review).
+func TestBarrierOfLostSessionBlockedResync(t *testing.T) {
+	p := unconnectedPrimary(t)
+	p.mu.Lock()
+	p.connected = true
+	p.added, p.covered, p.coveredSeq, p.nextSeq = 5, 5, 10, 11
+	p.needFull = false
+	p.mu.Unlock()
+	done := make(chan error, 1)
+	go func() { done <- p.WaitShipped(context.Background(), nil, Release{}) }()
+	waitSyncReq(t, p, 10)
+	p.mu.Lock()
+	p.sessionLost()
+	p.rs.Active = true
+	p.nextSeq = 20
+	p.mu.Unlock()
+	queueBlockedResync(t, p, 5)
+	// The peer made the resync's first batches durable, not all of it.
+	p.mu.Lock()
+	p.acked, p.durable = 12, 12
+	p.mu.Unlock()
+	p.Wake()
+	select {
+	case err := <-done:
+		t.Fatalf("the call returned (%v) with the resync's batches 13..20 not durable", err)
+	case <-time.After(300 * time.Millisecond):
+	}
+}
+
+// A pass that gave a change up (handed to a resync) does not cover it: a
+// resync that requeued something left that cover in place, and a call
+// returned on the pass's batch (found by the third review; older than
+// this session).
+func TestBarrierOfGivenUpChangeWaitsForResync(t *testing.T) {
+	src := t.TempDir()
+	writeRandom(t, filepath.Join(src, "f"), 100)
+	p, err := NewPrimary(Dir{Name: "data", Path: src}, "127.0.0.1:1", testLink, 0, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	p.mu.Lock()
+	p.connected, p.needFull, p.nextSeq = true, false, 11
+	p.sh = newShadow(nil)
+	p.mu.Unlock()
+	p.Record(&capture.Record{Seq: 1, Ino: inoOf(t, filepath.Join(src, "f")), Kind: capture.KindData, Pos: 0, Len: 100}, time.Now())
+	done := make(chan error, 1)
+	go func() { done <- p.WaitShipped(context.Background(), nil, Release{}) }()
+	time.Sleep(50 * time.Millisecond)
+	// The pass that takes the change gives it up: as Primary.build ends
+	// such a pass (batches up to 10).
+	p.mu.Lock()
+	p.resyncGivenUp([]gaveUp{{key: capture.InodeKey{Ino: inoOf(t, filepath.Join(src, "f"))}, why: "test"}})
+	p.coverPass(p.added-1, nil, nil, 0, 0, true, time.Now())
+	p.acked, p.durable = 10, 10
+	p.rs.Active = true
+	p.mu.Unlock()
+	p.Wake()
+	queueBlockedResync(t, p, p.added)
+	p.Wake()
+	select {
+	case err := <-done:
+		t.Fatalf("the call returned (%v) before the resync that ships its given-up change was durable", err)
+	case <-time.After(300 * time.Millisecond):
+	}
+}
+
+// waitSyncReq waits until a call asked for batch seq to be made durable.
+func waitSyncReq(t *testing.T, p *Primary, seq uint64) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+		p.mu.Lock()
+		asked := p.syncReq == seq
+		p.mu.Unlock()
+		if asked {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no call asked for batch %d", seq)
+		}
+	}
+}
+
+// queueBlockedResync queues a resync of the changes counted up to mark
+// that requeued one change (blocked), as fullSync ends one.
+func queueBlockedResync(t *testing.T, p *Primary, mark uint64) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	bt := &batcher{p: p, ctx: ctx}
+	b := newBuilder(p.root, 0, newShadow(nil), nil, bt, slog.New(slog.DiscardHandler), nil)
+	b.blocked = 1
+	if err := bt.add(&wire.Op{Code: wire.OpMkdir, Path: "d", Mode: 0o755}); err != nil {
+		t.Fatal(err)
+	}
+	p.resyncQueued(b, bt, &treeSync{}, &tailFinder{}, resyncRun{start: time.Now(), mark: mark}, 1, 0)
 }

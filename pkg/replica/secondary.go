@@ -592,9 +592,9 @@ func (s *Server) sendManifest(c net.Conn, d Dir, seq uint64, q wire.ManifestQuer
 // for it: flagged recent since q's cutoff, with checksums where wanted.
 // With q.MovedDirs (this copy was the source: it may have rotated a
 // directory the primary never heard of), the regular files under a
-// directory whose ctime is at or after the cutoff are flagged too, as
-// markRecent does on the primary: the walk lists a directory before what
-// it holds. Without it (a replica that crashed), the directories its
+// directory that may have been moved in the window (movedInWindow) are
+// flagged too, as markRecent does on the primary: the walk lists a
+// directory before what it holds. Without it (a replica that crashed), the directories its
 // applier changed in the window are the primary's renames, which the
 // primary's bitmap marks, and flagging them would sum their trees.
 func walkManifest(root *os.File, q wire.ManifestQuery, fn func(*wire.Entry) error) (tooLong int, err error) {
@@ -602,13 +602,16 @@ func walkManifest(root *os.File, q wire.ManifestQuery, fn func(*wire.Entry) erro
 	for _, w := range q.Want {
 		want[w] = true
 	}
-	moved := map[string]bool{}
+	recent, moved := map[string]bool{}, map[string]bool{}
 	return fstree.Walk(root, q.All, func(e *wire.Entry) error {
 		if q.Cutoff != 0 && (e.Ctime >= q.Cutoff || e.Mtime >= q.Cutoff || e.Mode.IsRegular() && underDir(moved, e.Path)) {
 			e.Flags |= wire.EntryRecent
 		}
-		if q.Cutoff != 0 && q.MovedDirs && e.Mode.IsDir() && e.Path != "." && e.Ctime >= q.Cutoff {
-			moved[e.Path] = true
+		if q.Cutoff != 0 && q.MovedDirs && e.Mode.IsDir() && e.Ctime >= q.Cutoff {
+			recent[e.Path] = true
+			if movedInWindow(e.Path, recent) {
+				moved[e.Path] = true
+			}
 		}
 		if e.Mode.IsRegular() && e.Flags&wire.EntrySummed == 0 && (e.Flags&wire.EntryRecent != 0 || want[e.Path]) {
 			if err := fstree.SumEntry(root, e); err != nil {
