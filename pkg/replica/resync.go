@@ -292,24 +292,34 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	if p.resyncStep != nil {
 		p.resyncStep("scanned")
 	}
-	if pl.useDirty {
-		// The bitmap is read after the scan, with what changed while
-		// the tree was read: the scan may list a directory moved
-		// meanwhile under its new name, and the shadow this resync
-		// leaves is the scan's, so no pass after it ships the move. Its
-		// marks (blind without a shadow; a file's own times) tell it.
-		if kernel != nil {
-			if err := kernel.Drain(); err != nil {
-				return err
-			}
+	// The bitmap is read after the scan, with what changed while the
+	// tree was read: the scan may list a directory moved meanwhile under
+	// its new name, and the shadow this resync leaves is the scan's, so
+	// no pass after it ships the move. Its marks tell it: blind ones
+	// without a shadow, a file's own times, and in every mode the
+	// directories changed during the scan (markLateMoved). A window
+	// alone does not: the scan may have read the parent's times before
+	// the move.
+	if kernel != nil {
+		if err := kernel.Drain(); err != nil {
+			return err
 		}
-		p.mu.Lock()
-		dirty = p.dirty.clone()
-		p.mu.Unlock()
 	}
+	late := map[uint64]bool{}
+	p.mu.Lock()
+	for ino, f := range p.dirty.files {
+		if f.touch() > mark { // metadata (a directory has no chunks)
+			late[ino] = true
+		}
+	}
+	if pl.useDirty {
+		dirty = p.dirty.clone()
+	}
+	p.mu.Unlock()
 	recent := 0 // files changed here since cutoffS
 	if !pl.all {
 		paths := markRecent(local, pl.cutoffS)
+		paths = append(paths, markLateMoved(local, late)...)
 		if dirty != nil {
 			bp, moved := markBitmapCompared(local, dirty, lastShadow)
 			paths = append(paths, bp...)
@@ -574,6 +584,36 @@ func markRecent(local *listing, cutoff int64) []string {
 	return markCompared(local, func(e *lentry) bool {
 		return e.ctime >= cutoff || e.mtime >= cutoff || underDir(moved, e.path)
 	})
+}
+
+// markLateMoved flags EntryRecent the regular files under a directory
+// that may have been moved while the resync scanned the tree, and returns
+// their paths: late holds the inodes with marks recorded since the resync
+// began. As movedInWindow, by the parent: a directory with such marks in
+// a parent with such marks (a move changes the new parent's entries).
+// The scan may have read the parent's times before the move, and the
+// directory under its new name with the old one's files
+// (TestResyncRotationDuringWindowScan).
+func markLateMoved(local *listing, late map[uint64]bool) []string {
+	if len(late) == 0 {
+		return nil
+	}
+	changed := map[string]bool{}
+	for i := range local.len() {
+		if e := local.at(i); e.mode.IsDir() && late[e.ino] {
+			changed[e.path] = true
+		}
+	}
+	moved := map[string]bool{}
+	for p := range changed {
+		if p != "." && changed[path.Dir(p)] {
+			moved[p] = true
+		}
+	}
+	if len(moved) == 0 {
+		return nil
+	}
+	return markCompared(local, func(e *lentry) bool { return underDir(moved, e.path) })
 }
 
 // movedInWindow says whether directory p, whose ctime is in the window,

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/duet-ha/duet/pkg/capture"
+	"github.com/duet-ha/duet/pkg/fstree"
 	"github.com/duet-ha/duet/pkg/journal"
 	"github.com/duet-ha/duet/pkg/wire"
 )
@@ -694,4 +695,57 @@ func queueBlockedResync(t *testing.T, p *Primary, mark uint64) {
 		t.Fatal(err)
 	}
 	p.resyncQueued(b, bt, &treeSync{}, &tailFinder{}, resyncRun{start: time.Now(), mark: mark}, 1, 0)
+}
+
+// A rotation made while a window resync (recent: the source crashed)
+// reads the tree, after the scan stat'ed rot but before it read rot's
+// entries: the listing has rot with its old times and rot/b.2 with the
+// old b.1's files, and the window's parent rule does not see the move.
+// The marks recorded during the scan do (found by the fourth review).
+func TestResyncRotationDuringWindowScan(t *testing.T) {
+	src, dst, _ := recentPair(t, "rot/b.1/f", "rot/b.2/f")
+	same := time.Now().Add(-time.Hour)
+	for _, d := range []string{src, dst} {
+		for _, p := range []string{"rot/b.1/f", "rot/b.2/f", "rot/b.1", "rot/b.2", "rot"} {
+			if err := os.Chtimes(filepath.Join(d, p), same, same); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	cutoff := time.Now().UnixNano()
+	time.Sleep(50 * time.Millisecond)
+	root, _ := scanSource(t, src)
+	local := &listing{}
+	late := map[uint64]bool{}
+	if _, err := fstree.Walk(root, false, func(e *wire.Entry) error {
+		local.add(e)
+		if e.Path == "rot" { // stat'ed, its entries not read yet
+			if err := os.RemoveAll(filepath.Join(src, "rot/b.2")); err != nil {
+				return err
+			}
+			if err := os.Rename(filepath.Join(src, "rot/b.1"), filepath.Join(src, "rot/b.2")); err != nil {
+				return err
+			}
+			// What capture records of it.
+			late[inoOf(t, filepath.Join(src, "rot"))] = true
+			late[inoOf(t, filepath.Join(src, "rot/b.2"))] = true
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	want := append(markRecent(local, cutoff), markLateMoved(local, late)...)
+	if !slices.Contains(want, "rot/b.2/f") {
+		t.Errorf("the resync compares %v, not rot/b.2/f", want)
+	}
+	_, pe := peerManifest(t, dst, wire.ManifestQuery{Want: want})
+	peer := listingOf(pe)
+	if _, err := sumCompared(root, local, peer); err != nil {
+		t.Fatal(err)
+	}
+	b, _ := applyingBuilder(t, root, nil, dst)
+	if err := b.fullSync(local, peer, &treeSync{window: true, dirty: newDirtySet()}); err != nil {
+		t.Fatal(err)
+	}
+	sameTrees(t, src, dst)
 }
