@@ -703,10 +703,9 @@ func markMoved(local *listing, d *dirtySet) []string {
 // by their paths (Primary.flagMoved); and the directories whose
 // metadata changed while the primary held no shadow (blind marks: a term
 // before its first resync, after a start or a handover) in a directory
-// whose entries changed too (movedInWindow), whatever their times say. It
-// also returns the inodes, not
-// made since, that only the shadow told as moved (the resync marks them:
-// Primary.noteMoved).
+// whose entries changed too (movedInWindow), whatever their times say.
+// It also returns the inodes, not made since, that only the shadow told
+// as moved (the resync marks them: Primary.noteMoved).
 func markBitmapCompared(local *listing, d *dirtySet, sh *shadow) (paths []string, shadowMoved []uint64) {
 	paths = markMoved(local, d)
 	byShadow := map[uint64]bool{}
