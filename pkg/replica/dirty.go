@@ -279,10 +279,10 @@ func (d *dirtySet) attrOnly(ino uint64) bool {
 }
 
 // dirtyMagic heads a saved bitmap. DUETDIRTY2 added the born mark (flag
-// 8), DUETDIRTY3 the moved and blind marks (flags 16, 32): a build that knows only an
-// older one refuses it (and compares the files changed since the sync
-// point) rather than reading a born or moved file as an ordinary one;
-// the older files, without those marks, are still read.
+// 8), DUETDIRTY3 the moved and blind marks (flags 16, 32): a build that
+// knows only an older one refuses it (and compares the files changed
+// since the sync point) rather than reading a born or moved file as an
+// ordinary one; the older files, without those marks, are still read.
 const (
 	dirtyMagic   = "DUETDIRTY3"
 	dirtyMagicV2 = "DUETDIRTY2"
