@@ -152,11 +152,7 @@ func TestResyncAfterPeerAwayFindsRotatedDirectory(t *testing.T) {
 	if err := os.Remove(filepath.Join(r.top, "state", "replica-data.state")); err != nil {
 		t.Fatal(err)
 	}
-	seq := uint64(1 << 40)
-	record := func(kind capture.Kind, p string) {
-		seq++
-		r.p.Record(&capture.Record{Seq: seq, Ino: inoOf(t, p), Kind: kind}, time.Now())
-	}
+	record := recorder(t, r.p)
 	if err := os.RemoveAll(filepath.Join(src, "b.2")); err != nil {
 		t.Fatal(err)
 	}

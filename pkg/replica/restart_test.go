@@ -434,11 +434,7 @@ func TestResyncRotationDuringTheScan(t *testing.T) {
 		}
 	}
 	r, p := handedBack(t, src, top)
-	seq := uint64(0)
-	record := func(kind capture.Kind, path string) {
-		seq++
-		p.Record(&capture.Record{Seq: seq, Ino: inoOf(t, path), Kind: kind}, time.Now())
-	}
+	record := recorder(t, p)
 	k := &seqHookKernel{onSeq: func() {
 		os.RemoveAll(filepath.Join(src, "b.2"))
 		record(capture.KindAttr, src)
@@ -448,12 +444,7 @@ func TestResyncRotationDuringTheScan(t *testing.T) {
 	}}
 	runFirstResync(t, r, p, k)
 	// And what the passes after it shipped (the move's records).
-	for deadline := time.Now().Add(10 * time.Second); !p.Status().InSync; time.Sleep(time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("not in sync 10 s after the resync: %+v", p.Status())
-		}
-	}
-	sameTrees(t, src, filepath.Join(r.top, "data"))
+	syncedAgain(t, r, p)
 }
 
 // handedBack makes src the source of a pair under top, syncs it, hands the
@@ -539,11 +530,7 @@ func TestHandoverResyncReadsOnlyWhatChanged(t *testing.T) {
 		}
 	}
 	r, p := handedBack(t, src, top)
-	seq := uint64(0)
-	record := func(kind capture.Kind, path string) {
-		seq++
-		p.Record(&capture.Record{Seq: seq, Ino: inoOf(t, path), Kind: kind}, time.Now())
-	}
+	record := recorder(t, p)
 	k := &seqHookKernel{onSeq: func() {
 		os.WriteFile(filepath.Join(src, "db/new.ibd"), []byte("x"), 0o644)
 		record(capture.KindNew, filepath.Join(src, "db/new.ibd"))
@@ -553,10 +540,27 @@ func TestHandoverResyncReadsOnlyWhatChanged(t *testing.T) {
 	if rs.FilesCompared > 1 {
 		t.Errorf("the first resync after a handover compared %d files by checksums for one entry made in db during its scan, want at most 1", rs.FilesCompared)
 	}
+	syncedAgain(t, r, p)
+}
+
+// recorder returns a function that hands p a capture record of kind for
+// the inode at path, as the capture reader does, numbered in order.
+func recorder(t *testing.T, p *Primary) func(kind capture.Kind, path string) {
+	seq := uint64(1 << 40)
+	return func(kind capture.Kind, path string) {
+		seq++
+		p.Record(&capture.Record{Seq: seq, Ino: inoOf(t, path), Kind: kind}, time.Now())
+	}
+}
+
+// syncedAgain waits until p is in sync (what its passes shipped after the
+// resync is on the peer) and fails unless the peer's copy is the source.
+func syncedAgain(t *testing.T, r *restartPair, p *Primary) {
+	t.Helper()
 	for deadline := time.Now().Add(10 * time.Second); !p.Status().InSync; time.Sleep(time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatalf("not in sync 10 s after the resync: %+v", p.Status())
 		}
 	}
-	sameTrees(t, src, filepath.Join(r.top, "data"))
+	sameTrees(t, r.src, filepath.Join(r.top, "data"))
 }

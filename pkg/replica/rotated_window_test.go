@@ -425,11 +425,7 @@ func TestResyncBitmapRotationBeforeFirstResync(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer p.Close()
-	seq := uint64(0)
-	record := func(kind capture.Kind, path string) {
-		seq++
-		p.Record(&capture.Record{Seq: seq, Ino: inoOf(t, path), Kind: kind}, time.Now())
-	}
+	record := recorder(t, p)
 	must := func(err error) {
 		t.Helper()
 		if err != nil {
