@@ -299,10 +299,7 @@ func TestFailbackAfterPrimaryCrash(t *testing.T) {
 	if out, err := l.run("exec", "a", "ip", "link", "set", "eth0", "down"); err != nil {
 		t.Fatalf("link down: %v\n%s", err, out)
 	}
-	// The new files go in the root: every file of a directory whose
-	// entries changed in the window is compared (it may have been moved
-	// over another, docs/DESIGN.md §8), which would compare all of tree/.
-	os.WriteFile(filepath.Join(l.AData, "only-on-a"), []byte("written by nodeA while cut off\n"), 0o644)
+	os.WriteFile(filepath.Join(l.AData, "tree", "only-on-a"), []byte("written by nodeA while cut off\n"), 0o644)
 	f, err := os.OpenFile(filepath.Join(l.AData, "tree", "f007"), os.O_WRONLY, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -314,7 +311,7 @@ func TestFailbackAfterPrimaryCrash(t *testing.T) {
 	}
 	l.WaitState(t, "b", "ALONE", 30*time.Second)
 	// The new primary's own changes.
-	os.WriteFile(filepath.Join(l.BData, "only-on-b"), []byte("written by nodeB as primary\n"), 0o644)
+	os.WriteFile(filepath.Join(l.BData, "tree", "only-on-b"), []byte("written by nodeB as primary\n"), 0o644)
 	f, err = os.OpenFile(filepath.Join(l.BData, "tree", "f020"), os.O_WRONLY, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -331,7 +328,7 @@ func TestFailbackAfterPrimaryCrash(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("verify from nodeB: exit %d\n%s", code, out)
 	}
-	if _, err := os.Stat(filepath.Join(l.AData, "only-on-a")); err == nil {
+	if _, err := os.Stat(filepath.Join(l.AData, "tree", "only-on-a")); err == nil {
 		t.Fatal("nodeA's unreplicated file survived the resync")
 	}
 	l.logResync(t, "b")
@@ -347,7 +344,7 @@ func TestFailbackAfterPrimaryCrash(t *testing.T) {
 	}
 	report, _ := os.ReadFile(reports[0])
 	t.Logf("report %s:\n%s", filepath.Base(reports[0]), report)
-	for _, want := range []string{"only-on-a\tremoved", "tree/f007\t"} {
+	for _, want := range []string{"tree/only-on-a\tremoved", "tree/f007\t"} {
 		if !strings.Contains(string(report), want) {
 			t.Fatalf("report lacks %q", want)
 		}
