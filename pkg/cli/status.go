@@ -277,6 +277,9 @@ func printStatus(w io.Writer, st *node.Status, output string) error {
 		if d.PeerCannotApply != "" {
 			fmt.Fprintf(w, "  PEER CANNOT APPLY: %s (durability calls go on without it; retried with backoff)\n", d.PeerCannotApply)
 		}
+		if d.DivergedResyncs > 0 {
+			fmt.Fprintf(w, "  the peer's copy did not fit a batch %d times: each time every file was compared with it (see the log)\n", d.DivergedResyncs)
+		}
 		if d.DroppedChanges > 0 {
 			fmt.Fprintf(w, "  %d changes could not be shipped after retries: each started a resync of its file (see the log)\n", d.DroppedChanges)
 		}

@@ -232,6 +232,8 @@ var dirGauges = []struct {
 		v: func(d *replica.Status) float64 { return b2f(d.PeerCannotApply != "") }},
 	{desc: desc("duet_dropped_changes", "Changes that could not be shipped after retries; each started a resync, the peer out of sync until it ended.", "dir"),
 		v: func(d *replica.Status) float64 { return float64(d.DroppedChanges) }},
+	{desc: desc("duet_diverged_resyncs", "Full comparisons begun because the peer refused a batch its copy did not fit (a change made on the peer, or a bug).", "dir"),
+		v: func(d *replica.Status) float64 { return float64(d.DivergedResyncs) }},
 	{desc: desc("duet_dir_lag_seconds", "Age of the directory's oldest change not yet acknowledged by the peer.", "dir"),
 		v: func(d *replica.Status) float64 { return d.LagMs / 1000 }},
 	{desc: desc("duet_dir_max_lag_seconds", "The lag bound of an async directory (max_lag): past it, durability calls wait.", "dir"),

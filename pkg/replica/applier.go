@@ -189,6 +189,9 @@ func (a *Applier) openRegular(p string, flags int) (*os.File, error) {
 // again after a pause).
 var errReplaced = errors.New("replaced on this replica by a local change")
 
+// errAncestor refuses a rename over a directory that holds its source.
+var errAncestor = errors.New("refused: the target is a directory holding the source, which replacing it would remove (this replica differs from the primary)")
+
 // entryAt opens name in d as an O_PATH handle of the entry the name holds
 // now, never a symlink's target (the handle is the link itself) nor what
 // is mounted on it (EXDEV). Attributes set through the handle change that
@@ -490,13 +493,56 @@ func (a *Applier) linkOrRename(code wire.OpCode, d *os.File, base string, d2 *os
 	err := unix.Renameat(dfd, base, dfd2, base2)
 	if errors.Is(err, unix.ENOTEMPTY) || errors.Is(err, unix.EEXIST) || errors.Is(err, unix.EISDIR) || errors.Is(err, unix.ENOTDIR) {
 		// The replica had something else there: the primary's rename
-		// replaced it, so do the same.
+		// replaced it, so do the same. Not an ancestor of the source
+		// (Linux says ENOTEMPTY): no rename on the primary does that,
+		// and removing it would remove the source with it
+		// (TestApplyRenameOverAncestorRefused).
+		if dstErr == nil && dst.Mode&unix.S_IFMT == unix.S_IFDIR {
+			if above, err := a.within(d, dst); err != nil {
+				return err
+			} else if above {
+				return errAncestor
+			}
+		}
 		if err := a.removeAt(d2, base2); err != nil {
 			return err
 		}
 		err = unix.Renameat(dfd, base, dfd2, base2)
 	}
 	return err
+}
+
+// within says whether directory d is dir or lies beneath it, walking up
+// from d to the replica's root.
+func (a *Applier) within(d *os.File, dir unix.Stat_t) (bool, error) {
+	var root unix.Stat_t
+	if err := unix.Fstat(int(a.root.Fd()), &root); err != nil {
+		return false, err
+	}
+	fd, err := unix.Openat(int(d.Fd()), ".", unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return false, err
+	}
+	defer func() { unix.Close(fd) }()
+	for range 4096 {
+		var st unix.Stat_t
+		if err := unix.Fstat(fd, &st); err != nil {
+			return false, err
+		}
+		if st.Dev == dir.Dev && st.Ino == dir.Ino {
+			return true, nil
+		}
+		if st.Dev != root.Dev || st.Ino == root.Ino {
+			return false, nil
+		}
+		up, err := unix.Openat(fd, "..", unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return false, err
+		}
+		unix.Close(fd)
+		fd = up
+	}
+	return false, errors.New("directory nested too deep to tell its ancestors")
 }
 
 // setattr sets owner, mode and times of name in d, all through one handle

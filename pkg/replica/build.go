@@ -631,6 +631,28 @@ func (b *builder) entry(d *os.File, dirPath string, dirIno uint64, e fstree.Dire
 			return err
 		}
 	}
+	// The peer holds another inode under this name (deleted, or renamed
+	// to a name reconciled later): it is moved aside first, not replaced.
+	// A directory made over it would keep the old one's entries (mkdir
+	// on the peer keeps an existing directory); replaced, a tree renamed
+	// elsewhere would exist nowhere on the peer until it is shipped whole
+	// again, and a file renamed elsewhere would be sent again. The name
+	// may even be an ancestor of what is renamed to it on the peer (`mv
+	// d dX; mv dX/s/u d`): the rename would replace its own source
+	// (TestBuildDirectoryMovedOverItsOldAncestor). Moved aside, a later
+	// reconcile in this pass renames it from there; what nothing claims
+	// goes with this pass's removals.
+	if b.sh.has(dirIno) {
+		if old, held := b.sh.child(dirIno, e.Name); held && old != e.Ino {
+			aside := fmt.Sprintf(".duet-replaced-%d", old)
+			if err := b.out.add(&wire.Op{Code: wire.OpRename, Path: to, Path2: join(dirPath, aside)}); err != nil {
+				return err
+			}
+			b.sh.move(old, link{dirIno, e.Name}, dirIno, aside)
+			b.moved = append(b.moved, old)
+			b.removals = append(b.removals, link{dirIno, aside})
+		}
+	}
 	if kn, ok := b.sh.node(e.Ino); ok && b.sh.nameCount(e.Ino) > 0 {
 		from, isRename := b.movedFrom(kn, &st)
 		fromPath, ok := b.sh.linkPath(from)
@@ -648,25 +670,6 @@ func (b *builder) entry(d *os.File, dirPath string, dirIno uint64, e fstree.Dire
 			}
 			b.sh.add(e.Ino, kn.mode, dirIno, e.Name)
 			return nil
-		}
-	}
-	// A new inode where the peer holds another one (deleted, or renamed
-	// to a directory reconciled later): the peer's is moved aside first,
-	// not removed. A directory made over it would keep the old one's
-	// entries (mkdir on the peer keeps an existing directory); removed,
-	// a tree renamed elsewhere would exist nowhere on the peer until it
-	// is shipped whole again. Moved aside, a later reconcile in this pass
-	// renames it from there; what nothing claims goes with this pass's
-	// removals.
-	if b.sh.has(dirIno) {
-		if old, held := b.sh.child(dirIno, e.Name); held {
-			aside := fmt.Sprintf(".duet-replaced-%d", old)
-			if err := b.out.add(&wire.Op{Code: wire.OpRename, Path: to, Path2: join(dirPath, aside)}); err != nil {
-				return err
-			}
-			b.sh.move(old, link{dirIno, e.Name}, dirIno, aside)
-			b.moved = append(b.moved, old)
-			b.removals = append(b.removals, link{dirIno, aside})
 		}
 	}
 	if err := b.create(d, to, dirIno, e.Name, &st); err != nil {

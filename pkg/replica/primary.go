@@ -124,13 +124,16 @@ type Primary struct {
 	// lostSessions counts the connections that could not resume: the
 	// batches the peer had not made durable were dropped (sessionLost).
 	lostSessions int
-	fullSyncEnd  uint64 // last batch of the latest full sync
-	dataBytes    uint64
-	dropped      uint64 // changes tried too long and handed to a resync (see maxRetries)
-	refused      string // why the peer refused the last connection's batch, until one is acknowledged
-	wireBytes    uint64
-	changedBytes uint64
-	records      uint64
+	// divergedResyncs counts the full comparisons begun because the peer
+	// refused a batch its tree did not fit (wire.FlagDiverged).
+	divergedResyncs int
+	fullSyncEnd     uint64 // last batch of the latest full sync
+	dataBytes       uint64
+	dropped         uint64 // changes tried too long and handed to a resync (see maxRetries)
+	refused         string // why the peer refused the last connection's batch, until one is acknowledged
+	wireBytes       uint64
+	changedBytes    uint64
+	records         uint64
 	// added counts what was folded into the journal (records, rescans).
 	// covered is the count a finished build pass took in whole (nothing
 	// requeued), coveredSeq the last batch of that pass: once it is
@@ -336,7 +339,19 @@ func (p *Primary) Run(ctx context.Context, kernel Kernel) {
 		if refused != nil {
 			p.refused = refused.Reason
 		}
+		resync := refused != nil && refused.Diverged && !p.needFull
+		if resync {
+			// The peer's copy is not what the stream expects (a change
+			// made there, a bug): the batch would be refused for ever,
+			// and what else differs is unknown. Every file is compared
+			// (TestPeerThatDivergedIsResynced).
+			p.needFull, p.forceAll = true, true
+			p.divergedResyncs++
+		}
 		p.mu.Unlock()
+		if resync {
+			p.Log.Warn("the peer's copy differs from what the batch it refused expects: comparing every file with it", "peer", p.Peer, "batch", refused.Batch, "reason", refused.Reason)
+		}
 		// One line per new failure, then a reminder every 30s: retries
 		// every half second must not flood the log.
 		if err.Error() != lastMsg || time.Since(lastLog) > 30*time.Second {
@@ -480,7 +495,7 @@ func (p *Primary) readAcks(ctx context.Context, c net.Conn, manifest chan<- wire
 				return ctx.Err()
 			}
 		case wire.TypeError:
-			return &PeerRefusedError{Reason: string(f.Payload)}
+			return &PeerRefusedError{Reason: string(f.Payload), Batch: f.Seq, Diverged: f.Flags&wire.FlagDiverged != 0}
 		default:
 			return fmt.Errorf("unexpected %s from peer", f.Type)
 		}
@@ -491,7 +506,14 @@ func (p *Primary) readAcks(ctx context.Context, c net.Conn, manifest chan<- wire
 // could not apply a batch (its disk is full, a path it cannot create) or
 // does not take replication now. The batch stays here; the primary backs
 // off before it tries again.
-type PeerRefusedError struct{ Reason string }
+type PeerRefusedError struct {
+	Reason string
+	// Batch is the batch refused (0 if none, or from a peer before the
+	// field); Diverged says the peer's tree is not what it expects
+	// (wire.FlagDiverged): sent again, it would be refused again.
+	Batch    uint64
+	Diverged bool
+}
 
 func (e *PeerRefusedError) Error() string { return "peer cannot apply: " + e.Reason }
 
@@ -916,7 +938,11 @@ type Status struct {
 	DroppedChanges uint64 `json:"dropped_changes"`
 	// PeerCannotApply is why the peer refused the stream (its disk is
 	// full...), until it acknowledges a batch again.
-	PeerCannotApply string  `json:"peer_cannot_apply,omitempty"`
+	PeerCannotApply string `json:"peer_cannot_apply,omitempty"`
+	// DivergedResyncs counts the full comparisons begun because the peer
+	// refused a batch that did not fit its tree (a change made on the
+	// peer's copy, or a bug): each found and repaired what differed.
+	DivergedResyncs int     `json:"diverged_resyncs,omitempty"`
 	Barriers        uint64  `json:"barriers"`
 	BarrierAvgMs    float64 `json:"barrier_avg_ms"`
 	LastError       string  `json:"last_error,omitempty"`
@@ -942,7 +968,7 @@ func (p *Primary) Status() Status {
 		Sent: p.nextSeq - 1, Acked: p.acked, Unacked: len(p.queue), UnackedBytes: p.queueBytes,
 		PendingFiles: p.j.Pending(), Records: p.records, ChangedBytes: p.changedBytes,
 		DataBytes: p.dataBytes, WireBytes: p.wireBytes, FullSyncs: p.fullSyncs, LastError: p.lastErr,
-		DroppedChanges: p.dropped, PeerCannotApply: p.refused}
+		DroppedChanges: p.dropped, PeerCannotApply: p.refused, DivergedResyncs: p.divergedResyncs}
 	s.Barriers = p.barrierCount
 	if p.barrierCount > 0 {
 		s.BarrierAvgMs = float64(p.barrierNs) / float64(p.barrierCount) / 1e6

@@ -957,7 +957,7 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 			continue // already applied before a reconnect
 		}
 		if rf.decodeErr != nil {
-			s.refuse(lc, st, d, fmt.Errorf("batch %d: %w", f.Seq, rf.decodeErr))
+			s.refuseBatch(lc, st, d, f.Seq, fmt.Errorf("batch %d: %w", f.Seq, rf.decodeErr))
 			return
 		}
 		applyStart := time.Now()
@@ -993,7 +993,7 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 				return
 			}
 			if err := a.Apply(&ops[i]); err != nil {
-				s.refuse(lc, st, d, fmt.Errorf("batch %d op %d: %w", f.Seq, i, err))
+				s.refuseBatch(lc, st, d, f.Seq, fmt.Errorf("batch %d op %d: %w", f.Seq, i, err))
 				return
 			}
 			// After the batch's last op, the batch's own save follows.
@@ -1237,7 +1237,31 @@ func (s *Server) resyncDone(d Dir, ms *MetaStore, f wire.Frame, syncStart time.T
 // refuse reports an apply failure to the operator and the primary. Nothing
 // after the failed op is applied; the primary keeps the batch.
 func (s *Server) refuse(c io.Writer, st *ServerStats, d Dir, err error) {
+	s.refuseBatch(c, st, d, 0, err)
+}
+
+// refuseBatch is refuse for batch seq, flagged wire.FlagDiverged when the
+// error says this copy's tree is not what the batch expects.
+func (s *Server) refuseBatch(c io.Writer, st *ServerStats, d Dir, seq uint64, err error) {
 	st.LastError.Store(err.Error())
 	s.Log.Error("cannot apply replication batch", "dir", d.Name, "err", err)
-	wire.WriteFrame(c, &wire.Frame{Type: wire.TypeError, Payload: []byte(err.Error())})
+	var flags uint16
+	if seq != 0 && diverged(err) {
+		flags = wire.FlagDiverged
+	}
+	wire.WriteFrame(c, &wire.Frame{Type: wire.TypeError, Flags: flags, Seq: seq, Payload: []byte(err.Error())})
+}
+
+// diverged says whether an apply error tells that the replica's tree
+// differs from the primary's (a name missing or held by another kind of
+// node, a batch that does not decode), which sending the batch again
+// would not change; not a lack of space, a read-only or failing disk or
+// a permission, which may pass.
+func diverged(err error) bool {
+	for _, e := range []error{unix.ENOENT, unix.ENOTDIR, unix.EISDIR, unix.EEXIST, unix.ENOTEMPTY, unix.EINVAL, unix.ELOOP, errReplaced, errAncestor, wire.ErrBadOp} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
 }

@@ -84,6 +84,12 @@ const (
 	// FlagSealedOK on a welcome: the server accepts sealed frames
 	// (Welcome.Sealed); servers before it leave it unset.
 	FlagSealedOK uint16 = 1 << 4
+	// FlagDiverged on an error frame: the replica could not apply a
+	// batch because its tree is not what the batch expects (a name
+	// missing, or held by something else), not for want of space or
+	// a failing disk. The same batch would fail again: the primary
+	// compares the trees instead. Seq is the batch.
+	FlagDiverged uint16 = 1 << 5
 )
 
 // Frame is one protocol message.
