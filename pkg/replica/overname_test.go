@@ -126,3 +126,29 @@ func TestPeerThatDivergedIsResynced(t *testing.T) {
 	}
 	sameTrees(t, src, filepath.Join(r.top, "data"))
 }
+
+// A backup rotation (`rm -r d; mv d.next d`) in the pass that also moved
+// a directory out of the old d (`mv d/sub e/sub2` first): renamed over d
+// as it was, the peer's d went with sub in it: until sub2 was shipped
+// whole again, later in the pass, the peer held f nowhere (a takeover
+// then would lose it, fsynced long before).
+func TestBuildRotationAfterChildMovedOut(t *testing.T) {
+	src, dst, b, sink := syncedPair(t, "w/d/sub/f", "w/d/g", "w/d.next/g", "w/e/h")
+	if err := os.Rename(filepath.Join(src, "w/d/sub"), filepath.Join(src, "w/e/sub2")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.RemoveAll(filepath.Join(src, "w/d")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(filepath.Join(src, "w/d.next"), filepath.Join(src, "w/d")); err != nil {
+		t.Fatal(err)
+	}
+	files := []journal.File{changed(t, filepath.Join(src, "w")), changed(t, filepath.Join(src, "w/e"))}
+	if _, err := b.build(files); err != nil {
+		t.Fatal(err)
+	}
+	sameTrees(t, src, dst)
+	if sink.bytes != 0 {
+		t.Errorf("shipped %d bytes, want 0 (renames and a removal): %+v", sink.bytes, sink.ops)
+	}
+}
