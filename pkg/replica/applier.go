@@ -484,6 +484,9 @@ func (a *Applier) linkOrRename(code wire.OpCode, d *os.File, base string, d2 *os
 	}
 	if code == wire.OpLink {
 		if dstErr == nil {
+			if err := a.notAbove(d, &dst); err != nil {
+				return err
+			}
 			if err := a.removeAt(d2, base2); err != nil {
 				return err
 			}
@@ -493,15 +496,10 @@ func (a *Applier) linkOrRename(code wire.OpCode, d *os.File, base string, d2 *os
 	err := unix.Renameat(dfd, base, dfd2, base2)
 	if errors.Is(err, unix.ENOTEMPTY) || errors.Is(err, unix.EEXIST) || errors.Is(err, unix.EISDIR) || errors.Is(err, unix.ENOTDIR) {
 		// The replica had something else there: the primary's rename
-		// replaced it, so do the same. Not an ancestor of the source
-		// (Linux says ENOTEMPTY): no rename on the primary does that,
-		// and removing it would remove the source with it
-		// (TestApplyRenameOverAncestorRefused).
-		if dstErr == nil && dst.Mode&unix.S_IFMT == unix.S_IFDIR {
-			if above, err := a.within(d, dst); err != nil {
+		// replaced it, so do the same.
+		if dstErr == nil {
+			if err := a.notAbove(d, &dst); err != nil {
 				return err
-			} else if above {
-				return errAncestor
 			}
 		}
 		if err := a.removeAt(d2, base2); err != nil {
@@ -512,9 +510,27 @@ func (a *Applier) linkOrRename(code wire.OpCode, d *os.File, base string, d2 *os
 	return err
 }
 
+// notAbove refuses to replace dst, what a link or rename's target holds,
+// if it is a directory holding the source (in d): no rename or link on
+// the primary does that (Linux answers ENOTEMPTY), and removing it would
+// remove the source with it (TestApplyRenameOverAncestorRefused).
+func (a *Applier) notAbove(d *os.File, dst *unix.Stat_t) error {
+	if dst.Mode&unix.S_IFMT != unix.S_IFDIR {
+		return nil
+	}
+	above, err := a.within(d, dst)
+	if err != nil {
+		return err
+	}
+	if above {
+		return errAncestor
+	}
+	return nil
+}
+
 // within says whether directory d is dir or lies beneath it, walking up
 // from d to the replica's root.
-func (a *Applier) within(d *os.File, dir unix.Stat_t) (bool, error) {
+func (a *Applier) within(d *os.File, dir *unix.Stat_t) (bool, error) {
 	var root unix.Stat_t
 	if err := unix.Fstat(int(a.root.Fd()), &root); err != nil {
 		return false, err

@@ -77,11 +77,16 @@ func TestApplyRenameOverAncestorRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer a.Close()
-	err = a.Apply(&wire.Op{Code: wire.OpRename, Path: "d/s/u", Path2: "d"})
-	if err == nil {
-		t.Fatal("a rename of d/s/u over d was applied")
+	for _, op := range []wire.Op{
+		{Code: wire.OpRename, Path: "d/s/u", Path2: "d"},
+		{Code: wire.OpLink, Path: "d/s/u/f", Path2: "d"},
+	} {
+		err := a.Apply(&op)
+		if err == nil {
+			t.Fatalf("%s of %s over %s was applied", op.Code, op.Path, op.Path2)
+		}
+		t.Logf("refused: %v", err)
 	}
-	t.Logf("refused: %v", err)
 	for _, p := range []string{"d/s/u/f", "d/g"} {
 		if _, err := os.Stat(filepath.Join(dst, p)); err != nil {
 			t.Errorf("%s: %v", p, err)

@@ -138,19 +138,9 @@ var ops = []op{
 	{"chown", 2, (*Workload).chown},
 	{"utimes", 2, (*Workload).utimes},
 	{"sparse", 3, (*Workload).sparse},
-}
-
-// rotateOp is rotate-dir, left out unless DUET_WORKLOAD_ROTATE is set: in
-// CI on btrfs (2026-12-05, seed 1, the secondary killed mid-run) it left
-// the peer unable to apply a batch for good ("batch 79 op 1: rename
-// d37/d22/d31/d21/d11: no such file or directory", retried with backoff,
-// never resynced): a bug it exposes, not fixed yet (docs/DESIGN.md §8).
-var rotateOp = op{"rotate-dir", 1, (*Workload).rotateDir}
-
-func init() {
-	if os.Getenv("DUET_WORKLOAD_ROTATE") != "" {
-		ops = append(ops, rotateOp)
-	}
+	// Found a rename over its source's ancestor (docs/DESIGN.md §8,
+	// twenty-fifth session) with rename-dir.
+	{"rotate-dir", 1, (*Workload).rotateDir},
 }
 
 func (w *Workload) step() {
