@@ -502,3 +502,33 @@ func TestResyncAfterRotation(t *testing.T) {
 	rotate()
 	startBoth()
 }
+
+// TestDivergedReplicaIsRepaired: a directory removed from the replica's
+// copy behind duet's back (by hand, or by a bug: the applier once removed
+// a tree that a rename's target held, docs/DESIGN.md §8), then a file in
+// it renamed on the primary. The replica cannot apply the rename, and
+// refused it at every retry: the pair never got in sync again. It now
+// says its tree does not fit the batch, and the primary compares every
+// file with it and ships what it lost.
+func TestDivergedReplicaIsRepaired(t *testing.T) {
+	l := Up(t, duetBinary(t))
+	rng := rand.New(rand.NewSource(8))
+	for i := range 3 {
+		fillFile(t, filepath.Join(l.AData, "keep", "sub", fmt.Sprintf("f%d", i)), 40000+i, rng)
+	}
+	fillFile(t, filepath.Join(l.AData, "keep", "g"), 5000, rng)
+	l.Start(t, "b")
+	l.Start(t, "a")
+	l.WaitState(t, "b", "SECOND", 30*time.Second)
+	l.WaitSync(t, 2*time.Minute)
+	must(t, os.RemoveAll(filepath.Join(l.BData, "keep")))
+	must(t, os.Rename(filepath.Join(l.AData, "keep", "sub", "f0"), filepath.Join(l.AData, "keep", "sub", "f0.old")))
+	l.WaitSync(t, time.Minute)
+	l.Verify(t)
+	d := l.Status(t, "a").Dirs[0]
+	if d.DivergedResyncs == 0 {
+		t.Fatalf("in sync without a comparison begun by the replica's refusal: the test no longer builds the case (%+v)", d)
+	}
+	t.Logf("comparisons begun by a refusal: %d; last resync: %s, %d files compared, %d sent",
+		d.DivergedResyncs, d.Resync.Mode, d.Resync.FilesCompared, d.Resync.FilesSent)
+}
