@@ -11,6 +11,7 @@ import (
 	"github.com/duet-ha/duet/pkg/capture"
 	"github.com/duet-ha/duet/pkg/journal"
 	"github.com/duet-ha/duet/pkg/wire"
+	"golang.org/x/sys/unix"
 )
 
 // `mv d dX; mv dX/s/t/u d` in one pass: the directory renamed over d's
@@ -155,5 +156,33 @@ func TestBuildRotationAfterChildMovedOut(t *testing.T) {
 	sameTrees(t, src, dst)
 	if sink.bytes != 0 {
 		t.Errorf("shipped %d bytes, want 0 (renames and a removal): %+v", sink.bytes, sink.ops)
+	}
+}
+
+// renameat2(RENAME_EXCHANGE) of two files and of two directories (`mv
+// --exchange`, an atomic swap of a tree): each name takes the other's
+// inode. The peer's holder of the first name is moved aside before the
+// other inode takes it; renamed over it as before, the peer lost one of
+// the two and was left with the other under both names' history.
+func TestBuildExchange(t *testing.T) {
+	for _, dirs := range []bool{false, true} {
+		t.Run(map[bool]string{false: "files", true: "directories"}[dirs], func(t *testing.T) {
+			a, b := "a", "b"
+			files := []string{"a", "b"}
+			if dirs {
+				files = []string{"a/f", "a/g", "b/f"}
+			}
+			src, dst, bd, sink := syncedPair(t, files...)
+			if err := unix.Renameat2(unix.AT_FDCWD, filepath.Join(src, a), unix.AT_FDCWD, filepath.Join(src, b), unix.RENAME_EXCHANGE); err != nil {
+				t.Skipf("RENAME_EXCHANGE: %v", err)
+			}
+			if _, err := bd.build([]journal.File{changed(t, src)}); err != nil {
+				t.Fatal(err)
+			}
+			sameTrees(t, src, dst)
+			if sink.bytes != 0 {
+				t.Errorf("shipped %d bytes, want 0 (renames): %+v", sink.bytes, sink.ops)
+			}
+		})
 	}
 }

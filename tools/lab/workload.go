@@ -141,6 +141,7 @@ var ops = []op{
 	// Found a rename over its source's ancestor (docs/DESIGN.md §8,
 	// twenty-fifth session) with rename-dir.
 	{"rotate-dir", 1, (*Workload).rotateDir},
+	{"exchange", 1, (*Workload).exchange},
 }
 
 func (w *Workload) step() {
@@ -313,6 +314,29 @@ func (w *Workload) renameOver() {
 	}
 	w.logf("rename %q over %q", a, b)
 	os.Rename(a, b)
+}
+
+// exchange swaps two files, or two directories, with
+// renameat2(RENAME_EXCHANGE) (`mv --exchange`): each name takes the
+// other's inode at once.
+func (w *Workload) exchange() {
+	a, ok1 := w.file()
+	b, ok2 := w.file()
+	if w.rng.Intn(2) == 0 && len(w.dirs) > 1 {
+		a, b = w.dirs[w.rng.Intn(len(w.dirs))], w.dirs[w.rng.Intn(len(w.dirs))]
+		ok1, ok2 = true, true
+		// Not a directory with one inside the other: EINVAL.
+		if strings.HasPrefix(a+"/", b+"/") || strings.HasPrefix(b+"/", a+"/") {
+			return
+		}
+	}
+	if !ok1 || !ok2 || a == b {
+		return
+	}
+	w.logf("exchange %q and %q", a, b)
+	if unix.Renameat2(unix.AT_FDCWD, a, unix.AT_FDCWD, b, unix.RENAME_EXCHANGE) == nil {
+		w.refresh()
+	}
 }
 
 func (w *Workload) unlink() {
