@@ -142,6 +142,7 @@ var ops = []op{
 	// twenty-fifth session) with rename-dir.
 	{"rotate-dir", 1, (*Workload).rotateDir},
 	{"exchange", 1, (*Workload).exchange},
+	{"rename-up", 1, (*Workload).renameUp},
 }
 
 func (w *Workload) step() {
@@ -336,6 +337,33 @@ func (w *Workload) exchange() {
 	w.logf("exchange %q and %q", a, b)
 	if unix.Renameat2(unix.AT_FDCWD, a, unix.AT_FDCWD, b, unix.RENAME_EXCHANGE) == nil {
 		w.refresh()
+	}
+}
+
+// renameUp moves a directory's subdirectory up into its place (`mv d
+// d.up; mv d.up/s d`): the name it takes held, on the peer, a directory
+// with the moved one inside (the rename over its source's ancestor of
+// docs/DESIGN.md §8).
+func (w *Workload) renameUp() {
+	if len(w.dirs) == 0 {
+		return
+	}
+	d := w.dirs[w.rng.Intn(len(w.dirs))]
+	ents, err := os.ReadDir(d)
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		if !e.IsDir() {
+			continue
+		}
+		up := d + ".up"
+		w.logf("rename %q up over %q", filepath.Join(d, e.Name()), d)
+		if os.Rename(d, up) == nil {
+			os.Rename(filepath.Join(up, e.Name()), d)
+		}
+		w.refresh()
+		return
 	}
 }
 
