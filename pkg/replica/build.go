@@ -77,6 +77,10 @@ type builder struct {
 	blocked   int
 	beyondEOF int
 	removals  []link
+	// asides are the names this pass kept inodes under (entry);
+	// pendingAsides those of earlier passes, removed at this one's end
+	// unless claimed (removeAsides).
+	asides, pendingAsides []asideLink
 	// moved are the inodes this pass renamed, moved aside or made on the
 	// peer (the shadow moved on with them): until the peer has the
 	// batches durably, it may hold others under their paths (see
@@ -178,6 +182,8 @@ func (b *builder) build(files []journal.File) ([]journal.File, error) {
 	b.requeue = nil
 	b.blocked, b.beyondEOF = 0, 0
 	b.removals = nil
+	// A builder used for more than one pass (tests) carries its asides on.
+	b.pendingAsides, b.asides = append(b.pendingAsides, b.asides...), nil
 	b.gaveUp = nil
 	b.sent = map[uint64]uint64{}
 	b.now = time.Now()
@@ -321,6 +327,9 @@ func (b *builder) build(files []journal.File) ([]journal.File, error) {
 		}
 	}
 	if err := b.remove(); err != nil {
+		return nil, err
+	}
+	if err := b.removeAsides(); err != nil {
 		return nil, err
 	}
 	for _, f := range dirs {
@@ -632,25 +641,47 @@ func (b *builder) entry(d *os.File, dirPath string, dirIno uint64, e fstree.Dire
 		}
 	}
 	// The peer holds another inode under this name (deleted, or renamed
-	// to a name reconciled later): it is moved aside first, not replaced.
+	// to a name reconciled later): it is kept aside first, not replaced.
 	// A directory made over it would keep the old one's entries (mkdir
 	// on the peer keeps an existing directory); replaced, a tree renamed
 	// elsewhere would exist nowhere on the peer until it is shipped whole
 	// again, and a file renamed elsewhere would be sent again. The name
 	// may even be an ancestor of what is renamed to it on the peer (`mv
 	// d dX; mv dX/s/u d`): the rename would replace its own source
-	// (TestBuildDirectoryMovedOverItsOldAncestor). Moved aside, a later
-	// reconcile in this pass renames it from there; what nothing claims
-	// goes with this pass's removals.
+	// (TestBuildDirectoryMovedOverItsOldAncestor). A later reconcile
+	// renames it from there; what nothing claims is removed at the end
+	// of the next pass (removeAsides).
+	//
+	// A file (any non-directory) gets a second name, a hard link, and
+	// keeps this one until the new inode takes it with a rename, which
+	// replaces it at once, as rename(2) did on this node: a peer that
+	// takes over after any batch of the pass holds the old file or the
+	// new one under the name, never neither (`mv conf.tmp conf`,
+	// TestBuildAtomicReplaceStaysAtomic). A directory is renamed aside:
+	// this node's rename replaced only an empty one, or the name was
+	// free for a while.
+	keeps := false // the old file keeps the name until a rename replaces it
 	if b.sh.has(dirIno) {
 		if old, held := b.sh.child(dirIno, e.Name); held && old != e.Ino {
-			aside := fmt.Sprintf(".duet-replaced-%d", old)
-			if err := b.out.add(&wire.Op{Code: wire.OpRename, Path: to, Path2: join(dirPath, aside)}); err != nil {
+			on, _ := b.sh.node(old)
+			aside, err := b.freeName(d, dirIno, ".duet-replaced-", old)
+			if err != nil {
 				return err
 			}
-			b.sh.move(old, link{dirIno, e.Name}, dirIno, aside)
+			if on.mode.IsDir() {
+				if err := b.out.add(&wire.Op{Code: wire.OpRename, Path: to, Path2: join(dirPath, aside)}); err != nil {
+					return err
+				}
+				b.sh.move(old, link{dirIno, e.Name}, dirIno, aside)
+			} else {
+				if err := b.out.add(&wire.Op{Code: wire.OpLink, Path: to, Path2: join(dirPath, aside)}); err != nil {
+					return err
+				}
+				b.sh.add(old, on.mode, dirIno, aside)
+				keeps = true
+			}
 			b.moved = append(b.moved, old)
-			b.removals = append(b.removals, link{dirIno, aside})
+			b.asides = append(b.asides, asideLink{link{dirIno, aside}, old})
 		}
 	}
 	if kn, ok := b.sh.node(e.Ino); ok && b.sh.nameCount(e.Ino) > 0 {
@@ -672,7 +703,24 @@ func (b *builder) entry(d *os.File, dirPath string, dirIno uint64, e fstree.Dire
 			return nil
 		}
 	}
-	if err := b.create(d, to, dirIno, e.Name, &st); err != nil {
+	if keeps && fstree.ModeOf(st.Mode)&fs.ModeDir == 0 {
+		// Made under a name of its own and renamed over the old file
+		// once whole: the old one's bytes stay under the name until
+		// then.
+		tmp, err := b.freeName(d, dirIno, ".duet-new-", e.Ino)
+		if err != nil {
+			return err
+		}
+		if err := b.create(d, join(dirPath, tmp), dirIno, e.Name, tmp, &st); err != nil {
+			return err
+		}
+		if cur, ok := b.sh.child(dirIno, tmp); ok && cur == e.Ino {
+			if err := b.out.add(&wire.Op{Code: wire.OpRename, Path: join(dirPath, tmp), Path2: to}); err != nil {
+				return err
+			}
+			b.sh.move(e.Ino, link{dirIno, tmp}, dirIno, e.Name)
+		}
+	} else if err := b.create(d, to, dirIno, e.Name, e.Name, &st); err != nil {
 		return err
 	}
 	// A new inode, or one moved in from outside the tree (a directory
@@ -734,8 +782,71 @@ func (b *builder) movedFrom(kn snode, st *unix.Stat_t) (link, bool) {
 	return names[0], true
 }
 
-// create ships a node the peer does not have, with its content or subtree.
-func (b *builder) create(d *os.File, to string, dirIno uint64, name string, st *unix.Stat_t) error {
+// freeName returns a name for ino in directory dirIno, prefix and its
+// number, that neither the shadow gives another inode nor this node's
+// directory (d) holds: an entry of the user's named so would be replaced
+// on the peer (TestBuildAsideNameTaken).
+func (b *builder) freeName(d *os.File, dirIno uint64, prefix string, ino uint64) (string, error) {
+	for k := range 100 {
+		name := fmt.Sprintf("%s%d", prefix, ino)
+		if k > 0 {
+			name = fmt.Sprintf("%s%d.%d", prefix, ino, k)
+		}
+		if cur, held := b.sh.child(dirIno, name); held && cur != ino {
+			continue
+		}
+		var st unix.Stat_t
+		if err := unix.Fstatat(int(d.Fd()), name, &st, unix.AT_SYMLINK_NOFOLLOW); !errors.Is(err, unix.ENOENT) {
+			continue
+		}
+		return name, nil
+	}
+	return "", fmt.Errorf("no free name %s%d.* in the directory of inode %d", prefix, ino, dirIno)
+}
+
+// asideLink is a name an inode was kept under on the peer (entry), to be
+// removed unless a later reconcile renames it from there.
+type asideLink struct {
+	link
+	ino uint64
+}
+
+// removeAsides removes from the peer the names of earlier passes' asides
+// that nothing claimed: the inode was removed on this node. Not this
+// pass's: a directory moved away from the name after this pass took its
+// records, and another moved in before it read the directory (`mv a/d
+// b/dX; mv c/x a/d`), is found in b by the next pass, whose records
+// include b's; removed now, the peer would hold d's files nowhere until
+// that pass shipped them whole again (TestBuildUnclaimedAsideKept).
+func (b *builder) removeAsides() error {
+	for _, a := range b.pendingAsides {
+		if !b.sh.has(a.parent) {
+			continue
+		}
+		if cur, ok := b.sh.child(a.parent, a.name); !ok || cur != a.ino {
+			continue
+		}
+		lp, ok := b.sh.linkPath(a.link)
+		if !ok {
+			continue
+		}
+		if err := b.out.add(&wire.Op{Code: wire.OpRemove, Path: lp}); err != nil {
+			return err
+		}
+		b.sh.unlink(a.parent, a.name)
+	}
+	b.pendingAsides = nil
+	return nil
+}
+
+// leftAsides are the asides a later pass must remove unless claimed.
+func (b *builder) leftAsides() []asideLink {
+	return append(b.pendingAsides, b.asides...)
+}
+
+// create ships a node the peer does not have, with its content or subtree,
+// as to (the shadow names it shName in dirIno); name is its name in d.
+func (b *builder) create(d *os.File, to string, dirIno uint64, name, shName string, st *unix.Stat_t) error {
 	b.shipped.forget(st.Ino) // a number reused: what was shipped was another file's
 	mode := fstree.ModeOf(st.Mode)
 	perm := fstree.UnixPerm(mode)
@@ -744,7 +855,7 @@ func (b *builder) create(d *os.File, to string, dirIno uint64, name string, st *
 		if err := b.out.add(&wire.Op{Code: wire.OpMkdir, Path: to, Mode: perm}); err != nil {
 			return err
 		}
-		b.sh.add(st.Ino, mode, dirIno, name)
+		b.sh.add(st.Ino, mode, dirIno, shName)
 		// Reconcile the new directory against an empty shadow: everything
 		// in it is new, or moved in from elsewhere. Not found where the
 		// shadow says (an ancestor renamed since the pass began), it is
@@ -783,7 +894,7 @@ func (b *builder) create(d *os.File, to string, dirIno uint64, name string, st *
 		if err := b.out.add(&wire.Op{Code: wire.OpCreate, Path: to, Mode: perm}); err != nil {
 			return err
 		}
-		b.sh.add(st.Ino, mode, dirIno, name)
+		b.sh.add(st.Ino, mode, dirIno, shName)
 		if err := b.sendWhole(to, f, b.mapped[st.Ino]); err != nil {
 			return err
 		}
@@ -797,12 +908,12 @@ func (b *builder) create(d *os.File, to string, dirIno uint64, name string, st *
 		if err := b.out.add(&wire.Op{Code: wire.OpSymlink, Path: to, Path2: string(buf[:n])}); err != nil {
 			return err
 		}
-		b.sh.add(st.Ino, mode, dirIno, name)
+		b.sh.add(st.Ino, mode, dirIno, shName)
 	case mode&(fs.ModeNamedPipe|fs.ModeSocket) != 0:
 		if err := b.out.add(&wire.Op{Code: wire.OpMknod, Path: to, Mode: st.Mode}); err != nil {
 			return err
 		}
-		b.sh.add(st.Ino, mode, dirIno, name)
+		b.sh.add(st.Ino, mode, dirIno, shName)
 	default:
 		b.log.Warn("not replicating device node", "path", to)
 		return nil

@@ -34,6 +34,11 @@ const (
 	// refuses to apply (disk full, a path it cannot create): a peer that
 	// cannot apply is backed off, not hammered.
 	refusedBackoff = 30 * time.Second
+	// divergedEvery spaces the comparisons begun by refusals that say
+	// the peer's copy does not fit, while none of them could end: a
+	// comparison of a big tree is dear, and one whose own batches are
+	// refused will not mend the copy.
+	divergedEvery = 5 * time.Minute
 )
 
 // Bounds of the memory the pipeline holds, variables for the tests that
@@ -124,16 +129,25 @@ type Primary struct {
 	// lostSessions counts the connections that could not resume: the
 	// batches the peer had not made durable were dropped (sessionLost).
 	lostSessions int
+	// asides are the names the last pass kept inodes under on the peer:
+	// the next pass removes those it does not claim (removeAsides). A
+	// resync, which replaces the shadow, forgets them (the peer's are
+	// entries only it has then, which the resync removes).
+	asides []asideLink
 	// divergedResyncs counts the full comparisons begun because the peer
 	// refused a batch its tree did not fit (wire.FlagDiverged).
 	divergedResyncs int
-	fullSyncEnd     uint64 // last batch of the latest full sync
-	dataBytes       uint64
-	dropped         uint64 // changes tried too long and handed to a resync (see maxRetries)
-	refused         string // why the peer refused the last connection's batch, until one is acknowledged
-	wireBytes       uint64
-	changedBytes    uint64
-	records         uint64
+	// divergedFullSyncs and divergedAt are fullSyncs and the time when
+	// the last of them began.
+	divergedFullSyncs int
+	divergedAt        time.Time
+	fullSyncEnd       uint64 // last batch of the latest full sync
+	dataBytes         uint64
+	dropped           uint64 // changes tried too long and handed to a resync (see maxRetries)
+	refused           string // why the peer refused the last connection's batch, until one is acknowledged
+	wireBytes         uint64
+	changedBytes      uint64
+	records           uint64
 	// added counts what was folded into the journal (records, rescans).
 	// covered is the count a finished build pass took in whole (nothing
 	// requeued), coveredSeq the last batch of that pass: once it is
@@ -204,6 +218,7 @@ func (p *Primary) sessionLost() {
 	p.needFull = true
 	p.queue, p.queueBytes = nil, 0
 	p.doneReq = nil
+	p.asides = nil
 	p.lostSessions++
 }
 
@@ -339,15 +354,7 @@ func (p *Primary) Run(ctx context.Context, kernel Kernel) {
 		if refused != nil {
 			p.refused = refused.Reason
 		}
-		resync := refused != nil && refused.Diverged && !p.needFull
-		if resync {
-			// The peer's copy is not what the stream expects (a change
-			// made there, a bug): the batch would be refused for ever,
-			// and what else differs is unknown. Every file is compared
-			// (TestPeerThatDivergedIsResynced).
-			p.needFull, p.forceAll = true, true
-			p.divergedResyncs++
-		}
+		resync := p.compareAllAfter(refused, time.Now())
 		p.mu.Unlock()
 		if resync {
 			p.Log.Warn("the peer's copy differs from what the batch it refused expects: comparing every file with it", "peer", p.Peer, "batch", refused.Batch, "reason", refused.Reason)
@@ -500,6 +507,27 @@ func (p *Primary) readAcks(ctx context.Context, c net.Conn, manifest chan<- wire
 			return fmt.Errorf("unexpected %s from peer", f.Type)
 		}
 	}
+}
+
+// compareAllAfter asks for a comparison of every file after the peer
+// refused a batch (refused, nil if it did not) because its copy is not
+// what the stream expects (a change made there, a bug): the batch would
+// be refused for ever, and what else differs is unknown
+// (TestPeerThatDivergedIsResynced). Once a comparison begun so has
+// ended, a later refusal begins another at once; while none has (its own
+// batches refused), one every divergedEvery. It says whether it asked.
+// Called with p.mu held.
+func (p *Primary) compareAllAfter(refused *PeerRefusedError, now time.Time) bool {
+	if refused == nil || !refused.Diverged || p.needFull && p.forceAll {
+		return false
+	}
+	if p.divergedResyncs > 0 && p.fullSyncs <= p.divergedFullSyncs && now.Sub(p.divergedAt) < divergedEvery {
+		return false
+	}
+	p.needFull, p.forceAll = true, true
+	p.divergedResyncs++
+	p.divergedFullSyncs, p.divergedAt = p.fullSyncs, now
+	return true
 }
 
 // PeerRefusedError is the peer's refusal of the replication stream: it
@@ -810,7 +838,9 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 			continue
 		}
 		p.mu.Lock()
-		for ctx.Err() == nil && p.j.Pending() == 0 && !p.needFull {
+		// Names kept aside by the last pass go with the next one unless
+		// it claims them: it runs at once.
+		for ctx.Err() == nil && p.j.Pending() == 0 && !p.needFull && len(p.asides) == 0 {
 			p.work.Wait()
 		}
 		p.mu.Unlock()
@@ -849,10 +879,12 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 		b := newBuilder(p.root, p.Dev, p.sh, kernel, bt, p.Log, p.readBuf)
 		b.syncSeq = p.syncSeq
 		b.shipped = shipped
+		b.pendingAsides = p.asides
 		requeue, err := b.build(files)
 		blocked, beyondEOF := b.blocked, b.beyondEOF
 		bt.flush()
 		p.mu.Lock()
+		p.asides = b.leftAsides()
 		p.building = false
 		p.dataBytes += b.dataRead
 		p.resyncGivenUp(b.gaveUp)
@@ -977,7 +1009,7 @@ func (p *Primary) Status() Status {
 		s.LastErrorAt = p.lastErrAt.UTC().Format(time.RFC3339)
 	}
 	s.LagMs = float64(p.lag().Microseconds()) / 1000
-	s.InSync = p.connected && !p.needFull && !p.building && len(p.queue) == 0 && s.PendingFiles == 0
+	s.InSync = p.connected && !p.needFull && !p.building && len(p.queue) == 0 && s.PendingFiles == 0 && len(p.asides) == 0
 	if p.gen != 0 {
 		s.Gen, s.PeerGen = fmt.Sprintf("%016x", p.gen), fmt.Sprintf("%016x", p.base)
 	}

@@ -530,6 +530,7 @@ func (p *Primary) resyncQueued(b *builder, bt *batcher, ts *treeSync, tails *tai
 		p.j.Requeue(f)
 	}
 	p.sh = b.sh
+	p.asides = nil
 	p.syncSeq = run.syncSeq
 	p.needFull, p.forceAll = false, false
 	p.resyncGivenUp(b.gaveUp) // none so far: what it retries is new

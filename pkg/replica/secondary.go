@@ -1256,9 +1256,11 @@ func (s *Server) refuseBatch(c io.Writer, st *ServerStats, d Dir, seq uint64, er
 // differs from the primary's (a name missing or held by another kind of
 // node, a batch that does not decode), which sending the batch again
 // would not change; not a lack of space, a read-only or failing disk or
-// a permission, which may pass.
+// a permission, which may pass, nor an entry changed under the op by a
+// local change (errReplaced) or an owner this system cannot map
+// (EINVAL), which a comparison of every file would not mend either.
 func diverged(err error) bool {
-	for _, e := range []error{unix.ENOENT, unix.ENOTDIR, unix.EISDIR, unix.EEXIST, unix.ENOTEMPTY, unix.EINVAL, unix.ELOOP, errReplaced, errAncestor, wire.ErrBadOp} {
+	for _, e := range []error{unix.ENOENT, unix.ENOTDIR, unix.EISDIR, unix.EEXIST, unix.ENOTEMPTY, unix.ELOOP, errAncestor, wire.ErrBadOp} {
 		if errors.Is(err, e) {
 			return true
 		}
