@@ -9,6 +9,7 @@ import (
 	"os"
 	"path"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/duet-ha/duet/pkg/capture"
@@ -613,8 +614,40 @@ func (b *builder) apply(d *os.File, p string, ino uint64, changed []fstree.Diren
 		}
 	}
 	for _, name := range gone {
-		b.removals = append(b.removals, link{ino, name})
+		if err := b.goneName(d, p, ino, name); err != nil {
+			return err
+		}
 	}
+	return nil
+}
+
+// goneName handles a name of directory dirIno (at dirPath, open as d) that
+// the shadow holds and the directory no longer does. The inode's last
+// name, of a file or a directory, is renamed aside on the peer at once
+// (the name is gone there as here, for a durability call on the
+// directory), and removed at the end of the next pass unless claimed: it
+// may have been moved to a directory whose record this pass did not take
+// (`mv a/d b/dX` after the pass took its records, before it read a), and
+// removed now, the peer held its files nowhere until the next pass sent
+// them whole again (TestBuildGoneNameMovedLater). Other names, and
+// nodes without data, are removed at the end of this pass.
+func (b *builder) goneName(d *os.File, dirPath string, dirIno uint64, name string) error {
+	old, held := b.sh.child(dirIno, name)
+	on, known := b.sh.node(old)
+	if !held || !known || b.sh.nameCount(old) != 1 || !on.mode.IsDir() && !on.mode.IsRegular() || strings.HasPrefix(name, ".duet-") {
+		b.removals = append(b.removals, link{dirIno, name})
+		return nil
+	}
+	aside, err := b.freeName(d, dirIno, ".duet-replaced-", old)
+	if err != nil {
+		return err
+	}
+	if err := b.out.add(&wire.Op{Code: wire.OpRename, Path: join(dirPath, name), Path2: join(dirPath, aside)}); err != nil {
+		return err
+	}
+	b.sh.move(old, link{dirIno, name}, dirIno, aside)
+	b.moved = append(b.moved, old)
+	b.asides = append(b.asides, asideLink{link{dirIno, aside}, old})
 	return nil
 }
 

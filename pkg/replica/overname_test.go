@@ -436,3 +436,45 @@ func TestDivergedComparisonsSpaced(t *testing.T) {
 		t.Errorf("counted %d comparisons, want 3", p.divergedResyncs)
 	}
 }
+
+// `mv a/d b/dX` made after a pass took its records (a had one of its
+// own) and before it read a: the pass finds d gone from a, and b's record
+// comes only in the next pass. Removed at the end of the first pass, d
+// left the peer holding its files nowhere until the next pass sent b/dX
+// whole again (older than the asides). It is renamed aside at once (the
+// name is gone on the peer too) and removed a pass later unless claimed.
+func TestBuildGoneNameMovedLater(t *testing.T) {
+	src, dst, b, sink := syncedPair(t, "a/d/f", "a/x", "b/keep", "c/g")
+	want, _ := os.ReadFile(filepath.Join(src, "a/d/f"))
+	mustRename(t, filepath.Join(src, "a/d"), filepath.Join(src, "b/dX"))
+	if err := os.Remove(filepath.Join(src, "c/g")); err != nil {
+		t.Fatal(err)
+	}
+	var nameLeft bool
+	b.out = sinkFunc(func(op *wire.Op) error {
+		err := sink.add(op)
+		if op.Code == wire.OpSetattr && op.Path == "a" {
+			_, e := os.Lstat(filepath.Join(dst, "a/d"))
+			nameLeft = e == nil
+		}
+		return err
+	})
+	if _, err := b.build([]journal.File{changed(t, filepath.Join(src, "a")), changed(t, filepath.Join(src, "c"))}); err != nil {
+		t.Fatal(err)
+	}
+	held := heldSomewhere(dst, want)
+	if _, err := os.Lstat(filepath.Join(dst, "a/d")); err == nil || nameLeft {
+		t.Errorf("the peer still has a/d after the pass that found it gone")
+	}
+	sink.bytes = 0
+	if _, err := b.build([]journal.File{changed(t, filepath.Join(src, "b"))}); err != nil {
+		t.Fatal(err)
+	}
+	sameTrees(t, src, dst)
+	if !held {
+		t.Errorf("between the passes the peer held a/d/f (b/dX/f here) nowhere")
+	}
+	if sink.bytes != 0 {
+		t.Errorf("b/dX was sent again whole (%d bytes): %+v", sink.bytes, sink.ops)
+	}
+}
