@@ -483,6 +483,11 @@ func (a *Applier) linkOrRename(code wire.OpCode, d *os.File, base string, d2 *os
 		return nil
 	}
 	if code == wire.OpLink {
+		if src.Mode&unix.S_IFMT == unix.S_IFDIR {
+			// A file on the primary (a link's source always is): this
+			// copy holds a directory there.
+			return fmt.Errorf("the source is a directory on this replica: %w", unix.EISDIR)
+		}
 		if dstErr == nil {
 			if err := a.notAbove(d, &dst); err != nil {
 				return err

@@ -82,6 +82,9 @@ type builder struct {
 	// pendingAsides those of earlier passes, removed at this one's end
 	// unless claimed (removeAsides).
 	asides, pendingAsides []asideLink
+	// dirRequeued: a directory of this pass was requeued; the pending
+	// asides wait for a pass that reads it.
+	dirRequeued bool
 	// moved are the inodes this pass renamed, moved aside or made on the
 	// peer (the shadow moved on with them): until the peer has the
 	// batches durably, it may hold others under their paths (see
@@ -185,6 +188,7 @@ func (b *builder) build(files []journal.File) ([]journal.File, error) {
 	b.removals = nil
 	// A builder used for more than one pass (tests) carries its asides on.
 	b.pendingAsides, b.asides = append(b.pendingAsides, b.asides...), nil
+	b.dirRequeued = false
 	b.gaveUp = nil
 	b.sent = map[uint64]uint64{}
 	b.now = time.Now()
@@ -324,6 +328,7 @@ func (b *builder) build(files []journal.File) ([]journal.File, error) {
 				f = *r
 			}
 			f.Rescan = f.Rescan || b.sh.big[ino]
+			b.dirRequeued = true
 			b.retry(f, "directory not where the shadow says")
 		}
 	}
@@ -752,6 +757,15 @@ func (b *builder) entry(d *os.File, dirPath string, dirIno uint64, e fstree.Dire
 				return err
 			}
 			b.sh.move(e.Ino, link{dirIno, tmp}, dirIno, e.Name)
+		} else if fstree.ModeOf(st.Mode)&(fs.ModeDevice|fs.ModeCharDevice) != 0 {
+			// A device node, which is not replicated: nothing will take
+			// the name from the old file, which goes (its aside a pass
+			// later). Gone meanwhile, the new inode's own record says
+			// what holds the name now (TestBuildKeptNameNotTaken).
+			if err := b.out.add(&wire.Op{Code: wire.OpRemove, Path: to}); err != nil {
+				return err
+			}
+			b.sh.unlink(dirIno, e.Name)
 		}
 	} else if err := b.create(d, to, dirIno, e.Name, e.Name, &st); err != nil {
 		return err
@@ -852,6 +866,12 @@ type asideLink struct {
 // include b's; removed now, the peer would hold d's files nowhere until
 // that pass shipped them whole again (TestBuildUnclaimedAsideKept).
 func (b *builder) removeAsides() error {
+	if b.dirRequeued {
+		// A directory this pass could not read may be where a kept
+		// inode went (`mv b b2` before it read b): kept for a pass
+		// that reads it (TestBuildAsideKeptWhileClaimRequeued).
+		return nil
+	}
 	for _, a := range b.pendingAsides {
 		if !b.sh.has(a.parent) {
 			continue
@@ -899,6 +919,7 @@ func (b *builder) create(d *os.File, to string, dirIno uint64, name, shName stri
 			return err
 		}
 		if !ok {
+			b.dirRequeued = true
 			b.retry(journal.File{Key: capture.InodeKey{Dev: b.dev, Ino: st.Ino}}, "new directory not where the shadow says")
 		}
 	case mode.IsRegular():
@@ -915,6 +936,7 @@ func (b *builder) create(d *os.File, to string, dirIno uint64, name, shName stri
 				// the open does not wait; out of descriptors): no
 				// record would report it again, its directory is
 				// compared again in a later pass.
+				b.dirRequeued = true
 				b.retry(journal.File{Key: capture.InodeKey{Dev: b.dev, Ino: dirIno}, Rescan: b.sh.big[dirIno]}, "new file could not be opened: "+err.Error())
 			}
 			return nil

@@ -137,17 +137,19 @@ type Primary struct {
 	// divergedResyncs counts the full comparisons begun because the peer
 	// refused a batch its tree did not fit (wire.FlagDiverged).
 	divergedResyncs int
-	// divergedFullSyncs and divergedAt are fullSyncs and the time when
-	// the last of them began.
-	divergedFullSyncs int
-	divergedAt        time.Time
-	fullSyncEnd       uint64 // last batch of the latest full sync
-	dataBytes         uint64
-	dropped           uint64 // changes tried too long and handed to a resync (see maxRetries)
-	refused           string // why the peer refused the last connection's batch, until one is acknowledged
-	wireBytes         uint64
-	changedBytes      uint64
-	records           uint64
+	// resyncsEnded counts the resyncs the peer confirmed (finishResync);
+	// divergedEnded and divergedAt are that count and the time when the
+	// last comparison begun by a divergence was asked for.
+	resyncsEnded  int
+	divergedEnded int
+	divergedAt    time.Time
+	fullSyncEnd   uint64 // last batch of the latest full sync
+	dataBytes     uint64
+	dropped       uint64 // changes tried too long and handed to a resync (see maxRetries)
+	refused       string // why the peer refused the last connection's batch, until one is acknowledged
+	wireBytes     uint64
+	changedBytes  uint64
+	records       uint64
 	// added counts what was folded into the journal (records, rescans).
 	// covered is the count a finished build pass took in whole (nothing
 	// requeued), coveredSeq the last batch of that pass: once it is
@@ -514,19 +516,20 @@ func (p *Primary) readAcks(ctx context.Context, c net.Conn, manifest chan<- wire
 // what the stream expects (a change made there, a bug): the batch would
 // be refused for ever, and what else differs is unknown
 // (TestPeerThatDivergedIsResynced). Once a comparison begun so has
-// ended, a later refusal begins another at once; while none has (its own
-// batches refused), one every divergedEvery. It says whether it asked.
+// ended (the peer confirmed it: queued, its batches may still be
+// refused), a later refusal begins another at once; while none has, one
+// every divergedEvery. It says whether it asked.
 // Called with p.mu held.
 func (p *Primary) compareAllAfter(refused *PeerRefusedError, now time.Time) bool {
 	if refused == nil || !refused.Diverged || p.needFull && p.forceAll {
 		return false
 	}
-	if p.divergedResyncs > 0 && p.fullSyncs <= p.divergedFullSyncs && now.Sub(p.divergedAt) < divergedEvery {
+	if p.divergedResyncs > 0 && p.resyncsEnded <= p.divergedEnded && now.Sub(p.divergedAt) < divergedEvery {
 		return false
 	}
 	p.needFull, p.forceAll = true, true
 	p.divergedResyncs++
-	p.divergedFullSyncs, p.divergedAt = p.fullSyncs, now
+	p.divergedEnded, p.divergedAt = p.resyncsEnded, now
 	return true
 }
 

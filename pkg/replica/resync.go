@@ -832,6 +832,7 @@ func (p *Primary) finishResync() {
 	}
 	p.base, p.dirtyTrusted, p.dirty.lost = p.gen, true, false
 	p.untracked = 0 // compared by this resync
+	p.resyncsEnded++
 	p.rs.Active, p.rs.Phase, p.rs.Ended = false, "done", time.Now()
 	p.rs.BytesSent = p.rsSent.Load()
 	rs, gen, ms := p.rs, p.gen, p.meta
