@@ -725,6 +725,16 @@ func (b *builder) entry(d *os.File, dirPath string, dirIno uint64, e fstree.Dire
 	if kn, ok := b.sh.node(e.Ino); ok && b.sh.nameCount(e.Ino) > 0 {
 		from, isRename := b.movedFrom(kn, &st)
 		fromPath, ok := b.sh.linkPath(from)
+		if ok && isRename && !kn.mode.IsDir() {
+			// The name it seems to come from holds another inode here
+			// now (`ln conf conf.bak; mv conf.new conf`, dpkg's way):
+			// renamed away, the peer would hold no conf until the new
+			// one is made. Linked: that name's own entry replaces it
+			// (TestBuildBackupLinkThenReplace).
+			if cur, err := fstree.Stat(b.root, fromPath); err == nil && cur.Ino != e.Ino {
+				isRename = false
+			}
+		}
 		if ok && isRename {
 			if err := b.out.add(&wire.Op{Code: wire.OpRename, Path: fromPath, Path2: to}); err != nil {
 				return err
@@ -734,10 +744,28 @@ func (b *builder) entry(d *os.File, dirPath string, dirIno uint64, e fstree.Dire
 			return nil
 		}
 		if ok && !kn.mode.IsDir() {
-			if err := b.out.add(&wire.Op{Code: wire.OpLink, Path: fromPath, Path2: to}); err != nil {
+			if !keeps {
+				if err := b.out.add(&wire.Op{Code: wire.OpLink, Path: fromPath, Path2: to}); err != nil {
+					return err
+				}
+				b.sh.add(e.Ino, kn.mode, dirIno, e.Name)
+				return nil
+			}
+			// Over the old file kept under the name: linked under a
+			// name of its own, then renamed over it, which replaces it
+			// at once (a link over it would remove it first).
+			tmp, err := b.freeName(d, dirIno, ".duet-new-", e.Ino)
+			if err != nil {
 				return err
 			}
-			b.sh.add(e.Ino, kn.mode, dirIno, e.Name)
+			if err := b.out.add(&wire.Op{Code: wire.OpLink, Path: fromPath, Path2: join(dirPath, tmp)}); err != nil {
+				return err
+			}
+			b.sh.add(e.Ino, kn.mode, dirIno, tmp)
+			if err := b.out.add(&wire.Op{Code: wire.OpRename, Path: join(dirPath, tmp), Path2: to}); err != nil {
+				return err
+			}
+			b.sh.move(e.Ino, link{dirIno, tmp}, dirIno, e.Name)
 			return nil
 		}
 	}

@@ -61,6 +61,10 @@ func TestBuildFileRenamedOverMovedName(t *testing.T) {
 			if _, err := b.build([]journal.File{changed(t, src)}); err != nil {
 				t.Fatal(err)
 			}
+			// What was kept aside goes a pass later.
+			if _, err := b.build(nil); err != nil {
+				t.Fatal(err)
+			}
 			sameTrees(t, src, dst)
 			if sink.bytes != 0 {
 				t.Errorf("shipped %d bytes, want 0 (renames): %+v", sink.bytes, sink.ops)
@@ -184,10 +188,27 @@ func TestBuildExchange(t *testing.T) {
 			if err := unix.Renameat2(unix.AT_FDCWD, filepath.Join(src, a), unix.AT_FDCWD, filepath.Join(src, b), unix.RENAME_EXCHANGE); err != nil {
 				t.Skipf("RENAME_EXCHANGE: %v", err)
 			}
+			// Files: both names hold one of the two after every op.
+			var missing []string
+			bd.out = sinkFunc(func(op *wire.Op) error {
+				err := sink.add(op)
+				for _, n := range []string{a, b} {
+					if _, e := os.Lstat(filepath.Join(dst, n)); e != nil && !dirs {
+						missing = append(missing, fmt.Sprintf("%s after %s %s -> %s", n, op.Code, op.Path, op.Path2))
+					}
+				}
+				return err
+			})
 			if _, err := bd.build([]journal.File{changed(t, src)}); err != nil {
 				t.Fatal(err)
 			}
+			if _, err := bd.build(nil); err != nil {
+				t.Fatal(err)
+			}
 			sameTrees(t, src, dst)
+			if len(missing) > 0 {
+				t.Errorf("the peer held no file under: %v", missing)
+			}
 			if sink.bytes != 0 {
 				t.Errorf("shipped %d bytes, want 0 (renames): %+v", sink.bytes, sink.ops)
 			}
@@ -619,4 +640,39 @@ func TestPeerWithDirectoryWhereFileWasIsResynced(t *testing.T) {
 		}
 	}
 	sameTrees(t, src, filepath.Join(r.top, "data"))
+}
+
+// dpkg's way of replacing a conffile: `ln conf conf.dpkg-tmp; mv
+// conf.dpkg-new conf`. The old conf, known under conf, appears as
+// conf.dpkg-tmp while conf holds another inode: linked there, not renamed
+// away, the peer holds the old or the new conf after every op (found by
+// the second review: it held none, then an empty one).
+func TestBuildBackupLinkThenReplace(t *testing.T) {
+	src, dst, b, sink := syncedPair(t, "conf", "keep")
+	old, _ := os.ReadFile(filepath.Join(src, "conf"))
+	writeRandom(t, filepath.Join(src, "conf.dpkg-new"), 5000)
+	newer, _ := os.ReadFile(filepath.Join(src, "conf.dpkg-new"))
+	if err := os.Link(filepath.Join(src, "conf"), filepath.Join(src, "conf.dpkg-tmp")); err != nil {
+		t.Fatal(err)
+	}
+	mustRename(t, filepath.Join(src, "conf.dpkg-new"), filepath.Join(src, "conf"))
+	var bad []string
+	b.out = sinkFunc(func(op *wire.Op) error {
+		err := sink.add(op)
+		got, e := os.ReadFile(filepath.Join(dst, "conf"))
+		if e != nil || !bytes.Equal(got, old) && !bytes.Equal(got, newer) {
+			bad = append(bad, fmt.Sprintf("%s %s -> %s (%v, %d bytes)", op.Code, op.Path, op.Path2, e, len(got)))
+		}
+		return err
+	})
+	if _, err := b.build([]journal.File{changed(t, src)}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.build(nil); err != nil {
+		t.Fatal(err)
+	}
+	sameTrees(t, src, dst)
+	if len(bad) > 0 {
+		t.Errorf("the peer's conf was neither the old nor the new file after: %v", bad)
+	}
 }
