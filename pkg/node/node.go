@@ -648,6 +648,8 @@ func (n *Node) unserve(ctx context.Context) {
 	for _, p := range primaries {
 		if err := p.WaitShipped(dctx, kernel{n}, replica.Release{After: n.cfg.Cluster.Timeout}); err != nil {
 			n.log.Warn("leaving the role with changes not on the peer (tracked for a resync)", "dir", p.Dir.Name, "err", err)
+		} else if err := p.WaitSettled(dctx, replica.Release{After: n.cfg.Cluster.Timeout}); err != nil {
+			n.log.Warn("leaving the role before the peer's copy settled (a resync will compare it)", "dir", p.Dir.Name, "err", err)
 		} else if err := p.HandedOver(); err != nil {
 			n.log.Warn("recording the handover", "dir", p.Dir.Name, "err", err)
 		}

@@ -2,6 +2,7 @@ package replica
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"io"
 	"io/fs"
@@ -675,4 +676,48 @@ func TestBuildBackupLinkThenReplace(t *testing.T) {
 	if len(bad) > 0 {
 		t.Errorf("the peer's conf was neither the old nor the new file after: %v", bad)
 	}
+}
+
+// A handover right after a pass that kept a file aside on the peer (`mv
+// a b; mv c a` then `duet swap`): the role must not go before the pass
+// that removes the aside is durable there, or the new primary keeps the
+// `.duet-replaced-*` entry as its own data (found by the second review).
+func TestHandoverWaitsForAsides(t *testing.T) {
+	top := t.TempDir()
+	src := filepath.Join(top, "src")
+	writeRandom(t, filepath.Join(src, "a"), 5000)
+	writeRandom(t, filepath.Join(src, "c"), 5000)
+	r := &restartPair{tb: t, src: src, top: filepath.Join(top, "peer"), margin: 50 * time.Millisecond,
+		log: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	r.startReplica()
+	t.Cleanup(r.stopServer)
+	r.startSource()
+	t.Cleanup(r.stop)
+	r.waitSynced()
+	// The pass that removes the asides comes late, as under load.
+	r.p.mu.Lock()
+	r.p.asidePass = func() { time.Sleep(20 * time.Millisecond) }
+	r.p.mu.Unlock()
+	for i := range 20 {
+		mustRename(t, filepath.Join(src, "a"), filepath.Join(src, "b"))
+		mustRename(t, filepath.Join(src, "c"), filepath.Join(src, "a"))
+		mustRename(t, filepath.Join(src, "b"), filepath.Join(src, "c"))
+		recorder(t, r.p)(capture.KindAttr, src)
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		if err := r.p.WaitShipped(ctx, nil, Release{}); err != nil {
+			t.Fatal(err)
+		}
+		if err := r.p.WaitSettled(ctx, Release{}); err != nil {
+			t.Fatal(err)
+		}
+		cancel()
+		if ents, _ := os.ReadDir(filepath.Join(r.top, "data")); len(ents) != 2 {
+			var names []string
+			for _, e := range ents {
+				names = append(names, e.Name())
+			}
+			t.Fatalf("round %d: settled, the peer holds %v", i, names)
+		}
+	}
+	sameTrees(t, src, filepath.Join(r.top, "data"))
 }

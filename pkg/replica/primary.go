@@ -83,6 +83,9 @@ type Primary struct {
 	// when its scan of this tree is done, "asked" when it sends the peer
 	// a manifest request (which marks the peer's copy as being rewritten).
 	resyncStep func(step string)
+	// asidePass, if set, runs before a pass that has asides to remove
+	// (tests: a pass that comes late).
+	asidePass func()
 
 	root     *os.File
 	session  uint64
@@ -857,6 +860,15 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 		if p.barriers.Load() == 0 && time.Since(time.Unix(0, p.lastBarrier.Load())) > eagerAfterBarrier {
 			p.batchWindow(ctx)
 		}
+		p.mu.Lock()
+		hook := p.asidePass
+		if len(p.asides) == 0 {
+			hook = nil
+		}
+		p.mu.Unlock()
+		if hook != nil {
+			hook()
+		}
 		takeAt := time.Now()
 		if kernel != nil {
 			kernel.Drain() // short only when the term ends (ctx)
@@ -1075,6 +1087,31 @@ func (p *Primary) WaitLag(ctx context.Context, bound time.Duration, rel Release)
 // waitPeer waits until done (called with p.mu held, while connected)
 // says yes. Released without the peer, it returns ErrAlone; when ctx
 // ends first, ctx's error.
+// WaitSettled waits, after WaitShipped, for the pass that removes what
+// the last passes kept aside on the peer (removeAsides, which runs at
+// once) and for the peer to make it durable: a handover then leaves the
+// new primary no `.duet-replaced-*` entry of this term's.
+func (p *Primary) WaitSettled(ctx context.Context, rel Release) error {
+	var need uint64
+	have := false
+	return p.waitPeer(ctx, rel, func() bool {
+		if !have {
+			if p.building || len(p.asides) > 0 {
+				return false
+			}
+			need, have = p.nextSeq-1, true
+		}
+		if p.durable >= need {
+			return true
+		}
+		if p.syncReq < need {
+			p.syncReq = need
+			p.sendq.Broadcast()
+		}
+		return false
+	})
+}
+
 func (p *Primary) waitPeer(ctx context.Context, rel Release, done func() bool) error {
 	// ctx's end wakes the wait; a wait that ends first wakes nobody (a
 	// goroutine waiting on a cancelled context woke the builder, the

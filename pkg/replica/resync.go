@@ -1147,7 +1147,8 @@ func (p *Primary) noteMoved(inos []uint64, count uint64) {
 // the peer continues from.
 func (p *Primary) HandedOver() error {
 	p.mu.Lock()
-	ok := p.meta != nil && p.base == p.gen && p.connected && !p.needFull && p.j.Pending() == 0 && len(p.queue) == 0 && p.durable >= p.acked
+	ok := p.meta != nil && p.base == p.gen && p.connected && !p.needFull && p.j.Pending() == 0 && len(p.queue) == 0 && p.durable >= p.acked &&
+		!p.building && len(p.asides) == 0
 	ms := p.meta
 	p.mu.Unlock()
 	if !ok {
