@@ -721,3 +721,42 @@ func TestHandoverWaitsForAsides(t *testing.T) {
 	}
 	sameTrees(t, src, filepath.Join(r.top, "data"))
 }
+
+// A pass that ends midway (here: every name an aside could take is held
+// by an entry of the user's) took changes from the journal it did not
+// ship: a resync must compare them, not the next connection resume as if
+// they were shipped.
+func TestFailedPassLeadsToResync(t *testing.T) {
+	top := t.TempDir()
+	src := filepath.Join(top, "src")
+	writeRandom(t, filepath.Join(src, "a"), 5000)
+	writeRandom(t, filepath.Join(src, "c"), 5000)
+	ino := inoOf(t, filepath.Join(src, "a"))
+	for k := range 100 {
+		name := fmt.Sprintf(".duet-replaced-%d", ino)
+		if k > 0 {
+			name = fmt.Sprintf("%s.%d", name, k)
+		}
+		writeRandom(t, filepath.Join(src, name), 10)
+	}
+	r := &restartPair{tb: t, src: src, top: filepath.Join(top, "peer"), margin: 50 * time.Millisecond,
+		log: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	r.startReplica()
+	t.Cleanup(r.stopServer)
+	r.startSource()
+	t.Cleanup(r.stop)
+	r.waitSynced()
+	full := r.p.Status().FullSyncs
+	mustRename(t, filepath.Join(src, "c"), filepath.Join(src, "a"))
+	recorder(t, r.p)(capture.KindAttr, src)
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		st := r.p.Status()
+		if st.InSync && !st.Resync.Active && st.FullSyncs > full {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no resync after the failed pass within 20 s: %+v", st)
+		}
+	}
+	sameTrees(t, src, filepath.Join(r.top, "data"))
+}

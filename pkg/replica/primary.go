@@ -915,6 +915,12 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 		}
 		if err == nil {
 			p.coverPass(mark, files, requeue, blocked, beyondEOF, len(b.gaveUp) > 0, takeAt)
+		} else {
+			// Ended midway (no free aside name, a directory that
+			// cannot be listed): the changes it took and did not ship
+			// are in no journal now. A resync compares them (the
+			// bitmap holds their marks) before anything resumes.
+			p.needFull = true
 		}
 		p.mu.Unlock()
 		p.done.Broadcast()
