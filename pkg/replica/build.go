@@ -85,6 +85,8 @@ type builder struct {
 	// dirRequeued: a directory of this pass was requeued; the pending
 	// asides wait for a pass that reads it.
 	dirRequeued bool
+	// asideSet holds asides and pendingAsides by name.
+	asideSet map[link]uint64
 	// moved are the inodes this pass renamed, moved aside or made on the
 	// peer (the shadow moved on with them): until the peer has the
 	// batches durably, it may hold others under their paths (see
@@ -189,6 +191,10 @@ func (b *builder) build(files []journal.File) ([]journal.File, error) {
 	// A builder used for more than one pass (tests) carries its asides on.
 	b.pendingAsides, b.asides = append(b.pendingAsides, b.asides...), nil
 	b.dirRequeued = false
+	b.asideSet = make(map[link]uint64, len(b.pendingAsides))
+	for _, a := range b.pendingAsides {
+		b.asideSet[a.link] = a.ino
+	}
 	b.gaveUp = nil
 	b.sent = map[uint64]uint64{}
 	b.now = time.Now()
@@ -328,7 +334,13 @@ func (b *builder) build(files []journal.File) ([]journal.File, error) {
 				f = *r
 			}
 			f.Rescan = f.Rescan || b.sh.big[ino]
-			b.dirRequeued = true
+			// Gone from where the shadow keeps it aside (`rm -r`, or
+			// moved to a directory a later pass reads): its record
+			// waits for the claim or goes with the aside, which it
+			// must not hold back (TestBuildRemovedTreeNotHeldBack).
+			if !b.underAside(ino) {
+				b.dirRequeued = true
+			}
 			b.retry(f, "directory not where the shadow says")
 		}
 	}
@@ -638,6 +650,12 @@ func (b *builder) apply(d *os.File, p string, ino uint64, changed []fstree.Diren
 // nodes without data, are removed at the end of this pass.
 func (b *builder) goneName(d *os.File, dirPath string, dirIno uint64, name string) error {
 	old, held := b.sh.child(dirIno, name)
+	if held && b.asideSet[link{dirIno, name}] == old {
+		// An aside (the primary never has it): removeAsides decides,
+		// once a pass could read every directory it took
+		// (TestBuildAsideNotRemovedAsGone).
+		return nil
+	}
 	on, known := b.sh.node(old)
 	if !held || !known || b.sh.nameCount(old) != 1 || !on.mode.IsDir() && !on.mode.IsRegular() || strings.HasPrefix(name, ".duet-") {
 		b.removals = append(b.removals, link{dirIno, name})
@@ -652,7 +670,7 @@ func (b *builder) goneName(d *os.File, dirPath string, dirIno uint64, name strin
 	}
 	b.sh.move(old, link{dirIno, name}, dirIno, aside)
 	b.moved = append(b.moved, old)
-	b.asides = append(b.asides, asideLink{link{dirIno, aside}, old})
+	b.addAside(link{dirIno, aside}, old)
 	return nil
 }
 
@@ -719,7 +737,7 @@ func (b *builder) entry(d *os.File, dirPath string, dirIno uint64, e fstree.Dire
 				keeps = true
 			}
 			b.moved = append(b.moved, old)
-			b.asides = append(b.asides, asideLink{link{dirIno, aside}, old})
+			b.addAside(link{dirIno, aside}, old)
 		}
 	}
 	if kn, ok := b.sh.node(e.Ino); ok && b.sh.nameCount(e.Ino) > 0 {
@@ -918,6 +936,34 @@ func (b *builder) removeAsides() error {
 	}
 	b.pendingAsides = nil
 	return nil
+}
+
+// addAside records that this pass keeps inode ino under l.
+func (b *builder) addAside(l link, ino uint64) {
+	b.asides = append(b.asides, asideLink{l, ino})
+	if b.asideSet == nil {
+		b.asideSet = map[link]uint64{}
+	}
+	b.asideSet[l] = ino
+}
+
+// underAside says whether directory ino, or an ancestor, has for its only
+// name in the shadow an aside of this pass or a pending one.
+func (b *builder) underAside(ino uint64) bool {
+	for range maxDepth {
+		if ino == b.sh.root {
+			return false
+		}
+		names := b.sh.names(ino)
+		if len(names) != 1 {
+			return false
+		}
+		if b.asideSet[names[0]] == ino {
+			return true
+		}
+		ino = names[0].parent
+	}
+	return false
 }
 
 // leftAsides are the asides a later pass must remove unless claimed.
