@@ -116,13 +116,7 @@ func TestPeerThatDivergedIsResynced(t *testing.T) {
 	writeRandom(t, filepath.Join(src, "d/f"), 5000)
 	writeRandom(t, filepath.Join(src, "d/g"), 5000)
 	writeRandom(t, filepath.Join(src, "e/h"), 5000)
-	r := &restartPair{tb: t, src: src, top: filepath.Join(top, "peer"), margin: 50 * time.Millisecond,
-		log: slog.New(slog.NewTextHandler(io.Discard, nil))}
-	r.startReplica()
-	t.Cleanup(r.stopServer)
-	r.startSource()
-	t.Cleanup(r.stop)
-	r.waitSynced()
+	r := syncedRunning(t, src, top)
 	if err := os.RemoveAll(filepath.Join(r.top, "data/d")); err != nil {
 		t.Fatal(err)
 	}
@@ -305,23 +299,15 @@ func TestBuildAtomicReplaceStaysAtomic(t *testing.T) {
 			}
 			newer, _ := os.ReadFile(filepath.Join(src, "conf.tmp"))
 			mustRename(t, filepath.Join(src, "conf.tmp"), filepath.Join(src, "conf"))
-			var bad []string
-			b.out = sinkFunc(func(op *wire.Op) error {
-				err := sink.add(op)
-				got, e := os.ReadFile(filepath.Join(dst, "conf"))
-				if e != nil || !bytes.Equal(got, old) && !bytes.Equal(got, newer) {
-					bad = append(bad, fmt.Sprintf("%s %s -> %s (%v, %d bytes)", op.Code, op.Path, op.Path2, e, len(got)))
-				}
-				return err
-			})
+			bad := watchEither(b, sink, filepath.Join(dst, "conf"), old, newer)
 			for range 2 {
 				if _, err := b.build([]journal.File{changed(t, src)}); err != nil {
 					t.Fatal(err)
 				}
 			}
 			sameTrees(t, src, dst)
-			if len(bad) > 0 {
-				t.Errorf("the peer's conf was neither the old nor the new file after: %v", bad)
+			if len(*bad) > 0 {
+				t.Errorf("the peer's conf was neither the old nor the new file after: %v", *bad)
 			}
 		})
 	}
@@ -617,13 +603,7 @@ func TestPeerWithDirectoryWhereFileWasIsResynced(t *testing.T) {
 	src := filepath.Join(top, "src")
 	writeRandom(t, filepath.Join(src, "d/f"), 5000)
 	writeRandom(t, filepath.Join(src, "d/g"), 5000)
-	r := &restartPair{tb: t, src: src, top: filepath.Join(top, "peer"), margin: 50 * time.Millisecond,
-		log: slog.New(slog.NewTextHandler(io.Discard, nil))}
-	r.startReplica()
-	t.Cleanup(r.stopServer)
-	r.startSource()
-	t.Cleanup(r.stop)
-	r.waitSynced()
+	r := syncedRunning(t, src, top)
 	peerF := filepath.Join(r.top, "data/d/f")
 	if err := os.Remove(peerF); err != nil {
 		t.Fatal(err)
@@ -657,15 +637,7 @@ func TestBuildBackupLinkThenReplace(t *testing.T) {
 		t.Fatal(err)
 	}
 	mustRename(t, filepath.Join(src, "conf.dpkg-new"), filepath.Join(src, "conf"))
-	var bad []string
-	b.out = sinkFunc(func(op *wire.Op) error {
-		err := sink.add(op)
-		got, e := os.ReadFile(filepath.Join(dst, "conf"))
-		if e != nil || !bytes.Equal(got, old) && !bytes.Equal(got, newer) {
-			bad = append(bad, fmt.Sprintf("%s %s -> %s (%v, %d bytes)", op.Code, op.Path, op.Path2, e, len(got)))
-		}
-		return err
-	})
+	bad := watchEither(b, sink, filepath.Join(dst, "conf"), old, newer)
 	if _, err := b.build([]journal.File{changed(t, src)}); err != nil {
 		t.Fatal(err)
 	}
@@ -673,8 +645,8 @@ func TestBuildBackupLinkThenReplace(t *testing.T) {
 		t.Fatal(err)
 	}
 	sameTrees(t, src, dst)
-	if len(bad) > 0 {
-		t.Errorf("the peer's conf was neither the old nor the new file after: %v", bad)
+	if len(*bad) > 0 {
+		t.Errorf("the peer's conf was neither the old nor the new file after: %v", *bad)
 	}
 }
 
@@ -687,13 +659,7 @@ func TestHandoverWaitsForAsides(t *testing.T) {
 	src := filepath.Join(top, "src")
 	writeRandom(t, filepath.Join(src, "a"), 5000)
 	writeRandom(t, filepath.Join(src, "c"), 5000)
-	r := &restartPair{tb: t, src: src, top: filepath.Join(top, "peer"), margin: 50 * time.Millisecond,
-		log: slog.New(slog.NewTextHandler(io.Discard, nil))}
-	r.startReplica()
-	t.Cleanup(r.stopServer)
-	r.startSource()
-	t.Cleanup(r.stop)
-	r.waitSynced()
+	r := syncedRunning(t, src, top)
 	// The pass that removes the asides comes late, as under load.
 	r.p.mu.Lock()
 	r.p.asidePass = func() { time.Sleep(20 * time.Millisecond) }
@@ -739,13 +705,7 @@ func TestFailedPassLeadsToResync(t *testing.T) {
 		}
 		writeRandom(t, filepath.Join(src, name), 10)
 	}
-	r := &restartPair{tb: t, src: src, top: filepath.Join(top, "peer"), margin: 50 * time.Millisecond,
-		log: slog.New(slog.NewTextHandler(io.Discard, nil))}
-	r.startReplica()
-	t.Cleanup(r.stopServer)
-	r.startSource()
-	t.Cleanup(r.stop)
-	r.waitSynced()
+	r := syncedRunning(t, src, top)
 	full := r.p.Status().FullSyncs
 	mustRename(t, filepath.Join(src, "c"), filepath.Join(src, "a"))
 	recorder(t, r.p)(capture.KindAttr, src)
@@ -796,13 +756,7 @@ func TestRemovedTreeNoResync(t *testing.T) {
 	writeRandom(t, filepath.Join(src, "w/d/f2"), 5000)
 	writeRandom(t, filepath.Join(src, "w/keep"), 5000)
 	writeRandom(t, filepath.Join(src, "other"), 5000)
-	r := &restartPair{tb: t, src: src, top: filepath.Join(top, "peer"), margin: 50 * time.Millisecond,
-		log: slog.New(slog.NewTextHandler(io.Discard, nil))}
-	r.startReplica()
-	t.Cleanup(r.stopServer)
-	r.startSource()
-	t.Cleanup(r.stop)
-	r.waitSynced()
+	r := syncedRunning(t, src, top)
 	full := r.p.Status().FullSyncs
 	rec := recorder(t, r.p)
 	rec(capture.KindAttr, filepath.Join(src, "w/d"))
@@ -862,4 +816,34 @@ func TestBuildAsideNotRemovedAsGone(t *testing.T) {
 	if sink.bytes != 0 {
 		t.Errorf("b2/dX was sent again whole (%d bytes)", sink.bytes)
 	}
+}
+
+// syncedRunning starts a replica under top/peer and a Primary of src
+// against it, both stopped at the test's end, and waits for the first
+// resync.
+func syncedRunning(t *testing.T, src, top string) *restartPair {
+	t.Helper()
+	r := &restartPair{tb: t, src: src, top: filepath.Join(top, "peer"), margin: 50 * time.Millisecond,
+		log: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	r.startReplica()
+	t.Cleanup(r.stopServer)
+	r.startSource()
+	t.Cleanup(r.stop)
+	r.waitSynced()
+	return r
+}
+
+// watchEither records the ops after which the peer's file at p holds
+// neither old nor newer.
+func watchEither(b *builder, sink *applySink, p string, old, newer []byte) *[]string {
+	var bad []string
+	b.out = sinkFunc(func(op *wire.Op) error {
+		err := sink.add(op)
+		got, e := os.ReadFile(p)
+		if e != nil || !bytes.Equal(got, old) && !bytes.Equal(got, newer) {
+			bad = append(bad, fmt.Sprintf("%s %s -> %s (%v, %d bytes)", op.Code, op.Path, op.Path2, e, len(got)))
+		}
+		return err
+	})
+	return &bad
 }

@@ -340,17 +340,23 @@ func (w *Workload) exchange() {
 	}
 }
 
+// listDir picks a directory and lists it.
+func (w *Workload) listDir() (string, []os.DirEntry, bool) {
+	if len(w.dirs) == 0 {
+		return "", nil, false
+	}
+	d := w.dirs[w.rng.Intn(len(w.dirs))]
+	ents, err := os.ReadDir(d)
+	return d, ents, err == nil
+}
+
 // renameUp moves a directory's subdirectory up into its place (`mv d
 // d.up; mv d.up/s d`): the name it takes held, on the peer, a directory
 // with the moved one inside (the rename over its source's ancestor of
 // docs/DESIGN.md §8).
 func (w *Workload) renameUp() {
-	if len(w.dirs) == 0 {
-		return
-	}
-	d := w.dirs[w.rng.Intn(len(w.dirs))]
-	ents, err := os.ReadDir(d)
-	if err != nil {
+	d, ents, ok := w.listDir()
+	if !ok {
 		return
 	}
 	for _, e := range ents {
@@ -427,12 +433,8 @@ func (w *Workload) rotateDir() {
 		w.refresh()
 		return
 	}
-	if len(w.dirs) == 0 {
-		return
-	}
-	d := w.dirs[w.rng.Intn(len(w.dirs))]
-	ents, err := os.ReadDir(d)
-	if err != nil {
+	d, ents, ok := w.listDir()
+	if !ok {
 		return
 	}
 	next := d + ".next"
