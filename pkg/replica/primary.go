@@ -887,6 +887,7 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 			return ctx.Err()
 		}
 		files := p.j.Take(time.Now())
+		asides := p.asides
 		mark := p.added
 		bt.since, p.pendingSince = p.pendingSince, time.Time{}
 		p.building = true
@@ -894,7 +895,7 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 		b := newBuilder(p.root, p.Dev, p.sh, kernel, bt, p.Log, p.readBuf)
 		b.syncSeq = p.syncSeq
 		b.shipped = shipped
-		b.pendingAsides = p.asides
+		b.pendingAsides = asides
 		requeue, err := b.build(files)
 		blocked, beyondEOF := b.blocked, b.beyondEOF
 		bt.flush()
@@ -1090,9 +1091,6 @@ func (p *Primary) WaitLag(ctx context.Context, bound time.Duration, rel Release)
 	return p.waitPeer(ctx, rel, func() bool { return p.lag() <= bound })
 }
 
-// waitPeer waits until done (called with p.mu held, while connected)
-// says yes. Released without the peer, it returns ErrAlone; when ctx
-// ends first, ctx's error.
 // WaitSettled waits, after WaitShipped, for the pass that removes what
 // the last passes kept aside on the peer (removeAsides, which runs at
 // once) and for the peer to make it durable: a handover then leaves the
@@ -1118,6 +1116,9 @@ func (p *Primary) WaitSettled(ctx context.Context, rel Release) error {
 	})
 }
 
+// waitPeer waits until done (called with p.mu held, while connected)
+// says yes. Released without the peer, it returns ErrAlone; when ctx
+// ends first, ctx's error.
 func (p *Primary) waitPeer(ctx context.Context, rel Release, done func() bool) error {
 	// ctx's end wakes the wait; a wait that ends first wakes nobody (a
 	// goroutine waiting on a cancelled context woke the builder, the
