@@ -847,3 +847,39 @@ func watchEither(b *builder, sink *applySink, p string, old, newer []byte) *[]st
 	})
 	return &bad
 }
+
+// A file kept aside by one pass (`mv a/K a/x/K` after it took a's
+// record, before it read a) is claimed from x; the next pass has a's and
+// x's records, but x moved (`mv a/x q/x2`) after it took them: it keeps x
+// aside and cannot read x. x is under this pass's aside, not a pending
+// one: K's aside must wait, or the peer holds K nowhere until the pass
+// after sends it whole (found by the fourth review).
+func TestBuildPendingAsideClaimedInsideNewAside(t *testing.T) {
+	src, dst, b, sink := syncedPair(t, "a/K", "a/x/keep", "q/keep")
+	want, _ := os.ReadFile(filepath.Join(src, "a/K"))
+	recA := changed(t, filepath.Join(src, "a"))
+	mustRename(t, filepath.Join(src, "a/K"), filepath.Join(src, "a/x/K"))
+	if _, err := b.build([]journal.File{recA}); err != nil {
+		t.Fatal(err)
+	}
+	nowhere := watchHeld(b, sink, dst, want)
+	recX := changed(t, filepath.Join(src, "a/x"))
+	mustRename(t, filepath.Join(src, "a/x"), filepath.Join(src, "q/x2"))
+	requeue, err := b.build([]journal.File{recA, recX})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.build(append(requeue, changed(t, filepath.Join(src, "q")))); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.build(nil); err != nil {
+		t.Fatal(err)
+	}
+	sameTrees(t, src, dst)
+	if len(*nowhere) > 0 {
+		t.Errorf("the peer held a/K (q/x2/K here) nowhere after: %v", *nowhere)
+	}
+	if sink.bytes != 0 {
+		t.Errorf("K was sent again whole (%d bytes)", sink.bytes)
+	}
+}
