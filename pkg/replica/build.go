@@ -420,15 +420,16 @@ func (b *builder) retire(ino uint64, gen uint32) error {
 	if !ok || ino == b.sh.root || (n.genKnown && n.gen == gen) {
 		return nil
 	}
-	for _, l := range b.sh.names(ino) {
-		p, ok := b.sh.linkPath(l)
-		if cur, held := b.sh.child(l.parent, l.name); ok && held && cur == ino {
-			if err := b.out.add(&wire.Op{Code: wire.OpRemove, Path: p}); err != nil {
-				return err
-			}
-		}
-	}
-	b.sh.drop(ino)
+	// Not removed from the peer at once: the dead inode's names and
+	// entries go to a node of a number of its own, which the reconcile
+	// of its directories (read in this pass: their records of its
+	// removal or replacement are in it) keeps aside like any node gone
+	// or replaced. Removed at once, a name another file replaced left
+	// the peer without it for a few ops (`echo > conf.new; mv conf.new
+	// conf; echo > log`, log taking conf's number), and a directory took
+	// with it a child moved out of it in the same pass
+	// (TestBuildRetiredNumberKeepsAside).
+	b.sh.rekey(ino)
 	return nil
 }
 
@@ -672,7 +673,7 @@ func (b *builder) goneName(d *os.File, dirPath string, dirIno uint64, name strin
 		return err
 	}
 	b.sh.move(old, link{dirIno, name}, dirIno, aside)
-	b.moved = append(b.moved, old)
+	b.markMoved(old)
 	b.addAside(link{dirIno, aside}, old)
 	return nil
 }
@@ -739,7 +740,7 @@ func (b *builder) entry(d *os.File, dirPath string, dirIno uint64, e fstree.Dire
 				b.sh.add(old, on.mode, dirIno, aside)
 				keeps = true
 			}
-			b.moved = append(b.moved, old)
+			b.markMoved(old)
 			b.addAside(link{dirIno, aside}, old)
 		}
 	}
@@ -939,6 +940,14 @@ func (b *builder) removeAsides() error {
 	}
 	b.pendingAsides = nil
 	return nil
+}
+
+// markMoved notes that this pass moved ino on the peer (b.moved), unless
+// it is a dead inode's node (rekey), which no record or bitmap knows.
+func (b *builder) markMoved(ino uint64) {
+	if !isDead(ino) {
+		b.moved = append(b.moved, ino)
+	}
 }
 
 // addAside records that this pass keeps inode ino under l.

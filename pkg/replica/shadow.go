@@ -73,7 +73,10 @@ type shadow struct {
 	// locate). Once big a directory stays so while it exists: reading it
 	// whole again would not see the changes that, while it was big, only
 	// its inodes' records told of.
-	big   map[uint64]bool
+	big map[uint64]bool
+	// dead numbers the nodes of dead inodes whose number was taken again
+	// (rekey), from deadBase up.
+	dead  uint64
 	bigAt int
 }
 
@@ -762,6 +765,51 @@ func (s *shadow) forget(ino uint64) {
 	delete(s.moreKids, ino)
 	delete(s.more, ino)
 	delete(s.big, ino)
+}
+
+// deadBase is where the numbers rekey gives dead inodes begin: above any
+// inode number ext4, XFS or btrfs hands out.
+const deadBase = 1 << 63
+
+// isDead says whether ino is a number rekey gave a dead inode.
+func isDead(ino uint64) bool { return ino >= deadBase }
+
+// rekey gives node ino's names and entries to a new node of a number of
+// its own, which it returns (0 if ino is not known), and forgets ino: the
+// inode is dead and its number taken again, but what the peer holds under
+// its names stays for the passes to reconcile (kept aside, claimed or
+// removed like any other node's).
+func (s *shadow) rekey(ino uint64) uint64 {
+	n, ok := s.node(ino)
+	if !ok || ino == s.root {
+		return 0
+	}
+	if s.dead < deadBase {
+		s.dead = deadBase
+	}
+	s.dead++
+	to := s.dead
+	s.newNode(to, n.mode)
+	if n.mode.IsDir() {
+		kids := map[string]uint64{}
+		s.eachChild(ino, func(name string, c uint64) bool { kids[strings.Clone(name)] = c; return true })
+		for name, c := range s.moreKids[ino] {
+			kids[name] = c
+		}
+		for name, c := range kids {
+			s.move(c, link{ino, name}, to, name)
+		}
+		if s.big[ino] {
+			s.big[to] = true
+		}
+	}
+	for _, l := range s.names(ino) {
+		s.add(to, n.mode, l.parent, l.name)
+	}
+	if s.has(ino) {
+		s.drop(ino)
+	}
+	return to
 }
 
 // move renames the link from → (parent, name).
