@@ -428,7 +428,14 @@ func (b *builder) retire(ino uint64, gen uint32) error {
 	// the peer without it for a few ops (`echo > conf.new; mv conf.new
 	// conf; echo > log`, log taking conf's number), and a directory took
 	// with it a child moved out of it in the same pass
-	// (TestBuildRetiredNumberKeepsAside).
+	// (TestBuildRetiredNumberKeepsAside). A big directory is read by the
+	// names of its records' inodes, none of which is the dead number:
+	// it is read whole in the next pass (TestBuildRetiredNameInBigDirectory).
+	for _, l := range b.sh.names(ino) {
+		if b.sh.big[l.parent] {
+			b.retry(journal.File{Key: capture.InodeKey{Dev: b.dev, Ino: l.parent}, Attr: true, Rescan: true}, "a dead inode's name")
+		}
+	}
 	b.sh.rekey(ino)
 	return nil
 }

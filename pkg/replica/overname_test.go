@@ -957,3 +957,63 @@ func TestBuildRetiredNumberKeepsAside(t *testing.T) {
 		}
 	})
 }
+
+// A big directory holds the name of an inode whose number is taken again
+// (`rm w/A/f` in a big A, `w/D/g` taking f's number, after a pass took its
+// records and before it read D): the dead node's name went to a number no
+// record names, and A, read by its records' names, never looked at f: the
+// peer kept w/A/f for good (found by the fifth review). It is read whole.
+func TestBuildRetiredNameInBigDirectory(t *testing.T) {
+	files := []string{"w/D/x"}
+	for i := range 8 {
+		files = append(files, fmt.Sprintf("w/A/e%d", i))
+	}
+	files = append(files, "w/A/f")
+	src, dst, b, _ := syncedPair(t, files...)
+	needsHandles(t, src)
+	bigFrom(b.sh, 5)
+	fIno := inoOf(t, filepath.Join(src, "w/A/f"))
+	if err := os.Remove(filepath.Join(src, "w/A/f")); err != nil {
+		t.Fatal(err)
+	}
+	// The filesystem may not hand f's number out again: the shadow is
+	// made to say it did (its node of A/f has g's number, another gen).
+	g := filepath.Join(src, "w/D/g")
+	writeRandom(t, g, 10)
+	gRec := inodeRecord(t, g, true)
+	aIno := inoOf(t, filepath.Join(src, "w/A"))
+	b.sh.drop(fIno)
+	b.sh.add(gRec.Key.Ino, 0o644, aIno, "f")
+	b.sh.setGen(gRec.Key.Ino, gRec.Gen+1)
+	bigFrom(b.sh, 5)
+	// Pass 1 took only D's record (the rest happened after it took them).
+	requeue, err := b.build([]journal.File{changed(t, filepath.Join(src, "w/D"))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Pass 2: A's record and g's, with what pass 1 requeued (as the
+	// Primary puts it back in the journal).
+	if requeue, err = b.build(append(requeue, changed(t, filepath.Join(src, "w/A")), gRec)); err != nil {
+		t.Fatal(err)
+	}
+	for range 3 {
+		if requeue, err = b.build(requeue); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := os.Lstat(filepath.Join(dst, "w/A/f")); err == nil {
+		t.Errorf("the peer still holds w/A/f, removed here")
+	}
+	for _, l := range b.sh.names(gRec.Key.Ino) {
+		t.Logf("name of %d: %v", gRec.Key.Ino, l)
+	}
+	for d := range b.sh.dirs {
+		b.sh.eachChild(d, func(name string, c uint64) bool {
+			if isDead(c) {
+				t.Errorf("dead node %d still in the shadow as %d/%s", c, d, name)
+			}
+			return true
+		})
+	}
+	sameTrees(t, src, dst)
+}

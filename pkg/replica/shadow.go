@@ -804,7 +804,11 @@ func (s *shadow) rekey(ino uint64) uint64 {
 		}
 	}
 	for _, l := range s.names(ino) {
-		s.add(to, n.mode, l.parent, l.name)
+		// A name whose entry holds another node is stale: not taken
+		// from that node.
+		if cur, ok := s.child(l.parent, l.name); ok && cur == ino {
+			s.add(to, n.mode, l.parent, l.name)
+		}
 	}
 	if s.has(ino) {
 		s.drop(ino)
