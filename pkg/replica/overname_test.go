@@ -59,13 +59,8 @@ func TestBuildFileRenamedOverMovedName(t *testing.T) {
 			if err := os.Rename(filepath.Join(src, "c"), filepath.Join(src, name)); err != nil {
 				t.Fatal(err)
 			}
-			if _, err := b.build([]journal.File{changed(t, src)}); err != nil {
-				t.Fatal(err)
-			}
 			// What was kept aside goes a pass later.
-			if _, err := b.build(nil); err != nil {
-				t.Fatal(err)
-			}
+			passes(t, b, changed(t, src))
 			sameTrees(t, src, dst)
 			if sink.bytes != 0 {
 				t.Errorf("shipped %d bytes, want 0 (renames): %+v", sink.bytes, sink.ops)
@@ -153,13 +148,8 @@ func TestBuildRotationAfterChildMovedOut(t *testing.T) {
 		t.Fatal(err)
 	}
 	files := []journal.File{changed(t, filepath.Join(src, "w")), changed(t, filepath.Join(src, "w/e"))}
-	if _, err := b.build(files); err != nil {
-		t.Fatal(err)
-	}
 	// The old d, kept aside, goes at the end of the next pass.
-	if _, err := b.build(nil); err != nil {
-		t.Fatal(err)
-	}
+	passes(t, b, files...)
 	sameTrees(t, src, dst)
 	if sink.bytes != 0 {
 		t.Errorf("shipped %d bytes, want 0 (renames and a removal): %+v", sink.bytes, sink.ops)
@@ -194,12 +184,7 @@ func TestBuildExchange(t *testing.T) {
 				}
 				return err
 			})
-			if _, err := bd.build([]journal.File{changed(t, src)}); err != nil {
-				t.Fatal(err)
-			}
-			if _, err := bd.build(nil); err != nil {
-				t.Fatal(err)
-			}
+			passes(t, bd, changed(t, src))
 			sameTrees(t, src, dst)
 			if len(missing) > 0 {
 				t.Errorf("the peer held no file under: %v", missing)
@@ -270,14 +255,9 @@ func TestBuildAsideNameTaken(t *testing.T) {
 	if err := os.Mkdir(filepath.Join(src, "e"), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := b.build([]journal.File{changed(t, src)}); err != nil {
-		t.Fatal(err)
-	}
 	// The next pass, with no record of the root (one would send the
 	// user's entries again), removes what was kept aside.
-	if _, err := b.build(nil); err != nil {
-		t.Fatal(err)
-	}
+	passes(t, b, changed(t, src))
 	sameTrees(t, src, dst)
 }
 
@@ -523,12 +503,7 @@ func TestBuildAsideKeptWhileClaimRequeued(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := b.build(append(requeue, changed(t, src))); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := b.build(nil); err != nil {
-			t.Fatal(err)
-		}
+		passes(t, b, append(requeue, changed(t, src))...)
 		sameTrees(t, src, dst)
 		if len(*nowhere) > 0 {
 			t.Errorf("the peer held a/d/f (b2/dX/f here) nowhere after: %v", *nowhere)
@@ -554,12 +529,7 @@ func TestBuildAsideKeptWhileClaimRequeued(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := b.build(append(requeue, changed(t, src))); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := b.build(nil); err != nil {
-			t.Fatal(err)
-		}
+		passes(t, b, append(requeue, changed(t, src))...)
 		sameTrees(t, src, dst)
 		if len(*nowhere) > 0 {
 			t.Errorf("the peer held the file nowhere after: %v", *nowhere)
@@ -577,12 +547,7 @@ func TestBuildKeptNameNotTaken(t *testing.T) {
 		t.Skipf("mknod (needs CAP_MKNOD): %v", err)
 	}
 	mustRename(t, filepath.Join(src, "a.new"), filepath.Join(src, "a"))
-	if _, err := b.build([]journal.File{changed(t, src)}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := b.build(nil); err != nil {
-		t.Fatal(err)
-	}
+	passes(t, b, changed(t, src))
 	if _, err := os.Lstat(filepath.Join(dst, "a")); err == nil {
 		t.Errorf("the peer still holds the replaced file under a")
 	}
@@ -638,12 +603,7 @@ func TestBuildBackupLinkThenReplace(t *testing.T) {
 	}
 	mustRename(t, filepath.Join(src, "conf.dpkg-new"), filepath.Join(src, "conf"))
 	bad := watchEither(b, sink, filepath.Join(dst, "conf"), old, newer)
-	if _, err := b.build([]journal.File{changed(t, src)}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := b.build(nil); err != nil {
-		t.Fatal(err)
-	}
+	passes(t, b, changed(t, src))
 	sameTrees(t, src, dst)
 	if len(*bad) > 0 {
 		t.Errorf("the peer's conf was neither the old nor the new file after: %v", *bad)
@@ -803,12 +763,7 @@ func TestBuildAsideNotRemovedAsGone(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := b.build(append(requeue, changed(t, src))); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := b.build(nil); err != nil {
-		t.Fatal(err)
-	}
+	passes(t, b, append(requeue, changed(t, src))...)
 	sameTrees(t, src, dst)
 	if len(*nowhere) > 0 {
 		t.Errorf("the peer held a/d/f (b2/dX/f here) nowhere after: %v", *nowhere)
@@ -869,12 +824,7 @@ func TestBuildPendingAsideClaimedInsideNewAside(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := b.build(append(requeue, changed(t, filepath.Join(src, "q")))); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := b.build(nil); err != nil {
-		t.Fatal(err)
-	}
+	passes(t, b, append(requeue, changed(t, filepath.Join(src, "q")))...)
 	sameTrees(t, src, dst)
 	if len(*nowhere) > 0 {
 		t.Errorf("the peer held a/K (q/x2/K here) nowhere after: %v", *nowhere)
@@ -907,12 +857,7 @@ func TestBuildRetiredNumberKeepsAside(t *testing.T) {
 		bad := watchEither(b, sink, filepath.Join(dst, "conf"), old, newer)
 		logRec := changed(t, filepath.Join(src, "log"))
 		logRec.NewSeq = 1 // the capture reports each allocation
-		if _, err := b.build([]journal.File{changed(t, src), logRec}); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := b.build(nil); err != nil {
-			t.Fatal(err)
-		}
+		passes(t, b, changed(t, src), logRec)
 		sameTrees(t, src, dst)
 		if len(*bad) > 0 {
 			t.Errorf("the peer's conf was neither the old nor the new file after: %v", *bad)
@@ -942,12 +887,7 @@ func TestBuildRetiredNumberKeepsAside(t *testing.T) {
 		rec := changed(t, n)
 		rec.NewSeq = 1
 		files := []journal.File{changed(t, filepath.Join(src, "w")), changed(t, filepath.Join(src, "w/e")), rec}
-		if _, err := b.build(files); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := b.build(nil); err != nil {
-			t.Fatal(err)
-		}
+		passes(t, b, files...)
 		sameTrees(t, src, dst)
 		if len(*nowhere) > 0 {
 			t.Errorf("the peer held w/d/sub/f (w/e/sub2/f here) nowhere after: %v", *nowhere)
@@ -1016,4 +956,15 @@ func TestBuildRetiredNameInBigDirectory(t *testing.T) {
 		})
 	}
 	sameTrees(t, src, dst)
+}
+
+// passes runs a pass of files and the one after it, which removes what
+// the first kept aside on the peer.
+func passes(t *testing.T, b *builder, files ...journal.File) {
+	t.Helper()
+	for _, f := range [][]journal.File{files, nil} {
+		if _, err := b.build(f); err != nil {
+			t.Fatal(err)
+		}
+	}
 }
