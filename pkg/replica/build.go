@@ -85,6 +85,8 @@ type builder struct {
 	// dirRequeued: a directory of this pass was requeued; the pending
 	// asides wait for a pass that reads it.
 	dirRequeued bool
+	// asideRefs locates them by inode number (renumberAsides).
+	asideRefs map[uint64][]asideRef
 	// asideSet holds asides and pendingAsides by name, pendingSet the
 	// pending ones only.
 	asideSet, pendingSet map[link]uint64
@@ -194,9 +196,11 @@ func (b *builder) build(files []journal.File) ([]journal.File, error) {
 	b.dirRequeued = false
 	b.asideSet = make(map[link]uint64, len(b.pendingAsides))
 	b.pendingSet = make(map[link]uint64, len(b.pendingAsides))
-	for _, a := range b.pendingAsides {
+	b.asideRefs = make(map[uint64][]asideRef, len(b.pendingAsides))
+	for i, a := range b.pendingAsides {
 		b.asideSet[a.link] = a.ino
 		b.pendingSet[a.link] = a.ino
+		b.asideRefs[a.ino] = append(b.asideRefs[a.ino], asideRef{true, i})
 	}
 	b.gaveUp = nil
 	b.sent = map[uint64]uint64{}
@@ -436,8 +440,44 @@ func (b *builder) retire(ino uint64, gen uint32) error {
 			b.retry(journal.File{Key: capture.InodeKey{Dev: b.dev, Ino: l.parent}, Attr: true, Rescan: true}, "a dead inode's name")
 		}
 	}
-	b.sh.rekey(ino)
+	b.renumberAsides(ino, b.sh.rekey(ino))
 	return nil
+}
+
+// renumberAsides follows a rekey of ino to dead: the asides that keep ino
+// keep dead. Left with the old number, the pass that removes asides took
+// the aside for claimed (its name holds another number) and kept it on
+// the peer for good (TestBuildAsideOfRetiredNumberRemoved).
+func (b *builder) renumberAsides(ino, dead uint64) {
+	if dead == 0 {
+		return
+	}
+	refs := b.asideRefs[ino]
+	if len(refs) == 0 {
+		return
+	}
+	for _, r := range refs {
+		var a *asideLink
+		if r.pending {
+			a = &b.pendingAsides[r.i]
+		} else {
+			a = &b.asides[r.i]
+		}
+		a.ino = dead
+		for _, set := range []map[link]uint64{b.asideSet, b.pendingSet} {
+			if set[a.link] == ino {
+				set[a.link] = dead
+			}
+		}
+	}
+	delete(b.asideRefs, ino)
+	b.asideRefs[dead] = append(b.asideRefs[dead], refs...)
+}
+
+// asideRef locates an aside: b.pendingAsides[i] or b.asides[i].
+type asideRef struct {
+	pending bool
+	i       int
 }
 
 // current says whether the shadow's node ino is the inode that holds the
@@ -927,17 +967,21 @@ func (b *builder) removeAsides() error {
 		// A directory this pass could not read may be where a kept
 		// inode went (`mv b b2` before it read b): kept for a pass
 		// that reads it (TestBuildAsideKeptWhileClaimRequeued).
+		b.log.Debug("asides kept for a pass that reads a requeued directory", "pending", len(b.pendingAsides))
 		return nil
 	}
 	for _, a := range b.pendingAsides {
 		if !b.sh.has(a.parent) {
+			b.log.Debug("aside gone with its directory", "name", a.name, "ino", a.ino)
 			continue
 		}
 		if cur, ok := b.sh.child(a.parent, a.name); !ok || cur != a.ino {
+			b.log.Debug("aside claimed", "name", a.name, "ino", a.ino, "now", cur)
 			continue
 		}
 		lp, ok := b.sh.linkPath(a.link)
 		if !ok {
+			b.log.Debug("aside has no path", "name", a.name, "ino", a.ino)
 			continue
 		}
 		if err := b.out.add(&wire.Op{Code: wire.OpRemove, Path: lp}); err != nil {
@@ -960,6 +1004,10 @@ func (b *builder) markMoved(ino uint64) {
 // addAside records that this pass keeps inode ino under l.
 func (b *builder) addAside(l link, ino uint64) {
 	b.asides = append(b.asides, asideLink{l, ino})
+	if b.asideRefs == nil {
+		b.asideRefs = map[uint64][]asideRef{}
+	}
+	b.asideRefs[ino] = append(b.asideRefs[ino], asideRef{false, len(b.asides) - 1})
 	if b.asideSet == nil {
 		b.asideSet = map[link]uint64{}
 	}

@@ -901,6 +901,9 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 		bt.flush()
 		p.mu.Lock()
 		p.asides = b.leftAsides()
+		if bt.debug {
+			p.Log.Debug("pass built", "records", len(files), "requeued", len(requeue), "asides_left", len(p.asides), "err", err)
+		}
 		p.building = false
 		p.dataBytes += b.dataRead
 		p.resyncGivenUp(b.gaveUp)

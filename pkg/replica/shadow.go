@@ -788,7 +788,13 @@ func (s *shadow) rekey(ino uint64) uint64 {
 		s.dead = deadBase
 	}
 	s.dead++
-	to := s.dead
+	s.renumber(ino, n, s.dead)
+	return s.dead
+}
+
+// renumber moves node ino (n) with its names and entries to number to,
+// which the shadow does not hold.
+func (s *shadow) renumber(ino uint64, n snode, to uint64) {
 	s.newNode(to, n.mode)
 	if n.mode.IsDir() {
 		kids := map[string]uint64{}
@@ -813,7 +819,6 @@ func (s *shadow) rekey(ino uint64) uint64 {
 	if s.has(ino) {
 		s.drop(ino)
 	}
-	return to
 }
 
 // move renames the link from → (parent, name).
