@@ -905,7 +905,13 @@ func handleGeneration(typ int32, b []byte) (uint32, bool) {
 
 // movedFrom decides whether a known inode appearing under a new name was
 // renamed (and from which name) or got one more hard link: more names on
-// disk than the shadow knows means a new link.
+// disk than the shadow knows means a new link. It renames from a name
+// this node no longer gives the inode; a name under an aside (a path only
+// the peer has: the directory went elsewhere here, with the name perhaps
+// still in it) only when no other name is gone. Taken from under the
+// aside, a hard link's name that still lived in the moved directory went
+// from the peer for good (`mv w/s w/y/s2; mv w/y/L w/s`, L a link of
+// w/s/f: TestBuildLinkMovedOverDirectoryHoldingItsOtherName).
 func (b *builder) movedFrom(kn snode, st *unix.Stat_t) (link, bool) {
 	names := b.sh.names(kn.ino)
 	if len(names) == 0 {
@@ -914,16 +920,44 @@ func (b *builder) movedFrom(kn snode, st *unix.Stat_t) (link, bool) {
 	if !kn.mode.IsDir() && uint64(st.Nlink) > uint64(len(names)) {
 		return names[0], false
 	}
+	var underAside []link
 	for _, l := range names {
 		p, ok := b.sh.linkPath(l)
 		if !ok {
 			continue
 		}
 		if cur, err := fstree.Stat(b.root, p); err != nil || cur.Ino != kn.ino {
+			if len(names) > 1 && b.throughAside(l) {
+				underAside = append(underAside, l)
+				continue
+			}
 			return l, true
 		}
 	}
+	if len(underAside) > 0 {
+		return underAside[0], true
+	}
 	return names[0], true
+}
+
+// throughAside says whether the shadow's path of l goes through a name
+// kept aside on the peer (this pass's or a pending one), l's own
+// included.
+func (b *builder) throughAside(l link) bool {
+	for range maxDepth {
+		if _, ok := b.asideSet[l]; ok {
+			return true
+		}
+		if l.parent == b.sh.root {
+			return false
+		}
+		names := b.sh.names(l.parent)
+		if len(names) != 1 {
+			return false
+		}
+		l = names[0]
+	}
+	return false
 }
 
 // freeName returns a name for ino in directory dirIno, prefix and its
