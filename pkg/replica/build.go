@@ -226,11 +226,26 @@ func (b *builder) build(files []journal.File) ([]journal.File, error) {
 	var reread []journal.File
 	rereadDir := map[uint64]bool{} // read whole, big or not
 	for i, f := range files {
-		if f.Key.Dev != b.dev || f.NewSeq <= b.syncSeq {
+		if f.Key.Dev != b.dev {
 			continue
 		}
+		newGen := f.NewGen
+		if f.NewSeq <= b.syncSeq {
+			// A record lost in an overflow may be the allocation's:
+			// the number found with another type or generation
+			// under the node's name is taken again. Missed, `rm -r
+			// x; mkdir x` with x's number taken by the directory
+			// left x's record requeued until a resync, blocking
+			// every durability call meanwhile (found by
+			// TestBuildRandomHistories).
+			g, taken := b.numberTaken(f)
+			if !taken {
+				continue
+			}
+			newGen = g
+		}
 		n, ok := b.sh.node(f.Key.Ino)
-		if !ok || f.Key.Ino == b.sh.root || n.genKnown && n.gen == f.NewGen || b.current(f.Key.Ino) {
+		if !ok || f.Key.Ino == b.sh.root || n.genKnown && n.gen == newGen || b.current(f.Key.Ino) {
 			continue
 		}
 		for _, l := range b.sh.names(f.Key.Ino) {
@@ -244,7 +259,7 @@ func (b *builder) build(files []journal.File) ([]journal.File, error) {
 				continue
 			}
 		}
-		if err := b.retire(f.Key.Ino, f.NewGen); err != nil {
+		if err := b.retire(f.Key.Ino, newGen); err != nil {
 			return nil, err
 		}
 	}
@@ -478,6 +493,28 @@ func (b *builder) renumberAsides(ino, dead uint64) {
 type asideRef struct {
 	pending bool
 	i       int
+}
+
+// numberTaken says, for a record of lost changes (Rescan), whether the
+// inode a name of the shadow's node leads to has the node's number with
+// another file type or generation: the node's inode is gone and the
+// number taken again. It returns that inode's generation.
+func (b *builder) numberTaken(f journal.File) (uint32, bool) {
+	if !f.Rescan {
+		return 0, false
+	}
+	n, ok := b.sh.node(f.Key.Ino)
+	if !ok || f.Key.Ino == b.sh.root {
+		return 0, false
+	}
+	typ, gen, ok := b.holder(f.Key.Ino)
+	if !ok {
+		return 0, false
+	}
+	if fstree.ModeOf(typ).Type() != n.mode.Type() || n.genKnown && gen != n.gen {
+		return gen, true
+	}
+	return 0, false
 }
 
 // current says whether the shadow's node ino is the inode that holds the
@@ -905,13 +942,18 @@ func handleGeneration(typ int32, b []byte) (uint32, bool) {
 
 // movedFrom decides whether a known inode appearing under a new name was
 // renamed (and from which name) or got one more hard link: more names on
-// disk than the shadow knows means a new link. It renames from a name
-// this node no longer gives the inode; a name under an aside (a path only
-// the peer has: the directory went elsewhere here, with the name perhaps
-// still in it) only when no other name is gone. Taken from under the
-// aside, a hard link's name that still lived in the moved directory went
-// from the peer for good (`mv w/s w/y/s2; mv w/y/L w/s`, L a link of
-// w/s/f: TestBuildLinkMovedOverDirectoryHoldingItsOtherName).
+// disk than the shadow knows means a new link. It renames from a name its
+// directory here no longer gives the inode. A name whose directory is not
+// where the shadow says (moved here, in a pass not read yet, or kept aside
+// on the peer: a path only the peer has) may still be there: it is taken
+// only when every other name is known to be there still. Taken on its
+// path's failing to resolve, a hard link's name that lived on in the moved
+// directory went from the peer for good (`mv w/s w/y/s2; mv w/y/L w/s`, L
+// a link of w/s/f: TestBuildLinkMovedOverDirectoryHoldingItsOtherName;
+// `mv w/d w/d.up; mv w/d.up/n8 w/d`: TestBuildLinkMovedOutOfDirectoryKeptAside).
+// When which name went cannot be told, the inode is linked, and the name
+// that went goes with its directory's reconcile (its entries changed: it
+// has a record).
 func (b *builder) movedFrom(kn snode, st *unix.Stat_t) (link, bool) {
 	names := b.sh.names(kn.ino)
 	if len(names) == 0 {
@@ -920,44 +962,54 @@ func (b *builder) movedFrom(kn snode, st *unix.Stat_t) (link, bool) {
 	if !kn.mode.IsDir() && uint64(st.Nlink) > uint64(len(names)) {
 		return names[0], false
 	}
-	var underAside []link
+	if len(names) == 1 {
+		return names[0], true
+	}
+	var unknown []link
 	for _, l := range names {
-		p, ok := b.sh.linkPath(l)
-		if !ok {
-			continue
-		}
-		if cur, err := fstree.Stat(b.root, p); err != nil || cur.Ino != kn.ino {
-			if len(names) > 1 && b.throughAside(l) {
-				underAside = append(underAside, l)
-				continue
-			}
+		switch b.nameHolds(l, kn.ino) {
+		case nameGone:
 			return l, true
+		case nameUnknown:
+			unknown = append(unknown, l)
 		}
 	}
-	if len(underAside) > 0 {
-		return underAside[0], true
+	if len(unknown) == 1 {
+		return unknown[0], true
 	}
-	return names[0], true
+	return names[0], false
 }
 
-// throughAside says whether the shadow's path of l goes through a name
-// kept aside on the peer (this pass's or a pending one), l's own
-// included.
-func (b *builder) throughAside(l link) bool {
-	for range maxDepth {
-		if _, ok := b.asideSet[l]; ok {
-			return true
-		}
-		if l.parent == b.sh.root {
-			return false
-		}
-		names := b.sh.names(l.parent)
-		if len(names) != 1 {
-			return false
-		}
-		l = names[0]
+// Whether a name of the shadow gives its inode here still (nameHolds).
+const (
+	nameHeld    = iota
+	nameGone    // its directory is where the shadow says, without it
+	nameUnknown // its directory is not where the shadow says
+)
+
+// nameHolds says whether directory l.parent, opened where the shadow says
+// it is, still gives name l.name to inode ino.
+func (b *builder) nameHolds(l link, ino uint64) int {
+	p, ok := b.sh.path(l.parent)
+	if !ok {
+		return nameUnknown
 	}
-	return false
+	d, err := fstree.OpenBeneath(b.root, p, unix.O_PATH|unix.O_DIRECTORY)
+	if err != nil {
+		return nameUnknown
+	}
+	defer d.Close()
+	var st unix.Stat_t
+	if err := unix.Fstat(int(d.Fd()), &st); err != nil || st.Ino != l.parent {
+		return nameUnknown
+	}
+	if err := unix.Fstatat(int(d.Fd()), l.name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil || st.Ino != ino {
+		if err != nil && !errors.Is(err, unix.ENOENT) {
+			return nameUnknown
+		}
+		return nameGone
+	}
+	return nameHeld
 }
 
 // freeName returns a name for ino in directory dirIno, prefix and its

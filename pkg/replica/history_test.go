@@ -1,0 +1,447 @@
+package replica
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/duet-ha/duet/pkg/capture"
+	"github.com/duet-ha/duet/pkg/fstree"
+	"github.com/duet-ha/duet/pkg/journal"
+	"github.com/duet-ha/duet/pkg/wire"
+	"golang.org/x/sys/unix"
+)
+
+// TestBuildRandomHistories runs the builder over random histories of
+// namespace and data changes made on a real directory, with the records a
+// capture would emit folded into a journal. Passes come at random points
+// and take only the records drained so far (the rest arrive later, as from
+// a ring buffer read behind the writer), some records are lost and stand
+// for an overflow's rescan mark, and what a pass requeues goes back into
+// the journal. After the last records and the passes they need, the
+// peer's copy must equal the source, and no pass may fail, be refused by
+// the applier or give a change up. The inode numbers ext4 hands out again
+// at once make the reuse cases (retire, rekey) come up on their own.
+//
+// DUET_HISTORY_RUNS sets the number of histories (default 150); a failure
+// prints its seed and its operations, DUET_HISTORY_SEED replays one.
+func TestBuildRandomHistories(t *testing.T) {
+	runs := 150
+	if s := os.Getenv("DUET_HISTORY_RUNS"); s != "" {
+		fmt.Sscan(s, &runs)
+	}
+	first := uint64(time.Now().UnixNano())
+	if s := os.Getenv("DUET_HISTORY_SEED"); s != "" {
+		fmt.Sscan(s, &first)
+		runs = 1
+	}
+	for i := range runs {
+		seed := first + uint64(i)
+		if !t.Run(fmt.Sprint(seed), func(t *testing.T) { runHistory(t, seed) }) {
+			break
+		}
+	}
+}
+
+// history is one random history's state: the source tree, the records
+// emitted and not yet drained, the journal and the builder.
+type history struct {
+	t       *testing.T
+	rng     *rand.Rand
+	src     string
+	seq     uint64
+	emitted []capture.Record // not drained yet
+	j       *journal.Journal
+	b       *builder
+	log     []string
+}
+
+func runHistory(t *testing.T, seed uint64) {
+	h := &history{t: t, rng: rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)), j: journal.New(), seq: 1000}
+	var initial []string
+	for i := range 3 + h.rng.IntN(6) {
+		initial = append(initial, fmt.Sprintf("d%d/f%d", h.rng.IntN(3), i), fmt.Sprintf("d%d/s%d/g%d", h.rng.IntN(3), h.rng.IntN(2), i))
+	}
+	src, dst, b, _ := syncedPair(t, initial...)
+	h.src, h.b = src, b
+	failing := &historySink{h: h}
+	a := b.out.(*applySink)
+	failing.a = a.a
+	b.out = failing
+	b.log = slog.New(slog.NewTextHandler(logTo{h}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	if h.rng.IntN(3) == 0 {
+		bigFrom(b.sh, 3) // directories read by their records' names
+		h.log = append(h.log, "big directories from 3 entries")
+	}
+	fail := func(format string, args ...any) {
+		t.Helper()
+		t.Fatalf("seed %d: %s\nhistory:\n  %s", seed, fmt.Sprintf(format, args...), strings.Join(h.log, "\n  "))
+	}
+	ops := 20 + h.rng.IntN(40)
+	for range ops {
+		h.op()
+		switch h.rng.IntN(8) {
+		case 0, 1:
+			if err := h.pass(false); err != nil {
+				fail("%v", err)
+			}
+		case 2:
+			// What a durability call waits for: a pass of every record
+			// emitted so far with nothing blocked. Every file is then
+			// on the peer as here; the peer may hold more names
+			// (asides, removed a pass later).
+			if err := h.pass(true); err != nil {
+				fail("%v", err)
+			}
+			if h.b.blocked == 0 {
+				if diffs := h.differences(src, dst, true); len(diffs) != 0 {
+					fail("after a pass of every record, with nothing blocked: %v", diffs)
+				}
+			}
+		}
+	}
+	// Everything drained, then passes until nothing is left.
+	for i := 0; ; i++ {
+		if err := h.pass(true); err != nil {
+			fail("%v", err)
+		}
+		// What is left may be bytes beyond the end of a file (a record
+		// of an earlier inode of the number: given up after a time,
+		// blocking nothing).
+		if h.b.blocked == 0 && len(h.b.leftAsides()) == 0 {
+			break
+		}
+		if i == 20 {
+			fail("still %d changes (%d blocked) and %d asides after 20 passes", h.j.Pending(), h.b.blocked, len(h.b.leftAsides()))
+		}
+	}
+	if failing.err != nil {
+		fail("%v", failing.err)
+	}
+	if diffs := h.differences(src, dst, false); len(diffs) != 0 {
+		fail("trees differ: %v", diffs)
+	}
+}
+
+// differences compares the trees; with asides, entries only the peer has
+// under a name kept aside, and the times of the directories that hold
+// them, are not differences.
+func (h *history) differences(src, dst string, asides bool) []string {
+	r1, _ := fstree.OpenRoot(src)
+	defer r1.Close()
+	r2, _ := fstree.OpenRoot(dst)
+	defer r2.Close()
+	l, _, _ := fstree.Scan(r1, true)
+	p, _, _ := fstree.Scan(r2, true)
+	var out []string
+	for _, d := range fstree.Compare(l, p) {
+		if asides && strings.Contains(d.Path, ".duet-replaced-") && d.What == "only on peer" {
+			continue
+		}
+		out = append(out, d.String())
+	}
+	return out
+}
+
+// logTo keeps the builder's debug lines in the history.
+type logTo struct{ h *history }
+
+func (l logTo) Write(p []byte) (int, error) {
+	line := strings.TrimSpace(string(p))
+	if i := strings.Index(line, "msg="); i >= 0 {
+		line = line[i:]
+	}
+	l.h.log = append(l.h.log, "    "+line)
+	return len(p), nil
+}
+
+// historySink applies each op to the peer's copy and keeps the first
+// refusal, which fails the pass.
+type historySink struct {
+	a   *Applier
+	err error
+	h   *history
+}
+
+func (s *historySink) add(op *wire.Op) error {
+	if s.h != nil && os.Getenv("DUET_HISTORY_SEED") != "" {
+		s.h.log = append(s.h.log, fmt.Sprintf("      > %s %q %q off %d, %d bytes, len %d", op.Code, op.Path, op.Path2, op.Off, len(op.Data), op.Len))
+	}
+	if err := s.a.Apply(op); err != nil {
+		if s.err == nil {
+			s.err = fmt.Errorf("the peer refused %s %q -> %q: %w", op.Code, op.Path, op.Path2, err)
+		}
+		return s.err
+	}
+	return nil
+}
+
+// pass drains a random prefix of the emitted records (all when all is
+// set), losing a few for rescan marks, and runs a pass.
+func (h *history) pass(all bool) error {
+	n := len(h.emitted)
+	if !all && n > 0 {
+		n = h.rng.IntN(n + 1)
+	}
+	for _, r := range h.emitted[:n] {
+		if !all && h.rng.IntN(25) == 0 {
+			// Lost in an overflow: the kernel marked the inode.
+			h.j.MarkRescan(capture.InodeKey{Dev: r.Dev, Ino: r.Ino})
+			h.log = append(h.log, fmt.Sprintf("  (record %d of %d lost: rescan)", r.Seq, r.Ino))
+			continue
+		}
+		h.j.Add(&r, time.Now())
+	}
+	h.emitted = append(h.emitted[:0], h.emitted[n:]...)
+	files := h.j.Take(time.Now())
+	h.log = append(h.log, fmt.Sprintf("-- pass: %d records drained, %d files, %d asides pending", n, len(files), len(h.b.leftAsides())))
+	requeue, err := h.b.build(files)
+	if err != nil {
+		return fmt.Errorf("pass: %w", err)
+	}
+	if len(h.b.gaveUp) > 0 {
+		return fmt.Errorf("pass gave up %v", h.b.gaveUp)
+	}
+	for _, f := range requeue {
+		h.j.Requeue(f)
+	}
+	return nil
+}
+
+// emit is what capture reports of the inode at path (Lstat) now.
+func (h *history) emit(path string, kind capture.Kind, pos, n uint64) {
+	var st unix.Stat_t
+	if err := unix.Lstat(path, &st); err != nil {
+		return
+	}
+	gen := h.gen(path)
+	h.seq++
+	h.emitted = append(h.emitted, capture.Record{Seq: h.seq, Ino: st.Ino, Gen: gen, Kind: kind, Pos: pos, Len: n})
+}
+
+// emitIno reports an attribute change of an inode by number (one that may
+// have no name any more).
+func (h *history) emitIno(ino uint64, gen uint32) {
+	h.seq++
+	h.emitted = append(h.emitted, capture.Record{Seq: h.seq, Ino: ino, Gen: gen, Kind: capture.KindAttr})
+}
+
+func (h *history) gen(path string) uint32 {
+	d, err := os.Open(filepath.Dir(path))
+	if err != nil {
+		return 0
+	}
+	defer d.Close()
+	g, _ := generation(int(d.Fd()), filepath.Base(path))
+	return g
+}
+
+// dirty reports the directory at path changed.
+func (h *history) dirty(path string) { h.emit(path, capture.KindAttr, 0, 0) }
+
+// created reports a new inode at path.
+func (h *history) created(path string) {
+	h.emit(path, capture.KindNew, 0, 0)
+	h.emit(path, capture.KindAttr, 0, 0)
+}
+
+// entries lists the tree's paths (relative), directories and others apart.
+func (h *history) entries() (dirs, others []string) {
+	dirs = []string{"."}
+	filepath.WalkDir(h.src, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || p == h.src {
+			return nil
+		}
+		rel, _ := filepath.Rel(h.src, p)
+		if d.IsDir() {
+			dirs = append(dirs, rel)
+		} else {
+			others = append(others, rel)
+		}
+		return nil
+	})
+	sort.Strings(dirs)
+	sort.Strings(others)
+	return dirs, others
+}
+
+func (h *history) pick(s []string) string {
+	if len(s) == 0 {
+		return ""
+	}
+	return s[h.rng.IntN(len(s))]
+}
+
+func (h *history) abs(rel string) string { return filepath.Join(h.src, rel) }
+
+// op makes one random change and emits its records.
+func (h *history) op() {
+	dirs, others := h.entries()
+	dir := h.pick(dirs)
+	name := fmt.Sprintf("n%d", h.rng.IntN(12))
+	target := filepath.Join(dir, name)
+	var inoGen = func(rel string) (uint64, uint32, bool) {
+		var st unix.Stat_t
+		if unix.Lstat(h.abs(rel), &st) != nil {
+			return 0, 0, false
+		}
+		return st.Ino, h.gen(h.abs(rel)), true
+	}
+	// victim reports the inode a name held before it was replaced or
+	// removed (its link count changed).
+	victim := func(rel string) func() {
+		ino, gen, ok := inoGen(rel)
+		if !ok {
+			return func() {}
+		}
+		return func() { h.emitIno(ino, gen) }
+	}
+	switch k := h.rng.IntN(13); {
+	case k < 3: // create or rewrite a file
+		v := victim(target)
+		if fi, err := os.Lstat(h.abs(target)); err == nil && fi.IsDir() {
+			return
+		}
+		tmp := h.abs(target) + ".tmp"
+		data := make([]byte, 1+h.rng.IntN(9000))
+		for i := range data {
+			data[i] = byte(h.rng.Uint32())
+		}
+		_, err := os.Lstat(tmp)
+		existed := err == nil
+		if err := os.WriteFile(tmp, data, 0o644); err != nil {
+			return
+		}
+		if existed {
+			// O_TRUNC: what the capture's truncate hook reports, and
+			// the inode's update.
+			h.emit(tmp, capture.KindData, 0, 1<<62)
+			h.emit(tmp, capture.KindAttr, 0, 0)
+		} else {
+			h.created(tmp)
+			h.dirty(h.abs(dir))
+		}
+		h.emit(tmp, capture.KindData, 0, uint64(len(data)))
+		if h.rng.IntN(2) == 0 {
+			if os.Rename(tmp, h.abs(target)) == nil {
+				v()
+				h.emit(h.abs(target), capture.KindAttr, 0, 0) // its ctime
+				h.dirty(h.abs(dir))
+				h.log = append(h.log, fmt.Sprintf("write %s (%d bytes) via rename", target, len(data)))
+			}
+		} else {
+			h.log = append(h.log, fmt.Sprintf("write %s.tmp (%d bytes)", target, len(data)))
+		}
+	case k < 5: // write into an existing file
+		f := h.pick(others)
+		if f == "" {
+			return
+		}
+		fd, err := os.OpenFile(h.abs(f), os.O_WRONLY|unix.O_NOFOLLOW, 0)
+		if err != nil {
+			return
+		}
+		off := int64(h.rng.IntN(12000))
+		data := make([]byte, 1+h.rng.IntN(5000))
+		for i := range data {
+			data[i] = byte(h.rng.Uint32())
+		}
+		_, err = fd.WriteAt(data, off)
+		fd.Close()
+		if err == nil {
+			h.emit(h.abs(f), capture.KindData, uint64(off), uint64(len(data)))
+			h.emit(h.abs(f), capture.KindAttr, 0, 0)
+			h.log = append(h.log, fmt.Sprintf("pwrite %s at %d, %d bytes", f, off, len(data)))
+		}
+	case k == 5: // mkdir
+		if os.Mkdir(h.abs(target), 0o755) == nil {
+			h.created(h.abs(target))
+			h.dirty(h.abs(dir))
+			h.log = append(h.log, "mkdir "+target)
+		}
+	case k < 9: // rename anything anywhere, over what is there if it can
+		from := h.pick(append(others, dirs[1:]...))
+		if from == "" || strings.HasPrefix(target+"/", from+"/") {
+			return
+		}
+		v := victim(target)
+		ino, gen, _ := inoGen(from)
+		if os.Rename(h.abs(from), h.abs(target)) == nil {
+			v()
+			h.emitIno(ino, gen)
+			h.dirty(h.abs(filepath.Dir(from)))
+			h.dirty(h.abs(dir))
+			h.log = append(h.log, fmt.Sprintf("mv %s %s", from, target))
+		}
+	case k == 9: // remove a file or a tree
+		from := h.pick(append(others, dirs[1:]...))
+		if from == "" {
+			return
+		}
+		v := victim(from)
+		if os.RemoveAll(h.abs(from)) == nil {
+			v()
+			h.dirty(h.abs(filepath.Dir(from)))
+			h.log = append(h.log, "rm -r "+from)
+		}
+	case k == 10: // hard link or symlink
+		f := h.pick(others)
+		if f == "" {
+			return
+		}
+		if h.rng.IntN(2) == 0 {
+			if os.Link(h.abs(f), h.abs(target)) == nil {
+				h.emit(h.abs(target), capture.KindAttr, 0, 0)
+				h.dirty(h.abs(dir))
+				h.log = append(h.log, fmt.Sprintf("ln %s %s", f, target))
+			}
+		} else if os.Symlink(f, h.abs(target)) == nil {
+			h.created(h.abs(target))
+			h.dirty(h.abs(dir))
+			h.log = append(h.log, fmt.Sprintf("ln -s %s %s", f, target))
+		}
+	case k == 11: // mv d d.up; mv d.up/s d
+		d := h.pick(dirs[1:])
+		if d == "" {
+			return
+		}
+		var sub string
+		if es, _ := os.ReadDir(h.abs(d)); len(es) > 0 {
+			sub = es[h.rng.IntN(len(es))].Name()
+		}
+		if sub == "" || os.Rename(h.abs(d), h.abs(d)+".up") != nil {
+			return
+		}
+		h.emit(h.abs(d)+".up", capture.KindAttr, 0, 0)
+		h.dirty(h.abs(filepath.Dir(d)))
+		if os.Rename(filepath.Join(h.abs(d)+".up", sub), h.abs(d)) == nil {
+			h.emit(h.abs(d), capture.KindAttr, 0, 0)
+			h.dirty(h.abs(d) + ".up")
+			h.dirty(h.abs(filepath.Dir(d)))
+		}
+		h.log = append(h.log, fmt.Sprintf("mv %s %s.up; mv %s.up/%s %s", d, d, d, sub, d))
+	default: // exchange two names
+		a, c := h.pick(append(others, dirs[1:]...)), h.pick(append(others, dirs[1:]...))
+		if a == "" || c == "" || a == c || strings.HasPrefix(a+"/", c+"/") || strings.HasPrefix(c+"/", a+"/") {
+			return
+		}
+		err := unix.Renameat2(unix.AT_FDCWD, h.abs(a), unix.AT_FDCWD, h.abs(c), unix.RENAME_EXCHANGE)
+		if err == nil {
+			h.emit(h.abs(a), capture.KindAttr, 0, 0)
+			h.emit(h.abs(c), capture.KindAttr, 0, 0)
+			h.dirty(h.abs(filepath.Dir(a)))
+			h.dirty(h.abs(filepath.Dir(c)))
+			h.log = append(h.log, fmt.Sprintf("exchange %s %s", a, c))
+		} else if !errors.Is(err, unix.ENOENT) {
+			h.log = append(h.log, fmt.Sprintf("exchange %s %s: %v", a, c, err))
+		}
+	}
+}
