@@ -203,6 +203,11 @@ func (h *history) pass(all bool) error {
 	h.emitted = append(h.emitted[:0], h.emitted[n:]...)
 	files := h.j.Take(time.Now())
 	h.log = append(h.log, fmt.Sprintf("-- pass: %d records drained, %d files, %d asides pending", n, len(files), len(h.b.leftAsides())))
+	// A builder of its own, as the Primary makes for each pass, with
+	// what it carries from one to the next.
+	old := h.b
+	h.b = newBuilder(old.root, old.dev, old.sh, nil, old.out, old.log, old.buf)
+	h.b.syncSeq, h.b.shipped, h.b.pendingAsides = old.syncSeq, old.shipped, old.leftAsides()
 	requeue, err := h.b.build(files)
 	if err != nil {
 		return fmt.Errorf("pass: %w", err)
