@@ -309,7 +309,31 @@ func (h *history) op() {
 		}
 		return func() { h.emitIno(ino, gen) }
 	}
-	switch k := h.rng.IntN(13); {
+	switch k := h.rng.IntN(15); {
+	case k == 13: // truncate a file, shorter or longer
+		f := h.pick(others)
+		if fi, err := os.Lstat(h.abs(f)); f == "" || err != nil || !fi.Mode().IsRegular() {
+			return
+		}
+		size := int64(h.rng.IntN(12000))
+		if os.Truncate(h.abs(f), size) == nil {
+			h.emit(h.abs(f), capture.KindData, uint64(size), 1<<62)
+			h.emit(h.abs(f), capture.KindAttr, 0, 0)
+			h.log = append(h.log, fmt.Sprintf("truncate %s to %d", f, size))
+		}
+	case k == 14: // chmod anything
+		f := h.pick(append(others, dirs[1:]...))
+		if fi, err := os.Lstat(h.abs(f)); f == "" || err != nil || fi.Mode()&fs.ModeSymlink != 0 {
+			return
+		}
+		mode := fs.FileMode(0o600 | h.rng.IntN(0o100)&0o055)
+		if fi, _ := os.Lstat(h.abs(f)); fi.IsDir() {
+			mode |= 0o700
+		}
+		if os.Chmod(h.abs(f), mode) == nil {
+			h.emit(h.abs(f), capture.KindAttr, 0, 0)
+			h.log = append(h.log, fmt.Sprintf("chmod %o %s", mode, f))
+		}
 	case k < 3: // create or rewrite a file
 		v := victim(target)
 		if fi, err := os.Lstat(h.abs(target)); err == nil && fi.IsDir() {
