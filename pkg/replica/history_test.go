@@ -62,6 +62,10 @@ type history struct {
 	j       *journal.Journal
 	b       *builder
 	log     []string
+	// concurrent: changes are made during passes too (inOp while one
+	// is; midOps counts those of the last pass).
+	concurrent, inOp bool
+	midOps, totalMid int
 }
 
 func runHistory(t *testing.T, seed uint64) {
@@ -77,6 +81,10 @@ func runHistory(t *testing.T, seed uint64) {
 	failing.a = a.a
 	b.out = failing
 	b.log = slog.New(slog.NewTextHandler(logTo{h}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	if h.rng.IntN(2) == 0 {
+		h.concurrent = true
+		h.log = append(h.log, "changes during passes too")
+	}
 	if h.rng.IntN(3) == 0 {
 		bigFrom(b.sh, 3) // directories read by their records' names
 		h.log = append(h.log, "big directories from 3 entries")
@@ -101,7 +109,7 @@ func runHistory(t *testing.T, seed uint64) {
 			if err := h.pass(true); err != nil {
 				fail("%v", err)
 			}
-			if h.b.blocked == 0 {
+			if h.b.blocked == 0 && h.midOps == 0 {
 				if diffs := h.differences(src, dst, true); len(diffs) != 0 {
 					fail("after a pass of every record, with nothing blocked: %v", diffs)
 				}
@@ -109,6 +117,7 @@ func runHistory(t *testing.T, seed uint64) {
 		}
 	}
 	// Everything drained, then passes until nothing is left.
+	h.concurrent = false
 	for i := 0; ; i++ {
 		if err := h.pass(true); err != nil {
 			fail("%v", err)
@@ -129,6 +138,7 @@ func runHistory(t *testing.T, seed uint64) {
 	if diffs := h.differences(src, dst, false); len(diffs) != 0 {
 		fail("trees differ: %v", diffs)
 	}
+	t.Logf("%d changes, %d of them during passes", ops+h.totalMid, h.totalMid)
 }
 
 // differences compares the trees; with asides, entries only the peer has
@@ -181,6 +191,16 @@ func (s *historySink) add(op *wire.Op) error {
 		}
 		return s.err
 	}
+	// The writer goes on while a pass reads the tree: a change made
+	// between two of its ops, whose records a later pass takes.
+	if h := s.h; h != nil && h.concurrent && !h.inOp && h.rng.IntN(15) == 0 {
+		h.inOp = true
+		h.log = append(h.log, "    (during the pass:)")
+		h.op()
+		h.inOp = false
+		h.midOps++
+		h.totalMid++
+	}
 	return nil
 }
 
@@ -201,6 +221,7 @@ func (h *history) pass(all bool) error {
 		h.j.Add(&r, time.Now())
 	}
 	h.emitted = append(h.emitted[:0], h.emitted[n:]...)
+	h.midOps = 0
 	files := h.j.Take(time.Now())
 	h.log = append(h.log, fmt.Sprintf("-- pass: %d records drained, %d files, %d asides pending", n, len(files), len(h.b.leftAsides())))
 	// A builder of its own, as the Primary makes for each pass, with
