@@ -343,12 +343,14 @@ func (b *builder) build(files []journal.File) ([]journal.File, error) {
 			failed = append(failed, ino)
 		}
 	}
+	notRead := map[uint64]bool{} // requeued: their attributes go with them
 	for _, ino := range failed {
 		ok, err := compare(ino)
 		if err != nil {
 			return nil, err
 		}
 		if !ok {
+			notRead[ino] = true
 			// Read whole next time: the names to look up in it
 			// came from this pass's inodes, which are done.
 			f := journal.File{Key: capture.InodeKey{Dev: b.dev, Ino: ino}}
@@ -373,7 +375,10 @@ func (b *builder) build(files []journal.File) ([]journal.File, error) {
 		return nil, err
 	}
 	for _, f := range dirs {
-		if err := b.attrs(f.Key.Ino); err != nil {
+		if notRead[f.Key.Ino] {
+			continue
+		}
+		if err := b.attrs(f); err != nil {
 			return nil, err
 		}
 	}
@@ -1336,14 +1341,21 @@ func (b *builder) remove() error {
 	return nil
 }
 
-// attrs ships the metadata of a directory or other non-regular inode.
-func (b *builder) attrs(ino uint64) error {
+// attrs ships the metadata of a directory or other non-regular inode (f).
+// Not where the shadow says (moved after its directory was read, or with
+// an ancestor: its parent's reconcile fixes the shadow), it is requeued.
+// Skipped, the change was lost: `chmod 700 d/x; mv d e` with the rename
+// made between x's reconcile and its attributes left the peer's x with
+// its old mode until a resync (found by TestBuildRandomHistories).
+func (b *builder) attrs(f journal.File) error {
+	ino := f.Key.Ino
 	p, ok := b.sh.path(ino)
 	if !ok || p == "." {
 		return nil
 	}
 	st, err := fstree.Stat(b.root, p)
 	if err != nil || st.Ino != ino {
+		b.retry(f, p+" moved before its attributes were shipped")
 		return nil
 	}
 	return b.out.add(setattrOp(p, &st))
@@ -1359,7 +1371,7 @@ func (b *builder) file(f journal.File) error {
 	}
 	if !n.mode.IsRegular() {
 		if f.Attr {
-			return b.attrs(f.Key.Ino)
+			return b.attrs(f)
 		}
 		return nil
 	}

@@ -182,7 +182,7 @@ type historySink struct {
 }
 
 func (s *historySink) add(op *wire.Op) error {
-	if s.h != nil && os.Getenv("DUET_HISTORY_SEED") != "" {
+	if s.h != nil {
 		s.h.log = append(s.h.log, fmt.Sprintf("      > %s %q %q off %d, %d bytes, len %d", op.Code, op.Path, op.Path2, op.Off, len(op.Data), op.Len))
 	}
 	if err := s.a.Apply(op); err != nil {
