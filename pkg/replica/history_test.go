@@ -365,8 +365,11 @@ func (h *history) op() {
 		for i := range data {
 			data[i] = byte(h.rng.Uint32())
 		}
-		_, err := os.Lstat(tmp)
+		fi, err := os.Lstat(tmp)
 		existed := err == nil
+		if existed && !fi.Mode().IsRegular() {
+			return // WriteFile would follow a symlink: its records are the target's
+		}
 		if err := os.WriteFile(tmp, data, 0o644); err != nil {
 			return
 		}
