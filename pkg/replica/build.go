@@ -353,7 +353,7 @@ func (b *builder) build(files []journal.File) ([]journal.File, error) {
 			notRead[ino] = true
 			// Read whole next time: the names to look up in it
 			// came from this pass's inodes, which are done.
-			f := journal.File{Key: capture.InodeKey{Dev: b.dev, Ino: ino}}
+			f := journal.File{Key: capture.InodeKey{Dev: b.dev, Ino: ino}, Attr: true}
 			if r := recs[ino]; r != nil {
 				f = *r
 			}
@@ -597,6 +597,15 @@ func (b *builder) triedTooLong(f journal.File) bool {
 func (b *builder) requeueAgain(f journal.File, why string) {
 	if f.RetryFrom.IsZero() {
 		f.RetryFrom = b.now
+	}
+	if !f.Attr && !f.Rescan && f.NewSeq == 0 && !f.HasTail && f.Data.Empty() {
+		// The journal keeps only what has something to ship: a record
+		// of the number alone was dropped at the next take. A new
+		// directory requeued so (an ancestor renamed while the pass
+		// ran) was never read, and a durability call on a file made
+		// in it returned with the file nowhere on the peer
+		// (TestBuildNewDirectoryRequeuedWhenItsParentMoved).
+		f.Attr = true
 	}
 	b.log.Debug("change requeued", "ino", f.Key.Ino, "retries", f.Retries, "why", why)
 	b.requeue = append(b.requeue, f)
@@ -1154,7 +1163,7 @@ func (b *builder) create(d *os.File, to string, dirIno uint64, name, shName stri
 		}
 		if !ok {
 			b.dirRequeued = true
-			b.retry(journal.File{Key: capture.InodeKey{Dev: b.dev, Ino: st.Ino}}, "new directory not where the shadow says")
+			b.retry(journal.File{Key: capture.InodeKey{Dev: b.dev, Ino: st.Ino}, Attr: true, Rescan: true}, "new directory not where the shadow says")
 		}
 	case mode.IsRegular():
 		// Opened in d, not by to: the directory may have been renamed
@@ -1171,7 +1180,7 @@ func (b *builder) create(d *os.File, to string, dirIno uint64, name, shName stri
 				// record would report it again, its directory is
 				// compared again in a later pass.
 				b.dirRequeued = true
-				b.retry(journal.File{Key: capture.InodeKey{Dev: b.dev, Ino: dirIno}, Rescan: b.sh.big[dirIno]}, "new file could not be opened: "+err.Error())
+				b.retry(journal.File{Key: capture.InodeKey{Dev: b.dev, Ino: dirIno}, Attr: true, Rescan: b.sh.big[dirIno]}, "new file could not be opened: "+err.Error())
 			}
 			return nil
 		}
