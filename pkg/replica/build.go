@@ -963,8 +963,7 @@ func handleGeneration(typ int32, b []byte) (uint32, bool) {
 // only when every other name is known to be there still. Taken on its
 // path's failing to resolve, a hard link's name that lived on in the moved
 // directory went from the peer for good (`mv w/s w/y/s2; mv w/y/L w/s`, L
-// a link of w/s/f: TestBuildLinkMovedOverDirectoryHoldingItsOtherName;
-// `mv w/d w/d.up; mv w/d.up/n8 w/d`: TestBuildLinkMovedOutOfDirectoryKeptAside).
+// a link of w/s/f; `mv w/d w/d.up; mv w/d.up/n8 w/d`: TestBuildLinkMoved).
 // When which name went cannot be told, the inode is linked, and the name
 // that went goes with its directory's reconcile (its entries changed: it
 // has a record).

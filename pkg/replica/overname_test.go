@@ -1023,57 +1023,49 @@ func TestBuildAsideOfRetiredNumberRemoved(t *testing.T) {
 	}
 }
 
-// A file with two names, one in a directory kept aside in the pass: the
-// name under the aside is not where the file moved from, though this
-// node has no such path (`mv w/s w/y/s2; mv w/y/L w/s`, L a hard link of
-// w/s/f). Renamed from there, the peer lost s2/f for good (found by
-// TestBuildRandomHistories).
-func TestBuildLinkMovedOverDirectoryHoldingItsOtherName(t *testing.T) {
-	src, dst, b, _ := syncedPair(t, "w/s/f", "w/y/keep")
-	if err := os.Link(filepath.Join(src, "w/s/f"), filepath.Join(src, "w/y/L")); err != nil {
-		t.Fatal(err)
+// A file with two names gets a third as one of them goes, in a pass where
+// the path of the other does not resolve here, though the name lives on
+// (found by TestBuildRandomHistories; each case lost that name on the
+// peer for good):
+//   - over-aside: `mv w/s w/y/s2; mv w/y/L w/s`, L a link of w/s/f: s is
+//     kept aside on the peer, a path only it has;
+//   - both-under-aside: `mv w/d w/d.up; mv w/d.up/n8 w/d`, n8 a link of
+//     w/d/s/g: which of the two went cannot be told from paths only the
+//     peer has: the file is linked, and n8 goes with d.up's reconcile;
+//   - moved-directory: `mv w/a w/c/a2; mv w/b w/b.up; mv w/b.up/n7 w/b`,
+//     n7 a link of w/a/g: a moved here in the same pass.
+func TestBuildLinkMoved(t *testing.T) {
+	for _, c := range []struct {
+		name         string
+		files        []string
+		target, link string // ln target link, shipped before
+		renames      [][2]string
+		records      []string // directories whose records the pass takes
+	}{
+		{"over-aside", []string{"w/s/f", "w/y/keep"}, "w/s/f", "w/y/L",
+			[][2]string{{"w/s", "w/y/s2"}, {"w/y/L", "w/s"}}, []string{"w", "w/y"}},
+		{"both-under-aside", []string{"w/d/s/g", "w/keep"}, "w/d/s/g", "w/d/n8",
+			[][2]string{{"w/d", "w/d.up"}, {"w/d.up/n8", "w/d"}}, []string{"w", "w/d.up"}},
+		{"moved-directory", []string{"w/a/g", "w/b/keep", "w/c/keep"}, "w/a/g", "w/b/n7",
+			[][2]string{{"w/a", "w/c/a2"}, {"w/b", "w/b.up"}, {"w/b.up/n7", "w/b"}}, []string{"w", "w/c", "w/b.up"}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			src, dst, b, _ := syncedPair(t, c.files...)
+			if err := os.Link(filepath.Join(src, c.target), filepath.Join(src, c.link)); err != nil {
+				t.Fatal(err)
+			}
+			passes(t, b, changed(t, filepath.Dir(filepath.Join(src, c.link))))
+			for _, r := range c.renames {
+				mustRename(t, filepath.Join(src, r[0]), filepath.Join(src, r[1]))
+			}
+			var recs []journal.File
+			for _, d := range c.records {
+				recs = append(recs, changed(t, filepath.Join(src, d)))
+			}
+			passes(t, b, recs...)
+			sameTrees(t, src, dst)
+		})
 	}
-	passes(t, b, changed(t, filepath.Join(src, "w/y")))
-	mustRename(t, filepath.Join(src, "w/s"), filepath.Join(src, "w/y/s2"))
-	mustRename(t, filepath.Join(src, "w/y/L"), filepath.Join(src, "w/s"))
-	passes(t, b, changed(t, filepath.Join(src, "w")), changed(t, filepath.Join(src, "w/y")))
-	sameTrees(t, src, dst)
-}
-
-// The same with both names under the aside (`mv w/d w/d.up; mv
-// w/d.up/n8 w/d`, n8 a link of w/d/s/g): which of the two went cannot be
-// told from the shadow's paths, which only the peer has. Renamed from
-// s/g, the peer lost w/d.up/s/g for good (found by
-// TestBuildRandomHistories); the file is linked, and n8 goes with
-// d.up's reconcile.
-func TestBuildLinkMovedOutOfDirectoryKeptAside(t *testing.T) {
-	src, dst, b, _ := syncedPair(t, "w/d/s/g", "w/keep")
-	if err := os.Link(filepath.Join(src, "w/d/s/g"), filepath.Join(src, "w/d/n8")); err != nil {
-		t.Fatal(err)
-	}
-	passes(t, b, changed(t, filepath.Join(src, "w/d")))
-	mustRename(t, filepath.Join(src, "w/d"), filepath.Join(src, "w/d.up"))
-	mustRename(t, filepath.Join(src, "w/d.up/n8"), filepath.Join(src, "w/d"))
-	passes(t, b, changed(t, filepath.Join(src, "w")), changed(t, filepath.Join(src, "w/d.up")))
-	sameTrees(t, src, dst)
-}
-
-// A hard link's other name in a directory moved here in the same pass
-// (`mv w/a w/c/a2; mv w/b w/b.up; mv w/b.up/n7 w/b`, n7 a link of w/a/g):
-// w/a/g does not resolve here, yet the name lives on in a2. Renamed from
-// there, the peer lost w/c/a2/g for good (found by
-// TestBuildRandomHistories).
-func TestBuildLinkMovedWhileItsOtherNameMovedWithItsDirectory(t *testing.T) {
-	src, dst, b, _ := syncedPair(t, "w/a/g", "w/b/keep", "w/c/keep")
-	if err := os.Link(filepath.Join(src, "w/a/g"), filepath.Join(src, "w/b/n7")); err != nil {
-		t.Fatal(err)
-	}
-	passes(t, b, changed(t, filepath.Join(src, "w/b")))
-	mustRename(t, filepath.Join(src, "w/a"), filepath.Join(src, "w/c/a2"))
-	mustRename(t, filepath.Join(src, "w/b"), filepath.Join(src, "w/b.up"))
-	mustRename(t, filepath.Join(src, "w/b.up/n7"), filepath.Join(src, "w/b"))
-	passes(t, b, changed(t, filepath.Join(src, "w")), changed(t, filepath.Join(src, "w/c")), changed(t, filepath.Join(src, "w/b.up")))
-	sameTrees(t, src, dst)
 }
 
 // `rm w/x; mkdir w/x`, the directory taking x's number, with the record
