@@ -439,9 +439,20 @@ func (h *history) op() {
 		if from == "" {
 			return
 		}
-		v := victim(from)
+		// Every inode of the tree is updated as it goes (its link
+		// count), every directory of it too: each reports it.
+		var gone []func()
+		filepath.WalkDir(h.abs(from), func(p string, d fs.DirEntry, err error) error {
+			if err == nil {
+				rel, _ := filepath.Rel(h.src, p)
+				gone = append(gone, victim(rel))
+			}
+			return nil
+		})
 		if os.RemoveAll(h.abs(from)) == nil {
-			v()
+			for _, v := range gone {
+				v()
+			}
 			h.dirty(h.abs(filepath.Dir(from)))
 			h.log = append(h.log, "rm -r "+from)
 		}
