@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"runtime/debug"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -895,7 +896,7 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 		b := newBuilder(p.root, p.Dev, p.sh, kernel, bt, p.Log, p.readBuf)
 		b.syncSeq = p.syncSeq
 		b.shipped = shipped
-		b.pendingAsides = asides
+		b.pendingAsides = slices.Clone(asides) // the builder renumbers them (renumberAsides), p.asides is read meanwhile
 		requeue, err := b.build(files)
 		blocked, beyondEOF := b.blocked, b.beyondEOF
 		bt.flush()
