@@ -85,6 +85,8 @@ type builder struct {
 	// dirRequeued: a directory of this pass was requeued; the pending
 	// asides wait for a pass that reads it.
 	dirRequeued bool
+	// recGen are the generations this pass's records report.
+	recGen map[uint64]uint32
 	// asideRefs locates them by inode number (renumberAsides).
 	asideRefs map[uint64][]asideRef
 	// asideSet holds asides and pendingAsides by name, pendingSet the
@@ -204,6 +206,12 @@ func (b *builder) build(files []journal.File) ([]journal.File, error) {
 	}
 	b.gaveUp = nil
 	b.sent = map[uint64]uint64{}
+	b.recGen = map[uint64]uint32{}
+	for _, f := range files {
+		if f.HasGen && f.Key.Dev == b.dev {
+			b.recGen[f.Key.Ino] = f.Gen
+		}
+	}
 	b.now = time.Now()
 	b.forget(files)
 
@@ -1111,6 +1119,13 @@ func (b *builder) removeAsides() error {
 		b.log.Debug("asides kept for a pass that reads a requeued directory", "pending", len(b.pendingAsides))
 		return nil
 	}
+	var l *locator
+	defer func() {
+		if l != nil {
+			l.close()
+		}
+	}()
+	var kept []asideLink
 	for _, a := range b.pendingAsides {
 		if !b.sh.has(a.parent) {
 			b.log.Debug("aside gone with its directory", "name", a.name, "ino", a.ino)
@@ -1125,13 +1140,55 @@ func (b *builder) removeAsides() error {
 			b.log.Debug("aside has no path", "name", a.name, "ino", a.ino)
 			continue
 		}
+		if dir, live := b.livesIn(&l, a.ino); live {
+			// Moved again before a pass read where it went (`mv a/f
+			// b/f` after a pass took its records, `mv b/f c/f` after
+			// the next took them): removed, it was held nowhere on the
+			// peer until a later pass read c and sent it whole
+			// (TestBuildAsideOfInodeMovedTwiceKept, from a review).
+			// Kept, and the directory it is in read next.
+			b.log.Debug("aside kept: its inode lives here", "name", a.name, "ino", a.ino, "dir", dir)
+			kept = append(kept, a)
+			b.retry(journal.File{Key: capture.InodeKey{Dev: b.dev, Ino: dir}, Attr: true, Rescan: b.sh.big[dir]}, "an inode kept aside lives here")
+			continue
+		}
 		if err := b.out.add(&wire.Op{Code: wire.OpRemove, Path: lp}); err != nil {
 			return err
 		}
 		b.sh.unlink(a.parent, a.name)
 	}
 	b.pendingAsides = nil
+	b.asides = append(b.asides, kept...)
 	return nil
+}
+
+// livesIn says whether inode ino, which the shadow has under asides only,
+// lives on in the tree here, in a directory the shadow knows (returned):
+// found by its file handle, with the generation the shadow or this pass's
+// records know. *l is the locator, made at the first need.
+func (b *builder) livesIn(l **locator, ino uint64) (uint64, bool) {
+	if isDead(ino) || b.liveNames(ino) != 0 {
+		return 0, false
+	}
+	gen, ok := b.recGen[ino]
+	if n, known := b.sh.node(ino); known && n.genKnown {
+		gen, ok = n.gen, true
+	}
+	if !ok {
+		return 0, false
+	}
+	if *l == nil {
+		loc, err := newLocator(b)
+		if err != nil {
+			return 0, false
+		}
+		*l = loc
+	}
+	w, err := (*l).where(ino, gen)
+	if err != nil || w.nlink == 0 || !w.inTree || !w.known {
+		return 0, false
+	}
+	return w.parent, true
 }
 
 // markMoved notes that this pass moved ino on the peer (b.moved), unless

@@ -1262,3 +1262,42 @@ func TestBuildClaimInDirectoryClaimedOnRetry(t *testing.T) {
 		t.Errorf("k was sent again whole (%d bytes)", sink.bytes)
 	}
 }
+
+// An inode moved twice, each move made after a pass took its records and
+// before it read the directory: `mv a/f b/f` (pass 1 reads a, finds f
+// gone, keeps it aside), then `mv b/f c/f` (pass 2 has b's record, reads
+// b and does not find f there). Pass 2 removed the aside: f, live here
+// all along, was held nowhere on the peer until pass 3 read c and sent it
+// whole (from a review).
+func TestBuildAsideOfInodeMovedTwiceKept(t *testing.T) {
+	for _, dir := range []bool{false, true} {
+		name := map[bool]string{false: "file", true: "directory"}[dir]
+		t.Run(name, func(t *testing.T) {
+			data := map[bool]string{false: "a/f", true: "a/f/g"}[dir]
+			src, dst, b, sink := syncedPair(t, data, "a/keep", "b/keep", "c/keep")
+			want, _ := os.ReadFile(filepath.Join(src, data))
+			recA := changed(t, filepath.Join(src, "a"))
+			mustRename(t, filepath.Join(src, "a/f"), filepath.Join(src, "b/f"))
+			moved := inodeRecord(t, filepath.Join(src, "b/f"), false) // the rename's update of f
+			if _, err := b.build([]journal.File{recA}); err != nil {
+				t.Fatal(err)
+			}
+			nowhere := watchHeld(b, sink, dst, want)
+			recB := changed(t, filepath.Join(src, "b"))
+			mustRename(t, filepath.Join(src, "b/f"), filepath.Join(src, "c/f"))
+			requeue, err := b.build([]journal.File{recB, moved})
+			if err != nil {
+				t.Fatal(err)
+			}
+			sink.bytes = 0
+			passes(t, b, append(requeue, changed(t, filepath.Join(src, "c")), inodeRecord(t, filepath.Join(src, "c/f"), false))...)
+			sameTrees(t, src, dst)
+			if len(*nowhere) > 0 {
+				t.Errorf("the peer held %s (c/f here) nowhere after: %v", data, *nowhere)
+			}
+			if sink.bytes != 0 {
+				t.Errorf("c/f was sent again whole (%d bytes)", sink.bytes)
+			}
+		})
+	}
+}
