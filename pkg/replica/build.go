@@ -1126,7 +1126,21 @@ func (b *builder) removeAsides() error {
 		}
 	}()
 	var kept []asideLink
+	mine := make(map[asideLink]bool, len(b.asides))
+	for _, a := range b.asides {
+		mine[a] = true
+	}
 	for _, a := range b.pendingAsides {
+		if mine[a] {
+			// Claimed and made again by this pass (`mv d d.up; mv
+			// d.up/s d` in one pass, `mv d.up e/d2` in the next: the
+			// same free name for the same inode): this pass's aside,
+			// for the next pass to judge. Removed as the earlier
+			// one, d went from the peer with what it holds, live here
+			// in e (found by the random histories; the second review's
+			// "aside reused one pass early").
+			continue
+		}
 		if !b.sh.has(a.parent) {
 			b.log.Debug("aside gone with its directory", "name", a.name, "ino", a.ino)
 			continue

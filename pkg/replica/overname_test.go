@@ -1301,3 +1301,33 @@ func TestBuildAsideOfInodeMovedTwiceKept(t *testing.T) {
 		})
 	}
 }
+
+// `mv w/d w/d.up; mv w/d.up/s w/d` in one pass, `mv w/d.up w/e/d2` in the
+// next, which reads w only: d.up is renamed aside under the name the
+// first pass's aside had (the same free name for the same inode), and
+// the first pass's aside, pending, was removed at the second's end as
+// unclaimed: the peer lost d.up and g in it, live here in e/d2, until a
+// later pass sent them whole (found by the random histories).
+func TestBuildAsideMadeAgainUnderItsOldName(t *testing.T) {
+	src, dst, b, sink := syncedPair(t, "w/d/s", "w/d/g", "w/e/keep")
+	want, _ := os.ReadFile(filepath.Join(src, "w/d/g"))
+	mustRename(t, filepath.Join(src, "w/d"), filepath.Join(src, "w/d.up"))
+	mustRename(t, filepath.Join(src, "w/d.up/s"), filepath.Join(src, "w/d"))
+	if _, err := b.build([]journal.File{changed(t, filepath.Join(src, "w")), changed(t, filepath.Join(src, "w/d.up"))}); err != nil {
+		t.Fatal(err)
+	}
+	nowhere := watchHeld(b, sink, dst, want)
+	mustRename(t, filepath.Join(src, "w/d.up"), filepath.Join(src, "w/e/d2"))
+	if _, err := b.build([]journal.File{changed(t, filepath.Join(src, "w"))}); err != nil {
+		t.Fatal(err)
+	}
+	sink.bytes = 0
+	passes(t, b, changed(t, filepath.Join(src, "w/e")))
+	sameTrees(t, src, dst)
+	if len(*nowhere) > 0 {
+		t.Errorf("the peer held w/d/g (w/e/d2/g here) nowhere after: %v", *nowhere)
+	}
+	if sink.bytes != 0 {
+		t.Errorf("d2 was sent again whole (%d bytes)", sink.bytes)
+	}
+}
