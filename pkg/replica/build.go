@@ -85,8 +85,10 @@ type builder struct {
 	// dirRequeued: a directory of this pass was requeued; the pending
 	// asides wait for a pass that reads it.
 	dirRequeued bool
-	// recGen are the generations this pass's records report.
-	recGen map[uint64]uint32
+	// recGen are the generations this pass's records report, dirRecs
+	// its records of directories.
+	recGen  map[uint64]uint32
+	dirRecs map[uint64]*journal.File
 	// asideRefs locates them by inode number (renumberAsides).
 	asideRefs map[uint64][]asideRef
 	// asideSet holds asides and pendingAsides by name, pendingSet the
@@ -299,6 +301,7 @@ func (b *builder) build(files []journal.File) ([]journal.File, error) {
 	// The directories to compare: those with a record, and those the
 	// pass's inodes were found in or near.
 	recs := make(map[uint64]*journal.File, len(dirs))
+	b.dirRecs = recs
 	var order []uint64
 	want := func(ino uint64, f *journal.File) {
 		if _, ok := recs[ino]; !ok {
@@ -1154,16 +1157,29 @@ func (b *builder) removeAsides() error {
 			b.log.Debug("aside has no path", "name", a.name, "ino", a.ino)
 			continue
 		}
-		if dir, live := b.livesIn(&l, a.ino); live {
+		if dir, name, live := b.livesIn(&l, a.ino); live {
+			if dir == a.parent && name == a.name {
+				// Its name here is the aside's own (`mv b/x
+				// a/.duet-replaced-N`): the user's now, which no
+				// reconcile would claim (from a review).
+				continue
+			}
 			// Moved again before a pass read where it went (`mv a/f
 			// b/f` after a pass took its records, `mv b/f c/f` after
 			// the next took them): removed, it was held nowhere on the
 			// peer until a later pass read c and sent it whole
 			// (TestBuildAsideOfInodeMovedTwiceKept, from a review).
-			// Kept, and the directory it is in read next.
+			// Kept, and the directory it is in read next; with that
+			// directory's count of tries, so that a reconcile that
+			// never claims it ends in a resync, not in durability
+			// calls held for good.
 			b.log.Debug("aside kept: its inode lives here", "name", a.name, "ino", a.ino, "dir", dir)
 			kept = append(kept, a)
-			b.retry(journal.File{Key: capture.InodeKey{Dev: b.dev, Ino: dir}, Attr: true, Rescan: b.sh.big[dir]}, "an inode kept aside lives here")
+			f := journal.File{Key: capture.InodeKey{Dev: b.dev, Ino: dir}, Attr: true, Rescan: b.sh.big[dir]}
+			if r := b.dirRecs[dir]; r != nil {
+				f.Retries, f.RetryFrom, f.MaxSeq = r.Retries, r.RetryFrom, r.MaxSeq
+			}
+			b.retry(f, "an inode kept aside lives here")
 			continue
 		}
 		if err := b.out.add(&wire.Op{Code: wire.OpRemove, Path: lp}); err != nil {
@@ -1177,32 +1193,33 @@ func (b *builder) removeAsides() error {
 }
 
 // livesIn says whether inode ino, which the shadow has under asides only,
-// lives on in the tree here, in a directory the shadow knows (returned):
+// lives on in the tree here, in a directory the shadow knows (returned,
+// with its name there):
 // found by its file handle, with the generation the shadow or this pass's
 // records know. *l is the locator, made at the first need.
-func (b *builder) livesIn(l **locator, ino uint64) (uint64, bool) {
+func (b *builder) livesIn(l **locator, ino uint64) (dir uint64, name string, live bool) {
 	if isDead(ino) || b.liveNames(ino) != 0 {
-		return 0, false
+		return 0, "", false
 	}
 	gen, ok := b.recGen[ino]
 	if n, known := b.sh.node(ino); known && n.genKnown {
 		gen, ok = n.gen, true
 	}
 	if !ok {
-		return 0, false
+		return 0, "", false
 	}
 	if *l == nil {
 		loc, err := newLocator(b)
 		if err != nil {
-			return 0, false
+			return 0, "", false
 		}
 		*l = loc
 	}
 	w, err := (*l).where(ino, gen)
 	if err != nil || w.nlink == 0 || !w.inTree || !w.known {
-		return 0, false
+		return 0, "", false
 	}
-	return w.parent, true
+	return w.parent, w.name, true
 }
 
 // markMoved notes that this pass moved ino on the peer (b.moved), unless

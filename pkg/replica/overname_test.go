@@ -1331,3 +1331,36 @@ func TestBuildAsideMadeAgainUnderItsOldName(t *testing.T) {
 		t.Errorf("d2 was sent again whole (%d bytes)", sink.bytes)
 	}
 }
+
+// A file kept aside, then given the aside's own name here (`mv a/f b/x`
+// after a pass took a's record, then `mv b/x a/.duet-replaced-N`): the
+// name is the user's now, and no reconcile claims it. Kept as an aside
+// whose inode lives on, it was kept every pass, a's record requeued with
+// no count of tries: durability calls were held for good (from a review).
+func TestBuildAsideNamedLikeItsInode(t *testing.T) {
+	src, dst, b, _ := syncedPair(t, "a/keep", "b/keep")
+	writeRandom(t, filepath.Join(src, "a/f"), 10)
+	passes(t, b, changed(t, filepath.Join(src, "a"))) // f made by a pass: its generation known
+	recA := changed(t, filepath.Join(src, "a"))
+	mustRename(t, filepath.Join(src, "a/f"), filepath.Join(src, "b/x"))
+	f := inodeRecord(t, filepath.Join(src, "b/x"), false)
+	if _, err := b.build([]journal.File{recA}); err != nil {
+		t.Fatal(err)
+	}
+	if len(b.asides) != 1 {
+		t.Fatalf("asides %v: the test does not reach the case", b.asides)
+	}
+	mustRename(t, filepath.Join(src, "b/x"), filepath.Join(src, "a", b.asides[0].name))
+	files := []journal.File{changed(t, filepath.Join(src, "a")), changed(t, filepath.Join(src, "b")), f}
+	for range 4 {
+		requeue, err := b.build(files)
+		if err != nil {
+			t.Fatal(err)
+		}
+		files = requeue
+	}
+	if len(files) != 0 || len(b.leftAsides()) != 0 {
+		t.Errorf("after 4 passes: %d records requeued, asides %v", len(files), b.leftAsides())
+	}
+	sameTrees(t, src, dst)
+}
