@@ -318,6 +318,18 @@ func Collect(walk func(fn func(*wire.Entry) error) (tooLong int, err error)) (en
 // fn may change the entry, which is not used after fn returns; an error
 // from fn ends the walk.
 func Walk(root *os.File, sums bool, fn func(*wire.Entry) error) (tooLong int, err error) {
+	return walk(root, scanner{sums: sums, fn: fn})
+}
+
+// WalkGens is Walk with each entry's i_generation read from its file
+// handle (Gen, flagged wire.EntryGen where the handle held it): what tells
+// the inode listed from a later one given its number. One more system
+// call an entry.
+func WalkGens(root *os.File, sums bool, fn func(*wire.Entry) error) (tooLong int, err error) {
+	return walk(root, scanner{sums: sums, gens: true, fn: fn})
+}
+
+func walk(root *os.File, sc scanner) (tooLong int, err error) {
 	var st unix.Stat_t
 	if err := unix.Fstat(int(root.Fd()), &st); err != nil {
 		return 0, err
@@ -328,10 +340,16 @@ func Walk(root *os.File, sums bool, fn func(*wire.Entry) error) (tooLong int, er
 	}
 	defer d.Close()
 	e := EntryOf(".", &st)
-	if err := fn(&e); err != nil {
+	if sc.gens {
+		if h, _, err := unix.NameToHandleAt(int(root.Fd()), "", unix.AT_EMPTY_PATH); err == nil {
+			if ino, gen, ok := HandleIDs(h.Type(), h.Bytes()); ok && ino == st.Ino {
+				e.Gen, e.Flags = gen, e.Flags|wire.EntryGen
+			}
+		}
+	}
+	if err := sc.fn(&e); err != nil {
 		return 0, err
 	}
-	sc := scanner{sums: sums, fn: fn}
 	if err := sc.dir(d, ""); err != nil {
 		return 0, err
 	}
@@ -340,6 +358,7 @@ func Walk(root *os.File, sums bool, fn func(*wire.Entry) error) (tooLong int, er
 
 type scanner struct {
 	sums    bool
+	gens    bool
 	fn      func(*wire.Entry) error
 	tooLong int
 }
@@ -362,7 +381,7 @@ func (sc *scanner) dir(d *os.File, rel string) error {
 			continue
 		}
 		if i >= sts.end {
-			sts.fill(dfd, ents, i)
+			sts.fill(dfd, ents, i, sc.gens)
 		}
 		st := &sts.st[i-sts.start]
 		if err := sts.err[i-sts.start]; err != nil {
@@ -372,6 +391,9 @@ func (sc *scanner) dir(d *os.File, rel string) error {
 			return fmt.Errorf("lstat %s: %w", child, err)
 		}
 		e := EntryOf(child, st)
+		if sts.genOK[i-sts.start] {
+			e.Gen, e.Flags = sts.gen[i-sts.start], e.Flags|wire.EntryGen
+		}
 		switch {
 		case e.Mode&fs.ModeSymlink != 0:
 			buf := make([]byte, unix.PathMax)
@@ -425,10 +447,13 @@ func (sc *scanner) dir(d *os.File, rel string) error {
 // read by several threads at once: on a cold cache each lstat waits for
 // its inode's block, and a disk serves several such reads in the time of
 // one (issue 18: the scans of a restart after the page cache was dropped).
+// With gens, each entry's generation too (genOK where read).
 type statBatch struct {
 	start, end int
 	st         []unix.Stat_t
 	err        []error
+	gen        []uint32
+	genOK      []bool
 }
 
 // Entries stat'ed per batch, and threads per batch.
@@ -437,18 +462,40 @@ const (
 	statThreads  = 8
 )
 
-// fill stats ents[from:] up to statBatchLen of them, beneath dfd.
-func (b *statBatch) fill(dfd int, ents []Dirent, from int) {
+// fill stats ents[from:] up to statBatchLen of them, beneath dfd, and
+// reads their generations if gens.
+func (b *statBatch) fill(dfd int, ents []Dirent, from int, gens bool) {
 	n := min(statBatchLen, len(ents)-from)
 	b.start, b.end = from, from+n
 	if cap(b.st) < n {
 		b.st, b.err = make([]unix.Stat_t, n), make([]error, n)
+		b.gen, b.genOK = make([]uint32, n), make([]bool, n)
 	}
-	b.st, b.err = b.st[:n], b.err[:n]
+	b.st, b.err, b.gen, b.genOK = b.st[:n], b.err[:n], b.gen[:n], b.genOK[:n]
+	one := func(i int) {
+		name := ents[from+i].Name
+		b.genOK[i] = false
+		if !gens {
+			b.err[i] = unix.Fstatat(dfd, name, &b.st[i], unix.AT_SYMLINK_NOFOLLOW)
+			return
+		}
+		// The handle first: should the name be given to another inode
+		// of the same number between the two calls, the generation is
+		// the earlier inode's, which a later allocation record of the
+		// number does not match (the later one's would have been taken
+		// for the inode listed).
+		h, _, herr := unix.NameToHandleAt(dfd, name, 0)
+		b.err[i] = unix.Fstatat(dfd, name, &b.st[i], unix.AT_SYMLINK_NOFOLLOW)
+		if herr == nil && b.err[i] == nil {
+			if ino, gen, ok := HandleIDs(h.Type(), h.Bytes()); ok && ino == b.st[i].Ino {
+				b.gen[i], b.genOK[i] = gen, true
+			}
+		}
+	}
 	threads := min(statThreads, (n+63)/64)
 	if threads <= 1 {
 		for i := range n {
-			b.err[i] = unix.Fstatat(dfd, ents[from+i].Name, &b.st[i], unix.AT_SYMLINK_NOFOLLOW)
+			one(i)
 		}
 		return
 	}
@@ -458,11 +505,39 @@ func (b *statBatch) fill(dfd int, ents []Dirent, from int) {
 		go func() {
 			defer wg.Done()
 			for i := t * n / threads; i < (t+1)*n/threads; i++ {
-				b.err[i] = unix.Fstatat(dfd, ents[from+i].Name, &b.st[i], unix.AT_SYMLINK_NOFOLLOW)
+				one(i)
 			}
 		}()
 	}
 	wg.Wait()
+}
+
+// Generation reads the i_generation of the inode at name beneath dirfd
+// from its file handle.
+func Generation(dirfd int, name string) (uint32, bool) {
+	h, _, err := unix.NameToHandleAt(dirfd, name, 0)
+	if err != nil {
+		return 0, false
+	}
+	_, gen, ok := HandleIDs(h.Type(), h.Bytes())
+	return gen, ok
+}
+
+// HandleIDs finds the inode number and i_generation in a file handle:
+// ext4's (FILEID_INO32_GEN and _PARENT, 1 and 2) are {u32 ino, u32 gen,
+// ...}; XFS's with 64-bit inode numbers, which it uses whatever the size
+// of the filesystem (0x81, 0x82), are {u64 ino, u32 gen, ...}; btrfs's
+// (0x4d to 0x4f) are {u64 ino, u64 subvolume, u32 gen, ...}.
+func HandleIDs(typ int32, b []byte) (ino uint64, gen uint32, ok bool) {
+	switch {
+	case (typ == 1 || typ == 2) && len(b) >= 8:
+		return uint64(binary.LittleEndian.Uint32(b)), binary.LittleEndian.Uint32(b[4:]), true
+	case (typ == 0x81 || typ == 0x82) && len(b) >= 12:
+		return binary.LittleEndian.Uint64(b), binary.LittleEndian.Uint32(b[8:]), true
+	case typ >= 0x4d && typ <= 0x4f && len(b) >= 20:
+		return binary.LittleEndian.Uint64(b), binary.LittleEndian.Uint32(b[16:]), true
+	}
+	return 0, 0, false
 }
 
 // ComparePaths orders two wire paths as Scan lists them: "." first, a

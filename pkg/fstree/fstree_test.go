@@ -270,3 +270,29 @@ func TestSumEntryReplacedByFIFO(t *testing.T) {
 		t.Fatal("SumEntry still blocked 5 s after it was called on a file replaced by a FIFO")
 	}
 }
+
+// TestHandleIDs: the inode number and generation in each filesystem's
+// file handle (the generation tells a reused inode number apart).
+func TestHandleIDs(t *testing.T) {
+	for _, tc := range []struct {
+		typ  int32
+		b    []byte
+		ino  uint64
+		want uint32
+		ok   bool
+	}{
+		{1, []byte{0x0c, 0, 0, 0, 0x78, 0x56, 0x34, 0x12}, 12, 0x12345678, true},
+		{2, []byte{0x0c, 0, 0, 0, 0x78, 0x56, 0x34, 0x12, 2, 0, 0, 0, 0, 0, 0, 0}, 12, 0x12345678, true},
+		{0x81, []byte{0x83, 0, 0, 0, 0, 0, 0, 1, 0xe3, 0xfa, 0x20, 0x8e}, 1<<56 | 0x83, 0x8e20fae3, true},
+		{0x82, []byte{0x83, 0, 0, 0, 0, 0, 0, 0, 0xe3, 0xfa, 0x20, 0x8e, 0x80, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0}, 0x83, 0x8e20fae3, true},
+		{0x81, []byte{0x83, 0, 0, 0, 0, 0, 0, 0}, 0, 0, false}, // short
+		{0x4d, []byte{1, 1, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 0x0b, 0, 0, 0}, 0x101, 0x0b, true},
+		{0x4e, []byte{1, 1, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 0x0b, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0}, 0x101, 0x0b, true},
+		{0x4d, make([]byte, 16), 0, 0, false}, // short
+	} {
+		ino, got, ok := HandleIDs(tc.typ, tc.b)
+		if ino != tc.ino || got != tc.want || ok != tc.ok {
+			t.Errorf("HandleIDs(%#x, % x) = %#x, %#x, %v; want %#x, %#x, %v", tc.typ, tc.b, ino, got, ok, tc.ino, tc.want, tc.ok)
+		}
+	}
+}

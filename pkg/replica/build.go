@@ -1,7 +1,6 @@
 package replica
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -588,7 +587,7 @@ func (b *builder) holder(ino uint64) (typ, gen uint32, ok bool) {
 		}
 		var st unix.Stat_t
 		err = unix.Fstatat(int(d.Fd()), name, &st, unix.AT_SYMLINK_NOFOLLOW)
-		gen, genOK := generation(int(d.Fd()), name)
+		gen, genOK := fstree.Generation(int(d.Fd()), name)
 		d.Close()
 		if err == nil && st.Ino == ino && genOK {
 			return st.Mode & unix.S_IFMT, gen, true
@@ -837,7 +836,7 @@ func (b *builder) entry(d *os.File, dirPath string, dirIno uint64, e fstree.Dire
 		return nil // gone or replaced meanwhile: a later record says what became of it
 	}
 	to := join(dirPath, e.Name)
-	gen, genOK := generation(int(d.Fd()), e.Name)
+	gen, genOK := fstree.Generation(int(d.Fd()), e.Name)
 	if kn, ok := b.sh.node(e.Ino); ok && (kn.mode.Type() != fstree.ModeOf(st.Mode).Type() || (genOK && kn.genKnown && kn.gen != gen)) {
 		// The number now names another inode: the old one is gone.
 		if err := b.retire(e.Ino, gen); err != nil {
@@ -972,32 +971,6 @@ func (b *builder) entry(d *os.File, dirPath string, dirIno uint64, e fstree.Dire
 		b.sh.setGen(e.Ino, gen)
 	}
 	return nil
-}
-
-// generation reads an inode's i_generation from its file handle.
-func generation(dirfd int, name string) (uint32, bool) {
-	h, _, err := unix.NameToHandleAt(dirfd, name, 0)
-	if err != nil {
-		return 0, false
-	}
-	return handleGeneration(h.Type(), h.Bytes())
-}
-
-// handleGeneration finds i_generation in a file handle: ext4's
-// (FILEID_INO32_GEN and _PARENT, 1 and 2) are {u32 ino, u32 gen, ...};
-// XFS's with 64-bit inode numbers, which it uses whatever the size of the
-// filesystem (0x81, 0x82), are {u64 ino, u32 gen, ...}; btrfs's (0x4d to
-// 0x4f) are {u64 ino, u64 subvolume, u32 gen, ...}.
-func handleGeneration(typ int32, b []byte) (uint32, bool) {
-	switch {
-	case (typ == 1 || typ == 2) && len(b) >= 8:
-		return binary.LittleEndian.Uint32(b[4:]), true
-	case (typ == 0x81 || typ == 0x82) && len(b) >= 12:
-		return binary.LittleEndian.Uint32(b[8:]), true
-	case typ >= 0x4d && typ <= 0x4f && len(b) >= 20:
-		return binary.LittleEndian.Uint32(b[16:]), true
-	}
-	return 0, false
 }
 
 // movedFrom decides whether a known inode appearing under a new name was

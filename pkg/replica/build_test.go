@@ -648,6 +648,7 @@ func TestBuildStaleNewRecordKeepsLiveInode(t *testing.T) {
 // on peer" on the old code.
 func TestBuildRetiredNodeFoundAgainInItsDirectory(t *testing.T) {
 	src, dst, b, _ := syncedPair(t, "a", "keep")
+	scannedWithoutGens(b.sh)
 	ino := inoOf(t, filepath.Join(src, "a"))
 	if n, ok := b.sh.node(ino); !ok || n.genKnown {
 		t.Fatalf("the scanned file's node: found %v, generation known %v; want found, not known", ok, n.genKnown)
@@ -676,6 +677,7 @@ func TestBuildScannedFileKeptForARecordOfItsNumber(t *testing.T) {
 	}{{"its own allocation", func(g uint32) uint32 { return g }}, {"an earlier allocation", func(g uint32) uint32 { return g ^ 1 }}} {
 		t.Run(c.name, func(t *testing.T) {
 			src, dst, b, sink := syncedPair(t, "a", "keep")
+			scannedWithoutGens(b.sh)
 			if err := os.Link(filepath.Join(src, "a"), filepath.Join(src, "h-a")); err != nil {
 				t.Fatal(err)
 			}
@@ -712,9 +714,20 @@ func TestBuildScannedFileKeptForARecordOfItsNumber(t *testing.T) {
 // file's record names only the bytes it wrote, and the rest of the new
 // file (a hole here, of the old file's size) must replace the old bytes
 // the peer still has: the file is sent whole. Without that, "a: content
-// differs at offset 0" (from a review).
+// differs at offset 0" (from a review). With the generations the scan
+// reads, the directory's pass tells the new file from the old itself: the
+// old goes aside, removed a pass later.
 func TestBuildScannedNodeReplacedUnderItsName(t *testing.T) {
+	for _, gens := range []bool{false, true} {
+		t.Run(fmt.Sprintf("generations known %v", gens), func(t *testing.T) { scannedNodeReplacedUnderItsName(t, gens) })
+	}
+}
+
+func scannedNodeReplacedUnderItsName(t *testing.T, gens bool) {
 	src, dst, b, _ := syncedPair(t, "a", "keep")
+	if !gens {
+		scannedWithoutGens(b.sh)
+	}
 	ino := inoOf(t, filepath.Join(src, "a"))
 	dirRec := changed(t, src)
 	os.Remove(filepath.Join(src, "a"))
@@ -746,7 +759,21 @@ func TestBuildScannedNodeReplacedUnderItsName(t *testing.T) {
 	if _, err := b.build([]journal.File{f}); err != nil {
 		t.Fatal(err)
 	}
+	if gens {
+		if _, err := b.build(nil); err != nil {
+			t.Fatal(err)
+		}
+	}
 	sameTrees(t, src, dst)
+}
+
+// scannedWithoutGens leaves the shadow's nodes as a scan that read no
+// generations did: the builder's path for the nodes whose generation it
+// does not know.
+func scannedWithoutGens(s *shadow) {
+	for i := range s.recs {
+		s.recs[i].set(recGenKnown, false)
+	}
 }
 
 // TestBuildRetiredNodeFoundAgainInItsDirectory in a big directory that
@@ -795,7 +822,7 @@ func nameGen(t *testing.T, dir, name string) uint32 {
 		t.Fatal(err)
 	}
 	defer d.Close()
-	gen, ok := generation(int(d.Fd()), name)
+	gen, ok := fstree.Generation(int(d.Fd()), name)
 	if !ok {
 		t.Skipf("no generation from the file handles of %s", dir)
 	}
@@ -830,5 +857,5 @@ func passAfterReuse(t *testing.T, src string, b *builder, ino uint64) (uint32, b
 		t.Fatal(err)
 	}
 	defer d.Close()
-	return generation(int(d.Fd()), filepath.Base(reused))
+	return fstree.Generation(int(d.Fd()), filepath.Base(reused))
 }

@@ -38,7 +38,8 @@ func (s *applySink) add(op *wire.Op) error {
 	return nil
 }
 
-// scanSource opens src and lists it as a full sync's source does.
+// scanSource opens src and lists it as a full sync's source does, each
+// inode's generation read.
 func scanSource(t testing.TB, src string) (root *os.File, local []wire.Entry) {
 	t.Helper()
 	root, err := fstree.OpenRoot(src)
@@ -46,7 +47,7 @@ func scanSource(t testing.TB, src string) (root *os.File, local []wire.Entry) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { root.Close() })
-	local, _, err = fstree.Scan(root, false)
+	local, _, err = fstree.Collect(func(fn func(*wire.Entry) error) (int, error) { return fstree.WalkGens(root, false, fn) })
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -6,7 +6,9 @@ import (
 	"testing"
 	"unsafe"
 
+	"github.com/duet-ha/duet/pkg/fstree"
 	"github.com/duet-ha/duet/pkg/loopfs"
+	"github.com/duet-ha/duet/pkg/wire"
 	"golang.org/x/sys/unix"
 )
 
@@ -35,9 +37,37 @@ func TestGenerationFromHandle(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer d.Close()
-		got, ok := generation(int(d.Fd()), "f")
+		got, ok := fstree.Generation(int(d.Fd()), "f")
 		if !ok || got != want {
 			t.Fatalf("generation from the handle: %#x (found %v), want i_generation %#x", got, ok, want)
+		}
+		// The scan that builds the primary's shadow reads them too.
+		root, err := fstree.OpenRoot(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer root.Close()
+		var listed []wire.Entry
+		if _, err := fstree.WalkGens(root, false, func(e *wire.Entry) error {
+			listed = append(listed, *e)
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		var found bool
+		for _, e := range listed {
+			if e.Flags&wire.EntryGen == 0 {
+				t.Errorf("%s listed without its generation", e.Path)
+			}
+			if e.Path == "f" {
+				found = true
+				if e.Gen != want {
+					t.Errorf("f listed with generation %#x, want %#x", e.Gen, want)
+				}
+			}
+		}
+		if !found {
+			t.Errorf("f not listed: %v", listed)
 		}
 	})
 }
@@ -50,28 +80,5 @@ func onEachFS(t *testing.T, fn func(t *testing.T, dir string)) {
 		mib    int
 	}{{"ext4", 64}, {"xfs", 320}, {"btrfs", 128}} {
 		t.Run(fs.fstype, func(t *testing.T) { fn(t, loopfs.Make(t, fs.fstype, fs.mib).Mount) })
-	}
-}
-
-func TestHandleGeneration(t *testing.T) {
-	for _, tc := range []struct {
-		typ  int32
-		b    []byte
-		want uint32
-		ok   bool
-	}{
-		{1, []byte{0x0c, 0, 0, 0, 0x78, 0x56, 0x34, 0x12}, 0x12345678, true},
-		{2, []byte{0x0c, 0, 0, 0, 0x78, 0x56, 0x34, 0x12, 2, 0, 0, 0, 0, 0, 0, 0}, 0x12345678, true},
-		{0x81, []byte{0x83, 0, 0, 0, 0, 0, 0, 0, 0xe3, 0xfa, 0x20, 0x8e}, 0x8e20fae3, true},
-		{0x82, []byte{0x83, 0, 0, 0, 0, 0, 0, 0, 0xe3, 0xfa, 0x20, 0x8e, 0x80, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0}, 0x8e20fae3, true},
-		{0x81, []byte{0x83, 0, 0, 0, 0, 0, 0, 0}, 0, false}, // short
-		{0x4d, []byte{1, 1, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 0x0b, 0, 0, 0}, 0x0b, true},
-		{0x4e, []byte{1, 1, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 0x0b, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0}, 0x0b, true},
-		{0x4d, make([]byte, 16), 0, false}, // short
-	} {
-		got, ok := handleGeneration(tc.typ, tc.b)
-		if got != tc.want || ok != tc.ok {
-			t.Errorf("handleGeneration(%#x, % x) = %#x, %v; want %#x, %v", tc.typ, tc.b, got, ok, tc.want, tc.ok)
-		}
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/duet-ha/duet/pkg/capture"
+	"github.com/duet-ha/duet/pkg/fstree"
 	"github.com/duet-ha/duet/pkg/journal"
 	"golang.org/x/sys/unix"
 )
@@ -37,7 +38,7 @@ func inodeRecord(t *testing.T, path string, isNew bool) journal.File {
 		t.Fatal(err)
 	}
 	defer d.Close()
-	gen, ok := generation(int(d.Fd()), filepath.Base(path))
+	gen, ok := fstree.Generation(int(d.Fd()), filepath.Base(path))
 	if !ok {
 		t.Fatalf("no generation for %s", path)
 	}

@@ -1403,3 +1403,44 @@ func TestLocateNumberTakenWithRecordsLost(t *testing.T) {
 	passes(t, b, changed(t, filepath.Join(src, "w/A")), lost)
 	sameTrees(t, src, dst)
 }
+
+// A file found by the scan, moved from a to b: one pass takes a's record
+// and the file's own (the rename's update of it), not b's yet, and keeps
+// the file aside on the peer. The next pass, with no record of the file,
+// looks for it by file handle (livesIn) with the generation the shadow
+// knows; a scan read none, so the aside went while the file lived on in
+// b, held nowhere on the peer until b's record came and it was sent whole
+// (found by the random histories, records drained late). The scan reads
+// each inode's generation now.
+func TestBuildAsideOfScannedFileKept(t *testing.T) {
+	src, dst, b, sink := syncedPair(t, "a/f", "a/keep", "b/keep", "c/keep")
+	ino := inoOf(t, filepath.Join(src, "a/f"))
+	if n, ok := b.sh.node(ino); !ok || !n.genKnown {
+		t.Fatalf("the scanned file's node: found %v, generation known %v", ok, n.genKnown)
+	}
+	want, _ := os.ReadFile(filepath.Join(src, "a/f"))
+	recA := changed(t, filepath.Join(src, "a"))
+	mustRename(t, filepath.Join(src, "a/f"), filepath.Join(src, "b/f"))
+	moved := inodeRecord(t, filepath.Join(src, "b/f"), false)
+	if _, err := b.build([]journal.File{recA, moved}); err != nil {
+		t.Fatal(err)
+	}
+	if len(b.asides) != 1 {
+		t.Fatalf("asides %v: the test does not reach the case", b.asides)
+	}
+	nowhere := watchHeld(b, sink, dst, want)
+	writeRandom(t, filepath.Join(src, "c/new"), 10)
+	requeue, err := b.build([]journal.File{changed(t, filepath.Join(src, "c"))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sink.bytes = 0
+	passes(t, b, append(requeue, changed(t, filepath.Join(src, "b")))...)
+	sameTrees(t, src, dst)
+	if len(*nowhere) > 0 {
+		t.Errorf("the peer held a/f (b/f here) nowhere after: %v", *nowhere)
+	}
+	if sink.bytes != 0 {
+		t.Errorf("b/f was sent again whole (%d bytes)", sink.bytes)
+	}
+}

@@ -487,7 +487,7 @@ func (p *Primary) streamSync(kernel Kernel, bt *batcher, pl resyncPlan, run resy
 		p.rs.FilesTotal, p.rs.BytesPlanned = files, planned
 		p.mu.Unlock()
 	}
-	tooLong, err := b.streamSync(func(fn func(*wire.Entry) error) (int, error) { return fstree.Walk(p.root, false, fn) }, ts,
+	tooLong, err := b.streamSync(func(fn func(*wire.Entry) error) (int, error) { return fstree.WalkGens(p.root, false, fn) }, ts,
 		func(e *wire.Entry) {
 			tails.see(e.Ino, e.Mode, e.Size)
 			files++

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/duet-ha/duet/pkg/fstree"
+	"github.com/duet-ha/duet/pkg/wire"
 	"golang.org/x/sys/unix"
 )
 
@@ -375,14 +376,18 @@ func benchFullSync(b *testing.B, peerHasIt bool) {
 }
 
 // BenchmarkScan measures fstree.Scan of the scale tree, with checksums
-// (a full comparison) and without.
+// (a full comparison) and without, and the primary's scan, which reads
+// each inode's generation too (gens).
 func BenchmarkScan(b *testing.B) {
 	root := scaleRoot(b)
-	for _, sums := range []bool{false, true} {
-		b.Run(fmt.Sprintf("sums=%v", sums), func(b *testing.B) {
+	for _, v := range []struct {
+		name       string
+		sums, gens bool
+	}{{"sums=false", false, false}, {"sums=true", true, false}, {"gens", false, true}} {
+		b.Run(v.name, func(b *testing.B) {
 			for range b.N {
 				base := liveHeap()
-				es, _, err := fstree.Scan(root, sums)
+				es, _, err := scanWith(root, v.sums, v.gens)
 				if err != nil {
 					b.Fatal(err)
 				}
@@ -410,4 +415,14 @@ func BenchmarkShadow(b *testing.B) {
 		b.ReportMetric(float64(held-base)/float64(len(es)), "B/entry")
 		runtime.KeepAlive(sh)
 	}
+}
+
+// scanWith lists the tree under root as fstree.Scan does, with each
+// inode's generation if gens (fstree.WalkGens).
+func scanWith(root *os.File, sums, gens bool) ([]wire.Entry, int, error) {
+	walk := fstree.Walk
+	if gens {
+		walk = fstree.WalkGens
+	}
+	return fstree.Collect(func(fn func(*wire.Entry) error) (int, error) { return walk(root, sums, fn) })
 }

@@ -295,6 +295,9 @@ func (sb *shadowBuilder) add(e *wire.Entry) {
 	if e.Path == "." {
 		s.root = e.Ino
 		s.newNode(e.Ino, e.Mode)
+		if e.Flags&wire.EntryGen != 0 {
+			s.setGen(e.Ino, e.Gen)
+		}
 		sb.up = append(sb.up[:0], openDir{".", e.Ino})
 		return
 	}
@@ -311,6 +314,9 @@ func (sb *shadowBuilder) add(e *wire.Entry) {
 		return
 	}
 	s.add(e.Ino, e.Mode, sb.up[len(sb.up)-1].ino, name)
+	if e.Flags&wire.EntryGen != 0 {
+		s.setGen(e.Ino, e.Gen)
+	}
 	if e.Mode.IsDir() {
 		// Its own copy of the path: a slice of it would keep the
 		// whole scanned path alive.

@@ -402,3 +402,76 @@ func TestBatcherLetsGoOfBigBuffer(t *testing.T) {
 		t.Fatalf("%d batches queued, want 3", n)
 	}
 }
+
+// TestResyncShadowsKnowGenerations: both scans a resync builds the
+// primary's shadow from (the walk of a sync to an empty peer, the listing
+// of a comparison) read each inode's generation, which tells a later inode
+// given the same number from the one listed (TestBuildAsideOfScannedFileKept).
+func TestResyncShadowsKnowGenerations(t *testing.T) {
+	src := filepath.Join(t.TempDir(), "src")
+	writeRandom(t, filepath.Join(src, "d/f"), 100)
+	writeRandom(t, filepath.Join(src, "g"), 10)
+	if err := os.Symlink("../g", filepath.Join(src, "d/l")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(filepath.Join(src, "e"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	check := func(t *testing.T, sh *shadow) {
+		t.Helper()
+		for _, rel := range []string{"d", "d/f", "d/l", "e", "g"} {
+			d, err := os.Open(filepath.Join(src, filepath.Dir(rel)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			want, ok := fstree.Generation(int(d.Fd()), filepath.Base(rel))
+			d.Close()
+			if !ok {
+				t.Skipf("no generation in the file handles of %s", src)
+			}
+			var st unix.Stat_t
+			if err := unix.Lstat(filepath.Join(src, rel), &st); err != nil {
+				t.Fatal(err)
+			}
+			n, found := sh.node(st.Ino)
+			if !found || !n.genKnown || n.gen != want {
+				t.Errorf("%s: in the shadow %v, generation %#x known %v; want %#x", rel, found, n.gen, n.genKnown, want)
+			}
+		}
+		if n, _ := sh.node(sh.root); !n.genKnown {
+			t.Errorf("the root's generation is not known")
+		}
+	}
+	t.Run("stream", func(t *testing.T) {
+		p, err := NewPrimary(Dir{Name: "data", Path: src}, "127.0.0.1:1", testLink, 0, slog.New(slog.DiscardHandler))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer p.Close()
+		bt := &batcher{p: p, ctx: context.Background()}
+		if err := p.streamSync(nil, bt, resyncPlan{mode: "full", all: true}, resyncRun{start: time.Now()}, nil); err != nil {
+			t.Fatal(err)
+		}
+		p.mu.Lock()
+		sh := p.sh
+		p.mu.Unlock()
+		check(t, sh)
+	})
+	t.Run("listing", func(t *testing.T) {
+		root, err := fstree.OpenRoot(src)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer root.Close()
+		l, _, err := scanListing(root, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sb := newShadowBuilder(l.len())
+		for i := range l.len() {
+			e := l.at(i).entry()
+			sb.add(&e)
+		}
+		check(t, sb.done())
+	})
+}

@@ -36,6 +36,9 @@ type Entry struct {
 	Ino    uint64 // local inode: entries sharing it are hard links
 	Ctime  int64  // local inode change time (ns)
 	Sums   []Sum  // per BlockSize block of a regular file, when requested
+	// Gen is the local inode's i_generation when Flags has EntryGen (a
+	// scan that reads them: fstree.WalkGens). Never sent.
+	Gen uint32
 }
 
 // EntryFlags qualify a manifest entry.
@@ -48,6 +51,9 @@ const (
 	EntryRecent EntryFlags = 1 << 0
 	// EntrySummed: Sums were computed (a file of size 0 has none).
 	EntrySummed EntryFlags = 1 << 1
+	// EntryGen: Gen holds the inode's generation. Local only: cleared
+	// when an entry is encoded or decoded.
+	EntryGen EntryFlags = 1 << 2
 )
 
 // AppendEntry appends the encoding of e to b.
@@ -58,7 +64,7 @@ func AppendEntry(b []byte, e *Entry) []byte {
 	}
 	b = binary.AppendVarint(b, e.Mtime)
 	b = binary.AppendVarint(b, e.Ctime)
-	b = append(b, byte(e.Flags))
+	b = append(b, byte(e.Flags&^EntryGen))
 	b = appendString(b, e.Target)
 	b = binary.AppendUvarint(b, uint64(len(e.Sums)))
 	for i := range e.Sums {
@@ -98,7 +104,7 @@ func DecodeEntries(b []byte) ([]Entry, error) {
 		e.Ino = d.uvarint("ino")
 		e.Mtime = d.varint("mtime")
 		e.Ctime = d.varint("ctime")
-		e.Flags = EntryFlags(d.byte1("flags"))
+		e.Flags = EntryFlags(d.byte1("flags")) &^ EntryGen
 		e.Target = string(d.bytes("target", MaxPath))
 		n := d.uvarint("sum count")
 		if d.err != nil {
