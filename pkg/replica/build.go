@@ -1166,10 +1166,11 @@ func (b *builder) removeAsides() error {
 }
 
 // livesIn says whether inode ino, which the shadow has under asides only,
-// lives on in the tree here, in a directory the shadow knows (returned,
-// with its name there):
-// found by its file handle, with the generation the shadow or this pass's
-// records know. *l is the locator, made at the first need.
+// lives on in the tree here, and in which directory the shadow knows it
+// is found by a reading: the one it is in, with its name there, or, when
+// that directory is new to the shadow, the nearest one above it (with no
+// name): found by its file handle, with the generation the shadow or this
+// pass's records know. *l is the locator, made at the first need.
 func (b *builder) livesIn(l **locator, ino uint64) (dir uint64, name string, live bool) {
 	if isDead(ino) || b.liveNames(ino) != 0 {
 		return 0, "", false
@@ -1189,8 +1190,16 @@ func (b *builder) livesIn(l **locator, ino uint64) (dir uint64, name string, liv
 		*l = loc
 	}
 	w, err := (*l).where(ino, gen)
-	if err != nil || w.nlink == 0 || !w.inTree || !w.known {
+	if err != nil || w.nlink == 0 || !w.inTree {
 		return 0, "", false
+	}
+	if !w.known {
+		// In a directory made since (`mkdir b/n; mv a/d b/n/d`, the
+		// pass took a's record only): removed, the aside left d and
+		// what it holds nowhere on the peer until b was read (found
+		// by the random histories).
+		anc, ok := (*l).knownAncestor(w.dirPath)
+		return anc, "", ok
 	}
 	return w.parent, w.name, true
 }

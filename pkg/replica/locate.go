@@ -228,6 +228,8 @@ type spot struct {
 	inTree, known bool
 	parent        uint64
 	name          string
+	// dirPath is the path of its directory beneath the root (inTree).
+	dirPath string
 }
 
 // where finds a name of inode ino (generation gen) and checks, after the
@@ -287,13 +289,30 @@ func (l *locator) where(ino uint64, gen uint32) (spot, error) {
 			continue
 		}
 		if w.inTree {
-			w.parent = d.ino
+			w.parent, w.dirPath = d.ino, dir
 			dn, ok := l.b.sh.node(d.ino)
 			w.known = ok && dn.mode.IsDir()
 		}
 		return w, nil
 	}
 	return w, errors.New("no name of it holds still")
+}
+
+// knownAncestor is the nearest directory above dir (beneath the root)
+// that the shadow knows, the root at the latest: reading it finds what
+// is new below it, down to dir.
+func (l *locator) knownAncestor(dir string) (uint64, bool) {
+	for dir != "." {
+		dir = path.Dir(dir)
+		d, err := l.open(dir, true)
+		if err != nil {
+			return 0, false
+		}
+		if n, ok := l.b.sh.node(d.ino); ok && n.mode.IsDir() {
+			return d.ino, true
+		}
+	}
+	return 0, false
 }
 
 // lookup stats name in directory ino at dir (beneath the root) after the

@@ -1444,3 +1444,48 @@ func TestBuildAsideOfScannedFileKept(t *testing.T) {
 		t.Errorf("b/f was sent again whole (%d bytes)", sink.bytes)
 	}
 }
+
+// An inode kept aside that lives on in a directory made since (`mkdir
+// b/n; mv a/f b/n/f`, one pass taking a's record and f's, not b's): the
+// next pass, which looks for it by file handle, found it in a directory
+// the shadow does not know and removed the aside, and f (or the directory
+// f and what it holds) was held nowhere on the peer until b was read and
+// it was sent whole (found by the random histories). The nearest known
+// directory above it is read instead, which makes n and finds f there.
+func TestBuildAsideKeptInNewDirectory(t *testing.T) {
+	for _, dir := range []bool{false, true} {
+		name := map[bool]string{false: "file", true: "directory"}[dir]
+		t.Run(name, func(t *testing.T) {
+			data := map[bool]string{false: "a/f", true: "a/f/g"}[dir]
+			src, dst, b, sink := syncedPair(t, data, "a/keep", "b/keep", "c/keep")
+			want, _ := os.ReadFile(filepath.Join(src, data))
+			recA := changed(t, filepath.Join(src, "a"))
+			if err := os.MkdirAll(filepath.Join(src, "b/n/m"), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			mustRename(t, filepath.Join(src, "a/f"), filepath.Join(src, "b/n/m/f"))
+			moved := inodeRecord(t, filepath.Join(src, "b/n/m/f"), false)
+			if _, err := b.build([]journal.File{recA, moved}); err != nil {
+				t.Fatal(err)
+			}
+			if len(b.asides) != 1 {
+				t.Fatalf("asides %v: the test does not reach the case", b.asides)
+			}
+			nowhere := watchHeld(b, sink, dst, want)
+			writeRandom(t, filepath.Join(src, "c/new"), 10)
+			requeue, err := b.build([]journal.File{changed(t, filepath.Join(src, "c"))})
+			if err != nil {
+				t.Fatal(err)
+			}
+			sink.bytes = 0
+			passes(t, b, append(requeue, changed(t, filepath.Join(src, "b")))...)
+			sameTrees(t, src, dst)
+			if len(*nowhere) > 0 {
+				t.Errorf("the peer held %s (b/n/m/f here) nowhere after: %v", data, *nowhere)
+			}
+			if sink.bytes != 0 {
+				t.Errorf("b/n/m/f was sent again whole (%d bytes)", sink.bytes)
+			}
+		})
+	}
+}
