@@ -343,26 +343,17 @@ func (b *builder) build(files []journal.File) ([]journal.File, error) {
 		}
 		return b.reconcileNames(ino, near[ino])
 	}
-	var failed []uint64
-	for _, ino := range order {
-		ok, err := compare(ino)
-		if err != nil {
-			return nil, err
-		}
-		if !ok {
-			failed = append(failed, ino)
-		}
-	}
-	// Tried again while a round reads one more: a directory claimed by
-	// another read later in the round (an aside renamed into it) is
-	// where the shadow says only then. Tried once, in depth order, a
-	// directory still under its aside when it failed was taken for a
-	// tree going with the aside, did not hold the asides back, and was
-	// claimed after: the aside of a file moved into it went from the
-	// peer at the pass's end, the file held nowhere there until the next
-	// pass sent it whole (TestBuildClaimInDirectoryClaimedOnRetry, from
-	// a review).
-	for len(failed) > 0 {
+	// Read in depth order, those that failed tried again while a round
+	// reads one more: a directory claimed by another read later in the
+	// round (an aside renamed into it) is where the shadow says only
+	// then. Tried once, a directory still under its aside when it failed
+	// was taken for a tree going with the aside, did not hold the asides
+	// back, and was claimed after: the aside of a file moved into it went
+	// from the peer at the pass's end, the file held nowhere there until
+	// the next pass sent it whole (TestBuildClaimInDirectoryClaimedOnRetry,
+	// from a review).
+	failed := order
+	for round := 0; len(failed) > 0; round++ {
 		var still []uint64
 		for _, ino := range failed {
 			ok, err := compare(ino)
@@ -373,7 +364,7 @@ func (b *builder) build(files []journal.File) ([]journal.File, error) {
 				still = append(still, ino)
 			}
 		}
-		if len(still) == len(failed) {
+		if round > 0 && len(still) == len(failed) {
 			break
 		}
 		failed = still

@@ -506,12 +506,7 @@ func TestBuildAsideKeptWhileClaimRequeued(t *testing.T) {
 		}
 		passes(t, b, append(requeue, changed(t, src))...)
 		sameTrees(t, src, dst)
-		if len(*nowhere) > 0 {
-			t.Errorf("the peer held a/d/f (b2/dX/f here) nowhere after: %v", *nowhere)
-		}
-		if sink.bytes != 0 {
-			t.Errorf("b2/dX was sent again whole (%d bytes)", sink.bytes)
-		}
+		heldThroughout(t, *nowhere, sink, "a/d/f (b2/dX/f here)", "b2/dX")
 	})
 	t.Run("file", func(t *testing.T) {
 		src, dst, b, sink := syncedPair(t, "D/a", "D/c", "E/keep")
@@ -766,12 +761,7 @@ func TestBuildAsideNotRemovedAsGone(t *testing.T) {
 	}
 	passes(t, b, append(requeue, changed(t, src))...)
 	sameTrees(t, src, dst)
-	if len(*nowhere) > 0 {
-		t.Errorf("the peer held a/d/f (b2/dX/f here) nowhere after: %v", *nowhere)
-	}
-	if sink.bytes != 0 {
-		t.Errorf("b2/dX was sent again whole (%d bytes)", sink.bytes)
-	}
+	heldThroughout(t, *nowhere, sink, "a/d/f (b2/dX/f here)", "b2/dX")
 }
 
 // syncedRunning starts a replica under top/peer and a Primary of src
@@ -827,12 +817,7 @@ func TestBuildPendingAsideClaimedInsideNewAside(t *testing.T) {
 	}
 	passes(t, b, append(requeue, changed(t, filepath.Join(src, "q")))...)
 	sameTrees(t, src, dst)
-	if len(*nowhere) > 0 {
-		t.Errorf("the peer held a/K (q/x2/K here) nowhere after: %v", *nowhere)
-	}
-	if sink.bytes != 0 {
-		t.Errorf("K was sent again whole (%d bytes)", sink.bytes)
-	}
+	heldThroughout(t, *nowhere, sink, "a/K (q/x2/K here)", "K")
 }
 
 // An inode number taken again in the same pass (ext4 hands freed numbers
@@ -1211,12 +1196,7 @@ func TestBuildLastLinkBesideAsideKeptAside(t *testing.T) {
 	sink.bytes = 0
 	passes(t, b, changed(t, filepath.Join(src, "X")))
 	sameTrees(t, src, dst)
-	if len(*nowhere) > 0 {
-		t.Errorf("the peer held the old conf (X/o3 here) nowhere after: %v", *nowhere)
-	}
-	if sink.bytes != 0 {
-		t.Errorf("X/o3 was sent again whole (%d bytes)", sink.bytes)
-	}
+	heldThroughout(t, *nowhere, sink, "the old conf (X/o3 here)", "X/o3")
 }
 
 // Three inodes moved once each after a pass took its records: `mv c/k
@@ -1255,12 +1235,7 @@ func TestBuildClaimInDirectoryClaimedOnRetry(t *testing.T) {
 	sink.bytes = 0
 	passes(t, b, requeue...)
 	sameTrees(t, src, dst)
-	if len(*nowhere) > 0 {
-		t.Errorf("the peer held c/k (x/y/z/w/b/d/k here) nowhere after: %v", *nowhere)
-	}
-	if sink.bytes != 0 {
-		t.Errorf("k was sent again whole (%d bytes)", sink.bytes)
-	}
+	heldThroughout(t, *nowhere, sink, "c/k (x/y/z/w/b/d/k here)", "k")
 }
 
 // An inode moved twice, each move made after a pass took its records and
@@ -1292,12 +1267,7 @@ func TestBuildAsideOfInodeMovedTwiceKept(t *testing.T) {
 			sink.bytes = 0
 			passes(t, b, append(requeue, changed(t, filepath.Join(src, "c")), inodeRecord(t, filepath.Join(src, "c/f"), false))...)
 			sameTrees(t, src, dst)
-			if len(*nowhere) > 0 {
-				t.Errorf("the peer held %s (c/f here) nowhere after: %v", data, *nowhere)
-			}
-			if sink.bytes != 0 {
-				t.Errorf("c/f was sent again whole (%d bytes)", sink.bytes)
-			}
+			heldThroughout(t, *nowhere, sink, fmt.Sprintf("%s (c/f here)", data), "c/f")
 		})
 	}
 }
@@ -1324,12 +1294,7 @@ func TestBuildAsideMadeAgainUnderItsOldName(t *testing.T) {
 	sink.bytes = 0
 	passes(t, b, changed(t, filepath.Join(src, "w/e")))
 	sameTrees(t, src, dst)
-	if len(*nowhere) > 0 {
-		t.Errorf("the peer held w/d/g (w/e/d2/g here) nowhere after: %v", *nowhere)
-	}
-	if sink.bytes != 0 {
-		t.Errorf("d2 was sent again whole (%d bytes)", sink.bytes)
-	}
+	heldThroughout(t, *nowhere, sink, "w/d/g (w/e/d2/g here)", "d2")
 }
 
 // A file kept aside, then given the aside's own name here (`mv a/f b/x`
@@ -1437,12 +1402,7 @@ func TestBuildAsideOfScannedFileKept(t *testing.T) {
 	sink.bytes = 0
 	passes(t, b, append(requeue, changed(t, filepath.Join(src, "b")))...)
 	sameTrees(t, src, dst)
-	if len(*nowhere) > 0 {
-		t.Errorf("the peer held a/f (b/f here) nowhere after: %v", *nowhere)
-	}
-	if sink.bytes != 0 {
-		t.Errorf("b/f was sent again whole (%d bytes)", sink.bytes)
-	}
+	heldThroughout(t, *nowhere, sink, "a/f (b/f here)", "b/f")
 }
 
 // An inode kept aside that lives on in a directory made since (`mkdir
@@ -1480,12 +1440,21 @@ func TestBuildAsideKeptInNewDirectory(t *testing.T) {
 			sink.bytes = 0
 			passes(t, b, append(requeue, changed(t, filepath.Join(src, "b")))...)
 			sameTrees(t, src, dst)
-			if len(*nowhere) > 0 {
-				t.Errorf("the peer held %s (b/n/m/f here) nowhere after: %v", data, *nowhere)
-			}
-			if sink.bytes != 0 {
-				t.Errorf("b/n/m/f was sent again whole (%d bytes)", sink.bytes)
-			}
+			heldThroughout(t, *nowhere, sink, fmt.Sprintf("%s (b/n/m/f here)", data), "b/n/m/f")
 		})
+	}
+}
+
+// heldThroughout checks what watchHeld saw (nowhere: the ops after which
+// the peer held the file nowhere) and that the file, named held before and
+// sent after, was not sent again whole (the sink's bytes since they were
+// zeroed).
+func heldThroughout(t *testing.T, nowhere []string, sink *applySink, held, sent string) {
+	t.Helper()
+	if len(nowhere) > 0 {
+		t.Errorf("the peer held %s nowhere after: %v", held, nowhere)
+	}
+	if sink.bytes != 0 {
+		t.Errorf("%s was sent again whole (%d bytes)", sent, sink.bytes)
 	}
 }
