@@ -1121,6 +1121,19 @@ func (b *builder) removeAsides() error {
 			b.log.Debug("aside has no path", "name", a.name, "ino", a.ino)
 			continue
 		}
+		// Kept, and the directory dir read next; with that directory's
+		// count of tries, so that a reconcile that never claims the
+		// inode ends in a resync, not in durability calls held for
+		// good.
+		keep := func(dir, ino uint64, why string) {
+			b.log.Debug(why, "name", a.name, "ino", a.ino, "lives", ino, "dir", dir)
+			kept = append(kept, a)
+			f := journal.File{Key: capture.InodeKey{Dev: b.dev, Ino: dir}, Attr: true, Rescan: b.sh.big[dir]}
+			if r := b.dirRecs[dir]; r != nil {
+				f.Retries, f.RetryFrom, f.MaxSeq = r.Retries, r.RetryFrom, r.MaxSeq
+			}
+			b.retry(f, "an inode kept aside lives here")
+		}
 		if dir, name, live := b.livesIn(&l, a.ino); live {
 			if dir == a.parent && name == a.name {
 				// Its name here is the aside's own (`mv b/x
@@ -1133,17 +1146,15 @@ func (b *builder) removeAsides() error {
 			// the next took them): removed, it was held nowhere on the
 			// peer until a later pass read c and sent it whole
 			// (TestBuildAsideOfInodeMovedTwiceKept, from a review).
-			// Kept, and the directory it is in read next; with that
-			// directory's count of tries, so that a reconcile that
-			// never claims it ends in a resync, not in durability
-			// calls held for good.
-			b.log.Debug("aside kept: its inode lives here", "name", a.name, "ino", a.ino, "dir", dir)
-			kept = append(kept, a)
-			f := journal.File{Key: capture.InodeKey{Dev: b.dev, Ino: dir}, Attr: true, Rescan: b.sh.big[dir]}
-			if r := b.dirRecs[dir]; r != nil {
-				f.Retries, f.RetryFrom, f.MaxSeq = r.Retries, r.RetryFrom, r.MaxSeq
-			}
-			b.retry(f, "an inode kept aside lives here")
+			keep(dir, a.ino, "aside kept: its inode lives here")
+			continue
+		}
+		if ino, dir, live := b.heldInside(&l, a.ino); live {
+			// `mv d1/s0 d2/n0; rm -r d1`, d1 read (gone, kept aside)
+			// before d2's record came: removed with d1's aside, s0
+			// and what it holds were held nowhere on the peer until d2
+			// was read (found by the random histories).
+			keep(dir, ino, "aside kept: an inode in it lives here")
 			continue
 		}
 		if err := b.out.add(&wire.Op{Code: wire.OpRemove, Path: lp}); err != nil {
@@ -1173,6 +1184,12 @@ func (b *builder) livesIn(l **locator, ino uint64) (dir uint64, name string, liv
 	if !ok {
 		return 0, "", false
 	}
+	return b.liveAt(l, ino, gen)
+}
+
+// liveAt is livesIn's search by file handle, for inode ino of generation
+// gen.
+func (b *builder) liveAt(l **locator, ino uint64, gen uint32) (dir uint64, name string, live bool) {
 	if *l == nil {
 		loc, err := newLocator(b)
 		if err != nil {
@@ -1193,6 +1210,64 @@ func (b *builder) livesIn(l **locator, ino uint64) (dir uint64, name string, liv
 		return anc, "", ok
 	}
 	return w.parent, w.name, true
+}
+
+// heldInside says whether directory top, which goes from the peer with
+// what the shadow has under it, holds there an inode that lives on here
+// and has no name outside top's tree: its last copy on the peer. It
+// returns that inode and the directory to read to find it (livesIn).
+// Each such inode costs a file handle's lookup (a removed one fails at
+// once).
+func (b *builder) heldInside(l **locator, top uint64) (ino, dir uint64, live bool) {
+	stack := []uint64{top}
+	for len(stack) > 0 {
+		d := stack[len(stack)-1]
+		stack = stack[:len(stack)-1]
+		var kids []uint64
+		b.sh.eachChild(d, func(_ string, c uint64) bool {
+			kids = append(kids, c)
+			return true
+		})
+		for _, c := range kids {
+			n, ok := b.sh.node(c)
+			if !ok || isDead(c) {
+				continue
+			}
+			if n.mode.IsDir() {
+				stack = append(stack, c)
+			}
+			if !n.genKnown || b.namedOutside(c, top) {
+				continue
+			}
+			if dir, _, live := b.liveAt(l, c, n.gen); live {
+				return c, dir, true
+			}
+		}
+	}
+	return 0, 0, false
+}
+
+// namedOutside says whether inode ino has a name in the shadow outside
+// directory top's tree (one whose directories lead up to the root without
+// passing top).
+func (b *builder) namedOutside(ino, top uint64) bool {
+	for _, nl := range b.sh.names(ino) {
+		dir := nl.parent
+		for range maxDepth {
+			if dir == top || dir == b.sh.root {
+				break
+			}
+			names := b.sh.names(dir)
+			if len(names) == 0 {
+				break
+			}
+			dir = names[0].parent
+		}
+		if dir == b.sh.root {
+			return true
+		}
+	}
+	return false
 }
 
 // markMoved notes that this pass moved ino on the peer (b.moved), unless

@@ -145,3 +145,52 @@ func BenchmarkHugeDirApply(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkRemovedTreeAside is the pass that removes the aside of a
+// removed directory of N files (`rm -r d`, read gone by the pass before):
+// it looks each inode the aside holds up by file handle first
+// (heldInside), which fails at once for a removed one. Each iteration
+// makes the tree, syncs it, removes it and builds the pass that keeps it
+// aside (untimed), then times the next pass; ops go to a sink that drops
+// them.
+func BenchmarkRemovedTreeAside(b *testing.B) {
+	for _, n := range []int{1000, 10000} {
+		b.Run(fmt.Sprintf("files=%d", n), func(b *testing.B) {
+			for range b.N {
+				b.StopTimer()
+				src := filepath.Join(b.TempDir(), "src")
+				for i := range n {
+					p := filepath.Join(src, "d", fmt.Sprintf("s%d", i/100), fmt.Sprintf("f%d", i))
+					os.MkdirAll(filepath.Dir(p), 0o755)
+					if err := os.WriteFile(p, nil, 0o644); err != nil {
+						b.Fatal(err)
+					}
+				}
+				root, local := scanSource(b, src)
+				bld := newBuilder(root, 0, newShadow(local), nil, sinkFunc(func(*wire.Op) error { return nil }), slog.New(slog.DiscardHandler), nil)
+				if err := os.RemoveAll(filepath.Join(src, "d")); err != nil {
+					b.Fatal(err)
+				}
+				var st unix.Stat_t
+				if err := unix.Stat(src, &st); err != nil {
+					b.Fatal(err)
+				}
+				if _, err := bld.build([]journal.File{{Key: capture.InodeKey{Ino: st.Ino}, Attr: true}}); err != nil {
+					b.Fatal(err)
+				}
+				if len(bld.asides) != 1 {
+					b.Fatalf("asides %v, want d's", bld.asides)
+				}
+				b.StartTimer()
+				if _, err := bld.build(nil); err != nil {
+					b.Fatal(err)
+				}
+				b.StopTimer()
+				if len(bld.asides) != 0 {
+					b.Fatalf("asides left %v", bld.asides)
+				}
+				b.StartTimer()
+			}
+		})
+	}
+}

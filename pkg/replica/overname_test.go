@@ -1458,3 +1458,34 @@ func heldThroughout(t *testing.T, nowhere []string, sink *applySink, held, sent 
 		t.Errorf("%s was sent again whole (%d bytes)", sent, sink.bytes)
 	}
 }
+
+// A directory kept aside that holds, on the peer, a directory that lives
+// on here elsewhere (`mv d1/s0 d2/n0; rm -r d1`, a pass reading the root
+// before d2's record came): removed with the aside, s0 and what it holds
+// were held nowhere on the peer until d2 was read and they were sent
+// whole (found by the random histories). The aside is kept, and the
+// directory s0 is in read next.
+func TestBuildAsideHoldingLiveDirectoryKept(t *testing.T) {
+	src, dst, b, sink := syncedPair(t, "d1/s0/g", "d1/keep", "d2/keep", "c/keep")
+	want, _ := os.ReadFile(filepath.Join(src, "d1/s0/g"))
+	mustRename(t, filepath.Join(src, "d1/s0"), filepath.Join(src, "d2/n0"))
+	if err := os.RemoveAll(filepath.Join(src, "d1")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.build([]journal.File{changed(t, src)}); err != nil {
+		t.Fatal(err)
+	}
+	if len(b.asides) != 1 {
+		t.Fatalf("asides %v: the test does not reach the case", b.asides)
+	}
+	nowhere := watchHeld(b, sink, dst, want)
+	writeRandom(t, filepath.Join(src, "c/new"), 10)
+	requeue, err := b.build([]journal.File{changed(t, filepath.Join(src, "c"))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sink.bytes = 0
+	passes(t, b, append(requeue, changed(t, filepath.Join(src, "d2")))...)
+	sameTrees(t, src, dst)
+	heldThroughout(t, *nowhere, sink, "d1/s0/g (d2/n0/g here)", "d2/n0/g")
+}
