@@ -1236,7 +1236,7 @@ func (b *builder) heldInside(l **locator, top uint64) (ino, dir uint64, live boo
 			if n.mode.IsDir() {
 				stack = append(stack, c)
 			}
-			if !n.genKnown || b.namedOutside(c, top) {
+			if !n.genKnown || b.namedOutsideAsides(c) {
 				continue
 			}
 			if dir, _, live := b.liveAt(l, c, n.gen); live {
@@ -1247,14 +1247,15 @@ func (b *builder) heldInside(l **locator, top uint64) (ino, dir uint64, live boo
 	return 0, 0, false
 }
 
-// namedOutside says whether inode ino has a name in the shadow outside
-// directory top's tree (one whose directories lead up to the root without
-// passing top).
-func (b *builder) namedOutside(ino, top uint64) bool {
+// namedOutsideAsides says whether inode ino has a name in the shadow
+// that holds it on the peer for good: one whose directories lead up to the
+// root without passing a directory kept aside (which may go too: a hard
+// link of the file under another such tree).
+func (b *builder) namedOutsideAsides(ino uint64) bool {
 	for _, nl := range b.sh.names(ino) {
 		dir := nl.parent
 		for range maxDepth {
-			if dir == top || dir == b.sh.root {
+			if dir == b.sh.root || b.asideRefs[dir] != nil {
 				break
 			}
 			names := b.sh.names(dir)

@@ -1489,3 +1489,39 @@ func TestBuildAsideHoldingLiveDirectoryKept(t *testing.T) {
 	sameTrees(t, src, dst)
 	heldThroughout(t, *nowhere, sink, "d1/s0/g (d2/n0/g here)", "d2/n0/g")
 }
+
+// The same with a file whose two names are in two trees kept aside (`ln
+// d1/f c/x; rm -r d1 d2`, d2/s/h a hard link of f, the pass reading the
+// root before c's record came): each aside's file had a name outside it,
+// under the other aside, and both went.
+func TestBuildAsidesHoldingLinksOfLiveFileKept(t *testing.T) {
+	src, dst, b, sink := syncedPair(t, "d1/f", "d2/s/keep", "c/keep")
+	if err := os.Link(filepath.Join(src, "d1/f"), filepath.Join(src, "d2/s/h")); err != nil {
+		t.Fatal(err)
+	}
+	passes(t, b, changed(t, filepath.Join(src, "d2/s")))
+	want, _ := os.ReadFile(filepath.Join(src, "d1/f"))
+	if err := os.Link(filepath.Join(src, "d1/f"), filepath.Join(src, "c/x")); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []string{"d1", "d2"} {
+		if err := os.RemoveAll(filepath.Join(src, d)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := b.build([]journal.File{changed(t, src)}); err != nil {
+		t.Fatal(err)
+	}
+	if len(b.asides) != 2 {
+		t.Fatalf("asides %v: the test does not reach the case", b.asides)
+	}
+	nowhere := watchHeld(b, sink, dst, want)
+	requeue, err := b.build(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sink.bytes = 0
+	passes(t, b, append(requeue, changed(t, filepath.Join(src, "c")))...)
+	sameTrees(t, src, dst)
+	heldThroughout(t, *nowhere, sink, "d1/f (c/x here)", "c/x")
+}
