@@ -512,15 +512,16 @@ func (b *statBatch) fill(dfd int, ents []Dirent, from int, gens bool) {
 	wg.Wait()
 }
 
-// Generation reads the i_generation of the inode at name beneath dirfd
-// from its file handle.
-func Generation(dirfd int, name string) (uint32, bool) {
+// Generation reads the number and i_generation of the inode at name
+// beneath dirfd from its file handle. A caller that found the inode by an
+// earlier call (lstat) checks the number: the name may hold another inode
+// by now.
+func Generation(dirfd int, name string) (ino uint64, gen uint32, ok bool) {
 	h, _, err := unix.NameToHandleAt(dirfd, name, 0)
 	if err != nil {
-		return 0, false
+		return 0, 0, false
 	}
-	_, gen, ok := HandleIDs(h.Type(), h.Bytes())
-	return gen, ok
+	return HandleIDs(h.Type(), h.Bytes())
 }
 
 // HandleIDs finds the inode number and i_generation in a file handle:

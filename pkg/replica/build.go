@@ -576,11 +576,12 @@ func (b *builder) holder(ino uint64) (typ, gen uint32, ok bool) {
 		if err != nil {
 			continue
 		}
+		// The handle first, and both must name ino: see entry.
+		hino, gen, genOK := fstree.Generation(int(d.Fd()), name)
 		var st unix.Stat_t
 		err = unix.Fstatat(int(d.Fd()), name, &st, unix.AT_SYMLINK_NOFOLLOW)
-		gen, genOK := fstree.Generation(int(d.Fd()), name)
 		d.Close()
-		if err == nil && st.Ino == ino && genOK {
+		if err == nil && st.Ino == ino && genOK && hino == ino {
 			return st.Mode & unix.S_IFMT, gen, true
 		}
 	}
@@ -822,12 +823,20 @@ func join(dir, name string) string {
 // entry handles a name of directory dirIno that the shadow does not hold
 // with this inode: a rename, a new hard link, or something new.
 func (b *builder) entry(d *os.File, dirPath string, dirIno uint64, e fstree.Dirent) error {
+	// The generation from the file handle first, then the stat, and the
+	// generation kept only if both name the same number: read after the
+	// stat, it could be another inode's, the name taken meanwhile (a
+	// live node then retired for it, from a review). In this order a
+	// number freed and taken again between the two calls gives the
+	// earlier inode's generation, which the later one's allocation record
+	// does not match (as fstree.WalkGens).
+	hino, gen, genOK := fstree.Generation(int(d.Fd()), e.Name)
 	var st unix.Stat_t
 	if err := unix.Fstatat(int(d.Fd()), e.Name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil || st.Ino != e.Ino {
 		return nil // gone or replaced meanwhile: a later record says what became of it
 	}
+	genOK = genOK && hino == st.Ino
 	to := join(dirPath, e.Name)
-	gen, genOK := fstree.Generation(int(d.Fd()), e.Name)
 	if kn, ok := b.sh.node(e.Ino); ok && (kn.mode.Type() != fstree.ModeOf(st.Mode).Type() || (genOK && kn.genKnown && kn.gen != gen)) {
 		// The number now names another inode: the old one is gone.
 		if err := b.retire(e.Ino, gen); err != nil {
@@ -1198,6 +1207,11 @@ func (b *builder) liveAt(l **locator, ino uint64, gen uint32) (dir uint64, name 
 		*l = loc
 	}
 	w, err := (*l).where(ino, gen)
+	if errors.Is(err, errNotStill) && w.inTree {
+		// Alive in the tree, renamed while it was looked for: the
+		// root's reading finds it (from a review).
+		return b.sh.root, "", true
+	}
 	if err != nil || w.nlink == 0 || !w.inTree {
 		return 0, "", false
 	}
@@ -1205,9 +1219,12 @@ func (b *builder) liveAt(l **locator, ino uint64, gen uint32) (dir uint64, name 
 		// In a directory made since (`mkdir b/n; mv a/d b/n/d`, the
 		// pass took a's record only): removed, the aside left d and
 		// what it holds nowhere on the peer until b was read (found
-		// by the random histories).
-		anc, ok := (*l).knownAncestor(w.dirPath)
-		return anc, "", ok
+		// by the random histories). The root when a directory above
+		// moves meanwhile.
+		if anc, ok := (*l).knownAncestor(w.dirPath); ok {
+			return anc, "", true
+		}
+		return b.sh.root, "", true
 	}
 	return w.parent, w.name, true
 }
@@ -1230,13 +1247,16 @@ func (b *builder) heldInside(l **locator, top uint64) (ino, dir uint64, live boo
 		})
 		for _, c := range kids {
 			n, ok := b.sh.node(c)
-			if !ok || isDead(c) {
+			if !ok {
 				continue
 			}
 			if n.mode.IsDir() {
+				// A retired directory too (its number taken
+				// again): what it holds may live on (from a
+				// review).
 				stack = append(stack, c)
 			}
-			if !n.genKnown || b.namedOutsideAsides(c) {
+			if isDead(c) || !n.genKnown || b.namedOutsideAsides(c) {
 				continue
 			}
 			if dir, _, live := b.liveAt(l, c, n.gen); live {

@@ -822,7 +822,7 @@ func nameGen(t *testing.T, dir, name string) uint32 {
 		t.Fatal(err)
 	}
 	defer d.Close()
-	gen, ok := fstree.Generation(int(d.Fd()), name)
+	_, gen, ok := fstree.Generation(int(d.Fd()), name)
 	if !ok {
 		t.Skipf("no generation from the file handles of %s", dir)
 	}
@@ -857,5 +857,6 @@ func passAfterReuse(t *testing.T, src string, b *builder, ino uint64) (uint32, b
 		t.Fatal(err)
 	}
 	defer d.Close()
-	return fstree.Generation(int(d.Fd()), filepath.Base(reused))
+	_, gen, ok := fstree.Generation(int(d.Fd()), filepath.Base(reused))
+	return gen, ok
 }

@@ -37,7 +37,7 @@ func TestGenerationFromHandle(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer d.Close()
-		got, ok := fstree.Generation(int(d.Fd()), "f")
+		_, got, ok := fstree.Generation(int(d.Fd()), "f")
 		if !ok || got != want {
 			t.Fatalf("generation from the handle: %#x (found %v), want i_generation %#x", got, ok, want)
 		}

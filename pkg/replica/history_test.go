@@ -335,7 +335,7 @@ func (h *history) gen(path string) uint32 {
 		return 0
 	}
 	defer d.Close()
-	g, _ := fstree.Generation(int(d.Fd()), filepath.Base(path))
+	_, g, _ := fstree.Generation(int(d.Fd()), filepath.Base(path))
 	return g
 }
 

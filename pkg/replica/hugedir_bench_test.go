@@ -89,7 +89,7 @@ func benchHugeDirCreate(b *testing.B, n int, whole bool) {
 		if err := unix.Fstatat(int(d.Fd()), name, &st, 0); err != nil {
 			b.Fatal(err)
 		}
-		gen, _ := fstree.Generation(int(d.Fd()), name)
+		_, gen, _ := fstree.Generation(int(d.Fd()), name)
 		seq++
 		nf := journal.File{Key: capture.InodeKey{Ino: st.Ino}, Attr: true, NewSeq: seq, NewGen: gen, Gen: gen, HasGen: true, MaxSeq: seq}
 		nf.Data.Add(0, uint64(len(data)))

@@ -295,8 +295,13 @@ func (l *locator) where(ino uint64, gen uint32) (spot, error) {
 		}
 		return w, nil
 	}
-	return w, errors.New("no name of it holds still")
+	return w, errNotStill
 }
+
+// errNotStill: where found a live inode's name three times, and each time
+// it had moved before it was checked (w.inTree tells where the last one
+// was).
+var errNotStill = errors.New("no name of it holds still")
 
 // knownAncestor is the nearest directory above dir (beneath the root)
 // that the shadow knows, the root at the latest: reading it finds what

@@ -38,7 +38,7 @@ func inodeRecord(t *testing.T, path string, isNew bool) journal.File {
 		t.Fatal(err)
 	}
 	defer d.Close()
-	gen, ok := fstree.Generation(int(d.Fd()), filepath.Base(path))
+	_, gen, ok := fstree.Generation(int(d.Fd()), filepath.Base(path))
 	if !ok {
 		t.Fatalf("no generation for %s", path)
 	}

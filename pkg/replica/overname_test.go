@@ -1525,3 +1525,56 @@ func TestBuildAsidesHoldingLinksOfLiveFileKept(t *testing.T) {
 	sameTrees(t, src, dst)
 	heldThroughout(t, *nowhere, sink, "d1/f (c/x here)", "c/x")
 }
+
+// `mv d1/s0/f d2/f; rm -r d1; mkdir c/n` with n taking s0's number (ext4
+// hands freed numbers out again at once), the first pass taking the
+// root's, c's and n's records, not d2's. n's record retires s0: its node,
+// with f under it, goes to a dead number, under d1's aside. heldInside did
+// not look into a dead directory, so f, which lives on in d2 and has no
+// other name on the peer, was not looked up, and d1's aside went with it:
+// f was held nowhere on the peer until d2 was read (from a review).
+func TestBuildAsideHoldingLiveFileUnderRetiredDirectory(t *testing.T) {
+	src, dst, b, sink := syncedPair(t, "d1/s0/f", "d1/keep", "d2/keep", "c/keep")
+	s0 := inoOf(t, filepath.Join(src, "d1/s0"))
+	want, _ := os.ReadFile(filepath.Join(src, "d1/s0/f"))
+	mustRename(t, filepath.Join(src, "d1/s0/f"), filepath.Join(src, "d2/f"))
+	if err := os.RemoveAll(filepath.Join(src, "d1")); err != nil {
+		t.Fatal(err)
+	}
+	// A new directory takes s0's number; when the filesystem hands out
+	// another (one the shadow does not hold), the shadow is made to say
+	// s0 had it (as TestBuildAsideOfRetiredNumberRemoved does).
+	var rec journal.File
+	for i := 0; ; i++ {
+		n := filepath.Join(src, fmt.Sprintf("c/n%d", i))
+		if err := os.Mkdir(n, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		rec = inodeRecord(t, n, true)
+		if rec.Key.Ino == s0 || !b.sh.has(rec.Key.Ino) {
+			break
+		}
+	}
+	if y := rec.Key.Ino; y != s0 {
+		nd, _ := b.sh.node(s0)
+		b.sh.renumber(s0, nd, y)
+	}
+	b.sh.setGen(rec.Key.Ino, rec.Gen+1) // s0's, not the new directory's
+	requeue, err := b.build([]journal.File{changed(t, src), changed(t, filepath.Join(src, "c")), rec})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(b.asides) != 1 {
+		t.Fatalf("asides %v: the test does not reach the case", b.asides)
+	}
+	nowhere := watchHeld(b, sink, dst, want)
+	writeRandom(t, filepath.Join(src, "c/new"), 10)
+	requeue, err = b.build(append(requeue, changed(t, filepath.Join(src, "c"))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sink.bytes = 0
+	passes(t, b, append(requeue, changed(t, filepath.Join(src, "d2")))...)
+	sameTrees(t, src, dst)
+	heldThroughout(t, *nowhere, sink, "d1/s0/f (d2/f here)", "d2/f")
+}

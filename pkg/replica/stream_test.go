@@ -424,7 +424,7 @@ func TestResyncShadowsKnowGenerations(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			want, ok := fstree.Generation(int(d.Fd()), filepath.Base(rel))
+			_, want, ok := fstree.Generation(int(d.Fd()), filepath.Base(rel))
 			d.Close()
 			if !ok {
 				t.Skipf("no generation in the file handles of %s", src)

@@ -221,6 +221,33 @@ func TestEntriesRoundTrip(t *testing.T) {
 	}
 }
 
+// TestEntryGenNeverOnTheWire: an entry's generation is the local scan's
+// (the primary's shadow tells reused inode numbers apart by it): neither
+// sent nor taken from a peer's manifest, whose flags byte may claim it.
+func TestEntryGenNeverOnTheWire(t *testing.T) {
+	e := Entry{Path: "f", Mode: 0o644, Ino: 12, Gen: 0xabcd, Flags: EntryGen | EntryRecent}
+	b := AppendEntry(nil, &e)
+	plain := AppendEntry(nil, &Entry{Path: "f", Mode: 0o644, Ino: 12, Flags: EntryRecent})
+	if !bytes.Equal(b, plain) {
+		t.Fatalf("the generation reached the encoding: % x, want % x", b, plain)
+	}
+	// A hostile peer's entry with the flag set: the flags byte comes
+	// before the empty target's and the sums' counts.
+	forged := bytes.Clone(plain)
+	at := len(forged) - 3
+	if EntryFlags(forged[at]) != EntryRecent {
+		t.Fatalf("the flags byte is not at %d: % x", at, forged)
+	}
+	forged[at] |= byte(EntryGen)
+	got, err := DecodeEntries(forged)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got[0].Flags != EntryRecent || got[0].Gen != 0 {
+		t.Fatalf("decoded flags %#x, generation %#x: want %#x and none", got[0].Flags, got[0].Gen, EntryRecent)
+	}
+}
+
 func TestCompressRoundTrip(t *testing.T) {
 	src := bytes.Repeat([]byte("duet "), 10000)
 	c := Compress(nil, src)
