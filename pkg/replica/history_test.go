@@ -17,6 +17,7 @@ import (
 	"github.com/duet-ha/duet/pkg/capture"
 	"github.com/duet-ha/duet/pkg/fstree"
 	"github.com/duet-ha/duet/pkg/journal"
+	"github.com/duet-ha/duet/pkg/loopfs"
 	"github.com/duet-ha/duet/pkg/wire"
 	"golang.org/x/sys/unix"
 )
@@ -34,6 +35,9 @@ import (
 //
 // DUET_HISTORY_RUNS sets the number of histories (default 150); a failure
 // prints its seed and its operations, DUET_HISTORY_SEED replays one.
+// DUET_HISTORY_FS=xfs|btrfs runs them on a loop filesystem of that kind
+// (root), whose inode numbers and file handles are its own (the default is
+// the temporary directory's filesystem).
 func TestBuildRandomHistories(t *testing.T) {
 	runs := 150
 	if s := os.Getenv("DUET_HISTORY_RUNS"); s != "" {
@@ -44,9 +48,13 @@ func TestBuildRandomHistories(t *testing.T) {
 		fmt.Sscan(s, &first)
 		runs = 1
 	}
+	var base string
+	if fs := os.Getenv("DUET_HISTORY_FS"); fs != "" {
+		base = loopfs.Make(t, fs, 512).Mount
+	}
 	for i := range runs {
 		seed := first + uint64(i)
-		if !t.Run(fmt.Sprint(seed), func(t *testing.T) { runHistory(t, seed) }) {
+		if !t.Run(fmt.Sprint(seed), func(t *testing.T) { runHistory(t, seed, base) }) {
 			break
 		}
 	}
@@ -76,13 +84,23 @@ type history struct {
 	partial    bool
 }
 
-func runHistory(t *testing.T, seed uint64) {
+// runHistory runs the history of seed in a new directory under base (the
+// test's temporary directory if empty).
+func runHistory(t *testing.T, seed uint64, base string) {
 	h := &history{t: t, rng: rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)), j: journal.New(), seq: 1000}
 	var initial []string
 	for i := range 3 + h.rng.IntN(6) {
 		initial = append(initial, fmt.Sprintf("d%d/f%d", h.rng.IntN(3), i), fmt.Sprintf("d%d/s%d/g%d", h.rng.IntN(3), h.rng.IntN(2), i))
 	}
-	src, dst, b, _ := syncedPair(t, initial...)
+	top := t.TempDir()
+	if base != "" {
+		var err error
+		if top, err = os.MkdirTemp(base, "h"); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.RemoveAll(top) })
+	}
+	src, dst, b, _ := syncedPairIn(t, top, top, initial...)
 	h.src, h.dst, h.b = src, dst, b
 	failing := &historySink{h: h}
 	a := b.out.(*applySink)
