@@ -1078,7 +1078,27 @@ func (b *builder) freeNameFor(d *os.File, dirIno uint64, prefix string, ino uint
 type asideLink struct {
 	link
 	ino uint64
+	// waits counts the passes that kept it for an inode found alive
+	// whose place could not be told (liveUnplaced): bounded by
+	// maxUnplacedWaits.
+	waits uint8
 }
+
+// maxUnplacedWaits is how many passes an aside is kept for an inode found
+// alive whose place cannot be told (a file whose dentry the kernel let
+// go: its file handle opens it with no path). The records of its move
+// come with the next pass's drain; an inode moved out of the tree is not
+// waited for longer.
+const maxUnplacedWaits = 3
+
+// liveness is what a look by file handle tells of an inode.
+type liveness int
+
+const (
+	notLive      liveness = iota
+	liveHere              // alive in the tree, found by reading the directory returned
+	liveUnplaced          // alive, its place not told
+)
 
 // removeAsides removes from the peer the names of earlier passes' asides
 // that nothing claimed: the inode was removed on this node. Not this
@@ -1102,12 +1122,12 @@ func (b *builder) removeAsides() error {
 		}
 	}()
 	var kept []asideLink
-	mine := make(map[asideLink]bool, len(b.asides))
+	mine := make(map[link]uint64, len(b.asides))
 	for _, a := range b.asides {
-		mine[a] = true
+		mine[a.link] = a.ino
 	}
 	for _, a := range b.pendingAsides {
-		if mine[a] {
+		if ino, ok := mine[a.link]; ok && ino == a.ino {
 			// Claimed and made again by this pass (`mv d d.up; mv
 			// d.up/s d` in one pass, `mv d.up e/d2` in the next: the
 			// same free name for the same inode): this pass's aside,
@@ -1143,7 +1163,25 @@ func (b *builder) removeAsides() error {
 			}
 			b.retry(f, "an inode kept aside lives here")
 		}
-		if dir, name, live := b.livesIn(&l, a.ino); live {
+		// Alive, its place not told: kept without a requeue (it holds
+		// no durability call back) for a few passes, which bring the
+		// records of its move. Removed, a file whose dentry the kernel
+		// had let go was held nowhere on the peer until its directory
+		// was read (from a review).
+		unplaced := func(ino uint64) bool {
+			if a.waits >= maxUnplacedWaits {
+				return false
+			}
+			b.log.Debug("aside kept: an inode of it lives, place unknown", "name", a.name, "ino", a.ino, "lives", ino, "waits", a.waits)
+			a.waits++
+			kept = append(kept, a)
+			return true
+		}
+		dir, name, live := b.livesIn(&l, a.ino)
+		if live == liveUnplaced && unplaced(a.ino) {
+			continue
+		}
+		if live == liveHere {
 			if dir == a.parent && name == a.name {
 				// Its name here is the aside's own (`mv b/x
 				// a/.duet-replaced-N`): the user's now, which no
@@ -1158,12 +1196,14 @@ func (b *builder) removeAsides() error {
 			keep(dir, a.ino, "aside kept: its inode lives here")
 			continue
 		}
-		if ino, dir, live := b.heldInside(&l, a.ino); live {
+		if ino, dir, live := b.heldInside(&l, a.ino); live == liveHere {
 			// `mv d1/s0 d2/n0; rm -r d1`, d1 read (gone, kept aside)
 			// before d2's record came: removed with d1's aside, s0
 			// and what it holds were held nowhere on the peer until d2
 			// was read (found by the random histories).
 			keep(dir, ino, "aside kept: an inode in it lives here")
+			continue
+		} else if live == liveUnplaced && unplaced(ino) {
 			continue
 		}
 		if err := b.out.add(&wire.Op{Code: wire.OpRemove, Path: lp}); err != nil {
@@ -1182,38 +1222,40 @@ func (b *builder) removeAsides() error {
 // that directory is new to the shadow, the nearest one above it (with no
 // name): found by its file handle, with the generation the shadow or this
 // pass's records know. *l is the locator, made at the first need.
-func (b *builder) livesIn(l **locator, ino uint64) (dir uint64, name string, live bool) {
+func (b *builder) livesIn(l **locator, ino uint64) (dir uint64, name string, live liveness) {
 	if isDead(ino) || b.liveNames(ino) != 0 {
-		return 0, "", false
+		return 0, "", notLive
 	}
 	gen, ok := b.recGen[ino]
 	if n, known := b.sh.node(ino); known && n.genKnown {
 		gen, ok = n.gen, true
 	}
 	if !ok {
-		return 0, "", false
+		return 0, "", notLive
 	}
 	return b.liveAt(l, ino, gen)
 }
 
 // liveAt is livesIn's search by file handle, for inode ino of generation
 // gen.
-func (b *builder) liveAt(l **locator, ino uint64, gen uint32) (dir uint64, name string, live bool) {
+func (b *builder) liveAt(l **locator, ino uint64, gen uint32) (dir uint64, name string, live liveness) {
 	if *l == nil {
 		loc, err := newLocator(b)
 		if err != nil {
-			return 0, "", false
+			return 0, "", notLive
 		}
 		*l = loc
 	}
 	w, err := (*l).where(ino, gen)
-	if errors.Is(err, errNotStill) && w.inTree {
+	switch {
+	case errors.Is(err, errNoPath):
+		return 0, "", liveUnplaced
+	case errors.Is(err, errNotStill) && w.inTree:
 		// Alive in the tree, renamed while it was looked for: the
 		// root's reading finds it (from a review).
-		return b.sh.root, "", true
-	}
-	if err != nil || w.nlink == 0 || !w.inTree {
-		return 0, "", false
+		return b.sh.root, "", liveHere
+	case err != nil || w.nlink == 0 || !w.inTree:
+		return 0, "", notLive
 	}
 	if !w.known {
 		// In a directory made since (`mkdir b/n; mv a/d b/n/d`, the
@@ -1222,20 +1264,22 @@ func (b *builder) liveAt(l **locator, ino uint64, gen uint32) (dir uint64, name 
 		// by the random histories). The root when a directory above
 		// moves meanwhile.
 		if anc, ok := (*l).knownAncestor(w.dirPath); ok {
-			return anc, "", true
+			return anc, "", liveHere
 		}
-		return b.sh.root, "", true
+		return b.sh.root, "", liveHere
 	}
-	return w.parent, w.name, true
+	return w.parent, w.name, liveHere
 }
 
 // heldInside says whether directory top, which goes from the peer with
 // what the shadow has under it, holds there an inode that lives on here
 // and has no name outside top's tree: its last copy on the peer. It
-// returns that inode and the directory to read to find it (livesIn).
+// returns that inode and the directory to read to find it (livesIn), the
+// first one found whose place is told, else the first found alive.
 // Each such inode costs a file handle's lookup (a removed one fails at
 // once).
-func (b *builder) heldInside(l **locator, top uint64) (ino, dir uint64, live bool) {
+func (b *builder) heldInside(l **locator, top uint64) (ino, dir uint64, live liveness) {
+	var unplaced uint64
 	stack := []uint64{top}
 	for len(stack) > 0 {
 		d := stack[len(stack)-1]
@@ -1259,12 +1303,20 @@ func (b *builder) heldInside(l **locator, top uint64) (ino, dir uint64, live boo
 			if isDead(c) || !n.genKnown || b.namedOutsideAsides(c) {
 				continue
 			}
-			if dir, _, live := b.liveAt(l, c, n.gen); live {
-				return c, dir, true
+			switch dir, _, live := b.liveAt(l, c, n.gen); live {
+			case liveHere:
+				return c, dir, liveHere
+			case liveUnplaced:
+				if unplaced == 0 {
+					unplaced = c
+				}
 			}
 		}
 	}
-	return 0, 0, false
+	if unplaced != 0 {
+		return unplaced, 0, liveUnplaced
+	}
+	return 0, 0, notLive
 }
 
 // namedOutsideAsides says whether inode ino has a name in the shadow
@@ -1301,7 +1353,7 @@ func (b *builder) markMoved(ino uint64) {
 
 // addAside records that this pass keeps inode ino under l.
 func (b *builder) addAside(l link, ino uint64) {
-	b.asides = append(b.asides, asideLink{l, ino})
+	b.asides = append(b.asides, asideLink{link: l, ino: ino})
 	if b.asideRefs == nil {
 		b.asideRefs = map[uint64][]asideRef{}
 	}

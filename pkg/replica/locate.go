@@ -266,6 +266,12 @@ func (l *locator) where(ino uint64, gen uint32) (spot, error) {
 		if !path.IsAbs(p) {
 			return w, fmt.Errorf("no path: %q", p)
 		}
+		if p == "/" && !w.dir && l.rootAbs != "/" {
+			// A file whose dentry the kernel let go is opened
+			// disconnected, with no name (directories are connected
+			// again): alive, place unknown (from a review).
+			return w, errNoPath
+		}
 		var dir, rel string
 		switch {
 		case l.rootAbs == "/":
@@ -302,6 +308,10 @@ func (l *locator) where(ino uint64, gen uint32) (spot, error) {
 // it had moved before it was checked (w.inTree tells where the last one
 // was).
 var errNotStill = errors.New("no name of it holds still")
+
+// errNoPath: where opened a live file by its handle with no path (its
+// dentry disconnected): it cannot tell where the file is.
+var errNoPath = errors.New("opened with no path")
 
 // knownAncestor is the nearest directory above dir (beneath the root)
 // that the shadow knows, the root at the latest: reading it finds what

@@ -1578,3 +1578,45 @@ func TestBuildAsideHoldingLiveFileUnderRetiredDirectory(t *testing.T) {
 	sameTrees(t, src, dst)
 	heldThroughout(t, *nowhere, sink, "d1/s0/f (d2/f here)", "d2/f")
 }
+
+// dropDentries makes the kernel let go of its unused dentries (and
+// inodes), as memory pressure does.
+func dropDentries(t *testing.T) {
+	t.Helper()
+	if err := os.WriteFile("/proc/sys/vm/drop_caches", []byte("2"), 0); err != nil {
+		t.Skipf("cannot drop the dentry cache: %v", err)
+	}
+}
+
+// TestBuildAsideHoldingLiveDirectoryKept with the moved file's dentry let
+// go before the next pass: its file handle opens it disconnected, with the
+// path "/", which was taken for a place outside the tree, and the aside
+// went: f was held nowhere on the peer until d2 was read (from a review).
+// Alive with its place unknown, the aside is kept a few passes, which
+// bring the records of its move.
+func TestBuildAsideOfFileWithEvictedDentryKept(t *testing.T) {
+	src, dst, b, sink := syncedPair(t, "d1/f", "d1/keep", "d2/keep", "c/keep")
+	want, _ := os.ReadFile(filepath.Join(src, "d1/f"))
+	mustRename(t, filepath.Join(src, "d1/f"), filepath.Join(src, "d2/f"))
+	if err := os.RemoveAll(filepath.Join(src, "d1")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.build([]journal.File{changed(t, src)}); err != nil {
+		t.Fatal(err)
+	}
+	if len(b.asides) != 1 {
+		t.Fatalf("asides %v: the test does not reach the case", b.asides)
+	}
+	nowhere := watchHeld(b, sink, dst, want)
+	writeRandom(t, filepath.Join(src, "c/new"), 10)
+	recC := changed(t, filepath.Join(src, "c"))
+	dropDentries(t)
+	requeue, err := b.build([]journal.File{recC})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sink.bytes = 0
+	passes(t, b, append(requeue, changed(t, filepath.Join(src, "d2")))...)
+	sameTrees(t, src, dst)
+	heldThroughout(t, *nowhere, sink, "d1/f (d2/f here)", "d2/f")
+}
