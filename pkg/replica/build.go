@@ -1248,12 +1248,10 @@ func (b *builder) liveAt(l **locator, ino uint64, gen uint32) (dir uint64, name 
 	}
 	w, err := (*l).where(ino, gen)
 	switch {
-	case errors.Is(err, errNoPath):
+	case errors.Is(err, errNoPath), errors.Is(err, errNotStill) && w.inTree:
+		// Alive, with no path, or in the tree but renamed at each
+		// look (from the reviews): its place is not told.
 		return 0, "", liveUnplaced
-	case errors.Is(err, errNotStill) && w.inTree:
-		// Alive in the tree, renamed while it was looked for: the
-		// root's reading finds it (from a review).
-		return b.sh.root, "", liveHere
 	case err != nil || w.nlink == 0 || !w.inTree:
 		return 0, "", notLive
 	}
@@ -1261,12 +1259,12 @@ func (b *builder) liveAt(l **locator, ino uint64, gen uint32) (dir uint64, name 
 		// In a directory made since (`mkdir b/n; mv a/d b/n/d`, the
 		// pass took a's record only): removed, the aside left d and
 		// what it holds nowhere on the peer until b was read (found
-		// by the random histories). The root when a directory above
-		// moves meanwhile.
+		// by the random histories). Its place is not told when a
+		// directory above moves meanwhile.
 		if anc, ok := (*l).knownAncestor(w.dirPath); ok {
 			return anc, "", liveHere
 		}
-		return b.sh.root, "", liveHere
+		return 0, "", liveUnplaced
 	}
 	return w.parent, w.name, liveHere
 }
