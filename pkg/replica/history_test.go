@@ -417,7 +417,38 @@ func (h *history) op() {
 		}
 		return func() { h.emitIno(ino, gen) }
 	}
-	switch k := h.rng.IntN(15); {
+	switch k := h.rng.IntN(16); {
+	case k == 15: // mkdir -p a chain of new directories, move something in
+		from := h.pick(append(others, dirs[1:]...))
+		chain := filepath.Join(target, fmt.Sprintf("p%d", h.rng.IntN(3)), fmt.Sprintf("q%d", h.rng.IntN(3)))
+		if from == "" || strings.HasPrefix(chain+"/", from+"/") {
+			return
+		}
+		var made []string
+		for p := chain; p != dir; p = filepath.Dir(p) {
+			if _, err := os.Lstat(h.abs(p)); err != nil {
+				made = append([]string{p}, made...)
+			}
+		}
+		if os.MkdirAll(h.abs(chain), 0o755) != nil {
+			return
+		}
+		for _, p := range made {
+			h.created(h.abs(p))
+			h.dirty(h.abs(filepath.Dir(p)))
+		}
+		to := filepath.Join(chain, filepath.Base(from))
+		v := victim(to)
+		ino, gen, _ := inoGen(from)
+		if os.Rename(h.abs(from), h.abs(to)) == nil {
+			v()
+			h.emitIno(ino, gen)
+			h.dirty(h.abs(filepath.Dir(from)))
+			h.dirty(h.abs(chain))
+			h.log = append(h.log, fmt.Sprintf("mkdir -p %s; mv %s %s", chain, from, to))
+		} else {
+			h.log = append(h.log, "mkdir -p "+chain)
+		}
 	case k == 13: // truncate a file, shorter or longer
 		f := h.pick(others)
 		if fi, err := os.Lstat(h.abs(f)); f == "" || err != nil || !fi.Mode().IsRegular() {
