@@ -417,6 +417,18 @@ func (h *history) op() {
 		}
 		return func() { h.emitIno(ino, gen) }
 	}
+	// move renames from to to, over what is there if it can.
+	move := func(from, to string) {
+		v := victim(to)
+		ino, gen, _ := inoGen(from)
+		if os.Rename(h.abs(from), h.abs(to)) == nil {
+			v()
+			h.emitIno(ino, gen)
+			h.dirty(h.abs(filepath.Dir(from)))
+			h.dirty(h.abs(filepath.Dir(to)))
+			h.log = append(h.log, fmt.Sprintf("mv %s %s", from, to))
+		}
+	}
 	switch k := h.rng.IntN(16); {
 	case k == 15: // mkdir -p a chain of new directories, move something in
 		from := h.pick(append(others, dirs[1:]...))
@@ -437,18 +449,8 @@ func (h *history) op() {
 			h.created(h.abs(p))
 			h.dirty(h.abs(filepath.Dir(p)))
 		}
-		to := filepath.Join(chain, filepath.Base(from))
-		v := victim(to)
-		ino, gen, _ := inoGen(from)
-		if os.Rename(h.abs(from), h.abs(to)) == nil {
-			v()
-			h.emitIno(ino, gen)
-			h.dirty(h.abs(filepath.Dir(from)))
-			h.dirty(h.abs(chain))
-			h.log = append(h.log, fmt.Sprintf("mkdir -p %s; mv %s %s", chain, from, to))
-		} else {
-			h.log = append(h.log, "mkdir -p "+chain)
-		}
+		h.log = append(h.log, "mkdir -p "+chain)
+		move(from, filepath.Join(chain, filepath.Base(from)))
 	case k == 13: // truncate a file, shorter or longer
 		f := h.pick(others)
 		if fi, err := os.Lstat(h.abs(f)); f == "" || err != nil || !fi.Mode().IsRegular() {
@@ -543,15 +545,7 @@ func (h *history) op() {
 		if from == "" || strings.HasPrefix(target+"/", from+"/") {
 			return
 		}
-		v := victim(target)
-		ino, gen, _ := inoGen(from)
-		if os.Rename(h.abs(from), h.abs(target)) == nil {
-			v()
-			h.emitIno(ino, gen)
-			h.dirty(h.abs(filepath.Dir(from)))
-			h.dirty(h.abs(dir))
-			h.log = append(h.log, fmt.Sprintf("mv %s %s", from, target))
-		}
+		move(from, target)
 	case k == 9: // remove a file or a tree
 		from := h.pick(append(others, dirs[1:]...))
 		if from == "" {
