@@ -933,7 +933,12 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 			return err
 		}
 		if len(requeue) > 0 {
-			time.Sleep(batchWindow) // what was requeued needs time to become visible
+			// What was requeued needs time to become visible, unless a
+			// durability call began meanwhile: it waits for the next
+			// pass (a writer that appends and flushes, as a database's
+			// binary log does, leaves bytes beyond EOF in nearly every
+			// pass, and its calls waited out the window).
+			p.batchWindow(ctx)
 		}
 	}
 	return ctx.Err()

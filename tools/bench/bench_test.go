@@ -45,7 +45,7 @@ func TestQuickBench(t *testing.T) {
 	if err := json.Unmarshal([]byte(lines[len(lines)-1]), &figs); err != nil {
 		t.Fatalf("bench output does not parse: %v\n%s", err, out)
 	}
-	want := []string{"capture overhead", "wire bytes", "many small files", "4 KiB random write + fdatasync", "64 KiB sequential writes",
+	want := []string{"capture overhead", "wire bytes", "many small files", "4 KiB random write + fdatasync", "4 KiB appends + fdatasync", "64 KiB sequential writes",
 		"async directory", "async replication lag", "resync time", "resync bytes on the wire", "duet / lsyncd",
 		"MariaDB sysbench oltp_write_only", "p95 transaction latency", "NFSv3 4 KiB WRITE + COMMIT", "NFSv3 64 KiB sequential", "TLS link / plaintext link",
 		"initial sync of a fresh pair", "peak RSS during the initial sync", "peak RSS during steady replication", "clean restart of both daemons",

@@ -69,11 +69,14 @@ func (b *bench) mariadbFigures(runs int) []Figure {
 			// run beside the one measured.
 			pair(i, func() {
 				defer b.paused(dup)()
+				settle() // as timed does for duet's run
 				lt, lp = b.sysbench(local, "run", secs, size, threads)
 			}, func() {
 				defer b.paused(local)()
 				before := b.barriers()
-				dt, dp = b.sysbench(dup, "run", secs, size, threads)
+				b.timed(fmt.Sprintf("MariaDB oltp_write_only, %d threads", threads), func() {
+					dt, dp = b.sysbench(dup, "run", secs, size, threads)
+				})
 				n, _ := strconv.ParseFloat(secs, 64)
 				perTx = append(perTx, fmt.Sprintf("%.2f", float64(b.barriers()-before)/(dt*n)))
 			})

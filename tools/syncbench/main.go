@@ -66,8 +66,11 @@ func main() {
 	var r Result
 	switch *mode {
 	case "latency":
-		sp, err := size.Parse(*span)
-		check(err)
+		var sp int64 // 0: appends (size.Parse wants a positive size)
+		if *span != "0" {
+			sp, err = size.Parse(*span)
+			check(err)
+		}
 		r = latency(fd, pool, bs, *count, sp)
 	case "throughput":
 		t, err := size.Parse(*total)
