@@ -18,8 +18,8 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// A change whose bytes or path are not yet visible is requeued, one batch
-// interval apart, until it has been tried maxRetries times over at least
+// A change whose bytes or path are not yet visible is requeued, a batch
+// interval apart (less when durability calls come), until it has been tried maxRetries times over at least
 // minRetryAge (a new record about the inode starts both again). Then bytes
 // still beyond the end of the file are given up (a truncate removed them;
 // a write in progress has long moved the size), and any other change is

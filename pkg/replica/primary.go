@@ -932,12 +932,16 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 		if err != nil {
 			return err
 		}
-		if len(requeue) > 0 {
+		if len(requeue) > 0 || len(files) == 0 {
 			// What was requeued needs time to become visible, unless a
 			// durability call began meanwhile: it waits for the next
 			// pass (a writer that appends and flushes, as a database's
 			// binary log does, leaves bytes beyond EOF in nearly every
-			// pass, and its calls waited out the window).
+			// pass, and its calls waited out the window). A pass that
+			// took nothing had only operations in progress pending
+			// (preops, up to journal.PreopTimeout): passes back to back
+			// while calls came spun a CPU
+			// (TestPendingPreopDoesNotSpinBuilder).
 			p.batchWindow(ctx)
 		}
 	}
@@ -1279,12 +1283,15 @@ var ErrClosed = errors.New("this node left the primary role before the change re
 // began, does not count: the caller's write may have moved the size
 // since.
 func (p *Primary) WaitShipped(ctx context.Context, kernel Kernel, rel Release) error {
+	// Before the kick: a pass the kick starts takes its records after
+	// start, so it covers this call even when it finds bytes beyond EOF
+	// (coveredBefore).
+	start := time.Now()
 	p.barriers.Add(1)
 	select {
 	case p.barrierKick <- struct{}{}:
 	default:
 	}
-	start := time.Now()
 	defer func() {
 		p.lastBarrier.Store(time.Now().UnixNano())
 		p.barriers.Add(-1)
