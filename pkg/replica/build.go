@@ -19,11 +19,12 @@ import (
 )
 
 // A change whose bytes or path are not yet visible is requeued, a batch
-// interval apart (less when durability calls come), until it has been tried maxRetries times over at least
-// minRetryAge (a new record about the inode starts both again). Then bytes
-// still beyond the end of the file are given up (a truncate removed them;
-// a write in progress has long moved the size), and any other change is
-// handed to a resync of its file: the peer is not in sync until then.
+// interval apart (less when durability calls come), until it has been
+// tried maxRetries times over at least minRetryAge (a new record about the
+// inode starts both again). Then bytes still beyond the end of the file
+// are given up (a truncate removed them; a write in progress has long
+// moved the size), and any other change is handed to a resync of its
+// file: the peer is not in sync until then.
 const (
 	maxRetries  = 50
 	minRetryAge = 2 * time.Second

@@ -939,8 +939,8 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 			// binary log does, leaves bytes beyond EOF in nearly every
 			// pass, and its calls waited out the window). A pass that
 			// took nothing had only operations in progress pending
-			// (preops, up to journal.PreopTimeout): passes back to back
-			// while calls came spun a CPU
+			// (preops, up to journal.PreopTimeout) or asides to remove:
+			// passes back to back while calls came spun a CPU
 			// (TestPendingPreopDoesNotSpinBuilder).
 			p.batchWindow(ctx)
 		}
