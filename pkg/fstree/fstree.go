@@ -250,13 +250,20 @@ func SumBlock(b []byte) wire.Sum {
 	return s
 }
 
-// Sums checksums every BlockSize block of f up to size.
-func Sums(f *os.File, size uint64) ([]wire.Sum, error) {
-	n := (size + wire.BlockSize - 1) / wire.BlockSize
+// Sums checksums every block of 1 << shift bytes of f up to size (shift
+// 0: wire.BlockShift).
+func Sums(f *os.File, size uint64, shift uint8) ([]wire.Sum, error) {
+	if shift == 0 {
+		shift = wire.BlockShift
+	}
+	bs := uint64(1) << shift
+	n := (size + bs - 1) / bs
 	sums := make([]wire.Sum, 0, n)
-	buf := make([]byte, wire.BlockSize)
-	for off := uint64(0); off < size; off += wire.BlockSize {
-		want := min(uint64(wire.BlockSize), size-off)
+	// Read in pieces of at least BlockSize whatever the block: 4 KiB
+	// reads would cost a syscall each.
+	buf := make([]byte, max(bs, wire.BlockSize))
+	for off := uint64(0); off < size; off += uint64(len(buf)) {
+		want := min(uint64(len(buf)), size-off)
 		got, err := f.ReadAt(buf[:want], int64(off))
 		if err != nil && !errors.Is(err, io.EOF) {
 			return nil, fmt.Errorf("reading %s at %d: %w", f.Name(), off, err)
@@ -264,13 +271,16 @@ func Sums(f *os.File, size uint64) ([]wire.Sum, error) {
 		// A file that shrank meanwhile: the short block sums as zeros,
 		// and a later record reports the change.
 		clear(buf[got:want])
-		sums = append(sums, SumBlock(buf[:want]))
+		for b := uint64(0); b < want; b += bs {
+			sums = append(sums, SumBlock(buf[b:min(b+bs, want)]))
+		}
 	}
 	return sums, nil
 }
 
 // SumEntry computes the block checksums of regular file e (found under
-// root by its path). A file replaced since e was listed is left unsummed.
+// root by its path), of blocks of 1 << e.Shift bytes. A file replaced
+// since e was listed is left unsummed.
 func SumEntry(root *os.File, e *wire.Entry) error {
 	// O_NONBLOCK: a file replaced by a FIFO since the scan would block
 	// the open (and a resync with it).
@@ -283,7 +293,7 @@ func SumEntry(root *os.File, e *wire.Entry) error {
 	if err := unix.Fstat(int(f.Fd()), &st); err != nil || st.Ino != e.Ino || st.Mode&unix.S_IFMT != unix.S_IFREG {
 		return nil // replaced (an inode number is soon reused)
 	}
-	e.Sums, err = Sums(f, e.Size)
+	e.Sums, err = Sums(f, e.Size, e.Shift)
 	if err != nil {
 		return err
 	}
@@ -414,7 +424,7 @@ func (sc *scanner) dir(d *os.File, rel string) error {
 				f.Close()
 				continue // replaced since its lstat
 			}
-			e.Sums, err = Sums(f, e.Size)
+			e.Sums, err = Sums(f, e.Size, e.Shift)
 			f.Close()
 			if err != nil {
 				return err
@@ -612,10 +622,12 @@ func Compare(local, peer []wire.Entry) []Difference {
 			out = append(out, Difference{l.Path, fmt.Sprintf("symlink to %q here, %q on peer", l.Target, p.Target)})
 		case l.Mode.IsRegular() && l.Size != p.Size:
 			out = append(out, Difference{l.Path, fmt.Sprintf("size %d here, %d on peer", l.Size, p.Size)})
+		case l.Mode.IsRegular() && l.SumShift() != p.SumShift():
+			out = append(out, Difference{l.Path, fmt.Sprintf("checksums of %d-byte blocks here, %d-byte on peer", 1<<l.SumShift(), 1<<p.SumShift())})
 		case l.Mode.IsRegular():
 			for b := range l.Sums {
 				if b >= len(p.Sums) || l.Sums[b] != p.Sums[b] {
-					out = append(out, Difference{l.Path, fmt.Sprintf("content differs at offset %d", uint64(b)*wire.BlockSize)})
+					out = append(out, Difference{l.Path, fmt.Sprintf("content differs at offset %d", uint64(b)<<l.SumShift())})
 					break
 				}
 			}

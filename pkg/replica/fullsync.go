@@ -62,6 +62,7 @@ func (b *builder) fullSync(local, peer *listing, ts *treeSync) error {
 			l := local.at(i)
 			p := pr.peerOf[i]
 			if p != nil && l.mode.IsRegular() && p.mode.IsRegular() && l.flags&wire.EntrySummed == 0 && p.flags&wire.EntrySummed != 0 {
+				l.shift = p.shift
 				if err := l.sum(b.root); err != nil {
 					return err
 				}
@@ -487,14 +488,20 @@ func (b *builder) syncEntry(l, p *wire.Entry, ts *treeSync) error {
 func fileSpans(l, p *wire.Entry, ts *treeSync) (spans []journal.Span, whole bool) {
 	lSummed, pSummed := l.Flags&wire.EntrySummed != 0, p.Flags&wire.EntrySummed != 0
 	switch {
+	case lSummed && pSummed && l.SumShift() != p.SumShift():
+		// Blocks of different sizes cannot be compared: sumCompared sums
+		// this side as the peer did, so only a file summed before the
+		// peer's manifest came, then paired with another, gets here.
+		return nil, true
 	case lSummed && pSummed:
 		var r journal.Ranges
+		bs := uint64(1) << l.SumShift()
 		for i := range l.Sums {
 			if i < len(p.Sums) && p.Sums[i] == l.Sums[i] {
 				continue
 			}
-			off := uint64(i) * wire.BlockSize
-			end := min(off+wire.BlockSize, l.Size)
+			off := uint64(i) * bs
+			end := min(off+bs, l.Size)
 			// A block of zeros beyond the peer's old size is already a hole.
 			if i >= len(p.Sums) && l.Sums[i] == zeroSum(end-off) {
 				continue
@@ -637,12 +644,20 @@ func discarded(l, p *wire.Entry, spans []journal.Span, whole bool) string {
 	return fmt.Sprintf("%s\t%s", l.Path, strings.Join(parts, "; "))
 }
 
-var fullZeroSum = fstree.SumBlock(make([]byte, wire.BlockSize))
+// fullZeroSums holds the checksum of a whole block of zeros for each
+// block shift.
+var fullZeroSums = func() map[uint64]wire.Sum {
+	m := map[uint64]wire.Sum{}
+	for s := wire.MinBlockShift; s <= wire.BlockShift; s++ {
+		m[1<<s] = fstree.SumBlock(make([]byte, 1<<s))
+	}
+	return m
+}()
 
 // zeroSum is the checksum of n zero bytes (n ≤ BlockSize).
 func zeroSum(n uint64) wire.Sum {
-	if n == wire.BlockSize {
-		return fullZeroSum
+	if s, ok := fullZeroSums[n]; ok {
+		return s
 	}
 	return fstree.SumBlock(make([]byte, n))
 }

@@ -38,6 +38,7 @@ type lentry struct {
 	gid   uint32
 	gen   uint32
 	flags wire.EntryFlags
+	shift uint8 // of sums' blocks (wire.Entry.Shift)
 	sums  *[]wire.Sum
 	rare  *lrare
 }
@@ -48,7 +49,7 @@ type lrare struct {
 }
 
 func toLentry(e *wire.Entry) lentry {
-	l := lentry{path: e.Path, ino: e.Ino, size: e.Size, mtime: e.Mtime, ctime: e.Ctime, mode: e.Mode, uid: e.UID, gid: e.GID, gen: e.Gen, flags: e.Flags}
+	l := lentry{path: e.Path, ino: e.Ino, size: e.Size, mtime: e.Mtime, ctime: e.Ctime, mode: e.Mode, uid: e.UID, gid: e.GID, gen: e.Gen, flags: e.Flags, shift: e.Shift}
 	l.setSums(e.Sums)
 	if e.Target != "" || e.Rdev != 0 {
 		l.rare = &lrare{target: e.Target, rdev: e.Rdev}
@@ -65,7 +66,7 @@ func (l *lentry) setSums(sums []wire.Sum) {
 
 // entry is l as a wire.Entry.
 func (l *lentry) entry() wire.Entry {
-	e := wire.Entry{Path: l.path, Ino: l.ino, Size: l.size, Mtime: l.mtime, Ctime: l.ctime, Mode: l.mode, UID: l.uid, GID: l.gid, Gen: l.gen, Flags: l.flags}
+	e := wire.Entry{Path: l.path, Ino: l.ino, Size: l.size, Mtime: l.mtime, Ctime: l.ctime, Mode: l.mode, UID: l.uid, GID: l.gid, Gen: l.gen, Flags: l.flags, Shift: l.shift}
 	if l.sums != nil {
 		e.Sums = *l.sums
 	}
@@ -75,7 +76,8 @@ func (l *lentry) entry() wire.Entry {
 	return e
 }
 
-// sum gives regular file l its checksums (fstree.SumEntry).
+// sum gives regular file l its checksums (fstree.SumEntry), of blocks of
+// 1 << l.shift bytes.
 func (l *lentry) sum(root *os.File) error {
 	e := l.entry()
 	if err := fstree.SumEntry(root, &e); err != nil {

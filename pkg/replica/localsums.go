@@ -74,6 +74,7 @@ func (s *localSums) match(peer []wire.Entry) {
 			return
 		}
 		if l := s.local.at(s.next); l.path == e.Path && l.mode.IsRegular() && e.Mode.IsRegular() && e.Flags&wire.EntrySummed != 0 {
+			l.shift = e.Shift // compared block by block: the same blocks
 			s.work <- s.next
 			s.next++
 		}

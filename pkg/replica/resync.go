@@ -256,8 +256,8 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	if kernel != nil {
 		syncSeq = kernel.Seq()
 	}
-	query := func(want []string) error {
-		q := wire.ManifestQuery{All: pl.all, Cutoff: pl.cutoffT, Want: want, Gen: gen, MovedDirs: pl.report}
+	query := func(want []string, shifts []uint8) error {
+		q := wire.ManifestQuery{All: pl.all, Cutoff: pl.cutoffT, Want: want, WantShift: shifts, Gen: gen, MovedDirs: pl.report}
 		if p.resyncStep != nil {
 			p.resyncStep("asked")
 		}
@@ -268,7 +268,7 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	ended := false         // and all of it
 	if pl.all {
 		// Both sides read everything: at the same time.
-		if err := query(nil); err != nil {
+		if err := query(nil, nil); err != nil {
 			return err
 		}
 		var err error
@@ -336,7 +336,7 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 		if len(paths) > wire.MaxWant {
 			return p.escalate("too many files changed since the sync point to name them")
 		}
-		if err := query(paths); err != nil {
+		if err := query(paths, pickShifts(local, paths, fineSumBudget)); err != nil {
 			return err
 		}
 	}
@@ -762,6 +762,53 @@ func markBitmapCompared(local *listing, d *dirtySet, sh *shadow) (paths []string
 	})...), shadowMoved
 }
 
+// fineSumBudget bounds the checksums of a resync's wanted files (16 bytes
+// each, held by both listings): within it they are of blocks as small as
+// the bitmap's chunks, so that a file changed in a few places is sent as
+// a few 4 KiB blocks, not as 64 KiB ones (the bitmap resync after a clean
+// restart sent 4.96 times rsync's bytes with 64 KiB blocks). Past it,
+// files get the 64 KiB blocks of before.
+const fineSumBudget = 1 << 20
+
+// pickShifts gives each wanted path (the regular files markCompared
+// flagged, in local) the smallest block its checksums can have within
+// budget sums in all, taking the files in listing order, sets it on the
+// local entry (which is summed with it) and returns the shifts in the
+// order of paths.
+func pickShifts(local *listing, paths []string, budget uint64) []uint8 {
+	by := make(map[string]uint8, len(paths))
+	for i := range local.len() {
+		e := local.at(i)
+		if !e.mode.IsRegular() || e.flags&wire.EntryRecent == 0 {
+			continue
+		}
+		shift := uint8(wire.BlockShift)
+		for s := uint8(wire.MinBlockShift); s < wire.BlockShift; s++ {
+			if n := (e.size + 1<<s - 1) >> s; n <= budget {
+				shift = s
+				break
+			}
+		}
+		n := (e.size + 1<<shift - 1) >> shift
+		budget -= min(n, budget)
+		e.shift = shift
+		by[e.path] = shift
+	}
+	shifts := make([]uint8, len(paths))
+	for i, p := range paths {
+		shifts[i] = by[p]
+	}
+	return shifts
+}
+
+// blockShift is the block shift s stands for (0: wire.BlockShift).
+func blockShift(s uint8) uint8 {
+	if s == 0 {
+		return wire.BlockShift
+	}
+	return s
+}
+
 // sumCompared gives checksums, in a resync that does not compare every
 // file, to the local files flagged recent (markRecent) and those whose
 // peer copy has them, where they have none yet (localSums.feedRecent
@@ -769,16 +816,27 @@ func markBitmapCompared(local *listing, d *dirtySet, sh *shadow) (paths []string
 // it compares. A file moved or replaced since the scan stays without
 // (fstree.SumEntry), and fileSpans sends it whole.
 func sumCompared(root *os.File, local, peer *listing) (int, error) {
-	summed := map[string]bool{}
+	summed := map[string]uint8{} // the peer's summed files: their block shift
 	for i := range peer.len() {
 		if e := peer.at(i); e.flags&wire.EntrySummed != 0 {
-			summed[e.path] = true
+			summed[e.path] = e.shift
 		}
 	}
 	compared := 0
 	for i := range local.len() {
 		e := local.at(i)
-		if e.mode.IsRegular() && (e.flags&wire.EntryRecent != 0 || summed[e.path]) {
+		ps, peerSummed := summed[e.path]
+		if e.mode.IsRegular() && (e.flags&wire.EntryRecent != 0 || peerSummed) {
+			if peerSummed && e.flags&wire.EntrySummed != 0 && blockShift(e.shift) != blockShift(ps) {
+				// Summed here in other blocks than there (the peer
+				// flagged it on its own, or did not take the shift
+				// asked): again, as the peer did.
+				e.flags &^= wire.EntrySummed
+				e.sums = nil
+			}
+			if peerSummed {
+				e.shift = ps
+			}
 			if e.flags&wire.EntrySummed == 0 {
 				if err := e.sum(root); err != nil {
 					return 0, err

@@ -598,9 +598,13 @@ func (s *Server) sendManifest(c net.Conn, d Dir, seq uint64, q wire.ManifestQuer
 // applier changed in the window are the primary's renames, which the
 // primary's bitmap marks, and flagging them would sum their trees.
 func walkManifest(root *os.File, q wire.ManifestQuery, fn func(*wire.Entry) error) (tooLong int, err error) {
-	want := make(map[string]bool, len(q.Want))
-	for _, w := range q.Want {
-		want[w] = true
+	want := make(map[string]uint8, len(q.Want)) // path: block shift
+	for i, w := range q.Want {
+		var s uint8
+		if i < len(q.WantShift) {
+			s = q.WantShift[i]
+		}
+		want[w] = s
 	}
 	recent, moved := map[string]bool{}, map[string]bool{}
 	return fstree.Walk(root, q.All, func(e *wire.Entry) error {
@@ -613,7 +617,9 @@ func walkManifest(root *os.File, q wire.ManifestQuery, fn func(*wire.Entry) erro
 				moved[e.Path] = true
 			}
 		}
-		if e.Mode.IsRegular() && e.Flags&wire.EntrySummed == 0 && (e.Flags&wire.EntryRecent != 0 || want[e.Path]) {
+		shift, wanted := want[e.Path]
+		if e.Mode.IsRegular() && e.Flags&wire.EntrySummed == 0 && (e.Flags&wire.EntryRecent != 0 || wanted) {
+			e.Shift = shift // the requester's blocks (0 for a file it did not name)
 			if err := fstree.SumEntry(root, e); err != nil {
 				return err
 			}

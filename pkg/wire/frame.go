@@ -20,7 +20,9 @@ const Magic uint32 = 0x44554554
 // and durable only with FlagDurable; sync frames ask for durability.
 // 3: the welcome carries the replica's generation and sync point, manifest
 // requests carry resync options, entries their ctime and flags.
-const Version uint8 = 3
+// 4: checksums of smaller blocks (manifest entries and wanted paths carry
+// a block shift).
+const Version uint8 = 4
 
 // HeaderSize is the size of a frame header.
 const HeaderSize = 24

@@ -10,8 +10,21 @@ import (
 	"github.com/klauspost/compress/zstd"
 )
 
-// BlockSize is the unit of block checksums in manifests.
-const BlockSize = 64 << 10
+// BlockSize is the default unit of block checksums in manifests: 1 <<
+// BlockShift. A resync that compares a few files asks for smaller blocks
+// (down to 1 << MinBlockShift, the bitmap's chunk) so that a 4 KiB change
+// costs 4 KiB on the wire, not 64 KiB.
+const (
+	BlockShift    = 16
+	BlockSize     = 1 << BlockShift
+	MinBlockShift = 12
+)
+
+// ValidShift reports whether s names a block size of checksums: 0 (the
+// default, BlockShift) or MinBlockShift..BlockShift.
+func ValidShift(s uint8) bool {
+	return s == 0 || s >= MinBlockShift && s <= BlockShift
+}
 
 // SumSize is the size of one block checksum (truncated SHA-256).
 const SumSize = 16
@@ -35,10 +48,20 @@ type Entry struct {
 	Rdev   uint64
 	Ino    uint64 // local inode: entries sharing it are hard links
 	Ctime  int64  // local inode change time (ns)
-	Sums   []Sum  // per BlockSize block of a regular file, when requested
+	Sums   []Sum  // per block of a regular file, when requested
+	// Shift: Sums are of blocks of 1 << Shift bytes (0: BlockShift).
+	Shift uint8
 	// Gen is the local inode's i_generation when Flags has EntryGen (a
 	// scan that reads them: fstree.WalkGens). Never sent.
 	Gen uint32
+}
+
+// SumShift is the block shift of e's checksums (BlockShift when unset).
+func (e *Entry) SumShift() uint8 {
+	if e.Shift == 0 {
+		return BlockShift
+	}
+	return e.Shift
 }
 
 // EntryFlags qualify a manifest entry.
@@ -64,7 +87,7 @@ func AppendEntry(b []byte, e *Entry) []byte {
 	}
 	b = binary.AppendVarint(b, e.Mtime)
 	b = binary.AppendVarint(b, e.Ctime)
-	b = append(b, byte(e.Flags&^EntryGen))
+	b = append(b, byte(e.Flags&^EntryGen), e.Shift)
 	b = appendString(b, e.Target)
 	b = binary.AppendUvarint(b, uint64(len(e.Sums)))
 	for i := range e.Sums {
@@ -76,13 +99,14 @@ func AppendEntry(b []byte, e *Entry) []byte {
 // MaxManifest bounds a manifest frame's payload once decompressed. The
 // answering node cuts frames at 4 MiB of entries, but never splits an
 // entry, and a file's checksums take 16 bytes per 64 KiB block: 128 MiB
-// for a file of 512 GiB.
+// for a file of 512 GiB (smaller blocks are asked only for files whose
+// sums stay within a resync's budget, see replica.pickShifts).
 const MaxManifest = 2 * MaxPayload
 
 // MaxManifestEntries bounds the entries of one manifest frame, as
-// MaxBatchOps bounds ops: a decoded Entry takes about ten times the 13
-// bytes of the smallest encoding. A 4 MiB frame holds at most 4 MiB/13,
-// about 323,000.
+// MaxBatchOps bounds ops: a decoded Entry takes about ten times the 14
+// bytes of the smallest encoding. A 4 MiB frame holds at most 4 MiB/14,
+// about 300,000.
 const MaxManifestEntries = 1 << 19
 
 // DecodeEntries decodes a manifest payload (already decompressed),
@@ -105,6 +129,10 @@ func DecodeEntries(b []byte) ([]Entry, error) {
 		e.Mtime = d.varint("mtime")
 		e.Ctime = d.varint("ctime")
 		e.Flags = EntryFlags(d.byte1("flags")) &^ EntryGen
+		e.Shift = d.byte1("block shift")
+		if d.err == nil && !ValidShift(e.Shift) {
+			return nil, fmt.Errorf("%w: manifest entry with checksums of blocks of 1<<%d bytes (%d..%d)", ErrBadOp, e.Shift, MinBlockShift, BlockShift)
+		}
 		e.Target = string(d.bytes("target", MaxPath))
 		n := d.uvarint("sum count")
 		if d.err != nil {
@@ -140,6 +168,10 @@ type ManifestQuery struct {
 	Cutoff int64
 	// Want lists further paths to sum.
 	Want []string
+	// WantShift, if not nil, holds the block shift of each Want path's
+	// checksums (0: BlockShift), as the requester picked it for its own
+	// copy of the file.
+	WantShift []uint8
 	// Gen is the generation the requester resyncs the copy to; the
 	// answering replica records that its copy is being rewritten.
 	Gen uint64
@@ -170,8 +202,13 @@ func AppendManifestQuery(b []byte, q *ManifestQuery) []byte {
 	b = binary.AppendVarint(b, q.Cutoff)
 	b = binary.AppendUvarint(b, q.Gen)
 	b = binary.AppendUvarint(b, uint64(len(q.Want)))
-	for _, w := range q.Want {
+	for i, w := range q.Want {
 		b = appendString(b, w)
+		var s uint8
+		if i < len(q.WantShift) {
+			s = q.WantShift[i]
+		}
+		b = append(b, s)
 	}
 	return b
 }
@@ -193,21 +230,28 @@ func DecodeManifestQuery(b []byte) (ManifestQuery, error) {
 	if d.err != nil {
 		return q, d.err
 	}
-	// Checked before the slice is made: each path takes at least 2 bytes
-	// (its length and one byte), and a string 16 bytes in the slice.
-	if n > MaxWant || n > uint64(len(d.b))/2 {
+	// Checked before the slice is made: each path takes at least 3 bytes
+	// (its length, one byte and its block shift), and a string 16 bytes
+	// in the slice.
+	if n > MaxWant || n > uint64(len(d.b))/3 {
 		return q, fmt.Errorf("%w: %d wanted paths (limit %d), %d bytes left", ErrBadOp, n, MaxWant, len(d.b))
 	}
 	q.Want = make([]string, 0, n)
+	q.WantShift = make([]uint8, 0, n)
 	for range n {
 		w := string(d.bytes("wanted path", MaxPath))
+		s := d.byte1("block shift")
 		if d.err != nil {
 			return q, d.err
 		}
 		if err := ValidPath(w); err != nil {
 			return q, fmt.Errorf("%w: wanted path: %v", ErrBadOp, err)
 		}
+		if !ValidShift(s) {
+			return q, fmt.Errorf("%w: wanted path %q: checksums of blocks of 1<<%d bytes (%d..%d)", ErrBadOp, w, s, MinBlockShift, BlockShift)
+		}
 		q.Want = append(q.Want, w)
+		q.WantShift = append(q.WantShift, s)
 	}
 	if len(d.b) != 0 {
 		return q, fmt.Errorf("%w: %d bytes after the manifest request", ErrBadOp, len(d.b))

@@ -126,7 +126,7 @@ func TestPathsPastPathMax(t *testing.T) {
 	if got, err := DecodeEntries(AppendEntry(nil, &e)); err != nil || len(got) != 1 || got[0].Path != long {
 		t.Fatalf("manifest entry with a %d-byte path: %v", len(long), err)
 	}
-	q := ManifestQuery{Want: []string{long}}
+	q := ManifestQuery{Want: []string{long}, WantShift: []uint8{0}}
 	if got, err := DecodeManifestQuery(AppendManifestQuery(nil, &q)); err != nil || !reflect.DeepEqual(got, q) {
 		t.Fatalf("manifest request for a %d-byte path: %v", len(long), err)
 	}
@@ -157,12 +157,12 @@ func TestDecodeOpsRejects(t *testing.T) {
 }
 
 func TestManifestQueryRoundTrip(t *testing.T) {
-	q := ManifestQuery{Cutoff: -7, Want: []string{"a", "b/c"}, Gen: 1 << 60}
+	q := ManifestQuery{Cutoff: -7, Want: []string{"a", "b/c"}, WantShift: []uint8{0, 12}, Gen: 1 << 60}
 	got, err := DecodeManifestQuery(AppendManifestQuery(nil, &q))
 	if err != nil || !reflect.DeepEqual(got, q) {
 		t.Fatalf("round trip: %+v, %v; want %+v", got, err, q)
 	}
-	for _, f := range []ManifestQuery{{All: true, Want: []string{}}, {MovedDirs: true, Cutoff: 5, Want: []string{}}, {All: true, MovedDirs: true, Want: []string{}}} {
+	for _, f := range []ManifestQuery{{All: true, Want: []string{}, WantShift: []uint8{}}, {MovedDirs: true, Cutoff: 5, Want: []string{}, WantShift: []uint8{}}, {All: true, MovedDirs: true, Want: []string{}, WantShift: []uint8{}}} {
 		if got, err := DecodeManifestQuery(AppendManifestQuery(nil, &f)); err != nil || !reflect.DeepEqual(got, f) {
 			t.Fatalf("round trip: %+v, %v; want %+v", got, err, f)
 		}
@@ -221,6 +221,36 @@ func TestEntriesRoundTrip(t *testing.T) {
 	}
 }
 
+// TestBlockShiftOnTheWire: an entry's and a wanted path's block shift
+// travel; one out of range (a hostile or broken peer: blocks of 1 byte
+// would make 16 bytes of sums per byte, of 1 GiB compare nothing useful)
+// is refused with an error naming it.
+func TestBlockShiftOnTheWire(t *testing.T) {
+	e := Entry{Path: "f", Mode: 0o644, Size: 9000, Flags: EntrySummed, Shift: 12, Sums: make([]Sum, 3)}
+	got, err := DecodeEntries(AppendEntry(nil, &e))
+	if err != nil || len(got) != 1 || got[0].Shift != 12 || got[0].SumShift() != 12 || len(got[0].Sums) != 3 {
+		t.Fatalf("decoded %+v, %v: want shift 12 and 3 sums", got, err)
+	}
+	if (&Entry{}).SumShift() != BlockShift {
+		t.Fatalf("an entry without a shift sums blocks of 1<<%d, want 1<<%d", (&Entry{}).SumShift(), BlockShift)
+	}
+	for _, bad := range []uint8{1, 11, 17, 255} {
+		e.Shift = bad
+		if _, err := DecodeEntries(AppendEntry(nil, &e)); !errors.Is(err, ErrBadOp) || !strings.Contains(err.Error(), "block") {
+			t.Errorf("an entry of shift %d: error %v, want it refused", bad, err)
+		}
+	}
+	q := ManifestQuery{Cutoff: 5, Want: []string{"a", "b/c", "d"}, WantShift: []uint8{12, 0, 16}}
+	gq, err := DecodeManifestQuery(AppendManifestQuery(nil, &q))
+	if err != nil || !reflect.DeepEqual(gq.Want, q.Want) || !reflect.DeepEqual(gq.WantShift, q.WantShift) {
+		t.Fatalf("decoded %+v, %v: want %+v", gq, err, q)
+	}
+	q.WantShift[1] = 20
+	if _, err := DecodeManifestQuery(AppendManifestQuery(nil, &q)); !errors.Is(err, ErrBadOp) || !strings.Contains(err.Error(), "b/c") {
+		t.Errorf("a wanted path of shift 20: error %v, want it refused naming the path", err)
+	}
+}
+
 // TestEntryGenNeverOnTheWire: an entry's generation is the local scan's
 // (the primary's shadow tells reused inode numbers apart by it): neither
 // sent nor taken from a peer's manifest, whose flags byte may claim it.
@@ -232,9 +262,9 @@ func TestEntryGenNeverOnTheWire(t *testing.T) {
 		t.Fatalf("the generation reached the encoding: % x, want % x", b, plain)
 	}
 	// A hostile peer's entry with the flag set: the flags byte comes
-	// before the empty target's and the sums' counts.
+	// before the block shift, the empty target's and the sums' counts.
 	forged := bytes.Clone(plain)
-	at := len(forged) - 3
+	at := len(forged) - 4
 	if EntryFlags(forged[at]) != EntryRecent {
 		t.Fatalf("the flags byte is not at %d: % x", at, forged)
 	}
