@@ -622,7 +622,7 @@ func Compare(local, peer []wire.Entry) []Difference {
 			out = append(out, Difference{l.Path, fmt.Sprintf("symlink to %q here, %q on peer", l.Target, p.Target)})
 		case l.Mode.IsRegular() && l.Size != p.Size:
 			out = append(out, Difference{l.Path, fmt.Sprintf("size %d here, %d on peer", l.Size, p.Size)})
-		case l.Mode.IsRegular() && l.SumShift() != p.SumShift():
+		case l.Mode.IsRegular() && len(l.Sums) > 0 && len(p.Sums) > 0 && l.SumShift() != p.SumShift():
 			out = append(out, Difference{l.Path, fmt.Sprintf("checksums of %d-byte blocks here, %d-byte on peer", 1<<l.SumShift(), 1<<p.SumShift())})
 		case l.Mode.IsRegular():
 			for b := range l.Sums {

@@ -104,3 +104,97 @@ func TestPickShiftsBudget(t *testing.T) {
 		t.Errorf("b, not wanted, got shift %d", s)
 	}
 }
+
+// TestPeerWidensBlocksOfABiggerCopy: the primary picks a file's blocks
+// for its own copy; the replica's copy may be far bigger (truncated on
+// the primary while the replica was away). Summed at the blocks asked, it
+// would make one entry of more sums than the budget (at 1M of them, 16
+// GiB copy, more than a manifest frame carries, and the resync failed
+// again at every retry): the replica widens them.
+func TestPeerWidensBlocksOfABiggerCopy(t *testing.T) {
+	defer func(b uint64) { fineSumBudget = b }(fineSumBudget)
+	fineSumBudget = 64
+	dir := t.TempDir()
+	writeRandom(t, filepath.Join(dir, "big"), 1<<20) // 256 blocks of 4 KiB
+	root, err := fstree.OpenRoot(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer root.Close()
+	q := wire.ManifestQuery{Want: []string{"big"}, WantShift: []uint8{12}, Gen: 1}
+	var got *wire.Entry
+	if _, err := walkManifest(root, q, func(e *wire.Entry) error {
+		if e.Path == "big" {
+			c := *e
+			got = &c
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if got == nil || got.Flags&wire.EntrySummed == 0 || got.Shift != 14 || len(got.Sums) != 64 {
+		var shift uint8
+		var n int
+		if got != nil {
+			shift, n = got.Shift, len(got.Sums)
+		}
+		t.Fatalf("a 1 MiB copy asked for 4 KiB blocks with a budget of 64 sums: %d sums of blocks of 1<<%d, want 64 of 1<<14", n, shift)
+	}
+	// An unnamed file keeps 64 KiB blocks whatever the budget.
+	if s := fitShift(0, 1<<40); s != 0 {
+		t.Errorf("fitShift(0, 1 TiB) = %d, want 0", s)
+	}
+}
+
+// TestSmallerBlocksThanAskedNotTaken: a peer that answers with smaller
+// blocks than asked (a hostile or broken one) would have the primary hold
+// up to sixteen times the checksums of its budget: the file is left
+// without them here, and sent whole. Blocks larger than asked (a bigger
+// copy there) are summed here as the peer did.
+func TestSmallerBlocksThanAskedNotTaken(t *testing.T) {
+	dir := t.TempDir()
+	for _, n := range []string{"small", "large", "unnamed"} {
+		writeRandom(t, filepath.Join(dir, n), 64<<10)
+	}
+	root, err := fstree.OpenRoot(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer root.Close()
+	local, _, err := scanListing(root, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	paths := markCompared(local, func(e *lentry) bool { return e.path != "unnamed" })
+	pickShifts(local, paths, fineSumBudget) // 4 KiB for both named files
+	peer := listingOf([]wire.Entry{
+		{Path: "large", Mode: 0o644, Size: 64 << 10, Flags: wire.EntrySummed, Shift: 13, Sums: make([]wire.Sum, 8)},
+		{Path: "small", Mode: 0o644, Size: 64 << 10, Flags: wire.EntrySummed, Shift: 12, Sums: make([]wire.Sum, 16)},
+		{Path: "unnamed", Mode: 0o644, Size: 64 << 10, Flags: wire.EntrySummed, Shift: 12, Sums: make([]wire.Sum, 16)},
+	})
+	if _, err := sumCompared(root, local, peer); err != nil {
+		t.Fatal(err)
+	}
+	for i := range local.len() {
+		e := local.at(i)
+		summed := e.flags&wire.EntrySummed != 0
+		switch e.path {
+		case "large":
+			if !summed || e.shift != 13 || e.sums == nil || len(*e.sums) != 8 {
+				t.Errorf("large: summed %v, shift %d: want 8 sums of 8 KiB blocks, as the peer's", summed, e.shift)
+			}
+		case "small":
+			if !summed || e.shift != 12 {
+				t.Errorf("small: summed %v, shift %d: want 4 KiB blocks, as asked", summed, e.shift)
+			}
+		case "unnamed":
+			if summed {
+				t.Errorf("unnamed: summed in blocks of 1<<%d: a file not named gets 64 KiB blocks, smaller ones are not taken", e.shift)
+			}
+			le, pe := e.entry(), wire.Entry{Path: "unnamed", Mode: 0o644, Size: 64 << 10, Flags: wire.EntrySummed, Shift: 12, Sums: make([]wire.Sum, 16)}
+			if _, whole := fileSpans(&le, &pe, &treeSync{window: true}); !whole {
+				t.Errorf("unnamed, left without checksums: not sent whole")
+			}
+		}
+	}
+}

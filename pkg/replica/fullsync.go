@@ -61,8 +61,8 @@ func (b *builder) fullSync(local, peer *listing, ts *treeSync) error {
 		for i := range local.len() {
 			l := local.at(i)
 			p := pr.peerOf[i]
-			if p != nil && l.mode.IsRegular() && p.mode.IsRegular() && l.flags&wire.EntrySummed == 0 && p.flags&wire.EntrySummed != 0 {
-				l.shift = p.shift
+			// 64 KiB blocks only, as localSums.match.
+			if p != nil && l.mode.IsRegular() && p.mode.IsRegular() && l.flags&wire.EntrySummed == 0 && p.flags&wire.EntrySummed != 0 && blockShift(p.shift) == wire.BlockShift {
 				if err := l.sum(b.root); err != nil {
 					return err
 				}

@@ -73,8 +73,10 @@ func (s *localSums) match(peer []wire.Entry) {
 		if s.next == s.local.len() {
 			return
 		}
-		if l := s.local.at(s.next); l.path == e.Path && l.mode.IsRegular() && e.Mode.IsRegular() && e.Flags&wire.EntrySummed != 0 {
-			l.shift = e.Shift // compared block by block: the same blocks
+		// A comparison of every file asks for 64 KiB blocks: a peer's
+		// smaller ones are not taken (the file is sent whole), or a
+		// peer could have this side hold sixteen times the sums.
+		if l := s.local.at(s.next); l.path == e.Path && l.mode.IsRegular() && e.Mode.IsRegular() && e.Flags&wire.EntrySummed != 0 && e.SumShift() == wire.BlockShift {
 			s.work <- s.next
 			s.next++
 		}

@@ -763,12 +763,13 @@ func markBitmapCompared(local *listing, d *dirtySet, sh *shadow) (paths []string
 }
 
 // fineSumBudget bounds the checksums of a resync's wanted files (16 bytes
-// each, held by both listings): within it they are of blocks as small as
+// each, held by both listings; the peer widens a file's blocks where its
+// own copy would pass it, see fitShift): within it they are of blocks as small as
 // the bitmap's chunks, so that a file changed in a few places is sent as
 // a few 4 KiB blocks, not as 64 KiB ones (the bitmap resync after a clean
 // restart sent 4.96 times rsync's bytes with 64 KiB blocks). Past it,
 // files get the 64 KiB blocks of before.
-const fineSumBudget = 1 << 20
+var fineSumBudget uint64 = 1 << 20 // a variable for tests
 
 // pickShifts gives each wanted path (the regular files markCompared
 // flagged, in local) the smallest block its checksums can have within
@@ -801,6 +802,18 @@ func pickShifts(local *listing, paths []string, budget uint64) []uint8 {
 	return shifts
 }
 
+// fitShift is shift, or the smallest larger one whose checksums of a
+// file of size bytes stay within fineSumBudget (wire.BlockShift at most).
+func fitShift(shift uint8, size uint64) uint8 {
+	if shift == 0 {
+		return 0
+	}
+	for shift < wire.BlockShift && (size+1<<shift-1)>>shift > fineSumBudget {
+		shift++
+	}
+	return shift
+}
+
 // blockShift is the block shift s stands for (0: wire.BlockShift).
 func blockShift(s uint8) uint8 {
 	if s == 0 {
@@ -827,10 +840,19 @@ func sumCompared(root *os.File, local, peer *listing) (int, error) {
 		e := local.at(i)
 		ps, peerSummed := summed[e.path]
 		if e.mode.IsRegular() && (e.flags&wire.EntryRecent != 0 || peerSummed) {
+			if peerSummed && blockShift(ps) < blockShift(e.shift) {
+				// Smaller blocks than asked (64 KiB for a file not
+				// named): summing them here would pass this side's
+				// budget. Left without checksums, sent whole.
+				e.flags &^= wire.EntrySummed
+				e.sums = nil
+				compared++
+				continue
+			}
 			if peerSummed && e.flags&wire.EntrySummed != 0 && blockShift(e.shift) != blockShift(ps) {
-				// Summed here in other blocks than there (the peer
-				// flagged it on its own, or did not take the shift
-				// asked): again, as the peer did.
+				// Summed here in smaller blocks than there (the peer's
+				// copy is much bigger, see fitShift): again, as the
+				// peer did.
 				e.flags &^= wire.EntrySummed
 				e.sums = nil
 			}

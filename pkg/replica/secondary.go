@@ -619,7 +619,12 @@ func walkManifest(root *os.File, q wire.ManifestQuery, fn func(*wire.Entry) erro
 		}
 		shift, wanted := want[e.Path]
 		if e.Mode.IsRegular() && e.Flags&wire.EntrySummed == 0 && (e.Flags&wire.EntryRecent != 0 || wanted) {
-			e.Shift = shift // the requester's blocks (0 for a file it did not name)
+			// The requester's blocks (0, 64 KiB, for a file it did not
+			// name), larger if this copy is so much bigger than the
+			// requester's that its checksums would pass the budget (a
+			// copy truncated there while this node was away): one
+			// entry's sums must fit a manifest frame.
+			e.Shift = fitShift(shift, e.Size)
 			if err := fstree.SumEntry(root, e); err != nil {
 				return err
 			}

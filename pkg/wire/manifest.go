@@ -100,7 +100,8 @@ func AppendEntry(b []byte, e *Entry) []byte {
 // answering node cuts frames at 4 MiB of entries, but never splits an
 // entry, and a file's checksums take 16 bytes per 64 KiB block: 128 MiB
 // for a file of 512 GiB (smaller blocks are asked only for files whose
-// sums stay within a resync's budget, see replica.pickShifts).
+// sums stay within a resync's budget, replica.pickShifts, and the
+// answering node widens them where its copy would pass it, fitShift).
 const MaxManifest = 2 * MaxPayload
 
 // MaxManifestEntries bounds the entries of one manifest frame, as
