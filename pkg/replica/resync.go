@@ -289,6 +289,7 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 		p.Log.Warn("entries left out of the resync: their paths are longer than the wire takes (the peer's scan leaves them out too)",
 			"entries", tooLong, "limit", wire.MaxPath)
 	}
+	run.scanned = time.Now()
 	if p.resyncStep != nil {
 		p.resyncStep("scanned")
 	}
@@ -372,10 +373,12 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 		ended = end
 		take(es)
 	}
+	run.manifested = time.Now()
 	if sums != nil {
 		if err := sums.wait(); err != nil {
 			return err
 		}
+		run.summed = time.Now()
 	}
 	compared := 0
 	if pl.all {
@@ -406,6 +409,7 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 		l := local.at(i)
 		tails.see(l.ino, l.mode, l.size)
 	}
+	run.compared = time.Now()
 	if err := b.fullSync(local, peer, ts); err != nil {
 		return err
 	}
@@ -420,6 +424,27 @@ type resyncRun struct {
 	mark    uint64 // the changes counted when it started (p.added)
 	gen     uint64
 	syncSeq uint64 // the capture's sequence when it started
+	// When its steps ended (zero: not reached), for the log: the local
+	// scan, the peer's manifest read whole, this side's checksums, and
+	// the comparison (sending starts).
+	scanned, manifested, summed, compared time.Time
+}
+
+// steps is how long each step of r took, for the log.
+func (r *resyncRun) steps() string {
+	var parts []string
+	last := r.start
+	for _, s := range []struct {
+		name string
+		at   time.Time
+	}{{"scan", r.scanned}, {"peer_manifest", r.manifested}, {"sums_here", r.summed}, {"compare", r.compared}, {"send", time.Now()}} {
+		if s.at.IsZero() {
+			continue
+		}
+		parts = append(parts, fmt.Sprintf("%s=%s", s.name, s.at.Sub(last).Round(time.Millisecond)))
+		last = s.at
+	}
+	return strings.Join(parts, " ")
 }
 
 // readManifestFrame reads one frame of the peer's manifest: its entries, or
@@ -552,7 +577,7 @@ func (p *Primary) resyncQueued(b *builder, bt *batcher, ts *treeSync, tails *tai
 	p.sendq.Broadcast()
 	p.Log.Info("resync queued", "mode", run.mode, "files", files, "files_compared", compared,
 		"files_sent", ts.filesSent, "bytes", b.dataRead, "discarded_entries", len(ts.lines),
-		"took", time.Since(run.start).Round(time.Millisecond))
+		"took", time.Since(run.start).Round(time.Millisecond), "steps", run.steps())
 }
 
 // markRecent flags EntryRecent the regular files of local whose ctime or

@@ -596,7 +596,9 @@ func (s *Server) sendManifest(c net.Conn, d Dir, seq uint64, q wire.ManifestQuer
 // flagged too, as markRecent does on the primary: the walk lists a
 // directory before what it holds. Without it (a replica that crashed), the directories its
 // applier changed in the window are the primary's renames, which the
-// primary's bitmap marks, and flagging them would sum their trees.
+// primary's bitmap marks, and flagging them would sum their trees. The
+// files are summed sumWorkers at a time (orderedSums); fn is called in the
+// walk's order, from one goroutine, not the caller's.
 func walkManifest(root *os.File, q wire.ManifestQuery, fn func(*wire.Entry) error) (tooLong int, err error) {
 	want := make(map[string]uint8, len(q.Want)) // path: block shift
 	for i, w := range q.Want {
@@ -607,7 +609,8 @@ func walkManifest(root *os.File, q wire.ManifestQuery, fn func(*wire.Entry) erro
 		want[w] = s
 	}
 	recent, moved := map[string]bool{}, map[string]bool{}
-	return fstree.Walk(root, q.All, func(e *wire.Entry) error {
+	sums := newOrderedSums(root, fn)
+	tooLong, err = fstree.Walk(root, false, func(e *wire.Entry) error {
 		if q.Cutoff != 0 && (e.Ctime >= q.Cutoff || e.Mtime >= q.Cutoff || e.Mode.IsRegular() && underDir(moved, e.Path)) {
 			e.Flags |= wire.EntryRecent
 		}
@@ -618,19 +621,21 @@ func walkManifest(root *os.File, q wire.ManifestQuery, fn func(*wire.Entry) erro
 			}
 		}
 		shift, wanted := want[e.Path]
-		if e.Mode.IsRegular() && e.Flags&wire.EntrySummed == 0 && (e.Flags&wire.EntryRecent != 0 || wanted) {
+		sum := e.Mode.IsRegular() && (q.All || e.Flags&wire.EntryRecent != 0 || wanted)
+		if sum {
 			// The requester's blocks (0, 64 KiB, for a file it did not
 			// name), larger if this copy is so much bigger than the
 			// requester's that its checksums would pass the budget (a
 			// copy truncated there while this node was away): one
 			// entry's sums must fit a manifest frame.
 			e.Shift = fitShift(shift, e.Size)
-			if err := fstree.SumEntry(root, e); err != nil {
-				return err
-			}
 		}
-		return fn(e)
+		return sums.add(e, sum)
 	})
+	if cerr := sums.close(); err == nil {
+		err = cerr
+	}
+	return tooLong, err
 }
 
 // warmTree reads the metadata of the tree at dir (every directory and
