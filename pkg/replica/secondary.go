@@ -561,7 +561,15 @@ func (s *Server) sendManifest(c net.Conn, d Dir, seq uint64, q wire.ManifestQuer
 	// copy (which it sends its tree as it reads it) from one to compare,
 	// before it scans its own.
 	first := true
+	start := time.Now()
+	var entries, summed int
+	var sumBytes uint64
 	tooLong, err := walkManifest(root, q, func(e *wire.Entry) error {
+		entries++
+		if e.Flags&wire.EntrySummed != 0 {
+			summed++
+			sumBytes += e.Size
+		}
 		raw = wire.AppendEntry(raw, e)
 		if len(raw) > manifestFrame || first && e.Path != "." {
 			first = false
@@ -585,6 +593,8 @@ func (s *Server) sendManifest(c net.Conn, d Dir, seq uint64, q wire.ManifestQuer
 	if err := wire.WriteFrame(w, &wire.Frame{Type: wire.TypeEnd, Seq: seq}); err != nil {
 		return err
 	}
+	s.Log.Info("manifest sent", "dir", d.Name, "entries", entries, "files_summed", summed, "bytes_summed", sumBytes,
+		"all", q.All, "wanted", len(q.Want), "took", time.Since(start).Round(time.Millisecond))
 	return w.Flush()
 }
 
