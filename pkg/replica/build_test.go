@@ -49,14 +49,23 @@ func changed(t *testing.T, path string) journal.File {
 	return journal.File{Key: capture.InodeKey{Ino: st.Ino}, Attr: true}
 }
 
+// sameTrees fails t unless the trees at src and dst are the same (names,
+// types, modes, owners, sizes, targets, contents).
 func sameTrees(t *testing.T, src, dst string) {
 	t.Helper()
-	r1, _ := fstree.OpenRoot(src)
-	defer r1.Close()
-	r2, _ := fstree.OpenRoot(dst)
-	defer r2.Close()
-	l, _, _ := fstree.Scan(r1, true)
-	p, _, _ := fstree.Scan(r2, true)
+	var ls [2][]wire.Entry
+	for i, dir := range []string{src, dst} {
+		r, err := fstree.OpenRoot(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ls[i], _, err = fstree.Scan(r, true)
+		r.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	l, p := ls[0], ls[1]
 	if diffs := fstree.Compare(l, p); len(diffs) != 0 {
 		t.Fatalf("trees differ: %v", diffs)
 	}
