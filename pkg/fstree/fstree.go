@@ -287,6 +287,19 @@ func Sums(f *os.File, size uint64, shift uint8) ([]wire.Sum, error) {
 // root by its path), of blocks of 1 << e.Shift bytes. A file replaced
 // since e was listed is left unsummed.
 func SumEntry(root *os.File, e *wire.Entry) error {
+	return sumEntry(root, e, false)
+}
+
+// SumEntryUnchanged is SumEntry that also leaves e unsummed if the file's
+// size or ctime is no longer e's: summed some time after it was listed, a
+// file removed and made anew under a reused inode number would give the
+// new bytes with the old size (a replica's manifest: the requester would
+// not truncate a longer copy).
+func SumEntryUnchanged(root *os.File, e *wire.Entry) error {
+	return sumEntry(root, e, true)
+}
+
+func sumEntry(root *os.File, e *wire.Entry, strict bool) error {
 	// O_NONBLOCK: a file replaced by a FIFO since the scan would block
 	// the open (and a resync with it).
 	f, err := OpenBeneath(root, e.Path, ReadFlags)
@@ -297,6 +310,9 @@ func SumEntry(root *os.File, e *wire.Entry) error {
 	var st unix.Stat_t
 	if err := unix.Fstat(int(f.Fd()), &st); err != nil || st.Ino != e.Ino || st.Mode&unix.S_IFMT != unix.S_IFREG {
 		return nil // replaced (an inode number is soon reused)
+	}
+	if strict && (uint64(st.Size) != e.Size || st.Ctim.Nano() != e.Ctime) {
+		return nil
 	}
 	e.Sums, err = Sums(f, e.Size, e.Shift)
 	if err != nil {

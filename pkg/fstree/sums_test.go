@@ -48,3 +48,40 @@ func TestSumsBlocks(t *testing.T) {
 		}
 	}
 }
+
+// TestSumEntryUnchanged: a file changed since it was listed (here made
+// longer: a new file under a reused inode number looks the same) is left
+// without checksums by SumEntryUnchanged, as the requester then sends it
+// whole; SumEntry sums it.
+func TestSumEntryUnchanged(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "f")
+	if err := os.WriteFile(p, []byte("first"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	root, err := OpenRoot(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer root.Close()
+	es, _, err := Scan(root, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := es[1]
+	same := e
+	if err := SumEntryUnchanged(root, &same); err != nil || same.Flags&wire.EntrySummed == 0 {
+		t.Fatalf("an unchanged file: summed %v, %v", same.Flags&wire.EntrySummed != 0, err)
+	}
+	if err := os.WriteFile(p, []byte("first, and more"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	changed := e
+	if err := SumEntryUnchanged(root, &changed); err != nil || changed.Flags&wire.EntrySummed != 0 {
+		t.Fatalf("a file changed since it was listed: summed %v, %v; want it left without", changed.Flags&wire.EntrySummed != 0, err)
+	}
+	loose := e
+	if err := SumEntry(root, &loose); err != nil || loose.Flags&wire.EntrySummed == 0 {
+		t.Fatalf("SumEntry of a changed file: summed %v, %v", loose.Flags&wire.EntrySummed != 0, err)
+	}
+}

@@ -1,6 +1,7 @@
 package replica
 
 import (
+	"fmt"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -91,6 +92,9 @@ func TestPickShiftsBudget(t *testing.T) {
 // would make one entry of more sums than the budget (at 1M of them, 16
 // GiB copy, more than a manifest frame carries, and the resync failed
 // again at every retry): the replica widens them.
+//
+// And the budget is the replica's in all, not per file: ten such copies
+// (logs truncated with copytruncate) made ten budgets of sums.
 func TestPeerWidensBlocksOfABiggerCopy(t *testing.T) {
 	defer func(b uint64) { fineSumBudget = b }(fineSumBudget)
 	fineSumBudget = 64
@@ -121,8 +125,8 @@ func TestPeerWidensBlocksOfABiggerCopy(t *testing.T) {
 		t.Fatalf("a 1 MiB copy asked for 4 KiB blocks with a budget of 64 sums: %d sums of blocks of 1<<%d, want 64 of 1<<14", n, shift)
 	}
 	// An unnamed file keeps 64 KiB blocks whatever the budget.
-	if s := fitShift(0, 1<<40); s != 0 {
-		t.Errorf("fitShift(0, 1 TiB) = %d, want 0", s)
+	if s := (&fineShifts{left: 1 << 40}).take(0, 1<<30); s != 0 {
+		t.Errorf("a file not named got blocks of 1<<%d, want the default (0)", s)
 	}
 }
 
@@ -176,5 +180,60 @@ func TestSmallerBlocksThanAskedNotTaken(t *testing.T) {
 				t.Errorf("unnamed, left without checksums: not sent whole")
 			}
 		}
+	}
+}
+
+// TestPeerSumsOfManyBiggerCopiesWithinBudget: see above (found by a
+// review: 640 sums for a budget of 64).
+func TestPeerSumsOfManyBiggerCopiesWithinBudget(t *testing.T) {
+	defer func(b uint64) { fineSumBudget = b }(fineSumBudget)
+	fineSumBudget = 64
+	dir := t.TempDir()
+	const files = 10
+	q := wire.ManifestQuery{Gen: 1}
+	for i := range files {
+		n := fmt.Sprintf("log%d", i)
+		writeRandom(t, filepath.Join(dir, n), 64<<12) // the whole budget at 4 KiB
+		q.Want = append(q.Want, n)
+		q.WantShift = append(q.WantShift, 12) // the primary's copy is empty: 4 KiB asked
+	}
+	root, err := fstree.OpenRoot(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer root.Close()
+	fine, coarse := 0, 0
+	if _, err := walkManifest(root, q, func(e *wire.Entry) error {
+		if !e.Mode.IsRegular() {
+			return nil
+		}
+		if e.Flags&wire.EntrySummed == 0 {
+			t.Errorf("%s: not summed", e.Path)
+		} else if e.SumShift() < wire.BlockShift {
+			fine += len(e.Sums)
+		} else {
+			coarse += len(e.Sums)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if fine > int(fineSumBudget) || coarse != (files-1)*4 {
+		t.Fatalf("the replica answered %d sums of small blocks and %d of 64 KiB for %d wanted files: want at most %d small (the budget), the others at 64 KiB (%d)",
+			fine, coarse, files, fineSumBudget, (files-1)*4)
+	}
+}
+
+// TestPickShiftsBigFileFirst: a file too big for small blocks gets 64 KiB
+// ones and leaves the budget to the others (found by a review: a 100 GiB
+// file listed first gave every file 64 KiB blocks).
+func TestPickShiftsBigFileFirst(t *testing.T) {
+	es := []wire.Entry{
+		{Path: ".", Mode: 0o755 | os.ModeDir},
+		{Path: "a-db", Mode: 0o644, Size: 100 << 30, Flags: wire.EntryRecent},
+		{Path: "b-small", Mode: 0o644, Size: 1 << 20, Flags: wire.EntryRecent},
+	}
+	if got := pickShifts(listingOf(es), []string{"a-db", "b-small"}, fineSumBudget); got[0] != 16 || got[1] != 12 {
+		t.Fatalf("shifts %v, want [16 12]: a 1 MiB file gets 4 KiB blocks (256 sums of a budget of %d)", got, fineSumBudget)
 	}
 }

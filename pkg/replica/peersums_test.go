@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"testing"
+	"time"
 
 	"github.com/duet-ha/duet/pkg/fstree"
 	"github.com/duet-ha/duet/pkg/wire"
@@ -73,5 +74,69 @@ func TestWalkManifestStopsAtFnError(t *testing.T) {
 	})
 	if !errors.Is(err, boom) || calls != 10 {
 		t.Fatalf("walk returned %v after %d calls of fn; want %v after 10", err, calls, boom)
+	}
+}
+
+// TestOrderedSumsHoldsBounded: while fn is held up (a slow connection to
+// the requester), the walk goes on only until the checksums queued reach
+// sumsHeld (or one file alone holds more); the serial walk held one
+// file's. Then the rest comes, in order.
+func TestOrderedSumsHoldsBounded(t *testing.T) {
+	defer func(h uint64) { sumsHeld = h }(sumsHeld)
+	sumsHeld = 64 // four files of 16 blocks
+	dir := t.TempDir()
+	for i := range 40 {
+		writeRandom(t, filepath.Join(dir, fmt.Sprintf("f%02d", i)), 16<<16)
+	}
+	writeRandom(t, filepath.Join(dir, "g-big"), 100<<16) // alone past the bound
+	root, err := fstree.OpenRoot(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer root.Close()
+	gate := make(chan struct{})
+	var got []string
+	s := newOrderedSums(root, func(e *wire.Entry) error {
+		if len(got) == 1 {
+			<-gate
+		}
+		got = append(got, e.Path)
+		return nil
+	})
+	walked := make(chan error, 1)
+	go func() {
+		_, err := fstree.Walk(root, false, func(e *wire.Entry) error { return s.add(e, e.Mode.IsRegular()) })
+		walked <- err
+	}()
+	// Until the walk stops moving: the bound holds whenever it is read.
+	last := uint64(0)
+	for stable := 0; stable < 20; time.Sleep(5 * time.Millisecond) {
+		s.mu.Lock()
+		held := s.held
+		s.mu.Unlock()
+		if held > sumsHeld {
+			t.Fatalf("%d checksums held while fn waits, bound %d", held, sumsHeld)
+		}
+		if held == last {
+			stable++
+		} else {
+			stable, last = 0, held
+		}
+	}
+	if last == 0 {
+		t.Fatal("nothing queued while fn waits")
+	}
+	close(gate)
+	if err := <-walked; err != nil {
+		t.Fatal(err)
+	}
+	if err := s.close(); err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 42 || got[0] != "." || got[41] != "g-big" {
+		t.Fatalf("%d entries handed on (%v ... ), want 42 in order", len(got), got[:min(3, len(got))])
+	}
+	if s.held != 0 {
+		t.Fatalf("%d checksums still counted after the walk", s.held)
 	}
 }

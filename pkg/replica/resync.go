@@ -789,7 +789,7 @@ func markBitmapCompared(local *listing, d *dirtySet, sh *shadow) (paths []string
 
 // fineSumBudget bounds the checksums of a resync's wanted files (16 bytes
 // each, held by both listings; the peer widens a file's blocks where its
-// own copy would pass it, see fitShift): within it they are of blocks as small as
+// own copy would pass it, see fineShifts): within it they are of blocks as small as
 // the bitmap's chunks, so that a file changed in a few places is sent as
 // a few 4 KiB blocks, not as 64 KiB ones (the bitmap resync after a clean
 // restart sent 4.96 times rsync's bytes with 64 KiB blocks). Past it,
@@ -798,27 +798,19 @@ var fineSumBudget uint64 = 1 << 20 // a variable for tests
 
 // pickShifts gives each wanted path (the regular files markCompared
 // flagged, in local) the smallest block its checksums can have within
-// budget sums in all, taking the files in listing order, sets it on the
-// local entry (which is summed with it) and returns the shifts in the
-// order of paths.
+// budget sums in all, taking the files in listing order (fineShifts.take),
+// sets it on the local entry (which is summed with it) and returns the
+// shifts in the order of paths.
 func pickShifts(local *listing, paths []string, budget uint64) []uint8 {
 	by := make(map[string]uint8, len(paths))
+	fs := fineShifts{left: budget}
 	for i := range local.len() {
 		e := local.at(i)
 		if !e.mode.IsRegular() || e.flags&wire.EntryRecent == 0 {
 			continue
 		}
-		shift := uint8(wire.BlockShift)
-		for s := uint8(wire.MinBlockShift); s < wire.BlockShift; s++ {
-			if n := (e.size + 1<<s - 1) >> s; n <= budget {
-				shift = s
-				break
-			}
-		}
-		n := (e.size + 1<<shift - 1) >> shift
-		budget -= min(n, budget)
-		e.shift = shift
-		by[e.path] = shift
+		e.shift = fs.take(wire.MinBlockShift, e.size)
+		by[e.path] = e.shift
 	}
 	shifts := make([]uint8, len(paths))
 	for i, p := range paths {
@@ -827,16 +819,30 @@ func pickShifts(local *listing, paths []string, budget uint64) []uint8 {
 	return shifts
 }
 
-// fitShift is shift, or the smallest larger one whose checksums of a
-// file of size bytes stay within fineSumBudget (wire.BlockShift at most).
-func fitShift(shift uint8, size uint64) uint8 {
+// fineShifts hands out a budget of checksums of blocks smaller than 64
+// KiB: the requester (pickShifts) for its copies, and the answering node
+// (walkManifest) for its own, which may be bigger (a file truncated on
+// the requester while this node was away), each in listing order. Both
+// keep to it, so that neither the manifest nor the listings grow past it
+// with the small blocks; files that get 64 KiB blocks cost what they did
+// before and are not counted (one big file would spend the budget of all
+// the others).
+type fineShifts struct{ left uint64 }
+
+// take returns the smallest shift from shift on (0: none asked) whose
+// checksums of size bytes fit what is left, and counts them; or
+// wire.BlockShift (0 if none was asked) when none under it fits.
+func (f *fineShifts) take(shift uint8, size uint64) uint8 {
 	if shift == 0 {
 		return 0
 	}
-	for shift < wire.BlockShift && (size+1<<shift-1)>>shift > fineSumBudget {
-		shift++
+	for ; shift < wire.BlockShift; shift++ {
+		if n := (size + 1<<shift - 1) >> shift; n <= f.left {
+			f.left -= n
+			return shift
+		}
 	}
-	return shift
+	return wire.BlockShift
 }
 
 // blockShift is the block shift s stands for (0: wire.BlockShift).
@@ -876,7 +882,7 @@ func sumCompared(root *os.File, local, peer *listing) (int, error) {
 			}
 			if peerSummed && e.flags&wire.EntrySummed != 0 && blockShift(e.shift) != blockShift(ps) {
 				// Summed here in smaller blocks than there (the peer's
-				// copy is much bigger, see fitShift): again, as the
+				// copy is much bigger, see fineShifts): again, as the
 				// peer did.
 				e.flags &^= wire.EntrySummed
 				e.sums = nil

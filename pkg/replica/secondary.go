@@ -619,6 +619,7 @@ func walkManifest(root *os.File, q wire.ManifestQuery, fn func(*wire.Entry) erro
 		want[w] = s
 	}
 	recent, moved := map[string]bool{}, map[string]bool{}
+	fine := fineShifts{left: fineSumBudget}
 	sums := newOrderedSums(root, fn)
 	tooLong, err = fstree.Walk(root, false, func(e *wire.Entry) error {
 		if q.Cutoff != 0 && (e.Ctime >= q.Cutoff || e.Mtime >= q.Cutoff || e.Mode.IsRegular() && underDir(moved, e.Path)) {
@@ -634,14 +635,17 @@ func walkManifest(root *os.File, q wire.ManifestQuery, fn func(*wire.Entry) erro
 		sum := e.Mode.IsRegular() && (q.All || e.Flags&wire.EntryRecent != 0 || wanted)
 		if sum {
 			// The requester's blocks (0, 64 KiB, for a file it did not
-			// name), larger if this copy is so much bigger than the
+			// name), larger where this copy is so much bigger than the
 			// requester's that its checksums would pass the budget (a
-			// copy truncated there while this node was away): one
-			// entry's sums must fit a manifest frame.
-			e.Shift = fitShift(shift, e.Size)
+			// copy truncated there while this node was away): the
+			// manifest and the requester's listing keep to it.
+			e.Shift = fine.take(shift, e.Size)
 		}
 		return sums.add(e, sum)
 	})
+	if err != nil {
+		sums.fail(err) // what is queued is not summed nor sent
+	}
 	if cerr := sums.close(); err == nil {
 		err = cerr
 	}

@@ -97,11 +97,10 @@ func AppendEntry(b []byte, e *Entry) []byte {
 }
 
 // MaxManifest bounds a manifest frame's payload once decompressed. The
-// answering node cuts frames at 4 MiB of entries, but never splits an
+// answering node cuts frames at 256 KiB of entries, but never splits an
 // entry, and a file's checksums take 16 bytes per 64 KiB block: 128 MiB
-// for a file of 512 GiB (smaller blocks are asked only for files whose
-// sums stay within a resync's budget, replica.pickShifts, and the
-// answering node widens them where its copy would pass it, fitShift).
+// for a file of 512 GiB (smaller blocks only within a resync's budget of
+// 2^20 sums on each side, replica.fineShifts).
 const MaxManifest = 2 * MaxPayload
 
 // MaxManifestEntries bounds the entries of one manifest frame, as
