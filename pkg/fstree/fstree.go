@@ -291,10 +291,12 @@ func SumEntry(root *os.File, e *wire.Entry) error {
 }
 
 // SumEntryUnchanged is SumEntry that also leaves e unsummed if the file's
-// size or ctime is no longer e's: summed some time after it was listed, a
-// file removed and made anew under a reused inode number would give the
-// new bytes with the old size (a replica's manifest: the requester would
-// not truncate a longer copy).
+// size is no longer e's: summed some time after it was listed, a file
+// removed and made anew under a reused inode number would give the new
+// bytes with the old size (a replica's manifest: the requester would not
+// truncate a longer copy). Not its ctime: a replica applies attribute
+// changes while `duet verify` walks it, and a file left unsummed for one
+// reads as a difference.
 func SumEntryUnchanged(root *os.File, e *wire.Entry) error {
 	return sumEntry(root, e, true)
 }
@@ -311,7 +313,7 @@ func sumEntry(root *os.File, e *wire.Entry, strict bool) error {
 	if err := unix.Fstat(int(f.Fd()), &st); err != nil || st.Ino != e.Ino || st.Mode&unix.S_IFMT != unix.S_IFREG {
 		return nil // replaced (an inode number is soon reused)
 	}
-	if strict && (uint64(st.Size) != e.Size || st.Ctim.Nano() != e.Ctime) {
+	if strict && uint64(st.Size) != e.Size {
 		return nil
 	}
 	e.Sums, err = Sums(f, e.Size, e.Shift)

@@ -49,10 +49,11 @@ func TestSumsBlocks(t *testing.T) {
 	}
 }
 
-// TestSumEntryUnchanged: a file changed since it was listed (here made
-// longer: a new file under a reused inode number looks the same) is left
-// without checksums by SumEntryUnchanged, as the requester then sends it
-// whole; SumEntry sums it.
+// TestSumEntryUnchanged: a file whose size changed since it was listed
+// (a new file under a reused inode number looks the same) is left without
+// checksums by SumEntryUnchanged, as the requester then sends it whole;
+// SumEntry sums it. A change of its attributes alone (the replica's
+// applier sets times while duet verify walks it) does not.
 func TestSumEntryUnchanged(t *testing.T) {
 	dir := t.TempDir()
 	p := filepath.Join(dir, "f")
@@ -72,6 +73,13 @@ func TestSumEntryUnchanged(t *testing.T) {
 	same := e
 	if err := SumEntryUnchanged(root, &same); err != nil || same.Flags&wire.EntrySummed == 0 {
 		t.Fatalf("an unchanged file: summed %v, %v", same.Flags&wire.EntrySummed != 0, err)
+	}
+	if err := os.Chmod(p, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	attrs := e
+	if err := SumEntryUnchanged(root, &attrs); err != nil || attrs.Flags&wire.EntrySummed == 0 {
+		t.Fatalf("a file whose mode changed since it was listed: summed %v, %v; want it summed", attrs.Flags&wire.EntrySummed != 0, err)
 	}
 	if err := os.WriteFile(p, []byte("first, and more"), 0o644); err != nil {
 		t.Fatal(err)
