@@ -5,9 +5,11 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"reflect"
 	"testing"
 
 	"github.com/duet-ha/duet/pkg/fstree"
+	"github.com/duet-ha/duet/pkg/journal"
 	"github.com/duet-ha/duet/pkg/wire"
 )
 
@@ -235,5 +237,98 @@ func TestPickShiftsBigFileFirst(t *testing.T) {
 	}
 	if got := pickShifts(listingOf(es), []string{"a-db", "b-small"}, fineSumBudget); got[0] != 16 || got[1] != 12 {
 		t.Fatalf("shifts %v, want [16 12]: a 1 MiB file gets 4 KiB blocks (256 sums of a budget of %d)", got, fineSumBudget)
+	}
+}
+
+// TestMismatchedShiftsSentWhole: a file summed here in 4 KiB blocks paired
+// with a peer file summed in 64 KiB ones (renamed while the peer was away
+// and flagged by the peer on its own) cannot be compared block by block:
+// read as 4 KiB blocks, every one past the peer's first sum counted as
+// beyond its old size, and the zero ones were skipped while the peer held
+// data there. It is sent whole (found by a review).
+func TestMismatchedShiftsSentWhole(t *testing.T) {
+	data := make([]byte, 64<<10)
+	data[0] = 1
+	var ls []wire.Sum
+	for off := 0; off < len(data); off += 4096 {
+		ls = append(ls, fstree.SumBlock(data[off:off+4096]))
+	}
+	l := wire.Entry{Path: "x", Mode: 0o644, Size: 64 << 10, Flags: wire.EntrySummed | wire.EntryRecent, Shift: 12, Sums: ls}
+	p := wire.Entry{Path: "y", Mode: 0o644, Size: 64 << 10, Flags: wire.EntrySummed, Sums: []wire.Sum{{7}}}
+	if spans, whole := fileSpans(&l, &p, &treeSync{window: true}); !whole {
+		t.Fatalf("blocks of 4 KiB here, 64 KiB there: spans %v, not whole; the peer keeps its bytes past 4 KiB", spans)
+	}
+}
+
+// TestAppendedBlocksSent: a file that grew since the peer's copy: its new
+// blocks are sent, but for those of zeros (a hole already there), at 4
+// KiB blocks and with a short last block (found untested by a review).
+func TestAppendedBlocksSent(t *testing.T) {
+	size := uint64(3*4096 + 100)
+	data := make([]byte, size)
+	for i := range 4096 * 2 {
+		data[i] = byte(i*7 + 1)
+	}
+	data[size-1] = 9 // block 2 all zeros, the short last block not
+	var ls []wire.Sum
+	for off := uint64(0); off < size; off += 4096 {
+		ls = append(ls, fstree.SumBlock(data[off:min(off+4096, size)]))
+	}
+	l := wire.Entry{Path: "f", Mode: 0o644, Size: size, Flags: wire.EntrySummed | wire.EntryRecent, Shift: 12, Sums: ls}
+	p := wire.Entry{Path: "f", Mode: 0o644, Size: 4096, Flags: wire.EntrySummed, Shift: 12, Sums: ls[:1]}
+	spans, whole := fileSpans(&l, &p, &treeSync{window: true})
+	want := []journal.Span{{Off: 4096, End: 8192}, {Off: 12288, End: 12388}}
+	if whole || !reflect.DeepEqual(spans, want) {
+		t.Fatalf("spans %v, whole %v; want %v", spans, whole, want)
+	}
+}
+
+// TestResumAtPeerShift: a file summed here in 4 KiB blocks (feedRecent,
+// as asked) whose copy the peer summed in 8 KiB ones (its copy is bigger,
+// fineShifts) is summed again here in 8 KiB blocks and compared so; left
+// at 4 KiB, the comparison read past the peer's sums (found untested by a
+// review: fileSpans then panicked).
+func TestResumAtPeerShift(t *testing.T) {
+	dir := t.TempDir()
+	writeRandom(t, filepath.Join(dir, "f"), 64<<10)
+	root, err := fstree.OpenRoot(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer root.Close()
+	local, _, err := scanListing(root, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	paths := markCompared(local, func(*lentry) bool { return true })
+	pickShifts(local, paths, fineSumBudget)
+	var e *lentry
+	for i := range local.len() {
+		if local.at(i).path == "f" {
+			e = local.at(i)
+		}
+	}
+	if err := e.sum(root); err != nil || e.shift != 12 || len(*e.sums) != 16 {
+		t.Fatalf("summed here: shift %d, err %v", e.shift, err)
+	}
+	f, err := os.Open(filepath.Join(dir, "f"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	ps, err := fstree.Sums(f, 64<<10, 13)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pe := wire.Entry{Path: "f", Mode: 0o644, Size: 64 << 10, Flags: wire.EntrySummed, Shift: 13, Sums: ps}
+	if _, err := sumCompared(root, local, listingOf([]wire.Entry{{Path: ".", Mode: 0o755 | os.ModeDir}, pe})); err != nil {
+		t.Fatal(err)
+	}
+	if e.shift != 13 || e.sums == nil || len(*e.sums) != 8 {
+		t.Fatalf("after the peer's 8 KiB sums: shift %d, %v sums here; want 8 of 8 KiB", e.shift, e.sums != nil)
+	}
+	le := e.entry()
+	if spans, whole := fileSpans(&le, &pe, &treeSync{window: true}); whole || len(spans) != 0 {
+		t.Fatalf("the same content: spans %v, whole %v; want nothing sent", spans, whole)
 	}
 }

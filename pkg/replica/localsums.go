@@ -74,8 +74,8 @@ func (s *localSums) match(peer []wire.Entry) {
 			return
 		}
 		// A comparison of every file asks for 64 KiB blocks: a peer's
-		// smaller ones are not taken (the file is sent whole), or a
-		// peer could have this side hold sixteen times the sums.
+		// other ones cannot be compared with this side's (the file is
+		// sent whole), and reading it to sum would be wasted.
 		if l := s.local.at(s.next); l.path == e.Path && l.mode.IsRegular() && e.Mode.IsRegular() && e.Flags&wire.EntrySummed != 0 && e.SumShift() == wire.BlockShift {
 			s.work <- s.next
 			s.next++
