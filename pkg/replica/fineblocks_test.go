@@ -45,14 +45,7 @@ func TestWindowResyncSendsSmallBlocks(t *testing.T) {
 	}
 	f.Close()
 
-	r.startReplica()
-	r.startSource()
-	r.waitSynced()
-	st := r.p.Status()
-	r.cleanStop()
-	if st.Resync.Mode != "bitmap+recent" {
-		t.Fatalf("the restart resynced in mode %q, want bitmap+recent", st.Resync.Mode)
-	}
+	st := r.restartWindow()
 	if want := uint64(changes * size); st.Resync.BytesSent < want || st.Resync.BytesSent > 2*want {
 		t.Errorf("the resync read %d bytes to send for %d changes of %d bytes: want %d to %d (blocks of the changes' size)",
 			st.Resync.BytesSent, changes, size, want, 2*want)

@@ -147,6 +147,21 @@ func (r *restartPair) cleanStop() {
 	markCleanStop(r.tb, r.src, r.pms)
 }
 
+// restartWindow starts both after a clean stop, waits for the resync, stops
+// both cleanly again and returns the source's status as it was in sync;
+// it fails the test unless the resync compared the window (bitmap+recent).
+func (r *restartPair) restartWindow() Status {
+	r.startReplica()
+	r.startSource()
+	r.waitSynced()
+	st := r.p.Status()
+	r.cleanStop()
+	if st.Resync.Mode != "bitmap+recent" {
+		r.tb.Fatalf("the restart resynced in mode %q, want bitmap+recent", st.Resync.Mode)
+	}
+	return st
+}
+
 // markCleanStop is the daemon's markClean: the copy on disk, the
 // unclean-shutdown marker cleared.
 func markCleanStop(tb testing.TB, dir string, ms *MetaStore) {
@@ -220,14 +235,7 @@ func TestCleanRestartFindsUntrackedChanges(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	r.startReplica()
-	r.startSource()
-	r.waitSynced()
-	st := r.p.Status()
-	r.cleanStop()
-	if st.Resync.Mode != "bitmap+recent" {
-		t.Fatalf("the restart resynced in mode %q, want bitmap+recent", st.Resync.Mode)
-	}
+	st := r.restartWindow()
 	root, err := fstree.OpenRoot(src)
 	if err != nil {
 		t.Fatal(err)
