@@ -95,11 +95,7 @@ func TestPeerWidensBlocksOfABiggerCopy(t *testing.T) {
 	fineSumBudget = 64
 	dir := t.TempDir()
 	writeRandom(t, filepath.Join(dir, "big"), 1<<20) // 256 blocks of 4 KiB
-	root, err := fstree.OpenRoot(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer root.Close()
+	root := testRoot(t, dir)
 	q := wire.ManifestQuery{Want: []string{"big"}, WantShift: []uint8{12}, Gen: 1}
 	var got *wire.Entry
 	if _, err := walkManifest(root, q, func(e *wire.Entry) error {
@@ -135,11 +131,7 @@ func TestSmallerBlocksThanAskedNotTaken(t *testing.T) {
 	for _, n := range []string{"small", "large", "unnamed"} {
 		writeRandom(t, filepath.Join(dir, n), 64<<10)
 	}
-	root, err := fstree.OpenRoot(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer root.Close()
+	root := testRoot(t, dir)
 	local, _, err := scanListing(root, false)
 	if err != nil {
 		t.Fatal(err)
@@ -192,11 +184,7 @@ func TestPeerSumsOfManyBiggerCopiesWithinBudget(t *testing.T) {
 		q.Want = append(q.Want, n)
 		q.WantShift = append(q.WantShift, 12) // the primary's copy is empty: 4 KiB asked
 	}
-	root, err := fstree.OpenRoot(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer root.Close()
+	root := testRoot(t, dir)
 	fine, coarse := 0, 0
 	if _, err := walkManifest(root, q, func(e *wire.Entry) error {
 		if !e.Mode.IsRegular() {
@@ -284,11 +272,7 @@ func TestAppendedBlocksSent(t *testing.T) {
 func TestResumAtPeerShift(t *testing.T) {
 	dir := t.TempDir()
 	writeRandom(t, filepath.Join(dir, "f"), 64<<10)
-	root, err := fstree.OpenRoot(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer root.Close()
+	root := testRoot(t, dir)
 	local, _, err := scanListing(root, false)
 	if err != nil {
 		t.Fatal(err)

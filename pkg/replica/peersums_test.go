@@ -3,6 +3,7 @@ package replica
 import (
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"reflect"
 	"testing"
@@ -24,11 +25,7 @@ func TestWalkManifestOrderAndSums(t *testing.T) {
 		}
 		writeRandom(t, filepath.Join(dir, fmt.Sprintf("d%d/f%02d", i%3, i)), n)
 	}
-	root, err := fstree.OpenRoot(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer root.Close()
+	root := testRoot(t, dir)
 	want, _, err := fstree.Scan(root, true)
 	if err != nil {
 		t.Fatal(err)
@@ -58,14 +55,10 @@ func TestWalkManifestStopsAtFnError(t *testing.T) {
 	for i := range 300 {
 		writeRandom(t, filepath.Join(dir, fmt.Sprintf("f%03d", i)), 5000)
 	}
-	root, err := fstree.OpenRoot(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer root.Close()
+	root := testRoot(t, dir)
 	boom := errors.New("connection reset")
 	calls := 0
-	_, err = walkManifest(root, wire.ManifestQuery{All: true}, func(e *wire.Entry) error {
+	_, err := walkManifest(root, wire.ManifestQuery{All: true}, func(e *wire.Entry) error {
 		calls++
 		if calls == 10 {
 			return boom
@@ -89,11 +82,7 @@ func TestOrderedSumsHoldsBounded(t *testing.T) {
 		writeRandom(t, filepath.Join(dir, fmt.Sprintf("f%02d", i)), 16<<16)
 	}
 	writeRandom(t, filepath.Join(dir, "g-big"), 100<<16) // alone past the bound
-	root, err := fstree.OpenRoot(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer root.Close()
+	root := testRoot(t, dir)
 	gate := make(chan struct{})
 	var got []string
 	s := newOrderedSums(root, func(e *wire.Entry) error {
@@ -141,4 +130,15 @@ func TestOrderedSumsHoldsBounded(t *testing.T) {
 	if s.held != 0 {
 		t.Fatalf("%d checksums still counted after the walk", s.held)
 	}
+}
+
+// testRoot opens dir as fstree.OpenRoot does, closed when t ends.
+func testRoot(t *testing.T, dir string) *os.File {
+	t.Helper()
+	root, err := fstree.OpenRoot(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { root.Close() })
+	return root
 }
