@@ -174,8 +174,14 @@ func (l *Lab) ipc(ctx context.Context, env []string, args ...string) ([]byte, er
 // on its standard error (etcdctl's, while the VIP moves) are not part of
 // the answer.
 func (l *Lab) ipcStdout(ctx context.Context, env []string, args ...string) ([]byte, error) {
+	return l.ipcInput(ctx, env, "", args...)
+}
+
+// ipcInput is ipcStdout with input on the standard input.
+func (l *Lab) ipcInput(ctx context.Context, env []string, input string, args ...string) ([]byte, error) {
 	cmd := exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", "duet-c"}, args...)...)
 	cmd.Env = append(os.Environ(), env...)
+	cmd.Stdin = strings.NewReader(input)
 	return cmd.Output()
 }
 
