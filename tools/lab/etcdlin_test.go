@@ -241,9 +241,9 @@ func (h *etcdHistory) check(t *testing.T) {
 	t.Logf("etcd history through the VIP: %d puts and %d gets acknowledged, %d with an unknown outcome, on %d keys: %s",
 		puts, gets, h.unknown, h.keys, info)
 	if !ok {
-		t.Errorf("etcd history: %s", info)
+		h.l.Errorf(t, "etcd history: %s", info)
 	}
 	if puts == 0 || gets == 0 {
-		t.Errorf("etcd history: %d puts and %d gets acknowledged: nothing to check", puts, gets)
+		h.l.Errorf(t, "etcd history: %d puts and %d gets acknowledged: nothing to check", puts, gets)
 	}
 }

@@ -349,7 +349,7 @@ func (l *Lab) check(t *testing.T, clients []*client) (acked, lost map[string]int
 		}
 		acked[c.name], lost[c.name] = len(list), len(missing)
 		if len(missing) > 0 {
-			t.Errorf("%s: %d acknowledged entries missing behind the VIP: %v (acknowledged at %s)", c.name, len(missing), first(missing, 20), strings.Join(when, " to "))
+			l.Errorf(t, "%s: %d acknowledged entries missing behind the VIP: %v (acknowledged at %s)", c.name, len(missing), first(missing, 20), strings.Join(when, " to "))
 			if c.explain != nil {
 				for _, n := range first(missing, 5) {
 					t.Logf("%s: %s", c.name, c.explain(n))

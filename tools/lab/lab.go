@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -26,6 +27,21 @@ type Lab struct {
 	AData  string
 	BData  string
 	env    []string
+
+	mu       sync.Mutex
+	failures []string // Errorf's, printed again after the logs
+}
+
+// Errorf is t.Errorf, its message also printed again after the daemons'
+// logs when the test ends: a CI log cut to its head and tail keeps the
+// reason a long test failed.
+func (l *Lab) Errorf(t testing.TB, format string, args ...any) {
+	t.Helper()
+	msg := fmt.Sprintf(format, args...)
+	l.mu.Lock()
+	l.failures = append(l.failures, msg)
+	l.mu.Unlock()
+	t.Error(msg)
 }
 
 func repoRoot() string {
@@ -74,6 +90,11 @@ func Up(t testing.TB, bin string, extraEnv ...string) *Lab {
 					t.Logf("--- %s.log (last 32 KiB; whole log kept in %s) ---\n%s", h, keep, tail(b, 32<<10))
 				}
 			}
+			l.mu.Lock()
+			if len(l.failures) > 0 {
+				t.Logf("--- %s failed, again (each message is above the logs too) ---\n%s", t.Name(), strings.Join(l.failures, "\n"))
+			}
+			l.mu.Unlock()
 		}
 		if t.Failed() && os.Getenv("DUET_LAB_KEEP") != "" {
 			t.Logf("DUET_LAB_KEEP set: lab left up in %s (tools/lab/lab.sh down with DUET_LAB=%s removes it)", dir, dir)

@@ -159,14 +159,14 @@ var faultKinds = []faultKind{
 			n.t.Fatalf("filling %s again: %v", fill, err)
 		}
 		if _, err := n.l.run("start", r.p); err == nil {
-			n.t.Errorf("duet started on %s with its state_dir's filesystem full", nodeName[r.p])
+			n.l.Errorf(n.t, "duet started on %s with its state_dir's filesystem full", nodeName[r.p])
 			n.l.Stop(n.t, r.p)
 		} else if b, _ := os.ReadFile(logPath); int64(len(b)) < from || !strings.Contains(string(b[from:]), "copy-") || !strings.Contains(string(b[from:]), "no space left on device") {
-			n.t.Errorf("duet on a full disk: its exit does not name the state file and ENOSPC; it logged:\n%s", b[min(from, int64(len(b))):])
+			n.l.Errorf(n.t, "duet on a full disk: its exit does not name the state file and ENOSPC; it logged:\n%s", b[min(from, int64(len(b))):])
 		}
 		for m, before := range saved {
 			if b, err := os.ReadFile(m); err != nil || string(b) != before {
-				n.t.Errorf("%s changed by the start that failed (err %v):\nbefore %s\nafter %s", m, err, before, b)
+				n.l.Errorf(n.t, "%s changed by the start that failed (err %v):\nbefore %s\nafter %s", m, err, before, b)
 			}
 		}
 		if err := os.Remove(fill); err != nil {
@@ -221,7 +221,7 @@ var faultKinds = []faultKind{
 		case <-time.After(30 * time.Second):
 			swap.Process.Kill()
 			<-done
-			n.t.Errorf("duet swap still waiting 30 s after %s's daemon was killed", nodeName[victim])
+			n.l.Errorf(n.t, "duet swap still waiting 30 s after %s's daemon was killed", nodeName[victim])
 		}
 		r.note = "killed " + nodeName[victim]
 		n.l.Start(n.t, victim)
@@ -735,16 +735,16 @@ func nemesisCampaign(t *testing.T, seed int64, runs int, allKindsOnce bool) {
 		}
 		t.Log(line)
 		if r.lost != 0 {
-			t.Errorf("run %d (%s): %d acknowledged records lost", i, kind.name, r.lost)
+			n.l.Errorf(t, "run %d (%s): %d acknowledged records lost", i, kind.name, r.lost)
 		}
 		if r.arp > 1 {
-			t.Errorf("run %d (%s): %d hosts answered ARP for the VIP in one round", i, kind.name, r.arp)
+			n.l.Errorf(t, "run %d (%s): %d hosts answered ARP for the VIP in one round", i, kind.name, r.arp)
 		}
 		if kind.standby && r.stall > standbyStallBound {
-			t.Errorf("run %d (%s): the primary's writer stalled %s, bound %s", i, kind.name, r.stall, standbyStallBound)
+			n.l.Errorf(t, "run %d (%s): the primary's writer stalled %s, bound %s", i, kind.name, r.stall, standbyStallBound)
 		}
 		if kind.standby && r.werr != "" {
-			t.Errorf("run %d (%s): the primary's writer failed: %s", i, kind.name, r.werr)
+			n.l.Errorf(t, "run %d (%s): the primary's writer failed: %s", i, kind.name, r.werr)
 		}
 		if t.Failed() {
 			break
