@@ -93,6 +93,40 @@ var faultKinds = []faultKind{
 		n.heal(r.s, r.p)
 		n.heal(r.p, r.s)
 	}},
+	// The path between the nodes comes and goes: cut both ways for 0.2
+	// to 1.6 s (a heartbeat timeout or not), back for 0.1 to 1 s, for 4
+	// to 8 s: connections end and resume, the primary may go ALONE and
+	// back, a resync may be cut by the next cut. No stall bound: a cut
+	// longer than the timeout holds the writer until the peer is lost.
+	{"flapping-heartbeat-path", false, func(n *nemesis, r *nemesisRun) {
+		end := time.Now().Add(time.Duration(4000+n.rng.Intn(4001)) * time.Millisecond)
+		cuts := 0
+		for time.Now().Before(end) {
+			n.drop(r.s, r.p)
+			n.drop(r.p, r.s)
+			cuts++
+			time.Sleep(time.Duration(200+n.rng.Intn(1401)) * time.Millisecond)
+			n.heal(r.s, r.p)
+			n.heal(r.p, r.s)
+			time.Sleep(time.Duration(100+n.rng.Intn(901)) * time.Millisecond)
+		}
+		r.note = fmt.Sprintf("%d cuts", cuts)
+	}},
+	// The path between the nodes loses a share of its frames both ways
+	// (20 to 50 %, ARP included) for 3 to 8 s: heartbeats mostly arrive,
+	// TCP retransmits, acknowledgements come late.
+	{"lossy-heartbeat-path", false, func(n *nemesis, r *nemesisRun) {
+		loss := 0.2 + 0.3*n.rng.Float64()
+		for _, p := range [][2]string{{r.s, r.p}, {r.p, r.s}} {
+			if err := n.drops[p[0]].Drop(hostAddr[p[1]], loss); err != nil {
+				n.t.Fatal(err)
+			}
+		}
+		n.hold(3, 8)
+		n.heal(r.s, r.p)
+		n.heal(r.p, r.s)
+		r.note = fmt.Sprintf("%.0f %% lost each way", 100*loss)
+	}},
 	{"disk-full-secondary", true, func(n *nemesis, r *nemesisRun) {
 		fill := filepath.Join(filepath.Dir(n.data(r.s)), "fill")
 		if _, err := fillFilesystem(fill); err != nil {
