@@ -93,6 +93,19 @@ var faultKinds = []faultKind{
 		n.heal(r.s, r.p)
 		n.heal(r.p, r.s)
 	}},
+	// The daemon alone dies (the OOM killer, a bug), its host and link
+	// up, its services as the kill leaves them; systemd starts it again
+	// 0 to 2 s later.
+	{"kill-primary-daemon", false, func(n *nemesis, r *nemesisRun) {
+		n.l.Kill(n.t, r.p)
+		n.hold(0, 2)
+		n.l.Start(n.t, r.p)
+	}},
+	{"kill-secondary-daemon", true, func(n *nemesis, r *nemesisRun) {
+		n.l.Kill(n.t, r.s)
+		n.hold(0, 2)
+		n.l.Start(n.t, r.s)
+	}},
 	// The path between the nodes comes and goes: cut both ways for 0.2
 	// to 1.6 s (a heartbeat timeout or not), back for 0.1 to 1 s, for 4
 	// to 8 s: connections end and resume, the primary may go ALONE and
