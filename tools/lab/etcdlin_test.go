@@ -219,31 +219,59 @@ func (h *etcdHistory) notCommitted(t *testing.T, why func(value string, at time.
 // porcupine's visualization written next to the lab's logs.
 func (h *etcdHistory) check(t *testing.T) {
 	t.Helper()
+	v := h.verdict(t)
+	t.Logf("etcd history through the VIP: %d puts and %d gets acknowledged, %d with an unknown outcome, on %d keys: %s",
+		v.puts, v.gets, v.unknown, h.keys, v.info)
+	if !v.ok {
+		h.l.Errorf(t, "etcd history: %s", v.info)
+	}
+	if v.puts == 0 || v.gets == 0 {
+		h.l.Errorf(t, "etcd history: %d puts and %d gets acknowledged: nothing to check", v.puts, v.gets)
+	}
+}
+
+// historyVerdict is what check found.
+type historyVerdict struct {
+	ok                  bool
+	info                string
+	puts, gets, unknown int
+}
+
+// verdict waits for the clients to end and checks the history.
+func (h *etcdHistory) verdict(t *testing.T) historyVerdict {
+	t.Helper()
 	h.wg.Wait()
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	gets, puts := 0, 0
+	v := historyVerdict{unknown: h.unknown}
 	for _, op := range h.ops {
 		if op.Unknown {
 			continue
 		}
 		if op.Kind == linearize.Get {
-			gets++
+			v.gets++
 		} else {
-			puts++
+			v.puts++
 		}
 	}
 	html := filepath.Join(os.TempDir(), fmt.Sprintf("duet-etcd-history-%d.html", time.Now().UnixNano()))
-	ok, info, err := linearize.Check(h.ops, 3*time.Minute, html)
+	var err error
+	v.ok, v.info, err = linearize.Check(h.ops, 3*time.Minute, html)
 	if err != nil {
 		t.Fatalf("etcd history: %v", err)
 	}
-	t.Logf("etcd history through the VIP: %d puts and %d gets acknowledged, %d with an unknown outcome, on %d keys: %s",
-		puts, gets, h.unknown, h.keys, info)
-	if !ok {
-		h.l.Errorf(t, "etcd history: %s", info)
+	return v
+}
+
+// acknowledgedPuts counts the puts acknowledged so far.
+func (h *etcdHistory) acknowledgedPuts() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	n := 0
+	for _, op := range h.ops {
+		if op.Kind == linearize.Put && !op.Unknown {
+			n++
+		}
 	}
-	if puts == 0 || gets == 0 {
-		h.l.Errorf(t, "etcd history: %d puts and %d gets acknowledged: nothing to check", puts, gets)
-	}
+	return n
 }
