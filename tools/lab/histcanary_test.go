@@ -21,7 +21,7 @@ func TestEtcdHistorySeesLostPut(t *testing.T) {
 	var gate sync.RWMutex
 	ctx, stop := context.WithCancel(context.Background())
 	defer stop()
-	hist := startEtcdHistory(ctx, l, 3, 6, time.Now().UnixNano(), &gate)
+	hist := startEtcdHistory(ctx, t, l, 3, 6, time.Now().UnixNano(), &gate)
 	deadline := time.Now().Add(time.Minute)
 	for hist.acknowledgedPuts() < 30 {
 		if time.Now().After(deadline) {

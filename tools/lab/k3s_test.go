@@ -417,7 +417,7 @@ func TestK3SStackFailover(t *testing.T) {
 	rng := rand.New(rand.NewSource(seed))
 	// Besides the counters, a history of puts and gets on a few keys,
 	// checked for linearizability at the end.
-	hist := startEtcdHistory(ctx, l, 3, 6, seed, nil)
+	hist := startEtcdHistory(ctx, t, l, 3, 6, seed, nil)
 	defer func() {
 		stop()
 		hist.wg.Wait()
@@ -444,7 +444,7 @@ func TestK3SStackFailover(t *testing.T) {
 			for c.successesAfter(kill.Add(500*time.Millisecond)) < 3 {
 				if time.Now().After(deadline) {
 					st, _ := l.TryStatus(s)
-					t.Fatalf("run %d: %s not served again a minute after %s died; %s: %s %+v", i, c.name, nodeName[p], nodeName[s], st.State, st.Services)
+					l.Fatalf(t, "run %d: %s not served again a minute after %s died; %s: %s %+v", i, c.name, nodeName[p], nodeName[s], st.State, st.Services)
 				}
 				time.Sleep(100 * time.Millisecond)
 			}
@@ -490,7 +490,7 @@ func TestK3SStackFailover(t *testing.T) {
 		for _, c := range clients {
 			for c.successesAfter(t1) < 3 {
 				if time.Since(t1) > time.Minute {
-					t.Fatalf("%s not served a minute after the swap to %s", c.name, nodeName[to])
+					l.Fatalf(t, "%s not served a minute after the swap to %s", c.name, nodeName[to])
 				}
 				time.Sleep(100 * time.Millisecond)
 			}

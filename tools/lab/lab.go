@@ -38,10 +38,21 @@ type Lab struct {
 func (l *Lab) Errorf(t testing.TB, format string, args ...any) {
 	t.Helper()
 	msg := fmt.Sprintf(format, args...)
+	if l == nil {
+		t.Error(msg)
+		return
+	}
 	l.mu.Lock()
 	l.failures = append(l.failures, msg)
 	l.mu.Unlock()
 	t.Error(msg)
+}
+
+// Fatalf is Errorf, then t.FailNow.
+func (l *Lab) Fatalf(t testing.TB, format string, args ...any) {
+	t.Helper()
+	l.Errorf(t, format, args...)
+	t.FailNow()
 }
 
 func repoRoot() string {

@@ -571,7 +571,7 @@ func (n *nemesis) healthy(timeout time.Duration) (string, string) {
 			}
 		}
 		if time.Now().After(deadline) {
-			n.t.Fatalf("no PRIM + SECOND pair %s after the fault: nodeA %s (%v), nodeB %s (%v)", timeout, sa.State, ea, sb.State, eb)
+			n.l.Fatalf(n.t, "no PRIM + SECOND pair %s after the fault: nodeA %s (%v), nodeB %s (%v)", timeout, sa.State, ea, sb.State, eb)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
@@ -637,7 +637,7 @@ func (n *nemesis) verify() {
 		}
 		time.Sleep(2 * time.Second)
 	}
-	n.t.Fatalf("verify: the copies still differ after 5 attempts, in sync before each:\n%s", out)
+	n.l.Fatalf(n.t, "verify: the copies still differ after 5 attempts, in sync before each:\n%s", out)
 }
 
 // checkStack waits for the stack's services on the serving node and
@@ -649,7 +649,7 @@ func (n *nemesis) checkStack(r *nemesisRun, t0 time.Time) {
 	for _, c := range n.stack.clients {
 		for c.successesAfter(time.Now().Add(-time.Second)) == 0 {
 			if time.Now().After(deadline) {
-				n.t.Fatalf("%s not served a minute after the services of %s were healthy", c.name, nodeName[serving])
+				n.l.Fatalf(n.t, "%s not served a minute after the services of %s were healthy", c.name, nodeName[serving])
 			}
 			time.Sleep(100 * time.Millisecond)
 		}
@@ -691,7 +691,7 @@ func (n *nemesis) startStack(seed int64) {
 			c.run(ctx)
 		}()
 	}
-	s.hist = startEtcdHistory(ctx, n.l, 3, 6, seed, &s.gate)
+	s.hist = startEtcdHistory(ctx, t, n.l, 3, 6, seed, &s.gate)
 	t.Cleanup(func() {
 		stop()
 		s.wg.Wait()
