@@ -4,10 +4,14 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/duet-ha/duet/tools/lab/linearize"
 )
 
 // The campaign's history checker sees a lost acknowledged put through the
@@ -32,6 +36,9 @@ func TestEtcdHistorySeesLostPut(t *testing.T) {
 	// No operation in flight: a client between its get and its
 	// transaction would see its revision gone and fail, not lose.
 	gate.Lock()
+	hist.mu.Lock()
+	before := slices.Clone(hist.ops)
+	hist.mu.Unlock()
 	var keys []string
 	for k := 0; k < 6; k++ {
 		keys = append(keys, fmt.Sprintf("'%s'", linKey(k)))
@@ -45,7 +52,14 @@ func TestEtcdHistorySeesLostPut(t *testing.T) {
 	if err != nil {
 		t.Fatalf("deleting the newest rows: %v\n%s", err, out)
 	}
-	t.Logf("newest rows of the %d keys deleted from kine's table: %s", len(keys), strings.TrimSpace(string(out)))
+	if n := strings.TrimSpace(string(out)); n != strconv.Itoa(len(keys)) {
+		t.Fatalf("deleting the newest row of each of the %d keys deleted %s rows", len(keys), n)
+	}
+	// What the clients saw until then is linearizable: the failure below
+	// is the deleted rows'.
+	if ok, info, err := linearize.Check(before, time.Minute, ""); err != nil || !ok {
+		t.Fatalf("the history before the rows were deleted: %s (%v)", info, err)
+	}
 	time.Sleep(3 * time.Second)
 	stop()
 	v := hist.verdict(t)

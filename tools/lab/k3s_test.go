@@ -170,14 +170,9 @@ func (l *Lab) ipc(ctx context.Context, env []string, args ...string) ([]byte, er
 	return cmd.CombinedOutput()
 }
 
-// ipcStdout is ipc with the standard output alone: a client's warnings
-// on its standard error (etcdctl's, while the VIP moves) are not part of
-// the answer.
-func (l *Lab) ipcStdout(ctx context.Context, env []string, args ...string) ([]byte, error) {
-	return l.ipcInput(ctx, env, "", args...)
-}
-
-// ipcInput is ipcStdout with input on the standard input.
+// ipcInput is ipc with input on the standard input and the standard
+// output alone: a client's warnings on its standard error (etcdctl's,
+// while the VIP moves) are not part of the answer.
 func (l *Lab) ipcInput(ctx context.Context, env []string, input string, args ...string) ([]byte, error) {
 	cmd := exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", "duet-c"}, args...)...)
 	cmd.Env = append(os.Environ(), env...)
