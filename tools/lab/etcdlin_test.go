@@ -34,9 +34,9 @@ type etcdHistory struct {
 // linKey is the etcd key of register k.
 func linKey(k int) string { return fmt.Sprintf("/lin/k%d", k) }
 
-// startEtcdHistory starts clients that each issue one operation at a time,
-// a put of a value unique to the client and its count or a get, on a
-// random one of keys registers, until ctx ends.
+// startEtcdHistory makes keys registers, then starts clients that each,
+// until ctx ends, get a random one of them and, one time in two, put a
+// value unique to the client and its count (see client).
 func startEtcdHistory(ctx context.Context, t *testing.T, l *Lab, clients, keys int, seed int64, gate *sync.RWMutex) *etcdHistory {
 	t.Helper()
 	h := &etcdHistory{l: l, keys: keys, gate: gate}
@@ -88,8 +88,8 @@ func (h *etcdHistory) client(ctx context.Context, id int, rng *rand.Rand) {
 		// whether or not the write was made. With no duet and no fault,
 		// 32 clients on kine v0.17.5 over MariaDB, each the only writer
 		// of its key, saw 5 of 34,629 acknowledged puts missing from the
-		// get that followed; writing with the
-		// transaction, 0 of 43,271 (docs/DESIGN.md, "The fault campaign").
+		// get that followed; writing with the transaction, 0 of 43,271
+		// (docs/DESIGN.md, "The fault campaign").
 		get := h.get(ctx, id, key)
 		unknown := get.Unknown
 		if ctx.Err() == nil && !unknown && rng.Intn(2) == 0 {
