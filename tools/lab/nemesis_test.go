@@ -878,7 +878,7 @@ func nemesisCampaign(t *testing.T, seed int64, runs int, allKindsOnce bool) {
 	sort.Strings(names)
 	var sum strings.Builder
 	fmt.Fprintf(&sum, "nemesis summary (seed %d, %d runs):\n", seed, len(results))
-	fmt.Fprintf(&sum, "  %-26s %4s %9s %5s %14s %12s %10s %10s\n", "fault", "runs", "acked", "lost", "longest stall", "service gap", "k3s lost", "k3s gap")
+	fmt.Fprintf(&sum, "  %-28s %4s %9s %5s %14s %12s %10s %10s\n", "fault", "runs", "acked", "lost", "longest stall", "service gap", "k3s lost", "k3s gap")
 	total := agg{}
 	for _, k := range names {
 		a := by[k]
@@ -886,13 +886,13 @@ func nemesisCampaign(t *testing.T, seed int64, runs int, allKindsOnce bool) {
 		if n.stack != nil {
 			stackLost, stackGap = strconv.Itoa(a.stackLost), a.stackGap.Round(time.Millisecond).String()
 		}
-		fmt.Fprintf(&sum, "  %-26s %4d %9d %5d %14s %12s %10s %10s\n", k, a.runs, a.acked, a.lost, a.stall.Round(time.Millisecond), a.gap.Round(time.Millisecond), stackLost, stackGap)
+		fmt.Fprintf(&sum, "  %-28s %4d %9d %5d %14s %12s %10s %10s\n", k, a.runs, a.acked, a.lost, a.stall.Round(time.Millisecond), a.gap.Round(time.Millisecond), stackLost, stackGap)
 		total.runs += a.runs
 		total.acked += a.acked
 		total.lost += a.lost
 		total.stackLost += a.stackLost
 	}
-	fmt.Fprintf(&sum, "  %-26s %4d %9d %5d", "all", total.runs, total.acked, total.lost)
+	fmt.Fprintf(&sum, "  %-28s %4d %9d %5d", "all", total.runs, total.acked, total.lost)
 	if n.stack != nil {
 		fmt.Fprintf(&sum, "; k3s stack: %d acknowledged entries lost", total.stackLost)
 	}
