@@ -54,12 +54,6 @@ var (
 	maxUnacked = 64 << 20
 )
 
-type sentBatch struct {
-	seq   uint64
-	frame []byte
-	since time.Time // when the oldest change in it was captured
-}
-
 // Primary ships one directory's changes to the peer.
 type Primary struct {
 	Dir  Dir
@@ -104,22 +98,15 @@ type Primary struct {
 	// sender (new batches), done for barriers (acks, passes).
 	work, sendq, done *sync.Cond
 	// closed: the term ended (Close); waiting calls fail with ErrClosed.
-	closed     bool
-	j          *journal.Journal
-	sh         *shadow
-	syncSeq    uint64 // capture sequence before the shadow's scan
-	needFull   bool
-	queue      []sentBatch // built, not yet acknowledged
-	queueBytes int
-	nextSeq    uint64
-	acked      uint64 // highest batch the peer applied
-	durable    uint64 // highest batch the peer applied and synced
-	syncReq    uint64 // highest batch a barrier asked to be made durable
-	// syncAsked is when the oldest sync request not yet acknowledged
-	// durable was sent, for batch syncAskedSeq (for SyncRTT).
-	syncAsked    time.Time
-	syncAskedSeq uint64
-	connected    bool
+	closed   bool
+	j        *journal.Journal
+	sh       *shadow
+	syncSeq  uint64 // capture sequence before the shadow's scan
+	needFull bool
+	// out is the ship stage: the batches built and not yet acknowledged,
+	// what the peer acknowledged, and the sync requests (outbox.go).
+	out       outbox
+	connected bool
 	// dropConn ends the current connection (nil without one), saying
 	// why: the cluster knows the peer does not get what this node sends,
 	// which TCP may not notice for minutes (see Drop).
@@ -151,7 +138,6 @@ type Primary struct {
 	dataBytes     uint64
 	dropped       uint64 // changes tried too long and handed to a resync (see maxRetries)
 	refused       string // why the peer refused the last connection's batch, until one is acknowledged
-	wireBytes     uint64
 	changedBytes  uint64
 	records       uint64
 	// added counts what was folded into the journal (records, rescans).
@@ -184,20 +170,13 @@ type Primary struct {
 	lastClear time.Time
 	rs        ResyncStatus
 	rsSent    atomic.Uint64 // bytes the resync in progress has read for sending
-	// doneReq is the resync-done frame to send once every batch up to its
-	// Seq is sent; doneSent, whether it was.
-	doneReq  *wire.Frame
-	doneSent bool
-	welcome  wire.Welcome // the peer's, on the current connection
-	term     Term
+	welcome   wire.Welcome  // the peer's, on the current connection
+	term      Term
 	// durableMark is the newest pass the peer made durable; the bitmap
 	// was last cleared up to clearedMark.
 	durableMark passMark
 	clearedMark uint64
 	fileMarks   []fileMark
-	// lazy counts the periodic sync requests (see keeper): the peer
-	// syncs in the background and acknowledges what it made durable.
-	lazy uint64
 	// forgetKeys are the kernel chunk marks of changes recorded while no
 	// peer is connected, to drop soon (see forgetLoop).
 	forgetKeys []capture.CaptureChunkKey
@@ -222,8 +201,7 @@ func (p *Primary) sessionLost() {
 	// (TestBarrierOfLostSessionBlockedResync).
 	p.covered, p.coveredSeq, p.coveredBefore = p.durableMark.mark, p.durableMark.seq, p.durableMark.at
 	p.needFull = true
-	p.queue, p.queueBytes = nil, 0
-	p.doneReq = nil
+	p.out.drop()
 	p.asides = nil
 	p.lostSessions++
 }
@@ -244,7 +222,7 @@ func NewPrimary(d Dir, peer string, lk *peerlink.Link, dev uint32, log *slog.Log
 	var sb [8]byte
 	rand.Read(sb[:])
 	p := &Primary{Dir: d, Peer: peer, Link: lk, Dev: dev, Log: log.With("dir", d.Name),
-		root: root, session: binary.LittleEndian.Uint64(sb[:]) | 1, j: journal.New(), needFull: true, nextSeq: 1,
+		root: root, session: binary.LittleEndian.Uint64(sb[:]) | 1, j: journal.New(), needFull: true, out: newOutbox(),
 		barrierKick: make(chan struct{}, 1), dirty: newDirtySet()}
 	p.work, p.sendq, p.done = sync.NewCond(&p.mu), sync.NewCond(&p.mu), sync.NewCond(&p.mu)
 	return p, nil
@@ -424,7 +402,7 @@ func (p *Primary) connection(ctx context.Context, kernel Kernel) error {
 	p.mu.Lock()
 	// Resume only when the peer holds everything it acknowledged in this
 	// session; otherwise compare the trees again.
-	resumable := !p.needFull && w.Session == p.session && w.Applied >= p.acked
+	resumable := !p.needFull && w.Session == p.session && w.Applied >= p.out.acked
 	from := w.Applied
 	if resumable {
 		p.ack(w.Applied)
@@ -435,7 +413,7 @@ func (p *Primary) connection(ctx context.Context, kernel Kernel) error {
 	p.connected = true
 	p.dropConn = cancel
 	p.welcome = w
-	p.doneSent = false // a resync's end not acknowledged goes again
+	p.out.connect()
 	p.mu.Unlock()
 	manifest := make(chan wire.Frame, 16)
 	p.Log.Info("replication connected", "peer", p.Peer, "resume", resumable, "peer_applied", w.Applied)
@@ -487,13 +465,14 @@ func (p *Primary) readAcks(ctx context.Context, c net.Conn, manifest chan<- wire
 		case wire.TypeAck:
 			p.mu.Lock()
 			p.ack(f.Seq)
-			if f.Flags&wire.FlagDurable != 0 && f.Seq > p.durable {
-				p.durable = f.Seq
-				p.clearDirty(false)
-			}
-			if f.Flags&wire.FlagDurable != 0 && !p.syncAsked.IsZero() && f.Seq >= p.syncAskedSeq {
-				p.Stages.Since(latency.SyncRTT, p.syncAsked)
-				p.syncAsked = time.Time{}
+			if f.Flags&wire.FlagDurable != 0 {
+				moved, asked := p.out.markDurable(f.Seq)
+				if moved {
+					p.clearDirty(false)
+				}
+				if !asked.IsZero() {
+					p.Stages.Since(latency.SyncRTT, asked)
+				}
 			}
 			p.mu.Unlock()
 			if f.Flags&wire.FlagResyncDone != 0 {
@@ -575,25 +554,9 @@ func (p *Primary) Wake() { p.wake() }
 
 // ack drops acknowledged batches. Called with p.mu held.
 func (p *Primary) ack(seq uint64) {
-	if seq > p.acked {
-		p.acked = seq
+	if p.out.ack(seq, time.Now(), p.OnAck) {
 		p.refused = ""
 	}
-	i := 0
-	now := time.Now()
-	for i < len(p.queue) && p.queue[i].seq <= seq {
-		p.queueBytes -= len(p.queue[i].frame)
-		if p.OnAck != nil {
-			p.OnAck(now.Sub(p.queue[i].since))
-		}
-		i++
-	}
-	// Let go of the acknowledged frames: the queue's array, which the
-	// collector sees whole, would keep them until an append moves it. In
-	// an initial sync of a million files that was 125 MB of frames held
-	// where maxUnacked allows 64 MiB, and the heap's goal twice that.
-	clear(p.queue[:i])
-	p.queue = p.queue[i:]
 }
 
 // writeBatches sends queued batches after `from`, in order, and the sync
@@ -602,41 +565,18 @@ func (p *Primary) ack(seq uint64) {
 // batches made sealed (see batcher.flush) go out with their CRC.
 func (p *Primary) writeBatches(ctx context.Context, c net.Conn, from uint64, sealed bool) error {
 	w := &coalescer{c: c}
-	sent := from
-	var syncSent, lazySent uint64
-	p.mu.Lock()
-	p.syncAsked = time.Time{} // asked on an earlier connection
-	p.mu.Unlock()
+	cur := sendCursor{sent: from}
 	for {
 		p.mu.Lock()
-		var next []sentBatch
-		var syncTo uint64
-		var done *wire.Frame
-		lazy := false
-		for ctx.Err() == nil {
-			for _, b := range p.queue {
-				if b.seq > sent {
-					next = append(next, b)
-				}
-			}
-			if p.syncReq > syncSent {
-				syncTo = p.syncReq
-			}
-			if p.lazy != lazySent {
-				lazy, lazySent = true, p.lazy
-			}
-			if p.doneReq != nil && !p.doneSent {
-				done = p.doneReq
-			}
-			if len(next) > 0 || lazy || syncTo != 0 && syncTo <= sent || done != nil && done.Seq <= sent {
-				break
-			}
+		var todo sendWork
+		for ctx.Err() == nil && !p.out.pending(&cur, &todo) {
 			p.sendq.Wait()
 		}
 		p.mu.Unlock()
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
+		next, syncTo, done := todo.batches, todo.syncTo, todo.done
 		for k, b := range next {
 			// The frame is let go as soon as it is written: the peer
 			// may acknowledge it while the rest are, and next would
@@ -649,35 +589,33 @@ func (p *Primary) writeBatches(ctx context.Context, c net.Conn, from uint64, sea
 				return fmt.Errorf("sending batch %d: %w", b.seq, err)
 			}
 			p.mu.Lock()
-			p.wireBytes += uint64(len(b.frame))
+			p.out.wrote(len(b.frame))
 			p.mu.Unlock()
-			sent = b.seq
+			cur.sent = b.seq
 		}
-		if syncTo != 0 && syncTo <= sent {
+		if syncTo != 0 && syncTo <= cur.sent {
 			at := time.Now()
 			if err := w.frame(&wire.Frame{Type: wire.TypeSync, Seq: syncTo}); err != nil {
 				return fmt.Errorf("sending sync request: %w", err)
 			}
-			syncSent = syncTo
+			cur.syncSent = syncTo
 			p.mu.Lock()
-			if p.syncAsked.IsZero() {
-				p.syncAsked, p.syncAskedSeq = at, syncTo
-			}
+			p.out.syncSent(syncTo, at)
 			p.mu.Unlock()
 		}
-		if lazy {
-			if err := w.frame(&wire.Frame{Type: wire.TypeSync, Flags: wire.FlagLazy, Seq: sent}); err != nil {
+		if todo.lazy {
+			if err := w.frame(&wire.Frame{Type: wire.TypeSync, Flags: wire.FlagLazy, Seq: cur.sent}); err != nil {
 				return fmt.Errorf("sending sync request: %w", err)
 			}
 		}
-		if done != nil && done.Seq <= sent {
+		if done != nil && done.Seq <= cur.sent {
 			// Every batch of the resync is sent: the peer syncs them and
 			// records that its copy follows this term's generation.
 			if err := w.frame(done); err != nil {
 				return fmt.Errorf("sending the end of the resync: %w", err)
 			}
 			p.mu.Lock()
-			p.doneSent = true
+			p.out.doneSent = true // until the next connection (connect)
 			p.mu.Unlock()
 		}
 		// Sent before waiting again: a barrier waits for the sync
@@ -777,12 +715,11 @@ func (bt *batcher) flush() {
 	}
 	p := bt.p
 	p.mu.Lock()
-	seq := p.nextSeq
-	p.nextSeq++
-	if p.barriers.Load() > 0 && p.syncReq < seq {
+	seq := p.out.number()
+	if p.barriers.Load() > 0 {
 		// A barrier waits, most likely for this batch: ask the peer to
 		// sync it right behind it, before the barrier gets to ask.
-		p.syncReq = seq
+		p.out.askSync(seq)
 	}
 	// Over TLS, whose records are authenticated, a CRC32C of every byte
 	// on both ends is work for nothing (wire.FlagSealed).
@@ -803,13 +740,12 @@ func (bt *batcher) flush() {
 	if since.IsZero() {
 		since = time.Now()
 	}
-	p.queue = append(p.queue, sentBatch{seq: seq, frame: frame, since: since})
-	p.queueBytes += len(frame)
+	p.out.push(sentBatch{seq: seq, frame: frame, since: since})
 	p.sendq.Broadcast()
 	// A pass can read far more than maxUnacked (a resync reads the whole
 	// tree): it waits here for the peer, or the queue would hold all it
 	// read until the link had sent it.
-	for bt.ctx.Err() == nil && p.queueBytes > maxUnacked {
+	for bt.ctx.Err() == nil && p.out.full() {
 		p.work.Wait()
 	}
 	p.mu.Unlock()
@@ -824,7 +760,7 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 	}
 	for ctx.Err() == nil {
 		p.mu.Lock()
-		for ctx.Err() == nil && p.queueBytes > maxUnacked {
+		for ctx.Err() == nil && p.out.full() {
 			p.work.Wait()
 		}
 		full := p.needFull
@@ -961,7 +897,7 @@ func (p *Primary) coverPass(mark uint64, files, requeue []journal.File, blocked,
 		p.markFiles(files, requeue, mark)
 		return
 	}
-	p.covered, p.coveredSeq = mark, p.nextSeq-1
+	p.covered, p.coveredSeq = mark, p.out.last()
 	p.coveredBefore = time.Time{}
 	if beyondEOF > 0 {
 		p.coveredBefore = takeAt
@@ -1032,9 +968,9 @@ func (p *Primary) Status() Status {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	s := Status{Dir: p.Dir.Name, Path: p.Dir.Path, Peer: p.Peer, Connected: p.connected,
-		Sent: p.nextSeq - 1, Acked: p.acked, Unacked: len(p.queue), UnackedBytes: p.queueBytes,
+		Sent: p.out.last(), Acked: p.out.acked, Unacked: len(p.out.batches), UnackedBytes: p.out.bytes,
 		PendingFiles: p.j.Pending(), Records: p.records, ChangedBytes: p.changedBytes,
-		DataBytes: p.dataBytes, WireBytes: p.wireBytes, FullSyncs: p.fullSyncs, LastError: p.lastErr,
+		DataBytes: p.dataBytes, WireBytes: p.out.wireBytes, FullSyncs: p.fullSyncs, LastError: p.lastErr,
 		DroppedChanges: p.dropped, PeerCannotApply: p.refused, DivergedResyncs: p.divergedResyncs}
 	s.Barriers = p.barrierCount
 	if p.barrierCount > 0 {
@@ -1044,7 +980,7 @@ func (p *Primary) Status() Status {
 		s.LastErrorAt = p.lastErrAt.UTC().Format(time.RFC3339)
 	}
 	s.LagMs = float64(p.lag().Microseconds()) / 1000
-	s.InSync = p.connected && !p.needFull && !p.building && len(p.queue) == 0 && s.PendingFiles == 0 && len(p.asides) == 0
+	s.InSync = p.connected && !p.needFull && !p.building && p.out.empty() && s.PendingFiles == 0 && len(p.asides) == 0
 	if p.gen != 0 {
 		s.Gen, s.PeerGen = fmt.Sprintf("%016x", p.gen), fmt.Sprintf("%016x", p.base)
 	}
@@ -1068,8 +1004,8 @@ func (p *Primary) Status() Status {
 // Called with p.mu held.
 func (p *Primary) lag() time.Duration {
 	oldest := p.pendingSince
-	if len(p.queue) > 0 && (oldest.IsZero() || p.queue[0].since.Before(oldest)) {
-		oldest = p.queue[0].since
+	if q := p.out.oldest(); !q.IsZero() && (oldest.IsZero() || q.Before(oldest)) {
+		oldest = q
 	}
 	if oldest.IsZero() {
 		return 0
@@ -1116,13 +1052,12 @@ func (p *Primary) WaitSettled(ctx context.Context, rel Release) error {
 			if p.building || len(p.asides) > 0 {
 				return false
 			}
-			need, have = p.nextSeq-1, true
+			need, have = p.out.last(), true
 		}
-		if p.durable >= need {
+		if p.out.durable >= need {
 			return true
 		}
-		if p.syncReq < need {
-			p.syncReq = need
+		if p.out.askSync(need) {
 			p.sendq.Broadcast()
 		}
 		return false
@@ -1192,7 +1127,7 @@ func (p *Primary) Streaming() bool {
 }
 
 func (p *Primary) streamingLocked() bool {
-	return p.connected && !p.needFull && p.acked >= p.fullSyncEnd && !p.rs.Active
+	return p.connected && !p.needFull && p.out.acked >= p.fullSyncEnd && !p.rs.Active
 }
 
 // Close releases the root.
@@ -1330,12 +1265,11 @@ func (p *Primary) WaitShipped(ctx context.Context, kernel Kernel, rel Release) e
 				p.Stages.Observe(latency.Build, coveredAt.Sub(drained))
 			}
 		}
-		if covered && p.durable >= need {
+		if covered && p.out.durable >= need {
 			p.Stages.Since(latency.Peer, coveredAt)
 			return true
 		}
-		if covered && p.syncReq < need {
-			p.syncReq = need
+		if covered && p.out.askSync(need) {
 			p.sendq.Broadcast()
 		}
 		return false

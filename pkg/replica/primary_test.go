@@ -114,7 +114,7 @@ func TestBatcherWaitsForThePeer(t *testing.T) {
 		return done
 	}
 	p.mu.Lock()
-	p.queueBytes = maxUnacked // what earlier batches left unacknowledged
+	p.out.bytes = maxUnacked // what earlier batches left unacknowledged
 	p.mu.Unlock()
 	done := flushed()
 	select {
@@ -123,8 +123,8 @@ func TestBatcherWaitsForThePeer(t *testing.T) {
 	case <-time.After(200 * time.Millisecond):
 	}
 	p.mu.Lock()
-	p.ack(p.nextSeq - 1)
-	p.queueBytes -= maxUnacked
+	p.ack(p.out.next - 1)
+	p.out.bytes -= maxUnacked
 	p.mu.Unlock()
 	p.wake()
 	select {
@@ -134,7 +134,7 @@ func TestBatcherWaitsForThePeer(t *testing.T) {
 	}
 
 	p.mu.Lock()
-	p.queueBytes = maxUnacked
+	p.out.bytes = maxUnacked
 	p.mu.Unlock()
 	done = flushed()
 	cancel()
@@ -205,8 +205,8 @@ func TestAckedFramesLetGo(t *testing.T) {
 	for i := range n {
 		f := make([]byte, size)
 		frames = append(frames, weak.Make(&f[0]))
-		p.queue = append(p.queue, sentBatch{seq: uint64(i + 1), frame: f})
-		p.queueBytes += len(f)
+		p.out.batches = append(p.out.batches, sentBatch{seq: uint64(i + 1), frame: f})
+		p.out.bytes += len(f)
 	}
 	p.ack(n - 1) // all but the last
 	p.mu.Unlock()
@@ -225,8 +225,8 @@ func TestAckedFramesLetGo(t *testing.T) {
 		t.Error("the frame not acknowledged was collected: the queue lost it")
 	}
 	p.mu.Lock()
-	if len(p.queue) != 1 || p.queueBytes != size {
-		t.Errorf("after the ack: %d batches, %d bytes queued; want 1 and %d", len(p.queue), p.queueBytes, size)
+	if len(p.out.batches) != 1 || p.out.bytes != size {
+		t.Errorf("after the ack: %d batches, %d bytes queued; want 1 and %d", len(p.out.batches), p.out.bytes, size)
 	}
 	p.mu.Unlock()
 }

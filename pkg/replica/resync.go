@@ -209,10 +209,10 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	start := time.Now()
 	// The peer's manifest must reflect every batch already queued.
 	p.mu.Lock()
-	for ctx.Err() == nil && len(p.queue) > 0 {
+	for ctx.Err() == nil && !p.out.empty() {
 		p.work.Wait()
 	}
-	seq := p.nextSeq
+	seq := p.out.next
 	// The scan below sees every change counted so far.
 	mark := p.added
 	pl := p.plan(p.welcome)
@@ -235,7 +235,7 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	}
 	p.rs = ResyncStatus{Active: true, Mode: pl.mode, Phase: "scanning", Started: start}
 	p.rsSent.Store(0)
-	p.doneReq, p.doneSent = nil, false
+	p.out.resyncBegins()
 	gen := p.gen
 	p.mu.Unlock()
 	if ctx.Err() != nil {
@@ -559,7 +559,7 @@ func (p *Primary) resyncQueued(b *builder, bt *batcher, ts *treeSync, tails *tai
 	p.syncSeq = run.syncSeq
 	p.needFull, p.forceAll = false, false
 	p.resyncGivenUp(b.gaveUp) // none so far: what it retries is new
-	p.fullSyncEnd = p.nextSeq - 1
+	p.fullSyncEnd = p.out.last()
 	if b.blocked == 0 {
 		p.covered, p.coveredSeq = run.mark, p.fullSyncEnd
 		p.coveredBefore = time.Time{}
@@ -571,8 +571,8 @@ func (p *Primary) resyncQueued(b *builder, bt *batcher, ts *treeSync, tails *tai
 	p.fullSyncs++
 	p.dataBytes += b.dataRead
 	p.rs.Phase, p.rs.FilesSent, p.rs.Discarded = "waiting for the peer", ts.filesSent, len(ts.lines)
-	p.doneReq = &wire.Frame{Type: wire.TypeSync, Flags: wire.FlagResyncDone, Seq: p.fullSyncEnd,
-		Payload: wire.AppendResyncDone(nil, &wire.ResyncDone{Gen: run.gen, Report: report})}
+	p.out.resyncEnds(&wire.Frame{Type: wire.TypeSync, Flags: wire.FlagResyncDone, Seq: p.fullSyncEnd,
+		Payload: wire.AppendResyncDone(nil, &wire.ResyncDone{Gen: run.gen, Report: report})})
 	p.mu.Unlock()
 	p.sendq.Broadcast()
 	p.Log.Info("resync queued", "mode", run.mode, "files", files, "files_compared", compared,
@@ -983,7 +983,7 @@ func (p *Primary) fileShipped(ino, mark uint64) {
 	p.mu.Lock()
 	// Its last ops are in the batch being filled, the next to be queued.
 	if len(p.fileMarks) < maxFileMarks {
-		p.fileMarks = append(p.fileMarks, fileMark{ino: ino, mark: mark, seq: p.nextSeq})
+		p.fileMarks = append(p.fileMarks, fileMark{ino: ino, mark: mark, seq: p.out.next})
 	}
 	p.mu.Unlock()
 }
@@ -1004,7 +1004,7 @@ func (p *Primary) markFiles(files, requeued []journal.File, mark uint64) {
 			return
 		}
 		if !again[f.Key.Ino] {
-			p.fileMarks = append(p.fileMarks, fileMark{ino: f.Key.Ino, mark: mark, seq: p.nextSeq - 1})
+			p.fileMarks = append(p.fileMarks, fileMark{ino: f.Key.Ino, mark: mark, seq: p.out.last()})
 		}
 	}
 }
@@ -1014,7 +1014,7 @@ func (p *Primary) markFiles(files, requeued []journal.File, mark uint64) {
 func (p *Primary) durablePoint() passMark {
 	var last passMark
 	i := 0
-	for i < len(p.marks) && p.marks[i].seq <= p.durable {
+	for i < len(p.marks) && p.marks[i].seq <= p.out.durable {
 		last = p.marks[i]
 		i++
 	}
@@ -1029,7 +1029,7 @@ func (p *Primary) durablePoint() passMark {
 // clearEvery unless forced. Called with p.mu held.
 func (p *Primary) clearDirty(force bool) {
 	i := 0
-	for i < len(p.fileMarks) && p.fileMarks[i].seq <= p.durable {
+	for i < len(p.fileMarks) && p.fileMarks[i].seq <= p.out.durable {
 		p.dirty.clearFile(p.fileMarks[i].ino, p.fileMarks[i].mark)
 		i++
 	}
@@ -1099,9 +1099,9 @@ func (p *Primary) keeper(ctx context.Context, kernel Kernel) {
 	every(ctx, time.Second, func() {
 		p.mu.Lock()
 		due := p.rs.Active || time.Since(last) >= syncEvery
-		target := p.acked
+		target := p.out.acked
 		if due && p.connected {
-			p.lazy++
+			p.out.askLazy()
 			p.sendq.Broadcast()
 		}
 		p.mu.Unlock()
@@ -1113,7 +1113,7 @@ func (p *Primary) keeper(ctx context.Context, kernel Kernel) {
 		// its acknowledgement.
 		for i := 0; i < 100 && ctx.Err() == nil; i++ {
 			p.mu.Lock()
-			ok := p.durable >= target || !p.connected
+			ok := p.out.durable >= target || !p.connected
 			p.mu.Unlock()
 			if ok {
 				break
@@ -1138,13 +1138,13 @@ func (p *Primary) moveSyncPoint(kernel Kernel) {
 	// needFull: a resync is owed, for changes the peer may lack that are
 	// in no queue (handed to a resync, or batches the peer lost).
 	if p.base == p.gen && p.base != 0 && p.connected && !p.needFull {
-		if p.j.Pending() == 0 && len(p.queue) == 0 && !p.building && p.durable >= p.acked && p.pendingSince.IsZero() {
+		if p.j.Pending() == 0 && p.out.settled() && !p.building && p.pendingSince.IsZero() {
 			point = t0
 		} else {
 			point = p.durableMark.at
 		}
 	}
-	seq, ms := p.durable, p.meta
+	seq, ms := p.out.durable, p.meta
 	p.mu.Unlock()
 	if point.IsZero() || ms == nil {
 		return
@@ -1258,7 +1258,7 @@ func (p *Primary) noteMoved(inos []uint64, count uint64) {
 // the peer continues from.
 func (p *Primary) HandedOver() error {
 	p.mu.Lock()
-	ok := p.meta != nil && p.base == p.gen && p.connected && !p.needFull && p.j.Pending() == 0 && len(p.queue) == 0 && p.durable >= p.acked &&
+	ok := p.meta != nil && p.base == p.gen && p.connected && !p.needFull && p.j.Pending() == 0 && p.out.settled() &&
 		!p.building && len(p.asides) == 0
 	ms := p.meta
 	p.mu.Unlock()

@@ -305,14 +305,14 @@ func TestMovedMarkOutlivesEarlierPassOfSameCount(t *testing.T) {
 			}
 			// Pass 2, count m too, renames x in batch 2.
 			p.noteMoved([]uint64{x}, m)
-			p.durable = 1
+			p.out.durable = 1
 			p.clearDirty(true)
 			if !p.dirty.wasMoved(x) {
 				t.Fatal("x's moved mark (its rename in batch 2) was forgotten when batch 1 became durable")
 			}
 			// A later pass, durable, forgets it.
 			p.addMark(passMark{mark: m + 1, seq: 3})
-			p.durable = 3
+			p.out.durable = 3
 			p.clearDirty(true)
 			if p.dirty.wasMoved(x) {
 				t.Fatal("x's moved mark outlived a later pass made durable")
@@ -482,12 +482,12 @@ func TestLostSessionForgetsItsMarks(t *testing.T) {
 	// peer applies none of it and restarts.
 	_, now := scanSource(t, src)
 	p.sh = newShadow(now)
-	p.nextSeq = 11
+	p.out.next = 11
 	p.addMark(passMark{mark: p.added, seq: 10})
 	p.fileMarks = append(p.fileMarks, fileMark{ino: f, mark: 5, seq: 9})
 	p.sessionLost() // the next connection cannot resume
 	// R2's first batches, 11 and 12, made durable.
-	p.nextSeq, p.durable = 13, 12
+	p.out.next, p.out.durable = 13, 12
 	p.clearDirty(true)
 	moved, dataMarked := p.dirty.wasMoved(b2), p.dirty.has(f)
 	resyncDirty := p.dirty.clone()
@@ -508,7 +508,7 @@ func TestBarrierOfLostSessionWaitsForResync(t *testing.T) {
 	p := unconnectedPrimary(t)
 	p.mu.Lock()
 	p.connected = true
-	p.added, p.covered, p.coveredSeq, p.nextSeq = 5, 5, 10, 11
+	p.added, p.covered, p.coveredSeq, p.out.next = 5, 5, 10, 11
 	p.needFull = false
 	p.mu.Unlock()
 	done := make(chan error, 1)
@@ -516,7 +516,7 @@ func TestBarrierOfLostSessionWaitsForResync(t *testing.T) {
 	// The call is covered by batch 10 and asks for it to be made durable.
 	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
 		p.mu.Lock()
-		asked := p.syncReq == 10
+		asked := p.out.syncReq == 10
 		p.mu.Unlock()
 		if asked {
 			break
@@ -529,7 +529,7 @@ func TestBarrierOfLostSessionWaitsForResync(t *testing.T) {
 	// which the peer makes durable before the resync is queued.
 	p.mu.Lock()
 	p.sessionLost()
-	p.nextSeq, p.acked, p.durable = 13, 12, 12
+	p.out.next, p.out.acked, p.out.durable = 13, 12, 12
 	p.mu.Unlock()
 	p.Wake()
 	select {
@@ -542,7 +542,7 @@ func TestBarrierOfLostSessionWaitsForResync(t *testing.T) {
 	p.mu.Lock()
 	p.covered, p.coveredSeq, p.needFull = 6, 20, false
 	p.fullSyncs++
-	p.nextSeq, p.acked, p.durable = 21, 20, 20
+	p.out.next, p.out.acked, p.out.durable = 21, 20, 20
 	p.mu.Unlock()
 	p.Wake()
 	select {
@@ -600,7 +600,7 @@ func TestBarrierOfLostSessionBlockedResync(t *testing.T) {
 	p := unconnectedPrimary(t)
 	p.mu.Lock()
 	p.connected = true
-	p.added, p.covered, p.coveredSeq, p.nextSeq = 5, 5, 10, 11
+	p.added, p.covered, p.coveredSeq, p.out.next = 5, 5, 10, 11
 	p.needFull = false
 	p.mu.Unlock()
 	done := make(chan error, 1)
@@ -609,12 +609,12 @@ func TestBarrierOfLostSessionBlockedResync(t *testing.T) {
 	p.mu.Lock()
 	p.sessionLost()
 	p.rs.Active = true
-	p.nextSeq = 20
+	p.out.next = 20
 	p.mu.Unlock()
 	queueBlockedResync(t, p, 5)
 	// The peer made the resync's first batches durable, not all of it.
 	p.mu.Lock()
-	p.acked, p.durable = 12, 12
+	p.out.acked, p.out.durable = 12, 12
 	p.mu.Unlock()
 	p.Wake()
 	select {
@@ -637,7 +637,7 @@ func TestBarrierOfGivenUpChangeWaitsForResync(t *testing.T) {
 	}
 	defer p.Close()
 	p.mu.Lock()
-	p.connected, p.needFull, p.nextSeq = true, false, 11
+	p.connected, p.needFull, p.out.next = true, false, 11
 	p.sh = newShadow(nil)
 	p.mu.Unlock()
 	p.Record(&capture.Record{Seq: 1, Ino: inoOf(t, filepath.Join(src, "f")), Kind: capture.KindData, Pos: 0, Len: 100}, time.Now())
@@ -649,7 +649,7 @@ func TestBarrierOfGivenUpChangeWaitsForResync(t *testing.T) {
 	p.mu.Lock()
 	p.resyncGivenUp([]gaveUp{{key: capture.InodeKey{Ino: inoOf(t, filepath.Join(src, "f"))}, why: "test"}})
 	p.coverPass(p.added-1, nil, nil, 0, 0, true, time.Now())
-	p.acked, p.durable = 10, 10
+	p.out.acked, p.out.durable = 10, 10
 	p.rs.Active = true
 	p.mu.Unlock()
 	p.Wake()
@@ -667,7 +667,7 @@ func waitSyncReq(t *testing.T, p *Primary, seq uint64) {
 	t.Helper()
 	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
 		p.mu.Lock()
-		asked := p.syncReq == seq
+		asked := p.out.syncReq == seq
 		p.mu.Unlock()
 		if asked {
 			return

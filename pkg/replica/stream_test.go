@@ -149,7 +149,7 @@ func TestStreamSyncStopsWithItsConnection(t *testing.T) {
 		t.Error("the resync's connection ended, and it did not say so")
 	}
 	if read := p.rsSent.Load(); read > 2*uint64(maxUnacked) {
-		t.Fatalf("read %d bytes (%d queued) after its connection ended", read, p.queueBytes)
+		t.Fatalf("read %d bytes (%d queued) after its connection ended", read, p.out.bytes)
 	}
 }
 
@@ -256,7 +256,7 @@ func TestResyncStopsWithinAFile(t *testing.T) {
 	waitFor(t, "the queue to fill", func() bool {
 		p.mu.Lock()
 		defer p.mu.Unlock()
-		return p.queueBytes > maxUnacked
+		return p.out.bytes > maxUnacked
 	})
 	before := p.rsSent.Load()
 	cancel()
@@ -396,7 +396,7 @@ func TestBatcherLetsGoOfBigBuffer(t *testing.T) {
 		t.Fatalf("a small batch after big ones left %d bytes of room, want at most %d", cap(bt.raw), batchKeep)
 	}
 	p.mu.Lock()
-	n := len(p.queue)
+	n := len(p.out.batches)
 	p.mu.Unlock()
 	if n != 3 {
 		t.Fatalf("%d batches queued, want 3", n)
