@@ -164,19 +164,12 @@ type Primary struct {
 	untracked    int64  // a trusted bitmap's save time: later changes were not captured (0: none)
 	meta         *MetaStore
 	forceAll     bool // the next resync compares everything (duet resync --full)
-	// marks are covered passes not yet durable on the peer: once one is,
-	// the bitmap forgets the changes it counted.
-	marks     []passMark
-	lastClear time.Time
-	rs        ResyncStatus
-	rsSent    atomic.Uint64 // bytes the resync in progress has read for sending
-	welcome   wire.Welcome  // the peer's, on the current connection
-	term      Term
-	// durableMark is the newest pass the peer made durable; the bitmap
-	// was last cleared up to clearedMark.
-	durableMark passMark
-	clearedMark uint64
-	fileMarks   []fileMark
+	rs           ResyncStatus
+	rsSent       atomic.Uint64 // bytes the resync in progress has read for sending
+	welcome      wire.Welcome  // the peer's, on the current connection
+	term         Term
+	// marks tell the bitmap what the peer made durable (marks.go).
+	marks durableMarks
 	// forgetKeys are the kernel chunk marks of changes recorded while no
 	// peer is connected, to drop soon (see forgetLoop).
 	forgetKeys []capture.CaptureChunkKey
@@ -194,23 +187,17 @@ type Primary struct {
 // What the peer made durable is forgotten first. Called with p.mu held.
 func (p *Primary) sessionLost() {
 	p.clearDirty(true)
-	p.marks, p.fileMarks = nil, nil
+	p.marks.forget()
 	// What a pass covered is what the peer made durable now: a resync
 	// that requeues something leaves the cover as it was, and a call
 	// would count itself covered by a lost batch again
 	// (TestBarrierOfLostSessionBlockedResync).
-	p.covered, p.coveredSeq, p.coveredBefore = p.durableMark.mark, p.durableMark.seq, p.durableMark.at
+	dm := p.marks.newest
+	p.covered, p.coveredSeq, p.coveredBefore = dm.mark, dm.seq, dm.at
 	p.needFull = true
 	p.out.drop()
 	p.asides = nil
 	p.lostSessions++
-}
-
-// passMark is a build pass that took every change counted up to mark,
-// captured before at, in batches up to seq.
-type passMark struct {
-	mark, seq uint64
-	at        time.Time
 }
 
 // NewPrimary opens dir for shipping.
@@ -894,7 +881,7 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 // full are done all the same. Called with p.mu held.
 func (p *Primary) coverPass(mark uint64, files, requeue []journal.File, blocked, beyondEOF int, gaveUp bool, takeAt time.Time) {
 	if blocked > 0 || gaveUp {
-		p.markFiles(files, requeue, mark)
+		p.marks.addFiles(files, requeue, mark, p.out.last())
 		return
 	}
 	p.covered, p.coveredSeq = mark, p.out.last()
@@ -902,7 +889,7 @@ func (p *Primary) coverPass(mark uint64, files, requeue []journal.File, blocked,
 	if beyondEOF > 0 {
 		p.coveredBefore = takeAt
 	}
-	p.addMark(passMark{mark: mark, seq: p.coveredSeq, at: takeAt})
+	p.marks.addPass(passMark{mark: mark, seq: p.coveredSeq, at: takeAt})
 }
 
 // batchWindow lets records gather for a while, or until a barrier begins

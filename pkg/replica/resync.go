@@ -566,7 +566,7 @@ func (p *Primary) resyncQueued(b *builder, bt *batcher, ts *treeSync, tails *tai
 		if b.beyondEOF > 0 {
 			p.coveredBefore = run.start
 		}
-		p.addMark(passMark{mark: run.mark, seq: p.fullSyncEnd, at: run.start})
+		p.marks.addPass(passMark{mark: run.mark, seq: p.fullSyncEnd, at: run.start})
 	}
 	p.fullSyncs++
 	p.dataBytes += b.dataRead
@@ -961,95 +961,26 @@ func (p *Primary) finishResync() {
 	}
 }
 
-// addMark remembers a covered pass. Called with p.mu held.
-func (p *Primary) addMark(m passMark) {
-	if n := len(p.marks); n >= maxMarks {
-		p.marks[n-1] = m // coarser: the newest covers the one it replaces
-		return
-	}
-	p.marks = append(p.marks, m)
-}
-
-// fileMark: a resync shipped the bitmap's chunks of ino (those counted up
-// to mark) in batches up to seq. Once the peer made them durable, they
-// are forgotten: a resync cut short resumes with the files it had not
-// finished.
-type fileMark struct {
-	ino, mark, seq uint64
-}
-
 // fileShipped records a file a resync finished. Safe for concurrent use.
 func (p *Primary) fileShipped(ino, mark uint64) {
 	p.mu.Lock()
 	// Its last ops are in the batch being filled, the next to be queued.
-	if len(p.fileMarks) < maxFileMarks {
-		p.fileMarks = append(p.fileMarks, fileMark{ino: ino, mark: mark, seq: p.out.next})
-	}
+	p.marks.addFile(ino, mark, p.out.next)
 	p.mu.Unlock()
-}
-
-// maxFileMarks bounds the files remembered until the peer syncs; beyond,
-// they wait for a pass that ships everything it took.
-const maxFileMarks = 1 << 16
-
-// markFiles records the files of a pass that were shipped in full (not
-// requeued), in batches up to the last one queued. Called with p.mu held.
-func (p *Primary) markFiles(files, requeued []journal.File, mark uint64) {
-	again := make(map[uint64]bool, len(requeued))
-	for _, f := range requeued {
-		again[f.Key.Ino] = true
-	}
-	for _, f := range files {
-		if len(p.fileMarks) >= maxFileMarks {
-			return
-		}
-		if !again[f.Key.Ino] {
-			p.fileMarks = append(p.fileMarks, fileMark{ino: f.Key.Ino, mark: mark, seq: p.out.last()})
-		}
-	}
-}
-
-// durablePoint forgets the passes the peer made durable and returns the
-// newest one (zero if none). Called with p.mu held.
-func (p *Primary) durablePoint() passMark {
-	var last passMark
-	i := 0
-	for i < len(p.marks) && p.marks[i].seq <= p.out.durable {
-		last = p.marks[i]
-		i++
-	}
-	p.marks = p.marks[i:]
-	if last.mark > p.durableMark.mark {
-		p.durableMark = last
-	}
-	return p.durableMark
 }
 
 // clearDirty forgets the changes the peer holds durably, at most every
 // clearEvery unless forced. Called with p.mu held.
 func (p *Primary) clearDirty(force bool) {
-	i := 0
-	for i < len(p.fileMarks) && p.fileMarks[i].seq <= p.out.durable {
-		p.dirty.clearFile(p.fileMarks[i].ino, p.fileMarks[i].mark)
-		i++
+	p.marks.apply(p.dirty, p.out.durable, force, time.Now())
+	if peak := p.dirty.peak; p.dirty.shrink() {
+		p.Log.Info("modification bitmap: a burst's marks are gone, memory handed back", "files_at_peak", peak, "files", len(p.dirty.files))
+		// A burst's marks are gone (and the journal's room for them,
+		// let go when the pass took them): the runtime would hand the
+		// memory back to the system only slowly, its goal set by the
+		// heap before.
+		go debug.FreeOSMemory()
 	}
-	p.fileMarks = p.fileMarks[i:]
-	defer func() {
-		if peak := p.dirty.peak; p.dirty.shrink() {
-			p.Log.Info("modification bitmap: a burst's marks are gone, memory handed back", "files_at_peak", peak, "files", len(p.dirty.files))
-			// A burst's marks are gone (and the journal's room for
-			// them, let go when the pass took them): the runtime
-			// would hand the memory back to the system only slowly,
-			// its goal set by the heap before.
-			go debug.FreeOSMemory()
-		}
-	}()
-	dm := p.durablePoint()
-	if dm.mark == 0 || dm.mark <= p.clearedMark || !force && time.Since(p.lastClear) < clearEvery {
-		return
-	}
-	p.dirty.clear(dm.mark)
-	p.clearedMark, p.lastClear = dm.mark, time.Now()
 }
 
 // maxForget bounds the chunk marks waiting to be dropped.
@@ -1141,7 +1072,7 @@ func (p *Primary) moveSyncPoint(kernel Kernel) {
 		if p.j.Pending() == 0 && p.out.settled() && !p.building && p.pendingSince.IsZero() {
 			point = t0
 		} else {
-			point = p.durableMark.at
+			point = p.marks.newest.at
 		}
 	}
 	seq, ms := p.out.durable, p.meta

@@ -298,10 +298,10 @@ func TestMovedMarkOutlivesEarlierPassOfSameCount(t *testing.T) {
 			p.dirty.record(&capture.Record{Kind: capture.KindAttr, Ino: x}, m)
 			// Pass 1, count m, batches up to 1.
 			if c == "fileMark" {
-				p.fileMarks = []fileMark{{ino: x, mark: m, seq: 1}} // blocked: markFiles
+				p.marks.files = []fileMark{{ino: x, mark: m, seq: 1}} // blocked: marks.addFiles
 			} else {
-				p.clearedMark = m - 1
-				p.addMark(passMark{mark: m, seq: 1}) // covered
+				p.marks.cleared = m - 1
+				p.marks.addPass(passMark{mark: m, seq: 1}) // covered
 			}
 			// Pass 2, count m too, renames x in batch 2.
 			p.noteMoved([]uint64{x}, m)
@@ -311,7 +311,7 @@ func TestMovedMarkOutlivesEarlierPassOfSameCount(t *testing.T) {
 				t.Fatal("x's moved mark (its rename in batch 2) was forgotten when batch 1 became durable")
 			}
 			// A later pass, durable, forgets it.
-			p.addMark(passMark{mark: m + 1, seq: 3})
+			p.marks.addPass(passMark{mark: m + 1, seq: 3})
 			p.out.durable = 3
 			p.clearDirty(true)
 			if p.dirty.wasMoved(x) {
@@ -483,8 +483,8 @@ func TestLostSessionForgetsItsMarks(t *testing.T) {
 	_, now := scanSource(t, src)
 	p.sh = newShadow(now)
 	p.out.next = 11
-	p.addMark(passMark{mark: p.added, seq: 10})
-	p.fileMarks = append(p.fileMarks, fileMark{ino: f, mark: 5, seq: 9})
+	p.marks.addPass(passMark{mark: p.added, seq: 10})
+	p.marks.files = append(p.marks.files, fileMark{ino: f, mark: 5, seq: 9})
 	p.sessionLost() // the next connection cannot resume
 	// R2's first batches, 11 and 12, made durable.
 	p.out.next, p.out.durable = 13, 12
