@@ -74,7 +74,7 @@ type builder struct {
 	// blocked counts requeued changes a barrier must wait for: all but
 	// bytes beyond EOF, which no write completed before the pass read
 	// the file can have made. beyondEOF counts those: a barrier begun
-	// after that read may wait for them (see Primary.coveredBefore).
+	// after that read may wait for them (see cover.before).
 	blocked   int
 	beyondEOF int
 	removals  []link

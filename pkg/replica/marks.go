@@ -115,3 +115,41 @@ func (m *durableMarks) apply(d *dirtySet, durable uint64, force bool, now time.T
 func (m *durableMarks) forget() {
 	m.passes, m.files = nil, nil
 }
+
+// cover is what the build passes covered, for durability calls
+// (WaitShipped): the last pass that took every change counted up to
+// mark, in batches up to seq. A pass that found reported bytes beyond
+// EOF covers them only for the calls begun before it read the files
+// (before; zero: every call): a later call's write may be the one whose
+// bytes it found missing, reported (write_end) before the size moved.
+// Called with Primary.mu held.
+type cover struct {
+	mark, seq uint64
+	before    time.Time
+}
+
+// set records a pass (or a resync) that took every change counted up to
+// mark, in batches up to seq, and read the files from at on; beyondEOF:
+// it found reported bytes beyond EOF.
+func (c *cover) set(mark, seq uint64, beyondEOF bool, at time.Time) {
+	c.mark, c.seq, c.before = mark, seq, time.Time{}
+	if beyondEOF {
+		c.before = at
+	}
+}
+
+// covers reports whether a durability call begun at start, when target
+// changes were counted, is covered, and by which batch.
+func (c *cover) covers(target uint64, start time.Time) (seq uint64, ok bool) {
+	if c.mark >= target && (c.before.IsZero() || start.Before(c.before)) {
+		return c.seq, true
+	}
+	return 0, false
+}
+
+// resetTo goes back to a pass the peer made durable: the batches after
+// it were lost with their session, and a call must not count itself
+// covered by one of them.
+func (c *cover) resetTo(pm passMark) {
+	c.mark, c.seq, c.before = pm.mark, pm.seq, pm.at
+}

@@ -94,3 +94,34 @@ func TestDurableMarksBounded(t *testing.T) {
 		t.Errorf("%d files remembered, bound %d", len(m.files), maxFileMarks)
 	}
 }
+
+func TestCoverOfDurabilityCalls(t *testing.T) {
+	var c cover
+	t0 := time.Unix(50, 0)
+	if _, ok := c.covers(1, t0); ok {
+		t.Fatal("nothing built, yet a call counting one change is covered")
+	}
+	c.set(5, 9, false, t0)
+	if seq, ok := c.covers(5, t0.Add(time.Hour)); !ok || seq != 9 {
+		t.Errorf("a pass up to 5 (batch 9), a call counting 5: covered %v by %d", ok, seq)
+	}
+	if _, ok := c.covers(6, t0); ok {
+		t.Error("a call counting a change the pass did not take is covered")
+	}
+	// Bytes beyond EOF: only calls begun before the pass read the files.
+	c.set(7, 12, true, t0)
+	if _, ok := c.covers(7, t0.Add(-time.Millisecond)); !ok {
+		t.Error("a call begun before the pass read the files is not covered")
+	}
+	if _, ok := c.covers(7, t0); ok {
+		t.Error("a call begun as the pass read the files is covered: its write may be the bytes it found missing")
+	}
+	// A lost session: back to the pass the peer made durable.
+	c.resetTo(passMark{mark: 4, seq: 8, at: t0})
+	if _, ok := c.covers(5, t0.Add(-time.Second)); ok {
+		t.Error("covered by a batch of the lost session")
+	}
+	if seq, ok := c.covers(4, t0.Add(-time.Second)); !ok || seq != 8 {
+		t.Errorf("the durable pass covers its own calls: %v, %d", ok, seq)
+	}
+}

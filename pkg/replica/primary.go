@@ -141,17 +141,11 @@ type Primary struct {
 	changedBytes  uint64
 	records       uint64
 	// added counts what was folded into the journal (records, rescans).
-	// covered is the count a finished build pass took in whole (nothing
-	// requeued), coveredSeq the last batch of that pass: once it is
-	// acknowledged, the peer holds every change counted up to covered.
-	// A pass that requeued bytes beyond EOF covers them only for the
-	// barriers begun before it read the files (coveredBefore; zero: for
-	// every barrier): a later barrier's write may be the one whose bytes
-	// it found missing, reported (write_end) before the size moved.
-	added         uint64
-	covered       uint64
-	coveredSeq    uint64
-	coveredBefore time.Time
+	// cover is the last pass that took every change up to a count in
+	// whole (nothing requeued): once its last batch is durable, the peer
+	// holds every change counted up to there (marks.go).
+	added uint64
+	cover cover
 	// pendingSince is when the oldest change still in the journal was
 	// captured (zero: none).
 	pendingSince time.Time
@@ -192,8 +186,7 @@ func (p *Primary) sessionLost() {
 	// that requeues something leaves the cover as it was, and a call
 	// would count itself covered by a lost batch again
 	// (TestBarrierOfLostSessionBlockedResync).
-	dm := p.marks.newest
-	p.covered, p.coveredSeq, p.coveredBefore = dm.mark, dm.seq, dm.at
+	p.cover.resetTo(p.marks.newest)
 	p.needFull = true
 	p.out.drop()
 	p.asides = nil
@@ -884,12 +877,8 @@ func (p *Primary) coverPass(mark uint64, files, requeue []journal.File, blocked,
 		p.marks.addFiles(files, requeue, mark, p.out.last())
 		return
 	}
-	p.covered, p.coveredSeq = mark, p.out.last()
-	p.coveredBefore = time.Time{}
-	if beyondEOF > 0 {
-		p.coveredBefore = takeAt
-	}
-	p.marks.addPass(passMark{mark: mark, seq: p.coveredSeq, at: takeAt})
+	p.cover.set(mark, p.out.last(), beyondEOF > 0, takeAt)
+	p.marks.addPass(passMark{mark: mark, seq: p.cover.seq, at: takeAt})
 }
 
 // batchWindow lets records gather for a while, or until a barrier begins
@@ -1207,7 +1196,7 @@ var ErrClosed = errors.New("this node left the primary role before the change re
 func (p *Primary) WaitShipped(ctx context.Context, kernel Kernel, rel Release) error {
 	// Before the kick: a pass the kick starts takes its records after
 	// start, so it covers this call even when it finds bytes beyond EOF
-	// (coveredBefore).
+	// (cover.before).
 	start := time.Now()
 	p.barriers.Add(1)
 	select {
@@ -1245,8 +1234,8 @@ func (p *Primary) WaitShipped(ctx context.Context, kernel Kernel, rel Release) e
 			// for the full sync's batches.
 			covered = false
 		}
-		if !p.needFull && !covered && p.covered >= target && (p.coveredBefore.IsZero() || start.Before(p.coveredBefore)) {
-			need, covered, fullSyncs, lostSessions = p.coveredSeq, true, p.fullSyncs, p.lostSessions
+		if seq, ok := p.cover.covers(target, start); ok && !p.needFull && !covered {
+			need, covered, fullSyncs, lostSessions = seq, true, p.fullSyncs, p.lostSessions
 			if coveredAt.IsZero() {
 				coveredAt = time.Now()
 				p.Stages.Observe(latency.Build, coveredAt.Sub(drained))

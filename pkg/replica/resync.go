@@ -561,11 +561,7 @@ func (p *Primary) resyncQueued(b *builder, bt *batcher, ts *treeSync, tails *tai
 	p.resyncGivenUp(b.gaveUp) // none so far: what it retries is new
 	p.fullSyncEnd = p.out.last()
 	if b.blocked == 0 {
-		p.covered, p.coveredSeq = run.mark, p.fullSyncEnd
-		p.coveredBefore = time.Time{}
-		if b.beyondEOF > 0 {
-			p.coveredBefore = run.start
-		}
+		p.cover.set(run.mark, p.fullSyncEnd, b.beyondEOF > 0, run.start)
 		p.marks.addPass(passMark{mark: run.mark, seq: p.fullSyncEnd, at: run.start})
 	}
 	p.fullSyncs++

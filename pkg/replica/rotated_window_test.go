@@ -508,7 +508,7 @@ func TestBarrierOfLostSessionWaitsForResync(t *testing.T) {
 	p := unconnectedPrimary(t)
 	p.mu.Lock()
 	p.connected = true
-	p.added, p.covered, p.coveredSeq, p.out.next = 5, 5, 10, 11
+	p.added, p.cover.mark, p.cover.seq, p.out.next = 5, 5, 10, 11
 	p.needFull = false
 	p.mu.Unlock()
 	done := make(chan error, 1)
@@ -540,7 +540,7 @@ func TestBarrierOfLostSessionWaitsForResync(t *testing.T) {
 	// The resync is queued (batches up to 20, covering the call), then
 	// durable.
 	p.mu.Lock()
-	p.covered, p.coveredSeq, p.needFull = 6, 20, false
+	p.cover.mark, p.cover.seq, p.needFull = 6, 20, false
 	p.fullSyncs++
 	p.out.next, p.out.acked, p.out.durable = 21, 20, 20
 	p.mu.Unlock()
@@ -600,7 +600,7 @@ func TestBarrierOfLostSessionBlockedResync(t *testing.T) {
 	p := unconnectedPrimary(t)
 	p.mu.Lock()
 	p.connected = true
-	p.added, p.covered, p.coveredSeq, p.out.next = 5, 5, 10, 11
+	p.added, p.cover.mark, p.cover.seq, p.out.next = 5, 5, 10, 11
 	p.needFull = false
 	p.mu.Unlock()
 	done := make(chan error, 1)
