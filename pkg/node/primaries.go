@@ -1,0 +1,479 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/duet-ha/duet/pkg/capture"
+	"github.com/duet-ha/duet/pkg/replica"
+)
+
+// The primary role's machinery: the capture, the per-directory
+// primaries it feeds, the kernel handle they drain through, and what a
+// ring overflow costs.
+
+func (n *Node) startPrimary(ctx context.Context) error {
+	var primaries []*replica.Primary
+	for i, d := range n.dirs {
+		p, err := replica.NewPrimary(d, n.cfg.Peer, n.link, capture.KernelDev(n.devs[i]), n.log)
+		if err != nil {
+			for _, p := range primaries {
+				p.Close()
+			}
+			return err
+		}
+		p.OnAck = func(lag time.Duration) { n.metrics.lags.Observe(lag.Seconds()) }
+		// The heartbeats say "synced" from now on: said at once, the
+		// peer turns SECOND an interval sooner.
+		p.OnResyncDone = n.kickHeartbeat
+		p.Stages = &n.stages
+		primaries = append(primaries, p)
+		err = p.BeginTerm(replica.Term{Meta: n.metas[i], DirtyPath: filepath.Join(n.cfg.StateDir, "bitmap-"+d.Name),
+			Margin: n.cfg.Resync.Margin, Rate: int64(n.cfg.Resync.RateMiB) << 20})
+		if err != nil {
+			for _, p := range primaries {
+				p.Close()
+			}
+			return err
+		}
+	}
+	c, err := n.takeCapture()
+	if err == nil {
+		if err = c.Attach(); err != nil {
+			c.Close()
+		}
+	}
+	if err != nil {
+		for _, p := range primaries {
+			p.Close()
+		}
+		return fmt.Errorf("starting capture: %w", err)
+	}
+	var active []string
+	for _, h := range c.Hooks() {
+		if h.Active {
+			active = append(active, h.Type+"/"+h.Name)
+		} else {
+			n.log.Warn("capture hook unavailable", "hook", h.Name, "err", h.Error)
+		}
+	}
+	n.log.Info("capture attached", "hooks", strings.Join(active, ","))
+	n.smu.Lock()
+	n.cap, n.primaries = c, primaries
+	n.overflowTo.Store(&primaries)
+	n.eager.Store(false) // a new capture starts with lazy wake-ups
+	n.serveCancel = func() {}
+	n.dispatched.Store(0)
+	n.overflowSeen = 0
+	n.smu.Unlock()
+	n.releasedAlone.Store(false)
+	n.silent.Clear()
+	n.serveWG.Add(2 + len(primaries))
+	go func() {
+		defer n.serveWG.Done()
+		n.dispatch(c, primaries)
+	}()
+	go func() {
+		defer n.serveWG.Done()
+		n.watchOverflow(ctx, c)
+	}()
+	for _, p := range primaries {
+		go func() {
+			defer n.serveWG.Done()
+			p.Run(ctx, kernel{n})
+		}()
+	}
+	return nil
+}
+
+func (n *Node) stopPrimary() {
+	n.smu.Lock()
+	cancel, c := n.serveCancel, n.cap
+	n.serveCancel = nil
+	n.smu.Unlock()
+	if cancel == nil {
+		return
+	}
+	cancel()
+	n.stopReading(c)
+	n.serveWG.Wait()
+	n.detaching.Go(func() {
+		if err := c.Close(); err != nil {
+			n.log.Warn("detaching capture", "err", err)
+		}
+	})
+	n.smu.Lock()
+	primaries := n.primaries
+	n.cap, n.primaries = nil, nil
+	n.overflowTo.Store(nil)
+	n.smu.Unlock()
+	// Saved outside smu: SaveDirty fsyncs, and the heartbeat sender takes
+	// smu (a slow disk would silence the heartbeats, and the peer would
+	// take over by timeout rather than by the handover).
+	for _, p := range primaries {
+		if err := p.SaveDirty(); err != nil {
+			n.log.Error("saving the modification bitmap: the next term compares the files changed since the sync point", "dir", p.Dir.Name, "err", err)
+		}
+		p.Close()
+	}
+	n.preloadCapture()
+}
+
+// stopReading ends the term's capture reading; its hooks are detached
+// later (Close: about 0.5 s of the kernel's grace periods here, which the
+// handover, and so the peer's service, waited for). A barrier's Drain
+// waiting for records the reader will not dispatch any more ends now: it
+// waited out drainTimeout, and a stop with a writer running took 10 s.
+func (n *Node) stopReading(c *capture.Capture) {
+	c.StopReading()
+	n.wakeDrains()
+}
+
+// preloaded is a capture loaded ahead of a takeover, not attached.
+type preloaded struct {
+	done chan struct{}
+	c    *capture.Capture
+	err  error
+}
+
+func (n *Node) captureOptions() capture.Options {
+	return capture.Options{Devices: n.devs, RingBytes: uint32(n.cfg.RingBufferKiB) << 10, XFS: n.xfs, Btrfs: n.btrfs}
+}
+
+// preloadCapture loads the next term's capture in the background, with
+// fresh maps: verifying the programs is most of the time a takeover
+// would otherwise spend on capture.
+func (n *Node) preloadCapture() {
+	p := &preloaded{done: make(chan struct{})}
+	n.smu.Lock()
+	n.next = p
+	n.smu.Unlock()
+	go func() {
+		p.c, p.err = capture.Load(n.captureOptions())
+		close(p.done)
+	}()
+}
+
+// takeCapture returns the preloaded capture (waiting for it if needed).
+func (n *Node) takeCapture() (*capture.Capture, error) {
+	n.smu.Lock()
+	p := n.next
+	n.next = nil
+	n.smu.Unlock()
+	if p == nil {
+		return capture.Load(n.captureOptions())
+	}
+	<-p.done
+	return p.c, p.err
+}
+
+// peerSynced: every directory streams to the peer, and whatever a barrier
+// released without the peer has been shipped since.
+func (n *Node) peerSynced() bool {
+	return n.streaming() && n.caughtUp()
+}
+
+// streaming reports whether every replicated directory streams to the
+// peer.
+func (n *Node) streaming() bool { return streams(n.servingPrimaries()) }
+
+// servingPrimaries returns the primaries of the serving term (none when
+// not serving). smu is not held after: a holder waiting for a Primary's
+// lock (Drain takes smu again; a waiting call takes relMu) would deadlock
+// with a writer queued for smu.
+func (n *Node) servingPrimaries() []*replica.Primary {
+	n.smu.RLock()
+	defer n.smu.RUnlock()
+	return n.primaries
+}
+
+// streams reports whether there are primaries and each streams to the
+// peer.
+func streams(primaries []*replica.Primary) bool {
+	if len(primaries) == 0 {
+		return false
+	}
+	for _, p := range primaries {
+		if !p.Streaming() {
+			return false
+		}
+	}
+	return true
+}
+
+// caughtUp reports whether nothing released without the peer is still
+// to be shipped; if something is, it starts the catch-up.
+func (n *Node) caughtUp() bool {
+	if !n.releasedAlone.Load() {
+		return true
+	}
+	n.catchUp(n.servingPrimaries())
+	return false
+}
+
+// catchUp starts, unless one runs, a wait until every change captured so
+// far (those released without the peer included) is durable on the peer;
+// then the peer counts as in sync again, unless something was released
+// alone meanwhile. It used to require every directory to be idle at one
+// instant (nothing queued or pending): under a steady write load, as an
+// NFS client's, that instant may never come, and the returning peer stayed
+// WAIT for good.
+func (n *Node) catchUp(primaries []*replica.Primary) {
+	if !n.catchingUp.CompareAndSwap(false, true) {
+		return
+	}
+	gen := n.aloneGen.Load()
+	go func() {
+		defer n.catchingUp.Store(false)
+		ctx, cancel := context.WithTimeout(context.Background(), n.barrierTimeout)
+		defer cancel()
+		// Released, as a durability call is, once the peer cannot take
+		// over: it is not in sync then anyway.
+		rel := replica.Release{Now: n.tryRelease}
+		for _, p := range primaries {
+			if err := p.WaitShipped(ctx, kernel{n}, rel); err != nil {
+				return
+			}
+		}
+		// Under relMu: a release (tryRelease) between the check and the
+		// clear would be forgotten, and the heartbeats say "synced"
+		// with it unshipped.
+		n.relMu.Lock()
+		caught := n.aloneGen.Load() == gen
+		if caught {
+			n.releasedAlone.Store(false)
+		}
+		n.relMu.Unlock()
+		if caught {
+			select { // say so now, not at the next tick
+			case n.hbKick <- struct{}{}:
+			default:
+			}
+		}
+	}()
+}
+
+// dispatch hands every capture record to the primaries of its device.
+func (n *Node) dispatch(c *capture.Capture, primaries []*replica.Primary) {
+	var r capture.Record
+	// One line per record at debug level: the raw material for finding
+	// a missed change. Checked once; the hot path stays a branch.
+	debug := n.log.Enabled(context.Background(), slog.LevelDebug)
+	for {
+		if err := c.Read(&r); err != nil {
+			if !errors.Is(err, os.ErrClosed) {
+				n.log.Error("reading capture ring buffer", "err", err)
+			}
+			return
+		}
+		if debug {
+			n.log.Debug("capture record", "seq", r.Seq, "ino", r.Ino, "gen", r.Gen, "kind", r.Kind, "hook", r.Hook, "pos", r.Pos, "len", r.Len)
+		}
+		now := time.Now()
+		for _, p := range primaries {
+			if p.Dev == r.Dev {
+				p.Record(&r, now)
+			}
+		}
+		n.dispatched.Add(1)
+		if n.drainWaiters.Load() > 0 {
+			n.wakeDrains()
+		}
+	}
+}
+
+// kernel gives primaries the capture side: in-flight marks and the drain
+// barrier.
+type kernel struct{ n *Node }
+
+func (k kernel) capture() *capture.Capture {
+	k.n.smu.RLock()
+	defer k.n.smu.RUnlock()
+	return k.n.cap
+}
+
+func (k kernel) ForgetChunks(keys []capture.CaptureChunkKey) error {
+	if c := k.capture(); c != nil {
+		return c.ForgetChunks(keys)
+	}
+	return nil
+}
+
+func (k kernel) ForgetAttr(key capture.InodeKey) {
+	if c := k.capture(); c != nil {
+		c.ForgetAttr(key)
+	}
+}
+
+func (k kernel) Seq() uint64 {
+	c := k.capture()
+	if c == nil {
+		return 0
+	}
+	ctr, err := c.Counters()
+	if err != nil {
+		return 0
+	}
+	return ctr.Seq
+}
+
+// Drain waits until every record reserved before the call was dispatched
+// and every record lost before it was turned into a rescan: the kernel's
+// sequence counts successful reservations, each of which is submitted and
+// read in turn; a lost record leaves a mark instead, which the barrier
+// must see before it picks its target (the 50 ms watcher alone would let
+// the durability call return before the lost write was shipped). Bounded
+// by drainTimeout, in case the reader is stuck: past it the barrier's
+// target misses the records not read yet, which is said in the log. Once
+// the term's capture stopped reading (stopPrimary), the records not read
+// never will be: an error, and the durability call fails (it returned
+// "ok", its change shipped nowhere, while the node handed over).
+func (k kernel) Drain() error {
+	c := k.capture()
+	if c == nil {
+		// No capture (tests), or the term's primaries have ended: their
+		// calls end on the primary (closed, or not connected).
+		return nil
+	}
+	if c.Stopped() {
+		// The reader stopped (the role is being handed over), and the
+		// hooks are detached soon after: a write made now may leave no
+		// record at all, and the counters would then show nothing to
+		// wait for.
+		return errNoCapture
+	}
+	n := k.n
+	ctr, err := c.Counters()
+	if err != nil {
+		return err
+	}
+	n.takeOverflow(c, ctr.Lost)
+	target := ctr.Seq
+	if n.dispatched.Load() >= target {
+		return nil
+	}
+	// Registered before the check under the lock: a record dispatched
+	// after it wakes this waiter (a sleep-and-poll loop costs a timer
+	// tick, a millisecond, on every barrier).
+	n.drainWaiters.Add(1)
+	defer n.drainWaiters.Add(-1)
+	c.Kick()
+	timedOut := false
+	t := time.AfterFunc(drainTimeout, func() {
+		n.drainMu.Lock()
+		timedOut = true
+		n.drained.Broadcast()
+		n.drainMu.Unlock()
+	})
+	defer t.Stop()
+	stopped := false
+	n.drainMu.Lock()
+	for n.dispatched.Load() < target && !timedOut {
+		if stopped = c.Stopped(); stopped {
+			break
+		}
+		n.drained.Wait()
+	}
+	n.drainMu.Unlock()
+	if stopped {
+		return errNoCapture
+	}
+	if timedOut {
+		n.log.Warn("capture reader behind by more than the drain timeout: a durability call goes on without its last records",
+			"behind", target-n.dispatched.Load(), "timeout", drainTimeout)
+	}
+	return nil
+}
+
+// errNoCapture: the term's capture no longer reads records.
+var errNoCapture = errors.New("the capture stopped reading: this node is leaving the primary role")
+
+// drainTimeout bounds Drain. It was 1 s: a reader that much behind (a
+// loaded host, a burst of records) let a barrier's target miss writes
+// made before the call. Within defaultBarrierTimeout, so the call still ends.
+const drainTimeout = 10 * time.Second
+
+func (n *Node) wakeDrains() {
+	n.drainMu.Lock()
+	n.drained.Broadcast()
+	n.drainMu.Unlock()
+}
+
+// watchOverflow turns lost records into rescans when no barrier does:
+// of the inodes the kernel marked, or of whole trees when even the marks
+// overflowed.
+func (n *Node) watchOverflow(ctx context.Context, c *capture.Capture) {
+	t := time.NewTicker(50 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if n.eager.Load() && time.Since(time.Unix(0, n.lastBarrier.Load())) > eagerHold {
+			if c.SetEagerWake(false) == nil {
+				n.eager.Store(false)
+			}
+		}
+		ctr, err := c.Counters()
+		if err != nil {
+			continue
+		}
+		n.takeOverflow(c, ctr.Lost)
+	}
+}
+
+// takeOverflow queues the rescans of records lost up to lost (the
+// kernel's count, read after the marks it covers were made: the BPF code
+// marks before it counts). A mark taken after the count was read is
+// handled now or at the next call.
+func (n *Node) takeOverflow(c *capture.Capture, lost uint64) {
+	n.overflowMu.Lock()
+	defer n.overflowMu.Unlock()
+	if lost == n.overflowSeen {
+		return
+	}
+	var primaries []*replica.Primary
+	if ps := n.overflowTo.Load(); ps != nil {
+		primaries = *ps
+	}
+	ctr, err := c.Counters()
+	if err != nil {
+		return
+	}
+	if ctr.Rescan > 0 {
+		n.log.Warn("capture overflow: rescanning every replicated tree", "lost_records", ctr.Lost)
+		if err := c.ResetRescan(); err != nil {
+			n.log.Error("capture overflow: resetting the rescan counter", "err", err)
+		}
+		for _, p := range primaries {
+			p.RescanAll()
+		}
+	}
+	keys, err := c.TakeOverflow()
+	if err != nil {
+		n.log.Error("capture overflow: reading the marks", "err", err)
+		return
+	}
+	if len(keys) > 0 && time.Since(n.overflowLogged) > time.Second {
+		// Under a sustained overflow every barrier gets here: once a
+		// second is enough to say it goes on.
+		n.overflowLogged = time.Now()
+		n.log.Warn("capture overflow: rescanning files", "files", len(keys), "lost_records", ctr.Lost)
+	}
+	for _, k := range keys {
+		for _, p := range primaries {
+			if p.Dev == k.Dev {
+				p.Rescan(k)
+			}
+		}
+	}
+	n.overflowSeen = lost
+}
