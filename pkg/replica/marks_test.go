@@ -33,36 +33,45 @@ func TestDurableMarksForgetOnlyWhatIsDurable(t *testing.T) {
 	if d.has(1) || !d.has(2) {
 		t.Errorf("batch 2 durable: file 1 kept %v (want forgotten), file 2 kept %v (want kept)", d.has(1), d.has(2))
 	}
-	// A clean-up was made just now: an unforced one waits clearEvery.
-	m.lastClear = now
-	m.apply(d, 3, false, now.Add(clearEvery/2))
-	if !d.has(2) {
+	m.apply(d, 3, false, now)
+	if d.has(2) || !d.has(3) {
+		t.Errorf("batch 3 durable: file 2 kept %v (want forgotten), file 3 kept %v (want kept)", d.has(2), d.has(3))
+	}
+	if !m.lastClear.Equal(now) || m.cleared != 2 {
+		t.Fatalf("the clean-up up to 2 was not recorded: at %v, up to %d", m.lastClear, m.cleared)
+	}
+	// An unforced clean-up waits clearEvery after the last one.
+	data(2, 4)
+	m.addPass(passMark{mark: 4, seq: 4})
+	m.apply(d, 4, false, now.Add(clearEvery/2))
+	if !d.has(2) || !d.has(3) {
 		t.Error("a pass cleared within clearEvery of the last clean-up, unforced")
 	}
-	m.apply(d, 3, false, now.Add(clearEvery))
-	if d.has(2) || !d.has(3) {
-		t.Errorf("after clearEvery: file 2 kept %v (want forgotten), file 3 kept %v (want kept)", d.has(2), d.has(3))
+	m.apply(d, 4, false, now.Add(clearEvery))
+	if d.has(2) || d.has(3) {
+		t.Errorf("after clearEvery: file 2 kept %v, file 3 kept %v (want both forgotten)", d.has(2), d.has(3))
 	}
 	// Forced, it does not wait.
-	data(2, 4)
-	m.addPass(passMark{mark: 4, seq: 5})
+	data(2, 5)
+	m.addPass(passMark{mark: 5, seq: 5})
 	m.apply(d, 5, true, now.Add(clearEvery))
-	if d.has(2) || d.has(3) {
+	if d.has(2) {
 		t.Error("a forced clean-up within clearEvery kept what the peer made durable")
 	}
-	if m.newest.mark != 4 || m.newest.seq != 5 || m.cleared != 4 {
+	if m.newest.mark != 5 || m.newest.seq != 5 || m.cleared != 5 {
 		t.Errorf("newest durable pass %+v, cleared up to %d", m.newest, m.cleared)
 	}
-	// A lost session forgets the marks not yet durable: the change they
-	// counted stays in the bitmap for the resync.
-	data(3, 5)
-	m.addPass(passMark{mark: 5, seq: 6})
+	// A lost session forgets the marks not yet durable, passes and
+	// files: the change they counted stays in the bitmap for the resync.
+	data(3, 6)
+	m.addPass(passMark{mark: 6, seq: 6})
+	m.addFile(3, 6, 6)
 	m.forget()
 	m.apply(d, 10, true, now.Add(time.Hour))
 	if !d.has(3) {
 		t.Error("a mark of a lost session cleared the bitmap")
 	}
-	if m.newest.mark != 4 {
+	if m.newest.mark != 5 {
 		t.Errorf("the newest durable pass moved to %+v after forget", m.newest)
 	}
 }

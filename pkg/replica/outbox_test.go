@@ -194,3 +194,24 @@ func TestOutboxPendingForTheSender(t *testing.T) {
 		t.Errorf("numbers go on after a lost session: last %d, want 6", o.last())
 	}
 }
+
+// From a review: a second resync on one connection sends its end, and a
+// lost session forgets the end whatever the sender wrote.
+func TestOutboxResyncEndForgotten(t *testing.T) {
+	o := newOutbox()
+	o.push(sentBatch{seq: o.number(), frame: []byte{1}})
+	o.resyncEnds(&wire.Frame{Type: wire.TypeSync, Flags: wire.FlagResyncDone, Seq: 1})
+	o.doneSent = true
+	o.resyncBegins()
+	end2 := &wire.Frame{Type: wire.TypeSync, Flags: wire.FlagResyncDone, Seq: 1}
+	o.resyncEnds(end2)
+	var w sendWork
+	if !o.pending(&sendCursor{sent: 1}, &w) || w.done != end2 {
+		t.Errorf("the second resync's end is not sent on the same connection: %+v", w)
+	}
+	o.drop()
+	w = sendWork{}
+	if o.pending(&sendCursor{sent: 1}, &w) || w.done != nil {
+		t.Errorf("a lost session's resync end still handed out: %+v", w)
+	}
+}
