@@ -297,7 +297,7 @@ func TestBuildGivesUpOnlyAfterTriesAndTime(t *testing.T) {
 func TestGivenUpChangeAsksForResync(t *testing.T) {
 	p := unconnectedPrimary(t)
 	p.mu.Lock()
-	p.needFull, p.connected, p.dirtyTrusted = false, true, true
+	p.needFull, p.connected, p.lin.trusted = false, true, true
 	p.resyncGivenUp([]gaveUp{{key: capture.InodeKey{Ino: 42}, why: "test"}})
 	full, all, marked := p.needFull, p.forceAll, p.dirty.has(42)
 	p.dirty.clear(p.added - 1) // a pass taken before it was given up
@@ -384,8 +384,8 @@ func TestGivenUpChangeHoldsSyncPointAndHandover(t *testing.T) {
 		t.Fatal(err)
 	}
 	p.mu.Lock()
-	p.needFull, p.connected, p.dirtyTrusted = false, true, true
-	p.gen, p.base, p.meta = 7, 7, ms
+	p.needFull, p.connected, p.lin.trusted = false, true, true
+	p.lin.gen, p.lin.base, p.meta = 7, 7, ms
 	p.resyncGivenUp([]gaveUp{{key: capture.InodeKey{Ino: 42}, why: "test"}})
 	p.mu.Unlock()
 	p.moveSyncPoint(nil)

@@ -163,10 +163,10 @@ func TestResyncPlan(t *testing.T) {
 	now := time.Now().UnixNano()
 	margin := DefaultMargin.Nanoseconds()
 	mk := func(trusted bool, selfSync int64) *Primary {
-		return &Primary{gen: 20, base: 10, dirtyTrusted: trusted, selfSync: selfSync}
+		return &Primary{lin: lineage{gen: 20, base: 10, trusted: trusted, selfSync: selfSync}}
 	}
 	stopped := func(savedAt int64) *Primary {
-		return &Primary{gen: 20, base: 10, dirtyTrusted: true, selfSync: savedAt - int64(time.Hour), untracked: savedAt}
+		return &Primary{lin: lineage{gen: 20, base: 10, trusted: true, selfSync: savedAt - int64(time.Hour), untracked: savedAt}}
 	}
 	tests := []struct {
 		name       string

@@ -151,17 +151,14 @@ type Primary struct {
 	pendingSince time.Time
 
 	// The modification bitmap and the copy's lineage (see Meta).
-	dirty        *dirtySet
-	dirtyTrusted bool   // the bitmap holds every change the peer's copy of base lacks
-	gen, base    uint64 // this term's generation; the peer copy's the bitmap is relative to
-	selfSync     int64  // this copy's sync point when the term began
-	untracked    int64  // a trusted bitmap's save time: later changes were not captured (0: none)
-	meta         *MetaStore
-	forceAll     bool // the next resync compares everything (duet resync --full)
-	rs           ResyncStatus
-	rsSent       atomic.Uint64 // bytes the resync in progress has read for sending
-	welcome      wire.Welcome  // the peer's, on the current connection
-	term         Term
+	dirty    *dirtySet
+	lin      lineage // which copy the peer holds, and what the bitmap is worth (lineage.go)
+	meta     *MetaStore
+	forceAll bool // the next resync compares everything (duet resync --full)
+	rs       ResyncStatus
+	rsSent   atomic.Uint64 // bytes the resync in progress has read for sending
+	welcome  wire.Welcome  // the peer's, on the current connection
+	term     Term
 	// marks tell the bitmap what the peer made durable (marks.go).
 	marks durableMarks
 	// forgetKeys are the kernel chunk marks of changes recorded while no
@@ -251,7 +248,7 @@ func (p *Primary) resyncGivenUp(gave []gaveUp) {
 	p.needFull = true
 	// Without a trusted bitmap, only a comparison of every file is sure
 	// to include them.
-	p.forceAll = p.forceAll || !p.dirtyTrusted
+	p.forceAll = p.forceAll || !p.lin.trusted
 	p.Log.Warn("changes could not be shipped after retries: resynchronising the peer, which is not in sync until then",
 		"changes", len(gave), "first_ino", gave[0].key.Ino, "why", gave[0].why, "total", p.dropped)
 }
@@ -957,10 +954,10 @@ func (p *Primary) Status() Status {
 	}
 	s.LagMs = float64(p.lag().Microseconds()) / 1000
 	s.InSync = p.connected && !p.needFull && !p.building && p.out.empty() && s.PendingFiles == 0 && len(p.asides) == 0
-	if p.gen != 0 {
-		s.Gen, s.PeerGen = fmt.Sprintf("%016x", p.gen), fmt.Sprintf("%016x", p.base)
+	if p.lin.gen != 0 {
+		s.Gen, s.PeerGen = fmt.Sprintf("%016x", p.lin.gen), fmt.Sprintf("%016x", p.lin.base)
 	}
-	s.BitmapBytes, s.BitmapFiles, s.BitmapTrusted = p.dirty.bytes(), len(p.dirty.files), p.dirtyTrusted
+	s.BitmapBytes, s.BitmapFiles, s.BitmapTrusted = p.dirty.bytes(), len(p.dirty.files), p.lin.trusted
 	s.Resync = p.rs
 	if p.rs.Active {
 		s.Resync.BytesSent = p.rsSent.Load()

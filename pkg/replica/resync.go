@@ -134,8 +134,8 @@ func (p *Primary) BeginTerm(t Term) error {
 		return err
 	}
 	p.mu.Lock()
-	p.gen, p.base, p.dirtyTrusted, p.selfSync, p.meta = gen, base, trusted, m.SyncTime, t.Meta
-	p.untracked = untracked
+	p.lin = lineage{gen: gen, base: base, trusted: trusted, selfSync: m.SyncTime, untracked: untracked}
+	p.meta = t.Meta
 	p.mu.Unlock()
 	p.Log.Info("source of the directory", "gen", fmt.Sprintf("%016x", gen), "peer_copy", fmt.Sprintf("%016x", base),
 		"bitmap", why,
@@ -156,49 +156,7 @@ type resyncPlan struct {
 // plan decides the resync for a peer that welcomed us with w. Called with
 // p.mu held.
 func (p *Primary) plan(w wire.Welcome) resyncPlan {
-	margin := p.term.Margin.Nanoseconds()
-	if margin <= 0 {
-		margin = DefaultMargin.Nanoseconds()
-	}
-	var pl resyncPlan
-	pl.all = p.forceAll || p.base == 0 || w.Gen != p.base
-	pl.useDirty = p.dirtyTrusted
-	if !p.dirtyTrusted {
-		if p.selfSync == 0 {
-			pl.all = true
-		}
-		pl.cutoffS = p.selfSync - margin
-	}
-	if c := p.untracked - margin; p.untracked != 0 && (pl.cutoffS == 0 || c < pl.cutoffS) {
-		pl.cutoffS = c
-	}
-	if w.State&wire.CopyDiverged != 0 {
-		if w.SyncTime == 0 {
-			pl.all = true
-		} else {
-			pl.cutoffT = w.SyncTime - margin
-			if w.State&wire.CopySource != 0 {
-				// The peer was the source: what it had, this node
-				// got before its own term and may hold where the
-				// peer lost it (a crash loses its page cache).
-				if c := w.SyncTime - margin; pl.cutoffS == 0 || c < pl.cutoffS {
-					pl.cutoffS = c
-				}
-			}
-		}
-		pl.report = w.State&wire.CopySource != 0
-	}
-	switch {
-	case pl.all:
-		pl.mode, pl.useDirty, pl.cutoffS = "full", false, 0
-	case pl.useDirty && pl.cutoffS == 0 && pl.cutoffT == 0:
-		pl.mode = "bitmap"
-	case pl.useDirty:
-		pl.mode = "bitmap+recent"
-	default:
-		pl.mode = "recent"
-	}
-	return pl
+	return p.lin.plan(w, p.forceAll, p.term.Margin)
 }
 
 // fullSync brings the peer's copy level with this one, moving as little
@@ -236,7 +194,7 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	p.rs = ResyncStatus{Active: true, Mode: pl.mode, Phase: "scanning", Started: start}
 	p.rsSent.Store(0)
 	p.out.resyncBegins()
-	gen := p.gen
+	gen := p.lin.gen
 	p.mu.Unlock()
 	if ctx.Err() != nil {
 		return ctx.Err()
@@ -937,12 +895,12 @@ func (p *Primary) finishResync() {
 		p.mu.Unlock()
 		return
 	}
-	p.base, p.dirtyTrusted, p.dirty.lost = p.gen, true, false
-	p.untracked = 0 // compared by this resync
+	p.lin.caughtUp() // untracked changes: compared by this resync
+	p.dirty.lost = false
 	p.resyncsEnded++
 	p.rs.Active, p.rs.Phase, p.rs.Ended = false, "done", time.Now()
 	p.rs.BytesSent = p.rsSent.Load()
-	rs, gen, ms := p.rs, p.gen, p.meta
+	rs, gen, ms := p.rs, p.lin.gen, p.meta
 	p.mu.Unlock()
 	if ms != nil {
 		if err := ms.Update(func(m *Meta) { m.Base, m.Crashed, m.Untracked = gen, false, 0 }); err != nil {
@@ -1064,7 +1022,7 @@ func (p *Primary) moveSyncPoint(kernel Kernel) {
 	var point time.Time
 	// needFull: a resync is owed, for changes the peer may lack that are
 	// in no queue (handed to a resync, or batches the peer lost).
-	if p.base == p.gen && p.base != 0 && p.connected && !p.needFull {
+	if p.lin.follows() && p.connected && !p.needFull {
 		if p.j.Pending() == 0 && p.out.settled() && !p.building && p.pendingSince.IsZero() {
 			point = t0
 		} else {
@@ -1098,7 +1056,7 @@ func (p *Primary) SaveDirty() error {
 		return nil
 	}
 	p.clearDirty(true)
-	if !p.dirtyTrusted {
+	if !p.lin.trusted {
 		os.Remove(p.term.DirtyPath)
 		return nil
 	}
@@ -1106,7 +1064,7 @@ func (p *Primary) SaveDirty() error {
 		p.Log.Info("modification bitmap: entries the peer may hold under other paths, compared by checksums at the next resync", "entries", n)
 	}
 	p.Log.Info("modification bitmap saved for the next term", "bytes", p.dirty.bytes(), "files", len(p.dirty.files))
-	return p.dirty.save(p.term.DirtyPath, p.base)
+	return p.dirty.save(p.term.DirtyPath, p.lin.base)
 }
 
 // flagMoved marks moved in the bitmap (noteMoved) the inodes with marks
@@ -1185,7 +1143,7 @@ func (p *Primary) noteMoved(inos []uint64, count uint64) {
 // the peer continues from.
 func (p *Primary) HandedOver() error {
 	p.mu.Lock()
-	ok := p.meta != nil && p.base == p.gen && p.connected && !p.needFull && p.j.Pending() == 0 && p.out.settled() &&
+	ok := p.meta != nil && p.lin.follows() && p.connected && !p.needFull && p.j.Pending() == 0 && p.out.settled() &&
 		!p.building && len(p.asides) == 0
 	ms := p.meta
 	p.mu.Unlock()

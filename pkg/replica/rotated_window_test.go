@@ -157,7 +157,7 @@ func saveAndLoad(t *testing.T, root *os.File, sh *shadow, d *dirtySet) *dirtySet
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &Primary{root: root, sh: sh, dirty: d, meta: ms, dirtyTrusted: true, base: 7,
+	p := &Primary{root: root, sh: sh, dirty: d, meta: ms, lin: lineage{trusted: true, base: 7},
 		term: Term{DirtyPath: filepath.Join(state, "bitmap-data")}, Log: slog.New(slog.DiscardHandler)}
 	if err := p.SaveDirty(); err != nil {
 		t.Fatal(err)

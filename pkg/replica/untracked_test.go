@@ -56,7 +56,7 @@ func TestUntrackedSurvivesSecondCleanStop(t *testing.T) {
 	}
 	p := term()
 	p.mu.Lock()
-	pl := p.plan(wire.Welcome{Gen: p.base, State: wire.CopyConsistent})
+	pl := p.plan(wire.Welcome{Gen: p.lin.base, State: wire.CopyConsistent})
 	p.mu.Unlock()
 	if pl.cutoffS == 0 || pl.cutoffS > firstStop.UnixNano() {
 		t.Fatalf("after the first clean stop: plan %+v does not compare files changed since %s", pl, firstStop)
@@ -65,7 +65,7 @@ func TestUntrackedSurvivesSecondCleanStop(t *testing.T) {
 	stop(p)
 	p = term()
 	p.mu.Lock()
-	pl = p.plan(wire.Welcome{Gen: p.base, State: wire.CopyConsistent})
+	pl = p.plan(wire.Welcome{Gen: p.lin.base, State: wire.CopyConsistent})
 	p.mu.Unlock()
 	if pl.cutoffS == 0 || pl.cutoffS > firstStop.UnixNano() {
 		t.Fatalf("after a second clean stop: plan %s compares files changed since %s only: a change made while duet was stopped %s ago is never shipped",

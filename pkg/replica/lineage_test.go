@@ -1,0 +1,38 @@
+package replica
+
+import (
+	"testing"
+	"time"
+
+	"github.com/duet-ha/duet/pkg/wire"
+)
+
+// A crashed source's lineage: its peer holds the old generation, the
+// bitmap is lost, the changes since the sync point are compared. Once a
+// resync of this term ends, the peer follows it and the next resync
+// needs the bitmap alone.
+func TestLineageCaughtUp(t *testing.T) {
+	now := time.Now().UnixNano()
+	l := lineage{gen: 20, base: 10, selfSync: now, untracked: now - int64(time.Hour)}
+	if l.follows() {
+		t.Fatal("a peer of the last generation follows this term's")
+	}
+	pl := l.plan(wire.Welcome{Gen: 10, State: wire.CopyConsistent}, false, time.Second)
+	if pl.mode != "recent" || pl.cutoffS != now-int64(time.Hour)-int64(time.Second) {
+		t.Errorf("before: %+v, want the files changed since the untracked window compared", pl)
+	}
+	l.caughtUp()
+	if !l.follows() || !l.trusted || l.untracked != 0 {
+		t.Fatalf("after a resync of this term: %+v", l)
+	}
+	pl = l.plan(wire.Welcome{Gen: 20, State: wire.CopyConsistent}, false, time.Second)
+	if pl.mode != "bitmap" || pl.cutoffS != 0 {
+		t.Errorf("after: %+v, want the bitmap alone", pl)
+	}
+	if pl := l.plan(wire.Welcome{Gen: 20, State: wire.CopyConsistent}, true, time.Second); pl.mode != "full" {
+		t.Errorf("forced: %+v, want every file compared", pl)
+	}
+	if (lineage{}).follows() {
+		t.Error("an unknown lineage (generation 0) follows")
+	}
+}
