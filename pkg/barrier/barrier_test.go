@@ -472,7 +472,11 @@ func aioHelper(mode, file string) int {
 		return 134
 	}
 	var ev [4]int64 // struct io_event: data, obj, res, res2
-	if n, _, e := unix.Syscall6(unix.SYS_IO_GETEVENTS, uintptr(ctx), 1, 1, uintptr(unsafe.Pointer(&ev)), 0, 0); e != 0 || n != 1 {
+	n, _, e := unix.Syscall6(unix.SYS_IO_GETEVENTS, uintptr(ctx), 1, 1, uintptr(unsafe.Pointer(&ev)), 0, 0)
+	for e == unix.EINTR { // a signal (Go's preemption) ends the wait with nothing reaped
+		n, _, e = unix.Syscall6(unix.SYS_IO_GETEVENTS, uintptr(ctx), 1, 1, uintptr(unsafe.Pointer(&ev)), 0, 0)
+	}
+	if e != 0 || n != 1 {
 		fmt.Fprintln(os.Stderr, "io_getevents:", n, e)
 		return 135
 	}

@@ -106,7 +106,11 @@ func testUringWriteAfterErrnoReturn(t *testing.T, answer syscall.Errno) {
 	lfd := <-listener
 	if lfd >= 0 {
 		var notif [80]byte
-		if _, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(lfd), 0xC0502100, uintptr(unsafe.Pointer(&notif[0]))); e != 0 {
+		_, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(lfd), 0xC0502100, uintptr(unsafe.Pointer(&notif[0])))
+		for e == unix.EINTR { // down_interruptible: a signal (Go's preemption) ends the wait
+			_, _, e = unix.Syscall(unix.SYS_IOCTL, uintptr(lfd), 0xC0502100, uintptr(unsafe.Pointer(&notif[0])))
+		}
+		if e != 0 {
 			t.Fatalf("NOTIF_RECV: %v", e)
 		}
 		time.Sleep(200 * time.Millisecond)
