@@ -312,6 +312,37 @@ type stageTable struct {
 	workload string
 	counts   map[string]latency.Counts // by "nodeA stage"
 	order    []string
+	// What each process used during the timed calls of syncbench's
+	// runs (addCosts), summed over the runs, and the calls.
+	costs     map[string]procCost
+	costOrder []string
+	calls     int
+}
+
+// addCosts adds what a supervised syncbench run reported of its timed
+// calls' cost to workload's table.
+func (b *bench) addCosts(workload string, r syncResult) {
+	for i := range b.stages {
+		t := &b.stages[i]
+		if t.workload != workload || len(r.Costs) == 0 {
+			continue
+		}
+		if t.costs == nil {
+			t.costs = map[string]procCost{}
+		}
+		t.calls += r.Calls
+		for _, c := range r.Costs {
+			old, ok := t.costs[c.Name]
+			if !ok {
+				t.costOrder = append(t.costOrder, c.Name)
+			}
+			old.Name = c.Name
+			old.CPUSeconds += c.CPUSeconds
+			old.WaitSeconds += c.WaitSeconds
+			old.Switches += c.Switches
+			t.costs[c.Name] = old
+		}
+	}
 }
 
 // timed runs f, a workload's run under duet exec, and adds what the
@@ -533,11 +564,23 @@ func (b *bench) buildSyncbench() {
 // syncbench runs tools/syncbench on nodeA's filesystem, plain or under
 // `duet exec`, and returns what it printed.
 type syncResult struct {
+	Calls     int       `json:"calls"`
 	P50Ms     float64   `json:"p50_ms"`
 	P99Ms     float64   `json:"p99_ms"`
 	MeanMs    float64   `json:"mean_ms"`
 	MBps      float64   `json:"mb_per_s"`
 	SamplesMs []float64 `json:"samples_ms"`
+	// Costs: what the daemons, `duet exec` and the writer used during
+	// a supervised run's timed calls (syncbench -cost).
+	Costs []procCost `json:"costs"`
+}
+
+// procCost is what one process used during a run's timed calls.
+type procCost struct {
+	Name        string  `json:"name"`
+	CPUSeconds  float64 `json:"cpu_s"`
+	WaitSeconds float64 `json:"runq_wait_s"`
+	Switches    uint64  `json:"switches"`
 }
 
 func (b *bench) syncbench(host string, supervised bool, args ...string) syncResult {
@@ -551,7 +594,12 @@ func (b *bench) syncbenchNow(host string, supervised bool, args ...string) syncR
 	if supervised {
 		cmd = append(cmd, b.bin, "exec", "--config", filepath.Join(b.lab, host+".yaml"), "--")
 	}
-	cmd = append(append(cmd, b.syncbenchBin), args...)
+	cmd = append(cmd, b.syncbenchBin)
+	if supervised {
+		// `duet exec` is syncbench's parent.
+		cmd = append(cmd, "-cost", fmt.Sprintf("nodeA daemon=%d,nodeB daemon=%d,duet exec=parent", b.pid("a"), b.pid("b")))
+	}
+	cmd = append(cmd, args...)
 	out := b.must(cmd...)
 	var r syncResult
 	if err := json.Unmarshal([]byte(lastLine(out)), &r); err != nil {
@@ -601,6 +649,7 @@ func (b *bench) syncFigures(runs int) []Figure {
 		pair(i, func() { l = b.syncbench("a", false, append(lat, "-file", local("a", "lat"))...) },
 			func() {
 				b.timed("4 KiB random write + fdatasync", func() { d = b.syncbenchNow("a", true, append(lat, "-file", file("a", "duet"))...) })
+				b.addCosts("4 KiB random write + fdatasync", d)
 			})
 		b.plots.addLatency("local", l.SamplesMs)
 		b.plots.addLatency("duet exec, sync", d.SamplesMs)
@@ -611,6 +660,7 @@ func (b *bench) syncFigures(runs int) []Figure {
 		pair(i, func() { la = b.syncbench("a", false, append(appLat, "-file", local("a", "app"))...) },
 			func() {
 				b.timed("4 KiB appends + fdatasync", func() { da = b.syncbenchNow("a", true, append(appLat, "-file", file("a", "app-duet"))...) })
+				b.addCosts("4 KiB appends + fdatasync", da)
 			})
 		app.add(la.P50Ms, da.P50Ms)
 		pair(i, func() { lt = b.syncbench("a", false, append(thr, "-file", local("a", "seq"))...) },
@@ -618,6 +668,7 @@ func (b *bench) syncFigures(runs int) []Figure {
 				b.timed("64 KiB sequential writes, fdatasync every 1 MiB", func() {
 					dt = b.syncbenchNow("a", true, append(thr, "-file", file("a", "seq-duet"))...)
 				})
+				b.addCosts("64 KiB sequential writes, fdatasync every 1 MiB", dt)
 			})
 		seq.add(lt.MBps, dt.MBps)
 		// Two local writers at once, one per lab filesystem, outside the
@@ -832,6 +883,16 @@ func (b *bench) markdown(figs []Figure, runs int) string {
 			h, st, _ := strings.Cut(k, " ")
 			us := func(q float64) float64 { return float64(c.Quantile(q)) / float64(time.Microsecond) }
 			fmt.Fprintf(&w, "| %s | %s | %d | %.0f | %.0f | %.0f |\n", h, st, c.Total(), us(0.5), us(0.9), us(0.99))
+		}
+		if t.calls == 0 {
+			continue
+		}
+		fmt.Fprintf(&w, "\nWhat each process used during these %d calls, per call (syncbench -cost: schedstat and the context switches of each process's threads, from the first timed call to the last; the daemons' own background work, heartbeats and timers, included):\n\n", t.calls)
+		fmt.Fprintf(&w, "| process | CPU µs | runnable, waiting for a CPU, µs | context switches |\n|---|---|---|---|\n")
+		for _, k := range t.costOrder {
+			c := t.costs[k]
+			n := float64(t.calls)
+			fmt.Fprintf(&w, "| %s | %.0f | %.0f | %.1f |\n", k, c.CPUSeconds*1e6/n, c.WaitSeconds*1e6/n, float64(c.Switches)/n)
 		}
 	}
 	return w.String()

@@ -8,6 +8,13 @@
 //	    fdatasync; reports per-call latency percentiles (write+fdatasync).
 //	syncbench -mode throughput -file F -size 65536 -total 256MiB -every 1MiB
 //	    sequential writes, fdatasync after every -every bytes; reports MB/s.
+//
+// With -cost nodeA=PID,nodeB=PID,exec=parent it also reports what each
+// named process (parent: the one that started syncbench, `duet exec`)
+// and syncbench itself ("writer") used during the timed calls only (not
+// the latency mode's prefill): CPU time, time waiting for a CPU, and
+// context switches, summed over the threads (threads that ended meanwhile
+// are not counted).
 package main
 
 import (
@@ -17,6 +24,8 @@ import (
 	"math/rand/v2"
 	"os"
 	"slices"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/duet-ha/duet/tools/internal/size"
@@ -37,6 +46,19 @@ type Result struct {
 	// SamplesMs are the latency mode's per-call latencies, sorted (for a
 	// distribution plot).
 	SamplesMs []float64 `json:"samples_ms,omitempty"`
+	// Costs are the -cost processes' use during the timed calls.
+	Costs []Cost `json:"costs,omitempty"`
+}
+
+// Cost is what one process used during the timed calls.
+type Cost struct {
+	Name       string  `json:"name"`
+	CPUSeconds float64 `json:"cpu_s"`
+	// WaitSeconds is how long its threads were runnable and waited for
+	// a CPU.
+	WaitSeconds float64 `json:"runq_wait_s"`
+	// Switches are its threads' context switches, voluntary or not.
+	Switches uint64 `json:"switches"`
 }
 
 func main() {
@@ -47,10 +69,13 @@ func main() {
 	total := flag.String("total", "256MiB", "throughput mode: bytes to write")
 	every := flag.String("every", "1MiB", "throughput mode: fdatasync after this many bytes")
 	span := flag.String("span", "0", "latency mode: write at random offsets within this many bytes of a prefilled file (0: append)")
+	costOf := flag.String("cost", "", "name=PID,... (PID parent: syncbench's parent): report the CPU time and context switches of these processes, and of syncbench (writer), during the timed calls")
 	flag.Parse()
 	if *file == "" {
 		fail("-file is required")
 	}
+	procs, err := parseCost(*costOf)
+	check(err)
 	bs, err := size.Parse(*blockSize)
 	check(err)
 	f, err := os.OpenFile(*file, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
@@ -71,13 +96,13 @@ func main() {
 			sp, err = size.Parse(*span)
 			check(err)
 		}
-		r = latency(fd, pool, bs, *count, sp)
+		r = latency(fd, pool, bs, *count, sp, procs)
 	case "throughput":
 		t, err := size.Parse(*total)
 		check(err)
 		e, err := size.Parse(*every)
 		check(err)
-		r = throughput(fd, pool, bs, t, e)
+		r = throughput(fd, pool, bs, t, e, procs)
 	default:
 		fail("unknown -mode " + *mode + " (latency or throughput)")
 	}
@@ -91,7 +116,7 @@ func block(pool []byte, bs int64, i int) []byte {
 	return pool[o : o+bs]
 }
 
-func latency(fd int, pool []byte, bs int64, n int, span int64) Result {
+func latency(fd int, pool []byte, bs int64, n int, span int64, procs []proc) Result {
 	if span > 0 {
 		// Prefill, so that the random writes overwrite allocated blocks
 		// as a database's page writes do.
@@ -105,6 +130,7 @@ func latency(fd int, pool []byte, bs int64, n int, span int64) Result {
 		}
 	}
 	lat := make([]float64, 0, n)
+	before := snapshot(procs)
 	start := time.Now()
 	var off, written int64
 	for i := 0; i < n; i++ {
@@ -125,6 +151,7 @@ func latency(fd int, pool []byte, bs int64, n int, span int64) Result {
 		}
 	}
 	el := time.Since(start).Seconds()
+	costs := costSince(procs, before)
 	slices.Sort(lat)
 	var sum float64
 	for _, v := range lat {
@@ -132,10 +159,11 @@ func latency(fd int, pool []byte, bs int64, n int, span int64) Result {
 	}
 	pct := func(p float64) float64 { return lat[min(len(lat)-1, int(p*float64(len(lat))))] }
 	return Result{Mode: "latency", Calls: n, Bytes: written, Seconds: el, P50Ms: pct(0.50), P99Ms: pct(0.99),
-		MeanMs: sum / float64(n), MaxMs: lat[len(lat)-1], SamplesMs: lat}
+		MeanMs: sum / float64(n), MaxMs: lat[len(lat)-1], SamplesMs: lat, Costs: costs}
 }
 
-func throughput(fd int, pool []byte, bs, total, every int64) Result {
+func throughput(fd int, pool []byte, bs, total, every int64, procs []proc) Result {
+	before := snapshot(procs)
 	start := time.Now()
 	var off, since int64
 	calls := 0
@@ -154,7 +182,99 @@ func throughput(fd int, pool []byte, bs, total, every int64) Result {
 		}
 	}
 	el := time.Since(start).Seconds()
-	return Result{Mode: "throughput", Calls: calls, Bytes: off, Seconds: el, MBps: float64(off) / el / 1e6}
+	return Result{Mode: "throughput", Calls: calls, Bytes: off, Seconds: el, MBps: float64(off) / el / 1e6, Costs: costSince(procs, before)}
+}
+
+// proc is a process whose use -cost reports.
+type proc struct {
+	name string
+	pid  int
+}
+
+// parseCost reads -cost's name=PID list; syncbench itself is added as
+// "writer".
+func parseCost(s string) ([]proc, error) {
+	if s == "" {
+		return nil, nil
+	}
+	var ps []proc
+	for _, kv := range strings.Split(s, ",") {
+		name, v, ok := strings.Cut(kv, "=")
+		if !ok || name == "" {
+			return nil, fmt.Errorf("-cost %q: want name=PID,... (PID a number or parent)", s)
+		}
+		pid := os.Getppid()
+		if v != "parent" {
+			n, err := strconv.Atoi(v)
+			if err != nil || n <= 0 {
+				return nil, fmt.Errorf("-cost %q: %q is not a process number", s, v)
+			}
+			pid = n
+		}
+		if _, err := os.Stat(fmt.Sprintf("/proc/%d", pid)); err != nil {
+			return nil, fmt.Errorf("-cost: process %s (%d): %w", name, pid, err)
+		}
+		ps = append(ps, proc{name, pid})
+	}
+	return append(ps, proc{"writer", os.Getpid()}), nil
+}
+
+// snapshot is each process's use so far.
+func snapshot(ps []proc) []Cost {
+	var cs []Cost
+	for _, p := range ps {
+		c, err := use(p.pid)
+		if err != nil {
+			fail(fmt.Sprintf("-cost %s: %v", p.name, err))
+		}
+		c.Name = p.name
+		cs = append(cs, c)
+	}
+	return cs
+}
+
+// costSince is each process's use since before.
+func costSince(ps []proc, before []Cost) []Cost {
+	after := snapshot(ps)
+	for i := range after {
+		after[i].CPUSeconds -= before[i].CPUSeconds
+		after[i].WaitSeconds -= before[i].WaitSeconds
+		after[i].Switches -= before[i].Switches
+	}
+	return after
+}
+
+// use is what a process's threads used so far: time on a CPU, time
+// runnable but waiting for one (both from schedstat), and context
+// switches.
+func use(pid int) (Cost, error) {
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil {
+		return Cost{}, err
+	}
+	var c Cost
+	for _, t := range tasks {
+		dir := fmt.Sprintf("/proc/%d/task/%s/", pid, t.Name())
+		ss, err1 := os.ReadFile(dir + "schedstat")
+		st, err2 := os.ReadFile(dir + "status")
+		if err1 != nil || err2 != nil {
+			continue // the thread ended
+		}
+		var run, wait uint64
+		if _, err := fmt.Sscan(string(ss), &run, &wait); err != nil {
+			return Cost{}, fmt.Errorf("%sschedstat: %v", dir, err)
+		}
+		c.CPUSeconds += float64(run) / 1e9
+		c.WaitSeconds += float64(wait) / 1e9
+		for _, line := range strings.Split(string(st), "\n") {
+			k, v, _ := strings.Cut(line, ":")
+			if k == "voluntary_ctxt_switches" || k == "nonvoluntary_ctxt_switches" {
+				n, _ := strconv.ParseUint(strings.TrimSpace(v), 10, 64)
+				c.Switches += n
+			}
+		}
+	}
+	return c, nil
 }
 
 func check(err error) {
