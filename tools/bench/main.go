@@ -596,8 +596,9 @@ func (b *bench) syncbenchNow(host string, supervised bool, args ...string) syncR
 	}
 	cmd = append(cmd, b.syncbenchBin)
 	if supervised {
-		// `duet exec` is syncbench's parent.
-		cmd = append(cmd, "-cost", fmt.Sprintf("nodeA daemon=%d,nodeB daemon=%d,duet exec=parent", b.pid("a"), b.pid("b")))
+		// `duet exec` runs a leader process (barrier.RunChild), whose
+		// child is syncbench.
+		cmd = append(cmd, "-cost", fmt.Sprintf("nodeA daemon=%d,nodeB daemon=%d,duet exec=grandparent", b.pid("a"), b.pid("b")))
 	}
 	cmd = append(cmd, args...)
 	out := b.must(cmd...)

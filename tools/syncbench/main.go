@@ -9,9 +9,10 @@
 //	syncbench -mode throughput -file F -size 65536 -total 256MiB -every 1MiB
 //	    sequential writes, fdatasync after every -every bytes; reports MB/s.
 //
-// With -cost nodeA=PID,nodeB=PID,exec=parent it also reports what each
-// named process (parent: the one that started syncbench, `duet exec`)
-// and syncbench itself ("writer") used during the timed calls only (not
+// With -cost nodeA=PID,nodeB=PID,exec=grandparent it also reports what
+// each named process (parent: the one that started syncbench;
+// grandparent: its parent, `duet exec` above its leader) and syncbench
+// itself ("writer") used during the timed calls only (not
 // the latency mode's prefill): CPU time, time waiting for a CPU, and
 // context switches, summed over the threads (threads that ended meanwhile
 // are not counted).
@@ -69,7 +70,7 @@ func main() {
 	total := flag.String("total", "256MiB", "throughput mode: bytes to write")
 	every := flag.String("every", "1MiB", "throughput mode: fdatasync after this many bytes")
 	span := flag.String("span", "0", "latency mode: write at random offsets within this many bytes of a prefilled file (0: append)")
-	costOf := flag.String("cost", "", "name=PID,... (PID parent: syncbench's parent): report the CPU time and context switches of these processes, and of syncbench (writer), during the timed calls")
+	costOf := flag.String("cost", "", "name=PID,... (PID parent or grandparent: syncbench's): report the CPU time and context switches of these processes, and of syncbench (writer), during the timed calls")
 	flag.Parse()
 	if *file == "" {
 		fail("-file is required")
@@ -203,8 +204,16 @@ func parseCost(s string) ([]proc, error) {
 		if !ok || name == "" {
 			return nil, fmt.Errorf("-cost %q: want name=PID,... (PID a number or parent)", s)
 		}
-		pid := os.Getppid()
-		if v != "parent" {
+		var pid int
+		switch v {
+		case "parent":
+			pid = os.Getppid()
+		case "grandparent":
+			var err error
+			if pid, err = parentOf(os.Getppid()); err != nil {
+				return nil, fmt.Errorf("-cost %s: %w", name, err)
+			}
+		default:
 			n, err := strconv.Atoi(v)
 			if err != nil || n <= 0 {
 				return nil, fmt.Errorf("-cost %q: %q is not a process number", s, v)
@@ -217,6 +226,20 @@ func parseCost(s string) ([]proc, error) {
 		ps = append(ps, proc{name, pid})
 	}
 	return append(ps, proc{"writer", os.Getpid()}), nil
+}
+
+// parentOf is pid's parent process.
+func parentOf(pid int) (int, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
+	if len(f) < 2 {
+		return 0, fmt.Errorf("/proc/%d/stat: %q", pid, s)
+	}
+	return strconv.Atoi(f[1])
 }
 
 // snapshot is each process's use so far.
