@@ -84,8 +84,13 @@ func testUringWriteAfterErrnoReturn(t *testing.T, answer syscall.Errno) {
 			return
 		}
 		// Held by the supervisor past the timeout; the linked write runs
-		// from task_work when this returns.
-		_, _, e = unix.RawSyscall(unix.SYS_FCHMOD, f.Fd(), 0o644, 0)
+		// from task_work when this returns. Not RawSyscall: the Go
+		// runtime takes a goroutine in one for running code, holding
+		// its P and never stopping; a GC that began meanwhile spun in
+		// suspendG for it on one P while the supervisor's goroutine,
+		// which would answer, waited for the other (the test hung,
+		// spinning a CPU).
+		_, _, e = unix.Syscall(unix.SYS_FCHMOD, f.Fd(), 0o644, 0)
 		for start := time.Now(); atomic.LoadUint32(r.cqTail)-head < 2; {
 			if time.Since(start) > 5*time.Second {
 				t.Errorf("no completions")
@@ -106,9 +111,9 @@ func testUringWriteAfterErrnoReturn(t *testing.T, answer syscall.Errno) {
 	lfd := <-listener
 	if lfd >= 0 {
 		// Closed on every way out: a held fchmod is then answered
-		// (ENOSYS). Left held, the thread sits in a RawSyscall the Go
-		// runtime takes as running code, and the next stop-the-world
-		// (a GC) waits for it for ever: the whole test binary hung.
+		// (ENOSYS), and its thread ends. (Left held, when it was a
+		// RawSyscall, the next stop-the-world waited for it for ever:
+		// the whole test binary hung.)
 		closed := false
 		closeListener := func() {
 			if !closed {
@@ -137,6 +142,9 @@ func testUringWriteAfterErrnoReturn(t *testing.T, answer syscall.Errno) {
 			closeListener()
 			t.Fatalf("NOTIF_RECV: %v", e)
 		}
+		// A collection while the call is held must complete: the
+		// held goroutine is in a syscall, which the runtime can scan.
+		runtime.GC()
 		time.Sleep(200 * time.Millisecond)
 		var resp [24]byte
 		copy(resp[:8], notif[:8])
