@@ -125,12 +125,12 @@ func testUringWriteAfterErrnoReturn(t *testing.T, answer syscall.Errno) {
 		var notif [80]byte
 		_, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(lfd), 0xC0502100, uintptr(unsafe.Pointer(&notif[0])))
 		// EINTR: a signal (Go's preemption) to this thread ended the
-		// wait (down_interruptible). ENOENT: one to the held thread
-		// did, before the receive: its notification was withdrawn,
-		// and the restarted fchmod sends another (the supervisor in
-		// pkg/barrier receives again the same way).
-		// ENOENT at once, again and again, if the thread ended without
-		// its fchmod (no process left on the filter): it said why.
+		// wait. ENOENT: one to the held thread did, before the
+		// receive: its notification was withdrawn, and the restarted
+		// fchmod sends another (the supervisor in pkg/barrier receives
+		// again the same way). ENOENT at once, again and again, if the
+		// thread ended without its fchmod (no process left on the
+		// filter): it said why.
 		for (e == unix.EINTR || e == unix.ENOENT) && len(done) == 0 {
 			_, _, e = unix.Syscall(unix.SYS_IOCTL, uintptr(lfd), 0xC0502100, uintptr(unsafe.Pointer(&notif[0])))
 		}
@@ -138,8 +138,14 @@ func testUringWriteAfterErrnoReturn(t *testing.T, answer syscall.Errno) {
 			closeListener()
 			t.Fatalf("NOTIF_RECV: %v; the writer's thread ended first: %v", e, <-done)
 		}
+		// On the ways out below the writer goes on once the listener
+		// is closed: it is waited for (at most its 5 s for the
+		// completions), or it read the ring after the test's cleanup
+		// unmapped it and the fault killed the whole binary (from a
+		// review).
 		if e != 0 {
 			closeListener()
+			<-done
 			t.Fatalf("NOTIF_RECV: %v", e)
 		}
 		// A collection while the call is held must complete: the
@@ -151,6 +157,7 @@ func testUringWriteAfterErrnoReturn(t *testing.T, answer syscall.Errno) {
 		*(*int32)(unsafe.Pointer(&resp[16])) = -int32(answer)
 		if _, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(lfd), 0xC0182101, uintptr(unsafe.Pointer(&resp[0]))); e != 0 {
 			closeListener()
+			<-done
 			t.Fatalf("NOTIF_SEND: %v", e)
 		}
 		if err := <-done; err != nil {

@@ -90,8 +90,15 @@ func TestLinkedUringWriteAfterExitReported(t *testing.T) {
 		runtime.KeepAlive(buf)
 		if errno != 0 {
 			t.Errorf("io_uring_enter: %v", errno)
+			seen <- 0
+			return
 		}
-		for atomic.LoadUint32(r.cqTail)-head < 2 {
+		for start := time.Now(); atomic.LoadUint32(r.cqTail)-head < 2; {
+			if time.Since(start) > 5*time.Second {
+				t.Errorf("the two writes did not complete within 5 s")
+				seen <- 0
+				return
+			}
 		}
 		for i := uint32(0); i < 2; i++ {
 			cqe := r.cqesOffset + ((head+i)&r.cqMask)*16

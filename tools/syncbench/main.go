@@ -14,8 +14,8 @@
 // grandparent: its parent, `duet exec` above its leader) and syncbench
 // itself ("writer") used during the timed calls only (not
 // the latency mode's prefill): CPU time, time waiting for a CPU, and
-// context switches, summed over the threads (threads that ended meanwhile
-// are not counted).
+// context switches, summed over the threads (a thread that ended
+// meanwhile is not counted at all).
 package main
 
 import (
@@ -202,7 +202,7 @@ func parseCost(s string) ([]proc, error) {
 	for _, kv := range strings.Split(s, ",") {
 		name, v, ok := strings.Cut(kv, "=")
 		if !ok || name == "" {
-			return nil, fmt.Errorf("-cost %q: want name=PID,... (PID a number or parent)", s)
+			return nil, fmt.Errorf("-cost %q: want name=PID,... (PID a number, parent or grandparent)", s)
 		}
 		var pid int
 		switch v {
@@ -242,40 +242,55 @@ func parentOf(pid int) (int, error) {
 	return strconv.Atoi(f[1])
 }
 
-// snapshot is each process's use so far.
-func snapshot(ps []proc) []Cost {
-	var cs []Cost
+// snapshot is each process's threads' use so far, by thread.
+func snapshot(ps []proc) []map[string]Cost {
+	var ss []map[string]Cost
 	for _, p := range ps {
-		c, err := use(p.pid)
+		ts, err := use(p.pid)
 		if err != nil {
 			fail(fmt.Sprintf("-cost %s: %v", p.name, err))
 		}
-		c.Name = p.name
+		ss = append(ss, ts)
+	}
+	return ss
+}
+
+// costSince is each process's use since before: a thread's since its
+// first snapshot, or since it began if it began meanwhile. A thread that
+// ended meanwhile is not counted at all (a whole-process difference would
+// take its earlier use away from the others').
+func costSince(ps []proc, before []map[string]Cost) []Cost {
+	return diffCosts(ps, before, snapshot(ps))
+}
+
+// diffCosts is costSince between two snapshots.
+func diffCosts(ps []proc, before, after []map[string]Cost) []Cost {
+	var cs []Cost
+	for i, p := range ps {
+		c := Cost{Name: p.name}
+		for tid, a := range after[i] {
+			b := before[i][tid] // zero for a thread begun meanwhile
+			if a.Switches < b.Switches {
+				b = Cost{} // the thread number was reused
+			}
+			c.CPUSeconds += a.CPUSeconds - b.CPUSeconds
+			c.WaitSeconds += a.WaitSeconds - b.WaitSeconds
+			c.Switches += a.Switches - b.Switches
+		}
 		cs = append(cs, c)
 	}
 	return cs
 }
 
-// costSince is each process's use since before.
-func costSince(ps []proc, before []Cost) []Cost {
-	after := snapshot(ps)
-	for i := range after {
-		after[i].CPUSeconds -= before[i].CPUSeconds
-		after[i].WaitSeconds -= before[i].WaitSeconds
-		after[i].Switches -= before[i].Switches
-	}
-	return after
-}
-
-// use is what a process's threads used so far: time on a CPU, time
-// runnable but waiting for one (both from schedstat), and context
+// use is what each of a process's threads used so far: time on a CPU,
+// time runnable but waiting for one (both from schedstat), and context
 // switches.
-func use(pid int) (Cost, error) {
+func use(pid int) (map[string]Cost, error) {
 	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
 	if err != nil {
-		return Cost{}, err
+		return nil, err
 	}
-	var c Cost
+	ts := map[string]Cost{}
 	for _, t := range tasks {
 		dir := fmt.Sprintf("/proc/%d/task/%s/", pid, t.Name())
 		ss, err1 := os.ReadFile(dir + "schedstat")
@@ -285,10 +300,9 @@ func use(pid int) (Cost, error) {
 		}
 		var run, wait uint64
 		if _, err := fmt.Sscan(string(ss), &run, &wait); err != nil {
-			return Cost{}, fmt.Errorf("%sschedstat: %v", dir, err)
+			return nil, fmt.Errorf("%sschedstat: %v", dir, err)
 		}
-		c.CPUSeconds += float64(run) / 1e9
-		c.WaitSeconds += float64(wait) / 1e9
+		c := Cost{CPUSeconds: float64(run) / 1e9, WaitSeconds: float64(wait) / 1e9}
 		for _, line := range strings.Split(string(st), "\n") {
 			k, v, _ := strings.Cut(line, ":")
 			if k == "voluntary_ctxt_switches" || k == "nonvoluntary_ctxt_switches" {
@@ -296,8 +310,9 @@ func use(pid int) (Cost, error) {
 				c.Switches += n
 			}
 		}
+		ts[t.Name()] = c
 	}
-	return c, nil
+	return ts, nil
 }
 
 func check(err error) {
