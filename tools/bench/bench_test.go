@@ -47,7 +47,7 @@ func TestQuickBench(t *testing.T) {
 	}
 	want := []string{"capture overhead", "wire bytes", "many small files", "4 KiB random write + fdatasync", "4 KiB appends + fdatasync", "64 KiB sequential writes",
 		"async directory", "async replication lag", "resync time", "resync bytes on the wire", "duet / lsyncd",
-		"MariaDB sysbench oltp_write_only", "p95 transaction latency", "NFSv3 4 KiB WRITE + COMMIT", "NFSv3 64 KiB sequential", "TLS link / plaintext link",
+		"MariaDB sysbench oltp_write_only", "p95 transaction latency", "as nodeA's service under duet sync", "NFSv3 4 KiB WRITE + COMMIT", "NFSv3 64 KiB sequential", "TLS link / plaintext link",
 		"initial sync of a fresh pair", "peak RSS during the initial sync", "peak RSS during steady replication", "clean restart of both daemons",
 		"crash restart", "duet verify / rsync", "a file created every 2 ms", "same churn, p99", "CPU seconds / the churn's",
 		"failover: kill of the primary host"}

@@ -35,6 +35,8 @@ type bench struct {
 	// stages sums, per workload, node and stage, what the daemons timed
 	// during the sync runs under duet exec (duet status --latency).
 	stages []stageTable
+	// lsyncdMissed are the deletes lsyncd missed (waitSame).
+	lsyncdMissed []string
 }
 
 // Figure is one reported measurement.
