@@ -48,7 +48,6 @@ func TestWaitSameMissedDelete(t *testing.T) {
 		time.Sleep(time.Second)
 		put("b", "g")
 	}()
-	start = time.Now()
 	if got := b.waitSame("r", 10*time.Second); got < 900*time.Millisecond {
 		t.Errorf("returned after %v, before nodeB had g", got)
 	}
