@@ -52,12 +52,13 @@ func (b *bench) waitSame(rel string, limit time.Duration) time.Duration {
 			if complete < 0 {
 				complete = time.Since(start)
 			}
-			if extra := strings.Join(extraLines(got, want), "\n"); extra != lastExtra {
+			extras := extraLines(got, want)
+			if extra := strings.Join(extras, "\n"); extra != lastExtra {
 				lastExtra, extraSince = extra, time.Now()
-			} else if time.Since(extraSince) >= lsyncdMissedAfter {
-				n, first := linesNotIn(got, want)
-				if !slices.ContainsFunc(b.lsyncdMissed, func(m string) bool { return strings.Contains(m, fmt.Sprintf("%q", first)) }) {
-					b.lsyncdMissed = append(b.lsyncdMissed, fmt.Sprintf("%s: %d entries nodeA does not have (first: %q)", rel, n, first))
+			} else if len(extras) > 0 && time.Since(extraSince) >= lsyncdMissedAfter {
+				first := fmt.Sprintf("%q", extras[0])
+				if !slices.ContainsFunc(b.lsyncdMissed, func(m string) bool { return strings.Contains(m, first) }) {
+					b.lsyncdMissed = append(b.lsyncdMissed, fmt.Sprintf("%s: %d entries nodeA does not have (first: %s)", rel, len(extras), first))
 				}
 				return complete
 			}
@@ -91,20 +92,13 @@ func extraLines(a, b string) []string {
 	return out
 }
 
+// linesNotIn counts a's lines that b lacks, and gives the first.
 func linesNotIn(a, b string) (n int, first string) {
-	have := map[string]bool{}
-	for _, l := range strings.Split(b, "\n") {
-		have[l] = true
+	extra := extraLines(a, b)
+	if len(extra) == 0 {
+		return 0, ""
 	}
-	for _, l := range strings.Split(a, "\n") {
-		if !have[l] {
-			if n == 0 {
-				first = l
-			}
-			n++
-		}
-	}
-	return n, first
+	return len(extra), extra[0]
 }
 
 func tail(s string, n int) string {
