@@ -239,3 +239,36 @@ func TestRingWaitEndsEarly(t *testing.T) {
 		t.Errorf("a read after the stop: %v; want %v", err, os.ErrClosed)
 	}
 }
+
+// An empty ring's read returns os.ErrDeadlineExceeded at its deadline,
+// about then, and again for a deadline already past; a later deadline
+// (set anew) waits again.
+func TestRingWaitDeadline(t *testing.T) {
+	fs := loopfs.Make(t, "ext4", 64)
+	var st syscall.Stat_t
+	if err := syscall.Stat(fs.Mount, &st); err != nil {
+		t.Fatal(err)
+	}
+	c, err := Open(Options{Devices: []uint64{st.Dev}, RingBytes: 1 << 16})
+	if err != nil {
+		t.Fatalf("Open: %v", err)
+	}
+	defer c.Close()
+	r := c.reader
+	for {
+		if _, err := r.read(nil, time.Now().Add(50*time.Millisecond)); err != nil {
+			break
+		}
+	}
+	for _, d := range []time.Duration{-time.Second, 200 * time.Millisecond, 300 * time.Millisecond} {
+		start := time.Now()
+		_, err := r.read(nil, start.Add(d))
+		took := time.Since(start)
+		if err != os.ErrDeadlineExceeded {
+			t.Fatalf("a read with a deadline %v away: %v; want %v", d, err, os.ErrDeadlineExceeded)
+		}
+		if took < d || took > max(d, 0)+2*time.Second {
+			t.Errorf("a read with a deadline %v away returned after %v", d, took)
+		}
+	}
+}

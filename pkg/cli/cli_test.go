@@ -14,6 +14,7 @@ import (
 	"github.com/duet-ha/duet/pkg/latency"
 	"github.com/duet-ha/duet/pkg/node"
 	"github.com/duet-ha/duet/pkg/replica"
+	"github.com/duet-ha/duet/pkg/sysmon"
 )
 
 func run(args ...string) (string, int) {
@@ -76,6 +77,22 @@ func TestBadInputIsNamed(t *testing.T) {
 				t.Fatalf("exit %d, output %q: want exit 2 and %q", code, out, tt.want)
 			}
 		})
+	}
+}
+
+// A bad DUET_MONITOR_SLACK stops the daemon and duet exec before they
+// start anything, and is named.
+func TestBadMonitorSlackIsNamed(t *testing.T) {
+	t.Setenv(sysmon.EnvSlack, "fast")
+	want := sysmon.EnvSlack + `="fast": want a duration from 0 to 1s`
+	for _, args := range [][]string{
+		{"run", "--config", writeConfig(t, nil)},
+		{"run", "--check", "--config", writeConfig(t, nil)},
+		{"exec", "--socket", filepath.Join(t.TempDir(), "none.sock"), "--", "true"},
+	} {
+		if out, code := run(args...); code != 2 || !strings.Contains(out, want) {
+			t.Errorf("%v: exit %d, output %q: want exit 2 and %q", args, code, out, want)
+		}
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 
 	"github.com/duet-ha/duet/pkg/barrier"
 	"github.com/duet-ha/duet/pkg/node"
+	"github.com/duet-ha/duet/pkg/sysmon"
 	"github.com/spf13/cobra"
 )
 
@@ -40,6 +41,14 @@ until then their durability calls fail with EIO.`,
 			if err != nil {
 				return err
 			}
+			slack, err := sysmon.SlackFromEnv()
+			if err != nil {
+				return err
+			}
+			// The outcome is not said: the command's stderr is the
+			// operator's, and duet exec run by a user without
+			// CAP_SYS_NICE keeps the kernel's slack, as it did.
+			sysmon.Relax(slack, nil)
 			client := node.NewBarrierClient(socket)
 			code, err := barrier.Exec(context.Background(), self, args, func(int32) error {
 				return client.Wait()

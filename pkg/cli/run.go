@@ -10,6 +10,7 @@ import (
 	"syscall"
 
 	"github.com/duet-ha/duet/pkg/node"
+	"github.com/duet-ha/duet/pkg/sysmon"
 	"github.com/spf13/cobra"
 )
 
@@ -59,6 +60,10 @@ BPF programs load, and the hooks they would attach. Exit 0 when all pass.`,
 					return err
 				}
 			}
+			slack, err := sysmon.SlackFromEnv()
+			if err != nil {
+				return err
+			}
 			if check {
 				fmt.Fprintf(s.Out, "config %s: ok\n", cfgPath)
 				found, problems := preflight(cfg)
@@ -72,6 +77,13 @@ BPF programs load, and the hooks they would attach. Exit 0 when all pass.`,
 				return err
 			}
 			log := slog.New(slog.NewTextHandler(s.Err, &slog.HandlerOptions{Level: lvl})).With("node", cfg.Node)
+			sysmon.Relax(slack, func(tid int, err error) {
+				if err != nil {
+					log.Warn("the Go runtime's monitor keeps its timer slack", "err", err)
+					return
+				}
+				log.Info("the Go runtime's monitor naps with more timer slack", "thread", tid, "slack", slack, "set_by", sysmon.EnvSlack)
+			})
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			return node.Run(ctx, cfg, log)
