@@ -21,6 +21,7 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/duet-ha/duet/pkg/aiosync"
 	"golang.org/x/sys/unix"
 )
 
@@ -535,12 +536,11 @@ const pidfdThread = unix.O_EXCL
 // of another kind or the descriptor cannot be taken (the continued call
 // then does all the local work, as without overlap).
 func flushEarly(listener int, req *seccompNotif) <-chan flushResult {
-	var flush func(int) error
+	var datasync bool
 	switch req.NR {
 	case unix.SYS_FSYNC:
-		flush = unix.Fsync
 	case unix.SYS_FDATASYNC:
-		flush = unix.Fdatasync
+		datasync = true
 	default:
 		return nil
 	}
@@ -552,7 +552,10 @@ func flushEarly(listener int, req *seccompNotif) <-chan flushResult {
 	go func() {
 		defer unix.Close(fd)
 		start := time.Now()
-		err := flush(fd)
+		// On a kernel worker (aiosync): a supervisor answering many
+		// callers at once held a P per flush, and the goroutines that
+		// ship the data the calls wait for waited for a P.
+		err := aiosync.Sync(fd, datasync)
 		// Nothing to flush (a pipe, a socket): the continued call
 		// reports this itself. Interrupted (a signal to this process,
 		// not the caller's): the call runs the flush itself.

@@ -9,6 +9,7 @@ import (
 	"os/signal"
 	"syscall"
 
+	"github.com/duet-ha/duet/pkg/aiosync"
 	"github.com/duet-ha/duet/pkg/node"
 	"github.com/duet-ha/duet/pkg/sysmon"
 	"github.com/spf13/cobra"
@@ -77,6 +78,9 @@ BPF programs load, and the hooks they would attach. Exit 0 when all pass.`,
 				return err
 			}
 			log := slog.New(slog.NewTextHandler(s.Err, &slog.HandlerOptions{Level: lvl})).With("node", cfg.Node)
+			if err := aiosync.Available(); err != nil {
+				log.Warn("durability calls' early flushes hold a Go P each: Linux AIO is not available", "err", err)
+			}
 			sysmon.Relax(slack, func(tid int, err error) {
 				if err != nil {
 					log.Warn("the Go runtime's monitor keeps its timer slack", "err", err)

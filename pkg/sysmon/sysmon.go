@@ -13,11 +13,14 @@
 // Linux rounds a thread's sleeps up by its timer slack (50 µs by default),
 // set per thread in /proc/<tid>/timerslack_ns. Relax finds the monitor's
 // thread and gives it a larger slack, so that each nap lasts up to the
-// slack more: its duties (taking a P back from a long system call,
-// preempting a goroutine that runs for 10 ms, polling the network when no
-// P does) come that much later, and nothing else changes. Every other
-// thread keeps its slack: the runtime's timers, the network poller and a
-// spinning thread's 3 µs wait for work would be late by the slack too.
+// slack more: its duties (taking a P back from a long system call, which
+// it does on the second nap that sees the call, preempting a goroutine
+// that runs for 10 ms, polling the network when no P does) come up to two
+// naps later. A goroutine in a long system call thus holds its P up to
+// about 2 ms: long calls that many goroutines make at once go elsewhere
+// (pkg/aiosync). Every other thread keeps its slack: the runtime's timers,
+// the network poller and a spinning thread's 3 µs wait for work would be
+// late by the slack too.
 package sysmon
 
 import (
