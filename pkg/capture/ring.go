@@ -6,6 +6,7 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 	"unsafe"
 
@@ -22,6 +23,14 @@ import (
 // reader maps the data pages once and copies a record that wraps in two
 // parts. A record's 8-byte header never wraps: positions are multiples of
 // 8 and the ring's size a multiple of the page.
+//
+// A read waits in Go's network poller, not in a blocking epoll_wait: the
+// ring's own epoll (the ring, flush and stop) is registered with it as
+// one more file. A goroutine blocked in a system call keeps its P until
+// the runtime's monitor takes it back, which with the monitor's timer
+// slack (pkg/sysmon) is up to about 2 ms: the reader, which waits
+// between almost every durability call, held one of the daemon's two Ps
+// while the supervisor's and the pipeline's goroutines waited for one.
 type eventRing struct {
 	mu       sync.Mutex // held by a read, and by close for the unmap
 	consPage []byte     // the consumer position's page, writable
@@ -29,9 +38,15 @@ type eventRing struct {
 	data     []byte     // prodPage past its first page
 	mask     uint64
 
-	epfd  int
-	flush int // eventfd: a read returns what is there now (Kick)
-	stop  int // eventfd: a read returns os.ErrClosed
+	epfd int
+	// epFile owns epfd once made (nonblocking, in Go's poller): never
+	// call its Fd, which would make it blocking. Its read deadline is
+	// the last one set (lastDeadline).
+	epFile       *os.File
+	epConn       syscall.RawConn
+	lastDeadline time.Time
+	flush        int // eventfd: a read returns what is there now (Kick)
+	stop         int // eventfd: a read returns os.ErrClosed
 	// closing is set before stop is written: a read that begins after it
 	// returns os.ErrClosed without waiting.
 	closing atomic.Bool
@@ -83,6 +98,13 @@ func newEventRing(m *ebpf.Map) (_ *eventRing, err error) {
 		if err = unix.EpollCtl(r.epfd, unix.EPOLL_CTL_ADD, f, &ev); err != nil {
 			return nil, fmt.Errorf("polling the ring buffer: %w", err)
 		}
+	}
+	if err = unix.SetNonblock(r.epfd, true); err != nil {
+		return nil, fmt.Errorf("polling the ring buffer: %w", err)
+	}
+	r.epFile = os.NewFile(uintptr(r.epfd), "capture-ring-epoll")
+	if r.epConn, err = r.epFile.SyscallConn(); err != nil {
+		return nil, fmt.Errorf("polling the ring buffer: %w", err)
 	}
 	return r, nil
 }
@@ -164,42 +186,48 @@ func (r *eventRing) next(buf []byte) ([]byte, bool, error) {
 }
 
 // wait blocks until the producer or flush wakes the ring, or deadline.
+// It parks in Go's poller until the ring's epoll has an event, and then
+// takes the events without blocking.
 func (r *eventRing) wait(deadline time.Time) error {
-	for {
-		ms := -1
-		if !deadline.IsZero() {
-			d := time.Until(deadline)
-			if d <= 0 {
-				return os.ErrDeadlineExceeded
-			}
-			ms = int((d + time.Millisecond - 1) / time.Millisecond)
-		}
-		n, err := unix.EpollWait(r.epfd, r.events[:], ms)
-		if errors.Is(err, unix.EINTR) {
-			continue
-		}
-		if err != nil {
+	if !deadline.Equal(r.lastDeadline) {
+		if err := r.epFile.SetReadDeadline(deadline); err != nil {
 			return fmt.Errorf("waiting on the ring buffer: %w", err)
 		}
-		if n == 0 {
-			return os.ErrDeadlineExceeded
-		}
-		var flushed bool
-		for _, ev := range r.events[:n] {
-			switch int(ev.Fd) {
-			case r.stop:
-				return os.ErrClosed
-			case r.flush:
-				var b [8]byte
-				_, _ = unix.Read(r.flush, b[:])
-				flushed = true
-			}
-		}
-		if flushed {
-			return errFlushed
-		}
-		return nil
+		r.lastDeadline = deadline
 	}
+	var n int
+	var werr error
+	err := r.epConn.Read(func(uintptr) bool {
+		n, werr = unix.EpollWait(r.epfd, r.events[:], 0)
+		if errors.Is(werr, unix.EINTR) {
+			werr = nil
+		}
+		return n > 0 || werr != nil
+	})
+	if err == nil {
+		err = werr
+	}
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return os.ErrDeadlineExceeded
+	}
+	if err != nil {
+		return fmt.Errorf("waiting on the ring buffer: %w", err)
+	}
+	var flushed bool
+	for _, ev := range r.events[:n] {
+		switch int(ev.Fd) {
+		case r.stop:
+			return os.ErrClosed
+		case r.flush:
+			var b [8]byte
+			_, _ = unix.Read(r.flush, b[:])
+			flushed = true
+		}
+	}
+	if flushed {
+		return errFlushed
+	}
+	return nil
 }
 
 // kick makes a waiting read (or the next one) return what the ring holds
@@ -239,6 +267,10 @@ func (r *eventRing) release() {
 		}
 	}
 	r.data = nil
+	if r.epFile != nil {
+		_ = r.epFile.Close() // closes epfd
+		r.epFile, r.epConn, r.epfd = nil, nil, -1
+	}
 	for _, fd := range []*int{&r.epfd, &r.flush, &r.stop} {
 		if *fd >= 0 {
 			_ = unix.Close(*fd)

@@ -211,6 +211,9 @@ func TestRingWaitEndsEarly(t *testing.T) {
 			ch <- result{b, err}
 		}()
 		time.Sleep(100 * time.Millisecond) // let it block
+		if tids := threadsInSyscallOn(t, r.epfd); len(tids) > 0 {
+			t.Errorf("threads %v wait in a system call on the ring's epoll (fd %d), each holding a P: the wait belongs in Go's poller", tids, r.epfd)
+		}
 		do()
 		select {
 		case res := <-ch:
@@ -271,4 +274,30 @@ func TestRingWaitDeadline(t *testing.T) {
 			t.Errorf("a read with a deadline %v away returned after %v", d, took)
 		}
 	}
+}
+
+// threadsInSyscallOn lists this process's threads that are in a system
+// call whose first argument is fd (/proc/self/task/*/syscall: the
+// number, then the arguments in hex).
+func threadsInSyscallOn(t *testing.T, fd int) []string {
+	t.Helper()
+	tasks, err := os.ReadDir("/proc/self/task")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, task := range tasks {
+		b, err := os.ReadFile(filepath.Join("/proc/self/task", task.Name(), "syscall"))
+		if err != nil {
+			continue // the thread ended
+		}
+		f := strings.Fields(string(b))
+		if len(f) < 2 || f[0] == "running" || f[0] == "-1" {
+			continue
+		}
+		if arg, err := strconv.ParseUint(strings.TrimPrefix(f[1], "0x"), 16, 64); err == nil && arg == uint64(fd) {
+			out = append(out, task.Name()+" (syscall "+f[0]+")")
+		}
+	}
+	return out
 }
