@@ -2,44 +2,19 @@ package aiosync
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"sync"
 	"testing"
 	"time"
 	"unsafe"
 
+	"github.com/duet-ha/duet/pkg/internal/threads"
 	"github.com/duet-ha/duet/pkg/loopfs"
 	"golang.org/x/sys/unix"
 )
-
-// inFlush lists this process's threads that are in fsync(2) or
-// fdatasync(2) on fd (/proc/self/task/*/syscall: the number, then the
-// arguments in hex).
-func inFlush(t *testing.T, fd int) []string {
-	t.Helper()
-	tasks, err := os.ReadDir("/proc/self/task")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var out []string
-	for _, task := range tasks {
-		b, err := os.ReadFile(filepath.Join("/proc/self/task", task.Name(), "syscall"))
-		if err != nil {
-			continue // the thread ended
-		}
-		f := strings.Fields(string(b))
-		if len(f) < 2 || (f[0] != strconv.Itoa(unix.SYS_FSYNC) && f[0] != strconv.Itoa(unix.SYS_FDATASYNC)) {
-			continue
-		}
-		if arg, err := strconv.ParseUint(strings.TrimPrefix(f[1], "0x"), 16, 64); err == nil && arg == uint64(fd) {
-			out = append(out, task.Name())
-		}
-	}
-	return out
-}
 
 // A flush Sync queues runs on a kernel worker: while it runs, none of
 // this process's threads is in fsync or fdatasync on the file (the
@@ -80,7 +55,11 @@ func TestSyncHoldsNoThread(t *testing.T) {
 				break wait
 			default:
 			}
-			if tids := inFlush(t, fd); len(tids) > 0 {
+			tids, err := threads.InSyscallOn(fd, unix.SYS_FSYNC, unix.SYS_FDATASYNC)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(tids) > 0 {
 				seen = tids
 			}
 			looks++
@@ -141,19 +120,27 @@ func TestSyncConcurrent(t *testing.T) {
 	}
 	defer r.Close()
 	defer w.Close()
-	dfd, pfd := int(dir.Fd()), int(w.Fd())
+	syncHalves(t, "a directory", int(dir.Fd()), nil, "a pipe", int(w.Fd()), unix.EINVAL)
+}
+
+// syncHalves runs twice the context's depth of Syncs at once, half on
+// fdA, half on fdB, each with a mix of datasync and not, and checks
+// that each gets its own file's result: wantA or wantB (nil: success).
+func syncHalves(t *testing.T, nameA string, fdA int, wantA error, nameB string, fdB int, wantB error) {
+	t.Helper()
 	var wg sync.WaitGroup
 	errs := make(chan string, 2*depth)
 	for i := range 2 * depth {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if i%2 == 0 {
-				if err := Sync(dfd, i%4 == 0); err != nil {
-					errs <- "directory: " + err.Error()
-				}
-			} else if err := Sync(pfd, true); !errors.Is(err, unix.EINVAL) {
-				errs <- "pipe: " + strconv.Quote(errString(err))
+			name, fd, want := nameA, fdA, wantA
+			if i%2 == 1 {
+				name, fd, want = nameB, fdB, wantB
+			}
+			err := Sync(fd, i%4 < 2)
+			if (want == nil && err != nil) || (want != nil && !errors.Is(err, want)) {
+				errs <- fmt.Sprintf("%s: %v; want %v", name, err, want)
 			}
 		}()
 	}
@@ -162,13 +149,6 @@ func TestSyncConcurrent(t *testing.T) {
 	for e := range errs {
 		t.Error(e)
 	}
-}
-
-func errString(err error) string {
-	if err == nil {
-		return "nil"
-	}
-	return err.Error()
 }
 
 // The results the kernel's worker produces (not io_submit's refusals)
@@ -200,25 +180,5 @@ func TestSyncWorkerResultsReachTheirCallers(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer good.Close()
-	bad, ok := int(f.Fd()), int(good.Fd())
-	var wg sync.WaitGroup
-	errs := make(chan string, 2*depth)
-	for i := range 2 * depth {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if i%2 == 0 {
-				if err := Sync(bad, i%4 == 0); !errors.Is(err, unix.EIO) {
-					errs <- "a file on the shut-down ext4: " + errString(err)
-				}
-			} else if err := Sync(ok, true); err != nil {
-				errs <- "a healthy directory: " + err.Error()
-			}
-		}()
-	}
-	wg.Wait()
-	close(errs)
-	for e := range errs {
-		t.Error(e)
-	}
+	syncHalves(t, "a file on the shut-down ext4", int(f.Fd()), unix.EIO, "a healthy directory", int(good.Fd()), nil)
 }

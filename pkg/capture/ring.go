@@ -39,9 +39,8 @@ type eventRing struct {
 	mask     uint64
 
 	epfd int
-	// epFile owns epfd once made (nonblocking, in Go's poller): never
-	// call its Fd, which would make it blocking. Its read deadline is
-	// the last one set (lastDeadline).
+	// epFile owns epfd once made (nonblocking, in Go's poller). Its
+	// read deadline is the last one set (lastDeadline).
 	epFile       *os.File
 	epConn       syscall.RawConn
 	lastDeadline time.Time
@@ -105,6 +104,12 @@ func newEventRing(m *ebpf.Map) (_ *eventRing, err error) {
 	r.epFile = os.NewFile(uintptr(r.epfd), "capture-ring-epoll")
 	if r.epConn, err = r.epFile.SyscallConn(); err != nil {
 		return nil, fmt.Errorf("polling the ring buffer: %w", err)
+	}
+	// os.NewFile says nothing when the poller refuses the file (epoll's
+	// ENOSPC once fs.epoll.max_user_watches is used up): every read
+	// would fail then. A file outside the poller takes no deadline.
+	if err = r.epFile.SetReadDeadline(time.Time{}); err != nil {
+		return nil, fmt.Errorf("polling the ring buffer: Go's poller did not take it: %w", err)
 	}
 	return r, nil
 }
@@ -198,11 +203,12 @@ func (r *eventRing) wait(deadline time.Time) error {
 	var n int
 	var werr error
 	err := r.epConn.Read(func(uintptr) bool {
-		n, werr = unix.EpollWait(r.epfd, r.events[:], 0)
-		if errors.Is(werr, unix.EINTR) {
-			werr = nil
+		for {
+			n, werr = unix.EpollWait(r.epfd, r.events[:], 0)
+			if !errors.Is(werr, unix.EINTR) {
+				return n > 0 || werr != nil
+			}
 		}
-		return n > 0 || werr != nil
 	})
 	if err == nil {
 		err = werr
