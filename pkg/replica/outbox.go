@@ -7,12 +7,31 @@ import (
 )
 
 // sentBatch is a batch the build stage queued: its number, its frame as
-// sent, and the capture time of the oldest change in it.
+// sent, and the capture time of the oldest change in it. buf, when set,
+// holds the frame's buffer for reuse (see frameBuf).
 type sentBatch struct {
 	seq   uint64
 	frame []byte
 	since time.Time
+	buf   *frameBuf
 }
+
+// frameBuf is the buffer of a big batch's frame, which the batcher built
+// in place (the ops behind room for the header) and handed over instead
+// of copying: once the peer has acknowledged the batch and no sender is
+// writing it, the batcher builds its next batches in it (outbox.spare),
+// instead of the runtime finding, faulting in and zeroing 4 MiB for
+// each, and collecting the last.
+type frameBuf struct {
+	b []byte
+	// refs counts the outbox's hold (until the ack, or drop) and each
+	// sender writing the frame (pin); under Primary.mu, as the outbox.
+	refs int
+}
+
+// maxSpares is how many acknowledged frames' buffers the outbox keeps
+// for the batcher: one being filled while one is in flight.
+const maxSpares = 2
 
 // outbox is a Primary's ship stage: the batches built and not yet
 // acknowledged, in order, what the peer acknowledged of them (applied,
@@ -28,7 +47,7 @@ type sentBatch struct {
 // the Primary's conditions.
 type outbox struct {
 	batches []sentBatch // built, not yet acknowledged, in order
-	bytes   int         // the frames' bytes in batches
+	bytes   int         // the memory the frames in batches hold (held)
 	next    uint64      // the number the next batch gets; the first is 1
 	acked   uint64      // highest batch the peer applied
 	durable uint64      // highest batch the peer applied and synced
@@ -46,6 +65,9 @@ type outbox struct {
 	doneSent bool
 	// wireBytes counts the bytes of the batches written to connections.
 	wireBytes uint64
+	// spares are buffers of acknowledged frames no one holds (frameBuf),
+	// at most maxSpares, for the batcher's next batches.
+	spares [][]byte
 }
 
 func newOutbox() outbox { return outbox{next: 1} }
@@ -63,7 +85,17 @@ func (o *outbox) last() uint64 { return o.next - 1 }
 // push queues a batch numbered by number, in order.
 func (o *outbox) push(b sentBatch) {
 	o.batches = append(o.batches, b)
-	o.bytes += len(b.frame)
+	o.bytes += b.held()
+}
+
+// held is the memory b's frame holds: its buffer's whole room when the
+// frame was built in place (up to twice its length), its length
+// otherwise.
+func (b sentBatch) held() int {
+	if b.buf != nil {
+		return cap(b.buf.b)
+	}
+	return len(b.frame)
 }
 
 // full reports whether the frames in flight passed maxUnacked: the build
@@ -96,7 +128,8 @@ func (o *outbox) ack(seq uint64, now time.Time, onAck func(lag time.Duration)) b
 	}
 	i := 0
 	for i < len(o.batches) && o.batches[i].seq <= seq {
-		o.bytes -= len(o.batches[i].frame)
+		o.bytes -= o.batches[i].held()
+		o.unpin(o.batches[i])
 		if onAck != nil {
 			onAck(now.Sub(o.batches[i].since))
 		}
@@ -109,6 +142,45 @@ func (o *outbox) ack(seq uint64, now time.Time, onAck func(lag time.Duration)) b
 	clear(o.batches[:i])
 	o.batches = o.batches[i:]
 	return moved
+}
+
+// pin holds b's frame while a sender writes it: its buffer is not reused
+// before unpin, even if the batch is acknowledged (or dropped) meanwhile.
+func (o *outbox) pin(b sentBatch) {
+	if b.buf != nil {
+		b.buf.refs++
+	}
+}
+
+// unpin lets go of a hold on b's frame (the outbox's, or a sender's
+// pin); the last one gives its buffer to the spares if there is room.
+func (o *outbox) unpin(b sentBatch) {
+	if b.buf == nil {
+		return
+	}
+	b.buf.refs--
+	if b.buf.refs == 0 && len(o.spares) < maxSpares {
+		o.spares = append(o.spares, b.buf.b[:0])
+	}
+}
+
+// spare returns an acknowledged frame's buffer no one holds, emptied, or
+// nil.
+func (o *outbox) spare() []byte {
+	n := len(o.spares)
+	if n == 0 {
+		return nil
+	}
+	b := o.spares[n-1]
+	o.spares[n-1] = nil
+	o.spares = o.spares[:n-1]
+	return b
+}
+
+// dropSpares lets go of the spare buffers (the batches are small again).
+func (o *outbox) dropSpares() {
+	clear(o.spares)
+	o.spares = o.spares[:0]
 }
 
 // markDurable records the peer's word that every batch up to seq is
@@ -217,6 +289,9 @@ func (o *outbox) connect() {
 // drop forgets the batches not acknowledged and the resync's end: the
 // session they were sent in is lost (see Primary.sessionLost).
 func (o *outbox) drop() {
+	for _, b := range o.batches {
+		o.unpin(b)
+	}
 	o.batches, o.bytes = nil, 0
 	o.doneReq = nil
 }

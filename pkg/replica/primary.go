@@ -549,26 +549,47 @@ func (p *Primary) writeBatches(ctx context.Context, c net.Conn, from uint64, sea
 		for ctx.Err() == nil && !p.out.pending(&cur, &todo) {
 			p.sendq.Wait()
 		}
-		p.mu.Unlock()
-		if ctx.Err() != nil {
-			return ctx.Err()
+		// The frames are held while they are written: the peer may
+		// acknowledge one before its Write returns, and its buffer must
+		// not be built into meanwhile (frameBuf).
+		for _, b := range todo.batches {
+			p.out.pin(b)
 		}
+		p.mu.Unlock()
 		next, syncTo, done := todo.batches, todo.syncTo, todo.done
 		for k, b := range next {
 			// The frame is let go as soon as it is written: the peer
 			// may acknowledge it while the rest are, and next would
 			// keep it until the last is sent.
 			next[k] = sentBatch{}
-			if !sealed {
-				b.frame = wire.Unsealed(b.frame)
-			}
-			if err := w.write(b.frame); err != nil {
-				return fmt.Errorf("sending batch %d: %w", b.seq, err)
+			var err error
+			frame := b.frame
+			if ctx.Err() != nil {
+				err = ctx.Err()
+			} else {
+				if !sealed {
+					frame = wire.Unsealed(frame)
+				}
+				err = w.write(frame)
 			}
 			p.mu.Lock()
-			p.out.wrote(len(b.frame))
+			p.out.unpin(b)
+			if err != nil {
+				for _, r := range next[k+1:] {
+					p.out.unpin(r)
+				}
+				p.mu.Unlock()
+				if ctx.Err() != nil {
+					return ctx.Err()
+				}
+				return fmt.Errorf("sending batch %d: %w", b.seq, err)
+			}
+			p.out.wrote(len(frame))
 			p.mu.Unlock()
 			cur.sent = b.seq
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
 		}
 		if syncTo != 0 && syncTo <= cur.sent {
 			at := time.Now()
@@ -652,8 +673,9 @@ type batcher struct {
 	// ctx is the connection's: a batcher waiting for acknowledgements
 	// (see flush) gives up when it ends.
 	ctx    context.Context
-	raw    []byte
+	raw    []byte    // HeaderSize bytes of room, then the batch's ops
 	sample []byte    // scratch for the compressibility test
+	zbuf   []byte    // scratch for the compressed frame
 	since  time.Time // capture time of the oldest change being batched
 	debug  bool      // log every op (the log's level is debug)
 }
@@ -668,29 +690,52 @@ func (bt *batcher) add(op *wire.Op) error {
 	if bt.debug {
 		bt.p.Log.Debug("shipping", "code", op.Code, "path", op.Path, "path2", op.Path2, "off", op.Off, "len", len(op.Data), "oplen", op.Len)
 	}
+	if len(bt.raw) < wire.HeaderSize {
+		// Room for the frame's header: a batch that goes as it is
+		// becomes its frame in place (see flush).
+		bt.raw = append(bt.raw[:0], make([]byte, wire.HeaderSize)...)
+	}
 	bt.raw = wire.AppendOp(bt.raw, op)
-	if len(bt.raw) >= batchRaw {
+	if len(bt.raw)-wire.HeaderSize >= batchRaw {
 		bt.flush()
 	}
 	return nil
 }
 
 func (bt *batcher) flush() {
-	if len(bt.raw) == 0 {
+	if len(bt.raw) <= wire.HeaderSize {
 		return
 	}
+	ops := bt.raw[wire.HeaderSize:]
 	// Data that does not compress (already compressed, encrypted) is sent
 	// as it is: a sample of the batch decides, at a sixteenth of the cost.
-	flags, payload := uint16(0), bt.raw
-	compress := len(bt.raw) < 2*compressSample
+	compress := len(ops) < 2*compressSample
 	if !compress {
-		bt.sample = wire.Compress(bt.sample[:0], bt.raw[:compressSample])
+		bt.sample = wire.Compress(bt.sample[:0], ops[:compressSample])
 		compress = len(bt.sample) < compressSample*15/16
 	}
-	if compress {
-		flags, payload = wire.FlagZstd, wire.Compress(nil, bt.raw)
+	var frame []byte
+	flags := uint16(0)
+	// A big batch that goes as it is, and fills most of its buffer,
+	// becomes its frame in place: the buffer is handed over, and the
+	// next batch is built in a spare one (frameBuf). Any other frame is
+	// a copy of its exact size, so that what the frames in flight hold
+	// is what they send.
+	inPlace := !compress && len(bt.raw) >= cap(bt.raw)/2
+	switch {
+	case compress:
+		flags = wire.FlagZstd
+		bt.zbuf = wire.Compress(append(bt.zbuf[:0], make([]byte, wire.HeaderSize)...), ops)
+		frame = append([]byte(nil), bt.zbuf...)
+	case inPlace:
+		frame = bt.raw
+	default:
+		frame = append([]byte(nil), bt.raw...)
 	}
 	p := bt.p
+	// Over TLS, whose records are authenticated, a CRC32C of every byte
+	// on both ends is work for nothing (wire.FlagSealed).
+	sealed := p.Link != nil && !p.Link.Plaintext()
 	p.mu.Lock()
 	seq := p.out.number()
 	if p.barriers.Load() > 0 {
@@ -698,26 +743,25 @@ func (bt *batcher) flush() {
 		// sync it right behind it, before the barrier gets to ask.
 		p.out.askSync(seq)
 	}
-	// Over TLS, whose records are authenticated, a CRC32C of every byte
-	// on both ends is work for nothing (wire.FlagSealed).
-	appendFrame := wire.AppendFrame
-	if p.Link != nil && !p.Link.Plaintext() {
-		appendFrame = wire.AppendSealedFrame
-	}
-	frame := appendFrame(nil, &wire.Frame{Type: wire.TypeBatch, Flags: flags, Seq: seq, Payload: payload})
-	if cap(bt.raw) > batchKeep && len(bt.raw) < cap(bt.raw)/16 {
-		// A small batch after big ones (a full sync, a burst): the
-		// buffer they grew (batchRaw, 4 MiB) is let go, not kept for
-		// as long as the connection lasts.
-		bt.raw = nil
+	frame = wire.FrameIn(frame, &wire.Frame{Type: wire.TypeBatch, Flags: flags, Seq: seq}, sealed)
+	var buf *frameBuf
+	if inPlace {
+		buf = &frameBuf{b: frame, refs: 1}
+		bt.raw = p.out.spare()
+		if bt.raw == nil {
+			bt.raw = make([]byte, 0, cap(frame))
+		}
 	} else {
-		bt.raw = bt.raw[:0]
+		bt.raw = bt.letGo(bt.raw, len(bt.raw))
+		if compress {
+			bt.zbuf = bt.letGo(bt.zbuf, len(frame))
+		}
 	}
 	since := bt.since
 	if since.IsZero() {
 		since = time.Now()
 	}
-	p.out.push(sentBatch{seq: seq, frame: frame, since: since})
+	p.out.push(sentBatch{seq: seq, frame: frame, since: since, buf: buf})
 	p.sendq.Broadcast()
 	// A pass can read far more than maxUnacked (a resync reads the whole
 	// tree): it waits here for the peer, or the queue would hold all it
@@ -726,6 +770,18 @@ func (bt *batcher) flush() {
 		p.work.Wait()
 	}
 	p.mu.Unlock()
+}
+
+// letGo returns b emptied, or nil when it has room for big batches and
+// used lets a small one follow (after a full sync or a burst): the room
+// they grew (batchRaw, 4 MiB) is let go, not kept for as long as the
+// connection lasts, and so are the spare frames' (under Primary.mu).
+func (bt *batcher) letGo(b []byte, used int) []byte {
+	if cap(b) > batchKeep && used < cap(b)/16 {
+		bt.p.out.dropSpares()
+		return nil
+	}
+	return b[:0]
 }
 
 // build turns journal entries into batches while connected.

@@ -108,24 +108,36 @@ var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 var ErrBadFrame = errors.New("bad frame")
 
 // AppendFrame appends the encoding of f to b.
-func AppendFrame(b []byte, f *Frame) []byte {
-	var h [HeaderSize]byte
-	putHeader(h[:], f, f.Flags, len(f.Payload))
-	crc := crc32.Update(0, castagnoli, h[:20])
-	crc = crc32.Update(crc, castagnoli, f.Payload)
-	binary.LittleEndian.PutUint32(h[20:], crc)
-	b = append(b, h[:]...)
-	return append(b, f.Payload...)
-}
+func AppendFrame(b []byte, f *Frame) []byte { return appendFrame(b, f, false) }
 
 // AppendSealedFrame appends the encoding of f to b for a sealed link (see
 // FlagSealed): the CRC32C covers the header only.
-func AppendSealedFrame(b []byte, f *Frame) []byte {
-	var h [HeaderSize]byte
-	putHeader(h[:], f, f.Flags|FlagSealed, len(f.Payload))
-	binary.LittleEndian.PutUint32(h[20:], crc32.Checksum(h[:20], castagnoli))
-	b = append(b, h[:]...)
-	return append(b, f.Payload...)
+func AppendSealedFrame(b []byte, f *Frame) []byte { return appendFrame(b, f, true) }
+
+func appendFrame(b []byte, f *Frame, sealed bool) []byte {
+	start := len(b)
+	b = append(b, make([]byte, HeaderSize)...)
+	b = append(b, f.Payload...)
+	FrameIn(b[start:], f, sealed)
+	return b
+}
+
+// FrameIn makes b, whose first HeaderSize bytes are room for the header
+// and whose rest is the payload, the encoding of a frame of f's type,
+// flags and number, as AppendFrame (or, sealed, AppendSealedFrame)
+// would make it, without copying the payload. f.Payload is not used.
+func FrameIn(b []byte, f *Frame, sealed bool) []byte {
+	n := len(b) - HeaderSize
+	h := b[:HeaderSize]
+	if sealed {
+		putHeader(h, f, f.Flags|FlagSealed, n)
+		binary.LittleEndian.PutUint32(h[20:], crc32.Checksum(h[:20], castagnoli))
+		return b
+	}
+	putHeader(h, f, f.Flags, n)
+	crc := crc32.Update(0, castagnoli, h[:20])
+	binary.LittleEndian.PutUint32(h[20:], crc32.Update(crc, castagnoli, b[HeaderSize:]))
+	return b
 }
 
 // Unsealed returns an encoded frame as a plain one: a sealed frame is

@@ -445,3 +445,21 @@ func TestFuzzCorpusPresent(t *testing.T) {
 		t.Fatal("seed corpus testdata/fuzz/FuzzDecodeFrame is empty")
 	}
 }
+
+// TestFrameIn: a frame made in place around its payload is the frame
+// AppendFrame (or AppendSealedFrame) makes, and shares the payload's
+// memory.
+func TestFrameIn(t *testing.T) {
+	f := Frame{Type: TypeBatch, Flags: FlagZstd, Seq: 7, Payload: []byte("a payload of some bytes")}
+	for _, sealed := range []bool{false, true} {
+		b := append(make([]byte, HeaderSize), f.Payload...)
+		got := FrameIn(b, &Frame{Type: f.Type, Flags: f.Flags, Seq: f.Seq}, sealed)
+		want := AppendFrame(nil, &f)
+		if sealed {
+			want = AppendSealedFrame(nil, &f)
+		}
+		if !bytes.Equal(got, want) || &got[0] != &b[0] {
+			t.Fatalf("sealed %v: FrameIn = %x (shared %v), want %x", sealed, got, &got[0] == &b[0], want)
+		}
+	}
+}

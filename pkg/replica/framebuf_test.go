@@ -1,0 +1,154 @@
+package replica
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"net"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/duet-ha/duet/pkg/wire"
+)
+
+// incompressible is an op of n random bytes: its batch goes as it is.
+func incompressible(t *testing.T, n int) *wire.Op {
+	t.Helper()
+	data := make([]byte, n)
+	rand.Read(data)
+	return &wire.Op{Code: wire.OpWrite, Path: "f", Data: data}
+}
+
+// A big batch that does not compress is its own frame: the batcher
+// writes the header into the room it left and hands the buffer over,
+// without copying the batch; once the peer has acknowledged it, the next
+// batch is built in that buffer, not in a new one.
+func TestBigFrameBuiltInPlace(t *testing.T) {
+	p := unconnectedPrimary(t)
+	bt := &batcher{p: p, ctx: context.Background()}
+	op := incompressible(t, 1<<20)
+	if err := bt.add(op); err != nil {
+		t.Fatal(err)
+	}
+	built := &bt.raw[0]
+	bt.flush()
+	p.mu.Lock()
+	b := p.out.batches[0]
+	p.mu.Unlock()
+	if &b.frame[0] != built || b.buf == nil {
+		t.Fatal("the batch was copied into its frame")
+	}
+	f, err := wire.ReadSealedFrame(bytes.NewReader(b.frame), nil)
+	if err != nil || f.Seq != b.seq || f.Flags&wire.FlagZstd != 0 {
+		t.Fatalf("the frame reads as %+v, %v; want batch %d, not compressed", f, err, b.seq)
+	}
+	ops, err := wire.DecodeOps(f.Payload)
+	if err != nil || len(ops) != 1 || !bytes.Equal(ops[0].Data, op.Data) {
+		t.Fatalf("the frame's ops: %d, %v", len(ops), err)
+	}
+	if cap(bt.raw) > 0 && &bt.raw[:1][0] == built {
+		t.Fatal("the next batch is built in the frame in flight")
+	}
+	p.mu.Lock()
+	p.ack(b.seq)
+	p.mu.Unlock()
+	// The buffer the batcher holds was made before the ack; the one
+	// after it is the acknowledged frame's.
+	bt.add(incompressible(t, 1<<20))
+	bt.flush()
+	bt.add(incompressible(t, 1<<20))
+	if &bt.raw[0] != built {
+		t.Fatal("the acknowledged frame's buffer was not reused")
+	}
+}
+
+// blockingConn holds its first big write until released, and keeps a
+// copy of what that write was given, taken after the release: what the
+// kernel would have sent.
+type blockingConn struct {
+	net.Conn
+	held             atomic.Bool
+	started, release chan struct{}
+	sent             chan []byte
+}
+
+func (c *blockingConn) SetWriteDeadline(time.Time) error { return nil }
+
+func (c *blockingConn) Write(b []byte) (int, error) {
+	if len(b) > coalesceMax && c.held.CompareAndSwap(false, true) {
+		close(c.started)
+		<-c.release
+		c.sent <- append([]byte(nil), b...)
+	}
+	return len(b), nil
+}
+
+// A frame the peer acknowledges while its write is still under way (its
+// bytes reached the peer before the write returned) is not built into
+// until the write returns: the sender pins it (outbox.pin).
+func TestFrameInFlightIsNotReused(t *testing.T) {
+	p := unconnectedPrimary(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	bt := &batcher{p: p, ctx: ctx}
+	bt.add(incompressible(t, 1<<20))
+	bt.flush()
+	p.mu.Lock()
+	want := append([]byte(nil), p.out.batches[0].frame...)
+	seq := p.out.batches[0].seq
+	p.mu.Unlock()
+
+	c := &blockingConn{started: make(chan struct{}), release: make(chan struct{}), sent: make(chan []byte, 1)}
+	errc := make(chan error, 1)
+	go func() { errc <- p.writeBatches(ctx, c, 0, true) }()
+	<-c.started
+	// The peer's ack arrives while the write is under way, and the
+	// batcher goes on: a spare buffer is what it would build into.
+	p.mu.Lock()
+	p.ack(seq)
+	p.mu.Unlock()
+	for range 3 {
+		bt.add(incompressible(t, 1<<20))
+		bt.flush()
+	}
+	close(c.release)
+	if got := <-c.sent; !bytes.Equal(got, want) {
+		t.Fatal("the frame was overwritten while it was being written")
+	}
+	cancel()
+	p.wake()
+	<-errc
+}
+
+// The outbox's holds: a buffer goes to the spares when the last hold
+// ends, whichever ends last, and at most maxSpares are kept.
+func TestOutboxPins(t *testing.T) {
+	o := newOutbox()
+	var bufs []*frameBuf
+	for range maxSpares + 1 {
+		fb := &frameBuf{b: make([]byte, 10, 64), refs: 1}
+		bufs = append(bufs, fb)
+		o.push(sentBatch{seq: o.number(), frame: fb.b, buf: fb})
+	}
+	if o.bytes != 64*(maxSpares+1) {
+		t.Fatalf("the outbox counts %d bytes, want the buffers' room, %d", o.bytes, 64*(maxSpares+1))
+	}
+	o.pin(o.batches[0])
+	o.ack(1, time.Now(), nil)
+	if o.spare() != nil {
+		t.Fatal("a pinned frame's buffer became a spare")
+	}
+	o.unpin(sentBatch{buf: bufs[0]})
+	o.drop()
+	if len(o.spares) != maxSpares || o.bytes != 0 {
+		t.Fatalf("after the last holds: %d spares, %d bytes; want %d and 0", len(o.spares), o.bytes, maxSpares)
+	}
+	if s := o.spare(); len(s) != 0 || cap(s) != 64 {
+		t.Fatalf("a spare of %d bytes, room %d; want empty, room 64", len(s), cap(s))
+	}
+	o.dropSpares()
+	if o.spare() != nil {
+		t.Fatal("a spare survived dropSpares")
+	}
+}
