@@ -53,6 +53,16 @@ type sink interface {
 	add(op *wire.Op) error
 }
 
+// readSink is a sink that reads a write op's data itself, straight into
+// where it keeps it (batcher.addRead): up to n bytes of f at off, for
+// path; it returns the bytes read (an op is added when there are any)
+// and the read's error. It queues what it holds only when told
+// (flushIfFull), so that what was read is counted before it waits.
+type readSink interface {
+	addRead(path string, f *os.File, off uint64, n int) (int, error)
+	flushIfFull()
+}
+
 // builder turns journal entries into ops, reading the primary's tree.
 type builder struct {
 	root   *os.File
@@ -1554,21 +1564,33 @@ func (b *builder) ship(p string, f *os.File, s journal.Span) error {
 // shipUpTo is ship that also returns the first offset it could not read
 // (the file is shorter now, or not readable), for the caller to requeue.
 func (b *builder) shipUpTo(p string, f *os.File, s journal.Span) (uint64, error) {
+	rs, direct := b.out.(readSink)
 	for off := s.Off; off < s.End; {
 		if err := b.ended(); err != nil {
 			return off, err
 		}
 		n := min(uint64(len(b.buf)), s.End-off)
-		got, err := f.ReadAt(b.buf[:n], int64(off))
+		var got int
+		var err error
+		if direct {
+			got, err = rs.addRead(p, f, off, int(n))
+		} else {
+			got, err = f.ReadAt(b.buf[:n], int64(off))
+			if got > 0 {
+				if err := b.out.add(&wire.Op{Code: wire.OpWrite, Path: p, Off: off, Data: b.buf[:got]}); err != nil {
+					return off, err
+				}
+			}
+		}
 		if got > 0 {
 			b.dataRead += uint64(got)
 			if b.onRead != nil {
 				b.onRead(got)
 			}
-			if err := b.out.add(&wire.Op{Code: wire.OpWrite, Path: p, Off: off, Data: b.buf[:got]}); err != nil {
-				return off, err
-			}
 			off += uint64(got)
+		}
+		if direct {
+			rs.flushIfFull()
 		}
 		if err != nil {
 			return off, nil // EOF, or unreadable now: the caller requeues

@@ -5,6 +5,8 @@ import (
 	"context"
 	"crypto/rand"
 	"net"
+	"os"
+	"path/filepath"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -150,5 +152,52 @@ func TestOutboxPins(t *testing.T) {
 	o.dropSpares()
 	if o.spare() != nil {
 		t.Fatal("a spare survived dropSpares")
+	}
+}
+
+// A write op read straight into the batch (addRead) encodes as the same
+// op built from the bytes: whole, cut short by the end of the file (its
+// length field made again), or none at all past it.
+func TestAddReadEncodesAsAppendOp(t *testing.T) {
+	p := unconnectedPrimary(t)
+	data := make([]byte, 300<<10)
+	rand.Read(data)
+	path := filepath.Join(t.TempDir(), "f")
+	if err := os.WriteFile(path, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	for _, c := range []struct {
+		off     uint64
+		n, want int
+	}{
+		{0, 100, 100},
+		{1000, 200 << 10, 200 << 10},
+		{uint64(len(data)) - 10, 1000, 10},      // cut short: 1000 takes two bytes of length, 10 one
+		{uint64(len(data)) - 200, 1 << 20, 200}, // three bytes, then two
+		{uint64(len(data)), 100, 0},
+	} {
+		bt := &batcher{p: p, ctx: context.Background()}
+		bt.add(&wire.Op{Code: wire.OpMkdir, Path: "d", Mode: 0o755})
+		before := len(bt.raw)
+		got, err := bt.addRead("dir/f", f, c.off, c.n)
+		if got != c.want || (got < c.n) != (err != nil) {
+			t.Fatalf("addRead(%d, %d) = %d, %v; want %d", c.off, c.n, got, err, c.want)
+		}
+		want := bt.raw[:before]
+		if got > 0 {
+			want = wire.AppendOp(append([]byte(nil), want...), &wire.Op{Code: wire.OpWrite, Path: "dir/f", Off: c.off, Data: data[c.off : c.off+uint64(got)]})
+		}
+		if !bytes.Equal(bt.raw, want) {
+			t.Fatalf("addRead(%d, %d): the batch differs from AppendOp's", c.off, c.n)
+		}
+		ops, err := wire.DecodeOps(bt.raw[wire.HeaderSize:])
+		if err != nil || len(ops) != 1+min(got, 1) {
+			t.Fatalf("addRead(%d, %d): %d ops decoded, %v", c.off, c.n, len(ops), err)
+		}
 	}
 }

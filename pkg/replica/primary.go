@@ -696,10 +696,50 @@ func (bt *batcher) add(op *wire.Op) error {
 		bt.raw = append(bt.raw[:0], make([]byte, wire.HeaderSize)...)
 	}
 	bt.raw = wire.AppendOp(bt.raw, op)
+	bt.flushIfFull()
+	return nil
+}
+
+// flushIfFull queues the batch once it holds batchRaw bytes.
+func (bt *batcher) flushIfFull() {
 	if len(bt.raw)-wire.HeaderSize >= batchRaw {
 		bt.flush()
 	}
-	return nil
+}
+
+// addRead adds a write op of up to n bytes of f at off to path, read
+// straight into the batch (a sequential writer's megabytes are not copied
+// once more through the builder's buffer). It returns how many bytes it
+// read and the read's error: at the end of the file fewer, and with 0 no
+// op is added. It does not queue the batch: the caller counts what it
+// read first, then calls flushIfFull (which may wait for the peer).
+func (bt *batcher) addRead(path string, f *os.File, off uint64, n int) (int, error) {
+	if len(bt.raw) < wire.HeaderSize {
+		bt.raw = append(bt.raw[:0], make([]byte, wire.HeaderSize)...)
+	}
+	op := wire.Op{Code: wire.OpWrite, Path: path, Off: off}
+	start := len(bt.raw)
+	b := wire.AppendOpHeader(bt.raw, &op, n)
+	data := len(b)
+	b = slices.Grow(b, n)
+	got, err := f.ReadAt(b[data:data+n], int64(off))
+	switch {
+	case got == 0:
+		bt.raw = b[:start]
+		return 0, err
+	case got < n:
+		// The header announced n bytes: it is made again for got (its
+		// length field is no longer), the data moved behind it.
+		h := wire.AppendOpHeader(bt.raw[:start], &op, got)
+		b = append(h, b[data:data+got]...)
+	default:
+		b = b[:data+n]
+	}
+	bt.raw = b
+	if bt.debug {
+		bt.p.Log.Debug("shipping", "code", op.Code, "path", path, "off", off, "len", got)
+	}
+	return got, err
 }
 
 func (bt *batcher) flush() {

@@ -98,6 +98,13 @@ func appendString(b []byte, s string) []byte {
 
 // AppendOp appends the encoding of op to b.
 func AppendOp(b []byte, op *Op) []byte {
+	return append(AppendOpHeader(b, op, len(op.Data)), op.Data...)
+}
+
+// AppendOpHeader appends the encoding of op without its data, as if its
+// data were n bytes: the caller appends those n bytes (read straight into
+// the buffer, without a copy through op.Data).
+func AppendOpHeader(b []byte, op *Op, n int) []byte {
 	b = append(b, byte(op.Code))
 	b = appendString(b, op.Path)
 	b = appendString(b, op.Path2)
@@ -106,8 +113,7 @@ func AppendOp(b []byte, op *Op) []byte {
 	}
 	b = binary.AppendVarint(b, op.Mtime)
 	b = binary.AppendVarint(b, op.Atime)
-	b = binary.AppendUvarint(b, uint64(len(op.Data)))
-	return append(b, op.Data...)
+	return binary.AppendUvarint(b, uint64(n))
 }
 
 // decoder reads fields from a payload, keeping the first error.
