@@ -201,3 +201,29 @@ func TestAddReadEncodesAsAppendOp(t *testing.T) {
 		}
 	}
 }
+
+// The spare frames of a burst of big batches are let go by the first
+// small batch after it, as the batch buffer is (TestBatcherLetsGoOfBigBuffer).
+func TestSparesLetGoAfterABurst(t *testing.T) {
+	p := unconnectedPrimary(t)
+	bt := &batcher{p: p, ctx: context.Background()}
+	for range 3 {
+		bt.add(incompressible(t, 1<<20))
+		bt.flush()
+	}
+	p.mu.Lock()
+	p.ack(p.out.last())
+	spares := len(p.out.spares)
+	p.mu.Unlock()
+	if spares != maxSpares {
+		t.Fatalf("%d spares after the burst's acks, want %d", spares, maxSpares)
+	}
+	bt.add(&wire.Op{Code: wire.OpMkdir, Path: "d", Mode: 0o755})
+	bt.flush()
+	p.mu.Lock()
+	spares = len(p.out.spares)
+	p.mu.Unlock()
+	if spares != 0 {
+		t.Fatalf("%d spares kept after a small batch", spares)
+	}
+}

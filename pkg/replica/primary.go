@@ -792,9 +792,13 @@ func (bt *batcher) flush() {
 			bt.raw = make([]byte, 0, cap(frame))
 		}
 	} else {
-		bt.raw = bt.letGo(bt.raw, len(bt.raw))
+		if len(ops) < batchKeep/16 {
+			// A small batch: the spare frames of a burst are let go.
+			p.out.dropSpares()
+		}
+		bt.raw = letGo(bt.raw, len(bt.raw))
 		if compress {
-			bt.zbuf = bt.letGo(bt.zbuf, len(frame))
+			bt.zbuf = letGo(bt.zbuf, len(frame))
 		}
 	}
 	since := bt.since
@@ -815,10 +819,9 @@ func (bt *batcher) flush() {
 // letGo returns b emptied, or nil when it has room for big batches and
 // used lets a small one follow (after a full sync or a burst): the room
 // they grew (batchRaw, 4 MiB) is let go, not kept for as long as the
-// connection lasts, and so are the spare frames' (under Primary.mu).
-func (bt *batcher) letGo(b []byte, used int) []byte {
+// connection lasts.
+func letGo(b []byte, used int) []byte {
 	if cap(b) > batchKeep && used < cap(b)/16 {
-		bt.p.out.dropSpares()
 		return nil
 	}
 	return b[:0]
