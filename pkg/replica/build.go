@@ -60,7 +60,7 @@ type sink interface {
 // (flushIfFull), so that what was read is counted before it waits.
 type readSink interface {
 	addRead(path string, f *os.File, off uint64, n int) (int, error)
-	flushIfFull()
+	flushIfFull(next int)
 }
 
 // builder turns journal entries into ops, reading the primary's tree.
@@ -1573,6 +1573,12 @@ func (b *builder) shipUpTo(p string, f *os.File, s journal.Span) (uint64, error)
 		var got int
 		var err error
 		if direct {
+			// A batch that cannot take the read may go first (and wait
+			// for the peer): the read begins the next.
+			rs.flushIfFull(int(n) + len(p))
+			if err := b.ended(); err != nil {
+				return off, err
+			}
 			got, err = rs.addRead(p, f, off, int(n))
 		} else {
 			got, err = f.ReadAt(b.buf[:n], int64(off))
@@ -1590,7 +1596,7 @@ func (b *builder) shipUpTo(p string, f *os.File, s journal.Span) (uint64, error)
 			off += uint64(got)
 		}
 		if direct {
-			rs.flushIfFull()
+			rs.flushIfFull(0)
 		}
 		if err != nil {
 			return off, nil // EOF, or unreadable now: the caller requeues

@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -14,23 +15,46 @@ import (
 	"github.com/duet-ha/duet/pkg/wire"
 )
 
-// incompressible is an op of n random bytes: its batch goes as it is.
-func incompressible(t *testing.T, n int) *wire.Op {
+// randomFile is a file of n random bytes, open for reading.
+func randomFile(t *testing.T, n int) (*os.File, []byte) {
 	t.Helper()
 	data := make([]byte, n)
 	rand.Read(data)
-	return &wire.Op{Code: wire.OpWrite, Path: "f", Data: data}
+	path := filepath.Join(t.TempDir(), "f")
+	if err := os.WriteFile(path, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return f, data
+}
+
+// bigBatch batches a read of 1 MiB of f (random bytes, so the batch goes
+// as it is), as the build pass does, and queues it.
+func bigBatch(t *testing.T, bt *batcher, f *os.File) {
+	t.Helper()
+	bt.flushIfFull(1<<20 + 1)
+	if got, err := bt.addRead("f", f, 0, 1<<20); got != 1<<20 {
+		t.Fatalf("addRead: %d, %v", got, err)
+	}
+	bt.flush()
 }
 
 // A big batch that does not compress is its own frame: the batcher
-// writes the header into the room it left and hands the buffer over,
-// without copying the batch; once the peer has acknowledged it, the next
-// batch is built in that buffer, not in a new one.
+// reads it into a buffer of frameRoom behind room for the header, writes
+// the header there and hands the buffer over, without copying the batch;
+// once the peer has acknowledged it, the next batch is built in that
+// buffer, not in a new one.
 func TestBigFrameBuiltInPlace(t *testing.T) {
 	p := unconnectedPrimary(t)
 	bt := &batcher{p: p, ctx: context.Background()}
-	op := incompressible(t, 1<<20)
-	if err := bt.add(op); err != nil {
+	f, data := randomFile(t, 1<<20)
+	bt.add(&wire.Op{Code: wire.OpMkdir, Path: "d", Mode: 0o755})
+	bt.flushIfFull(1<<20 + 1)
+	if _, err := bt.addRead("f", f, 0, 1<<20); err != nil {
 		t.Fatal(err)
 	}
 	built := &bt.raw[0]
@@ -38,15 +62,15 @@ func TestBigFrameBuiltInPlace(t *testing.T) {
 	p.mu.Lock()
 	b := p.out.batches[0]
 	p.mu.Unlock()
-	if &b.frame[0] != built || b.buf == nil {
+	if &b.frame[0] != built || b.buf == nil || cap(b.frame) != frameRoom {
 		t.Fatal("the batch was copied into its frame")
 	}
-	f, err := wire.ReadSealedFrame(bytes.NewReader(b.frame), nil)
-	if err != nil || f.Seq != b.seq || f.Flags&wire.FlagZstd != 0 {
-		t.Fatalf("the frame reads as %+v, %v; want batch %d, not compressed", f, err, b.seq)
+	fr, err := wire.ReadSealedFrame(bytes.NewReader(b.frame), nil)
+	if err != nil || fr.Seq != b.seq || fr.Flags&wire.FlagZstd != 0 {
+		t.Fatalf("the frame reads as %+v, %v; want batch %d, not compressed", fr, err, b.seq)
 	}
-	ops, err := wire.DecodeOps(f.Payload)
-	if err != nil || len(ops) != 1 || !bytes.Equal(ops[0].Data, op.Data) {
+	ops, err := wire.DecodeOps(fr.Payload)
+	if err != nil || len(ops) != 2 || ops[0].Code != wire.OpMkdir || !bytes.Equal(ops[1].Data, data) {
 		t.Fatalf("the frame's ops: %d, %v", len(ops), err)
 	}
 	if cap(bt.raw) > 0 && &bt.raw[:1][0] == built {
@@ -55,11 +79,8 @@ func TestBigFrameBuiltInPlace(t *testing.T) {
 	p.mu.Lock()
 	p.ack(b.seq)
 	p.mu.Unlock()
-	// The buffer the batcher holds was made before the ack; the one
-	// after it is the acknowledged frame's.
-	bt.add(incompressible(t, 1<<20))
-	bt.flush()
-	bt.add(incompressible(t, 1<<20))
+	bt.flushIfFull(1<<20 + 1)
+	bt.addRead("f", f, 0, 1<<20)
 	if &bt.raw[0] != built {
 		t.Fatal("the acknowledged frame's buffer was not reused")
 	}
@@ -94,9 +115,12 @@ func TestFrameInFlightIsNotReused(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	bt := &batcher{p: p, ctx: ctx}
-	bt.add(incompressible(t, 1<<20))
-	bt.flush()
+	f, _ := randomFile(t, 1<<20)
+	bigBatch(t, bt, f)
 	p.mu.Lock()
+	if p.out.batches[0].buf == nil {
+		t.Fatal("the batch was not built in place")
+	}
 	want := append([]byte(nil), p.out.batches[0].frame...)
 	seq := p.out.batches[0].seq
 	p.mu.Unlock()
@@ -111,8 +135,7 @@ func TestFrameInFlightIsNotReused(t *testing.T) {
 	p.ack(seq)
 	p.mu.Unlock()
 	for range 3 {
-		bt.add(incompressible(t, 1<<20))
-		bt.flush()
+		bigBatch(t, bt, f)
 	}
 	close(c.release)
 	if got := <-c.sent; !bytes.Equal(got, want) {
@@ -202,14 +225,14 @@ func TestAddReadEncodesAsAppendOp(t *testing.T) {
 	}
 }
 
-// The spare frames of a burst of big batches are let go by the first
-// small batch after it, as the batch buffer is (TestBatcherLetsGoOfBigBuffer).
+// The spare frames of a burst of big batches, and the batcher's buffer,
+// are let go after keepSmall small batches; kept through fewer.
 func TestSparesLetGoAfterABurst(t *testing.T) {
 	p := unconnectedPrimary(t)
 	bt := &batcher{p: p, ctx: context.Background()}
-	for range 3 {
-		bt.add(incompressible(t, 1<<20))
-		bt.flush()
+	f, _ := randomFile(t, 1<<20)
+	for range maxSpares + 1 {
+		bigBatch(t, bt, f)
 	}
 	p.mu.Lock()
 	p.ack(p.out.last())
@@ -218,12 +241,43 @@ func TestSparesLetGoAfterABurst(t *testing.T) {
 	if spares != maxSpares {
 		t.Fatalf("%d spares after the burst's acks, want %d", spares, maxSpares)
 	}
-	bt.add(&wire.Op{Code: wire.OpMkdir, Path: "d", Mode: 0o755})
-	bt.flush()
-	p.mu.Lock()
-	spares = len(p.out.spares)
-	p.mu.Unlock()
-	if spares != 0 {
-		t.Fatalf("%d spares kept after a small batch", spares)
+	for i := range keepSmall {
+		bt.add(&wire.Op{Code: wire.OpMkdir, Path: "d", Mode: 0o755})
+		bt.flush()
+		p.mu.Lock()
+		spares = len(p.out.spares)
+		p.mu.Unlock()
+		if i < keepSmall-1 && spares == 0 {
+			t.Fatalf("the spares were let go after %d small batches, want %d", i+1, keepSmall)
+		}
+	}
+	if spares != 0 || cap(bt.raw) > batchKeep {
+		t.Fatalf("%d spares and %d bytes of room kept after %d small batches", spares, cap(bt.raw), keepSmall)
+	}
+}
+
+// Small batches (a durability call's 4 KiB) cost little memory: no
+// frameRoom buffer is made for them, not after keepSmall of them either
+// (a version made one for every batch once the spares were let go: 2
+// MiB to allocate and clear for each 4 KiB write).
+func TestSmallBatchesAllocateLittle(t *testing.T) {
+	p := unconnectedPrimary(t)
+	bt := &batcher{p: p, ctx: context.Background()}
+	f, _ := randomFile(t, 1<<20)
+	bigBatch(t, bt, f) // a burst first: its spares, then small batches
+	const n = 4 * keepSmall
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	for i := range n {
+		bt.flushIfFull(4096 + 1)
+		bt.addRead("f", f, uint64(i%256)*4096, 4096)
+		bt.flush()
+		p.mu.Lock()
+		p.ack(p.out.last())
+		p.mu.Unlock()
+	}
+	runtime.ReadMemStats(&after)
+	if per := (after.TotalAlloc - before.TotalAlloc) / n; per > 64<<10 {
+		t.Fatalf("%d bytes allocated a 4 KiB batch", per)
 	}
 }

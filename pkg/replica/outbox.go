@@ -30,8 +30,9 @@ type frameBuf struct {
 }
 
 // maxSpares is how many acknowledged frames' buffers the outbox keeps
-// for the batcher: one being filled while one is in flight.
-const maxSpares = 2
+// for the batcher: a writer that flushes every MiB has up to three in
+// flight or being acknowledged while the batcher fills the next.
+const maxSpares = 4
 
 // outbox is a Primary's ship stage: the batches built and not yet
 // acknowledged, in order, what the peer acknowledged of them (applied,

@@ -676,12 +676,23 @@ type batcher struct {
 	raw    []byte    // HeaderSize bytes of room, then the batch's ops
 	sample []byte    // scratch for the compressibility test
 	zbuf   []byte    // scratch for the compressed frame
+	small  int       // batches in a row not built in place (keepSmall)
 	since  time.Time // capture time of the oldest change being batched
 	debug  bool      // log every op (the log's level is debug)
 }
 
 // batchKeep is the most room a batcher keeps after a small batch.
 const batchKeep = 256 << 10
+
+// frameRoom is the room of the buffers big batches are built in and sent
+// from (frameBuf): a read of readChunk after up to as much already
+// batched, and the ops around it. Buffers of one size, so that any spare
+// takes any batch.
+const frameRoom = 2*readChunk + 64<<10
+
+// keepSmall is how many batches in a row that are not built in place the
+// batcher keeps its spare frames and its frameRoom buffer through.
+const keepSmall = 64
 
 // compressSample is how much of a batch is test-compressed first.
 const compressSample = 64 << 10
@@ -696,32 +707,55 @@ func (bt *batcher) add(op *wire.Op) error {
 		bt.raw = append(bt.raw[:0], make([]byte, wire.HeaderSize)...)
 	}
 	bt.raw = wire.AppendOp(bt.raw, op)
-	bt.flushIfFull()
+	bt.flushIfFull(0)
 	return nil
 }
 
-// flushIfFull queues the batch once it holds batchRaw bytes.
-func (bt *batcher) flushIfFull() {
-	if len(bt.raw)-wire.HeaderSize >= batchRaw {
+// flushIfFull queues the batch once it holds batchRaw bytes, or once a
+// read of next bytes (addRead) would not fit in its buffer and it is big
+// enough to go as it is: the read then begins the next batch, in a
+// frameRoom buffer, instead of the runtime growing this one.
+func (bt *batcher) flushIfFull(next int) {
+	ops := len(bt.raw) - wire.HeaderSize
+	if ops >= batchRaw || next > 0 && ops >= 2*compressSample && cap(bt.raw)-len(bt.raw) < next+opSlack {
 		bt.flush()
 	}
 }
+
+// opSlack bounds a write op's encoding beyond its path and data.
+const opSlack = 128
 
 // addRead adds a write op of up to n bytes of f at off to path, read
 // straight into the batch (a sequential writer's megabytes are not copied
 // once more through the builder's buffer). It returns how many bytes it
 // read and the read's error: at the end of the file fewer, and with 0 no
 // op is added. It does not queue the batch: the caller counts what it
-// read first, then calls flushIfFull (which may wait for the peer).
+// read first, then calls flushIfFull (which may wait for the peer), also
+// before its next read.
 func (bt *batcher) addRead(path string, f *os.File, off uint64, n int) (int, error) {
 	if len(bt.raw) < wire.HeaderSize {
 		bt.raw = append(bt.raw[:0], make([]byte, wire.HeaderSize)...)
+	}
+	if need := len(bt.raw) + len(path) + n + opSlack; cap(bt.raw) < need {
+		if need-wire.HeaderSize < 2*compressSample {
+			// A small batch (the usual one of a durability call) grows
+			// its buffer as it needs.
+			bt.raw = slices.Grow(bt.raw, need-len(bt.raw))
+		} else {
+			// A batch big enough to go as it is: a frameRoom buffer (a
+			// spare if there is one) takes what is batched so far, and
+			// the read.
+			room := bt.spare()
+			if cap(room) < need {
+				room = slices.Grow(room, need)
+			}
+			bt.raw = append(room, bt.raw...)
+		}
 	}
 	op := wire.Op{Code: wire.OpWrite, Path: path, Off: off}
 	start := len(bt.raw)
 	b := wire.AppendOpHeader(bt.raw, &op, n)
 	data := len(b)
-	b = slices.Grow(b, n)
 	got, err := f.ReadAt(b[data:data+n], int64(off))
 	switch {
 	case got == 0:
@@ -756,12 +790,11 @@ func (bt *batcher) flush() {
 	}
 	var frame []byte
 	flags := uint16(0)
-	// A big batch that goes as it is, and fills most of its buffer,
+	// A big batch that goes as it is, built in a frameRoom buffer,
 	// becomes its frame in place: the buffer is handed over, and the
 	// next batch is built in a spare one (frameBuf). Any other frame is
-	// a copy of its exact size, so that what the frames in flight hold
-	// is what they send.
-	inPlace := !compress && len(bt.raw) >= cap(bt.raw)/2
+	// a copy of its exact size.
+	inPlace := !compress && cap(bt.raw) == frameRoom
 	switch {
 	case compress:
 		flags = wire.FlagZstd
@@ -787,16 +820,21 @@ func (bt *batcher) flush() {
 	var buf *frameBuf
 	if inPlace {
 		buf = &frameBuf{b: frame, refs: 1}
-		bt.raw = p.out.spare()
-		if bt.raw == nil {
-			bt.raw = make([]byte, 0, cap(frame))
-		}
+		bt.raw = p.out.spare() // or nil: addRead makes one when needed
+		bt.small = 0
 	} else {
-		if len(ops) < batchKeep/16 {
-			// A small batch: the spare frames of a burst are let go.
+		bt.small++
+		if bt.small >= keepSmall {
+			// Small batches since a burst: its spare frames are let go,
+			// and the room it left in the batch buffer.
 			p.out.dropSpares()
+			bt.raw = letGo(bt.raw, len(bt.raw))
+			bt.small = 0
+		} else if cap(bt.raw) == frameRoom {
+			bt.raw = bt.raw[:0]
+		} else {
+			bt.raw = letGo(bt.raw, len(bt.raw))
 		}
-		bt.raw = letGo(bt.raw, len(bt.raw))
 		if compress {
 			bt.zbuf = letGo(bt.zbuf, len(frame))
 		}
@@ -814,6 +852,18 @@ func (bt *batcher) flush() {
 		p.work.Wait()
 	}
 	p.mu.Unlock()
+}
+
+// spare returns a frameRoom buffer for the next batch: an acknowledged
+// frame's, or a new one.
+func (bt *batcher) spare() []byte {
+	bt.p.mu.Lock()
+	b := bt.p.out.spare()
+	bt.p.mu.Unlock()
+	if b == nil {
+		b = make([]byte, 0, frameRoom)
+	}
+	return b
 }
 
 // letGo returns b emptied, or nil when it has room for big batches and
