@@ -60,12 +60,18 @@ func collect(t *testing.T, c *Capture) []Record {
 // when the test ends.
 func openExt4(t *testing.T) (*Capture, *loopfs.FS) {
 	t.Helper()
+	return openExt4Ring(t, 0)
+}
+
+// openExt4Ring is openExt4 with a ring of ringBytes (0: the default).
+func openExt4Ring(t *testing.T, ringBytes uint32) (*Capture, *loopfs.FS) {
+	t.Helper()
 	fs := loopfs.Make(t, "ext4", 64)
 	var st syscall.Stat_t
 	if err := syscall.Stat(fs.Mount, &st); err != nil {
 		t.Fatal(err)
 	}
-	c, err := Open(Options{Devices: []uint64{st.Dev}})
+	c, err := Open(Options{Devices: []uint64{st.Dev}, RingBytes: ringBytes})
 	if err != nil {
 		t.Fatalf("Open: %v", err)
 	}

@@ -265,16 +265,7 @@ func TestRingWaitDeadline(t *testing.T) {
 // 64 KiB ring, closed at the test's end.
 func openSmallRing(t *testing.T) (*loopfs.FS, *Capture) {
 	t.Helper()
-	fs := loopfs.Make(t, "ext4", 64)
-	var st syscall.Stat_t
-	if err := syscall.Stat(fs.Mount, &st); err != nil {
-		t.Fatal(err)
-	}
-	c, err := Open(Options{Devices: []uint64{st.Dev}, RingBytes: 1 << 16})
-	if err != nil {
-		t.Fatalf("Open: %v", err)
-	}
-	t.Cleanup(func() { c.Close() })
+	c, fs := openExt4Ring(t, 1<<16)
 	return fs, c
 }
 

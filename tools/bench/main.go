@@ -25,6 +25,7 @@ import (
 
 	"github.com/duet-ha/duet/pkg/latency"
 	"github.com/duet-ha/duet/pkg/node"
+	"github.com/duet-ha/duet/tools/internal/cost"
 )
 
 type bench struct {
@@ -316,7 +317,7 @@ type stageTable struct {
 	order    []string
 	// What each process used during the timed calls of syncbench's
 	// runs (addCosts), summed over the runs, and the calls.
-	costs     map[string]procCost
+	costs     map[string]cost.Proc
 	costOrder []string
 	calls     int
 }
@@ -330,7 +331,7 @@ func (b *bench) addCosts(workload string, r syncResult) {
 			continue
 		}
 		if t.costs == nil {
-			t.costs = map[string]procCost{}
+			t.costs = map[string]cost.Proc{}
 		}
 		t.calls += r.Calls
 		for _, c := range r.Costs {
@@ -574,15 +575,7 @@ type syncResult struct {
 	SamplesMs []float64 `json:"samples_ms"`
 	// Costs: what the daemons, `duet exec` and the writer used during
 	// a supervised run's timed calls (syncbench -cost).
-	Costs []procCost `json:"costs"`
-}
-
-// procCost is what one process used during a run's timed calls.
-type procCost struct {
-	Name        string  `json:"name"`
-	CPUSeconds  float64 `json:"cpu_s"`
-	WaitSeconds float64 `json:"runq_wait_s"`
-	Switches    uint64  `json:"switches"`
+	Costs []cost.Proc `json:"costs"`
 }
 
 func (b *bench) syncbench(host string, supervised bool, args ...string) syncResult {

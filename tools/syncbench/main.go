@@ -29,6 +29,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/duet-ha/duet/tools/internal/cost"
 	"github.com/duet-ha/duet/tools/internal/size"
 	"golang.org/x/sys/unix"
 )
@@ -52,15 +53,7 @@ type Result struct {
 }
 
 // Cost is what one process used during the timed calls.
-type Cost struct {
-	Name       string  `json:"name"`
-	CPUSeconds float64 `json:"cpu_s"`
-	// WaitSeconds is how long its threads were runnable and waited for
-	// a CPU.
-	WaitSeconds float64 `json:"runq_wait_s"`
-	// Switches are its threads' context switches, voluntary or not.
-	Switches uint64 `json:"switches"`
-}
+type Cost = cost.Proc
 
 func main() {
 	mode := flag.String("mode", "latency", "latency or throughput")
