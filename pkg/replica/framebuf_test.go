@@ -187,17 +187,7 @@ func TestOutboxPins(t *testing.T) {
 // length field made again), or none at all past it.
 func TestAddReadEncodesAsAppendOp(t *testing.T) {
 	p := unconnectedPrimary(t)
-	data := make([]byte, 300<<10)
-	rand.Read(data)
-	path := filepath.Join(t.TempDir(), "f")
-	if err := os.WriteFile(path, data, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
+	f, data := randomFile(t, 300<<10)
 	for _, c := range []struct {
 		off     uint64
 		n, want int
