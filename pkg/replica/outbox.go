@@ -90,7 +90,7 @@ func (o *outbox) push(b sentBatch) {
 }
 
 // held is the memory b's frame holds: its buffer's whole room when the
-// frame was built in place (up to twice its length), its length
+// frame was built in place (frameRoom, whatever its length), its length
 // otherwise.
 func (b sentBatch) held() int {
 	if b.buf != nil {
