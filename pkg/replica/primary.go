@@ -693,6 +693,13 @@ const batchKeep = 256 << 10
 // takes any batch.
 const frameRoom = 2*readChunk + 64<<10
 
+// inPlaceFrom is the size from which a batch built of small reads moves
+// into a frameRoom buffer (a read of 128 KiB or more goes into one at
+// once): below it the batch grows, and keeps, a buffer of its own and
+// goes as an exact copy, which costs less than a frameRoom buffer of
+// 2 MiB for a durability call's few hundred KiB (from a review).
+const inPlaceFrom = 512 << 10
+
 // keepSmall is how many batches in a row that are not built in place the
 // batcher keeps its spare frames and its frameRoom buffer through.
 const keepSmall = 64
@@ -774,9 +781,11 @@ func (bt *batcher) addRead(path string, f *os.File, off uint64, n int) (int, err
 	}
 	if need := len(bt.raw) + len(path) + n + opSlack; cap(bt.raw) < need {
 		compressed := len(bt.raw)-wire.HeaderSize >= 2*compressSample && !bt.asIs()
-		if need-wire.HeaderSize < 2*compressSample || compressed {
-			// A small batch (the usual one of a durability call), or
-			// one that is compressed, grows its buffer as it needs.
+		big := n >= 2*compressSample || need-wire.HeaderSize >= inPlaceFrom
+		if !big || compressed {
+			// A small batch (the usual one of a durability call), one
+			// of small reads under inPlaceFrom, or one that is
+			// compressed grows its buffer as it needs (and keeps it).
 			bt.raw = slices.Grow(bt.raw, need-len(bt.raw))
 		} else {
 			// A batch that may go as it is: a frameRoom buffer (a
@@ -866,11 +875,6 @@ func (bt *batcher) flush() {
 			bt.small = 0
 		} else if cap(bt.raw) == frameRoom {
 			bt.raw = bt.raw[:0]
-		} else if !compress {
-			// A batch that went as it is, copied from a buffer of
-			// another size (grown for compressed ones): let go, so that
-			// the next is read into a frameRoom one.
-			bt.raw = nil
 		} else {
 			bt.raw = letGo(bt.raw, len(bt.raw))
 		}
