@@ -25,6 +25,12 @@ func randomFile(t *testing.T, n int) (*os.File, []byte) {
 	t.Helper()
 	data := make([]byte, n)
 	rand.Read(data)
+	return fileOf(t, data), data
+}
+
+// fileOf is a new file holding data, open for reading.
+func fileOf(t *testing.T, data []byte) *os.File {
+	t.Helper()
 	path := filepath.Join(t.TempDir(), "f")
 	if err := os.WriteFile(path, data, 0o644); err != nil {
 		t.Fatal(err)
@@ -34,7 +40,15 @@ func randomFile(t *testing.T, n int) (*os.File, []byte) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { f.Close() })
-	return f, data
+	return f
+}
+
+// textFile is a new file of n bytes of text that compresses, open for
+// reading.
+func textFile(t *testing.T, n int) (*os.File, []byte) {
+	t.Helper()
+	text := []byte(strings.Repeat("a line of a log file, compressible enough 0123456789\n", n/53+1))[:n]
+	return fileOf(t, text), text
 }
 
 // bigBatch batches a read of 1 MiB of f (random bytes, so the batch goes
@@ -410,24 +424,9 @@ func TestMixedBatchesDoNotRegrowTheirBuffer(t *testing.T) {
 	p := unconnectedPrimary(t)
 	bt := &batcher{p: p, ctx: context.Background()}
 	b := &builder{out: bt, buf: make([]byte, readChunk)}
-	dir := t.TempDir()
 	const size = 4 << 20
-	text := []byte(strings.Repeat("a line of a log file, compressible enough 0123456789\n", size/53+1))[:size]
-	noise := make([]byte, size)
-	rand.Read(noise)
-	open := func(name string, data []byte) *os.File {
-		path := filepath.Join(dir, name)
-		if err := os.WriteFile(path, data, 0o644); err != nil {
-			t.Fatal(err)
-		}
-		f, err := os.Open(path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { f.Close() })
-		return f
-	}
-	ft, fn := open("text", text), open("noise", noise)
+	ft, _ := textFile(t, size)
+	fn, _ := randomFile(t, size)
 	copied := 0
 	ship := func(i int) {
 		f, name := ft, fmt.Sprintf("logs/app.%03d.log", i)
@@ -525,23 +524,8 @@ func shipEveryOp(t *testing.T, seed uint64, steps int) {
 	defer cancel()
 	bt := &batcher{p: p, ctx: ctx}
 	b := &builder{out: bt, buf: make([]byte, readChunk)}
-	dir := t.TempDir()
-	noise := make([]byte, 6<<20)
-	rand.Read(noise)
-	text := []byte(strings.Repeat("compressible line of text 0123456789 abcdef\n", 6<<20/44+1))[:6<<20]
-	mk := func(name string, d []byte) *os.File {
-		path := filepath.Join(dir, name)
-		if err := os.WriteFile(path, d, 0o644); err != nil {
-			t.Fatal(err)
-		}
-		f, err := os.Open(path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { f.Close() })
-		return f
-	}
-	fn, ft := mk("n", noise), mk("t", text)
+	fn, noise := randomFile(t, 6<<20)
+	ft, text := textFile(t, 6<<20)
 	a, c := net.Pipe()
 	got := make(chan []wire.Op, 1)
 	go func() {
