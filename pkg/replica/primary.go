@@ -268,10 +268,19 @@ func (p *Primary) Rescan(k capture.InodeKey) {
 
 // RescanAll asks for a full comparison with the peer: changes were lost,
 // the bitmap is incomplete until it ends.
+//
+// It counts as a change (p.added), as Rescan does: a durability call whose
+// write is in a lost record counts it in its target, and waits for the
+// comparison's pass to cover it. Without it the call's target was what an
+// earlier pass had covered, and a comparison that requeued any change left
+// that cover standing: the call returned on a batch long durable, with the
+// comparison's batches (the lost write among them) not on the peer
+// (TestBarrierAfterLostRecordsWaitsForRescanAll).
 func (p *Primary) RescanAll() {
 	p.mu.Lock()
 	p.needFull, p.forceAll = true, true
 	p.dirty.lost = true
+	p.added++
 	p.mu.Unlock()
 	p.work.Broadcast()
 }
@@ -1402,8 +1411,10 @@ func (p *Primary) WaitShipped(ctx context.Context, kernel Kernel, rel Release) e
 	}()
 	if kernel != nil {
 		if err := kernel.Drain(); err != nil {
-			// The change may be in no record the primaries will see.
-			return fmt.Errorf("%w: %v", ErrClosed, err)
+			// The change may be in no record the primaries will see
+			// (the term's capture stopped reading: ErrClosed; or its
+			// reader is far behind).
+			return fmt.Errorf("the call's changes may be in no capture record read: %w", err)
 		}
 	}
 	drained := time.Now()

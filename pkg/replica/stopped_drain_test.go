@@ -3,6 +3,7 @@ package replica
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
@@ -21,7 +22,9 @@ type stoppedKernel struct{}
 func (stoppedKernel) ForgetChunks([]capture.CaptureChunkKey) error { return nil }
 func (stoppedKernel) ForgetAttr(capture.InodeKey)                  {}
 func (stoppedKernel) Seq() uint64                                  { return 0 }
-func (stoppedKernel) Drain() error                                 { return errors.New("the capture stopped reading") }
+func (stoppedKernel) Drain() error {
+	return fmt.Errorf("the capture stopped reading: %w", ErrClosed)
+}
 
 // TestWaitShippedAfterReadingStopped: a durability call made while the
 // node leaves the primary role, after its capture stopped reading. The
