@@ -7,6 +7,7 @@ import (
 	"os"
 	"path"
 	"runtime"
+	"strings"
 
 	"github.com/duet-ha/duet/pkg/fstree"
 	"github.com/duet-ha/duet/pkg/wire"
@@ -292,12 +293,22 @@ func (a *Applier) touch(op *wire.Op) {
 		// A removed subtree may hold files written earlier in the batch.
 		a.overflow = true
 	case wire.OpLink, wire.OpRename:
+		if op.Code == wire.OpRename {
+			// Dirty files may have moved: flush their new names too.
+			a.overflow = a.overflow || len(a.dirty) > 0
+			// So may directories whose entries changed, the source
+			// itself or beneath it: their recorded paths would name
+			// nothing, and the directories holding the changed entries
+			// would go unflushed (TestFlushFollowsRenamedDirectory).
+			for d := range a.dirs {
+				if d == op.Path || strings.HasPrefix(d, op.Path+"/") {
+					a.overflow = true
+					break
+				}
+			}
+		}
 		a.dirs[dirOf(op.Path)] = true
 		a.dirs[dirOf(op.Path2)] = true
-		// Dirty files may have moved: flush their new names too.
-		if op.Code == wire.OpRename {
-			a.overflow = a.overflow || len(a.dirty) > 0
-		}
 	case wire.OpCreate, wire.OpMkdir:
 		a.dirs[dirOf(op.Path)] = true
 		// The mode is set after the entry is made (the umask strips
@@ -477,10 +488,20 @@ func (a *Applier) linkOrRename(code wire.OpCode, d *os.File, base string, d2 *os
 		return srcErr
 	}
 	if dstErr == nil && src.Dev == dst.Dev && src.Ino == dst.Ino {
-		if code == wire.OpRename {
-			return unix.Unlinkat(dfd, base, 0) // both names of one inode
+		if code != wire.OpRename {
+			return nil
 		}
-		return nil
+		if src.Mode&unix.S_IFMT == unix.S_IFDIR || src.Nlink == 1 || sameEntry(d, base, d2, base2) {
+			// Both paths name one entry: the same path, or a change of
+			// case in a case-insensitive directory. Unlinking the
+			// source would remove the file itself
+			// (TestRenameOntoItsOwnEntryKeepsFile); the kernel's rename
+			// changes the case, or nothing.
+			return unix.Renameat(dfd, base, dfd2, base2)
+		}
+		// Two names of one inode (a hard link): the source name goes,
+		// as on the primary.
+		return unix.Unlinkat(dfd, base, 0)
 	}
 	if code == wire.OpLink {
 		if src.Mode&unix.S_IFMT == unix.S_IFDIR {
@@ -513,6 +534,19 @@ func (a *Applier) linkOrRename(code wire.OpCode, d *os.File, base string, d2 *os
 		err = unix.Renameat(dfd, base, dfd2, base2)
 	}
 	return err
+}
+
+// sameEntry reports whether base in d and base2 in d2 are the same name
+// in the same directory.
+func sameEntry(d *os.File, base string, d2 *os.File, base2 string) bool {
+	if base != base2 {
+		return false
+	}
+	var st, st2 unix.Stat_t
+	if unix.Fstat(int(d.Fd()), &st) != nil || unix.Fstat(int(d2.Fd()), &st2) != nil {
+		return false
+	}
+	return st.Dev == st2.Dev && st.Ino == st2.Ino
 }
 
 // notAbove refuses to replace dst, what a link or rename's target holds,

@@ -914,16 +914,25 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 							s.bgSync()
 						}
 						if err := unix.Syncfs(int(bgDir.Fd())); err != nil {
-							s.Log.Error("background sync of the replica failed: this copy will be compared in full", "dir", d.Name, "err", err)
-							if err := r.forget(); err != nil {
-								s.Log.Error("the replica state still holds the progress from before the failed flush: remove it before restarting duet", "dir", d.Name, "err", err)
-							}
+							// The progress is forgotten on disk before
+							// anything is logged: a daemon killed while it
+							// logs (a stalled journal) would restart from
+							// the old progress, and, the error reported
+							// once, its next flush would succeed without
+							// the lost pages (TestDistrustPersistsBeforeItLogs).
+							forgetErr := r.forget()
 							// Nor may this copy take over until a resync
 							// ends (distrust, later, does it too).
+							var metaErr error
 							if ms != nil {
-								if err := ms.Update(func(m *Meta) { m.Consistent = false }); err != nil {
-									s.Log.Error("marking the copy inconsistent", "dir", d.Name, "err", err)
-								}
+								metaErr = ms.Update(func(m *Meta) { m.Consistent = false })
+							}
+							s.Log.Error("background sync of the replica failed: this copy will be compared in full", "dir", d.Name, "err", err)
+							if forgetErr != nil {
+								s.Log.Error("the replica state still holds the progress from before the failed flush: remove it before restarting duet", "dir", d.Name, "err", forgetErr)
+							}
+							if metaErr != nil {
+								s.Log.Error("marking the copy inconsistent", "dir", d.Name, "err", metaErr)
 							}
 							c.Close()
 							return
@@ -1106,27 +1115,37 @@ func (p *opProgress) after(c wire.OpCode) bool {
 // counts as inconsistent (it does not take over) until that resync ends.
 // The caller holds r.mu.
 func (s *Server) distrust(r *replicaState, ms *MetaStore, d Dir) {
-	s.Log.Error("a flush of the replica failed: its progress is forgotten and the next connection resyncs it", "dir", d.Name)
+	// Everything is on disk before anything is logged (see the background
+	// sync's failure): logging can stall, and a kill then must not leave
+	// the old progress (TestDistrustPersistsBeforeItLogs).
 	r.setProgress(0, 0)
 	r.partial, r.ops = 0, 0
-	if err := r.store(true); err != nil {
+	storeErr := r.store(true)
+	var emptyErr error
+	if storeErr != nil {
 		// The file must not keep the old progress: a restart would
 		// resume from it. Emptied (no space needed) or removed, it reads
 		// as no progress.
-		s.Log.Error("saving replica state", "dir", d.Name, "err", err)
 		r.fmu.Lock()
-		if err := r.empty(); err != nil {
-			s.Log.Error("the replica state still holds the progress from before the failed flush: remove it before restarting duet", "dir", d.Name, "err", err)
-		}
+		emptyErr = r.empty()
 		r.fmu.Unlock()
 		// What a failed save later puts back (unsave) is no progress,
 		// not the one from before the flush failed.
 		r.filed.session, r.filed.applied, r.filed.partial, r.filed.ops = 0, 0, 0, 0
 	}
+	var metaErr error
 	if ms != nil {
-		if err := ms.Update(func(m *Meta) { m.Consistent = false }); err != nil {
-			s.Log.Error("marking the copy inconsistent", "dir", d.Name, "err", err)
-		}
+		metaErr = ms.Update(func(m *Meta) { m.Consistent = false })
+	}
+	s.Log.Error("a flush of the replica failed: its progress is forgotten and the next connection resyncs it", "dir", d.Name)
+	if storeErr != nil {
+		s.Log.Error("saving replica state", "dir", d.Name, "err", storeErr)
+	}
+	if emptyErr != nil {
+		s.Log.Error("the replica state still holds the progress from before the failed flush: remove it before restarting duet", "dir", d.Name, "err", emptyErr)
+	}
+	if metaErr != nil {
+		s.Log.Error("marking the copy inconsistent", "dir", d.Name, "err", metaErr)
 	}
 }
 
