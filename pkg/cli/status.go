@@ -176,8 +176,11 @@ func printStatus(w io.Writer, st *node.Status, output string) error {
 	}
 	yes := map[bool]string{true: "yes", false: "no"}
 	stale := ""
-	if st.Stale {
+	switch {
+	case st.Stale:
 		stale = " (copy may be stale)"
+	case st.HandedOver:
+		stale = " (handed the role over: takes nothing over until the peer is heard, or `duet prim --force`)"
 	}
 	fmt.Fprintf(w, "node %s  state %s  epoch %d%s  in sync: %s  version %s\n", st.Node, st.State, st.Epoch, stale, yes[st.InSync], st.Version)
 	p := st.PeerState

@@ -68,8 +68,12 @@ type Machine struct {
 	// rewriting (the daemon sets it before each step): until the resync
 	// completes the copy is half old, half new, and must not serve.
 	Resyncing string
-	// HandedOver is set after giving the role away in a swap: until the
-	// peer serves or is lost, this node claims nothing.
+	// HandedOver is set after giving the role away (a swap, a stop, a
+	// failed service): until the peer is heard serving (this copy is
+	// stale then) or back without having served (see stepWait), this node
+	// claims nothing, whether the peer is lost or this node restarted
+	// (it is saved): the peer may have served and acknowledged writes
+	// this copy lacks (TestHandoverGiverRestartedDoesNotServeAlone).
 	HandedOver bool
 	Checking   bool // takeover checks in progress
 	Peer       Peer
@@ -101,6 +105,10 @@ type Event struct {
 	OK    bool   // EvChecked
 	Why   string // EvChecked, EvServiceDown
 	Force bool   // EvCmdPrim
+	// Held (EvChecked, not OK): a check found the role held elsewhere
+	// (another host answers for the VIP): whoever holds it may write
+	// what this copy lacks.
+	Held bool
 }
 
 // Action kind.
@@ -170,11 +178,17 @@ func (m Machine) serve(why string) (Machine, []Action) {
 	return m, []Action{{Do: DoPersist}, logf("becoming %s (epoch %d): %s", m.State, m.Epoch, why), {Do: DoServe}}
 }
 
-// unserve leaves a serving state for to.
+// unserve leaves a serving state for to. The new state is saved before
+// the role is let go, which can take the services' stop timeouts: a crash
+// meanwhile must not leave PRIM on disk, from which a restart would serve
+// a copy it had just been told is not the reference (a split brain's
+// loser; TestSplitBrainStepDownStaleOnDiskBeforeUnserve). The peer hears
+// of it only once the role is let go (the heartbeats say what the loop
+// publishes after the actions).
 func (m Machine) unserve(to State, why string) (Machine, []Action) {
 	m.State = to
 	m.Checking = false
-	return m, []Action{logf("leaving the primary role for %s: %s", to, why), {Do: DoUnserve}, {Do: DoPersist}}
+	return m, []Action{logf("leaving the primary role for %s: %s", to, why), {Do: DoPersist}, {Do: DoUnserve}}
 }
 
 func (m Machine) to(s State, why string) (Machine, []Action) {
@@ -213,12 +227,10 @@ func step(m Machine, ev Event) (Machine, []Action) {
 	case EvPeerLost:
 		m.Peer.Seen = false
 		m.Peer.Synced = false
-		m.HandedOver = false
 	case EvCmdStart:
 		if m.State != Stop {
 			return m, []Action{refuse("already started (%s)", m.State)}
 		}
-		m.HandedOver = false
 		return m.to(Wait, "started by the operator")
 	case EvCmdStop:
 		switch {
@@ -230,11 +242,10 @@ func step(m Machine, ev Event) (Machine, []Action) {
 		case m.State.Serving():
 			return m.unserve(Stop, "stopped by the operator (no peer in sync: nothing serves now)")
 		}
-		m.HandedOver = false
 		if m.Peer.Seen && m.Peer.State.Serving() {
 			// The serving peer writes on without this copy: stale, and
 			// said so, so that the peer may release what it cannot ship.
-			m.Stale = true
+			m.Stale, m.HandedOver = true, false
 		}
 		return m.to(Stop, "stopped by the operator")
 	}
@@ -242,8 +253,8 @@ func step(m Machine, ev Event) (Machine, []Action) {
 		if ev.Kind == EvCmdPrim || ev.Kind == EvCmdSecond || ev.Kind == EvCmdSwap {
 			return m, []Action{refuse("duet is stopped on this node: run `duet start` first")}
 		}
-		if ev.Kind == EvPeer && ev.Peer.State.Serving() && !m.Stale {
-			m.Stale = true
+		if ev.Kind == EvPeer && ev.Peer.State.Serving() && (!m.Stale || m.HandedOver) {
+			m.Stale, m.HandedOver = true, false
 			return m, []Action{{Do: DoPersist}}
 		}
 		return m, nil
@@ -270,9 +281,8 @@ func (m Machine) stepWait(ev Event) (Machine, []Action) {
 		m.Checking = false
 		if p.State.Serving() {
 			// From here on the serving peer writes what this copy lacks.
-			m.HandedOver = false
-			if !m.Stale {
-				m.Stale = true
+			if !m.Stale || m.HandedOver {
+				m.Stale, m.HandedOver = true, false
 				acts = append(acts, Action{Do: DoPersist})
 			}
 			// Not to an ALONE peer: it releases durability calls
@@ -302,15 +312,22 @@ func (m Machine) stepWait(ev Event) (Machine, []Action) {
 		}
 		return m, nil
 	case EvPeerLost, EvTick:
-		if !p.Seen && !m.Stale && !m.Checking {
+		if !p.Seen && !m.Stale && !m.HandedOver && !m.Checking {
 			m.Checking = true
 			return m, []Action{{Do: DoCheck}}
 		}
 		return m, nil
 	case EvChecked:
 		m.Checking = false
-		if p.Seen || m.Stale {
+		if p.Seen || m.Stale || m.HandedOver {
 			return m, nil // the peer came back meanwhile: heartbeats decide
+		}
+		if !ev.OK && ev.Held {
+			// Not checked again until the peer is heard: a later probe
+			// that the holder misses (its host stalled) would let this
+			// copy serve beside it (TestWaitNotStaleRetriesAfterVIPAnswered).
+			m.Stale = true
+			return m, []Action{{Do: DoPersist}, logf("not taking over: %s; this copy counts as stale (the role is held elsewhere)", ev.Why)}
 		}
 		if !ev.OK {
 			return m, []Action{logf("not taking over: %s", ev.Why)}
@@ -326,11 +343,14 @@ func (m Machine) stepWait(ev Event) (Machine, []Action) {
 		if m.Stale && !ev.Force {
 			return m, []Action{refuse("this copy (epoch %d) may be older than %s's: `duet prim --force` makes it the reference, and changes %s made after it are lost", m.Epoch, peerName(p), peerName(p))}
 		}
+		if m.HandedOver && !ev.Force {
+			return m, []Action{refuse("this node handed the primary role to %s, which may have served since: `duet prim --force` makes this copy (epoch %d) the reference, and changes %s made after the handover are lost", peerName(p), m.Epoch, peerName(p))}
+		}
 		why := "forced by the operator"
 		switch {
 		case m.Resyncing != "":
 			why = fmt.Sprintf("forced by the operator on a copy mid-resync: directory %s is half-written", m.Resyncing)
-		case m.Stale:
+		case m.Stale, m.HandedOver:
 			why = fmt.Sprintf("forced by the operator on a copy that may be stale (epoch %d): changes only %s had are lost", m.Epoch, peerName(p))
 		}
 		return m.serve(why)

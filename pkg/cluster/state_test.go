@@ -120,12 +120,19 @@ func TestInvariants(t *testing.T) {
 			if m.State == Stop && got.State != Stop && ev.Kind != EvCmdStart {
 				t.Errorf("%+v + %+v: left STOP", m, ev)
 			}
-			// A handed-over node claims nothing while the peer is up,
-			// unless the peer came back WAIT with a stale copy (it
-			// restarted before taking over: it never will).
+			// A handed-over node claims nothing, the peer up or lost
+			// (it may have served: TestHandoverThenPeerLost), unless
+			// the peer came back WAIT with a stale copy and no newer
+			// epoch (it restarted before taking over: it never will),
+			// or the operator forces it.
 			receiverBack := ev.Kind == EvPeer && ev.Peer.State == Wait && ev.Peer.Stale && ev.Peer.Epoch <= m.Epoch
-			if m.HandedOver && m.Peer.Seen && became && ev.Kind != EvCmdPrim && ev.Kind != EvPeerLost && !receiverBack {
+			forced := ev.Kind == EvCmdPrim && ev.Force
+			if m.HandedOver && became && !forced && !receiverBack {
 				t.Errorf("%+v + %+v: handed over, then took the role back", m, ev)
+			}
+			// It is saved: a restart must know it (and that it ended).
+			if got.HandedOver != m.HandedOver && !has(acts, DoPersist) {
+				t.Errorf("%+v + %+v: handed over %v -> %v not persisted", m, ev, m.HandedOver, got.HandedOver)
 			}
 		}
 	}
@@ -501,5 +508,43 @@ func TestSwapReceiverRestarted(t *testing.T) {
 	fresh.Stale = false
 	if got, _ := Step(giver, Event{Kind: EvPeer, Peer: fresh}); got.State.Serving() {
 		t.Error("the receiver WAIT with a copy that is not stale (it will take over): the giver serves")
+	}
+}
+
+// TestHandoverThenPeerLost: a node that handed the role over and then
+// lost the receiver before hearing it serve does not take the role back
+// on its own: the receiver may have served and acknowledged writes this
+// copy lacks (it crashed since, or a one-way cut hides its heartbeats).
+// Nor after a restart (the daemon stopped by the handover), nor on a
+// plain duet prim or duet start. It serves again when the receiver comes
+// back without having served, or when forced.
+func TestHandoverThenPeerLost(t *testing.T) {
+	giver := Machine{Name: "nodeA", ID: 1, State: Wait, Epoch: ep(5, 1), HandedOver: true,
+		Peer: Peer{Seen: true, Name: "nodeB", State: Second, Epoch: ep(5, 1)}}
+	m, acts := run(giver, Event{Kind: EvPeerLost}, Event{Kind: EvTick}, Event{Kind: EvChecked, OK: true}, Event{Kind: EvTick})
+	if m.State.Serving() || has(acts, DoCheck) || !m.HandedOver {
+		t.Fatalf("handed over, then the receiver lost: %s, checks %v, handed over %v; want WAIT, no checks, still handed over", m.State, has(acts, DoCheck), m.HandedOver)
+	}
+	if _, acts := Step(m, Event{Kind: EvCmdPrim}); !has(acts, DoRefuse) {
+		t.Errorf("duet prim on a node that handed the role over, its receiver lost: not refused (%v)", acts)
+	}
+	if got, _ := Step(m, Event{Kind: EvCmdPrim, Force: true}); !got.State.Serving() || got.HandedOver {
+		t.Errorf("duet prim --force: %s (handed over %v), want serving", got.State, got.HandedOver)
+	}
+	// Stopped and started by the operator meanwhile: still handed over.
+	stopped, _ := Step(m, Event{Kind: EvCmdStop})
+	started, _ := Step(stopped, Event{Kind: EvCmdStart})
+	if started, acts := run(started, Event{Kind: EvTick}); !started.HandedOver || has(acts, DoCheck) {
+		t.Errorf("stopped and started again: handed over %v, checks %v", started.HandedOver, has(acts, DoCheck))
+	}
+	// The receiver back, having served (a newer epoch): this copy is stale.
+	served := Peer{Name: "nodeB", State: Prim, Epoch: ep(7, 2)}
+	if got, acts := Step(m, Event{Kind: EvPeer, Peer: served}); got.State.Serving() || !got.Stale || got.HandedOver || !has(acts, DoPersist) {
+		t.Errorf("the receiver back serving: %s stale %v handed over %v, persisted %v", got.State, got.Stale, got.HandedOver, has(acts, DoPersist))
+	}
+	// The receiver back WAIT, stale, no newer epoch: it never served.
+	back := Peer{Name: "nodeB", State: Wait, Epoch: ep(5, 1), Stale: true}
+	if got, _ := Step(m, Event{Kind: EvPeer, Peer: back}); !got.State.Serving() {
+		t.Errorf("the receiver back WAIT and stale with the same epoch: giver %s, want serving", got.State)
 	}
 }

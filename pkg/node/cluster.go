@@ -34,6 +34,10 @@ type persisted struct {
 	State string `json:"state"`
 	Epoch uint64 `json:"epoch"`
 	Stale bool   `json:"stale"`
+	// HandedOver: this node gave the role away and has not heard the
+	// peer serve since (cluster.Machine.HandedOver). A daemon stopped
+	// by the handover, or killed, must not come back as the reference.
+	HandedOver bool `json:"handed_over,omitempty"`
 }
 
 func (n *Node) statePath() string { return filepath.Join(n.cfg.StateDir, "cluster.json") }
@@ -77,7 +81,7 @@ func (n *Node) loadMachine() (cluster.Machine, error) {
 	if err := json.Unmarshal(b, &p); err != nil {
 		return m, fmt.Errorf("cluster state %s: %w (move it away to start as a fresh node)", path, err)
 	}
-	m.Epoch, m.Stale = p.Epoch, p.Stale
+	m.Epoch, m.Stale, m.HandedOver = p.Epoch, p.Stale, p.HandedOver
 	switch p.State {
 	case "PRIM", "ALONE":
 		m.Stale = false
@@ -92,7 +96,7 @@ func (n *Node) loadMachine() (cluster.Machine, error) {
 // way (markStale), which needs no data block: a restart must not take the
 // last state saved (PRIM, say) for the truth and serve an older copy.
 func (n *Node) persist(m cluster.Machine) error {
-	b, _ := json.Marshal(persisted{State: m.State.String(), Epoch: m.Epoch, Stale: m.Stale})
+	b, _ := json.Marshal(persisted{State: m.State.String(), Epoch: m.Epoch, Stale: m.Stale, HandedOver: m.HandedOver})
 	if err := writeDurable(n.statePath(), b); err != nil {
 		err = fmt.Errorf("saving cluster state: %w", err)
 		if m.Stale || m.State == cluster.Second {
@@ -316,8 +320,12 @@ func (n *Node) heartbeat() cluster.Heartbeat {
 	streaming := m.State.Serving() && streams(primaries)
 	n.relMu.Lock()
 	// While the node leaves the role its replication winds down: the
-	// peer must not read that as "out of sync" before the handover.
-	h.Synced = n.lastSynced.Load()
+	// peer must not read that as "out of sync" before the handover. But
+	// a call released without the peer meanwhile (a leave no peer can
+	// take over from) is one the peer lacks: "synced" then would turn a
+	// peer started meanwhile SECOND, able to take over without it
+	// (TestLeavingAloneHeartbeatsStopSayingSynced).
+	h.Synced = n.lastSynced.Load() && !n.releasedAlone.Load()
 	released := false
 	if !n.leaving.Load() {
 		released = n.releasedAlone.Load()
@@ -513,8 +521,8 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 				reply = "refused: " + a.Msg
 			case cluster.DoCheck:
 				go func() {
-					ok, why := n.takeoverChecks(ctx)
-					n.post(ctx, cluster.Event{Kind: cluster.EvChecked, OK: ok, Why: why})
+					ok, why, held := n.takeoverChecks(ctx)
+					n.post(ctx, cluster.Event{Kind: cluster.EvChecked, OK: ok, Why: why, Held: held})
 				}()
 			case cluster.DoServe:
 				// Shown at once: status and heartbeats say PRIM/ALONE
@@ -758,17 +766,18 @@ func (n *Node) pingWitness() error {
 // takeoverChecks decide whether this node may take over a peer it lost:
 // it must reach the witness, nobody may answer for the VIP, and the
 // fencing command must succeed. The VIP probe may have passed already, in
-// the last stretch of the silence (see precheck).
-func (n *Node) takeoverChecks(ctx context.Context) (bool, string) {
+// the last stretch of the silence (see precheck). held reports a failure
+// that found the role held elsewhere (the VIP answered: cluster.Event.Held).
+func (n *Node) takeoverChecks(ctx context.Context) (ok bool, why string, held bool) {
 	// The witness first, and after the peer was declared lost: a
 	// primary releases the calls it holds once the witness answered
 	// since then (peerCannotTakeOver).
 	if ok, why := n.witnessCheck(); !ok {
-		return false, why
+		return false, why, false
 	}
 	if !n.prechecked(ctx) {
-		if ok, why := n.vipCheck(); !ok {
-			return false, why
+		if ok, why, held := n.vipCheck(); !ok {
+			return false, why, held
 		}
 	}
 	if f := n.cfg.Cluster.Fence; f != "" {
@@ -776,11 +785,11 @@ func (n *Node) takeoverChecks(ctx context.Context) (bool, string) {
 		defer cancel()
 		out, err := stack.Shell(cctx, f).CombinedOutput()
 		if err != nil {
-			return false, fmt.Sprintf("fencing command failed (%v): %s", err, trimOut(out))
+			return false, fmt.Sprintf("fencing command failed (%v): %s", err, trimOut(out)), false
 		}
 		n.log.Info("fencing command succeeded", "command", f)
 	}
-	return true, ""
+	return true, "", false
 }
 
 // A precheck runs the takeover's VIP probe, which touches nothing and
@@ -832,7 +841,7 @@ func (n *Node) startPrecheck(hb int64) {
 	n.pre.Store(pc)
 	go func() {
 		defer close(pc.done)
-		pc.ok, _ = n.vipCheck()
+		pc.ok, _, _ = n.vipCheck()
 		pc.at = time.Now()
 	}()
 }
@@ -877,23 +886,25 @@ func (n *Node) witnessCheck() (bool, string) {
 	return true, ""
 }
 
-// vipCheck: nobody answers an ARP probe for the VIP, if any.
-func (n *Node) vipCheck() (bool, string) {
+// vipCheck: nobody answers an ARP probe for the VIP, if any. held: a
+// host answered (not a probe that could not be made).
+func (n *Node) vipCheck() (ok bool, why string, held bool) {
 	if n.vipProbe != nil {
-		return n.vipProbe()
+		ok, why := n.vipProbe()
+		return ok, why, !ok
 	}
 	if n.vip == nil {
-		return true, ""
+		return true, "", false
 	}
 	owner, err := n.vip.Probe(vipProbeWait)
 	if err != nil {
-		return false, fmt.Sprintf("probing VIP %s: %v", n.vip, err)
+		return false, fmt.Sprintf("probing VIP %s: %v", n.vip, err), false
 	}
 	if owner != nil {
-		return false, fmt.Sprintf("VIP %s is answered by %s: the old primary is alive (a network split?) or another host uses the address", n.vip.Prefix.Addr(), owner)
+		return false, fmt.Sprintf("VIP %s is answered by %s: the old primary is alive (a network split?) or another host uses the address", n.vip.Prefix.Addr(), owner), true
 	}
 	n.vipFreeAt.Store(time.Now().UnixNano())
-	return true, ""
+	return true, "", false
 }
 
 func trimOut(b []byte) string {

@@ -111,7 +111,8 @@ type Node struct {
 	vipFreeAt atomic.Int64
 	// pre is the takeover's precheck of the peer's current silence.
 	pre atomic.Pointer[precheck]
-	// vipProbe replaces vipCheck's ARP probe (tests).
+	// vipProbe replaces vipCheck's ARP probe (tests); a failure counts as
+	// the VIP answered.
 	vipProbe func() (bool, string)
 	// stages times the steps of durability calls (duet status --latency).
 	stages latency.Stages

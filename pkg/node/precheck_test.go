@@ -31,7 +31,7 @@ func TestPrecheckStandsForTheChecks(t *testing.T) {
 	ctx := context.Background()
 	check := func(what string, wantCalls int32) {
 		t.Helper()
-		if ok, why := n.takeoverChecks(ctx); !ok {
+		if ok, why, _ := n.takeoverChecks(ctx); !ok {
 			t.Fatalf("%s: checks failed: %s", what, why)
 		}
 		if c := calls.Load(); c != wantCalls {
@@ -95,7 +95,7 @@ func TestPrecheckTakeoverWitnessedSinceLoss(t *testing.T) {
 			// EvPeerLost: the loop notes when, the check goroutine runs
 			// the takeover's checks.
 			n.peerLostAt.Store(time.Now().UnixNano())
-			if ok, why := n.takeoverChecks(context.Background()); !ok {
+			if ok, why, _ := n.takeoverChecks(context.Background()); !ok {
 				t.Fatalf("checks failed: %s", why)
 			}
 			if pre && n.pre.Load() == nil {

@@ -57,6 +57,9 @@ type Status struct {
 	Module    string `json:"module,omitempty"`
 	EventHook string `json:"event_hook,omitempty"`
 	LostPeer  string `json:"lost_peer,omitempty"`
+	// HandedOver: this node gave the role away and has not heard the
+	// peer serve since: it takes nothing over on its own.
+	HandedOver bool `json:"handed_over,omitempty"`
 }
 
 // CopyStatus is one directory's copy on this node (see replica.Meta).
@@ -115,7 +118,7 @@ type ReplicaStatus struct {
 // Status collects the daemon's state.
 func (n *Node) Status() Status {
 	m := n.machine.Load()
-	s := Status{Node: n.cfg.Node, Role: n.cfg.Role, State: m.State.String(), Epoch: m.Epoch, Stale: m.Stale,
+	s := Status{Node: n.cfg.Node, Role: n.cfg.Role, State: m.State.String(), Epoch: m.Epoch, Stale: m.Stale, HandedOver: m.HandedOver,
 		Version: Version, Listen: n.cfg.Listen, Peer: n.cfg.Peer}
 	s.PeerState = PeerStatus{Seen: m.Peer.Seen, Name: m.Peer.Name, Epoch: m.Peer.Epoch,
 		Heartbeats: n.heartbeats.Load(), Refused: n.badHeartbeats.Load(), Lost: n.missed.Load()}
