@@ -9,7 +9,10 @@ package barrier
 // reads them the way the kernel will:
 //   - a flush: the barrier runs before the call continues, so what the
 //     flush covers (writes completed before it was submitted) is on the
-//     peer before it can complete;
+//     peer before it can complete; a buffered write submitted before it
+//     in the same call is done by the kernel inside io_submit, before the
+//     flush, which covers it too: the supervisor writes such writes ahead
+//     as it does synchronous ones, so that the barrier covers them;
 //   - a synchronous write: the supervisor first writes the same bytes at
 //     the same offset itself, runs the barrier, then lets the call
 //     continue, which writes them again; the completion thus comes after
@@ -59,14 +62,23 @@ func parseIocb(b []byte) iocb {
 
 // aioSubmit handles io_submit(ctx, nr, iocbpp).
 func aioSubmit(listener int, req *seccompNotif, wait Func) {
+	cbs := readIocbs(int(req.PID), req.Args[2], int64(req.Args[1]))
+	lastFlush := -1
+	for i, cb := range cbs {
+		if cb.opcode == iocbCmdFsync || cb.opcode == iocbCmdFdsync {
+			lastFlush = i
+		}
+	}
 	hold := false
 requests:
-	for _, cb := range readIocbs(int(req.PID), req.Args[2], int64(req.Args[1])) {
+	for i, cb := range cbs {
 		switch cb.opcode {
 		case iocbCmdFsync, iocbCmdFdsync:
 			hold = true
 		case iocbCmdPwrite, iocbCmdPwritev:
-			sync, ok := writeAhead(listener, req, cb)
+			// Before a flush of the same call, any write is one the
+			// flush may be taken to cover (TestAIOFlushCoversWriteSubmittedWithIt).
+			sync, ok := writeAhead(listener, req, cb, i < lastFlush)
 			if !ok {
 				break requests // EBADF: the kernel stops at this request
 			}
@@ -118,10 +130,11 @@ func readIocbs(pid int, iocbpp uint64, nr int64) []iocb {
 }
 
 // writeAhead writes a synchronous write request's bytes itself, so that
-// the barrier that follows covers them. sync says whether the request is
-// synchronous; ok is false when its descriptor does not exist.
-func writeAhead(listener int, req *seccompNotif, cb iocb) (sync, ok bool) {
-	if cb.rwFlags&(unix.RWF_DSYNC|unix.RWF_SYNC) == 0 && cb.fd < SyncFDBase {
+// the barrier that follows covers them; any write's when flushed (a flush
+// follows it in the same call). sync says whether the request is
+// synchronous or flushed; ok is false when its descriptor does not exist.
+func writeAhead(listener int, req *seccompNotif, cb iocb, flushed bool) (sync, ok bool) {
+	if !flushed && cb.rwFlags&(unix.RWF_DSYNC|unix.RWF_SYNC) == 0 && cb.fd < SyncFDBase {
 		return false, true // only those descriptors hold O_SYNC/O_DSYNC files
 	}
 	fd, err := takeFD(listener, req, cb.fd)
@@ -130,12 +143,15 @@ func writeAhead(listener int, req *seccompNotif, cb iocb) (sync, ok bool) {
 	}
 	defer unix.Close(fd)
 	fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
-	if err != nil || fl&unix.O_DSYNC == 0 && cb.rwFlags&(unix.RWF_DSYNC|unix.RWF_SYNC) == 0 {
+	if err != nil {
+		return flushed, true
+	}
+	if !flushed && fl&unix.O_DSYNC == 0 && cb.rwFlags&(unix.RWF_DSYNC|unix.RWF_SYNC) == 0 {
 		return false, true
 	}
 	if cb.rwFlags&unix.RWF_APPEND != 0 || fl&unix.O_APPEND != 0 && cb.rwFlags&unix.RWF_NOAPPEND == 0 {
 		// Written ahead, it would be appended twice.
-		warnOnce("an appending O_SYNC/O_DSYNC/RWF_DSYNC write submitted with io_submit is not held for the peer")
+		warnOnce("an appending write submitted with io_submit, synchronous or followed by a flush in the same call, is not held for the peer")
 		return true, true
 	}
 	pid := int(req.PID)

@@ -38,6 +38,12 @@ var trapped = []uint32{unix.SYS_FSYNC, unix.SYS_FDATASYNC, unix.SYS_SYNC_FILE_RA
 // O_SYNC or O_DSYNC), or with RWF_SYNC/RWF_DSYNC (pwritev2).
 var writes = []uint32{unix.SYS_WRITE, unix.SYS_PWRITE64, unix.SYS_WRITEV, unix.SYS_PWRITEV, unix.SYS_PWRITEV2}
 
+// Copies the kernel makes into a file, synchronous into an O_SYNC/O_DSYNC
+// one like write(2): sendfile's destination is its first argument,
+// copy_file_range's and splice's their third.
+var copiesArg0 = []uint32{unix.SYS_SENDFILE}
+var copiesArg2 = []uint32{unix.SYS_COPY_FILE_RANGE, unix.SYS_SPLICE}
+
 // SyncFDBase is the lowest descriptor number duet gives a file opened with
 // O_SYNC or O_DSYNC by a supervised process; writes on descriptors from it
 // up go to the supervisor, which performs those on synchronous files and
@@ -125,10 +131,17 @@ func filter() []unix.SockFilter {
 	a.jeq(unix.SYS_IO_SUBMIT, "notify", "")
 	a.jeq(unix.SYS_OPEN, "flags1", "")
 	a.jeq(unix.SYS_OPENAT, "flags2", "")
+	a.jeq(unix.SYS_OPEN_BY_HANDLE_AT, "flags2", "")
 	a.jeq(unix.SYS_OPENAT2, "notify", "") // flags in memory: the supervisor looks
 	a.jeq(unix.SYS_PWRITEV2, "rwf", "")
 	for _, nr := range writes {
 		a.jeq(nr, "fd", "")
+	}
+	for _, nr := range copiesArg0 {
+		a.jeq(nr, "fd", "")
+	}
+	for _, nr := range copiesArg2 {
+		a.jeq(nr, "fd2", "")
 	}
 	a.ret(unix.SECCOMP_RET_ALLOW)
 	a.label("flags1")
@@ -144,6 +157,11 @@ func filter() []unix.SockFilter {
 	a.load(argHigh(0))
 	a.jeq(0, "", "allow") // a negative descriptor: the kernel says EBADF
 	a.load(argLow(0))
+	a.jge(SyncFDBase, "notify", "allow")
+	a.label("fd2")
+	a.load(argHigh(2))
+	a.jeq(0, "", "allow")
+	a.load(argLow(2))
 	a.jge(SyncFDBase, "notify", "allow")
 	a.label("notify")
 	a.ret(unix.SECCOMP_RET_USER_NOTIF)
@@ -460,11 +478,17 @@ func answer(listener int, req seccompNotif, sup supervisor) {
 	case unix.SYS_OPEN, unix.SYS_OPENAT, unix.SYS_OPENAT2:
 		openSync(listener, &req, sup.install)
 		return
+	case unix.SYS_OPEN_BY_HANDLE_AT:
+		openByHandleSync(listener, &req, sup.install)
+		return
 	case unix.SYS_WRITE, unix.SYS_PWRITE64, unix.SYS_WRITEV, unix.SYS_PWRITEV, unix.SYS_PWRITEV2:
 		writeSync(listener, &req, sup, start)
 		return
 	case unix.SYS_IO_SUBMIT:
 		aioSubmit(listener, &req, sup.wait)
+		return
+	case unix.SYS_SENDFILE, unix.SYS_COPY_FILE_RANGE, unix.SYS_SPLICE:
+		copySync(listener, &req, sup, start)
 		return
 	}
 	resp := seccompNotifResp{ID: req.ID}

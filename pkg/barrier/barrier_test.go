@@ -101,6 +101,12 @@ func helper(mode string) int {
 		return fdatasyncLoop(os.Getenv("DUET_BARRIER_PIDFILE"), os.Getenv("DUET_BARRIER_FILE"), os.Getenv("DUET_BARRIER_RESULT"))
 	case "open-storm":
 		return openStorm(os.Getenv("DUET_BARRIER_FILE"))
+	case "aio-write-fdsync":
+		return aioWriteThenFdsync(os.Getenv("DUET_BARRIER_FILE"))
+	case "dsync-sendfile", "dsync-copy-file-range", "dsync-splice":
+		return dsyncByKernelCopy(mode, os.Getenv("DUET_BARRIER_FILE"))
+	case "dsync-by-handle":
+		return dsyncByHandle(os.Getenv("DUET_BARRIER_FILE"))
 	default:
 		return 101
 	}
@@ -392,6 +398,15 @@ func TestFilterDecisions(t *testing.T) {
 		{"open plain", unix.SYS_OPEN, []uint64{0, unix.O_RDWR}, allow},
 		{"openat2", unix.SYS_OPENAT2, nil, notify},
 		{"io_submit", unix.SYS_IO_SUBMIT, []uint64{1, 1, 0}, notify},
+		{"open_by_handle_at O_DSYNC", unix.SYS_OPEN_BY_HANDLE_AT, []uint64{3, 0, unix.O_WRONLY | unix.O_DSYNC}, notify},
+		{"open_by_handle_at plain", unix.SYS_OPEN_BY_HANDLE_AT, []uint64{3, 0, unix.O_WRONLY}, allow},
+		{"sendfile to sync fd", unix.SYS_SENDFILE, []uint64{SyncFDBase, 3}, notify},
+		{"sendfile to low fd", unix.SYS_SENDFILE, []uint64{4, SyncFDBase}, allow},
+		{"copy_file_range to sync fd", unix.SYS_COPY_FILE_RANGE, []uint64{3, 0, SyncFDBase + 1}, notify},
+		{"copy_file_range to low fd", unix.SYS_COPY_FILE_RANGE, []uint64{SyncFDBase, 0, 4}, allow},
+		{"splice to sync fd", unix.SYS_SPLICE, []uint64{3, 0, 900}, notify},
+		{"splice to low fd", unix.SYS_SPLICE, []uint64{900, 0, 5}, allow},
+		{"splice to -1", unix.SYS_SPLICE, []uint64{3, 0, neg}, allow},
 		{"preadv2 RWF_DSYNC", unix.SYS_PREADV2, []uint64{4, 0, 0, 0, 0, unix.RWF_DSYNC}, allow},
 		{"x32 fsync", x32Bit | unix.SYS_FSYNC, []uint64{3}, enosys},
 		{"x32 write sync fd", x32Bit | unix.SYS_WRITE, []uint64{SyncFDBase}, enosys},

@@ -488,3 +488,94 @@ func ioctlRet(fd int, req uintptr, arg unsafe.Pointer) (int, error) {
 		return -1, errno
 	}
 }
+
+// maxHandleSize is MAX_HANDLE_SZ: the kernel refuses larger handles.
+const maxHandleSize = 128
+
+// capDACReadSearch is CAP_DAC_READ_SEARCH's bit: open_by_handle_at needs
+// it.
+const capDACReadSearch = 2
+
+// openByHandleSync handles open_by_handle_at(mount_fd, handle, flags) with
+// O_SYNC or O_DSYNC (a userspace file server's open): like openSync, the
+// supervisor opens the file itself and installs it at SyncFDBase or above,
+// where its writes are held. Only for a caller whose filesystem user is
+// root and that holds CAP_DAC_READ_SEARCH (without it the kernel refuses
+// the call, and the call is let through to do so): the supervisor's open
+// then passes the same checks. Any other caller's open goes through as it
+// is, with a warning: its writes are replicated asynchronously.
+func openByHandleSync(listener int, req *seccompNotif, installMu *sync.Mutex) {
+	flags := int(int32(req.Args[2]))
+	if flags&unix.O_DSYNC == 0 || flags&unix.O_PATH != 0 {
+		proceed(listener, req.ID)
+		return
+	}
+	pid := int(req.PID)
+	c, err := credsOf(pid)
+	if err != nil {
+		proceed(listener, req.ID)
+		return
+	}
+	caps, err := effectiveCaps(pid)
+	if err != nil || caps&(1<<capDACReadSearch) == 0 {
+		proceed(listener, req.ID) // EPERM, from the kernel
+		return
+	}
+	if c.uid != 0 {
+		warnOnce("open_by_handle_at with O_SYNC/O_DSYNC by a user other than root: writes through it are not held for the peer")
+		proceed(listener, req.ID)
+		return
+	}
+	var hdr [8]byte // struct file_handle: handle_bytes, handle_type, then the handle
+	if err := readMem(pid, req.Args[1], hdr[:]); err != nil {
+		proceed(listener, req.ID) // EFAULT, from the kernel
+		return
+	}
+	size := binary.LittleEndian.Uint32(hdr[0:])
+	if size == 0 || size > maxHandleSize {
+		proceed(listener, req.ID) // EINVAL, from the kernel
+		return
+	}
+	handle := make([]byte, size)
+	if err := readMem(pid, req.Args[1]+8, handle); err != nil {
+		proceed(listener, req.ID)
+		return
+	}
+	var mount int
+	if mfd := int32(req.Args[0]); mfd == unix.AT_FDCWD {
+		if mount, err = unix.Open(fmt.Sprintf("/proc/%d/cwd", pid), unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0); err != nil {
+			proceed(listener, req.ID)
+			return
+		}
+	} else if mount, err = takeFD(listener, req, int(mfd)); err != nil {
+		proceed(listener, req.ID) // EBADF, from the kernel
+		return
+	}
+	fd, err := unix.OpenByHandleAt(mount, unix.NewFileHandle(int32(binary.LittleEndian.Uint32(hdr[4:])), handle), flags|unix.O_CLOEXEC)
+	unix.Close(mount)
+	if err != nil {
+		fail(listener, req.ID, asErrno(err))
+		return
+	}
+	defer unix.Close(fd)
+	n, err := install(listener, req, installMu, fd, flags&unix.O_CLOEXEC != 0)
+	if err != nil {
+		fail(listener, req.ID, asErrno(err))
+		return
+	}
+	reply(listener, &seccompNotifResp{ID: req.ID, Val: int64(n)})
+}
+
+// effectiveCaps reads pid's effective capability set.
+func effectiveCaps(pid int) (uint64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "CapEff:"); ok {
+			return strconv.ParseUint(strings.TrimSpace(v), 16, 64)
+		}
+	}
+	return 0, fmt.Errorf("/proc/%d/status: no CapEff", pid)
+}

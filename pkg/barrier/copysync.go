@@ -1,0 +1,119 @@
+package barrier
+
+// The kernel's own copies into a file (sendfile, copy_file_range, splice)
+// are synchronous on an O_SYNC/O_DSYNC file, as write(2) is: the program
+// learns that the bytes are durable when the call returns. Such files sit
+// at descriptors of SyncFDBase and above (see dsync.go), so the filter
+// sends these calls there to the supervisor, which makes the copy itself
+// on the caller's own open file descriptions (their offsets and flags are
+// shared), waits for the barrier, then answers with the copy's result.
+
+import (
+	"encoding/binary"
+	"fmt"
+	"os"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// copySync handles sendfile, copy_file_range and splice whose destination
+// is a descriptor of SyncFDBase or above. Offsets passed by pointer are
+// read from the caller's memory and the moved ones written back, as the
+// kernel does.
+func copySync(listener int, req *seccompNotif, sup supervisor, start time.Time) {
+	var in, out int
+	var inOffAddr, outOffAddr, count uint64
+	switch req.NR {
+	case unix.SYS_SENDFILE: // out, in, *offset, count
+		out, in, inOffAddr, count = int(int32(req.Args[0])), int(int32(req.Args[1])), req.Args[2], req.Args[3]
+	default: // copy_file_range and splice: in, *off_in, out, *off_out, len, flags
+		in, inOffAddr, out, outOffAddr, count = int(int32(req.Args[0])), req.Args[1], int(int32(req.Args[2])), req.Args[3], req.Args[4]
+	}
+	outFD, err := takeFD(listener, req, out)
+	if err != nil {
+		proceed(listener, req.ID) // the kernel reports EBADF itself
+		return
+	}
+	defer unix.Close(outFD)
+	fl, err := unix.FcntlInt(uintptr(outFD), unix.F_GETFL, 0)
+	if err != nil || fl&unix.O_DSYNC == 0 {
+		proceed(listener, req.ID) // not a durability point
+		return
+	}
+	inFD, err := takeFD(listener, req, in)
+	if err != nil {
+		proceed(listener, req.ID)
+		return
+	}
+	defer unix.Close(inFD)
+	pid := int(req.PID)
+	var inOff, outOff int64
+	var inP, outP *int64
+	if inOffAddr != 0 {
+		if err := readInt64(pid, inOffAddr, &inOff); err != nil {
+			fail(listener, req.ID, unix.EFAULT)
+			return
+		}
+		inP = &inOff
+	}
+	if outOffAddr != 0 {
+		if err := readInt64(pid, outOffAddr, &outOff); err != nil {
+			fail(listener, req.ID, unix.EFAULT)
+			return
+		}
+		outP = &outOff
+	}
+	n := int(min(count, maxEmulatedWrite))
+	var got int
+	switch req.NR {
+	case unix.SYS_SENDFILE:
+		got, err = unix.Sendfile(outFD, inFD, inP, n)
+	case unix.SYS_COPY_FILE_RANGE:
+		got, err = unix.CopyFileRange(inFD, inP, outFD, outP, n, int(req.Args[5]))
+	case unix.SYS_SPLICE:
+		var g int64
+		g, err = unix.Splice(inFD, inP, outFD, outP, n, int(req.Args[5]))
+		got = int(g)
+	}
+	if err != nil {
+		fail(listener, req.ID, asErrno(err))
+		return
+	}
+	// The kernel writes the moved offsets back after the copy, and fails
+	// the call with EFAULT if it cannot.
+	if inP != nil && writeInt64(pid, inOffAddr, inOff) != nil || outP != nil && writeInt64(pid, outOffAddr, outOff) != nil {
+		fail(listener, req.ID, unix.EFAULT)
+		return
+	}
+	var waited time.Duration
+	if got > 0 {
+		if waited, err = sup.hold(req.NR); err != nil {
+			fmt.Fprintf(os.Stderr, "duet exec: synchronous copy (call %d) of pid %d failed with EIO: %v\n", req.NR, req.PID, err)
+			fail(listener, req.ID, unix.EIO)
+			return
+		}
+	}
+	sup.done(req.NR, start, waited, time.Since(start)-waited)
+	reply(listener, &seccompNotifResp{ID: req.ID, Val: int64(got)})
+}
+
+func readInt64(pid int, addr uint64, v *int64) error {
+	var b [8]byte
+	if err := readMem(pid, addr, b[:]); err != nil {
+		return err
+	}
+	*v = int64(binary.LittleEndian.Uint64(b[:]))
+	return nil
+}
+
+func writeInt64(pid int, addr uint64, v int64) error {
+	var b [8]byte
+	binary.LittleEndian.PutUint64(b[:], uint64(v))
+	n, err := unix.ProcessVMWritev(pid, []unix.Iovec{{Base: &b[0], Len: 8}},
+		[]unix.RemoteIovec{{Base: uintptr(addr), Len: 8}}, 0)
+	if err != nil || n != 8 {
+		return unix.EFAULT
+	}
+	return nil
+}
