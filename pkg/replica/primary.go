@@ -157,6 +157,7 @@ type Primary struct {
 	forceAll bool // the next resync compares everything (duet resync --full)
 	rs       ResyncStatus
 	rsSent   atomic.Uint64 // bytes the resync in progress has read for sending
+	rsSince  time.Time     // capture time of the oldest change the resync in progress took over
 	welcome  wire.Welcome  // the peer's, on the current connection
 	term     Term
 	// marks tell the bitmap what the peer made durable (marks.go).
@@ -1179,6 +1180,9 @@ func (p *Primary) Status() Status {
 func (p *Primary) lag() time.Duration {
 	oldest := p.pendingSince
 	if q := p.out.oldest(); !q.IsZero() && (oldest.IsZero() || q.Before(oldest)) {
+		oldest = q
+	}
+	if q := p.rsSince; p.rs.Active && !q.IsZero() && (oldest.IsZero() || q.Before(oldest)) {
 		oldest = q
 	}
 	if oldest.IsZero() {

@@ -91,7 +91,10 @@ func (r *restartPair) startReplica() {
 
 // startSource begins a term of the source and runs it against the
 // replica.
-func (r *restartPair) startSource() {
+func (r *restartPair) startSource() { r.startSourceWith(nil) }
+
+// startSourceWith is startSource with before(p), if set, run before p.Run.
+func (r *restartPair) startSourceWith(before func(p *Primary)) {
 	tb := r.tb
 	state := filepath.Join(filepath.Dir(r.src), "state")
 	if err := os.MkdirAll(state, 0o755); err != nil {
@@ -112,6 +115,9 @@ func (r *restartPair) startSource() {
 	}
 	p.resyncStep = r.resyncStep
 	r.p = p
+	if before != nil {
+		before(p)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	wg.Add(1)

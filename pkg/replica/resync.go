@@ -186,8 +186,17 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	// marks it, or its files changed since the sync point, or every file
 	// is compared): shipped twice otherwise.
 	dropped := p.j.DropSettled()
-	// The resync's batches carry the age of the oldest change they hold.
+	// The resync's batches carry the age of the oldest change they hold,
+	// and the lag counts it until the resync ends (rsSince): in no batch
+	// while the resync scans and compares (minutes on a big tree), it was
+	// counted by nothing, and the lag read 0 (TestLagCountsChangesAResyncTookOver).
+	// A resync that did not end (its connection was lost) still owes its
+	// changes to the peer.
 	bt.since = p.pendingSince
+	if p.rs.Active && !p.rsSince.IsZero() && (bt.since.IsZero() || p.rsSince.Before(bt.since)) {
+		bt.since = p.rsSince
+	}
+	p.rsSince = bt.since
 	if p.j.Pending() == 0 {
 		p.pendingSince = time.Time{}
 	}
@@ -899,6 +908,7 @@ func (p *Primary) finishResync() {
 	p.dirty.lost = false
 	p.resyncsEnded++
 	p.rs.Active, p.rs.Phase, p.rs.Ended = false, "done", time.Now()
+	p.rsSince = time.Time{}
 	p.rs.BytesSent = p.rsSent.Load()
 	rs, gen, ms := p.rs, p.lin.gen, p.meta
 	p.mu.Unlock()
