@@ -296,13 +296,14 @@ func (m Machine) stepWait(ev Event) (Machine, []Action) {
 			}
 			return m, acts
 		}
-		if m.HandedOver && !m.Stale && p.State == Wait && p.Stale && p.Epoch <= m.Epoch && m.Resyncing == "" {
-			// The node this one handed the role to restarted before it
-			// took over (within cluster.timeout, so it was never lost):
-			// its copy counts as stale and it will never serve, and it
-			// drew no newer epoch. Nothing else would serve: this copy
-			// is still the reference.
-			return m.serve(fmt.Sprintf("peer %s, handed the role, came back WAIT with a stale copy before taking over", p.Name))
+		if m.HandedOver && !m.Stale && p.State == Wait && p.Epoch <= m.Epoch && m.wins() && m.Resyncing == "" {
+			// The node this one handed the role to is WAIT and drew no
+			// newer epoch: it never served (a takeover draws one). It
+			// restarted before taking over (its copy then counts as
+			// stale and it will never serve), or refused the handover;
+			// either way this copy is still the reference, and, as it
+			// wins, the peer will not serve either.
+			return m.serve(fmt.Sprintf("peer %s, handed the role, is WAIT and never served (epoch %d)", p.Name, p.Epoch))
 		}
 		if m.HandedOver || p.State == Stop && m.Stale {
 			return m, nil

@@ -125,7 +125,9 @@ func TestInvariants(t *testing.T) {
 			// the peer came back WAIT with a stale copy and no newer
 			// epoch (it restarted before taking over: it never will),
 			// or the operator forces it.
-			receiverBack := ev.Kind == EvPeer && ev.Peer.State == Wait && ev.Peer.Stale && ev.Peer.Epoch <= m.Epoch
+			heard := m
+			heard.Peer, heard.Peer.Seen = ev.Peer, true
+			receiverBack := ev.Kind == EvPeer && ev.Peer.State == Wait && ev.Peer.Epoch <= m.Epoch && heard.wins()
 			forced := ev.Kind == EvCmdPrim && ev.Force
 			if m.HandedOver && became && !forced && !receiverBack {
 				t.Errorf("%+v + %+v: handed over, then took the role back", m, ev)
@@ -507,7 +509,15 @@ func TestSwapReceiverRestarted(t *testing.T) {
 	fresh := back
 	fresh.Stale = false
 	if got, _ := Step(giver, Event{Kind: EvPeer, Peer: fresh}); got.State.Serving() {
-		t.Error("the receiver WAIT with a copy that is not stale (it will take over): the giver serves")
+		t.Error("the receiver WAIT with a copy that is not stale and the same epoch, preferred by name (it will serve): the giver serves")
+	}
+	// It refused the handover (its epoch differed): WAIT, not stale, an
+	// older epoch. It will not serve (the giver's copy wins), so the
+	// giver must.
+	refused := fresh
+	refused.Epoch = 8194 - 256
+	if got, _ := Step(giver, Event{Kind: EvPeer, Peer: refused}); !got.State.Serving() {
+		t.Error("the receiver WAIT with an older epoch (it refused the handover): the giver does not serve, and neither will it")
 	}
 }
 
