@@ -35,6 +35,12 @@ type Applier struct {
 	syncfs   func(fd int) error // unix.Syncfs; a test counts or fails it
 	// setattrDid is what the last setattr applied changed (for touch).
 	setattrDid setattrDone
+	// strict: the op to apply cannot be one applied before (a replay
+	// after a restart): a link or rename whose source is gone and whose
+	// target exists is then a copy that differs from the primary's, not
+	// one already done. The replication loop sets it; the zero value
+	// tolerates replays.
+	strict bool
 }
 
 // maxTargeted is the most files and directories flushed one by one; past
@@ -482,6 +488,12 @@ func (a *Applier) linkOrRename(code wire.OpCode, d *os.File, base string, d2 *os
 	srcErr := unix.Fstatat(dfd, base, &src, unix.AT_SYMLINK_NOFOLLOW)
 	dstErr := unix.Fstatat(dfd2, base2, &dst, unix.AT_SYMLINK_NOFOLLOW)
 	if errors.Is(srcErr, unix.ENOENT) && dstErr == nil {
+		if a.strict {
+			// Not a replay: this copy lacks the source. Passed over,
+			// the target kept whatever this copy had there while the
+			// primary counted it in sync (TestRenameOfMissingSourceIsDivergence).
+			return fmt.Errorf("the source is missing on this replica: %w", unix.ENOENT)
+		}
 		return nil // replayed: already done
 	}
 	if srcErr != nil {

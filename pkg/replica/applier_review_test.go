@@ -257,3 +257,34 @@ func TestDistrustPersistsBeforeItLogs(t *testing.T) {
 			p2.w.Session, p2.w.Applied, f.Type, f.Seq, f.Flags, err)
 	}
 }
+
+// TestRenameOfMissingSourceIsDivergence: a rename whose source this copy
+// lacks while its target exists was taken for a replay (done before a
+// restart) wherever it came: the target kept what this copy had there,
+// the source's file was missing, and the primary counted the copy in sync.
+// Only the first op applied of a connection's first batch can be a
+// replay; any later one is refused as a divergence (the primary then
+// compares the trees), and the replay is still accepted.
+func TestRenameOfMissingSourceIsDivergence(t *testing.T) {
+	stateDir := filepath.Join(t.TempDir(), "state")
+	os.Mkdir(stateDir, 0o700)
+	s := newTestSecondary(t, stateDir)
+	os.WriteFile(filepath.Join(s.data, "b"), []byte("this copy's old b"), 0o644)
+	p := s.connect(t, 7)
+	// The connection's first batch, first op: may be a replay.
+	p.batch(1, wire.Op{Code: wire.OpRename, Path: "a", Path2: "b"})
+	p.ack(1, 0)
+	// A later batch: a is not there, b is: this copy differs.
+	p.batch(2, wire.Op{Code: wire.OpCreate, Path: "c", Mode: 0o644}, wire.Op{Code: wire.OpRename, Path: "a2", Path2: "b"})
+	f, err := p.read()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f.Type != wire.TypeError || f.Flags&wire.FlagDiverged == 0 {
+		t.Fatalf("a rename of a missing source over an existing target in batch 2: got %s seq %d flags %#x (%s), want a refusal saying this copy diverged",
+			f.Type, f.Seq, f.Flags, f.Payload)
+	}
+	if !strings.Contains(string(f.Payload), "source is missing") {
+		t.Errorf("refusal: %s", f.Payload)
+	}
+}

@@ -844,6 +844,7 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 	// decoded while this goroutine applies the batch: a TLS link's cost
 	// runs beside the applying instead of before it.
 	ahead := newFrameReader(br, read)
+	firstBatch := true // see a.strict
 	for ctx.Err() == nil {
 		if r.broken.Load() {
 			// A background sync failed: forget the progress before
@@ -1025,6 +1026,11 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 			if uint32(i) < skip {
 				continue
 			}
+			// Only the first op applied of the first batch a
+			// connection applies can be one applied before (a daemon
+			// killed between it and the save that follows it: see
+			// opProgress); any other is applied here for the first time.
+			a.strict = !firstBatch || uint32(i) != skip
 			if debugOps {
 				s.Log.Debug("applying", "dir", d.Name, "batch", f.Seq, "op", i, "code", ops[i].Code, "path", ops[i].Path, "path2", ops[i].Path2, "off", ops[i].Off, "len", len(ops[i].Data))
 			}
@@ -1040,6 +1046,7 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 				return
 			}
 		}
+		firstBatch = false
 		st.ApplyNs.Add(int64(time.Since(applyStart)))
 		s.Stages.Since(latency.Apply, applyStart)
 		unsynced = true
