@@ -70,10 +70,11 @@ type Machine struct {
 	Resyncing string
 	// HandedOver is set after giving the role away (a swap, a stop, a
 	// failed service): until the peer is heard serving (this copy is
-	// stale then) or back without having served (see stepWait), this node
-	// claims nothing, whether the peer is lost or this node restarted
-	// (it is saved): the peer may have served and acknowledged writes
-	// this copy lacks (TestHandoverGiverRestartedDoesNotServeAlone).
+	// stale then), or WAIT without having served (see stepWait), or lost
+	// after being heard in this run (see step), this node claims nothing.
+	// It is saved: a node that restarts has not heard the peer since,
+	// and the peer may have served alone meanwhile and acknowledged
+	// writes this copy lacks (TestHandoverGiverRestartedDoesNotServeAlone).
 	HandedOver bool
 	Checking   bool // takeover checks in progress
 	Peer       Peer
@@ -220,6 +221,23 @@ func Step(m Machine, ev Event) (Machine, []Action) {
 }
 
 func step(m Machine, ev Event) (Machine, []Action) {
+	if ev.Kind == EvPeerLost && m.HandedOver && m.Peer.Seen && m.State == Wait {
+		// The receiver, heard since this node handed the role over (in
+		// this run), is lost without having been heard serving. Had it
+		// served, its calls would wait for this node until it heard this
+		// node say stale (which it says once it hears the receiver
+		// serve) or lost this node: it released nothing this copy lacks
+		// but across a cut between the two, which the takeover checks
+		// guard as in any other. This node may take the role back
+		// (`duet swap` whose receiver dies: TestHandoverThenPeerLost).
+		// Not a node that has not heard the receiver since it started:
+		// it was down meanwhile, and the receiver may have served alone.
+		// A receiver heard with a newer epoch served: this copy is behind.
+		m.HandedOver = false
+		m.Stale = m.Stale || m.Peer.Epoch > m.Epoch
+		m, acts := step(m, ev)
+		return m, append([]Action{{Do: DoPersist}}, acts...)
+	}
 	switch ev.Kind {
 	case EvPeer:
 		m.Peer = ev.Peer

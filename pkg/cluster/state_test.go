@@ -522,21 +522,37 @@ func TestSwapReceiverRestarted(t *testing.T) {
 }
 
 // TestHandoverThenPeerLost: a node that handed the role over and then
-// lost the receiver before hearing it serve does not take the role back
-// on its own: the receiver may have served and acknowledged writes this
-// copy lacks (it crashed since, or a one-way cut hides its heartbeats).
-// Nor after a restart (the daemon stopped by the handover), nor on a
-// plain duet prim or duet start. It serves again when the receiver comes
-// back without having served, or when forced.
+// lost the receiver, heard in this run and never heard serving, takes the
+// role back after its checks (the receiver could not release a call this
+// copy lacks but across a cut, which the checks guard); one that
+// restarted and has not heard the receiver since claims nothing (it was
+// down: the receiver may have served alone), nor on a plain duet prim or
+// duet start. It serves again when the receiver comes back without having
+// served, or when forced; a receiver heard with a newer epoch served.
 func TestHandoverThenPeerLost(t *testing.T) {
 	giver := Machine{Name: "nodeA", ID: 1, State: Wait, Epoch: ep(5, 1), HandedOver: true,
 		Peer: Peer{Seen: true, Name: "nodeB", State: Second, Epoch: ep(5, 1)}}
-	m, acts := run(giver, Event{Kind: EvPeerLost}, Event{Kind: EvTick}, Event{Kind: EvChecked, OK: true}, Event{Kind: EvTick})
+	lost, acts := Step(giver, Event{Kind: EvPeerLost})
+	if lost.HandedOver || lost.Stale || !has(acts, DoPersist) {
+		t.Fatalf("the receiver lost: handed over %v, stale %v, persisted %v", lost.HandedOver, lost.Stale, has(acts, DoPersist))
+	}
+	if got, _ := run(lost, Event{Kind: EvTick}, Event{Kind: EvChecked, OK: true}); !got.State.Serving() {
+		t.Errorf("the receiver lost, checks passed: %s, want serving", got.State)
+	}
+	served := giver
+	served.Peer.Epoch = ep(7, 2)
+	if got, _ := Step(served, Event{Kind: EvPeerLost}); !got.Stale {
+		t.Error("the receiver, heard with a newer epoch, lost: this copy is not stale")
+	}
+
+	// Restarted: cluster.json said WAIT, handed over; the peer not heard.
+	m := Machine{Name: "nodeA", ID: 1, State: Wait, Epoch: ep(5, 1), HandedOver: true}
+	m, acts = run(m, Event{Kind: EvPeerLost}, Event{Kind: EvTick}, Event{Kind: EvChecked, OK: true}, Event{Kind: EvTick})
 	if m.State.Serving() || has(acts, DoCheck) || !m.HandedOver {
-		t.Fatalf("handed over, then the receiver lost: %s, checks %v, handed over %v; want WAIT, no checks, still handed over", m.State, has(acts, DoCheck), m.HandedOver)
+		t.Fatalf("restarted after handing over, the receiver not heard: %s, checks %v, handed over %v; want WAIT, no checks, still handed over", m.State, has(acts, DoCheck), m.HandedOver)
 	}
 	if _, acts := Step(m, Event{Kind: EvCmdPrim}); !has(acts, DoRefuse) {
-		t.Errorf("duet prim on a node that handed the role over, its receiver lost: not refused (%v)", acts)
+		t.Errorf("duet prim on a node that handed the role over and has not heard the receiver since: not refused (%v)", acts)
 	}
 	if got, _ := Step(m, Event{Kind: EvCmdPrim, Force: true}); !got.State.Serving() || got.HandedOver {
 		t.Errorf("duet prim --force: %s (handed over %v), want serving", got.State, got.HandedOver)
@@ -548,8 +564,8 @@ func TestHandoverThenPeerLost(t *testing.T) {
 		t.Errorf("stopped and started again: handed over %v, checks %v", started.HandedOver, has(acts, DoCheck))
 	}
 	// The receiver back, having served (a newer epoch): this copy is stale.
-	served := Peer{Name: "nodeB", State: Prim, Epoch: ep(7, 2)}
-	if got, acts := Step(m, Event{Kind: EvPeer, Peer: served}); got.State.Serving() || !got.Stale || got.HandedOver || !has(acts, DoPersist) {
+	prim := Peer{Name: "nodeB", State: Prim, Epoch: ep(7, 2)}
+	if got, acts := Step(m, Event{Kind: EvPeer, Peer: prim}); got.State.Serving() || !got.Stale || got.HandedOver || !has(acts, DoPersist) {
 		t.Errorf("the receiver back serving: %s stale %v handed over %v, persisted %v", got.State, got.Stale, got.HandedOver, has(acts, DoPersist))
 	}
 	// The receiver back WAIT, stale, no newer epoch: it never served.
