@@ -101,6 +101,9 @@ func checkPassed(in *bufio.Reader, h callHeader, n int) error {
 	}
 	look := n
 	if h.prog == progNFS && h.proc == procWrite {
+		if n > maxIntercepted {
+			return fmt.Errorf("a WRITE call of %d bytes: at most %d", n, maxIntercepted)
+		}
 		look = min(n, h.argsAt+4+maxHandle+4*5)
 	} else if n > maxPassedCall {
 		return fmt.Errorf("a call of %d bytes: no call but a WRITE takes more than %d", n, maxPassedCall)

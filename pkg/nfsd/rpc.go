@@ -68,8 +68,11 @@ const callHeaderMin = 6*4 + 2*8
 
 // maxIntercepted bounds a record the proxy decodes itself and so holds in
 // memory: a WRITE of 4 MiB (Linux sends at most 1 MiB) with its header.
-// A larger WRITE streams to go-nfs, which syncs it and says FILE_SYNC:
-// slower, still true.
+// A larger WRITE is refused (GARBAGE_ARGS, checkPassed): go-nfs's decoder
+// allocates the data's claimed length before it reads a byte of it, and
+// a client claiming gigabytes in a header, per connection, without even a
+// valid handle, made the server allocate them
+// (TestHugeWriteRecordNotAllocatedUpFront).
 const maxIntercepted = 4<<20 + 4096
 
 // callHeader is what the proxy reads of a call before deciding who
@@ -118,8 +121,8 @@ func (h callHeader) otherVersion() bool {
 // intercepted says whether the proxy reads a call of n bytes whole
 // before deciding: it answers an UNSTABLE WRITE (which it sees in the
 // arguments), a COMMIT and an ACCESS itself, and passes a LOOKUP only if
-// the caller may search the directory. A larger WRITE streams to go-nfs;
-// a larger LOOKUP or ACCESS gets GARBAGE_ARGS, as any call that large.
+// the caller may search the directory. A larger WRITE, LOOKUP or ACCESS
+// gets GARBAGE_ARGS, as any call that large (checkPassed).
 func (h callHeader) intercepted(n int) bool {
 	if !h.nfs3() {
 		return false
