@@ -50,6 +50,8 @@ type index struct {
 	tmu sync.RWMutex
 	t   *tree
 	log *logFile
+	// undone: settleMove found the log's last rename not done.
+	undone bool
 }
 
 func openIndex(root *os.File, s Syncer) (*index, error) {
@@ -62,6 +64,11 @@ func openIndex(root *os.File, s Syncer) (*index, error) {
 		if err := ix.settleMove(*got.last); err != nil {
 			ix.close()
 			return nil, err
+		}
+		// Still the last record if the rename was done: the next
+		// creation settles it first (forget).
+		if !ix.undone {
+			ix.log.lastMove = got.last
 		}
 	}
 	return ix, nil
@@ -81,6 +88,7 @@ func (ix *index) settleMove(m record) error {
 		return nil
 	}
 	slog.Warn("nfs index: the last rename was not done; its names keep their file IDs", "from", p)
+	ix.undone = true
 	return ix.commit(undo(m)...)
 }
 
@@ -222,12 +230,26 @@ func (ix *index) placeNew(parent uint64, name string) (uint64, error) {
 // runs before a new object takes a name whose object vanished: otherwise
 // a crash between the creation and the new record would leave the old ID
 // naming the new object.
+//
+// A log that ends with a rename gets a record after it first (the moved
+// ID set where it is, which changes nothing): the new object may take the
+// rename's old name, and a crash before its own record is appended would
+// leave the rename last, with its old name present, which settleMove
+// reads as a rename not done: it gave the moved ID back to the old name,
+// now the new object's, and the replaced one to the moved file
+// (TestSettleMoveAfterRecreatedSource, from a review). The rename is
+// durable by now: mu was held until its directories were synced.
 func (ix *index) forget(parent uint64, name string) error {
-	id, ok := ix.t.child(parent, name)
-	if !ok {
-		return nil
+	var recs []record
+	if m := ix.log.lastMove; m != nil {
+		if n := ix.t.nodes[m.id]; n != nil {
+			recs = append(recs, record{kind: kindSet, id: m.id, parent: n.parent, name: n.name})
+		}
 	}
-	return ix.commit(record{kind: kindDel, id: id})
+	if id, ok := ix.t.child(parent, name); ok {
+		recs = append(recs, record{kind: kindDel, id: id})
+	}
+	return ix.commit(recs...)
 }
 
 // remove takes the ID at name in parent back durably, then runs do (the

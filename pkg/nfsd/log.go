@@ -45,13 +45,16 @@ type logFile struct {
 	// could hide it. Every later change fails until the server restarts
 	// and reloads the file.
 	broken error
+	// lastMove is the current generation's last record while that is a
+	// move (see index.forget), nil otherwise.
+	lastMove *record
 }
 
 // loaded is what openLog found on disk.
 type loaded struct {
 	log  *logFile
 	tree *tree
-	// last is the last mutation record replayed, for index.settleLast.
+	// last is the last mutation record replayed, for index.settleMove.
 	last *record
 }
 
@@ -270,6 +273,7 @@ func (l *logFile) write(g uint64, t *tree) error {
 		l.f.Close()
 	}
 	l.f, l.gen, l.size, l.appended = f, g, int64(len(b)), 0
+	l.lastMove = nil // a snapshot ends the file
 	return nil
 }
 
@@ -296,6 +300,11 @@ func (l *logFile) append(recs ...record) error {
 	}
 	l.size += int64(len(b))
 	l.appended += len(recs)
+	l.lastMove = nil
+	if n := len(recs); n > 0 && recs[n-1].kind == kindMove {
+		r := recs[n-1]
+		l.lastMove = &r
+	}
 	return nil
 }
 

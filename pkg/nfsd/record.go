@@ -22,7 +22,7 @@ const (
 	kindDel kind = 4
 	// kindMove is a rename, written before the rename is done: it carries
 	// the old place and the ID it replaces, so that a server that finds
-	// the rename not done can put both back (see index.settleLast).
+	// the rename not done can put both back (see index.settleMove, index.forget).
 	kindMove kind = 5
 )
 
