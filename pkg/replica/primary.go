@@ -158,6 +158,19 @@ type Primary struct {
 	rs       ResyncStatus
 	rsSent   atomic.Uint64 // bytes the resync in progress has read for sending
 	rsSince  time.Time     // capture time of the oldest change the resync in progress took over
+	// fullAsked counts the requests for a resync (needFull set: changes
+	// lost, a session lost, a pass cut short, the operator); rsAsked is
+	// its value when the resync in progress planned. A request made
+	// after that is not covered by that resync, whose scan may have read
+	// a file before the change the request stands for: its end leaves
+	// the request standing (TestRescanAllDuringResyncIsKept).
+	fullAsked, rsAsked uint64
+	// readUntil is when Run's context ended: the capture was read until
+	// then at most (SaveDirty).
+	readUntil time.Time
+	// rsReport is what the resyncs since the last that ended discarded
+	// on the peer (resyncQueued).
+	rsReport []string
 	welcome  wire.Welcome  // the peer's, on the current connection
 	term     Term
 	// marks tell the bitmap what the peer made durable (marks.go).
@@ -186,6 +199,7 @@ func (p *Primary) sessionLost() {
 	// (TestBarrierOfLostSessionBlockedResync).
 	p.cover.resetTo(p.marks.newest)
 	p.needFull = true
+	p.fullAsked++
 	p.out.drop()
 	p.asides = nil
 	p.lostSessions++
@@ -247,6 +261,7 @@ func (p *Primary) resyncGivenUp(gave []gaveUp) {
 	}
 	p.dropped += uint64(len(gave))
 	p.needFull = true
+	p.fullAsked++
 	// Without a trusted bitmap, only a comparison of every file is sure
 	// to include them.
 	p.forceAll = p.forceAll || !p.lin.trusted
@@ -280,6 +295,7 @@ func (p *Primary) Rescan(k capture.InodeKey) {
 func (p *Primary) RescanAll() {
 	p.mu.Lock()
 	p.needFull, p.forceAll = true, true
+	p.fullAsked++
 	p.dirty.lost = true
 	p.added++
 	p.mu.Unlock()
@@ -291,6 +307,7 @@ func (p *Primary) RescanAll() {
 func (p *Primary) Resync(full bool) {
 	p.mu.Lock()
 	p.needFull = true
+	p.fullAsked++
 	p.forceAll = p.forceAll || full
 	p.mu.Unlock()
 	p.work.Broadcast()
@@ -301,6 +318,11 @@ func (p *Primary) Resync(full bool) {
 func (p *Primary) Run(ctx context.Context, kernel Kernel) {
 	go func() {
 		<-ctx.Done()
+		// The term ends: its capture stops being read now, and a change
+		// from here on may be in no record read (see SaveDirty).
+		p.mu.Lock()
+		p.readUntil = time.Now()
+		p.mu.Unlock()
 		p.wake()
 	}()
 	go p.keeper(ctx, kernel)
@@ -395,7 +417,15 @@ func (p *Primary) connection(ctx context.Context, kernel Kernel) error {
 		p.ack(w.Applied)
 	} else {
 		p.sessionLost()
-		from = 0 // the peer starts this session afresh
+		// The peer starts this session afresh, and nothing queued before
+		// is sent (sessionLost dropped it): the sender is past every
+		// batch numbered so far. From 0, it waited for a batch numbered
+		// up to the last one of the lost session before it sent a
+		// resync's end numbered so, and a resync that queued nothing
+		// (nothing changed meanwhile) never ended: the peer stayed
+		// inconsistent, unable to take over, on an idle primary
+		// (TestEmptyResyncAfterLostSessionEnds, from a review).
+		from = p.out.last()
 	}
 	p.connected = true
 	p.dropConn = cancel
@@ -498,6 +528,7 @@ func (p *Primary) compareAllAfter(refused *PeerRefusedError, now time.Time) bool
 		return false
 	}
 	p.needFull, p.forceAll = true, true
+	p.fullAsked++
 	p.divergedResyncs++
 	p.divergedEnded, p.divergedAt = p.resyncsEnded, now
 	return true
@@ -1041,6 +1072,7 @@ func (p *Primary) build(ctx context.Context, c net.Conn, kernel Kernel, manifest
 			// are in no journal now. A resync compares them (the
 			// bitmap holds their marks) before anything resumes.
 			p.needFull = true
+			p.fullAsked++
 		}
 		p.mu.Unlock()
 		p.done.Broadcast()

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path"
 	"runtime/debug"
+	"slices"
 	"strings"
 	"time"
 
@@ -201,6 +202,7 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 		p.pendingSince = time.Time{}
 	}
 	p.rs = ResyncStatus{Active: true, Mode: pl.mode, Phase: "scanning", Started: start}
+	p.rsAsked = p.fullAsked
 	p.rsSent.Store(0)
 	p.out.resyncBegins()
 	gen := p.lin.gen
@@ -509,22 +511,46 @@ func (p *Primary) streamSync(kernel Kernel, bt *batcher, pl resyncPlan, run resy
 func (p *Primary) resyncQueued(b *builder, bt *batcher, ts *treeSync, tails *tailFinder, run resyncRun, files, compared int) {
 	b.beyondScan(tails.tails)
 	bt.flush()
-	lines := ts.lines
+	// The report goes with the resync's end (ResyncDone), which the peer
+	// writes once it has applied and synced everything before it. A
+	// resync that did not end (a flush failed, the connection was cut)
+	// had its discards applied, and the next one, finding those entries
+	// gone or equal, reported nothing: what it reported is carried into
+	// the next, until one ends (TestFailbackReportSurvivesInterruptedResync,
+	// from a review). A line found again is not repeated.
+	p.mu.Lock()
+	all := slices.Clone(p.rsReport)
+	p.mu.Unlock()
+	seen := make(map[string]bool, len(all))
+	for _, l := range all {
+		seen[l] = true
+	}
+	for _, l := range ts.lines {
+		if !seen[l] {
+			seen[l] = true
+			all = append(all, l)
+		}
+	}
+	lines := all
 	if len(lines) > maxReport {
-		lines = append(lines[:maxReport], fmt.Sprintf("... and %d more", len(ts.lines)-maxReport))
+		lines = append(lines[:maxReport:maxReport], fmt.Sprintf("... and %d more", len(all)-maxReport))
 	}
 	var report []byte
 	if len(lines) > 0 {
 		report = []byte(strings.Join(lines, "\n") + "\n")
 	}
 	p.mu.Lock()
+	p.rsReport = all
 	for _, f := range b.requeue {
 		p.j.Requeue(f)
 	}
 	p.sh = b.sh
 	p.asides = nil
 	p.syncSeq = run.syncSeq
-	p.needFull, p.forceAll = false, false
+	if p.fullAsked == p.rsAsked {
+		// Else asked again since this resync planned: another follows.
+		p.needFull, p.forceAll = false, false
+	}
 	p.resyncGivenUp(b.gaveUp) // none so far: what it retries is new
 	p.fullSyncEnd = p.out.last()
 	if b.blocked == 0 {
@@ -533,7 +559,7 @@ func (p *Primary) resyncQueued(b *builder, bt *batcher, ts *treeSync, tails *tai
 	}
 	p.fullSyncs++
 	p.dataBytes += b.dataRead
-	p.rs.Phase, p.rs.FilesSent, p.rs.Discarded = "waiting for the peer", ts.filesSent, len(ts.lines)
+	p.rs.Phase, p.rs.FilesSent, p.rs.Discarded = "waiting for the peer", ts.filesSent, len(all)
 	p.out.resyncEnds(&wire.Frame{Type: wire.TypeSync, Flags: wire.FlagResyncDone, Seq: p.fullSyncEnd,
 		Payload: wire.AppendResyncDone(nil, &wire.ResyncDone{Gen: run.gen, Report: report})})
 	p.mu.Unlock()
@@ -905,10 +931,14 @@ func (p *Primary) finishResync() {
 		return
 	}
 	p.lin.caughtUp() // untracked changes: compared by this resync
-	p.dirty.lost = false
+	if p.fullAsked == p.rsAsked {
+		// Records lost since this resync planned are not covered by it.
+		p.dirty.lost = false
+	}
 	p.resyncsEnded++
 	p.rs.Active, p.rs.Phase, p.rs.Ended = false, "done", time.Now()
 	p.rsSince = time.Time{}
+	p.rsReport = nil
 	p.rs.BytesSent = p.rsSent.Load()
 	rs, gen, ms := p.rs, p.lin.gen, p.meta
 	p.mu.Unlock()
@@ -1074,7 +1104,22 @@ func (p *Primary) SaveDirty() error {
 		p.Log.Info("modification bitmap: entries the peer may hold under other paths, compared by checksums at the next resync", "entries", n)
 	}
 	p.Log.Info("modification bitmap saved for the next term", "bytes", p.dirty.bytes(), "files", len(p.dirty.files))
-	return p.dirty.save(p.term.DirtyPath, p.lin.base)
+	if err := p.dirty.save(p.term.DirtyPath, p.lin.base); err != nil {
+		return err
+	}
+	// What nothing captured starts when the capture stopped being read,
+	// not at the bitmap's save (BeginTerm takes the file's time), which
+	// waits for the term's goroutines: a resync summing files held it up
+	// for as long as that took, and a change made meanwhile was in
+	// neither (TestChangeBetweenCaptureStopAndBitmapSave, from a review).
+	if at := p.readUntil.UnixNano(); !p.readUntil.IsZero() {
+		return p.meta.Update(func(m *Meta) {
+			if m.Untracked == 0 || at < m.Untracked {
+				m.Untracked = at
+			}
+		})
+	}
+	return nil
 }
 
 // flagMoved marks moved in the bitmap (noteMoved) the inodes with marks
