@@ -171,7 +171,7 @@ type Primary struct {
 	// rsReport is what the resyncs since the last that ended discarded
 	// on the peer (resyncQueued).
 	rsReport []string
-	welcome  wire.Welcome  // the peer's, on the current connection
+	welcome  wire.Welcome // the peer's, on the current connection
 	term     Term
 	// marks tell the bitmap what the peer made durable (marks.go).
 	marks durableMarks
