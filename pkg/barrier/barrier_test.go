@@ -107,6 +107,12 @@ func helper(mode string) int {
 		return dsyncByKernelCopy(mode, os.Getenv("DUET_BARRIER_FILE"))
 	case "dsync-by-handle":
 		return dsyncByHandle(os.Getenv("DUET_BARRIER_FILE"))
+	case "handle-without-dac-override":
+		return handleWithoutDACOverride(os.Getenv("DUET_BARRIER_FILE"))
+	case "suid-copy":
+		return suidCopy(os.Getenv("DUET_BARRIER_FILE"))
+	case "splice-from-fifo":
+		return spliceFromFIFO(os.Getenv("DUET_BARRIER_FIFO"), os.Getenv("DUET_BARRIER_FILE"), os.Getenv("DUET_BARRIER_PIDFILE"))
 	default:
 		return 101
 	}

@@ -117,6 +117,13 @@ func openSync(listener int, req *seccompNotif, installMu *sync.Mutex) {
 		unix.Close(d)
 		full = fmt.Sprintf("/proc/%d/fd/%d/%s", pid, dirfd, path)
 	}
+	if c, err := credsOf(pid); err == nil && c.uid == 0 && !asPrivilegedAs(pid) {
+		// openAs opens as root with the supervisor's capabilities: a
+		// root caller with fewer would get what the kernel refuses it.
+		warnOnce("O_SYNC/O_DSYNC open by root with reduced capabilities (or in a user namespace): writes through it are not held for the peer")
+		proceed(listener, req.ID)
+		return
+	}
 	fd, err := openAs(pid, full, int(flags), uint32(mode))
 	if err != nil {
 		fail(listener, req.ID, asErrno(err))
@@ -365,6 +372,12 @@ func writeSync(listener int, req *seccompNotif, sup supervisor, start time.Time)
 		fail(listener, req.ID, asErrno(err))
 		return
 	}
+	if len(data) > 0 {
+		if err := killPrivs(fd, pid); err != nil {
+			fail(listener, req.ID, asErrno(err))
+			return
+		}
+	}
 	var n int
 	switch req.NR {
 	case unix.SYS_WRITE, unix.SYS_WRITEV:
@@ -500,10 +513,12 @@ const capDACReadSearch = 2
 // O_SYNC or O_DSYNC (a userspace file server's open): like openSync, the
 // supervisor opens the file itself and installs it at SyncFDBase or above,
 // where its writes are held. Only for a caller whose filesystem user is
-// root and that holds CAP_DAC_READ_SEARCH (without it the kernel refuses
-// the call, and the call is let through to do so): the supervisor's open
-// then passes the same checks. Any other caller's open goes through as it
-// is, with a warning: its writes are replicated asynchronously.
+// root and that holds every capability the supervisor holds, in its user
+// namespace (asPrivilegedAs): the supervisor's open then passes no check
+// the kernel would have refused the caller. Without CAP_DAC_READ_SEARCH
+// the kernel refuses the call, and the call is let through to do so. Any
+// other caller's open goes through as it is, with a warning: its writes
+// are replicated asynchronously.
 func openByHandleSync(listener int, req *seccompNotif, installMu *sync.Mutex) {
 	flags := int(int32(req.Args[2]))
 	if flags&unix.O_DSYNC == 0 || flags&unix.O_PATH != 0 {
@@ -516,13 +531,13 @@ func openByHandleSync(listener int, req *seccompNotif, installMu *sync.Mutex) {
 		proceed(listener, req.ID)
 		return
 	}
-	caps, err := effectiveCaps(pid)
+	caps, _, err := callerCaps(pid)
 	if err != nil || caps&(1<<capDACReadSearch) == 0 {
 		proceed(listener, req.ID) // EPERM, from the kernel
 		return
 	}
-	if c.uid != 0 {
-		warnOnce("open_by_handle_at with O_SYNC/O_DSYNC by a user other than root: writes through it are not held for the peer")
+	if c.uid != 0 || !asPrivilegedAs(pid) {
+		warnOnce("open_by_handle_at with O_SYNC/O_DSYNC by a user other than root, or by root with reduced capabilities: writes through it are not held for the peer")
 		proceed(listener, req.ID)
 		return
 	}
@@ -564,18 +579,4 @@ func openByHandleSync(listener int, req *seccompNotif, installMu *sync.Mutex) {
 		return
 	}
 	reply(listener, &seccompNotifResp{ID: req.ID, Val: int64(n)})
-}
-
-// effectiveCaps reads pid's effective capability set.
-func effectiveCaps(pid int) (uint64, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0, err
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "CapEff:"); ok {
-			return strconv.ParseUint(strings.TrimSpace(v), 16, 64)
-		}
-	}
-	return 0, fmt.Errorf("/proc/%d/status: no CapEff", pid)
 }
