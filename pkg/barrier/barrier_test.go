@@ -111,6 +111,8 @@ func helper(mode string) int {
 		return handleWithoutDACOverride(os.Getenv("DUET_BARRIER_FILE"))
 	case "suid-copy":
 		return suidCopy(os.Getenv("DUET_BARRIER_FILE"))
+	case "suid-readonly-copy":
+		return suidReadOnlyCopy(os.Getenv("DUET_BARRIER_FILE"), os.Getenv("DUET_BARRIER_CALL"))
 	case "splice-from-fifo":
 		return spliceFromFIFO(os.Getenv("DUET_BARRIER_FIFO"), os.Getenv("DUET_BARRIER_FILE"), os.Getenv("DUET_BARRIER_PIDFILE"))
 	default:

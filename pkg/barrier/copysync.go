@@ -38,8 +38,15 @@ func copySync(listener int, req *seccompNotif, sup supervisor, start time.Time) 
 	}
 	defer unix.Close(outFD)
 	fl, err := unix.FcntlInt(uintptr(outFD), unix.F_GETFL, 0)
-	if err != nil || fl&unix.O_DSYNC == 0 {
-		proceed(listener, req.ID) // not a durability point
+	var st unix.Stat_t
+	if err != nil || fl&unix.O_DSYNC == 0 || unix.Fstat(outFD, &st) != nil || st.Mode&unix.S_IFMT != unix.S_IFREG {
+		proceed(listener, req.ID) // not a durability point: a file's copy is
+		return
+	}
+	if fl&unix.O_ACCMODE == unix.O_RDONLY || fl&unix.O_PATH != 0 {
+		// EBADF, from the kernel: nothing may be done for this call, the
+		// setuid bit cleared least of all (TestCopyIntoReadOnlyDescriptorLeavesSetuid).
+		proceed(listener, req.ID)
 		return
 	}
 	inFD, err := takeFD(listener, req, in)
@@ -120,6 +127,11 @@ var errCallerGone = errors.New("the caller is gone")
 // waits in steps, asking whether the call is still pending. A caller that
 // asked not to wait (SPLICE_F_NONBLOCK, or a pipe of its own that does not
 // block) gets EAGAIN as from the kernel.
+// spliceStep is how long, in ms, an emulated splice waits for its pipe
+// before asking again whether its caller is still there: how long the
+// supervisor may hold a killed caller's pipe open.
+const spliceStep = 20
+
 func spliceFor(listener int, req *seccompNotif, in int, inOff *int64, out int, outOff *int64, n, flags int) (int, error) {
 	fl, err := unix.FcntlInt(uintptr(in), unix.F_GETFL, 0)
 	callerNonblock := flags&unix.SPLICE_F_NONBLOCK != 0 || err == nil && fl&unix.O_NONBLOCK != 0
@@ -129,7 +141,7 @@ func spliceFor(listener int, req *seccompNotif, in int, inOff *int64, out int, o
 			return int(g), err
 		}
 		pfd := []unix.PollFd{{Fd: int32(in), Events: unix.POLLIN}}
-		unix.Poll(pfd, 100)
+		unix.Poll(pfd, spliceStep)
 		if notifValid(listener, req.ID) != nil {
 			return 0, errCallerGone
 		}

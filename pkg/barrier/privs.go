@@ -66,7 +66,8 @@ func asPrivilegedAs(pid int) bool {
 }
 
 // killPrivs clears the setuid bit, and the setgid bit of a group
-// executable, of the regular file fd before the supervisor writes into it
+// executable or of a file whose group pid is not in, of the regular file
+// fd before the supervisor writes into it
 // for pid, when pid could not keep them (no CAP_FSETID in the host's
 // namespace): the kernel does so on a write by such a process, and the
 // supervisor's own write, made with CAP_FSETID, would leave a setuid-root
@@ -84,7 +85,9 @@ func killPrivs(fd, pid int) error {
 	if st.Mode&unix.S_ISUID != 0 {
 		kill |= unix.S_ISUID
 	}
-	if st.Mode&unix.S_ISGID != 0 && st.Mode&unix.S_IXGRP != 0 {
+	if st.Mode&unix.S_ISGID != 0 && (st.Mode&unix.S_IXGRP != 0 || !inGroup(pid, st.Gid)) {
+		// As the kernel's setattr_should_drop_sgid: a group executable,
+		// or a writer outside the file's group.
 		kill |= unix.S_ISGID
 	}
 	if kill == 0 {
@@ -94,4 +97,22 @@ func killPrivs(fd, pid int) error {
 		return nil
 	}
 	return unix.Fchmod(fd, st.Mode&0o7777&^kill)
+}
+
+// inGroup reports whether pid's filesystem group or one of its groups is
+// gid (false if they cannot be read: the bit is cleared, as for a stranger).
+func inGroup(pid int, gid uint32) bool {
+	c, err := credsOf(pid)
+	if err != nil {
+		return false
+	}
+	if uint32(c.gid) == gid {
+		return true
+	}
+	for _, g := range c.groups {
+		if g == gid {
+			return true
+		}
+	}
+	return false
 }

@@ -233,8 +233,15 @@ func step(m Machine, ev Event) (Machine, []Action) {
 		// Not a node that has not heard the receiver since it started:
 		// it was down meanwhile, and the receiver may have served alone.
 		// A receiver heard with a newer epoch served: this copy is behind.
+		// One that served unheard (a stalled host, a one-way cut) drew
+		// nextEpoch(2) from the epoch this node knows, and nextEpoch(1)
+		// more once ALONE: this node's takeover must draw a newer one, as
+		// every takeover does over the copy it replaces, or on meeting it
+		// this node would step down and lose what it acknowledged since
+		// (TestHandoverTakebackEpochNewerThanReceiver, from a review).
 		m.HandedOver = false
 		m.Stale = m.Stale || m.Peer.Epoch > m.Epoch
+		m.Peer.Epoch = max(m.Peer.Epoch, m.nextEpoch(2))
 		m, acts := step(m, ev)
 		return m, append([]Action{{Do: DoPersist}}, acts...)
 	}

@@ -559,7 +559,7 @@ func (p *Primary) resyncQueued(b *builder, bt *batcher, ts *treeSync, tails *tai
 	}
 	p.fullSyncs++
 	p.dataBytes += b.dataRead
-	p.rs.Phase, p.rs.FilesSent, p.rs.Discarded = "waiting for the peer", ts.filesSent, len(all)
+	p.rs.Phase, p.rs.FilesSent, p.rs.Discarded = phaseWaiting, ts.filesSent, len(all)
 	p.out.resyncEnds(&wire.Frame{Type: wire.TypeSync, Flags: wire.FlagResyncDone, Seq: p.fullSyncEnd,
 		Payload: wire.AppendResyncDone(nil, &wire.ResyncDone{Gen: run.gen, Report: report})})
 	p.mu.Unlock()
@@ -922,11 +922,19 @@ func (p *Primary) resyncRead(n int) {
 	}
 }
 
+// phaseWaiting is the phase of a resync that queued its end.
+const phaseWaiting = "waiting for the peer"
+
 // finishResync: the peer's copy follows this term's generation; the bitmap
 // is exact from now on.
 func (p *Primary) finishResync() {
 	p.mu.Lock()
-	if !p.rs.Active {
+	if !p.rs.Active || p.rs.Phase != phaseWaiting {
+		// The end of an earlier resync, acknowledged after the next one
+		// began (a request made during the earlier one: fullAsked): it
+		// does not end this one, whose scan may not have covered what
+		// the request stands for (TestEarlierResyncEndDoesNotEndTheNext,
+		// from a review).
 		p.mu.Unlock()
 		return
 	}
@@ -1112,9 +1120,13 @@ func (p *Primary) SaveDirty() error {
 	// waits for the term's goroutines: a resync summing files held it up
 	// for as long as that took, and a change made meanwhile was in
 	// neither (TestChangeBetweenCaptureStopAndBitmapSave, from a review).
+	// Only for a copy that is the source: a node that handed the role
+	// over holds nothing its peer lacks, and a window left there widened
+	// every later term's comparison, however long after
+	// (TestHandoverLeavesNoUntrackedWindow, from a review).
 	if at := p.readUntil.UnixNano(); !p.readUntil.IsZero() {
 		return p.meta.Update(func(m *Meta) {
-			if m.Untracked == 0 || at < m.Untracked {
+			if m.Source && (m.Untracked == 0 || at < m.Untracked) {
 				m.Untracked = at
 			}
 		})
@@ -1211,6 +1223,9 @@ func (p *Primary) HandedOver() error {
 	now := time.Now().UnixNano()
 	return ms.Update(func(m *Meta) {
 		m.Source, m.Consistent, m.Crashed, m.SyncTime = false, true, false, now
+		// Nothing this node made is missing on the peer: no window of
+		// its own to compare when it is the source again.
+		m.Untracked = 0
 	})
 }
 

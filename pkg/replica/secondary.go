@@ -1286,6 +1286,7 @@ func (s *Server) resyncDone(d Dir, ms *MetaStore, f wire.Frame, syncStart time.T
 	}
 	return ms.Update(func(m *Meta) {
 		m.Gen, m.Consistent, m.Source, m.Crashed = done.Gen, true, false, false
+		m.Untracked = 0 // a mirror of the source's generation: nothing of its own
 		m.SyncTime, m.SyncSeq = syncStart.UnixNano(), f.Seq
 	})
 }
