@@ -129,8 +129,14 @@ func openSync(listener int, req *seccompNotif, installMu *sync.Mutex) {
 		fail(listener, req.ID, asErrno(err))
 		return
 	}
+	installAndAnswer(listener, req, installMu, fd, flags&unix.O_CLOEXEC != 0)
+}
+
+// installAndAnswer installs fd, which it closes, in the caller of req and
+// answers the open with its number, or with the install's error.
+func installAndAnswer(listener int, req *seccompNotif, installMu *sync.Mutex, fd int, cloexec bool) {
 	defer unix.Close(fd)
-	n, err := install(listener, req, installMu, fd, flags&unix.O_CLOEXEC != 0)
+	n, err := install(listener, req, installMu, fd, cloexec)
 	if err != nil {
 		fail(listener, req.ID, asErrno(err))
 		return
@@ -572,11 +578,5 @@ func openByHandleSync(listener int, req *seccompNotif, installMu *sync.Mutex) {
 		fail(listener, req.ID, asErrno(err))
 		return
 	}
-	defer unix.Close(fd)
-	n, err := install(listener, req, installMu, fd, flags&unix.O_CLOEXEC != 0)
-	if err != nil {
-		fail(listener, req.ID, asErrno(err))
-		return
-	}
-	reply(listener, &seccompNotifResp{ID: req.ID, Val: int64(n)})
+	installAndAnswer(listener, req, installMu, fd, flags&unix.O_CLOEXEC != 0)
 }

@@ -12,13 +12,13 @@ import (
 // leaves needFull standing (fullAsked), so the build loop starts the next
 // resync as soon as the first one's batches are acknowledged, before the
 // peer has answered the first one's end (ResyncDone: it syncs first).
-// That answer then reaches finishResync while the second resync runs: it
-// ends the second (rs.Active false), clears dirty.lost (fullAsked ==
-// rsAsked now) and records the peer as following this generation with
+// That answer then reached finishResync while the second resync ran: it
+// ended the second (rs.Active false), cleared dirty.lost (fullAsked ==
+// rsAsked then) and recorded the peer as following this generation with
 // nothing untracked (Meta.Base, Untracked 0), before the second resync
-// compared anything. A clean stop then saves a bitmap that says nothing was
-// lost: the next term trusts it and never compares the file whose record
-// was lost.
+// compared anything. A clean stop then saved a bitmap that said nothing
+// was lost: the next term trusted it and never compared the file whose
+// record was lost. finishResync now ends only a resync that queued its end.
 func TestEarlierResyncEndDoesNotEndTheNext(t *testing.T) {
 	top := t.TempDir()
 	src := filepath.Join(top, "src")
@@ -38,14 +38,7 @@ func TestEarlierResyncEndDoesNotEndTheNext(t *testing.T) {
 			steps.Store(1)
 			// Written after the first resync's scan read it; its record
 			// is lost: RescanAll.
-			f, err := os.OpenFile(victim, os.O_WRONLY, 0)
-			if err != nil {
-				t.Error(err)
-				return
-			}
-			f.WriteAt([]byte("LOST RECORD"), 100)
-			f.Close()
-			r.p.RescanAll()
+			loseRecordOf(t, r.p, victim)
 			return
 		}
 		if step == "asked" && steps.Load() == 1 && r.p.Status().FullSyncs == 1 {

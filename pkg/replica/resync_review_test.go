@@ -40,14 +40,7 @@ func TestRescanAllDuringResyncIsKept(t *testing.T) {
 		fired = true
 		// Written after the scan read it; its record is lost with the
 		// overflow, and takeOverflow asks for a comparison of every file.
-		f, err := os.OpenFile(victim, os.O_WRONLY, 0)
-		if err != nil {
-			t.Error(err)
-			return
-		}
-		f.WriteAt([]byte("LOST RECORD"), 100)
-		f.Close()
-		r.p.RescanAll()
+		loseRecordOf(t, r.p, victim)
 	}
 	r.startReplica()
 	r.startSource()
@@ -59,6 +52,20 @@ func TestRescanAllDuringResyncIsKept(t *testing.T) {
 	}
 	t.Logf("in sync after %d resync(s), last mode %q, bitmap trusted %v", st.FullSyncs, st.Resync.Mode, st.BitmapTrusted)
 	sameTrees(t, src, filepath.Join(top, "peer", "data"))
+}
+
+// loseRecordOf changes victim as a write whose capture record is lost
+// would: the bytes change, and the primary is told records were lost
+// (RescanAll, what takeOverflow calls).
+func loseRecordOf(t *testing.T, p *Primary, victim string) {
+	f, err := os.OpenFile(victim, os.O_WRONLY, 0)
+	if err != nil {
+		t.Error(err)
+		return
+	}
+	f.WriteAt([]byte("LOST RECORD"), 100)
+	f.Close()
+	p.RescanAll()
 }
 
 // TestFailbackReportSurvivesInterruptedResync: a returning old primary (its
