@@ -44,10 +44,21 @@ func callerCaps(pid int) (eff uint64, sameNS bool, err error) {
 	return eff, err1 == nil && err2 == nil && theirs == ours, nil
 }
 
-// supervisorCaps is the supervisor's own effective set.
+// supervisorCaps is the supervisor's own effective set: the calling
+// thread's, which every thread of the supervisor shares but those that
+// took on a caller's identity (openAs), which never run anything else.
+// Not /proc/self/status: it shows the main thread's, and a goroutine that
+// took on a caller's identity may have ended there, leaving that thread
+// with the caller's fewer capabilities (the race detector's runs of
+// TestOpenByHandleSyncKeepsCallersPermissionChecks, after other tests'
+// opens, saw the supervisor no more privileged than a reduced caller).
 func supervisorCaps() (uint64, error) {
-	eff, _, err := callerCaps(os.Getpid())
-	return eff, err
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	if err := unix.Capget(&hdr, &data[0]); err != nil {
+		return 0, err
+	}
+	return uint64(data[0].Effective) | uint64(data[1].Effective)<<32, nil
 }
 
 // asPrivilegedAs reports whether pid, running as root, holds every
