@@ -286,13 +286,16 @@ func TestClusterBadInput(t *testing.T) {
 	os.WriteFile(filepath.Join(l.Dir, "a.yaml"), cfg, 0o644)
 
 	// Another host already uses the VIP: nodeA (alone, reference copy)
-	// must not take it; once the address is free, it serves.
+	// must not take it. Whoever answers for the VIP may be its peer,
+	// serving behind a cut of the heartbeats: nodeA counts its copy as
+	// stale (docs/DESIGN.md §7, "A check that finds the role held") and
+	// does not take the address once it is free; the operator decides.
 	l.run("exec", "c", "ip", "addr", "add", vipAddr+"/24", "dev", "eth0")
 	l.Start(t, "a")
 	time.Sleep(4 * time.Second)
 	sa := l.Status(t, "a")
-	if sa.State != "WAIT" || sa.VIP.Held || len(sa.Services) != 0 {
-		t.Fatalf("VIP in use elsewhere: nodeA is %s, vip held %v, services %+v", sa.State, sa.VIP.Held, sa.Services)
+	if sa.State != "WAIT" || sa.VIP.Held || len(sa.Services) != 0 || !sa.Stale {
+		t.Fatalf("VIP in use elsewhere: nodeA is %s (stale %v), vip held %v, services %+v", sa.State, sa.Stale, sa.VIP.Held, sa.Services)
 	}
 	log, _ := os.ReadFile(filepath.Join(l.Dir, "a.log"))
 	if !strings.Contains(string(log), "is answered by") {
@@ -300,6 +303,13 @@ func TestClusterBadInput(t *testing.T) {
 	}
 	t.Logf("VIP in use: nodeA %s, log says %q", sa.State, grepLine(string(log), "is answered by"))
 	l.run("exec", "c", "ip", "addr", "del", vipAddr+"/24", "dev", "eth0")
+	time.Sleep(2 * time.Second)
+	if sa := l.Status(t, "a"); sa.State != "WAIT" || sa.VIP.Held {
+		t.Fatalf("the VIP freed: nodeA took it on its own (%s, vip held %v)", sa.State, sa.VIP.Held)
+	}
+	if out, code := l.Duet(t, "a", "prim", "--force"); code != 0 {
+		t.Fatalf("duet prim --force on nodeA: exit %d\n%s", code, out)
+	}
 	l.WaitState(t, "a", "ALONE", 10*time.Second)
 	l.Stop(t, "a")
 
