@@ -134,7 +134,7 @@ func progressOf(r *replica.ResyncStatus, connected bool) (float64, string) {
 	if r.BytesPlanned > 0 {
 		frac = min(1, float64(r.BytesSent)/float64(r.BytesPlanned))
 	}
-	if r.Phase == "waiting for the peer" {
+	if r.Phase == replica.PhaseWaiting {
 		frac = 1
 	}
 	eta := "?"

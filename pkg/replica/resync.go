@@ -42,7 +42,7 @@ type ResyncStatus struct {
 	// Mode: bitmap (the chunks the bitmap marks), recent (files changed
 	// since the sync point, by checksums), bitmap+recent, or full.
 	Mode string `json:"mode,omitempty"`
-	// Phase: scanning, comparing, sending, waiting for the peer; or
+	// Phase: scanning, comparing, sending, PhaseWaiting; or
 	// PhaseCopying instead of the first three.
 	Phase         string    `json:"phase,omitempty"`
 	Started       time.Time `json:"started,omitempty"`
@@ -61,6 +61,10 @@ type ResyncStatus struct {
 // the tree is sent as it is read, and FilesTotal and BytesPlanned count
 // what the walk has read so far.
 const PhaseCopying = "copying"
+
+// PhaseWaiting is the phase of a resync that queued its end and waits for
+// the peer to confirm it (finishResync ends only such a resync).
+const PhaseWaiting = "waiting for the peer"
 
 // Term configures a primary's term: where its copy's state lives and how
 // its resyncs run. Set before Run.
@@ -559,7 +563,7 @@ func (p *Primary) resyncQueued(b *builder, bt *batcher, ts *treeSync, tails *tai
 	}
 	p.fullSyncs++
 	p.dataBytes += b.dataRead
-	p.rs.Phase, p.rs.FilesSent, p.rs.Discarded = phaseWaiting, ts.filesSent, len(all)
+	p.rs.Phase, p.rs.FilesSent, p.rs.Discarded = PhaseWaiting, ts.filesSent, len(all)
 	p.out.resyncEnds(&wire.Frame{Type: wire.TypeSync, Flags: wire.FlagResyncDone, Seq: p.fullSyncEnd,
 		Payload: wire.AppendResyncDone(nil, &wire.ResyncDone{Gen: run.gen, Report: report})})
 	p.mu.Unlock()
@@ -922,14 +926,11 @@ func (p *Primary) resyncRead(n int) {
 	}
 }
 
-// phaseWaiting is the phase of a resync that queued its end.
-const phaseWaiting = "waiting for the peer"
-
 // finishResync: the peer's copy follows this term's generation; the bitmap
 // is exact from now on.
 func (p *Primary) finishResync() {
 	p.mu.Lock()
-	if !p.rs.Active || p.rs.Phase != phaseWaiting {
+	if !p.rs.Active || p.rs.Phase != PhaseWaiting {
 		// The end of an earlier resync, acknowledged after the next one
 		// began (a request made during the earlier one: fullAsked): it
 		// does not end this one, whose scan may not have covered what
