@@ -493,7 +493,7 @@ func (p *Primary) readAcks(ctx context.Context, c net.Conn, manifest chan<- wire
 			}
 			p.mu.Unlock()
 			if f.Flags&wire.FlagResyncDone != 0 {
-				p.finishResync()
+				p.finishResync(f.Seq)
 			}
 			p.work.Broadcast()
 			p.done.Broadcast()

@@ -926,16 +926,20 @@ func (p *Primary) resyncRead(n int) {
 	}
 }
 
-// finishResync: the peer's copy follows this term's generation; the bitmap
-// is exact from now on.
-func (p *Primary) finishResync() {
+// finishResync: the peer acknowledged a resync's end, every batch up to
+// seq durable. If that is the end of the resync in progress, the peer's
+// copy follows this term's generation, and the bitmap is exact from now on.
+func (p *Primary) finishResync(seq uint64) {
 	p.mu.Lock()
-	if !p.rs.Active || p.rs.Phase != PhaseWaiting {
+	if !p.rs.Active || p.rs.Phase != PhaseWaiting || seq < p.fullSyncEnd {
 		// The end of an earlier resync, acknowledged after the next one
 		// began (a request made during the earlier one: fullAsked): it
 		// does not end this one, whose scan may not have covered what
 		// the request stands for (TestEarlierResyncEndDoesNotEndTheNext,
-		// from a review).
+		// from a review), nor, once that one queued its own end, whose
+		// batches the peer may not hold yet
+		// (TestEarlierResyncEndAfterNextQueuedItsEnd). The peer
+		// acknowledges an end with its number at least.
 		p.mu.Unlock()
 		return
 	}

@@ -1,11 +1,17 @@
 package replica
 
 import (
+	"context"
+	"io"
+	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/duet-ha/duet/pkg/wire"
 )
 
 // TestEarlierResyncEndDoesNotEndTheNext: RescanAll during a resync now
@@ -89,4 +95,72 @@ func TestEarlierResyncEndDoesNotEndTheNext(t *testing.T) {
 		t.Errorf("the first resync's end, acknowledged while the second ran, ended the second (Resync.Active false before it compared anything)")
 	}
 	sameTrees(t, src, filepath.Join(top, "peer", "data"))
+}
+
+// TestEarlierResyncEndAfterNextQueuedItsEnd: the next resync's manifest
+// request is written by the resync itself, beside the sender that writes
+// the earlier resync's end, so the peer may answer it first; a resync
+// that compares little then queues its batches and its end before the
+// peer acknowledges the earlier end. finishResync took any acknowledged
+// end for the one in progress once that queued its own (PhaseWaiting):
+// the resync was recorded as ended (dirty.lost cleared, the peer a
+// mirror of this generation) while its batches were not on the peer. It
+// now ends only on an acknowledgement that covers its last batch.
+func TestEarlierResyncEndAfterNextQueuedItsEnd(t *testing.T) {
+	top := t.TempDir()
+	src := filepath.Join(top, "src")
+	makeScaleTree(t, src, 4, 1, 100)
+	state := filepath.Join(top, "state")
+	if err := os.MkdirAll(state, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	ms, err := OpenMeta(state, "data")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := NewPrimary(Dir{Name: "data", Path: src}, "127.0.0.1:1", testLink, 0, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	if err := p.BeginTerm(Term{Meta: ms, DirtyPath: filepath.Join(state, "bitmap-data"), Margin: 50 * time.Millisecond}); err != nil {
+		t.Fatal(err)
+	}
+	// The second resync queued batches 11 to 20 and its end; the first
+	// one's end was batch 10.
+	p.mu.Lock()
+	p.rs = ResyncStatus{Active: true, Mode: "bitmap", Phase: PhaseWaiting, Started: time.Now()}
+	p.fullSyncEnd = 20
+	p.dirty.lost = true
+	p.mu.Unlock()
+	c, peer := net.Pipe()
+	defer c.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- p.readAcks(ctx, c, make(chan wire.Frame, 1)) }()
+	ack := func(seq uint64) {
+		t.Helper()
+		if err := wire.WriteFrame(peer, &wire.Frame{Type: wire.TypeAck, Flags: wire.FlagDurable | wire.FlagResyncDone, Seq: seq}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ack(10) // the first resync's end
+	ack(10) // any frame after it: readAcks handled the first
+	if st := p.Status(); !st.Resync.Active {
+		t.Fatalf("the first resync's end (batch 10) ended the second, whose end is batch 20: %+v", st.Resync)
+	}
+	p.mu.Lock()
+	lost := p.dirty.lost
+	p.mu.Unlock()
+	if !lost {
+		t.Fatal("the first resync's end cleared the record of lost changes the second stands for")
+	}
+	ack(20)
+	ack(20)
+	if st := p.Status(); st.Resync.Active {
+		t.Fatalf("the second resync's own end did not end it: %+v", st.Resync)
+	}
+	peer.Close()
+	<-done
 }

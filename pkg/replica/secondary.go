@@ -955,6 +955,20 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 			}
 			if f.Flags&wire.FlagResyncDone != 0 {
 				unsynced = true // the meta below must follow every batch to disk
+				if f.Seq > r.applied {
+					// The batches numbered between were dropped by the
+					// source with a lost session, and this resync stands
+					// for them: none is sent after its end. The end is
+					// acknowledged with its own number, which the source
+					// waits for, and a later connection resumes after it.
+					r.setProgress(r.session, f.Seq)
+					if err := r.save(); err != nil {
+						r.unsave()
+						s.refuse(lc, st, d, fmt.Errorf("saving replica state: %w", err))
+						return
+					}
+					st.Applied.Store(f.Seq)
+				}
 			}
 			if err := syncNow(); err != nil {
 				s.refuse(lc, st, d, err)

@@ -22,7 +22,9 @@ const Magic uint32 = 0x44554554
 // requests carry resync options, entries their ctime and flags.
 // 4: checksums of smaller blocks (manifest entries and wanted paths carry
 // a block shift).
-const Version uint8 = 4
+// 5: a resync's end is acknowledged with its own number at least (the
+// replica's progress moves to it), and the source ends a resync only so.
+const Version uint8 = 5
 
 // HeaderSize is the size of a frame header.
 const HeaderSize = 24
