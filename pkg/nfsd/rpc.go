@@ -49,6 +49,7 @@ const (
 	procRmdir    = 13
 	procRename   = 14
 	procLink     = 15
+	procFSInfo   = 19
 	procCommit   = 21
 	unstable     = 0 // stable_how UNSTABLE
 	progMismatch = 2 // accept_stat PROG_MISMATCH
@@ -73,7 +74,7 @@ const callHeaderMin = 6*4 + 2*8
 // a client claiming gigabytes in a header, per connection, without even a
 // valid handle, made the server allocate them
 // (TestHugeWriteRecordNotAllocatedUpFront).
-const maxIntercepted = 4<<20 + 4096
+const maxIntercepted = maxWrite + 4096
 
 // callHeader is what the proxy reads of a call before deciding who
 // answers it.
@@ -132,7 +133,7 @@ func (h callHeader) intercepted(n int) bool {
 		return n <= maxIntercepted
 	case procCommit:
 		return true
-	case procLookup, procAccess:
+	case procLookup, procAccess, procFSInfo:
 		return n <= maxPassedCall
 	}
 	return false
@@ -378,6 +379,8 @@ func (p *proxy) serveCall(h callHeader, c *cred, mark, rec []byte) bool {
 		return p.lookup(h, c, mark, rec)
 	case procAccess:
 		return p.access(h, c, args)
+	case procFSInfo:
+		return p.fsinfo(h, args)
 	case procCommit:
 		fh, err := parseCommit(args)
 		if err != nil {
@@ -518,6 +521,59 @@ func (p *proxy) access(h callHeader, c *cred, args []byte) bool {
 	if st == nfsOK {
 		putU32(b, granted)
 	}
+	return p.send(b.Bytes())
+}
+
+// Transfer sizes told by FSINFO. go-nfs tells 1 GiB for each, but a
+// WRITE of more than maxWrite is refused (maxIntercepted), and a READ is
+// cut at nfs.MaxRead: a client that took the 1 GiB at its word (Linux
+// sends at most 1 MiB; others may not) had its large writes fail
+// (TestFSInfoToldSizesAreServed).
+const (
+	maxWrite  = 4 << 20
+	prefWrite = 1 << 20
+	prefRead  = 1 << 20
+)
+
+// fsinfo answers FSINFO as go-nfs does, with the sizes this server
+// serves.
+func (p *proxy) fsinfo(h callHeader, args []byte) bool {
+	r := xdrReader{b: args}
+	fh := r.opaque(maxHandle)
+	if r.err != nil {
+		return p.garbage(h, fmt.Errorf("FSINFO arguments: %w", r.err))
+	}
+	if !p.waitIdle() {
+		return false
+	}
+	path, err := p.h.pathOf(fh)
+	if errors.Is(err, errClosed) {
+		return false
+	}
+	b := replyHeader(h.xid, 0)
+	if err != nil {
+		putU32(b, nfsStale)
+		putU32(b, 0) // no attributes
+		return p.send(b.Bytes())
+	}
+	putU32(b, nfsOK)
+	if err := nfs.WritePostOpAttrs(b, p.h.attrs(path)); err != nil {
+		slog.Warn("nfs: encoding a reply", "err", err)
+		return false
+	}
+	const (
+		propLink        = 0x1
+		propSymlink     = 0x2
+		propHomogeneous = 0x8
+		propCanSetTime  = 0x10
+	)
+	for _, v := range []uint32{nfs.MaxRead, prefRead, 4096, maxWrite, prefWrite, 4096, 8192} {
+		putU32(b, v) // rtmax, rtpref, rtmult, wtmax, wtpref, wtmult, dtpref
+	}
+	b.Write(binary.BigEndian.AppendUint64(nil, 1<<62)) // maxfilesize, as go-nfs tells
+	putU32(b, 0)                                       // time_delta: 1 ns
+	putU32(b, 1)
+	putU32(b, propLink|propSymlink|propHomogeneous|propCanSetTime)
 	return p.send(b.Bytes())
 }
 
