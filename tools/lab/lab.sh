@@ -9,6 +9,10 @@
 #   lab.sh stop a|b           SIGTERM the host's duet and wait for it
 #   lab.sh kill a|b           SIGKILL the host's duet
 #   lab.sh crash a|b          SIGKILL everything on the host and take its link down
+#   lab.sh powercut a|b...    cut the hosts' power: links down, then each filesystem
+#                             stops where its disk is (what was not written back is
+#                             lost), everything killed, filesystems mounted again
+#                             (journal replay) and a new boot id; then revive and start
 #   lab.sh revive a|b         bring a crashed host's link back (as after a reboot:
 #                             without the VIP); then start duet on it again
 #   lab.sh exec a|b|c CMD...  run a command inside a host's namespace
@@ -104,6 +108,7 @@ up() {
 	need
 	down
 	mkdir -p "$LAB"
+	rm -f "$LAB"/*.boot_id
 	for h in a b; do
 		truncate -s "$SIZE" "$LAB/$h.img"
 		# Forced: the image of an earlier run keeps its signature.
@@ -147,7 +152,15 @@ start() {
 	fi
 	# DUET_LAB_LOG_LEVEL=debug logs every captured record and every op
 	# shipped and applied (for a divergence to be traced).
-	ip netns exec "$(ns "$h")" "$BIN" run --config "$LAB/$h.yaml" --log-level "${DUET_LAB_LOG_LEVEL:-info}" "$@" >>"$LAB/$h.log" 2>&1 &
+	if [ -f "$LAB/$h.boot_id" ]; then
+		# After a power cut: the host booted again. ip netns exec gives
+		# the command a mount namespace of its own, where the bind stays.
+		# shellcheck disable=SC2016 # expanded by the inner shell
+		ip netns exec "$(ns "$h")" sh -c 'mount --bind "$0" /proc/sys/kernel/random/boot_id && exec "$@"' "$LAB/$h.boot_id" \
+			"$BIN" run --config "$LAB/$h.yaml" --log-level "${DUET_LAB_LOG_LEVEL:-info}" "$@" >>"$LAB/$h.log" 2>&1 &
+	else
+		ip netns exec "$(ns "$h")" "$BIN" run --config "$LAB/$h.yaml" --log-level "${DUET_LAB_LOG_LEVEL:-info}" "$@" >>"$LAB/$h.log" 2>&1 &
+	fi
 	echo $! >"$LAB/$h.pid"
 	# Ready when the control socket answers.
 	for _ in $(seq 100); do
@@ -216,6 +229,48 @@ crash)
 		gone "$(cat "$LAB/$2.pid")" "$2"
 		rm -f "$LAB/$2.pid"
 	fi
+	;;
+powercut)
+	shift
+	[ $# -gt 0 ] || die "usage: $0 powercut a|b..."
+	for h in "$@"; do host "$h"; done
+	# All at once, as one power feed: no host hears another after this.
+	for h in "$@"; do ip -n "$(ns "$h")" link set eth0 down; done
+	# FS_IOC_SHUTDOWN without a log flush (xfstests' way to simulate a
+	# power failure): the filesystem does no more I/O, and the dirty page
+	# cache it held is dropped, so only what reached the loop device
+	# survives. btrfs has no such ioctl on kernels up to 6.18 at least.
+	for h in "$@"; do
+		xfs_io -x -c shutdown "$LAB/$h" || die "cannot shut ${NODE[$h]}'s ${FSOF[$h]} filesystem down (FS_IOC_SHUTDOWN): no power cut on it"
+	done
+	for h in "$@"; do
+		for p in $(ip netns pids "$(ns "$h")"); do kill -9 "$p" 2>/dev/null || true; done
+		if [ -f "$LAB/$h.pid" ]; then
+			gone "$(cat "$LAB/$h.pid")" "$h"
+			rm -f "$LAB/$h.pid"
+		fi
+	done
+	for h in "$@"; do
+		# The killed processes close their files as they go.
+		for i in $(seq 200); do
+			umount "$LAB/$h" 2>/dev/null && break
+			[ "$i" -lt 200 ] || die "cannot unmount ${NODE[$h]}'s filesystem after the power cut: $(fuser -vm "$LAB/$h" 2>&1 | tail -3)"
+			sleep 0.05
+		done
+		# On a new loop device: the mount namespaces of the processes
+		# started under ip netns exec on the other host hold copies of
+		# this mount (the host's mounts are private: the unmount does not
+		# reach them), and mounting the same device again would return
+		# the shut-down filesystem they keep alive, every read failing
+		# with EIO. The old device goes once they do; shut down, it
+		# writes nothing.
+		losetup -d "$(cat "$LAB/$h.loop")" 2>/dev/null || true
+		losetup --find --show "$LAB/$h.img" >"$LAB/$h.loop"
+		mount "$(cat "$LAB/$h.loop")" "$LAB/$h"
+		find "$LAB/$h/.duet" -maxdepth 1 -type f -exec cat {} + >/dev/null ||
+			die "${NODE[$h]}'s filesystem fails reads after the power cut"
+		cat /proc/sys/kernel/random/uuid >"$LAB/$h.boot_id"
+	done
 	;;
 revive)
 	host "${2:-}"
