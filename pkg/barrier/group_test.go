@@ -321,3 +321,78 @@ func startSupervisor(t *testing.T, group bool, env ...string) (sup *exec.Cmd, pi
 	}
 	return sup, pidFile
 }
+
+// TestGroupLeaderOutlivesItsGroup: the daemon takes the group leader's
+// exit for the service's. The leader followed its command, often a shell
+// that does not exec the server: on a stop the shell died at once of the
+// group's SIGTERM, the leader with it, and the service counted as stopped
+// while the server still shut down and wrote (the node then removed the
+// VIP and stopped capturing: those writes went unreplicated). From a
+// review of d2087e5 (failed on it). The leader now waits for every
+// process the command started; and a command that ends by itself takes
+// the rest of its group with it (SIGTERM), exiting with the command's
+// status.
+func TestGroupLeaderOutlivesItsGroup(t *testing.T) {
+	for _, tc := range []struct {
+		name, script string
+		stop         bool // the group is sent SIGTERM, as Stack.stopOne does
+		code         int  // the leader's exit status
+	}{
+		{"stopped", "sh %s; true", true, 128 + 15}, // the shell died of the SIGTERM
+		{"command ends by itself", "sh %s & sleep 0.3; exit 3", false, 3},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			late, ready := filepath.Join(dir, "late"), filepath.Join(dir, "ready")
+			server := filepath.Join(dir, "server.sh")
+			// A server that takes 0.5 s to shut down on SIGTERM and
+			// writes then (a database flushing its pages).
+			script := "trap 'sleep 0.5; echo flushed >" + late + "; exit 0' TERM\necho up >" + ready + "\nwhile :; do sleep 0.05; done\n"
+			if err := os.WriteFile(server, []byte(script), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			out, err := os.Create(filepath.Join(dir, "output")) // a file, as the daemon's
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer out.Close()
+			self, err := os.Executable()
+			if err != nil {
+				t.Fatal(err)
+			}
+			cmd, err := Start(self, []string{"/bin/sh", "-c", fmt.Sprintf(tc.script, server)}, func(int32) error { return nil }, nil, func(c *exec.Cmd) {
+				c.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+				c.Env = append(os.Environ(), GroupEnv+"="+strconv.Itoa(os.Getpid()))
+				c.Stdout, c.Stderr = out, out
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			pgid := cmd.Process.Pid
+			t.Cleanup(func() { unix.Kill(-pgid, unix.SIGKILL) })
+			for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+				if _, err := os.Stat(ready); err == nil {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatal("the server did not start")
+				}
+			}
+			if tc.stop {
+				unix.Kill(-pgid, unix.SIGTERM)
+			}
+			err = cmd.Wait()
+			_, lateErr := os.Stat(late)
+			code, _ := ExitCode(err)
+			if lateErr != nil {
+				t.Errorf("the leader exited (%v) while the server was still shutting down: %s not written yet", err, late)
+			}
+			if code != tc.code {
+				t.Errorf("the leader exited with %d, want the command's %d", code, tc.code)
+			}
+			if err := unix.Kill(-pgid, 0); err != unix.ESRCH {
+				t.Errorf("a process of the group is left after its leader exited (kill -0: %v)", err)
+			}
+		})
+	}
+}
