@@ -79,14 +79,36 @@ func (v VIP) Add() error {
 	return nil
 }
 
-// Remove takes the address off the interface (no error if absent).
+// Remove takes the address off the interface, with whatever prefix
+// length it has there (no error if absent), and checks it is gone. The
+// kernel deletes an address only with its own prefix length and answers
+// EADDRNOTAVAIL otherwise: one left as /32 by a crash under an older
+// configuration, or added by hand, stayed while Remove said it was gone,
+// and the peer's probe found the VIP held for ever (TestRemoveAnyPrefix,
+// from a review).
 func (v VIP) Remove() error {
 	l, err := v.link()
 	if err != nil {
 		return err
 	}
-	if err := netlink.AddrDel(l, v.addr()); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) {
-		return fmt.Errorf("removing %s: %w", v, err)
+	addrs, err := netlink.AddrList(l, netlink.FAMILY_V4)
+	if err != nil {
+		return fmt.Errorf("listing addresses of %q: %w", v.Iface, err)
+	}
+	for _, a := range addrs {
+		if ip, ok := netip.AddrFromSlice(a.IP); !ok || ip.Unmap() != v.Prefix.Addr() {
+			continue
+		}
+		if err := netlink.AddrDel(l, &a); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) {
+			return fmt.Errorf("removing %s (%s): %w", v, a.IPNet, err)
+		}
+	}
+	held, err := v.Held()
+	if err != nil {
+		return err
+	}
+	if held {
+		return fmt.Errorf("removing %s: the address is still on %s", v, v.Iface)
 	}
 	return nil
 }
