@@ -66,6 +66,9 @@ type Record struct {
 	Gen  uint32
 	Kind Kind
 	Hook uint8 // which program emitted it (numbers in bpf/capture.bpf.c)
+	// End is the ring buffer's position past the record (set by Read):
+	// every record reserved before it was read before it (Reserved).
+	End uint64
 }
 
 const recordSize = 48
@@ -522,8 +525,25 @@ func (c *Capture) Read(r *Record) error {
 		if err != nil {
 			return err
 		}
+		r.End = c.reader.end
 		return decodeRecord(c.rbuf, r)
 	}
+}
+
+// Reserved returns the ring buffer's producer position: every record
+// reserved so far ends at or before it, and a record whose End reaches it
+// was read after all of them. A barrier waits for the records reserved
+// before the call by position, not by the kernel's sequence: a record is
+// numbered after its reservation, so two CPUs can reserve in one order and
+// number in the other, and the first S records read need not be those
+// numbered 1..S (from a review: 24 such inversions in 400,000 records).
+func (c *Capture) Reserved() (uint64, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed || c.stopped || c.reader == nil {
+		return 0, fmt.Errorf("reading the capture ring's position: %w", os.ErrClosed)
+	}
+	return c.reader.reserved(), nil
 }
 
 // Kick makes a blocked Read return what is in the ring buffer now instead

@@ -33,6 +33,7 @@ import (
 // while the supervisor's and the pipeline's goroutines waited for one.
 type eventRing struct {
 	mu       sync.Mutex // held by a read, and by close for the unmap
+	end      uint64     // the position past the last record read (read's caller)
 	consPage []byte     // the consumer position's page, writable
 	prodPage []byte     // the producer position's page, then the data pages
 	data     []byte     // prodPage past its first page
@@ -114,6 +115,9 @@ func newEventRing(m *ebpf.Map) (_ *eventRing, err error) {
 	return r, nil
 }
 
+// reserved is the producer position: past every record reserved so far.
+func (r *eventRing) reserved() uint64 { return atomic.LoadUint64(r.prodPos()) }
+
 func (r *eventRing) consPos() *uint64 { return (*uint64)(unsafe.Pointer(&r.consPage[0])) }
 func (r *eventRing) prodPos() *uint64 { return (*uint64)(unsafe.Pointer(&r.prodPage[0])) }
 
@@ -185,6 +189,7 @@ func (r *eventRing) next(buf []byte) ([]byte, bool, error) {
 		cons = end
 		atomic.StoreUint64(r.consPos(), cons)
 		if hdr&ringDiscardBit == 0 {
+			r.end = end
 			return buf, true, nil
 		}
 	}

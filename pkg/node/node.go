@@ -36,8 +36,11 @@ const ext4Magic = 0xEF53
 
 // Node is a running daemon.
 type Node struct {
-	dispatched atomic.Uint64        // records handed to the primaries
-	metas      []*replica.MetaStore // per directory, as n.dirs
+	dispatched atomic.Uint64 // records handed to the primaries
+	// dispatchedEnd is the ring position past the last record handed to
+	// the primaries (capture.Record.End): what Drain waits on.
+	dispatchedEnd atomic.Uint64
+	metas         []*replica.MetaStore // per directory, as n.dirs
 	// Drain waiters sleep on drained; dispatch wakes them while any wait.
 	drainWaiters atomic.Int32
 	// overflowMu serializes turning lost records into rescans (the 50 ms
@@ -561,8 +564,21 @@ func (n *Node) unserve(ctx context.Context) {
 		stop()
 	}
 	if n.vip != nil {
-		if err := n.vip.Remove(); err != nil {
-			n.log.Error("removing the VIP", "err", err)
+		// Retried: left on this host, it answers for a node that no
+		// longer serves, and the peer's probe finds it held (it does not
+		// take over). Removal is strict only at the daemon's start.
+		var err error
+		for try := 0; try < 5; try++ {
+			if try > 0 {
+				time.Sleep(200 * time.Millisecond)
+			}
+			if err = n.vip.Remove(); err == nil {
+				break
+			}
+		}
+		if err != nil {
+			n.log.Error("removing the VIP failed: this host still answers for it and the peer will not take over; "+
+				"remove it by hand (ip addr del) or restart duet here, which removes it or stops", "vip", n.vip.String(), "err", err)
 		} else {
 			n.log.Info("VIP down", "vip", n.vip.String())
 		}

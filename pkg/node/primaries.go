@@ -70,6 +70,7 @@ func (n *Node) startPrimary(ctx context.Context) error {
 	n.eager.Store(false) // a new capture starts with lazy wake-ups
 	n.serveCancel = func() {}
 	n.dispatched.Store(0)
+	n.dispatchedEnd.Store(0) // a new ring
 	n.overflowSeen = 0
 	n.smu.Unlock()
 	n.releasedAlone.Store(false)
@@ -282,6 +283,7 @@ func (n *Node) dispatch(c *capture.Capture, primaries []*replica.Primary) {
 			}
 		}
 		n.dispatched.Add(1)
+		n.dispatchedEnd.Store(r.End)
 		if n.drainWaiters.Load() > 0 {
 			n.wakeDrains()
 		}
@@ -324,9 +326,13 @@ func (k kernel) Seq() uint64 {
 }
 
 // Drain waits until every record reserved before the call was dispatched
-// and every record lost before it was turned into a rescan: the kernel's
-// sequence counts successful reservations, each of which is submitted and
-// read in turn; a lost record leaves a mark instead, which the barrier
+// and every record lost before it was turned into a rescan: the ring's
+// producer position is past every record reserved so far, and the reader
+// takes them in that order, never past one reserved and not submitted
+// yet. (The kernel's sequence is not that order: a record is numbered
+// after its reservation, and waiting for S records to be read left one
+// numbered up to S unread when another CPU's record, reserved before it,
+// was numbered after: capture.Reserved.) A lost record leaves a mark instead, which the barrier
 // must see before it picks its target (the 50 ms watcher alone would let
 // the durability call return before the lost write was shipped). Bounded
 // by drainTimeout, in case the reader is stuck: past it the barrier's
@@ -353,9 +359,15 @@ func (k kernel) Drain() error {
 	if err != nil {
 		return err
 	}
+	// The position after the counters: a record counted lost before the
+	// read above was not reserved, and one reserved before it is before
+	// the position.
+	target, err := c.Reserved()
+	if err != nil {
+		return err
+	}
 	n.takeOverflow(c, ctr.Lost)
-	target := ctr.Seq
-	if n.dispatched.Load() >= target {
+	if n.dispatchedEnd.Load() >= target {
 		return nil
 	}
 	// Registered before the check under the lock: a record dispatched
@@ -374,7 +386,7 @@ func (k kernel) Drain() error {
 	defer t.Stop()
 	stopped := false
 	n.drainMu.Lock()
-	for n.dispatched.Load() < target && !timedOut {
+	for n.dispatchedEnd.Load() < target && !timedOut {
 		if stopped = c.Stopped(); stopped {
 			break
 		}
@@ -388,10 +400,10 @@ func (k kernel) Drain() error {
 		// The call's record is not read yet: it is in no pass, and
 		// answered "ok" the call would lose its write on a failover
 		// (TestDrainShortOfTargetIsNotSuccess). It fails (EIO).
-		behind := target - n.dispatched.Load()
+		behind := target - n.dispatchedEnd.Load()
 		n.log.Error("capture reader behind by more than the drain timeout: a durability call fails",
-			"behind", behind, "timeout", drainTimeout)
-		return fmt.Errorf("the capture reader is %d records behind after %v", behind, drainTimeout)
+			"behind_bytes", behind, "timeout", drainTimeout)
+		return fmt.Errorf("the capture reader is %d bytes of records behind after %v", behind, drainTimeout)
 	}
 	return nil
 }
