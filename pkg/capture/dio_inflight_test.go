@@ -43,19 +43,7 @@ func TestDirectWritesInFlightAllReported(t *testing.T) {
 		t.Fatal(err)
 	}
 	devRule := fmt.Sprintf("%d:%d", unix.Major(dst.Rdev), unix.Minor(dst.Rdev))
-	p := filepath.Join(fs.Mount, "db")
-	if err := os.WriteFile(p, make([]byte, n*4096), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	f, err := os.OpenFile(p, os.O_RDWR|syscall.O_DIRECT, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	if err := f.Sync(); err != nil {
-		t.Fatal(err)
-	}
-	ino := inoOf(t, p)
+	f, ino := directFile(t, fs.Mount, n*4096)
 	c := openOn(t, "ext4", fs.Mount)
 
 	// Throttle this thread's writes to the loop device.
@@ -148,19 +136,7 @@ func TestDirectWritesInFlightAllReported(t *testing.T) {
 // here from userspace with keys no kiocb has.
 func TestDirectWriteReportedWithDioMapFull(t *testing.T) {
 	fs := loopfs.Make(t, "ext4", 64)
-	p := filepath.Join(fs.Mount, "db")
-	if err := os.WriteFile(p, make([]byte, 1<<20), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	f, err := os.OpenFile(p, os.O_RDWR|syscall.O_DIRECT, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	if err := f.Sync(); err != nil {
-		t.Fatal(err)
-	}
-	ino := inoOf(t, p)
+	f, ino := directFile(t, fs.Mount, 1<<20)
 	c := openOn(t, "ext4", fs.Mount)
 	full := 0
 	for k := uint64(1); k < 1<<17; k++ {
@@ -192,4 +168,23 @@ func TestDirectWriteReportedWithDioMapFull(t *testing.T) {
 	if !found {
 		t.Fatalf("an O_DIRECT write made with dio_writes full (%d entries) is in no record", full)
 	}
+}
+
+// directFile makes mount/db of size zeroes, synced, and opens it for
+// O_DIRECT reads and writes (closed with the test).
+func directFile(t *testing.T, mount string, size int) (*os.File, uint64) {
+	t.Helper()
+	p := filepath.Join(mount, "db")
+	if err := os.WriteFile(p, make([]byte, size), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(p, os.O_RDWR|syscall.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	return f, inoOf(t, p)
 }
