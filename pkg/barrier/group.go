@@ -3,7 +3,6 @@ package barrier
 import (
 	"fmt"
 	"os"
-	"os/exec"
 	"os/signal"
 	"strconv"
 	"strings"
@@ -66,22 +65,23 @@ func runGroup(path string, args []string, supervisor string) error {
 	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
 		return fmt.Errorf("child subreaper: %w", err)
 	}
-	cmd := &exec.Cmd{Path: path, Args: args, Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr}
-	if err := cmd.Start(); err != nil {
+	proc, err := os.StartProcess(path, args, &os.ProcAttr{Env: os.Environ(), Files: []*os.File{os.Stdin, os.Stdout, os.Stderr}})
+	if err != nil {
 		return err
 	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
+	// One reaper for every child, from the start: the command, and each
+	// orphan adopted while it runs (a zombie until the service ended
+	// otherwise: TestGroupLeaderReapsOrphansWhileCommandRuns, from a
+	// review). os.Process.Wait is never called: it would race it for the
+	// command's status.
+	k := &kin{command: proc.Pid, exited: make(chan unix.WaitStatus, 1), none: make(chan struct{})}
+	go k.reap()
 	var (
-		code    int
-		stopped bool          // the group was told to stop (SIGTERM...)
-		reaped  chan struct{} // closed when no descendant is left
-		linger  <-chan time.Time
-		giveUp  <-chan time.Time
-	)
-	for {
-		select {
-		case s := <-sigs:
+		code     int
+		ended    bool                  // the command's exit was seen
+		stopped  bool                  // the group was told to stop (SIGTERM...)
+		linger   <-chan time.Time      // ended by itself: SIGKILL for the rest
+		onSignal = func(s os.Signal) { // a signal to this process
 			// A SIGUSR2 from anyone else (an operator reopening logs,
 			// the service itself) is not the supervisor's death.
 			if s == groupDeathSignal && strconv.Itoa(os.Getppid()) != supervisor {
@@ -91,66 +91,50 @@ func runGroup(path string, args []string, supervisor string) error {
 			if s != groupDeathSignal {
 				stopped = true
 			}
-		case err := <-done:
-			var werr error
-			if code, werr = ExitCode(err); werr != nil {
-				return werr
+		}
+	)
+	for {
+		select {
+		case s := <-sigs:
+			onSignal(s)
+		case ws := <-k.exited:
+			ended, code = true, waitCode(ws)
+			if ws.Signaled() && stopSignal(ws.Signal()) {
+				stopped = true // killed by the group's stop
 			}
 			if !stopped {
-				// Ended by itself: what it left running goes too.
-				killGroupButSelf(unix.SIGTERM)
+				// The group's SIGTERM reached this process too, but
+				// may still be in the runtime's queue: a stop taken
+				// for an exit of the command's own SIGKILLed the
+				// server at groupLinger (TestStoppedGroupNotKilledAtLinger).
+				select {
+				case s := <-sigs:
+					onSignal(s)
+				case <-time.After(100 * time.Millisecond):
+				}
+			}
+			if !stopped {
+				// Ended by itself: what it left running goes too (this
+				// process ignores the signal).
+				unix.Kill(-unix.Getpgrp(), unix.SIGTERM)
 				linger = time.After(groupLinger)
 			}
-			reaped = make(chan struct{})
-			go reapAll(reaped)
 		case <-linger:
-			killGroupButSelf(unix.SIGKILL)
-			linger = nil
-			// A descendant that left the group (setsid) is not reached:
-			// not waited for long.
-			giveUp = time.After(2 * time.Second)
-		case <-giveUp:
+			// Everything under this process, also what left the group
+			// (setsid): every descendant is a child by now or once its
+			// parent dies.
+			k.killAll()
 			os.Exit(code)
-		case <-reaped:
+		case <-k.none:
+			if !ended {
+				code = waitCode(<-k.exited) // sent before the reaper ended
+			}
 			os.Exit(code)
 		}
 	}
 }
 
-// reapAll waits for every child of this process (a subreaper: every
-// descendant whose parent died becomes one) until none is left, then
-// closes reaped.
-func reapAll(reaped chan<- struct{}) {
-	for {
-		var ws unix.WaitStatus
-		_, err := unix.Wait4(-1, &ws, 0, nil)
-		if err == unix.ECHILD {
-			close(reaped)
-			return
-		}
-		if err != nil && err != unix.EINTR {
-			close(reaped) // cannot wait: nothing to wait for
-			return
-		}
-	}
-}
-
-// killGroupButSelf sends sig to every other process of this process's
-// group (a signal to the group would end this process too, and its exit
-// status is the command's).
-func killGroupButSelf(sig unix.Signal) {
-	self, pgrp := os.Getpid(), unix.Getpgrp()
-	entries, err := os.ReadDir("/proc")
-	if err != nil {
-		return
-	}
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == self {
-			continue
-		}
-		if g, err := unix.Getpgid(pid); err == nil && g == pgrp {
-			unix.Kill(pid, sig)
-		}
-	}
+// stopSignal says whether sig is one a stop sends the group.
+func stopSignal(sig unix.Signal) bool {
+	return sig == unix.SIGTERM || sig == unix.SIGINT || sig == unix.SIGHUP || sig == unix.SIGQUIT
 }
