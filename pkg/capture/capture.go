@@ -218,6 +218,7 @@ const (
 	ctrSeq = iota
 	ctrLost
 	ctrRescan
+	ctrDioFull
 	ctrMax = 4
 )
 
@@ -646,6 +647,10 @@ type Counters struct {
 	Seq    uint64 `json:"seq"`
 	Lost   uint64 `json:"lost"`
 	Rescan uint64 `json:"rescan"`
+	// DioFull counts O_DIRECT writes that found the map of writes in
+	// flight full: from the first, every O_DIRECT completion on a file
+	// open for writing, reads too, is shipped as a change (bpf/capture.bpf.c).
+	DioFull uint64 `json:"dio_full,omitempty"`
 }
 
 // Counters reads the kernel-side totals: the sequence first, then the
@@ -658,7 +663,7 @@ func (c *Capture) Counters() (Counters, error) {
 		return Counters{}, fmt.Errorf("reading the capture counters: %w", os.ErrClosed)
 	}
 	load := func(i int) uint64 { return atomic.LoadUint64((*uint64)(unsafe.Pointer(&c.ctr[8*i]))) }
-	return Counters{Seq: load(ctrSeq), Lost: load(ctrLost), Rescan: load(ctrRescan)}, nil
+	return Counters{Seq: load(ctrSeq), Lost: load(ctrLost), Rescan: load(ctrRescan), DioFull: load(ctrDioFull)}, nil
 }
 
 // TakeOverflow returns and clears the inodes whose records were lost.

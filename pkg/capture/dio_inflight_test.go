@@ -168,6 +168,9 @@ func TestDirectWriteReportedWithDioMapFull(t *testing.T) {
 	if !found {
 		t.Fatalf("an O_DIRECT write made with dio_writes full (%d entries) is in no record", full)
 	}
+	if ctr.DioFull == 0 {
+		t.Errorf("the write that found dio_writes full is not counted (Counters.DioFull 0)")
+	}
 }
 
 // directFile makes mount/db of size zeroes, synced, and opens it for

@@ -428,6 +428,7 @@ func (n *Node) wakeDrains() {
 func (n *Node) watchOverflow(ctx context.Context, c *capture.Capture) {
 	t := time.NewTicker(50 * time.Millisecond)
 	defer t.Stop()
+	dioFullSaid := false
 	for {
 		select {
 		case <-ctx.Done():
@@ -444,6 +445,11 @@ func (n *Node) watchOverflow(ctx context.Context, c *capture.Capture) {
 			continue
 		}
 		n.takeOverflow(c, ctr.Lost)
+		if ctr.DioFull > 0 && !dioFullSaid {
+			dioFullSaid = true
+			n.log.Warn("capture: more O_DIRECT writes in flight than tracked (65536): until this node next takes the role, "+
+				"every O_DIRECT completion on a file open for writing is shipped, reads too", "writes", ctr.DioFull)
+		}
 	}
 }
 

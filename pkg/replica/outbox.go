@@ -60,8 +60,8 @@ type outbox struct {
 	// lazy counts the periodic sync requests (see keeper): the peer
 	// syncs in the background and acknowledges what it made durable.
 	lazy uint64
-	// doneReq is the resync-done frame to send once every batch up to
-	// its Seq is sent; doneSent, whether it was on this connection.
+	// doneReq is the resync-done frame to send after every batch up to
+	// its Seq still queued; doneSent, whether it was on this connection.
 	doneReq  *wire.Frame
 	doneSent bool
 	// wireBytes counts the bytes of the batches written to connections.
@@ -253,7 +253,16 @@ func (o *outbox) pending(cur *sendCursor, w *sendWork) bool {
 	if o.doneReq != nil && !o.doneSent {
 		w.done = o.doneReq
 	}
-	return len(w.batches) > 0 || w.lazy || w.syncTo != 0 && w.syncTo <= cur.sent || w.done != nil && w.done.Seq <= cur.sent
+	// The resync's end goes after w.batches, which hold every batch
+	// numbered up to it that the peer may lack: the others were applied
+	// (up to the welcome's count, where the sender began) or dropped with
+	// a lost session, which the resync stands for, and a batch queued
+	// later is numbered after it. It waited for a batch numbered up to it
+	// to be written on the connection: one resumed below it with those
+	// batches dropped never sent it, and the resync never ended on an
+	// idle primary (TestResyncEndResentAfterReconnectBelowIt, from a
+	// review).
+	return len(w.batches) > 0 || w.lazy || w.syncTo != 0 && w.syncTo <= cur.sent || w.done != nil
 }
 
 // syncSent records that a sync request for every batch up to seq was
@@ -275,8 +284,8 @@ func (o *outbox) wrote(n int) { o.wireBytes += uint64(n) }
 func (o *outbox) resyncBegins() { o.doneReq, o.doneSent = nil, false }
 
 // resyncEnds queues the frame that ends a resync (f.Seq is its last
-// batch): the sender writes it once every batch up to f.Seq is written,
-// and again on each later connection, until the session is lost (drop)
+// batch): the sender writes it after every batch up to f.Seq still
+// queued (pending), and again on each later connection, until the session is lost (drop)
 // or another resync begins.
 func (o *outbox) resyncEnds(f *wire.Frame) { o.doneReq = f }
 

@@ -158,17 +158,13 @@ func TestOutboxPendingForTheSender(t *testing.T) {
 	if o.pending(&cur, &w) {
 		t.Errorf("the lazy request handed out twice: %+v", w)
 	}
-	// The resync's end goes once its last batch is written, and again on
-	// a new connection.
+	// The resync's end, queued after its batches (resyncQueued), goes
+	// after them, and again on a new connection.
+	o.push(sentBatch{seq: o.number(), frame: []byte{1}})
 	end := &wire.Frame{Type: wire.TypeSync, Flags: wire.FlagResyncDone, Seq: 6}
 	o.resyncEnds(end)
 	w = sendWork{}
-	if o.pending(&cur, &w) {
-		t.Errorf("the resync's end before its last batch is written: %+v", w)
-	}
-	o.push(sentBatch{seq: o.number(), frame: []byte{1}})
-	w = sendWork{}
-	if !o.pending(&cur, &w) || w.done != end || len(w.batches) != 1 {
+	if !o.pending(&cur, &w) || w.done != end || len(w.batches) != 1 || w.batches[0].seq != 6 {
 		t.Errorf("the resync's end with its last batch: %+v", w)
 	}
 	cur.sent = 6

@@ -647,9 +647,10 @@ func (p *Primary) writeBatches(ctx context.Context, c net.Conn, from uint64, sea
 				return fmt.Errorf("sending sync request: %w", err)
 			}
 		}
-		if done != nil && done.Seq <= cur.sent {
-			// Every batch of the resync is sent: the peer syncs them and
-			// records that its copy follows this term's generation.
+		if done != nil {
+			// Every batch of the resync the peer may lack is sent
+			// (pending): the peer syncs them and records that its copy
+			// follows this term's generation.
 			if err := w.frame(done); err != nil {
 				return fmt.Errorf("sending the end of the resync: %w", err)
 			}
