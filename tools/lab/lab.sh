@@ -276,7 +276,13 @@ powercut)
 		losetup -d "$(cat "$LAB/$h.loop")" 2>/dev/null || true
 		mv "$LAB/$h.img.cut" "$LAB/$h.img"
 		losetup --find --show "$LAB/$h.img" >"$LAB/$h.loop"
-		mount "$(cat "$LAB/$h.loop")" "$LAB/$h"
+		# XFS refuses a second mount of one filesystem UUID, and the
+		# shut-down one lives on in the other host's mount namespaces.
+		if [ "${FSOF[$h]}" = xfs ]; then
+			mount -o nouuid "$(cat "$LAB/$h.loop")" "$LAB/$h"
+		else
+			mount "$(cat "$LAB/$h.loop")" "$LAB/$h"
+		fi
 		find "$LAB/$h/.duet" -maxdepth 1 -type f -exec cat {} + >/dev/null ||
 			die "${NODE[$h]}'s filesystem fails reads after the power cut"
 		cat /proc/sys/kernel/random/uuid >"$LAB/$h.boot_id"
