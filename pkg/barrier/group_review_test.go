@@ -112,3 +112,37 @@ func TestStoppedGroupNotKilledAtLinger(t *testing.T) {
 		})
 	}
 }
+
+// TestSetsidDescendantDiesWithSupervisor: a service process that left
+// the group (setsid: PostgreSQL's backends, any daemonizing helper) is
+// not reached by the leader's kill(-pgrp, SIGKILL) on the supervisor's
+// death; the leader died with that kill, the last copy of the listener
+// closed, and the descendant's durability calls got ENOSYS. From a review
+// of 5d3f1b2 (failed on it). The leader now kills every descendant and
+// stays until none is left.
+func TestSetsidDescendantDiesWithSupervisor(t *testing.T) {
+	dir := t.TempDir()
+	file, result, pidFile := filepath.Join(dir, "data"), filepath.Join(dir, "result"), filepath.Join(dir, "pid")
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sup, _ := startSupervisor(t, true,
+		"DUET_BARRIER_SUPERVISOR=DUET_BARRIER_SUPERVISOR= setsid '"+self+"' & wait",
+		"DUET_BARRIER_HELPER=fdatasync-loop", "DUET_BARRIER_FILE="+file,
+		"DUET_BARRIER_RESULT="+result, "DUET_BARRIER_PIDFILE="+pidFile)
+	defer func() { sup.Process.Kill(); sup.Wait() }()
+	pid := waitPidFile(t, pidFile)
+	defer unix.Kill(pid, unix.SIGKILL)
+	waitCalling(t, result)
+	sup.Process.Kill()
+	sup.Wait()
+	gone := waitGone(pid, 3*time.Second)
+	b, _ := os.ReadFile(result)
+	if !gone {
+		t.Errorf("a setsid'd process of the service (pid %d) outlived its SIGKILLed supervisor", pid)
+	}
+	if string(b) != "calling\n" {
+		t.Errorf("its durability call returned after the supervisor died: %q", b)
+	}
+}
