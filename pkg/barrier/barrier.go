@@ -212,7 +212,14 @@ func RunChild(args []string) error {
 		// (TestCallsWaitForGroupKillAfterSupervisorDies). With this copy open
 		// those calls wait, unanswered, for the group's SIGKILL.
 		os.Unsetenv(GroupEnv)
-		return runGroup(path, args, sup)
+		endFD := -1
+		if v, ok := os.LookupEnv(groupEndEnv); ok {
+			os.Unsetenv(groupEndEnv)
+			if endFD, err = strconv.Atoi(v); err != nil || endFD < 3 {
+				return fmt.Errorf("%s=%q: not a descriptor", groupEndEnv, v)
+			}
+		}
+		return runGroup(path, args, sup, endFD)
 	}
 	if parent, ok := os.LookupEnv(ExecEnv); ok {
 		// duet exec's command: this process stays between them and

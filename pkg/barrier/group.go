@@ -3,6 +3,7 @@ package barrier
 import (
 	"fmt"
 	"os"
+	"os/exec"
 	"os/signal"
 	"strconv"
 	"strings"
@@ -31,6 +32,65 @@ const groupDeathSignal = unix.SIGUSR2
 // isGroupEnv says whether kv (an environment entry) is GroupEnv's.
 func isGroupEnv(kv string) bool { return strings.HasPrefix(kv, GroupEnv+"=") }
 
+// groupEndEnv, in a group leader's environment, is the descriptor of the
+// read end of its end pipe (StartGroup): when the supervisor closes the
+// write end, the leader kills every process under it and exits.
+const groupEndEnv = "DUET_SERVICE_END_FD"
+
+// StartGroup starts args supervised as a service of the daemon: in its
+// own process group (setup must set Setpgid), led by runGroup, which kills
+// every process under it when the daemon dies. It returns the running
+// command and its end: a call that makes the leader kill every process
+// under it, also one that left the group (setsid), and exit 128+SIGKILL.
+// After the command is reaped the end only frees the pipe; call it once
+// (the caller makes it once).
+//
+// A SIGKILL to the group reached the leader first: what had left the
+// group ran on unsupervised, and its held durability call returned
+// (TestStackKillReachesSetsidDescendant). The leader cannot catch a
+// SIGKILL, nor tell the supervisor's signal from a service's own; it
+// reads the pipe.
+func StartGroup(self string, args []string, wait Func, observe Observer, setup func(*exec.Cmd)) (*exec.Cmd, func(), error) {
+	r, w, err := os.Pipe() // close-on-exec: no other child keeps a copy
+	if err != nil {
+		return nil, nil, err
+	}
+	cmd, err := Start(self, args, wait, observe, func(c *exec.Cmd) {
+		if setup != nil {
+			setup(c)
+		}
+		if c.Env == nil {
+			c.Env = os.Environ()
+		}
+		// Start puts its socket at descriptor 3, before setup's files.
+		fd := 3 + 1 + len(c.ExtraFiles)
+		c.ExtraFiles = append(c.ExtraFiles, r)
+		c.Env = append(c.Env, GroupEnv+"="+strconv.Itoa(os.Getpid()), groupEndEnv+"="+strconv.Itoa(fd))
+	})
+	r.Close()
+	if err != nil {
+		w.Close()
+		return nil, nil, err
+	}
+	return cmd, func() { w.Close() }, nil
+}
+
+// endRequests returns a channel closed when the write end of the pipe
+// whose read end is fd closes (or is written to): the supervisor's
+// request to end the group, or its death. fd < 0: never.
+func endRequests(fd int) <-chan struct{} {
+	c := make(chan struct{})
+	if fd < 0 {
+		return c
+	}
+	f := os.NewFile(uintptr(fd), "end")
+	go func() {
+		f.Read(make([]byte, 1)) // blocks until then
+		close(c)
+	}()
+	return c
+}
+
 // groupLinger bounds how long the rest of a group may outlive a command
 // that ended by itself: SIGTERM, then this long, then SIGKILL.
 const groupLinger = 10 * time.Second
@@ -51,7 +111,11 @@ const groupLinger = 10 * time.Second
 // serving (TestGroupLeaderOutlivesItsGroup, from a review). A command
 // that ends by itself takes the rest of its group with it: SIGTERM, then
 // SIGKILL after groupLinger.
-func runGroup(path string, args []string, supervisor string) error {
+//
+// endFD, if not negative, is the read end of the end pipe (StartGroup):
+// it is read from before the command starts, and the command does not
+// get it.
+func runGroup(path string, args []string, supervisor string, endFD int) error {
 	sigs := make(chan os.Signal, 8)
 	signal.Notify(sigs, groupDeathSignal, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP, syscall.SIGQUIT)
 	if err := unix.Prctl(unix.PR_SET_PDEATHSIG, uintptr(groupDeathSignal), 0, 0, 0); err != nil {
@@ -65,6 +129,10 @@ func runGroup(path string, args []string, supervisor string) error {
 	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
 		return fmt.Errorf("child subreaper: %w", err)
 	}
+	if endFD >= 0 {
+		unix.CloseOnExec(endFD)
+	}
+	ends := endRequests(endFD)
 	proc, err := os.StartProcess(path, args, &os.ProcAttr{Env: os.Environ(), Files: []*os.File{os.Stdin, os.Stdout, os.Stderr}})
 	if err != nil {
 		return err
@@ -126,6 +194,11 @@ func runGroup(path string, args []string, supervisor string) error {
 				unix.Kill(-unix.Getpgrp(), unix.SIGTERM)
 				linger = time.After(groupLinger)
 			}
+		case <-ends:
+			// The supervisor's kill (Stack.Kill, a stop past its
+			// timeout), or its death: every descendant, as above.
+			k.killAll()
+			os.Exit(128 + int(unix.SIGKILL))
 		case <-linger:
 			// Everything under this process, also what left the group
 			// (setsid): every descendant is a child by now or once its

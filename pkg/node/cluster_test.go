@@ -6,7 +6,6 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -372,11 +371,7 @@ func startSleeper(t *testing.T, n *Node) int {
 	t.Helper()
 	n.stack = &stack.Stack{Services: []stack.Service{{Name: "db", Start: "exec sleep 1000",
 		Interval: 50 * time.Millisecond, StartTimeout: 3 * time.Second, StopTimeout: 10 * time.Second}},
-		Log: n.log, Launch: func(args []string, setup func(*exec.Cmd)) (*exec.Cmd, error) {
-			c := exec.Command(args[0], args[1:]...)
-			setup(c)
-			return c, c.Start()
-		}}
+		Log: n.log, Launch: plainLaunch}
 	if err := n.stack.Start(context.Background()); err != nil {
 		t.Fatal(err)
 	}
@@ -448,11 +443,7 @@ func TestHandoverAtStopHearsThePeer(t *testing.T) {
 	stopped := filepath.Join(t.TempDir(), "stopped")
 	n.stack = &stack.Stack{Services: []stack.Service{{Name: "db", Interval: time.Second, StartTimeout: 3 * time.Second, StopTimeout: 10 * time.Second,
 		Start: "trap 'sleep " + (4 * udpTimeout).String() + "; touch " + stopped + "; exit 0' TERM; while :; do sleep 0.05; done"}},
-		Log: log, Launch: func(args []string, setup func(*exec.Cmd)) (*exec.Cmd, error) {
-			c := exec.Command(args[0], args[1:]...)
-			setup(c)
-			return c, c.Start()
-		}}
+		Log: log, Launch: plainLaunch}
 	if err := n.stack.Start(context.Background()); err != nil {
 		t.Fatal(err)
 	}
@@ -550,11 +541,7 @@ func TestServicesStartBesideTheLoop(t *testing.T) {
 	ready, pidFile := filepath.Join(dir, "ready"), filepath.Join(dir, "pid")
 	n.stack = &stack.Stack{Services: []stack.Service{{Name: "db", Start: "echo $$ > " + pidFile + "; exec sleep 1000",
 		CheckCommand: "test -e " + ready, Interval: 50 * time.Millisecond, StartTimeout: 20 * time.Second, StopTimeout: 10 * time.Second}},
-		Log: n.log, Launch: func(args []string, setup func(*exec.Cmd)) (*exec.Cmd, error) {
-			c := exec.Command(args[0], args[1:]...)
-			setup(c)
-			return c, c.Start()
-		}}
+		Log: n.log, Launch: plainLaunch}
 	t.Cleanup(n.stack.Kill)
 	start := time.Now()
 	n.startServices(context.Background())

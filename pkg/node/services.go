@@ -6,7 +6,6 @@ import (
 	"log/slog"
 	"os"
 	"os/exec"
-	"strconv"
 
 	"github.com/duet-ha/duet/pkg/barrier"
 	"github.com/duet-ha/duet/pkg/cluster"
@@ -29,18 +28,12 @@ func newStack(cfg *config.Config, log *slog.Logger, self string, n *Node) *stack
 		}
 		return nil
 	}
-	// Each service's process group dies with the daemon (barrier.GroupEnv):
-	// a service left running by a crashed daemon would hold its port (the
-	// next start fails) and serve without duet.
-	group := barrier.GroupEnv + "=" + strconv.Itoa(os.Getpid())
-	st.Launch = func(args []string, setup func(*exec.Cmd)) (*exec.Cmd, error) {
-		return barrier.Start(self, args, wait, n.observeCall, func(c *exec.Cmd) {
-			setup(c)
-			if c.Env == nil {
-				c.Env = os.Environ()
-			}
-			c.Env = append(c.Env, group)
-		})
+	// Each service's process group dies with the daemon, and a kill
+	// reaches every process under it (barrier.StartGroup): a service left
+	// running by a crashed daemon would hold its port (the next start
+	// fails) and serve without duet.
+	st.Launch = func(args []string, setup func(*exec.Cmd)) (*exec.Cmd, func(), error) {
+		return barrier.StartGroup(self, args, wait, n.observeCall, setup)
 	}
 	st.Failed = func(service, why string) {
 		n.events <- cluster.Event{Kind: cluster.EvServiceDown, Why: service + ": " + why}

@@ -2,7 +2,6 @@ package node
 
 import (
 	"context"
-	"os/exec"
 	"testing"
 	"time"
 
@@ -22,11 +21,7 @@ func TestEndServiceStartVersusFailedStartPost(t *testing.T) {
 	n.events = make(chan cluster.Event) // the loop is in unserve: nobody reads
 	n.stack = &stack.Stack{Services: []stack.Service{{Name: "db", Start: "exit 1", Interval: 50 * time.Millisecond,
 		StartTimeout: time.Second, StopTimeout: time.Second}},
-		Log: n.log, Launch: func(args []string, setup func(*exec.Cmd)) (*exec.Cmd, error) {
-			c := exec.Command(args[0], args[1:]...)
-			setup(c)
-			return c, c.Start()
-		}}
+		Log: n.log, Launch: plainLaunch}
 	t.Cleanup(n.stack.Kill)
 	n.startServices(context.Background())
 	time.Sleep(500 * time.Millisecond) // the start failed; its goroutine posts

@@ -24,11 +24,7 @@ func TestEndServiceStartLaunchesNothingMore(t *testing.T) {
 	n.stack = &stack.Stack{Services: []stack.Service{
 		{Name: "db", Start: "exec sleep 1000", Interval: 50 * time.Millisecond, StartTimeout: 20 * time.Second, StopTimeout: 5 * time.Second},
 		{Name: "web", Start: "touch " + second + "; exec sleep 1000", Interval: 50 * time.Millisecond, StartTimeout: 20 * time.Second, StopTimeout: 5 * time.Second},
-	}, Log: n.log, Launch: func(args []string, setup func(*exec.Cmd)) (*exec.Cmd, error) {
-		c := exec.Command(args[0], args[1:]...)
-		setup(c)
-		return c, c.Start()
-	}}
+	}, Log: n.log, Launch: plainLaunch}
 	t.Cleanup(n.stack.Kill)
 	n.startServices(context.Background())
 	time.Sleep(50 * time.Millisecond) // db is being launched
@@ -41,4 +37,11 @@ func TestEndServiceStartLaunchesNothingMore(t *testing.T) {
 			t.Errorf("service %s runs after endServiceStart returned: %+v", s.Name, s)
 		}
 	}
+}
+
+// plainLaunch starts a service's command unsupervised, without an end.
+func plainLaunch(args []string, setup func(*exec.Cmd)) (*exec.Cmd, func(), error) {
+	c := exec.Command(args[0], args[1:]...)
+	setup(c)
+	return c, nil, c.Start()
 }

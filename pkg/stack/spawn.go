@@ -24,6 +24,7 @@ type spawnReq struct {
 
 type spawnResult struct {
 	cmd *exec.Cmd
+	end func()
 	err error
 }
 
@@ -34,7 +35,7 @@ var (
 
 // spawn runs launch on the spawner thread: the children it forks there
 // get their parent-death signal only when the daemon dies.
-func spawn(launch Launch, args []string, setup func(*exec.Cmd)) (*exec.Cmd, error) {
+func spawn(launch Launch, args []string, setup func(*exec.Cmd)) (*exec.Cmd, func(), error) {
 	spawnOnce.Do(func() {
 		spawnReqs = make(chan spawnReq)
 		go spawner(spawnReqs)
@@ -42,7 +43,7 @@ func spawn(launch Launch, args []string, setup func(*exec.Cmd)) (*exec.Cmd, erro
 	done := make(chan spawnResult, 1)
 	spawnReqs <- spawnReq{launch, args, setup, done}
 	r := <-done
-	return r.cmd, r.err
+	return r.cmd, r.end, r.err
 }
 
 // spawner never returns and never unlocks its thread, so the thread is
@@ -51,7 +52,7 @@ func spawn(launch Launch, args []string, setup func(*exec.Cmd)) (*exec.Cmd, erro
 func spawner(reqs <-chan spawnReq) {
 	runtime.LockOSThread()
 	for r := range reqs {
-		cmd, err := r.launch(r.args, r.setup)
-		r.done <- spawnResult{cmd, err}
+		cmd, end, err := r.launch(r.args, r.setup)
+		r.done <- spawnResult{cmd, end, err}
 	}
 }

@@ -43,8 +43,17 @@ type Service struct {
 const settle = 200 * time.Millisecond
 
 // Launch starts "sh -c script" for a service, e.g. under the barrier's
-// supervision; setup is applied to the command before it starts.
-type Launch func(args []string, setup func(*exec.Cmd)) (*exec.Cmd, error)
+// supervision; setup is applied to the command before it starts. It may
+// also return an end for the command: a call that makes it kill every
+// process under it, also one that left its process group, and exit, and
+// that frees what this needs once the command is gone. The stack calls it
+// to kill the service and once the command is reaped. Without one (nil),
+// a kill is SIGKILL to the process group, which misses what left it.
+type Launch func(args []string, setup func(*exec.Cmd)) (cmd *exec.Cmd, end func(), err error)
+
+// endGrace bounds how long a command may take to end on its end's request
+// before its process group gets SIGKILL.
+const endGrace = 5 * time.Second
 
 // Status is one service's state.
 type Status struct {
@@ -81,9 +90,11 @@ type Stack struct {
 }
 
 type proc struct {
-	svc      Service
-	cmd      *exec.Cmd
-	done     chan struct{}
+	svc  Service
+	cmd  *exec.Cmd
+	done chan struct{}
+	// end is Launch's end (once), or nil.
+	end      func()
 	healthy  bool
 	restarts int
 	err      string
@@ -149,7 +160,7 @@ func (s *Stack) launch(ctx context.Context, p *proc) error {
 	if killed {
 		return errKilled
 	}
-	cmd, err := spawn(s.Launch, []string{"/bin/sh", "-c", p.svc.Start}, func(c *exec.Cmd) {
+	cmd, end, err := spawn(s.Launch, []string{"/bin/sh", "-c", p.svc.Start}, func(c *exec.Cmd) {
 		c.Stdout, c.Stderr = s.Output, s.Output
 		// Its own process group, so stop reaches its children; killed
 		// with the daemon, so no service outlives a crashed duet (spawn
@@ -159,13 +170,19 @@ func (s *Stack) launch(ctx context.Context, p *proc) error {
 	if err != nil {
 		return err
 	}
+	if end != nil {
+		end = sync.OnceFunc(end)
+	}
 	done := make(chan struct{})
 	go func() {
 		cmd.Wait()
+		if end != nil {
+			end() // frees it
+		}
 		close(done)
 	}()
 	s.mu.Lock()
-	p.cmd, p.done = cmd, done
+	p.cmd, p.done, p.end = cmd, done, end
 	killed = s.killed
 	if s.launching == nil {
 		s.launching = map[*proc]bool{}
@@ -332,37 +349,31 @@ func (s *Stack) Stop() {
 	s.mu.Unlock()
 }
 
-// Kill ends every service at once with SIGKILL, those Stop is stopping
-// too, and returns when they are gone. A killed process never sees its
-// pending calls return: the node uses it when durability calls the
-// services wait on can no longer be confirmed, rather than fail them (a
-// database that gets EIO from a log flush may still report the commit).
+// Kill ends every service at once, every process under it (its end, or
+// SIGKILL to its process group), those Stop is stopping too, and returns
+// when they are gone. A killed process never sees its pending calls
+// return: the node uses it when durability calls the services wait on can
+// no longer be confirmed, rather than fail them (a database that gets EIO
+// from a log flush may still report the commit).
 func (s *Stack) Kill() {
-	type started struct {
-		cmd  *exec.Cmd
-		done chan struct{}
-	}
-	var procs []started
 	s.mu.Lock()
 	s.killed = true
 	all := append(append([]*proc(nil), s.running...), s.stopping...)
 	for p := range s.launching {
 		all = append(all, p)
 	}
+	var procs []proc
 	for _, p := range all {
 		if p.cmd != nil {
-			procs = append(procs, started{p.cmd, p.done})
+			procs = append(procs, *p) // cmd, done and end are set once
 		}
 	}
 	s.mu.Unlock()
-	for _, p := range procs {
-		select {
-		case <-p.done:
-			// Gone and reaped: its process group id may be another's now.
-		default:
-			syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
-			<-p.done
-		}
+	for i := range procs {
+		s.killNow(&procs[i])
+	}
+	for i := range procs {
+		s.waitKilled(&procs[i])
 	}
 }
 
@@ -399,8 +410,45 @@ func (s *Stack) stopOne(p *proc) {
 	s.Log.Info("service stopped", "service", p.svc.Name)
 }
 
+// kill kills p's command and everything under it, and returns once the
+// command is reaped.
 func (s *Stack) kill(p *proc) {
-	syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+	s.killNow(p)
+	s.waitKilled(p)
+}
+
+// killNow asks p's end to kill it, or SIGKILLs its process group.
+func (s *Stack) killNow(p *proc) {
+	select {
+	case <-p.done:
+		// Gone and reaped: its process group id may be another's now.
+	default:
+		if p.end != nil {
+			p.end()
+		} else {
+			syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+		}
+	}
+}
+
+// waitKilled waits for p's command after killNow; one that does not end
+// on its end's request within endGrace (its leader stopped or stuck) gets
+// SIGKILL to its process group.
+func (s *Stack) waitKilled(p *proc) {
+	if p.end != nil {
+		select {
+		case <-p.done:
+			return
+		case <-time.After(endGrace):
+			s.Log.Warn("service did not end on its kill request: killing its process group", "service", p.svc.Name, "after", endGrace)
+			select {
+			case <-p.done:
+				return
+			default:
+				syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+			}
+		}
+	}
 	<-p.done
 }
 

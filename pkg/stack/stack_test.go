@@ -16,10 +16,12 @@ import (
 	"time"
 )
 
-func plain(args []string, setup func(*exec.Cmd)) (*exec.Cmd, error) {
+// plain launches args as they are, without an end: a kill is SIGKILL
+// to the process group.
+func plain(args []string, setup func(*exec.Cmd)) (*exec.Cmd, func(), error) {
 	c := exec.Command(args[0], args[1:]...)
 	setup(c)
-	return c, c.Start()
+	return c, nil, c.Start()
 }
 
 type syncBuf struct {
