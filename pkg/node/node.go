@@ -36,6 +36,8 @@ const ext4Magic = 0xEF53
 
 // Node is a running daemon.
 type Node struct {
+	// exit ends the daemon's process (nil: os.Exit; tests replace it).
+	exit       func(code int)
 	dispatched atomic.Uint64 // records handed to the primaries
 	// dispatchedEnd is the ring position past the last record handed to
 	// the primaries (capture.Record.End): what Drain waits on.

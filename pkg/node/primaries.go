@@ -260,8 +260,13 @@ func (n *Node) catchUp(primaries []*replica.Primary) {
 	}()
 }
 
+// recordReader is the capture's reading side.
+type recordReader interface {
+	Read(*capture.Record) error
+}
+
 // dispatch hands every capture record to the primaries of its device.
-func (n *Node) dispatch(c *capture.Capture, primaries []*replica.Primary) {
+func (n *Node) dispatch(c recordReader, primaries []*replica.Primary) {
 	var r capture.Record
 	// One line per record at debug level: the raw material for finding
 	// a missed change. Checked once; the hot path stays a branch.
@@ -269,7 +274,7 @@ func (n *Node) dispatch(c *capture.Capture, primaries []*replica.Primary) {
 	for {
 		if err := c.Read(&r); err != nil {
 			if !errors.Is(err, os.ErrClosed) {
-				n.log.Error("reading capture ring buffer", "err", err)
+				n.captureFailed(err)
 			}
 			return
 		}
@@ -288,6 +293,38 @@ func (n *Node) dispatch(c *capture.Capture, primaries []*replica.Primary) {
 			n.wakeDrains()
 		}
 	}
+}
+
+// captureFailed ends a term whose capture reader failed on something
+// other than its close (a corrupt record header, an epoll error). The
+// records left in the ring are never read: no durability call can be
+// confirmed again, and what is written from now on would reach the peer
+// only through a resync. The node had gone on serving, every durability
+// call failing after drainTimeout. It now fails as a crashed daemon does,
+// the fault every campaign makes: the services are killed (a held
+// durability call never returns; none was confirmed without its record),
+// the VIP is removed, so that the peer, which holds every confirmed write,
+// takes over after its checks, and the daemon exits with status 1 without
+// saving its bitmap or its clean-stop marker. Restarted (the unit's
+// Restart=on-failure), it compares the files changed here since its sync
+// point with the peer's (the resync's `recent` mode), those written after
+// the failure among them (TestCaptureReaderFailureFailsTheTerm).
+func (n *Node) captureFailed(err error) {
+	n.log.Error("the capture reader failed: this node fails as a crashed daemon does (services killed, VIP removed, the daemon exits); "+
+		"restarted, it compares its changes since its sync point with the peer's", "err", err)
+	if n.stack != nil {
+		n.stack.Kill()
+	}
+	if n.vip != nil {
+		if err := n.vip.Remove(); err != nil {
+			n.log.Error("removing the VIP: the peer will not take over until duet restarts here and removes it", "vip", n.vip.String(), "err", err)
+		}
+	}
+	exit := n.exit
+	if exit == nil {
+		exit = os.Exit
+	}
+	exit(1)
 }
 
 // kernel gives primaries the capture side: in-flight marks and the drain
