@@ -97,6 +97,7 @@ const (
 	EvCmdPrim // Event.Force
 	EvCmdSecond
 	EvCmdSwap
+	EvDiskFailed // a replicated directory's filesystem fails writes (Event.Why)
 )
 
 // Event is one input of the machine.
@@ -104,7 +105,7 @@ type Event struct {
 	Kind  Kind
 	Peer  Peer   // EvPeer
 	OK    bool   // EvChecked
-	Why   string // EvChecked, EvServiceDown
+	Why   string // EvChecked, EvServiceDown, EvDiskFailed
 	Force bool   // EvCmdPrim
 	// Held (EvChecked, not OK): a check found the role held elsewhere
 	// (another host answers for the VIP): whoever holds it may write
@@ -489,12 +490,16 @@ func (m Machine) stepServing(ev Event) (Machine, []Action) {
 		}
 		m.HandedOver = true
 		return m.unserve(Wait, "swap: handing over to "+p.Name)
-	case EvServiceDown:
+	case EvServiceDown, EvDiskFailed:
+		what := "service failed"
+		if ev.Kind == EvDiskFailed {
+			what = "disk failed"
+		}
 		if !m.peerReady() {
-			return m, []Action{logf("service failed (%s) and no peer in sync to fail over to: keeping the role", ev.Why)}
+			return m, []Action{logf("%s (%s) and no peer in sync to fail over to: keeping the role", what, ev.Why)}
 		}
 		m.HandedOver = true
-		return m.unserve(Wait, fmt.Sprintf("service failed (%s): failing over to %s", ev.Why, p.Name))
+		return m.unserve(Wait, fmt.Sprintf("%s (%s): failing over to %s", what, ev.Why, p.Name))
 	case EvServeFailed:
 		return m.unserve(Stop, ev.Why+"; fix it, then run `duet start`")
 	case EvCmdPrim:

@@ -66,7 +66,8 @@ func allEvents() []Event {
 		evs = append(evs, Event{Kind: k})
 	}
 	return append(evs, Event{Kind: EvChecked, OK: true}, Event{Kind: EvChecked, Why: "witness unreachable"},
-		Event{Kind: EvCmdPrim}, Event{Kind: EvCmdPrim, Force: true}, Event{Kind: EvServiceDown, Why: "web"}, Event{Kind: EvServeFailed, Why: "VIP in use"})
+		Event{Kind: EvCmdPrim}, Event{Kind: EvCmdPrim, Force: true}, Event{Kind: EvServiceDown, Why: "web"}, Event{Kind: EvServeFailed, Why: "VIP in use"},
+		Event{Kind: EvDiskFailed, Why: "fsync: input/output error"})
 }
 
 // TestInvariants checks every (machine, event) pair against the rules of

@@ -566,19 +566,7 @@ func (n *Node) unserve(ctx context.Context) {
 		stop()
 	}
 	if n.vip != nil {
-		// Retried: left on this host, it answers for a node that no
-		// longer serves, and the peer's probe finds it held (it does not
-		// take over). Removal is strict only at the daemon's start.
-		var err error
-		for try := 0; try < 5; try++ {
-			if try > 0 {
-				time.Sleep(200 * time.Millisecond)
-			}
-			if err = n.vip.Remove(); err == nil {
-				break
-			}
-		}
-		if err != nil {
+		if err := n.removeVIP(); err != nil {
 			n.log.Error("removing the VIP failed: this host still answers for it and the peer will not take over; "+
 				"remove it by hand (ip addr del) or restart duet here, which removes it or stops", "vip", n.vip.String(), "err", err)
 		} else {
@@ -587,6 +575,22 @@ func (n *Node) unserve(ctx context.Context) {
 	}
 	n.stopPrimary()
 	n.server.SetAccept(true)
+}
+
+// removeVIP removes the VIP, retried: left on this host, it answers for a
+// node that no longer serves, and the peer's probe finds it held (it does
+// not take over). Removal is strict only at the daemon's start.
+func (n *Node) removeVIP() error {
+	var err error
+	for try := 0; try < 5; try++ {
+		if try > 0 {
+			time.Sleep(200 * time.Millisecond)
+		}
+		if err = n.vip.Remove(); err == nil {
+			return nil
+		}
+	}
+	return err
 }
 
 // beginLeaving marks the node as leaving the role, and notes whether the

@@ -75,7 +75,7 @@ func (n *Node) startPrimary(ctx context.Context) error {
 	n.smu.Unlock()
 	n.releasedAlone.Store(false)
 	n.silent.Clear()
-	n.serveWG.Add(2 + len(primaries))
+	n.serveWG.Add(3 + len(primaries))
 	go func() {
 		defer n.serveWG.Done()
 		n.dispatch(c, primaries)
@@ -83,6 +83,10 @@ func (n *Node) startPrimary(ctx context.Context) error {
 	go func() {
 		defer n.serveWG.Done()
 		n.watchOverflow(ctx, c)
+	}()
+	go func() {
+		defer n.serveWG.Done()
+		n.watchDisks(ctx)
 	}()
 	for _, p := range primaries {
 		go func() {
@@ -302,7 +306,8 @@ func (n *Node) dispatch(c recordReader, primaries []*replica.Primary) {
 // only through a resync. The node had gone on serving, every durability
 // call failing after drainTimeout. It now fails as a crashed daemon does,
 // the fault every campaign makes: the services are killed (a held
-// durability call never returns; none was confirmed without its record),
+// durability call of theirs never returns; none was confirmed without its
+// record; `duet exec`'s calls fail with EIO once the daemon is gone),
 // the VIP is removed, so that the peer, which holds every confirmed write,
 // takes over after its checks, and the daemon exits with status 1 without
 // saving its bitmap or its clean-stop marker. Restarted (the unit's
@@ -316,7 +321,10 @@ func (n *Node) captureFailed(err error) {
 		n.stack.Kill()
 	}
 	if n.vip != nil {
-		if err := n.vip.Remove(); err != nil {
+		// A VIP left here (or added by the takeVIP of a term whose
+		// reader failed at once) keeps the peer from taking over until
+		// the restarted daemon removes it.
+		if err := n.removeVIP(); err != nil {
 			n.log.Error("removing the VIP: the peer will not take over until duet restarts here and removes it", "vip", n.vip.String(), "err", err)
 		}
 	}

@@ -365,15 +365,19 @@ func (s *Stack) Kill() {
 	var procs []proc
 	for _, p := range all {
 		if p.cmd != nil {
-			procs = append(procs, *p) // cmd, done and end are set once
+			// A copy: a restart replaces cmd, done and end, under mu.
+			procs = append(procs, *p)
 		}
 	}
 	s.mu.Unlock()
 	for i := range procs {
 		s.killNow(&procs[i])
 	}
+	// One grace for all: each service's own, one after the other, made
+	// Kill take endGrace per stuck service (from a review).
+	deadline := time.Now().Add(endGrace)
 	for i := range procs {
-		s.waitKilled(&procs[i])
+		s.waitKilled(&procs[i], deadline)
 	}
 }
 
@@ -414,7 +418,7 @@ func (s *Stack) stopOne(p *proc) {
 // command is reaped.
 func (s *Stack) kill(p *proc) {
 	s.killNow(p)
-	s.waitKilled(p)
+	s.waitKilled(p, time.Now().Add(endGrace))
 }
 
 // killNow asks p's end to kill it, or SIGKILLs its process group.
@@ -431,15 +435,15 @@ func (s *Stack) killNow(p *proc) {
 	}
 }
 
-// waitKilled waits for p's command after killNow; one that does not end
-// on its end's request within endGrace (its leader stopped or stuck) gets
+// waitKilled waits for p's command after killNow; one that has not ended
+// on its end's request by deadline (its leader stopped or stuck) gets
 // SIGKILL to its process group.
-func (s *Stack) waitKilled(p *proc) {
+func (s *Stack) waitKilled(p *proc, deadline time.Time) {
 	if p.end != nil {
 		select {
 		case <-p.done:
 			return
-		case <-time.After(endGrace):
+		case <-time.After(time.Until(deadline)):
 			s.Log.Warn("service did not end on its kill request: killing its process group", "service", p.svc.Name, "after", endGrace)
 			select {
 			case <-p.done:

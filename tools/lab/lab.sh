@@ -13,6 +13,9 @@
 #                             stops where its disk is (what was not written back is
 #                             lost), everything killed, filesystems mounted again
 #                             (journal replay) and a new boot id; then revive and start
+#   lab.sh diskfail a|b       the host's disk fails: every later I/O on its filesystem
+#                             gets EIO, its link and processes stay up; a powercut
+#                             then stands for the repair
 #   lab.sh revive a|b         bring a crashed host's link back (as after a reboot:
 #                             without the VIP); then start duet on it again
 #   lab.sh exec a|b|c CMD...  run a command inside a host's namespace
@@ -75,6 +78,7 @@ down() {
 	done
 	# Loop devices left behind by an earlier, interrupted lab.
 	rm -f "$LAB"/*.img.cut # a power cut's copy, if it stopped midway
+	rm -f "$LAB"/*.diskfailed
 	for img in "$LAB/a.img" "$LAB/b.img"; do
 		for d in $(losetup -j "$img" -O NAME -n 2>/dev/null); do losetup -d "$d" 2>/dev/null || true; done
 	done
@@ -242,6 +246,10 @@ powercut)
 	# cache it held is dropped, so only what reached the loop device
 	# survives. btrfs has no such ioctl on kernels up to 6.18 at least.
 	for h in "$@"; do
+		if [ -f "$LAB/$h.diskfailed" ]; then
+			rm -f "$LAB/$h.diskfailed" # down already: diskfail
+			continue
+		fi
 		xfs_io -x -c shutdown "$LAB/$h" || die "cannot shut ${NODE[$h]}'s ${FSOF[$h]} filesystem down (FS_IOC_SHUTDOWN): no power cut on it"
 	done
 	# The disk as it is at the cut. The shut-down filesystem's block
@@ -288,6 +296,15 @@ powercut)
 		cat /proc/sys/kernel/random/uuid >"$LAB/$h.boot_id"
 	done
 	;;
+diskfail)
+	# The disk dies under the running host: every later I/O on its
+	# filesystem fails with EIO (FS_IOC_SHUTDOWN without a log flush);
+	# its link and its processes stay up. A powercut of the host then
+	# stands for its repair: it comes back on its disk as it was.
+	host "${2:-}"
+	xfs_io -x -c shutdown "$LAB/$2" || die "cannot shut ${NODE[$2]}'s ${FSOF[$2]} filesystem down (FS_IOC_SHUTDOWN): no disk failure on it"
+	touch "$LAB/$2.diskfailed"
+	;;
 revive)
 	host "${2:-}"
 	ip -n "$(ns "$2")" addr del "$VIP/24" dev eth0 2>/dev/null || true
@@ -305,7 +322,7 @@ env)
 	echo "LAB=$LAB"; echo "A_DATA=$LAB/a/data"; echo "B_DATA=$LAB/b/data"; echo "BIN=$BIN"
 	;;
 *)
-	sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
+	sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
 	exit 2
 	;;
 esac

@@ -305,6 +305,28 @@ var faultKinds = []faultKind{
 		n.hold(1, 3)
 		n.revive(r.s)
 	}},
+	// The secondary's disk dies under its running daemon: every later
+	// I/O on its filesystem fails with EIO (lab.sh diskfail), its link
+	// and its daemon stay up. The primary's writer must neither stall
+	// beyond the bound nor fail. Then the host is repaired: its daemon
+	// killed, its filesystem mounted again from the disk as it was at the
+	// failure (lab.sh powercut), and it rejoins.
+	{"disk-fails-secondary", true, func(n *nemesis, r *nemesisRun) {
+		n.diskfail(r.s)
+		n.hold(2, 4)
+		n.powercut(r.s)
+		n.revive(r.s)
+	}},
+	// The primary's disk dies: its writer's calls fail from then on. The
+	// node cannot serve from it: the peer, in sync, must take over, with
+	// every acknowledged record. Then the old primary is repaired and
+	// rejoins as the secondary.
+	{"disk-fails-primary", false, func(n *nemesis, r *nemesisRun) {
+		n.diskfail(r.p)
+		n.l.WaitState(n.t, r.s, "PRIM", 30*time.Second)
+		n.powercut(r.p)
+		n.revive(r.p)
+	}},
 	// The site's power: both at once.
 	{"powercut-both", false, func(n *nemesis, r *nemesisRun) {
 		n.powercut(r.p, r.s)
@@ -512,9 +534,20 @@ func (n *nemesis) powercut(hosts ...string) {
 	}
 }
 
-// powercutKind says whether a fault kind cuts the power, which the lab
-// cannot do on btrfs (no FS_IOC_SHUTDOWN: ENOTTY on this kernel).
-func powercutKind(name string) bool { return strings.HasPrefix(name, "powercut-") }
+// diskfail makes h's disk fail under its running processes (lab.sh
+// diskfail); a powercut of h later stands for its repair.
+func (n *nemesis) diskfail(h string) {
+	if out, err := n.l.run("diskfail", h); err != nil {
+		n.t.Fatalf("disk failure of %s: %v\n%s", h, err, out)
+	}
+}
+
+// powercutKind says whether a fault kind shuts a filesystem down (a power
+// cut, a failing disk), which the lab cannot do on btrfs (no
+// FS_IOC_SHUTDOWN: ENOTTY on this kernel).
+func powercutKind(name string) bool {
+	return strings.HasPrefix(name, "powercut-") || strings.HasPrefix(name, "disk-fails-")
+}
 
 // campaignOnly names the kinds left out of TestNemesis (make test), for
 // its time: TestZeroLossOnPowerCut cuts a single node there.
@@ -529,7 +562,7 @@ func labKinds(t *testing.T, campaign bool) []faultKind {
 	for _, k := range faultKinds {
 		switch {
 		case btrfs && powercutKind(k.name):
-			t.Logf("nemesis: %s left out: btrfs has no FS_IOC_SHUTDOWN on this kernel, so no power cut can be simulated on it", k.name)
+			t.Logf("nemesis: %s left out: btrfs has no FS_IOC_SHUTDOWN on this kernel, so neither a power cut nor a failing disk can be simulated on it", k.name)
 		case !campaign && campaignOnly[k.name]:
 		default:
 			kinds = append(kinds, k)

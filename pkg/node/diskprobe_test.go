@@ -1,0 +1,90 @@
+package node
+
+import (
+	"context"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+	"unsafe"
+
+	"github.com/duet-ha/duet/pkg/cluster"
+	"github.com/duet-ha/duet/pkg/loopfs"
+	"github.com/duet-ha/duet/pkg/replica"
+	"golang.org/x/sys/unix"
+)
+
+// shutDown makes every later I/O on the filesystem under dir fail
+// (FS_IOC_SHUTDOWN without a log flush: a disk that died).
+func shutDown(t *testing.T, dir string) {
+	t.Helper()
+	const fsIocShutdown = 0x8004587d // _IOR('X', 125, __u32)
+	const noLogFlush = 2             // FSOP_GOING_FLAGS_NOLOGFLUSH
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	flags := uint32(noLogFlush)
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), fsIocShutdown, uintptr(unsafe.Pointer(&flags))); errno != 0 {
+		t.Skipf("FS_IOC_SHUTDOWN: %v", errno)
+	}
+}
+
+// TestDiskProbeSeesAFailedFilesystem: the probe passes on a healthy
+// filesystem and fails on one shut down (XFS, ext4) or read-only.
+func TestDiskProbeSeesAFailedFilesystem(t *testing.T) {
+	for _, fs := range []string{"ext4", "xfs"} {
+		t.Run(fs, func(t *testing.T) {
+			f := loopfs.Make(t, fs, 300)
+			if err := diskProbe(f.Mount); err != nil {
+				t.Fatalf("healthy %s: %v", fs, err)
+			}
+			shutDown(t, f.Mount)
+			if err := diskProbe(f.Mount); err == nil {
+				t.Errorf("a shut-down %s filesystem passes the probe", fs)
+			}
+		})
+	}
+	t.Run("read-only", func(t *testing.T) {
+		f := loopfs.Make(t, "ext4", 64)
+		if out, err := exec.Command("mount", "-o", "remount,ro", f.Mount).CombinedOutput(); err != nil {
+			t.Fatalf("remount ro: %v %s", err, out)
+		}
+		if err := diskProbe(f.Mount); err == nil || !strings.Contains(err.Error(), "read-only") {
+			t.Errorf("a read-only filesystem: %v, want an error saying read-only", err)
+		}
+	})
+}
+
+// TestServingNodeReportsFailedDisk: a serving node whose replicated
+// directory's disk dies tells the cluster loop (EvDiskFailed), which gives
+// the role to a peer in sync. It had gone on serving from the dead disk,
+// holding the VIP, unless a service noticed.
+func TestServingNodeReportsFailedDisk(t *testing.T) {
+	f := loopfs.Make(t, "xfs", 300)
+	n := testNode(t, t.TempDir())
+	n.dirs = []replica.Dir{{Name: "data", Path: f.Mount}}
+	n.events = make(chan cluster.Event, 4)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		n.watchDisks(ctx)
+	}()
+	defer func() { cancel(); <-done }()
+	select {
+	case ev := <-n.events:
+		t.Fatalf("a healthy disk reported: %+v", ev)
+	case <-time.After(2*diskProbeInterval + 500*time.Millisecond):
+	}
+	shutDown(t, f.Mount)
+	select {
+	case ev := <-n.events:
+		if ev.Kind != cluster.EvDiskFailed || !strings.Contains(ev.Why, "directory data") {
+			t.Errorf("got %+v, want EvDiskFailed naming directory data", ev)
+		}
+	case <-time.After(3 * diskProbeInterval):
+		t.Fatal("the disk under the replicated directory failed and the serving node did not tell its cluster loop")
+	}
+}
