@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/duet-ha/duet/pkg/cluster"
+	"github.com/duet-ha/duet/pkg/replica"
 	"golang.org/x/sys/unix"
 )
 
@@ -88,7 +89,38 @@ func (n *Node) watchDisks(ctx context.Context) {
 			reported = time.Now()
 			n.log.Error("the disk under a replicated directory fails: the role goes to the peer if it is in sync",
 				"dir", d.Name, "path", d.Path, "err", err)
+			n.diskFailed(i)
 			n.post(ctx, cluster.Event{Kind: cluster.EvDiskFailed, Why: fmt.Sprintf("directory %s (%s): %v", d.Name, d.Path, err)})
 		}
 	}
+}
+
+// diskFailed records that the filesystem of directory i failed, for it
+// and every directory on the same device: their copies count as after a
+// crash (Meta.Crashed) until a resync completes, and leaving the role
+// records no handover for them (failedDisk). What the filesystem held
+// unwritten is lost with it, though the peer may have it: a handover
+// recorded after the failure (its syncfs finds nothing to write on a
+// filesystem turned read-only) claimed the copy consistent, and the next
+// resync, from the bitmap, left the difference in place.
+func (n *Node) diskFailed(i int) {
+	for j, d := range n.dirs {
+		if j != i && (j >= len(n.devs) || i >= len(n.devs) || n.devs[j] != n.devs[i]) {
+			continue
+		}
+		n.failedDisks.Store(d.Name, true)
+		if j < len(n.metas) {
+			// On the failed disk this may fail too: the marker of this
+			// run, left set, makes the next start count as a crash.
+			if err := n.metas[j].Update(func(m *replica.Meta) { m.Crashed = true }); err != nil {
+				n.log.Warn("marking the copy for a comparison at its next resync", "dir", d.Name, "err", err)
+			}
+		}
+	}
+}
+
+// failedDisk says whether directory name's filesystem failed (diskFailed).
+func (n *Node) failedDisk(name string) bool {
+	_, ok := n.failedDisks.Load(name)
+	return ok
 }

@@ -2,7 +2,9 @@ package node
 
 import (
 	"context"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -46,6 +48,22 @@ func TestDiskProbeSeesAFailedFilesystem(t *testing.T) {
 			}
 		})
 	}
+	// ext4 with errors=remount-ro (Debian's root filesystem) after an
+	// error: the journal aborts and the filesystem turns read-only (on
+	// this kernel "emergency_ro": statfs still says read-write).
+	t.Run("ext4-error", func(t *testing.T) {
+		f := loopfs.Make(t, "ext4", 64)
+		if out, err := exec.Command("mount", "-o", "remount,errors=remount-ro", f.Mount).CombinedOutput(); err != nil {
+			t.Fatalf("remount errors=remount-ro: %v %s", err, out)
+		}
+		trigger := "/sys/fs/ext4/" + filepath.Base(f.Dev) + "/trigger_fs_error"
+		if err := os.WriteFile(trigger, []byte("test\n"), 0); err != nil {
+			t.Skipf("no ext4 error trigger: %v", err)
+		}
+		if err := diskProbe(f.Mount); err == nil {
+			t.Errorf("an ext4 filesystem after an error (journal aborted) passes the probe")
+		}
+	})
 	t.Run("read-only", func(t *testing.T) {
 		f := loopfs.Make(t, "ext4", 64)
 		if out, err := exec.Command("mount", "-o", "remount,ro", f.Mount).CombinedOutput(); err != nil {
@@ -63,8 +81,18 @@ func TestDiskProbeSeesAFailedFilesystem(t *testing.T) {
 // holding the VIP, unless a service noticed.
 func TestServingNodeReportsFailedDisk(t *testing.T) {
 	f := loopfs.Make(t, "xfs", 300)
-	n := testNode(t, t.TempDir())
-	n.dirs = []replica.Dir{{Name: "data", Path: f.Mount}}
+	other := t.TempDir() // another filesystem
+	state := t.TempDir()
+	n := testNode(t, state)
+	n.dirs = []replica.Dir{{Name: "data", Path: f.Mount}, {Name: "logs", Path: f.Mount}, {Name: "other", Path: other}}
+	n.devs = []uint64{1, 1, 2}
+	for _, d := range n.dirs {
+		ms, err := replica.OpenMeta(state, d.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n.metas = append(n.metas, ms)
+	}
 	n.events = make(chan cluster.Event, 4)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
@@ -86,5 +114,16 @@ func TestServingNodeReportsFailedDisk(t *testing.T) {
 		}
 	case <-time.After(3 * diskProbeInterval):
 		t.Fatal("the disk under the replicated directory failed and the serving node did not tell its cluster loop")
+	}
+	// Both directories on the failed filesystem count as crashed (their
+	// next resync compares them) and record no handover; the other not.
+	for i, d := range n.dirs {
+		want := d.Name != "other"
+		if got := n.metas[i].Get().Crashed; got != want {
+			t.Errorf("directory %s: Crashed %v, want %v", d.Name, got, want)
+		}
+		if got := n.failedDisk(d.Name); got != want {
+			t.Errorf("directory %s: failedDisk %v, want %v", d.Name, got, want)
+		}
 	}
 }

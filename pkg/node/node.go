@@ -37,8 +37,11 @@ const ext4Magic = 0xEF53
 // Node is a running daemon.
 type Node struct {
 	// exit ends the daemon's process (nil: os.Exit; tests replace it).
-	exit       func(code int)
-	dispatched atomic.Uint64 // records handed to the primaries
+	exit func(code int)
+	// failedDisks: the names of the directories whose filesystem failed
+	// (diskFailed).
+	failedDisks sync.Map
+	dispatched  atomic.Uint64 // records handed to the primaries
 	// dispatchedEnd is the ring position past the last record handed to
 	// the primaries (capture.Record.End): what Drain waits on.
 	dispatchedEnd atomic.Uint64
@@ -549,7 +552,11 @@ func (n *Node) unserve(ctx context.Context) {
 	n.smu.RUnlock()
 	dctx, cancel := context.WithTimeout(ctx, n.barrierTimeout)
 	for _, p := range primaries {
-		if err := p.WaitShipped(dctx, kernel{n}, replica.Release{After: n.cfg.Cluster.Timeout}); err != nil {
+		if n.failedDisk(p.Dir.Name) {
+			// Its filesystem failed: what it held unwritten is lost,
+			// though the peer may have it. No handover is recorded.
+			n.log.Warn("leaving the role with the copy's disk failed: no handover recorded, the next resync compares it", "dir", p.Dir.Name)
+		} else if err := p.WaitShipped(dctx, kernel{n}, replica.Release{After: n.cfg.Cluster.Timeout}); err != nil {
 			n.log.Warn("leaving the role with changes not on the peer (tracked for a resync)", "dir", p.Dir.Name, "err", err)
 		} else if err := p.WaitSettled(dctx, replica.Release{After: n.cfg.Cluster.Timeout}); err != nil {
 			n.log.Warn("leaving the role before the peer's copy settled (a resync will compare it)", "dir", p.Dir.Name, "err", err)

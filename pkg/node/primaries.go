@@ -75,6 +75,9 @@ func (n *Node) startPrimary(ctx context.Context) error {
 	n.smu.Unlock()
 	n.releasedAlone.Store(false)
 	n.silent.Clear()
+	// A disk that still fails is found again within a probe; one whose
+	// copy was resynced since may record a handover again.
+	n.failedDisks.Clear()
 	n.serveWG.Add(3 + len(primaries))
 	go func() {
 		defer n.serveWG.Done()

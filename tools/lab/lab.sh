@@ -13,9 +13,9 @@
 #                             stops where its disk is (what was not written back is
 #                             lost), everything killed, filesystems mounted again
 #                             (journal replay) and a new boot id; then revive and start
-#   lab.sh diskfail a|b       the host's disk fails: every later I/O on its filesystem
-#                             gets EIO, its link and processes stay up; a powercut
-#                             then stands for the repair
+#   lab.sh diskfail a|b       the host's disk fails: its filesystem turns read-only
+#                             (ext4) or shuts down (XFS: EIO), its link and processes
+#                             stay up; a powercut then stands for the repair
 #   lab.sh revive a|b         bring a crashed host's link back (as after a reboot:
 #                             without the VIP); then start duet on it again
 #   lab.sh exec a|b|c CMD...  run a command inside a host's namespace
@@ -297,12 +297,21 @@ powercut)
 	done
 	;;
 diskfail)
-	# The disk dies under the running host: every later I/O on its
-	# filesystem fails with EIO (FS_IOC_SHUTDOWN without a log flush);
-	# its link and its processes stay up. A powercut of the host then
-	# stands for its repair: it comes back on its disk as it was.
+	# The disk fails under the running host, its link and its processes
+	# staying up. ext4 as Debian mounts its root (errors=remount-ro): a
+	# failed write aborts the journal and the filesystem turns read-only
+	# (trigger_fs_error stands for the failed write); XFS shuts itself
+	# down, every later I/O failing with EIO (FS_IOC_SHUTDOWN without a
+	# log flush). A powercut of the host then stands for its repair: it
+	# comes back on its disk as it was.
 	host "${2:-}"
-	xfs_io -x -c shutdown "$LAB/$2" || die "cannot shut ${NODE[$2]}'s ${FSOF[$2]} filesystem down (FS_IOC_SHUTDOWN): no disk failure on it"
+	if [ "${FSOF[$2]}" = ext4 ]; then
+		mount -o remount,errors=remount-ro "$LAB/$2" || die "cannot remount ${NODE[$2]}'s filesystem with errors=remount-ro"
+		echo diskfail >"/sys/fs/ext4/$(basename "$(cat "$LAB/$2.loop")")/trigger_fs_error" ||
+			die "cannot raise an error on ${NODE[$2]}'s ext4 filesystem (trigger_fs_error)"
+	else
+		xfs_io -x -c shutdown "$LAB/$2" || die "cannot shut ${NODE[$2]}'s ${FSOF[$2]} filesystem down (FS_IOC_SHUTDOWN): no disk failure on it"
+	fi
 	touch "$LAB/$2.diskfailed"
 	;;
 revive)
