@@ -21,7 +21,7 @@ export DUET_PKG_VERSION := $(if $(filter v%,$(VERSION)),$(VERSION),0.0.0-git$(VE
 # fails with "context deadline exceeded" without any crashing input.
 FUZZTIME ?= 400000x
 
-.PHONY: help build package generate check-generate test test-fs test-fs-mixed unit race e2e fuzz demo lab-up lab-down bench vet clean vagrant-check check-monitoring k3s-soak nemesis
+.PHONY: help build package generate check-generate test test-fs test-fs-mixed unit race e2e fuzz demo lab-up lab-down bench vet clean vagrant-check check-monitoring k3s-soak nemesis zeroloss
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -93,7 +93,7 @@ test: vet build vagrant-check check-monitoring race ## everything CI runs: vet, 
 test-fs: build ## the lab's workload, zero-loss and resync tests with the nodes' directories on XFS, then btrfs (root)
 	@for fs in xfs btrfs; do \
 		echo "== lab tests on $$fs"; \
-		$(SUDO) env GO=$(GO) DUET_LAB_FS=$$fs DUET_ZEROLOSS_ITERATIONS=15 tools/lab/gotest.sh -count=1 -timeout 20m -run 'TestReplicationWorkload$$|TestZeroLoss|TestResyncAfterCleanStop$$' ./tools/lab/ || exit 1; \
+		$(SUDO) env GO=$(GO) DUET_LAB_FS=$$fs DUET_ZEROLOSS_ITERATIONS=12 tools/lab/gotest.sh -count=1 -timeout 20m -run 'TestReplicationWorkload$$|TestZeroLoss|TestResyncAfterCleanStop$$' ./tools/lab/ || exit 1; \
 	done
 
 # A replica on another filesystem than its source (docs/CAPTURE.md): nodeA's
@@ -122,6 +122,12 @@ check-monitoring: ## promtool: the alert rules (deploy/prometheus) and their sce
 
 k3s-soak: build ## the k3s stack failover test, 20 runs (DUET_K3S_RUNS to change)
 	$(SUDO) env GO=$(GO) DUET_K3S_RUNS=$${DUET_K3S_RUNS:-20} DUET_REQUIRE_STACK=1 tools/lab/gotest.sh -count=1 -timeout 60m -run TestK3SStackFailover ./tools/lab/
+
+zeroloss: build ## the zero-loss tests (SIGKILL and power cuts) at length on ext4, XFS and btrfs: DUET_ZEROLOSS_ITERATIONS (150) kills each (a third for O_DSYNC and msync), DUET_POWERCUT_ROUNDS (5) (root)
+	@for fs in ext4 xfs btrfs; do \
+		echo "== zero-loss tests on $$fs"; \
+		$(SUDO) env GO=$(GO) DUET_LAB_FS=$$fs DUET_ZEROLOSS_ITERATIONS=$${DUET_ZEROLOSS_ITERATIONS:-150} DUET_POWERCUT_ROUNDS=$${DUET_POWERCUT_ROUNDS:-5} tools/lab/gotest.sh -count=1 -timeout 120m -run 'TestZeroLoss' ./tools/lab/ || exit 1; \
+	done
 
 nemesis: build ## the fault campaign: DUET_NEMESIS_RUNS (30) random faults, DUET_NEMESIS_SEED to replay one, DUET_NEMESIS_KINDS=a,b to keep to those kinds
 	$(SUDO) env GO=$(GO) DUET_NEMESIS_RUNS=$${DUET_NEMESIS_RUNS:-30} tools/lab/gotest.sh -count=1 -timeout 120m -run 'TestNemesisCampaign$$' ./tools/lab/
