@@ -296,7 +296,10 @@ func printStatus(w io.Writer, st *node.Status, output string) error {
 			flags = append(flags, "INCONSISTENT (a resync into it was cut short)")
 		}
 		if c.Crashed {
-			flags = append(flags, "crashed (not cleanly stopped)")
+			flags = append(flags, "crashed (not cleanly stopped, or its disk failed: compared at its next resync)")
+		}
+		if c.DiskFailed != "" {
+			flags = append(flags, "DISK FAILED: "+c.DiskFailed)
 		}
 		sp := c.SyncPoint
 		if sp == "" {

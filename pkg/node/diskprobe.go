@@ -89,7 +89,7 @@ func (n *Node) watchDisks(ctx context.Context) {
 			reported = time.Now()
 			n.log.Error("the disk under a replicated directory fails: the role goes to the peer if it is in sync",
 				"dir", d.Name, "path", d.Path, "err", err)
-			n.diskFailed(i)
+			n.diskFailed(i, err)
 			n.post(ctx, cluster.Event{Kind: cluster.EvDiskFailed, Why: fmt.Sprintf("directory %s (%s): %v", d.Name, d.Path, err)})
 		}
 	}
@@ -103,12 +103,12 @@ func (n *Node) watchDisks(ctx context.Context) {
 // recorded after the failure (its syncfs finds nothing to write on a
 // filesystem turned read-only) claimed the copy consistent, and the next
 // resync, from the bitmap, left the difference in place.
-func (n *Node) diskFailed(i int) {
+func (n *Node) diskFailed(i int, err error) {
 	for j, d := range n.dirs {
 		if j != i && (j >= len(n.devs) || i >= len(n.devs) || n.devs[j] != n.devs[i]) {
 			continue
 		}
-		n.failedDisks.Store(d.Name, true)
+		n.failedDisks.Store(d.Name, err.Error())
 		if j < len(n.metas) {
 			// On the failed disk this may fail too: the marker of this
 			// run, left set, makes the next start count as a crash.
@@ -119,8 +119,10 @@ func (n *Node) diskFailed(i int) {
 	}
 }
 
-// failedDisk says whether directory name's filesystem failed (diskFailed).
-func (n *Node) failedDisk(name string) bool {
-	_, ok := n.failedDisks.Load(name)
-	return ok
+// failedDisk says why directory name's filesystem failed in this term
+// ("": it did not; diskFailed).
+func (n *Node) failedDisk(name string) string {
+	why, _ := n.failedDisks.Load(name)
+	s, _ := why.(string)
+	return s
 }

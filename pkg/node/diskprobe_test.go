@@ -122,8 +122,8 @@ func TestServingNodeReportsFailedDisk(t *testing.T) {
 		if got := n.metas[i].Get().Crashed; got != want {
 			t.Errorf("directory %s: Crashed %v, want %v", d.Name, got, want)
 		}
-		if got := n.failedDisk(d.Name); got != want {
-			t.Errorf("directory %s: failedDisk %v, want %v", d.Name, got, want)
+		if got := n.failedDisk(d.Name); (got != "") != want {
+			t.Errorf("directory %s: failedDisk %q, want failed %v", d.Name, got, want)
 		}
 	}
 }

@@ -39,7 +39,7 @@ type Node struct {
 	// exit ends the daemon's process (nil: os.Exit; tests replace it).
 	exit func(code int)
 	// failedDisks: the names of the directories whose filesystem failed
-	// (diskFailed).
+	// in this term, and why (diskFailed).
 	failedDisks sync.Map
 	dispatched  atomic.Uint64 // records handed to the primaries
 	// dispatchedEnd is the ring position past the last record handed to
@@ -552,7 +552,7 @@ func (n *Node) unserve(ctx context.Context) {
 	n.smu.RUnlock()
 	dctx, cancel := context.WithTimeout(ctx, n.barrierTimeout)
 	for _, p := range primaries {
-		if n.failedDisk(p.Dir.Name) {
+		if n.failedDisk(p.Dir.Name) != "" {
 			// Its filesystem failed: what it held unwritten is lost,
 			// though the peer may have it. No handover is recorded.
 			n.log.Warn("leaving the role with the copy's disk failed: no handover recorded, the next resync compares it", "dir", p.Dir.Name)

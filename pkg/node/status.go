@@ -77,6 +77,10 @@ type CopyStatus struct {
 	// secondary; behind kine it loses acknowledged puts (README).
 	FreeBytes uint64 `json:"free_bytes"`
 	SizeBytes uint64 `json:"size_bytes"`
+	// DiskFailed: the probe of the directory's filesystem failed while
+	// this node served, and why (the role went to the peer if it was in
+	// sync).
+	DiskFailed string `json:"disk_failed,omitempty"`
 }
 
 // PeerStatus is what the heartbeats say of the peer.
@@ -168,7 +172,7 @@ func (n *Node) Status() Status {
 	for i, d := range n.dirs {
 		mt := n.metas[i].Get()
 		cs := CopyStatus{Dir: d.Name, Gen: fmt.Sprintf("%016x", mt.Gen), Source: mt.Source, Consistent: mt.Consistent,
-			Crashed: mt.Crashed, SyncSeq: mt.SyncSeq}
+			Crashed: mt.Crashed, SyncSeq: mt.SyncSeq, DiskFailed: n.failedDisk(d.Name)}
 		if mt.SyncTime != 0 {
 			cs.SyncPoint = time.Unix(0, mt.SyncTime).UTC().Format(time.RFC3339Nano)
 		}
