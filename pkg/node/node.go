@@ -226,6 +226,9 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 		metas[d.Name] = ms
 		n.metas = append(n.metas, ms)
 	}
+	if back := n.clockSetBackWhileStopped(); back >= clockStepMin {
+		n.clockStepped(back) // the clock was set back while duet was stopped
+	}
 	if v := cfg.VIP; v != nil {
 		p, _ := netip.ParsePrefix(v.Address)
 		n.vip = &vip.VIP{Prefix: p, Iface: v.Interface}
@@ -310,6 +313,11 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 		}
 	})
 	goRun(func() { n.serveControl(ctx, ctl) })
+	goRun(func() {
+		t := time.NewTicker(time.Second)
+		defer t.Stop()
+		watchClock(ctx, t.C, readClocks, n.clockStepped)
+	})
 	if metrics != nil {
 		goRun(func() { n.serveMetrics(ctx, metrics) })
 	}

@@ -22,6 +22,13 @@ type lineage struct {
 	untracked int64
 }
 
+// clockStepped moves the lineage's wall-clock times back by d (see
+// MetaStore.ClockStepped).
+func (l *lineage) clockStepped(d time.Duration) {
+	l.selfSync = stepBack(l.selfSync, d)
+	l.untracked = stepBack(l.untracked, d)
+}
+
 // follows reports whether the peer's copy follows this term's
 // generation: a resync of this term ended.
 func (l lineage) follows() bool { return l.base == l.gen && l.base != 0 }

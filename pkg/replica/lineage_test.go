@@ -36,3 +36,24 @@ func TestLineageCaughtUp(t *testing.T) {
 		t.Error("an unknown lineage (generation 0) follows")
 	}
 }
+
+// TestClockSteppedWidensTheWindow: a lineage whose clock was set back by d
+// compares from d earlier (its own sync point and untracked window).
+func TestClockSteppedWidensTheWindow(t *testing.T) {
+	sync := time.Now().UnixNano()
+	l := lineage{gen: 2, base: 1, selfSync: sync, untracked: sync - int64(time.Hour)}
+	before := l.plan(wire.Welcome{Gen: 1}, false, DefaultMargin)
+	l.clockStepped(10 * time.Minute)
+	after := l.plan(wire.Welcome{Gen: 1}, false, DefaultMargin)
+	if got := time.Duration(before.cutoffS - after.cutoffS); got != 10*time.Minute {
+		t.Errorf("the window starts %s earlier, want 10m", got)
+	}
+	if l.selfSync != sync-int64(10*time.Minute) || l.untracked != sync-int64(time.Hour+10*time.Minute) {
+		t.Errorf("lineage times not moved back: %+v", l)
+	}
+	l = lineage{selfSync: 5}
+	l.clockStepped(time.Hour)
+	if l.selfSync != 1 {
+		t.Errorf("a sync point moved back past 1970 is %d, want 1 (0 says none)", l.selfSync)
+	}
+}

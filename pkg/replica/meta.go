@@ -102,6 +102,35 @@ func (s *MetaStore) Update(f func(*Meta)) error {
 	return s.saveLocked()
 }
 
+// ClockStepped moves the copy's wall-clock times (its sync point and the
+// start of its untracked window) back by d: this host's clock was set
+// back by d. A resync that does not trust the bitmap compares the files
+// whose ctime is past the sync point less the margin; the files changed
+// after such a step carry ctimes up to d before the times recorded
+// earlier, and were not compared (a backward NTP step on an edge box
+// whose clock ran fast, then a crash).
+func (s *MetaStore) ClockStepped(d time.Duration) error {
+	return s.Update(func(m *Meta) {
+		m.SyncTime = stepBack(m.SyncTime, d)
+		m.Untracked = stepBack(m.Untracked, d)
+	})
+}
+
+// stepBack moves wall-clock time t (unix ns, 0: none) back by d, to no
+// earlier than 1 ns (0 would say "none").
+func stepBack(t int64, d time.Duration) int64 {
+	if t == 0 {
+		return 0
+	}
+	return max(1, t-d.Nanoseconds())
+}
+
+// behindClock says whether wall-clock time t is not ahead of the clock:
+// a time read before the clock was set back may be, and no longer bounds
+// the changes made since in the clock's new reckoning (ClockStepped may
+// already have moved the recorded times back): it is not recorded.
+func behindClock(t int64) bool { return t <= time.Now().UnixNano() }
+
 func (s *MetaStore) saveLocked() error {
 	b, err := json.MarshalIndent(&s.m, "", "  ")
 	if err != nil {

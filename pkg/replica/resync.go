@@ -1093,7 +1093,7 @@ func (p *Primary) moveSyncPoint(kernel Kernel) {
 		return
 	}
 	ms.Update(func(m *Meta) {
-		if point.UnixNano() > m.SyncTime {
+		if point.UnixNano() > m.SyncTime && behindClock(point.UnixNano()) {
 			m.SyncTime, m.SyncSeq = point.UnixNano(), seq
 		}
 	})
@@ -1208,6 +1208,15 @@ func (p *Primary) noteMoved(inos []uint64, count uint64) {
 		}
 		p.dirty.setMoved(ino, count+1)
 	}
+}
+
+// ClockStepped moves this term's lineage times back by d: this host's
+// clock was set back by d (MetaStore.ClockStepped does the same for the
+// copy's saved times, which the next term starts from).
+func (p *Primary) ClockStepped(d time.Duration) {
+	p.mu.Lock()
+	p.lin.clockStepped(d)
+	p.mu.Unlock()
 }
 
 // HandedOver records, after every change reached the peer durably at a

@@ -1,0 +1,96 @@
+package node
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// clockStepMin is the smallest backward step of the wall clock that
+// moves the sync points back (clockStepped). Smaller ones, and NTP's
+// slewing, are within the resync's margin (30 s).
+const clockStepMin = time.Second
+
+// clockReading is the wall clock (unix ns) and a monotonic clock read
+// together.
+type clockReading struct{ wall, mono int64 }
+
+func readClocks() clockReading {
+	var ts unix.Timespec
+	unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts) // runs on across a suspend, as the wall clock does
+	return clockReading{wall: time.Now().UnixNano(), mono: ts.Nano()}
+}
+
+// watchClock calls stepped with the size of every backward step of the
+// wall clock against the monotonic one (clockStepMin or more), read at
+// each tick, until ctx ends. Forward steps only widen the resyncs'
+// windows: they are followed silently.
+func watchClock(ctx context.Context, tick <-chan time.Time, read func() clockReading, stepped func(time.Duration)) {
+	r := read()
+	offset := r.wall - r.mono
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick:
+		}
+		r := read()
+		o := r.wall - r.mono
+		if back := time.Duration(offset - o); back >= clockStepMin {
+			stepped(back)
+			offset = o
+		} else if o > offset {
+			offset = o
+		}
+	}
+}
+
+// clockStepped moves every copy's sync point, and the lineage of every
+// running term, back by d: the wall clock was set back by d, and the
+// resyncs that compare the files changed since a sync point (by ctime)
+// would miss those changed after the step (MetaStore.ClockStepped).
+func (n *Node) clockStepped(d time.Duration) {
+	n.log.Warn("the wall clock was set back: every sync point moves back as much, so that a resync compares the files changed since the step",
+		"step", d.Round(time.Millisecond))
+	for i, ms := range n.metas {
+		if err := ms.ClockStepped(d); err != nil {
+			n.log.Error("saving the sync point moved back after a clock step", "dir", n.dirs[i].Name, "err", err)
+		}
+		// A saved bitmap's time starts the window of the changes made
+		// while duet was stopped.
+		bm := filepath.Join(n.cfg.StateDir, "bitmap-"+n.dirs[i].Name)
+		if fi, err := os.Stat(bm); err == nil {
+			if err := os.Chtimes(bm, time.Time{}, fi.ModTime().Add(-d)); err != nil {
+				n.log.Error("moving a saved bitmap's time back after a clock step", "bitmap", bm, "err", err)
+			}
+		}
+	}
+	n.smu.RLock()
+	for _, p := range n.primaries {
+		p.ClockStepped(d)
+	}
+	n.smu.RUnlock()
+}
+
+// clockSetBackWhileStopped returns how far the wall clock is behind the
+// newest time a copy recorded (its sync point, the start of its untracked
+// window, a saved bitmap's time): at least how far it was set back while
+// the daemon was stopped (0: not behind).
+func (n *Node) clockSetBackWhileStopped() time.Duration {
+	now := time.Now().UnixNano()
+	var back int64
+	for i, ms := range n.metas {
+		m := ms.Get()
+		times := []int64{m.SyncTime, m.Untracked}
+		if fi, err := os.Stat(filepath.Join(n.cfg.StateDir, "bitmap-"+n.dirs[i].Name)); err == nil {
+			times = append(times, fi.ModTime().UnixNano())
+		}
+		for _, t := range times {
+			back = max(back, t-now)
+		}
+	}
+	return time.Duration(back)
+}

@@ -1,0 +1,88 @@
+package node
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/duet-ha/duet/pkg/replica"
+)
+
+// TestWatchClockSeesBackwardStep: a backward step of the wall clock
+// against the monotonic one is reported with its size; forward steps and
+// small backward ones (NTP's slewing, within the margin) are not.
+func TestWatchClockSeesBackwardStep(t *testing.T) {
+	s := int64(time.Second)
+	readings := []clockReading{
+		{1000 * s, 10 * s},         // start
+		{1001 * s, 11 * s},         // steady
+		{941 * s, 12 * s},          // set back by 61 s
+		{2000 * s, 13 * s},         // set forward
+		{2000*s + s/2, 14 * s},     // 0.5 s back: ignored
+		{2001*s - 2*s, 15 * s},     // 3 s back from the high mark
+		{2001*s - 2*s + s, 16 * s}, // steady
+	}
+	i := 0
+	read := func() clockReading { r := readings[i]; i++; return r }
+	tick := make(chan time.Time)
+	var steps []time.Duration
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		watchClock(ctx, tick, read, func(d time.Duration) { steps = append(steps, d) })
+	}()
+	for range len(readings) - 1 {
+		tick <- time.Now()
+	}
+	cancel()
+	<-done
+	want := []time.Duration{61 * time.Second, 3 * time.Second}
+	if len(steps) != len(want) || steps[0] != want[0] || steps[1] != want[1] {
+		t.Errorf("steps reported %v, want %v", steps, want)
+	}
+}
+
+// TestClockSteppedMovesSyncPointsBack: after the wall clock was set back
+// by d, every copy's sync point, untracked window and saved bitmap's time
+// are d earlier. Without it, a resync after a crash compared only the
+// files whose ctime is past the sync point less the margin, and missed
+// those changed after the step (their ctimes up to d earlier).
+func TestClockSteppedMovesSyncPointsBack(t *testing.T) {
+	state := t.TempDir()
+	n := testNode(t, state)
+	n.dirs = []replica.Dir{{Name: "data", Path: t.TempDir()}}
+	ms, err := replica.OpenMeta(state, "data")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.metas = []*replica.MetaStore{ms}
+	sync := time.Now().Add(5 * time.Minute) // recorded before the clock went back
+	ms.Update(func(m *replica.Meta) { m.SyncTime, m.Untracked = sync.UnixNano(), sync.Add(-time.Hour).UnixNano() })
+	bm := filepath.Join(state, "bitmap-data")
+	if err := os.WriteFile(bm, []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	os.Chtimes(bm, time.Time{}, sync)
+	back := n.clockSetBackWhileStopped()
+	if back < 5*time.Minute-time.Second || back > 5*time.Minute {
+		t.Fatalf("a sync point 5 min ahead of the clock: set back by %s found, want about 5m", back)
+	}
+	n.clockStepped(back)
+	m := ms.Get()
+	if got := time.Duration(sync.UnixNano() - m.SyncTime); got != back {
+		t.Errorf("sync point moved back by %s, want %s", got, back)
+	}
+	if got := time.Duration(sync.Add(-time.Hour).UnixNano() - m.Untracked); got != back {
+		t.Errorf("untracked window moved back by %s, want %s", got, back)
+	}
+	fi, _ := os.Stat(bm)
+	if got := sync.Sub(fi.ModTime()); got != back {
+		t.Errorf("saved bitmap's time moved back by %s, want %s", got, back)
+	}
+	if after := n.clockSetBackWhileStopped(); after > 0 {
+		t.Errorf("after the move a time is still %s ahead of the clock", after)
+	}
+}
