@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"syscall"
 	"time"
 
 	"github.com/duet-ha/duet/pkg/cluster"
@@ -12,18 +13,26 @@ import (
 )
 
 // diskProbeInterval is how often a serving node checks the filesystems of
-// its replicated directories (diskProbe).
+// its replicated directories and of its state_dir (diskProbe).
 const diskProbeInterval = time.Second
+
+// diskProbeHang is how long a probe may go unanswered before the disk
+// counts as failed: a disk that no longer answers leaves every I/O on it
+// waiting, and a flush that slow is no longer load.
+const diskProbeHang = 60 * time.Second
 
 // diskFailedRepeat is how often a disk that still fails is reported again
 // to the cluster loop (which keeps the role while no peer is in sync).
 const diskFailedRepeat = 10 * time.Second
 
+// errReadOnly: the filesystem is mounted read-only.
+var errReadOnly = errors.New("the filesystem is read-only (remounted after an error?)")
+
 // diskProbe checks that the filesystem under dir still takes writes: not
-// read-only (ext4 remounts so when its journal aborts on a failed write,
-// btrfs turns so on a failed transaction) and not shut down (XFS on a
-// failed metadata write; FS_IOC_SHUTDOWN), which fsync of the directory
-// reports with EIO on XFS and ext4. It writes nothing into the tree.
+// read-only (remounted so after an error: ext4's errors=remount-ro, btrfs
+// on a failed transaction) and not shut down (XFS on a failed metadata
+// write, ext4's journal abort: fsync of the directory fails with EIO or
+// EROFS). It writes nothing into the tree.
 func diskProbe(dir string) error {
 	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
@@ -35,7 +44,7 @@ func diskProbe(dir string) error {
 		return fmt.Errorf("statfs: %w", err)
 	}
 	if st.Flags&unix.ST_RDONLY != 0 {
-		return errors.New("the filesystem is read-only (remounted after an error?)")
+		return errReadOnly
 	}
 	if err := unix.Fsync(fd); err != nil {
 		return fmt.Errorf("fsync: %w", err)
@@ -43,72 +52,147 @@ func diskProbe(dir string) error {
 	return nil
 }
 
-// watchDisks probes, while the node serves, the filesystem of every
-// replicated directory (one per filesystem) every diskProbeInterval, and
-// tells the cluster loop when one fails (EvDiskFailed): the node gives the
-// role to a peer in sync. A primary whose disk had died went on serving
-// from it, holding the VIP, unless a service noticed and failed (a
-// service that only reads, or NFS clients that wait, does not). A probe
-// that hangs (a disk that no longer answers) is waited for, not counted:
-// a slow flush under load is not a failure, and a second probe is not
-// started meanwhile.
-func (n *Node) watchDisks(ctx context.Context) {
-	seen := map[uint64]bool{}
-	var dirs []int
-	for i := range n.dirs {
-		if i < len(n.devs) && seen[n.devs[i]] {
-			continue
-		}
+// diskBroken says whether a probe's error is the disk's failure: EIO,
+// EROFS, a read-only mount, or no answer. Others (a directory removed or
+// replaced, a lack of memory or descriptors) are said in the log and
+// change nothing: a role handed over for them would be a false takeover.
+func diskBroken(err error) bool {
+	return errors.Is(err, syscall.EIO) || errors.Is(err, syscall.EROFS) || errors.Is(err, errReadOnly) || errors.Is(err, errProbeHung)
+}
+
+// errProbeHung: a probe did not return within diskProbeHang.
+var errProbeHung = fmt.Errorf("no answer in %s", diskProbeHang)
+
+// probeUnit is one filesystem to probe: through one of its replicated
+// directories, or the state_dir.
+type probeUnit struct {
+	path  string
+	dirs  []int // the replicated directories on it
+	state bool  // it holds the state_dir
+}
+
+// probeUnits lists the filesystems to probe, one per device.
+func (n *Node) probeUnits() []*probeUnit {
+	var units []*probeUnit
+	byDev := map[uint64]*probeUnit{}
+	for i, d := range n.dirs {
 		if i < len(n.devs) {
-			seen[n.devs[i]] = true
+			if u := byDev[n.devs[i]]; u != nil {
+				u.dirs = append(u.dirs, i)
+				continue
+			}
 		}
-		dirs = append(dirs, i)
+		u := &probeUnit{path: d.Path, dirs: []int{i}}
+		if i < len(n.devs) {
+			byDev[n.devs[i]] = u
+		}
+		units = append(units, u)
+	}
+	var st unix.Stat_t
+	if n.cfg.StateDir != "" && unix.Stat(n.cfg.StateDir, &st) == nil {
+		if u := byDev[st.Dev]; u != nil {
+			u.state = true
+		} else {
+			units = append(units, &probeUnit{path: n.cfg.StateDir, state: true})
+		}
+	}
+	return units
+}
+
+// watchDisks probes, while the node serves, every filesystem it depends on
+// every diskProbeInterval, each on its own (a hung one holds up no
+// other). A replicated directory's that failed is marked (diskFailed) and
+// the cluster loop told (EvDiskFailed): the node gives the role to a peer
+// in sync. The state_dir's failing makes the node fail as a crashed
+// daemon does (failAsCrashed): it could no longer record that it gave the
+// role away, nor that its copy is stale, and said "not stale" on, which
+// held the new primary's durability calls for as long as it ran (from a
+// review). A primary whose disk had died went on serving from it, holding
+// the VIP, unless a service noticed and failed (one that only reads, or
+// NFS clients that wait, does not).
+func (n *Node) watchDisks(ctx context.Context) {
+	n.watchUnits(ctx, n.probeUnits())
+}
+
+// watchUnits is watchDisks on the filesystems units.
+func (n *Node) watchUnits(ctx context.Context, units []*probeUnit) {
+	type result struct {
+		u   *probeUnit
+		err error
+	}
+	results := make(chan result, len(units))
+	started := map[*probeUnit]time.Time{} // probes in flight
+	hung := map[*probeUnit]bool{}         // reported as hung, still in flight
+	reported := map[*probeUnit]time.Time{}
+	failed := func(u *probeUnit, err error) {
+		for _, i := range u.dirs {
+			n.diskFailed(i, err)
+		}
+		if u.state {
+			n.failAsCrashed("the disk holding state_dir failed: this node fails as a crashed daemon does (services killed, VIP removed, the daemon exits)",
+				"state_dir", n.cfg.StateDir, "err", err)
+			return
+		}
+		if time.Since(reported[u]) < diskFailedRepeat {
+			return
+		}
+		reported[u] = time.Now()
+		d := n.dirs[u.dirs[0]]
+		n.log.Error("the disk under a replicated directory fails: the role goes to the peer if it is in sync",
+			"dir", d.Name, "path", d.Path, "err", err)
+		n.post(ctx, cluster.Event{Kind: cluster.EvDiskFailed, Why: fmt.Sprintf("directory %s (%s): %v", d.Name, d.Path, err)})
 	}
 	t := time.NewTicker(diskProbeInterval)
 	defer t.Stop()
-	var reported time.Time
 	for {
 		select {
 		case <-ctx.Done():
 			return
+		case r := <-results:
+			delete(started, r.u)
+			delete(hung, r.u)
+			switch {
+			case r.err == nil:
+			case diskBroken(r.err):
+				failed(r.u, r.err)
+			case time.Since(reported[r.u]) >= diskFailedRepeat:
+				reported[r.u] = time.Now()
+				n.log.Warn("probing a filesystem failed, not as a failed disk does: nothing done", "path", r.u.path, "err", r.err)
+			}
 		case <-t.C:
-		}
-		for _, i := range dirs {
-			d := n.dirs[i]
-			res := make(chan error, 1)
-			go func() { res <- diskProbe(d.Path) }()
-			var err error
-			select {
-			case err = <-res:
-			case <-ctx.Done():
-				return
+			for _, u := range units {
+				if at, ok := started[u]; ok {
+					if !hung[u] && time.Since(at) > diskProbeHang {
+						hung[u] = true
+						failed(u, errProbeHung)
+					}
+					continue
+				}
+				started[u] = time.Now()
+				go func() { results <- result{u, diskProbe(u.path)} }()
 			}
-			if err == nil || time.Since(reported) < diskFailedRepeat {
-				continue
-			}
-			reported = time.Now()
-			n.log.Error("the disk under a replicated directory fails: the role goes to the peer if it is in sync",
-				"dir", d.Name, "path", d.Path, "err", err)
-			n.diskFailed(i, err)
-			n.post(ctx, cluster.Event{Kind: cluster.EvDiskFailed, Why: fmt.Sprintf("directory %s (%s): %v", d.Name, d.Path, err)})
 		}
 	}
 }
 
 // diskFailed records that the filesystem of directory i failed, for it
-// and every directory on the same device: their copies count as after a
-// crash (Meta.Crashed) until a resync completes, and leaving the role
-// records no handover for them (failedDisk). What the filesystem held
-// unwritten is lost with it, though the peer may have it: a handover
-// recorded after the failure (its syncfs finds nothing to write on a
-// filesystem turned read-only) claimed the copy consistent, and the next
-// resync, from the bitmap, left the difference in place.
+// and every directory on the same device, for the rest of the daemon's
+// run: their copies count as after a crash (Meta.Crashed) until a resync
+// completes, and their primaries start no connection or resync, move no
+// sync point and record no handover (replica.Primary.DiskFailed), nor does
+// leaving the role (failedDisk). What the filesystem held unwritten is
+// lost with it, though the peer may have it: a handover recorded after the
+// failure (its syncfs finds nothing to write on a filesystem turned
+// read-only) claimed the copy consistent, and the next resync, from the
+// bitmap, left the difference in place.
 func (n *Node) diskFailed(i int, err error) {
 	for j, d := range n.dirs {
 		if j != i && (j >= len(n.devs) || i >= len(n.devs) || n.devs[j] != n.devs[i]) {
 			continue
 		}
-		n.failedDisks.Store(d.Name, err.Error())
+		if _, known := n.failedDisks.LoadOrStore(d.Name, err.Error()); known {
+			continue
+		}
 		if j < len(n.metas) {
 			// On the failed disk this may fail too: the marker of this
 			// run, left set, makes the next start count as a crash.
@@ -116,11 +200,18 @@ func (n *Node) diskFailed(i int, err error) {
 				n.log.Warn("marking the copy for a comparison at its next resync", "dir", d.Name, "err", err)
 			}
 		}
+		n.smu.RLock()
+		for _, p := range n.primaries {
+			if p.Dir.Name == d.Name {
+				p.DiskFailed()
+			}
+		}
+		n.smu.RUnlock()
 	}
 }
 
-// failedDisk says why directory name's filesystem failed in this term
-// ("": it did not; diskFailed).
+// failedDisk says why directory name's filesystem failed ("": it did not;
+// diskFailed).
 func (n *Node) failedDisk(name string) string {
 	why, _ := n.failedDisks.Load(name)
 	s, _ := why.(string)

@@ -127,3 +127,110 @@ func TestServingNodeReportsFailedDisk(t *testing.T) {
 		}
 	}
 }
+
+// TestEveryFailedDiskMarked: two replicated directories on two
+// filesystems that fail together (two partitions of the dead disk) are
+// both marked: a shared report throttle left the second unmarked, and
+// leaving the role recorded a handover for it (from a review).
+func TestEveryFailedDiskMarked(t *testing.T) {
+	f1, f2 := loopfs.Make(t, "xfs", 300), loopfs.Make(t, "xfs", 300)
+	state := t.TempDir()
+	n := testNode(t, state)
+	n.dirs = []replica.Dir{{Name: "a", Path: f1.Mount}, {Name: "b", Path: f2.Mount}}
+	n.devs = []uint64{1, 2}
+	n.events = make(chan cluster.Event, 4)
+	shutDown(t, f1.Mount)
+	shutDown(t, f2.Mount)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		n.watchDisks(ctx)
+	}()
+	time.Sleep(2*diskProbeInterval + 500*time.Millisecond)
+	cancel()
+	<-done
+	for _, d := range n.dirs {
+		if n.failedDisk(d.Name) == "" {
+			t.Errorf("directory %s: its filesystem fails the probe, yet it is not marked failed", d.Name)
+		}
+	}
+}
+
+// TestStateDirDiskFailedFailsAsCrashed: when the filesystem holding the
+// state_dir fails, the node can record nothing (neither that it gave the
+// role away nor that its copy is stale) and fails as a crashed daemon
+// does: it exits. Handing over and staying up, it said "not stale" on
+// (its stale mark unsaved), and the new primary's durability calls were
+// held for as long as it ran (from a review).
+func TestStateDirDiskFailedFailsAsCrashed(t *testing.T) {
+	f := loopfs.Make(t, "xfs", 300)
+	state := filepath.Join(f.Mount, "state")
+	data := filepath.Join(f.Mount, "data")
+	for _, d := range []string{state, data} {
+		if err := os.Mkdir(d, 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	n := testNode(t, state)
+	n.dirs = []replica.Dir{{Name: "data", Path: data}}
+	var st unix.Stat_t
+	unix.Stat(data, &st)
+	n.devs = []uint64{st.Dev}
+	n.events = make(chan cluster.Event, 4)
+	exited := make(chan int, 4)
+	n.exit = func(code int) { exited <- code }
+	units := n.probeUnits()
+	if len(units) != 1 || !units[0].state {
+		t.Fatalf("state_dir and data on one filesystem: units %+v, want one holding the state_dir", units)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		n.watchUnits(ctx, units)
+	}()
+	defer func() { cancel(); <-done }()
+	shutDown(t, f.Mount)
+	select {
+	case code := <-exited:
+		if code != 1 {
+			t.Errorf("exit status %d, want 1", code)
+		}
+	case <-time.After(3 * diskProbeInterval):
+		t.Fatal("the disk holding state_dir failed and the daemon did not exit")
+	}
+	select {
+	case ev := <-n.events:
+		t.Errorf("a handover was asked for (%+v): nothing it does can be recorded", ev)
+	default:
+	}
+}
+
+// TestProbeErrorNotADiskFailure: a probe that fails other than as a dead
+// disk does (the directory removed) changes nothing: a role handed over
+// for it would be a false takeover.
+func TestProbeErrorNotADiskFailure(t *testing.T) {
+	state := t.TempDir()
+	gone := filepath.Join(t.TempDir(), "gone")
+	n := testNode(t, state)
+	n.dirs = []replica.Dir{{Name: "data", Path: gone}}
+	n.events = make(chan cluster.Event, 4)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		n.watchDisks(ctx)
+	}()
+	time.Sleep(2*diskProbeInterval + 500*time.Millisecond)
+	cancel()
+	<-done
+	select {
+	case ev := <-n.events:
+		t.Errorf("a missing directory was taken for a failed disk: %+v", ev)
+	default:
+	}
+	if n.failedDisk("data") != "" {
+		t.Errorf("a missing directory was marked as a failed disk")
+	}
+}

@@ -29,6 +29,18 @@ func (n *Node) startPrimary(ctx context.Context) error {
 			return err
 		}
 		p.OnAck = func(lag time.Duration) { n.metrics.lags.Observe(lag.Seconds()) }
+		p.DiskCheck = func() error {
+			err := diskProbe(d.Path)
+			if !diskBroken(err) {
+				return nil
+			}
+			n.log.Error("the disk under a replicated directory fails: no connection or resync from it", "dir", d.Name, "err", err)
+			n.diskFailed(i, err)
+			return err
+		}
+		if n.failedDisk(d.Name) != "" {
+			p.DiskFailed() // earlier in this run
+		}
 		// The heartbeats say "synced" from now on: said at once, the
 		// peer turns SECOND an interval sooner.
 		p.OnResyncDone = n.kickHeartbeat
@@ -75,9 +87,6 @@ func (n *Node) startPrimary(ctx context.Context) error {
 	n.smu.Unlock()
 	n.releasedAlone.Store(false)
 	n.silent.Clear()
-	// A disk that still fails is found again within a probe; one whose
-	// copy was resynced since may record a handover again.
-	n.failedDisks.Clear()
 	n.serveWG.Add(3 + len(primaries))
 	go func() {
 		defer n.serveWG.Done()
@@ -307,26 +316,30 @@ func (n *Node) dispatch(c recordReader, primaries []*replica.Primary) {
 // records left in the ring are never read: no durability call can be
 // confirmed again, and what is written from now on would reach the peer
 // only through a resync. The node had gone on serving, every durability
-// call failing after drainTimeout. It now fails as a crashed daemon does,
-// the fault every campaign makes: the services are killed (a held
-// durability call of theirs never returns; none was confirmed without its
-// record; `duet exec`'s calls fail with EIO once the daemon is gone),
-// the VIP is removed, so that the peer, which holds every confirmed write,
-// takes over after its checks, and the daemon exits with status 1 without
-// saving its bitmap or its clean-stop marker. Restarted (the unit's
-// Restart=on-failure), it compares the files changed here since its sync
-// point with the peer's (the resync's `recent` mode), those written after
-// the failure among them (TestCaptureReaderFailureFailsTheTerm).
+// call failing after drainTimeout. It now fails as a crashed daemon does
+// (failAsCrashed; TestCaptureReaderFailureFailsTheTerm).
 func (n *Node) captureFailed(err error) {
-	n.log.Error("the capture reader failed: this node fails as a crashed daemon does (services killed, VIP removed, the daemon exits); "+
+	n.failAsCrashed("the capture reader failed: this node fails as a crashed daemon does (services killed, VIP removed, the daemon exits); "+
 		"restarted, it compares its changes since its sync point with the peer's", "err", err)
+}
+
+// failAsCrashed makes the node fail as a crashed daemon does, the fault
+// every campaign makes: the services are killed (a held durability call
+// of theirs never returns; `duet exec`'s calls fail with EIO once the
+// daemon is gone), the VIP is removed, so that the peer, which holds every
+// confirmed write, takes over after its checks, and the daemon exits with
+// status 1 without saving its bitmap or its clean-stop marker. Restarted
+// (the unit's Restart=on-failure), it compares the files changed here
+// since its sync point with the peer's (the resync's `recent` mode).
+func (n *Node) failAsCrashed(msg string, args ...any) {
+	n.log.Error(msg, args...)
 	if n.stack != nil {
 		n.stack.Kill()
 	}
 	if n.vip != nil {
-		// A VIP left here (or added by the takeVIP of a term whose
-		// reader failed at once) keeps the peer from taking over until
-		// the restarted daemon removes it.
+		// A VIP left here (or added by the takeVIP of a term that failed
+		// at once) keeps the peer from taking over until the restarted
+		// daemon removes it.
 		if err := n.removeVIP(); err != nil {
 			n.log.Error("removing the VIP: the peer will not take over until duet restarts here and removes it", "vip", n.vip.String(), "err", err)
 		}

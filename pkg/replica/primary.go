@@ -74,6 +74,15 @@ type Primary struct {
 	// and the peer's answers to sync requests.
 	Stages *latency.Stages
 
+	// DiskCheck, if set, says whether this copy's filesystem still works
+	// (nil) or failed; it is asked before a connection and before a
+	// resync, which would otherwise read a failed disk and mark the
+	// peer's copy as being rewritten: the peer, in sync, could then not
+	// take the role over (a resync after reads failed with EIO on a
+	// shut-down XFS; the campaign's disk-fails-primary). Once it failed,
+	// or DiskFailed was called, neither starts again in this term.
+	DiskCheck  func() error
+	diskFailed atomic.Bool
 	// resyncStep (tests) is told a resync's steps as they happen: "scanned"
 	// when its scan of this tree is done, "asked" when it sends the peer
 	// a manifest request (which marks the peer's copy as being rewritten).
@@ -269,6 +278,32 @@ func (p *Primary) resyncGivenUp(gave []gaveUp) {
 		"changes", len(gave), "first_ino", gave[0].key.Ino, "why", gave[0].why, "total", p.dropped)
 }
 
+// errDiskFailed: this copy's filesystem failed (DiskCheck, DiskFailed).
+var errDiskFailed = errors.New("this copy's disk failed: no connection or resync from it")
+
+// DiskFailed records that this copy's filesystem failed: no connection
+// or resync starts from it again, its sync point no longer moves, and a
+// resync that ends does not clear its Crashed mark (what the filesystem
+// held unwritten is lost, and the peer may have it).
+func (p *Primary) DiskFailed() {
+	p.diskFailed.Store(true)
+	p.wake()
+}
+
+// diskGone says whether this copy's filesystem failed, asking DiskCheck
+// unless it is known. Not called with p.mu held (DiskCheck syncs a
+// directory).
+func (p *Primary) diskGone() bool {
+	if p.diskFailed.Load() {
+		return true
+	}
+	if p.DiskCheck != nil && p.DiskCheck() != nil {
+		p.diskFailed.Store(true)
+		return true
+	}
+	return false
+}
+
 // Rescan asks for a whole-file comparison of one inode (its record was lost).
 func (p *Primary) Rescan(k capture.InodeKey) {
 	p.mu.Lock()
@@ -395,6 +430,9 @@ func dialPeer(ctx context.Context, lk *peerlink.Link, d *net.Dialer, peer string
 
 // connection runs one connection: resume or full sync, then stream.
 func (p *Primary) connection(ctx context.Context, kernel Kernel) error {
+	if p.diskGone() {
+		return errDiskFailed
+	}
 	c, w, err := p.dial(ctx)
 	if err != nil {
 		return err

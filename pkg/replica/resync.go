@@ -169,6 +169,9 @@ func (p *Primary) plan(w wire.Welcome) resyncPlan {
 // the scan. Capture goes on meanwhile: what changes during the resync is
 // in the journal and follows it.
 func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *batcher, manifest <-chan wire.Frame) error {
+	if p.diskGone() {
+		return errDiskFailed
+	}
 	start := time.Now()
 	// The peer's manifest must reflect every batch already queued.
 	p.mu.Lock()
@@ -956,7 +959,8 @@ func (p *Primary) finishResync(seq uint64) {
 	rs, gen, ms := p.rs, p.lin.gen, p.meta
 	p.mu.Unlock()
 	if ms != nil {
-		if err := ms.Update(func(m *Meta) { m.Base, m.Crashed, m.Untracked = gen, false, 0 }); err != nil {
+		failed := p.diskFailed.Load()
+		if err := ms.Update(func(m *Meta) { m.Base, m.Crashed, m.Untracked = gen, failed, 0 }); err != nil {
 			p.Log.Error("recording the resync", "err", err)
 		}
 	}
@@ -1066,6 +1070,9 @@ func (p *Primary) keeper(ctx context.Context, kernel Kernel) {
 // copy is on its disk and durable on the peer: what a crash of this node
 // must compare from.
 func (p *Primary) moveSyncPoint(kernel Kernel) {
+	if p.diskFailed.Load() {
+		return // what the failed filesystem held may be lost: the point stays
+	}
 	t0 := time.Now()
 	if kernel != nil && kernel.Drain() != nil {
 		return // changes before t0 may be in no record: the point stays
@@ -1225,7 +1232,7 @@ func (p *Primary) ClockStepped(d time.Duration) {
 func (p *Primary) HandedOver() error {
 	p.mu.Lock()
 	ok := p.meta != nil && p.lin.follows() && p.connected && !p.needFull && p.j.Pending() == 0 && p.out.settled() &&
-		!p.building && len(p.asides) == 0
+		!p.building && len(p.asides) == 0 && !p.diskFailed.Load()
 	ms := p.meta
 	p.mu.Unlock()
 	if !ok {

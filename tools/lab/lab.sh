@@ -69,7 +69,9 @@ down() {
 		fi
 	done
 	for h in a b; do
-		if mountpoint -q "$LAB/$h" 2>/dev/null; then
+		# Not mountpoint(1): it stats the directory, which a failed
+		# filesystem (diskfail) answers with EIO, and the lab stayed.
+		if grep -qs " $LAB/$h " /proc/mounts; then
 			umount "$LAB/$h" 2>/dev/null || umount -l "$LAB/$h"
 		fi
 		if [ -f "$LAB/$h.loop" ]; then

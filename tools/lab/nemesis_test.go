@@ -319,11 +319,13 @@ var faultKinds = []faultKind{
 	}},
 	// The primary's disk dies: its writer's calls fail from then on. The
 	// node cannot serve from it: the peer, in sync, must take over, with
-	// every acknowledged record. Then the old primary is repaired and
-	// rejoins as the secondary.
+	// every acknowledged record. The lab's state_dir is on that disk, as
+	// on a one-disk edge host: the node fails as a crashed daemon does
+	// (it could record nothing), and the peer serves ALONE. Then the old
+	// primary is repaired and rejoins as the secondary.
 	{"disk-fails-primary", false, func(n *nemesis, r *nemesisRun) {
 		n.diskfail(r.p)
-		n.l.WaitState(n.t, r.s, "PRIM", 30*time.Second)
+		n.l.WaitState(n.t, r.s, "ALONE", 30*time.Second)
 		n.powercut(r.p)
 		n.revive(r.p)
 	}},
