@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/duet-ha/duet/pkg/replica"
 	"golang.org/x/sys/unix"
 )
 
@@ -18,26 +19,33 @@ const clockStepMin = time.Second
 // together.
 type clockReading struct{ wall, mono int64 }
 
-func readClocks() clockReading {
+// readClocks reads both; false if CLOCK_BOOTTIME could not be read (a
+// reading of 0 would look like a step of the whole uptime).
+func readClocks() (clockReading, bool) {
 	var ts unix.Timespec
-	unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts) // runs on across a suspend, as the wall clock does
-	return clockReading{wall: time.Now().UnixNano(), mono: ts.Nano()}
+	if err := unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts); err != nil { // runs on across a suspend, as the wall clock does
+		return clockReading{}, false
+	}
+	return clockReading{wall: time.Now().UnixNano(), mono: ts.Nano()}, true
 }
 
 // watchClock calls stepped with the size of every backward step of the
-// wall clock against the monotonic one (clockStepMin or more), read at
-// each tick, until ctx ends. Forward steps only widen the resyncs'
-// windows: they are followed silently.
-func watchClock(ctx context.Context, tick <-chan time.Time, read func() clockReading, stepped func(time.Duration)) {
-	r := read()
-	offset := r.wall - r.mono
+// wall clock against the monotonic one (clockStepMin or more), from the
+// reading first (taken before the daemon's start check, so that a step
+// in between is seen) and one at each tick, until ctx ends. Forward
+// steps only widen the resyncs' windows: they are followed silently.
+func watchClock(ctx context.Context, tick <-chan time.Time, first clockReading, read func() (clockReading, bool), stepped func(time.Duration)) {
+	offset := first.wall - first.mono
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-tick:
 		}
-		r := read()
+		r, ok := read()
+		if !ok {
+			continue
+		}
 		o := r.wall - r.mono
 		if back := time.Duration(offset - o); back >= clockStepMin {
 			stepped(back)
@@ -63,7 +71,7 @@ func (n *Node) clockStepped(d time.Duration) {
 		// while duet was stopped.
 		bm := filepath.Join(n.cfg.StateDir, "bitmap-"+n.dirs[i].Name)
 		if fi, err := os.Stat(bm); err == nil {
-			if err := os.Chtimes(bm, time.Time{}, fi.ModTime().Add(-d)); err != nil {
+			if err := os.Chtimes(bm, time.Time{}, time.Unix(0, replica.StepBack(fi.ModTime().UnixNano(), d))); err != nil {
 				n.log.Error("moving a saved bitmap's time back after a clock step", "bitmap", bm, "err", err)
 			}
 		}
@@ -77,8 +85,9 @@ func (n *Node) clockStepped(d time.Duration) {
 
 // clockSetBackWhileStopped returns how far the wall clock is behind the
 // newest time a copy recorded (its sync point, the start of its untracked
-// window, a saved bitmap's time): at least how far it was set back while
-// the daemon was stopped (0: not behind).
+// window, a saved bitmap's time); 0: not behind. Behind, it was set back
+// while the daemon was stopped, by more than that (by that plus the time
+// stopped): how far is not known (checkClockAtStart).
 func (n *Node) clockSetBackWhileStopped() time.Duration {
 	now := time.Now().UnixNano()
 	var back int64
@@ -93,4 +102,22 @@ func (n *Node) clockSetBackWhileStopped() time.Duration {
 		}
 	}
 	return time.Duration(back)
+}
+
+// unknownStep moves a time back to the earliest (clockStepped): by how
+// much the clock was set back is not known.
+const unknownStep = time.Duration(1<<63 - 1)
+
+// checkClockAtStart widens every copy's windows to the earliest time when
+// a time they recorded is ahead of the clock: it was set back while the
+// daemon was stopped, by an amount not known (the time ahead is that less
+// the time stopped: moving back by it left the changes made while stopped
+// after the step out of the window; from a review). The next resync that
+// compares recent files compares them all.
+func (n *Node) checkClockAtStart() {
+	if ahead := n.clockSetBackWhileStopped(); ahead >= clockStepMin {
+		n.log.Warn("a time this node recorded is ahead of the clock: it was set back while duet was stopped; the next resync compares every file",
+			"ahead", ahead.Round(time.Millisecond))
+		n.clockStepped(unknownStep)
+	}
 }

@@ -24,15 +24,15 @@ func TestWatchClockSeesBackwardStep(t *testing.T) {
 		{2001*s - 2*s, 15 * s},     // 3 s back from the high mark
 		{2001*s - 2*s + s, 16 * s}, // steady
 	}
-	i := 0
-	read := func() clockReading { r := readings[i]; i++; return r }
+	i := 1
+	read := func() (clockReading, bool) { r := readings[i]; i++; return r, true }
 	tick := make(chan time.Time)
 	var steps []time.Duration
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		watchClock(ctx, tick, read, func(d time.Duration) { steps = append(steps, d) })
+		watchClock(ctx, tick, readings[0], read, func(d time.Duration) { steps = append(steps, d) })
 	}()
 	for range len(readings) - 1 {
 		tick <- time.Now()
@@ -84,5 +84,34 @@ func TestClockSteppedMovesSyncPointsBack(t *testing.T) {
 	}
 	if after := n.clockSetBackWhileStopped(); after > 0 {
 		t.Errorf("after the move a time is still %s ahead of the clock", after)
+	}
+}
+
+// TestClockSetBackWhileStoppedWidensToAll: a recorded time ahead of the
+// clock at start says the clock was set back while duet was stopped, by
+// that much plus the time stopped, which is not known: moving back by the
+// time ahead alone left out the changes made while stopped after the
+// step (from a review). Every window starts at the earliest.
+func TestClockSetBackWhileStoppedWidensToAll(t *testing.T) {
+	state := t.TempDir()
+	n := testNode(t, state)
+	n.dirs = []replica.Dir{{Name: "data", Path: t.TempDir()}}
+	ms, err := replica.OpenMeta(state, "data")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.metas = []*replica.MetaStore{ms}
+	ahead := time.Now().Add(time.Minute)
+	ms.Update(func(m *replica.Meta) { m.SyncTime, m.Untracked = ahead.UnixNano(), ahead.UnixNano() })
+	n.checkClockAtStart()
+	if m := ms.Get(); m.SyncTime != 1 || m.Untracked != 1 {
+		t.Errorf("sync point %d, untracked %d after the start check: want 1 and 1 (the earliest)", m.SyncTime, m.Untracked)
+	}
+	// Not ahead: nothing moves.
+	ms.Update(func(m *replica.Meta) { m.SyncTime, m.Untracked = time.Now().UnixNano(), 0 })
+	before := ms.Get()
+	n.checkClockAtStart()
+	if m := ms.Get(); m.SyncTime != before.SyncTime || m.Untracked != 0 {
+		t.Errorf("a clock not set back moved the sync point: %+v, was %+v", m, before)
 	}
 }

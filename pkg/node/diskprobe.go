@@ -21,6 +21,26 @@ const diskProbeInterval = time.Second
 // waiting, and a flush that slow is no longer load.
 const diskProbeHang = 60 * time.Second
 
+// diskCheckWait bounds a primary's check of its disk before a connection
+// or a resync (Primary.DiskCheck): beyond, the connection is put off.
+const diskCheckWait = 5 * time.Second
+
+// probeWithin is diskProbe(dir), errProbeHung after wait, or ctx's error.
+func probeWithin(ctx context.Context, dir string, wait time.Duration) error {
+	res := make(chan error, 1)
+	go func() { res <- diskProbe(dir) }()
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case err := <-res:
+		return err
+	case <-t.C:
+		return errProbeHung
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
 // diskFailedRepeat is how often a disk that still fails is reported again
 // to the cluster loop (which keeps the role while no peer is in sync).
 const diskFailedRepeat = 10 * time.Second
@@ -124,14 +144,18 @@ func (n *Node) watchUnits(ctx context.Context, units []*probeUnit) {
 	started := map[*probeUnit]time.Time{} // probes in flight
 	hung := map[*probeUnit]bool{}         // reported as hung, still in flight
 	reported := map[*probeUnit]time.Time{}
+	warned := map[*probeUnit]time.Time{}
 	failed := func(u *probeUnit, err error) {
-		for _, i := range u.dirs {
-			n.diskFailed(i, err)
-		}
 		if u.state {
+			// First, and nothing written: a write to the state_dir
+			// waits for ever on a disk that stopped answering (from a
+			// review). The restart finds the copies Crashed.
 			n.failAsCrashed("the disk holding state_dir failed: this node fails as a crashed daemon does (services killed, VIP removed, the daemon exits)",
 				"state_dir", n.cfg.StateDir, "err", err)
 			return
+		}
+		for _, i := range u.dirs {
+			n.diskFailed(i, err)
 		}
 		if time.Since(reported[u]) < diskFailedRepeat {
 			return
@@ -155,8 +179,8 @@ func (n *Node) watchUnits(ctx context.Context, units []*probeUnit) {
 			case r.err == nil:
 			case diskBroken(r.err):
 				failed(r.u, r.err)
-			case time.Since(reported[r.u]) >= diskFailedRepeat:
-				reported[r.u] = time.Now()
+			case time.Since(warned[r.u]) >= diskFailedRepeat:
+				warned[r.u] = time.Now()
 				n.log.Warn("probing a filesystem failed, not as a failed disk does: nothing done", "path", r.u.path, "err", r.err)
 			}
 		case <-t.C:
@@ -176,8 +200,8 @@ func (n *Node) watchUnits(ctx context.Context, units []*probeUnit) {
 }
 
 // diskFailed records that the filesystem of directory i failed, for it
-// and every directory on the same device, for the rest of the daemon's
-// run: their copies count as after a crash (Meta.Crashed) until a resync
+// and every directory on the same device, until a term starts with the
+// disk passing its check again: their copies count as after a crash (Meta.Crashed) until a resync
 // completes, and their primaries start no connection or resync, move no
 // sync point and record no handover (replica.Primary.DiskFailed), nor does
 // leaving the role (failedDisk). What the filesystem held unwritten is
@@ -193,13 +217,8 @@ func (n *Node) diskFailed(i int, err error) {
 		if _, known := n.failedDisks.LoadOrStore(d.Name, err.Error()); known {
 			continue
 		}
-		if j < len(n.metas) {
-			// On the failed disk this may fail too: the marker of this
-			// run, left set, makes the next start count as a crash.
-			if err := n.metas[j].Update(func(m *replica.Meta) { m.Crashed = true }); err != nil {
-				n.log.Warn("marking the copy for a comparison at its next resync", "dir", d.Name, "err", err)
-			}
-		}
+		// The primaries first: a resync that ends between the two
+		// would clear the Crashed mark (finishResync reads the flag).
 		n.smu.RLock()
 		for _, p := range n.primaries {
 			if p.Dir.Name == d.Name {
@@ -207,6 +226,13 @@ func (n *Node) diskFailed(i int, err error) {
 			}
 		}
 		n.smu.RUnlock()
+		if j < len(n.metas) {
+			// On the failed disk this may fail too: the marker of this
+			// run, left set, makes the next start count as a crash.
+			if err := n.metas[j].Update(func(m *replica.Meta) { m.Crashed = true }); err != nil {
+				n.log.Warn("marking the copy for a comparison at its next resync", "dir", d.Name, "err", err)
+			}
+		}
 	}
 }
 

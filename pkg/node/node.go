@@ -226,9 +226,8 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 		metas[d.Name] = ms
 		n.metas = append(n.metas, ms)
 	}
-	if back := n.clockSetBackWhileStopped(); back >= clockStepMin {
-		n.clockStepped(back) // the clock was set back while duet was stopped
-	}
+	firstClock, _ := readClocks() // before the check: a step from here on is the watcher's
+	n.checkClockAtStart()
 	if v := cfg.VIP; v != nil {
 		p, _ := netip.ParsePrefix(v.Address)
 		n.vip = &vip.VIP{Prefix: p, Iface: v.Interface}
@@ -316,7 +315,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	goRun(func() {
 		t := time.NewTicker(time.Second)
 		defer t.Stop()
-		watchClock(ctx, t.C, readClocks, n.clockStepped)
+		watchClock(ctx, t.C, firstClock, readClocks, n.clockStepped)
 	})
 	if metrics != nil {
 		goRun(func() { n.serveMetrics(ctx, metrics) })

@@ -29,17 +29,26 @@ func (n *Node) startPrimary(ctx context.Context) error {
 			return err
 		}
 		p.OnAck = func(lag time.Duration) { n.metrics.lags.Observe(lag.Seconds()) }
-		p.DiskCheck = func() error {
-			err := diskProbe(d.Path)
-			if !diskBroken(err) {
-				return nil
+		p.DiskCheck = func(ctx context.Context) error {
+			err := probeWithin(ctx, d.Path, diskCheckWait)
+			if !diskBroken(err) || errors.Is(err, errProbeHung) {
+				return err // nil, or not a failure yet: put off, not marked
 			}
 			n.log.Error("the disk under a replicated directory fails: no connection or resync from it", "dir", d.Name, "err", err)
 			n.diskFailed(i, err)
+			p.DiskFailed() // not among n.primaries yet at the term's start
 			return err
 		}
-		if n.failedDisk(d.Name) != "" {
-			p.DiskFailed() // earlier in this run
+		if why := n.failedDisk(d.Name); why != "" {
+			// Failed earlier in this run. A disk that works again (a
+			// stall, a remount) serves again; its copy stays Crashed
+			// until a resync compares it.
+			if err := probeWithin(context.Background(), d.Path, diskCheckWait); err != nil {
+				p.DiskFailed()
+			} else {
+				n.log.Warn("the disk under a replicated directory passes its check again: replicating from it", "dir", d.Name, "failed_with", why)
+				n.failedDisks.Delete(d.Name)
+			}
 		}
 		// The heartbeats say "synced" from now on: said at once, the
 		// peer turns SECOND an interval sooner.
@@ -323,6 +332,9 @@ func (n *Node) captureFailed(err error) {
 		"restarted, it compares its changes since its sync point with the peer's", "err", err)
 }
 
+// failKillWait bounds how long failAsCrashed waits for the services.
+const failKillWait = 10 * time.Second
+
 // failAsCrashed makes the node fail as a crashed daemon does, the fault
 // every campaign makes: the services are killed (a held durability call
 // of theirs never returns; `duet exec`'s calls fail with EIO once the
@@ -334,7 +346,19 @@ func (n *Node) captureFailed(err error) {
 func (n *Node) failAsCrashed(msg string, args ...any) {
 	n.log.Error(msg, args...)
 	if n.stack != nil {
-		n.stack.Kill()
+		// Bounded: a service stuck in a hung disk's I/O outlives its
+		// SIGKILL, and the VIP must go anyway (from a review). The
+		// rest dies with the daemon (barrier.StartGroup).
+		killed := make(chan struct{})
+		go func() {
+			n.stack.Kill()
+			close(killed)
+		}()
+		select {
+		case <-killed:
+		case <-time.After(failKillWait):
+			n.log.Error("services still not gone: removing the VIP and exiting anyway", "after", failKillWait)
+		}
 	}
 	if n.vip != nil {
 		// A VIP left here (or added by the takeVIP of a term that failed

@@ -31,8 +31,9 @@ func TestFailedDiskStartsNoResync(t *testing.T) {
 	var checks sync.WaitGroup
 	checks.Add(1)
 	var once sync.Once
-	p.DiskCheck = func() error {
+	p.DiskCheck = func(context.Context) error {
 		once.Do(checks.Done)
+		p.DiskFailed() // as the node's check does for a failed disk
 		return errors.New("fsync: input/output error")
 	}
 	ctx, cancel := context.WithCancel(context.Background())

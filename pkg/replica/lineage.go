@@ -25,8 +25,8 @@ type lineage struct {
 // clockStepped moves the lineage's wall-clock times back by d (see
 // MetaStore.ClockStepped).
 func (l *lineage) clockStepped(d time.Duration) {
-	l.selfSync = stepBack(l.selfSync, d)
-	l.untracked = stepBack(l.untracked, d)
+	l.selfSync = StepBack(l.selfSync, d)
+	l.untracked = StepBack(l.untracked, d)
 }
 
 // follows reports whether the peer's copy follows this term's

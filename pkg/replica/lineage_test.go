@@ -57,3 +57,25 @@ func TestClockSteppedWidensTheWindow(t *testing.T) {
 		t.Errorf("a sync point moved back past 1970 is %d, want 1 (0 says none)", l.selfSync)
 	}
 }
+
+// TestClockSteppedMovesPassMarks: a pass taken before the clock was set
+// back, made durable after, set the sync point in the old reckoning, up
+// to the step ahead of the changes made since (from a review): its time
+// moves back with the step.
+func TestClockSteppedMovesPassMarks(t *testing.T) {
+	at := time.Now()
+	var m durableMarks
+	m.addPass(passMark{mark: 1, seq: 1, at: at})
+	m.newest = passMark{mark: 0, seq: 0, at: at.Add(-time.Second)}
+	m.clockStepped(2 * time.Minute)
+	if got := at.Sub(m.passes[0].at); got != 2*time.Minute {
+		t.Errorf("pending pass moved back by %s, want 2m", got)
+	}
+	if got := at.Add(-time.Second).Sub(m.newest.at); got != 2*time.Minute {
+		t.Errorf("newest durable pass moved back by %s, want 2m", got)
+	}
+	m.clockStepped(time.Duration(1<<63 - 1))
+	if m.passes[0].at.UnixNano() != 1 {
+		t.Errorf("a step of unknown size leaves the pass at %v, want the earliest (1 ns)", m.passes[0].at)
+	}
+}

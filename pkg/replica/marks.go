@@ -41,6 +41,19 @@ type durableMarks struct {
 	lastClear time.Time
 }
 
+// clockStepped moves the passes' times back by d (the wall clock was set
+// back by d): a pass taken before the step, made durable after, would
+// otherwise set the sync point in the old reckoning (from a review).
+func (m *durableMarks) clockStepped(d time.Duration) {
+	back := func(t time.Time) time.Time { return time.Unix(0, StepBack(t.UnixNano(), d)) }
+	for i := range m.passes {
+		m.passes[i].at = back(m.passes[i].at)
+	}
+	if !m.newest.at.IsZero() {
+		m.newest.at = back(m.newest.at)
+	}
+}
+
 // addPass remembers a covered pass.
 func (m *durableMarks) addPass(pm passMark) {
 	if n := len(m.passes); n >= maxMarks {

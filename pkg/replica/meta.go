@@ -111,18 +111,21 @@ func (s *MetaStore) Update(f func(*Meta)) error {
 // whose clock ran fast, then a crash).
 func (s *MetaStore) ClockStepped(d time.Duration) error {
 	return s.Update(func(m *Meta) {
-		m.SyncTime = stepBack(m.SyncTime, d)
-		m.Untracked = stepBack(m.Untracked, d)
+		m.SyncTime = StepBack(m.SyncTime, d)
+		m.Untracked = StepBack(m.Untracked, d)
 	})
 }
 
-// stepBack moves wall-clock time t (unix ns, 0: none) back by d, to no
+// StepBack moves wall-clock time t (unix ns, 0: none) back by d, to no
 // earlier than 1 ns (0 would say "none").
-func stepBack(t int64, d time.Duration) int64 {
+func StepBack(t int64, d time.Duration) int64 {
 	if t == 0 {
 		return 0
 	}
-	return max(1, t-d.Nanoseconds())
+	if t <= 1 || d.Nanoseconds() >= t {
+		return 1
+	}
+	return t - d.Nanoseconds()
 }
 
 // behindClock says whether wall-clock time t is not ahead of the clock:

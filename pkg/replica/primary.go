@@ -74,14 +74,15 @@ type Primary struct {
 	// and the peer's answers to sync requests.
 	Stages *latency.Stages
 
-	// DiskCheck, if set, says whether this copy's filesystem still works
-	// (nil) or failed; it is asked before a connection and before a
-	// resync, which would otherwise read a failed disk and mark the
-	// peer's copy as being rewritten: the peer, in sync, could then not
-	// take the role over (a resync after reads failed with EIO on a
-	// shut-down XFS; the campaign's disk-fails-primary). Once it failed,
-	// or DiskFailed was called, neither starts again in this term.
-	DiskCheck  func() error
+	// DiskCheck, if set, says whether this copy's filesystem works now
+	// (nil); it is asked before a connection and before a resync, which
+	// would otherwise read a failed disk and mark the peer's copy as
+	// being rewritten: the peer, in sync, could then not take the role
+	// over (a resync after reads failed with EIO on a shut-down XFS; the
+	// campaign's disk-fails-primary). An error puts the connection off;
+	// DiskCheck calls DiskFailed when the disk failed for good. It must
+	// return when ctx ends.
+	DiskCheck  func(ctx context.Context) error
 	diskFailed atomic.Bool
 	// resyncStep (tests) is told a resync's steps as they happen: "scanned"
 	// when its scan of this tree is done, "asked" when it sends the peer
@@ -290,18 +291,22 @@ func (p *Primary) DiskFailed() {
 	p.wake()
 }
 
-// diskGone says whether this copy's filesystem failed, asking DiskCheck
-// unless it is known. Not called with p.mu held (DiskCheck syncs a
-// directory).
-func (p *Primary) diskGone() bool {
+// diskGone says why no connection or resync may start from this copy
+// now (nil: one may): its filesystem failed (DiskFailed), or DiskCheck
+// says so. Not called with p.mu held (DiskCheck syncs a directory).
+func (p *Primary) diskGone(ctx context.Context) error {
 	if p.diskFailed.Load() {
-		return true
+		return errDiskFailed
 	}
-	if p.DiskCheck != nil && p.DiskCheck() != nil {
-		p.diskFailed.Store(true)
-		return true
+	if p.DiskCheck != nil {
+		if err := p.DiskCheck(ctx); err != nil {
+			if p.diskFailed.Load() {
+				return errDiskFailed
+			}
+			return fmt.Errorf("this copy's disk did not pass its check: %w", err)
+		}
 	}
-	return false
+	return nil
 }
 
 // Rescan asks for a whole-file comparison of one inode (its record was lost).
@@ -430,8 +435,8 @@ func dialPeer(ctx context.Context, lk *peerlink.Link, d *net.Dialer, peer string
 
 // connection runs one connection: resume or full sync, then stream.
 func (p *Primary) connection(ctx context.Context, kernel Kernel) error {
-	if p.diskGone() {
-		return errDiskFailed
+	if err := p.diskGone(ctx); err != nil {
+		return err
 	}
 	c, w, err := p.dial(ctx)
 	if err != nil {

@@ -169,8 +169,8 @@ func (p *Primary) plan(w wire.Welcome) resyncPlan {
 // the scan. Capture goes on meanwhile: what changes during the resync is
 // in the journal and follows it.
 func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *batcher, manifest <-chan wire.Frame) error {
-	if p.diskGone() {
-		return errDiskFailed
+	if err := p.diskGone(ctx); err != nil {
+		return err
 	}
 	start := time.Now()
 	// The peer's manifest must reflect every batch already queued.
@@ -959,8 +959,9 @@ func (p *Primary) finishResync(seq uint64) {
 	rs, gen, ms := p.rs, p.lin.gen, p.meta
 	p.mu.Unlock()
 	if ms != nil {
-		failed := p.diskFailed.Load()
-		if err := ms.Update(func(m *Meta) { m.Base, m.Crashed, m.Untracked = gen, failed, 0 }); err != nil {
+		// The flag is read in the update: diskFailed sets it before it
+		// marks the copy Crashed, under the same lock.
+		if err := ms.Update(func(m *Meta) { m.Base, m.Crashed, m.Untracked = gen, p.diskFailed.Load(), 0 }); err != nil {
 			p.Log.Error("recording the resync", "err", err)
 		}
 	}
@@ -1223,6 +1224,7 @@ func (p *Primary) noteMoved(inos []uint64, count uint64) {
 func (p *Primary) ClockStepped(d time.Duration) {
 	p.mu.Lock()
 	p.lin.clockStepped(d)
+	p.marks.clockStepped(d)
 	p.mu.Unlock()
 }
 
