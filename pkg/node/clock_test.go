@@ -51,14 +51,7 @@ func TestWatchClockSeesBackwardStep(t *testing.T) {
 // files whose ctime is past the sync point less the margin, and missed
 // those changed after the step (their ctimes up to d earlier).
 func TestClockSteppedMovesSyncPointsBack(t *testing.T) {
-	state := t.TempDir()
-	n := testNode(t, state)
-	n.dirs = []replica.Dir{{Name: "data", Path: t.TempDir()}}
-	ms, err := replica.OpenMeta(state, "data")
-	if err != nil {
-		t.Fatal(err)
-	}
-	n.metas = []*replica.MetaStore{ms}
+	n, ms, state := nodeWithCopy(t)
 	sync := time.Now().Add(5 * time.Minute) // recorded before the clock went back
 	ms.Update(func(m *replica.Meta) { m.SyncTime, m.Untracked = sync.UnixNano(), sync.Add(-time.Hour).UnixNano() })
 	bm := filepath.Join(state, "bitmap-data")
@@ -93,14 +86,7 @@ func TestClockSteppedMovesSyncPointsBack(t *testing.T) {
 // time ahead alone left out the changes made while stopped after the
 // step (from a review). Every window starts at the earliest.
 func TestClockSetBackWhileStoppedWidensToAll(t *testing.T) {
-	state := t.TempDir()
-	n := testNode(t, state)
-	n.dirs = []replica.Dir{{Name: "data", Path: t.TempDir()}}
-	ms, err := replica.OpenMeta(state, "data")
-	if err != nil {
-		t.Fatal(err)
-	}
-	n.metas = []*replica.MetaStore{ms}
+	n, ms, _ := nodeWithCopy(t)
 	ahead := time.Now().Add(time.Minute)
 	ms.Update(func(m *replica.Meta) { m.SyncTime, m.Untracked = ahead.UnixNano(), ahead.UnixNano() })
 	n.checkClockAtStart()
@@ -114,4 +100,18 @@ func TestClockSetBackWhileStoppedWidensToAll(t *testing.T) {
 	if m := ms.Get(); m.SyncTime != before.SyncTime || m.Untracked != 0 {
 		t.Errorf("a clock not set back moved the sync point: %+v, was %+v", m, before)
 	}
+}
+
+// nodeWithCopy is a test node with one replicated directory, "data", and
+// its copy's metadata; it returns the node, the metadata and the state_dir.
+func nodeWithCopy(t *testing.T) (*Node, *replica.MetaStore, string) {
+	state := t.TempDir()
+	n := testNode(t, state)
+	n.dirs = []replica.Dir{{Name: "data", Path: t.TempDir()}}
+	ms, err := replica.OpenMeta(state, "data")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.metas = []*replica.MetaStore{ms}
+	return n, ms, state
 }

@@ -94,13 +94,7 @@ func TestServingNodeReportsFailedDisk(t *testing.T) {
 		n.metas = append(n.metas, ms)
 	}
 	n.events = make(chan cluster.Event, 4)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		n.watchDisks(ctx)
-	}()
-	defer func() { cancel(); <-done }()
+	defer watching(n, n.probeUnits())()
 	select {
 	case ev := <-n.events:
 		t.Fatalf("a healthy disk reported: %+v", ev)
@@ -141,15 +135,9 @@ func TestEveryFailedDiskMarked(t *testing.T) {
 	n.events = make(chan cluster.Event, 4)
 	shutDown(t, f1.Mount)
 	shutDown(t, f2.Mount)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		n.watchDisks(ctx)
-	}()
-	time.Sleep(2*diskProbeInterval + 500*time.Millisecond)
-	cancel()
-	<-done
+	stop := watching(n, n.probeUnits())
+	time.Sleep(2*diskProbeInterval + 500*time.Millisecond) // two probes
+	stop()
 	for _, d := range n.dirs {
 		if n.failedDisk(d.Name) == "" {
 			t.Errorf("directory %s: its filesystem fails the probe, yet it is not marked failed", d.Name)
@@ -184,13 +172,7 @@ func TestStateDirDiskFailedFailsAsCrashed(t *testing.T) {
 	if len(units) != 1 || !units[0].state {
 		t.Fatalf("state_dir and data on one filesystem: units %+v, want one holding the state_dir", units)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		n.watchUnits(ctx, units)
-	}()
-	defer func() { cancel(); <-done }()
+	defer watching(n, units)()
 	shutDown(t, f.Mount)
 	select {
 	case code := <-exited:
@@ -216,15 +198,9 @@ func TestProbeErrorNotADiskFailure(t *testing.T) {
 	n := testNode(t, state)
 	n.dirs = []replica.Dir{{Name: "data", Path: gone}}
 	n.events = make(chan cluster.Event, 4)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		n.watchDisks(ctx)
-	}()
-	time.Sleep(2*diskProbeInterval + 500*time.Millisecond)
-	cancel()
-	<-done
+	stop := watching(n, n.probeUnits())
+	time.Sleep(2*diskProbeInterval + 500*time.Millisecond) // two probes
+	stop()
 	select {
 	case ev := <-n.events:
 		t.Errorf("a missing directory was taken for a failed disk: %+v", ev)
@@ -233,4 +209,15 @@ func TestProbeErrorNotADiskFailure(t *testing.T) {
 	if n.failedDisk("data") != "" {
 		t.Errorf("a missing directory was marked as a failed disk")
 	}
+}
+
+// watching runs n.watchUnits(units) until the returned stop is called.
+func watching(n *Node, units []*probeUnit) (stop func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		n.watchUnits(ctx, units)
+	}()
+	return func() { cancel(); <-done }
 }
