@@ -201,10 +201,10 @@ func (n *Node) watchUnits(ctx context.Context, units []*probeUnit) {
 
 // diskFailed records that the filesystem of directory i failed, for it
 // and every directory on the same device, until a term starts with the
-// disk passing its check again: their copies count as after a crash (Meta.Crashed) until a resync
-// completes, and their primaries start no connection or resync, move no
-// sync point and record no handover (replica.Primary.DiskFailed), nor does
-// leaving the role (failedDisk). What the filesystem held unwritten is
+// disk passing its check again: their copies count as after a crash
+// (Meta.Crashed) until a resync completes, and their primaries start no
+// connection or resync, move no sync point and record no handover
+// (replica.Primary.DiskFailed), nor does leaving the role (failedDisk). What the filesystem held unwritten is
 // lost with it, though the peer may have it: a handover recorded after the
 // failure (its syncfs finds nothing to write on a filesystem turned
 // read-only) claimed the copy consistent, and the next resync, from the
