@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -21,21 +22,36 @@ const diskProbeInterval = time.Second
 // waiting, and a flush that slow is no longer load.
 const diskProbeHang = 60 * time.Second
 
-// diskCheckWait bounds a primary's check of its disk before a connection
-// or a resync (Primary.DiskCheck): beyond, the connection is put off.
-const diskCheckWait = 5 * time.Second
+// termStartWait bounds the check, at a term's start in the cluster loop,
+// of a disk that failed earlier: no answer by then, it stays failed.
+const termStartWait = 2 * time.Second
 
-// probeWithin is diskProbe(dir), errProbeHung after wait, or ctx's error.
-func probeWithin(ctx context.Context, dir string, wait time.Duration) error {
+// prober runs diskProbe for one directory, one call at a time: a probe
+// stuck in a hung disk's fsync is not joined by another each retry.
+type prober struct {
+	dir  string
+	dev  uint64
+	busy atomic.Bool
+}
+
+// probe is diskProbe, an errProbeHung after wait (or at once while an
+// earlier probe has not returned), or ctx's error.
+func (p *prober) probe(ctx context.Context, wait time.Duration) error {
+	if !p.busy.CompareAndSwap(false, true) {
+		return fmt.Errorf("an earlier probe has not returned: %w", errProbeHung)
+	}
 	res := make(chan error, 1)
-	go func() { res <- diskProbe(dir) }()
+	go func() {
+		res <- diskProbe(p.dir, p.dev)
+		p.busy.Store(false)
+	}()
 	t := time.NewTimer(wait)
 	defer t.Stop()
 	select {
 	case err := <-res:
 		return err
 	case <-t.C:
-		return errProbeHung
+		return fmt.Errorf("no answer in %s: %w", wait, errProbeHung)
 	case <-ctx.Done():
 		return ctx.Err()
 	}
@@ -48,17 +64,34 @@ const diskFailedRepeat = 10 * time.Second
 // errReadOnly: the filesystem is mounted read-only.
 var errReadOnly = errors.New("the filesystem is read-only (remounted after an error?)")
 
+// errNotItsFilesystem: the directory is no longer on the filesystem it
+// was on at start (unmounted, for a repair say): what is there now is the
+// mountpoint, whose emptiness a resync would give the peer.
+var errNotItsFilesystem = errors.New("the directory is no longer on its filesystem (unmounted?)")
+
 // diskProbe checks that the filesystem under dir still takes writes: not
 // read-only (remounted so after an error: ext4's errors=remount-ro, btrfs
 // on a failed transaction) and not shut down (XFS on a failed metadata
 // write, ext4's journal abort: fsync of the directory fails with EIO or
 // EROFS). It writes nothing into the tree.
-func diskProbe(dir string) error {
+//
+// dev, if not 0, is the directory's device at start: another one means
+// its filesystem is gone from under it (errNotItsFilesystem).
+func diskProbe(dir string, dev uint64) error {
 	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return fmt.Errorf("open: %w", err)
 	}
 	defer unix.Close(fd)
+	if dev != 0 {
+		var st unix.Stat_t
+		if err := unix.Fstat(fd, &st); err != nil {
+			return fmt.Errorf("stat: %w", err)
+		}
+		if st.Dev != dev {
+			return errNotItsFilesystem
+		}
+	}
 	var st unix.Statfs_t
 	if err := unix.Fstatfs(fd, &st); err != nil {
 		return fmt.Errorf("statfs: %w", err)
@@ -77,18 +110,20 @@ func diskProbe(dir string) error {
 // replaced, a lack of memory or descriptors) are said in the log and
 // change nothing: a role handed over for them would be a false takeover.
 func diskBroken(err error) bool {
-	return errors.Is(err, syscall.EIO) || errors.Is(err, syscall.EROFS) || errors.Is(err, errReadOnly) || errors.Is(err, errProbeHung)
+	return errors.Is(err, syscall.EIO) || errors.Is(err, syscall.EROFS) || errors.Is(err, errReadOnly) ||
+		errors.Is(err, errNotItsFilesystem) || errors.Is(err, errProbeHung)
 }
 
-// errProbeHung: a probe did not return within diskProbeHang.
-var errProbeHung = fmt.Errorf("no answer in %s", diskProbeHang)
+// errProbeHung: a probe did not return in time.
+var errProbeHung = errors.New("the disk does not answer")
 
 // probeUnit is one filesystem to probe: through one of its replicated
 // directories, or the state_dir.
 type probeUnit struct {
 	path  string
-	dirs  []int // the replicated directories on it
-	state bool  // it holds the state_dir
+	dev   uint64 // path's device at start (0: not checked)
+	dirs  []int  // the replicated directories on it
+	state bool   // it holds the state_dir
 }
 
 // probeUnits lists the filesystems to probe, one per device.
@@ -105,6 +140,7 @@ func (n *Node) probeUnits() []*probeUnit {
 		u := &probeUnit{path: d.Path, dirs: []int{i}}
 		if i < len(n.devs) {
 			byDev[n.devs[i]] = u
+			u.dev = n.devs[i]
 		}
 		units = append(units, u)
 	}
@@ -113,7 +149,7 @@ func (n *Node) probeUnits() []*probeUnit {
 		if u := byDev[st.Dev]; u != nil {
 			u.state = true
 		} else {
-			units = append(units, &probeUnit{path: n.cfg.StateDir, state: true})
+			units = append(units, &probeUnit{path: n.cfg.StateDir, dev: st.Dev, state: true})
 		}
 	}
 	return units
@@ -188,12 +224,12 @@ func (n *Node) watchUnits(ctx context.Context, units []*probeUnit) {
 				if at, ok := started[u]; ok {
 					if !hung[u] && time.Since(at) > diskProbeHang {
 						hung[u] = true
-						failed(u, errProbeHung)
+						failed(u, fmt.Errorf("no answer in %s: %w", diskProbeHang, errProbeHung))
 					}
 					continue
 				}
 				started[u] = time.Now()
-				go func() { results <- result{u, diskProbe(u.path)} }()
+				go func() { results <- result{u, diskProbe(u.path, u.dev)} }()
 			}
 		}
 	}
@@ -214,9 +250,9 @@ func (n *Node) diskFailed(i int, err error) {
 		if j != i && (j >= len(n.devs) || i >= len(n.devs) || n.devs[j] != n.devs[i]) {
 			continue
 		}
-		if _, known := n.failedDisks.LoadOrStore(d.Name, err.Error()); known {
-			continue
-		}
+		// Marked again even if known: a resync since may have cleared
+		// the copy's Crashed mark (from a review).
+		n.failedDisks.Store(d.Name, err.Error())
 		// The primaries first: a resync that ends between the two
 		// would clear the Crashed mark (finishResync reads the flag).
 		n.smu.RLock()

@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -39,11 +40,11 @@ func TestDiskProbeSeesAFailedFilesystem(t *testing.T) {
 	for _, fs := range []string{"ext4", "xfs"} {
 		t.Run(fs, func(t *testing.T) {
 			f := loopfs.Make(t, fs, 300)
-			if err := diskProbe(f.Mount); err != nil {
+			if err := diskProbe(f.Mount, 0); err != nil {
 				t.Fatalf("healthy %s: %v", fs, err)
 			}
 			shutDown(t, f.Mount)
-			if err := diskProbe(f.Mount); err == nil {
+			if err := diskProbe(f.Mount, 0); err == nil {
 				t.Errorf("a shut-down %s filesystem passes the probe", fs)
 			}
 		})
@@ -60,7 +61,7 @@ func TestDiskProbeSeesAFailedFilesystem(t *testing.T) {
 		if err := os.WriteFile(trigger, []byte("test\n"), 0); err != nil {
 			t.Skipf("no ext4 error trigger: %v", err)
 		}
-		if err := diskProbe(f.Mount); err == nil {
+		if err := diskProbe(f.Mount, 0); err == nil {
 			t.Errorf("an ext4 filesystem after an error (journal aborted) passes the probe")
 		}
 	})
@@ -69,7 +70,7 @@ func TestDiskProbeSeesAFailedFilesystem(t *testing.T) {
 		if out, err := exec.Command("mount", "-o", "remount,ro", f.Mount).CombinedOutput(); err != nil {
 			t.Fatalf("remount ro: %v %s", err, out)
 		}
-		if err := diskProbe(f.Mount); err == nil || !strings.Contains(err.Error(), "read-only") {
+		if err := diskProbe(f.Mount, 0); err == nil || !strings.Contains(err.Error(), "read-only") {
 			t.Errorf("a read-only filesystem: %v, want an error saying read-only", err)
 		}
 	})
@@ -85,7 +86,7 @@ func TestServingNodeReportsFailedDisk(t *testing.T) {
 	state := t.TempDir()
 	n := testNode(t, state)
 	n.dirs = []replica.Dir{{Name: "data", Path: f.Mount}, {Name: "logs", Path: f.Mount}, {Name: "other", Path: other}}
-	n.devs = []uint64{1, 1, 2}
+	n.devs = []uint64{devOf(t, f.Mount), devOf(t, f.Mount), devOf(t, other)}
 	for _, d := range n.dirs {
 		ms, err := replica.OpenMeta(state, d.Name)
 		if err != nil {
@@ -131,7 +132,7 @@ func TestEveryFailedDiskMarked(t *testing.T) {
 	state := t.TempDir()
 	n := testNode(t, state)
 	n.dirs = []replica.Dir{{Name: "a", Path: f1.Mount}, {Name: "b", Path: f2.Mount}}
-	n.devs = []uint64{1, 2}
+	n.devs = []uint64{devOf(t, f1.Mount), devOf(t, f2.Mount)}
 	n.events = make(chan cluster.Event, 4)
 	shutDown(t, f1.Mount)
 	shutDown(t, f2.Mount)
@@ -220,4 +221,50 @@ func watching(n *Node, units []*probeUnit) (stop func()) {
 		n.watchUnits(ctx, units)
 	}()
 	return func() { cancel(); <-done }
+}
+
+// TestProbeSeesDirectoryOffItsFilesystem: a replicated directory no longer
+// on the filesystem it was on at start (unmounted for a repair, duet
+// running) fails the probe as a failed disk does: the mountpoint left
+// there is empty, and a resync from it would empty the peer's copy (from
+// a review).
+func TestProbeSeesDirectoryOffItsFilesystem(t *testing.T) {
+	f := loopfs.Make(t, "ext4", 64)
+	var st unix.Stat_t
+	if err := unix.Stat(f.Mount, &st); err != nil {
+		t.Fatal(err)
+	}
+	if err := diskProbe(f.Mount, st.Dev); err != nil {
+		t.Fatalf("mounted: %v", err)
+	}
+	if out, err := exec.Command("umount", f.Mount).CombinedOutput(); err != nil {
+		t.Fatalf("umount: %v %s", err, out)
+	}
+	err := diskProbe(f.Mount, st.Dev)
+	if !errors.Is(err, errNotItsFilesystem) || !diskBroken(err) {
+		t.Errorf("the unmounted filesystem's mountpoint: %v, want errNotItsFilesystem, counted as a failed disk", err)
+	}
+}
+
+// TestDiskFailedMarksCrashedAgain: a disk that fails again after a resync
+// cleared its copy's Crashed mark is marked again, though its name was
+// already among the failed (from a review).
+func TestDiskFailedMarksCrashedAgain(t *testing.T) {
+	n, ms, _ := nodeWithCopy(t)
+	n.diskFailed(0, errors.New("fsync: input/output error"))
+	ms.Update(func(m *replica.Meta) { m.Crashed = false }) // a resync completed
+	n.diskFailed(0, errors.New("fsync: input/output error"))
+	if !ms.Get().Crashed {
+		t.Errorf("the disk failed again, yet the copy is not marked Crashed")
+	}
+}
+
+// devOf is path's device.
+func devOf(t *testing.T, path string) uint64 {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Dev
 }

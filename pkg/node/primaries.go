@@ -29,10 +29,14 @@ func (n *Node) startPrimary(ctx context.Context) error {
 			return err
 		}
 		p.OnAck = func(lag time.Duration) { n.metrics.lags.Observe(lag.Seconds()) }
+		pr := &prober{dir: d.Path, dev: n.devs[i]}
 		p.DiskCheck = func(ctx context.Context) error {
-			err := probeWithin(ctx, d.Path, diskCheckWait)
-			if !diskBroken(err) || errors.Is(err, errProbeHung) {
-				return err // nil, or not a failure yet: put off, not marked
+			err := pr.probe(ctx, diskProbeHang)
+			switch {
+			case !diskBroken(err):
+				return nil // other errors are the watcher's to log
+			case errors.Is(err, errProbeHung):
+				return err // put off, not marked: the watcher judges a hang
 			}
 			n.log.Error("the disk under a replicated directory fails: no connection or resync from it", "dir", d.Name, "err", err)
 			n.diskFailed(i, err)
@@ -42,8 +46,9 @@ func (n *Node) startPrimary(ctx context.Context) error {
 		if why := n.failedDisk(d.Name); why != "" {
 			// Failed earlier in this run. A disk that works again (a
 			// stall, a remount) serves again; its copy stays Crashed
-			// until a resync compares it.
-			if err := probeWithin(context.Background(), d.Path, diskCheckWait); err != nil {
+			// until a resync compares it. Briefly: this runs in the
+			// cluster loop.
+			if err := pr.probe(context.Background(), termStartWait); err != nil {
 				p.DiskFailed()
 			} else {
 				n.log.Warn("the disk under a replicated directory passes its check again: replicating from it", "dir", d.Name, "failed_with", why)

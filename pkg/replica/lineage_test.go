@@ -79,3 +79,18 @@ func TestClockSteppedMovesPassMarks(t *testing.T) {
 		t.Errorf("a step of unknown size leaves the pass at %v, want the earliest (1 ns)", m.passes[0].at)
 	}
 }
+
+// TestInReckoningFollowsMonotonic: a time read before the clock was set
+// back comes out in the clock's new reckoning (from its monotonic
+// reading); here, with no step, it is the time itself.
+func TestInReckoningFollowsMonotonic(t *testing.T) {
+	at := time.Now()
+	time.Sleep(10 * time.Millisecond)
+	if d := inReckoning(at) - at.UnixNano(); d < -int64(time.Millisecond) || d > int64(time.Millisecond) {
+		t.Errorf("with no step, inReckoning is %d ns off the time's own", d)
+	}
+	stripped := at.Round(0) // no monotonic reading: taken as it is
+	if d := inReckoning(stripped) - stripped.UnixNano(); d < -int64(time.Millisecond) || d > int64(time.Millisecond) {
+		t.Errorf("a time without a monotonic reading: %d ns off", d)
+	}
+}

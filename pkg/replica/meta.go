@@ -128,11 +128,14 @@ func StepBack(t int64, d time.Duration) int64 {
 	return t - d.Nanoseconds()
 }
 
-// behindClock says whether wall-clock time t is not ahead of the clock:
-// a time read before the clock was set back may be, and no longer bounds
-// the changes made since in the clock's new reckoning (ClockStepped may
-// already have moved the recorded times back): it is not recorded.
-func behindClock(t int64) bool { return t <= time.Now().UnixNano() }
+// inReckoning is t's wall-clock time (unix ns) in the clock's reckoning
+// now, from its monotonic reading: a time read before the clock was set
+// back, recorded after, would be up to the step ahead of the changes
+// made since, and ClockStepped may already have moved the recorded
+// times back (from two reviews: a pass taken before a step, made
+// durable after; a syncfs spanning one). A time without a monotonic
+// reading (moved by ClockStepped) is taken as it is.
+func inReckoning(t time.Time) int64 { return time.Now().Add(-time.Since(t)).UnixNano() }
 
 func (s *MetaStore) saveLocked() error {
 	b, err := json.MarshalIndent(&s.m, "", "  ")

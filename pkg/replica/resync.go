@@ -1101,8 +1101,8 @@ func (p *Primary) moveSyncPoint(kernel Kernel) {
 		return
 	}
 	ms.Update(func(m *Meta) {
-		if point.UnixNano() > m.SyncTime && behindClock(point.UnixNano()) {
-			m.SyncTime, m.SyncSeq = point.UnixNano(), seq
+		if at := inReckoning(point); at > m.SyncTime {
+			m.SyncTime, m.SyncSeq = at, seq
 		}
 	})
 }
@@ -1137,7 +1137,8 @@ func (p *Primary) SaveDirty() error {
 	// over holds nothing its peer lacks, and a window left there widened
 	// every later term's comparison, however long after
 	// (TestHandoverLeavesNoUntrackedWindow, from a review).
-	if at := p.readUntil.UnixNano(); !p.readUntil.IsZero() {
+	if !p.readUntil.IsZero() {
+		at := inReckoning(p.readUntil)
 		return p.meta.Update(func(m *Meta) {
 			if m.Source && (m.Untracked == 0 || at < m.Untracked) {
 				m.Untracked = at
@@ -1245,6 +1246,9 @@ func (p *Primary) HandedOver() error {
 	}
 	now := time.Now().UnixNano()
 	return ms.Update(func(m *Meta) {
+		if p.diskFailed.Load() {
+			return // failed since the check above (diskFailed sets it before Crashed)
+		}
 		m.Source, m.Consistent, m.Crashed, m.SyncTime = false, true, false, now
 		// Nothing this node made is missing on the peer: no window of
 		// its own to compare when it is the source again.

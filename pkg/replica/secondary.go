@@ -943,8 +943,8 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 						}
 						if ms != nil {
 							ms.Update(func(m *Meta) {
-								if m.Consistent && !m.Source && behindClock(syncStart.UnixNano()) {
-									m.SyncTime, m.SyncSeq = syncStart.UnixNano(), seq
+								if m.Consistent && !m.Source {
+									m.SyncTime, m.SyncSeq = inReckoning(syncStart), seq
 								}
 							})
 						}
@@ -992,8 +992,8 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 				// older one only widens the next comparison.
 				lastMeta = time.Now()
 				ms.Update(func(m *Meta) {
-					if m.Consistent && !m.Source && behindClock(syncStart.UnixNano()) {
-						m.SyncTime, m.SyncSeq = syncStart.UnixNano(), r.applied
+					if m.Consistent && !m.Source {
+						m.SyncTime, m.SyncSeq = inReckoning(syncStart), r.applied
 					}
 				})
 			}
@@ -1301,10 +1301,7 @@ func (s *Server) resyncDone(d Dir, ms *MetaStore, f wire.Frame, syncStart time.T
 	return ms.Update(func(m *Meta) {
 		m.Gen, m.Consistent, m.Source, m.Crashed = done.Gen, true, false, false
 		m.Untracked = 0 // a mirror of the source's generation: nothing of its own
-		m.SyncTime, m.SyncSeq = syncStart.UnixNano(), f.Seq
-		if !behindClock(m.SyncTime) {
-			m.SyncTime = 1 // the clock was set back since: the earliest
-		}
+		m.SyncTime, m.SyncSeq = inReckoning(syncStart), f.Seq
 	})
 }
 
