@@ -151,6 +151,28 @@ type Cluster struct {
 	// move only on failures and commands.
 	Prefer        string        `yaml:"prefer"`
 	FailbackDelay time.Duration `yaml:"failback_delay"`
+	// StartWait is how long a node that starts without hearing its peer
+	// waits for it before taking over, when it last served with the peer
+	// in sync: the peer may have taken over after this node went down,
+	// served alone and acknowledged writes this copy lacks, and then gone
+	// down too (a site losing its power node by node). "forever"
+	// (default: as DRBD's wfc-timeout) until the peer is heard or the
+	// operator runs `duet prim`; a duration; "0s" never waits. A node
+	// that last served alone, or stopped cleanly, does not wait.
+	StartWait string `yaml:"start_wait"`
+}
+
+// StartWaitForever is cluster.start_wait's default.
+const StartWaitForever = "forever"
+
+// StartWaitFor is cluster.start_wait: forever, or how long to wait (0:
+// no wait). Validate has checked it.
+func (cl Cluster) StartWaitFor() (d time.Duration, forever bool) {
+	if cl.StartWait == StartWaitForever || cl.StartWait == "" {
+		return 0, true
+	}
+	d, _ = time.ParseDuration(cl.StartWait)
+	return d, false
 }
 
 // Network is one heartbeat path.
@@ -308,6 +330,9 @@ func (c *Config) defaults() {
 	}
 	if cl.FailbackDelay == 0 {
 		cl.FailbackDelay = DefaultFailback
+	}
+	if cl.StartWait == "" {
+		cl.StartWait = StartWaitForever
 	}
 	if cl.HeartbeatPort == 0 {
 		cl.HeartbeatPort = DefaultHBPort
@@ -475,6 +500,11 @@ func (c *Config) validateCluster(bad func(string, ...any)) {
 	}
 	if cl.FailbackDelay < 0 {
 		bad("cluster.failback_delay %s: must be positive", cl.FailbackDelay)
+	}
+	if cl.StartWait != StartWaitForever {
+		if d, err := time.ParseDuration(cl.StartWait); err != nil || d < 0 {
+			bad("cluster.start_wait %q: want %q or a duration such as 10m (0s: never wait for the peer at start)", cl.StartWait, StartWaitForever)
+		}
 	}
 	if cl.HeartbeatPort < 1 || cl.HeartbeatPort > 65535 {
 		bad("cluster.heartbeat_port %d: must be 1-65535", cl.HeartbeatPort)

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 func base(t *testing.T) string {
@@ -80,6 +81,8 @@ func TestParseErrorsNameTheField(t *testing.T) {
 		{"pprof not a bool", "node: nodeA", "node: nodeA\npprof: sometimes", "pprof"},
 		{"prefer", "node: nodeA", "node: nodeA\ncluster: {prefer: 'node A'}", `cluster.prefer "node A"`},
 		{"failback_delay", "node: nodeA", "node: nodeA\ncluster: {failback_delay: -1s}", "cluster.failback_delay -1s"},
+		{"start_wait word", "node: nodeA", "node: nodeA\ncluster: {start_wait: never}", `cluster.start_wait "never": want "forever" or a duration`},
+		{"start_wait negative", "node: nodeA", "node: nodeA\ncluster: {start_wait: -5m}", `cluster.start_wait "-5m"`},
 		{"resync margin", "node: nodeA", "node: nodeA\nresync: {margin: -5s}", "resync.margin -5s"},
 		{"resync rate", "node: nodeA", "node: nodeA\nresync: {rate_mib: -1}", "resync.rate_mib -1"},
 		{"peer_lost_after short", "node: nodeA", "node: nodeA\nhooks: {peer_lost_after: 1s}", "hooks.peer_lost_after 1s: must be between cluster.timeout (1.2s) and 1h"},
@@ -403,5 +406,26 @@ func TestPeerAddrs(t *testing.T) {
 	c = Config{Peer: "nodeb.example:7788"}
 	if got := c.PeerAddrs(); len(got) != 0 {
 		t.Errorf("PeerAddrs of a host name = %v, want none", got)
+	}
+}
+
+func TestStartWait(t *testing.T) {
+	for _, tc := range []struct {
+		yaml    string
+		d       time.Duration
+		forever bool
+	}{
+		{"", 0, true},
+		{"\ncluster: {start_wait: forever}", 0, true},
+		{"\ncluster: {start_wait: 10m}", 10 * time.Minute, false},
+		{"\ncluster: {start_wait: 0s}", 0, false},
+	} {
+		c, err := Parse([]byte(strings.Replace(base(t), "node: nodeA", "node: nodeA"+tc.yaml, 1)))
+		if err != nil {
+			t.Fatalf("%q: %v", tc.yaml, err)
+		}
+		if d, forever := c.Cluster.StartWaitFor(); d != tc.d || forever != tc.forever {
+			t.Errorf("%q: StartWaitFor %s, %v; want %s, %v", tc.yaml, d, forever, tc.d, tc.forever)
+		}
 	}
 }

@@ -118,6 +118,7 @@ func (n *Node) persist(m cluster.Machine) error {
 		return err
 	}
 	n.staleUnsaved.Store(false)
+	n.markSaved(m)
 	// Saved: a mark left by an earlier failure is older than this state.
 	if err := os.Remove(n.staleMarkPath()); err == nil {
 		syncDir(n.cfg.StateDir)
@@ -318,6 +319,11 @@ func (n *Node) heartbeat() cluster.Heartbeat {
 	// (tryRelease), and smu's holders may wait for that lock too.
 	primaries := n.servingPrimaries()
 	streaming := m.State.Serving() && streams(primaries)
+	if streaming && m.State == cluster.Prim && !n.markPeerSynced(m.Epoch) {
+		// "synced" turns the peer SECOND, able to take over: said only
+		// once a restart of this node would know it (startwait.go).
+		streaming = false
+	}
 	n.relMu.Lock()
 	// While the node leaves the role its replication winds down: the
 	// peer must not read that as "out of sync" before the handover. But
@@ -504,6 +510,9 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 	var lastSaveErr string
 	apply := func(ev cluster.Event) string {
 		m.Resyncing = resyncing(n.dirs, n.metas)
+		if ev.Kind == cluster.EvPeer {
+			n.peerHeard.Store(true)
+		}
 		prev := m
 		next, acts := cluster.Step(m, ev)
 		reply := ""
@@ -772,6 +781,9 @@ func (n *Node) takeoverChecks(ctx context.Context) (ok bool, why string, held bo
 	// The witness first, and after the peer was declared lost: a
 	// primary releases the calls it holds once the witness answered
 	// since then (peerCannotTakeOver).
+	if ok, why := n.startWaitCheck(); !ok {
+		return false, why, false
+	}
 	if ok, why := n.witnessCheck(); !ok {
 		return false, why, false
 	}

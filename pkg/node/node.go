@@ -149,6 +149,21 @@ type Node struct {
 	// leavingAlone: when the node began to leave, the peer could not take
 	// over (beginLeaving).
 	leavingAlone atomic.Bool
+	// The start wait (startwait.go): started is when the daemon started;
+	// startWait is set at start when this node served last with its peer
+	// in sync; peerHeard once a heartbeat of the peer was applied. The
+	// peer-in-sync mark: markEpoch is the term it was made for (0: none),
+	// savedPrim the epoch of the last PRIM state saved (0: the last save
+	// was not PRIM), both under markMu; markedEpoch mirrors markEpoch.
+	started       time.Time
+	startWait     atomic.Bool
+	startWaitOver atomic.Bool
+	peerHeard     atomic.Bool
+	markMu        sync.Mutex
+	markEpoch     uint64
+	savedPrim     uint64
+	markedEpoch   atomic.Uint64
+	markErr       atomic.Bool
 
 	machine       atomic.Pointer[cluster.Machine]
 	events        chan cluster.Event
@@ -246,6 +261,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
+	n.loadStartWait(m)
 	// Loaded now, so that a kernel that refuses the programs is reported
 	// at start; attached only when this node takes the primary role.
 	first, err := capture.Load(n.captureOptions())

@@ -189,8 +189,12 @@ func TestBarrierPeerConfirmsNothing(t *testing.T) {
 			n.cfg.Replicate = []config.Replicate{{Name: "data", Path: src, Mode: config.ModeSync}}
 			n.primaries = []*replica.Primary{p}
 			const e = 9
-			n.machine.Store(&cluster.Machine{Name: "nodeB", State: cluster.Prim, Epoch: e,
-				Peer: cluster.Peer{Seen: true, Name: "nodeA", State: cluster.Second, Epoch: e}})
+			prim := cluster.Machine{Name: "nodeB", State: cluster.Prim, Epoch: e,
+				Peer: cluster.Peer{Seen: true, Name: "nodeA", State: cluster.Second, Epoch: e}}
+			if err := n.persist(prim); err != nil { // as serve does
+				t.Fatal(err)
+			}
+			n.machine.Store(&prim)
 			if !n.heartbeat().Synced {
 				t.Fatal("the heartbeats do not say synced to a streaming peer")
 			}

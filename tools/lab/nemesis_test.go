@@ -19,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/duet-ha/duet/pkg/node"
 	"github.com/duet-ha/duet/tools/lab/faultnet"
 )
 
@@ -345,6 +346,43 @@ var faultKinds = []faultKind{
 		n.crash(r.p)
 		n.revive(r.s)
 		n.revive(r.p)
+	}},
+	// The site loses its power node by node: the primary dies, the
+	// secondary takes over and acknowledges writes ALONE, then dies
+	// too, and only the old primary comes back. It must not serve its
+	// older copy (cluster.start_wait, forever by default): it waits for
+	// its peer, and once that returns, the peer serves with every record
+	// it acknowledged alone.
+	{"crash-in-turn", false, func(n *nemesis, r *nemesisRun) {
+		n.crash(r.p)
+		n.l.WaitState(n.t, r.s, "ALONE", 30*time.Second)
+		name := fmt.Sprintf("nemesis-%02d-alone", r.i)
+		w := n.l.startSyncWriter(n.t, n.writer, r.s, filepath.Join(n.data(r.s), name), "-timing")
+		waitAcked(n.t, w, 50, 30*time.Second)
+		n.hold(0, 2)
+		n.crash(r.s)
+		acked, _, _ := w.stop(n.t)
+		n.revive(r.p)
+		// Its takeover checks take about a second: given six.
+		var st node.Status
+		for end := time.Now().Add(6 * time.Second); time.Now().Before(end); time.Sleep(200 * time.Millisecond) {
+			var err error
+			if st, err = n.l.TryStatus(r.p); err == nil && st.State != "WAIT" {
+				break
+			}
+		}
+		if st.State != "WAIT" || st.StartWait == "" {
+			n.l.Errorf(n.t, "%s, back alone after %s served alone, is %s (start wait %q): it serves a copy without the %d records %s acknowledged",
+				nodeName[r.p], nodeName[r.s], st.State, st.StartWait, acked, nodeName[r.s])
+		}
+		n.revive(r.s)
+		serving := n.l.WaitPrimary(n.t, time.Minute)
+		n.healthy(3 * time.Minute)
+		got, _ := os.ReadFile(filepath.Join(n.data(serving), name))
+		if lost := missingRecords(acked, got); lost != 0 {
+			n.l.Errorf(n.t, "%d of the %d records %s acknowledged alone are missing on %s", lost, acked, nodeName[r.s], nodeName[serving])
+		}
+		r.note = fmt.Sprintf("%s waited for its peer; %d records acknowledged alone by %s, served by %s", nodeName[r.p], acked, nodeName[r.s], nodeName[serving])
 	}},
 }
 

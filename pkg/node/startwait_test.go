@@ -1,0 +1,206 @@
+package node
+
+import (
+	"context"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/duet-ha/duet/pkg/cluster"
+)
+
+// restarted is a new daemon on stateDir, as after a crash: its machine
+// loaded, its start wait read, the VIP free (the peer is down).
+func restarted(t *testing.T, stateDir, startWait string) (*Node, cluster.Machine) {
+	t.Helper()
+	n := testNode(t, stateDir)
+	n.cfg.Node = "nodeA"
+	n.cfg.Cluster.StartWait = startWait
+	n.vipProbe = func() (bool, string) { return true, "" }
+	m, err := n.loadMachine()
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.loadStartWait(m)
+	n.machine.Store(&m)
+	return n, m
+}
+
+// takesOver steps m through a tick and the takeover checks n makes.
+func takesOver(t *testing.T, n *Node, m cluster.Machine) (bool, string) {
+	t.Helper()
+	m, acts := cluster.Step(m, cluster.Event{Kind: cluster.EvTick})
+	checks := false
+	for _, a := range acts {
+		checks = checks || a.Do == cluster.DoCheck
+	}
+	if !checks {
+		t.Fatalf("no takeover checks after a tick in %+v", m)
+	}
+	ok, why, held := n.takeoverChecks(context.Background())
+	m, _ = cluster.Step(m, cluster.Event{Kind: cluster.EvChecked, OK: ok, Why: why, Held: held})
+	return m.State.Serving(), why
+}
+
+// TestStartWaitAfterFailuresInTurn: the site loses its power node by
+// node. nodeA serves with nodeB in sync (its heartbeats said so), and
+// dies; nodeB takes over, acknowledges writes alone, and dies too. Only
+// nodeA comes back. Its saved state says PRIM: without the start wait it
+// passes its checks (nothing answers for the VIP) and serves its older
+// copy, and what nodeB acknowledged is set aside when nodeB returns
+// (DESIGN §8). With it, nodeA waits for nodeB (cluster.start_wait).
+func TestStartWaitAfterFailuresInTurn(t *testing.T) {
+	const e = 4<<8 | 1
+	dir := t.TempDir()
+	a := testNode(t, dir)
+	a.cfg.Node = "nodeA"
+	prim := cluster.Machine{Name: "nodeA", ID: 1, State: cluster.Prim, Epoch: e,
+		Peer: cluster.Peer{Seen: true, Name: "nodeB", State: cluster.Second, Epoch: e}}
+	if err := a.persist(prim); err != nil {
+		t.Fatal(err)
+	}
+	// The heartbeat that says "synced" (and turns nodeB SECOND) makes
+	// the mark first.
+	if !a.markPeerSynced(e) {
+		t.Fatal("the peer-in-sync mark was not made for the PRIM term")
+	}
+	// nodeB, SECOND in sync, loses nodeA and takes over: ALONE, newer
+	// epoch, writes acknowledged alone. Then nodeB dies.
+	b := cluster.Machine{Name: "nodeB", ID: 2, State: cluster.Second, Epoch: e,
+		Peer: cluster.Peer{Seen: true, Name: "nodeA", State: cluster.Prim, Epoch: e, Synced: true}}
+	b, _ = cluster.Step(b, cluster.Event{Kind: cluster.EvPeerLost})
+	b, _ = cluster.Step(b, cluster.Event{Kind: cluster.EvChecked, OK: true})
+	if b.State != cluster.Alone || b.Epoch <= e {
+		t.Fatalf("the test sees nothing: nodeB did not take over (%s, epoch %d)", b.State, b.Epoch)
+	}
+
+	// nodeA alone comes back.
+	n, m := restarted(t, dir, "forever")
+	if m.Stale {
+		t.Fatal("the test sees nothing: nodeA's copy loads as stale")
+	}
+	if serves, why := takesOver(t, n, m); serves {
+		t.Fatalf("nodeA, back alone after serving with nodeB in sync, served its copy (epoch %d) while nodeB may hold writes it acknowledged alone (epoch %d)", e, b.Epoch)
+	} else if !strings.Contains(why, "waiting for the peer") {
+		t.Fatalf("not taking over, but why: %q", why)
+	}
+	if s := n.startWaiting(); !strings.Contains(s, "cluster.start_wait forever") {
+		t.Errorf("status start_wait %q: want the reason", s)
+	}
+
+	// Once the peer is heard, heartbeats decide: no more waiting.
+	n.peerHeard.Store(true)
+	if ok, why := n.startWaitCheck(); !ok {
+		t.Errorf("still waiting after the peer was heard: %s", why)
+	}
+
+	// A bounded wait ends.
+	n, m = restarted(t, dir, "50ms")
+	if serves, _ := takesOver(t, n, m); serves {
+		t.Fatal("served at once with start_wait 50ms")
+	}
+	time.Sleep(60 * time.Millisecond)
+	if serves, why := takesOver(t, n, m); !serves {
+		t.Fatalf("start_wait 50ms passed and the node does not serve: %s", why)
+	}
+
+	// start_wait 0s: today's behaviour, no wait.
+	n, m = restarted(t, dir, "0s")
+	if serves, why := takesOver(t, n, m); !serves {
+		t.Fatalf("start_wait 0s and the node does not serve: %s", why)
+	}
+}
+
+// TestStartWaitNotAfterAlone: a node whose last save says it served
+// ALONE (its peer lost, then unable to take over from it: the VIP
+// answered), or that stopped cleanly, or that never had its peer in sync
+// in its term, serves after a start without waiting.
+func TestStartWaitNotAfterAlone(t *testing.T) {
+	const e = 4<<8 | 1
+	for _, tc := range []struct {
+		name string
+		last cluster.Machine
+	}{
+		{"alone", cluster.Machine{Name: "nodeA", ID: 1, State: cluster.Alone, Epoch: e + 1<<8}},
+		{"stopped", cluster.Machine{Name: "nodeA", ID: 1, State: cluster.Stop, Epoch: e}},
+		{"new term", cluster.Machine{Name: "nodeA", ID: 1, State: cluster.Prim, Epoch: e + 2<<8}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			a := testNode(t, dir)
+			prim := cluster.Machine{Name: "nodeA", ID: 1, State: cluster.Prim, Epoch: e}
+			if err := a.persist(prim); err != nil {
+				t.Fatal(err)
+			}
+			if !a.markPeerSynced(e) {
+				t.Fatal("no mark made")
+			}
+			if err := a.persist(tc.last); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := os.Stat(a.peerSyncedMarkPath()); err == nil {
+				t.Fatalf("the mark outlived a save of %s epoch %d", tc.last.State, tc.last.Epoch)
+			}
+			// A heartbeat built from the machine read before the save
+			// makes no mark again.
+			if a.markPeerSynced(e) {
+				t.Fatal("a heartbeat of the ended term made the mark again")
+			}
+			if tc.last.State == cluster.Stop {
+				return // a stopped node does not take over on its own
+			}
+			n, _ := restarted(t, dir, "forever")
+			if ok, why := n.startWaitCheck(); !ok {
+				t.Fatalf("waits after a last save of %s: %s", tc.last.State, why)
+			}
+		})
+	}
+}
+
+// TestStartWaitKeptAcrossRestarts: a node that restarts during its start
+// wait, after saving WAIT (not stale), still waits.
+func TestStartWaitKeptAcrossRestarts(t *testing.T) {
+	const e = 4<<8 | 1
+	dir := t.TempDir()
+	a := testNode(t, dir)
+	if err := a.persist(cluster.Machine{Name: "nodeA", ID: 1, State: cluster.Prim, Epoch: e}); err != nil {
+		t.Fatal(err)
+	}
+	if !a.markPeerSynced(e) {
+		t.Fatal("no mark made")
+	}
+	n, m := restarted(t, dir, "forever")
+	if err := n.persist(m); err != nil { // WAIT, not stale
+		t.Fatal(err)
+	}
+	n, m = restarted(t, dir, "forever")
+	if ok, _ := n.startWaitCheck(); ok {
+		t.Fatal("a restart during the start wait, after a save of WAIT, does not wait any more")
+	}
+	// `duet stop`, then `duet start` (or a restart): still waits.
+	m, _ = cluster.Step(m, cluster.Event{Kind: cluster.EvCmdStop})
+	if err := n.persist(m); err != nil {
+		t.Fatal(err)
+	}
+	n, m = restarted(t, dir, "forever")
+	if ok, _ := n.startWaitCheck(); ok {
+		t.Fatal("duet stop during the start wait, then a start: no wait any more")
+	}
+	// `duet prim` ends it: the node serves a new term.
+	m, _ = cluster.Step(m, cluster.Event{Kind: cluster.EvCmdStart})
+	m, acts := cluster.Step(m, cluster.Event{Kind: cluster.EvCmdPrim})
+	if !m.State.Serving() {
+		t.Fatalf("duet prim during the start wait: %s %v", m.State, acts)
+	}
+	if err := n.persist(m); err != nil {
+		t.Fatal(err)
+	}
+	if ok, why := n.startWaitCheck(); !ok {
+		t.Errorf("still waiting after serving: %s", why)
+	}
+	n, _ = restarted(t, dir, "forever")
+	if ok, why := n.startWaitCheck(); !ok {
+		t.Errorf("waits after a restart of the term duet prim began (the peer never in sync in it): %s", why)
+	}
+}
