@@ -135,6 +135,10 @@ cluster:
   prefer: {{.Prefer}}           # serves whenever it is back and a mirror
   failback_delay: 30s
 {{- end}}
+  # a node that last served with its peer in sync takes nothing over at
+  # start until it hears the peer (which may have served after it): a
+  # duration serves after it, and "duet prim" at once
+  start_wait: forever
 
 vip:
   address: {{.VIP}}

@@ -334,7 +334,10 @@ func (m Machine) stepWait(ev Event) (Machine, []Action) {
 		if m.HandedOver || p.State == Stop && m.Stale {
 			return m, nil
 		}
-		if p.State == Stop || m.wins() {
+		// A stopped peer serves nothing: this copy serves, unless the
+		// stopped one is newer (it served after this one's term, and its
+		// writes would be set aside: TestStoppedNewerPeerNotServedOver).
+		if p.State == Stop && (p.Stale || p.Epoch <= m.Epoch) || m.wins() {
 			return m.serve(fmt.Sprintf("peer %s is %s and this copy is the reference", p.Name, p.State))
 		}
 		return m, nil

@@ -575,3 +575,22 @@ func TestHandoverThenPeerLost(t *testing.T) {
 		t.Errorf("the receiver back WAIT and stale with the same epoch: giver %s, want serving", got.State)
 	}
 }
+
+// TestStoppedNewerPeerNotServedOver: a WAIT node next to a stopped peer
+// whose copy is newer (it served after this node's term: a higher epoch,
+// not stale) does not serve its own older copy: the peer's writes would
+// be set aside. An older or stale stopped peer is served over, as before.
+func TestStoppedNewerPeerNotServedOver(t *testing.T) {
+	const e = 4<<8 | 1
+	wait := Machine{Name: "nodeA", ID: 1, State: Wait, Epoch: e}
+	newer := Peer{Name: "nodeB", State: Stop, Epoch: e + 3<<8}
+	got, acts := run(wait, peerEv(newer))
+	if got.State.Serving() || has(acts, DoServe) {
+		t.Fatalf("served epoch %d over a stopped peer with epoch %d: %s %+v", e, newer.Epoch, got.State, acts)
+	}
+	for _, p := range []Peer{{Name: "nodeB", State: Stop, Epoch: e}, {Name: "nodeB", State: Stop, Epoch: e + 3<<8, Stale: true}} {
+		if got, _ := run(wait, peerEv(p)); !got.State.Serving() {
+			t.Errorf("not serving next to stopped peer %+v: %s", p, got.State)
+		}
+	}
+}

@@ -158,7 +158,8 @@ type Cluster struct {
 	// down too (a site losing its power node by node). "forever"
 	// (default: as DRBD's wfc-timeout) until the peer is heard or the
 	// operator runs `duet prim`; a duration; "0s" never waits. A node
-	// that last served alone, or stopped cleanly, does not wait.
+	// that last served alone does not wait, nor one stopped after its
+	// peer said its copy is stale.
 	StartWait string `yaml:"start_wait"`
 }
 

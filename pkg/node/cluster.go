@@ -331,7 +331,9 @@ func (n *Node) heartbeat() cluster.Heartbeat {
 	// take over from) is one the peer lacks: "synced" then would turn a
 	// peer started meanwhile SECOND, able to take over without it
 	// (TestLeavingAloneHeartbeatsStopSayingSynced).
-	h.Synced = n.lastSynced.Load() && !n.releasedAlone.Load()
+	// And only with the mark of this term (startwait.go): a save that
+	// began the leave may have removed it (a stop whose peer said stale).
+	h.Synced = n.lastSynced.Load() && !n.releasedAlone.Load() && (m.State != cluster.Prim || n.markedEpoch.Load() == m.Epoch)
 	released := false
 	if !n.leaving.Load() {
 		released = n.releasedAlone.Load()
@@ -510,7 +512,7 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 	var lastSaveErr string
 	apply := func(ev cluster.Event) string {
 		m.Resyncing = resyncing(n.dirs, n.metas)
-		if ev.Kind == cluster.EvPeer {
+		if ev.Kind == cluster.EvPeer && peerEndsStartWait(ev.Peer, m.Epoch) {
 			n.peerHeard.Store(true)
 		}
 		prev := m

@@ -152,7 +152,7 @@ type Node struct {
 	// The start wait (startwait.go): started is when the daemon started;
 	// startWait is set at start when this node served last with its peer
 	// in sync; peerHeard once a heartbeat of the peer was applied. The
-	// peer-in-sync mark: markEpoch is the term it was made for (0: none),
+	// peer-in-sync mark: markEpoch is the term it was made for,
 	// savedPrim the epoch of the last PRIM state saved (0: the last save
 	// was not PRIM), both under markMu; markedEpoch mirrors markEpoch.
 	started       time.Time
@@ -160,6 +160,7 @@ type Node struct {
 	startWaitOver atomic.Bool
 	peerHeard     atomic.Bool
 	markMu        sync.Mutex
+	markOn        bool // the mark may be on disk
 	markEpoch     uint64
 	savedPrim     uint64
 	markedEpoch   atomic.Uint64

@@ -37,12 +37,24 @@ func (n *Node) peerSyncedMarkPath() string { return filepath.Join(n.cfg.StateDir
 // loadStartWait reads the mark at start, for the machine just loaded.
 func (n *Node) loadStartWait(m cluster.Machine) {
 	n.started = time.Now()
-	_, err := os.Stat(n.peerSyncedMarkPath())
-	if err != nil {
+	if _, err := os.Stat(n.peerSyncedMarkPath()); err != nil {
+		return
+	}
+	if _, err := os.Stat(n.statePath()); err != nil {
+		// cluster.json moved away (a fresh start, or only the stale
+		// mark): the mark belongs to a state that is gone.
+		n.log.Info("removing the peer-in-sync mark: no cluster state beside it", "mark", n.peerSyncedMarkPath())
+		if err := os.Remove(n.peerSyncedMarkPath()); err == nil {
+			syncDir(n.cfg.StateDir)
+		} else {
+			n.markMu.Lock()
+			n.markOn = true // no wait now; the next save tries again
+			n.markMu.Unlock()
+		}
 		return
 	}
 	n.markMu.Lock()
-	n.markEpoch = m.Epoch
+	n.markOn, n.markEpoch = true, m.Epoch
 	n.markMu.Unlock()
 	n.markedEpoch.Store(m.Epoch)
 	if m.Stale || m.HandedOver {
@@ -110,21 +122,29 @@ func (n *Node) markPeerSynced(epoch uint64) bool {
 		return syncDir(n.cfg.StateDir)
 	}()
 	if err != nil {
+		// The file may exist even so: a later save removes it.
+		n.markOn = true
 		if n.markErr.CompareAndSwap(false, true) {
-			n.log.Error("cannot mark the peer in sync in the state directory: the heartbeats do not say synced, so the peer does not take over (it resyncs)", "err", err)
+			n.log.Error("cannot mark the peer in sync in the state directory: the heartbeats do not say synced, so the peer stays stale and cannot take over (no failover) until it can", "err", err)
 		}
 		return false
 	}
 	n.markErr.Store(false)
-	n.markEpoch = epoch
+	n.markOn, n.markEpoch = true, epoch
 	n.markedEpoch.Store(epoch)
 	return true
 }
 
-// markSaved follows a save of m: the mark stays for the term it was made
-// in (PRIM, same epoch) and while WAIT, not stale and not handed over
-// (a node in its start wait), or STOP from its start wait; any other
-// save removes it.
+// markSaved follows a save of m. The mark stays while the peer may still
+// take over from this copy: the term it was made in (PRIM, same epoch),
+// WAIT (a node in its start wait), handed over (HandedOver stops this
+// node serving on its own anyway, and the heartbeats of the handover say
+// "synced" only with the mark), and STOP unless the peer's last word,
+// current (staleCurrent), is that it is stale: this node may not have
+// heard the peer turn SECOND before its stop, and that peer, hearing
+// STOP, may serve. It goes with a new term, ALONE (the peer was lost and
+// could not take over from the node holding the VIP), SECOND or a stale
+// copy (neither serves on its own).
 func (n *Node) markSaved(m cluster.Machine) {
 	n.markMu.Lock()
 	defer n.markMu.Unlock()
@@ -138,15 +158,14 @@ func (n *Node) markSaved(m cluster.Machine) {
 	case m.State == cluster.Prim:
 		n.savedPrim = m.Epoch
 		keep = n.markEpoch == m.Epoch
-	case m.Stale || m.HandedOver:
-	case m.State == cluster.Wait:
+	case m.Stale:
+	case m.HandedOver, m.State == cluster.Wait:
 		keep = true
 	case m.State == cluster.Stop:
-		// `duet stop` during the start wait: a `duet start` waits again.
-		// A primary stopped cleanly had no peer in sync, or handed over.
-		keep = n.startWait.Load() && !n.peerHeard.Load()
+		p := m.Peer
+		keep = !(p.Seen && p.Stale && n.staleCurrent(p))
 	}
-	if keep || n.markEpoch == 0 {
+	if keep || !n.markOn {
 		return
 	}
 	if err := os.Remove(n.peerSyncedMarkPath()); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -155,6 +174,15 @@ func (n *Node) markSaved(m cluster.Machine) {
 		return
 	}
 	syncDir(n.cfg.StateDir)
-	n.markEpoch = 0
+	n.markOn, n.markEpoch = false, 0
 	n.markedEpoch.Store(0)
+}
+
+// peerEndsStartWait says whether heartbeat p settles the start wait of a
+// node whose copy has epoch: the peer serves (this copy turns stale), its
+// copy is stale, or it has not served after this node's term (a term
+// draws a newer epoch). A peer with a newer copy that does not serve yet
+// may die again before it does: the wait goes on.
+func peerEndsStartWait(p cluster.Peer, epoch uint64) bool {
+	return p.State.Serving() || p.Stale || p.Epoch <= epoch
 }

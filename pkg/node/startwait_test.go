@@ -114,8 +114,9 @@ func TestStartWaitAfterFailuresInTurn(t *testing.T) {
 
 // TestStartWaitNotAfterAlone: a node whose last save says it served
 // ALONE (its peer lost, then unable to take over from it: the VIP
-// answered), or that stopped cleanly, or that never had its peer in sync
-// in its term, serves after a start without waiting.
+// answered), or that was stopped after its peer said it is stale, or that
+// never had its peer in sync in its term, serves after a start without
+// waiting.
 func TestStartWaitNotAfterAlone(t *testing.T) {
 	const e = 4<<8 | 1
 	for _, tc := range []struct {
@@ -123,7 +124,8 @@ func TestStartWaitNotAfterAlone(t *testing.T) {
 		last cluster.Machine
 	}{
 		{"alone", cluster.Machine{Name: "nodeA", ID: 1, State: cluster.Alone, Epoch: e + 1<<8}},
-		{"stopped", cluster.Machine{Name: "nodeA", ID: 1, State: cluster.Stop, Epoch: e}},
+		{"stopped, the peer stale", cluster.Machine{Name: "nodeA", ID: 1, State: cluster.Stop, Epoch: e,
+			Peer: cluster.Peer{Seen: true, Name: "nodeB", State: cluster.Stop, Epoch: e, Stale: true}}},
 		{"new term", cluster.Machine{Name: "nodeA", ID: 1, State: cluster.Prim, Epoch: e + 2<<8}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -202,5 +204,134 @@ func TestStartWaitKeptAcrossRestarts(t *testing.T) {
 	n, _ = restarted(t, dir, "forever")
 	if ok, why := n.startWaitCheck(); !ok {
 		t.Errorf("waits after a restart of the term duet prim began (the peer never in sync in it): %s", why)
+	}
+}
+
+// TestStartWaitAfterStopBeforePeerSecondHeard (from a review): nodeA, PRIM
+// with the mark, is stopped (`duet stop`) before it applied the heartbeat
+// in which nodeB turned SECOND: the stop is "no peer in sync", without a
+// handover, and nodeB, SECOND, hearing STOP, serves. If nodeB then serves
+// alone and dies, nodeA, restarted alone, must wait: the save of STOP
+// keeps the mark unless nodeB's last word (current) was "stale".
+func TestStartWaitAfterStopBeforePeerSecondHeard(t *testing.T) {
+	const e = 4<<8 | 1
+	dir := t.TempDir()
+	a := testNode(t, dir)
+	a.cfg.Node = "nodeA"
+	prim := cluster.Machine{Name: "nodeA", ID: 1, State: cluster.Prim, Epoch: e,
+		Peer: cluster.Peer{Seen: true, Name: "nodeB", State: cluster.Wait, Epoch: e}}
+	if err := a.persist(prim); err != nil {
+		t.Fatal(err)
+	}
+	if !a.markPeerSynced(e) {
+		t.Fatal("no mark made")
+	}
+	stopped, acts := cluster.Step(prim, cluster.Event{Kind: cluster.EvCmdStop})
+	if stopped.State != cluster.Stop || stopped.HandedOver {
+		t.Fatalf("the test sees nothing: the stop is %s handed over %v (%+v)", stopped.State, stopped.HandedOver, acts)
+	}
+	if err := a.persist(stopped); err != nil {
+		t.Fatal(err)
+	}
+	// nodeB, SECOND at e, hears STOP and serves.
+	b := cluster.Machine{Name: "nodeB", ID: 2, State: cluster.Second, Epoch: e,
+		Peer: cluster.Peer{Seen: true, Name: "nodeA", State: cluster.Prim, Epoch: e, Synced: true}}
+	for i := 0; i < 2; i++ {
+		b, _ = cluster.Step(b, cluster.Event{Kind: cluster.EvPeer, Peer: cluster.Peer{Name: "nodeA", State: cluster.Stop, Epoch: e}})
+	}
+	if !b.State.Serving() {
+		t.Fatalf("the test sees nothing: nodeB does not serve next to a stopped nodeA (%s)", b.State)
+	}
+	n, m := restarted(t, dir, "forever")
+	if serves, _ := takesOver(t, n, m); serves {
+		t.Fatal("nodeA, stopped before it heard nodeB SECOND, served alone at its next start: nodeB may have served after it")
+	}
+}
+
+// TestLeavingHeartbeatSyncedOnlyWithMark (from a review): while a node
+// leaves the role its heartbeats repeat their last "synced"; a stop whose
+// peer said stale removed the mark, and a peer started meanwhile must not
+// turn SECOND on such a heartbeat (this node could then restart alone
+// without waiting for it).
+func TestLeavingHeartbeatSyncedOnlyWithMark(t *testing.T) {
+	const e = 4<<8 | 1
+	n := testNode(t, t.TempDir())
+	n.cfg.Node = "nodeA"
+	var err error
+	if n.guard, err = newGuard(n.cfg); err != nil {
+		t.Fatal(err)
+	}
+	prim := cluster.Machine{Name: "nodeA", ID: 1, State: cluster.Prim, Epoch: e,
+		Peer: cluster.Peer{Seen: true, Name: "nodeB", State: cluster.Stop, Epoch: e, Stale: true}}
+	if err := n.persist(prim); err != nil {
+		t.Fatal(err)
+	}
+	if !n.markPeerSynced(e) {
+		t.Fatal("no mark")
+	}
+	n.machine.Store(&prim)
+	n.lastSynced.Store(true) // the last heartbeat said synced
+	stopped, _ := cluster.Step(prim, cluster.Event{Kind: cluster.EvCmdStop})
+	if err := n.persist(stopped); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(n.peerSyncedMarkPath()); err == nil {
+		t.Fatal("the test sees nothing: the stop kept the mark")
+	}
+	n.leaving.Store(true) // unserve: the published state is still PRIM
+	if h := n.heartbeat(); h.Synced {
+		t.Fatalf("a leaving heartbeat says PRIM epoch %d synced with no peer-in-sync mark on disk", h.Epoch)
+	}
+}
+
+// TestStartWaitEndsOnlyOnASettlingHeartbeat (from a review): a peer heard
+// WAIT with a newer copy, not stale, may die again before it serves: the
+// start wait goes on. A serving peer, a stale one, or one with no newer
+// epoch ends it.
+func TestStartWaitEndsOnlyOnASettlingHeartbeat(t *testing.T) {
+	const e = 4<<8 | 1
+	for _, tc := range []struct {
+		p    cluster.Peer
+		ends bool
+	}{
+		{cluster.Peer{State: cluster.Wait, Epoch: e + 3<<8}, false},
+		{cluster.Peer{State: cluster.Stop, Epoch: e + 3<<8}, false},
+		{cluster.Peer{State: cluster.Wait, Epoch: e + 3<<8, Stale: true}, true},
+		{cluster.Peer{State: cluster.Alone, Epoch: e + 3<<8}, true},
+		{cluster.Peer{State: cluster.Wait, Epoch: e}, true},
+		{cluster.Peer{State: cluster.Stop, Epoch: e - 1<<8}, true},
+	} {
+		if got := peerEndsStartWait(tc.p, e); got != tc.ends {
+			t.Errorf("peer %s epoch %d stale %v: ends the wait %v, want %v", tc.p.State, tc.p.Epoch, tc.p.Stale, got, tc.ends)
+		}
+	}
+}
+
+// TestMarkLeftWithoutStateRemoved (from a review): a mark whose
+// cluster.json was moved away (a fresh start) is removed, and a mark
+// whose directory fsync failed is still removed by the next save.
+func TestMarkLeftWithoutStateRemoved(t *testing.T) {
+	dir := t.TempDir()
+	a := testNode(t, dir)
+	if err := os.WriteFile(a.peerSyncedMarkPath(), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	n, _ := restarted(t, dir, "forever")
+	if ok, why := n.startWaitCheck(); !ok {
+		t.Errorf("a fresh node (no cluster.json) waits for a leftover mark: %s", why)
+	}
+	if _, err := os.Stat(n.peerSyncedMarkPath()); err == nil {
+		t.Error("the leftover mark is still there")
+	}
+	// A mark made but not known by epoch (markOn alone) goes with ALONE.
+	n.markMu.Lock()
+	n.markOn = true
+	n.markMu.Unlock()
+	os.WriteFile(n.peerSyncedMarkPath(), nil, 0o600)
+	if err := n.persist(cluster.Machine{Name: "nodeB", State: cluster.Alone, Epoch: 2<<8 | 2}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(n.peerSyncedMarkPath()); err == nil {
+		t.Error("the mark outlived a save of ALONE")
 	}
 }
