@@ -61,7 +61,7 @@ func main() {
 	quick := flag.Bool("quick", false, "small sizes, one run: checks the tooling, not the numbers")
 	runs := flag.Int("runs", 5, "runs per figure (min/median/max reported)")
 	only := flag.String("only", strings.Join(figureNames, ","), "figures to measure, comma separated: "+strings.Join(figureNames, ", "))
-	scaleFiles := flag.Int("scale-files", 1_000_000, "files in the scale figure's tree (20,000 with --quick unless given)")
+	scaleFiles := flag.Int("scale-files", 1_000_000, "files in the scale figure's tree (8,000 with --quick unless given)")
 	flag.Parse()
 	want := map[string]bool{}
 	for _, k := range strings.Split(*only, ",") {
@@ -72,7 +72,7 @@ func main() {
 		want[k] = true
 	}
 	if *quick && !flagGiven("scale-files") {
-		*scaleFiles = 20_000
+		*scaleFiles = 8_000
 	}
 	if *scaleFiles < 100 {
 		fail(fmt.Sprintf("-scale-files %d: give at least 100", *scaleFiles))
