@@ -27,6 +27,23 @@ func restarted(t *testing.T, stateDir, startWait string) (*Node, cluster.Machine
 	return n, m
 }
 
+// primWithMark is nodeA on stateDir, PRIM at epoch e next to peer, its
+// state saved and the peer-in-sync mark made (as its first "synced"
+// heartbeat does).
+func primWithMark(t *testing.T, stateDir string, e uint64, peer cluster.Peer) (*Node, cluster.Machine) {
+	t.Helper()
+	a := testNode(t, stateDir)
+	a.cfg.Node = "nodeA"
+	prim := cluster.Machine{Name: "nodeA", ID: 1, State: cluster.Prim, Epoch: e, Peer: peer}
+	if err := a.persist(prim); err != nil {
+		t.Fatal(err)
+	}
+	if !a.markPeerSynced(e) {
+		t.Fatal("the peer-in-sync mark was not made for the PRIM term")
+	}
+	return a, prim
+}
+
 // takesOver steps m through a tick and the takeover checks n makes.
 func takesOver(t *testing.T, n *Node, m cluster.Machine) (bool, string) {
 	t.Helper()
@@ -53,18 +70,9 @@ func takesOver(t *testing.T, n *Node, m cluster.Machine) (bool, string) {
 func TestStartWaitAfterFailuresInTurn(t *testing.T) {
 	const e = 4<<8 | 1
 	dir := t.TempDir()
-	a := testNode(t, dir)
-	a.cfg.Node = "nodeA"
-	prim := cluster.Machine{Name: "nodeA", ID: 1, State: cluster.Prim, Epoch: e,
-		Peer: cluster.Peer{Seen: true, Name: "nodeB", State: cluster.Second, Epoch: e}}
-	if err := a.persist(prim); err != nil {
-		t.Fatal(err)
-	}
 	// The heartbeat that says "synced" (and turns nodeB SECOND) makes
 	// the mark first.
-	if !a.markPeerSynced(e) {
-		t.Fatal("the peer-in-sync mark was not made for the PRIM term")
-	}
+	primWithMark(t, dir, e, cluster.Peer{Seen: true, Name: "nodeB", State: cluster.Second, Epoch: e})
 	// nodeB, SECOND in sync, loses nodeA and takes over: ALONE, newer
 	// epoch, writes acknowledged alone. Then nodeB dies.
 	b := cluster.Machine{Name: "nodeB", ID: 2, State: cluster.Second, Epoch: e,
@@ -130,14 +138,7 @@ func TestStartWaitNotAfterAlone(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
-			a := testNode(t, dir)
-			prim := cluster.Machine{Name: "nodeA", ID: 1, State: cluster.Prim, Epoch: e}
-			if err := a.persist(prim); err != nil {
-				t.Fatal(err)
-			}
-			if !a.markPeerSynced(e) {
-				t.Fatal("no mark made")
-			}
+			a, _ := primWithMark(t, dir, e, cluster.Peer{})
 			if err := a.persist(tc.last); err != nil {
 				t.Fatal(err)
 			}
@@ -165,13 +166,7 @@ func TestStartWaitNotAfterAlone(t *testing.T) {
 func TestStartWaitKeptAcrossRestarts(t *testing.T) {
 	const e = 4<<8 | 1
 	dir := t.TempDir()
-	a := testNode(t, dir)
-	if err := a.persist(cluster.Machine{Name: "nodeA", ID: 1, State: cluster.Prim, Epoch: e}); err != nil {
-		t.Fatal(err)
-	}
-	if !a.markPeerSynced(e) {
-		t.Fatal("no mark made")
-	}
+	primWithMark(t, dir, e, cluster.Peer{})
 	n, m := restarted(t, dir, "forever")
 	if err := n.persist(m); err != nil { // WAIT, not stale
 		t.Fatal(err)
@@ -216,16 +211,7 @@ func TestStartWaitKeptAcrossRestarts(t *testing.T) {
 func TestStartWaitAfterStopBeforePeerSecondHeard(t *testing.T) {
 	const e = 4<<8 | 1
 	dir := t.TempDir()
-	a := testNode(t, dir)
-	a.cfg.Node = "nodeA"
-	prim := cluster.Machine{Name: "nodeA", ID: 1, State: cluster.Prim, Epoch: e,
-		Peer: cluster.Peer{Seen: true, Name: "nodeB", State: cluster.Wait, Epoch: e}}
-	if err := a.persist(prim); err != nil {
-		t.Fatal(err)
-	}
-	if !a.markPeerSynced(e) {
-		t.Fatal("no mark made")
-	}
+	a, prim := primWithMark(t, dir, e, cluster.Peer{Seen: true, Name: "nodeB", State: cluster.Wait, Epoch: e})
 	stopped, acts := cluster.Step(prim, cluster.Event{Kind: cluster.EvCmdStop})
 	if stopped.State != cluster.Stop || stopped.HandedOver {
 		t.Fatalf("the test sees nothing: the stop is %s handed over %v (%+v)", stopped.State, stopped.HandedOver, acts)
@@ -255,19 +241,10 @@ func TestStartWaitAfterStopBeforePeerSecondHeard(t *testing.T) {
 // without waiting for it).
 func TestLeavingHeartbeatSyncedOnlyWithMark(t *testing.T) {
 	const e = 4<<8 | 1
-	n := testNode(t, t.TempDir())
-	n.cfg.Node = "nodeA"
+	n, prim := primWithMark(t, t.TempDir(), e, cluster.Peer{Seen: true, Name: "nodeB", State: cluster.Stop, Epoch: e, Stale: true})
 	var err error
 	if n.guard, err = newGuard(n.cfg); err != nil {
 		t.Fatal(err)
-	}
-	prim := cluster.Machine{Name: "nodeA", ID: 1, State: cluster.Prim, Epoch: e,
-		Peer: cluster.Peer{Seen: true, Name: "nodeB", State: cluster.Stop, Epoch: e, Stale: true}}
-	if err := n.persist(prim); err != nil {
-		t.Fatal(err)
-	}
-	if !n.markPeerSynced(e) {
-		t.Fatal("no mark")
 	}
 	n.machine.Store(&prim)
 	n.lastSynced.Store(true) // the last heartbeat said synced
