@@ -3,7 +3,6 @@ package node
 import (
 	"context"
 	"os"
-	"path/filepath"
 	"time"
 
 	"github.com/duet-ha/duet/pkg/replica"
@@ -69,7 +68,7 @@ func (n *Node) clockStepped(d time.Duration) {
 		}
 		// A saved bitmap's time starts the window of the changes made
 		// while duet was stopped.
-		bm := filepath.Join(n.cfg.StateDir, "bitmap-"+n.dirs[i].Name)
+		bm := n.bitmapPath(n.dirs[i].Name)
 		if fi, err := os.Stat(bm); err == nil {
 			if err := os.Chtimes(bm, time.Time{}, time.Unix(0, replica.StepBack(fi.ModTime().UnixNano(), d))); err != nil {
 				n.log.Error("moving a saved bitmap's time back after a clock step", "bitmap", bm, "err", err)
@@ -94,7 +93,7 @@ func (n *Node) clockSetBackWhileStopped() time.Duration {
 	for i, ms := range n.metas {
 		m := ms.Get()
 		times := []int64{m.SyncTime, m.Untracked}
-		if fi, err := os.Stat(filepath.Join(n.cfg.StateDir, "bitmap-"+n.dirs[i].Name)); err == nil {
+		if fi, err := os.Stat(n.bitmapPath(n.dirs[i].Name)); err == nil {
 			times = append(times, fi.ModTime().UnixNano())
 		}
 		for _, t := range times {

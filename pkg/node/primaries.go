@@ -60,7 +60,7 @@ func (n *Node) startPrimary(ctx context.Context) error {
 		p.OnResyncDone = n.kickHeartbeat
 		p.Stages = &n.stages
 		primaries = append(primaries, p)
-		err = p.BeginTerm(replica.Term{Meta: n.metas[i], DirtyPath: filepath.Join(n.cfg.StateDir, "bitmap-"+d.Name),
+		err = p.BeginTerm(replica.Term{Meta: n.metas[i], DirtyPath: n.bitmapPath(d.Name),
 			Margin: n.cfg.Resync.Margin, Rate: int64(n.cfg.Resync.RateMiB) << 20})
 		if err != nil {
 			for _, p := range primaries {
@@ -176,6 +176,10 @@ type preloaded struct {
 func (n *Node) captureOptions() capture.Options {
 	return capture.Options{Devices: n.devs, RingBytes: uint32(n.cfg.RingBufferKiB) << 10, XFS: n.xfs, Btrfs: n.btrfs}
 }
+
+// bitmapPath is where a directory's primary saves the changes the peer
+// lacks (replica.Term.DirtyPath).
+func (n *Node) bitmapPath(dir string) string { return filepath.Join(n.cfg.StateDir, "bitmap-"+dir) }
 
 // preloadCapture loads the next term's capture in the background, with
 // fresh maps: verifying the programs is most of the time a takeover
