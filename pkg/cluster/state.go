@@ -371,17 +371,17 @@ func (m Machine) stepWait(ev Event) (Machine, []Action) {
 			return m, []Action{refuse("directory %s: this copy is mid-resync (inconsistent): not taking over; `duet prim --force` serves it half-written", m.Resyncing)}
 		}
 		if m.Stale && !ev.Force {
-			return m, []Action{refuse("this copy (epoch %d) may be older than %s's: `duet prim --force` makes it the reference, and changes %s made after it are lost", m.Epoch, peerName(p), peerName(p))}
+			return m, []Action{refuse("this copy (epoch %d) may be older than %s's: `duet prim --force` makes it the reference, and changes %s made after it are lost", m.Epoch, p.Label(), p.Label())}
 		}
 		if m.HandedOver && !ev.Force {
-			return m, []Action{refuse("this node handed the primary role to %s, which may have served since: `duet prim --force` makes this copy (epoch %d) the reference, and changes %s made after the handover are lost", peerName(p), m.Epoch, peerName(p))}
+			return m, []Action{refuse("this node handed the primary role to %s, which may have served since: `duet prim --force` makes this copy (epoch %d) the reference, and changes %s made after the handover are lost", p.Label(), m.Epoch, p.Label())}
 		}
 		why := "forced by the operator"
 		switch {
 		case m.Resyncing != "":
 			why = fmt.Sprintf("forced by the operator on a copy mid-resync: directory %s is half-written", m.Resyncing)
 		case m.Stale, m.HandedOver:
-			why = fmt.Sprintf("forced by the operator on a copy that may be stale (epoch %d): changes only %s had are lost", m.Epoch, peerName(p))
+			why = fmt.Sprintf("forced by the operator on a copy that may be stale (epoch %d): changes only %s had are lost", m.Epoch, p.Label())
 		}
 		return m.serve(why)
 	case EvCmdSecond:
@@ -392,7 +392,8 @@ func (m Machine) stepWait(ev Event) (Machine, []Action) {
 	return m, nil
 }
 
-func peerName(p Peer) string {
+// Label is the peer's name for messages ("the peer" when unknown).
+func (p Peer) Label() string {
 	if p.Name == "" {
 		return "the peer"
 	}
@@ -444,9 +445,9 @@ func (m Machine) stepSecond(ev Event) (Machine, []Action) {
 		}
 		return m.serve("peer lost, checks passed")
 	case EvCmdPrim:
-		return m, []Action{refuse("peer %s is the primary: use `duet swap` to move the role here", peerName(p))}
+		return m, []Action{refuse("peer %s is the primary: use `duet swap` to move the role here", p.Label())}
 	case EvCmdSwap:
-		return m, []Action{refuse("run swap on the primary %s", peerName(p))}
+		return m, []Action{refuse("run swap on the primary %s", p.Label())}
 	}
 	return m, nil
 }
@@ -489,7 +490,7 @@ func (m Machine) stepServing(ev Event) (Machine, []Action) {
 		return m.unserve(Wait, "isolated: neither the peer nor the witness answers")
 	case EvCmdSwap, EvCmdSecond:
 		if !m.peerReady() {
-			return m, []Action{refuse("peer %s is not in sync (%s): a swap now would lose data", peerName(p), peerStateWord(p))}
+			return m, []Action{refuse("peer %s is not in sync (%s): a swap now would lose data", p.Label(), peerStateWord(p))}
 		}
 		m.HandedOver = true
 		return m.unserve(Wait, "swap: handing over to "+p.Name)

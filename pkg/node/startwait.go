@@ -85,17 +85,24 @@ func (n *Node) startWaitCheck() (bool, string) {
 		n.cfg.Peer, n.cfg.Cluster.StartWait)
 }
 
-// startWaiting says why this node does not take over on its own, while
-// it waits for its peer after a start ("" otherwise).
-func (n *Node) startWaiting() string {
-	if m := n.machine.Load(); m == nil || m.State != cluster.Wait {
+// waitingForPeer says why this node, WAIT and not stale, takes nothing
+// over on its own ("" otherwise): its start wait, or a stopped peer whose
+// copy is newer (cluster.stepWait does not serve over it).
+func (n *Node) waitingForPeer() string {
+	m := n.machine.Load()
+	if m == nil || m.State != cluster.Wait || m.Stale || m.HandedOver {
 		return ""
+	}
+	if p := m.Peer; p.Seen && p.State == cluster.Stop && !p.Stale && p.Epoch > m.Epoch {
+		return fmt.Sprintf("%s is stopped and its copy is newer (epoch %d, here %d): `duet start` on it, or `duet prim` here, which sets aside what it has that this copy lacks",
+			p.Label(), p.Epoch, m.Epoch)
 	}
 	if ok, why := n.startWaitCheck(); !ok {
 		return why
 	}
 	return ""
 }
+
 
 // markPeerSynced makes the mark for epoch before a heartbeat says the
 // peer is in sync, and reports whether it is made. Only for a term whose

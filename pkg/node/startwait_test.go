@@ -93,7 +93,7 @@ func TestStartWaitAfterFailuresInTurn(t *testing.T) {
 	} else if !strings.Contains(why, "waiting for the peer") {
 		t.Fatalf("not taking over, but why: %q", why)
 	}
-	if s := n.startWaiting(); !strings.Contains(s, "cluster.start_wait forever") {
+	if s := n.waitingForPeer(); !strings.Contains(s, "cluster.start_wait forever") {
 		t.Errorf("status start_wait %q: want the reason", s)
 	}
 
@@ -310,5 +310,23 @@ func TestMarkLeftWithoutStateRemoved(t *testing.T) {
 	}
 	if _, err := os.Stat(n.peerSyncedMarkPath()); err == nil {
 		t.Error("the mark outlived a save of ALONE")
+	}
+}
+
+// TestWaitingForStoppedNewerPeerSaid: a WAIT node next to a stopped peer
+// with a newer copy takes nothing over (TestStoppedNewerPeerNotServedOver);
+// status says why and what to run.
+func TestWaitingForStoppedNewerPeerSaid(t *testing.T) {
+	const e = 4<<8 | 1
+	n := testNode(t, t.TempDir())
+	n.machine.Store(&cluster.Machine{Name: "nodeA", ID: 1, State: cluster.Wait, Epoch: e,
+		Peer: cluster.Peer{Seen: true, Name: "nodeB", State: cluster.Stop, Epoch: e + 3<<8}})
+	if got := n.waitingForPeer(); !strings.Contains(got, "nodeB is stopped and its copy is newer") || !strings.Contains(got, "duet start") {
+		t.Errorf("waiting for peer: %q", got)
+	}
+	n.machine.Store(&cluster.Machine{Name: "nodeA", ID: 1, State: cluster.Wait, Epoch: e,
+		Peer: cluster.Peer{Seen: true, Name: "nodeB", State: cluster.Stop, Epoch: e}})
+	if got := n.waitingForPeer(); got != "" {
+		t.Errorf("an older stopped peer: waiting %q", got)
 	}
 }

@@ -60,9 +60,10 @@ type Status struct {
 	// HandedOver: this node gave the role away and has not heard the
 	// peer serve since: it takes nothing over on its own.
 	HandedOver bool `json:"handed_over,omitempty"`
-	// StartWait says why this node, started without hearing its peer,
-	// takes nothing over yet (cluster.start_wait).
-	StartWait string `json:"start_wait,omitempty"`
+	// WaitingForPeer says why this node, WAIT and not stale, takes
+	// nothing over on its own: its start wait (cluster.start_wait), or
+	// a stopped peer holding a newer copy.
+	WaitingForPeer string `json:"waiting_for_peer,omitempty"`
 }
 
 // CopyStatus is one directory's copy on this node (see replica.Meta).
@@ -125,7 +126,7 @@ type ReplicaStatus struct {
 // Status collects the daemon's state.
 func (n *Node) Status() Status {
 	m := n.machine.Load()
-	s := Status{Node: n.cfg.Node, Role: n.cfg.Role, State: m.State.String(), Epoch: m.Epoch, Stale: m.Stale, HandedOver: m.HandedOver, StartWait: n.startWaiting(),
+	s := Status{Node: n.cfg.Node, Role: n.cfg.Role, State: m.State.String(), Epoch: m.Epoch, Stale: m.Stale, HandedOver: m.HandedOver, WaitingForPeer: n.waitingForPeer(),
 		Version: Version, Listen: n.cfg.Listen, Peer: n.cfg.Peer}
 	s.PeerState = PeerStatus{Seen: m.Peer.Seen, Name: m.Peer.Name, Epoch: m.Peer.Epoch,
 		Heartbeats: n.heartbeats.Load(), Refused: n.badHeartbeats.Load(), Lost: n.missed.Load()}

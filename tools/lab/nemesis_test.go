@@ -371,9 +371,9 @@ var faultKinds = []faultKind{
 				break
 			}
 		}
-		if st.State != "WAIT" || st.StartWait == "" {
+		if st.State != "WAIT" || st.WaitingForPeer == "" {
 			n.l.Errorf(n.t, "%s, back alone after %s served alone, is %s (start wait %q): it serves a copy without the %d records %s acknowledged",
-				nodeName[r.p], nodeName[r.s], st.State, st.StartWait, acked, nodeName[r.s])
+				nodeName[r.p], nodeName[r.s], st.State, st.WaitingForPeer, acked, nodeName[r.s])
 		}
 		n.revive(r.s)
 		serving := n.l.WaitPrimary(n.t, time.Minute)
