@@ -103,7 +103,6 @@ func (n *Node) waitingForPeer() string {
 	return ""
 }
 
-
 // markPeerSynced makes the mark for epoch before a heartbeat says the
 // peer is in sync, and reports whether it is made. Only for a term whose
 // PRIM state is saved (markSaved): a save that ended the term removes the
