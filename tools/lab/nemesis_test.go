@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"sort"
 	"strconv"
@@ -811,7 +812,81 @@ func (n *nemesis) verify() {
 		}
 		time.Sleep(2 * time.Second)
 	}
+	n.diagnose(out)
 	n.l.Fatalf(n.t, "verify: the copies still differ after 5 attempts, in sync before each:\n%s", firstLines(out, 40))
+}
+
+// diagnose logs what tells a difference that was never applied from one
+// applied and then undone: for the first names `duet verify` reported,
+// the newest entries of their directory on each host's filesystem (inode,
+// size, mtime, ctime), and both daemons' status. (The thirty-seventh
+// session's unexplained divergence left only the daemons' logs.)
+func (n *nemesis) diagnose(verifyOut string) {
+	diff := regexp.MustCompile(`^\s*(\w+): "([^"]+)": `)
+	parents := map[string]bool{}
+	for _, line := range strings.Split(verifyOut, "\n") {
+		m := diff.FindStringSubmatch(line)
+		if m == nil || len(parents) >= 3 {
+			continue
+		}
+		parent := filepath.Join(m[1], filepath.Dir(m[2]))
+		if parents[parent] {
+			continue
+		}
+		parents[parent] = true
+		for _, h := range []string{"a", "b"} {
+			var dir string
+			for _, root := range []string{filepath.Join(n.l.Dir, h, "k3s"), filepath.Join(n.l.Dir, h)} {
+				if fi, err := os.Stat(filepath.Join(root, parent)); err == nil && fi.IsDir() {
+					dir = filepath.Join(root, parent)
+					break
+				}
+			}
+			if dir == "" {
+				n.t.Logf("diagnose: %s: no directory %s under %s", nodeName[h], parent, filepath.Join(n.l.Dir, h))
+				continue
+			}
+			n.t.Logf("diagnose: %s: %s, newest entries by ctime:\n%s", nodeName[h], dir, newestEntries(dir, 40))
+		}
+	}
+	for _, h := range []string{"a", "b"} {
+		out, _ := n.l.run("duet", h, "status", "--output", "json")
+		n.t.Logf("diagnose: %s's status:\n%s", nodeName[h], firstLines(out, 200))
+	}
+}
+
+// newestEntries lists dir's k newest entries by ctime: name, inode, size,
+// mtime and ctime.
+func newestEntries(dir string, k int) string {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return err.Error()
+	}
+	type entry struct {
+		name string
+		st   syscall.Stat_t
+	}
+	var es []entry
+	for _, e := range ents {
+		var st syscall.Stat_t
+		if syscall.Lstat(filepath.Join(dir, e.Name()), &st) == nil {
+			es = append(es, entry{e.Name(), st})
+		}
+	}
+	sort.Slice(es, func(i, j int) bool {
+		ci, cj := time.Unix(es[i].st.Ctim.Unix()), time.Unix(es[j].st.Ctim.Unix())
+		return ci.After(cj)
+	})
+	var b strings.Builder
+	fmt.Fprintf(&b, "  %d entries\n", len(es))
+	for i, e := range es {
+		if i == k {
+			break
+		}
+		fmt.Fprintf(&b, "  %-24s ino %-8d size %-8d mtime %s ctime %s\n", e.name, e.st.Ino, e.st.Size,
+			time.Unix(e.st.Mtim.Unix()).UTC().Format("15:04:05.000000"), time.Unix(e.st.Ctim.Unix()).UTC().Format("15:04:05.000000"))
+	}
+	return b.String()
 }
 
 // checkStack waits for the stack's services on the serving node and
