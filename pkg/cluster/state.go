@@ -322,6 +322,15 @@ func (m Machine) stepWait(ev Event) (Machine, []Action) {
 			}
 			return m, acts
 		}
+		if !p.Stale && p.Epoch > m.Epoch && !m.Stale {
+			// The peer's copy is newer: it served a term after this
+			// copy's (a term draws a newer epoch), and is not serving
+			// now (stopped, or back before serving again). Stale, and
+			// saved: lost again, it must not be served over
+			// (TestStoppedNewerPeerLostNotServedOver, from a review).
+			m.Stale = true
+			acts = append(acts, Action{Do: DoPersist}, logf("peer %s holds a newer copy (epoch %d, here %d): this copy counts as stale", p.Label(), p.Epoch, m.Epoch))
+		}
 		if m.HandedOver && !m.Stale && p.State == Wait && p.Epoch <= m.Epoch && m.wins() && m.Resyncing == "" {
 			// The node this one handed the role to is WAIT and drew no
 			// newer epoch: it never served (a takeover draws one). It
@@ -332,15 +341,15 @@ func (m Machine) stepWait(ev Event) (Machine, []Action) {
 			return m.serve(fmt.Sprintf("peer %s, handed the role, is WAIT and never served (epoch %d)", p.Name, p.Epoch))
 		}
 		if m.HandedOver || p.State == Stop && m.Stale {
-			return m, nil
+			return m, acts
 		}
 		// A stopped peer serves nothing: this copy serves, unless the
-		// stopped one is newer (it served after this one's term, and its
-		// writes would be set aside: TestStoppedNewerPeerNotServedOver).
-		if p.State == Stop && (p.Stale || p.Epoch <= m.Epoch) || m.wins() {
-			return m.serve(fmt.Sprintf("peer %s is %s and this copy is the reference", p.Name, p.State))
+		// stopped one is newer (then this copy is stale, above).
+		if p.State == Stop || m.wins() {
+			m, more := m.serve(fmt.Sprintf("peer %s is %s and this copy is the reference", p.Name, p.State))
+			return m, append(acts, more...)
 		}
-		return m, nil
+		return m, acts
 	case EvPeerLost, EvTick:
 		if !p.Seen && !m.Stale && !m.HandedOver && !m.Checking {
 			m.Checking = true

@@ -588,9 +588,28 @@ func TestStoppedNewerPeerNotServedOver(t *testing.T) {
 	if got.State.Serving() || has(acts, DoServe) {
 		t.Fatalf("served epoch %d over a stopped peer with epoch %d: %s %+v", e, newer.Epoch, got.State, acts)
 	}
+	if !got.Stale || !has(acts, DoPersist) {
+		t.Errorf("next to a stopped peer with a newer copy: stale %v, actions %+v: want stale, saved", got.Stale, acts)
+	}
 	for _, p := range []Peer{{Name: "nodeB", State: Stop, Epoch: e}, {Name: "nodeB", State: Stop, Epoch: e + 3<<8, Stale: true}} {
 		if got, _ := run(wait, peerEv(p)); !got.State.Serving() {
 			t.Errorf("not serving next to stopped peer %+v: %s", p, got.State)
+		}
+	}
+}
+
+// TestStoppedNewerPeerLostNotServedOver (from a review): the stopped peer
+// with the newer copy is then lost (its host shut down): this node must
+// not take over with its older copy once its checks pass; nor next to a
+// peer heard WAIT with a newer copy that dies before it serves.
+func TestStoppedNewerPeerLostNotServedOver(t *testing.T) {
+	const e = 4<<8 | 1
+	wait := Machine{Name: "nodeA", ID: 1, State: Wait, Epoch: e}
+	for _, st := range []State{Stop, Wait} {
+		got, acts := run(wait, peerEv(Peer{Name: "nodeB", State: st, Epoch: e + 3<<8}),
+			Event{Kind: EvPeerLost}, Event{Kind: EvTick}, Event{Kind: EvChecked, OK: true})
+		if got.State.Serving() || has(acts, DoServe) {
+			t.Errorf("peer %s with a newer copy, then lost: nodeA serves its older copy (%s, %+v)", st, got.State, acts)
 		}
 	}
 }

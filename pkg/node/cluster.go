@@ -319,11 +319,14 @@ func (n *Node) heartbeat() cluster.Heartbeat {
 	// (tryRelease), and smu's holders may wait for that lock too.
 	primaries := n.servingPrimaries()
 	streaming := m.State.Serving() && streams(primaries)
-	if streaming && m.State == cluster.Prim && !n.markPeerSynced(m.Epoch) {
-		// "synced" turns the peer SECOND, able to take over: said only
-		// once a restart of this node would know it (startwait.go).
-		streaming = false
-	}
+	// "synced" turns the peer SECOND, able to take over: said by a PRIM
+	// only with the mark of its term on disk (startwait.go), decided
+	// under markMu so that a save removing the mark (markSaved) comes
+	// wholly before or after it. Not to a stopped peer, which ignores it:
+	// its "stale" is then soon current, and a stop of this node removes
+	// the mark (TestStopAfterStoppedSecondaryRemovesMark).
+	n.markMu.Lock()
+	marked := m.State != cluster.Prim || !(m.Peer.Seen && m.Peer.State == cluster.Stop) && n.markPeerSyncedLocked(m.Epoch)
 	n.relMu.Lock()
 	// While the node leaves the role its replication winds down: the
 	// peer must not read that as "out of sync" before the handover. But
@@ -331,13 +334,13 @@ func (n *Node) heartbeat() cluster.Heartbeat {
 	// take over from) is one the peer lacks: "synced" then would turn a
 	// peer started meanwhile SECOND, able to take over without it
 	// (TestLeavingAloneHeartbeatsStopSayingSynced).
-	// And only with the mark of this term (startwait.go): a save that
-	// began the leave may have removed it (a stop whose peer said stale).
-	h.Synced = n.lastSynced.Load() && !n.releasedAlone.Load() && (m.State != cluster.Prim || n.markedEpoch.Load() == m.Epoch)
+	// And only with the mark of this term: a save that began the leave
+	// may have removed it (a stop whose peer said stale).
+	h.Synced = n.lastSynced.Load() && !n.releasedAlone.Load() && (m.State != cluster.Prim || n.markOn && n.markEpoch == m.Epoch)
 	released := false
 	if !n.leaving.Load() {
 		released = n.releasedAlone.Load()
-		h.Synced = streaming && !released
+		h.Synced = streaming && !released && marked
 		n.lastSynced.Store(h.Synced)
 	}
 	if h.Synced {
@@ -347,6 +350,7 @@ func (n *Node) heartbeat() cluster.Heartbeat {
 		n.syncedSent.Store(int64(h.Time))
 	}
 	n.relMu.Unlock()
+	n.markMu.Unlock()
 	if streaming && released {
 		n.catchUp(primaries)
 	}
@@ -629,6 +633,9 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 					return // Run lets the handover heartbeats go out
 				}
 				// Refused: leave the role the plain way below.
+			}
+			if m.State == cluster.Alone {
+				n.leftAlone()
 			}
 			if m.State.Serving() {
 				n.log.Info("daemon stopping: leaving the primary role")

@@ -149,22 +149,24 @@ type Node struct {
 	// leavingAlone: when the node began to leave, the peer could not take
 	// over (beginLeaving).
 	leavingAlone atomic.Bool
-	// The start wait (startwait.go): started is when the daemon started;
-	// startWait is set at start when this node served last with its peer
-	// in sync; peerHeard once a heartbeat of the peer was applied. The
-	// peer-in-sync mark: markEpoch is the term it was made for,
-	// savedPrim the epoch of the last PRIM state saved (0: the last save
-	// was not PRIM), both under markMu; markedEpoch mirrors markEpoch.
-	started       time.Time
-	startWait     atomic.Bool
-	startWaitOver atomic.Bool
-	peerHeard     atomic.Bool
-	markMu        sync.Mutex
-	markOn        bool // the mark may be on disk
-	markEpoch     uint64
-	savedPrim     uint64
-	markedEpoch   atomic.Uint64
-	markErr       atomic.Bool
+	// The start wait (startwait.go): started is when the daemon started
+	// (or left an ALONE term: markAgainLocked), unix ns; startWait is set
+	// when this node takes nothing over before hearing its peer;
+	// peerHeard once a heartbeat of the peer settled it. The
+	// peer-in-sync mark, under markMu: markOn says it may be on disk,
+	// markEpoch the term it was made for, savedPrim the epoch of the last
+	// PRIM state saved (0: the last save was not PRIM), aloneFromSynced
+	// that the ALONE term saved last began with the peer in sync.
+	started         atomic.Int64
+	startWait       atomic.Bool
+	startWaitOver   atomic.Bool
+	peerHeard       atomic.Bool
+	markMu          sync.Mutex
+	markOn          bool
+	markEpoch       uint64
+	savedPrim       uint64
+	aloneFromSynced bool
+	markErr         atomic.Bool
 
 	machine       atomic.Pointer[cluster.Machine]
 	events        chan cluster.Event

@@ -36,7 +36,7 @@ func (n *Node) peerSyncedMarkPath() string { return filepath.Join(n.cfg.StateDir
 
 // loadStartWait reads the mark at start, for the machine just loaded.
 func (n *Node) loadStartWait(m cluster.Machine) {
-	n.started = time.Now()
+	n.started.Store(time.Now().UnixNano())
 	if _, err := os.Stat(n.peerSyncedMarkPath()); err != nil {
 		return
 	}
@@ -56,7 +56,6 @@ func (n *Node) loadStartWait(m cluster.Machine) {
 	n.markMu.Lock()
 	n.markOn, n.markEpoch = true, m.Epoch
 	n.markMu.Unlock()
-	n.markedEpoch.Store(m.Epoch)
 	if m.Stale || m.HandedOver {
 		return
 	}
@@ -74,7 +73,7 @@ func (n *Node) startWaitCheck() (bool, string) {
 		return true, ""
 	}
 	d, forever := n.cfg.Cluster.StartWaitFor()
-	if !forever && time.Since(n.started) >= d {
+	if !forever && time.Since(time.Unix(0, n.started.Load())) >= d {
 		if n.startWaitOver.CompareAndSwap(false, true) {
 			n.log.Warn("cluster.start_wait passed without hearing the peer: this copy may serve; what the peer acknowledged after this node went down, if it served, is set aside when the two meet",
 				"start_wait", n.cfg.Cluster.StartWait, "peer", n.cfg.Peer)
@@ -85,17 +84,20 @@ func (n *Node) startWaitCheck() (bool, string) {
 		n.cfg.Peer, n.cfg.Cluster.StartWait)
 }
 
-// waitingForPeer says why this node, WAIT and not stale, takes nothing
-// over on its own ("" otherwise): its start wait, or a stopped peer whose
-// copy is newer (cluster.stepWait does not serve over it).
+// waitingForPeer says why this node, WAIT, takes nothing over on its own
+// ("" otherwise): a stopped peer whose copy is newer (this copy counts as
+// stale then: cluster.stepWait), or its start wait.
 func (n *Node) waitingForPeer() string {
 	m := n.machine.Load()
-	if m == nil || m.State != cluster.Wait || m.Stale || m.HandedOver {
+	if m == nil || m.State != cluster.Wait || m.HandedOver {
 		return ""
 	}
 	if p := m.Peer; p.Seen && p.State == cluster.Stop && !p.Stale && p.Epoch > m.Epoch {
-		return fmt.Sprintf("%s is stopped and its copy is newer (epoch %d, here %d): `duet start` on it, or `duet prim` here, which sets aside what it has that this copy lacks",
+		return fmt.Sprintf("%s is stopped and its copy is newer (epoch %d, here %d): `duet start` on it, or `duet prim --force` here, which sets aside what it has that this copy lacks",
 			p.Label(), p.Epoch, m.Epoch)
+	}
+	if m.Stale {
+		return ""
 	}
 	if ok, why := n.startWaitCheck(); !ok {
 		return why
@@ -103,42 +105,43 @@ func (n *Node) waitingForPeer() string {
 	return ""
 }
 
-// markPeerSynced makes the mark for epoch before a heartbeat says the
-// peer is in sync, and reports whether it is made. Only for a term whose
-// PRIM state is saved (markSaved): a save that ended the term removes the
-// mark, and a heartbeat built from the machine read before must not make
-// it again.
-func (n *Node) markPeerSynced(epoch uint64) bool {
-	if n.markedEpoch.Load() == epoch && epoch != 0 {
-		return true
-	}
-	n.markMu.Lock()
-	defer n.markMu.Unlock()
-	if n.savedPrim != epoch || epoch == 0 {
+// markPeerSyncedLocked makes the mark for epoch before a heartbeat says
+// the peer is in sync, and reports whether it is made. Only for a term
+// whose PRIM state is saved (markSaved): a save that ended the term
+// removes the mark, and a heartbeat built from the machine read before
+// must not make it again. markMu is held.
+func (n *Node) markPeerSyncedLocked(epoch uint64) bool {
+	if epoch == 0 || n.savedPrim != epoch {
 		return false
 	}
-	err := func() error {
-		f, err := os.OpenFile(n.peerSyncedMarkPath(), os.O_WRONLY|os.O_CREATE, 0o600)
-		if err != nil {
-			return err
-		}
-		if err := f.Close(); err != nil {
-			return err
-		}
-		return syncDir(n.cfg.StateDir)
-	}()
-	if err != nil {
-		// The file may exist even so: a later save removes it.
-		n.markOn = true
+	if n.markOn && n.markEpoch == epoch {
+		return true
+	}
+	if err := n.makeMarkLocked(epoch); err != nil {
 		if n.markErr.CompareAndSwap(false, true) {
 			n.log.Error("cannot mark the peer in sync in the state directory: the heartbeats do not say synced, so the peer stays stale and cannot take over (no failover) until it can", "err", err)
 		}
 		return false
 	}
 	n.markErr.Store(false)
-	n.markOn, n.markEpoch = true, epoch
-	n.markedEpoch.Store(epoch)
 	return true
+}
+
+// makeMarkLocked makes the mark for epoch (markMu held).
+func (n *Node) makeMarkLocked(epoch uint64) error {
+	n.markOn = true // the file may exist even if this fails: a save removes it
+	f, err := os.OpenFile(n.peerSyncedMarkPath(), os.O_WRONLY|os.O_CREATE, 0o600)
+	if err == nil {
+		err = f.Close()
+	}
+	if err == nil {
+		err = syncDir(n.cfg.StateDir)
+	}
+	if err != nil {
+		return err
+	}
+	n.markEpoch = epoch
+	return nil
 }
 
 // markSaved follows a save of m. The mark stays while the peer may still
@@ -151,6 +154,12 @@ func (n *Node) markPeerSynced(epoch uint64) bool {
 // STOP, may serve. It goes with a new term, ALONE (the peer was lost and
 // could not take over from the node holding the VIP), SECOND or a stale
 // copy (neither serves on its own).
+//
+// An ALONE term whose peer was in sync when lost (aloneFromSynced) that
+// ends without a handover — stepped down isolated (WAIT), stopped, or
+// the daemon stopped (leftAlone) — frees the VIP while that peer, cut off
+// but alive, may still be in sync and take over: the mark is made again,
+// and a node stepped down waits for its peer as after a start.
 func (n *Node) markSaved(m cluster.Machine) {
 	n.markMu.Lock()
 	defer n.markMu.Unlock()
@@ -159,14 +168,23 @@ func (n *Node) markSaved(m cluster.Machine) {
 		// Served since start (`duet prim`, say): no start wait left.
 		n.startWait.Store(false)
 	}
+	fromSynced := n.aloneFromSynced
+	n.aloneFromSynced = false
 	keep := false
 	switch {
 	case m.State == cluster.Prim:
 		n.savedPrim = m.Epoch
 		keep = n.markEpoch == m.Epoch
+	case m.State == cluster.Alone:
+		n.aloneFromSynced = fromSynced || n.markOn && n.markEpoch != 0
 	case m.Stale:
-	case m.HandedOver, m.State == cluster.Wait:
+	case m.HandedOver:
 		keep = true
+	case m.State == cluster.Wait, m.State == cluster.Stop && fromSynced:
+		keep = true
+		if fromSynced {
+			n.markAgainLocked(m)
+		}
 	case m.State == cluster.Stop:
 		p := m.Peer
 		keep = !(p.Seen && p.Stale && n.staleCurrent(p))
@@ -181,7 +199,34 @@ func (n *Node) markSaved(m cluster.Machine) {
 	}
 	syncDir(n.cfg.StateDir)
 	n.markOn, n.markEpoch = false, 0
-	n.markedEpoch.Store(0)
+}
+
+// markAgainLocked makes the mark again for an ALONE term, whose peer was
+// in sync when lost, that ends without a handover (see markSaved), and
+// has this node wait for the peer before it takes over again.
+func (n *Node) markAgainLocked(m cluster.Machine) {
+	if err := n.makeMarkLocked(m.Epoch); err != nil {
+		n.log.Error("cannot mark in the state directory that the peer, lost while in sync, may take over: a restart of this node alone would not wait for it", "err", err)
+	}
+	n.started.Store(time.Now().UnixNano())
+	n.peerHeard.Store(false)
+	if d, forever := n.cfg.Cluster.StartWaitFor(); forever || d > 0 {
+		n.startWait.Store(true)
+		n.log.Info("left the role without a handover after losing a peer that was in sync: it may take over now, so this node takes nothing over before it hears it (cluster.start_wait)",
+			"start_wait", n.cfg.Cluster.StartWait)
+	}
+}
+
+// leftAlone: the daemon stops while ALONE (SIGTERM), without a save: the
+// mark is made again if the lost peer was in sync (see markSaved).
+func (n *Node) leftAlone() {
+	n.markMu.Lock()
+	defer n.markMu.Unlock()
+	if n.aloneFromSynced {
+		if err := n.makeMarkLocked(n.markEpoch); err != nil {
+			n.log.Error("cannot mark in the state directory that the peer, lost while in sync, may take over: a restart of this node alone would not wait for it", "err", err)
+		}
+	}
 }
 
 // peerEndsStartWait says whether heartbeat p settles the start wait of a

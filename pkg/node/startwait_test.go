@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/duet-ha/duet/pkg/cluster"
+	"github.com/duet-ha/duet/pkg/replica"
 )
 
 // restarted is a new daemon on stateDir, as after a crash: its machine
@@ -319,14 +320,106 @@ func TestMarkLeftWithoutStateRemoved(t *testing.T) {
 func TestWaitingForStoppedNewerPeerSaid(t *testing.T) {
 	const e = 4<<8 | 1
 	n := testNode(t, t.TempDir())
-	n.machine.Store(&cluster.Machine{Name: "nodeA", ID: 1, State: cluster.Wait, Epoch: e,
+	n.machine.Store(&cluster.Machine{Name: "nodeA", ID: 1, State: cluster.Wait, Epoch: e, Stale: true,
 		Peer: cluster.Peer{Seen: true, Name: "nodeB", State: cluster.Stop, Epoch: e + 3<<8}})
-	if got := n.waitingForPeer(); !strings.Contains(got, "nodeB is stopped and its copy is newer") || !strings.Contains(got, "duet start") {
+	if got := n.waitingForPeer(); !strings.Contains(got, "nodeB is stopped and its copy is newer") || !strings.Contains(got, "duet start") || !strings.Contains(got, "duet prim --force") {
 		t.Errorf("waiting for peer: %q", got)
 	}
 	n.machine.Store(&cluster.Machine{Name: "nodeA", ID: 1, State: cluster.Wait, Epoch: e,
 		Peer: cluster.Peer{Seen: true, Name: "nodeB", State: cluster.Stop, Epoch: e}})
 	if got := n.waitingForPeer(); got != "" {
 		t.Errorf("an older stopped peer: waiting %q", got)
+	}
+}
+
+// markPeerSynced is what a heartbeat does before it says "synced".
+func (n *Node) markPeerSynced(epoch uint64) bool {
+	n.markMu.Lock()
+	defer n.markMu.Unlock()
+	return n.markPeerSyncedLocked(epoch)
+}
+
+// TestStepDownAfterAloneWaitsForPeer (from a review): nodeA, PRIM with
+// nodeB in sync, loses nodeB and the witness: ALONE, then isolated, it
+// steps down and frees the VIP. That is when nodeB, cut off but alive and
+// in sync, may take over (its checks pass), serve alone and die. nodeA,
+// its network back, must not serve its older copy, running on or
+// restarted: the step-down made the mark again and armed the wait. A
+// daemon stopped while ALONE (SIGTERM) does the same (leftAlone). But an
+// ALONE node that crashes (its peer lost first: the secondary's crash)
+// does not wait at its restart: its peer could not take over from it.
+func TestStepDownAfterAloneWaitsForPeer(t *testing.T) {
+	const e = 4<<8 | 1
+	peer := cluster.Peer{Seen: true, Name: "nodeB", State: cluster.Second, Epoch: e}
+
+	dir := t.TempDir()
+	a, prim := primWithMark(t, dir, e, peer)
+	alone, _ := cluster.Step(prim, cluster.Event{Kind: cluster.EvPeerLost})
+	if alone.State != cluster.Alone {
+		t.Fatalf("the test sees nothing: %s after the peer was lost", alone.State)
+	}
+	if err := a.persist(alone); err != nil {
+		t.Fatal(err)
+	}
+	// A crash now: the restart does not wait.
+	if n, _ := restarted(t, dir, "forever"); n.startWait.Load() {
+		t.Fatal("a node that crashed while ALONE waits at its restart: its peer, lost first, could not take over")
+	}
+	// Isolated: it steps down.
+	down, acts := cluster.Step(alone, cluster.Event{Kind: cluster.EvIsolated})
+	if down.State != cluster.Wait || down.Stale {
+		t.Fatalf("the test sees nothing: isolation gives %s stale %v (%+v)", down.State, down.Stale, acts)
+	}
+	if err := a.persist(down); err != nil {
+		t.Fatal(err)
+	}
+	a.vipProbe = func() (bool, string) { return true, "" }
+	a.machine.Store(&down)
+	if serves, _ := takesOver(t, a, down); serves {
+		t.Fatal("nodeA, stepped down after losing nodeB in sync, takes over again while nodeB may have served since")
+	}
+	if n, m := restarted(t, dir, "forever"); !n.startWait.Load() {
+		t.Fatal("nodeA, restarted after stepping down, does not wait for nodeB")
+	} else if serves, _ := takesOver(t, n, m); serves {
+		t.Fatal("nodeA, restarted after stepping down, serves")
+	}
+
+	// SIGTERM while ALONE.
+	dir = t.TempDir()
+	a, prim = primWithMark(t, dir, e, peer)
+	alone, _ = cluster.Step(prim, cluster.Event{Kind: cluster.EvPeerLost})
+	if err := a.persist(alone); err != nil {
+		t.Fatal(err)
+	}
+	a.leftAlone()
+	if n, _ := restarted(t, dir, "forever"); !n.startWait.Load() {
+		t.Fatal("nodeA, its daemon stopped while ALONE after losing nodeB in sync, does not wait for nodeB at its restart")
+	}
+}
+
+// TestStoppedPeerNotToldSynced (from a review): a stopped peer ignores
+// "synced"; said to it, it keeps moving the time its "stale" must echo,
+// and a stop of this node (the README's shutdown: the secondary first)
+// would keep the mark about half the time, and a start of this node
+// alone would wait for ever.
+func TestStoppedPeerNotToldSynced(t *testing.T) {
+	const e = 4<<8 | 1
+	for _, tc := range []struct {
+		peer   cluster.Peer
+		synced bool
+	}{
+		{cluster.Peer{Seen: true, Name: "nodeB", State: cluster.Second, Epoch: e}, true},
+		{cluster.Peer{Seen: true, Name: "nodeB", State: cluster.Stop, Epoch: e, Stale: true}, false},
+	} {
+		n, prim := primWithMark(t, t.TempDir(), e, tc.peer)
+		var err error
+		if n.guard, err = newGuard(n.cfg); err != nil {
+			t.Fatal(err)
+		}
+		n.primaries = []*replica.Primary{streamingPrimary(t)}
+		n.machine.Store(&prim)
+		if h := n.heartbeat(); h.Synced != tc.synced {
+			t.Errorf("peer %s: the heartbeat says synced %v, want %v", tc.peer.State, h.Synced, tc.synced)
+		}
 	}
 }

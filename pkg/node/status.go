@@ -60,9 +60,9 @@ type Status struct {
 	// HandedOver: this node gave the role away and has not heard the
 	// peer serve since: it takes nothing over on its own.
 	HandedOver bool `json:"handed_over,omitempty"`
-	// WaitingForPeer says why this node, WAIT and not stale, takes
-	// nothing over on its own: its start wait (cluster.start_wait), or
-	// a stopped peer holding a newer copy.
+	// WaitingForPeer says why this node, WAIT, takes nothing over on its
+	// own: its start wait (cluster.start_wait), or a stopped peer holding
+	// a newer copy.
 	WaitingForPeer string `json:"waiting_for_peer,omitempty"`
 }
 
