@@ -433,6 +433,10 @@ func (m Machine) stepSecond(ev Event) (Machine, []Action) {
 		if m.wins() {
 			return m.serve(fmt.Sprintf("peer %s is %s and this copy is the reference", p.Name, p.State))
 		}
+		// As in stepWait: a peer with a newer copy served a term after
+		// this copy's; lost before it serves again, it must not be
+		// served over (TestSecondHearsNewerPeerThenLost, from a review).
+		m.Stale = m.Stale || !p.Stale && p.Epoch > m.Epoch
 		return m.to(Wait, fmt.Sprintf("peer %s is %s and its copy is the reference", p.Name, p.State))
 	case EvPeerLost, EvTick:
 		if !p.Seen && !m.Checking {

@@ -613,3 +613,18 @@ func TestStoppedNewerPeerLostNotServedOver(t *testing.T) {
 		}
 	}
 }
+
+// TestSecondHearsNewerPeerThenLost (from a review): a SECOND whose host
+// stalled while the peer served alone (a newer epoch) and stepped down
+// hears the peer WAIT with the newer copy, then loses it: it must not
+// serve its older copy.
+func TestSecondHearsNewerPeerThenLost(t *testing.T) {
+	const e = 4<<8 | 1
+	second := Machine{Name: "nodeA", ID: 1, State: Second, Epoch: e,
+		Peer: Peer{Seen: true, Name: "nodeB", State: Prim, Epoch: e, Synced: true}}
+	got, acts := run(second, peerEv(Peer{Name: "nodeB", State: Wait, Epoch: e + 3<<8}),
+		Event{Kind: EvPeerLost}, Event{Kind: EvTick}, Event{Kind: EvChecked, OK: true})
+	if got.State.Serving() || has(acts, DoServe) {
+		t.Fatalf("served its older copy after hearing a newer one: %s %+v", got.State, acts)
+	}
+}

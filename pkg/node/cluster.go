@@ -321,12 +321,17 @@ func (n *Node) heartbeat() cluster.Heartbeat {
 	streaming := m.State.Serving() && streams(primaries)
 	// "synced" turns the peer SECOND, able to take over: said by a PRIM
 	// only with the mark of its term on disk (startwait.go), decided
-	// under markMu so that a save removing the mark (markSaved) comes
-	// wholly before or after it. Not to a stopped peer, which ignores it:
+	// under markMu (a PRIM's only: other states' heartbeats do not wait
+	// behind a save's directory fsync) so that a save removing the mark
+	// (markSaved) comes wholly before or after it. Not to a stopped peer, which ignores it:
 	// its "stale" is then soon current, and a stop of this node removes
 	// the mark (TestStopAfterStoppedSecondaryRemovesMark).
-	n.markMu.Lock()
-	marked := m.State != cluster.Prim || !(m.Peer.Seen && m.Peer.State == cluster.Stop) && n.markPeerSyncedLocked(m.Epoch)
+	prim := m.State == cluster.Prim
+	if prim {
+		n.markMu.Lock()
+	}
+	marked := !prim || !(m.Peer.Seen && m.Peer.State == cluster.Stop) && n.markPeerSyncedLocked(m.Epoch)
+	markedTerm := !prim || n.markOn && n.markEpoch == m.Epoch
 	n.relMu.Lock()
 	// While the node leaves the role its replication winds down: the
 	// peer must not read that as "out of sync" before the handover. But
@@ -336,7 +341,7 @@ func (n *Node) heartbeat() cluster.Heartbeat {
 	// (TestLeavingAloneHeartbeatsStopSayingSynced).
 	// And only with the mark of this term: a save that began the leave
 	// may have removed it (a stop whose peer said stale).
-	h.Synced = n.lastSynced.Load() && !n.releasedAlone.Load() && (m.State != cluster.Prim || n.markOn && n.markEpoch == m.Epoch)
+	h.Synced = n.lastSynced.Load() && !n.releasedAlone.Load() && markedTerm
 	released := false
 	if !n.leaving.Load() {
 		released = n.releasedAlone.Load()
@@ -350,7 +355,9 @@ func (n *Node) heartbeat() cluster.Heartbeat {
 		n.syncedSent.Store(int64(h.Time))
 	}
 	n.relMu.Unlock()
-	n.markMu.Unlock()
+	if prim {
+		n.markMu.Unlock()
+	}
 	if streaming && released {
 		n.catchUp(primaries)
 	}
@@ -518,6 +525,10 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 		m.Resyncing = resyncing(n.dirs, n.metas)
 		if ev.Kind == cluster.EvPeer && peerEndsStartWait(ev.Peer, m.Epoch) {
 			n.peerHeard.Store(true)
+		}
+		if ev.Kind == cluster.EvCmdStart {
+			// A wait armed at a stop counts from the start.
+			n.started.Store(time.Now().UnixNano())
 		}
 		prev := m
 		next, acts := cluster.Step(m, ev)

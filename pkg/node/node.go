@@ -156,7 +156,8 @@ type Node struct {
 	// peer-in-sync mark, under markMu: markOn says it may be on disk,
 	// markEpoch the term it was made for, savedPrim the epoch of the last
 	// PRIM state saved (0: the last save was not PRIM), aloneFromSynced
-	// that the ALONE term saved last began with the peer in sync.
+	// that the ALONE term saved last began with the peer in sync, at
+	// aloneSince.
 	started         atomic.Int64
 	startWait       atomic.Bool
 	startWaitOver   atomic.Bool
@@ -166,6 +167,7 @@ type Node struct {
 	markEpoch       uint64
 	savedPrim       uint64
 	aloneFromSynced bool
+	aloneSince      time.Time
 	markErr         atomic.Bool
 
 	machine       atomic.Pointer[cluster.Machine]

@@ -159,16 +159,21 @@ func (n *Node) makeMarkLocked(epoch uint64) error {
 // ends without a handover — stepped down isolated (WAIT), stopped, or
 // the daemon stopped (leftAlone) — frees the VIP while that peer, cut off
 // but alive, may still be in sync and take over: the mark is made again,
-// and a node stepped down waits for its peer as after a start.
+// and a node stepped down waits for its peer as after a start. Only
+// within rearmWindow of the loss: a SECOND that lost its primary checks
+// once, and a failed check (the VIP answered) makes it stale; an ALONE
+// term that ends days later (the peer's host died, then the witness
+// missed two pings) must not wait for ever (from a review).
 func (n *Node) markSaved(m cluster.Machine) {
 	n.markMu.Lock()
 	defer n.markMu.Unlock()
+	prevPrim := n.savedPrim
 	n.savedPrim = 0
 	if m.State.Serving() {
 		// Served since start (`duet prim`, say): no start wait left.
 		n.startWait.Store(false)
 	}
-	fromSynced := n.aloneFromSynced
+	fromSynced := n.aloneFromSynced && time.Since(n.aloneSince) < n.rearmWindow()
 	n.aloneFromSynced = false
 	keep := false
 	switch {
@@ -176,7 +181,13 @@ func (n *Node) markSaved(m cluster.Machine) {
 		n.savedPrim = m.Epoch
 		keep = n.markEpoch == m.Epoch
 	case m.State == cluster.Alone:
-		n.aloneFromSynced = fromSynced || n.markOn && n.markEpoch != 0
+		// Only an ALONE term that follows a PRIM one with the mark: not
+		// one taken over alone (`duet prim` in a start wait, say).
+		if fromSynced {
+			n.aloneFromSynced = true
+		} else if prevPrim != 0 && n.markOn && n.markEpoch == prevPrim {
+			n.aloneFromSynced, n.aloneSince = true, time.Now()
+		}
 	case m.Stale:
 	case m.HandedOver:
 		keep = true
@@ -210,6 +221,7 @@ func (n *Node) markAgainLocked(m cluster.Machine) {
 	}
 	n.started.Store(time.Now().UnixNano())
 	n.peerHeard.Store(false)
+	n.startWaitOver.Store(false)
 	if d, forever := n.cfg.Cluster.StartWaitFor(); forever || d > 0 {
 		n.startWait.Store(true)
 		n.log.Info("left the role without a handover after losing a peer that was in sync: it may take over now, so this node takes nothing over before it hears it (cluster.start_wait)",
@@ -217,12 +229,19 @@ func (n *Node) markAgainLocked(m cluster.Machine) {
 	}
 }
 
+// rearmWindow bounds how long after losing a peer in sync an ALONE term
+// that ends without a handover makes the mark again (markSaved): the
+// peer's takeover checks, fencing included (30 s at most), run within it.
+// A peer whose host stalled for longer and then checked finds the VIP
+// free: not covered.
+func (n *Node) rearmWindow() time.Duration { return n.cfg.Cluster.Timeout + time.Minute }
+
 // leftAlone: the daemon stops while ALONE (SIGTERM), without a save: the
 // mark is made again if the lost peer was in sync (see markSaved).
 func (n *Node) leftAlone() {
 	n.markMu.Lock()
 	defer n.markMu.Unlock()
-	if n.aloneFromSynced {
+	if n.aloneFromSynced && time.Since(n.aloneSince) < n.rearmWindow() {
 		if err := n.makeMarkLocked(n.markEpoch); err != nil {
 			n.log.Error("cannot mark in the state directory that the peer, lost while in sync, may take over: a restart of this node alone would not wait for it", "err", err)
 		}

@@ -423,3 +423,55 @@ func TestStoppedPeerNotToldSynced(t *testing.T) {
 		}
 	}
 }
+
+// TestLongAloneStepDownServesAgain (from a review): nodeB's host dies
+// while SECOND; nodeA serves ALONE for days (nodeB, alive, could only
+// have taken over at its first check after the loss: a failed check makes
+// a SECOND stale). A witness blip then steps nodeA down: it must serve
+// again once the witness answers, not wait for nodeB for ever.
+func TestLongAloneStepDownServesAgain(t *testing.T) {
+	const e = 4<<8 | 1
+	dir := t.TempDir()
+	a, prim := primWithMark(t, dir, e, cluster.Peer{Seen: true, Name: "nodeB", State: cluster.Second, Epoch: e})
+	alone, _ := cluster.Step(prim, cluster.Event{Kind: cluster.EvPeerLost})
+	if err := a.persist(alone); err != nil {
+		t.Fatal(err)
+	}
+	a.markMu.Lock()
+	a.aloneSince = a.aloneSince.Add(-48 * time.Hour) // days later
+	a.markMu.Unlock()
+	down, _ := cluster.Step(alone, cluster.Event{Kind: cluster.EvIsolated})
+	if err := a.persist(down); err != nil {
+		t.Fatal(err)
+	}
+	a.vipProbe = func() (bool, string) { return true, "" }
+	a.machine.Store(&down)
+	if serves, why := takesOver(t, a, down); !serves {
+		t.Errorf("ALONE for days after its peer died, stepped down by a witness blip: never serves again on its own: %s", why)
+	}
+}
+
+// TestForcedAloneNotFromSynced (from a review): nodeA in its start wait,
+// nodeB never back, `duet prim`: an ALONE term with no peer in sync at
+// any time. Stepped down later, it must not wait for the peer again.
+func TestForcedAloneNotFromSynced(t *testing.T) {
+	const e = 4<<8 | 1
+	dir := t.TempDir()
+	primWithMark(t, dir, e, cluster.Peer{Seen: true, Name: "nodeB", State: cluster.Second, Epoch: e})
+	a, m := restarted(t, dir, "forever")
+	alone, _ := cluster.Step(m, cluster.Event{Kind: cluster.EvCmdPrim})
+	if alone.State != cluster.Alone {
+		t.Fatalf("the test sees nothing: duet prim gives %s", alone.State)
+	}
+	if err := a.persist(alone); err != nil {
+		t.Fatal(err)
+	}
+	down, _ := cluster.Step(alone, cluster.Event{Kind: cluster.EvIsolated})
+	if err := a.persist(down); err != nil {
+		t.Fatal(err)
+	}
+	a.machine.Store(&down)
+	if serves, why := takesOver(t, a, down); !serves {
+		t.Errorf("ALONE after duet prim, no peer in sync in its term, stepped down: takes nothing over again (%s)", why)
+	}
+}
