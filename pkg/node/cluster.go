@@ -323,9 +323,9 @@ func (n *Node) heartbeat() cluster.Heartbeat {
 	// only with the mark of its term on disk (startwait.go), decided
 	// under markMu (a PRIM's only: other states' heartbeats do not wait
 	// behind a save's directory fsync) so that a save removing the mark
-	// (markSaved) comes wholly before or after it. Not to a stopped peer, which ignores it:
-	// its "stale" is then soon current, and a stop of this node removes
-	// the mark (TestStopAfterStoppedSecondaryRemovesMark).
+	// (markSaved) comes wholly before or after it. Not to a stopped
+	// peer, which ignores it: its "stale" is then soon current, and a
+	// stop of this node removes the mark (TestStoppedPeerNotToldSynced).
 	prim := m.State == cluster.Prim
 	if prim {
 		n.markMu.Lock()
@@ -793,17 +793,19 @@ func (n *Node) pingWitness() error {
 }
 
 // takeoverChecks decide whether this node may take over a peer it lost:
-// it must reach the witness, nobody may answer for the VIP, and the
+// it must not be waiting for its peer (startWaitCheck), it must reach
+// the witness, nobody may answer for the VIP, and the
 // fencing command must succeed. The VIP probe may have passed already, in
 // the last stretch of the silence (see precheck). held reports a failure
 // that found the role held elsewhere (the VIP answered: cluster.Event.Held).
 func (n *Node) takeoverChecks(ctx context.Context) (ok bool, why string, held bool) {
-	// The witness first, and after the peer was declared lost: a
-	// primary releases the calls it holds once the witness answered
-	// since then (peerCannotTakeOver).
+	// A node waiting for its peer after a start checks nothing else.
 	if ok, why := n.startWaitCheck(); !ok {
 		return false, why, false
 	}
+	// The witness first, and after the peer was declared lost: a
+	// primary releases the calls it holds once the witness answered
+	// since then (peerCannotTakeOver).
 	if ok, why := n.witnessCheck(); !ok {
 		return false, why, false
 	}

@@ -25,11 +25,11 @@ import (
 // able to take over) only once a mark in the state directory says so:
 // the mark (an empty file, which needs no data block on a full disk) is
 // made before the first such heartbeat of a term and removed when a save
-// of the machine says the peer can no longer take over from this copy: a
-// new term, ALONE, STOP, SECOND or stale. A node that starts with the
-// mark, not stale and not handed over, takes nothing over before it has
-// heard its peer (or start_wait has passed, or the operator runs `duet
-// prim`): the takeover checks fail with why.
+// of the machine says the peer can no longer take over from this copy
+// (markSaved). A node that starts with the mark, not stale and not handed
+// over, takes nothing over before a heartbeat of its peer settles it (or
+// start_wait has passed, or the operator runs `duet prim`): the takeover
+// checks fail with why. docs/DESIGN.md §7, "The start wait".
 
 // peerSyncedMarkPath is the mark.
 func (n *Node) peerSyncedMarkPath() string { return filepath.Join(n.cfg.StateDir, "peer-in-sync") }
