@@ -67,7 +67,8 @@ unit: ## unit tests of the pure packages (no root needed)
 race: ## the unit tests, and those of the other packages that need no lab, under the race detector
 	@# Go turns cgo off when it finds no C compiler, and -race needs cgo.
 	@[ "$$($(GO) env CGO_ENABLED)" = 1 ] || { echo "go test -race needs cgo, and Go found no C compiler ($$($(GO) env CC)): apt-get install gcc"; exit 1; }
-	$(GO) test -count=1 -race $(RACE_PKGS)
+	@# As root (sudo otherwise): make test's plain pass leaves these packages to it.
+	$(SUDO) $(GO) test -count=1 -race $(RACE_PKGS)
 
 fuzz: ## short fuzz runs of the frame decoder, the heartbeat parser and the applier's confinement
 	$(GO) test -run '^$$' -fuzz FuzzDecodeFrame -fuzztime $(FUZZTIME) ./pkg/wire/

@@ -183,7 +183,7 @@ func printStatus(w io.Writer, st *node.Status, output string) error {
 		stale = " (handed the role over: takes nothing over until the peer is heard, or `duet prim --force`)"
 	}
 	if st.WaitingForPeer != "" {
-		stale = " (WAITING FOR THE PEER: " + st.WaitingForPeer + ")"
+		stale = " (WAITING: " + st.WaitingForPeer + ")"
 	}
 	fmt.Fprintf(w, "node %s  state %s  epoch %d%s  in sync: %s  version %s\n", st.Node, st.State, st.Epoch, stale, yes[st.InSync], st.Version)
 	p := st.PeerState

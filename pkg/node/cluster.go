@@ -493,8 +493,8 @@ func (n *Node) runCluster(ctx context.Context, m cluster.Machine, conns []*net.U
 		n.sendHeartbeats(hctx, conns, peers)
 	}()
 	n.loop(ctx, m)
-	if m := n.machine.Load(); m.HandedOver {
-		time.Sleep(3 * n.cfg.Cluster.Interval) // the handover heartbeats go out
+	if m := n.machine.Load(); m.HandedOver || n.saidStop.Load() {
+		time.Sleep(3 * n.cfg.Cluster.Interval) // the handover (or stop) heartbeats go out
 	}
 	cancel()
 	for _, c := range conns {
@@ -651,6 +651,19 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 			if m.State.Serving() {
 				n.log.Info("daemon stopping: leaving the primary role")
 				n.unserve(context.Background())
+				return
+			}
+			if m.State == cluster.Second || m.State == cluster.Wait {
+				// Said to the peer (STOP, stale if it serves, saved
+				// first) before the heartbeats end: it then knows this
+				// copy cannot take over, and does not wait for it after
+				// a restart alone (startwait.go; without it, `stop the
+				// secondary, stop the primary, start the primary` left
+				// the primary waiting: TestResyncResumesAfterCrash).
+				n.log.Info("daemon stopping: telling the peer this node stops")
+				apply(cluster.Event{Kind: cluster.EvCmdStop})
+				n.saidStop.Store(true)
+				n.kickHeartbeat()
 			}
 			return
 		case ev := <-n.events:

@@ -169,6 +169,9 @@ type Node struct {
 	aloneFromSynced bool
 	aloneSince      time.Time
 	markErr         atomic.Bool
+	// saidStop: a daemon stopping while WAIT or SECOND saved and
+	// published STOP for its last heartbeats (loop).
+	saidStop atomic.Bool
 
 	machine       atomic.Pointer[cluster.Machine]
 	events        chan cluster.Event

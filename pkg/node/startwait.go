@@ -80,7 +80,7 @@ func (n *Node) startWaitCheck() (bool, string) {
 		}
 		return true, ""
 	}
-	return false, fmt.Sprintf("waiting for the peer (%s, cluster.start_wait %s): this node served last with the peer in sync, and the peer may have served after it went down; `duet prim` serves this copy now, setting aside what the peer acknowledged since",
+	return false, fmt.Sprintf("not heard from the peer (%s) since its copy could take over from this one: it may have served since (cluster.start_wait %s); `duet prim` serves this copy now, setting aside what the peer acknowledged meanwhile",
 		n.cfg.Peer, n.cfg.Cluster.StartWait)
 }
 
@@ -89,14 +89,14 @@ func (n *Node) startWaitCheck() (bool, string) {
 // stale then: cluster.stepWait), or its start wait.
 func (n *Node) waitingForPeer() string {
 	m := n.machine.Load()
-	if m == nil || m.State != cluster.Wait || m.HandedOver {
+	if m == nil || m.State != cluster.Wait {
 		return ""
 	}
 	if p := m.Peer; p.Seen && p.State == cluster.Stop && !p.Stale && p.Epoch > m.Epoch {
 		return fmt.Sprintf("%s is stopped and its copy is newer (epoch %d, here %d): `duet start` on it, or `duet prim --force` here, which sets aside what it has that this copy lacks",
 			p.Label(), p.Epoch, m.Epoch)
 	}
-	if m.Stale {
+	if m.Stale || m.HandedOver {
 		return ""
 	}
 	if ok, why := n.startWaitCheck(); !ok {
@@ -180,12 +180,25 @@ func (n *Node) markSaved(m cluster.Machine) {
 	case m.State == cluster.Prim:
 		n.savedPrim = m.Epoch
 		keep = n.markEpoch == m.Epoch
+		if !keep && m.Peer.Seen && m.Peer.Handover {
+			// A term handed over by the peer: the giver takes the role
+			// back if this node dies before it hears it serve
+			// (cluster.step), as a SECOND takes over: marked from its
+			// start (TestTakebackThenReceiverBackAloneWaits).
+			if err := n.makeMarkLocked(m.Epoch); err != nil {
+				n.log.Error("cannot mark in the state directory that the peer, which handed the role over, may take it back: a restart of this node alone would not wait for it", "err", err)
+			}
+			keep = true
+		}
 	case m.State == cluster.Alone:
 		// Only an ALONE term that follows a PRIM one with the mark: not
 		// one taken over alone (`duet prim` in a start wait, say).
-		if fromSynced {
+		// Nor one whose peer said, before it was lost, that it stops
+		// (its daemon's last heartbeats: STOP, stale).
+		stopped := m.Peer.State == cluster.Stop && m.Peer.Stale
+		if fromSynced && !stopped {
 			n.aloneFromSynced = true
-		} else if prevPrim != 0 && n.markOn && n.markEpoch == prevPrim {
+		} else if prevPrim != 0 && n.markOn && n.markEpoch == prevPrim && !stopped {
 			n.aloneFromSynced, n.aloneSince = true, time.Now()
 		}
 	case m.Stale:

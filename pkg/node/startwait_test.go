@@ -2,12 +2,14 @@ package node
 
 import (
 	"context"
+	"log/slog"
 	"os"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/duet-ha/duet/pkg/cluster"
+	"github.com/duet-ha/duet/pkg/config"
 	"github.com/duet-ha/duet/pkg/replica"
 )
 
@@ -91,7 +93,7 @@ func TestStartWaitAfterFailuresInTurn(t *testing.T) {
 	}
 	if serves, why := takesOver(t, n, m); serves {
 		t.Fatalf("nodeA, back alone after serving with nodeB in sync, served its copy (epoch %d) while nodeB may hold writes it acknowledged alone (epoch %d)", e, b.Epoch)
-	} else if !strings.Contains(why, "waiting for the peer") {
+	} else if !strings.Contains(why, "not heard from the peer") {
 		t.Fatalf("not taking over, but why: %q", why)
 	}
 	if s := n.waitingForPeer(); !strings.Contains(s, "cluster.start_wait forever") {
@@ -473,5 +475,101 @@ func TestForcedAloneNotFromSynced(t *testing.T) {
 	a.machine.Store(&down)
 	if serves, why := takesOver(t, a, down); !serves {
 		t.Errorf("ALONE after duet prim, no peer in sync in its term, stepped down: takes nothing over again (%s)", why)
+	}
+}
+
+// TestTakebackThenReceiverBackAloneWaits (from a review): failures in
+// turn through a swap's take-back. nodeA (PRIM, nodeB in sync) runs `duet
+// swap`; nodeB serves (PRIM, saved) and dies before nodeA heard it serve;
+// nodeA, handed over, takes the role back (TestHandoverThenPeerLost),
+// acknowledges writes ALONE and dies. nodeB alone comes back: its term,
+// handed over by nodeA, never said "synced" (nodeA was WAIT), yet nodeA
+// could take over after it: nodeB must wait.
+func TestTakebackThenReceiverBackAloneWaits(t *testing.T) {
+	const e = 4<<8 | 1
+	dirA, dirB := t.TempDir(), t.TempDir()
+	a, prim := primWithMark(t, dirA, e, cluster.Peer{Seen: true, Name: "nodeB", State: cluster.Second, Epoch: e})
+	giver, _ := cluster.Step(prim, cluster.Event{Kind: cluster.EvCmdSwap})
+	if giver.State != cluster.Wait || !giver.HandedOver {
+		t.Fatalf("swap: %s handed over %v", giver.State, giver.HandedOver)
+	}
+	if err := a.persist(giver); err != nil {
+		t.Fatal(err)
+	}
+	bNode := testNode(t, dirB)
+	b := cluster.Machine{Name: "nodeB", ID: 2, State: cluster.Second, Epoch: e,
+		Peer: cluster.Peer{Seen: true, Name: "nodeA", State: cluster.Prim, Epoch: e, Synced: true}}
+	b, _ = cluster.Step(b, cluster.Event{Kind: cluster.EvPeer, Peer: cluster.Peer{Name: "nodeA", State: cluster.Wait, Epoch: e, Handover: true}})
+	if b.State != cluster.Prim {
+		t.Fatalf("the test sees nothing: nodeB does not take the handover (%s)", b.State)
+	}
+	if err := bNode.persist(b); err != nil {
+		t.Fatal(err)
+	}
+	giver, _ = cluster.Step(giver, cluster.Event{Kind: cluster.EvPeerLost}) // checks begin
+	a.vipProbe = func() (bool, string) { return true, "" }
+	a.machine.Store(&giver)
+	ok, why, held := a.takeoverChecks(context.Background())
+	if back, _ := cluster.Step(giver, cluster.Event{Kind: cluster.EvChecked, OK: ok, Why: why, Held: held}); !back.State.Serving() {
+		t.Fatalf("the test sees nothing: nodeA does not take the role back: %s", why)
+	}
+	n, m := restarted(t, dirB, "forever")
+	if serves, _ := takesOver(t, n, m); serves {
+		t.Fatal("nodeB, back alone after a term handed over by nodeA, serves although nodeA took the role back after it and acknowledged writes alone")
+	}
+}
+
+// TestSecondStopSaysStop: a SECOND whose daemon stops (SIGTERM: systemctl
+// stop, a reboot) saves and says STOP, stale, in its last heartbeats; the
+// primary, hearing it before it loses the node, goes ALONE without
+// re-arming its start wait, so that "stop the secondary, stop the
+// primary, start the primary" serves (TestResyncResumesAfterCrash in the
+// lab waited for ever without it).
+func TestSecondStopSaysStop(t *testing.T) {
+	const e = 4<<8 | 1
+	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	cfg := &config.Config{Node: "nodeB", StateDir: t.TempDir(), Cluster: config.Cluster{Interval: time.Hour, Timeout: 3 * time.Hour}}
+	b := &Node{cfg: cfg, log: log, events: make(chan cluster.Event, 1), cmds: make(chan command),
+		hbKick: make(chan struct{}, 1), barrierTimeout: defaultBarrierTimeout}
+	var err error
+	if b.guard, err = newGuard(cfg); err != nil {
+		t.Fatal(err)
+	}
+	if b.hooks, err = newHooks(cfg, log); err != nil {
+		t.Fatal(err)
+	}
+	m := cluster.Machine{Name: "nodeB", ID: 2, State: cluster.Second, Epoch: e,
+		Peer: cluster.Peer{Seen: true, Name: "nodeA", State: cluster.Prim, Epoch: e, Synced: true}}
+	b.machine.Store(&m)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		b.loop(ctx, m)
+	}()
+	cancel()
+	<-done
+	got := b.machine.Load()
+	if got.State != cluster.Stop || !got.Stale || !b.saidStop.Load() {
+		t.Fatalf("a SECOND's daemon stopping publishes %s stale %v (said %v): want STOP, stale", got.State, got.Stale, b.saidStop.Load())
+	}
+	if r, err := b.loadMachine(); err != nil || !r.Stale {
+		t.Fatalf("saved: stale %v (%v), want stale", r.Stale, err)
+	}
+
+	// nodeA hears it, then loses nodeB, then is stopped and started.
+	dir := t.TempDir()
+	a, prim := primWithMark(t, dir, e, cluster.Peer{Seen: true, Name: "nodeB", State: cluster.Second, Epoch: e})
+	prim, _ = cluster.Step(prim, cluster.Event{Kind: cluster.EvPeer, Peer: cluster.Peer{Name: "nodeB", State: got.State, Epoch: got.Epoch, Stale: got.Stale}})
+	alone, _ := cluster.Step(prim, cluster.Event{Kind: cluster.EvPeerLost})
+	if alone.State != cluster.Alone {
+		t.Fatalf("the test sees nothing: %s", alone.State)
+	}
+	if err := a.persist(alone); err != nil {
+		t.Fatal(err)
+	}
+	a.leftAlone()
+	if n, _ := restarted(t, dir, "forever"); n.startWait.Load() {
+		t.Fatal("nodeA, whose secondary said it stopped, waits for it after a restart alone")
 	}
 }
