@@ -487,12 +487,10 @@ func TestHandoverAtStopHearsThePeer(t *testing.T) {
 	}
 }
 
-// TestStateChangeAnnouncedAtOnce: a node that turns SECOND says so in a
-// heartbeat sent at once, not at the next tick (the primary counts it in
-// sync only then: a restart of both nodes waited for it, issue 18). The
-// tick here is an hour away.
-func TestStateChangeAnnouncedAtOnce(t *testing.T) {
-	const e = 3<<8 | 1
+// loopNode is nodeB, ready for its cluster loop (n.loop), with a tick an
+// hour away.
+func loopNode(t *testing.T) *Node {
+	t.Helper()
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
 	cfg := &config.Config{Node: "nodeB", StateDir: t.TempDir(), Cluster: config.Cluster{Interval: time.Hour, Timeout: 3 * time.Hour}}
 	n := &Node{cfg: cfg, log: log, events: make(chan cluster.Event, 1), cmds: make(chan command),
@@ -504,6 +502,16 @@ func TestStateChangeAnnouncedAtOnce(t *testing.T) {
 	if n.hooks, err = newHooks(cfg, log); err != nil {
 		t.Fatal(err)
 	}
+	return n
+}
+
+// TestStateChangeAnnouncedAtOnce: a node that turns SECOND says so in a
+// heartbeat sent at once, not at the next tick (the primary counts it in
+// sync only then: a restart of both nodes waited for it, issue 18). The
+// tick here is an hour away.
+func TestStateChangeAnnouncedAtOnce(t *testing.T) {
+	const e = 3<<8 | 1
+	n := loopNode(t)
 	m := cluster.Machine{Name: "nodeB", ID: 2, State: cluster.Wait, Stale: true, Epoch: e}
 	n.machine.Store(&m)
 	ctx, cancel := context.WithCancel(context.Background())

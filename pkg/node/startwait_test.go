@@ -2,14 +2,12 @@ package node
 
 import (
 	"context"
-	"log/slog"
 	"os"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/duet-ha/duet/pkg/cluster"
-	"github.com/duet-ha/duet/pkg/config"
 	"github.com/duet-ha/duet/pkg/replica"
 )
 
@@ -527,17 +525,7 @@ func TestTakebackThenReceiverBackAloneWaits(t *testing.T) {
 // lab waited for ever without it).
 func TestSecondStopSaysStop(t *testing.T) {
 	const e = 4<<8 | 1
-	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
-	cfg := &config.Config{Node: "nodeB", StateDir: t.TempDir(), Cluster: config.Cluster{Interval: time.Hour, Timeout: 3 * time.Hour}}
-	b := &Node{cfg: cfg, log: log, events: make(chan cluster.Event, 1), cmds: make(chan command),
-		hbKick: make(chan struct{}, 1), barrierTimeout: defaultBarrierTimeout}
-	var err error
-	if b.guard, err = newGuard(cfg); err != nil {
-		t.Fatal(err)
-	}
-	if b.hooks, err = newHooks(cfg, log); err != nil {
-		t.Fatal(err)
-	}
+	b := loopNode(t)
 	m := cluster.Machine{Name: "nodeB", ID: 2, State: cluster.Second, Epoch: e,
 		Peer: cluster.Peer{Seen: true, Name: "nodeA", State: cluster.Prim, Epoch: e, Synced: true}}
 	b.machine.Store(&m)
