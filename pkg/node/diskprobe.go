@@ -167,11 +167,31 @@ func (n *Node) probeUnits() []*probeUnit {
 // the VIP, unless a service noticed and failed (one that only reads, or
 // NFS clients that wait, does not).
 func (n *Node) watchDisks(ctx context.Context) {
-	n.watchUnits(ctx, n.probeUnits())
+	n.watchUnits(ctx, n.probeUnits(), nil)
 }
 
-// watchUnits is watchDisks on the filesystems units.
-func (n *Node) watchUnits(ctx context.Context, units []*probeUnit) {
+// watchStateDir probes the state_dir's filesystem, for the daemon's whole
+// run, while the node does not serve (watchDisks does while it serves),
+// and makes the node fail as a crashed daemon does when it fails. A
+// secondary, or a primary that had just handed the role over, with its
+// state_dir's disk dead had stayed up for ever: it could record nothing
+// (its copy's sync point, that its copy is stale), its heartbeats kept the
+// peer PRIM instead of ALONE, and, its stale mark unsaved, held the new
+// primary's durability calls. A nemesis run found it: MariaDB's check
+// failed on the read-only disk before the next probe, the role was handed
+// over, and the old primary stayed a secondary that could not apply.
+func (n *Node) watchStateDir(ctx context.Context) {
+	var st unix.Stat_t
+	if n.cfg.StateDir == "" || unix.Stat(n.cfg.StateDir, &st) != nil {
+		return
+	}
+	units := []*probeUnit{{path: n.cfg.StateDir, dev: st.Dev, state: true}}
+	n.watchUnits(ctx, units, func() bool { return n.servingPrimaries() != nil })
+}
+
+// watchUnits is watchDisks on the filesystems units. While skip (if not
+// nil) says so, no new probe starts; one in flight is still judged.
+func (n *Node) watchUnits(ctx context.Context, units []*probeUnit, skip func() bool) {
 	type result struct {
 		u   *probeUnit
 		err error
@@ -220,12 +240,16 @@ func (n *Node) watchUnits(ctx context.Context, units []*probeUnit) {
 				n.log.Warn("probing a filesystem failed, not as a failed disk does: nothing done", "path", r.u.path, "err", r.err)
 			}
 		case <-t.C:
+			idle := skip != nil && skip()
 			for _, u := range units {
 				if at, ok := started[u]; ok {
 					if !hung[u] && time.Since(at) > diskProbeHang {
 						hung[u] = true
 						failed(u, fmt.Errorf("no answer in %s: %w", diskProbeHang, errProbeHung))
 					}
+					continue
+				}
+				if idle {
 					continue
 				}
 				started[u] = time.Now()

@@ -190,6 +190,47 @@ func TestStateDirDiskFailedFailsAsCrashed(t *testing.T) {
 	}
 }
 
+// TestStateDirFailsWhileNotServing: a node that does not serve (a
+// secondary, or a primary that has just handed the role over because a
+// service failed on the dead disk first) exits too when its state_dir's
+// disk fails. It had stayed up for ever, a secondary that could neither
+// apply nor record that its copy is stale, keeping the peer PRIM instead
+// of ALONE (TestNemesis, disk-fails-primary: "b is PRIM after 30s, want
+// ALONE").
+func TestStateDirFailsWhileNotServing(t *testing.T) {
+	f := loopfs.Make(t, "xfs", 300)
+	state := filepath.Join(f.Mount, "state")
+	if err := os.Mkdir(state, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	n := testNode(t, state)
+	n.events = make(chan cluster.Event, 4)
+	exited := make(chan int, 4)
+	n.exit = func(code int) { exited <- code }
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		n.watchStateDir(ctx)
+	}()
+	defer func() { cancel(); <-done }()
+	time.Sleep(diskProbeInterval + 200*time.Millisecond)
+	select {
+	case <-exited:
+		t.Fatal("exited with the state_dir's disk working")
+	default:
+	}
+	shutDown(t, f.Mount)
+	select {
+	case code := <-exited:
+		if code != 1 {
+			t.Errorf("exit status %d, want 1", code)
+		}
+	case <-time.After(3 * diskProbeInterval):
+		t.Fatal("the disk holding state_dir failed under a node that does not serve, and the daemon did not exit")
+	}
+}
+
 // TestProbeErrorNotADiskFailure: a probe that fails other than as a dead
 // disk does (the directory removed) changes nothing: a role handed over
 // for it would be a false takeover.
@@ -218,7 +259,7 @@ func watching(n *Node, units []*probeUnit) (stop func()) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		n.watchUnits(ctx, units)
+		n.watchUnits(ctx, units, nil)
 	}()
 	return func() { cancel(); <-done }
 }

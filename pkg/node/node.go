@@ -336,6 +336,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 		}
 	})
 	goRun(func() { n.serveControl(ctx, ctl) })
+	goRun(func() { n.watchStateDir(ctx) })
 	goRun(func() {
 		t := time.NewTicker(time.Second)
 		defer t.Stop()
