@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -14,7 +15,8 @@ import (
 )
 
 // diskProbeInterval is how often a serving node checks the filesystems of
-// its replicated directories and of its state_dir (diskProbe).
+// its replicated directories and of its state_dir, and a node that does
+// not serve its state_dir's (diskProbe).
 const diskProbeInterval = time.Second
 
 // diskProbeHang is how long a probe may go unanswered before the disk
@@ -167,26 +169,52 @@ func (n *Node) probeUnits() []*probeUnit {
 // the VIP, unless a service noticed and failed (one that only reads, or
 // NFS clients that wait, does not).
 func (n *Node) watchDisks(ctx context.Context) {
-	n.watchUnits(ctx, n.probeUnits(), nil)
+	units := n.probeUnits()
+	if slices.ContainsFunc(units, func(u *probeUnit) bool { return u.state }) {
+		n.stateProbed.Add(1)
+		defer n.stateProbed.Add(-1)
+	}
+	n.watchUnits(ctx, units, nil)
 }
 
-// watchStateDir probes the state_dir's filesystem, for the daemon's whole
-// run, while the node does not serve (watchDisks does while it serves),
-// and makes the node fail as a crashed daemon does when it fails. A
-// secondary, or a primary that had just handed the role over, with its
-// state_dir's disk dead had stayed up for ever: it could record nothing
-// (its copy's sync point, that its copy is stale), its heartbeats kept the
-// peer PRIM instead of ALONE, and, its stale mark unsaved, held the new
-// primary's durability calls. A nemesis run found it: MariaDB's check
-// failed on the read-only disk before the next probe, the role was handed
-// over, and the old primary stayed a secondary that could not apply.
+// watchStateDir probes the state_dir's filesystem for the daemon's whole
+// run, in every role (STOP included), except while a serving term's
+// watchDisks does it (its context is ended first thing when the term
+// ends, not once its goroutines are gone: a Primary stuck in a dead
+// disk's read holds stopPrimary, and this watcher takes over within a
+// probe interval; from a review). A failure makes the node fail as a
+// crashed daemon does. A secondary, or a primary that had just handed the
+// role over, with its state_dir's disk dead had stayed up for ever: it
+// could record nothing (its copy's sync point, that its copy is stale),
+// its heartbeats kept the peer PRIM instead of ALONE, and, its stale mark
+// unsaved, held the new primary's durability calls. A nemesis run found
+// it: MariaDB's check failed on the read-only disk before the next probe,
+// the role was handed over, and the old primary stayed a secondary that
+// could not apply. A disk that stops answering is seen only if the
+// directory's fsync has something to write, which on a node that does not
+// serve is rare.
 func (n *Node) watchStateDir(ctx context.Context) {
 	var st unix.Stat_t
-	if n.cfg.StateDir == "" || unix.Stat(n.cfg.StateDir, &st) != nil {
+	if n.cfg.StateDir == "" {
+		return
+	}
+	if err := unix.Stat(n.cfg.StateDir, &st); err != nil {
+		if diskBroken(err) {
+			n.stateDirFailed(err)
+			return
+		}
+		n.log.Error("the state_dir cannot be probed: a failure of its disk will not be seen while this node does not serve", "state_dir", n.cfg.StateDir, "err", err)
 		return
 	}
 	units := []*probeUnit{{path: n.cfg.StateDir, dev: st.Dev, state: true}}
-	n.watchUnits(ctx, units, func() bool { return n.servingPrimaries() != nil })
+	n.watchUnits(ctx, units, func() bool { return n.stateProbed.Load() > 0 })
+}
+
+// stateDirFailed makes the node fail as a crashed daemon does, the disk
+// holding its state_dir failed with err.
+func (n *Node) stateDirFailed(err error) {
+	n.failAsCrashed("the disk holding state_dir failed: this node fails as a crashed daemon does (services killed, VIP removed, the daemon exits)",
+		"state_dir", n.cfg.StateDir, "err", err)
 }
 
 // watchUnits is watchDisks on the filesystems units. While skip (if not
@@ -206,8 +234,7 @@ func (n *Node) watchUnits(ctx context.Context, units []*probeUnit, skip func() b
 			// First, and nothing written: a write to the state_dir
 			// waits for ever on a disk that stopped answering (from a
 			// review). The restart finds the copies Crashed.
-			n.failAsCrashed("the disk holding state_dir failed: this node fails as a crashed daemon does (services killed, VIP removed, the daemon exits)",
-				"state_dir", n.cfg.StateDir, "err", err)
+			n.stateDirFailed(err)
 			return
 		}
 		for _, i := range u.dirs {

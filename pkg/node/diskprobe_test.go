@@ -3,6 +3,8 @@ package node
 import (
 	"context"
 	"errors"
+	"github.com/duet-ha/duet/pkg/vip"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -231,6 +233,39 @@ func TestStateDirFailsWhileNotServing(t *testing.T) {
 	}
 }
 
+// TestStateDirProbedAtTermEnd: at a term's end its disk watcher is gone
+// at once, but its primaries stay listed until their goroutines end, which
+// a Primary stuck in a dead disk's read never does; the state_dir is
+// probed meanwhile. A first version skipped while primaries were listed:
+// the node, services stopped and VIP removed, said PRIM on and nothing
+// probed (from a review).
+func TestStateDirProbedAtTermEnd(t *testing.T) {
+	f := loopfs.Make(t, "xfs", 300)
+	state := filepath.Join(f.Mount, "state")
+	if err := os.Mkdir(state, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	n := testNode(t, state)
+	n.events = make(chan cluster.Event, 4)
+	exited := make(chan int, 64)
+	n.exit = func(code int) { exited <- code }
+	n.primaries = []*replica.Primary{nil} // the ended term's, still listed
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		n.watchStateDir(ctx)
+	}()
+	defer func() { cancel(); <-done }()
+	time.Sleep(200 * time.Millisecond) // the watcher started (the disk fails once it probes)
+	shutDown(t, f.Mount)
+	select {
+	case <-exited:
+	case <-time.After(3 * diskProbeInterval):
+		t.Fatal("the state_dir's disk failed after the term's disk watcher ended, its primaries still listed: the daemon did not exit")
+	}
+}
+
 // TestProbeErrorNotADiskFailure: a probe that fails other than as a dead
 // disk does (the directory removed) changes nothing: a role handed over
 // for it would be a false takeover.
@@ -308,4 +343,21 @@ func devOf(t *testing.T, path string) uint64 {
 		t.Fatal(err)
 	}
 	return st.Dev
+}
+
+// TestNoVIPAfterFailing: a term that starts while the node fails as a
+// crashed daemon does (the state_dir's watcher runs at a term's start)
+// does not add the VIP once failAsCrashed has removed it: the daemon
+// gone, the address left would keep the peer from taking over (from a
+// review).
+func TestNoVIPAfterFailing(t *testing.T) {
+	n := testNode(t, t.TempDir())
+	n.exit = func(int) {}
+	n.failAsCrashed("test")
+	n.vip = &vip.VIP{Prefix: netip.MustParsePrefix("10.250.9.9/24"), Iface: "duet-no-such-if"}
+	n.vipFreeAt.Store(time.Now().UnixNano()) // checks just made: no probe
+	err := n.takeVIP(context.Background())
+	if err == nil || !strings.Contains(err.Error(), "failing") {
+		t.Errorf("takeVIP after failAsCrashed: %v, want a refusal before the address is added", err)
+	}
 }

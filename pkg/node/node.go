@@ -5,6 +5,7 @@ package node
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -117,6 +118,16 @@ type Node struct {
 	// vipFreeAt is when a takeover's checks last found the VIP free
 	// (unix ns; 0: not since the last takeVIP).
 	vipFreeAt atomic.Int64
+	// vipMu orders a VIP's adding (takeVIP) with failAsCrashed, which
+	// sets failing first: a term starting while the state_dir's watcher
+	// fails the node must not add the address after it was removed, the
+	// daemon gone and the peer kept from taking over (from a review).
+	vipMu   sync.Mutex
+	failing bool
+	// stateProbed counts the running serving watchers that probe the
+	// state_dir's filesystem (watchDisks): watchStateDir does not while
+	// one does.
+	stateProbed atomic.Int32
 	// pre is the takeover's precheck of the peer's current silence.
 	pre atomic.Pointer[precheck]
 	// vipProbe replaces vipCheck's ARP probe (tests); a failure counts as
@@ -221,6 +232,23 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 			n.btrfs = append(n.btrfs, t.btrfs)
 		}
 	}
+	if v := cfg.VIP; v != nil {
+		p, _ := netip.ParsePrefix(v.Address)
+		n.vip = &vip.VIP{Prefix: p, Iface: v.Interface}
+		if err := n.vip.Check(); err != nil {
+			return err
+		}
+		// A crash may have left the address here: a node starts without
+		// it. Before anything on the disks is read: a daemon that failed
+		// on a dead disk and cannot start again must not keep the peer
+		// from taking over (from a review).
+		if held, err := n.vip.Held(); err == nil && held {
+			log.Warn("VIP left on this host by an earlier run: removing it", "vip", n.vip.String())
+			if err := n.vip.Remove(); err != nil {
+				return err
+			}
+		}
+	}
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("state_dir %q: %w", cfg.StateDir, err)
 	}
@@ -251,20 +279,6 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	}
 	firstClock, _ := readClocks() // before the check: a step from here on is the watcher's
 	n.checkClockAtStart()
-	if v := cfg.VIP; v != nil {
-		p, _ := netip.ParsePrefix(v.Address)
-		n.vip = &vip.VIP{Prefix: p, Iface: v.Interface}
-		if err := n.vip.Check(); err != nil {
-			return err
-		}
-		// A crash may have left the address here: a node starts without it.
-		if held, err := n.vip.Held(); err == nil && held {
-			log.Warn("VIP left on this host by an earlier run: removing it", "vip", n.vip.String())
-			if err := n.vip.Remove(); err != nil {
-				return err
-			}
-		}
-	}
 	m, err := n.loadMachine()
 	if err != nil {
 		return err
@@ -537,7 +551,14 @@ func (n *Node) takeVIP(ctx context.Context) error {
 			return fmt.Errorf("VIP %s is already in use by %s on the network", n.vip.Prefix.Addr(), owner)
 		}
 	}
-	if err := n.vip.Add(); err != nil {
+	n.vipMu.Lock()
+	if n.failing {
+		n.vipMu.Unlock()
+		return errors.New("this node is failing as a crashed daemon does: the VIP is not added")
+	}
+	err := n.vip.Add()
+	n.vipMu.Unlock()
+	if err != nil {
 		return err
 	}
 	if err := n.vip.Announce(ctx, 1, 0); err != nil {

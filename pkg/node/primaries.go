@@ -369,6 +369,9 @@ func (n *Node) failAsCrashed(msg string, args ...any) {
 			n.log.Error("services still not gone: removing the VIP and exiting anyway", "after", failKillWait)
 		}
 	}
+	n.vipMu.Lock()
+	n.failing = true // no term adds the VIP from now on
+	n.vipMu.Unlock()
 	if n.vip != nil {
 		// A VIP left here (or added by the takeVIP of a term that failed
 		// at once) keeps the peer from taking over until the restarted
