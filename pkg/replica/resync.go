@@ -178,6 +178,11 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	for ctx.Err() == nil && !p.out.empty() {
 		p.work.Wait()
 	}
+	if ctx.Err() != nil {
+		// Ended while it waited (or probed the disk): nothing taken.
+		p.mu.Unlock()
+		return ctx.Err()
+	}
 	seq := p.out.next
 	// The scan below sees every change counted so far.
 	mark := p.added
@@ -214,11 +219,15 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	p.out.resyncBegins()
 	gen := p.lin.gen
 	p.mu.Unlock()
+	// Before anything is read, and before any return: a change after
+	// this point emits a record. A mark left set with its change dropped
+	// from the journal silences that inode for the rest of the term (a
+	// directory: every entry made in it later is never shipped,
+	// TestResyncCutAtStartLeavesMarksStuck).
+	forgetMarks(kernel, dropped)
 	if ctx.Err() != nil {
 		return ctx.Err()
 	}
-	// Before anything is read: a change after this point emits a record.
-	forgetMarks(kernel, dropped)
 	cut := func(ns int64) string {
 		if ns == 0 {
 			return "-"
