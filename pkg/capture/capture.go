@@ -635,6 +635,32 @@ func (c *Capture) nextEpoch() {
 	}
 }
 
+// Marks lists the in-flight marks: the inodes with an ATTR mark and the
+// chunks with a data mark. With the ring drained and the sequence
+// unchanged since, every mark listed should have a change waiting in user
+// space to forget it (node's auditMarks).
+func (c *Capture) Marks() (attrs []InodeKey, chunks []CaptureChunkKey, err error) {
+	var ik CaptureInodeKey
+	var iv uint8
+	it := c.objs.Attrs.Iterate()
+	for it.Next(&ik, &iv) {
+		attrs = append(attrs, InodeKey{Dev: ik.Dev, Ino: ik.Ino})
+	}
+	if err := it.Err(); err != nil {
+		return nil, nil, fmt.Errorf("reading the attribute marks: %w", err)
+	}
+	var ck CaptureChunkKey
+	var cv uint64
+	it = c.objs.Chunks.Iterate()
+	for it.Next(&ck, &cv) {
+		chunks = append(chunks, ck)
+	}
+	if err := it.Err(); err != nil {
+		return nil, nil, fmt.Errorf("reading the data marks: %w", err)
+	}
+	return attrs, chunks, nil
+}
+
 // ForgetAttr drops the in-flight ATTR mark of an inode. Call it before
 // reading the inode's metadata.
 func (c *Capture) ForgetAttr(k InodeKey) {

@@ -142,6 +142,37 @@ func TestForgetChunksSkipsMissing(t *testing.T) {
 	}
 }
 
+// TestMarksListsEveryMark: Marks lists the attribute and data marks set,
+// and none once forgotten (the node's audit of stuck marks reads them).
+func TestMarksListsEveryMark(t *testing.T) {
+	loopfs.RequireRoot(t)
+	c, err := Open(Options{})
+	if err != nil {
+		t.Fatalf("Open: %v", err)
+	}
+	defer c.Close()
+	ik := CaptureInodeKey{Dev: 3, Ino: 77}
+	if err := c.objs.Attrs.Put(&ik, uint8(1)); err != nil {
+		t.Fatal(err)
+	}
+	ck := CaptureChunkKey{Dev: 3, Ino: 78, Chunk: 5}
+	if err := c.objs.Chunks.Put(&ck, uint64(1)); err != nil {
+		t.Fatal(err)
+	}
+	attrs, chunks, err := c.Marks()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(attrs) != 1 || attrs[0] != (InodeKey{Dev: 3, Ino: 77}) || len(chunks) != 1 || chunks[0] != ck {
+		t.Fatalf("Marks: %v %v, want inode 77's attribute mark and inode 78's chunk 5", attrs, chunks)
+	}
+	c.ForgetAttr(attrs[0])
+	c.ForgetChunks(chunks)
+	if attrs, chunks, err = c.Marks(); err != nil || len(attrs)+len(chunks) != 0 {
+		t.Errorf("after forgetting: %v %v (%v)", attrs, chunks, err)
+	}
+}
+
 // TestChunkCoalescing checks the in-kernel contract: a sequential writer
 // costs a few records per 1 MiB chunk while every byte stays covered, and
 // small disjoint writes in one chunk are reported exactly (no gap; on

@@ -101,7 +101,7 @@ func (n *Node) startPrimary(ctx context.Context) error {
 	n.smu.Unlock()
 	n.releasedAlone.Store(false)
 	n.silent.Clear()
-	n.serveWG.Add(3 + len(primaries))
+	n.serveWG.Add(4 + len(primaries))
 	go func() {
 		defer n.serveWG.Done()
 		n.dispatch(c, primaries)
@@ -113,6 +113,10 @@ func (n *Node) startPrimary(ctx context.Context) error {
 	go func() {
 		defer n.serveWG.Done()
 		n.watchDisks(ctx)
+	}()
+	go func() {
+		defer n.serveWG.Done()
+		n.auditMarks(ctx, c, kernel{n}.Drain, primaries)
 	}()
 	for _, p := range primaries {
 		go func() {

@@ -138,6 +138,8 @@ type Primary struct {
 	// divergedResyncs counts the full comparisons begun because the peer
 	// refused a batch its tree did not fit (wire.FlagDiverged).
 	divergedResyncs int
+	// stuckMarks counts the stuck capture marks reported (StuckMarks).
+	stuckMarks uint64
 	// resyncsEnded counts the resyncs the peer confirmed (finishResync);
 	// divergedEnded and divergedAt are that count and the time when the
 	// last comparison begun by a divergence was asked for.
@@ -320,6 +322,28 @@ func (p *Primary) Rescan(k capture.InodeKey) {
 	}
 	p.mu.Unlock()
 	p.work.Broadcast()
+}
+
+// Quiet reports whether nothing this primary took from the capture is
+// left to forget the in-flight marks of: its journal is empty, and no
+// pass or resync is running (they forget the marks of what they took).
+func (p *Primary) Quiet() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.j.Pending() == 0 && !p.building && !p.rs.Active && len(p.asides) == 0
+}
+
+// StuckMarks is told of the inodes whose capture marks stayed set with
+// nothing left to forget them (a bug: their changes emitted no record
+// since), once the marks are gone: each is rescanned, as after a lost
+// record, and counted.
+func (p *Primary) StuckMarks(keys []capture.InodeKey) {
+	p.mu.Lock()
+	p.stuckMarks += uint64(len(keys))
+	p.mu.Unlock()
+	for _, k := range keys {
+		p.Rescan(k)
+	}
 }
 
 // RescanAll asks for a full comparison with the peer: changes were lost,
@@ -1196,11 +1220,15 @@ type Status struct {
 	// DivergedResyncs counts the full comparisons begun because the peer
 	// refused a batch that did not fit its tree (a change made on the
 	// peer's copy, or a bug): each found and repaired what differed.
-	DivergedResyncs int     `json:"diverged_resyncs,omitempty"`
-	Barriers        uint64  `json:"barriers"`
-	BarrierAvgMs    float64 `json:"barrier_avg_ms"`
-	LastError       string  `json:"last_error,omitempty"`
-	LastErrorAt     string  `json:"last_error_at,omitempty"`
+	DivergedResyncs int `json:"diverged_resyncs,omitempty"`
+	// StuckMarks counts the capture marks found set with nothing left
+	// to forget them (a bug: the inode's changes were no longer
+	// captured): each was forgotten and its inode rescanned (StuckMarks).
+	StuckMarks   uint64  `json:"stuck_marks,omitempty"`
+	Barriers     uint64  `json:"barriers"`
+	BarrierAvgMs float64 `json:"barrier_avg_ms"`
+	LastError    string  `json:"last_error,omitempty"`
+	LastErrorAt  string  `json:"last_error_at,omitempty"`
 	// Mode and MaxLagMs are the directory's configuration (set by the
 	// node): sync, or async with a lag bound.
 	Mode     string  `json:"mode,omitempty"`
@@ -1222,7 +1250,7 @@ func (p *Primary) Status() Status {
 		Sent: p.out.last(), Acked: p.out.acked, Unacked: len(p.out.batches), UnackedBytes: p.out.bytes,
 		PendingFiles: p.j.Pending(), Records: p.records, ChangedBytes: p.changedBytes,
 		DataBytes: p.dataBytes, WireBytes: p.out.wireBytes, FullSyncs: p.fullSyncs, LastError: p.lastErr,
-		DroppedChanges: p.dropped, PeerCannotApply: p.refused, DivergedResyncs: p.divergedResyncs}
+		DroppedChanges: p.dropped, PeerCannotApply: p.refused, DivergedResyncs: p.divergedResyncs, StuckMarks: p.stuckMarks}
 	s.Barriers = p.barrierCount
 	if p.barrierCount > 0 {
 		s.BarrierAvgMs = float64(p.barrierNs) / float64(p.barrierCount) / 1e6

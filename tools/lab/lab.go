@@ -92,6 +92,16 @@ func Up(t testing.TB, bin string, extraEnv ...string) *Lab {
 	l.env = append(os.Environ(), "DUET_LAB="+dir, "DUET_BIN="+bin, "DUET_LAB_SIZE=3G")
 	l.env = append(l.env, extraEnv...)
 	t.Cleanup(func() {
+		for _, h := range []string{"a", "b"} {
+			// The daemons audit the capture's marks (pkg/node,
+			// auditMarks): one found stuck is a bug every test must
+			// fail on, though the file it silenced was repaired.
+			if b, err := os.ReadFile(filepath.Join(dir, h+".log")); err == nil {
+				if lines := stuckMarkLines(b); len(lines) > 0 {
+					t.Errorf("%s.log: the daemon found capture marks stuck (changes not captured until it repaired them):\n%s", h, strings.Join(lines, "\n"))
+				}
+			}
+		}
 		if t.Failed() {
 			keep := filepath.Join(os.TempDir(), "duet-lab-logs", strings.ReplaceAll(t.Name(), "/", "_"))
 			os.MkdirAll(keep, 0o755)
@@ -117,6 +127,17 @@ func Up(t testing.TB, bin string, extraEnv ...string) *Lab {
 		t.Fatalf("lab up: %v\n%s", err, out)
 	}
 	return l
+}
+
+// stuckMarkLines returns the lines of log that say so (at most 5).
+func stuckMarkLines(log []byte) []string {
+	var out []string
+	for _, line := range strings.Split(string(log), "\n") {
+		if strings.Contains(line, node.StuckMarksMsg) && len(out) < 5 {
+			out = append(out, line)
+		}
+	}
+	return out
 }
 
 func tail(b []byte, n int) []byte {
