@@ -661,6 +661,14 @@ func (c *Capture) Marks() (attrs []InodeKey, chunks []CaptureChunkKey, err error
 	return attrs, chunks, nil
 }
 
+// PlantAttrMark sets inode k's attribute mark as the BPF code does for a
+// record in flight, without the record: the mark a bug would leave stuck.
+// For tests of the node's audit of stuck marks only.
+func (c *Capture) PlantAttrMark(k InodeKey) error {
+	ik := CaptureInodeKey{Dev: k.Dev, Ino: k.Ino}
+	return c.objs.Attrs.Put(&ik, uint8(1))
+}
+
 // ForgetAttr drops the in-flight ATTR mark of an inode. Call it before
 // reading the inode's metadata.
 func (c *Capture) ForgetAttr(k InodeKey) {

@@ -284,7 +284,7 @@ func printStatus(w io.Writer, st *node.Status, output string) error {
 			fmt.Fprintf(w, "  PEER CANNOT APPLY: %s (durability calls go on without it; retried with backoff)\n", d.PeerCannotApply)
 		}
 		if d.StuckMarks > 0 {
-			fmt.Fprintf(w, "  CAPTURE MARKS FOUND STUCK: %d (a bug: those files' changes were not captured for a while; each was rescanned and sent again; please report it with the log)\n", d.StuckMarks)
+			fmt.Fprintf(w, "  CAPTURE MARKS FOUND STUCK on %d files (a bug: their changes were not captured for a while; each was rescanned and sent again; please report it with the log)\n", d.StuckMarks)
 		}
 		if d.DivergedResyncs > 0 {
 			fmt.Fprintf(w, "  the peer's copy did not fit a batch %d times: each time every file was compared with it (see the log)\n", d.DivergedResyncs)

@@ -62,10 +62,6 @@ func (n *Node) auditMarks(ctx context.Context, c marksSource, drain func() error
 // then). Every mark there is then stuck. On a busy filesystem it rarely
 // finds such a moment, and looks again later.
 func (n *Node) auditMarksOnce(ctx context.Context, c marksSource, drain func() error, primaries []*replica.Primary) []capture.InodeKey {
-	before, err := c.Counters()
-	if err != nil || drain() != nil {
-		return nil
-	}
 	quiet := func() bool {
 		for _, p := range primaries {
 			if !p.Quiet() {
@@ -75,6 +71,10 @@ func (n *Node) auditMarksOnce(ctx context.Context, c marksSource, drain func() e
 		return true
 	}
 	if !quiet() {
+		return nil // busy: no drain for nothing
+	}
+	before, err := c.Counters()
+	if err != nil || drain() != nil || !quiet() {
 		return nil
 	}
 	attrs, chunks, err := c.Marks()
@@ -108,6 +108,8 @@ func (n *Node) auditMarksOnce(ctx context.Context, c marksSource, drain func() e
 	}
 	n.log.Error(StuckMarksMsg+": those files' changes were not captured since (a bug, please report it); forgotten, and the files rescanned",
 		"inodes", len(inodes), "attribute_marks", len(attrs), "data_marks", len(chunks), "first_inode", inodes[0].Ino, "first_dev", inodes[0].Dev)
+	// Two directories on one device both rescan (and count) them: each
+	// has its own shadow of the names.
 	for _, p := range primaries {
 		var mine []capture.InodeKey
 		for _, k := range inodes {

@@ -234,7 +234,7 @@ var dirGauges = []struct {
 		v: func(d *replica.Status) float64 { return float64(d.DroppedChanges) }},
 	{desc: desc("duet_diverged_resyncs", "Full comparisons begun because the peer refused a batch its copy did not fit (a change made on the peer, or a bug).", "dir"),
 		v: func(d *replica.Status) float64 { return float64(d.DivergedResyncs) }},
-	{desc: desc("duet_stuck_capture_marks", "Capture marks found set with nothing left to forget them (a bug: the file's changes were no longer captured); each file was rescanned.", "dir"),
+	{desc: desc("duet_stuck_capture_marks", "Files whose capture marks were found set with nothing left to forget them (a bug: their changes were no longer captured); each was rescanned.", "dir"),
 		v: func(d *replica.Status) float64 { return float64(d.StuckMarks) }},
 	{desc: desc("duet_dir_lag_seconds", "Age of the directory's oldest change not yet acknowledged by the peer.", "dir"),
 		v: func(d *replica.Status) float64 { return d.LagMs / 1000 }},

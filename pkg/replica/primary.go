@@ -1221,9 +1221,9 @@ type Status struct {
 	// refused a batch that did not fit its tree (a change made on the
 	// peer's copy, or a bug): each found and repaired what differed.
 	DivergedResyncs int `json:"diverged_resyncs,omitempty"`
-	// StuckMarks counts the capture marks found set with nothing left
-	// to forget them (a bug: the inode's changes were no longer
-	// captured): each was forgotten and its inode rescanned (StuckMarks).
+	// StuckMarks counts the files (inodes) whose capture marks were
+	// found set with nothing left to forget them (a bug: their changes
+	// were no longer captured): the marks forgotten, each rescanned.
 	StuckMarks   uint64  `json:"stuck_marks,omitempty"`
 	Barriers     uint64  `json:"barriers"`
 	BarrierAvgMs float64 `json:"barrier_avg_ms"`
