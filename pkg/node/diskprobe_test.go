@@ -200,31 +200,16 @@ func TestStateDirDiskFailedFailsAsCrashed(t *testing.T) {
 // of ALONE (TestNemesis, disk-fails-primary: "b is PRIM after 30s, want
 // ALONE").
 func TestStateDirFailsWhileNotServing(t *testing.T) {
-	f := loopfs.Make(t, "xfs", 300)
-	state := filepath.Join(f.Mount, "state")
-	if err := os.Mkdir(state, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	n := testNode(t, state)
-	n.events = make(chan cluster.Event, 4)
-	exited := make(chan int, 4)
-	n.exit = func(code int) { exited <- code }
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		n.watchStateDir(ctx)
-	}()
-	defer func() { cancel(); <-done }()
+	w := watchingStateDir(t, nil)
 	time.Sleep(diskProbeInterval + 200*time.Millisecond)
 	select {
-	case <-exited:
+	case <-w.exited:
 		t.Fatal("exited with the state_dir's disk working")
 	default:
 	}
-	shutDown(t, f.Mount)
+	shutDown(t, w.mount)
 	select {
-	case code := <-exited:
+	case code := <-w.exited:
 		if code != 1 {
 			t.Errorf("exit status %d, want 1", code)
 		}
@@ -240,6 +225,27 @@ func TestStateDirFailsWhileNotServing(t *testing.T) {
 // the node, services stopped and VIP removed, said PRIM on and nothing
 // probed (from a review).
 func TestStateDirProbedAtTermEnd(t *testing.T) {
+	w := watchingStateDir(t, func(n *Node) {
+		n.primaries = []*replica.Primary{nil} // the ended term's, still listed
+	})
+	time.Sleep(200 * time.Millisecond) // the watcher started (the disk fails once it probes)
+	shutDown(t, w.mount)
+	select {
+	case <-w.exited:
+	case <-time.After(3 * diskProbeInterval):
+		t.Fatal("the state_dir's disk failed after the term's disk watcher ended, its primaries still listed: the daemon did not exit")
+	}
+}
+
+// stateDirWatch is a node whose state_dir is on its own XFS, watched by
+// watchStateDir until the test ends.
+type stateDirWatch struct {
+	mount  string
+	exited chan int // the node's exit codes
+}
+
+// watchingStateDir starts it, after setup (if not nil) on the node.
+func watchingStateDir(t *testing.T, setup func(*Node)) stateDirWatch {
 	f := loopfs.Make(t, "xfs", 300)
 	state := filepath.Join(f.Mount, "state")
 	if err := os.Mkdir(state, 0o700); err != nil {
@@ -247,23 +253,19 @@ func TestStateDirProbedAtTermEnd(t *testing.T) {
 	}
 	n := testNode(t, state)
 	n.events = make(chan cluster.Event, 4)
-	exited := make(chan int, 64)
-	n.exit = func(code int) { exited <- code }
-	n.primaries = []*replica.Primary{nil} // the ended term's, still listed
+	w := stateDirWatch{mount: f.Mount, exited: make(chan int, 64)}
+	n.exit = func(code int) { w.exited <- code }
+	if setup != nil {
+		setup(n)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
 		n.watchStateDir(ctx)
 	}()
-	defer func() { cancel(); <-done }()
-	time.Sleep(200 * time.Millisecond) // the watcher started (the disk fails once it probes)
-	shutDown(t, f.Mount)
-	select {
-	case <-exited:
-	case <-time.After(3 * diskProbeInterval):
-		t.Fatal("the state_dir's disk failed after the term's disk watcher ended, its primaries still listed: the daemon did not exit")
-	}
+	t.Cleanup(func() { cancel(); <-done })
+	return w
 }
 
 // TestProbeErrorNotADiskFailure: a probe that fails other than as a dead

@@ -16,8 +16,10 @@ import (
 	"github.com/duet-ha/duet/pkg/capture"
 )
 
-// auditKernel models both kinds of in-flight marks (attr per inode, data
-// per chunk) and hands every record to every primary of the device, as
+// auditKernel models the capture's in-flight marks (bpf/capture.bpf.c):
+// an attribute mark per inode (emit_attr) and a data mark per chunk; a
+// change covered by a mark emits no record, and only a forget deletes
+// one. It hands every record to every primary of the device, as
 // node.dispatch does. cut, when set, is called at every forget (the start
 // of a pass or of a resync) so the test can end the connection there.
 type auditKernel struct {
@@ -73,6 +75,15 @@ func (k *auditKernel) emit(r capture.Record) {
 	}
 }
 
+// markedAttr says whether inode ino has an attribute mark.
+func (k *auditKernel) markedAttr(ino uint64) bool {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.attrs[capture.InodeKey{Ino: ino}]
+}
+
+// attr is an inode update (ext4_mark_inode_dirty): a record only if the
+// inode has no mark, which it then gets.
 func (k *auditKernel) attr(ino uint64) {
 	key := capture.InodeKey{Ino: ino}
 	k.mu.Lock()

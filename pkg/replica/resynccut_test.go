@@ -10,76 +10,7 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
-
-	"github.com/duet-ha/duet/pkg/capture"
 )
-
-// markKernel emulates the capture's in-flight attr marks (emit_attr in
-// bpf/capture.bpf.c): an inode update is recorded only if the inode has
-// no mark, and recording it sets one; only ForgetAttr deletes it. Data
-// and allocation records are always emitted.
-type markKernel struct {
-	mu    sync.Mutex
-	seq   uint64
-	attrs map[uint64]bool
-	p     *Primary
-}
-
-func (k *markKernel) ForgetChunks([]capture.CaptureChunkKey) error { return nil }
-func (k *markKernel) ForgetAttr(key capture.InodeKey) {
-	k.mu.Lock()
-	delete(k.attrs, key.Ino)
-	k.mu.Unlock()
-}
-func (k *markKernel) Drain() error { return nil }
-func (k *markKernel) Seq() uint64 {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	return k.seq
-}
-
-func (k *markKernel) marked(ino uint64) bool {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	return k.attrs[ino]
-}
-
-func (k *markKernel) emit(r capture.Record) {
-	k.mu.Lock()
-	k.seq++
-	r.Seq = k.seq
-	k.mu.Unlock()
-	k.p.Record(&r, time.Now())
-}
-
-// attr is an inode update (ext4_mark_inode_dirty).
-func (k *markKernel) attr(ino uint64) {
-	k.mu.Lock()
-	if k.attrs[ino] {
-		k.mu.Unlock()
-		return // covered by a record not taken yet: nothing emitted
-	}
-	k.attrs[ino] = true
-	k.mu.Unlock()
-	k.emit(capture.Record{Ino: ino, Kind: capture.KindAttr})
-}
-
-// create makes file p in directory dir with data, and emits what the
-// kernel reports of it: the new inode, its update, its directory's
-// update (a new entry), its bytes.
-func (k *markKernel) create(t *testing.T, dir, name string, data []byte) {
-	t.Helper()
-	p := filepath.Join(dir, name)
-	if err := os.WriteFile(p, data, 0o644); err != nil {
-		t.Error(err)
-		return
-	}
-	ino := inoOf(t, p)
-	k.emit(capture.Record{Ino: ino, Kind: capture.KindNew, Gen: 1})
-	k.attr(ino)
-	k.attr(inoOf(t, dir))
-	k.emit(capture.Record{Ino: ino, Kind: capture.KindData, Pos: 0, Len: uint64(len(data)), Gen: 1})
-}
 
 // A resync's connection ends while the resync starts: the daemon's
 // DiskCheck (a probe that fsyncs the directory, milliseconds) runs at the
@@ -110,7 +41,7 @@ func TestResyncCutAtStartLeavesMarksStuck(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer p.Close()
-	k := &markKernel{attrs: map[uint64]bool{}, p: p}
+	k := newAuditKernel(p)
 	var armed, fired atomic.Bool
 	p.DiskCheck = func(ctx context.Context) error {
 		if !armed.CompareAndSwap(true, false) {
@@ -118,7 +49,7 @@ func TestResyncCutAtStartLeavesMarksStuck(t *testing.T) {
 		}
 		// While the probe runs: the NFS client creates a file in vol
 		// (the primary serves on), and the peer's connection ends.
-		k.create(t, vol, "f-000001", []byte("file 1\n"))
+		k.write(t, vol, "f-000001", []byte("file 1\n"))
 		p.Drop("test: the peer's daemon exited")
 		<-ctx.Done()
 		fired.Store(true)
@@ -139,10 +70,10 @@ func TestResyncCutAtStartLeavesMarksStuck(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(sec.data, "vol", "f-000001")); err != nil {
 		t.Fatalf("the resync did not bring vol/f-000001: %v", err)
 	}
-	t.Logf("after the resync: peer in sync %v, vol's attr mark still set: %v", p.Streaming(), k.marked(volIno))
+	t.Logf("after the resync: peer in sync %v, vol's attr mark still set: %v", p.Streaming(), k.markedAttr(volIno))
 
 	// The client creates the next file and COMMITs it.
-	k.create(t, vol, "f-000002", []byte("file 2\n"))
+	k.write(t, vol, "f-000002", []byte("file 2\n"))
 	wctx, wcancel := context.WithTimeout(ctx, 10*time.Second)
 	defer wcancel()
 	if err := p.WaitShipped(wctx, k, Release{}); err != nil {
@@ -154,6 +85,6 @@ func TestResyncCutAtStartLeavesMarksStuck(t *testing.T) {
 	if err != nil {
 		t.Fatalf("vol/f-000002 was acknowledged durable with the peer in sync, but the peer lacks it (%v): "+
 			"the attr mark of vol, dropped from the journal by the resync cut at its start, was never forgotten (still set: %v)",
-			err, k.marked(volIno))
+			err, k.markedAttr(volIno))
 	}
 }
