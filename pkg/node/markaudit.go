@@ -78,7 +78,11 @@ func (n *Node) auditMarksOnce(ctx context.Context, c marksSource, drain func() e
 		return nil
 	}
 	attrs, chunks, err := c.Marks()
-	if err != nil || len(attrs)+len(chunks) == 0 {
+	if err != nil {
+		return nil
+	}
+	if len(attrs)+len(chunks) == 0 {
+		n.marksAudited.Add(1) // quiet, and nothing stuck
 		return nil
 	}
 	select {
@@ -90,6 +94,7 @@ func (n *Node) auditMarksOnce(ctx context.Context, c marksSource, drain func() e
 	if err != nil || after.Seq != before.Seq || after.Lost != before.Lost || !quiet() {
 		return nil
 	}
+	n.marksAudited.Add(1)
 	seen := map[capture.InodeKey]bool{}
 	var inodes []capture.InodeKey
 	add := func(k capture.InodeKey) {

@@ -128,6 +128,9 @@ type Node struct {
 	// state_dir's filesystem (watchDisks): watchStateDir does not while
 	// one does.
 	stateProbed atomic.Int32
+	// marksAudited counts the audits of the capture's marks that judged
+	// (auditMarksOnce).
+	marksAudited atomic.Uint64
 	// pre is the takeover's precheck of the peer's current silence.
 	pre atomic.Pointer[precheck]
 	// vipProbe replaces vipCheck's ARP probe (tests); a failure counts as

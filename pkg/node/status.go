@@ -31,9 +31,13 @@ type Status struct {
 	Services  []stack.Status       `json:"services,omitempty"`
 	Hooks     []capture.HookStatus `json:"hooks,omitempty"`
 	Capture   *capture.Counters    `json:"capture,omitempty"`
-	RingBytes int                  `json:"ring_buffered_bytes"`
-	LagMs     float64              `json:"lag_ms"`
-	LagBytes  int                  `json:"lag_bytes"`
+	// MarksAudited counts the audits of the capture's marks that found
+	// the capture quiet and judged its marks, since the daemon started
+	// (auditMarks; the stuck ones found are per directory, StuckMarks).
+	MarksAudited uint64  `json:"capture_marks_audited"`
+	RingBytes    int     `json:"ring_buffered_bytes"`
+	LagMs        float64 `json:"lag_ms"`
+	LagBytes     int     `json:"lag_bytes"`
 	// LagHistogram counts acknowledged batches by replication lag, and
 	// BarrierHistogram durability calls by time waited, since start.
 	LagHistogram     Histogram `json:"lag_histogram"`
@@ -153,6 +157,7 @@ func (n *Node) Status() Status {
 	c, primaries := n.cap, n.primaries
 	n.smu.RUnlock()
 	s.Latency = n.stages.Snapshot()
+	s.MarksAudited = n.marksAudited.Load()
 	s.InSync = m.State == cluster.Second || m.State == cluster.Prim && m.Peer.State == cluster.Second
 	if c != nil {
 		s.Hooks = c.Hooks()
