@@ -138,7 +138,8 @@ type Primary struct {
 	// divergedResyncs counts the full comparisons begun because the peer
 	// refused a batch its tree did not fit (wire.FlagDiverged).
 	divergedResyncs int
-	// stuckMarks counts the stuck capture marks reported (StuckMarks).
+	// stuckMarks counts the files whose capture marks were found stuck
+	// (StuckMarks).
 	stuckMarks uint64
 	// resyncsEnded counts the resyncs the peer confirmed (finishResync);
 	// divergedEnded and divergedAt are that count and the time when the
