@@ -190,7 +190,8 @@ var faultKinds = []faultKind{
 		crashed := time.Now()
 		n.snapshotMySQL(r)
 		if n.stack != nil && r.artefacts != "" {
-			n.stack.noteFullDisk(n.t, r, fullDisk{from: full, to: crashed}, filepath.Join(n.l.Dir, r.p, "k3s", "mysql"), daemonLog, logFrom)
+			n.stack.noteFullDisk(n.t, r, fullDisk{from: full, to: crashed, why: "full", signs: []string{"No space left on device", "is full"}},
+				filepath.Join(n.l.Dir, r.p, "k3s", "mysql"), daemonLog, logFrom)
 		}
 		n.l.WaitState(n.t, r.s, "ALONE", 30*time.Second)
 		metas, _ := filepath.Glob(filepath.Join(root, ".duet", "copy-*.json"))
@@ -325,9 +326,38 @@ var faultKinds = []faultKind{
 	// on a one-disk edge host: the node fails as a crashed daemon does
 	// (it could record nothing), and the peer serves ALONE. Then the old
 	// primary is repaired and rejoins as the secondary.
+	//
+	// MariaDB meets the failed disk too: kine v0.17.5 answers the puts
+	// whose INSERT then failed as successes (fullDisk), so what it
+	// acknowledged from the failure on and the primary's binary logs
+	// never held is told apart, with the same evidence as on a full disk.
 	{"disk-fails-primary", false, func(n *nemesis, r *nemesisRun) {
+		daemonLog := filepath.Join(n.l.Dir, r.p+".log")
+		var logFrom int64
+		if fi, err := os.Stat(daemonLog); err == nil {
+			logFrom = fi.Size()
+		}
+		failed := time.Now()
 		n.diskfail(r.p)
+		// The window ends when the primary's daemon is gone (its
+		// services killed before): the survivor serves, and acknowledges,
+		// only after.
+		var gone time.Time
+		for end := time.Now().Add(30 * time.Second); time.Now().Before(end); time.Sleep(50 * time.Millisecond) {
+			if _, err := n.l.TryStatus(r.p); err != nil {
+				gone = time.Now()
+				break
+			}
+		}
 		n.l.WaitState(n.t, r.s, "ALONE", 30*time.Second)
+		if n.stack != nil && !gone.IsZero() {
+			// The failed filesystem still reads (ext4 read-only; XFS
+			// shut down does not: no evidence, nothing excused).
+			n.snapshotMySQL(r)
+			n.stack.noteFullDisk(n.t, r, fullDisk{from: failed, to: gone, why: "failed",
+				signs: []string{"Read-only file system", "Input/output error"}},
+				filepath.Join(n.l.Dir, r.p, "k3s", "mysql"), daemonLog, logFrom)
+		}
 		n.powercut(r.p)
 		n.revive(r.p)
 	}},
@@ -433,18 +463,23 @@ type stackLoad struct {
 // way. On a full disk InnoDB cannot extend kine.ibd ("The table 'kine' is
 // full"), so every put then is acknowledged and never committed, on any
 // copy: the XFS campaigns' losses of etcd entries (docs/DESIGN.md §8).
+//
+// A failed disk (disk-fails-primary) is the same: MariaDB's writes fail
+// with EROFS or EIO, and kine acknowledges the puts.
 type fullDisk struct {
 	from, to time.Time
 	binlogs  []byte
+	why      string   // "full" or "failed": what happened to the disk
+	signs    []string // what the primary's log shows of MariaDB meeting it (any)
 }
 
-// noteFullDisk records f, the primary's full disk of run r, with the
+// noteFullDisk records f, the primary's full (or failed) disk of run r, with the
 // binary logs of its MariaDB at the crash (in r.artefacts), so that what
 // kine acknowledged then without a commit is told apart — only when the
 // evidence holds: the copy has every binary log in primaryDir at its
 // size there, it holds the last etcd entry acknowledged before the disk
 // filled, and the primary's log
-// shows MariaDB meeting the full disk after the fill (from logFrom).
+// shows MariaDB meeting the disk (f.signs) after the fault (from logFrom).
 // Otherwise nothing of the window is excused, and any loss fails the run.
 func (s *stackLoad) noteFullDisk(t *testing.T, r *nemesisRun, f fullDisk, primaryDir, daemonLog string, logFrom int64) {
 	t.Helper()
@@ -452,18 +487,18 @@ func (s *stackLoad) noteFullDisk(t *testing.T, r *nemesisRun, f fullDisk, primar
 	// the primary's own (its page cache, the host alive) has.
 	src, err := filepath.Glob(filepath.Join(primaryDir, "binlog.0*"))
 	if err != nil || len(src) == 0 {
-		t.Logf("run %d: no binary log in the primary's %s (%v): nothing acknowledged while its disk was full is excused", r.i, primaryDir, err)
+		t.Logf("run %d: no binary log in the primary's %s (%v): nothing acknowledged while its disk was %s is excused", r.i, primaryDir, err, f.why)
 		return
 	}
 	for _, name := range src {
 		fi, err := os.Stat(name)
 		if err != nil {
-			t.Logf("run %d: %v: nothing acknowledged while its disk was full is excused", r.i, err)
+			t.Logf("run %d: %v: nothing acknowledged while its disk was %s is excused", r.i, err, f.why)
 			return
 		}
 		b, err := os.ReadFile(filepath.Join(r.artefacts, nodeName[r.p], filepath.Base(name)))
 		if err != nil || int64(len(b)) != fi.Size() {
-			t.Logf("run %d: the copy of the primary's %s is not whole (%d bytes of %d, %v): nothing acknowledged while its disk was full is excused", r.i, filepath.Base(name), len(b), fi.Size(), err)
+			t.Logf("run %d: the copy of the primary's %s is not whole (%d bytes of %d, %v): nothing acknowledged while its disk was %s is excused", r.i, filepath.Base(name), len(b), fi.Size(), err, f.why)
 			return
 		}
 		f.binlogs = append(f.binlogs, b...)
@@ -482,12 +517,16 @@ func (s *stackLoad) noteFullDisk(t *testing.T, r *nemesisRun, f fullDisk, primar
 		c.mu.Unlock()
 	}
 	if anchor < 0 || !containsWhole(f.binlogs, fmt.Sprintf("/counter/%d", anchor)) {
-		t.Logf("run %d: the primary's binary logs at the crash lack the last etcd entry acknowledged before its disk filled (%d): not whole, nothing acknowledged while the disk was full is excused", r.i, anchor)
+		t.Logf("run %d: the primary's binary logs at the crash lack the last etcd entry acknowledged before its disk was %s (%d): not whole, nothing acknowledged since is excused", r.i, f.why, anchor)
 		return
 	}
 	b, err := os.ReadFile(daemonLog)
-	if err != nil || int64(len(b)) < logFrom || !bytes.Contains(b[logFrom:], []byte("No space left on device")) && !bytes.Contains(b[logFrom:], []byte("is full")) {
-		t.Logf("run %d: the primary's log does not show MariaDB meeting the full disk (%v): nothing acknowledged while it was full is excused", r.i, err)
+	met := false
+	for _, sign := range f.signs {
+		met = met || err == nil && int64(len(b)) >= logFrom && bytes.Contains(b[logFrom:], []byte(sign))
+	}
+	if !met {
+		t.Logf("run %d: the primary's log does not show MariaDB meeting the %s disk (%v): nothing acknowledged since is excused", r.i, f.why, err)
 		return
 	}
 	s.mu.Lock()
@@ -512,15 +551,15 @@ func containsWhole(b []byte, s string) bool {
 }
 
 // notCommitted says why a value acknowledged at `at` was never committed:
-// acknowledged while the primary's disk was full, and absent from the
-// binary logs of the primary's own MariaDB at the crash. "" otherwise.
+// acknowledged while the primary's disk was full or failed, and absent
+// from the binary logs of the primary's own MariaDB then. "" otherwise.
 func (s *stackLoad) notCommitted(value string, at time.Time) string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, f := range s.full {
 		if !at.Before(f.from) && !at.After(f.to) && !containsWhole(f.binlogs, value) {
-			return fmt.Sprintf("acknowledged while the primary's disk was full (%s to %s) and absent from its own MariaDB's binary logs at the crash: kine v0.17.5 answers a put whose INSERT failed as a success",
-				f.from.Format("15:04:05.000"), f.to.Format("15:04:05.000"))
+			return fmt.Sprintf("acknowledged while the primary's disk was %s (%s to %s) and absent from its own MariaDB's binary logs then: kine v0.17.5 answers a put whose INSERT failed as a success",
+				f.why, f.from.Format("15:04:05.000"), f.to.Format("15:04:05.000"))
 		}
 	}
 	return ""
