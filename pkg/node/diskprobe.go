@@ -213,6 +213,11 @@ func (n *Node) watchStateDir(ctx context.Context) {
 // stateDirFailed makes the node fail as a crashed daemon does, the disk
 // holding its state_dir failed with err.
 func (n *Node) stateDirFailed(err error) {
+	if errors.Is(err, errNotItsFilesystem) || errors.Is(err, syscall.ENOENT) {
+		n.failWith(exitNotRestarted, "the state_dir or its filesystem is gone (unmounted?): this node fails as a crashed daemon does (services killed, VIP removed, the daemon exits) and is not restarted by its unit; mount it again, then start duet",
+			"state_dir", n.cfg.StateDir, "err", err, "exit_status", exitNotRestarted)
+		return
+	}
 	n.failAsCrashed("the disk holding state_dir failed: this node fails as a crashed daemon does (services killed, VIP removed, the daemon exits)",
 		"state_dir", n.cfg.StateDir, "err", err)
 }
@@ -260,7 +265,10 @@ func (n *Node) watchUnits(ctx context.Context, units []*probeUnit, skip func() b
 			delete(hung, r.u)
 			switch {
 			case r.err == nil:
-			case diskBroken(r.err):
+			case diskBroken(r.err), r.u.path == n.cfg.StateDir && errors.Is(r.err, syscall.ENOENT):
+				// The state_dir gone (its filesystem unmounted
+				// from under it): nothing can be recorded either.
+				// (A replicated directory removed is no failed disk.)
 				failed(r.u, r.err)
 			case time.Since(warned[r.u]) >= diskFailedRepeat:
 				warned[r.u] = time.Now()

@@ -3,7 +3,7 @@ package node
 import (
 	"context"
 	"errors"
-	"github.com/duet-ha/duet/pkg/vip"
+	"fmt"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -16,6 +16,7 @@ import (
 	"github.com/duet-ha/duet/pkg/cluster"
 	"github.com/duet-ha/duet/pkg/loopfs"
 	"github.com/duet-ha/duet/pkg/replica"
+	"github.com/duet-ha/duet/pkg/vip"
 	"golang.org/x/sys/unix"
 )
 
@@ -234,6 +235,67 @@ func TestStateDirProbedAtTermEnd(t *testing.T) {
 	case <-w.exited:
 	case <-time.After(3 * diskProbeInterval):
 		t.Fatal("the state_dir's disk failed after the term's disk watcher ended, its primaries still listed: the daemon did not exit")
+	}
+}
+
+// TestStateDirUnmountedNotRestarted: a state_dir whose filesystem is
+// unmounted under the daemon (maintenance after `duet stop`) makes it exit
+// with the status its unit does not restart on: restarted, it made an
+// empty state_dir on the bare mountpoint and started as a node that never
+// served (from a review).
+func TestStateDirUnmountedNotRestarted(t *testing.T) {
+	w := watchingStateDir(t, nil)
+	time.Sleep(200 * time.Millisecond) // the watcher has the state_dir's device
+	var err error
+	for try := 0; try < 50; try++ { // a probe may hold the directory open
+		var out []byte
+		if out, err = exec.Command("umount", w.mount).CombinedOutput(); err == nil {
+			break
+		}
+		err = fmt.Errorf("%v: %s", err, out)
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err != nil {
+		t.Fatalf("umount: %v", err)
+	}
+	select {
+	case code := <-w.exited:
+		if code != exitNotRestarted {
+			t.Errorf("exit status %d, want %d (not restarted by the unit)", code, exitNotRestarted)
+		}
+	case <-time.After(3 * diskProbeInterval):
+		t.Fatal("the state_dir's filesystem was unmounted and the daemon did not exit")
+	}
+	unit, err := os.ReadFile("../../tools/systemd/duet.service")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(unit), fmt.Sprintf("RestartPreventExitStatus=%d", exitNotRestarted)) {
+		t.Errorf("tools/systemd/duet.service does not keep the unit from restarting on status %d", exitNotRestarted)
+	}
+}
+
+// TestStateDirHandedBackAfterTerm: a term's disk watcher probes the
+// state_dir while it runs, and hands it back when it ends: a dead
+// state_dir after the term is still seen (from a review: no test failed
+// without the hand-back).
+func TestStateDirHandedBackAfterTerm(t *testing.T) {
+	var n *Node
+	w := watchingStateDir(t, func(node *Node) { n = node })
+	tctx, tcancel := context.WithCancel(context.Background())
+	tdone := make(chan struct{})
+	go func() { defer close(tdone); n.watchDisks(tctx) }() // a term's watcher
+	time.Sleep(300 * time.Millisecond)
+	if got := n.stateProbed.Load(); got != 1 {
+		t.Fatalf("stateProbed %d while the term's watcher runs, want 1", got)
+	}
+	tcancel()
+	<-tdone
+	shutDown(t, w.mount)
+	select {
+	case <-w.exited:
+	case <-time.After(3 * diskProbeInterval):
+		t.Fatal("the state_dir's disk failed after the term's watcher ended: not seen")
 	}
 }
 

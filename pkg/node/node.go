@@ -202,6 +202,25 @@ type Node struct {
 
 // Run starts the daemon and blocks until ctx ends.
 func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
+	// A crash may have left the VIP here: a node starts without it. First
+	// of all, before anything on the disks is read (the key file; the
+	// replicated directories, whose stat answers EIO on a shut-down XFS):
+	// a daemon that failed on a dead disk and cannot start again must not
+	// keep the peer from taking over (from a review).
+	var theVIP *vip.VIP
+	if v := cfg.VIP; v != nil {
+		p, _ := netip.ParsePrefix(v.Address)
+		theVIP = &vip.VIP{Prefix: p, Iface: v.Interface}
+		if err := theVIP.Check(); err != nil {
+			return err
+		}
+		if held, err := theVIP.Held(); err == nil && held {
+			log.Warn("VIP left on this host by an earlier run: removing it", "vip", theVIP.String())
+			if err := theVIP.Remove(); err != nil {
+				return err
+			}
+		}
+	}
 	keys, err := cfg.ReadKeys()
 	if err != nil {
 		return err
@@ -218,6 +237,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	}
 	n := &Node{cfg: cfg, log: log, keys: keys, link: lk, events: make(chan cluster.Event, 64), cmds: make(chan command),
 		hbKick: make(chan struct{}, 1), barrierTimeout: defaultBarrierTimeout}
+	n.vip = theVIP
 	n.metrics = newMetrics(n.Status)
 	if n.guard, err = newGuard(cfg); err != nil {
 		return err
@@ -233,23 +253,6 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 		n.xfs = n.xfs || t.xfs
 		if t.btrfs != 0 && !slices.Contains(n.btrfs, t.btrfs) {
 			n.btrfs = append(n.btrfs, t.btrfs)
-		}
-	}
-	if v := cfg.VIP; v != nil {
-		p, _ := netip.ParsePrefix(v.Address)
-		n.vip = &vip.VIP{Prefix: p, Iface: v.Interface}
-		if err := n.vip.Check(); err != nil {
-			return err
-		}
-		// A crash may have left the address here: a node starts without
-		// it. Before anything on the disks is read: a daemon that failed
-		// on a dead disk and cannot start again must not keep the peer
-		// from taking over (from a review).
-		if held, err := n.vip.Held(); err == nil && held {
-			log.Warn("VIP left on this host by an earlier run: removing it", "vip", n.vip.String())
-			if err := n.vip.Remove(); err != nil {
-				return err
-			}
 		}
 	}
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {

@@ -357,6 +357,18 @@ const failKillWait = 10 * time.Second
 // (the unit's Restart=on-failure), it compares the files changed here
 // since its sync point with the peer's (the resync's `recent` mode).
 func (n *Node) failAsCrashed(msg string, args ...any) {
+	n.failWith(1, msg, args...)
+}
+
+// exitNotRestarted is the exit status of a daemon whose state_dir's
+// filesystem is gone from under it (unmounted): the unit does not restart
+// it (RestartPreventExitStatus in tools/systemd/duet.service). Restarted,
+// it would make an empty state_dir on the bare mountpoint and start as a
+// node that never served (from a review).
+const exitNotRestarted = 3
+
+// failWith is failAsCrashed with exit status code.
+func (n *Node) failWith(code int, msg string, args ...any) {
 	n.log.Error(msg, args...)
 	if n.stack != nil {
 		// Bounded: a service stuck in a hung disk's I/O outlives its
@@ -388,7 +400,7 @@ func (n *Node) failAsCrashed(msg string, args ...any) {
 	if exit == nil {
 		exit = os.Exit
 	}
-	exit(1)
+	exit(code)
 }
 
 // kernel gives primaries the capture side: in-flight marks and the drain
