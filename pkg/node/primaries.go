@@ -116,7 +116,7 @@ func (n *Node) startPrimary(ctx context.Context) error {
 	}()
 	go func() {
 		defer n.serveWG.Done()
-		n.auditMarks(ctx, c, kernel{n}.Drain, primaries)
+		n.auditMarks(ctx, c, kernel{n}.drain, primaries)
 	}()
 	for _, p := range primaries {
 		go func() {
@@ -454,6 +454,26 @@ func (k kernel) Seq() uint64 {
 // never will be: an error, and the durability call fails (it returned
 // "ok", its change shipped nowhere, while the node handed over).
 func (k kernel) Drain() error {
+	err := k.drain()
+	var behind errDrainBehind
+	if errors.As(err, &behind) {
+		k.n.log.Error("capture reader behind by more than the drain timeout: a durability call fails",
+			"behind_bytes", uint64(behind), "timeout", drainTimeout)
+	}
+	return err
+}
+
+// errDrainBehind: the reader was this many bytes of records short of the
+// target when drainTimeout passed.
+type errDrainBehind uint64
+
+func (e errDrainBehind) Error() string {
+	return fmt.Sprintf("the capture reader is %d bytes of records behind after %v", uint64(e), drainTimeout)
+}
+
+// drain is Drain without its log line: the mark audit drains too, and a
+// reader behind there fails no durability call, only delays the audit.
+func (k kernel) drain() error {
 	c := k.capture()
 	if c == nil {
 		// No capture (tests), or the term's primaries have ended: their
@@ -513,10 +533,7 @@ func (k kernel) Drain() error {
 		// The call's record is not read yet: it is in no pass, and
 		// answered "ok" the call would lose its write on a failover
 		// (TestDrainShortOfTargetIsNotSuccess). It fails (EIO).
-		behind := target - n.dispatchedEnd.Load()
-		n.log.Error("capture reader behind by more than the drain timeout: a durability call fails",
-			"behind_bytes", behind, "timeout", drainTimeout)
-		return fmt.Errorf("the capture reader is %d bytes of records behind after %v", behind, drainTimeout)
+		return errDrainBehind(target - n.dispatchedEnd.Load())
 	}
 	return nil
 }
