@@ -21,6 +21,7 @@ package barrier
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"os"
 
@@ -62,7 +63,13 @@ func parseIocb(b []byte) iocb {
 
 // aioSubmit handles io_submit(ctx, nr, iocbpp).
 func aioSubmit(listener int, req *seccompNotif, wait Func) {
-	cbs := readIocbs(int(req.PID), req.Args[2], int64(req.Args[1]))
+	cbs, err := readIocbs(int(req.PID), req.Args[2], int64(req.Args[1]))
+	if err != nil {
+		// Requests the supervisor cannot read may be flushes or
+		// synchronous writes: not let through unheld.
+		cannotLook(listener, req, err)
+		return
+	}
 	lastFlush := -1
 	for i, cb := range cbs {
 		if cb.opcode == iocbCmdFsync || cb.opcode == iocbCmdFdsync {
@@ -78,7 +85,11 @@ requests:
 		case iocbCmdPwrite, iocbCmdPwritev:
 			// Before a flush of the same call, any write is one the
 			// flush may be taken to cover (TestAIOFlushCoversWriteSubmittedWithIt).
-			sync, ok := writeAhead(listener, req, cb, i < lastFlush)
+			sync, ok, err := writeAhead(listener, req, cb, i < lastFlush)
+			if err != nil {
+				cannotLook(listener, req, err)
+				return
+			}
 			if !ok {
 				break requests // EBADF: the kernel stops at this request
 			}
@@ -96,74 +107,91 @@ requests:
 }
 
 // readIocbs reads the requests of io_submit up to the first the kernel
-// will not get to (unreadable, or with a reserved field set).
-func readIocbs(pid int, iocbpp uint64, nr int64) []iocb {
+// will not get to (unreadable, or with a reserved field set). An error
+// says the supervisor could not read them where the kernel can (EPERM).
+func readIocbs(pid int, iocbpp uint64, nr int64) ([]iocb, error) {
 	var out []iocb
 	for done := int64(0); done < nr; {
 		n := min(nr-done, 1024) // IOV_MAX
 		ptrs := make([]byte, 8*n)
-		got, _ := unix.ProcessVMReadv(pid, []unix.Iovec{{Base: &ptrs[0], Len: uint64(len(ptrs))}},
+		got, err := unix.ProcessVMReadv(pid, []unix.Iovec{{Base: &ptrs[0], Len: uint64(len(ptrs))}},
 			[]unix.RemoteIovec{{Base: uintptr(iocbpp + 8*uint64(done)), Len: len(ptrs)}}, 0)
+		if err != nil && !kernelFails(err) {
+			return nil, err
+		}
 		n = min(n, int64(max(got, 0)/8))
 		if n == 0 {
-			return out
+			return out, nil
 		}
 		raw := make([]byte, iocbSize*n)
 		remote := make([]unix.RemoteIovec, n)
 		for i := range remote {
 			remote[i] = unix.RemoteIovec{Base: uintptr(binary.LittleEndian.Uint64(ptrs[8*i:])), Len: iocbSize}
 		}
-		got, _ = unix.ProcessVMReadv(pid, []unix.Iovec{{Base: &raw[0], Len: uint64(len(raw))}}, remote, 0)
+		got, err = unix.ProcessVMReadv(pid, []unix.Iovec{{Base: &raw[0], Len: uint64(len(raw))}}, remote, 0)
+		if err != nil && !kernelFails(err) {
+			return nil, err
+		}
 		for i := 0; i < max(got, 0)/iocbSize; i++ {
 			cb := parseIocb(raw[iocbSize*i:])
 			if cb.reserved2 != 0 {
-				return out // EINVAL
+				return out, nil // EINVAL
 			}
 			out = append(out, cb)
 		}
 		if int64(max(got, 0)) < iocbSize*n {
-			return out // EFAULT
+			return out, nil // EFAULT
 		}
 		done += n
 	}
-	return out
+	return out, nil
 }
 
 // writeAhead writes a synchronous write request's bytes itself, so that
 // the barrier that follows covers them; any write's when flushed (a flush
 // follows it in the same call). sync says whether the request is
-// synchronous or flushed; ok is false when its descriptor does not exist.
-func writeAhead(listener int, req *seccompNotif, cb iocb, flushed bool) (sync, ok bool) {
+// synchronous or flushed; ok is false when its descriptor does not exist;
+// err, when the supervisor cannot take it (EPERM: see takeCallerFD).
+func writeAhead(listener int, req *seccompNotif, cb iocb, flushed bool) (sync, ok bool, err error) {
 	if !flushed && cb.rwFlags&(unix.RWF_DSYNC|unix.RWF_SYNC) == 0 && cb.fd < SyncFDBase {
-		return false, true // only those descriptors hold O_SYNC/O_DSYNC files
+		return false, true, nil // only those descriptors hold O_SYNC/O_DSYNC files
 	}
 	fd, err := takeFD(listener, req, cb.fd)
 	if err != nil {
-		return false, false
+		if kernelFails(err) {
+			return false, false, nil
+		}
+		return false, false, err
 	}
 	defer unix.Close(fd)
 	fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
 	if err != nil {
-		return flushed, true
+		return flushed, true, nil
 	}
 	if !flushed && fl&unix.O_DSYNC == 0 && cb.rwFlags&(unix.RWF_DSYNC|unix.RWF_SYNC) == 0 {
-		return false, true
+		return false, true, nil
 	}
 	if cb.rwFlags&unix.RWF_APPEND != 0 || fl&unix.O_APPEND != 0 && cb.rwFlags&unix.RWF_NOAPPEND == 0 {
 		// Written ahead, it would be appended twice.
 		warnOnce("an appending write submitted with io_submit, synchronous or followed by a flush in the same call, is not held for the peer")
-		return true, true
+		return true, true, nil
 	}
 	pid := int(req.PID)
 	var iov []unix.RemoteIovec
 	if cb.opcode == iocbCmdPwrite {
 		iov = []unix.RemoteIovec{{Base: uintptr(cb.buf), Len: int(min(cb.nbytes, maxEmulatedWrite))}}
 	} else if iov, err = readIovecs(pid, cb.buf, cb.nbytes); err != nil {
-		return true, true // the kernel fails the request
+		if !kernelFails(err) && !errors.Is(err, unix.EINVAL) {
+			return false, false, err
+		}
+		return true, true, nil // the kernel fails the request
 	}
 	data, err := gather(pid, iov)
 	if err != nil {
-		return true, true // nothing readable: the kernel fails it as well
+		if !kernelFails(err) {
+			return false, false, err
+		}
+		return true, true, nil // nothing readable: the kernel fails it as well
 	}
 	if len(data) == maxEmulatedWrite {
 		warnOnce(fmt.Sprintf("a synchronous write of %d MiB or more submitted with io_submit: only its first %d MiB are held for the peer", maxEmulatedWrite>>20, maxEmulatedWrite>>20))
@@ -175,7 +203,7 @@ func writeAhead(listener int, req *seccompNotif, cb iocb, flushed bool) (sync, o
 		// The kernel's own attempt most likely fails the same way.
 		warnOnce(fmt.Sprintf("a synchronous write submitted with io_submit could not be written ahead (%v): if it succeeds, it may complete before the peer has it", err))
 	}
-	return true, true
+	return true, true, nil
 }
 
 // pwriteAll writes data at off, from page-aligned memory when the file

@@ -44,6 +44,40 @@ var writes = []uint32{unix.SYS_WRITE, unix.SYS_PWRITE64, unix.SYS_WRITEV, unix.S
 var copiesArg0 = []uint32{unix.SYS_SENDFILE}
 var copiesArg2 = []uint32{unix.SYS_COPY_FILE_RANGE, unix.SYS_SPLICE}
 
+// Duplications of a descriptor of SyncFDBase or above (and fcntl's
+// F_DUPFD, F_DUPFD_CLOEXEC): a duplicate of an O_SYNC/O_DSYNC file below
+// SyncFDBase would take writes the filter lets through (GNU dd's
+// oflag=dsync: open, then dup2 onto 1). The supervisor refuses those
+// (dupSync).
+var dups = []uint32{unix.SYS_DUP, unix.SYS_DUP2, unix.SYS_DUP3}
+
+// fallocate on a descriptor of SyncFDBase or above: on an O_SYNC/O_DSYNC
+// file ext4 and XFS make its change durable before it returns
+// (fallocateSync). Its descriptor is its first argument.
+
+// file_setattr(2) (Linux 6.17) sets a file's flags as FS_IOC_FSSETXATTR
+// does: the supervisor looks at them (fileSetattrSync).
+const sysFileSetattr = unix.SYS_FILE_SETATTR
+
+// ioctls the supervisor looks at: btrfs's BTRFS_IOC_SYNC (a syncfs: held
+// as one), and the flag setters, which may make a file or directory
+// synchronous (chattr +S, +D: its writes or entry changes durable on
+// return, on any descriptor; refused, flagsSync).
+const (
+	btrfsIocSync    = 0x9408     // _IO(0x94, 8)
+	fsIocSetflags   = 0x40086602 // FS_IOC_SETFLAGS
+	fsIocSetflags32 = 0x40046602 // FS_IOC32_SETFLAGS
+	fsIocFssetxattr = 0x401c5820 // FS_IOC_FSSETXATTR
+	fsSyncFL        = 0x00000008 // FS_SYNC_FL
+	fsDirsyncFL     = 0x00010000 // FS_DIRSYNC_FL
+	fsXflagSync     = 0x00000020 // FS_XFLAG_SYNC
+)
+
+// fsIocFsgetxattr is FS_IOC_FSGETXATTR (tests).
+const fsIocFsgetxattr = 0x801c581f
+
+var ioctlsTrapped = []uint32{btrfsIocSync, fsIocSetflags, fsIocSetflags32, fsIocFssetxattr}
+
 // SyncFDBase is the lowest descriptor number duet gives a file opened with
 // O_SYNC or O_DSYNC by a supervised process; writes on descriptors from it
 // up go to the supervisor, which performs those on synchronous files and
@@ -143,6 +177,23 @@ func filter() []unix.SockFilter {
 	for _, nr := range copiesArg2 {
 		a.jeq(nr, "fd2", "")
 	}
+	for _, nr := range dups {
+		a.jeq(nr, "fd", "")
+	}
+	a.jeq(unix.SYS_FCNTL, "fcntl", "")
+	a.jeq(unix.SYS_IOCTL, "ioctl", "")
+	a.jeq(unix.SYS_FALLOCATE, "fd", "")
+	a.jeq(sysFileSetattr, "notify", "")
+	a.ret(unix.SECCOMP_RET_ALLOW)
+	a.label("fcntl")
+	a.load(argLow(1))
+	a.jeq(unix.F_DUPFD, "fd", "")
+	a.jeq(unix.F_DUPFD_CLOEXEC, "fd", "allow")
+	a.label("ioctl")
+	a.load(argLow(1))
+	for _, cmd := range ioctlsTrapped {
+		a.jeq(cmd, "notify", "")
+	}
 	a.ret(unix.SECCOMP_RET_ALLOW)
 	a.label("flags1")
 	a.load(argLow(1))
@@ -153,15 +204,18 @@ func filter() []unix.SockFilter {
 	a.label("rwf")
 	a.load(argLow(5))
 	a.jset(unix.RWF_DSYNC|unix.RWF_SYNC, "notify", "")
+	// A descriptor is an int to the kernel: only the argument's low half
+	// counts (a value with the high half set is still the descriptor its
+	// low half names: the review's write(fd|1<<32) went through unheld,
+	// TestSyncWriteWithHighFDBitsHeld). A negative one (as an int) runs:
+	// the kernel says EBADF.
 	a.label("fd")
-	a.load(argHigh(0))
-	a.jeq(0, "", "allow") // a negative descriptor: the kernel says EBADF
 	a.load(argLow(0))
+	a.jge(1<<31, "allow", "")
 	a.jge(SyncFDBase, "notify", "allow")
 	a.label("fd2")
-	a.load(argHigh(2))
-	a.jeq(0, "", "allow")
 	a.load(argLow(2))
+	a.jge(1<<31, "allow", "")
 	a.jge(SyncFDBase, "notify", "allow")
 	a.label("notify")
 	a.ret(unix.SECCOMP_RET_USER_NOTIF)
@@ -497,6 +551,21 @@ func answer(listener int, req seccompNotif, sup supervisor) {
 	case unix.SYS_SENDFILE, unix.SYS_COPY_FILE_RANGE, unix.SYS_SPLICE:
 		copySync(listener, &req, sup, start)
 		return
+	case unix.SYS_DUP, unix.SYS_DUP2, unix.SYS_DUP3, unix.SYS_FCNTL:
+		dupSync(listener, &req)
+		return
+	case unix.SYS_FALLOCATE:
+		fallocateSync(listener, &req, sup, start)
+		return
+	case sysFileSetattr:
+		fileSetattrSync(listener, &req)
+		return
+	case unix.SYS_IOCTL:
+		if uint32(req.Args[1]) != btrfsIocSync {
+			setflagsSync(listener, &req)
+			return
+		}
+		// BTRFS_IOC_SYNC: a syncfs, held as one (below).
 	}
 	resp := seccompNotifResp{ID: req.ID}
 	local := flushEarly(listener, &req)

@@ -37,6 +37,9 @@ func TestMain(m *testing.M) {
 	if s := os.Getenv("DUET_BARRIER_SUPERVISOR"); s != "" {
 		os.Exit(supervisorHelper(s))
 	}
+	if s := os.Getenv(countingSupervisorEnv); s != "" {
+		os.Exit(countingSupervisor(s))
+	}
 	if s := os.Getenv("DUET_BARRIER_EXEC"); s != "" {
 		os.Exit(execHelper(s))
 	}
@@ -116,6 +119,9 @@ func helper(mode string) int {
 	case "splice-from-fifo":
 		return spliceFromFIFO(os.Getenv("DUET_BARRIER_FIFO"), os.Getenv("DUET_BARRIER_FILE"), os.Getenv("DUET_BARRIER_PIDFILE"))
 	default:
+		if code, ok := fdsyncHelper(mode, os.Getenv("DUET_BARRIER_FILE")); ok {
+			return code
+		}
 		return 101
 	}
 	var errno unix.Errno
@@ -415,6 +421,22 @@ func TestFilterDecisions(t *testing.T) {
 		{"splice to sync fd", unix.SYS_SPLICE, []uint64{3, 0, 900}, notify},
 		{"splice to low fd", unix.SYS_SPLICE, []uint64{900, 0, 5}, allow},
 		{"splice to -1", unix.SYS_SPLICE, []uint64{3, 0, neg}, allow},
+		{"write sync fd, high half set", unix.SYS_WRITE, []uint64{1<<32 | SyncFDBase}, notify},
+		{"dup2 of a sync fd", unix.SYS_DUP2, []uint64{SyncFDBase, 1}, notify},
+		{"dup2 of a low fd", unix.SYS_DUP2, []uint64{3, 1}, allow},
+		{"dup3 of a sync fd", unix.SYS_DUP3, []uint64{SyncFDBase + 7, 1, 0}, notify},
+		{"dup of a sync fd", unix.SYS_DUP, []uint64{SyncFDBase}, notify},
+		{"fcntl F_DUPFD of a sync fd", unix.SYS_FCNTL, []uint64{SyncFDBase, unix.F_DUPFD, 0}, notify},
+		{"fcntl F_DUPFD_CLOEXEC of a sync fd", unix.SYS_FCNTL, []uint64{SyncFDBase, unix.F_DUPFD_CLOEXEC, 0}, notify},
+		{"fcntl F_GETFL of a sync fd", unix.SYS_FCNTL, []uint64{SyncFDBase, unix.F_GETFL}, allow},
+		{"fcntl F_DUPFD of a low fd", unix.SYS_FCNTL, []uint64{3, unix.F_DUPFD, 0}, allow},
+		{"fallocate on a sync fd", unix.SYS_FALLOCATE, []uint64{SyncFDBase, 0, 0, 4096}, notify},
+		{"fallocate on a low fd", unix.SYS_FALLOCATE, []uint64{3, 0, 0, 4096}, allow},
+		{"ioctl FS_IOC_SETFLAGS", unix.SYS_IOCTL, []uint64{3, unix.FS_IOC_SETFLAGS}, notify},
+		{"ioctl FS_IOC_FSSETXATTR", unix.SYS_IOCTL, []uint64{3, fsIocFssetxattr}, notify},
+		{"ioctl BTRFS_IOC_SYNC", unix.SYS_IOCTL, []uint64{3, btrfsIocSync}, notify},
+		{"ioctl FS_IOC_GETFLAGS", unix.SYS_IOCTL, []uint64{3, unix.FS_IOC_GETFLAGS}, allow},
+		{"file_setattr", unix.SYS_FILE_SETATTR, nil, notify},
 		{"preadv2 RWF_DSYNC", unix.SYS_PREADV2, []uint64{4, 0, 0, 0, 0, unix.RWF_DSYNC}, allow},
 		{"x32 fsync", x32Bit | unix.SYS_FSYNC, []uint64{3}, enosys},
 		{"x32 write sync fd", x32Bit | unix.SYS_WRITE, []uint64{SyncFDBase}, enosys},

@@ -31,9 +31,8 @@ func copySync(listener int, req *seccompNotif, sup supervisor, start time.Time) 
 	default: // copy_file_range and splice: in, *off_in, out, *off_out, len, flags
 		in, inOffAddr, out, outOffAddr, count = int(int32(req.Args[0])), req.Args[1], int(int32(req.Args[2])), req.Args[3], req.Args[4]
 	}
-	outFD, err := takeFD(listener, req, out)
-	if err != nil {
-		proceed(listener, req.ID) // the kernel reports EBADF itself
+	outFD, ok := takeCallerFD(listener, req, out)
+	if !ok {
 		return
 	}
 	defer unix.Close(outFD)
@@ -49,9 +48,8 @@ func copySync(listener int, req *seccompNotif, sup supervisor, start time.Time) 
 		proceed(listener, req.ID)
 		return
 	}
-	inFD, err := takeFD(listener, req, in)
-	if err != nil {
-		proceed(listener, req.ID)
+	inFD, ok := takeCallerFD(listener, req, in)
+	if !ok {
 		return
 	}
 	defer unix.Close(inFD)

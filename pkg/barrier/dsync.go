@@ -71,8 +71,16 @@ func openSync(listener int, req *seccompNotif, installMu *sync.Mutex) {
 	case unix.SYS_OPENAT2:
 		dirfd, pathAddr = int32(req.Args[0]), req.Args[1]
 		var how [24]byte // struct open_how: flags, mode, resolve
-		if req.Args[3] < uint64(len(how)) || readMem(int(req.PID), req.Args[2], how[:]) != nil {
+		if req.Args[3] < uint64(len(how)) {
 			proceed(listener, req.ID) // the kernel reports the bad argument
+			return
+		}
+		if err := readMem(int(req.PID), req.Args[2], how[:]); err != nil {
+			if kernelFails(err) {
+				proceed(listener, req.ID) // the kernel reports the bad argument
+			} else {
+				cannotLook(listener, req, err) // it may ask for O_DSYNC
+			}
 			return
 		}
 		flags, mode = binary.LittleEndian.Uint64(how[0:]), binary.LittleEndian.Uint64(how[8:])
@@ -343,9 +351,8 @@ func openAs(pid int, path string, flags int, mode uint32) (int, error) {
 // writeSync handles a write on a descriptor of SyncFDBase or above, or a
 // pwritev2 with RWF_SYNC/RWF_DSYNC.
 func writeSync(listener int, req *seccompNotif, sup supervisor, start time.Time) {
-	fd, err := takeFD(listener, req, int(int32(req.Args[0])))
-	if err != nil {
-		proceed(listener, req.ID) // the kernel reports EBADF itself
+	fd, ok := takeCallerFD(listener, req, int(int32(req.Args[0])))
+	if !ok {
 		return
 	}
 	defer unix.Close(fd)
@@ -443,6 +450,9 @@ func gather(pid int, iov []unix.RemoteIovec) ([]byte, error) {
 		if n > 0 {
 			out = append(out, buf[:n]...)
 		}
+		if err != nil && !errors.Is(err, unix.EFAULT) {
+			return nil, err // not readable by the supervisor (EPERM)
+		}
 		if err != nil || n < v.Len {
 			if len(out) == 0 {
 				return nil, unix.EFAULT
@@ -453,9 +463,15 @@ func gather(pid int, iov []unix.RemoteIovec) ([]byte, error) {
 	return out, nil
 }
 
+// readMem reads the caller's memory: EFAULT where the kernel would meet
+// it, or the error that kept the supervisor from reading (EPERM: see
+// takeCallerFD).
 func readMem(pid int, addr uint64, buf []byte) error {
 	n, err := unix.ProcessVMReadv(pid, []unix.Iovec{{Base: &buf[0], Len: uint64(len(buf))}},
 		[]unix.RemoteIovec{{Base: uintptr(addr), Len: len(buf)}}, 0)
+	if err != nil && !errors.Is(err, unix.EFAULT) {
+		return err
+	}
 	if err != nil || n != len(buf) {
 		return unix.EFAULT
 	}

@@ -88,3 +88,35 @@ func TestCheckTreeBtrfsSubvolume(t *testing.T) {
 		t.Fatalf("the subvolume as a replicated directory: %v", err)
 	}
 }
+
+// A sync directory whose writes the kernel makes durable on return (a
+// filesystem mounted -o sync, a directory flagged chattr +S or +D, which
+// ext4 hands on to what is made in it) would tell applications "durable"
+// before the peer has the data: syncTree names it, and the daemon refuses
+// to start on it (Run's check, beside checkTree's).
+func TestSyncTreeNamed(t *testing.T) {
+	loopfs.RequireRoot(t)
+	fs := loopfs.Make(t, "ext4", 64)
+	dir := filepath.Join(fs.Mount, "d")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if why := syncTree(dir); why != "" {
+		t.Fatalf("a plain directory: %q", why)
+	}
+	for _, c := range []struct{ flag, want string }{{"+S", "chattr +S"}, {"+D", "chattr +D"}} {
+		if out, err := exec.Command("chattr", c.flag, dir).CombinedOutput(); err != nil {
+			t.Fatalf("chattr %s: %v %s", c.flag, err, out)
+		}
+		if why := syncTree(dir); !strings.Contains(why, c.want) {
+			t.Errorf("chattr %s: %q, want it named", c.flag, why)
+		}
+		exec.Command("chattr", "-S", "-D", dir).Run()
+	}
+	if out, err := exec.Command("mount", "-o", "remount,sync", fs.Mount).CombinedOutput(); err != nil {
+		t.Fatalf("remount sync: %v %s", err, out)
+	}
+	if why := syncTree(dir); !strings.Contains(why, "-o sync") {
+		t.Errorf("mounted -o sync: %q, want it named", why)
+	}
+}

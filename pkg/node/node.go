@@ -249,6 +249,9 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 		if err != nil {
 			return err
 		}
+		if why := syncTree(r.Path); why != "" && r.Mode == config.ModeSync {
+			return fmt.Errorf("replicate[%d].path %q: %s: writes there are durable when they return, before the peer has them, which a sync directory must not allow; %s", i, r.Path, why, syncTreeFix)
+		}
 		n.devs = append(n.devs, t.dev)
 		n.xfs = n.xfs || t.xfs
 		if t.btrfs != 0 && !slices.Contains(n.btrfs, t.btrfs) {
@@ -454,6 +457,40 @@ func checkTree(i int, path string) (tree, error) {
 	}
 	return tree{}, fmt.Errorf("replicate[%d].path %q: filesystem type %#x is not supported: duet captures changes on ext4, XFS and btrfs only (see docs/CAPTURE.md); move the directory to one of them", i, path, fs.Type)
 }
+
+// syncTree says why writes under path would be durable on return
+// without passing through duet's barrier, or "": a filesystem mounted
+// with -o sync, or the directory flagged synchronous (chattr +S; +D for
+// its entries), which ext4 hands on to the files and directories made in
+// it. (Supervised processes are refused these flags: barrier.setflagsSync.)
+func syncTree(path string) string {
+	var fs unix.Statfs_t
+	if err := unix.Statfs(path, &fs); err == nil && fs.Flags&unix.ST_SYNCHRONOUS != 0 {
+		return "its filesystem is mounted with -o sync"
+	}
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return ""
+	}
+	defer unix.Close(fd)
+	flags, err := unix.IoctlGetUint32(fd, unix.FS_IOC_GETFLAGS)
+	if err != nil {
+		return ""
+	}
+	switch {
+	case flags&fsSyncFL != 0:
+		return "the directory has the synchronous attribute (chattr +S)"
+	case flags&fsDirsyncFL != 0:
+		return "the directory has the synchronous-entries attribute (chattr +D)"
+	}
+	return ""
+}
+
+const (
+	fsSyncFL    = 0x00000008 // FS_SYNC_FL
+	fsDirsyncFL = 0x00010000 // FS_DIRSYNC_FL
+	syncTreeFix = "remount without sync, or clear the attribute (chattr -S -D), or make the directory mode: async"
+)
 
 // serve takes the primary role: the VIP (unless someone answers for it)
 // while capture loads, then shipping, then the services in order.
