@@ -46,7 +46,7 @@ func (n *Node) barrier(ctx context.Context) string {
 		n.metrics.barriers.Observe(time.Since(start).Seconds())
 		n.stages.Since(latency.Daemon, start)
 	}()
-	n.lastBarrier.Store(start.UnixNano())
+	n.lastBarrier.Store(bootNanos())
 	n.smu.RLock()
 	primaries, c := n.primaries, n.cap
 	n.smu.RUnlock()

@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"math"
 	"os"
 	"time"
 
@@ -17,6 +18,30 @@ const clockStepMin = time.Second
 // clockReading is the wall clock (unix ns) and a monotonic clock read
 // together.
 type clockReading struct{ wall, mono int64 }
+
+// bootNanos reads CLOCK_BOOTTIME: the clock of the cluster loop's and the
+// release rule's timers (the last heartbeat, the peer's loss, the
+// witness's last answer, the VIP found free, the start wait). A wall-clock
+// step moved them when they were wall-clock readings (a review, fortieth
+// session): set back, a witness answer from before the step counted as
+// "since the loss" and an isolated primary released calls the peer, taking
+// over, lacked; a dead peer was not declared lost for the size of the
+// step; set forward, a live peer was declared lost and a finite start_wait
+// ended at once. BOOTTIME also runs across a suspend, as the peer's
+// silence does.
+func bootNanos() int64 {
+	var ts unix.Timespec
+	unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts) // cannot fail on Linux ≥ 2.6.39
+	return ts.Nano()
+}
+
+// bootSince is the time since a bootNanos reading; 0 (never) is long ago.
+func bootSince(t int64) time.Duration {
+	if t == 0 {
+		return math.MaxInt64
+	}
+	return time.Duration(bootNanos() - t)
+}
 
 // readClocks reads both; false if CLOCK_BOOTTIME could not be read (a
 // reading of 0 would look like a step of the whole uptime).

@@ -460,7 +460,7 @@ func (n *Node) receiveHeartbeats(ctx context.Context, c *net.UDPConn, peer *net.
 			continue
 		}
 		n.heartbeats.Add(1)
-		n.lastHeartbeat.Store(time.Now().UnixNano())
+		n.lastHeartbeat.Store(bootNanos())
 		// Never waits for the loop: while it hands the role over
 		// (unserve) it reads no events, and a receiver blocked here
 		// would read no heartbeats either: lastHeartbeat would stand
@@ -528,7 +528,7 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 		}
 		if ev.Kind == cluster.EvCmdStart {
 			// A wait armed at a stop counts from the start.
-			n.started.Store(time.Now().UnixNano())
+			n.started.Store(bootNanos())
 		}
 		prev := m
 		next, acts := cluster.Step(m, ev)
@@ -580,11 +580,14 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 		// A copy: the loop goes on writing m, while the heartbeats,
 		// barriers and status read what is published.
 		published := m
+		if ev.Kind == cluster.EvPeerLost {
+			// Before the new state is published: a witness answer
+			// from before the loss must not count as after it for
+			// a heartbeat that announces ALONE meanwhile.
+			n.peerLostAt.Store(bootNanos())
+		}
 		n.machine.Store(&published)
 		n.leaving.Store(false)
-		if ev.Kind == cluster.EvPeerLost {
-			n.peerLostAt.Store(time.Now().UnixNano())
-		}
 		if ev.Kind == cluster.EvPeerLost && prev.State.Serving() {
 			// The data connections would look alive for minutes after a
 			// crash without a FIN, holding durability calls.
@@ -617,7 +620,7 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 		if (tookOver || lostSecond) && prev.Peer.Name != "" {
 			since := time.Now()
 			if t := n.lastHeartbeat.Load(); t != 0 {
-				since = time.Unix(0, t)
+				since = time.Now().Add(-bootSince(t))
 			}
 			n.hooks.lost(prev.Peer.Name, since, tookOver && n.cfg.Cluster.Fence != "")
 		}
@@ -632,7 +635,7 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 			p := m.Peer
 			// Only to a peer heard from just now: one that died a moment
 			// ago would leave both copies marked as possibly stale.
-			fresh := time.Since(time.Unix(0, n.lastHeartbeat.Load())) < 2*n.cfg.Cluster.Interval
+			fresh := bootSince(n.lastHeartbeat.Load()) < 2*n.cfg.Cluster.Interval
 			if m.State == cluster.Prim && fresh && p.Seen && p.State == cluster.Second && p.Epoch == m.Epoch {
 				// A planned stop (systemctl stop, a reboot): hand the
 				// role over as `duet swap` does, so that the peer takes
@@ -689,13 +692,14 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 					n.kickHeartbeat()
 				}
 			}
-			last := time.Unix(0, n.lastHeartbeat.Load())
-			if m.Peer.Seen && m.State == cluster.Second && time.Since(last) > n.precheckAfter() {
-				n.startPrecheck(last.UnixNano())
+			last := n.lastHeartbeat.Load()
+			silence := bootSince(last)
+			if m.Peer.Seen && m.State == cluster.Second && silence > n.precheckAfter() {
+				n.startPrecheck(last)
 			}
-			if m.Peer.Seen && time.Since(last) > timeout {
+			if m.Peer.Seen && silence > timeout {
 				n.missed.Add(1)
-				n.log.Warn("peer lost: no heartbeat", "peer", m.Peer.Name, "for", time.Since(last).Round(time.Millisecond))
+				n.log.Warn("peer lost: no heartbeat", "peer", m.Peer.Name, "for", silence.Round(time.Millisecond))
 				apply(cluster.Event{Kind: cluster.EvPeerLost})
 			} else if !m.Peer.Seen && time.Since(start) > timeout {
 				apply(cluster.Event{Kind: cluster.EvTick})
@@ -782,7 +786,7 @@ func (n *Node) watchWitness(ctx context.Context, isolation chan<- struct{}) {
 			continue
 		}
 		fails = 0
-		n.witnessOK.Store(time.Now().UnixNano())
+		n.witnessOK.Store(bootNanos())
 		n.wakePrimaries()
 	}
 }
@@ -876,7 +880,7 @@ func (n *Node) precheckAfter() time.Duration {
 func (n *Node) loopTick() time.Duration { return n.cfg.Cluster.Interval / 4 }
 
 // startPrecheck starts a precheck for the silence since the heartbeat
-// received at hb (unix ns) unless one runs or ran for it.
+// received at hb (bootNanos) unless one runs or ran for it.
 func (n *Node) startPrecheck(hb int64) {
 	if n.vip == nil && n.vipProbe == nil {
 		return // nothing to probe ahead
@@ -910,7 +914,7 @@ func (n *Node) prechecked(ctx context.Context) bool {
 	if !pc.ok || time.Since(pc.at) > precheckFresh || pc.heartbeat != n.lastHeartbeat.Load() {
 		return false
 	}
-	n.vipFreeAt.Store(pc.at.UnixNano())
+	n.vipFreeAt.Store(bootNanos() - int64(time.Since(pc.at)))
 	return true
 }
 
@@ -929,7 +933,7 @@ func (n *Node) witnessCheck() (bool, string) {
 	if err != nil {
 		return false, fmt.Sprintf("witness %s unreachable (%v): this node may be the isolated one", w, err)
 	}
-	n.witnessOK.Store(time.Now().UnixNano())
+	n.witnessOK.Store(bootNanos())
 	return true, ""
 }
 
@@ -950,7 +954,7 @@ func (n *Node) vipCheck() (ok bool, why string, held bool) {
 	if owner != nil {
 		return false, fmt.Sprintf("VIP %s is answered by %s: the old primary is alive (a network split?) or another host uses the address", n.vip.Prefix.Addr(), owner), true
 	}
-	n.vipFreeAt.Store(time.Now().UnixNano())
+	n.vipFreeAt.Store(bootNanos())
 	return true, "", false
 }
 

@@ -329,11 +329,11 @@ func TestLeavingHoldsCallsUntilPeerSilent(t *testing.T) {
 	pid := startSleeper(t, n)
 
 	// The peer heard: the call stays held, and the service lives.
-	n.lastHeartbeat.Store(time.Now().UnixNano())
+	n.lastHeartbeat.Store(bootNanos())
 	n.beginLeaving()
 	stop := n.watchLeaving()
 	for end := time.Now().Add(3 * n.cfg.Cluster.Timeout); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
-		n.lastHeartbeat.Store(time.Now().UnixNano())
+		n.lastHeartbeat.Store(bootNanos())
 		if n.tryRelease() {
 			t.Fatal("a held call ended while the handover went on with the peer heard")
 		}
@@ -456,7 +456,8 @@ func TestHandoverAtStopHearsThePeer(t *testing.T) {
 		t.Fatal(err)
 	}
 	start := time.Now()
-	n.lastHeartbeat.Store(start.UnixNano())
+	startBoot := bootNanos()
+	n.lastHeartbeat.Store(startBoot)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
@@ -465,7 +466,7 @@ func TestHandoverAtStopHearsThePeer(t *testing.T) {
 	}()
 	// Heard just now: the stopping daemon hands over only to a peer
 	// heard within two intervals.
-	for heard := time.Unix(0, n.lastHeartbeat.Load()); !heard.After(start) || time.Since(heard) > udpInterval/2; heard = time.Unix(0, n.lastHeartbeat.Load()) {
+	for heard := n.lastHeartbeat.Load(); heard <= startBoot || bootSince(heard) > udpInterval/2; heard = n.lastHeartbeat.Load() {
 		if time.Since(start) > 5*time.Second {
 			cancel()
 			t.Fatal("nodeB never heard nodeA")

@@ -419,7 +419,7 @@ func TestNoVIPAfterFailing(t *testing.T) {
 	n.exit = func(int) {}
 	n.failAsCrashed("test")
 	n.vip = &vip.VIP{Prefix: netip.MustParsePrefix("10.250.9.9/24"), Iface: "duet-no-such-if"}
-	n.vipFreeAt.Store(time.Now().UnixNano()) // checks just made: no probe
+	n.vipFreeAt.Store(bootNanos()) // checks just made: no probe
 	err := n.takeVIP(context.Background())
 	if err == nil || !strings.Contains(err.Error(), "failing") {
 		t.Errorf("takeVIP after failAsCrashed: %v, want a refusal before the address is added", err)

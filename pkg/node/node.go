@@ -57,7 +57,7 @@ type Node struct {
 	overflowLogged time.Time
 	drainMu        sync.Mutex
 	drained        *sync.Cond
-	// lastBarrier (unix ns) keeps the capture's eager wake-ups on while
+	// lastBarrier (bootNanos) keeps the capture's eager wake-ups on while
 	// durability calls come in; eager says they are on.
 	lastBarrier atomic.Int64
 	eager       atomic.Bool
@@ -116,7 +116,7 @@ type Node struct {
 	syncedSent atomic.Int64
 	expiryWake atomic.Bool // a wake-up is set for when syncedSent expires
 	// vipFreeAt is when a takeover's checks last found the VIP free
-	// (unix ns; 0: not since the last takeVIP).
+	// (bootNanos; 0: not since the last takeVIP).
 	vipFreeAt atomic.Int64
 	// vipMu orders a VIP's adding (takeVIP) with failAsCrashed, which
 	// sets failing first: a term starting while the state_dir's watcher
@@ -150,7 +150,7 @@ type Node struct {
 	// the save again each tick.
 	staleUnsaved atomic.Bool
 	// peerLostAt is when the peer was last declared lost, witnessOK when
-	// the witness last answered (unix ns).
+	// the witness last answered (bootNanos).
 	peerLostAt atomic.Int64
 	witnessOK  atomic.Int64
 	// leaving is set while the node leaves the role; lastSynced is what
@@ -164,7 +164,7 @@ type Node struct {
 	// over (beginLeaving).
 	leavingAlone atomic.Bool
 	// The start wait (startwait.go): started is when the daemon started
-	// (or left an ALONE term: markAgainLocked), unix ns; startWait is set
+	// (or left an ALONE term: markAgainLocked), bootNanos; startWait is set
 	// when this node takes nothing over before hearing its peer;
 	// peerHeard once a heartbeat of the peer settled it. The
 	// peer-in-sync mark, under markMu: markOn says it may be on disk,
@@ -585,7 +585,7 @@ func (n *Node) takeVIP(ctx context.Context) error {
 	}
 	// A takeover's checks probed just before: a second probe would only
 	// add its wait to the failover.
-	if time.Since(time.Unix(0, n.vipFreeAt.Swap(0))) > vipProbeFresh {
+	if bootSince(n.vipFreeAt.Swap(0)) > vipProbeFresh {
 		owner, err := n.vip.Probe(vipProbeWait)
 		if err != nil {
 			return err
@@ -731,7 +731,7 @@ func (n *Node) watchLeaving() (stop func()) {
 				return
 			case <-t.C:
 			}
-			silent := time.Since(time.Unix(0, n.lastHeartbeat.Load()))
+			silent := bootSince(n.lastHeartbeat.Load())
 			if silent < n.cfg.Cluster.Timeout {
 				continue
 			}

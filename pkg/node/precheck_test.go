@@ -86,7 +86,7 @@ func TestPrecheckTakeoverWitnessedSinceLoss(t *testing.T) {
 				t.Skipf("cannot ping a witness here: %v", err)
 			}
 			n.vipProbe = func() (bool, string) { return true, "" }
-			hb := time.Now().UnixNano()
+			hb := bootNanos()
 			n.lastHeartbeat.Store(hb)
 			if pre {
 				n.startPrecheck(hb) // the silence's last stretch
@@ -94,7 +94,7 @@ func TestPrecheckTakeoverWitnessedSinceLoss(t *testing.T) {
 			}
 			// EvPeerLost: the loop notes when, the check goroutine runs
 			// the takeover's checks.
-			n.peerLostAt.Store(time.Now().UnixNano())
+			n.peerLostAt.Store(bootNanos())
 			if ok, why, _ := n.takeoverChecks(context.Background()); !ok {
 				t.Fatalf("checks failed: %s", why)
 			}

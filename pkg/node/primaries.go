@@ -565,7 +565,7 @@ func (n *Node) watchOverflow(ctx context.Context, c *capture.Capture) {
 			return
 		case <-t.C:
 		}
-		if n.eager.Load() && time.Since(time.Unix(0, n.lastBarrier.Load())) > eagerHold {
+		if n.eager.Load() && bootSince(n.lastBarrier.Load()) > eagerHold {
 			if c.SetEagerWake(false) == nil {
 				n.eager.Store(false)
 			}

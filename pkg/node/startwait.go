@@ -36,7 +36,7 @@ func (n *Node) peerSyncedMarkPath() string { return filepath.Join(n.cfg.StateDir
 
 // loadStartWait reads the mark at start, for the machine just loaded.
 func (n *Node) loadStartWait(m cluster.Machine) {
-	n.started.Store(time.Now().UnixNano())
+	n.started.Store(bootNanos())
 	if _, err := os.Stat(n.peerSyncedMarkPath()); err != nil {
 		return
 	}
@@ -73,7 +73,7 @@ func (n *Node) startWaitCheck() (bool, string) {
 		return true, ""
 	}
 	d, forever := n.cfg.Cluster.StartWaitFor()
-	if !forever && time.Since(time.Unix(0, n.started.Load())) >= d {
+	if !forever && bootSince(n.started.Load()) >= d {
 		if n.startWaitOver.CompareAndSwap(false, true) {
 			n.log.Warn("cluster.start_wait passed without hearing the peer: this copy may serve; what the peer acknowledged after this node went down, if it served, is set aside when the two meet",
 				"start_wait", n.cfg.Cluster.StartWait, "peer", n.cfg.Peer)
@@ -232,7 +232,7 @@ func (n *Node) markAgainLocked(m cluster.Machine) {
 	if err := n.makeMarkLocked(m.Epoch); err != nil {
 		n.log.Error("cannot mark in the state directory that the peer, lost while in sync, may take over: a restart of this node alone would not wait for it", "err", err)
 	}
-	n.started.Store(time.Now().UnixNano())
+	n.started.Store(bootNanos())
 	n.peerHeard.Store(false)
 	n.startWaitOver.Store(false)
 	if d, forever := n.cfg.Cluster.StartWaitFor(); forever || d > 0 {

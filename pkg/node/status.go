@@ -138,7 +138,7 @@ func (n *Node) Status() Status {
 		s.PeerState.State = m.Peer.State.String()
 	}
 	if t := n.lastHeartbeat.Load(); t != 0 {
-		s.PeerState.LastHeartbeat = float64(time.Since(time.Unix(0, t)).Microseconds()) / 1000
+		s.PeerState.LastHeartbeat = float64(bootSince(t).Microseconds()) / 1000
 	}
 	if n.vip != nil {
 		vs := &VIPStatus{Address: n.vip.Prefix.String(), Interface: n.vip.Iface}
