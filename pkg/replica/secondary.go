@@ -106,6 +106,7 @@ type replicaState struct {
 	partial uint64 // batch applied[+1] ...
 	ops     uint32 // ... up to this many ops
 	boot    [16]byte
+	mnt     uint64 // the replica's mount (mountID)
 	// broken: a flush of this connection failed (Linux reports a
 	// writeback error once: a later flush may succeed without the lost
 	// pages), so nothing it applied may be trusted as durable (see
@@ -138,7 +139,25 @@ func (r *replicaState) unsave() {
 	r.partial, r.ops = r.filed.partial, r.filed.ops
 }
 
-const stateSize = 8 + 8 + 8 + 4 + 16 + 4
+const stateSize = 8 + 8 + 8 + 4 + 16 + 8 + 4
+
+// mountID names the mount the replica's directory is on: the unique
+// mount id (Linux 6.8), else the reusable one, else 0. The filesystem
+// unmounted and mounted again gives another: its page cache was lost if
+// it had shut down (a disk error, not a reboot), so the saved progress,
+// whose batches may never have reached the disk, is no longer true (a
+// review: a restarted secondary resumed after a batch its filesystem had
+// lost, and acknowledged it durable, TestResumeAfterCacheLostWithoutReboot).
+func mountID(path string) uint64 {
+	var stx unix.Statx_t
+	if err := unix.Statx(unix.AT_FDCWD, path, unix.AT_SYMLINK_NOFOLLOW, unix.STATX_MNT_ID_UNIQUE, &stx); err != nil {
+		return 0
+	}
+	if stx.Mask&(unix.STATX_MNT_ID_UNIQUE|unix.STATX_MNT_ID) == 0 {
+		return 0
+	}
+	return stx.Mnt_id
+}
 
 // bootID is read once: it does not change while the daemon runs, and
 // the state is saved after every batch.
@@ -168,6 +187,9 @@ func (s *Server) state(name string) (*replicaState, error) {
 		return nil, fmt.Errorf("state file: %w", err)
 	}
 	r := &replicaState{file: f}
+	if d, ok := s.dir(name); ok {
+		r.mnt = mountID(d.Path)
+	}
 	buf := make([]byte, stateSize)
 	if n, _ := f.ReadAt(buf, 0); n == stateSize &&
 		crc32.Checksum(buf[:stateSize-4], castagnoli) == binary.LittleEndian.Uint32(buf[stateSize-4:]) {
@@ -175,8 +197,9 @@ func (s *Server) state(name string) (*replicaState, error) {
 		r.session, r.applied, r.partial, r.ops = le.Uint64(buf), le.Uint64(buf[8:]), le.Uint64(buf[16:]), le.Uint32(buf[24:])
 		copy(r.boot[:], buf[28:44])
 		// After a reboot the page cache is gone and with it any order
-		// between applied ops: only a full comparison is safe.
-		if r.boot != bootID() {
+		// between applied ops: only a full comparison is safe. So after
+		// the replica's filesystem was mounted again (mountID).
+		if r.boot != bootID() || le.Uint64(buf[44:]) != r.mnt {
 			r.session, r.applied, r.partial, r.ops = 0, 0, 0, 0
 		}
 		r.filed.session, r.filed.applied, r.filed.partial, r.filed.ops = r.session, r.applied, r.partial, r.ops
@@ -224,6 +247,7 @@ func (r *replicaState) store(force bool) error {
 	le.PutUint32(buf[24:], r.ops)
 	r.boot = bootID()
 	copy(buf[28:44], r.boot[:])
+	le.PutUint64(buf[44:], r.mnt)
 	le.PutUint32(buf[stateSize-4:], crc32.Checksum(buf[:stateSize-4], castagnoli))
 	if _, err := r.file.WriteAt(buf, 0); err != nil {
 		return err
