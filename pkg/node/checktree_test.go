@@ -90,7 +90,7 @@ func TestCheckTreeBtrfsSubvolume(t *testing.T) {
 }
 
 // A sync directory whose writes the kernel makes durable on return (a
-// filesystem mounted -o sync, a directory flagged chattr +S or +D, which
+// filesystem mounted -o sync or -o dirsync, a directory flagged chattr +S or +D, which
 // ext4 hands on to what is made in it) would tell applications "durable"
 // before the peer has the data: syncTree names it, and the daemon refuses
 // to start on it (Run's check, beside checkTree's).
@@ -112,6 +112,16 @@ func TestSyncTreeNamed(t *testing.T) {
 			t.Errorf("chattr %s: %q, want it named", c.flag, why)
 		}
 		exec.Command("chattr", "-S", "-D", dir).Run()
+	}
+	// (A remount does not set dirsync: mounted again.)
+	if out, err := exec.Command("umount", fs.Mount).CombinedOutput(); err != nil {
+		t.Fatalf("umount: %v %s", err, out)
+	}
+	if out, err := exec.Command("mount", "-o", "dirsync", fs.Dev, fs.Mount).CombinedOutput(); err != nil {
+		t.Fatalf("mount -o dirsync: %v %s", err, out)
+	}
+	if why := syncTree(dir); !strings.Contains(why, "-o dirsync") {
+		t.Errorf("mounted -o dirsync: %q, want it named", why)
 	}
 	if out, err := exec.Command("mount", "-o", "remount,sync", fs.Mount).CombinedOutput(); err != nil {
 		t.Fatalf("remount sync: %v %s", err, out)

@@ -13,6 +13,8 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -468,6 +470,9 @@ func syncTree(path string) string {
 	if err := unix.Statfs(path, &fs); err == nil && fs.Flags&unix.ST_SYNCHRONOUS != 0 {
 		return "its filesystem is mounted with -o sync"
 	}
+	if superOptions(path)["dirsync"] {
+		return "its filesystem is mounted with -o dirsync"
+	}
 	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return ""
@@ -484,6 +489,38 @@ func syncTree(path string) string {
 		return "the directory has the synchronous-entries attribute (chattr +D)"
 	}
 	return ""
+}
+
+// superOptions are the superblock options /proc/self/mountinfo shows for
+// the mount path is on (sync, dirsync, lazytime...: statfs does not report
+// dirsync); none if it cannot be read.
+func superOptions(path string) map[string]bool {
+	var stx unix.Statx_t
+	if err := unix.Statx(unix.AT_FDCWD, path, 0, unix.STATX_MNT_ID, &stx); err != nil || stx.Mask&unix.STATX_MNT_ID == 0 {
+		return nil
+	}
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return nil
+	}
+	id := strconv.FormatUint(stx.Mnt_id, 10)
+	for _, line := range strings.Split(string(b), "\n") {
+		// "36 35 98:0 /mnt1 /mnt2 rw,noatime - ext4 /dev/sda1 rw,dirsync"
+		fields := strings.Fields(line)
+		if len(fields) == 0 || fields[0] != id {
+			continue
+		}
+		opts := map[string]bool{}
+		for i, f := range fields {
+			if f == "-" && i+3 < len(fields) {
+				for _, o := range strings.Split(fields[i+3], ",") {
+					opts[o] = true
+				}
+			}
+		}
+		return opts
+	}
+	return nil
 }
 
 const (
