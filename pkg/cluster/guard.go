@@ -35,8 +35,9 @@ const MaxClockDrift = 1000 // parts per million
 //     link lost one way): the peer still hears nothing, we still hear it
 //     alive and, above all, hear it announce ALONE, which marks our copy
 //     stale. The two clocks drift apart by up to MaxClockDrift of the time
-//     since the anchor's t, and the age allowed grows by as much: an hour
-//     without an echo allows 3.6 s more.
+//     since the anchor's t, and the age allowed grows by as much, up to a
+//     quarter of maxAge (reached after 5 minutes at the default timeout;
+//     real clocks drift by tens of ppm, a few ms in an hour).
 //   - A heartbeat is accepted when it is at most maxAge old (the peer-lost
 //     timeout: older, it would not have kept the peer alive anyway) and,
 //     within the peer's Boot, its Seq is higher than any accepted: a copy
@@ -185,8 +186,22 @@ func (g *Guard) Retired(boot uint64) bool {
 
 // young reports whether h was made at most maxAge ago, aged through the
 // anchor (our clock minus the peer's at least offset, as of anchor): the
-// clocks drift apart by up to MaxClockDrift since then.
+// clocks drift apart by up to MaxClockDrift since then, an allowance
+// capped at maxDriftAllowance of maxAge.
 func (g *Guard) young(h *Heartbeat, now, offset, anchor time.Duration) bool {
 	since := now - anchor
-	return now-(offset+h.Time) <= g.maxAge+since/1e6*MaxClockDrift
+	allow := min(since/1e6*MaxClockDrift, g.maxAge/maxDriftAllowance)
+	return now-(offset+h.Time) <= g.maxAge+allow
 }
+
+// maxDriftAllowance caps the drift allowance at maxAge/4. Uncapped, it
+// grew with the anchor's age without bound, and an attacker delaying
+// every heartbeat by less than the timeout (so that no echo ever renewed
+// the anchor) could, after 25 minutes, have a "synced" heartbeat held
+// back 2.5 s accepted: past the 2 × timeout after which the primary
+// releases a call without its stale peer (node.staleCurrent), which the
+// held heartbeat then made SECOND, able to take over without the call's
+// write (a review, fortieth session). Capped, an accepted heartbeat is at
+// most 1.25 × maxAge old by the anchor's reckoning, and 2 × timeout
+// leaves 0.75 × timeout for the clocks' real drift (tens of ppm: hours).
+const maxDriftAllowance = 4
