@@ -17,6 +17,7 @@ import (
 	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 	"unsafe"
@@ -76,7 +77,22 @@ const (
 // fsIocFsgetxattr is FS_IOC_FSGETXATTR (tests).
 const fsIocFsgetxattr = 0x801c581f
 
-var ioctlsTrapped = []uint32{btrfsIocSync, fsIocSetflags, fsIocSetflags32, fsIocFssetxattr}
+// The preallocation ioctls (vfs_fallocate through ioctl_preallocate: as
+// durable on return on an O_DSYNC file as fallocate; fallocateSync), and
+// btrfs's BTRFS_IOC_WAIT_SYNC, which waits for the commit
+// BTRFS_IOC_START_SYNC began (held as a syncfs).
+const (
+	fsIocResvsp      = 0x40305828 // _IOW('X', 40, struct space_resv)
+	fsIocUnresvsp    = 0x40305829
+	fsIocResvsp64    = 0x4030582a
+	fsIocUnresvsp64  = 0x4030582b
+	fsIocZeroRange   = 0x40305839
+	btrfsIocWaitSync = 0x40089416 // _IOW(0x94, 22, __u64)
+	spaceResvSize    = 48         // struct space_resv
+)
+
+var ioctlsTrapped = []uint32{btrfsIocSync, btrfsIocWaitSync, fsIocSetflags, fsIocSetflags32, fsIocFssetxattr,
+	fsIocResvsp, fsIocUnresvsp, fsIocResvsp64, fsIocUnresvsp64, fsIocZeroRange}
 
 // SyncFDBase is the lowest descriptor number duet gives a file opened with
 // O_SYNC or O_DSYNC by a supervised process; writes on descriptors from it
@@ -334,7 +350,16 @@ type supervisor struct {
 	// install serialises the O_SYNC opens of this listener's processes
 	// (see install): its own, so that a process slow to take its file
 	// holds up no other service's.
-	install *sync.Mutex
+	install *installs
+}
+
+// installs serialises the O_SYNC opens of one listener's processes, and
+// says whether one was ever installed: until then no descriptor of theirs
+// can be an O_SYNC/O_DSYNC file duet placed, and a call on one the
+// supervisor cannot look at (takeCallerFD) may run.
+type installs struct {
+	sync.Mutex
+	any atomic.Bool
 }
 
 // hold waits for the barrier and says how long that took.
@@ -389,7 +414,7 @@ func Start(self string, args []string, wait Func, observe Observer, setup func(*
 		cmd.Wait()
 		return nil, fmt.Errorf("starting %s under supervision: %w", args[0], err)
 	}
-	go serve(listener, supervisor{wait, observe, &sync.Mutex{}})
+	go serve(listener, supervisor{wait, observe, &installs{}})
 	return cmd, nil
 }
 
@@ -552,7 +577,7 @@ func answer(listener int, req seccompNotif, sup supervisor) {
 		copySync(listener, &req, sup, start)
 		return
 	case unix.SYS_DUP, unix.SYS_DUP2, unix.SYS_DUP3, unix.SYS_FCNTL:
-		dupSync(listener, &req)
+		dupSync(listener, &req, sup)
 		return
 	case unix.SYS_FALLOCATE:
 		fallocateSync(listener, &req, sup, start)
@@ -561,11 +586,16 @@ func answer(listener int, req seccompNotif, sup supervisor) {
 		fileSetattrSync(listener, &req)
 		return
 	case unix.SYS_IOCTL:
-		if uint32(req.Args[1]) != btrfsIocSync {
+		switch uint32(req.Args[1]) {
+		case btrfsIocSync, btrfsIocWaitSync:
+			// A syncfs, held as one (below).
+		case fsIocResvsp, fsIocUnresvsp, fsIocResvsp64, fsIocUnresvsp64, fsIocZeroRange:
+			fallocateSync(listener, &req, sup, start)
+			return
+		default:
 			setflagsSync(listener, &req)
 			return
 		}
-		// BTRFS_IOC_SYNC: a syncfs, held as one (below).
 	}
 	resp := seccompNotifResp{ID: req.ID}
 	local := flushEarly(listener, &req)

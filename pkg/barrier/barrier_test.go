@@ -122,6 +122,9 @@ func helper(mode string) int {
 		if code, ok := fdsyncHelper(mode, os.Getenv("DUET_BARRIER_FILE")); ok {
 			return code
 		}
+		if code, ok := fdsyncHelper2(mode, os.Getenv("DUET_BARRIER_FILE")); ok {
+			return code
+		}
 		return 101
 	}
 	var errno unix.Errno

@@ -31,7 +31,7 @@ func copySync(listener int, req *seccompNotif, sup supervisor, start time.Time) 
 	default: // copy_file_range and splice: in, *off_in, out, *off_out, len, flags
 		in, inOffAddr, out, outOffAddr, count = int(int32(req.Args[0])), req.Args[1], int(int32(req.Args[2])), req.Args[3], req.Args[4]
 	}
-	outFD, ok := takeCallerFD(listener, req, out)
+	outFD, ok := takeCallerFD(listener, req, out, sup.install.any.Load())
 	if !ok {
 		return
 	}
@@ -48,7 +48,7 @@ func copySync(listener int, req *seccompNotif, sup supervisor, start time.Time) 
 		proceed(listener, req.ID)
 		return
 	}
-	inFD, ok := takeCallerFD(listener, req, in)
+	inFD, ok := takeCallerFD(listener, req, in, true)
 	if !ok {
 		return
 	}

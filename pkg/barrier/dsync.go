@@ -19,7 +19,6 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 	"unsafe"
 
@@ -60,7 +59,7 @@ func asErrno(err error) unix.Errno {
 }
 
 // openSync handles open, openat and openat2 with O_SYNC or O_DSYNC.
-func openSync(listener int, req *seccompNotif, installMu *sync.Mutex) {
+func openSync(listener int, req *seccompNotif, installMu *installs) {
 	dirfd := int32(unix.AT_FDCWD)
 	var pathAddr, flags, mode uint64
 	switch req.NR {
@@ -142,7 +141,7 @@ func openSync(listener int, req *seccompNotif, installMu *sync.Mutex) {
 
 // installAndAnswer installs fd, which it closes, in the caller of req and
 // answers the open with its number, or with the install's error.
-func installAndAnswer(listener int, req *seccompNotif, installMu *sync.Mutex, fd int, cloexec bool) {
+func installAndAnswer(listener int, req *seccompNotif, installMu *installs, fd int, cloexec bool) {
 	defer unix.Close(fd)
 	n, err := install(listener, req, installMu, fd, cloexec)
 	if err != nil {
@@ -165,13 +164,14 @@ func installAndAnswer(listener int, req *seccompNotif, installMu *sync.Mutex, fd
 // of the first. A number the program itself takes (dup2) between the pick
 // and the install is replaced all the same: the kernel has no "lowest
 // free from N up" for ADDFD. Programs rarely use the top of their range.
-func install(listener int, req *seccompNotif, installMu *sync.Mutex, fd int, cloexec bool) (int, error) {
+func install(listener int, req *seccompNotif, installMu *installs, fd int, cloexec bool) (int, error) {
 	add := seccompNotifAddfd{ID: req.ID, Srcfd: uint32(fd)}
 	if cloexec {
 		add.NewfdFlags = unix.O_CLOEXEC
 	}
 	installMu.Lock()
 	defer installMu.Unlock()
+	installMu.any.Store(true) // before the file is there
 	if n, ok := freeSyncFD(int(req.PID)); ok {
 		add.Flags = unix.SECCOMP_ADDFD_FLAG_SETFD
 		add.Newfd = uint32(n)
@@ -351,7 +351,9 @@ func openAs(pid int, path string, flags int, mode uint32) (int, error) {
 // writeSync handles a write on a descriptor of SyncFDBase or above, or a
 // pwritev2 with RWF_SYNC/RWF_DSYNC.
 func writeSync(listener int, req *seccompNotif, sup supervisor, start time.Time) {
-	fd, ok := takeCallerFD(listener, req, int(int32(req.Args[0])))
+	// pwritev2's RWF_SYNC/RWF_DSYNC is a durability point on any file.
+	rwfSync := req.NR == unix.SYS_PWRITEV2 && int(req.Args[5])&(unix.RWF_DSYNC|unix.RWF_SYNC) != 0
+	fd, ok := takeCallerFD(listener, req, int(int32(req.Args[0])), rwfSync || sup.install.any.Load())
 	if !ok {
 		return
 	}
@@ -541,7 +543,7 @@ const capDACReadSearch = 2
 // the kernel refuses the call, and the call is let through to do so. Any
 // other caller's open goes through as it is, with a warning: its writes
 // are replicated asynchronously.
-func openByHandleSync(listener int, req *seccompNotif, installMu *sync.Mutex) {
+func openByHandleSync(listener int, req *seccompNotif, installMu *installs) {
 	flags := int(int32(req.Args[2]))
 	if flags&unix.O_DSYNC == 0 || flags&unix.O_PATH != 0 {
 		proceed(listener, req.ID)

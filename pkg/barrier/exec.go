@@ -162,7 +162,7 @@ func runExecLeader(path string, args []string, parent string, listener int) erro
 		case <-grace:
 			k.killAll()
 		case <-parentGone:
-			go serve(listener, supervisor{wait: func(int32) error { return errExecGone }, install: &sync.Mutex{}})
+			go serve(listener, supervisor{wait: func(int32) error { return errExecGone }, install: &installs{}})
 			// A signal now (a stop of the unit) must not end this
 			// process before the others.
 			go func() {

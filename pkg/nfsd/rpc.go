@@ -40,6 +40,7 @@ const (
 	procSetattr  = 2
 	procLookup   = 3
 	procAccess   = 4
+	procRead     = 6
 	procWrite    = 7
 	procCreate   = 8
 	procMkdir    = 9
@@ -199,6 +200,10 @@ type proxy struct {
 	caller     atomic.Pointer[cred]
 	fs         *fsys
 	warnedAuth bool // a refused credential was logged
+	// warned counts the calls logged as failed or undecodable: one
+	// client could otherwise write a log line per call it sends (a
+	// review); past warnLimit they are counted, said once.
+	warned atomic.Int64
 
 	mu      sync.Mutex
 	idle    *sync.Cond   // queue emptied, or done
@@ -319,7 +324,7 @@ func (p *proxy) serveClient() {
 				if errors.Is(err, errPeek) {
 					return
 				}
-				slog.Warn("nfs: call with arguments out of bounds: answered GARBAGE_ARGS", "client", p.client.RemoteAddr(), "xid", h.xid, "err", err)
+				p.warn("nfs: call with arguments out of bounds: answered GARBAGE_ARGS", "xid", h.xid, "err", err)
 				if _, err := io.CopyN(io.Discard, in, int64(n)); err != nil {
 					return
 				}
@@ -346,6 +351,24 @@ func (p *proxy) serveClient() {
 					continue
 				}
 				call.entry = e
+			}
+			if h.nfs3() && h.proc == procRead && n <= maxReadCall {
+				// go-nfs builds a READ's whole reply in memory: its
+				// count is cut to maxRead, what FSINFO tells (16 MiB
+				// a call pinned while the client did not read the
+				// reply, a review). A short read is a READ's right.
+				if cap(rec) < n {
+					rec = make([]byte, n)
+				}
+				rec = rec[:n]
+				if _, err := io.ReadFull(in, rec); err != nil {
+					return
+				}
+				clampRead(rec, h.argsAt)
+				if !p.passAs(c, call, mark[:], bytes.NewReader(rec), n) {
+					return
+				}
+				continue
 			}
 			if !p.passAs(c, call, mark[:], in, n) {
 				return
@@ -438,7 +461,7 @@ func (p *proxy) writeOrCommit(h callHeader, c *cred, w writeArgs) []byte {
 	}
 	st := statusOf(err)
 	if st != nfsOK && st != nfsStale && st != nfsAcces {
-		slog.Warn("nfs: call failed", "proc", nfs.NFSProcedure(h.proc).String(), "client", p.client.RemoteAddr(), "status", st, "err", err)
+		p.warn("nfs: call failed", "proc", nfs.NFSProcedure(h.proc).String(), "status", st, "err", err)
 	}
 	b := replyHeader(h.xid, 0)
 	putU32(b, st)
@@ -458,8 +481,21 @@ func (p *proxy) writeOrCommit(h callHeader, c *cred, w writeArgs) []byte {
 
 // garbage answers a call whose arguments do not decode.
 func (p *proxy) garbage(h callHeader, err error) bool {
-	slog.Warn("nfs: call with undecodable arguments: answered GARBAGE_ARGS", "client", p.client.RemoteAddr(), "xid", h.xid, "err", err)
+	p.warn("nfs: call with undecodable arguments: answered GARBAGE_ARGS", "xid", h.xid, "err", err)
 	return p.send(replyHeader(h.xid, garbageArgs).Bytes())
+}
+
+// warnLimit is how many calls a connection may have logged as failed.
+const warnLimit = 10
+
+// warn logs a call's failure, up to warnLimit a connection.
+func (p *proxy) warn(msg string, args ...any) {
+	switch n := p.warned.Add(1); {
+	case n < warnLimit:
+		slog.Warn(msg, append([]any{"client", p.client.RemoteAddr()}, args...)...)
+	case n == warnLimit:
+		slog.Warn(msg+"; later failed calls on this connection are not logged", append([]any{"client", p.client.RemoteAddr()}, args...)...)
+	}
 }
 
 // lookup passes a LOOKUP to go-nfs if c may search the directory, which
@@ -533,6 +569,11 @@ const (
 	maxWrite  = 4 << 20
 	prefWrite = 1 << 20
 	prefRead  = 1 << 20
+	maxRead   = 1 << 20
+	// maxReadCall bounds a READ call record the proxy reads to cut its
+	// count (header, credential, handle, offset, count); a larger one
+	// is passed as it is.
+	maxReadCall = 1024
 )
 
 // fsinfo answers FSINFO as go-nfs does, with the sizes this server
@@ -567,7 +608,7 @@ func (p *proxy) fsinfo(h callHeader, args []byte) bool {
 		propHomogeneous = 0x8
 		propCanSetTime  = 0x10
 	)
-	for _, v := range []uint32{nfs.MaxRead, prefRead, 4096, maxWrite, prefWrite, 4096, 8192} {
+	for _, v := range []uint32{maxRead, prefRead, 4096, maxWrite, prefWrite, 4096, 8192} {
 		putU32(b, v) // rtmax, rtpref, rtmult, wtmax, wtpref, wtmult, dtpref
 	}
 	b.Write(binary.BigEndian.AppendUint64(nil, 1<<62)) // maxfilesize, as go-nfs tells
@@ -704,10 +745,32 @@ func sealed(b []byte) []byte {
 // send writes a reply built on replyHeader.
 func (p *proxy) send(b []byte) bool { return p.write(sealed(b)) }
 
+// clampRead cuts the count of the READ call rec (its arguments at
+// argsAt: the file handle, the offset, the count) to maxRead.
+func clampRead(rec []byte, argsAt int) {
+	if argsAt+4 > len(rec) {
+		return
+	}
+	fh := int(binary.BigEndian.Uint32(rec[argsAt:]))
+	if fh > maxHandle {
+		return // go-nfs answers it
+	}
+	at := argsAt + 4 + (fh+3)&^3 + 8
+	if at+4 <= len(rec) && binary.BigEndian.Uint32(rec[at:]) > maxRead {
+		binary.BigEndian.PutUint32(rec[at:], maxRead)
+	}
+}
+
+// replyWriteTimeout bounds a reply's write to the client: one that reads
+// nothing would hold the reply's buffer (a READ's, up to maxRead) and the
+// connection for ever.
+const replyWriteTimeout = 2 * time.Minute
+
 // write writes a reply record to the client.
 func (p *proxy) write(rec []byte) bool {
 	p.wmu.Lock()
 	defer p.wmu.Unlock()
+	p.client.SetWriteDeadline(time.Now().Add(replyWriteTimeout))
 	if _, err := p.out.Write(rec); err != nil {
 		return false
 	}
@@ -748,6 +811,7 @@ func (p *proxy) serveReplies() {
 			}
 			p.wmu.Lock()
 			p.answered()
+			p.client.SetWriteDeadline(time.Now().Add(replyWriteTimeout))
 			_, err := p.out.Write(rec)
 			sent := err == nil && p.out.Flush() == nil
 			p.wmu.Unlock()
@@ -757,6 +821,7 @@ func (p *proxy) serveReplies() {
 			continue
 		}
 		p.wmu.Lock()
+		p.client.SetWriteDeadline(time.Now().Add(replyWriteTimeout))
 		p.out.Write(mark[:])
 		// Read the whole fragment even if the client is gone.
 		_, err := io.CopyN(ignoreErrors{p.out}, in, int64(n))

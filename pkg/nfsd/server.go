@@ -15,6 +15,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/duet-ha/duet/pkg/fstree"
 	billy "github.com/go-git/go-billy/v5"
@@ -253,6 +254,50 @@ type tracker struct {
 	mu     sync.Mutex
 	conns  map[*proxy]struct{}
 	closed bool
+	// from counts the connections of each client address; refused and
+	// refusedAt rate-limit the warning about those over the limits.
+	from      map[string]int
+	refused   int
+	refusedAt time.Time
+}
+
+// Connections a server keeps: each costs buffers and goroutines (about
+// 200 KiB), and a host of the allowed networks could open them by the
+// thousand and send nothing (a review). A Linux client uses one a mount
+// (up to 16 with nconnect).
+const (
+	maxConns        = 256
+	maxConnsPerHost = 32
+)
+
+// admit counts a new connection from host, or says no when over the
+// limits (said in the log at most once a minute).
+func (t *tracker) admit(host string) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.from == nil {
+		t.from = map[string]int{}
+	}
+	if len(t.conns) >= maxConns || t.from[host] >= maxConnsPerHost {
+		t.refused++
+		if time.Since(t.refusedAt) >= time.Minute {
+			slog.Warn("nfs: client connection refused: too many connections", "client", host, "from_it", t.from[host], "all", len(t.conns),
+				"max_per_host", maxConnsPerHost, "max", maxConns, "refused_since_last_warning", t.refused)
+			t.refusedAt, t.refused = time.Now(), 0
+		}
+		return false
+	}
+	t.from[host]++
+	return true
+}
+
+// release uncounts a connection of host.
+func (t *tracker) release(host string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.from[host]--; t.from[host] <= 0 {
+		delete(t.from, host)
+	}
 }
 
 // serve accepts clients until the listener fails or is closed. Each gets
@@ -267,12 +312,18 @@ func (t *tracker) serve(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
+		host := hostOf(c.RemoteAddr())
+		if !t.admit(host) {
+			c.Close()
+			continue
+		}
 		theirs, ours := net.Pipe()
 		p := newProxy(t.h, c, ours)
 		srv := &nfs.Server{Handler: &connHandler{Handler: t.h, fs: p.fs, p: p}, Context: ctx, ID: id}
 		if !t.add(p) {
 			p.close()
 			theirs.Close()
+			t.release(host)
 			return net.ErrClosed
 		}
 		t.wg.Add(3)
@@ -289,6 +340,7 @@ func (t *tracker) serve(ctx context.Context) error {
 			t.mu.Lock()
 			delete(t.conns, p)
 			t.mu.Unlock()
+			t.release(host)
 		}()
 		go func() {
 			defer t.wg.Done()

@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"net"
 	"testing"
 	"time"
 
@@ -78,5 +79,30 @@ func TestClusterTimersOnBootClock(t *testing.T) {
 	w.announcedAlone.Store(e)
 	if w.tryRelease() {
 		t.Fatal("ALONE, the witness not heard since the peer was lost, yet a durability call is released")
+	}
+}
+
+// TestHeartbeatRecordedOnBootClock: lastHeartbeat as receiveHeartbeats
+// records it is a boot-clock reading (TestClusterTimersOnBootClock checks
+// the others; a review found every test passing with this one back on
+// the wall clock, where bootSince of it is negative and a dead peer is
+// never declared lost).
+func TestHeartbeatRecordedOnBootClock(t *testing.T) {
+	probe, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := probe.LocalAddr().(*net.UDPAddr).Port
+	probe.Close()
+	a := startHeartbeats(t, "nodeA", "127.0.0.2", "127.0.0.3", port, nil)
+	b := startHeartbeats(t, "nodeB", "127.0.0.3", "127.0.0.2", port, nil)
+	start := time.Now()
+	a.waitHeard(t, start, 5*time.Second)
+	b.waitHeard(t, start, 5*time.Second)
+	for _, r := range []*udpRun{a, b} {
+		v := r.n.lastHeartbeat.Load()
+		if d := bootSince(v); d < 0 || d > time.Second {
+			t.Errorf("%s: lastHeartbeat %d is %v from CLOCK_BOOTTIME's now: not a boot-clock reading", r.n.cfg.Node, v, d)
+		}
 	}
 }

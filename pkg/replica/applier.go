@@ -317,8 +317,14 @@ func (a *Applier) touch(op *wire.Op) {
 			// entry's own inode everywhere (XFS forces its log only
 			// up to the directory's last change: a chown acknowledged
 			// durable was lost to a power cut, a review's
-			// TestPowerCutAfterDurableAck): syncfs.
-			a.overflow = true
+			// TestPowerCutAfterDurableAck): syncfs for an owner or a
+			// mode. Times alone need not last (see above): the
+			// directory's fsync.
+			if a.setattrDid.ownerOrMode {
+				a.overflow = true
+			} else {
+				a.dirs[dirOf(op.Path)] = true
+			}
 		}
 	case wire.OpRemove:
 		// A removed subtree may hold files written earlier in the batch.

@@ -438,3 +438,73 @@ func TestBuilderReplacedByDirectoryOps(t *testing.T) {
 		})
 	}
 }
+
+// TestResumeAfterCacheLostSymlinkedPath is TestResumeAfterCacheLostWithoutReboot
+// with the replicated directory configured through a symlink
+// (/var/lib/mysql -> /srv/mysql), which the replica follows
+// (fstree.OpenRoot): mountID must follow it too (a review found it named
+// the mount the link sits on, which the remount does not change).
+func TestResumeAfterCacheLostSymlinkedPath(t *testing.T) {
+	loopfs.RequireRoot(t)
+	lfs := loopfs.Make(t, "ext4", 64)
+	data := filepath.Join(lfs.Mount, "data")
+	os.Mkdir(data, 0o755)
+	link := filepath.Join(t.TempDir(), "data-link")
+	if err := os.Symlink(data, link); err != nil {
+		t.Fatal(err)
+	}
+	unix.Sync()
+	if a, b := mountID(link), mountID(data); a != b {
+		t.Logf("mountID(link) %d, mountID(target) %d", a, b)
+	}
+	stateDir := filepath.Join(t.TempDir(), "state")
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	first := serveTestSecondary(t, &Server{Link: testLink, StateDir: stateDir,
+		Dirs: []Dir{{Name: "data", Path: link}}, Log: quiet, syncfs: func(int) error { return nil }}, data)
+	p := first.connect(t, 7)
+	p.batch(1, wire.Op{Code: wire.OpCreate, Path: "f", Mode: 0o644}, wire.Op{Code: wire.OpWrite, Path: "f", Data: []byte("batch 1")})
+	p.ack(1, 0)
+	powerCutAfterAck(t, lfs, first, p)
+	again := serveTestSecondary(t, &Server{Link: testLink, StateDir: stateDir,
+		Dirs: []Dir{{Name: "data", Path: link}}, Log: quiet}, data)
+	p = again.connect(t, 7)
+	if p.w.Session != 7 || p.w.Applied < 1 {
+		return // not resumed: the primary resyncs
+	}
+	p.send(&wire.Frame{Type: wire.TypeSync, Seq: 1})
+	f, err := p.read()
+	if err == nil && f.Type == wire.TypeAck && f.Flags&wire.FlagDurable != 0 {
+		if _, serr := os.Lstat(filepath.Join(data, "f")); serr != nil {
+			t.Fatalf("welcome resumed session 7 after batch 1 and batch 1 was acknowledged durable (ack %d), but the replica lacks it: %v", f.Seq, serr)
+		}
+	}
+	t.Fatalf("session resumed after a remount (welcome applied %d): the saved progress was kept", p.w.Applied)
+}
+
+// TestEntryOverDirtyNameIsSyncfs: `ln p q; rm p; ln -s x p` ships write
+// p, link p q, symlink p: the written inode lives on as q only, and the
+// Sync must be a syncfs (touch's symlink and mknod branch; a review found
+// no test failed without it).
+func TestEntryOverDirtyNameIsSyncfs(t *testing.T) {
+	for _, made := range []wire.Op{
+		{Code: wire.OpSymlink, Path: "p", Path2: "x"},
+		{Code: wire.OpMknod, Path: "p", Mode: unix.S_IFIFO | 0o644},
+	} {
+		a, root, _ := newTestApplier(t)
+		if err := os.WriteFile(filepath.Join(root, "p"), nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := a.Sync(); err != nil { // a fresh applier owes a syncfs
+			t.Fatal(err)
+		}
+		ops := []wire.Op{{Code: wire.OpWrite, Path: "p", Data: []byte("acknowledged")}, {Code: wire.OpLink, Path: "p", Path2: "q"}, made}
+		for i := range ops {
+			if err := a.Apply(&ops[i]); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if !a.overflow {
+			t.Errorf("%v made over a name written in the window: no syncfs planned, the file written (now q) is flushed by no recorded path", made.Code)
+		}
+	}
+}

@@ -148,9 +148,11 @@ const stateSize = 8 + 8 + 8 + 4 + 16 + 8 + 4
 // whose batches may never have reached the disk, is no longer true (a
 // review: a restarted secondary resumed after a batch its filesystem had
 // lost, and acknowledged it durable, TestResumeAfterCacheLostWithoutReboot).
+// A symlink is followed, as the applier's root is (a path linked to
+// another filesystem: TestResumeAfterCacheLostSymlinkedPath).
 func mountID(path string) uint64 {
 	var stx unix.Statx_t
-	if err := unix.Statx(unix.AT_FDCWD, path, unix.AT_SYMLINK_NOFOLLOW, unix.STATX_MNT_ID_UNIQUE, &stx); err != nil {
+	if err := unix.Statx(unix.AT_FDCWD, path, 0, unix.STATX_MNT_ID_UNIQUE, &stx); err != nil {
 		return 0
 	}
 	if stx.Mask&(unix.STATX_MNT_ID_UNIQUE|unix.STATX_MNT_ID) == 0 {
