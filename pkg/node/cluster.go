@@ -407,7 +407,7 @@ func (n *Node) parseHeartbeat(b []byte) (h cluster.Heartbeat, key int, err error
 // receiveHeartbeats reads one network's heartbeats into the loop.
 func (n *Node) receiveHeartbeats(ctx context.Context, c *net.UDPConn, peer *net.UDPAddr) {
 	buf := make([]byte, cluster.MaxHeartbeat+64)
-	var lastWarn, lastAnswer time.Time
+	var lastWarn, lastAnswer, lastOwnName time.Time
 	for ctx.Err() == nil {
 		sz, from, err := c.ReadFromUDP(buf)
 		if err != nil {
@@ -426,7 +426,14 @@ func (n *Node) receiveHeartbeats(ctx context.Context, c *net.UDPConn, peer *net.
 			continue
 		}
 		if h.Name == n.cfg.Node {
-			n.log.Error("heartbeat carries this node's own name: both nodes are configured with the same node name", "from", from.String())
+			// Said once in 30 s: one of this node's own heartbeats sent
+			// back from the peer's address (no key needed) made a line
+			// each (a review).
+			n.badHeartbeats.Add(1)
+			if time.Since(lastOwnName) > 30*time.Second {
+				n.log.Error("heartbeat carries this node's own name: both nodes are configured with the same node name, or the network sends this node's heartbeats back", "from", from.String())
+				lastOwnName = time.Now()
+			}
 			continue
 		}
 		n.hbMu.Lock()

@@ -54,7 +54,10 @@ func (m *metrics) handler() http.Handler {
 // serveMetrics answers Prometheus scrapes on /metrics, and with pprof
 // the profiles at /debug/pprof/.
 func (n *Node) serveMetrics(ctx context.Context, ln net.Listener) {
-	srv := &http.Server{Handler: metricsMux(n.metrics, n.cfg.Pprof), ReadHeaderTimeout: 5 * time.Second}
+	// Idle keep-alive connections are closed: on an address other than
+	// loopback anyone could hold them open by the thousand (a review).
+	srv := &http.Server{Handler: metricsMux(n.metrics, n.cfg.Pprof), ReadHeaderTimeout: 5 * time.Second,
+		IdleTimeout: 30 * time.Second, ReadTimeout: 30 * time.Second}
 	go func() {
 		<-ctx.Done()
 		srv.Close()
