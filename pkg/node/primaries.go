@@ -90,6 +90,16 @@ func (n *Node) startPrimary(ctx context.Context) error {
 		}
 	}
 	n.log.Info("capture attached", "hooks", strings.Join(active, ","))
+	// Before any record is dispatched: as of the attach (mapped.go).
+	if k := mappedFiles(n.devs, func(r *capture.Record) {
+		for _, p := range primaries {
+			if p.Dev == r.Dev {
+				p.Record(r, time.Now())
+			}
+		}
+	}); k > 0 {
+		n.log.Info("files mapped shared and writable before the capture attached: each written back and read whole", "files", k)
+	}
 	n.smu.Lock()
 	n.cap, n.primaries = c, primaries
 	n.overflowTo.Store(&primaries)
