@@ -108,8 +108,7 @@ const (
 	offArch = 4
 )
 
-func argLow(i int) uint32  { return 16 + 8*uint32(i) }
-func argHigh(i int) uint32 { return 20 + 8*uint32(i) }
+func argLow(i int) uint32 { return 16 + 8*uint32(i) }
 
 // asm assembles a classic BPF program whose jumps name labels.
 type asm struct {
