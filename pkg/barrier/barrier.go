@@ -52,10 +52,6 @@ var copiesArg2 = []uint32{unix.SYS_COPY_FILE_RANGE, unix.SYS_SPLICE}
 // (dupSync).
 var dups = []uint32{unix.SYS_DUP, unix.SYS_DUP2, unix.SYS_DUP3}
 
-// fallocate on a descriptor of SyncFDBase or above: on an O_SYNC/O_DSYNC
-// file ext4 and XFS make its change durable before it returns
-// (fallocateSync). Its descriptor is its first argument.
-
 // file_setattr(2) (Linux 6.17) sets a file's flags as FS_IOC_FSSETXATTR
 // does: the supervisor looks at them (fileSetattrSync).
 const sysFileSetattr = unix.SYS_FILE_SETATTR
@@ -197,6 +193,9 @@ func filter() []unix.SockFilter {
 	}
 	a.jeq(unix.SYS_FCNTL, "fcntl", "")
 	a.jeq(unix.SYS_IOCTL, "ioctl", "")
+	// fallocate on a descriptor of SyncFDBase or above: on an
+	// O_SYNC/O_DSYNC file ext4 and XFS make its change durable before it
+	// returns (fallocateSync).
 	a.jeq(unix.SYS_FALLOCATE, "fd", "")
 	a.jeq(sysFileSetattr, "notify", "")
 	a.ret(unix.SECCOMP_RET_ALLOW)

@@ -178,14 +178,10 @@ func fallocateSync(listener int, req *seccompNotif, sup supervisor, start time.T
 		return
 	}
 	pid := int(req.PID)
-	// The kernel clears setuid and setgid bits for a caller without
-	// CAP_FSETID (file_modified); the supervisor holds it.
-	if err := killPrivs(fd, pid); err != nil {
-		fail(listener, req.ID, asErrno(err))
-		return
-	}
+	// The ioctl's argument is read first, as the kernel does: an
+	// unreadable one changes nothing.
+	var sr [spaceResvSize]byte
 	if req.NR == unix.SYS_IOCTL {
-		var sr [spaceResvSize]byte
 		if err := readMem(pid, req.Args[2], sr[:]); err != nil {
 			if kernelFails(err) {
 				fail(listener, req.ID, unix.EFAULT)
@@ -194,6 +190,14 @@ func fallocateSync(listener int, req *seccompNotif, sup supervisor, start time.T
 			}
 			return
 		}
+	}
+	// The kernel clears setuid and setgid bits for a caller without
+	// CAP_FSETID (file_modified); the supervisor holds it.
+	if err := killPrivs(fd, pid); err != nil {
+		fail(listener, req.ID, asErrno(err))
+		return
+	}
+	if req.NR == unix.SYS_IOCTL {
 		if _, err := ioctlRet(fd, uintptr(uint32(req.Args[1])), unsafe.Pointer(&sr[0])); err != nil {
 			fail(listener, req.ID, asErrno(err))
 			return
