@@ -55,6 +55,23 @@ func cannotLook(listener int, req *seccompNotif, err error) {
 	fail(listener, req.ID, unix.EPERM)
 }
 
+// readArg reads a call's argument from the caller's memory at addr into
+// buf. false: the call was answered: let run where the kernel meets the
+// same failure (EFAULT), failed closed where the supervisor alone cannot
+// read (cannotLook).
+func readArg(listener int, req *seccompNotif, addr uint64, buf []byte) bool {
+	err := readMem(int(req.PID), addr, buf)
+	switch {
+	case err == nil:
+		return true
+	case kernelFails(err):
+		proceed(listener, req.ID)
+	default:
+		cannotLook(listener, req, err)
+	}
+	return false
+}
+
 // commOf is a process's command name, for messages.
 func commOf(pid int) string {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
@@ -105,12 +122,7 @@ func dupSync(listener int, req *seccompNotif, sup supervisor) {
 // would return durable before the peer has them.
 func setflagsSync(listener int, req *seccompNotif) {
 	var b [4]byte
-	if err := readMem(int(req.PID), req.Args[2], b[:]); err != nil {
-		if kernelFails(err) {
-			proceed(listener, req.ID)
-		} else {
-			cannotLook(listener, req, err)
-		}
+	if !readArg(listener, req, req.Args[2], b[:]) {
 		return
 	}
 	v := binary.LittleEndian.Uint32(b[:])
@@ -133,12 +145,7 @@ func fileSetattrSync(listener int, req *seccompNotif) {
 		proceed(listener, req.ID) // the kernel refuses the size
 		return
 	}
-	if err := readMem(int(req.PID), req.Args[2], b[:]); err != nil {
-		if kernelFails(err) {
-			proceed(listener, req.ID)
-		} else {
-			cannotLook(listener, req, err)
-		}
+	if !readArg(listener, req, req.Args[2], b[:]) {
 		return
 	}
 	if binary.LittleEndian.Uint64(b[:])&fsXflagSync != 0 {
@@ -181,15 +188,8 @@ func fallocateSync(listener int, req *seccompNotif, sup supervisor, start time.T
 	// The ioctl's argument is read first, as the kernel does: an
 	// unreadable one changes nothing.
 	var sr [spaceResvSize]byte
-	if req.NR == unix.SYS_IOCTL {
-		if err := readMem(pid, req.Args[2], sr[:]); err != nil {
-			if kernelFails(err) {
-				fail(listener, req.ID, unix.EFAULT)
-			} else {
-				cannotLook(listener, req, err)
-			}
-			return
-		}
+	if req.NR == unix.SYS_IOCTL && !readArg(listener, req, req.Args[2], sr[:]) {
+		return
 	}
 	// The kernel clears setuid and setgid bits for a caller without
 	// CAP_FSETID (file_modified); the supervisor holds it.
