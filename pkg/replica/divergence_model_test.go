@@ -93,10 +93,9 @@ var noAtime bool
 
 type dmodel struct {
 	*history
-	r       *rand.Rand
-	inject  bool // changes during passes too
-	inOp    bool
-	checkAt bool // compare after passes of every record
+	r      *rand.Rand
+	inject bool // changes during passes too
+	inOp   bool
 	// resyncing: a resync runs (changes during one only with
 	// changesInResync).
 	resyncing bool
