@@ -112,8 +112,11 @@ func runE2E(t *testing.T, seed uint64) {
 		t.Fatal(err)
 	}
 	k := &e2eKernel{p: p}
+	// The cuts' own generator: m.r is the main loop's (sharing it raced
+	// with m.op, found by the race pass of make test).
+	cutRng := rand.New(rand.NewPCG(seed, 11))
 	var rmu sync.Mutex
-	intn := func(n int) int { rmu.Lock(); defer rmu.Unlock(); return m.r.IntN(n) }
+	intn := func(n int) int { rmu.Lock(); defer rmu.Unlock(); return cutRng.IntN(n) }
 	var chaos atomic.Bool
 	var cuts atomic.Int64
 	drop := func(where string) {
