@@ -71,21 +71,13 @@ func TestDivergenceModel(t *testing.T) {
 	t.Logf("%d histories", ran)
 }
 
-// The known divergences' triggers are left out unless asked for:
-// laxFileTimes (unset by DUET_DIVERGE_STRICT_TIMES or DUET_DIVERGE_KNOWN)
-// leaves regular files' times out of the comparison
-// (TestDivergenceDataOnlyPassLeavesPeerMtime); specialLinks
-// (DUET_DIVERGE_SPECIAL_LINKS or DUET_DIVERGE_KNOWN) hard-links FIFOs,
-// sockets and symlinks too (TestDivergenceResyncSplitsLinkedSpecialFiles).
-var (
-	knownToo     = os.Getenv("DUET_DIVERGE_KNOWN") != ""
-	laxFileTimes = !knownToo && os.Getenv("DUET_DIVERGE_STRICT_TIMES") == ""
-	specialLinks = knownToo || os.Getenv("DUET_DIVERGE_SPECIAL_LINKS") != ""
-	// changesInResync: changes are made while a resync compares and
-	// sends too (TestDivergenceResyncDropsLinkUnderRenamedDirectory, fixed;
-	// DUET_DIVERGE_NO_RESYNC_CHANGES leaves them out).
-	changesInResync = os.Getenv("DUET_DIVERGE_NO_RESYNC_CHANGES") == ""
-)
+// changesInResync: changes are made while a resync compares and sends
+// too (TestDivergenceResyncDropsLinkUnderRenamedDirectory, fixed;
+// DUET_DIVERGE_NO_RESYNC_CHANGES leaves them out). Regular files' times
+// are compared (TestDivergenceDataOnlyPassLeavesPeerMtime, fixed) and
+// FIFOs, sockets and symlinks are hard-linked like files
+// (TestDivergenceResyncSplitsLinkedSpecialFiles, fixed).
+var changesInResync = os.Getenv("DUET_DIVERGE_NO_RESYNC_CHANGES") == ""
 
 // noAtime leaves access times out of treeDiff: a resync sets them to the
 // mtime (syncEntry), by design.
@@ -446,7 +438,7 @@ func treeDiff(src, dst string, asides bool) []string {
 			} else if x.sum != y.sum {
 				add(p, "content differs")
 			}
-			if x.st.Atim != y.st.Atim && !laxFileTimes && !noAtime {
+			if x.st.Atim != y.st.Atim && !noAtime {
 				add(p, "atime %d here, %d there", x.st.Atim.Nano(), y.st.Atim.Nano())
 			}
 		case unix.S_IFLNK:
@@ -455,7 +447,7 @@ func treeDiff(src, dst string, asides bool) []string {
 			}
 		}
 		if tx != unix.S_IFDIR {
-			if x.st.Mtim != y.st.Mtim && !(laxFileTimes && tx == unix.S_IFREG) {
+			if x.st.Mtim != y.st.Mtim {
 				add(p, "mtime %d here, %d there", x.st.Mtim.Nano(), y.st.Mtim.Nano())
 			}
 			// Link counts: by the names in the tree (a name moved
@@ -799,7 +791,7 @@ func (m *dmodel) op() {
 		if f == "" {
 			return
 		}
-		if fi, err := os.Lstat(m.abs(f)); err != nil || fi.IsDir() || !specialLinks && !fi.Mode().IsRegular() {
+		if fi, err := os.Lstat(m.abs(f)); err != nil || fi.IsDir() {
 			return
 		}
 		if _, err := os.Lstat(m.abs(target)); err == nil {
@@ -970,7 +962,7 @@ func (m *dmodel) op() {
 // sync with different mtimes until the file's next inode change (found
 // by TestDivergenceModel, seed 53, through a punch's records).
 func TestDivergenceDataOnlyPassLeavesPeerMtime(t *testing.T) {
-	skipOpen(t, "a data-only pass leaves the peer's mtime (found by a review, fortieth session; open: DESIGN §6, Open divergences)")
+
 	src, dst, b, _ := syncedPair(t, "f")
 	syncAttrs(t, src, dst)
 	f := filepath.Join(src, "f")
@@ -1007,7 +999,7 @@ func TestDivergenceDataOnlyPassLeavesPeerMtime(t *testing.T) {
 // and the names differ in mode on the peer while both sides say in sync
 // (found by TestDivergenceE2E, seed 114).
 func TestDivergenceResyncSplitsLinkedSpecialFiles(t *testing.T) {
-	skipOpen(t, "a resync splits hard-linked FIFOs, sockets and symlinks (found by a review, fortieth session; open: DESIGN §6, Open divergences)")
+
 	for _, kind := range []string{"fifo", "symlink", "socket"} {
 		for _, mode := range []string{"streamed", "compared"} {
 			t.Run(kind+"/"+mode, func(t *testing.T) {
@@ -1081,6 +1073,10 @@ func TestDivergenceResyncSplitsLinkedSpecialFiles(t *testing.T) {
 func TestDivergenceResyncDropsLinkUnderRenamedDirectory(t *testing.T) {
 	for _, mode := range []string{"compared", "streamed"} {
 		t.Run(mode, func(t *testing.T) {
+			// The comparison reads f here (its checksums), which moves
+			// its atime; a resync does not ship atimes (noAtime).
+			noAtime = true
+			defer func() { noAtime = false }()
 			top := t.TempDir()
 			src, dst := filepath.Join(top, "src"), filepath.Join(top, "dst")
 			writeRandom(t, filepath.Join(src, "d/sub/f"), 5000)
@@ -1142,14 +1138,5 @@ func TestDivergenceResyncDropsLinkUnderRenamedDirectory(t *testing.T) {
 				t.Fatalf("after the resync and the rename's pass: %v", d)
 			}
 		})
-	}
-}
-
-// skipOpen skips a test of a divergence found and not fixed yet, unless
-// DUET_DIVERGE_KNOWN is set: it fails on the current code, by design.
-func skipOpen(t *testing.T, why string) {
-	t.Helper()
-	if !knownToo {
-		t.Skip("known, not fixed: " + why + "; DUET_DIVERGE_KNOWN=1 runs it")
 	}
 }

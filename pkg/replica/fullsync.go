@@ -96,7 +96,7 @@ func (b *builder) fullSync(local, peer *listing, ts *treeSync) error {
 	peerNames := map[uint64][]string{}
 	if peerLinked := linkedInodes(peer); len(peerLinked) > 0 {
 		for i := range local.len() {
-			if pe := pr.peerOf[i]; pe != nil && pe.mode.IsRegular() && peerLinked[pe.ino] {
+			if pe := pr.peerOf[i]; pe != nil && linkable(pe.mode) && peerLinked[pe.ino] {
 				peerNames[pe.ino] = append(peerNames[pe.ino], local.at(i).path)
 			}
 		}
@@ -141,7 +141,7 @@ func (b *builder) fullSync(local, peer *listing, ts *treeSync) error {
 			}
 			p = nil // create replaces whatever is there
 		}
-		if p != nil && l.Mode.IsRegular() && !namesOf(l, localNames, peerNames[p.Ino]) {
+		if p != nil && linkable(l.Mode) && !namesOf(l, localNames, peerNames[p.Ino]) {
 			// The peer's copy has names that are other files here (a
 			// link broken here while the peer was away): written in
 			// place it would change them too. Made anew, sent whole.
@@ -150,7 +150,7 @@ func (b *builder) fullSync(local, peer *listing, ts *treeSync) error {
 			}
 			p = nil
 		}
-		if l.Mode.IsRegular() && linked[l.Ino] {
+		if linkable(l.Mode) && linked[l.Ino] {
 			if first, ok := firstName[l.Ino]; ok {
 				fg := firstGen[l.Ino]
 				if b.sameInode(first, fg.gen, fg.known, l) {
@@ -182,7 +182,7 @@ func (b *builder) fullSync(local, peer *listing, ts *treeSync) error {
 // streamSync sends the tree to a peer that holds none of it, entry by
 // entry as walk reads it (a pre-order scan: fstree.Walk): with nothing to
 // compare, nothing is listed, and the first files are on the wire while
-// the walk goes on. A regular file whose inode the walk met before under
+// the walk goes on. A non-directory whose inode the walk met before under
 // another name is a hard link to that name. It builds b.sh as it goes,
 // and tells seen, if set, of every entry. It returns the entries whose
 // paths are too long for the wire (left out).
@@ -203,7 +203,7 @@ func (b *builder) streamSync(walk func(func(*wire.Entry) error) (int, error), ts
 			sb.add(e)
 			return nil
 		}
-		if n, ok := b.sh.node(e.Ino); ok && e.Mode.IsRegular() && n.mode.IsRegular() {
+		if n, ok := b.sh.node(e.Ino); ok && linkable(e.Mode) && linkable(n.mode) {
 			if first, ok := b.sh.path(e.Ino); ok && b.sameInode(first, n.gen, n.genKnown, e) {
 				sb.add(e)
 				return b.out.add(&wire.Op{Code: wire.OpLink, Path: first, Path2: e.Path})
@@ -266,12 +266,20 @@ func (b *builder) forgetReused(ino uint64) error {
 	return nil
 }
 
-// linkedInodes are the inodes of the regular files listed by more than
+// linkable says whether an entry of mode m can have more than one name:
+// every type but a directory. FIFOs, sockets and symlinks are linked too
+// (`ln fifo other`, `ln -P symlink other`); a resync that paired regular
+// files only made each of their names a node of its own on the peer,
+// while the shadow it left took them for one inode
+// (TestDivergenceResyncSplitsLinkedSpecialFiles).
+func linkable(m fs.FileMode) bool { return !m.IsDir() }
+
+// linkedInodes are the inodes of the non-directories listed by more than
 // one name (the shadow built from the listing knows them by as many).
 func linkedInodes(local *listing) map[uint64]bool {
 	var inos []uint64
 	for i := range local.len() {
-		if l := local.at(i); l.mode.IsRegular() {
+		if l := local.at(i); linkable(l.mode) {
 			inos = append(inos, l.ino)
 		}
 	}
@@ -293,7 +301,7 @@ func linkNames(lst *listing, linked map[uint64]bool) map[uint64][]string {
 		return names
 	}
 	for i := range lst.len() {
-		if e := lst.at(i); e.mode.IsRegular() && linked[e.ino] {
+		if e := lst.at(i); linkable(e.mode) && linked[e.ino] {
 			names[e.ino] = append(names[e.ino], e.path)
 		}
 	}
