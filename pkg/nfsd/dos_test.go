@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"runtime"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -126,11 +127,20 @@ func TestConnectionsCapped(t *testing.T) {
 		}
 		conns = append(conns, c)
 	}
-	closed := 0
+	// Each connection is read at once, for 300 ms: one open waits them
+	// out, one the server closed ends.
+	errs := make([]error, len(conns))
+	var wg sync.WaitGroup
 	for i, c := range conns {
-		c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
-		var b [1]byte
-		_, err := c.Read(b[:])
+		wg.Go(func() {
+			c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+			var b [1]byte
+			_, errs[i] = c.Read(b[:])
+		})
+	}
+	wg.Wait()
+	closed := 0
+	for i, err := range errs {
 		var ne net.Error
 		if errors.As(err, &ne) && ne.Timeout() {
 			continue // kept open
