@@ -44,7 +44,10 @@ package: build ## the .deb and .rpm of bin/duet, its unit, completions, man page
 	$(GO) tool nfpm package --config packaging/nfpm.yaml --packager rpm --target $(DIST)/
 
 generate: ## regenerate the BPF objects with clang (bpf2go) and vmlinux.h from this kernel's BTF
-	bpftool btf dump file /sys/kernel/btf/vmlinux format c > bpf/include/vmlinux.h
+	@command -v bpftool >/dev/null && command -v clang >/dev/null || { echo "make generate needs bpftool and clang (apt-get install bpftool clang llvm)"; exit 1; }
+	@# Through a temporary file: a failed dump must not leave vmlinux.h empty.
+	bpftool btf dump file /sys/kernel/btf/vmlinux format c > bpf/include/vmlinux.h.tmp
+	mv bpf/include/vmlinux.h.tmp bpf/include/vmlinux.h
 	$(GO) generate ./pkg/capture/ ./tools/lab/faultnet/
 
 check-generate: ## fail if the committed BPF objects differ from a fresh generate

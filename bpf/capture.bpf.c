@@ -1356,6 +1356,108 @@ int BPF_PROG(xfs_exchrange_mappings, const struct xfs_exchrange *fxr,
 
 static __always_inline void io_worker_fallocate(void);
 
+#define NR_IOCTL 16
+#define NR_COPY_FILE_RANGE 326
+#define FICLONE 0x40049409
+#define FICLONERANGE 0x4020940d
+#define FIDEDUPERANGE 0xc0189436
+
+static __always_inline struct file *fd_file(long fd);
+
+// fd_is says whether descriptor fd of this task is a file of inode.
+static __always_inline int fd_is(long fd, struct inode *inode)
+{
+	struct file *file = fd_file(fd);
+
+	return file && BPF_CORE_READ(file, f_inode) == inode;
+}
+
+// btrfs_range_syscall says whether task runs a native syscall that names
+// inode and whose own hooks report its range operation with the range and
+// mode: fallocate(2) (sys_enter_fallocate, which leaves out the
+// preallocations that change no byte), and the destination of
+// copy_file_range and of the clone ioctls (clone_preop). Their source's
+// range is locked too, and does not change; nor does FIDEDUPERANGE change
+// a byte. A file named through overlayfs is the overlay's inode in the
+// syscall, not this one: its operation is reported here.
+static __always_inline int btrfs_range_syscall(struct task_struct *task, struct inode *inode)
+{
+	struct pt_regs *regs;
+	__s64 src = -1;
+	__u64 nr;
+	__u32 cmd;
+
+	if (task->flags & (PF_KTHREAD | PF_IO_WORKER | PF_USER_WORKER))
+		return 0;
+	if (task->thread_info.status & TS_COMPAT)
+		return 0;
+	regs = (struct pt_regs *)bpf_task_pt_regs(task);
+	if (!regs || !in_syscall_body(regs))
+		return 0;
+	nr = regs->orig_ax;
+	if (nr == NR_FALLOCATE)
+		return fd_is(regs->di, inode);
+	if (nr == NR_COPY_FILE_RANGE)
+		return fd_is(regs->dx, inode) || fd_is(regs->di, inode);
+	if (nr != NR_IOCTL)
+		return 0;
+	cmd = regs->si;
+	switch (cmd) {
+	case FIDEDUPERANGE:
+		return 1;
+	case FICLONE:
+		src = regs->dx;
+		break;
+	case FICLONERANGE:
+		// struct file_clone_range begins with the source's descriptor.
+		if (bpf_probe_read_user(&src, sizeof(src), (void *)regs->dx))
+			src = -1;
+		break;
+	default:
+		return 0;
+	}
+	return fd_is(regs->di, inode) || fd_is(src, inode);
+}
+
+// btrfs_range_locked reports a range btrfs locks under the inode's
+// i_mmap_lock held for writing by this task (and its i_rwsem, checked by
+// the caller): a range operation, whatever called it. btrfs takes that
+// lock (BTRFS_ILOCK_MMAP) for fallocate in every mode, punch and zero
+// range, and reflinks, not for a write or a read; it drops the page
+// cache of the range before the lock, and a read of the range waits for
+// the lock, so the bytes read after this record are the operation's.
+// Reported as their syscalls run, these were missed from every other
+// door: madvise(MADV_REMOVE), the preallocation ioctls
+// (FS_IOC_UNRESVSP64, FS_IOC_ZERO_RANGE), a loop device's discard of an
+// image in the tree (a kernel worker), a 32-bit process, overlayfs
+// (TestCaptureRangeOpsBeyondFallocate). The calls whose own hooks report
+// them are left to those. Only the part below the size is reported: an
+// operation that grows the file reports the new size, read as zeros.
+static __always_inline void btrfs_range_locked(struct task_struct *task, void *bi,
+					       struct inode *inode, __u64 start, __u64 len)
+{
+	struct rw_semaphore *ml;
+	__u64 size;
+	long owner;
+	__u32 dev;
+
+	ml = CAST(bi + bpf_core_field_offset(struct btrfs_inode, i_mmap_lock), struct rw_semaphore);
+	owner = ml->owner.counter;
+	if ((owner & 1) || (owner & ~7L) != (long)task)
+		return;
+	if (btrfs_range_syscall(task, inode))
+		return;
+	dev = btrfs_subvol_dev(inode);
+	if (!is_watched(dev))
+		return;
+	size = inode->i_size;
+	if (start >= size)
+		return;
+	if (len > size - start)
+		len = size - start;
+	emit(inode, dev, KIND_DATA, 34, start, len);
+}
+
 // Direct loads (the arguments are BTF pointers, the others are cast): this
 // fires three times per 4 KiB folio a write dirties, and each helper call
 // of BPF_CORE_READ costs more than the rest. Each folio of a write is
@@ -1379,10 +1481,6 @@ int BPF_PROG(btrfs_set_extent_bit, const struct extent_io_tree *tree, u64 start,
 	__u32 dev;
 
 	if (!(set_bits & (EXTENT_DELALLOC | EXTENT_LOCKED)) || tree->owner != IO_TREE_INODE_IO)
-		return 0;
-	// Most LOCKED ranges are a write's folio, or a read's: only one to
-	// the end of the file, or one in an io-wq worker, is of interest.
-	if (!(set_bits & EXTENT_DELALLOC) && start + len != 0 && !(task->flags & PF_IO_WORKER))
 		return 0;
 	// An inode's io_tree names its inode (the verifier types the load
 	// as the union's other member, hence the cast of the address; the
@@ -1413,6 +1511,13 @@ int BPF_PROG(btrfs_set_extent_bit, const struct extent_io_tree *tree, u64 start,
 		// with each folio and lasts until the exit.
 		tw = remember_write_in(task, tw, inode, dev, root, start, len, SPAN_SYSCALL);
 		data_tw(inode, dev, 0, 24, start, len, tw);
+		return 0;
+	}
+	// Most LOCKED ranges are a write's folio, or a read's: of interest
+	// are one to the end of the file, one in an io-wq worker, and one
+	// locked under the inode's i_mmap_lock held for writing (below).
+	if (start + len != 0 && !(task->flags & PF_IO_WORKER)) {
+		btrfs_range_locked(task, bi, inode, start, len);
 		return 0;
 	}
 	dev = btrfs_subvol_dev(inode);
@@ -1660,9 +1765,6 @@ int sys_enter_copy_file_range(struct trace_event_raw_sys_enter *ctx)
 	clone_preop(file, pos, len, 32);
 	return 0;
 }
-
-#define FICLONE 0x40049409
-#define FICLONERANGE 0x4020940d
 
 // FICLONE (the whole file) and FICLONERANGE. Every ioctl of the machine
 // comes here: the command is compared first.
