@@ -1104,6 +1104,17 @@ int BPF_PROG(ext4_allocate_inode, struct inode *inode, struct inode *dir, int mo
 }
 
 #define MAP_SHARED_BIT 0x01
+#define OVERLAYFS_SUPER_MAGIC 0x794c7630
+#define VM_SHARED 0x00000008
+#define VM_MAYWRITE 0x00000020
+
+// Tasks in an mmap of an overlayfs file for writing (sys_exit_mmap).
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u64);
+	__type(value, __u8);
+} mmap_overlay SEC(".maps");
 
 // mmap(MAP_SHARED) of a file open for writing: its pages may already be
 // dirty, and stores to dirty pages do not fault. Report the whole file for
@@ -1126,9 +1137,56 @@ int sys_enter_mmap(struct trace_event_raw_sys_enter *ctx)
 	if (!(BPF_CORE_READ(file, f_mode) & FMODE_WRITE_BIT))
 		return 0;
 	inode = BPF_CORE_READ(file, f_inode);
+	if (!watched(inode, &dev)) {
+		// An overlayfs file: the mapping will be of the file beneath
+		// (backing_file_mmap), known once the call returns.
+		if (BPF_CORE_READ(inode, i_sb, s_magic) == OVERLAYFS_SUPER_MAGIC) {
+			__u64 id = bpf_get_current_pid_tgid();
+			__u8 one = 1;
+
+			bpf_map_update_elem(&mmap_overlay, &id, &one, BPF_ANY);
+		}
+		return 0;
+	}
+	emit(inode, dev, KIND_MMAP, 12, 0, BPF_CORE_READ(inode, i_size));
+	return 0;
+}
+
+static long mmap_overlay_vma(struct task_struct *task, struct vm_area_struct *vma, void *data)
+{
+	struct inode *inode;
+	struct file *file;
+	__u32 dev;
+
+	if ((vma->vm_flags & (VM_SHARED | VM_MAYWRITE)) != (VM_SHARED | VM_MAYWRITE))
+		return 0;
+	file = vma->vm_file;
+	if (!file)
+		return 0;
+	inode = file->f_inode;
 	if (!watched(inode, &dev))
 		return 0;
-	emit(inode, dev, KIND_MMAP, 12, 0, BPF_CORE_READ(inode, i_size));
+	emit(inode, dev, KIND_MMAP, 35, 0, inode->i_size);
+	return 0;
+}
+
+// A shared writable mapping of an overlayfs file maps the file beneath,
+// which may be in a watched tree: reported whole as sys_enter_mmap reports
+// one made directly (a store into a page a write had dirtied fires no
+// writeback_dirty_folio), once the mapping exists and before the call
+// returns (TestCaptureSharedMappingThroughOverlay).
+SEC("tracepoint/syscalls/sys_exit_mmap")
+int sys_exit_mmap(struct trace_event_raw_sys_exit *ctx)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	long ret = ctx->ret;
+
+	if (!bpf_map_lookup_elem(&mmap_overlay, &id))
+		return 0;
+	bpf_map_delete_elem(&mmap_overlay, &id);
+	if (ret < 0 && ret > -4096)
+		return 0;
+	bpf_find_vma(bpf_get_current_task_btf(), ret, mmap_overlay_vma, NULL, 0);
 	return 0;
 }
 

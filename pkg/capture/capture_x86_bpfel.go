@@ -95,6 +95,7 @@ const (
 	CaptureMapFallocs                   = "fallocs"
 	CaptureMapFenceWord                 = "fence_word"
 	CaptureMapForgetEpoch               = "forget_epoch"
+	CaptureMapMmapOverlay               = "mmap_overlay"
 	CaptureMapOverflow                  = "overflow"
 	CaptureMapRecordType                = "record_type"
 	CaptureMapTaskAttrs                 = "task_attrs"
@@ -124,6 +125,7 @@ const (
 	CaptureProgSysEnterMmap             = "sys_enter_mmap"
 	CaptureProgSysExitAttrs             = "sys_exit_attrs"
 	CaptureProgSysExitFallocate         = "sys_exit_fallocate"
+	CaptureProgSysExitMmap              = "sys_exit_mmap"
 	CaptureProgSysExitWriteFamily       = "sys_exit_write_family"
 	CaptureProgWritebackDirtyFolio      = "writeback_dirty_folio"
 	CaptureProgXfsCollapseFileSpace     = "xfs_collapse_file_space"
@@ -208,6 +210,7 @@ type CaptureProgramSpecs struct {
 	SysEnterMmap             *ebpf.ProgramSpec `ebpf:"sys_enter_mmap"`
 	SysExitAttrs             *ebpf.ProgramSpec `ebpf:"sys_exit_attrs"`
 	SysExitFallocate         *ebpf.ProgramSpec `ebpf:"sys_exit_fallocate"`
+	SysExitMmap              *ebpf.ProgramSpec `ebpf:"sys_exit_mmap"`
 	SysExitWriteFamily       *ebpf.ProgramSpec `ebpf:"sys_exit_write_family"`
 	WritebackDirtyFolio      *ebpf.ProgramSpec `ebpf:"writeback_dirty_folio"`
 	XfsCollapseFileSpace     *ebpf.ProgramSpec `ebpf:"xfs_collapse_file_space"`
@@ -231,6 +234,7 @@ type CaptureMapSpecs struct {
 	Fallocs     *ebpf.MapSpec `ebpf:"fallocs"`
 	FenceWord   *ebpf.MapSpec `ebpf:"fence_word"`
 	ForgetEpoch *ebpf.MapSpec `ebpf:"forget_epoch"`
+	MmapOverlay *ebpf.MapSpec `ebpf:"mmap_overlay"`
 	Overflow    *ebpf.MapSpec `ebpf:"overflow"`
 	RecordType  *ebpf.MapSpec `ebpf:"record_type"`
 	TaskAttrs   *ebpf.MapSpec `ebpf:"task_attrs"`
@@ -277,6 +281,7 @@ type CaptureMaps struct {
 	Fallocs     *ebpf.Map `ebpf:"fallocs"`
 	FenceWord   *ebpf.Map `ebpf:"fence_word"`
 	ForgetEpoch *ebpf.Map `ebpf:"forget_epoch"`
+	MmapOverlay *ebpf.Map `ebpf:"mmap_overlay"`
 	Overflow    *ebpf.Map `ebpf:"overflow"`
 	RecordType  *ebpf.Map `ebpf:"record_type"`
 	TaskAttrs   *ebpf.Map `ebpf:"task_attrs"`
@@ -293,6 +298,7 @@ func (m *CaptureMaps) Close() error {
 		m.Fallocs,
 		m.FenceWord,
 		m.ForgetEpoch,
+		m.MmapOverlay,
 		m.Overflow,
 		m.RecordType,
 		m.TaskAttrs,
@@ -341,6 +347,7 @@ type CapturePrograms struct {
 	SysEnterMmap             *ebpf.Program `ebpf:"sys_enter_mmap"`
 	SysExitAttrs             *ebpf.Program `ebpf:"sys_exit_attrs"`
 	SysExitFallocate         *ebpf.Program `ebpf:"sys_exit_fallocate"`
+	SysExitMmap              *ebpf.Program `ebpf:"sys_exit_mmap"`
 	SysExitWriteFamily       *ebpf.Program `ebpf:"sys_exit_write_family"`
 	WritebackDirtyFolio      *ebpf.Program `ebpf:"writeback_dirty_folio"`
 	XfsCollapseFileSpace     *ebpf.Program `ebpf:"xfs_collapse_file_space"`
@@ -379,6 +386,7 @@ func (p *CapturePrograms) Close() error {
 		p.SysEnterMmap,
 		p.SysExitAttrs,
 		p.SysExitFallocate,
+		p.SysExitMmap,
 		p.SysExitWriteFamily,
 		p.WritebackDirtyFolio,
 		p.XfsCollapseFileSpace,

@@ -115,19 +115,8 @@ func TestCaptureRangeOpsBeyondFallocate(t *testing.T) {
 			reported(t, "a loop device's discard", ino, 512<<10, 640<<10)
 		})
 		t.Run("overlay-punch", func(t *testing.T) {
-			// An overlay whose upper layer is in the tree: the file's
-			// inode in the syscall is the overlay's.
-			for _, d := range []string{"upper", "work"} {
-				if err := os.MkdirAll(filepath.Join(fs.Mount, d), 0o755); err != nil {
-					t.Fatal(err)
-				}
-			}
-			lower, merged := t.TempDir(), t.TempDir()
-			opts := "lowerdir=" + lower + ",upperdir=" + filepath.Join(fs.Mount, "upper") + ",workdir=" + filepath.Join(fs.Mount, "work")
-			if err := unix.Mount("overlay", merged, "overlay", 0, opts); err != nil {
-				t.Skipf("overlayfs over %s: %v", fs.Mount, err)
-			}
-			defer unix.Unmount(merged, unix.MNT_DETACH)
+			// The file's inode in the syscall is the overlay's.
+			merged := overlayOver(t, fs.Mount)
 			f, err := os.OpenFile(filepath.Join(merged, "f"), os.O_RDWR|os.O_CREATE, 0o644)
 			if err != nil {
 				t.Fatal(err)
@@ -189,5 +178,70 @@ func TestCaptureRangeOpsBeyondFallocate(t *testing.T) {
 				t.Errorf("%d records of the range lock's hook for calls their own hooks report", n)
 			}
 		})
+	})
+}
+
+// overlayOver mounts an overlay whose upper layer is upper/ in the
+// captured tree (work/ its work directory), and returns where.
+func overlayOver(t *testing.T, tree string) string {
+	t.Helper()
+	for _, d := range []string{"upper", "work"} {
+		if err := os.MkdirAll(filepath.Join(tree, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	lower, merged := t.TempDir(), t.TempDir()
+	opts := "lowerdir=" + lower + ",upperdir=" + filepath.Join(tree, "upper") + ",workdir=" + filepath.Join(tree, "work")
+	if err := unix.Mount("overlay", merged, "overlay", 0, opts); err != nil {
+		t.Skipf("overlayfs over %s: %v", tree, err)
+	}
+	t.Cleanup(func() { unix.Unmount(merged, unix.MNT_DETACH) })
+	return merged
+}
+
+// TestCaptureSharedMappingThroughOverlay: a shared writable mapping made
+// through an overlay whose upper layer is in the tree maps the file
+// beneath, and is reported whole as one made directly is: a store into a
+// page a write had dirtied fires no writeback_dirty_folio, and only that
+// report has the page read again. The programs looked at the overlay's
+// inode, not watched: nothing was reported (found by a fresh-context
+// review, fortieth session).
+func TestCaptureSharedMappingThroughOverlay(t *testing.T) {
+	forEachFS(t, func(t *testing.T, fs *loopfs.FS, c *Capture, rec *recorder) {
+		merged := overlayOver(t, fs.Mount)
+		f, err := os.OpenFile(filepath.Join(merged, "f"), os.O_RDWR|os.O_CREATE, 0o644)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		if _, err := f.WriteAt(make([]byte, 256<<10), 0); err != nil {
+			t.Fatal(err)
+		}
+		ino := inoOf(t, filepath.Join(fs.Mount, "upper", "f"))
+		settle(t, c, rec)
+		// A write dirties the page; the store through the mapping then
+		// dirties nothing new.
+		if _, err := f.WriteAt([]byte("written"), 8192); err != nil {
+			t.Fatal(err)
+		}
+		m, err := unix.Mmap(int(f.Fd()), 0, 256<<10, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer unix.Munmap(m)
+		copy(m[8192:], "stored!")
+		recs := settle(t, c, rec)
+		if !covers(recs, ino, KindMmap, 0, 256<<10) {
+			t.Errorf("a shared mapping through overlayfs: no whole-file mmap record of the file beneath; records: %v", recs)
+		}
+		// A private or read-only one is not reported.
+		p, err := unix.Mmap(int(f.Fd()), 0, 4096, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE)
+		if err != nil {
+			t.Fatal(err)
+		}
+		unix.Munmap(p)
+		if recs := settle(t, c, rec); hasKind(recs, ino, KindMmap) {
+			t.Errorf("a private mapping through overlayfs reported: %v", recs)
+		}
 	})
 }
