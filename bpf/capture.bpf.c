@@ -1477,8 +1477,20 @@ static __always_inline int btrfs_range_syscall(struct task_struct *task, struct 
 	return fd_is(regs->di, inode) || fd_is(src, inode);
 }
 
+// mmap_write_held says whether btrfs inode bi's i_mmap_lock is held for
+// writing by task.
+static __always_inline int mmap_write_held(void *bi, struct task_struct *task)
+{
+	struct rw_semaphore *ml;
+	long owner;
+
+	ml = CAST(bi + bpf_core_field_offset(struct btrfs_inode, i_mmap_lock), struct rw_semaphore);
+	owner = ml->owner.counter;
+	return !(owner & 1) && (owner & ~7L) == (long)task;
+}
+
 // btrfs_range_locked reports a range btrfs locks under the inode's
-// i_mmap_lock held for writing by this task (and its i_rwsem, checked by
+// i_mmap_lock and i_rwsem held for writing by this task (both checked by
 // the caller): a range operation, whatever called it. btrfs takes that
 // lock (BTRFS_ILOCK_MMAP) for fallocate in every mode, punch and zero
 // range, and reflinks, not for a write or a read; it drops the page
@@ -1491,18 +1503,12 @@ static __always_inline int btrfs_range_syscall(struct task_struct *task, struct 
 // (TestCaptureRangeOpsBeyondFallocate). The calls whose own hooks report
 // them are left to those. Only the part below the size is reported: an
 // operation that grows the file reports the new size, read as zeros.
-static __always_inline void btrfs_range_locked(struct task_struct *task, void *bi,
-					       struct inode *inode, __u64 start, __u64 len)
+static __always_inline void btrfs_range_locked(struct task_struct *task, struct inode *inode,
+					       __u64 start, __u64 len)
 {
-	struct rw_semaphore *ml;
 	__u64 size;
-	long owner;
 	__u32 dev;
 
-	ml = CAST(bi + bpf_core_field_offset(struct btrfs_inode, i_mmap_lock), struct rw_semaphore);
-	owner = ml->owner.counter;
-	if ((owner & 1) || (owner & ~7L) != (long)task)
-		return;
 	if (btrfs_range_syscall(task, inode))
 		return;
 	dev = btrfs_subvol_dev(inode);
@@ -1546,6 +1552,14 @@ int BPF_PROG(btrfs_set_extent_bit, const struct extent_io_tree *tree, u64 start,
 	bi = (void *)tree->inode;
 	if (!bi)
 		return 0;
+	// Most LOCKED ranges are a write's folio, or a read's: of interest
+	// are one to the end of the file, one in an io-wq worker, and one
+	// locked under the inode's i_mmap_lock held for writing by this task
+	// (btrfs_range_locked), which a write or a read does not hold (one
+	// load: this fires for every folio of every write and read).
+	if (!(set_bits & EXTENT_DELALLOC) && start + len != 0 && !(task->flags & PF_IO_WORKER) &&
+	    !mmap_write_held(bi, task))
+		return 0;
 	inode = CAST(bi + bpf_core_field_offset(struct btrfs_inode, vfs_inode), struct inode);
 	if (!is_btrfs_sb(inode->i_sb->s_dev))
 		return 0;
@@ -1571,11 +1585,8 @@ int BPF_PROG(btrfs_set_extent_bit, const struct extent_io_tree *tree, u64 start,
 		data_tw(inode, dev, 0, 24, start, len, tw);
 		return 0;
 	}
-	// Most LOCKED ranges are a write's folio, or a read's: of interest
-	// are one to the end of the file, one in an io-wq worker, and one
-	// locked under the inode's i_mmap_lock held for writing (below).
 	if (start + len != 0 && !(task->flags & PF_IO_WORKER)) {
-		btrfs_range_locked(task, bi, inode, start, len);
+		btrfs_range_locked(task, inode, start, len);
 		return 0;
 	}
 	dev = btrfs_subvol_dev(inode);
