@@ -685,20 +685,32 @@ volatile __u64 MARKED_SYSCALLS[8] = {};
 #define PF_KTHREAD 0x00200000
 #define TS_COMPAT 0x0002
 
-// in_syscall_of says whether task runs the body of one of the syscalls of
-// set (a bitmap by x86-64 number). Kernel threads and io_uring's and
-// vhost's workers run none, and 32-bit syscalls fire no syscall tracepoint.
-static __always_inline int in_syscall_of(struct task_struct *task, volatile __u64 *set)
+// native_syscall_regs returns the registers of task's native (x86-64)
+// syscall whose body it runs, or NULL. Kernel threads and io_uring's and
+// vhost's workers run none, and 32-bit syscalls fire no syscall
+// tracepoint.
+static __always_inline struct pt_regs *native_syscall_regs(struct task_struct *task)
 {
 	struct pt_regs *regs;
-	__u64 nr;
 
 	if (task->flags & (PF_KTHREAD | PF_IO_WORKER | PF_USER_WORKER))
-		return 0;
+		return NULL;
 	if (task->thread_info.status & TS_COMPAT)
-		return 0;
+		return NULL;
 	regs = (struct pt_regs *)bpf_task_pt_regs(task);
 	if (!regs || !in_syscall_body(regs))
+		return NULL;
+	return regs;
+}
+
+// in_syscall_of says whether task runs the body of one of the syscalls of
+// set (a bitmap by x86-64 number; see native_syscall_regs).
+static __always_inline int in_syscall_of(struct task_struct *task, volatile __u64 *set)
+{
+	struct pt_regs *regs = native_syscall_regs(task);
+	__u64 nr;
+
+	if (!regs)
 		return 0;
 	nr = regs->orig_ax;
 	return nr < 512 && (set[nr >> 6] >> (nr & 63)) & 1;
@@ -1440,17 +1452,12 @@ static __always_inline int fd_is(long fd, struct inode *inode)
 // syscall, not this one: its operation is reported here.
 static __always_inline int btrfs_range_syscall(struct task_struct *task, struct inode *inode)
 {
-	struct pt_regs *regs;
+	struct pt_regs *regs = native_syscall_regs(task);
 	__s64 src = -1;
 	__u64 nr;
 	__u32 cmd;
 
-	if (task->flags & (PF_KTHREAD | PF_IO_WORKER | PF_USER_WORKER))
-		return 0;
-	if (task->thread_info.status & TS_COMPAT)
-		return 0;
-	regs = (struct pt_regs *)bpf_task_pt_regs(task);
-	if (!regs || !in_syscall_body(regs))
+	if (!regs)
 		return 0;
 	nr = regs->orig_ax;
 	if (nr == NR_FALLOCATE)

@@ -49,34 +49,7 @@ func (k *e2eKernel) Seq() uint64 {
 // once settled, it compares them fully. DUET_E2E_RUNS (default 2),
 // DUET_E2E_SEED.
 func TestDivergenceE2E(t *testing.T) {
-	runs := 2
-	if s := os.Getenv("DUET_E2E_RUNS"); s != "" {
-		fmt.Sscan(s, &runs)
-	}
-	first := uint64(1)
-	if s := os.Getenv("DUET_E2E_FIRST"); s != "" {
-		fmt.Sscan(s, &first)
-	}
-	if s := os.Getenv("DUET_E2E_SEED"); s != "" {
-		fmt.Sscan(s, &first)
-		runs = 1
-	}
-	budget := 10 * time.Second
-	if s := os.Getenv("DUET_E2E_BUDGET"); s != "" {
-		var n int
-		fmt.Sscan(s, &n)
-		budget = time.Duration(n) * time.Second
-	}
-	deadline := time.Now().Add(budget)
-	for i := range runs {
-		if time.Now().After(deadline) {
-			break
-		}
-		seed := first + uint64(i)
-		if !t.Run(fmt.Sprint(seed), func(t *testing.T) { runE2E(t, seed) }) {
-			break
-		}
-	}
+	seededRuns(t, "DUET_E2E", 2, 1, 10*time.Second, runE2E)
 }
 
 func runE2E(t *testing.T, seed uint64) {

@@ -32,42 +32,13 @@ import (
 // non-directory, atime of regular files, link counts and which names
 // share an inode. DUET_DIVERGE_RUNS sets the histories (default 100;
 // a review ran 20,000 across ext4, XFS and btrfs with DUET_DIVERGE_FS),
-// DUET_DIVERGE_SEED replays one.
+// DUET_DIVERGE_SEED replays one (seededRuns: _FIRST, _BUDGET).
 func TestDivergenceModel(t *testing.T) {
-	runs := 100
-	if s := os.Getenv("DUET_DIVERGE_RUNS"); s != "" {
-		fmt.Sscan(s, &runs)
-	}
-	first := uint64(1)
-	if s := os.Getenv("DUET_DIVERGE_FIRST"); s != "" {
-		fmt.Sscan(s, &first)
-	}
-	if s := os.Getenv("DUET_DIVERGE_SEED"); s != "" {
-		fmt.Sscan(s, &first)
-		runs = 1
-	}
-	budget := 10 * time.Second
-	if s := os.Getenv("DUET_DIVERGE_BUDGET"); s != "" {
-		var n int
-		fmt.Sscan(s, &n)
-		budget = time.Duration(n) * time.Second
-	}
-	deadline := time.Now().Add(budget)
 	var base string
 	if fs := os.Getenv("DUET_DIVERGE_FS"); fs != "" {
 		base = loopfs.Make(t, fs, 512).Mount
 	}
-	ran := 0
-	for i := range runs {
-		if time.Now().After(deadline) {
-			break
-		}
-		seed := first + uint64(i)
-		ran++
-		if !t.Run(fmt.Sprint(seed), func(t *testing.T) { runDivergence(t, seed, base) }) {
-			break
-		}
-	}
+	ran := seededRuns(t, "DUET_DIVERGE", 100, 1, 10*time.Second, func(t *testing.T, seed uint64) { runDivergence(t, seed, base) })
 	t.Logf("%d histories", ran)
 }
 

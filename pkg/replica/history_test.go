@@ -39,25 +39,11 @@ import (
 // (root), whose inode numbers and file handles are its own (the default is
 // the temporary directory's filesystem).
 func TestBuildRandomHistories(t *testing.T) {
-	runs := 150
-	if s := os.Getenv("DUET_HISTORY_RUNS"); s != "" {
-		fmt.Sscan(s, &runs)
-	}
-	first := uint64(time.Now().UnixNano())
-	if s := os.Getenv("DUET_HISTORY_SEED"); s != "" {
-		fmt.Sscan(s, &first)
-		runs = 1
-	}
 	var base string
 	if fs := os.Getenv("DUET_HISTORY_FS"); fs != "" {
 		base = loopfs.Make(t, fs, 512).Mount
 	}
-	for i := range runs {
-		seed := first + uint64(i)
-		if !t.Run(fmt.Sprint(seed), func(t *testing.T) { runHistory(t, seed, base) }) {
-			break
-		}
-	}
+	seededRuns(t, "DUET_HISTORY", 150, uint64(time.Now().UnixNano()), 0, func(t *testing.T, seed uint64) { runHistory(t, seed, base) })
 }
 
 // history is one random history's state: the source tree, the records
