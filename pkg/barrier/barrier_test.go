@@ -296,26 +296,7 @@ func TestSyncWritesWait(t *testing.T) {
 // A file a supervised process creates with O_DSYNC belongs to it, not to
 // the supervisor that opened it on its behalf.
 func TestSyncOpenUsesCallerCredentials(t *testing.T) {
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to run the helper as another user")
-	}
-	// A copy of the test binary that nobody may run, in a directory
-	// nobody may write to.
-	dir, err := os.MkdirTemp("", "duet-barrier-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer os.RemoveAll(dir)
-	os.Chmod(dir, 0o777)
-	bin, _ := os.ReadFile(self)
-	self = filepath.Join(dir, "barrier.test")
-	if err := os.WriteFile(self, bin, 0o755); err != nil {
-		t.Fatal(err)
-	}
+	self, dir := nobodyCopy(t, "duet-barrier-")
 	if st, err := os.Stat(os.TempDir()); err != nil || st.Mode().Perm()&0o001 == 0 {
 		t.Skipf("%s is not searchable by others: the helper cannot run as nobody", os.TempDir())
 	}
@@ -337,6 +318,38 @@ func TestSyncOpenUsesCallerCredentials(t *testing.T) {
 	if err := unix.Stat(file, &st); err != nil || st.Uid != 65534 || st.Gid != 65534 {
 		t.Fatalf("file owned by %d:%d (%v), want 65534:65534", st.Uid, st.Gid, err)
 	}
+}
+
+// nobodyCopy returns a copy of the test binary that nobody (65534) may
+// run, in a new directory under the temporary directory that anyone may
+// write to (removed at the end), and that directory. It skips the test
+// unless run as root, which the helper needs to run as another user.
+func nobodyCopy(t *testing.T, prefix string) (self, dir string) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root, to run the helper as another user")
+	}
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir, err = os.MkdirTemp("", prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	bin, err := os.ReadFile(self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	self = filepath.Join(dir, "barrier.test")
+	if err := os.WriteFile(self, bin, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return self, dir
 }
 
 // run evaluates a classic BPF program on a seccomp_data.

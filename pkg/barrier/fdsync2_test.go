@@ -95,24 +95,7 @@ func TestPreallocAndBtrfsWaitSyncHeld(t *testing.T) {
 // (a review found them refused); an openat2, whose flags it cannot read,
 // fails with EPERM.
 func TestUnreadableCallerPlainCallsRun(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root, to run the supervisor as another user")
-	}
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir, err := os.MkdirTemp("", "duet-plain-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer os.RemoveAll(dir)
-	os.Chmod(dir, 0o777)
-	bin, _ := os.ReadFile(self)
-	self = filepath.Join(dir, "barrier.test")
-	if err := os.WriteFile(self, bin, 0o755); err != nil {
-		t.Fatal(err)
-	}
+	self, dir := nobodyCopy(t, "duet-plain-")
 	plain := filepath.Join(dir, "plain")
 	if err := os.WriteFile(plain, []byte("x"), 0o644); err != nil {
 		t.Fatal(err)

@@ -352,29 +352,7 @@ func countingSupervisor(countFile string) int {
 // descriptors: an io_submit of a flush and a pwritev2 with RWF_DSYNC went
 // through with no barrier. They now fail (EPERM) unless held.
 func TestUnreadableCallerNotReleasedUnheld(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root, to run the supervisor as another user")
-	}
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir, err := os.MkdirTemp("", "duet-unreadable-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer os.RemoveAll(dir)
-	if err := os.Chmod(dir, 0o777); err != nil {
-		t.Fatal(err)
-	}
-	bin, err := os.ReadFile(self)
-	if err != nil {
-		t.Fatal(err)
-	}
-	self = filepath.Join(dir, "barrier.test")
-	if err := os.WriteFile(self, bin, 0o755); err != nil {
-		t.Fatal(err)
-	}
+	self, dir := nobodyCopy(t, "duet-unreadable-")
 	for _, mode := range []string{"aio-fdsync-dumpable", "aio-fdsync-nondumpable", "rwf-dsync-nondumpable"} {
 		t.Run(mode, func(t *testing.T) {
 			count := filepath.Join(dir, mode+".count")
