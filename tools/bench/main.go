@@ -637,7 +637,7 @@ func (b *bench) syncFigures(runs int) []Figure {
 	p50 := Figure{Name: fmt.Sprintf("4 KiB random write + fdatasync (in a %s file), p50 latency over %d calls: duet exec / local", span, calls),
 		Target: "≤ 2.0", Unit: "ms",
 		Note: "each fdatasync under duet exec returns once the peer has applied and synced the write; the supervisor flushes the local file meanwhile"}
-	p99 := Figure{Name: "same, p99 latency", Target: "≤ 2.0", Unit: "ms"}
+	p99 := Figure{Name: "same, p99 latency", Target: "≤ 2.5", Unit: "ms"} // issue 16: p99 ≤ 2.5
 	app := Figure{Name: fmt.Sprintf("4 KiB appends + fdatasync (a new file), p50 latency over %d calls: duet exec / local", calls),
 		Target: "≤ 2.0", Unit: "ms",
 		Note: "a log's shape (a database's binary log): each write grows the file, and the capture announces the bytes ahead of its end"}
