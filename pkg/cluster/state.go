@@ -130,6 +130,10 @@ const (
 type Action struct {
 	Do  Do
 	Msg string
+	// Grace, on a DoCheck, runs the checks only after a further
+	// cluster.timeout: a takeback after a handover, whose receiver may
+	// be taking over at the same moment (see step).
+	Grace bool
 }
 
 func logf(format string, a ...any) Action { return Action{Do: DoLog, Msg: fmt.Sprintf(format, a...)} }
@@ -240,10 +244,25 @@ func step(m Machine, ev Event) (Machine, []Action) {
 		// every takeover does over the copy it replaces, or on meeting it
 		// this node would step down and lose what it acknowledged since
 		// (TestHandoverTakebackEpochNewerThanReceiver, from a review).
+		//
+		// The handover left the VIP free: a cut right then (the WAIT +
+		// handover heartbeats lost) has the receiver, a SECOND whose
+		// primary went silent, take over by itself at about this
+		// moment, and its probe and this node's could both find the
+		// address free. This node's checks run a cluster.timeout later
+		// (Grace): a receiver that took over holds the VIP by then, and
+		// the probe sees it (TestSwapCutBothTakeOver, from a review:
+		// both served ALONE, and the one with the older epoch lost what
+		// it acknowledged when they met).
 		m.HandedOver = false
 		m.Stale = m.Stale || m.Peer.Epoch > m.Epoch
 		m.Peer.Epoch = max(m.Peer.Epoch, m.nextEpoch(2))
 		m, acts := step(m, ev)
+		for i := range acts {
+			if acts[i].Do == DoCheck {
+				acts[i].Grace = true
+			}
+		}
 		return m, append([]Action{{Do: DoPersist}}, acts...)
 	}
 	switch ev.Kind {
@@ -331,14 +350,18 @@ func (m Machine) stepWait(ev Event) (Machine, []Action) {
 			m.Stale = true
 			acts = append(acts, Action{Do: DoPersist}, logf("peer %s holds a newer copy (epoch %d, here %d): this copy counts as stale", p.Label(), p.Epoch, m.Epoch))
 		}
-		if m.HandedOver && !m.Stale && p.State == Wait && p.Epoch <= m.Epoch && m.wins() && m.Resyncing == "" {
-			// The node this one handed the role to is WAIT and drew no
-			// newer epoch: it never served (a takeover draws one). It
-			// restarted before taking over (its copy then counts as
-			// stale and it will never serve), or refused the handover;
+		if m.HandedOver && !m.Stale && p.Epoch <= m.Epoch && m.Resyncing == "" && (p.State == Wait && m.wins() || p.State == Stop) {
+			// The node this one handed the role to is WAIT or STOP and
+			// drew no newer epoch: it never served (a takeover draws
+			// one). It restarted before taking over (its copy then
+			// counts as stale and it will never serve), refused the
+			// handover, or was stopped by the operator before it came
+			// (`duet stop` on it during the swap: it serves nothing
+			// until started, and waited for, nothing served:
+			// TestSwapTargetStoppedGiverServesAgain, from a review);
 			// either way this copy is still the reference, and, as it
-			// wins, the peer will not serve either.
-			return m.serve(fmt.Sprintf("peer %s, handed the role, is WAIT and never served (epoch %d)", p.Name, p.Epoch))
+			// wins or the peer is stopped, the peer will not serve.
+			return m.serve(fmt.Sprintf("peer %s, handed the role, is %s and never served (epoch %d)", p.Name, p.State, p.Epoch))
 		}
 		if m.HandedOver || p.State == Stop && m.Stale {
 			return m, acts

@@ -125,10 +125,12 @@ func TestInvariants(t *testing.T) {
 			// (it may have served: TestHandoverThenPeerLost), unless
 			// the peer came back WAIT with a stale copy and no newer
 			// epoch (it restarted before taking over: it never will),
+			// or STOP with no newer epoch (stopped by the operator
+			// before it took over: TestSwapTargetStoppedGiverServesAgain),
 			// or the operator forces it.
 			heard := m
 			heard.Peer, heard.Peer.Seen = ev.Peer, true
-			receiverBack := ev.Kind == EvPeer && ev.Peer.State == Wait && ev.Peer.Epoch <= m.Epoch && heard.wins()
+			receiverBack := ev.Kind == EvPeer && ev.Peer.Epoch <= m.Epoch && (ev.Peer.State == Wait && heard.wins() || ev.Peer.State == Stop)
 			forced := ev.Kind == EvCmdPrim && ev.Force
 			if m.HandedOver && became && !forced && !receiverBack {
 				t.Errorf("%+v + %+v: handed over, then took the role back", m, ev)

@@ -307,6 +307,18 @@ func (n *Node) heartbeat() cluster.Heartbeat {
 	n.hbMu.Lock()
 	n.guard.Stamp(&h, hbClock())
 	n.hbMu.Unlock()
+	// leaving is read before the machine, and again under relMu: the
+	// heartbeat counts as leaving if either says so. A leave sets it
+	// (beginLeaving) before it stops the term's primaries, read under
+	// relMu after them; and it ends by publishing the state the leave
+	// ends in, then clearing it, read here before the machine. Read
+	// only under relMu, a heartbeat could take the PRIM of before the
+	// publish with the leaving of after it, and say "PRIM, not synced"
+	// (the term's primaries gone): the receiver then went stale and
+	// ignored the handover that followed, and the swap was undone after
+	// it had answered ok (TestLeaveEndHeartbeatUndoesSwap, from a
+	// review).
+	leaving := n.leaving.Load()
 	m := n.machine.Load()
 	h.Name, h.State, h.Epoch, h.Stale, h.Preferred, h.Handover = m.Name, m.State, m.Epoch, m.Stale, m.Preferred, m.HandedOver
 	if h.Stale && n.staleUnsaved.Load() {
@@ -343,7 +355,7 @@ func (n *Node) heartbeat() cluster.Heartbeat {
 	// may have removed it (a stop whose peer said stale).
 	h.Synced = n.lastSynced.Load() && !n.releasedAlone.Load() && markedTerm
 	released := false
-	if !n.leaving.Load() {
+	if leaving = leaving || n.leaving.Load(); !leaving {
 		released = n.releasedAlone.Load()
 		h.Synced = streaming && !released && marked
 		n.lastSynced.Store(h.Synced)
@@ -553,7 +565,19 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 			case cluster.DoRefuse:
 				reply = "refused: " + a.Msg
 			case cluster.DoCheck:
+				grace := a.Grace
+				if grace {
+					n.log.Info("taking the role back from the peer it was handed to, which went silent: checks in "+timeout.String()+", when the peer, had it taken over, holds the VIP",
+						"peer", next.Peer.Name)
+				}
 				go func() {
+					if grace {
+						select {
+						case <-time.After(timeout):
+						case <-ctx.Done():
+							return
+						}
+					}
 					ok, why, held := n.takeoverChecks(ctx)
 					n.post(ctx, cluster.Event{Kind: cluster.EvChecked, OK: ok, Why: why, Held: held})
 				}()
