@@ -244,6 +244,30 @@ struct {
 	__type(value, struct task_attrs);
 } task_attrs SEC(".maps");
 
+// The btrfs ranges a task's range operations locked in the syscall it
+// runs (btrfs_range_locked), reported again as data when it returns
+// (flush_attrs): by then every change is made, the size moved, the page
+// cache dropped.
+struct pending_range {
+	__u64 ino;
+	__u64 lo, hi;
+	__u32 dev;
+	__u32 gen;
+};
+
+struct task_ranges {
+	__u32 n;
+	__u32 pad;
+	struct pending_range e[MAX_PENDING];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct task_ranges);
+} task_ranges SEC(".maps");
+
 // Mapped into the daemon (BPF_F_MMAPABLE): every durability call reads
 // the sequence and the loss count, which took three bpf() syscalls a read,
 // about a tenth of the primary's CPU in the 4 KiB write + fdatasync row.
@@ -462,11 +486,26 @@ static __always_inline void emit_attr(__u32 dev, __u64 ino, __u32 gen, __u8 hook
 		bpf_map_delete_elem(&attrs, &k);
 }
 
-// flush_attrs reports the inodes the returning syscall updated.
+// flush_attrs reports the inodes the returning syscall updated, and the
+// btrfs ranges its range operations changed (task_ranges).
 static __always_inline void flush_attrs(void)
 {
-	struct task_attrs *ta = bpf_task_storage_get(&task_attrs, bpf_get_current_task_btf(), 0, 0);
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct task_attrs *ta = bpf_task_storage_get(&task_attrs, task, 0, 0);
+	struct task_ranges *tr = bpf_task_storage_get(&task_ranges, task, 0, 0);
 
+	if (tr && tr->n) {
+		for (int i = 0; i < MAX_PENDING; i++) {
+			if (i >= tr->n)
+				break;
+			struct pending_range *e = &tr->e[i & (MAX_PENDING - 1)];
+
+			// Uncoalesced: a chunk's mark may stand for a record
+			// read while the operation ran.
+			emit_raw(e->dev, e->ino, e->gen, KIND_DATA, 36, e->lo, e->hi - e->lo);
+		}
+		tr->n = 0;
+	}
 	if (!ta || !ta->n)
 		return;
 	for (int i = 0; i < MAX_PENDING; i++) {
@@ -1117,16 +1156,25 @@ int BPF_PROG(ext4_allocate_inode, struct inode *inode, struct inode *dir, int mo
 
 #define MAP_SHARED_BIT 0x01
 #define OVERLAYFS_SUPER_MAGIC 0x794c7630
-#define VM_SHARED 0x00000008
-#define VM_MAYWRITE 0x00000020
 
-// Tasks in an mmap of an overlayfs file for writing (sys_exit_mmap).
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 1024);
-	__type(key, __u64);
-	__type(value, __u8);
-} mmap_overlay SEC(".maps");
+// overlay_real_inode is the inode beneath an overlayfs regular file: its
+// private data is a struct ovl_file naming the real file (since Linux
+// 6.13), or the real file itself (before).
+static __always_inline struct inode *overlay_real_inode(struct file *file)
+{
+	void *priv = BPF_CORE_READ(file, private_data);
+	struct file *real;
+
+	if (!priv)
+		return NULL;
+	if (bpf_core_type_exists(struct ovl_file))
+		real = BPF_CORE_READ((struct ovl_file *)priv, realfile);
+	else
+		real = priv;
+	if (!real)
+		return NULL;
+	return BPF_CORE_READ(real, f_inode);
+}
 
 // mmap(MAP_SHARED) of a file open for writing: its pages may already be
 // dirty, and stores to dirty pages do not fault. Report the whole file for
@@ -1149,56 +1197,24 @@ int sys_enter_mmap(struct trace_event_raw_sys_enter *ctx)
 	if (!(BPF_CORE_READ(file, f_mode) & FMODE_WRITE_BIT))
 		return 0;
 	inode = BPF_CORE_READ(file, f_inode);
-	if (!watched(inode, &dev)) {
-		// An overlayfs file: the mapping will be of the file beneath
-		// (backing_file_mmap), known once the call returns.
-		if (BPF_CORE_READ(inode, i_sb, s_magic) == OVERLAYFS_SUPER_MAGIC) {
-			__u64 id = bpf_get_current_pid_tgid();
-			__u8 one = 1;
-
-			bpf_map_update_elem(&mmap_overlay, &id, &one, BPF_ANY);
-		}
+	if (BPF_CORE_READ(inode, i_sb, s_magic) == OVERLAYFS_SUPER_MAGIC) {
+		// A file of an overlay maps the file beneath (backing_file_mmap),
+		// which may be in a watched tree: reported whole as one mapped
+		// directly (TestCaptureSharedMappingThroughOverlay). The programs
+		// looked at the overlay's inode, not watched: nothing was
+		// reported (a review). Read when the call begins, from the
+		// overlay's file: a bpf_find_vma once the call returns only
+		// try-locks the mm and missed it whenever another thread mapped
+		// (a review: 27 of 200 missed).
+		inode = overlay_real_inode(file);
+		if (!inode || !watched(inode, &dev))
+			return 0;
+		emit(inode, dev, KIND_MMAP, 35, 0, BPF_CORE_READ(inode, i_size));
 		return 0;
 	}
-	emit(inode, dev, KIND_MMAP, 12, 0, BPF_CORE_READ(inode, i_size));
-	return 0;
-}
-
-static long mmap_overlay_vma(struct task_struct *task, struct vm_area_struct *vma, void *data)
-{
-	struct inode *inode;
-	struct file *file;
-	__u32 dev;
-
-	if ((vma->vm_flags & (VM_SHARED | VM_MAYWRITE)) != (VM_SHARED | VM_MAYWRITE))
-		return 0;
-	file = vma->vm_file;
-	if (!file)
-		return 0;
-	inode = file->f_inode;
 	if (!watched(inode, &dev))
 		return 0;
-	emit(inode, dev, KIND_MMAP, 35, 0, inode->i_size);
-	return 0;
-}
-
-// A shared writable mapping of an overlayfs file maps the file beneath,
-// which may be in a watched tree: reported whole as sys_enter_mmap reports
-// one made directly (a store into a page a write had dirtied fires no
-// writeback_dirty_folio), once the mapping exists and before the call
-// returns (TestCaptureSharedMappingThroughOverlay).
-SEC("tracepoint/syscalls/sys_exit_mmap")
-int sys_exit_mmap(struct trace_event_raw_sys_exit *ctx)
-{
-	__u64 id = bpf_get_current_pid_tgid();
-	long ret = ctx->ret;
-
-	if (!bpf_map_lookup_elem(&mmap_overlay, &id))
-		return 0;
-	bpf_map_delete_elem(&mmap_overlay, &id);
-	if (ret < 0 && ret > -4096)
-		return 0;
-	bpf_find_vma(bpf_get_current_task_btf(), ret, mmap_overlay_vma, NULL, 0);
+	emit(inode, dev, KIND_MMAP, 12, 0, BPF_CORE_READ(inode, i_size));
 	return 0;
 }
 
@@ -1424,7 +1440,7 @@ int BPF_PROG(xfs_exchrange_mappings, const struct xfs_exchrange *fxr,
 // times, size, links, entries or xattrs sets it), and reported when the
 // syscall that made them returns; range operations by their syscalls.
 
-static __always_inline void io_worker_fallocate(void);
+static __always_inline int io_worker_fallocate(struct inode *inode);
 
 #define NR_IOCTL 16
 #define NR_COPY_FILE_RANGE 326
@@ -1433,6 +1449,7 @@ static __always_inline void io_worker_fallocate(void);
 #define FIDEDUPERANGE 0xc0189436
 
 static __always_inline struct file *fd_file(long fd);
+static __always_inline int in_flushed_syscall(struct task_struct *task);
 
 // fd_is says whether descriptor fd of this task is a file of inode.
 static __always_inline int fd_is(long fd, struct inode *inode)
@@ -1442,33 +1459,82 @@ static __always_inline int fd_is(long fd, struct inode *inode)
 	return file && BPF_CORE_READ(file, f_inode) == inode;
 }
 
-// btrfs_range_syscall says whether task runs a native syscall that names
-// inode and whose own hooks report its range operation with the range and
-// mode: fallocate(2) (sys_enter_fallocate, which leaves out the
-// preallocations that change no byte), and the destination of
-// copy_file_range and of the clone ioctls (clone_preop). Their source's
-// range is locked too, and does not change; nor does FIDEDUPERANGE change
-// a byte. A file named through overlayfs is the overlay's inode in the
-// syscall, not this one: its operation is reported here.
-static __always_inline int btrfs_range_syscall(struct task_struct *task, struct inode *inode)
+#define FALLOC_FL_PUNCH_HOLE 0x02
+#define FALLOC_FL_ZERO_RANGE 0x10
+#define FALLOC_FL_WRITE_ZEROES 0x80
+// The fallocate modes that change bytes (allocating and unsharing do not).
+#define FALLOC_CHANGES (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_COLLAPSE_RANGE | \
+			FALLOC_FL_ZERO_RANGE | FALLOC_FL_INSERT_RANGE | FALLOC_FL_WRITE_ZEROES)
+
+#define NR_WRITE 1
+#define NR_PWRITE64 18
+#define NR_WRITEV 20
+#define NR_MSYNC 26
+#define NR_SENDFILE 40
+#define NR_FSYNC 74
+#define NR_FDATASYNC 75
+#define NR_IO_SUBMIT 209
+#define NR_SPLICE 275
+#define NR_SYNC_FILE_RANGE 277
+#define NR_PWRITEV 296
+#define NR_PWRITEV2 328
+#define NR_IO_URING_ENTER 426
+#define FS_IOC_RESVSP 0x40305828
+#define FS_IOC_RESVSP64 0x4030582a
+
+// btrfs_range_skipped says whether a range btrfs locks under the inode's
+// i_mmap_lock in the native syscall whose registers are regs is one
+// btrfs_range_locked leaves alone:
+// - an fsync's (fsync, fdatasync, msync, and the writes and submissions
+//   that make one on an O_SYNC file): btrfs_sync_file holds both locks
+//   and writes back again, locking each dirty range, whose bytes were
+//   reported when written (a review: 13,762 records for 1,894 fsyncs
+//   beside two writers);
+// - one its own hooks report with the range and mode: fallocate(2) on a
+//   descriptor of inode (sys_enter_fallocate, which leaves out the
+//   preallocations that change no byte; a preallocation through overlayfs
+//   is left out here), the destination of
+//   copy_file_range and of the clone ioctls (clone_preop); their source's
+//   range is locked too, and does not change; nor does FIDEDUPERANGE or a
+//   preallocation ioctl change a byte. A file named through overlayfs is
+//   the overlay's inode in the syscall, not this one: its operation is
+//   reported here.
+static __always_inline int btrfs_range_skipped(struct pt_regs *regs, struct inode *inode)
 {
-	struct pt_regs *regs = native_syscall_regs(task);
 	__s64 src = -1;
-	__u64 nr;
+	__u64 nr = regs->orig_ax;
 	__u32 cmd;
 
-	if (!regs)
-		return 0;
-	nr = regs->orig_ax;
-	if (nr == NR_FALLOCATE)
-		return fd_is(regs->di, inode);
-	if (nr == NR_COPY_FILE_RANGE)
+	switch (nr) {
+	case NR_FSYNC:
+	case NR_FDATASYNC:
+	case NR_MSYNC:
+	case NR_SYNC_FILE_RANGE:
+	case NR_WRITE:
+	case NR_PWRITE64:
+	case NR_WRITEV:
+	case NR_PWRITEV:
+	case NR_PWRITEV2:
+	case NR_SENDFILE:
+	case NR_SPLICE:
+	case NR_IO_SUBMIT:
+	case NR_IO_URING_ENTER:
+		return 1;
+	case NR_FALLOCATE:
+		// A preallocation changes no byte, through overlayfs too.
+		return fd_is(regs->di, inode) || !(regs->si & FALLOC_CHANGES);
+	case NR_COPY_FILE_RANGE:
 		return fd_is(regs->dx, inode) || fd_is(regs->di, inode);
-	if (nr != NR_IOCTL)
+	case NR_IOCTL:
+		break;
+	default:
 		return 0;
+	}
 	cmd = regs->si;
 	switch (cmd) {
 	case FIDEDUPERANGE:
+	case FS_IOC_RESVSP:
+	case FS_IOC_RESVSP64:
 		return 1;
 	case FICLONE:
 		src = regs->dx;
@@ -1500,33 +1566,76 @@ static __always_inline int mmap_write_held(void *bi, struct task_struct *task)
 // i_mmap_lock and i_rwsem held for writing by this task (both checked by
 // the caller): a range operation, whatever called it. btrfs takes that
 // lock (BTRFS_ILOCK_MMAP) for fallocate in every mode, punch and zero
-// range, and reflinks, not for a write or a read; it drops the page
-// cache of the range before the lock, and a read of the range waits for
-// the lock, so the bytes read after this record are the operation's.
-// Reported as their syscalls run, these were missed from every other
-// door: madvise(MADV_REMOVE), the preallocation ioctls
-// (FS_IOC_UNRESVSP64, FS_IOC_ZERO_RANGE), a loop device's discard of an
-// image in the tree (a kernel worker), a 32-bit process, overlayfs
-// (TestCaptureRangeOpsBeyondFallocate). The calls whose own hooks report
-// them are left to those. Only the part below the size is reported: an
-// operation that grows the file reports the new size, read as zeros.
+// range, reflinks and fsync, not for a write or a read. Reported as
+// their syscalls run, range operations were missed from every other door:
+// madvise(MADV_REMOVE), the preallocation ioctls (FS_IOC_UNRESVSP64,
+// FS_IOC_ZERO_RANGE), a loop device's discard of an image in the tree (a
+// kernel worker), a 32-bit process, overlayfs
+// (TestCaptureRangeOpsBeyondFallocate).
+//
+// Inside a syscall whose exit flushes (flush_attrs: fallocate, ioctl,
+// copy_file_range through overlayfs), a preop now and the whole range
+// again as data at the exit: a clone moves the size and drops the
+// destination's cached pages only after it unlocks, so bytes read at the
+// lock could be the old ones, and a report cut at the size then missed
+// what a clone appended (a review: TestCaptureOverlayCloneGrowingDestination).
+// Anywhere else (madvise, a kernel worker, a 32-bit process) no exit is
+// hooked: data at once, coalesced by chunk (btrfs locks each cached folio
+// it drops, one lock a page). A punch or zero range drops the range's page
+// cache before the lock and a read waits for the lock, so what is read
+// after the record is the operation's; a clone made there (an in-kernel
+// server's) may be read before its pages are dropped (docs/CAPTURE.md).
 static __always_inline void btrfs_range_locked(struct task_struct *task, struct inode *inode,
 					       __u64 start, __u64 len)
 {
-	__u64 size;
+	struct pt_regs *regs = native_syscall_regs(task);
+	struct task_ranges *tr;
+	__u64 ino, end;
 	__u32 dev;
 
-	if (btrfs_range_syscall(task, inode))
+	if (regs && btrfs_range_skipped(regs, inode))
 		return;
 	dev = btrfs_subvol_dev(inode);
 	if (!is_watched(dev))
 		return;
-	size = inode->i_size;
-	if (start >= size)
-		return;
-	if (len > size - start)
-		len = size - start;
-	emit(inode, dev, KIND_DATA, 34, start, len);
+	if (len > (1ULL << 62) || start > (1ULL << 62) - len)
+		len = (1ULL << 62) - start;
+	end = start + len;
+	if (regs && in_flushed_syscall(task)) {
+		tr = bpf_task_storage_get(&task_ranges, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+		if (tr) {
+			ino = inode->i_ino;
+			for (int i = 0; i < MAX_PENDING; i++) {
+				if (i >= tr->n)
+					break;
+				struct pending_range *e = &tr->e[i & (MAX_PENDING - 1)];
+
+				if (e->ino == ino && e->dev == dev) {
+					if (start < e->lo)
+						e->lo = start;
+					if (end > e->hi)
+						e->hi = end;
+					return;
+				}
+			}
+			if (tr->n < MAX_PENDING) {
+				struct pending_range *e = &tr->e[tr->n & (MAX_PENDING - 1)];
+
+				e->ino = ino;
+				e->dev = dev;
+				e->gen = inode->i_generation;
+				e->lo = start;
+				e->hi = end;
+				tr->n++;
+				// The journal holds the range until the inode's
+				// next update, or 1 s, if the exit's record does
+				// not come (a program the kernel skipped).
+				emit(inode, dev, KIND_PREOP, 34, start, len);
+				return;
+			}
+		}
+	}
+	data(inode, dev, KIND_DATA, 34, start, len);
 }
 
 // Direct loads (the arguments are BTF pointers, the others are cast): this
@@ -1592,21 +1701,18 @@ int BPF_PROG(btrfs_set_extent_bit, const struct extent_io_tree *tree, u64 start,
 		data_tw(inode, dev, 0, 24, start, len, tw);
 		return 0;
 	}
-	if (start + len != 0 && !(task->flags & PF_IO_WORKER)) {
-		btrfs_range_locked(task, inode, start, len);
+	if (start + len != 0) {
+		if (!io_worker_fallocate(inode) && mmap_write_held(bi, task))
+			btrfs_range_locked(task, inode, start, len);
 		return 0;
 	}
-	dev = btrfs_subvol_dev(inode);
-	if (!is_watched(dev))
-		return 0;
 	// Locking from a block to the end of the file ((u64)-1, so start +
 	// len wraps to 0) under the inode lock: a truncate, once i_size and
 	// the page cache are cut. The tail counts as changed (see
 	// ext4_truncate_enter).
-	if (start + len != 0) {
-		io_worker_fallocate();
+	dev = btrfs_subvol_dev(inode);
+	if (!is_watched(dev))
 		return 0;
-	}
 	size = inode->i_size;
 	if (size < start)
 		start = size;
@@ -1713,12 +1819,6 @@ int BPF_PROG(inode_set_ctime_to_ts, struct inode *inode, struct timespec64 *ctim
 	return 0;
 }
 
-#define FALLOC_FL_PUNCH_HOLE 0x02
-#define FALLOC_FL_ZERO_RANGE 0x10
-#define FALLOC_FL_WRITE_ZEROES 0x80
-// The fallocate modes that change bytes (allocating and unsharing do not).
-#define FALLOC_CHANGES (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_COLLAPSE_RANGE | \
-			FALLOC_FL_ZERO_RANGE | FALLOC_FL_INSERT_RANGE | FALLOC_FL_WRITE_ZEROES)
 
 // fd_file is the file of the current task's descriptor fd.
 static __always_inline struct file *fd_file(long fd)
@@ -1766,30 +1866,39 @@ int sys_enter_fallocate(struct trace_event_raw_sys_enter *ctx)
 // is in the request the worker runs. Reported at the first extent lock of
 // the operation (btrfs locks a range before it changes any of it), and
 // again when the request completes.
-static __always_inline void io_worker_fallocate(void)
+// It returns whether the worker runs an IORING_OP_FALLOCATE on a file
+// of inode (reported so, and again at its completion); any other range
+// operation of a worker (IORING_OP_MADVISE's MADV_REMOVE, a fallocate
+// through overlayfs) is btrfs_range_locked's.
+static __always_inline int io_worker_fallocate(struct inode *inode)
 {
 	struct task_struct *task = bpf_get_current_task_btf();
 	struct io_worker *worker;
 	struct io_wq_work *work;
 	struct io_kiocb *req;
 	struct io_sync *sync;
+	struct file *file;
 	__u64 key;
 
 	if (!(BPF_CORE_READ(task, flags) & PF_IO_WORKER))
-		return;
+		return 0;
 	worker = BPF_CORE_READ(task, worker_private);
 	work = BPF_CORE_READ(worker, cur_work);
 	if (!work)
-		return;
+		return 0;
 	req = (void *)work - bpf_core_field_offset(struct io_kiocb, work);
 	if (BPF_CORE_READ(req, opcode) != IORING_OP_FALLOCATE)
-		return;
+		return 0;
+	file = BPF_CORE_READ(req, file);
+	if (!file || BPF_CORE_READ(file, f_inode) != inode)
+		return 0;
 	key = (__u64)req;
 	if (bpf_map_lookup_elem(&fallocs, &key))
-		return; // reported at its first lock
+		return 1; // reported at its first lock
 	sync = (void *)&req->cmd;
-	fallocate_preop(BPF_CORE_READ(req, file), BPF_CORE_READ(sync, mode),
+	fallocate_preop(file, BPF_CORE_READ(sync, mode),
 			BPF_CORE_READ(sync, off), BPF_CORE_READ(sync, len), key, 29);
+	return 1;
 }
 
 SEC("tp_btf/io_uring_complete")

@@ -372,7 +372,6 @@ func (c *Capture) plan() (hooks []hook, exitOf, flushes map[string]int) {
 		{"ext4_insert_range", c.objs.Ext4InsertRange, false},
 		{"ext4_allocate_inode", c.objs.Ext4AllocateInode, true},
 		{"syscalls/sys_enter_mmap", c.objs.SysEnterMmap, true},
-		{"syscalls/sys_exit_mmap", c.objs.SysExitMmap, true},
 		{"syscalls/sys_exit_fallocate", c.objs.SysExitFallocate, true},
 		{"ext4_truncate_enter", c.objs.Ext4TruncateEnter, true},
 	}

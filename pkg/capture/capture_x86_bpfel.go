@@ -62,6 +62,20 @@ type CaptureTaskAttrs struct {
 	}
 }
 
+type CaptureTaskRanges struct {
+	_   structs.HostLayout
+	N   uint32
+	Pad uint32
+	E   [4]struct {
+		_   structs.HostLayout
+		Ino uint64
+		Lo  uint64
+		Hi  uint64
+		Dev uint32
+		Gen uint32
+	}
+}
+
 type CaptureTaskWrite struct {
 	_       structs.HostLayout
 	Ino     uint64
@@ -95,10 +109,10 @@ const (
 	CaptureMapFallocs                   = "fallocs"
 	CaptureMapFenceWord                 = "fence_word"
 	CaptureMapForgetEpoch               = "forget_epoch"
-	CaptureMapMmapOverlay               = "mmap_overlay"
 	CaptureMapOverflow                  = "overflow"
 	CaptureMapRecordType                = "record_type"
 	CaptureMapTaskAttrs                 = "task_attrs"
+	CaptureMapTaskRanges                = "task_ranges"
 	CaptureMapTaskWrites                = "task_writes"
 	CaptureProgBtrfsInodeNew            = "btrfs_inode_new"
 	CaptureProgBtrfsSetExtentBit        = "btrfs_set_extent_bit"
@@ -125,7 +139,6 @@ const (
 	CaptureProgSysEnterMmap             = "sys_enter_mmap"
 	CaptureProgSysExitAttrs             = "sys_exit_attrs"
 	CaptureProgSysExitFallocate         = "sys_exit_fallocate"
-	CaptureProgSysExitMmap              = "sys_exit_mmap"
 	CaptureProgSysExitWriteFamily       = "sys_exit_write_family"
 	CaptureProgWritebackDirtyFolio      = "writeback_dirty_folio"
 	CaptureProgXfsCollapseFileSpace     = "xfs_collapse_file_space"
@@ -210,7 +223,6 @@ type CaptureProgramSpecs struct {
 	SysEnterMmap             *ebpf.ProgramSpec `ebpf:"sys_enter_mmap"`
 	SysExitAttrs             *ebpf.ProgramSpec `ebpf:"sys_exit_attrs"`
 	SysExitFallocate         *ebpf.ProgramSpec `ebpf:"sys_exit_fallocate"`
-	SysExitMmap              *ebpf.ProgramSpec `ebpf:"sys_exit_mmap"`
 	SysExitWriteFamily       *ebpf.ProgramSpec `ebpf:"sys_exit_write_family"`
 	WritebackDirtyFolio      *ebpf.ProgramSpec `ebpf:"writeback_dirty_folio"`
 	XfsCollapseFileSpace     *ebpf.ProgramSpec `ebpf:"xfs_collapse_file_space"`
@@ -234,10 +246,10 @@ type CaptureMapSpecs struct {
 	Fallocs     *ebpf.MapSpec `ebpf:"fallocs"`
 	FenceWord   *ebpf.MapSpec `ebpf:"fence_word"`
 	ForgetEpoch *ebpf.MapSpec `ebpf:"forget_epoch"`
-	MmapOverlay *ebpf.MapSpec `ebpf:"mmap_overlay"`
 	Overflow    *ebpf.MapSpec `ebpf:"overflow"`
 	RecordType  *ebpf.MapSpec `ebpf:"record_type"`
 	TaskAttrs   *ebpf.MapSpec `ebpf:"task_attrs"`
+	TaskRanges  *ebpf.MapSpec `ebpf:"task_ranges"`
 	TaskWrites  *ebpf.MapSpec `ebpf:"task_writes"`
 }
 
@@ -281,10 +293,10 @@ type CaptureMaps struct {
 	Fallocs     *ebpf.Map `ebpf:"fallocs"`
 	FenceWord   *ebpf.Map `ebpf:"fence_word"`
 	ForgetEpoch *ebpf.Map `ebpf:"forget_epoch"`
-	MmapOverlay *ebpf.Map `ebpf:"mmap_overlay"`
 	Overflow    *ebpf.Map `ebpf:"overflow"`
 	RecordType  *ebpf.Map `ebpf:"record_type"`
 	TaskAttrs   *ebpf.Map `ebpf:"task_attrs"`
+	TaskRanges  *ebpf.Map `ebpf:"task_ranges"`
 	TaskWrites  *ebpf.Map `ebpf:"task_writes"`
 }
 
@@ -298,10 +310,10 @@ func (m *CaptureMaps) Close() error {
 		m.Fallocs,
 		m.FenceWord,
 		m.ForgetEpoch,
-		m.MmapOverlay,
 		m.Overflow,
 		m.RecordType,
 		m.TaskAttrs,
+		m.TaskRanges,
 		m.TaskWrites,
 	)
 }
@@ -347,7 +359,6 @@ type CapturePrograms struct {
 	SysEnterMmap             *ebpf.Program `ebpf:"sys_enter_mmap"`
 	SysExitAttrs             *ebpf.Program `ebpf:"sys_exit_attrs"`
 	SysExitFallocate         *ebpf.Program `ebpf:"sys_exit_fallocate"`
-	SysExitMmap              *ebpf.Program `ebpf:"sys_exit_mmap"`
 	SysExitWriteFamily       *ebpf.Program `ebpf:"sys_exit_write_family"`
 	WritebackDirtyFolio      *ebpf.Program `ebpf:"writeback_dirty_folio"`
 	XfsCollapseFileSpace     *ebpf.Program `ebpf:"xfs_collapse_file_space"`
@@ -386,7 +397,6 @@ func (p *CapturePrograms) Close() error {
 		p.SysEnterMmap,
 		p.SysExitAttrs,
 		p.SysExitFallocate,
-		p.SysExitMmap,
 		p.SysExitWriteFamily,
 		p.WritebackDirtyFolio,
 		p.XfsCollapseFileSpace,

@@ -1752,7 +1752,15 @@ func (b *builder) file(f journal.File) error {
 		if err := b.out.add(setattrOp(p, &st)); err != nil {
 			return err
 		}
-		b.shipped.put(f.Key.Ino, attrs)
 	}
+	if f.Attr || f.Rescan {
+		b.shipped.put(f.Key.Ino, attrs)
+		return nil
+	}
+	// The peer's size is what its writes left, not this one (no
+	// truncate went): a cache of it had a later record of a growth that
+	// is no write (an ftruncate, a clone) ship nothing, the peer's copy
+	// short (TestDataOnlyPassDoesNotCacheUnshippedSize, from a review).
+	b.shipped.forget(f.Key.Ino)
 	return nil
 }

@@ -266,13 +266,15 @@ func (b *builder) forgetReused(ino uint64) error {
 	return nil
 }
 
-// linkable says whether an entry of mode m can have more than one name:
-// every type but a directory. FIFOs, sockets and symlinks are linked too
-// (`ln fifo other`, `ln -P symlink other`); a resync that paired regular
-// files only made each of their names a node of its own on the peer,
-// while the shadow it left took them for one inode
-// (TestDivergenceResyncSplitsLinkedSpecialFiles).
-func linkable(m fs.FileMode) bool { return !m.IsDir() }
+// linkable says whether an entry of mode m is replicated as one inode of
+// possibly many names: every type but a directory and a device node (not
+// replicated: a link from its name failed on the peer, and every resync
+// after it, TestResyncDoesNotLinkUnreplicatedDeviceNode). FIFOs, sockets
+// and symlinks are linked too (`ln fifo other`, `ln -P symlink other`); a
+// resync that paired regular files only made each of their names a node
+// of its own on the peer, while the shadow it left took them for one
+// inode (TestDivergenceResyncSplitsLinkedSpecialFiles).
+func linkable(m fs.FileMode) bool { return !m.IsDir() && m&fs.ModeDevice == 0 }
 
 // linkedInodes are the inodes of the non-directories listed by more than
 // one name (the shadow built from the listing knows them by as many).

@@ -1,10 +1,12 @@
 package lab
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/rand"
 	"fmt"
+	"io"
 	mrand "math/rand"
 	"net/netip"
 	"os"
@@ -288,6 +290,47 @@ var faultKinds = []faultKind{
 		}
 		r.note = "killed " + nodeName[victim]
 		n.l.Start(n.t, victim)
+	}},
+	// A swap, and the path between the nodes cut both ways the moment
+	// the primary has let the VIP go, before its WAIT + handover
+	// heartbeats reach the receiver: the receiver, a SECOND whose primary
+	// went silent, and the giver, whose receiver went silent, both decide
+	// with the VIP free. One serves, never both (ARP owners at most 1),
+	// and nothing acknowledged is lost (a review found both serving, the
+	// giver's takeback probing the free VIP at the same time as the
+	// receiver's takeover: docs/DESIGN.md §7, "Handover"). When the VIP's
+	// removal is not seen, the cut comes with the swap's end.
+	{"split-after-swap", false, func(n *nemesis, r *nemesisRun) {
+		gone := n.watchVIPGone(r.p)
+		swap := exec.Command(n.l.Script, "duet", r.p, "swap")
+		swap.Env = n.l.env
+		if err := swap.Start(); err != nil {
+			n.t.Fatal(err)
+		}
+		done := make(chan error, 1)
+		go func() { done <- swap.Wait() }()
+		select {
+		case <-gone:
+			r.note = "cut as the VIP went"
+		case <-done:
+			r.note = "VIP's removal not seen: cut after the swap"
+		case <-time.After(30 * time.Second):
+			r.note = "VIP's removal not seen in 30 s: cut"
+		}
+		n.drop(r.s, r.p)
+		n.drop(r.p, r.s)
+		r.note += fmt.Sprintf(", healed after %s", n.hold(3, 8))
+		n.heal(r.s, r.p)
+		n.heal(r.p, r.s)
+		// Cut off, the giver cannot tell whether the receiver serves:
+		// `duet swap` may wait out its --wait (60 s) and fail.
+		select {
+		case <-done:
+		case <-time.After(75 * time.Second):
+			swap.Process.Kill()
+			<-done
+			n.l.Errorf(n.t, "duet swap still waiting 75 s after the cut, past its --wait")
+		}
 	}},
 	{"crash-both", false, func(n *nemesis, r *nemesisRun) {
 		n.crash(r.p)
@@ -703,6 +746,32 @@ func (n *nemesis) snapshotMySQL(r *nemesisRun) {
 }
 
 // drop makes host `at` lose every frame from host `from`.
+// watchVIPGone returns a channel closed once host h's VIP is removed
+// (`ip monitor address` in its namespace, which tells at once).
+func (n *nemesis) watchVIPGone(h string) <-chan struct{} {
+	gone := make(chan struct{})
+	mon := exec.Command("ip", "-n", "duet-"+h, "monitor", "address")
+	out, err := mon.StdoutPipe()
+	if err == nil {
+		err = mon.Start()
+	}
+	if err != nil {
+		n.t.Fatalf("ip monitor in %s: %v", h, err)
+	}
+	n.t.Cleanup(func() { mon.Process.Kill(); mon.Wait() })
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			if strings.HasPrefix(sc.Text(), "Deleted") && strings.Contains(sc.Text(), " "+vipAddr+"/") {
+				close(gone)
+				break
+			}
+		}
+		io.Copy(io.Discard, out)
+	}()
+	return gone
+}
+
 func (n *nemesis) drop(at, from string) {
 	if err := n.drops[at].Drop(hostAddr[from], 1); err != nil {
 		n.t.Fatal(err)
