@@ -276,7 +276,7 @@ func (b *builder) forgetReused(ino uint64) error {
 // inode (TestDivergenceResyncSplitsLinkedSpecialFiles).
 func linkable(m fs.FileMode) bool { return !m.IsDir() && m&fs.ModeDevice == 0 }
 
-// linkedInodes are the inodes of the non-directories listed by more than
+// linkedInodes are the inodes of the linkable entries listed by more than
 // one name (the shadow built from the listing knows them by as many).
 func linkedInodes(local *listing) map[uint64]bool {
 	var inos []uint64
