@@ -185,6 +185,9 @@ func Load(opts Options) (*Capture, error) {
 			return nil, fmt.Errorf("setting watched devices (%s): %w", v.name, err)
 		}
 	}
+	if err := spec.Variables["OVL_FILE_PRIV"].Set(boolWord(kernelAtLeast(6, 13))); err != nil {
+		return nil, fmt.Errorf("setting overlayfs's private data layout: %w", err)
+	}
 	if !opts.XFS {
 		withoutPrefix(spec, "xfs_")
 	}
@@ -778,4 +781,25 @@ func (c *Capture) Stopped() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.stopped || c.closed
+}
+
+// kernelAtLeast says whether the running kernel's release is major.minor
+// or later ("6.18.44-fc" is 6.18); an unreadable release counts as new.
+func kernelAtLeast(major, minor int) bool {
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		return true
+	}
+	var ma, mi int
+	if n, _ := fmt.Sscanf(unix.ByteSliceToString(u.Release[:]), "%d.%d", &ma, &mi); n != 2 {
+		return true
+	}
+	return ma > major || ma == major && mi >= minor
+}
+
+func boolWord(b bool) uint32 {
+	if b {
+		return 1
+	}
+	return 0
 }

@@ -152,6 +152,7 @@ const (
 	CaptureVarEAGER_WAKE                = "EAGER_WAKE"
 	CaptureVarFLUSHED_SYSCALLS          = "FLUSHED_SYSCALLS"
 	CaptureVarMARKED_SYSCALLS           = "MARKED_SYSCALLS"
+	CaptureVarOVL_FILE_PRIV             = "OVL_FILE_PRIV"
 	CaptureVarRING_WAKE_BYTES           = "RING_WAKE_BYTES"
 	CaptureVarWATCHED_DEVS              = "WATCHED_DEVS"
 )
@@ -261,6 +262,7 @@ type CaptureVariableSpecs struct {
 	EAGER_WAKE       *ebpf.VariableSpec `ebpf:"EAGER_WAKE"`
 	FLUSHED_SYSCALLS *ebpf.VariableSpec `ebpf:"FLUSHED_SYSCALLS"`
 	MARKED_SYSCALLS  *ebpf.VariableSpec `ebpf:"MARKED_SYSCALLS"`
+	OVL_FILE_PRIV    *ebpf.VariableSpec `ebpf:"OVL_FILE_PRIV"`
 	RING_WAKE_BYTES  *ebpf.VariableSpec `ebpf:"RING_WAKE_BYTES"`
 	WATCHED_DEVS     *ebpf.VariableSpec `ebpf:"WATCHED_DEVS"`
 }
@@ -326,6 +328,7 @@ type CaptureVariables struct {
 	EAGER_WAKE       *ebpf.Variable `ebpf:"EAGER_WAKE"`
 	FLUSHED_SYSCALLS *ebpf.Variable `ebpf:"FLUSHED_SYSCALLS"`
 	MARKED_SYSCALLS  *ebpf.Variable `ebpf:"MARKED_SYSCALLS"`
+	OVL_FILE_PRIV    *ebpf.Variable `ebpf:"OVL_FILE_PRIV"`
 	RING_WAKE_BYTES  *ebpf.Variable `ebpf:"RING_WAKE_BYTES"`
 	WATCHED_DEVS     *ebpf.Variable `ebpf:"WATCHED_DEVS"`
 }

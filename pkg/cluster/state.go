@@ -131,8 +131,8 @@ type Action struct {
 	Do  Do
 	Msg string
 	// Grace, on a DoCheck, runs the checks only after a further
-	// cluster.timeout: a takeback after a handover, whose receiver may
-	// be taking over at the same moment (see step).
+	// cluster.timeout: the peer, last heard SECOND, may be taking over
+	// at the same moment (see stepWait).
 	Grace bool
 }
 
@@ -245,24 +245,11 @@ func step(m Machine, ev Event) (Machine, []Action) {
 		// this node would step down and lose what it acknowledged since
 		// (TestHandoverTakebackEpochNewerThanReceiver, from a review).
 		//
-		// The handover left the VIP free: a cut right then (the WAIT +
-		// handover heartbeats lost) has the receiver, a SECOND whose
-		// primary went silent, take over by itself at about this
-		// moment, and its probe and this node's could both find the
-		// address free. This node's checks run a cluster.timeout later
-		// (Grace): a receiver that took over holds the VIP by then, and
-		// the probe sees it (TestSwapCutBothTakeOver, from a review:
-		// both served ALONE, and the one with the older epoch lost what
-		// it acknowledged when they met).
+		// Its checks wait a grace: see stepWait.
 		m.HandedOver = false
 		m.Stale = m.Stale || m.Peer.Epoch > m.Epoch
 		m.Peer.Epoch = max(m.Peer.Epoch, m.nextEpoch(2))
 		m, acts := step(m, ev)
-		for i := range acts {
-			if acts[i].Do == DoCheck {
-				acts[i].Grace = true
-			}
-		}
 		return m, append([]Action{{Do: DoPersist}}, acts...)
 	}
 	switch ev.Kind {
@@ -375,8 +362,20 @@ func (m Machine) stepWait(ev Event) (Machine, []Action) {
 		return m, acts
 	case EvPeerLost, EvTick:
 		if !p.Seen && !m.Stale && !m.HandedOver && !m.Checking {
+			// A peer last heard SECOND takes over by itself when it
+			// loses this node, and nobody holds the VIP while neither
+			// serves: this node's checks run a cluster.timeout later
+			// (Grace), when a peer that took over holds it, and the
+			// probe sees it. The case: a swap whose handover heartbeats
+			// a cut lost; the giver took the role back at the moment
+			// the receiver took over, both probes found the address
+			// free, both served ALONE, and on meeting the one with the
+			// older epoch lost what it acknowledged (a review:
+			// TestSwapCutBothTakeOver; a second found the grace lost
+			// after one stray heartbeat when only the takeback had it,
+			// TestSwapCutFlapLosesGrace).
 			m.Checking = true
-			return m, []Action{{Do: DoCheck}}
+			return m, []Action{{Do: DoCheck, Grace: p.State == Second}}
 		}
 		return m, nil
 	case EvChecked:

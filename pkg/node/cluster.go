@@ -307,68 +307,81 @@ func (n *Node) heartbeat() cluster.Heartbeat {
 	n.hbMu.Lock()
 	n.guard.Stamp(&h, hbClock())
 	n.hbMu.Unlock()
-	// leaving is read before the machine, and again under relMu: the
-	// heartbeat counts as leaving if either says so. A leave sets it
-	// (beginLeaving) before it stops the term's primaries, read under
-	// relMu after them; and it ends by publishing the state the leave
-	// ends in, then clearing it, read here before the machine. Read
-	// only under relMu, a heartbeat could take the PRIM of before the
-	// publish with the leaving of after it, and say "PRIM, not synced"
-	// (the term's primaries gone): the receiver then went stale and
-	// ignored the handover that followed, and the swap was undone after
-	// it had answered ok (TestLeaveEndHeartbeatUndoesSwap, from a
-	// review).
-	leaving := n.leaving.Load()
-	m := n.machine.Load()
-	h.Name, h.State, h.Epoch, h.Stale, h.Preferred, h.Handover = m.Name, m.State, m.Epoch, m.Stale, m.Preferred, m.HandedOver
-	if h.Stale && n.staleUnsaved.Load() {
-		// Said only once a restart would know it too: the primary
-		// releases its held calls on this node's "stale".
-		h.Stale = false
-	}
-	// Asked before relMu, and smu not taken under it: Streaming takes a
-	// Primary's lock, under which a waiting durability call takes relMu
-	// (tryRelease), and smu's holders may wait for that lock too.
-	primaries := n.servingPrimaries()
-	streaming := m.State.Serving() && streams(primaries)
-	// "synced" turns the peer SECOND, able to take over: said by a PRIM
-	// only with the mark of its term on disk (startwait.go), decided
-	// under markMu (a PRIM's only: other states' heartbeats do not wait
-	// behind a save's directory fsync) so that a save removing the mark
-	// (markSaved) comes wholly before or after it. Not to a stopped
-	// peer, which ignores it: its "stale" is then soon current, and a
-	// stop of this node removes the mark (TestStoppedPeerNotToldSynced).
-	prim := m.State == cluster.Prim
-	if prim {
-		n.markMu.Lock()
-	}
-	marked := !prim || !(m.Peer.Seen && m.Peer.State == cluster.Stop) && n.markPeerSyncedLocked(m.Epoch)
-	markedTerm := !prim || n.markOn && n.markEpoch == m.Epoch
-	n.relMu.Lock()
-	// While the node leaves the role its replication winds down: the
-	// peer must not read that as "out of sync" before the handover. But
-	// a call released without the peer meanwhile (a leave no peer can
-	// take over from) is one the peer lacks: "synced" then would turn a
-	// peer started meanwhile SECOND, able to take over without it
-	// (TestLeavingAloneHeartbeatsStopSayingSynced).
-	// And only with the mark of this term: a save that began the leave
-	// may have removed it (a stop whose peer said stale).
-	h.Synced = n.lastSynced.Load() && !n.releasedAlone.Load() && markedTerm
-	released := false
-	if leaving = leaving || n.leaving.Load(); !leaving {
-		released = n.releasedAlone.Load()
-		h.Synced = streaming && !released && marked
-		n.lastSynced.Store(h.Synced)
-	}
-	if h.Synced {
-		// Until the peer echoes this heartbeat (or it is too old to be
-		// accepted), a "stale" heard from the peer may be out of date:
-		// this heartbeat can still turn it SECOND.
-		n.syncedSent.Store(int64(h.Time))
-	}
-	n.relMu.Unlock()
-	if prim {
-		n.markMu.Unlock()
+	// The state is read once, and read again if the machine moved on
+	// before the decision under relMu (below): a heartbeat that read
+	// PRIM before a leave and decided after it (the term's primaries
+	// gone, leaving cleared) said "PRIM, not synced", which turned the
+	// receiver stale and undid the swap after it had answered ok
+	// (TestLeaveEndHeartbeatUndoesSwap, TestLeaveWholeWithinHeartbeatUndoesSwap,
+	// from two reviews).
+	var primaries []*replica.Primary
+	var streaming, released bool
+	for try := 0; ; try++ {
+		m := n.machine.Load()
+		h.Name, h.State, h.Epoch, h.Stale, h.Preferred, h.Handover = m.Name, m.State, m.Epoch, m.Stale, m.Preferred, m.HandedOver
+		if h.Stale && n.staleUnsaved.Load() {
+			// Said only once a restart would know it too: the primary
+			// releases its held calls on this node's "stale".
+			h.Stale = false
+		}
+		// Asked before relMu, and smu not taken under it: Streaming takes a
+		// Primary's lock, under which a waiting durability call takes relMu
+		// (tryRelease), and smu's holders may wait for that lock too.
+		primaries = n.servingPrimaries()
+		streaming = m.State.Serving() && streams(primaries)
+		// "synced" turns the peer SECOND, able to take over: said by a PRIM
+		// only with the mark of its term on disk (startwait.go), decided
+		// under markMu (a PRIM's only: other states' heartbeats do not wait
+		// behind a save's directory fsync) so that a save removing the mark
+		// (markSaved) comes wholly before or after it. Not to a stopped
+		// peer, which ignores it: its "stale" is then soon current, and a
+		// stop of this node removes the mark (TestStoppedPeerNotToldSynced).
+		prim := m.State == cluster.Prim
+		if prim {
+			n.markMu.Lock()
+		}
+		marked := !prim || !(m.Peer.Seen && m.Peer.State == cluster.Stop) && n.markPeerSyncedLocked(m.Epoch)
+		markedTerm := !prim || n.markOn && n.markEpoch == m.Epoch
+		n.relMu.Lock()
+		// leaving before the machine's second read: a leave sets it
+		// under relMu (beginLeaving), before it stops the primaries, and
+		// ends by publishing its last state, then clearing it. Read so,
+		// not leaving with the machine unchanged means no leave began
+		// before relMu, or it has not published yet and is still on.
+		leaving := n.leaving.Load()
+		if n.machine.Load() != m && try < 3 {
+			n.relMu.Unlock()
+			if prim {
+				n.markMu.Unlock()
+			}
+			continue
+		}
+		// While the node leaves the role its replication winds down: the
+		// peer must not read that as "out of sync" before the handover. But
+		// a call released without the peer meanwhile (a leave no peer can
+		// take over from) is one the peer lacks: "synced" then would turn a
+		// peer started meanwhile SECOND, able to take over without it
+		// (TestLeavingAloneHeartbeatsStopSayingSynced).
+		// And only with the mark of this term: a save that began the leave
+		// may have removed it (a stop whose peer said stale).
+		h.Synced = n.lastSynced.Load() && !n.releasedAlone.Load() && markedTerm
+		released = false
+		if !leaving {
+			released = n.releasedAlone.Load()
+			h.Synced = streaming && !released && marked
+			n.lastSynced.Store(h.Synced)
+		}
+		if h.Synced {
+			// Until the peer echoes this heartbeat (or it is too old to be
+			// accepted), a "stale" heard from the peer may be out of date:
+			// this heartbeat can still turn it SECOND.
+			n.syncedSent.Store(int64(h.Time))
+		}
+		n.relMu.Unlock()
+		if prim {
+			n.markMu.Unlock()
+		}
+		break
 	}
 	if streaming && released {
 		n.catchUp(primaries)
@@ -567,7 +580,7 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 			case cluster.DoCheck:
 				grace := a.Grace
 				if grace {
-					n.log.Info("taking the role back from the peer it was handed to, which went silent: checks in "+timeout.String()+", when the peer, had it taken over, holds the VIP",
+					n.log.Info("peer lost while it was SECOND: the takeover checks wait "+timeout.String()+", when the peer, had it taken over, holds the VIP",
 						"peer", next.Peer.Name)
 				}
 				go func() {
