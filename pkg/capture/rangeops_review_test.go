@@ -233,6 +233,24 @@ func TestCaptureUringFallocateThroughOverlay(t *testing.T) {
 // change's own test asserts fsync makes none (single-threaded, the first
 // start_ordered_ops outside the lock cleans everything).
 func TestCaptureFsyncUnderConcurrentWritesNotReported(t *testing.T) {
+	fsyncs := 0
+	n, nbytes := hook34BesideWriters(t, func(f *os.File, stop chan struct{}) {
+		for end := time.Now().Add(2 * time.Second); time.Now().Before(end); fsyncs++ {
+			unix.Fsync(int(f.Fd()))
+		}
+		close(stop)
+	})
+	if n != 0 {
+		t.Errorf("%d fsyncs under two writers: %d records of the range lock's hook (%d bytes) for writes already reported", fsyncs, n, nbytes)
+	}
+}
+
+// hook34BesideWriters runs flush (which closes stop when done) on an 8 MiB
+// btrfs file beside two threads rewriting it 4 KiB at a time, and returns
+// how many records, and bytes, the range lock's hook (34) reported
+// meanwhile.
+func hook34BesideWriters(t *testing.T, flush func(f *os.File, stop chan struct{})) (int, uint64) {
+	t.Helper()
 	loopfs.RequireRoot(t)
 	fs := loopfs.Make(t, "btrfs", 256)
 	c := openOn(t, "btrfs", fs.Mount)
@@ -259,14 +277,8 @@ func TestCaptureFsyncUnderConcurrentWritesNotReported(t *testing.T) {
 			}
 		}(w)
 	}
-	var bytesReported uint64
-	fsyncs := 0
-	go func() {
-		for end := time.Now().Add(2 * time.Second); time.Now().Before(end); fsyncs++ {
-			unix.Fsync(int(f.Fd()))
-		}
-		close(stop)
-	}()
+	go flush(f, stop)
+	var reported uint64
 	deadline := time.After(60 * time.Second)
 loop:
 	for {
@@ -274,7 +286,7 @@ loop:
 		case r := <-rec.ch:
 			rec.byHook[r.Hook]++
 			if r.Hook == 34 {
-				bytesReported += r.Len
+				reported += r.Len
 			}
 		case <-stop:
 			break loop
@@ -284,9 +296,7 @@ loop:
 	}
 	wg.Wait()
 	settle(t, c, rec)
-	if n := rec.byHook[34] - before; n != 0 {
-		t.Errorf("%d fsyncs under two writers: %d records of the range lock's hook (%d bytes) for writes already reported", fsyncs, n, bytesReported)
-	}
+	return rec.byHook[34] - before, reported
 }
 
 // TestCaptureOverlayPreallocationNotData: a preallocation changes

@@ -22,14 +22,7 @@ import (
 // stopPrimary holds it waits for the leave's stop.
 func TestLeaveWholeWithinHeartbeatUndoesSwap(t *testing.T) {
 	const e = 5<<8 | 1
-	n := testNode(t, t.TempDir())
-	n.cfg.Node = "nodeA"
-	var err error
-	if n.guard, err = newGuard(n.cfg); err != nil {
-		t.Fatal(err)
-	}
-	prim := cluster.Machine{Name: "nodeA", ID: 1, State: cluster.Prim, Epoch: e,
-		Peer: cluster.Peer{Seen: true, Name: "nodeB", State: cluster.Second, Epoch: e}}
+	n, prim := primaryNodeA(t, e)
 	published, _ := cluster.Step(prim, cluster.Event{Kind: cluster.EvCmdSwap})
 	n.machine.Store(&prim)
 	n.lastSynced.Store(true)

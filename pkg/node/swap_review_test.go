@@ -30,14 +30,7 @@ import (
 // the preemption here.
 func TestLeaveEndHeartbeatUndoesSwap(t *testing.T) {
 	const e = 5<<8 | 1
-	n := testNode(t, t.TempDir())
-	n.cfg.Node = "nodeA"
-	var err error
-	if n.guard, err = newGuard(n.cfg); err != nil {
-		t.Fatal(err)
-	}
-	prim := cluster.Machine{Name: "nodeA", ID: 1, State: cluster.Prim, Epoch: e,
-		Peer: cluster.Peer{Seen: true, Name: "nodeB", State: cluster.Second, Epoch: e}}
+	n, prim := primaryNodeA(t, e)
 	published, _ := cluster.Step(prim, cluster.Event{Kind: cluster.EvCmdSwap})
 	// During unserve: PRIM published, leaving, last said synced, the mark
 	// of the term kept (markSaved keeps it for HandedOver); the saved
@@ -76,14 +69,7 @@ func TestLeaveEndHeartbeatUndoesSwap(t *testing.T) {
 // relMu, after the primaries.
 func TestLeaveStartHeartbeatStaysSynced(t *testing.T) {
 	const e = 5<<8 | 1
-	n := testNode(t, t.TempDir())
-	n.cfg.Node = "nodeA"
-	var err error
-	if n.guard, err = newGuard(n.cfg); err != nil {
-		t.Fatal(err)
-	}
-	prim := cluster.Machine{Name: "nodeA", ID: 1, State: cluster.Prim, Epoch: e,
-		Peer: cluster.Peer{Seen: true, Name: "nodeB", State: cluster.Second, Epoch: e}}
+	n, prim := primaryNodeA(t, e)
 	n.machine.Store(&prim)
 	n.lastSynced.Store(true)
 	n.markOn, n.markEpoch, n.savedPrim = true, e, 0
@@ -130,4 +116,19 @@ func TestSwapReceiverCannotSaveNothingServes(t *testing.T) {
 		t.Fatalf("after 50 heartbeats: receiver %s (cannot save PRIM), giver %s handed over %v: nothing serves, both alive and hearing each other",
 			recv.State, giver.State, giver.HandedOver)
 	}
+}
+
+// primaryNodeA returns a test node named nodeA with a heartbeat guard,
+// and the machine of nodeA PRIM at epoch e with nodeB SECOND, for the
+// heartbeat tests around a leave.
+func primaryNodeA(t *testing.T, e uint64) (*Node, cluster.Machine) {
+	t.Helper()
+	n := testNode(t, t.TempDir())
+	n.cfg.Node = "nodeA"
+	var err error
+	if n.guard, err = newGuard(n.cfg); err != nil {
+		t.Fatal(err)
+	}
+	return n, cluster.Machine{Name: "nodeA", ID: 1, State: cluster.Prim, Epoch: e,
+		Peer: cluster.Peer{Seen: true, Name: "nodeB", State: cluster.Second, Epoch: e}}
 }
