@@ -437,7 +437,10 @@ func (m Machine) stepSecond(ev Event) (Machine, []Action) {
 	case EvPeer:
 		m.Checking = false
 		if p.Handover && !p.State.Serving() {
-			if p.Epoch != m.Epoch || m.Stale {
+			if m.Stale {
+				return m.to(Wait, fmt.Sprintf("handover from %s refused: this copy counts as stale", p.Name))
+			}
+			if p.Epoch != m.Epoch {
 				return m.to(Wait, fmt.Sprintf("handover refused: epoch %d here, %d on %s", m.Epoch, p.Epoch, p.Name))
 			}
 			return m.serve("handed over by " + p.Name)

@@ -192,6 +192,14 @@ func syncDir(dir string) error {
 // prev, its checks free to run again: serving with an epoch the disk does
 // not hold, the node could draw that epoch again after a restart. Other
 // steps (leaving the role above all) go on; the error is logged.
+//
+// A handover it cannot take is refused: the node, SECOND, counts its copy
+// as stale from then on (in memory: its disk cannot say so), and stepSecond
+// moves it to WAIT at the next heartbeat. Its peer, the giver, hears a
+// stale WAIT that never served and serves again: its copy is the
+// reference. Kept SECOND and retrying, the node left both waiting and
+// nothing serving until its disk was repaired
+// (TestSwapReceiverCannotSaveNothingServes).
 func (n *Node) carryOut(prev, next cluster.Machine, acts []cluster.Action, do func(cluster.Action)) (cluster.Machine, error) {
 	for _, a := range acts {
 		if a.Do != cluster.DoPersist {
@@ -203,6 +211,10 @@ func (n *Node) carryOut(prev, next cluster.Machine, acts []cluster.Action, do fu
 		case err == nil:
 		case next.State.Serving() && !prev.State.Serving():
 			prev.Checking = false
+			if prev.State == cluster.Second && next.Peer.Handover && !next.Peer.State.Serving() {
+				prev.Stale = true
+				return prev, fmt.Errorf("refusing the handover from %s, whose copy stays the reference: not becoming %s (epoch %d): %w", next.Peer.Label(), next.State, next.Epoch, err)
+			}
 			return prev, fmt.Errorf("not becoming %s (epoch %d): %w", next.State, next.Epoch, err)
 		default:
 			n.log.Error("cluster state not saved", "state", next.State.String(), "epoch", next.Epoch, "err", err)

@@ -1,8 +1,8 @@
 package node
 
 import (
-	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -86,35 +86,81 @@ func TestLeaveStartHeartbeatStaysSynced(t *testing.T) {
 
 // TestSwapReceiverCannotSaveNothingServes: the receiver's state_dir takes
 // no writes (full, read-only). On the handover its step to PRIM cannot be
-// saved: carryOut keeps it SECOND (rightly: it must not serve an epoch its
-// disk does not hold), and it tries again at each heartbeat. The giver,
-// WAIT and handed over, hears a SECOND at its own epoch: no rule of
-// stepWait ends the handover for that, so the healthy giver, whose copy is
-// the reference, never serves again: nothing serves until the receiver's
-// disk is repaired or an operator forces the giver.
+// saved: carryOut keeps it from serving (rightly: it must not serve an
+// epoch its disk does not hold). It used to stay SECOND and try again at
+// each heartbeat, while the giver, WAIT and handed over, heard a SECOND at
+// its own epoch, which no rule of stepWait ends the handover for: the
+// healthy giver, whose copy is the reference, never served again, and
+// nothing served until the receiver's disk was repaired or an operator
+// forced the giver. Now the receiver refuses the handover (stale, WAIT)
+// and the giver serves again.
+// Both names: the giver wins by name (nodeA) and loses by it (nodeB).
 func TestSwapReceiverCannotSaveNothingServes(t *testing.T) {
-	if os.Getenv("DUET_KNOWN_OPEN") == "" {
-		t.Skip("open, not fixed (DESIGN §8, Other limits): a receiver that cannot save its state leaves nothing serving; DUET_KNOWN_OPEN=1 runs it")
+	for _, tc := range []struct {
+		how          string
+		giver, recvr string
+	}{{"state_dir removed", "nodeA", "nodeB"}, {"state_dir read-only", "nodeA", "nodeB"}, {"state_dir read-only", "nodeB", "nodeA"}} {
+		t.Run(tc.how+", giver "+tc.giver, func(t *testing.T) {
+			testSwapReceiverCannotSave(t, tc.how == "state_dir removed", tc.giver, tc.recvr)
+		})
 	}
+}
+
+func testSwapReceiverCannotSave(t *testing.T, removed bool, giverName, recvName string) {
 	const e = 5<<8 | 1
-	r := testNode(t, filepath.Join(t.TempDir(), "missing"))
-	recv := cluster.Machine{Name: "nodeB", ID: 2, State: cluster.Second, Epoch: e,
-		Peer: cluster.Peer{Seen: true, Name: "nodeA", State: cluster.Prim, Epoch: e, Synced: true}}
-	giver := cluster.Machine{Name: "nodeA", ID: 1, State: cluster.Prim, Epoch: e,
-		Peer: cluster.Peer{Seen: true, Name: "nodeB", State: cluster.Second, Epoch: e}}
+	recv := cluster.Machine{Name: recvName, ID: 2, State: cluster.Second, Epoch: e,
+		Peer: cluster.Peer{Seen: true, Name: giverName, State: cluster.Prim, Epoch: e, Synced: true}}
+	var r *Node
+	if removed {
+		r = testNode(t, filepath.Join(t.TempDir(), "missing"))
+	} else {
+		// Its saved state (SECOND), then neither a new save nor a
+		// stale mark can be written.
+		r, _ = stateDirWritesFail(t, recv)
+	}
+	r.cfg.Node = recvName
+	if r.guard == nil {
+		var err error
+		if r.guard, err = newGuard(r.cfg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	giver := cluster.Machine{Name: giverName, ID: 1, State: cluster.Prim, Epoch: e,
+		Peer: cluster.Peer{Seen: true, Name: recvName, State: cluster.Second, Epoch: e}}
 	giver, _ = cluster.Step(giver, cluster.Event{Kind: cluster.EvCmdSwap})
+	var refused error
 	for i := 0; i < 50; i++ {
 		next, acts := cluster.Step(recv, cluster.Event{Kind: cluster.EvPeer,
-			Peer: cluster.Peer{Seen: true, Name: "nodeA", State: giver.State, Epoch: giver.Epoch, Handover: giver.HandedOver, Boot: 1, Seq: uint64(i + 1)}})
+			Peer: cluster.Peer{Seen: true, Name: giverName, State: giver.State, Epoch: giver.Epoch, Handover: giver.HandedOver, Boot: 1, Seq: uint64(i + 1)}})
 		var did []cluster.Do
-		recv, _ = r.carryOut(recv, next, acts, record(&did))
+		var err error
+		recv, err = r.carryOut(recv, next, acts, record(&did))
+		if err != nil && refused == nil {
+			refused = err
+		}
+		if recv.State.Serving() {
+			t.Fatalf("heartbeat %d: the receiver serves (%s, epoch %d) though its state could not be saved", i, recv.State, recv.Epoch)
+		}
+		// What its heartbeats say (they hide a stale copy a restart
+		// would not find stale).
+		r.machine.Store(&recv)
+		said := r.heartbeat()
 		giver, _ = cluster.Step(giver, cluster.Event{Kind: cluster.EvPeer,
-			Peer: cluster.Peer{Seen: true, Name: "nodeB", State: recv.State, Epoch: recv.Epoch, Stale: recv.Stale}})
+			Peer: cluster.Peer{Seen: true, Name: recvName, State: said.State, Epoch: said.Epoch, Stale: said.Stale}})
 		giver, _ = cluster.Step(giver, cluster.Event{Kind: cluster.EvTick})
 	}
-	if !recv.State.Serving() && !giver.State.Serving() {
-		t.Fatalf("after 50 heartbeats: receiver %s (cannot save PRIM), giver %s handed over %v: nothing serves, both alive and hearing each other",
-			recv.State, giver.State, giver.HandedOver)
+	if !giver.State.Serving() {
+		t.Fatalf("after 50 heartbeats: receiver %s stale %v (cannot save PRIM), giver %s handed over %v: nothing serves, both alive and hearing each other",
+			recv.State, recv.Stale, giver.State, giver.HandedOver)
+	}
+	if giver.Epoch <= e {
+		t.Fatalf("the giver serves again at epoch %d, not newer than the handover's %d", giver.Epoch, e)
+	}
+	if recv.State != cluster.Wait || !recv.Stale {
+		t.Fatalf("the receiver is %s, stale %v: want WAIT and stale (the giver served again without it)", recv.State, recv.Stale)
+	}
+	if refused == nil || !strings.Contains(refused.Error(), "refusing the handover") {
+		t.Fatalf("the receiver's failed step said %v, want it to name the refused handover", refused)
 	}
 }
 
