@@ -1651,7 +1651,16 @@ static __always_inline void btrfs_range_locked(struct task_struct *task, struct 
 				tr->n++;
 				// The journal holds the range until the inode's
 				// next update, or 1 s, if the exit's record does
-				// not come (a program the kernel skipped).
+				// not come (a program the kernel skipped). That
+				// update is reported even if a change userspace has
+				// not read yet left its mark, as preop_key does: the
+				// mark hid it, and a durability call waited the 1 s
+				// (TestCaptureRangeLockPreopReleasedByInodeUpdate).
+				struct inode_key k = {};
+
+				k.ino = ino;
+				k.dev = dev;
+				bpf_map_delete_elem(&attrs, &k);
 				emit(inode, dev, KIND_PREOP, 34, start, len);
 				return;
 			}
