@@ -84,10 +84,17 @@ const (
 	fsIocUnresvsp64  = 0x4030582b
 	fsIocZeroRange   = 0x40305839
 	btrfsIocWaitSync = 0x40089416 // _IOW(0x94, 22, __u64)
-	spaceResvSize    = 48         // struct space_resv
+	// Ioctls that sync a whole filesystem before they return (root
+	// only): FIFREEZE (fsfreeze, snapshot tools), ext4's journal
+	// checkpoint, and a shutdown (its default mode syncs first). Held as
+	// a syncfs (a review; TestFilterDecisions).
+	fiFreeze          = 0xc0045877 // _IOWR('X', 119, int)
+	ext4IocCheckpoint = 0x4004662b // _IOW('f', 43, __u32)
+	fsIocShutdown     = 0x8004587d // _IOR('X', 125, __u32)
+	spaceResvSize     = 48         // struct space_resv
 )
 
-var ioctlsTrapped = []uint32{btrfsIocSync, btrfsIocWaitSync, fsIocSetflags, fsIocSetflags32, fsIocFssetxattr,
+var ioctlsTrapped = []uint32{btrfsIocSync, btrfsIocWaitSync, fiFreeze, ext4IocCheckpoint, fsIocShutdown, fsIocSetflags, fsIocSetflags32, fsIocFssetxattr,
 	fsIocResvsp, fsIocUnresvsp, fsIocResvsp64, fsIocUnresvsp64, fsIocZeroRange}
 
 // SyncFDBase is the lowest descriptor number duet gives a file opened with
@@ -585,7 +592,7 @@ func answer(listener int, req seccompNotif, sup supervisor) {
 		return
 	case unix.SYS_IOCTL:
 		switch uint32(req.Args[1]) {
-		case btrfsIocSync, btrfsIocWaitSync:
+		case btrfsIocSync, btrfsIocWaitSync, fiFreeze, ext4IocCheckpoint, fsIocShutdown:
 			// A syncfs, held as one (below).
 		case fsIocResvsp, fsIocUnresvsp, fsIocResvsp64, fsIocUnresvsp64, fsIocZeroRange:
 			fallocateSync(listener, &req, sup, start)

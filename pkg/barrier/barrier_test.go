@@ -451,6 +451,12 @@ func TestFilterDecisions(t *testing.T) {
 		{"ioctl FS_IOC_SETFLAGS", unix.SYS_IOCTL, []uint64{3, unix.FS_IOC_SETFLAGS}, notify},
 		{"ioctl FS_IOC_FSSETXATTR", unix.SYS_IOCTL, []uint64{3, fsIocFssetxattr}, notify},
 		{"ioctl BTRFS_IOC_SYNC", unix.SYS_IOCTL, []uint64{3, btrfsIocSync}, notify},
+		// From a review (TestSyncingIoctlsHeld): each syncs the
+		// filesystem before it returns.
+		{"ioctl FIFREEZE", unix.SYS_IOCTL, []uint64{3, 0xc0045877}, notify},
+		{"ioctl EXT4_IOC_CHECKPOINT", unix.SYS_IOCTL, []uint64{3, 0x4004662b}, notify},
+		{"ioctl FS_IOC_SHUTDOWN", unix.SYS_IOCTL, []uint64{3, 0x8004587d}, notify},
+		{"ioctl FITHAW", unix.SYS_IOCTL, []uint64{3, 0xc0045878}, allow},
 		{"ioctl FS_IOC_GETFLAGS", unix.SYS_IOCTL, []uint64{3, unix.FS_IOC_GETFLAGS}, allow},
 		{"file_setattr", unix.SYS_FILE_SETATTR, nil, notify},
 		{"preadv2 RWF_DSYNC", unix.SYS_PREADV2, []uint64{4, 0, 0, 0, 0, unix.RWF_DSYNC}, allow},

@@ -61,6 +61,7 @@ func openIndex(root *os.File, s Syncer) (*index, error) {
 	}
 	ix := &index{root: root, t: got.tree, log: got.log}
 	if got.last != nil && got.last.kind == kindMove {
+		// Not applied by replay: the rename may not have been done.
 		if err := ix.settleMove(*got.last); err != nil {
 			ix.close()
 			return nil, err
@@ -68,6 +69,9 @@ func openIndex(root *os.File, s Syncer) (*index, error) {
 		// Still the last record if the rename was done: the next
 		// creation settles it first (forget).
 		if !ix.undone {
+			if err := ix.t.apply(*got.last); err != nil {
+				slog.Warn("nfs index: the last rename does not apply", "err", err)
+			}
 			ix.log.lastMove = got.last
 		}
 	}

@@ -120,7 +120,15 @@ type Primary struct {
 	// dropConn ends the current connection (nil without one), saying
 	// why: the cluster knows the peer does not get what this node sends,
 	// which TCP may not notice for minutes (see Drop).
-	dropConn     context.CancelCauseFunc
+	dropConn context.CancelCauseFunc
+	// sentBound is the highest batch number the connection's peer may
+	// acknowledge: what it held at the welcome, then each batch as the
+	// sender is about to write it. An acknowledgement beyond it names a
+	// batch the peer never got (a hostile peer, or a bug): taken, it
+	// dropped batches never sent and counted them durable for the rest
+	// of the term, honest peers' sessions included (a review:
+	// TestForgedAckBeyondSentRefused).
+	sentBound    uint64
 	building     bool
 	lastErr      string
 	barrierCount uint64
@@ -480,6 +488,12 @@ func (p *Primary) connection(ctx context.Context, kernel Kernel) error {
 	// Resume only when the peer holds everything it acknowledged in this
 	// session; otherwise compare the trees again.
 	resumable := !p.needFull && w.Session == p.session && w.Applied >= p.out.acked
+	if resumable && w.Applied > p.out.last() {
+		// More than was ever built in this session: not a copy to
+		// resume (TestForgedAckBeyondSentRefused).
+		p.Log.Warn("the peer says it applied batches never built here: comparing the trees again", "peer_applied", w.Applied, "last_built", p.out.last())
+		resumable = false
+	}
 	from := w.Applied
 	if resumable {
 		p.ack(w.Applied)
@@ -497,6 +511,7 @@ func (p *Primary) connection(ctx context.Context, kernel Kernel) error {
 	}
 	p.connected = true
 	p.dropConn = cancel
+	p.sentBound = from
 	p.welcome = w
 	p.out.connect()
 	p.mu.Unlock()
@@ -549,6 +564,10 @@ func (p *Primary) readAcks(ctx context.Context, c net.Conn, manifest chan<- wire
 		switch f.Type {
 		case wire.TypeAck:
 			p.mu.Lock()
+			if bound := p.sentBound; f.Seq > bound {
+				p.mu.Unlock()
+				return fmt.Errorf("the peer acknowledged batch %d, beyond the last sent to it (%d): a protocol error, its acknowledgements are not taken", f.Seq, bound)
+			}
 			p.ack(f.Seq)
 			if f.Flags&wire.FlagDurable != 0 {
 				moved, asked := p.out.markDurable(f.Seq)
@@ -663,6 +682,13 @@ func (p *Primary) writeBatches(ctx context.Context, c net.Conn, from uint64, sea
 		// not be built into meanwhile (frameBuf).
 		for _, b := range todo.batches {
 			p.out.pin(b)
+			// Before it is written: the peer may acknowledge it at once.
+			p.sentBound = max(p.sentBound, b.seq)
+		}
+		if todo.done != nil {
+			// A resync's end stands for the batches a lost session
+			// dropped: the peer acknowledges it with its own number.
+			p.sentBound = max(p.sentBound, todo.done.Seq)
 		}
 		p.mu.Unlock()
 		next, syncTo, done := todo.batches, todo.syncTo, todo.done

@@ -132,6 +132,7 @@ func TestEarlierResyncEndAfterNextQueuedItsEnd(t *testing.T) {
 	p.rs = ResyncStatus{Active: true, Mode: "bitmap", Phase: PhaseWaiting, Started: time.Now()}
 	p.fullSyncEnd = 20
 	p.dirty.lost = true
+	p.sentBound = 20 // the batches were sent
 	p.mu.Unlock()
 	c, peer := net.Pipe()
 	defer c.Close()
