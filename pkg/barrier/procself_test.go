@@ -85,4 +85,3 @@ func TestSyncOpenThroughProcSelfOpensCallersFile(t *testing.T) {
 			code, procSelfFD, got, n.Load())
 	}
 }
-

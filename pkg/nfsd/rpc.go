@@ -50,6 +50,8 @@ const (
 	procRmdir    = 13
 	procRename   = 14
 	procLink     = 15
+	procReaddir  = 16
+	procReaddirP = 17
 	procFSInfo   = 19
 	procCommit   = 21
 	unstable     = 0 // stable_how UNSTABLE
@@ -352,20 +354,33 @@ func (p *proxy) serveClient() {
 				}
 				call.entry = e
 			}
-			if h.nfs3() && h.proc == procRead && n <= maxReadCall {
+			if h.nfs3() && (h.proc == procRead || h.proc == procReaddir || h.proc == procReaddirP) {
 				// go-nfs builds a READ's whole reply in memory: its
 				// count is cut to maxRead, what FSINFO tells (16 MiB
 				// a call pinned while the client did not read the
 				// reply, a review). A short read is a READ's right.
-				if cap(rec) < n {
-					rec = make([]byte, n)
+				// The arguments lie in the record's first
+				// maxReadCall bytes: a longer record (padded, which
+				// go-nfs ignores) is cut all the same (it was passed
+				// as it was: a second review,
+				// TestPaddedReadCountCut). READDIR and READDIRPLUS
+				// likewise: their counts were taken as sent, up to
+				// 4 GiB, and a reply of a large directory held tens
+				// of MiB (TestReaddirCountsCut).
+				head := min(n, maxReadCall)
+				if cap(rec) < head {
+					rec = make([]byte, head)
 				}
-				rec = rec[:n]
+				rec = rec[:head]
 				if _, err := io.ReadFull(in, rec); err != nil {
 					return
 				}
-				clampRead(rec, h.argsAt)
-				if !p.passAs(c, call, mark[:], bytes.NewReader(rec), n) {
+				clampCounts(h.proc, rec, h.argsAt)
+				var body io.Reader = bytes.NewReader(rec)
+				if n > head {
+					body = io.MultiReader(body, in)
+				}
+				if !p.passAs(c, call, mark[:], body, n) {
 					return
 				}
 				continue
@@ -454,9 +469,10 @@ func (p *proxy) writeOrCommit(h callHeader, c *cred, w writeArgs) []byte {
 		attrs, err = p.h.commit(w.fh)
 		verf = p.h.verf.afterSync()
 	}
-	if errors.Is(err, errClosed) {
-		// The server is stopping: no reply, so that the client sends the
-		// call again to the next one.
+	if endsUnanswered(err) {
+		// No reply, so that the client sends the call again, to this
+		// server or the next one.
+		p.endUnanswered(err)
 		return nil
 	}
 	st := statusOf(err)
@@ -527,6 +543,15 @@ func (p *proxy) lookup(h callHeader, c *cred, mark, rec []byte) bool {
 	return p.send(b.Bytes())
 }
 
+// endUnanswered logs why a call ends its connection unanswered (not when
+// the server stops) and closes the connection.
+func (p *proxy) endUnanswered(err error) {
+	if !errors.Is(err, errClosed) {
+		slog.Warn("nfs: closing a client connection unanswered: a call failed for a reason that is not its own", "client", p.client.RemoteAddr(), "err", err)
+	}
+	p.close()
+}
+
 // access answers ACCESS with what c may do: go-nfs grants whatever is
 // asked.
 func (p *proxy) access(h callHeader, c *cred, args []byte) bool {
@@ -540,7 +565,8 @@ func (p *proxy) access(h callHeader, c *cred, args []byte) bool {
 		return false
 	}
 	granted, path, err := p.h.access(c, fh, asked)
-	if errors.Is(err, errClosed) {
+	if endsUnanswered(err) {
+		p.endUnanswered(err)
 		return false
 	}
 	b := replyHeader(h.xid, 0)
@@ -570,9 +596,9 @@ const (
 	prefWrite = 1 << 20
 	prefRead  = 1 << 20
 	maxRead   = 1 << 20
-	// maxReadCall bounds a READ call record the proxy reads to cut its
-	// count (header, credential, handle, offset, count); a larger one
-	// is passed as it is.
+	// maxReadCall bounds the part of a READ call record the proxy reads
+	// to cut its count (header, credential, handle, offset, count); the
+	// rest of a larger one is passed as it is.
 	maxReadCall = 1024
 )
 
@@ -588,7 +614,8 @@ func (p *proxy) fsinfo(h callHeader, args []byte) bool {
 		return false
 	}
 	path, err := p.h.pathOf(fh)
-	if errors.Is(err, errClosed) {
+	if endsUnanswered(err) {
+		p.endUnanswered(err)
 		return false
 	}
 	b := replyHeader(h.xid, 0)
@@ -745,9 +772,9 @@ func sealed(b []byte) []byte {
 // send writes a reply built on replyHeader.
 func (p *proxy) send(b []byte) bool { return p.write(sealed(b)) }
 
-// clampRead cuts the count of the READ call rec (its arguments at
-// argsAt: the file handle, the offset, the count) to maxRead.
-func clampRead(rec []byte, argsAt int) {
+// clampCounts cuts the byte counts of the READ, READDIR or READDIRPLUS
+// call rec (its arguments at argsAt, the file handle first) to maxRead.
+func clampCounts(proc uint32, rec []byte, argsAt int) {
 	if argsAt+4 > len(rec) {
 		return
 	}
@@ -755,9 +782,20 @@ func clampRead(rec []byte, argsAt int) {
 	if fh > maxHandle {
 		return // go-nfs answers it
 	}
-	at := argsAt + 4 + (fh+3)&^3 + 8
-	if at+4 <= len(rec) && binary.BigEndian.Uint32(rec[at:]) > maxRead {
-		binary.BigEndian.PutUint32(rec[at:], maxRead)
+	at := argsAt + 4 + (fh+3)&^3
+	var counts []int
+	switch proc {
+	case procRead: // offset, count
+		counts = []int{at + 8}
+	case procReaddir: // cookie, cookieverf, count
+		counts = []int{at + 16}
+	case procReaddirP: // cookie, cookieverf, dircount, maxcount
+		counts = []int{at + 16, at + 20}
+	}
+	for _, at := range counts {
+		if at+4 <= len(rec) && binary.BigEndian.Uint32(rec[at:]) > maxRead {
+			binary.BigEndian.PutUint32(rec[at:], maxRead)
+		}
 	}
 }
 

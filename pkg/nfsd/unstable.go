@@ -96,13 +96,39 @@ func (h *Handler) commit(fh []byte) (wcc, error) {
 }
 
 // pathOf resolves fh to the path (ending in a marker) that the export's
-// calls take, as FromHandle does for go-nfs.
+// calls take, as FromHandle does for go-nfs. A failure that says nothing
+// of the handle is an *unresolvedError.
 func (h *Handler) pathOf(fh []byte) (string, error) {
 	fsys, comps, err := h.FromHandle(fh)
 	if err != nil {
+		if !errors.Is(err, errStale) && !errors.Is(err, errClosed) {
+			err = &unresolvedError{err}
+		}
 		return "", err
 	}
 	return fsys.Join(comps...), nil
+}
+
+// unresolvedError: a handle could not be resolved for a reason that is not
+// the handle's (its supervisor gone, so that its calls fail with ENOSYS;
+// an I/O error). As for go-nfs's calls (connHandler.FromHandle), the
+// connection ends unanswered and the client sends the call again, to this
+// server or the next one; answered NFS3ERR_IO, a COMMIT failed the
+// application's fsync across a failover (a review, forty-second session:
+// TestProxyCallsUnresolvedForAnotherReasonUnanswered).
+type unresolvedError struct{ err error }
+
+func (e *unresolvedError) Error() string { return "resolving a file handle: " + e.err.Error() }
+func (e *unresolvedError) Unwrap() error { return e.err }
+
+// endsUnanswered reports whether a call the proxy answers itself must end
+// its connection unanswered instead: the server is stopping, a handle
+// could not be resolved for a reason that is not its own, or a system
+// call failed with ENOSYS (the supervisor of `duet exec` is gone: this
+// server is being replaced).
+func endsUnanswered(err error) bool {
+	var u *unresolvedError
+	return errors.Is(err, errClosed) || errors.As(err, &u) || errors.Is(err, unix.ENOSYS)
 }
 
 // attrs returns path's attributes, with its file ID as fileid, or nil.
