@@ -152,3 +152,16 @@ func TestWelcomeBeyondBuiltNotResumed(t *testing.T) {
 		t.Errorf("the peer may acknowledge up to batch %d; 3 were built", bound)
 	}
 }
+
+// TestPeerRefusalCut: the peer's reason for refusing a batch is kept in
+// the status and logged at each retry; a frame may carry 64 MiB of it.
+func TestPeerRefusalCut(t *testing.T) {
+	long := strings.Repeat("x", 1<<20)
+	got := refusal([]byte(long))
+	if len(got) > maxRefusal+64 || !strings.HasSuffix(got, "(1048576 bytes)") {
+		t.Errorf("a 1 MiB reason kept as %d bytes ending %q", len(got), got[max(0, len(got)-32):])
+	}
+	if got := refusal([]byte("disk full")); got != "disk full" {
+		t.Errorf("a short reason kept as %q", got)
+	}
+}

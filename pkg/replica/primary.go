@@ -12,6 +12,7 @@ import (
 	"os"
 	"runtime/debug"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -591,11 +592,23 @@ func (p *Primary) readAcks(ctx context.Context, c net.Conn, manifest chan<- wire
 				return ctx.Err()
 			}
 		case wire.TypeError:
-			return &PeerRefusedError{Reason: string(f.Payload), Batch: f.Seq, Diverged: f.Flags&wire.FlagDiverged != 0}
+			return &PeerRefusedError{Reason: refusal(f.Payload), Batch: f.Seq, Diverged: f.Flags&wire.FlagDiverged != 0}
 		default:
 			return fmt.Errorf("unexpected %s from peer", f.Type)
 		}
 	}
+}
+
+// maxRefusal bounds the peer's reason for refusing, as kept in the status
+// and logged: a frame's payload may be 64 MiB (a review).
+const maxRefusal = 4096
+
+// refusal is the peer's reason, cut to maxRefusal bytes.
+func refusal(b []byte) string {
+	if len(b) <= maxRefusal {
+		return strings.ToValidUTF8(string(b), "?")
+	}
+	return strings.ToValidUTF8(string(b[:maxRefusal]), "?") + fmt.Sprintf("... (%d bytes)", len(b))
 }
 
 // compareAllAfter asks for a comparison of every file after the peer
