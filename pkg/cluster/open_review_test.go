@@ -59,7 +59,7 @@ func TestHandoverReceiverServeFailedNothingServes(t *testing.T) {
 		t.Fatalf("receiver after EvServeFailed: %s", recv.State)
 	}
 	for i := 0; i < 20; i++ {
-		giver, acts = Step(giver, hb(recv, false))
+		giver, _ = Step(giver, hb(recv, false))
 		recv, _ = Step(recv, hb(giver, false))
 		giver, _ = Step(giver, Event{Kind: EvTick})
 		if giver.State.Serving() || recv.State.Serving() {

@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -391,8 +392,8 @@ func (c *Config) check() []error {
 		bad("role %q: must be %q or %q", c.Role, RolePrimary, RoleSecondary)
 	}
 	for _, f := range []struct{ field, addr string }{{"listen", c.Listen}, {"peer", c.Peer}} {
-		if _, port, err := net.SplitHostPort(f.addr); err != nil || port == "" {
-			bad("%s %q: want host:port, e.g. 10.250.0.2:%s", f.field, f.addr, DefaultPort)
+		if !hostPort(f.addr) {
+			bad("%s %q: want host:port with a port 1-65535, e.g. 10.250.0.2:%s", f.field, f.addr, DefaultPort)
 		}
 	}
 	switch {
@@ -425,6 +426,7 @@ func (c *Config) check() []error {
 		bad("k3s: this section configures the k3s module: add `module: k3s`")
 	case c.Module == ModuleK3S:
 		c.K3S.validate(bad)
+		c.k3sPorts(bad)
 	}
 	if len(c.Replicate) == 0 {
 		bad("replicate: list at least one directory")
@@ -476,10 +478,28 @@ func (c *Config) check() []error {
 		} else if !st.IsDir() {
 			bad("%s %q: not a directory", field, r.Path)
 		}
-		sd := filepath.Clean(c.StateDir)
-		if rp := filepath.Clean(r.Path); sd == rp || strings.HasPrefix(sd, rp+"/") {
+		if within(c.StateDir, r.Path) {
 			bad("state_dir %q: must not be inside %s %q", c.StateDir, field, r.Path)
 		}
+		if c.Socket != "" && within(c.Socket, r.Path) {
+			bad("socket %q: must not be inside %s %q", c.Socket, field, r.Path)
+		}
+		// Two replicated directories, one inside the other (or the
+		// same one twice): both would capture, ship and resync the
+		// same files.
+		for j, o := range c.Replicate[:i] {
+			if !filepath.IsAbs(o.Path) || !within(r.Path, o.Path) && !within(o.Path, r.Path) {
+				continue
+			}
+			other := fmt.Sprintf("replicate[%d].path", j-repMod)
+			if o.from != "" {
+				other = o.from
+			}
+			bad("%s %q: the same tree as %s %q (one holds the other): replicate one of them", field, r.Path, other, o.Path)
+		}
+	}
+	if c.Socket != "" && !filepath.IsAbs(c.Socket) {
+		bad("socket %q: must be an absolute path (by default %s)", c.Socket, filepath.Join(c.StateDir, "duet.sock"))
 	}
 	if c.Resync.Margin < 0 {
 		bad("resync.margin %s: must be positive", c.Resync.Margin)
@@ -560,6 +580,30 @@ func (c *Config) validateCluster(bad func(string, ...any)) {
 		if v.Interface == "" {
 			bad("vip.interface: name the interface that carries the VIP, e.g. eth0")
 		}
+		if err == nil {
+			// The VIP is an address of its own: on a node's address,
+			// releasing it removes the node's address, and the ARP
+			// probe finds the peer's answering for ever (no takeover).
+			node := map[netip.Addr]string{}
+			for i, n := range cl.Networks {
+				if a, err := netip.ParseAddr(n.Local); err == nil {
+					node[a.Unmap()] = fmt.Sprintf("this node's own (cluster.networks[%d].local)", i)
+				}
+				if a, err := netip.ParseAddr(n.Peer); err == nil {
+					node[a.Unmap()] = fmt.Sprintf("the peer's own (cluster.networks[%d].peer)", i)
+				}
+			}
+			for _, f := range []struct{ field, addr, whose string }{{"listen", c.Listen, "this node's own (listen)"}, {"peer", c.Peer, "the peer's own (peer)"}} {
+				if h, _, err := net.SplitHostPort(f.addr); err == nil {
+					if a, err := netip.ParseAddr(h); err == nil {
+						node[a.Unmap()] = f.whose
+					}
+				}
+			}
+			if whose, ok := node[p.Addr().Unmap()]; ok {
+				bad("vip.address %q: %s address: pick an address no host uses on that network", v.Address, whose)
+			}
+		}
 	}
 	if c.Pprof && c.Metrics == "off" {
 		bad("pprof: true serves the profiles on the metrics address: set metrics: host:port (e.g. %s)", DefaultMetrics)
@@ -604,13 +648,78 @@ func (c *Config) validateCluster(bad func(string, ...any)) {
 			if f.addr == "" {
 				continue
 			}
-			if _, port, err := net.SplitHostPort(f.addr); err != nil || port == "" {
-				bad("services[%d].%s %q: want host:port", i-svcMod, f.field, f.addr)
+			if !hostPort(f.addr) {
+				bad("services[%d].%s %q: want host:port with a port 1-65535", i-svcMod, f.field, f.addr)
+			}
+		}
+		for _, d := range []struct {
+			field string
+			v     time.Duration
+			eg    string
+		}{{"check_interval", s.CheckInterval, "2s"}, {"start_timeout", s.StartTimeout, "30s"}, {"stop_timeout", s.StopTimeout, "10s"}} {
+			if d.v <= 0 {
+				bad("services[%d].%s %s: must be positive (e.g. %s)", i-svcMod, d.field, d.v, d.eg)
 			}
 		}
 		if *s.Restarts < 0 {
 			bad("services[%d].restarts %d: must be 0 or more", i-svcMod, *s.Restarts)
 		}
+	}
+}
+
+// k3sPorts refuses a k3s port that another server of the node listens on:
+// the second server cannot bind, its service restarts, then fails over,
+// and the peer meets the same clash.
+func (c *Config) k3sPorts(bad func(string, ...any)) {
+	k := c.K3S
+	if k.MySQLPort == k.NFSPort {
+		bad("k3s.mysql_port %d: also k3s.nfs_port: pick another port for one of them", k.MySQLPort)
+	}
+	_, lp, _ := net.SplitHostPort(c.Listen)
+	for _, f := range []struct {
+		field string
+		port  int
+	}{{"mysql_port", k.MySQLPort}, {"nfs_port", k.NFSPort}} {
+		if strconv.Itoa(f.port) == lp {
+			bad("k3s.%s %d: also the port of listen (%s): pick another port", f.field, f.port, c.Listen)
+		}
+	}
+}
+
+// hostPort reports whether addr is host:port with a port 1-65535 (a
+// number).
+func hostPort(addr string) bool {
+	_, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	n, err := strconv.Atoi(port)
+	return err == nil && n >= 1 && n <= 65535
+}
+
+// within reports whether path is dir or lies under it, lexically and
+// with the symbolic links of both resolved (as far as they exist).
+func within(path, dir string) bool {
+	under := func(p, d string) bool {
+		p, d = filepath.Clean(p), filepath.Clean(d)
+		return p == d || d == "/" || strings.HasPrefix(p, d+"/")
+	}
+	return under(path, dir) || under(resolved(path), resolved(dir))
+}
+
+// resolved is path with the symbolic links of its longest existing
+// prefix resolved.
+func resolved(path string) string {
+	path = filepath.Clean(path)
+	rest := ""
+	for p := path; ; p = filepath.Dir(p) {
+		if r, err := filepath.EvalSymlinks(p); err == nil {
+			return filepath.Join(r, rest)
+		}
+		if p == "/" || p == "." {
+			return path
+		}
+		rest = filepath.Join(filepath.Base(p), rest)
 	}
 }
 

@@ -165,3 +165,83 @@ func TestPeerRefusalCut(t *testing.T) {
 		t.Errorf("a short reason kept as %q", got)
 	}
 }
+
+// TestPeerManifestBounded: a peer (it holds the cluster key) answers the
+// primary's manifest request with frame after frame of entries. Each frame
+// is bounded, their number was not: the primary kept every entry until the
+// end that never came, a few hundred KiB on the wire pinning hundreds of
+// MiB (a security review, forty-second session). The resync now fails at
+// peerEntriesLimit, naming it.
+func TestPeerManifestBounded(t *testing.T) {
+	defer func(f int) { peerEntriesFloor = f }(peerEntriesFloor)
+	peerEntriesFloor = 1000
+	top := t.TempDir()
+	src := filepath.Join(top, "src")
+	makeScaleTree(t, src, 1, 1, 1)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var raw []byte
+	for range 999 {
+		raw = wire.AppendEntry(raw, &wire.Entry{Path: "a", Mode: 0o644, Ino: 1})
+	}
+	payload := wire.Compress(nil, raw)
+	sent := make(chan int, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		tc, err := testLink.Server(context.Background(), c)
+		if err != nil {
+			return
+		}
+		if _, err := wire.ServerHandshake(tc, testLink.Keys(), func(wire.Hello) wire.Welcome { return wire.Welcome{} }); err != nil {
+			return
+		}
+		for {
+			f, err := wire.ReadFrame(tc, nil)
+			if err != nil {
+				return
+			}
+			if f.Type != wire.TypeManifestQ {
+				continue
+			}
+			n := 0
+			for range 5 {
+				if wire.WriteFrame(tc, &wire.Frame{Type: wire.TypeManifest, Flags: wire.FlagZstd, Seq: f.Seq, Payload: payload}) != nil {
+					break
+				}
+				n++
+			}
+			sent <- n
+			io.Copy(io.Discard, tc) // no end: the primary waits for more
+			return
+		}
+	}()
+	p, err := NewPrimary(Dir{Name: "data", Path: src}, ln.Addr().String(), testLink, 0, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); p.Run(ctx, nil) }()
+	defer func() { cancel(); <-done }()
+	select {
+	case <-sent:
+	case <-time.After(60 * time.Second):
+		t.Fatal("the primary never asked for the manifest")
+	}
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if e := p.Status().LastError; strings.Contains(e, "more than 1000 entries") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("5 manifest frames of 999 entries (limit 1000) and no end: the primary still waits for more; last error %q", p.Status().LastError)
+		}
+	}
+}

@@ -599,6 +599,20 @@ func (p *Primary) readAcks(ctx context.Context, c net.Conn, manifest chan<- wire
 	}
 }
 
+// peerEntriesFloor is the fewest entries a peer's manifest may list; see
+// peerEntriesLimit.
+var peerEntriesFloor = 16 << 20
+
+// peerEntriesLimit bounds the entries of a peer's manifest for a tree of
+// local entries here: each frame is bounded, their number was not, and a
+// peer that sent frames without end held the primary's memory without
+// bound (a review: TestPeerManifestBounded). A copy may list more than
+// this one (files removed here while the peer was away): four times as
+// many, and never fewer than peerEntriesFloor, about 2 GB of listing.
+func peerEntriesLimit(local int) int {
+	return max(4*local, peerEntriesFloor)
+}
+
 // maxRefusal bounds the peer's reason for refusing, as kept in the status
 // and logged: a frame's payload may be 64 MiB (a review).
 const maxRefusal = 4096
@@ -1506,6 +1520,9 @@ func FetchManifest(ctx context.Context, lk *peerlink.Link, peer string, name str
 			es, err := wire.DecodeEntries(raw)
 			if err != nil {
 				return nil, err
+			}
+			if len(out)+len(es) > peerEntriesLimit(0) {
+				return nil, fmt.Errorf("the peer's manifest lists more than %d entries: refused, as from a peer that would send without end", peerEntriesLimit(0))
 			}
 			out = append(out, es...)
 			if progress != nil {

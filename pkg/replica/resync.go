@@ -340,15 +340,22 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 		sums.feedRecent()
 	}
 	peer := &listing{}
-	take := func(es []wire.Entry) {
+	limit := peerEntriesLimit(files)
+	take := func(es []wire.Entry) error {
+		if peer.len()+len(es) > limit {
+			return fmt.Errorf("the peer's manifest lists more than %d entries (%d here): refused, as from a peer that would send without end (a peer of another version, or a hostile one)", limit, files)
+		}
 		if pl.all {
 			sums.match(es)
 		}
 		for i := range es {
 			peer.add(&es[i])
 		}
+		return nil
 	}
-	take(first)
+	if err := take(first); err != nil {
+		return err
+	}
 	first = nil
 	for !ended {
 		es, end, err := readManifestFrame(ctx, manifest)
@@ -356,7 +363,9 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 			return err
 		}
 		ended = end
-		take(es)
+		if err := take(es); err != nil {
+			return err
+		}
 	}
 	run.manifested = time.Now()
 	if sums != nil {

@@ -87,6 +87,10 @@ type Stack struct {
 	killed bool
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
+	// startFailed is the service whose start failed last and why, shown
+	// by Status until the next Start: Start's Stop drops every service,
+	// and `duet status` showed none and no error (a review).
+	startFailed *Status
 }
 
 type proc struct {
@@ -98,16 +102,38 @@ type proc struct {
 	healthy  bool
 	restarts int
 	err      string
+	// passed counts the checks passed in a row since the last failure:
+	// after restartForgiven of them the restarts count from 0 again.
+	passed int
 }
+
+// restartForgiven is how many checks in a row a service passes before its
+// restarts count from 0 again: restarts bound a burst of failures, not
+// every failure of the term (with restarts: 1, two crashes weeks apart
+// failed the node over; a review).
+const restartForgiven = 10
 
 // Start starts every service in order, each once its predecessor passed
 // its check. On failure it stops what it started and returns the error.
 func (s *Stack) Start(ctx context.Context) error {
 	s.Stop()
+	for _, svc := range s.Services {
+		// time.NewTicker panics on a non-positive interval: the daemon
+		// died once it served (config refuses them too).
+		for _, d := range []struct {
+			what string
+			v    time.Duration
+		}{{"check interval", svc.Interval}, {"start timeout", svc.StartTimeout}, {"stop timeout", svc.StopTimeout}} {
+			if d.v <= 0 {
+				return fmt.Errorf("service %s: %s %s: must be positive", svc.Name, d.what, d.v)
+			}
+		}
+	}
 	mctx, cancel := context.WithCancel(context.Background())
 	s.mu.Lock()
 	s.cancel = cancel
 	s.killed = false
+	s.startFailed = nil
 	s.mu.Unlock()
 	for _, svc := range s.Services {
 		p := &proc{svc: svc}
@@ -138,6 +164,9 @@ func (s *Stack) Start(ctx context.Context) error {
 		}
 		if err != nil {
 			s.Stop()
+			s.mu.Lock()
+			s.startFailed = &Status{Name: svc.Name, Error: "start failed: " + err.Error()}
+			s.mu.Unlock()
 			return fmt.Errorf("service %s: %w", svc.Name, err)
 		}
 	}
@@ -229,6 +258,10 @@ func (s *Stack) launch(ctx context.Context, p *proc) error {
 		}
 		select {
 		case <-done:
+			if cmd.ProcessState.ExitCode() == 0 {
+				// systemctl start, a trailing &, a server that forks.
+				return fmt.Errorf("exited during start (%s): its start command must keep the service in the foreground (no `systemctl start`, no `&`, no daemonizing fork)", cmd.ProcessState)
+			}
 			return fmt.Errorf("exited during start: %s", cmd.ProcessState)
 		case <-ctx.Done():
 			s.kill(p)
@@ -296,10 +329,17 @@ func (s *Stack) watch(ctx context.Context, p *proc, once *sync.Once) {
 		}
 		err := s.check(ctx, p)
 		if err == nil {
+			s.mu.Lock()
+			if p.passed++; p.passed == restartForgiven && p.restarts > 0 {
+				s.Log.Info("service healthy again: its restarts count from 0", "service", p.svc.Name, "restarts", p.restarts)
+				p.restarts = 0
+			}
+			s.mu.Unlock()
 			continue
 		}
 		s.mu.Lock()
 		p.healthy, p.err = false, err.Error()
+		p.passed = 0
 		n := p.restarts
 		s.mu.Unlock()
 		if n >= p.svc.Restarts {
@@ -471,6 +511,9 @@ func (s *Stack) Status() []Status {
 			}
 		}
 		out = append(out, st)
+	}
+	if s.startFailed != nil && len(out) == 0 {
+		out = append(out, *s.startFailed)
 	}
 	return out
 }
