@@ -391,9 +391,12 @@ func (c *Config) check() []error {
 	if c.Role != RolePrimary && c.Role != RoleSecondary {
 		bad("role %q: must be %q or %q", c.Role, RolePrimary, RoleSecondary)
 	}
-	for _, f := range []struct{ field, addr string }{{"listen", c.Listen}, {"peer", c.Peer}} {
-		if !hostPort(f.addr) {
-			bad("%s %q: want host:port with a port 1-65535, e.g. 10.250.0.2:%s", f.field, f.addr, DefaultPort)
+	for _, f := range []struct {
+		field, addr string
+		min         int
+	}{{"listen", c.Listen, 0}, {"peer", c.Peer, 1}} {
+		if !hostPortFrom(f.addr, f.min) {
+			bad("%s %q: want host:port with a port %d-65535, e.g. 10.250.0.2:%s", f.field, f.addr, f.min, DefaultPort)
 		}
 	}
 	switch {
@@ -688,13 +691,17 @@ func (c *Config) k3sPorts(bad func(string, ...any)) {
 
 // hostPort reports whether addr is host:port with a port 1-65535 (a
 // number).
-func hostPort(addr string) bool {
+func hostPort(addr string) bool { return hostPortFrom(addr, 1) }
+
+// hostPortFrom reports whether addr is host:port with a port from min to
+// 65535 (listen may take 0: any free port, for tests).
+func hostPortFrom(addr string, min int) bool {
 	_, port, err := net.SplitHostPort(addr)
 	if err != nil {
 		return false
 	}
 	n, err := strconv.Atoi(port)
-	return err == nil && n >= 1 && n <= 65535
+	return err == nil && n >= min && n <= 65535
 }
 
 // within reports whether path is dir or lies under it, lexically and
