@@ -37,27 +37,24 @@ func newRecorder(c *Capture) *recorder {
 }
 
 // drain returns the records read until none came for 300 ms.
-func (r *recorder) drain() (out []Record) {
-	for {
-		select {
-		case rec, ok := <-r.ch:
-			if !ok {
-				return out
-			}
-			out = append(out, rec)
-			r.byHook[rec.Hook]++
-		case <-time.After(300 * time.Millisecond):
-			return out
-		}
-	}
-}
+func (r *recorder) drain() []Record { return r.read(nil, nil) }
 
 // until returns the records read until one that pred accepts came (or, after
 // 2 s, none came for 300 ms): what a check of one store waits for, without
 // drain's idle wait once it is there.
-func (r *recorder) until(pred func(Record) bool) (out []Record) {
-	deadline := time.After(2 * time.Second)
+func (r *recorder) until(pred func(Record) bool) []Record {
+	return r.read(pred, time.After(2*time.Second))
+}
+
+// read returns the records read until pred accepts one, or, once
+// deadline has passed (at once when it is nil), none came for 300 ms.
+func (r *recorder) read(pred func(Record) bool, deadline <-chan time.Time) (out []Record) {
+	idle := deadline == nil
 	for {
+		var quiet <-chan time.Time
+		if idle {
+			quiet = time.After(300 * time.Millisecond)
+		}
 		select {
 		case rec, ok := <-r.ch:
 			if !ok {
@@ -65,11 +62,13 @@ func (r *recorder) until(pred func(Record) bool) (out []Record) {
 			}
 			out = append(out, rec)
 			r.byHook[rec.Hook]++
-			if pred(rec) {
+			if pred != nil && pred(rec) {
 				return out
 			}
 		case <-deadline:
-			return append(out, r.drain()...)
+			idle, deadline = true, nil
+		case <-quiet:
+			return out
 		}
 	}
 }

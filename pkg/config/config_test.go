@@ -11,7 +11,14 @@ import (
 )
 
 func base(t *testing.T) string {
-	dir := t.TempDir()
+	cfg, _ := baseIn(t)
+	return cfg
+}
+
+// baseIn is base's configuration and the directory it made (its data
+// directory is dir/data).
+func baseIn(t *testing.T) (cfg, dir string) {
+	dir = t.TempDir()
 	data := filepath.Join(dir, "data")
 	os.Mkdir(data, 0o755)
 	return `node: nodeA
@@ -22,7 +29,7 @@ key: "0123456789abcdef"
 state_dir: ` + filepath.Join(dir, "state") + `
 vip: {address: 10.250.0.100/24, interface: eth0}
 replicate:
-  - path: ` + data + "\n"
+  - path: ` + data + "\n", dir
 }
 
 func TestParseGood(t *testing.T) {

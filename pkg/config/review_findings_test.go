@@ -9,22 +9,6 @@ import (
 	"testing"
 )
 
-// reviewBase is base(t) with the data directory's path returned too.
-func reviewBase(t *testing.T) (cfg, dir string) {
-	dir = t.TempDir()
-	data := filepath.Join(dir, "data")
-	os.Mkdir(data, 0o755)
-	return `node: nodeA
-role: primary
-listen: 10.250.0.1:7788
-peer: 10.250.0.2:7788
-key: "0123456789abcdef"
-state_dir: ` + filepath.Join(dir, "state") + `
-vip: {address: 10.250.0.100/24, interface: eth0}
-replicate:
-  - path: ` + data + "\n", dir
-}
-
 // wantRefused fails unless Parse refuses cfg with an error containing want.
 func wantRefused(t *testing.T, cfg, want string) {
 	t.Helper()
@@ -40,14 +24,14 @@ func wantRefused(t *testing.T, cfg, want string) {
 // A negative check_interval is accepted; the stack's watcher then calls
 // time.NewTicker with it, which panics: the daemon dies once it serves.
 func TestServiceNegativeCheckInterval(t *testing.T) {
-	cfg, _ := reviewBase(t)
+	cfg, _ := baseIn(t)
 	wantRefused(t, cfg+"services: [{name: web, start: 'sleep 1000', check_interval: -1s}]\n", "services[0].check_interval")
 }
 
 // Negative start/stop timeouts are accepted: a stop then SIGKILLs at once
 // (no grace after SIGTERM, stop command cancelled before it runs).
 func TestServiceNegativeTimeouts(t *testing.T) {
-	cfg, _ := reviewBase(t)
+	cfg, _ := baseIn(t)
 	t.Run("stop_timeout", func(t *testing.T) {
 		wantRefused(t, cfg+"services: [{name: db, start: 'sleep 1000', stop_timeout: -10s}]\n", "services[0].stop_timeout")
 	})
@@ -59,7 +43,7 @@ func TestServiceNegativeTimeouts(t *testing.T) {
 // Two replicated directories, one inside the other, are accepted: both
 // replicas capture, ship and resync the same files.
 func TestNestedReplicatedDirs(t *testing.T) {
-	cfg, dir := reviewBase(t)
+	cfg, dir := baseIn(t)
 	inner := filepath.Join(dir, "data", "inner")
 	os.Mkdir(inner, 0o755)
 	t.Run("nested", func(t *testing.T) {
@@ -81,7 +65,7 @@ func TestK3SUserDirHoldsModuleDirs(t *testing.T) {
 // replicate: / (with a name) and a state_dir under it: the state_dir check
 // compares with "//" and misses it.
 func TestStateDirInsideRootReplica(t *testing.T) {
-	cfg, _ := reviewBase(t)
+	cfg, _ := baseIn(t)
 	cfg = strings.Replace(cfg, "  - path: ", "  - {name: root, path: /}\n  - path: ", 1)
 	wantRefused(t, cfg, "state_dir")
 }
@@ -89,7 +73,7 @@ func TestStateDirInsideRootReplica(t *testing.T) {
 // The state_dir reached through a symlink inside a replicated directory
 // is accepted: the check is lexical.
 func TestStateDirThroughSymlink(t *testing.T) {
-	cfg, dir := reviewBase(t)
+	cfg, dir := baseIn(t)
 	real := filepath.Join(dir, "data", "duet-state")
 	os.Mkdir(real, 0o700)
 	link := filepath.Join(dir, "statelink")
@@ -102,9 +86,9 @@ func TestStateDirThroughSymlink(t *testing.T) {
 
 // The control socket inside a replicated directory is accepted.
 func TestSocketInsideReplica(t *testing.T) {
-	cfg, dir := reviewBase(t)
+	cfg, dir := baseIn(t)
 	wantRefused(t, cfg+"socket: "+filepath.Join(dir, "data", "duet.sock")+"\n", "socket")
-	cfg2, _ := reviewBase(t)
+	cfg2, _ := baseIn(t)
 	wantRefused(t, cfg2+"socket: duet.sock\n", "socket")
 }
 
@@ -114,7 +98,7 @@ func TestSocketInsideReplica(t *testing.T) {
 func TestVIPIsANodeAddress(t *testing.T) {
 	for _, a := range []string{"10.250.0.2/24", "10.250.0.1/24"} {
 		t.Run(a, func(t *testing.T) {
-			cfg, _ := reviewBase(t)
+			cfg, _ := baseIn(t)
 			wantRefused(t, strings.Replace(cfg, "10.250.0.100/24", a, 1), "vip.address")
 		})
 	}
@@ -135,7 +119,7 @@ func TestK3SPortClash(t *testing.T) {
 
 // A listen port that is not a number or out of range is accepted.
 func TestListenPortRange(t *testing.T) {
-	cfg, _ := reviewBase(t)
+	cfg, _ := baseIn(t)
 	wantRefused(t, strings.Replace(cfg, "listen: 10.250.0.1:7788", "listen: 10.250.0.1:99999", 1), "listen")
 	wantRefused(t, strings.Replace(cfg, "peer: 10.250.0.2:7788", "peer: 10.250.0.2:duet", 1), "peer")
 }

@@ -110,23 +110,7 @@ func TestWelcomeBeyondBuiltNotResumed(t *testing.T) {
 	p.needFull = false
 	session := p.session
 	p.mu.Unlock()
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			return
-		}
-		defer c.Close()
-		tc, err := testLink.Server(context.Background(), c)
-		if err != nil {
-			return
-		}
-		if _, err := wire.ServerHandshake(tc, testLink.Keys(), func(wire.Hello) wire.Welcome {
-			return wire.Welcome{Session: session, Applied: 1000}
-		}); err != nil {
-			return
-		}
-		io.Copy(io.Discard, tc)
-	}()
+	go fakePeer(ln, wire.Welcome{Session: session, Applied: 1000}, func(c net.Conn) { io.Copy(io.Discard, c) })
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { defer close(done); p.Run(ctx, nil) }()
@@ -189,19 +173,7 @@ func TestPeerManifestBounded(t *testing.T) {
 	}
 	payload := wire.Compress(nil, raw)
 	sent := make(chan int, 1)
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			return
-		}
-		defer c.Close()
-		tc, err := testLink.Server(context.Background(), c)
-		if err != nil {
-			return
-		}
-		if _, err := wire.ServerHandshake(tc, testLink.Keys(), func(wire.Hello) wire.Welcome { return wire.Welcome{} }); err != nil {
-			return
-		}
+	go fakePeer(ln, wire.Welcome{}, func(tc net.Conn) {
 		for {
 			f, err := wire.ReadFrame(tc, nil)
 			if err != nil {
@@ -221,7 +193,7 @@ func TestPeerManifestBounded(t *testing.T) {
 			io.Copy(io.Discard, tc) // no end: the primary waits for more
 			return
 		}
-	}()
+	})
 	p, err := NewPrimary(Dir{Name: "data", Path: src}, ln.Addr().String(), testLink, 0, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
 		t.Fatal(err)
@@ -244,4 +216,23 @@ func TestPeerManifestBounded(t *testing.T) {
 			t.Fatalf("5 manifest frames of 999 entries (limit 1000) and no end: the primary still waits for more; last error %q", p.Status().LastError)
 		}
 	}
+}
+
+// fakePeer accepts one connection on ln, completes the replication
+// handshake as a secondary that welcomes with w, then hands the link to
+// serve.
+func fakePeer(ln net.Listener, w wire.Welcome, serve func(net.Conn)) {
+	c, err := ln.Accept()
+	if err != nil {
+		return
+	}
+	defer c.Close()
+	tc, err := testLink.Server(context.Background(), c)
+	if err != nil {
+		return
+	}
+	if _, err := wire.ServerHandshake(tc, testLink.Keys(), func(wire.Hello) wire.Welcome { return w }); err != nil {
+		return
+	}
+	serve(tc)
 }
