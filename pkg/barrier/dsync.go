@@ -134,6 +134,11 @@ func openSync(listener int, req *seccompNotif, installMu *installs) {
 		return
 	}
 	fd, err := openAs(pid, base, path, inRoot, flags, mode)
+	if errors.Is(err, unix.EAGAIN) {
+		warnOnce("O_SYNC/O_DSYNC open whose path kept moving while it was resolved (EAGAIN): writes through it are not held for the peer")
+		proceed(listener, req.ID)
+		return
+	}
 	if errors.Is(err, unix.ELOOP) {
 		// A /proc magic link on the way (/dev/stdout, /dev/fd/N,
 		// /proc/self/fd/N): opened here, "self" is the supervisor, and
@@ -334,7 +339,8 @@ const openFlags = unix.O_ACCMODE | unix.O_CREAT | unix.O_EXCL | unix.O_NOCTTY | 
 // returned to the Go scheduler (it ends with the goroutine).
 func openAs(pid int, base, path string, inRoot bool, flags, mode uint64) (int, error) {
 	how := unix.OpenHow{Flags: flags&openFlags | unix.O_CLOEXEC, Resolve: unix.RESOLVE_NO_MAGICLINKS}
-	if flags&(unix.O_CREAT|unix.O_TMPFILE) != 0 {
+	// (O_TMPFILE includes O_DIRECTORY: a directory's open takes no mode.)
+	if flags&unix.O_CREAT != 0 || flags&unix.O_TMPFILE == unix.O_TMPFILE {
 		how.Mode = mode & 0o7777 // open(2) ignores the rest; openat2 refuses it
 	}
 	if inRoot {
@@ -376,7 +382,13 @@ func openAs(pid int, base, path string, inRoot bool, flags, mode uint64) (int, e
 			done <- result{-1, err}
 			return
 		}
+		// A scoped lookup (RESOLVE_IN_ROOT) through ".." fails with
+		// EAGAIN when a rename or a mount ran anywhere meanwhile: tried
+		// again, then left to the kernel as for a magic link (a review).
 		fd, err := unix.Openat2(dir, path, &how)
+		for try := 0; errors.Is(err, unix.EAGAIN) && try < 8; try++ {
+			fd, err = unix.Openat2(dir, path, &how)
+		}
 		unix.Close(dir)
 		done <- result{fd, err}
 	}()

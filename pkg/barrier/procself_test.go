@@ -85,3 +85,16 @@ func TestSyncOpenThroughProcSelfOpensCallersFile(t *testing.T) {
 			code, procSelfFD, got, n.Load())
 	}
 }
+
+// TestSyncOpenOfDirectoryIgnoresMode: O_TMPFILE includes O_DIRECTORY, and
+// a directory's O_DSYNC open with a mode argument (os.OpenFile passes its
+// perm every time) got the mode, which openat2 refuses (EINVAL) where
+// open(2) ignores it (a review of the fix above).
+func TestSyncOpenOfDirectoryIgnoresMode(t *testing.T) {
+	dir := t.TempDir()
+	fd, err := openAs(os.Getpid(), fmt.Sprintf("/proc/%d/root", os.Getpid()), dir, true, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_DSYNC, 0o644)
+	if err != nil {
+		t.Fatalf("an O_DIRECTORY|O_DSYNC open of %s with mode 0644: %v", dir, err)
+	}
+	unix.Close(fd)
+}

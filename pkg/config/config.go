@@ -678,6 +678,7 @@ func (c *Config) k3sPorts(bad func(string, ...any)) {
 	if k.MySQLPort == k.NFSPort {
 		bad("k3s.mysql_port %d: also k3s.nfs_port: pick another port for one of them", k.MySQLPort)
 	}
+	// Both listen on every address (mariadbd --bind-address=0.0.0.0).
 	_, lp, _ := net.SplitHostPort(c.Listen)
 	for _, f := range []struct {
 		field string

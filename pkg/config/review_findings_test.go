@@ -113,7 +113,11 @@ func TestK3SPortClash(t *testing.T) {
 		wantRefused(t, cfg+"  mysql_port: 2049\n", "mysql_port")
 	})
 	t.Run("mysql=listen", func(t *testing.T) {
+		// mariadbd binds every address (--bind-address=0.0.0.0).
 		wantRefused(t, cfg+"  mysql_port: 7788\n", "mysql_port")
+	})
+	t.Run("nfs=listen", func(t *testing.T) {
+		wantRefused(t, cfg+"  nfs_port: 7788\n", "nfs_port")
 	})
 }
 

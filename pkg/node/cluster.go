@@ -213,6 +213,13 @@ func (n *Node) carryOut(prev, next cluster.Machine, acts []cluster.Action, do fu
 			prev.Checking = false
 			if prev.State == cluster.Second && next.Peer.Handover && !next.Peer.State.Serving() {
 				prev.Stale = true
+				// Said on disk if it can be: a save that failed at the
+				// directory's fsync, after its rename, may have left
+				// the refused PRIM there, which a restart would load
+				// (a review). persist falls back to the stale mark.
+				if serr := n.persist(prev); serr != nil {
+					n.log.Warn("refusing a handover: the copy's stale state not saved either", "err", serr)
+				}
 				return prev, fmt.Errorf("refusing the handover from %s, whose copy stays the reference: not becoming %s (epoch %d): %w", next.Peer.Label(), next.State, next.Epoch, err)
 			}
 			return prev, fmt.Errorf("not becoming %s (epoch %d): %w", next.State, next.Epoch, err)

@@ -1521,8 +1521,10 @@ func FetchManifest(ctx context.Context, lk *peerlink.Link, peer string, name str
 			if err != nil {
 				return nil, err
 			}
-			if len(out)+len(es) > peerEntriesLimit(0) {
-				return nil, fmt.Errorf("the peer's manifest lists more than %d entries: refused, as from a peer that would send without end", peerEntriesLimit(0))
+			// Without the local tree's count here: four times the
+			// floor (a resync's bound for a tree of 16 Mi entries).
+			if limit := peerEntriesLimit(peerEntriesFloor); len(out)+len(es) > limit {
+				return nil, fmt.Errorf("the peer's manifest lists more than %d entries: refused, as from a peer that would send without end", limit)
 			}
 			out = append(out, es...)
 			if progress != nil {

@@ -73,10 +73,11 @@ func TestFailedStartInvisibleInStatus(t *testing.T) {
 
 // Restarts were counted over the whole time the node served, never reset
 // after the service had been healthy again: with restarts: 1, two crashes
-// far apart (here 1.2 s of health, restartForgiven checks being 0.5 s; in
-// the field weeks) failed the node over.
+// far apart (here 2.5 s of health, restartForgiven checks being 1 s; in
+// the field weeks) failed the node over. TestRestartsThenFails keeps
+// crashes 0.6 s apart failing it over.
 func TestRestartBudgetNeverResets(t *testing.T) {
-	s := svc("web", "sleep 1.2; exit 1")
+	s := svc("web", "sleep 2.5; exit 1")
 	s.Restarts = 1
 	failed := make(chan string, 1)
 	st := &Stack{Services: []Service{s}, Log: slog.New(slog.DiscardHandler), Launch: plain, Output: &syncBuf{},
@@ -87,7 +88,7 @@ func TestRestartBudgetNeverResets(t *testing.T) {
 	defer st.Stop()
 	select {
 	case <-failed:
-		t.Fatalf("failed over after crashes 1.2 s apart, each after a healthy run: restarts %+v", st.Status())
-	case <-time.After(3 * time.Second):
+		t.Fatalf("failed over after crashes 2.5 s apart, each after a healthy run: restarts %+v", st.Status())
+	case <-time.After(6 * time.Second):
 	}
 }

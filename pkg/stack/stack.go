@@ -111,7 +111,7 @@ type proc struct {
 // restarts count from 0 again: restarts bound a burst of failures, not
 // every failure of the term (with restarts: 1, two crashes weeks apart
 // failed the node over; a review).
-const restartForgiven = 10
+const restartForgiven = 20
 
 // Start starts every service in order, each once its predecessor passed
 // its check. On failure it stops what it started and returns the error.
