@@ -16,6 +16,15 @@ func knownOpen(t *testing.T, why string) {
 	}
 }
 
+// mirrored returns nodeA, PRIM and preferred, and nodeB, its SECOND in
+// sync, both at epoch e and hearing each other.
+func mirrored(e uint64) (a, b Machine) {
+	return Machine{Name: "nodeA", ID: 1, State: Prim, Epoch: e, Preferred: true,
+			Peer: Peer{Seen: true, Name: "nodeB", State: Second, Epoch: e}},
+		Machine{Name: "nodeB", ID: 2, State: Second, Epoch: e,
+			Peer: Peer{Seen: true, Name: "nodeA", State: Prim, Epoch: e, Synced: true, Preferred: true}}
+}
+
 // hb is the heartbeat m sends, as its peer applies it.
 func hb(m Machine, synced bool) Event {
 	return peerEv(Peer{Name: m.Name, State: m.State, Epoch: m.Epoch, Stale: m.Stale,
@@ -37,10 +46,7 @@ func hb(m Machine, synced bool) Event {
 func TestHandoverReceiverServeFailedNothingServes(t *testing.T) {
 	knownOpen(t, "a handover whose receiver cannot take the role leaves nothing serving")
 	e := ep(5, 1)
-	giver := Machine{Name: "nodeA", ID: 1, State: Prim, Epoch: e, Preferred: true,
-		Peer: Peer{Seen: true, Name: "nodeB", State: Second, Epoch: e}}
-	recv := Machine{Name: "nodeB", ID: 2, State: Second, Epoch: e,
-		Peer: Peer{Seen: true, Name: "nodeA", State: Prim, Epoch: e, Synced: true, Preferred: true}}
+	giver, recv := mirrored(e)
 
 	giver, _ = Step(giver, Event{Kind: EvCmdSwap})
 	if giver.State != Wait || !giver.HandedOver {
@@ -103,10 +109,7 @@ func TestHandoverReceiverServeFailedNothingServes(t *testing.T) {
 func TestResumedPrimaryServesOverNewerPeer(t *testing.T) {
 	knownOpen(t, "a serving node meeting a WAIT peer with a newer epoch stays the reference")
 	e := ep(5, 1)
-	a := Machine{Name: "nodeA", ID: 1, State: Prim, Epoch: e, Preferred: true,
-		Peer: Peer{Seen: true, Name: "nodeB", State: Second, Epoch: e}}
-	b := Machine{Name: "nodeB", ID: 2, State: Second, Epoch: e,
-		Peer: Peer{Seen: true, Name: "nodeA", State: Prim, Epoch: e, Synced: true, Preferred: true}}
+	a, b := mirrored(e)
 
 	// 3. nodeB takes over.
 	b, _ = Step(b, Event{Kind: EvPeerLost})
@@ -147,12 +150,8 @@ func TestResumedPrimaryServesOverNewerPeer(t *testing.T) {
 func TestServiceDownPingPong(t *testing.T) {
 	knownOpen(t, "a service failing on both nodes moves the role back and forth")
 	e := ep(5, 1)
-	n := [2]Machine{
-		{Name: "nodeA", ID: 1, State: Prim, Epoch: e, Preferred: true,
-			Peer: Peer{Seen: true, Name: "nodeB", State: Second, Epoch: e}},
-		{Name: "nodeB", ID: 2, State: Second, Epoch: e,
-			Peer: Peer{Seen: true, Name: "nodeA", State: Prim, Epoch: e, Synced: true, Preferred: true}},
-	}
+	var n [2]Machine
+	n[0], n[1] = mirrored(e)
 	moves := 0
 	for round := 0; round < 10; round++ {
 		// The service fails on whichever node serves.

@@ -29,10 +29,7 @@ func checkGraced(acts []Action) (check, grace bool) {
 // heartbeats say it never did. Nothing serves until an operator forces.
 func TestSwapTargetStoppedGiverServesAgain(t *testing.T) {
 	e := ep(5, 1)
-	giver := Machine{Name: "nodeA", ID: 1, State: Prim, Epoch: e, Preferred: true,
-		Peer: Peer{Seen: true, Name: "nodeB", State: Second, Epoch: e}}
-	recv := Machine{Name: "nodeB", ID: 2, State: Second, Epoch: e,
-		Peer: Peer{Seen: true, Name: "nodeA", State: Prim, Epoch: e, Synced: true, Preferred: true}}
+	giver, recv := mirrored(e)
 
 	giver, _ = Step(giver, Event{Kind: EvCmdSwap})
 	if giver.State != Wait || !giver.HandedOver {
