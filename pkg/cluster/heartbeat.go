@@ -21,6 +21,12 @@ type Heartbeat struct {
 	Preferred bool
 	Synced    bool // serving: the receiver's copy is in sync
 	Handover  bool // the sender gave the primary role to the receiver
+	// Shared: the sender serves in a term the receiver has known
+	// (Machine.Shared). StaleHeld: the sender says stale only because a
+	// check found the role held elsewhere (Machine.StaleHeld). A
+	// receiver of an older version ignores both flags.
+	Shared    bool
+	StaleHeld bool
 	Boot      uint64
 	Seq       uint64 // increases within one Boot
 	// Time is the sender's clock when it sent the heartbeat: a raw
@@ -50,6 +56,8 @@ const (
 	flagPreferred
 	flagSynced
 	flagHandover
+	flagShared
+	flagStaleHeld
 )
 
 // Heartbeat errors.
@@ -65,7 +73,7 @@ func (h *Heartbeat) Marshal(key []byte) []byte {
 	b[4] = hbVersion
 	b[5] = byte(h.State)
 	var f byte
-	for bit, on := range map[byte]bool{flagStale: h.Stale, flagPreferred: h.Preferred, flagSynced: h.Synced, flagHandover: h.Handover} {
+	for bit, on := range map[byte]bool{flagStale: h.Stale, flagPreferred: h.Preferred, flagSynced: h.Synced, flagHandover: h.Handover, flagShared: h.Shared, flagStaleHeld: h.StaleHeld} {
 		if on {
 			f |= bit
 		}
@@ -122,6 +130,7 @@ func ParseHeartbeat(b, key []byte) (Heartbeat, error) {
 	h.State = State(b[5])
 	f := b[6]
 	h.Stale, h.Preferred, h.Synced, h.Handover = f&flagStale != 0, f&flagPreferred != 0, f&flagSynced != 0, f&flagHandover != 0
+	h.Shared, h.StaleHeld = f&flagShared != 0, f&flagStaleHeld != 0
 	h.Epoch = binary.BigEndian.Uint64(b[8:])
 	h.Boot = binary.BigEndian.Uint64(b[16:])
 	h.Seq = binary.BigEndian.Uint64(b[24:])
@@ -135,6 +144,6 @@ func ParseHeartbeat(b, key []byte) (Heartbeat, error) {
 // Peer converts a heartbeat into the machine's view of its sender.
 func (h *Heartbeat) Peer() Peer {
 	return Peer{Seen: true, Name: h.Name, State: h.State, Epoch: h.Epoch, Stale: h.Stale,
-		Preferred: h.Preferred, Synced: h.Synced, Handover: h.Handover,
+		Preferred: h.Preferred, Synced: h.Synced, Handover: h.Handover, Shared: h.Shared, StaleHeld: h.StaleHeld,
 		Boot: h.Boot, Seq: h.Seq, Time: h.Time, EchoBoot: h.EchoBoot, EchoTime: h.EchoTime}
 }

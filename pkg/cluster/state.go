@@ -45,6 +45,12 @@ type Peer struct {
 	Synced bool
 	// Handover is set by a peer that gave up the primary role to us.
 	Handover bool
+	// Shared is set by a serving peer whose term we have known (see
+	// Machine.Shared).
+	Shared bool
+	// StaleHeld is set by a peer that says stale only because a check
+	// found the role held elsewhere (Machine.StaleHeld).
+	StaleHeld bool
 	// Boot, Seq and Time identify the heartbeat (see Heartbeat); EchoBoot
 	// and EchoTime name the last heartbeat of ours whose state the peer
 	// had applied when it sent it (Guard.Applied).
@@ -77,7 +83,38 @@ type Machine struct {
 	// writes this copy lacks (TestHandoverGiverRestartedDoesNotServeAlone).
 	HandedOver bool
 	Checking   bool // takeover checks in progress
-	Peer       Peer
+	// Shared: the peer has known this node's serving term: it was heard
+	// at this node's epoch (SECOND in sync, say), and this node serves
+	// on in that term, alone or not (PRIM -> ALONE draws nextEpoch(1) and
+	// keeps it). A newer epoch that such a peer holds later was drawn by
+	// a takeover after this term began (nextEpoch(2) from at least this
+	// term's epoch): met WAIT and not stale, that peer served while this
+	// node was not heard (its host stalled, a cut hid it and the VIP),
+	// and then stopped serving before the two met (its daemon restarted,
+	// or it left the role). This node steps down, as it would had the
+	// peer still been serving (TestResumedPrimaryServesOverNewerPeer).
+	// A term of a takeover that the peer has not known yet is not
+	// Shared: a newer epoch the peer holds may be of an earlier term,
+	// drawn without knowing this one's
+	// (TestTakeoverTermStaysOverOlderTakeover). Said in the heartbeats,
+	// so that the peer waits for the step down rather than counting its
+	// own newer copy stale (Peer.yieldsTo).
+	Shared bool
+	// StaleHeld: this copy counts as stale only because a takeover
+	// check found the role held elsewhere (another host answers for the
+	// VIP) while it was WAIT and not stale: who holds it, and whether it
+	// writes what this copy lacks, is unknown until the peer is heard.
+	// Heard serving, the peer makes the copy stale for good (StaleHeld
+	// cleared), unless it steps down for it (Peer.yieldsTo); heard WAIT,
+	// stale for its own reasons, with an older epoch, it held the role in
+	// a term older than this copy's and gave it up (a Shared primary that
+	// stepped down for this copy, whose heartbeats this node could not
+	// accept while it did: its loop echoes this node's run only once the
+	// step down is carried out): this copy is not stale
+	// (TestStalledPrimaryResumesBehindRestartedPeer in the lab). Saved
+	// with Stale, and said in the heartbeats.
+	StaleHeld bool
+	Peer      Peer
 }
 
 // Kind of event.
@@ -175,7 +212,7 @@ func (m Machine) nextEpoch(ahead uint64) uint64 {
 // serve moves m to PRIM (peer visible) or ALONE, with a new epoch.
 func (m Machine) serve(why string) (Machine, []Action) {
 	m.Epoch = m.nextEpoch(2)
-	m.Stale, m.HandedOver, m.Checking = false, false, false
+	m.Stale, m.StaleHeld, m.HandedOver, m.Checking, m.Shared = false, false, false, false, false
 	if m.Peer.Seen {
 		m.State = Prim
 	} else {
@@ -193,7 +230,7 @@ func (m Machine) serve(why string) (Machine, []Action) {
 // publishes after the actions).
 func (m Machine) unserve(to State, why string) (Machine, []Action) {
 	m.State = to
-	m.Checking = false
+	m.Checking, m.Shared = false, false
 	return m, []Action{logf("leaving the primary role for %s: %s", to, why), {Do: DoPersist}, {Do: DoUnserve}}
 }
 
@@ -214,7 +251,7 @@ func Step(m Machine, ev Event) (Machine, []Action) {
 	// A copy that a resync is rewriting is neither in sync nor whole: it
 	// counts as stale (never serves unless forced) until the serving peer
 	// says it is in sync again.
-	m.Stale = true
+	m.Stale, m.StaleHeld = true, false
 	why := fmt.Sprintf("directory %s: this copy is mid-resync (inconsistent): not taking over until the resync completes", m.Resyncing)
 	if m.State == Second {
 		m.State = Wait
@@ -277,7 +314,7 @@ func step(m Machine, ev Event) (Machine, []Action) {
 		if m.Peer.Seen && m.Peer.State.Serving() {
 			// The serving peer writes on without this copy: stale, and
 			// said so, so that the peer may release what it cannot ship.
-			m.Stale, m.HandedOver = true, false
+			m.Stale, m.StaleHeld, m.HandedOver = true, false, false
 		}
 		return m.to(Stop, "stopped by the operator")
 	}
@@ -285,8 +322,8 @@ func step(m Machine, ev Event) (Machine, []Action) {
 		if ev.Kind == EvCmdPrim || ev.Kind == EvCmdSecond || ev.Kind == EvCmdSwap {
 			return m, []Action{refuse("duet is stopped on this node: run `duet start` first")}
 		}
-		if ev.Kind == EvPeer && ev.Peer.State.Serving() && (!m.Stale || m.HandedOver) {
-			m.Stale, m.HandedOver = true, false
+		if ev.Kind == EvPeer && ev.Peer.State.Serving() && (!m.Stale || m.StaleHeld || m.HandedOver) {
+			m.Stale, m.StaleHeld, m.HandedOver = true, false, false
 			return m, []Action{{Do: DoPersist}}
 		}
 		return m, nil
@@ -298,6 +335,13 @@ func step(m Machine, ev Event) (Machine, []Action) {
 		return m.stepSecond(ev)
 	}
 	return m.stepServing(ev)
+}
+
+// yieldsTo says whether p, serving, steps down for m's copy on hearing
+// it (see Machine.Shared): m has known p's term, and its copy is newer,
+// whole and not stale.
+func (p Peer) yieldsTo(m Machine) bool {
+	return p.State.Serving() && p.Shared && p.Epoch < m.Epoch && m.State == Wait && (!m.Stale || m.StaleHeld) && !m.HandedOver && m.Resyncing == ""
 }
 
 // peerReady: the peer holds our data and can take over at once.
@@ -312,9 +356,16 @@ func (m Machine) stepWait(ev Event) (Machine, []Action) {
 	case EvPeer:
 		m.Checking = false
 		if p.State.Serving() {
+			if p.yieldsTo(m) {
+				// The peer serves on in a term older than this copy's,
+				// one it carried on after losing this node: it steps
+				// down on hearing that this copy is newer and not stale
+				// (stepServing), which this node must not say otherwise.
+				return m, nil
+			}
 			// From here on the serving peer writes what this copy lacks.
-			if !m.Stale || m.HandedOver {
-				m.Stale, m.HandedOver = true, false
+			if !m.Stale || m.StaleHeld || m.HandedOver {
+				m.Stale, m.StaleHeld, m.HandedOver = true, false, false
 				acts = append(acts, Action{Do: DoPersist})
 			}
 			// Not to an ALONE peer: it releases durability calls
@@ -322,19 +373,29 @@ func (m Machine) stepWait(ev Event) (Machine, []Action) {
 			// stream goes (it does not hear us).
 			if p.Synced && p.State == Prim && m.Resyncing == "" {
 				m.Epoch = p.Epoch
-				m.Stale = false
+				m.Stale, m.StaleHeld = false, false
 				m, more := m.to(Second, fmt.Sprintf("in sync with %s (epoch %d)", p.Name, p.Epoch))
 				return m, append(acts, more...)
 			}
 			return m, acts
 		}
-		if !p.Stale && p.Epoch > m.Epoch && !m.Stale {
+		if m.StaleHeld && p.State == Wait && p.Stale && !p.StaleHeld && p.Epoch < m.Epoch && !m.HandedOver && m.Resyncing == "" {
+			// Whoever held the role when this node's check found it
+			// held, the peer does not serve now, counts its older copy
+			// stale, and so defers to this one: a primary that stepped
+			// down for this copy (Machine.Shared) and held the VIP
+			// while it did. The next heartbeat decides as between any
+			// two WAIT nodes.
+			m.Stale, m.StaleHeld = false, false
+			return m, []Action{{Do: DoPersist}, logf("peer %s gave up the role this node's check found held, and counts its copy (epoch %d) stale: this copy (epoch %d) is not stale", p.Label(), p.Epoch, m.Epoch)}
+		}
+		if !p.Stale && p.Epoch > m.Epoch && (!m.Stale || m.StaleHeld) {
 			// The peer's copy is newer: it served a term after this
 			// copy's (a term draws a newer epoch), and is not serving
 			// now (stopped, or back before serving again). Stale, and
 			// saved: lost again, it must not be served over
 			// (TestStoppedNewerPeerLostNotServedOver, from a review).
-			m.Stale = true
+			m.Stale, m.StaleHeld = true, false
 			acts = append(acts, Action{Do: DoPersist}, logf("peer %s holds a newer copy (epoch %d, here %d): this copy counts as stale", p.Label(), p.Epoch, m.Epoch))
 		}
 		if m.HandedOver && !m.Stale && p.Epoch <= m.Epoch && m.Resyncing == "" && (p.State == Wait && m.wins() || p.State == Stop) {
@@ -387,7 +448,7 @@ func (m Machine) stepWait(ev Event) (Machine, []Action) {
 			// Not checked again until the peer is heard: a later probe
 			// that the holder misses (its host stalled) would let this
 			// copy serve beside it (TestWaitNotStaleRetriesAfterVIPAnswered).
-			m.Stale = true
+			m.Stale, m.StaleHeld = true, true
 			return m, []Action{{Do: DoPersist}, logf("not taking over: %s; this copy counts as stale (the role is held elsewhere)", ev.Why)}
 		}
 		if !ev.OK {
@@ -508,6 +569,24 @@ func (m Machine) stepServing(ev Event) (Machine, []Action) {
 			}
 			m.Stale = true
 			return m.unserve(Wait, fmt.Sprintf("split brain: peer %s is %s too (epoch %d, here %d) and wins; changes made here since epoch %d will be replaced by its copy", p.Name, p.State, p.Epoch, m.Epoch, m.Epoch))
+		}
+		if p.Epoch == m.Epoch {
+			m.Shared = true // not saved: a restart leaves the role
+		}
+		if m.Shared && p.State == Wait && (!p.Stale || p.StaleHeld) && !p.Handover && p.Epoch > m.Epoch {
+			// The peer's copy is newer and it does not count it stale:
+			// having known this term, it drew its epoch in a takeover
+			// since, and served, while this node was not heard (its
+			// host stalled, or a cut hid it and the VIP). It serves no
+			// more (its daemon restarted, or it left the role), but
+			// what it acknowledged is newer than what this node wrote
+			// alone since: had the peer been serving still, the newer
+			// epoch would win (above); the restart in between must not
+			// decide the other way. A PRIM that had not lost it yet
+			// released nothing the peer lacked.
+			m.Stale = true
+			return m.unserve(Wait, fmt.Sprintf("peer %s holds a newer copy (epoch %d, here %d, not stale): it took the role over while this node could not be heard, and served; "+
+				"this copy steps down, and what it acknowledged alone since then is replaced by the peer's", p.Name, p.Epoch, m.Epoch))
 		}
 		if m.State == Alone {
 			m.State = Prim

@@ -38,8 +38,18 @@ func allMachines() []Machine {
 						for ps := Stop; ps <= Alone; ps++ {
 							for _, pe := range []uint64{4, 5, 6} {
 								for _, rs := range []string{"", "data"} {
-									out = append(out, Machine{Name: "nodeA", ID: 1, State: s, Epoch: 5, Stale: stale, Preferred: pref, HandedOver: ho, Resyncing: rs,
-										Peer: Peer{Seen: seen, Name: "nodeB", State: ps, Epoch: pe, Preferred: !pref}})
+									for _, cont := range []bool{false, true} {
+										for _, held := range []bool{false, true} {
+											// Only a serving node has a term the peer
+											// knew; only a stale WAIT or STOP one was
+											// made stale by a held role.
+											if cont && !s.Serving() || held && (!stale || ho || s != Wait && s != Stop) {
+												continue
+											}
+											out = append(out, Machine{Name: "nodeA", ID: 1, State: s, Epoch: 5, Stale: stale, Preferred: pref, HandedOver: ho, Resyncing: rs, Shared: cont, StaleHeld: held,
+												Peer: Peer{Seen: seen, Name: "nodeB", State: ps, Epoch: pe, Preferred: !pref}})
+										}
+									}
 								}
 							}
 						}
@@ -55,7 +65,7 @@ func allEvents() []Event {
 	var evs []Event
 	for ps := Stop; ps <= Alone; ps++ {
 		for _, pe := range []uint64{4, 5, 6} {
-			for _, f := range []Peer{{}, {Stale: true}, {Synced: true}, {Handover: true}, {Preferred: true}} {
+			for _, f := range []Peer{{}, {Stale: true}, {Synced: true}, {Handover: true}, {Preferred: true}, {Shared: true}, {Shared: true, Synced: true}, {Stale: true, StaleHeld: true}} {
 				p := f
 				p.Name, p.State, p.Epoch = "nodeB", ps, pe
 				evs = append(evs, peerEv(p))
@@ -104,6 +114,37 @@ func TestInvariants(t *testing.T) {
 				if ev.Peer.Epoch < m.Epoch && !got.State.Serving() {
 					t.Errorf("%+v + %+v: stepped down for a serving peer with an older epoch", m, ev)
 				}
+			}
+			// A node that carries its term on alone steps down for a
+			// WAIT peer whose copy is newer and not stale (it took the
+			// role over meanwhile: TestResumedPrimaryServesOverNewerPeer);
+			// one serving in a takeover's term does not.
+			if m.State.Serving() && ev.Kind == EvPeer && ev.Peer.State == Wait {
+				newer := (!ev.Peer.Stale || ev.Peer.StaleHeld) && !ev.Peer.Handover && ev.Peer.Epoch > m.Epoch
+				if m.Shared && newer && (got.State != Wait || !got.Stale) {
+					t.Errorf("%+v + %+v: carried its term on over a WAIT peer with a newer copy (%s, stale %v)", m, ev, got.State, got.Stale)
+				}
+				if !(m.Shared && newer) && !got.State.Serving() {
+					t.Errorf("%+v + %+v: stepped down for a WAIT peer", m, ev)
+				}
+			}
+			// A copy that does not serve turns stale on hearing a serving
+			// peer, unless that peer steps down for it (yieldsTo).
+			if !m.State.Serving() && m.State != Second && ev.Kind == EvPeer && ev.Peer.State.Serving() && !got.State.Serving() {
+				if y := ev.Peer.yieldsTo(m); y && (got.Stale != m.Stale || got.StaleHeld != m.StaleHeld) || !y && (!got.Stale || got.StaleHeld) && got.State != Second {
+					t.Errorf("%+v + %+v: stale %v (held %v) -> %v (held %v) (the peer steps down for it: %v)", m, ev, m.Stale, m.StaleHeld, got.Stale, got.StaleHeld, y)
+				}
+			}
+			// Stale only by a held role: never without Stale, and left
+			// only on hearing the peer (or for good, or forced).
+			if got.StaleHeld && (!got.Stale || !m.StaleHeld && !(ev.Kind == EvChecked && ev.Held)) {
+				t.Errorf("%+v + %+v: stale held %v (stale %v) from stale held %v", m, ev, got.StaleHeld, got.Stale, m.StaleHeld)
+			}
+			if m.StaleHeld && !got.Stale && !got.State.Serving() && ev.Kind != EvPeer {
+				t.Errorf("%+v + %+v: stale by a held role, cleared without hearing the peer", m, ev)
+			}
+			if m.StaleHeld && !got.Stale && got.State != Second && ev.Kind == EvPeer && !(ev.Peer.State == Wait && ev.Peer.Stale && !ev.Peer.StaleHeld && ev.Peer.Epoch < m.Epoch) {
+				t.Errorf("%+v + %+v: stale by a held role, cleared by a peer that does not defer", m, ev)
 			}
 			// Serving starts and stops only through the actions.
 			if became != has(acts, DoServe) {
@@ -159,7 +200,7 @@ func TestScenarios(t *testing.T) {
 	a := Machine{Name: "nodeA", ID: 1, State: Wait, Preferred: true}
 	b := Machine{Name: "nodeB", ID: 2, State: Wait, Stale: true}
 	peerOf := func(m Machine, synced bool) Peer {
-		return Peer{Name: m.Name, State: m.State, Epoch: m.Epoch, Stale: m.Stale, Preferred: m.Preferred, Synced: synced, Handover: m.HandedOver}
+		return Peer{Name: m.Name, State: m.State, Epoch: m.Epoch, Stale: m.Stale, Preferred: m.Preferred, Synced: synced, Handover: m.HandedOver, Shared: m.Shared, StaleHeld: m.StaleHeld}
 	}
 
 	// Fresh cluster: the preferred node serves, the other syncs.
@@ -268,6 +309,12 @@ func TestHeartbeatRoundTrip(t *testing.T) {
 	got, err := ParseHeartbeat(b, key)
 	if err != nil || got != h {
 		t.Fatalf("round trip: %+v, %v", got, err)
+	}
+	for _, f := range []Heartbeat{{Stale: true}, {Handover: true}, {Shared: true}, {Synced: true, Shared: true}, {Stale: true, StaleHeld: true}} {
+		f.Name, f.State, f.Epoch = "nodeA", Alone, 9
+		if got, err := ParseHeartbeat(f.Marshal(key), key); err != nil || got != f || got.Peer().Shared != f.Shared || got.Peer().StaleHeld != f.StaleHeld {
+			t.Errorf("flags %+v: round trip %+v, %v", f, got, err)
+		}
 	}
 	if _, err := ParseHeartbeat(b, []byte("another key of 16")); err != ErrHeartbeatAuth {
 		t.Errorf("wrong key: %v", err)

@@ -195,6 +195,14 @@ func (n *Node) peerCannotTakeOver() bool {
 		return n.announcedAlone.Load() == m.Epoch && witnessed
 	}
 	p := m.Peer
+	if !m.State.Serving() && p.StaleHeld && p.Epoch > m.Epoch {
+		// This node is leaving the role for the peer's newer copy,
+		// which counts as stale only because the role this node held
+		// was found held (cluster.Machine.StaleHeld): the peer takes
+		// over once it hears this node stepped down, without what this
+		// node would release now.
+		return false
+	}
 	return p.Seen && p.Stale && n.staleCurrent(p)
 }
 

@@ -29,6 +29,35 @@ type command struct {
 	reply chan string
 }
 
+// clusterEpoch is the machine's epoch, which this node's primaries send
+// in their hellos (replica.Primary.Epoch).
+func (n *Node) clusterEpoch() uint64 {
+	if m := n.machine.Load(); m != nil {
+		return m.Epoch
+	}
+	return 0
+}
+
+// admitPrimary is the replica server's Admit: a stream from a primary
+// whose epoch is older than this copy's is refused while this node does
+// not count its copy stale (or stale only because its check found the
+// role held: cluster.Machine.StaleHeld). Such a primary serves on in a
+// term this node knew, older than the one this node served since (its
+// host stalled while this one took over: it steps down on hearing this
+// copy, cluster.Machine.Shared), or serves a term of its own takeover
+// that this node has yet to hear of (this node counts its copy stale on
+// its first heartbeat, and the primary's next attempt is taken). Either
+// way its resync would replace what this copy's newer term acknowledged
+// before the heartbeats settle which copy is the reference. A hello
+// without an epoch (a sender of an older version) is taken, as before.
+func (n *Node) admitPrimary(epoch uint64) string {
+	m := n.machine.Load()
+	if m == nil || epoch == 0 || epoch >= m.Epoch || m.Stale && !m.StaleHeld || m.State.Serving() {
+		return ""
+	}
+	return fmt.Sprintf("this copy (epoch %d) is newer than the sender's (epoch %d) and not stale: it takes no stream from it until the heartbeats settle which copy is the reference", m.Epoch, epoch)
+}
+
 // persisted is the machine's part that survives a restart.
 type persisted struct {
 	State string `json:"state"`
@@ -38,6 +67,9 @@ type persisted struct {
 	// peer serve since (cluster.Machine.HandedOver). A daemon stopped
 	// by the handover, or killed, must not come back as the reference.
 	HandedOver bool `json:"handed_over,omitempty"`
+	// StaleHeld: stale only because a check found the role held
+	// elsewhere (cluster.Machine.StaleHeld).
+	StaleHeld bool `json:"stale_held,omitempty"`
 }
 
 func (n *Node) statePath() string { return filepath.Join(n.cfg.StateDir, "cluster.json") }
@@ -87,6 +119,8 @@ func (n *Node) loadMachine() (cluster.Machine, error) {
 		m.Stale = false
 	case "SECOND":
 		m.Stale = true
+	default:
+		m.StaleHeld = p.Stale && p.StaleHeld
 	}
 	return m, nil
 }
@@ -96,7 +130,7 @@ func (n *Node) loadMachine() (cluster.Machine, error) {
 // way (markStale), which needs no data block: a restart must not take the
 // last state saved (PRIM, say) for the truth and serve an older copy.
 func (n *Node) persist(m cluster.Machine) error {
-	b, _ := json.Marshal(persisted{State: m.State.String(), Epoch: m.Epoch, Stale: m.Stale, HandedOver: m.HandedOver})
+	b, _ := json.Marshal(persisted{State: m.State.String(), Epoch: m.Epoch, Stale: m.Stale, HandedOver: m.HandedOver, StaleHeld: m.Stale && m.StaleHeld})
 	if err := writeDurable(n.statePath(), b); err != nil {
 		err = fmt.Errorf("saving cluster state: %w", err)
 		if m.Stale || m.State == cluster.Second {
@@ -338,6 +372,8 @@ func (n *Node) heartbeat() cluster.Heartbeat {
 	for try := 0; ; try++ {
 		m := n.machine.Load()
 		h.Name, h.State, h.Epoch, h.Stale, h.Preferred, h.Handover = m.Name, m.State, m.Epoch, m.Stale, m.Preferred, m.HandedOver
+		h.Shared = m.Shared && m.State.Serving()
+		h.StaleHeld = h.Stale && m.StaleHeld
 		if h.Stale && n.staleUnsaved.Load() {
 			// Said only once a restart would know it too: the primary
 			// releases its held calls on this node's "stale".

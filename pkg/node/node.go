@@ -319,7 +319,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 		return fmt.Errorf("listen %q: %w (is the address configured on this host, and the port free?)", cfg.Listen, err)
 	}
 	n.server = &replica.Server{Link: lk, StateDir: cfg.StateDir, Dirs: n.dirs, Log: log, Metas: metas, Stages: &n.stages,
-		PeerAddrs: cfg.PeerAddrs()}
+		PeerAddrs: cfg.PeerAddrs(), Admit: n.admitPrimary}
 	n.server.SetAccept(true)
 	hbConns, hbPeers, err := n.heartbeatConns()
 	if err != nil {

@@ -59,6 +59,7 @@ func (n *Node) startPrimary(ctx context.Context) error {
 		// peer turns SECOND an interval sooner.
 		p.OnResyncDone = n.kickHeartbeat
 		p.Stages = &n.stages
+		p.Epoch = n.clusterEpoch
 		primaries = append(primaries, p)
 		err = p.BeginTerm(replica.Term{Meta: n.metas[i], DirtyPath: n.bitmapPath(d.Name),
 			Margin: n.cfg.Resync.Margin, Rate: int64(n.cfg.Resync.RateMiB) << 20})

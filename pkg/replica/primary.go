@@ -74,6 +74,10 @@ type Primary struct {
 	// Stages, if set, times the steps of durability calls (WaitShipped)
 	// and the peer's answers to sync requests.
 	Stages *latency.Stages
+	// Epoch, if set, is this node's cluster epoch, sent in each
+	// connection's hello: a replica whose copy is newer and not stale
+	// refuses the stream (Server.Admit).
+	Epoch func() uint64
 
 	// DiskCheck, if set, says whether this copy's filesystem works now
 	// (nil); it is asked before a connection and before a resync, which
@@ -441,7 +445,11 @@ func (p *Primary) Run(ctx context.Context, kernel Kernel) {
 
 func (p *Primary) dial(ctx context.Context) (net.Conn, wire.Welcome, error) {
 	d := &net.Dialer{Timeout: 3 * time.Second, KeepAlive: 5 * time.Second}
-	c, w, err := dialPeer(ctx, p.Link, d, p.Peer, wire.Hello{Purpose: wire.PurposeReplicate, Session: p.session, Dir: p.Dir.Name})
+	h := wire.Hello{Purpose: wire.PurposeReplicate, Session: p.session, Dir: p.Dir.Name}
+	if p.Epoch != nil {
+		h.Epoch = p.Epoch()
+	}
+	c, w, err := dialPeer(ctx, p.Link, d, p.Peer, h)
 	if err != nil {
 		return nil, w, err
 	}

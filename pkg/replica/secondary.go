@@ -51,6 +51,15 @@ type Server struct {
 	// strangers with many addresses can fill the shared places but not
 	// the peer's. A peer that connects from another address shares them.
 	PeerAddrs []netip.Addr
+	// Admit, if set, is asked about each replication stream with the
+	// sending primary's cluster epoch (0: not sent): a reason to refuse
+	// it, or "". The node refuses a primary whose epoch is older than
+	// its own copy's while it does not count its copy stale: such a
+	// primary is about to step down for this copy (cluster.Machine's
+	// Shared), or this node has yet to hear that it must not (its
+	// heartbeats); its resync would replace what this copy's term
+	// acknowledged.
+	Admit func(epoch uint64) string
 
 	accept   atomic.Bool        // replicas take batches; a serving node does not
 	syncfs   func(fd int) error // the appliers' syncfs when set (a test fails it)
@@ -458,6 +467,12 @@ func (s *Server) handle(ctx context.Context, raw net.Conn, from netip.Addr) {
 			if !s.accept.Load() {
 				refuse = notReplica
 				return wire.Welcome{}
+			}
+			if s.Admit != nil {
+				if why := s.Admit(h.Epoch); why != "" {
+					refuse = why
+					return wire.Welcome{}
+				}
 			}
 			r, err := s.state(h.Dir)
 			if err != nil {

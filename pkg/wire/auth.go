@@ -26,6 +26,12 @@ type Hello struct {
 	Nonce   [32]byte
 	Session uint64 // the sender's session: batch sequences restart with it
 	Dir     string // the replicated directory's name
+	// Epoch is the sending primary's cluster epoch (cluster.Machine),
+	// 0 when unknown (a manifest request, a sender of an older version,
+	// which does not send it). The replica refuses a stream from an
+	// older epoch than its own copy's while it does not count its copy
+	// stale (Server.Admit).
+	Epoch uint64
 }
 
 // Welcome is the server's answer after a successful handshake: what the
@@ -78,7 +84,13 @@ func encodeHello(h *Hello) []byte {
 	b := []byte{byte(h.Purpose)}
 	b = append(b, h.Nonce[:]...)
 	b = binary.LittleEndian.AppendUint64(b, h.Session)
-	return appendString(b, h.Dir)
+	b = appendString(b, h.Dir)
+	if h.Epoch == 0 {
+		return b
+	}
+	// After the directory's name: a decoder of an older version reads
+	// the name and ignores the rest.
+	return binary.LittleEndian.AppendUint64(b, h.Epoch)
 }
 
 // DecodeHello decodes a hello payload.
@@ -97,6 +109,13 @@ func DecodeHello(p []byte) (Hello, error) {
 	h.Dir = string(d.bytes("directory name", 255))
 	if d.err != nil {
 		return h, d.err
+	}
+	switch len(d.b) {
+	case 0:
+	case 8:
+		h.Epoch = binary.LittleEndian.Uint64(d.b)
+	default:
+		return h, fmt.Errorf("%w: hello with %d bytes after the directory's name", ErrBadFrame, len(d.b))
 	}
 	return h, nil
 }

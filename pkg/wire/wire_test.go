@@ -345,6 +345,37 @@ func TestHandshake(t *testing.T) {
 	}
 }
 
+// TestHelloEpoch: the primary's epoch rides after the directory's name;
+// a hello without it (a manifest request, a sender of an older version)
+// reads as epoch 0, and anything else after the name is refused.
+func TestHelloEpoch(t *testing.T) {
+	for _, h := range []Hello{
+		{Purpose: PurposeReplicate, Session: 9, Dir: "data", Epoch: 7<<8 | 2},
+		{Purpose: PurposeReplicate, Session: 9, Dir: "data"},
+		{Purpose: PurposeManifest, Dir: "data"},
+	} {
+		h.Nonce[3] = 1
+		got, err := DecodeHello(encodeHello(&h))
+		if err != nil || got != h {
+			t.Errorf("%+v: decoded %+v, %v", h, got, err)
+		}
+	}
+	// What a sender before the epoch wrote.
+	old := []byte{byte(PurposeReplicate)}
+	old = append(old, make([]byte, 32)...)
+	old = binary.LittleEndian.AppendUint64(old, 5)
+	old = appendString(old, "data")
+	if got, err := DecodeHello(old); err != nil || got.Epoch != 0 || got.Dir != "data" || got.Session != 5 {
+		t.Errorf("an older sender's hello: %+v, %v", got, err)
+	}
+	for _, extra := range []int{1, 7, 9, 16} {
+		b := append(append([]byte(nil), old...), make([]byte, extra)...)
+		if _, err := DecodeHello(b); !errors.Is(err, ErrBadFrame) {
+			t.Errorf("%d bytes after the name: %v, want ErrBadFrame", extra, err)
+		}
+	}
+}
+
 // TestSealedFrames: a sealed frame (for a TLS link: its CRC covers the
 // header only) is read as it was written on a sealed link, refused on
 // another, and refused with a damaged header; unsealed, any reader takes

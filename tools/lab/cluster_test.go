@@ -387,3 +387,69 @@ func TestStopHandsOver(t *testing.T) {
 		t.Fatalf("the service answered from nodeB %d ms after nodeA's stop began: the handover should take about one second", ms)
 	}
 }
+
+// TestStalledPrimaryResumesBehindRestartedPeer: nodeA's host stalls (a
+// paused VM: link down, every process stopped); nodeB takes over and
+// writes alone; nodeB's daemon is restarted (an upgrade), and comes back
+// WAIT, waiting for nodeA (cluster.start_wait); then nodeA's host goes
+// on, still holding the VIP. nodeB's copy is the newer one: nodeA must
+// step down and nodeB serve it, with what it wrote alone. Before, nodeA
+// stayed the reference (nodeB, hearing it serve, counted its copy stale)
+// and its resync removed nodeB's writes (DESIGN §7, "A term its peer has
+// known").
+func TestStalledPrimaryResumesBehindRestartedPeer(t *testing.T) {
+	l, hello := clusterLab(t, true)
+	NewWorkload(l.AData, 5).Run(100)
+	l.WaitSync(t, time.Minute)
+	if out, err := l.run("stall", "a"); err != nil {
+		t.Fatalf("stall a: %v\n%s", err, out)
+	}
+	resumed := false
+	defer func() {
+		if !resumed {
+			l.run("resume", "a")
+		}
+	}()
+	l.WaitState(t, "b", "ALONE", 30*time.Second)
+	NewWorkload(l.BData, 6).Run(100) // (it renames and removes what it finds)
+	const mine = "written by nodeB while nodeA was stalled\n"
+	f, err := os.Create(filepath.Join(l.BData, "only-on-b"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteString(mine); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	// nodeB's daemon restarts: its term ended without a handover.
+	l.Stop(t, "b")
+	l.Start(t, "b")
+	st := l.WaitState(t, "b", "WAIT", 30*time.Second)
+	if st.Stale {
+		t.Fatalf("nodeB restarted stale: the scenario needs its newer copy not stale (%+v)", st)
+	}
+	// nodeA's host goes on.
+	if out, err := l.run("resume", "a"); err != nil {
+		t.Fatalf("resume a: %v\n%s", err, out)
+	}
+	resumed = true
+	l.WaitState(t, "a", "SECOND", time.Minute)
+	l.WaitSync(t, time.Minute)
+	sb := l.Status(t, "b")
+	if sb.State != "PRIM" {
+		t.Fatalf("nodeB is %s after nodeA resumed: want it serving its newer copy", sb.State)
+	}
+	for _, dir := range []string{l.BData, l.AData} {
+		b, err := os.ReadFile(filepath.Join(dir, "only-on-b"))
+		if err != nil || string(b) != mine {
+			t.Fatalf("%s: what nodeB wrote alone is gone (%q, %v): the stalled primary's older copy replaced it", dir, b, err)
+		}
+	}
+	if _, ans := l.connect(t, hello, time.Now()); ans != "hello from nodeB" {
+		t.Fatalf("the client got %q through the VIP, want nodeB", ans)
+	}
+	l.Verify(t)
+}

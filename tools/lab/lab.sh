@@ -16,6 +16,9 @@
 #   lab.sh diskfail a|b       the host's disk fails: its filesystem turns read-only
 #                             (ext4) or shuts down (XFS: EIO), its link and processes
 #                             stay up; a powercut then stands for the repair
+#   lab.sh stall a|b          the host stalls (a paused VM): its link down, every
+#                             process on it stopped (SIGSTOP); its state is kept
+#   lab.sh resume a|b         the stalled host goes on: link up, processes continued
 #   lab.sh revive a|b         bring a crashed host's link back (as after a reboot:
 #                             without the VIP); then start duet on it again
 #   lab.sh exec a|b|c CMD...  run a command inside a host's namespace
@@ -316,6 +319,16 @@ diskfail)
 	fi
 	touch "$LAB/$2.diskfailed"
 	;;
+stall)
+	host "${2:-}"
+	ip -n "$(ns "$2")" link set eth0 down
+	for p in $(ip netns pids "$(ns "$2")"); do kill -STOP "$p" 2>/dev/null || true; done
+	;;
+resume)
+	host "${2:-}"
+	ip -n "$(ns "$2")" link set eth0 up
+	for p in $(ip netns pids "$(ns "$2")"); do kill -CONT "$p" 2>/dev/null || true; done
+	;;
 revive)
 	host "${2:-}"
 	ip -n "$(ns "$2")" addr del "$VIP/24" dev eth0 2>/dev/null || true
@@ -333,7 +346,7 @@ env)
 	echo "LAB=$LAB"; echo "A_DATA=$LAB/a/data"; echo "B_DATA=$LAB/b/data"; echo "BIN=$BIN"
 	;;
 *)
-	sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
+	sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'
 	exit 2
 	;;
 esac
