@@ -186,6 +186,9 @@ func printStatus(w io.Writer, st *node.Status, output string) error {
 		stale = " (WAITING: " + st.WaitingForPeer + ")"
 	}
 	fmt.Fprintf(w, "node %s  state %s  epoch %d%s  in sync: %s  version %s\n", st.Node, st.State, st.Epoch, stale, yes[st.InSync], st.Version)
+	if st.ServiceFailed {
+		fmt.Fprintln(w, "a service failed here and the role moved to the peer: it does not come back on its own (failback, the peer's own failed service) until `duet swap`, after the service is mended")
+	}
 	p := st.PeerState
 	switch {
 	case p.Seen:

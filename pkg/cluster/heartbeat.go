@@ -23,12 +23,15 @@ type Heartbeat struct {
 	Handover  bool // the sender gave the primary role to the receiver
 	// Shared: the sender serves in a term the receiver has known
 	// (Machine.Shared). StaleHeld: the sender says stale only because a
-	// check found the role held elsewhere (Machine.StaleHeld). A
-	// receiver of an older version ignores both flags.
-	Shared    bool
-	StaleHeld bool
-	Boot      uint64
-	Seq       uint64 // increases within one Boot
+	// check found the role held elsewhere (Machine.StaleHeld).
+	// ServiceFailed: the sender gave the role up because a service
+	// failed there (Machine.ServiceFailed). A receiver of an older
+	// version ignores these flags.
+	Shared        bool
+	StaleHeld     bool
+	ServiceFailed bool
+	Boot          uint64
+	Seq           uint64 // increases within one Boot
 	// Time is the sender's clock when it sent the heartbeat: a raw
 	// monotonic clock (CLOCK_MONOTONIC_RAW), meaningful only next to
 	// other readings on the same host.
@@ -58,6 +61,7 @@ const (
 	flagHandover
 	flagShared
 	flagStaleHeld
+	flagServiceFailed
 )
 
 // Heartbeat errors.
@@ -73,7 +77,7 @@ func (h *Heartbeat) Marshal(key []byte) []byte {
 	b[4] = hbVersion
 	b[5] = byte(h.State)
 	var f byte
-	for bit, on := range map[byte]bool{flagStale: h.Stale, flagPreferred: h.Preferred, flagSynced: h.Synced, flagHandover: h.Handover, flagShared: h.Shared, flagStaleHeld: h.StaleHeld} {
+	for bit, on := range map[byte]bool{flagStale: h.Stale, flagPreferred: h.Preferred, flagSynced: h.Synced, flagHandover: h.Handover, flagShared: h.Shared, flagStaleHeld: h.StaleHeld, flagServiceFailed: h.ServiceFailed} {
 		if on {
 			f |= bit
 		}
@@ -130,7 +134,7 @@ func ParseHeartbeat(b, key []byte) (Heartbeat, error) {
 	h.State = State(b[5])
 	f := b[6]
 	h.Stale, h.Preferred, h.Synced, h.Handover = f&flagStale != 0, f&flagPreferred != 0, f&flagSynced != 0, f&flagHandover != 0
-	h.Shared, h.StaleHeld = f&flagShared != 0, f&flagStaleHeld != 0
+	h.Shared, h.StaleHeld, h.ServiceFailed = f&flagShared != 0, f&flagStaleHeld != 0, f&flagServiceFailed != 0
 	h.Epoch = binary.BigEndian.Uint64(b[8:])
 	h.Boot = binary.BigEndian.Uint64(b[16:])
 	h.Seq = binary.BigEndian.Uint64(b[24:])
@@ -144,6 +148,6 @@ func ParseHeartbeat(b, key []byte) (Heartbeat, error) {
 // Peer converts a heartbeat into the machine's view of its sender.
 func (h *Heartbeat) Peer() Peer {
 	return Peer{Seen: true, Name: h.Name, State: h.State, Epoch: h.Epoch, Stale: h.Stale,
-		Preferred: h.Preferred, Synced: h.Synced, Handover: h.Handover, Shared: h.Shared, StaleHeld: h.StaleHeld,
+		Preferred: h.Preferred, Synced: h.Synced, Handover: h.Handover, Shared: h.Shared, StaleHeld: h.StaleHeld, ServiceFailed: h.ServiceFailed,
 		Boot: h.Boot, Seq: h.Seq, Time: h.Time, EchoBoot: h.EchoBoot, EchoTime: h.EchoTime}
 }

@@ -51,6 +51,9 @@ type Peer struct {
 	// StaleHeld is set by a peer that says stale only because a check
 	// found the role held elsewhere (Machine.StaleHeld).
 	StaleHeld bool
+	// ServiceFailed is set by a peer that gave the role up because a
+	// service failed there (Machine.ServiceFailed).
+	ServiceFailed bool
 	// Boot, Seq and Time identify the heartbeat (see Heartbeat); EchoBoot
 	// and EchoTime name the last heartbeat of ours whose state the peer
 	// had applied when it sent it (Guard.Applied).
@@ -114,7 +117,18 @@ type Machine struct {
 	// (TestStalledPrimaryResumesBehindRestartedPeer in the lab). Saved
 	// with Stale, and said in the heartbeats.
 	StaleHeld bool
-	Peer      Peer
+	// ServiceFailed: this node gave the role up because a service failed
+	// here beyond its restarts, and has not served since. Said in the
+	// heartbeats: the peer, whose service then fails too, keeps the role
+	// rather than handing it back (a damaged table or a bad config in
+	// the replicated data fails on both nodes: the role moved back and
+	// forth for ever, TestServiceDownPingPong), as Pacemaker's migration
+	// threshold keeps a resource off a node where it failed; and
+	// failback (cluster.prefer) does not hand it back either. `duet swap`
+	// still does: the operator says the service is mended. Not saved: a
+	// restart (the daemon, the host) starts afresh.
+	ServiceFailed bool
+	Peer          Peer
 }
 
 // Kind of event.
@@ -212,7 +226,7 @@ func (m Machine) nextEpoch(ahead uint64) uint64 {
 // serve moves m to PRIM (peer visible) or ALONE, with a new epoch.
 func (m Machine) serve(why string) (Machine, []Action) {
 	m.Epoch = m.nextEpoch(2)
-	m.Stale, m.StaleHeld, m.HandedOver, m.Checking, m.Shared = false, false, false, false, false
+	m.Stale, m.StaleHeld, m.HandedOver, m.Checking, m.Shared, m.ServiceFailed = false, false, false, false, false, false
 	if m.Peer.Seen {
 		m.State = Prim
 	} else {
@@ -619,7 +633,11 @@ func (m Machine) stepServing(ev Event) (Machine, []Action) {
 		if !m.peerReady() {
 			return m, []Action{logf("%s (%s) and no peer in sync to fail over to: keeping the role", what, ev.Why)}
 		}
+		if ev.Kind == EvServiceDown && p.ServiceFailed {
+			return m, []Action{logf("%s (%s), and a service failed on %s before it handed the role here: keeping the role (mend the service, then `duet swap` if it is to move)", what, ev.Why, p.Name)}
+		}
 		m.HandedOver = true
+		m.ServiceFailed = ev.Kind == EvServiceDown
 		return m.unserve(Wait, fmt.Sprintf("%s (%s): failing over to %s", what, ev.Why, p.Name))
 	case EvServeFailed:
 		return m.unserve(Stop, ev.Why+"; fix it, then run `duet start`")

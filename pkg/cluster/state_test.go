@@ -65,7 +65,7 @@ func allEvents() []Event {
 	var evs []Event
 	for ps := Stop; ps <= Alone; ps++ {
 		for _, pe := range []uint64{4, 5, 6} {
-			for _, f := range []Peer{{}, {Stale: true}, {Synced: true}, {Handover: true}, {Preferred: true}, {Shared: true}, {Shared: true, Synced: true}, {Stale: true, StaleHeld: true}} {
+			for _, f := range []Peer{{}, {Stale: true}, {Synced: true}, {Handover: true}, {Preferred: true}, {Shared: true}, {Shared: true, Synced: true}, {Stale: true, StaleHeld: true}, {Synced: true, ServiceFailed: true}} {
 				p := f
 				p.Name, p.State, p.Epoch = "nodeB", ps, pe
 				evs = append(evs, peerEv(p))
@@ -145,6 +145,15 @@ func TestInvariants(t *testing.T) {
 			}
 			if m.StaleHeld && !got.Stale && got.State != Second && ev.Kind == EvPeer && !(ev.Peer.State == Wait && ev.Peer.Stale && !ev.Peer.StaleHeld && ev.Peer.Epoch < m.Epoch) {
 				t.Errorf("%+v + %+v: stale by a held role, cleared by a peer that does not defer", m, ev)
+			}
+			// A failed service does not send the role to a peer that
+			// gave it up for a failed service.
+			if ev.Kind == EvServiceDown {
+				failed := m
+				failed.Peer.ServiceFailed = true
+				if got, _ := Step(failed, ev); failed.State.Serving() && !got.State.Serving() {
+					t.Errorf("%+v + %+v: handed the role to a peer whose service failed", failed, ev)
+				}
 			}
 			// Serving starts and stops only through the actions.
 			if became != has(acts, DoServe) {
@@ -310,9 +319,9 @@ func TestHeartbeatRoundTrip(t *testing.T) {
 	if err != nil || got != h {
 		t.Fatalf("round trip: %+v, %v", got, err)
 	}
-	for _, f := range []Heartbeat{{Stale: true}, {Handover: true}, {Shared: true}, {Synced: true, Shared: true}, {Stale: true, StaleHeld: true}} {
+	for _, f := range []Heartbeat{{Stale: true}, {Handover: true}, {Shared: true}, {Synced: true, Shared: true}, {Stale: true, StaleHeld: true}, {ServiceFailed: true}} {
 		f.Name, f.State, f.Epoch = "nodeA", Alone, 9
-		if got, err := ParseHeartbeat(f.Marshal(key), key); err != nil || got != f || got.Peer().Shared != f.Shared || got.Peer().StaleHeld != f.StaleHeld {
+		if got, err := ParseHeartbeat(f.Marshal(key), key); err != nil || got != f || got.Peer().Shared != f.Shared || got.Peer().StaleHeld != f.StaleHeld || got.Peer().ServiceFailed != f.ServiceFailed {
 			t.Errorf("flags %+v: round trip %+v, %v", f, got, err)
 		}
 	}

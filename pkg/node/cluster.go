@@ -29,6 +29,18 @@ type command struct {
 	reply chan string
 }
 
+// failbackCandidate says whether m, serving, may hand the role back to
+// its peer, the preferred node pref (cluster.prefer), once the peer's
+// copy is a mirror: the peer is SECOND at m's epoch. Not a peer that gave
+// the role up because a service failed there and has not served since
+// (cluster.Machine.ServiceFailed): the service would fail there again,
+// and the role come back, at every failback_delay; `duet swap` moves it
+// once the operator mended the service.
+func failbackCandidate(m cluster.Machine, pref string) bool {
+	p := m.Peer
+	return pref != "" && m.State == cluster.Prim && p.Name == pref && p.Seen && p.State == cluster.Second && p.Epoch == m.Epoch && !p.ServiceFailed
+}
+
 // clusterEpoch is the machine's epoch, which this node's primaries send
 // in their hellos (replica.Primary.Epoch).
 func (n *Node) clusterEpoch() uint64 {
@@ -374,6 +386,7 @@ func (n *Node) heartbeat() cluster.Heartbeat {
 		h.Name, h.State, h.Epoch, h.Stale, h.Preferred, h.Handover = m.Name, m.State, m.Epoch, m.Stale, m.Preferred, m.HandedOver
 		h.Shared = m.Shared && m.State.Serving()
 		h.StaleHeld = h.Stale && m.StaleHeld
+		h.ServiceFailed = m.ServiceFailed
 		if h.Stale && n.staleUnsaved.Load() {
 			// Said only once a restart would know it too: the primary
 			// releases its held calls on this node's "stale".
@@ -830,8 +843,7 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 			n.hooks.tick(peerView{now: time.Now(), serving: m.State.Serving(), heard: m.Peer.Seen, back: back})
 			// Failback: the preferred node is back and a mirror; after
 			// failback_delay of that, hand the role back to it.
-			if pref := n.cfg.Cluster.Prefer; pref != "" && m.State == cluster.Prim && m.Peer.Name == pref &&
-				m.Peer.Seen && m.Peer.State == cluster.Second && m.Peer.Epoch == m.Epoch && n.peerSynced() {
+			if pref := n.cfg.Cluster.Prefer; failbackCandidate(m, pref) && n.peerSynced() {
 				if mirrorSince.IsZero() {
 					mirrorSince = time.Now()
 				} else if time.Since(mirrorSince) >= n.cfg.Cluster.FailbackDelay {

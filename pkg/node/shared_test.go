@@ -144,3 +144,26 @@ func TestStaleHeldSavedSaidAndAdmitted(t *testing.T) {
 		t.Errorf("heartbeat stale %v held %v, want both", hb.Stale, hb.StaleHeld)
 	}
 }
+
+// TestServiceFailedSaidAndNoFailback: a node that gave the role up for a
+// failed service says so in its heartbeats, and failback (cluster.prefer)
+// does not hand the role back to it while it does: the service would
+// fail there again and the role move back and forth at every
+// failback_delay (cluster's TestServiceDownPingPong).
+func TestServiceFailedSaidAndNoFailback(t *testing.T) {
+	giver := cluster.Machine{Name: "nodeA", ID: 1, State: cluster.Second, Epoch: 6<<8 | 2, ServiceFailed: true}
+	n, _ := stateDirWritesFail(t, giver)
+	n.machine.Store(&giver)
+	if !n.heartbeat().ServiceFailed {
+		t.Error("the heartbeats of a node whose service failed do not say so")
+	}
+	prim := cluster.Machine{Name: "nodeB", ID: 2, State: cluster.Prim, Epoch: 6<<8 | 2,
+		Peer: cluster.Peer{Seen: true, Name: "nodeA", State: cluster.Second, Epoch: 6<<8 | 2}}
+	if !failbackCandidate(prim, "nodeA") {
+		t.Fatal("no failback to a preferred mirror: the test sees nothing")
+	}
+	prim.Peer.ServiceFailed = true
+	if failbackCandidate(prim, "nodeA") {
+		t.Error("failback to a node that gave the role up for a failed service")
+	}
+}

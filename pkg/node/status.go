@@ -64,6 +64,10 @@ type Status struct {
 	// HandedOver: this node gave the role away and has not heard the
 	// peer serve since: it takes nothing over on its own.
 	HandedOver bool `json:"handed_over,omitempty"`
+	// ServiceFailed: this node gave the role up because a service failed
+	// here, and has not served since: the peer keeps the role when its
+	// service fails too, and failback does not come here.
+	ServiceFailed bool `json:"service_failed_here,omitempty"`
 	// WaitingForPeer says why this node, WAIT, takes nothing over on its
 	// own: its start wait (cluster.start_wait), or a stopped peer holding
 	// a newer copy.
@@ -130,7 +134,7 @@ type ReplicaStatus struct {
 // Status collects the daemon's state.
 func (n *Node) Status() Status {
 	m := n.machine.Load()
-	s := Status{Node: n.cfg.Node, Role: n.cfg.Role, State: m.State.String(), Epoch: m.Epoch, Stale: m.Stale, HandedOver: m.HandedOver, WaitingForPeer: n.waitingForPeer(),
+	s := Status{Node: n.cfg.Node, Role: n.cfg.Role, State: m.State.String(), Epoch: m.Epoch, Stale: m.Stale, HandedOver: m.HandedOver, ServiceFailed: m.ServiceFailed, WaitingForPeer: n.waitingForPeer(),
 		Version: Version, Listen: n.cfg.Listen, Peer: n.cfg.Peer}
 	s.PeerState = PeerStatus{Seen: m.Peer.Seen, Name: m.Peer.Name, Epoch: m.Peer.Epoch,
 		Heartbeats: n.heartbeats.Load(), Refused: n.badHeartbeats.Load(), Lost: n.missed.Load()}
