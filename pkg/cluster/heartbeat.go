@@ -26,10 +26,12 @@ type Heartbeat struct {
 	// check found the role held elsewhere (Machine.StaleHeld).
 	// ServiceFailed: the sender gave the role up because a service
 	// failed there (Machine.ServiceFailed). A receiver of an older
-	// version ignores these flags.
+	// version ignores these flags. Yields: set by every sender of this
+	// version (Peer.Yields).
 	Shared        bool
 	StaleHeld     bool
 	ServiceFailed bool
+	Yields        bool
 	Boot          uint64
 	Seq           uint64 // increases within one Boot
 	// Time is the sender's clock when it sent the heartbeat: a raw
@@ -62,6 +64,7 @@ const (
 	flagShared
 	flagStaleHeld
 	flagServiceFailed
+	flagYields // the flag byte is full: another flag needs a new hbVersion
 )
 
 // Heartbeat errors.
@@ -77,7 +80,7 @@ func (h *Heartbeat) Marshal(key []byte) []byte {
 	b[4] = hbVersion
 	b[5] = byte(h.State)
 	var f byte
-	for bit, on := range map[byte]bool{flagStale: h.Stale, flagPreferred: h.Preferred, flagSynced: h.Synced, flagHandover: h.Handover, flagShared: h.Shared, flagStaleHeld: h.StaleHeld, flagServiceFailed: h.ServiceFailed} {
+	for bit, on := range map[byte]bool{flagStale: h.Stale, flagPreferred: h.Preferred, flagSynced: h.Synced, flagHandover: h.Handover, flagShared: h.Shared, flagStaleHeld: h.StaleHeld, flagServiceFailed: h.ServiceFailed, flagYields: h.Yields} {
 		if on {
 			f |= bit
 		}
@@ -134,7 +137,7 @@ func ParseHeartbeat(b, key []byte) (Heartbeat, error) {
 	h.State = State(b[5])
 	f := b[6]
 	h.Stale, h.Preferred, h.Synced, h.Handover = f&flagStale != 0, f&flagPreferred != 0, f&flagSynced != 0, f&flagHandover != 0
-	h.Shared, h.StaleHeld, h.ServiceFailed = f&flagShared != 0, f&flagStaleHeld != 0, f&flagServiceFailed != 0
+	h.Shared, h.StaleHeld, h.ServiceFailed, h.Yields = f&flagShared != 0, f&flagStaleHeld != 0, f&flagServiceFailed != 0, f&flagYields != 0
 	h.Epoch = binary.BigEndian.Uint64(b[8:])
 	h.Boot = binary.BigEndian.Uint64(b[16:])
 	h.Seq = binary.BigEndian.Uint64(b[24:])
@@ -148,6 +151,6 @@ func ParseHeartbeat(b, key []byte) (Heartbeat, error) {
 // Peer converts a heartbeat into the machine's view of its sender.
 func (h *Heartbeat) Peer() Peer {
 	return Peer{Seen: true, Name: h.Name, State: h.State, Epoch: h.Epoch, Stale: h.Stale,
-		Preferred: h.Preferred, Synced: h.Synced, Handover: h.Handover, Shared: h.Shared, StaleHeld: h.StaleHeld, ServiceFailed: h.ServiceFailed,
+		Preferred: h.Preferred, Synced: h.Synced, Handover: h.Handover, Shared: h.Shared, StaleHeld: h.StaleHeld, ServiceFailed: h.ServiceFailed, Yields: h.Yields,
 		Boot: h.Boot, Seq: h.Seq, Time: h.Time, EchoBoot: h.EchoBoot, EchoTime: h.EchoTime}
 }

@@ -29,7 +29,7 @@ func mirrored(e uint64) (a, b Machine) {
 // hb is the heartbeat m sends, as its peer applies it.
 func hb(m Machine, synced bool) Event {
 	return peerEv(Peer{Name: m.Name, State: m.State, Epoch: m.Epoch, Stale: m.Stale,
-		Preferred: m.Preferred, Handover: m.HandedOver, Synced: synced, Shared: m.Shared, StaleHeld: m.StaleHeld, ServiceFailed: m.ServiceFailed})
+		Preferred: m.Preferred, Handover: m.HandedOver, Synced: synced, Shared: m.Shared, StaleHeld: m.StaleHeld, ServiceFailed: m.ServiceFailed, Yields: true})
 }
 
 // TestHandoverReceiverServeFailedNothingServes: a handover (here

@@ -54,6 +54,12 @@ type Peer struct {
 	// ServiceFailed is set by a peer that gave the role up because a
 	// service failed there (Machine.ServiceFailed).
 	ServiceFailed bool
+	// Yields is set in every heartbeat of a version that waits for a
+	// Shared primary to step down for its newer copy (Peer.YieldsTo). A
+	// Shared primary steps down only for such a peer: one of an older
+	// version would count its copy stale on the heartbeats the primary
+	// sends while it steps down, and then neither copy would serve.
+	Yields bool
 	// Boot, Seq and Time identify the heartbeat (see Heartbeat); EchoBoot
 	// and EchoTime name the last heartbeat of ours whose state the peer
 	// had applied when it sent it (Guard.Applied).
@@ -101,14 +107,14 @@ type Machine struct {
 	// drawn without knowing this one's
 	// (TestTakeoverTermStaysOverOlderTakeover). Said in the heartbeats,
 	// so that the peer waits for the step down rather than counting its
-	// own newer copy stale (Peer.yieldsTo).
+	// own newer copy stale (Peer.YieldsTo).
 	Shared bool
 	// StaleHeld: this copy counts as stale only because a takeover
 	// check found the role held elsewhere (another host answers for the
 	// VIP) while it was WAIT and not stale: who holds it, and whether it
 	// writes what this copy lacks, is unknown until the peer is heard.
 	// Heard serving, the peer makes the copy stale for good (StaleHeld
-	// cleared), unless it steps down for it (Peer.yieldsTo); heard WAIT,
+	// cleared), unless it steps down for it (Peer.YieldsTo); heard WAIT,
 	// stale for its own reasons, with an older epoch, it held the role in
 	// a term older than this copy's and gave it up (a Shared primary that
 	// stepped down for this copy, whose heartbeats this node could not
@@ -325,9 +331,10 @@ func step(m Machine, ev Event) (Machine, []Action) {
 		case m.State.Serving():
 			return m.unserve(Stop, "stopped by the operator (no peer in sync: nothing serves now)")
 		}
-		if m.Peer.Seen && m.Peer.State.Serving() {
+		if m.Peer.Seen && m.Peer.State.Serving() && !m.Peer.YieldsTo(m) {
 			// The serving peer writes on without this copy: stale, and
 			// said so, so that the peer may release what it cannot ship.
+			// Not one that steps down for this newer copy (YieldsTo).
 			m.Stale, m.StaleHeld, m.HandedOver = true, false, false
 		}
 		return m.to(Stop, "stopped by the operator")
@@ -336,7 +343,7 @@ func step(m Machine, ev Event) (Machine, []Action) {
 		if ev.Kind == EvCmdPrim || ev.Kind == EvCmdSecond || ev.Kind == EvCmdSwap {
 			return m, []Action{refuse("duet is stopped on this node: run `duet start` first")}
 		}
-		if ev.Kind == EvPeer && ev.Peer.State.Serving() && (!m.Stale || m.StaleHeld || m.HandedOver) {
+		if ev.Kind == EvPeer && ev.Peer.State.Serving() && (!m.Stale || m.StaleHeld || m.HandedOver) && !ev.Peer.YieldsTo(m) {
 			m.Stale, m.StaleHeld, m.HandedOver = true, false, false
 			return m, []Action{{Do: DoPersist}}
 		}
@@ -351,11 +358,11 @@ func step(m Machine, ev Event) (Machine, []Action) {
 	return m.stepServing(ev)
 }
 
-// yieldsTo says whether p, serving, steps down for m's copy on hearing
+// YieldsTo says whether p, serving, steps down for m's copy on hearing
 // it (see Machine.Shared): m has known p's term, and its copy is newer,
 // whole and not stale.
-func (p Peer) yieldsTo(m Machine) bool {
-	return p.State.Serving() && p.Shared && p.Epoch < m.Epoch && m.State == Wait && (!m.Stale || m.StaleHeld) && !m.HandedOver && m.Resyncing == ""
+func (p Peer) YieldsTo(m Machine) bool {
+	return p.State.Serving() && p.Shared && p.Epoch < m.Epoch && (m.State == Wait || m.State == Stop) && (!m.Stale || m.StaleHeld) && !m.HandedOver && m.Resyncing == ""
 }
 
 // peerReady: the peer holds our data and can take over at once.
@@ -370,7 +377,7 @@ func (m Machine) stepWait(ev Event) (Machine, []Action) {
 	case EvPeer:
 		m.Checking = false
 		if p.State.Serving() {
-			if p.yieldsTo(m) {
+			if p.YieldsTo(m) {
 				// The peer serves on in a term older than this copy's,
 				// one it carried on after losing this node: it steps
 				// down on hearing that this copy is newer and not stale
@@ -403,7 +410,7 @@ func (m Machine) stepWait(ev Event) (Machine, []Action) {
 			m.Stale, m.StaleHeld = false, false
 			return m, []Action{{Do: DoPersist}, logf("peer %s gave up the role this node's check found held, and counts its copy (epoch %d) stale: this copy (epoch %d) is not stale", p.Label(), p.Epoch, m.Epoch)}
 		}
-		if !p.Stale && p.Epoch > m.Epoch && (!m.Stale || m.StaleHeld) {
+		if (!p.Stale || p.StaleHeld) && p.Epoch > m.Epoch && (!m.Stale || m.StaleHeld) {
 			// The peer's copy is newer: it served a term after this
 			// copy's (a term draws a newer epoch), and is not serving
 			// now (stopped, or back before serving again). Stale, and
@@ -587,7 +594,7 @@ func (m Machine) stepServing(ev Event) (Machine, []Action) {
 		if p.Epoch == m.Epoch {
 			m.Shared = true // not saved: a restart leaves the role
 		}
-		if m.Shared && p.State == Wait && (!p.Stale || p.StaleHeld) && !p.Handover && p.Epoch > m.Epoch {
+		if m.Shared && p.Yields && (p.State == Wait || p.State == Stop) && (!p.Stale || p.StaleHeld) && !p.Handover && p.Epoch > m.Epoch {
 			// The peer's copy is newer and it does not count it stale:
 			// having known this term, it drew its epoch in a takeover
 			// since, and served, while this node was not heard (its

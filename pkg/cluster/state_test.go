@@ -65,7 +65,8 @@ func allEvents() []Event {
 	var evs []Event
 	for ps := Stop; ps <= Alone; ps++ {
 		for _, pe := range []uint64{4, 5, 6} {
-			for _, f := range []Peer{{}, {Stale: true}, {Synced: true}, {Handover: true}, {Preferred: true}, {Shared: true}, {Shared: true, Synced: true}, {Stale: true, StaleHeld: true}, {Synced: true, ServiceFailed: true}} {
+			for _, f := range []Peer{{}, {Stale: true}, {Synced: true}, {Handover: true}, {Preferred: true}, {Shared: true}, {Shared: true, Synced: true}, {Stale: true, StaleHeld: true}, {Synced: true, ServiceFailed: true},
+				{Yields: true}, {Yields: true, Stale: true, StaleHeld: true}, {Yields: true, Shared: true}, {Yields: true, Stale: true}} {
 				p := f
 				p.Name, p.State, p.Epoch = "nodeB", ps, pe
 				evs = append(evs, peerEv(p))
@@ -119,19 +120,19 @@ func TestInvariants(t *testing.T) {
 			// WAIT peer whose copy is newer and not stale (it took the
 			// role over meanwhile: TestResumedPrimaryServesOverNewerPeer);
 			// one serving in a takeover's term does not.
-			if m.State.Serving() && ev.Kind == EvPeer && ev.Peer.State == Wait {
-				newer := (!ev.Peer.Stale || ev.Peer.StaleHeld) && !ev.Peer.Handover && ev.Peer.Epoch > m.Epoch
+			if m.State.Serving() && ev.Kind == EvPeer && (ev.Peer.State == Wait || ev.Peer.State == Stop) {
+				newer := ev.Peer.Yields && (!ev.Peer.Stale || ev.Peer.StaleHeld) && !ev.Peer.Handover && ev.Peer.Epoch > m.Epoch
 				if m.Shared && newer && (got.State != Wait || !got.Stale) {
 					t.Errorf("%+v + %+v: carried its term on over a WAIT peer with a newer copy (%s, stale %v)", m, ev, got.State, got.Stale)
 				}
 				if !(m.Shared && newer) && !got.State.Serving() {
-					t.Errorf("%+v + %+v: stepped down for a WAIT peer", m, ev)
+					t.Errorf("%+v + %+v: stepped down for a %s peer", m, ev, ev.Peer.State)
 				}
 			}
 			// A copy that does not serve turns stale on hearing a serving
-			// peer, unless that peer steps down for it (yieldsTo).
+			// peer, unless that peer steps down for it (YieldsTo).
 			if !m.State.Serving() && m.State != Second && ev.Kind == EvPeer && ev.Peer.State.Serving() && !got.State.Serving() {
-				if y := ev.Peer.yieldsTo(m); y && (got.Stale != m.Stale || got.StaleHeld != m.StaleHeld) || !y && (!got.Stale || got.StaleHeld) && got.State != Second {
+				if y := ev.Peer.YieldsTo(m); y && (got.Stale != m.Stale || got.StaleHeld != m.StaleHeld) || !y && (!got.Stale || got.StaleHeld) && got.State != Second {
 					t.Errorf("%+v + %+v: stale %v (held %v) -> %v (held %v) (the peer steps down for it: %v)", m, ev, m.Stale, m.StaleHeld, got.Stale, got.StaleHeld, y)
 				}
 			}
@@ -209,7 +210,7 @@ func TestScenarios(t *testing.T) {
 	a := Machine{Name: "nodeA", ID: 1, State: Wait, Preferred: true}
 	b := Machine{Name: "nodeB", ID: 2, State: Wait, Stale: true}
 	peerOf := func(m Machine, synced bool) Peer {
-		return Peer{Name: m.Name, State: m.State, Epoch: m.Epoch, Stale: m.Stale, Preferred: m.Preferred, Synced: synced, Handover: m.HandedOver, Shared: m.Shared, StaleHeld: m.StaleHeld}
+		return Peer{Name: m.Name, State: m.State, Epoch: m.Epoch, Stale: m.Stale, Preferred: m.Preferred, Synced: synced, Handover: m.HandedOver, Shared: m.Shared, StaleHeld: m.StaleHeld, Yields: true}
 	}
 
 	// Fresh cluster: the preferred node serves, the other syncs.
@@ -319,9 +320,9 @@ func TestHeartbeatRoundTrip(t *testing.T) {
 	if err != nil || got != h {
 		t.Fatalf("round trip: %+v, %v", got, err)
 	}
-	for _, f := range []Heartbeat{{Stale: true}, {Handover: true}, {Shared: true}, {Synced: true, Shared: true}, {Stale: true, StaleHeld: true}, {ServiceFailed: true}} {
+	for _, f := range []Heartbeat{{Stale: true}, {Handover: true}, {Shared: true}, {Synced: true, Shared: true}, {Stale: true, StaleHeld: true}, {ServiceFailed: true}, {Yields: true}} {
 		f.Name, f.State, f.Epoch = "nodeA", Alone, 9
-		if got, err := ParseHeartbeat(f.Marshal(key), key); err != nil || got != f || got.Peer().Shared != f.Shared || got.Peer().StaleHeld != f.StaleHeld || got.Peer().ServiceFailed != f.ServiceFailed {
+		if got, err := ParseHeartbeat(f.Marshal(key), key); err != nil || got != f || got.Peer().Shared != f.Shared || got.Peer().StaleHeld != f.StaleHeld || got.Peer().ServiceFailed != f.ServiceFailed || got.Peer().Yields != f.Yields {
 			t.Errorf("flags %+v: round trip %+v, %v", f, got, err)
 		}
 	}

@@ -387,6 +387,7 @@ func (n *Node) heartbeat() cluster.Heartbeat {
 		h.Shared = m.Shared && m.State.Serving()
 		h.StaleHeld = h.Stale && m.StaleHeld
 		h.ServiceFailed = m.ServiceFailed
+		h.Yields = true
 		if h.Stale && n.staleUnsaved.Load() {
 			// Said only once a restart would know it too: the primary
 			// releases its held calls on this node's "stale".

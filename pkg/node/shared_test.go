@@ -167,3 +167,26 @@ func TestServiceFailedSaidAndNoFailback(t *testing.T) {
 		t.Error("failback to a node that gave the role up for a failed service")
 	}
 }
+
+// TestYieldingSaidInStatus: every heartbeat says Yields (the peer, a
+// Shared primary, steps down only for a node of a version that waits
+// for it), and a WAIT node waiting for such a primary's step down says
+// why in `duet status` (waiting_for_peer): if the step down never
+// comes, the primary does not hear it.
+func TestYieldingSaidInStatus(t *testing.T) {
+	w := cluster.Machine{Name: "nodeB", ID: 2, State: cluster.Wait, Epoch: 7<<8 | 2,
+		Peer: cluster.Peer{Seen: true, Name: "nodeA", State: cluster.Alone, Epoch: 5<<8 | 1, Shared: true, Yields: true}}
+	n, _ := stateDirWritesFail(t, w)
+	n.machine.Store(&w)
+	if !n.heartbeat().Yields {
+		t.Error("the heartbeats do not say Yields")
+	}
+	if why := n.waitingForPeer(); !strings.Contains(why, "steps down for this copy") {
+		t.Errorf("waiting for a Shared primary's step down, status says %q", why)
+	}
+	w.Peer.Shared = false
+	n.machine.Store(&w)
+	if why := n.waitingForPeer(); strings.Contains(why, "steps down") {
+		t.Errorf("a primary that does not step down: status says %q", why)
+	}
+}

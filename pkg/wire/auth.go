@@ -110,11 +110,12 @@ func DecodeHello(p []byte) (Hello, error) {
 	if d.err != nil {
 		return h, d.err
 	}
-	switch len(d.b) {
-	case 0:
-	case 8:
+	// The epoch, when sent; what a later version may add after it is
+	// not read.
+	switch {
+	case len(d.b) >= 8:
 		h.Epoch = binary.LittleEndian.Uint64(d.b)
-	default:
+	case len(d.b) > 0:
 		return h, fmt.Errorf("%w: hello with %d bytes after the directory's name", ErrBadFrame, len(d.b))
 	}
 	return h, nil

@@ -347,7 +347,8 @@ func TestHandshake(t *testing.T) {
 
 // TestHelloEpoch: the primary's epoch rides after the directory's name;
 // a hello without it (a manifest request, a sender of an older version)
-// reads as epoch 0, and anything else after the name is refused.
+// reads as epoch 0, fewer than its 8 bytes are refused, and what follows
+// it is not read.
 func TestHelloEpoch(t *testing.T) {
 	for _, h := range []Hello{
 		{Purpose: PurposeReplicate, Session: 9, Dir: "data", Epoch: 7<<8 | 2},
@@ -368,11 +369,17 @@ func TestHelloEpoch(t *testing.T) {
 	if got, err := DecodeHello(old); err != nil || got.Epoch != 0 || got.Dir != "data" || got.Session != 5 {
 		t.Errorf("an older sender's hello: %+v, %v", got, err)
 	}
-	for _, extra := range []int{1, 7, 9, 16} {
+	for _, extra := range []int{1, 7} {
 		b := append(append([]byte(nil), old...), make([]byte, extra)...)
 		if _, err := DecodeHello(b); !errors.Is(err, ErrBadFrame) {
 			t.Errorf("%d bytes after the name: %v, want ErrBadFrame", extra, err)
 		}
+	}
+	// A later version's fields after the epoch are not read.
+	later := binary.LittleEndian.AppendUint64(append([]byte(nil), old...), 9<<8|1)
+	later = append(later, "a field of a later version"...)
+	if got, err := DecodeHello(later); err != nil || got.Epoch != 9<<8|1 {
+		t.Errorf("a later version's hello: %+v, %v", got, err)
 	}
 }
 
