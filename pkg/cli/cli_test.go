@@ -218,6 +218,29 @@ func TestPrintStatusResync(t *testing.T) {
 	}
 }
 
+// TestPrintStatusFailedService: the node that gave the role up for a
+// failed service, and the one that kept it with its own failed, each say
+// so and what moves the role.
+func TestPrintStatusFailedService(t *testing.T) {
+	for _, c := range []struct {
+		st   node.Status
+		want string
+	}{
+		{node.Status{Node: "nodeA", State: "SECOND", ServiceFailed: true}, "does not come back on its own"},
+		{node.Status{Node: "nodeB", State: "PRIM", ServiceDown: "mariadb: exited 1", PeerState: node.PeerStatus{Seen: true, Name: "nodeA", ServiceFailed: true}},
+			"a service failed here (mariadb: exited 1) and this node kept the role: a service failed on the peer too"},
+		{node.Status{Node: "nodeB", State: "ALONE", ServiceDown: "mariadb: exited 1"}, "kept the role: no peer in sync could take it"},
+	} {
+		var out bytes.Buffer
+		if err := printStatus(&out, &c.st, "text"); err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(out.String(), c.want) {
+			t.Errorf("status of %s lacks %q:\n%s", c.st.Node, c.want, out.String())
+		}
+	}
+}
+
 // near reports whether s, a number, is v or at most 10 % above it.
 func near(s string, v float64) bool {
 	x, err := strconv.ParseFloat(s, 64)

@@ -187,7 +187,14 @@ func printStatus(w io.Writer, st *node.Status, output string) error {
 	}
 	fmt.Fprintf(w, "node %s  state %s  epoch %d%s  in sync: %s  version %s\n", st.Node, st.State, st.Epoch, stale, yes[st.InSync], st.Version)
 	if st.ServiceFailed {
-		fmt.Fprintln(w, "a service failed here and the role moved to the peer: it does not come back on its own (failback, the peer's own failed service) until `duet swap`, after the service is mended")
+		fmt.Fprintln(w, "a service failed here and the role moved to the peer: it does not come back on its own (failback, the peer's own failed service) until `duet swap`, or `duet stop` and `duet start` here, after the service is mended")
+	}
+	if st.ServiceDown != "" {
+		msg := "no peer in sync could take it"
+		if st.PeerState.ServiceFailed {
+			msg = "a service failed on the peer too, before it handed the role here; mend it, then `duet swap` moves the role"
+		}
+		fmt.Fprintf(w, "a service failed here (%s) and this node kept the role: %s\n", st.ServiceDown, msg)
 	}
 	p := st.PeerState
 	switch {

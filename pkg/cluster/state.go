@@ -131,10 +131,17 @@ type Machine struct {
 	// forth for ever, TestServiceDownPingPong), as Pacemaker's migration
 	// threshold keeps a resource off a node where it failed; and
 	// failback (cluster.prefer) does not hand it back either. `duet swap`
-	// still does: the operator says the service is mended. Not saved: a
-	// restart (the daemon, the host) starts afresh.
+	// still does: the operator says the service is mended, and so does
+	// `duet start` after a stop. Not saved: a restart (the daemon, the
+	// host) starts afresh.
 	ServiceFailed bool
-	Peer          Peer
+	// ServiceDown says why a service failed here beyond its restarts
+	// while this node kept the role (no peer in sync, or the peer marked
+	// ServiceFailed): the stack reports a failure once, so the role moves
+	// when the peer can take it, later (TestServiceKeptDeadNotRetriedWhenPeerCleared,
+	// from a review). Cleared when the node leaves the role or serves anew.
+	ServiceDown string
+	Peer        Peer
 }
 
 // Kind of event.
@@ -232,7 +239,7 @@ func (m Machine) nextEpoch(ahead uint64) uint64 {
 // serve moves m to PRIM (peer visible) or ALONE, with a new epoch.
 func (m Machine) serve(why string) (Machine, []Action) {
 	m.Epoch = m.nextEpoch(2)
-	m.Stale, m.StaleHeld, m.HandedOver, m.Checking, m.Shared, m.ServiceFailed = false, false, false, false, false, false
+	m.Stale, m.StaleHeld, m.HandedOver, m.Checking, m.Shared, m.ServiceFailed, m.ServiceDown = false, false, false, false, false, false, ""
 	if m.Peer.Seen {
 		m.State = Prim
 	} else {
@@ -250,7 +257,7 @@ func (m Machine) serve(why string) (Machine, []Action) {
 // publishes after the actions).
 func (m Machine) unserve(to State, why string) (Machine, []Action) {
 	m.State = to
-	m.Checking, m.Shared = false, false
+	m.Checking, m.Shared, m.ServiceDown = false, false, ""
 	return m, []Action{logf("leaving the primary role for %s: %s", to, why), {Do: DoPersist}, {Do: DoUnserve}}
 }
 
@@ -320,6 +327,9 @@ func step(m Machine, ev Event) (Machine, []Action) {
 		if m.State != Stop {
 			return m, []Action{refuse("already started (%s)", m.State)}
 		}
+		// Stopped and started by the operator (who mended the service):
+		// a failed service here no longer keeps the role from it.
+		m.ServiceFailed = false
 		return m.to(Wait, "started by the operator")
 	case EvCmdStop:
 		switch {
@@ -613,6 +623,13 @@ func (m Machine) stepServing(ev Event) (Machine, []Action) {
 			m.State = Prim
 			return m, []Action{{Do: DoPersist}, logf("ALONE -> PRIM: peer %s is back (%s), resynchronising it", p.Name, p.State)}
 		}
+		if m.ServiceDown != "" && m.peerReady() && !p.ServiceFailed {
+			// A service failed here while no peer could take the role;
+			// now one can.
+			why := m.ServiceDown
+			m.HandedOver, m.ServiceFailed = true, true
+			return m.unserve(Wait, fmt.Sprintf("service failed (%s) while no peer could take the role; %s can now: failing over to it", why, p.Name))
+		}
 		return m, nil
 	case EvPeerLost:
 		if m.State == Prim {
@@ -636,6 +653,10 @@ func (m Machine) stepServing(ev Event) (Machine, []Action) {
 		what := "service failed"
 		if ev.Kind == EvDiskFailed {
 			what = "disk failed"
+		}
+		if ev.Kind == EvServiceDown && (!m.peerReady() || p.ServiceFailed) {
+			// Kept: moved once a peer can take it (EvPeer, above).
+			m.ServiceDown = ev.Why
 		}
 		if !m.peerReady() {
 			return m, []Action{logf("%s (%s) and no peer in sync to fail over to: keeping the role", what, ev.Why)}

@@ -46,8 +46,13 @@ func allMachines() []Machine {
 											if cont && !s.Serving() || held && (!stale || ho || s != Wait && s != Stop) {
 												continue
 											}
-											out = append(out, Machine{Name: "nodeA", ID: 1, State: s, Epoch: 5, Stale: stale, Preferred: pref, HandedOver: ho, Resyncing: rs, Shared: cont, StaleHeld: held,
-												Peer: Peer{Seen: seen, Name: "nodeB", State: ps, Epoch: pe, Preferred: !pref}})
+											m := Machine{Name: "nodeA", ID: 1, State: s, Epoch: 5, Stale: stale, Preferred: pref, HandedOver: ho, Resyncing: rs, Shared: cont, StaleHeld: held,
+												Peer: Peer{Seen: seen, Name: "nodeB", State: ps, Epoch: pe, Preferred: !pref}}
+											out = append(out, m)
+											if s.Serving() && !cont && !held {
+												m.ServiceDown = "web: exited 1" // kept the role with a failed service
+												out = append(out, m)
+											}
 										}
 									}
 								}

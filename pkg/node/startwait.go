@@ -92,12 +92,12 @@ func (n *Node) waitingForPeer() string {
 	if m == nil || m.State != cluster.Wait {
 		return ""
 	}
-	if p := m.Peer; p.Seen && p.State == cluster.Stop && !p.Stale && p.Epoch > m.Epoch {
+	if p := m.Peer; p.Seen && p.State == cluster.Stop && (!p.Stale || p.StaleHeld) && p.Epoch > m.Epoch {
 		return fmt.Sprintf("%s is stopped and its copy is newer (epoch %d, here %d): `duet start` on it, or `duet prim --force` here, which sets aside what it has that this copy lacks",
 			p.Label(), p.Epoch, m.Epoch)
 	}
 	if p := m.Peer; p.Seen && p.YieldsTo(*m) {
-		return fmt.Sprintf("%s serves an older copy (epoch %d, here %d) in a term this node knew: it steps down for this copy once it hears this node (if it does not, its heartbeats do not reach here: check the path from it)",
+		return fmt.Sprintf("%s serves an older copy (epoch %d, here %d) in a term this node knew: it steps down for this copy once it hears this node (if it does not, it does not hear this node: check the path from here to it)",
 			p.Label(), p.Epoch, m.Epoch)
 	}
 	if m.Stale || m.HandedOver {

@@ -68,6 +68,9 @@ type Status struct {
 	// here, and has not served since: the peer keeps the role when its
 	// service fails too, and failback does not come here.
 	ServiceFailed bool `json:"service_failed_here,omitempty"`
+	// ServiceDown: why a service failed here while this node kept the
+	// role (no peer could take it): it moves once one can.
+	ServiceDown string `json:"service_down_kept_role,omitempty"`
 	// WaitingForPeer says why this node, WAIT, takes nothing over on its
 	// own: its start wait (cluster.start_wait), or a stopped peer holding
 	// a newer copy.
@@ -105,6 +108,9 @@ type PeerStatus struct {
 	Heartbeats    uint64  `json:"heartbeats_received"`
 	Refused       uint64  `json:"heartbeats_refused"`
 	Lost          uint64  `json:"times_lost"`
+	// ServiceFailed: the peer gave the role up because a service failed
+	// there: a service failing here keeps the role (cluster.Machine).
+	ServiceFailed bool `json:"service_failed,omitempty"`
 }
 
 // VIPStatus says where the virtual IP is.
@@ -134,9 +140,9 @@ type ReplicaStatus struct {
 // Status collects the daemon's state.
 func (n *Node) Status() Status {
 	m := n.machine.Load()
-	s := Status{Node: n.cfg.Node, Role: n.cfg.Role, State: m.State.String(), Epoch: m.Epoch, Stale: m.Stale, HandedOver: m.HandedOver, ServiceFailed: m.ServiceFailed, WaitingForPeer: n.waitingForPeer(),
+	s := Status{Node: n.cfg.Node, Role: n.cfg.Role, State: m.State.String(), Epoch: m.Epoch, Stale: m.Stale, HandedOver: m.HandedOver, ServiceFailed: m.ServiceFailed, ServiceDown: m.ServiceDown, WaitingForPeer: n.waitingForPeer(),
 		Version: Version, Listen: n.cfg.Listen, Peer: n.cfg.Peer}
-	s.PeerState = PeerStatus{Seen: m.Peer.Seen, Name: m.Peer.Name, Epoch: m.Peer.Epoch,
+	s.PeerState = PeerStatus{Seen: m.Peer.Seen, Name: m.Peer.Name, Epoch: m.Peer.Epoch, ServiceFailed: m.Peer.ServiceFailed,
 		Heartbeats: n.heartbeats.Load(), Refused: n.badHeartbeats.Load(), Lost: n.missed.Load()}
 	if m.Peer.Name != "" {
 		s.PeerState.State = m.Peer.State.String()
