@@ -190,9 +190,9 @@ func printStatus(w io.Writer, st *node.Status, output string) error {
 		fmt.Fprintln(w, "a service failed here and the role moved to the peer: it does not come back on its own (failback, the peer's own failed service) until `duet swap`, or `duet stop` and `duet start` here, after the service is mended")
 	}
 	if st.ServiceDown != "" {
-		msg := "no peer in sync could take it"
+		msg := "no peer in sync could take it; it moves to the peer by itself once the peer is SECOND in sync"
 		if st.PeerState.ServiceFailed {
-			msg = "a service failed on the peer too, before it handed the role here; mend it, then `duet swap` moves the role"
+			msg = "a service failed on the peer too, before it handed the role here; mend it there, then `duet swap` here, or `duet stop` and `duet start` there (the role then moves by itself once it is SECOND in sync)"
 		}
 		fmt.Fprintf(w, "a service failed here (%s) and this node kept the role: %s\n", st.ServiceDown, msg)
 	}

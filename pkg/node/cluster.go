@@ -674,7 +674,7 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 					go n.post(ctx, cluster.Event{Kind: cluster.EvServeFailed, Why: err.Error()})
 				}
 			case cluster.DoUnserve:
-				n.unserve(actx)
+				n.unserve(actx, next.Stale)
 			}
 		}
 		var err error
@@ -766,7 +766,7 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 			}
 			if m.State.Serving() {
 				n.log.Info("daemon stopping: leaving the primary role")
-				n.unserve(context.Background())
+				n.unserve(context.Background(), false)
 				return
 			}
 			if m.State == cluster.Second || m.State == cluster.Wait {

@@ -330,7 +330,7 @@ func TestLeavingHoldsCallsUntilPeerSilent(t *testing.T) {
 
 	// The peer heard: the call stays held, and the service lives.
 	n.lastHeartbeat.Store(bootNanos())
-	n.beginLeaving()
+	n.beginLeaving(false)
 	stop := n.watchLeaving()
 	for end := time.Now().Add(3 * n.cfg.Cluster.Timeout); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
 		n.lastHeartbeat.Store(bootNanos())
@@ -394,7 +394,7 @@ func TestStopAloneReleases(t *testing.T) {
 	n.machine.Store(&cluster.Machine{Name: "nodeA", State: cluster.Alone, Epoch: 9})
 	n.announcedAlone.Store(9)
 	pid := startSleeper(t, n)
-	n.beginLeaving()
+	n.beginLeaving(false)
 	stop := n.watchLeaving()
 	time.Sleep(3 * n.cfg.Cluster.Timeout)
 	stop()

@@ -137,7 +137,7 @@ func TestBarrierAfterReadingStoppedFails(t *testing.T) {
 			const e = 9
 			n.machine.Store(&cluster.Machine{Name: "nodeB", State: cluster.Prim, Epoch: e,
 				Peer: cluster.Peer{Seen: true, Name: "nodeA", State: cluster.Second, Epoch: e, Synced: true}})
-			n.beginLeaving() // unserve: a swap to an up-to-date SECOND
+			n.beginLeaving(false) // unserve: a swap to an up-to-date SECOND
 
 			n.stopReading(c) // as stopPrimary does
 			if err := os.WriteFile(filepath.Join(mount, "after-stop"), []byte("record"), 0o644); err != nil {

@@ -37,7 +37,7 @@ func TestLeavingAloneHeartbeatsStopSayingSynced(t *testing.T) {
 	n.lastSynced.Store(true)
 
 	// duet stop on nodeA: no peer ready, unserve(STOP).
-	n.beginLeaving()
+	n.beginLeaving(false)
 	if !n.leavingAlone.Load() {
 		t.Fatal("the test sees nothing: the leave is not alone")
 	}

@@ -32,7 +32,7 @@ func TestLeaveWholeWithinHeartbeatUndoesSwap(t *testing.T) {
 	got := make(chan cluster.Heartbeat)
 	go func() { got <- n.heartbeat() }()
 	time.Sleep(100 * time.Millisecond) // read leaving (false) and the machine (PRIM); waits for smu
-	n.beginLeaving()                   // the leave: stops the primaries (none here), hands over
+	n.beginLeaving(false)              // the leave: stops the primaries (none here), hands over
 	n.machine.Store(&published)        // the loop publishes WAIT+HandedOver
 	n.leaving.Store(false)             // and clears leaving
 	n.smu.Unlock()

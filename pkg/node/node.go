@@ -664,8 +664,11 @@ func (n *Node) takeVIP(ctx context.Context) error {
 }
 
 // unserve leaves the primary role: services stop, every change reaches
-// the peer (if it is connected), the VIP goes, capture stops.
-func (n *Node) unserve(ctx context.Context) {
+// the peer (if it is connected), the VIP goes, capture stops. replaced:
+// the state this node leaves for counts its copy stale (a split brain
+// lost, or a step down for the peer's newer copy: cluster.Machine.Shared):
+// nothing it released now would survive the peer's resync.
+func (n *Node) unserve(ctx context.Context, replaced bool) {
 	// Cleared by the cluster loop once the new state is published. From
 	// here on no durability call is released without the peer (it is
 	// taking over): each waits until its change is shipped, as the
@@ -674,7 +677,7 @@ func (n *Node) unserve(ctx context.Context) {
 	// kills the services (their pending calls never return) and fails
 	// the calls still held. Failing them at once instead made MariaDB,
 	// logging with its binary log, see EIO and still report the commit.
-	n.beginLeaving()
+	n.beginLeaving(replaced)
 	n.wakePrimaries()
 	stopWatch := n.watchLeaving()
 	defer stopWatch()
@@ -738,11 +741,18 @@ func (n *Node) removeVIP() error {
 // ALONE with the peer lost, or the peer's copy is stale: a plain stop),
 // calls go on being released alone as while serving, and the services
 // stop cleanly; otherwise (a swap, a step-down) nothing is released
-// without the peer.
-func (n *Node) beginLeaving() {
+// without the peer. Nor when this node leaves because its copy is
+// replaced (replaced): what it released alone would be acknowledged and
+// then overwritten by the peer's copy. The published machine is still
+// the serving one while the node leaves (ALONE, say, announced and
+// witnessed, on which peerCannotTakeOver says yes): a Shared primary
+// stepping down for its peer's newer copy released the calls its
+// services made while they stopped (a review: TestSharedStepDownReleasesAlone).
+// Held, they fail once the term ends: not acknowledged.
+func (n *Node) beginLeaving(replaced bool) {
 	n.relMu.Lock()
 	defer n.relMu.Unlock()
-	n.leavingAlone.Store(n.peerCannotTakeOver())
+	n.leavingAlone.Store(!replaced && n.peerCannotTakeOver())
 	n.leavingFail.Store(false)
 	n.leaving.Store(true)
 }

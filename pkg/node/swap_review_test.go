@@ -77,7 +77,7 @@ func TestLeaveStartHeartbeatStaysSynced(t *testing.T) {
 	got := make(chan cluster.Heartbeat)
 	go func() { got <- n.heartbeat() }()
 	time.Sleep(100 * time.Millisecond) // it read leaving (not yet) and the machine, and waits for markMu
-	n.beginLeaving()                   // then the leave stops the primaries (none here)
+	n.beginLeaving(false)              // then the leave stops the primaries (none here)
 	n.markMu.Unlock()
 	if h := <-got; h.State == cluster.Prim && !h.Synced {
 		t.Fatalf("a heartbeat at the start of a leave said PRIM, not synced: the receiver goes stale and refuses the handover")
