@@ -355,8 +355,20 @@ func openAs(pid int, base, path string, inRoot bool, flags, mode uint64) (int, e
 		err error
 	}
 	done := make(chan result, 1)
-	go func() {
+	var open func()
+	open = func() {
 		runtime.LockOSThread() // not unlocked: the thread exits after this
+		if unix.Gettid() == unix.Getpid() {
+			// The process's main thread: a goroutine that exits locked
+			// to it does not end it (the runtime parks it), and it kept
+			// the caller's filesystem credentials, which
+			// /proc/<pid>/status shows as the process's
+			// (TestOpenAsLeavesMainThreadAlone). Another goroutine
+			// opens; this one keeps the main thread for good, so that
+			// no later one lands there.
+			go open()
+			select {}
+		}
 		if err := unix.Unshare(unix.CLONE_FS); err != nil {
 			done <- result{-1, fmt.Errorf("unshare: %w", err)}
 			return
@@ -391,7 +403,8 @@ func openAs(pid int, base, path string, inRoot bool, flags, mode uint64) (int, e
 		}
 		unix.Close(dir)
 		done <- result{fd, err}
-	}()
+	}
+	go open()
 	r := <-done
 	return r.fd, r.err
 }
