@@ -165,6 +165,7 @@ k3s:
   # nfs_server: duet       # or ganesha (NFSv4: clients must remount after each failover)
   # nfs_clients: [{{.VIPNet}}]   # client networks the NFS server serves; calls act as the uid the client names
   # nfs_root_squash: true   # a client's root acts as 65534, which owns the export's root; false: as root
+  # nfs_insecure: false    # true: serve calls from unprivileged client ports (any user there can claim any uid)
   # Once a lost peer is confirmed down (cluster.fence succeeded, or it was
   # silent for hooks.peer_lost_after, 60s, and Kubernetes sees it NotReady),
   # its pods are force-deleted and rescheduled here:

@@ -15,7 +15,7 @@ import (
 func newNFSServe(s IOStreams) *cobra.Command {
 	var listen string
 	var allow []string
-	var noRootSquash bool
+	var noRootSquash, insecure bool
 	var anonUID, anonGID uint32
 	c := &cobra.Command{
 		Use:   "nfs-serve DIR",
@@ -33,7 +33,10 @@ act as the user they name: the kernel checks each file operation against
 that user, and new files belong to it. A client's root is the anonymous
 user (--anon-uid, --anon-gid; 65534) unless --no-root-squash is given.
 AUTH_SYS is the client's word: whoever controls a client host can claim
-any uid but root, so --allow only hosts you trust.`,
+any uid but root, so --allow only hosts you trust. Calls but NULL must come
+from a privileged source port (below 1024: only root binds one; a Linux
+mount's default, as knfsd's "secure" export option asks) unless --insecure
+is given: from any other, any user of the client host could claim any uid.`,
 		Example: `  duet exec -- duet nfs-serve /var/lib/duet-k3s/nfs --listen 0.0.0.0:2049 --allow 192.168.10.0/24
   duet nfs-serve /srv/export --listen 127.0.0.1:2049 --no-root-squash
   mount -t nfs -o vers=3,proto=tcp,port=2049,mountport=2049,mountproto=tcp,nolock VIP:/ /mnt`,
@@ -54,9 +57,12 @@ any uid but root, so --allow only hosts you trust.`,
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			fmt.Fprintf(s.Out, "serving %s over NFSv3 on %s\n", args[0], l.Addr())
-			sq := nfsd.Squash{Root: !noRootSquash, AnonUID: anonUID, AnonGID: anonGID}
+			sq := nfsd.Squash{Root: !noRootSquash, AnonUID: anonUID, AnonGID: anonGID, Insecure: insecure}
 			if noRootSquash {
 				log.Warn("clients' root acts as root on the export (--no-root-squash)")
+			}
+			if insecure {
+				log.Warn("calls from unprivileged source ports are served: any user of an allowed client host can act as any uid (--insecure)")
 			}
 			return nfsd.Serve(ctx, &nfsd.AllowListener{Listener: l, Allow: nets, Log: log}, args[0], nfsd.Fsync{}, sq)
 		},
@@ -64,6 +70,7 @@ any uid but root, so --allow only hosts you trust.`,
 	c.Flags().StringVar(&listen, "listen", ":2049", "TCP address for NFS and MOUNT")
 	c.Flags().StringSliceVar(&allow, "allow", nil, "client networks served (CIDR or address, repeatable); default every client")
 	c.Flags().BoolVar(&noRootSquash, "no-root-squash", false, "let a client's root (uid 0) act as root on the export")
+	c.Flags().BoolVar(&insecure, "insecure", false, "serve calls from unprivileged source ports (1024 and above) too, as knfsd's insecure option")
 	c.Flags().Uint32Var(&anonUID, "anon-uid", 65534, "uid a client's root acts as (root squash)")
 	c.Flags().Uint32Var(&anonGID, "anon-gid", 65534, "gid a client's root group acts as (root squash)")
 	return c

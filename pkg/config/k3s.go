@@ -57,6 +57,12 @@ type K3S struct {
 	// provisioner (root in its pod) can make the volumes' directories.
 	// false lets a client's root act as root on the export.
 	NFSRootSquash *bool `yaml:"nfs_root_squash"`
+	// NFSInsecure lets the NFS server (either) take calls from
+	// unprivileged source ports (1024 and above), which any user of a
+	// client host may bind, so forge any uid from (default false: only
+	// root's ports, as knfsd's `secure` export option; ganesha's
+	// PrivilegedPort; a Linux mount uses one).
+	NFSInsecure bool `yaml:"nfs_insecure"`
 
 	// Database, User and PasswordFile are what K3S (or kine) logs in with.
 	Database     string `yaml:"database"`
@@ -297,10 +303,13 @@ func (k *K3S) expand(c *Config) {
 	// that the provisioner can make a directory per volume in it. An
 	// owner someone chose is left alone.
 	prepare, squash := "", ""
+	if k.NFSInsecure {
+		squash = " --insecure"
+	}
 	if *k.NFSRootSquash {
 		prepare = fmt.Sprintf(`if [ "$(stat -c %%u %s)" = 0 ]; then chown %d:%d %s; fi && `, shq(k.NFSDir), AnonID, AnonID, shq(k.NFSDir))
 	} else {
-		squash = " --no-root-squash"
+		squash += " --no-root-squash"
 	}
 	nfs := Service{Name: "nfs", Start: fmt.Sprintf("%sexec %s nfs-serve %s --listen %s%s%s",
 		prepare, shq(k.DuetBin), shq(k.NFSDir), net.JoinHostPort("0.0.0.0", strconv.Itoa(k.NFSPort)), squash, allow),
@@ -482,11 +491,12 @@ EXPORT {
 	Anonymous_Uid = %d;
 	Anonymous_Gid = %d;
 	SecType = sys;
+	PrivilegedPort = %t;
 	Protocols = 4;
 	Transports = TCP;
 	FSAL { Name = VFS; }
 }
-`, k.NFSPort, grace, filepath.Join(k.NFSStateDir, "recovery"), k.NFSDir, k.NFSPseudo, squash, AnonID, AnonID)
+`, k.NFSPort, grace, filepath.Join(k.NFSStateDir, "recovery"), k.NFSDir, k.NFSPseudo, squash, AnonID, AnonID, !k.NFSInsecure)
 }
 
 // shq quotes s for sh.

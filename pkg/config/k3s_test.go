@@ -1,6 +1,7 @@
 package config
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -282,6 +283,36 @@ func TestK3SNFSRootSquash(t *testing.T) {
 			if got != tc.squash {
 				t.Errorf("%q, %s: root squash %v, want %v (start %q)", tc.edit, server, got, tc.squash, start)
 			}
+		}
+	}
+}
+
+// The NFS server (either) refuses calls from unprivileged ports unless
+// k3s.nfs_insecure says otherwise.
+func TestK3SNFSInsecure(t *testing.T) {
+	y, _ := k3sBase(t)
+	for _, tc := range []struct {
+		edit     string
+		insecure bool
+	}{
+		{"", false},
+		{"  nfs_insecure: false\n", false},
+		{"  nfs_insecure: true\n  nfs_root_squash: false\n", true},
+	} {
+		c, err := Parse([]byte(y + tc.edit))
+		if err != nil {
+			t.Fatalf("%q: %v", tc.edit, err)
+		}
+		start := c.Services[1].Start
+		if got := strings.Contains(start, " --insecure"); got != tc.insecure {
+			t.Errorf("%q: nfs start %q: --insecure %v, want %v", tc.edit, start, got, tc.insecure)
+		}
+		c, err = Parse([]byte(y + tc.edit + "  nfs_server: ganesha\n"))
+		if err != nil {
+			t.Fatalf("%q: %v", tc.edit, err)
+		}
+		if want := fmt.Sprintf("PrivilegedPort = %t;", !tc.insecure); !strings.Contains(c.Files[0].Content, want) {
+			t.Errorf("%q: ganesha config without %q:\n%s", tc.edit, want, c.Files[0].Content)
 		}
 	}
 }

@@ -110,8 +110,7 @@ type dialer struct {
 func newDialer(addr string) *dialer { return &dialer{addr: addr, failed: make(chan error, 100)} }
 
 func (d *dialer) dial(ctx context.Context) (net.Conn, error) {
-	var nd net.Dialer
-	c, err := nd.DialContext(ctx, "tcp", d.addr)
+	c, err := nfsclient.DialReserved(ctx, net.Dialer{}, "tcp", d.addr)
 	if err != nil {
 		select {
 		case d.failed <- err:

@@ -3,6 +3,7 @@ package nfsd
 import (
 	"context"
 	"encoding/binary"
+	"net"
 	"os"
 	"path/filepath"
 	"testing"
@@ -451,5 +452,61 @@ func TestAccessGranted(t *testing.T) {
 	}
 	if got := accessGranted(true, accessRead, func(uint32) bool { return true }); got != accessRead {
 		t.Errorf("only READ asked: %#x granted", got)
+	}
+}
+
+// TestUnprivilegedPortRefused: a call from an unprivileged source port
+// (1024 and above, which any user of the client host may bind) carries a
+// credential any such user forges: it is refused with AUTH_TOOWEAK, as
+// knfsd's default `secure` export option does (a review, forty-second
+// session, had a process of another user claim uid 1000 and write in uid
+// 1000's private directory). NULL, the health check's, is answered;
+// Squash.Insecure (--insecure) takes every port.
+func TestUnprivilegedPortRefused(t *testing.T) {
+	dir := t.TempDir()
+	plain := func(addr string) net.Conn {
+		conn, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close() })
+		if port := conn.LocalAddr().(*net.TCPAddr).Port; port < 1024 {
+			t.Fatalf("the test's plain dial got privileged port %d", port)
+		}
+		return conn
+	}
+	mnt := callRecord(1, progMount, mountVersion, 1, rootCred, xdrOpaque([]byte("/")))
+	null := callRecord(2, progNFS, nfsVersion, 0, u32s(authNone, 0), nil)
+
+	addr, stop := serve(t, dir, Fsync{})
+	conn := plain(addr)
+	for _, rec := range [][]byte{mnt, callRecord(3, progNFS, nfsVersion, 1, rootCred, xdrOpaque(make([]byte, 8)))} {
+		if _, err := conn.Write(rec); err != nil {
+			t.Fatal(err)
+		}
+		body := replyBody(t, conn)
+		if want := u32s(binary.BigEndian.Uint32(rec[4:]), msgReply, msgDenied, authError, authTooWeak); string(body) != string(want) {
+			t.Errorf("proc %d from an unprivileged port: reply %x, want MSG_DENIED AUTH_ERROR AUTH_TOOWEAK", binary.BigEndian.Uint32(rec[24:]), body)
+		}
+	}
+	if _, err := conn.Write(null); err != nil {
+		t.Fatal(err)
+	}
+	if xid, accept, _ := reply(t, conn); xid != 2 || accept != 0 {
+		t.Errorf("NULL from an unprivileged port: XID %d accept %d, want answered", xid, accept)
+	}
+	// From a privileged port, MNT is answered.
+	if dialNFS(t, addr).mount("/") == nil {
+		t.Fatal("no root handle")
+	}
+	stop()
+
+	addr, _ = serveSquash(t, dir, Fsync{}, Squash{Insecure: true})
+	conn = plain(addr)
+	if _, err := conn.Write(mnt); err != nil {
+		t.Fatal(err)
+	}
+	if xid, accept, res := reply(t, conn); xid != 1 || accept != 0 || binary.BigEndian.Uint32(res) != 0 {
+		t.Errorf("MNT from an unprivileged port with Insecure: XID %d accept %d results %x, want MNT3_OK", xid, accept, res)
 	}
 }

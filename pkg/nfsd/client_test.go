@@ -32,11 +32,18 @@ func dialNFS(t testing.TB, addr string) *client {
 	c := &client{t: t}
 	c.point(addr)
 	c.c = nfsclient.New(func(ctx context.Context) (net.Conn, error) {
-		var d net.Dialer
-		return d.DialContext(ctx, "tcp", *c.addr.Load())
+		return nfsclient.DialReserved(ctx, net.Dialer{}, "tcp", *c.addr.Load())
 	})
 	t.Cleanup(func() { c.c.Close() })
 	return c
+}
+
+// dialTCP connects to addr from a privileged port, as a Linux mount
+// does: the server refuses calls from others (Squash.Insecure).
+func dialTCP(addr string) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
+	defer cancel()
+	return nfsclient.DialReserved(ctx, net.Dialer{}, "tcp", addr)
 }
 
 // point sends the client's next connection to addr; the current one

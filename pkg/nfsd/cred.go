@@ -2,6 +2,7 @@ package nfsd
 
 import (
 	"fmt"
+	"net"
 	"os"
 	"runtime"
 	"slices"
@@ -69,6 +70,21 @@ type Squash struct {
 	// AnonGID. Off, a client's root is root on the export.
 	Root             bool
 	AnonUID, AnonGID uint32
+	// Insecure takes calls from any source port. Off (the default, as
+	// knfsd's `secure` export option), a call other than NULL must come
+	// from a privileged port (below 1024), which only root binds on a
+	// client host: an AUTH_SYS credential is then the word of the
+	// client's root, not of any user who can open a socket there
+	// (TestUnprivilegedPortRefused).
+	Insecure bool
+}
+
+// privilegedPort reports whether a connection from addr comes from a
+// port only root may bind (IPPORT_RESERVED). An address that is not TCP
+// (a pipe in a test) has no port to check and passes.
+func privilegedPort(addr net.Addr) bool {
+	t, ok := addr.(*net.TCPAddr)
+	return !ok || t.Port < 1024
 }
 
 // apply returns c as squashed.

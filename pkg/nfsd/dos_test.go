@@ -40,7 +40,7 @@ func TestStalledReadHoldsMemory(t *testing.T) {
 	before := heapNow()
 	var conns []net.Conn
 	for i := range n {
-		conn, err := net.Dial("tcp", addr)
+		conn, err := dialTCP(addr)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -121,7 +121,7 @@ func TestConnectionsCapped(t *testing.T) {
 		}
 	}()
 	for range maxConnsPerHost + 8 {
-		c, err := net.Dial("tcp", addr)
+		c, err := dialTCP(addr)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -156,7 +156,7 @@ func TestConnectionsCapped(t *testing.T) {
 	// One closed, one more is taken.
 	conns[0].Close()
 	time.Sleep(200 * time.Millisecond)
-	c, err := net.Dial("tcp", addr)
+	c, err := dialTCP(addr)
 	if err != nil {
 		t.Fatal(err)
 	}

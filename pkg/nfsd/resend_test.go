@@ -2,6 +2,7 @@ package nfsd
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"io"
 	"net"
@@ -326,7 +327,7 @@ func TestResentCallsKeptApart(t *testing.T) {
 	mustOK(t, "REMOVE x", remove(rawConn(t, addr), 5, rootCred, "x"))
 	other := func() net.Conn {
 		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}, Timeout: callTimeout}
-		conn, err := d.Dial("tcp", addr)
+		conn, err := nfsclient.DialReserved(context.Background(), d, "tcp", addr)
 		if err != nil {
 			t.Fatalf("dialing from 127.0.0.2: %v", err)
 		}

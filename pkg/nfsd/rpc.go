@@ -202,6 +202,7 @@ type proxy struct {
 	caller     atomic.Pointer[cred]
 	fs         *fsys
 	warnedAuth bool // a refused credential was logged
+	warnedPort bool // a call from an unprivileged port was logged
 	// warned counts the calls logged as failed or undecodable: one
 	// client could otherwise write a log line per call it sends (a
 	// review); past warnLimit they are counted, said once.
@@ -299,6 +300,22 @@ func (p *proxy) serveClient() {
 			putU32(b, nfsVersion) // the lowest and highest versions served
 			putU32(b, nfsVersion)
 			if !p.send(b.Bytes()) {
+				return
+			}
+			continue
+		}
+		if h.proc != 0 && !p.h.squash.Insecure && !privilegedPort(p.client.RemoteAddr()) {
+			// NULL is the health check's, and carries nothing.
+			if !p.warnedPort {
+				p.warnedPort = true
+				slog.Warn("nfs: call refused (AUTH_TOOWEAK): it comes from an unprivileged port, whose AUTH_SYS credential any user of the client host can forge; "+
+					"mount as root (Linux's default, resvport), or serve such clients with --insecure (k3s.nfs_insecure); later ones on this connection are not logged",
+					"client", p.client.RemoteAddr())
+			}
+			if _, err := io.CopyN(io.Discard, in, int64(n)); err != nil {
+				return
+			}
+			if !p.send(deniedReply(h.xid, authTooWeak)) {
 				return
 			}
 			continue

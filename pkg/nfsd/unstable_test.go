@@ -197,7 +197,7 @@ func readCall(xid uint32, fh []byte, off uint64, n uint32) []byte {
 // records by hand.
 func rawConn(t *testing.T, addr string) net.Conn {
 	t.Helper()
-	conn, err := net.Dial("tcp", addr)
+	conn, err := dialTCP(addr)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -50,9 +50,10 @@ func newNFSVolume() *nfsVolume {
 	c := nfsclient.New(func(ctx context.Context) (net.Conn, error) {
 		var conn net.Conn
 		err := faultnet.InNetns("duet-c", func() error {
-			var d net.Dialer
+			// From a privileged port, as a Linux mount: duet's
+			// server refuses others.
 			var err error
-			conn, err = d.DialContext(ctx, "tcp", nfsVIP)
+			conn, err = nfsclient.DialReserved(ctx, net.Dialer{}, "tcp", nfsVIP)
 			return err
 		})
 		return conn, err
