@@ -19,6 +19,8 @@ type file struct {
 	sync   Syncer
 	dirty  bool
 	caller *cred // writes act as the caller: one by anyone but root clears set-user-ID
+	// noteFailed keeps the errno of a failed write (fsys.noteFailed).
+	noteFailed func(error)
 }
 
 // Name is the path go-nfs opened, relative to the export.
@@ -30,12 +32,15 @@ func (f *file) Write(b []byte) (n int, err error) {
 		n, err = f.File.Write(b)
 		return err
 	})
+	f.noteFailed(err)
 	return n, err
 }
 
 func (f *file) Truncate(size int64) error {
 	f.dirty = true
-	return f.caller.as(func() error { return f.File.Truncate(size) })
+	err := f.caller.as(func() error { return f.File.Truncate(size) })
+	f.noteFailed(err)
+	return err
 }
 
 // Close syncs a changed file first; a failed sync fails the WRITE.

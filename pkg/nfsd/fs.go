@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/duet-ha/duet/pkg/fstree"
@@ -27,6 +28,22 @@ import (
 type fsys struct {
 	*export
 	who func() *cred // nil, or returning nil: the server
+	// failed, if set, keeps the errno of the last change or write that
+	// failed on its own (not by its sync): go-nfs answers most errors
+	// NFS3ERR_IO, and the proxy answers the call's with it instead
+	// (proxy.refine).
+	failed *atomic.Uint32
+}
+
+// noteFailed keeps err's errno in s.failed. A failed sync is not kept: a
+// change that is not durable is answered IO.
+func (s *fsys) noteFailed(err error) {
+	var pe *fs.PathError
+	var errno unix.Errno
+	if s.failed == nil || err == nil || errors.As(err, &pe) && pe.Op == "sync" || !errors.As(err, &errno) {
+		return
+	}
+	s.failed.Store(uint32(errno))
 }
 
 // export is the state every connection's fsys shares.
@@ -290,7 +307,7 @@ func (s *fsys) openAs(comps []string, flags int) (*os.File, error) {
 
 // file wraps an open file of the export; writes to it act as the caller.
 func (s *fsys) file(f *os.File, name string, dirty bool) *file {
-	return &file{File: f, name: name, sync: s.sync, dirty: dirty, caller: s.caller()}
+	return &file{File: f, name: name, sync: s.sync, dirty: dirty, caller: s.caller(), noteFailed: s.noteFailed}
 }
 
 // create opens p, creating it if it does not exist. A new file gets a new
@@ -360,7 +377,9 @@ func (s *fsys) change(do func() error) error {
 	defer s.leave()
 	s.ix.mu.Lock()
 	defer s.ix.mu.Unlock()
-	return do()
+	err := do()
+	s.noteFailed(err)
+	return err
 }
 
 // place is where an object that a change creates, renames or removes

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	nfs "github.com/willscott/go-nfs"
+	"golang.org/x/sys/unix"
 )
 
 // The record layer in front of go-nfs. go-nfs answers every WRITE as
@@ -203,6 +204,10 @@ type proxy struct {
 	fs         *fsys
 	warnedAuth bool // a refused credential was logged
 	warnedPort bool // a call from an unprivileged port was logged
+	// failed is the errno of the last change the call go-nfs runs made
+	// and failed (fsys.noteFailed): zeroed as a call that changes
+	// something is passed, alone (refine).
+	failed atomic.Uint32
 	// warned counts the calls logged as failed or undecodable: one
 	// client could otherwise write a log line per call it sends (a
 	// review); past warnLimit they are counted, said once.
@@ -221,11 +226,14 @@ type proxy struct {
 type passedCall struct {
 	xid   uint32
 	entry *cacheEntry // the call's in the cache, or nil
+	// refine: the call changes something, and was passed alone with
+	// proxy.failed zeroed: its reply's NFS3ERR_IO may be refined.
+	refine bool
 }
 
 func newProxy(h *Handler, client, nfsd net.Conn) *proxy {
 	p := &proxy{h: h, client: client, from: hostOf(client.RemoteAddr()), nfsd: nfsd, in: bufio.NewReaderSize(client, 64<<10), out: bufio.NewWriterSize(client, 64<<10), closed: make(chan struct{})}
-	p.fs = &fsys{export: h.fs.export, who: p.caller.Load}
+	p.fs = &fsys{export: h.fs.export, who: p.caller.Load, failed: &p.failed}
 	p.idle = sync.NewCond(&p.mu)
 	return p
 }
@@ -370,6 +378,15 @@ func (p *proxy) serveClient() {
 					continue
 				}
 				call.entry = e
+				// go-nfs answers most failures of a change IO (a
+				// RENAME over a non-empty directory, a full disk):
+				// passed alone, its errno is known at its reply.
+				if !p.waitIdle() {
+					p.forget(call)
+					return
+				}
+				p.failed.Store(0)
+				call.refine = true
 			}
 			if h.nfs3() && (h.proc == procRead || h.proc == procReaddir || h.proc == procReaddirP) {
 				// go-nfs builds a READ's whole reply in memory: its
@@ -858,6 +875,7 @@ func (p *proxy) serveReplies() {
 			// the writer, so its reply goes out after this one; and
 			// it runs, and its reply is cached for a duplicate, even
 			// while this write blocks on a client gone silent.
+			p.refine(rec)
 			if !p.keep(rec) {
 				return
 			}
@@ -891,6 +909,39 @@ func (p *proxy) serveReplies() {
 		if last && !p.answered() {
 			return
 		}
+	}
+}
+
+// refine gives rec, go-nfs's reply to the call at the head of the queue,
+// the NFS status of the errno its change failed with, where go-nfs
+// answered NFS3ERR_IO or NFS3ERR_ACCES: go-nfs maps every error of a
+// RENAME, REMOVE or RMDIR but ENOENT and EACCES to IO, and every error of
+// a CREATE, MKDIR or SYMLINK to ACCES, so that `mv` over a non-empty
+// directory said "Input/output error" on the client and a file made on a
+// full filesystem "Permission denied" (TestChangeErrorsKeepTheirStatus).
+// An EACCES or EPERM, or an errno no status says better, leaves the
+// reply as it is.
+func (p *proxy) refine(rec []byte) {
+	p.mu.Lock()
+	ok := len(p.queue) > 0 && p.queue[0].refine && len(rec) >= 8 && binary.BigEndian.Uint32(rec[4:]) == p.queue[0].xid
+	p.mu.Unlock()
+	if !ok {
+		return
+	}
+	// Record mark, XID, REPLY, MSG_ACCEPTED, the verifier (flavor,
+	// length, body), SUCCESS, then the nfsstat3.
+	if len(rec) < 24 {
+		return
+	}
+	at := 24 + int((binary.BigEndian.Uint32(rec[20:])+3)&^3)
+	if len(rec) < at+8 || binary.BigEndian.Uint32(rec[8:]) != msgReply || binary.BigEndian.Uint32(rec[12:]) != 0 || binary.BigEndian.Uint32(rec[at:]) != 0 {
+		return
+	}
+	if st := binary.BigEndian.Uint32(rec[at+4:]); st != nfsIO && st != nfsAcces {
+		return
+	}
+	if st := ioStatus(unix.Errno(p.failed.Load())); st != nfsIO {
+		binary.BigEndian.PutUint32(rec[at+4:], st)
 	}
 }
 

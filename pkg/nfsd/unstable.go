@@ -170,3 +170,26 @@ func statusOf(err error) uint32 {
 	}
 	return nfsIO
 }
+
+// ioStatus is the NFS status of a change that failed with errno, where
+// go-nfs answered NFS3ERR_IO or ACCES; NFS3ERR_IO where none says more
+// (EACCES and EPERM among them: go-nfs's answer stands).
+func ioStatus(errno unix.Errno) uint32 {
+	switch errno {
+	case unix.ENOTEMPTY:
+		return uint32(nfs.NFSStatusNotEmpty)
+	case unix.EEXIST:
+		return uint32(nfs.NFSStatusExist)
+	case unix.ENOTDIR:
+		return uint32(nfs.NFSStatusNotDir)
+	case unix.EXDEV:
+		return uint32(nfs.NFSStatusXDev)
+	case unix.ENAMETOOLONG:
+		return uint32(nfs.NFSStatusNameTooLong)
+	case unix.EMLINK:
+		return uint32(nfs.NFSStatusMlink)
+	case unix.EISDIR, unix.EINVAL, unix.EFBIG, unix.ENOSPC, unix.EROFS, unix.EDQUOT:
+		return statusOf(errno)
+	}
+	return nfsIO
+}
