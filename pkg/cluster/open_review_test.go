@@ -1,20 +1,12 @@
 package cluster
 
 import (
-	"os"
+	"fmt"
 	"testing"
 )
 
 // From a review of split brain, disk/service failure and failback paths
-// (forty-second session). The tests marked knownOpen fail on this code
-// and are open (DESIGN §8, "Other limits"): DUET_KNOWN_OPEN=1 runs them.
-
-func knownOpen(t *testing.T, why string) {
-	t.Helper()
-	if os.Getenv("DUET_KNOWN_OPEN") == "" {
-		t.Skip("open, not fixed (DESIGN §8, Other limits): " + why + "; DUET_KNOWN_OPEN=1 runs it")
-	}
-}
+// (forty-second session), and the fixes of what it found.
 
 // mirrored returns nodeA, PRIM and preferred, and nodeB, its SECOND in
 // sync, both at epoch e and hearing each other (so nodeA's term is
@@ -32,51 +24,88 @@ func hb(m Machine, synced bool) Event {
 		Preferred: m.Preferred, Handover: m.HandedOver, Synced: synced, Shared: m.Shared, StaleHeld: m.StaleHeld, ServiceFailed: m.ServiceFailed, Yields: true})
 }
 
-// TestHandoverReceiverServeFailedNothingServes: a handover (here
-// `duet swap`; failback and a failed service take the same path) whose
+// TestHandoverReceiverServeFailedHandsBack: a handover (here `duet
+// swap`; failback and a failed service take the same path) whose
 // receiver cannot take the role (node.serve fails: the VIP cannot be
 // added, the capture cannot attach) → EvServeFailed → STOP. The receiver
 // drew a new epoch when it stepped to PRIM (saved before DoServe), and
-// its heartbeats said PRIM while serve ran (n.machine.Store(&next) before
-// n.serve). The giver, whose copy is whole and who was serving a moment
-// ago, counts its copy as stale (a peer heard serving, then a STOP peer
-// with a newer epoch) and never serves again on its own; plain `duet
-// prim` on it is refused. Nothing serves until an operator acts, though
-// the receiver's failed term never started a service, so nothing was
-// written that the giver lacks.
-func TestHandoverReceiverServeFailedNothingServes(t *testing.T) {
-	knownOpen(t, "a handover whose receiver cannot take the role leaves nothing serving")
-	e := ep(5, 1)
-	giver, recv := mirrored(e)
+// its heartbeats said PRIM while serve ran. Before, the giver, whose copy
+// is whole and who was serving a moment ago, counted its copy stale on
+// hearing it (a serving peer, then a STOP peer with a newer epoch) and
+// never served again on its own; plain `duet prim` on it was refused;
+// nothing served until an operator acted (a review, forty-second
+// session). Now the giver claims nothing and does not count its copy
+// stale until the receiver says it is in sync (receiverTaking), and a
+// receiver whose failed term released no call without the giver
+// (Event.Clean) hands the role back, its own copy stale.
+func TestHandoverReceiverServeFailedHandsBack(t *testing.T) {
+	for _, clean := range []bool{true, false} {
+		t.Run(fmt.Sprintf("clean=%v", clean), func(t *testing.T) {
+			e := ep(5, 1)
+			giver, recv := mirrored(e)
 
-	giver, _ = Step(giver, Event{Kind: EvCmdSwap})
-	if giver.State != Wait || !giver.HandedOver {
-		t.Fatalf("swap: %s handed over %v", giver.State, giver.HandedOver)
+			giver, _ = Step(giver, Event{Kind: EvCmdSwap})
+			if giver.State != Wait || !giver.HandedOver {
+				t.Fatalf("swap: %s handed over %v", giver.State, giver.HandedOver)
+			}
+			var acts []Action
+			recv, acts = Step(recv, hb(giver, false))
+			if !has(acts, DoServe) {
+				t.Fatalf("receiver did not take the handover: %s", recv.State)
+			}
+			term := recv.Epoch
+			// Its heartbeats say PRIM while n.serve runs.
+			giver, _ = Step(giver, hb(recv, false))
+			giver, _ = Step(giver, hb(recv, false))
+			if giver.Stale || !giver.HandedOver {
+				t.Fatalf("the giver, hearing the receiver take the role: stale %v handed over %v", giver.Stale, giver.HandedOver)
+			}
+			// n.serve fails: EvServeFailed.
+			recv, acts = Step(recv, Event{Kind: EvServeFailed, Why: "adding VIP: operation not permitted", Clean: clean})
+			if recv.State != Stop || !has(acts, DoUnserve) || recv.Stale != clean || recv.HandedOver != clean {
+				t.Fatalf("receiver after EvServeFailed: %s stale %v handed over %v", recv.State, recv.Stale, recv.HandedOver)
+			}
+			for i := 0; i < 5; i++ {
+				giver, _ = Step(giver, hb(recv, false))
+				recv, _ = Step(recv, hb(giver, false))
+				giver, _ = Step(giver, Event{Kind: EvTick})
+			}
+			if !clean {
+				// The failed term may have released a call the giver
+				// lacks: the giver waits for the operator.
+				if giver.State.Serving() {
+					t.Fatalf("the giver serves over a receiver whose failed term released calls alone (epoch %d)", giver.Epoch)
+				}
+				return
+			}
+			if !giver.State.Serving() || giver.Epoch <= term || giver.Stale {
+				t.Fatalf("the receiver of a handover failed to take the role and handed it back; the giver is %s stale=%v epoch %d (the failed term's %d)",
+					giver.State, giver.Stale, giver.Epoch, term)
+			}
+			// The receiver, started again, follows the giver.
+			recv, _ = Step(recv, Event{Kind: EvCmdStart})
+			for i := 0; i < 3; i++ {
+				recv, _ = Step(recv, hb(giver, true))
+				giver, _ = Step(giver, hb(recv, false))
+			}
+			if recv.State != Second || recv.Epoch != giver.Epoch || recv.HandedOver {
+				t.Fatalf("the receiver, started again: %s epoch %d handed over %v", recv.State, recv.Epoch, recv.HandedOver)
+			}
+		})
 	}
-	var acts []Action
-	recv, acts = Step(recv, hb(giver, false))
-	if !has(acts, DoServe) {
-		t.Fatalf("receiver did not take the handover: %s", recv.State)
+}
+
+// TestGiverRestartedHearsReceiverServing: a giver that restarted (its
+// HandedOver from cluster.json) and first hears the receiver serving
+// counts its copy stale at once, as before: the receiver may have served
+// alone meanwhile, and its calls are released only once this copy says
+// it is stale (receiverTaking needs the receiver heard before it served).
+func TestGiverRestartedHearsReceiverServing(t *testing.T) {
+	g := Machine{Name: "nodeA", ID: 1, State: Wait, Epoch: ep(5, 1), HandedOver: true, Preferred: true}
+	g, _ = Step(g, peerEv(Peer{Name: "nodeB", State: Prim, Epoch: ep(7, 2), Yields: true}))
+	if !g.Stale || g.HandedOver {
+		t.Fatalf("restarted giver hearing the receiver PRIM: stale %v handed over %v", g.Stale, g.HandedOver)
 	}
-	// Its heartbeats say PRIM while n.serve runs.
-	giver, _ = Step(giver, hb(recv, false))
-	// n.serve fails: EvServeFailed.
-	recv, acts = Step(recv, Event{Kind: EvServeFailed, Why: "adding VIP: operation not permitted"})
-	if recv.State != Stop || !has(acts, DoUnserve) {
-		t.Fatalf("receiver after EvServeFailed: %s", recv.State)
-	}
-	for i := 0; i < 20; i++ {
-		giver, _ = Step(giver, hb(recv, false))
-		recv, _ = Step(recv, hb(giver, false))
-		giver, _ = Step(giver, Event{Kind: EvTick})
-		if giver.State.Serving() || recv.State.Serving() {
-			return
-		}
-	}
-	_, pa := Step(giver, Event{Kind: EvCmdPrim})
-	t.Fatalf("the receiver of a handover failed to take the role (STOP, epoch %d, never started a service); the giver, "+
-		"serving a moment before with the same data, is %s stale=%v handedOver=%v; nothing serves; plain `duet prim` on the giver refused=%v",
-		recv.Epoch, giver.State, giver.Stale, giver.HandedOver, has(pa, DoRefuse))
 }
 
 // TestResumedPrimaryServesOverNewerPeer: a serving node that heard a

@@ -175,6 +175,10 @@ type Event struct {
 	// (another host answers for the VIP): whoever holds it may write
 	// what this copy lacks.
 	Held bool
+	// Clean (EvServeFailed): the failed term released no durability
+	// call without the peer's acknowledgement, so the peer holds every
+	// change acknowledged in it.
+	Clean bool
 }
 
 // Action kind.
@@ -316,6 +320,7 @@ func step(m Machine, ev Event) (Machine, []Action) {
 		m, acts := step(m, ev)
 		return m, append([]Action{{Do: DoPersist}}, acts...)
 	}
+	prev := m.Peer
 	switch ev.Kind {
 	case EvPeer:
 		m.Peer = ev.Peer
@@ -361,7 +366,7 @@ func step(m Machine, ev Event) (Machine, []Action) {
 	}
 	switch m.State {
 	case Wait:
-		return m.stepWait(ev)
+		return m.stepWait(ev, prev)
 	case Second:
 		return m.stepSecond(ev)
 	}
@@ -380,7 +385,23 @@ func (m Machine) peerReady() bool {
 	return m.Peer.Seen && m.Peer.State == Second && m.Peer.Epoch == m.Epoch
 }
 
-func (m Machine) stepWait(ev Event) (Machine, []Action) {
+// receiverTaking says whether m, which handed the role over, hears (in
+// m.Peer) the receiver begin its term: PRIM, not yet saying m's copy is
+// in sync, at a newer epoch, where m's last word of it (prev) was of the
+// copy m handed over to (not serving, no newer than m's), or of this same
+// term already so taken. Not a receiver heard ALONE (it does not hear m,
+// and releases its calls without it), nor one first heard serving after
+// m restarted: it may have served alone meanwhile, and its calls are
+// released only once m says its copy is stale.
+func (m Machine) receiverTaking(prev Peer) bool {
+	p := m.Peer
+	if !m.HandedOver || m.Stale || m.Resyncing != "" || p.State != Prim || p.Synced || p.Epoch <= m.Epoch || !prev.Seen {
+		return false
+	}
+	return !prev.State.Serving() && prev.Epoch <= m.Epoch || prev.State == Prim && prev.Epoch == p.Epoch
+}
+
+func (m Machine) stepWait(ev Event, prev Peer) (Machine, []Action) {
 	p := m.Peer
 	var acts []Action
 	switch ev.Kind {
@@ -392,6 +413,16 @@ func (m Machine) stepWait(ev Event) (Machine, []Action) {
 				// one it carried on after losing this node: it steps
 				// down on hearing that this copy is newer and not stale
 				// (stepServing), which this node must not say otherwise.
+				return m, nil
+			}
+			if m.receiverTaking(prev) {
+				// The receiver of this node's handover takes the role,
+				// hearing this node: this copy claims nothing (its
+				// checks do not run, and a loss of the receiver makes it
+				// stale, see step), and is not yet stale: the receiver's
+				// calls wait for this copy until it is in sync (then
+				// SECOND, below), and if its serve fails it hands the
+				// role back (stepServing, EvServeFailed).
 				return m, nil
 			}
 			// From here on the serving peer writes what this copy lacks.
@@ -441,6 +472,12 @@ func (m Machine) stepWait(ev Event) (Machine, []Action) {
 			// either way this copy is still the reference, and, as it
 			// wins or the peer is stopped, the peer will not serve.
 			return m.serve(fmt.Sprintf("peer %s, handed the role, is %s and never served (epoch %d)", p.Name, p.State, p.Epoch))
+		}
+		if m.HandedOver && !m.Stale && m.Resyncing == "" && p.Handover && p.Stale && !p.StaleHeld && (p.State == Stop || p.State == Wait) {
+			// The receiver could not take the role and handed it back
+			// (EvServeFailed): this copy is still the reference. The new
+			// epoch is drawn past the receiver's failed term.
+			return m.serve(fmt.Sprintf("peer %s could not take the role and handed it back (%s, its copy stale)", p.Name, p.State))
 		}
 		if m.HandedOver || p.State == Stop && m.Stale {
 			return m, acts
@@ -668,6 +705,20 @@ func (m Machine) stepServing(ev Event) (Machine, []Action) {
 		m.ServiceFailed = ev.Kind == EvServiceDown
 		return m.unserve(Wait, fmt.Sprintf("%s (%s): failing over to %s", what, ev.Why, p.Name))
 	case EvServeFailed:
+		if ev.Clean && p.Seen && p.Handover && !p.Stale && !p.State.Serving() {
+			// The giver of a handover still holds the role's copy (it
+			// claims nothing while this node takes the role, and does
+			// not count its copy stale before this one says it is in
+			// sync), and this term, which never started a service,
+			// released nothing it lacks: this node hands the role
+			// back and counts its own copy stale, whatever it wrote
+			// meanwhile unacknowledged. Before, the giver counted its
+			// copy stale on hearing this node serve, this one stopped
+			// with the newer epoch, and nothing served until an
+			// operator acted (TestHandoverReceiverServeFailedHandsBack).
+			m.Stale, m.StaleHeld, m.HandedOver = true, false, true
+			return m.unserve(Stop, fmt.Sprintf("%s; the role goes back to %s, which handed it here; fix it, then run `duet start`", ev.Why, p.Name))
+		}
 		return m.unserve(Stop, ev.Why+"; fix it, then run `duet start`")
 	case EvCmdPrim:
 		return m, []Action{refuse("already %s", m.State)}

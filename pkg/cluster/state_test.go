@@ -135,8 +135,17 @@ func TestInvariants(t *testing.T) {
 				}
 			}
 			// A copy that does not serve turns stale on hearing a serving
-			// peer, unless that peer steps down for it (YieldsTo).
-			if !m.State.Serving() && m.State != Second && ev.Kind == EvPeer && ev.Peer.State.Serving() && !got.State.Serving() {
+			// peer, unless that peer steps down for it (YieldsTo), or is
+			// the receiver of its handover taking the role
+			// (receiverTaking: then it stays as it was, handed over).
+			hearing := m
+			hearing.Peer = ev.Peer
+			hearing.Peer.Seen = true
+			if ev.Kind == EvPeer && m.State == Wait && hearing.receiverTaking(m.Peer) {
+				if got.Stale || !got.HandedOver || got.State != Wait {
+					t.Errorf("%+v + %+v: the giver of a handover, hearing the receiver take the role: %s stale %v handed over %v", m, ev, got.State, got.Stale, got.HandedOver)
+				}
+			} else if !m.State.Serving() && m.State != Second && ev.Kind == EvPeer && ev.Peer.State.Serving() && !got.State.Serving() {
 				if y := ev.Peer.YieldsTo(m); y && (got.Stale != m.Stale || got.StaleHeld != m.StaleHeld) || !y && (!got.Stale || got.StaleHeld) && got.State != Second {
 					t.Errorf("%+v + %+v: stale %v (held %v) -> %v (held %v) (the peer steps down for it: %v)", m, ev, m.Stale, m.StaleHeld, got.Stale, got.StaleHeld, y)
 				}
@@ -186,7 +195,11 @@ func TestInvariants(t *testing.T) {
 			// or the operator forces it.
 			heard := m
 			heard.Peer, heard.Peer.Seen = ev.Peer, true
+			// Or the receiver handed the role back, its serve failed
+			// (TestHandoverReceiverServeFailedHandsBack).
 			receiverBack := ev.Kind == EvPeer && ev.Peer.Epoch <= m.Epoch && (ev.Peer.State == Wait && heard.wins() || ev.Peer.State == Stop)
+			handedBack := ev.Kind == EvPeer && ev.Peer.Handover && ev.Peer.Stale && !ev.Peer.StaleHeld && (ev.Peer.State == Wait || ev.Peer.State == Stop)
+			receiverBack = receiverBack || handedBack
 			forced := ev.Kind == EvCmdPrim && ev.Force
 			if m.HandedOver && became && !forced && !receiverBack {
 				t.Errorf("%+v + %+v: handed over, then took the role back", m, ev)
@@ -272,9 +285,14 @@ func TestScenarios(t *testing.T) {
 	if a3.State != Prim || a3.Epoch != ep(6, 1) {
 		t.Fatalf("handover: %+v", a3)
 	}
+	// The giver claims nothing and waits for the receiver to say its
+	// copy is in sync (TestHandoverReceiverServeFailedHandsBack).
 	b4, _ = Step(b4, peerEv(peerOf(a3, false)))
-	if b4.State != Wait || b4.HandedOver {
+	if b4.State != Wait || !b4.HandedOver || b4.Stale {
 		t.Fatalf("after handover: %+v", b4)
+	}
+	if b5, _ := Step(b4, peerEv(peerOf(a3, true))); b5.State != Second || b5.HandedOver || b5.Stale || b5.Epoch != a3.Epoch {
+		t.Fatalf("in sync after the handover: %+v", b5)
 	}
 	_, acts = Step(Machine{Name: "nodeA", ID: 1, State: Prim, Epoch: ep(6, 1), Peer: Peer{Seen: true, State: Wait, Epoch: ep(4, 2)}}, Event{Kind: EvCmdSwap})
 	if !has(acts, DoRefuse) {

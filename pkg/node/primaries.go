@@ -101,6 +101,10 @@ func (n *Node) startPrimary(ctx context.Context) error {
 	}); k > 0 {
 		n.log.Info("files mapped shared and writable before the capture attached: each written back and read whole", "files", k)
 	}
+	// Cleared before the primaries are published: a durability call may
+	// be released alone as soon as they are, and the mark of that must
+	// stay (the heartbeats' "synced", a failed serve's Clean).
+	n.releasedAlone.Store(false)
 	n.smu.Lock()
 	n.cap, n.primaries = c, primaries
 	n.overflowTo.Store(&primaries)
@@ -110,7 +114,6 @@ func (n *Node) startPrimary(ctx context.Context) error {
 	n.dispatchedEnd.Store(0) // a new ring
 	n.overflowSeen = 0
 	n.smu.Unlock()
-	n.releasedAlone.Store(false)
 	n.silent.Clear()
 	n.serveWG.Add(4 + len(primaries))
 	go func() {
