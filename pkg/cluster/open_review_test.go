@@ -29,15 +29,15 @@ func hb(m Machine, synced bool) Event {
 // receiver cannot take the role (node.serve fails: the VIP cannot be
 // added, the capture cannot attach) → EvServeFailed → STOP. The receiver
 // drew a new epoch when it stepped to PRIM (saved before DoServe), and
-// its heartbeats said PRIM while serve ran. Before, the giver, whose copy
-// is whole and who was serving a moment ago, counted its copy stale on
-// hearing it (a serving peer, then a STOP peer with a newer epoch) and
-// never served again on its own; plain `duet prim` on it was refused;
-// nothing served until an operator acted (a review, forty-second
-// session). Now the giver claims nothing and does not count its copy
-// stale until the receiver says it is in sync (receiverTaking), and a
-// receiver whose failed term released no call without the giver
-// (Event.Clean) hands the role back, its own copy stale.
+// its heartbeats said PRIM while serve ran. The giver, whose copy is
+// whole and who was serving a moment ago, counts its copy stale on
+// hearing it (a serving peer, then a STOP peer with a newer epoch).
+// Before, it never served again on its own, plain `duet prim` on it was
+// refused, and nothing served until an operator acted (a review,
+// forty-second session). Now a receiver whose term was taken from the
+// giver's handover (TookHandover) and released no call without it
+// (Event.Clean) hands the role back, its own copy stale, and the giver
+// serves again (handedBack).
 func TestHandoverReceiverServeFailedHandsBack(t *testing.T) {
 	for _, clean := range []bool{true, false} {
 		t.Run(fmt.Sprintf("clean=%v", clean), func(t *testing.T) {
@@ -50,19 +50,21 @@ func TestHandoverReceiverServeFailedHandsBack(t *testing.T) {
 			}
 			var acts []Action
 			recv, acts = Step(recv, hb(giver, false))
-			if !has(acts, DoServe) {
-				t.Fatalf("receiver did not take the handover: %s", recv.State)
+			if !has(acts, DoServe) || !recv.TookHandover {
+				t.Fatalf("receiver did not take the handover: %s took %v", recv.State, recv.TookHandover)
 			}
 			term := recv.Epoch
-			// Its heartbeats say PRIM while n.serve runs.
+			// Its heartbeats say PRIM while n.serve runs: the giver
+			// counts its copy stale, and the receiver may release
+			// calls without it (as before).
 			giver, _ = Step(giver, hb(recv, false))
-			giver, _ = Step(giver, hb(recv, false))
-			if giver.Stale || !giver.HandedOver {
-				t.Fatalf("the giver, hearing the receiver take the role: stale %v handed over %v", giver.Stale, giver.HandedOver)
+			recv, _ = Step(recv, hb(giver, false))
+			if !giver.Stale {
+				t.Fatalf("the giver, hearing the receiver serve: stale %v", giver.Stale)
 			}
 			// n.serve fails: EvServeFailed.
 			recv, acts = Step(recv, Event{Kind: EvServeFailed, Why: "adding VIP: operation not permitted", Clean: clean})
-			if recv.State != Stop || !has(acts, DoUnserve) || recv.Stale != clean || recv.HandedOver != clean {
+			if recv.State != Stop || !has(acts, DoUnserve) || recv.Stale != clean || recv.HandedOver != clean || recv.TookHandover {
 				t.Fatalf("receiver after EvServeFailed: %s stale %v handed over %v", recv.State, recv.Stale, recv.HandedOver)
 			}
 			for i := 0; i < 5; i++ {
@@ -95,16 +97,82 @@ func TestHandoverReceiverServeFailedHandsBack(t *testing.T) {
 	}
 }
 
-// TestGiverRestartedHearsReceiverServing: a giver that restarted (its
-// HandedOver from cluster.json) and first hears the receiver serving
-// counts its copy stale at once, as before: the receiver may have served
-// alone meanwhile, and its calls are released only once this copy says
-// it is stale (receiverTaking needs the receiver heard before it served).
-func TestGiverRestartedHearsReceiverServing(t *testing.T) {
-	g := Machine{Name: "nodeA", ID: 1, State: Wait, Epoch: ep(5, 1), HandedOver: true, Preferred: true}
-	g, _ = Step(g, peerEv(Peer{Name: "nodeB", State: Prim, Epoch: ep(7, 2), Yields: true}))
-	if !g.Stale || g.HandedOver {
-		t.Fatalf("restarted giver hearing the receiver PRIM: stale %v handed over %v", g.Stale, g.HandedOver)
+// restarted is m as its daemon's restart loads it from cluster.json
+// (node.loadMachine): a serving state comes back WAIT and not stale, a
+// SECOND stale; the peer is not heard.
+func restarted(m Machine) Machine {
+	r := Machine{Name: m.Name, ID: m.ID, State: Wait, Epoch: m.Epoch, Stale: m.Stale, HandedOver: m.HandedOver, Preferred: m.Preferred}
+	switch m.State {
+	case Prim, Alone:
+		r.Stale = false
+	case Second:
+		r.Stale = true
+	default:
+		r.StaleHeld = m.Stale && m.StaleHeld
+	}
+	return r
+}
+
+// TestHandBackOnlyFromATermTakenByHandover (from a review of the first
+// version of the hand-back, which any serve failure next to a peer
+// saying Handover took): nodeA swaps and its daemon dies; nodeB takes
+// the role, loses nodeA, serves ALONE and acknowledges W; nodeB's
+// daemon restarts, then nodeA's (WAIT, handed over, not stale); nodeB
+// wins and serves, and its serve fails. Had nodeB handed the role back,
+// nodeA would have served its copy without W, in either order of
+// hearing, or both copies counted stale.
+func TestHandBackOnlyFromATermTakenByHandover(t *testing.T) {
+	for _, primFirst := range []bool{false, true} {
+		t.Run(fmt.Sprintf("giver hears PRIM first=%v", primFirst), func(t *testing.T) {
+			giver, recv := mirrored(ep(5, 1))
+			giver, _ = Step(giver, Event{Kind: EvCmdSwap})
+			saved := giver
+			recv, _ = Step(recv, hb(giver, false))
+			recv, _ = Step(recv, Event{Kind: EvPeerLost}) // ALONE: W acknowledged alone
+			aloneTerm := recv.Epoch
+			recv, giver = restarted(recv), restarted(saved)
+			var acts []Action
+			recv, acts = Step(recv, hb(giver, false))
+			if !has(acts, DoServe) {
+				t.Fatalf("nodeB (epoch %d) does not serve over nodeA (epoch %d): scenario void", recv.Epoch, giver.Epoch)
+			}
+			if primFirst {
+				giver, _ = Step(giver, hb(recv, false))
+			}
+			recv, _ = Step(recv, Event{Kind: EvServeFailed, Why: "adding VIP: operation not permitted", Clean: true})
+			if recv.Stale || recv.HandedOver {
+				t.Errorf("nodeB, whose copy holds W (acknowledged at epoch %d), handed the role back: stale %v handed over %v", aloneTerm, recv.Stale, recv.HandedOver)
+			}
+			for i := 0; i < 3; i++ {
+				giver, _ = Step(giver, hb(recv, false))
+				recv, _ = Step(recv, hb(giver, false))
+			}
+			if giver.State.Serving() {
+				t.Fatalf("nodeA, lacking W, serves at epoch %d", giver.Epoch)
+			}
+			recv, _ = Step(recv, Event{Kind: EvCmdStart})
+			for i := 0; i < 3; i++ {
+				recv, _ = Step(recv, hb(giver, false))
+				giver, _ = Step(giver, hb(recv, false))
+			}
+			if !recv.State.Serving() {
+				t.Fatalf("nodeB, mended and started, does not serve its copy (with W): %s stale %v", recv.State, recv.Stale)
+			}
+		})
+	}
+}
+
+// TestHandBackNeedsTheGiversEpoch: a giver takes a peer's hand-back only
+// for the term drawn from its own epoch by a handover (two ahead): a
+// peer saying Handover and stale at another epoch is not its receiver's
+// failed term.
+func TestHandBackNeedsTheGiversEpoch(t *testing.T) {
+	g := Machine{Name: "nodeA", ID: 1, State: Wait, Epoch: ep(5, 1), Stale: true, Preferred: true}
+	for _, pe := range []uint64{ep(7, 2), ep(8, 2), ep(6, 2), ep(5, 2)} {
+		got, _ := Step(g, peerEv(Peer{Name: "nodeB", State: Stop, Epoch: pe, Stale: true, Handover: true, Yields: true}))
+		if want := pe == ep(7, 2); got.State.Serving() != want {
+			t.Errorf("hand-back at epoch %d (giver's %d): serving %v, want %v", pe, g.Epoch, got.State.Serving(), want)
+		}
 	}
 }
 

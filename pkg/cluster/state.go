@@ -141,7 +141,14 @@ type Machine struct {
 	// when the peer can take it, later (TestServiceKeptDeadNotRetriedWhenPeerCleared,
 	// from a review). Cleared when the node leaves the role or serves anew.
 	ServiceDown string
-	Peer        Peer
+	// TookHandover: this node serves a term it took from the peer's
+	// handover, its copy in sync with the peer's at the peer's epoch
+	// (stepSecond). Should the role not be taken after all (the VIP or
+	// the capture fails: EvServeFailed), and the term released nothing
+	// without the peer, the role goes back to it (handedBack). Not saved:
+	// a restart leaves the role.
+	TookHandover bool
+	Peer         Peer
 }
 
 // Kind of event.
@@ -243,7 +250,7 @@ func (m Machine) nextEpoch(ahead uint64) uint64 {
 // serve moves m to PRIM (peer visible) or ALONE, with a new epoch.
 func (m Machine) serve(why string) (Machine, []Action) {
 	m.Epoch = m.nextEpoch(2)
-	m.Stale, m.StaleHeld, m.HandedOver, m.Checking, m.Shared, m.ServiceFailed, m.ServiceDown = false, false, false, false, false, false, ""
+	m.Stale, m.StaleHeld, m.HandedOver, m.Checking, m.Shared, m.ServiceFailed, m.ServiceDown, m.TookHandover = false, false, false, false, false, false, "", false
 	if m.Peer.Seen {
 		m.State = Prim
 	} else {
@@ -261,7 +268,7 @@ func (m Machine) serve(why string) (Machine, []Action) {
 // publishes after the actions).
 func (m Machine) unserve(to State, why string) (Machine, []Action) {
 	m.State = to
-	m.Checking, m.Shared, m.ServiceDown = false, false, ""
+	m.Checking, m.Shared, m.ServiceDown, m.TookHandover = false, false, "", false
 	return m, []Action{logf("leaving the primary role for %s: %s", to, why), {Do: DoPersist}, {Do: DoUnserve}}
 }
 
@@ -320,7 +327,6 @@ func step(m Machine, ev Event) (Machine, []Action) {
 		m, acts := step(m, ev)
 		return m, append([]Action{{Do: DoPersist}}, acts...)
 	}
-	prev := m.Peer
 	switch ev.Kind {
 	case EvPeer:
 		m.Peer = ev.Peer
@@ -366,7 +372,7 @@ func step(m Machine, ev Event) (Machine, []Action) {
 	}
 	switch m.State {
 	case Wait:
-		return m.stepWait(ev, prev)
+		return m.stepWait(ev)
 	case Second:
 		return m.stepSecond(ev)
 	}
@@ -380,28 +386,24 @@ func (p Peer) YieldsTo(m Machine) bool {
 	return p.State.Serving() && p.Shared && p.Epoch < m.Epoch && (m.State == Wait || m.State == Stop) && (!m.Stale || m.StaleHeld) && !m.HandedOver && m.Resyncing == ""
 }
 
+// handedBack says whether m's peer hands back the role m handed it:
+// STOP or WAIT, its copy stale, with Handover, at the epoch a handover
+// from m's epoch draws (nextEpoch(2) from it: two ahead), so its failed
+// term is the one taken from this copy; m is that copy, stale only for
+// having heard the receiver serve (not mid-resync, not by a held role),
+// or still handed over.
+func (m Machine) handedBack() bool {
+	p := m.Peer
+	return p.Handover && p.Stale && !p.StaleHeld && (p.State == Stop || p.State == Wait) &&
+		p.Epoch>>8 == m.Epoch>>8+2 && (m.Stale || m.HandedOver) && !m.StaleHeld && m.Resyncing == ""
+}
+
 // peerReady: the peer holds our data and can take over at once.
 func (m Machine) peerReady() bool {
 	return m.Peer.Seen && m.Peer.State == Second && m.Peer.Epoch == m.Epoch
 }
 
-// receiverTaking says whether m, which handed the role over, hears (in
-// m.Peer) the receiver begin its term: PRIM, not yet saying m's copy is
-// in sync, at a newer epoch, where m's last word of it (prev) was of the
-// copy m handed over to (not serving, no newer than m's), or of this same
-// term already so taken. Not a receiver heard ALONE (it does not hear m,
-// and releases its calls without it), nor one first heard serving after
-// m restarted: it may have served alone meanwhile, and its calls are
-// released only once m says its copy is stale.
-func (m Machine) receiverTaking(prev Peer) bool {
-	p := m.Peer
-	if !m.HandedOver || m.Stale || m.Resyncing != "" || p.State != Prim || p.Synced || p.Epoch <= m.Epoch || !prev.Seen {
-		return false
-	}
-	return !prev.State.Serving() && prev.Epoch <= m.Epoch || prev.State == Prim && prev.Epoch == p.Epoch
-}
-
-func (m Machine) stepWait(ev Event, prev Peer) (Machine, []Action) {
+func (m Machine) stepWait(ev Event) (Machine, []Action) {
 	p := m.Peer
 	var acts []Action
 	switch ev.Kind {
@@ -413,16 +415,6 @@ func (m Machine) stepWait(ev Event, prev Peer) (Machine, []Action) {
 				// one it carried on after losing this node: it steps
 				// down on hearing that this copy is newer and not stale
 				// (stepServing), which this node must not say otherwise.
-				return m, nil
-			}
-			if m.receiverTaking(prev) {
-				// The receiver of this node's handover takes the role,
-				// hearing this node: this copy claims nothing (its
-				// checks do not run, and a loss of the receiver makes it
-				// stale, see step), and is not yet stale: the receiver's
-				// calls wait for this copy until it is in sync (then
-				// SECOND, below), and if its serve fails it hands the
-				// role back (stepServing, EvServeFailed).
 				return m, nil
 			}
 			// From here on the serving peer writes what this copy lacks.
@@ -473,11 +465,14 @@ func (m Machine) stepWait(ev Event, prev Peer) (Machine, []Action) {
 			// wins or the peer is stopped, the peer will not serve.
 			return m.serve(fmt.Sprintf("peer %s, handed the role, is %s and never served (epoch %d)", p.Name, p.State, p.Epoch))
 		}
-		if m.HandedOver && !m.Stale && m.Resyncing == "" && p.Handover && p.Stale && !p.StaleHeld && (p.State == Stop || p.State == Wait) {
-			// The receiver could not take the role and handed it back
-			// (EvServeFailed): this copy is still the reference. The new
-			// epoch is drawn past the receiver's failed term.
-			return m.serve(fmt.Sprintf("peer %s could not take the role and handed it back (%s, its copy stale)", p.Name, p.State))
+		if m.handedBack() {
+			// The receiver of this node's handover could not take the
+			// role and handed it back (stepServing, EvServeFailed):
+			// this copy is still the reference. The new epoch is drawn
+			// past the receiver's failed term.
+			m.Stale, m.HandedOver = false, false
+			m, more := m.serve(fmt.Sprintf("peer %s could not take the role this node handed it (epoch %d) and handed it back; this copy (epoch %d) is the reference", p.Name, p.Epoch, m.Epoch))
+			return m, append(acts, more...)
 		}
 		if m.HandedOver || p.State == Stop && m.Stale {
 			return m, acts
@@ -572,7 +567,9 @@ func (m Machine) stepSecond(ev Event) (Machine, []Action) {
 			if p.Epoch != m.Epoch {
 				return m.to(Wait, fmt.Sprintf("handover refused: epoch %d here, %d on %s", m.Epoch, p.Epoch, p.Name))
 			}
-			return m.serve("handed over by " + p.Name)
+			m, acts := m.serve("handed over by " + p.Name)
+			m.TookHandover = true
+			return m, acts
 		}
 		if p.State.Serving() {
 			if !p.Synced || p.Epoch != m.Epoch || p.State == Alone {
@@ -705,14 +702,14 @@ func (m Machine) stepServing(ev Event) (Machine, []Action) {
 		m.ServiceFailed = ev.Kind == EvServiceDown
 		return m.unserve(Wait, fmt.Sprintf("%s (%s): failing over to %s", what, ev.Why, p.Name))
 	case EvServeFailed:
-		if ev.Clean && p.Seen && p.Handover && !p.Stale && !p.State.Serving() {
-			// The giver of a handover still holds the role's copy (it
-			// claims nothing while this node takes the role, and does
-			// not count its copy stale before this one says it is in
-			// sync), and this term, which never started a service,
-			// released nothing it lacks: this node hands the role
-			// back and counts its own copy stale, whatever it wrote
-			// meanwhile unacknowledged. Before, the giver counted its
+		if ev.Clean && m.TookHandover && p.Seen && !p.State.Serving() {
+			// This term was taken from the peer's handover, with this
+			// copy in sync with it at its epoch, never started a
+			// service, and released no call without the peer: the
+			// peer's copy holds everything acknowledged since it gave
+			// the role up. This node hands the role back and counts its
+			// own copy stale, whatever it wrote unacknowledged; the peer
+			// serves again (handedBack). Before, the peer counted its
 			// copy stale on hearing this node serve, this one stopped
 			// with the newer epoch, and nothing served until an
 			// operator acted (TestHandoverReceiverServeFailedHandsBack).
