@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"testing"
 
 	"github.com/duet-ha/duet/pkg/nfsclient"
@@ -508,5 +509,39 @@ func TestUnprivilegedPortRefused(t *testing.T) {
 	}
 	if xid, accept, res := reply(t, conn); xid != 1 || accept != 0 || binary.BigEndian.Uint32(res) != 0 {
 		t.Errorf("MNT from an unprivileged port with Insecure: XID %d accept %d results %x, want MNT3_OK", xid, accept, res)
+	}
+}
+
+// TestUnprivilegedPortRefusedOverIPv6: the port check holds for IPv6
+// clients and for IPv4 ones on a dual-stack listener (IPv4-mapped
+// addresses), from a review.
+func TestUnprivilegedPortRefusedOverIPv6(t *testing.T) {
+	dir := t.TempDir()
+	for _, la := range []string{"[::1]:0", "[::]:0"} {
+		l, err := net.Listen("tcp", la)
+		if err != nil {
+			t.Skipf("no IPv6 listener here: %v", err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- Serve(ctx, l, dir, Fsync{}, Squash{}) }()
+		port := strconv.Itoa(l.Addr().(*net.TCPAddr).Port)
+		target := net.JoinHostPort("::1", port)
+		if la == "[::]:0" {
+			target = net.JoinHostPort("127.0.0.1", port) // IPv4-mapped on a dual-stack socket
+		}
+		conn, err := net.Dial("tcp", target)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := conn.Write(callRecord(1, progMount, mountVersion, 1, rootCred, xdrOpaque([]byte("/")))); err != nil {
+			t.Fatal(err)
+		}
+		if body := replyBody(t, conn); string(body) != string(u32s(1, msgReply, msgDenied, authError, authTooWeak)) {
+			t.Errorf("MNT on %s from %v: reply %x, want MSG_DENIED AUTH_ERROR AUTH_TOOWEAK", la, conn.LocalAddr(), body)
+		}
+		conn.Close()
+		cancel()
+		<-done
 	}
 }

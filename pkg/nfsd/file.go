@@ -48,7 +48,8 @@ func (f *file) Close() error {
 	var err error
 	if f.dirty {
 		if serr := f.sync.Sync(f.File); serr != nil {
-			err = fmt.Errorf("syncing %s: %w", f.File.Name(), serr)
+			err = fmt.Errorf("syncing %s: %w: %w", f.File.Name(), errSyncFailed, serr)
+			f.noteFailed(err)
 		}
 	}
 	if cerr := f.File.Close(); err == nil {

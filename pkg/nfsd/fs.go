@@ -35,16 +35,23 @@ type fsys struct {
 	failed *atomic.Uint32
 }
 
-// noteFailed keeps err's errno in s.failed. A failed sync is not kept: a
-// change that is not durable is answered IO.
+// noteFailed keeps err's errno in s.failed. A failed sync is kept as EIO,
+// whatever its errno: a change that is not durable is answered IO (go-nfs
+// said ACCES for a CREATE's, a review found).
 func (s *fsys) noteFailed(err error) {
 	var pe *fs.PathError
 	var errno unix.Errno
-	if s.failed == nil || err == nil || errors.As(err, &pe) && pe.Op == "sync" || !errors.As(err, &errno) {
-		return
+	switch {
+	case s.failed == nil || err == nil:
+	case errors.As(err, &pe) && pe.Op == "sync", errors.Is(err, errSyncFailed):
+		s.failed.Store(uint32(unix.EIO))
+	case errors.As(err, &errno):
+		s.failed.Store(uint32(errno))
 	}
-	s.failed.Store(uint32(errno))
 }
+
+// errSyncFailed marks a file's failed sync at its close.
+var errSyncFailed = errors.New("sync failed")
 
 // export is the state every connection's fsys shares.
 type export struct {

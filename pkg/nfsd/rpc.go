@@ -472,7 +472,16 @@ func (p *proxy) serveCall(h callHeader, c *cred, mark, rec []byte) bool {
 	case reply != nil:
 		return p.write(reply)
 	case w.stable != unstable:
-		return p.passAs(c, passedCall{xid: h.xid, entry: e}, mark, bytes.NewReader(rec), len(rec))
+		// Alone, as every call that changes something (serveClient):
+		// its failure's errno must not be taken for an earlier call's
+		// (a review: an RMDIR answered NOSPC, pipelined with a WRITE
+		// to a full filesystem, TestRefinedStatusIsTheCallsOwn).
+		if !p.waitIdle() {
+			p.h.drc.abandon(e)
+			return false
+		}
+		p.failed.Store(0)
+		return p.passAs(c, passedCall{xid: h.xid, entry: e, refine: true}, mark, bytes.NewReader(rec), len(rec))
 	}
 	reply = p.writeOrCommit(h, c, w)
 	if reply == nil {
@@ -919,8 +928,9 @@ func (p *proxy) serveReplies() {
 // a CREATE, MKDIR or SYMLINK to ACCES, so that `mv` over a non-empty
 // directory said "Input/output error" on the client and a file made on a
 // full filesystem "Permission denied" (TestChangeErrorsKeepTheirStatus).
-// An EACCES or EPERM, or an errno no status says better, leaves the
-// reply as it is.
+// A change made but not made durable (its sync failed) is answered IO,
+// not ACCES. An EACCES or EPERM, or an errno no status says better,
+// leaves the reply as it is.
 func (p *proxy) refine(rec []byte) {
 	p.mu.Lock()
 	ok := len(p.queue) > 0 && p.queue[0].refine && len(rec) >= 8 && binary.BigEndian.Uint32(rec[4:]) == p.queue[0].xid
@@ -940,7 +950,11 @@ func (p *proxy) refine(rec []byte) {
 	if st := binary.BigEndian.Uint32(rec[at+4:]); st != nfsIO && st != nfsAcces {
 		return
 	}
-	if st := ioStatus(unix.Errno(p.failed.Load())); st != nfsIO {
+	errno := unix.Errno(p.failed.Load())
+	if errno == 0 {
+		return
+	}
+	if st := ioStatus(errno); st != nfsIO || errno == unix.EIO {
 		binary.BigEndian.PutUint32(rec[at+4:], st)
 	}
 }
