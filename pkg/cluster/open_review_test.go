@@ -36,7 +36,7 @@ func hb(m Machine, synced bool) Event {
 // refused, and nothing served until an operator acted (a review,
 // forty-second session). Now a receiver whose term was taken from the
 // giver's handover (TookHandover) and released no call without it
-// (Event.Clean) hands the role back, its own copy stale, and the giver
+// (Event.Clean) hands the role back (STOP, HandedOver), and the giver
 // serves again (handedBack).
 func TestHandoverReceiverServeFailedHandsBack(t *testing.T) {
 	for _, clean := range []bool{true, false} {
@@ -64,7 +64,7 @@ func TestHandoverReceiverServeFailedHandsBack(t *testing.T) {
 			}
 			// n.serve fails: EvServeFailed.
 			recv, acts = Step(recv, Event{Kind: EvServeFailed, Why: "adding VIP: operation not permitted", Clean: clean})
-			if recv.State != Stop || !has(acts, DoUnserve) || recv.Stale != clean || recv.HandedOver != clean || recv.TookHandover {
+			if recv.State != Stop || !has(acts, DoUnserve) || recv.Stale || recv.HandedOver != clean || recv.TookHandover {
 				t.Fatalf("receiver after EvServeFailed: %s stale %v handed over %v", recv.State, recv.Stale, recv.HandedOver)
 			}
 			for i := 0; i < 5; i++ {
@@ -169,10 +169,111 @@ func TestHandBackOnlyFromATermTakenByHandover(t *testing.T) {
 func TestHandBackNeedsTheGiversEpoch(t *testing.T) {
 	g := Machine{Name: "nodeA", ID: 1, State: Wait, Epoch: ep(5, 1), Stale: true, Preferred: true}
 	for _, pe := range []uint64{ep(7, 2), ep(8, 2), ep(6, 2), ep(5, 2)} {
-		got, _ := Step(g, peerEv(Peer{Name: "nodeB", State: Stop, Epoch: pe, Stale: true, Handover: true, Yields: true}))
+		got, _ := Step(g, peerEv(Peer{Name: "nodeB", State: Stop, Epoch: pe, Handover: true, Yields: true}))
 		if want := pe == ep(7, 2); got.State.Serving() != want {
 			t.Errorf("hand-back at epoch %d (giver's %d): serving %v, want %v", pe, g.Epoch, got.State.Serving(), want)
 		}
+	}
+}
+
+// handedBackReceiver is a giver and the receiver of its handover whose
+// serve failed with a clean term: the receiver handed the role back
+// (STOP, HandedOver), and the giver, which heard it serve, is stale.
+func handedBackReceiver(t *testing.T) (giver, recv Machine) {
+	t.Helper()
+	giver, recv = mirrored(ep(5, 1))
+	giver, _ = Step(giver, Event{Kind: EvCmdSwap})
+	recv, _ = Step(recv, hb(giver, false))
+	giver, _ = Step(giver, hb(recv, false))
+	recv, _ = Step(recv, hb(giver, false))
+	recv, _ = Step(recv, Event{Kind: EvServeFailed, Why: "VIP in use", Clean: true})
+	if recv.State != Stop || !recv.HandedOver || !giver.Stale {
+		t.Fatalf("scenario void: receiver %s handed over %v, giver stale %v", recv.State, recv.HandedOver, giver.Stale)
+	}
+	return giver, recv
+}
+
+// TestHandBackGiverCannotTakeIt: the giver cannot take the role back
+// (its copy mid-resync: the failed term's resync was cut). The receiver,
+// mended and started, serves its own copy, the only whole one, as a
+// giver whose receiver never served does (a review found the first
+// version's receiver counting its copy stale: nothing served).
+func TestHandBackGiverCannotTakeIt(t *testing.T) {
+	giver, recv := handedBackReceiver(t)
+	giver.Resyncing = "data"
+	for i := 0; i < 3; i++ {
+		giver, _ = Step(giver, hb(recv, false))
+		recv, _ = Step(recv, hb(giver, false))
+	}
+	if giver.State.Serving() {
+		t.Fatalf("the giver serves a copy mid-resync")
+	}
+	recv, _ = Step(recv, Event{Kind: EvCmdStart})
+	for i := 0; i < 3; i++ {
+		recv, _ = Step(recv, hb(giver, false))
+		giver, _ = Step(giver, hb(recv, false))
+	}
+	if !recv.State.Serving() || giver.State.Serving() {
+		t.Fatalf("receiver %s (stale %v, handed over %v), giver %s (stale %v): want the receiver serving", recv.State, recv.Stale, recv.HandedOver, giver.State, giver.Stale)
+	}
+}
+
+// TestHandBackGiverGone: the giver's daemon stopped as it handed over
+// (SIGTERM), and the receiver's serve fails: it hands the role back to a
+// giver that is gone. It claims nothing while the giver is away, as a
+// giver of a handover that has not heard its receiver since (`duet prim
+// --force` serves it), and serves once the giver is back without having
+// served (a review: the first version counted the receiver's copy stale,
+// for good).
+func TestHandBackGiverGone(t *testing.T) {
+	giver, recv := handedBackReceiver(t)
+	recv, _ = Step(recv, Event{Kind: EvPeerLost})
+	recv, _ = Step(recv, Event{Kind: EvCmdStart})
+	recv, acts := run(recv, Event{Kind: EvTick}, Event{Kind: EvChecked, OK: true}, Event{Kind: EvTick})
+	if recv.State.Serving() || has(acts, DoCheck) {
+		t.Fatalf("the receiver, the giver gone, took the role on its own: %s", recv.State)
+	}
+	if got, _ := Step(recv, Event{Kind: EvCmdPrim, Force: true}); !got.State.Serving() {
+		t.Fatalf("duet prim --force on the receiver: %s", got.State)
+	}
+	// The giver back (restarted: WAIT, stale as it saved).
+	giver = restarted(giver)
+	for i := 0; i < 3; i++ {
+		recv, _ = Step(recv, hb(giver, false))
+		giver, _ = Step(giver, hb(recv, false))
+	}
+	if !recv.State.Serving() || giver.State.Serving() {
+		t.Fatalf("the giver back: receiver %s, giver %s (stale %v): want the receiver serving", recv.State, giver.State, giver.Stale)
+	}
+}
+
+// TestTookHandoverEndsWhenAlone: a receiver that loses the giver while
+// its serve runs (PRIM -> ALONE, then PRIM again on hearing it) serves a
+// term that went on without the giver: its serve failing, it stops as
+// before and does not hand the role back (a review: the mark survived
+// ALONE, and a hand-back at an epoch the giver never takes left both
+// copies stale).
+func TestTookHandoverEndsWhenAlone(t *testing.T) {
+	giver, recv := mirrored(ep(5, 1))
+	giver, _ = Step(giver, Event{Kind: EvCmdSwap})
+	recv, _ = Step(recv, hb(giver, false))
+	giver, _ = Step(giver, hb(recv, false))
+	recv, _ = Step(recv, Event{Kind: EvPeerLost})
+	recv, _ = Step(recv, hb(giver, false))
+	if recv.State != Prim || recv.TookHandover {
+		t.Fatalf("receiver after ALONE and back: %s took handover %v", recv.State, recv.TookHandover)
+	}
+	recv, _ = Step(recv, Event{Kind: EvServeFailed, Why: "VIP in use", Clean: true})
+	if recv.HandedOver || recv.Stale {
+		t.Fatalf("receiver handed back from a term that went on without the giver: handed over %v stale %v", recv.HandedOver, recv.Stale)
+	}
+	recv, _ = Step(recv, Event{Kind: EvCmdStart})
+	for i := 0; i < 3; i++ {
+		giver, _ = Step(giver, hb(recv, false))
+		recv, _ = Step(recv, hb(giver, false))
+	}
+	if !recv.State.Serving() && !giver.State.Serving() {
+		t.Fatalf("nothing serves: giver %s stale %v, receiver %s stale %v", giver.State, giver.Stale, recv.State, recv.Stale)
 	}
 }
 

@@ -386,15 +386,18 @@ func (p Peer) YieldsTo(m Machine) bool {
 	return p.State.Serving() && p.Shared && p.Epoch < m.Epoch && (m.State == Wait || m.State == Stop) && (!m.Stale || m.StaleHeld) && !m.HandedOver && m.Resyncing == ""
 }
 
-// handedBack says whether m's peer hands back the role m handed it:
-// STOP or WAIT, its copy stale, with Handover, at the epoch a handover
-// from m's epoch draws (nextEpoch(2) from it: two ahead), so its failed
-// term is the one taken from this copy; m is that copy, stale only for
-// having heard the receiver serve (not mid-resync, not by a held role),
-// or still handed over.
+// handedBack says whether m's peer hands back the role m handed it: STOP
+// with Handover, not stale, at the epoch a handover from m's epoch draws
+// (nextEpoch(2) from it: two ahead), so its failed term is the one taken
+// from this copy; m is that copy, stale only for having heard the
+// receiver serve or for its newer epoch (not mid-resync, not by a held
+// role), or still handed over. Only a STOP peer: once started again
+// (WAIT), the peer serves its copy itself if this one does not serve
+// (stepWait: a node that handed the role over, to a peer that did not
+// serve since), and the two must not both decide.
 func (m Machine) handedBack() bool {
 	p := m.Peer
-	return p.Handover && p.Stale && !p.StaleHeld && (p.State == Stop || p.State == Wait) &&
+	return p.Handover && !p.Stale && p.State == Stop &&
 		p.Epoch>>8 == m.Epoch>>8+2 && (m.Stale || m.HandedOver) && !m.StaleHeld && m.Resyncing == ""
 }
 
@@ -409,6 +412,9 @@ func (m Machine) stepWait(ev Event) (Machine, []Action) {
 	switch ev.Kind {
 	case EvPeer:
 		m.Checking = false
+		// As this copy stood when the peer's word came (the rules below
+		// change it).
+		back := m.handedBack()
 		if p.State.Serving() {
 			if p.YieldsTo(m) {
 				// The peer serves on in a term older than this copy's,
@@ -465,7 +471,7 @@ func (m Machine) stepWait(ev Event) (Machine, []Action) {
 			// wins or the peer is stopped, the peer will not serve.
 			return m.serve(fmt.Sprintf("peer %s, handed the role, is %s and never served (epoch %d)", p.Name, p.State, p.Epoch))
 		}
-		if m.handedBack() {
+		if back {
 			// The receiver of this node's handover could not take the
 			// role and handed it back (stepServing, EvServeFailed):
 			// this copy is still the reference. The new epoch is drawn
@@ -669,6 +675,7 @@ func (m Machine) stepServing(ev Event) (Machine, []Action) {
 		if m.State == Prim {
 			m.State = Alone
 			m.Epoch = m.nextEpoch(1)
+			m.TookHandover = false // the term goes on without the giver
 			return m, []Action{{Do: DoPersist}, logf("PRIM -> ALONE (epoch %d): peer lost, changes are tracked for its return", m.Epoch)}
 		}
 		return m, nil
@@ -702,18 +709,21 @@ func (m Machine) stepServing(ev Event) (Machine, []Action) {
 		m.ServiceFailed = ev.Kind == EvServiceDown
 		return m.unserve(Wait, fmt.Sprintf("%s (%s): failing over to %s", what, ev.Why, p.Name))
 	case EvServeFailed:
-		if ev.Clean && m.TookHandover && p.Seen && !p.State.Serving() {
+		if ev.Clean && m.TookHandover && p.Seen && p.State == Wait {
 			// This term was taken from the peer's handover, with this
 			// copy in sync with it at its epoch, never started a
 			// service, and released no call without the peer: the
 			// peer's copy holds everything acknowledged since it gave
-			// the role up. This node hands the role back and counts its
-			// own copy stale, whatever it wrote unacknowledged; the peer
-			// serves again (handedBack). Before, the peer counted its
+			// the role up. This node hands the role back, as a handover
+			// does (STOP, HandedOver: it claims nothing until it hears
+			// the peer), and the peer serves again (handedBack). If the
+			// peer cannot (its copy mid-resync), this one, started
+			// again, serves its own copy as a giver whose receiver did
+			// not serve does (stepWait). Before, the peer counted its
 			// copy stale on hearing this node serve, this one stopped
 			// with the newer epoch, and nothing served until an
 			// operator acted (TestHandoverReceiverServeFailedHandsBack).
-			m.Stale, m.StaleHeld, m.HandedOver = true, false, true
+			m.HandedOver = true
 			return m.unserve(Stop, fmt.Sprintf("%s; the role goes back to %s, which handed it here; fix it, then run `duet start`", ev.Why, p.Name))
 		}
 		return m.unserve(Stop, ev.Why+"; fix it, then run `duet start`")

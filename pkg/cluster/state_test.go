@@ -113,10 +113,10 @@ func TestInvariants(t *testing.T) {
 			if became && m.Stale && !(ev.Kind == EvCmdPrim && ev.Force) && !(ev.Kind == EvPeer && backTo.handedBack()) {
 				t.Errorf("%+v + %+v: stale copy promoted", m, ev)
 			}
-			// A node hands the role back (stale, handed over, STOP) only
+			// A node hands the role back (handed over, STOP) only
 			// from a term taken from the peer's handover that released
 			// nothing alone.
-			if m.State.Serving() && ev.Kind == EvServeFailed && got.Stale && got.HandedOver && !(m.TookHandover && ev.Clean) {
+			if m.State.Serving() && ev.Kind == EvServeFailed && got.HandedOver && !(m.TookHandover && ev.Clean) {
 				t.Errorf("%+v + %+v: handed the role back from a term it did not take by handover, or that released calls alone", m, ev)
 			}
 			// A copy mid-resync is promoted only by a forced command.

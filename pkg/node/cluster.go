@@ -671,12 +671,10 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 				n.machine.Store(&next)
 				if err := n.serve(actx); err != nil {
 					n.log.Error("cannot take the primary role", "err", err)
-					// serve ended the term's primaries: nothing is
-					// released from here on. releasedAlone was cleared
-					// as they started (or is an earlier term's, and
-					// then says not clean, to be safe).
-					clean := !n.releasedAlone.Load()
-					go n.post(ctx, cluster.Event{Kind: cluster.EvServeFailed, Why: err.Error(), Clean: clean})
+					why := err.Error()
+					// Not on the loop: releasedNothing waits for the
+					// calls in progress.
+					go func() { n.post(ctx, cluster.Event{Kind: cluster.EvServeFailed, Why: why, Clean: n.releasedNothing()}) }()
 				}
 			case cluster.DoUnserve:
 				n.unserve(actx, next.Stale)
