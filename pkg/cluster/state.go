@@ -141,14 +141,7 @@ type Machine struct {
 	// when the peer can take it, later (TestServiceKeptDeadNotRetriedWhenPeerCleared,
 	// from a review). Cleared when the node leaves the role or serves anew.
 	ServiceDown string
-	// TookHandover: this node serves a term it took from the peer's
-	// handover, its copy in sync with the peer's at the peer's epoch
-	// (stepSecond). Should the role not be taken after all (the VIP or
-	// the capture fails: EvServeFailed), and the term released nothing
-	// without the peer, the role goes back to it (handedBack). Not saved:
-	// a restart leaves the role.
-	TookHandover bool
-	Peer         Peer
+	Peer        Peer
 }
 
 // Kind of event.
@@ -182,10 +175,6 @@ type Event struct {
 	// (another host answers for the VIP): whoever holds it may write
 	// what this copy lacks.
 	Held bool
-	// Clean (EvServeFailed): the failed term released no durability
-	// call without the peer's acknowledgement, so the peer holds every
-	// change acknowledged in it.
-	Clean bool
 }
 
 // Action kind.
@@ -250,7 +239,7 @@ func (m Machine) nextEpoch(ahead uint64) uint64 {
 // serve moves m to PRIM (peer visible) or ALONE, with a new epoch.
 func (m Machine) serve(why string) (Machine, []Action) {
 	m.Epoch = m.nextEpoch(2)
-	m.Stale, m.StaleHeld, m.HandedOver, m.Checking, m.Shared, m.ServiceFailed, m.ServiceDown, m.TookHandover = false, false, false, false, false, false, "", false
+	m.Stale, m.StaleHeld, m.HandedOver, m.Checking, m.Shared, m.ServiceFailed, m.ServiceDown = false, false, false, false, false, false, ""
 	if m.Peer.Seen {
 		m.State = Prim
 	} else {
@@ -268,7 +257,7 @@ func (m Machine) serve(why string) (Machine, []Action) {
 // publishes after the actions).
 func (m Machine) unserve(to State, why string) (Machine, []Action) {
 	m.State = to
-	m.Checking, m.Shared, m.ServiceDown, m.TookHandover = false, false, "", false
+	m.Checking, m.Shared, m.ServiceDown = false, false, ""
 	return m, []Action{logf("leaving the primary role for %s: %s", to, why), {Do: DoPersist}, {Do: DoUnserve}}
 }
 
@@ -386,21 +375,6 @@ func (p Peer) YieldsTo(m Machine) bool {
 	return p.State.Serving() && p.Shared && p.Epoch < m.Epoch && (m.State == Wait || m.State == Stop) && (!m.Stale || m.StaleHeld) && !m.HandedOver && m.Resyncing == ""
 }
 
-// handedBack says whether m's peer hands back the role m handed it: STOP
-// with Handover, not stale, at the epoch a handover from m's epoch draws
-// (nextEpoch(2) from it: two ahead), so its failed term is the one taken
-// from this copy; m is that copy, stale only for having heard the
-// receiver serve or for its newer epoch (not mid-resync, not by a held
-// role), or still handed over. Only a STOP peer: once started again
-// (WAIT), the peer serves its copy itself if this one does not serve
-// (stepWait: a node that handed the role over, to a peer that did not
-// serve since), and the two must not both decide.
-func (m Machine) handedBack() bool {
-	p := m.Peer
-	return p.Handover && !p.Stale && p.State == Stop &&
-		p.Epoch>>8 == m.Epoch>>8+2 && (m.Stale || m.HandedOver) && !m.StaleHeld && m.Resyncing == ""
-}
-
 // peerReady: the peer holds our data and can take over at once.
 func (m Machine) peerReady() bool {
 	return m.Peer.Seen && m.Peer.State == Second && m.Peer.Epoch == m.Epoch
@@ -412,9 +386,6 @@ func (m Machine) stepWait(ev Event) (Machine, []Action) {
 	switch ev.Kind {
 	case EvPeer:
 		m.Checking = false
-		// As this copy stood when the peer's word came (the rules below
-		// change it).
-		back := m.handedBack()
 		if p.State.Serving() {
 			if p.YieldsTo(m) {
 				// The peer serves on in a term older than this copy's,
@@ -470,15 +441,6 @@ func (m Machine) stepWait(ev Event) (Machine, []Action) {
 			// either way this copy is still the reference, and, as it
 			// wins or the peer is stopped, the peer will not serve.
 			return m.serve(fmt.Sprintf("peer %s, handed the role, is %s and never served (epoch %d)", p.Name, p.State, p.Epoch))
-		}
-		if back {
-			// The receiver of this node's handover could not take the
-			// role and handed it back (stepServing, EvServeFailed):
-			// this copy is still the reference. The new epoch is drawn
-			// past the receiver's failed term.
-			m.Stale, m.HandedOver = false, false
-			m, more := m.serve(fmt.Sprintf("peer %s could not take the role this node handed it (epoch %d) and handed it back; this copy (epoch %d) is the reference", p.Name, p.Epoch, m.Epoch))
-			return m, append(acts, more...)
 		}
 		if m.HandedOver || p.State == Stop && m.Stale {
 			return m, acts
@@ -573,9 +535,7 @@ func (m Machine) stepSecond(ev Event) (Machine, []Action) {
 			if p.Epoch != m.Epoch {
 				return m.to(Wait, fmt.Sprintf("handover refused: epoch %d here, %d on %s", m.Epoch, p.Epoch, p.Name))
 			}
-			m, acts := m.serve("handed over by " + p.Name)
-			m.TookHandover = true
-			return m, acts
+			return m.serve("handed over by " + p.Name)
 		}
 		if p.State.Serving() {
 			if !p.Synced || p.Epoch != m.Epoch || p.State == Alone {
@@ -675,7 +635,6 @@ func (m Machine) stepServing(ev Event) (Machine, []Action) {
 		if m.State == Prim {
 			m.State = Alone
 			m.Epoch = m.nextEpoch(1)
-			m.TookHandover = false // the term goes on without the giver
 			return m, []Action{{Do: DoPersist}, logf("PRIM -> ALONE (epoch %d): peer lost, changes are tracked for its return", m.Epoch)}
 		}
 		return m, nil
@@ -709,23 +668,6 @@ func (m Machine) stepServing(ev Event) (Machine, []Action) {
 		m.ServiceFailed = ev.Kind == EvServiceDown
 		return m.unserve(Wait, fmt.Sprintf("%s (%s): failing over to %s", what, ev.Why, p.Name))
 	case EvServeFailed:
-		if ev.Clean && m.TookHandover && p.Seen && p.State == Wait {
-			// This term was taken from the peer's handover, with this
-			// copy in sync with it at its epoch, never started a
-			// service, and released no call without the peer: the
-			// peer's copy holds everything acknowledged since it gave
-			// the role up. This node hands the role back, as a handover
-			// does (STOP, HandedOver: it claims nothing until it hears
-			// the peer), and the peer serves again (handedBack). If the
-			// peer cannot (its copy mid-resync), this one, started
-			// again, serves its own copy as a giver whose receiver did
-			// not serve does (stepWait). Before, the peer counted its
-			// copy stale on hearing this node serve, this one stopped
-			// with the newer epoch, and nothing served until an
-			// operator acted (TestHandoverReceiverServeFailedHandsBack).
-			m.HandedOver = true
-			return m.unserve(Stop, fmt.Sprintf("%s; the role goes back to %s, which handed it here; fix it, then run `duet start`", ev.Why, p.Name))
-		}
 		return m.unserve(Stop, ev.Why+"; fix it, then run `duet start`")
 	case EvCmdPrim:
 		return m, []Action{refuse("already %s", m.State)}

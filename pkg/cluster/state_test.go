@@ -52,11 +52,6 @@ func allMachines() []Machine {
 											if s.Serving() && !cont && !held {
 												m.ServiceDown = "web: exited 1" // kept the role with a failed service
 												out = append(out, m)
-												m.ServiceDown = ""
-											}
-											if s == Prim && !cont && !held {
-												m.TookHandover = true // a term taken from the peer's handover
-												out = append(out, m)
 											}
 										}
 									}
@@ -74,8 +69,7 @@ func allMachines() []Machine {
 func allEvents() []Event {
 	var evs []Event
 	for ps := Stop; ps <= Alone; ps++ {
-		// ep(2, 2): the epoch a handover from epoch 5 draws on nodeB.
-		for _, pe := range []uint64{4, 5, 6, ep(2, 2)} {
+		for _, pe := range []uint64{4, 5, 6} {
 			for _, f := range []Peer{{}, {Stale: true}, {Synced: true}, {Handover: true}, {Preferred: true}, {Shared: true}, {Shared: true, Synced: true}, {Stale: true, StaleHeld: true}, {Synced: true, ServiceFailed: true},
 				{Yields: true}, {Yields: true, Stale: true, StaleHeld: true}, {Yields: true, Shared: true}, {Yields: true, Stale: true}} {
 				p := f
@@ -88,7 +82,7 @@ func allEvents() []Event {
 		evs = append(evs, Event{Kind: k})
 	}
 	return append(evs, Event{Kind: EvChecked, OK: true}, Event{Kind: EvChecked, Why: "witness unreachable"},
-		Event{Kind: EvCmdPrim}, Event{Kind: EvCmdPrim, Force: true}, Event{Kind: EvServiceDown, Why: "web"}, Event{Kind: EvServeFailed, Why: "VIP in use"}, Event{Kind: EvServeFailed, Why: "VIP in use", Clean: true},
+		Event{Kind: EvCmdPrim}, Event{Kind: EvCmdPrim, Force: true}, Event{Kind: EvServiceDown, Why: "web"}, Event{Kind: EvServeFailed, Why: "VIP in use"},
 		Event{Kind: EvDiskFailed, Why: "fsync: input/output error"})
 }
 
@@ -105,19 +99,9 @@ func TestInvariants(t *testing.T) {
 			if got.State.Serving() && got.Peer.Seen && got.Peer.State.Serving() && !m.State.Serving() {
 				t.Errorf("%+v + %+v: serving next to serving peer", m, ev)
 			}
-			// A stale copy is promoted only by a forced command, or by
-			// the receiver of its handover handing the role back
-			// (handedBack: stale only for having heard it serve).
-			backTo := m
-			backTo.Peer, backTo.Peer.Seen = ev.Peer, true
-			if became && m.Stale && !(ev.Kind == EvCmdPrim && ev.Force) && !(ev.Kind == EvPeer && backTo.handedBack()) {
+			// A stale copy is promoted only by a forced command.
+			if became && m.Stale && !(ev.Kind == EvCmdPrim && ev.Force) {
 				t.Errorf("%+v + %+v: stale copy promoted", m, ev)
-			}
-			// A node hands the role back (handed over, STOP) only
-			// from a term taken from the peer's handover that released
-			// nothing alone.
-			if m.State.Serving() && ev.Kind == EvServeFailed && got.HandedOver && !(m.TookHandover && ev.Clean) {
-				t.Errorf("%+v + %+v: handed the role back from a term it did not take by handover, or that released calls alone", m, ev)
 			}
 			// A copy mid-resync is promoted only by a forced command.
 			if became && m.Resyncing != "" && !(ev.Kind == EvCmdPrim && ev.Force) {
@@ -202,10 +186,7 @@ func TestInvariants(t *testing.T) {
 			// or the operator forces it.
 			heard := m
 			heard.Peer, heard.Peer.Seen = ev.Peer, true
-			// Or the receiver handed the role back, its serve failed
-			// (TestHandoverReceiverServeFailedHandsBack).
 			receiverBack := ev.Kind == EvPeer && ev.Peer.Epoch <= m.Epoch && (ev.Peer.State == Wait && heard.wins() || ev.Peer.State == Stop)
-			receiverBack = receiverBack || ev.Kind == EvPeer && heard.handedBack()
 			forced := ev.Kind == EvCmdPrim && ev.Force
 			if m.HandedOver && became && !forced && !receiverBack {
 				t.Errorf("%+v + %+v: handed over, then took the role back", m, ev)

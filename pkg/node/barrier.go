@@ -238,25 +238,6 @@ func (n *Node) staleCurrent(p cluster.Peer) bool {
 	return false
 }
 
-// releasedNothing reports, once a failed serve stopped its term's
-// primaries, whether the term released no durability call without the
-// peer (cluster.Event.Clean). A call begun before the primaries stopped
-// may still be on its way to tryRelease (barrier read them before): the
-// calls begun before now are waited for, a few seconds at most (then:
-// not clean). A call begun after finds no primaries and fails.
-// releasedAlone was cleared as the primaries were published, or is an
-// earlier term's (not clean, to be safe).
-func (n *Node) releasedNothing() bool {
-	mark := n.waiting.mark()
-	for deadline := time.Now().Add(5 * time.Second); !n.waiting.endedBefore(mark); {
-		if time.Now().After(deadline) {
-			return false
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-	return !n.releasedAlone.Load()
-}
-
 // tryRelease is Release.Now: whether a durability call may go on without
 // the peer (peerCannotTakeOver). A release is recorded in the same step,
 // under relMu, so that the heartbeats cannot say "synced" after a check

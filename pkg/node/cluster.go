@@ -671,10 +671,7 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 				n.machine.Store(&next)
 				if err := n.serve(actx); err != nil {
 					n.log.Error("cannot take the primary role", "err", err)
-					why := err.Error()
-					// Not on the loop: releasedNothing waits for the
-					// calls in progress.
-					go func() { n.post(ctx, cluster.Event{Kind: cluster.EvServeFailed, Why: why, Clean: n.releasedNothing()}) }()
+					go n.post(ctx, cluster.Event{Kind: cluster.EvServeFailed, Why: err.Error()})
 				}
 			case cluster.DoUnserve:
 				n.unserve(actx, next.Stale)

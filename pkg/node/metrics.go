@@ -168,26 +168,6 @@ func (w *waiting) begin(start time.Time) (end func()) {
 	}
 }
 
-// mark returns the ID the next call will get: every call begun before
-// has a smaller one.
-func (w *waiting) mark() uint64 {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.next
-}
-
-// endedBefore reports whether every call begun before mark has ended.
-func (w *waiting) endedBefore(mark uint64) bool {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	for id := range w.since {
-		if id < mark {
-			return false
-		}
-	}
-	return true
-}
-
 // oldest returns how many calls wait and how long the oldest has, at now.
 func (w *waiting) oldest(now time.Time) (n int, age time.Duration) {
 	w.mu.Lock()

@@ -103,7 +103,7 @@ func (n *Node) startPrimary(ctx context.Context) error {
 	}
 	// Cleared before the primaries are published: a durability call may
 	// be released alone as soon as they are, and the mark of that must
-	// stay (the heartbeats' "synced", a failed serve's Clean).
+	// stay (the heartbeats' "synced" waits for its catch-up).
 	n.releasedAlone.Store(false)
 	n.smu.Lock()
 	n.cap, n.primaries = c, primaries
