@@ -94,17 +94,22 @@ func TestChangeErrorsKeepTheirStatus(t *testing.T) {
 	// SYMLINK whose target needs a page of its own says NOSPC.
 	f, st := c.create(root, "big")
 	mustOK(t, "CREATE big", st)
-	chunk := make([]byte, 256<<10)
-	full := false
-	for i := 0; i < 16 && !full; i++ {
-		_, st := c.write(f, uint64(i*len(chunk)), chunk, nfsclient.FileSync)
-		full = st != nfsclient.StatusOK
-	}
-	if !full {
-		t.Fatal("4 MiB written to a 1 MiB tmpfs")
-	}
+	fill(t, c, f)
 	target := strings.Repeat("t", 1000)
 	if _, st := c.symlink(root, "l", target); st != uint32(nfs.NFSStatusNoSPC) {
 		t.Errorf("SYMLINK on a full filesystem: status %d, want NOSPC (%d)", st, nfs.NFSStatusNoSPC)
 	}
+}
+
+// fill makes FILE_SYNC WRITEs to f until its filesystem, a 1 MiB tmpfs,
+// is full.
+func fill(t *testing.T, c *client, f []byte) {
+	t.Helper()
+	chunk := make([]byte, 256<<10)
+	for i := range 16 {
+		if _, st := c.write(f, uint64(i*len(chunk)), chunk, nfsclient.FileSync); st != nfsclient.StatusOK {
+			return
+		}
+	}
+	t.Fatal("4 MiB written to a 1 MiB tmpfs")
 }

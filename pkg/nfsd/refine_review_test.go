@@ -35,15 +35,7 @@ func TestRefinedStatusIsTheCallsOwn(t *testing.T) {
 	mustOK(t, "CREATE b/f", st)
 	f, st := c.create(root, "big")
 	mustOK(t, "CREATE big", st)
-	chunk := make([]byte, 256<<10)
-	full := false
-	for i := 0; i < 16 && !full; i++ {
-		_, st := c.write(f, uint64(i*len(chunk)), chunk, nfsclient.FileSync)
-		full = st != nfsclient.StatusOK
-	}
-	if !full {
-		t.Fatal("4 MiB written to a 1 MiB tmpfs")
-	}
+	fill(t, c, f)
 
 	conn := rawConn(t, addr)
 	wrong := map[uint32]int{}
@@ -85,15 +77,7 @@ func TestRefinedAccesStaysAcces(t *testing.T) {
 	user := dialAs(t, addr, nfsclient.Cred{UID: 1000, GID: 1000})
 	f, st := user.create(root, "big")
 	mustOK(t, "CREATE big", st)
-	chunk := make([]byte, 256<<10)
-	full := false
-	for i := 0; i < 16 && !full; i++ {
-		_, st := user.write(f, uint64(i*len(chunk)), chunk, nfsclient.FileSync)
-		full = st != nfsclient.StatusOK
-	}
-	if !full {
-		t.Fatal("4 MiB written to a 1 MiB tmpfs")
-	}
+	fill(t, user, f)
 	cred := authSysCred(1000, 1000)
 	conn := rawConn(t, addr)
 	wrong := map[uint32]int{}
