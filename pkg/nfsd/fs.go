@@ -29,9 +29,9 @@ type fsys struct {
 	*export
 	who func() *cred // nil, or returning nil: the server
 	// failed, if set, keeps the errno of the last change or write that
-	// failed on its own (not by its sync): go-nfs answers most errors
-	// NFS3ERR_IO, and the proxy answers the call's with it instead
-	// (proxy.refine).
+	// failed (EIO for a failed sync): go-nfs answers most errors
+	// NFS3ERR_IO or ACCES, and the proxy answers the call's status
+	// instead (proxy.refine).
 	failed *atomic.Uint32
 }
 
