@@ -302,17 +302,17 @@ func (k *K3S) expand(c *Config) {
 	// export's root, made by root (duet init), becomes that user's so
 	// that the provisioner can make a directory per volume in it. An
 	// owner someone chose is left alone.
-	prepare, squash := "", ""
+	prepare, flags := "", ""
 	if k.NFSInsecure {
-		squash = " --insecure"
+		flags = " --insecure"
 	}
 	if *k.NFSRootSquash {
 		prepare = fmt.Sprintf(`if [ "$(stat -c %%u %s)" = 0 ]; then chown %d:%d %s; fi && `, shq(k.NFSDir), AnonID, AnonID, shq(k.NFSDir))
 	} else {
-		squash += " --no-root-squash"
+		flags += " --no-root-squash"
 	}
 	nfs := Service{Name: "nfs", Start: fmt.Sprintf("%sexec %s nfs-serve %s --listen %s%s%s",
-		prepare, shq(k.DuetBin), shq(k.NFSDir), net.JoinHostPort("0.0.0.0", strconv.Itoa(k.NFSPort)), squash, allow),
+		prepare, shq(k.DuetBin), shq(k.NFSDir), net.JoinHostPort("0.0.0.0", strconv.Itoa(k.NFSPort)), flags, allow),
 		CheckNFS: local(k.NFSPort), StartTimeout: time.Minute, StopTimeout: 30 * time.Second}
 	if k.NFSServer == NFSServerGanesha {
 		ganeshaConf := filepath.Join(run, "ganesha.conf")
