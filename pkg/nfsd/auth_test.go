@@ -4,10 +4,12 @@ import (
 	"context"
 	"encoding/binary"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
 	"testing"
+	"time"
 
 	"github.com/duet-ha/duet/pkg/nfsclient"
 	"golang.org/x/sys/unix"
@@ -543,5 +545,33 @@ func TestUnprivilegedPortRefusedOverIPv6(t *testing.T) {
 		conn.Close()
 		cancel()
 		<-done
+	}
+}
+
+// TestUnprivilegedPortRefusedThroughAllowListener: the port check sees
+// the client's TCP address through AllowListener (nfs-serve's listener).
+func TestUnprivilegedPortRefusedThroughAllowListener(t *testing.T) {
+	dir := t.TempDir()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- Serve(ctx, &AllowListener{Listener: l, Allow: []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")}}, dir, Fsync{}, Squash{})
+	}()
+	defer func() { cancel(); <-done }()
+	conn, err := net.Dial("tcp", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(callTimeout))
+	if _, err := conn.Write(callRecord(1, progMount, mountVersion, 1, rootCred, xdrOpaque([]byte("/")))); err != nil {
+		t.Fatal(err)
+	}
+	if body := replyBody(t, conn); string(body) != string(u32s(1, msgReply, msgDenied, authError, authTooWeak)) {
+		t.Errorf("MNT through AllowListener from %v: reply %x, want AUTH_TOOWEAK", conn.LocalAddr(), body)
 	}
 }

@@ -83,17 +83,15 @@ func (s *fsys) Remove(p string) error {
 		if st.Mode&unix.S_IFMT == unix.S_IFDIR {
 			flags = unix.AT_REMOVEDIR
 			// The common failure is checked before the ID is taken back, so
-			// that readers do not see the directory stale for a moment;
-			// as the server, so after the caller's right to remove from
-			// the parent, as rmdir(2) checks it: NOTEMPTY for one who may
-			// not remove told whether a directory it may not read is
-			// empty (a review).
-			if err := s.caller().as(func() error {
-				return unix.Faccessat(int(at.dir.Fd()), ".", unix.W_OK|unix.X_OK, unix.AT_EACCESS)
-			}); err != nil {
-				return &fs.PathError{Op: "remove", Path: p, Err: err}
-			}
-			if err := empty(at.dir, at.name); err != nil {
+			// that readers do not see the directory stale for a moment; as
+			// the caller, who must not learn whether a directory it may not
+			// read is empty (NOTEMPTY where rmdir(2) says EACCES or EPERM:
+			// a review). A directory it may not read is left to the
+			// removal itself, where the kernel checks the caller's right
+			// (write and search on the parent, the sticky bit, an
+			// immutable parent) before its emptiness.
+			err := s.caller().as(func() error { return empty(at.dir, at.name) })
+			if err != nil && !errors.Is(err, unix.EACCES) && !errors.Is(err, unix.EPERM) {
 				return &fs.PathError{Op: "remove", Path: p, Err: err}
 			}
 		}

@@ -3,8 +3,11 @@ package nfsd
 import (
 	"context"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/duet-ha/duet/pkg/loopfs"
 	"github.com/duet-ha/duet/pkg/nfsclient"
@@ -160,4 +163,119 @@ func TestRmdirWithoutPermissionIsAcces(t *testing.T) {
 	if st := user.status(func(ctx context.Context) error { return user.c.Rmdir(ctx, p, "q") }); st != uint32(nfs.NFSStatusAccess) {
 		t.Errorf("uid 1000's RMDIR of root's non-empty p/q in root's 0755 p: status %d, want ACCES (%d) as rmdir(2)", st, nfs.NFSStatusAccess)
 	}
+}
+
+// TestRmdirStickyDoesNotLeakEmptiness: in a sticky directory (0o1777, as
+// /tmp) uid 1000 may write the parent, so a first fix's faccessat check
+// passed, but rmdir(2) refuses it (EPERM, check_sticky in may_delete)
+// before the filesystem looks at emptiness: uid 1001's 0700 directories
+// must not be reported NOTEMPTY to uid 1000 when they have entries and
+// ACCES/PERM when they have none (a second review).
+func TestRmdirStickyDoesNotLeakEmptiness(t *testing.T) {
+	dir := t.TempDir()
+	addr, _ := serve(t, dir, Fsync{})
+	c := dialNFS(t, addr)
+	root := c.mount("/")
+	s, st := c.mkdir(root, "sticky")
+	mustOK(t, "MKDIR sticky", st)
+	// go-nfs's SETATTR keeps only the permission bits: set the sticky bit
+	// on the export's directory itself, as an administrator would.
+	if err := os.Chmod(filepath.Join(dir, "sticky"), 0o777|os.ModeSticky); err != nil {
+		t.Fatal(err)
+	}
+	other := dialAs(t, addr, nfsclient.Cred{UID: 1001, GID: 1001})
+	full, st := other.mkdir(s, "full")
+	mustOK(t, "MKDIR sticky/full as 1001", st)
+	_, st = other.create(full, "f")
+	mustOK(t, "CREATE sticky/full/f as 1001", st)
+	mustOK(t, "SETATTR full 0700", other.setattr(full, nfsclient.SetAttr{Mode: ptr(0o700)}))
+	emp, st := other.mkdir(s, "empty")
+	mustOK(t, "MKDIR sticky/empty as 1001", st)
+	mustOK(t, "SETATTR empty 0700", other.setattr(emp, nfsclient.SetAttr{Mode: ptr(0o700)}))
+
+	user := dialAs(t, addr, nfsclient.Cred{UID: 1000, GID: 1000})
+	stFull := user.status(func(ctx context.Context) error { return user.c.Rmdir(ctx, s, "full") })
+	stEmpty := user.status(func(ctx context.Context) error { return user.c.Rmdir(ctx, s, "empty") })
+	t.Logf("uid 1000 RMDIR of uid 1001's 0700 dirs in a 1777 dir: non-empty -> %d, empty -> %d (ACCES %d, PERM %d, NOTEMPTY %d)",
+		stFull, stEmpty, nfs.NFSStatusAccess, nfs.NFSStatusPerm, nfs.NFSStatusNotEmpty)
+	if stFull != stEmpty {
+		t.Errorf("statuses differ by the emptiness of a directory uid 1000 may not read: non-empty %d, empty %d", stFull, stEmpty)
+	}
+	if stFull == uint32(nfs.NFSStatusNotEmpty) {
+		t.Errorf("non-empty: NOTEMPTY, want ACCES or PERM as rmdir(2)'s EPERM")
+	}
+}
+
+// TestRmdirImmutableParentDoesNotLeakEmptiness: faccessat2 answers EPERM
+// for W_OK on an immutable directory; x/sys/unix.Faccessat took EPERM
+// for "faccessat2 not allowed" and emulated the check with the process's
+// euid (0): it passed, and the server's emptiness check answered.
+// rmdir(2) says EPERM whatever the directory holds (a second review).
+func TestRmdirImmutableParentDoesNotLeakEmptiness(t *testing.T) {
+	dir := t.TempDir()
+	addr, _ := serve(t, dir, Fsync{})
+	c := dialNFS(t, addr)
+	root := c.mount("/")
+	p, st := c.mkdir(root, "p")
+	mustOK(t, "MKDIR p", st)
+	mustOK(t, "SETATTR p 0777", c.setattr(p, nfsclient.SetAttr{Mode: ptr(0o777)}))
+	other := dialAs(t, addr, nfsclient.Cred{UID: 1001, GID: 1001})
+	full, st := other.mkdir(p, "full")
+	mustOK(t, "MKDIR p/full as 1001", st)
+	_, st = other.create(full, "f")
+	mustOK(t, "CREATE p/full/f", st)
+	mustOK(t, "SETATTR full 0700", other.setattr(full, nfsclient.SetAttr{Mode: ptr(0o700)}))
+	emp, st := other.mkdir(p, "empty")
+	mustOK(t, "MKDIR p/empty as 1001", st)
+	mustOK(t, "SETATTR empty 0700", other.setattr(emp, nfsclient.SetAttr{Mode: ptr(0o700)}))
+	pp := filepath.Join(dir, "p")
+	if out, err := exec.Command("chattr", "+i", pp).CombinedOutput(); err != nil {
+		t.Skipf("chattr +i: %v: %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("chattr", "-i", pp).Run() })
+	user := dialAs(t, addr, nfsclient.Cred{UID: 1000, GID: 1000})
+	stFull := user.status(func(ctx context.Context) error { return user.c.Rmdir(ctx, p, "full") })
+	stEmpty := user.status(func(ctx context.Context) error { return user.c.Rmdir(ctx, p, "empty") })
+	t.Logf("uid 1000 RMDIR in an immutable 0777 dir: non-empty -> %d, empty -> %d", stFull, stEmpty)
+	if stFull != stEmpty {
+		t.Errorf("statuses differ by the emptiness of a directory uid 1000 may not read: non-empty %d, empty %d", stFull, stEmpty)
+	}
+}
+
+// TestPipelinedChangesBehindUnreadReads: a client sends 16 READs of 1 MiB,
+// then a FILE_SYNC WRITE, a CREATE and a SETATTR, all before reading a
+// reply. The changes now wait (waitIdle) until every earlier reply is
+// written to the client; the client reads only after it has sent
+// everything: no deadlock must follow.
+func TestPipelinedChangesBehindUnreadReads(t *testing.T) {
+	dir := t.TempDir()
+	addr, _ := serve(t, dir, Fsync{})
+	c := dialNFS(t, addr)
+	root := c.mount("/")
+	f, st := c.create(root, "f")
+	mustOK(t, "CREATE f", st)
+	mustOK(t, "WRITE f", c.status(func(ctx context.Context) error {
+		_, err := c.c.Write(ctx, f, 0, make([]byte, 1<<20), nfsclient.FileSync)
+		return err
+	}))
+	conn := rawConn(t, addr)
+	var out []byte
+	for i := range uint32(16) {
+		out = append(out, readCall(100+i, f, 0, 1<<20)...)
+	}
+	out = append(out, writeCall(200, f, 0, 2, make([]byte, 4096))...)
+	out = append(out, rpcCall(201, procCreate, append(dirop(root, "g"), append(u32s(0), sattr(nil, nil)...)...))...)
+	start := time.Now()
+	if _, err := conn.Write(out); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("all %d bytes of calls sent in %v", len(out), time.Since(start))
+	for range 18 {
+		body := replyBody(t, conn)
+		xid, st := replyStatus(body)
+		if xid >= 200 && st != 0 {
+			t.Errorf("XID %d: status %d", xid, st)
+		}
+	}
+	t.Logf("18 replies read after %v", time.Since(start))
 }
