@@ -183,19 +183,8 @@ func TestRmdirStickyDoesNotLeakEmptiness(t *testing.T) {
 	if err := os.Chmod(filepath.Join(dir, "sticky"), 0o777|os.ModeSticky); err != nil {
 		t.Fatal(err)
 	}
-	other := dialAs(t, addr, nfsclient.Cred{UID: 1001, GID: 1001})
-	full, st := other.mkdir(s, "full")
-	mustOK(t, "MKDIR sticky/full as 1001", st)
-	_, st = other.create(full, "f")
-	mustOK(t, "CREATE sticky/full/f as 1001", st)
-	mustOK(t, "SETATTR full 0700", other.setattr(full, nfsclient.SetAttr{Mode: ptr(0o700)}))
-	emp, st := other.mkdir(s, "empty")
-	mustOK(t, "MKDIR sticky/empty as 1001", st)
-	mustOK(t, "SETATTR empty 0700", other.setattr(emp, nfsclient.SetAttr{Mode: ptr(0o700)}))
-
-	user := dialAs(t, addr, nfsclient.Cred{UID: 1000, GID: 1000})
-	stFull := user.status(func(ctx context.Context) error { return user.c.Rmdir(ctx, s, "full") })
-	stEmpty := user.status(func(ctx context.Context) error { return user.c.Rmdir(ctx, s, "empty") })
+	othersDirs(t, addr, s)
+	stFull, stEmpty := rmdirBoth(t, addr, s)
 	t.Logf("uid 1000 RMDIR of uid 1001's 0700 dirs in a 1777 dir: non-empty -> %d, empty -> %d (ACCES %d, PERM %d, NOTEMPTY %d)",
 		stFull, stEmpty, nfs.NFSStatusAccess, nfs.NFSStatusPerm, nfs.NFSStatusNotEmpty)
 	if stFull != stEmpty {
@@ -219,23 +208,13 @@ func TestRmdirImmutableParentDoesNotLeakEmptiness(t *testing.T) {
 	p, st := c.mkdir(root, "p")
 	mustOK(t, "MKDIR p", st)
 	mustOK(t, "SETATTR p 0777", c.setattr(p, nfsclient.SetAttr{Mode: ptr(0o777)}))
-	other := dialAs(t, addr, nfsclient.Cred{UID: 1001, GID: 1001})
-	full, st := other.mkdir(p, "full")
-	mustOK(t, "MKDIR p/full as 1001", st)
-	_, st = other.create(full, "f")
-	mustOK(t, "CREATE p/full/f", st)
-	mustOK(t, "SETATTR full 0700", other.setattr(full, nfsclient.SetAttr{Mode: ptr(0o700)}))
-	emp, st := other.mkdir(p, "empty")
-	mustOK(t, "MKDIR p/empty as 1001", st)
-	mustOK(t, "SETATTR empty 0700", other.setattr(emp, nfsclient.SetAttr{Mode: ptr(0o700)}))
+	othersDirs(t, addr, p)
 	pp := filepath.Join(dir, "p")
 	if out, err := exec.Command("chattr", "+i", pp).CombinedOutput(); err != nil {
 		t.Skipf("chattr +i: %v: %s", err, out)
 	}
 	t.Cleanup(func() { exec.Command("chattr", "-i", pp).Run() })
-	user := dialAs(t, addr, nfsclient.Cred{UID: 1000, GID: 1000})
-	stFull := user.status(func(ctx context.Context) error { return user.c.Rmdir(ctx, p, "full") })
-	stEmpty := user.status(func(ctx context.Context) error { return user.c.Rmdir(ctx, p, "empty") })
+	stFull, stEmpty := rmdirBoth(t, addr, p)
 	t.Logf("uid 1000 RMDIR in an immutable 0777 dir: non-empty -> %d, empty -> %d", stFull, stEmpty)
 	if stFull != stEmpty {
 		t.Errorf("statuses differ by the emptiness of a directory uid 1000 may not read: non-empty %d, empty %d", stFull, stEmpty)
@@ -278,4 +257,29 @@ func TestPipelinedChangesBehindUnreadReads(t *testing.T) {
 		}
 	}
 	t.Logf("18 replies read after %v", time.Since(start))
+}
+
+// othersDirs makes, as uid 1001, two 0700 directories in dir: "full",
+// which holds a file, and "empty".
+func othersDirs(t *testing.T, addr string, dir []byte) {
+	t.Helper()
+	other := dialAs(t, addr, nfsclient.Cred{UID: 1001, GID: 1001})
+	full, st := other.mkdir(dir, "full")
+	mustOK(t, "MKDIR full as 1001", st)
+	_, st = other.create(full, "f")
+	mustOK(t, "CREATE full/f as 1001", st)
+	mustOK(t, "SETATTR full 0700", other.setattr(full, nfsclient.SetAttr{Mode: ptr(0o700)}))
+	emp, st := other.mkdir(dir, "empty")
+	mustOK(t, "MKDIR empty as 1001", st)
+	mustOK(t, "SETATTR empty 0700", other.setattr(emp, nfsclient.SetAttr{Mode: ptr(0o700)}))
+}
+
+// rmdirBoth returns the statuses of uid 1000's RMDIR of othersDirs' two
+// directories in dir.
+func rmdirBoth(t *testing.T, addr string, dir []byte) (full, empty uint32) {
+	t.Helper()
+	user := dialAs(t, addr, nfsclient.Cred{UID: 1000, GID: 1000})
+	full = user.status(func(ctx context.Context) error { return user.c.Rmdir(ctx, dir, "full") })
+	empty = user.status(func(ctx context.Context) error { return user.c.Rmdir(ctx, dir, "empty") })
+	return full, empty
 }
