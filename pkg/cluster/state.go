@@ -142,6 +142,19 @@ type Machine struct {
 	// from a review). Cleared when the node leaves the role or serves anew.
 	ServiceDown string
 	Peer        Peer
+	// undo is what serve found, for a serve that fails (EvServeFailed,
+	// the step right after it): a term that could not take the role was
+	// never published and released nothing, so the node stops with the
+	// copy's state from before it (see stepServing). Only ever set in the
+	// result of the step that served.
+	undo prior
+}
+
+// prior is a Machine's state before serve (Machine.undo).
+type prior struct {
+	set                                         bool
+	epoch                                       uint64
+	stale, staleHeld, handedOver, serviceFailed bool
 }
 
 // Kind of event.
@@ -238,6 +251,7 @@ func (m Machine) nextEpoch(ahead uint64) uint64 {
 
 // serve moves m to PRIM (peer visible) or ALONE, with a new epoch.
 func (m Machine) serve(why string) (Machine, []Action) {
+	m.undo = prior{set: true, epoch: m.Epoch, stale: m.Stale, staleHeld: m.StaleHeld, handedOver: m.HandedOver, serviceFailed: m.ServiceFailed}
 	m.Epoch = m.nextEpoch(2)
 	m.Stale, m.StaleHeld, m.HandedOver, m.Checking, m.Shared, m.ServiceFailed, m.ServiceDown = false, false, false, false, false, false, ""
 	if m.Peer.Seen {
@@ -272,6 +286,9 @@ func (m Machine) to(s State, why string) (Machine, []Action) {
 
 // Step applies one event.
 func Step(m Machine, ev Event) (Machine, []Action) {
+	if ev.Kind != EvServeFailed {
+		m.undo = prior{}
+	}
 	if m.Resyncing == "" || m.State.Serving() || m.Stale && m.State != Second {
 		return step(m, ev)
 	}
@@ -668,7 +685,25 @@ func (m Machine) stepServing(ev Event) (Machine, []Action) {
 		m.ServiceFailed = ev.Kind == EvServiceDown
 		return m.unserve(Wait, fmt.Sprintf("%s (%s): failing over to %s", what, ev.Why, p.Name))
 	case EvServeFailed:
-		return m.unserve(Stop, ev.Why+"; fix it, then run `duet start`")
+		u := m.undo
+		m.undo = prior{}
+		if !u.set {
+			return m.unserve(Stop, ev.Why+"; fix it, then run `duet start`")
+		}
+		// The term never began: the daemon publishes a serving state
+		// only once the VIP and the capture are taken (node.serve), so
+		// the peer never heard it serve and no durability call was
+		// answered in it (a node that does not say it serves refuses
+		// them). The copy is what it was before, at the epoch it had:
+		// kept at the new one, it would count as newer than the peer's
+		// though it holds nothing more, and the peer that handed the
+		// role here would count its own copy stale on hearing it and
+		// never serve again (TestHandoverReceiverServeFailedGiverServes).
+		// Stopped at the old one, a giver takes the role back at once
+		// (stepWait: a peer handed the role is STOP and never served).
+		failed := m.Epoch
+		m.Epoch, m.Stale, m.StaleHeld, m.HandedOver, m.ServiceFailed = u.epoch, u.stale, u.staleHeld, u.handedOver, u.serviceFailed
+		return m.unserve(Stop, fmt.Sprintf("%s; the term (epoch %d) never began: the copy stays at epoch %d; fix it, then run `duet start`", ev.Why, failed, m.Epoch))
 	case EvCmdPrim:
 		return m, []Action{refuse("already %s", m.State)}
 	}

@@ -622,7 +622,8 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 	// that lets it hand its role over.
 	actx := ctx
 	var lastSaveErr string
-	apply := func(ev cluster.Event) string {
+	var apply func(ev cluster.Event) string
+	apply = func(ev cluster.Event) string {
 		m.Resyncing = resyncing(n.dirs, n.metas)
 		if ev.Kind == cluster.EvPeer && peerEndsStartWait(ev.Peer, m.Epoch) {
 			n.peerHeard.Store(true)
@@ -634,6 +635,7 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 		prev := m
 		next, acts := cluster.Step(m, ev)
 		reply := ""
+		var serveErr error
 		do := func(a cluster.Action) {
 			switch a.Do {
 			case cluster.DoLog:
@@ -664,14 +666,19 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 					n.post(ctx, cluster.Event{Kind: cluster.EvChecked, OK: ok, Why: why, Held: held})
 				}()
 			case cluster.DoServe:
-				// Shown at once: status and heartbeats say PRIM/ALONE
-				// while the VIP and the services come up. (Leaving is
-				// published only when done: the peer must not take over
-				// before this node let go.)
-				n.machine.Store(&next)
-				if err := n.serve(actx); err != nil {
-					n.log.Error("cannot take the primary role", "err", err)
-					go n.post(ctx, cluster.Event{Kind: cluster.EvServeFailed, Why: err.Error()})
+				// Published once the VIP and the capture are taken,
+				// before the services start: status and heartbeats say
+				// PRIM/ALONE while the services come up, and their
+				// durability calls are taken. Not before: a term that
+				// cannot take the role goes back to the state it had
+				// (EvServeFailed, below), which the peer must not have
+				// heard serve (a giver that handed the role here counts
+				// its copy stale on that, and would never serve again).
+				// (Leaving is published only when done: the peer must
+				// not take over before this node let go.)
+				serveErr = n.serve(actx, func() { n.machine.Store(&next) })
+				if serveErr != nil {
+					n.log.Error("cannot take the primary role", "err", serveErr)
 				}
 			case cluster.DoUnserve:
 				n.unserve(actx, next.Stale)
@@ -679,6 +686,12 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 		}
 		var err error
 		m, err = n.carryOut(prev, next, acts, do)
+		if serveErr != nil && err == nil {
+			// At once, before anything else is heard or published: the
+			// failed term's state is undone in this step only.
+			apply(cluster.Event{Kind: cluster.EvServeFailed, Why: serveErr.Error()})
+			return "error: cannot take the primary role: " + serveErr.Error()
+		}
 		switch {
 		case err != nil:
 			// Tried again at the next heartbeat or check: said once.

@@ -530,8 +530,10 @@ const (
 )
 
 // serve takes the primary role: the VIP (unless someone answers for it)
-// while capture loads, then shipping, then the services in order.
-func (n *Node) serve(ctx context.Context) error {
+// while capture loads, then shipping, then the services in order. taken
+// is called once the VIP and the capture are held, before the services
+// start; it is not called when serve fails.
+func (n *Node) serve(ctx context.Context, taken func()) error {
 	n.server.SetAccept(false)
 	// Replication lives until unserve ends it, not until the daemon's
 	// context does: a stopping primary still ships its last changes
@@ -551,6 +553,7 @@ func (n *Node) serve(ctx context.Context) error {
 	n.smu.Lock()
 	n.serveCancel = cancel
 	n.smu.Unlock()
+	taken()
 	if len(n.cfg.Services) > 0 {
 		n.startServices(ctx)
 	}
