@@ -334,13 +334,13 @@ func TestPermissionDenied(t *testing.T) {
 	}
 
 	// The sticky directory: only the file's owner (or the directory's)
-	// removes it.
+	// removes it. The kernel says EPERM, answered PERM as knfsd does.
 	tmp := lookup(other, "tmp")
-	if st := other.remove(tmp, "hers"); st != nfsclient.StatusAccess {
-		t.Errorf("REMOVE tmp/hers (1000's, sticky 0777 tmp) as uid 2000: status %d, want ACCES (%d)", st, nfsclient.StatusAccess)
+	if st := other.remove(tmp, "hers"); st != nfsclient.StatusPerm {
+		t.Errorf("REMOVE tmp/hers (1000's, sticky 0777 tmp) as uid 2000: status %d, want PERM (%d)", st, nfsclient.StatusPerm)
 	}
-	if st := other.rename(tmp, "hers", tmp, "mine"); st != nfsclient.StatusAccess {
-		t.Errorf("RENAME tmp/hers as uid 2000: status %d, want ACCES (%d)", st, nfsclient.StatusAccess)
+	if st := other.rename(tmp, "hers", tmp, "mine"); st != nfsclient.StatusPerm {
+		t.Errorf("RENAME tmp/hers as uid 2000: status %d, want PERM (%d)", st, nfsclient.StatusPerm)
 	}
 	user := dialAs(t, addr, nfsclient.Cred{UID: 1000, GID: 1000})
 	if st := user.remove(tmp, "hers"); st != nfsclient.StatusOK {

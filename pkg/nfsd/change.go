@@ -79,9 +79,27 @@ func (s *fsys) Remove(p string) error {
 		if err := unix.Fstatat(int(at.dir.Fd()), at.name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
 			return &fs.PathError{Op: "remove", Path: p, Err: err}
 		}
+		isDir := st.Mode&unix.S_IFMT == unix.S_IFDIR
 		flags := 0
-		if st.Mode&unix.S_IFMT == unix.S_IFDIR {
+		if isDir {
 			flags = unix.AT_REMOVEDIR
+		}
+		// go-nfs makes an RMDIR and a REMOVE the same removal: the
+		// call's own kind decides, as rmdir(2) and unlink(2) do. An
+		// RMDIR of anything but a directory (a symlink to one, say)
+		// removed it; a REMOVE of an empty directory removed it. The
+		// kernel now answers ENOTDIR or EISDIR, after its checks of the
+		// caller's right, as it does locally
+		// (TestRemoveAndRmdirKeepTheirKinds).
+		if s.removing != nil {
+			switch s.removing.Load() {
+			case procRmdir:
+				flags = unix.AT_REMOVEDIR
+			case procRemove:
+				flags = 0
+			}
+		}
+		if isDir && flags == unix.AT_REMOVEDIR {
 			// The common failure is checked before the ID is taken back, so
 			// that readers do not see the directory stale for a moment; as
 			// the caller, who must not learn whether a directory it may not

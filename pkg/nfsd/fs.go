@@ -33,6 +33,9 @@ type fsys struct {
 	// NFS3ERR_IO or ACCES, and the proxy answers the call's status
 	// instead (proxy.refine).
 	failed *atomic.Uint32
+	// removing, if set, is the procedure of the call go-nfs runs when it
+	// is a REMOVE or RMDIR (proxy.removing), else 0.
+	removing *atomic.Uint32
 }
 
 // noteFailed keeps err's errno in s.failed. A failed sync is kept as EIO,

@@ -208,6 +208,11 @@ type proxy struct {
 	// and failed (fsys.noteFailed): zeroed as a call that changes
 	// something is passed, alone (refine).
 	failed atomic.Uint32
+	// removing is the procedure of the REMOVE or RMDIR passed alone to
+	// go-nfs, or 0: go-nfs makes both a removal (fsys.Remove), which
+	// must remove a directory for an RMDIR only and anything else for a
+	// REMOVE only.
+	removing atomic.Uint32
 	// warned counts the calls logged as failed or undecodable: one
 	// client could otherwise write a log line per call it sends (a
 	// review); past warnLimit they are counted, said once.
@@ -233,7 +238,7 @@ type passedCall struct {
 
 func newProxy(h *Handler, client, nfsd net.Conn) *proxy {
 	p := &proxy{h: h, client: client, from: hostOf(client.RemoteAddr()), nfsd: nfsd, in: bufio.NewReaderSize(client, 64<<10), out: bufio.NewWriterSize(client, 64<<10), closed: make(chan struct{})}
-	p.fs = &fsys{export: h.fs.export, who: p.caller.Load, failed: &p.failed}
+	p.fs = &fsys{export: h.fs.export, who: p.caller.Load, failed: &p.failed, removing: &p.removing}
 	p.idle = sync.NewCond(&p.mu)
 	return p
 }
@@ -386,6 +391,10 @@ func (p *proxy) serveClient() {
 					return
 				}
 				p.failed.Store(0)
+				p.removing.Store(0)
+				if h.proc == procRemove || h.proc == procRmdir {
+					p.removing.Store(h.proc)
+				}
 				call.refine = true
 			}
 			if h.nfs3() && (h.proc == procRead || h.proc == procReaddir || h.proc == procReaddirP) {
@@ -481,6 +490,7 @@ func (p *proxy) serveCall(h callHeader, c *cred, mark, rec []byte) bool {
 			return false
 		}
 		p.failed.Store(0)
+		p.removing.Store(0)
 		return p.passAs(c, passedCall{xid: h.xid, entry: e, refine: true}, mark, bytes.NewReader(rec), len(rec))
 	}
 	reply = p.writeOrCommit(h, c, w)
@@ -519,7 +529,7 @@ func (p *proxy) writeOrCommit(h callHeader, c *cred, w writeArgs) []byte {
 		return nil
 	}
 	st := statusOf(err)
-	if st != nfsOK && st != nfsStale && st != nfsAcces {
+	if st != nfsOK && st != nfsStale && st != nfsAcces && st != nfsPerm {
 		p.warn("nfs: call failed", "proc", nfs.NFSProcedure(h.proc).String(), "status", st, "err", err)
 	}
 	b := replyHeader(h.xid, 0)
@@ -929,8 +939,9 @@ func (p *proxy) serveReplies() {
 // directory said "Input/output error" on the client and a file made on a
 // full filesystem "Permission denied" (TestChangeErrorsKeepTheirStatus).
 // A change made but not made durable (its sync failed) is answered IO,
-// not ACCES. An EACCES or EPERM, or an errno no status says better,
-// leaves the reply as it is.
+// not ACCES, and an EPERM PERM ("Operation not permitted", as locally).
+// An EACCES, or an errno no status says better, leaves the reply as it
+// is.
 func (p *proxy) refine(rec []byte) {
 	p.mu.Lock()
 	ok := len(p.queue) > 0 && p.queue[0].refine && len(rec) >= 8 && binary.BigEndian.Uint32(rec[4:]) == p.queue[0].xid

@@ -14,6 +14,7 @@ import (
 // NFSv3 statuses this file answers with (nfsstat3, RFC 1813).
 const (
 	nfsOK    = 0
+	nfsPerm  = 1
 	nfsIO    = 5
 	nfsAcces = 13
 	nfsIsDir = 21
@@ -153,8 +154,13 @@ func statusOf(err error) uint32 {
 		return nfsIO
 	}
 	switch errno {
-	case unix.EACCES, unix.EPERM:
+	case unix.EACCES:
 		return nfsAcces
+	case unix.EPERM:
+		// "Operation not permitted" on the client, as locally: the
+		// caller is not the owner, or the file is immutable or
+		// append-only, or a sticky directory protects it.
+		return nfsPerm
 	case unix.EISDIR:
 		return nfsIsDir
 	case unix.EINVAL:
@@ -173,7 +179,8 @@ func statusOf(err error) uint32 {
 
 // ioStatus is the NFS status of a change that failed with errno, where
 // go-nfs answered NFS3ERR_IO or ACCES; NFS3ERR_IO where none says more
-// (EACCES and EPERM among them: go-nfs's answer stands).
+// (EACCES among them: go-nfs's answer stands). An EPERM is PERM, where
+// go-nfs said ACCES.
 func ioStatus(errno unix.Errno) uint32 {
 	switch errno {
 	case unix.ENOTEMPTY:
@@ -188,7 +195,7 @@ func ioStatus(errno unix.Errno) uint32 {
 		return uint32(nfs.NFSStatusNameTooLong)
 	case unix.EMLINK:
 		return uint32(nfs.NFSStatusMlink)
-	case unix.EISDIR, unix.EINVAL, unix.EFBIG, unix.ENOSPC, unix.EROFS, unix.EDQUOT:
+	case unix.EPERM, unix.EISDIR, unix.EINVAL, unix.EFBIG, unix.ENOSPC, unix.EROFS, unix.EDQUOT:
 		return statusOf(errno)
 	}
 	return nfsIO
