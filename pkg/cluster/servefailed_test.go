@@ -56,27 +56,50 @@ func TestHandoverReceiverServeFailedGiverServes(t *testing.T) {
 	}
 }
 
-// TestServeFailedRestoresTheCopysState: a serve that fails restores the
-// copy's staleness and handover mark with its epoch (a forced `duet prim`
-// on a stale copy that cannot take the role leaves the copy stale), and
-// only in the step right after the serve: a machine that stepped on since
-// has served, and stops where it is.
-func TestServeFailedRestoresTheCopysState(t *testing.T) {
-	e := ep(5, 2)
-	m := Machine{Name: "nodeB", ID: 2, State: Wait, Epoch: e, Stale: true, HandedOver: true}
-	m, acts := Step(m, Event{Kind: EvCmdPrim, Force: true})
-	if !m.State.Serving() || !has(acts, DoServe) {
-		t.Fatalf("forced prim: %s", m.State)
+// said is what a node that stepped from before to after (with acts)
+// publishes while the serve runs: the state before for a DoServe that is
+// Unpublished (a handover's receiver), the new one otherwise.
+func said(before, after Machine, acts []Action) Machine {
+	for _, a := range acts {
+		if a.Do == DoServe && a.Unpublished {
+			return before
+		}
 	}
-	served := m
-	m, _ = Step(m, Event{Kind: EvServeFailed, Why: "starting capture: operation not permitted"})
-	if m.State != Stop || m.Epoch != e || !m.Stale || !m.HandedOver {
-		t.Fatalf("after the failed serve: %s epoch %d stale=%v handedOver=%v, want STOP at %d, stale, handed over", m.State, m.Epoch, m.Stale, m.HandedOver, e)
-	}
+	return after
+}
 
+// TestServeFailedUndoesOnlyAHandover: only a handover's failed serve is
+// undone, and only in the step right after it (a machine that stepped on
+// since has served, and stops where it is); it keeps the copy's mark of
+// a failed service. Every other serve is published at once and, failed,
+// stops at its new epoch.
+func TestServeFailedUndoesOnlyAHandover(t *testing.T) {
+	e := ep(5, 1)
+	giver, recv := mirrored(e)
+	recv.ServiceFailed = true // it gave the role up for a failed service; `duet swap` hands it back
+	giver, _ = Step(giver, Event{Kind: EvCmdSwap})
+	served, acts := Step(recv, hb(giver, false))
+	if !has(acts, DoServe) || said(recv, served, acts).State != Second {
+		t.Fatalf("handover: %s, published %s", served.State, said(recv, served, acts).State)
+	}
+	m, _ := Step(served, Event{Kind: EvServeFailed, Why: "adding VIP"})
+	if m.State != Stop || m.Epoch != e || !m.ServiceFailed {
+		t.Fatalf("after the failed handover: %s epoch %d serviceFailed=%v, want STOP at %d, service failed", m.State, m.Epoch, m.ServiceFailed, e)
+	}
 	m, _ = Step(served, Event{Kind: EvTick})
 	m, _ = Step(m, Event{Kind: EvServeFailed, Why: "late"})
-	if m.State != Stop || m.Epoch != served.Epoch || m.Stale {
-		t.Fatalf("a failure after another step: %s epoch %d stale=%v, want STOP at the term's epoch %d", m.State, m.Epoch, m.Stale, served.Epoch)
+	if m.State != Stop || m.Epoch != served.Epoch {
+		t.Fatalf("a failure after another step: %s epoch %d, want STOP at the term's epoch %d", m.State, m.Epoch, served.Epoch)
+	}
+
+	f := Machine{Name: "nodeB", ID: 2, State: Wait, Epoch: e, Stale: true}
+	f, acts = Step(f, Event{Kind: EvCmdPrim, Force: true})
+	if !has(acts, DoServe) || said(Machine{}, f, acts).State != f.State {
+		t.Fatalf("forced prim: %s, not published at once", f.State)
+	}
+	term := f.Epoch
+	f, _ = Step(f, Event{Kind: EvServeFailed, Why: "starting capture"})
+	if f.State != Stop || f.Epoch != term || f.Stale {
+		t.Fatalf("a failed forced prim: %s epoch %d stale=%v, want STOP at its term's epoch %d", f.State, f.Epoch, f.Stale, term)
 	}
 }

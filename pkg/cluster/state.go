@@ -142,10 +142,11 @@ type Machine struct {
 	// from a review). Cleared when the node leaves the role or serves anew.
 	ServiceDown string
 	Peer        Peer
-	// undo is what serve found, for a serve that fails (EvServeFailed,
-	// the step right after it): a term that could not take the role was
-	// never published and released nothing, so the node stops with the
-	// copy's state from before it (see stepServing). Only ever set in the
+	// undo is what a handover's receiver was before it served
+	// (takeHandover), for a serve that fails (EvServeFailed, the step
+	// right after it): a term that could not take the role was never
+	// published and released nothing, so the node stops with the copy's
+	// state from before it (see stepServing). Only ever set in the
 	// result of the step that served.
 	undo prior
 }
@@ -211,6 +212,11 @@ type Action struct {
 	// cluster.timeout: the peer, last heard SECOND, may be taking over
 	// at the same moment (see stepWait).
 	Grace bool
+	// Unpublished, on a DoServe: the serving state is published only
+	// once the VIP and the capture are held; until then the node says
+	// what it said before (Machine.takeHandover). Otherwise it is
+	// published before serve begins.
+	Unpublished bool
 }
 
 func logf(format string, a ...any) Action { return Action{Do: DoLog, Msg: fmt.Sprintf(format, a...)} }
@@ -251,7 +257,6 @@ func (m Machine) nextEpoch(ahead uint64) uint64 {
 
 // serve moves m to PRIM (peer visible) or ALONE, with a new epoch.
 func (m Machine) serve(why string) (Machine, []Action) {
-	m.undo = prior{set: true, epoch: m.Epoch, stale: m.Stale, staleHeld: m.StaleHeld, handedOver: m.HandedOver, serviceFailed: m.ServiceFailed}
 	m.Epoch = m.nextEpoch(2)
 	m.Stale, m.StaleHeld, m.HandedOver, m.Checking, m.Shared, m.ServiceFailed, m.ServiceDown = false, false, false, false, false, false, ""
 	if m.Peer.Seen {
@@ -260,6 +265,28 @@ func (m Machine) serve(why string) (Machine, []Action) {
 		m.State = Alone
 	}
 	return m, []Action{{Do: DoPersist}, logf("becoming %s (epoch %d): %s", m.State, m.Epoch, why), {Do: DoServe}}
+}
+
+// takeHandover serves a handover: as serve, but the daemon publishes the
+// serving state only once the role is taken (Action.Unpublished), and a
+// serve that fails goes back to the copy's state from before (undo): the
+// giver, which never heard this node serve, then takes the role back
+// (stepWait: a peer handed the role is STOP and never served). Only
+// here: every other serve is published at once, as a peer deciding on
+// this node's last published state must not take it for one that does
+// not serve while it does (a giver's takeback published late let a
+// receiver started meanwhile win over its WAIT and serve beside it, a
+// review: TestServeFailedReceiverStartedDuringTakebackBothServe).
+func (m Machine) takeHandover(why string) (Machine, []Action) {
+	u := prior{set: true, epoch: m.Epoch, stale: m.Stale, staleHeld: m.StaleHeld, handedOver: m.HandedOver, serviceFailed: m.ServiceFailed}
+	m, acts := m.serve(why)
+	m.undo = u
+	for i := range acts {
+		if acts[i].Do == DoServe {
+			acts[i].Unpublished = true
+		}
+	}
+	return m, acts
 }
 
 // unserve leaves a serving state for to. The new state is saved before
@@ -552,7 +579,7 @@ func (m Machine) stepSecond(ev Event) (Machine, []Action) {
 			if p.Epoch != m.Epoch {
 				return m.to(Wait, fmt.Sprintf("handover refused: epoch %d here, %d on %s", m.Epoch, p.Epoch, p.Name))
 			}
-			return m.serve("handed over by " + p.Name)
+			return m.takeHandover("handed over by " + p.Name)
 		}
 		if p.State.Serving() {
 			if !p.Synced || p.Epoch != m.Epoch || p.State == Alone {
@@ -690,11 +717,11 @@ func (m Machine) stepServing(ev Event) (Machine, []Action) {
 		if !u.set {
 			return m.unserve(Stop, ev.Why+"; fix it, then run `duet start`")
 		}
-		// The term never began: the daemon publishes a serving state
-		// only once the VIP and the capture are taken (node.serve), so
-		// the peer never heard it serve and no durability call was
-		// answered in it (a node that does not say it serves refuses
-		// them). The copy is what it was before, at the epoch it had:
+		// A handover's term that never began: the daemon publishes
+		// its serving state only once the VIP and the capture are
+		// taken (Action.Unpublished), so the giver never heard it
+		// serve and no durability call was answered in it (a node
+		// that does not say it serves refuses them). The copy is what it was before, at the epoch it had:
 		// kept at the new one, it would count as newer than the peer's
 		// though it holds nothing more, and the peer that handed the
 		// role here would count its own copy stale on hearing it and

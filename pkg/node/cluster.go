@@ -666,17 +666,23 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 					n.post(ctx, cluster.Event{Kind: cluster.EvChecked, OK: ok, Why: why, Held: held})
 				}()
 			case cluster.DoServe:
-				// Published once the VIP and the capture are taken,
-				// before the services start: status and heartbeats say
-				// PRIM/ALONE while the services come up, and their
-				// durability calls are taken. Not before: a term that
-				// cannot take the role goes back to the state it had
-				// (EvServeFailed, below), which the peer must not have
-				// heard serve (a giver that handed the role here counts
-				// its copy stale on that, and would never serve again).
-				// (Leaving is published only when done: the peer must
-				// not take over before this node let go.)
-				serveErr = n.serve(actx, func() { n.machine.Store(&next) })
+				// Shown at once: status and heartbeats say PRIM/ALONE
+				// while the VIP and the services come up, and a peer
+				// deciding on what this node says does not take it for
+				// one that does not serve. A handover's receiver says
+				// it once the VIP and the capture are taken, before the
+				// services start (Unpublished): a term that cannot take
+				// the role goes back to the state it had (EvServeFailed,
+				// below), which the giver must not have heard serve (it
+				// counts its copy stale on that, and would never serve
+				// again). (Leaving is published only when done: the
+				// peer must not take over before this node let go.)
+				publish := func() { n.machine.Store(&next) }
+				if !a.Unpublished {
+					publish()
+					publish = func() {}
+				}
+				serveErr = n.serve(actx, publish)
 				if serveErr != nil {
 					n.log.Error("cannot take the primary role", "err", serveErr)
 				}
@@ -687,8 +693,8 @@ func (n *Node) loop(ctx context.Context, m cluster.Machine) {
 		var err error
 		m, err = n.carryOut(prev, next, acts, do)
 		if serveErr != nil && err == nil {
-			// At once, before anything else is heard or published: the
-			// failed term's state is undone in this step only.
+			// At once, before anything else is heard or published: a
+			// handover's failed term is undone in this step only.
 			apply(cluster.Event{Kind: cluster.EvServeFailed, Why: serveErr.Error()})
 			return "error: cannot take the primary role: " + serveErr.Error()
 		}
