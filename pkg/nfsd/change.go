@@ -99,7 +99,25 @@ func (s *fsys) Remove(p string) error {
 				flags = 0
 			}
 		}
-		if isDir && flags == unix.AT_REMOVEDIR {
+		if isDir != (flags == unix.AT_REMOVEDIR) {
+			// Bound to fail: its ID is not taken back, which would
+			// make the live file or directory stale to other clients
+			// until it is put back (a review). Should the name have
+			// changed kind since the look (another process replaced
+			// it), what was removed loses its ID as in a removal.
+			err := s.caller().as(func() error { return unix.Unlinkat(int(at.dir.Fd()), at.name, flags) })
+			if err != nil {
+				return &fs.PathError{Op: "remove", Path: p, Err: err}
+			}
+			if err := s.ix.remove(at.pid, at.name, func() error { return nil }); err != nil {
+				return &fs.PathError{Op: "remove", Path: p, Err: err}
+			}
+			if err := s.sync.Sync(at.dir); err != nil {
+				return &fs.PathError{Op: "sync", Path: at.dir.Name(), Err: err}
+			}
+			return nil
+		}
+		if isDir {
 			// The common failure is checked before the ID is taken back, so
 			// that readers do not see the directory stale for a moment; as
 			// the caller, who must not learn whether a directory it may not
