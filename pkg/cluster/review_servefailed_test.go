@@ -77,7 +77,7 @@ func TestFailedTakebackKeepsHandedOver(t *testing.T) {
 		var acts []Action
 		giver, acts = Step(giver, Event{Kind: EvTick})
 		if has(acts, DoCheck) {
-			giver, acts = Step(giver, Event{Kind: EvChecked, OK: true})
+			giver, _ = Step(giver, Event{Kind: EvChecked, OK: true})
 		}
 		if giver.State.Serving() {
 			return

@@ -484,9 +484,25 @@ func (m Machine) stepWait(ev Event) (Machine, []Action) {
 			// TestSwapTargetStoppedGiverServesAgain, from a review);
 			// either way this copy is still the reference, and, as it
 			// wins or the peer is stopped, the peer will not serve.
+			// Drawn as the takeback of a lost receiver draws it (step):
+			// beyond the term a receiver whose serve failed drew from
+			// this epoch, should its undo not have been saved (its disk
+			// then says PRIM at that term).
+			m.Peer.Epoch = max(m.Peer.Epoch, m.nextEpoch(2))
 			return m.serve(fmt.Sprintf("peer %s, handed the role, is %s and never served (epoch %d)", p.Name, p.State, p.Epoch))
 		}
 		if m.HandedOver || p.State == Stop && m.Stale {
+			return m, acts
+		}
+		if p.State == Second {
+			// A SECOND next to a node that does not serve either turns
+			// WAIT or serves on hearing it (stepSecond), unless it is
+			// a handover's receiver taking the role, which says SECOND
+			// until the VIP and the capture are held (takeHandover):
+			// winning over it would serve beside it (a giver that lost
+			// it meanwhile and took back nothing: a review,
+			// TestGiverLostReceiverInWindowThenHearsSecondServes). The
+			// next heartbeat decides.
 			return m, acts
 		}
 		// A stopped peer serves nothing: this copy serves, unless the
@@ -533,6 +549,14 @@ func (m Machine) stepWait(ev Event) (Machine, []Action) {
 	case EvCmdPrim:
 		if p.Seen && p.State.Serving() {
 			return m, []Action{refuse("peer %s is %s: never two primaries (use `duet swap` on it)", p.Name, p.State)}
+		}
+		if p.Seen && p.State == Second {
+			// Taking the role over (a handover's receiver says SECOND
+			// until it holds the VIP: takeHandover), or about to follow
+			// this node or serve itself: never two primaries, whatever
+			// the force (a review,
+			// TestForcedPrimOnGiverDuringReceiverWindowRefused).
+			return m, []Action{refuse("peer %s is SECOND: it is taking the role over or about to settle who serves; see `duet status` in a moment", p.Name)}
 		}
 		if m.Resyncing != "" && !ev.Force {
 			return m, []Action{refuse("directory %s: this copy is mid-resync (inconsistent): not taking over; `duet prim --force` serves it half-written", m.Resyncing)}
