@@ -484,12 +484,7 @@ func (m Machine) stepWait(ev Event) (Machine, []Action) {
 			// TestSwapTargetStoppedGiverServesAgain, from a review);
 			// either way this copy is still the reference, and, as it
 			// wins or the peer is stopped, the peer will not serve.
-			// Drawn as the takeback of a lost receiver draws it (step):
-			// beyond the term a receiver whose serve failed drew from
-			// this epoch, should its undo not have been saved (its disk
-			// then says PRIM at that term).
-			m.Peer.Epoch = max(m.Peer.Epoch, m.nextEpoch(2))
-			return m.serve(fmt.Sprintf("peer %s, handed the role, is %s and never served (epoch %d)", p.Name, p.State, p.Epoch))
+			return m.serveFromWait(fmt.Sprintf("peer %s, handed the role, is %s and never served (epoch %d)", p.Name, p.State, p.Epoch))
 		}
 		if m.HandedOver || p.State == Stop && m.Stale {
 			return m, acts
@@ -508,7 +503,7 @@ func (m Machine) stepWait(ev Event) (Machine, []Action) {
 		// A stopped peer serves nothing: this copy serves, unless the
 		// stopped one is newer (then this copy is stale, above).
 		if p.State == Stop || m.wins() {
-			m, more := m.serve(fmt.Sprintf("peer %s is %s and this copy is the reference", p.Name, p.State))
+			m, more := m.serveFromWait(fmt.Sprintf("peer %s is %s and this copy is the reference", p.Name, p.State))
 			return m, append(acts, more...)
 		}
 		return m, acts
@@ -545,7 +540,7 @@ func (m Machine) stepWait(ev Event) (Machine, []Action) {
 		if !ev.OK {
 			return m, []Action{logf("not taking over: %s", ev.Why)}
 		}
-		return m.serve("peer not seen, checks passed")
+		return m.serveFromWait("peer not seen, checks passed")
 	case EvCmdPrim:
 		if p.Seen && p.State.Serving() {
 			return m, []Action{refuse("peer %s is %s: never two primaries (use `duet swap` on it)", p.Name, p.State)}
@@ -556,7 +551,8 @@ func (m Machine) stepWait(ev Event) (Machine, []Action) {
 			// this node or serve itself: never two primaries, whatever
 			// the force (a review,
 			// TestForcedPrimOnGiverDuringReceiverWindowRefused).
-			return m, []Action{refuse("peer %s is SECOND: it is taking the role over or about to settle who serves; see `duet status` in a moment", p.Name)}
+			return m, []Action{refuse("peer %s is SECOND: it is taking the role over or about to settle who serves; see `duet status` in a moment "+
+				"(if it stays SECOND, its daemon is stuck: stop or restart it there, and this node takes over once it is lost)", p.Name)}
 		}
 		if m.Resyncing != "" && !ev.Force {
 			return m, []Action{refuse("directory %s: this copy is mid-resync (inconsistent): not taking over; `duet prim --force` serves it half-written", m.Resyncing)}
@@ -574,13 +570,31 @@ func (m Machine) stepWait(ev Event) (Machine, []Action) {
 		case m.Stale, m.HandedOver:
 			why = fmt.Sprintf("forced by the operator on a copy that may be stale (epoch %d): changes only %s had are lost", m.Epoch, p.Label())
 		}
-		return m.serve(why)
+		return m.serveFromWait(why)
 	case EvCmdSecond:
 		return m, nil
 	case EvCmdSwap:
 		return m, []Action{refuse("this node is %s: run swap where the primary is, or wait until in sync", m.State)}
 	}
 	return m, nil
+}
+
+// serveFromWait serves from WAIT. A peer last heard at this copy's epoch,
+// not stale and not serving may be a handover's receiver whose serve
+// failed (its undo restored it not stale, as the SECOND it was): its
+// term was never published (takeHandover), and should its undo not have
+// been saved, its disk says PRIM at nextEpoch(2) from this epoch. This
+// term draws beyond it, as the takeback of a lost receiver does (step):
+// an epoch of the same counter and a higher node ID would make the
+// receiver's unserved copy the newer one when both restart (reviews:
+// TestTakebackEpochBeyondReceiversFailedTerm,
+// TestGiverLostReceiverInWindowTakebackBeyondFailedTerm). Only there: a
+// handover needs equal epochs.
+func (m Machine) serveFromWait(why string) (Machine, []Action) {
+	if m.Peer.Epoch == m.Epoch && !m.Peer.Stale {
+		m.Peer.Epoch = m.nextEpoch(2)
+	}
+	return m.serve(why)
 }
 
 // Label is the peer's name for messages ("the peer" when unknown).
