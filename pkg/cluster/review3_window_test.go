@@ -3,7 +3,7 @@ package cluster
 import "testing"
 
 // From a third review of the deferred publication of a handover's
-// receiver (fe25a14).
+// receiver (forty-fifth session).
 
 // TestGiverLostReceiverInWindowThenHearsSecondServes: `duet swap` from
 // the preferred nodeA. nodeB takes the handover (takeHandover): while its
@@ -15,7 +15,7 @@ import "testing"
 // SECOND at epoch e again: nodeA, no longer handed over, not stale, wins
 // over a SECOND at its epoch (preferred) and serves at once, without the
 // grace or the checks, while nodeB goes on adding the VIP and publishes
-// PRIM. Before fe25a14 nodeB said PRIM at its new epoch in that window,
+// PRIM. Before that change nodeB said PRIM at its new epoch in that window,
 // and nodeA, hearing it, counted its copy stale.
 func TestGiverLostReceiverInWindowThenHearsSecondServes(t *testing.T) {
 	e := ep(5, 1)
@@ -46,7 +46,7 @@ func TestGiverLostReceiverInWindowThenHearsSecondServes(t *testing.T) {
 // is refused whatever the force while the peer says it serves ("never
 // two primaries"). In a handover receiver's window it says SECOND, so the
 // giver's forced prim is taken while the receiver adds the VIP. Before
-// fe25a14 the receiver said PRIM then, and the command was refused.
+// that change the receiver said PRIM then, and the command was refused.
 func TestForcedPrimOnGiverDuringReceiverWindowRefused(t *testing.T) {
 	e := ep(5, 1)
 	giver, recv := mirrored(e)

@@ -2,8 +2,9 @@ package cluster
 
 import "testing"
 
-// From a review of 7c9a7f9 (a WAIT node does not win over a SECOND; the
-// takeback from a receiver that never served draws two counters further).
+// From a fourth review (forty-fifth session) of the rules that a WAIT
+// node does not win over a SECOND and that the takeback from a receiver
+// that never served draws two counters further.
 
 // loaded is m as pkg/node's loadMachine makes it after a restart, from
 // what m's last successful save holds (state, epoch, stale, handedOver).
@@ -91,7 +92,7 @@ func TestGiverLostReceiverInWindowThenWaitTakebackBeyondFailedTerm(t *testing.T)
 	}
 }
 
-// The cases below pass on 2490dce: rule (1) delays a WAIT node's serve
+// The cases below passed on the code reviewed: rule (1) delays a WAIT node's serve
 // by at most the SECOND's next step on hearing it, or its loss and checks.
 
 func TestReview4RestartedPrimaryNextToSecondServes(t *testing.T) {

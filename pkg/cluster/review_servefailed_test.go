@@ -3,7 +3,7 @@ package cluster
 import "testing"
 
 // From a review of the first version of the undo of a failed handover
-// (forty-fifth session, c424c41, where every serve was published late and
+// (forty-fifth session, where every serve was published late and
 // undone); each failed on it.
 
 // TestServeFailedReceiverStartedDuringTakebackBothServe: a failback
@@ -11,7 +11,7 @@ import "testing"
 // receiver cannot take the role. nodeA stops at
 // the giver's epoch, not stale. nodeB hears STOP and takes the role back;
 // while its serve runs (VIP probe, capture load) it still publishes
-// WAIT, handed over, at epoch e (c424c41 published every serving state
+// WAIT, handed over, at epoch e (that version published every serving state
 // only once the VIP and capture were held; now only a handover's
 // receiver does, Machine.takeHandover). The operator mends
 // nodeA and runs `duet start` in that window: nodeA is WAIT at e, not
@@ -57,7 +57,7 @@ func TestServeFailedReceiverStartedDuringTakebackBothServe(t *testing.T) {
 // takeback fails was restored HandedOver. If its receiver
 // (STOP at the same epoch, never served) is then lost while the giver is
 // stopped, `duet start` on the giver left it WAIT, handed over, with
-// no peer: no checks, plain `duet prim` refused. Before c424c41, and
+// no peer: no checks, plain `duet prim` refused. Before that version, and
 // now (a takeback is no handover: not undone), it stops at its new
 // epoch, not handed over, and serves after a start.
 func TestFailedTakebackKeepsHandedOver(t *testing.T) {

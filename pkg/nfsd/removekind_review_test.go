@@ -12,7 +12,7 @@ import (
 )
 
 // From a review of the first version of the removal kinds (forty-fifth
-// session, f515e26): TestMismatchedRemovalKeepsTheHandleLive failed on
+// session): TestMismatchedRemovalKeepsTheHandleLive failed on
 // it; TestPipelinedRemovalsKeepTheirKinds passed, and guards the kinds
 // of pipelined calls.
 
