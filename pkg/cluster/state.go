@@ -759,13 +759,14 @@ func (m Machine) stepServing(ev Event) (Machine, []Action) {
 		// its serving state only once the VIP and the capture are
 		// taken (Action.Unpublished), so the giver never heard it
 		// serve and no durability call was answered in it (a node
-		// that does not say it serves refuses them). The copy is what it was before, at the epoch it had:
-		// kept at the new one, it would count as newer than the peer's
-		// though it holds nothing more, and the peer that handed the
-		// role here would count its own copy stale on hearing it and
-		// never serve again (TestHandoverReceiverServeFailedGiverServes).
-		// Stopped at the old one, a giver takes the role back at once
-		// (stepWait: a peer handed the role is STOP and never served).
+		// that does not say it serves refuses them). The copy is what
+		// it was before, at the epoch it had: kept at the new one, it
+		// would count as newer than the peer's though it holds nothing
+		// more, and the peer that handed the role here would count its
+		// own copy stale on hearing it and never serve again
+		// (TestHandoverReceiverServeFailedGiverServes). Stopped at the
+		// old one, a giver takes the role back at once (stepWait: a
+		// peer handed the role is STOP and never served).
 		failed := m.Epoch
 		m.Epoch, m.Stale, m.StaleHeld, m.HandedOver, m.ServiceFailed = u.epoch, u.stale, u.staleHeld, u.handedOver, u.serviceFailed
 		return m.unserve(Stop, fmt.Sprintf("%s; the term (epoch %d) never began: the copy stays at epoch %d; fix it, then run `duet start`", ev.Why, failed, m.Epoch))
