@@ -530,7 +530,8 @@ const (
 )
 
 // serve takes the primary role: the VIP (unless someone answers for it)
-// while capture loads, then shipping, then the services in order. taken
+// while capture loads, then shipping (startStreams), then the services in
+// order. taken
 // is called once the VIP and the capture are held, before the services
 // start; it is not called when serve fails.
 func (n *Node) serve(ctx context.Context, taken func()) error {
@@ -553,6 +554,7 @@ func (n *Node) serve(ctx context.Context, taken func()) error {
 	n.smu.Lock()
 	n.serveCancel = cancel
 	n.smu.Unlock()
+	n.startStreams(sctx)
 	taken()
 	if len(n.cfg.Services) > 0 {
 		n.startServices(ctx)

@@ -115,7 +115,7 @@ func (n *Node) startPrimary(ctx context.Context) error {
 	n.overflowSeen = 0
 	n.smu.Unlock()
 	n.silent.Clear()
-	n.serveWG.Add(4 + len(primaries))
+	n.serveWG.Add(4)
 	go func() {
 		defer n.serveWG.Done()
 		n.dispatch(c, primaries)
@@ -132,13 +132,27 @@ func (n *Node) startPrimary(ctx context.Context) error {
 		defer n.serveWG.Done()
 		n.auditMarks(ctx, c, kernel{n}.drain, primaries)
 	}()
+	return nil
+}
+
+// startStreams runs the term's primaries (startPrimary): each connects to
+// the peer and begins with a resync. Not before serve holds the VIP as
+// well as the capture: a resync marks the peer's copy mid-resync as soon
+// as it asks for its manifest, and a term that then fails (the VIP held
+// elsewhere) would leave a handover's giver unable to take the role back
+// (a review, TestStreamsBeginOnlyOnceTheRoleIsTaken). ctx is
+// startPrimary's.
+func (n *Node) startStreams(ctx context.Context) {
+	n.smu.RLock()
+	primaries := n.primaries
+	n.smu.RUnlock()
+	n.serveWG.Add(len(primaries))
 	for _, p := range primaries {
 		go func() {
 			defer n.serveWG.Done()
 			p.Run(ctx, kernel{n})
 		}()
 	}
-	return nil
 }
 
 func (n *Node) stopPrimary() {
