@@ -72,7 +72,12 @@ func (s *fsys) Rename(oldpath, newpath string) error {
 
 // Remove removes a file or an empty directory. Its ID is taken back
 // durably first (a crash then leaves the file without an ID, never an ID
-// on another file) and put back if the removal fails.
+// on another file) and put back if the removal fails. A removal of the
+// wrong kind (an RMDIR of a file, a REMOVE of a directory) is left to the
+// kernel's refusal without touching the ID; only if another process
+// changed the name's kind in between does it succeed, and the ID is then
+// taken back after it (a crash between leaves the ID on the name, as an
+// outside replacement of the entry does anyway: the index goes by name).
 func (s *fsys) Remove(p string) error {
 	return s.atPlace(p, func(at place) error {
 		var st unix.Stat_t
