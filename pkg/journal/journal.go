@@ -209,6 +209,22 @@ func (j *Journal) DropSettled() []File {
 	return out
 }
 
+// Held calls fn for every file the journal still holds after a Take or
+// a DropSettled (operations in progress, changes requeued, files written
+// through a shared mapping), with the ranges of its operations in
+// progress. The pass or resync that just took the others must not count
+// these as taken (see replica.Primary.holdKept).
+func (j *Journal) Held(fn func(f *File, inProgress []Span)) {
+	var ops []Span
+	for _, e := range j.files {
+		ops = ops[:0]
+		for _, p := range e.preops {
+			ops = append(ops, p.span)
+		}
+		fn(&e.File, ops)
+	}
+}
+
 // Pending reports whether anything is waiting, deferred ranges included.
 func (j *Journal) Pending() int { return len(j.files) }
 

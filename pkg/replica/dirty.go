@@ -129,6 +129,47 @@ func (d *dirtySet) record(r *capture.Record, touch uint64) {
 	}
 }
 
+// hold gives every mark of f's inode the count touch, and marks what f
+// and its operations in progress (ops) change: a change the journal still
+// holds after a pass or a resync took the others must outlive the marks
+// of that pass or resync (Primary.holdKept).
+func (d *dirtySet) hold(f *journal.File, ops []journal.Span, touch uint64) {
+	df := d.get(f.Key.Ino)
+	for c := range df.chunks {
+		df.chunks[c] = touch
+	}
+	for _, m := range []*uint64{&df.tailTouch, &df.attr, &df.whole, &df.born, &df.moved, &df.blind} {
+		if *m != 0 {
+			*m = touch
+		}
+	}
+	for _, s := range f.Data.Spans() {
+		d.span(df, s.Off, s.Len(), touch)
+	}
+	for _, s := range ops {
+		n := s.Len()
+		if s.End < s.Off || n >= journal.Unbounded {
+			n = journal.Unbounded
+		}
+		d.span(df, s.Off, n, touch)
+	}
+	if f.HasTail {
+		d.span(df, f.Tail, journal.Unbounded, touch)
+	}
+	if f.Attr {
+		df.attr = touch
+	}
+	if f.Rescan {
+		df.whole = touch
+	}
+	if f.NewSeq != 0 {
+		df.born = touch
+	}
+	if len(df.chunks) == 0 && df.touch() == 0 {
+		delete(d.files, f.Key.Ino)
+	}
+}
+
 // setMoved marks ino as named on the peer by another path than the one
 // the shadow gives it now: a pass shipped its rename in a batch the peer
 // may not have applied (the shadow moves when a batch is built), or, at

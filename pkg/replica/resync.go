@@ -198,7 +198,7 @@ func (p *Primary) fullSync(ctx context.Context, c net.Conn, kernel Kernel, bt *b
 	// What the journal holds now, the resync reads anyway (the bitmap
 	// marks it, or its files changed since the sync point, or every file
 	// is compared): shipped twice otherwise.
-	dropped := p.j.DropSettled()
+	dropped := p.dropForResync()
 	// The resync's batches carry the age of the oldest change they hold,
 	// and the lag counts it until the resync ends (rsSince): in no batch
 	// while the resync scans and compares (minutes on a big tree), it was
