@@ -41,7 +41,19 @@ type Applier struct {
 	// one already done. The replication loop sets it; the zero value
 	// tolerates replays.
 	strict bool
+	// made are the inodes this applier created for a create that asked
+	// for set-id bits, which it made without them: only the setattr that
+	// gives such an inode its owner adds them (withholdSetid).
+	made map[devIno]bool
+	// Warn, if set, logs what the applier does not apply as asked.
+	Warn func(msg string, args ...any)
 }
+
+type devIno struct{ dev, ino uint64 }
+
+// maxMade bounds Applier.made: past it a create's set-id bits are
+// withheld, as for an inode it did not make (withholdSetid).
+const maxMade = 1 << 16
 
 // maxTargeted is the most files and directories flushed one by one; past
 // it one syncfs is cheaper than many flushes.
@@ -429,7 +441,7 @@ func (a *Applier) apply(op *wire.Op) error {
 				return err
 			}
 			var err error
-			a.setattrDid, err = setattrOn(f, &st, path.Base(op.Path), op)
+			a.setattrDid, err = a.setattrChecked(f, &st, path.Base(op.Path), op)
 			return err
 		}
 	}
@@ -475,18 +487,38 @@ func (a *Applier) apply(op *wire.Op) error {
 		// A new inode on the primary: never truncate an existing one, it
 		// may have other names. What holds the name is removed only if
 		// there is one: most creates (a resync's) find it free.
+		//
+		// Made without set-id bits: the daemon makes it as root, and
+		// its owner comes in the setattr after its content, maybe in a
+		// later batch; meanwhile a set-uid program of the primary's
+		// user would be set-uid root here, for any local user to run,
+		// or to take away with a rename in a directory they may write
+		// (a review, forty-sixth session:
+		// TestReviewS46CreateIsSetuidRootBeforeItsOwner). That setattr
+		// adds them (withholdSetid).
 		const excl = unix.O_CREAT | unix.O_EXCL | unix.O_WRONLY | unix.O_NOFOLLOW | unix.O_CLOEXEC
-		fd, err := unix.Openat(dfd, base, excl, op.Mode&0o7777)
+		perm := op.Mode & 0o1777
+		fd, err := unix.Openat(dfd, base, excl, perm)
 		if errors.Is(err, unix.EEXIST) {
 			if err := a.removeAt(d, base); err != nil {
 				return err
 			}
-			fd, err = unix.Openat(dfd, base, excl, op.Mode&0o7777)
+			fd, err = unix.Openat(dfd, base, excl, perm)
 		}
 		if err != nil {
 			return err
 		}
-		if err := unix.Fchmod(fd, op.Mode&0o7777); err != nil {
+		err = unix.Fchmod(fd, perm)
+		var st unix.Stat_t
+		if err == nil && op.Mode&0o6000 != 0 {
+			if err = unix.Fstat(fd, &st); err == nil && len(a.made) < maxMade {
+				if a.made == nil {
+					a.made = map[devIno]bool{}
+				}
+				a.made[devIno{st.Dev, st.Ino}] = true
+			}
+		}
+		if err != nil {
 			unix.Close(fd)
 			return err
 		}
@@ -517,11 +549,55 @@ func (a *Applier) apply(op *wire.Op) error {
 		defer d2.Close()
 		return a.linkOrRename(op.Code, d, base, d2, base2)
 	case wire.OpSetattr:
-		var err error
-		a.setattrDid, err = setattr(d, base, op)
+		h, st, err := entryAt(d, base)
+		if err != nil {
+			return err
+		}
+		defer h.Close()
+		a.setattrDid, err = a.setattrChecked(h, &st, base, op)
 		return err
 	}
 	return fmt.Errorf("unknown op %d", op.Code)
+}
+
+// withholdSetid returns op without its set-id bits when the regular file
+// whose stat is st may not get them: they are added only to an inode this
+// applier made for them (made), or to one whose owner and group stay and
+// that no one but its owner could have written (one name, no write bit
+// for group or others); an inode that has them keeps them while its owner
+// and group stay. A file a local user of this host renamed or hard-linked
+// over the name would otherwise run their bytes with the primary's
+// owner's rights, set-uid root included (a review, forty-sixth session:
+// TestReviewS46SetattrGivesUserFileSetuidRoot). Withheld, the replica's
+// mode lacks them (logged; `duet verify` shows it) until the primary's
+// file is sent anew.
+func (a *Applier) withholdSetid(st *unix.Stat_t, op *wire.Op) (*wire.Op, bool) {
+	want := op.Mode & 0o6000
+	if want == 0 || st.Mode&unix.S_IFMT != unix.S_IFREG || a.made[devIno{st.Dev, st.Ino}] {
+		return op, false
+	}
+	if st.Uid == op.UID && st.Gid == op.GID && (want&^st.Mode == 0 || st.Nlink == 1 && st.Mode&0o022 == 0) {
+		return op, false
+	}
+	o := *op
+	o.Mode &^= 0o6000
+	if a.Warn != nil {
+		a.Warn("set-id bits withheld: the file this replica holds under the name is not one it made for them (a local user may have put it there)",
+			"path", op.Path, "here", fmt.Sprintf("%d:%d %o, %d links", st.Uid, st.Gid, st.Mode&0o7777, st.Nlink),
+			"primary", fmt.Sprintf("%d:%d %o", op.UID, op.GID, op.Mode&0o7777))
+	}
+	return &o, true
+}
+
+// setattrChecked applies op to the inode h holds, whose stat is st, set-id
+// bits withheld where they may not be given (withholdSetid).
+func (a *Applier) setattrChecked(h *os.File, st *unix.Stat_t, name string, op *wire.Op) (setattrDone, error) {
+	op, _ = a.withholdSetid(st, op)
+	did, err := setattrOn(h, st, name, op)
+	if err == nil && op.Mode&0o6000 != 0 {
+		delete(a.made, devIno{st.Dev, st.Ino}) // given
+	}
+	return did, err
 }
 
 func (a *Applier) linkOrRename(code wire.OpCode, d *os.File, base string, d2 *os.File, base2 string) error {
@@ -654,8 +730,6 @@ func (a *Applier) within(d *os.File, dir *unix.Stat_t) (bool, error) {
 	return false, errors.New("directory nested too deep to tell its ancestors")
 }
 
-// setattr sets owner, mode and times of name in d, all through one handle
-// (entryAt): those of a symlink are the link's own.
 // setattrDone says what a setattr changed, for Sync: the owner or mode
 // (the entry needs fsync), or its times only (a file written has them
 // changed by every write: fdatasync with its data is enough); and whether
@@ -663,15 +737,6 @@ func (a *Applier) within(d *os.File, dir *unix.Stat_t) (bool, error) {
 // flushed).
 type setattrDone struct {
 	ownerOrMode, unopened bool
-}
-
-func setattr(d *os.File, name string, op *wire.Op) (setattrDone, error) {
-	h, st, err := entryAt(d, name)
-	if err != nil {
-		return setattrDone{}, err
-	}
-	defer h.Close()
-	return setattrOn(h, &st, name, op)
 }
 
 // setattrOn applies op to the inode h holds, whose stat is st.

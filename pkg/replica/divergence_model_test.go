@@ -396,7 +396,15 @@ func treeDiff(src, dst string, asides bool) []string {
 		if p == "." {
 			continue
 		}
-		if tx != unix.S_IFLNK && x.st.Mode&0o7777 != y.st.Mode&0o7777 {
+		// Set-id bits of a regular file may be withheld on the replica
+		// (Applier.withholdSetid: an inode it did not make for them, and
+		// that others could write or that has other names, or whose owner
+		// changed), never added.
+		setid := uint32(0)
+		if tx == unix.S_IFREG {
+			setid = 0o6000
+		}
+		if tx != unix.S_IFLNK && (x.st.Mode&0o7777&^setid != y.st.Mode&0o7777&^setid || y.st.Mode&setid&^x.st.Mode != 0) {
 			add(p, "mode %o here, %o there", x.st.Mode&0o7777, y.st.Mode&0o7777)
 		}
 		if x.st.Uid != y.st.Uid || x.st.Gid != y.st.Gid {

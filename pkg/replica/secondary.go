@@ -803,6 +803,7 @@ func (s *Server) replicate(ctx context.Context, c net.Conn, d Dir, h wire.Hello,
 		return
 	}
 	defer a.Close()
+	a.Warn = s.Log.With("dir", d.Name).Warn
 	if s.syncfs != nil {
 		a.syncfs = s.syncfs
 	}
