@@ -45,8 +45,10 @@ type Applier struct {
 	// for set-id bits, which it made without them: only the setattr that
 	// gives such an inode its owner adds them (withholdSetid).
 	made map[devIno]bool
-	// Warn, if set, logs what the applier does not apply as asked.
-	Warn func(msg string, args ...any)
+	// Warn, if set, logs what the applier does not apply as asked:
+	// once a file (withheld) for as long as the applier lives.
+	Warn     func(msg string, args ...any)
+	withheld map[devIno]bool
 }
 
 type devIno struct{ dev, ino uint64 }
@@ -562,26 +564,31 @@ func (a *Applier) apply(op *wire.Op) error {
 
 // withholdSetid returns op without its set-id bits when the regular file
 // whose stat is st may not get them: they are added only to an inode this
-// applier made for them (made), or to one whose owner and group stay and
-// that no one but its owner could have written (one name, no write bit
-// for group or others); an inode that has them keeps them while its owner
-// and group stay. A file a local user of this host renamed or hard-linked
-// over the name would otherwise run their bytes with the primary's
-// owner's rights, set-uid root included (a review, forty-sixth session:
-// TestReviewS46SetattrGivesUserFileSetuidRoot). Withheld, the replica's
-// mode lacks them (logged; `duet verify` shows it) until the primary's
-// file is sent anew.
+// applier made for them (made); an inode that has them keeps them while
+// its owner and group stay. A file a local user of this host renamed or
+// hard-linked over the name would otherwise run their bytes with the
+// primary's owner's rights, set-uid root included (a review, forty-sixth
+// session: TestReviewS46SetattrGivesUserFileSetuidRoot). Nothing in the
+// inode tells it from one the applier wrote, once it holds the owner a
+// setattr gave it: a setattr without the bits, then one with them, made
+// the user's file set-uid root (TestSetidWithheldTwice). Withheld, the
+// replica's mode lacks them (logged once a file; `duet verify` shows it)
+// until the primary's file is sent anew.
 func (a *Applier) withholdSetid(st *unix.Stat_t, op *wire.Op) (*wire.Op, bool) {
 	want := op.Mode & 0o6000
 	if want == 0 || st.Mode&unix.S_IFMT != unix.S_IFREG || a.made[devIno{st.Dev, st.Ino}] {
 		return op, false
 	}
-	if st.Uid == op.UID && st.Gid == op.GID && (want&^st.Mode == 0 || st.Nlink == 1 && st.Mode&0o022 == 0) {
+	if st.Uid == op.UID && st.Gid == op.GID && want&^st.Mode == 0 {
 		return op, false
 	}
 	o := *op
 	o.Mode &^= 0o6000
-	if a.Warn != nil {
+	if k := (devIno{st.Dev, st.Ino}); a.Warn != nil && !a.withheld[k] && len(a.withheld) < maxMade {
+		if a.withheld == nil {
+			a.withheld = map[devIno]bool{}
+		}
+		a.withheld[k] = true
 		a.Warn("set-id bits withheld: the file this replica holds under the name is not one it made for them (a local user may have put it there)",
 			"path", op.Path, "here", fmt.Sprintf("%d:%d %o, %d links", st.Uid, st.Gid, st.Mode&0o7777, st.Nlink),
 			"primary", fmt.Sprintf("%d:%d %o", op.UID, op.GID, op.Mode&0o7777))

@@ -255,11 +255,11 @@ func TestReviewS46WriteIntoUserPlantedInodeLeaks(t *testing.T) {
 	}
 }
 
-// The set-id bits the primary gives its files still reach the replica
-// where nothing but the applier (or the file's owner alone) could have
-// written the inode: a file created set-uid for another user, a set-gid
-// added later to a file that keeps its owner, set-id bits kept on a
-// setattr of times; withheld from a file others may write.
+// The set-id bits the primary gives its files reach the replica where
+// the applier made the inode for them: a file created set-uid for another
+// user, its bits kept on later setattrs (a new connection's applier);
+// withheld where it did not: a set-gid added later to a file it holds, to
+// a file others may write.
 func TestSetidReplicatedWhereTheApplierMadeTheFile(t *testing.T) {
 	_, root := s46Setup(t)
 	a, err := NewApplier(root)
@@ -294,10 +294,39 @@ func TestSetidReplicatedWhereTheApplierMadeTheFile(t *testing.T) {
 	for _, c := range []struct {
 		name string
 		mode uint32
-	}{{"su", 0o4755}, {"later", 0o2755}, {"open", 0o755}} {
+	}{{"su", 0o4755}, {"later", 0o755}, {"open", 0o755}} {
 		st := s46Lstat(t, filepath.Join(root, c.name))
 		if st.Mode&0o7777 != c.mode || st.Uid != 1000 || st.Gid != 1000 {
 			t.Errorf("%s: owner %d:%d mode %o, want 1000:1000 %o", c.name, st.Uid, st.Gid, st.Mode&0o7777, c.mode)
+		}
+	}
+}
+
+// A local user's file renamed over a root program: the primary's setattr
+// that keeps the program as it was (root's, 0755) gives the user's inode
+// root as its owner; the next, which adds the set-uid bit, then finds an
+// inode that looks like the applier's.
+func TestSetidWithheldTwice(t *testing.T) {
+	_, root := s46Setup(t)
+	a, err := NewApplier(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	if err := s46Apply(t, a,
+		wire.Op{Code: wire.OpCreate, Path: "prog", Mode: 0o755},
+		wire.Op{Code: wire.OpSetattr, Path: "prog", Mode: 0o755, UID: 0, GID: 0, Mtime: 42, Atime: 42},
+	); err != nil {
+		t.Fatal(err)
+	}
+	s46AsUser(t, root, `printf 'user payload\n' > .p && chmod 755 .p && mv -f .p prog`)
+	planted := s46Lstat(t, filepath.Join(root, "prog"))
+	for i, mode := range []uint32{0o755, 0o4755, 0o4755} {
+		if err := s46Apply(t, a, wire.Op{Code: wire.OpSetattr, Path: "prog", Mode: mode, UID: 0, GID: 0, Mtime: int64(43 + i), Atime: 43}); err != nil {
+			t.Fatal(err)
+		}
+		if st := s46Lstat(t, filepath.Join(root, "prog")); st.Ino == planted.Ino && st.Mode&(unix.S_ISUID|unix.S_ISGID) != 0 {
+			t.Fatalf("after setattr %d (mode %o): the user's file is owned by %d with mode %o", i, mode, st.Uid, st.Mode&0o7777)
 		}
 	}
 }
