@@ -41,10 +41,6 @@ type Applier struct {
 	// one already done. The replication loop sets it; the zero value
 	// tolerates replays.
 	strict bool
-	// made are the inodes this applier created for a create that asked
-	// for set-id bits, which it made without them: only the setattr that
-	// gives such an inode its owner adds them (withholdSetid).
-	made map[devIno]bool
 	// Warn, if set, logs what the applier does not apply as asked:
 	// once a file (withheld) for as long as the applier lives.
 	Warn     func(msg string, args ...any)
@@ -53,9 +49,37 @@ type Applier struct {
 
 type devIno struct{ dev, ino uint64 }
 
-// maxMade bounds Applier.made: past it a create's set-id bits are
-// withheld, as for an inode it did not make (withholdSetid).
-const maxMade = 1 << 16
+// maxWithheld bounds Applier.withheld: past it, withheld set-id bits are
+// no longer logged.
+const maxWithheld = 1 << 12
+
+// madeMark is on an inode the applier made for a create that asked for
+// set-id bits (made without them): the setattr that gives it its owner
+// may add them (withholdSetid), and takes the mark away. An extended
+// attribute in the trusted namespace: only a process with CAP_SYS_ADMIN
+// sets or removes one, and it is the inode's, not its number's (a number
+// freed and reused by a local user's file, a review: TestS46bMadeInodeNumberReused),
+// and outlives the connection and the daemon (a create and its setattr
+// may come over two: TestS46bSetidLostAcrossApplier). Not replicated.
+const madeMark = "trusted.duet.setid"
+
+// marked reports whether the inode h holds (a descriptor, or an O_PATH
+// handle) carries madeMark.
+func marked(h *os.File) bool {
+	var b [1]byte
+	_, err := unix.Fgetxattr(int(h.Fd()), madeMark, b[:])
+	if errors.Is(err, unix.EBADF) { // an O_PATH handle
+		_, err = unix.Getxattr(fmt.Sprintf("/proc/self/fd/%d", h.Fd()), madeMark, b[:])
+	}
+	return err == nil
+}
+
+// unmark takes madeMark away from the inode h holds.
+func unmark(h *os.File) {
+	if err := unix.Fremovexattr(int(h.Fd()), madeMark); errors.Is(err, unix.EBADF) {
+		unix.Removexattr(fmt.Sprintf("/proc/self/fd/%d", h.Fd()), madeMark)
+	}
+}
 
 // maxTargeted is the most files and directories flushed one by one; past
 // it one syncfs is cheaper than many flushes.
@@ -497,7 +521,7 @@ func (a *Applier) apply(op *wire.Op) error {
 		// or to take away with a rename in a directory they may write
 		// (a review, forty-sixth session:
 		// TestReviewS46CreateIsSetuidRootBeforeItsOwner). That setattr
-		// adds them (withholdSetid).
+		// adds them (madeMark, withholdSetid).
 		const excl = unix.O_CREAT | unix.O_EXCL | unix.O_WRONLY | unix.O_NOFOLLOW | unix.O_CLOEXEC
 		perm := op.Mode & 0o1777
 		fd, err := unix.Openat(dfd, base, excl, perm)
@@ -510,19 +534,14 @@ func (a *Applier) apply(op *wire.Op) error {
 		if err != nil {
 			return err
 		}
-		err = unix.Fchmod(fd, perm)
-		var st unix.Stat_t
-		if err == nil && op.Mode&0o6000 != 0 {
-			if err = unix.Fstat(fd, &st); err == nil && len(a.made) < maxMade {
-				if a.made == nil {
-					a.made = map[devIno]bool{}
-				}
-				a.made[devIno{st.Dev, st.Ino}] = true
-			}
-		}
-		if err != nil {
+		if err := unix.Fchmod(fd, perm); err != nil {
 			unix.Close(fd)
 			return err
+		}
+		if op.Mode&0o6000 != 0 {
+			if err := unix.Fsetxattr(fd, madeMark, []byte{1}, 0); err != nil && a.Warn != nil {
+				a.Warn("cannot mark a new file as made for its set-id bits: they will be withheld", "path", op.Path, "err", err)
+			}
 		}
 		// The size, data and times that follow go through this
 		// descriptor: it is the inode just made, no lookup needed.
@@ -563,9 +582,9 @@ func (a *Applier) apply(op *wire.Op) error {
 }
 
 // withholdSetid returns op without its set-id bits when the regular file
-// whose stat is st may not get them: they are added only to an inode this
-// applier made for them (made); an inode that has them keeps them while
-// its owner and group stay. A file a local user of this host renamed or
+// h holds, whose stat is st, may not get them: they are added only to an
+// inode the applier made for them (madeMark); an inode that has them
+// keeps them while its owner and group stay. A file a local user of this host renamed or
 // hard-linked over the name would otherwise run their bytes with the
 // primary's owner's rights, set-uid root included (a review, forty-sixth
 // session: TestReviewS46SetattrGivesUserFileSetuidRoot). Nothing in the
@@ -574,17 +593,17 @@ func (a *Applier) apply(op *wire.Op) error {
 // the user's file set-uid root (TestSetidWithheldTwice). Withheld, the
 // replica's mode lacks them (logged once a file; `duet verify` shows it)
 // until the primary's file is sent anew.
-func (a *Applier) withholdSetid(st *unix.Stat_t, op *wire.Op) (*wire.Op, bool) {
+func (a *Applier) withholdSetid(h *os.File, st *unix.Stat_t, op *wire.Op) (*wire.Op, bool) {
 	want := op.Mode & 0o6000
-	if want == 0 || st.Mode&unix.S_IFMT != unix.S_IFREG || a.made[devIno{st.Dev, st.Ino}] {
+	if want == 0 || st.Mode&unix.S_IFMT != unix.S_IFREG {
 		return op, false
 	}
-	if st.Uid == op.UID && st.Gid == op.GID && want&^st.Mode == 0 {
+	if st.Uid == op.UID && st.Gid == op.GID && want&^st.Mode == 0 || marked(h) {
 		return op, false
 	}
 	o := *op
 	o.Mode &^= 0o6000
-	if k := (devIno{st.Dev, st.Ino}); a.Warn != nil && !a.withheld[k] && len(a.withheld) < maxMade {
+	if k := (devIno{st.Dev, st.Ino}); a.Warn != nil && !a.withheld[k] && len(a.withheld) < maxWithheld {
 		if a.withheld == nil {
 			a.withheld = map[devIno]bool{}
 		}
@@ -599,10 +618,10 @@ func (a *Applier) withholdSetid(st *unix.Stat_t, op *wire.Op) (*wire.Op, bool) {
 // setattrChecked applies op to the inode h holds, whose stat is st, set-id
 // bits withheld where they may not be given (withholdSetid).
 func (a *Applier) setattrChecked(h *os.File, st *unix.Stat_t, name string, op *wire.Op) (setattrDone, error) {
-	op, _ = a.withholdSetid(st, op)
+	op, _ = a.withholdSetid(h, st, op)
 	did, err := setattrOn(h, st, name, op)
-	if err == nil && op.Mode&0o6000 != 0 {
-		delete(a.made, devIno{st.Dev, st.Ino}) // given
+	if err == nil && op.Mode&0o6000 != 0 && st.Mode&unix.S_IFMT == unix.S_IFREG && st.Mode&0o6000 != op.Mode&0o6000 {
+		unmark(h) // given
 	}
 	return did, err
 }

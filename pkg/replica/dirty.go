@@ -129,20 +129,15 @@ func (d *dirtySet) record(r *capture.Record, touch uint64) {
 	}
 }
 
-// hold gives every mark of f's inode the count touch, and marks what f
-// and its operations in progress (ops) change: a change the journal still
-// holds after a pass or a resync took the others must outlive the marks
-// of that pass or resync (Primary.holdKept).
+// hold marks with the count touch what f and its operations in progress
+// (ops) change: a change the journal still holds after a pass or a resync
+// took the others must outlive the marks of that pass or resync
+// (Primary.holdKept). The file's other marks are left as they are: what
+// the pass shipped of it is forgotten once its batch is durable (a file
+// with an operation in progress at every pass kept every chunk it ever
+// wrote marked, from a review).
 func (d *dirtySet) hold(f *journal.File, ops []journal.Span, touch uint64) {
 	df := d.get(f.Key.Ino)
-	for c := range df.chunks {
-		df.chunks[c] = touch
-	}
-	for _, m := range []*uint64{&df.tailTouch, &df.attr, &df.whole, &df.born, &df.moved, &df.blind} {
-		if *m != 0 {
-			*m = touch
-		}
-	}
 	for _, s := range f.Data.Spans() {
 		d.span(df, s.Off, s.Len(), touch)
 	}

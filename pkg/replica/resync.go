@@ -566,9 +566,7 @@ func (p *Primary) resyncQueued(b *builder, bt *batcher, ts *treeSync, tails *tai
 	}
 	p.mu.Lock()
 	p.rsReport = all
-	for _, f := range b.requeue {
-		p.j.Requeue(f)
-	}
+	p.requeue(b.requeue) // beyond run.mark, which the pass mark below covers
 	p.sh = b.sh
 	p.asides = nil
 	p.syncSeq = run.syncSeq
