@@ -522,8 +522,15 @@ func (a *Applier) apply(op *wire.Op) error {
 		// (a review, forty-sixth session:
 		// TestReviewS46CreateIsSetuidRootBeforeItsOwner). That setattr
 		// adds them (madeMark, withholdSetid).
+		//
+		// Nor, then, with write bits for group and others: the bytes
+		// of a file that will be set-id are the applier's alone until
+		// the setattr gives the bits and the mode.
 		const excl = unix.O_CREAT | unix.O_EXCL | unix.O_WRONLY | unix.O_NOFOLLOW | unix.O_CLOEXEC
 		perm := op.Mode & 0o1777
+		if op.Mode&0o6000 != 0 {
+			perm &^= 0o022
+		}
 		fd, err := unix.Openat(dfd, base, excl, perm)
 		if errors.Is(err, unix.EEXIST) {
 			if err := a.removeAt(d, base); err != nil {

@@ -330,3 +330,30 @@ func TestSetidWithheldTwice(t *testing.T) {
 		}
 	}
 }
+
+// A set-id file the primary holds writable by all (04777) is made without
+// group and other write bits until its setattr: a local user cannot write
+// their bytes into the inode the applier will make set-id.
+func TestSetidCreateNotWritableByOthersUntilItsSetattr(t *testing.T) {
+	_, root := s46Setup(t)
+	a, err := NewApplier(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	if err := s46Apply(t, a, wire.Op{Code: wire.OpCreate, Path: "open", Mode: 0o4777}); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("/bin/sh", "-c", `printf 'user payload\n' > open`)
+	cmd.Dir = root
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: s46Nobody, Gid: s46Nobody}}
+	if out, err := cmd.CombinedOutput(); err == nil {
+		t.Fatalf("a local user wrote into the file made for set-id bits before its setattr (%s)", out)
+	}
+	if err := s46Apply(t, a, wire.Op{Code: wire.OpSetattr, Path: "open", Mode: 0o4777, UID: 1000, GID: 1000, Mtime: 42, Atime: 42}); err != nil {
+		t.Fatal(err)
+	}
+	if st := s46Lstat(t, filepath.Join(root, "open")); st.Mode&0o7777 != 0o4777 || st.Uid != 1000 {
+		t.Errorf("after its setattr: owner %d mode %o, want 1000 and 4777", st.Uid, st.Mode&0o7777)
+	}
+}
