@@ -74,11 +74,14 @@ func marked(h *os.File) bool {
 	return err == nil
 }
 
-// unmark takes madeMark away from the inode h holds.
-func unmark(h *os.File) {
-	if err := unix.Fremovexattr(int(h.Fd()), madeMark); errors.Is(err, unix.EBADF) {
-		unix.Removexattr(fmt.Sprintf("/proc/self/fd/%d", h.Fd()), madeMark)
+// unmark takes madeMark away from the inode h holds (ENODATA: it had
+// none).
+func unmark(h *os.File) error {
+	err := unix.Fremovexattr(int(h.Fd()), madeMark)
+	if errors.Is(err, unix.EBADF) { // an O_PATH handle
+		err = unix.Removexattr(fmt.Sprintf("/proc/self/fd/%d", h.Fd()), madeMark)
 	}
+	return err
 }
 
 // maxTargeted is the most files and directories flushed one by one; past
@@ -624,11 +627,20 @@ func (a *Applier) withholdSetid(h *os.File, st *unix.Stat_t, op *wire.Op) (*wire
 
 // setattrChecked applies op to the inode h holds, whose stat is st, set-id
 // bits withheld where they may not be given (withholdSetid).
+//
+// The first setattr that changes the owner or the mode of a marked inode
+// takes the mark away, whether it gives the bits or not: given to a user
+// without them (the primary's chown cleared them before the replica saw
+// its create's setattr), the file's bytes are that user's to write, and a
+// later chown to root and chmod u+s must not find it marked (a review:
+// TestS46cMarkOutlivesOwnerGiven).
 func (a *Applier) setattrChecked(h *os.File, st *unix.Stat_t, name string, op *wire.Op) (setattrDone, error) {
 	op, _ = a.withholdSetid(h, st, op)
 	did, err := setattrOn(h, st, name, op)
-	if err == nil && op.Mode&0o6000 != 0 && st.Mode&unix.S_IFMT == unix.S_IFREG && st.Mode&0o6000 != op.Mode&0o6000 {
-		unmark(h) // given
+	if err == nil && did.ownerOrMode && st.Mode&unix.S_IFMT == unix.S_IFREG {
+		if err := unmark(h); err != nil && !errors.Is(err, unix.ENODATA) && a.Warn != nil {
+			a.Warn("cannot take the set-id mark away from a file given its owner or mode", "path", op.Path, "err", err)
+		}
 	}
 	return did, err
 }
