@@ -43,12 +43,35 @@ func s46Setup(t *testing.T) (top, root string) {
 // s46AsUser runs a shell script as the unprivileged local user, in dir.
 func s46AsUser(t *testing.T, dir, script string) {
 	t.Helper()
+	if out, err := s46TryAsUser(dir, script); err != nil {
+		t.Fatalf("as uid %d: %s: %v\n%s", s46Nobody, script, err, out)
+	}
+}
+
+// s46TryAsUser runs a shell script as the unprivileged local user, in
+// dir, and returns its output and error.
+func s46TryAsUser(dir, script string) ([]byte, error) {
+	return s46UserShell(dir, script).CombinedOutput()
+}
+
+// s46UserShell is a shell running script as the unprivileged local user,
+// in dir.
+func s46UserShell(dir, script string) *exec.Cmd {
 	cmd := exec.Command("/bin/sh", "-c", script)
 	cmd.Dir = dir
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: s46Nobody, Gid: s46Nobody}}
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("as uid %d: %s: %v\n%s", s46Nobody, script, err, out)
+	return cmd
+}
+
+// s46Applier is an applier of root, closed when the test ends.
+func s46Applier(t *testing.T, root string) *Applier {
+	t.Helper()
+	a, err := NewApplier(root)
+	if err != nil {
+		t.Fatal(err)
 	}
+	t.Cleanup(func() { a.Close() })
+	return a
 }
 
 func s46Apply(t *testing.T, a *Applier, ops ...wire.Op) error {
@@ -78,11 +101,7 @@ func s46Lstat(t *testing.T, p string) unix.Stat_t {
 // set-uid-root program on the secondary.
 func TestReviewS46SetattrGivesUserFileSetuidRoot(t *testing.T) {
 	_, root := s46Setup(t)
-	a, err := NewApplier(root)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer a.Close()
+	a := s46Applier(t, root)
 	if err := s46Apply(t, a,
 		wire.Op{Code: wire.OpCreate, Path: "prog", Mode: 0o755},
 		wire.Op{Code: wire.OpWrite, Path: "prog", Data: []byte("#!/bin/true\n")},
@@ -97,7 +116,7 @@ func TestReviewS46SetattrGivesUserFileSetuidRoot(t *testing.T) {
 		t.Fatalf("the plant failed: prog is owned by %d", planted.Uid)
 	}
 
-	err = s46Apply(t, a, wire.Op{Code: wire.OpSetattr, Path: "prog", Mode: 0o4755, UID: 0, GID: 0, Mtime: 43, Atime: 43})
+	err := s46Apply(t, a, wire.Op{Code: wire.OpSetattr, Path: "prog", Mode: 0o4755, UID: 0, GID: 0, Mtime: 43, Atime: 43})
 	t.Logf("setattr: %v", err)
 	st := s46Lstat(t, filepath.Join(root, "prog"))
 	b, _ := os.ReadFile(filepath.Join(root, "prog"))
@@ -121,11 +140,7 @@ func TestReviewS46SetattrGivesUserFileSetuidRoot(t *testing.T) {
 // a set-uid-root copy of a program meant to run as uid 1000.
 func TestReviewS46CreateIsSetuidRootBeforeItsOwner(t *testing.T) {
 	_, root := s46Setup(t)
-	a, err := NewApplier(root)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer a.Close()
+	a := s46Applier(t, root)
 	if err := s46Apply(t, a,
 		wire.Op{Code: wire.OpCreate, Path: "su1000", Mode: 0o4755},
 		wire.Op{Code: wire.OpWrite, Path: "su1000", Data: []byte("#!/bin/sh\nexec /bin/sh -p\n")},
@@ -138,7 +153,7 @@ func TestReviewS46CreateIsSetuidRootBeforeItsOwner(t *testing.T) {
 	}
 
 	s46AsUser(t, root, `mv su1000 mine`)
-	err = s46Apply(t, a, wire.Op{Code: wire.OpSetattr, Path: "su1000", Mode: 0o4755, UID: 1000, GID: 1000, Mtime: 42, Atime: 42})
+	err := s46Apply(t, a, wire.Op{Code: wire.OpSetattr, Path: "su1000", Mode: 0o4755, UID: 1000, GID: 1000, Mtime: 42, Atime: 42})
 	t.Logf("setattr after the user's rename: %v", err)
 	st = s46Lstat(t, filepath.Join(root, "mine"))
 	if st.Uid == 0 && st.Mode&unix.S_ISUID != 0 {
@@ -162,11 +177,7 @@ func TestReviewS46HardLinkOutsideGivenAway(t *testing.T) {
 		t.Fatal(err)
 	}
 	before := s46Lstat(t, outside)
-	a, err := NewApplier(root)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer a.Close()
+	a := s46Applier(t, root)
 	if err := s46Apply(t, a,
 		wire.Op{Code: wire.OpCreate, Path: "f", Mode: 0o644},
 		wire.Op{Code: wire.OpSetattr, Path: "f", Mode: 0o644, UID: 1000, GID: 1000, Mtime: 42, Atime: 42},
@@ -174,7 +185,7 @@ func TestReviewS46HardLinkOutsideGivenAway(t *testing.T) {
 		t.Fatal(err)
 	}
 	s46AsUser(t, root, `ln -f `+outside+` f`)
-	err = s46Apply(t, a,
+	err := s46Apply(t, a,
 		wire.Op{Code: wire.OpSetattr, Path: "f", Mode: 0o4755, UID: 1000, GID: 1000, Mtime: 43, Atime: 43},
 		wire.Op{Code: wire.OpTruncate, Path: "f", Off: 0},
 	)
@@ -209,11 +220,7 @@ func TestReviewS46WriteIntoUserPlantedInodeLeaks(t *testing.T) {
 		t.Skip("known open: writes by name go into an inode a local user of the replica put there (DESIGN §8); DUET_KNOWN_OPEN=1 runs it")
 	}
 	_, root := s46Setup(t)
-	a, err := NewApplier(root)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer a.Close()
+	a := s46Applier(t, root)
 	if err := s46Apply(t, a,
 		wire.Op{Code: wire.OpCreate, Path: "db", Mode: 0o600},
 		wire.Op{Code: wire.OpWrite, Path: "db", Data: []byte("old private\n")},
@@ -221,9 +228,7 @@ func TestReviewS46WriteIntoUserPlantedInodeLeaks(t *testing.T) {
 	); err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command("/bin/sh", "-c", `: > .p && mv -f .p db && exec 3< db && echo ready && read x && cat <&3`)
-	cmd.Dir = root
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: s46Nobody, Gid: s46Nobody}}
+	cmd := s46UserShell(root, `: > .p && mv -f .p db && exec 3< db && echo ready && read x && cat <&3`)
 	in, err := cmd.StdinPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -262,11 +267,7 @@ func TestReviewS46WriteIntoUserPlantedInodeLeaks(t *testing.T) {
 // a file others may write.
 func TestSetidReplicatedWhereTheApplierMadeTheFile(t *testing.T) {
 	_, root := s46Setup(t)
-	a, err := NewApplier(root)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer a.Close()
+	a := s46Applier(t, root)
 	if err := s46Apply(t, a,
 		wire.Op{Code: wire.OpCreate, Path: "su", Mode: 0o4755},
 		wire.Op{Code: wire.OpWrite, Path: "su", Data: []byte("#!/bin/true\n")},
@@ -279,11 +280,7 @@ func TestSetidReplicatedWhereTheApplierMadeTheFile(t *testing.T) {
 		t.Fatal(err)
 	}
 	// A later batch: another applier (a new connection).
-	b, err := NewApplier(root)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
+	b := s46Applier(t, root)
 	if err := s46Apply(t, b,
 		wire.Op{Code: wire.OpSetattr, Path: "su", Mode: 0o4755, UID: 1000, GID: 1000, Mtime: 43, Atime: 43},
 		wire.Op{Code: wire.OpSetattr, Path: "later", Mode: 0o2755, UID: 1000, GID: 1000, Mtime: 43, Atime: 43},
@@ -308,11 +305,7 @@ func TestSetidReplicatedWhereTheApplierMadeTheFile(t *testing.T) {
 // inode that looks like the applier's.
 func TestSetidWithheldTwice(t *testing.T) {
 	_, root := s46Setup(t)
-	a, err := NewApplier(root)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer a.Close()
+	a := s46Applier(t, root)
 	if err := s46Apply(t, a,
 		wire.Op{Code: wire.OpCreate, Path: "prog", Mode: 0o755},
 		wire.Op{Code: wire.OpSetattr, Path: "prog", Mode: 0o755, UID: 0, GID: 0, Mtime: 42, Atime: 42},
@@ -336,18 +329,11 @@ func TestSetidWithheldTwice(t *testing.T) {
 // their bytes into the inode the applier will make set-id.
 func TestSetidCreateNotWritableByOthersUntilItsSetattr(t *testing.T) {
 	_, root := s46Setup(t)
-	a, err := NewApplier(root)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer a.Close()
+	a := s46Applier(t, root)
 	if err := s46Apply(t, a, wire.Op{Code: wire.OpCreate, Path: "open", Mode: 0o4777}); err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command("/bin/sh", "-c", `printf 'user payload\n' > open`)
-	cmd.Dir = root
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: s46Nobody, Gid: s46Nobody}}
-	if out, err := cmd.CombinedOutput(); err == nil {
+	if out, err := s46TryAsUser(root, `printf 'user payload\n' > open`); err == nil {
 		t.Fatalf("a local user wrote into the file made for set-id bits before its setattr (%s)", out)
 	}
 	if err := s46Apply(t, a, wire.Op{Code: wire.OpSetattr, Path: "open", Mode: 0o4777, UID: 1000, GID: 1000, Mtime: 42, Atime: 42}); err != nil {

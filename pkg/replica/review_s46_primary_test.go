@@ -28,15 +28,7 @@ import (
 // The peer keeps the bytes the first resync read; the primary has others.
 func TestResyncPassMarkClearsKeptJournalChange(t *testing.T) {
 	p := unconnectedPrimary(t)
-	name := filepath.Join(p.Dir.Path, "mapped")
-	if err := os.WriteFile(name, make([]byte, 8192), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	var st unix.Stat_t
-	if err := unix.Stat(name, &st); err != nil {
-		t.Fatal(err)
-	}
-	ino := st.Ino
+	ino := s46File(t, p, "mapped")
 	p.mu.Lock()
 	p.lin = lineage{gen: 7, base: 7, trusted: true}
 	p.mu.Unlock()
@@ -115,28 +107,8 @@ func TestResyncPassMarkClearsKeptJournalChange(t *testing.T) {
 // fallocate, a copy_file_range in flight during a pass).
 func TestPassMarkClearsPreopInProgress(t *testing.T) {
 	p := unconnectedPrimary(t)
-	name := filepath.Join(p.Dir.Path, "db")
-	if err := os.WriteFile(name, make([]byte, 8192), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	var st unix.Stat_t
-	if err := unix.Stat(name, &st); err != nil {
-		t.Fatal(err)
-	}
-	ino := st.Ino
-	state := t.TempDir()
-	ms, err := OpenMeta(state, "data")
-	if err != nil {
-		t.Fatal(err)
-	}
-	// A consistent replica of generation 5 becomes the source: trusted.
-	if err := ms.Update(func(m *Meta) { m.Gen, m.Consistent = 5, true }); err != nil {
-		t.Fatal(err)
-	}
-	bitmap := filepath.Join(state, "bitmap-data")
-	if err := p.BeginTerm(Term{Meta: ms, DirtyPath: bitmap}); err != nil {
-		t.Fatal(err)
-	}
+	ino := s46File(t, p, "db")
+	bitmap := s46Term(t, p)
 
 	// An O_DIRECT write of page 0 begins: its preop record.
 	p.Record(&capture.Record{Seq: 1, Kind: capture.KindPreop, Ino: ino, Pos: 0, Len: 4096}, time.Now())
@@ -172,4 +144,37 @@ func TestPassMarkClearsPreopInProgress(t *testing.T) {
 		t.Fatalf("the saved bitmap marks nothing of page 0 (attr only %v); the O_DIRECT write's range was in the journal only "+
 			"when the term stopped: the next bitmap resync sends %v whole=%v for the file", d.attrOnly(ino), sendSpans, sendWhole)
 	}
+}
+
+// s46File writes an 8 KiB file name in p's directory and returns its inode.
+func s46File(t *testing.T, p *Primary, name string) uint64 {
+	t.Helper()
+	path := filepath.Join(p.Dir.Path, name)
+	if err := os.WriteFile(path, make([]byte, 8192), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Ino
+}
+
+// s46Term begins p's term as the source whose replica of generation 5 was
+// consistent (its bitmap trusted), and returns where the bitmap is saved.
+func s46Term(t *testing.T, p *Primary) string {
+	t.Helper()
+	state := t.TempDir()
+	ms, err := OpenMeta(state, "data")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ms.Update(func(m *Meta) { m.Gen, m.Consistent = 5, true }); err != nil {
+		t.Fatal(err)
+	}
+	bitmap := filepath.Join(state, "bitmap-data")
+	if err := p.BeginTerm(Term{Meta: ms, DirtyPath: bitmap}); err != nil {
+		t.Fatal(err)
+	}
+	return bitmap
 }

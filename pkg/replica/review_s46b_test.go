@@ -22,27 +22,8 @@ import (
 // before the next pass saves a bitmap without them.
 func TestS46bPassMarkClearsRequeuedBeyondEOF(t *testing.T) {
 	p := unconnectedPrimary(t)
-	name := filepath.Join(p.Dir.Path, "log")
-	if err := os.WriteFile(name, make([]byte, 8192), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	var st unix.Stat_t
-	if err := unix.Stat(name, &st); err != nil {
-		t.Fatal(err)
-	}
-	ino := st.Ino
-	state := t.TempDir()
-	ms, err := OpenMeta(state, "data")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := ms.Update(func(m *Meta) { m.Gen, m.Consistent = 5, true }); err != nil {
-		t.Fatal(err)
-	}
-	bitmap := filepath.Join(state, "bitmap-data")
-	if err := p.BeginTerm(Term{Meta: ms, DirtyPath: bitmap}); err != nil {
-		t.Fatal(err)
-	}
+	ino := s46File(t, p, "log")
+	bitmap := s46Term(t, p)
 	// An append of page 2 is reported (write_end) before the size moved.
 	p.Record(&capture.Record{Seq: 1, Kind: capture.KindData, Ino: ino, Pos: 8192, Len: 4096}, time.Now())
 	p.mu.Lock()
@@ -60,7 +41,7 @@ func TestS46bPassMarkClearsRequeuedBeyondEOF(t *testing.T) {
 	p.clearDirty(true)
 	p.mu.Unlock()
 	// The write lands (size 12288); then a chmod (KindAttr).
-	if err := os.WriteFile(name, make([]byte, 12288), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(p.Dir.Path, "log"), make([]byte, 12288), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	p.Record(&capture.Record{Seq: 2, Kind: capture.KindAttr, Ino: ino}, time.Now())
@@ -98,11 +79,7 @@ func TestS46bPassMarkClearsRequeuedBeyondEOF(t *testing.T) {
 // finds the user's inode in made and gives it set-uid root.
 func TestS46bMadeInodeNumberReused(t *testing.T) {
 	_, root := s46Setup(t)
-	a, err := NewApplier(root)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer a.Close()
+	a := s46Applier(t, root)
 	// A legit set-uid-root program, already replicated.
 	if err := s46Apply(t, a,
 		wire.Op{Code: wire.OpCreate, Path: "tool", Mode: 0o4755},
@@ -131,7 +108,7 @@ func TestS46bMadeInodeNumberReused(t *testing.T) {
 		t.Skipf("inode %d not reused within 3000 creates (tool ino %d uid %d)", freed, planted.Ino, planted.Uid)
 	}
 	// The primary touches its set-uid program: a setattr by name.
-	err = s46Apply(t, a, wire.Op{Code: wire.OpSetattr, Path: "tool", Mode: 0o4755, UID: 0, GID: 0, Mtime: 43, Atime: 43})
+	err := s46Apply(t, a, wire.Op{Code: wire.OpSetattr, Path: "tool", Mode: 0o4755, UID: 0, GID: 0, Mtime: 43, Atime: 43})
 	st := s46Lstat(t, filepath.Join(root, "tool"))
 	b, _ := os.ReadFile(filepath.Join(root, "tool"))
 	if st.Ino == planted.Ino && st.Mode&unix.S_ISUID != 0 {
@@ -160,11 +137,7 @@ func TestS46bSetidLostAcrossApplier(t *testing.T) {
 		t.Fatal(err)
 	}
 	a.Close()
-	a2, err := NewApplier(root)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer a2.Close()
+	a2 := s46Applier(t, root)
 	var warned []string
 	a2.Warn = func(msg string, args ...any) { warned = append(warned, msg) }
 	if err := s46Apply(t, a2, wire.Op{Code: wire.OpSetattr, Path: "prog", Mode: 0o4755, UID: 1000, GID: 1000, Mtime: 42, Atime: 42}); err != nil {
@@ -233,11 +206,7 @@ func TestS46bSetgidDirGivesUserFileForeignGroup(t *testing.T) {
 	if err := unix.Chmod(sg, 0o2777); err != nil {
 		t.Fatal(err)
 	}
-	a, err := NewApplier(root)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer a.Close()
+	a := s46Applier(t, root)
 	// The primary's team/tool: owned by uid 65534, group staff, 02755
 	// (an admin's chown+chmod), already replicated.
 	if err := s46Apply(t, a,
@@ -253,7 +222,7 @@ func TestS46bSetgidDirGivesUserFileForeignGroup(t *testing.T) {
 		t.Fatalf("plant: uid %d gid %d mode %o", planted.Uid, planted.Gid, planted.Mode&0o7777)
 	}
 	// The primary's admin touches the tool (or chmods it again): setattr.
-	err = s46Apply(t, a, wire.Op{Code: wire.OpSetattr, Path: "team/tool", Mode: 0o2755, UID: s46Nobody, GID: staff, Mtime: 43, Atime: 43})
+	err := s46Apply(t, a, wire.Op{Code: wire.OpSetattr, Path: "team/tool", Mode: 0o2755, UID: s46Nobody, GID: staff, Mtime: 43, Atime: 43})
 	st := s46Lstat(t, filepath.Join(sg, "tool"))
 	if st.Ino == planted.Ino && st.Mode&unix.S_ISGID != 0 {
 		t.Fatalf("the local user's file (uid %d, not in group %d) is now mode %o gid %d: set-gid to a group of which the user is not a member (err %v)",

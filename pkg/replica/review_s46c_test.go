@@ -2,9 +2,7 @@ package replica
 
 import (
 	"os"
-	"os/exec"
 	"path/filepath"
-	"syscall"
 	"testing"
 
 	"github.com/duet-ha/duet/pkg/wire"
@@ -23,11 +21,7 @@ import (
 // pattern, on a marked inode.
 func TestS46cMarkOutlivesOwnerGiven(t *testing.T) {
 	_, root := s46Setup(t)
-	a, err := NewApplier(root)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer a.Close()
+	a := s46Applier(t, root)
 	if err := s46Apply(t, a,
 		wire.Op{Code: wire.OpCreate, Path: "prog", Mode: 0o4755},
 		wire.Op{Code: wire.OpWrite, Path: "prog", Data: []byte("#!/bin/true\n")},
@@ -41,13 +35,10 @@ func TestS46cMarkOutlivesOwnerGiven(t *testing.T) {
 	// Refused since the fix (the inode has no write bit for others until
 	// its setattr): the user's bytes, if the write got in, must not be
 	// made set-uid.
-	w := exec.Command("/bin/sh", "-c", `printf '#!/bin/sh\nid\n' > prog`)
-	w.Dir = root
-	w.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: s46Nobody, Gid: s46Nobody}}
-	out, werr := w.CombinedOutput()
+	out, werr := s46TryAsUser(root, `printf '#!/bin/sh\nid\n' > prog`)
 	t.Logf("the local user's write: %v %s", werr, out)
 	// The primary's admin: chown root prog; chmod 4755 prog.
-	err = s46Apply(t, a, wire.Op{Code: wire.OpSetattr, Path: "prog", Mode: 0o4755, UID: 0, GID: 0, Mtime: 43, Atime: 43})
+	err := s46Apply(t, a, wire.Op{Code: wire.OpSetattr, Path: "prog", Mode: 0o4755, UID: 0, GID: 0, Mtime: 43, Atime: 43})
 	st := s46Lstat(t, filepath.Join(root, "prog"))
 	b, _ := os.ReadFile(filepath.Join(root, "prog"))
 	if st.Mode&unix.S_ISUID != 0 && string(b) == "#!/bin/sh\nid\n" {
@@ -65,11 +56,7 @@ func TestS46cMarkOutlivesOwnerGiven(t *testing.T) {
 // a set-gid directory gives the same to the directory's group.
 func TestS46cWritableMarkedCreate(t *testing.T) {
 	_, root := s46Setup(t)
-	a, err := NewApplier(root)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer a.Close()
+	a := s46Applier(t, root)
 	if err := s46Apply(t, a,
 		wire.Op{Code: wire.OpCreate, Path: "prog", Mode: 0o4777},
 		wire.Op{Code: wire.OpWrite, Path: "prog", Data: []byte("#!/bin/true\n")},
@@ -79,12 +66,9 @@ func TestS46cWritableMarkedCreate(t *testing.T) {
 	// Refused since the fix (the inode has no write bit for others until
 	// its setattr): the user's bytes, if the write got in, must not be
 	// made set-uid.
-	w := exec.Command("/bin/sh", "-c", `printf '#!/bin/sh\nid\n' > prog`)
-	w.Dir = root
-	w.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: s46Nobody, Gid: s46Nobody}}
-	out, werr := w.CombinedOutput()
+	out, werr := s46TryAsUser(root, `printf '#!/bin/sh\nid\n' > prog`)
 	t.Logf("the local user's write: %v %s", werr, out)
-	err = s46Apply(t, a, wire.Op{Code: wire.OpSetattr, Path: "prog", Mode: 0o4777, UID: 0, GID: 0, Mtime: 43, Atime: 43})
+	err := s46Apply(t, a, wire.Op{Code: wire.OpSetattr, Path: "prog", Mode: 0o4777, UID: 0, GID: 0, Mtime: 43, Atime: 43})
 	st := s46Lstat(t, filepath.Join(root, "prog"))
 	b, _ := os.ReadFile(filepath.Join(root, "prog"))
 	if st.Mode&unix.S_ISUID != 0 && string(b) == "#!/bin/sh\nid\n" {
