@@ -54,8 +54,9 @@ type devIno struct{ dev, ino uint64 }
 const maxWithheld = 1 << 12
 
 // madeMark is on an inode the applier made for a create that asked for
-// set-id bits (made without them): the setattr that gives it its owner
-// may add them (withholdSetid), and takes the mark away. An extended
+// set-id bits (made without them): a setattr may add them to it
+// (withholdSetid), and the first that changes its owner or mode, bits
+// given or not, takes the mark away (setattrChecked). An extended
 // attribute in the trusted namespace: only a process with CAP_SYS_ADMIN
 // sets or removes one, and it is the inode's, not its number's (a number
 // freed and reused by a local user's file, a review: TestS46bMadeInodeNumberReused),
@@ -602,7 +603,8 @@ func (a *Applier) apply(op *wire.Op) error {
 // setattr gave it: a setattr without the bits, then one with them, made
 // the user's file set-uid root (TestSetidWithheldTwice). Withheld, the
 // replica's mode lacks them (logged once a file; `duet verify` shows it)
-// until the primary's file is sent anew.
+// until the primary makes the file anew (a new inode, created here
+// marked): no resync restores them, its setattr is withheld again.
 func (a *Applier) withholdSetid(h *os.File, st *unix.Stat_t, op *wire.Op) (*wire.Op, bool) {
 	want := op.Mode & 0o6000
 	if want == 0 || st.Mode&unix.S_IFMT != unix.S_IFREG {
@@ -613,11 +615,15 @@ func (a *Applier) withholdSetid(h *os.File, st *unix.Stat_t, op *wire.Op) (*wire
 	}
 	o := *op
 	o.Mode &^= 0o6000
-	if k := (devIno{st.Dev, st.Ino}); a.Warn != nil && !a.withheld[k] && len(a.withheld) < maxWithheld {
+	if k := (devIno{st.Dev, st.Ino}); a.Warn != nil && !a.withheld[k] && len(a.withheld) <= maxWithheld {
 		if a.withheld == nil {
 			a.withheld = map[devIno]bool{}
 		}
 		a.withheld[k] = true
+		if len(a.withheld) > maxWithheld {
+			a.Warn("set-id bits withheld from more files: no longer logged on this connection", "files", maxWithheld)
+			return &o, true
+		}
 		a.Warn("set-id bits withheld: the file this replica holds under the name is not one it made for them (a local user may have put it there)",
 			"path", op.Path, "here", fmt.Sprintf("%d:%d %o, %d links", st.Uid, st.Gid, st.Mode&0o7777, st.Nlink),
 			"primary", fmt.Sprintf("%d:%d %o", op.UID, op.GID, op.Mode&0o7777))
@@ -637,7 +643,9 @@ func (a *Applier) withholdSetid(h *os.File, st *unix.Stat_t, op *wire.Op) (*wire
 func (a *Applier) setattrChecked(h *os.File, st *unix.Stat_t, name string, op *wire.Op) (setattrDone, error) {
 	op, _ = a.withholdSetid(h, st, op)
 	did, err := setattrOn(h, st, name, op)
-	if err == nil && did.ownerOrMode && st.Mode&unix.S_IFMT == unix.S_IFREG {
+	// Failed or not: a chown that went through before a failed chmod
+	// has given the file away too (a review).
+	if did.ownerOrMode && st.Mode&unix.S_IFMT == unix.S_IFREG {
 		if err := unmark(h); err != nil && !errors.Is(err, unix.ENODATA) && a.Warn != nil {
 			a.Warn("cannot take the set-id mark away from a file given its owner or mode", "path", op.Path, "err", err)
 		}
