@@ -1245,15 +1245,19 @@ func (p *Primary) dropForResync() []journal.File {
 // yet (bytes beyond EOF do not block the cover: a review,
 // TestS46bPassMarkClearsRequeuedBeyondEOF). Called with p.mu held.
 func (p *Primary) requeue(files []journal.File) {
-	for _, f := range files {
-		p.j.Requeue(f)
+	if len(files) == 0 {
+		return
 	}
-	p.holdKept()
+	p.added++
+	for i := range files {
+		p.j.Requeue(files[i])
+		p.dirty.hold(&files[i], nil, p.added) // only what was put back: records since have later counts
+	}
 }
 
 // holdKept is done once a pass (Take) or a resync (DropSettled) took
-// what it ships and counted its mark, and again once it put back what it
-// could not ship (Requeue): what the journal still holds
+// what it ships and counted its mark (what it puts back later, requeue
+// marks the same way): what the journal still holds
 // (operations in progress; for a resync, files written through a shared
 // mapping and changes requeued too) was not taken, yet its bitmap marks
 // were counted before the mark, and the pass's or resync's marks, once
