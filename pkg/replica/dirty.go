@@ -142,11 +142,7 @@ func (d *dirtySet) hold(f *journal.File, ops []journal.Span, touch uint64) {
 		d.span(df, s.Off, s.Len(), touch)
 	}
 	for _, s := range ops {
-		n := s.Len()
-		if s.End < s.Off || n >= journal.Unbounded {
-			n = journal.Unbounded
-		}
-		d.span(df, s.Off, n, touch)
+		d.span(df, s.Off, s.Len(), touch) // to the end of file from journal.Unbounded on
 	}
 	if f.HasTail {
 		d.span(df, f.Tail, journal.Unbounded, touch)

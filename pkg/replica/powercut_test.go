@@ -52,19 +52,36 @@ func runPowerCut(t *testing.T, fstype string, mib int, c powerCutCase) {
 	c.check(t, data)
 }
 
-// powerCutAfterAck cuts the power right after the durable ack, before
-// anything else (the connection's end syncs) can flush.
-func powerCutAfterAck(t *testing.T, fs *loopfs.FS, s *testSecondary, p *peerConn) {
+// waitEnded waits until directory dir's replication connection has ended
+// (at most 5 s).
+func (s *testSecondary) waitEnded(t *testing.T, dir string) {
 	t.Helper()
-	powerCutShutdownOnly(t, fs)
-	p.c.Close()
-	st := s.Stats("data")
+	st := s.Stats(dir)
 	for i := 0; st.Connected.Load(); i++ {
 		if i > 500 {
 			t.Fatal("the replication connection did not end")
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// syncfsOf syncs the filesystem holding path, as another process would.
+func syncfsOf(path string) error {
+	d, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return unix.Syncfs(int(d.Fd()))
+}
+
+// powerCutAfterAck cuts the power right after the durable ack, before
+// anything else (the connection's end syncs) can flush.
+func powerCutAfterAck(t *testing.T, fs *loopfs.FS, s *testSecondary, p *peerConn) {
+	t.Helper()
+	powerCutShutdownOnly(t, fs)
+	p.c.Close()
+	s.waitEnded(t, "data")
 	remount(t, fs)
 }
 

@@ -41,20 +41,9 @@ func TestS46RestartAfterKillMissesWritebackErrorSeenElsewhere(t *testing.T) {
 	p := s.connect(t, 7)
 	sendLost(p)
 	p.c.Close()
-	st := s.Stats("data")
-	for i := 0; st.Connected.Load(); i++ {
-		if i > 500 {
-			t.Fatal("the replication connection did not end")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	s.waitEnded(t, "data")
 	// Another process's syncfs on the filesystem, while duet is down.
-	d, err := os.Open(data)
-	if err != nil {
-		t.Fatal(err)
-	}
-	err = unix.Syncfs(int(d.Fd()))
-	d.Close()
+	err := syncfsOf(data)
 	if err == nil {
 		t.Fatal("precondition: syncfs of 40 MiB on a disk that takes 24 succeeded")
 	}
@@ -111,13 +100,7 @@ func TestS46RestartAfterKillOtherDirSeesErrorFirst(t *testing.T) {
 	p := s.connect(t, 7)
 	sendLost(p)
 	p.c.Close()
-	st := s.Stats("data")
-	for i := 0; st.Connected.Load(); i++ {
-		if i > 500 {
-			t.Fatal("the replication connection did not end")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	s.waitEnded(t, "data")
 	// The daemon restarts; the other directory's primary connects first
 	// and asks for a durable sync.
 	s2 := serveTestSecondary(t, &Server{Link: testLink, StateDir: stateDir, Dirs: dirs, Log: quiet, Metas: s46Metas(t, stateDir, dirs)}, data)
