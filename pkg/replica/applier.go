@@ -70,17 +70,21 @@ func marked(h *os.File) bool {
 	var b [1]byte
 	_, err := unix.Fgetxattr(int(h.Fd()), madeMark, b[:])
 	if errors.Is(err, unix.EBADF) { // an O_PATH handle
-		_, err = unix.Getxattr(fmt.Sprintf("/proc/self/fd/%d", h.Fd()), madeMark, b[:])
+		_, err = unix.Getxattr(procLink(h), madeMark, b[:])
 	}
 	return err == nil
 }
+
+// procLink is the /proc/self/fd link of h, which leads to the inode h
+// holds and no other: the way to the calls that refuse an O_PATH handle.
+func procLink(h *os.File) string { return fmt.Sprintf("/proc/self/fd/%d", h.Fd()) }
 
 // unmark takes madeMark away from the inode h holds (ENODATA: it had
 // none).
 func unmark(h *os.File) error {
 	err := unix.Fremovexattr(int(h.Fd()), madeMark)
 	if errors.Is(err, unix.EBADF) { // an O_PATH handle
-		err = unix.Removexattr(fmt.Sprintf("/proc/self/fd/%d", h.Fd()), madeMark)
+		err = unix.Removexattr(procLink(h), madeMark)
 	}
 	return err
 }
@@ -279,7 +283,7 @@ func chmodHandle(h *os.File, mode uint32) error {
 // symlink it fails with EOPNOTSUPP, as it should: the link's target is
 // not to be touched.
 func chmodProc(h *os.File, mode uint32) error {
-	err := unix.Chmod(fmt.Sprintf("/proc/self/fd/%d", h.Fd()), mode)
+	err := unix.Chmod(procLink(h), mode)
 	runtime.KeepAlive(h)
 	if errors.Is(err, unix.ENOENT) {
 		return fmt.Errorf("/proc is not mounted (needed to chmod without fchmodat2, before Linux 6.6): %w", err)
